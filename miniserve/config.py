@@ -1,0 +1,65 @@
+"""All engine settings in one dataclass, shared by the offline `LLM`, the CLI and the server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEMO_DIR = Path(__file__).parent / "demo_models"
+DEMO_TARGET = DEMO_DIR / "shakespeare-target"
+DEMO_DRAFT = DEMO_DIR / "shakespeare-draft"
+
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e4m3fnuz", "bfloat16", "float16", "float32")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+ATTENTION_BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # a Hugging Face model directory; None = the embedded demo target
+    tokenizer: str | None = None  # defaults to the model directory
+    served_model_name: str | None = None  # the name clients use; defaults to the model directory's name
+    dtype: str = "auto"  # weights and activations; "auto" = config.json's torch_dtype (float32 on CPU if bf16)
+    kv_cache_dtype: str = "auto"  # "auto" = model dtype; "fp8"/"fp8_e4m3" = e4m3fn (e4m3fnuz on gfx94x)
+    device: str = "auto"  # "auto" = cuda if available, else cpu
+    attention_backend: str = "auto"  # "auto" = triton on cuda/rocm, torch reference on cpu
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # override the KV pool size (blocks per worker)
+    kv_cache_memory_gb: float | None = None  # KV pool budget; default: 90% of free GPU memory, 1 GiB on CPU
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 4096
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    seed: int = 0
+    speculative_model: str | None = None  # a draft model directory (same tokenizer); "demo" = the demo draft
+    num_speculative_tokens: int = 4
+    speculative_kv_cache_dtype: str | None = None  # draft pool dtype; None = same as kv_cache_dtype
+    enforce_eager: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.model is None:
+            self.model = str(DEMO_TARGET)
+        if self.speculative_model == "demo":
+            self.speculative_model = str(DEMO_DRAFT)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        if self.speculative_kv_cache_dtype is not None:
+            _check_choice("speculative_kv_cache_dtype", self.speculative_kv_cache_dtype, KV_CACHE_DTYPES)
+        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")

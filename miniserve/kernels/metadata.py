@@ -1,0 +1,32 @@
+"""Attention metadata: how a packed batch of new tokens maps onto the paged KV cache.
+
+One forward step runs `B` sequences. Sequence `i` brings `q_len_i = query_start_loc[i+1] - query_start_loc[i]`
+new tokens (1 for decode, the prompt chunk for prefill, k+1 for speculative verification). Its KV length
+`seq_lens[i]` counts every cached token *including* the new ones, so the new tokens sit at positions
+`seq_lens[i] - q_len_i .. seq_lens[i] - 1` and query `j` attends causally to KV positions `<= seq_lens[i] - q_len_i + j`.
+All attention reads K/V from the paged cache after `reshape_and_cache` wrote the new tokens, so every backend
+sees the same (possibly FP8) bytes.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # int64 [num_tokens]: block_id * block_size + offset; negative = skip the write
+    query_start_loc: torch.Tensor  # int32 [B + 1]: cumulative new-token counts
+    seq_lens: torch.Tensor  # int32 [B]: KV length per sequence, new tokens included
+    block_tables: torch.Tensor  # int32 [B, max_blocks_per_seq]: physical block ids, unused entries 0
+    max_query_len: int  # host copy of max(q_len_i)
+    max_seq_len: int  # host copy of max(seq_lens)
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence brings exactly one new token: the decode kernel applies."""
+        return self.max_query_len == 1

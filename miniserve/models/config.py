@@ -1,0 +1,109 @@
+"""ModelConfig: the few numbers of a Hugging Face `config.json` that a Llama-family forward pass needs.
+
+Checkpoints spell RoPE settings two ways: Hub files use `rope_theta` + `rope_scaling`, transformers >= 5 writes
+`rope_parameters`. Both land in `rope_theta` and `rope_scaling` here so the model code sees one form.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    torch_dtype: torch.dtype
+    sliding_window: int | None
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> ModelConfig:
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {model_dir} is not a Hugging Face model directory")
+        raw = json.loads(path.read_text())
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config.json") -> ModelConfig:
+        arch = (raw.get("architectures") or [None])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"{source}: unsupported architecture {arch!r}; miniserve supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if key not in raw:
+                raise ValueError(f"{source}: missing required field {key!r}")
+        num_heads = raw["num_attention_heads"]
+        head_dim = raw.get("head_dim") or raw["hidden_size"] // num_heads
+        theta, scaling = _rope_settings(raw, source)
+        window = raw.get("sliding_window")
+        if arch.startswith("Qwen") and not raw.get("use_sliding_window", False):
+            window = None
+        eos = raw.get("eos_token_id")
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        dtype_name = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+        return cls(
+            architecture=arch,
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_layers=raw["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=raw.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=raw.get("max_position_embeddings", 2048),
+            tie_word_embeddings=raw.get("tie_word_embeddings", False),
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            torch_dtype=_DTYPES.get(str(dtype_name).replace("torch.", ""), torch.float32),
+            sliding_window=window,
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+def _rope_settings(raw: dict, source: str) -> tuple[float, dict | None]:
+    """Return (rope_theta, rope_scaling) from either spelling; rope_scaling None means plain RoPE."""
+    params = raw.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" not in params and params:
+        params = next(iter(params.values()))  # per-layer-type dict (transformers 5): take the full-attention one
+    if isinstance(params, dict):
+        theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+        scaling = dict(params)
+    else:
+        theta = raw.get("rope_theta", 10000.0)
+        scaling = dict(raw["rope_scaling"]) if raw.get("rope_scaling") else None
+    if scaling is not None:
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type not in ("default", "llama3", "linear"):
+            raise ValueError(f"{source}: unsupported rope scaling type {rope_type!r} (supported: llama3, linear)")
+        scaling["rope_type"] = rope_type
+        if rope_type == "default":
+            scaling = None
+    return float(theta), scaling

@@ -1,0 +1,122 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints (built with transformers, saved with save_pretrained)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # CI has no GPU: Triton kernels run in the interpreter
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+VOCAB = 384
+
+ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def corpus_text(num_chars: int = 200_000) -> str:
+    return CORPUS.read_text(encoding="utf-8")[:num_chars]
+
+
+def build_tokenizer_files(out: Path) -> None:
+    """A byte-level BPE tokenizer.json trained on Shakespeare, with BOS/EOS and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus_text().splitlines(), trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "chat_template": template,
+        "model_max_length": 256,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def hf_config(arch: str, **overrides):
+    """A tiny config of the given architecture: GQA (4 query heads, 2 KV heads), 2 layers."""
+    import transformers
+
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        bos_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+    )
+    common.update(overrides)
+    cls = {
+        "LlamaForCausalLM": transformers.LlamaConfig,
+        "MistralForCausalLM": transformers.MistralConfig,
+        "Qwen2ForCausalLM": transformers.Qwen2Config,
+        "Qwen3ForCausalLM": transformers.Qwen3Config,
+    }[arch]
+    if arch == "Qwen3ForCausalLM":
+        common.setdefault("head_dim", 16)
+    return cls(**common)
+
+
+def build_model_dir(out: Path, arch: str, tokenizer_dir: Path, seed: int = 0, dtype=torch.float32,
+                    max_shard_size: str | None = None, **overrides) -> Path:
+    """Random weights with a visible scale, saved as a Hugging Face directory with the shared tokenizer."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = hf_config(arch, **overrides)
+    model = getattr(transformers, arch)(config).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # larger weights than the default init: peaked logits
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.15)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, safe_serialization=True, **kwargs)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_bytes((tokenizer_dir / name).read_bytes())
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer_files(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """One tiny checkpoint per supported architecture."""
+    dirs = {}
+    for i, arch in enumerate(ARCHS):
+        dirs[arch] = build_model_dir(tmp_path_factory.mktemp(arch), arch, tokenizer_dir, seed=i)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def llama_dir(model_dirs) -> Path:
+    return model_dirs["LlamaForCausalLM"]
