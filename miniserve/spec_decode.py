@@ -1,0 +1,159 @@
+"""Speculative decoding: the draft worker proposes k tokens per sequence, the target verifies all k+1 positions
+in one forward pass, and rejection sampling keeps the output distribution exactly the target's.
+
+KV bookkeeping is by counters, not copies. Before a round a sequence has L tokens; the last one is not yet in
+either cache. The draft runs k steps (caching t, d1..d_{k-1}), the target runs one extend pass over
+[t, d1..dk]. If `a` drafts are accepted, the sequence gains a+1 tokens; the target cache is valid for the first
+L+a tokens and the draft cache for the first L+min(a, k-1). Slots past those counters hold rejected tokens:
+they are simply overwritten by the next writes (rollback), and the blocks stay with the sequence.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from miniserve.sampling import probs as processed_probs
+from miniserve.sampling import random_uniform, sample_from_probs
+from miniserve.scheduler.scheduler import ScheduledSeq
+from miniserve.sequence import Sequence
+from miniserve.worker import ForwardInput
+
+if TYPE_CHECKING:
+    from miniserve.engine import LLMEngine
+
+
+def rejection_sample(
+    target_probs: torch.Tensor,  # [B, k+1, V] target distribution at each verified position
+    draft_probs: torch.Tensor,  # [B, k, V] draft distribution each draft token was drawn from
+    draft_tokens: torch.Tensor,  # [B, k]
+    uniforms: torch.Tensor,  # [B, k] U(0,1) for the accept tests
+    residual_draw,  # callable(probs [B, V]) -> tokens [B], drawing with each row's own generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard speculative sampling (Leviathan et al. / Chen et al.).
+
+    Draft token d_j is accepted with probability min(1, p_j(d_j) / q_j(d_j)); at the first rejection the
+    replacement is drawn from normalize(max(0, p_j - q_j)); if all k are accepted a bonus token is drawn from
+    p_k. Returns (num_accepted [B], next_token [B]) where next_token is the replacement or the bonus.
+    Greedy rows work unchanged: their p and q are one-hot, so acceptance means equality with the target argmax.
+    """
+    B, k = draft_tokens.shape
+    p_at = target_probs[:, :k].gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)
+    q_at = draft_probs.gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)
+    accept = uniforms * q_at < p_at  # u < p/q without dividing by a zero q
+    rejected = ~accept
+    first_reject = torch.where(rejected.any(-1), rejected.float().argmax(-1), torch.full_like(draft_tokens[:, 0], k))
+    rows = torch.arange(B, device=draft_tokens.device)
+    p_next = target_probs[rows, first_reject]  # [B, V]
+    q_next = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], dim=1)[rows, first_reject]
+    residual = (p_next - q_next).clamp_min(0.0)
+    mass = residual.sum(-1, keepdim=True)
+    # All accepted -> q_next is zero -> residual = p_k (the bonus). A rejection implies mass > 0 in exact
+    # arithmetic; fall back to p if rounding left nothing.
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_next)
+    return first_reject, residual_draw(residual)
+
+
+class SpeculativeDecoder:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.k = engine.config.num_speculative_tokens
+        self.num_drafts = 0
+        self.num_draft_tokens = 0
+        self.num_accepted = 0
+        self.accepted_per_position = [0] * self.k
+
+    def stats(self) -> dict:
+        return {
+            "spec_num_drafts": self.num_drafts,
+            "spec_num_draft_tokens": self.num_draft_tokens,
+            "spec_num_accepted_tokens": self.num_accepted,
+            "spec_accepted_per_position": list(self.accepted_per_position),
+        }
+
+    def step(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
+        decodes = [s.seq for s in scheduled if s.num_new_tokens == 1 and s.completes_prompt]
+        prefills = [s for s in scheduled if not (s.num_new_tokens == 1 and s.completes_prompt)]
+        if prefills:
+            self._prefill(prefills)
+        if decodes:
+            self._speculate(decodes)
+        return [s.seq for s in scheduled]
+
+    def _prefill(self, scheduled: list[ScheduledSeq]) -> None:
+        """Prompt chunks run through both workers so the draft's cache stays in step with the target's."""
+        eng = self.engine
+        draft_inputs = []
+        for s in scheduled:
+            seq = s.seq
+            end = seq.num_computed_tokens + s.num_new_tokens
+            draft_inputs.append(ForwardInput(seq.token_ids[seq.num_draft_computed_tokens : end],
+                                             seq.num_draft_computed_tokens, seq.block_table, 0))
+        eng.draft.forward(draft_inputs)
+        for s in scheduled:
+            s.seq.num_draft_computed_tokens = s.seq.num_computed_tokens + s.num_new_tokens
+        eng._plain_step(scheduled)
+
+    def _speculate(self, seqs: list[Sequence]) -> None:
+        eng, k = self.engine, self.k
+        base_len = [s.num_tokens for s in seqs]
+        # 1. the draft catches up on tokens it has not seen and proposes k tokens, one decode step each
+        drafts: list[list[int]] = [[] for _ in seqs]
+        draft_probs = []
+        inputs = [ForwardInput(s.token_ids[s.num_draft_computed_tokens :], s.num_draft_computed_tokens,
+                               s.block_table, 1) for s in seqs]
+        for j in range(k):
+            logits = eng.draft.forward(inputs)
+            batch = eng.sampling_batch(seqs, [s.output_token_ids + d for s, d in zip(seqs, drafts)])
+            q = processed_probs(logits, batch)
+            tokens = sample_from_probs(q, batch).tolist()
+            draft_probs.append(q)
+            for i, s in enumerate(seqs):
+                drafts[i].append(tokens[i])
+            inputs = [ForwardInput([tokens[i]], base_len[i] + j, s.block_table, 1) for i, s in enumerate(seqs)]
+        # 2. the target scores [t, d1..dk] for every sequence in one extend pass
+        verify = [ForwardInput([s.token_ids[-1]] + d, s.num_tokens - 1, s.block_table, k + 1)
+                  for s, d in zip(seqs, drafts)]
+        logits = eng.target.forward(verify)  # [B*(k+1), V]
+        rows_seqs = [s for s in seqs for _ in range(k + 1)]
+        histories = [s.output_token_ids + d[:j] for s, d in zip(seqs, drafts) for j in range(k + 1)]
+        batch = eng.sampling_batch(rows_seqs, histories)
+        p = processed_probs(logits, batch).view(len(seqs), k + 1, -1)
+        seq_batch = eng.sampling_batch(seqs)
+        draft_tokens = torch.tensor(drafts, device=logits.device)
+        uniforms = random_uniform(seq_batch, (k,))
+        accepted, next_tokens = rejection_sample(
+            p, torch.stack(draft_probs, dim=1), draft_tokens, uniforms, lambda r: sample_from_probs(r, seq_batch)
+        )
+        self._append(seqs, drafts, accepted.tolist(), next_tokens.tolist(), logits, base_len)
+
+    def _append(self, seqs, drafts, accepted, next_tokens, logits, base_len) -> None:
+        """Emit accepted drafts plus the next token; logprobs come from the target's raw logits."""
+        eng, k = self.engine, self.k
+        logprobs_all = torch.log_softmax(logits, dim=-1)
+        for i, seq in enumerate(seqs):
+            a = accepted[i]
+            emitted = drafts[i][:a] + [next_tokens[i]]
+            seq.num_computed_tokens = base_len[i] + a
+            seq.num_draft_computed_tokens = base_len[i] + min(a, k - 1)
+            seq.num_spec_drafts += 1
+            seq.num_spec_draft_tokens += k
+            seq.num_spec_accepted_tokens += a
+            self.num_drafts += 1
+            self.num_draft_tokens += k
+            self.num_accepted += a
+            for j in range(a):
+                self.accepted_per_position[j] += 1
+            for j, token in enumerate(emitted):
+                row = i * (k + 1) + j
+                lp, top = None, None
+                if seq.params.logprobs is not None:
+                    lp = float(logprobs_all[row, token])
+                    n = seq.params.logprobs
+                    if n:
+                        values, ids = logprobs_all[row].topk(n)
+                        top = dict(zip(ids.tolist(), values.tolist()))
+                eng.append_token(seq, token, lp, top)
+                if seq.is_finished:
+                    break

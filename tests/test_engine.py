@@ -1,0 +1,243 @@
+"""Engine behaviour on the CPU: FP8 KV cache, preemption, chunked prefill, sampling, stops and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import miniserve.models.llama as llama_module
+from miniserve import LLM, SamplingParams
+from miniserve.kernels import quantize_fp8_reference
+from miniserve.worker import ForwardInput
+from tests.conftest import VOCAB
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def make_llm(path, **kw) -> LLM:
+    kw.setdefault("dtype", "float32")
+    kw.setdefault("device", "cpu")
+    return LLM(str(path), **kw)
+
+
+def token_prompts(n: int, seed: int = 0, lo: int = 2, hi: int = 40) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, VOCAB, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def greedy_ids(llm: LLM, prompts, params=GREEDY) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+# ------------------------------------------------------------------ FP8 KV cache
+
+def test_fp8_cache_bytes_equal_reference_quantization(llama_dir, monkeypatch):
+    """Every K/V the model writes lands in the cache as exactly the reference quantization of that K/V."""
+    llm = make_llm(llama_dir, kv_cache_dtype="fp8")
+    worker = llm.engine.target
+    assert worker.kv_dtype == torch.float8_e4m3fn
+    writes = []
+    original = llama_module.reshape_and_cache
+
+    def recording(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale):
+        writes.append((key.clone(), value.clone(), key_cache, value_cache, slot_mapping.clone(), k_scale, v_scale))
+        original(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
+
+    monkeypatch.setattr(llama_module, "reshape_and_cache", recording)
+    prompt = token_prompts(1, seed=5, lo=30, hi=31)[0]
+    worker.forward([ForwardInput(prompt, 0, [0, 1], 1)])
+    worker.forward([ForwardInput([7], len(prompt), [0, 1], 1)])
+    assert len(writes) == 2 * worker.model_config.num_layers
+    for key, value, kc, vc, slots, ks, vs in writes:
+        for x, cache, scale in ((key, kc, ks), (value, vc, vs)):
+            stored = cache.view(-1, *cache.shape[2:])[slots].view(torch.uint8)
+            expected = quantize_fp8_reference(x, scale, torch.float8_e4m3fn).view(torch.uint8)
+            assert torch.equal(stored, expected)
+
+
+# Measured on these random weights (5 prompts): ||fp8 - fp32|| / ||fp32|| of the logits = 0.057..0.086 and
+# top-1 agreement 0.80..1.00. e4m3 keeps 3 mantissa bits (up to 6.25% relative error per K/V element), and
+# these weights are 7x larger than a normal init, so this is close to the worst case; trained models do better.
+FP8_REL_TOL = 0.15
+
+
+def test_fp8_logits_stay_close_to_full_precision(llama_dir):
+    prompt = token_prompts(1, seed=9, lo=30, hi=31)[0]
+    full = make_llm(llama_dir).engine.target
+    fp8 = make_llm(llama_dir, kv_cache_dtype="fp8").engine.target
+    a = full.forward([ForwardInput(prompt, 0, [0, 1], len(prompt))])
+    b = fp8.forward([ForwardInput(prompt, 0, [0, 1], len(prompt))])
+    rel = ((a - b).norm() / a.norm()).item()
+    assert 0 < rel <= FP8_REL_TOL  # nonzero: the cache really is quantized
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75
+
+
+# ------------------------------------------------------------------ scheduling
+
+def test_preemption_keeps_greedy_output_and_returns_every_block(llama_dir):
+    prompts = token_prompts(6, seed=2, lo=10, hi=30)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    big = greedy_ids(make_llm(llama_dir), prompts, params)
+    small = make_llm(llama_dir, num_kv_blocks=10, block_size=8)  # 80 slots for 6 sequences of up to 70 tokens
+    got = greedy_ids(small, prompts, params)
+    assert got == big
+    eng = small.engine
+    assert eng.scheduler.num_preemptions > 0
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+    assert all(c == 0 for c in eng.block_manager.ref_counts)
+
+
+def test_chunked_prefill_and_seq_limit_keep_output(llama_dir):
+    prompts = token_prompts(5, seed=3, lo=20, hi=60)
+    expected = greedy_ids(make_llm(llama_dir), prompts)
+    chunked = make_llm(llama_dir, max_num_batched_tokens=16, max_num_seqs=2)
+    assert greedy_ids(chunked, prompts) == expected
+
+
+def test_n_choices_share_prompt_blocks(llama_dir):
+    llm = make_llm(llama_dir, block_size=4)
+    prompt = token_prompts(1, seed=4, lo=21, hi=22)[0]
+    params = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=12, ignore_eos=True)
+    eng = llm.engine
+    eng.add_request("r", prompt, params)
+    peak_shared = 0
+    outs = None
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            outs = out
+        peak_shared = max(peak_shared, sum(1 for c in eng.block_manager.ref_counts if c > 1))
+    assert peak_shared == (len(prompt) - 1) // 4  # full prompt blocks held once for all three choices
+    assert [c.index for c in outs.outputs] == [0, 1, 2]
+    alone = [llm.generate([prompt], SamplingParams(temperature=1.0, seed=11 + i, max_tokens=12, ignore_eos=True),
+                          use_tqdm=False)[0].outputs[0].token_ids for i in range(3)]
+    assert [c.token_ids for c in outs.outputs] == alone
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+# ------------------------------------------------------------------ sampling
+
+def test_seeded_requests_reproduce_regardless_of_batch(llama_dir):
+    llm = make_llm(llama_dir)
+    prompt = token_prompts(1, seed=6)[0]
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=20, ignore_eos=True)
+    alone = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    others = token_prompts(4, seed=7)
+    mixed = llm.generate(others[:2] + [prompt] + others[2:],
+                         [SamplingParams(temperature=1.0, max_tokens=20)] * 2 + [params]
+                         + [SamplingParams(temperature=0.7, max_tokens=5)] * 2, use_tqdm=False)
+    assert mixed[2].outputs[0].token_ids == alone
+    other_seed = llm.generate([prompt], SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=20,
+                                                       ignore_eos=True), use_tqdm=False)
+    assert other_seed[0].outputs[0].token_ids != alone
+
+
+@pytest.mark.parametrize("field, value", [("top_k", 3), ("top_p", 0.3), ("min_p", 0.3)])
+def test_filters_never_emit_excluded_tokens(llama_dir, field, value):
+    """Every sampled token is inside the filter's allowed set, recomputed from the model's own logits."""
+    llm = make_llm(llama_dir)
+    prompt = token_prompts(1, seed=8)[0]
+    params = SamplingParams(temperature=1.5, max_tokens=1, n=64, seed=3, **{field: value})
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    worker = make_llm(llama_dir).engine.target
+    logits = worker.forward([ForwardInput(prompt, 0, [0, 1, 2], 1)])[0]
+    probs = torch.softmax(logits / 1.5, -1)
+    order = probs.argsort(descending=True)
+    if field == "top_k":
+        allowed = set(order[:value].tolist())
+    elif field == "top_p":
+        cum = probs[order].cumsum(0)
+        allowed = set(order[: int((cum < value).sum()) + 1].tolist())
+    else:
+        allowed = set((probs >= value * probs.max()).nonzero().flatten().tolist())
+    sampled = {c.token_ids[0] for c in out.outputs}
+    assert sampled <= allowed
+    assert len(sampled) >= min(2, len(allowed))
+
+
+def test_stop_strings_cut_text_and_set_finish_reason(llama_dir):
+    llm = make_llm(llama_dir)
+    prompt = token_prompts(1, seed=10)[0]
+    free = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert len(free.text) > 6
+    stop = free.text[3:6]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == free.text[: free.text.index(stop)]
+    kept = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop],
+                                                 include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
+    assert kept.text == free.text[: free.text.index(stop)] + stop
+    assert free.finish_reason == "length"
+
+
+def test_stop_token_ids_eos_and_min_tokens(llama_dir):
+    llm = make_llm(llama_dir)
+    prompt = token_prompts(1, seed=12)[0]
+    free = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    target = free[5]
+    first = free.index(target)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[target]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == free[: first + 1] and out.finish_reason == "stop" and out.stop_reason == target
+    held = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[target],
+                                                 min_tokens=first + 2), use_tqdm=False)[0].outputs[0]
+    assert len(held.token_ids) > first + 1 and target not in held.token_ids[: first + 2]
+
+
+def test_logprobs_are_top_n_of_the_raw_distribution(llama_dir):
+    llm = make_llm(llama_dir)
+    prompt = token_prompts(1, seed=13)[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=3, logprobs=4, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    worker = make_llm(llama_dir).engine.target
+    logits = worker.forward([ForwardInput(prompt, 0, [0, 1, 2], 1)])[0]
+    ref = torch.log_softmax(logits, -1)
+    top = ref.topk(4)
+    first = out.logprobs[0]
+    assert set(first) == set(top.indices.tolist())
+    for tid, lp in first.items():
+        assert abs(lp - ref[tid].item()) < 1e-4
+    assert len(out.logprobs) == 3
+    assert abs(out.cumulative_logprob - sum(d[t] for d, t in zip(out.logprobs, out.token_ids))) < 1e-4
+
+
+# ------------------------------------------------------------------ bad input
+
+def test_bad_input_is_a_clear_error_and_engine_stays_usable(llama_dir):
+    llm = make_llm(llama_dir, max_model_len=64)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([[5] * 80], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="max_tokens"):
+        llm.generate([[5] * 50], SamplingParams(max_tokens=30), use_tqdm=False)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="out of range"):
+        llm.generate([[VOCAB + 5]], GREEDY, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.block_manager.num_used_blocks == 0
+    out = llm.generate(["To be, or not"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 5
+
+
+def test_request_that_can_never_fit_is_rejected(llama_dir):
+    llm = make_llm(llama_dir, num_kv_blocks=2, block_size=8)
+    with pytest.raises(ValueError, match="never fit"):
+        llm.generate([[5] * 10], SamplingParams(max_tokens=20), use_tqdm=False)
+    assert len(llm.generate([[5] * 4], SamplingParams(max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids) >= 1
+
+
+def test_chat_and_string_prompts(llama_dir):
+    llm = make_llm(llama_dir)
+    tok = llm.get_tokenizer()
+    out = llm.chat([{"role": "user", "content": "Speak, friend."}], GREEDY, use_tqdm=False)[0]
+    assert out.prompt_token_ids == tok.encode_chat([{"role": "user", "content": "Speak, friend."}])
+    assert out.prompt_token_ids.count(tok.bos_token_id) == 1
+    text_out = llm.generate("ROMEO:", GREEDY, use_tqdm=False)[0]
+    assert text_out.prompt == "ROMEO:" and text_out.prompt_token_ids == tok.encode("ROMEO:")
+    assert text_out.outputs[0].text == tok.decode(text_out.outputs[0].token_ids)
