@@ -124,7 +124,7 @@ class LLMEngine:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
             seq = Sequence(next(self.seq_counter), request_id, i, ids, params, gen)
             seqs.append(seq)
-            dets.append(IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens))
+            dets.append(IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, prompt_ids=ids))
         self.requests[request_id] = Request(request_id, text, ids, params, seqs, dets)
         for seq in seqs:
             self.scheduler.add(seq, parent=seqs[0] if seq.index > 0 else None)

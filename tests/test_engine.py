@@ -241,3 +241,14 @@ def test_chat_and_string_prompts(llama_dir):
     text_out = llm.generate("ROMEO:", GREEDY, use_tqdm=False)[0]
     assert text_out.prompt == "ROMEO:" and text_out.prompt_token_ids == tok.encode("ROMEO:")
     assert text_out.outputs[0].text == tok.decode(text_out.outputs[0].token_ids)
+
+
+@pytest.mark.parametrize("kv", ["auto", "fp8", "fp8_e4m3fnuz"])
+def test_triton_backend_matches_torch_backend(llama_dir, kv):
+    """The Triton kernels (in the interpreter here, natively on a GPU) drive the engine to the same tokens."""
+    prompts = token_prompts(3, seed=14, lo=3, hi=20)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    tri = make_llm(llama_dir, kv_cache_dtype=kv, attention_backend="triton", block_size=8)
+    ref = make_llm(llama_dir, kv_cache_dtype=kv, attention_backend="torch", block_size=8)
+    assert tri.engine.target.backend == "triton" and ref.engine.target.backend == "torch"
+    assert greedy_ids(tri, prompts, params) == greedy_ids(ref, prompts, params)

@@ -1,0 +1,119 @@
+"""Speculative decoding throughput on the demo pair: tokens/s with and without a draft, and acceptance length.
+
+    python benchmarks/spec_decode.py [--batch 1 8 32] [--k 2 4 6] [--max-tokens 128] [--kv-cache-dtype auto]
+
+Greedy decoding of Shakespeare prompts (ignore_eos, fixed length) so every configuration generates the same
+number of tokens; each configuration is warmed up once and timed on a second, identical run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from miniserve import LLM, SamplingParams  # noqa: E402
+from miniserve.config import DEMO_DRAFT, DEMO_TARGET  # noqa: E402
+
+PROMPTS = [
+    "ROMEO:",
+    "JULIET:\nO Romeo,",
+    "First Citizen:\nBefore we proceed",
+    "KING RICHARD III:\nNow is the",
+    "HAMLET:\nTo be, or not",
+    "MENENIUS:\nWhat work's, my countrymen,",
+    "LADY MACBETH:\nOut, damned",
+    "DUKE VINCENTIO:\nFor you, my lord,",
+]
+
+
+def timed_generate(llm: LLM, batch: int, max_tokens: int) -> tuple[float, int]:
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def measure(batch: int, k: int | None, args) -> dict:
+    kw = dict(kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=max(64, batch))
+    if k is not None:
+        kw.update(speculative_model=str(DEMO_DRAFT), num_speculative_tokens=k)
+    llm = LLM(str(DEMO_TARGET), **kw)
+    timed_generate(llm, batch, max_tokens=16)  # warm-up: compiles kernels
+    s0 = llm.engine.stats()
+    seconds, tokens = timed_generate(llm, batch, args.max_tokens)
+    s1 = llm.engine.stats()
+    drafts = s1["spec_num_drafts"] - s0["spec_num_drafts"]
+    accepted = s1["spec_num_accepted_tokens"] - s0["spec_num_accepted_tokens"]
+    per_pos = [b - a for a, b in zip(s0["spec_accepted_per_position"], s1["spec_accepted_per_position"])]
+    return {
+        "batch": batch,
+        "k": k,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "mean_acceptance_length": (1 + accepted / drafts) if drafts else None,
+        "acceptance_per_position": [x / drafts for x in per_pos] if drafts else None,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--k", type=int, nargs="+", default=[2, 4, 6])
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args()
+    rows = []
+    for batch in args.batch:
+        base = measure(batch, None, args)
+        rows.append(base)
+        for k in args.k:
+            r = measure(batch, k, args)
+            r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
+            rows.append(r)
+    env = {
+        "command": "python " + " ".join(sys.argv),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "max_tokens": args.max_tokens,
+    }
+    Path(args.out, "spec_decode.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+    print(json.dumps(env))
+    print(f"{'batch':>5} {'k':>4} {'tok/s':>10} {'speedup':>8} {'accept len':>10}  per-position acceptance")
+    for r in rows:
+        acc = f"{r['mean_acceptance_length']:.2f}" if r["mean_acceptance_length"] else "-"
+        pos = " ".join(f"{x:.2f}" for x in r["acceptance_per_position"] or [])
+        print(
+            f"{r['batch']:>5} {str(r['k'] or '-'):>4} {r['tokens_per_s']:>10.1f} {r.get('speedup', 1.0):>8.2f} "
+            f"{acc:>10}  {pos}"
+        )
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "none"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""Sampling parameters (vLLM names and defaults) and the batched sampler.
+
+The sampler works on a [B, V] logits tensor on its own device, one row per logits row (a request may own
+several rows, e.g. when the speculative verifier scores k+1 positions). Per step the engine builds one
+`SamplingBatch` (the per-row parameters as tensors), then calls `sample`, or `probs` + `sample_from_probs`
+for rejection sampling.
+
+Random rows use the exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i.
+A seeded row draws its E (V values per step) from its own `torch.Generator`, so its tokens depend only
+on its seed and its logits, never on which other requests share the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+GREEDY_EPS = 1e-5  # temperatures below this are greedy (dividing by them would overflow)
+MAX_LOGPROBS = 20  # the OpenAI API's limit for top logprobs
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens for one request; defaults and validation follow vLLM."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int | None = 16  # None = until the context is full
+    min_tokens: int = 0
+    stop: str | list[str] | None = None  # normalised to a list
+    stop_token_ids: list[int] | None = None  # normalised to a list
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-N logprobs per token; 0 = only the sampled token's
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("n", self.n, low=1)
+        _check_number("temperature", self.temperature, low=0.0)
+        _check_number("top_p", self.top_p, low=0.0, low_open=True, high=1.0)
+        _check_int("top_k", self.top_k, low=-1)
+        _check_number("min_p", self.min_p, low=0.0, high=1.0)
+        if self.seed is not None:
+            _check_int("seed", self.seed)
+        _check_number("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
+        _check_number("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
+        _check_number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, low=1)
+        _check_int("min_tokens", self.min_tokens, low=0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        self.stop = _normalize_stop(self.stop)
+        self.stop_token_ids = _normalize_stop_token_ids(self.stop_token_ids)
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_EPS
+
+
+def _check_int(name: str, value: object, low: int | None = None, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise ValueError(f"{name} must be in {bounds}, got {value}")
+
+
+def _check_number(
+    name: str, value: object, low: float | None = None, high: float | None = None, low_open: bool = False
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if too_low or (high is not None and value > high):
+        lower = f"{'(' if low_open else '['}{low if low is not None else '-inf'}"
+        bounds = f"{lower}, {high if high is not None else 'inf'}]"
+        raise ValueError(f"{name} must be in {bounds}, got {value}")
+
+
+def _normalize_stop(stop: object) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+    if any(s == "" for s in stop):
+        raise ValueError("stop must not contain empty strings")
+    return list(stop)
+
+
+def _normalize_stop_token_ids(ids: object) -> list[int]:
+    if ids is None:
+        return []
+    if not isinstance(ids, (list, tuple, set)):
+        raise ValueError(f"stop_token_ids must be a list of integers, got {ids!r}")
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ValueError(f"stop_token_ids must be non-negative integers, got {token!r}")
+    return list(ids)
+
+
+# ---------------------------------------------------------------------------- the batch
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # int64 [B]
+    logprobs: torch.Tensor  # float32 [B]: log_softmax(raw logits) at the sampled token
+    top_logprobs: tuple[torch.Tensor, torch.Tensor] | None  # (ids int64 [B, N], values float32 [B, N])
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters as tensors on the logits' device; build once per step."""
+
+    vocab_size: int
+    device: torch.device
+    generators: list[torch.Generator | None]
+    greedy: torch.Tensor  # bool [B]
+    any_greedy: bool  # Python flags, so the hot path needs no device sync
+    all_greedy: bool
+    temperature: torch.Tensor  # float32 [B]; 1.0 on greedy rows
+    top_k: torch.Tensor | None  # int64 [B], vocab_size where off; None when no row filters
+    top_p: torch.Tensor | None  # float32 [B], 1.0 where off
+    min_p: torch.Tensor | None  # float32 [B], 0.0 where off
+    repetition_penalty: torch.Tensor | None  # float32 [B, 1]; None when all rows are 1.0
+    seen_mask: torch.Tensor | None  # bool [B, V]: token occurs in prompt or output
+    frequency_penalty: torch.Tensor | None  # float32 [B, 1]; None when all presence/frequency are 0
+    presence_penalty: torch.Tensor | None  # float32 [B, 1]
+    output_counts: torch.Tensor | None  # float32 [B, V]: occurrences in the output
+    banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) masked for min_tokens
+    max_num_logprobs: int | None  # widest top-N asked for; None when no row wants logprobs
+
+    @property
+    def size(self) -> int:
+        return len(self.generators)
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        prompt_ids: list[list[int]],
+        output_ids: list[list[int]],
+        eos_token_ids: set[int],
+        vocab_size: int,
+        device: torch.device | str,
+    ) -> SamplingBatch:
+        """One row per logits row: its params, its generator (None = global RNG) and its token history."""
+        rows = len(params)
+        if not (len(generators) == len(prompt_ids) == len(output_ids) == rows):
+            raise ValueError(
+                f"SamplingBatch.build needs one entry per row: {rows} params, {len(generators)} generators, "
+                f"{len(prompt_ids)} prompts, {len(output_ids)} outputs"
+            )
+        device = torch.device(device)
+        greedy = [p.greedy for p in params]
+
+        def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        top_k = [p.top_k if p.top_k > 0 and not g else vocab_size for p, g in zip(params, greedy)]
+        top_k = [min(k, vocab_size) for k in top_k]
+        top_p = [1.0 if g else float(p.top_p) for p, g in zip(params, greedy)]
+        min_p = [0.0 if g else float(p.min_p) for p, g in zip(params, greedy)]
+
+        rep = [float(p.repetition_penalty) for p in params]
+        rep_rows = [i for i, r in enumerate(rep) if r != 1.0]
+        seen_mask = None
+        if rep_rows:
+            seen_mask = _token_counts(
+                {i: prompt_ids[i] + output_ids[i] for i in rep_rows}, rows, vocab_size, device
+            ).gt(0)
+        freq = [float(p.frequency_penalty) for p in params]
+        pres = [float(p.presence_penalty) for p in params]
+        pen_rows = [i for i in range(rows) if freq[i] != 0.0 or pres[i] != 0.0]
+        counts = (
+            _token_counts({i: output_ids[i] for i in pen_rows}, rows, vocab_size, device)
+            if pen_rows
+            else None
+        )
+
+        banned_rows, banned_ids = [], []
+        for i, p in enumerate(params):
+            if len(output_ids[i]) < p.min_tokens:
+                stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
+                for token in sorted(t for t in stops if 0 <= t < vocab_size):
+                    banned_rows.append(i)
+                    banned_ids.append(token)
+
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        return cls(
+            vocab_size=vocab_size,
+            device=device,
+            generators=list(generators),
+            greedy=column(greedy, torch.bool),
+            any_greedy=any(greedy),
+            all_greedy=all(greedy),
+            temperature=column([1.0 if g else float(p.temperature) for p, g in zip(params, greedy)]),
+            top_k=column(top_k, torch.int64) if any(k < vocab_size for k in top_k) else None,
+            top_p=column(top_p) if any(v < 1.0 for v in top_p) else None,
+            min_p=column(min_p) if any(v > 0.0 for v in min_p) else None,
+            repetition_penalty=column(rep).unsqueeze(1) if rep_rows else None,
+            seen_mask=seen_mask,
+            frequency_penalty=column(freq).unsqueeze(1) if pen_rows else None,
+            presence_penalty=column(pres).unsqueeze(1) if pen_rows else None,
+            output_counts=counts,
+            banned=(column(banned_rows, torch.int64), column(banned_ids, torch.int64))
+            if banned_rows
+            else None,
+            max_num_logprobs=max(asked) if asked else None,
+        )
+
+
+def _token_counts(
+    histories: dict[int, list[int]], rows: int, vocab_size: int, device: torch.device
+) -> torch.Tensor:
+    """float32 [rows, V] occurrence counts; rows missing from `histories` stay zero."""
+    counts = torch.zeros(rows, vocab_size + 1, dtype=torch.float32, device=device)
+    width = max((len(h) for h in histories.values()), default=0)
+    if width:
+        index = torch.full((rows, width), vocab_size, dtype=torch.int64)  # pad column = vocab_size, dropped
+        for i, history in histories.items():
+            if history:
+                index[i, : len(history)] = torch.tensor(history, dtype=torch.int64)
+        index = index.clamp_(0, vocab_size).to(device)
+        counts.scatter_add_(1, index, torch.ones(index.shape, dtype=torch.float32, device=device))
+    return counts[:, :vocab_size]
+
+
+# ---------------------------------------------------------------------------- logits -> distribution
+
+
+def apply_penalties_and_filters(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Penalties, min_tokens masking, temperature, then top-k, top-p, min-p; returns a new float32 tensor."""
+    if logits.dim() != 2 or logits.shape[0] != batch.size:
+        raise ValueError(f"logits must be [{batch.size}, vocab], got {tuple(logits.shape)}")
+    if logits.shape[1] != batch.vocab_size:
+        raise ValueError(
+            f"logits have {logits.shape[1]} columns but the batch was built for {batch.vocab_size}"
+        )
+    logits = logits.to(torch.float32, copy=True)
+    if batch.repetition_penalty is not None:
+        # HF/vLLM: a seen token's logit is divided by the penalty when positive, multiplied when negative
+        penalized = torch.where(
+            logits > 0, logits / batch.repetition_penalty, logits * batch.repetition_penalty
+        )
+        logits = torch.where(batch.seen_mask, penalized, logits)
+    if batch.output_counts is not None:
+        logits -= batch.frequency_penalty * batch.output_counts
+        logits -= batch.presence_penalty * (batch.output_counts > 0).to(torch.float32)
+    if batch.banned is not None:
+        logits[batch.banned] = -math.inf
+    logits /= batch.temperature.unsqueeze(1)
+    if batch.top_k is not None or batch.top_p is not None:
+        logits = _top_k_top_p(logits, batch.top_k, batch.top_p)
+    if batch.min_p is not None:
+        probs = torch.softmax(logits, dim=-1)
+        threshold = batch.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+        logits = logits.masked_fill(probs < threshold, -math.inf)
+    return logits
+
+
+def _top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Keep each row's k largest logits, then the smallest prefix whose probability mass reaches top_p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    positions = torch.arange(logits.shape[1], device=logits.device)
+    if top_k is not None:
+        sorted_logits = sorted_logits.masked_fill(positions >= top_k.unsqueeze(1), -math.inf)
+    if top_p is not None:
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop = (mass_before >= top_p.unsqueeze(1)) & (positions > 0)
+        sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The distribution tokens are drawn from (float32 [B, V]); greedy rows are one-hot at the argmax."""
+    filtered = apply_penalties_and_filters(logits, batch)
+    out = torch.softmax(filtered, dim=-1)
+    if batch.any_greedy:
+        one_hot = torch.zeros_like(out).scatter_(1, filtered.argmax(dim=-1, keepdim=True), 1.0)
+        out = torch.where(batch.greedy.unsqueeze(1), one_hot, out)
+    return out
+
+
+# ---------------------------------------------------------------------------- drawing
+
+
+def random_uniform(batch: SamplingBatch, shape: tuple[int, ...] = ()) -> torch.Tensor:
+    """U[0, 1) of shape [B, *shape]; seeded rows draw from their own generator, others from the global RNG."""
+    out = torch.rand((batch.size, *shape), device=batch.device)
+    for row, generator in enumerate(batch.generators):
+        if generator is not None:
+            out[row] = torch.rand(shape, generator=generator, device=batch.device)
+    return out
+
+
+def _exponential(batch: SamplingBatch, width: int) -> torch.Tensor:
+    """Exp(1) noise [B, width] for the race, per-row generators where seeded; never exactly 0."""
+    noise = torch.empty(batch.size, width, device=batch.device).exponential_()
+    for row, generator in enumerate(batch.generators):
+        if generator is not None:
+            noise[row].exponential_(generator=generator)
+    return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
+
+def sample_from_probs(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Draw one token per row from `probs` [B, V] (int64 [B]); greedy rows take the argmax."""
+    if batch.all_greedy:
+        return probs.argmax(dim=-1)
+    drawn = (probs / _exponential(batch, probs.shape[1])).argmax(dim=-1)
+    return torch.where(batch.greedy, probs.argmax(dim=-1), drawn) if batch.any_greedy else drawn
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    """One token per row, its logprob under the raw model distribution, and the top-N raw logprobs."""
+    raw_logprobs = torch.log_softmax(logits.to(torch.float32), dim=-1)
+    if batch.all_greedy:
+        token_ids = apply_penalties_and_filters(logits, batch).argmax(dim=-1)
+    else:
+        token_ids = sample_from_probs(probs(logits, batch), batch)
+    logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    top = None
+    if batch.max_num_logprobs is not None:
+        values, ids = raw_logprobs.topk(batch.max_num_logprobs, dim=-1)
+        top = (ids, values)
+    return SamplerOutput(token_ids=token_ids, logprobs=logprobs, top_logprobs=top)

@@ -1,0 +1,485 @@
+"""Tokenizer: Hugging Face tokenizer directories without transformers, plus streaming detokenization.
+
+Everything runs on a `tokenizers.Tokenizer` backend, so encode/decode match what
+`transformers.AutoTokenizer` (v5) gives for the same directory:
+
+* `tokenizer.json` is loaded as-is (Llama-3, Qwen2/3, Mistral, TinyLlama...), except that, as in
+  transformers 5, a non-byte-level BPE whose tokenizer_config.json says `LlamaTokenizer(Fast)` gets the
+  Llama normalizer/pre-tokenizer/decoder rebuilt (Metaspace, prepend_scheme "first" unless `legacy`).
+* a bare `tokenizer.model` is read with `sentencepiece` and converted once to the same BPE pipeline
+  transformers 5 builds for Llama-style SentencePiece models (byte fallback, Metaspace, merges from piece
+  order). Calling sentencepiece's own encoder instead would disagree with HF on leading spaces and on
+  special tokens written in the text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from tokenizers import AddedToken, decoders, pre_tokenizers, processors
+from tokenizers.models import BPE
+
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+
+PROMPT_CONTEXT = 5  # prompt tokens an IncrementalDetokenizer may re-decode as its first prefix window
+
+# Used when the directory has no chat template: one "Role: content" line per message, then "Assistant:".
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+class Tokenizer:
+    """Encode/decode/chat-template for one model directory; see the module docstring for the backends."""
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        special_tokens: dict[str, str | None],
+        chat_template: str | None,
+        extra_eos_token_ids: Iterable[int] = (),
+        clean_up_tokenization_spaces: bool = False,
+        name_or_path: str = "",
+    ) -> None:
+        self.backend = backend
+        self.name_or_path = name_or_path
+        self.special_tokens = special_tokens
+        self.chat_template = chat_template
+        # transformers 5 skips the clean-up for BPE models because it corrupts their output
+        self._clean_up = clean_up_tokenization_spaces and type(backend.model).__name__ != "BPE"
+        added = backend.get_added_tokens_decoder()
+        self._special_ids = frozenset(i for i, t in added.items() if t.special)
+        self._eos_token_ids = set(extra_eos_token_ids)
+        if self.eos_token_id is not None:
+            self._eos_token_ids.add(self.eos_token_id)
+        self._bos_prefix = self._special_prefix()
+        self._byte_ids = _byte_fallback_ids(backend)
+        self._jinja_template: Any = None
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Tokenizer:
+        """Load `tokenizer.json` (preferred) or `tokenizer.model` plus the config files from a directory."""
+        directory = Path(path)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"tokenizer directory {str(directory)!r} does not exist")
+        config = _read_json(directory / "tokenizer_config.json")
+        tokenizer_class = str(config.get("tokenizer_class") or "")
+        special: dict[str, str | None] = {
+            name: _token_content(config.get(name)) for name in SPECIAL_TOKEN_NAMES
+        }
+        if (directory / "tokenizer.json").is_file():
+            backend = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+            if tokenizer_class in LLAMA_TOKENIZER_CLASSES and _is_sentencepiece_bpe(backend):
+                _set_llama_pipeline(
+                    backend, config.get("legacy", False), config.get("add_prefix_space", True)
+                )
+        elif (directory / "tokenizer.model").is_file():
+            backend = _backend_from_sentencepiece(
+                directory / "tokenizer.model",
+                config.get("legacy", False),
+                config.get("add_prefix_space", True),
+            )
+            # LlamaTokenizer's defaults when the config does not name them
+            for name, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
+                if name not in config:
+                    special[name] = default
+        else:
+            raise FileNotFoundError(
+                f"no tokenizer.json or tokenizer.model in {str(directory)!r}: cannot build a tokenizer"
+            )
+        _add_config_tokens(backend, config, special)
+        _update_post_processor(backend, config, special)
+        return cls(
+            backend,
+            special_tokens=special,
+            chat_template=_load_chat_template(directory, config),
+            extra_eos_token_ids=_config_eos_ids(directory),
+            clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+            name_or_path=str(directory),
+        )
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def vocab_size(self) -> int:
+        """Number of token strings including added tokens (== len(hf_tokenizer))."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_token(self) -> str | None:
+        return self.special_tokens.get("bos_token")
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.special_tokens.get("eos_token")
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.token_to_id(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.token_to_id(self.eos_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.token_to_id(self.special_tokens.get("pad_token"))
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self.token_to_id(self.special_tokens.get("unk_token"))
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """eos_token plus every eos_token_id in generation_config.json and config.json (e.g. <|eot_id|>)."""
+        return set(self._eos_token_ids)
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        """Ids of every added token marked special: exactly what decode(skip_special_tokens=True) drops."""
+        return sorted(self._special_ids)
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    # ---------------------------------------------------------------- encode / decode
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids; special tokens written in `text` become their ids; BOS/EOS per the post-processor."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return _clean_up_tokenization(text) if self._clean_up else text
+
+    # ---------------------------------------------------------------- chat
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Render `messages` with the model's chat template (or DEFAULT_CHAT_TEMPLATE when it has none).
+
+        Message content may be a string or a list of OpenAI text parts, which are joined with newlines.
+        Keys whose value is None are dropped (as transformers does) so templates see them as undefined.
+        """
+        if self._jinja_template is None:
+            self._jinja_template = _compile_template(self.chat_template or DEFAULT_CHAT_TEMPLATE)
+        variables = {name: value for name, value in self.special_tokens.items() if value is not None}
+        return self._jinja_template.render(
+            messages=[_normalize_message(m, i) for i, m in enumerate(messages)],
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **variables,
+        )
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Rendered chat as ids, plus the BOS prefix unless the template already wrote it (never EOS)."""
+        ids = self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        prefix = self._bos_prefix
+        if prefix and ids[: len(prefix)] != prefix:
+            ids = prefix + ids
+        return ids
+
+    def _special_prefix(self) -> list[int]:
+        """The ids the post-processor puts before the text (e.g. [BOS]), found by encoding a probe."""
+        probe = "a"
+        plain = self.encode(probe, add_special_tokens=False)
+        full = self.encode(probe, add_special_tokens=True)
+        for start in range(len(full) - len(plain) + 1):
+            if full[start : start + len(plain)] == plain:
+                return full[:start]
+        return []
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of generated ids into text deltas for streaming.
+
+    Only a short trailing window is decoded per call (prefix/read offsets, as in vLLM), so each `add` costs
+    O(window). Text is held back while it ends in U+FFFD (an incomplete UTF-8 sequence) or in byte-fallback
+    tokens (`<0xNN>`: the byte-fallback decoder turns a whole run of them into U+FFFD if any byte is bad, so
+    the run may still change); `flush()` releases the held text when generation ends. The window always
+    starts right after an emitted token, so SentencePiece's "strip the first space" rule hits the prefix
+    and the full text identically: "".join(deltas) + flush() == tokenizer.decode(all_ids).
+
+    With `prompt_ids`, the last few prompt tokens seed the window (as vLLM does), so the first generated
+    token keeps its leading space ("▁Paris" -> " Paris") instead of having it stripped like decode() does;
+    the stream then equals decode(context + ids) minus decode(context).
+    """
+
+    def __init__(
+        self, tokenizer: Tokenizer, skip_special_tokens: bool = True, prompt_ids: Iterable[int] | None = None
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.text = ""  # everything emitted so far
+        # kept ids (skipped special tokens removed: decode ignores them), starting with the prompt context
+        self.token_ids: list[int] = self._prompt_context(prompt_ids) if prompt_ids is not None else []
+        self._prefix_offset = 0
+        self._read_offset = len(self.token_ids)
+
+    def _keep(self, token_ids: Iterable[int]) -> list[int]:
+        skip = self.tokenizer._special_ids if self.skip_special_tokens else frozenset()
+        return [int(t) for t in token_ids if int(t) not in skip]
+
+    def _prompt_context(self, prompt_ids: Iterable[int]) -> list[int]:
+        """Up to PROMPT_CONTEXT trailing prompt ids that end on a complete character."""
+        context = self._keep(prompt_ids)[-PROMPT_CONTEXT:]
+        while context and (
+            context[-1] in self.tokenizer._byte_ids or self._decode(context).endswith("\ufffd")
+        ):
+            context.pop()
+        return context
+
+    def add(self, token_ids: Iterable[int]) -> str:
+        """Append new ids; return the newly finished text (possibly "")."""
+        kept = self._keep(token_ids)
+        if not kept:
+            return ""
+        self.token_ids.extend(kept)
+        if self.token_ids[-1] in self.tokenizer._byte_ids:
+            return ""
+        return self._emit(hold_incomplete=True)
+
+    def flush(self) -> str:
+        """Release held-back text; call once when the sequence is finished."""
+        return self._emit(hold_incomplete=False)
+
+    def _emit(self, hold_incomplete: bool) -> str:
+        if self._read_offset == len(self.token_ids):
+            return ""
+        prefix_text = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self.token_ids[self._prefix_offset :])
+        if hold_incomplete and new_text.endswith("\ufffd"):
+            return ""
+        delta = new_text[len(prefix_text) :]
+        self.text += delta
+        # the last emitted chunk becomes the prefix window: it starts on an emitted (clean) boundary
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
+        return delta
+
+    def _decode(self, ids: list[int]) -> str:
+        if not ids:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+
+# ---------------------------------------------------------------------------- backend construction
+def _backend_from_sentencepiece(
+    model_file: Path, legacy: bool, add_prefix_space: bool
+) -> tokenizers.Tokenizer:
+    """Build transformers 5's Llama BPE pipeline from a SentencePiece model (pieces in id order)."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    backend = tokenizers.Tokenizer(
+        BPE(vocab=vocab, merges=_merges_from_vocab(vocab), fuse_unk=True, byte_fallback=True, dropout=None)
+    )
+    _set_llama_pipeline(backend, legacy, add_prefix_space)
+    control = [
+        AddedToken(pieces[i], special=True, normalized=False) for i in range(len(pieces)) if sp.is_control(i)
+    ]
+    backend.add_special_tokens(control)
+    return backend
+
+
+def _merges_from_vocab(vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Every split of a piece into two pieces is a merge; earlier pieces (higher SP score) merge first."""
+    merges = []
+    for piece, piece_id in vocab.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                merges.append((piece_id, cut, left, right))
+    merges.sort()
+    return [(left, right) for _, _, left, right in merges]
+
+
+def _set_llama_pipeline(backend: tokenizers.Tokenizer, legacy: bool, add_prefix_space: bool) -> None:
+    """Metaspace without normalizer; '▁' is prepended to the first chunk only unless `legacy`."""
+    scheme = ("always" if legacy else "first") if add_prefix_space else "never"
+    backend.normalizer = None
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_prefix_space:
+        steps.append(decoders.Strip(content=" ", left=1))
+    backend.decoder = decoders.Sequence(steps)
+
+
+def _add_config_tokens(backend: tokenizers.Tokenizer, config: dict, special: dict[str, str | None]) -> None:
+    """Add tokens from added_tokens_decoder and named special tokens the backend does not know yet."""
+    known = {t.content for t in backend.get_added_tokens_decoder().values()}
+    for _, spec in sorted((config.get("added_tokens_decoder") or {}).items(), key=lambda kv: int(kv[0])):
+        token = _added_token(spec)
+        if token.content not in known:
+            (backend.add_special_tokens if token.special else backend.add_tokens)([token])
+            known.add(token.content)
+    for content in special.values():
+        if content is not None and content not in known:
+            backend.add_special_tokens([AddedToken(content, special=True, normalized=False)])
+            known.add(content)
+
+
+def _update_post_processor(
+    backend: tokenizers.Tokenizer, config: dict, special: dict[str, str | None]
+) -> None:
+    """transformers 5 rebuilds the post-processor from add_bos/add_eos_token when the config sets them."""
+    if "add_bos_token" not in config and "add_eos_token" not in config and backend.post_processor is not None:
+        return
+    bos, eos = special.get("bos_token"), special.get("eos_token")
+    add_bos = bool(config.get("add_bos_token", False)) and bos is not None
+    add_eos = bool(config.get("add_eos_token", False)) and eos is not None
+    single = (f"{bos}:0 " if add_bos else "") + "$A:0" + (f" {eos}:0" if add_eos else "")
+    pair = single + (f" {bos}:1" if add_bos else "") + " $B:1" + (f" {eos}:1" if add_eos else "")
+    used = [(t, backend.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+    backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=used)
+
+
+# ---------------------------------------------------------------------------- config helpers
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _token_content(value: Any) -> str | None:
+    """Special tokens are strings or AddedToken dicts ({"content": ..., ...})."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ValueError(f"unsupported special token entry in tokenizer_config.json: {value!r}")
+
+
+def _added_token(spec: Any) -> AddedToken:
+    if isinstance(spec, str):
+        return AddedToken(spec, special=True, normalized=False)
+    special = bool(spec.get("special", False))
+    return AddedToken(
+        spec["content"],
+        single_word=bool(spec.get("single_word", False)),
+        lstrip=bool(spec.get("lstrip", False)),
+        rstrip=bool(spec.get("rstrip", False)),
+        normalized=bool(spec.get("normalized", not special)),
+        special=special,
+    )
+
+
+def _config_eos_ids(directory: Path) -> set[int]:
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        value = _read_json(directory / name).get("eos_token_id")
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _load_chat_template(directory: Path, config: dict) -> str | None:
+    """chat_template.jinja (transformers 5 layout) wins over tokenizer_config.json's chat_template."""
+    jinja_file = directory / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t["name"]: t["template"] for t in template}
+        return named.get("default", next(iter(named.values()), None))
+    return template
+
+
+def _is_sentencepiece_bpe(backend: tokenizers.Tokenizer) -> bool:
+    """A BPE that is not byte-level (transformers 5 loads byte-level ones as-is whatever the class says)."""
+    parts = (backend.pre_tokenizer, backend.decoder)
+    byte_level = any(part is not None and b'"ByteLevel"' in part.__getstate__() for part in parts)
+    return type(backend.model).__name__ == "BPE" and not byte_level
+
+
+def _byte_fallback_ids(backend: tokenizers.Tokenizer) -> frozenset[int]:
+    """Ids of `<0xNN>` pieces, when the decoder groups them with ByteFallback (SentencePiece-style)."""
+    decoder = backend.decoder
+    if decoder is None or b'"ByteFallback"' not in decoder.__getstate__():
+        return frozenset()
+    vocab = backend.get_vocab(with_added_tokens=False)
+    return frozenset(
+        i for tok, i in vocab.items() if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">")
+    )
+
+
+def _clean_up_tokenization(text: str) -> str:
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't")):
+        text = text.replace(before, after)
+    for suffix in ("'m", "'s", "'ve", "'re"):
+        text = text.replace(" " + suffix, suffix)
+    return text
+
+
+# ---------------------------------------------------------------------------- chat templates
+def _normalize_message(message: dict[str, Any], index: int) -> dict[str, Any]:
+    if not isinstance(message, dict) or "role" not in message:
+        raise ValueError(f"messages[{index}] must be a dict with a 'role', got {message!r}")
+    out = {key: value for key, value in message.items() if value is not None}
+    content = out.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise ValueError(f"messages[{index}].content: only text parts are supported, got {part!r}")
+            texts.append(part["text"])
+        out["content"] = "\n".join(texts)
+    return out
+
+
+def _compile_template(source: str) -> Any:
+    """A sandboxed jinja2 environment set up like transformers' (trim/lstrip blocks, tojson, helpers)."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` marks assistant text for training masks: render as is."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(
+        value: Any,
+        ensure_ascii: bool = False,
+        indent: Any = None,
+        separators: Any = None,
+        sort_keys: bool = False,
+    ) -> str:
+        return json.dumps(
+            value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)

@@ -1,0 +1,533 @@
+"""miniserve.tokenizer against transformers.AutoTokenizer on tokenizers trained here on tinyshakespeare.
+
+Three directories, each built once per module:
+  * sp:     a Llama-style SentencePiece model (tokenizer.model only, byte fallback)
+  * bpe:    a Llama-3/Qwen-style byte-level BPE tokenizer.json saved through PreTrainedTokenizerFast
+  * legacy: a Llama-2-era tokenizer.json (Prepend/Replace normalizer) with tokenizer_class LlamaTokenizerFast
+  * bytelevel_llama: the bpe directory relabelled LlamaTokenizerFast with add_bos_token (DeepSeek-R1-Distill)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+from pathlib import Path
+
+import jinja2
+import pytest
+import sentencepiece
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as RawTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from miniserve.tokenizer import DEFAULT_CHAT_TEMPLATE, IncrementalDetokenizer, Tokenizer
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
+EXTRA_LINES = [
+    "héllo wörld café naïve",
+    "日本語のテキスト 中文字符",
+    "emoji 😀🎉👍 test",
+    "tabs\tand  spaces",
+]
+
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+CHATML_TEMPLATE = """{{- bos_token }}
+{%- set ns = namespace(system_seen=false) %}
+{%- for message in messages %}
+    {%- if message.role == 'system' %}{% set ns.system_seen = true %}{% endif %}
+    {%- if loop.first and not ns.system_seen %}
+        {{- '<|im_start|>system\\nYou are helpful. Year ' + strftime_now('%Y') + '.<|im_end|>\\n' }}
+    {%- endif %}
+    {{- '<|im_start|>' + message.role + '\\n' + message.content | trim + '<|im_end|>\\n' }}
+    {%- if message.tool_calls is defined %}{{ message.tool_calls | tojson }}{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+TEST_STRINGS = [
+    "Hello world",
+    "First Citizen:\nBefore we proceed any further, hear me speak.",
+    " leading space",
+    "  two leading spaces",
+    "trailing spaces   ",
+    "a\nb\n\nc\r\nd",
+    "\t tab\tseparated\t",
+    "",
+    " ",
+    "\n",
+    "héllo wörld café naïve ünïcödé ẞ ﬁ ①",
+    "日本語のテキスト 中文字符 한국어",
+    "emoji 😀🎉👍🏽 family 👨‍👩‍👧",
+    "numbers 1234567 3.14159 -42",
+    "x</s>y <s> z",
+    "<s>Hello",
+    "Hello </s>",
+    "<unk> and <0x41> literal",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    "<|begin_of_text|>Text<|eot_id|>",
+    "<|im_start|><|im_end|>",
+    "ROMEO: O, she doth teach the torches to burn bright!",
+    "   \n\n   \t\t  ",
+    "What's up? I'm fine, you've been... they're here!",
+]
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello, who art thou?"}],
+    [
+        {"role": "system", "content": "Speak like a Shakespearean actor."},
+        {"role": "user", "content": "  Where is Romeo?  "},
+        {"role": "assistant", "content": "He is in Verona, good sir."},
+        {"role": "user", "content": "Café ☕ and 日本語 😀"},
+    ],
+    [
+        {"role": "user", "content": "line one\nline two"},
+        {"role": "assistant", "content": "reply", "tool_calls": None},
+        {"role": "user", "content": "again"},
+    ],
+]
+
+
+def corpus_lines(limit: int) -> list[str]:
+    text = CORPUS.read_text(encoding="utf-8")[:limit]
+    return [line for line in text.split("\n") if line.strip()] + EXTRA_LINES * 5
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def sp_dir(tmp_path_factory) -> Path:
+    """tokenizer.model + tokenizer_config.json the way Llama-2/TinyLlama ship them."""
+    directory = tmp_path_factory.mktemp("sp")
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus_lines(300_000)),
+        model_writer=model,
+        vocab_size=1000,
+        model_type="bpe",
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        character_coverage=0.9995,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=2,
+        minloglevel=2,
+    )
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+
+    def added(content: str) -> dict:
+        return {
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+
+    write_json(
+        directory / "tokenizer_config.json",
+        {
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "added_tokens_decoder": {
+                "0": added("<unk>"),
+                "1": added("<s>"),
+                "2": added("</s>"),
+                "1000": added("<|pad|>"),
+            },
+            "bos_token": "<s>",
+            "eos_token": {
+                "__type": "AddedToken",
+                "content": "</s>",
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+            },
+            "unk_token": "<unk>",
+            "pad_token": "<|pad|>",
+            "legacy": False,
+            "clean_up_tokenization_spaces": False,
+            "tokenizer_class": "LlamaTokenizer",
+            "chat_template": LLAMA2_TEMPLATE,
+        },
+    )
+    write_json(directory / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
+    return directory
+
+
+def train_byte_level_bpe() -> RawTokenizer:
+    tok = RawTokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    split = Regex(
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(split, behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=800,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = "\n".join(corpus_lines(200_000))
+    tok.train_from_iterator([text[i : i + 1000] for i in range(0, len(text), 1000)], trainer)
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single="<|begin_of_text|> $A",
+                pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                special_tokens=[("<|begin_of_text|>", bos)],
+            ),
+        ]
+    )
+    return tok
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory) -> Path:
+    """Llama-3-like: byte-level BPE, BOS from the post-processor, two EOS ids, chat_template.jinja."""
+    directory = tmp_path_factory.mktemp("bpe")
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=train_byte_level_bpe(),
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|end_of_text|>",
+    )
+    hf.chat_template = CHATML_TEMPLATE
+    hf.save_pretrained(directory)
+    write_json(directory / "generation_config.json", {"eos_token_id": [1, 2]})
+    write_json(directory / "config.json", {"model_type": "llama", "eos_token_id": 4})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def legacy_dir(sp_dir, tmp_path_factory) -> Path:
+    """The sp model as an old Llama-2 tokenizer.json (normalizer-based), still marked LlamaTokenizerFast."""
+    directory = tmp_path_factory.mktemp("legacy")
+    backend = AutoTokenizer.from_pretrained(sp_dir).backend_tokenizer
+    raw = RawTokenizer.from_str(backend.to_str())
+    raw.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    raw.pre_tokenizer = None
+    raw.save(str(directory / "tokenizer.json"))
+    config = json.loads((sp_dir / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "LlamaTokenizerFast"
+    write_json(directory / "tokenizer_config.json", config)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def bytelevel_llama_dir(bpe_dir, tmp_path_factory) -> Path:
+    """A byte-level tokenizer.json that claims LlamaTokenizerFast (DeepSeek-R1-Distill style)."""
+    directory = tmp_path_factory.mktemp("bytelevel_llama")
+    shutil.copytree(bpe_dir, directory, dirs_exist_ok=True)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="LlamaTokenizerFast", add_bos_token=True, add_eos_token=False)
+    write_json(directory / "tokenizer_config.json", config)
+    return directory
+
+
+@pytest.fixture(scope="module", params=["sp", "bpe", "legacy", "bytelevel_llama"])
+def pair(request) -> tuple[Tokenizer, object]:
+    """(ours, transformers') for each directory."""
+    directory = request.getfixturevalue(f"{request.param}_dir")
+    return Tokenizer.from_pretrained(directory), AutoTokenizer.from_pretrained(directory)
+
+
+# ---------------------------------------------------------------------------- encode / decode
+
+
+@pytest.mark.parametrize("add_special_tokens", [True, False])
+def test_encode_matches_transformers(pair, add_special_tokens):
+    ours, hf = pair
+    for text in TEST_STRINGS + corpus_lines(3000)[:40]:
+        assert ours.encode(text, add_special_tokens) == hf.encode(
+            text, add_special_tokens=add_special_tokens
+        ), text
+
+
+def test_decode_matches_transformers(pair):
+    ours, hf = pair
+    rng = random.Random(0)
+    sequences = [hf.encode(text) for text in TEST_STRINGS]
+    sequences += [[rng.randrange(len(hf)) for _ in range(rng.randrange(1, 16))] for _ in range(300)]
+    for ids in sequences:
+        for skip in (True, False):
+            assert ours.decode(ids, skip) == hf.decode(ids, skip_special_tokens=skip), ids
+
+
+def test_roundtrip_and_special_tokens_in_text(bpe_dir, sp_dir):
+    bpe = Tokenizer.from_pretrained(bpe_dir)
+    ids = bpe.encode("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False)
+    assert ids[0] == bpe.token_to_id("<|im_start|>") and ids[-1] == bpe.token_to_id("<|im_end|>")
+    assert bpe.encode("hi")[0] == bpe.bos_token_id  # Llama-3 style: BOS from the post-processor
+    sp = Tokenizer.from_pretrained(sp_dir)
+    assert sp.encode("hi")[0] == sp.bos_token_id and sp.encode("hi", False)[0] != sp.bos_token_id
+    for text in TEST_STRINGS:
+        if "<" not in text:
+            assert bpe.decode(bpe.encode(text)) == text  # byte-level BPE is lossless
+
+
+def test_properties_match_transformers(pair):
+    ours, hf = pair
+    assert ours.vocab_size == len(hf)
+    assert ours.bos_token_id == hf.bos_token_id
+    assert ours.eos_token_id == hf.eos_token_id
+    assert ours.pad_token_id == hf.pad_token_id
+    assert set(hf.all_special_ids) <= set(ours.all_special_ids)
+    assert ours.all_special_ids == sorted(i for i, t in hf.added_tokens_decoder.items() if t.special)
+
+
+def test_eos_token_ids_union(bpe_dir, sp_dir):
+    bpe = Tokenizer.from_pretrained(bpe_dir)
+    eot = bpe.token_to_id("<|eot_id|>")
+    assert eot == 2 and bpe.eos_token_id == eot
+    assert bpe.eos_token_ids == {1, 2, 4}  # tokenizer eos + generation_config list + config.json
+    assert Tokenizer.from_pretrained(sp_dir).eos_token_ids == {2}
+
+
+def test_missing_tokenizer_files_name_the_directory(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        Tokenizer.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        Tokenizer.from_pretrained(tmp_path / "nope")
+
+
+def test_prefers_tokenizer_json_over_tokenizer_model(bpe_dir, sp_dir, tmp_path):
+    shutil.copytree(bpe_dir, tmp_path / "both")
+    shutil.copy(sp_dir / "tokenizer.model", tmp_path / "both" / "tokenizer.model")
+    both = Tokenizer.from_pretrained(tmp_path / "both")
+    assert both.encode("Hello world") == Tokenizer.from_pretrained(bpe_dir).encode("Hello world")
+
+
+# ---------------------------------------------------------------------------- chat templates
+
+
+@pytest.mark.parametrize("conversation", range(len(CONVERSATIONS)))
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_template_matches_transformers(pair, conversation, add_generation_prompt):
+    ours, hf = pair
+    messages = CONVERSATIONS[conversation]
+    expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert ours.apply_chat_template(messages, add_generation_prompt) == expected
+    # both templates write the BOS themselves, so the token ids agree with HF's tokenize=True
+    expected_ids = hf.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, return_dict=False
+    )
+    assert ours.encode_chat(messages, add_generation_prompt) == expected_ids
+    assert ours.encode_chat(messages, add_generation_prompt).count(ours.bos_token_id) == expected.count(
+        ours.bos_token
+    )
+
+
+def test_chat_template_raise_exception(sp_dir):
+    ours = Tokenizer.from_pretrained(sp_dir)
+    bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(jinja2.TemplateError, match="must alternate"):
+        ours.apply_chat_template(bad)
+
+
+def test_content_parts_are_flattened(bpe_dir):
+    ours = Tokenizer.from_pretrained(bpe_dir)
+    parts = [
+        {"role": "user", "content": [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]}
+    ]
+    plain = [{"role": "user", "content": "first\nsecond"}]
+    assert ours.apply_chat_template(parts) == ours.apply_chat_template(plain)
+    with pytest.raises(ValueError, match="only text parts"):
+        ours.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+        )
+    with pytest.raises(ValueError, match="messages\\[0\\]"):
+        ours.apply_chat_template([{"content": "no role"}])
+
+
+def test_default_template_and_bos_handling(sp_dir, bpe_dir, tmp_path):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    for source in (sp_dir, bpe_dir):
+        directory = tmp_path / source.name
+        shutil.copytree(source, directory)
+        (directory / "chat_template.jinja").unlink(missing_ok=True)
+        config = json.loads((directory / "tokenizer_config.json").read_text())
+        config.pop("chat_template", None)
+        write_json(directory / "tokenizer_config.json", config)
+        ours = Tokenizer.from_pretrained(directory)
+        assert ours.chat_template is None
+        text = ours.apply_chat_template(messages)
+        assert text == "System: Be brief.\nUser: Hi\nAssistant:"
+        assert (
+            ours.apply_chat_template(messages, add_generation_prompt=False) == "System: Be brief.\nUser: Hi\n"
+        )
+        # the fallback writes no BOS, so encode_chat adds exactly the one the tokenizer adds
+        ids = ours.encode_chat(messages)
+        assert ids == [ours.bos_token_id] + ours.encode(text, add_special_tokens=False)
+        hf_text = AutoTokenizer.from_pretrained(directory).apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, chat_template=DEFAULT_CHAT_TEMPLATE
+        )
+        assert hf_text == text
+
+
+def test_named_chat_template_list(sp_dir, tmp_path):
+    shutil.copytree(sp_dir, tmp_path / "named")
+    config_file = tmp_path / "named" / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["chat_template"] = [
+        {"name": "tool_use", "template": "TOOLS"},
+        {"name": "default", "template": "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"},
+    ]
+    write_json(config_file, config)
+    ours = Tokenizer.from_pretrained(tmp_path / "named")
+    assert (
+        ours.apply_chat_template([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}])
+        == "[x][y]"
+    )
+
+
+# ---------------------------------------------------------------------------- incremental detokenizing
+
+
+def stream(
+    tokenizer: Tokenizer, ids: list[int], chunks: list[int], skip: bool, prompt: list[int] | None = None
+) -> tuple[list[str], str]:
+    """Feed ids in chunks of the given sizes; check every emitted prefix on the way."""
+    detok = IncrementalDetokenizer(tokenizer, skip, prompt_ids=prompt)
+    context = list(detok.token_ids)
+    assert prompt is not None or not context
+    context_text = tokenizer.decode(context, skip)
+    deltas, position = [], 0
+    for size in chunks + [len(ids)]:
+        piece = ids[position : position + size]
+        position += len(piece)
+        deltas.append(detok.add(piece))
+        so_far = tokenizer.decode(context + ids[:position], skip)
+        assert so_far.startswith(context_text + "".join(deltas)), (ids[:position], deltas, so_far)
+        if position == len(ids):
+            break
+    deltas.append(detok.flush())
+    assert detok.text == "".join(deltas)
+    return deltas, context_text + "".join(deltas)
+
+
+def pick_ids(tokenizer: Tokenizer, raw: list[int]) -> list[int]:
+    vocab = tokenizer.backend.get_vocab()
+    byte_ids = sorted(i for t, i in vocab.items() if t.startswith("<0x") and len(t) == 6)
+    byte_level = sorted(i for t, i in vocab.items() if len(t) == 1 and ord(t) >= 0x80)  # GPT-2 byte chars
+    space_ids = sorted(i for t, i in vocab.items() if t.strip("▁Ġ ") == "")
+    pools = [byte_ids or byte_level, tokenizer.all_special_ids, space_ids, list(range(tokenizer.vocab_size))]
+    return [pools[r % 4][(r // 4) % len(pools[r % 4])] for r in raw]
+
+
+@pytest.fixture(scope="module")
+def ours(sp_dir, bpe_dir) -> dict[str, Tokenizer]:
+    return {"sp": Tokenizer.from_pretrained(sp_dir), "bpe": Tokenizer.from_pretrained(bpe_dir)}
+
+
+@pytest.mark.parametrize("name", ["sp", "bpe"])
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_incremental_detokenizer_equals_full_decode(ours, name, data):
+    tokenizer = ours[name]
+    raw = data.draw(st.lists(st.integers(0, 10**6), max_size=40), label="raw ids")
+    chunks = data.draw(st.lists(st.integers(1, 4), max_size=40), label="chunk sizes")
+    skip = data.draw(st.booleans(), label="skip_special_tokens")
+    raw_prompt = data.draw(st.none() | st.lists(st.integers(0, 10**6), max_size=12), label="raw prompt")
+    ids = pick_ids(tokenizer, raw)
+    prompt = None if raw_prompt is None else pick_ids(tokenizer, raw_prompt)
+    deltas, streamed = stream(tokenizer, ids, chunks, skip, prompt)
+    detok = IncrementalDetokenizer(tokenizer, skip, prompt_ids=prompt)
+    full = tokenizer.decode(detok.token_ids + ids, skip)
+    assert streamed == full
+    if "\ufffd" not in full:
+        assert not any("\ufffd" in d for d in deltas)
+
+
+@pytest.mark.parametrize("name", ["sp", "bpe"])
+def test_multibyte_characters_are_never_split(ours, name):
+    tokenizer = ours[name]
+    text = "Verona 😀🎉 日本語 naïve 👨‍👩‍👧 end"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = [detok.add([i]) for i in ids] + [detok.flush()]
+    assert "".join(deltas) == tokenizer.decode(ids) == text
+    assert all("\ufffd" not in d for d in deltas)
+    assert deltas.count("") > 0  # the emoji really were spread over several tokens
+
+
+def test_sentencepiece_spaces_stream_like_decode(sp_dir):
+    tokenizer = Tokenizer.from_pretrained(sp_dir)
+    text = " Romeo,  where  art\n  thou?  "
+    ids = tokenizer.encode(text, add_special_tokens=True)
+    deltas, streamed = stream(tokenizer, ids, [1] * len(ids), skip=True)
+    assert streamed == tokenizer.decode(ids) == text.removeprefix(" ")  # decode strips one leading space
+    assert streamed.count(" ") == text.count(" ") - 1
+
+
+def test_prompt_context_keeps_the_leading_space(sp_dir):
+    tokenizer = Tokenizer.from_pretrained(sp_dir)
+    prompt = tokenizer.encode("Where is the king? The king is")
+    generated = tokenizer.encode(" dead, long live the king!", add_special_tokens=False)
+    assert tokenizer.id_to_token(generated[0]).startswith("▁")
+    without, _ = stream(tokenizer, generated, [1] * len(generated), skip=True)
+    assert "".join(without) == tokenizer.decode(generated) == "dead, long live the king!"
+    with_context, _ = stream(tokenizer, generated, [1] * len(generated), skip=True, prompt=prompt)
+    assert "".join(with_context) == " dead, long live the king!"
+    full = tokenizer.decode(prompt + generated)
+    assert full == tokenizer.decode(prompt) + "".join(with_context)
+
+
+def test_detokenizer_decodes_only_a_short_window(sp_dir):
+    tokenizer = Tokenizer.from_pretrained(sp_dir)
+    ids = tokenizer.encode(CORPUS.read_text(encoding="utf-8")[:6000], add_special_tokens=False)
+    assert len(ids) > 1000
+    lengths = []
+    original = tokenizer.decode
+
+    def recording_decode(token_ids, skip_special_tokens=True):
+        lengths.append(len(token_ids))
+        return original(token_ids, skip_special_tokens)
+
+    tokenizer.decode = recording_decode
+    detok = IncrementalDetokenizer(tokenizer)
+    streamed = "".join(detok.add([i]) for i in ids) + detok.flush()
+    tokenizer.decode = original
+    assert streamed == tokenizer.decode(ids)
+    assert max(lengths) <= 8  # windows stay tiny however long the sequence gets
