@@ -18,7 +18,7 @@ from miniserve.outputs import CompletionOutput, RequestOutput
 from miniserve.sampling import SamplingBatch, SamplingParams, sample
 from miniserve.scheduler.block_manager import BlockManager
 from miniserve.scheduler.scheduler import ScheduledSeq, Scheduler
-from miniserve.sequence import Sequence, SequenceStatus
+from miniserve.sequence import Sequence
 from miniserve.tokenizer import IncrementalDetokenizer, Tokenizer
 from miniserve.worker import ForwardInput, Worker
 
@@ -59,7 +59,9 @@ class LLMEngine:
         for worker in self.workers:
             worker.allocate_kv_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, lookahead)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, lookahead
+        )
         self.requests: dict[str, Request] = {}
         self.seq_counter = itertools.count()
         self.counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0}
@@ -100,12 +102,16 @@ class LLMEngine:
             budget = _CPU_KV_BUDGET_BYTES
         num_blocks = min(budget // per_block, cap)
         if num_blocks < 1:
-            raise ValueError(f"no memory left for the KV cache (budget {budget} bytes, {per_block} bytes per block)")
+            raise ValueError(
+                f"no memory left for the KV cache (budget {budget} bytes, {per_block} bytes per block)"
+            )
         return num_blocks
 
     # ---------------------------------------------------------------- requests
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
+    ) -> None:
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -146,8 +152,10 @@ class LLMEngine:
         worst = self.block_manager.blocks_for(self.max_model_len + self.scheduler.lookahead)
         if worst > self.block_manager.num_blocks:
             total = len(ids) + (params.max_tokens or self.max_model_len)
-            if self.block_manager.blocks_for(min(total, self.max_model_len) + self.scheduler.lookahead) > \
-                    self.block_manager.num_blocks:
+            if (
+                self.block_manager.blocks_for(min(total, self.max_model_len) + self.scheduler.lookahead)
+                > self.block_manager.num_blocks
+            ):
                 raise ValueError(
                     f"this request may need {min(total, self.max_model_len)} tokens of KV cache but the whole pool "
                     f"holds {self.block_manager.num_blocks * self.block_manager.block_size}; it can never fit"
@@ -222,7 +230,9 @@ class LLMEngine:
                 top = dict(zip(tops[0][row][:n], tops[1][row][:n]))
             self.append_token(seq, token, lp, top)
 
-    def append_token(self, seq: Sequence, token: int, logprob: float | None, top: dict[int, float] | None) -> None:
+    def append_token(
+        self, seq: Sequence, token: int, logprob: float | None, top: dict[int, float] | None
+    ) -> None:
         if seq.is_finished:
             return
         seq.token_ids.append(token)

@@ -43,7 +43,9 @@ def rejection_sample(
     q_at = draft_probs.gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)
     accept = uniforms * q_at < p_at  # u < p/q without dividing by a zero q
     rejected = ~accept
-    first_reject = torch.where(rejected.any(-1), rejected.float().argmax(-1), torch.full_like(draft_tokens[:, 0], k))
+    first_reject = torch.where(
+        rejected.any(-1), rejected.float().argmax(-1), torch.full_like(draft_tokens[:, 0], k)
+    )
     rows = torch.arange(B, device=draft_tokens.device)
     p_next = target_probs[rows, first_reject]  # [B, V]
     q_next = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], dim=1)[rows, first_reject]
@@ -88,8 +90,14 @@ class SpeculativeDecoder:
         for s in scheduled:
             seq = s.seq
             end = seq.num_computed_tokens + s.num_new_tokens
-            draft_inputs.append(ForwardInput(seq.token_ids[seq.num_draft_computed_tokens : end],
-                                             seq.num_draft_computed_tokens, seq.block_table, 0))
+            draft_inputs.append(
+                ForwardInput(
+                    seq.token_ids[seq.num_draft_computed_tokens : end],
+                    seq.num_draft_computed_tokens,
+                    seq.block_table,
+                    0,
+                )
+            )
         eng.draft.forward(draft_inputs)
         for s in scheduled:
             s.seq.num_draft_computed_tokens = s.seq.num_computed_tokens + s.num_new_tokens
@@ -101,20 +109,28 @@ class SpeculativeDecoder:
         # 1. the draft catches up on tokens it has not seen and proposes k tokens, one decode step each
         drafts: list[list[int]] = [[] for _ in seqs]
         draft_probs = []
-        inputs = [ForwardInput(s.token_ids[s.num_draft_computed_tokens :], s.num_draft_computed_tokens,
-                               s.block_table, 1) for s in seqs]
+        inputs = [
+            ForwardInput(
+                s.token_ids[s.num_draft_computed_tokens :], s.num_draft_computed_tokens, s.block_table, 1
+            )
+            for s in seqs
+        ]
         for j in range(k):
             logits = eng.draft.forward(inputs)
             batch = eng.sampling_batch(seqs, [s.output_token_ids + d for s, d in zip(seqs, drafts)])
             q = processed_probs(logits, batch)
             tokens = sample_from_probs(q, batch).tolist()
             draft_probs.append(q)
-            for i, s in enumerate(seqs):
+            for i in range(len(seqs)):
                 drafts[i].append(tokens[i])
-            inputs = [ForwardInput([tokens[i]], base_len[i] + j, s.block_table, 1) for i, s in enumerate(seqs)]
+            inputs = [
+                ForwardInput([tokens[i]], base_len[i] + j, s.block_table, 1) for i, s in enumerate(seqs)
+            ]
         # 2. the target scores [t, d1..dk] for every sequence in one extend pass
-        verify = [ForwardInput([s.token_ids[-1]] + d, s.num_tokens - 1, s.block_table, k + 1)
-                  for s, d in zip(seqs, drafts)]
+        verify = [
+            ForwardInput([s.token_ids[-1]] + d, s.num_tokens - 1, s.block_table, k + 1)
+            for s, d in zip(seqs, drafts)
+        ]
         logits = eng.target.forward(verify)  # [B*(k+1), V]
         rows_seqs = [s for s in seqs for _ in range(k + 1)]
         histories = [s.output_token_ids + d[:j] for s, d in zip(seqs, drafts) for j in range(k + 1)]
@@ -124,7 +140,11 @@ class SpeculativeDecoder:
         draft_tokens = torch.tensor(drafts, device=logits.device)
         uniforms = random_uniform(seq_batch, (k,))
         accepted, next_tokens = rejection_sample(
-            p, torch.stack(draft_probs, dim=1), draft_tokens, uniforms, lambda r: sample_from_probs(r, seq_batch)
+            p,
+            torch.stack(draft_probs, dim=1),
+            draft_tokens,
+            uniforms,
+            lambda r: sample_from_probs(r, seq_batch),
         )
         self._append(seqs, drafts, accepted.tolist(), next_tokens.tolist(), logits, base_len)
 

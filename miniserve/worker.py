@@ -82,7 +82,9 @@ class Worker:
             v_scale = torch.tensor([s.get("v", 1.0)], dtype=torch.float32, device=self.device)
             self.kv.append(LayerKV(self.kv_pool[i, 0], self.kv_pool[i, 1], k_scale, v_scale))
 
-    def prepare(self, inputs: list[ForwardInput]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+    def prepare(
+        self, inputs: list[ForwardInput]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """Pack the sequences' new tokens and build attention metadata and the logits row indices."""
         bs = self.block_size
         ids, pos, slots, starts, seq_lens, logit_rows = [], [], [], [0], [], []

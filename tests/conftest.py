@@ -80,8 +80,15 @@ def hf_config(arch: str, **overrides):
     return cls(**common)
 
 
-def build_model_dir(out: Path, arch: str, tokenizer_dir: Path, seed: int = 0, dtype=torch.float32,
-                    max_shard_size: str | None = None, **overrides) -> Path:
+def build_model_dir(
+    out: Path,
+    arch: str,
+    tokenizer_dir: Path,
+    seed: int = 0,
+    dtype=torch.float32,
+    max_shard_size: str | None = None,
+    **overrides,
+) -> Path:
     """Random weights with a visible scale, saved as a Hugging Face directory with the shared tokenizer."""
     import transformers
 

@@ -22,8 +22,10 @@ def make_llm(path, **kw) -> LLM:
 
 def token_prompts(n: int, seed: int = 0, lo: int = 2, hi: int = 40) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, VOCAB, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        torch.randint(2, VOCAB, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
 
 
 def greedy_ids(llm: LLM, prompts, params=GREEDY) -> list[list[int]]:
@@ -31,6 +33,7 @@ def greedy_ids(llm: LLM, prompts, params=GREEDY) -> list[list[int]]:
 
 
 # ------------------------------------------------------------------ FP8 KV cache
+
 
 def test_fp8_cache_bytes_equal_reference_quantization(llama_dir, monkeypatch):
     """Every K/V the model writes lands in the cache as exactly the reference quantization of that K/V."""
@@ -41,7 +44,9 @@ def test_fp8_cache_bytes_equal_reference_quantization(llama_dir, monkeypatch):
     original = llama_module.reshape_and_cache
 
     def recording(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale):
-        writes.append((key.clone(), value.clone(), key_cache, value_cache, slot_mapping.clone(), k_scale, v_scale))
+        writes.append(
+            (key.clone(), value.clone(), key_cache, value_cache, slot_mapping.clone(), k_scale, v_scale)
+        )
         original(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
 
     monkeypatch.setattr(llama_module, "reshape_and_cache", recording)
@@ -74,6 +79,7 @@ def test_fp8_logits_stay_close_to_full_precision(llama_dir):
 
 
 # ------------------------------------------------------------------ scheduling
+
 
 def test_preemption_keeps_greedy_output_and_returns_every_block(llama_dir):
     prompts = token_prompts(6, seed=2, lo=10, hi=30)
@@ -109,13 +115,22 @@ def test_n_choices_share_prompt_blocks(llama_dir):
         peak_shared = max(peak_shared, sum(1 for c in eng.block_manager.ref_counts if c > 1))
     assert peak_shared == (len(prompt) - 1) // 4  # full prompt blocks held once for all three choices
     assert [c.index for c in outs.outputs] == [0, 1, 2]
-    alone = [llm.generate([prompt], SamplingParams(temperature=1.0, seed=11 + i, max_tokens=12, ignore_eos=True),
-                          use_tqdm=False)[0].outputs[0].token_ids for i in range(3)]
+    alone = [
+        llm.generate(
+            [prompt],
+            SamplingParams(temperature=1.0, seed=11 + i, max_tokens=12, ignore_eos=True),
+            use_tqdm=False,
+        )[0]
+        .outputs[0]
+        .token_ids
+        for i in range(3)
+    ]
     assert [c.token_ids for c in outs.outputs] == alone
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
 
 
 # ------------------------------------------------------------------ sampling
+
 
 def test_seeded_requests_reproduce_regardless_of_batch(llama_dir):
     llm = make_llm(llama_dir)
@@ -123,12 +138,19 @@ def test_seeded_requests_reproduce_regardless_of_batch(llama_dir):
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=20, ignore_eos=True)
     alone = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
     others = token_prompts(4, seed=7)
-    mixed = llm.generate(others[:2] + [prompt] + others[2:],
-                         [SamplingParams(temperature=1.0, max_tokens=20)] * 2 + [params]
-                         + [SamplingParams(temperature=0.7, max_tokens=5)] * 2, use_tqdm=False)
+    mixed = llm.generate(
+        others[:2] + [prompt] + others[2:],
+        [SamplingParams(temperature=1.0, max_tokens=20)] * 2
+        + [params]
+        + [SamplingParams(temperature=0.7, max_tokens=5)] * 2,
+        use_tqdm=False,
+    )
     assert mixed[2].outputs[0].token_ids == alone
-    other_seed = llm.generate([prompt], SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=20,
-                                                       ignore_eos=True), use_tqdm=False)
+    other_seed = llm.generate(
+        [prompt],
+        SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=20, ignore_eos=True),
+        use_tqdm=False,
+    )
     assert other_seed[0].outputs[0].token_ids != alone
 
 
@@ -161,12 +183,18 @@ def test_stop_strings_cut_text_and_set_finish_reason(llama_dir):
     free = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0]
     assert len(free.text) > 6
     stop = free.text[3:6]
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]),
-                       use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]), use_tqdm=False
+    )[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == free.text[: free.text.index(stop)]
-    kept = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop],
-                                                 include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
+    kept = llm.generate(
+        [prompt],
+        SamplingParams(
+            temperature=0, max_tokens=24, ignore_eos=True, stop=[stop], include_stop_str_in_output=True
+        ),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert kept.text == free.text[: free.text.index(stop)] + stop
     assert free.finish_reason == "length"
 
@@ -177,19 +205,24 @@ def test_stop_token_ids_eos_and_min_tokens(llama_dir):
     free = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     target = free[5]
     first = free.index(target)
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[target]),
-                       use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[target]), use_tqdm=False
+    )[0].outputs[0]
     assert out.token_ids == free[: first + 1] and out.finish_reason == "stop" and out.stop_reason == target
-    held = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[target],
-                                                 min_tokens=first + 2), use_tqdm=False)[0].outputs[0]
+    held = llm.generate(
+        [prompt],
+        SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[target], min_tokens=first + 2),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert len(held.token_ids) > first + 1 and target not in held.token_ids[: first + 2]
 
 
 def test_logprobs_are_top_n_of_the_raw_distribution(llama_dir):
     llm = make_llm(llama_dir)
     prompt = token_prompts(1, seed=13)[0]
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=3, logprobs=4, ignore_eos=True),
-                       use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=3, logprobs=4, ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
     worker = make_llm(llama_dir).engine.target
     logits = worker.forward([ForwardInput(prompt, 0, [0, 1, 2], 1)])[0]
     ref = torch.log_softmax(logits, -1)
@@ -203,6 +236,7 @@ def test_logprobs_are_top_n_of_the_raw_distribution(llama_dir):
 
 
 # ------------------------------------------------------------------ bad input
+
 
 def test_bad_input_is_a_clear_error_and_engine_stays_usable(llama_dir):
     llm = make_llm(llama_dir, max_model_len=64)
@@ -220,8 +254,9 @@ def test_bad_input_is_a_clear_error_and_engine_stays_usable(llama_dir):
         llm.generate([[VOCAB + 5]], GREEDY, use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
     assert llm.engine.block_manager.num_used_blocks == 0
-    out = llm.generate(["To be, or not"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
-                       use_tqdm=False)
+    out = llm.generate(
+        ["To be, or not"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False
+    )
     assert len(out[0].outputs[0].token_ids) == 5
 
 
@@ -229,7 +264,10 @@ def test_request_that_can_never_fit_is_rejected(llama_dir):
     llm = make_llm(llama_dir, num_kv_blocks=2, block_size=8)
     with pytest.raises(ValueError, match="never fit"):
         llm.generate([[5] * 10], SamplingParams(max_tokens=20), use_tqdm=False)
-    assert len(llm.generate([[5] * 4], SamplingParams(max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids) >= 1
+    assert (
+        len(llm.generate([[5] * 4], SamplingParams(max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids)
+        >= 1
+    )
 
 
 def test_chat_and_string_prompts(llama_dir):

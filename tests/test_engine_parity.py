@@ -24,10 +24,14 @@ def hf_model(path):
 def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
     """Greedy decoding with transformers' own KV cache: the oracle for every greedy comparison."""
     out = model.generate(
-        torch.tensor([prompt]), max_new_tokens=num_tokens, min_new_tokens=num_tokens, do_sample=False,
-        eos_token_id=None, pad_token_id=0,
+        torch.tensor([prompt]),
+        max_new_tokens=num_tokens,
+        min_new_tokens=num_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
     )
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def engine(path, **kw) -> LLMEngine:
@@ -82,10 +86,22 @@ def test_greedy_batch_equals_transformers_and_solo_runs(model_dirs, arch):
 
 
 def test_rope_scaling_llama3_and_tied_embeddings(tmp_path, tokenizer_dir):
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32}
-    path = build_model_dir(tmp_path / "m", "LlamaForCausalLM", tokenizer_dir, seed=7,
-                           rope_scaling=scaling, rope_theta=500000.0, tie_word_embeddings=True)
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    }
+    path = build_model_dir(
+        tmp_path / "m",
+        "LlamaForCausalLM",
+        tokenizer_dir,
+        seed=7,
+        rope_scaling=scaling,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    )
     hf, eng = hf_model(path), engine(path)
     prompt = torch.randint(2, VOCAB, (80,), generator=torch.Generator().manual_seed(3)).tolist()
     with torch.no_grad():
@@ -95,8 +111,9 @@ def test_rope_scaling_llama3_and_tied_embeddings(tmp_path, tokenizer_dir):
 
 
 def test_sharded_checkpoint_loads_like_single_file(tmp_path, tokenizer_dir, llama_dir):
-    sharded = build_model_dir(tmp_path / "sharded", "LlamaForCausalLM", tokenizer_dir, seed=0,
-                              max_shard_size="100KB")
+    sharded = build_model_dir(
+        tmp_path / "sharded", "LlamaForCausalLM", tokenizer_dir, seed=0, max_shard_size="100KB"
+    )
     assert (sharded / "model.safetensors.index.json").is_file()
     prompt = prompts(2)[1]
     a, b = engine(sharded), engine(llama_dir)
@@ -119,7 +136,9 @@ def test_missing_and_mismatched_tensors_are_named(tmp_path, tokenizer_dir, llama
     tensors = load_file(llama_dir / "model.safetensors")
     broken = tmp_path / "missing"
     shutil.copytree(llama_dir, broken)
-    save_file({k: v for k, v in tensors.items() if "layers.1.mlp.up_proj" not in k}, broken / "model.safetensors")
+    save_file(
+        {k: v for k, v in tensors.items() if "layers.1.mlp.up_proj" not in k}, broken / "model.safetensors"
+    )
     with pytest.raises(ValueError, match="layers.1.mlp"):
         engine(broken)
     tensors["model.layers.0.self_attn.o_proj.weight"] = torch.zeros(3, 3)

@@ -14,9 +14,17 @@ from tests.conftest import VOCAB, build_model_dir
 @pytest.fixture(scope="module")
 def draft_dir(tmp_path_factory, tokenizer_dir, llama_dir):
     """A one-layer model sharing the target's tokenizer: it agrees with the target only some of the time."""
-    return build_model_dir(tmp_path_factory.mktemp("draft"), "LlamaForCausalLM", tokenizer_dir, seed=42,
-                           num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                           num_key_value_heads=1)
+    return build_model_dir(
+        tmp_path_factory.mktemp("draft"),
+        "LlamaForCausalLM",
+        tokenizer_dir,
+        seed=42,
+        num_hidden_layers=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
 
 
 def mixed_prompts(seed: int = 0) -> list[list[int]]:
@@ -36,8 +44,14 @@ def test_greedy_output_is_identical_with_speculation(llama_dir, draft_dir, k, kv
     prompts = mixed_prompts()
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     plain, _ = run(llama_dir, prompts, params, kv_cache_dtype=kv)
-    spec, eng = run(llama_dir, prompts, params, kv_cache_dtype=kv, speculative_model=str(draft_dir),
-                    num_speculative_tokens=k)
+    spec, eng = run(
+        llama_dir,
+        prompts,
+        params,
+        kv_cache_dtype=kv,
+        speculative_model=str(draft_dir),
+        num_speculative_tokens=k,
+    )
     assert spec == plain
     stats = eng.stats()
     assert stats["spec_num_drafts"] > 0 and stats["spec_num_draft_tokens"] == k * stats["spec_num_drafts"]
@@ -60,8 +74,15 @@ def test_speculation_with_preemption_stops_and_max_tokens(llama_dir, draft_dir):
     prompts = mixed_prompts(2)
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     plain, _ = run(llama_dir, prompts, params)
-    spec, eng = run(llama_dir, prompts, params, speculative_model=str(llama_dir), num_speculative_tokens=3,
-                    num_kv_blocks=14, block_size=8)
+    spec, eng = run(
+        llama_dir,
+        prompts,
+        params,
+        speculative_model=str(llama_dir),
+        num_speculative_tokens=3,
+        num_kv_blocks=14,
+        block_size=8,
+    )
     assert spec == plain and eng.scheduler.num_preemptions > 0
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
     # max_tokens and a stop token landing in the middle of an accepted run cut it exactly there
@@ -69,8 +90,13 @@ def test_speculation_with_preemption_stops_and_max_tokens(llama_dir, draft_dir):
     p2 = SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[cut], ignore_eos=True)
     spec2, _ = run(llama_dir, [prompts[2]], p2, speculative_model=str(llama_dir), num_speculative_tokens=4)
     assert spec2[0] == plain[2][: plain[2].index(cut) + 1]
-    spec3, _ = run(llama_dir, [prompts[2]], SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
-                   speculative_model=str(llama_dir), num_speculative_tokens=4)
+    spec3, _ = run(
+        llama_dir,
+        [prompts[2]],
+        SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
+        speculative_model=str(llama_dir),
+        num_speculative_tokens=4,
+    )
     assert spec3[0] == plain[2][:7]
 
 
@@ -82,7 +108,9 @@ def test_rejection_sampler_output_follows_target_distribution():
     q = torch.softmax(torch.randn(k, V) * 1.5, -1)
     P, Q = p.expand(rows, k + 1, V), q.expand(rows, k, V)
     drafts = torch.multinomial(q.repeat(rows, 1), 1).view(rows, k)
-    batch = SamplingBatch.build([_random_params()] * rows, [None] * rows, [[1]] * rows, [[]] * rows, set(), V, "cpu")
+    batch = SamplingBatch.build(
+        [_random_params()] * rows, [None] * rows, [[1]] * rows, [[]] * rows, set(), V, "cpu"
+    )
     accepted, nxt = rejection_sample(P, Q, drafts, torch.rand(rows, k), lambda r: sample_from_probs(r, batch))
     first = torch.where(accepted > 0, drafts[:, 0], nxt)
     freq = torch.bincount(first, minlength=V).float() / rows
@@ -115,8 +143,14 @@ def test_sampled_tokens_with_speculation_match_target_distribution(llama_dir, dr
         logits2 = worker.forward([ForwardInput(prompt + [t1], 0, [1], 1)])[0]
         marg += w * torch.softmax(logits2 / temp, -1)
     n = 1500
-    spec = LLM(str(llama_dir), dtype="float32", device="cpu", speculative_model=str(draft_dir),
-               num_speculative_tokens=3, max_num_seqs=512)
+    spec = LLM(
+        str(llama_dir),
+        dtype="float32",
+        device="cpu",
+        speculative_model=str(draft_dir),
+        num_speculative_tokens=3,
+        max_num_seqs=512,
+    )
     params = [SamplingParams(temperature=temp, max_tokens=2, seed=i, ignore_eos=True) for i in range(n)]
     outs = spec.generate([prompt] * n, params, use_tqdm=False)
     pairs = [o.outputs[0].token_ids for o in outs]

@@ -3,7 +3,8 @@
 One forward step runs `B` sequences. Sequence `i` brings `q_len_i = query_start_loc[i+1] - query_start_loc[i]`
 new tokens (1 for decode, the prompt chunk for prefill, k+1 for speculative verification). Its KV length
 `seq_lens[i]` counts every cached token *including* the new ones, so the new tokens sit at positions
-`seq_lens[i] - q_len_i .. seq_lens[i] - 1` and query `j` attends causally to KV positions `<= seq_lens[i] - q_len_i + j`.
+`seq_lens[i] - q_len_i .. seq_lens[i] - 1` and query `j` attends causally to KV positions
+`<= seq_lens[i] - q_len_i + j`.
 All attention reads K/V from the paged cache after `reshape_and_cache` wrote the new tokens, so every backend
 sees the same (possibly FP8) bytes.
 """

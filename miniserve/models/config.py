@@ -53,7 +53,13 @@ class ModelConfig:
             raise ValueError(
                 f"{source}: unsupported architecture {arch!r}; miniserve supports {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ):
             if key not in raw:
                 raise ValueError(f"{source}: missing required field {key!r}")
         num_heads = raw["num_attention_heads"]
@@ -92,7 +98,9 @@ def _rope_settings(raw: dict, source: str) -> tuple[float, dict | None]:
     """Return (rope_theta, rope_scaling) from either spelling; rope_scaling None means plain RoPE."""
     params = raw.get("rope_parameters")
     if isinstance(params, dict) and "rope_theta" not in params and params:
-        params = next(iter(params.values()))  # per-layer-type dict (transformers 5): take the full-attention one
+        params = next(
+            iter(params.values())
+        )  # per-layer-type dict (transformers 5): take the full-attention one
     if isinstance(params, dict):
         theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
         scaling = dict(params)
@@ -102,7 +110,9 @@ def _rope_settings(raw: dict, source: str) -> tuple[float, dict | None]:
     if scaling is not None:
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type not in ("default", "llama3", "linear"):
-            raise ValueError(f"{source}: unsupported rope scaling type {rope_type!r} (supported: llama3, linear)")
+            raise ValueError(
+                f"{source}: unsupported rope scaling type {rope_type!r} (supported: llama3, linear)"
+            )
         scaling["rope_type"] = rope_type
         if rope_type == "default":
             scaling = None

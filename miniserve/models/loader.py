@@ -120,8 +120,14 @@ def load_weights(model: LlamaModel, model_dir: str | Path) -> dict[int, dict[str
     return kv_scales
 
 
-def load_model(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-               backend: str, max_positions: int) -> tuple[LlamaModel, dict[int, dict[str, float]]]:
+def load_model(
+    model_dir: str | Path,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    backend: str,
+    max_positions: int,
+) -> tuple[LlamaModel, dict[int, dict[str, float]]]:
     """Build the model directly on `device` in `dtype` and load its weights."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -28,7 +28,9 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, lookahead: int = 0):
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, lookahead: int = 0
+    ):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -83,8 +85,12 @@ class Scheduler:
 
     def _parent_pending(self, seq: Sequence) -> bool:
         parent = self.parents.get(seq.seq_id)
-        return parent is not None and parent.status == SequenceStatus.RUNNING and seq.num_computed_tokens == 0 \
+        return (
+            parent is not None
+            and parent.status == SequenceStatus.RUNNING
+            and seq.num_computed_tokens == 0
             and parent.num_computed_tokens < self._shared_len(seq)
+        )
 
     def _shared_len(self, seq: Sequence) -> int:
         """Tokens of the prompt held in full blocks, leaving at least one token to compute for logits."""
