@@ -2,7 +2,7 @@
 
     python benchmarks/spec_decode.py [--batch 1 8 32] [--k 2 4 6] [--max-tokens 128] [--kv-cache-dtype auto]
 
-Greedy decoding of Shakespeare prompts (ignore_eos, fixed length) so every configuration generates the same
+Greedy decoding of held-out Shakespeare passages (ignore_eos, fixed length) so every configuration generates the same
 number of tokens; each configuration is warmed up once and timed on a second, identical run.
 """
 
@@ -23,16 +23,8 @@ import torch  # noqa: E402
 from miniserve import LLM, SamplingParams  # noqa: E402
 from miniserve.config import DEMO_DRAFT, DEMO_TARGET  # noqa: E402
 
-PROMPTS = [
-    "ROMEO:",
-    "JULIET:\nO Romeo,",
-    "First Citizen:\nBefore we proceed",
-    "KING RICHARD III:\nNow is the",
-    "HAMLET:\nTo be, or not",
-    "MENENIUS:\nWhat work's, my countrymen,",
-    "LADY MACBETH:\nOut, damned",
-    "DUKE VINCENTIO:\nFor you, my lord,",
-]
+# 32 passages of the held-out 10% of the corpus (neither model trained on them), each ending at a speaker's name
+PROMPTS = json.loads((Path(__file__).parent / "prompts_val.json").read_text())
 
 
 def timed_generate(llm: LLM, batch: int, max_tokens: int) -> tuple[float, int]:

@@ -91,10 +91,15 @@ def generate_main(args: argparse.Namespace) -> int:
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    from miniserve.server_app import run_server
+    from miniserve.server_app import serve_main as run
 
-    run_server(engine_config(args), host=args.host, port=args.port, api_key=args.api_key)
-    return 0
+    return run(args, engine_config(args))
+
+
+def _missing_server_deps(error: ImportError) -> int:
+    print(f"miniserve: error: the server needs fastapi and uvicorn ({error}); pip install fastapi uvicorn",
+          file=sys.stderr)
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,9 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=generate_main)
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible API")
     add_engine_args(srv)
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--api-key", default=None)
+    try:
+        from miniserve.server_app import add_server_args
+
+        add_server_args(srv)
+    except ImportError as e:  # fastapi/uvicorn not installed: `generate` still works, `serve` says why
+        srv.set_defaults(func=lambda _args, err=e: _missing_server_deps(err))
+        return parser
     srv.set_defaults(func=serve_main)
     return parser
 

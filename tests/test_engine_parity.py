@@ -23,8 +23,10 @@ def hf_model(path):
 
 def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
     """Greedy decoding with transformers' own KV cache: the oracle for every greedy comparison."""
+    ids = torch.tensor([prompt])
     out = model.generate(
-        torch.tensor([prompt]),
+        ids,
+        attention_mask=torch.ones_like(ids),
         max_new_tokens=num_tokens,
         min_new_tokens=num_tokens,
         do_sample=False,

@@ -1,0 +1,140 @@
+"""Turn engine outputs into OpenAI response objects: choices, usage, both logprobs formats, SSE chunks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+# How many preceding tokens give a token its context when decoded alone (SentencePiece drops a leading
+# space at the start of a decode, byte-level BPE may need neighbours to finish a UTF-8 character).
+_TOKEN_CONTEXT = 4
+
+
+def sse(obj: Any) -> str:
+    """One server-sent event line as OpenAI streams them."""
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def token_text(tokenizer: Any, context: list[int], token_id: int) -> str:
+    """The text `token_id` adds after `context` (so "▁world" reads " world", not "world")."""
+    prefix_ids = context[-_TOKEN_CONTEXT:]
+    prefix = tokenizer.decode(prefix_ids)
+    full = tokenizer.decode(prefix_ids + [token_id])
+    if full.startswith(prefix):
+        return full[len(prefix) :]
+    return tokenizer.decode([token_id])
+
+
+def top_entries(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
+    """The k most likely (token, logprob) pairs of one position (the engine adds the sampled token too)."""
+    return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+
+
+def completion_logprobs(
+    tokenizer: Any,
+    context: list[int],
+    token_ids: list[int],
+    logprobs: list[dict[int, float]],
+    num_top: int,
+    text_offset: int,
+) -> dict[str, list]:
+    """Legacy /v1/completions logprobs: parallel lists tokens / token_logprobs / top_logprobs / text_offset.
+
+    `context` is the prompt plus the tokens already produced before `token_ids` (for streaming).
+    """
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    ctx = list(context)
+    for tid, entry in zip(token_ids, logprobs):
+        text = token_text(tokenizer, ctx, tid)
+        # OpenAI's legacy format lists the sampled token as well; where two tokens read the same (partial
+        # UTF-8 bytes all read "\ufffd") the likelier one keeps the key.
+        ranked = top_entries(entry, num_top)
+        if all(t != tid for t, _ in ranked):
+            ranked.append((tid, entry[tid]))
+        top: dict[str, float] = {}
+        for t, lp in ranked:
+            top.setdefault(text if t == tid else token_text(tokenizer, ctx, t), lp)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(entry[tid])
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(text_offset)
+        text_offset += len(text)
+        ctx.append(tid)
+    return out
+
+
+def chat_logprobs(
+    tokenizer: Any, context: list[int], token_ids: list[int], logprobs: list[dict[int, float]], num_top: int
+) -> dict[str, list]:
+    """Chat logprobs: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}, ...]}."""
+    content = []
+    ctx = list(context)
+    for tid, entry in zip(token_ids, logprobs):
+        text = token_text(tokenizer, ctx, tid)
+        tops = []
+        for t, lp in top_entries(entry, num_top):
+            t_text = token_text(tokenizer, ctx, t)
+            tops.append({"token": t_text, "logprob": lp, "bytes": list(t_text.encode("utf-8"))})
+        content.append(
+            {"token": text, "logprob": entry[tid], "bytes": list(text.encode("utf-8")), "top_logprobs": tops}
+        )
+        ctx.append(tid)
+    return {"content": content}
+
+
+def usage(prompt_tokens: int, completion_tokens: int, outputs: list[Any]) -> dict[str, Any]:
+    """OpenAI usage, plus `spec_decode` when speculative decoding drafted for these requests."""
+    u: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    metrics = [o.metrics or {} for o in outputs]
+    drafts = sum(m.get("num_spec_drafts", 0) for m in metrics)
+    if drafts > 0:
+        accepted = sum(m.get("num_spec_accepted_tokens", 0) for m in metrics)
+        u["spec_decode"] = {
+            "num_drafts": drafts,
+            "num_draft_tokens": sum(m.get("num_spec_draft_tokens", 0) for m in metrics),
+            "num_accepted_tokens": accepted,
+            "mean_acceptance_length": 1.0 + accepted / drafts,
+        }
+    return u
+
+
+class ChoiceTracker:
+    """What one streamed choice has already sent, so each step's cumulative output becomes a delta."""
+
+    def __init__(self, prompt_ids: list[int]):
+        self.tail = list(prompt_ids[-_TOKEN_CONTEXT:])  # last tokens sent: context for token texts
+        self.text_len = 0
+        self.num_tokens = 0
+        self.finished = False
+
+    def advance(self, completion: Any) -> Delta:
+        """The part of `completion` (cumulative) not sent yet; marks it sent."""
+        delta = Delta(
+            text=completion.text[self.text_len :],
+            token_ids=completion.token_ids[self.num_tokens :],
+            logprobs=completion.logprobs[self.num_tokens :] if completion.logprobs is not None else None,
+            context=self.tail,
+            finished_now=completion.finish_reason is not None and not self.finished,
+        )
+        self.tail = (self.tail + delta.token_ids)[-_TOKEN_CONTEXT:]
+        self.text_len = len(completion.text)
+        self.num_tokens = len(completion.token_ids)
+        self.finished = completion.finish_reason is not None
+        return delta
+
+
+@dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None
+    context: list[int]  # tokens just before token_ids
+    finished_now: bool

@@ -1,0 +1,121 @@
+"""Prometheus metrics for the server, in a registry owned by one app (so tests can run several apps).
+
+Engine-wide numbers (queue sizes, KV blocks, token totals, speculative decoding) are read from the latest
+`engine.stats()` snapshot at scrape time; per-request latencies are observed by the engine loop as
+outputs arrive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+PREFIX = "miniserve:"
+LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
+
+
+class EngineStatsCollector(Collector):
+    """Turns the engine's stats() snapshot into gauges and counters on every scrape."""
+
+    def __init__(self, get_stats: Callable[[], dict], model_name: str):
+        self.get_stats = get_stats
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.get_stats()
+        labels = ["model_name"]
+        value = [self.model_name]
+
+        def gauge(name: str, doc: str, v: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
+            g.add_metric(value, v)
+            return g
+
+        def counter(name: str, doc: str, v: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(PREFIX + name, doc, labels=labels)
+            c.add_metric(value, v)
+            return c
+
+        yield gauge("num_requests_running", "Requests in the running batch.", s.get("num_running", 0))
+        yield gauge("num_requests_waiting", "Requests queued for admission.", s.get("num_waiting", 0))
+        yield gauge("kv_blocks_used", "KV cache blocks in use.", s.get("kv_blocks_used", 0))
+        yield gauge("kv_blocks_total", "KV cache blocks in the pool.", s.get("kv_blocks_total", 0))
+        total = s.get("kv_blocks_total", 0)
+        usage = s.get("kv_blocks_used", 0) / total if total else 0.0
+        yield gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use.", usage)
+        yield counter("num_preemptions", "Preemptions (requests evicted to free blocks).", s.get("num_preemptions", 0))
+        yield counter("prompt_tokens", "Prefilled prompt tokens.", s.get("prompt_tokens_total", 0))
+        yield counter("generation_tokens", "Generated tokens.", s.get("generation_tokens_total", 0))
+        drafts = s.get("spec_num_drafts", 0)
+        accepted = s.get("spec_num_accepted_tokens", 0)
+        yield counter("spec_decode_num_drafts", "Speculative draft rounds.", drafts)
+        yield counter("spec_decode_num_draft_tokens", "Proposed draft tokens.", s.get("spec_num_draft_tokens", 0))
+        yield counter("spec_decode_num_accepted_tokens", "Accepted draft tokens.", accepted)
+        mean_len = 1.0 + accepted / drafts if drafts else 0.0
+        yield gauge("spec_decode_mean_acceptance_length", "Tokens per target forward (1 + accepted/drafts).", mean_len)
+        per_pos = CounterMetricFamily(
+            PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+            "Accepted draft tokens by position in the draft.",
+            labels=["model_name", "position"],
+        )
+        for pos, n in enumerate(s.get("spec_accepted_per_position", []) or []):
+            per_pos.add_metric([self.model_name, str(pos)], n)
+        yield per_pos
+
+
+class ServerMetrics:
+    """All metrics of one app; `observe_*` are called from the engine thread (prometheus is thread-safe)."""
+
+    def __init__(self, get_stats: Callable[[], dict], model_name: str):
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        self.registry.register(EngineStatsCollector(get_stats, model_name))
+        self.finished = Counter(
+            PREFIX + "request_success",
+            "Finished sequences (one per choice) by finish reason.",
+            ["model_name", "finished_reason"],
+            registry=self.registry,
+        )
+        self.ttft = self._histogram("time_to_first_token_seconds", "Arrival to first token.", LATENCY_BUCKETS)
+        self.itl = self._histogram("inter_token_latency_seconds", "Time between token steps.", LATENCY_BUCKETS)
+        self.e2e = self._histogram("e2e_request_latency_seconds", "Arrival to finish.", E2E_BUCKETS)
+
+    def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+        return Histogram(PREFIX + name, doc, ["model_name"], buckets=buckets, registry=self.registry)
+
+    def observe_first_token(self, seconds: float) -> None:
+        self.ttft.labels(self.model_name).observe(seconds)
+
+    def observe_inter_token(self, seconds: float) -> None:
+        self.itl.labels(self.model_name).observe(seconds)
+
+    def observe_finished(self, reasons: list[str | None], e2e_seconds: float | None) -> None:
+        """One finished request: a count per choice's finish reason, one end-to-end latency sample."""
+        for reason in reasons:
+            self.finished.labels(self.model_name, reason or "unknown").inc()
+        if e2e_seconds is not None:
+            self.e2e.labels(self.model_name).observe(e2e_seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,595 @@
+"""The OpenAI-compatible server end to end: a real `uvicorn server:app` process on a tiny random Llama,
+driven with the official openai client (raw httpx where the wire format itself is under test), checked
+against transformers (greedy text, logprobs, token counts) and against itself (stream == non-stream,
+batched == alone).
+
+The helpers at the top are shared with tests/test_server_limits.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import transformers
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import build_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+STARTUP_TIMEOUT_S = 90
+MAX_MODEL_LEN = 1024
+MODEL_NAME = "tiny-llama"
+PROMPTS = ["ROMEO:", "To be, or not to be", "My lord, the king", "What light through yonder window breaks?"]
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def run_server(model_dir: Path, **env: str) -> Iterator[str]:
+    """Start `python -m uvicorn server:app` on a free local port; yield its base URL; always stop it."""
+    port = free_port()
+    full_env = {
+        **os.environ,
+        "MINISERVE_MODEL": str(model_dir),
+        "MINISERVE_DEVICE": "cpu",
+        "MINISERVE_DTYPE": "float32",
+        **env,
+    }
+    cmd = [sys.executable, "-m", "uvicorn", "server:app", "--host", "127.0.0.1", "--port", str(port)]
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd + ["--log-level", "warning"], cwd=REPO, env=full_env, stdout=log, stderr=log)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_healthy(url, proc, log)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15)
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read().decode(errors='replace')}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server did not become healthy within {STARTUP_TIMEOUT_S}s")
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    """All /metrics samples as {(name, labels except model_name): value}."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = frozenset((k, v) for k, v in s.labels.items() if k != "model_name")
+            out[(s.name, labels)] = s.value
+    return out
+
+
+def metric(samples: dict, name: str, **labels: str) -> float:
+    return samples.get(("miniserve:" + name, frozenset(labels.items())), 0.0)
+
+
+def wait_for_metric(url: str, name: str, predicate, timeout: float) -> dict:
+    """Poll /metrics until predicate(value of `name`) holds; returns the last scrape either way."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(url)
+        if predicate(metric(samples, name)) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.02)
+
+
+def assert_openai_error(resp: httpx.Response, status: int, param: str | None = "any") -> dict:
+    """`resp` has `status` and OpenAI's error body; returns the error object."""
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    if param != "any":
+        assert err["param"] == param, err
+    return err
+
+
+def hf_greedy(model, prompt_ids: list[int], num_tokens: int) -> list[int]:
+    """transformers' greedy decoding with EOS ignored: the oracle for greedy server output."""
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),  # else generate() masks BOS (id 0) as padding
+        max_new_tokens=num_tokens,
+        min_new_tokens=num_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+def hf_logprobs(model, prompt_ids: list[int], new_ids: list[int]) -> torch.Tensor:
+    """log_softmax of the rows that predicted each of `new_ids`: [len(new_ids), vocab]."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + new_ids])).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)[len(prompt_ids) - 1 : -1]
+
+
+def chat_ids(hf_tokenizer, messages: list[dict]) -> list[int]:
+    out = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def build_server_model(out: Path, tokenizer_dir: Path) -> Path:
+    """The tiny Llama of conftest with a 1024-token context (room for a long request to abort)."""
+    return build_model_dir(out, "LlamaForCausalLM", tokenizer_dir, seed=7, max_position_embeddings=MAX_MODEL_LEN)
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    return build_server_model(tmp_path_factory.mktemp("server-model"), tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def url(model_dir) -> Iterator[str]:
+    with run_server(model_dir, MINISERVE_SERVED_MODEL_NAME=MODEL_NAME, MINISERVE_MAX_BODY_BYTES=str(64 * 1024)) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tok(model_dir):
+    return transformers.AutoTokenizer.from_pretrained(model_dir)
+
+
+def greedy(client: openai.OpenAI, prompt, max_tokens: int = 8) -> str:
+    r = client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True}
+    )
+    return r.choices[0].text
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+def test_models_health_tokenize_detokenize(url, client, hf_tok):
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL_NAME]
+    assert models[0].model_extra["max_model_len"] == MAX_MODEL_LEN
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    prompt = "Now is the winter of our discontent"
+    r = httpx.post(url + "/tokenize", json={"prompt": prompt}).json()
+    assert r == {
+        "tokens": hf_tok(prompt).input_ids,
+        "count": len(hf_tok(prompt).input_ids),
+        "max_model_len": 1024,
+    }
+    messages = [{"role": "system", "content": "Speak verse."}, {"role": "user", "content": "Hello"}]
+    r = httpx.post(url + "/tokenize", json={"messages": messages}).json()
+    assert r["tokens"] == chat_ids(hf_tok, messages) and r["count"] == len(r["tokens"])
+    r = httpx.post(url + "/detokenize", json={"tokens": hf_tok(prompt).input_ids}).json()
+    assert r == {"prompt": prompt}
+
+
+def test_completion_greedy_text_logprobs_and_usage_match_transformers(client, hf_model, hf_tok):
+    for prompt in PROMPTS[:2]:
+        ids = hf_tok(prompt).input_ids
+        expected_ids = hf_greedy(hf_model, ids, 10)
+        r = client.completions.create(
+            model=MODEL_NAME,
+            prompt=prompt,
+            max_tokens=10,
+            temperature=0,
+            logprobs=3,
+            extra_body={"ignore_eos": True},
+        )
+        choice = r.choices[0]
+        assert choice.text == hf_tok.decode(expected_ids, skip_special_tokens=True)
+        assert choice.finish_reason == "length"
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
+            len(ids),
+            10,
+            len(ids) + 10,
+        )
+        lp = choice.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 10
+        assert "".join(lp.tokens) == choice.text
+        assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(10)]
+        ref = hf_logprobs(hf_model, ids, expected_ids)
+        for i, tid in enumerate(expected_ids):
+            assert lp.token_logprobs[i] == pytest.approx(ref[i, tid].item(), abs=1e-3)
+            # {token text: logprob} of the 3 best (texts of partial UTF-8 byte tokens may collide on "\ufffd")
+            top, best3 = lp.top_logprobs[i], ref[i].topk(3).values.tolist()
+            assert 1 <= len(top) <= 3 and max(top.values()) == pytest.approx(lp.token_logprobs[i], abs=1e-6)
+            assert all(any(v == pytest.approx(b, abs=1e-3) for b in best3) for v in top.values())
+
+
+def test_multiple_prompts_times_n_get_openai_indexes(client, hf_tok):
+    token_prompt = hf_tok(PROMPTS[2]).input_ids
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    alone = [greedy(client, p) for p in prompts] + [greedy(client, token_prompt)]
+    r = client.completions.create(
+        model=MODEL_NAME, prompt=prompts, n=2, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.text for c in r.choices] == [alone[0], alone[0], alone[1], alone[1]]
+    prompt_lens = sum(len(hf_tok(p).input_ids) for p in prompts)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (prompt_lens, 4 * 8)
+    r = client.completions.create(
+        model=MODEL_NAME, prompt=[token_prompt], max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert r.choices[0].text == alone[2] and r.usage.prompt_tokens == len(token_prompt)
+    r = client.completions.create(
+        model=MODEL_NAME,
+        prompt=PROMPTS[0],
+        max_tokens=8,
+        temperature=0,
+        echo=True,
+        extra_body={"ignore_eos": True},
+    )
+    assert r.choices[0].text == PROMPTS[0] + alone[0]
+
+
+def test_completion_stream_equals_non_stream_with_seed(client):
+    kwargs = dict(model=MODEL_NAME, prompt=PROMPTS[3], n=2, max_tokens=12, temperature=1.0, seed=1234)
+    full = client.completions.create(**kwargs)
+    again = client.completions.create(**kwargs)
+    assert [c.text for c in full.choices] == [c.text for c in again.choices]  # seed reproducibility
+    texts, finishes, usage = {0: "", 1: ""}, {}, None
+    for chunk in client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            if c.finish_reason is not None:
+                assert c.index not in finishes
+                finishes[c.index] = c.finish_reason
+    assert texts == {c.index: c.text for c in full.choices}
+    assert finishes == {c.index: c.finish_reason for c in full.choices}
+    assert usage is not None and usage.model_dump() == full.usage.model_dump()
+    other = [client.completions.create(**{**kwargs, "seed": s}).choices[0].text for s in (1, 2, 3)]
+    assert len({full.choices[0].text, *other}) > 1  # the seed matters
+
+
+def test_chat_matches_transformers_and_streams_identically(client, hf_model, hf_tok):
+    messages = [
+        {"role": "system", "content": "You are a bard."},
+        {"role": "user", "content": "Sing of spring."},
+    ]
+    ids = chat_ids(hf_tok, messages)
+    expected = hf_tok.decode(hf_greedy(hf_model, ids, 10), skip_special_tokens=True)
+    r = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=messages,
+        max_completion_tokens=10,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == expected
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 10)
+    parts = [{"type": "text", "text": "Sing of"}, {"type": "text", "text": "spring."}]
+    r2 = client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": parts}], max_tokens=4, temperature=0
+    )
+    assert r2.usage.prompt_tokens == len(chat_ids(hf_tok, [{"role": "user", "content": "Sing of\nspring."}]))
+
+    kwargs = dict(model=MODEL_NAME, messages=messages, n=3, max_tokens=12, temperature=0.9, seed=99)
+    full = client.chat.completions.create(**kwargs)
+    contents, roles, finishes, usage = {}, {}, {}, None
+    for chunk in client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
+        assert chunk.object == "chat.completion.chunk"
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            if c.delta.role is not None:
+                assert c.index not in roles and c.index not in contents  # the role comes first, once
+                roles[c.index] = c.delta.role
+            contents[c.index] = contents.get(c.index, "") + (c.delta.content or "")
+            if c.finish_reason is not None:
+                finishes[c.index] = c.finish_reason
+    assert roles == {0: "assistant", 1: "assistant", 2: "assistant"}
+    assert contents == {c.index: c.message.content for c in full.choices}
+    assert finishes == {c.index: c.finish_reason for c in full.choices}
+    assert usage.model_dump() == full.usage.model_dump()
+
+
+def test_chat_logprobs_match_transformers(client, hf_model, hf_tok):
+    messages = [{"role": "user", "content": "Speak, friend."}]
+    ids = chat_ids(hf_tok, messages)
+    expected_ids = hf_greedy(hf_model, ids, 6)
+    ref = hf_logprobs(hf_model, ids, expected_ids)
+    r = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=messages,
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 6
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for i, t in enumerate(content):
+        assert t.logprob == pytest.approx(ref[i, expected_ids[i]].item(), abs=1e-3)
+        assert bytes(t.bytes).decode("utf-8", errors="replace") == t.token
+        assert [x.logprob for x in t.top_logprobs] == pytest.approx(ref[i].topk(2).values.tolist(), abs=1e-3)
+        assert t.top_logprobs[0].token == t.token  # greedy picks the best
+    streamed = []
+    for chunk in client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=messages,
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    ):
+        for c in chunk.choices:
+            streamed += c.logprobs.content if c.logprobs else []
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+
+
+def test_stop_strings_truncate_and_stream_identically(client):
+    text = greedy(client, PROMPTS[1], 24)
+    start = next(k for k in range(len(text) // 2, len(text) - 2) if text.find(text[k : k + 2]) == k and k > 0)
+    stop = text[start : start + 2]
+    kwargs = dict(
+        model=MODEL_NAME,
+        prompt=PROMPTS[1],
+        max_tokens=24,
+        temperature=0,
+        stop=[stop, "@@@@"],
+        extra_body={"ignore_eos": True},
+    )
+    r = client.completions.create(**kwargs)
+    assert r.choices[0].text == text[:start]
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].model_extra["stop_reason"] == stop
+    streamed = "".join(c.text for chunk in client.completions.create(**kwargs, stream=True) for c in chunk.choices)
+    assert streamed == text[:start]
+
+
+def test_64_concurrent_streams_match_solo_runs_and_move_metrics(url, client, hf_tok):
+    prompts = [f"{PROMPTS[i % 4]} {'and ' * (i // 4)}".strip() for i in range(16)]
+    alone = {p: greedy(client, p) for p in prompts}
+    before = scrape(url)
+
+    async def one(aclient: openai.AsyncOpenAI, prompt: str) -> tuple[str, str | None]:
+        stream = await aclient.completions.create(
+            model=MODEL_NAME,
+            prompt=prompt,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        text, finish = "", None
+        async for chunk in stream:
+            for c in chunk.choices:
+                text += c.text
+                finish = c.finish_reason or finish
+        return text, finish
+
+    async def all_of_them() -> list[tuple[str, str | None]]:
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", timeout=60, max_retries=0) as aclient:
+            return await asyncio.gather(*(one(aclient, prompts[i % 16]) for i in range(64)))
+
+    results = asyncio.run(asyncio.wait_for(all_of_them(), timeout=120))
+    assert [text for text, _ in results] == [alone[prompts[i % 16]] for i in range(64)]
+    assert all(finish == "length" for _, finish in results)
+    after = scrape(url)
+    delta = lambda name, **labels: metric(after, name, **labels) - metric(before, name, **labels)
+    assert delta("generation_tokens_total") == 64 * 8
+    assert delta("prompt_tokens_total") == sum(len(hf_tok(prompts[i % 16]).input_ids) for i in range(64))
+    assert delta("request_success_total", finished_reason="length") == 64
+    assert delta("time_to_first_token_seconds_count") == 64
+    assert delta("e2e_request_latency_seconds_count") == 64
+    assert delta("inter_token_latency_seconds_count") == 64 * 7
+    assert metric(after, "num_requests_running") == 0 and metric(after, "kv_blocks_used") == 0
+    assert metric(after, "kv_blocks_total") > 0
+
+
+def test_client_disconnect_aborts_and_frees_blocks_within_a_second(url):
+    before = scrape(url)
+    body = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 1000, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", url + "/v1/completions", json=body) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()  # read 3 events; breaking out of a for loop would close the stream
+            events = [line for line in (next(lines) for _ in range(6)) if line.startswith("data: ")]
+            assert len(events) == 3
+            during = scrape(url)
+            assert metric(during, "kv_blocks_used") > 0 and metric(during, "num_requests_running") == 1
+        closed_at = time.monotonic()  # leaving the block closes the connection mid-stream
+    after = wait_for_metric(url, "kv_blocks_used", lambda v: v == 0, timeout=1.0)
+    assert metric(after, "kv_blocks_used") == 0, "blocks were not freed within a second"
+    assert time.monotonic() - closed_at < 1.5
+    assert metric(after, "num_requests_running") == 0
+    aborted = metric(after, "request_success_total", finished_reason="abort")
+    assert aborted - metric(before, "request_success_total", finished_reason="abort") == 1
+    generated = metric(after, "generation_tokens_total") - metric(before, "generation_tokens_total")
+    assert 3 <= generated < 1000  # it stopped early, and it stays stopped:
+    time.sleep(0.2)
+    assert metric(scrape(url), "generation_tokens_total") == metric(after, "generation_tokens_total")
+
+    # a non-streaming client that gives up is noticed too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=0.3)
+    after2 = wait_for_metric(url, "kv_blocks_used", lambda v: v == 0, timeout=1.0)
+    assert metric(after2, "kv_blocks_used") == 0
+    assert metric(after2, "request_success_total", finished_reason="abort") == aborted + 1
+
+
+BAD_COMPLETIONS = [  # (body, status, param)
+    ({"model": MODEL_NAME, "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ({"model": MODEL_NAME, "prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ({"model": MODEL_NAME, "prompt": "x", "n": 0}, 400, "n"),
+    ({"model": MODEL_NAME, "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ({"model": MODEL_NAME, "prompt": "x", "top_k": -5}, 400, "top_k"),  # SamplingParams' ValueError
+    ({"model": MODEL_NAME, "prompt": "x", "min_p": 3.0}, 400, "min_p"),
+    ({"model": MODEL_NAME, "prompt": "x", "max_tokens": 2, "min_tokens": 5}, 400, "min_tokens"),
+    ({"model": MODEL_NAME, "prompt": "x", "logprobs": 50}, 400, "logprobs"),
+    ({"model": MODEL_NAME, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"model": MODEL_NAME, "prompt": []}, 400, "prompt"),
+    ({"model": MODEL_NAME, "prompt": [1, 2, 10**6]}, 400, "prompt"),  # token id outside the vocab
+    ({"model": MODEL_NAME}, 400, "prompt"),
+    ({"model": "gpt-4", "prompt": "x"}, 404, "model"),
+    ({"model": MODEL_NAME, "prompt": "x " * 30, "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens"),
+    ({"model": MODEL_NAME, "prompt": [5] * (MAX_MODEL_LEN + 10)}, 400, "prompt"),
+]
+BAD_CHATS = [
+    ({"model": MODEL_NAME, "messages": []}, 400, "messages"),
+    ({"model": MODEL_NAME, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages"),
+    (
+        {"model": MODEL_NAME, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        400,
+        "messages",
+    ),
+    (
+        {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+        400,
+        "top_logprobs",
+    ),
+    (
+        {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 5000},
+        400,
+        "max_completion_tokens",
+    ),
+]
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(url, client):
+    def still_serving() -> None:
+        assert greedy(client, PROMPTS[0], 2)
+
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for path, cases in (("/v1/completions", BAD_COMPLETIONS), ("/v1/chat/completions", BAD_CHATS)):
+            for body, status, param in cases:
+                err = assert_openai_error(http.post(path, json=body), status, param)
+                assert err["type"] == "invalid_request_error"
+                still_serving()
+        err = assert_openai_error(http.post("/v1/completions", content=b'{"prompt": "x",'), 400, None)
+        assert "JSON" in err["message"]
+        assert_openai_error(http.post("/v1/completions", json=["not", "an", "object"]), 400, None)
+        big = {"model": MODEL_NAME, "prompt": "x" * (100 * 1024)}
+        assert_openai_error(http.post("/v1/completions", json=big), 413, None)
+        still_serving()
+        assert_openai_error(http.get("/v1/does-not-exist"), 404, None)
+        assert_openai_error(http.post("/detokenize", json={"tokens": [10**6]}), 400, "tokens")
+        err = assert_openai_error(http.post("/v1/completions", json=BAD_COMPLETIONS[-2][0]), 400, "max_tokens")
+        assert err["code"] == "context_length_exceeded" and str(MAX_MODEL_LEN) in err["message"]
+    with pytest.raises(openai.BadRequestError) as exc:  # what an openai-client user sees
+        client.completions.create(model=MODEL_NAME, prompt="x", temperature=7.0)
+    assert exc.value.status_code == 400 and exc.value.body["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    still_serving()
+
+
+# The README's examples (kept verbatim in /work/notes/server_readme_section.md); the test swaps in its URL
+# and model name for the README's defaults.
+README_CURL = [
+    """curl http://127.0.0.1:8000/v1/completions \\
+  -H "Content-Type: application/json" \\
+  -d '{"model": "shakespeare-target", "prompt": "ROMEO:", "max_tokens": 32, "temperature": 0.8}'""",
+    """curl -N http://127.0.0.1:8000/v1/chat/completions \\
+  -H "Content-Type: application/json" \\
+  -d '{"model": "shakespeare-target", "messages": [{"role": "user", "content": "Speak of love."}],
+       "max_tokens": 32, "stream": true}'""",
+    """curl http://127.0.0.1:8000/v1/models""",
+    """curl http://127.0.0.1:8000/tokenize \\
+  -H "Content-Type: application/json" \\
+  -d '{"prompt": "To be, or not to be"}'""",
+]
+README_PYTHON = """
+from openai import OpenAI
+
+client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="EMPTY")
+
+completion = client.completions.create(model="shakespeare-target", prompt="ROMEO:", max_tokens=32)
+print(completion.choices[0].text)
+
+stream = client.chat.completions.create(
+    model="shakespeare-target",
+    messages=[{"role": "user", "content": "Speak of love."}],
+    max_tokens=32,
+    stream=True,
+)
+for chunk in stream:
+    if chunk.choices:
+        print(chunk.choices[0].delta.content or "", end="", flush=True)
+print()
+"""
+
+
+def _readme(text: str, url: str) -> str:
+    return text.replace("http://127.0.0.1:8000", url).replace("shakespeare-target", MODEL_NAME)
+
+
+def test_readme_examples_work(url):
+    outputs = []
+    for cmd in README_CURL:
+        proc = subprocess.run(
+            ["bash", "-c", _readme(cmd, url) + " --silent --show-error --fail"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(proc.stdout)
+    assert json.loads(outputs[0])["choices"][0]["text"]
+    events = [line[len("data: ") :] for line in outputs[1].splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
+    assert json.loads(outputs[2])["data"][0]["id"] == MODEL_NAME
+    assert json.loads(outputs[3])["count"] == len(json.loads(outputs[3])["tokens"]) > 0
+    proc = subprocess.run(
+        [sys.executable, "-c", _readme(README_PYTHON, url)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.strip().splitlines()) >= 1

@@ -1,0 +1,130 @@
+"""A second server instance: API key (401 in OpenAI's shape), the waiting-queue limit (503), speculative
+decoding statistics in `usage` and /metrics, and the startup error for a missing model directory.
+
+The instance runs one sequence at a time (MINISERVE_MAX_NUM_SEQS=1) with room for one waiting request
+(MINISERVE_MAX_WAITING=1), so a long running request plus one queued behind it make the third one a 503.
+Its draft model is a copy of the target, so greedy decoding accepts every drafted token.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import httpx
+import openai
+import pytest
+
+from tests.test_server import (
+    MODEL_NAME,
+    REPO,
+    assert_openai_error,
+    build_server_model,
+    metric,
+    run_server,
+    scrape,
+    wait_for_metric,
+)
+
+API_KEY = "sk-miniserve-test"
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory, tokenizer_dir):
+    model_dir = build_server_model(tmp_path_factory.mktemp("limits-model"), tokenizer_dir)
+    env = {
+        "MINISERVE_API_KEY": API_KEY,
+        "MINISERVE_SERVED_MODEL_NAME": MODEL_NAME,
+        "MINISERVE_MAX_NUM_SEQS": "1",
+        "MINISERVE_MAX_WAITING": "1",
+        "MINISERVE_SPECULATIVE_MODEL": str(model_dir),
+        "MINISERVE_NUM_SPECULATIVE_TOKENS": "3",
+    }
+    with run_server(model_dir, **env) as base:
+        yield base
+
+
+def test_api_key_guards_every_v1_route(url):
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": MODEL_NAME, "prompt": "ROMEO:", "max_tokens": 2}
+    chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for method, path, payload in (
+            ("POST", "/v1/completions", body),
+            ("POST", "/v1/chat/completions", chat),
+            ("GET", "/v1/models", None),
+        ):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+                err = assert_openai_error(http.request(method, path, json=payload, headers=headers), 401, None)
+                assert err["code"] == "invalid_api_key"
+            assert http.request(method, path, json=payload, headers=auth).status_code == 200
+        for path in ("/health", "/metrics"):  # probes and scrapers need no key
+            assert http.get(path).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    good = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=30)
+    assert good.completions.create(model=MODEL_NAME, prompt="ROMEO:", max_tokens=3).usage.completion_tokens >= 1
+
+
+def test_too_many_waiting_requests_get_503_and_the_server_recovers(url):
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    long = {"model": MODEL_NAME, "prompt": "ROMEO:", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    with (
+        httpx.Client(base_url=url, timeout=30, headers=auth) as a,
+        httpx.Client(base_url=url, timeout=30, headers=auth) as b,
+    ):
+        with a.stream("POST", "/v1/completions", json=long) as running:
+            lines = running.iter_lines()  # keep the iterator: dropping it would close the stream
+            next(lines)  # its first token is out: it holds the only running slot
+            with b.stream("POST", "/v1/completions", json=long) as waiting:
+                assert waiting.status_code == 200
+                samples = wait_for_metric(url, "num_requests_waiting", lambda v: v == 1, timeout=5)
+                assert metric(samples, "num_requests_waiting") == 1
+                assert metric(samples, "num_requests_running") == 1
+                resp = httpx.post(url + "/v1/completions", json={**long, "stream": False}, headers=auth)
+                err = assert_openai_error(resp, 503, None)
+                assert err["code"] == "overloaded" and err["type"] == "server_error"
+                with pytest.raises(openai.InternalServerError) as exc:
+                    openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0).chat.completions.create(
+                        model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+                    )
+                assert exc.value.status_code == 503
+    # both streams were closed: their requests are aborted and new ones are served again
+    samples = wait_for_metric(url, "kv_blocks_used", lambda v: v == 0, timeout=2)
+    assert metric(samples, "num_requests_running") == 0 and metric(samples, "num_requests_waiting") == 0
+    resp = httpx.post(url + "/v1/completions", json={**long, "stream": False, "max_tokens": 4}, headers=auth)
+    assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 4
+    assert metric(scrape(url), "request_success_total", finished_reason="abort") == 2
+
+
+def test_speculative_decoding_stats_in_usage_and_metrics(url):
+    before = scrape(url)
+    client = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=30)
+    r = client.completions.create(
+        model=MODEL_NAME, prompt="ROMEO:", max_tokens=21, temperature=0, extra_body={"ignore_eos": True}
+    )
+    spec = r.usage.model_extra["spec_decode"]
+    # one token from the prefill, then rounds of 3 drafted tokens that all pass, plus the bonus token
+    assert spec["num_drafts"] == 5 and spec["num_draft_tokens"] == 15 and spec["num_accepted_tokens"] == 15
+    assert spec["mean_acceptance_length"] == 4.0
+    after = scrape(url)
+    delta = lambda name, **labels: metric(after, name, **labels) - metric(before, name, **labels)
+    assert delta("spec_decode_num_drafts_total") == 5
+    assert delta("spec_decode_num_draft_tokens_total") == 15
+    assert delta("spec_decode_num_accepted_tokens_total") == 15
+    assert [delta("spec_decode_num_accepted_tokens_per_pos_total", position=str(p)) for p in range(3)] == [
+        5,
+        5,
+        5,
+    ]
+    drafts, accepted = (metric(after, f"spec_decode_num_{n}_total") for n in ("drafts", "accepted_tokens"))
+    assert metric(after, "spec_decode_mean_acceptance_length") == pytest.approx(1 + accepted / drafts)
+
+
+def test_missing_model_directory_is_a_clear_startup_error(tmp_path):
+    env = {**os.environ, "MINISERVE_MODEL": str(tmp_path / "no-such-model")}
+    cmd = [sys.executable, "-m", "uvicorn", "server:app", "--port", "0"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f"model directory '{tmp_path / 'no-such-model'}' does not exist" in proc.stderr
