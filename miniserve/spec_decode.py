@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from miniserve.sampling import SamplingBatch, random_uniform, sample_from_probs
 from miniserve.sampling import probs as processed_probs
-from miniserve.sampling import random_uniform, sample_from_probs
 from miniserve.scheduler.scheduler import ScheduledSeq
 from miniserve.sequence import Sequence
 from miniserve.worker import ForwardInput
@@ -43,9 +43,7 @@ def rejection_sample(
     q_at = draft_probs.gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)
     accept = uniforms * q_at < p_at  # u < p/q without dividing by a zero q
     rejected = ~accept
-    first_reject = torch.where(
-        rejected.any(-1), rejected.float().argmax(-1), torch.full_like(draft_tokens[:, 0], k)
-    )
+    first_reject = torch.where(rejected.any(-1), rejected.float().argmax(-1), torch.full_like(draft_tokens[:, 0], k))
     rows = torch.arange(B, device=draft_tokens.device)
     p_next = target_probs[rows, first_reject]  # [B, V]
     q_next = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], dim=1)[rows, first_reject]
@@ -55,6 +53,13 @@ def rejection_sample(
     # arithmetic; fall back to p if rounding left nothing.
     residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_next)
     return first_reject, residual_draw(residual)
+
+
+def _is_plain_greedy(batch: SamplingBatch) -> bool:
+    """Greedy rows whose distribution is the raw argmax: nothing (penalty, min_tokens mask) reshapes logits."""
+    return (
+        batch.all_greedy and batch.repetition_penalty is None and batch.output_counts is None and batch.banned is None
+    )
 
 
 class SpeculativeDecoder:
@@ -104,15 +109,52 @@ class SpeculativeDecoder:
         eng._plain_step(scheduled)
 
     def _speculate(self, seqs: list[Sequence]) -> None:
-        eng, k = self.engine, self.k
         base_len = [s.num_tokens for s in seqs]
+        if _is_plain_greedy(self.engine.sampling_batch(seqs)):
+            drafts, accepted, next_tokens, logits = self._greedy_round(seqs, base_len)
+        else:
+            drafts, accepted, next_tokens, logits = self._sampled_round(seqs, base_len)
+        self._append(seqs, drafts, accepted, next_tokens, logits, base_len)
+
+    def _greedy_round(self, seqs: list[Sequence], base_len: list[int]):
+        """All rows greedy without penalties: argmax drafts, and acceptance is equality with the target's argmax.
+
+        After the ragged catch-up step every draft step and the verification have the same shape for all
+        sequences, so their inputs are built on the device and the GPU runs the whole round without the host
+        waiting for it; the only sync is reading the results at the end.
+        """
+        eng, k, dev = self.engine, self.k, self.engine.device
+        catch_up = [
+            ForwardInput(s.token_ids[s.num_draft_computed_tokens :], s.num_draft_computed_tokens, s.block_table, 1)
+            for s in seqs
+        ]
+        token = eng.draft.forward(catch_up).argmax(-1)
+        width = max(len(s.block_table) for s in seqs)
+        tables = torch.tensor(
+            [s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32, device=dev
+        )
+        start = torch.tensor(base_len, dtype=torch.int64, device=dev)
+        drafted = [token]
+        for j in range(1, k):
+            token = eng.draft.forward_uniform(token[:, None], start + (j - 1), tables, max(base_len) + j).argmax(-1)
+            drafted.append(token)
+        drafts = torch.stack(drafted, dim=1)  # [B, k]
+        last = torch.tensor([s.token_ids[-1] for s in seqs], dtype=torch.int64, device=dev)
+        verify = torch.cat([last[:, None], drafts], dim=1)  # [B, k+1] at positions base_len-1 ..
+        logits = eng.target.forward_uniform(verify, start - 1, tables, max(base_len) + k)
+        target = logits.argmax(-1).view(len(seqs), k + 1)
+        accepted = (drafts == target[:, :k]).int().cumprod(dim=1).sum(dim=1)
+        next_tokens = target.gather(1, accepted[:, None].long()).squeeze(1)
+        return drafts.tolist(), accepted.tolist(), next_tokens.tolist(), logits
+
+    def _sampled_round(self, seqs: list[Sequence], base_len: list[int]):
+        """The general round: per-request sampling settings, draft distributions kept for rejection sampling."""
+        eng, k = self.engine, self.k
         # 1. the draft catches up on tokens it has not seen and proposes k tokens, one decode step each
         drafts: list[list[int]] = [[] for _ in seqs]
         draft_probs = []
         inputs = [
-            ForwardInput(
-                s.token_ids[s.num_draft_computed_tokens :], s.num_draft_computed_tokens, s.block_table, 1
-            )
+            ForwardInput(s.token_ids[s.num_draft_computed_tokens :], s.num_draft_computed_tokens, s.block_table, 1)
             for s in seqs
         ]
         for j in range(k):
@@ -123,30 +165,22 @@ class SpeculativeDecoder:
             draft_probs.append(q)
             for i in range(len(seqs)):
                 drafts[i].append(tokens[i])
-            inputs = [
-                ForwardInput([tokens[i]], base_len[i] + j, s.block_table, 1) for i, s in enumerate(seqs)
-            ]
+            inputs = [ForwardInput([tokens[i]], base_len[i] + j, s.block_table, 1) for i, s in enumerate(seqs)]
         # 2. the target scores [t, d1..dk] for every sequence in one extend pass
         verify = [
-            ForwardInput([s.token_ids[-1]] + d, s.num_tokens - 1, s.block_table, k + 1)
-            for s, d in zip(seqs, drafts)
+            ForwardInput([s.token_ids[-1]] + d, s.num_tokens - 1, s.block_table, k + 1) for s, d in zip(seqs, drafts)
         ]
         logits = eng.target.forward(verify)  # [B*(k+1), V]
         rows_seqs = [s for s in seqs for _ in range(k + 1)]
         histories = [s.output_token_ids + d[:j] for s, d in zip(seqs, drafts) for j in range(k + 1)]
-        batch = eng.sampling_batch(rows_seqs, histories)
-        p = processed_probs(logits, batch).view(len(seqs), k + 1, -1)
+        p = processed_probs(logits, eng.sampling_batch(rows_seqs, histories)).view(len(seqs), k + 1, -1)
         seq_batch = eng.sampling_batch(seqs)
         draft_tokens = torch.tensor(drafts, device=logits.device)
         uniforms = random_uniform(seq_batch, (k,))
         accepted, next_tokens = rejection_sample(
-            p,
-            torch.stack(draft_probs, dim=1),
-            draft_tokens,
-            uniforms,
-            lambda r: sample_from_probs(r, seq_batch),
+            p, torch.stack(draft_probs, dim=1), draft_tokens, uniforms, lambda r: sample_from_probs(r, seq_batch)
         )
-        self._append(seqs, drafts, accepted.tolist(), next_tokens.tolist(), logits, base_len)
+        return drafts, accepted.tolist(), next_tokens.tolist(), logits
 
     def _append(self, seqs, drafts, accepted, next_tokens, logits, base_len) -> None:
         """Emit accepted drafts plus the next token; logprobs come from the target's raw logits."""

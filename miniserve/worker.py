@@ -58,7 +58,9 @@ class Worker:
         self.backend = select_attention_backend(self.device, config.attention_backend)
         self.kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype, self.device)
         self.block_size = config.block_size
-        self.max_positions = max(self.model_config.max_position_embeddings, config.max_model_len or 0)
+        # speculative rounds may compute (never emit) up to k positions past the context length
+        lookahead = config.num_speculative_tokens if config.speculative_model else 0
+        self.max_positions = max(self.model_config.max_position_embeddings, config.max_model_len or 0) + lookahead
         self.model, scales = load_model(
             model_dir, self.model_config, self.dtype, self.device, self.backend, self.max_positions
         )
@@ -82,9 +84,7 @@ class Worker:
             v_scale = torch.tensor([s.get("v", 1.0)], dtype=torch.float32, device=self.device)
             self.kv.append(LayerKV(self.kv_pool[i, 0], self.kv_pool[i, 1], k_scale, v_scale))
 
-    def prepare(
-        self, inputs: list[ForwardInput]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+    def prepare(self, inputs: list[ForwardInput]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """Pack the sequences' new tokens and build attention metadata and the logits row indices."""
         bs = self.block_size
         ids, pos, slots, starts, seq_lens, logit_rows = [], [], [], [0], [], []
@@ -104,7 +104,7 @@ class Worker:
         dev = self.device
 
         def tensor(data, dtype):
-            return torch.tensor(data, dtype=dtype, pin_memory=dev.type == "cuda").to(dev, non_blocking=True)
+            return torch.tensor(data, dtype=dtype, device=dev)
 
         meta = AttentionMetadata(
             slot_mapping=tensor(slots, torch.int64),
@@ -122,3 +122,26 @@ class Worker:
         ids, pos, meta, rows = self.prepare(inputs)
         hidden = self.model(ids, pos, meta, self.kv)
         return self.model.logits(hidden[rows])
+
+    @torch.inference_mode()
+    def forward_uniform(
+        self, token_ids: torch.Tensor, start_pos: torch.Tensor, block_tables: torch.Tensor, max_seq_len: int
+    ) -> torch.Tensor:
+        """Every sequence brings the same number of new tokens, already on the device: `token_ids` [B, n] at
+        positions start_pos[b] .. start_pos[b] + n - 1. Builds the metadata on the device (no host round trip),
+        which lets speculative decoding chain draft steps without waiting for the GPU. Returns logits [B*n, V]."""
+        B, n = token_ids.shape
+        bs = self.block_size
+        positions = (start_pos.unsqueeze(1) + torch.arange(n, device=self.device)).reshape(-1)
+        rows = torch.arange(B, device=self.device).repeat_interleave(n)
+        slots = block_tables[rows, positions // bs].long() * bs + positions % bs
+        meta = AttentionMetadata(
+            slot_mapping=slots,
+            query_start_loc=torch.arange(0, (B + 1) * n, n, dtype=torch.int32, device=self.device),
+            seq_lens=(start_pos + n).to(torch.int32),
+            block_tables=block_tables,
+            max_query_len=n,
+            max_seq_len=max_seq_len,
+        )
+        hidden = self.model(token_ids.reshape(-1), positions, meta, self.kv)
+        return self.model.logits(hidden)

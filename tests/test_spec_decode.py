@@ -159,3 +159,13 @@ def test_sampled_tokens_with_speculation_match_target_distribution(llama_dir, dr
     top = marg.argsort(descending=True)[:5]
     assert (freq[top] - marg[top]).abs().max() < 0.06
     assert spec.engine.stats()["spec_num_drafts"] > 0
+
+
+def test_speculation_on_triton_kernels_is_lossless(llama_dir, draft_dir):
+    """The device-side draft/verify inputs drive the Triton decode and extend kernels (interpreter on CPU)."""
+    prompts = mixed_prompts(3)[:3]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    kw = dict(kv_cache_dtype="fp8", attention_backend="triton", block_size=8)
+    plain, _ = run(llama_dir, prompts, params, **kw)
+    spec, eng = run(llama_dir, prompts, params, speculative_model=str(draft_dir), num_speculative_tokens=3, **kw)
+    assert spec == plain and eng.draft.backend == "triton"

@@ -84,12 +84,13 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, 1, D] cos and sin for the tokens' positions, gathered once per forward for all layers."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
 
 
 class Attention(nn.Module):
@@ -106,7 +107,7 @@ class Attention(nn.Module):
         self.backend = backend
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, meta: AttentionMetadata, kv: LayerKV
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv: LayerKV
     ) -> torch.Tensor:
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -115,11 +116,9 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         reshape_and_cache(k, v, kv.key_cache, kv.value_cache, meta.slot_mapping, kv.k_scale, kv.v_scale)
-        out = paged_attention(
-            q, kv.key_cache, kv.value_cache, meta, kv.k_scale, kv.v_scale, self.scale, self.backend
-        )
+        out = paged_attention(q, kv.key_cache, kv.value_cache, meta, kv.k_scale, kv.v_scale, self.scale, self.backend)
         return F.linear(out.reshape(-1, self.q_size), self.o_weight)
 
 
@@ -143,8 +142,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, rotary, meta, kv):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, meta, kv)
+    def forward(self, x, rope, meta, kv):
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -157,17 +156,16 @@ class LlamaModel(nn.Module):
         self.embed_tokens = _empty(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, backend) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = (
-            self.embed_tokens if cfg.tie_word_embeddings else _empty(cfg.vocab_size, cfg.hidden_size)
-        )
+        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else _empty(cfg.vocab_size, cfg.hidden_size)
         self.rotary = Rotary(cfg, max_positions)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: list[LayerKV]
     ) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed_tokens)
+        rope = self.rotary.lookup(positions, x.dtype)
         for layer, layer_kv in zip(self.layers, kv, strict=True):
-            x = layer(x, positions, self.rotary, meta, layer_kv)
+            x = layer(x, rope, meta, layer_kv)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
