@@ -1,0 +1,268 @@
+"""Every GPU check and benchmark of miniserve.kernels in one process (one device session):
+
+1. the CPU test files under this box's torch/triton (interpreter), in a background subprocess;
+2. bit-exactness of the fused KV write on the GPU: all 65,536 bf16 and fp16 bit patterns x 5 scales x both
+   FP8 formats against the torch reference (computed on the CPU), plus the plain bf16/fp16/fp32 stores;
+3. decode and extend attention kernels against the torch reference on the GPU;
+4. benchmarks: KV write (fused vs two-launch, copy ceiling) and decode attention (tuning sweep, bandwidth,
+   vs SDPA).
+Writes kernels.json and kernels.md to $OUT (default: benchmarks/results) and prints a short table last.
+Usage: PYTHONUNBUFFERED=1 python3 benchmarks/gpu_kernels.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from bench_decode_attention import bench_decode, nominal_peak_gbs, tune_decode  # noqa: E402
+from bench_kv_write import bench_kv_write, copy_bandwidth_gbs, import_kernels, tune_kv_write  # noqa: E402
+
+kernels = import_kernels()
+DEADLINE_S = float(os.environ.get("GPU_KERNELS_DEADLINE_S", 380))
+START = time.time()
+
+FP8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+SCALES = (1.0, 0.37, 3.0, 1e-3, 1e3)
+
+
+def all_bit_patterns(dtype: torch.dtype) -> torch.Tensor:
+    return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+def start_cpu_tests() -> subprocess.Popen:
+    """The interpreter test files, importing only miniserve.kernels (a stub package dir on PYTHONPATH)."""
+    stub = Path(tempfile.mkdtemp()) / "miniserve"
+    stub.mkdir()
+    (stub / "__init__.py").write_text("")
+    (stub / "kernels").symlink_to(ROOT / "miniserve" / "kernels")
+    tests = [str(ROOT / "tests" / f) for f in ("test_fp8_cache_write.py", "test_attention_kernels.py")]
+    env = {**os.environ, "PYTHONPATH": str(stub.parent), "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
+    return subprocess.Popen(cmd, cwd=stub.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def check_cache_write_exact(device) -> list[dict]:
+    """Fused-write bytes vs quantize_fp8_reference for every 16-bit input (20 combos), and plain stores."""
+    rows = []
+    slots = torch.randperm(512, generator=torch.Generator().manual_seed(7))
+    for src in (torch.bfloat16, torch.float16):
+        x = all_bit_patterns(src)
+        key, value = x.view(512, 1, 128).to(device), x.flip(0).reshape(512, 1, 128).to(device)
+        for fp8 in FP8:
+            for scale in SCALES:
+                s = torch.tensor([scale], device=device)
+                kc = torch.zeros(32, 16, 1, 128, dtype=torch.uint8, device=device).view(fp8)
+                vc = torch.zeros_like(kc)
+                kernels.reshape_and_cache(key, value, kc, vc, slots.to(device), s, s, impl="triton")
+                want = kernels.quantize_fp8_reference(x, torch.tensor([scale]), fp8).view(torch.uint8)
+                got_k = kc.view(torch.uint8).reshape(512, 128)[slots].reshape(-1).cpu()
+                got_v = vc.view(torch.uint8).reshape(512, 128)[slots].reshape(-1).cpu()
+                bad = int((got_k != want).sum()) + int((got_v != want.flip(0)).sum())
+                rows.append(dict(src=str(src)[6:], cache=str(fp8)[6:], scale=scale, mismatches=bad))
+        for dst in (torch.bfloat16, torch.float16, torch.float32):
+            kc = torch.zeros(32, 16, 1, 128, dtype=dst, device=device)
+            vc = torch.zeros_like(kc)
+            one = torch.ones(1, device=device)
+            kernels.reshape_and_cache(key, value, kc, vc, slots.to(device), one, one, impl="triton")
+            got = kc.reshape(512, 128)[slots].reshape(-1).cpu()
+            want = x.to(dst)
+            as_int = {2: torch.int16, 4: torch.int32}[want.element_size()]
+            same = (got.view(as_int) == want.view(as_int)) | (torch.isnan(got) & torch.isnan(want))
+            rows.append(dict(src=str(src)[6:], cache=str(dst)[6:], scale=None, mismatches=int((~same).sum())))
+    return rows
+
+
+def attention_batch(device, seqs, block_size, q_heads, kv_heads, head_dim, cache_dtype, q_dtype, seed=0):
+    """Sequences [(seq_len, q_len)] with shuffled pages, written through the fused kernel."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    blocks = [-(-s // block_size) for s, _ in seqs]
+    num_blocks = sum(blocks) + 2
+    pool = torch.randperm(num_blocks, device=device, generator=g)
+    tables = torch.zeros(len(seqs), max(blocks), dtype=torch.int32, device=device)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    kc = torch.zeros(shape, dtype=torch.uint8 if kernels.is_fp8(cache_dtype) else cache_dtype, device=device)
+    kc = kc.view(cache_dtype)
+    vc = torch.zeros_like(kc)
+    ks, vs = torch.tensor([0.05], device=device), torch.tensor([0.02], device=device)
+    used = 0
+    for i, (seq_len, _) in enumerate(seqs):
+        tables[i, : blocks[i]] = pool[used : used + blocks[i]].int()
+        used += blocks[i]
+        pos = torch.arange(seq_len, device=device)
+        slots = tables[i, pos // block_size].long() * block_size + pos % block_size
+        k = torch.randn(seq_len, kv_heads, head_dim, device=device, generator=g) * 2
+        v = torch.randn(seq_len, kv_heads, head_dim, device=device, generator=g)
+        kernels.reshape_and_cache(k.to(q_dtype), v.to(q_dtype), kc, vc, slots, ks, vs, impl="triton")
+    q_lens = [ql for _, ql in seqs]
+    q = torch.randn(sum(q_lens), q_heads, head_dim, device=device, generator=g).to(q_dtype)
+    meta = kernels.AttentionMetadata(
+        slot_mapping=torch.full((sum(q_lens),), -1, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor([0, *q_lens], device=device).cumsum(0).int(),
+        seq_lens=torch.tensor([s for s, _ in seqs], dtype=torch.int32, device=device),
+        block_tables=tables,
+        max_query_len=max(q_lens),
+        max_seq_len=max(s for s, _ in seqs),
+    )
+    return q, kc, vc, meta, ks, vs
+
+
+def check_attention(device) -> list[dict]:
+    from miniserve.kernels.decode_attention import decode_attention
+
+    decode = [(1, 1), (17, 1), (300, 1), (2048, 1), (4099, 1)]
+    extend = [(5, 5), (300, 37), (1000, 1), (2048, 512), (77, 5)]
+    e4m3fn, fnuz, bf16, fp16, fp32 = (
+        torch.float8_e4m3fn,
+        torch.float8_e4m3fnuz,
+        torch.bfloat16,
+        torch.float16,
+        torch.float32,
+    )
+    cases = [  # (block_size, q heads, kv heads, head_dim, cache, q dtype, fp8_decode, q multiplier)
+        (16, 32, 8, 128, e4m3fn, bf16, "auto", 1.0),
+        (16, 32, 8, 128, e4m3fn, bf16, "auto", 3e5),  # |q| > fp16 max: the fp16 dot must rescale q
+        (16, 32, 8, 128, e4m3fn, bf16, "bits", 1.0),
+        (16, 32, 8, 128, fnuz, bf16, "auto", 1.0),
+        (16, 32, 8, 128, bf16, bf16, "auto", 1.0),
+        (16, 16, 16, 64, e4m3fn, fp16, "auto", 1.0),
+        (1, 8, 2, 80, e4m3fn, bf16, "auto", 1.0),
+        (32, 16, 4, 256, bf16, bf16, "auto", 1.0),
+        (16, 8, 4, 64, fp32, fp32, "auto", 1.0),
+    ]
+    rows = []
+    for block_size, hq, hkv, d, cache, qd, fp8_decode, q_mult in cases:
+        for kind, seqs in (("decode", decode), ("extend", extend)):
+            if kind == "extend" and fp8_decode == "bits":
+                continue
+            q, kc, vc, meta, ks, vs = attention_batch(device, seqs, block_size, hq, hkv, d, cache, qd)
+            q = (q.float() * q_mult).to(qd)
+            sm = 1 / math.sqrt(d)
+            want = kernels.paged_attention(q, kc, vc, meta, ks, vs, sm, backend="torch").float()
+            if kind == "decode":
+                got = decode_attention(q, kc, vc, meta, ks, vs, sm, fp8_decode=fp8_decode).float()
+            else:
+                got = kernels.paged_attention(q, kc, vc, meta, ks, vs, sm, backend="triton").float()
+            tol = 1e-4 if qd == fp32 else 2e-2
+            err = (got - want).abs().max().item()
+            ok = bool(torch.allclose(got, want, atol=tol, rtol=tol))
+            rows.append(
+                dict(kind=kind, block_size=block_size, q_heads=hq, kv_heads=hkv, head_dim=d,
+                     cache=str(cache)[6:], q=str(qd)[6:], q_mult=q_mult, fp8_decode=fp8_decode, max_abs_err=err,
+                     ok=ok)
+            )  # fmt: skip
+    return rows
+
+
+def section(results: dict, name: str, fn, *args):
+    """Run one section; record its rows or its error, and never run past the deadline."""
+    if time.time() - START > DEADLINE_S:
+        results[name] = {"skipped": "deadline"}
+        print(f"== {name}: skipped (deadline)")
+        return
+    t0 = time.time()
+    print(f"== {name} ...", flush=True)
+    try:
+        results[name] = fn(*args)
+    except Exception:  # noqa: BLE001 - report and go on with the other sections
+        results[name] = {"error": traceback.format_exc()}
+        print(results[name]["error"])
+    print(f"== {name}: {time.time() - t0:.1f} s", flush=True)
+
+
+def to_markdown(results: dict) -> str:
+    lines = [f"# miniserve.kernels on {results['gpu']}", ""]
+    for k in ("command", "torch", "triton", "copy_bandwidth_gbs", "nominal_peak_gbs", "cpu_tests"):
+        lines.append(f"- {k}: `{results.get(k)}`")
+    for name, rows in results.items():
+        if isinstance(rows, list) and rows and isinstance(rows[0], dict):
+            keys = list(dict.fromkeys(k for r in rows for k in r))
+            lines += ["", f"## {name}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            for r in rows:
+                cells = [f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys]
+                lines.append("| " + " | ".join(cells) + " |")
+        elif isinstance(rows, dict) and ("error" in rows or "skipped" in rows):
+            lines += ["", f"## {name}", "", "```", str(rows.get("error") or rows.get("skipped")), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def summary(results: dict) -> list[str]:
+    out = []
+    exact = results.get("cache_write_exact")
+    if isinstance(exact, list):
+        bad = sum(r["mismatches"] for r in exact)
+        out.append(f"exactness: {len(exact)} combos, {bad} mismatching bytes")
+    att = results.get("attention_vs_reference")
+    if isinstance(att, list):
+        out.append(f"attention vs reference: {sum(r['ok'] for r in att)}/{len(att)} ok")
+    ceiling = results.get("copy_bandwidth_gbs")
+    for r in results.get("kv_write", []) if isinstance(results.get("kv_write"), list) else []:
+        out.append(
+            f"kv_write T={r['tokens']:>5}: fused {r['fused_us']:7.2f} us, x{r['speedup']:.2f} vs two-launch "
+            f"(eager x{r['eager_speedup']:.2f}), {r['fused_gbs']:6.0f} GB/s "
+            f"= {r['fused_gbs'] / ceiling:.0%} of copy"
+        )
+    peak = results.get("nominal_peak_gbs") or ceiling
+    dec = results.get("decode") if isinstance(results.get("decode"), list) else []
+    by_key = {(r["cache"], r["batch"], r["context"]): r for r in dec if "us" in r}
+    for (cache, b, c), r in by_key.items():
+        bf = by_key.get(("bfloat16", b, c))
+        ratio = f" fp8/bf16 speedup x{bf['us'] / r['us']:.2f}" if cache != "bfloat16" and bf else ""
+        sdpa = f" sdpa {r['sdpa_us']:8.1f} us" if "sdpa_us" in r else ""
+        out.append(
+            f"decode {cache:>13} bs{b:<3} ctx{c:<5}: {r['us']:8.1f} us {r['gbs']:6.0f} GB/s "
+            f"({r['gbs'] / peak:.0%} of peak){sdpa}{ratio}"
+        )
+    out.append(f"cpu tests: {results.get('cpu_tests')}")
+    return out
+
+
+def main() -> None:
+    device = torch.device("cuda")
+    import triton
+
+    results = dict(
+        gpu=torch.cuda.get_device_name(device),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        command="PYTHONUNBUFFERED=1 python3 " + " ".join(sys.argv),
+        date=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
+    print({k: results[k] for k in ("gpu", "torch", "triton", "command")}, flush=True)
+    results["nominal_peak_gbs"] = nominal_peak_gbs(results["gpu"])
+    cpu_tests = start_cpu_tests()
+    section(results, "cache_write_exact", check_cache_write_exact, device)
+    section(results, "attention_vs_reference", check_attention, device)
+    results["copy_bandwidth_gbs"] = copy_bandwidth_gbs(device)
+    section(results, "kv_write", bench_kv_write, device)
+    section(results, "kv_write_tuning", tune_kv_write, device)
+    section(results, "decode", bench_decode, device)
+    section(results, "decode_tuning", tune_decode, device)
+    try:
+        log, _ = cpu_tests.communicate(timeout=max(10, DEADLINE_S + 30 - (time.time() - START)))
+        results["cpu_tests"] = log.strip().splitlines()[-1] if log.strip() else "no output"
+        results["cpu_tests_log_tail"] = log[-3000:]
+    except subprocess.TimeoutExpired:
+        cpu_tests.kill()
+        results["cpu_tests"] = "timed out"
+    out_dir = Path(os.environ.get("OUT") or HERE / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "kernels.json").write_text(json.dumps(results, indent=1, default=str))
+    (out_dir / "kernels.md").write_text(to_markdown(results))
+    print("\n".join(["", "==== summary ====", *summary(results)]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""Paged decode attention (one new token per sequence): a two-stage split-KV ("flash-decoding") Triton kernel.
+
+Stage 1: program (sequence, KV head, split) runs an online softmax over its slice of the context for all the
+query heads that share the KV head (GQA), stacked into the M dimension of `tl.dot` (padded to 16 rows).
+Stage 2: program (sequence, query head) merges the splits. Small batches with long contexts thus still fill
+the GPU. With a single split, stage 1 writes the output directly.
+
+FP8 caches are dequantized exactly in-kernel into fp16 (every e4m3 value is an fp16 value): by the hardware's
+e4m3 -> fp16 conversion (e4m3fn on NVIDIA) or by moving the bit fields into an fp16, whose value is then the
+FP8 value times 2^(bias - 15). That power of two and the scales are applied to the scores (k_scale) and to the
+output (v_scale) rather than to every K/V element. The dots against an FP8 cache run in fp16 even for bf16
+queries: a bf16 -> fp16 conversion per K/V element would make the kernel conversion-bound (H100: 16
+conversions/clock/SM), while bf16 queries fit fp16 exactly (see `fp16_fit_factor`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from miniserve.kernels.backend import is_rocm, triton_interpreter_enabled
+from miniserve.kernels.fp8 import fp8_format, is_fp8
+from miniserve.kernels.metadata import AttentionMetadata
+
+LOG2E = 1.4426950408889634
+
+KV_PLAIN, KV_FP8_BITS, KV_FP8_HW = 0, 1, 2
+
+
+@triton.jit
+def e4m3_to_fp16_bits(byte, NAN_ALL_ONES: tl.constexpr):
+    """e4m3 byte (uint8) -> fp16 holding value * 2^(bias - 15), exactly (subnormals included), NaN kept.
+
+    The 4 exponent and 3 mantissa bits move into the fp16 fields unchanged, so only the exponent bias differs.
+    NAN_ALL_ONES: e4m3fn (NaN = S.1111.111); otherwise e4m3fnuz (NaN = 0x80)."""
+    b = byte.to(tl.int32)
+    h = ((b & 0x7F) << 7) | ((b & 0x80) << 8)
+    if NAN_ALL_ONES:
+        is_nan = (b & 0x7F) == 0x7F
+    else:
+        is_nan = b == 0x80
+    h = tl.where(is_nan, 0x7E00, h)
+    return h.to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def fp16_fit_factor(q):
+    """Power of two s (1.0 unless max|q| >= 2^15) such that q * s is finite in fp16.
+
+    A bf16 value in fp16's normal range [2^-14, 65504] is exact in fp16 (fewer mantissa bits); components below
+    2^-14 keep 2^-24 absolute precision, which is far below what a bf16 output can show."""
+    q_max = tl.max(tl.max(tl.abs(q), 1), 0)
+    exp = (q_max.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    return tl.where(exp >= 142, ((268 - exp) << 23).to(tl.float32, bitcast=True), 1.0)
+
+
+@triton.jit
+def load_q_tile(q_ptrs, mask, k_mult, FIT_FP16: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """The query tile in the dot's dtype, and the score multiplier that undoes any fp16 range fitting."""
+    q = tl.load(q_ptrs, mask=mask, other=0)
+    if FIT_FP16:
+        q = q.to(tl.float32)
+        shrink = fp16_fit_factor(q)
+        q = q * shrink
+        k_mult = k_mult / shrink
+    return q.to(COMPUTE_DTYPE), k_mult
+
+
+@triton.jit
+def load_kv_tile(
+    cache_ptr, offsets, mask, KV_MODE: tl.constexpr, NAN_ALL_ONES: tl.constexpr, COMPUTE_DTYPE: tl.constexpr
+):
+    """Load a [BLOCK_N, HEAD_DIM_PAD] tile of a paged cache and convert it to the dot's input dtype."""
+    x = tl.load(cache_ptr + offsets, mask=mask, other=0)
+    if KV_MODE == 1:
+        x = e4m3_to_fp16_bits(x, NAN_ALL_ONES)
+    elif KV_MODE == 2:
+        x = x.to(tl.float8e4nv, bitcast=True)
+    return x.to(COMPUTE_DTYPE)
+
+
+@triton.jit
+def page_slots(block_tables_ptr, pos, valid, BLOCK_SIZE: tl.constexpr):
+    """(physical block, offset in block) of each token position; int64: caches can exceed 2^31 elements."""
+    page = tl.load(block_tables_ptr + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    return page, pos % BLOCK_SIZE
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    out_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    KV_MODE: tl.constexpr,
+    NAN_ALL_ONES: tl.constexpr,
+    KV_FACTOR: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    FIT_FP16: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    q_head = kv_head * GROUP + g
+    d_mask = d < HEAD_DIM
+    q_mask = (g < GROUP)[:, None] & d_mask[None, :]
+    if KV_MODE == 0:
+        k_mult = qk_scale
+    else:
+        k_mult = qk_scale * tl.load(k_scale_ptr) * KV_FACTOR  # scores are in log2 units: exp2 below
+    q_ptrs = q_ptr + seq * stride_qt + q_head[:, None] * stride_qh + d[None, :]
+    q, k_mult = load_q_tile(q_ptrs, q_mask, k_mult, FIT_FP16, COMPUTE_DTYPE)
+    block_table = block_tables_ptr + seq * stride_bt
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        valid = pos < end
+        kv_mask = valid[:, None] & d_mask[None, :]
+        page, slot = page_slots(block_table, pos, valid, BLOCK_SIZE)
+        rows = page * stride_kb + slot * stride_ks + kv_head * stride_kh
+        k = load_kv_tile(k_cache_ptr, rows[:, None] + d[None, :], kv_mask, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * k_mult
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        rows = page * stride_vb + slot * stride_vs + kv_head * stride_vh
+        v = load_kv_tile(v_cache_ptr, rows[:, None] + d[None, :], kv_mask, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE)
+        acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE_DTYPE), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        v_mult = 1.0 if KV_MODE == 0 else tl.load(v_scale_ptr) * KV_FACTOR
+        out = acc * (v_mult / l_i)[:, None]
+        o_ptrs = out_ptr + seq * stride_ot + q_head[:, None] * stride_oh + d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    else:
+        # partials: acc [B, Hq, S, D_PAD], (m, l) [B, Hq, S, 2] -- unnormalized, merged by stage 2
+        row = (seq * GROUP * tl.num_programs(1) + q_head) * NUM_SPLITS + split
+        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM_PAD + d[None, :], acc, mask=(g < GROUP)[:, None])
+        tl.store(part_ml_ptr + row * 2, m_i, mask=g < GROUP)
+        tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g < GROUP)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_acc_ptr,
+    part_ml_ptr,
+    out_ptr,
+    v_scale_ptr,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    KV_MODE: tl.constexpr,
+    KV_FACTOR: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = (seq * tl.num_programs(1) + head) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    m = tl.load(part_ml_ptr + row * 2)
+    l_sum = tl.load(part_ml_ptr + row * 2 + 1)
+    m_max = tl.max(m, 0)
+    w = tl.where(l_sum > 0, tl.exp2(m - m_max), 0.0)  # empty splits (m = -inf, l = 0) weigh nothing
+    acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM_PAD + d[None, :])
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l_sum * w, 0)
+    if KV_MODE != 0:
+        out = out * (tl.load(v_scale_ptr) * KV_FACTOR)
+    tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def kv_mode(cache_dtype: torch.dtype, device: torch.device, fp8_decode: str = "auto") -> tuple[int, bool, float]:
+    """(KV_MODE, NAN_ALL_ONES, KV_FACTOR) for a cache dtype.
+
+    e4m3fn on NVIDIA uses the hardware fp8 -> fp16 conversion (two values per instruction); every other FP8
+    case (fnuz, ROCm, the interpreter; or fp8_decode="bits") uses the exact bit-field decode, whose fp16 is
+    off by 2^(15 - bias)."""
+    if not is_fp8(cache_dtype):
+        return KV_PLAIN, False, 1.0
+    fmt = fp8_format(cache_dtype)
+    nan_all_ones = cache_dtype == torch.float8_e4m3fn
+    hw = nan_all_ones and device.type == "cuda" and not is_rocm() and not triton_interpreter_enabled()
+    if fp8_decode not in ("auto", "bits"):
+        raise ValueError(f"fp8_decode must be 'auto' or 'bits', got {fp8_decode!r}")
+    hw = hw and fp8_decode == "auto"
+    if hw:
+        return KV_FP8_HW, True, 1.0
+    return KV_FP8_BITS, nan_all_ones, float(2 ** (15 - fmt.exponent_bias))
+
+
+def compute_dtype(q: torch.Tensor, cache_dtype: torch.dtype) -> dict:
+    """tl.dot's input dtype: fp32 for fp32 queries; fp16 against FP8 caches (module docstring); else the
+    queries' own dtype, except bf16 in the interpreter, whose numpy dot has no bf16 (fp32 there)."""
+    if q.dtype == torch.float32:
+        return dict(COMPUTE_DTYPE=tl.float32, DOT_PRECISION="ieee", FIT_FP16=False)
+    if is_fp8(cache_dtype):
+        return dict(COMPUTE_DTYPE=tl.float16, DOT_PRECISION=None, FIT_FP16=q.dtype != torch.float16)
+    if q.dtype == torch.float16:
+        return dict(COMPUTE_DTYPE=tl.float16, DOT_PRECISION=None, FIT_FP16=False)
+    if triton_interpreter_enabled():
+        return dict(COMPUTE_DTYPE=tl.float32, DOT_PRECISION="ieee", FIT_FP16=False)
+    return dict(COMPUTE_DTYPE=tl.bfloat16, DOT_PRECISION=None, FIT_FP16=False)
+
+
+def check_kernel_inputs(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+    if key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1:
+        raise ValueError("the Triton attention kernels need caches whose head_dim is contiguous")
+    if key_cache.dtype != value_cache.dtype or key_cache.shape != value_cache.shape:
+        raise ValueError(f"key/value caches differ: {key_cache.dtype} {key_cache.shape} vs {value_cache.dtype}")
+
+
+def cache_view(cache: torch.Tensor) -> torch.Tensor:
+    return cache.view(torch.uint8) if is_fp8(cache.dtype) else cache
+
+
+def choose_num_splits(meta: AttentionMetadata, num_kv_heads: int, device: torch.device) -> int:
+    """Enough (sequence, KV head, split) programs to cover the GPU ~4 times, splits of >= 256 tokens."""
+    programs = meta.num_seqs * num_kv_heads
+    target = 4 * (_num_sms(device.index or 0) if device.type == "cuda" else 4)
+    splits = min(triton.cdiv(target, programs), triton.cdiv(meta.max_seq_len, 256), 64)
+    return triton.next_power_of_2(max(splits, 1))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+    sm_scale: float,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    fp8_decode: str = "auto",
+) -> torch.Tensor:
+    """Decode attention: q [num_seqs, num_q_heads, head_dim] -> same shape, q.dtype. See module docstring."""
+    num_seqs, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    group = num_q_heads // num_kv_heads
+    check_kernel_inputs(q, key_cache, value_cache)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_seqs == 0:
+        return out
+    splits = num_splits or choose_num_splits(meta, num_kv_heads, q.device)
+    mode, nan_all_ones, kv_factor = kv_mode(key_cache.dtype, q.device, fp8_decode)
+    block_n = block_n or (128 if is_fp8(key_cache.dtype) else 64)  # H100 sweep: ~16 KiB of K+V per step
+    head_dim_pad = triton.next_power_of_2(head_dim)
+    part_acc = part_ml = out  # unused placeholders when there is one split
+    if splits > 1:
+        part_acc = torch.empty(num_seqs, num_q_heads, splits, head_dim_pad, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(num_seqs, num_q_heads, splits, 2, dtype=torch.float32, device=q.device)
+    kc, vc = cache_view(key_cache), cache_view(value_cache)
+    _decode_split_kernel[(num_seqs, num_kv_heads, splits)](
+        q,
+        kc,
+        vc,
+        meta.block_tables,
+        meta.seq_lens,
+        k_scale,
+        v_scale,
+        out,
+        part_acc,
+        part_ml,
+        sm_scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        meta.block_tables.stride(0),
+        kc.stride(0),
+        kc.stride(1),
+        kc.stride(2),
+        vc.stride(0),
+        vc.stride(1),
+        vc.stride(2),
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_N=block_n,
+        BLOCK_SIZE=block_size,
+        NUM_SPLITS=splits,
+        KV_MODE=mode,
+        NAN_ALL_ONES=nan_all_ones,
+        KV_FACTOR=kv_factor,
+        **compute_dtype(q, key_cache.dtype),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_q_heads)](
+            part_acc,
+            part_ml,
+            out,
+            v_scale,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=head_dim_pad,
+            NUM_SPLITS=splits,
+            KV_MODE=mode,
+            KV_FACTOR=kv_factor,
+            num_warps=4,
+        )
+    return out

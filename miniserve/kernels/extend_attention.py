@@ -1,0 +1,181 @@
+"""Paged extend attention: several new tokens per sequence (prefill, chunked prefill, speculative verify).
+
+Program (query block, query head, sequence) runs an online softmax over the sequence's cached pages and,
+causally, over the new tokens themselves: query j of a sequence with q_len new tokens and seq_len total sees
+KV positions <= seq_len - q_len + j (see metadata.py). Ragged lengths share one launch; programs whose query
+block lies past their sequence's q_len exit at once. K/V come from the paged cache only (the new tokens were
+written there first) and are dequantized like in the decode kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from miniserve.kernels.backend import triton_interpreter_enabled
+from miniserve.kernels.decode_attention import (
+    LOG2E,
+    cache_view,
+    check_kernel_inputs,
+    compute_dtype,
+    kv_mode,
+    load_kv_tile,
+    load_q_tile,
+    page_slots,
+)
+from miniserve.kernels.metadata import AttentionMetadata
+
+
+@triton.jit
+def _extend_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    out_ptr,
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    KV_MODE: tl.constexpr,
+    NAN_ALL_ONES: tl.constexpr,
+    KV_FACTOR: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    FIT_FP16: tl.constexpr,
+):
+    block_m = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if block_m * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    prefix = seq_len - q_len  # cached tokens before the new ones
+
+    m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    d_mask = d < HEAD_DIM
+    q_mask = (m < q_len)[:, None] & d_mask[None, :]
+    q_rows = (q_start + m).to(tl.int64)
+    kv_head = head // GROUP
+    if KV_MODE == 0:
+        k_mult = qk_scale
+    else:
+        k_mult = qk_scale * tl.load(k_scale_ptr) * KV_FACTOR  # scores are in log2 units: exp2 below
+    q_ptrs = q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + d[None, :]
+    q, k_mult = load_q_tile(q_ptrs, q_mask, k_mult, FIT_FP16, COMPUTE_DTYPE)
+    block_table = block_tables_ptr + seq * stride_bt
+    last_visible = prefix + m  # per query row: the last KV position it may attend to
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    end = tl.minimum(seq_len, prefix + (block_m + 1) * BLOCK_M)  # past the block's last query: all masked
+    for n0 in range(0, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        valid = pos < end
+        kv_mask = valid[:, None] & d_mask[None, :]
+        page, slot = page_slots(block_table, pos, valid, BLOCK_SIZE)
+        rows = page * stride_kb + slot * stride_ks + kv_head * stride_kh
+        k = load_kv_tile(k_cache_ptr, rows[:, None] + d[None, :], kv_mask, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * k_mult
+        s = tl.where(valid[None, :] & (pos[None, :] <= last_visible[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: position 0 is visible to every row
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        rows = page * stride_vb + slot * stride_vs + kv_head * stride_vh
+        v = load_kv_tile(v_cache_ptr, rows[:, None] + d[None, :], kv_mask, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE)
+        acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE_DTYPE), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    v_mult = 1.0 if KV_MODE == 0 else tl.load(v_scale_ptr) * KV_FACTOR
+    out = acc * (v_mult / l_i)[:, None]
+    o_ptrs = out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + d[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def extend_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+    sm_scale: float,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Extend attention: q [num_tokens, num_q_heads, head_dim], packed by meta.query_start_loc -> same."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    check_kernel_inputs(q, key_cache, value_cache)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_tokens == 0:
+        return out
+    small = triton_interpreter_enabled()  # the interpreter pays per program and per masked element alike
+    block_m = block_m or (16 if small else 64)
+    block_n = block_n or (16 if small else 64)
+    mode, nan_all_ones, kv_factor = kv_mode(key_cache.dtype, q.device)
+    kc, vc = cache_view(key_cache), cache_view(value_cache)
+    grid = (triton.cdiv(meta.max_query_len, block_m), num_q_heads, meta.num_seqs)
+    _extend_kernel[grid](
+        q,
+        kc,
+        vc,
+        meta.block_tables,
+        meta.query_start_loc,
+        meta.seq_lens,
+        k_scale,
+        v_scale,
+        out,
+        sm_scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        meta.block_tables.stride(0),
+        kc.stride(0),
+        kc.stride(1),
+        kc.stride(2),
+        vc.stride(0),
+        vc.stride(1),
+        vc.stride(2),
+        GROUP=num_q_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_SIZE=block_size,
+        KV_MODE=mode,
+        NAN_ALL_ONES=nan_all_ones,
+        KV_FACTOR=kv_factor,
+        **compute_dtype(q, key_cache.dtype),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out

@@ -1,0 +1,229 @@
+"""FP8 quantization semantic and the fused KV write (`reshape_and_cache`), bit for bit.
+
+The oracle for the FP8 bytes is built here from first principles (decode all 256 codes arithmetically, pick
+the nearest code with ties to the even code in numpy fp32/fp64), so neither the reference nor the kernel is
+tested against itself. The Triton kernel runs in the CPU interpreter (TRITON_INTERPRET=1, set before Triton is
+imported).
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from miniserve.kernels import (  # noqa: E402
+    dequantize_fp8_reference,
+    fp8_format,
+    quantize_fp8_reference,
+    reshape_and_cache,
+)
+
+FP8 = [torch.float8_e4m3fn, torch.float8_e4m3fnuz]
+SCALES = [1.0, 0.37, 3.0, 1e-3, 1e3]
+INPUTS = [torch.bfloat16, torch.float16]
+COMBOS = [(src, fp8, s) for src in INPUTS for fp8 in FP8 for s in SCALES]
+COMBO_IDS = [f"{str(src)[6:]}-{str(fp8)[6:]}-scale{s:g}" for src, fp8, s in COMBOS]
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy overflow/NaN notes from the interpreter
+
+
+def dtype_id(x):
+    return str(x)[6:] if isinstance(x, torch.dtype) else None
+
+
+def all_bit_patterns(dtype: torch.dtype) -> torch.Tensor:
+    """All 65,536 values of a 16-bit float dtype, NaNs and infinities included."""
+    return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+def code_values(fmt) -> np.ndarray:
+    """fp64 value of the non-negative codes 0..127 of an e4m3 format, from the bit layout (NaN = nan)."""
+    codes = np.arange(128)
+    e, m = codes >> 3, codes & 7
+    bias = fmt.exponent_bias
+    vals = np.where(e == 0, m / 8.0 * 2.0 ** (1 - bias), (1 + m / 8.0) * 2.0 ** (e - bias))
+    if fmt.dtype == torch.float8_e4m3fn:
+        vals[0x7F] = np.nan
+    return vals
+
+
+def oracle_fp8_bytes(x: torch.Tensor, scale: float, dtype: torch.dtype) -> np.ndarray:
+    """Independent statement of q = RNE(clamp(x / scale)) with the pinned NaN / zero encodings."""
+    fmt = fp8_format(dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        y = x.float().numpy() / np.float32(scale)  # numpy fp32 division is IEEE round-to-nearest
+    assert y.dtype == np.float32
+    vals = code_values(fmt)
+    finite_codes = np.arange(128)[~np.isnan(vals)]  # ascending in value
+    table = vals[finite_codes]
+    a = np.minimum(np.abs(y.astype(np.float64)), fmt.max_value)
+    hi = np.clip(np.searchsorted(table, a), 0, len(table) - 1)
+    lo = np.clip(hi - 1, 0, len(table) - 1)
+    d_lo, d_hi = a - table[lo], table[hi] - a
+    pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (finite_codes[hi] % 2 == 0))
+    code = np.where(pick_hi, finite_codes[hi], finite_codes[lo]).astype(np.uint8)
+    negative = np.signbit(y)
+    if fmt.has_negative_zero:
+        code = np.where(negative, code | 0x80, code)
+    else:
+        code = np.where(negative & (code != 0), code | 0x80, code)
+    return np.where(np.isnan(y), fmt.nan_byte, code).astype(np.uint8)
+
+
+def scale_tensor(s: float) -> torch.Tensor:
+    return torch.tensor([s], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("src,fp8,scale", COMBOS, ids=COMBO_IDS)
+def test_reference_quantization_matches_oracle_for_every_bit_pattern(src, fp8, scale):
+    x = all_bit_patterns(src)
+    got = quantize_fp8_reference(x, scale_tensor(scale), fp8).view(torch.uint8).numpy()
+    want = oracle_fp8_bytes(x, scale, fp8)
+    bad = np.nonzero(got != want)[0]
+    assert bad.size == 0, (
+        f"{bad.size} mismatches, first x={x[bad[:5]].tolist()} got={got[bad[:5]]} want={want[bad[:5]]}"
+    )
+
+
+@pytest.mark.parametrize("fp8", FP8, ids=dtype_id)
+def test_pinned_corner_cases(fp8):
+    fmt = fp8_format(fp8)
+    x = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), 1e6, -1e6, 0.0, -0.0, -1e-30])
+    got = quantize_fp8_reference(x, scale_tensor(1.0), fp8).view(torch.uint8).tolist()
+    max_code = 0x7E if fp8 == torch.float8_e4m3fn else 0x7F
+    neg_zero = 0x80 if fmt.has_negative_zero else 0x00
+    assert got == [
+        fmt.nan_byte,
+        fmt.nan_byte,
+        max_code,
+        max_code | 0x80,
+        max_code,
+        max_code | 0x80,
+        0,
+        neg_zero,
+        neg_zero,
+    ]
+
+
+@pytest.mark.parametrize("fp8", FP8, ids=dtype_id)
+def test_dequantize_is_value_times_scale(fp8):
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    fmt = fp8_format(fp8)
+    vals = code_values(fmt)
+    want = np.concatenate([vals, -vals]).astype(np.float32) * np.float32(0.37)  # one fp32 rounding
+    if not fmt.has_negative_zero:
+        want[0x80] = np.nan
+    got = dequantize_fp8_reference(codes.view(fp8), scale_tensor(0.37)).numpy()
+    np.testing.assert_array_equal(got, want)
+    # Round trip: every finite code survives quantize(dequantize(code)) with the same scale.
+    finite = ~np.isnan(want)
+    back = quantize_fp8_reference(torch.from_numpy(got), scale_tensor(0.37), fp8).view(torch.uint8)
+    assert torch.equal(back[torch.from_numpy(finite)], codes[torch.from_numpy(finite)])
+
+
+@pytest.mark.parametrize("src,fp8,scale", COMBOS, ids=COMBO_IDS)
+def test_triton_kernel_bit_exact_for_every_bit_pattern(src, fp8, scale):
+    """All 65,536 inputs as K (and reversed as V) in one launch: 512 tokens x 1 head x 128 dims."""
+    x = all_bit_patterns(src)
+    key, value = x.reshape(512, 1, 128), x.flip(0).reshape(512, 1, 128)
+    slots = torch.randperm(512, generator=torch.Generator().manual_seed(7))
+    kc = torch.zeros(32, 16, 1, 128, dtype=torch.uint8).view(fp8)
+    vc = torch.zeros_like(kc)
+    s = scale_tensor(scale)
+    reshape_and_cache(key, value, kc, vc, slots, s, s, impl="triton")
+    want = oracle_fp8_bytes(x, scale, fp8)
+    for cache, want_tok in ((kc, want.reshape(512, 128)), (vc, want[::-1].reshape(512, 128))):
+        got = cache.view(torch.uint8).reshape(512, 128)[slots].numpy()
+        bad = np.nonzero(got != want_tok)
+        assert bad[0].size == 0, f"{bad[0].size} mismatching bytes, got {got[bad][:5]} want {want_tok[bad][:5]}"
+
+
+# ---------------------------------------------------------------- reshape_and_cache: the engine's KV write
+
+
+def make_cache(num_blocks, block_size, heads, dim, dtype, poison=0xA5):
+    """A cache filled with a poison byte so that untouched slots are detectable."""
+    raw = torch.full((num_blocks, block_size, heads, dim * torch.empty(0, dtype=dtype).element_size()), poison)
+    return raw.to(torch.uint8).view(dtype)
+
+
+def expected_bytes(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
+    if cache_dtype in FP8:
+        return torch.from_numpy(oracle_fp8_bytes(x, scale, cache_dtype).reshape(x.shape))
+    return x.to(cache_dtype).contiguous().view(torch.uint8)
+
+
+def check_write(key, value, cache_dtype, block_size, slots, impl, k_scale=0.37, v_scale=3.0, num_blocks=None):
+    heads, dim = key.shape[1], key.shape[2]
+    num_blocks = num_blocks or (int(slots.max()) // block_size + 2 if slots.numel() else 1)
+    kc = make_cache(num_blocks, block_size, heads, dim, cache_dtype)
+    vc = make_cache(num_blocks, block_size, heads, dim, cache_dtype)
+    k_before, v_before = kc.view(torch.uint8).clone(), vc.view(torch.uint8).clone()
+    reshape_and_cache(key, value, kc, vc, slots, scale_tensor(k_scale), scale_tensor(v_scale), impl=impl)
+    written = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+    keep = slots >= 0
+    written[slots[keep]] = True
+    for src, cache, before, scale in ((key, kc, k_before, k_scale), (value, vc, v_before, v_scale)):
+        flat = cache.view(torch.uint8).reshape(num_blocks * block_size, heads, -1)
+        before = before.reshape(num_blocks * block_size, heads, -1)
+        assert torch.equal(flat[~written], before[~written]), "a slot that was not written changed"
+        want = expected_bytes(src[keep], cache_dtype, scale)
+        assert torch.equal(flat[slots[keep]], want)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("cache_dtype", [*FP8, torch.bfloat16, torch.float16, torch.float32], ids=dtype_id)
+def test_negative_slots_skipped_and_noncontiguous_inputs(impl, cache_dtype):
+    g = torch.Generator().manual_seed(0)
+    tokens, heads, dim, block_size = 37, 2, 80, 8
+    qkv = torch.randn(tokens, 3 * heads + 1, dim, generator=g).to(torch.bfloat16) * 50  # a fused qkv projection
+    key, value = qkv[:, heads : 2 * heads], qkv[:, 2 * heads + 1 :]  # strided views
+    assert not key.is_contiguous() and not value.is_contiguous()
+    slots = torch.randperm(20 * block_size, generator=g)[:tokens]
+    slots[::5] = -1
+    check_write(key, value, cache_dtype, block_size, slots, impl)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+def test_head_sizes(impl, head_dim):
+    g = torch.Generator().manual_seed(head_dim)
+    key = torch.randn(9, 3, head_dim, generator=g, dtype=torch.float16) * 100
+    value = torch.randn(9, 3, head_dim, generator=g, dtype=torch.float16)
+    slots = torch.randperm(64, generator=g)[:9]
+    check_write(key, value, torch.float8_e4m3fn, 16, slots, impl)
+
+
+@pytest.mark.parametrize("src", [torch.bfloat16, torch.float16, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=dtype_id)
+def test_plain_cache_store_equals_cast(src, cache_dtype):
+    g = torch.Generator().manual_seed(1)
+    key = torch.randn(12, 2, 64, generator=g).to(src) * 1e4
+    key[0, 0, :4] = torch.tensor([float("inf"), -float("inf"), 1e-40, -0.0])
+    value = torch.randn(12, 2, 64, generator=g).to(src) * 1e-3
+    slots = torch.randperm(48, generator=g)[:12]
+    check_write(key, value, cache_dtype, 4, slots, "triton")
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    tokens=st.integers(0, 24),
+    heads=st.integers(1, 4),
+    dim=st.sampled_from([16, 48, 64, 80]),
+    block_size=st.sampled_from([1, 4, 16]),
+    cache_dtype=st.sampled_from([*FP8, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes(tokens, heads, dim, block_size, cache_dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    key = torch.randn(tokens, heads, dim, generator=g, dtype=torch.float32).to(torch.bfloat16) * 30
+    value = torch.randn(tokens, heads, dim, generator=g, dtype=torch.float32).to(torch.bfloat16)
+    slots = torch.randperm(tokens + 8, generator=g)[:tokens]
+    if tokens:
+        slots[torch.rand(tokens, generator=g) < 0.2] = -1
+    for impl in ("reference", "triton"):
+        check_write(key, value, cache_dtype, block_size, slots, impl, num_blocks=(tokens + 8) // block_size + 1)
