@@ -6,7 +6,8 @@
    bf16 and fp8 KV caches).
 2. Speculative decoding is lossless: greedy outputs with the demo draft equal those without it, for a batch of
    mixed prompt lengths, k in {1, 2, 4, 6}, bf16 and fp8 KV caches.
-3. The seed's failure cannot happen: with an fp8 KV cache, a speculative run whose every KV write goes through
+3. CUDA-graph replays give the same greedy outputs as eager passes.
+4. The seed's failure cannot happen: with an fp8 KV cache, a speculative run whose every KV write goes through
    the fused Triton kernel and one whose writes go through the torch reference produce identical draft and
    target KV bytes, identical outputs and identical acceptance counts.
 """
@@ -85,6 +86,17 @@ def check_lossless() -> dict:
     return res
 
 
+def check_graphs_vs_eager() -> dict:
+    """CUDA-graph replays (the default) against eager passes, plain and speculative, bf16 and fp8 KV."""
+    res = {}
+    for kv in ("auto", "fp8"):
+        for spec in ({}, {"speculative_model": str(DEMO_DRAFT), "num_speculative_tokens": 4}):
+            graphs = outputs(LLM(str(DEMO_TARGET), kv_cache_dtype=kv, **spec))
+            eager = outputs(LLM(str(DEMO_TARGET), kv_cache_dtype=kv, enforce_eager=True, **spec))
+            res[f"kv={kv}/{'spec' if spec else 'plain'}"] = agreement(graphs, eager)
+    return res
+
+
 def spec_run(write_impl: str) -> tuple[LLM, list[list[int]]]:
     def write(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale):
         reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, impl=write_impl)
@@ -131,6 +143,7 @@ def main() -> None:
     }
     result = {
         "env": env,
+        "graphs_vs_eager": check_graphs_vs_eager(),
         "backends": check_backends(),
         "lossless": check_lossless(),
         "fused_vs_reference_writes": check_fused_vs_reference_writes(),

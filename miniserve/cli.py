@@ -9,9 +9,7 @@ from miniserve.config import EngineConfig
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", default=None, help="Hugging Face model directory (default: the embedded demo model)"
-    )
+    p.add_argument("--model", default=None, help="Hugging Face model directory (default: the embedded demo model)")
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--kv-cache-dtype", default="auto")
@@ -23,9 +21,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--speculative-model", default=None, help="draft model directory, or 'demo' for the demo draft"
-    )
+    p.add_argument("--speculative-model", default=None, help="draft model directory, or 'demo' for the demo draft")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--served-model-name", default=None)
 
@@ -97,8 +93,10 @@ def serve_main(args: argparse.Namespace) -> int:
 
 
 def _missing_server_deps(error: ImportError) -> int:
-    print(f"miniserve: error: the server needs fastapi and uvicorn ({error}); pip install fastapi uvicorn",
-          file=sys.stderr)
+    print(
+        f"miniserve: error: the server needs fastapi and uvicorn ({error}); pip install fastapi uvicorn",
+        file=sys.stderr,
+    )
     return 2
 
 

@@ -19,9 +19,7 @@ class EngineConfig:
     model: str | None = None  # a Hugging Face model directory; None = the embedded demo target
     tokenizer: str | None = None  # defaults to the model directory
     served_model_name: str | None = None  # the name clients use; defaults to the model directory's name
-    dtype: str = (
-        "auto"  # weights and activations; "auto" = config.json's torch_dtype (float32 on CPU if bf16)
-    )
+    dtype: str = "auto"  # weights and activations; "auto" = config.json's torch_dtype (float32 on CPU if bf16)
     kv_cache_dtype: str = "auto"  # "auto" = model dtype; "fp8"/"fp8_e4m3" = e4m3fn (e4m3fnuz on gfx94x)
     device: str = "auto"  # "auto" = cuda if available, else cpu
     attention_backend: str = "auto"  # "auto" = triton on cuda/rocm, torch reference on cpu
@@ -36,7 +34,7 @@ class EngineConfig:
     speculative_model: str | None = None  # a draft model directory (same tokenizer); "demo" = the demo draft
     num_speculative_tokens: int = 4
     speculative_kv_cache_dtype: str | None = None  # draft pool dtype; None = same as kv_cache_dtype
-    enforce_eager: bool = True
+    enforce_eager: bool = False  # True: no CUDA graphs (on a GPU, uniform decode passes are replayed from graphs)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -59,9 +59,7 @@ class LLMEngine:
         for worker in self.workers:
             worker.allocate_kv_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, lookahead
-        )
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, lookahead)
         self.requests: dict[str, Request] = {}
         self.seq_counter = itertools.count()
         self.counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0}
@@ -102,16 +100,12 @@ class LLMEngine:
             budget = _CPU_KV_BUDGET_BYTES
         num_blocks = min(budget // per_block, cap)
         if num_blocks < 1:
-            raise ValueError(
-                f"no memory left for the KV cache (budget {budget} bytes, {per_block} bytes per block)"
-            )
+            raise ValueError(f"no memory left for the KV cache (budget {budget} bytes, {per_block} bytes per block)")
         return num_blocks
 
     # ---------------------------------------------------------------- requests
 
-    def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
-    ) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -230,9 +224,7 @@ class LLMEngine:
                 top = dict(zip(tops[0][row][:n], tops[1][row][:n]))
             self.append_token(seq, token, lp, top)
 
-    def append_token(
-        self, seq: Sequence, token: int, logprob: float | None, top: dict[int, float] | None
-    ) -> None:
+    def append_token(self, seq: Sequence, token: int, logprob: float | None, top: dict[int, float] | None) -> None:
         if seq.is_finished:
             return
         seq.token_ids.append(token)

@@ -12,9 +12,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None  # None while running, then "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
-    logprobs: list[dict[int, float]] | None = (
-        None  # per token: top-N {token_id: logprob} plus the sampled one
-    )
+    logprobs: list[dict[int, float]] | None = None  # per token: top-N {token_id: logprob} plus the sampled one
     cumulative_logprob: float | None = None
 
     def finished(self) -> bool:

@@ -190,11 +190,7 @@ class SamplingBatch:
         freq = [float(p.frequency_penalty) for p in params]
         pres = [float(p.presence_penalty) for p in params]
         pen_rows = [i for i in range(rows) if freq[i] != 0.0 or pres[i] != 0.0]
-        counts = (
-            _token_counts({i: output_ids[i] for i in pen_rows}, rows, vocab_size, device)
-            if pen_rows
-            else None
-        )
+        counts = _token_counts({i: output_ids[i] for i in pen_rows}, rows, vocab_size, device) if pen_rows else None
 
         banned_rows, banned_ids = [], []
         for i, p in enumerate(params):
@@ -221,16 +217,12 @@ class SamplingBatch:
             frequency_penalty=column(freq).unsqueeze(1) if pen_rows else None,
             presence_penalty=column(pres).unsqueeze(1) if pen_rows else None,
             output_counts=counts,
-            banned=(column(banned_rows, torch.int64), column(banned_ids, torch.int64))
-            if banned_rows
-            else None,
+            banned=(column(banned_rows, torch.int64), column(banned_ids, torch.int64)) if banned_rows else None,
             max_num_logprobs=max(asked) if asked else None,
         )
 
 
-def _token_counts(
-    histories: dict[int, list[int]], rows: int, vocab_size: int, device: torch.device
-) -> torch.Tensor:
+def _token_counts(histories: dict[int, list[int]], rows: int, vocab_size: int, device: torch.device) -> torch.Tensor:
     """float32 [rows, V] occurrence counts; rows missing from `histories` stay zero."""
     counts = torch.zeros(rows, vocab_size + 1, dtype=torch.float32, device=device)
     width = max((len(h) for h in histories.values()), default=0)
@@ -252,15 +244,11 @@ def apply_penalties_and_filters(logits: torch.Tensor, batch: SamplingBatch) -> t
     if logits.dim() != 2 or logits.shape[0] != batch.size:
         raise ValueError(f"logits must be [{batch.size}, vocab], got {tuple(logits.shape)}")
     if logits.shape[1] != batch.vocab_size:
-        raise ValueError(
-            f"logits have {logits.shape[1]} columns but the batch was built for {batch.vocab_size}"
-        )
+        raise ValueError(f"logits have {logits.shape[1]} columns but the batch was built for {batch.vocab_size}")
     logits = logits.to(torch.float32, copy=True)
     if batch.repetition_penalty is not None:
         # HF/vLLM: a seen token's logit is divided by the penalty when positive, multiplied when negative
-        penalized = torch.where(
-            logits > 0, logits / batch.repetition_penalty, logits * batch.repetition_penalty
-        )
+        penalized = torch.where(logits > 0, logits / batch.repetition_penalty, logits * batch.repetition_penalty)
         logits = torch.where(batch.seen_mask, penalized, logits)
     if batch.output_counts is not None:
         logits -= batch.frequency_penalty * batch.output_counts
@@ -277,9 +265,7 @@ def apply_penalties_and_filters(logits: torch.Tensor, batch: SamplingBatch) -> t
     return logits
 
 
-def _top_k_top_p(
-    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
-) -> torch.Tensor:
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
     """Keep each row's k largest logits, then the smallest prefix whose probability mass reaches top_p."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     positions = torch.arange(logits.shape[1], device=logits.device)

@@ -119,21 +119,28 @@ class SpeculativeDecoder:
     def _greedy_round(self, seqs: list[Sequence], base_len: list[int]):
         """All rows greedy without penalties: argmax drafts, and acceptance is equality with the target's argmax.
 
-        After the ragged catch-up step every draft step and the verification have the same shape for all
-        sequences, so their inputs are built on the device and the GPU runs the whole round without the host
-        waiting for it; the only sync is reading the results at the end.
+        Every pass of the round has the same shape for all sequences (catch-up: 2 tokens, draft steps: 1,
+        verification: k+1), so inputs are built on the device, the passes can be CUDA-graph replays, and the host
+        never waits for the GPU until it reads the results at the end.
         """
         eng, k, dev = self.engine, self.k, self.engine.device
-        catch_up = [
-            ForwardInput(s.token_ids[s.num_draft_computed_tokens :], s.num_draft_computed_tokens, s.block_table, 1)
-            for s in seqs
-        ]
-        token = eng.draft.forward(catch_up).argmax(-1)
         width = max(len(s.block_table) for s in seqs)
         tables = torch.tensor(
             [s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32, device=dev
         )
         start = torch.tensor(base_len, dtype=torch.int64, device=dev)
+        if all(n >= 2 and n - s.num_draft_computed_tokens <= 2 for s, n in zip(seqs, base_len)):
+            # The draft lags by one or two tokens; feed the last two for everyone (recomputing a cached token
+            # rewrites its K/V at the same slot), so the catch-up is a uniform pass a CUDA graph can replay.
+            last_two = torch.tensor([s.token_ids[-2:] for s in seqs], dtype=torch.int64, device=dev)
+            token = eng.draft.forward_uniform(last_two, start - 2, tables, max(base_len)).view(len(seqs), 2, -1)
+            token = token[:, 1].argmax(-1)
+        else:
+            catch_up = [
+                ForwardInput(s.token_ids[s.num_draft_computed_tokens :], s.num_draft_computed_tokens, s.block_table, 1)
+                for s in seqs
+            ]
+            token = eng.draft.forward(catch_up).argmax(-1)
         drafted = [token]
         for j in range(1, k):
             token = eng.draft.forward_uniform(token[:, None], start + (j - 1), tables, max(base_len) + j).argmax(-1)

@@ -75,15 +75,11 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer directory {str(directory)!r} does not exist")
         config = _read_json(directory / "tokenizer_config.json")
         tokenizer_class = str(config.get("tokenizer_class") or "")
-        special: dict[str, str | None] = {
-            name: _token_content(config.get(name)) for name in SPECIAL_TOKEN_NAMES
-        }
+        special: dict[str, str | None] = {name: _token_content(config.get(name)) for name in SPECIAL_TOKEN_NAMES}
         if (directory / "tokenizer.json").is_file():
             backend = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
             if tokenizer_class in LLAMA_TOKENIZER_CLASSES and _is_sentencepiece_bpe(backend):
-                _set_llama_pipeline(
-                    backend, config.get("legacy", False), config.get("add_prefix_space", True)
-                )
+                _set_llama_pipeline(backend, config.get("legacy", False), config.get("add_prefix_space", True))
         elif (directory / "tokenizer.model").is_file():
             backend = _backend_from_sentencepiece(
                 directory / "tokenizer.model",
@@ -234,9 +230,7 @@ class IncrementalDetokenizer:
     def _prompt_context(self, prompt_ids: Iterable[int]) -> list[int]:
         """Up to PROMPT_CONTEXT trailing prompt ids that end on a complete character."""
         context = self._keep(prompt_ids)[-PROMPT_CONTEXT:]
-        while context and (
-            context[-1] in self.tokenizer._byte_ids or self._decode(context).endswith("\ufffd")
-        ):
+        while context and (context[-1] in self.tokenizer._byte_ids or self._decode(context).endswith("\ufffd")):
             context.pop()
         return context
 
@@ -274,9 +268,7 @@ class IncrementalDetokenizer:
 
 
 # ---------------------------------------------------------------------------- backend construction
-def _backend_from_sentencepiece(
-    model_file: Path, legacy: bool, add_prefix_space: bool
-) -> tokenizers.Tokenizer:
+def _backend_from_sentencepiece(model_file: Path, legacy: bool, add_prefix_space: bool) -> tokenizers.Tokenizer:
     """Build transformers 5's Llama BPE pipeline from a SentencePiece model (pieces in id order)."""
     import sentencepiece
 
@@ -287,9 +279,7 @@ def _backend_from_sentencepiece(
         BPE(vocab=vocab, merges=_merges_from_vocab(vocab), fuse_unk=True, byte_fallback=True, dropout=None)
     )
     _set_llama_pipeline(backend, legacy, add_prefix_space)
-    control = [
-        AddedToken(pieces[i], special=True, normalized=False) for i in range(len(pieces)) if sp.is_control(i)
-    ]
+    control = [AddedToken(pieces[i], special=True, normalized=False) for i in range(len(pieces)) if sp.is_control(i)]
     backend.add_special_tokens(control)
     return backend
 
@@ -331,9 +321,7 @@ def _add_config_tokens(backend: tokenizers.Tokenizer, config: dict, special: dic
             known.add(content)
 
 
-def _update_post_processor(
-    backend: tokenizers.Tokenizer, config: dict, special: dict[str, str | None]
-) -> None:
+def _update_post_processor(backend: tokenizers.Tokenizer, config: dict, special: dict[str, str | None]) -> None:
     """transformers 5 rebuilds the post-processor from add_bos/add_eos_token when the config sets them."""
     if "add_bos_token" not in config and "add_eos_token" not in config and backend.post_processor is not None:
         return
@@ -413,9 +401,7 @@ def _byte_fallback_ids(backend: tokenizers.Tokenizer) -> frozenset[int]:
     if decoder is None or b'"ByteFallback"' not in decoder.__getstate__():
         return frozenset()
     vocab = backend.get_vocab(with_added_tokens=False)
-    return frozenset(
-        i for tok, i in vocab.items() if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">")
-    )
+    return frozenset(i for tok, i in vocab.items() if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"))
 
 
 def _clean_up_tokenization(text: str) -> str:
@@ -435,11 +421,7 @@ def _normalize_message(message: dict[str, Any], index: int) -> dict[str, Any]:
     if isinstance(content, list):
         texts = []
         for part in content:
-            if (
-                not isinstance(part, dict)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise ValueError(f"messages[{index}].content: only text parts are supported, got {part!r}")
             texts.append(part["text"])
         out["content"] = "\n".join(texts)
@@ -472,9 +454,7 @@ def _compile_template(source: str) -> Any:
         separators: Any = None,
         sort_keys: bool = False,
     ) -> str:
-        return json.dumps(
-            value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]

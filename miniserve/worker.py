@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from miniserve.config import EngineConfig
+from miniserve.cuda_graphs import GraphRunner
 from miniserve.kernels import resolve_kv_cache_dtype, select_attention_backend
 from miniserve.kernels.metadata import AttentionMetadata
 from miniserve.models.config import ModelConfig
@@ -66,6 +67,9 @@ class Worker:
         )
         self.layer_scales = scales  # layer -> {"k": float, "v": float} from the checkpoint
         self.kv: list[LayerKV] = []
+        self.graphs: GraphRunner | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.graphs = GraphRunner(self, config.max_num_seqs)
 
     def bytes_per_block(self) -> int:
         cfg = self.model_config
@@ -119,6 +123,16 @@ class Worker:
     @torch.inference_mode()
     def forward(self, inputs: list[ForwardInput]) -> torch.Tensor:
         """Run the model over the packed new tokens; return fp32 logits [sum(num_logits), vocab]."""
+        if self.graphs is not None and self.graphs.supports(len(inputs)) and _is_decode(inputs):
+            dev = self.device
+            width = max(len(x.block_table) for x in inputs)
+            tables = [x.block_table + [0] * (width - len(x.block_table)) for x in inputs]
+            return self.forward_uniform(
+                torch.tensor([x.token_ids for x in inputs], dtype=torch.int64, device=dev),
+                torch.tensor([x.start_pos for x in inputs], dtype=torch.int64, device=dev),
+                torch.tensor(tables, dtype=torch.int32, device=dev),
+                max(x.start_pos for x in inputs) + 1,
+            )
         ids, pos, meta, rows = self.prepare(inputs)
         hidden = self.model(ids, pos, meta, self.kv)
         return self.model.logits(hidden[rows])
@@ -128,13 +142,31 @@ class Worker:
         self, token_ids: torch.Tensor, start_pos: torch.Tensor, block_tables: torch.Tensor, max_seq_len: int
     ) -> torch.Tensor:
         """Every sequence brings the same number of new tokens, already on the device: `token_ids` [B, n] at
-        positions start_pos[b] .. start_pos[b] + n - 1. Builds the metadata on the device (no host round trip),
-        which lets speculative decoding chain draft steps without waiting for the GPU. Returns logits [B*n, V]."""
+        positions start_pos[b] .. start_pos[b] + n - 1. Returns logits for every new token, [B * n, V].
+
+        The metadata is derived on the device (no host round trip), so speculative decoding can chain draft
+        steps without waiting for the GPU, and the pass can be replayed from a CUDA graph.
+        """
+        if self.graphs is not None and self.graphs.supports(token_ids.shape[0]):
+            return self.graphs.run(token_ids, start_pos, block_tables)
+        return self.run_uniform(token_ids, start_pos, block_tables, max_seq_len, None)
+
+    def run_uniform(
+        self,
+        token_ids: torch.Tensor,
+        start_pos: torch.Tensor,
+        block_tables: torch.Tensor,
+        max_seq_len: int,
+        valid: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The eager uniform pass (also what graphs capture); rows where `valid` is False write no KV."""
         B, n = token_ids.shape
         bs = self.block_size
         positions = (start_pos.unsqueeze(1) + torch.arange(n, device=self.device)).reshape(-1)
         rows = torch.arange(B, device=self.device).repeat_interleave(n)
         slots = block_tables[rows, positions // bs].long() * bs + positions % bs
+        if valid is not None:
+            slots = torch.where(valid[rows], slots, -1)
         meta = AttentionMetadata(
             slot_mapping=slots,
             query_start_loc=torch.arange(0, (B + 1) * n, n, dtype=torch.int32, device=self.device),
@@ -145,3 +177,7 @@ class Worker:
         )
         hidden = self.model(token_ids.reshape(-1), positions, meta, self.kv)
         return self.model.logits(hidden)
+
+
+def _is_decode(inputs: list[ForwardInput]) -> bool:
+    return all(len(x.token_ids) == 1 and x.num_logits == 1 for x in inputs)

@@ -98,9 +98,7 @@ def _rope_settings(raw: dict, source: str) -> tuple[float, dict | None]:
     """Return (rope_theta, rope_scaling) from either spelling; rope_scaling None means plain RoPE."""
     params = raw.get("rope_parameters")
     if isinstance(params, dict) and "rope_theta" not in params and params:
-        params = next(
-            iter(params.values())
-        )  # per-layer-type dict (transformers 5): take the full-attention one
+        params = next(iter(params.values()))  # per-layer-type dict (transformers 5): take the full-attention one
     if isinstance(params, dict):
         theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
         scaling = dict(params)
@@ -110,9 +108,7 @@ def _rope_settings(raw: dict, source: str) -> tuple[float, dict | None]:
     if scaling is not None:
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type not in ("default", "llama3", "linear"):
-            raise ValueError(
-                f"{source}: unsupported rope scaling type {rope_type!r} (supported: llama3, linear)"
-            )
+            raise ValueError(f"{source}: unsupported rope scaling type {rope_type!r} (supported: llama3, linear)")
         scaling["rope_type"] = rope_type
         if rope_type == "default":
             scaling = None
