@@ -82,8 +82,8 @@ class Rotary(nn.Module):
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, 1, D] cos and signed sin for the tokens' positions, gathered once per forward for all layers.
 
-        transformers' rotate_half(x) * sin == x.roll(D/2) * cat(-sin1, sin2) exactly (a negation moves between factors), so
-        applying RoPE costs one roll instead of two slices, a negation and a concatenation.
+        transformers' rotate_half(x) * sin == x.roll(D/2) * cat(-sin1, sin2) exactly (a negation moves between
+        factors), so applying RoPE costs one roll instead of two slices, a negation and a concatenation.
         """
         half = self.sin.shape[-1] // 2
         cos, sin = self.cos[positions], self.sin[positions]
