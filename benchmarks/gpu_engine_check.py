@@ -33,8 +33,7 @@ PROMPTS = [
     "ROMEO:",
     "First Citizen:\nBefore we proceed any further, hear me speak.",
     "JULIET:\nO",
-    "KING HENRY VI:\nWhat, will the aspiring blood of Lancaster\nSink in the ground? I thought it would have "
-    "mounted.",
+    "KING HENRY VI:\nWhat, will the aspiring blood of Lancaster\nSink in the ground? I thought it would have mounted.",
     "HAMLET:\nTo be, or not to be",
     "MENENIUS:\nWhat work's, my countrymen, in hand?",
 ]
@@ -103,12 +102,13 @@ def spec_run(write_impl: str) -> tuple[LLM, list[list[int]]]:
 
     original = llama_module.reshape_and_cache
     llama_module.reshape_and_cache = write
-    try:
+    try:  # eager: the torch reference write uses boolean indexing, which a CUDA graph cannot capture
         llm = LLM(
             str(DEMO_TARGET),
             kv_cache_dtype="fp8",
             speculative_model=str(DEMO_DRAFT),
             num_speculative_tokens=4,
+            enforce_eager=True,
         )
         return llm, outputs(llm)
     finally:

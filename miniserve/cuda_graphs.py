@@ -1,8 +1,9 @@
 """CUDA graphs for uniform forward passes: every sequence brings the same number `n` of new tokens.
 
-A decode step of a small model is bound by the host issuing hundreds of small kernels, not by the GPU. Replaying
-a captured graph issues them all at once. Graphs are captured lazily per (batch bucket, n): n = 1 for decode
-steps (target and draft), n = 2 for the draft's catch-up, n = k + 1 for speculative verification. Batches are
+A decode step of a small model is bound by the host issuing hundreds of small kernels, not by the GPU.
+Replaying a captured graph issues them all at once. Graphs are captured per (batch bucket, n) when the engine
+starts: n = 1 for decode steps (target and draft), n = 2 for the draft's catch-up, n = k + 1 for speculative
+verification. Batches are
 padded up to the bucket; padded rows get slot -1, so they write no KV, and their outputs are dropped.
 Everything a graph reads lives in static buffers that `run` fills before each replay; the attention metadata is
 derived from them on the device, with `max_seq_len` fixed at the worker's maximum so kernel grids never change.
@@ -38,6 +39,13 @@ class GraphRunner:
         self.max_blocks = -(-worker.max_positions // worker.block_size)
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool = None
+
+    def capture_all(self, tokens_per_seq: list[int]) -> None:
+        """Capture every batch bucket up front (as vLLM does), so no request pays for a capture mid-stream."""
+        for n in tokens_per_seq:
+            for bucket in BATCH_BUCKETS:
+                if bucket <= self.max_batch and (bucket, n) not in self.graphs:
+                    self._capture(bucket, n)
 
     def supports(self, batch: int) -> bool:
         return batch <= self.max_batch

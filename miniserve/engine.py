@@ -58,6 +58,7 @@ class LLMEngine:
         num_blocks = self._num_kv_blocks(lookahead)
         for worker in self.workers:
             worker.allocate_kv_cache(num_blocks)
+        self._capture_graphs()
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, lookahead)
         self.requests: dict[str, Request] = {}
@@ -68,6 +69,15 @@ class LLMEngine:
             from miniserve.spec_decode import SpeculativeDecoder
 
             self.spec = SpeculativeDecoder(self)
+
+    def _capture_graphs(self) -> None:
+        """The uniform passes each worker replays: decode steps; with a draft, also its two-token catch-up and
+        the target's (k+1)-token verification."""
+        k = self.config.num_speculative_tokens
+        if self.target.graphs is not None:
+            self.target.graphs.capture_all([1, k + 1] if self.draft else [1])
+        if self.draft is not None and self.draft.graphs is not None:
+            self.draft.graphs.capture_all([1, 2])
 
     @property
     def workers(self) -> list[Worker]:

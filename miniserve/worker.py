@@ -68,7 +68,7 @@ class Worker:
         self.layer_scales = scales  # layer -> {"k": float, "v": float} from the checkpoint
         self.kv: list[LayerKV] = []
         self.graphs: GraphRunner | None = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if self.device.type == "cuda" and self.backend == "triton" and not config.enforce_eager:
             self.graphs = GraphRunner(self, config.max_num_seqs)
 
     def bytes_per_block(self) -> int:
