@@ -40,7 +40,7 @@ def timed_generate(llm: LLM, batch: int, max_tokens: int) -> tuple[float, int]:
 
 
 def measure(batch: int, k: int | None, args) -> dict:
-    kw = dict(kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=max(64, batch))
+    kw = dict(kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=max(64, batch), enforce_eager=args.enforce_eager)
     if k is not None:
         kw.update(speculative_model=str(DEMO_DRAFT), num_speculative_tokens=k)
     llm = LLM(str(DEMO_TARGET), **kw)
@@ -68,6 +68,8 @@ def main() -> None:
     p.add_argument("--k", type=int, nargs="+", default=[2, 4, 6])
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--name", default="spec_decode", help="output file stem")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     rows = []
@@ -84,9 +86,10 @@ def main() -> None:
         "torch": torch.__version__,
         "triton": _triton_version(),
         "kv_cache_dtype": args.kv_cache_dtype,
+        "cuda_graphs": not args.enforce_eager,
         "max_tokens": args.max_tokens,
     }
-    Path(args.out, "spec_decode.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+    Path(args.out, f"{args.name}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     print(json.dumps(env))
     print(f"{'batch':>5} {'k':>4} {'tok/s':>10} {'speedup':>8} {'accept len':>10}  per-position acceptance")
     for r in rows:
