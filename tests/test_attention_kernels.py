@@ -220,3 +220,39 @@ def test_decode_kernel_split_kv(num_splits):
     want = paged_attention(b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3, backend="torch")
     got = decode_attention(b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3, num_splits=num_splits)
     torch.testing.assert_close(got, want, **tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.bfloat16])
+def test_decode_is_batch_invariant_and_matches_extend_bit_for_bit(cache_dtype):
+    """A query's decode output does not depend on its batch, the grid's split count (eager vs CUDA graph), or
+    which kernel ran it: for a context of <= 512 tokens decode equals the extend kernel bit for bit. This is what
+    keeps greedy speculative decoding (verified by extend) identical to plain decoding."""
+    from miniserve.kernels.decode_attention import decode_attention
+
+    seqs = [(300, 1), (40, 1), (1000, 1), (7, 1)]
+    b = make_batch(seqs, 16, 8, 2, 64, cache_dtype, torch.float32, seed=11)
+    args = (b.key_cache, b.value_cache)
+    full = decode_attention(b.q, *args, b.meta, b.k_scale, b.v_scale, 0.3)
+    wide = decode_attention(b.q, *args, b.meta, b.k_scale, b.v_scale, 0.3, num_splits=16)  # a graph's grid
+    assert torch.equal(full, wide)
+    for i in range(len(seqs)):  # each sequence alone
+        meta = AttentionMetadata(
+            b.meta.slot_mapping[i : i + 1],
+            torch.tensor([0, 1], dtype=torch.int32),
+            b.meta.seq_lens[i : i + 1],
+            b.meta.block_tables[i : i + 1],
+            1,
+            seqs[i][0],
+        )
+        alone = decode_attention(b.q[i : i + 1], *args, meta, b.k_scale, b.v_scale, 0.3)
+        assert torch.equal(alone, full[i : i + 1])
+        if seqs[i][0] <= 512:
+            ext = paged_attention(b.q[i : i + 1], *args, _as_extend(meta), b.k_scale, b.v_scale, 0.3, "triton")
+            assert torch.equal(ext, alone)
+
+
+def _as_extend(meta: AttentionMetadata) -> AttentionMetadata:
+    """The same single query, routed to the extend kernel (max_query_len > 1 selects it; q_len stays 1)."""
+    return AttentionMetadata(
+        meta.slot_mapping, meta.query_start_loc, meta.seq_lens, meta.block_tables, 2, meta.max_seq_len
+    )

@@ -15,8 +15,6 @@ conversions/clock/SM), while bf16 queries fit fp16 exactly (see `fp16_fit_factor
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -120,6 +118,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    SPLIT_TOKENS: tl.constexpr,
     KV_MODE: tl.constexpr,
     NAN_ALL_ONES: tl.constexpr,
     KV_FACTOR: tl.constexpr,
@@ -131,7 +130,11 @@ def _decode_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    # A sequence's split count depends on its own length only, never on the batch or the grid, so a query
+    # gets bit-identical results in any batch, eager or CUDA-graph; short sequences use one split, which is
+    # exactly the extend kernel's arithmetic (speculative verification then matches plain decoding).
+    num_splits = tl.minimum(tl.cdiv(seq_len, SPLIT_TOKENS), NUM_SPLITS)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -205,15 +208,20 @@ def _decode_reduce_kernel(
     m_max = tl.max(m, 0)
     w = tl.where(l_sum > 0, tl.exp2(m - m_max), 0.0)  # empty splits (m = -inf, l = 0) weigh nothing
     acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM_PAD + d[None, :])
-    out = tl.sum(acc * w[:, None], 0) / tl.sum(l_sum * w, 0)
-    if KV_MODE != 0:
-        out = out * (tl.load(v_scale_ptr) * KV_FACTOR)
+    v_mult = 1.0 if KV_MODE == 0 else tl.load(v_scale_ptr) * KV_FACTOR
+    # the single-split formula: with one non-empty split this is bit-identical to it (w = 1 and 0)
+    out = tl.sum(acc * w[:, None], 0) * (v_mult / tl.sum(l_sum * w, 0))
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def kv_block_n(cache_dtype: torch.dtype) -> int:
+    """KV positions per inner step, shared by the decode and extend kernels: both then accumulate a query's
+    scores and values in the same chunks, so their results agree bit for bit (speculative verification runs
+    the extend kernel, plain decoding the decode kernel). H100 sweep: 128 for FP8 (~16 KiB of K+V), else 64;
+    16 in the interpreter, which pays per masked element."""
+    if triton_interpreter_enabled():
+        return 16
+    return 128 if is_fp8(cache_dtype) else 64
 
 
 def kv_mode(cache_dtype: torch.dtype, device: torch.device, fp8_decode: str = "auto") -> tuple[int, bool, float]:
@@ -260,12 +268,15 @@ def cache_view(cache: torch.Tensor) -> torch.Tensor:
     return cache.view(torch.uint8) if is_fp8(cache.dtype) else cache
 
 
+SPLIT_TOKENS = 512  # a sequence gets one split per 512 tokens of context (at most 64)
+
+
 def choose_num_splits(meta: AttentionMetadata, num_kv_heads: int, device: torch.device) -> int:
-    """Enough (sequence, KV head, split) programs to cover the GPU ~4 times, splits of >= 256 tokens."""
-    programs = meta.num_seqs * num_kv_heads
-    target = 4 * (_num_sms(device.index or 0) if device.type == "cuda" else 4)
-    splits = min(triton.cdiv(target, programs), triton.cdiv(meta.max_seq_len, 256), 64)
-    return triton.next_power_of_2(max(splits, 1))
+    """The grid's split dimension: enough for the longest sequence; each sequence uses cdiv(len, 512) of them.
+
+    Splits follow context length only (not batch size) so results are batch-invariant; a long context still
+    spreads over up to 64 programs per KV head, which is what fills the GPU at small batch sizes."""
+    return triton.next_power_of_2(max(1, min(triton.cdiv(meta.max_seq_len, SPLIT_TOKENS), 64)))
 
 
 def decode_attention(
@@ -293,7 +304,7 @@ def decode_attention(
         return out
     splits = num_splits or choose_num_splits(meta, num_kv_heads, q.device)
     mode, nan_all_ones, kv_factor = kv_mode(key_cache.dtype, q.device, fp8_decode)
-    block_n = block_n or (128 if is_fp8(key_cache.dtype) else 64)  # H100 sweep: ~16 KiB of K+V per step
+    block_n = block_n or kv_block_n(key_cache.dtype)
     head_dim_pad = triton.next_power_of_2(head_dim)
     part_acc = part_ml = out  # unused placeholders when there is one split
     if splits > 1:
@@ -330,6 +341,7 @@ def decode_attention(
         BLOCK_N=block_n,
         BLOCK_SIZE=block_size,
         NUM_SPLITS=splits,
+        SPLIT_TOKENS=SPLIT_TOKENS,
         KV_MODE=mode,
         NAN_ALL_ONES=nan_all_ones,
         KV_FACTOR=kv_factor,

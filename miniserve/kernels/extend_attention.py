@@ -19,6 +19,7 @@ from miniserve.kernels.decode_attention import (
     cache_view,
     check_kernel_inputs,
     compute_dtype,
+    kv_block_n,
     kv_mode,
     load_kv_tile,
     load_q_tile,
@@ -139,7 +140,7 @@ def extend_attention(
         return out
     small = triton_interpreter_enabled()  # the interpreter pays per program and per masked element alike
     block_m = block_m or (16 if small else 64)
-    block_n = block_n or (16 if small else 64)
+    block_n = block_n or kv_block_n(key_cache.dtype)
     mode, nan_all_ones, kv_factor = kv_mode(key_cache.dtype, q.device)
     kc, vc = cache_view(key_cache), cache_view(value_cache)
     grid = (triton.cdiv(meta.max_query_len, block_m), num_q_heads, meta.num_seqs)
