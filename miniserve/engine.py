@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -74,10 +75,15 @@ class LLMEngine:
         """The uniform passes each worker replays: decode steps; with a draft, also its two-token catch-up and
         the target's (k+1)-token verification."""
         k = self.config.num_speculative_tokens
-        if self.target.graphs is not None:
-            self.target.graphs.capture_all([1, k + 1] if self.draft else [1])
-        if self.draft is not None and self.draft.graphs is not None:
-            self.draft.graphs.capture_all([1, 2])
+        try:
+            if self.target.graphs is not None:
+                self.target.graphs.capture_all([1, k + 1] if self.draft else [1])
+            if self.draft is not None and self.draft.graphs is not None:
+                self.draft.graphs.capture_all([1, 2])
+        except RuntimeError as e:  # a capture failure must not take the engine down: run eager instead
+            warnings.warn(f"CUDA graph capture failed, running eager (enforce_eager=True): {e}", stacklevel=2)
+            for worker in self.workers:
+                worker.graphs = None
 
     @property
     def workers(self) -> list[Worker]:
