@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -532,40 +533,16 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(url, client
     still_serving()
 
 
-# The README's examples (kept verbatim in /work/notes/server_readme_section.md); the test swaps in its URL
-# and model name for the README's defaults.
-README_CURL = [
-    """curl http://127.0.0.1:8000/v1/completions \\
-  -H "Content-Type: application/json" \\
-  -d '{"model": "shakespeare-target", "prompt": "ROMEO:", "max_tokens": 32, "temperature": 0.8}'""",
-    """curl -N http://127.0.0.1:8000/v1/chat/completions \\
-  -H "Content-Type: application/json" \\
-  -d '{"model": "shakespeare-target", "messages": [{"role": "user", "content": "Speak of love."}],
-       "max_tokens": 32, "stream": true}'""",
-    """curl http://127.0.0.1:8000/v1/models""",
-    """curl http://127.0.0.1:8000/tokenize \\
-  -H "Content-Type: application/json" \\
-  -d '{"prompt": "To be, or not to be"}'""",
-]
-README_PYTHON = """
-from openai import OpenAI
+# The README's own examples, read from README.md; the test swaps in its URL and model name for the defaults.
+README = Path(__file__).resolve().parents[1] / "README.md"
 
-client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="EMPTY")
 
-completion = client.completions.create(model="shakespeare-target", prompt="ROMEO:", max_tokens=32)
-print(completion.choices[0].text)
+def _readme_blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
 
-stream = client.chat.completions.create(
-    model="shakespeare-target",
-    messages=[{"role": "user", "content": "Speak of love."}],
-    max_tokens=32,
-    stream=True,
-)
-for chunk in stream:
-    if chunk.choices:
-        print(chunk.choices[0].delta.content or "", end="", flush=True)
-print()
-"""
+
+README_CURL = [b.strip() for b in _readme_blocks("bash") if b.lstrip().startswith("curl http://127.0.0.1:8000")]
+README_PYTHON = next(b for b in _readme_blocks("python") if "from openai import OpenAI" in b)
 
 
 def _readme(text: str, url: str) -> str:
@@ -573,7 +550,7 @@ def _readme(text: str, url: str) -> str:
 
 
 def test_readme_examples_work(url):
-    outputs = []
+    assert len(README_CURL) >= 4  # completions (quick start and server section), chat stream, models, tokenize
     for cmd in README_CURL:
         proc = subprocess.run(
             ["bash", "-c", _readme(cmd, url) + " --silent --show-error --fail"],
@@ -582,12 +559,16 @@ def test_readme_examples_work(url):
             timeout=60,
         )
         assert proc.returncode == 0, proc.stderr
-        outputs.append(proc.stdout)
-    assert json.loads(outputs[0])["choices"][0]["text"]
-    events = [line[len("data: ") :] for line in outputs[1].splitlines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]" and json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
-    assert json.loads(outputs[2])["data"][0]["id"] == MODEL_NAME
-    assert json.loads(outputs[3])["count"] == len(json.loads(outputs[3])["tokens"]) > 0
+        out = proc.stdout
+        if "/chat/completions" in cmd:
+            events = [line[len("data: ") :] for line in out.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]" and json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
+        elif "/v1/completions" in cmd:
+            assert json.loads(out)["choices"][0]["text"]
+        elif "/v1/models" in cmd:
+            assert json.loads(out)["data"][0]["id"] == MODEL_NAME
+        elif "/tokenize" in cmd:
+            assert json.loads(out)["count"] == len(json.loads(out)["tokens"]) > 0
     proc = subprocess.run(
         [sys.executable, "-c", _readme(README_PYTHON, url)], capture_output=True, text=True, timeout=60
     )
