@@ -1,6 +1,6 @@
 """Where the host time of a decode step goes: cProfile over greedy generation on the demo target.
 
-    python benchmarks/profile_decode.py [--speculative] [--batch 1] [--max-tokens 64]
+python benchmarks/profile_decode.py [--speculative] [--batch 1] [--max-tokens 64]
 """
 
 from __future__ import annotations

@@ -44,9 +44,7 @@ def test_fp8_cache_bytes_equal_reference_quantization(llama_dir, monkeypatch):
     original = llama_module.reshape_and_cache
 
     def recording(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale):
-        writes.append(
-            (key.clone(), value.clone(), key_cache, value_cache, slot_mapping.clone(), k_scale, v_scale)
-        )
+        writes.append((key.clone(), value.clone(), key_cache, value_cache, slot_mapping.clone(), k_scale, v_scale))
         original(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
 
     monkeypatch.setattr(llama_module, "reshape_and_cache", recording)
@@ -190,9 +188,7 @@ def test_stop_strings_cut_text_and_set_finish_reason(llama_dir):
     assert out.text == free.text[: free.text.index(stop)]
     kept = llm.generate(
         [prompt],
-        SamplingParams(
-            temperature=0, max_tokens=24, ignore_eos=True, stop=[stop], include_stop_str_in_output=True
-        ),
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop], include_stop_str_in_output=True),
         use_tqdm=False,
     )[0].outputs[0]
     assert kept.text == free.text[: free.text.index(stop)] + stop
@@ -205,9 +201,9 @@ def test_stop_token_ids_eos_and_min_tokens(llama_dir):
     free = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     target = free[5]
     first = free.index(target)
-    out = llm.generate(
-        [prompt], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[target]), use_tqdm=False
-    )[0].outputs[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[target]), use_tqdm=False)[
+        0
+    ].outputs[0]
     assert out.token_ids == free[: first + 1] and out.finish_reason == "stop" and out.stop_reason == target
     held = llm.generate(
         [prompt],
@@ -254,9 +250,7 @@ def test_bad_input_is_a_clear_error_and_engine_stays_usable(llama_dir):
         llm.generate([[VOCAB + 5]], GREEDY, use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
     assert llm.engine.block_manager.num_used_blocks == 0
-    out = llm.generate(
-        ["To be, or not"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False
-    )
+    out = llm.generate(["To be, or not"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 5
 
 
@@ -264,10 +258,7 @@ def test_request_that_can_never_fit_is_rejected(llama_dir):
     llm = make_llm(llama_dir, num_kv_blocks=2, block_size=8)
     with pytest.raises(ValueError, match="never fit"):
         llm.generate([[5] * 10], SamplingParams(max_tokens=20), use_tqdm=False)
-    assert (
-        len(llm.generate([[5] * 4], SamplingParams(max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids)
-        >= 1
-    )
+    assert len(llm.generate([[5] * 4], SamplingParams(max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids) >= 1
 
 
 def test_chat_and_string_prompts(llama_dir):

@@ -113,9 +113,7 @@ def test_rope_scaling_llama3_and_tied_embeddings(tmp_path, tokenizer_dir):
 
 
 def test_sharded_checkpoint_loads_like_single_file(tmp_path, tokenizer_dir, llama_dir):
-    sharded = build_model_dir(
-        tmp_path / "sharded", "LlamaForCausalLM", tokenizer_dir, seed=0, max_shard_size="100KB"
-    )
+    sharded = build_model_dir(tmp_path / "sharded", "LlamaForCausalLM", tokenizer_dir, seed=0, max_shard_size="100KB")
     assert (sharded / "model.safetensors.index.json").is_file()
     prompt = prompts(2)[1]
     a, b = engine(sharded), engine(llama_dir)
@@ -138,9 +136,7 @@ def test_missing_and_mismatched_tensors_are_named(tmp_path, tokenizer_dir, llama
     tensors = load_file(llama_dir / "model.safetensors")
     broken = tmp_path / "missing"
     shutil.copytree(llama_dir, broken)
-    save_file(
-        {k: v for k, v in tensors.items() if "layers.1.mlp.up_proj" not in k}, broken / "model.safetensors"
-    )
+    save_file({k: v for k, v in tensors.items() if "layers.1.mlp.up_proj" not in k}, broken / "model.safetensors")
     with pytest.raises(ValueError, match="layers.1.mlp"):
         engine(broken)
     tensors["model.layers.0.self_attn.o_proj.weight"] = torch.zeros(3, 3)

@@ -118,9 +118,7 @@ def penalties_oracle(logits, params, prompts, outputs, eos):
     return torch.tensor(out)
 
 
-def allowed_oracle(
-    logits_row: np.ndarray, p: SamplingParams, slack: float = 1e-6
-) -> tuple[np.ndarray, np.ndarray]:
+def allowed_oracle(logits_row: np.ndarray, p: SamplingParams, slack: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
     """numpy: the distribution after temperature, top-k, top-p, min-p, plus a slightly looser allowed set."""
     x = logits_row.astype(np.float64) / p.temperature
     keep = np.ones_like(x, dtype=bool)
@@ -201,9 +199,7 @@ def test_filters_match_numpy_and_never_emit_excluded_tokens(index):
     torch.manual_seed(100 + index)
     emitted = set(sample(logits, batch).token_ids.tolist())
     assert emitted <= set(np.flatnonzero(loose).tolist())
-    assert emitted & set(np.flatnonzero(expected > 0.02).tolist()) == set(
-        np.flatnonzero(expected > 0.02).tolist()
-    )
+    assert emitted & set(np.flatnonzero(expected > 0.02).tolist()) == set(np.flatnonzero(expected > 0.02).tolist())
 
 
 def test_filters_are_per_row():
@@ -260,9 +256,7 @@ def run_steps(seed_row_params, others, steps=8):
     tokens = []
     for _ in range(steps):
         params = others[:1] + [seed_row_params] + others[1:]
-        generators = (
-            [None] + [gen] + [seeded(len(tokens) + j) if j % 2 else None for j in range(len(others) - 1)]
-        )
+        generators = [None] + [gen] + [seeded(len(tokens) + j) if j % 2 else None for j in range(len(others) - 1)]
         logits = torch.randn(len(params), V, generator=logits_gen)
         target_row = torch.randn(V, generator=torch.Generator().manual_seed(len(tokens)))
         logits[1] = target_row
@@ -363,9 +357,7 @@ def test_logprobs_are_raw_model_logprobs():
     out = sample(logits, build(params, outputs=[[1, 2], [], [3, 3], [4]]))
     raw = torch.log_softmax(logits.double(), dim=-1)
     assert out.token_ids.dtype == torch.int64 and out.token_ids.shape == (4,)
-    assert torch.allclose(
-        out.logprobs.double(), raw.gather(1, out.token_ids.unsqueeze(1)).squeeze(1), atol=1e-5
-    )
+    assert torch.allclose(out.logprobs.double(), raw.gather(1, out.token_ids.unsqueeze(1)).squeeze(1), atol=1e-5)
     ids, values = out.top_logprobs
     assert ids.shape == values.shape == (4, 5)
     top = raw.topk(5, dim=-1)

@@ -108,9 +108,7 @@ def test_rejection_sampler_output_follows_target_distribution():
     q = torch.softmax(torch.randn(k, V) * 1.5, -1)
     P, Q = p.expand(rows, k + 1, V), q.expand(rows, k, V)
     drafts = torch.multinomial(q.repeat(rows, 1), 1).view(rows, k)
-    batch = SamplingBatch.build(
-        [_random_params()] * rows, [None] * rows, [[1]] * rows, [[]] * rows, set(), V, "cpu"
-    )
+    batch = SamplingBatch.build([_random_params()] * rows, [None] * rows, [[1]] * rows, [[]] * rows, set(), V, "cpu")
     accepted, nxt = rejection_sample(P, Q, drafts, torch.rand(rows, k), lambda r: sample_from_probs(r, batch))
     first = torch.where(accepted > 0, drafts[:, 0], nxt)
     freq = torch.bincount(first, minlength=V).float() / rows

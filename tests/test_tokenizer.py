@@ -279,9 +279,7 @@ def pair(request) -> tuple[Tokenizer, object]:
 def test_encode_matches_transformers(pair, add_special_tokens):
     ours, hf = pair
     for text in TEST_STRINGS + corpus_lines(3000)[:40]:
-        assert ours.encode(text, add_special_tokens) == hf.encode(
-            text, add_special_tokens=add_special_tokens
-        ), text
+        assert ours.encode(text, add_special_tokens) == hf.encode(text, add_special_tokens=add_special_tokens), text
 
 
 def test_decode_matches_transformers(pair):
@@ -350,13 +348,9 @@ def test_chat_template_matches_transformers(pair, conversation, add_generation_p
     expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     assert ours.apply_chat_template(messages, add_generation_prompt) == expected
     # both templates write the BOS themselves, so the token ids agree with HF's tokenize=True
-    expected_ids = hf.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, return_dict=False
-    )
+    expected_ids = hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, return_dict=False)
     assert ours.encode_chat(messages, add_generation_prompt) == expected_ids
-    assert ours.encode_chat(messages, add_generation_prompt).count(ours.bos_token_id) == expected.count(
-        ours.bos_token
-    )
+    assert ours.encode_chat(messages, add_generation_prompt).count(ours.bos_token_id) == expected.count(ours.bos_token)
 
 
 def test_chat_template_raise_exception(sp_dir):
@@ -368,15 +362,11 @@ def test_chat_template_raise_exception(sp_dir):
 
 def test_content_parts_are_flattened(bpe_dir):
     ours = Tokenizer.from_pretrained(bpe_dir)
-    parts = [
-        {"role": "user", "content": [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]}
-    ]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]}]
     plain = [{"role": "user", "content": "first\nsecond"}]
     assert ours.apply_chat_template(parts) == ours.apply_chat_template(plain)
     with pytest.raises(ValueError, match="only text parts"):
-        ours.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
-        )
+        ours.apply_chat_template([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
     with pytest.raises(ValueError, match="messages\\[0\\]"):
         ours.apply_chat_template([{"content": "no role"}])
 
@@ -394,9 +384,7 @@ def test_default_template_and_bos_handling(sp_dir, bpe_dir, tmp_path):
         assert ours.chat_template is None
         text = ours.apply_chat_template(messages)
         assert text == "System: Be brief.\nUser: Hi\nAssistant:"
-        assert (
-            ours.apply_chat_template(messages, add_generation_prompt=False) == "System: Be brief.\nUser: Hi\n"
-        )
+        assert ours.apply_chat_template(messages, add_generation_prompt=False) == "System: Be brief.\nUser: Hi\n"
         # the fallback writes no BOS, so encode_chat adds exactly the one the tokenizer adds
         ids = ours.encode_chat(messages)
         assert ids == [ours.bos_token_id] + ours.encode(text, add_special_tokens=False)
@@ -416,10 +404,7 @@ def test_named_chat_template_list(sp_dir, tmp_path):
     ]
     write_json(config_file, config)
     ours = Tokenizer.from_pretrained(tmp_path / "named")
-    assert (
-        ours.apply_chat_template([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}])
-        == "[x][y]"
-    )
+    assert ours.apply_chat_template([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]) == "[x][y]"
 
 
 # ---------------------------------------------------------------------------- incremental detokenizing
