@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from miniserve.sampling import SamplingBatch, random_uniform, sample_from_probs
 from miniserve.sampling import probs as processed_probs
+from miniserve.sampling import random_uniform, sample_from_probs
 from miniserve.scheduler.scheduler import ScheduledSeq
 from miniserve.sequence import Sequence
 from miniserve.worker import ForwardInput
@@ -55,10 +55,15 @@ def rejection_sample(
     return first_reject, residual_draw(residual)
 
 
-def _is_plain_greedy(batch: SamplingBatch) -> bool:
-    """Greedy rows whose distribution is the raw argmax: nothing (penalty, min_tokens mask) reshapes logits."""
+def _is_plain_greedy(seq: Sequence) -> bool:
+    """Greedy with nothing reshaping the logits (penalties, a min_tokens mask): the raw argmax decides."""
+    p = seq.params
     return (
-        batch.all_greedy and batch.repetition_penalty is None and batch.output_counts is None and batch.banned is None
+        p.greedy
+        and p.repetition_penalty == 1.0
+        and p.presence_penalty == 0.0
+        and p.frequency_penalty == 0.0
+        and seq.num_output_tokens >= p.min_tokens
     )
 
 
@@ -110,7 +115,7 @@ class SpeculativeDecoder:
 
     def _speculate(self, seqs: list[Sequence]) -> None:
         base_len = [s.num_tokens for s in seqs]
-        if _is_plain_greedy(self.engine.sampling_batch(seqs)):
+        if all(_is_plain_greedy(s) for s in seqs):
             drafts, accepted, next_tokens, logits = self._greedy_round(seqs, base_len)
         else:
             drafts, accepted, next_tokens, logits = self._sampled_round(seqs, base_len)

@@ -130,3 +130,18 @@ def model_dirs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def llama_dir(model_dirs) -> Path:
     return model_dirs["LlamaForCausalLM"]
+
+
+def hf_greedy(model, prompt_ids: list[int], num_tokens: int) -> list[int]:
+    """transformers' greedy decoding with its own KV cache and EOS ignored: the oracle for greedy output."""
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),  # else generate() masks BOS (id 0) as padding
+        max_new_tokens=num_tokens,
+        min_new_tokens=num_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt_ids) :].tolist()

@@ -12,28 +12,13 @@ from miniserve import LLM, SamplingParams
 from miniserve.config import EngineConfig
 from miniserve.engine import LLMEngine
 from miniserve.worker import ForwardInput
-from tests.conftest import ARCHS, VOCAB, build_model_dir
+from tests.conftest import ARCHS, VOCAB, build_model_dir, hf_greedy
 
 ATOL = 1e-4
 
 
 def hf_model(path):
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
-    """Greedy decoding with transformers' own KV cache: the oracle for every greedy comparison."""
-    ids = torch.tensor([prompt])
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=num_tokens,
-        min_new_tokens=num_tokens,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, len(prompt) :].tolist()
 
 
 def engine(path, **kw) -> LLMEngine:

@@ -28,7 +28,7 @@ import torch
 import transformers
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import build_model_dir
+from tests.conftest import build_model_dir, hf_greedy
 
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 90
@@ -123,21 +123,6 @@ def assert_openai_error(resp: httpx.Response, status: int, param: str | None = "
     if param != "any":
         assert err["param"] == param, err
     return err
-
-
-def hf_greedy(model, prompt_ids: list[int], num_tokens: int) -> list[int]:
-    """transformers' greedy decoding with EOS ignored: the oracle for greedy server output."""
-    ids = torch.tensor([prompt_ids])
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),  # else generate() masks BOS (id 0) as padding
-        max_new_tokens=num_tokens,
-        min_new_tokens=num_tokens,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, len(prompt_ids) :].tolist()
 
 
 def hf_logprobs(model, prompt_ids: list[int], new_ids: list[int]) -> torch.Tensor:

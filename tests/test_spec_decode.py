@@ -167,3 +167,13 @@ def test_speculation_on_triton_kernels_is_lossless(llama_dir, draft_dir):
     plain, _ = run(llama_dir, prompts, params, **kw)
     spec, eng = run(llama_dir, prompts, params, speculative_model=str(draft_dir), num_speculative_tokens=3, **kw)
     assert spec == plain and eng.draft.backend == "triton"
+
+
+def test_greedy_with_penalties_and_min_tokens_is_lossless(llama_dir, draft_dir):
+    """Penalised greedy rows go through the general round (processed distributions, rejection sampling on
+    one-hot rows): still exactly the plain output."""
+    prompts = mixed_prompts(4)[:3]
+    params = SamplingParams(temperature=0, max_tokens=16, repetition_penalty=1.3, frequency_penalty=0.5, min_tokens=5)
+    plain, _ = run(llama_dir, prompts, params)
+    spec, eng = run(llama_dir, prompts, params, speculative_model=str(draft_dir), num_speculative_tokens=3)
+    assert spec == plain and eng.stats()["spec_num_drafts"] > 0
