@@ -140,3 +140,101 @@ def test_unknown_architecture_is_a_clear_error(tmp_path, llama_dir):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="GPT2LMHeadModel"):
         engine(bad)
+
+
+def test_hub_style_config_loads_like_transformers5_style(tmp_path, tokenizer_dir):
+    """config.json as Hub checkpoints spell it (rope_theta + rope_scaling) and as transformers >= 5 writes it
+    (rope_parameters) give the same model."""
+    import json
+
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    }
+    new = build_model_dir(
+        tmp_path / "new", "LlamaForCausalLM", tokenizer_dir, seed=5, rope_scaling=scaling, rope_theta=500000.0
+    )
+    old = tmp_path / "old"
+    shutil.copytree(new, old)
+    cfg = json.loads((old / "config.json").read_text())
+    assert "rope_parameters" in cfg
+    cfg.pop("rope_parameters")
+    cfg["rope_theta"] = 500000.0
+    cfg["rope_scaling"] = {"type": "llama3", **{k: v for k, v in scaling.items() if k != "rope_type"}}
+    (old / "config.json").write_text(json.dumps(cfg))
+    prompt = torch.randint(2, VOCAB, (70,), generator=torch.Generator().manual_seed(1)).tolist()
+    a, b = engine(new), engine(old)
+    la = a.target.forward([ForwardInput(prompt, 0, alloc(a, 70), 70)])
+    lb = b.target.forward([ForwardInput(prompt, 0, alloc(b, 70), 70)])
+    assert b.target.model_config.rope_scaling["rope_type"] == "llama3"
+    assert torch.equal(la, lb)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_checkpoints(tmp_path, tokenizer_dir, dtype):
+    """bf16/fp16 checkpoints: dtype="auto" on the CPU computes in float32 (matches transformers in float32),
+    and the checkpoint's own dtype runs too (matches transformers in that dtype to half-precision rounding)."""
+    name = str(dtype).split(".")[-1]
+    path = build_model_dir(tmp_path / name, "Qwen2ForCausalLM", tokenizer_dir, seed=3, dtype=dtype)
+    prompt = prompts(4)[3]
+    auto = engine(path)
+    assert auto.target.dtype == torch.float32
+    ref32 = hf_model(path)
+    with torch.no_grad():
+        want32 = ref32(torch.tensor([prompt])).logits[0]
+    got32 = auto.target.forward([ForwardInput(prompt, 0, alloc(auto, len(prompt)), len(prompt))])
+    assert (got32 - want32).abs().max().item() <= ATOL
+    half = LLMEngine(EngineConfig(model=str(path), dtype=name, device="cpu"))
+    assert half.target.dtype == dtype and half.target.kv_dtype == dtype
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    with torch.no_grad():
+        want = ref(torch.tensor([prompt])).logits[0].float()
+    got = half.target.forward([ForwardInput(prompt, 0, alloc(half, len(prompt)), len(prompt))])
+    assert ((got - want).norm() / want.norm()).item() < 2e-2
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+def test_checkpoint_kv_scales_are_used(tmp_path, tokenizer_dir, llama_dir):
+    """FP8 checkpoints' per-layer k_scale/v_scale tensors become the cache scales, and the stored bytes are the
+    reference quantization with those scales."""
+    from safetensors.torch import load_file, save_file
+
+    from miniserve.kernels import quantize_fp8_reference
+
+    scaled = tmp_path / "scaled"
+    shutil.copytree(llama_dir, scaled)
+    tensors = load_file(llama_dir / "model.safetensors")
+    tensors["model.layers.0.self_attn.k_scale"] = torch.tensor(0.25)
+    tensors["model.layers.0.self_attn.v_scale"] = torch.tensor(0.5)
+    tensors["model.layers.1.self_attn.kv_scale"] = torch.tensor(2.0)
+    save_file(tensors, scaled / "model.safetensors")
+    eng = engine(scaled, kv_cache_dtype="fp8")
+    kv = eng.target.kv
+    assert [(x.k_scale.item(), x.v_scale.item()) for x in kv] == [(0.25, 0.5), (2.0, 2.0)]
+    plain = engine(llama_dir)  # layer 0's K/V do not depend on the cache: compute them in full precision
+    prompt = prompts(2)[1]
+    captured = {}
+    attn0 = plain.target.model.layers[0].self_attn
+
+    def hook(module, args, kwargs):
+        import miniserve.models.llama as m
+
+        x, rope = args[0], args[1]
+        qkv = torch.nn.functional.linear(x, module.qkv_weight, module.qkv_bias)
+        _, k, v = qkv.split([module.q_size, module.kv_size, module.kv_size], dim=-1)
+        k = m.apply_rotary(k.view(-1, module.num_kv_heads, module.head_dim), *rope)
+        captured["k"], captured["v"] = k, v.view(-1, module.num_kv_heads, module.head_dim)
+
+    handle = attn0.register_forward_pre_hook(hook, with_kwargs=True)
+    plain.target.forward([ForwardInput(prompt, 0, [0, 1], 1)])
+    handle.remove()
+    eng.target.forward([ForwardInput(prompt, 0, [0, 1], 1)])
+    slots = torch.arange(len(prompt))
+    stored_k = kv[0].key_cache.view(-1, *kv[0].key_cache.shape[2:])[slots].view(torch.uint8)
+    stored_v = kv[0].value_cache.view(-1, *kv[0].value_cache.shape[2:])[slots].view(torch.uint8)
+    want_k = quantize_fp8_reference(captured["k"], kv[0].k_scale, torch.float8_e4m3fn).view(torch.uint8)
+    want_v = quantize_fp8_reference(captured["v"], kv[0].v_scale, torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(stored_k, want_k) and torch.equal(stored_v, want_v)
