@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 DEMO_DIR = Path(__file__).parent / "demo_models"
@@ -30,12 +30,11 @@ class EngineConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 4096
     max_model_len: int | None = None  # default: the model's max_position_embeddings
-    seed: int = 0
+    seed: int = 0  # seeds the global RNG that requests without their own `seed` sample from
     speculative_model: str | None = None  # a draft model directory (same tokenizer); "demo" = the demo draft
     num_speculative_tokens: int = 4
     speculative_kv_cache_dtype: str | None = None  # draft pool dtype; None = same as kv_cache_dtype
     enforce_eager: bool = False  # True: no CUDA graphs (on a GPU, uniform decode passes are replayed from graphs)
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.model is None:

@@ -39,6 +39,7 @@ class Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
+        torch.manual_seed(config.seed)  # unseeded requests draw from the global RNG: make a run repeatable
         self.tokenizer = Tokenizer.from_pretrained(config.tokenizer or config.model)
         self.target = Worker(config, config.model, "target", config.kv_cache_dtype)
         self.draft: Worker | None = None

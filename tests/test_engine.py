@@ -281,3 +281,12 @@ def test_triton_backend_matches_torch_backend(llama_dir, kv):
     ref = make_llm(llama_dir, kv_cache_dtype=kv, attention_backend="torch", block_size=8)
     assert tri.engine.target.backend == "triton" and ref.engine.target.backend == "torch"
     assert greedy_ids(tri, prompts, params) == greedy_ids(ref, prompts, params)
+
+
+def test_engine_seed_makes_unseeded_sampling_repeatable(llama_dir):
+    prompt = token_prompts(1, seed=15)[0]
+    params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+    a = greedy_ids(make_llm(llama_dir, seed=3), [prompt], params)
+    b = greedy_ids(make_llm(llama_dir, seed=3), [prompt], params)
+    c = greedy_ids(make_llm(llama_dir, seed=4), [prompt], params)
+    assert a == b and a != c
