@@ -67,6 +67,24 @@ def completion_logprobs(
     return out
 
 
+def prompt_logprobs(
+    tokenizer: Any, prompt_ids: list[int], logprobs: list[dict[int, float] | None], num_top: int
+) -> dict[str, list]:
+    """The echoed prompt's part of legacy logprobs: the first token has no logprob (nothing precedes it)."""
+    first = token_text(tokenizer, [], prompt_ids[0])
+    rest = completion_logprobs(tokenizer, prompt_ids[:1], prompt_ids[1:], logprobs[1:], num_top, len(first))
+    return {
+        "tokens": [first, *rest["tokens"]],
+        "token_logprobs": [None, *rest["token_logprobs"]],
+        "top_logprobs": [None, *rest["top_logprobs"]],
+        "text_offset": [0, *rest["text_offset"]],
+    }
+
+
+def join_logprobs(first: dict[str, list], second: dict[str, list]) -> dict[str, list]:
+    return {key: first[key] + second[key] for key in first}
+
+
 def chat_logprobs(
     tokenizer: Any, context: list[int], token_ids: list[int], logprobs: list[dict[int, float]], num_top: int
 ) -> dict[str, list]:

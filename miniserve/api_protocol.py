@@ -96,8 +96,6 @@ class CompletionRequest(SamplingFields):
             raise ValueError("prompt must not be empty")
         if self.prompt == "":
             raise ValueError("prompt must not be empty")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo together with logprobs needs prompt logprobs, which are not supported")
         return self
 
     def prompts(self) -> list[str | list[int]]:

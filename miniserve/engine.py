@@ -200,18 +200,47 @@ class LLMEngine:
         inputs = [self.forward_input(s) for s in scheduled]
         ready = [s.seq for s in scheduled if s.completes_prompt]
         logits = self.target.forward(inputs)
-        for s in scheduled:
+        sample_rows, row = [], 0
+        for s, x in zip(scheduled, inputs):
+            if s.seq.scores_prompt:
+                self._record_prompt_logprobs(s.seq, logits[row : row + x.num_logits], x.start_pos)
+            if s.completes_prompt:
+                sample_rows.append(row + x.num_logits - 1)
+            row += x.num_logits
             s.seq.num_computed_tokens += s.num_new_tokens
         if ready:
+            if row != len(sample_rows):  # prompt-scoring rows are mixed in: keep the last row of each ready seq
+                logits = logits[torch.tensor(sample_rows, device=logits.device)]
             out = sample(logits, self.sampling_batch(ready))
             self.append_tokens(ready, out)
         return [s.seq for s in scheduled]
 
     @staticmethod
     def forward_input(s: ScheduledSeq) -> ForwardInput:
+        """The sequence's new tokens; logits for its last one when it completes, for all when scoring a prompt."""
         seq, start = s.seq, s.seq.num_computed_tokens
         tokens = seq.token_ids[start : start + s.num_new_tokens]
-        return ForwardInput(tokens, start, seq.block_table, 1 if s.completes_prompt else 0)
+        num_logits = len(tokens) if seq.scores_prompt else (1 if s.completes_prompt else 0)
+        return ForwardInput(tokens, start, seq.block_table, num_logits)
+
+    @staticmethod
+    def _record_prompt_logprobs(seq: Sequence, logits: torch.Tensor, start_pos: int) -> None:
+        """Row j (position start_pos + j) predicts prompt token start_pos + j + 1; positions scored before a
+        preemption are not scored twice."""
+        first = len(seq.prompt_logprobs) - start_pos - 1  # the first row not scored yet
+        last = min(logits.shape[0], seq.num_prompt_tokens - start_pos - 1)
+        if first < 0 or first >= last:  # (first < 0 cannot happen: choice 0 always computes its prompt)
+            return
+        logprobs = torch.log_softmax(logits[first:last].float(), dim=-1)
+        targets = seq.prompt_token_ids[start_pos + first + 1 : start_pos + last + 1]
+        chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None]).squeeze(1).tolist()
+        n = seq.params.prompt_logprobs
+        tops = logprobs.topk(n, dim=-1) if n else None
+        top_ids, top_vals = (tops.indices.tolist(), tops.values.tolist()) if tops is not None else ([], [])
+        for j, (token, lp) in enumerate(zip(targets, chosen)):
+            entry = dict(zip(top_ids[j], top_vals[j])) if n else {}
+            entry[token] = lp
+            seq.prompt_logprobs.append(entry)
 
     def sampling_batch(self, seqs: list[Sequence], histories: list[list[int]] | None = None) -> SamplingBatch:
         """One sampling row per sequence (or per given output history, for speculative verification)."""
@@ -327,7 +356,16 @@ class LLMEngine:
             "num_spec_accepted_tokens": sum(s.num_spec_accepted_tokens for s in req.seqs),
         }
         finished = all(s.is_finished for s in req.seqs)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, finished, metrics)
+        prompt_logprobs = req.seqs[0].prompt_logprobs
+        return RequestOutput(
+            req.request_id,
+            req.prompt,
+            req.prompt_token_ids,
+            completions,
+            finished,
+            metrics,
+            list(prompt_logprobs) if prompt_logprobs is not None else None,
+        )
 
     def stats(self) -> dict:
         s = {

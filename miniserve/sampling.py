@@ -40,6 +40,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None  # normalised to a list
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs per token; 0 = only the sampled token's
+    prompt_logprobs: int | None = None  # top-N logprobs of every prompt token (scoring, `echo`); 0 = its own only
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
@@ -66,6 +67,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, low=0, high=MAX_LOGPROBS)
 
     @property
     def greedy(self) -> bool:

@@ -34,6 +34,7 @@ class Sequence:
     stop_reason: int | str | None = None
     text: str = ""
     logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # per prompt token; the first has none
     cumulative_logprob: float = 0.0
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
@@ -45,6 +46,8 @@ class Sequence:
         self.token_ids = list(self.prompt_token_ids)
         if self.params.logprobs is not None:
             self.logprobs = []
+        if self.params.prompt_logprobs is not None and self.index == 0:  # choices share one prompt
+            self.prompt_logprobs = [None]
 
     @property
     def num_tokens(self) -> int:
@@ -61,6 +64,11 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Prompt logprobs were asked for and some prompt tokens are not scored yet."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:

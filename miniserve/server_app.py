@@ -192,7 +192,9 @@ class ServerState:
             raise APIError(f"the chat template failed: {exc}", param="messages") from None
 
 
-def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> Any:
+def sampling_params(
+    req: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+) -> Any:
     """SamplingParams for one request; its ValueErrors become 400s naming the field."""
     from miniserve.sampling import SamplingParams
 
@@ -209,6 +211,7 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) 
         "stop_token_ids": req.stop_token_ids,
         "ignore_eos": req.ignore_eos,
         "logprobs": logprobs,
+        "prompt_logprobs": prompt_logprobs,
         "include_stop_str_in_output": req.include_stop_str_in_output,
         "skip_special_tokens": req.skip_special_tokens,
     }
@@ -329,8 +332,10 @@ async def create_completion(request: Request) -> Response:
     req: CompletionRequest = await state.parse(request, CompletionRequest)
     tok = state.tokenizer
     prompt_ids = [tok.encode(p) if isinstance(p, str) else p for p in req.prompts()]
+    prompt_lp = req.logprobs if req.echo else None  # echo + logprobs: score the prompt too
     params = [
-        sampling_params(req, state.token_budget(len(ids), req.max_tokens, "prompt"), req.logprobs) for ids in prompt_ids
+        sampling_params(req, state.token_budget(len(ids), req.max_tokens, "prompt"), req.logprobs, prompt_lp)
+        for ids in prompt_ids
     ]
     group = RequestGroup(state, f"cmpl-{uuid.uuid4().hex}")
     await group.start(prompt_ids, params, "prompt")
@@ -352,7 +357,10 @@ async def create_completion(request: Request) -> Response:
         for o in finals[i].outputs:
             lp = None
             if req.logprobs is not None:
-                lp = fmt.completion_logprobs(tok, ids, o.token_ids, o.logprobs, req.logprobs, 0)
+                start = len(prompt_texts[i]) if prompt_texts else 0
+                lp = fmt.completion_logprobs(tok, ids, o.token_ids, o.logprobs, req.logprobs, start)
+                if prompt_texts:
+                    lp = fmt.join_logprobs(fmt.prompt_logprobs(tok, ids, finals[i].prompt_logprobs, req.logprobs), lp)
             choices.append(
                 {
                     "index": i * req.n + o.index,
@@ -376,7 +384,8 @@ async def _stream_completion(
     prompt_texts: list[str] | None,
 ) -> AsyncIterator[str]:
     trackers = {(i, j): fmt.ChoiceTracker(ids) for i, ids in enumerate(prompt_ids) for j in range(req.n)}
-    offsets = dict.fromkeys(trackers, 0)
+    offsets = {(i, j): len(prompt_texts[i]) if prompt_texts else 0 for i, j in trackers}
+    echo_later = bool(prompt_texts) and req.logprobs is not None  # the prompt's logprobs come with its first output
     finals: dict[int, Any] = {}
 
     def chunk(index: int, text: str, logprobs: Any = None, finish: str | None = None, stop: Any = None) -> str:
@@ -390,11 +399,16 @@ async def _stream_completion(
         return fmt.sse({**head, "choices": [choice]})
 
     try:
-        if prompt_texts:
+        if prompt_texts and not echo_later:
             for i, j in trackers:
                 yield chunk(i * req.n + j, prompt_texts[i])
+        echoed: set[tuple[int, int]] = set()
         async with aclosing(_deltas(group, request, trackers, finals)) as deltas:
             async for i, o, d in deltas:
+                if echo_later and (i, o.index) not in echoed:
+                    echoed.add((i, o.index))
+                    plp = fmt.prompt_logprobs(state.tokenizer, prompt_ids[i], finals[i].prompt_logprobs, req.logprobs)
+                    yield chunk(i * req.n + o.index, prompt_texts[i], plp)
                 lp = None
                 if req.logprobs is not None and d.token_ids:
                     offset = offsets[(i, o.index)]

@@ -290,3 +290,38 @@ def test_engine_seed_makes_unseeded_sampling_repeatable(llama_dir):
     b = greedy_ids(make_llm(llama_dir, seed=3), [prompt], params)
     c = greedy_ids(make_llm(llama_dir, seed=4), [prompt], params)
     assert a == b and a != c
+
+
+@pytest.mark.parametrize("chunk", [4096, 7])
+def test_prompt_logprobs_match_transformers(llama_dir, chunk):
+    """Every prompt token's logprob (and the top-N) equals transformers' log_softmax of the previous position,
+    with whole and chunked prefill, and with n > 1 choices sharing the prompt."""
+    import transformers
+
+    prompt = token_prompts(1, seed=16, lo=20, hi=21)[0]
+    llm = make_llm(llama_dir, max_num_batched_tokens=chunk)
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3, n=2, ignore_eos=True)
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0], -1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for i in range(1, len(prompt)):
+        entry = out.prompt_logprobs[i]
+        assert abs(entry[prompt[i]] - ref[i - 1, prompt[i]].item()) < 1e-4
+        assert set(ref[i - 1].topk(3).indices.tolist()) <= set(entry)
+    assert llm.generate([prompt], GREEDY, use_tqdm=False)[0].prompt_logprobs is None
+
+
+def test_prompt_logprobs_survive_preemption(llama_dir):
+    prompts = token_prompts(4, seed=17, lo=20, hi=30)
+    params = SamplingParams(temperature=0, max_tokens=30, prompt_logprobs=0, ignore_eos=True)
+    big = make_llm(llama_dir).generate(prompts, params, use_tqdm=False)
+    small = make_llm(llama_dir, num_kv_blocks=9, block_size=8)
+    got = small.generate(prompts, params, use_tqdm=False)
+    assert small.engine.scheduler.num_preemptions > 0
+    for a, b in zip(big, got):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert len(b.prompt_logprobs) == len(b.prompt_token_ids)
+        for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert x.keys() == y.keys() and all(abs(x[k] - y[k]) < 1e-5 for k in x)

@@ -259,6 +259,38 @@ def test_multiple_prompts_times_n_get_openai_indexes(client, hf_tok):
     assert r.choices[0].text == PROMPTS[0] + alone[0]
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, hf_model, hf_tok):
+    """echo + logprobs (how evaluation harnesses score text): every prompt token after the first gets its
+    logprob under the model, equal to transformers'; streaming sends the same lists."""
+    ids = hf_tok(PROMPTS[1]).input_ids
+    kwargs = dict(
+        model=MODEL_NAME,
+        prompt=PROMPTS[1],
+        max_tokens=3,
+        temperature=0,
+        echo=True,
+        logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    r = client.completions.create(**kwargs)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith(PROMPTS[1])
+    assert len(lp.tokens) == len(ids) + 3 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    for i in range(1, len(ids)):
+        assert abs(lp.token_logprobs[i] - ref[i - 1, ids[i]].item()) < 1e-3
+        assert len(lp.top_logprobs[i]) >= 2
+    assert lp.text_offset == sorted(lp.text_offset)
+    streamed = {"tokens": [], "token_logprobs": []}
+    for chunk in client.completions.create(**kwargs, stream=True):
+        for c in chunk.choices:
+            if c.logprobs is not None:
+                streamed["tokens"] += c.logprobs.tokens
+                streamed["token_logprobs"] += c.logprobs.token_logprobs
+    assert streamed["tokens"] == lp.tokens and streamed["token_logprobs"] == lp.token_logprobs
+
+
 def test_completion_stream_equals_non_stream_with_seed(client):
     kwargs = dict(model=MODEL_NAME, prompt=PROMPTS[3], n=2, max_tokens=12, temperature=1.0, seed=1234)
     full = client.completions.create(**kwargs)
