@@ -99,7 +99,13 @@ class LLMEngine:
         if wanted > limit:
             raise ValueError(f"max_model_len={wanted} exceeds the model's max_position_embeddings={limit}")
         if cfg.sliding_window is not None and wanted > cfg.sliding_window:
-            wanted = cfg.sliding_window  # full attention equals sliding-window attention up to the window
+            # full attention equals sliding-window attention up to the window; beyond it the two differ
+            warnings.warn(
+                f"{self.config.model} uses sliding-window attention ({cfg.sliding_window} tokens), which miniserve "
+                f"does not implement: max_model_len is capped at {cfg.sliding_window}",
+                stacklevel=2,
+            )
+            wanted = cfg.sliding_window
         return wanted
 
     def _num_kv_blocks(self, lookahead: int) -> int:
@@ -160,17 +166,12 @@ class LLMEngine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {len(ids) + params.max_tokens} "
                 f"exceeds the model's context length max_model_len={self.max_model_len}"
             )
-        worst = self.block_manager.blocks_for(self.max_model_len + self.scheduler.lookahead)
-        if worst > self.block_manager.num_blocks:
-            total = len(ids) + (params.max_tokens or self.max_model_len)
-            if (
-                self.block_manager.blocks_for(min(total, self.max_model_len) + self.scheduler.lookahead)
-                > self.block_manager.num_blocks
-            ):
-                raise ValueError(
-                    f"this request may need {min(total, self.max_model_len)} tokens of KV cache but the whole pool "
-                    f"holds {self.block_manager.num_blocks * self.block_manager.block_size}; it can never fit"
-                )
+        need = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        if self.block_manager.blocks_for(need + self.scheduler.lookahead) > self.block_manager.num_blocks:
+            raise ValueError(
+                f"this request may need {need} tokens of KV cache but the whole pool holds "
+                f"{self.block_manager.num_blocks * self.block_manager.block_size}; it can never fit"
+            )
 
     def abort_request(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)

@@ -238,3 +238,12 @@ def test_checkpoint_kv_scales_are_used(tmp_path, tokenizer_dir, llama_dir):
     want_k = quantize_fp8_reference(captured["k"], kv[0].k_scale, torch.float8_e4m3fn).view(torch.uint8)
     want_v = quantize_fp8_reference(captured["v"], kv[0].v_scale, torch.float8_e4m3fn).view(torch.uint8)
     assert torch.equal(stored_k, want_k) and torch.equal(stored_v, want_v)
+
+
+def test_sliding_window_caps_the_context_with_a_warning(tmp_path, tokenizer_dir):
+    path = build_model_dir(tmp_path / "mistral", "MistralForCausalLM", tokenizer_dir, sliding_window=64)
+    with pytest.warns(UserWarning, match="sliding-window"):
+        eng = engine(path)
+    assert eng.max_model_len == 64
+    with pytest.raises(ValueError, match="max_model_len=64"):
+        eng.add_request("r", list(range(2, 62)), SamplingParams(max_tokens=10))
