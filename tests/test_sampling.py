@@ -59,6 +59,7 @@ BAD_VALUES = [
     ("stop_token_ids", 3), ("stop_token_ids", [-1]), ("stop_token_ids", ["a"]), ("stop_token_ids", [1.0]),
     ("ignore_eos", "yes"),
     ("logprobs", -1), ("logprobs", 21), ("logprobs", 1.5),
+    ("prompt_logprobs", -1), ("prompt_logprobs", 21), ("prompt_logprobs", "2"),
     ("include_stop_str_in_output", 1),
     ("skip_special_tokens", None),
 ]  # fmt: skip
