@@ -261,3 +261,23 @@ def test_decode_is_batch_invariant_and_verification_matches_it_bit_for_bit(cache
         )
         single = decode_attention(v.q[t : t + 1], v.key_cache, v.value_cache, meta, v.k_scale, v.v_scale, 0.3)
         assert torch.equal(together[t : t + 1], single)
+
+
+@pytest.mark.parametrize(
+    ("arch", "want"),
+    [
+        ("gfx942:sramecc+:xnack-", torch.float8_e4m3fnuz),
+        ("gfx950", torch.float8_e4m3fn),
+        ("gfx1100", torch.float8_e4m3fn),
+    ],
+)
+def test_fp8_resolves_to_the_rocm_device_flavour(monkeypatch, arch, want):
+    """On ROCm, kv_cache_dtype="fp8" means e4m3fnuz on MI300 (gfx94x) and e4m3fn elsewhere."""
+    import types
+
+    import miniserve.kernels.backend as backend
+
+    monkeypatch.setattr(backend, "is_rocm", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(gcnArchName=arch))
+    assert resolve_kv_cache_dtype("fp8", torch.bfloat16, torch.device("cuda", 0)) == want
+    assert resolve_kv_cache_dtype("fp8_e4m3", torch.bfloat16, torch.device("cuda", 0)) == want
