@@ -157,7 +157,8 @@ class SpeculativeDecoder:
         target = logits.argmax(-1).view(len(seqs), k + 1)
         accepted = (drafts == target[:, :k]).int().cumprod(dim=1).sum(dim=1)
         next_tokens = target.gather(1, accepted[:, None].long()).squeeze(1)
-        return drafts.tolist(), accepted.tolist(), next_tokens.tolist(), logits
+        result = torch.cat([drafts, accepted[:, None].long(), next_tokens[:, None]], dim=1).tolist()  # one sync
+        return [r[:k] for r in result], [r[k] for r in result], [r[k + 1] for r in result], logits
 
     def _sampled_round(self, seqs: list[Sequence], base_len: list[int]):
         """The general round: per-request sampling settings, draft distributions kept for rejection sampling."""
@@ -197,7 +198,8 @@ class SpeculativeDecoder:
     def _append(self, seqs, drafts, accepted, next_tokens, logits, base_len) -> None:
         """Emit accepted drafts plus the next token; logprobs come from the target's raw logits."""
         eng, k = self.engine, self.k
-        logprobs_all = torch.log_softmax(logits, dim=-1)
+        wants_logprobs = any(s.params.logprobs is not None for s in seqs)
+        logprobs_all = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
         for i, seq in enumerate(seqs):
             a = accepted[i]
             emitted = drafts[i][:a] + [next_tokens[i]]

@@ -177,3 +177,17 @@ def test_greedy_with_penalties_and_min_tokens_is_lossless(llama_dir, draft_dir):
     plain, _ = run(llama_dir, prompts, params)
     spec, eng = run(llama_dir, prompts, params, speculative_model=str(draft_dir), num_speculative_tokens=3)
     assert spec == plain and eng.stats()["spec_num_drafts"] > 0
+
+
+def test_logprobs_with_speculation_equal_plain_logprobs(llama_dir, draft_dir):
+    prompts = mixed_prompts(5)[1:3]
+    params = SamplingParams(temperature=0, max_tokens=10, logprobs=2, ignore_eos=True)
+    plain = LLM(str(llama_dir), dtype="float32", device="cpu").generate(prompts, params, use_tqdm=False)
+    spec_llm = LLM(
+        str(llama_dir), dtype="float32", device="cpu", speculative_model=str(draft_dir), num_speculative_tokens=3
+    )
+    spec = spec_llm.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(plain, spec):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-4 for t in x)
