@@ -29,6 +29,7 @@ class _Graph:
     start_pos: torch.Tensor  # [bucket]
     block_tables: torch.Tensor  # [bucket, max_blocks]
     valid: torch.Tensor  # [bucket] bool: real rows
+    row_ids: torch.Tensor  # [bucket] 0..bucket-1, to set `valid` without allocating
     logits: torch.Tensor  # [bucket * n, V], written by every replay
 
 
@@ -58,7 +59,7 @@ class GraphRunner:
         g.token_ids[:batch].copy_(token_ids)
         g.start_pos[:batch].copy_(start_pos)
         g.block_tables[:batch, : block_tables.shape[1]].copy_(block_tables)
-        g.valid.copy_(torch.arange(bucket, device=g.valid.device) < batch)
+        g.valid.copy_(g.row_ids < batch)
         g.graph.replay()
         return g.logits[: batch * n]
 
@@ -79,6 +80,6 @@ class GraphRunner:
         with torch.cuda.graph(graph, pool=self.pool):
             logits = self.worker.run_uniform(*args)
         self.pool = graph.pool()
-        g = _Graph(graph, token_ids, start_pos, block_tables, valid, logits)
+        g = _Graph(graph, token_ids, start_pos, block_tables, valid, torch.arange(bucket, device=dev), logits)
         self.graphs[(bucket, n)] = g
         return g

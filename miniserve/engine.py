@@ -244,8 +244,12 @@ class LLMEngine:
             seq.prompt_logprobs.append(entry)
 
     def sampling_batch(self, seqs: list[Sequence], histories: list[list[int]] | None = None) -> SamplingBatch:
-        """One sampling row per sequence (or per given output history, for speculative verification)."""
-        histories = histories if histories is not None else [s.output_token_ids for s in seqs]
+        """One sampling row per sequence (or per given output history, for speculative verification).
+
+        A history is copied out of the sequence only when the sampler reads it: copying every sequence's
+        output every step would cost O(length) per token."""
+        if histories is None:
+            histories = [s.output_token_ids if s.params.needs_history else [] for s in seqs]
         return SamplingBatch.build(
             [s.params for s in seqs],
             [s.generator for s in seqs],
@@ -341,7 +345,7 @@ class LLMEngine:
                 CompletionOutput(
                     index=seq.index,
                     text=text,
-                    token_ids=list(seq.output_token_ids),
+                    token_ids=seq.output_token_ids,  # a fresh slice: a snapshot
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
                     logprobs=list(seq.logprobs) if seq.logprobs is not None else None,

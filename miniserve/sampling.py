@@ -74,6 +74,16 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
 
+    @property
+    def penalized(self) -> bool:
+        """Some penalty reshapes the logits from the token history."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def needs_history(self) -> bool:
+        """The sampler reads the generated tokens (penalties, or the length for min_tokens)."""
+        return self.penalized or self.min_tokens > 0
+
 
 def _check_int(name: str, value: object, low: int | None = None, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -124,7 +134,7 @@ def _normalize_stop_token_ids(ids: object) -> list[int]:
 @dataclass
 class SamplerOutput:
     token_ids: torch.Tensor  # int64 [B]
-    logprobs: torch.Tensor  # float32 [B]: log_softmax(raw logits) at the sampled token
+    logprobs: torch.Tensor | None  # float32 [B]: log_softmax(raw logits) at the sampled token, if any row asked
     top_logprobs: tuple[torch.Tensor, torch.Tensor] | None  # (ids int64 [B, N], values float32 [B, N])
 
 
@@ -153,6 +163,11 @@ class SamplingBatch:
     @property
     def size(self) -> int:
         return len(self.generators)
+
+    @property
+    def penalized(self) -> bool:
+        """Some row's logits are reshaped by its history (penalties) or masked (min_tokens)."""
+        return self.repetition_penalty is not None or self.output_counts is not None or self.banned is not None
 
     @classmethod
     def build(
@@ -322,15 +337,17 @@ def sample_from_probs(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-    """One token per row, its logprob under the raw model distribution, and the top-N raw logprobs."""
-    raw_logprobs = torch.log_softmax(logits.to(torch.float32), dim=-1)
-    if batch.all_greedy:
+    """One token per row and, when any row asked for logprobs, the sampled token's logprob under the raw model
+    distribution and the top-N raw logprobs (a full-vocabulary log_softmax is only paid for then)."""
+    if batch.all_greedy and not batch.penalized:
+        token_ids = logits.argmax(dim=-1)  # nothing reshapes the logits: skip the copy
+    elif batch.all_greedy:
         token_ids = apply_penalties_and_filters(logits, batch).argmax(dim=-1)
     else:
         token_ids = sample_from_probs(probs(logits, batch), batch)
+    if batch.max_num_logprobs is None:
+        return SamplerOutput(token_ids=token_ids, logprobs=None, top_logprobs=None)
+    raw_logprobs = torch.log_softmax(logits.to(torch.float32), dim=-1)
     logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
-    top = None
-    if batch.max_num_logprobs is not None:
-        values, ids = raw_logprobs.topk(batch.max_num_logprobs, dim=-1)
-        top = (ids, values)
-    return SamplerOutput(token_ids=token_ids, logprobs=logprobs, top_logprobs=top)
+    values, ids = raw_logprobs.topk(batch.max_num_logprobs, dim=-1)
+    return SamplerOutput(token_ids=token_ids, logprobs=logprobs, top_logprobs=(ids, values))

@@ -55,16 +55,15 @@ def rejection_sample(
     return first_reject, residual_draw(residual)
 
 
+def _history(seq: Sequence, drafted: list[int]) -> list[int]:
+    """The output a sampling row sees: the sequence's tokens plus the drafts before it (only if it reads them)."""
+    return seq.output_token_ids + drafted if seq.params.needs_history else []
+
+
 def _is_plain_greedy(seq: Sequence) -> bool:
     """Greedy with nothing reshaping the logits (penalties, a min_tokens mask): the raw argmax decides."""
     p = seq.params
-    return (
-        p.greedy
-        and p.repetition_penalty == 1.0
-        and p.presence_penalty == 0.0
-        and p.frequency_penalty == 0.0
-        and seq.num_output_tokens >= p.min_tokens
-    )
+    return p.greedy and not p.penalized and seq.num_output_tokens >= p.min_tokens
 
 
 class SpeculativeDecoder:
@@ -172,7 +171,7 @@ class SpeculativeDecoder:
         ]
         for j in range(k):
             logits = eng.draft.forward(inputs)
-            batch = eng.sampling_batch(seqs, [s.output_token_ids + d for s, d in zip(seqs, drafts)])
+            batch = eng.sampling_batch(seqs, [_history(s, d) for s, d in zip(seqs, drafts)])
             q = processed_probs(logits, batch)
             tokens = sample_from_probs(q, batch).tolist()
             draft_probs.append(q)
@@ -185,7 +184,7 @@ class SpeculativeDecoder:
         ]
         logits = eng.target.forward(verify)  # [B*(k+1), V]
         rows_seqs = [s for s in seqs for _ in range(k + 1)]
-        histories = [s.output_token_ids + d[:j] for s, d in zip(seqs, drafts) for j in range(k + 1)]
+        histories = [_history(s, d[:j]) for s, d in zip(seqs, drafts) for j in range(k + 1)]
         p = processed_probs(logits, eng.sampling_batch(rows_seqs, histories)).view(len(seqs), k + 1, -1)
         seq_batch = eng.sampling_batch(seqs)
         draft_tokens = torch.tensor(drafts, device=logits.device)

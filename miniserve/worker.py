@@ -20,6 +20,7 @@ from miniserve.models.config import ModelConfig
 from miniserve.models.llama import LayerKV
 from miniserve.models.loader import load_model
 
+DECODE_QUERIES_MAX_LEN = 16  # up to this many new tokens per sequence, Triton runs them as decode queries
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -118,7 +119,21 @@ class Worker:
             max_query_len=max(len(x.token_ids) for x in inputs),
             max_seq_len=max(seq_lens),
         )
-        return tensor(ids, torch.int64), tensor(pos, torch.int64), meta, tensor(logit_rows, torch.int64)
+        return (
+            tensor(ids, torch.int64),
+            tensor(pos, torch.int64),
+            self._for_kernels(meta),
+            tensor(logit_rows, torch.int64),
+        )
+
+    def _for_kernels(self, meta: AttentionMetadata) -> AttentionMetadata:
+        """Batches of a few new tokens per sequence (speculative verification: k+1) run on the Triton backend as
+        one decode query per token, built once per forward for all layers. Each token then gets the arithmetic of
+        a plain decode step, so greedy speculation reproduces plain decoding bit for bit; with GQA this reads no
+        more KV than the extend kernel, which loads each KV tile once per query head."""
+        if self.backend == "triton" and 1 < meta.max_query_len <= DECODE_QUERIES_MAX_LEN:
+            return meta.as_decode_queries()
+        return meta
 
     @torch.inference_mode()
     def forward(self, inputs: list[ForwardInput]) -> torch.Tensor:
@@ -175,6 +190,7 @@ class Worker:
             max_query_len=n,
             max_seq_len=max_seq_len,
         )
+        meta = self._for_kernels(meta)
         hidden = self.model(token_ids.reshape(-1), positions, meta, self.kv)
         return self.model.logits(hidden)
 

@@ -246,9 +246,14 @@ def test_decode_is_batch_invariant_and_verification_matches_it_bit_for_bit(cache
         )
         alone = decode_attention(b.q[i : i + 1], *args, meta, b.k_scale, b.v_scale, 0.3)
         assert torch.equal(alone, full[i : i + 1])
-    # verification: the last 3 positions of each sequence as one ragged multi-token batch
+    # verification: the last 3 positions of each sequence as one multi-token batch, run as decode queries
     v = make_batch([(s, 3) for s, _ in seqs], 16, 8, 2, 64, cache_dtype, torch.float32, seed=11)
-    together = paged_attention(v.q, v.key_cache, v.value_cache, v.meta, v.k_scale, v.v_scale, 0.3, "triton")
+    queries = v.meta.as_decode_queries()
+    assert queries.is_decode and queries.seq_lens.tolist() == [s - 2 + j for s, _ in seqs for j in range(3)]
+    causal = paged_attention(v.q, v.key_cache, v.value_cache, v.meta, v.k_scale, v.v_scale, 0.3, "torch")
+    as_queries = paged_attention(v.q, v.key_cache, v.value_cache, queries, v.k_scale, v.v_scale, 0.3, "torch")
+    torch.testing.assert_close(as_queries, causal, rtol=1e-6, atol=1e-6)  # the same attention, described per token
+    together = paged_attention(v.q, v.key_cache, v.value_cache, queries, v.k_scale, v.v_scale, 0.3, "triton")
     for t in range(v.q.shape[0]):
         i, j = divmod(t, 3)
         meta = AttentionMetadata(

@@ -31,6 +31,20 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(2, VOCAB, (n_,), generator=g).tolist() for n_ in lengths]
 
 
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+
+
+def prompt_logits(eng: LLMEngine, prompt: list[int]) -> torch.Tensor:
+    """Logits of every prompt position from one prefill through the target worker."""
+    return eng.target.forward([ForwardInput(prompt, 0, alloc(eng, len(prompt)), len(prompt))])
+
+
 def alloc(eng: LLMEngine, seq_len: int) -> list[int]:
     """A block table for a single sequence driven by hand through the worker."""
     return list(range(eng.block_manager.blocks_for(seq_len)))
@@ -73,13 +87,7 @@ def test_greedy_batch_equals_transformers_and_solo_runs(model_dirs, arch):
 
 
 def test_rope_scaling_llama3_and_tied_embeddings(tmp_path, tokenizer_dir):
-    scaling = {
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 32,
-    }
+    scaling = LLAMA3_SCALING
     path = build_model_dir(
         tmp_path / "m",
         "LlamaForCausalLM",
@@ -93,7 +101,7 @@ def test_rope_scaling_llama3_and_tied_embeddings(tmp_path, tokenizer_dir):
     prompt = torch.randint(2, VOCAB, (80,), generator=torch.Generator().manual_seed(3)).tolist()
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0]
-    ours = eng.target.forward([ForwardInput(prompt, 0, alloc(eng, len(prompt)), len(prompt))])
+    ours = prompt_logits(eng, prompt)
     assert (ours - ref).abs().max().item() <= ATOL
 
 
@@ -102,8 +110,8 @@ def test_sharded_checkpoint_loads_like_single_file(tmp_path, tokenizer_dir, llam
     assert (sharded / "model.safetensors.index.json").is_file()
     prompt = prompts(2)[1]
     a, b = engine(sharded), engine(llama_dir)
-    la = a.target.forward([ForwardInput(prompt, 0, alloc(a, len(prompt)), len(prompt))])
-    lb = b.target.forward([ForwardInput(prompt, 0, alloc(b, len(prompt)), len(prompt))])
+    la = prompt_logits(a, prompt)
+    lb = prompt_logits(b, prompt)
     assert torch.equal(la, lb)
 
 
@@ -147,13 +155,7 @@ def test_hub_style_config_loads_like_transformers5_style(tmp_path, tokenizer_dir
     (rope_parameters) give the same model."""
     import json
 
-    scaling = {
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 32,
-    }
+    scaling = LLAMA3_SCALING
     new = build_model_dir(
         tmp_path / "new", "LlamaForCausalLM", tokenizer_dir, seed=5, rope_scaling=scaling, rope_theta=500000.0
     )
@@ -167,8 +169,8 @@ def test_hub_style_config_loads_like_transformers5_style(tmp_path, tokenizer_dir
     (old / "config.json").write_text(json.dumps(cfg))
     prompt = torch.randint(2, VOCAB, (70,), generator=torch.Generator().manual_seed(1)).tolist()
     a, b = engine(new), engine(old)
-    la = a.target.forward([ForwardInput(prompt, 0, alloc(a, 70), 70)])
-    lb = b.target.forward([ForwardInput(prompt, 0, alloc(b, 70), 70)])
+    la = prompt_logits(a, prompt)
+    lb = prompt_logits(b, prompt)
     assert b.target.model_config.rope_scaling["rope_type"] == "llama3"
     assert torch.equal(la, lb)
 
@@ -185,14 +187,14 @@ def test_half_precision_checkpoints(tmp_path, tokenizer_dir, dtype):
     ref32 = hf_model(path)
     with torch.no_grad():
         want32 = ref32(torch.tensor([prompt])).logits[0]
-    got32 = auto.target.forward([ForwardInput(prompt, 0, alloc(auto, len(prompt)), len(prompt))])
+    got32 = prompt_logits(auto, prompt)
     assert (got32 - want32).abs().max().item() <= ATOL
     half = LLMEngine(EngineConfig(model=str(path), dtype=name, device="cpu"))
     assert half.target.dtype == dtype and half.target.kv_dtype == dtype
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     with torch.no_grad():
         want = ref(torch.tensor([prompt])).logits[0].float()
-    got = half.target.forward([ForwardInput(prompt, 0, alloc(half, len(prompt)), len(prompt))])
+    got = prompt_logits(half, prompt)
     assert ((got - want).norm() / want.norm()).item() < 2e-2
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
 

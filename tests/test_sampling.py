@@ -367,6 +367,7 @@ def test_logprobs_are_raw_model_logprobs():
 
 def test_top_logprobs_only_when_asked():
     logits = torch.randn(2, V)
-    assert sample(logits, build([SamplingParams()] * 2)).top_logprobs is None
+    unasked = sample(logits, build([SamplingParams()] * 2))
+    assert unasked.top_logprobs is None and unasked.logprobs is None
     ids, values = sample(logits, build([SamplingParams(logprobs=0), SamplingParams()])).top_logprobs
     assert ids.shape == values.shape == (2, 0)

@@ -360,7 +360,7 @@ def test_chat_logprobs_match_transformers(client, hf_model, hf_tok):
     ids = chat_ids(hf_tok, messages)
     expected_ids = hf_greedy(hf_model, ids, 6)
     ref = hf_logprobs(hf_model, ids, expected_ids)
-    r = client.chat.completions.create(
+    kwargs = dict(
         model=MODEL_NAME,
         messages=messages,
         max_tokens=6,
@@ -369,6 +369,7 @@ def test_chat_logprobs_match_transformers(client, hf_model, hf_tok):
         top_logprobs=2,
         extra_body={"ignore_eos": True},
     )
+    r = client.chat.completions.create(**kwargs)
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens == 6
     assert "".join(t.token for t in content) == r.choices[0].message.content
@@ -378,16 +379,7 @@ def test_chat_logprobs_match_transformers(client, hf_model, hf_tok):
         assert [x.logprob for x in t.top_logprobs] == pytest.approx(ref[i].topk(2).values.tolist(), abs=1e-3)
         assert t.top_logprobs[0].token == t.token  # greedy picks the best
     streamed = []
-    for chunk in client.chat.completions.create(
-        model=MODEL_NAME,
-        messages=messages,
-        max_tokens=6,
-        temperature=0,
-        logprobs=True,
-        top_logprobs=2,
-        stream=True,
-        extra_body={"ignore_eos": True},
-    ):
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
         for c in chunk.choices:
             streamed += c.logprobs.content if c.logprobs else []
     assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]

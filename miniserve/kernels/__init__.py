@@ -78,8 +78,8 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of the packed new tokens `q` [num_tokens, num_q_heads, head_dim] over the paged cache.
 
-    backend: "torch" (reference), "auto", or "triton": the decode kernel for decode batches and, token by
-    token, for batches of at most 16 new tokens per sequence; the extend kernel for longer prefills.
+    backend: "torch" (reference), "auto", or "triton": the decode kernel when every sequence brings one token
+    (see `AttentionMetadata.as_decode_queries`), else the extend kernel.
     Returns `[num_tokens, num_q_heads, head_dim]` in q.dtype.
     """
     if q.shape[1] % key_cache.shape[2]:
@@ -88,42 +88,13 @@ def paged_attention(
         raise ValueError(f"q head_dim ({q.shape[2]}) != cache head_dim ({key_cache.shape[3]})")
     if not _use_triton(q.device, backend, "backend"):
         return paged_attention_reference(q, key_cache, value_cache, meta, k_scale, v_scale, sm_scale)
-    from miniserve.kernels.decode_attention import decode_attention
-
     if meta.is_decode:
+        from miniserve.kernels.decode_attention import decode_attention
+
         return decode_attention(q, key_cache, value_cache, meta, k_scale, v_scale, sm_scale)
-    if meta.max_query_len <= PER_TOKEN_MAX_QUERY_LEN:
-        per_token = per_token_metadata(meta, q.shape[0])
-        return decode_attention(q, key_cache, value_cache, per_token, k_scale, v_scale, sm_scale)
     from miniserve.kernels.extend_attention import extend_attention
 
     return extend_attention(q, key_cache, value_cache, meta, k_scale, v_scale, sm_scale)
-
-
-# Batches of a few new tokens per sequence (speculative verification: k+1) run the decode kernel once per
-# token. Each token then gets exactly the arithmetic it would get as a plain decode step, so greedy speculative
-# decoding reproduces plain decoding bit for bit. With GQA it reads no more KV than the extend kernel, which
-# loads each KV tile once per query head.
-PER_TOKEN_MAX_QUERY_LEN = 16
-
-
-def per_token_metadata(meta: AttentionMetadata, num_tokens: int) -> AttentionMetadata:
-    """Metadata that makes every new token its own decode query: its sequence's pages, its causal length.
-
-    Built on the device without host syncs (CUDA-graph safe)."""
-    dev = meta.seq_lens.device
-    token = torch.arange(num_tokens, device=dev, dtype=torch.int32)
-    seq = torch.searchsorted(meta.query_start_loc[1:], token, right=True)  # the sequence each token belongs to
-    # token t of sequence i sits at position seq_lens[i] - (query_start_loc[i + 1] - t)
-    seq_lens = meta.seq_lens[seq] - meta.query_start_loc[1:][seq] + token + 1
-    return AttentionMetadata(
-        slot_mapping=meta.slot_mapping,
-        query_start_loc=torch.arange(num_tokens + 1, device=dev, dtype=torch.int32),
-        seq_lens=seq_lens.to(torch.int32),
-        block_tables=meta.block_tables[seq],
-        max_query_len=1,
-        max_seq_len=meta.max_seq_len,
-    )
 
 
 def _use_triton(device: torch.device, choice: str, name: str) -> bool:

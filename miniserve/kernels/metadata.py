@@ -9,6 +9,8 @@ All attention reads K/V from the paged cache after `reshape_and_cache` wrote the
 sees the same (possibly FP8) bytes.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 import torch
@@ -31,3 +33,24 @@ class AttentionMetadata:
     def is_decode(self) -> bool:
         """Every sequence brings exactly one new token: the decode kernel applies."""
         return self.max_query_len == 1
+
+    def as_decode_queries(self) -> AttentionMetadata:
+        """The same batch with every new token as its own one-token query (its sequence's pages, its causal
+        length), so the decode kernel can run it. A token then gets exactly the arithmetic of a plain decode
+        step, which is what makes greedy speculative verification reproduce plain decoding bit for bit.
+        Built on the device without host syncs (CUDA-graph safe)."""
+        num_tokens = self.slot_mapping.shape[0]
+        dev = self.seq_lens.device
+        token = torch.arange(num_tokens, device=dev, dtype=torch.int32)
+        ends = self.query_start_loc[1:]
+        seq = torch.searchsorted(ends, token, right=True)  # the sequence each token belongs to
+        # token t of sequence i sits at position seq_lens[i] - (query_start_loc[i + 1] - t)
+        seq_lens = self.seq_lens[seq] - ends[seq] + token + 1
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping,
+            query_start_loc=torch.arange(num_tokens + 1, device=dev, dtype=torch.int32),
+            seq_lens=seq_lens.to(torch.int32),
+            block_tables=self.block_tables[seq],
+            max_query_len=1,
+            max_seq_len=self.max_seq_len,
+        )
