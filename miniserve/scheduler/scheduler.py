@@ -71,10 +71,10 @@ class Scheduler:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
+            if self._parent_pending(seq):  # waits for its sibling's prompt blocks; later ones may go first
+                skipped.append(seq)
+                continue
             if not self._admit(seq, budget, scheduled):
-                if self._parent_pending(seq):
-                    skipped.append(seq)
-                    continue
                 self.waiting.appendleft(seq)
                 break
             budget -= scheduled[-1].num_new_tokens
@@ -96,8 +96,7 @@ class Scheduler:
         return ((seq.num_prompt_tokens - 1) // bs) * bs
 
     def _admit(self, seq: Sequence, budget: int, scheduled: list[ScheduledSeq]) -> bool:
-        if self._parent_pending(seq):
-            return False
+        """Start `seq` if its blocks fit, sharing a running sibling's full prompt blocks when it has one."""
         parent = self.parents.get(seq.seq_id)
         share = 0
         if parent is not None and parent.status == SequenceStatus.RUNNING and seq.num_computed_tokens == 0:
