@@ -54,3 +54,31 @@ class AttentionMetadata:
             max_query_len=1,
             max_seq_len=self.max_seq_len,
         )
+
+
+def uniform_metadata_reference(
+    start_pos: torch.Tensor,
+    valid: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    n: int,
+    block_size: int,
+    max_seq_len: int,
+) -> tuple[torch.Tensor, AttentionMetadata]:
+    """The same as `uniform_metadata_triton` in torch ops, in the standard (one query of n tokens per sequence)
+    form, which the torch attention reference runs; `as_decode_queries()` of it equals the kernel's metadata."""
+    B = start_pos.shape[0]
+    dev = start_pos.device
+    positions = (start_pos.unsqueeze(1) + torch.arange(n, device=dev)).reshape(-1)
+    rows = torch.arange(B, device=dev).repeat_interleave(n)
+    slots = block_tables[rows, positions // block_size].long() * block_size + positions % block_size
+    if valid is not None:
+        slots = torch.where(valid[rows], slots, -1)
+    meta = AttentionMetadata(
+        slot_mapping=slots,
+        query_start_loc=torch.arange(0, (B + 1) * n, n, dtype=torch.int32, device=dev),
+        seq_lens=(start_pos + n).to(torch.int32),
+        block_tables=block_tables,
+        max_query_len=n,
+        max_seq_len=max_seq_len,
+    )
+    return positions, meta

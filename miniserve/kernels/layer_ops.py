@@ -1,0 +1,459 @@
+"""Fused elementwise ops of a Llama decoder layer: RMSNorm (+ residual add), RoPE, SiLU-and-mul.
+
+Why: a decode step of a small model under CUDA graphs is bound by kernel count, and the torch versions of these
+ops launch one kernel per elementwise op (RMSNorm alone is ~8). Each op here is one Triton launch.
+
+Each op has a pure-torch reference (`*_reference`, the exact arithmetic of models/llama.py, used on CPU and as
+the test oracle) and a Triton kernel that rounds every intermediate to the tensor dtype exactly where torch does:
+
+* rotary and the residual sum are bit-identical to torch (fp32, bf16, fp16). fp32 needs the launch option
+  `enable_fp_fusion=False`, else a*b+c is contracted into one FMA with a single rounding;
+* rms_norm and silu_and_mul differ from torch only through the row reduction order, rsqrt and exp (hardware
+  approximations on GPUs): the rounded intermediate can be one ulp off, the output two (tests allow two);
+* a NaN result is a NaN, its payload is not matched (torch's own differs between its CPU paths and CUDA).
+
+bf16 tensors travel as int16 bits and are converted on the bits (`_to_f32`, `round_to_bf16_bits`), because the
+CPU interpreter's bf16 casts truncate and flush subnormals; on GPUs the integer ops cost nothing measurable.
+
+Triton is imported when this module is, guarded so CPU-only installs (no Triton) still run the references. The
+interpreter is chosen when the kernels are decorated, i.e. TRITON_INTERPRET=1 must be set before this module is
+imported (tests set it first); `impl="triton"` says so if it was set too late.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from miniserve.kernels.backend import triton_interpreter_enabled
+
+try:
+    import triton
+    import triton.language as tl
+
+    from miniserve.kernels.cache_write import round_to_bf16_bits
+except ImportError:  # CPU-only install: the references serve every call
+    triton = None
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the kernels' `KIND` constexpr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# References: the arithmetic of models/llama.py, op for op (every op rounds to the dtype, as torch does).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def rms_norm_reference(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """transformers' RMSNorm order: normalise in fp32, cast back, then scale; with `residual`, norm of the sum."""
+    summed = x if residual is None else x + residual
+    dtype = summed.dtype
+    h = summed.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * h.to(dtype)
+    return out if residual is None else (out, summed)
+
+
+def rotary_tables_reference(
+    positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, 1, D] cos and signed sin cat(-sin1, sin2) in `dtype`: rotate_half(x) * sin == x.roll(D/2) * signed."""
+    half = sin.shape[-1] // 2
+    c, s = cos[positions], sin[positions]
+    s = torch.cat((-s[:, :half], s[:, half:]), dim=-1)
+    return c.unsqueeze(1).to(dtype), s.unsqueeze(1).to(dtype)
+
+
+def apply_rotary_reference_(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> None:
+    """In place: x = x * cos + x.roll(D/2) * signed_sin for q and k."""
+    c, s = rotary_tables_reference(positions, cos, sin, q.dtype)
+    for x in (q, k):
+        x.copy_(x * c + x.roll(x.shape[-1] // 2, dims=-1) * s)
+
+
+def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] (gate, up stacked) -> silu(gate) * up."""
+    gate, up = x.split(x.shape[-1] // 2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, impl: str = "auto"
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of x [T, H] (or [T, N, H], e.g. Qwen3's per-head q/k norm), last dim contiguous, any other strides.
+
+    residual None: returns RMSNorm(x). residual given (x's shape and dtype): s = x + residual, rounded like
+    torch's add; returns (RMSNorm(s), s), so a layer does `h, resid = rms_norm(attn_out, w, eps, resid)`.
+    Outputs are new contiguous tensors. weight: [H], x's dtype.
+    """
+    _check_rms_norm_args(x, weight, residual)
+    if not _use_triton(x.device, impl):
+        return rms_norm_reference(x, weight, eps, residual)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    summed = None if residual is None else torch.empty_like(out)
+    if out.numel():
+        _rms_norm_triton(x, weight, float(eps), residual, out, summed)
+    return out if residual is None else (out, summed)
+
+
+def apply_rotary_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    impl: str = "auto",
+) -> None:
+    """Rotate q [T, Hq, D] and k [T, Hk, D] in place (views into a packed qkv are fine: last dim contiguous).
+
+    positions: int64 [T]. cos, sin: fp32 [max_positions, D] with cos[p] = cat(cos(p*f), cos(p*f)) (the
+    `Rotary.cos` / `Rotary.sin` buffers). Bit-identical to `apply_rotary_reference_`. Positions are not
+    range-checked on the Triton path (that would need a host sync).
+    """
+    _check_rotary_args(q, k, positions, cos, sin)
+    if not _use_triton(q.device, impl):
+        apply_rotary_reference_(q, k, positions, cos, sin)
+    elif q.shape[0]:
+        _rotary_triton(q, k, positions, cos, sin)
+
+
+def silu_and_mul(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """x [T, 2I] (gate then up, as `MLP.gate_up_weight` stacks them; last dim contiguous) -> silu(gate) * up
+    as a new contiguous [T, I] tensor."""
+    _check_silu_args(x)
+    if not _use_triton(x.device, impl):
+        return silu_and_mul_reference(x)
+    out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype, device=x.device)
+    if out.numel():
+        _silu_and_mul_triton(x, out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument checks (shapes, dtypes, devices only: nothing here reads device memory)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _use_triton(device: torch.device, impl: str) -> bool:
+    """Resolve impl "auto" | "triton" | "reference": Triton on GPUs, torch on the CPU unless forced."""
+    if impl not in ("auto", "triton", "reference"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    on_gpu = device.type == "cuda"
+    if impl == "reference" or (impl == "auto" and (not on_gpu or triton is None)):
+        return False
+    if triton is None:
+        raise ValueError("impl='triton' needs the triton package, which is not installed")
+    if not on_gpu:
+        if not triton_interpreter_enabled():
+            raise ValueError(
+                f"impl='triton' needs a GPU; on device {device} set TRITON_INTERPRET=1 (slow, for tests) "
+                "or use impl='reference'"
+            )
+        if type(_rms_norm_kernel).__name__ != "InterpretedFunction":
+            raise ValueError(
+                "impl='triton' on the CPU: TRITON_INTERPRET=1 was set after miniserve.kernels.layer_ops was "
+                "imported; set it before importing miniserve"
+            )
+    return True
+
+
+def _check_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"{name} dtype must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_rms_norm_args(x, weight, residual) -> None:
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must be [num_tokens, hidden] or [num_tokens, heads, dim], got shape {tuple(x.shape)}")
+    _check_dtype("x", x)
+    if x.stride(-1) != 1:
+        raise ValueError(f"x must have a contiguous last dim, got strides {x.stride()}")
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"weight shape {tuple(weight.shape)} != ({x.shape[-1]},) (x's last dim)")
+    if weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"weight must match x's dtype/device {x.dtype}/{x.device}, got {weight.dtype}/{weight.device}")
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+        if residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(
+                f"residual must match x's dtype/device {x.dtype}/{x.device}, got {residual.dtype}/{residual.device}"
+            )
+        if residual.stride(-1) != 1:
+            raise ValueError(f"residual must have a contiguous last dim, got strides {residual.stride()}")
+
+
+def _check_rotary_args(q, k, positions, cos, sin) -> None:
+    if q.dim() != 3 or k.dim() != 3:
+        raise ValueError(
+            f"q and k must be [num_tokens, heads, head_dim], got shapes {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    _check_dtype("q", q)
+    if k.dtype != q.dtype or k.device != q.device:
+        raise ValueError(f"k dtype/device {k.dtype}/{k.device} != q dtype/device {q.dtype}/{q.device}")
+    head_dim = q.shape[2]
+    if k.shape[2] != head_dim or head_dim % 2:
+        raise ValueError(f"q and k need the same even head_dim, got {head_dim} and {k.shape[2]}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError(f"q and k must have a contiguous last dim, got strides {q.stride()} and {k.stride()}")
+    if positions.dtype != torch.int64 or positions.shape != (q.shape[0],) or k.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"positions must be int64 [num_tokens] with q, k of num_tokens rows; got positions "
+            f"{positions.dtype} {tuple(positions.shape)}, q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table.dtype != torch.float32 or table.dim() != 2 or table.shape[1] != head_dim:
+            raise ValueError(
+                f"{name} must be an fp32 [max_positions, {head_dim}] table, got {table.dtype} {tuple(table.shape)}"
+            )
+        if table.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim, got strides {table.stride()}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos shape {tuple(cos.shape)} != sin shape {tuple(sin.shape)}")
+    if any(t.device != q.device for t in (positions, cos, sin)):
+        raise ValueError(f"positions, cos and sin must be on q's device {q.device}")
+
+
+def _check_silu_args(x) -> None:
+    if x.dim() != 2 or x.shape[1] % 2:
+        raise ValueError(f"x must be [num_tokens, 2 * intermediate] (gate, up), got shape {tuple(x.shape)}")
+    _check_dtype("x", x)
+    if x.stride(-1) != 1:
+        raise ValueError(f"x must have a contiguous last dim, got strides {x.stride()}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _bits_view(x: torch.Tensor) -> torch.Tensor:
+    """bf16 travels as int16: the kernels convert it on the bits (see the module docstring)."""
+    return x.view(torch.int16) if x.dtype == torch.bfloat16 else x
+
+
+def _num_warps(block: int) -> int:
+    return min(max(block // 256, 1), 8)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _to_f32(x, KIND: tl.constexpr):
+        """A loaded element -> fp32, exactly (KIND 2: bf16 as int16 bits)."""
+        if KIND == 2:
+            y = (x.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        else:
+            y = x.to(tl.float32)
+        return y
+
+    @triton.jit
+    def _round(x, KIND: tl.constexpr):
+        """fp32 x rounded to the tensor dtype (round to nearest even) and widened back: torch's per-op rounding."""
+        if KIND == 2:
+            y = (round_to_bf16_bits(x) << 16).to(tl.float32, bitcast=True)
+        elif KIND == 1:
+            y = x.to(tl.float16).to(tl.float32)
+        else:
+            y = x
+        return y
+
+    @triton.jit
+    def _to_storage(x, KIND: tl.constexpr):
+        """fp32 x rounded to the tensor dtype, as stored (KIND 2: int16 bits)."""
+        if KIND == 2:
+            y = round_to_bf16_bits(x).to(tl.int16)
+        elif KIND == 1:
+            y = x.to(tl.float16)
+        else:
+            y = x
+        return y
+
+    @triton.jit
+    def _rms_norm_kernel(
+        x_ptr,
+        res_ptr,
+        w_ptr,
+        out_ptr,
+        sum_ptr,
+        x_stride0,
+        x_stride1,
+        r_stride0,
+        r_stride1,
+        rows_per_group,  # x.shape[1] for [T, N, H] inputs, else 1
+        hidden,
+        eps,
+        BLOCK: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
+        KIND: tl.constexpr,
+    ):
+        """One program per row: [s = x + residual; store s;] out = weight * (s * rsqrt(mean(s^2) + eps))."""
+        row = tl.program_id(0).to(tl.int64)
+        outer, inner = row // rows_per_group, row % rows_per_group
+        cols = tl.arange(0, BLOCK)
+        mask = cols < hidden
+        x = _to_f32(tl.load(x_ptr + outer * x_stride0 + inner * x_stride1 + cols, mask=mask, other=0), KIND)
+        if HAS_RESIDUAL:
+            r_off = outer * r_stride0 + inner * r_stride1 + cols
+            x = _round(x + _to_f32(tl.load(res_ptr + r_off, mask=mask, other=0), KIND), KIND)
+            tl.store(sum_ptr + row * hidden + cols, _to_storage(x, KIND), mask=mask)
+        mean_sq = tl.sum(x * x, axis=0) / hidden
+        y = _round(x * tl.rsqrt(mean_sq + eps), KIND)
+        w = _to_f32(tl.load(w_ptr + cols, mask=mask, other=0), KIND)
+        tl.store(out_ptr + row * hidden + cols, _to_storage(w * y, KIND), mask=mask)
+
+    @triton.jit
+    def _rotate_heads(
+        ptr,
+        head_stride,
+        num_heads,
+        c1,
+        c2,
+        s1,
+        s2,
+        d,
+        d_mask,
+        HALF: tl.constexpr,
+        HEADS_PAD: tl.constexpr,
+        KIND: tl.constexpr,
+    ):
+        """Rotate all heads of one token in place: x1' = x1*c1 + x2*s1, x2' = x2*c2 + x1*s2 (s1 = -sin1),
+        each product and sum rounded to the dtype, in torch's order."""
+        h = tl.arange(0, HEADS_PAD)
+        offs = h[:, None] * head_stride + d[None, :]
+        mask = (h < num_heads)[:, None] & d_mask[None, :]
+        x1 = _to_f32(tl.load(ptr + offs, mask=mask, other=0), KIND)
+        x2 = _to_f32(tl.load(ptr + offs + HALF, mask=mask, other=0), KIND)
+        o1 = _round(x1 * c1[None, :], KIND) + _round(x2 * s1[None, :], KIND)
+        o2 = _round(x2 * c2[None, :], KIND) + _round(x1 * s2[None, :], KIND)
+        tl.store(ptr + offs, _to_storage(o1, KIND), mask=mask)
+        tl.store(ptr + offs + HALF, _to_storage(o2, KIND), mask=mask)
+
+    @triton.jit
+    def _rotary_kernel(
+        q_ptr,
+        k_ptr,
+        pos_ptr,
+        cos_ptr,
+        sin_ptr,
+        q_stride_t,
+        q_stride_h,
+        k_stride_t,
+        k_stride_h,
+        cos_stride,
+        sin_stride,
+        num_q_heads,
+        num_k_heads,
+        HALF: tl.constexpr,
+        HALF_PAD: tl.constexpr,
+        Q_HEADS_PAD: tl.constexpr,
+        K_HEADS_PAD: tl.constexpr,
+        KIND: tl.constexpr,
+    ):
+        """One program per token: gather its cos/sin row once, rotate every q and k head."""
+        tok = tl.program_id(0).to(tl.int64)
+        pos = tl.load(pos_ptr + tok)
+        cos_row, sin_row = cos_ptr + pos * cos_stride, sin_ptr + pos * sin_stride
+        d = tl.arange(0, HALF_PAD)
+        d_mask = d < HALF
+        c1 = _round(tl.load(cos_row + d, mask=d_mask, other=0.0), KIND)
+        c2 = _round(tl.load(cos_row + HALF + d, mask=d_mask, other=0.0), KIND)
+        s1 = _round(-tl.load(sin_row + d, mask=d_mask, other=0.0), KIND)
+        s2 = _round(tl.load(sin_row + HALF + d, mask=d_mask, other=0.0), KIND)
+        q_row = q_ptr + tok * q_stride_t
+        k_row = k_ptr + tok * k_stride_t
+        _rotate_heads(q_row, q_stride_h, num_q_heads, c1, c2, s1, s2, d, d_mask, HALF, Q_HEADS_PAD, KIND)
+        _rotate_heads(k_row, k_stride_h, num_k_heads, c1, c2, s1, s2, d, d_mask, HALF, K_HEADS_PAD, KIND)
+
+    @triton.jit
+    def _silu_and_mul_kernel(
+        x_ptr,
+        out_ptr,
+        x_stride,
+        inter,
+        BLOCK: tl.constexpr,
+        KIND: tl.constexpr,
+    ):
+        """Program (row, block): out = r(r(silu(gate)) * up), silu in fp32 as torch computes it."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < inter
+        gate = _to_f32(tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0), KIND)
+        up = _to_f32(tl.load(x_ptr + row * x_stride + inter + cols, mask=mask, other=0), KIND)
+        act = _round(gate / (1.0 + tl.exp(-gate)), KIND)
+        tl.store(out_ptr + row * inter + cols, _to_storage(act * up, KIND), mask=mask)
+
+
+def _rms_norm_triton(x, weight, eps, residual, out, summed) -> None:
+    hidden = x.shape[-1]
+    rows_per_group = x.shape[1] if x.dim() == 3 else 1
+    x_strides = (x.stride(0), x.stride(1) if x.dim() == 3 else 0)
+    r_strides = (0, 0) if residual is None else (residual.stride(0), residual.stride(1) if x.dim() == 3 else 0)
+    block = triton.next_power_of_2(hidden)
+    num_rows = x.numel() // hidden
+    _rms_norm_kernel[(num_rows,)](
+        _bits_view(x),
+        _bits_view(x if residual is None else residual),
+        _bits_view(weight.contiguous()),
+        _bits_view(out),
+        _bits_view(out if summed is None else summed),
+        *x_strides,
+        *r_strides,
+        rows_per_group,
+        hidden,
+        eps,
+        BLOCK=block,
+        HAS_RESIDUAL=residual is not None,
+        KIND=_KIND[x.dtype],
+        num_warps=_num_warps(block),
+        enable_fp_fusion=False,
+    )
+
+
+def _rotary_triton(q, k, positions, cos, sin) -> None:
+    half = q.shape[2] // 2
+    _rotary_kernel[(q.shape[0],)](
+        _bits_view(q),
+        _bits_view(k),
+        positions,
+        cos,
+        sin,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        cos.stride(0),
+        sin.stride(0),
+        q.shape[1],
+        k.shape[1],
+        HALF=half,
+        HALF_PAD=triton.next_power_of_2(half),
+        Q_HEADS_PAD=triton.next_power_of_2(q.shape[1]),
+        K_HEADS_PAD=triton.next_power_of_2(k.shape[1]),
+        KIND=_KIND[q.dtype],
+        num_warps=_num_warps(triton.next_power_of_2(half) * triton.next_power_of_2(q.shape[1])),
+        enable_fp_fusion=False,
+    )
+
+
+def _silu_and_mul_triton(x, out) -> None:
+    inter = out.shape[1]
+    block = min(triton.next_power_of_2(inter), 4096 if triton_interpreter_enabled() else 1024)
+    _silu_and_mul_kernel[(x.shape[0], triton.cdiv(inter, block))](
+        _bits_view(x),
+        _bits_view(out),
+        x.stride(0),
+        inter,
+        BLOCK=block,
+        KIND=_KIND[x.dtype],
+        num_warps=_num_warps(block),
+        enable_fp_fusion=False,
+    )

@@ -1,0 +1,296 @@
+"""Fused layer ops (RMSNorm + residual, RoPE, SiLU-and-mul): Triton kernels vs the torch arithmetic of llama.py.
+
+Rotary and the residual sum must be bit-identical (compared as integer bit patterns, so -0.0, NaN and inf
+count); the normalised output and SiLU go through rsqrt / exp / a reduction whose order differs, so they are
+held to one ulp of the dtype. Independent oracles: transformers' `apply_rotary_pos_emb` and `LlamaRMSNorm`,
+and an fp64 SiLU. The kernels run in the CPU interpreter (TRITON_INTERPRET=1, set before Triton is imported).
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb  # noqa: E402
+
+from miniserve.kernels.layer_ops import (  # noqa: E402
+    apply_rotary_,
+    apply_rotary_reference_,
+    rms_norm,
+    rms_norm_reference,
+    silu_and_mul,
+    silu_and_mul_reference,
+)
+from miniserve.models.config import ModelConfig  # noqa: E402
+from miniserve.models.llama import Rotary  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# One ulp of the dtype, relative (fp32: a loose 1e-5). rms_norm and silu_and_mul round an approximate value
+# (rsqrt, exp) to the dtype and multiply it by a second operand: one ulp off there can be two in the product.
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}
+MAX_POSITIONS = 1024
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy overflow/NaN notes from the interpreter
+
+
+def dtype_id(x):
+    return str(x)[6:] if isinstance(x, torch.dtype) else None
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int32 if x.element_size() == 4 else torch.int16)
+
+
+def assert_bit_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Same bits everywhere (so -0.0 != 0.0), except that a NaN only has to be a NaN: its payload is a
+    backend detail (torch's own CPU bf16 NaN is 0x7FC0 or 0xFFFF depending on the code path, CUDA's 0x7FFF)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    both_nan = actual.isnan() & expected.isnan()
+    diff = ((bits(actual) != bits(expected)) & ~both_nan).sum().item()
+    assert diff == 0, f"{diff} of {actual.numel()} elements differ bitwise"
+
+
+def with_specials(x: torch.Tensor) -> torch.Tensor:
+    """Put signed zeros, a subnormal, the dtype's largest value, infinities and a NaN into row 0 of x."""
+    info = torch.finfo(x.dtype)
+    specials = [-0.0, 0.0, info.smallest_normal / 4, -info.max, info.max, float("inf"), -float("inf"), float("nan")]
+    flat = x.view(x.shape[0], -1)
+    flat[0, : len(specials)] = torch.tensor(specials, dtype=x.dtype)
+    return x
+
+
+def rotary_tables(head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg = ModelConfig.from_dict(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 32,
+            "hidden_size": 4 * head_dim,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "head_dim": head_dim,
+            "rope_theta": 10000.0,
+        }
+    )
+    rotary = Rotary(cfg, MAX_POSITIONS)
+    return rotary.cos, rotary.sin
+
+
+def packed_qkv(num_tokens, hq, hk, head_dim, dtype, gen):
+    """A packed qkv projection output [T, (Hq + 2 Hk) * D] with 3 extra padding columns (odd row stride)."""
+    width = (hq + 2 * hk) * head_dim
+    qkv = (torch.randn(num_tokens, width + 3, generator=gen) * 4).to(dtype)[:, :width]
+    return with_specials(qkv)
+
+
+def split_qkv(qkv, hq, hk, head_dim):
+    t = qkv.shape[0]
+    q = qkv[:, : hq * head_dim].view(t, hq, head_dim)
+    k = qkv[:, hq * head_dim : (hq + hk) * head_dim].view(t, hk, head_dim)
+    v = qkv[:, (hq + hk) * head_dim :]
+    return q, k, v
+
+
+# ---------------------------------------------------------------------------------------------------- rotary
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("hq,hk,head_dim", [(4, 2, 64), (4, 2, 128), (6, 3, 96)])
+def test_rotary_bit_exact_on_strided_qkv_views(dtype, hq, hk, head_dim):
+    gen = torch.Generator().manual_seed(head_dim + hq)
+    num_tokens = 9
+    cos, sin = rotary_tables(head_dim)
+    positions = torch.randint(0, 1000, (num_tokens,), generator=gen)
+    positions[1] = 0
+    qkv = packed_qkv(num_tokens, hq, hk, head_dim, dtype, gen)
+    expected, actual = qkv.clone(), qkv.clone()
+
+    q, k, _ = split_qkv(expected, hq, hk, head_dim)
+    apply_rotary_reference_(q, k, positions, cos, sin)
+    q, k, v = split_qkv(actual, hq, hk, head_dim)
+    apply_rotary_(q, k, positions, cos, sin, impl="triton")
+
+    assert_bit_equal(actual, expected)
+    assert_bit_equal(v, split_qkv(qkv, hq, hk, head_dim)[2])  # v untouched
+    assert not torch.equal(bits(actual), bits(qkv))  # the rotation did something
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_rotary_matches_transformers(dtype):
+    """Oracle: transformers' rotate_half formulation, [batch, heads, seq, dim] layout."""
+    gen = torch.Generator().manual_seed(7)
+    hq, hk, head_dim, num_tokens = 4, 2, 64, 11
+    cos, sin = rotary_tables(head_dim)
+    positions = torch.randint(0, 1000, (num_tokens,), generator=gen)
+    q, k, _ = split_qkv(packed_qkv(num_tokens, hq, hk, head_dim, dtype, gen), hq, hk, head_dim)
+    hf_q, hf_k = apply_rotary_pos_emb(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[positions][None].to(dtype), sin[positions][None].to(dtype)
+    )
+    apply_rotary_(q, k, positions, cos, sin, impl="triton")
+    assert_bit_equal(q.contiguous(), hf_q[0].transpose(0, 1).contiguous())
+    assert_bit_equal(k.contiguous(), hf_k[0].transpose(0, 1).contiguous())
+
+
+# -------------------------------------------------------------------------------------------------- rms_norm
+
+
+def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    norm = LlamaRMSNorm(x.shape[-1], eps=eps).to(x.dtype)
+    norm.weight.data.copy_(weight)
+    with torch.no_grad():
+        return norm(x)
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("hidden", [64, 128, 256, 320])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_rms_norm_matches_reference(dtype, hidden, with_residual):
+    gen = torch.Generator().manual_seed(hidden)
+    eps = 1e-6
+    num_tokens = 5
+    x = (torch.randn(num_tokens, hidden + 8, generator=gen) * 3).to(dtype)[:, 3 : 3 + hidden]  # row stride H+8
+    weight = (torch.rand(hidden, generator=gen) + 0.5).to(dtype)
+    residual = torch.randn(num_tokens, hidden, generator=gen).to(dtype) if with_residual else None
+
+    actual = rms_norm(x, weight, eps, residual, impl="triton")
+    expected = rms_norm_reference(x, weight, eps, residual)
+    if with_residual:
+        (actual, actual_sum), (expected, expected_sum) = actual, expected
+        assert_bit_equal(actual_sum, expected_sum)
+        assert_bit_equal(actual_sum, x + residual)
+        assert actual_sum.is_contiguous()
+    assert actual.dtype == dtype and actual.is_contiguous()
+    torch.testing.assert_close(actual, expected, rtol=2 * RTOL[dtype], atol=0)
+    if dtype == torch.bfloat16:
+        oracle = hf_rms_norm(x if residual is None else x + residual, weight, eps)
+        torch.testing.assert_close(actual, oracle, rtol=2 * RTOL[dtype], atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_rms_norm_residual_sum_bit_exact_with_specials(dtype):
+    """Overflow to inf, inf - inf = NaN, signed zeros and subnormals: s is torch's add, bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    x = with_specials(torch.randn(4, 96, generator=gen).to(dtype))
+    residual = with_specials(torch.randn(4, 96, generator=gen).to(dtype)).flip(-1).contiguous()
+    residual[0, :8] = torch.tensor([0.0, -0.0, 0.0, -1.0, 1.0, float("-inf"), 1.0, 0.0], dtype=dtype)
+    weight = torch.rand(96, generator=gen).to(dtype)
+    out, summed = rms_norm(x, weight, 1e-5, residual, impl="triton")
+    expected_out, expected_sum = rms_norm_reference(x, weight, 1e-5, residual)
+    assert_bit_equal(summed, expected_sum)
+    assert summed[0, :8].isnan().tolist() == [False, False, False, False, False, True, False, True]
+    torch.testing.assert_close(out, expected_out, rtol=2 * RTOL[dtype], atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_rms_norm_per_head_on_strided_view(dtype):
+    """[T, heads, D] strided views (Qwen3's per-head q/k norm on a packed qkv) normalise each head."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, _ = split_qkv((torch.randn(6, 8 * 32, generator=gen)).to(dtype), 4, 2, 32)
+    weight = torch.rand(32, generator=gen).to(dtype)
+    padded_heads = torch.randn(6, 3, 40, generator=gen).to(dtype)[..., 5:37]  # head stride 40 != head_dim
+    for x in (q, k, padded_heads):
+        actual = rms_norm(x, weight, 1e-6, impl="triton")
+        torch.testing.assert_close(actual, rms_norm_reference(x, weight, 1e-6), rtol=2 * RTOL[dtype], atol=0)
+    residual = torch.randn(q.shape, generator=gen).to(dtype)
+    _, summed = rms_norm(q, weight, 1e-6, residual, impl="triton")
+    assert_bit_equal(summed, q + residual)
+
+
+# ---------------------------------------------------------------------------------------------- silu_and_mul
+
+
+def silu_and_mul_fp64(x: torch.Tensor) -> torch.Tensor:
+    """silu in fp64, rounded to the dtype where torch rounds: after silu and after the product."""
+    inter = x.shape[1] // 2
+    gate, up = x[:, :inter].double(), x[:, inter:].double()
+    act = (gate / (1 + torch.exp(-gate))).to(x.dtype).double()
+    return (act * up).to(x.dtype)
+
+
+@pytest.mark.parametrize("inter", [64, 96, 4100])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_silu_and_mul(dtype, inter):
+    gen = torch.Generator().manual_seed(inter)
+    num_tokens = 2 if inter > 1000 else 7
+    x = (torch.randn(num_tokens, 2 * inter + 5, generator=gen) * 4).to(dtype)[:, : 2 * inter]
+    gate, up = x[:, :inter], x[:, inter:]
+    actual = silu_and_mul(x, impl="triton")
+    assert actual.shape == (num_tokens, inter) and actual.dtype == dtype and actual.is_contiguous()
+    # silu of a very negative gate is subnormal in the dtype, where one ulp is a large relative step
+    info = torch.finfo(dtype)
+    close = dict(rtol=2 * RTOL[dtype], atol=info.tiny * info.eps * up.abs().max().item())
+    torch.testing.assert_close(actual, silu_and_mul_reference(x), **close)
+    torch.testing.assert_close(actual, torch.nn.functional.silu(gate) * up, **close)
+    torch.testing.assert_close(actual, silu_and_mul_fp64(x), **close)
+
+
+# ---------------------------------------------------------------------------------------------- impl & errors
+
+
+def test_empty_batch_and_auto_on_cpu_use_reference_semantics():
+    cos, sin = rotary_tables(64)
+    q, k = torch.empty(0, 4, 64), torch.empty(0, 2, 64)
+    apply_rotary_(q, k, torch.empty(0, dtype=torch.int64), cos, sin, impl="triton")
+    assert rms_norm(torch.empty(0, 64), torch.ones(64), 1e-6, impl="triton").shape == (0, 64)
+    out, summed = rms_norm(torch.empty(0, 64), torch.ones(64), 1e-6, torch.empty(0, 64), impl="triton")
+    assert out.shape == summed.shape == (0, 64)
+    assert silu_and_mul(torch.empty(0, 128), impl="triton").shape == (0, 64)
+
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    weight = torch.rand(64, dtype=torch.bfloat16)
+    assert_bit_equal(rms_norm(x, weight, 1e-6), rms_norm_reference(x, weight, 1e-6))
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="impl='triton' needs a GPU"):
+        silu_and_mul(torch.randn(2, 8), impl="triton")
+    with pytest.raises(ValueError, match="impl must be"):
+        silu_and_mul(torch.randn(2, 8), impl="cuda")
+
+
+def bad_calls(impl):
+    """(what is wrong, the call, the expected message)."""
+    cos, sin = rotary_tables(64)
+    pos = torch.zeros(3, dtype=torch.int64)
+    q, k = torch.randn(3, 4, 64), torch.randn(3, 2, 64)
+    x, w = torch.randn(3, 64), torch.ones(64)
+
+    def rotary(q=q, k=k, pos=pos, cos=cos, sin=sin):
+        return lambda: apply_rotary_(q, k, pos, cos, sin, impl=impl)
+
+    def norm(x=x, w=w, residual=None):
+        return lambda: rms_norm(x, w, 1e-6, residual, impl=impl)
+
+    def silu(x):
+        return lambda: silu_and_mul(x, impl=impl)
+
+    return [
+        ("odd head_dim", rotary(q[..., :63], k[..., :63], cos=cos[:, :63], sin=sin[:, :63]), "even head_dim"),
+        ("head_dim mismatch", rotary(k=k[..., :32]), "same even head_dim"),
+        ("q/k dtype", rotary(k=k.half()), "k dtype"),
+        ("int32 positions", rotary(pos=pos.int()), "positions must be int64"),
+        ("positions length", rotary(pos=pos[:2]), "positions must be int64"),
+        ("bf16 table", rotary(cos=cos.bfloat16()), "cos must be an fp32"),
+        ("table width", rotary(sin=sin[:, :32]), "sin must be an fp32"),
+        ("strided last dim", rotary(q=torch.randn(3, 64, 4).transpose(1, 2)), "contiguous last dim"),
+        ("int q", rotary(q=q.int(), k=k.int()), "q dtype must be"),
+        ("weight size", norm(w=torch.ones(32)), "weight shape"),
+        ("weight dtype", norm(w=w.half()), "weight must match"),
+        ("residual shape", norm(residual=torch.randn(3, 32)), "residual shape"),
+        ("residual dtype", norm(residual=x.half()), "residual must match"),
+        ("x 1-d", norm(x=x[0]), "x must be"),
+        ("x strided last dim", norm(x=torch.randn(64, 3).t()), "contiguous last dim"),
+        ("silu odd width", silu(torch.randn(3, 9)), r"2 \* intermediate"),
+        ("silu 3-d", silu(torch.randn(3, 2, 8)), r"2 \* intermediate"),
+        ("silu dtype", silu(torch.randn(3, 8).double()), "x dtype must be"),
+    ]
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton", "auto"])
+def test_bad_arguments_raise_value_error(impl):
+    """The checks run before the impl switch: every impl refuses the same calls with the same message."""
+    for what, call, message in bad_calls(impl):
+        with pytest.raises(ValueError, match=message):
+            call()
+            pytest.fail(f"no error for {what}")
