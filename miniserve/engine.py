@@ -21,6 +21,7 @@ from miniserve.scheduler.block_manager import BlockManager
 from miniserve.scheduler.scheduler import ScheduledSeq, Scheduler
 from miniserve.sequence import Sequence
 from miniserve.tokenizer import IncrementalDetokenizer, Tokenizer
+from miniserve.transfer import to_device
 from miniserve.worker import ForwardInput, Worker
 
 _CPU_KV_BUDGET_BYTES = 1 << 30
@@ -60,7 +61,6 @@ class LLMEngine:
         num_blocks = self._num_kv_blocks(lookahead)
         for worker in self.workers:
             worker.allocate_kv_cache(num_blocks)
-        self._capture_graphs()
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, lookahead)
         self.requests: dict[str, Request] = {}
@@ -71,20 +71,22 @@ class LLMEngine:
             from miniserve.spec_decode import SpeculativeDecoder
 
             self.spec = SpeculativeDecoder(self)
+        self._capture_graphs()
 
     def _capture_graphs(self) -> None:
-        """The uniform passes each worker replays: decode steps; with a draft, also its two-token catch-up and
-        the target's (k+1)-token verification."""
-        k = self.config.num_speculative_tokens
+        """The passes replayed from CUDA graphs: each worker's decode step and, with a draft, the greedy round."""
         try:
-            if self.target.graphs is not None:
-                self.target.graphs.capture_all([1, k + 1] if self.draft else [1])
-            if self.draft is not None and self.draft.graphs is not None:
-                self.draft.graphs.capture_all([1, 2])
+            for worker in self.workers:
+                if worker.graphs is not None:
+                    worker.graphs.capture_all()
+            if self.spec is not None and self.spec.graphs is not None:
+                self.spec.graphs.capture_all()
         except RuntimeError as e:  # a capture failure must not take the engine down: run eager instead
             warnings.warn(f"CUDA graph capture failed, running eager (enforce_eager=True): {e}", stacklevel=2)
             for worker in self.workers:
                 worker.graphs = None
+            if self.spec is not None:
+                self.spec.graphs = None
 
     @property
     def workers(self) -> list[Worker]:
@@ -211,7 +213,7 @@ class LLMEngine:
             s.seq.num_computed_tokens += s.num_new_tokens
         if ready:
             if row != len(sample_rows):  # prompt-scoring rows are mixed in: keep the last row of each ready seq
-                logits = logits[torch.tensor(sample_rows, device=logits.device)]
+                logits = logits[to_device(sample_rows, torch.int64, logits.device)]
             out = sample(logits, self.sampling_batch(ready))
             self.append_tokens(ready, out)
         return [s.seq for s in scheduled]
@@ -234,7 +236,7 @@ class LLMEngine:
             return
         logprobs = torch.log_softmax(logits[first:last].float(), dim=-1)
         targets = seq.prompt_token_ids[start_pos + first + 1 : start_pos + last + 1]
-        chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None]).squeeze(1).tolist()
+        chosen = logprobs.gather(1, to_device(targets, torch.int64, logits.device)[:, None]).squeeze(1).tolist()
         n = seq.params.prompt_logprobs
         tops = logprobs.topk(n, dim=-1) if n else None
         top_ids, top_vals = (tops.indices.tolist(), tops.values.tolist()) if tops is not None else ([], [])

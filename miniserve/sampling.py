@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from miniserve.transfer import to_device
+
 GREEDY_EPS = 1e-5  # temperatures below this are greedy (dividing by them would overflow)
 MAX_LOGPROBS = 20  # the OpenAI API's limit for top logprobs
 
@@ -191,7 +193,7 @@ class SamplingBatch:
         greedy = [p.greedy for p in params]
 
         def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return to_device(values, dtype, device)
 
         top_k = [p.top_k if p.top_k > 0 and not g else vocab_size for p, g in zip(params, greedy)]
         top_k = [min(k, vocab_size) for k in top_k]
@@ -249,7 +251,8 @@ def _token_counts(histories: dict[int, list[int]], rows: int, vocab_size: int, d
         for i, history in histories.items():
             if history:
                 index[i, : len(history)] = torch.tensor(history, dtype=torch.int64)
-        index = index.clamp_(0, vocab_size).to(device)
+        index = index.clamp_(0, vocab_size)
+        index = index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index.to(device)
         counts.scatter_add_(1, index, torch.ones(index.shape, dtype=torch.float32, device=device))
     return counts[:, :vocab_size]
 

@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from miniserve.cuda_graphs import BucketedGraphs
 from miniserve.sampling import probs as processed_probs
 from miniserve.sampling import random_uniform, sample_from_probs
 from miniserve.scheduler.scheduler import ScheduledSeq
 from miniserve.sequence import Sequence
+from miniserve.transfer import to_device
 from miniserve.worker import ForwardInput
 
 if TYPE_CHECKING:
@@ -66,10 +68,38 @@ def _is_plain_greedy(seq: Sequence) -> bool:
     return p.greedy and not p.penalized and seq.num_output_tokens >= p.min_tokens
 
 
+ROUND_COLUMNS = 4  # a greedy round's packed row: the last two tokens, the length, a valid flag, then the block table
+
+
+def _pad(rows: list[list[int]]) -> list[list[int]]:
+    width = max(len(r) for r in rows)
+    return [r + [0] * (width - len(r)) for r in rows]
+
+
+def _catch_up_input(seq: Sequence) -> ForwardInput:
+    """The tokens the draft has not cached yet; logits for the last one (the first draft token)."""
+    cached = seq.num_draft_computed_tokens
+    return ForwardInput(seq.token_ids[cached:], cached, seq.block_table, 1)
+
+
+def _unpack(packed: torch.Tensor):
+    """(last two tokens [B, 2], sequence length [B], valid [B] bool, block tables [B, W] int32)."""
+    tables = packed[:, ROUND_COLUMNS:].to(torch.int32)
+    return packed[:, 0:2], packed[:, 2], packed[:, 3].bool(), tables
+
+
 class SpeculativeDecoder:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.k = engine.config.num_speculative_tokens
+        self.graphs: BucketedGraphs | None = None
+        if engine.target.graphs is not None and engine.draft.graphs is not None:
+            blocks = -(-max(engine.target.max_positions, engine.draft.max_positions) // engine.config.block_size)
+            # padding rows: tokens 0, length 2 (positions stay >= 0), invalid
+            padding = [0, 0, 2, 0]
+            self.graphs = BucketedGraphs(
+                self._graph_round, ROUND_COLUMNS + blocks, padding, engine.config.max_num_seqs, engine.device
+            )
         self.num_drafts = 0
         self.num_draft_tokens = 0
         self.num_accepted = 0
@@ -123,41 +153,57 @@ class SpeculativeDecoder:
     def _greedy_round(self, seqs: list[Sequence], base_len: list[int]):
         """All rows greedy without penalties: argmax drafts, and acceptance is equality with the target's argmax.
 
-        Every pass of the round has the same shape for all sequences (catch-up: 2 tokens, draft steps: 1,
-        verification: k+1), so inputs are built on the device, the passes can be CUDA-graph replays, and the host
-        never waits for the GPU until it reads the results at the end.
+        The whole round (draft catch-up, k-1 more draft steps, verification, acceptance) runs on the device from one
+        packed input; with CUDA graphs it is a single replay, and the host waits for the GPU once, for the result.
         """
-        eng, k, dev = self.engine, self.k, self.engine.device
-        width = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor(
-            [s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32, device=dev
-        )
-        start = torch.tensor(base_len, dtype=torch.int64, device=dev)
-        if all(n >= 2 and n - s.num_draft_computed_tokens <= 2 for s, n in zip(seqs, base_len)):
-            # The draft lags by one or two tokens; feed the last two for everyone (recomputing a cached token
-            # rewrites its K/V at the same slot), so the catch-up is a uniform pass a CUDA graph can replay.
-            last_two = torch.tensor([s.token_ids[-2:] for s in seqs], dtype=torch.int64, device=dev)
-            token = eng.draft.forward_uniform(last_two, start - 2, tables, max(base_len)).view(len(seqs), 2, -1)
-            token = token[:, 1].argmax(-1)
+        k = self.k
+        # a one-token prompt completes as a decode step: left-pad its "last two tokens" (only the last is read then)
+        rows = [[*([0] + s.token_ids[-2:])[-2:], n, 1, *s.block_table] for s, n in zip(seqs, base_len)]
+        if self.graphs is not None and self.graphs.supports(len(seqs)) and self._uniform(seqs, base_len):
+            result, logits = self.graphs.run(rows)
         else:
-            catch_up = [
-                ForwardInput(s.token_ids[s.num_draft_computed_tokens :], s.num_draft_computed_tokens, s.block_table, 1)
-                for s in seqs
-            ]
-            token = eng.draft.forward(catch_up).argmax(-1)
-        drafted = [token]
+            packed = to_device(_pad(rows), torch.int64, self.engine.device)
+            max_len = max(base_len) + k
+            if self._uniform(seqs, base_len):
+                first = self._draft_catch_up(packed, max_len)
+            else:  # a draft more than two tokens behind (rare): catch up with a packed, non-uniform pass
+                first = self.engine.draft.forward([_catch_up_input(s) for s in seqs]).argmax(-1)
+            result, logits = self._propose_and_verify(packed, first, max_len)
+        result = result.tolist()  # the one host sync of the round
+        return [r[:k] for r in result], [r[k] for r in result], [r[k + 1] for r in result], logits
+
+    @staticmethod
+    def _uniform(seqs: list[Sequence], base_len: list[int]) -> bool:
+        """The draft lags by one or two tokens everywhere (the steady state): feeding the last two tokens for
+        everyone (recomputing a cached token rewrites its K/V at the same slot) makes the catch-up uniform."""
+        return all(n >= 2 and n - s.num_draft_computed_tokens <= 2 for s, n in zip(seqs, base_len))
+
+    def _draft_catch_up(self, packed: torch.Tensor, max_len: int) -> torch.Tensor:
+        """Draft pass over each row's last two tokens; returns the first draft token [B]."""
+        tokens, start, valid, tables = _unpack(packed)
+        logits = self.engine.draft.run_uniform(tokens, start - 2, tables, max_len, valid, float_logits=False)
+        return logits.view(tokens.shape[0], 2, -1)[:, 1].argmax(-1)
+
+    def _propose_and_verify(self, packed: torch.Tensor, first: torch.Tensor, max_len: int):
+        """k-1 more draft steps from `first`, the target's pass over [t, d1..dk], and the greedy acceptance rule.
+        Returns ([B, k+2] = drafts, accepted count, next token; the target's logits [B*(k+1), V])."""
+        eng, k = self.engine, self.k
+        tokens, start, valid, tables = _unpack(packed)
+        token, drafted = first, [first]
         for j in range(1, k):
-            token = eng.draft.forward_uniform(token[:, None], start + (j - 1), tables, max(base_len) + j).argmax(-1)
+            token = eng.draft.run_uniform(token[:, None], start + (j - 1), tables, max_len, valid, False).argmax(-1)
             drafted.append(token)
         drafts = torch.stack(drafted, dim=1)  # [B, k]
-        last = torch.tensor([s.token_ids[-1] for s in seqs], dtype=torch.int64, device=dev)
-        verify = torch.cat([last[:, None], drafts], dim=1)  # [B, k+1] at positions base_len-1 ..
-        logits = eng.target.forward_uniform(verify, start - 1, tables, max(base_len) + k)
-        target = logits.argmax(-1).view(len(seqs), k + 1)
-        accepted = (drafts == target[:, :k]).int().cumprod(dim=1).sum(dim=1)
-        next_tokens = target.gather(1, accepted[:, None].long()).squeeze(1)
-        result = torch.cat([drafts, accepted[:, None].long(), next_tokens[:, None]], dim=1).tolist()  # one sync
-        return [r[:k] for r in result], [r[k] for r in result], [r[k + 1] for r in result], logits
+        verify = torch.cat([tokens[:, 1:], drafts], dim=1)  # [B, k+1] at positions start-1 ..
+        logits = eng.target.run_uniform(verify, start - 1, tables, max_len, valid)
+        target = logits.argmax(-1).view(-1, k + 1)
+        accepted = (drafts == target[:, :k]).int().cumprod(dim=1).sum(dim=1, keepdim=True).long()
+        return torch.cat([drafts, accepted, target.gather(1, accepted)], dim=1), logits
+
+    def _graph_round(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captured round: worker-sized kernel grids (max positions) so any batch replays the same graph."""
+        max_len = max(self.engine.draft.max_positions, self.engine.target.max_positions)
+        return self._propose_and_verify(packed, self._draft_catch_up(packed, max_len), max_len)
 
     def _sampled_round(self, seqs: list[Sequence], base_len: list[int]):
         """The general round: per-request sampling settings, draft distributions kept for rejection sampling."""
@@ -165,10 +211,7 @@ class SpeculativeDecoder:
         # 1. the draft catches up on tokens it has not seen and proposes k tokens, one decode step each
         drafts: list[list[int]] = [[] for _ in seqs]
         draft_probs = []
-        inputs = [
-            ForwardInput(s.token_ids[s.num_draft_computed_tokens :], s.num_draft_computed_tokens, s.block_table, 1)
-            for s in seqs
-        ]
+        inputs = [_catch_up_input(s) for s in seqs]
         for j in range(k):
             logits = eng.draft.forward(inputs)
             batch = eng.sampling_batch(seqs, [_history(s, d) for s, d in zip(seqs, drafts)])
@@ -187,7 +230,7 @@ class SpeculativeDecoder:
         histories = [_history(s, d[:j]) for s, d in zip(seqs, drafts) for j in range(k + 1)]
         p = processed_probs(logits, eng.sampling_batch(rows_seqs, histories)).view(len(seqs), k + 1, -1)
         seq_batch = eng.sampling_batch(seqs)
-        draft_tokens = torch.tensor(drafts, device=logits.device)
+        draft_tokens = to_device(drafts, torch.int64, logits.device)
         uniforms = random_uniform(seq_batch, (k,))
         accepted, next_tokens = rejection_sample(
             p, torch.stack(draft_probs, dim=1), draft_tokens, uniforms, lambda r: sample_from_probs(r, seq_batch)

@@ -13,13 +13,15 @@ from dataclasses import dataclass
 import torch
 
 from miniserve.config import EngineConfig
-from miniserve.cuda_graphs import GraphRunner
+from miniserve.cuda_graphs import BucketedGraphs
 from miniserve.kernels import resolve_kv_cache_dtype, select_attention_backend
-from miniserve.kernels.metadata import AttentionMetadata
+from miniserve.kernels.metadata import AttentionMetadata, uniform_metadata_reference
 from miniserve.models.config import ModelConfig
 from miniserve.models.llama import LayerKV
 from miniserve.models.loader import load_model
+from miniserve.transfer import to_device
 
+DECODE_COLUMNS = 3  # a captured decode step's packed row: token, start position, valid flag, then the block table
 DECODE_QUERIES_MAX_LEN = 16  # up to this many new tokens per sequence, Triton runs them as decode queries
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -68,9 +70,10 @@ class Worker:
         )
         self.layer_scales = scales  # layer -> {"k": float, "v": float} from the checkpoint
         self.kv: list[LayerKV] = []
-        self.graphs: GraphRunner | None = None
+        self.graphs: BucketedGraphs | None = None  # the decode step, captured by the engine once the pool exists
         if self.device.type == "cuda" and self.backend == "triton" and not config.enforce_eager:
-            self.graphs = GraphRunner(self, config.max_num_seqs)
+            width = DECODE_COLUMNS + -(-self.max_positions // self.block_size)
+            self.graphs = BucketedGraphs(self._graph_decode, width, [0, 0, 0], config.max_num_seqs, self.device)
 
     def bytes_per_block(self) -> int:
         cfg = self.model_config
@@ -109,7 +112,7 @@ class Worker:
         dev = self.device
 
         def tensor(data, dtype):
-            return torch.tensor(data, dtype=dtype, device=dev)
+            return to_device(data, dtype, dev)
 
         meta = AttentionMetadata(
             slot_mapping=tensor(slots, torch.int64),
@@ -139,15 +142,8 @@ class Worker:
     def forward(self, inputs: list[ForwardInput]) -> torch.Tensor:
         """Run the model over the packed new tokens; return fp32 logits [sum(num_logits), vocab]."""
         if self.graphs is not None and self.graphs.supports(len(inputs)) and _is_decode(inputs):
-            dev = self.device
-            width = max(len(x.block_table) for x in inputs)
-            tables = [x.block_table + [0] * (width - len(x.block_table)) for x in inputs]
-            return self.forward_uniform(
-                torch.tensor([x.token_ids for x in inputs], dtype=torch.int64, device=dev),
-                torch.tensor([x.start_pos for x in inputs], dtype=torch.int64, device=dev),
-                torch.tensor(tables, dtype=torch.int32, device=dev),
-                max(x.start_pos for x in inputs) + 1,
-            )
+            rows = [[x.token_ids[0], x.start_pos, 1, *x.block_table] for x in inputs]
+            return self.graphs.run(rows)[0]
         ids, pos, meta, rows = self.prepare(inputs)
         hidden = self.model(ids, pos, meta, self.kv)
         return self.model.logits(hidden[rows])
@@ -160,11 +156,15 @@ class Worker:
         positions start_pos[b] .. start_pos[b] + n - 1. Returns logits for every new token, [B * n, V].
 
         The metadata is derived on the device (no host round trip), so speculative decoding can chain draft
-        steps without waiting for the GPU, and the pass can be replayed from a CUDA graph.
+        steps without waiting for the GPU.
         """
-        if self.graphs is not None and self.graphs.supports(token_ids.shape[0]):
-            return self.graphs.run(token_ids, start_pos, block_tables)
         return self.run_uniform(token_ids, start_pos, block_tables, max_seq_len, None)
+
+    def _graph_decode(self, packed: torch.Tensor) -> tuple[torch.Tensor]:
+        """The captured decode step; packed rows are [token, start_pos, valid, block table...]."""
+        token_ids, start_pos, valid = packed[:, 0:1], packed[:, 1], packed[:, 2].bool()
+        tables = packed[:, DECODE_COLUMNS:].to(torch.int32)
+        return (self.run_uniform(token_ids, start_pos, tables, self.max_positions, valid),)
 
     def run_uniform(
         self,
@@ -173,26 +173,22 @@ class Worker:
         block_tables: torch.Tensor,
         max_seq_len: int,
         valid: torch.Tensor | None,
+        float_logits: bool = True,
     ) -> torch.Tensor:
-        """The eager uniform pass (also what graphs capture); rows where `valid` is False write no KV."""
-        B, n = token_ids.shape
-        bs = self.block_size
-        positions = (start_pos.unsqueeze(1) + torch.arange(n, device=self.device)).reshape(-1)
-        rows = torch.arange(B, device=self.device).repeat_interleave(n)
-        slots = block_tables[rows, positions // bs].long() * bs + positions % bs
-        if valid is not None:
-            slots = torch.where(valid[rows], slots, -1)
-        meta = AttentionMetadata(
-            slot_mapping=slots,
-            query_start_loc=torch.arange(0, (B + 1) * n, n, dtype=torch.int32, device=self.device),
-            seq_lens=(start_pos + n).to(torch.int32),
-            block_tables=block_tables,
-            max_query_len=n,
-            max_seq_len=max_seq_len,
-        )
-        meta = self._for_kernels(meta)
+        """The eager uniform pass (also what graphs capture); rows where `valid` is False write no KV.
+        float_logits=False keeps the logits in the model dtype (enough for an argmax; one kernel less)."""
+        n = token_ids.shape[1]
+        if self.backend == "triton" and n <= DECODE_QUERIES_MAX_LEN:  # one launch for all the metadata
+            from miniserve.kernels.uniform_metadata import uniform_metadata_triton
+
+            positions, meta = uniform_metadata_triton(start_pos, valid, block_tables, n, self.block_size, max_seq_len)
+        else:
+            positions, meta = uniform_metadata_reference(
+                start_pos, valid, block_tables, n, self.block_size, max_seq_len
+            )
+            meta = self._for_kernels(meta)
         hidden = self.model(token_ids.reshape(-1), positions, meta, self.kv)
-        return self.model.logits(hidden)
+        return self.model.logits(hidden, float_logits)
 
 
 def _is_decode(inputs: list[ForwardInput]) -> bool:

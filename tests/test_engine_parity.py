@@ -222,12 +222,14 @@ def test_checkpoint_kv_scales_are_used(tmp_path, tokenizer_dir, llama_dir):
     attn0 = plain.target.model.layers[0].self_attn
 
     def hook(module, args, kwargs):
-        import miniserve.models.llama as m
+        from miniserve.kernels.layer_ops import apply_rotary_reference_
 
-        x, rope = args[0], args[1]
+        x, positions, rotary = args[0], args[1], args[2]
         qkv = torch.nn.functional.linear(x, module.qkv_weight, module.qkv_bias)
-        _, k, v = qkv.split([module.q_size, module.kv_size, module.kv_size], dim=-1)
-        k = m.apply_rotary(k.view(-1, module.num_kv_heads, module.head_dim), *rope)
+        q, k, v = qkv.split([module.q_size, module.kv_size, module.kv_size], dim=-1)
+        q = q.reshape(-1, module.num_heads, module.head_dim)
+        k = k.reshape(-1, module.num_kv_heads, module.head_dim)
+        apply_rotary_reference_(q, k, positions, rotary.cos, rotary.sin)
         captured["k"], captured["v"] = k, v.view(-1, module.num_kv_heads, module.head_dim)
 
     handle = attn0.register_forward_pre_hook(hook, with_kwargs=True)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miniserve.kernels import paged_attention, reshape_and_cache
+from miniserve.kernels.layer_ops import apply_rotary_, rms_norm, silu_and_mul
 from miniserve.kernels.metadata import AttentionMetadata
 from miniserve.models.config import ModelConfig
 
@@ -36,17 +37,16 @@ def _empty(*shape: int) -> nn.Parameter:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, impl: str):
         super().__init__()
         self.weight = _empty(dim)
         self.eps = eps
+        self.impl = impl
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same op order as transformers: normalise in fp32, cast back, then scale.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """RMSNorm(x), or with `residual`: (RMSNorm(x + residual), x + residual), one fused launch on GPUs.
+        Same op order as transformers: normalise in fp32, cast back, then scale."""
+        return rms_norm(x, self.weight, self.eps, residual, self.impl)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -70,7 +70,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for every position, computed once in fp32 like transformers does per call."""
+    """fp32 cos/sin tables for every position, computed once like transformers does per call; each layer's
+    rotation reads the rows of its tokens' positions (inside the fused kernel on GPUs)."""
 
     def __init__(self, cfg: ModelConfig, max_positions: int):
         super().__init__()
@@ -79,37 +80,23 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T, 1, D] cos and signed sin for the tokens' positions, gathered once per forward for all layers.
-
-        transformers' rotate_half(x) * sin == x.roll(D/2) * cat(-sin1, sin2) exactly (a negation moves between
-        factors), so applying RoPE costs one roll instead of two slices, a negation and a concatenation.
-        """
-        half = self.sin.shape[-1] // 2
-        cos, sin = self.cos[positions], self.sin[positions]
-        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
-        return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
-
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: str):
+    def __init__(self, cfg: ModelConfig, backend: str, impl: str):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_weight = _empty(self.q_size + 2 * self.kv_size, cfg.hidden_size)  # q, k, v stacked
         self.qkv_bias = _empty(self.q_size + 2 * self.kv_size) if cfg.qkv_bias else None
         self.o_weight = _empty(cfg.hidden_size, self.q_size)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, impl) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, impl) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
         self.backend = backend
+        self.impl = impl
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv: LayerKV
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, meta: AttentionMetadata, kv: LayerKV
     ) -> torch.Tensor:
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -118,35 +105,42 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        apply_rotary_(q, k, positions, rotary.cos, rotary.sin, self.impl)  # in place (q, k may be views of qkv)
         reshape_and_cache(k, v, kv.key_cache, kv.value_cache, meta.slot_mapping, kv.k_scale, kv.v_scale)
         out = paged_attention(q, kv.key_cache, kv.value_cache, meta, kv.k_scale, kv.v_scale, self.scale, self.backend)
         return F.linear(out.reshape(-1, self.q_size), self.o_weight)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, impl: str):
         super().__init__()
+        self.impl = impl
         self.inter = cfg.intermediate_size
         self.gate_up_weight = _empty(2 * cfg.intermediate_size, cfg.hidden_size)  # gate, up stacked
         self.down_weight = _empty(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_weight).split(self.inter, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_weight)
+        return F.linear(silu_and_mul(F.linear(x, self.gate_up_weight), self.impl), self.down_weight)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: str):
+    def __init__(self, cfg: ModelConfig, backend: str, impl: str):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, backend)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, impl)
+        self.self_attn = Attention(cfg, backend, impl)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, impl)
+        self.mlp = MLP(cfg, impl)
 
-    def forward(self, x, rope, meta, kv):
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, rotary, meta, kv):
+        """x + attn(norm(x)), then + mlp(norm(.)), with each residual add fused into the norm that follows it:
+        takes and returns (branch output, residual stream) -- residual None on the first layer."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, rotary, meta, kv)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -156,8 +150,10 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = _empty(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, backend) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # the elementwise ops run as fused Triton kernels wherever attention does, else as their torch references
+        impl = "triton" if backend == "triton" else "reference"
+        self.layers = nn.ModuleList(DecoderLayer(cfg, backend, impl) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, impl)
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else _empty(cfg.vocab_size, cfg.hidden_size)
         self.rotary = Rotary(cfg, max_positions)
 
@@ -165,10 +161,12 @@ class LlamaModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: list[LayerKV]
     ) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed_tokens)
-        rope = self.rotary.lookup(positions, x.dtype)
+        residual = None
         for layer, layer_kv in zip(self.layers, kv, strict=True):
-            x = layer(x, rope, meta, layer_kv)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, meta, layer_kv)
+        return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+    def logits(self, hidden: torch.Tensor, as_float: bool = True) -> torch.Tensor:
+        """fp32 logits, or in the model dtype when only their argmax is read (the conversion is exact)."""
+        logits = F.linear(hidden, self.lm_head)
+        return logits.float() if as_float else logits
