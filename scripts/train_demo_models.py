@@ -82,6 +82,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--spec-prompts", type=int, default=64, help="prompts for the acceptance simulation")
     p.add_argument("--sample-chars", type=int, default=25000, help="validation prefix kept in metrics")
     p.add_argument("--eval-only", action="store_true", help="re-evaluate the models already in --out")
+    p.add_argument("--draft-only", action="store_true",
+                   help="keep the target (and tokenizer) in --out, distill a new draft from it")  # fmt: skip
+    p.add_argument("--draft-layers", type=int, default=DRAFT_SHAPE["num_hidden_layers"])
+    p.add_argument("--draft-hidden", type=int, default=DRAFT_SHAPE["hidden_size"], help="heads of 64 dims")
+    p.add_argument("--draft-intermediate", type=int, default=DRAFT_SHAPE["intermediate_size"])
     p.add_argument("--time-budget", type=float, default=330.0, help="seconds for both training loops")
     return p.parse_args()
 
@@ -498,13 +503,40 @@ def train_and_save(dirs: dict, sp, sp_path: Path, train_text: str, train_ids, va
     target_end = time.time() + 0.6 * args.time_budget
     target, target_runs = train_target_trials(sp, train_text, val_windows, vocab, args, target_end)
     torch.manual_seed(args.seed)
-    draft = make_model(DRAFT_SHAPE, vocab).to(args.device)
+    draft = make_model(draft_shape(args), vocab).to(args.device)
     print(f"target {count_params(target):,} params, draft {count_params(draft):,} params", flush=True)
     draft_run = train_draft(draft, target, train_ids, starts, args, budget_end)
     for name, model in (("target", target), ("draft", draft)):
         save_hf_dir(model, sp_path, dirs[name])
     return {"target_trials": target_runs, "draft": draft_run, "seconds": round(time.time() - start, 1),
             "device": device_name(args.device), "args": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
+
+
+def draft_shape(args) -> dict:
+    heads = args.draft_hidden // 64
+    return dict(hidden_size=args.draft_hidden, intermediate_size=args.draft_intermediate,
+                num_hidden_layers=args.draft_layers, num_attention_heads=heads,
+                num_key_value_heads=max(1, heads // 2), head_dim=64)  # fmt: skip
+
+
+def retrain_draft(dirs: dict, sp_path: Path, train_ids, starts, args, previous: dict | None) -> dict:
+    """Distill a new draft from the shipped target (bf16 weights, trained in fp32 with bf16 autocast)."""
+    from transformers import AutoModelForCausalLM
+
+    start = time.time()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    target = AutoModelForCausalLM.from_pretrained(dirs["target"], dtype=torch.float32).to(args.device)
+    torch.manual_seed(args.seed)
+    draft = make_model(draft_shape(args), target.config.vocab_size).to(args.device)
+    print(f"draft {count_params(draft):,} params, shape {draft_shape(args)}", flush=True)
+    draft_run = train_draft(draft, target, train_ids, starts, args, time.time() + args.time_budget)
+    work = Path(tempfile.mkdtemp())  # the tokenizer lives in the directory being replaced
+    save_hf_dir(draft, shutil.copy(sp_path, work / "sp.model"), dirs["draft"])
+    training = dict(previous or {})
+    training["draft"] = {**draft_run, "shape": draft_shape(args), "device": device_name(args.device),
+                         "args": {k: str(v) for k, v in vars(args).items()},
+                         "seconds_total": round(time.time() - start, 1)}  # fmt: skip
+    return training
 
 
 def main() -> None:
@@ -515,7 +547,7 @@ def main() -> None:
     train_text, val_text = split_corpus(text)
     args.out.mkdir(parents=True, exist_ok=True)
     dirs = {"target": args.out / "shakespeare-target", "draft": args.out / "shakespeare-draft"}
-    if args.eval_only:
+    if args.eval_only or args.draft_only:
         sp_path = dirs["target"] / "tokenizer.model"
     else:
         work = Path(tempfile.mkdtemp())  # a copy: --tokenizer may live in the directory being replaced
@@ -531,8 +563,11 @@ def main() -> None:
           f"{len(starts)} line starts, device {args.device}", flush=True)  # fmt: skip
 
     metrics_path = args.out / "metrics.json"
+    previous = json.loads(metrics_path.read_text())["training"] if metrics_path.exists() else None
     if args.eval_only:  # keep the record of how the shipped models were trained
-        training = json.loads(metrics_path.read_text())["training"] if metrics_path.exists() else None
+        training = previous
+    elif args.draft_only:
+        training = retrain_draft(dirs, sp_path, train_ids, starts, args, previous)
     else:
         training = train_and_save(dirs, sp, sp_path, train_text, train_ids, val_ids, starts, args)
     for path in dirs.values():
