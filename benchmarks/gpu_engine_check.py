@@ -7,6 +7,8 @@
 2. Speculative decoding is lossless: greedy outputs with the demo draft equal those without it, for a batch of
    mixed prompt lengths, k in {1, 2, 4, 6}, bf16 and fp8 KV caches.
 3. CUDA-graph replays give the same greedy outputs as eager passes.
+5. The fused layer ops (RMSNorm + residual, RoPE, SiLU-and-mul) on the GPU against their torch references:
+   rotary and the residual sum bit for bit, the rest within 2 ulp.
 4. The seed's failure cannot happen: with an fp8 KV cache, a speculative run whose every KV write goes through
    the fused Triton kernel and one whose writes go through the torch reference produce identical draft and
    target KV bytes, identical outputs and identical acceptance counts.
@@ -85,6 +87,47 @@ def check_lossless() -> dict:
     return res
 
 
+def ulps(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest |got - want| in units of the dtype's epsilon relative to |want| (0 when equal)."""
+    eps = torch.finfo(want.dtype).eps
+    diff = (got.float() - want.float()).abs()
+    return (diff / (want.float().abs() * eps).clamp_min(torch.finfo(want.dtype).tiny)).max().item()
+
+
+def check_layer_ops() -> dict:
+    from miniserve.kernels import layer_ops as ops
+    from miniserve.models.config import ModelConfig
+    from miniserve.models.llama import Rotary
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    res = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        T, hq, hk, d, hidden, inter = 257, 32, 8, 128, 4096, 11008
+        qkv = torch.randn(T, (hq + 2 * hk) * d, device="cuda", generator=g).to(dtype)
+        positions = torch.randint(0, 4096, (T,), device="cuda", generator=g)
+        cfg = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "hidden_size": hq * d,
+                                     "num_attention_heads": hq, "num_key_value_heads": hk,
+                                     "intermediate_size": inter, "num_hidden_layers": 1, "vocab_size": 8,
+                                     "max_position_embeddings": 4096})  # fmt: skip
+        rot = Rotary(cfg, 4096).cuda()
+        tri, ref = qkv.clone(), qkv.clone()
+        for t, impl in ((tri, "triton"), (ref, "reference")):
+            q, k = t[:, : hq * d].view(T, hq, d), t[:, hq * d : (hq + hk) * d].view(T, hk, d)
+            ops.apply_rotary_(q, k, positions, rot.cos, rot.sin, impl=impl)
+        x, r = torch.randn(2, T, hidden, device="cuda", generator=g).to(dtype)
+        w = torch.randn(hidden, device="cuda", generator=g).to(dtype)
+        (n_t, s_t), (n_r, s_r) = (ops.rms_norm(x, w, 1e-5, r, impl=i) for i in ("triton", "reference"))
+        gu = torch.randn(T, 2 * inter, device="cuda", generator=g).to(dtype)
+        a_t, a_r = (ops.silu_and_mul(gu, impl=i) for i in ("triton", "reference"))
+        res[str(dtype)[6:]] = {
+            "rotary_bit_exact": torch.equal(tri, ref),
+            "residual_sum_bit_exact": torch.equal(s_t, s_r),
+            "rms_norm_max_ulp": ulps(n_t, n_r),
+            "silu_and_mul_max_ulp": ulps(a_t, a_r),
+        }
+    return res
+
+
 def check_graphs_vs_eager() -> dict:
     """CUDA-graph replays (the default) against eager passes, plain and speculative, bf16 and fp8 KV."""
     res = {}
@@ -143,6 +186,7 @@ def main() -> None:
     }
     result = {
         "env": env,
+        "layer_ops": check_layer_ops(),
         "graphs_vs_eager": check_graphs_vs_eager(),
         "backends": check_backends(),
         "lossless": check_lossless(),

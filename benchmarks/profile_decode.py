@@ -40,7 +40,7 @@ def main() -> None:
     prof.disable()
     seconds = time.perf_counter() - start
     print(f"{args.batch * args.max_tokens / seconds:.1f} tokens/s, {1000 * seconds / args.max_tokens:.2f} ms/step")
-    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(30)
 
 
 if __name__ == "__main__":
