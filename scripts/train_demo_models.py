@@ -39,6 +39,7 @@ DEFAULT_CORPUS = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 TRAIN_FRACTION = 0.9
 BOS_ID, EOS_ID, UNK_ID = 1, 2, 0
 MAX_POSITIONS = 1024
+PROMPT_TOKENS = 33  # prompt length (BOS included) of the continuations the target writes for the draft
 
 # Rendered like a play: a speaker line, the speech, a blank line; the generation prompt opens the
 # assistant's speech, which is exactly the context the model saw after every speaker name in training.
@@ -88,7 +89,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--draft-hidden", type=int, default=DRAFT_SHAPE["hidden_size"], help="heads of 64 dims")
     p.add_argument("--draft-intermediate", type=int, default=DRAFT_SHAPE["intermediate_size"])
     p.add_argument("--time-budget", type=float, default=330.0, help="seconds for both training loops")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.seq_len <= PROMPT_TOKENS:
+        p.error(f"--seq-len must exceed {PROMPT_TOKENS}: the draft also trains on target continuations of such prompts")
+    if args.draft_hidden % 64:
+        p.error("--draft-hidden must be a multiple of 64 (heads of 64 dimensions)")
+    return args
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -282,10 +288,10 @@ def target_written_text(target, stream, starts, args, n: int, gen: torch.Generat
     rows = []
     chunk = 256
     for i in range(0, n, chunk):
-        prompts = sample_windows(stream, starts, min(chunk, n - i), 33, gen)
+        prompts = sample_windows(stream, starts, min(chunk, n - i), PROMPT_TOKENS, gen)
         temperature = 0.0 if (i // chunk) % 2 == 0 else 1.0
         with autocast(args.device):
-            rows.append(generate(target, prompts, args.seq_len - 33, temperature, gen))
+            rows.append(generate(target, prompts, args.seq_len - PROMPT_TOKENS, temperature, gen))
     return torch.cat(rows)
 
 
