@@ -6,7 +6,7 @@
    bf16 and fp8 KV caches).
 2. Speculative decoding is lossless: greedy outputs with the demo draft equal those without it, for a batch of
    mixed prompt lengths, k in {1, 2, 4, 6}, bf16 and fp8 KV caches.
-3. CUDA-graph replays give the same greedy outputs as eager passes.
+3. CUDA-graph replays give the same outputs as eager passes (greedy, and seeded sampling with speculation).
 5. The fused layer ops (RMSNorm + residual, RoPE, SiLU-and-mul) on the GPU against their torch references:
    rotary and the residual sum bit for bit, the rest within 2 ulp.
 4. The seed's failure cannot happen: with an fp8 KV cache, a speculative run whose every KV write goes through
@@ -42,8 +42,8 @@ PROMPTS = [
 GREEDY = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True)
 
 
-def outputs(llm: LLM) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+def outputs(llm: LLM, params: SamplingParams = GREEDY) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
@@ -136,6 +136,12 @@ def check_graphs_vs_eager() -> dict:
             graphs = outputs(LLM(str(DEMO_TARGET), kv_cache_dtype=kv, **spec))
             eager = outputs(LLM(str(DEMO_TARGET), kv_cache_dtype=kv, enforce_eager=True, **spec))
             res[f"kv={kv}/{'spec' if spec else 'plain'}"] = agreement(graphs, eager)
+    # sampled speculative rounds replay the draft's and the target's captured passes; same seeds, same tokens
+    sampled = SamplingParams(temperature=0.8, seed=0, max_tokens=96, ignore_eos=True)
+    spec = {"speculative_model": str(DEMO_DRAFT), "num_speculative_tokens": 4}
+    graphs = outputs(LLM(str(DEMO_TARGET), **spec), sampled)
+    eager = outputs(LLM(str(DEMO_TARGET), enforce_eager=True, **spec), sampled)
+    res["kv=auto/spec-sampled"] = agreement(graphs, eager)
     return res
 
 

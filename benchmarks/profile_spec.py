@@ -139,8 +139,8 @@ def main() -> None:
     spec = LLM(str(DEMO_TARGET), speculative_model=args.draft, num_speculative_tokens=args.k, max_num_seqs=8)
     plain = LLM(str(DEMO_TARGET), max_num_seqs=8)
     graphs = {
-        "target_decode": spec.engine.target.graphs.graphs[1].graph,
-        "draft_decode": spec.engine.draft.graphs.graphs[1].graph,
+        "target_decode": spec.engine.target.graphs[1].graphs[1].graph,
+        "draft_decode": spec.engine.draft.graphs[1].graphs[1].graph,
         f"greedy_round_k{args.k}": spec.engine.spec.graphs.graphs[1].graph,
     }
     result["replay_us"] = {}

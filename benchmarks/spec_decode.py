@@ -2,8 +2,9 @@
 
     python benchmarks/spec_decode.py [--batch 1 8 32] [--k 2 4 6] [--max-tokens 128] [--kv-cache-dtype auto]
 
-Greedy decoding of held-out Shakespeare passages (ignore_eos, fixed length) so every configuration generates the same
-number of tokens; each configuration is warmed up once, then timed over `--repeats` identical runs (median).
+Greedy (or, with --temperature, seeded sampling) decoding of held-out Shakespeare passages (ignore_eos, fixed
+length) so every configuration generates the same number of tokens; each configuration is warmed up once, then
+timed over `--repeats` identical runs (median).
 Acceptance statistics cover all timed runs. Two throughputs: end to end (prompt processing included) and decode
 (tokens after each request's first one, over the time after the last first token: the per-token speed that
 speculation changes, without the prefill both configurations pay).
@@ -31,10 +32,10 @@ from miniserve.config import DEMO_DRAFT, DEMO_TARGET  # noqa: E402
 PROMPTS = json.loads((Path(__file__).parent / "prompts_val.json").read_text())
 
 
-def timed_generate(llm: LLM, batch: int, max_tokens: int) -> tuple[float, int, float]:
+def timed_generate(llm: LLM, batch: int, max_tokens: int, temperature: float = 0.0) -> tuple[float, int, float]:
     """(end-to-end seconds, generated tokens, decode seconds: from the last first token to the end)."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=temperature, seed=0, max_tokens=max_tokens, ignore_eos=True)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -57,7 +58,7 @@ def measure(batch: int, k: int | None, args) -> dict:
     timed_generate(llm, batch, max_tokens=16)  # warm-up: compiles kernels
     gc.collect()
     s0 = llm.engine.stats()
-    runs = [timed_generate(llm, batch, args.max_tokens) for _ in range(args.repeats)]
+    runs = [timed_generate(llm, batch, args.max_tokens, args.temperature) for _ in range(args.repeats)]
     seconds, tokens, _ = sorted(runs)[len(runs) // 2]  # the median run
     decode_tps = sorted((t - batch) / d for _, t, d in runs)[len(runs) // 2]  # after each request's first token
     s1 = llm.engine.stats()
@@ -83,6 +84,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--draft", default=str(DEMO_DRAFT), help="draft model directory")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else seeded sampling")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per configuration; the median is kept")
     p.add_argument("--name", default="spec_decode", help="output file stem")
@@ -104,6 +106,7 @@ def main() -> None:
         "triton": _triton_version(),
         "kv_cache_dtype": args.kv_cache_dtype,
         "draft": args.draft,
+        "temperature": args.temperature,
         "cuda_graphs": not args.enforce_eager,
         "max_tokens": args.max_tokens,
         "repeats": args.repeats,

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from miniserve.cuda_graphs import BucketedGraphs
+from miniserve.sampling import SamplingBatch, random_uniform, sample_from_probs
 from miniserve.sampling import probs as processed_probs
-from miniserve.sampling import random_uniform, sample_from_probs
 from miniserve.scheduler.scheduler import ScheduledSeq
 from miniserve.sequence import Sequence
 from miniserve.transfer import to_device
@@ -93,7 +93,7 @@ class SpeculativeDecoder:
         self.engine = engine
         self.k = engine.config.num_speculative_tokens
         self.graphs: BucketedGraphs | None = None
-        if engine.target.graphs is not None and engine.draft.graphs is not None:
+        if engine.target.use_graphs and engine.draft.use_graphs:
             blocks = -(-max(engine.target.max_positions, engine.draft.max_positions) // engine.config.block_size)
             # padding rows: tokens 0, length 2 (positions stay >= 0), invalid
             padding = [0, 0, 2, 0]
@@ -211,10 +211,17 @@ class SpeculativeDecoder:
         # 1. the draft catches up on tokens it has not seen and proposes k tokens, one decode step each
         drafts: list[list[int]] = [[] for _ in seqs]
         draft_probs = []
-        inputs = [_catch_up_input(s) for s in seqs]
+        if self._uniform(seqs, base_len):  # the last two tokens for everyone: a captured two-token pass
+            inputs = [ForwardInput(s.token_ids[-2:], n - 2, s.block_table, 1) for s, n in zip(seqs, base_len)]
+        else:
+            inputs = [_catch_up_input(s) for s in seqs]
+        # without penalties no row reads its history: one sampling batch serves every draft step
+        fixed: SamplingBatch | None = None if any(s.params.needs_history for s in seqs) else eng.sampling_batch(seqs)
         for j in range(k):
             logits = eng.draft.forward(inputs)
-            batch = eng.sampling_batch(seqs, [_history(s, d) for s, d in zip(seqs, drafts)])
+            batch = fixed
+            if batch is None:
+                batch = eng.sampling_batch(seqs, [_history(s, d) for s, d in zip(seqs, drafts)])
             q = processed_probs(logits, batch)
             tokens = sample_from_probs(q, batch).tolist()
             draft_probs.append(q)

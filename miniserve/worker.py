@@ -21,7 +21,6 @@ from miniserve.models.llama import LayerKV
 from miniserve.models.loader import load_model
 from miniserve.transfer import to_device
 
-DECODE_COLUMNS = 3  # a captured decode step's packed row: token, start position, valid flag, then the block table
 DECODE_QUERIES_MAX_LEN = 16  # up to this many new tokens per sequence, Triton runs them as decode queries
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -70,10 +69,9 @@ class Worker:
         )
         self.layer_scales = scales  # layer -> {"k": float, "v": float} from the checkpoint
         self.kv: list[LayerKV] = []
-        self.graphs: BucketedGraphs | None = None  # the decode step, captured by the engine once the pool exists
-        if self.device.type == "cuda" and self.backend == "triton" and not config.enforce_eager:
-            width = DECODE_COLUMNS + -(-self.max_positions // self.block_size)
-            self.graphs = BucketedGraphs(self._graph_decode, width, [0, 0, 0], config.max_num_seqs, self.device)
+        self.max_num_seqs = config.max_num_seqs
+        self.use_graphs = self.device.type == "cuda" and self.backend == "triton" and not config.enforce_eager
+        self.graphs: dict[int, BucketedGraphs] = {}  # new tokens per sequence -> captured uniform passes
 
     def bytes_per_block(self) -> int:
         cfg = self.model_config
@@ -141,9 +139,11 @@ class Worker:
     @torch.inference_mode()
     def forward(self, inputs: list[ForwardInput]) -> torch.Tensor:
         """Run the model over the packed new tokens; return fp32 logits [sum(num_logits), vocab]."""
-        if self.graphs is not None and self.graphs.supports(len(inputs)) and _is_decode(inputs):
-            rows = [[x.token_ids[0], x.start_pos, 1, *x.block_table] for x in inputs]
-            return self.graphs.run(rows)[0]
+        graphs = self._graphs_for(inputs)
+        if graphs is not None:
+            n = len(inputs[0].token_ids)
+            logits = graphs.run([[*x.token_ids, x.start_pos, 1, *x.block_table] for x in inputs])[0]
+            return logits if inputs[0].num_logits == n else logits.view(len(inputs), n, -1)[:, -1]
         ids, pos, meta, rows = self.prepare(inputs)
         hidden = self.model(ids, pos, meta, self.kv)
         return self.model.logits(hidden[rows])
@@ -160,11 +160,38 @@ class Worker:
         """
         return self.run_uniform(token_ids, start_pos, block_tables, max_seq_len, None)
 
-    def _graph_decode(self, packed: torch.Tensor) -> tuple[torch.Tensor]:
-        """The captured decode step; packed rows are [token, start_pos, valid, block table...]."""
-        token_ids, start_pos, valid = packed[:, 0:1], packed[:, 1], packed[:, 2].bool()
-        tables = packed[:, DECODE_COLUMNS:].to(torch.int32)
-        return (self.run_uniform(token_ids, start_pos, tables, self.max_positions, valid),)
+    def capture_graphs(self, tokens_per_seq: list[int]) -> None:
+        """Capture the uniform passes of `n` new tokens per sequence for every batch bucket (decode steps: n = 1;
+        with a draft, the target's verification n = k + 1 and the draft's catch-up n = 2)."""
+        if not self.use_graphs:
+            return
+        width = -(-self.max_positions // self.block_size)
+        for n in tokens_per_seq:
+            if n not in self.graphs:
+                padding = [0] * n + [0, 0]  # tokens 0 at positions 0.., invalid: writes no KV
+                fn = self._uniform_graph_fn(n)
+                self.graphs[n] = BucketedGraphs(fn, n + 2 + width, padding, self.max_num_seqs, self.device)
+                self.graphs[n].capture_all()
+
+    def _uniform_graph_fn(self, n: int):
+        def run(packed: torch.Tensor) -> tuple[torch.Tensor]:
+            """Packed rows: [n tokens, start_pos, valid, block table...]; logits of every new token."""
+            token_ids, start_pos, valid = packed[:, :n], packed[:, n], packed[:, n + 1].bool()
+            tables = packed[:, n + 2 :].to(torch.int32)
+            return (self.run_uniform(token_ids, start_pos, tables, self.max_positions, valid),)
+
+        return run
+
+    def _graphs_for(self, inputs: list[ForwardInput]) -> BucketedGraphs | None:
+        """The captured pass for a batch whose sequences all bring the same n tokens and want the logits of the
+        last one or of all of them; None when there is none."""
+        n, want = len(inputs[0].token_ids), inputs[0].num_logits
+        graphs = self.graphs.get(n)
+        if graphs is None or not graphs.supports(len(inputs)) or want not in (1, n):
+            return None
+        if any(len(x.token_ids) != n or x.num_logits != want for x in inputs):
+            return None
+        return graphs
 
     def run_uniform(
         self,
@@ -189,7 +216,3 @@ class Worker:
             meta = self._for_kernels(meta)
         hidden = self.model(token_ids.reshape(-1), positions, meta, self.kv)
         return self.model.logits(hidden, float_logits)
-
-
-def _is_decode(inputs: list[ForwardInput]) -> bool:
-    return all(len(x.token_ids) == 1 and x.num_logits == 1 for x in inputs)

@@ -145,3 +145,19 @@ def hf_greedy(model, prompt_ids: list[int], num_tokens: int) -> list[int]:
         pad_token_id=0,
     )
     return out[0, len(prompt_ids) :].tolist()
+
+
+@pytest.fixture(scope="session")
+def draft_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A one-layer model sharing the test target's tokenizer: it agrees with the target only some of the time."""
+    return build_model_dir(
+        tmp_path_factory.mktemp("draft"),
+        "LlamaForCausalLM",
+        tokenizer_dir,
+        seed=42,
+        num_hidden_layers=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )

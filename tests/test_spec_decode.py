@@ -8,23 +8,7 @@ import torch
 from miniserve import LLM, SamplingParams
 from miniserve.sampling import SamplingBatch, sample_from_probs
 from miniserve.spec_decode import rejection_sample
-from tests.conftest import VOCAB, build_model_dir
-
-
-@pytest.fixture(scope="module")
-def draft_dir(tmp_path_factory, tokenizer_dir, llama_dir):
-    """A one-layer model sharing the target's tokenizer: it agrees with the target only some of the time."""
-    return build_model_dir(
-        tmp_path_factory.mktemp("draft"),
-        "LlamaForCausalLM",
-        tokenizer_dir,
-        seed=42,
-        num_hidden_layers=1,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
+from tests.conftest import VOCAB
 
 
 def mixed_prompts(seed: int = 0) -> list[list[int]]:

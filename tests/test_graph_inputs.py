@@ -1,0 +1,94 @@
+"""The packed inputs of captured passes, checked on the CPU.
+
+CUDA graphs exist only on GPUs, but what feeds them does not: rows packed into a staging buffer, padding rows,
+the unpacking inside the captured function and the logits picked from its output. Here `BucketedGraphs._capture`
+is replaced by an eager stand-in whose "replay" reruns the same function on the same static buffer, so every
+line of `BucketedGraphs.run`, `Worker.forward`'s graph path and the greedy round's packing runs as on a GPU. The
+oracle is the same engine without graphs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from miniserve import LLM, SamplingParams
+from miniserve.cuda_graphs import BucketedGraphs, _Graph
+from miniserve.spec_decode import SpeculativeDecoder
+from tests.test_spec_decode import mixed_prompts
+
+
+class EagerReplay:
+    def __init__(self, fn, static, outputs):
+        self.fn, self.static, self.outputs = fn, static, outputs
+
+    def replay(self) -> None:
+        for out, new in zip(self.outputs, self.fn(self.static), strict=True):
+            out.copy_(new)
+
+
+def eager_capture(self: BucketedGraphs, bucket: int) -> None:
+    static = torch.zeros(bucket, self.width, dtype=torch.int64)
+    static[:, : len(self.padding)] = torch.tensor(self.padding)
+    outputs = tuple(out.clone() for out in self.fn(static))
+    staging = torch.zeros(bucket, self.width, dtype=torch.int64)  # as the real one: padding rows point at block 0
+    self.graphs[bucket] = _Graph(EagerReplay(self.fn, static, outputs), static, outputs, staging)
+
+
+def engine_with_stand_in_graphs(llm: LLM):
+    eng = llm.engine
+    for worker in eng.workers:
+        worker.use_graphs = True
+    if eng.draft is not None:
+        eng.spec = SpeculativeDecoder(eng)
+    eng._capture_graphs()
+    return eng
+
+
+def generate(llm: LLM, prompts, params) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_packed_graph_inputs_reproduce_the_eager_engine(monkeypatch, llama_dir, temperature):
+    monkeypatch.setattr(BucketedGraphs, "_capture", eager_capture)
+    kw = dict(dtype="float32", device="cpu", max_num_seqs=8)
+    params = SamplingParams(temperature=temperature, seed=3, max_tokens=12, ignore_eos=True)
+    prompts = mixed_prompts()  # 5 sequences: padded up to the bucket of 8
+    plain = LLM(str(llama_dir), **kw)
+    want = generate(plain, prompts, params)
+    graphed = LLM(str(llama_dir), **kw)
+    eng = engine_with_stand_in_graphs(graphed)
+    assert sorted(eng.target.graphs) == [1] and len(eng.target.graphs[1].graphs) == 4  # buckets 1, 2, 4, 8
+    assert generate(graphed, prompts, params) == want
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+@pytest.mark.parametrize("k", [1, 4])
+def test_packed_speculative_rounds_reproduce_the_eager_engine(monkeypatch, llama_dir, draft_dir, k, temperature):
+    """Greedy: the whole round is one packed pass; sampled: the draft's one- and two-token passes and the target's
+    (k+1)-token verification are. Either way the tokens equal the engine's without graphs."""
+    monkeypatch.setattr(BucketedGraphs, "_capture", eager_capture)
+    kw = dict(dtype="float32", device="cpu", max_num_seqs=8, speculative_model=str(draft_dir))
+    kw["num_speculative_tokens"] = k
+    params = SamplingParams(temperature=temperature, seed=3, max_tokens=12, ignore_eos=True)
+    prompts = mixed_prompts()
+    eager = LLM(str(llama_dir), **kw)
+    want = generate(eager, prompts, params)
+    graphed = LLM(str(llama_dir), **kw)
+    eng = engine_with_stand_in_graphs(graphed)
+    assert sorted(eng.target.graphs) == sorted({1, k + 1}) and sorted(eng.draft.graphs) == [1, 2]
+    replays = {n: 0 for n in (1, 2, k + 1)}
+    for worker in eng.workers:
+        for n, graphs in worker.graphs.items():
+            original = graphs.run
+
+            def counted(rows, n=n, original=original):
+                replays[n] += 1
+                return original(rows)
+
+            graphs.run = counted
+    assert generate(graphed, prompts, params) == want
+    assert eager.engine.stats()["spec_num_accepted_tokens"] == eng.stats()["spec_num_accepted_tokens"]
+    if temperature > 0:  # sampled rounds run on the captured passes
+        assert replays[2] > 0 and replays[k + 1] > 0
