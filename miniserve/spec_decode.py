@@ -113,6 +113,7 @@ class SpeculativeDecoder:
             "spec_accepted_per_position": list(self.accepted_per_position),
         }
 
+    @torch.inference_mode()
     def step(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
         decodes = [s.seq for s in scheduled if s.num_new_tokens == 1 and s.completes_prompt]
         prefills = [s for s in scheduled if not (s.num_new_tokens == 1 and s.completes_prompt)]

@@ -148,18 +148,6 @@ class Worker:
         hidden = self.model(ids, pos, meta, self.kv)
         return self.model.logits(hidden[rows])
 
-    @torch.inference_mode()
-    def forward_uniform(
-        self, token_ids: torch.Tensor, start_pos: torch.Tensor, block_tables: torch.Tensor, max_seq_len: int
-    ) -> torch.Tensor:
-        """Every sequence brings the same number of new tokens, already on the device: `token_ids` [B, n] at
-        positions start_pos[b] .. start_pos[b] + n - 1. Returns logits for every new token, [B * n, V].
-
-        The metadata is derived on the device (no host round trip), so speculative decoding can chain draft
-        steps without waiting for the GPU.
-        """
-        return self.run_uniform(token_ids, start_pos, block_tables, max_seq_len, None)
-
     def capture_graphs(self, tokens_per_seq: list[int]) -> None:
         """Capture the uniform passes of `n` new tokens per sequence for every batch bucket (decode steps: n = 1;
         with a draft, the target's verification n = k + 1 and the draft's catch-up n = 2)."""
