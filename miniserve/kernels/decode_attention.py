@@ -88,6 +88,49 @@ def page_slots(block_tables_ptr, pos, valid, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
+def attend_kv_tile(
+    q,
+    k_mult,
+    m_i,
+    l_i,
+    acc,
+    k_cache_ptr,
+    v_cache_ptr,
+    page,
+    slot,
+    kv_head,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    d,
+    kv_mask,
+    visible,
+    KV_MODE: tl.constexpr,
+    NAN_ALL_ONES: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step over a tile of cached K/V (the loop body of the decode and extend kernels, so a
+    query gets the same arithmetic from both). Scores are in log2 units; `visible` masks them to -inf.
+    Returns the updated (running max, running sum, unnormalized output)."""
+    rows = page * stride_kb + slot * stride_ks + kv_head * stride_kh
+    k = load_kv_tile(k_cache_ptr, rows[:, None] + d[None, :], kv_mask, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * k_mult
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    rows = page * stride_vb + slot * stride_vs + kv_head * stride_vh
+    v = load_kv_tile(v_cache_ptr, rows[:, None] + d[None, :], kv_mask, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE)
+    acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE_DTYPE), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -159,18 +202,11 @@ def _decode_split_kernel(
         valid = pos < end
         kv_mask = valid[:, None] & d_mask[None, :]
         page, slot = page_slots(block_table, pos, valid, BLOCK_SIZE)
-        rows = page * stride_kb + slot * stride_ks + kv_head * stride_kh
-        k = load_kv_tile(k_cache_ptr, rows[:, None] + d[None, :], kv_mask, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * k_mult
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        rows = page * stride_vb + slot * stride_vs + kv_head * stride_vh
-        v = load_kv_tile(v_cache_ptr, rows[:, None] + d[None, :], kv_mask, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE_DTYPE), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = attend_kv_tile(
+            q, k_mult, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, page, slot, kv_head, stride_kb, stride_ks, stride_kh,
+            stride_vb, stride_vs, stride_vh, d, kv_mask, valid[None, :], KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE,
+            DOT_PRECISION,
+        )  # fmt: skip
 
     if NUM_SPLITS == 1:
         v_mult = 1.0 if KV_MODE == 0 else tl.load(v_scale_ptr) * KV_FACTOR

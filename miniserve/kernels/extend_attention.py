@@ -16,12 +16,12 @@ import triton.language as tl
 from miniserve.kernels.backend import triton_interpreter_enabled
 from miniserve.kernels.decode_attention import (
     LOG2E,
+    attend_kv_tile,
     cache_view,
     check_kernel_inputs,
     compute_dtype,
     kv_block_n,
     kv_mode,
-    load_kv_tile,
     load_q_tile,
     page_slots,
 )
@@ -93,23 +93,17 @@ def _extend_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     end = tl.minimum(seq_len, prefix + (block_m + 1) * BLOCK_M)  # past the block's last query: all masked
-    for n0 in range(0, end, BLOCK_N):
+    for n0 in range(0, end, BLOCK_N):  # the running max stays finite: position 0 is visible to every row
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
         kv_mask = valid[:, None] & d_mask[None, :]
         page, slot = page_slots(block_table, pos, valid, BLOCK_SIZE)
-        rows = page * stride_kb + slot * stride_ks + kv_head * stride_kh
-        k = load_kv_tile(k_cache_ptr, rows[:, None] + d[None, :], kv_mask, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * k_mult
-        s = tl.where(valid[None, :] & (pos[None, :] <= last_visible[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: position 0 is visible to every row
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        rows = page * stride_vb + slot * stride_vs + kv_head * stride_vh
-        v = load_kv_tile(v_cache_ptr, rows[:, None] + d[None, :], kv_mask, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE_DTYPE), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        visible = valid[None, :] & (pos[None, :] <= last_visible[:, None])  # causal
+        m_i, l_i, acc = attend_kv_tile(
+            q, k_mult, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, page, slot, kv_head, stride_kb, stride_ks, stride_kh,
+            stride_vb, stride_vs, stride_vh, d, kv_mask, visible, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE,
+            DOT_PRECISION,
+        )  # fmt: skip
 
     v_mult = 1.0 if KV_MODE == 0 else tl.load(v_scale_ptr) * KV_FACTOR
     out = acc * (v_mult / l_i)[:, None]
