@@ -142,15 +142,16 @@ class SamplerOutput:
 
 @dataclass
 class SamplingBatch:
-    """Per-row sampling parameters as tensors on the logits' device; build once per step."""
+    """Per-row sampling parameters as tensors on the logits' device; build once per step. A per-row tensor is
+    None when no row needs it, so an all-greedy decode step copies nothing to the device."""
 
     vocab_size: int
     device: torch.device
     generators: list[torch.Generator | None]
-    greedy: torch.Tensor  # bool [B]
+    greedy: torch.Tensor | None  # bool [B]; None unless greedy and sampled rows are mixed
     any_greedy: bool  # Python flags, so the hot path needs no device sync
     all_greedy: bool
-    temperature: torch.Tensor  # float32 [B]; 1.0 on greedy rows
+    temperature: torch.Tensor | None  # float32 [B], 1.0 on greedy rows; None when every row's is 1.0
     top_k: torch.Tensor | None  # int64 [B], vocab_size where off; None when no row filters
     top_p: torch.Tensor | None  # float32 [B], 1.0 where off
     min_p: torch.Tensor | None  # float32 [B], 0.0 where off
@@ -195,6 +196,7 @@ class SamplingBatch:
         def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return to_device(values, dtype, device)
 
+        temperature = [1.0 if g else float(p.temperature) for p, g in zip(params, greedy)]
         top_k = [p.top_k if p.top_k > 0 and not g else vocab_size for p, g in zip(params, greedy)]
         top_k = [min(k, vocab_size) for k in top_k]
         top_p = [1.0 if g else float(p.top_p) for p, g in zip(params, greedy)]
@@ -225,10 +227,10 @@ class SamplingBatch:
             vocab_size=vocab_size,
             device=device,
             generators=list(generators),
-            greedy=column(greedy, torch.bool),
+            greedy=column(greedy, torch.bool) if any(greedy) and not all(greedy) else None,
             any_greedy=any(greedy),
             all_greedy=all(greedy),
-            temperature=column([1.0 if g else float(p.temperature) for p, g in zip(params, greedy)]),
+            temperature=column(temperature) if any(t != 1.0 for t in temperature) else None,
             top_k=column(top_k, torch.int64) if any(k < vocab_size for k in top_k) else None,
             top_p=column(top_p) if any(v < 1.0 for v in top_p) else None,
             min_p=column(min_p) if any(v > 0.0 for v in min_p) else None,
@@ -276,7 +278,8 @@ def apply_penalties_and_filters(logits: torch.Tensor, batch: SamplingBatch) -> t
         logits -= batch.presence_penalty * (batch.output_counts > 0).to(torch.float32)
     if batch.banned is not None:
         logits[batch.banned] = -math.inf
-    logits /= batch.temperature.unsqueeze(1)
+    if batch.temperature is not None:
+        logits /= batch.temperature.unsqueeze(1)
     if batch.top_k is not None or batch.top_p is not None:
         logits = _top_k_top_p(logits, batch.top_k, batch.top_p)
     if batch.min_p is not None:
@@ -303,11 +306,12 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.
 def probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """The distribution tokens are drawn from (float32 [B, V]); greedy rows are one-hot at the argmax."""
     filtered = apply_penalties_and_filters(logits, batch)
-    out = torch.softmax(filtered, dim=-1)
     if batch.any_greedy:
-        one_hot = torch.zeros_like(out).scatter_(1, filtered.argmax(dim=-1, keepdim=True), 1.0)
-        out = torch.where(batch.greedy.unsqueeze(1), one_hot, out)
-    return out
+        one_hot = torch.zeros_like(filtered).scatter_(1, filtered.argmax(dim=-1, keepdim=True), 1.0)
+        if batch.all_greedy:
+            return one_hot
+    out = torch.softmax(filtered, dim=-1)
+    return torch.where(batch.greedy.unsqueeze(1), one_hot, out) if batch.any_greedy else out
 
 
 # ---------------------------------------------------------------------------- drawing
