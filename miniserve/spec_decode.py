@@ -62,6 +62,12 @@ def _history(seq: Sequence, drafted: list[int]) -> list[int]:
     return seq.output_token_ids + drafted if seq.params.needs_history else []
 
 
+def _is_decode(s: ScheduledSeq) -> bool:
+    """One new token after at least one cached one. (A one-token prompt also brings one token, but has no token
+    before it: it is prefilled, so every speculated sequence has the two last tokens a round feeds the draft.)"""
+    return s.num_new_tokens == 1 and s.completes_prompt and s.seq.num_tokens >= 2
+
+
 def _is_plain_greedy(seq: Sequence) -> bool:
     """Greedy with nothing reshaping the logits (penalties, a min_tokens mask): the raw argmax decides."""
     p = seq.params
@@ -115,8 +121,8 @@ class SpeculativeDecoder:
 
     @torch.inference_mode()
     def step(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
-        decodes = [s.seq for s in scheduled if s.num_new_tokens == 1 and s.completes_prompt]
-        prefills = [s for s in scheduled if not (s.num_new_tokens == 1 and s.completes_prompt)]
+        decodes = [s.seq for s in scheduled if _is_decode(s)]
+        prefills = [s for s in scheduled if not _is_decode(s)]
         if prefills:
             self._prefill(prefills)
         if decodes:
@@ -158,8 +164,7 @@ class SpeculativeDecoder:
         packed input; with CUDA graphs it is a single replay, and the host waits for the GPU once, for the result.
         """
         k = self.k
-        # a one-token prompt completes as a decode step: left-pad its "last two tokens" (only the last is read then)
-        rows = [[*([0] + s.token_ids[-2:])[-2:], n, 1, *s.block_table] for s, n in zip(seqs, base_len)]
+        rows = [[*s.token_ids[-2:], n, 1, *s.block_table] for s, n in zip(seqs, base_len)]
         if self.graphs is not None and self.graphs.supports(len(seqs)) and self._uniform(seqs, base_len):
             result, logits = self.graphs.run(rows)
         else:
@@ -177,7 +182,7 @@ class SpeculativeDecoder:
     def _uniform(seqs: list[Sequence], base_len: list[int]) -> bool:
         """The draft lags by one or two tokens everywhere (the steady state): feeding the last two tokens for
         everyone (recomputing a cached token rewrites its K/V at the same slot) makes the catch-up uniform."""
-        return all(n >= 2 and n - s.num_draft_computed_tokens <= 2 for s, n in zip(seqs, base_len))
+        return all(n - s.num_draft_computed_tokens <= 2 for s, n in zip(seqs, base_len))
 
     def _draft_catch_up(self, packed: torch.Tensor, max_len: int) -> torch.Tensor:
         """Draft pass over each row's last two tokens; returns the first draft token [B]."""
