@@ -45,3 +45,16 @@ def test_cli_reports_user_errors_clearly(tmp_path):
     )
     assert proc.returncode == 2
     assert "miniserve: error:" in proc.stderr and "nope" in proc.stderr
+
+
+def test_cli_speculative_flags_speculate_and_keep_the_greedy_text():
+    def generate(*extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "miniserve.cli", "generate", "--prompt", "ROMEO:", "--max-tokens", "24", *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    plain = generate()
+    spec = generate("--speculative-model", "demo", "--num-speculative-tokens", "3")
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout  # greedy: speculation changes the speed, not the text
+    assert "[speculative decoding] mean acceptance length" in spec.stderr
+    assert "speculative" not in plain.stderr

@@ -42,6 +42,36 @@ def test_greedy_output_is_identical_with_speculation(llama_dir, draft_dir, k, kv
     assert eng.block_manager.num_used_blocks == 0
 
 
+def test_draft_pool_has_its_own_shape_and_kv_dtype(llama_dir, draft_dir):
+    """speculative_kv_cache_dtype: an fp8 draft pool beside a float32 target pool, each shaped by its own model
+    (layers, KV heads, head size); greedy output is still the target's own."""
+    prompts = mixed_prompts(2)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    plain, _ = run(llama_dir, prompts, params)
+    spec, eng = run(llama_dir, prompts, params, speculative_model=str(draft_dir), speculative_kv_cache_dtype="fp8")
+    assert spec == plain
+    for worker in eng.workers:
+        cfg = worker.model_config
+        assert worker.kv_pool.shape[:2] == (cfg.num_layers, 2)
+        assert worker.kv_pool.shape[-2:] == (cfg.num_kv_heads, cfg.head_dim)
+    assert (eng.target.kv_pool.dtype, eng.draft.kv_pool.dtype) == (torch.float32, torch.float8_e4m3fn)
+    assert eng.target.model_config.num_layers != eng.draft.model_config.num_layers
+    assert eng.stats()["spec_num_drafts"] > 0  # the draft pool was used
+
+
+def test_demo_switch_enables_the_demo_pair():
+    """speculative_model="demo" with no model: the shipped target and draft, speculation lossless on them."""
+    from miniserve.config import DEMO_DRAFT, DEMO_TARGET
+
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    plain = LLM(device="cpu").generate(["ROMEO:"], params, use_tqdm=False)[0].outputs[0].token_ids
+    llm = LLM(speculative_model="demo", num_speculative_tokens=3, device="cpu")
+    assert (llm.engine.target.model_dir, llm.engine.draft.model_dir) == (str(DEMO_TARGET), str(DEMO_DRAFT))
+    assert llm.generate(["ROMEO:"], params, use_tqdm=False)[0].outputs[0].token_ids == plain
+    s = llm.engine.stats()
+    assert s["spec_num_accepted_tokens"] / s["spec_num_draft_tokens"] > 0.3  # a trained pair really agrees
+
+
 def test_self_speculation_accepts_everything(llama_dir):
     """Draft == target: every proposal is accepted, so each round emits k+1 tokens."""
     prompts = mixed_prompts(1)
@@ -141,6 +171,18 @@ def test_sampled_tokens_with_speculation_match_target_distribution(llama_dir, dr
     top = marg.argsort(descending=True)[:5]
     assert (freq[top] - marg[top]).abs().max() < 0.06
     assert spec.engine.stats()["spec_num_drafts"] > 0
+
+
+@pytest.mark.parametrize("field", [{"top_k": 1}, {"top_p": 1e-6}])
+def test_filters_keep_their_meaning_in_sampled_rounds(llama_dir, draft_dir, field):
+    """top_k=1 and a tiny top_p leave only the target's argmax: sampled speculative rounds (filters applied to
+    both the draft's and the target's distributions) must then reproduce plain greedy decoding."""
+    prompts = mixed_prompts(3)
+    greedy, _ = run(llama_dir, prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    params = SamplingParams(temperature=1.0, seed=1, max_tokens=16, ignore_eos=True, **field)
+    spec, eng = run(llama_dir, prompts, params, speculative_model=str(draft_dir), num_speculative_tokens=3)
+    assert spec == greedy
+    assert eng.stats()["spec_num_drafts"] > 0
 
 
 def test_speculation_on_triton_kernels_is_lossless(llama_dir, draft_dir):
