@@ -35,6 +35,9 @@ class EngineConfig:
     num_speculative_tokens: int = 4
     speculative_kv_cache_dtype: str | None = None  # draft pool dtype; None = same as kv_cache_dtype
     enforce_eager: bool = False  # True: no CUDA graphs (on a GPU, uniform decode passes are replayed from graphs)
+    # greedy speculative rounds: launch round N+1 from round N's device outputs before the host reads round N, so
+    # the host's output processing overlaps the GPU's next round (see spec_decode.py)
+    overlap_spec_rounds: bool = True
 
     def __post_init__(self) -> None:
         if self.model is None:
@@ -57,6 +60,17 @@ class EngineConfig:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+    @property
+    def kv_lookahead(self) -> int:
+        """KV slots past a sequence's length that a decode step may write: none without a draft; k for a
+        speculative round; 2k+1 when the next round is launched before this one's result is known (it starts up
+        to k+1 tokens further and writes k more)."""
+        if not self.speculative_model:
+            return 0
+        k = self.num_speculative_tokens
+        return 2 * k + 1 if self.overlap_spec_rounds else k
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

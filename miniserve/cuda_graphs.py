@@ -26,7 +26,9 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     static: torch.Tensor  # [bucket, width] int64 on the device: what the graph reads
     outputs: tuple[torch.Tensor, ...]  # what every replay overwrites
-    staging: torch.Tensor  # pinned host twin of `static`
+    staging: tuple[torch.Tensor, torch.Tensor]  # pinned host twins of `static`, used in turn
+    copied: list[torch.cuda.Event | None]  # when each staging buffer's last copy to the device was done
+    turn: int = 0
 
 
 def bucket_for(batch: int) -> int:
@@ -57,23 +59,32 @@ class BucketedGraphs:
             if bucket <= self.max_batch and bucket not in self.graphs:
                 self._capture(bucket)
 
-    def run(self, rows: list[list[int]]) -> tuple[torch.Tensor, ...]:
+    def run(self, rows: list[list[int]], device_columns: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Replay on `rows` (each at most `width` ints) padded to their bucket. The rows go through a pinned
         staging buffer (one asynchronous copy, no host-GPU synchronisation). Columns past a row's end keep
         stale values: the layout must leave them unread (block-table entries past a sequence's last block).
 
-        Contract: the caller reads the outputs (a host sync) before the next `run` of the same bucket, so the
-        staging buffer is no longer being copied when it is refilled; every engine step ends in that read."""
+        `device_columns` ([batch, c] int64 on the device) replace the rows' first c columns: inputs that a previous
+        replay computed, so a pass can be launched before the host has read its predecessor's outputs.
+        The outputs are overwritten by the next replay of the same bucket: copy what must outlive it first."""
         batch = len(rows)
         bucket = bucket_for(batch)
         if bucket not in self.graphs:
             self._capture(bucket)
         g = self.graphs[bucket]
-        staging = g.staging.numpy()
+        turn, g.turn = g.turn, 1 - g.turn
+        if g.copied[turn] is not None:  # two runs ago: long done unless the host ran far ahead of the GPU
+            g.copied[turn].synchronize()
+        staging = g.staging[turn].numpy()
         for i, row in enumerate(rows):
             staging[i, : len(row)] = row
         staging[batch:, : len(self.padding)] = self.padding
-        g.static.copy_(g.staging, non_blocking=True)
+        g.static.copy_(g.staging[turn], non_blocking=True)
+        if g.static.is_cuda:
+            g.copied[turn] = torch.cuda.Event()
+            g.copied[turn].record()
+        if device_columns is not None:
+            g.static[:batch, : device_columns.shape[1]].copy_(device_columns)
         g.graph.replay()
         return tuple(out[: batch * (out.shape[0] // bucket)] for out in g.outputs)
 
@@ -91,5 +102,5 @@ class BucketedGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             outputs = self.fn(static)
         self.pool = graph.pool()
-        staging = torch.zeros(bucket, self.width, dtype=torch.int64).pin_memory()
-        self.graphs[bucket] = _Graph(graph, static, tuple(outputs), staging)
+        staging = tuple(torch.zeros(bucket, self.width, dtype=torch.int64).pin_memory() for _ in range(2))
+        self.graphs[bucket] = _Graph(graph, static, tuple(outputs), staging, [None, None])

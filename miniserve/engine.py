@@ -57,7 +57,7 @@ class LLMEngine:
         self.model_name = config.served_model_name or config.model.rstrip("/").split("/")[-1]
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.target.model_config.eos_token_ids)
         self.vocab_size = self.target.model_config.vocab_size
-        lookahead = config.num_speculative_tokens if self.draft else 0
+        lookahead = config.kv_lookahead
         num_blocks = self._num_kv_blocks(lookahead)
         for worker in self.workers:
             worker.allocate_kv_cache(num_blocks)
@@ -193,14 +193,17 @@ class LLMEngine:
     # ---------------------------------------------------------------- the step
 
     def step(self) -> list[RequestOutput]:
+        drained = []
+        if self.spec is not None and self.spec.in_flight is not None and not self.spec.can_continue():
+            drained = self.spec.drain()  # the batch changes: emit the round in flight before rescheduling
         scheduled = self.scheduler.schedule()
         if not scheduled:
-            return []
+            return self._collect_outputs(drained)
         if self.spec is not None:
             progressed = self.spec.step(scheduled)
         else:
             progressed = self._plain_step(scheduled)
-        return self._collect_outputs(progressed)
+        return self._collect_outputs(drained + progressed)
 
     def _plain_step(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
         inputs = [self.forward_input(s) for s in scheduled]

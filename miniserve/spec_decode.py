@@ -6,10 +6,18 @@ either cache. The draft runs k steps (caching t, d1..d_{k-1}), the target runs o
 [t, d1..dk]. If `a` drafts are accepted, the sequence gains a+1 tokens; the target cache is valid for the first
 L+a tokens and the draft cache for the first L+min(a, k-1). Slots past those counters hold rejected tokens:
 they are simply overwritten by the next writes (rollback), and the blocks stay with the sequence.
+
+Overlapped greedy rounds: a greedy round's outputs include the next round's inputs (the last two tokens and the
+length), so round N+1 can be launched from them on the device before the host has read round N. The host then
+emits round N's tokens (detokenizing, stop checks, outputs) while the GPU runs round N+1. When the batch changes
+(a sequence finished, a request arrived, blocks ran short) the round in flight is drained first: its rows of
+finished sequences are dropped, the rest emitted. The next round writes up to 2k+1 slots past a sequence's known
+length, which the scheduler reserves (EngineConfig.kv_lookahead).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -94,6 +102,16 @@ def _unpack(packed: torch.Tensor):
     return packed[:, 0:2], packed[:, 2], packed[:, 3].bool(), tables
 
 
+@dataclass
+class _InFlight:
+    """A greedy round launched but not read yet."""
+
+    seqs: list[Sequence]
+    result: torch.Tensor  # [B, k+2] drafts, accepted count, next token: on its way to (pinned) host memory
+    copied: torch.cuda.Event | None  # recorded after that copy (None on the CPU, where it is done)
+    next_columns: torch.Tensor  # [B, 3] on the device: the next round's last two tokens and length
+
+
 class SpeculativeDecoder:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -106,6 +124,9 @@ class SpeculativeDecoder:
             self.graphs = BucketedGraphs(
                 self._graph_round, ROUND_COLUMNS + blocks, padding, engine.config.max_num_seqs, engine.device
             )
+        self.overlap = engine.config.overlap_spec_rounds
+        self.in_flight: _InFlight | None = None
+        self.num_overlapped_rounds = 0  # rounds launched before their predecessor was read
         self.num_drafts = 0
         self.num_draft_tokens = 0
         self.num_accepted = 0
@@ -121,13 +142,72 @@ class SpeculativeDecoder:
 
     @torch.inference_mode()
     def step(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
+        """Run one step; returns the sequences that gained tokens (a round left in flight gains them later)."""
+        if self.in_flight is not None:
+            seqs = [s.seq for s in scheduled]
+            if seqs != self.in_flight.seqs or not all(_is_decode(s) for s in scheduled):
+                raise RuntimeError("a round is in flight for another batch: the engine must drain it first")
+            return self._continue(seqs)
         decodes = [s.seq for s in scheduled if _is_decode(s)]
         prefills = [s for s in scheduled if not _is_decode(s)]
         if prefills:
             self._prefill(prefills)
+        progressed = [s.seq for s in prefills]
         if decodes:
-            self._speculate(decodes)
-        return [s.seq for s in scheduled]
+            progressed += self._speculate(decodes)
+        return progressed
+
+    def can_continue(self) -> bool:
+        """The next step would schedule exactly the round in flight's sequences, all decoding, with no
+        preemption: then the next round can start from the device before this one is read."""
+        f, sch = self.in_flight, self.engine.scheduler
+        if f is None or sch.waiting or sch.running != f.seqs or len(f.seqs) > sch.max_num_batched_tokens:
+            return False
+        blocks = sch.blocks
+        missing = sum(blocks.num_missing_blocks(s, s.num_tokens + sch.lookahead) for s in f.seqs)
+        return missing <= blocks.num_free_blocks
+
+    @torch.inference_mode()
+    def drain(self) -> list[Sequence]:
+        """Read the round in flight and emit its tokens; rows of finished sequences are dropped (no wait at all
+        when every sequence has finished)."""
+        f, self.in_flight = self.in_flight, None
+        if f is None or all(s.is_finished for s in f.seqs):
+            return []
+        return self._read(f)
+
+    def _continue(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Launch round N+1 from round N's device outputs, then read round N while the GPU runs N+1."""
+        previous = self.in_flight
+        self.in_flight = self._launch(seqs, [s.num_tokens for s in seqs], previous.next_columns)
+        self.num_overlapped_rounds += 1
+        progressed = self._read(previous)
+        if all(s.is_finished for s in seqs):  # round N finished them all: nobody reads N+1 (the GPU may finish it)
+            self.in_flight = None
+        return progressed
+
+    def _launch(self, seqs: list[Sequence], base_len: list[int], device_columns: torch.Tensor | None) -> _InFlight:
+        result, _, next_columns = self._run_greedy(seqs, base_len, device_columns)
+        if result.is_cuda:
+            host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+            host.copy_(result, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        else:  # a copy all the same: a graph's next replay overwrites its result
+            host, copied = result.clone(), None
+        # a graph's next_columns are overwritten by its next replay, which is also the next launch: that launch
+        # copies them into its input first (in stream order), so they need no copy of their own
+        return _InFlight(seqs, host, copied, next_columns)
+
+    def _read(self, f: _InFlight) -> list[Sequence]:
+        if f.copied is not None:
+            f.copied.synchronize()
+        rows = [(s, r) for s, r in zip(f.seqs, f.result.tolist()) if not s.is_finished]
+        seqs = [s for s, _ in rows]
+        k = self.k
+        drafts, accepted, next_tokens = [r[:k] for _, r in rows], [r[k] for _, r in rows], [r[k + 1] for _, r in rows]
+        self._append(seqs, drafts, accepted, next_tokens, None, [s.num_tokens for s in seqs])
+        return seqs
 
     def _prefill(self, scheduled: list[ScheduledSeq]) -> None:
         """Prompt chunks run through both workers so the draft's cache stays in step with the target's."""
@@ -149,13 +229,22 @@ class SpeculativeDecoder:
             s.seq.num_draft_computed_tokens = s.seq.num_computed_tokens + s.num_new_tokens
         eng._plain_step(scheduled)
 
-    def _speculate(self, seqs: list[Sequence]) -> None:
+    def _speculate(self, seqs: list[Sequence]) -> list[Sequence]:
         base_len = [s.num_tokens for s in seqs]
         if all(_is_plain_greedy(s) for s in seqs):
+            if self._overlappable(seqs, base_len):
+                self.in_flight = self._launch(seqs, base_len, None)
+                return []
             drafts, accepted, next_tokens, logits = self._greedy_round(seqs, base_len)
         else:
             drafts, accepted, next_tokens, logits = self._sampled_round(seqs, base_len)
         self._append(seqs, drafts, accepted, next_tokens, logits, base_len)
+        return seqs
+
+    def _overlappable(self, seqs: list[Sequence], base_len: list[int]) -> bool:
+        """Overlap needs rounds that start from the device alone: uniform, and no logprobs (the logits of a
+        round are overwritten by the next)."""
+        return self.overlap and self._uniform(seqs, base_len) and all(s.params.logprobs is None for s in seqs)
 
     def _greedy_round(self, seqs: list[Sequence], base_len: list[int]):
         """All rows greedy without penalties: argmax drafts, and acceptance is equality with the target's argmax.
@@ -164,19 +253,28 @@ class SpeculativeDecoder:
         packed input; with CUDA graphs it is a single replay, and the host waits for the GPU once, for the result.
         """
         k = self.k
-        rows = [[*s.token_ids[-2:], n, 1, *s.block_table] for s, n in zip(seqs, base_len)]
-        if self.graphs is not None and self.graphs.supports(len(seqs)) and self._uniform(seqs, base_len):
-            result, logits = self.graphs.run(rows)
-        else:
-            packed = to_device(_pad(rows), torch.int64, self.engine.device)
-            max_len = max(base_len) + k
-            if self._uniform(seqs, base_len):
-                first = self._draft_catch_up(packed, max_len)
-            else:  # a draft more than two tokens behind (rare): catch up with a packed, non-uniform pass
-                first = self.engine.draft.forward([_catch_up_input(s) for s in seqs]).argmax(-1)
-            result, logits = self._propose_and_verify(packed, first, max_len)
+        result, logits, _ = self._run_greedy(seqs, base_len, None)
         result = result.tolist()  # the one host sync of the round
         return [r[:k] for r in result], [r[k] for r in result], [r[k + 1] for r in result], logits
+
+    def _run_greedy(self, seqs: list[Sequence], base_len: list[int], device_columns: torch.Tensor | None):
+        """Launch a greedy round: (result [B, k+2], target logits, next round's first columns [B, 3]).
+        With `device_columns` (a previous round's next columns, still on the device) the sequences' last two
+        tokens and lengths come from there: up to k+1 tokens beyond what the host knows."""
+        k = self.k
+        rows = [[*s.token_ids[-2:], n, 1, *s.block_table] for s, n in zip(seqs, base_len)]
+        if self.graphs is not None and self.graphs.supports(len(seqs)) and self._uniform(seqs, base_len):
+            return self.graphs.run(rows, device_columns)
+        packed = to_device(_pad(rows), torch.int64, self.engine.device)
+        max_len = max(base_len) + k
+        if device_columns is not None:
+            packed[:, : device_columns.shape[1]] = device_columns
+            max_len += k + 1
+        if self._uniform(seqs, base_len):
+            first = self._draft_catch_up(packed, max_len)
+        else:  # a draft more than two tokens behind (rare): catch up with a packed, non-uniform pass
+            first = self.engine.draft.forward([_catch_up_input(s) for s in seqs]).argmax(-1)
+        return self._propose_and_verify(packed, first, max_len)
 
     @staticmethod
     def _uniform(seqs: list[Sequence], base_len: list[int]) -> bool:
@@ -192,7 +290,8 @@ class SpeculativeDecoder:
 
     def _propose_and_verify(self, packed: torch.Tensor, first: torch.Tensor, max_len: int):
         """k-1 more draft steps from `first`, the target's pass over [t, d1..dk], and the greedy acceptance rule.
-        Returns ([B, k+2] = drafts, accepted count, next token; the target's logits [B*(k+1), V])."""
+        Returns ([B, k+2] = drafts, accepted count, next token; the target's logits [B*(k+1), V]; the next round's
+        first columns [B, 3] = its last two tokens and length)."""
         eng, k = self.engine, self.k
         tokens, start, valid, tables = _unpack(packed)
         token, drafted = first, [first]
@@ -204,9 +303,13 @@ class SpeculativeDecoder:
         logits = eng.target.run_uniform(verify, start - 1, tables, max_len, valid)
         target = logits.argmax(-1).view(-1, k + 1)
         accepted = (drafts == target[:, :k]).int().cumprod(dim=1).sum(dim=1, keepdim=True).long()
-        return torch.cat([drafts, accepted, target.gather(1, accepted)], dim=1), logits
+        last = target.gather(1, accepted)
+        # the token before `last`: the last accepted draft, or the round's own last token when none was accepted
+        before = torch.where(accepted > 0, drafts.gather(1, (accepted - 1).clamp_min(0)), tokens[:, 1:])
+        next_columns = torch.cat([before, last, start[:, None] + accepted + 1], dim=1)
+        return torch.cat([drafts, accepted, last], dim=1), logits, next_columns
 
-    def _graph_round(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _graph_round(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The captured round: worker-sized kernel grids (max positions) so any batch replays the same graph."""
         max_len = max(self.engine.draft.max_positions, self.engine.target.max_positions)
         return self._propose_and_verify(packed, self._draft_catch_up(packed, max_len), max_len)

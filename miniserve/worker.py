@@ -61,9 +61,9 @@ class Worker:
         self.backend = select_attention_backend(self.device, config.attention_backend)
         self.kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype, self.device)
         self.block_size = config.block_size
-        # speculative rounds may compute (never emit) up to k positions past the context length
-        lookahead = config.num_speculative_tokens if config.speculative_model else 0
-        self.max_positions = max(self.model_config.max_position_embeddings, config.max_model_len or 0) + lookahead
+        # speculative rounds may compute (never emit) positions past the context length
+        limit = max(self.model_config.max_position_embeddings, config.max_model_len or 0)
+        self.max_positions = limit + config.kv_lookahead
         self.model, scales = load_model(
             model_dir, self.model_config, self.dtype, self.device, self.backend, self.max_positions
         )

@@ -31,8 +31,9 @@ def eager_capture(self: BucketedGraphs, bucket: int) -> None:
     static = torch.zeros(bucket, self.width, dtype=torch.int64)
     static[:, : len(self.padding)] = torch.tensor(self.padding)
     outputs = tuple(out.clone() for out in self.fn(static))
-    staging = torch.zeros(bucket, self.width, dtype=torch.int64)  # as the real one: padding rows point at block 0
-    self.graphs[bucket] = _Graph(EagerReplay(self.fn, static, outputs), static, outputs, staging)
+    # as the real ones: padding rows point at block 0
+    staging = tuple(torch.zeros(bucket, self.width, dtype=torch.int64) for _ in range(2))
+    self.graphs[bucket] = _Graph(EagerReplay(self.fn, static, outputs), static, outputs, staging, [None, None])
 
 
 def engine_with_stand_in_graphs(llm: LLM):
