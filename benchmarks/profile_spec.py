@@ -99,7 +99,10 @@ def timed_host_phases(llm: LLM, max_tokens: int) -> dict:
     wrap(eng, "sampling_batch", "sampling_batch")
     wrap(eng, "append_tokens", "append_tokens")
     if eng.spec is not None:
-        wrap(eng.spec, "_greedy_round", "spec.round (incl. wait)")
+        wrap(eng.spec, "_prefill", "spec.prefill (both models)")
+        wrap(eng.spec, "_run_greedy", "spec.round launch")
+        wrap(eng.spec, "_read", "spec.read overlapped round (incl. wait)")
+        wrap(eng.spec, "_greedy_round", "spec.sequential round (incl. wait)")
         wrap(eng.spec, "_append", "spec.append")
         if eng.spec.graphs is not None:
             wrap(eng.spec.graphs, "run", "spec.graphs.run")

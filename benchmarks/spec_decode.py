@@ -49,6 +49,7 @@ def timed_generate(llm: LLM, batch: int, max_tokens: int, temperature: float = 0
 
 def measure(batch: int, k: int | None, args) -> dict:
     kw = dict(kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=max(64, batch), enforce_eager=args.enforce_eager)
+    kw["overlap_spec_rounds"] = not args.no_overlap
     if k is not None:
         kw.update(speculative_model=args.draft, num_speculative_tokens=k)
     gc.collect()  # the previous configuration's engine (graphs, KV pool) goes now, not during the timed runs
@@ -86,6 +87,7 @@ def main() -> None:
     p.add_argument("--draft", default=str(DEMO_DRAFT), help="draft model directory")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else seeded sampling")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--no-overlap", action="store_true", help="read each greedy round before launching the next")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per configuration; the median is kept")
     p.add_argument("--name", default="spec_decode", help="output file stem")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -108,6 +110,7 @@ def main() -> None:
         "draft": args.draft,
         "temperature": args.temperature,
         "cuda_graphs": not args.enforce_eager,
+        "overlap_spec_rounds": not args.no_overlap,
         "max_tokens": args.max_tokens,
         "repeats": args.repeats,
     }

@@ -61,7 +61,6 @@ class EngineConfig:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
-
     @property
     def kv_lookahead(self) -> int:
         """KV slots past a sequence's length that a decode step may write: none without a draft; k for a

@@ -74,19 +74,22 @@ class LLMEngine:
         self._capture_graphs()
 
     def _capture_graphs(self) -> None:
-        """The passes replayed from CUDA graphs: decode steps; with a draft, also the target's verification and
-        the draft's two-token catch-up (sampled rounds) and the whole greedy round."""
+        """The passes replayed from CUDA graphs: decode steps, one-sequence prompt passes up to 512 tokens; with a
+        draft, also the target's verification and the draft's two-token catch-up (sampled rounds) and the whole
+        greedy round."""
         k = self.config.num_speculative_tokens
         try:
             self.target.capture_graphs([1, k + 1] if self.draft else [1])
             if self.draft is not None:
                 self.draft.capture_graphs([1, 2])
+            for worker in self.workers:
+                worker.capture_prefill_graphs()
             if self.spec is not None and self.spec.graphs is not None:
                 self.spec.graphs.capture_all()
         except RuntimeError as e:  # a capture failure must not take the engine down: run eager instead
             warnings.warn(f"CUDA graph capture failed, running eager (enforce_eager=True): {e}", stacklevel=2)
             for worker in self.workers:
-                worker.graphs = {}
+                worker.graphs, worker.prefill_graphs = {}, {}
                 worker.use_graphs = False
             if self.spec is not None:
                 self.spec.graphs = None

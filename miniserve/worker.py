@@ -22,6 +22,9 @@ from miniserve.models.loader import load_model
 from miniserve.transfer import to_device
 
 DECODE_QUERIES_MAX_LEN = 16  # up to this many new tokens per sequence, Triton runs them as decode queries
+# one-sequence prompt passes up to 512 tokens are replayed from graphs, padded up to one of these lengths: eager, a
+# short prompt costs milliseconds of kernel launches (tens of µs each), more than the GPU work
+PREFILL_BUCKETS = (32, 64, 128, 256, 512)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -72,6 +75,7 @@ class Worker:
         self.max_num_seqs = config.max_num_seqs
         self.use_graphs = self.device.type == "cuda" and self.backend == "triton" and not config.enforce_eager
         self.graphs: dict[int, BucketedGraphs] = {}  # new tokens per sequence -> captured uniform passes
+        self.prefill_graphs: dict[int, BucketedGraphs] = {}  # padded length -> captured one-sequence prompt pass
 
     def bytes_per_block(self) -> int:
         cfg = self.model_config
@@ -144,6 +148,11 @@ class Worker:
             n = len(inputs[0].token_ids)
             logits = graphs.run([[*x.token_ids, x.start_pos, 1, *x.block_table] for x in inputs])[0]
             return logits if inputs[0].num_logits == n else logits.view(len(inputs), n, -1)[:, -1]
+        prefill = self._prefill_graph_for(inputs)
+        if prefill is not None:
+            x, n = inputs[0], len(prefill.padding) - 2  # padding row: n tokens, start, count
+            tokens = x.token_ids + [0] * (n - len(x.token_ids))
+            return prefill.run([[*tokens, x.start_pos, len(x.token_ids), *x.block_table]])[0][: x.num_logits]
         ids, pos, meta, rows = self.prepare(inputs)
         hidden = self.model(ids, pos, meta, self.kv)
         return self.model.logits(hidden[rows])
@@ -160,6 +169,44 @@ class Worker:
                 fn = self._uniform_graph_fn(n)
                 self.graphs[n] = BucketedGraphs(fn, n + 2 + width, padding, self.max_num_seqs, self.device)
                 self.graphs[n].capture_all()
+
+    def capture_prefill_graphs(self) -> None:
+        """Capture the one-sequence prompt passes (the common case at low load), one per PREFILL_BUCKETS length."""
+        if not self.use_graphs:
+            return
+        width = -(-self.max_positions // self.block_size)
+        for n in PREFILL_BUCKETS:
+            if n <= self.max_positions and n not in self.prefill_graphs:
+                padding = [0] * n + [0, 0]  # no real tokens: writes no KV
+                graphs = BucketedGraphs(self._prefill_graph_fn(n), n + 2 + width, padding, 1, self.device)
+                graphs.capture_all()
+                self.prefill_graphs[n] = graphs
+
+    def _prefill_graph_fn(self, n: int):
+        def run(packed: torch.Tensor) -> tuple[torch.Tensor]:
+            """Packed row: [n tokens (the first `count` real), start_pos, count, block table...]; the logits of
+            the last real token."""
+            token_ids, start_pos, count = packed[:, :n], packed[:, n], packed[:, n + 1]
+            tables = packed[:, n + 2 :].to(torch.int32)
+            positions, meta = uniform_metadata_reference(
+                start_pos, None, tables, n, self.block_size, self.max_positions, counts=count
+            )
+            hidden = self.model(token_ids.reshape(-1), positions, self._for_kernels(meta), self.kv)
+            last = torch.arange(packed.shape[0], device=packed.device) * n + (count - 1).clamp_min(0)
+            return (self.model.logits(hidden[last]),)
+
+        return run
+
+    def _prefill_graph_for(self, inputs: list[ForwardInput]) -> BucketedGraphs | None:
+        """The captured prompt pass for one sequence wanting at most its last token's logits; None when there is
+        none (more sequences, longer chunks, prompt logprobs, or padding that would pass max_positions)."""
+        if len(inputs) != 1 or inputs[0].num_logits > 1:
+            return None
+        x = inputs[0]
+        n = next((b for b in PREFILL_BUCKETS if b >= len(x.token_ids)), None)
+        if n is None or n not in self.prefill_graphs or x.start_pos + n > self.max_positions:
+            return None
+        return self.prefill_graphs[n]
 
     def _uniform_graph_fn(self, n: int):
         def run(packed: torch.Tensor) -> tuple[torch.Tensor]:

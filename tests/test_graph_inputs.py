@@ -93,3 +93,40 @@ def test_packed_speculative_rounds_reproduce_the_eager_engine(monkeypatch, llama
     assert eager.engine.stats()["spec_num_accepted_tokens"] == eng.stats()["spec_num_accepted_tokens"]
     if temperature > 0:  # sampled rounds run on the captured passes
         assert replays[2] > 0 and replays[k + 1] > 0
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_prompt_passes_replay_padded_graphs(monkeypatch, llama_dir, draft_dir, speculative):
+    """One-sequence prompt chunks run as a graph captured for a longer, padded length: the padding tokens write
+    no KV and the logits are the last real token's. One sequence at a time makes every prompt a lone pass, and a
+    small token budget splits the longest into chunks (no logits); the oracle is the same engine without graphs."""
+    monkeypatch.setattr(BucketedGraphs, "_capture", eager_capture)
+    kw = dict(dtype="float32", device="cpu", max_num_seqs=1, max_num_batched_tokens=24)
+    if speculative:
+        kw.update(speculative_model=str(draft_dir), num_speculative_tokens=3)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    prompts = mixed_prompts()
+    eager = LLM(str(llama_dir), **kw)
+    want = generate(eager, prompts, params)
+    graphed = LLM(str(llama_dir), **kw)
+    eng = engine_with_stand_in_graphs(graphed)
+    replays = {}
+    for worker in eng.workers:
+        assert sorted(worker.prefill_graphs) == [n for n in (32, 64, 128, 256, 512) if n <= worker.max_positions]
+        for n, graphs in worker.prefill_graphs.items():
+            original = graphs.run
+
+            def counted(rows, key=(worker.role, n), original=original):
+                replays[key] = replays.get(key, 0) + 1
+                return original(rows)
+
+            graphs.run = counted
+    assert generate(graphed, prompts, params) == want
+    # padding wrote no KV: the same slots hold values (the pools start zeroed), the same ones up to the rounding of
+    # a matmul over more rows
+    for mine, theirs in zip(eng.workers, eager.engine.workers, strict=True):
+        assert torch.equal(mine.kv_pool != 0, theirs.kv_pool != 0)
+        torch.testing.assert_close(mine.kv_pool, theirs.kv_pool, rtol=0, atol=1e-5)
+    assert replays.get(("target", 32), 0) > 0
+    if speculative:
+        assert replays.get(("draft", 32), 0) > 0

@@ -63,9 +63,13 @@ def uniform_metadata_reference(
     n: int,
     block_size: int,
     max_seq_len: int,
+    counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, AttentionMetadata]:
     """The same as `uniform_metadata_triton` in torch ops, in the standard (one query of n tokens per sequence)
-    form, which the torch attention reference runs; `as_decode_queries()` of it equals the kernel's metadata."""
+    form, which the torch attention reference runs; `as_decode_queries()` of it equals the kernel's metadata.
+
+    `counts` [B]: only the first counts[i] tokens of row i are real (a prompt padded up to a captured length);
+    the rest write no KV. They still sit at positions after the real ones, so causality keeps them unseen."""
     B = start_pos.shape[0]
     dev = start_pos.device
     positions = (start_pos.unsqueeze(1) + torch.arange(n, device=dev)).reshape(-1)
@@ -73,6 +77,9 @@ def uniform_metadata_reference(
     slots = block_tables[rows, positions // block_size].long() * block_size + positions % block_size
     if valid is not None:
         slots = torch.where(valid[rows], slots, -1)
+    if counts is not None:
+        real = (torch.arange(n, device=dev) < counts.unsqueeze(1)).reshape(-1)
+        slots = torch.where(real, slots, -1)
     meta = AttentionMetadata(
         slot_mapping=slots,
         query_start_loc=torch.arange(0, (B + 1) * n, n, dtype=torch.int32, device=dev),
