@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from miniserve.cuda_graphs import BucketedGraphs
+from miniserve.kernels.greedy_accept import greedy_accept_reference, greedy_accept_triton
 from miniserve.sampling import SamplingBatch, random_uniform, sample_from_probs
 from miniserve.sampling import probs as processed_probs
 from miniserve.scheduler.scheduler import ScheduledSeq
@@ -96,10 +97,15 @@ def _catch_up_input(seq: Sequence) -> ForwardInput:
     return ForwardInput(seq.token_ids[cached:], cached, seq.block_table, 1)
 
 
-def _unpack(packed: torch.Tensor):
-    """(last two tokens [B, 2], sequence length [B], valid [B] bool, block tables [B, W] int32)."""
-    tables = packed[:, ROUND_COLUMNS:].to(torch.int32)
-    return packed[:, 0:2], packed[:, 2], packed[:, 3].bool(), tables
+@dataclass
+class _RoundInputs:
+    """A greedy round's packed input, unpacked once (each conversion is a kernel in the round's graph)."""
+
+    tokens: torch.Tensor  # [B, 2] the last two tokens
+    valid: torch.Tensor  # [B] bool
+    tables: torch.Tensor  # [B, W] int32 block tables
+    length: torch.Tensor  # [B] tokens before the round
+    positions: torch.Tensor  # [B, k+2] length - 2 .. length + k - 1: where each of the round's passes starts
 
 
 @dataclass
@@ -124,9 +130,12 @@ class SpeculativeDecoder:
             self.graphs = BucketedGraphs(
                 self._graph_round, ROUND_COLUMNS + blocks, padding, engine.config.max_num_seqs, engine.device
             )
+        self._offsets = torch.arange(-2, self.k, device=engine.device)  # a constant: no kernel in the graph
+        self._accept = greedy_accept_triton if engine.target.backend == "triton" else greedy_accept_reference
         self.overlap = engine.config.overlap_spec_rounds
         self.in_flight: _InFlight | None = None
-        self.num_overlapped_rounds = 0  # rounds launched before their predecessor was read
+        self.num_launched_rounds = 0  # overlapped greedy rounds launched
+        self.num_overlapped_rounds = 0  # of which launched before their predecessor was read
         self.num_drafts = 0
         self.num_draft_tokens = 0
         self.num_accepted = 0
@@ -179,6 +188,9 @@ class SpeculativeDecoder:
     def _continue(self, seqs: list[Sequence]) -> list[Sequence]:
         """Launch round N+1 from round N's device outputs, then read round N while the GPU runs N+1."""
         previous = self.in_flight
+        if all(self._may_finish_in_flight(s) for s in seqs):  # round N+1 would likely go unread: wait for N
+            self.in_flight = None
+            return self._read(previous)
         self.in_flight = self._launch(seqs, [s.num_tokens for s in seqs], previous.next_columns)
         self.num_overlapped_rounds += 1
         progressed = self._read(previous)
@@ -186,7 +198,17 @@ class SpeculativeDecoder:
             self.in_flight = None
         return progressed
 
+    def _may_finish_in_flight(self, seq: Sequence) -> bool:
+        """The round in flight (up to k+1 tokens) may end the sequence by length. Then the next round is not
+        launched blind: a round launched for a finished sequence is GPU time nobody reads, where one launched
+        after reading costs only this round's overlap."""
+        max_tokens, ahead = seq.params.max_tokens, self.k + 1
+        if max_tokens is not None and seq.num_output_tokens + ahead >= max_tokens:
+            return True
+        return seq.num_tokens + ahead >= self.engine.max_model_len
+
     def _launch(self, seqs: list[Sequence], base_len: list[int], device_columns: torch.Tensor | None) -> _InFlight:
+        self.num_launched_rounds += 1
         result, _, next_columns = self._run_greedy(seqs, base_len, device_columns)
         if result.is_cuda:
             host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
@@ -270,11 +292,22 @@ class SpeculativeDecoder:
         if device_columns is not None:
             packed[:, : device_columns.shape[1]] = device_columns
             max_len += k + 1
+        inputs = self._unpack(packed)
         if self._uniform(seqs, base_len):
-            first = self._draft_catch_up(packed, max_len)
+            first = self._draft_catch_up(inputs, max_len)
         else:  # a draft more than two tokens behind (rare): catch up with a packed, non-uniform pass
             first = self.engine.draft.forward([_catch_up_input(s) for s in seqs]).argmax(-1)
-        return self._propose_and_verify(packed, first, max_len)
+        return self._propose_and_verify(inputs, first, max_len)
+
+    def _unpack(self, packed: torch.Tensor) -> _RoundInputs:
+        length = packed[:, 2]
+        return _RoundInputs(
+            tokens=packed[:, 0:2],
+            valid=packed[:, 3].bool(),
+            tables=packed[:, ROUND_COLUMNS:].to(torch.int32),
+            length=length,
+            positions=length[:, None] + self._offsets,
+        )
 
     @staticmethod
     def _uniform(seqs: list[Sequence], base_len: list[int]) -> bool:
@@ -282,37 +315,33 @@ class SpeculativeDecoder:
         everyone (recomputing a cached token rewrites its K/V at the same slot) makes the catch-up uniform."""
         return all(n - s.num_draft_computed_tokens <= 2 for s, n in zip(seqs, base_len))
 
-    def _draft_catch_up(self, packed: torch.Tensor, max_len: int) -> torch.Tensor:
+    def _draft_catch_up(self, x: _RoundInputs, max_len: int) -> torch.Tensor:
         """Draft pass over each row's last two tokens; returns the first draft token [B]."""
-        tokens, start, valid, tables = _unpack(packed)
-        logits = self.engine.draft.run_uniform(tokens, start - 2, tables, max_len, valid, float_logits=False)
-        return logits.view(tokens.shape[0], 2, -1)[:, 1].argmax(-1)
+        logits = self.engine.draft.run_uniform(x.tokens, x.positions[:, 0], x.tables, max_len, x.valid, False)
+        return logits.view(x.tokens.shape[0], 2, -1)[:, 1].argmax(-1)
 
-    def _propose_and_verify(self, packed: torch.Tensor, first: torch.Tensor, max_len: int):
-        """k-1 more draft steps from `first`, the target's pass over [t, d1..dk], and the greedy acceptance rule.
-        Returns ([B, k+2] = drafts, accepted count, next token; the target's logits [B*(k+1), V]; the next round's
-        first columns [B, 3] = its last two tokens and length)."""
+    def _propose_and_verify(self, x: _RoundInputs, first: torch.Tensor, max_len: int):
+        """k-1 more draft steps from `first`, the target's pass over [t, d1..dk], and the greedy acceptance rule
+        (kernels/greedy_accept.py). Returns ([B, k+2] = drafts, accepted count, next token; the target's logits
+        [B*(k+1), V]; the next round's first columns [B, 3] = its last two tokens and length)."""
         eng, k = self.engine, self.k
-        tokens, start, valid, tables = _unpack(packed)
         token, drafted = first, [first]
         for j in range(1, k):
-            token = eng.draft.run_uniform(token[:, None], start + (j - 1), tables, max_len, valid, False).argmax(-1)
+            token = eng.draft.run_uniform(token[:, None], x.positions[:, j + 1], x.tables, max_len, x.valid, False)
+            token = token.argmax(-1)
             drafted.append(token)
         drafts = torch.stack(drafted, dim=1)  # [B, k]
-        verify = torch.cat([tokens[:, 1:], drafts], dim=1)  # [B, k+1] at positions start-1 ..
-        logits = eng.target.run_uniform(verify, start - 1, tables, max_len, valid)
+        verify = torch.cat([x.tokens[:, 1:], drafts], dim=1)  # [B, k+1] at positions length-1 ..
+        logits = eng.target.run_uniform(verify, x.positions[:, 1], x.tables, max_len, x.valid)
         target = logits.argmax(-1).view(-1, k + 1)
-        accepted = (drafts == target[:, :k]).int().cumprod(dim=1).sum(dim=1, keepdim=True).long()
-        last = target.gather(1, accepted)
-        # the token before `last`: the last accepted draft, or the round's own last token when none was accepted
-        before = torch.where(accepted > 0, drafts.gather(1, (accepted - 1).clamp_min(0)), tokens[:, 1:])
-        next_columns = torch.cat([before, last, start[:, None] + accepted + 1], dim=1)
-        return torch.cat([drafts, accepted, last], dim=1), logits, next_columns
+        result, next_columns = self._accept(drafts, target, x.tokens, x.length)
+        return result, logits, next_columns
 
     def _graph_round(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The captured round: worker-sized kernel grids (max positions) so any batch replays the same graph."""
         max_len = max(self.engine.draft.max_positions, self.engine.target.max_positions)
-        return self._propose_and_verify(packed, self._draft_catch_up(packed, max_len), max_len)
+        x = self._unpack(packed)
+        return self._propose_and_verify(x, self._draft_catch_up(x, max_len), max_len)
 
     def _sampled_round(self, seqs: list[Sequence], base_len: list[int]):
         """The general round: per-request sampling settings, draft distributions kept for rejection sampling."""

@@ -89,3 +89,17 @@ def test_stop_strings_and_preemption_with_overlap(llama_dir, draft_dir):
     cut = llm.generate([prompts[1]], SamplingParams(temperature=0, max_tokens=30, stop=[stop]), use_tqdm=False)
     assert cut[0].outputs[0].text == full.text[: full.text.index(stop)]
     assert cut[0].outputs[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("self_draft", [False, True])
+@pytest.mark.parametrize("max_tokens", [2, 9, 20])
+def test_no_round_is_launched_past_max_tokens(llama_dir, draft_dir, max_tokens, self_draft):
+    """Once the round in flight may reach max_tokens, the next one waits for it: every launched round is read
+    (one sequence: one row per round read)."""
+    prompt = mixed_prompts(6)[2]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    want, _ = run(llama_dir, [prompt], params)
+    got, eng = run(llama_dir, [prompt], params, **spec_kw(llama_dir if self_draft else draft_dir, 3))
+    assert got == want
+    assert eng.spec.num_launched_rounds == eng.stats()["spec_num_drafts"]
+    assert eng.spec.num_overlapped_rounds > 0 or max_tokens == 2
