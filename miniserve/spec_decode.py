@@ -24,8 +24,8 @@ import torch
 
 from miniserve.cuda_graphs import BucketedGraphs
 from miniserve.kernels.greedy_accept import greedy_accept_reference, greedy_accept_triton
+from miniserve.sampling import SamplingBatch, random_uniform, sample_from_probs
 from miniserve.sampling import probs as processed_probs
-from miniserve.sampling import random_uniform, sample_from_probs
 from miniserve.scheduler.scheduler import ScheduledSeq
 from miniserve.sequence import Sequence
 from miniserve.transfer import to_device
@@ -347,70 +347,40 @@ class SpeculativeDecoder:
         """The general round: per-request sampling settings, draft distributions kept for rejection sampling."""
         eng, k = self.engine, self.k
         # 1. the draft catches up on tokens it has not seen and proposes k tokens, one decode step each
+        drafts: list[list[int]] = [[] for _ in seqs]
+        draft_probs = []
         if self._uniform(seqs, base_len):  # the last two tokens for everyone: a captured two-token pass
             inputs = [ForwardInput(s.token_ids[-2:], n - 2, s.block_table, 1) for s, n in zip(seqs, base_len)]
         else:
             inputs = [_catch_up_input(s) for s in seqs]
-        if self._drafts_stay_on_device(seqs):
-            drafts, draft_probs = self._draw_drafts_on_device(seqs, base_len, inputs)
-            history_drafts = None
-        else:
-            drafts, draft_probs, history_drafts = self._draw_drafts_on_host(seqs, base_len, inputs)
-        # 2. the target scores [t, d1..dk] for every sequence in one extend pass
-        last = to_device([s.token_ids[-1] for s in seqs], torch.int64, eng.device)
-        verify = [ForwardInput([0] * (k + 1), s.num_tokens - 1, s.block_table, k + 1) for s in seqs]
-        logits = eng.target.forward_on_device(torch.cat([last[:, None], drafts], dim=1), verify)  # [B*(k+1), V]
-        rows_seqs = [s for s in seqs for _ in range(k + 1)]
-        if history_drafts is None:
-            histories = None
-        else:
-            histories = [_history(s, d[:j]) for s, d in zip(seqs, history_drafts) for j in range(k + 1)]
-        p = processed_probs(logits, eng.sampling_batch(rows_seqs, histories)).view(len(seqs), k + 1, -1)
-        seq_batch = eng.sampling_batch(seqs)
-        uniforms = random_uniform(seq_batch, (k,))
-        accepted, next_tokens = rejection_sample(
-            p, torch.stack(draft_probs, dim=1), drafts, uniforms, lambda r: sample_from_probs(r, seq_batch)
-        )
-        result = torch.cat([drafts, accepted[:, None], next_tokens[:, None]], dim=1).tolist()  # the one host sync
-        return [r[:k] for r in result], [r[k] for r in result], [r[k + 1] for r in result], logits
-
-    @staticmethod
-    def _drafts_stay_on_device(seqs: list[Sequence]) -> bool:
-        """Without penalties no row's sampling reads its history, so the drafts never need to reach the host
-        during the round: each draft step feeds the previous one's tokens from the device."""
-        return not any(s.params.needs_history for s in seqs)
-
-    def _draw_drafts_on_device(self, seqs: list[Sequence], base_len: list[int], inputs: list[ForwardInput]):
-        """k draft steps without a host sync: ([B, k] draft tokens on the device, their k distributions)."""
-        eng, k = self.engine, self.k
-        batch = eng.sampling_batch(seqs)  # one sampling batch serves every draft step
-        logits = eng.draft.forward(inputs)
-        drafted, draft_probs = [], []
-        for j in range(k):
-            q = processed_probs(logits, batch)
-            drafted.append(sample_from_probs(q, batch))
-            draft_probs.append(q)
-            if j + 1 < k:  # draft token j+1 sits at position base_len + j
-                step = [ForwardInput([0], n + j, s.block_table, 1) for s, n in zip(seqs, base_len)]
-                logits = eng.draft.forward_on_device(drafted[-1][:, None], step)
-        return torch.stack(drafted, dim=1), draft_probs
-
-    def _draw_drafts_on_host(self, seqs: list[Sequence], base_len: list[int], inputs: list[ForwardInput]):
-        """k draft steps for rows that read their history (penalties): each step's tokens go to the host, where
-        the next sampling batch is built. Returns (drafts [B, k] on the device, distributions, drafts as lists)."""
-        eng, k = self.engine, self.k
-        drafts: list[list[int]] = [[] for _ in seqs]
-        draft_probs = []
+        # without penalties no row reads its history: one sampling batch serves every draft step
+        fixed: SamplingBatch | None = None if any(s.params.needs_history for s in seqs) else eng.sampling_batch(seqs)
         for j in range(k):
             logits = eng.draft.forward(inputs)
-            batch = eng.sampling_batch(seqs, [_history(s, d) for s, d in zip(seqs, drafts)])
+            batch = fixed
+            if batch is None:
+                batch = eng.sampling_batch(seqs, [_history(s, d) for s, d in zip(seqs, drafts)])
             q = processed_probs(logits, batch)
             tokens = sample_from_probs(q, batch).tolist()
             draft_probs.append(q)
             for i in range(len(seqs)):
                 drafts[i].append(tokens[i])
             inputs = [ForwardInput([tokens[i]], base_len[i] + j, s.block_table, 1) for i, s in enumerate(seqs)]
-        return to_device(drafts, torch.int64, eng.device), draft_probs, drafts
+        # 2. the target scores [t, d1..dk] for every sequence in one extend pass
+        verify = [
+            ForwardInput([s.token_ids[-1]] + d, s.num_tokens - 1, s.block_table, k + 1) for s, d in zip(seqs, drafts)
+        ]
+        logits = eng.target.forward(verify)  # [B*(k+1), V]
+        rows_seqs = [s for s in seqs for _ in range(k + 1)]
+        histories = [_history(s, d[:j]) for s, d in zip(seqs, drafts) for j in range(k + 1)]
+        p = processed_probs(logits, eng.sampling_batch(rows_seqs, histories)).view(len(seqs), k + 1, -1)
+        seq_batch = eng.sampling_batch(seqs)
+        draft_tokens = to_device(drafts, torch.int64, logits.device)
+        uniforms = random_uniform(seq_batch, (k,))
+        accepted, next_tokens = rejection_sample(
+            p, torch.stack(draft_probs, dim=1), draft_tokens, uniforms, lambda r: sample_from_probs(r, seq_batch)
+        )
+        return drafts, accepted.tolist(), next_tokens.tolist(), logits
 
     def _append(self, seqs, drafts, accepted, next_tokens, logits, base_len) -> None:
         """Emit accepted drafts plus the next token; logprobs come from the target's raw logits."""

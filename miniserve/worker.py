@@ -157,22 +157,6 @@ class Worker:
         hidden = self.model(ids, pos, meta, self.kv)
         return self.model.logits(hidden[rows])
 
-    @torch.inference_mode()
-    def forward_on_device(self, token_ids: torch.Tensor, inputs: list[ForwardInput]) -> torch.Tensor:
-        """`forward` of n new tokens per sequence whose ids are already on the device ([B, n] int64, e.g. drafts
-        just sampled there), so the host need not wait for them; `inputs` give the positions and block tables
-        (their token_ids are placeholders). Returns the fp32 logits of every token [B*n, V]."""
-        n = token_ids.shape[1]
-        graphs = self.graphs.get(n)
-        if graphs is not None and graphs.supports(len(inputs)):
-            return graphs.run([[*[0] * n, x.start_pos, 1, *x.block_table] for x in inputs], token_ids)[0]
-        width = max(len(x.block_table) for x in inputs)
-        start = to_device([x.start_pos for x in inputs], torch.int64, self.device)
-        tables = to_device(
-            [x.block_table + [0] * (width - len(x.block_table)) for x in inputs], torch.int32, self.device
-        )
-        return self.run_uniform(token_ids, start, tables, max(x.start_pos for x in inputs) + n, None)
-
     def capture_graphs(self, tokens_per_seq: list[int]) -> None:
         """Capture the uniform passes of `n` new tokens per sequence for every batch bucket (decode steps: n = 1;
         with a draft, the target's verification n = k + 1 and the draft's catch-up n = 2)."""

@@ -84,9 +84,9 @@ def test_packed_speculative_rounds_reproduce_the_eager_engine(monkeypatch, llama
         for n, graphs in worker.graphs.items():
             original = graphs.run
 
-            def counted(rows, device_columns=None, *, n=n, original=original):
+            def counted(rows, n=n, original=original):
                 replays[n] += 1
-                return original(rows, device_columns)
+                return original(rows)
 
             graphs.run = counted
     assert generate(graphed, prompts, params) == want
@@ -116,9 +116,9 @@ def test_prompt_passes_replay_padded_graphs(monkeypatch, llama_dir, draft_dir, s
         for n, graphs in worker.prefill_graphs.items():
             original = graphs.run
 
-            def counted(rows, device_columns=None, *, key=(worker.role, n), original=original):
+            def counted(rows, key=(worker.role, n), original=original):
                 replays[key] = replays.get(key, 0) + 1
-                return original(rows, device_columns)
+                return original(rows)
 
             graphs.run = counted
     assert generate(graphed, prompts, params) == want
