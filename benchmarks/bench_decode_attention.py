@@ -108,7 +108,7 @@ def bench_one_decode(device, batch: int, context: int, cache_dtype, with_sdpa: b
         return decode_attention(q, kc, vc, meta, ks, vs, sm_scale, **kernel_kwargs)
 
     ms = bench_gpu_ms(paged)
-    splits = kernel_kwargs.get("num_splits") or choose_num_splits(meta, KV_HEADS, device)
+    splits = kernel_kwargs.get("num_splits") or choose_num_splits(meta.max_seq_len)
     row.update(splits=splits, us=ms * 1e3, gbs=kv_bytes / ms / 1e6)
     if with_sdpa and kv_bytes + sdpa_bytes < 0.8 * free:
         k = gather_contiguous(kc, meta.block_tables, ks, elem == 1)

@@ -19,6 +19,14 @@ def sse(obj: Any) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
+def choice_chunk(
+    head: dict[str, Any], index: int, content: dict[str, Any], logprobs: Any, finish: Any, stop: Any
+) -> str:
+    """One streamed choice as an SSE event: `content` is {"text": ...} (completions) or {"delta": ...} (chat)."""
+    choice = {"index": index, **content, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop}
+    return sse({**head, "choices": [choice]})
+
+
 def token_text(tokenizer: Any, context: list[int], token_id: int) -> str:
     """The text `token_id` adds after `context` (so "▁world" reads " world", not "world")."""
     prefix_ids = context[-_TOKEN_CONTEXT:]

@@ -27,7 +27,7 @@ class _Graph:
     static: torch.Tensor  # [bucket, width] int64 on the device: what the graph reads
     outputs: tuple[torch.Tensor, ...]  # what every replay overwrites
     staging: tuple[torch.Tensor, torch.Tensor]  # pinned host twins of `static`, used in turn
-    copied: list[torch.cuda.Event | None]  # when each staging buffer's last copy to the device was done
+    copied: list[torch.cuda.Event | None]  # recorded after each staging buffer's last copy to the device
     turn: int = 0
 
 
@@ -73,16 +73,16 @@ class BucketedGraphs:
             self._capture(bucket)
         g = self.graphs[bucket]
         turn, g.turn = g.turn, 1 - g.turn
-        if g.copied[turn] is not None:  # two runs ago: long done unless the host ran far ahead of the GPU
-            g.copied[turn].synchronize()
+        copied = g.copied[turn]
+        if copied is not None:  # two runs ago (or never): long done unless the host ran far ahead of the GPU
+            copied.synchronize()
         staging = g.staging[turn].numpy()
         for i, row in enumerate(rows):
             staging[i, : len(row)] = row
         staging[batch:, : len(self.padding)] = self.padding
         g.static.copy_(g.staging[turn], non_blocking=True)
-        if g.static.is_cuda:
-            g.copied[turn] = torch.cuda.Event()
-            g.copied[turn].record()
+        if copied is not None:
+            copied.record()
         if device_columns is not None:
             g.static[:batch, : device_columns.shape[1]].copy_(device_columns)
         g.graph.replay()
@@ -103,4 +103,4 @@ class BucketedGraphs:
             outputs = self.fn(static)
         self.pool = graph.pool()
         staging = tuple(torch.zeros(bucket, self.width, dtype=torch.int64).pin_memory() for _ in range(2))
-        self.graphs[bucket] = _Graph(graph, static, tuple(outputs), staging, [None, None])
+        self.graphs[bucket] = _Graph(graph, static, tuple(outputs), staging, [torch.cuda.Event(), torch.cuda.Event()])

@@ -389,14 +389,7 @@ async def _stream_completion(
     finals: dict[int, Any] = {}
 
     def chunk(index: int, text: str, logprobs: Any = None, finish: str | None = None, stop: Any = None) -> str:
-        choice = {
-            "index": index,
-            "text": text,
-            "logprobs": logprobs,
-            "finish_reason": finish,
-            "stop_reason": stop,
-        }
-        return fmt.sse({**head, "choices": [choice]})
+        return fmt.choice_chunk(head, index, {"text": text}, logprobs, finish, stop)
 
     try:
         if prompt_texts and not echo_later:
@@ -508,14 +501,7 @@ async def _stream_chat(
     finals: dict[int, Any] = {}
 
     def chunk(index: int, delta: dict, logprobs: Any = None, finish: str | None = None, stop: Any = None) -> str:
-        choice = {
-            "index": index,
-            "delta": delta,
-            "logprobs": logprobs,
-            "finish_reason": finish,
-            "stop_reason": stop,
-        }
-        return fmt.sse({**head, "choices": [choice]})
+        return fmt.choice_chunk(head, index, {"delta": delta}, logprobs, finish, stop)
 
     try:
         for j in range(req.n):

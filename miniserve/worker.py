@@ -148,11 +148,12 @@ class Worker:
             n = len(inputs[0].token_ids)
             logits = graphs.run([[*x.token_ids, x.start_pos, 1, *x.block_table] for x in inputs])[0]
             return logits if inputs[0].num_logits == n else logits.view(len(inputs), n, -1)[:, -1]
-        prefill = self._prefill_graph_for(inputs)
-        if prefill is not None:
-            x, n = inputs[0], len(prefill.padding) - 2  # padding row: n tokens, start, count
+        n = self._prefill_length(inputs)
+        if n is not None:  # one sequence's prompt tokens, padded to a captured length
+            x = inputs[0]
             tokens = x.token_ids + [0] * (n - len(x.token_ids))
-            return prefill.run([[*tokens, x.start_pos, len(x.token_ids), *x.block_table]])[0][: x.num_logits]
+            logits = self.prefill_graphs[n].run([[*tokens, x.start_pos, len(x.token_ids), *x.block_table]])[0]
+            return logits[: x.num_logits]
         ids, pos, meta, rows = self.prepare(inputs)
         hidden = self.model(ids, pos, meta, self.kv)
         return self.model.logits(hidden[rows])
@@ -160,27 +161,25 @@ class Worker:
     def capture_graphs(self, tokens_per_seq: list[int]) -> None:
         """Capture the uniform passes of `n` new tokens per sequence for every batch bucket (decode steps: n = 1;
         with a draft, the target's verification n = k + 1 and the draft's catch-up n = 2)."""
-        if not self.use_graphs:
-            return
-        width = -(-self.max_positions // self.block_size)
-        for n in tokens_per_seq:
-            if n not in self.graphs:
-                padding = [0] * n + [0, 0]  # tokens 0 at positions 0.., invalid: writes no KV
-                fn = self._uniform_graph_fn(n)
-                self.graphs[n] = BucketedGraphs(fn, n + 2 + width, padding, self.max_num_seqs, self.device)
-                self.graphs[n].capture_all()
+        if self.use_graphs:
+            for n in tokens_per_seq:
+                if n not in self.graphs:
+                    self.graphs[n] = self._capture_packed(n, self._uniform_graph_fn(n), self.max_num_seqs)
 
     def capture_prefill_graphs(self) -> None:
         """Capture the one-sequence prompt passes (the common case at low load), one per PREFILL_BUCKETS length."""
-        if not self.use_graphs:
-            return
+        if self.use_graphs:
+            for n in PREFILL_BUCKETS:
+                if n <= self.max_positions and n not in self.prefill_graphs:
+                    self.prefill_graphs[n] = self._capture_packed(n, self._prefill_graph_fn(n), 1)
+
+    def _capture_packed(self, n: int, fn, max_batch: int) -> BucketedGraphs:
+        """Graphs of `fn` over rows [n tokens, start_pos, valid or count, block table...]; the padding row has no
+        valid token, so it writes no KV."""
         width = -(-self.max_positions // self.block_size)
-        for n in PREFILL_BUCKETS:
-            if n <= self.max_positions and n not in self.prefill_graphs:
-                padding = [0] * n + [0, 0]  # no real tokens: writes no KV
-                graphs = BucketedGraphs(self._prefill_graph_fn(n), n + 2 + width, padding, 1, self.device)
-                graphs.capture_all()
-                self.prefill_graphs[n] = graphs
+        graphs = BucketedGraphs(fn, n + 2 + width, [0] * n + [0, 0], max_batch, self.device)
+        graphs.capture_all()
+        return graphs
 
     def _prefill_graph_fn(self, n: int):
         def run(packed: torch.Tensor) -> tuple[torch.Tensor]:
@@ -197,16 +196,16 @@ class Worker:
 
         return run
 
-    def _prefill_graph_for(self, inputs: list[ForwardInput]) -> BucketedGraphs | None:
-        """The captured prompt pass for one sequence wanting at most its last token's logits; None when there is
-        none (more sequences, longer chunks, prompt logprobs, or padding that would pass max_positions)."""
+    def _prefill_length(self, inputs: list[ForwardInput]) -> int | None:
+        """The captured prompt-pass length for one sequence wanting at most its last token's logits; None when
+        there is none (more sequences, longer chunks, prompt logprobs, or padding that would pass max_positions)."""
         if len(inputs) != 1 or inputs[0].num_logits > 1:
             return None
         x = inputs[0]
         n = next((b for b in PREFILL_BUCKETS if b >= len(x.token_ids)), None)
         if n is None or n not in self.prefill_graphs or x.start_pos + n > self.max_positions:
             return None
-        return self.prefill_graphs[n]
+        return n
 
     def _uniform_graph_fn(self, n: int):
         def run(packed: torch.Tensor) -> tuple[torch.Tensor]:

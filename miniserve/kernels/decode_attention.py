@@ -68,6 +68,16 @@ def load_q_tile(q_ptrs, mask, k_mult, FIT_FP16: tl.constexpr, COMPUTE_DTYPE: tl.
 
 
 @triton.jit
+def times_cache_scale(base, scale_ptr, KV_MODE: tl.constexpr, KV_FACTOR: tl.constexpr):
+    """`base` times what a cache's stored values stand for: 1 for plain caches; for FP8 its scale and the
+    bit-decode's factor (the multiplier of scores for K, of the output for V)."""
+    mult = base
+    if KV_MODE != 0:
+        mult = base * tl.load(scale_ptr) * KV_FACTOR
+    return mult
+
+
+@triton.jit
 def load_kv_tile(
     cache_ptr, offsets, mask, KV_MODE: tl.constexpr, NAN_ALL_ONES: tl.constexpr, COMPUTE_DTYPE: tl.constexpr
 ):
@@ -186,10 +196,7 @@ def _decode_split_kernel(
     q_head = kv_head * GROUP + g
     d_mask = d < HEAD_DIM
     q_mask = (g < GROUP)[:, None] & d_mask[None, :]
-    if KV_MODE == 0:
-        k_mult = qk_scale
-    else:
-        k_mult = qk_scale * tl.load(k_scale_ptr) * KV_FACTOR  # scores are in log2 units: exp2 below
+    k_mult = times_cache_scale(qk_scale, k_scale_ptr, KV_MODE, KV_FACTOR)  # scores in log2 units: exp2 below
     q_ptrs = q_ptr + seq * stride_qt + q_head[:, None] * stride_qh + d[None, :]
     q, k_mult = load_q_tile(q_ptrs, q_mask, k_mult, FIT_FP16, COMPUTE_DTYPE)
     block_table = block_tables_ptr + seq * stride_bt
@@ -209,8 +216,7 @@ def _decode_split_kernel(
         )  # fmt: skip
 
     if NUM_SPLITS == 1:
-        v_mult = 1.0 if KV_MODE == 0 else tl.load(v_scale_ptr) * KV_FACTOR
-        out = acc * (v_mult / l_i)[:, None]
+        out = acc * (times_cache_scale(1.0, v_scale_ptr, KV_MODE, KV_FACTOR) / l_i)[:, None]
         o_ptrs = out_ptr + seq * stride_ot + q_head[:, None] * stride_oh + d[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
@@ -244,7 +250,7 @@ def _decode_reduce_kernel(
     m_max = tl.max(m, 0)
     w = tl.where(l_sum > 0, tl.exp2(m - m_max), 0.0)  # empty splits (m = -inf, l = 0) weigh nothing
     acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM_PAD + d[None, :])
-    v_mult = 1.0 if KV_MODE == 0 else tl.load(v_scale_ptr) * KV_FACTOR
+    v_mult = times_cache_scale(1.0, v_scale_ptr, KV_MODE, KV_FACTOR)
     # the single-split formula: with one non-empty split this is bit-identical to it (w = 1 and 0)
     out = tl.sum(acc * w[:, None], 0) * (v_mult / tl.sum(l_sum * w, 0))
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
@@ -307,12 +313,12 @@ def cache_view(cache: torch.Tensor) -> torch.Tensor:
 SPLIT_TOKENS = 512  # a sequence gets one split per 512 tokens of context (at most 64)
 
 
-def choose_num_splits(meta: AttentionMetadata, num_kv_heads: int, device: torch.device) -> int:
+def choose_num_splits(max_seq_len: int) -> int:
     """The grid's split dimension: enough for the longest sequence; each sequence uses cdiv(len, 512) of them.
 
     Splits follow context length only (not batch size) so results are batch-invariant; a long context still
     spreads over up to 64 programs per KV head, which is what fills the GPU at small batch sizes."""
-    return triton.next_power_of_2(max(1, min(triton.cdiv(meta.max_seq_len, SPLIT_TOKENS), 64)))
+    return triton.next_power_of_2(max(1, min(triton.cdiv(max_seq_len, SPLIT_TOKENS), 64)))
 
 
 def decode_attention(
@@ -338,7 +344,7 @@ def decode_attention(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_seqs == 0:
         return out
-    splits = num_splits or choose_num_splits(meta, num_kv_heads, q.device)
+    splits = num_splits or choose_num_splits(meta.max_seq_len)
     mode, nan_all_ones, kv_factor = kv_mode(key_cache.dtype, q.device, fp8_decode)
     block_n = block_n or kv_block_n(key_cache.dtype)
     head_dim_pad = triton.next_power_of_2(head_dim)

@@ -24,6 +24,7 @@ from miniserve.kernels.decode_attention import (
     kv_mode,
     load_q_tile,
     page_slots,
+    times_cache_scale,
 )
 from miniserve.kernels.metadata import AttentionMetadata
 
@@ -80,10 +81,7 @@ def _extend_kernel(
     q_mask = (m < q_len)[:, None] & d_mask[None, :]
     q_rows = (q_start + m).to(tl.int64)
     kv_head = head // GROUP
-    if KV_MODE == 0:
-        k_mult = qk_scale
-    else:
-        k_mult = qk_scale * tl.load(k_scale_ptr) * KV_FACTOR  # scores are in log2 units: exp2 below
+    k_mult = times_cache_scale(qk_scale, k_scale_ptr, KV_MODE, KV_FACTOR)  # scores in log2 units: exp2 below
     q_ptrs = q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + d[None, :]
     q, k_mult = load_q_tile(q_ptrs, q_mask, k_mult, FIT_FP16, COMPUTE_DTYPE)
     block_table = block_tables_ptr + seq * stride_bt
@@ -105,8 +103,7 @@ def _extend_kernel(
             DOT_PRECISION,
         )  # fmt: skip
 
-    v_mult = 1.0 if KV_MODE == 0 else tl.load(v_scale_ptr) * KV_FACTOR
-    out = acc * (v_mult / l_i)[:, None]
+    out = acc * (times_cache_scale(1.0, v_scale_ptr, KV_MODE, KV_FACTOR) / l_i)[:, None]
     o_ptrs = out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
