@@ -1,8 +1,8 @@
 """`uvicorn server:app` entry point: the OpenAI-compatible server configured from MINISERVE_* env vars.
 
-The model loads in the app's lifespan (on startup), not at import. See miniserve/server_app.py.
+The model loads in the app's lifespan (on startup), not at import. See miniserve/server/app.py.
 """
 
-from miniserve.server_app import create_app, settings_from_env
+from miniserve.server.app import create_app, settings_from_env
 
 app = create_app(settings_from_env())

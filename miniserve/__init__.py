@@ -1,9 +1,9 @@
 """miniserve: a compact paged-attention LLM inference engine with a bit-exact fused FP8 KV cache."""
 
 from miniserve.config import EngineConfig
+from miniserve.engine.outputs import CompletionOutput, RequestOutput
+from miniserve.engine.sampler import SamplingParams
 from miniserve.llm import LLM
-from miniserve.outputs import CompletionOutput, RequestOutput
-from miniserve.sampling import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"

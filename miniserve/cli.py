@@ -47,8 +47,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def generate_main(args: argparse.Namespace) -> int:
-    from miniserve.engine import LLMEngine
-    from miniserve.sampling import SamplingParams
+    from miniserve.engine.llm_engine import LLMEngine
+    from miniserve.engine.sampler import SamplingParams
 
     params = SamplingParams(
         n=args.n,
@@ -87,7 +87,7 @@ def generate_main(args: argparse.Namespace) -> int:
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    from miniserve.server_app import serve_main as run
+    from miniserve.server.app import serve_main as run
 
     return run(args, engine_config(args))
 
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible API")
     add_engine_args(srv)
     try:
-        from miniserve.server_app import add_server_args
+        from miniserve.server.app import add_server_args
 
         add_server_args(srv)
     except ImportError as e:  # fastapi/uvicorn not installed: `generate` still works, `serve` says why

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from miniserve.config import EngineConfig
-from miniserve.engine import LLMEngine
-from miniserve.outputs import RequestOutput
-from miniserve.sampling import SamplingParams
+from miniserve.engine.llm_engine import LLMEngine
+from miniserve.engine.outputs import RequestOutput
+from miniserve.engine.sampler import SamplingParams
 
 PromptType = str | list[int] | dict
 

@@ -252,7 +252,7 @@ def test_decode_is_batch_invariant_and_verification_matches_it_bit_for_bit(cache
     assert queries.is_decode and queries.seq_lens.tolist() == [s - 2 + j for s, _ in seqs for j in range(3)]
     causal = paged_attention(v.q, v.key_cache, v.value_cache, v.meta, v.k_scale, v.v_scale, 0.3, "torch")
     as_queries = paged_attention(v.q, v.key_cache, v.value_cache, queries, v.k_scale, v.v_scale, 0.3, "torch")
-    torch.testing.assert_close(as_queries, causal, rtol=1e-6, atol=1e-6)  # the same attention, described per token
+    torch.testing.assert_close(as_queries, causal, rtol=1e-5, atol=1e-5)  # the same attention, described per token
     together = paged_attention(v.q, v.key_cache, v.value_cache, queries, v.k_scale, v.v_scale, 0.3, "triton")
     for t in range(v.q.shape[0]):
         i, j = divmod(t, 3)

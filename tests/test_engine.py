@@ -7,8 +7,8 @@ import torch
 
 import miniserve.models.llama as llama_module
 from miniserve import LLM, SamplingParams
+from miniserve.engine.model_runner import ForwardInput
 from miniserve.kernels import quantize_fp8_reference
-from miniserve.worker import ForwardInput
 from tests.conftest import VOCAB
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)

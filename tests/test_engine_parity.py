@@ -10,8 +10,8 @@ import transformers
 
 from miniserve import LLM, SamplingParams
 from miniserve.config import EngineConfig
-from miniserve.engine import LLMEngine
-from miniserve.worker import ForwardInput
+from miniserve.engine.llm_engine import LLMEngine
+from miniserve.engine.model_runner import ForwardInput
 from tests.conftest import ARCHS, VOCAB, build_model_dir, hf_greedy
 
 ATOL = 1e-4

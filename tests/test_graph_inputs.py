@@ -3,7 +3,7 @@
 CUDA graphs exist only on GPUs, but what feeds them does not: rows packed into a staging buffer, padding rows,
 the unpacking inside the captured function and the logits picked from its output. Here `BucketedGraphs._capture`
 is replaced by an eager stand-in whose "replay" reruns the same function on the same static buffer, so every
-line of `BucketedGraphs.run`, `Worker.forward`'s graph path and the greedy round's packing runs as on a GPU. The
+line of `BucketedGraphs.run`, `ModelRunner.forward`'s graph path and the greedy round's packing runs as on a GPU. The
 oracle is the same engine without graphs.
 """
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from miniserve import LLM, SamplingParams
-from miniserve.cuda_graphs import BucketedGraphs, _Graph
-from miniserve.spec_decode import SpeculativeDecoder
+from miniserve.engine.cuda_graphs import BucketedGraphs, _Graph
+from miniserve.spec_decode.decoder import SpeculativeDecoder
 from tests.test_spec_decode import mixed_prompts
 
 

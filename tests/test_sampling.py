@@ -1,4 +1,4 @@
-"""miniserve.sampling: parameter validation, and the batched sampler against independent oracles
+"""miniserve.engine.sampler: parameter validation, and the batched sampler against independent oracles
 (numpy filters, plain-Python penalties, HF's RepetitionPenaltyLogitsProcessor, exact frequencies)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from miniserve.sampling import (
+from miniserve.engine.sampler import (
     SamplingBatch,
     SamplingParams,
     apply_penalties_and_filters,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from miniserve import LLM, SamplingParams
-from miniserve.sampling import SamplingBatch, sample_from_probs
-from miniserve.spec_decode import rejection_sample
+from miniserve.engine.sampler import SamplingBatch, sample_from_probs
+from miniserve.spec_decode.decoder import rejection_sample
 from tests.conftest import VOCAB
 
 
@@ -144,7 +144,7 @@ def test_sampled_tokens_with_speculation_match_target_distribution(llama_dir, dr
     base = LLM(str(llama_dir), dtype="float32", device="cpu")
     # exact marginal of token 2: sum_t1 P(t1) P(t2 | t1), with P from the target at this temperature
     worker = base.engine.target
-    from miniserve.worker import ForwardInput
+    from miniserve.engine.model_runner import ForwardInput
 
     logits1 = worker.forward([ForwardInput(prompt, 0, [0], 1)])[0]
     p1 = torch.softmax(logits1 / temp, -1)

@@ -1,4 +1,4 @@
-"""A Worker runs one model in one role (`target` or `draft`): it owns the model, its paged KV pool and the
+"""A ModelRunner runs one model in one role (`target` or `draft`): it owns the model, its paged KV pool and the
 attention metadata it builds for every forward pass.
 
 Both roles share the engine's block tables (same block size, same token positions), but each worker's pool is
@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import torch
 
 from miniserve.config import EngineConfig
-from miniserve.cuda_graphs import BucketedGraphs
+from miniserve.engine.cuda_graphs import BucketedGraphs
+from miniserve.engine.transfer import to_device
 from miniserve.kernels import resolve_kv_cache_dtype, select_attention_backend
 from miniserve.kernels.metadata import AttentionMetadata, uniform_metadata_reference
 from miniserve.models.config import ModelConfig
 from miniserve.models.llama import LayerKV
 from miniserve.models.loader import load_model
-from miniserve.transfer import to_device
 
 DECODE_QUERIES_MAX_LEN = 16  # up to this many new tokens per sequence, Triton runs them as decode queries
 # one-sequence prompt passes up to 512 tokens are replayed from graphs, padded up to one of these lengths: eager, a
@@ -54,7 +54,7 @@ def resolve_dtype(name: str, cfg: ModelConfig, device: torch.device) -> torch.dt
     return cfg.torch_dtype if device.type != "cpu" else torch.float32
 
 
-class Worker:
+class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir: str, role: str, kv_cache_dtype: str):
         self.role = role
         self.model_dir = model_dir

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 import torch
 
 from miniserve.config import EngineConfig
-from miniserve.outputs import CompletionOutput, RequestOutput
-from miniserve.sampling import SamplingBatch, SamplingParams, sample
+from miniserve.engine.model_runner import ForwardInput, ModelRunner
+from miniserve.engine.outputs import CompletionOutput, RequestOutput
+from miniserve.engine.sampler import SamplingBatch, SamplingParams, sample
+from miniserve.engine.sequence import Sequence
+from miniserve.engine.transfer import to_device
 from miniserve.scheduler.block_manager import BlockManager
 from miniserve.scheduler.scheduler import ScheduledSeq, Scheduler
-from miniserve.sequence import Sequence
 from miniserve.tokenizer import IncrementalDetokenizer, Tokenizer
-from miniserve.transfer import to_device
-from miniserve.worker import ForwardInput, Worker
 
 _CPU_KV_BUDGET_BYTES = 1 << 30
 
@@ -42,11 +42,11 @@ class LLMEngine:
         self.config = config
         torch.manual_seed(config.seed)  # unseeded requests draw from the global RNG: make a run repeatable
         self.tokenizer = Tokenizer.from_pretrained(config.tokenizer or config.model)
-        self.target = Worker(config, config.model, "target", config.kv_cache_dtype)
-        self.draft: Worker | None = None
+        self.target = ModelRunner(config, config.model, "target", config.kv_cache_dtype)
+        self.draft: ModelRunner | None = None
         if config.speculative_model:
             draft_kv = config.speculative_kv_cache_dtype or config.kv_cache_dtype
-            self.draft = Worker(config, config.speculative_model, "draft", draft_kv)
+            self.draft = ModelRunner(config, config.speculative_model, "draft", draft_kv)
             if self.draft.model_config.vocab_size != self.target.model_config.vocab_size:
                 raise ValueError(
                     f"speculative_model {config.speculative_model} has vocab_size "
@@ -68,7 +68,7 @@ class LLMEngine:
         self.counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0}
         self.spec = None
         if self.draft is not None:
-            from miniserve.spec_decode import SpeculativeDecoder
+            from miniserve.spec_decode.decoder import SpeculativeDecoder
 
             self.spec = SpeculativeDecoder(self)
         self._capture_graphs()
@@ -95,7 +95,7 @@ class LLMEngine:
                 self.spec.graphs = None
 
     @property
-    def workers(self) -> list[Worker]:
+    def workers(self) -> list[ModelRunner]:
         return [self.target] + ([self.draft] if self.draft else [])
 
     def _max_model_len(self) -> int:

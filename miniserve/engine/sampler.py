@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from miniserve.transfer import to_device
+from miniserve.engine.transfer import to_device
 
 GREEDY_EPS = 1e-5  # temperatures below this are greedy (dividing by them would overflow)
 MAX_LOGPROBS = 20  # the OpenAI API's limit for top logprobs

@@ -30,8 +30,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from miniserve import api_format as fmt
-from miniserve.api_protocol import (
+from miniserve.config import DEMO_TARGET, EngineConfig
+from miniserve.server import responses as fmt
+from miniserve.server.engine_thread import AsyncEngine
+from miniserve.server.metrics import ServerMetrics
+from miniserve.server.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -41,9 +44,6 @@ from miniserve.api_protocol import (
     param_from_value_error,
     parse_request,
 )
-from miniserve.async_engine import AsyncEngine
-from miniserve.config import DEMO_TARGET, EngineConfig
-from miniserve.metrics import ServerMetrics
 
 logger = logging.getLogger("miniserve.server")
 
@@ -128,7 +128,7 @@ def check_model_dir(config: EngineConfig) -> None:
 
 def load_engine(config: EngineConfig) -> Any:
     check_model_dir(config)
-    from miniserve.engine import LLMEngine
+    from miniserve.engine.llm_engine import LLMEngine
 
     return LLMEngine(config)
 
@@ -196,7 +196,7 @@ def sampling_params(
     req: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
 ) -> Any:
     """SamplingParams for one request; its ValueErrors become 400s naming the field."""
-    from miniserve.sampling import SamplingParams
+    from miniserve.engine.sampler import SamplingParams
 
     kwargs: dict[str, Any] = {
         "n": req.n,

@@ -22,17 +22,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from miniserve.cuda_graphs import BucketedGraphs
+from miniserve.engine.cuda_graphs import BucketedGraphs
+from miniserve.engine.model_runner import ForwardInput
+from miniserve.engine.sampler import SamplingBatch, random_uniform, sample_from_probs
+from miniserve.engine.sampler import probs as processed_probs
+from miniserve.engine.sequence import Sequence
+from miniserve.engine.transfer import to_device
 from miniserve.kernels.greedy_accept import greedy_accept_reference, greedy_accept_triton
-from miniserve.sampling import SamplingBatch, random_uniform, sample_from_probs
-from miniserve.sampling import probs as processed_probs
 from miniserve.scheduler.scheduler import ScheduledSeq
-from miniserve.sequence import Sequence
-from miniserve.transfer import to_device
-from miniserve.worker import ForwardInput
 
 if TYPE_CHECKING:
-    from miniserve.engine import LLMEngine
+    from miniserve.engine.llm_engine import LLMEngine
 
 
 def rejection_sample(

@@ -3,7 +3,7 @@
 A decode step of a small model is bound by the host issuing hundreds of small kernels, not by the GPU. Replaying a
 captured graph issues them all at once. Passes are captured when the engine starts (as vLLM does, so no request
 pays for a capture mid-stream): each worker's uniform passes (decode steps; with a draft, the target's (k+1)-token
-verification and the draft's two-token catch-up, see Worker.capture_graphs) and the whole greedy speculative round
+verification and the draft's two-token catch-up, see ModelRunner.capture_graphs) and the whole greedy speculative round
 (k draft steps, the verification and the acceptance rule, see spec_decode.py).
 
 A captured function reads one static int64 buffer `[bucket, width]` (tokens, positions, a validity flag and the

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from miniserve.sampling import SamplingParams
+from miniserve.engine.sampler import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

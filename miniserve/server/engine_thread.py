@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from miniserve.api_protocol import APIError
-from miniserve.metrics import ServerMetrics
+from miniserve.server.metrics import ServerMetrics
+from miniserve.server.protocol import APIError
 
 logger = logging.getLogger("miniserve.server")
 
