@@ -1,0 +1,399 @@
+"""miniserve's standard offline throughput benchmark, on random-weight checkpoints of real model shapes.
+
+    python benchmarks/throughput.py --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8
+    python benchmarks/throughput.py --shape llama-3.2-1b --workload fixed --batch 64 --prompt 512 --gen 256
+    python benchmarks/throughput.py --shape llama-3.1-8b --workload latency --hf
+    python benchmarks/throughput.py --shape llama-3.2-1b --workload sweep --plot throughput.png
+
+Workloads:
+- `nano`: nano-vllm's benchmark: 256 sequences, prompt and output lengths uniform in 100..1024 (seed 0), random
+  token ids below 10,000, temperature 0.6, ignore_eos.
+- `fixed`: `--batch` sequences of `--prompt` random tokens, `--gen` greedy tokens each (ignore_eos).
+- `latency`: `fixed` at batch 1.
+- `sweep`: `fixed` over several batch sizes (`--batches`), with an optional PNG plot beside the roofline.
+
+Each configuration is warmed up (Triton JIT, CUDA graph capture happen at start-up and in the warm-up run),
+then timed `--repeats` times; the median is reported. For `fixed`, the decode-step time is (T(gen) - T(1)) /
+(gen - 1): the same prompts with one generated token time the prefill alone. The bandwidth roofline of a run
+is the time to read every weight once per step plus each sequence's KV once per step, at the measured
+device-to-device copy bandwidth and at the datasheet's; prompt FLOPs are added at `--peak-tflops`.
+Writes JSON (`--out`) with the command, versions and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.checkpoints import SHAPES, build_checkpoint, num_parameters  # noqa: E402
+from miniserve import LLM, SamplingParams  # noqa: E402
+
+DATASHEET_GBS = {"H200": 4800, "H100": 3350}
+
+
+# ---------------------------------------------------------------- workloads
+
+
+def nano_workload(seed: int = 0, num_seqs: int = 256, max_in: int = 1024, max_out: int = 1024, max_id: int = 10000):
+    """nano-vllm's bench.py: the same random draws in the same order (max_id < 10,000 only for tiny vocabularies)."""
+    rng = random.Random(seed)
+    prompts = [[rng.randint(0, max_id) for _ in range(rng.randint(100, max_in))] for _ in range(num_seqs)]
+    params = [
+        SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(100, max_out)) for _ in range(num_seqs)
+    ]
+    return prompts, params
+
+
+def fixed_workload(batch: int, prompt: int, gen: int, seed: int = 0, max_id: int = 10000):
+    rng = random.Random(seed)
+    prompts = [[rng.randint(0, max_id) for _ in range(prompt)] for _ in range(batch)]
+    return prompts, [SamplingParams(temperature=0, ignore_eos=True, max_tokens=gen) for _ in range(batch)]
+
+
+# ---------------------------------------------------------------- cost model
+
+
+def model_costs(cfg: dict, kv_bytes_per_elem: int) -> dict:
+    """Bytes a decode step reads for the weights, KV bytes per cached token, FLOPs per prompt token."""
+    params = num_parameters(cfg)
+    embed = cfg["vocab_size"] * cfg["hidden_size"]
+    # a step reads every matrix once; the embedding table only for its rows (unless it is also the LM head)
+    weight_bytes = 2 * (params - (0 if cfg["tie_word_embeddings"] else embed))
+    d = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv_per_token = cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * d * kv_bytes_per_elem
+    attn_flops_per_pair = 4 * cfg["num_hidden_layers"] * cfg["num_attention_heads"] * d  # QK^T and PV
+    return {
+        "weight_bytes": weight_bytes,
+        "kv_bytes_per_token": kv_per_token,
+        "linear_flops_per_token": 2 * (params - embed),
+        "attn_flops_per_pair": attn_flops_per_pair,
+    }
+
+
+def roofline_seconds(costs: dict, prompt_lens: list[int], gen_lens: list[int], gbs: float, tflops: float) -> float:
+    """Every sequence decodes at once (all fit in one batch): step s reads the weights plus the KV of every
+    sequence still generating at its current length; prompts cost their FLOPs."""
+    seconds = 0.0
+    for s in range(max(gen_lens)):
+        kv = sum(p + s for p, g in zip(prompt_lens, gen_lens) if g > s) * costs["kv_bytes_per_token"]
+        seconds += (costs["weight_bytes"] + kv) / (gbs * 1e9)
+    flops = sum(costs["linear_flops_per_token"] * p + costs["attn_flops_per_pair"] * p * p / 2 for p in prompt_lens)
+    return seconds + flops / (tflops * 1e12)
+
+
+def measured_copy_gbs(nbytes: int = 4 << 30) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus written (median of 10)."""
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * nbytes / statistics.median(times[2:]) / 1e9
+
+
+# ---------------------------------------------------------------- running
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(llm: LLM, prompts, params) -> tuple[float, int]:
+    sync()
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    sync()
+    return time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def median_run(llm: LLM, prompts, params, repeats: int) -> tuple[float, int]:
+    runs = [timed(llm, prompts, params) for _ in range(repeats)]
+    return statistics.median(r[0] for r in runs), runs[0][1]
+
+
+def make_llm(model: Path, kv: str, args) -> LLM:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    kw = dict(kv_cache_dtype=kv, max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager)
+    if args.max_model_len:
+        kw["max_model_len"] = args.max_model_len
+    if args.device:
+        kw["device"] = args.device
+    if args.dtype:
+        kw["dtype"] = args.dtype
+    llm = LLM(str(model), **{k: v for k, v in kw.items() if v is not None})
+    warm, warm_params = fixed_workload(min(8, args.max_num_seqs or 8), 64, 8, max_id=10)
+    llm.generate([{"prompt_token_ids": p} for p in warm], warm_params, use_tqdm=False)
+    return llm
+
+
+def max_token_id(cfg: dict) -> int:
+    return min(10000, cfg["vocab_size"] - 1)
+
+
+def kv_elem_bytes(llm: LLM) -> int:
+    return llm.engine.target.kv_dtype.itemsize
+
+
+def run_nano(llm: LLM, cfg: dict, args, gbs: dict) -> dict:
+    prompts, params = nano_workload(max_id=max_token_id(cfg))
+    seconds, tokens = median_run(llm, prompts, params, args.repeats)
+    costs = model_costs(cfg, kv_elem_bytes(llm))
+    gens = [p.max_tokens for p in params]
+    out = {"output_tokens": tokens, "seconds": seconds, "output_tok_s": tokens / seconds}
+    for name, bw in gbs.items():
+        roof = roofline_seconds(costs, [len(p) for p in prompts], gens, bw, args.peak_tflops)
+        out[f"roofline_tok_s_{name}"] = tokens / roof
+        out[f"pct_roofline_{name}"] = 100 * roof / seconds
+    return out
+
+
+def run_fixed(llm: LLM, cfg: dict, args, gbs: dict, batch: int) -> dict:
+    prompts, params = fixed_workload(batch, args.prompt, args.gen, max_id=max_token_id(cfg))
+    seconds, tokens = median_run(llm, prompts, params, args.repeats)
+    p1, params1 = fixed_workload(batch, args.prompt, 1, max_id=max_token_id(cfg))
+    prefill_s, _ = median_run(llm, p1, params1, args.repeats)
+    step = (seconds - prefill_s) / max(1, args.gen - 1)
+    costs = model_costs(cfg, kv_elem_bytes(llm))
+    flops = batch * (costs["linear_flops_per_token"] * args.prompt + costs["attn_flops_per_pair"] * args.prompt**2 / 2)
+    mean_ctx = args.prompt + args.gen / 2
+    step_bytes = costs["weight_bytes"] + batch * mean_ctx * costs["kv_bytes_per_token"]
+    out = {
+        "batch": batch,
+        "prompt": args.prompt,
+        "gen": args.gen,
+        "output_tokens": tokens,
+        "seconds": seconds,
+        "output_tok_s": tokens / seconds,
+        "prefill_seconds": prefill_s,
+        "prefill_tflops": flops / prefill_s / 1e12,
+        "decode_step_ms": 1e3 * step,
+        "decode_tok_s": batch / step,
+        "decode_step_bytes": step_bytes,
+    }
+    for name, bw in gbs.items():
+        out[f"decode_step_roofline_ms_{name}"] = 1e3 * step_bytes / (bw * 1e9)
+        out[f"pct_roofline_{name}"] = 100 * step_bytes / (bw * 1e9) / step
+    return out
+
+
+def run_hf(model: Path, args, batch: int, gen: int) -> dict:
+    """transformers' generate on the same prompts (greedy, static cache where it works)."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.bfloat16).to("cuda").eval()
+    prompts, _ = fixed_workload(
+        batch, args.prompt, gen, max_id=max_token_id(json.loads((model / "config.json").read_text()))
+    )
+    ids = torch.tensor(prompts, device="cuda")
+    kw = dict(max_new_tokens=gen, min_new_tokens=gen, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        m.generate(ids[:, :16], max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+        sync()
+        start = time.perf_counter()
+        m.generate(ids, **kw)
+        sync()
+    seconds = time.perf_counter() - start
+    del m
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {
+        "batch": batch,
+        "prompt": args.prompt,
+        "gen": gen,
+        "seconds": seconds,
+        "output_tok_s": batch * gen / seconds,
+    }
+
+
+def host_profile(llm: LLM, args, cfg: dict) -> str:
+    """The host's top functions (cumulative time) over one run of the workload."""
+    import cProfile
+    import io
+    import pstats
+
+    if args.workload == "nano":
+        prompts, params = nano_workload(max_id=max_token_id(cfg))
+    else:
+        prompts, params = fixed_workload(args.batch, args.prompt, args.gen, max_id=max_token_id(cfg))
+    prof = cProfile.Profile()
+    prof.enable()
+    timed(llm, prompts, params)
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+    return out.getvalue()
+
+
+def profile_steps(llm: LLM, args, batch: int, cfg: dict) -> list[dict]:
+    """GPU time per kernel name over a short `fixed` run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompts, params = fixed_workload(batch, args.prompt, 16, max_id=max_token_id(cfg))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        timed(llm, prompts, params)
+    rows = []
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if t > 0:
+            rows.append({"name": evt.key[:90], "calls": evt.count, "total_ms": t / 1e3})
+    rows.sort(key=lambda r: -r["total_ms"])
+    return rows[:30]
+
+
+def provenance() -> dict:
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
+
+    import triton
+
+    info = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        # a staged copy without .git (the GPU box) gets its commit from the environment
+        "commit": git("rev-parse", "HEAD") or os.environ.get("MINISERVE_COMMIT"),
+        "dirty": bool(git("status", "--porcelain")) if git("rev-parse", "HEAD") else os.environ.get("MINISERVE_DIRTY"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
+    ap.add_argument("--model", help="an existing checkpoint directory instead of --shape")
+    ap.add_argument("--ckpt-root", default="/tmp/miniserve-ckpts")
+    ap.add_argument("--overrides", default=None, help="JSON config overrides for --shape (tiny CPU tests)")
+    ap.add_argument("--workload", choices=["nano", "fixed", "latency", "sweep"], default="fixed")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--gen", type=int, default=256)
+    ap.add_argument("--kv-cache-dtype", nargs="+", default=["auto"])
+    ap.add_argument("--max-num-seqs", type=int, default=None)
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--peak-tflops", type=float, default=600.0, help="prompt FLOP rate assumed by the roofline")
+    ap.add_argument("--hf", action="store_true", help="also time transformers' generate (fixed/latency)")
+    ap.add_argument("--hf-gen", type=int, default=32, help="tokens transformers generates (it is slow)")
+    ap.add_argument("--profile", action="store_true", help="GPU time per kernel over a short run")
+    ap.add_argument("--host-profile", action="store_true", help="cProfile of the host over one timed run")
+    ap.add_argument("--kv-write", choices=["fused", "two_launch"], nargs="+", default=["fused"])
+    ap.add_argument("--plot", default=None, help="sweep: write a PNG of tok/s against batch size")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.workload == "latency":
+        args.batch = 1
+    overrides = json.loads(args.overrides) if args.overrides else None
+    model = Path(args.model) if args.model else build_checkpoint(args.shape, args.ckpt_root, overrides=overrides)
+    cfg = json.loads((model / "config.json").read_text())
+    if args.max_num_seqs is None:
+        args.max_num_seqs = max(256, args.batch) if args.workload != "sweep" else max(args.batches)
+    gbs = {}
+    if torch.cuda.is_available():
+        gbs["measured_copy"] = measured_copy_gbs()
+        name = torch.cuda.get_device_name()
+        gbs["datasheet"] = next((v for k, v in DATASHEET_GBS.items() if k in name), gbs["measured_copy"])
+    else:
+        gbs["assumed"] = 50.0
+    result = {**provenance(), "shape": args.shape if not args.model else str(model), "workload": args.workload}
+    result["bandwidth_gbs"] = gbs
+    result["runs"] = []
+    for kv_write in args.kv_write:
+        set_kv_write(kv_write)
+        for kv in args.kv_cache_dtype:
+            llm = make_llm(model, kv, args)
+            run = {"kv_cache_dtype": kv, "kv_write": kv_write, "kv_dtype": str(llm.engine.target.kv_dtype)}
+            if args.workload == "nano":
+                run |= run_nano(llm, cfg, args, gbs)
+            elif args.workload in ("fixed", "latency"):
+                run |= run_fixed(llm, cfg, args, gbs, args.batch)
+            else:
+                run["sweep"] = [run_fixed(llm, cfg, args, gbs, b) for b in args.batches]
+            if args.profile:
+                run["profile"] = profile_steps(llm, args, args.batch, cfg)
+            if args.host_profile:
+                run["host_profile"] = host_profile(llm, args, cfg)
+            result["runs"].append(run)
+            print(json.dumps({k: v for k, v in run.items() if k not in ("profile", "host_profile")}), flush=True)
+            for row in run.get("profile", [])[:20]:
+                print(f"  {row['total_ms']:9.2f} ms {row['calls']:6d}  {row['name']}")
+            print(run.get("host_profile", "")[-3500:])
+            del llm
+    set_kv_write("fused")
+    if args.hf and args.workload in ("fixed", "latency"):
+        result["hf"] = run_hf(model, args, args.batch, args.hf_gen)
+        ours = result["runs"][0]["output_tok_s"]
+        result["speedup_vs_hf"] = ours / result["hf"]["output_tok_s"]
+        print(json.dumps(result["hf"]), flush=True)
+    if args.plot and args.workload == "sweep":
+        plot_sweep(result, args.plot)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def set_kv_write(kind: str) -> None:
+    """Swap the KV write the model calls: the fused cast+store kernel, or a cast then a scatter (two launches)."""
+    from benchmarks.kv_write_variants import reshape_and_cache_two_launch
+    from miniserve.kernels import reshape_and_cache
+    from miniserve.models import llama
+
+    llama.reshape_and_cache = reshape_and_cache if kind == "fused" else reshape_and_cache_two_launch
+
+
+def plot_sweep(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in result["runs"]:
+        xs = [r["batch"] for r in run["sweep"]]
+        ax.plot(xs, [r["decode_tok_s"] for r in run["sweep"]], "o-", label=f"miniserve, KV {run['kv_dtype']}")
+        bw = "measured_copy" if "measured_copy" in result["bandwidth_gbs"] else "assumed"
+        roof = [r["batch"] / (r[f"decode_step_roofline_ms_{bw}"] / 1e3) for r in run["sweep"]]
+        ax.plot(xs, roof, "--", label=f"roofline ({bw} bandwidth), KV {run['kv_dtype']}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("decode tokens / s")
+    ax.set_title(f"{result['shape']} decode, {result.get('gpu', 'cpu')}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
