@@ -158,6 +158,8 @@ def kv_elem_bytes(llm: LLM) -> int:
 
 def run_nano(llm: LLM, cfg: dict, args, gbs: dict) -> dict:
     prompts, params = nano_workload(max_id=max_token_id(cfg))
+    warm = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=2) for _ in params]
+    timed(llm, prompts, warm)  # JIT of every kernel these shapes reach, off the clock
     seconds, tokens = median_run(llm, prompts, params, args.repeats)
     costs = model_costs(cfg, kv_elem_bytes(llm))
     gens = [p.max_tokens for p in params]
@@ -169,8 +171,28 @@ def run_nano(llm: LLM, cfg: dict, args, gbs: dict) -> dict:
     return out
 
 
+def direct_decode_step_ms(llm: LLM, prompts, gen: int) -> float:
+    """Median wall time of the engine's steps once every sequence is decoding (host work included)."""
+    engine = llm.engine
+    ids = [f"direct-{i}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, p, SamplingParams(temperature=0, ignore_eos=True, max_tokens=gen))
+    times, finished = [], 0
+    while finished < len(ids):
+        decoding = all(s.num_computed_tokens >= s.num_prompt_tokens for s in engine.scheduler.running)
+        decoding = decoding and not engine.scheduler.waiting
+        start = time.perf_counter()
+        outs = engine.step()
+        if decoding:
+            times.append(time.perf_counter() - start)
+        finished += sum(o.finished for o in outs)
+    return 1e3 * statistics.median(times[2:-2] or times)
+
+
 def run_fixed(llm: LLM, cfg: dict, args, gbs: dict, batch: int) -> dict:
     prompts, params = fixed_workload(batch, args.prompt, args.gen, max_id=max_token_id(cfg))
+    warm, warm_params = fixed_workload(batch, args.prompt, 2, seed=1, max_id=max_token_id(cfg))
+    timed(llm, warm, warm_params)  # JIT of every kernel these shapes reach, off the clock
     seconds, tokens = median_run(llm, prompts, params, args.repeats)
     p1, params1 = fixed_workload(batch, args.prompt, 1, max_id=max_token_id(cfg))
     prefill_s, _ = median_run(llm, p1, params1, args.repeats)
@@ -189,6 +211,7 @@ def run_fixed(llm: LLM, cfg: dict, args, gbs: dict, batch: int) -> dict:
         "prefill_seconds": prefill_s,
         "prefill_tflops": flops / prefill_s / 1e12,
         "decode_step_ms": 1e3 * step,
+        "decode_step_ms_direct": direct_decode_step_ms(llm, prompts, args.gen),
         "decode_tok_s": batch / step,
         "decode_step_bytes": step_bytes,
     }

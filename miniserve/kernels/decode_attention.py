@@ -191,40 +191,41 @@ def _decode_split_kernel(
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, HEAD_DIM_PAD)
-    q_head = kv_head * GROUP + g
-    d_mask = d < HEAD_DIM
-    q_mask = (g < GROUP)[:, None] & d_mask[None, :]
-    k_mult = times_cache_scale(qk_scale, k_scale_ptr, KV_MODE, KV_FACTOR)  # scores in log2 units: exp2 below
-    q_ptrs = q_ptr + seq * stride_qt + q_head[:, None] * stride_qh + d[None, :]
-    q, k_mult = load_q_tile(q_ptrs, q_mask, k_mult, FIT_FP16, COMPUTE_DTYPE)
-    block_table = block_tables_ptr + seq * stride_bt
+    if split < num_splits:  # a graph's grid has splits for the longest possible context: the rest do nothing
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_DIM_PAD)
+        q_head = kv_head * GROUP + g
+        d_mask = d < HEAD_DIM
+        q_mask = (g < GROUP)[:, None] & d_mask[None, :]
+        k_mult = times_cache_scale(qk_scale, k_scale_ptr, KV_MODE, KV_FACTOR)  # scores in log2 units: exp2 below
+        q_ptrs = q_ptr + seq * stride_qt + q_head[:, None] * stride_qh + d[None, :]
+        q, k_mult = load_q_tile(q_ptrs, q_mask, k_mult, FIT_FP16, COMPUTE_DTYPE)
+        block_table = block_tables_ptr + seq * stride_bt
 
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        valid = pos < end
-        kv_mask = valid[:, None] & d_mask[None, :]
-        page, slot = page_slots(block_table, pos, valid, BLOCK_SIZE)
-        m_i, l_i, acc = attend_kv_tile(
-            q, k_mult, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, page, slot, kv_head, stride_kb, stride_ks, stride_kh,
-            stride_vb, stride_vs, stride_vh, d, kv_mask, valid[None, :], KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE,
-            DOT_PRECISION,
-        )  # fmt: skip
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            valid = pos < end
+            kv_mask = valid[:, None] & d_mask[None, :]
+            page, slot = page_slots(block_table, pos, valid, BLOCK_SIZE)
+            m_i, l_i, acc = attend_kv_tile(
+                q, k_mult, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, page, slot, kv_head, stride_kb, stride_ks,
+                stride_kh, stride_vb, stride_vs, stride_vh, d, kv_mask, valid[None, :], KV_MODE, NAN_ALL_ONES,
+                COMPUTE_DTYPE, DOT_PRECISION,
+            )  # fmt: skip
 
-    if NUM_SPLITS == 1:
-        out = acc * (times_cache_scale(1.0, v_scale_ptr, KV_MODE, KV_FACTOR) / l_i)[:, None]
-        o_ptrs = out_ptr + seq * stride_ot + q_head[:, None] * stride_oh + d[None, :]
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
-    else:
-        # partials: acc [B, Hq, S, D_PAD], (m, l) [B, Hq, S, 2] -- unnormalized, merged by stage 2
-        row = (seq * GROUP * tl.num_programs(1) + q_head) * NUM_SPLITS + split
-        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM_PAD + d[None, :], acc, mask=(g < GROUP)[:, None])
-        tl.store(part_ml_ptr + row * 2, m_i, mask=g < GROUP)
-        tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g < GROUP)
+        if num_splits == 1:  # the whole context in one program: normalise and write the output here
+            out = acc * (times_cache_scale(1.0, v_scale_ptr, KV_MODE, KV_FACTOR) / l_i)[:, None]
+            o_ptrs = out_ptr + seq * stride_ot + q_head[:, None] * stride_oh + d[None, :]
+            tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+        else:
+            # partials: acc [B, Hq, S, D_PAD], (m, l) [B, Hq, S, 2] -- unnormalized, merged by stage 2
+            row = (seq * GROUP * tl.num_programs(1) + q_head) * NUM_SPLITS + split
+            tl.store(part_acc_ptr + row[:, None] * HEAD_DIM_PAD + d[None, :], acc, mask=(g < GROUP)[:, None])
+            tl.store(part_ml_ptr + row * 2, m_i, mask=g < GROUP)
+            tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g < GROUP)
 
 
 @triton.jit
@@ -232,28 +233,34 @@ def _decode_reduce_kernel(
     part_acc_ptr,
     part_ml_ptr,
     out_ptr,
+    seq_lens_ptr,
     v_scale_ptr,
     stride_ot,
     stride_oh,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    SPLIT_TOKENS: tl.constexpr,
     KV_MODE: tl.constexpr,
     KV_FACTOR: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    row = (seq * tl.num_programs(1) + head) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
-    d = tl.arange(0, HEAD_DIM_PAD)
-    m = tl.load(part_ml_ptr + row * 2)
-    l_sum = tl.load(part_ml_ptr + row * 2 + 1)
-    m_max = tl.max(m, 0)
-    w = tl.where(l_sum > 0, tl.exp2(m - m_max), 0.0)  # empty splits (m = -inf, l = 0) weigh nothing
-    acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM_PAD + d[None, :])
-    v_mult = times_cache_scale(1.0, v_scale_ptr, KV_MODE, KV_FACTOR)
-    # the single-split formula: with one non-empty split this is bit-identical to it (w = 1 and 0)
-    out = tl.sum(acc * w[:, None], 0) * (v_mult / tl.sum(l_sum * w, 0))
-    tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+    num_splits = tl.minimum(tl.cdiv(tl.load(seq_lens_ptr + seq), SPLIT_TOKENS), NUM_SPLITS)
+    if num_splits > 1:  # one-split sequences were written by stage 1
+        split = tl.arange(0, NUM_SPLITS)
+        mine = split < num_splits  # rows past the sequence's own splits were never written
+        row = (seq * tl.num_programs(1) + head) * NUM_SPLITS + split
+        d = tl.arange(0, HEAD_DIM_PAD)
+        m = tl.load(part_ml_ptr + row * 2, mask=mine, other=float("-inf"))
+        l_sum = tl.load(part_ml_ptr + row * 2 + 1, mask=mine, other=0.0)
+        m_max = tl.max(m, 0)
+        w = tl.where(l_sum > 0, tl.exp2(m - m_max), 0.0)  # empty splits (m = -inf, l = 0) weigh nothing
+        acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM_PAD + d[None, :], mask=mine[:, None], other=0.0)
+        v_mult = times_cache_scale(1.0, v_scale_ptr, KV_MODE, KV_FACTOR)
+        out = tl.sum(acc * w[:, None], 0) * (v_mult / tl.sum(l_sum * w, 0))
+        o_ptrs = out_ptr + seq * stride_ot + head * stride_oh + d
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 def kv_block_n(cache_dtype: torch.dtype) -> int:
@@ -313,12 +320,12 @@ def cache_view(cache: torch.Tensor) -> torch.Tensor:
 SPLIT_TOKENS = 512  # a sequence gets one split per 512 tokens of context (at most 64)
 
 
-def choose_num_splits(max_seq_len: int) -> int:
+def choose_num_splits(max_seq_len: int, split_tokens: int = SPLIT_TOKENS) -> int:
     """The grid's split dimension: enough for the longest sequence; each sequence uses cdiv(len, 512) of them.
 
     Splits follow context length only (not batch size) so results are batch-invariant; a long context still
     spreads over up to 64 programs per KV head, which is what fills the GPU at small batch sizes."""
-    return triton.next_power_of_2(max(1, min(triton.cdiv(max_seq_len, SPLIT_TOKENS), 64)))
+    return triton.next_power_of_2(max(1, min(triton.cdiv(max_seq_len, split_tokens), 64)))
 
 
 def decode_attention(
@@ -334,6 +341,7 @@ def decode_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     fp8_decode: str = "auto",
+    split_tokens: int = SPLIT_TOKENS,
 ) -> torch.Tensor:
     """Decode attention: q [num_seqs, num_q_heads, head_dim] -> same shape, q.dtype. See module docstring."""
     num_seqs, num_q_heads, head_dim = q.shape
@@ -344,7 +352,7 @@ def decode_attention(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_seqs == 0:
         return out
-    splits = num_splits or choose_num_splits(meta.max_seq_len)
+    splits = num_splits or choose_num_splits(meta.max_seq_len, split_tokens)
     mode, nan_all_ones, kv_factor = kv_mode(key_cache.dtype, q.device, fp8_decode)
     block_n = block_n or kv_block_n(key_cache.dtype)
     head_dim_pad = triton.next_power_of_2(head_dim)
@@ -383,7 +391,7 @@ def decode_attention(
         BLOCK_N=block_n,
         BLOCK_SIZE=block_size,
         NUM_SPLITS=splits,
-        SPLIT_TOKENS=SPLIT_TOKENS,
+        SPLIT_TOKENS=split_tokens,
         KV_MODE=mode,
         NAN_ALL_ONES=nan_all_ones,
         KV_FACTOR=kv_factor,
@@ -396,12 +404,14 @@ def decode_attention(
             part_acc,
             part_ml,
             out,
+            meta.seq_lens,
             v_scale,
             out.stride(0),
             out.stride(1),
             HEAD_DIM=head_dim,
             HEAD_DIM_PAD=head_dim_pad,
             NUM_SPLITS=splits,
+            SPLIT_TOKENS=split_tokens,
             KV_MODE=mode,
             KV_FACTOR=kv_factor,
             num_warps=4,

@@ -1,0 +1,127 @@
+"""Sweep the paged decode-attention kernel's launch knobs at real model shapes (needs a GPU).
+
+    python benchmarks/tune_decode_attention.py [--quick] [--out tune.json]
+
+For each shape (batch, context, query heads, KV heads, head_dim) and cache dtype (bf16, fp8 with the hardware
+e4m3 -> fp16 conversion, fp8 with the bit-field decode) it times every (BLOCK_N, num_warps, num_stages,
+split_tokens) combination with CUDA-graph replay (GPU time only, median) and reports achieved KV bandwidth.
+It also times the grid that a CUDA graph captures (64 splits, for the longest possible context) against the
+eager grid, which must cost the same now that empty splits do nothing. Results: the best config per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_kv_write import bench_gpu_ms  # noqa: E402
+from miniserve.kernels import AttentionMetadata  # noqa: E402
+from miniserve.kernels.decode_attention import decode_attention  # noqa: E402
+
+# name: (batch, context, q heads, kv heads, head_dim)
+SHAPES = {
+    "llama-1b b64 ctx640": (64, 640, 32, 8, 64),
+    "qwen3-0.6b b256 ctx1100": (256, 1100, 16, 8, 128),
+    "llama-8b b64 ctx4096": (64, 4096, 32, 8, 128),
+    "llama-8b b8 ctx4096": (8, 4096, 32, 8, 128),
+}
+BLOCK_SIZE = 16
+
+
+def make_case(batch, ctx, hq, hkv, d, cache_dtype, seed=0):
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(seed)
+    blocks = batch * (-(-ctx // BLOCK_SIZE))
+    shape = (blocks, BLOCK_SIZE, hkv, d)
+    if cache_dtype == torch.bfloat16:
+        kc = torch.randn(shape, dtype=torch.bfloat16, device=dev, generator=g)
+        vc = torch.randn(shape, dtype=torch.bfloat16, device=dev, generator=g)
+    else:
+        kc = torch.randint(0x20, 0x58, shape, dtype=torch.uint8, device=dev, generator=g).view(cache_dtype)
+        vc = torch.randint(0x20, 0x58, shape, dtype=torch.uint8, device=dev, generator=g).view(cache_dtype)
+    tables = torch.randperm(blocks, device=dev, generator=g).view(batch, -1).int()
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((batch,), -1, dtype=torch.int64, device=dev),
+        query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=dev),
+        seq_lens=torch.full((batch,), ctx, dtype=torch.int32, device=dev),
+        block_tables=tables,
+        max_query_len=1,
+        max_seq_len=ctx,
+    )
+    q = torch.randn(batch, hq, d, dtype=torch.bfloat16, device=dev, generator=g)
+    scales = torch.tensor([0.05], device=dev), torch.tensor([0.02], device=dev)
+    nbytes = 2 * batch * ctx * hkv * d * kc.element_size()
+    return q, kc, vc, meta, scales, nbytes
+
+
+def time_config(case, fp8_decode: str, **kw) -> float:
+    q, kc, vc, meta, (ks, vs), _ = case
+    fn = lambda: decode_attention(q, kc, vc, meta, ks, vs, 0.1, fp8_decode=fp8_decode, **kw)  # noqa: E731
+    fn()
+    return bench_gpu_ms(fn)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    block_ns = (32, 64, 128) if args.quick else (32, 64, 128, 256)
+    warps = (4, 8) if args.quick else (2, 4, 8)
+    stages = (1, 2, 3)
+    split_tokens = (512, 1024, 2048)
+    results = []
+    dtypes = [("bf16", torch.bfloat16, "auto"), ("fp8", torch.float8_e4m3fn, "auto")]
+    dtypes.append(("fp8-bits", torch.float8_e4m3fn, "bits"))
+    for (name, shp), (dname, dtype, fp8_decode) in itertools.product(SHAPES.items(), dtypes):
+        case = make_case(*shp, dtype)
+        nbytes = case[-1]
+        default = time_config(case, fp8_decode)
+        graph_grid = time_config(case, fp8_decode, num_splits=64)
+        best = (default, {})
+        sweep = itertools.product(block_ns, warps, stages) if fp8_decode == "auto" else []
+        for bn, w, st in sweep:
+            try:
+                ms = time_config(case, fp8_decode, block_n=bn, num_warps=w, num_stages=st)
+            except Exception as e:  # noqa: BLE001 - out of shared memory and the like
+                print(f"  skip {name} {dname} bn{bn} w{w} s{st}: {type(e).__name__}")
+                continue
+            if ms < best[0]:
+                best = (ms, dict(block_n=bn, num_warps=w, num_stages=st))
+        for sp in split_tokens:
+            ms = time_config(case, fp8_decode, split_tokens=sp, **best[1])
+            if ms < best[0]:
+                best = (ms, {**best[1], "split_tokens": sp})
+        row = {
+            "shape": name,
+            "cache": dname,
+            "default_us": 1e3 * default,
+            "graph_grid_us": 1e3 * graph_grid,
+            "best_us": 1e3 * best[0],
+            "best": best[1],
+            "default_tbs": nbytes / default / 1e9,
+            "best_tbs": nbytes / best[0] / 1e9,
+        }
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        del case
+        torch.cuda.empty_cache()
+    print("\nshape                     cache     default_us graph_us  best_us  TB/s  best")
+    for r in results:
+        print(
+            f"{r['shape']:25s} {r['cache']:9s} {r['default_us']:9.1f} {r['graph_grid_us']:8.1f} {r['best_us']:8.1f} "
+            f"{r['best_tbs']:5.2f}  {r['best']}"
+        )
+    if args.out:
+        Path(args.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
