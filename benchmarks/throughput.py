@@ -269,20 +269,36 @@ def host_profile(llm: LLM, args, cfg: dict) -> str:
     return out.getvalue()
 
 
-def profile_steps(llm: LLM, args, batch: int, cfg: dict) -> list[dict]:
-    """GPU time per kernel name over a short `fixed` run."""
+def profile_steps(llm: LLM, args, batch: int, cfg: dict, steps: int = 8) -> dict:
+    """GPU time per kernel over `steps` decode steps (prompts done), and their GPU-busy fraction."""
     from torch.profiler import ProfilerActivity, profile
 
-    prompts, params = fixed_workload(batch, args.prompt, 16, max_id=max_token_id(cfg))
+    engine = llm.engine
+    prompts, _ = fixed_workload(batch, args.prompt, 1, max_id=max_token_id(cfg))
+    for i, p in enumerate(prompts):
+        engine.add_request(f"prof-{i}", p, SamplingParams(temperature=0, ignore_eos=True, max_tokens=steps + 8))
+    while engine.scheduler.waiting or any(
+        s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running
+    ):
+        engine.step()
+    engine.step()
+    sync()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        timed(llm, prompts, params)
-    rows = []
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        sync()
+        wall = time.perf_counter() - start
+    while engine.has_unfinished_requests():
+        engine.step()
+    rows, busy = [], 0.0
     for evt in prof.key_averages():
         t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
         if t > 0:
-            rows.append({"name": evt.key[:90], "calls": evt.count, "total_ms": t / 1e3})
-    rows.sort(key=lambda r: -r["total_ms"])
-    return rows[:30]
+            rows.append({"name": evt.key[:90], "calls": evt.count, "us_per_step": t / steps})
+            busy += t / 1e6
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return {"wall_ms_per_step": 1e3 * wall / steps, "gpu_ms_per_step": 1e3 * busy / steps, "kernels": rows[:25]}
 
 
 def provenance() -> dict:
@@ -369,8 +385,13 @@ def main(argv: list[str] | None = None) -> dict:
                 run["host_profile"] = host_profile(llm, args, cfg)
             result["runs"].append(run)
             print(json.dumps({k: v for k, v in run.items() if k not in ("profile", "host_profile")}), flush=True)
-            for row in run.get("profile", [])[:20]:
-                print(f"  {row['total_ms']:9.2f} ms {row['calls']:6d}  {row['name']}")
+            if "profile" in run:
+                prof = run["profile"]
+                print(
+                    f"  decode step: wall {prof['wall_ms_per_step']:.3f} ms, GPU busy {prof['gpu_ms_per_step']:.3f} ms"
+                )
+                for row in prof["kernels"][:20]:
+                    print(f"  {row['us_per_step']:9.1f} us/step {row['calls']:6d}  {row['name']}")
             print(run.get("host_profile", "")[-3500:])
             del llm
     set_kv_write("fused")

@@ -96,9 +96,10 @@ def main() -> None:
             if ms < best[0]:
                 best = (ms, dict(block_n=bn, num_warps=w, num_stages=st))
         for sp in split_tokens:
-            ms = time_config(case, fp8_decode, split_tokens=sp, **best[1])
+            cfg = {**best[1], "split_tokens": sp}
+            ms = time_config(case, fp8_decode, **cfg)
             if ms < best[0]:
-                best = (ms, {**best[1], "split_tokens": sp})
+                best = (ms, cfg)
         row = {
             "shape": name,
             "cache": dname,
