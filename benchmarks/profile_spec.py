@@ -94,18 +94,20 @@ def timed_host_phases(llm: LLM, max_tokens: int) -> dict:
 
     wrap(eng, "step", "step")
     wrap(eng.scheduler, "schedule", "schedule")
-    wrap(eng, "_collect_outputs", "collect_outputs")
+    wrap(eng.outputs, "collect", "collect_outputs")
     wrap(eng.target, "forward", "target.forward")
-    wrap(eng, "sampling_batch", "sampling_batch")
-    wrap(eng, "append_tokens", "append_tokens")
-    if eng.spec is not None:
-        wrap(eng.spec, "_prefill", "spec.prefill (both models)")
-        wrap(eng.spec, "_run_greedy", "spec.round launch")
-        wrap(eng.spec, "_read", "spec.read overlapped round (incl. wait)")
-        wrap(eng.spec, "_greedy_round", "spec.sequential round (incl. wait)")
-        wrap(eng.spec, "_append", "spec.append")
-        if eng.spec.graphs is not None:
-            wrap(eng.spec.graphs, "run", "spec.graphs.run")
+    wrap(eng.outputs, "append_sampled", "append_tokens")
+    spec = eng.decoder if eng.draft is not None else None
+    if spec is None:
+        wrap(eng.decoder, "sampling_batch", "sampling_batch")
+    else:
+        wrap(spec.sampled, "sampling_batch", "sampling_batch")
+        wrap(spec, "_prefill", "spec.prefill (both models)")
+        wrap(spec.greedy, "run", "spec.round launch")
+        wrap(spec, "_read", "spec.read overlapped round (incl. wait)")
+        wrap(spec, "_emit", "spec.append")
+        if spec.greedy.graphs is not None:
+            wrap(spec.greedy.graphs, "run", "spec.graphs.run")
     start = time.perf_counter()
     wall, tokens = generate(llm, max_tokens)
     total = time.perf_counter() - start
@@ -144,7 +146,7 @@ def main() -> None:
     graphs = {
         "target_decode": spec.engine.target.graphs[1].graphs[1].graph,
         "draft_decode": spec.engine.draft.graphs[1].graphs[1].graph,
-        f"greedy_round_k{args.k}": spec.engine.spec.graphs.graphs[1].graph,
+        f"greedy_round_k{args.k}": spec.engine.decoder.greedy.graphs.graphs[1].graph,
     }
     result["replay_us"] = {}
     for name, g in graphs.items():

@@ -2,8 +2,8 @@
 
 from miniserve.config import EngineConfig
 from miniserve.engine.outputs import CompletionOutput, RequestOutput
-from miniserve.engine.sampler import SamplingParams
 from miniserve.llm import LLM
+from miniserve.sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"

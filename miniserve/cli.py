@@ -48,7 +48,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 def generate_main(args: argparse.Namespace) -> int:
     from miniserve.engine.llm_engine import LLMEngine
-    from miniserve.engine.sampler import SamplingParams
+    from miniserve.sampling_params import SamplingParams
 
     params = SamplingParams(
         n=args.n,

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from miniserve.config import EngineConfig
 from miniserve.engine.llm_engine import LLMEngine
 from miniserve.engine.outputs import RequestOutput
-from miniserve.engine.sampler import SamplingParams
+from miniserve.sampling_params import SamplingParams
 
 PromptType = str | list[int] | dict
 

@@ -14,7 +14,6 @@ import torch
 
 from miniserve import LLM, SamplingParams
 from miniserve.engine.cuda_graphs import BucketedGraphs, _Graph
-from miniserve.spec_decode.decoder import SpeculativeDecoder
 from tests.test_spec_decode import mixed_prompts
 
 
@@ -40,8 +39,6 @@ def engine_with_stand_in_graphs(llm: LLM):
     eng = llm.engine
     for worker in eng.workers:
         worker.use_graphs = True
-    if eng.draft is not None:
-        eng.spec = SpeculativeDecoder(eng)
     eng._capture_graphs()
     return eng
 

@@ -29,10 +29,10 @@ def test_overlapped_rounds_equal_plain_and_sequential_rounds(llama_dir, draft_di
     overlapped, eng = run(llama_dir, prompts, params, **spec_kw(draft_dir, k))
     sequential, eng_seq = run(llama_dir, prompts, params, **spec_kw(draft_dir, k, overlap_spec_rounds=False))
     assert overlapped == plain and sequential == plain
-    assert eng.spec.num_overlapped_rounds > 0 and eng_seq.spec.num_overlapped_rounds == 0
+    assert eng.decoder.num_overlapped_rounds > 0 and eng_seq.decoder.num_overlapped_rounds == 0
     keys = ("spec_num_drafts", "spec_num_accepted_tokens", "spec_accepted_per_position")
     assert {key: eng.stats()[key] for key in keys} == {key: eng_seq.stats()[key] for key in keys}
-    assert eng.block_manager.num_used_blocks == 0 and eng.spec.in_flight is None
+    assert eng.block_manager.num_used_blocks == 0 and eng.decoder.in_flight is None
 
 
 def test_overlap_reserves_the_next_rounds_slots(llama_dir, draft_dir):
@@ -63,16 +63,16 @@ def test_requests_arriving_and_aborted_while_a_round_is_in_flight(llama_dir, dra
             if out.finished:
                 finished[out.request_id] = out.outputs[0].token_ids
         step += 1
-        seen_in_flight += eng.spec.in_flight is not None
+        seen_in_flight += eng.decoder.in_flight is not None
         if step == 4:  # mid-stream: one request leaves, two arrive
-            assert eng.spec.in_flight is not None
+            assert eng.decoder.in_flight is not None
             eng.abort_request("gone")
             eng.add_request("c", prompts[3], params)
             eng.add_request("d", prompts[4], params)
     assert finished == {"a": want[0], "b": want[1], "c": want[3], "d": want[4]}
-    assert seen_in_flight > 4 and eng.spec.num_overlapped_rounds > 0
+    assert seen_in_flight > 4 and eng.decoder.num_overlapped_rounds > 0
     # the round launched with the last tokens belongs to finished sequences: dropped without reading
-    assert eng.spec.in_flight is None and eng.block_manager.num_used_blocks == 0
+    assert eng.decoder.in_flight is None and eng.block_manager.num_used_blocks == 0
 
 
 def test_stop_strings_and_preemption_with_overlap(llama_dir, draft_dir):
@@ -81,7 +81,7 @@ def test_stop_strings_and_preemption_with_overlap(llama_dir, draft_dir):
     plain, _ = run(llama_dir, prompts, params)
     # a pool too small for all five: sequences are preempted while rounds of the others are in flight
     spec, eng = run(llama_dir, prompts, params, num_kv_blocks=20, block_size=8, **spec_kw(draft_dir, 2))
-    assert spec == plain and eng.scheduler.num_preemptions > 0 and eng.spec.num_overlapped_rounds > 0
+    assert spec == plain and eng.scheduler.num_preemptions > 0 and eng.decoder.num_overlapped_rounds > 0
     # a stop string in the middle of an accepted run ends the text there; the round after it is dropped
     llm = LLM(str(llama_dir), dtype="float32", device="cpu", **spec_kw(draft_dir, 4))
     full = llm.generate([prompts[1]], params, use_tqdm=False)[0].outputs[0]
@@ -101,5 +101,5 @@ def test_no_round_is_launched_past_max_tokens(llama_dir, draft_dir, max_tokens, 
     want, _ = run(llama_dir, [prompt], params)
     got, eng = run(llama_dir, [prompt], params, **spec_kw(llama_dir if self_draft else draft_dir, 3))
     assert got == want
-    assert eng.spec.num_launched_rounds == eng.stats()["spec_num_drafts"]
-    assert eng.spec.num_overlapped_rounds > 0 or max_tokens == 2
+    assert eng.decoder.num_launched_rounds == eng.stats()["spec_num_drafts"]
+    assert eng.decoder.num_overlapped_rounds > 0 or max_tokens == 2

@@ -12,13 +12,13 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 
 from miniserve.engine.sampler import (
     SamplingBatch,
-    SamplingParams,
     apply_penalties_and_filters,
     probs,
     random_uniform,
     sample,
     sample_from_probs,
 )
+from miniserve.sampling_params import SamplingParams
 
 V = 40
 

@@ -7,7 +7,7 @@ import torch
 
 from miniserve import LLM, SamplingParams
 from miniserve.engine.sampler import SamplingBatch, sample_from_probs
-from miniserve.spec_decode.decoder import rejection_sample
+from miniserve.spec_decode.rejection import rejection_sample
 from tests.conftest import VOCAB
 
 

@@ -173,6 +173,11 @@ class ModelRunner:
                 if n <= self.max_positions and n not in self.prefill_graphs:
                     self.prefill_graphs[n] = self._capture_packed(n, self._prefill_graph_fn(n), 1)
 
+    def disable_graphs(self) -> None:
+        """Run every pass eager from now on (a capture failed)."""
+        self.graphs, self.prefill_graphs = {}, {}
+        self.use_graphs = False
+
     def _capture_packed(self, n: int, fn, max_batch: int) -> BucketedGraphs:
         """Graphs of `fn` over rows [n tokens, start_pos, valid or count, block table...]; the padding row has no
         valid token, so it writes no KV."""

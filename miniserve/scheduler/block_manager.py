@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from miniserve.engine.sequence import Sequence
+from miniserve.scheduler.sequence import Sequence
 
 
 class BlockManager:

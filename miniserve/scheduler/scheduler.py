@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from miniserve.engine.sequence import Sequence, SequenceStatus
 from miniserve.scheduler.block_manager import BlockManager
+from miniserve.scheduler.sequence import Sequence, SequenceStatus
 
 
 @dataclass

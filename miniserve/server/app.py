@@ -196,7 +196,7 @@ def sampling_params(
     req: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
 ) -> Any:
     """SamplingParams for one request; its ValueErrors become 400s naming the field."""
-    from miniserve.engine.sampler import SamplingParams
+    from miniserve.sampling_params import SamplingParams
 
     kwargs: dict[str, Any] = {
         "n": req.n,

@@ -1,4 +1,9 @@
-"""A Sequence is one stream of tokens being generated: a request with `n` choices owns `n` of them."""
+"""A Sequence is one stream of tokens being generated: a request with `n` choices owns `n` of them.
+
+It lives in scheduler/ because the scheduler is the lowest layer that works on it (its status, its lengths, its
+block table); the engine and speculative decoding above append tokens to it and read its outputs. So every import
+of it points down. Its `params` are the request's SamplingParams (miniserve/sampling_params.py, a leaf module).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from miniserve.engine.sampler import SamplingParams
+from miniserve.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

@@ -1,0 +1,57 @@
+"""How long a context the engine serves and how many KV blocks its pool gets.
+
+Both are decided once, at start-up, from the settings and the loaded models: the context length is the smallest
+model limit (or the configured one), and the pool fills the memory budget up to what `max_num_seqs` sequences of
+that length can ever use. Target and draft share one block table per sequence, so they get the same number of
+blocks, each in its own pool.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from miniserve.config import EngineConfig
+from miniserve.engine.model_runner import ModelRunner
+
+CPU_KV_BUDGET_BYTES = 1 << 30
+
+
+def max_model_len(config: EngineConfig, runners: list[ModelRunner]) -> int:
+    """The configured context length, checked against every model's position limit; capped at a sliding
+    window, which miniserve does not implement."""
+    cfg = runners[0].model_config
+    limit = min(r.model_config.max_position_embeddings for r in runners)
+    wanted = config.max_model_len or limit
+    if wanted > limit:
+        raise ValueError(f"max_model_len={wanted} exceeds the model's max_position_embeddings={limit}")
+    if cfg.sliding_window is not None and wanted > cfg.sliding_window:
+        # full attention equals sliding-window attention up to the window; beyond it the two differ
+        warnings.warn(
+            f"{config.model} uses sliding-window attention ({cfg.sliding_window} tokens), which miniserve "
+            f"does not implement: max_model_len is capped at {cfg.sliding_window}",
+            stacklevel=3,
+        )
+        wanted = cfg.sliding_window
+    return wanted
+
+
+def num_kv_blocks(config: EngineConfig, runners: list[ModelRunner], max_len: int) -> int:
+    """Size the shared pool: explicit count, else the memory budget, capped at what max_num_seqs can use."""
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    per_block = sum(r.bytes_per_block() for r in runners)
+    cap = config.max_num_seqs * (-(-(max_len + config.kv_lookahead) // config.block_size)) + 1
+    device = runners[0].device
+    if config.kv_cache_memory_gb is not None:
+        budget = int(config.kv_cache_memory_gb * (1 << 30))
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = int(free - total * (1 - config.gpu_memory_utilization))
+    else:
+        budget = CPU_KV_BUDGET_BYTES
+    num_blocks = min(budget // per_block, cap)
+    if num_blocks < 1:
+        raise ValueError(f"no memory left for the KV cache (budget {budget} bytes, {per_block} bytes per block)")
+    return num_blocks

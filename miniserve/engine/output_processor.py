@@ -1,0 +1,192 @@
+"""Output processing: what happens to a token once it is chosen.
+
+Append it (with its logprobs) to its sequence, detokenize incrementally, apply the stop rules (EOS, stop token
+ids, stop strings, max_tokens, the context length), and build the cumulative `RequestOutput` of every request
+that progressed. Both decoders, plain and speculative, emit tokens through `append_token`, so the stop rules are
+written once. A finished sequence is handed back to the scheduler at once, which frees its KV blocks before the
+next step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from miniserve.engine.outputs import CompletionOutput, RequestOutput
+from miniserve.engine.sampler import SamplerOutput
+from miniserve.engine.transfer import to_device
+from miniserve.sampling_params import SamplingParams
+from miniserve.scheduler.scheduler import Scheduler
+from miniserve.scheduler.sequence import Sequence
+from miniserve.tokenizer import IncrementalDetokenizer
+
+
+@dataclass(eq=False)
+class Request:
+    """One request as the engine tracks it: its `n` sequences and their detokenizers."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+
+
+class OutputProcessor:
+    def __init__(self, scheduler: Scheduler, eos_token_ids: set[int], max_model_len: int):
+        self.scheduler = scheduler
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.requests: dict[str, Request] = {}
+        self.num_generation_tokens = 0
+
+    def add(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+
+    def abort(self, request_id: str) -> None:
+        """Forget the request; its unfinished sequences leave the scheduler with their blocks."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    # ---------------------------------------------------------------- tokens in
+
+    def append_sampled(self, seqs: list[Sequence], out: SamplerOutput) -> None:
+        """Append one sampled token per sequence, with its logprobs, and apply the stop rules."""
+        token_ids = out.token_ids.tolist()
+        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
+        tops = None
+        if out.top_logprobs is not None:
+            tops = (out.top_logprobs[0].tolist(), out.top_logprobs[1].tolist())
+        for row, (seq, token) in enumerate(zip(seqs, token_ids)):
+            lp = logprobs[row] if logprobs is not None else None
+            top = None
+            if seq.params.logprobs is not None and tops is not None:
+                n = seq.params.logprobs
+                top = dict(zip(tops[0][row][:n], tops[1][row][:n]))
+            self.append_token(seq, token, lp, top)
+
+    def append_token(self, seq: Sequence, token: int, logprob: float | None, top: dict[int, float] | None) -> None:
+        if seq.is_finished:
+            return
+        seq.token_ids.append(token)
+        self.num_generation_tokens += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        if seq.logprobs is not None:
+            entry = dict(top or {})
+            entry[token] = logprob
+            seq.logprobs.append(entry)
+        if logprob is not None:
+            seq.cumulative_logprob += logprob
+        detok = self.requests[seq.request_id].detokenizers[seq.index]
+        delta = detok.add([token])
+        seq.text += delta
+        self._check_stop(seq, token, len(delta))
+        if seq.is_finished and not isinstance(seq.stop_reason, str):
+            seq.text += detok.flush()  # release text held back for an incomplete UTF-8 sequence
+
+    def _check_stop(self, seq: Sequence, token: int, delta_len: int) -> None:
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return self._finish(seq, "stop", None)
+            if p.stop_token_ids and token in p.stop_token_ids:
+                return self._finish(seq, "stop", token)
+            if p.stop:
+                for stop in p.stop:
+                    start = max(0, len(seq.text) - delta_len - len(stop) + 1)
+                    idx = seq.text.find(stop, start)
+                    if idx != -1:
+                        seq.text = seq.text[: idx + (len(stop) if p.include_stop_str_in_output else 0)]
+                        return self._finish(seq, "stop", stop)
+        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            return self._finish(seq, "length", None)
+        if seq.num_tokens >= self.max_model_len:
+            return self._finish(seq, "length", None)
+        return None
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.finish(seq)
+
+    @staticmethod
+    def record_prompt_logprobs(seq: Sequence, logits: torch.Tensor, start_pos: int) -> None:
+        """Row j (position start_pos + j) predicts prompt token start_pos + j + 1; positions scored before a
+        preemption are not scored twice."""
+        first = len(seq.prompt_logprobs) - start_pos - 1  # the first row not scored yet
+        last = min(logits.shape[0], seq.num_prompt_tokens - start_pos - 1)
+        if first < 0 or first >= last:  # (first < 0 cannot happen: choice 0 always computes its prompt)
+            return
+        logprobs = torch.log_softmax(logits[first:last].float(), dim=-1)
+        targets = seq.prompt_token_ids[start_pos + first + 1 : start_pos + last + 1]
+        chosen = logprobs.gather(1, to_device(targets, torch.int64, logits.device)[:, None]).squeeze(1).tolist()
+        n = seq.params.prompt_logprobs
+        tops = logprobs.topk(n, dim=-1) if n else None
+        top_ids, top_vals = (tops.indices.tolist(), tops.values.tolist()) if tops is not None else ([], [])
+        for j, (token, lp) in enumerate(zip(targets, chosen)):
+            entry = dict(zip(top_ids[j], top_vals[j])) if n else {}
+            entry[token] = lp
+            seq.prompt_logprobs.append(entry)
+
+    # ---------------------------------------------------------------- outputs out
+
+    def collect(self, progressed: list[Sequence]) -> list[RequestOutput]:
+        """One cumulative RequestOutput per request that progressed; finished requests are forgotten."""
+        outputs = []
+        seen = set()
+        for seq in progressed:
+            if seq.request_id in seen or seq.request_id not in self.requests:
+                continue
+            seen.add(seq.request_id)
+            req = self.requests[seq.request_id]
+            out = self._request_output(req)
+            outputs.append(out)
+            if out.finished:
+                del self.requests[req.request_id]
+        return outputs
+
+    def _request_output(self, req: Request) -> RequestOutput:
+        hold = max((len(s) for s in req.params.stop), default=1) - 1 if req.params.stop else 0
+        completions = [_completion(seq, req.params, hold) for seq in req.seqs]
+        first = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
+        metrics = {
+            "arrival_time": min(s.arrival_time for s in req.seqs),
+            "first_token_time": min(first) if first else None,
+            "num_spec_drafts": sum(s.num_spec_drafts for s in req.seqs),
+            "num_spec_draft_tokens": sum(s.num_spec_draft_tokens for s in req.seqs),
+            "num_spec_accepted_tokens": sum(s.num_spec_accepted_tokens for s in req.seqs),
+        }
+        finished = all(s.is_finished for s in req.seqs)
+        prompt_logprobs = req.seqs[0].prompt_logprobs
+        return RequestOutput(
+            req.request_id,
+            req.prompt,
+            req.prompt_token_ids,
+            completions,
+            finished,
+            metrics,
+            list(prompt_logprobs) if prompt_logprobs is not None else None,
+        )
+
+
+def _completion(seq: Sequence, params: SamplingParams, hold: int) -> CompletionOutput:
+    """A snapshot of one choice. While it runs, the last `hold` characters stay back: they may begin a stop
+    string that the next tokens complete (and that must then not have been streamed)."""
+    text = seq.text if seq.is_finished or hold == 0 else seq.text[: max(0, len(seq.text) - hold)]
+    return CompletionOutput(
+        index=seq.index,
+        text=text,
+        token_ids=seq.output_token_ids,  # a fresh slice: a snapshot
+        finish_reason=seq.finish_reason,
+        stop_reason=seq.stop_reason,
+        logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+        cumulative_logprob=seq.cumulative_logprob if params.logprobs is not None else None,
+    )
