@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CORPUS = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+DEFAULT_CORPUS = REPO_ROOT / "data" / "tinyshakespeare.txt"
 TRAIN_FRACTION = 0.9
 BOS_ID, EOS_ID, UNK_ID = 1, 2, 0
 MAX_POSITIONS = 1024
@@ -57,7 +57,7 @@ DRAFT_SHAPE = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="training text (default: %(default)s)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "miniserve" / "demo_models")
     p.add_argument("--tokenizer", type=Path, default=None, help="reuse this sentencepiece model")
     p.add_argument("--vocab-size", type=int, default=4096)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -58,3 +61,29 @@ def test_cli_speculative_flags_speculate_and_keep_the_greedy_text():
     assert spec.stdout == plain.stdout  # greedy: speculation changes the speed, not the text
     assert "[speculative decoding] mean acceptance length" in spec.stderr
     assert "speculative" not in plain.stderr
+
+
+def load_ci_readme():
+    """.ci/readme.py, the extractor .ci/run uses (a script, not a package module)."""
+    spec = importlib.util.spec_from_file_location("ci_readme", README.parent / ".ci" / "readme.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ci_extracts_the_two_quick_start_commands_exactly():
+    ci = load_ci_readme()
+    server, test = ci.readme_command("server"), ci.readme_command("test")
+    text = README.read_text(encoding="utf-8")
+    quick_start = text[text.index("## Quick start") : text.index("## Offline use")]
+    assert f"```bash\n{server}\n```" in quick_start and f"```bash\n{test}\n```" in quick_start
+    assert server.endswith(f"uvicorn server:app --host {ci.HOST} --port {ci.PORT}")  # where .ci/run waits
+    assert test.endswith("python3 -m pytest -q tests")
+    # the test command comes after the curl example, not between the server and "from another shell"
+    assert quick_start.index(server) < quick_start.index("from another shell") < quick_start.index(test)
+    twice = text.replace("<!-- ci: test command", "<!-- ci: server command")
+    with pytest.raises(SystemExit, match="exactly one"):
+        ci.readme_command("server", twice)
+    two_lines = text.replace(f"{server}\n```", f"{server}\necho hi\n```")
+    with pytest.raises(SystemExit, match="exactly one line"):
+        ci.readme_command("server", two_lines)

@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from miniserve.tokenizer import DEFAULT_CHAT_TEMPLATE, IncrementalDetokenizer, Tokenizer
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 EXTRA_LINES = [
     "héllo wörld café naïve",
     "日本語のテキスト 中文字符",

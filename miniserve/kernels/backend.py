@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -12,6 +13,16 @@ _PLAIN_CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "fl
 def triton_interpreter_enabled() -> bool:
     """True when Triton runs kernels on the CPU through its numpy interpreter (CI)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def triton_installed() -> bool:
+    """CPU installs leave Triton out (the engine runs the torch references there); GPU torch builds bring it."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def is_rocm() -> bool:
@@ -29,11 +40,16 @@ def select_attention_backend(device: torch.device | str, requested: str) -> str:
         raise ValueError(f"attention_backend must be 'auto', 'triton' or 'torch', got {requested!r}")
     on_gpu = device.type == "cuda"
     if requested == "auto":
-        return "triton" if on_gpu else "torch"
+        requested = "triton" if on_gpu else "torch"
     if requested == "triton" and not on_gpu and not triton_interpreter_enabled():
         raise ValueError(
             f"attention_backend='triton' needs a GPU; on device {device} set TRITON_INTERPRET=1 "
             "(slow, for tests) or use attention_backend='torch'"
+        )
+    if requested == "triton" and not triton_installed():
+        raise ValueError(
+            "the Triton kernels need the `triton` package, which GPU builds of torch bring with them: install "
+            "the torch build for your CUDA or ROCm version (or `pip install triton`), or use attention_backend='torch'"
         )
     return requested
 
