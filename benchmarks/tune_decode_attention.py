@@ -72,7 +72,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--once", default=None, help="run one shape ('name|cache') a few times, e.g. under ncu")
     args = ap.parse_args()
+    if args.once:
+        name, dname = args.once.split("|")
+        dtype = torch.bfloat16 if dname == "bf16" else torch.float8_e4m3fn
+        case = make_case(*SHAPES[name], dtype)
+        for _ in range(3):
+            time_config(case, "bits" if dname == "fp8-bits" else "auto")
+        return
     block_ns = (32, 64, 128) if args.quick else (32, 64, 128, 256)
     warps = (4, 8) if args.quick else (2, 4, 8)
     stages = (1, 2, 3)

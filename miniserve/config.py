@@ -38,6 +38,9 @@ class EngineConfig:
     # greedy speculative rounds: launch round N+1 from round N's device outputs before the host reads round N, so
     # the host's output processing overlaps the GPU's next round (see spec_decode.py)
     overlap_spec_rounds: bool = True
+    # plain decoding: launch decode step N+1 from step N's samples on the device, and read step N (tokens, stops,
+    # outputs) while the GPU runs N+1 (see engine/decoder.py)
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if self.model is None:

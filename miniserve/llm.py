@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import replace
 
 from tqdm.auto import tqdm
 
@@ -40,7 +41,8 @@ class LLM:
         A prompt is a string, a list of token ids, or {"prompt_token_ids": [...]} / {"prompt": "..."}.
         """
         prompts = _as_prompt_list(prompts)
-        params = _as_params_list(sampling_params, len(prompts))
+        # the caller sees finished requests only: the engine need not report (nor detokenize) every step
+        params = [replace(p, output_kind="final_only") for p in _as_params_list(sampling_params, len(prompts))]
         ids = []
         try:
             for prompt, p in zip(prompts, params):

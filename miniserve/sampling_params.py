@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 GREEDY_EPS = 1e-5  # temperatures below this are greedy (dividing by them would overflow)
 MAX_LOGPROBS = 20  # the OpenAI API's limit for top logprobs
+OUTPUT_KINDS = ("cumulative", "final_only")  # vLLM's RequestOutputKind (without DELTA)
 
 
 @dataclass
@@ -36,6 +37,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # top-N logprobs of every prompt token (scoring, `echo`); 0 = its own only
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # "cumulative": the engine reports the request at every step it progresses (streaming); "final_only": only
+    # when it finishes, which spares a per-token output and, without stop strings, per-token detokenizing
+    # (`LLM.generate` asks for this)
+    output_kind: str = "cumulative"
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, low=1)
@@ -58,6 +63,8 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
         if self.prompt_logprobs is not None:

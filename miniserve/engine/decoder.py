@@ -5,20 +5,29 @@ the target model over every scheduled sequence's new tokens, scores prompt token
 for each sequence whose prompt is complete, and hands it to the output processor. The speculative decoder
 (spec_decode/decoder.py) implements the same interface and is given a plain decoder for its prompt passes; it
 never sees the engine.
+
+Overlapped decoding (`EngineConfig.async_scheduling`): a decode step of a batch that nothing is about to change is
+launched from the previous step's samples while they are still on the device, and the host reads that previous
+step (tokens, stop rules, outputs) while the GPU runs the new one. So the GPU never waits for the host's per-token
+work. The price: a sequence that stops on EOS or a stop string has one step computed past its end, which is
+dropped. Greedy outputs are identical with and without it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from miniserve.engine.model_runner import ForwardInput, ModelRunner
 from miniserve.engine.output_processor import OutputProcessor
-from miniserve.engine.sampler import SamplingBatch, sample
+from miniserve.engine.sampler import SamplerOutput, SamplingBatch, sample
 from miniserve.engine.transfer import to_device
-from miniserve.scheduler.scheduler import ScheduledSeq
+from miniserve.scheduler.scheduler import ScheduledSeq, Scheduler
 from miniserve.scheduler.sequence import Sequence
+
+PLACEHOLDER = -1  # stands for a token still on the device while the scheduler plans the step that consumes it
 
 
 class Decoder(Protocol):
@@ -38,18 +47,62 @@ class Decoder(Protocol):
     def stats(self) -> dict: ...
 
 
+@dataclass
+class _InFlight:
+    """A decode step launched and not read yet: its sequences, its samples (copying to pinned host memory, done
+    when `ready` is), and its sampling batch, which the next step reuses (nothing in it depends on the step)."""
+
+    seqs: list[Sequence]
+    samples: torch.Tensor  # the sampled token ids on the device: the next step's inputs
+    host: SamplerOutput  # the same outputs on the host
+    ready: torch.cuda.Event | None
+    batch: SamplingBatch
+
+
 class PlainDecoder:
     """One target forward pass per step, one sampled token per sequence whose prompt is complete."""
 
-    def __init__(self, target: ModelRunner, outputs: OutputProcessor, vocab_size: int):
+    def __init__(
+        self,
+        target: ModelRunner,
+        outputs: OutputProcessor,
+        vocab_size: int,
+        scheduler: Scheduler | None = None,
+        overlap: bool = False,
+    ):
         self.target = target
         self.outputs = outputs
         self.vocab_size = vocab_size
+        self.scheduler = scheduler
+        self.overlap = overlap and scheduler is not None
+        self.in_flight: _InFlight | None = None
+        self.num_overlapped_steps = 0  # decode steps launched before their predecessor was read
 
     def flush(self) -> list[Sequence]:
-        return []
+        """With a decode step in flight: when the next step can take the very same batch, give each sequence a
+        placeholder for its token in flight, so the scheduler plans one new token for each; else read it now."""
+        f = self.in_flight
+        if f is None:
+            return []
+        if self._can_continue(f):
+            for seq in f.seqs:
+                seq.token_ids.append(PLACEHOLDER)
+            return []
+        return self._read()
 
     def step(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
+        if self.in_flight is not None:
+            return self._continue(scheduled)
+        if self.overlap and self._is_full_decode(scheduled):
+            seqs = [s.seq for s in scheduled]
+            batch = self.sampling_batch(seqs)
+            if not batch.penalized:  # penalties and min_tokens read the output so far: those steps wait for it
+                self._launch(seqs, batch, None)
+                return []
+        return self._step_now(scheduled)
+
+    def _step_now(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
+        """The step, waited for: prompt chunks, prompt scoring, and decode steps that need their history."""
         inputs = [self.forward_input(s) for s in scheduled]
         ready = [s.seq for s in scheduled if s.completes_prompt]
         logits = self.target.forward(inputs)
@@ -92,6 +145,67 @@ class PlainDecoder:
             self.target.device,
         )
 
+    # ---------------------------------------------------------------- overlapped decode steps
+
+    def _is_full_decode(self, scheduled: list[ScheduledSeq]) -> bool:
+        """Every running sequence decodes one token, and nothing else runs."""
+        if len(scheduled) != len(self.scheduler.running):
+            return False
+        return all(s.num_new_tokens == 1 and s.completes_prompt and not s.seq.scores_prompt for s in scheduled)
+
+    def _can_continue(self, f: _InFlight) -> bool:
+        """The next step would run exactly the batch in flight: nobody finished, left, or could be admitted; no
+        sequence's token in flight is its last by length; the pool has a slot more for each."""
+        sched = self.scheduler
+        running = sched.running
+        if len(running) != len(f.seqs) or any(a is not b for a, b in zip(running, f.seqs)):
+            return False
+        if (sched.waiting and len(running) < sched.max_num_seqs) or len(running) > sched.max_num_batched_tokens:
+            return False
+        missing = 0
+        for seq in f.seqs:
+            max_tokens = seq.params.max_tokens
+            if max_tokens is not None and seq.num_output_tokens + 1 >= max_tokens:
+                return False
+            if seq.num_tokens + 1 >= self.outputs.max_model_len:
+                return False
+            missing += sched.blocks.num_missing_blocks(seq, seq.num_computed_tokens + 1)
+        return missing <= sched.blocks.num_free_blocks
+
+    def _continue(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
+        """Launch the next step of the batch in flight from its samples on the device, then read the step before."""
+        previous = self.in_flight
+        seqs = [s.seq for s in scheduled]
+        if len(seqs) != len(previous.seqs) or any(a is not b for a, b in zip(seqs, previous.seqs)):
+            raise RuntimeError("overlapped decoding: the scheduler changed a batch that was to continue")
+        for seq in seqs:
+            seq.token_ids.pop()  # the placeholder: the device holds that token
+        self._launch(seqs, previous.batch, previous.samples)
+        return self._read(previous)
+
+    def _launch(self, seqs: list[Sequence], batch: SamplingBatch, device_tokens: torch.Tensor | None) -> None:
+        """One decode step whose samples stay on the device; their host copy is started, not waited for."""
+        if device_tokens is None:
+            inputs = [ForwardInput(seq.token_ids[-1:], seq.num_computed_tokens, seq.block_table, 1) for seq in seqs]
+        else:
+            inputs = [ForwardInput([0], seq.num_computed_tokens, seq.block_table, 1) for seq in seqs]
+        out = sample(self.target.forward(inputs, device_tokens), batch)
+        for seq in seqs:
+            seq.num_computed_tokens += 1
+        host, ready = _copy_to_host(out)
+        self.num_overlapped_steps += 1
+        self.in_flight = _InFlight(seqs, out.token_ids, host, ready, batch)
+
+    def _read(self, f: _InFlight | None = None) -> list[Sequence]:
+        """Wait for a step's samples (that step only, not the one launched after it) and append them."""
+        f = f or self.in_flight
+        if f is self.in_flight:
+            self.in_flight = None
+        if f.ready is not None:
+            f.ready.synchronize()
+        self.outputs.append_sampled(f.seqs, f.host)  # sequences that finished meanwhile are skipped
+        return f.seqs
+
     def capture_graphs(self) -> None:
         """Decode steps and one-sequence prompt passes replay from CUDA graphs."""
         self.target.capture_graphs([1])
@@ -102,3 +216,23 @@ class PlainDecoder:
 
     def stats(self) -> dict:
         return {}
+
+
+def _copy_to_host(out: SamplerOutput) -> tuple[SamplerOutput, torch.cuda.Event | None]:
+    """Start copying a step's samples into pinned host memory; the event marks their arrival. (A plain
+    `.tolist()` would wait for everything queued on the stream, the next step included.)"""
+    if out.token_ids.device.type != "cuda":
+        return out, None
+
+    def host(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+    tops = out.top_logprobs
+    copied = SamplerOutput(
+        token_ids=host(out.token_ids),
+        logprobs=host(out.logprobs) if out.logprobs is not None else None,
+        top_logprobs=(host(tops[0]), host(tops[1])) if tops is not None else None,
+    )
+    ready = torch.cuda.Event()
+    ready.record()
+    return copied, ready

@@ -48,7 +48,8 @@ class LLMEngine:
         )
         eos = set(self.tokenizer.eos_token_ids) | set(self.target.model_config.eos_token_ids)
         self.outputs = OutputProcessor(self.scheduler, eos, self.max_model_len)
-        plain = PlainDecoder(self.target, self.outputs, self.vocab_size)
+        overlap = config.async_scheduling and self.draft is None  # speculative rounds overlap on their own
+        plain = PlainDecoder(self.target, self.outputs, self.vocab_size, self.scheduler, overlap)
         self.decoder: Decoder = plain
         if self.draft is not None:
             self.decoder = SpeculativeDecoder(

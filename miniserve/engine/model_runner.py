@@ -141,13 +141,21 @@ class ModelRunner:
         return meta
 
     @torch.inference_mode()
-    def forward(self, inputs: list[ForwardInput]) -> torch.Tensor:
-        """Run the model over the packed new tokens; return fp32 logits [sum(num_logits), vocab]."""
+    def forward(self, inputs: list[ForwardInput], device_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the model over the packed new tokens; return fp32 logits [sum(num_logits), vocab].
+
+        `device_tokens` (int64 [B] on the device, one new token per sequence) replace the inputs' token ids: a
+        decode step can then start from the previous step's samples before the host has read them."""
         graphs = self._graphs_for(inputs)
         if graphs is not None:
             n = len(inputs[0].token_ids)
-            logits = graphs.run([[*x.token_ids, x.start_pos, 1, *x.block_table] for x in inputs])[0]
+            columns = device_tokens[:, None] if device_tokens is not None else None
+            logits = graphs.run([[*x.token_ids, x.start_pos, 1, *x.block_table] for x in inputs], columns)[0]
             return logits if inputs[0].num_logits == n else logits.view(len(inputs), n, -1)[:, -1]
+        if device_tokens is not None:  # one token per sequence, in order: the packed ids are these
+            _, pos, meta, rows = self.prepare(inputs)
+            hidden = self.model(device_tokens, pos, meta, self.kv)
+            return self.model.logits(hidden[rows])
         n = self._prefill_length(inputs)
         if n is not None:  # one sequence's prompt tokens, padded to a captured length
             x = inputs[0]

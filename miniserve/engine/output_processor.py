@@ -87,6 +87,11 @@ class OutputProcessor:
         if logprob is not None:
             seq.cumulative_logprob += logprob
         detok = self.requests[seq.request_id].detokenizers[seq.index]
+        if _detokenize_at_end(seq.params):
+            self._check_stop(seq, token, 0)
+            if seq.is_finished:  # all at once: the same text as token by token ("".join(deltas) + flush())
+                seq.text = detok.add(seq.output_token_ids) + detok.flush()
+            return
         delta = detok.add([token])
         seq.text += delta
         self._check_stop(seq, token, len(delta))
@@ -147,6 +152,8 @@ class OutputProcessor:
                 continue
             seen.add(seq.request_id)
             req = self.requests[seq.request_id]
+            if req.params.output_kind == "final_only" and not all(s.is_finished for s in req.seqs):
+                continue
             out = self._request_output(req)
             outputs.append(out)
             if out.finished:
@@ -175,6 +182,11 @@ class OutputProcessor:
             metrics,
             list(prompt_logprobs) if prompt_logprobs is not None else None,
         )
+
+
+def _detokenize_at_end(params: SamplingParams) -> bool:
+    """Nobody reads the text before the request finishes, and no stop string is searched in it."""
+    return params.output_kind == "final_only" and not params.stop
 
 
 def _completion(seq: Sequence, params: SamplingParams, hold: int) -> CompletionOutput:

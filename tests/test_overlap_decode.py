@@ -1,0 +1,116 @@
+"""Overlapped plain decoding (`async_scheduling`): step N+1 starts from step N's samples on the device.
+
+The oracle is the same engine with async_scheduling=False, which reads every step before planning the next:
+tokens, texts, finish reasons and logprobs must not change, whatever happens to the batch while a step is in
+flight (stops on EOS, stop strings and lengths, arrivals, aborts, preemption), and the KV pool must be whole
+when the engine is idle.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from miniserve import LLM, SamplingParams
+from tests.test_spec_decode import mixed_prompts
+
+
+def generate(path, prompts, params, **kw):
+    llm = LLM(str(path), dtype="float32", device="cpu", **kw)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    result = [[(c.token_ids, c.text, c.finish_reason, c.logprobs) for c in o.outputs] for o in outs]
+    return result, llm.engine
+
+
+def assert_idle(engine) -> None:
+    assert engine.decoder.in_flight is None
+    assert engine.block_manager.num_used_blocks == 0
+    assert all(count == 0 for count in engine.block_manager.ref_counts)
+
+
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+def test_overlapped_decoding_equals_stepwise_decoding(llama_dir, kv):
+    prompts = mixed_prompts(5)
+    # lengths that end at different steps, EOS allowed, a stop string, logprobs, seeded sampling and n > 1
+    params = [
+        SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=31),
+        SamplingParams(temperature=0, max_tokens=19, logprobs=3, ignore_eos=True),
+        SamplingParams(temperature=0.9, seed=7, n=2, max_tokens=23, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=40, stop=["a"]),
+    ]
+    want, _ = generate(llama_dir, prompts, params, kv_cache_dtype=kv, async_scheduling=False)
+    got, engine = generate(llama_dir, prompts, params, kv_cache_dtype=kv)
+    assert got == want
+    assert engine.decoder.num_overlapped_steps > 0
+    assert_idle(engine)
+
+
+def test_steps_that_need_their_history_are_not_overlapped(llama_dir):
+    """Penalties and min_tokens read the output so far, so those batches wait for every step."""
+    prompts = mixed_prompts(6)[:3]
+    params = SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.3, ignore_eos=True)
+    want, _ = generate(llama_dir, prompts, params, async_scheduling=False)
+    got, engine = generate(llama_dir, prompts, params)
+    assert got == want and engine.decoder.num_overlapped_steps == 0
+
+
+def test_small_pool_preempts_between_overlapped_steps(llama_dir):
+    """A pool too small for every sequence: the batch cannot continue when blocks run short, so the step in
+    flight is read before the scheduler preempts."""
+    prompts = mixed_prompts(7)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    kw = dict(block_size=4, num_kv_blocks=40)
+    want, _ = generate(llama_dir, prompts, params, async_scheduling=False, **kw)
+    got, engine = generate(llama_dir, prompts, params, **kw)
+    assert got == want
+    assert engine.scheduler.num_preemptions > 0 and engine.decoder.num_overlapped_steps > 0
+    assert_idle(engine)
+
+
+def test_arrivals_and_aborts_while_a_step_is_in_flight(llama_dir):
+    prompts = mixed_prompts(8)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want, _ = generate(llama_dir, prompts[:3], params, async_scheduling=False)
+    llm = LLM(str(llama_dir), dtype="float32", device="cpu")
+    engine = llm.engine
+    engine.add_request("a", prompts[0], params)
+    engine.add_request("gone", prompts[3], params)
+    finished, step, in_flight_seen = {}, 0, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].token_ids
+        step += 1
+        in_flight_seen += engine.decoder.in_flight is not None
+        if step == 4:
+            engine.abort_request("gone")  # while its step is in flight
+            engine.add_request("b", prompts[1], params)
+        if step == 9:
+            engine.add_request("c", prompts[2], params)
+    assert in_flight_seen > 0
+    assert [finished["a"], finished["b"], finished["c"]] == [w[0][0] for w in want]
+    assert "gone" not in finished
+    assert_idle(engine)
+
+
+def test_final_only_outputs_detokenize_once_with_the_same_text():
+    """LLM.generate reports finished requests only and detokenizes them at the end; the engine's streaming
+    (cumulative) outputs of the same requests give the same text, token ids and finish reasons."""
+    llm = LLM(device="cpu")  # the demo model: byte-fallback BPE, so sampled text has partial UTF-8 sequences
+    prompts = ["ROMEO:", "Ἀθῆναι ünïcödé", "KING"]
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=40, top_k=4000) for s in range(3)]
+    final = llm.generate(prompts, params, use_tqdm=False)
+    engine, streamed = llm.engine, {}
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(f"s{i}", prompt, p)
+    steps_with_output = 0
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        steps_with_output += bool(outs)
+        for out in outs:
+            streamed[out.request_id] = out
+    assert steps_with_output > 3  # cumulative requests report while they run
+    for i, out in enumerate(final):
+        want = streamed[f"s{i}"].outputs[0]
+        got = out.outputs[0]
+        assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, want.finish_reason)
