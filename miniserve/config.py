@@ -27,8 +27,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # override the KV pool size (blocks per worker)
     kv_cache_memory_gb: float | None = None  # KV pool budget; default: 90% of free GPU memory, 1 GiB on CPU
     gpu_memory_utilization: float = 0.9
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 4096
+    max_num_seqs: int = 256  # as vLLM; the KV pool caps what runs at once
+    max_num_batched_tokens: int = 8192  # new tokens per step: prompt chunks up to this size
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     seed: int = 0  # seeds the global RNG that requests without their own `seed` sample from
     speculative_model: str | None = None  # a draft model directory (same tokenizer); "demo" = the demo draft

@@ -27,10 +27,13 @@ from miniserve.engine.transfer import to_device
 from miniserve.scheduler.scheduler import ScheduledSeq, Scheduler
 from miniserve.scheduler.sequence import Sequence
 
-PLACEHOLDER = -1  # stands for a token still on the device while the scheduler plans the step that consumes it
-
 
 class Decoder(Protocol):
+    def continue_in_flight(self) -> list[Sequence] | None:
+        """Run the next step of a batch in flight that nothing changes, without the scheduler (an overlapped
+        decode step); returns the sequences that gained tokens, or None when there is no such batch."""
+        ...
+
     def flush(self) -> list[Sequence]:
         """Before scheduling: emit work launched in an earlier step that the next batch cannot continue (a
         speculative round in flight); returns the sequences that gained tokens."""
@@ -78,21 +81,24 @@ class PlainDecoder:
         self.in_flight: _InFlight | None = None
         self.num_overlapped_steps = 0  # decode steps launched before their predecessor was read
 
-    def flush(self) -> list[Sequence]:
-        """With a decode step in flight: when the next step can take the very same batch, give each sequence a
-        placeholder for its token in flight, so the scheduler plans one new token for each; else read it now."""
+    def continue_in_flight(self) -> list[Sequence] | None:
+        """With a decode step in flight whose batch can go on unchanged: grow each sequence by one slot, launch its
+        next step from the samples on the device, then read the step in flight. The scheduler is not asked: it
+        would plan exactly this (one new token each), and at large batches its bookkeeping costs milliseconds."""
         f = self.in_flight
-        if f is None:
-            return []
-        if self._can_continue(f):
-            for seq in f.seqs:
-                seq.token_ids.append(PLACEHOLDER)
-            return []
-        return self._read()
+        if f is None or not self._can_continue(f):
+            return None
+        blocks = self.scheduler.blocks
+        for seq in f.seqs:
+            blocks.grow(seq, seq.num_computed_tokens + 1)
+        self._launch(f.seqs, f.batch, f.samples)
+        return self._read(f)
+
+    def flush(self) -> list[Sequence]:
+        """Read a step in flight whose batch cannot go on (the scheduler decides what runs next)."""
+        return self._read() if self.in_flight is not None else []
 
     def step(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
-        if self.in_flight is not None:
-            return self._continue(scheduled)
         if self.overlap and self._is_full_decode(scheduled):
             seqs = [s.seq for s in scheduled]
             batch = self.sampling_batch(seqs)
@@ -155,33 +161,23 @@ class PlainDecoder:
 
     def _can_continue(self, f: _InFlight) -> bool:
         """The next step would run exactly the batch in flight: nobody finished, left, or could be admitted; no
-        sequence's token in flight is its last by length; the pool has a slot more for each."""
+        sequence's token in flight is its last by length; the pool has the blocks for a slot more each."""
         sched = self.scheduler
         running = sched.running
         if len(running) != len(f.seqs) or any(a is not b for a, b in zip(running, f.seqs)):
             return False
         if (sched.waiting and len(running) < sched.max_num_seqs) or len(running) > sched.max_num_batched_tokens:
             return False
-        missing = 0
-        for seq in f.seqs:
-            max_tokens = seq.params.max_tokens
-            if max_tokens is not None and seq.num_output_tokens + 1 >= max_tokens:
+        limit, block_size = self.outputs.max_model_len, sched.blocks.block_size
+        new_blocks = 0
+        for seq in f.seqs:  # inlined: this loop runs for every sequence at every step
+            num_tokens, max_tokens = len(seq.token_ids), seq.params.max_tokens
+            if num_tokens + 1 >= limit:
                 return False
-            if seq.num_tokens + 1 >= self.outputs.max_model_len:
+            if max_tokens is not None and num_tokens - len(seq.prompt_token_ids) + 1 >= max_tokens:
                 return False
-            missing += sched.blocks.num_missing_blocks(seq, seq.num_computed_tokens + 1)
-        return missing <= sched.blocks.num_free_blocks
-
-    def _continue(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
-        """Launch the next step of the batch in flight from its samples on the device, then read the step before."""
-        previous = self.in_flight
-        seqs = [s.seq for s in scheduled]
-        if len(seqs) != len(previous.seqs) or any(a is not b for a, b in zip(seqs, previous.seqs)):
-            raise RuntimeError("overlapped decoding: the scheduler changed a batch that was to continue")
-        for seq in seqs:
-            seq.token_ids.pop()  # the placeholder: the device holds that token
-        self._launch(seqs, previous.batch, previous.samples)
-        return self._read(previous)
+            new_blocks += seq.num_computed_tokens >= len(seq.block_table) * block_size
+        return new_blocks <= sched.blocks.num_free_blocks
 
     def _launch(self, seqs: list[Sequence], batch: SamplingBatch, device_tokens: torch.Tensor | None) -> None:
         """One decode step whose samples stay on the device; their host copy is started, not waited for."""

@@ -128,10 +128,12 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run, and return the outputs of the requests that progressed."""
-        progressed = self.decoder.flush()  # a round in flight the new batch cannot continue is emitted first
-        scheduled = self.scheduler.schedule()
-        if scheduled:
-            progressed += self.decoder.step(scheduled)
+        progressed = self.decoder.continue_in_flight()  # an overlapped decode step whose batch stays as it is
+        if progressed is None:
+            progressed = self.decoder.flush()  # a step or round in flight the new batch cannot continue
+            scheduled = self.scheduler.schedule()
+            if scheduled:
+                progressed += self.decoder.step(scheduled)
         return self.outputs.collect(progressed)
 
     def stats(self) -> dict:

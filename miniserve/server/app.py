@@ -91,7 +91,7 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSettings:
         "kv_cache_dtype": text("MINISERVE_KV_CACHE_DTYPE") or "auto",
         "device": text("MINISERVE_DEVICE") or "auto",
         "max_model_len": num("MINISERVE_MAX_MODEL_LEN", None),
-        "max_num_seqs": num("MINISERVE_MAX_NUM_SEQS", 128),
+        "max_num_seqs": num("MINISERVE_MAX_NUM_SEQS", 256),
         "block_size": num("MINISERVE_BLOCK_SIZE", 16),
         "num_kv_blocks": num("MINISERVE_NUM_KV_BLOCKS", None),
         "speculative_model": text("MINISERVE_SPECULATIVE_MODEL"),

@@ -159,6 +159,10 @@ class SpeculativeDecoder:
         round are overwritten by the next)."""
         return self.overlap and is_uniform(seqs, base_len) and all(s.params.logprobs is None for s in seqs)
 
+    def continue_in_flight(self) -> list[Sequence] | None:
+        """Rounds in flight continue through the scheduler (it reserves their lookahead slots): never here."""
+        return None
+
     def flush(self) -> list[Sequence]:
         """Drain the round in flight unless the next step continues exactly its batch."""
         if self.in_flight is None or self._can_continue():
