@@ -11,6 +11,8 @@ Workloads:
 - `fixed`: `--batch` sequences of `--prompt` random tokens, `--gen` greedy tokens each (ignore_eos).
 - `latency`: `fixed` at batch 1.
 - `sweep`: `fixed` over several batch sizes (`--batches`), with an optional PNG plot beside the roofline.
+- `prefill`: time to first token of one long prompt (`--prompts 4096 16384 32768`), against one transformers
+  forward pass (SDPA) over the same tokens with `--hf`.
 
 Each configuration is warmed up (Triton JIT, CUDA graph capture happen at start-up and in the warm-up run),
 then timed `--repeats` times; the median is reported. For `fixed`, the decode-step time is (T(gen) - T(1)) /
@@ -50,9 +52,11 @@ DATASHEET_GBS = {"H200": 4800, "H100": 3350}
 def nano_workload(seed: int = 0, num_seqs: int = 256, max_in: int = 1024, max_out: int = 1024, max_id: int = 10000):
     """nano-vllm's bench.py: the same random draws in the same order (max_id < 10,000 only for tiny vocabularies)."""
     rng = random.Random(seed)
-    prompts = [[rng.randint(0, max_id) for _ in range(rng.randint(100, max_in))] for _ in range(num_seqs)]
+    low_in, low_out = min(100, max_in), min(100, max_out)  # (tiny CPU runs shrink the lengths)
+    prompts = [[rng.randint(0, max_id) for _ in range(rng.randint(low_in, max_in))] for _ in range(num_seqs)]
     params = [
-        SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(100, max_out)) for _ in range(num_seqs)
+        SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(low_out, max_out))
+        for _ in range(num_seqs)
     ]
     return prompts, params
 
@@ -157,7 +161,9 @@ def kv_elem_bytes(llm: LLM) -> int:
 
 
 def run_nano(llm: LLM, cfg: dict, args, gbs: dict) -> dict:
-    prompts, params = nano_workload(max_id=max_token_id(cfg))
+    prompts, params = nano_workload(
+        num_seqs=args.nano_seqs, max_in=args.nano_len, max_out=args.nano_len, max_id=max_token_id(cfg)
+    )
     warm = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=2) for _ in params]
     timed(llm, prompts, warm)  # JIT of every kernel these shapes reach, off the clock
     seconds, tokens = median_run(llm, prompts, params, args.repeats)
@@ -221,6 +227,43 @@ def run_fixed(llm: LLM, cfg: dict, args, gbs: dict, batch: int) -> dict:
     return out
 
 
+def run_prefill(llm: LLM, cfg: dict, args, length: int) -> dict:
+    """Time to first token of one prompt of `length` random tokens (the prompt pass plus one sampled token)."""
+    prompts, params = fixed_workload(1, length, 1, max_id=max_token_id(cfg))
+    timed(llm, *fixed_workload(1, length, 1, seed=1, max_id=max_token_id(cfg)))  # warm-up at this length
+    seconds, _ = median_run(llm, prompts, params, args.repeats)
+    costs = model_costs(cfg, kv_elem_bytes(llm))
+    flops = costs["linear_flops_per_token"] * length + costs["attn_flops_per_pair"] * length**2 / 2
+    row = {"prompt": length, "ttft_s": seconds, "tflops": flops / seconds / 1e12}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def hf_forward_seconds(model: Path, cfg: dict, lengths: list[int]) -> list[dict]:
+    """One transformers forward pass (SDPA attention, no cache) over each prompt: the bar for a prompt pass."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.bfloat16, attn_implementation="sdpa")
+    m = m.to("cuda").eval()
+    rows = []
+    with torch.inference_mode():
+        for length in lengths:
+            ids = torch.tensor(fixed_workload(1, length, 1, max_id=max_token_id(cfg))[0], device="cuda")
+            m(ids[:, :128], logits_to_keep=1)  # warm-up
+            times = []
+            for _ in range(3):
+                sync()
+                start = time.perf_counter()
+                m(ids, logits_to_keep=1)
+                sync()
+                times.append(time.perf_counter() - start)
+            rows.append({"prompt": length, "hf_forward_s": statistics.median(times)})
+    del m
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
 def run_hf(model: Path, args, batch: int, gen: int) -> dict:
     """transformers' generate on the same prompts (greedy, static cache where it works)."""
     from transformers import AutoModelForCausalLM
@@ -257,7 +300,9 @@ def host_profile(llm: LLM, args, cfg: dict) -> str:
     import pstats
 
     if args.workload == "nano":
-        prompts, params = nano_workload(max_id=max_token_id(cfg))
+        prompts, params = nano_workload(
+            num_seqs=args.nano_seqs, max_in=args.nano_len, max_out=args.nano_len, max_id=max_token_id(cfg)
+        )
     else:
         prompts, params = fixed_workload(args.batch, args.prompt, args.gen, max_id=max_token_id(cfg))
     prof = cProfile.Profile()
@@ -330,8 +375,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", help="an existing checkpoint directory instead of --shape")
     ap.add_argument("--ckpt-root", default="/tmp/miniserve-ckpts")
     ap.add_argument("--overrides", default=None, help="JSON config overrides for --shape (tiny CPU tests)")
-    ap.add_argument("--workload", choices=["nano", "fixed", "latency", "sweep"], default="fixed")
+    ap.add_argument("--workload", choices=["nano", "fixed", "latency", "sweep", "prefill"], default="fixed")
+    ap.add_argument("--prompts", type=int, nargs="+", default=[4096, 16384, 32768], help="prefill: prompt lengths")
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--nano-seqs", type=int, default=256, help="nano: sequences (256 is the benchmark)")
+    ap.add_argument("--nano-len", type=int, default=1024, help="nano: longest prompt and output (1024)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=256)
@@ -375,6 +423,8 @@ def main(argv: list[str] | None = None) -> dict:
             run = {"kv_cache_dtype": kv, "kv_write": kv_write, "kv_dtype": str(llm.engine.target.kv_dtype)}
             if args.workload == "nano":
                 run |= run_nano(llm, cfg, args, gbs)
+            elif args.workload == "prefill":
+                run["prefill"] = [run_prefill(llm, cfg, args, n) for n in args.prompts]
             elif args.workload in ("fixed", "latency"):
                 run |= run_fixed(llm, cfg, args, gbs, args.batch)
             else:
@@ -395,6 +445,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(run.get("host_profile", "")[-3500:])
             del llm
     set_kv_write("fused")
+    if args.hf and args.workload == "prefill":
+        result["hf_prefill"] = hf_forward_seconds(model, cfg, args.prompts)
+        print(json.dumps(result["hf_prefill"]), flush=True)
     if args.hf and args.workload in ("fixed", "latency"):
         result["hf"] = run_hf(model, args, args.batch, args.hf_gen)
         ours = result["runs"][0]["output_tok_s"]

@@ -1,0 +1,62 @@
+"""The throughput benchmark runs on the CPU at tiny shapes, so it cannot rot; its cost model is checked by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import throughput
+from benchmarks.checkpoints import SHAPES, num_parameters
+
+TINY = {
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 300,
+    "max_position_embeddings": 1024,
+}
+
+
+def test_published_shapes_have_their_parameter_counts():
+    """The checkpoints are the real models' sizes (Qwen3-0.6B: 596M with tied embeddings; Llama-3.2-1B:
+    1.236B; Llama-3.1-8B: 8.030B)."""
+    assert round(num_parameters(SHAPES["qwen3-0.6b"]) / 1e6) == 596
+    assert round(num_parameters(SHAPES["llama-3.2-1b"]) / 1e6) == 1236
+    assert round(num_parameters(SHAPES["llama-3.1-8b"]) / 1e6) == 8030
+
+
+def test_roofline_counts_weights_per_step_and_live_kv():
+    costs = {"weight_bytes": 1000, "kv_bytes_per_token": 10, "linear_flops_per_token": 0, "attn_flops_per_pair": 0}
+    # step 0 reads both sequences (lengths 5 and 7), step 1 only the second (now 8 long): 1000+120, 1000+80
+    assert throughput.roofline_seconds(costs, [5, 7], [1, 2], gbs=1e-9, tflops=1.0) == pytest.approx(2200)
+
+
+@pytest.mark.parametrize(
+    "workload,extra",
+    [
+        ("fixed", ["--batch", "3", "--prompt", "20", "--gen", "6", "--kv-cache-dtype", "auto", "fp8"]),
+        (
+            "nano",
+            ["--nano-seqs", "3", "--nano-len", "24", "--kv-write", "fused", "two_launch", "--kv-cache-dtype", "fp8"],
+        ),
+        ("prefill", ["--prompts", "40", "90"]),
+    ],
+)
+def test_benchmark_runs_on_the_cpu(tmp_path, workload, extra):
+    out = tmp_path / "result.json"
+    argv = ["--shape", "llama-3.2-1b", "--overrides", json.dumps(TINY), "--ckpt-root", str(tmp_path / "ckpt")]
+    argv += ["--workload", workload, "--repeats", "1", "--device", "cpu", "--dtype", "float32", "--out", str(out)]
+    result = throughput.main(argv + extra)
+    assert json.loads(out.read_text())["runs"] == json.loads(json.dumps(result["runs"]))
+    for run in result["runs"]:
+        if workload == "fixed":
+            assert run["output_tokens"] == 3 * 6 and run["decode_step_ms_direct"] > 0 and run["decode_step_bytes"] > 0
+        elif workload == "nano":
+            assert run["output_tokens"] > 0 and run["pct_roofline_assumed"] > 0
+        else:
+            assert [r["prompt"] for r in run["prefill"]] == [40, 90]
+    assert result["commit"] and result["torch"]
