@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU benchmarks behind benchmarks/results/*_h200.*, in the order they were run on the lent H200.
+#   bash benchmarks/h200_suite.sh engine OUT_DIR    # throughput.py workloads (offline engine)
+#   bash benchmarks/h200_suite.sh checks OUT_DIR    # engine/kernel checks, speculative decoding, serving, prefix
+# Every step is bounded in time and independent of the others: one that fails leaves the rest to run.
+set -u
+part=$1
+out=$2
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+tp() { timeout "$1" python3 benchmarks/throughput.py "${@:2}" 2>&1 | grep -v -i warn | grep -E '^\{|Error|error' | cut -c1-400; }
+
+if [ "$part" = engine ]; then
+  tp 200 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --repeats 1 --out "$out/throughput_nano_h200.json"
+  tp 120 --shape qwen3-0.6b --workload nano --kv-cache-dtype fp8 --kv-write two_launch --repeats 1 \
+    --out "$out/throughput_nano_fp8_two_launch_h200.json"
+  tp 120 --shape llama-3.2-1b --workload fixed --batch 64 --prompt 512 --gen 256 --kv-cache-dtype auto fp8 --repeats 2 \
+    --out "$out/throughput_fixed_llama1b_h200.json"
+  tp 120 --shape llama-3.2-1b --workload latency --gen 256 --repeats 2 --hf \
+    --out "$out/throughput_latency_llama1b_h200.json"
+  tp 150 --shape llama-3.2-1b --workload sweep --batches 1 8 32 64 128 256 --prompt 512 --gen 64 --repeats 1 \
+    --kv-cache-dtype auto fp8 --plot "$out/throughput_sweep_llama1b_h200.png" --out "$out/throughput_sweep_llama1b_h200.json"
+  tp 120 --shape qwen3-0.6b --workload prefill --prompts 4096 16384 32768 --repeats 2 --hf \
+    --out "$out/throughput_prefill_qwen3_h200.json"
+fi
+
+if [ "$part" = big ]; then
+  tp 240 --shape llama-3.1-8b --workload latency --gen 128 --repeats 2 --hf --hf-gen 16 \
+    --out "$out/throughput_latency_llama8b_h200.json"
+  tp 200 --shape llama-3.1-8b --workload fixed --batch 64 --prompt 512 --gen 128 --kv-cache-dtype auto fp8 --repeats 1 \
+    --out "$out/throughput_fixed_llama8b_h200.json"
+fi
+
+if [ "$part" = checks ]; then
+  OUT="$out" timeout 150 python3 benchmarks/gpu_engine_check.py 2>&1 | grep -E '"identical"|"equal|mismatch|Error' | head -20
+  timeout 120 python3 benchmarks/spec_decode.py --batch 1 --k 4 --repeats 3 --name spec_decode_h200 --out "$out" 2>&1 | tail -4
+fi
