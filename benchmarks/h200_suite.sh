@@ -24,13 +24,6 @@ if [ "$part" = engine ]; then
     --out "$out/throughput_prefill_qwen3_h200.json"
 fi
 
-if [ "$part" = big ] || [ "$part" = checks ]; then
-  tp 240 --shape llama-3.1-8b --workload latency --gen 128 --repeats 2 --hf --hf-gen 16 \
-    --out "$out/throughput_latency_llama8b_h200.json"
-  tp 200 --shape llama-3.1-8b --workload fixed --batch 64 --prompt 512 --gen 128 --kv-cache-dtype auto fp8 --repeats 1 \
-    --out "$out/throughput_fixed_llama8b_h200.json"
-fi
-
 if [ "$part" = checks ]; then
   # the kernel correctness sections of gpu_kernels.py only: every bf16/fp16 bit pattern through the fused FP8
   # write, and the attention kernels against the torch reference
@@ -50,4 +43,10 @@ print('\\n'.join(g.summary(r)))
 import json; d = json.load(open('$out/engine_check_h200.json'))
 for k, v in d.items(): print(k, json.dumps(v)[:600])"
   timeout 120 python3 benchmarks/spec_decode.py --batch 1 --k 4 --repeats 3 --name spec_decode_h200 --out "$out" 2>&1 | tail -4
+  tp 200 --shape llama-3.1-8b --workload latency --gen 128 --repeats 2 --out "$out/throughput_latency_llama8b_h200.json"
+fi
+
+if [ "$part" = big ]; then
+  tp 200 --shape llama-3.1-8b --workload fixed --batch 64 --prompt 512 --gen 128 --kv-cache-dtype auto fp8 --repeats 1 \
+    --out "$out/throughput_fixed_llama8b_h200.json"
 fi
