@@ -33,13 +33,17 @@ def nominal_peak_gbs(name: str) -> float | None:
     return None
 
 
-def make_decode_batch(device, batch: int, context: int, cache_dtype: torch.dtype, seed: int = 0):
-    """Full-length sequences whose pages are shuffled over the pool, as after a long-running server."""
+def make_decode_batch(
+    device, batch: int, context: int, cache_dtype: torch.dtype, seed: int = 0, heads=(Q_HEADS, KV_HEADS, HEAD_DIM)
+):
+    """Full-length sequences whose pages are shuffled over the pool, as after a long-running server;
+    `heads` = (query heads, KV heads, head_dim)."""
     kernels = import_kernels()
+    q_heads, kv_heads, head_dim = heads
     g = torch.Generator(device=device).manual_seed(seed)
-    blocks_per_seq = context // BLOCK_SIZE
+    blocks_per_seq = -(-context // BLOCK_SIZE)
     num_blocks = batch * blocks_per_seq
-    shape = (num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    shape = (num_blocks, BLOCK_SIZE, kv_heads, head_dim)
     if kernels.is_fp8(cache_dtype):  # random finite codes in [2^-3, 2^4), generated directly as bytes
         kc = torch.randint(0x20, 0x58, shape, dtype=torch.uint8, device=device, generator=g).view(cache_dtype)
         vc = torch.randint(0x20, 0x58, shape, dtype=torch.uint8, device=device, generator=g).view(cache_dtype)
@@ -55,7 +59,7 @@ def make_decode_batch(device, batch: int, context: int, cache_dtype: torch.dtype
         max_query_len=1,
         max_seq_len=context,
     )
-    q = torch.randn(batch, Q_HEADS, HEAD_DIM, dtype=torch.bfloat16, device=device, generator=g)
+    q = torch.randn(batch, q_heads, head_dim, dtype=torch.bfloat16, device=device, generator=g)
     scales = torch.tensor([0.05], device=device), torch.tensor([0.02], device=device)
     return q, kc, vc, meta, scales
 

@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_decode_attention import make_decode_batch  # noqa: E402
 from benchmarks.bench_kv_write import bench_gpu_ms  # noqa: E402
-from miniserve.kernels import AttentionMetadata  # noqa: E402
 from miniserve.kernels.decode_attention import decode_attention  # noqa: E402
 
 # name: (batch, context, q heads, kv heads, head_dim)
@@ -32,33 +32,12 @@ SHAPES = {
     "llama-8b b64 ctx4096": (64, 4096, 32, 8, 128),
     "llama-8b b8 ctx4096": (8, 4096, 32, 8, 128),
 }
-BLOCK_SIZE = 16
 
 
 def make_case(batch, ctx, hq, hkv, d, cache_dtype, seed=0):
-    dev = torch.device("cuda")
-    g = torch.Generator(device=dev).manual_seed(seed)
-    blocks = batch * (-(-ctx // BLOCK_SIZE))
-    shape = (blocks, BLOCK_SIZE, hkv, d)
-    if cache_dtype == torch.bfloat16:
-        kc = torch.randn(shape, dtype=torch.bfloat16, device=dev, generator=g)
-        vc = torch.randn(shape, dtype=torch.bfloat16, device=dev, generator=g)
-    else:
-        kc = torch.randint(0x20, 0x58, shape, dtype=torch.uint8, device=dev, generator=g).view(cache_dtype)
-        vc = torch.randint(0x20, 0x58, shape, dtype=torch.uint8, device=dev, generator=g).view(cache_dtype)
-    tables = torch.randperm(blocks, device=dev, generator=g).view(batch, -1).int()
-    meta = AttentionMetadata(
-        slot_mapping=torch.full((batch,), -1, dtype=torch.int64, device=dev),
-        query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=dev),
-        seq_lens=torch.full((batch,), ctx, dtype=torch.int32, device=dev),
-        block_tables=tables,
-        max_query_len=1,
-        max_seq_len=ctx,
-    )
-    q = torch.randn(batch, hq, d, dtype=torch.bfloat16, device=dev, generator=g)
-    scales = torch.tensor([0.05], device=dev), torch.tensor([0.02], device=dev)
-    nbytes = 2 * batch * ctx * hkv * d * kc.element_size()
-    return q, kc, vc, meta, scales, nbytes
+    """A decode batch of full-length sequences over shuffled pages, and the KV bytes it reads."""
+    case = make_decode_batch(torch.device("cuda"), batch, ctx, cache_dtype, seed, heads=(hq, hkv, d))
+    return (*case, 2 * batch * ctx * hkv * d * case[1].element_size())
 
 
 def time_config(case, fp8_decode: str, **kw) -> float:
