@@ -11,10 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import logging
 import os
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -23,17 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from miniserve.config import DEMO_TARGET, EngineConfig
 from miniserve.server import responses as fmt
 from miniserve.server.engine_thread import AsyncEngine
+from miniserve.server.json_body import decode_json
 from miniserve.server.metrics import ServerMetrics
+from miniserve.server.middleware import CatchAll, RequireAPIKey
 from miniserve.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -49,6 +50,7 @@ logger = logging.getLogger("miniserve.server")
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 DEFAULT_MAX_WAITING = 1024
+DEFAULT_MAX_PROMPTS_PER_REQUEST = 1024
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -61,12 +63,18 @@ class ServerSettings:
     served_model_name: str | None = None  # default: the engine's model_name (model directory basename)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_waiting: int | None = DEFAULT_MAX_WAITING  # with this many requests waiting, new ones get 503
+    max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST  # a longer `prompt` list gets 400
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes (MINISERVE_MAX_BODY_BYTES) must be >= 1, got {self.max_body_bytes}")
         if self.max_waiting is not None and self.max_waiting < 1:
             raise ValueError(f"max_waiting (MINISERVE_MAX_WAITING) must be >= 1, got {self.max_waiting}")
+        if self.max_prompts_per_request < 1:
+            raise ValueError(
+                "max_prompts_per_request (MINISERVE_MAX_PROMPTS_PER_REQUEST) must be >= 1, "
+                f"got {self.max_prompts_per_request}"
+            )
 
 
 def settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSettings:
@@ -104,6 +112,7 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSettings:
         served_model_name=text("MINISERVE_SERVED_MODEL_NAME"),
         max_body_bytes=num("MINISERVE_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
         max_waiting=num("MINISERVE_MAX_WAITING", DEFAULT_MAX_WAITING),
+        max_prompts_per_request=num("MINISERVE_MAX_PROMPTS_PER_REQUEST", DEFAULT_MAX_PROMPTS_PER_REQUEST),
     )
 
 
@@ -153,6 +162,15 @@ class ServerState:
         req = parse_request(model, await read_json(request, self.settings.max_body_bytes))
         self.check_model(req.model)
         return req
+
+    def check_prompt_count(self, count: int) -> None:
+        limit = self.settings.max_prompts_per_request
+        if count > limit:
+            raise APIError(
+                f"prompt: {count} prompts in one request, more than the limit of {limit} "
+                "(MINISERVE_MAX_PROMPTS_PER_REQUEST); split the batch",
+                param="prompt",
+            )
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -232,7 +250,7 @@ class ClientDisconnected(Exception):
 
 
 async def read_json(request: Request, limit: int) -> Any:
-    """The decoded JSON body; 413 past `limit` bytes (checked while reading), 400 if it is not JSON."""
+    """The decoded JSON body; 413 past `limit` bytes (checked while reading), 400 if it is not usable JSON."""
     too_large = APIError(
         f"request body is larger than the limit of {limit} bytes", status=413, code="request_too_large"
     )
@@ -240,14 +258,14 @@ async def read_json(request: Request, limit: int) -> Any:
     if length.isdigit() and int(length) > limit:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:
+        raise ClientDisconnected() from None
+    return decode_json(bytes(body))
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -330,6 +348,7 @@ def _sse_response(chunks: AsyncIterator[str], group: RequestGroup) -> StreamingR
 async def create_completion(request: Request) -> Response:
     state = _state(request)
     req: CompletionRequest = await state.parse(request, CompletionRequest)
+    state.check_prompt_count(len(req.prompts()))
     tok = state.tokenizer
     prompt_ids = [tok.encode(p) if isinstance(p, str) else p for p in req.prompts()]
     prompt_lp = req.logprobs if req.echo else None  # echo + logprobs: score the prompt too
@@ -535,7 +554,7 @@ async def list_models(request: Request) -> JSONResponse:
         "object": "model",
         "created": int(time.time()),
         "owned_by": "miniserve",
-        "root": state.settings.engine.model,
+        "root": state.model_name,  # the served name: where the weights sit on the server is not the client's business
         "max_model_len": state.max_model_len,
     }
     return JSONResponse({"object": "list", "data": [card]})
@@ -580,20 +599,6 @@ def _state(request: Request) -> ServerState:
     return state
 
 
-async def require_api_key(request: Request) -> None:
-    """With an API key configured, every /v1 route needs `Authorization: Bearer <key>`."""
-    key: str | None = request.app.state.settings.api_key
-    if key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
-        raise APIError(
-            "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'.",
-            status=401,
-            code="invalid_api_key",
-        )
-
-
 # ---------------------------------------------------------------------------------------------- the app
 
 
@@ -614,7 +619,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="miniserve", lifespan=lifespan)
     app.state.settings = settings
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+    v1 = APIRouter(prefix="/v1")  # RequireAPIKey guards every /v1 path, routed or not
     v1.add_api_route("/completions", create_completion, methods=["POST"])
     v1.add_api_route("/chat/completions", create_chat_completion, methods=["POST"])
     v1.add_api_route("/models", list_models, methods=["GET"])
@@ -624,6 +629,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
     _add_error_handlers(app)
+    app.add_middleware(RequireAPIKey, api_key=settings.api_key)
+    app.add_middleware(CatchAll)  # added last: the outermost layer
     return app
 
 
@@ -638,15 +645,13 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(APIError(str(exc)).body(), status_code=400)
 
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error", exc_info=exc)
-        err = APIError(f"internal server error: {type(exc).__name__}: {exc}", status=500)
-        return JSONResponse(err.body(), status_code=500)
+    async def client_gone(_: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it: the client left while sending its request
 
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, internal_error)
+    app.add_exception_handler(ClientDisconnected, client_gone)
 
 
 # ---------------------------------------------------------------------------------------------- CLI entry
@@ -661,6 +666,7 @@ def run_server(
     max_waiting: int | None = DEFAULT_MAX_WAITING,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     log_level: str = "info",
+    max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST,
 ) -> None:
     """Serve `config`'s model until interrupted (what `miniserve serve` calls)."""
     import uvicorn
@@ -672,6 +678,7 @@ def run_server(
         served_model_name=served_model_name or getattr(config, "served_model_name", None),
         max_body_bytes=max_body_bytes,
         max_waiting=max_waiting,
+        max_prompts_per_request=max_prompts_per_request,
     )
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
 
@@ -683,6 +690,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     parser.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING, help="queue limit before 503")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument(
+        "--max-prompts-per-request",
+        type=int,
+        default=DEFAULT_MAX_PROMPTS_PER_REQUEST,
+        help="a /v1/completions prompt list longer than this gets 400",
+    )
     parser.add_argument("--log-level", default="info")
 
 
@@ -697,5 +710,6 @@ def serve_main(args: argparse.Namespace, config: EngineConfig) -> int:
         max_waiting=getattr(args, "max_waiting", DEFAULT_MAX_WAITING),
         max_body_bytes=getattr(args, "max_body_bytes", DEFAULT_MAX_BODY_BYTES),
         log_level=getattr(args, "log_level", "info"),
+        max_prompts_per_request=getattr(args, "max_prompts_per_request", DEFAULT_MAX_PROMPTS_PER_REQUEST),
     )
     return 0

@@ -9,9 +9,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MAX_TOP_LOGPROBS = 20
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# content parts a text-only model cannot take, by type, and what to call them in the error
+MEDIA_PARTS = {
+    "image_url": "images",
+    "input_image": "images",
+    "image": "images",
+    "input_audio": "audio inputs",
+    "audio_url": "audio inputs",
+    "video_url": "videos",
+    "file": "files",
+}
 
 
 class APIError(Exception):
@@ -37,8 +48,9 @@ class APIError(Exception):
 
 
 class _Request(BaseModel):
-    # strict: "3" is not an int and true is not 1; unknown fields (user, metadata, ...) are ignored.
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # strict: "3" is not an int and true is not 1; NaN and infinities are not numbers; unknown fields (user,
+    # metadata, ...) are ignored.
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
@@ -56,7 +68,7 @@ class SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)  # what torch.Generator takes
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
@@ -117,6 +129,16 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        """Say plainly that media parts are not supported, instead of listing every union branch that failed."""
+        for part in content if isinstance(content, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind in MEDIA_PARTS:
+                raise ValueError(f"{MEDIA_PARTS[kind]} are not supported ({kind!r} part): the model is text-only")
+        return content
 
     def text(self) -> str:
         """String content; text parts are joined with newlines (as vLLM does)."""

@@ -1,0 +1,94 @@
+"""Two ASGI layers around the app: the API-key check for every /v1 path, and the catch-all for errors.
+
+Both are plain ASGI (not Starlette's BaseHTTPMiddleware, which buffers streams). The key is checked before
+routing, so an unknown /v1 path answers 401 to a client without the key, not 404. The catch-all answers an
+exception no handler expected with OpenAI's error object and status 500, logs its traceback, and leaves the
+keep-alive connection usable; a stream that already started ends with an error event and `[DONE]` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from typing import Any
+
+from miniserve.server.protocol import APIError
+
+logger = logging.getLogger("miniserve.server")
+
+Scope = dict[str, Any]
+
+
+def _json_bytes(err: APIError) -> bytes:
+    # ensure_ascii: whatever the message holds (a lone surrogate included), the bytes are valid JSON
+    return json.dumps(err.body(), ensure_ascii=True).encode("ascii")
+
+
+async def _send_json(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequireAPIKey:
+    """With a key configured, every path under /v1 needs `Authorization: Bearer <key>` (RFC 6750)."""
+
+    def __init__(self, app: Any, api_key: str | None):
+        self.app = app
+        self.api_key = api_key
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if self.api_key is None or scope["type"] != "http" or not _under_v1(scope["path"]):
+            return await self.app(scope, receive, send)
+        if self._authorized(scope):
+            return await self.app(scope, receive, send)
+        err = APIError(
+            "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'.",
+            status=401,
+            code="invalid_api_key",
+        )
+        await _send_json(send, 401, _json_bytes(err), [(b"www-authenticate", b"Bearer")])
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        scheme, _, token = header.partition(b" ")
+        return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.api_key.encode())
+
+
+def _under_v1(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+class CatchAll:
+    """The outermost layer: no exception leaves the app as a bare 500 or a dropped connection."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = {"started": False, "ended": False, "stream": False}
+
+        async def tracked_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                state["started"] = True
+                content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+                state["stream"] = content_type.startswith(b"text/event-stream")
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["ended"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception as exc:
+            logger.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            err = APIError(f"internal server error ({type(exc).__name__}); the server log has the details", status=500)
+            if not state["started"]:
+                await _send_json(send, 500, _json_bytes(err))
+            elif state["stream"] and not state["ended"]:
+                event = b"data: " + _json_bytes(err) + b"\n\ndata: [DONE]\n\n"
+                await send({"type": "http.response.body", "body": event})
+            else:  # a plain response broke off midway: only closing the connection tells the client
+                raise
