@@ -46,7 +46,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def run_server(model_dir: Path, **env: str) -> Iterator[str]:
+def run_server(model_dir: Path, uvicorn_args: tuple[str, ...] = (), **env: str) -> Iterator[str]:
     """Start `python -m uvicorn server:app` on a free local port; yield its base URL; always stop it."""
     port = free_port()
     full_env = {
@@ -56,7 +56,7 @@ def run_server(model_dir: Path, **env: str) -> Iterator[str]:
         "MINISERVE_DTYPE": "float32",
         **env,
     }
-    cmd = [sys.executable, "-m", "uvicorn", "server:app", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "uvicorn", "server:app", "--host", "127.0.0.1", "--port", str(port), *uvicorn_args]
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd + ["--log-level", "warning"], cwd=REPO, env=full_env, stdout=log, stderr=log)
         try:

@@ -8,10 +8,17 @@ reuses one socket and does not retry, so a connection the server dropped shows u
 
 from __future__ import annotations
 
+import collections
 import http.client
 import json
 import logging
+import math
+import random
+import select
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +28,16 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.test_server import MODEL_NAME, assert_openai_error, free_port, run_server
+from tests.test_server import (
+    MODEL_NAME,
+    REPO,
+    _wait_healthy,
+    assert_openai_error,
+    free_port,
+    metric,
+    run_server,
+    wait_for_metric,
+)
 
 API_KEY = "sk-harden"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -247,3 +263,323 @@ def test_unexpected_errors_answer_500_in_openai_shape_and_log_the_traceback(llam
     logged = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records)
     assert "Traceback" in logged or any(r.exc_info for r in caplog.records)
     assert {r.exc_info[0] for r in caplog.records if r.exc_info} >= {KeyError, ZeroDivisionError}
+
+
+# ---------------------------------------------------------------------------------------------- slow clients
+
+HEADER_TIMEOUT, BODY_TIMEOUT, KEEP_ALIVE_TIMEOUT, MAX_CONNECTIONS = 2.0, 2.0, 1.0, 4
+SLACK = 10.0  # how much later than its deadline a close may come on a loaded 2-core machine
+
+
+@pytest.fixture(scope="module")
+def guarded_url(llama_dir) -> Iterator[str]:
+    """A server launched as the README says (`--http server:http`), with deadlines short enough to wait for."""
+    env = {
+        "MINISERVE_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
+        "MINISERVE_BODY_TIMEOUT": str(BODY_TIMEOUT),
+        "MINISERVE_KEEP_ALIVE_TIMEOUT": str(KEEP_ALIVE_TIMEOUT),
+        "MINISERVE_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+    }
+    with run_server(llama_dir, uvicorn_args=("--http", "server:http"), **env) as base:
+        yield base
+
+
+def connect(url: str) -> socket.socket:
+    parts = urlsplit(url)
+    return socket.create_connection((parts.hostname, parts.port), timeout=30)
+
+
+def trickle_until_closed(sock: socket.socket, data: bytes, every: float = 0.05) -> tuple[bytes, float]:
+    """Send `data` a byte every `every` seconds (then nothing) until the server closes the connection; returns
+    what it sent back and how long after the start it closed."""
+    start = time.monotonic()
+    received, sent = b"", 0
+    while time.monotonic() - start < HEADER_TIMEOUT + BODY_TIMEOUT + SLACK:
+        readable, _, _ = select.select([sock], [], [], every)
+        if readable:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                return received, time.monotonic() - start
+            received += chunk
+        elif sent < len(data):
+            try:
+                sock.sendall(data[sent : sent + 1])
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            sent += 1
+    raise AssertionError(f"the server kept the connection open (it sent {received[:200]!r})")
+
+
+def parse_response(raw: bytes) -> tuple[int, dict, bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def assert_timeout_answer(raw: bytes, what: str) -> None:
+    status, headers, body = parse_response(raw)
+    assert status == 408 and headers["connection"] == "close", raw
+    err = json.loads(body)["error"]
+    assert err["code"] == "request_timeout" and what in err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_an_idle_connection_closes_at_the_header_timeout(guarded_url):
+    with connect(guarded_url) as s:
+        received, after = trickle_until_closed(s, b"")
+    assert received == b"" and HEADER_TIMEOUT * 0.9 <= after < HEADER_TIMEOUT + SLACK
+
+
+def test_trickled_headers_get_408_at_the_header_timeout(guarded_url):
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 10_000
+    with connect(guarded_url) as s:
+        received, after = trickle_until_closed(s, head)
+    assert HEADER_TIMEOUT * 0.9 <= after < HEADER_TIMEOUT + SLACK
+    assert_timeout_answer(received, "head")
+
+
+def test_a_stalled_body_gets_408_at_the_body_timeout(guarded_url):
+    body = json.dumps({"prompt": "ROMEO:", "padding": "x" * 200}).encode()
+    head = b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += b"Content-Length: %d\r\n\r\n" % len(body)
+    with connect(guarded_url) as s:
+        s.sendall(head + body[:10])
+        received, after = trickle_until_closed(s, body[10:], every=0.1)  # 200 bytes at 10 bytes/s: too slow
+    assert BODY_TIMEOUT * 0.9 <= after < BODY_TIMEOUT + SLACK
+    assert_timeout_answer(received, "body")
+    assert httpx.post(guarded_url + "/tokenize", json={"prompt": "ROMEO:"}).status_code == 200  # unharmed
+
+
+def test_keep_alive_connection_closes_after_its_timeout(guarded_url):
+    c = Conn(guarded_url)
+    assert c.request("GET", "/health")[0] == 200
+    assert c.request("POST", "/tokenize", b'{"prompt": "ROMEO:"}')[0] == 200  # the same connection, kept alive
+    received, after = trickle_until_closed(c.http.sock, b"")
+    assert received == b"" and KEEP_ALIVE_TIMEOUT * 0.9 <= after < min(HEADER_TIMEOUT, KEEP_ALIVE_TIMEOUT + SLACK)
+    c.close()
+
+
+def test_connections_beyond_the_limit_get_503_and_close(guarded_url):
+    held = [connect(guarded_url) for _ in range(MAX_CONNECTIONS)]
+    try:
+        with connect(guarded_url) as extra:
+            extra.sendall(b'POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Length: 18\r\n\r\n{"prompt": "hi"}  ')
+            received, _ = trickle_until_closed(extra, b"")
+        status, headers, body = parse_response(received)
+        assert status == 503 and headers["connection"] == "close", received
+        err = json.loads(body)["error"]
+        assert err["code"] == "overloaded" and f"limit is {MAX_CONNECTIONS}" in err["message"]
+    finally:
+        for s in held:
+            s.close()
+    deadline = time.monotonic() + SLACK  # once they are gone, new connections are served
+    while httpx.get(guarded_url + "/health").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_miniserve_serve_takes_the_connection_flags(llama_dir):
+    """The CLI path (flags, not environment variables) reaches the same protocol."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "miniserve.cli", "serve", "--model", str(llama_dir), "--device", "cpu"]
+    cmd += ["--dtype", "float32", "--port", str(port), "--log-level", "warning"]
+    cmd += ["--header-timeout", "1.5", "--keep-alive-timeout", "7", "--max-connections", "1"]
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_healthy(url, proc, log)
+            with connect(url) as idle:
+                opened = time.monotonic()
+                with connect(url) as extra:  # the second connection is one too many
+                    extra.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                    assert parse_response(trickle_until_closed(extra, b"")[0])[0] == 503
+                received, _ = trickle_until_closed(idle, b"")
+                after = time.monotonic() - opened
+            assert received == b"" and 1.5 * 0.9 <= after < 1.5 + SLACK
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------------------------- fuzz
+
+FUZZ_CASES = 2500
+FUZZ_BUDGET_S = 60.0  # stop early on a slow machine; the seed fixes which cases come first
+FUZZ_MIN_CASES = 400
+
+MESSAGES = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+    [{"role": "assistant", "content": None}, {"role": "user", "content": "again", "name": "x"}],
+    [{"role": "developer", "content": "d"}, {"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+]
+SAMPLING = {  # field -> plausible values (the fuzzer mixes in arbitrary JSON as well)
+    "model": [MODEL_NAME, "gpt-4", ""],
+    "max_tokens": [1, 2, 3, 0],
+    "temperature": [0, 0.7, 1.0, 2.0],
+    "top_p": [1.0, 0.5, 0.01],
+    "n": [1, 2, 3],
+    "stream": [True, False],
+    "stream_options": [{"include_usage": True}, {"include_usage": False}],
+    "stop": ["\n", ["a", "e"], ["."], [], "ROMEO"],
+    "seed": [0, 1, 2**63 - 1],
+    "presence_penalty": [0, 1.5, -2],
+    "frequency_penalty": [0, 0.5],
+    "logit_bias": [{}, {"5": 1.0}],
+    "top_k": [-1, 0, 1, 5],
+    "min_p": [0, 0.1, 1.0],
+    "repetition_penalty": [1.0, 1.3],
+    "min_tokens": [0, 1, 2],
+    "stop_token_ids": [[], [1], [5, 6]],
+    "ignore_eos": [True, False],
+    "include_stop_str_in_output": [True, False],
+    "skip_special_tokens": [True, False],
+    "user": ["someone"],
+}
+SCHEMAS = {  # path -> (field -> plausible values), required fields first
+    "/v1/completions": {
+        "prompt": ["ROMEO:", ["a", "b"], [5, 6, 7], [[5, 6], [7]], "", [], ["x"] * 5],
+        **SAMPLING,
+        "logprobs": [0, 1, 5, 20],
+        "echo": [True, False],
+        "suffix": ["x"],
+    },
+    "/v1/chat/completions": {
+        "messages": MESSAGES,
+        **SAMPLING,
+        "max_completion_tokens": [1, 2],
+        "logprobs": [True, False],
+        "top_logprobs": [0, 2, 20],
+        "add_generation_prompt": [True, False],
+    },
+    "/tokenize": {
+        "prompt": ["ROMEO:", "", "é🙂"],
+        "messages": MESSAGES,
+        "model": [MODEL_NAME, "x"],
+        "add_special_tokens": [True, False],
+        "add_generation_prompt": [True, False],
+    },
+    "/detokenize": {"tokens": [[5, 6], [], [0, 1, 2]], "model": [MODEL_NAME]},
+}
+TEXTS = [
+    "",
+    "ROMEO:",
+    "é",
+    "日本語",
+    "🙂",
+    "\x00",
+    "\ufffd",
+    "\u202e",
+    "\ud800",
+    "\udfff",
+    "\\",
+    '"',
+    "\n\t",
+    "a" * 300,
+]
+
+
+def fuzz_text(rng) -> str:
+    if rng.random() < 0.5:
+        return rng.choice(TEXTS)
+    return "".join(chr(rng.randrange(0x110000)) if rng.random() < 0.3 else rng.choice("ab .\n") for _ in range(5))
+
+
+def fuzz_value(rng, depth: int = 0):
+    """Any JSON value, drawn towards the edges: int64 and float limits, NaN, lone surrogates, nesting."""
+    kind = rng.randrange(9 if depth < 3 else 6)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return rng.random() < 0.5
+    if kind == 2:
+        return rng.choice([0, 1, 2, 3, -1, 20, 21, 128, 129, 2**31, 2**63 - 1, 2**63, -(2**63) - 1, 10**30])
+    if kind == 3:
+        return rng.choice([0.0, 0.5, 1.0, 2.0, 2.5, -0.1, 1e-9, 1e308, -1e308, 5e-324])
+    if kind == 4:
+        return rng.choice([math.nan, math.inf, -math.inf])
+    if kind == 5:
+        return fuzz_text(rng)
+    if kind == 6:
+        return [fuzz_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    if kind == 7:
+        return {fuzz_text(rng): fuzz_value(rng, depth + 1) for _ in range(rng.randrange(3))}
+    return [rng.randrange(-2, 400) for _ in range(rng.randrange(6))]  # token ids, some out of range
+
+
+def fuzz_body(rng, path: str) -> bytes:
+    schema = SCHEMAS[path]
+    body = {}
+    arbitrary = rng.choice([0.0, 0.03, 0.1, 0.3])  # how often a field gets any JSON value instead of a plausible one
+    for i, (field, plausible) in enumerate(schema.items()):
+        if rng.random() < (0.9 if i == 0 else 0.4):
+            body[field] = fuzz_value(rng) if rng.random() < arbitrary else rng.choice(plausible)
+    if path.startswith("/v1/") and not any(
+        isinstance(body.get(k), int) for k in ("max_tokens", "max_completion_tokens")
+    ):
+        body["max_tokens"] = rng.choice([1, 2, 3])  # else a chat runs to the end of the context: slow, not harder
+    form = rng.random()
+    if form < 0.05:  # JSON, but not an object
+        body = fuzz_value(rng)
+    ascii_only = rng.random() < 0.5
+    text = json.dumps(body, ensure_ascii=ascii_only).encode("utf-8", errors="surrogatepass")
+    if form < 0.85:
+        return text
+    if form < 0.90:
+        return text[: rng.randrange(len(text) + 1)]  # cut short
+    if form < 0.95:
+        at = rng.randrange(len(text))
+        return text[:at] + bytes([rng.randrange(256)]) + text[at + 1 :]  # one byte flipped
+    return bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
+
+
+def check_answer(status: int, headers: dict, data: bytes, case: str) -> None:
+    assert status < 500, case
+    if status >= 400:
+        err = json.loads(data)["error"]
+        assert set(err) == {"message", "type", "param", "code"}, case
+        assert isinstance(err["message"], str) and err["message"] and err["type"] == "invalid_request_error", case
+    elif headers.get("content-type", "").startswith("text/event-stream"):
+        events = [line[len("data: ") :] for line in data.decode().splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]", case
+        for event in events[:-1]:
+            chunk = json.loads(event)
+            assert "error" not in chunk or chunk["error"]["type"] == "invalid_request_error", case
+    else:
+        json.loads(data)
+
+
+def test_fuzz_no_500s_openai_errors_and_a_healthy_server_after(url):
+    rng = random.Random(20240615)
+    conn = Conn(url)
+    start, done, statuses = time.monotonic(), 0, collections.Counter()
+    for i in range(FUZZ_CASES):
+        if time.monotonic() - start > FUZZ_BUDGET_S:
+            break
+        path = rng.choice(list(SCHEMAS))
+        raw = fuzz_body(rng, path)
+        method = "POST" if rng.random() < 0.97 else rng.choice(["GET", "PUT", "DELETE"])
+        auth = rng.random() < 0.97
+        case = f"case {i}: {method} {path} auth={auth} body={raw[:400]!r}"
+        try:
+            status, headers, data = conn.request(method, path, raw, auth=auth)
+        except (http.client.HTTPException, OSError) as exc:
+            raise AssertionError(f"{case}: the connection failed: {exc!r}") from None
+        check_answer(status, headers, data, f"{case} -> {status} {data[:400]!r}")
+        statuses[status] += 1
+        done += 1
+    conn.close()
+    print(f"fuzz: {done} cases, statuses {dict(statuses)}")
+    assert done >= FUZZ_MIN_CASES, f"only {done} cases in {FUZZ_BUDGET_S}s"
+    assert statuses[200] > done // 10 and statuses[400] > done // 4, statuses  # both kinds were exercised
+    # healthy afterwards: nothing left running or holding KV blocks, and a plain request is served
+    samples = wait_for_metric(url, "kv_blocks_used", lambda v: v == 0, timeout=10)
+    assert metric(samples, "kv_blocks_used") == 0 and metric(samples, "num_requests_running") == 0
+    assert metric(samples, "num_requests_waiting") == 0
+    body = {"model": MODEL_NAME, "prompt": "ROMEO:", "max_tokens": 3, "ignore_eos": True}
+    resp = httpx.post(url + "/v1/completions", json=body, headers=AUTH, timeout=60)
+    assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 3

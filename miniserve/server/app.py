@@ -31,6 +31,7 @@ from starlette.requests import ClientDisconnect
 
 from miniserve.config import DEMO_TARGET, EngineConfig
 from miniserve.server import responses as fmt
+from miniserve.server.connection import ConnectionLimits, guarded_h11
 from miniserve.server.engine_thread import AsyncEngine
 from miniserve.server.json_body import decode_json
 from miniserve.server.metrics import ServerMetrics
@@ -51,6 +52,7 @@ logger = logging.getLogger("miniserve.server")
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 DEFAULT_MAX_WAITING = 1024
 DEFAULT_MAX_PROMPTS_PER_REQUEST = 1024
+_LIMITS = ConnectionLimits()  # the defaults of the connection settings
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -64,6 +66,11 @@ class ServerSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_waiting: int | None = DEFAULT_MAX_WAITING  # with this many requests waiting, new ones get 503
     max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST  # a longer `prompt` list gets 400
+    # connections (enforced by the protocol class `connection_protocol()` gives uvicorn)
+    header_timeout: float = _LIMITS.header_timeout
+    body_timeout: float = _LIMITS.body_timeout
+    keep_alive_timeout: float = _LIMITS.keep_alive_timeout
+    max_connections: int | None = _LIMITS.max_connections
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1:
@@ -75,6 +82,14 @@ class ServerSettings:
                 "max_prompts_per_request (MINISERVE_MAX_PROMPTS_PER_REQUEST) must be >= 1, "
                 f"got {self.max_prompts_per_request}"
             )
+        self.connection_limits()  # checks them
+
+    def connection_limits(self) -> ConnectionLimits:
+        return ConnectionLimits(self.header_timeout, self.body_timeout, self.keep_alive_timeout, self.max_connections)
+
+    def connection_protocol(self) -> type:
+        """The uvicorn `http` protocol class that enforces the connection settings."""
+        return guarded_h11(self.connection_limits())
 
 
 def settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSettings:
@@ -92,6 +107,15 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSettings:
     def text(name: str) -> str | None:
         raw = env.get(name)
         return raw if raw else None
+
+    def seconds(name: str, default: float) -> float:
+        raw = env.get(name)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
 
     engine_kwargs: dict[str, Any] = {
         "model": text("MINISERVE_MODEL"),
@@ -113,6 +137,10 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSettings:
         max_body_bytes=num("MINISERVE_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
         max_waiting=num("MINISERVE_MAX_WAITING", DEFAULT_MAX_WAITING),
         max_prompts_per_request=num("MINISERVE_MAX_PROMPTS_PER_REQUEST", DEFAULT_MAX_PROMPTS_PER_REQUEST),
+        header_timeout=seconds("MINISERVE_HEADER_TIMEOUT", _LIMITS.header_timeout),
+        body_timeout=seconds("MINISERVE_BODY_TIMEOUT", _LIMITS.body_timeout),
+        keep_alive_timeout=seconds("MINISERVE_KEEP_ALIVE_TIMEOUT", _LIMITS.keep_alive_timeout),
+        max_connections=num("MINISERVE_MAX_CONNECTIONS", _LIMITS.max_connections),
     )
 
 
@@ -667,6 +695,7 @@ def run_server(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     log_level: str = "info",
     max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST,
+    connection_limits: ConnectionLimits = _LIMITS,
 ) -> None:
     """Serve `config`'s model until interrupted (what `miniserve serve` calls)."""
     import uvicorn
@@ -679,8 +708,10 @@ def run_server(
         max_body_bytes=max_body_bytes,
         max_waiting=max_waiting,
         max_prompts_per_request=max_prompts_per_request,
+        **dataclasses.asdict(connection_limits),
     )
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+    app = create_app(settings)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, http=settings.connection_protocol())
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -696,6 +727,18 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_PROMPTS_PER_REQUEST,
         help="a /v1/completions prompt list longer than this gets 400",
     )
+    limits = _LIMITS
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=limits.header_timeout,
+        help="seconds for a request's head, from connect or the previous response (else 408 and close)",
+    )
+    parser.add_argument(
+        "--body-timeout", type=float, default=limits.body_timeout, help="seconds for a request's body (else 408)"
+    )
+    parser.add_argument("--keep-alive-timeout", type=float, default=limits.keep_alive_timeout)
+    parser.add_argument("--max-connections", type=int, default=limits.max_connections, help="more connections get 503")
     parser.add_argument("--log-level", default="info")
 
 
@@ -711,5 +754,8 @@ def serve_main(args: argparse.Namespace, config: EngineConfig) -> int:
         max_body_bytes=getattr(args, "max_body_bytes", DEFAULT_MAX_BODY_BYTES),
         log_level=getattr(args, "log_level", "info"),
         max_prompts_per_request=getattr(args, "max_prompts_per_request", DEFAULT_MAX_PROMPTS_PER_REQUEST),
+        connection_limits=ConnectionLimits(
+            args.header_timeout, args.body_timeout, args.keep_alive_timeout, args.max_connections
+        ),
     )
     return 0
