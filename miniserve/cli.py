@@ -20,6 +20,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-stop-strings", type=int, default=32, help="stop strings per request")
+    p.add_argument("--max-stop-string-length", type=int, default=256, help="characters per stop string")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speculative-model", default=None, help="draft model directory, or 'demo' for the demo draft")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
@@ -40,6 +42,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        max_stop_strings=args.max_stop_strings,
+        max_stop_string_length=args.max_stop_string_length,
         seed=args.seed,
         speculative_model=args.speculative_model,
         num_speculative_tokens=args.num_speculative_tokens,

@@ -30,6 +30,8 @@ class EngineConfig:
     max_num_seqs: int = 256  # as vLLM; the KV pool caps what runs at once
     max_num_batched_tokens: int = 8192  # new tokens per step: prompt chunks up to this size
     max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_stop_strings: int = 32  # stop strings per request (OpenAI allows 4); a longer list is refused
+    max_stop_string_length: int = 256  # characters per stop string
     seed: int = 0  # seeds the global RNG that requests without their own `seed` sample from
     speculative_model: str | None = None  # a draft model directory (same tokenizer); "demo" = the demo draft
     num_speculative_tokens: int = 4
@@ -54,7 +56,7 @@ class EngineConfig:
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_stop_strings", "max_stop_string_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 1:

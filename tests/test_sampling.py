@@ -49,7 +49,7 @@ BAD_VALUES = [
     ("top_p", 0.0), ("top_p", 1.01), ("top_p", None),
     ("top_k", -2), ("top_k", 2.0),
     ("min_p", -0.1), ("min_p", 1.5),
-    ("seed", "7"), ("seed", 1.0),
+    ("seed", "7"), ("seed", 1.0), ("seed", 2**63), ("seed", -(2**63) - 1),
     ("presence_penalty", 2.5), ("presence_penalty", -2.01),
     ("frequency_penalty", 3), ("frequency_penalty", -2.5),
     ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),

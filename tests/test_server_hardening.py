@@ -42,6 +42,7 @@ from tests.test_server import (
 API_KEY = "sk-harden"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_PROMPTS = 4
+MAX_STOPS, MAX_STOP_LENGTH = 4, 8
 MAX_JSON_DEPTH = 64  # the documented limit (miniserve/server/json_body.py), restated: the test is its oracle
 
 
@@ -51,6 +52,8 @@ def url(llama_dir) -> Iterator[str]:
         "MINISERVE_API_KEY": API_KEY,
         "MINISERVE_SERVED_MODEL_NAME": MODEL_NAME,
         "MINISERVE_MAX_PROMPTS_PER_REQUEST": str(MAX_PROMPTS),
+        "MINISERVE_MAX_STOP_STRINGS": str(MAX_STOPS),
+        "MINISERVE_MAX_STOP_STRING_LENGTH": str(MAX_STOP_LENGTH),
     }
     with run_server(llama_dir, **env) as base:
         yield base
@@ -172,6 +175,24 @@ def test_validation_details(url, conn):
     for prompts in (["a"] * (MAX_PROMPTS + 1), [[5, 6]] * (MAX_PROMPTS + 1), ["a"] * 10_000):
         err = conn.json_error("/v1/completions", completion('"prompt": ' + json.dumps(prompts)))
         assert err["param"] == "prompt" and f"limit of {MAX_PROMPTS}" in err["message"], err
+    # the stop list's bounds, on both endpoints, before any prompt is tokenized
+    bases = {
+        "/v1/completions": {"model": MODEL_NAME, "prompt": "ROMEO:", "max_tokens": 2},
+        "/v1/chat/completions": {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    }
+    for path, base in bases.items():
+
+        def body(stop, base=base) -> bytes:
+            return json.dumps({**base, "stop": stop}).encode()
+
+        at_limit = ["a" * MAX_STOP_LENGTH] + ["b"] * (MAX_STOPS - 1)
+        assert conn.request("POST", path, body(at_limit))[0] == 200
+        err = conn.json_error(path, body(at_limit + ["c"]))
+        assert err["param"] == "stop" and f"{MAX_STOPS + 1} stop strings" in err["message"], err
+        err = conn.json_error(path, body("a" * (MAX_STOP_LENGTH + 1)))
+        assert err["param"] == "stop" and f"{MAX_STOP_LENGTH + 1} characters" in err["message"], err
+        err = conn.json_error(path, body(["x"] * 300_000))  # the list that took seconds per request, refused at once
+        assert err["param"] == "stop"
     models = httpx.get(url + "/v1/models", headers=AUTH).json()
     assert models["data"][0]["id"] == models["data"][0]["root"] == MODEL_NAME
     assert "/" not in httpx.get(url + "/v1/models", headers=AUTH).text.replace("\\/", "")  # no filesystem path

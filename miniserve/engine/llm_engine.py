@@ -20,6 +20,7 @@ from miniserve.engine.decoder import Decoder, PlainDecoder
 from miniserve.engine.model_runner import ModelRunner
 from miniserve.engine.output_processor import OutputProcessor, Request
 from miniserve.engine.outputs import RequestOutput
+from miniserve.engine.stop_strings import StopMatcher, check_stop_strings
 from miniserve.sampling_params import SamplingParams
 from miniserve.scheduler.block_manager import BlockManager
 from miniserve.scheduler.scheduler import Scheduler
@@ -86,6 +87,7 @@ class LLMEngine:
             if bad:
                 raise ValueError(f"prompt token id {bad[0]} is out of range [0, {self.vocab_size})")
         self._check_length(ids, params)
+        check_stop_strings(params.stop, self.config.max_stop_strings, self.config.max_stop_string_length)
         seqs, dets = [], []
         for i in range(params.n):
             gen = None
@@ -93,7 +95,8 @@ class LLMEngine:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
             seqs.append(Sequence(next(self.seq_counter), request_id, i, ids, params, gen))
             dets.append(IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, prompt_ids=ids))
-        self.outputs.add(Request(request_id, text, ids, params, seqs, dets))
+        matcher = StopMatcher(params.stop) if params.stop else None
+        self.outputs.add(Request(request_id, text, ids, params, seqs, dets, matcher))
         for seq in seqs:
             self.scheduler.add(seq, parent=seqs[0] if seq.index > 0 else None)
         self.num_prompt_tokens += len(ids)

@@ -16,6 +16,7 @@ import torch
 
 from miniserve.engine.outputs import CompletionOutput, RequestOutput
 from miniserve.engine.sampler import SamplerOutput
+from miniserve.engine.stop_strings import StopMatcher
 from miniserve.engine.transfer import to_device
 from miniserve.sampling_params import SamplingParams
 from miniserve.scheduler.scheduler import Scheduler
@@ -25,7 +26,7 @@ from miniserve.tokenizer import IncrementalDetokenizer
 
 @dataclass(eq=False)
 class Request:
-    """One request as the engine tracks it: its `n` sequences and their detokenizers."""
+    """One request as the engine tracks it: its `n` sequences, their detokenizers, its stop-string matcher."""
 
     request_id: str
     prompt: str | None
@@ -33,6 +34,7 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence]
     detokenizers: list[IncrementalDetokenizer]
+    stop_matcher: StopMatcher | None = None  # None without stop strings; each sequence keeps its own state
 
 
 class OutputProcessor:
@@ -86,32 +88,34 @@ class OutputProcessor:
             seq.logprobs.append(entry)
         if logprob is not None:
             seq.cumulative_logprob += logprob
-        detok = self.requests[seq.request_id].detokenizers[seq.index]
+        req = self.requests[seq.request_id]
+        detok = req.detokenizers[seq.index]
         if _detokenize_at_end(seq.params):
-            self._check_stop(seq, token, 0)
+            self._check_stop(seq, token, "", None)
             if seq.is_finished:  # all at once: the same text as token by token ("".join(deltas) + flush())
                 seq.text = detok.add(seq.output_token_ids) + detok.flush()
             return
         delta = detok.add([token])
         seq.text += delta
-        self._check_stop(seq, token, len(delta))
+        self._check_stop(seq, token, delta, req.stop_matcher)
         if seq.is_finished and not isinstance(seq.stop_reason, str):
             seq.text += detok.flush()  # release text held back for an incomplete UTF-8 sequence
 
-    def _check_stop(self, seq: Sequence, token: int, delta_len: int) -> None:
+    def _check_stop(self, seq: Sequence, token: int, delta: str, matcher: StopMatcher | None) -> None:
         p = seq.params
+        match = None
+        if matcher is not None and delta:  # the matcher reads every character, even before min_tokens
+            seq.stop_state, match = matcher.feed(seq.stop_state, delta)
         if seq.num_output_tokens >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_token_ids:
                 return self._finish(seq, "stop", None)
             if p.stop_token_ids and token in p.stop_token_ids:
                 return self._finish(seq, "stop", token)
-            if p.stop:
-                for stop in p.stop:
-                    start = max(0, len(seq.text) - delta_len - len(stop) + 1)
-                    idx = seq.text.find(stop, start)
-                    if idx != -1:
-                        seq.text = seq.text[: idx + (len(stop) if p.include_stop_str_in_output else 0)]
-                        return self._finish(seq, "stop", stop)
+            if match is not None:
+                last, stop = match  # `stop` ends at delta[last]
+                end = len(seq.text) - len(delta) + last + 1
+                seq.text = seq.text[: end if p.include_stop_str_in_output else end - len(stop)]
+                return self._finish(seq, "stop", stop)
         if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
             return self._finish(seq, "length", None)
         if seq.num_tokens >= self.max_model_len:
@@ -161,8 +165,8 @@ class OutputProcessor:
         return outputs
 
     def _request_output(self, req: Request) -> RequestOutput:
-        hold = max((len(s) for s in req.params.stop), default=1) - 1 if req.params.stop else 0
-        completions = [_completion(seq, req.params, hold) for seq in req.seqs]
+        matcher = req.stop_matcher
+        completions = [_completion(s, req.params, matcher.held(s.stop_state) if matcher else 0) for s in req.seqs]
         first = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
         metrics = {
             "arrival_time": min(s.arrival_time for s in req.seqs),
@@ -190,8 +194,8 @@ def _detokenize_at_end(params: SamplingParams) -> bool:
 
 
 def _completion(seq: Sequence, params: SamplingParams, hold: int) -> CompletionOutput:
-    """A snapshot of one choice. While it runs, the last `hold` characters stay back: they may begin a stop
-    string that the next tokens complete (and that must then not have been streamed)."""
+    """A snapshot of one choice. While it runs, the last `hold` characters stay back: they begin a stop string
+    that the next tokens may complete (and that must then not have been streamed)."""
     text = seq.text if seq.is_finished or hold == 0 else seq.text[: max(0, len(seq.text) - hold)]
     return CompletionOutput(
         index=seq.index,

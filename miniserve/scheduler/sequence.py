@@ -41,6 +41,7 @@ class Sequence:
     logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None  # per prompt token; the first has none
     cumulative_logprob: float = 0.0
+    stop_state: int = 0  # where the request's stop-string matcher stands after this sequence's text
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     num_spec_drafts: int = 0

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from miniserve.config import DEMO_TARGET, EngineConfig
+from miniserve.engine.stop_strings import check_stop_strings
 from miniserve.server import responses as fmt
 from miniserve.server.connection import ConnectionLimits, guarded_h11
 from miniserve.server.engine_thread import AsyncEngine
@@ -123,6 +124,8 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSettings:
         "kv_cache_dtype": text("MINISERVE_KV_CACHE_DTYPE") or "auto",
         "device": text("MINISERVE_DEVICE") or "auto",
         "max_model_len": num("MINISERVE_MAX_MODEL_LEN", None),
+        "max_stop_strings": num("MINISERVE_MAX_STOP_STRINGS", 32),
+        "max_stop_string_length": num("MINISERVE_MAX_STOP_STRING_LENGTH", 256),
         "max_num_seqs": num("MINISERVE_MAX_NUM_SEQS", 256),
         "block_size": num("MINISERVE_BLOCK_SIZE", 16),
         "num_kv_blocks": num("MINISERVE_NUM_KV_BLOCKS", None),
@@ -190,6 +193,15 @@ class ServerState:
         req = parse_request(model, await read_json(request, self.settings.max_body_bytes))
         self.check_model(req.model)
         return req
+
+    def check_stop(self, req: SamplingFields) -> None:
+        """The engine's bounds on the stop list, checked before any prompt is tokenized."""
+        stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
+        config = self.settings.engine
+        try:
+            check_stop_strings(stops, config.max_stop_strings, config.max_stop_string_length)
+        except ValueError as exc:
+            raise APIError(str(exc), param="stop") from None
 
     def check_prompt_count(self, count: int) -> None:
         limit = self.settings.max_prompts_per_request
@@ -377,6 +389,7 @@ async def create_completion(request: Request) -> Response:
     state = _state(request)
     req: CompletionRequest = await state.parse(request, CompletionRequest)
     state.check_prompt_count(len(req.prompts()))
+    state.check_stop(req)
     tok = state.tokenizer
     prompt_ids = [tok.encode(p) if isinstance(p, str) else p for p in req.prompts()]
     prompt_lp = req.logprobs if req.echo else None  # echo + logprobs: score the prompt too
@@ -501,6 +514,7 @@ def _usage(prompt_ids: list[list[int]], outputs: list[Any]) -> dict[str, Any]:
 async def create_chat_completion(request: Request) -> Response:
     state = _state(request)
     req: ChatCompletionRequest = await state.parse(request, ChatCompletionRequest)
+    state.check_stop(req)
     ids = state.encode_chat(req.chat_messages(), req.add_generation_prompt)
     top = (req.top_logprobs or 0) if req.logprobs else None
     budget_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
