@@ -374,6 +374,17 @@ def test_a_stalled_body_gets_408_at_the_body_timeout(guarded_url):
     assert httpx.post(guarded_url + "/tokenize", json={"prompt": "ROMEO:"}).status_code == 200  # unharmed
 
 
+def test_malformed_http_gets_an_openai_400(guarded_url):
+    for garbage in (b"NOT HTTP AT ALL\r\n\r\n", b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"):
+        with connect(guarded_url) as s:
+            s.sendall(garbage)
+            received, _ = trickle_until_closed(s, b"")
+        status, headers, body = parse_response(received)
+        assert status == 400 and headers["connection"] == "close", received[:300]
+        err = json.loads(body)["error"]
+        assert err["type"] == "invalid_request_error" and err["code"] == "invalid_http_request"
+
+
 def test_keep_alive_connection_closes_after_its_timeout(guarded_url):
     c = Conn(guarded_url)
     assert c.request("GET", "/health")[0] == 200

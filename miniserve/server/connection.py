@@ -73,6 +73,10 @@ class GuardedH11Protocol(H11Protocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes h11 cannot parse as a request (or a head over its size limit)."""
+        self._send_and_close(400, APIError(f"malformed HTTP request: {msg}", code="invalid_http_request"))
+
     # ---- the deadline
 
     def _watch(self) -> None:
