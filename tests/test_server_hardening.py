@@ -543,13 +543,26 @@ def fuzz_value(rng, depth: int = 0):
     return [rng.randrange(-2, 400) for _ in range(rng.randrange(6))]  # token ids, some out of range
 
 
+def request_fields(path: str) -> dict[str, list]:
+    """SCHEMAS[path], plus every field the server's request model has that SCHEMAS does not list yet (a field
+    added later is fuzzed with arbitrary values from the start)."""
+    from miniserve.server import protocol
+
+    model = {
+        "/v1/completions": protocol.CompletionRequest,
+        "/v1/chat/completions": protocol.ChatCompletionRequest,
+        "/tokenize": protocol.TokenizeRequest,
+        "/detokenize": protocol.DetokenizeRequest,
+    }[path]
+    return {**SCHEMAS[path], **{name: [] for name in model.model_fields if name not in SCHEMAS[path]}}
+
+
 def fuzz_body(rng, path: str) -> bytes:
-    schema = SCHEMAS[path]
     body = {}
     arbitrary = rng.choice([0.0, 0.03, 0.1, 0.3])  # how often a field gets any JSON value instead of a plausible one
-    for i, (field, plausible) in enumerate(schema.items()):
+    for i, (field, plausible) in enumerate(request_fields(path).items()):
         if rng.random() < (0.9 if i == 0 else 0.4):
-            body[field] = fuzz_value(rng) if rng.random() < arbitrary else rng.choice(plausible)
+            body[field] = fuzz_value(rng) if not plausible or rng.random() < arbitrary else rng.choice(plausible)
     if path.startswith("/v1/") and not any(
         isinstance(body.get(k), int) for k in ("max_tokens", "max_completion_tokens")
     ):
