@@ -27,6 +27,10 @@ from tokenizers.models import BPE
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
 
+# Longer texts are tokenized through the batch API, which releases the GIL, so a server thread tokenizing a huge
+# prompt leaves the event loop running (the single-text API holds the GIL throughout).
+_GIL_FREE_CHARS = 16384
+
 PROMPT_CONTEXT = 5  # prompt tokens an IncrementalDetokenizer may re-decode as its first prefix window
 
 # Used when the directory has no chat template: one "Role: content" line per message, then "Assistant:".
@@ -154,10 +158,16 @@ class Tokenizer:
     # ---------------------------------------------------------------- encode / decode
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids; special tokens written in `text` become their ids; BOS/EOS per the post-processor."""
+        if len(text) > _GIL_FREE_CHARS:  # encode_batch releases the GIL (encode holds it): other threads run
+            return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = list(ids)
+        if len(ids) > _GIL_FREE_CHARS // 4:
+            text = self.backend.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
+        else:
+            text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(text) if self._clean_up else text
 
     # ---------------------------------------------------------------- chat

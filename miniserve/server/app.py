@@ -1,9 +1,14 @@
 """The OpenAI-compatible HTTP server: app factory, routes, auth, errors, and `run_server` for the CLI.
 
-Requests flow: parse + validate the JSON body (OpenAI error shape on failure) -> tokenize -> check the context
-budget -> post one engine request per prompt to the AsyncEngine -> read its outputs back from an asyncio
-queue, either collecting them (plain JSON) or diffing each cumulative output into SSE chunks (stream=true).
-A client that goes away has its engine requests aborted, which frees their KV blocks before the next step.
+Requests flow: parse + validate the JSON body (OpenAI error shape on failure) -> check the prompt's size ->
+tokenize (in a worker thread, off the event loop) -> check the context budget -> post one engine request per
+prompt to the engine process (engine_process.py) -> read the cumulative outputs back as they grow, either
+collecting them (plain JSON, woken once at the end) or diffing them into SSE chunks (stream=true, woken once per
+engine step, several steps' tokens in one chunk when the client fell behind).
+A client that goes away has its engine requests aborted, which frees their KV blocks before the next step; a
+client that stops reading is aborted after MINISERVE_STREAM_STALL_TIMEOUT. On SIGTERM/SIGINT the server stops
+accepting, lets requests finish for at most MINISERVE_DRAIN_TIMEOUT seconds, then ends the rest (finish_reason
+"abort" on streams, 503 otherwise); a second signal exits at once.
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ import asyncio
 import dataclasses
 import logging
 import os
+import signal
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +41,7 @@ from miniserve.config import DEMO_TARGET, EngineConfig
 from miniserve.engine.stop_strings import check_stop_strings
 from miniserve.server import responses as fmt
 from miniserve.server.connection import ConnectionLimits, guarded_h11
-from miniserve.server.engine_thread import AsyncEngine
+from miniserve.server.engine_process import EngineProcess, RequestStream
 from miniserve.server.json_body import decode_json
 from miniserve.server.metrics import ServerMetrics
 from miniserve.server.middleware import CatchAll, RequireAPIKey
@@ -54,6 +62,10 @@ DEFAULT_MAX_BODY_BYTES = 4 << 20
 DEFAULT_MAX_WAITING = 1024
 DEFAULT_MAX_PROMPTS_PER_REQUEST = 1024
 _LIMITS = ConnectionLimits()  # the defaults of the connection settings
+DEFAULT_DRAIN_TIMEOUT = 5.0
+DEFAULT_STREAM_STALL_TIMEOUT = 30.0
+DEFAULT_MAX_PROMPT_CHARS = 1 << 20
+CPU_THREADS = 4  # tokenizing and chat templates run here, not on the event loop
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -65,7 +77,13 @@ class ServerSettings:
     api_key: str | None = None
     served_model_name: str | None = None  # default: the engine's model_name (model directory basename)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    max_waiting: int | None = DEFAULT_MAX_WAITING  # with this many requests waiting, new ones get 503
+    # 503 for a request that would make more than this many sequences wait beyond max_num_seqs (the batch the
+    # engine runs at once); requests that fit the batch are never refused
+    max_waiting: int | None = DEFAULT_MAX_WAITING
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT  # seconds requests may finish after SIGTERM before being ended
+    stream_stall_timeout: float = DEFAULT_STREAM_STALL_TIMEOUT  # a stream its client has not read for this long
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS  # characters of a text prompt (all messages of a chat)
+    max_prompt_tokens: int | None = None  # tokens of a prompt; None = only the context length limits it
     max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST  # a longer `prompt` list gets 400
     # connections (enforced by the protocol class `connection_protocol()` gives uvicorn)
     header_timeout: float = _LIMITS.header_timeout
@@ -76,8 +94,15 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes (MINISERVE_MAX_BODY_BYTES) must be >= 1, got {self.max_body_bytes}")
-        if self.max_waiting is not None and self.max_waiting < 1:
-            raise ValueError(f"max_waiting (MINISERVE_MAX_WAITING) must be >= 1, got {self.max_waiting}")
+        if self.max_waiting is not None and self.max_waiting < 0:
+            raise ValueError(f"max_waiting (MINISERVE_MAX_WAITING) must be >= 0, got {self.max_waiting}")
+        for name in ("drain_timeout", "stream_stall_timeout"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} (MINISERVE_{name.upper()}) must be >= 0, got {getattr(self, name)}")
+        for name in ("max_prompt_chars", "max_prompt_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} (MINISERVE_{name.upper()}) must be >= 1, got {value}")
         if self.max_prompts_per_request < 1:
             raise ValueError(
                 "max_prompts_per_request (MINISERVE_MAX_PROMPTS_PER_REQUEST) must be >= 1, "
@@ -105,10 +130,6 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSettings:
         except ValueError:
             raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
-    def text(name: str) -> str | None:
-        raw = env.get(name)
-        return raw if raw else None
-
     def seconds(name: str, default: float) -> float:
         raw = env.get(name)
         if raw is None or raw.strip() == "":
@@ -117,6 +138,10 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSettings:
             return float(raw)
         except ValueError:
             raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
+
+    def text(name: str) -> str | None:
+        raw = env.get(name)
+        return raw if raw else None
 
     engine_kwargs: dict[str, Any] = {
         "model": text("MINISERVE_MODEL"),
@@ -144,6 +169,10 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSettings:
         body_timeout=seconds("MINISERVE_BODY_TIMEOUT", _LIMITS.body_timeout),
         keep_alive_timeout=seconds("MINISERVE_KEEP_ALIVE_TIMEOUT", _LIMITS.keep_alive_timeout),
         max_connections=num("MINISERVE_MAX_CONNECTIONS", _LIMITS.max_connections),
+        drain_timeout=seconds("MINISERVE_DRAIN_TIMEOUT", DEFAULT_DRAIN_TIMEOUT),
+        stream_stall_timeout=seconds("MINISERVE_STREAM_STALL_TIMEOUT", DEFAULT_STREAM_STALL_TIMEOUT),
+        max_prompt_chars=num("MINISERVE_MAX_PROMPT_CHARS", DEFAULT_MAX_PROMPT_CHARS),
+        max_prompt_tokens=num("MINISERVE_MAX_PROMPT_TOKENS", None),
     )
 
 
@@ -166,27 +195,113 @@ def check_model_dir(config: EngineConfig) -> None:
     raise FileNotFoundError(f"model directory {str(model)!r} does not exist (MINISERVE_MODEL / --model)")
 
 
-def load_engine(config: EngineConfig) -> Any:
-    check_model_dir(config)
-    from miniserve.engine.llm_engine import LLMEngine
+def load_tokenizer(config: EngineConfig) -> Any:
+    from miniserve.tokenizer import Tokenizer
 
-    return LLMEngine(config)
+    return Tokenizer.from_pretrained(config.tokenizer or config.model)
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """An upper bound on the characters one token stands for: the longest vocabulary entry as stored (a byte
+    token "<0x41>" or a byte-level "Ġ" pair is never shorter than the text it decodes to), doubled for
+    normalizers that compose characters. A text longer than limit * this has more than `limit` tokens."""
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    return 2 * max((len(token) for token in vocab), default=1)
 
 
 # ---------------------------------------------------------------------------------------------- state
 
 
 class ServerState:
-    """The loaded engine, its driver loop, metrics, and the helpers every route shares."""
+    """The engine process, the tokenizer, metrics, the requests in flight, and the helpers every route shares."""
 
-    def __init__(self, settings: ServerSettings, engine: Any):
+    def __init__(self, settings: ServerSettings, engine: EngineProcess, tokenizer: Any, token_chars: int):
         self.settings = settings
         self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.max_model_len: int = engine.max_model_len
-        self.model_name: str = settings.served_model_name or engine.model_name
-        self.metrics = ServerMetrics(lambda: self.loop.stats(), self.model_name)
-        self.loop = AsyncEngine(engine, self.metrics, settings.max_waiting)
+        self.tokenizer = tokenizer
+        self.token_chars = token_chars
+        self.max_model_len: int = engine.info["max_model_len"]
+        self.vocab_size: int = engine.info["vocab_size"]
+        self.model_name: str = settings.served_model_name or engine.info["model_name"]
+        self.metrics = ServerMetrics(engine.stats, self.model_name)
+        engine.metrics = self.metrics
+        self.cpu = ThreadPoolExecutor(CPU_THREADS, thread_name_prefix="miniserve-cpu")
+        self.groups: set[RequestGroup] = set()  # requests in flight (what a shutdown drains)
+        self.draining = False
+
+    async def run_cpu(self, fn: Any, *args: Any) -> Any:
+        """fn(*args) on a worker thread: tokenizing a long prompt or rendering a template must not stall the
+        event loop (the tokenizer releases the GIL on long texts, see Tokenizer.encode)."""
+        return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
+
+    def check_prompt_chars(self, num_chars: int, what: str, for_generation: bool = True) -> None:
+        """400 for a text prompt too long to take, decided before tokenizing it (for /tokenize, by the
+        character limit alone: it does not generate)."""
+        limit = self.settings.max_prompt_chars
+        if num_chars > limit:
+            raise APIError(
+                f"the {what} has {num_chars} characters, more than this server accepts ({limit}, "
+                "MINISERVE_MAX_PROMPT_CHARS)",
+                param=what,
+                code="prompt_too_long",
+            )
+        tokens = self.settings.max_prompt_tokens or self.max_model_len
+        if for_generation and num_chars > tokens * self.token_chars:  # more tokens than that, however it splits
+            self.check_prompt_tokens(tokens + 1, what)
+
+    def check_prompt_tokens(self, num_tokens: int, what: str) -> None:
+        limit = self.settings.max_prompt_tokens
+        if limit is not None and num_tokens > limit:
+            raise APIError(
+                f"the {what} has {num_tokens} tokens, more than this server accepts ({limit}, "
+                "MINISERVE_MAX_PROMPT_TOKENS)",
+                param=what,
+                code="prompt_too_long",
+            )
+        if num_tokens >= self.max_model_len:
+            self.token_budget(num_tokens, None, what)
+
+    async def encode_prompts(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        """Token ids of every prompt, size limits checked (text ones tokenized off the event loop)."""
+        for p in prompts:
+            if isinstance(p, str):
+                self.check_prompt_chars(len(p), "prompt")
+        if any(isinstance(p, str) for p in prompts):
+            tok = self.tokenizer
+            prompts = await self.run_cpu(lambda: [tok.encode(p) if isinstance(p, str) else p for p in prompts])
+        for ids in prompts:
+            self.check_prompt_tokens(len(ids), "prompt")
+        return prompts
+
+    async def encode_chat(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool, for_generation: bool = True
+    ) -> list[int]:
+        """The rendered chat's token ids, size limits checked (rendered and tokenized off the event loop)."""
+        self.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages", for_generation)
+        try:
+            ids = await self.run_cpu(self.tokenizer.encode_chat, messages, add_generation_prompt)
+        except Exception as exc:  # jinja errors from the template (e.g. "roles must alternate")
+            raise APIError(f"the chat template failed: {exc}", param="messages") from None
+        if for_generation:
+            self.check_prompt_tokens(len(ids), "messages")
+        return ids
+
+    def begin_drain(self) -> None:
+        """First shutdown signal: refuse new requests; end the ones still running after drain_timeout."""
+        if self.engine.accepting:
+            self.engine.accepting = False
+            logger.info("shutting down: draining %d requests for at most %.1fs", len(self.groups), self.drain_s)
+            asyncio.get_running_loop().call_later(self.drain_s, self._end_in_flight)
+
+    @property
+    def drain_s(self) -> float:
+        return self.settings.drain_timeout
+
+    def _end_in_flight(self) -> None:
+        if self.groups:
+            logger.warning("drain timeout: ending %d requests still in flight", len(self.groups))
+        for group in list(self.groups):
+            group.abort("shutdown")
 
     async def parse(self, request: Request, model: type) -> Any:
         """Read, decode and validate the body as `model`, then check the model name it asks for."""
@@ -242,12 +357,6 @@ class ServerState:
                 code="context_length_exceeded",
             )
         return max_tokens
-
-    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
-        try:
-            return self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
-        except Exception as exc:  # jinja errors from the template (e.g. "roles must alternate")
-            raise APIError(f"the chat template failed: {exc}", param="messages") from None
 
 
 def sampling_params(
@@ -308,30 +417,36 @@ async def read_json(request: Request, limit: int) -> Any:
     return decode_json(bytes(body))
 
 
-async def _wait_for_disconnect(request: Request) -> None:
-    """Returns when the client has gone away (the body was already read, so only disconnect can come)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 class RequestGroup:
-    """The engine requests (one per prompt) behind one HTTP request, read back as one output stream."""
+    """The engine requests (one per prompt) behind one HTTP request, read back as one output stream.
 
-    def __init__(self, state: ServerState, base_id: str):
+    The engine process's outputs extend each request's cumulative output in place and mark it changed; the
+    handler wakes on one asyncio.Event: at every step when streaming, only when a request ends otherwise. A
+    streaming handler that has not taken what is new for stream_stall_timeout seconds (its client stopped
+    reading, so the send blocks) has its requests aborted."""
+
+    def __init__(self, state: ServerState, base_id: str, streaming: bool):
         self.state = state
         self.base_id = base_id
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.streaming = streaming
+        self.streams: list[RequestStream] = []
+        self.changed = asyncio.Event()
+        self.dirty: dict[int, None] = {}  # prompt indexes changed since the handler last looked (ordered set)
         self.index: dict[str, int] = {}
-        self.unfinished: set[str] = set()
+        self.pending_since: float | None = None  # when output started waiting for the handler
+        self.disconnected = False
+        self.ended_by: str | None = None  # "shutdown" or "stalled" when the server ended it
 
     async def start(self, prompts: list[list[int]], params: list[Any], prompt_param: str) -> None:
         """Post every prompt; if one is rejected, abort the ones already posted and raise a 4xx."""
+        self.state.groups.add(self)
         try:
             for i, (ids, p) in enumerate(zip(prompts, params)):
                 rid = f"{self.base_id}-{i}"
                 self.index[rid] = i
-                self.unfinished.add(rid)  # before awaiting, so a cancellation here still aborts it
-                await self.state.loop.add_request(rid, ids, p, self.queue)
+                stream = RequestStream(rid, ids, p, self._wake)
+                self.streams.append(stream)
+                await self.state.engine.add_request(rid, ids, p, stream)
         except ValueError as exc:  # the engine's validation: token ids, context or KV pool too small
             self.abort()
             raise APIError(str(exc), param=prompt_param) from None
@@ -339,46 +454,68 @@ class RequestGroup:
             self.abort()
             raise
 
-    def abort(self) -> None:
-        for rid in self.unfinished:
-            self.state.loop.abort(rid)
-        self.unfinished.clear()
+    def abort(self, ended_by: str | None = None) -> None:
+        """Abort every unfinished request (a no-op for finished ones); `ended_by` says the server did it."""
+        if ended_by is not None and self.ended_by is None and not all(s.done for s in self.streams):
+            self.ended_by = ended_by
+        for stream in self.streams:
+            if not stream.done:
+                self.state.engine.abort(stream.request_id)
+        self.state.groups.discard(self)
 
-    async def results(self, request: Request) -> AsyncIterator[tuple[int, Any]]:
-        """(prompt index, cumulative RequestOutput) until all finish; aborts the rest when closed early."""
-        watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    def _wake(self, stream: RequestStream) -> None:
+        if not (self.streaming or stream.done):
+            return
+        self.dirty[self.index[stream.request_id]] = None
+        if not self.changed.is_set():
+            self.changed.set()
+            self.pending_since = time.monotonic()
+        elif self.streaming and self.pending_since is not None and not stream.done:
+            stall = self.state.settings.stream_stall_timeout
+            if time.monotonic() - self.pending_since > stall:
+                logger.warning("%s: the client has not read for %.1fs, aborting it", self.base_id, stall)
+                self.abort("stalled")
+
+    async def results(self, request: Request) -> AsyncIterator[list[tuple[int, Any]]]:
+        """Batches of (prompt index, cumulative RequestOutput) that changed, until all finish; aborts the rest
+        when closed early (client gone, error)."""
+        watcher = asyncio.ensure_future(self._watch_disconnect(request))
         try:
-            while self.unfinished:
-                item = await self._next(watcher)
-                if isinstance(item, BaseException):
-                    raise APIError(f"generation failed: {item}", status=500, code="engine_error")
-                if item.finished:
-                    self.unfinished.discard(item.request_id)
-                yield self.index[item.request_id], item
+            while True:
+                await self.changed.wait()
+                self.changed.clear()
+                self.pending_since = None
+                if self.disconnected:
+                    raise ClientDisconnected()
+                changed = [(i, self.streams[i]) for i in self.dirty]
+                self.dirty.clear()
+                for _, stream in changed:
+                    if stream.error is not None:
+                        raise APIError(f"generation failed: {stream.error}", status=500, code="engine_error")
+                yield [(i, stream.output) for i, stream in changed]
+                if all(s.done for s in self.streams):
+                    return
         finally:
             watcher.cancel()
             self.abort()
 
-    async def _next(self, watcher: asyncio.Future) -> Any:
-        if watcher.done():
-            raise ClientDisconnected()
-        if not self.queue.empty():
-            return self.queue.get_nowait()
-        getter = asyncio.ensure_future(self.queue.get())
-        await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if getter.done():
-            return getter.result()
-        getter.cancel()
-        raise ClientDisconnected()
+    async def _watch_disconnect(self, request: Request) -> None:
+        """Marks the group when the client goes away (the body was already read, so only disconnect can come)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.disconnected = True
+        self.changed.set()
 
 
-def _sse_response(chunks: AsyncIterator[str], group: RequestGroup) -> StreamingResponse:
-    # The background abort covers a client that leaves before the generator even starts.
+def _sse_response(chunks: AsyncIterator[bytes], group: RequestGroup) -> StreamingResponse:
+    async def abort() -> None:  # covers a client that leaves before the generator even starts
+        group.abort()
+
     return StreamingResponse(
         chunks,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache"},
-        background=BackgroundTask(group.abort),
+        background=BackgroundTask(abort),
     )
 
 
@@ -391,13 +528,13 @@ async def create_completion(request: Request) -> Response:
     state.check_prompt_count(len(req.prompts()))
     state.check_stop(req)
     tok = state.tokenizer
-    prompt_ids = [tok.encode(p) if isinstance(p, str) else p for p in req.prompts()]
+    prompt_ids = await state.encode_prompts(req.prompts())
     prompt_lp = req.logprobs if req.echo else None  # echo + logprobs: score the prompt too
     params = [
         sampling_params(req, state.token_budget(len(ids), req.max_tokens, "prompt"), req.logprobs, prompt_lp)
         for ids in prompt_ids
     ]
-    group = RequestGroup(state, f"cmpl-{uuid.uuid4().hex}")
+    group = RequestGroup(state, f"cmpl-{uuid.uuid4().hex}", req.stream)
     await group.start(prompt_ids, params, "prompt")
     prompt_texts = [p if isinstance(p, str) else tok.decode(p) for p in req.prompts()] if req.echo else None
     head = {
@@ -408,9 +545,8 @@ async def create_completion(request: Request) -> Response:
     }
     if req.stream:
         return _sse_response(_stream_completion(state, req, request, group, head, prompt_ids, prompt_texts), group)
-    try:
-        finals = await _collect(group, request)
-    except ClientDisconnected:
+    finals = await _collect(group, request)
+    if finals is None:
         return Response(status_code=499)
     choices = []
     for i, ids in enumerate(prompt_ids):
@@ -431,7 +567,7 @@ async def create_completion(request: Request) -> Response:
                 }
             )
     choices.sort(key=lambda c: c["index"])
-    return JSONResponse({**head, "choices": choices, "usage": _usage(prompt_ids, list(finals.values()))})
+    return fmt.JSONBytesResponse({**head, "choices": choices, "usage": _usage(prompt_ids, list(finals.values()))})
 
 
 async def _stream_completion(
@@ -442,13 +578,13 @@ async def _stream_completion(
     head: dict,
     prompt_ids: list[list[int]],
     prompt_texts: list[str] | None,
-) -> AsyncIterator[str]:
+) -> AsyncIterator[bytes]:
     trackers = {(i, j): fmt.ChoiceTracker(ids) for i, ids in enumerate(prompt_ids) for j in range(req.n)}
     offsets = {(i, j): len(prompt_texts[i]) if prompt_texts else 0 for i, j in trackers}
     echo_later = bool(prompt_texts) and req.logprobs is not None  # the prompt's logprobs come with its first output
     finals: dict[int, Any] = {}
 
-    def chunk(index: int, text: str, logprobs: Any = None, finish: str | None = None, stop: Any = None) -> str:
+    def chunk(index: int, text: str, logprobs: Any = None, finish: str | None = None, stop: Any = None) -> bytes:
         return fmt.choice_chunk(head, index, {"text": text}, logprobs, finish, stop)
 
     try:
@@ -485,21 +621,29 @@ async def _stream_completion(
 async def _deltas(
     group: RequestGroup, request: Request, trackers: dict[tuple[int, int], fmt.ChoiceTracker], finals: dict
 ) -> AsyncIterator[tuple[int, Any, fmt.Delta]]:
-    """(prompt index, completion, what is new) for every unfinished choice at every step; fills `finals`."""
+    """(prompt index, completion, what is new) for every choice that moved since the handler last looked (one
+    engine step, or several when the client was slow); fills `finals`."""
     async with aclosing(group.results(request)) as results:
-        async for i, out in results:
-            finals[i] = out
-            for o in out.outputs:
-                tracker = trackers[(i, o.index)]
-                if not tracker.finished:
-                    yield i, o, tracker.advance(o)
+        async for batch in results:
+            for i, out in batch:
+                finals[i] = out
+                for o in out.outputs:
+                    tracker = trackers[(i, o.index)]
+                    if not tracker.finished:
+                        yield i, o, tracker.advance(o)
 
 
-async def _collect(group: RequestGroup, request: Request) -> dict[int, Any]:
+async def _collect(group: RequestGroup, request: Request) -> dict[int, Any] | None:
+    """Every request's final output by prompt index; None when the client left; 503 when the server ended it."""
     finals: dict[int, Any] = {}
-    async with aclosing(group.results(request)) as results:
-        async for i, out in results:
-            finals[i] = out
+    try:
+        async with aclosing(group.results(request)) as results:
+            async for batch in results:
+                finals.update(batch)
+    except ClientDisconnected:
+        return None
+    if group.ended_by == "shutdown":
+        raise APIError("the server is shutting down; retry the request", status=503, code="shutting_down")
     return finals
 
 
@@ -515,11 +659,11 @@ async def create_chat_completion(request: Request) -> Response:
     state = _state(request)
     req: ChatCompletionRequest = await state.parse(request, ChatCompletionRequest)
     state.check_stop(req)
-    ids = state.encode_chat(req.chat_messages(), req.add_generation_prompt)
+    ids = await state.encode_chat(req.chat_messages(), req.add_generation_prompt)
     top = (req.top_logprobs or 0) if req.logprobs else None
     budget_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     params = sampling_params(req, state.token_budget(len(ids), req.token_budget(), "messages", budget_param), top)
-    group = RequestGroup(state, f"chatcmpl-{uuid.uuid4().hex}")
+    group = RequestGroup(state, f"chatcmpl-{uuid.uuid4().hex}", req.stream)
     await group.start([ids], [params], "messages")
     head = {
         "id": group.base_id,
@@ -529,10 +673,10 @@ async def create_chat_completion(request: Request) -> Response:
     }
     if req.stream:
         return _sse_response(_stream_chat(state, req, request, group, head, ids), group)
-    try:
-        out = (await _collect(group, request))[0]
-    except ClientDisconnected:
+    finals = await _collect(group, request)
+    if finals is None:
         return Response(status_code=499)
+    out = finals[0]
     choices = []
     for o in sorted(out.outputs, key=lambda o: o.index):
         lp = fmt.chat_logprobs(state.tokenizer, ids, o.token_ids, o.logprobs, top) if top is not None else None
@@ -545,7 +689,7 @@ async def create_chat_completion(request: Request) -> Response:
                 "stop_reason": o.stop_reason,
             }
         )
-    return JSONResponse({**head, "choices": choices, "usage": _usage([ids], [out])})
+    return fmt.JSONBytesResponse({**head, "choices": choices, "usage": _usage([ids], [out])})
 
 
 async def _stream_chat(
@@ -555,13 +699,13 @@ async def _stream_chat(
     group: RequestGroup,
     head: dict,
     ids: list[int],
-) -> AsyncIterator[str]:
+) -> AsyncIterator[bytes]:
     head = {**head, "object": "chat.completion.chunk"}
     top = (req.top_logprobs or 0) if req.logprobs else None
     trackers = {(0, j): fmt.ChoiceTracker(ids) for j in range(req.n)}
     finals: dict[int, Any] = {}
 
-    def chunk(index: int, delta: dict, logprobs: Any = None, finish: str | None = None, stop: Any = None) -> str:
+    def chunk(index: int, delta: dict, logprobs: Any = None, finish: str | None = None, stop: Any = None) -> bytes:
         return fmt.choice_chunk(head, index, {"delta": delta}, logprobs, finish, stop)
 
     try:
@@ -607,25 +751,26 @@ async def tokenize(request: Request) -> JSONResponse:
     req: TokenizeRequest = await state.parse(request, TokenizeRequest)
     if req.messages is not None:
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        ids = state.encode_chat(messages, req.add_generation_prompt)
+        ids = await state.encode_chat(messages, req.add_generation_prompt, for_generation=False)
     else:
-        ids = state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-    return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len})
+        state.check_prompt_chars(len(req.prompt), "prompt", for_generation=False)
+        ids = await state.run_cpu(state.tokenizer.encode, req.prompt, req.add_special_tokens)
+    return fmt.JSONBytesResponse({"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len})
 
 
 async def detokenize(request: Request) -> JSONResponse:
     state = _state(request)
     req: DetokenizeRequest = await state.parse(request, DetokenizeRequest)
-    vocab = state.engine.vocab_size if hasattr(state.engine, "vocab_size") else state.tokenizer.vocab_size
+    vocab = state.vocab_size
     bad = [t for t in req.tokens if not 0 <= t < vocab]
     if bad:
         raise APIError(f"token id {bad[0]} is out of range [0, {vocab})", param="tokens")
-    return JSONResponse({"prompt": state.tokenizer.decode(req.tokens)})
+    return JSONResponse({"prompt": await state.run_cpu(state.tokenizer.decode, req.tokens)})
 
 
 async def health(request: Request) -> JSONResponse:
     state = getattr(request.app.state, "server", None)
-    if state is None or not state.loop.is_alive():
+    if state is None or not state.engine.is_alive():
         return JSONResponse({"status": "unavailable"}, status_code=503)
     return JSONResponse({"status": "ok"})
 
@@ -649,15 +794,22 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = await asyncio.to_thread(load_engine, settings.engine)
-        state = ServerState(settings, engine)
-        state.loop.start()
-        app.state.server = state
-        logger.info("miniserve: serving %s (max_model_len %d)", state.model_name, state.max_model_len)
+        config = settings.engine
+        check_model_dir(config)
+        tokenizer = await asyncio.to_thread(load_tokenizer, config)
+        token_chars = await asyncio.to_thread(max_token_chars, tokenizer)
+        engine = EngineProcess(config, max_waiting=settings.max_waiting)
+        await asyncio.to_thread(engine.start)
         try:
+            engine.attach(asyncio.get_running_loop())
+            state = ServerState(settings, engine, tokenizer, token_chars)
+            app.state.server = state
+            _install_signal_handlers(state)
+            logger.info("miniserve: serving %s (max_model_len %d)", state.model_name, state.max_model_len)
             yield
         finally:
-            state.loop.shutdown()
+            await asyncio.to_thread(engine.shutdown)
+            engine.end_all()
 
     app = FastAPI(title="miniserve", lifespan=lifespan)
     app.state.settings = settings
@@ -674,6 +826,28 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.add_middleware(RequireAPIKey, api_key=settings.api_key)
     app.add_middleware(CatchAll)  # added last: the outermost layer
     return app
+
+
+def _install_signal_handlers(state: ServerState) -> None:
+    """Chain onto the server's SIGTERM/SIGINT handlers (uvicorn's: stop accepting, wait for responses): the first
+    signal also starts the bounded drain, a second one exits at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+
+        def handler(signum: int, frame: Any, previous: Any = previous) -> None:
+            if state.draining:
+                logger.warning("second signal: exiting now")
+                state.engine.kill()
+                os._exit(128 + signum)
+            state.draining = True
+            loop.call_soon_threadsafe(state.begin_drain)
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(sig, handler)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -710,8 +884,10 @@ def run_server(
     log_level: str = "info",
     max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST,
     connection_limits: ConnectionLimits = _LIMITS,
+    **limits: Any,
 ) -> None:
-    """Serve `config`'s model until interrupted (what `miniserve serve` calls)."""
+    """Serve `config`'s model until interrupted (what `miniserve serve` calls). `limits` are the other
+    ServerSettings fields (drain_timeout, stream_stall_timeout, max_prompt_chars, max_prompt_tokens)."""
     import uvicorn
 
     check_model_dir(config)  # before uvicorn starts, so the CLI prints one clear line
@@ -723,9 +899,19 @@ def run_server(
         max_waiting=max_waiting,
         max_prompts_per_request=max_prompts_per_request,
         **dataclasses.asdict(connection_limits),
+        **{k: v for k, v in limits.items() if v is not None or k == "max_prompt_tokens"},
     )
     app = create_app(settings)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, http=settings.connection_protocol())
+    # past the drain, uvicorn stops waiting for connections (a client that never reads holds its send forever)
+    grace = settings.drain_timeout + 2.0
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=settings.connection_protocol(),
+        timeout_graceful_shutdown=grace,
+    )
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -733,7 +919,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
-    parser.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING, help="queue limit before 503")
+    parser.add_argument(
+        "--max-waiting",
+        type=int,
+        default=DEFAULT_MAX_WAITING,
+        help="503 for a request that would make more sequences than this wait beyond --max-num-seqs",
+    )
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     parser.add_argument(
         "--max-prompts-per-request",
@@ -753,6 +944,20 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--keep-alive-timeout", type=float, default=limits.keep_alive_timeout)
     parser.add_argument("--max-connections", type=int, default=limits.max_connections, help="more connections get 503")
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=DEFAULT_DRAIN_TIMEOUT,
+        help="seconds in-flight requests may finish after SIGTERM/SIGINT before they are ended",
+    )
+    parser.add_argument(
+        "--stream-stall-timeout",
+        type=float,
+        default=DEFAULT_STREAM_STALL_TIMEOUT,
+        help="abort a stream whose client has not read its output for this many seconds",
+    )
+    parser.add_argument("--max-prompt-chars", type=int, default=DEFAULT_MAX_PROMPT_CHARS, help="400 beyond this")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None, help="400 beyond this (default: context)")
     parser.add_argument("--log-level", default="info")
 
 
@@ -771,5 +976,9 @@ def serve_main(args: argparse.Namespace, config: EngineConfig) -> int:
         connection_limits=ConnectionLimits(
             args.header_timeout, args.body_timeout, args.keep_alive_timeout, args.max_connections
         ),
+        drain_timeout=getattr(args, "drain_timeout", DEFAULT_DRAIN_TIMEOUT),
+        stream_stall_timeout=getattr(args, "stream_stall_timeout", DEFAULT_STREAM_STALL_TIMEOUT),
+        max_prompt_chars=getattr(args, "max_prompt_chars", DEFAULT_MAX_PROMPT_CHARS),
+        max_prompt_tokens=getattr(args, "max_prompt_tokens", None),
     )
     return 0

@@ -6,22 +6,41 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+from starlette.responses import Response
+
 # How many preceding tokens give a token its context when decoded alone (SentencePiece drops a leading
 # space at the start of a decode, byte-level BPE may need neighbours to finish a UTF-8 character).
 _TOKEN_CONTEXT = 4
 
 
-def sse(obj: Any) -> str:
+def dumps(obj: Any) -> bytes:
+    """JSON as UTF-8 bytes: orjson (several times faster than json, and a stream encodes one chunk per token),
+    or json's ASCII escapes for what orjson refuses (a lone surrogate in an echoed stop string)."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj).encode()
+
+
+class JSONBytesResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content)
+
+
+def sse(obj: Any) -> bytes:
     """One server-sent event line as OpenAI streams them."""
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return b"data: " + dumps(obj) + b"\n\n"
 
 
-SSE_DONE = "data: [DONE]\n\n"
+SSE_DONE = b"data: [DONE]\n\n"
 
 
 def choice_chunk(
     head: dict[str, Any], index: int, content: dict[str, Any], logprobs: Any, finish: Any, stop: Any
-) -> str:
+) -> bytes:
     """One streamed choice as an SSE event: `content` is {"text": ...} (completions) or {"delta": ...} (chat)."""
     choice = {"index": index, **content, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop}
     return sse({**head, "choices": [choice]})

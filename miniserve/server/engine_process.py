@@ -1,0 +1,450 @@
+"""The engine in a process of its own, and the API process's handle on it.
+
+Why a process: the engine's step loop and the HTTP event loop are both Python. In one process they share one GIL,
+so every SSE chunk the server writes delays the next step, and every step delays the chunks. In its own process
+the engine steps while the API process writes. The two talk over two pipes:
+
+    API -> engine   ("add", request_id, prompt_ids, params) | ("abort", [request_id, ...]) | ("stop",)
+    engine -> API   ("ready", info) once; then ("acks", [(request_id, error)]) after applying adds, and one
+                    ("step", deltas, stats, now) per step: every request's new tokens, text, logprobs and finish
+                    state since the step before (never cumulative snapshots), so a step is one message whatever
+                    the number of requests.
+
+The engine process detokenizes and checks stop strings exactly as the offline engine does (it runs the same
+LLMEngine), so the two paths produce the same text.
+
+In the API process each engine request has a RequestStream: its cumulative RequestOutput, extended in place by
+each delta. A streaming handler that fell a few steps behind sends everything new as one chunk; a non-streaming
+handler is woken only when its request finishes. Memory per request is its output, never a queue of snapshots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from miniserve.engine.outputs import CompletionOutput, RequestOutput
+from miniserve.server.metrics import ServerMetrics
+from miniserve.server.protocol import APIError
+
+logger = logging.getLogger("miniserve.server")
+
+_MAX_MESSAGES_IN_FLIGHT = 8  # engine messages handed to the event loop and not yet handled
+
+
+# ---------------------------------------------------------------------------------------------- engine process
+
+
+@dataclass
+class _Sent:
+    """How much of one choice the API process already has."""
+
+    num_tokens: int = 0
+    text_len: int = 0
+    finished: bool = False
+
+
+def _core_main(config: Any, commands: Any, outputs: Any) -> None:
+    """The engine process: load the engine, then alternate applying commands and stepping until told to stop."""
+    try:
+        from miniserve.engine.llm_engine import LLMEngine
+
+        engine = LLMEngine(config)
+    except BaseException as exc:  # the API process re-raises this at startup
+        outputs.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        return
+    info = {"max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size, "model_name": engine.model_name}
+    outputs.send(("ready", info, engine.stats()))
+    _CoreLoop(engine, commands, outputs).run()
+
+
+class _CoreLoop:
+    def __init__(self, engine: Any, commands: Any, outputs: Any):
+        self.engine = engine
+        self.commands = commands
+        self.outputs = outputs
+        self.sent: dict[str, list[_Sent]] = {}
+        self.prompt_logprobs_due: set[str] = set()
+
+    def run(self) -> None:
+        while self._apply_commands(block=not self.engine.has_unfinished_requests()):
+            if not self.engine.has_unfinished_requests():
+                continue
+            try:
+                outs = self.engine.step()
+            except Exception as exc:  # keep serving: fail the requests in flight, not the server
+                logger.exception("engine step failed")
+                self._fail_all(f"{type(exc).__name__}: {exc}")
+                continue
+            deltas = [self._delta(out) for out in outs]
+            self.outputs.send(("step", [d for d in deltas if d is not None], self.engine.stats()))
+
+    def _apply_commands(self, block: bool) -> bool:
+        """Apply every queued command (waiting for one when idle); False once told to stop or the API is gone."""
+        acks, aborted = [], False
+        try:
+            if not block and not self.commands.poll():
+                return True
+            while True:
+                cmd = self.commands.recv()
+                if cmd[0] == "stop":
+                    return False
+                if cmd[0] == "add":
+                    acks.append(self._add(*cmd[1:]))
+                elif cmd[0] == "abort":
+                    aborted = True
+                    for request_id in cmd[1]:
+                        self._abort(request_id)
+                if not self.commands.poll():
+                    break
+        except (EOFError, OSError):  # the API process is gone
+            return False
+        finally:
+            if acks or aborted:  # (aborts free KV blocks at once: /metrics shows it even when idle)
+                self.outputs.send(("acks", acks, self.engine.stats()))
+        return True
+
+    def _add(self, request_id: str, prompt: list[int], params: Any) -> tuple[str, str | None, bool]:
+        try:
+            self.engine.add_request(request_id, prompt, params)
+        except Exception as exc:
+            return request_id, str(exc), isinstance(exc, ValueError)
+        self.sent[request_id] = [_Sent() for _ in range(params.n)]
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs_due.add(request_id)
+        return request_id, None, True
+
+    def _abort(self, request_id: str) -> None:
+        self.sent.pop(request_id, None)
+        self.prompt_logprobs_due.discard(request_id)
+        try:
+            self.engine.abort_request(request_id)
+        except Exception:
+            logger.exception("abort of %s failed", request_id)
+
+    def _delta(self, out: RequestOutput) -> tuple | None:
+        """What `out` (cumulative) adds to what the API process has: (request_id, finished, choices,
+        prompt_logprobs, metrics); choices are (index, token_ids, text, logprobs, finish, stop, cumulative_lp)."""
+        sent = self.sent.get(out.request_id)
+        if sent is None:  # aborted meanwhile
+            return None
+        choices = []
+        for o in out.outputs:
+            s = sent[o.index]
+            finished = o.finish_reason is not None
+            if s.finished or (len(o.token_ids) == s.num_tokens and len(o.text) == s.text_len and not finished):
+                continue
+            logprobs = o.logprobs[s.num_tokens :] if o.logprobs is not None else None
+            choices.append(
+                (
+                    o.index,
+                    o.token_ids[s.num_tokens :],
+                    o.text[s.text_len :],
+                    logprobs,
+                    o.finish_reason,
+                    o.stop_reason,
+                    o.cumulative_logprob,
+                )
+            )
+            s.num_tokens, s.text_len, s.finished = len(o.token_ids), len(o.text), finished
+        prompt_logprobs = None
+        if out.request_id in self.prompt_logprobs_due and out.prompt_logprobs is not None:
+            if len(out.prompt_logprobs) == len(out.prompt_token_ids):  # scored in full (possibly over several steps)
+                prompt_logprobs = out.prompt_logprobs
+                self.prompt_logprobs_due.discard(out.request_id)
+        if out.finished:
+            del self.sent[out.request_id]
+            self.prompt_logprobs_due.discard(out.request_id)
+        if not choices and prompt_logprobs is None and not out.finished:
+            return None
+        return out.request_id, out.finished, choices, prompt_logprobs, out.metrics if out.finished else None
+
+    def _fail_all(self, message: str) -> None:
+        failed = list(self.sent)
+        for request_id in failed:
+            self._abort(request_id)
+        self.outputs.send(("failed", failed, message, self.engine.stats()))
+
+
+# ---------------------------------------------------------------------------------------------- API process side
+
+
+class RequestStream:
+    """One engine request as the API process sees it: the cumulative output, and whom to wake when it changes."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: Any, wake: Callable[[RequestStream], None]):
+        self.request_id = request_id
+        self.n: int = params.n
+        want_logprobs = params.logprobs is not None
+        completions = [CompletionOutput(i, "", [], logprobs=[] if want_logprobs else None) for i in range(self.n)]
+        self.output = RequestOutput(request_id, None, prompt_ids, completions, False)
+        self.error: BaseException | None = None
+        self.wake = wake  # called on every change (the handler decides whether that is worth waking for)
+        self.arrival = time.monotonic()
+        self.num_tokens = 0
+        self.last_token_time = 0.0
+        self.done = False  # finished, failed or aborted: no more updates
+
+    def apply(self, finished: bool, choices: list[tuple], prompt_logprobs: Any, metrics: Any) -> int:
+        """Extend the cumulative output by one delta; returns the number of new tokens."""
+        new = 0
+        outs = self.output.outputs
+        for index, token_ids, text, logprobs, finish, stop, cumulative in choices:
+            o = outs[index]
+            o.token_ids.extend(token_ids)
+            new += len(token_ids)
+            if text:
+                o.text += text
+            if logprobs is not None and o.logprobs is not None:
+                o.logprobs.extend(logprobs)
+            o.finish_reason, o.stop_reason, o.cumulative_logprob = finish, stop, cumulative
+        if prompt_logprobs is not None:
+            self.output.prompt_logprobs = prompt_logprobs
+        if finished:
+            self.output.finished = True
+            self.output.metrics = metrics or {}
+            self.done = True
+        return new
+
+    def end(self, error: BaseException | None, reason: str = "abort") -> None:
+        """Finish every unfinished choice with `reason` (abort, shutdown), or fail the request with `error`."""
+        if self.done:
+            return
+        for o in self.output.outputs:
+            if o.finish_reason is None:
+                o.finish_reason = reason
+        self.output.finished = True
+        self.error = error
+        self.done = True
+
+
+class EngineProcess:
+    """The API process's handle: start/stop the engine process, post requests, route each step's outputs."""
+
+    def __init__(self, config: Any, metrics: ServerMetrics | None = None, max_waiting: int | None = None):
+        self.config = config
+        self.metrics = metrics
+        self.max_waiting = max_waiting
+        self.capacity: int = config.max_num_seqs
+        self.info: dict = {}
+        self._stats: dict = {}
+        self._streams: dict[str, RequestStream] = {}
+        self._acks: dict[str, asyncio.Future] = {}
+        self._outstanding = 0  # sequences posted and not finished: what the overload check counts
+        self._send_queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._in_flight = threading.Semaphore(_MAX_MESSAGES_IN_FLIGHT)
+        self._proc: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._alive = False
+        self.accepting = True
+
+    # ---- life cycle -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Spawn the engine process and wait until it has loaded the model (blocking: call it off the loop)."""
+        ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited CUDA state, threads or event loop
+        cmd_recv, self._cmd_send = ctx.Pipe(duplex=False)
+        self._out_recv, out_send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(
+            target=_core_main, args=(self.config, cmd_recv, out_send), name="miniserve-engine", daemon=True
+        )
+        self._proc.start()
+        cmd_recv.close()
+        out_send.close()
+        try:
+            msg = self._out_recv.recv()
+        except EOFError:
+            self._proc.join(5)
+            raise RuntimeError(f"the engine process exited with {self._proc.exitcode} while loading") from None
+        if msg[0] == "error":
+            self._proc.join(5)
+            logger.error("engine failed to load:\n%s", msg[2])
+            raise RuntimeError(f"the engine failed to load: {msg[1]}")
+        _, self.info, self._stats = msg
+        self._alive = True
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start routing outputs into `loop` (the server's event loop)."""
+        self._loop = loop
+        threading.Thread(target=self._receive, name="miniserve-engine-recv", daemon=True).start()
+        threading.Thread(target=self._send, name="miniserve-engine-send", daemon=True).start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self.accepting = False
+        if self._proc is None:
+            return
+        self._send_queue.put(("stop",))
+        self._send_queue.put(None)
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+        self._alive = False
+
+    def end_all(self) -> None:
+        """After shutdown, on the event loop: end whatever is still waiting for output."""
+        self._end_all(RuntimeError("the server is shutting down"))
+
+    def kill(self) -> None:
+        """Stop the engine process at once (a second shutdown signal)."""
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.kill()
+
+    def is_alive(self) -> bool:
+        return self._alive and self._proc is not None and self._proc.is_alive()
+
+    def stats(self) -> dict:
+        """The engine's stats() as of its latest message."""
+        return self._stats
+
+    # ---- requests (on the event loop) ---------------------------------------------------------------
+
+    def num_waiting(self, extra: int = 0) -> int:
+        """Sequences that would wait beyond capacity (max_num_seqs) if `extra` more were posted."""
+        return max(0, self._outstanding + extra - self.capacity)
+
+    async def add_request(self, request_id: str, prompt: list[int], params: Any, stream: RequestStream) -> None:
+        """Post a request; returns once the engine accepted it. Raises the engine's ValueError for a bad prompt
+        and APIError(503) when the server is stopping or overloaded."""
+        if not self.accepting:
+            raise APIError("the server is shutting down; retry the request", status=503, code="shutting_down")
+        if not self.is_alive():
+            raise APIError("the engine is not running", status=503, code="engine_unavailable")
+        n = params.n
+        if self.max_waiting is not None and self.num_waiting(n) > self.max_waiting:
+            raise APIError(
+                f"server overloaded: {self.num_waiting()} sequences already wait beyond the {self.capacity} the "
+                f"engine runs at once (limit {self.max_waiting}); retry later",
+                status=503,
+                code="overloaded",
+            )
+        ack = asyncio.get_running_loop().create_future()
+        self._acks[request_id] = ack
+        self._streams[request_id] = stream
+        self._outstanding += n
+        self._send_queue.put(("add", request_id, prompt, params))
+        try:
+            error, is_value_error = await ack
+        except BaseException:
+            self.abort(request_id)
+            raise
+        if error is not None:
+            self._forget(request_id)
+            raise ValueError(error) if is_value_error else RuntimeError(error)
+
+    def abort(self, request_id: str, reason: str = "abort") -> None:
+        """Stop a request and free its KV blocks (the engine applies it before its next step)."""
+        stream = self._forget(request_id)
+        if stream is None:
+            return
+        self._send_queue.put(("abort", [request_id]))
+        if self.metrics is not None:
+            self.metrics.observe_finished(["abort"] * stream.n, time.monotonic() - stream.arrival)
+        stream.end(None, reason)
+        stream.wake(stream)
+
+    def abort_all(self, reason: str) -> None:
+        for request_id in list(self._streams):
+            self.abort(request_id, reason)
+
+    def _forget(self, request_id: str) -> RequestStream | None:
+        stream = self._streams.pop(request_id, None)
+        ack = self._acks.pop(request_id, None)
+        if ack is not None and not ack.done():
+            ack.cancel()
+        if stream is not None:
+            self._outstanding -= stream.n
+        return stream
+
+    # ---- routing (threads, then the event loop) -------------------------------------------------------
+
+    def _send(self) -> None:
+        """Writes commands to the engine (its own thread: a large prompt must not block the event loop)."""
+        while (cmd := self._send_queue.get()) is not None:
+            try:
+                self._cmd_send.send(cmd)
+            except (OSError, ValueError):
+                return
+
+    def _receive(self) -> None:
+        """Reads the engine's messages; one hop onto the event loop per message (per step, not per token)."""
+        assert self._loop is not None
+        while True:
+            try:
+                msg = self._out_recv.recv()
+            except (EOFError, OSError):
+                break
+            # at most a few messages wait for the loop: beyond that the engine blocks on the pipe rather than
+            # the API process piling up steps it cannot keep up with
+            self._in_flight.acquire()
+            try:
+                self._loop.call_soon_threadsafe(self._on_message, msg)
+            except RuntimeError:  # the loop is closed
+                return
+        try:
+            self._loop.call_soon_threadsafe(self._on_engine_exit)
+        except RuntimeError:
+            pass
+
+    def _on_message(self, msg: tuple) -> None:
+        self._in_flight.release()
+        kind = msg[0]
+        if kind == "step":
+            _, deltas, self._stats = msg
+            self._on_step(deltas)
+        elif kind == "acks":
+            _, acks, self._stats = msg
+            for request_id, error, is_value_error in acks:
+                ack = self._acks.pop(request_id, None)
+                if ack is not None and not ack.done():
+                    ack.set_result((error, is_value_error))
+        elif kind == "failed":
+            _, request_ids, message, self._stats = msg
+            for request_id in request_ids:
+                stream = self._forget(request_id)
+                if stream is not None:
+                    stream.end(RuntimeError(message))
+                    stream.wake(stream)
+
+    def _on_step(self, deltas: list[tuple]) -> None:
+        now = time.monotonic()
+        metrics = self.metrics
+        for request_id, finished, choices, prompt_logprobs, req_metrics in deltas:
+            stream = self._streams.get(request_id)
+            if stream is None:  # aborted meanwhile
+                continue
+            new = stream.apply(finished, choices, prompt_logprobs, req_metrics)
+            if new:
+                if metrics is not None:
+                    if stream.num_tokens == 0:
+                        metrics.observe_first_token(now - stream.arrival)
+                    else:
+                        metrics.observe_inter_token(now - stream.last_token_time)
+                stream.num_tokens += new
+                stream.last_token_time = now
+            if finished:
+                self._forget(request_id)
+                if metrics is not None:
+                    metrics.observe_finished([o.finish_reason for o in stream.output.outputs], now - stream.arrival)
+            stream.wake(stream)
+
+    def _on_engine_exit(self) -> None:
+        if self._alive:
+            logger.error("the engine process exited unexpectedly (exit code %s)", self._proc.exitcode)
+        self._alive = False
+        self._end_all(RuntimeError("the engine process exited"))
+
+    def _end_all(self, error: BaseException) -> None:
+        for request_id in list(self._streams):
+            stream = self._forget(request_id)
+            if stream is not None:
+                stream.end(error)
+                stream.wake(stream)

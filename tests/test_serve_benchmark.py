@@ -1,0 +1,76 @@
+"""benchmarks/serve.py end to end on tiny shapes (so it cannot rot): it builds a tiny random checkpoint, starts
+the server, streams and collects the workload, runs it offline, and measures the client against its stub; the
+JSON holds every phase, and the counts match what was asked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 512,
+    "max_position_embeddings": 256,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "float32",
+}
+
+
+def test_serve_benchmark_runs_every_phase_on_a_tiny_shape(tmp_path):
+    out = tmp_path / "serve.json"
+    cmd = [
+        sys.executable,
+        "benchmarks/serve.py",
+        "--shape",
+        "llama-3.2-1b",
+        "--overrides",
+        json.dumps(TINY),
+        "--ckpt-root",
+        str(tmp_path / "ckpt"),
+        "--engine-args",
+        "--device cpu --max-num-seqs 8",
+        "--num-prompts",
+        "6",
+        "--input-len",
+        "12",
+        "--output-len",
+        "5",
+        "--request-rate",
+        "50",
+        "--phases",
+        "stream,plain,offline,stub",
+        "--client-procs",
+        "2",
+        "--stub-procs",
+        "1",
+        "--warmup",
+        "1",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=os.environ)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    assert "serve.py" in res["command"] and res["versions"]["torch"]
+    stream, plain, offline, stub = (res["phases"][k] for k in ("stream", "plain", "offline", "stub"))
+    for phase in (stream, plain, stub):
+        assert phase["completed"] == 6 and phase["failed"] == 0, phase
+        assert phase["output_tokens"] == 6 * 5
+    # every streamed token arrived as (part of) a content event; latencies are ordered as they must be
+    assert 6 <= stream["content_events"] <= 30
+    assert 0 < stream["ttft_ms"]["p50"] <= stream["e2e_ms"]["p50"]
+    assert stream["ttft_ms"]["p50"] <= stream["ttft_ms"]["p90"] <= stream["ttft_ms"]["p99"]
+    assert stream["itl_ms"]["p50"] >= 0 and stream["tpot_ms"]["p50"] > 0
+    assert offline["output_tokens"] == 30 and offline["output_tok_s"] > 0 and offline["decode_step_ms"] > 0
+    assert stream["vs_offline"] == stream["output_tok_s"] / offline["output_tok_s"]
+    assert stub["content_events"] == 30  # the stub sends one event per token

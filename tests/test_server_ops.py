@@ -1,0 +1,246 @@
+"""Operating the server under load and at shutdown, each against a real uvicorn on loopback (issue 15):
+
+- MINISERVE_MAX_WAITING refuses only what would wait beyond the batch the engine runs at once;
+- tokenizing a huge prompt runs off the event loop (/health stays fast), and prompt size limits answer 400 first;
+- a stream whose client stops reading is aborted after MINISERVE_STREAM_STALL_TIMEOUT;
+- SIGTERM drains for at most MINISERVE_DRAIN_TIMEOUT, ends what is left cleanly, and a second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+import httpx
+import pytest
+
+from tests.test_server import (
+    MODEL_NAME,
+    REPO,
+    _wait_healthy,
+    assert_openai_error,
+    build_server_model,
+    free_port,
+    metric,
+    run_server,
+    scrape,
+    wait_for_metric,
+)
+
+LONG = {"model": MODEL_NAME, "prompt": "ROMEO:", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_dir):
+    return build_server_model(tmp_path_factory.mktemp("ops-model"), tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def url(model_dir):
+    env = {
+        "MINISERVE_SERVED_MODEL_NAME": MODEL_NAME,
+        "MINISERVE_MAX_NUM_SEQS": "4",
+        "MINISERVE_MAX_WAITING": "2",
+        "MINISERVE_MAX_BODY_BYTES": str(8 << 20),
+        "MINISERVE_MAX_PROMPT_CHARS": str(3 << 20),
+        "MINISERVE_MAX_PROMPT_TOKENS": "600",
+        "MINISERVE_STREAM_STALL_TIMEOUT": "1",
+        "OMP_NUM_THREADS": "1",  # the tiny model runs faster on one thread, and much faster on a busy machine
+    }
+    with run_server(model_dir, **env) as base:
+        yield base
+
+
+@contextmanager
+def open_streams(url: str, count: int, body: dict = LONG) -> Iterator[list]:
+    """`count` streaming requests, each read up to its first event (so each holds an engine slot or a queue place)."""
+    with ExitStack() as stack:
+        streams = []
+        for _ in range(count):
+            http = stack.enter_context(httpx.Client(base_url=url, timeout=30))
+            resp = stack.enter_context(http.stream("POST", "/v1/completions", json=body))
+            assert resp.status_code == 200, resp.read()
+            lines = resp.iter_lines()
+            streams.append((resp, lines))
+        yield streams
+
+
+def test_max_waiting_refuses_only_beyond_the_running_batch(url):
+    # 4 run at once (max_num_seqs) and 2 may wait: the 7th request is the first one refused
+    with open_streams(url, 6):
+        samples = wait_for_metric(url, "num_requests_running", lambda v: v == 4, timeout=10)
+        assert metric(samples, "num_requests_running") == 4
+        resp = httpx.post(url + "/v1/completions", json={**LONG, "stream": False}, timeout=30)
+        err = assert_openai_error(resp, 503, None)
+        assert err["code"] == "overloaded"
+        # n counts: a request of 2 choices does not fit the last place either
+        resp = httpx.post(url + "/v1/completions", json={**LONG, "stream": False, "n": 2}, timeout=30)
+        assert resp.status_code == 503
+    wait_for_metric(url, "kv_blocks_used", lambda v: v == 0, timeout=5)
+    # an idle server takes a burst as large as the batch plus the queue, all at once
+    with open_streams(url, 6):
+        pass
+    wait_for_metric(url, "kv_blocks_used", lambda v: v == 0, timeout=5)
+
+
+def test_huge_prompt_is_tokenized_off_the_event_loop_and_limits_answer_first(url):
+    text = "Now is the winter of our discontent made glorious summer. " * 18000  # 1 MB: seconds of tokenizing
+    result: dict = {}
+
+    def tokenize() -> None:
+        result["resp"] = httpx.post(url + "/tokenize", json={"prompt": text}, timeout=120)
+
+    worker = threading.Thread(target=tokenize)
+    worker.start()
+    worst = 0.0
+    with httpx.Client(base_url=url, timeout=30) as http:
+        while worker.is_alive():
+            t = time.monotonic()
+            assert http.get("/health").status_code == 200
+            worst = max(worst, time.monotonic() - t)
+            time.sleep(0.02)
+    worker.join()
+    assert result["resp"].status_code == 200 and result["resp"].json()["count"] > 100_000
+    # tokenizing it takes seconds; on the event loop it froze /health for all of them (a few ms of GIL remain:
+    # the token list's conversion and the JSON answer; the margin is for a busy 2-core CI machine)
+    assert worst < 0.5, f"/health took {worst:.3f}s while a huge prompt was tokenized"
+
+    with httpx.Client(base_url=url, timeout=30) as http:
+        # characters: refused before tokenizing (MINISERVE_MAX_PROMPT_CHARS = 3 MiB)
+        big = "x" * ((3 << 20) + 1)
+        for path, body, param in (
+            ("/v1/completions", {"model": MODEL_NAME, "prompt": big}, "prompt"),
+            ("/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": big}]}, None),
+            ("/tokenize", {"prompt": big}, "prompt"),
+        ):
+            t = time.monotonic()
+            err = assert_openai_error(http.post(path, json=body), 400, param or "messages")
+            assert err["code"] == "prompt_too_long" and "characters" in err["message"]
+            assert time.monotonic() - t < 2.0
+        # tokens (MINISERVE_MAX_PROMPT_TOKENS = 600): exactly the limit passes, one more is refused
+        ok = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": [5] * 600, "max_tokens": 1})
+        assert ok.status_code == 200, ok.text
+        err = assert_openai_error(
+            http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": [5] * 601, "max_tokens": 1}),
+            400,
+            "prompt",
+        )
+        assert err["code"] == "prompt_too_long" and "601 tokens" in err["message"]
+
+
+def test_a_stream_nobody_reads_is_aborted_after_the_stall_timeout(url):
+    before = scrape(url)
+    # chat logprobs (with their bytes): ~1.3 kB per choice per token, 5 MB in all, more than the socket buffers
+    # (the kernel's send buffer grows to 4 MB) hold
+    messages = [{"role": "user", "content": "Speak."}]
+    body = {**LONG, "messages": messages, "n": 4, "logprobs": True, "top_logprobs": 20, "max_tokens": 1000}
+    del body["prompt"]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    payload = json.dumps(body).encode()
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        + f"content-length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    head = sock.recv(15)
+    assert head == b"HTTP/1.1 200 OK", head
+    try:  # never read on: the server's send blocks; after the stall timeout the request is aborted
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            samples = scrape(url)
+            aborted = metric(samples, "request_success_total", finished_reason="abort")
+            if aborted - metric(before, "request_success_total", finished_reason="abort") == 4:
+                break
+            time.sleep(0.2)
+        assert aborted - metric(before, "request_success_total", finished_reason="abort") == 4
+        generated = metric(samples, "generation_tokens_total") - metric(before, "generation_tokens_total")
+        assert generated < 4 * 1000  # stopped early
+        after = wait_for_metric(url, "kv_blocks_used", lambda v: v == 0, timeout=5)
+        assert metric(after, "kv_blocks_used") == 0 and metric(after, "num_requests_running") == 0
+        assert httpx.post(url + "/v1/completions", json={**LONG, "stream": False, "max_tokens": 2}).status_code == 200
+    finally:
+        sock.close()
+
+
+# ---------------------------------------------------------------------------------------------- shutdown
+
+
+@contextmanager
+def server_process(model_dir, **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    port = free_port()
+    full_env = {
+        **os.environ,
+        "MINISERVE_MODEL": str(model_dir),
+        "MINISERVE_DEVICE": "cpu",
+        "MINISERVE_DTYPE": "float32",
+        "MINISERVE_SERVED_MODEL_NAME": MODEL_NAME,
+        **env,
+    }
+    cmd = [sys.executable, "-m", "uvicorn", "server:app", "--host", "127.0.0.1", "--port", str(port)]
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log, stderr=log)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_healthy(url, proc, log)
+            yield url, proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=15)
+
+
+def read_events(lines, into: list) -> None:
+    for line in lines:
+        if line.startswith("data: "):
+            into.append(line[len("data: ") :])
+
+
+def test_sigterm_drains_for_a_bounded_time_and_ends_streams_cleanly(model_dir):
+    with server_process(model_dir, MINISERVE_DRAIN_TIMEOUT="1.5") as (url, proc):
+        with open_streams(url, 3) as streams, httpx.Client(base_url=url, timeout=30) as http:
+            short = {**LONG, "stream": False, "max_tokens": 3}
+            proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            events: list[list[str]] = [[] for _ in streams]
+            readers = [
+                threading.Thread(target=read_events, args=(lines, ev)) for (_, lines), ev in zip(streams, events)
+            ]
+            for r in readers:
+                r.start()
+            time.sleep(0.3)
+            with pytest.raises(httpx.TransportError):  # no longer accepting
+                httpx.post(url + "/v1/completions", json=short, timeout=5)
+            for r in readers:
+                r.join(timeout=20)
+            ended = time.monotonic() - signalled
+            assert 1.0 < ended < 5.0, ended  # ran on through the drain, then was ended
+            for ev in events:
+                assert ev[-1] == "[DONE]"
+                finals = [json.loads(e)["choices"][0]["finish_reason"] for e in ev[:-1] if json.loads(e)["choices"]]
+                assert finals[-1] == "abort" and all(f is None for f in finals[:-1])
+            del http
+        proc.wait(timeout=10)
+        assert time.monotonic() - signalled < 10
+
+
+def test_a_second_signal_exits_at_once(model_dir):
+    with server_process(model_dir, MINISERVE_DRAIN_TIMEOUT="60") as (url, proc):
+        with open_streams(url, 1):
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert proc.poll() is None  # draining: the stream may run for up to a minute
+            t = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=5)
+            assert time.monotonic() - t < 3
