@@ -125,7 +125,7 @@ def test_cached_fp8_blocks_hold_the_bytes_recomputation_writes(llama_dir, draft_
 
     def run(eng, rid, prompt, on_first_step=None):
         eng.add_request(rid, prompt, params)
-        seq, out = eng.requests[rid].seqs[0], None
+        seq, out = eng.outputs.requests[rid].seqs[0], None
         steps = 0
         while eng.has_unfinished_requests():
             outs = eng.step()
