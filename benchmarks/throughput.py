@@ -4,6 +4,7 @@
     python benchmarks/throughput.py --shape llama-3.2-1b --workload fixed --batch 64 --prompt 512 --gen 256
     python benchmarks/throughput.py --shape llama-3.1-8b --workload latency --hf
     python benchmarks/throughput.py --shape llama-3.2-1b --workload sweep --plot throughput.png
+    python benchmarks/throughput.py --shape llama-3.2-1b --workload prefix --kv-cache-dtype auto fp8
 
 Workloads:
 - `nano`: nano-vllm's benchmark: 256 sequences, prompt and output lengths uniform in 100..1024 (seed 0), random
@@ -13,9 +14,14 @@ Workloads:
 - `sweep`: `fixed` over several batch sizes (`--batches`), with an optional PNG plot beside the roofline.
 - `prefill`: time to first token of one long prompt (`--prompts 4096 16384 32768`), against one transformers
   forward pass (SDPA) over the same tokens with `--hf`.
+- `prefix`: `--batch` (default 256) requests sharing a `--shared-prefix`-token system prompt (2,000), each with its
+  own `--suffix`-token ending (100), `--gen` greedy tokens each (128), run with prefix caching on and off: mean
+  time to first token, output throughput, the hit rate, and the ratios (targets: >= 3x lower TTFT, >= 2x
+  throughput). `--speculative-model self` drafts with the target itself (both pools cache).
 
 Each configuration is warmed up (Triton JIT, CUDA graph capture happen at start-up and in the warm-up run),
-then timed `--repeats` times; the median is reported. For `fixed`, the decode-step time is (T(gen) - T(1)) /
+then timed `--repeats` times; the median is reported. Every timed run starts from an empty prefix cache (the runs
+repeat the same prompts). For `fixed`, the decode-step time is (T(gen) - T(1)) /
 (gen - 1): the same prompts with one generated token time the prefill alone. The bandwidth roofline of a run
 is the time to read every weight once per step plus each sequence's KV once per step, at the measured
 device-to-device copy bandwidth and at the datasheet's; prompt FLOPs are added at `--peak-tflops`.
@@ -59,6 +65,14 @@ def nano_workload(seed: int = 0, num_seqs: int = 256, max_in: int = 1024, max_ou
         for _ in range(num_seqs)
     ]
     return prompts, params
+
+
+def prefix_workload(num_seqs: int, shared: int, suffix: int, gen: int, seed: int = 0, max_id: int = 10000):
+    """One system prompt for all, then each request's own suffix (a chat service's traffic, at its simplest)."""
+    rng = random.Random(seed)
+    system = [rng.randint(0, max_id) for _ in range(shared)]
+    prompts = [system + [rng.randint(0, max_id) for _ in range(suffix)] for _ in range(num_seqs)]
+    return prompts, [SamplingParams(temperature=0, ignore_eos=True, max_tokens=gen) for _ in range(num_seqs)]
 
 
 def fixed_workload(batch: int, prompt: int, gen: int, seed: int = 0, max_id: int = 10000):
@@ -123,11 +137,17 @@ def sync() -> None:
 
 
 def timed(llm: LLM, prompts, params) -> tuple[float, int]:
+    seconds, outs = timed_outputs(llm, prompts, params)
+    return seconds, sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def timed_outputs(llm: LLM, prompts, params) -> tuple[float, list]:
+    llm.reset_prefix_cache()  # what an earlier run cached would turn this run's prompts into cache hits
     sync()
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     sync()
-    return time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outs)
+    return time.perf_counter() - start, outs
 
 
 def median_run(llm: LLM, prompts, params, repeats: int) -> tuple[float, int]:
@@ -135,11 +155,19 @@ def median_run(llm: LLM, prompts, params, repeats: int) -> tuple[float, int]:
     return statistics.median(r[0] for r in runs), runs[0][1]
 
 
-def make_llm(model: Path, kv: str, args) -> LLM:
+def make_llm(model: Path, kv: str, args, enable_prefix_caching: bool = True) -> LLM:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    kw = dict(kv_cache_dtype=kv, max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager)
+    kw = dict(
+        kv_cache_dtype=kv,
+        max_num_seqs=args.max_num_seqs,
+        enforce_eager=args.enforce_eager,
+        enable_prefix_caching=enable_prefix_caching,
+    )
+    if args.speculative_model:
+        kw["speculative_model"] = str(model) if args.speculative_model == "self" else args.speculative_model
+        kw["num_speculative_tokens"] = args.num_speculative_tokens
     if args.max_model_len:
         kw["max_model_len"] = args.max_model_len
     if args.device:
@@ -175,6 +203,48 @@ def run_nano(llm: LLM, cfg: dict, args, gbs: dict) -> dict:
         out[f"roofline_tok_s_{name}"] = tokens / roof
         out[f"pct_roofline_{name}"] = 100 * roof / seconds
     return out
+
+
+def run_prefix(llm: LLM, cfg: dict, args) -> dict:
+    """The prefix workload on one engine: mean TTFT (all requests arrive at once), output throughput, hit rate."""
+    prompts, params = prefix_workload(args.batch, args.shared_prefix, args.suffix, args.gen, max_id=max_token_id(cfg))
+    warm, _ = prefix_workload(args.batch, args.shared_prefix, args.suffix, 2, seed=1, max_id=max_token_id(cfg))
+    timed(llm, warm, [SamplingParams(temperature=0, ignore_eos=True, max_tokens=2) for _ in warm])  # JIT, off clock
+    runs = []
+    for _ in range(args.repeats):
+        before = llm.engine.stats()
+        seconds, outs = timed_outputs(llm, prompts, params)
+        after = llm.engine.stats()
+        ttft = [o.metrics["first_token_time"] - o.metrics["arrival_time"] for o in outs]
+        queries = after["prefix_cache_queries"] - before["prefix_cache_queries"]
+        hits = after["prefix_cache_hits"] - before["prefix_cache_hits"]
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        runs.append(
+            {
+                "seconds": seconds,
+                "output_tokens": tokens,
+                "output_tok_s": tokens / seconds,
+                "mean_ttft_s": statistics.mean(ttft),
+                "cached_tokens": sum(o.num_cached_tokens for o in outs),
+                "prefix_cache_queries": queries,
+                "prefix_cache_hits": hits,
+                "hit_rate": hits / queries if queries else 0.0,
+            }
+        )
+    median = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+    return {**median, "repeats": runs}
+
+
+def prefix_comparison(on: dict, off: dict) -> dict:
+    """The issue's targets: caching on gives >= 3x lower mean TTFT and >= 2x output throughput."""
+    ttft_ratio = off["mean_ttft_s"] / on["mean_ttft_s"]
+    tok_ratio = on["output_tok_s"] / off["output_tok_s"]
+    return {
+        "ttft_reduction": ttft_ratio,
+        "throughput_gain": tok_ratio,
+        "ttft_target_met": ttft_ratio >= 3.0,
+        "throughput_target_met": tok_ratio >= 2.0,
+    }
 
 
 def direct_decode_step_ms(llm: LLM, prompts, gen: int) -> float:
@@ -375,14 +445,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", help="an existing checkpoint directory instead of --shape")
     ap.add_argument("--ckpt-root", default="/tmp/miniserve-ckpts")
     ap.add_argument("--overrides", default=None, help="JSON config overrides for --shape (tiny CPU tests)")
-    ap.add_argument("--workload", choices=["nano", "fixed", "latency", "sweep", "prefill"], default="fixed")
+    ap.add_argument("--workload", choices=["nano", "fixed", "latency", "sweep", "prefill", "prefix"], default="fixed")
     ap.add_argument("--prompts", type=int, nargs="+", default=[4096, 16384, 32768], help="prefill: prompt lengths")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=None, help="sequences (default 64; prefix: 256)")
     ap.add_argument("--nano-seqs", type=int, default=256, help="nano: sequences (256 is the benchmark)")
     ap.add_argument("--nano-len", type=int, default=1024, help="nano: longest prompt and output (1024)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
     ap.add_argument("--prompt", type=int, default=512)
-    ap.add_argument("--gen", type=int, default=256)
+    ap.add_argument("--gen", type=int, default=None, help="tokens generated per sequence (default 256; prefix: 128)")
+    ap.add_argument("--shared-prefix", type=int, default=2000, help="prefix: tokens of the shared system prompt")
+    ap.add_argument("--suffix", type=int, default=100, help="prefix: tokens of each request's own ending")
+    ap.add_argument("--speculative-model", default=None, help="a draft checkpoint, or 'self' (the target itself)")
+    ap.add_argument("--num-speculative-tokens", type=int, default=4)
     ap.add_argument("--kv-cache-dtype", nargs="+", default=["auto"])
     ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--max-model-len", type=int, default=None)
@@ -399,6 +473,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--plot", default=None, help="sweep: write a PNG of tok/s against batch size")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    prefix = args.workload == "prefix"
+    args.batch = args.batch or (256 if prefix else 64)
+    args.gen = args.gen or (128 if prefix else 256)
     if args.workload == "latency":
         args.batch = 1
     overrides = json.loads(args.overrides) if args.overrides else None
@@ -419,6 +496,9 @@ def main(argv: list[str] | None = None) -> dict:
     for kv_write in args.kv_write:
         set_kv_write(kv_write)
         for kv in args.kv_cache_dtype:
+            if prefix:
+                result["runs"].append(run_prefix_on_off(model, kv, cfg, args))
+                continue
             llm = make_llm(model, kv, args)
             run = {"kv_cache_dtype": kv, "kv_write": kv_write, "kv_dtype": str(llm.engine.target.kv_dtype)}
             if args.workload == "nano":
@@ -458,6 +538,25 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return result
+
+
+def run_prefix_on_off(model: Path, kv: str, cfg: dict, args) -> dict:
+    run: dict = {"kv_cache_dtype": kv}
+    for caching in (True, False):
+        llm = make_llm(model, kv, args, enable_prefix_caching=caching)
+        run["kv_dtype"] = str(llm.engine.target.kv_dtype)
+        r = run_prefix(llm, cfg, args)
+        run["caching_on" if caching else "caching_off"] = r
+        print(
+            f"[prefix {kv}, caching {'on' if caching else 'off'}] mean TTFT {1e3 * r['mean_ttft_s']:.1f} ms, "
+            f"{r['output_tok_s']:.0f} output tok/s, {r['seconds']:.2f} s; [prefix cache] hit rate "
+            f"{r['hit_rate']:.1%} ({r['prefix_cache_hits']} of {r['prefix_cache_queries']} tokens)",
+            flush=True,
+        )
+        del llm
+    run |= prefix_comparison(run["caching_on"], run["caching_off"])
+    print(json.dumps({k: v for k, v in run.items() if not k.startswith("caching_")}), flush=True)
+    return run
 
 
 def set_kv_write(kind: str) -> None:

@@ -26,6 +26,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-model", default=None, help="draft model directory, or 'demo' for the demo draft")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--served-model-name", default=None)
+    p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV cache of prompt prefixes computed before (--no-enable-prefix-caching: recompute)",
+    )
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -47,6 +53,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         seed=args.seed,
         speculative_model=args.speculative_model,
         num_speculative_tokens=args.num_speculative_tokens,
+        enable_prefix_caching=args.enable_prefix_caching,
     )
 
 
@@ -84,6 +91,9 @@ def generate_main(args: argparse.Namespace) -> int:
     if params.n == 1:
         print()
     stats = engine.stats()
+    if stats["prefix_cache_queries"]:
+        hits, queries = stats["prefix_cache_hits"], stats["prefix_cache_queries"]
+        print(f"[prefix cache] hit rate {hits / queries:.1%} ({hits} of {queries} tokens)", file=sys.stderr)
     if stats["spec_num_drafts"]:
         mean = 1 + stats["spec_num_accepted_tokens"] / stats["spec_num_drafts"]
         print(f"[speculative decoding] mean acceptance length {mean:.2f}", file=sys.stderr)

@@ -36,6 +36,9 @@ class EngineConfig:
     speculative_model: str | None = None  # a draft model directory (same tokenizer); "demo" = the demo draft
     num_speculative_tokens: int = 4
     speculative_kv_cache_dtype: str | None = None  # draft pool dtype; None = same as kv_cache_dtype
+    # reuse the KV blocks of prompt prefixes computed before (scheduler/block_manager.py); off: every prompt is
+    # computed from scratch
+    enable_prefix_caching: bool = True
     enforce_eager: bool = False  # True: no CUDA graphs (on a GPU, uniform decode passes are replayed from graphs)
     # greedy speculative rounds: launch round N+1 from round N's device outputs before the host reads round N, so
     # the host's output processing overlaps the GPU's next round (see spec_decode.py)

@@ -88,3 +88,17 @@ def test_ci_extracts_the_two_quick_start_commands_exactly():
     two_lines = text.replace(f"{server}\n```", f"{server}\necho hi\n```")
     with pytest.raises(SystemExit, match="exactly one line"):
         ci.readme_command("server", two_lines)
+
+
+def test_cli_prefix_caching_flag_and_hit_rate_line():
+    def generate(*extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "miniserve.cli", "generate", "--prompt", "To be, or not to be, that is the"]
+        cmd += ["--max-tokens", "8", "--n", "3", "--block-size", "4", *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    cached, plain = generate(), generate("--no-enable-prefix-caching")
+    assert cached.returncode == 0 and plain.returncode == 0, cached.stderr + plain.stderr
+    assert cached.stdout == plain.stdout  # the 3 greedy choices: the same text either way
+    hit_rate = re.search(r"\[prefix cache\] hit rate ([\d.]+)% \((\d+) of (\d+) tokens\)", cached.stderr)
+    assert hit_rate and int(hit_rate.group(2)) > 0  # choices 1 and 2 found choice 0's prompt blocks
+    assert "prefix cache" not in plain.stderr

@@ -307,7 +307,8 @@ def test_completion_stream_equals_non_stream_with_seed(client):
                 finishes[c.index] = c.finish_reason
     assert texts == {c.index: c.text for c in full.choices}
     assert finishes == {c.index: c.finish_reason for c in full.choices}
-    assert usage is not None and usage.model_dump() == full.usage.model_dump()
+    # `again` and the stream both find the prompt's blocks that `full` cached: the same usage, cached_tokens too
+    assert usage is not None and usage.model_dump() == again.usage.model_dump()
     other = [client.completions.create(**{**kwargs, "seed": s}).choices[0].text for s in (1, 2, 3)]
     assert len({full.choices[0].text, *other}) > 1  # the seed matters
 
@@ -382,7 +383,9 @@ def test_chat_logprobs_match_transformers(client, hf_model, hf_tok):
     for chunk in client.chat.completions.create(**kwargs, stream=True):
         for c in chunk.choices:
             streamed += c.logprobs.content if c.logprobs else []
-    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    # the streamed request finds its prompt in the prefix cache: the same tokens, logprobs equal up to rounding
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=1e-5)
 
 
 def test_stop_strings_truncate_and_stream_identically(client):
@@ -443,6 +446,35 @@ def test_64_concurrent_streams_match_solo_runs_and_move_metrics(url, client, hf_
     assert delta("inter_token_latency_seconds_count") == 64 * 7
     assert metric(after, "num_requests_running") == 0 and metric(after, "kv_blocks_used") == 0
     assert metric(after, "kv_blocks_total") > 0
+
+
+def test_prefix_cache_reports_cached_tokens_and_counts_hits(url, client, hf_tok):
+    """The second request with the same prompt reuses its full blocks (16 tokens each, the last token always
+    recomputed): usage.prompt_tokens_details.cached_tokens says how many, /metrics counts queries and hits."""
+    prompt = "Prefix cache probe. Now is the winter of our discontent made glorious summer by this sun of York."
+    ids = hf_tok(prompt).input_ids
+    cached = (len(ids) - 1) // 16 * 16
+    assert cached >= 16
+    kwargs = dict(model=MODEL_NAME, prompt=prompt, max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    before = scrape(url)
+    first = client.completions.create(**kwargs)
+    second = client.completions.create(**kwargs)
+    after = scrape(url)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == cached
+    assert second.choices[0].text == first.choices[0].text
+    delta = lambda name: metric(after, name) - metric(before, name)
+    assert delta("prefix_cache_queries_total") == 2 * len(ids)
+    assert delta("prefix_cache_hits_total") == cached
+    messages = [{"role": "user", "content": prompt}]
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL_NAME, messages=messages, max_tokens=2, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    again = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=2)
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == (again.usage.prompt_tokens - 1) // 16 * 16 > 0
 
 
 def test_client_disconnect_aborts_and_frees_blocks_within_a_second(url):

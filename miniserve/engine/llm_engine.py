@@ -43,9 +43,14 @@ class LLMEngine:
         num_blocks = capacity.num_kv_blocks(config, self.workers, self.max_model_len)
         for worker in self.workers:
             worker.allocate_kv_cache(num_blocks)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        identity = repr([w.cache_identity() for w in self.workers]).encode()  # roots every prefix-cache key
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, identity)
         self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, config.kv_lookahead
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.kv_lookahead,
+            has_draft=self.draft is not None,
         )
         eos = set(self.tokenizer.eos_token_ids) | set(self.target.model_config.eos_token_ids)
         self.outputs = OutputProcessor(self.scheduler, eos, self.max_model_len)
@@ -124,6 +129,10 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> None:
         self.outputs.abort(request_id)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget the prefix cache (benchmarks that repeat the same prompts start each run from nothing)."""
+        self.block_manager.reset_cache()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.outputs.requests)
 
@@ -146,6 +155,8 @@ class LLMEngine:
             "kv_blocks_used": self.block_manager.num_used_blocks,
             "kv_blocks_total": self.block_manager.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": self.scheduler.prefix_cache_queries,
+            "prefix_cache_hits": self.scheduler.prefix_cache_hits,
             "prompt_tokens_total": self.num_prompt_tokens,
             "generation_tokens_total": self.outputs.num_generation_tokens,
             "spec_num_drafts": 0,

@@ -77,6 +77,12 @@ class ModelRunner:
         self.graphs: dict[int, BucketedGraphs] = {}  # new tokens per sequence -> captured uniform passes
         self.prefill_graphs: dict[int, BucketedGraphs] = {}  # padded length -> captured one-sequence prompt pass
 
+    def cache_identity(self) -> tuple:
+        """What makes this worker's K/V bytes for given tokens differ from another's: the prefix cache keys
+        blocks by it as well as by their tokens."""
+        scales = sorted((layer, tuple(sorted(s.items()))) for layer, s in self.layer_scales.items())
+        return (self.role, self.model_dir, str(self.dtype), str(self.kv_dtype), self.block_size, scales)
+
     def bytes_per_block(self) -> int:
         cfg = self.model_config
         elem = torch.empty((), dtype=self.kv_dtype).element_size()

@@ -185,6 +185,7 @@ class OutputProcessor:
             finished,
             metrics,
             list(prompt_logprobs) if prompt_logprobs is not None else None,
+            req.seqs[0].num_cached_tokens or 0,
         )
 
 

@@ -28,3 +28,4 @@ class RequestOutput:
     finished: bool
     metrics: dict = field(default_factory=dict)
     prompt_logprobs: list[dict[int, float] | None] | None = None  # with SamplingParams(prompt_logprobs=N)
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (usage.cached_tokens)

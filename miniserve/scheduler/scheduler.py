@@ -5,6 +5,12 @@ tokens (its whole uncomputed prompt, a chunk of it within the token budget, or t
 Sequences join (from `waiting`) and leave (finished) at every step. When the KV pool runs dry, the newest running
 sequence is preempted: its blocks are freed and it goes back to the front of `waiting`, to be recomputed later.
 The sampled tokens are kept, so recomputation continues exactly where it stopped.
+
+Prefix caching (block_manager.py): a sequence joining the batch first takes the cached blocks of its longest
+cached prefix and computes only the rest; a preempted sequence usually finds its own blocks again. The full blocks
+a sequence computes are registered at the start of the next step (or when it leaves). The `n` choices of a request
+share their prompt this way: the others wait until the first has computed its full prompt blocks, then find them
+in the cache.
 """
 
 from __future__ import annotations
@@ -28,15 +34,28 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, lookahead: int = 0):
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        lookahead: int = 0,
+        has_draft: bool = False,
+    ):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.lookahead = lookahead  # extra slots a decode step may write (speculative tokens)
+        self.has_draft = has_draft
+        # the tokens a cache hit leaves to compute: the last one, whose logits give the next token; with a draft
+        # also the one before, which the first speculative round's draft catch-up rewrites (see _cache_blocks)
+        self.num_uncached = 2 if has_draft else 1
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.parents: dict[int, Sequence] = {}  # seq_id -> sibling whose prompt blocks it may share (n > 1)
+        self.parents: dict[int, Sequence] = {}  # seq_id -> the first choice of its request, whose prompt it reuses
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # tokens of the sequences looked up in the prefix cache as they joined
+        self.prefix_cache_hits = 0  # of which found there
 
     def add(self, seq: Sequence, parent: Sequence | None = None) -> None:
         if parent is not None:
@@ -47,6 +66,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[ScheduledSeq]:
+        for seq in self.running:
+            self._cache_blocks(seq)
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted = False
@@ -81,40 +102,49 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
         return scheduled
 
-    def _parent_pending(self, seq: Sequence) -> bool:
-        parent = self.parents.get(seq.seq_id)
-        return (
-            parent is not None
-            and parent.status == SequenceStatus.RUNNING
-            and seq.num_computed_tokens == 0
-            and parent.num_computed_tokens < self._shared_len(seq)
-        )
+    def _cache_blocks(self, seq: Sequence) -> None:
+        """Register the sequence's full blocks that every worker has written and no worker will write again.
+        A draft lags the target, and its catch-up pass rewrites position num_tokens - 2 when it had already
+        computed it (speculative decoding): such a slot may not sit in a block others read."""
+        num_tokens = seq.num_computed_tokens
+        if self.has_draft:
+            num_tokens = min(num_tokens, seq.num_draft_computed_tokens, seq.num_tokens - 2)
+        if num_tokens >= (seq.num_cached_blocks + 1) * self.blocks.block_size:  # a block was filled (most steps: no)
+            self.blocks.cache_blocks(seq, num_tokens)
 
-    def _shared_len(self, seq: Sequence) -> int:
-        """Tokens of the prompt held in full blocks, leaving at least one token to compute for logits."""
-        bs = self.blocks.block_size
-        return ((seq.num_prompt_tokens - 1) // bs) * bs
+    def _parent_pending(self, seq: Sequence) -> bool:
+        """With prefix caching, a choice waits until its request's first choice has registered its full prompt
+        blocks, rather than computing the same prompt beside it."""
+        parent = self.parents.get(seq.seq_id)
+        if parent is None or parent.status != SequenceStatus.RUNNING or not self.blocks.enable_caching:
+            return False
+        shared_blocks = (seq.num_prompt_tokens - self.num_uncached) // self.blocks.block_size
+        return seq.num_computed_tokens == 0 and parent.num_cached_blocks < shared_blocks
 
     def _admit(self, seq: Sequence, budget: int, scheduled: list[ScheduledSeq]) -> bool:
-        """Start `seq` if its blocks fit, sharing a running sibling's full prompt blocks when it has one."""
-        parent = self.parents.get(seq.seq_id)
-        share = 0
-        if parent is not None and parent.status == SequenceStatus.RUNNING and seq.num_computed_tokens == 0:
-            share = self._shared_len(seq) // self.blocks.block_size
-        num_new = min(seq.num_tokens - share * self.blocks.block_size, budget)
-        need_total = share * self.blocks.block_size + num_new
-        if self.blocks.blocks_for(need_total) - share > self.blocks.num_free_blocks:
+        """Start `seq` if its blocks fit, beginning with the cached blocks of its longest cached prefix. A choice
+        that scores its prompt (prompt_logprobs) computes every position: the logits are what it asks for."""
+        lookup = self.blocks.enable_caching and not seq.scores_prompt
+        cached = self.blocks.cached_prefix(seq, seq.num_tokens - self.num_uncached) if lookup else []
+        num_cached = len(cached) * self.blocks.block_size
+        num_new = min(seq.num_tokens - num_cached, budget)
+        need = num_cached + num_new + (self.lookahead if num_new == 1 else 0)
+        if not self.blocks.can_allocate(cached, need):
             return False
-        if share:
-            self.blocks.share(parent, seq, share)
-            seq.num_computed_tokens = share * self.blocks.block_size
-        self.blocks.grow(seq, need_total)
+        self.blocks.allocate(seq, cached, need)
+        seq.num_computed_tokens = seq.num_draft_computed_tokens = num_cached
+        if lookup:
+            self.prefix_cache_queries += seq.num_tokens
+            self.prefix_cache_hits += num_cached
+        if seq.num_cached_tokens is None:
+            seq.num_cached_tokens = num_cached
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         scheduled.append(ScheduledSeq(seq, num_new))
         return True
 
     def _preempt(self, seq: Sequence) -> None:
+        self._cache_blocks(seq)
         self.blocks.free(seq)
         seq.num_computed_tokens = 0
         seq.num_draft_computed_tokens = 0
@@ -123,7 +153,10 @@ class Scheduler:
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:
-        """Remove a finished or aborted sequence from the queues and return its blocks at once."""
+        """Remove a finished or aborted sequence from the queues and return its blocks at once (the full ones
+        it computed stay cached)."""
+        if seq.status == SequenceStatus.RUNNING:
+            self._cache_blocks(seq)
         seq.status = SequenceStatus.FINISHED
         if seq in self.running:
             self.running.remove(seq)

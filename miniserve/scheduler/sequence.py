@@ -34,6 +34,9 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V sit in the target's cache
     num_draft_computed_tokens: int = 0  # tokens whose K/V sit in the draft's cache (speculative decoding)
     block_table: list[int] = field(default_factory=list)
+    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks (BlockManager)
+    num_cached_blocks: int = 0  # leading blocks of block_table registered in the prefix cache
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first scheduled
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None

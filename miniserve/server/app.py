@@ -143,6 +143,16 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSettings:
         raw = env.get(name)
         return raw if raw else None
 
+    def flag(name: str, default: bool) -> bool:
+        raw = env.get(name, "").strip().lower()
+        if not raw:
+            return default
+        if raw in ("1", "true", "yes", "on"):
+            return True
+        if raw in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name} must be true or false, got {raw!r}")
+
     engine_kwargs: dict[str, Any] = {
         "model": text("MINISERVE_MODEL"),
         "dtype": text("MINISERVE_DTYPE") or "auto",
@@ -157,6 +167,7 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSettings:
         "speculative_model": text("MINISERVE_SPECULATIVE_MODEL"),
         "num_speculative_tokens": num("MINISERVE_NUM_SPECULATIVE_TOKENS", 4),
         "served_model_name": text("MINISERVE_SERVED_MODEL_NAME"),
+        "enable_prefix_caching": flag("MINISERVE_ENABLE_PREFIX_CACHING", True),
     }
     return ServerSettings(
         engine=make_engine_config(**engine_kwargs),

@@ -67,6 +67,9 @@ class EngineStatsCollector(Collector):
         yield counter("num_preemptions", "Preemptions (requests evicted to free blocks).", s.get("num_preemptions", 0))
         yield counter("prompt_tokens", "Prefilled prompt tokens.", s.get("prompt_tokens_total", 0))
         yield counter("generation_tokens", "Generated tokens.", s.get("generation_tokens_total", 0))
+        queries = "Prefix cache queries, in tokens (of the sequences looked up when they joined the batch)."
+        yield counter("prefix_cache_queries", queries, s.get("prefix_cache_queries", 0))
+        yield counter("prefix_cache_hits", "Prefix cache hits, in tokens.", s.get("prefix_cache_hits", 0))
         drafts = s.get("spec_num_drafts", 0)
         accepted = s.get("spec_num_accepted_tokens", 0)
         yield counter("spec_decode_num_drafts", "Speculative draft rounds.", drafts)

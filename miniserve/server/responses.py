@@ -132,11 +132,13 @@ def chat_logprobs(
 
 
 def usage(prompt_tokens: int, completion_tokens: int, outputs: list[Any]) -> dict[str, Any]:
-    """OpenAI usage, plus `spec_decode` when speculative decoding drafted for these requests."""
+    """OpenAI usage (cached_tokens: prompt tokens served by the prefix cache), plus `spec_decode` when
+    speculative decoding drafted for these requests."""
     u: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outputs)},
     }
     metrics = [o.metrics or {} for o in outputs]
     drafts = sum(m.get("num_spec_drafts", 0) for m in metrics)
