@@ -50,3 +50,14 @@ if [ "$part" = big ]; then
   tp 200 --shape llama-3.1-8b --workload fixed --batch 64 --prompt 512 --gen 128 --kv-cache-dtype auto fp8 --repeats 1 \
     --out "$out/throughput_fixed_llama8b_h200.json"
 fi
+
+if [ "$part" = serving ]; then
+  # needs fastapi/uvicorn/pydantic/orjson on the GPU box (carried as wheels there)
+  tp 240 --shape llama-3.2-1b --workload prefix --kv-cache-dtype auto --repeats 1 --out "$out/throughput_prefix_llama1b_h200.json"
+  timeout 300 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 256 --input-len 512 --output-len 256 \
+    --phases stream,plain,offline --client-procs 4 --out "$out/serve_h200.json" 2>&1 | grep -v -i warn | tail -25
+  OUT="$out" timeout 200 python3 benchmarks/gpu_engine_check.py > "$out/engine_check_log.txt" 2>&1
+  mv "$out/engine_check.json" "$out/engine_check_h200.json" && python3 -c "
+import json; d = json.load(open('$out/engine_check_h200.json'))
+for k, v in d.items(): print(k, json.dumps(v)[:300])"
+fi
