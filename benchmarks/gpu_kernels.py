@@ -2,8 +2,11 @@
 
 1. the CPU test files under this box's torch/triton (interpreter), in a background subprocess;
 2. bit-exactness of the fused KV write on the GPU: all 65,536 bf16 and fp16 bit patterns x 5 scales x both
-   FP8 formats against the torch reference (computed on the CPU), plus the plain bf16/fp16/fp32 stores;
-3. decode and extend attention kernels against the torch reference on the GPU;
+   FP8 formats against the independent oracle (tests/fp8_oracle.py, on the CPU), plus the plain
+   bf16/fp16/fp32 stores;
+3. the attention kernels' FP8 page decode (hardware e4m3fn conversion and bit-field decode) of all 256 codes,
+   NaN codes included, which the interpreter cannot emulate (tests/README.md lists what only the GPU checks);
+   decode and extend attention kernels against the torch reference on the GPU;
 4. benchmarks: KV write (fused vs two-launch, copy ceiling) and decode attention (tuning sweep, bandwidth,
    vs SDPA).
 Writes kernels.json and kernels.md to $OUT (default: benchmarks/results) and prints a short table last.
@@ -27,10 +30,17 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "tests"))
 from bench_decode_attention import bench_decode, nominal_peak_gbs, tune_decode  # noqa: E402
 from bench_kv_write import bench_kv_write, copy_bandwidth_gbs, import_kernels, tune_kv_write  # noqa: E402
+from fp8_oracle import all_code_values, quantize_bytes  # noqa: E402
 
 kernels = import_kernels()
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from miniserve.kernels import decode_attention as page_decode  # noqa: E402
+
 DEADLINE_S = float(os.environ.get("GPU_KERNELS_DEADLINE_S", 380))
 START = time.time()
 
@@ -55,7 +65,7 @@ def start_cpu_tests() -> subprocess.Popen:
 
 
 def check_cache_write_exact(device) -> list[dict]:
-    """Fused-write bytes vs quantize_fp8_reference for every 16-bit input (20 combos), and plain stores."""
+    """Fused-write bytes vs the FP8 oracle for every 16-bit input (20 combos), and plain stores."""
     rows = []
     slots = torch.randperm(512, generator=torch.Generator().manual_seed(7))
     for src in (torch.bfloat16, torch.float16):
@@ -67,7 +77,7 @@ def check_cache_write_exact(device) -> list[dict]:
                 kc = torch.zeros(32, 16, 1, 128, dtype=torch.uint8, device=device).view(fp8)
                 vc = torch.zeros_like(kc)
                 kernels.reshape_and_cache(key, value, kc, vc, slots.to(device), s, s, impl="triton")
-                want = kernels.quantize_fp8_reference(x, torch.tensor([scale]), fp8).view(torch.uint8)
+                want = torch.from_numpy(quantize_bytes(x, scale, fp8))
                 got_k = kc.view(torch.uint8).reshape(512, 128)[slots].reshape(-1).cpu()
                 got_v = vc.view(torch.uint8).reshape(512, 128)[slots].reshape(-1).cpu()
                 bad = int((got_k != want).sum()) + int((got_v != want.flip(0)).sum())
@@ -82,6 +92,29 @@ def check_cache_write_exact(device) -> list[dict]:
             as_int = {2: torch.int16, 4: torch.int32}[want.element_size()]
             same = (got.view(as_int) == want.view(as_int)) | (torch.isnan(got) & torch.isnan(want))
             rows.append(dict(src=str(src)[6:], cache=str(dst)[6:], scale=None, mismatches=int((~same).sum())))
+    return rows
+
+
+@triton.jit
+def _decode_codes_kernel(codes_ptr, out_ptr, KV_MODE: tl.constexpr, NAN_ALL_ONES: tl.constexpr):
+    offs = tl.arange(0, 256)
+    x = page_decode.load_kv_tile(codes_ptr, offs, offs < 256, KV_MODE, NAN_ALL_ONES, tl.float32)
+    tl.store(out_ptr + offs, x)
+
+
+def check_fp8_page_decode(device) -> list[dict]:
+    """All 256 codes through the attention kernels' tile load, in each FP8 decode mode, vs the code values."""
+    rows = []
+    codes = torch.arange(256, dtype=torch.int32, device=device).to(torch.uint8)
+    for fp8 in FP8:
+        for fp8_decode in ("auto", "bits"):
+            mode, nan_all_ones, factor = page_decode.kv_mode(fp8, device, fp8_decode)
+            out = torch.empty(256, dtype=torch.float32, device=device)
+            _decode_codes_kernel[(1,)](codes, out, mode, nan_all_ones)
+            got = torch.from_numpy(out.cpu().double().numpy() * factor)
+            want = torch.from_numpy(all_code_values(fp8))
+            bad = int((~((got == want) | (got.isnan() & want.isnan()))).sum())
+            rows.append(dict(cache=str(fp8)[6:], fp8_decode=fp8_decode, kv_mode=mode, mismatches=bad))
     return rows
 
 
@@ -204,6 +237,9 @@ def summary(results: dict) -> list[str]:
     if isinstance(exact, list):
         bad = sum(r["mismatches"] for r in exact)
         out.append(f"exactness: {len(exact)} combos, {bad} mismatching bytes")
+    decode = results.get("fp8_page_decode")
+    if isinstance(decode, list):
+        out.append(f"fp8 page decode: {len(decode)} modes, {sum(r['mismatches'] for r in decode)} mismatching codes")
     att = results.get("attention_vs_reference")
     if isinstance(att, list):
         out.append(f"attention vs reference: {sum(r['ok'] for r in att)}/{len(att)} ok")
@@ -244,6 +280,7 @@ def main() -> None:
     results["nominal_peak_gbs"] = nominal_peak_gbs(results["gpu"])
     cpu_tests = start_cpu_tests()
     section(results, "cache_write_exact", check_cache_write_exact, device)
+    section(results, "fp8_page_decode", check_fp8_page_decode, device)
     section(results, "attention_vs_reference", check_attention, device)
     results["copy_bandwidth_gbs"] = copy_bandwidth_gbs(device)
     section(results, "kv_write", bench_kv_write, device)

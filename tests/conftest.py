@@ -12,6 +12,9 @@ import pytest
 # GPU checks are the scripts under benchmarks/ (gpu_kernels.py, gpu_engine_check.py).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# One torch thread per process (inherited by the server and CLI subprocesses): the suite's tensors are tiny, and
+# on a shared or 2-core machine extra threads only contend (measured: 10 min instead of 39 under load).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 

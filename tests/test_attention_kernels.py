@@ -11,6 +11,7 @@ from dataclasses import dataclass  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from fp8_oracle import all_code_values, quantize_bytes  # noqa: E402
 
 from miniserve.kernels import (  # noqa: E402
     AttentionMetadata,
@@ -85,10 +86,9 @@ def make_batch(
 
 def stored_values(x: torch.Tensor, cache_dtype: torch.dtype, scale: torch.Tensor) -> torch.Tensor:
     """What the cache holds for x, as fp64: FP8 round trip through the cache dtype, or a plain cast."""
-    if is_fp8(cache_dtype):
-        from miniserve.kernels.fp8 import quantize_fp8_reference
-
-        return quantize_fp8_reference(x, scale, cache_dtype).double() * scale.double()
+    if is_fp8(cache_dtype):  # the independent oracle's codes and code values
+        codes = torch.from_numpy(quantize_bytes(x, float(scale), cache_dtype)).long()
+        return torch.from_numpy(all_code_values(cache_dtype))[codes] * scale.double()
     return x.to(cache_dtype).double()
 
 

@@ -125,4 +125,5 @@ def test_llm_without_model_serves_the_demo_target():
     out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]
     assert time.time() - start < 30
     assert llm.engine.config.model == str(DEMO_TARGET) and llm.engine.model_name == "shakespeare-target"
-    assert len(out.outputs[0].token_ids) == 16 and out.outputs[0].text.strip()
+    assert len(out.outputs[0].token_ids) == 16
+    assert out.outputs[0].text == "\nI am a shame of a man's name, and"  # the README's greedy ROMEO text

@@ -8,8 +8,8 @@ import torch
 import miniserve.models.llama as llama_module
 from miniserve import LLM, SamplingParams
 from miniserve.engine.model_runner import ForwardInput
-from miniserve.kernels import quantize_fp8_reference
 from tests.conftest import VOCAB
+from tests.fp8_oracle import quantize_bytes_tensor
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
@@ -36,7 +36,8 @@ def greedy_ids(llm: LLM, prompts, params=GREEDY) -> list[list[int]]:
 
 
 def test_fp8_cache_bytes_equal_reference_quantization(llama_dir, monkeypatch):
-    """Every K/V the model writes lands in the cache as exactly the reference quantization of that K/V."""
+    """Every K/V the model writes lands in the cache as exactly the quantization of that K/V (the independent
+    oracle of tests/fp8_oracle.py)."""
     llm = make_llm(llama_dir, kv_cache_dtype="fp8")
     worker = llm.engine.target
     assert worker.kv_dtype == torch.float8_e4m3fn
@@ -55,8 +56,7 @@ def test_fp8_cache_bytes_equal_reference_quantization(llama_dir, monkeypatch):
     for key, value, kc, vc, slots, ks, vs in writes:
         for x, cache, scale in ((key, kc, ks), (value, vc, vs)):
             stored = cache.view(-1, *cache.shape[2:])[slots].view(torch.uint8)
-            expected = quantize_fp8_reference(x, scale, torch.float8_e4m3fn).view(torch.uint8)
-            assert torch.equal(stored, expected)
+            assert torch.equal(stored, quantize_bytes_tensor(x, scale, torch.float8_e4m3fn))
 
 
 # Measured on these random weights (5 prompts): ||fp8 - fp32|| / ||fp32|| of the logits = 0.057..0.086 and
@@ -274,13 +274,21 @@ def test_chat_and_string_prompts(llama_dir):
 
 @pytest.mark.parametrize("kv", ["auto", "fp8", "fp8_e4m3fnuz"])
 def test_triton_backend_matches_torch_backend(llama_dir, kv):
-    """The Triton kernels (in the interpreter here, natively on a GPU) drive the engine to the same tokens."""
+    """The Triton kernels (in the interpreter here, natively on a GPU) drive the engine to the same tokens and
+    leave the same KV cache: byte for byte in FP8 (one quantization, whatever the backend), within float32
+    rounding of the layer ops otherwise."""
     prompts = token_prompts(3, seed=14, lo=3, hi=20)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     tri = make_llm(llama_dir, kv_cache_dtype=kv, attention_backend="triton", block_size=8)
     ref = make_llm(llama_dir, kv_cache_dtype=kv, attention_backend="torch", block_size=8)
     assert tri.engine.target.backend == "triton" and ref.engine.target.backend == "torch"
     assert greedy_ids(tri, prompts, params) == greedy_ids(ref, prompts, params)
+    tri_kv, ref_kv = tri.engine.target.kv_pool, ref.engine.target.kv_pool
+    assert tri_kv.dtype == ref_kv.dtype and (ref_kv.view(torch.uint8) != 0).sum() > 1000  # the prompts were written
+    if kv == "auto":
+        torch.testing.assert_close(tri_kv, ref_kv, rtol=0, atol=1e-5)
+    else:
+        assert torch.equal(tri_kv.view(torch.uint8), ref_kv.view(torch.uint8))
 
 
 def test_engine_seed_makes_unseeded_sampling_repeatable(llama_dir):

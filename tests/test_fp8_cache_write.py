@@ -1,9 +1,9 @@
 """FP8 quantization semantic and the fused KV write (`reshape_and_cache`), bit for bit.
 
-The oracle for the FP8 bytes is built here from first principles (decode all 256 codes arithmetically, pick
-the nearest code with ties to the even code in numpy fp32/fp64), so neither the reference nor the kernel is
-tested against itself. The Triton kernel runs in the CPU interpreter (TRITON_INTERPRET=1, set before Triton is
-imported).
+The oracle for the FP8 bytes (tests/fp8_oracle.py) is built from first principles (decode all 256 codes
+arithmetically, pick the nearest code with ties to the even code in numpy fp32/fp64) and imports nothing from
+miniserve, so neither the reference nor the kernel is tested against itself. The Triton kernel runs in the CPU
+interpreter (TRITON_INTERPRET=1, set before Triton is imported).
 """
 
 import os
@@ -13,6 +13,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from fp8_oracle import all_code_values, quantize_bytes  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -40,40 +41,6 @@ def all_bit_patterns(dtype: torch.dtype) -> torch.Tensor:
     return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
 
 
-def code_values(fmt) -> np.ndarray:
-    """fp64 value of the non-negative codes 0..127 of an e4m3 format, from the bit layout (NaN = nan)."""
-    codes = np.arange(128)
-    e, m = codes >> 3, codes & 7
-    bias = fmt.exponent_bias
-    vals = np.where(e == 0, m / 8.0 * 2.0 ** (1 - bias), (1 + m / 8.0) * 2.0 ** (e - bias))
-    if fmt.dtype == torch.float8_e4m3fn:
-        vals[0x7F] = np.nan
-    return vals
-
-
-def oracle_fp8_bytes(x: torch.Tensor, scale: float, dtype: torch.dtype) -> np.ndarray:
-    """Independent statement of q = RNE(clamp(x / scale)) with the pinned NaN / zero encodings."""
-    fmt = fp8_format(dtype)
-    with np.errstate(invalid="ignore", over="ignore"):
-        y = x.float().numpy() / np.float32(scale)  # numpy fp32 division is IEEE round-to-nearest
-    assert y.dtype == np.float32
-    vals = code_values(fmt)
-    finite_codes = np.arange(128)[~np.isnan(vals)]  # ascending in value
-    table = vals[finite_codes]
-    a = np.minimum(np.abs(y.astype(np.float64)), fmt.max_value)
-    hi = np.clip(np.searchsorted(table, a), 0, len(table) - 1)
-    lo = np.clip(hi - 1, 0, len(table) - 1)
-    d_lo, d_hi = a - table[lo], table[hi] - a
-    pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (finite_codes[hi] % 2 == 0))
-    code = np.where(pick_hi, finite_codes[hi], finite_codes[lo]).astype(np.uint8)
-    negative = np.signbit(y)
-    if fmt.has_negative_zero:
-        code = np.where(negative, code | 0x80, code)
-    else:
-        code = np.where(negative & (code != 0), code | 0x80, code)
-    return np.where(np.isnan(y), fmt.nan_byte, code).astype(np.uint8)
-
-
 def scale_tensor(s: float) -> torch.Tensor:
     return torch.tensor([s], dtype=torch.float32)
 
@@ -82,7 +49,7 @@ def scale_tensor(s: float) -> torch.Tensor:
 def test_reference_quantization_matches_oracle_for_every_bit_pattern(src, fp8, scale):
     x = all_bit_patterns(src)
     got = quantize_fp8_reference(x, scale_tensor(scale), fp8).view(torch.uint8).numpy()
-    want = oracle_fp8_bytes(x, scale, fp8)
+    want = quantize_bytes(x, scale, fp8)
     bad = np.nonzero(got != want)[0]
     assert bad.size == 0, (
         f"{bad.size} mismatches, first x={x[bad[:5]].tolist()} got={got[bad[:5]]} want={want[bad[:5]]}"
@@ -91,32 +58,19 @@ def test_reference_quantization_matches_oracle_for_every_bit_pattern(src, fp8, s
 
 @pytest.mark.parametrize("fp8", FP8, ids=dtype_id)
 def test_pinned_corner_cases(fp8):
-    fmt = fp8_format(fp8)
     x = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), 1e6, -1e6, 0.0, -0.0, -1e-30])
     got = quantize_fp8_reference(x, scale_tensor(1.0), fp8).view(torch.uint8).tolist()
-    max_code = 0x7E if fp8 == torch.float8_e4m3fn else 0x7F
-    neg_zero = 0x80 if fmt.has_negative_zero else 0x00
-    assert got == [
-        fmt.nan_byte,
-        fmt.nan_byte,
-        max_code,
-        max_code | 0x80,
-        max_code,
-        max_code | 0x80,
-        0,
-        neg_zero,
-        neg_zero,
-    ]
+    if fp8 == torch.float8_e4m3fn:  # max 448 = 0x7E, NaN 0x7F, signed zeros
+        assert got == [0x7F, 0x7F, 0x7E, 0xFE, 0x7E, 0xFE, 0x00, 0x80, 0x80]
+    else:  # max 240 = 0x7F, the only NaN 0x80, one zero
+        assert got == [0x80, 0x80, 0x7F, 0xFF, 0x7F, 0xFF, 0x00, 0x00, 0x00]
+    assert all_code_values(fp8)[got[2]] == fp8_format(fp8).max_value
 
 
 @pytest.mark.parametrize("fp8", FP8, ids=dtype_id)
 def test_dequantize_is_value_times_scale(fp8):
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
-    fmt = fp8_format(fp8)
-    vals = code_values(fmt)
-    want = np.concatenate([vals, -vals]).astype(np.float32) * np.float32(0.37)  # one fp32 rounding
-    if not fmt.has_negative_zero:
-        want[0x80] = np.nan
+    want = all_code_values(fp8).astype(np.float32) * np.float32(0.37)  # one fp32 rounding
     got = dequantize_fp8_reference(codes.view(fp8), scale_tensor(0.37)).numpy()
     np.testing.assert_array_equal(got, want)
     # Round trip: every finite code survives quantize(dequantize(code)) with the same scale.
@@ -135,7 +89,7 @@ def test_triton_kernel_bit_exact_for_every_bit_pattern(src, fp8, scale):
     vc = torch.zeros_like(kc)
     s = scale_tensor(scale)
     reshape_and_cache(key, value, kc, vc, slots, s, s, impl="triton")
-    want = oracle_fp8_bytes(x, scale, fp8)
+    want = quantize_bytes(x, scale, fp8)
     for cache, want_tok in ((kc, want.reshape(512, 128)), (vc, want[::-1].reshape(512, 128))):
         got = cache.view(torch.uint8).reshape(512, 128)[slots].numpy()
         bad = np.nonzero(got != want_tok)
@@ -153,7 +107,7 @@ def make_cache(num_blocks, block_size, heads, dim, dtype, poison=0xA5):
 
 def expected_bytes(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
     if cache_dtype in FP8:
-        return torch.from_numpy(oracle_fp8_bytes(x, scale, cache_dtype).reshape(x.shape))
+        return torch.from_numpy(quantize_bytes(x, scale, cache_dtype).reshape(x.shape))
     return x.to(cache_dtype).contiguous().view(torch.uint8)
 
 

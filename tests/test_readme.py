@@ -17,14 +17,48 @@ def blocks(lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
 
 
-def test_offline_example_runs():
+def text_block_after(marker: str) -> str:
+    text = README.read_text(encoding="utf-8")
+    return re.search(r"```text\n(.*?)```", text[text.index(marker) :], flags=re.S).group(1)
+
+
+def greedy_blocks() -> list[str]:
+    """The ```text blocks of what the demo target writes greedily (80 new tokens), prompt first."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("What the target writes greedily") : text.index("It is a 7M-parameter model")]
+    return re.findall(r"```text\n(.*?)\n```", section, flags=re.S)
+
+
+def test_offline_example_prints_what_the_readme_shows():
     code = next(b for b in blocks("python") if "from miniserve import LLM" in b)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "ROMEO:" in proc.stdout and "length" in proc.stdout
+    assert proc.stdout == text_block_after("On the CPU it prints")
 
 
-def test_cli_generate_example_runs():
+def test_greedy_text_in_the_readme_is_what_the_demo_target_writes():
+    """miniserve (CPU, float32) and transformers both write exactly the README's blocks."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from miniserve import LLM, SamplingParams
+    from miniserve.config import DEMO_TARGET
+
+    shown = greedy_blocks()
+    assert len(shown) == 2
+    prompts = [b.splitlines()[0] for b in shown]
+    outs = LLM().generate(prompts, SamplingParams(temperature=0, max_tokens=80), use_tqdm=False)
+    assert [p + o.outputs[0].text for p, o in zip(prompts, outs)] == shown
+    tok = AutoTokenizer.from_pretrained(DEMO_TARGET)
+    model = AutoModelForCausalLM.from_pretrained(DEMO_TARGET, dtype=torch.float32).eval()
+    for prompt, block in zip(prompts, shown):
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=80)
+        assert prompt + tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == block
+
+
+def test_cli_generate_example_writes_the_readme_greedy_text():
     line = next(
         ln.split("#")[0].strip()
         for b in blocks("bash")
@@ -32,11 +66,14 @@ def test_cli_generate_example_runs():
         if ln.startswith("miniserve generate --prompt")
     )
     args = line.split(None, 2)[2]  # after "miniserve generate"
+    assert args.startswith('--prompt "ROMEO:" --max-tokens 64')
     proc = subprocess.run(
         f"{sys.executable} -m miniserve.cli generate {args}", shell=True, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr
-    assert len(proc.stdout.strip()) > 20
+    text = proc.stdout.removesuffix("\n")
+    romeo = next(b for b in greedy_blocks() if b.startswith("ROMEO:"))
+    assert len(text) > 100 and romeo.startswith("ROMEO:" + text)  # 64 of the block's 80 greedy tokens
 
 
 def test_cli_reports_user_errors_clearly(tmp_path):

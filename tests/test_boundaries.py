@@ -1,0 +1,149 @@
+"""Every capacity limit at its edge: exactly N fits, N + 1 does not.
+
+The limits: the KV pool (with and without the speculative lookahead slots), max_model_len, max_num_batched_tokens,
+max_num_seqs, and block-size multiples. The oracle is arithmetic on the settings (ceil division, sums), never the
+engine's own helpers, and requests that fit must also run to the end with the output of an unconstrained engine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from miniserve import SamplingParams
+from miniserve.config import EngineConfig
+from miniserve.engine.llm_engine import LLMEngine
+from miniserve.scheduler.block_manager import BlockManager
+
+BLOCK = 8
+
+
+def engine(path, **kw) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(path), dtype="float32", device="cpu", block_size=BLOCK, **kw))
+
+
+def greedy(max_tokens: int | None) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def prompt(n: int, offset: int = 0) -> list[int]:
+    return [(7 * i + offset) % 300 + 2 for i in range(n)]
+
+
+def run(eng: LLMEngine, requests: list[tuple[list[int], SamplingParams]], max_steps: int = 200) -> dict:
+    """Run to completion (a bounded number of steps, so a scheduling deadlock fails instead of hanging); returns
+    the finished outputs by request id and the peaks of blocks in use and of running sequences."""
+    for i, (ids, params) in enumerate(requests):
+        eng.add_request(str(i), ids, params)
+    peaks = {"blocks": 0, "running": 0}
+    schedule = eng.scheduler.schedule
+
+    def recording_schedule():  # the step's blocks are all held right after scheduling
+        scheduled = schedule()
+        stats = eng.stats()
+        peaks["blocks"] = max(peaks["blocks"], stats["kv_blocks_used"])
+        peaks["running"] = max(peaks["running"], stats["num_running"])
+        return scheduled
+
+    eng.scheduler.schedule = recording_schedule
+    done = {}
+    for _ in range(max_steps):
+        if not eng.has_unfinished_requests():
+            break
+        done.update({out.request_id: out.outputs[0] for out in eng.step() if out.finished})
+    eng.scheduler.schedule = schedule
+    assert not eng.has_unfinished_requests(), f"not finished after {max_steps} steps"
+    assert eng.stats()["kv_blocks_used"] == 0
+    return {"outputs": done, "peak_blocks": peaks["blocks"], "peak_running": peaks["running"]}
+
+
+def test_blocks_for_is_ceil_division():
+    bm = BlockManager(num_blocks=4, block_size=BLOCK)
+    assert [bm.blocks_for(n) for n in range(0, 4 * BLOCK + 2)] == [math.ceil(n / BLOCK) for n in range(4 * BLOCK + 2)]
+
+
+def test_kv_pool_exact_fit_runs_and_one_more_token_never_fits(llama_dir):
+    """4 blocks of 8 = 32 slots: prompt + max_tokens = 32 runs to the end using the whole pool; 33 is refused."""
+    eng = engine(llama_dir, num_kv_blocks=4)
+    ref = run(engine(llama_dir), [(prompt(8), greedy(24))])["outputs"]["0"].token_ids
+    got = run(eng, [(prompt(8), greedy(24))])
+    assert got["outputs"]["0"].token_ids == ref and got["peak_blocks"] == 4
+    assert len(run(eng, [(prompt(31), greedy(1))])["outputs"]["0"].token_ids) == 1
+    for ids, n in ((prompt(8), 25), (prompt(32), 1), (prompt(1), 32)):
+        with pytest.raises(ValueError, match="never fit"):
+            eng.add_request("x", ids, greedy(n))
+    # two requests that each need the whole pool take turns (preemption), with unchanged output
+    both = run(eng, [(prompt(8), greedy(24)), (prompt(8, offset=1), greedy(24))])["outputs"]
+    alone = run(engine(llama_dir), [(prompt(8, offset=1), greedy(24))])["outputs"]["0"].token_ids
+    assert both["0"].token_ids == ref and both["1"].token_ids == alone
+
+
+def test_kv_pool_exact_fit_counts_the_speculative_lookahead(llama_dir, draft_dir):
+    """With k = 2 and overlapped rounds a sequence reserves 2k + 1 = 5 slots past its length: 27 + 5 = 32 fits."""
+    kw = dict(speculative_model=str(draft_dir), num_speculative_tokens=2, num_kv_blocks=4)
+    eng = engine(llama_dir, **kw)
+    assert eng.scheduler.lookahead == 5
+    ref = run(engine(llama_dir), [(prompt(8), greedy(19))])["outputs"]["0"].token_ids
+    assert run(eng, [(prompt(8), greedy(19))])["outputs"]["0"].token_ids == ref
+    with pytest.raises(ValueError, match="never fit"):
+        eng.add_request("x", prompt(8), greedy(20))
+    eng = engine(llama_dir, overlap_spec_rounds=False, **kw)  # k = 2 slots: 30 + 2 = 32
+    ref = run(engine(llama_dir), [(prompt(8), greedy(22))])["outputs"]["0"].token_ids
+    assert run(eng, [(prompt(8), greedy(22))])["outputs"]["0"].token_ids == ref
+    with pytest.raises(ValueError, match="never fit"):
+        eng.add_request("x", prompt(8), greedy(23))
+
+
+def test_max_model_len_exact_fit(llama_dir):
+    eng = engine(llama_dir, max_model_len=32)
+    out = run(eng, [(prompt(31), greedy(1)), (prompt(16), greedy(16)), (prompt(20), greedy(None))])["outputs"]
+    assert [len(out[i].token_ids) for i in "012"] == [1, 16, 12]  # max_tokens=None: until the context is full
+    assert all(out[i].finish_reason == "length" for i in "012")
+    for ids, n in ((prompt(32), 1), (prompt(16), 17), (prompt(1), 32)):
+        with pytest.raises(ValueError, match="max_model_len"):
+            eng.add_request("x", ids, greedy(n))
+    assert not eng.has_unfinished_requests()
+
+
+def first_step_token_counts(eng: LLMEngine, prompts: list[list[int]]) -> list[int]:
+    for i, ids in enumerate(prompts):
+        eng.add_request(str(i), ids, greedy(2))
+    got = {out.request_id: len(out.outputs[0].token_ids) for out in eng.step()}
+    return [got.get(str(i), 0) for i in range(len(prompts))]
+
+
+def test_max_num_batched_tokens_exact_fit(llama_dir):
+    """A 16-token budget prefills a 16-token prompt in one step; 17 tokens take two (chunked prefill)."""
+    assert first_step_token_counts(engine(llama_dir, max_num_batched_tokens=16), [prompt(16)]) == [1]
+    eng = engine(llama_dir, max_num_batched_tokens=16)
+    assert first_step_token_counts(eng, [prompt(17)]) == [0]
+    assert [len(o.outputs[0].token_ids) for o in eng.step()] == [1]
+    # the budget is shared: 8 + 8 both complete, 8 + 9 leaves the second one token short
+    assert first_step_token_counts(engine(llama_dir, max_num_batched_tokens=16), [prompt(8), prompt(8, 1)]) == [1, 1]
+    assert first_step_token_counts(engine(llama_dir, max_num_batched_tokens=16), [prompt(8), prompt(9, 1)]) == [1, 0]
+    ref = run(engine(llama_dir), [(prompt(8), greedy(8)), (prompt(9, 1), greedy(8))])["outputs"]
+    got = run(engine(llama_dir, max_num_batched_tokens=16), [(prompt(8), greedy(8)), (prompt(9, 1), greedy(8))])
+    assert [got["outputs"][i].token_ids for i in "01"] == [ref[i].token_ids for i in "01"]
+
+
+def test_max_num_seqs_exact_fit(llama_dir):
+    assert first_step_token_counts(engine(llama_dir, max_num_seqs=3), [prompt(5, i) for i in range(3)]) == [1, 1, 1]
+    four = [prompt(5, i) for i in range(4)]
+    assert first_step_token_counts(engine(llama_dir, max_num_seqs=3), four) == [1, 1, 1, 0]
+    got = run(engine(llama_dir, max_num_seqs=3), [(p, greedy(6)) for p in four])
+    ref = run(engine(llama_dir), [(p, greedy(6)) for p in four])
+    assert got["peak_running"] == 3 and ref["peak_running"] == 4
+    assert [got["outputs"][i].token_ids for i in "0123"] == [ref["outputs"][i].token_ids for i in "0123"]
+
+
+@pytest.mark.parametrize(
+    "prompt_len,max_tokens,blocks",
+    [(8, 1, 1), (9, 1, 2), (7, 2, 1), (8, 2, 2), (16, 1, 2), (15, 2, 2), (16, 2, 3)],
+)
+def test_block_size_multiples(llama_dir, prompt_len, max_tokens, blocks):
+    """A sequence holds ceil(written slots / 8) blocks: the prompt plus every sampled token fed back (the last
+    sampled token is never written)."""
+    assert math.ceil((prompt_len + max_tokens - 1) / BLOCK) == blocks
+    got = run(engine(llama_dir), [(prompt(prompt_len), greedy(max_tokens))])
+    assert got["peak_blocks"] == blocks and len(got["outputs"]["0"].token_ids) == max_tokens

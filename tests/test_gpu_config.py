@@ -1,0 +1,129 @@
+"""The GPU's kernel configuration, run in Triton's CPU interpreter where it can be.
+
+Under TRITON_INTERPRET=1 the launchers pick interpreter-friendly settings: KV tiles of 16 positions and query
+tiles of 16 (GPU: 64 / 128 for FP8 caches, and 64), one 65,536-element program for the KV write (GPU: ~2K per
+program), SiLU*mul columns of 4096 (GPU: 1024), the bit-field FP8 decode (GPU, e4m3fn on NVIDIA: KV_FP8_HW, the
+hardware fp8 -> fp16 conversion) and fp32 dots for bf16 (GPU: bf16 dots). The tests below force the GPU's choice
+of each, except the bf16 dot, and compare with the torch references and the independent FP8 oracle.
+
+What the interpreter cannot run, and which GPU script covers it instead: tests/README.md.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from fp8_oracle import all_code_values, quantize_bytes  # noqa: E402
+from test_attention_kernels import DECODE_SEQS, EXTEND_SEQS, make_batch, tolerance  # noqa: E402
+
+import miniserve.kernels.decode_attention as decode_module  # noqa: E402
+import miniserve.kernels.extend_attention as extend_module  # noqa: E402
+import miniserve.kernels.layer_ops as layer_ops  # noqa: E402
+from miniserve.kernels import paged_attention  # noqa: E402
+from miniserve.kernels.cache_write import reshape_and_cache_triton  # noqa: E402
+
+GPU_BLOCK_N = {torch.float8_e4m3fn: 128, torch.float32: 64, torch.bfloat16: 64}
+GPU_BLOCK_M = 64
+
+
+@pytest.fixture
+def hardware_fp8_decode(monkeypatch):
+    """The decode mode a CUDA device picks for e4m3fn caches (KV_FP8_HW), on the interpreter."""
+    original = decode_module.kv_mode
+
+    def gpu_kv_mode(cache_dtype, device, fp8_decode="auto"):
+        if cache_dtype == torch.float8_e4m3fn:
+            return decode_module.KV_FP8_HW, True, 1.0
+        return original(cache_dtype, device, fp8_decode)
+
+    monkeypatch.setattr(decode_module, "kv_mode", gpu_kv_mode)
+    monkeypatch.setattr(extend_module, "kv_mode", gpu_kv_mode)
+
+
+@triton.jit
+def _decode_codes_kernel(codes_ptr, out_ptr, KV_MODE: tl.constexpr, NAN_ALL_ONES: tl.constexpr):
+    offs = tl.arange(0, 256)
+    x = decode_module.load_kv_tile(codes_ptr, offs, offs < 256, KV_MODE, NAN_ALL_ONES, tl.float32)
+    tl.store(out_ptr + offs, x)
+
+
+@pytest.mark.parametrize("mode", ["bits", "hw"])
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz], ids=lambda d: str(d)[6:])
+def test_fp8_page_decode_of_all_256_codes(mode, fp8):
+    """Both decode paths of the attention kernels' tile load turn every code into its value (times the launcher's
+    factor) and NaN codes into NaN. The hardware path is NVIDIA's e4m3fn conversion; the interpreter emulates it
+    except for the two NaN codes (it gives +-480), which benchmarks/gpu_kernels.py checks on the GPU."""
+    if mode == "hw" and fp8 == torch.float8_e4m3fnuz:
+        pytest.skip("the hardware path is NVIDIA's e4m3fn conversion")
+    if mode == "hw":
+        kv_mode, nan_all_ones, factor = decode_module.KV_FP8_HW, True, 1.0
+    else:
+        kv_mode, nan_all_ones, factor = decode_module.kv_mode(fp8, torch.device("cpu"), "bits")
+    out = torch.empty(256, dtype=torch.float32)
+    _decode_codes_kernel[(1,)](torch.arange(256, dtype=torch.int32).to(torch.uint8), out, kv_mode, nan_all_ones)
+    got, want = out.numpy().astype(np.float64) * factor, all_code_values(fp8)
+    if mode == "hw":
+        assert np.isnan(want[[0x7F, 0xFF]]).all() and np.array_equal(np.abs(got[[0x7F, 0xFF]]), [480.0, 480.0])
+        got[[0x7F, 0xFF]] = np.nan
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("cache_dtype", list(GPU_BLOCK_N), ids=lambda d: str(d)[6:])
+def test_attention_kernels_with_gpu_tiles_and_fp8_decode(hardware_fp8_decode, cache_dtype, q_dtype):
+    """Decode and extend kernels with the GPU's tile sizes (and, for e4m3fn, its hardware FP8 decode) against the
+    torch reference, on contexts shorter and longer than one tile."""
+    from miniserve.kernels.decode_attention import decode_attention
+    from miniserve.kernels.extend_attention import extend_attention
+
+    block_n = GPU_BLOCK_N[cache_dtype]
+    for seqs, kernel, kw in (
+        (DECODE_SEQS + [(300, 1)], decode_attention, dict(block_n=block_n)),
+        (EXTEND_SEQS + [(200, 70)], extend_attention, dict(block_n=block_n, block_m=GPU_BLOCK_M)),
+    ):
+        b = make_batch(seqs, 16, 4, 2, 64, cache_dtype, q_dtype, seed=len(seqs))
+        want = paged_attention(b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3, backend="torch")
+        got = kernel(b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3, **kw)
+        torch.testing.assert_close(got.float(), want.float(), **tolerance(q_dtype))
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz], ids=lambda d: str(d)[6:])
+def test_kv_write_with_gpu_tiles_is_bit_exact(fp8):
+    """The fused write in ~2K-element programs (the GPU's tiling: many programs, masked tails) on all 65,536
+    bf16 patterns, against the oracle; a ragged token count and head size exercise the masks."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    key, value = x.reshape(512, 1, 128), x.flip(0).reshape(512, 1, 128)
+    slots = torch.randperm(512, generator=torch.Generator().manual_seed(3))
+    kc = torch.zeros(32, 16, 1, 128, dtype=torch.uint8).view(fp8)
+    vc = torch.zeros_like(kc)
+    scale = torch.tensor([0.37])
+    reshape_and_cache_triton(key, value, kc, vc, slots, scale, scale, tile_elements=2048)
+    want = quantize_bytes(x, 0.37, fp8).reshape(512, 128)
+    assert np.array_equal(kc.view(torch.uint8).reshape(512, 128)[slots].numpy(), want)
+    assert np.array_equal(vc.view(torch.uint8).reshape(512, 128)[slots].numpy(), want[::-1, ::-1].copy())
+    ragged = torch.randn(37, 3, 80, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16) * 100
+    kc = torch.zeros(8, 16, 3, 80, dtype=torch.uint8).view(fp8)
+    vc = torch.zeros_like(kc)
+    slots = torch.randperm(8 * 16, generator=torch.Generator().manual_seed(5))[:37]
+    reshape_and_cache_triton(ragged, ragged, kc, vc, slots, scale, scale, tile_elements=2048)
+    got = kc.view(torch.uint8).reshape(128, 3, 80)[slots].numpy()
+    assert np.array_equal(got, quantize_bytes(ragged, 0.37, fp8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_silu_and_mul_with_gpu_column_blocks(monkeypatch, dtype):
+    """SiLU*mul in 1024-column programs (the GPU's block) for an MLP width of 2,816 (several blocks, a ragged
+    last one): bit for bit what the interpreter's single 4096-column block computes (tests/test_layer_ops.py
+    compares that with the reference)."""
+    x = torch.randn(5, 2 * 2816, generator=torch.Generator().manual_seed(0)).to(dtype) * 4
+    one_block = layer_ops.silu_and_mul(x, impl="triton")
+    monkeypatch.setattr(layer_ops, "triton_interpreter_enabled", lambda: False)  # the launcher's GPU block
+    out = torch.empty(5, 2816, dtype=dtype)
+    layer_ops._silu_and_mul_triton(x, out)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(out.view(bits), one_block.view(bits))
