@@ -1,0 +1,133 @@
+"""Mutation testing of the core modules with mutmut: how many small bugs planted in the code the tests catch.
+
+    pip install -e ".[dev]"
+    python scripts/mutation.py block_manager          # one module (minutes); several names, or none for all
+    python scripts/mutation.py --list                 # the modules and the tests each one runs
+
+Each module runs in its own throw-away copy of the working tree (tracked and untracked files, uncommitted edits
+included), with mutmut told to mutate that one file and to run only the tests listed for it (mutmut runs, for
+each mutant, the selected tests that reach the mutated function). A mutant is *killed* when a test fails,
+*survives* when all pass. Timeouts count as killed (the mutant hangs the code: a test that hung would have been
+noticed); "no tests" mutants sit in functions the selection never calls, and count as survivors.
+The score per module goes to scripts/mutation_results.json, the survivors' diffs to stdout; scripts/README.md
+records the scores. Not in CI: a full run is an hour or more of CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "scripts" / "mutation_results.json"
+
+# module -> (file, pytest arguments selecting its tests)
+ENGINE_TESTS = ["tests/test_boundaries.py", "tests/test_engine.py"]
+MODULES = {
+    "block_manager": (
+        "miniserve/scheduler/block_manager.py",
+        [*ENGINE_TESTS, "-k", "fit or preemption or n_choices or multiples"],
+    ),
+    "scheduler": (
+        "miniserve/scheduler/scheduler.py",
+        [*ENGINE_TESTS, "-k", "fit or preemption or chunked or n_choices or max_num"],
+    ),
+    "sampler": ("miniserve/engine/sampler.py", ["tests/test_sampling.py"]),
+    "fp8": ("miniserve/kernels/fp8.py", ["tests/test_fp8_cache_write.py", "-k", "reference or corner or dequantize"]),
+    "rejection": ("miniserve/spec_decode/rejection.py", ["tests/test_spec_decode.py", "-k", "rejection or distri"]),
+    "greedy_accept": ("miniserve/kernels/greedy_accept.py", ["tests/test_greedy_accept.py"]),
+    "stops": ("miniserve/engine/output_processor.py", ENGINE_TESTS),
+}
+KILLED = {"killed", "timeout", "caught by type check"}
+
+
+def working_tree_copy(dest: Path) -> None:
+    """The tracked and untracked (not ignored) files of the working tree, as they are on disk."""
+    files = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True, check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def mutmut_config(path: str, tests: list[str]) -> str:
+    return f"""
+[tool.mutmut]
+source_paths = ["miniserve"]
+only_mutate = ["{path}"]
+pytest_add_cli_args_test_selection = {json.dumps(tests)}
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]
+also_copy = ["tests", "data", "server.py"]
+process_isolation = "forkserver"
+timeout_constant = 120.0
+"""
+
+
+def run_module(name: str, max_children: int) -> dict:
+    path, tests = MODULES[name]
+    with tempfile.TemporaryDirectory(prefix=f"mutation-{name}-") as tmp:
+        work = Path(tmp)
+        working_tree_copy(work)
+        with open(work / "pyproject.toml", "a") as f:
+            f.write(mutmut_config(path, tests))
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env["OMP_NUM_THREADS"] = "1"
+        subprocess.run(["mutmut", "run", "--max-children", str(max_children)], cwd=work, env=env, check=False)
+        listing = subprocess.run(
+            ["mutmut", "results", "--all", "true"], cwd=work, env=env, capture_output=True, text=True, check=True
+        ).stdout
+        statuses = dict(line.strip().rsplit(": ", 1) for line in listing.splitlines() if ": " in line)
+        survivors = sorted(m for m, s in statuses.items() if s not in KILLED)
+        for mutant in survivors:
+            show = subprocess.run(["mutmut", "show", mutant], cwd=work, env=env, capture_output=True, text=True)
+            print(show.stdout)
+    counts: dict[str, int] = {}
+    for status in statuses.values():
+        counts[status] = counts.get(status, 0) + 1
+    killed = sum(n for s, n in counts.items() if s in KILLED)
+    return {
+        "file": path,
+        "tests": " ".join(tests),
+        "mutants": len(statuses),
+        "killed": killed,
+        "score": round(killed / max(1, len(statuses)), 3),
+        "by_status": counts,
+        "survivors": survivors,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("modules", nargs="*", help=f"default: all of {', '.join(MODULES)}")
+    parser.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1)")
+    parser.add_argument("--list", action="store_true")
+    args = parser.parse_args()
+    if args.list:
+        for name, (path, tests) in MODULES.items():
+            print(f"{name:14} {path:42} pytest {' '.join(tests)}")
+        return
+    unknown = set(args.modules) - set(MODULES)
+    if unknown:
+        parser.error(f"unknown module(s) {sorted(unknown)}; choose from {list(MODULES)}")
+    if shutil.which("mutmut") is None:
+        sys.exit('mutmut is not installed: pip install -e ".[dev]"')
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    for name in args.modules or list(MODULES):
+        results[name] = run_module(name, args.max_children)
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        r = results[name]
+        print(f"== {name}: {r['killed']}/{r['mutants']} killed ({r['score']:.0%}); {r['by_status']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
