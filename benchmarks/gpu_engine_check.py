@@ -27,6 +27,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 import miniserve.models.llama as llama_module  # noqa: E402
+from benchmarks.provenance import write_result  # noqa: E402
 from miniserve import LLM, SamplingParams  # noqa: E402
 from miniserve.config import DEMO_DRAFT, DEMO_TARGET  # noqa: E402
 from miniserve.kernels import reshape_and_cache  # noqa: E402
@@ -198,7 +199,7 @@ def main() -> None:
         "lossless": check_lossless(),
         "fused_vs_reference_writes": check_fused_vs_reference_writes(),
     }
-    Path(os.environ.get("OUT", "."), "engine_check.json").write_text(json.dumps(result, indent=2))
+    write_result(Path(os.environ.get("OUT", "."), "engine_check.json"), result)
     print(json.dumps(result, indent=1))
 
 

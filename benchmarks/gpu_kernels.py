@@ -15,7 +15,6 @@ Usage: PYTHONUNBUFFERED=1 python3 benchmarks/gpu_kernels.py
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from bench_decode_attention import bench_decode, nominal_peak_gbs, tune_decode  # noqa: E402
 from bench_kv_write import bench_kv_write, copy_bandwidth_gbs, import_kernels, tune_kv_write  # noqa: E402
 from fp8_oracle import all_code_values, quantize_bytes  # noqa: E402
+from provenance import write_result  # noqa: E402
 
 kernels = import_kernels()
 import triton  # noqa: E402
@@ -296,7 +296,7 @@ def main() -> None:
         results["cpu_tests"] = "timed out"
     out_dir = Path(os.environ.get("OUT") or HERE / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "kernels.json").write_text(json.dumps(results, indent=1, default=str))
+    write_result(out_dir / "kernels.json", results)
     (out_dir / "kernels.md").write_text(to_markdown(results))
     print("\n".join(["", "==== summary ====", *summary(results)]))
 

@@ -1,6 +1,6 @@
 """Prompt-processing time at batch 1 on the demo pair: the whole prompt step, and each worker's forward.
 
-    python benchmarks/profile_prefill.py [--enforce-eager]
+    python benchmarks/profile_prefill.py [--enforce-eager] [--out profile_prefill.json]
 
 Times `generate(max_tokens=1)` on the first benchmark passage (median of 8, after a warm-up), plain and with the
 demo draft, then each worker's `forward` inside the speculative prompt step (synchronised around the call).
@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.provenance import write_result  # noqa: E402
 from miniserve import LLM, SamplingParams  # noqa: E402
 from miniserve.config import DEMO_DRAFT, DEMO_TARGET  # noqa: E402
 
@@ -59,6 +60,7 @@ def time_forwards(llm: LLM) -> dict[str, float]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--out", help="also write the result (with its provenance) to this JSON file")
     args = p.parse_args()
     plain = LLM(str(DEMO_TARGET), enforce_eager=args.enforce_eager)
     spec = LLM(str(DEMO_TARGET), speculative_model=str(DEMO_DRAFT), enforce_eager=args.enforce_eager)
@@ -72,6 +74,8 @@ def main() -> None:
         **time_forwards(spec),
     }
     print(json.dumps(result, indent=1))
+    if args.out:
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from benchmarks.provenance import write_result  # noqa: E402
 from miniserve import LLM, SamplingParams  # noqa: E402
 from miniserve.config import DEMO_DRAFT, DEMO_TARGET  # noqa: E402
 
@@ -183,7 +184,7 @@ def main() -> None:
     s = spec.engine.stats()
     result["spec_mean_acceptance_length"] = 1 + s["spec_num_accepted_tokens"] / s["spec_num_drafts"]
     print(f"mean acceptance length {result['spec_mean_acceptance_length']:.2f}")
-    Path(args.out, "profile_spec.json").write_text(json.dumps(result, indent=2))
+    write_result(Path(args.out, "profile_spec.json"), result)
 
 
 if __name__ == "__main__":

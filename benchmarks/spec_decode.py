@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.provenance import write_result  # noqa: E402
 from miniserve import LLM, SamplingParams  # noqa: E402
 from miniserve.config import DEMO_DRAFT, DEMO_TARGET  # noqa: E402
 
@@ -114,7 +115,7 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "repeats": args.repeats,
     }
-    Path(args.out, f"{args.name}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+    write_result(Path(args.out, f"{args.name}.json"), {"env": env, "rows": rows})
     print(json.dumps(env))
     print(
         f"{'batch':>5} {'k':>4} {'tok/s':>10} {'speedup':>8} {'decode tok/s':>12} {'speedup':>8} {'accept len':>10}"

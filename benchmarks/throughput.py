@@ -33,11 +33,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.checkpoints import SHAPES, build_checkpoint, num_parameters  # noqa: E402
+from benchmarks.provenance import flat as provenance  # noqa: E402
 from miniserve import LLM, SamplingParams  # noqa: E402
 
 DATASHEET_GBS = {"H200": 4800, "H100": 3350}
@@ -414,29 +412,6 @@ def profile_steps(llm: LLM, args, batch: int, cfg: dict, steps: int = 8) -> dict
             busy += t / 1e6
     rows.sort(key=lambda r: -r["us_per_step"])
     return {"wall_ms_per_step": 1e3 * wall / steps, "gpu_ms_per_step": 1e3 * busy / steps, "kernels": rows[:25]}
-
-
-def provenance() -> dict:
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
-
-    import triton
-
-    info = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        # a staged copy without .git (the GPU box) gets its commit from the environment
-        "commit": git("rev-parse", "HEAD") or os.environ.get("MINISERVE_COMMIT"),
-        "dirty": bool(git("status", "--porcelain")) if git("rev-parse", "HEAD") else os.environ.get("MINISERVE_DIRTY"),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_decode_attention import make_decode_batch  # noqa: E402
 from benchmarks.bench_kv_write import bench_gpu_ms  # noqa: E402
+from benchmarks.provenance import write_result  # noqa: E402
 from miniserve.kernels.decode_attention import decode_attention  # noqa: E402
 
 # name: (batch, context, q heads, kv heads, head_dim)
@@ -108,7 +109,7 @@ def main() -> None:
             f"{r['best_tbs']:5.2f}  {r['best']}"
         )
     if args.out:
-        Path(args.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "results": results}, indent=1))
+        write_result(args.out, {"gpu": torch.cuda.get_device_name(), "results": results})
 
 
 if __name__ == "__main__":

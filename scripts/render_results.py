@@ -4,7 +4,9 @@
     python scripts/render_results.py --check  # exit 1 if a README differs from its rendering (a CPU test runs this)
 
 A block is the text between `<!-- render:NAME -->` and `<!-- /render:NAME -->`; every number in it comes from a
-JSON file under benchmarks/results/, so a README never drifts from its measurements. Text that explains a number
+JSON file under benchmarks/results/, so a README never drifts from its measurements. `BLOCKS` (at the end) maps
+each README's blocks to the functions that render them; every table of the results README and of the README's
+Performance section is such a block (tests/test_results_render.py checks both). Text that explains a number
 (why a target is missed) is written here, beside the code that reads the number.
 """
 
@@ -276,9 +278,214 @@ def render_throughput_details() -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------- kernels, checks and speculative decoding
+
+
+def table(header: list[str], rows: list[list], align: str | None = None) -> str:
+    """A markdown table; `align` is one character per column, "l" or "r" (default: first left, rest right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---" if a == "l" else "---:" for a in align]
+    lines = [header, rule, *[[str(c) for c in r] for r in rows]]
+    return "".join("| " + " | ".join(line) + " |\n" for line in lines)
+
+
+def x(ratio: float) -> str:
+    return f"{ratio:.2f}×"
+
+
+def pct(value: float) -> str:
+    return f"{value:.0%}"
+
+
+def num(value: float, digits: int = 0) -> str:
+    return f"{value:,.{digits}f}"
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+
+
+def kv_write() -> str:
+    k = load("kernels_h100.json")
+    rows = [
+        [r["tokens"], num(r["fused_us"], 2), num(r["two_launch_us"], 2), x(r["speedup"]), num(r["fused_gbs"]),
+         pct(r["fused_gbs"] / k["copy_bandwidth_gbs"]), "yes" if r["same_bytes"] else "**no**"]
+        for r in k["kv_write"]
+    ]  # fmt: skip
+    header = ["tokens", "fused µs", "two-launch µs", "speedup", "fused GB/s", "of measured copy", "same bytes"]
+    return table(header, rows, "rrrrrrl")
+
+
+def decode_attention() -> str:
+    k = load("kernels_h100.json")
+    rows_by = {(r["cache"], r["batch"], r["context"]): r for r in k["decode"]}
+    peak = k["nominal_peak_gbs"]
+    rows = []
+    for (cache, batch, context), r in rows_by.items():
+        if cache != "bfloat16":
+            continue
+        f = rows_by.get(("float8_e4m3fn", batch, context))
+        sdpa = f"{r['us'] / r['sdpa_us']:.2f}" if r.get("sdpa_us") else "–"
+        rows.append([
+            f"{batch} × {context}", num(r["us"], 1), pct(r["gbs"] / peak), num(f["us"], 1), pct(f["gbs"] / peak),
+            x(r["us"] / f["us"]), sdpa,
+        ])  # fmt: skip
+    header = ["batch × context", "bf16 µs", "bf16 % of peak", "fp8 µs", "fp8 % of peak", "fp8 speedup",
+              "bf16 time / SDPA time"]  # fmt: skip
+    return table(header, rows)
+
+
+def gpu_correctness() -> str:
+    k, e = load("kernel_checks_h200.json"), load("engine_check_h200.json")
+    exact = k["cache_write_exact"]
+    att = k["attention_vs_reference"]
+    failed = [f"{r['kind']} {r['cache']} q×{r['q_mult']:g} (err {r['max_abs_err']:.3g})" for r in att if not r["ok"]]
+    off = f"; off: {'; '.join(failed)}" if failed else ""
+    lossless = e["lossless"]
+    writes = e["fused_vs_reference_writes"]
+    layer = e["layer_ops"]
+    ulps = ", ".join(
+        f"{d}: RMSNorm {v['rms_norm_max_ulp']:.1f}, SiLU·mul {v['silu_and_mul_max_ulp']:.1f}" for d, v in layer.items()
+    )
+    rows = [
+        ["fused KV write vs the reference bytes, all 65,536 bf16 and fp16 patterns × scales × formats, plain caches",
+         f"{sum(r['mismatches'] for r in exact)} mismatching bytes over {len(exact)} combos"],
+        ["paged attention kernels vs the torch reference",
+         f"{sum(r['ok'] for r in att)}/{len(att)} within tolerance{off}"],
+        ["CUDA-graph replay vs eager (plain, speculative; bf16 and fp8 KV)",
+         f"{sum(v['identical'] for v in e['graphs_vs_eager'].values())}/{len(e['graphs_vs_eager'])} identical"],
+        ["speculative vs plain greedy (bf16/fp8 KV × k)",
+         f"{sum(v['identical'] for v in lossless.values())}/{len(lossless)} identical, mean acceptance "
+         f"{min(v['mean_acceptance_length'] for v in lossless.values()):.2f}–"
+         f"{max(v['mean_acceptance_length'] for v in lossless.values()):.2f}"],
+        ["Triton vs torch backend, greedy",
+         "; ".join(f"{n}: {v['identical_sequences']}/{v['of']} identical" for n, v in e["backends"].items())],
+        ["every KV write through the fused kernel vs the torch reference (speculative, fp8)",
+         f"target pool equal: {writes['target_kv_bytes_equal']}, draft pool equal: {writes['draft_kv_bytes_equal']}, "
+         f"outputs identical: {writes['outputs_identical']}"],
+        ["fused layer ops vs torch (max ulp)", ulps],
+    ]  # fmt: skip
+    return table(["check", "result"], rows, "ll")
+
+
+# ------------------------------------------------------------------------------------------------ engine
+
+
+def spec_rows(data: dict) -> list[list]:
+    rows = []
+    for r in data["rows"]:
+        if r["k"] is None:
+            rows.append([r["batch"], "–", num(r["tokens_per_s"]), "–", "–", "–"])
+        else:
+            rows.append([r["batch"], r["k"], num(r["tokens_per_s"]), x(r["speedup"]), x(r["decode_speedup"]),
+                         f"{r['mean_acceptance_length']:.2f}"])  # fmt: skip
+    return rows
+
+
+SPEC_HEADER = ["batch", "k", "tokens/s", "speedup", "decode speedup", "mean acceptance length"]
+
+
+def spec_decode() -> str:
+    return table(SPEC_HEADER, spec_rows(load("spec_decode_h100.json")))
+
+
+def spec_decode_variants() -> str:
+    rows = []
+    for label, name in (("H200, current code, greedy", "spec_decode_h200.json"),
+                        ("sampled, temperature 0.8", "spec_decode_h100_sampled.json"),
+                        ("fp8 KV cache", "spec_decode_h100_fp8kv.json"),
+                        ("no overlapped rounds", "spec_decode_h100_no_overlap.json")):  # fmt: skip
+        rows += [[label, *r] for r in spec_rows(load(name))]
+    return table(["variant", *SPEC_HEADER], rows, "lrrrrrr")
+
+
+def profile_spec() -> str:
+    p = load("profile_spec_h100.json")
+    rows = [[name, num(r["us"]), num(r["kernel_us"]), r["kernels"]] for name, r in p["replay_us"].items()]
+    rows += [
+        [f"{mode} decoding, per token", num(p[mode]["ms_per_token"] * 1000),
+         num(p[mode]["gpu_busy_ms_per_token"] * 1000), num(p[mode]["kernels_per_token"], 1)]
+        for mode in ("plain", "spec")
+    ]  # fmt: skip
+    return table(["captured pass", "µs per replay", "kernel µs", "kernels"], rows)
+
+
+def profile_prefill() -> str:
+    rows = []
+    for label, name in (("CUDA graphs", "profile_prefill_h100.json"), ("eager", "profile_prefill_h100_eager.json")):
+        p = load(name)
+        rows.append([label, p["prompt_tokens"], num(p["plain_prompt_step_ms"], 2), num(p["spec_prompt_step_ms"], 2),
+                     num(p["target.forward_ms"], 2), num(p["draft.forward_ms"], 2)])  # fmt: skip
+    header = ["prompt passes", "prompt tokens", "plain step ms", "speculative step ms", "target ms", "draft ms"]
+    return table(header, rows)
+
+
+# ------------------------------------------------------------------------------------------------ summaries
+
+
+def provenance() -> str:
+    rows = []
+    for path in sorted(RESULTS.glob("*.json")):
+        p = meta(json.loads(path.read_text()))
+        commit = p.get("commit")
+        where = f"`{commit[:7]}`" + (" (dirty)" if p.get("dirty") else "") if commit else "not recorded"
+        if not commit and p.get("recorded_in"):
+            where += f"; file added in `{p['recorded_in'][:7]}`"
+        versions = p.get("versions") or {}
+        stack = ", ".join(f"{k} {v}" for k, v in versions.items() if k in ("torch", "triton") and v)
+        rows.append([f"`{path.name}`", f"`{p.get('command', '?')}`", where, p.get("date", "?")[:10],
+                     p.get("device", "?"), stack])  # fmt: skip
+    return table(["file", "command", "commit", "date", "device", "versions"], rows, "llllll")
+
+
+def headline() -> str:
+    """The README's performance summary: one line per claim, each from its file."""
+    k, s = load("kernels_h100.json"), load("spec_decode_h100.json")
+    kv = k["kv_write"]
+    decode = {(r["cache"], r["batch"], r["context"]): r for r in k["decode"]}
+    big = [(b, c) for (cache, b, c) in decode if cache == "bfloat16" and b >= 64]
+    bf16_peak = [decode[("bfloat16", b, c)]["gbs"] / k["nominal_peak_gbs"] for b, c in big]
+    fp8_ratio = [decode[("bfloat16", b, c)]["us"] / decode[("float8_e4m3fn", b, c)]["us"] for b, c in big]
+    spec = {(r["batch"], r["k"]): r for r in s["rows"]}
+    b1 = spec[(1, 4)]
+    rows = [
+        ["fused KV write vs cast-then-scatter, 1 to 32,768 tokens",
+         f"{x(min(r['speedup'] for r in kv))}–{x(max(r['speedup'] for r in kv))} faster", "`kernels_h100.json`"],
+        ["decode attention, bf16 pages, batch ≥ 64, contexts 512–32,768",
+         f"{pct(min(bf16_peak))}–{pct(max(bf16_peak))} of HBM peak", "`kernels_h100.json`"],
+        ["decode attention, fp8 vs bf16 pages, same shapes",
+         f"{x(min(fp8_ratio))}–{x(max(fp8_ratio))} faster", "`kernels_h100.json`"],
+        ["speculative decoding, demo pair, greedy, batch 1, k = 4",
+         f"{x(b1['speedup'])} end to end ({x(b1['decode_speedup'])} in decode), mean acceptance length "
+         f"{b1['mean_acceptance_length']:.2f}", "`spec_decode_h100.json`"],
+    ]  # fmt: skip
+    return table(["H100, torch 2.11, triton 3.6", "result", "file"], rows, "lll")
+
+
+def meta(data: dict) -> dict:
+    """A result's provenance, wherever the file keeps it: under "provenance" (benchmarks/provenance.py), in
+    "env", or as top-level fields (throughput.py)."""
+    if "provenance" in data:
+        return data["provenance"]
+    flat = {**data, **data.get("env", {})}
+    record = {k: flat.get(k) for k in ("commit", "dirty", "date", "command")}
+    record["versions"] = {k: flat[k] for k in ("python", "torch", "triton") if flat.get(k)}
+    record["device"] = flat.get("gpu")
+    return record
+
+
 BLOCKS = {
-    ROOT / "README.md": {"throughput": render_throughput},
-    RESULTS / "README.md": {"throughput-details": render_throughput_details},
+    ROOT / "README.md": {"throughput": render_throughput, "headline": headline},
+    RESULTS / "README.md": {
+        "provenance": provenance,
+        "throughput-details": render_throughput_details,
+        "gpu-correctness": gpu_correctness,
+        "kv-write": kv_write,
+        "decode-attention": decode_attention,
+        "spec-decode": spec_decode,
+        "spec-decode-variants": spec_decode_variants,
+        "profile-spec": profile_spec,
+        "profile-prefill": profile_prefill,
+    },
 }
 
 

@@ -1,8 +1,13 @@
-"""Published numbers come from their result files: the READMEs' rendered blocks equal a fresh rendering."""
+"""Published numbers come from their result files: the READMEs' rendered blocks equal a fresh rendering, no
+performance table is written by hand, and every result file says where it came from."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,3 +33,39 @@ def test_a_changed_number_is_caught(tmp_path, monkeypatch):
     readme.write_text(text.replace(marker, marker + "| an edited row |\n"))
     monkeypatch.setattr(render, "BLOCKS", {readme: render.BLOCKS[ROOT / "README.md"]})
     assert render.main(["--check"]) == 1
+
+
+def tables_outside_blocks(text: str) -> list[str]:
+    """Markdown table lines outside the rendered blocks (and the results README's history block)."""
+    text = re.sub(r"<!-- render:([\w-]+) -->.*?<!-- /render:\1 -->", "", text, flags=re.S)
+    text = re.sub(r"<!-- history -->.*?<!-- /history -->", "", text, flags=re.S)
+    return [line for line in text.splitlines() if line.startswith("|")]
+
+
+def test_no_hand_written_performance_table():
+    results = (ROOT / "benchmarks" / "results" / "README.md").read_text(encoding="utf-8")
+    assert tables_outside_blocks(results) == []
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    performance = readme[readme.index("## Performance") :]
+    assert tables_outside_blocks(performance[: performance.index("\n## ", 1)]) == []
+
+
+def test_every_result_file_records_its_provenance():
+    render = load_renderer()
+    files = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+    assert files
+    for path in files:
+        p = render.meta(json.loads(path.read_text()))
+        assert p["commit"] or p.get("recorded_in"), path.name  # older runs: the commit that added the file
+        assert p["date"] and p["command"] and p["versions"].get("torch") and p["device"], path.name
+        assert p["dirty"] is not None or not p["commit"], path.name
+
+
+def test_write_result_records_commit_dirty_flag_date_command_and_versions(tmp_path):
+    from benchmarks.provenance import write_result
+
+    data = json.loads(write_result(tmp_path / "r.json", {"rows": [1]}).read_text())
+    p = data["provenance"]
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert data["rows"] == [1] and p["commit"] == head and isinstance(p["dirty"], bool)
+    assert p["versions"]["torch"] and p["date"].startswith("20") and Path(sys.argv[0]).name in p["command"]
