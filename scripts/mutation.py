@@ -82,6 +82,7 @@ def run_module(name: str, max_children: int) -> dict:
             f.write(mutmut_config(path, tests))
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env["OMP_NUM_THREADS"] = "1"
+        env["MINISERVE_TEST_CACHE"] = str(work / ".fixtures")  # the tiny checkpoints, built once for all mutants
         subprocess.run(["mutmut", "run", "--max-children", str(max_children)], cwd=work, env=env, check=False)
         listing = subprocess.run(
             ["mutmut", "results", "--all", "true"], cwd=work, env=env, capture_output=True, text=True, check=True

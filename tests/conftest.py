@@ -114,17 +114,30 @@ def build_model_dir(
     return out
 
 
+def fixture_dir(tmp_path_factory, name: str, build) -> Path:
+    """A fresh directory built by `build(dir)`; with MINISERVE_TEST_CACHE set (scripts/mutation.py, which runs
+    pytest once per mutant), built once there and reused by later sessions (the builds are deterministic)."""
+    cache = os.environ.get("MINISERVE_TEST_CACHE")
+    if not cache:
+        out = tmp_path_factory.mktemp(name)
+        build(out)
+        return out
+    out = Path(cache) / name
+    if not (out / ".complete").exists():
+        build(out)
+        (out / ".complete").touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tokenizer")
-    build_tokenizer_files(out)
-    return out
+    return fixture_dir(tmp_path_factory, "tokenizer", build_tokenizer_files)
 
 
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """The Llama checkpoint most tests use (built alone: tests that need only it skip the other three)."""
-    return build_model_dir(tmp_path_factory.mktemp(ARCHS[0]), ARCHS[0], tokenizer_dir, seed=0)
+    return fixture_dir(tmp_path_factory, ARCHS[0], lambda out: build_model_dir(out, ARCHS[0], tokenizer_dir, seed=0))
 
 
 @pytest.fixture(scope="session")
@@ -154,14 +167,8 @@ def hf_greedy(model, prompt_ids: list[int], num_tokens: int) -> list[int]:
 @pytest.fixture(scope="session")
 def draft_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """A one-layer model sharing the test target's tokenizer: it agrees with the target only some of the time."""
-    return build_model_dir(
-        tmp_path_factory.mktemp("draft"),
-        "LlamaForCausalLM",
-        tokenizer_dir,
-        seed=42,
-        num_hidden_layers=1,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+    shape = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2)
+    shape["num_key_value_heads"] = 1
+    return fixture_dir(
+        tmp_path_factory, "draft", lambda out: build_model_dir(out, "LlamaForCausalLM", tokenizer_dir, seed=42, **shape)
     )

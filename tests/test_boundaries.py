@@ -37,22 +37,26 @@ def run(eng: LLMEngine, requests: list[tuple[list[int], SamplingParams]], max_st
     for i, (ids, params) in enumerate(requests):
         eng.add_request(str(i), ids, params)
     peaks = {"blocks": 0, "running": 0}
-    schedule = eng.scheduler.schedule
 
-    def recording_schedule():  # the step's blocks are all held right after scheduling
-        scheduled = schedule()
+    def note() -> None:
         stats = eng.stats()
         peaks["blocks"] = max(peaks["blocks"], stats["kv_blocks_used"])
         peaks["running"] = max(peaks["running"], stats["num_running"])
-        return scheduled
 
-    eng.scheduler.schedule = recording_schedule
+    free = eng.block_manager.free
+
+    def noting_free(seq) -> None:  # blocks only ever return here: the peak is right before a free or a step's end
+        note()
+        free(seq)
+
+    eng.block_manager.free = noting_free
     done = {}
     for _ in range(max_steps):
         if not eng.has_unfinished_requests():
             break
         done.update({out.request_id: out.outputs[0] for out in eng.step() if out.finished})
-    eng.scheduler.schedule = schedule
+        note()
+    eng.block_manager.free = free
     assert not eng.has_unfinished_requests(), f"not finished after {max_steps} steps"
     assert eng.stats()["kv_blocks_used"] == 0
     return {"outputs": done, "peak_blocks": peaks["blocks"], "peak_running": peaks["running"]}
@@ -106,31 +110,33 @@ def test_max_model_len_exact_fit(llama_dir):
     assert not eng.has_unfinished_requests()
 
 
-def first_step_token_counts(eng: LLMEngine, prompts: list[list[int]]) -> list[int]:
+def first_schedule(eng: LLMEngine, prompts: list[list[int]]) -> list[tuple[int, bool]]:
+    """(new tokens, prompt complete) per request in the first step the scheduler plans; (0, False) if left out."""
     for i, ids in enumerate(prompts):
         eng.add_request(str(i), ids, greedy(2))
-    got = {out.request_id: len(out.outputs[0].token_ids) for out in eng.step()}
-    return [got.get(str(i), 0) for i in range(len(prompts))]
+    got = {s.seq.request_id: (s.num_new_tokens, s.completes_prompt) for s in eng.scheduler.schedule()}
+    return [got.get(str(i), (0, False)) for i in range(len(prompts))]
 
 
 def test_max_num_batched_tokens_exact_fit(llama_dir):
     """A 16-token budget prefills a 16-token prompt in one step; 17 tokens take two (chunked prefill)."""
-    assert first_step_token_counts(engine(llama_dir, max_num_batched_tokens=16), [prompt(16)]) == [1]
-    eng = engine(llama_dir, max_num_batched_tokens=16)
-    assert first_step_token_counts(eng, [prompt(17)]) == [0]
-    assert [len(o.outputs[0].token_ids) for o in eng.step()] == [1]
+    assert first_schedule(engine(llama_dir, max_num_batched_tokens=16), [prompt(16)]) == [(16, True)]
+    assert first_schedule(engine(llama_dir, max_num_batched_tokens=16), [prompt(17)]) == [(16, False)]
     # the budget is shared: 8 + 8 both complete, 8 + 9 leaves the second one token short
-    assert first_step_token_counts(engine(llama_dir, max_num_batched_tokens=16), [prompt(8), prompt(8, 1)]) == [1, 1]
-    assert first_step_token_counts(engine(llama_dir, max_num_batched_tokens=16), [prompt(8), prompt(9, 1)]) == [1, 0]
+    two = [prompt(8), prompt(8, 1)]
+    assert first_schedule(engine(llama_dir, max_num_batched_tokens=16), two) == [(8, True), (8, True)]
+    two = [prompt(8), prompt(9, 1)]
+    assert first_schedule(engine(llama_dir, max_num_batched_tokens=16), two) == [(8, True), (8, False)]
     ref = run(engine(llama_dir), [(prompt(8), greedy(8)), (prompt(9, 1), greedy(8))])["outputs"]
     got = run(engine(llama_dir, max_num_batched_tokens=16), [(prompt(8), greedy(8)), (prompt(9, 1), greedy(8))])
     assert [got["outputs"][i].token_ids for i in "01"] == [ref[i].token_ids for i in "01"]
 
 
 def test_max_num_seqs_exact_fit(llama_dir):
-    assert first_step_token_counts(engine(llama_dir, max_num_seqs=3), [prompt(5, i) for i in range(3)]) == [1, 1, 1]
+    three = [prompt(5, i) for i in range(3)]
+    assert first_schedule(engine(llama_dir, max_num_seqs=3), three) == [(5, True)] * 3
     four = [prompt(5, i) for i in range(4)]
-    assert first_step_token_counts(engine(llama_dir, max_num_seqs=3), four) == [1, 1, 1, 0]
+    assert first_schedule(engine(llama_dir, max_num_seqs=3), four) == [(5, True)] * 3 + [(0, False)]
     got = run(engine(llama_dir, max_num_seqs=3), [(p, greedy(6)) for p in four])
     ref = run(engine(llama_dir), [(p, greedy(6)) for p in four])
     assert got["peak_running"] == 3 and ref["peak_running"] == 4
