@@ -463,14 +463,18 @@ def headline() -> str:
 
 def meta(data: dict) -> dict:
     """A result's provenance, wherever the file keeps it: under "provenance" (benchmarks/provenance.py), in
-    "env", or as top-level fields (throughput.py)."""
-    if "provenance" in data:
-        return data["provenance"]
+    "env", in a "versions" dict, or as top-level fields (throughput.py, serve.py)."""
+    nested = data.get("provenance", {})
     flat = {**data, **data.get("env", {})}
-    record = {k: flat.get(k) for k in ("commit", "dirty", "date", "command")}
-    record["versions"] = {k: flat[k] for k in ("python", "torch", "triton") if flat.get(k)}
-    record["device"] = flat.get("gpu")
-    return record
+    for versions in (data.get("versions"), nested.get("versions")):
+        if isinstance(versions, dict):
+            flat.update(versions)
+    flat.update({k: v for k, v in nested.items() if k != "versions"})
+    return {
+        **{k: flat.get(k) for k in ("commit", "dirty", "date", "command", "recorded_in")},
+        "versions": {k: flat[k] for k in ("python", "torch", "triton") if flat.get(k)},
+        "device": flat.get("device") or flat.get("gpu"),
+    }
 
 
 BLOCKS = {

@@ -20,6 +20,7 @@ from hypothesis import strategies as st  # noqa: E402
 from miniserve.kernels import (  # noqa: E402
     dequantize_fp8_reference,
     fp8_format,
+    fp8_max,
     quantize_fp8_reference,
     reshape_and_cache,
 )
@@ -181,3 +182,24 @@ def test_random_shapes(tokens, heads, dim, block_size, cache_dtype, seed):
         slots[torch.rand(tokens, generator=g) < 0.2] = -1
     for impl in ("reference", "triton"):
         check_write(key, value, cache_dtype, block_size, slots, impl, num_blocks=(tokens + 8) // block_size + 1)
+
+
+@pytest.mark.parametrize("fp8", FP8, ids=dtype_id)
+def test_scale_is_used_in_fp32_whatever_its_dtype(fp8):
+    """The semantic divides in fp32: a float64 scale is rounded to fp32 first (not a float64 division), and
+    dequantization multiplies in fp32 and returns fp32."""
+    x = all_bit_patterns(torch.float16)
+    near_one = torch.tensor([1 + 2**-30], dtype=torch.float64)  # 1.0 in fp32; in fp64 it breaks the exact ties
+    got = quantize_fp8_reference(x, near_one, fp8).view(torch.uint8).numpy()
+    assert np.array_equal(got, quantize_bytes(x, 1.0, fp8))
+    scale64 = torch.tensor([0.37], dtype=torch.float64)
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8)
+    out = dequantize_fp8_reference(codes, scale64)
+    want = all_code_values(fp8).astype(np.float32) * np.float32(0.37)
+    assert out.dtype == torch.float32 and np.array_equal(out.numpy(), want, equal_nan=True)
+
+
+def test_format_facts_and_errors():
+    assert (fp8_max(torch.float8_e4m3fn), fp8_max(torch.float8_e4m3fnuz)) == (448.0, 240.0)
+    with pytest.raises(ValueError, match=r"not an FP8 KV-cache dtype: torch.bfloat16; expected one of \[torch\.float8"):
+        fp8_format(torch.bfloat16)
