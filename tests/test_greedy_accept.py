@@ -50,3 +50,15 @@ def test_triton_kernel_equals_reference(k, batch):
     want = greedy_accept_reference(*inputs)
     for g, w in zip(got, want, strict=True):
         assert g.dtype == torch.int64 and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_triton_kernel_takes_inputs_whose_columns_are_strided(which):
+    """The kernel reads unit-stride rows; an input with another column stride (here a transposed copy viewed
+    back) is made contiguous first, whichever of drafts, target and last_two it is."""
+    inputs = list(case(5, 3, 7 + which))
+    inputs[which] = inputs[which].t().contiguous().t()
+    assert inputs[which].stride(1) != 1
+    want = greedy_accept_reference(*inputs)
+    for g, w in zip(greedy_accept_triton(*inputs), want, strict=True):
+        assert torch.equal(g, w)
