@@ -81,9 +81,9 @@ def test_packed_speculative_rounds_reproduce_the_eager_engine(monkeypatch, llama
         for n, graphs in worker.graphs.items():
             original = graphs.run
 
-            def counted(rows, n=n, original=original):
+            def counted(rows, device_columns=None, n=n, original=original):
                 replays[n] += 1
-                return original(rows)
+                return original(rows, device_columns)
 
             graphs.run = counted
     assert generate(graphed, prompts, params) == want
