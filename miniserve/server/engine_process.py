@@ -165,7 +165,9 @@ class _CoreLoop:
             self.prompt_logprobs_due.discard(out.request_id)
         if not choices and prompt_logprobs is None and not out.finished:
             return None
-        return out.request_id, out.finished, choices, prompt_logprobs, out.metrics if out.finished else None
+        # the cached-prompt count rides with the final metrics: usage is only built once a request has finished
+        final = {**out.metrics, "num_cached_tokens": out.num_cached_tokens} if out.finished else None
+        return out.request_id, out.finished, choices, prompt_logprobs, final
 
     def _fail_all(self, message: str) -> None:
         failed = list(self.sent)
@@ -211,6 +213,7 @@ class RequestStream:
         if finished:
             self.output.finished = True
             self.output.metrics = metrics or {}
+            self.output.num_cached_tokens = self.output.metrics.pop("num_cached_tokens", 0)
             self.done = True
         return new
 
@@ -424,10 +427,12 @@ class EngineProcess:
             new = stream.apply(finished, choices, prompt_logprobs, req_metrics)
             if new:
                 if metrics is not None:
+                    gaps = new  # one inter-token observation per token after the first, however deltas coalesce
                     if stream.num_tokens == 0:
                         metrics.observe_first_token(now - stream.arrival)
-                    else:
-                        metrics.observe_inter_token(now - stream.last_token_time)
+                        gaps -= 1
+                    for _ in range(gaps):
+                        metrics.observe_inter_token((now - stream.last_token_time) / gaps)
                 stream.num_tokens += new
                 stream.last_token_time = now
             if finished:
