@@ -3,10 +3,15 @@
 The model loads in the app's lifespan (on startup), not at import. See miniserve/server/app.py.
 """
 
-from miniserve.server.app import create_app, settings_from_env
+import sys
 
-settings = settings_from_env()
-app = create_app(settings)
+from miniserve.server.app import connection_protocol, create_app, settings_from_env
+
+try:
+    config, server = settings_from_env()
+except (ValueError, FileNotFoundError) as e:  # a bad MINISERVE_* value or model directory: one line
+    sys.exit(f"miniserve: error: {e}")
+app = create_app(config, server)
 # `uvicorn server:app --http server:http`: the protocol that enforces the header, body and keep-alive timeouts
 # and the connection limit (MINISERVE_HEADER_TIMEOUT, ...); without it uvicorn has none of these but keep-alive.
-http = settings.connection_protocol()
+http = connection_protocol(server)

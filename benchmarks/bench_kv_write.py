@@ -79,7 +79,7 @@ def bench_one_write(device: torch.device, t: int, cache_dtype: torch.dtype) -> d
     ident = torch.arange(t, device=device)
 
     def fused():
-        kernels.reshape_and_cache(key, value, kc, vc, slots, k_scale, v_scale, impl="triton")
+        kernels.reshape_and_cache(key, value, kc, vc, slots, k_scale, v_scale, backend="triton")
 
     def two_launch():
         reshape_and_cache_triton(key, value, stage_k, stage_v, ident, k_scale, v_scale)

@@ -112,14 +112,14 @@ def check_layer_ops() -> dict:
                                      "max_position_embeddings": 4096})  # fmt: skip
         rot = Rotary(cfg, 4096).cuda()
         tri, ref = qkv.clone(), qkv.clone()
-        for t, impl in ((tri, "triton"), (ref, "reference")):
+        for t, impl in ((tri, "triton"), (ref, "torch")):
             q, k = t[:, : hq * d].view(T, hq, d), t[:, hq * d : (hq + hk) * d].view(T, hk, d)
-            ops.apply_rotary_(q, k, positions, rot.cos, rot.sin, impl=impl)
+            ops.apply_rotary_(q, k, positions, rot.cos, rot.sin, backend=impl)
         x, r = torch.randn(2, T, hidden, device="cuda", generator=g).to(dtype)
         w = torch.randn(hidden, device="cuda", generator=g).to(dtype)
-        (n_t, s_t), (n_r, s_r) = (ops.rms_norm(x, w, 1e-5, r, impl=i) for i in ("triton", "reference"))
+        (n_t, s_t), (n_r, s_r) = (ops.rms_norm(x, w, 1e-5, r, backend=i) for i in ("triton", "torch"))
         gu = torch.randn(T, 2 * inter, device="cuda", generator=g).to(dtype)
-        a_t, a_r = (ops.silu_and_mul(gu, impl=i) for i in ("triton", "reference"))
+        a_t, a_r = (ops.silu_and_mul(gu, backend=i) for i in ("triton", "torch"))
         res[str(dtype)[6:]] = {
             "rotary_bit_exact": torch.equal(tri, ref),
             "residual_sum_bit_exact": torch.equal(s_t, s_r),
@@ -148,7 +148,7 @@ def check_graphs_vs_eager() -> dict:
 
 def spec_run(write_impl: str) -> tuple[LLM, list[list[int]]]:
     def write(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale):
-        reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, impl=write_impl)
+        reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, backend=write_impl)
 
     original = llama_module.reshape_and_cache
     llama_module.reshape_and_cache = write
@@ -167,7 +167,7 @@ def spec_run(write_impl: str) -> tuple[LLM, list[list[int]]]:
 
 def check_fused_vs_reference_writes() -> dict:
     fused, out_f = spec_run("triton")
-    ref, out_r = spec_run("reference")
+    ref, out_r = spec_run("torch")
     sf, sr = fused.engine.stats(), ref.engine.stats()
     return {
         "draft_kv_bytes_equal": torch.equal(

@@ -76,7 +76,7 @@ def check_cache_write_exact(device) -> list[dict]:
                 s = torch.tensor([scale], device=device)
                 kc = torch.zeros(32, 16, 1, 128, dtype=torch.uint8, device=device).view(fp8)
                 vc = torch.zeros_like(kc)
-                kernels.reshape_and_cache(key, value, kc, vc, slots.to(device), s, s, impl="triton")
+                kernels.reshape_and_cache(key, value, kc, vc, slots.to(device), s, s, backend="triton")
                 want = torch.from_numpy(quantize_bytes(x, scale, fp8))
                 got_k = kc.view(torch.uint8).reshape(512, 128)[slots].reshape(-1).cpu()
                 got_v = vc.view(torch.uint8).reshape(512, 128)[slots].reshape(-1).cpu()
@@ -86,7 +86,7 @@ def check_cache_write_exact(device) -> list[dict]:
             kc = torch.zeros(32, 16, 1, 128, dtype=dst, device=device)
             vc = torch.zeros_like(kc)
             one = torch.ones(1, device=device)
-            kernels.reshape_and_cache(key, value, kc, vc, slots.to(device), one, one, impl="triton")
+            kernels.reshape_and_cache(key, value, kc, vc, slots.to(device), one, one, backend="triton")
             got = kc.reshape(512, 128)[slots].reshape(-1).cpu()
             want = x.to(dst)
             as_int = {2: torch.int16, 4: torch.int32}[want.element_size()]
@@ -138,7 +138,7 @@ def attention_batch(device, seqs, block_size, q_heads, kv_heads, head_dim, cache
         slots = tables[i, pos // block_size].long() * block_size + pos % block_size
         k = torch.randn(seq_len, kv_heads, head_dim, device=device, generator=g) * 2
         v = torch.randn(seq_len, kv_heads, head_dim, device=device, generator=g)
-        kernels.reshape_and_cache(k.to(q_dtype), v.to(q_dtype), kc, vc, slots, ks, vs, impl="triton")
+        kernels.reshape_and_cache(k.to(q_dtype), v.to(q_dtype), kc, vc, slots, ks, vs, backend="triton")
     q_lens = [ql for _, ql in seqs]
     q = torch.randn(sum(q_lens), q_heads, head_dim, device=device, generator=g).to(q_dtype)
     meta = kernels.AttentionMetadata(

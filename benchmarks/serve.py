@@ -357,13 +357,13 @@ def stop(proc: subprocess.Popen) -> None:
 
 def engine_kwargs(engine_args: str) -> dict:
     """EngineConfig keyword arguments from the --engine-args the server got (--max-num-seqs 256 -> max_num_seqs)."""
-    from miniserve.cli import add_engine_args
+    from miniserve.config import EngineConfig
+    from miniserve.settings import add_arguments
 
     parser = argparse.ArgumentParser()
-    add_engine_args(parser)
+    add_arguments(parser, EngineConfig)  # the flags `miniserve serve` has for EngineConfig; unset ones are None
     ns = vars(parser.parse_args(shlex.split(engine_args)))
-    defaults = vars(parser.parse_args([]))
-    return {k: v for k, v in ns.items() if v != defaults[k] and k not in ("model", "served_model_name")}
+    return {k: v for k, v in ns.items() if v is not None and k != "model"}
 
 
 def run_offline(args: argparse.Namespace, reqs: list[BenchRequest]) -> dict:

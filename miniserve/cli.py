@@ -1,65 +1,26 @@
-"""`miniserve generate` and `miniserve serve`: the command line around LLM and the server."""
+"""`miniserve generate` and `miniserve serve`: the command line around the engine and the server.
+
+The settings flags are generated from EngineConfig and ServerConfig (settings.py); each also reads its
+MINISERVE_* variable, which a flag overrides.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from miniserve.config import EngineConfig
+from miniserve.config import EngineConfig, ServerConfig
+from miniserve.settings import add_arguments, from_sources
 
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="Hugging Face model directory (default: the embedded demo model)")
-    p.add_argument("--tokenizer", default=None)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--kv-cache-dtype", default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--max-stop-strings", type=int, default=32, help="stop strings per request")
-    p.add_argument("--max-stop-string-length", type=int, default=256, help="characters per stop string")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--speculative-model", default=None, help="draft model directory, or 'demo' for the demo draft")
-    p.add_argument("--num-speculative-tokens", type=int, default=4)
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument(
-        "--enable-prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="reuse the KV cache of prompt prefixes computed before (--no-enable-prefix-caching: recompute)",
-    )
-
-
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=args.model,
-        tokenizer=args.tokenizer,
-        served_model_name=args.served_model_name,
-        dtype=args.dtype,
-        kv_cache_dtype=args.kv_cache_dtype,
-        device=args.device,
-        attention_backend=args.attention_backend,
-        block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_stop_strings=args.max_stop_strings,
-        max_stop_string_length=args.max_stop_string_length,
-        seed=args.seed,
-        speculative_model=args.speculative_model,
-        num_speculative_tokens=args.num_speculative_tokens,
-        enable_prefix_caching=args.enable_prefix_caching,
-    )
+GENERATE_HELP = "Generate a completion for one prompt, streamed to stdout."
+SERVE_HELP = "Serve the OpenAI-compatible API (the same server as `uvicorn server:app`)."
 
 
 def generate_main(args: argparse.Namespace) -> int:
     from miniserve.engine.llm_engine import LLMEngine
     from miniserve.sampling_params import SamplingParams
+
+    config = from_sources(EngineConfig, args)
 
     params = SamplingParams(
         n=args.n,
@@ -75,7 +36,7 @@ def generate_main(args: argparse.Namespace) -> int:
         frequency_penalty=args.frequency_penalty,
         ignore_eos=args.ignore_eos,
     )
-    engine = LLMEngine(engine_config(args))
+    engine = LLMEngine(config)
     engine.add_request("cli", args.prompt, params)
     sent = [0] * params.n
     while engine.has_unfinished_requests():
@@ -101,47 +62,51 @@ def generate_main(args: argparse.Namespace) -> int:
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    from miniserve.server.app import serve_main as run
+    config, server = from_sources(EngineConfig, args), from_sources(ServerConfig, args)
+    try:
+        from miniserve.server.app import run_server
+    except ImportError as e:  # fastapi/uvicorn not installed: `generate` still works, `serve` says why
+        print(
+            f"miniserve: error: the server needs fastapi and uvicorn ({e}); pip install fastapi uvicorn",
+            file=sys.stderr,
+        )
+        return 2
+    run_server(config, server)
+    return 0
 
-    return run(args, engine_config(args))
 
-
-def _missing_server_deps(error: ImportError) -> int:
-    print(
-        f"miniserve: error: the server needs fastapi and uvicorn ({error}); pip install fastapi uvicorn",
-        file=sys.stderr,
+def add_request_args(p: argparse.ArgumentParser) -> None:
+    """The one request `generate` runs: its prompt and sampling parameters (SamplingParams fields)."""
+    g = p.add_argument_group("request")
+    g.add_argument("--prompt", required=True, help="the prompt text")
+    g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, 1 = off (default: 1)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default: 0)")
+    g.add_argument(
+        "--min-p", type=float, default=0.0, help="drop tokens below min_p * the top probability (default: 0)"
     )
-    return 2
+    g.add_argument("--n", type=int, default=1, help="completions to generate (default: 1)")
+    g.add_argument("--sampling-seed", type=int, default=None, help="the request's seed (default: none)")
+    g.add_argument("--stop", action="append", default=[], help="a stop string; repeat for more (default: none)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off (default: 1)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2], 0 = off (default: 0)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2], 0 = off (default: 0)")
+    g.add_argument(
+        "--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens (default: off)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="miniserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate a completion for one prompt")
-    add_engine_args(gen)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--min-p", type=float, default=0.0)
-    gen.add_argument("--n", type=int, default=1)
-    gen.add_argument("--sampling-seed", type=int, default=None)
-    gen.add_argument("--stop", action="append", default=[])
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--presence-penalty", type=float, default=0.0)
-    gen.add_argument("--frequency-penalty", type=float, default=0.0)
-    gen.add_argument("--ignore-eos", action="store_true")
+    gen = sub.add_parser("generate", help="generate a completion for one prompt", description=GENERATE_HELP)
+    add_request_args(gen)
+    add_arguments(gen, EngineConfig)
     gen.set_defaults(func=generate_main)
-    srv = sub.add_parser("serve", help="serve the OpenAI-compatible API")
-    add_engine_args(srv)
-    try:
-        from miniserve.server.app import add_server_args
-
-        add_server_args(srv)
-    except ImportError as e:  # fastapi/uvicorn not installed: `generate` still works, `serve` says why
-        srv.set_defaults(func=lambda _args, err=e: _missing_server_deps(err))
-        return parser
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible API", description=SERVE_HELP)
+    add_arguments(srv, EngineConfig)
+    add_arguments(srv, ServerConfig)
     srv.set_defaults(func=serve_main)
     return parser
 

@@ -1,9 +1,17 @@
-"""All engine settings in one dataclass, shared by the offline `LLM`, the CLI and the server."""
+"""Every setting in one place: `EngineConfig` (what the engine runs) and `ServerConfig` (what only the HTTP
+server reads), and how the device-dependent ones ("auto" device, dtype, KV-cache dtype) resolve to torch objects.
+
+Each field carries its help text and choices in its metadata. The command-line flags of `miniserve serve` and
+`miniserve generate`, the MINISERVE_* environment variables and the README's settings table are generated from
+them (settings.py), so a setting is written once: add a field here and it is reachable everywhere.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+import torch
 
 DEMO_DIR = Path(__file__).parent / "demo_models"
 DEMO_TARGET = DEMO_DIR / "shakespeare-target"
@@ -12,62 +20,115 @@ DEMO_DRAFT = DEMO_DIR / "shakespeare-draft"
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e4m3fnuz", "bfloat16", "float16", "float32")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class SettingError(ValueError):
+    """A bad value for one setting. `name` is the field, so whoever read the value can name its flag or variable."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
+def setting(default, help: str, choices: tuple[str, ...] | None = None, shown_default: str | None = None):
+    """A dataclass field with what the CLI, the environment and the docs need to know about it."""
+    meta = {"help": help, "choices": choices, "shown_default": shown_default}
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class EngineConfig:
-    model: str | None = None  # a Hugging Face model directory; None = the embedded demo target
-    tokenizer: str | None = None  # defaults to the model directory
-    served_model_name: str | None = None  # the name clients use; defaults to the model directory's name
-    dtype: str = "auto"  # weights and activations; "auto" = config.json's torch_dtype (float32 on CPU if bf16)
-    kv_cache_dtype: str = "auto"  # "auto" = model dtype; "fp8"/"fp8_e4m3" = e4m3fn (e4m3fnuz on gfx94x)
-    device: str = "auto"  # "auto" = cuda if available, else cpu
-    attention_backend: str = "auto"  # "auto" = triton on cuda/rocm, torch reference on cpu
-    block_size: int = 16
-    num_kv_blocks: int | None = None  # override the KV pool size (blocks per worker)
-    kv_cache_memory_gb: float | None = None  # KV pool budget; default: 90% of free GPU memory, 1 GiB on CPU
-    gpu_memory_utilization: float = 0.9
-    max_num_seqs: int = 256  # as vLLM; the KV pool caps what runs at once
-    max_num_batched_tokens: int = 8192  # new tokens per step: prompt chunks up to this size
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    max_stop_strings: int = 32  # stop strings per request (OpenAI allows 4); a longer list is refused
-    max_stop_string_length: int = 256  # characters per stop string
-    seed: int = 0  # seeds the global RNG that requests without their own `seed` sample from
-    speculative_model: str | None = None  # a draft model directory (same tokenizer); "demo" = the demo draft
-    num_speculative_tokens: int = 4
-    speculative_kv_cache_dtype: str | None = None  # draft pool dtype; None = same as kv_cache_dtype
-    # reuse the KV blocks of prompt prefixes computed before (scheduler/block_manager.py); off: every prompt is
-    # computed from scratch
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False  # True: no CUDA graphs (on a GPU, uniform decode passes are replayed from graphs)
-    # greedy speculative rounds: launch round N+1 from round N's device outputs before the host reads round N, so
-    # the host's output processing overlaps the GPU's next round (see spec_decode.py)
-    overlap_spec_rounds: bool = True
-    # plain decoding: launch decode step N+1 from step N's samples on the device, and read step N (tokens, stops,
-    # outputs) while the GPU runs N+1 (see engine/decoder.py)
-    async_scheduling: bool = True
+    """What the engine runs: the models, their dtypes, the KV pool, batching and speculative decoding."""
+
+    model: str | None = setting(None, "Hugging Face model directory", shown_default="the embedded demo model")
+    tokenizer: str | None = setting(None, "tokenizer directory", shown_default="the model directory")
+    dtype: str = setting(
+        "auto", "weights and activations; auto = the checkpoint's dtype on a GPU, float32 on the CPU", DTYPES
+    )
+    kv_cache_dtype: str = setting(
+        "auto",
+        "KV cache dtype; auto = the model dtype, fp8/fp8_e4m3 = float8_e4m3fn (e4m3fnuz on MI300)",
+        KV_CACHE_DTYPES,
+    )
+    device: str = setting("auto", "cuda, cuda:N or cpu; auto = cuda if available, else cpu")
+    attention_backend: str = setting(
+        "auto", "kernels: auto = Triton on CUDA/ROCm, the torch reference on the CPU", ATTENTION_BACKENDS
+    )
+    block_size: int = setting(16, "tokens per KV block (a power of two)")
+    num_kv_blocks: int | None = setting(None, "KV pool size in blocks", shown_default="from the memory budget")
+    kv_cache_memory_gb: float | None = setting(
+        None, "KV pool budget in GiB", shown_default="gpu_memory_utilization of the GPU, 1 GiB on the CPU"
+    )
+    gpu_memory_utilization: float = setting(0.9, "fraction of GPU memory the KV pool may fill up to, in (0, 1]")
+    max_num_seqs: int = setting(256, "sequences decoded together (as vLLM; the KV pool caps what runs at once)")
+    max_num_batched_tokens: int = setting(8192, "new tokens per step: prompt chunks up to this size")
+    max_model_len: int | None = setting(
+        None, "context length (prompt + completion)", shown_default="the model's max_position_embeddings"
+    )
+    max_stop_strings: int = setting(32, "stop strings per request (OpenAI allows 4); a longer list is refused")
+    max_stop_string_length: int = setting(256, "characters per stop string")
+    seed: int = setting(0, "seed of the RNG that requests without their own seed sample from")
+    speculative_model: str | None = setting(
+        None,
+        "draft model directory for speculative decoding (same tokenizer); demo = the demo draft",
+        shown_default="off",
+    )
+    num_speculative_tokens: int = setting(4, "tokens the draft proposes per speculative round")
+    speculative_kv_cache_dtype: str | None = setting(
+        None, "the draft's KV cache dtype", KV_CACHE_DTYPES, shown_default="kv_cache_dtype"
+    )
+    enable_prefix_caching: bool = setting(
+        True, "reuse the KV blocks of prompt prefixes computed before (off: every prompt is computed from scratch)"
+    )
+    enforce_eager: bool = setting(False, "never replay CUDA graphs (on a GPU, decode steps replay captured graphs)")
+    overlap_spec_rounds: bool = setting(
+        True, "launch the next greedy speculative round before the host has read this one"
+    )
+    async_scheduling: bool = setting(
+        True, "plain decoding: launch the next decode step before the host has read this one"
+    )
 
     def __post_init__(self) -> None:
         if self.model is None:
             self.model = str(DEMO_TARGET)
         if self.speculative_model == "demo":
             self.speculative_model = str(DEMO_DRAFT)
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
-        if self.speculative_kv_cache_dtype is not None:
-            _check_choice("speculative_kv_cache_dtype", self.speculative_kv_cache_dtype, KV_CACHE_DTYPES)
-        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        check_choices(self)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_stop_strings", "max_stop_string_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
-        if self.num_speculative_tokens < 1:
-            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+            raise SettingError("block_size", f"block_size must be a positive power of two, got {self.block_size}")
+        for name in (
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "num_speculative_tokens",
+            "max_stop_strings",
+            "max_stop_string_length",
+        ):
+            _check_min(name, getattr(self, name), 1)
+        for name in ("max_model_len", "num_kv_blocks"):
+            if getattr(self, name) is not None:
+                _check_min(name, getattr(self, name), 1)
+        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
+            raise SettingError("kv_cache_memory_gb", f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+            raise SettingError(
+                "gpu_memory_utilization", f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+
+    def check_dirs(self) -> None:
+        """Fail early, naming the setting to fix, when a model or tokenizer directory is missing or is not one
+        (every entry point, the CLI, `LLM` and the server, goes through here before loading anything)."""
+        if self.model == str(DEMO_TARGET) and not DEMO_TARGET.is_dir():
+            raise FileNotFoundError(
+                f"no model configured and the embedded demo model directory is missing ({DEMO_TARGET}); "
+                "set --model or MINISERVE_MODEL to a Hugging Face model directory"
+            )
+        _check_dir("model", self.model, "model directory", "config.json")
+        if self.speculative_model:
+            _check_dir("speculative_model", self.speculative_model, "draft model directory", "config.json")
+        if self.tokenizer:
+            _check_dir("tokenizer", self.tokenizer, "tokenizer directory", None)
 
     @property
     def kv_lookahead(self) -> int:
@@ -80,6 +141,119 @@ class EngineConfig:
         return 2 * k + 1 if self.overlap_spec_rounds else k
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+@dataclass
+class ServerConfig:
+    """What only the HTTP server reads: `miniserve serve` flags, or the environment of `uvicorn server:app`
+    (where host, port and log level are uvicorn's own flags, and the connection settings need
+    `--http server:http`)."""
+
+    served_model_name: str | None = setting(
+        None, "the model name clients send", shown_default="the model directory's name"
+    )
+    api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on every /v1 route", shown_default="off")
+    max_waiting: int = setting(
+        1024, "503 for a request that would make more sequences than this wait beyond max_num_seqs"
+    )
+    max_body_bytes: int = setting(4 << 20, "larger request bodies get 413", shown_default="4 MiB")
+    max_prompts_per_request: int = setting(1024, "a /v1/completions prompt list longer than this gets 400")
+    max_prompt_chars: int = setting(
+        1 << 20, "longer text prompts (all messages of a chat) get 400 before tokenizing", shown_default="1 Mi"
+    )
+    max_prompt_tokens: int | None = setting(None, "tokens of a prompt; 400 beyond", shown_default="max_model_len")
+    drain_timeout: float = setting(
+        5.0,
+        "after SIGTERM/SIGINT, seconds requests may still finish; then streams end with finish_reason abort, "
+        "others get 503; a second signal exits at once",
+    )
+    stream_stall_timeout: float = setting(30.0, "abort a stream whose client has not read it for this many seconds")
+    header_timeout: float = setting(
+        10.0, "seconds for a request's head, from connect or the last response (408, close)"
+    )
+    body_timeout: float = setting(60.0, "seconds for a request's body, from the end of its head (408, close)")
+    keep_alive_timeout: float = setting(5.0, "seconds an idle keep-alive connection stays open")
+    max_connections: int | None = setting(1024, "connections beyond this get 503 and are closed")
+    host: str = setting("127.0.0.1", "bind address (0.0.0.0 exposes the server)")
+    port: int = setting(8000, "TCP port")
+    log_level: str = setting("info", "server log level", LOG_LEVELS)
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        _check_min("max_waiting", self.max_waiting, 0)
+        for name in ("max_body_bytes", "max_prompts_per_request", "max_prompt_chars"):
+            _check_min(name, getattr(self, name), 1)
+        for name in ("max_connections", "max_prompt_tokens"):
+            if getattr(self, name) is not None:
+                _check_min(name, getattr(self, name), 1)
+        for name in ("drain_timeout", "stream_stall_timeout"):
+            if not getattr(self, name) >= 0:
+                raise SettingError(name, f"{name} must be >= 0 seconds, got {getattr(self, name)}")
+        for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
+            if not getattr(self, name) > 0:
+                raise SettingError(name, f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if not 0 <= self.port < 1 << 16:
+            raise SettingError("port", f"port must be in [0, 65535], got {self.port}")
+
+
+def check_choices(config) -> None:
+    for f in fields(config):
+        value, choices = getattr(config, f.name), f.metadata.get("choices")
+        if choices and value is not None and value not in choices:
+            raise SettingError(f.name, f"{f.name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_dir(name: str, path: str, what: str, required_file: str | None) -> None:
+    where = f"(--{name.replace('_', '-')} / MINISERVE_{name.upper()})"
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what} {path!r} does not exist {where}")
+    if not p.is_dir():
+        raise FileNotFoundError(f"{what} {path!r} is not a directory {where}")
+    if required_file and not (p / required_file).is_file():
+        raise FileNotFoundError(f"{what} {path!r} has no {required_file}: it is not a Hugging Face model {where}")
+
+
+def _check_min(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise SettingError(name, f"{name} must be >= {low}, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------- resolution
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto" is the GPU (CUDA or ROCm) when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} was requested but no CUDA/ROCm GPU is available")
+    return device
+
+
+def resolve_dtype(name: str, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """ "auto" takes the checkpoint's dtype on a GPU and float32 on the CPU (where half precision is slow)."""
+    if name != "auto":
+        return TORCH_DTYPES[name]
+    return checkpoint_dtype if device.type != "cpu" else torch.float32
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """ "auto" is the model's dtype; "fp8"/"fp8_e4m3" mean the device's native e4m3 flavour: float8_e4m3fn
+    everywhere except MI300-class ROCm GPUs (gfx94x), whose hardware FP8 is float8_e4m3fnuz."""
+    if name not in KV_CACHE_DTYPES:
+        raise SettingError(
+            "kv_cache_dtype", f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {name!r}"
+        )
+    if name == "auto":
+        return model_dtype
+    if name in TORCH_DTYPES:
+        return TORCH_DTYPES[name]
+    if name == "fp8_e4m3fnuz":
+        return torch.float8_e4m3fnuz
+    return torch.float8_e4m3fnuz if _is_gfx94x(torch.device(device)) else torch.float8_e4m3fn
+
+
+def _is_gfx94x(device: torch.device) -> bool:
+    if device.type != "cuda" or torch.version.hip is None:
+        return False
+    return torch.cuda.get_device_properties(device).gcnArchName.startswith("gfx94")

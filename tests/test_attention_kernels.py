@@ -13,12 +13,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from fp8_oracle import all_code_values, quantize_bytes  # noqa: E402
 
+from miniserve.config import resolve_kv_cache_dtype  # noqa: E402
 from miniserve.kernels import (  # noqa: E402
     AttentionMetadata,
     paged_attention,
     reshape_and_cache,
-    resolve_kv_cache_dtype,
-    select_attention_backend,
+    resolve_backend,
 )
 from miniserve.kernels.fp8 import is_fp8  # noqa: E402
 
@@ -67,7 +67,7 @@ def make_batch(
         slots = table[pos // block_size].long() * block_size + pos % block_size
         k = torch.randn(seq_len, num_kv_heads, head_dim, generator=g) * 2
         v = torch.randn(seq_len, num_kv_heads, head_dim, generator=g)
-        reshape_and_cache(k, v, key_cache, value_cache, slots, ks, vs, impl="reference")
+        reshape_and_cache(k, v, key_cache, value_cache, slots, ks, vs, backend="torch")
         keys.append(k)
         values.append(v)
     q_lens = [ql for _, ql in seqs]
@@ -142,17 +142,17 @@ def test_reference_output_dtype_follows_q():
 
 def test_backend_selection_and_cache_dtypes():
     cpu = torch.device("cpu")
-    assert select_attention_backend(cpu, "auto") == "torch"
-    assert select_attention_backend("cuda", "auto") == "triton"
-    assert select_attention_backend(cpu, "triton") == "triton"  # TRITON_INTERPRET=1 is set in this module
+    assert resolve_backend(cpu, "auto") == "torch"
+    assert resolve_backend("cuda", "auto") == "triton"
+    assert resolve_backend(cpu, "triton") == "triton"  # TRITON_INTERPRET=1 is set in this module
     os.environ["TRITON_INTERPRET"] = "0"
     try:
         with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-            select_attention_backend(cpu, "triton")
+            resolve_backend(cpu, "triton")
     finally:
         os.environ["TRITON_INTERPRET"] = "1"
-    with pytest.raises(ValueError, match="attention_backend"):
-        select_attention_backend(cpu, "flash")
+    with pytest.raises(ValueError, match="backend must be"):
+        resolve_backend(cpu, "flash")
     assert resolve_kv_cache_dtype("auto", torch.bfloat16, cpu) == torch.bfloat16
     assert resolve_kv_cache_dtype("fp8", torch.bfloat16, cpu) == torch.float8_e4m3fn
     assert resolve_kv_cache_dtype("fp8_e4m3", torch.float16, cpu) == torch.float8_e4m3fn
@@ -280,9 +280,7 @@ def test_fp8_resolves_to_the_rocm_device_flavour(monkeypatch, arch, want):
     """On ROCm, kv_cache_dtype="fp8" means e4m3fnuz on MI300 (gfx94x) and e4m3fn elsewhere."""
     import types
 
-    import miniserve.kernels.backend as backend
-
-    monkeypatch.setattr(backend, "is_rocm", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", "6.2")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(gcnArchName=arch))
     assert resolve_kv_cache_dtype("fp8", torch.bfloat16, torch.device("cuda", 0)) == want
     assert resolve_kv_cache_dtype("fp8_e4m3", torch.bfloat16, torch.device("cuda", 0)) == want

@@ -11,7 +11,7 @@ import os, sys
 sys.modules["triton"] = None  # any `import triton` now raises ImportError
 os.environ.pop("TRITON_INTERPRET", None)
 from miniserve import LLM, SamplingParams
-from miniserve.kernels.backend import select_attention_backend
+from miniserve.kernels.backend import resolve_backend
 import miniserve.cli, miniserve.server.app  # noqa: F401
 
 llm = LLM(kv_cache_dtype="fp8", speculative_model="demo", num_speculative_tokens=2)
@@ -19,7 +19,7 @@ out = llm.generate(["ROMEO:"], SamplingParams(temperature=0, max_tokens=12), use
 assert len(out.token_ids) == 12, out
 os.environ["TRITON_INTERPRET"] = "1"
 try:
-    select_attention_backend("cpu", "triton")
+    resolve_backend("cpu", "triton")
 except ValueError as e:
     print("ERROR:", e)
 print("OK")

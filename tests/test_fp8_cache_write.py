@@ -89,7 +89,7 @@ def test_triton_kernel_bit_exact_for_every_bit_pattern(src, fp8, scale):
     kc = torch.zeros(32, 16, 1, 128, dtype=torch.uint8).view(fp8)
     vc = torch.zeros_like(kc)
     s = scale_tensor(scale)
-    reshape_and_cache(key, value, kc, vc, slots, s, s, impl="triton")
+    reshape_and_cache(key, value, kc, vc, slots, s, s, backend="triton")
     want = quantize_bytes(x, scale, fp8)
     for cache, want_tok in ((kc, want.reshape(512, 128)), (vc, want[::-1].reshape(512, 128))):
         got = cache.view(torch.uint8).reshape(512, 128)[slots].numpy()
@@ -118,7 +118,7 @@ def check_write(key, value, cache_dtype, block_size, slots, impl, k_scale=0.37, 
     kc = make_cache(num_blocks, block_size, heads, dim, cache_dtype)
     vc = make_cache(num_blocks, block_size, heads, dim, cache_dtype)
     k_before, v_before = kc.view(torch.uint8).clone(), vc.view(torch.uint8).clone()
-    reshape_and_cache(key, value, kc, vc, slots, scale_tensor(k_scale), scale_tensor(v_scale), impl=impl)
+    reshape_and_cache(key, value, kc, vc, slots, scale_tensor(k_scale), scale_tensor(v_scale), backend=impl)
     written = torch.zeros(num_blocks * block_size, dtype=torch.bool)
     keep = slots >= 0
     written[slots[keep]] = True
@@ -130,7 +130,7 @@ def check_write(key, value, cache_dtype, block_size, slots, impl, k_scale=0.37, 
         assert torch.equal(flat[slots[keep]], want)
 
 
-@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("cache_dtype", [*FP8, torch.bfloat16, torch.float16, torch.float32], ids=dtype_id)
 def test_negative_slots_skipped_and_noncontiguous_inputs(impl, cache_dtype):
     g = torch.Generator().manual_seed(0)
@@ -143,7 +143,7 @@ def test_negative_slots_skipped_and_noncontiguous_inputs(impl, cache_dtype):
     check_write(key, value, cache_dtype, block_size, slots, impl)
 
 
-@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
 def test_head_sizes(impl, head_dim):
     g = torch.Generator().manual_seed(head_dim)
@@ -180,7 +180,7 @@ def test_random_shapes(tokens, heads, dim, block_size, cache_dtype, seed):
     slots = torch.randperm(tokens + 8, generator=g)[:tokens]
     if tokens:
         slots[torch.rand(tokens, generator=g) < 0.2] = -1
-    for impl in ("reference", "triton"):
+    for impl in ("torch", "triton"):
         check_write(key, value, cache_dtype, block_size, slots, impl, num_blocks=(tokens + 8) // block_size + 1)
 
 

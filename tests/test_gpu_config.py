@@ -121,7 +121,7 @@ def test_silu_and_mul_with_gpu_column_blocks(monkeypatch, dtype):
     last one): bit for bit what the interpreter's single 4096-column block computes (tests/test_layer_ops.py
     compares that with the reference)."""
     x = torch.randn(5, 2 * 2816, generator=torch.Generator().manual_seed(0)).to(dtype) * 4
-    one_block = layer_ops.silu_and_mul(x, impl="triton")
+    one_block = layer_ops.silu_and_mul(x, backend="triton")
     monkeypatch.setattr(layer_ops, "triton_interpreter_enabled", lambda: False)  # the launcher's GPU block
     out = torch.empty(5, 2816, dtype=dtype)
     layer_ops._silu_and_mul_triton(x, out)

@@ -108,7 +108,7 @@ def test_rotary_bit_exact_on_strided_qkv_views(dtype, hq, hk, head_dim):
     q, k, _ = split_qkv(expected, hq, hk, head_dim)
     apply_rotary_reference_(q, k, positions, cos, sin)
     q, k, v = split_qkv(actual, hq, hk, head_dim)
-    apply_rotary_(q, k, positions, cos, sin, impl="triton")
+    apply_rotary_(q, k, positions, cos, sin, backend="triton")
 
     assert_bit_equal(actual, expected)
     assert_bit_equal(v, split_qkv(qkv, hq, hk, head_dim)[2])  # v untouched
@@ -126,7 +126,7 @@ def test_rotary_matches_transformers(dtype):
     hf_q, hf_k = apply_rotary_pos_emb(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[positions][None].to(dtype), sin[positions][None].to(dtype)
     )
-    apply_rotary_(q, k, positions, cos, sin, impl="triton")
+    apply_rotary_(q, k, positions, cos, sin, backend="triton")
     assert_bit_equal(q.contiguous(), hf_q[0].transpose(0, 1).contiguous())
     assert_bit_equal(k.contiguous(), hf_k[0].transpose(0, 1).contiguous())
 
@@ -152,7 +152,7 @@ def test_rms_norm_matches_reference(dtype, hidden, with_residual):
     weight = (torch.rand(hidden, generator=gen) + 0.5).to(dtype)
     residual = torch.randn(num_tokens, hidden, generator=gen).to(dtype) if with_residual else None
 
-    actual = rms_norm(x, weight, eps, residual, impl="triton")
+    actual = rms_norm(x, weight, eps, residual, backend="triton")
     expected = rms_norm_reference(x, weight, eps, residual)
     if with_residual:
         (actual, actual_sum), (expected, expected_sum) = actual, expected
@@ -174,7 +174,7 @@ def test_rms_norm_residual_sum_bit_exact_with_specials(dtype):
     residual = with_specials(torch.randn(4, 96, generator=gen).to(dtype)).flip(-1).contiguous()
     residual[0, :8] = torch.tensor([0.0, -0.0, 0.0, -1.0, 1.0, float("-inf"), 1.0, 0.0], dtype=dtype)
     weight = torch.rand(96, generator=gen).to(dtype)
-    out, summed = rms_norm(x, weight, 1e-5, residual, impl="triton")
+    out, summed = rms_norm(x, weight, 1e-5, residual, backend="triton")
     expected_out, expected_sum = rms_norm_reference(x, weight, 1e-5, residual)
     assert_bit_equal(summed, expected_sum)
     assert summed[0, :8].isnan().tolist() == [False, False, False, False, False, True, False, True]
@@ -189,10 +189,10 @@ def test_rms_norm_per_head_on_strided_view(dtype):
     weight = torch.rand(32, generator=gen).to(dtype)
     padded_heads = torch.randn(6, 3, 40, generator=gen).to(dtype)[..., 5:37]  # head stride 40 != head_dim
     for x in (q, k, padded_heads):
-        actual = rms_norm(x, weight, 1e-6, impl="triton")
+        actual = rms_norm(x, weight, 1e-6, backend="triton")
         torch.testing.assert_close(actual, rms_norm_reference(x, weight, 1e-6), rtol=2 * RTOL[dtype], atol=0)
     residual = torch.randn(q.shape, generator=gen).to(dtype)
-    _, summed = rms_norm(q, weight, 1e-6, residual, impl="triton")
+    _, summed = rms_norm(q, weight, 1e-6, residual, backend="triton")
     assert_bit_equal(summed, q + residual)
 
 
@@ -214,7 +214,7 @@ def test_silu_and_mul(dtype, inter):
     num_tokens = 2 if inter > 1000 else 7
     x = (torch.randn(num_tokens, 2 * inter + 5, generator=gen) * 4).to(dtype)[:, : 2 * inter]
     gate, up = x[:, :inter], x[:, inter:]
-    actual = silu_and_mul(x, impl="triton")
+    actual = silu_and_mul(x, backend="triton")
     assert actual.shape == (num_tokens, inter) and actual.dtype == dtype and actual.is_contiguous()
     # silu of a very negative gate is subnormal in the dtype, where one ulp is a large relative step
     info = torch.finfo(dtype)
@@ -230,11 +230,11 @@ def test_silu_and_mul(dtype, inter):
 def test_empty_batch_and_auto_on_cpu_use_reference_semantics():
     cos, sin = rotary_tables(64)
     q, k = torch.empty(0, 4, 64), torch.empty(0, 2, 64)
-    apply_rotary_(q, k, torch.empty(0, dtype=torch.int64), cos, sin, impl="triton")
-    assert rms_norm(torch.empty(0, 64), torch.ones(64), 1e-6, impl="triton").shape == (0, 64)
-    out, summed = rms_norm(torch.empty(0, 64), torch.ones(64), 1e-6, torch.empty(0, 64), impl="triton")
+    apply_rotary_(q, k, torch.empty(0, dtype=torch.int64), cos, sin, backend="triton")
+    assert rms_norm(torch.empty(0, 64), torch.ones(64), 1e-6, backend="triton").shape == (0, 64)
+    out, summed = rms_norm(torch.empty(0, 64), torch.ones(64), 1e-6, torch.empty(0, 64), backend="triton")
     assert out.shape == summed.shape == (0, 64)
-    assert silu_and_mul(torch.empty(0, 128), impl="triton").shape == (0, 64)
+    assert silu_and_mul(torch.empty(0, 128), backend="triton").shape == (0, 64)
 
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     weight = torch.rand(64, dtype=torch.bfloat16)
@@ -243,10 +243,10 @@ def test_empty_batch_and_auto_on_cpu_use_reference_semantics():
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="impl='triton' needs a GPU"):
-        silu_and_mul(torch.randn(2, 8), impl="triton")
-    with pytest.raises(ValueError, match="impl must be"):
-        silu_and_mul(torch.randn(2, 8), impl="cuda")
+    with pytest.raises(ValueError, match="backend='triton' needs a GPU"):
+        silu_and_mul(torch.randn(2, 8), backend="triton")
+    with pytest.raises(ValueError, match="backend must be"):
+        silu_and_mul(torch.randn(2, 8), backend="cuda")
 
 
 def bad_calls(impl):
@@ -257,13 +257,13 @@ def bad_calls(impl):
     x, w = torch.randn(3, 64), torch.ones(64)
 
     def rotary(q=q, k=k, pos=pos, cos=cos, sin=sin):
-        return lambda: apply_rotary_(q, k, pos, cos, sin, impl=impl)
+        return lambda: apply_rotary_(q, k, pos, cos, sin, backend=impl)
 
     def norm(x=x, w=w, residual=None):
-        return lambda: rms_norm(x, w, 1e-6, residual, impl=impl)
+        return lambda: rms_norm(x, w, 1e-6, residual, backend=impl)
 
     def silu(x):
-        return lambda: silu_and_mul(x, impl=impl)
+        return lambda: silu_and_mul(x, backend=impl)
 
     return [
         ("odd head_dim", rotary(q[..., :63], k[..., :63], cos=cos[:, :63], sin=sin[:, :63]), "even head_dim"),
@@ -287,7 +287,7 @@ def bad_calls(impl):
     ]
 
 
-@pytest.mark.parametrize("impl", ["reference", "triton", "auto"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "auto"])
 def test_bad_arguments_raise_value_error(impl):
     """The checks run before the impl switch: every impl refuses the same calls with the same message."""
     for what, call, message in bad_calls(impl):

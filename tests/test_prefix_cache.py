@@ -181,9 +181,9 @@ def test_prompt_logprobs_compute_every_prompt_position(llama_dir, one_thread):
 def test_switch_from_the_environment():
     from miniserve.server.app import settings_from_env
 
-    assert settings_from_env({}).engine.enable_prefix_caching
-    assert not settings_from_env({"MINISERVE_ENABLE_PREFIX_CACHING": "0"}).engine.enable_prefix_caching
-    assert settings_from_env({"MINISERVE_ENABLE_PREFIX_CACHING": "true"}).engine.enable_prefix_caching
+    assert settings_from_env({})[0].enable_prefix_caching
+    assert not settings_from_env({"MINISERVE_ENABLE_PREFIX_CACHING": "0"})[0].enable_prefix_caching
+    assert settings_from_env({"MINISERVE_ENABLE_PREFIX_CACHING": "true"})[0].enable_prefix_caching
     with pytest.raises(ValueError, match="MINISERVE_ENABLE_PREFIX_CACHING"):
         settings_from_env({"MINISERVE_ENABLE_PREFIX_CACHING": "maybe"})
 
@@ -328,7 +328,7 @@ def test_stress_outputs_equal_caching_off(llama_dir, near_draft, kv, draft, num,
     if draft:  # both kinds of rounds happened: all drafts accepted, and some rejected
         assert 0 < stats["spec_accepted_per_position"][-1] < stats["spec_num_drafts"]
     # idle: nothing referenced, every block free (empty or cached), the index consistent with the blocks
-    assert not eng.has_unfinished_requests() and not eng.scheduler.has_work()
+    assert not eng.has_unfinished_requests() and not (eng.scheduler.waiting or eng.scheduler.running)
     assert all(c == 0 for c in bm.ref_counts)
     assert sorted(bm.free_ids) == list(range(bm.num_blocks))
     assert bm.cached and all(bm.keys[block] == key for key, block in bm.cached.items())

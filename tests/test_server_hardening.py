@@ -242,10 +242,10 @@ def in_process_server(app) -> Iterator[str]:
 def test_unexpected_errors_answer_500_in_openai_shape_and_log_the_traceback(llama_dir, caplog):
     from fastapi.responses import StreamingResponse
 
-    from miniserve.server.app import ServerSettings, create_app, make_engine_config
+    from miniserve.config import EngineConfig, ServerConfig
+    from miniserve.server.app import create_app
 
-    settings = ServerSettings(engine=make_engine_config(model=str(llama_dir), device="cpu", dtype="float32"))
-    app = create_app(settings)
+    app = create_app(EngineConfig(model=str(llama_dir), device="cpu", dtype="float32"), ServerConfig())
 
     async def boom():
         raise KeyError("an unforeseen bug")

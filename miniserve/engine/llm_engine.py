@@ -32,13 +32,14 @@ from miniserve.tokenizer import IncrementalDetokenizer, Tokenizer
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
+        config.check_dirs()
         torch.manual_seed(config.seed)  # unseeded requests draw from the global RNG: make a run repeatable
         self.tokenizer = Tokenizer.from_pretrained(config.tokenizer or config.model)
         self.target = ModelRunner(config, config.model, "target", config.kv_cache_dtype)
         self.draft = _load_draft(config, self.target)
         self.device = self.target.device
         self.max_model_len = capacity.max_model_len(config, self.workers)
-        self.model_name = config.served_model_name or config.model.rstrip("/").split("/")[-1]
+        self.model_name = config.model.rstrip("/").split("/")[-1]
         self.vocab_size = self.target.model_config.vocab_size
         num_blocks = capacity.num_kv_blocks(config, self.workers, self.max_model_len)
         for worker in self.workers:

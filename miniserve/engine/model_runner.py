@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from miniserve.config import EngineConfig
+from miniserve.config import EngineConfig, resolve_device, resolve_dtype, resolve_kv_cache_dtype
 from miniserve.engine.cuda_graphs import BucketedGraphs
 from miniserve.engine.transfer import to_device
-from miniserve.kernels import resolve_kv_cache_dtype, select_attention_backend
+from miniserve.kernels.backend import resolve_backend
 from miniserve.kernels.metadata import AttentionMetadata, uniform_metadata_reference
 from miniserve.models.config import ModelConfig
 from miniserve.models.llama import LayerKV
@@ -25,7 +25,6 @@ DECODE_QUERIES_MAX_LEN = 16  # up to this many new tokens per sequence, Triton r
 # one-sequence prompt passes up to 512 tokens are replayed from graphs, padded up to one of these lengths: eager, a
 # short prompt costs milliseconds of kernel launches (tens of µs each), more than the GPU work
 PREFILL_BUCKETS = (32, 64, 128, 256, 512)
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -38,30 +37,14 @@ class ForwardInput:
     num_logits: int  # logits wanted for the last `num_logits` new tokens (0 = none)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} was requested but no CUDA/ROCm GPU is available")
-    return device
-
-
-def resolve_dtype(name: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    """'auto' takes the checkpoint's dtype on a GPU and float32 on the CPU (where half precision is slow)."""
-    if name != "auto":
-        return _DTYPES[name]
-    return cfg.torch_dtype if device.type != "cpu" else torch.float32
-
-
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir: str, role: str, kv_cache_dtype: str):
         self.role = role
         self.model_dir = model_dir
         self.device = resolve_device(config.device)
         self.model_config = ModelConfig.from_dir(model_dir)
-        self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
-        self.backend = select_attention_backend(self.device, config.attention_backend)
+        self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device)
+        self.backend = resolve_backend(self.device, config.attention_backend)
         self.kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype, self.device)
         self.block_size = config.block_size
         # speculative rounds may compute (never emit) positions past the context length

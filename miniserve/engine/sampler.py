@@ -94,24 +94,14 @@ class SamplingBatch:
 
         rep = [float(p.repetition_penalty) for p in params]
         rep_rows = [i for i, r in enumerate(rep) if r != 1.0]
-        seen_mask = None
-        if rep_rows:
-            seen_mask = _token_counts(
-                {i: prompt_ids[i] + output_ids[i] for i in rep_rows}, rows, vocab_size, device
-            ).gt(0)
+        seen = {i: prompt_ids[i] + output_ids[i] for i in rep_rows}
+        seen_mask = _token_counts(seen, rows, vocab_size, device).gt(0) if rep_rows else None
         freq = [float(p.frequency_penalty) for p in params]
         pres = [float(p.presence_penalty) for p in params]
         pen_rows = [i for i in range(rows) if freq[i] != 0.0 or pres[i] != 0.0]
         counts = _token_counts({i: output_ids[i] for i in pen_rows}, rows, vocab_size, device) if pen_rows else None
 
-        banned_rows, banned_ids = [], []
-        for i, p in enumerate(params):
-            if len(output_ids[i]) < p.min_tokens:
-                stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
-                for token in sorted(t for t in stops if 0 <= t < vocab_size):
-                    banned_rows.append(i)
-                    banned_ids.append(token)
-
+        banned_rows, banned_ids = _min_tokens_bans(params, output_ids, eos_token_ids, vocab_size)
         asked = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
             vocab_size=vocab_size,
@@ -132,6 +122,20 @@ class SamplingBatch:
             banned=(column(banned_rows, torch.int64), column(banned_ids, torch.int64)) if banned_rows else None,
             max_num_logprobs=max(asked) if asked else None,
         )
+
+
+def _min_tokens_bans(
+    params: list[SamplingParams], output_ids: list[list[int]], eos_token_ids: set[int], vocab_size: int
+) -> tuple[list[int], list[int]]:
+    """(rows, token ids) to mask: a row short of its min_tokens may not sample a token that would stop it."""
+    banned_rows, banned_ids = [], []
+    for i, p in enumerate(params):
+        if len(output_ids[i]) < p.min_tokens:
+            stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
+            for token in sorted(t for t in stops if 0 <= t < vocab_size):
+                banned_rows.append(i)
+                banned_ids.append(token)
+    return banned_rows, banned_ids
 
 
 def _token_counts(histories: dict[int, list[int]], rows: int, vocab_size: int, device: torch.device) -> torch.Tensor:

@@ -1,18 +1,11 @@
-"""KV-cache kernels: the single KV write path (`reshape_and_cache`) and paged attention.
+"""Kernels: the single KV write path (`reshape_and_cache`), paged attention and the fused layer ops.
 
-Each op has a pure-torch reference (reference.py, used on CPU and as the test oracle) and a Triton kernel
-(used on CUDA/ROCm GPUs, and on CPU under TRITON_INTERPRET=1). Triton is imported lazily so the CPU engine
-works where Triton is missing.
+Each op has a pure-torch reference (reference.py, fp8.py, the `*_reference` functions; used on the CPU and as the
+test oracle) beside a Triton kernel (used on CUDA/ROCm GPUs, and on the CPU under TRITON_INTERPRET=1). ops.py
+dispatches between them (backend.py says which runs); this module only re-exports.
 """
 
-from __future__ import annotations
-
-import torch
-
-from miniserve.kernels.backend import (
-    resolve_kv_cache_dtype,
-    select_attention_backend,
-)
+from miniserve.kernels.backend import resolve_backend, use_triton
 from miniserve.kernels.fp8 import (
     FP8_DTYPES,
     dequantize_fp8_reference,
@@ -22,6 +15,7 @@ from miniserve.kernels.fp8 import (
     quantize_fp8_reference,
 )
 from miniserve.kernels.metadata import AttentionMetadata
+from miniserve.kernels.ops import paged_attention, reshape_and_cache
 from miniserve.kernels.reference import paged_attention_reference, reshape_and_cache_reference
 
 __all__ = [
@@ -36,89 +30,6 @@ __all__ = [
     "quantize_fp8_reference",
     "reshape_and_cache",
     "reshape_and_cache_reference",
-    "resolve_kv_cache_dtype",
-    "select_attention_backend",
+    "resolve_backend",
+    "use_triton",
 ]
-
-
-def reshape_and_cache(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    k_scale: torch.Tensor,
-    v_scale: torch.Tensor,
-    impl: str = "auto",
-) -> None:
-    """Write K and V `[num_tokens, num_kv_heads, head_dim]` into the paged caches at `slot_mapping`.
-
-    FP8 caches store `quantize_fp8_reference(x, scale)` bytes; plain caches store `x.to(cache.dtype)`.
-    impl: "auto" (Triton on GPU, torch on CPU), "triton" (forced; on CPU needs TRITON_INTERPRET=1) or
-    "reference". The scales are fp32 tensors of shape [1], read on the device (no host sync).
-    """
-    _check_cache_write_args(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
-    if _use_triton(key.device, impl, "impl"):
-        from miniserve.kernels.cache_write import reshape_and_cache_triton
-
-        reshape_and_cache_triton(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
-    else:
-        reshape_and_cache_reference(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
-
-
-def paged_attention(
-    q: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    k_scale: torch.Tensor,
-    v_scale: torch.Tensor,
-    sm_scale: float,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """Causal attention of the packed new tokens `q` [num_tokens, num_q_heads, head_dim] over the paged cache.
-
-    backend: "torch" (reference), "auto", or "triton": the decode kernel when every sequence brings one token
-    (see `AttentionMetadata.as_decode_queries`), else the extend kernel.
-    Returns `[num_tokens, num_q_heads, head_dim]` in q.dtype.
-    """
-    if q.shape[1] % key_cache.shape[2]:
-        raise ValueError(f"num_q_heads ({q.shape[1]}) must be a multiple of num_kv_heads ({key_cache.shape[2]})")
-    if q.shape[2] != key_cache.shape[3]:
-        raise ValueError(f"q head_dim ({q.shape[2]}) != cache head_dim ({key_cache.shape[3]})")
-    if not _use_triton(q.device, backend, "backend"):
-        return paged_attention_reference(q, key_cache, value_cache, meta, k_scale, v_scale, sm_scale)
-    if meta.is_decode:
-        from miniserve.kernels.decode_attention import decode_attention
-
-        return decode_attention(q, key_cache, value_cache, meta, k_scale, v_scale, sm_scale)
-    from miniserve.kernels.extend_attention import extend_attention
-
-    return extend_attention(q, key_cache, value_cache, meta, k_scale, v_scale, sm_scale)
-
-
-def _use_triton(device: torch.device, choice: str, name: str) -> bool:
-    if choice == "reference":
-        choice = "torch"
-    if choice not in ("auto", "triton", "torch"):
-        raise ValueError(f"{name} must be 'auto', 'triton' or 'torch'/'reference', got {choice!r}")
-    return select_attention_backend(device, choice) == "triton"
-
-
-def _check_cache_write_args(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale) -> None:
-    """Shape/dtype checks only: nothing here reads device memory."""
-    if key.dim() != 3 or key.shape != value.shape:
-        raise ValueError(f"key/value must both be [num_tokens, num_kv_heads, head_dim], got {key.shape}, {value.shape}")
-    if key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
-        raise ValueError(
-            f"key_cache/value_cache must match [num_blocks, block_size, heads, dim], got {key_cache.shape}"
-        )
-    if key_cache.dtype != value_cache.dtype:
-        raise ValueError(f"key_cache dtype {key_cache.dtype} != value_cache dtype {value_cache.dtype}")
-    if tuple(key_cache.shape[2:]) != tuple(key.shape[1:]):
-        raise ValueError(f"cache heads/dim {tuple(key_cache.shape[2:])} != key heads/dim {tuple(key.shape[1:])}")
-    if slot_mapping.dtype != torch.int64 or slot_mapping.shape != key.shape[:1]:
-        raise ValueError(f"slot_mapping must be int64 [num_tokens], got {slot_mapping.dtype} {slot_mapping.shape}")
-    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if scale.dtype != torch.float32 or scale.numel() != 1:
-            raise ValueError(f"{name} must be an fp32 tensor of shape [1], got {scale.dtype} {tuple(scale.shape)}")

@@ -1,4 +1,9 @@
-"""Which attention implementation and which KV-cache dtype a device gets."""
+"""Which implementation of a kernel op runs: the Triton kernel or its torch reference.
+
+One vocabulary for every op and for the engine's `attention_backend` setting: "auto" (Triton on GPUs, CUDA and
+ROCm alike, both `device.type == "cuda"`; the torch reference on the CPU), "triton" (forced; on the CPU it needs
+Triton's interpreter, TRITON_INTERPRET=1, which is how CI tests the kernels) or "torch".
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import os
 
 import torch
 
-_PLAIN_CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+BACKENDS = ("auto", "triton", "torch")
 
 
 def triton_interpreter_enabled() -> bool:
@@ -29,53 +34,25 @@ def is_rocm() -> bool:
     return torch.version.hip is not None
 
 
-def select_attention_backend(device: torch.device | str, requested: str) -> str:
-    """Resolve "auto" | "triton" | "torch" to "triton" or "torch" for `device`.
-
-    GPUs (CUDA and ROCm, both `device.type == "cuda"`) run the Triton kernels; the CPU runs the torch
-    reference, or the Triton kernels in the interpreter when TRITON_INTERPRET=1 (how CI tests them).
-    """
-    device = torch.device(device)
-    if requested not in ("auto", "triton", "torch"):
-        raise ValueError(f"attention_backend must be 'auto', 'triton' or 'torch', got {requested!r}")
-    on_gpu = device.type == "cuda"
-    if requested == "auto":
-        requested = "triton" if on_gpu else "torch"
-    if requested == "triton" and not on_gpu and not triton_interpreter_enabled():
+def resolve_backend(device: torch.device | str, backend: str) -> str:
+    """Resolve "auto" | "triton" | "torch" to "triton" or "torch" for `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    on_gpu = torch.device(device).type == "cuda"
+    if backend == "auto":
+        backend = "triton" if on_gpu else "torch"
+    if backend == "triton" and not on_gpu and not triton_interpreter_enabled():
         raise ValueError(
-            f"attention_backend='triton' needs a GPU; on device {device} set TRITON_INTERPRET=1 "
-            "(slow, for tests) or use attention_backend='torch'"
+            f"backend='triton' needs a GPU; on device {device} set TRITON_INTERPRET=1 (slow, for tests) "
+            "or use backend='torch'"
         )
-    if requested == "triton" and not triton_installed():
+    if backend == "triton" and not triton_installed():
         raise ValueError(
             "the Triton kernels need the `triton` package, which GPU builds of torch bring with them: install "
-            "the torch build for your CUDA or ROCm version (or `pip install triton`), or use attention_backend='torch'"
+            "the torch build for your CUDA or ROCm version (or `pip install triton`), or use backend='torch'"
         )
-    return requested
+    return backend
 
 
-def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: torch.device | str):
-    """Map the `kv_cache_dtype` setting to a torch dtype.
-
-    "fp8"/"fp8_e4m3" mean the device's native e4m3 flavour: float8_e4m3fn everywhere except MI300-class
-    ROCm GPUs (gfx94x), whose hardware FP8 is float8_e4m3fnuz.
-    """
-    if kv_cache_dtype == "auto":
-        return model_dtype
-    if kv_cache_dtype in _PLAIN_CACHE_DTYPES:
-        return _PLAIN_CACHE_DTYPES[kv_cache_dtype]
-    if kv_cache_dtype == "fp8_e4m3fnuz":
-        return torch.float8_e4m3fnuz
-    if kv_cache_dtype in ("fp8", "fp8_e4m3"):
-        return torch.float8_e4m3fnuz if _is_gfx94x(torch.device(device)) else torch.float8_e4m3fn
-    raise ValueError(
-        f"kv_cache_dtype must be one of 'auto', 'fp8', 'fp8_e4m3', 'fp8_e4m3fnuz', 'bfloat16', 'float16', "
-        f"'float32', got {kv_cache_dtype!r}"
-    )
-
-
-def _is_gfx94x(device: torch.device) -> bool:
-    if device.type != "cuda" or not is_rocm():
-        return False
-    arch = torch.cuda.get_device_properties(device).gcnArchName
-    return arch.startswith("gfx94")
+def use_triton(device: torch.device | str, backend: str) -> bool:
+    return resolve_backend(device, backend) == "triton"

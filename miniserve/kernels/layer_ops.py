@@ -17,14 +17,14 @@ CPU interpreter's bf16 casts truncate and flush subnormals; on GPUs the integer 
 
 Triton is imported when this module is, guarded so CPU-only installs (no Triton) still run the references. The
 interpreter is chosen when the kernels are decorated, i.e. TRITON_INTERPRET=1 must be set before this module is
-imported (tests set it first); `impl="triton"` says so if it was set too late.
+imported (tests set it first); `backend="triton"` says so if it was set too late.
 """
 
 from __future__ import annotations
 
 import torch
 
-from miniserve.kernels.backend import triton_interpreter_enabled
+from miniserve.kernels.backend import triton_interpreter_enabled, use_triton
 
 try:
     import triton
@@ -86,7 +86,7 @@ def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, impl: str = "auto"
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, backend: str = "auto"
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm of x [T, H] (or [T, N, H], e.g. Qwen3's per-head q/k norm), last dim contiguous, any other strides.
 
@@ -95,7 +95,7 @@ def rms_norm(
     Outputs are new contiguous tensors. weight: [H], x's dtype.
     """
     _check_rms_norm_args(x, weight, residual)
-    if not _use_triton(x.device, impl):
+    if not _triton_here(x.device, backend):
         return rms_norm_reference(x, weight, eps, residual)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     summed = None if residual is None else torch.empty_like(out)
@@ -110,7 +110,7 @@ def apply_rotary_(
     positions: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    impl: str = "auto",
+    backend: str = "auto",
 ) -> None:
     """Rotate q [T, Hq, D] and k [T, Hk, D] in place (views into a packed qkv are fine: last dim contiguous).
 
@@ -119,17 +119,17 @@ def apply_rotary_(
     range-checked on the Triton path (that would need a host sync).
     """
     _check_rotary_args(q, k, positions, cos, sin)
-    if not _use_triton(q.device, impl):
+    if not _triton_here(q.device, backend):
         apply_rotary_reference_(q, k, positions, cos, sin)
     elif q.shape[0]:
         _rotary_triton(q, k, positions, cos, sin)
 
 
-def silu_and_mul(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """x [T, 2I] (gate then up, as `MLP.gate_up_weight` stacks them; last dim contiguous) -> silu(gate) * up
     as a new contiguous [T, I] tensor."""
     _check_silu_args(x)
-    if not _use_triton(x.device, impl):
+    if not _triton_here(x.device, backend):
         return silu_and_mul_reference(x)
     out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype, device=x.device)
     if out.numel():
@@ -142,26 +142,16 @@ def silu_and_mul(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _use_triton(device: torch.device, impl: str) -> bool:
-    """Resolve impl "auto" | "triton" | "reference": Triton on GPUs, torch on the CPU unless forced."""
-    if impl not in ("auto", "triton", "reference"):
-        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
-    on_gpu = device.type == "cuda"
-    if impl == "reference" or (impl == "auto" and (not on_gpu or triton is None)):
+def _triton_here(device: torch.device, backend: str) -> bool:
+    """use_triton, plus the one way these kernels can be unusable on the CPU: decorated before the interpreter
+    was switched on."""
+    if not use_triton(device, backend):
         return False
-    if triton is None:
-        raise ValueError("impl='triton' needs the triton package, which is not installed")
-    if not on_gpu:
-        if not triton_interpreter_enabled():
-            raise ValueError(
-                f"impl='triton' needs a GPU; on device {device} set TRITON_INTERPRET=1 (slow, for tests) "
-                "or use impl='reference'"
-            )
-        if type(_rms_norm_kernel).__name__ != "InterpretedFunction":
-            raise ValueError(
-                "impl='triton' on the CPU: TRITON_INTERPRET=1 was set after miniserve.kernels.layer_ops was "
-                "imported; set it before importing miniserve"
-            )
+    if device.type != "cuda" and type(_rms_norm_kernel).__name__ != "InterpretedFunction":
+        raise ValueError(
+            "backend='triton' on the CPU: TRITON_INTERPRET=1 was set after miniserve.kernels.layer_ops was "
+            "imported; set it before importing miniserve"
+        )
     return True
 
 

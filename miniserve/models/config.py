@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from miniserve.config import TORCH_DTYPES
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -35,7 +36,6 @@ class ModelConfig:
     qk_norm: bool
     torch_dtype: torch.dtype
     sliding_window: int | None
-    bos_token_id: int | None
     eos_token_ids: list[int]
 
     @classmethod
@@ -87,9 +87,8 @@ class ModelConfig:
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False)),
             qk_norm=arch == "Qwen3ForCausalLM",
-            torch_dtype=_DTYPES.get(str(dtype_name).replace("torch.", ""), torch.float32),
+            torch_dtype=TORCH_DTYPES.get(str(dtype_name).replace("torch.", ""), torch.float32),
             sliding_window=window,
-            bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
 

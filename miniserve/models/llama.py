@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miniserve.kernels import paged_attention, reshape_and_cache
 from miniserve.kernels.layer_ops import apply_rotary_, rms_norm, silu_and_mul
 from miniserve.kernels.metadata import AttentionMetadata
+from miniserve.kernels.ops import paged_attention, reshape_and_cache
 from miniserve.models.config import ModelConfig
 
 
@@ -37,16 +37,16 @@ def _empty(*shape: int) -> nn.Parameter:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, impl: str):
+    def __init__(self, dim: int, eps: float, backend: str):
         super().__init__()
         self.weight = _empty(dim)
         self.eps = eps
-        self.impl = impl
+        self.backend = backend
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """RMSNorm(x), or with `residual`: (RMSNorm(x + residual), x + residual), one fused launch on GPUs.
         Same op order as transformers: normalise in fp32, cast back, then scale."""
-        return rms_norm(x, self.weight, self.eps, residual, self.impl)
+        return rms_norm(x, self.weight, self.eps, residual, self.backend)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -82,18 +82,17 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: str, impl: str):
+    def __init__(self, cfg: ModelConfig, backend: str):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_weight = _empty(self.q_size + 2 * self.kv_size, cfg.hidden_size)  # q, k, v stacked
         self.qkv_bias = _empty(self.q_size + 2 * self.kv_size) if cfg.qkv_bias else None
         self.o_weight = _empty(cfg.hidden_size, self.q_size)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, impl) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, impl) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, backend) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, backend) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
         self.backend = backend
-        self.impl = impl
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, meta: AttentionMetadata, kv: LayerKV
@@ -105,31 +104,31 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        apply_rotary_(q, k, positions, rotary.cos, rotary.sin, self.impl)  # in place (q, k may be views of qkv)
+        apply_rotary_(q, k, positions, rotary.cos, rotary.sin, self.backend)  # in place (q, k may be views of qkv)
         reshape_and_cache(k, v, kv.key_cache, kv.value_cache, meta.slot_mapping, kv.k_scale, kv.v_scale)
         out = paged_attention(q, kv.key_cache, kv.value_cache, meta, kv.k_scale, kv.v_scale, self.scale, self.backend)
         return F.linear(out.reshape(-1, self.q_size), self.o_weight)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, impl: str):
+    def __init__(self, cfg: ModelConfig, backend: str):
         super().__init__()
-        self.impl = impl
+        self.backend = backend
         self.inter = cfg.intermediate_size
         self.gate_up_weight = _empty(2 * cfg.intermediate_size, cfg.hidden_size)  # gate, up stacked
         self.down_weight = _empty(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(silu_and_mul(F.linear(x, self.gate_up_weight), self.impl), self.down_weight)
+        return F.linear(silu_and_mul(F.linear(x, self.gate_up_weight), self.backend), self.down_weight)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: str, impl: str):
+    def __init__(self, cfg: ModelConfig, backend: str):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, impl)
-        self.self_attn = Attention(cfg, backend, impl)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, impl)
-        self.mlp = MLP(cfg, impl)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
+        self.self_attn = Attention(cfg, backend)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
+        self.mlp = MLP(cfg, backend)
 
     def forward(self, x, residual, positions, rotary, meta, kv):
         """x + attn(norm(x)), then + mlp(norm(.)), with each residual add fused into the norm that follows it:
@@ -151,9 +150,8 @@ class LlamaModel(nn.Module):
         self.cfg = cfg
         self.embed_tokens = _empty(cfg.vocab_size, cfg.hidden_size)
         # the elementwise ops run as fused Triton kernels wherever attention does, else as their torch references
-        impl = "triton" if backend == "triton" else "reference"
-        self.layers = nn.ModuleList(DecoderLayer(cfg, backend, impl) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, impl)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, backend) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else _empty(cfg.vocab_size, cfg.hidden_size)
         self.rotary = Rotary(cfg, max_positions)
 

@@ -62,9 +62,6 @@ class Scheduler:
             self.parents[seq.seq_id] = parent
         self.waiting.append(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def schedule(self) -> list[ScheduledSeq]:
         for seq in self.running:
             self._cache_blocks(seq)

@@ -13,9 +13,7 @@ accepting, lets requests finish for at most MINISERVE_DRAIN_TIMEOUT seconds, the
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
@@ -25,8 +23,6 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -37,7 +33,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from miniserve.config import DEMO_TARGET, EngineConfig
+from miniserve.config import EngineConfig, ServerConfig
 from miniserve.engine.stop_strings import check_stop_strings
 from miniserve.server import responses as fmt
 from miniserve.server.connection import ConnectionLimits, guarded_h11
@@ -55,155 +51,14 @@ from miniserve.server.protocol import (
     param_from_value_error,
     parse_request,
 )
+from miniserve.settings import from_sources
 
 logger = logging.getLogger("miniserve.server")
 
-DEFAULT_MAX_BODY_BYTES = 4 << 20
-DEFAULT_MAX_WAITING = 1024
-DEFAULT_MAX_PROMPTS_PER_REQUEST = 1024
-_LIMITS = ConnectionLimits()  # the defaults of the connection settings
-DEFAULT_DRAIN_TIMEOUT = 5.0
-DEFAULT_STREAM_STALL_TIMEOUT = 30.0
-DEFAULT_MAX_PROMPT_CHARS = 1 << 20
 CPU_THREADS = 4  # tokenizing and chat templates run here, not on the event loop
 
 
-# ---------------------------------------------------------------------------------------------- settings
-
-
-@dataclass
-class ServerSettings:
-    engine: EngineConfig
-    api_key: str | None = None
-    served_model_name: str | None = None  # default: the engine's model_name (model directory basename)
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    # 503 for a request that would make more than this many sequences wait beyond max_num_seqs (the batch the
-    # engine runs at once); requests that fit the batch are never refused
-    max_waiting: int | None = DEFAULT_MAX_WAITING
-    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT  # seconds requests may finish after SIGTERM before being ended
-    stream_stall_timeout: float = DEFAULT_STREAM_STALL_TIMEOUT  # a stream its client has not read for this long
-    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS  # characters of a text prompt (all messages of a chat)
-    max_prompt_tokens: int | None = None  # tokens of a prompt; None = only the context length limits it
-    max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST  # a longer `prompt` list gets 400
-    # connections (enforced by the protocol class `connection_protocol()` gives uvicorn)
-    header_timeout: float = _LIMITS.header_timeout
-    body_timeout: float = _LIMITS.body_timeout
-    keep_alive_timeout: float = _LIMITS.keep_alive_timeout
-    max_connections: int | None = _LIMITS.max_connections
-
-    def __post_init__(self) -> None:
-        if self.max_body_bytes < 1:
-            raise ValueError(f"max_body_bytes (MINISERVE_MAX_BODY_BYTES) must be >= 1, got {self.max_body_bytes}")
-        if self.max_waiting is not None and self.max_waiting < 0:
-            raise ValueError(f"max_waiting (MINISERVE_MAX_WAITING) must be >= 0, got {self.max_waiting}")
-        for name in ("drain_timeout", "stream_stall_timeout"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} (MINISERVE_{name.upper()}) must be >= 0, got {getattr(self, name)}")
-        for name in ("max_prompt_chars", "max_prompt_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} (MINISERVE_{name.upper()}) must be >= 1, got {value}")
-        if self.max_prompts_per_request < 1:
-            raise ValueError(
-                "max_prompts_per_request (MINISERVE_MAX_PROMPTS_PER_REQUEST) must be >= 1, "
-                f"got {self.max_prompts_per_request}"
-            )
-        self.connection_limits()  # checks them
-
-    def connection_limits(self) -> ConnectionLimits:
-        return ConnectionLimits(self.header_timeout, self.body_timeout, self.keep_alive_timeout, self.max_connections)
-
-    def connection_protocol(self) -> type:
-        """The uvicorn `http` protocol class that enforces the connection settings."""
-        return guarded_h11(self.connection_limits())
-
-
-def settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSettings:
-    """Read the MINISERVE_* environment variables (what `uvicorn server:app` is configured with)."""
-
-    def num(name: str, default: int | None) -> int | None:
-        raw = env.get(name)
-        if raw is None or raw.strip() == "":
-            return default
-        try:
-            return int(raw)
-        except ValueError:
-            raise ValueError(f"{name} must be an integer, got {raw!r}") from None
-
-    def seconds(name: str, default: float) -> float:
-        raw = env.get(name)
-        if raw is None or raw.strip() == "":
-            return default
-        try:
-            return float(raw)
-        except ValueError:
-            raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
-
-    def text(name: str) -> str | None:
-        raw = env.get(name)
-        return raw if raw else None
-
-    def flag(name: str, default: bool) -> bool:
-        raw = env.get(name, "").strip().lower()
-        if not raw:
-            return default
-        if raw in ("1", "true", "yes", "on"):
-            return True
-        if raw in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{name} must be true or false, got {raw!r}")
-
-    engine_kwargs: dict[str, Any] = {
-        "model": text("MINISERVE_MODEL"),
-        "dtype": text("MINISERVE_DTYPE") or "auto",
-        "kv_cache_dtype": text("MINISERVE_KV_CACHE_DTYPE") or "auto",
-        "device": text("MINISERVE_DEVICE") or "auto",
-        "max_model_len": num("MINISERVE_MAX_MODEL_LEN", None),
-        "max_stop_strings": num("MINISERVE_MAX_STOP_STRINGS", 32),
-        "max_stop_string_length": num("MINISERVE_MAX_STOP_STRING_LENGTH", 256),
-        "max_num_seqs": num("MINISERVE_MAX_NUM_SEQS", 256),
-        "block_size": num("MINISERVE_BLOCK_SIZE", 16),
-        "num_kv_blocks": num("MINISERVE_NUM_KV_BLOCKS", None),
-        "speculative_model": text("MINISERVE_SPECULATIVE_MODEL"),
-        "num_speculative_tokens": num("MINISERVE_NUM_SPECULATIVE_TOKENS", 4),
-        "served_model_name": text("MINISERVE_SERVED_MODEL_NAME"),
-        "enable_prefix_caching": flag("MINISERVE_ENABLE_PREFIX_CACHING", True),
-    }
-    return ServerSettings(
-        engine=make_engine_config(**engine_kwargs),
-        api_key=text("MINISERVE_API_KEY"),
-        served_model_name=text("MINISERVE_SERVED_MODEL_NAME"),
-        max_body_bytes=num("MINISERVE_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
-        max_waiting=num("MINISERVE_MAX_WAITING", DEFAULT_MAX_WAITING),
-        max_prompts_per_request=num("MINISERVE_MAX_PROMPTS_PER_REQUEST", DEFAULT_MAX_PROMPTS_PER_REQUEST),
-        header_timeout=seconds("MINISERVE_HEADER_TIMEOUT", _LIMITS.header_timeout),
-        body_timeout=seconds("MINISERVE_BODY_TIMEOUT", _LIMITS.body_timeout),
-        keep_alive_timeout=seconds("MINISERVE_KEEP_ALIVE_TIMEOUT", _LIMITS.keep_alive_timeout),
-        max_connections=num("MINISERVE_MAX_CONNECTIONS", _LIMITS.max_connections),
-        drain_timeout=seconds("MINISERVE_DRAIN_TIMEOUT", DEFAULT_DRAIN_TIMEOUT),
-        stream_stall_timeout=seconds("MINISERVE_STREAM_STALL_TIMEOUT", DEFAULT_STREAM_STALL_TIMEOUT),
-        max_prompt_chars=num("MINISERVE_MAX_PROMPT_CHARS", DEFAULT_MAX_PROMPT_CHARS),
-        max_prompt_tokens=num("MINISERVE_MAX_PROMPT_TOKENS", None),
-    )
-
-
-def make_engine_config(**kwargs: Any) -> EngineConfig:
-    """EngineConfig from keyword arguments, skipping those this EngineConfig version does not have."""
-    names = {f.name for f in dataclasses.fields(EngineConfig)}
-    return EngineConfig(**{k: v for k, v in kwargs.items() if k in names})
-
-
-def check_model_dir(config: EngineConfig) -> None:
-    """Fail early, with the setting to fix, when the model directory is missing."""
-    model = Path(config.model)
-    if model.is_dir():
-        return
-    if model == DEMO_TARGET:
-        raise FileNotFoundError(
-            f"no model configured and the embedded demo model is missing ({model}); "
-            "set MINISERVE_MODEL (or --model) to a Hugging Face model directory"
-        )
-    raise FileNotFoundError(f"model directory {str(model)!r} does not exist (MINISERVE_MODEL / --model)")
+# ---------------------------------------------------------------------------------------------- loading
 
 
 def load_tokenizer(config: EngineConfig) -> Any:
@@ -226,14 +81,16 @@ def max_token_chars(tokenizer: Any) -> int:
 class ServerState:
     """The engine process, the tokenizer, metrics, the requests in flight, and the helpers every route shares."""
 
-    def __init__(self, settings: ServerSettings, engine: EngineProcess, tokenizer: Any, token_chars: int):
-        self.settings = settings
+    def __init__(
+        self, config: EngineConfig, server: ServerConfig, engine: EngineProcess, tokenizer: Any, token_chars: int
+    ):
+        self.config, self.server = config, server
         self.engine = engine
         self.tokenizer = tokenizer
         self.token_chars = token_chars
         self.max_model_len: int = engine.info["max_model_len"]
         self.vocab_size: int = engine.info["vocab_size"]
-        self.model_name: str = settings.served_model_name or engine.info["model_name"]
+        self.model_name: str = server.served_model_name or engine.info["model_name"]
         self.metrics = ServerMetrics(engine.stats, self.model_name)
         engine.metrics = self.metrics
         self.cpu = ThreadPoolExecutor(CPU_THREADS, thread_name_prefix="miniserve-cpu")
@@ -248,7 +105,7 @@ class ServerState:
     def check_prompt_chars(self, num_chars: int, what: str, for_generation: bool = True) -> None:
         """400 for a text prompt too long to take, decided before tokenizing it (for /tokenize, by the
         character limit alone: it does not generate)."""
-        limit = self.settings.max_prompt_chars
+        limit = self.server.max_prompt_chars
         if num_chars > limit:
             raise APIError(
                 f"the {what} has {num_chars} characters, more than this server accepts ({limit}, "
@@ -256,12 +113,12 @@ class ServerState:
                 param=what,
                 code="prompt_too_long",
             )
-        tokens = self.settings.max_prompt_tokens or self.max_model_len
+        tokens = self.server.max_prompt_tokens or self.max_model_len
         if for_generation and num_chars > tokens * self.token_chars:  # more tokens than that, however it splits
             self.check_prompt_tokens(tokens + 1, what)
 
     def check_prompt_tokens(self, num_tokens: int, what: str) -> None:
-        limit = self.settings.max_prompt_tokens
+        limit = self.server.max_prompt_tokens
         if limit is not None and num_tokens > limit:
             raise APIError(
                 f"the {what} has {num_tokens} tokens, more than this server accepts ({limit}, "
@@ -306,7 +163,7 @@ class ServerState:
 
     @property
     def drain_s(self) -> float:
-        return self.settings.drain_timeout
+        return self.server.drain_timeout
 
     def _end_in_flight(self) -> None:
         if self.groups:
@@ -316,21 +173,21 @@ class ServerState:
 
     async def parse(self, request: Request, model: type) -> Any:
         """Read, decode and validate the body as `model`, then check the model name it asks for."""
-        req = parse_request(model, await read_json(request, self.settings.max_body_bytes))
+        req = parse_request(model, await read_json(request, self.server.max_body_bytes))
         self.check_model(req.model)
         return req
 
     def check_stop(self, req: SamplingFields) -> None:
         """The engine's bounds on the stop list, checked before any prompt is tokenized."""
         stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
-        config = self.settings.engine
+        config = self.config
         try:
             check_stop_strings(stops, config.max_stop_strings, config.max_stop_string_length)
         except ValueError as exc:
             raise APIError(str(exc), param="stop") from None
 
     def check_prompt_count(self, count: int) -> None:
-        limit = self.settings.max_prompts_per_request
+        limit = self.server.max_prompts_per_request
         if count > limit:
             raise APIError(
                 f"prompt: {count} prompts in one request, more than the limit of {limit} "
@@ -482,7 +339,7 @@ class RequestGroup:
             self.changed.set()
             self.pending_since = time.monotonic()
         elif self.streaming and self.pending_since is not None and not stream.done:
-            stall = self.state.settings.stream_stall_timeout
+            stall = self.state.server.stream_stall_timeout
             if time.monotonic() - self.pending_since > stall:
                 logger.warning("%s: the client has not read for %.1fs, aborting it", self.base_id, stall)
                 self.abort("stalled")
@@ -800,20 +657,19 @@ def _state(request: Request) -> ServerState:
 # ---------------------------------------------------------------------------------------------- the app
 
 
-def create_app(settings: ServerSettings) -> FastAPI:
+def create_app(config: EngineConfig, server: ServerConfig) -> FastAPI:
     """A FastAPI app that loads the engine on startup and stops its loop on shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        config = settings.engine
-        check_model_dir(config)
+        config.check_dirs()
         tokenizer = await asyncio.to_thread(load_tokenizer, config)
         token_chars = await asyncio.to_thread(max_token_chars, tokenizer)
-        engine = EngineProcess(config, max_waiting=settings.max_waiting)
+        engine = EngineProcess(config, max_waiting=server.max_waiting)
         await asyncio.to_thread(engine.start)
         try:
             engine.attach(asyncio.get_running_loop())
-            state = ServerState(settings, engine, tokenizer, token_chars)
+            state = ServerState(config, server, engine, tokenizer, token_chars)
             app.state.server = state
             _install_signal_handlers(state)
             logger.info("miniserve: serving %s (max_model_len %d)", state.model_name, state.max_model_len)
@@ -823,7 +679,6 @@ def create_app(settings: ServerSettings) -> FastAPI:
             engine.end_all()
 
     app = FastAPI(title="miniserve", lifespan=lifespan)
-    app.state.settings = settings
     v1 = APIRouter(prefix="/v1")  # RequireAPIKey guards every /v1 path, routed or not
     v1.add_api_route("/completions", create_completion, methods=["POST"])
     v1.add_api_route("/chat/completions", create_chat_completion, methods=["POST"])
@@ -834,7 +689,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
     _add_error_handlers(app)
-    app.add_middleware(RequireAPIKey, api_key=settings.api_key)
+    app.add_middleware(RequireAPIKey, api_key=server.api_key)
     app.add_middleware(CatchAll)  # added last: the outermost layer
     return app
 
@@ -881,115 +736,36 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ClientDisconnected, client_gone)
 
 
-# ---------------------------------------------------------------------------------------------- CLI entry
+# ---------------------------------------------------------------------------------------------- entry points
 
 
-def run_server(
-    config: EngineConfig,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    served_model_name: str | None = None,
-    max_waiting: int | None = DEFAULT_MAX_WAITING,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    log_level: str = "info",
-    max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST,
-    connection_limits: ConnectionLimits = _LIMITS,
-    **limits: Any,
-) -> None:
-    """Serve `config`'s model until interrupted (what `miniserve serve` calls). `limits` are the other
-    ServerSettings fields (drain_timeout, stream_stall_timeout, max_prompt_chars, max_prompt_tokens)."""
+def settings_from_env(env: Mapping[str, str] = os.environ) -> tuple[EngineConfig, ServerConfig]:
+    """What `uvicorn server:app` is configured with: the MINISERVE_* variables (checked here, so that a bad value
+    or a missing model directory is one line at startup; the model itself loads in the lifespan)."""
+    config = from_sources(EngineConfig, env=env)
+    config.check_dirs()
+    return config, from_sources(ServerConfig, env=env)
+
+
+def connection_protocol(server: ServerConfig) -> type:
+    """The uvicorn `http` protocol class that enforces the connection settings (server/connection.py)."""
+    limits = ConnectionLimits(
+        server.header_timeout, server.body_timeout, server.keep_alive_timeout, server.max_connections
+    )
+    return guarded_h11(limits)
+
+
+def run_server(config: EngineConfig, server: ServerConfig) -> None:
+    """Serve `config`'s model until interrupted (what `miniserve serve` calls)."""
     import uvicorn
 
-    check_model_dir(config)  # before uvicorn starts, so the CLI prints one clear line
-    settings = ServerSettings(
-        engine=config,
-        api_key=api_key or os.environ.get("MINISERVE_API_KEY") or None,
-        served_model_name=served_model_name or getattr(config, "served_model_name", None),
-        max_body_bytes=max_body_bytes,
-        max_waiting=max_waiting,
-        max_prompts_per_request=max_prompts_per_request,
-        **dataclasses.asdict(connection_limits),
-        **{k: v for k, v in limits.items() if v is not None or k == "max_prompt_tokens"},
-    )
-    app = create_app(settings)
-    # past the drain, uvicorn stops waiting for connections (a client that never reads holds its send forever)
-    grace = settings.drain_timeout + 2.0
+    config.check_dirs()  # before uvicorn starts, so the CLI prints one clear line
     uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        http=settings.connection_protocol(),
-        timeout_graceful_shutdown=grace,
+        create_app(config, server),
+        host=server.host,
+        port=server.port,
+        log_level=server.log_level,
+        http=connection_protocol(server),
+        # past the drain, uvicorn stops waiting for connections (a client that never reads holds its send forever)
+        timeout_graceful_shutdown=server.drain_timeout + 2.0,
     )
-
-
-def add_server_args(parser: argparse.ArgumentParser) -> None:
-    """The server-only flags of `miniserve serve` (engine flags come from the CLI's add_engine_args)."""
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
-    parser.add_argument(
-        "--max-waiting",
-        type=int,
-        default=DEFAULT_MAX_WAITING,
-        help="503 for a request that would make more sequences than this wait beyond --max-num-seqs",
-    )
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    parser.add_argument(
-        "--max-prompts-per-request",
-        type=int,
-        default=DEFAULT_MAX_PROMPTS_PER_REQUEST,
-        help="a /v1/completions prompt list longer than this gets 400",
-    )
-    limits = _LIMITS
-    parser.add_argument(
-        "--header-timeout",
-        type=float,
-        default=limits.header_timeout,
-        help="seconds for a request's head, from connect or the previous response (else 408 and close)",
-    )
-    parser.add_argument(
-        "--body-timeout", type=float, default=limits.body_timeout, help="seconds for a request's body (else 408)"
-    )
-    parser.add_argument("--keep-alive-timeout", type=float, default=limits.keep_alive_timeout)
-    parser.add_argument("--max-connections", type=int, default=limits.max_connections, help="more connections get 503")
-    parser.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=DEFAULT_DRAIN_TIMEOUT,
-        help="seconds in-flight requests may finish after SIGTERM/SIGINT before they are ended",
-    )
-    parser.add_argument(
-        "--stream-stall-timeout",
-        type=float,
-        default=DEFAULT_STREAM_STALL_TIMEOUT,
-        help="abort a stream whose client has not read its output for this many seconds",
-    )
-    parser.add_argument("--max-prompt-chars", type=int, default=DEFAULT_MAX_PROMPT_CHARS, help="400 beyond this")
-    parser.add_argument("--max-prompt-tokens", type=int, default=None, help="400 beyond this (default: context)")
-    parser.add_argument("--log-level", default="info")
-
-
-def serve_main(args: argparse.Namespace, config: EngineConfig) -> int:
-    """Run the server from parsed `miniserve serve` arguments and the EngineConfig built from them."""
-    run_server(
-        config,
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
-        served_model_name=getattr(args, "served_model_name", None),
-        max_waiting=getattr(args, "max_waiting", DEFAULT_MAX_WAITING),
-        max_body_bytes=getattr(args, "max_body_bytes", DEFAULT_MAX_BODY_BYTES),
-        log_level=getattr(args, "log_level", "info"),
-        max_prompts_per_request=getattr(args, "max_prompts_per_request", DEFAULT_MAX_PROMPTS_PER_REQUEST),
-        connection_limits=ConnectionLimits(
-            args.header_timeout, args.body_timeout, args.keep_alive_timeout, args.max_connections
-        ),
-        drain_timeout=getattr(args, "drain_timeout", DEFAULT_DRAIN_TIMEOUT),
-        stream_stall_timeout=getattr(args, "stream_stall_timeout", DEFAULT_STREAM_STALL_TIMEOUT),
-        max_prompt_chars=getattr(args, "max_prompt_chars", DEFAULT_MAX_PROMPT_CHARS),
-        max_prompt_tokens=getattr(args, "max_prompt_tokens", None),
-    )
-    return 0

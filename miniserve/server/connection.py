@@ -20,15 +20,18 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from miniserve.config import ServerConfig
 from miniserve.server.protocol import APIError
+
+_DEFAULTS = ServerConfig()  # the settings (config.py) say what the defaults are
 
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    header_timeout: float = 10.0  # seconds for a request's head, from the connection or the previous response
-    body_timeout: float = 60.0  # seconds for a request's body, from the end of its head
-    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
-    max_connections: int | None = 1024  # a connection beyond this many gets 503 and is closed; None = no cap
+    header_timeout: float = _DEFAULTS.header_timeout  # seconds for a request's head, from connect or last response
+    body_timeout: float = _DEFAULTS.body_timeout  # seconds for a request's body, from the end of its head
+    keep_alive_timeout: float = _DEFAULTS.keep_alive_timeout  # seconds an idle keep-alive connection stays open
+    max_connections: int | None = _DEFAULTS.max_connections  # one more gets 503 and is closed; None = no cap
 
     def __post_init__(self) -> None:
         for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):

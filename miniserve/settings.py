@@ -1,0 +1,100 @@
+"""Settings from the command line and the environment, generated from the fields of the config dataclasses.
+
+Every field of `EngineConfig` and `ServerConfig` (config.py) is a flag `--field-name` and a variable
+`MINISERVE_FIELD_NAME`, with the help text, choices and default of its metadata. A flag beats a variable, a
+variable beats the default. A bad value is a one-line error that names the flag or variable it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, Field, fields
+
+from miniserve.config import EngineConfig, ServerConfig, SettingError
+
+ENV_PREFIX = "MINISERVE_"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def env_var(f: Field) -> str:
+    return ENV_PREFIX + f.name.upper()
+
+
+def flag(f: Field) -> str:
+    return "--" + f.name.replace("_", "-")
+
+
+def value_type(cls: type, f: Field) -> type:
+    """str, int, float or bool: the field's annotation without its `| None`."""
+    hint = typing.get_type_hints(cls)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def shown_default(f: Field) -> str:
+    if f.metadata.get("shown_default"):
+        return f.metadata["shown_default"]
+    default = f.default if f.default is not MISSING else None
+    return str(default).lower() if isinstance(default, bool) else str(default)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field; unset flags stay None so that the environment and the defaults can fill them."""
+    group = parser.add_argument_group(f"{cls.__name__} (a flag overrides its {ENV_PREFIX}* variable)")
+    for f in fields(cls):
+        kind = value_type(cls, f)
+        help_text = f"{f.metadata['help']} (default: {shown_default(f)}; env {env_var(f)})"
+        if kind is bool:
+            group.add_argument(flag(f), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            metavar = None if f.metadata.get("choices") else f.name.upper()
+            choices = f.metadata.get("choices")
+            group.add_argument(flag(f), type=kind, choices=choices, default=None, metavar=metavar, help=help_text)
+
+
+def from_sources(cls: type, args: argparse.Namespace | None = None, env: Mapping[str, str] = os.environ):
+    """`cls` from the flags in `args` (where given), else the MINISERVE_* variables in `env`, else defaults."""
+    values, sources = {}, {}
+    for f in fields(cls):
+        given = getattr(args, f.name, None) if args is not None else None
+        raw = env.get(env_var(f), "")
+        if given is not None:
+            values[f.name], sources[f.name] = given, flag(f)
+        elif raw.strip():
+            source = f"{env_var(f)}={raw!r}"
+            values[f.name], sources[f.name] = _parse(cls, f, raw.strip(), source), source
+    try:
+        return cls(**values)
+    except SettingError as e:
+        if e.name in sources:
+            raise SettingError(e.name, f"{sources[e.name]}: {e}") from None
+        raise
+
+
+def _parse(cls: type, f: Field, raw: str, source: str):
+    kind = value_type(cls, f)
+    if kind is bool:
+        if raw.lower() not in _TRUE + _FALSE:
+            raise SettingError(f.name, f"{source}: must be one of {', '.join(_TRUE + _FALSE)}")
+        return raw.lower() in _TRUE
+    try:
+        return kind(raw)
+    except ValueError:
+        what = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+        raise SettingError(f.name, f"{source}: must be {what}") from None
+
+
+def markdown_table() -> str:
+    """The README's table of every setting (scripts/update_readme_settings.py writes it there)."""
+    rows = ["| Environment variable | CLI flag | Default | Meaning |", "|---|---|---|---|"]
+    for cls in (EngineConfig, ServerConfig):
+        for f in fields(cls):
+            meaning = f.metadata["help"]
+            if f.metadata.get("choices"):
+                meaning += ": " + ", ".join(f"`{c}`" for c in f.metadata["choices"])
+            where = " (`serve` only)" if cls is ServerConfig else ""
+            rows.append(f"| `{env_var(f)}` | `{flag(f)}`{where} | {shown_default(f)} | {meaning} |")
+    return "\n".join(rows)

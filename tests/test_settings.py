@@ -1,0 +1,149 @@
+"""Settings: every EngineConfig/ServerConfig field is a CLI flag and a MINISERVE_* variable with help text,
+bad values are one-line errors naming their source, and the README's table is the generated one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import pytest
+
+from miniserve import cli
+from miniserve.config import EngineConfig, ServerConfig
+from miniserve.settings import from_sources, markdown_table
+
+REPO = Path(__file__).resolve().parent.parent
+SERVER_FLAGS = {"--" + f.name.replace("_", "-") for f in fields(ServerConfig)}
+
+
+def sample(cls: type, f) -> object:
+    """A valid value other than the default (choices written down here, not read from the field's metadata)."""
+    special = {
+        "dtype": "bfloat16",
+        "kv_cache_dtype": "fp8",
+        "speculative_kv_cache_dtype": "float16",
+        "attention_backend": "torch",
+        "log_level": "debug",
+        "block_size": 32,
+        "gpu_memory_utilization": 0.5,
+    }
+    if f.name in special:
+        return special[f.name]
+    default = None if f.default is MISSING else f.default
+    kind = next(
+        t
+        for t in (bool, int, float, str)
+        if t in (typing.get_type_hints(cls)[f.name], *typing.get_args(typing.get_type_hints(cls)[f.name]))
+    )
+    if kind is bool:
+        return not default
+    if kind is int:
+        return 7 if default is None else default + 3
+    if kind is float:
+        return 0.25 if default is None else default * 2
+    return f"/some/{f.name}"  # the str fields without choices: paths, names, keys, device, host
+
+
+def as_text(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+@pytest.mark.parametrize("cls", [EngineConfig, ServerConfig])
+def test_every_field_is_a_flag_and_a_variable(cls):
+    command = "serve" if cls is ServerConfig else "generate"
+    parser = cli.build_parser()
+    for f in fields(cls):
+        value, flag, var = sample(cls, f), "--" + f.name.replace("_", "-"), "MINISERVE_" + f.name.upper()
+        assert f.metadata["help"], f.name
+        if isinstance(value, bool):
+            argv = [flag if value else "--no-" + flag[2:]]
+        else:
+            argv = [flag, as_text(value)]
+        extra = ["--prompt", "x"] if command == "generate" else []
+        args = parser.parse_args([command, *extra, *argv])
+        assert getattr(from_sources(cls, args, env={}), f.name) == value, flag
+        assert getattr(from_sources(cls, None, env={var: as_text(value)}), f.name) == value, var
+        # the flag beats the variable; an empty variable is unset
+        default = getattr(cls(), f.name)
+        assert getattr(from_sources(cls, args, env={var: as_text(default)}), f.name) == value
+        assert getattr(from_sources(cls, None, env={var: ""}), f.name) == default
+
+
+def test_help_lists_every_flag_with_help_and_default_and_generate_has_no_server_flags():
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    serve_help, generate_help = subparsers["serve"].format_help(), subparsers["generate"].format_help()
+    for cls in (EngineConfig, ServerConfig):
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            assert flag in serve_help and ("MINISERVE_" + f.name.upper()) in serve_help
+            assert (flag in generate_help) == (cls is EngineConfig), flag
+    assert "{auto,fp8,fp8_e4m3" in generate_help  # choices are listed
+    generate_flags = {o for a in subparsers["generate"]._actions for o in a.option_strings}
+    assert not generate_flags & SERVER_FLAGS
+    for action in subparsers["generate"]._actions + subparsers["serve"]._actions:
+        if action.option_strings != ["-h", "--help"] and action.dest != "prompt":
+            assert action.help and "default:" in action.help, action.option_strings
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MINISERVE_MAX_NUM_SEQS": "abc"}, "MINISERVE_MAX_NUM_SEQS='abc': must be an integer"),
+        ({"MINISERVE_GPU_MEMORY_UTILIZATION": "lots"}, "MINISERVE_GPU_MEMORY_UTILIZATION='lots': must be a number"),
+        ({"MINISERVE_ENFORCE_EAGER": "maybe"}, "MINISERVE_ENFORCE_EAGER='maybe': must be one of 1, true"),
+        ({"MINISERVE_DTYPE": "fp4"}, "MINISERVE_DTYPE='fp4': dtype must be one of auto, float32"),
+        ({"MINISERVE_BLOCK_SIZE": "12"}, "MINISERVE_BLOCK_SIZE='12': block_size must be a positive power of two"),
+        ({"MINISERVE_MAX_NUM_SEQS": "0"}, "MINISERVE_MAX_NUM_SEQS='0': max_num_seqs must be >= 1"),
+    ],
+)
+def test_bad_variables_name_the_variable(env, message):
+    with pytest.raises(ValueError) as info:
+        from_sources(EngineConfig, None, env=env)
+    assert str(info.value).startswith(message)
+
+
+def test_bad_flag_and_bad_variable_are_one_line_cli_errors(monkeypatch, capsys):
+    assert cli.main(["generate", "--prompt", "x", "--block-size", "12"]) == 2
+    err = capsys.readouterr().err
+    assert err == "miniserve: error: --block-size: block_size must be a positive power of two, got 12\n"
+    monkeypatch.setenv("MINISERVE_MAX_WAITING", "-1")
+    assert cli.main(["serve"]) == 2
+    assert capsys.readouterr().err == "miniserve: error: MINISERVE_MAX_WAITING='-1': max_waiting must be >= 0, got -1\n"
+
+
+def test_uvicorn_with_a_bad_variable_prints_one_line(tmp_path):
+    env = {**os.environ, "MINISERVE_MAX_NUM_SEQS": "many"}
+    cmd = [sys.executable, "-m", "uvicorn", "server:app", "--port", "0"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == "miniserve: error: MINISERVE_MAX_NUM_SEQS='many': must be an integer"
+
+
+@pytest.mark.parametrize("setting", ["model", "speculative_model", "tokenizer"])
+def test_every_model_path_error_says_which_directory(tmp_path, setting):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    what = {"model": "model directory", "speculative_model": "draft model directory"}.get(
+        setting, "tokenizer directory"
+    )
+    for path, problem in ((tmp_path / "nope", "does not exist"), (not_a_dir, "is not a directory")):
+        with pytest.raises(FileNotFoundError) as info:
+            EngineConfig(**{setting: str(path)}).check_dirs()
+        assert str(info.value).startswith(f"{what} '{path}' {problem}")
+        assert "MINISERVE_" + setting.upper() in str(info.value)
+    if setting != "tokenizer":
+        with pytest.raises(FileNotFoundError, match=f"{what} '{tmp_path}' has no config.json"):
+            EngineConfig(**{setting: str(tmp_path)}).check_dirs()
+
+
+def test_readme_table_is_the_generated_one():
+    readme = (REPO / "README.md").read_text()
+    assert markdown_table() in readme, "run scripts/update_readme_settings.py"
+    for cls in (EngineConfig, ServerConfig):
+        for f in fields(cls):
+            assert f"`MINISERVE_{f.name.upper()}`" in readme
