@@ -137,9 +137,9 @@ def chat_ids(hf_tokenizer, messages: list[dict]) -> list[int]:
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
-def build_server_model(out: Path, tokenizer_dir: Path) -> Path:
+def build_server_model(out: Path, tokenizer_dir: Path, max_model_len: int = MAX_MODEL_LEN) -> Path:
     """The tiny Llama of conftest with a 1024-token context (room for a long request to abort)."""
-    return build_model_dir(out, "LlamaForCausalLM", tokenizer_dir, seed=7, max_position_embeddings=MAX_MODEL_LEN)
+    return build_model_dir(out, "LlamaForCausalLM", tokenizer_dir, seed=7, max_position_embeddings=max_model_len)
 
 
 # ---------------------------------------------------------------------------------------------- fixtures

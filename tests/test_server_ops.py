@@ -36,12 +36,15 @@ from tests.test_server import (
     wait_for_metric,
 )
 
-LONG = {"model": MODEL_NAME, "prompt": "ROMEO:", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+# Long enough that no machine finishes it within a test's waits: the tiny model writes 1000 tokens in under a
+# second on a fast CPU, and a loopback socket may buffer megabytes.
+OPS_MAX_MODEL_LEN = 16384
+LONG = {"model": MODEL_NAME, "prompt": "ROMEO:", "max_tokens": 16000, "ignore_eos": True, "stream": True}
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer_dir):
-    return build_server_model(tmp_path_factory.mktemp("ops-model"), tokenizer_dir)
+    return build_server_model(tmp_path_factory.mktemp("ops-model"), tokenizer_dir, OPS_MAX_MODEL_LEN)
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +142,10 @@ def test_huge_prompt_is_tokenized_off_the_event_loop_and_limits_answer_first(url
 
 def test_a_stream_nobody_reads_is_aborted_after_the_stall_timeout(url):
     before = scrape(url)
-    # chat logprobs (with their bytes): ~1.3 kB per choice per token, 5 MB in all, more than the socket buffers
-    # (the kernel's send buffer grows to 4 MB) hold
+    # chat logprobs (with their bytes): ~1.3 kB per choice per token, 80 MB in all, far more than any socket
+    # buffers hold (Linux's send buffer grows to tcp_wmem's max, 4 MB by default, more on tuned hosts)
     messages = [{"role": "user", "content": "Speak."}]
-    body = {**LONG, "messages": messages, "n": 4, "logprobs": True, "top_logprobs": 20, "max_tokens": 1000}
+    body = {**LONG, "messages": messages, "n": 4, "logprobs": True, "top_logprobs": 20}
     del body["prompt"]
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -165,7 +168,7 @@ def test_a_stream_nobody_reads_is_aborted_after_the_stall_timeout(url):
             time.sleep(0.2)
         assert aborted - metric(before, "request_success_total", finished_reason="abort") == 4
         generated = metric(samples, "generation_tokens_total") - metric(before, "generation_tokens_total")
-        assert generated < 4 * 1000  # stopped early
+        assert generated < 4 * LONG["max_tokens"]  # stopped early
         after = wait_for_metric(url, "kv_blocks_used", lambda v: v == 0, timeout=5)
         assert metric(after, "kv_blocks_used") == 0 and metric(after, "num_requests_running") == 0
         assert httpx.post(url + "/v1/completions", json={**LONG, "stream": False, "max_tokens": 2}).status_code == 200
