@@ -361,9 +361,9 @@ def engine_kwargs(engine_args: str) -> dict:
     from miniserve.settings import add_arguments
 
     parser = argparse.ArgumentParser()
-    add_arguments(parser, EngineConfig)  # the flags `miniserve serve` has for EngineConfig; unset ones are None
+    add_arguments(parser, EngineConfig)
     ns = vars(parser.parse_args(shlex.split(engine_args)))
-    return {k: v for k, v in ns.items() if v is not None and k != "model"}
+    return {k: v for k, v in ns.items() if v is not None and k not in ("model", "served_model_name")}
 
 
 def run_offline(args: argparse.Namespace, reqs: list[BenchRequest]) -> dict:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 GREEDY_EPS = 1e-5  # temperatures below this are greedy (dividing by them would overflow)
 MAX_LOGPROBS = 20  # the OpenAI API's limit for top logprobs
-OUTPUT_KINDS = ("cumulative", "final_only")  # vLLM's RequestOutputKind (without DELTA)
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")  # vLLM's RequestOutputKind
 
 
 @dataclass
@@ -37,10 +37,14 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # top-N logprobs of every prompt token (scoring, `echo`); 0 = its own only
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    # "cumulative": the engine reports the request at every step it progresses (streaming); "final_only": only
-    # when it finishes, which spares a per-token output and, without stop strings, per-token detokenizing
-    # (`LLM.generate` asks for this)
+    # "cumulative": the engine reports the request at every step it progresses (streaming); "delta": likewise,
+    # but each report holds only what is new since the last one (the server's streams: no per-step copies of the
+    # whole output); "final_only": only when it finishes, which spares a per-token output and, without stop
+    # strings, per-token detokenizing (`LLM.generate` asks for this)
     output_kind: str = "cumulative"
+    # False: the engine leaves `text` empty and never detokenizes (the caller turns token ids into text itself,
+    # as the server does off the engine's step loop); stop strings need the text, so they need True
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, low=1)
@@ -60,11 +64,13 @@ class SamplingParams:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         self.stop = _normalize_stop(self.stop)
         self.stop_token_ids = _normalize_stop_token_ids(self.stop_token_ids)
-        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.output_kind not in OUTPUT_KINDS:
             raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
+        if self.stop and not self.detokenize:
+            raise ValueError("detokenize=False cannot be combined with stop strings (they are matched in the text)")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
         if self.prompt_logprobs is not None:

@@ -62,7 +62,7 @@ BAD_VALUES = [
     ("prompt_logprobs", -1), ("prompt_logprobs", 21), ("prompt_logprobs", "2"),
     ("include_stop_str_in_output", 1),
     ("skip_special_tokens", None),
-    ("output_kind", "delta"),
+    ("output_kind", "streaming"), ("detokenize", 1),
 ]  # fmt: skip
 
 

@@ -23,6 +23,7 @@ from contextlib import ExitStack, contextmanager
 import httpx
 import pytest
 
+from tests.conftest import build_model_dir
 from tests.test_server import (
     MODEL_NAME,
     REPO,
@@ -45,6 +46,16 @@ LONG = {"model": MODEL_NAME, "prompt": "ROMEO:", "max_tokens": 16000, "ignore_eo
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer_dir):
     return build_server_model(tmp_path_factory.mktemp("ops-model"), tokenizer_dir, OPS_MAX_MODEL_LEN)
+
+
+@pytest.fixture(scope="module")
+def long_model_dir(tmp_path_factory, tokenizer_dir):
+    """A 16k context: streams long enough to still run when a drain ends, however fast the machine."""
+    out = tmp_path_factory.mktemp("ops-long-model")
+    return build_model_dir(out, "LlamaForCausalLM", tokenizer_dir, seed=7, max_position_embeddings=16384)
+
+
+LONGER = {**LONG, "max_tokens": 16000}
 
 
 @pytest.fixture(scope="module")
@@ -209,9 +220,9 @@ def read_events(lines, into: list) -> None:
             into.append(line[len("data: ") :])
 
 
-def test_sigterm_drains_for_a_bounded_time_and_ends_streams_cleanly(model_dir):
-    with server_process(model_dir, MINISERVE_DRAIN_TIMEOUT="1.5") as (url, proc):
-        with open_streams(url, 3) as streams, httpx.Client(base_url=url, timeout=30) as http:
+def test_sigterm_drains_for_a_bounded_time_and_ends_streams_cleanly(long_model_dir):
+    with server_process(long_model_dir, MINISERVE_DRAIN_TIMEOUT="1.5") as (url, proc):
+        with open_streams(url, 3, LONGER) as streams, httpx.Client(base_url=url, timeout=30) as http:
             short = {**LONG, "stream": False, "max_tokens": 3}
             proc.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
@@ -237,9 +248,9 @@ def test_sigterm_drains_for_a_bounded_time_and_ends_streams_cleanly(model_dir):
         assert time.monotonic() - signalled < 10
 
 
-def test_a_second_signal_exits_at_once(model_dir):
-    with server_process(model_dir, MINISERVE_DRAIN_TIMEOUT="60") as (url, proc):
-        with open_streams(url, 1):
+def test_a_second_signal_exits_at_once(long_model_dir):
+    with server_process(long_model_dir, MINISERVE_DRAIN_TIMEOUT="60") as (url, proc):
+        with open_streams(url, 1, LONGER):
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.5)
             assert proc.poll() is None  # draining: the stream may run for up to a minute

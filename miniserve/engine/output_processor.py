@@ -35,6 +35,8 @@ class Request:
     seqs: list[Sequence]
     detokenizers: list[IncrementalDetokenizer]
     stop_matcher: StopMatcher | None = None  # None without stop strings; each sequence keeps its own state
+    reported: list[tuple[int, int]] | None = None  # output_kind "delta": (tokens, characters) reported per choice
+    prompt_logprobs_reported: bool = False
 
 
 class OutputProcessor:
@@ -88,6 +90,9 @@ class OutputProcessor:
             seq.logprobs.append(entry)
         if logprob is not None:
             seq.cumulative_logprob += logprob
+        if not seq.params.detokenize:
+            self._check_stop(seq, token, "", None)
+            return
         req = self.requests[seq.request_id]
         detok = req.detokenizers[seq.index]
         if _detokenize_at_end(seq.params):
@@ -156,25 +161,61 @@ class OutputProcessor:
                 continue
             seen.add(seq.request_id)
             req = self.requests[seq.request_id]
-            if req.params.output_kind == "final_only" and not all(s.is_finished for s in req.seqs):
+            kind = req.params.output_kind
+            if kind == "final_only" and not all(s.is_finished for s in req.seqs):
                 continue
-            out = self._request_output(req)
+            out = self._delta_output(req) if kind == "delta" else self._request_output(req)
             outputs.append(out)
             if out.finished:
                 del self.requests[req.request_id]
         return outputs
 
-    def _request_output(self, req: Request) -> RequestOutput:
+    def _delta_output(self, req: Request) -> RequestOutput:
+        """output_kind "delta": only what is new since the request's last report (tokens, text, logprobs); the
+        prompt's logprobs once they are complete; the metrics with the last report."""
         matcher = req.stop_matcher
-        completions = [_completion(s, req.params, matcher.held(s.stop_state) if matcher else 0) for s in req.seqs]
+        if req.reported is None:
+            req.reported = [(0, 0)] * len(req.seqs)
+        completions = []
+        for s in req.seqs:
+            hold = matcher.held(s.stop_state) if matcher else 0
+            completion, req.reported[s.index] = _delta_completion(s, req.params, hold, req.reported[s.index])
+            completions.append(completion)
+        finished = all(s.is_finished for s in req.seqs)
+        prompt_logprobs = req.seqs[0].prompt_logprobs
+        complete = prompt_logprobs is not None and len(prompt_logprobs) == len(req.prompt_token_ids)
+        if req.prompt_logprobs_reported or not complete:
+            prompt_logprobs = None
+        else:
+            req.prompt_logprobs_reported = True
+        metrics = self._metrics(req) if finished else {}
+        num_cached = req.seqs[0].num_cached_tokens or 0
+        return RequestOutput(
+            req.request_id,
+            req.prompt,
+            req.prompt_token_ids,
+            completions,
+            finished,
+            metrics,
+            prompt_logprobs,
+            num_cached,
+        )
+
+    @staticmethod
+    def _metrics(req: Request) -> dict:
         first = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
-        metrics = {
+        return {
             "arrival_time": min(s.arrival_time for s in req.seqs),
             "first_token_time": min(first) if first else None,
             "num_spec_drafts": sum(s.num_spec_drafts for s in req.seqs),
             "num_spec_draft_tokens": sum(s.num_spec_draft_tokens for s in req.seqs),
             "num_spec_accepted_tokens": sum(s.num_spec_accepted_tokens for s in req.seqs),
         }
+
+    def _request_output(self, req: Request) -> RequestOutput:
+        matcher = req.stop_matcher
+        completions = [_completion(s, req.params, matcher.held(s.stop_state) if matcher else 0) for s in req.seqs]
+        metrics = self._metrics(req)
         finished = all(s.is_finished for s in req.seqs)
         prompt_logprobs = req.seqs[0].prompt_logprobs
         return RequestOutput(
@@ -187,6 +228,23 @@ class OutputProcessor:
             list(prompt_logprobs) if prompt_logprobs is not None else None,
             req.seqs[0].num_cached_tokens or 0,
         )
+
+
+def _delta_completion(seq: Sequence, params: SamplingParams, hold: int, reported: tuple[int, int]) -> tuple:
+    """What one choice adds to its report so far, and the new (tokens, characters) reported."""
+    num_tokens, num_chars = reported
+    visible = len(seq.text) if seq.is_finished else max(num_chars, len(seq.text) - hold)
+    start = seq.num_prompt_tokens + num_tokens
+    completion = CompletionOutput(
+        index=seq.index,
+        text=seq.text[num_chars:visible],
+        token_ids=seq.token_ids[start:],
+        finish_reason=seq.finish_reason,
+        stop_reason=seq.stop_reason,
+        logprobs=seq.logprobs[num_tokens:] if seq.logprobs is not None else None,
+        cumulative_logprob=seq.cumulative_logprob if params.logprobs is not None else None,
+    )
+    return completion, (seq.num_output_tokens, visible)
 
 
 def _detokenize_at_end(params: SamplingParams) -> bool:

@@ -249,6 +249,11 @@ def sampling_params(
         "prompt_logprobs": prompt_logprobs,
         "include_stop_str_in_output": req.include_stop_str_in_output,
         "skip_special_tokens": req.skip_special_tokens,
+        # a stream gets what is new at every step; a plain request only its final output (as LLM.generate)
+        "output_kind": "delta" if req.stream else "final_only",
+        # a stream's text is made by the API process (off the engine's step loop), unless stop strings are
+        # matched in it, which the engine does
+        "detokenize": not req.stream or bool(req.stop),
     }
     for name in ("top_k", "min_p", "repetition_penalty"):  # engine defaults unless given
         if getattr(req, name) is not None:
@@ -312,7 +317,7 @@ class RequestGroup:
             for i, (ids, p) in enumerate(zip(prompts, params)):
                 rid = f"{self.base_id}-{i}"
                 self.index[rid] = i
-                stream = RequestStream(rid, ids, p, self._wake)
+                stream = RequestStream(rid, ids, p, self._wake, self.state.tokenizer)
                 self.streams.append(stream)
                 await self.state.engine.add_request(rid, ids, p, stream)
         except ValueError as exc:  # the engine's validation: token ids, context or KV pool too small

@@ -5,17 +5,22 @@ so every SSE chunk the server writes delays the next step, and every step delays
 the engine steps while the API process writes. The two talk over two pipes:
 
     API -> engine   ("add", request_id, prompt_ids, params) | ("abort", [request_id, ...]) | ("stop",)
-    engine -> API   ("ready", info) once; then ("acks", [(request_id, error)]) after applying adds, and one
-                    ("step", deltas, stats, now) per step: every request's new tokens, text, logprobs and finish
-                    state since the step before (never cumulative snapshots), so a step is one message whatever
-                    the number of requests.
+    engine -> API   ("ready", info, stats) once; then ("acks", [(request_id, error)], stats) after applying
+                    commands, and one ("step", deltas, stats) per step: every streamed request's new tokens,
+                    text, logprobs and finish state since the step before (SamplingParams.output_kind "delta",
+                    never cumulative snapshots), and the final output of every other request that finished
+                    ("final_only"), so a step is one message whatever the number of requests.
 
-The engine process detokenizes and checks stop strings exactly as the offline engine does (it runs the same
-LLMEngine), so the two paths produce the same text.
+The engine's step loop does what the offline `LLM` does and little more: a non-streaming request costs it nothing
+until it finishes, and a streamed request without stop strings is not detokenized there at all (detokenize=False):
+the API process turns its token ids into text with the same IncrementalDetokenizer, so the text is the same. Stop
+strings are matched in the text, so streams with stop strings are detokenized by the engine, as offline.
 
-In the API process each engine request has a RequestStream: its cumulative RequestOutput, extended in place by
-each delta. A streaming handler that fell a few steps behind sends everything new as one chunk; a non-streaming
-handler is woken only when its request finishes. Memory per request is its output, never a queue of snapshots.
+The API process reads the pipe on a thread that never makes the engine wait: what arrives while the event loop is
+busy is handed over in one batch. Each engine request has a RequestStream: its cumulative RequestOutput, extended
+in place by each delta. A streaming handler that fell a few steps behind sends everything new as one chunk; a
+non-streaming handler is woken only when its request finishes. Memory per request is its output, never a queue of
+snapshots.
 """
 
 from __future__ import annotations
@@ -28,28 +33,17 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from miniserve.engine.outputs import CompletionOutput, RequestOutput
 from miniserve.server.metrics import ServerMetrics
 from miniserve.server.protocol import APIError
+from miniserve.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger("miniserve.server")
 
-_MAX_MESSAGES_IN_FLIGHT = 8  # engine messages handed to the event loop and not yet handled
-
 
 # ---------------------------------------------------------------------------------------------- engine process
-
-
-@dataclass
-class _Sent:
-    """How much of one choice the API process already has."""
-
-    num_tokens: int = 0
-    text_len: int = 0
-    finished: bool = False
 
 
 def _core_main(config: Any, commands: Any, outputs: Any) -> None:
@@ -71,8 +65,7 @@ class _CoreLoop:
         self.engine = engine
         self.commands = commands
         self.outputs = outputs
-        self.sent: dict[str, list[_Sent]] = {}
-        self.prompt_logprobs_due: set[str] = set()
+        self.finished: dict[str, list[bool]] = {}  # per request in flight: which choices' ends were sent
 
     def run(self) -> None:
         while self._apply_commands(block=not self.engine.has_unfinished_requests()):
@@ -117,60 +110,41 @@ class _CoreLoop:
             self.engine.add_request(request_id, prompt, params)
         except Exception as exc:
             return request_id, str(exc), isinstance(exc, ValueError)
-        self.sent[request_id] = [_Sent() for _ in range(params.n)]
-        if params.prompt_logprobs is not None:
-            self.prompt_logprobs_due.add(request_id)
+        self.finished[request_id] = [False] * params.n
         return request_id, None, True
 
     def _abort(self, request_id: str) -> None:
-        self.sent.pop(request_id, None)
-        self.prompt_logprobs_due.discard(request_id)
+        self.finished.pop(request_id, None)
         try:
             self.engine.abort_request(request_id)
         except Exception:
             logger.exception("abort of %s failed", request_id)
 
     def _delta(self, out: RequestOutput) -> tuple | None:
-        """What `out` (cumulative) adds to what the API process has: (request_id, finished, choices,
-        prompt_logprobs, metrics); choices are (index, token_ids, text, logprobs, finish, stop, cumulative_lp)."""
-        sent = self.sent.get(out.request_id)
-        if sent is None:  # aborted meanwhile
+        """`out` (a "delta" report, or a "final_only" one, which is everything at once) as (request_id, finished,
+        choices, prompt_logprobs, metrics); choices are (index, token_ids, text, logprobs, finish, stop,
+        cumulative_logprob), those with nothing new left out."""
+        ended = self.finished.get(out.request_id)
+        if ended is None:  # aborted meanwhile
             return None
         choices = []
         for o in out.outputs:
-            s = sent[o.index]
-            finished = o.finish_reason is not None
-            if s.finished or (len(o.token_ids) == s.num_tokens and len(o.text) == s.text_len and not finished):
-                continue
-            logprobs = o.logprobs[s.num_tokens :] if o.logprobs is not None else None
-            choices.append(
-                (
-                    o.index,
-                    o.token_ids[s.num_tokens :],
-                    o.text[s.text_len :],
-                    logprobs,
-                    o.finish_reason,
-                    o.stop_reason,
-                    o.cumulative_logprob,
+            newly_finished = o.finish_reason is not None and not ended[o.index]
+            if o.token_ids or o.text or newly_finished:
+                choices.append(
+                    (o.index, o.token_ids, o.text, o.logprobs, o.finish_reason, o.stop_reason, o.cumulative_logprob)
                 )
-            )
-            s.num_tokens, s.text_len, s.finished = len(o.token_ids), len(o.text), finished
-        prompt_logprobs = None
-        if out.request_id in self.prompt_logprobs_due and out.prompt_logprobs is not None:
-            if len(out.prompt_logprobs) == len(out.prompt_token_ids):  # scored in full (possibly over several steps)
-                prompt_logprobs = out.prompt_logprobs
-                self.prompt_logprobs_due.discard(out.request_id)
+                ended[o.index] = o.finish_reason is not None
         if out.finished:
-            del self.sent[out.request_id]
-            self.prompt_logprobs_due.discard(out.request_id)
-        if not choices and prompt_logprobs is None and not out.finished:
+            del self.finished[out.request_id]
+        if not choices and out.prompt_logprobs is None and not out.finished:
             return None
         # the cached-prompt count rides with the final metrics: usage is only built once a request has finished
         final = {**out.metrics, "num_cached_tokens": out.num_cached_tokens} if out.finished else None
-        return out.request_id, out.finished, choices, prompt_logprobs, final
+        return out.request_id, out.finished, choices, out.prompt_logprobs, final
 
     def _fail_all(self, message: str) -> None:
-        failed = list(self.sent)
+        failed = list(self.finished)
         for request_id in failed:
             self._abort(request_id)
         self.outputs.send(("failed", failed, message, self.engine.stats()))
@@ -182,12 +156,26 @@ class _CoreLoop:
 class RequestStream:
     """One engine request as the API process sees it: the cumulative output, and whom to wake when it changes."""
 
-    def __init__(self, request_id: str, prompt_ids: list[int], params: Any, wake: Callable[[RequestStream], None]):
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: Any,
+        wake: Callable[[RequestStream], None],
+        tokenizer: Any = None,
+    ):
         self.request_id = request_id
         self.n: int = params.n
         want_logprobs = params.logprobs is not None
         completions = [CompletionOutput(i, "", [], logprobs=[] if want_logprobs else None) for i in range(self.n)]
         self.output = RequestOutput(request_id, None, prompt_ids, completions, False)
+        self.streamed = params.output_kind != "final_only"  # reports every step (else only its final output)
+        self.detokenizers = None  # the engine does not detokenize this request: the API process does
+        if not params.detokenize:
+            self.detokenizers = [
+                IncrementalDetokenizer(tokenizer, params.skip_special_tokens, prompt_ids=prompt_ids)
+                for _ in range(self.n)
+            ]
         self.error: BaseException | None = None
         self.wake = wake  # called on every change (the handler decides whether that is worth waking for)
         self.arrival = time.monotonic()
@@ -203,6 +191,9 @@ class RequestStream:
             o = outs[index]
             o.token_ids.extend(token_ids)
             new += len(token_ids)
+            if self.detokenizers is not None:
+                detok = self.detokenizers[index]
+                text = detok.add(token_ids) + (detok.flush() if finish is not None else "")
             if text:
                 o.text += text
             if logprobs is not None and o.logprobs is not None:
@@ -243,7 +234,8 @@ class EngineProcess:
         self._acks: dict[str, asyncio.Future] = {}
         self._outstanding = 0  # sequences posted and not finished: what the overload check counts
         self._send_queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._in_flight = threading.Semaphore(_MAX_MESSAGES_IN_FLIGHT)
+        self._inbox: list[tuple] = []  # messages read from the engine, not yet handled on the event loop
+        self._inbox_lock = threading.Lock()
         self._proc: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._alive = False
@@ -385,20 +377,26 @@ class EngineProcess:
                 msg = self._out_recv.recv()
             except (EOFError, OSError):
                 break
-            # at most a few messages wait for the loop: beyond that the engine blocks on the pipe rather than
-            # the API process piling up steps it cannot keep up with
-            self._in_flight.acquire()
-            try:
-                self._loop.call_soon_threadsafe(self._on_message, msg)
-            except RuntimeError:  # the loop is closed
-                return
+            with self._inbox_lock:
+                self._inbox.append(msg)
+                first = len(self._inbox) == 1  # else a hand-over is already scheduled and takes this one too
+            if first:
+                try:
+                    self._loop.call_soon_threadsafe(self._on_messages)
+                except RuntimeError:  # the loop is closed
+                    return
         try:
             self._loop.call_soon_threadsafe(self._on_engine_exit)
         except RuntimeError:
             pass
 
+    def _on_messages(self) -> None:
+        with self._inbox_lock:
+            messages, self._inbox = self._inbox, []
+        for msg in messages:
+            self._on_message(msg)
+
     def _on_message(self, msg: tuple) -> None:
-        self._in_flight.release()
         kind = msg[0]
         if kind == "step":
             _, deltas, self._stats = msg
@@ -425,14 +423,12 @@ class EngineProcess:
             if stream is None:  # aborted meanwhile
                 continue
             new = stream.apply(finished, choices, prompt_logprobs, req_metrics)
-            if new:
+            if new and not stream.streamed:  # its whole output at once: latencies from the engine's clock
                 if metrics is not None:
-                    gaps = new  # one inter-token observation per token after the first, however deltas coalesce
-                    if stream.num_tokens == 0:
-                        metrics.observe_first_token(now - stream.arrival)
-                        gaps -= 1
-                    for _ in range(gaps):
-                        metrics.observe_inter_token((now - stream.last_token_time) / gaps)
+                    _observe_final(metrics, stream, new, now)
+            elif new:
+                if metrics is not None:
+                    _observe_streamed(metrics, stream, new, now)
                 stream.num_tokens += new
                 stream.last_token_time = now
             if finished:
@@ -453,3 +449,28 @@ class EngineProcess:
             if stream is not None:
                 stream.end(error)
                 stream.wake(stream)
+
+
+def _observe_final(metrics: ServerMetrics, stream: RequestStream, num_tokens: int, now: float) -> None:
+    """TTFT and inter-token latency of a request reported only when it finished: the first token's time from the
+    engine (time.monotonic is one clock for every process), the mean gap after it for each later token."""
+    first = stream.output.metrics.get("first_token_time")
+    if first is None:
+        return
+    metrics.observe_first_token(max(0.0, first - stream.arrival))
+    steps = max(1, num_tokens // stream.n) - 1
+    for _ in range(steps):
+        metrics.observe_inter_token(max(0.0, now - first) / steps)
+
+
+def _observe_streamed(metrics: ServerMetrics, stream: RequestStream, num_tokens: int, now: float) -> None:
+    """TTFT at the first token; then one inter-token latency per token (per choice), the gap since the last
+    report shared by the tokens it brought (a step may bring several: speculation, an overlapped step drained)."""
+    per_choice = max(1, num_tokens // stream.n)
+    if stream.num_tokens == 0:
+        metrics.observe_first_token(now - stream.arrival)
+        later, gap = per_choice - 1, 0.0
+    else:
+        later, gap = per_choice, (now - stream.last_token_time) / per_choice
+    for _ in range(later):
+        metrics.observe_inter_token(gap)
