@@ -251,9 +251,22 @@ def test_fp8_pools_equal_the_matching_heads_of_one_pool(tmp_path, model_dirs, on
         assert ((got - ref).abs() <= ref.abs().clamp_min(2.0**-9) / 8)[moved].all()
 
 
-def test_speculative_decoding_with_a_split_target(llama_dir, draft_dir):
+def small_control_buffer() -> None:
+    """WORKER_SETUP: a 16-word control buffer, so that most messages need the overflow broadcast."""
+    import miniserve.distributed.channel as channel
+
+    channel.CAPACITY = 16
+
+
+def test_speculative_decoding_with_a_split_target(monkeypatch, llama_dir, draft_dir):
     """The draft runs whole on rank 0; the verification of its tokens runs on both ranks (a device broadcast for
-    greedy rounds, a packed forward for sampled ones). Tokens equal the single-process engine's."""
+    greedy rounds, a packed forward for sampled ones). Tokens equal the single-process engine's. (The control
+    messages travel in a 16-word buffer here, most of them in two broadcasts.)"""
+    import miniserve.distributed.channel as channel
+    import miniserve.distributed.launch as launch
+
+    monkeypatch.setattr(launch, "WORKER_SETUP", small_control_buffer)
+    monkeypatch.setattr(channel, "CAPACITY", 16)
     kw = dict(KW, speculative_model=str(draft_dir), num_speculative_tokens=3)
     batch = prompts(384)
     sampled = SamplingParams(temperature=0.9, seed=5, max_tokens=12, ignore_eos=True)

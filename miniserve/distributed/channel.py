@@ -36,9 +36,9 @@ class Op(IntEnum):
 class StepChannel:
     """One broadcast per message from rank 0 (`send`) to every other rank (`recv`) of `group`."""
 
-    def __init__(self, group: dist.ProcessGroup | None, capacity: int = CAPACITY):
+    def __init__(self, group: dist.ProcessGroup | None, capacity: int | None = None):
         self.group = group
-        self.buffer = torch.zeros(capacity, dtype=torch.int64)
+        self.buffer = torch.zeros(capacity or CAPACITY, dtype=torch.int64)
         self.words = self.buffer.numpy()  # the same memory, filled from Python lists without a tensor per word
 
     def send(self, message: list[int]) -> None:
@@ -60,9 +60,9 @@ class StepChannel:
         return message
 
 
-def encode_inputs(inputs: list[ForwardInput]) -> list[int]:
-    """[count, (tokens, start_pos, num_logits, blocks) per input, then each input's tokens and block table]."""
-    out = [len(inputs)]
+def encode_inputs(op: Op, inputs: list[ForwardInput]) -> list[int]:
+    """[op, count, (tokens, start_pos, num_logits, blocks) per input, then each input's tokens and block table]."""
+    out = [op, len(inputs)]
     for x in inputs:
         out += (len(x.token_ids), x.start_pos, x.num_logits, len(x.block_table))
     for x in inputs:

@@ -12,9 +12,14 @@ mirrored: while rank 0 captures it, each other rank captures the target pass it 
 the pass's inputs by a broadcast from rank 0's device; when rank 0 replays it (BucketedGraphs with `graph_peer`),
 the other ranks replay theirs.
 
-Speculative decoding: the draft model runs whole on rank 0 (TP=1), as in vLLM's and SGLang's usual setups: it is
-small, so splitting it would add two all-reduces per draft layer for little work saved. Its drafts live on rank 0's
-device, so the verification pass sends them to the other ranks with one device broadcast (`run_uniform`).
+Inputs that exist only on rank 0's device go by one device broadcast inside the call: the samples an overlapped
+decode step starts from (`forward(..., device_tokens)`), and the drafts a greedy speculative round verifies
+(`run_uniform`). Speculative decoding: the draft model runs whole on rank 0 (TP=1), as in vLLM's and SGLang's
+usual setups: it is small, so splitting it would add two all-reduces per draft layer for little work saved.
+
+Not yet run on GPUs (no 2-GPU machine so far; benchmarks/tp_check.py is that run): the captured NCCL collectives
+rely on torch's ProcessGroupNCCL support for graph capture. If replays misbehave there, `enforce_eager=True` runs
+the same passes without graphs.
 """
 
 from __future__ import annotations
@@ -137,7 +142,7 @@ class ParallelModelRunner(ModelRunner):
     # ---- every call: a control message, then rank 0's own pass
 
     @contextmanager
-    def _call(self, *message: int):
+    def _call(self, message: list[int]):
         """Send `message` and run the body. A call that does not complete (another rank died, an error, Ctrl-C)
         leaves the ranks inside different passes: it is the group's last, and every later call raises."""
         state = self.state
@@ -145,7 +150,7 @@ class ParallelModelRunner(ModelRunner):
             raise TensorParallelError(state.failure or "the tensor-parallel engine was shut down")
         state.busy = True
         try:
-            self.channel.send(list(message))
+            self.channel.send(message)
             yield
         except BaseException as e:
             if state.spawned is not None and state.spawned.failure is None:
@@ -157,16 +162,16 @@ class ParallelModelRunner(ModelRunner):
         state.busy = False
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        with self._call(Op.ALLOCATE_KV, num_blocks):
+        with self._call([Op.ALLOCATE_KV, num_blocks]):
             super().allocate_kv_cache(num_blocks)
 
     def forward(self, inputs: list[ForwardInput], device_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """The step's packed inputs go by the control message; a decode step launched from the previous step's
         samples (`device_tokens`, still on rank 0's device) sends them by one device broadcast."""
         if device_tokens is None:
-            with self._call(Op.FORWARD, *encode_inputs(inputs)):
+            with self._call(encode_inputs(Op.FORWARD, inputs)):
                 return super().forward(inputs)
-        with self._call(Op.FORWARD_DEVICE_TOKENS, *encode_inputs(inputs)):
+        with self._call(encode_inputs(Op.FORWARD_DEVICE_TOKENS, inputs)):
             self.tp.broadcast(device_tokens)
             return super().forward(inputs, device_tokens)
 
@@ -175,27 +180,27 @@ class ParallelModelRunner(ModelRunner):
         by the control message, the inputs by one device broadcast (captured with the pass in a graph)."""
         capturing = token_ids.is_cuda and torch.cuda.is_current_stream_capturing()
         header = uniform_header(token_ids, block_tables, max_seq_len, valid, float_logits)
-        with self._call(Op.CAPTURE_UNIFORM if capturing else Op.RUN_UNIFORM, *header):
+        with self._call([Op.CAPTURE_UNIFORM if capturing else Op.RUN_UNIFORM, *header]):
             self.num_peer_graphs += capturing
             self.tp.broadcast(pack_uniform(token_ids, start_pos, block_tables, valid))
             return super().run_uniform(token_ids, start_pos, block_tables, max_seq_len, valid, float_logits)
 
     def capture_graphs(self, tokens_per_seq: list[int]) -> None:
-        with self._call(Op.CAPTURE_GRAPHS, int(self.use_graphs), *tokens_per_seq):
+        with self._call([Op.CAPTURE_GRAPHS, int(self.use_graphs), *tokens_per_seq]):
             super().capture_graphs(tokens_per_seq)
 
     def capture_prefill_graphs(self) -> None:
-        with self._call(Op.CAPTURE_PREFILL_GRAPHS, int(self.use_graphs)):
+        with self._call([Op.CAPTURE_PREFILL_GRAPHS, int(self.use_graphs)]):
             super().capture_prefill_graphs()
 
     def disable_graphs(self) -> None:
-        with self._call(Op.DISABLE_GRAPHS):
+        with self._call([Op.DISABLE_GRAPHS]):
             super().disable_graphs()
 
     def gather_kv_pools(self) -> list[torch.Tensor]:
         """Every rank's KV pool (rank order), copied to rank 0: [layers, 2, blocks, block_size, its KV heads, head
         dim] each. For checks (each rank's bytes against the matching heads of a single-GPU pool)."""
-        with self._call(Op.GATHER_KV):
+        with self._call([Op.GATHER_KV]):
             pools = self.tp.gather_bytes(self.kv_pool)
         return [p.view(self.kv_pool.dtype).view(self.kv_pool.shape) for p in pools]
 
@@ -210,7 +215,7 @@ class ParallelModelRunner(ModelRunner):
         return self.num_peer_graphs
 
     def replay_peer_graphs(self, first: int, count: int) -> None:
-        with self._call(Op.REPLAY, first, count):
+        with self._call([Op.REPLAY, first, count]):
             pass
 
     # ---- lifetime
