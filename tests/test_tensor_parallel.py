@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from safetensors import safe_open
@@ -318,8 +319,13 @@ def test_replayed_passes_run_on_every_rank(monkeypatch, llama_dir, draft_dir, dr
 # ---------------------------------------------------------------------------------------------- processes
 
 
-def children_of(pid: int) -> list[int]:
-    """Every descendant process of `pid` (Linux /proc)."""
+def spawned(pids: list[int]) -> list[int]:
+    """The processes started by multiprocessing's spawn (not its resource tracker)."""
+    return [p for p in pids if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+
+
+def children_of(pid: int, deep: bool = True) -> list[int]:
+    """Every descendant process of `pid` (Linux /proc); with deep=False, its children only."""
     kids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -329,7 +335,7 @@ def children_of(pid: int) -> list[int]:
                 continue
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 kids.append(int(entry.name))
-    return kids + [k for kid in kids for k in children_of(kid)]
+    return kids + [k for kid in kids for k in children_of(kid)] if deep else kids
 
 
 def alive(pid: int) -> bool:
@@ -395,8 +401,6 @@ def server_env(model_dir: Path, **extra: str) -> dict[str, str]:
 
 
 def serve_one_completion(cmd: list[str], env: dict[str, str], port: int, log) -> tuple[subprocess.Popen, dict]:
-    import httpx
-
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -417,8 +421,9 @@ def serve_one_completion(cmd: list[str], env: dict[str, str], port: int, log) ->
 def test_server_with_two_ranks_serves_then_stops_cleanly(llama_dir, tmp_path, how):
     """`uvicorn server:app` (MINISERVE_TENSOR_PARALLEL_SIZE=2) stopped by SIGTERM, `miniserve serve
     --tensor-parallel-size 2` stopped by Ctrl-C (SIGINT to the terminal's whole process group), and a server whose
-    rank 1 is killed, which stops itself saying so: the completion of one rank, then a complete shutdown (uvicorn
-    re-raises the signal once it is done) and no process left."""
+    rank 1 is killed: its engine (rank 0) stops saying why and /health answers 503. Each serves the completion of
+    one rank first, and ends with a complete shutdown (uvicorn re-raises the signal once it is done) and no process
+    left."""
     from tests.test_server import free_port
 
     port = free_port()
@@ -439,9 +444,13 @@ def test_server_with_two_ranks_serves_then_stops_cleanly(llama_dir, tmp_path, ho
                 proc.send_signal(signal.SIGTERM)
             elif how == "cli+Ctrl-C":
                 os.killpg(proc.pid, signal.SIGINT)
-            else:
-                rank1 = next(p for p in ranks if "spawn" in Path(f"/proc/{p}/cmdline").read_text())
+            else:  # the server's engine process is rank 0; rank 1 is its child
+                engine = next(p for p in spawned(children_of(proc.pid, deep=False)))
+                (rank1,) = spawned(children_of(engine, deep=False))
                 os.kill(rank1, signal.SIGKILL)
+                assert wait_gone([engine]) == []  # the engine stops: rank 0 cannot run without rank 1
+                assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 503
+                proc.send_signal(signal.SIGTERM)
             # uvicorn re-raises the signal it stopped on; uvicorn.run (the CLI) ends on the re-raised Ctrl-C
             assert proc.wait(60) == (0 if how == "cli+Ctrl-C" else -signal.SIGTERM)
             assert wait_gone(ranks) == []
@@ -453,6 +462,7 @@ def test_server_with_two_ranks_serves_then_stops_cleanly(llama_dir, tmp_path, ho
     assert "Application shutdown complete" in output, output
     if how == "rank 1 killed":
         assert re.search(r"tensor-parallel rank 1 \(pid \d+\) exited with code -9", output), output
+        assert "the engine process exited unexpectedly" in output, output
     else:
         assert "Traceback" not in output, output
     assert reply["usage"]["completion_tokens"] == len(want.token_ids)
