@@ -10,6 +10,8 @@ Parts (`--parts`, all by default):
 - `fp8`: with an FP8 KV pool, each rank's KV bytes against the matching heads of the TP=1 pool: layer 0 must be
   identical; later layers may differ by one code where the residual stream's different summation order moves a
   value across a rounding boundary (the count is reported).
+- `spec`: speculative decoding (the demo pair, the draft whole on rank 0) at TP=2 against TP=1: same greedy
+  tokens and acceptance; the decode rate of each.
 - `speed`: benchmarks/throughput.py on the Llama-3.1-8B shape at TP=1 and TP=2: batch 1 decode (target >= 1.6x)
   and batch 64 `fixed` (target >= 1.7x), plus a profile of TP=2 decode steps on rank 0 with the all-reduce share.
 - `server`: `uvicorn server:app` with MINISERVE_TENSOR_PARALLEL_SIZE=2 serves 64 concurrent streams, stops on
@@ -146,6 +148,36 @@ def throughput(args, tp: int, workload: list[str], tag: str) -> dict:
     return {"command": " ".join(cmd), **json.loads(out.read_text())}
 
 
+def check_spec(args) -> dict:
+    """Speculative decoding with a split target (the draft whole on rank 0): the demo pair, greedy, at TP=1 and
+    TP=2: the same tokens, the same acceptance, and the decode rate of each (the demo target is tiny, so this
+    measures what the split adds to a round, not what it saves)."""
+    from miniserve.config import DEMO_DRAFT
+
+    batch = prompts(4096, n=8)
+    out = {}
+    for tp in (1, 2):
+        kw = engine_kw(args, "bfloat16" if torch.cuda.is_available() else "float32")
+        llm = LLM(str(DEMO_TARGET), tensor_parallel_size=tp, speculative_model=str(DEMO_DRAFT), **kw)
+        try:
+            params = SamplingParams(temperature=0, max_tokens=args.gen, ignore_eos=True)
+            llm.generate(batch, params, use_tqdm=False)  # warm-up
+            start = time.perf_counter()
+            tokens = [o.outputs[0].token_ids for o in llm.generate(batch, params, use_tqdm=False)]
+            seconds = time.perf_counter() - start
+            stats = llm.engine.stats()
+        finally:
+            llm.shutdown()
+        out[f"tp{tp}"] = {
+            "tokens": tokens,
+            "output_tok_s": sum(map(len, tokens)) / seconds,
+            "mean_acceptance_length": 1 + stats["spec_num_accepted_tokens"] / max(1, stats["spec_num_drafts"]),
+        }
+    out["identical"] = out["tp1"].pop("tokens") == out["tp2"].pop("tokens")
+    print("spec", json.dumps(out), flush=True)
+    return out
+
+
 def check_speed(args) -> dict:
     gen = str(args.gen)
     latency = ["--workload", "latency", "--prompt", "128", "--gen", gen]
@@ -262,7 +294,7 @@ def check_server(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", default=["correctness", "fp8", "speed", "server"])
+    ap.add_argument("--parts", nargs="+", default=["correctness", "fp8", "spec", "speed", "server"])
     ap.add_argument("--device", default=None)
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU dry run of the script)")
     ap.add_argument("--gen", type=int, default=128)
@@ -273,7 +305,13 @@ def main() -> None:
     args.out_dir = str(Path(args.out).parent) if args.out else "/tmp"
     if torch.cuda.is_available() and torch.cuda.device_count() < 2:
         raise SystemExit(f"tensor parallelism needs 2 GPUs; {torch.cuda.device_count()} visible")
-    checks = {"correctness": check_correctness, "fp8": check_fp8, "speed": check_speed, "server": check_server}
+    checks = {
+        "correctness": check_correctness,
+        "fp8": check_fp8,
+        "spec": check_spec,
+        "speed": check_speed,
+        "server": check_server,
+    }
     result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "torch": torch.__version__}
     if torch.cuda.is_available():
         result["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -358,7 +358,7 @@ def test_a_dead_rank_stops_the_engine_with_a_clear_error(llama_dir):
     try:
         (rank1,) = llm.engine.target.state.spawned.procs.values()
         os.kill(rank1.pid, signal.SIGKILL)
-        rank1.join(10)
+        assert wait_gone([rank1.pid]) == []
         with pytest.raises(TensorParallelError, match=r"rank 1 \(pid \d+\) exited with code -9"):
             llm.generate(prompts(384), GREEDY, use_tqdm=False)
         with pytest.raises(TensorParallelError, match="rank 1"):  # and every later call, at once

@@ -124,6 +124,8 @@ class SpawnedRanks:
         }
         self.stopping = False
         self.failure: str | None = None
+        self._lock = threading.Lock()
+        self._exits: dict[int, str] = {}
         self.callbacks: list[Callable[[BaseException], None]] = []
         self.fatal_exit = False  # set when the device backend is NCCL: a dead peer can hang rank 0 for good
         self._wake_r, self._wake_w = os.pipe()
@@ -150,15 +152,21 @@ class SpawnedRanks:
             time.sleep(0.02)
 
     def describe_exit(self, rank: int) -> str:
-        p = self.procs[rank]
-        p.join(timeout=1.0)
-        msg = f"tensor-parallel rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
-        key = f"miniserve/error/{rank}"
-        if self.store.check([key]):
-            lines = self.store.get(key).decode(errors="replace").strip().splitlines()
-            if lines:
-                msg += f": {lines[-1]}"
-        return msg
+        """How rank `rank` ended, once (the watcher and a failed call may both ask: one of them reaps it)."""
+        with self._lock:
+            if rank not in self._exits:
+                p = self.procs[rank]
+                deadline = time.monotonic() + 2.0
+                while p.exitcode is None and time.monotonic() < deadline:
+                    p.join(timeout=0.05)
+                msg = f"tensor-parallel rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
+                key = f"miniserve/error/{rank}"
+                if self.store.check([key]):
+                    lines = self.store.get(key).decode(errors="replace").strip().splitlines()
+                    if lines:
+                        msg += f": {lines[-1]}"
+                self._exits[rank] = msg
+            return self._exits[rank]
 
     def _watch(self) -> None:
         sentinels = {p.sentinel: r for r, p in self.procs.items()}
