@@ -162,6 +162,7 @@ def make_llm(model: Path, kv: str, args, enable_prefix_caching: bool = True) -> 
         max_num_seqs=args.max_num_seqs,
         enforce_eager=args.enforce_eager,
         enable_prefix_caching=enable_prefix_caching,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     if args.speculative_model:
         kw["speculative_model"] = str(model) if args.speculative_model == "self" else args.speculative_model
@@ -436,6 +437,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="split the model over this many GPUs")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--repeats", type=int, default=3)
@@ -466,6 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         gbs["assumed"] = 50.0
     result = {**provenance(), "shape": args.shape if not args.model else str(model), "workload": args.workload}
+    result["tensor_parallel_size"] = args.tensor_parallel_size
     result["bandwidth_gbs"] = gbs
     result["runs"] = []
     for kv_write in args.kv_write:
@@ -498,6 +501,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for row in prof["kernels"][:20]:
                     print(f"  {row['us_per_step']:9.1f} us/step {row['calls']:6d}  {row['name']}")
             print(run.get("host_profile", "")[-3500:])
+            llm.shutdown()  # the other tensor-parallel ranks, before the next configuration starts its own
             del llm
     set_kv_write("fused")
     if args.hf and args.workload == "prefill":
@@ -528,6 +532,7 @@ def run_prefix_on_off(model: Path, kv: str, cfg: dict, args) -> dict:
             f"{r['hit_rate']:.1%} ({r['prefix_cache_hits']} of {r['prefix_cache_queries']} tokens)",
             flush=True,
         )
+        llm.shutdown()
         del llm
     run |= prefix_comparison(run["caching_on"], run["caching_off"])
     print(json.dumps({k: v for k, v in run.items() if not k.startswith("caching_")}), flush=True)

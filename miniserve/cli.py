@@ -63,6 +63,10 @@ def generate_main(args: argparse.Namespace) -> int:
 
 def serve_main(args: argparse.Namespace) -> int:
     config, server = from_sources(EngineConfig, args), from_sources(ServerConfig, args)
+    from miniserve.distributed.runner import serve_as_other_rank
+
+    if serve_as_other_rank(config):  # under torchrun, ranks other than 0 run passes, not a server
+        return 0
     try:
         from miniserve.server.app import run_server
     except ImportError as e:  # fastapi/uvicorn not installed: `generate` still works, `serve` says why

@@ -82,6 +82,11 @@ class EngineConfig:
     enable_prefix_caching: bool = setting(
         True, "reuse the KV blocks of prompt prefixes computed before (off: every prompt is computed from scratch)"
     )
+    tensor_parallel_size: int = setting(
+        1,
+        "GPUs the target model is split over (Megatron tensor parallelism, one process each; under torchrun, "
+        "every rank runs the same command)",
+    )
     enforce_eager: bool = setting(False, "never replay CUDA graphs (on a GPU, decode steps replay captured graphs)")
     overlap_spec_rounds: bool = setting(
         True, "launch the next greedy speculative round before the host has read this one"
@@ -104,6 +109,7 @@ class EngineConfig:
             "num_speculative_tokens",
             "max_stop_strings",
             "max_stop_string_length",
+            "tensor_parallel_size",
         ):
             _check_min(name, getattr(self, name), 1)
         for name in ("max_model_len", "num_kv_blocks"):

@@ -34,6 +34,10 @@ class LLM:
         """Forget every cached prompt prefix: the next requests compute their prompts from scratch."""
         self.engine.reset_prefix_cache()
 
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks now rather than at exit (then this LLM is unusable)."""
+        self.engine.shutdown()
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],

@@ -16,6 +16,7 @@ LAYERS = [
     ("miniserve.llm", 6),
     ("miniserve.engine.llm_engine", 5),
     ("miniserve.spec_decode", 4),
+    ("miniserve.distributed", 4),
     ("miniserve.engine", 3),
     ("miniserve.scheduler", 2),
     ("miniserve.models", 2),

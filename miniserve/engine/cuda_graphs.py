@@ -29,6 +29,7 @@ class _Graph:
     staging: tuple[torch.Tensor, torch.Tensor]  # pinned host twins of `static`, used in turn
     copied: list[torch.cuda.Event | None]  # recorded after each staging buffer's last copy to the device
     turn: int = 0
+    peer_graphs: tuple[int, int] = (0, 0)  # (first, count) of the graphs other tensor-parallel ranks replay with it
 
 
 def bucket_for(batch: int) -> int:
@@ -42,8 +43,13 @@ class BucketedGraphs:
     the real rows, valid until the next replay of any graph sharing the memory pool.
     """
 
-    def __init__(self, fn: Callable, width: int, padding: list[int], max_batch: int, device: torch.device, pool=None):
+    def __init__(
+        self, fn: Callable, width: int, padding: list[int], max_batch: int, device: torch.device, pool=None, peer=None
+    ):
+        """`peer`: a ParallelModelRunner whose passes `fn` runs (distributed/runner.py): its other ranks capture
+        and replay their share of each graph with this one."""
         self.fn = fn
+        self.peer = peer
         self.width = width
         self.padding = padding  # the row that fills a bucket: must be a harmless input (flag 0, valid positions)
         self.max_batch = max(b for b in BATCH_BUCKETS if b <= max(max_batch, 1))
@@ -85,6 +91,8 @@ class BucketedGraphs:
             copied.record()
         if device_columns is not None:
             g.static[:batch, : device_columns.shape[1]].copy_(device_columns)
+        if g.peer_graphs[1]:
+            self.peer.replay_peer_graphs(*g.peer_graphs)
         g.graph.replay()
         return tuple(out[: batch * (out.shape[0] // bucket)] for out in g.outputs)
 
@@ -99,8 +107,11 @@ class BucketedGraphs:
                 self.fn(static)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        mark = self.peer.peer_graph_mark() if self.peer is not None else 0
         with torch.cuda.graph(graph, pool=self.pool):
             outputs = self.fn(static)
+        peers = (mark, self.peer.peer_graph_mark() - mark) if self.peer is not None else (0, 0)
         self.pool = graph.pool()
         staging = tuple(torch.zeros(bucket, self.width, dtype=torch.int64).pin_memory() for _ in range(2))
-        self.graphs[bucket] = _Graph(graph, static, tuple(outputs), staging, [torch.cuda.Event(), torch.cuda.Event()])
+        events = [torch.cuda.Event(), torch.cuda.Event()]
+        self.graphs[bucket] = _Graph(graph, static, tuple(outputs), staging, events, peer_graphs=peers)

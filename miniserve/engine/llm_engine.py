@@ -35,7 +35,14 @@ class LLMEngine:
         config.check_dirs()
         torch.manual_seed(config.seed)  # unseeded requests draw from the global RNG: make a run repeatable
         self.tokenizer = Tokenizer.from_pretrained(config.tokenizer or config.model)
-        self.target = ModelRunner(config, config.model, "target", config.kv_cache_dtype)
+        self.target = _target_runner(config)
+        try:
+            self._init_rest(config)
+        except BaseException:
+            self.target.shutdown()  # no tensor-parallel rank outlives a failed start
+            raise
+
+    def _init_rest(self, config: EngineConfig) -> None:
         self.draft = _load_draft(config, self.target)
         self.device = self.target.device
         self.max_model_len = capacity.max_model_len(config, self.workers)
@@ -65,6 +72,15 @@ class LLMEngine:
         self.seq_counter = itertools.count()
         self.num_prompt_tokens = 0
         self._capture_graphs()
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (also done at exit). The engine is unusable afterwards."""
+        self.target.shutdown()
+
+    def on_fatal_error(self, callback) -> None:
+        """Call `callback(error)`, from another thread, if the engine dies outside a step (a tensor-parallel rank
+        exited); errors inside a step are raised by `step`."""
+        self.target.on_fatal_error(callback)
 
     @property
     def workers(self) -> list[ModelRunner]:
@@ -166,6 +182,15 @@ class LLMEngine:
             "spec_accepted_per_position": [],
             **self.decoder.stats(),
         }
+
+
+def _target_runner(config: EngineConfig) -> ModelRunner:
+    """The target model: in this process, or split over `tensor_parallel_size` ranks with rank 0 here."""
+    if config.tensor_parallel_size == 1:
+        return ModelRunner(config, config.model, "target", config.kv_cache_dtype)
+    from miniserve.distributed.runner import ParallelModelRunner
+
+    return ParallelModelRunner.launch(config)
 
 
 def _load_draft(config: EngineConfig, target: ModelRunner) -> ModelRunner | None:

@@ -4,6 +4,10 @@ attention metadata it builds for every forward pass.
 Both roles share the engine's block tables (same block size, same token positions), but each worker's pool is
 shaped by its own model (layers, KV heads, head size) and its own KV dtype and scales. Every KV write of both
 roles goes through `reshape_and_cache` inside the model's attention layers.
+
+With tensor parallelism a ModelRunner holds one rank's shard of the model and of the KV pool (its KV heads, same
+blocks and scales); rank 0's target is a `ParallelModelRunner` (miniserve/distributed/runner.py) that has the
+other ranks run each call alongside it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from miniserve.kernels.metadata import AttentionMetadata, uniform_metadata_refer
 from miniserve.models.config import ModelConfig
 from miniserve.models.llama import LayerKV
 from miniserve.models.loader import load_model
+from miniserve.models.parallel import TensorParallel
 
 DECODE_QUERIES_MAX_LEN = 16  # up to this many new tokens per sequence, Triton runs them as decode queries
 # one-sequence prompt passes up to 512 tokens are replayed from graphs, padded up to one of these lengths: eager, a
@@ -38,10 +43,22 @@ class ForwardInput:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_dir: str, role: str, kv_cache_dtype: str):
+    graph_peer = None  # see ParallelModelRunner: other ranks that must replay a caller's graphs with this one
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_dir: str,
+        role: str,
+        kv_cache_dtype: str,
+        tp: TensorParallel | None = None,
+        device: torch.device | None = None,
+    ):
+        """`tp`: this rank's place in a tensor-parallel group (None: the whole model); `device`: the rank's own
+        device (default: config.device)."""
         self.role = role
         self.model_dir = model_dir
-        self.device = resolve_device(config.device)
+        self.device = device or resolve_device(config.device)
         self.model_config = ModelConfig.from_dir(model_dir)
         self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device)
         self.backend = resolve_backend(self.device, config.attention_backend)
@@ -51,8 +68,9 @@ class ModelRunner:
         limit = max(self.model_config.max_position_embeddings, config.max_model_len or 0)
         self.max_positions = limit + config.kv_lookahead
         self.model, scales = load_model(
-            model_dir, self.model_config, self.dtype, self.device, self.backend, self.max_positions
+            model_dir, self.model_config, self.dtype, self.device, self.backend, self.max_positions, tp
         )
+        self.num_kv_heads = self.model.shard.num_kv_heads  # this rank's (all of them without tp)
         self.layer_scales = scales  # layer -> {"k": float, "v": float} from the checkpoint
         self.kv: list[LayerKV] = []
         self.max_num_seqs = config.max_num_seqs
@@ -69,12 +87,12 @@ class ModelRunner:
     def bytes_per_block(self) -> int:
         cfg = self.model_config
         elem = torch.empty((), dtype=self.kv_dtype).element_size()
-        return 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * elem
+        return 2 * cfg.num_layers * self.block_size * self.num_kv_heads * cfg.head_dim * elem
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """One tensor for the whole pool, viewed per layer as [num_blocks, block_size, kv_heads, head_dim]."""
         cfg = self.model_config
-        shape = (cfg.num_layers, 2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, cfg.head_dim)
         self.kv_pool = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.kv = []
         for i in range(cfg.num_layers):
@@ -163,6 +181,12 @@ class ModelRunner:
                 if n not in self.graphs:
                     self.graphs[n] = self._capture_packed(n, self._uniform_graph_fn(n), self.max_num_seqs)
 
+    def on_fatal_error(self, callback) -> None:
+        """Nothing can fail behind a single-process runner's back (see ParallelModelRunner)."""
+
+    def shutdown(self) -> None:
+        """Nothing to stop for a single-process runner (see ParallelModelRunner)."""
+
     def capture_prefill_graphs(self) -> None:
         """Capture the one-sequence prompt passes (the common case at low load), one per PREFILL_BUCKETS length."""
         if self.use_graphs:
@@ -214,7 +238,9 @@ class ModelRunner:
             """Packed rows: [n tokens, start_pos, valid, block table...]; logits of every new token."""
             token_ids, start_pos, valid = packed[:, :n], packed[:, n], packed[:, n + 1].bool()
             tables = packed[:, n + 2 :].to(torch.int32)
-            return (self.run_uniform(token_ids, start_pos, tables, self.max_positions, valid),)
+            # this runner's own pass (a ParallelModelRunner's run_uniform would also drive the other ranks, which
+            # capture and replay these graphs themselves)
+            return (ModelRunner.run_uniform(self, token_ids, start_pos, tables, self.max_positions, valid),)
 
         return run
 

@@ -4,6 +4,10 @@ Tokens of all sequences in a step are packed into one [num_tokens] batch (no pad
 which tokens belong to which sequence. Each layer writes its new K/V through `reshape_and_cache` (the single KV
 write path) and then attends over the paged cache. The differences between the four architectures are two
 switches: qkv bias (Qwen2) and per-head q/k RMSNorm (Qwen3).
+
+With tensor parallelism (`tp`, see models/parallel.py) every layer holds only this rank's heads and intermediate
+slice; the o and down projections end with one all-reduce each, the embedding and the LM head are vocab-parallel.
+Without it (`tp=None`) none of those ops exist: the single-GPU pass is unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from miniserve.kernels.layer_ops import apply_rotary_, rms_norm, silu_and_mul
 from miniserve.kernels.metadata import AttentionMetadata
 from miniserve.kernels.ops import paged_attention, reshape_and_cache
 from miniserve.models.config import ModelConfig
+from miniserve.models.parallel import ShardLayout, TensorParallel
 
 
 @dataclass
@@ -82,10 +87,10 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: str):
+    def __init__(self, cfg: ModelConfig, backend: str, shard: ShardLayout, tp: TensorParallel | None):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = shard.num_heads, shard.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
         self.qkv_weight = _empty(self.q_size + 2 * self.kv_size, cfg.hidden_size)  # q, k, v stacked
         self.qkv_bias = _empty(self.q_size + 2 * self.kv_size) if cfg.qkv_bias else None
         self.o_weight = _empty(cfg.hidden_size, self.q_size)
@@ -93,6 +98,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, backend) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
         self.backend = backend
+        self.tp = tp
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, meta: AttentionMetadata, kv: LayerKV
@@ -107,28 +113,31 @@ class Attention(nn.Module):
         apply_rotary_(q, k, positions, rotary.cos, rotary.sin, self.backend)  # in place (q, k may be views of qkv)
         reshape_and_cache(k, v, kv.key_cache, kv.value_cache, meta.slot_mapping, kv.k_scale, kv.v_scale)
         out = paged_attention(q, kv.key_cache, kv.value_cache, meta, kv.k_scale, kv.v_scale, self.scale, self.backend)
-        return F.linear(out.reshape(-1, self.q_size), self.o_weight)
+        out = F.linear(out.reshape(-1, self.q_size), self.o_weight)
+        return out if self.tp is None else self.tp.all_reduce(out)  # row-parallel: sum the ranks' partials
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: str):
+    def __init__(self, cfg: ModelConfig, backend: str, shard: ShardLayout, tp: TensorParallel | None):
         super().__init__()
         self.backend = backend
-        self.inter = cfg.intermediate_size
-        self.gate_up_weight = _empty(2 * cfg.intermediate_size, cfg.hidden_size)  # gate, up stacked
-        self.down_weight = _empty(cfg.hidden_size, cfg.intermediate_size)
+        self.inter = shard.intermediate_size
+        self.gate_up_weight = _empty(2 * self.inter, cfg.hidden_size)  # gate, up stacked
+        self.down_weight = _empty(cfg.hidden_size, self.inter)
+        self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(silu_and_mul(F.linear(x, self.gate_up_weight), self.backend), self.down_weight)
+        out = F.linear(silu_and_mul(F.linear(x, self.gate_up_weight), self.backend), self.down_weight)
+        return out if self.tp is None else self.tp.all_reduce(out)  # row-parallel: sum the ranks' partials
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: str):
+    def __init__(self, cfg: ModelConfig, backend: str, shard: ShardLayout, tp: TensorParallel | None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
-        self.self_attn = Attention(cfg, backend)
+        self.self_attn = Attention(cfg, backend, shard, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
-        self.mlp = MLP(cfg, backend)
+        self.mlp = MLP(cfg, backend, shard, tp)
 
     def forward(self, x, residual, positions, rotary, meta, kv):
         """x + attn(norm(x)), then + mlp(norm(.)), with each residual add fused into the norm that follows it:
@@ -143,22 +152,29 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Embedding, decoder layers, final norm and LM head; `forward` returns hidden states, `logits` projects."""
+    """Embedding, decoder layers, final norm and LM head; `forward` returns hidden states, `logits` projects.
+    With `tp`, this rank's shard of each (see models/parallel.py)."""
 
-    def __init__(self, cfg: ModelConfig, backend: str, max_positions: int):
+    def __init__(self, cfg: ModelConfig, backend: str, max_positions: int, tp: TensorParallel | None = None):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = _empty(cfg.vocab_size, cfg.hidden_size)
+        self.tp = tp
+        self.shard = ShardLayout.of(cfg) if tp is None else ShardLayout.of(cfg, tp.rank, tp.size)
+        vocab_rows = self.shard.vocab_rows
+        self.embed_tokens = _empty(vocab_rows, cfg.hidden_size)
         # the elementwise ops run as fused Triton kernels wherever attention does, else as their torch references
-        self.layers = nn.ModuleList(DecoderLayer(cfg, backend) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, backend, self.shard, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
-        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else _empty(cfg.vocab_size, cfg.hidden_size)
+        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else _empty(vocab_rows, cfg.hidden_size)
         self.rotary = Rotary(cfg, max_positions)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: list[LayerKV]
     ) -> torch.Tensor:
-        x = F.embedding(input_ids, self.embed_tokens)
+        if self.tp is None:
+            x = F.embedding(input_ids, self.embed_tokens)
+        else:
+            x = self.tp.embedding(input_ids, self.embed_tokens, self.shard)
         residual = None
         for layer, layer_kv in zip(self.layers, kv, strict=True):
             x, residual = layer(x, residual, positions, self.rotary, meta, layer_kv)
@@ -167,4 +183,6 @@ class LlamaModel(nn.Module):
     def logits(self, hidden: torch.Tensor, as_float: bool = True) -> torch.Tensor:
         """fp32 logits, or in the model dtype when only their argmax is read (the conversion is exact)."""
         logits = F.linear(hidden, self.lm_head)
+        if self.tp is not None:
+            logits = self.tp.gather_vocab(logits, self.cfg.vocab_size)
         return logits.float() if as_float else logits

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
 
 from miniserve.models.config import ModelConfig
 from miniserve.models.llama import LlamaModel
+from miniserve.models.parallel import TensorParallel
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _IGNORED = ("rotary_emb.inv_freq",)  # recomputed, present in some old checkpoints
@@ -46,47 +48,81 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
 
 
-def _targets(model: LlamaModel, name: str) -> tuple[torch.Tensor | None, slice | None] | None:
-    """Map a checkpoint tensor name to (parameter, row slice within a fused parameter)."""
-    cfg = model.cfg
-    if name == "model.embed_tokens.weight":
-        return model.embed_tokens, None
+class _Target(NamedTuple):
+    """Where a checkpoint tensor goes: rows `rows` of `param` (None = all of it) receive
+    `tensor[src_rows, src_cols]`, this rank's slice of a tensor whose full shape must be `shape`."""
+
+    param: torch.Tensor
+    rows: slice | None
+    shape: tuple[int, ...]
+    src_rows: slice = slice(None)
+    src_cols: slice = slice(None)
+
+
+def _span(start: int, count: int, unit: int = 1) -> slice:
+    return slice(start * unit, (start + count) * unit)
+
+
+def _targets(model: LlamaModel, name: str) -> _Target | tuple[None, None] | None:
+    """Map a checkpoint tensor name to its target; with tensor parallelism, this rank's rows (column-parallel
+    and vocab-parallel weights) or columns (row-parallel weights) of it (models/parallel.py)."""
+    cfg, sh = model.cfg, model.shard
+    hidden, hd = cfg.hidden_size, cfg.head_dim
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            return _SKIP
+        param = model.embed_tokens if name == "model.embed_tokens.weight" else model.lm_head
+        return _Target(param, slice(0, sh.vocab_real), (cfg.vocab_size, hidden), _span(sh.vocab_start, sh.vocab_real))
     if name == "model.norm.weight":
-        return model.norm.weight, None
-    if name == "lm_head.weight":
-        return (model.lm_head, None) if not cfg.tie_word_embeddings else _SKIP
+        return _Target(model.norm.weight, None, (hidden,))
     m = _LAYER.match(name)
     if m is None or int(m.group(1)) >= cfg.num_layers:
         return None
     layer, rest = model.layers[int(m.group(1))], m.group(2)
     attn, mlp = layer.self_attn, layer.mlp
     q, kv = attn.q_size, attn.kv_size
-    qkv_rows = {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, q + 2 * kv)}
+    qkv = {  # (rows in the fused parameter, full rows in the checkpoint, this rank's rows of those)
+        "q_proj": (slice(0, q), cfg.num_heads * hd, _span(sh.q_head_start, sh.num_heads, hd)),
+        "k_proj": (slice(q, q + kv), cfg.num_kv_heads * hd, _span(sh.kv_head_start, sh.num_kv_heads, hd)),
+        "v_proj": (slice(q + kv, q + 2 * kv), cfg.num_kv_heads * hd, _span(sh.kv_head_start, sh.num_kv_heads, hd)),
+    }
     proj, _, kind = rest.removeprefix("self_attn.").partition(".")
-    if rest.startswith("self_attn.") and proj in qkv_rows:
+    if rest.startswith("self_attn.") and proj in qkv:
+        rows, full, src = qkv[proj]
         if kind == "weight":
-            return attn.qkv_weight, qkv_rows[proj]
+            return _Target(attn.qkv_weight, rows, (full, hidden), src)
         if kind == "bias" and attn.qkv_bias is not None:
-            return attn.qkv_bias, qkv_rows[proj]
+            return _Target(attn.qkv_bias, rows, (full,), src)
         return None
-    inter = mlp.inter
+    inter, inter_src = mlp.inter, _span(sh.intermediate_start, sh.intermediate_size)
+    gate_up_shape, all_rows = (cfg.intermediate_size, hidden), slice(None)
     simple = {
-        "self_attn.o_proj.weight": (attn.o_weight, None),
-        "mlp.gate_proj.weight": (mlp.gate_up_weight, slice(0, inter)),
-        "mlp.up_proj.weight": (mlp.gate_up_weight, slice(inter, 2 * inter)),
-        "mlp.down_proj.weight": (mlp.down_weight, None),
-        "input_layernorm.weight": (layer.input_layernorm.weight, None),
-        "post_attention_layernorm.weight": (layer.post_attention_layernorm.weight, None),
+        "self_attn.o_proj.weight": _Target(
+            attn.o_weight, None, (hidden, cfg.num_heads * hd), all_rows, _span(sh.q_head_start, sh.num_heads, hd)
+        ),
+        "mlp.gate_proj.weight": _Target(mlp.gate_up_weight, slice(0, inter), gate_up_shape, inter_src),
+        "mlp.up_proj.weight": _Target(mlp.gate_up_weight, slice(inter, 2 * inter), gate_up_shape, inter_src),
+        "mlp.down_proj.weight": _Target(mlp.down_weight, None, (hidden, cfg.intermediate_size), all_rows, inter_src),
+        "input_layernorm.weight": _Target(layer.input_layernorm.weight, None, (hidden,)),
+        "post_attention_layernorm.weight": _Target(layer.post_attention_layernorm.weight, None, (hidden,)),
     }
     if attn.q_norm is not None:
-        simple["self_attn.q_norm.weight"] = (attn.q_norm.weight, None)
-        simple["self_attn.k_norm.weight"] = (attn.k_norm.weight, None)
+        simple["self_attn.q_norm.weight"] = _Target(attn.q_norm.weight, None, (hd,))
+        simple["self_attn.k_norm.weight"] = _Target(attn.k_norm.weight, None, (hd,))
     return simple.get(rest)
 
 
 def load_weights(model: LlamaModel, model_dir: str | Path) -> dict[int, dict[str, float]]:
-    """Fill every parameter of `model` from the directory; return per-layer FP8 KV scales found, if any."""
+    """Fill every parameter of `model` from the directory; return per-layer FP8 KV scales found, if any.
+
+    Only this rank's slice of each tensor is read from the file (safetensors slices are lazy), so with tensor
+    parallelism no process ever holds the whole model."""
     filled: dict[int, int] = {}  # id(param) -> rows filled
+    for param in {id(p): p for p in (model.embed_tokens, model.lm_head)}.values():  # vocab padding: zero rows
+        pad = param.shape[0] - model.shard.vocab_real
+        if pad:
+            param.data[-pad:].zero_()
+            filled[id(param)] = pad
     kv_scales: dict[int, dict[str, float]] = {}
     for file in checkpoint_files(model_dir):
         with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -105,14 +141,15 @@ def load_weights(model: LlamaModel, model_dir: str | Path) -> dict[int, dict[str
                     continue
                 if target is None:
                     raise ValueError(f"{file.name}: unexpected tensor {name!r} for {model.cfg.architecture}")
-                param, rows = target
-                dest = param.data if rows is None else param.data[rows]
-                tensor = f.get_tensor(name)
-                if tuple(tensor.shape) != tuple(dest.shape):
+                stored = f.get_slice(name)
+                if tuple(stored.get_shape()) != target.shape:
                     raise ValueError(
-                        f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
+                        f"{file.name}: tensor {name!r} has shape {tuple(stored.get_shape())}, expected {target.shape}"
                     )
-                dest.copy_(tensor)
+                param = target.param
+                dest = param.data if target.rows is None else param.data[target.rows]
+                index = (target.src_rows, target.src_cols)[: len(target.shape)]
+                dest.copy_(stored[index])
                 filled[id(param)] = filled.get(id(param), 0) + dest.shape[0]
     for pname, param in model.named_parameters():
         if filled.get(id(param), 0) != param.shape[0]:
@@ -127,13 +164,14 @@ def load_model(
     device: torch.device,
     backend: str,
     max_positions: int,
+    tp: TensorParallel | None = None,
 ) -> tuple[LlamaModel, dict[int, dict[str, float]]]:
-    """Build the model directly on `device` in `dtype` and load its weights."""
+    """Build the model (this rank's shard of it, with `tp`) directly on `device` in `dtype` and load its weights."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaModel(cfg, backend, max_positions)
+            model = LlamaModel(cfg, backend, max_positions, tp)
     finally:
         torch.set_default_dtype(previous)
     scales = load_weights(model, model_dir)

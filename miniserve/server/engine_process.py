@@ -28,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing as mp
+import os
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -48,6 +50,7 @@ logger = logging.getLogger("miniserve.server")
 
 def _core_main(config: Any, commands: Any, outputs: Any) -> None:
     """The engine process: load the engine, then alternate applying commands and stepping until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole terminal: the API process drains first
     try:
         from miniserve.engine.llm_engine import LLMEngine
 
@@ -55,9 +58,20 @@ def _core_main(config: Any, commands: Any, outputs: Any) -> None:
     except BaseException as exc:  # the API process re-raises this at startup
         outputs.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return
+    engine.on_fatal_error(_exit_engine)
     info = {"max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size, "model_name": engine.model_name}
     outputs.send(("ready", info, engine.stats()))
-    _CoreLoop(engine, commands, outputs).run()
+    try:
+        _CoreLoop(engine, commands, outputs).run()
+    finally:
+        engine.shutdown()  # the other tensor-parallel ranks, if any
+
+
+def _exit_engine(error: BaseException) -> None:
+    """A tensor-parallel rank died (the error, naming it, is logged): the engine cannot step any more, so its
+    process ends; the API process then fails what is in flight and reports the engine unavailable (/health 503)."""
+    logger.error("miniserve: the engine stops: %s", error)
+    os._exit(1)
 
 
 class _CoreLoop:
@@ -248,8 +262,11 @@ class EngineProcess:
         ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited CUDA state, threads or event loop
         cmd_recv, self._cmd_send = ctx.Pipe(duplex=False)
         self._out_recv, out_send = ctx.Pipe(duplex=False)
+        # a daemonic process may not start processes: with tensor parallelism the engine starts its other ranks (and
+        # ends them itself, also when this process dies: see miniserve/distributed/)
+        daemon = getattr(self.config, "tensor_parallel_size", 1) == 1
         self._proc = ctx.Process(
-            target=_core_main, args=(self.config, cmd_recv, out_send), name="miniserve-engine", daemon=True
+            target=_core_main, args=(self.config, cmd_recv, out_send), name="miniserve-engine", daemon=daemon
         )
         self._proc.start()
         cmd_recv.close()

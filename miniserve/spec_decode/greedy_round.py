@@ -57,7 +57,12 @@ class GreedyRound:
             blocks = -(-max_positions // self.config.block_size)
             padding = [0, 0, 2, 0]  # padding rows: tokens 0, length 2 (positions stay >= 0), invalid
             self.graphs = BucketedGraphs(
-                self._graph_round, ROUND_COLUMNS + blocks, padding, self.config.max_num_seqs, self.device
+                self._graph_round,
+                ROUND_COLUMNS + blocks,
+                padding,
+                self.config.max_num_seqs,
+                self.device,
+                peer=self.target.graph_peer,  # a tensor-parallel target's other ranks replay their share
             )
         if self.graphs is not None:
             self.graphs.capture_all()
