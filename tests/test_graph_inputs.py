@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from miniserve import LLM, SamplingParams
-from miniserve.engine.cuda_graphs import BucketedGraphs, _Graph
+from miniserve.engine.cuda_graphs import BucketedGraphs, _Graph, packed_buffer
 from tests.test_spec_decode import mixed_prompts
 
 
@@ -27,12 +27,11 @@ class EagerReplay:
 
 
 def eager_capture(self: BucketedGraphs, bucket: int) -> None:
-    static = torch.zeros(bucket, self.width, dtype=torch.int64)
-    static[:, : len(self.padding)] = torch.tensor(self.padding)
-    outputs = tuple(out.clone() for out in self.fn(static))
+    static = packed_buffer(self.width, bucket, self.padding)  # column-major, as the real ones
+    outputs = tuple(out.clone() for out in self.fn(static.t()))
     # as the real ones: padding rows point at block 0
-    staging = tuple(torch.zeros(bucket, self.width, dtype=torch.int64) for _ in range(2))
-    self.graphs[bucket] = _Graph(EagerReplay(self.fn, static, outputs), static, outputs, staging, [None, None])
+    staging = tuple(packed_buffer(self.width, bucket, self.padding) for _ in range(2))
+    self.graphs[bucket] = _Graph(EagerReplay(self.fn, static.t(), outputs), static, outputs, staging, [None, None])
 
 
 def engine_with_stand_in_graphs(llm: LLM):

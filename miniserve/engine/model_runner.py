@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from miniserve.config import EngineConfig, resolve_device, resolve_dtype, resolve_kv_cache_dtype
-from miniserve.engine.cuda_graphs import BucketedGraphs
+from miniserve.engine.cuda_graphs import BucketedGraphs, block_tables
 from miniserve.engine.transfer import to_device
 from miniserve.kernels.backend import resolve_backend
 from miniserve.kernels.metadata import AttentionMetadata, uniform_metadata_reference
@@ -212,7 +212,7 @@ class ModelRunner:
             """Packed row: [n tokens (the first `count` real), start_pos, count, block table...]; the logits of
             the last real token."""
             token_ids, start_pos, count = packed[:, :n], packed[:, n], packed[:, n + 1]
-            tables = packed[:, n + 2 :].to(torch.int32)
+            tables = block_tables(packed, n + 2)
             positions, meta = uniform_metadata_reference(
                 start_pos, None, tables, n, self.block_size, self.max_positions, counts=count
             )
@@ -237,7 +237,7 @@ class ModelRunner:
         def run(packed: torch.Tensor) -> tuple[torch.Tensor]:
             """Packed rows: [n tokens, start_pos, valid, block table...]; logits of every new token."""
             token_ids, start_pos, valid = packed[:, :n], packed[:, n], packed[:, n + 1].bool()
-            tables = packed[:, n + 2 :].to(torch.int32)
+            tables = block_tables(packed, n + 2)
             # this runner's own pass (a ParallelModelRunner's run_uniform would also drive the other ranks, which
             # capture and replay these graphs themselves)
             return (ModelRunner.run_uniform(self, token_ids, start_pos, tables, self.max_positions, valid),)

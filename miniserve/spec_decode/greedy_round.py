@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from miniserve.config import EngineConfig
-from miniserve.engine.cuda_graphs import BucketedGraphs
+from miniserve.engine.cuda_graphs import BucketedGraphs, block_tables
 from miniserve.engine.model_runner import ModelRunner
 from miniserve.engine.transfer import to_device
 from miniserve.kernels.greedy_accept import greedy_accept_reference, greedy_accept_triton
@@ -93,7 +93,7 @@ class GreedyRound:
         return _RoundInputs(
             tokens=packed[:, 0:2],
             valid=packed[:, 3].bool(),
-            tables=packed[:, ROUND_COLUMNS:].to(torch.int32),
+            tables=block_tables(packed, ROUND_COLUMNS),
             length=length,
             positions=length[:, None] + self._offsets,
         )
