@@ -290,16 +290,18 @@ class EngineProcess:
         threading.Thread(target=self._send, name="miniserve-engine-send", daemon=True).start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine process (called on a worker thread: the event loop meanwhile sees the pipe close, which
+        is then expected, not an unexpected exit)."""
         self.accepting = False
         if self._proc is None:
             return
+        self._alive = False
         self._send_queue.put(("stop",))
         self._send_queue.put(None)
         self._proc.join(timeout)
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(5)
-        self._alive = False
 
     def end_all(self) -> None:
         """After shutdown, on the event loop: end whatever is still waiting for output."""
