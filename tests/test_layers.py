@@ -1,5 +1,5 @@
 """The shape of the tree (docs/ARCHITECTURE.md): imports only point down the layers and form no cycle; no class
-is over 250 lines and no function outside the kernels over 60."""
+is over 250 lines and no function over 60 (Triton kernels aside; their launchers count)."""
 
 from __future__ import annotations
 
@@ -84,6 +84,10 @@ def test_no_import_cycles():
             visit(node, [node])
 
 
+def _is_triton_kernel(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    return any(ast.unparse(d).endswith("jit") for d in node.decorator_list)
+
+
 def test_classes_and_functions_stay_small():
     too_big = []
     for path in PACKAGE.rglob("*.py"):
@@ -91,7 +95,6 @@ def test_classes_and_functions_stay_small():
             lines = getattr(node, "end_lineno", 0) - getattr(node, "lineno", 0) + 1
             if isinstance(node, ast.ClassDef) and lines > 250:
                 too_big.append(f"class {path.name}:{node.name} has {lines} lines")
-            kernel_file = path.parent.name == "kernels"  # Triton kernels and their launchers aside
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and lines > 60 and not kernel_file:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and lines > 60 and not _is_triton_kernel(node):
                 too_big.append(f"function {path.name}:{node.name} has {lines} lines")
     assert not too_big, "\n".join(too_big)

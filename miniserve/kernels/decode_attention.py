@@ -317,6 +317,14 @@ def cache_view(cache: torch.Tensor) -> torch.Tensor:
     return cache.view(torch.uint8) if is_fp8(cache.dtype) else cache
 
 
+def layout_strides(q: torch.Tensor, out: torch.Tensor, meta: AttentionMetadata, kc: torch.Tensor, vc: torch.Tensor):
+    """The strides the decode and extend kernels take, in their order: q and out (token, head), the block
+    table's row, and each cache's (block, slot, head)."""
+    return (
+        *q.stride()[:2], *out.stride()[:2], meta.block_tables.stride(0), *kc.stride()[:3], *vc.stride()[:3]
+    )  # fmt: skip
+
+
 SPLIT_TOKENS = 512  # a sequence gets one split per 512 tokens of context, at most MAX_SPLITS
 # A CUDA graph launches MAX_SPLITS programs per sequence and KV head (for the longest context it may meet), and
 # the ones past a sequence's own splits exit at once: 64 of them cost ~20 us per layer at batch 64 on an H200.
@@ -365,28 +373,8 @@ def decode_attention(
         part_ml = torch.empty(num_seqs, num_q_heads, splits, 2, dtype=torch.float32, device=q.device)
     kc, vc = cache_view(key_cache), cache_view(value_cache)
     _decode_split_kernel[(num_seqs, num_kv_heads, splits)](
-        q,
-        kc,
-        vc,
-        meta.block_tables,
-        meta.seq_lens,
-        k_scale,
-        v_scale,
-        out,
-        part_acc,
-        part_ml,
-        sm_scale * LOG2E,
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        meta.block_tables.stride(0),
-        kc.stride(0),
-        kc.stride(1),
-        kc.stride(2),
-        vc.stride(0),
-        vc.stride(1),
-        vc.stride(2),
+        q, kc, vc, meta.block_tables, meta.seq_lens, k_scale, v_scale, out, part_acc, part_ml, sm_scale * LOG2E,
+        *layout_strides(q, out, meta, kc, vc),
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
@@ -401,22 +389,28 @@ def decode_attention(
         **compute_dtype(q, key_cache.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
-    )
+    )  # fmt: skip
     if splits > 1:
-        _decode_reduce_kernel[(num_seqs, num_q_heads)](
-            part_acc,
-            part_ml,
-            out,
-            meta.seq_lens,
-            v_scale,
-            out.stride(0),
-            out.stride(1),
-            HEAD_DIM=head_dim,
-            HEAD_DIM_PAD=head_dim_pad,
-            NUM_SPLITS=splits,
-            SPLIT_TOKENS=split_tokens,
-            KV_MODE=mode,
-            KV_FACTOR=kv_factor,
-            num_warps=4,
-        )
+        _merge_splits(part_acc, part_ml, out, meta, v_scale, splits, split_tokens, mode, kv_factor)
     return out
+
+
+def _merge_splits(part_acc, part_ml, out, meta, v_scale, splits: int, split_tokens: int, mode: int, kv_factor: float):
+    """Stage 2: one program per (sequence, query head) merges that sequence's split partials into `out`."""
+    num_seqs, num_q_heads, head_dim = out.shape
+    _decode_reduce_kernel[(num_seqs, num_q_heads)](
+        part_acc,
+        part_ml,
+        out,
+        meta.seq_lens,
+        v_scale,
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=part_acc.shape[-1],
+        NUM_SPLITS=splits,
+        SPLIT_TOKENS=split_tokens,
+        KV_MODE=mode,
+        KV_FACTOR=kv_factor,
+        num_warps=4,
+    )
