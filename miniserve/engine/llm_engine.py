@@ -20,6 +20,7 @@ from miniserve.engine.decoder import Decoder, PlainDecoder
 from miniserve.engine.model_runner import ModelRunner
 from miniserve.engine.output_processor import OutputProcessor, Request
 from miniserve.engine.outputs import RequestOutput
+from miniserve.engine.sampler import bad_words_token_ids
 from miniserve.engine.stop_strings import StopMatcher, check_stop_strings
 from miniserve.engine.structured_output import GrammarCompiler
 from miniserve.sampling_params import SamplingParams
@@ -136,20 +137,10 @@ class LLMEngine:
         here, or found compiled: errors before anything is queued); bad words are tokenized once."""
         check_stop_strings(params.stop, self.config.max_stop_strings, self.config.max_stop_string_length)
         params.check_token_ids(self.vocab_size)
-        if params.bad_words and params.bad_words_token_ids is None:
-            params.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
+        if params.bad_words and params.bad_words_token_ids is None:  # (the server tokenizes them itself)
+            params.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
         if params.structured_outputs is not None:
             self.grammar.compile(params.structured_outputs)
-
-    def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
-        """Each bad word as tokens, alone and after a space (how it reads at the start vs inside a text)."""
-        out: list[list[int]] = []
-        for word in words:
-            for text in (word.strip(), " " + word.strip()):
-                ids = self.tokenizer.encode(text, add_special_tokens=False)
-                if ids and ids not in out:
-                    out.append(ids)
-        return out
 
     def _check_length(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -166,6 +167,18 @@ def _bans(
             banned_rows.append(i)
             banned_ids.append(token)
     return banned_rows, banned_ids
+
+
+def bad_words_token_ids(tokenizer: Any, words: list[str]) -> list[list[int]]:
+    """Each bad word as tokens, alone and after a space (how it reads at the start vs inside a text): what
+    SamplingParams.bad_words_token_ids holds."""
+    out: list[list[int]] = []
+    for word in words:
+        for text in (word.strip(), " " + word.strip()):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if ids and ids not in out:
+                out.append(ids)
+    return out
 
 
 def _bad_word_bans(words: list[list[int]], output_ids: list[int]) -> set[int]:

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from miniserve.config import EngineConfig, ServerConfig
+from miniserve.engine.sampler import bad_words_token_ids
 from miniserve.engine.stop_strings import check_stop_strings
 from miniserve.engine.structured_output import GrammarCompiler, StructuredOutputsUnavailable
 from miniserve.sampling_params import StructuredOutputsParams
@@ -327,16 +328,23 @@ class RequestGroup:
                 self.index[rid] = i
                 stream = RequestStream(rid, ids, p, self._wake, self.state.tokenizer)
                 self.streams.append(stream)
-                grammar = None
-                if p.structured_outputs is not None:  # serialized on a worker thread: megabytes for a large vocab
-                    grammar = await self.state.run_cpu(self.state.grammars.payload, p.structured_outputs)
-                await self.state.engine.add_request(rid, ids, p, stream, grammar)
+                await self.state.engine.add_request(rid, ids, p, stream, await self._engine_work(p))
         except ValueError as exc:  # the engine's validation: token ids, context or KV pool too small
             self.abort()
             raise APIError(str(exc), param=prompt_param) from None
         except BaseException:
             self.abort()
             raise
+
+    async def _engine_work(self, p: Any) -> str | None:
+        """What the engine's step loop should not do, done here on a worker thread: bad words tokenized, and the
+        grammar's payload (serialized: megabytes for a large vocabulary), which this returns."""
+        state = self.state
+        if p.bad_words and p.bad_words_token_ids is None:
+            p.bad_words_token_ids = await state.run_cpu(bad_words_token_ids, state.tokenizer, p.bad_words)
+        if p.structured_outputs is None:
+            return None
+        return await state.run_cpu(state.grammars.payload, p.structured_outputs)
 
     def abort(self, ended_by: str | None = None) -> None:
         """Abort every unfinished request (a no-op for finished ones); `ended_by` says the server did it."""
