@@ -92,6 +92,14 @@ class GrammarCompiler:
                 self._compiler = xgr.GrammarCompiler(self._tokenizer_info)
             return self._compiler
 
+    def warm(self) -> None:
+        """Import xgrammar and read the vocabulary now, so the first grammar does not wait for it (nothing when
+        xgrammar is not installed: requests that need it are refused)."""
+        try:
+            self._xgr_compiler()
+        except StructuredOutputsUnavailable:
+            pass
+
     def compile(self, spec: StructuredOutputsParams) -> Any:
         """The CompiledGrammar for `spec`; ValueError (naming what is wrong) for an invalid schema/regex/grammar."""
         key = spec.key()

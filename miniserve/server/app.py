@@ -100,6 +100,7 @@ class ServerState:
         engine.metrics = self.metrics
         # structured outputs compile here, off the event loop and off the engine's step loop (structured_output.py)
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size, engine.info["eos_token_ids"])
+        self.grammars_warming = False
         self.cpu = ThreadPoolExecutor(CPU_THREADS, thread_name_prefix="miniserve-cpu")
         self.groups: set[RequestGroup] = set()  # requests in flight (what a shutdown drains)
         self.draining = False
@@ -187,6 +188,9 @@ class ServerState:
         cached): a bad schema/regex/grammar, or no xgrammar, is a 400 naming the field it came from."""
         if spec is None:
             return None
+        if not self.grammars_warming:  # the engine gets ready while this process compiles the first grammar
+            self.grammars_warming = True
+            self.engine.warm_grammars()
         field, kwargs = spec
         try:
             params = StructuredOutputsParams(**kwargs)

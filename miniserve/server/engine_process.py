@@ -4,7 +4,8 @@ Why a process: the engine's step loop and the HTTP event loop are both Python. I
 so every SSE chunk the server writes delays the next step, and every step delays the chunks. In its own process
 the engine steps while the API process writes. The two talk over two pipes:
 
-    API -> engine   ("add", request_id, prompt_ids, params, grammar) | ("abort", [request_id, ...]) | ("stop",)
+    API -> engine   ("add", request_id, prompt_ids, params, grammar) | ("abort", [request_id, ...]) | ("warm",)
+                    | ("stop",)
     engine -> API   ("ready", info, stats) once; then ("acks", [(request_id, error)], stats) after applying
                     commands, and one ("step", deltas, stats, num_tokens) per step: every streamed request's new
                     tokens, text, logprobs and finish state since the step before (SamplingParams.output_kind
@@ -13,9 +14,12 @@ the engine steps while the API process writes. The two talk over two pipes:
                     `num_tokens` is what the step computed (prompt and decode tokens: the iteration histogram).
 
 A request with structured outputs carries its grammar compiled by the API process (`grammar`: xgrammar's
-serialized CompiledGrammar, else None; see engine/structured_output.py), so the engine never compiles one. A
-finished request's metrics carry the engine's timestamps (arrival, first scheduled, first token, finished) and its
-prefix-cache hit (num_cached_tokens), from which the API process observes the per-request histograms.
+serialized CompiledGrammar, else None; see engine/structured_output.py), so the engine never compiles one.
+("warm",) comes before the first one: the engine then imports xgrammar and reads the vocabulary on a thread
+(seconds for a large vocabulary) while it goes on stepping, instead of stalling every stream when the first
+grammar arrives. A finished request's metrics carry the engine's timestamps (arrival, first scheduled, first
+token, finished) and its prefix-cache hit (num_cached_tokens), from which the API process observes the
+per-request histograms.
 
 The engine's step loop does what the offline `LLM` does and little more: a non-streaming request costs it nothing
 until it finishes, and a streamed request without stop strings is not detokenized there at all (detokenize=False):
@@ -132,6 +136,8 @@ class _CoreLoop:
                     return False
                 if cmd[0] == "add":
                     acks.append(self._add(*cmd[1:]))
+                elif cmd[0] == "warm":
+                    threading.Thread(target=self.engine.grammar.warm, name="miniserve-xgrammar", daemon=True).start()
                 elif cmd[0] == "abort":
                     aborted = True
                     for request_id in cmd[1]:
@@ -384,6 +390,10 @@ class EngineProcess:
         if error is not None:
             self._forget(request_id)
             raise ValueError(error) if is_value_error else RuntimeError(error)
+
+    def warm_grammars(self) -> None:
+        """Have the engine get ready for grammars in the background (before the first one is sent)."""
+        self._send_queue.put(("warm",))
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
         """Stop a request and free its KV blocks (the engine applies it before its next step)."""
