@@ -158,8 +158,11 @@ def _bans(
     grammar decides when it may end), and a bad word's last token is banned after the word's other tokens."""
     banned_rows, banned_ids = [], []
     for i, p in enumerate(params):
+        short = len(output_ids[i]) < p.min_tokens and p.structured_outputs is None
+        if not short and not p.bad_words_token_ids:
+            continue  # (the common case, at every step for every row: nothing to build)
         banned: set[int] = set()
-        if len(output_ids[i]) < p.min_tokens and p.structured_outputs is None:
+        if short:
             banned |= set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
         if p.bad_words_token_ids:
             banned |= _bad_word_bans(p.bad_words_token_ids, output_ids[i])
