@@ -3,7 +3,7 @@
 from miniserve.config import EngineConfig
 from miniserve.engine.outputs import CompletionOutput, RequestOutput
 from miniserve.llm import LLM
-from miniserve.sampling_params import SamplingParams
+from miniserve.sampling_params import SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "EngineConfig", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"

@@ -7,12 +7,68 @@ miniserve, so any layer may import it without pointing up.
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 GREEDY_EPS = 1e-5  # temperatures below this are greedy (dividing by them would overflow)
 MAX_LOGPROBS = 20  # the OpenAI API's limit for top logprobs
 OUTPUT_KINDS = ("cumulative", "delta", "final_only")  # vLLM's RequestOutputKind
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A grammar the output must follow (compiled by xgrammar, engine/structured_output.py): exactly one of a JSON
+    schema, a regex, a list of choices, an EBNF grammar, or any JSON object.
+
+    `json` is a schema as a dict or a JSON string; `grammar` is xgrammar's EBNF (GBNF-style, `root ::= ...`).
+    JSON allows a few whitespace characters between tokens (structured_output.MAX_JSON_WHITESPACE);
+    `disable_any_whitespace` makes it compact instead (`{"a": 1, "b": [2, 3]}`: one space after `:` and `,`).
+    """
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            if not isinstance(self.choice, (list, tuple)) or not all(isinstance(c, str) for c in self.choice):
+                raise ValueError(f"choice must be a list of strings, got {self.choice!r}")
+            if not self.choice:
+                raise ValueError("choice must not be empty")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            kinds, got = ", ".join(STRUCTURED_KINDS), ", ".join(given) or "none"
+            raise ValueError(f"structured outputs take exactly one of {kinds}; got {got}")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+    def key(self) -> tuple:
+        """What identifies the compiled grammar (a schema dict by its JSON text: key order matters, properties are
+        generated in the schema's order)."""
+        value = getattr(self, self.kind)
+        if self.kind == "json":
+            value = _schema_text(value)
+        return (self.kind, value, self.disable_any_whitespace)
+
+
+def _schema_text(schema: dict | str) -> str:
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as exc:
+            raise ValueError(f"json: the schema is not valid JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"json: a JSON schema must be an object, got {type(schema).__name__}")
+    return json.dumps(schema, separators=(",", ":"))
 
 
 @dataclass
@@ -45,6 +101,15 @@ class SamplingParams:
     # False: the engine leaves `text` empty and never detokenizes (the caller turns token ids into text itself,
     # as the server does off the engine's step loop); stop strings need the text, so they need True
     detokenize: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (OpenAI's meaning)
+    allowed_token_ids: list[int] | None = None  # only these tokens may be sampled
+    bad_words: list[str] | None = None  # words never generated: a word's last token is banned after its others
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last N tokens
+    structured_outputs: StructuredOutputsParams | None = None  # a grammar the output follows (JSON schema, regex...)
+    # a request's own prefix-cache namespace: only requests with the same salt share cached KV blocks
+    cache_salt: str | None = None
+    # bad_words as token-id sequences (each word with and without a leading space), set by the engine
+    bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, low=1)
@@ -75,6 +140,29 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
         if self.prompt_logprobs is not None:
             _check_int("prompt_logprobs", self.prompt_logprobs, low=0, high=MAX_LOGPROBS)
+        self._check_controls()
+
+    def _check_controls(self) -> None:
+        """The token controls (bias, masks, bad words), prompt truncation, the grammar and the cache salt."""
+        self.logit_bias = _normalize_logit_bias(self.logit_bias)
+        self.allowed_token_ids = _normalize_token_ids("allowed_token_ids", self.allowed_token_ids, allow_empty=False)
+        if self.bad_words is not None:
+            if not isinstance(self.bad_words, (list, tuple)) or not all(isinstance(w, str) for w in self.bad_words):
+                raise ValueError(f"bad_words must be a list of strings, got {self.bad_words!r}")
+            if any(w.strip() == "" for w in self.bad_words):
+                raise ValueError("bad_words must not contain empty strings")
+            self.bad_words = list(self.bad_words) or None
+        if self.truncate_prompt_tokens is not None:
+            _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, low=1)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}")
+        if self.bad_words_token_ids is not None and not all(
+            isinstance(w, list) and w and all(isinstance(t, int) and not isinstance(t, bool) for t in w)
+            for w in self.bad_words_token_ids
+        ):
+            raise ValueError(f"bad_words_token_ids must be non-empty token-id lists, got {self.bad_words_token_ids!r}")
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
+            raise ValueError(f"cache_salt must be a non-empty string, got {self.cache_salt!r}")
 
     @property
     def greedy(self) -> bool:
@@ -87,8 +175,35 @@ class SamplingParams:
 
     @property
     def needs_history(self) -> bool:
-        """The sampler reads the generated tokens (penalties, or the length for min_tokens)."""
-        return self.penalized or self.min_tokens > 0
+        """The sampler reads the generated tokens (penalties, bad_words, or the length for min_tokens)."""
+        return self.penalized or self.min_tokens > 0 or bool(self.bad_words)
+
+    @property
+    def reshapes_logits(self) -> bool:
+        """Something besides temperature/top-k/top-p/min-p changes which token wins: penalties, logit_bias, token
+        masks, a grammar (then the raw argmax is not the greedy choice)."""
+        return (
+            self.penalized
+            or bool(self.logit_bias)
+            or self.allowed_token_ids is not None
+            or bool(self.bad_words)
+            or self.structured_outputs is not None
+        )
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Token ids the request names must exist in the model's vocabulary (ValueError naming the field)."""
+        named = [
+            ("stop_token_ids", self.stop_token_ids or []),
+            ("logit_bias", list(self.logit_bias or {})),
+            ("allowed_token_ids", self.allowed_token_ids or []),
+        ]
+        for name, ids in named:
+            bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise ValueError(
+                    f"{name} contains token id {bad}, which is outside the vocabulary: the model has {vocab_size} "
+                    f"tokens (ids 0..{vocab_size - 1})"
+                )
 
 
 def _check_int(name: str, value: object, low: int | None = None, high: int | None = None) -> None:
@@ -124,11 +239,33 @@ def _normalize_stop(stop: object) -> list[str]:
 
 
 def _normalize_stop_token_ids(ids: object) -> list[int]:
+    return _normalize_token_ids("stop_token_ids", ids) or []
+
+
+def _normalize_token_ids(name: str, ids: object, allow_empty: bool = True) -> list[int] | None:
     if ids is None:
-        return []
+        return None
     if not isinstance(ids, (list, tuple, set)):
-        raise ValueError(f"stop_token_ids must be a list of integers, got {ids!r}")
+        raise ValueError(f"{name} must be a list of integers, got {ids!r}")
     for token in ids:
         if isinstance(token, bool) or not isinstance(token, int) or token < 0:
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {token!r}")
+            raise ValueError(f"{name} must be non-negative integers, got {token!r}")
+    if not ids and not allow_empty:
+        raise ValueError(f"{name} must not be empty (it would allow no token at all)")
     return list(ids)
+
+
+def _normalize_logit_bias(bias: object) -> dict[int, float] | None:
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must be a mapping of token id to bias, got {bias!r}")
+    out = {}
+    for token, value in bias.items():
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ValueError(f"logit_bias keys must be non-negative token ids, got {token!r}")
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not is_number or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias for token {token} must be a number in [-100, 100], got {value!r}")
+        out[token] = float(value)
+    return out or None

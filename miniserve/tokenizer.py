@@ -171,26 +171,63 @@ class Tokenizer:
         return _clean_up_tokenization(text) if self._clean_up else text
 
     # ---------------------------------------------------------------- chat
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        documents: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
+        continue_final_message: bool = False,
+        **template_kwargs: Any,
+    ) -> str:
         """Render `messages` with the model's chat template (or DEFAULT_CHAT_TEMPLATE when it has none).
 
         Message content may be a string or a list of OpenAI text parts, which are joined with newlines.
         Keys whose value is None are dropped (as transformers does) so templates see them as undefined.
+        `tools` (OpenAI tool dicts) and `documents` reach the template as transformers passes them;
+        `template_kwargs` become extra template variables (e.g. `enable_thinking`); `chat_template` replaces the
+        model's template for this call. With `continue_final_message`, the text ends right after the last
+        message's content (no end-of-turn marker), so the model continues that message.
         """
+        template = self._template(chat_template)
+        variables = {name: value for name, value in self.special_tokens.items() if value is not None}
+        reserved = ("messages", "tools", "documents", "add_generation_prompt")
+        variables.update({k: v for k, v in template_kwargs.items() if k not in reserved})
+        rendered = template.render(
+            **variables,
+            messages=[_normalize_message(m, i) for i, m in enumerate(messages)],
+            tools=tools or None,
+            documents=documents or None,
+            add_generation_prompt=add_generation_prompt,
+        )
+        if continue_final_message:
+            rendered = _cut_after_final_message(rendered, messages[-1])
+        return rendered
+
+    def _template(self, source: str | None) -> Any:
+        if source is not None:  # a per-request template: compiled each time (rare; a cache could hold anything)
+            return _compile_template(source)
         if self._jinja_template is None:
             self._jinja_template = _compile_template(self.chat_template or DEFAULT_CHAT_TEMPLATE)
-        variables = {name: value for name, value in self.special_tokens.items() if value is not None}
-        return self._jinja_template.render(
-            messages=[_normalize_message(m, i) for i, m in enumerate(messages)],
-            tools=None,
-            documents=None,
-            add_generation_prompt=add_generation_prompt,
-            **variables,
-        )
+        return self._jinja_template
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """Rendered chat as ids, plus the BOS prefix unless the template already wrote it (never EOS)."""
-        ids = self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        add_special_tokens: bool | None = None,
+        **template_options: Any,
+    ) -> list[int]:
+        """Rendered chat as ids, plus the BOS prefix unless the template already wrote it (never EOS). An explicit
+        `add_special_tokens` has vLLM's meaning: True adds the tokenizer's specials on top of the template's text,
+        False encodes exactly the template's text."""
+        text = self.apply_chat_template(messages, add_generation_prompt, **template_options)
+        if add_special_tokens is not None:
+            return self.encode(text, add_special_tokens=add_special_tokens)
+        ids = self.encode(text, add_special_tokens=False)
         prefix = self._bos_prefix
         if prefix and ids[: len(prefix)] != prefix:
             ids = prefix + ids
@@ -436,6 +473,16 @@ def _normalize_message(message: dict[str, Any], index: int) -> dict[str, Any]:
             texts.append(part["text"])
         out["content"] = "\n".join(texts)
     return out
+
+
+def _cut_after_final_message(rendered: str, message: dict[str, Any]) -> str:
+    """The rendered chat up to the end of the final message's content (transformers' continue_final_message)."""
+    content = _normalize_message(message, -1).get("content") or ""
+    content = content.strip() or content
+    at = rendered.rfind(content) if content else -1
+    if at == -1:
+        raise ValueError("continue_final_message: the final message's content does not appear in the rendered chat")
+    return rendered[: at + len(content)]
 
 
 def _compile_template(source: str) -> Any:

@@ -63,6 +63,13 @@ BAD_VALUES = [
     ("include_stop_str_in_output", 1),
     ("skip_special_tokens", None),
     ("output_kind", "streaming"), ("detokenize", 1),
+    ("logit_bias", {"5": 1.0}), ("logit_bias", {5: 101}), ("logit_bias", {5: -100.5}), ("logit_bias", [5]),
+    ("allowed_token_ids", []), ("allowed_token_ids", [-1]), ("allowed_token_ids", 5),
+    ("bad_words", "fool"), ("bad_words", [""]), ("bad_words", [3]),
+    ("truncate_prompt_tokens", 0), ("truncate_prompt_tokens", 1.5),
+    ("structured_outputs", {"json": {}}),
+    ("bad_words_token_ids", [[]]), ("bad_words_token_ids", [["a"]]),
+    ("cache_salt", ""), ("cache_salt", 5),
 ]  # fmt: skip
 
 

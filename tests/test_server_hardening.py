@@ -114,14 +114,14 @@ def test_deeply_nested_json_is_a_400_on_a_connection_that_stays_usable(conn):
     for path, start in ENDPOINTS.items():
         err = conn.json_error(path, nested(100_000).encode())  # the parser's own recursion limit
         assert "nest" in err["message"]
-        for field in ("stop", "prompt", "user"):  # a field that is read, and one that is ignored
+        for field in ("stop", "prompt", "not_a_field"):  # a field that is read, and one that is ignored
             err = conn.json_error(path, (start + f'"{field}": {nested(5000)}}}').encode())
             assert "nest" in err["message"] and err["code"] == "invalid_json"
         # the exact limit: MAX_JSON_DEPTH levels in all (the body object is one) pass, one more does not
-        body = start + f'"user": {nested(MAX_JSON_DEPTH - 1)}}}'
+        body = start + f'"not_a_field": {nested(MAX_JSON_DEPTH - 1)}}}'
         status, _, data = conn.request("POST", path, body.encode())
         assert status == 200, data[:300]
-        err = conn.json_error(path, (start + f'"user": {nested(MAX_JSON_DEPTH)}}}').encode())
+        err = conn.json_error(path, (start + f'"not_a_field": {nested(MAX_JSON_DEPTH)}}}').encode())
         assert str(MAX_JSON_DEPTH) in err["message"]
 
 
@@ -456,12 +456,16 @@ SAMPLING = {  # field -> plausible values (the fuzzer mixes in arbitrary JSON as
     "top_p": [1.0, 0.5, 0.01],
     "n": [1, 2, 3],
     "stream": [True, False],
-    "stream_options": [{"include_usage": True}, {"include_usage": False}],
+    "stream_options": [
+        {"include_usage": True},
+        {"include_usage": False},
+        {"include_usage": True, "continuous_usage_stats": True},
+    ],
     "stop": ["\n", ["a", "e"], ["."], [], "ROMEO"],
     "seed": [0, 1, 2**63 - 1],
     "presence_penalty": [0, 1.5, -2],
     "frequency_penalty": [0, 0.5],
-    "logit_bias": [{}, {"5": 1.0}],
+    "logit_bias": [{}, {"5": 1.0}, {"5": 100}, {"99999": 1}, {"x": 1}],
     "top_k": [-1, 0, 1, 5],
     "min_p": [0, 0.1, 1.0],
     "repetition_penalty": [1.0, 1.3],
@@ -471,7 +475,35 @@ SAMPLING = {  # field -> plausible values (the fuzzer mixes in arbitrary JSON as
     "include_stop_str_in_output": [True, False],
     "skip_special_tokens": [True, False],
     "user": ["someone"],
+    "allowed_token_ids": [[5, 6], [], [10**6]],
+    "bad_words": [["the"], [""], ["a b"]],
+    "best_of": [1, 2, 3],
+    "prompt_logprobs": [0, 1, 20],
+    "truncate_prompt_tokens": [-1, 1, 3, 0],
+    "cache_salt": ["s", ""],
+    "request_id": ["r1", ""],
+    "return_token_ids": [True],
+    "return_tokens_as_token_ids": [True],
+    "response_format": [
+        {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+        {"type": "json_schema"},
+        {"type": "text"},
+    ],
+    "structured_outputs": [{"regex": "[a-z]+"}, {"choice": ["a", "b"]}, {"grammar": "root ::= x"}, {"json": "{"}],
+    "guided_json": [{"type": "object"}, {"type": "nope"}],
+    "guided_regex": ["a|b", "("],
+    "guided_choice": [["x"], []],
 }
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+        },
+    }
+]
 SCHEMAS = {  # path -> (field -> plausible values), required fields first
     "/v1/completions": {
         "prompt": ["ROMEO:", ["a", "b"], [5, 6, 7], [[5, 6], [7]], "", [], ["x"] * 5],
@@ -487,6 +519,11 @@ SCHEMAS = {  # path -> (field -> plausible values), required fields first
         "logprobs": [True, False],
         "top_logprobs": [0, 2, 20],
         "add_generation_prompt": [True, False],
+        "tools": [TOOLS, []],
+        "tool_choice": ["auto", "none", "required", {"type": "function", "function": {"name": "f"}}],
+        "echo": [True, False],
+        "continue_final_message": [True, False],
+        "chat_template_kwargs": [{"x": 1}],
     },
     "/tokenize": {
         "prompt": ["ROMEO:", "", "é🙂"],

@@ -23,6 +23,7 @@ import torch
 from miniserve.engine.model_runner import ForwardInput, ModelRunner
 from miniserve.engine.output_processor import OutputProcessor
 from miniserve.engine.sampler import SamplerOutput, SamplingBatch, sample
+from miniserve.engine.structured_output import build_bitmask
 from miniserve.engine.transfer import to_device
 from miniserve.scheduler.scheduler import ScheduledSeq, Scheduler
 from miniserve.scheduler.sequence import Sequence
@@ -99,10 +100,12 @@ class PlainDecoder:
         return self._read() if self.in_flight is not None else []
 
     def step(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
-        if self.overlap and self._is_full_decode(scheduled):
+        # a grammar's next mask needs the token in flight: constrained steps wait for it (and fill their masks
+        # while the forward runs, in _step_now)
+        if self.overlap and self._is_full_decode(scheduled) and all(s.seq.grammar is None for s in scheduled):
             seqs = [s.seq for s in scheduled]
             batch = self.sampling_batch(seqs)
-            if not batch.penalized:  # penalties and min_tokens read the output so far: those steps wait for it
+            if not batch.penalized:  # penalties and bans read the output so far: those steps wait for it
                 self._launch(seqs, batch, None)
                 return []
         return self._step_now(scheduled)
@@ -141,6 +144,7 @@ class PlainDecoder:
         output every step would cost O(length) per token."""
         if histories is None:
             histories = [s.output_token_ids if s.params.needs_history else [] for s in seqs]
+        grammars = [s.grammar for s in seqs]  # constrained sequences: their next-token masks
         return SamplingBatch.build(
             [s.params for s in seqs],
             [s.generator for s in seqs],
@@ -149,6 +153,7 @@ class PlainDecoder:
             self.outputs.eos_token_ids,
             self.vocab_size,
             self.target.device,
+            token_bitmask=build_bitmask(grammars, self.vocab_size, self.target.device),
         )
 
     # ---------------------------------------------------------------- overlapped decode steps

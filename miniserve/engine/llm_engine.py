@@ -20,7 +20,9 @@ from miniserve.engine.decoder import Decoder, PlainDecoder
 from miniserve.engine.model_runner import ModelRunner
 from miniserve.engine.output_processor import OutputProcessor, Request
 from miniserve.engine.outputs import RequestOutput
+from miniserve.engine.sampler import bad_words_token_ids
 from miniserve.engine.stop_strings import StopMatcher, check_stop_strings
+from miniserve.engine.structured_output import GrammarCompiler
 from miniserve.sampling_params import SamplingParams
 from miniserve.scheduler.block_manager import BlockManager
 from miniserve.scheduler.scheduler import Scheduler
@@ -61,6 +63,7 @@ class LLMEngine:
             has_draft=self.draft is not None,
         )
         eos = set(self.tokenizer.eos_token_ids) | set(self.target.model_config.eos_token_ids)
+        self.grammar = GrammarCompiler(self.tokenizer, self.vocab_size, eos)  # xgrammar loads on first use
         self.outputs = OutputProcessor(self.scheduler, eos, self.max_model_len)
         overlap = config.async_scheduling and self.draft is None  # speculative rounds overlap on their own
         plain = PlainDecoder(self.target, self.outputs, self.vocab_size, self.scheduler, overlap)
@@ -71,6 +74,7 @@ class LLMEngine:
             )
         self.seq_counter = itertools.count()
         self.num_prompt_tokens = 0
+        self.last_step_num_tokens = 0  # tokens the last step computed (the iteration_tokens histogram)
         self._capture_graphs()
 
     def shutdown(self) -> None:
@@ -108,20 +112,35 @@ class LLMEngine:
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"prompt token id {bad[0]} is out of range [0, {self.vocab_size})")
+        if params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens:
+            ids = ids[-params.truncate_prompt_tokens :]  # keep the end, as vLLM does
         self._check_length(ids, params)
-        check_stop_strings(params.stop, self.config.max_stop_strings, self.config.max_stop_string_length)
+        self._check_params(params)
         seqs, dets = [], []
         for i in range(params.n):
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
-            seqs.append(Sequence(next(self.seq_counter), request_id, i, ids, params, gen))
+            seq = Sequence(next(self.seq_counter), request_id, i, ids, params, gen)
+            if params.structured_outputs is not None:
+                seq.grammar = self.grammar.new_state(params.structured_outputs)
+            seqs.append(seq)
             dets.append(IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, prompt_ids=ids))
         matcher = StopMatcher(params.stop) if params.stop else None
         self.outputs.add(Request(request_id, text, ids, params, seqs, dets, matcher))
         for seq in seqs:
             self.scheduler.add(seq, parent=seqs[0] if seq.index > 0 else None)
         self.num_prompt_tokens += len(ids)
+
+    def _check_params(self, params: SamplingParams) -> None:
+        """What needs the engine to check: stop-list bounds, token ids within the vocabulary, the grammar (compiled
+        here, or found compiled: errors before anything is queued); bad words are tokenized once."""
+        check_stop_strings(params.stop, self.config.max_stop_strings, self.config.max_stop_string_length)
+        params.check_token_ids(self.vocab_size)
+        if params.bad_words and params.bad_words_token_ids is None:  # (the server tokenizes them itself)
+            params.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
+        if params.structured_outputs is not None:
+            self.grammar.compile(params.structured_outputs)
 
     def _check_length(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
@@ -158,9 +177,12 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run, and return the outputs of the requests that progressed."""
         progressed = self.decoder.continue_in_flight()  # an overlapped decode step whose batch stays as it is
-        if progressed is None:
+        if progressed is not None:
+            self.last_step_num_tokens = len(progressed)  # it launched the same batch's next step: a token each
+        else:
             progressed = self.decoder.flush()  # a step or round in flight the new batch cannot continue
             scheduled = self.scheduler.schedule()
+            self.last_step_num_tokens = sum(s.num_new_tokens for s in scheduled)  # prompt + decode tokens computed
             if scheduled:
                 progressed += self.decoder.step(scheduled)
         return self.outputs.collect(progressed)

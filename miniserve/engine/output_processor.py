@@ -9,6 +9,7 @@ next step.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ from miniserve.sampling_params import SamplingParams
 from miniserve.scheduler.scheduler import Scheduler
 from miniserve.scheduler.sequence import Sequence
 from miniserve.tokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger("miniserve.engine")
 
 
 @dataclass(eq=False)
@@ -108,6 +111,8 @@ class OutputProcessor:
 
     def _check_stop(self, seq: Sequence, token: int, delta: str, matcher: StopMatcher | None) -> None:
         p = seq.params
+        if seq.grammar is not None and _grammar_ends(seq, token):
+            return self._finish(seq, "stop", None)
         match = None
         if matcher is not None and delta:  # the matcher reads every character, even before min_tokens
             seq.stop_state, match = matcher.feed(seq.stop_state, delta)
@@ -129,6 +134,7 @@ class OutputProcessor:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
+        seq.finished_time = time.monotonic()
         self.scheduler.finish(seq)
 
     @staticmethod
@@ -204,9 +210,13 @@ class OutputProcessor:
     @staticmethod
     def _metrics(req: Request) -> dict:
         first = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
+        scheduled = [s.first_scheduled_time for s in req.seqs if s.first_scheduled_time is not None]
+        done = [s.finished_time for s in req.seqs if s.finished_time is not None]
         return {
             "arrival_time": min(s.arrival_time for s in req.seqs),
+            "first_scheduled_time": min(scheduled) if scheduled else None,
             "first_token_time": min(first) if first else None,
+            "finished_time": max(done) if len(done) == len(req.seqs) else None,
             "num_spec_drafts": sum(s.num_spec_drafts for s in req.seqs),
             "num_spec_draft_tokens": sum(s.num_spec_draft_tokens for s in req.seqs),
             "num_spec_accepted_tokens": sum(s.num_spec_accepted_tokens for s in req.seqs),
@@ -250,6 +260,15 @@ def _delta_completion(seq: Sequence, params: SamplingParams, hold: int, reported
 def _detokenize_at_end(params: SamplingParams) -> bool:
     """Nobody reads the text before the request finishes, and no stop string is searched in it."""
     return params.output_kind == "final_only" and not params.stop
+
+
+def _grammar_ends(seq: Sequence, token: int) -> bool:
+    """Feed the grammar the new token; the sequence ends once the grammar has accepted its stop token (also with
+    ignore_eos: nothing may follow), or on a token the grammar rejects (never sampled: it is masked)."""
+    if not seq.grammar.accept(token):
+        logger.warning("request %s: a token its grammar rejects; stopping it", seq.request_id)
+        return True
+    return seq.grammar.terminated
 
 
 def _completion(seq: Sequence, params: SamplingParams, hold: int) -> CompletionOutput:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -50,8 +51,11 @@ class SamplingBatch:
     frequency_penalty: torch.Tensor | None  # float32 [B, 1]; None when all presence/frequency are 0
     presence_penalty: torch.Tensor | None  # float32 [B, 1]
     output_counts: torch.Tensor | None  # float32 [B, V]: occurrences in the output
-    banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) masked for min_tokens
+    banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) masked: min_tokens, bad_words
     max_num_logprobs: int | None  # widest top-N asked for; None when no row wants logprobs
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, token ids, bias)
+    allowed: torch.Tensor | None = None  # bool [B, V]: False where allowed_token_ids rules a token out
+    token_bitmask: torch.Tensor | None = None  # int32 [B, ceil(V/32)] grammar masks (bit set = allowed)
 
     @property
     def size(self) -> int:
@@ -59,8 +63,19 @@ class SamplingBatch:
 
     @property
     def penalized(self) -> bool:
-        """Some row's logits are reshaped by its history (penalties) or masked (min_tokens)."""
-        return self.repetition_penalty is not None or self.output_counts is not None or self.banned is not None
+        """Some row's logits depend on its output so far: penalties, a ban (min_tokens, bad words), a grammar's
+        mask. (A step launched before the previous one is read cannot build them: overlapped steps skip these.)"""
+        return (
+            self.repetition_penalty is not None
+            or self.output_counts is not None
+            or self.banned is not None
+            or self.token_bitmask is not None
+        )
+
+    @property
+    def reshaped(self) -> bool:
+        """Something changes the raw logits before the argmax: the above, or logit_bias, or allowed_token_ids."""
+        return self.penalized or self.logit_bias is not None or self.allowed is not None
 
     @classmethod
     def build(
@@ -72,14 +87,11 @@ class SamplingBatch:
         eos_token_ids: set[int],
         vocab_size: int,
         device: torch.device | str,
+        token_bitmask: torch.Tensor | None = None,
     ) -> SamplingBatch:
-        """One row per logits row: its params, its generator (None = global RNG) and its token history."""
-        rows = len(params)
-        if not (len(generators) == len(prompt_ids) == len(output_ids) == rows):
-            raise ValueError(
-                f"SamplingBatch.build needs one entry per row: {rows} params, {len(generators)} generators, "
-                f"{len(prompt_ids)} prompts, {len(output_ids)} outputs"
-            )
+        """One row per logits row: its params, its generator (None = global RNG) and its token history; with
+        structured outputs, the rows' packed grammar masks, already on the device (engine/structured_output.py)."""
+        rows = _num_rows(params, generators, prompt_ids, output_ids)
         device = torch.device(device)
         greedy = [p.greedy for p in params]
 
@@ -95,13 +107,12 @@ class SamplingBatch:
         rep = [float(p.repetition_penalty) for p in params]
         rep_rows = [i for i, r in enumerate(rep) if r != 1.0]
         seen = {i: prompt_ids[i] + output_ids[i] for i in rep_rows}
-        seen_mask = _token_counts(seen, rows, vocab_size, device).gt(0) if rep_rows else None
         freq = [float(p.frequency_penalty) for p in params]
         pres = [float(p.presence_penalty) for p in params]
         pen_rows = [i for i in range(rows) if freq[i] != 0.0 or pres[i] != 0.0]
-        counts = _token_counts({i: output_ids[i] for i in pen_rows}, rows, vocab_size, device) if pen_rows else None
+        counts = {i: output_ids[i] for i in pen_rows}
 
-        banned_rows, banned_ids = _min_tokens_bans(params, output_ids, eos_token_ids, vocab_size)
+        banned_rows, banned_ids = _bans(params, output_ids, eos_token_ids, vocab_size)
         asked = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
             vocab_size=vocab_size,
@@ -115,27 +126,111 @@ class SamplingBatch:
             top_p=column(top_p) if any(v < 1.0 for v in top_p) else None,
             min_p=column(min_p) if any(v > 0.0 for v in min_p) else None,
             repetition_penalty=column(rep).unsqueeze(1) if rep_rows else None,
-            seen_mask=seen_mask,
+            seen_mask=_token_counts(seen, rows, vocab_size, device).gt(0) if rep_rows else None,
             frequency_penalty=column(freq).unsqueeze(1) if pen_rows else None,
             presence_penalty=column(pres).unsqueeze(1) if pen_rows else None,
-            output_counts=counts,
+            output_counts=_token_counts(counts, rows, vocab_size, device) if pen_rows else None,
             banned=(column(banned_rows, torch.int64), column(banned_ids, torch.int64)) if banned_rows else None,
             max_num_logprobs=max(asked) if asked else None,
+            logit_bias=_logit_bias(params, device),
+            allowed=_allowed_mask(params, vocab_size, device),
+            token_bitmask=token_bitmask,
         )
 
 
-def _min_tokens_bans(
-    params: list[SamplingParams], output_ids: list[list[int]], eos_token_ids: set[int], vocab_size: int
+def _num_rows(params: list, generators: list, prompt_ids: list, output_ids: list) -> int:
+    rows = len(params)
+    if not (len(generators) == len(prompt_ids) == len(output_ids) == rows):
+        raise ValueError(
+            f"SamplingBatch.build needs one entry per row: {rows} params, {len(generators)} generators, "
+            f"{len(prompt_ids)} prompts, {len(output_ids)} outputs"
+        )
+    return rows
+
+
+def _bans(
+    params: list[SamplingParams],
+    output_ids: list[list[int]],
+    eos_token_ids: set[int],
+    vocab_size: int,
 ) -> tuple[list[int], list[int]]:
-    """(rows, token ids) to mask: a row short of its min_tokens may not sample a token that would stop it."""
+    """(rows, token ids) to mask: a row short of its min_tokens may not sample a token that would stop it (unless a
+    grammar decides when it may end), and a bad word's last token is banned after the word's other tokens."""
     banned_rows, banned_ids = [], []
     for i, p in enumerate(params):
-        if len(output_ids[i]) < p.min_tokens:
-            stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
-            for token in sorted(t for t in stops if 0 <= t < vocab_size):
-                banned_rows.append(i)
-                banned_ids.append(token)
+        short = len(output_ids[i]) < p.min_tokens and p.structured_outputs is None
+        if not short and not p.bad_words_token_ids:
+            continue  # (the common case, at every step for every row: nothing to build)
+        banned: set[int] = set()
+        if short:
+            banned |= set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
+        if p.bad_words_token_ids:
+            banned |= _bad_word_bans(p.bad_words_token_ids, output_ids[i])
+        for token in sorted(t for t in banned if 0 <= t < vocab_size):
+            banned_rows.append(i)
+            banned_ids.append(token)
     return banned_rows, banned_ids
+
+
+def bad_words_token_ids(tokenizer: Any, words: list[str]) -> list[list[int]]:
+    """Each bad word as tokens, alone and after a space (how it reads at the start vs inside a text): what
+    SamplingParams.bad_words_token_ids holds."""
+    out: list[list[int]] = []
+    for word in words:
+        for text in (word.strip(), " " + word.strip()):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if ids and ids not in out:
+                out.append(ids)
+    return out
+
+
+def _bad_word_bans(words: list[list[int]], output_ids: list[int]) -> set[int]:
+    """A bad word's last token is banned where the output ends with the word's other tokens (vLLM's rule)."""
+    banned = set()
+    for word in words:
+        prefix = word[:-1]
+        if len(prefix) <= len(output_ids) and (not prefix or output_ids[len(output_ids) - len(prefix) :] == prefix):
+            banned.add(word[-1])
+    return banned
+
+
+def _logit_bias(params: list[SamplingParams], device: torch.device) -> tuple[torch.Tensor, ...] | None:
+    """(rows, token ids, values) of every row's logit_bias on `device`; None when no row has one."""
+    rows, ids, values = [], [], []
+    for i, p in enumerate(params):
+        for token, value in (p.logit_bias or {}).items():
+            rows.append(i)
+            ids.append(token)
+            values.append(value)
+    if not rows:
+        return None
+    return (
+        to_device(rows, torch.int64, device),
+        to_device(ids, torch.int64, device),
+        to_device(values, torch.float32, device),
+    )
+
+
+def _allowed_mask(params: list[SamplingParams], vocab_size: int, device: torch.device) -> torch.Tensor | None:
+    """bool [B, V]: False where a row's allowed_token_ids rule a token out; None when no row restricts."""
+    rows = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
+    if not rows:
+        return None
+    allowed = torch.ones(len(params), vocab_size, dtype=torch.bool, device=device)
+    allowed[to_device(rows, torch.int64, device)] = False
+    index = [(i, t) for i in rows for t in params[i].allowed_token_ids]
+    allowed[
+        to_device([i for i, _ in index], torch.int64, device), to_device([t for _, t in index], torch.int64, device)
+    ] = True
+    return allowed
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Mask `logits` [B, V] in place to -inf where the packed bitmask [B, ceil(V/32)] (int32, bit j of word w =
+    token 32w + j, set = allowed) has a 0 bit: xgrammar's layout, unpacked on the logits' device."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]
+    return logits.masked_fill_(~allowed, -math.inf)
 
 
 def _token_counts(histories: dict[int, list[int]], rows: int, vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -157,12 +252,18 @@ def _token_counts(histories: dict[int, list[int]], rows: int, vocab_size: int, d
 
 
 def apply_penalties_and_filters(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Penalties, min_tokens masking, temperature, then top-k, top-p, min-p; returns a new float32 tensor."""
+    """Token masks (allowed_token_ids), logit_bias, penalties, min_tokens/bad-word bans, the grammar mask,
+    temperature, then top-k, top-p, min-p; returns a new float32 tensor."""
     if logits.dim() != 2 or logits.shape[0] != batch.size:
         raise ValueError(f"logits must be [{batch.size}, vocab], got {tuple(logits.shape)}")
     if logits.shape[1] != batch.vocab_size:
         raise ValueError(f"logits have {logits.shape[1]} columns but the batch was built for {batch.vocab_size}")
     logits = logits.to(torch.float32, copy=True)
+    if batch.allowed is not None:
+        logits.masked_fill_(~batch.allowed, -math.inf)
+    if batch.logit_bias is not None:
+        rows, ids, values = batch.logit_bias
+        logits.index_put_((rows, ids), values, accumulate=True)
     if batch.repetition_penalty is not None:
         # HF/vLLM: a seen token's logit is divided by the penalty when positive, multiplied when negative
         penalized = torch.where(logits > 0, logits / batch.repetition_penalty, logits * batch.repetition_penalty)
@@ -172,6 +273,8 @@ def apply_penalties_and_filters(logits: torch.Tensor, batch: SamplingBatch) -> t
         logits -= batch.presence_penalty * (batch.output_counts > 0).to(torch.float32)
     if batch.banned is not None:
         logits[batch.banned] = -math.inf
+    if batch.token_bitmask is not None:
+        apply_token_bitmask(logits, batch.token_bitmask)
     if batch.temperature is not None:
         logits /= batch.temperature.unsqueeze(1)
     if batch.top_k is not None or batch.top_p is not None:
@@ -240,7 +343,7 @@ def sample_from_probs(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """One token per row and, when any row asked for logprobs, the sampled token's logprob under the raw model
     distribution and the top-N raw logprobs (a full-vocabulary log_softmax is only paid for then)."""
-    if batch.all_greedy and not batch.penalized:
+    if batch.all_greedy and not batch.reshaped:
         token_ids = logits.argmax(dim=-1)  # nothing reshapes the logits: skip the copy
     elif batch.all_greedy:
         token_ids = apply_penalties_and_filters(logits, batch).argmax(dim=-1)

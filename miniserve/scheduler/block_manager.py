@@ -5,13 +5,13 @@ pools are indexed by the same block ids). A sequence's block table lists its blo
 in slot `block_table[i // block_size] * block_size + i % block_size`. Reference counts let several sequences
 share a block; a block nobody references goes to the free list.
 
-Prefix caching. Once every worker has written a full block, the block is registered under a key: a hash chain,
-key = H(parent block's key, this block's token ids), where the first block's parent is the engine's identity
-(models, dtypes, KV scales: whatever makes the same tokens give other bytes). Equal keys mean equal token
-prefixes, so a sequence that starts with cached blocks takes them instead of recomputing them. A freed block keeps
-its key and contents: the free list runs from least to most recently freed, and a cached block is forgotten only
-when it is taken for new contents (LRU eviction). Blocks with nothing worth keeping go to the front, to be reused
-first.
+Prefix caching. Once every worker has written a full block, the block is registered under a key: a hash chain, key =
+H(parent block's key, this block's token ids), where the first block's parent is the engine's identity (models,
+dtypes, KV scales: whatever makes the same tokens give other bytes), salted by the request's `cache_salt` when it
+has one (a tenant's prompts are then never served from another's blocks). Equal keys mean equal token prefixes, so a
+sequence that starts with cached blocks takes them instead of recomputing them. A freed block keeps its key and
+contents: the free list runs from least to most recently freed, and a cached block is forgotten only when it is
+taken for new contents (LRU eviction). Blocks with nothing worth keeping go to the front, to be reused first.
 
 Why a hash chain over full blocks, not a radix tree (SGLang): the pool is already paged, and a full block's key is
 a pure function of the tokens up to its end. A dict from key to block is then the whole index: no tree to split
@@ -82,8 +82,16 @@ class BlockManager:
         keys, bs = seq.block_keys, self.block_size
         while (len(keys) + 1) * bs <= seq.num_tokens:
             start = len(keys) * bs
-            keys.append(chain_key(keys[-1] if keys else self.root, seq.token_ids[start : start + bs]))
+            keys.append(chain_key(keys[-1] if keys else self.root_key(seq), seq.token_ids[start : start + bs]))
         return keys
+
+    def root_key(self, seq: Sequence) -> bytes:
+        """The parent key of the sequence's first block: the engine's identity, salted by the request's cache_salt
+        (requests with different salts, or none, never share a block, whatever their tokens)."""
+        salt = seq.params.cache_salt
+        if salt is None:
+            return self.root
+        return hashlib.blake2b(self.root + b"salt:" + salt.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
     def cached_prefix(self, seq: Sequence, max_tokens: int) -> list[int]:
         """The cached blocks that hold the longest prefix of the sequence's first `max_tokens` tokens."""

@@ -15,6 +15,7 @@ in the cache.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -133,8 +134,9 @@ class Scheduler:
         if lookup:
             self.prefix_cache_queries += seq.num_tokens
             self.prefix_cache_hits += num_cached
-        if seq.num_cached_tokens is None:
+        if seq.num_cached_tokens is None:  # its first admission, not a preempted sequence's return
             seq.num_cached_tokens = num_cached
+            seq.first_scheduled_time = time.monotonic()
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         scheduled.append(ScheduledSeq(seq, num_new))

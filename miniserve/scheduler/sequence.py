@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -47,6 +48,9 @@ class Sequence:
     stop_state: int = 0  # where the request's stop-string matcher stands after this sequence's text
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    first_scheduled_time: float | None = None  # when it first ran (queue time = this - arrival_time)
+    finished_time: float | None = None
+    grammar: Any = None  # a GrammarState (engine/structured_output.py) when the request has structured outputs
     num_spec_drafts: int = 0
     num_spec_draft_tokens: int = 0
     num_spec_accepted_tokens: int = 0

@@ -1,1 +1,1 @@
-"""The OpenAI-compatible HTTP server: app factory, routes, protocol, response formatting, the engine thread."""
+"""The OpenAI-compatible HTTP server: app factory, routes, protocol, responses, tool calls, the engine process."""

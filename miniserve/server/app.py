@@ -34,7 +34,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from miniserve.config import EngineConfig, ServerConfig
+from miniserve.engine.sampler import bad_words_token_ids
 from miniserve.engine.stop_strings import check_stop_strings
+from miniserve.engine.structured_output import GrammarCompiler, StructuredOutputsUnavailable
+from miniserve.sampling_params import StructuredOutputsParams
 from miniserve.server import responses as fmt
 from miniserve.server.connection import ConnectionLimits, guarded_h11
 from miniserve.server.engine_process import EngineProcess, RequestStream
@@ -51,6 +54,8 @@ from miniserve.server.protocol import (
     param_from_value_error,
     parse_request,
 )
+from miniserve.server.request_params import pick_best, sampling_params
+from miniserve.server.tool_calls import ToolSetup, tool_setup
 from miniserve.settings import from_sources
 
 logger = logging.getLogger("miniserve.server")
@@ -91,8 +96,11 @@ class ServerState:
         self.max_model_len: int = engine.info["max_model_len"]
         self.vocab_size: int = engine.info["vocab_size"]
         self.model_name: str = server.served_model_name or engine.info["model_name"]
-        self.metrics = ServerMetrics(engine.stats, self.model_name)
+        self.metrics = ServerMetrics(engine.stats, self.model_name, engine.info["cache_config"])
         engine.metrics = self.metrics
+        # structured outputs compile here, off the event loop and off the engine's step loop (structured_output.py)
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, engine.info["eos_token_ids"])
+        self.grammars_warming = False
         self.cpu = ThreadPoolExecutor(CPU_THREADS, thread_name_prefix="miniserve-cpu")
         self.groups: set[RequestGroup] = set()  # requests in flight (what a shutdown drains)
         self.draining = False
@@ -129,30 +137,67 @@ class ServerState:
         if num_tokens >= self.max_model_len:
             self.token_budget(num_tokens, None, what)
 
-    async def encode_prompts(self, prompts: list[str | list[int]]) -> list[list[int]]:
-        """Token ids of every prompt, size limits checked (text ones tokenized off the event loop)."""
+    async def encode_prompts(
+        self, prompts: list[str | list[int]], add_special_tokens: bool = True, truncate: int | None = None
+    ) -> list[list[int]]:
+        """Token ids of every prompt, size limits checked (text ones tokenized off the event loop), each cut to
+        its last `truncate` tokens when longer (truncate_prompt_tokens)."""
         for p in prompts:
-            if isinstance(p, str):
-                self.check_prompt_chars(len(p), "prompt")
+            if isinstance(p, str):  # a prompt to be truncated may have more tokens than the limit
+                self.check_prompt_chars(len(p), "prompt", for_generation=truncate is None)
         if any(isinstance(p, str) for p in prompts):
             tok = self.tokenizer
-            prompts = await self.run_cpu(lambda: [tok.encode(p) if isinstance(p, str) else p for p in prompts])
+            specials = add_special_tokens
+            prompts = await self.run_cpu(
+                lambda: [tok.encode(p, add_special_tokens=specials) if isinstance(p, str) else p for p in prompts]
+            )
+        prompts = [self.truncate(ids, truncate) for ids in prompts]
         for ids in prompts:
             self.check_prompt_tokens(len(ids), "prompt")
         return prompts
 
     async def encode_chat(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool, for_generation: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        for_generation: bool = True,
+        truncate: int | None = None,
+        **options: Any,
     ) -> list[int]:
-        """The rendered chat's token ids, size limits checked (rendered and tokenized off the event loop)."""
-        self.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages", for_generation)
+        """The rendered chat's token ids, size limits checked (rendered and tokenized off the event loop);
+        `options` go to Tokenizer.encode_chat (tools, chat_template, continue_final_message...)."""
+        chars = sum(len(m.get("content") or "") for m in messages)
+        self.check_prompt_chars(chars, "messages", for_generation and truncate is None)
         try:
-            ids = await self.run_cpu(self.tokenizer.encode_chat, messages, add_generation_prompt)
+            ids = await self.run_cpu(lambda: self.tokenizer.encode_chat(messages, add_generation_prompt, **options))
         except Exception as exc:  # jinja errors from the template (e.g. "roles must alternate")
             raise APIError(f"the chat template failed: {exc}", param="messages") from None
+        ids = self.truncate(ids, truncate)
         if for_generation:
             self.check_prompt_tokens(len(ids), "messages")
         return ids
+
+    def truncate(self, ids: list[int], keep: int | None) -> list[int]:
+        """truncate_prompt_tokens: keep the prompt's last `keep` tokens (-1: as many as the context holds)."""
+        if keep == -1:
+            keep = self.max_model_len - 1  # at least one token of room to generate
+        return ids[-keep:] if keep is not None and len(ids) > keep else ids
+
+    async def compile_constraint(self, spec: tuple[str, dict[str, Any]] | None) -> StructuredOutputsParams | None:
+        """A request's output constraint as StructuredOutputsParams, its grammar compiled (on a worker thread,
+        cached): a bad schema/regex/grammar, or no xgrammar, is a 400 naming the field it came from."""
+        if spec is None:
+            return None
+        if not self.grammars_warming:  # the engine gets ready while this process compiles the first grammar
+            self.grammars_warming = True
+            self.engine.warm_grammars()
+        field, kwargs = spec
+        try:
+            params = StructuredOutputsParams(**kwargs)
+            await self.run_cpu(self.grammars.compile, params)
+        except (ValueError, StructuredOutputsUnavailable) as exc:
+            raise APIError(f"{field}: {exc}", param=field) from None
+        return params
 
     def begin_drain(self) -> None:
         """First shutdown signal: refuse new requests; end the ones still running after drain_timeout."""
@@ -172,8 +217,12 @@ class ServerState:
             group.abort("shutdown")
 
     async def parse(self, request: Request, model: type) -> Any:
-        """Read, decode and validate the body as `model`, then check the model name it asks for."""
+        """Read, decode and validate the body as `model`, then check the model name it asks for. Fields no schema
+        knows are ignored with one warning (as vLLM does); every known field is honoured or refused (400)."""
         req = parse_request(model, await read_json(request, self.server.max_body_bytes))
+        ignored = req.ignored_fields()
+        if ignored:
+            logger.warning("%s %s: fields ignored (not in the API): %s", request.method, request.url.path, ignored)
         self.check_model(req.model)
         return req
 
@@ -227,43 +276,6 @@ class ServerState:
         return max_tokens
 
 
-def sampling_params(
-    req: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
-) -> Any:
-    """SamplingParams for one request; its ValueErrors become 400s naming the field."""
-    from miniserve.sampling_params import SamplingParams
-
-    kwargs: dict[str, Any] = {
-        "n": req.n,
-        "temperature": 1.0 if req.temperature is None else req.temperature,
-        "top_p": 1.0 if req.top_p is None else req.top_p,
-        "max_tokens": max_tokens,
-        "min_tokens": req.min_tokens,
-        "seed": req.seed,
-        "presence_penalty": req.presence_penalty,
-        "frequency_penalty": req.frequency_penalty,
-        "stop": [req.stop] if isinstance(req.stop, str) else req.stop,
-        "stop_token_ids": req.stop_token_ids,
-        "ignore_eos": req.ignore_eos,
-        "logprobs": logprobs,
-        "prompt_logprobs": prompt_logprobs,
-        "include_stop_str_in_output": req.include_stop_str_in_output,
-        "skip_special_tokens": req.skip_special_tokens,
-        # a stream gets what is new at every step; a plain request only its final output (as LLM.generate)
-        "output_kind": "delta" if req.stream else "final_only",
-        # a stream's text is made by the API process (off the engine's step loop), unless stop strings are
-        # matched in it, which the engine does
-        "detokenize": not req.stream or bool(req.stop),
-    }
-    for name in ("top_k", "min_p", "repetition_penalty"):  # engine defaults unless given
-        if getattr(req, name) is not None:
-            kwargs[name] = getattr(req, name)
-    try:
-        return SamplingParams(**kwargs)
-    except ValueError as exc:
-        raise APIError(str(exc), param=param_from_value_error(str(exc), type(req))) from None
-
-
 # ---------------------------------------------------------------------------------------------- requests
 
 
@@ -311,7 +323,8 @@ class RequestGroup:
         self.ended_by: str | None = None  # "shutdown" or "stalled" when the server ended it
 
     async def start(self, prompts: list[list[int]], params: list[Any], prompt_param: str) -> None:
-        """Post every prompt; if one is rejected, abort the ones already posted and raise a 4xx."""
+        """Post every prompt; if one is rejected, abort the ones already posted and raise a 4xx. A compiled grammar
+        travels with the request that first needs it (engine/structured_output.py: GrammarCompiler.payload)."""
         self.state.groups.add(self)
         try:
             for i, (ids, p) in enumerate(zip(prompts, params)):
@@ -319,13 +332,23 @@ class RequestGroup:
                 self.index[rid] = i
                 stream = RequestStream(rid, ids, p, self._wake, self.state.tokenizer)
                 self.streams.append(stream)
-                await self.state.engine.add_request(rid, ids, p, stream)
+                await self.state.engine.add_request(rid, ids, p, stream, await self._engine_work(p))
         except ValueError as exc:  # the engine's validation: token ids, context or KV pool too small
             self.abort()
             raise APIError(str(exc), param=prompt_param) from None
         except BaseException:
             self.abort()
             raise
+
+    async def _engine_work(self, p: Any) -> str | None:
+        """What the engine's step loop should not do, done here on a worker thread: bad words tokenized, and the
+        grammar's payload (serialized: megabytes for a large vocabulary), which this returns."""
+        state = self.state
+        if p.bad_words and p.bad_words_token_ids is None:
+            p.bad_words_token_ids = await state.run_cpu(bad_words_token_ids, state.tokenizer, p.bad_words)
+        if p.structured_outputs is None:
+            return None
+        return await state.run_cpu(state.grammars.payload, p.structured_outputs)
 
     def abort(self, ended_by: str | None = None) -> None:
         """Abort every unfinished request (a no-op for finished ones); `ended_by` says the server did it."""
@@ -400,18 +423,24 @@ async def create_completion(request: Request) -> Response:
     req: CompletionRequest = await state.parse(request, CompletionRequest)
     state.check_prompt_count(len(req.prompts()))
     state.check_stop(req)
-    tok = state.tokenizer
-    prompt_ids = await state.encode_prompts(req.prompts())
-    prompt_lp = req.logprobs if req.echo else None  # echo + logprobs: score the prompt too
+    structured = await state.compile_constraint(_structured_spec(req))
+    prompt_ids = await state.encode_prompts(req.prompts(), req.add_special_tokens, req.truncate_prompt_tokens)
     params = [
-        sampling_params(req, state.token_budget(len(ids), req.max_tokens, "prompt"), req.logprobs, prompt_lp)
+        sampling_params(
+            req,
+            state.token_budget(len(ids), req.max_tokens, "prompt"),
+            req.logprobs,
+            state.vocab_size,
+            _prompt_logprobs(req),
+            structured,
+        )
         for ids in prompt_ids
     ]
     group = RequestGroup(state, f"cmpl-{uuid.uuid4().hex}", req.stream)
     await group.start(prompt_ids, params, "prompt")
-    prompt_texts = [p if isinstance(p, str) else tok.decode(p) for p in req.prompts()] if req.echo else None
+    prompt_texts = _echo_texts(state, req, prompt_ids) if req.echo else None
     head = {
-        "id": group.base_id,
+        "id": req.request_id or group.base_id,
         "object": "text_completion",
         "created": int(time.time()),
         "model": state.model_name,
@@ -421,26 +450,78 @@ async def create_completion(request: Request) -> Response:
     finals = await _collect(group, request)
     if finals is None:
         return Response(status_code=499)
+    choices = _completion_choices(state, req, prompt_ids, prompt_texts, finals)
+    return fmt.JSONBytesResponse({**head, "choices": choices, "usage": _usage(prompt_ids, list(finals.values()))})
+
+
+def _prompt_logprobs(req: CompletionRequest) -> int | None:
+    """Top-N logprobs the prompt is scored with: echo with logprobs (the legacy format) and vLLM's prompt_logprobs
+    share one pass."""
+    asked = [n for n in (req.logprobs if req.echo else None, req.prompt_logprobs) if n is not None]
+    return max(asked, default=None)
+
+
+def _echo_texts(state: ServerState, req: CompletionRequest, prompt_ids: list[list[int]]) -> list[str]:
+    """The prompts as echoed: as sent, or as the model saw them when they were token ids or may have been cut."""
+    as_sent = req.truncate_prompt_tokens is None
+    return [
+        p if isinstance(p, str) and as_sent else state.tokenizer.decode(ids)
+        for p, ids in zip(req.prompts(), prompt_ids)
+    ]
+
+
+def _completion_choices(
+    state: ServerState,
+    req: CompletionRequest,
+    prompt_ids: list[list[int]],
+    prompt_texts: list[str] | None,
+    finals: dict[int, Any],
+) -> list[dict[str, Any]]:
+    tok, as_ids = state.tokenizer, bool(req.return_tokens_as_token_ids)
     choices = []
     for i, ids in enumerate(prompt_ids):
-        for o in finals[i].outputs:
+        for o in pick_best(finals[i], req):
             lp = None
             if req.logprobs is not None:
                 start = len(prompt_texts[i]) if prompt_texts else 0
-                lp = fmt.completion_logprobs(tok, ids, o.token_ids, o.logprobs, req.logprobs, start)
+                lp = fmt.completion_logprobs(tok, ids, o.token_ids, o.logprobs, req.logprobs, start, as_ids)
                 if prompt_texts:
-                    lp = fmt.join_logprobs(fmt.prompt_logprobs(tok, ids, finals[i].prompt_logprobs, req.logprobs), lp)
-            choices.append(
-                {
-                    "index": i * req.n + o.index,
-                    "text": (prompt_texts[i] if prompt_texts else "") + o.text,
-                    "logprobs": lp,
-                    "finish_reason": o.finish_reason,
-                    "stop_reason": o.stop_reason,
-                }
-            )
+                    plp = fmt.prompt_logprobs(tok, ids, finals[i].prompt_logprobs, req.logprobs, as_ids)
+                    lp = fmt.join_logprobs(plp, lp)
+            choice = {
+                "index": i * req.n + o.index,
+                "text": (prompt_texts[i] if prompt_texts else "") + o.text,
+                "logprobs": lp,
+                "finish_reason": o.finish_reason,
+                "stop_reason": o.stop_reason,
+            }
+            choices.append({**choice, **_completion_extras(state, req, ids, finals[i], o.token_ids)})
     choices.sort(key=lambda c: c["index"])
-    return fmt.JSONBytesResponse({**head, "choices": choices, "usage": _usage(prompt_ids, list(finals.values()))})
+    return choices
+
+
+def _structured_spec(req: SamplingFields) -> tuple[str, dict[str, Any]] | None:
+    """(the field it came from, StructuredOutputsParams keywords), or None: the request's output constraint."""
+    try:
+        return req.structured_spec()
+    except ValueError as exc:
+        raise APIError(str(exc), param=param_from_value_error(str(exc), type(req))) from None
+
+
+def _completion_extras(
+    state: ServerState, req: CompletionRequest, prompt_ids: list[int], out: Any, token_ids: list[int] | None
+) -> dict[str, Any]:
+    """vLLM's per-choice extras: prompt_logprobs, and with return_token_ids the prompt's and the choice's ids."""
+    extras: dict[str, Any] = {}
+    if req.prompt_logprobs is not None:
+        extras["prompt_logprobs"] = fmt.vllm_prompt_logprobs(
+            state.tokenizer, prompt_ids, out.prompt_logprobs, req.prompt_logprobs, bool(req.return_tokens_as_token_ids)
+        )
+    if req.return_token_ids:
+        extras["prompt_token_ids"] = prompt_ids
+        if token_ids is not None:
+            extras["token_ids"] = token_ids
+    return extras
 
 
 async def _stream_completion(
@@ -454,34 +535,46 @@ async def _stream_completion(
 ) -> AsyncIterator[bytes]:
     trackers = {(i, j): fmt.ChoiceTracker(ids) for i, ids in enumerate(prompt_ids) for j in range(req.n)}
     offsets = {(i, j): len(prompt_texts[i]) if prompt_texts else 0 for i, j in trackers}
-    echo_later = bool(prompt_texts) and req.logprobs is not None  # the prompt's logprobs come with its first output
+    # the prompt's logprobs (legacy echo format or vLLM's prompt_logprobs) come with the choice's first output
+    prompt_later = (bool(prompt_texts) and req.logprobs is not None) or req.prompt_logprobs is not None
     finals: dict[int, Any] = {}
+    as_ids = bool(req.return_tokens_as_token_ids)
+    usage = _stream_usage(req, prompt_ids, trackers)
 
-    def chunk(index: int, text: str, logprobs: Any = None, finish: str | None = None, stop: Any = None) -> bytes:
-        return fmt.choice_chunk(head, index, {"text": text}, logprobs, finish, stop)
+    def chunk(i: int, j: int, text: str, logprobs: Any = None, finish: Any = None, stop: Any = None, **extra) -> bytes:
+        return fmt.choice_chunk(head, i * req.n + j, {"text": text}, logprobs, finish, stop, extra, usage())
 
     try:
-        if prompt_texts and not echo_later:
+        if prompt_texts and not prompt_later:
             for i, j in trackers:
-                yield chunk(i * req.n + j, prompt_texts[i])
-        echoed: set[tuple[int, int]] = set()
+                yield chunk(i, j, prompt_texts[i])
+        started: set[tuple[int, int]] = set()
         async with aclosing(_deltas(group, request, trackers, finals)) as deltas:
             async for i, o, d in deltas:
-                if echo_later and (i, o.index) not in echoed:
-                    echoed.add((i, o.index))
-                    plp = fmt.prompt_logprobs(state.tokenizer, prompt_ids[i], finals[i].prompt_logprobs, req.logprobs)
-                    yield chunk(i * req.n + o.index, prompt_texts[i], plp)
+                first = (i, o.index) not in started
+                started.add((i, o.index))
+                if first and prompt_later:
+                    plp = None
+                    if prompt_texts and req.logprobs is not None:
+                        plp = fmt.prompt_logprobs(
+                            state.tokenizer, prompt_ids[i], finals[i].prompt_logprobs, req.logprobs, as_ids
+                        )
+                    extras = _completion_extras(state, req, prompt_ids[i], finals[i], None)
+                    yield chunk(i, o.index, prompt_texts[i] if prompt_texts else "", plp, **extras)
                 lp = None
                 if req.logprobs is not None and d.token_ids:
                     offset = offsets[(i, o.index)]
                     lp = fmt.completion_logprobs(
-                        state.tokenizer, d.context, d.token_ids, d.logprobs, req.logprobs, offset
+                        state.tokenizer, d.context, d.token_ids, d.logprobs, req.logprobs, offset, as_ids
                     )
                     offsets[(i, o.index)] += sum(len(t) for t in lp["tokens"])
-                if d.text or lp or d.finished_now:
+                if d.text or lp or d.finished_now or (req.return_token_ids and d.token_ids):
                     finish = o.finish_reason if d.finished_now else None
                     stop = o.stop_reason if d.finished_now else None
-                    yield chunk(i * req.n + o.index, d.text, lp, finish, stop)
+                    extra = {"token_ids": d.token_ids} if req.return_token_ids else {}
+                    if req.return_token_ids and first and not prompt_later:
+                        extra["prompt_token_ids"] = prompt_ids[i]
+                    yield chunk(i, o.index, d.text, lp, finish, stop, **extra)
         if req.stream_options and req.stream_options.include_usage:
             yield fmt.sse({**head, "choices": [], "usage": _usage(prompt_ids, list(finals.values()))})
     except ClientDisconnected:
@@ -489,6 +582,20 @@ async def _stream_completion(
     except APIError as exc:
         yield fmt.sse(exc.body())
     yield fmt.SSE_DONE
+
+
+def _stream_usage(req: SamplingFields, prompt_ids: list[list[int]], trackers: dict) -> Any:
+    """With stream_options.continuous_usage_stats (and include_usage), every chunk carries the usage so far."""
+    opts = req.stream_options
+    if not (opts and opts.include_usage and opts.continuous_usage_stats):
+        return lambda: None
+    prompt = sum(len(ids) for ids in prompt_ids)
+
+    def now() -> dict[str, Any]:
+        completion = sum(t.num_tokens for t in trackers.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    return now
 
 
 async def _deltas(
@@ -532,37 +639,93 @@ async def create_chat_completion(request: Request) -> Response:
     state = _state(request)
     req: ChatCompletionRequest = await state.parse(request, ChatCompletionRequest)
     state.check_stop(req)
-    ids = await state.encode_chat(req.chat_messages(), req.add_generation_prompt)
+    tools = tool_setup(req, state.tokenizer.chat_template)
+    structured = await state.compile_constraint(_chat_constraint(req, tools))
+    ids = await _chat_ids(state, req, tools)
     top = (req.top_logprobs or 0) if req.logprobs else None
     budget_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    params = sampling_params(req, state.token_budget(len(ids), req.token_budget(), "messages", budget_param), top)
+    budget = state.token_budget(len(ids), req.token_budget(), "messages", budget_param)
+    params = sampling_params(req, budget, top, state.vocab_size, req.prompt_logprobs, structured)
     group = RequestGroup(state, f"chatcmpl-{uuid.uuid4().hex}", req.stream)
     await group.start([ids], [params], "messages")
     head = {
-        "id": group.base_id,
+        "id": req.request_id or group.base_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": state.model_name,
     }
     if req.stream:
-        return _sse_response(_stream_chat(state, req, request, group, head, ids), group)
+        return _sse_response(_stream_chat(state, req, request, group, head, ids, tools), group)
     finals = await _collect(group, request)
     if finals is None:
         return Response(status_code=499)
     out = finals[0]
-    choices = []
-    for o in sorted(out.outputs, key=lambda o: o.index):
-        lp = fmt.chat_logprobs(state.tokenizer, ids, o.token_ids, o.logprobs, top) if top is not None else None
-        choices.append(
-            {
-                "index": o.index,
-                "message": {"role": "assistant", "content": o.text},
-                "logprobs": lp,
-                "finish_reason": o.finish_reason,
-                "stop_reason": o.stop_reason,
-            }
+    body = {**head, "choices": _chat_choices(state, req, ids, out, tools), "usage": _usage([ids], [out])}
+    if req.prompt_logprobs is not None:
+        as_ids = bool(req.return_tokens_as_token_ids)
+        body["prompt_logprobs"] = fmt.vllm_prompt_logprobs(
+            state.tokenizer, ids, out.prompt_logprobs, req.prompt_logprobs, as_ids
         )
-    return fmt.JSONBytesResponse({**head, "choices": choices, "usage": _usage([ids], [out])})
+    if req.return_token_ids:
+        body["prompt_token_ids"] = ids
+    return fmt.JSONBytesResponse(body)
+
+
+async def _chat_ids(state: ServerState, req: ChatCompletionRequest, tools: ToolSetup) -> list[int]:
+    """The prompt: messages (tool calls and results included) and tools through the chat template."""
+    return await state.encode_chat(
+        req.chat_messages(),
+        req.add_generation_prompt,
+        truncate=req.truncate_prompt_tokens,
+        add_special_tokens=req.add_special_tokens,
+        tools=tools.tools or None,
+        documents=req.documents,
+        chat_template=req.chat_template,
+        continue_final_message=req.continue_final_message,
+        **(req.chat_template_kwargs or {}),
+    )
+
+
+def _chat_constraint(req: ChatCompletionRequest, tools: ToolSetup) -> tuple[str, dict[str, Any]] | None:
+    """The output constraint: tool_choice required/named (their JSON schemas), else the request's own."""
+    spec = _structured_spec(req)
+    forced = tools.constraint()
+    if forced is None:
+        return spec
+    if spec is not None:
+        raise APIError(f"{spec[0]} cannot be combined with tool_choice {tools.mode}", param=spec[0])
+    return "tool_choice", forced
+
+
+def _echo_text(req: ChatCompletionRequest) -> str:
+    """chat echo: the reply is prefixed with the last message when it is the assistant's (vLLM's meaning)."""
+    last = req.messages[-1]
+    return last.text() if req.echo and last.role == "assistant" else ""
+
+
+def _chat_choices(
+    state: ServerState, req: ChatCompletionRequest, ids: list[int], out: Any, tools: ToolSetup
+) -> list[dict[str, Any]]:
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    as_ids = bool(req.return_tokens_as_token_ids)
+    echo = _echo_text(req)
+    choices = []
+    for o in pick_best(out, req):
+        lp = None
+        if top is not None:
+            lp = fmt.chat_logprobs(state.tokenizer, ids, o.token_ids, o.logprobs, top, as_ids)
+        message, finish = tools.message(o.text, o.finish_reason, echo)
+        choice = {
+            "index": o.index,
+            "message": message,
+            "logprobs": lp,
+            "finish_reason": finish,
+            "stop_reason": o.stop_reason,
+        }
+        if req.return_token_ids:
+            choice["token_ids"] = o.token_ids
+        choices.append(choice)
+    return choices
 
 
 async def _stream_chat(
@@ -572,28 +735,42 @@ async def _stream_chat(
     group: RequestGroup,
     head: dict,
     ids: list[int],
+    tools: ToolSetup,
 ) -> AsyncIterator[bytes]:
     head = {**head, "object": "chat.completion.chunk"}
+    parsers = {j: tools.parser() for j in range(req.n)}
+    num_calls = dict.fromkeys(range(req.n), 0)
     top = (req.top_logprobs or 0) if req.logprobs else None
     trackers = {(0, j): fmt.ChoiceTracker(ids) for j in range(req.n)}
     finals: dict[int, Any] = {}
+    as_ids = bool(req.return_tokens_as_token_ids)
+    usage = _stream_usage(req, [ids], trackers)
 
-    def chunk(index: int, delta: dict, logprobs: Any = None, finish: str | None = None, stop: Any = None) -> bytes:
-        return fmt.choice_chunk(head, index, {"delta": delta}, logprobs, finish, stop)
+    def chunk(index: int, delta: dict, logprobs: Any = None, finish: Any = None, stop: Any = None, **extra) -> bytes:
+        return fmt.choice_chunk(head, index, {"delta": delta}, logprobs, finish, stop, extra, usage())
 
     try:
+        first_extra = {"prompt_token_ids": ids} if req.return_token_ids else {}
         for j in range(req.n):
-            yield chunk(j, {"role": "assistant", "content": ""})
+            yield chunk(j, {"role": "assistant", "content": _echo_text(req)}, **first_extra)
+        prompt_sent = req.prompt_logprobs is None
         async with aclosing(_deltas(group, request, trackers, finals)) as deltas:
             async for _, o, d in deltas:
+                if not prompt_sent:  # vLLM sends the prompt's logprobs with the first output
+                    prompt_sent = True
+                    plp = fmt.vllm_prompt_logprobs(
+                        state.tokenizer, ids, finals[0].prompt_logprobs, req.prompt_logprobs, as_ids
+                    )
+                    yield fmt.sse({**head, "choices": [], "prompt_logprobs": plp})
                 lp = None
                 if top is not None and d.token_ids:
-                    lp = fmt.chat_logprobs(state.tokenizer, d.context, d.token_ids, d.logprobs, top)
-                if d.text or lp or d.finished_now:
-                    delta = {"content": d.text} if d.text or not d.finished_now else {}
-                    finish = o.finish_reason if d.finished_now else None
+                    lp = fmt.chat_logprobs(state.tokenizer, d.context, d.token_ids, d.logprobs, top, as_ids)
+                delta = tools.delta(parsers[o.index], num_calls, o, d.text)
+                if delta or lp or d.finished_now or (req.return_token_ids and d.token_ids):
+                    finish = tools.finish_reason(o.finish_reason, num_calls[o.index]) if d.finished_now else None
                     stop = o.stop_reason if d.finished_now else None
-                    yield chunk(o.index, delta, lp, finish, stop)
+                    extra = {"token_ids": d.token_ids} if req.return_token_ids else {}
+                    yield chunk(o.index, delta, lp, finish, stop, **extra)
         if req.stream_options and req.stream_options.include_usage:
             yield fmt.sse({**head, "choices": [], "usage": _usage([ids], [finals[0]])})
     except ClientDisconnected:
@@ -620,15 +797,35 @@ async def list_models(request: Request) -> JSONResponse:
 
 
 async def tokenize(request: Request) -> JSONResponse:
+    """vLLM's /tokenize: a prompt, or messages rendered as /v1/chat/completions renders them."""
     state = _state(request)
     req: TokenizeRequest = await state.parse(request, TokenizeRequest)
     if req.messages is not None:
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        ids = await state.encode_chat(messages, req.add_generation_prompt, for_generation=False)
+        ids = await state.encode_chat(
+            [m.for_template() for m in req.messages],
+            req.add_generation_prompt,
+            for_generation=False,
+            # as in chat: the template's own specials unless add_special_tokens is given explicitly
+            add_special_tokens=req.add_special_tokens if "add_special_tokens" in req.model_fields_set else None,
+            tools=[t.model_dump(by_alias=True, exclude_none=True) for t in req.tools] if req.tools else None,
+            documents=req.documents,
+            chat_template=req.chat_template,
+            continue_final_message=req.continue_final_message,
+            **(req.chat_template_kwargs or {}),
+        )
     else:
         state.check_prompt_chars(len(req.prompt), "prompt", for_generation=False)
         ids = await state.run_cpu(state.tokenizer.encode, req.prompt, req.add_special_tokens)
-    return fmt.JSONBytesResponse({"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len})
+    body: dict[str, Any] = {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
+    if req.return_token_strs:  # the vocabulary's own strings (e.g. "▁world", "Ġworld"), as vLLM returns them
+        body["token_strs"] = [state.tokenizer.id_to_token(t) for t in ids]
+    return fmt.JSONBytesResponse(body)
+
+
+async def version(request: Request) -> JSONResponse:
+    from miniserve import __version__
+
+    return JSONResponse({"version": __version__})
 
 
 async def detokenize(request: Request) -> JSONResponse:
@@ -692,6 +889,7 @@ def create_app(config: EngineConfig, server: ServerConfig) -> FastAPI:
     app.add_api_route("/tokenize", tokenize, methods=["POST"])
     app.add_api_route("/detokenize", detokenize, methods=["POST"])
     app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/version", version, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
     _add_error_handlers(app)
     app.add_middleware(RequireAPIKey, api_key=server.api_key)

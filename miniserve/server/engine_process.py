@@ -4,12 +4,22 @@ Why a process: the engine's step loop and the HTTP event loop are both Python. I
 so every SSE chunk the server writes delays the next step, and every step delays the chunks. In its own process
 the engine steps while the API process writes. The two talk over two pipes:
 
-    API -> engine   ("add", request_id, prompt_ids, params) | ("abort", [request_id, ...]) | ("stop",)
+    API -> engine   ("add", request_id, prompt_ids, params, grammar) | ("abort", [request_id, ...]) | ("warm",)
+                    | ("stop",)
     engine -> API   ("ready", info, stats) once; then ("acks", [(request_id, error)], stats) after applying
-                    commands, and one ("step", deltas, stats) per step: every streamed request's new tokens,
-                    text, logprobs and finish state since the step before (SamplingParams.output_kind "delta",
-                    never cumulative snapshots), and the final output of every other request that finished
-                    ("final_only"), so a step is one message whatever the number of requests.
+                    commands, and one ("step", deltas, stats, num_tokens) per step: every streamed request's new
+                    tokens, text, logprobs and finish state since the step before (SamplingParams.output_kind
+                    "delta", never cumulative snapshots), and the final output of every other request that
+                    finished ("final_only"), so a step is one message whatever the number of requests.
+                    `num_tokens` is what the step computed (prompt and decode tokens: the iteration histogram).
+
+A request with structured outputs carries its grammar compiled by the API process (`grammar`: xgrammar's
+serialized CompiledGrammar, else None; see engine/structured_output.py), so the engine never compiles one.
+("warm",) comes before the first one: the engine then imports xgrammar and reads the vocabulary on a thread
+(seconds for a large vocabulary) while it goes on stepping, instead of stalling every stream when the first
+grammar arrives. A finished request's metrics carry the engine's timestamps (arrival, first scheduled, first
+token, finished) and its prefix-cache hit (num_cached_tokens), from which the API process observes the
+per-request histograms.
 
 The engine's step loop does what the offline `LLM` does and little more: a non-streaming request costs it nothing
 until it finishes, and a streamed request without stop strings is not detokenized there at all (detokenize=False):
@@ -59,12 +69,31 @@ def _core_main(config: Any, commands: Any, outputs: Any) -> None:
         outputs.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return
     engine.on_fatal_error(_exit_engine)
-    info = {"max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size, "model_name": engine.model_name}
+    info = {
+        "max_model_len": engine.max_model_len,
+        "vocab_size": engine.vocab_size,
+        "model_name": engine.model_name,
+        "eos_token_ids": sorted(engine.outputs.eos_token_ids),  # the grammars' stop tokens (API-side compiles)
+        "cache_config": _cache_config(engine),
+    }
     outputs.send(("ready", info, engine.stats()))
     try:
         _CoreLoop(engine, commands, outputs).run()
     finally:
         engine.shutdown()  # the other tensor-parallel ranks, if any
+
+
+def _cache_config(engine: Any) -> dict[str, str]:
+    """The KV cache settings, for vLLM's cache_config_info metric (labels of a constant 1)."""
+    config = engine.config
+    info = {
+        "block_size": config.block_size,
+        "num_gpu_blocks": engine.block_manager.num_blocks,
+        "cache_dtype": config.kv_cache_dtype,
+        "gpu_memory_utilization": config.gpu_memory_utilization,
+        "enable_prefix_caching": config.enable_prefix_caching,
+    }
+    return {key: str(value) for key, value in info.items()}
 
 
 def _exit_engine(error: BaseException) -> None:
@@ -92,7 +121,8 @@ class _CoreLoop:
                 self._fail_all(f"{type(exc).__name__}: {exc}")
                 continue
             deltas = [self._delta(out) for out in outs]
-            self.outputs.send(("step", [d for d in deltas if d is not None], self.engine.stats()))
+            num_tokens = self.engine.last_step_num_tokens
+            self.outputs.send(("step", [d for d in deltas if d is not None], self.engine.stats(), num_tokens))
 
     def _apply_commands(self, block: bool) -> bool:
         """Apply every queued command (waiting for one when idle); False once told to stop or the API is gone."""
@@ -106,6 +136,8 @@ class _CoreLoop:
                     return False
                 if cmd[0] == "add":
                     acks.append(self._add(*cmd[1:]))
+                elif cmd[0] == "warm":
+                    threading.Thread(target=self.engine.grammar.warm, name="miniserve-xgrammar", daemon=True).start()
                 elif cmd[0] == "abort":
                     aborted = True
                     for request_id in cmd[1]:
@@ -119,8 +151,12 @@ class _CoreLoop:
                 self.outputs.send(("acks", acks, self.engine.stats()))
         return True
 
-    def _add(self, request_id: str, prompt: list[int], params: Any) -> tuple[str, str | None, bool]:
+    def _add(
+        self, request_id: str, prompt: list[int], params: Any, grammar: str | None
+    ) -> tuple[str, str | None, bool]:
         try:
+            if grammar is not None:  # compiled by the API process: add_request finds it in the engine's cache
+                self.engine.grammar.load(params.structured_outputs, grammar)
             self.engine.add_request(request_id, prompt, params)
         except Exception as exc:
             return request_id, str(exc), isinstance(exc, ValueError)
@@ -325,9 +361,12 @@ class EngineProcess:
         """Sequences that would wait beyond capacity (max_num_seqs) if `extra` more were posted."""
         return max(0, self._outstanding + extra - self.capacity)
 
-    async def add_request(self, request_id: str, prompt: list[int], params: Any, stream: RequestStream) -> None:
-        """Post a request; returns once the engine accepted it. Raises the engine's ValueError for a bad prompt
-        and APIError(503) when the server is stopping or overloaded."""
+    async def add_request(
+        self, request_id: str, prompt: list[int], params: Any, stream: RequestStream, grammar: str | None = None
+    ) -> None:
+        """Post a request (with its serialized compiled grammar, if it has one); returns once the engine accepted
+        it. Raises the engine's ValueError for a bad prompt and APIError(503) when the server is stopping or
+        overloaded."""
         if not self.accepting:
             raise APIError("the server is shutting down; retry the request", status=503, code="shutting_down")
         if not self.is_alive():
@@ -344,7 +383,7 @@ class EngineProcess:
         self._acks[request_id] = ack
         self._streams[request_id] = stream
         self._outstanding += n
-        self._send_queue.put(("add", request_id, prompt, params))
+        self._send_queue.put(("add", request_id, prompt, params, grammar))
         try:
             error, is_value_error = await ack
         except BaseException:
@@ -353,6 +392,10 @@ class EngineProcess:
         if error is not None:
             self._forget(request_id)
             raise ValueError(error) if is_value_error else RuntimeError(error)
+
+    def warm_grammars(self) -> None:
+        """Have the engine get ready for grammars in the background (before the first one is sent)."""
+        self._send_queue.put(("warm",))
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
         """Stop a request and free its KV blocks (the engine applies it before its next step)."""
@@ -418,7 +461,9 @@ class EngineProcess:
     def _on_message(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == "step":
-            _, deltas, self._stats = msg
+            _, deltas, self._stats, num_tokens = msg
+            if self.metrics is not None and num_tokens:
+                self.metrics.observe_iteration(num_tokens)
             self._on_step(deltas)
         elif kind == "acks":
             _, acks, self._stats = msg
@@ -453,7 +498,7 @@ class EngineProcess:
             if finished:
                 self._forget(request_id)
                 if metrics is not None:
-                    metrics.observe_finished([o.finish_reason for o in stream.output.outputs], now - stream.arrival)
+                    _observe_finished(metrics, stream.output, now - stream.arrival)
             stream.wake(stream)
 
     def _on_engine_exit(self) -> None:
@@ -468,6 +513,14 @@ class EngineProcess:
             if stream is not None:
                 stream.end(error)
                 stream.wake(stream)
+
+
+def _observe_finished(metrics: ServerMetrics, out: RequestOutput, e2e_seconds: float) -> None:
+    """A request the engine finished: its choices' finish reasons, its latency, its tokens and where its time went
+    (the engine's timestamps, sent with its final output)."""
+    metrics.observe_finished([o.finish_reason for o in out.outputs], e2e_seconds)
+    generated = sum(len(o.token_ids) for o in out.outputs)
+    metrics.observe_request(len(out.prompt_token_ids), generated, out.metrics or {})
 
 
 def _observe_final(metrics: ServerMetrics, stream: RequestStream, num_tokens: int, now: float) -> None:

@@ -1,8 +1,8 @@
 """Prometheus metrics for the server, in a registry owned by one app (so tests can run several apps).
 
 Engine-wide numbers (queue sizes, KV blocks, token totals, speculative decoding) are read from the latest
-`engine.stats()` snapshot at scrape time; per-request latencies are observed by the engine loop as
-outputs arrive.
+`engine.stats()` snapshot at scrape time; per-request latencies and token counts (vLLM's series), and the tokens
+of every engine step, are observed as the engine process's messages arrive.
 """
 
 from __future__ import annotations
@@ -33,19 +33,31 @@ LATENCY_BUCKETS = (
     30.0,
 )
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
+REQUEST_TIME_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 class EngineStatsCollector(Collector):
     """Turns the engine's stats() snapshot into gauges and counters on every scrape."""
 
-    def __init__(self, get_stats: Callable[[], dict], model_name: str):
+    def __init__(self, get_stats: Callable[[], dict], model_name: str, cache_config: dict[str, str] | None = None):
         self.get_stats = get_stats
         self.model_name = model_name
+        self.cache_config = cache_config or {}
 
     def collect(self) -> Iterator[Metric]:
         s = self.get_stats()
         labels = ["model_name"]
         value = [self.model_name]
+        if self.cache_config:  # vLLM's cache_config_info: the KV cache settings as labels of a constant 1
+            info = GaugeMetricFamily(
+                PREFIX + "cache_config_info",
+                "Information of the KV cache configuration.",
+                labels=list(self.cache_config),
+            )
+            info.add_metric(list(self.cache_config.values()), 1.0)
+            yield info
 
         def gauge(name: str, doc: str, v: float) -> GaugeMetricFamily:
             g = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
@@ -88,12 +100,13 @@ class EngineStatsCollector(Collector):
 
 
 class ServerMetrics:
-    """All metrics of one app; `observe_*` are called from the engine thread (prometheus is thread-safe)."""
+    """All metrics of one app; `observe_*` are called on the event loop as the engine process's messages arrive
+    (engine_process.py): per request from the engine's own timestamps, which travel with its final output."""
 
-    def __init__(self, get_stats: Callable[[], dict], model_name: str):
+    def __init__(self, get_stats: Callable[[], dict], model_name: str, cache_config: dict[str, str] | None = None):
         self.registry = CollectorRegistry()
         self.model_name = model_name
-        self.registry.register(EngineStatsCollector(get_stats, model_name))
+        self.registry.register(EngineStatsCollector(get_stats, model_name, cache_config))
         self.finished = Counter(
             PREFIX + "request_success",
             "Finished sequences (one per choice) by finish reason.",
@@ -103,6 +116,26 @@ class ServerMetrics:
         self.ttft = self._histogram("time_to_first_token_seconds", "Arrival to first token.", LATENCY_BUCKETS)
         self.itl = self._histogram("inter_token_latency_seconds", "Time between token steps.", LATENCY_BUCKETS)
         self.e2e = self._histogram("e2e_request_latency_seconds", "Arrival to finish.", E2E_BUCKETS)
+        # vLLM's per-request series: token counts and where the time went (queue, prefill, decode)
+        self.prompt_tokens = self._histogram("request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS)
+        self.generation_tokens = self._histogram(
+            "request_generation_tokens", "Generated tokens per request (all choices).", TOKEN_BUCKETS
+        )
+        self.queue_time = self._histogram(
+            "request_queue_time_seconds", "Arrival in the engine to first scheduled.", REQUEST_TIME_BUCKETS
+        )
+        self.prefill_time = self._histogram(
+            "request_prefill_time_seconds", "First scheduled to first token.", REQUEST_TIME_BUCKETS
+        )
+        self.decode_time = self._histogram(
+            "request_decode_time_seconds", "First token to finish.", REQUEST_TIME_BUCKETS
+        )
+        self.inference_time = self._histogram(
+            "request_inference_time_seconds", "First scheduled to finish (prefill + decode).", REQUEST_TIME_BUCKETS
+        )
+        self.iteration_tokens = self._histogram(
+            "iteration_tokens_total", "Tokens computed per engine step (prompt + decode).", ITERATION_TOKEN_BUCKETS
+        )
 
     def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
         return Histogram(PREFIX + name, doc, ["model_name"], buckets=buckets, registry=self.registry)
@@ -119,6 +152,27 @@ class ServerMetrics:
             self.finished.labels(self.model_name, reason or "unknown").inc()
         if e2e_seconds is not None:
             self.e2e.labels(self.model_name).observe(e2e_seconds)
+
+    def observe_request(self, prompt_tokens: int, generation_tokens: int, metrics: dict) -> None:
+        """A request that finished normally: its token counts and its time in queue, prefill and decode (engine
+        timestamps; a phase that did not happen, e.g. no token generated, is not observed)."""
+        m = self.model_name
+        self.prompt_tokens.labels(m).observe(prompt_tokens)
+        self.generation_tokens.labels(m).observe(generation_tokens)
+        arrival, scheduled = metrics.get("arrival_time"), metrics.get("first_scheduled_time")
+        first, finished = metrics.get("first_token_time"), metrics.get("finished_time")
+        phases = [
+            (self.queue_time, arrival, scheduled),
+            (self.prefill_time, scheduled, first),
+            (self.decode_time, first, finished),
+            (self.inference_time, scheduled, finished),
+        ]
+        for histogram, start, end in phases:
+            if start is not None and end is not None:
+                histogram.labels(m).observe(max(0.0, end - start))
+
+    def observe_iteration(self, num_tokens: int) -> None:
+        self.iteration_tokens.labels(self.model_name).observe(num_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

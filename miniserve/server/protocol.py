@@ -7,7 +7,9 @@ malformed JSON to an out-of-range `top_p`, comes back as OpenAI's `{"error": {..
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -48,13 +50,124 @@ class APIError(Exception):
 
 
 class _Request(BaseModel):
-    # strict: "3" is not an int and true is not 1; NaN and infinities are not numbers; unknown fields (user,
-    # metadata, ...) are ignored.
-    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+    # strict: "3" is not an int and true is not 1; NaN and infinities are not numbers. Fields outside OpenAI's and
+    # vLLM's schemas are kept aside and reported by `ignored_fields` (the server logs them once per request, as vLLM
+    # does); every field the schemas name is either honoured or refused with a 400 naming it (`_REFUSED`).
+    model_config = ConfigDict(strict=True, extra="allow", populate_by_name=True, allow_inf_nan=False)
+
+    # field -> (accepts(value), why other values are refused); checked after validation
+    _REFUSED: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {}
+
+    @model_validator(mode="after")
+    def _check_refused(self) -> _Request:
+        for name, (accepts, why) in self._REFUSED.items():
+            if name in type(self).model_fields and not accepts(getattr(self, name)):
+                raise ValueError(f"{name}: {why}")
+        return self
+
+    def ignored_fields(self, prefix: str = "") -> list[str]:
+        """Dotted names of fields no schema knows, here and in nested objects."""
+        out = [prefix + key for key in sorted(self.model_extra or {})]
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            items = value if isinstance(value, list) else [value]
+            for j, item in enumerate(items):
+                if isinstance(item, _Request):
+                    where = f"{prefix}{name}[{j}]." if isinstance(value, list) else f"{prefix}{name}."
+                    out += item.ignored_fields(where)
+        return out
+
+
+def _unset(value: Any) -> bool:
+    return value is None
+
+
+def _empty(value: Any) -> bool:
+    return not value
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage on every chunk
+
+
+class JsonSchemaFormat(_Request):
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # outputs always follow the schema strictly (what strict=true asks)
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: JsonSchemaFormat | None = None
+
+    _REFUSED = {"type": (lambda v: v != "structural_tag", "structural_tag response formats are not supported")}
+
+    @model_validator(mode="after")
+    def _needs_schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.json_schema is None):
+            raise ValueError("json_schema: response_format of type json_schema needs json_schema.schema")
+        return self
+
+
+class StructuredOutputsField(_Request):
+    """vLLM's `structured_outputs` object: one constraint plus options."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_fallback: bool = False  # there is one backend (xgrammar): never a fallback
+    disable_additional_properties: bool = False  # schemas are compiled strictly: never additional properties
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+
+    _REFUSED = {
+        "whitespace_pattern": (_unset, "custom whitespace patterns are not supported (xgrammar)"),
+        "structural_tag": (_unset, "structural tags are not supported"),
+    }
+
+
+class FunctionDefinition(_Request):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # arguments of a forced call always follow `parameters` strictly
+
+
+class ToolParam(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+# Fields both endpoints refuse unless left at what they honour. The value is what the field accepts.
+_COMMON_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "use_beam_search": (lambda v: v is False, "beam search is not implemented"),
+    "length_penalty": (lambda v: v == 1.0, "length_penalty only applies to beam search, which is not implemented"),
+    "spaces_between_special_tokens": (lambda v: v is True, "only true (the default) is supported"),
+    "guided_decoding_backend": (
+        lambda v: v in (None, "auto", "xgrammar"),
+        "the only structured-output backend is xgrammar",
+    ),
+    "guided_whitespace_pattern": (_unset, "custom whitespace patterns are not supported (xgrammar)"),
+    "structural_tag": (_unset, "structural tags are not supported"),
+    "priority": (lambda v: v == 0, "priority scheduling is not supported (only 0)"),
+    "logits_processors": (_empty, "custom logits processors are not supported"),
+    "kv_transfer_params": (_empty, "disaggregated serving (KV transfer) is not supported"),
+    "vllm_xargs": (_empty, "no extension reads vllm_xargs here"),
+}
 
 
 class SamplingFields(_Request):
@@ -65,13 +178,16 @@ class SamplingFields(_Request):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=128)
+    best_of: int | None = Field(default=None, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)  # what torch.Generator takes
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float | int] | None = None
+    user: str | None = None  # an end-user id for the caller's records: no effect on the output
+    response_format: ResponseFormat | None = None
     # vLLM extensions
     top_k: int | None = None
     min_p: float | None = None
@@ -81,14 +197,82 @@ class SamplingFields(_Request):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+    priority: int = 0
+    request_id: str | None = Field(default=None, min_length=1, max_length=256)
+    logits_processors: list[Any] | None = None
+    return_tokens_as_token_ids: bool | None = None
+    return_token_ids: bool | None = None
+    cache_salt: str | None = Field(default=None, min_length=1)
+    kv_transfer_params: dict[str, Any] | None = None
+    vllm_xargs: dict[str, Any] | None = None
+
+    _REFUSED = _COMMON_REFUSED
 
     @model_validator(mode="after")
     def _check_common(self) -> SamplingFields:
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of must be >= n, got best_of={self.best_of} and n={self.n}")
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            raise ValueError("best_of cannot be used with stream: the best choices are known only at the end")
+        if self.truncate_prompt_tokens == 0:
+            raise ValueError("truncate_prompt_tokens must be >= 1 (or -1: the model's context length)")
         return self
+
+    def structured_spec(self) -> tuple[str, dict[str, Any]] | None:
+        """(the field it came from, StructuredOutputsParams keyword arguments), or None without a constraint."""
+        options: dict[str, Any] = {}
+        found: list[tuple[str, dict[str, Any]]] = []
+        so = self.structured_outputs
+        if so is not None:
+            options["disable_any_whitespace"] = so.disable_any_whitespace
+            given = {
+                "json": so.json_,
+                "regex": so.regex,
+                "choice": so.choice,
+                "grammar": so.grammar,
+                "json_object": so.json_object or None,
+            }
+            given = {k: v for k, v in given.items() if v is not None}
+            if len(given) > 1:
+                raise ValueError(f"structured_outputs takes one constraint, got {', '.join(given)}")
+            if given:
+                found.append(("structured_outputs", given))
+        for field, key in (
+            ("guided_json", "json"),
+            ("guided_regex", "regex"),
+            ("guided_choice", "choice"),
+            ("guided_grammar", "grammar"),
+        ):
+            if getattr(self, field) is not None:
+                found.append((field, {key: getattr(self, field)}))
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(("response_format", {"json_object": True}))
+        elif rf is not None and rf.type == "json_schema":
+            found.append(("response_format", {"json": rf.json_schema.json_schema}))
+        if len(found) > 1:
+            names = ", ".join(name for name, _ in found)
+            raise ValueError(f"{found[1][0]}: give one structured-output constraint, got several ({names})")
+        if not found:
+            return None
+        return found[0][0], {**found[0][1], **options}
 
 
 class CompletionRequest(SamplingFields):
@@ -97,11 +281,17 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
+    add_special_tokens: bool = True
+    prompt_embeds: Any = None
+
+    _REFUSED = {
+        **_COMMON_REFUSED,
+        "suffix": (_empty, "suffix (insertion) is not supported"),
+        "prompt_embeds": (_unset, "prompt embeddings are not supported"),
+    }
 
     @model_validator(mode="after")
     def _check_completion(self) -> CompletionRequest:
-        if self.suffix:
-            raise ValueError("suffix is not supported")
         if isinstance(self.prompt, list) and (
             len(self.prompt) == 0 or any(isinstance(p, (str, list)) and len(p) == 0 for p in self.prompt)
         ):
@@ -125,10 +315,31 @@ class TextPart(_Request):
     text: str
 
 
+class ToolCallFunction(_Request):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages that called tools
+    tool_call_id: str | None = None  # tool messages: the call this answers
+
+    @model_validator(mode="after")
+    def _check_roles(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls are only allowed in assistant messages")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("tool_call_id is required in tool messages")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -148,40 +359,143 @@ class ChatMessage(_Request):
             return self.content
         return "\n".join(part.text for part in self.content)
 
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it: "developer" -> "system", tool-call arguments as objects (what
+        Hugging Face templates expect, e.g. `tool_call.arguments | tojson`)."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": c.type,
+                    "function": {"name": c.function.name, "arguments": _arguments_object(c.function.arguments)},
+                }
+                for c in self.tool_calls
+            ]
+        return out
+
+
+def _arguments_object(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        raise ValueError(f"messages: tool call arguments must be JSON text, got {arguments!r}") from None
+
+
+_CHAT_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **_COMMON_REFUSED,
+    "mm_processor_kwargs": (_empty, "multimodal inputs are not supported"),
+    "functions": (_unset, "the deprecated functions field is not supported: use tools"),
+    "function_call": (_unset, "the deprecated function_call field is not supported: use tool_choice"),
+    "audio": (_unset, "audio output is not supported"),
+    "modalities": (lambda v: v is None or v == ["text"], "only the text modality is supported"),
+    "prediction": (_unset, "predicted outputs are not supported"),
+    "store": (lambda v: not v, "this server does not store completions"),
+    "service_tier": (lambda v: v in (None, "auto", "default"), "there is one service tier (auto/default)"),
+    "reasoning_effort": (_unset, "no reasoning model support: reasoning_effort cannot be honoured"),
+    "include_reasoning": (lambda v: v is True, "reasoning is never separated from the content here"),
+    "verbosity": (_unset, "verbosity is not supported"),
+    "web_search_options": (_unset, "web search is not supported"),
+}
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[ToolParam] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    metadata: dict[str, str] | None = None  # for the caller's records: no effect on the output
+    safety_identifier: str | None = None  # an end-user id for the caller's records: no effect on the output
+    prompt_cache_key: str | None = None  # a caching hint; prompts are cached (or not) whatever it says
+    prompt_cache_retention: str | None = None
+    # vLLM extensions
+    echo: bool = False
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    # None: the template's text plus BOS when the template does not write it; False: exactly the template's text;
+    # True: the tokenizer's specials on top of the template's (vLLM's meaning)
+    add_special_tokens: bool | None = None
+    documents: list[dict[str, Any]] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    # refused unless unset (see _CHAT_REFUSED)
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    store: bool | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+    include_reasoning: bool = True
+    verbosity: str | None = None
+    web_search_options: Any = None
+
+    _REFUSED = _CHAT_REFUSED
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError(
+                "continue_final_message cannot be used with add_generation_prompt: set add_generation_prompt false"
+            )
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs the last message to be an assistant message")
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools or []]
+            if self.tool_choice.function.name not in names:
+                raise ValueError(f"tool_choice names the function {self.tool_choice.function.name!r}, not in tools")
         return self
 
-    def chat_messages(self) -> list[dict[str, str]]:
-        """Messages as plain {"role", "content"} dicts for the chat template ("developer" -> "system")."""
-        role = lambda m: "system" if m.role == "developer" else m.role
-        return [{"role": role(m), "content": m.text()} for m in self.messages]
+    def chat_messages(self) -> list[dict[str, Any]]:
+        """Messages as chat templates read them (see ChatMessage.for_template)."""
+        return [m.for_template() for m in self.messages]
 
     def token_budget(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def tool_mode(self) -> str:
+        """ "none" (no tools, or tool_choice none), "auto", "required" or "named"."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
 
 class TokenizeRequest(_Request):
+    """vLLM's /tokenize: a prompt, or messages rendered as /v1/chat/completions renders them."""
+
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: bool = True  # for messages: as in chat, only when given explicitly
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ToolParam] | None = None
+    documents: list[dict[str, Any]] | None = None
+    return_token_strs: bool = False
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message cannot be used with add_generation_prompt")
         return self
 
 
@@ -215,7 +529,10 @@ def _validation_to_api_error(exc: ValidationError) -> APIError:
 
 
 def model_fields(title: str) -> set[str]:
-    models = {m.__name__: m for m in (CompletionRequest, ChatCompletionRequest, TokenizeRequest)}
+    models = {
+        m.__name__: m
+        for m in (CompletionRequest, ChatCompletionRequest, TokenizeRequest, StructuredOutputsField, ResponseFormat)
+    }
     return set(models[title].model_fields) if title in models else set()
 
 

@@ -39,15 +39,31 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 
 def choice_chunk(
-    head: dict[str, Any], index: int, content: dict[str, Any], logprobs: Any, finish: Any, stop: Any
+    head: dict[str, Any],
+    index: int,
+    content: dict[str, Any],
+    logprobs: Any,
+    finish: Any,
+    stop: Any,
+    extra: dict[str, Any] | None = None,
+    usage: dict[str, Any] | None = None,
 ) -> bytes:
-    """One streamed choice as an SSE event: `content` is {"text": ...} (completions) or {"delta": ...} (chat)."""
+    """One streamed choice as an SSE event: `content` is {"text": ...} (completions) or {"delta": ...} (chat);
+    `extra` adds vLLM's per-choice fields (token_ids, ...), `usage` the running usage (continuous_usage_stats)."""
     choice = {"index": index, **content, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop}
-    return sse({**head, "choices": [choice]})
+    if extra:
+        choice.update(extra)
+    event = {**head, "choices": [choice]}
+    if usage is not None:
+        event["usage"] = usage
+    return sse(event)
 
 
-def token_text(tokenizer: Any, context: list[int], token_id: int) -> str:
-    """The text `token_id` adds after `context` (so "▁world" reads " world", not "world")."""
+def token_text(tokenizer: Any, context: list[int], token_id: int, as_ids: bool = False) -> str:
+    """The text `token_id` adds after `context` (so "▁world" reads " world", not "world"); with `as_ids`,
+    "token_id:<id>" instead (vLLM's return_tokens_as_token_ids: every token identifiable, even partial UTF-8)."""
+    if as_ids:
+        return f"token_id:{token_id}"
     prefix_ids = context[-_TOKEN_CONTEXT:]
     prefix = tokenizer.decode(prefix_ids)
     full = tokenizer.decode(prefix_ids + [token_id])
@@ -68,6 +84,7 @@ def completion_logprobs(
     logprobs: list[dict[int, float]],
     num_top: int,
     text_offset: int,
+    as_ids: bool = False,
 ) -> dict[str, list]:
     """Legacy /v1/completions logprobs: parallel lists tokens / token_logprobs / top_logprobs / text_offset.
 
@@ -76,7 +93,7 @@ def completion_logprobs(
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     ctx = list(context)
     for tid, entry in zip(token_ids, logprobs):
-        text = token_text(tokenizer, ctx, tid)
+        text = token_text(tokenizer, ctx, tid, as_ids)
         # OpenAI's legacy format lists the sampled token as well; where two tokens read the same (partial
         # UTF-8 bytes all read "\ufffd") the likelier one keeps the key.
         ranked = top_entries(entry, num_top)
@@ -84,7 +101,7 @@ def completion_logprobs(
             ranked.append((tid, entry[tid]))
         top: dict[str, float] = {}
         for t, lp in ranked:
-            top.setdefault(text if t == tid else token_text(tokenizer, ctx, t), lp)
+            top.setdefault(text if t == tid else token_text(tokenizer, ctx, t, as_ids), lp)
         out["tokens"].append(text)
         out["token_logprobs"].append(entry[tid])
         out["top_logprobs"].append(top)
@@ -95,11 +112,11 @@ def completion_logprobs(
 
 
 def prompt_logprobs(
-    tokenizer: Any, prompt_ids: list[int], logprobs: list[dict[int, float] | None], num_top: int
+    tokenizer: Any, prompt_ids: list[int], logprobs: list[dict[int, float] | None], num_top: int, as_ids: bool = False
 ) -> dict[str, list]:
     """The echoed prompt's part of legacy logprobs: the first token has no logprob (nothing precedes it)."""
-    first = token_text(tokenizer, [], prompt_ids[0])
-    rest = completion_logprobs(tokenizer, prompt_ids[:1], prompt_ids[1:], logprobs[1:], num_top, len(first))
+    first = token_text(tokenizer, [], prompt_ids[0], as_ids)
+    rest = completion_logprobs(tokenizer, prompt_ids[:1], prompt_ids[1:], logprobs[1:], num_top, len(first), as_ids)
     return {
         "tokens": [first, *rest["tokens"]],
         "token_logprobs": [None, *rest["token_logprobs"]],
@@ -113,16 +130,21 @@ def join_logprobs(first: dict[str, list], second: dict[str, list]) -> dict[str, 
 
 
 def chat_logprobs(
-    tokenizer: Any, context: list[int], token_ids: list[int], logprobs: list[dict[int, float]], num_top: int
+    tokenizer: Any,
+    context: list[int],
+    token_ids: list[int],
+    logprobs: list[dict[int, float]],
+    num_top: int,
+    as_ids: bool = False,
 ) -> dict[str, list]:
     """Chat logprobs: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}, ...]}."""
     content = []
     ctx = list(context)
     for tid, entry in zip(token_ids, logprobs):
-        text = token_text(tokenizer, ctx, tid)
+        text = token_text(tokenizer, ctx, tid, as_ids)
         tops = []
         for t, lp in top_entries(entry, num_top):
-            t_text = token_text(tokenizer, ctx, t)
+            t_text = token_text(tokenizer, ctx, t, as_ids)
             tops.append({"token": t_text, "logprob": lp, "bytes": list(t_text.encode("utf-8"))})
         content.append(
             {"token": text, "logprob": entry[tid], "bytes": list(text.encode("utf-8")), "top_logprobs": tops}
@@ -131,16 +153,37 @@ def chat_logprobs(
     return {"content": content}
 
 
+def vllm_prompt_logprobs(
+    tokenizer: Any, prompt_ids: list[int], logprobs: list[dict[int, float] | None], num_top: int, as_ids: bool = False
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank, decoded_token}}
+    for the top-N plus the prompt token; rank 1 is the likeliest (None for a prompt token outside the top-N)."""
+    out: list[dict[str, dict[str, Any]] | None] = [None]
+    for pos in range(1, len(prompt_ids)):
+        entry, token = logprobs[pos], prompt_ids[pos]
+        ranked = [(t, lp, rank) for rank, (t, lp) in enumerate(top_entries(entry, num_top), start=1)]
+        if all(t != token for t, _, _ in ranked):
+            ranked.append((token, entry[token], None))
+        context = prompt_ids[max(0, pos - _TOKEN_CONTEXT) : pos]
+        out.append(
+            {
+                str(t): {"logprob": lp, "rank": rank, "decoded_token": token_text(tokenizer, context, t, as_ids)}
+                for t, lp, rank in ranked
+            }
+        )
+    return out
+
+
 def usage(prompt_tokens: int, completion_tokens: int, outputs: list[Any]) -> dict[str, Any]:
     """OpenAI usage (cached_tokens: prompt tokens served by the prefix cache), plus `spec_decode` when
     speculative decoding drafted for these requests."""
+    metrics = [o.metrics or {} for o in outputs]
     u: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outputs)},
     }
-    metrics = [o.metrics or {} for o in outputs]
     drafts = sum(m.get("num_spec_drafts", 0) for m in metrics)
     if drafts > 0:
         accepted = sum(m.get("num_spec_accepted_tokens", 0) for m in metrics)

@@ -46,7 +46,7 @@ def _is_decode(s: ScheduledSeq) -> bool:
 def _is_plain_greedy(seq: Sequence) -> bool:
     """Greedy with nothing reshaping the logits (penalties, a min_tokens mask): the raw argmax decides."""
     p = seq.params
-    return p.greedy and not p.penalized and seq.num_output_tokens >= p.min_tokens
+    return p.greedy and not p.reshapes_logits and seq.num_output_tokens >= p.min_tokens
 
 
 @dataclass
@@ -115,8 +115,9 @@ class SpeculativeDecoder:
             if seqs != self.in_flight.seqs or not all(_is_decode(s) for s in scheduled):
                 raise RuntimeError("a round is in flight for another batch: the engine must drain it first")
             return self._continue(seqs)
-        decodes = [s.seq for s in scheduled if _is_decode(s)]
-        prefills = [s for s in scheduled if not _is_decode(s)]
+        # constrained sequences (a grammar) skip speculation: they decode one token a step, like a prompt chunk
+        decodes = [s.seq for s in scheduled if _is_decode(s) and s.seq.grammar is None]
+        prefills = [s for s in scheduled if not _is_decode(s) or s.seq.grammar is not None]
         if prefills:
             self._prefill(prefills)
         progressed = [s.seq for s in prefills]

@@ -1,0 +1,205 @@
+"""What grammar-constrained decoding costs: decode throughput at a fixed batch, with and without a JSON schema.
+
+    python benchmarks/structured_outputs.py --shape llama-3.2-1b --batch 32 --prompt 128 --gen 256
+
+Both runs decode the same prompts (random token ids) for exactly `--gen` tokens at temperature 1.0 (seeded). The
+constrained run follows a JSON schema that cannot be complete before `--gen` tokens (an array of at least 200
+objects with a bounded name, an integer id and a list of enum tags), so no sequence leaves the batch early and
+both runs do the same model work; what differs is the grammar: a token bitmask per sequence filled on the host
+(xgrammar) every step while the GPU computes the logits, copied to the device and applied in the sampler.
+Target: the constrained run keeps >= 90% of the unconstrained throughput at batch 32.
+
+The checkpoint is benchmarks/checkpoints.py's random-weight model of `--shape`, with a synthetic byte-level BPE
+vocabulary of the model's full size (the 256 byte symbols plus multi-character tokens drawn from JSON-friendly
+characters), so xgrammar masks a realistic number of tokens; the word-level benchmark tokenizer has no `{`.
+Writes JSON (`--out`, with its provenance: benchmarks/provenance.py) with both throughputs, their ratio, and the
+host time spent filling masks. `--smoke` runs a one-layer model of the shape on the CPU (a check that the script
+works, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.checkpoints import SHAPES, build_checkpoint  # noqa: E402
+from benchmarks.provenance import write_result  # noqa: E402
+from miniserve import LLM, SamplingParams  # noqa: E402
+from miniserve.engine import structured_output  # noqa: E402
+from miniserve.sampling_params import StructuredOutputsParams  # noqa: E402
+
+SCHEMA = {
+    "type": "array",
+    "minItems": 200,
+    "items": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 24},
+            "id": {"type": "integer", "minimum": 0, "maximum": 1000000},
+            "tags": {"type": "array", "items": {"enum": ["alpha", "beta", "gamma"]}, "maxItems": 3},
+        },
+        "required": ["name", "id", "tags"],
+    },
+}
+
+
+def byte_level_alphabet() -> list[str]:
+    """GPT-2's byte-to-unicode symbols: what a byte-level BPE vocabulary spells its tokens with."""
+    kept = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    symbols, shifted = [chr(b) for b in kept], 0
+    for b in range(256):
+        if b not in kept:
+            symbols.append(chr(256 + shifted))
+            shifted += 1
+    return symbols
+
+
+def write_bpe_tokenizer(directory: Path, vocab_size: int, bos: int, eos: int, seed: int = 0) -> None:
+    """A byte-level BPE tokenizer.json of exactly `vocab_size` tokens (no merges: only its vocabulary matters)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    rng = random.Random(seed)
+    alphabet = byte_level_alphabet()
+    common = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") + ["Ġ", "Ċ", '"', ":", ",", "{"]
+    vocab = {s: i for i, s in enumerate(alphabet)}
+    while len(vocab) < vocab_size:
+        word = "".join(rng.choice(common) for _ in range(rng.randint(2, 7)))
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(directory / "tokenizer.json"))
+    names = {v: k for k, v in vocab.items()}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": names[bos], "eos_token": names[eos]}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+SMOKE = {"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+         "num_key_value_heads": 1, "head_dim": 32}  # fmt: skip
+
+
+def checkpoint(shape: str, root: str, smoke: bool) -> Path:
+    path = build_checkpoint(shape, root, overrides=SMOKE if smoke else None)
+    if not (path / ".bpe").is_file():
+        cfg = SHAPES[shape]
+        eos = cfg["eos_token_id"][0] if isinstance(cfg["eos_token_id"], list) else cfg["eos_token_id"]
+        write_bpe_tokenizer(path, cfg["vocab_size"], cfg["bos_token_id"], eos)
+        (path / ".bpe").write_text("byte-level BPE tokenizer written by benchmarks/structured_outputs.py\n")
+    return path
+
+
+class MaskTimer:
+    """Wraps structured_output.build_bitmask to add up the host time spent filling and copying masks."""
+
+    def __init__(self) -> None:
+        self.seconds, self.calls = 0.0, 0
+        self._inner = structured_output.build_bitmask
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self._inner(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+
+
+def run(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tuple[float, int]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    lengths = [len(o.outputs[0].token_ids) for o in outs]
+    return seconds, sum(lengths)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
+    ap.add_argument("--root", default="/tmp/miniserve-ckpt", help="where random-weight checkpoints are written")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--gen", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="a one-layer model of the shape (full vocabulary): CPU check")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+
+    path = checkpoint(args.shape, args.root, args.smoke)
+    llm = LLM(
+        model=str(path),
+        max_num_seqs=max(args.batch, 1),
+        max_model_len=args.prompt + args.gen + 16,
+        enforce_eager=args.enforce_eager,
+    )
+    rng = random.Random(0)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    prompts = [[rng.randrange(256, min(vocab, 10000)) for _ in range(args.prompt)] for _ in range(args.batch)]
+    free = SamplingParams(temperature=1.0, seed=0, max_tokens=args.gen, ignore_eos=True)
+    spec = StructuredOutputsParams(json=SCHEMA)
+    constrained = SamplingParams(temperature=1.0, seed=0, max_tokens=args.gen, ignore_eos=True, structured_outputs=spec)
+
+    start = time.perf_counter()
+    llm.engine.grammar.compile(spec)
+    compile_seconds = time.perf_counter() - start
+    run(llm, prompts[:2], free)  # warm-up: graphs, Triton JIT, the mask path
+    run(llm, prompts[:2], constrained)
+
+    timer = MaskTimer()
+    structured_output.build_bitmask = timer
+    import miniserve.engine.decoder as decoder_module
+
+    decoder_module.build_bitmask = timer  # the decoder imported it by name
+    results = {}
+    for name, params in (("unconstrained", free), ("constrained", constrained)):
+        timer.seconds, timer.calls = 0.0, 0
+        runs = [run(llm, prompts, params) for _ in range(args.repeats)]
+        seconds = statistics.median(r[0] for r in runs)
+        tokens = runs[0][1]
+        results[name] = {
+            "seconds": seconds,
+            "generated_tokens": tokens,
+            "tokens_per_second": tokens / seconds,
+            "mask_host_seconds_per_run": timer.seconds / args.repeats,
+            "mask_calls_per_run": timer.calls / args.repeats,
+        }
+        print(f"{name:>13}: {tokens} tokens in {seconds:.3f} s = {tokens / seconds:,.0f} tok/s", flush=True)
+    ratio = results["constrained"]["tokens_per_second"] / results["unconstrained"]["tokens_per_second"]
+    mask = results["constrained"]
+    print(f"constrained / unconstrained throughput: {ratio:.3f} (target >= 0.90)")
+    print(
+        f"host mask time: {1e3 * mask['mask_host_seconds_per_run'] / max(mask['mask_calls_per_run'], 1):.3f} ms "
+        f"per step (batch {args.batch}); schema compiled in {compile_seconds:.3f} s"
+    )
+    if args.out:
+        out = {
+            "xgrammar": importlib.metadata.version("xgrammar"),
+            "shape": args.shape,
+            "smoke": args.smoke,
+            "batch": args.batch,
+            "prompt": args.prompt,
+            "gen": args.gen,
+            "compile_seconds": compile_seconds,
+            "ratio": ratio,
+            **results,
+        }
+        write_result(args.out, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

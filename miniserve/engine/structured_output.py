@@ -1,0 +1,237 @@
+"""Structured outputs: grammars (JSON schema, regex, choice, EBNF) compiled by xgrammar, followed token by token.
+
+A request with `SamplingParams(structured_outputs=StructuredOutputsParams(...))` (sampling_params.py) gets one
+`GrammarState` per sequence (each of its `n` choices walks the grammar on its own). Every step, the plain decoder
+asks each constrained sequence for its next-token bitmask (xgrammar fills one row of a packed int32
+[B, ceil(V/32)] tensor on the CPU), copies the batch's bitmask to the device once, and the sampler masks the logits
+there (`sampler.apply_token_bitmask`). The sampler runs eagerly after the forward pass (CUDA graphs cover only the
+forward), so the host fills the masks while the GPU is still computing the logits.
+
+Compilation is the slow part (milliseconds to seconds for a large schema or a pattern), so it never runs on the
+step loop of a server. The API process compiles (a worker thread: xgrammar releases the GIL; cached per spec; a bad
+schema is a 400 before anything reaches the engine) and sends the compiled grammar with the request, serialized
+(`GrammarCompiler.payload`); the engine process only deserializes it into its own cache (`GrammarCompiler.load`),
+where `LLMEngine.add_request` finds it. A grammar is sent once: while the engine's cache still holds it, later
+requests with the same spec send nothing (were it evicted after all, the engine would compile it itself: slower,
+still right). Measured on a 128k-token vocabulary, deserializing costs what compiling a simple schema costs (a few
+to tens of milliseconds for 0.3-2.5 MB) but far less than compiling a hard one (41 ms against 458 ms for a string
+pattern), and it is paid once per distinct grammar. Why not compile in the engine process instead, on a thread:
+the request would have to wait outside the scheduler until its grammar is ready, and the compile would take CPU
+from the loop that feeds the GPU, while the API process has both to spare. Offline (`LLM.generate`),
+`add_request` compiles, once per spec.
+
+A sequence's grammar state lives with the sequence and is fed each token the sequence appends
+(`GrammarState.accept`, from the output processor), whatever appended it: a preempted sequence keeps its tokens
+and its state, and recomputing its KV does not touch either. With speculative decoding, constrained sequences skip
+speculation: they decode one token per step (their draft cache catches up like a prompt chunk's).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from miniserve.sampling_params import StructuredOutputsParams
+
+_CACHE_SIZE = 256  # compiled grammars kept (a compiled JSON schema is small: the token masks are computed lazily)
+# JSON may have whitespace between its tokens, at most this many characters per gap: enough for pretty printing
+# (a newline and the indentation of a few levels), not for a model that loops on newlines until max_tokens
+MAX_JSON_WHITESPACE = 16
+
+
+class StructuredOutputsUnavailable(RuntimeError):
+    """xgrammar is not installed."""
+
+
+def import_xgrammar() -> Any:
+    try:
+        import xgrammar
+    except ImportError as exc:  # an optional install on some platforms: say what to do
+        raise StructuredOutputsUnavailable(
+            f"structured outputs need the xgrammar package, which failed to import ({exc}): "
+            "pip install xgrammar (or miniserve[structured])"
+        ) from None
+    return xgrammar
+
+
+def choice_grammar(choices: tuple[str, ...]) -> str:
+    """EBNF that matches exactly one of `choices` (JSON string escapes are valid EBNF string escapes)."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+class GrammarCompiler:
+    """Compiles and caches grammars for one tokenizer + vocabulary; thread-safe (server threads compile)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: set[int] | list[int]):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.stop_token_ids = sorted(stop_token_ids)
+        self._compiler: Any = None
+        self._tokenizer_info: Any = None
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple, Any] = OrderedDict()
+        self._sent: OrderedDict[tuple, None] = OrderedDict()  # specs whose grammar `payload` gave out, LRU first
+        self.num_compiled = 0  # cache misses that compiled (tests read it)
+
+    def _xgr_compiler(self) -> Any:
+        """Built on first use: TokenizerInfo reads the whole vocabulary (about a second for 128k tokens)."""
+        with self._lock:
+            if self._compiler is None:
+                xgr = import_xgrammar()
+                from transformers import PreTrainedTokenizerFast  # installed with xgrammar
+
+                hf = PreTrainedTokenizerFast(tokenizer_object=self.tokenizer.backend)
+                self._tokenizer_info = xgr.TokenizerInfo.from_huggingface(
+                    hf, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids or None
+                )
+                self._compiler = xgr.GrammarCompiler(self._tokenizer_info)
+            return self._compiler
+
+    def warm(self) -> None:
+        """Import xgrammar and read the vocabulary now, so the first grammar does not wait for it (nothing when
+        xgrammar is not installed: requests that need it are refused)."""
+        try:
+            self._xgr_compiler()
+        except StructuredOutputsUnavailable:
+            pass
+
+    def compile(self, spec: StructuredOutputsParams) -> Any:
+        """The CompiledGrammar for `spec`; ValueError (naming what is wrong) for an invalid schema/regex/grammar."""
+        key = spec.key()
+        compiled = self._cached(key)
+        if compiled is None:
+            compiled = _compile(self._xgr_compiler(), spec, key)
+            self._store(key, compiled)
+            self.num_compiled += 1
+        return compiled
+
+    def serialize(self, spec: StructuredOutputsParams) -> str:
+        """The compiled grammar as text, for another process's `load`."""
+        return self.compile(spec).serialize_json()
+
+    def payload(self, spec: StructuredOutputsParams) -> str | None:
+        """What the engine process needs for `spec` (compiling it here): the serialized grammar, or None when it
+        was sent recently enough that the engine's cache, as large as this one and used in the same order, still
+        holds it."""
+        compiled, key = self.compile(spec), spec.key()
+        with self._lock:
+            recent = key in self._sent
+            self._sent[key] = None
+            self._sent.move_to_end(key)
+            while len(self._sent) > _CACHE_SIZE // 2:  # half: a margin for the two caches' orders to differ
+                self._sent.popitem(last=False)
+        return None if recent else compiled.serialize_json()
+
+    def load(self, spec: StructuredOutputsParams, serialized: str) -> None:
+        """Cache the grammar `serialize` made for `spec` (in another process, with the same tokenizer)."""
+        key = spec.key()
+        if self._cached(key) is None:
+            self._xgr_compiler()
+            compiled = import_xgrammar().CompiledGrammar.deserialize_json(serialized, self._tokenizer_info)
+            self._store(key, compiled)
+
+    def _cached(self, key: tuple) -> Any:
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        return None
+
+    def _store(self, key: tuple, compiled: Any) -> None:
+        with self._lock:
+            self._cache[key] = compiled
+            while len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
+
+    def new_state(self, spec: StructuredOutputsParams) -> GrammarState:
+        return GrammarState(import_xgrammar().GrammarMatcher(self.compile(spec)))
+
+
+def _compile(compiler: Any, spec: StructuredOutputsParams, key: tuple) -> Any:
+    kind, value = key[0], key[1]
+    ws = {"any_whitespace": not spec.disable_any_whitespace}
+    if not spec.disable_any_whitespace:
+        ws["max_whitespace_cnt"] = MAX_JSON_WHITESPACE
+    try:
+        if kind == "json":
+            return compiler.compile_grammar(_json_schema_grammar(value, ws))
+        if kind == "json_object":
+            return compiler.compile_json_schema('{"type": "object"}', **ws)
+        if kind == "regex":
+            return compiler.compile_regex(value)
+        if kind == "choice":
+            return compiler.compile_grammar(choice_grammar(value))
+        return compiler.compile_grammar(value)
+    except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar's errors for a bad schema/regex/grammar
+        what = {"json": "JSON schema", "json_object": "JSON", "regex": "regex", "choice": "choice"}
+        raise ValueError(f"{kind}: invalid {what.get(kind, 'grammar')}: {_first_line(exc)}") from None
+
+
+# xgrammar (0.2.x) writes the characters of a length-bounded JSON string as [^"\\\r\n], which lets raw control
+# characters (U+0000..U+001F) into strings: invalid JSON that json.loads rejects. Its unbounded strings exclude them.
+_BOUNDED_STRING_CHAR = r"[^\"\\\r\n]"
+_JSON_STRING_CHAR = r"[^\0-\x1f\"\\]"
+
+
+def _json_schema_grammar(schema: str, whitespace: dict[str, Any]) -> Any:
+    """xgrammar's grammar for a JSON schema, with its length-bounded strings' characters made valid JSON."""
+    xgr = import_xgrammar()
+    grammar = xgr.Grammar.from_json_schema(schema, strict_mode=True, **whitespace)
+    text = str(grammar)
+    if _BOUNDED_STRING_CHAR not in text:
+        return grammar
+    return xgr.Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR))
+
+
+def _first_line(exc: BaseException) -> str:
+    """xgrammar's message without its log prefix ("[12:00:00] /project/cpp/file.cc:94: ")."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", line)
+
+
+class GrammarState:
+    """Where one sequence stands in its grammar; fed the sequence's output tokens in order."""
+
+    def __init__(self, matcher: Any):
+        self.matcher = matcher
+
+    def accept(self, token: int) -> bool:
+        """Feed the next output token; False if the grammar rejects it (the state then stays before it)."""
+        return self.matcher.accept_token(token)
+
+    @property
+    def terminated(self) -> bool:
+        """The grammar is complete and its stop token was accepted: nothing more may follow."""
+        return self.matcher.is_terminated()
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+
+
+_batch_filler: Any = None
+
+
+def build_bitmask(states: list[GrammarState | None], vocab_size: int, device: torch.device) -> torch.Tensor | None:
+    """The batch's packed next-token masks on `device`; rows without a grammar allow everything. None when no row
+    has a grammar. Several rows are filled by xgrammar's thread pool (BatchGrammarMatcher), in C++ off the GIL."""
+    global _batch_filler
+    rows = [i for i, s in enumerate(states) if s is not None]
+    if not rows:
+        return None
+    xgr = import_xgrammar()
+    bitmask = xgr.allocate_token_bitmask(len(states), vocab_size)  # all bits set: everything allowed
+    if len(rows) == 1:
+        states[rows[0]].fill(bitmask, rows[0])
+    else:
+        if _batch_filler is None:
+            _batch_filler = xgr.BatchGrammarMatcher()
+        _batch_filler.batch_fill_next_token_bitmask([states[i].matcher for i in rows], bitmask, rows)
+    if device.type == "cuda":
+        return bitmask.pin_memory().to(device, non_blocking=True)
+    return bitmask.to(device)

@@ -1,0 +1,357 @@
+"""Tool calls: finding them in a model's output and returning them in OpenAI's shape, whole or as streaming deltas.
+
+Three output formats cover the supported model families; which one a model writes is read off its chat template:
+  hermes      Qwen2.5 / Qwen3 (and Hermes): `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` blocks
+              after optional text
+  llama3_json Llama 3.1+: the whole output is `{"name": ..., "parameters": {...}}` (several joined by `; `),
+              optionally after `<|python_tag|>`
+  mistral     `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]` (or `[TOOL_CALLS]name[ARGS]{...}`)
+
+`tool_choice: "required"` and a named function do not parse free text: the server constrains the output with a
+JSON schema (structured outputs), so the arguments always parse. `required` generates a JSON array of
+`{"name", "parameters"}` objects (as vLLM does), a named function its arguments object.
+
+Streaming: `StreamingToolParser` is fed the cumulative text and returns what is new: content that can no longer be
+the start of a tool call, and each tool call once it is complete (its header and all its arguments in one delta).
+At the end it parses the whole text with the same function as the non-streamed path, so both agree.
+
+`ToolSetup` is a chat request's tool handling from start to end: which mode (`tool_setup`), the output constraint
+it needs (`constraint`), the assistant message of a finished choice (`message`) and a streamed choice's deltas
+(`delta`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from miniserve.server.protocol import APIError, ChatCompletionRequest
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str  # JSON text
+
+    def openai(self, call_id: str) -> dict[str, Any]:
+        return {"id": call_id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+def new_call_id() -> str:
+    return f"chatcmpl-tool-{uuid.uuid4().hex[:24]}"
+
+
+def detect_format(chat_template: str | None) -> str | None:
+    """The tool-call format a chat template teaches its model, or None when it shows none."""
+    template = chat_template or ""
+    if "<tool_call>" in template:
+        return "hermes"
+    if "[TOOL_CALLS]" in template:
+        return "mistral"
+    if "<|python_tag|>" in template or "ipython" in template:
+        return "llama3_json"
+    return None
+
+
+# -------------------------------------------------------------------------------------------------- parsing
+
+
+def _call_from(obj: Any) -> ToolCall | None:
+    """{"name", "arguments"|"parameters"} -> ToolCall (arguments re-serialised as JSON text)."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):  # some models write the arguments as a JSON string
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+
+
+def _json_values(text: str) -> list[Any] | None:
+    """Consecutive JSON values separated by whitespace, `;` or `,`; None unless the whole text is such values."""
+    decoder, values, pos = json.JSONDecoder(), [], 0
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n;,":
+            pos += 1
+        if pos == len(text):
+            return values
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except ValueError:
+            return None
+        values.append(value)
+
+
+_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+
+
+def parse_hermes(text: str) -> tuple[str, list[ToolCall]]:
+    start = text.find("<tool_call>")
+    if start == -1:
+        return text, []
+    calls = []
+    for block in _HERMES.findall(text[start:]):
+        values = _json_values(block)
+        call = _call_from(values[0]) if values and len(values) == 1 else None
+        if call is None:
+            return text, []  # a malformed block: the text stays content, as written
+        calls.append(call)
+    if not calls:
+        return text, []
+    return text[:start], calls
+
+
+def parse_llama3_json(text: str) -> tuple[str, list[ToolCall]]:
+    body = text.strip()
+    if body.startswith("<|python_tag|>"):
+        body = body[len("<|python_tag|>") :]
+    if not body.startswith("{"):
+        return text, []
+    values = _json_values(body)
+    calls = [_call_from(v) for v in values or []]
+    if not calls or any(c is None for c in calls):
+        return text, []
+    return "", calls
+
+
+def parse_mistral(text: str) -> tuple[str, list[ToolCall]]:
+    start = text.find("[TOOL_CALLS]")
+    if start == -1:
+        return text, []
+    body = text[start + len("[TOOL_CALLS]") :].strip()
+    calls: list[ToolCall | None]
+    if "[ARGS]" in body:  # newer tokenizers: name[ARGS]{...} per call
+        calls = []
+        for part in body.split("[TOOL_CALLS]"):
+            name, _, args = part.partition("[ARGS]")
+            values = _json_values(args)
+            calls.append(_call_from({"name": name.strip(), "arguments": values[0]}) if values else None)
+    else:
+        values = _json_values(body)
+        items = values[0] if values and len(values) == 1 and isinstance(values[0], list) else values or []
+        calls = [_call_from(v) for v in items]
+    if not calls or any(c is None for c in calls):
+        return text, []
+    return text[:start], calls  # type: ignore[return-value]
+
+
+PARSERS = {"hermes": parse_hermes, "llama3_json": parse_llama3_json, "mistral": parse_mistral}
+# where a tool call may begin: text from the first of these on is held back while streaming
+_MARKERS = {"hermes": ("<tool_call>",), "mistral": ("[TOOL_CALLS]",), "llama3_json": ("<|python_tag|>", "{")}
+
+
+def parse_required(text: str) -> list[ToolCall] | None:
+    """tool_choice "required": the output is a JSON array of {"name", "parameters"} (schema-constrained)."""
+    try:
+        items = json.loads(text)
+    except ValueError:
+        return None
+    calls = [_call_from(v) for v in items] if isinstance(items, list) else [None]
+    return None if any(c is None for c in calls) else calls  # type: ignore[return-value]
+
+
+# -------------------------------------------------------------------------------------------------- schemas
+
+
+def required_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
+    """JSON schema of tool_choice "required": one or more calls (one without parallel_tool_calls)."""
+    variants = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "enum": [t["function"]["name"]]},
+                "parameters": t["function"].get("parameters") or {"type": "object", "properties": {}},
+            },
+            "required": ["name", "parameters"],
+        }
+        for t in tools
+    ]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": variants}}
+    if not parallel:
+        schema["maxItems"] = 1
+    return schema
+
+
+def named_schema(tools: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """JSON schema of a named tool_choice: the function's arguments object."""
+    function = next(t["function"] for t in tools if t["function"]["name"] == name)
+    return function.get("parameters") or {"type": "object", "properties": {}}
+
+
+# -------------------------------------------------------------------------------------------------- streaming
+
+
+class StreamingToolParser:
+    """Fed a choice's cumulative text; returns (new content, newly complete tool calls) each time."""
+
+    def __init__(self, mode: str, fmt: str | None, named: str | None = None, parallel: bool = True):
+        self.mode, self.fmt, self.named, self.parallel = mode, fmt, named, parallel
+        self.content_sent = 0  # characters of content already returned
+        self.calls_sent = 0
+
+    def feed(self, text: str, final: bool) -> tuple[str, list[ToolCall]]:
+        if self.mode == "named":  # arguments stream as they come (the schema constrains them)
+            return "", []
+        if self.mode == "required":
+            calls = parse_required(text) if final else _complete_array_items(text)
+            return "", self._new(calls or [])
+        if final:  # the held-back text is either tool calls or, if they do not parse, content after all
+            content, calls = self.parse(text)
+            new = content[self.content_sent :]
+            self.content_sent = max(self.content_sent, len(content))
+            return new, self._new(calls)
+        start = self._marker_start(text)
+        safe = len(text) if start is None else start
+        new = text[self.content_sent : safe] if safe > self.content_sent else ""
+        self.content_sent = max(self.content_sent, safe)
+        return new, []
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        """The whole output's (content, calls) in auto mode, as the non-streamed response gives them."""
+        content, calls = PARSERS[self.fmt](text) if self.fmt else (text, [])
+        return content, calls if self.parallel else calls[:1]
+
+    def _new(self, calls: list[ToolCall]) -> list[ToolCall]:
+        if not self.parallel:
+            calls = calls[:1]
+        new = calls[self.calls_sent :]
+        self.calls_sent = max(self.calls_sent, len(calls))
+        return new
+
+    def _marker_start(self, text: str) -> int | None:
+        """Where held-back text starts: the first marker, or a tail that may still grow into one."""
+        if self.fmt is None:
+            return None
+        markers = _MARKERS[self.fmt]
+        if self.fmt == "llama3_json":  # only a call if the output opens with it
+            stripped = text.lstrip()
+            if not stripped or any(m.startswith(stripped) or stripped.startswith(m) for m in markers):
+                return len(text) - len(stripped)
+            return None
+        found = [i for i in (text.find(m) for m in markers) if i != -1]
+        if found:
+            return min(found)
+        for m in markers:  # a partial marker at the end
+            for k in range(min(len(m) - 1, len(text)), 0, -1):
+                if text.endswith(m[:k]):
+                    return len(text) - k
+        return None
+
+
+def _complete_array_items(text: str) -> list[ToolCall]:
+    """The complete elements of a JSON array still being written ("[{...}, {..." -> the first call)."""
+    decoder, pos, out = json.JSONDecoder(), text.find("["), []
+    if pos == -1:
+        return []
+    pos += 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except ValueError:
+            return out
+        if not text[end:].lstrip():  # complete only once a separator follows (`{...}` is, but wait for `,`/`]`)
+            return out
+        call = _call_from(value)
+        if call is None:
+            return out
+        out.append(call)
+        pos = end
+
+
+# -------------------------------------------------------------------------------------------------- a request's tools
+
+
+@dataclass
+class ToolSetup:
+    """How a chat request's tools shape its output: mode none/auto/required/named, the model's call format."""
+
+    mode: str
+    format: str | None
+    named: str | None
+    parallel: bool
+    tools: list[dict[str, Any]]
+
+    def parser(self) -> StreamingToolParser:
+        return StreamingToolParser(self.mode, self.format, self.named, self.parallel)
+
+    def constraint(self) -> dict[str, Any] | None:
+        """StructuredOutputsParams keywords for tool_choice required/named (their JSON schemas), else None."""
+        if self.mode == "required":
+            schema = required_schema(self.tools, self.parallel)
+        elif self.mode == "named":
+            schema = named_schema(self.tools, self.named)
+        else:
+            return None
+        return {"json": schema, "disable_any_whitespace": True}  # compact: arguments are for machines
+
+    def message(self, text: str, finish: str | None, echo: str) -> tuple[dict[str, Any], Any]:
+        """The assistant message of one finished choice (content and/or tool calls) and its finish_reason."""
+        calls: list[ToolCall] = []
+        content = text
+        if self.mode == "auto":
+            content, calls = self.parser().parse(text)
+        elif self.mode == "required":
+            calls = parse_required(text) or []
+            content = "" if calls else text
+        elif self.mode == "named" and _is_json(text):
+            calls, content = [ToolCall(self.named, text)], ""
+        message: dict[str, Any] = {"role": "assistant", "content": (echo + content) if content or not calls else None}
+        if calls:
+            message["tool_calls"] = [c.openai(new_call_id()) for c in calls]
+            if finish == "stop" and self.mode != "named":  # OpenAI: "stop" when a named function was forced
+                finish = "tool_calls"
+        return message, finish
+
+    def delta(self, parser: StreamingToolParser, num_calls: dict[int, int], o: Any, text: str) -> dict[str, Any]:
+        """One streamed step of choice `o` (cumulative; `text` is what is new) as a chat delta: content, and tool
+        calls in OpenAI's delta shape; `num_calls` counts each choice's calls sent so far."""
+        if self.mode == "none":
+            return {"content": text} if text else {}
+        if self.mode == "named":  # the output is the arguments: a header first, then the text as it comes
+            if num_calls[o.index] == 0:
+                num_calls[o.index] = 1
+                header = {"name": self.named, "arguments": text}
+                return {"tool_calls": [{"index": 0, "id": new_call_id(), "type": "function", "function": header}]}
+            return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}
+        content, new_calls = parser.feed(o.text, final=o.finish_reason is not None)
+        delta: dict[str, Any] = {"content": content} if content else {}
+        if new_calls:
+            start = num_calls[o.index]
+            num_calls[o.index] += len(new_calls)
+            delta["tool_calls"] = [{"index": start + k, **c.openai(new_call_id())} for k, c in enumerate(new_calls)]
+        return delta
+
+    def finish_reason(self, finish: str | None, num_calls: int) -> str | None:
+        """A streamed choice's finish_reason: "tool_calls" once it called any (unless the call was forced by name)."""
+        return "tool_calls" if finish == "stop" and num_calls and self.mode != "named" else finish
+
+
+def tool_setup(req: ChatCompletionRequest, model_template: str | None) -> ToolSetup:
+    """The request's tool mode, and the call format its chat template teaches (400 when auto needs one)."""
+    mode = req.tool_mode()
+    named = req.tool_choice.function.name if mode == "named" else None
+    tools = [t.model_dump(by_alias=True, exclude_none=True) for t in req.tools or []]
+    setup = ToolSetup(mode, detect_format(req.chat_template or model_template), named, True, tools)
+    setup.parallel = req.parallel_tool_calls is not False
+    if mode == "auto" and setup.format is None:
+        raise APIError(
+            "tool_choice auto needs a model whose chat template shows a tool-call format (<tool_call> blocks, "
+            "[TOOL_CALLS] or Llama 3.1 JSON); this one shows none: use tool_choice required or a named function",
+            param="tool_choice",
+        )
+    return setup
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True

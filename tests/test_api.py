@@ -1,0 +1,660 @@
+"""The OpenAI API as vLLM users rely on it: every request field of OpenAI's and vLLM's schemas is honoured or
+refused with a 400 naming it, unknown fields are ignored with a warning, and the sampling controls (logit_bias,
+allowed_token_ids, bad_words, best_of, prompt_logprobs, ...) do what they say. A real uvicorn server on a tiny
+random Llama, driven with the official openai client; transformers is the oracle for greedy outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import transformers
+
+from tests.conftest import build_model_dir
+from tests.test_server import _wait_healthy, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_NAME = "tiny-api"
+VOCAB = 384  # tests/conftest.py's tokenizer
+
+# A Qwen2.5-style template: tools in a system block, <tool_call> blocks for calls, <tool_response> for results.
+TOOL_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n# Tools\n<tools>{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n"
+    "</tools><|im_end|>\n{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+    "{%- elif m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n"
+    "{%- for c in m.tool_calls %}<tool_call>\n"
+    '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}\n</tool_call>'
+    "{%- endfor %}<|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}{% if mood is defined %} ({{ mood }}){% endif %}"
+    "<|im_end|>\n{%- endif %}"
+    "{%- endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+# Every request field of OpenAI's completions / chat completions schemas and of vLLM's extensions, with a value a
+# client would send. The server must honour it (200) or answer 400 with `param` naming it: REFUSED lists those it
+# refuses; the rest are honoured (their behaviour is tested below and in test_server.py / test_structured_outputs.py).
+# Written from the APIs' documentation, not from the server's models.
+PROMPT = {"prompt": "ROMEO:"}
+MESSAGES = {"messages": [{"role": "user", "content": "Speak."}]}
+OPENAI_COMPLETION_FIELDS = {
+    "model": MODEL_NAME, "prompt": "ROMEO:", "best_of": 2, "echo": True, "frequency_penalty": 0.5,
+    "logit_bias": {"5": 2.0}, "logprobs": 2, "max_tokens": 4, "n": 2, "presence_penalty": 0.5, "seed": 3,
+    "stop": ["\n"], "stream": False, "stream_options": None, "suffix": "THE END", "temperature": 0.7,
+    "top_p": 0.9, "user": "user-1234",
+}  # fmt: skip
+OPENAI_CHAT_FIELDS = {
+    "messages": MESSAGES["messages"], "model": MODEL_NAME, "audio": {"voice": "alloy", "format": "wav"},
+    "frequency_penalty": 0.5, "function_call": "auto",
+    "functions": [{"name": "f", "parameters": {"type": "object"}}], "logit_bias": {"5": 2.0}, "logprobs": True,
+    "max_completion_tokens": 4, "max_tokens": 4, "metadata": {"k": "v"}, "modalities": ["text", "audio"], "n": 2,
+    "parallel_tool_calls": True, "prediction": {"type": "content", "content": "x"}, "presence_penalty": 0.5,
+    "prompt_cache_key": "k1", "prompt_cache_retention": "in-memory", "reasoning_effort": "low",
+    "response_format": {"type": "json_object"}, "safety_identifier": "abc", "seed": 3,
+    "service_tier": "flex", "stop": ["\n"], "store": True, "stream": False, "stream_options": None,
+    "temperature": 0.7, "tool_choice": "none",
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    "top_logprobs": 2, "top_p": 0.9, "user": "user-1234", "verbosity": "low",
+    "web_search_options": {},
+}  # fmt: skip
+VLLM_COMMON_FIELDS = {
+    "use_beam_search": True, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "length_penalty": 0.5,
+    "stop_token_ids": [7], "include_stop_str_in_output": True, "ignore_eos": True, "min_tokens": 1,
+    "skip_special_tokens": False, "spaces_between_special_tokens": False, "truncate_prompt_tokens": 3,
+    "allowed_token_ids": [5, 6, 7], "prompt_logprobs": 1, "bad_words": ["the"], "best_of": 2,
+    "response_format": {"type": "json_object"}, "structured_outputs": {"regex": "[a-z]+"},
+    "guided_json": {"type": "object"}, "guided_regex": "[a-z]+", "guided_choice": ["yes", "no"],
+    "guided_grammar": 'root ::= "yes" | "no"', "guided_decoding_backend": "outlines",
+    "guided_whitespace_pattern": " ?", "structural_tag": "{}", "priority": 1, "request_id": "my-request-1",
+    "logits_processors": ["mod.Proc"], "return_tokens_as_token_ids": True, "return_token_ids": True,
+    "cache_salt": "salt", "kv_transfer_params": {"x": 1}, "vllm_xargs": {"x": 1}, "add_special_tokens": False,
+    "echo": True,
+}  # fmt: skip
+VLLM_COMPLETION_ONLY = {"prompt_embeds": "AAAA"}
+VLLM_CHAT_ONLY = {
+    "add_generation_prompt": True, "continue_final_message": False, "documents": [{"title": "t", "text": "x"}],
+    "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}", "chat_template_kwargs": {"mood": "calm"},
+    "mm_processor_kwargs": {"x": 1}, "include_reasoning": False,
+}  # fmt: skip
+COMPANIONS = {"top_logprobs": {"logprobs": True}}  # fields that need another one to make sense
+REFUSED = {
+    "suffix", "audio", "function_call", "functions", "modalities", "prediction", "reasoning_effort",
+    "service_tier", "store", "verbosity", "web_search_options", "use_beam_search", "length_penalty",
+    "spaces_between_special_tokens", "guided_decoding_backend", "guided_whitespace_pattern", "structural_tag",
+    "priority", "logits_processors", "kv_transfer_params", "vllm_xargs", "prompt_embeds", "mm_processor_kwargs",
+    "include_reasoning",
+}  # fmt: skip
+
+
+@contextmanager
+def run_server(model_dir: Path, log_path: Path, **env: str) -> Iterator[str]:
+    """`uvicorn server:app` on a free port, its log written to `log_path` (the test reads the warnings)."""
+    port = free_port()
+    full_env = {
+        **os.environ,
+        "MINISERVE_MODEL": str(model_dir),
+        "MINISERVE_DEVICE": "cpu",
+        "MINISERVE_DTYPE": "float32",
+        "MINISERVE_SERVED_MODEL_NAME": MODEL_NAME,
+        **env,
+    }
+    cmd = [sys.executable, "-m", "uvicorn", "server:app", "--host", "127.0.0.1", "--port", str(port)]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd + ["--log-level", "warning"], cwd=REPO, env=full_env, stdout=log, stderr=log)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            with open(log_path, "rb") as reader:
+                _wait_healthy(url, proc, reader)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    out = build_model_dir(
+        tmp_path_factory.mktemp("api-model"), "LlamaForCausalLM", tokenizer_dir, seed=11, max_position_embeddings=2048
+    )
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config["chat_template"] = TOOL_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture(scope="module")
+def log_path(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("api-log") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def url(model_dir, log_path) -> Iterator[str]:
+    with run_server(model_dir, log_path) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tok(model_dir):
+    return transformers.AutoTokenizer.from_pretrained(model_dir)
+
+
+def hf_greedy_processed(model, prompt_ids: list[int], steps: int, process) -> list[int]:
+    """Greedy decoding where `process(logits [V]) -> logits` reshapes each step's logits: the oracle."""
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            ids.append(int(process(logits).argmax()))
+    return ids[len(prompt_ids) :]
+
+
+def post(url: str, path: str, body: dict) -> httpx.Response:
+    return httpx.post(url + path, json=body, timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------- the field walk
+
+
+@pytest.mark.parametrize(
+    ("path", "base", "fields"),
+    [
+        ("/v1/completions", PROMPT, {**OPENAI_COMPLETION_FIELDS, **VLLM_COMMON_FIELDS, **VLLM_COMPLETION_ONLY}),
+        ("/v1/chat/completions", MESSAGES, {**OPENAI_CHAT_FIELDS, **VLLM_COMMON_FIELDS, **VLLM_CHAT_ONLY}),
+    ],
+)
+def test_every_schema_field_is_honoured_or_refused_by_name(url, path, base, fields):
+    from miniserve.server.protocol import ChatCompletionRequest, CompletionRequest
+
+    model = CompletionRequest if "chat" not in path else ChatCompletionRequest
+    known = set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
+    for name, value in fields.items():
+        assert name in known, f"{name} is not in the server's schema: it would be ignored"
+        body = {"model": MODEL_NAME, **base, "max_tokens": 3, **COMPANIONS.get(name, {}), name: value}
+        r = post(url, path, body)
+        if name in REFUSED:
+            assert r.status_code == 400, (name, r.text)
+            assert r.json()["error"]["param"] == name, (name, r.json())
+        else:
+            assert r.status_code == 200, (name, r.text)
+
+
+def test_refused_fields_at_their_default_are_accepted(url):
+    defaults = {"use_beam_search": False, "length_penalty": 1.0, "spaces_between_special_tokens": True,
+                "guided_decoding_backend": "xgrammar", "priority": 0, "suffix": "", "logits_processors": [],
+                "vllm_xargs": {}}  # fmt: skip
+    r = post(url, "/v1/completions", {"model": MODEL_NAME, **PROMPT, "max_tokens": 2, **defaults})
+    assert r.status_code == 200, r.text
+    chat = {"store": False, "service_tier": "auto", "modalities": ["text"], "include_reasoning": True}
+    r = post(url, "/v1/chat/completions", {"model": MODEL_NAME, **MESSAGES, "max_tokens": 2, **chat})
+    assert r.status_code == 200, r.text
+
+
+def test_unknown_fields_are_ignored_with_one_warning(url, log_path):
+    body = {"model": MODEL_NAME, **PROMPT, "max_tokens": 2, "made_up_field": 1, "another_one": "x"}
+    assert post(url, "/v1/completions", body).status_code == 200
+    messages = [{"role": "user", "content": "hi", "mystery": True}]
+    assert post(url, "/v1/chat/completions", {"model": MODEL_NAME, "messages": messages, "max_tokens": 2}).status_code
+    log = log_path.read_text(errors="replace")
+    lines = [line for line in log.splitlines() if "fields ignored" in line]
+    assert any("made_up_field" in line and "another_one" in line for line in lines), log
+    assert sum("made_up_field" in line for line in lines) == 1  # one warning per request, naming all of them
+    assert any("messages[0].mystery" in line for line in lines), log
+
+
+# ---------------------------------------------------------------------------------------------- sampling controls
+
+
+def test_logit_bias_changes_greedy_output_as_specified(client, hf_model, hf_tok):
+    prompt = "To be, or not to be"
+    ids = hf_tok(prompt).input_ids
+    plain = hf_greedy_processed(hf_model, ids, 8, lambda x: x)
+    # push the second greedy token's id up a little and ban the first one: the oracle adds the same bias
+    bias = {plain[1]: 3.5, plain[0]: -100.0}
+
+    def add_bias(logits):
+        logits = logits.clone()
+        for t, b in bias.items():
+            logits[t] += b
+        return logits
+
+    expected = hf_greedy_processed(hf_model, ids, 8, add_bias)
+    assert expected != plain
+    r = client.completions.create(
+        model=MODEL_NAME,
+        prompt=prompt,
+        max_tokens=8,
+        temperature=0,
+        logit_bias={str(t): b for t, b in bias.items()},
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
+    assert r.choices[0].model_extra["token_ids"] == expected
+    assert plain[0] not in r.choices[0].model_extra["token_ids"]
+
+
+def test_allowed_token_ids_change_greedy_output_as_specified(client, hf_model, hf_tok):
+    prompt = "My lord, the king"
+    ids = hf_tok(prompt).input_ids
+    plain = hf_greedy_processed(hf_model, ids, 6, lambda x: x)
+    allowed = [t for t in range(40, 60) if t not in plain][:6]
+
+    def only_allowed(logits):
+        out = torch.full_like(logits, -float("inf"))
+        out[allowed] = logits[allowed]
+        return out
+
+    expected = hf_greedy_processed(hf_model, ids, 6, only_allowed)
+    for create in (client.completions.create, client.chat.completions.create):
+        kwargs = {"prompt": prompt} if create == client.completions.create else {}
+        if not kwargs:
+            kwargs = {"messages": [{"role": "user", "content": prompt}]}
+        r = create(
+            model=MODEL_NAME,
+            max_tokens=6,
+            temperature=0,
+            extra_body={"ignore_eos": True, "allowed_token_ids": allowed, "return_token_ids": True},
+            **kwargs,
+        )
+        got = r.choices[0].model_extra["token_ids"]
+        assert set(got) <= set(allowed)
+        if "prompt" in kwargs:
+            assert got == expected
+
+
+def test_bad_words_are_never_generated(client, hf_model, hf_tok):
+    prompt = "What light through yonder window breaks?"
+    ids = hf_tok(prompt).input_ids
+    plain = hf_greedy_processed(hf_model, ids, 10, lambda x: x)
+    # a generated token that is a whole word on its own: banning the word bans that token at every step
+    word, token = next(
+        (w, t)
+        for t in plain
+        for w in [hf_tok.decode([t]).strip()]
+        if w.isalpha()
+        and hf_tok(w, add_special_tokens=False).input_ids in ([t], [])
+        or w.isalpha()
+        and hf_tok(" " + w, add_special_tokens=False).input_ids == [t]
+    )
+    word_ids = {tuple(hf_tok(v, add_special_tokens=False).input_ids) for v in (word, " " + word)}
+    single = {ws[0] for ws in word_ids if len(ws) == 1}
+
+    def ban(logits):
+        logits = logits.clone()
+        logits[list(single)] = -float("inf")
+        return logits
+
+    expected = hf_greedy_processed(hf_model, ids, 10, ban)
+    assert token not in expected and expected != plain
+    r = client.completions.create(
+        model=MODEL_NAME,
+        prompt=prompt,
+        max_tokens=10,
+        temperature=0,
+        extra_body={"ignore_eos": True, "bad_words": [word], "return_token_ids": True},
+    )
+    got = r.choices[0].model_extra["token_ids"]
+    # multi-token spellings of the word are banned only after their first tokens; none occur in the oracle's output
+    assert got == expected, (word, word_ids)
+
+
+def test_token_ids_outside_the_vocabulary_get_400s_naming_the_field(url):
+    cases = [
+        ({"logit_bias": {str(VOCAB): 1.0}}, "logit_bias", str(VOCAB)),
+        ({"logit_bias": {"abc": 1.0}}, "logit_bias", "abc"),
+        ({"logit_bias": {"5": 150}}, "logit_bias", "100"),
+        ({"stop_token_ids": [VOCAB + 5]}, "stop_token_ids", str(VOCAB)),
+        ({"allowed_token_ids": [VOCAB]}, "allowed_token_ids", str(VOCAB)),
+        ({"allowed_token_ids": []}, "allowed_token_ids", "empty"),
+    ]
+    for extra, param, mentioned in cases:
+        for path, base in (("/v1/completions", PROMPT), ("/v1/chat/completions", MESSAGES)):
+            r = post(url, path, {"model": MODEL_NAME, **base, **extra})
+            assert r.status_code == 400, (extra, r.text)
+            err = r.json()["error"]
+            assert err["param"] == param and mentioned in err["message"], (extra, err)
+    # the last valid id and the bias bounds themselves are fine
+    ok = {"logit_bias": {str(VOCAB - 1): 100, "0": -100}, "stop_token_ids": [VOCAB - 1]}
+    assert post(url, "/v1/completions", {"model": MODEL_NAME, **PROMPT, "max_tokens": 2, **ok}).status_code == 200
+
+
+def test_best_of_returns_the_n_likeliest_of_best_of(client, url):
+    kwargs = dict(model=MODEL_NAME, prompt="ROMEO:", max_tokens=5, temperature=1.0, seed=5)
+    every = client.completions.create(n=4, logprobs=0, extra_body={"ignore_eos": True}, **kwargs)
+    sums = sorted(((sum(c.logprobs.token_logprobs), c.text) for c in every.choices), reverse=True)
+    best = client.completions.create(n=2, best_of=4, extra_body={"ignore_eos": True}, **kwargs)
+    assert [c.text for c in best.choices] == [text for _, text in sums[:2]]
+    assert [c.index for c in best.choices] == [0, 1] and all(c.logprobs is None for c in best.choices)
+    r = post(url, "/v1/completions", {**kwargs, "n": 3, "best_of": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+    r = post(url, "/v1/completions", {**kwargs, "best_of": 2, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+
+
+def test_prompt_logprobs_in_the_server_match_transformers(client, hf_model, hf_tok):
+    prompt = "Now is the winter"
+    ids = hf_tok(prompt).input_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=1, extra_body={"prompt_logprobs": 2})
+    plp = r.choices[0].model_extra["prompt_logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None
+    for pos in range(1, len(ids)):
+        entry = plp[pos]
+        assert entry[str(ids[pos])]["logprob"] == pytest.approx(ref[pos - 1, ids[pos]].item(), abs=1e-3)
+        top2 = ref[pos - 1].topk(2).indices.tolist()
+        ranked = {int(k): v["rank"] for k, v in entry.items()}
+        assert ranked[top2[0]] == 1 and ranked[top2[1]] == 2
+        assert len(entry) == (2 if ids[pos] in top2 else 3)
+    chat = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES["messages"], max_tokens=1, extra_body={"prompt_logprobs": 0}
+    )
+    assert chat.model_extra["prompt_logprobs"][0] is None and len(chat.model_extra["prompt_logprobs"]) > 3
+
+
+def test_truncate_and_add_special_tokens(client, hf_tok):
+    prompt = "To be, or not to be, that is the question"
+    ids = hf_tok(prompt).input_ids
+    assert ids[0] == 0  # conftest's tokenizer adds BOS
+    r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=1,
+                                  extra_body={"truncate_prompt_tokens": 4, "return_token_ids": True})  # fmt: skip
+    assert r.usage.prompt_tokens == 4 and r.choices[0].model_extra["prompt_token_ids"] == ids[-4:]
+    r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=1,
+                                  extra_body={"add_special_tokens": False, "return_token_ids": True})  # fmt: skip
+    assert r.choices[0].model_extra["prompt_token_ids"] == ids[1:]
+    chat_ids = {}
+    for value in (True, False, None):
+        extra = {"return_token_ids": True} | ({} if value is None else {"add_special_tokens": value})
+        r = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES["messages"], max_tokens=1,
+                                           extra_body=extra)  # fmt: skip
+        chat_ids[value] = r.model_extra["prompt_token_ids"]
+    # this template writes no BOS: by default the server adds it; False is the template's text alone; True adds
+    # the tokenizer's specials to it
+    assert chat_ids[False][0] != 0 and chat_ids[True] == [0] + chat_ids[False] == chat_ids[None]
+
+
+def test_usage_details_continuous_usage_and_token_ids_when_streaming(client):
+    stream = client.completions.create(
+        model=MODEL_NAME,
+        prompt="ROMEO:",
+        max_tokens=5,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
+    chunks = list(stream)
+    counts = [c.usage.completion_tokens for c in chunks if c.choices]
+    assert counts == sorted(counts) and counts[-1] == 5 and all(c.usage is not None for c in chunks)
+    streamed = [t for c in chunks for ch in c.choices for t in ch.model_extra.get("token_ids", [])]
+    final = chunks[-1].usage
+    assert final.prompt_tokens_details.cached_tokens == 0 and final.completion_tokens == 5
+    whole = client.completions.create(model=MODEL_NAME, prompt="ROMEO:", max_tokens=5, temperature=0,
+                                      extra_body={"ignore_eos": True, "return_token_ids": True})  # fmt: skip
+    assert streamed == whole.choices[0].model_extra["token_ids"]
+    assert whole.usage.prompt_tokens_details.cached_tokens == 0
+    # tokens as ids in logprobs
+    r = client.completions.create(model=MODEL_NAME, prompt="ROMEO:", max_tokens=3, temperature=0, logprobs=1,
+                                  extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})  # fmt: skip
+    assert r.choices[0].logprobs.tokens == [f"token_id:{t}" for t in whole.choices[0].model_extra["token_ids"][:3]]
+
+
+def test_cache_salt_separates_prefix_cache_namespaces(client):
+    """Prefix caching is on: the same long prompt is served from the cache again, unless its salt differs (or one of
+    the two has none); a salted request hits only its own salt's blocks."""
+    prompt = "Now is the winter of our discontent made glorious summer by this sun of York. " * 3
+
+    def cached(salt: str | None) -> int:
+        extra = {"cache_salt": salt} if salt is not None else {}
+        r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=1, extra_body=extra)
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    assert cached(None) == 0 and cached(None) > 0  # the feature off: the plain prefix cache hits
+    assert cached("tenant-a") == 0  # another namespace than no salt
+    hit = cached("tenant-a")
+    assert hit > 0  # the same salt shares its own blocks
+    assert cached("tenant-b") == 0 and cached("tenant-b") == hit
+
+
+def test_request_id_tokenize_strs_and_version(url, client, hf_tok):
+    r = post(url, "/v1/completions", {"model": MODEL_NAME, **PROMPT, "max_tokens": 1, "request_id": "abc-123"})
+    assert r.json()["id"] == "abc-123"
+    r = post(url, "/tokenize", {"prompt": "To be", "return_token_strs": True}).json()
+    assert r["token_strs"] == hf_tok.convert_ids_to_tokens(r["tokens"])
+    from miniserve import __version__
+
+    assert httpx.get(url + "/version").json() == {"version": __version__}
+
+
+def test_chat_echo_continue_final_message_and_template_kwargs(client, url):
+    messages = [{"role": "user", "content": "Speak."}, {"role": "assistant", "content": "Once upon"}]
+    body = {"model": MODEL_NAME, "messages": messages, "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+            "add_generation_prompt": False, "continue_final_message": True}  # fmt: skip
+    r = post(url, "/v1/chat/completions", {**body, "echo": True, "return_token_ids": True}).json()
+    plain = post(url, "/v1/chat/completions", body).json()
+    content = r["choices"][0]["message"]["content"]
+    assert content == "Once upon" + plain["choices"][0]["message"]["content"]
+    # the prompt ends right after the final message's text: no end-of-turn marker, no new turn
+    tokenized = post(url, "/detokenize", {"tokens": r["prompt_token_ids"]}).json()["prompt"]
+    assert tokenized.endswith("assistant\nOnce upon")
+    # streamed echo: the first delta carries the echoed text
+    stream = client.chat.completions.create(
+        model=MODEL_NAME, messages=messages, max_tokens=4, temperature=0, stream=True,
+        extra_body={"ignore_eos": True, "add_generation_prompt": False, "continue_final_message": True, "echo": True},
+    )  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == content
+    # both at once is a 400
+    both = post(url, "/v1/chat/completions", {**body, "add_generation_prompt": True})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "continue_final_message"
+    # chat_template_kwargs reach the template; chat_template replaces it
+    calm_body = {"model": MODEL_NAME, **MESSAGES, "max_tokens": 1, "chat_template_kwargs": {"mood": "calm"}}
+    calm = post(url, "/v1/chat/completions", {**calm_body, "return_token_ids": True})
+    text = post(url, "/detokenize", {"tokens": calm.json()["prompt_token_ids"]}).json()["prompt"]
+    assert "Speak. (calm)" in text
+    custom = post(url, "/v1/chat/completions", {"model": MODEL_NAME, **MESSAGES, "max_tokens": 1,
+                                               "chat_template": "PLAIN {{ messages[0].content }}",
+                                               "return_token_ids": True})  # fmt: skip
+    text = post(url, "/detokenize", {"tokens": custom.json()["prompt_token_ids"]}).json()["prompt"]
+    assert text == "PLAIN Speak."
+
+
+# ---------------------------------------------------------------------------------------------- tool calls
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                         "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"]}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}}, "required": ["zone"]}}},
+]  # fmt: skip
+PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+
+def _streamed_calls(stream) -> tuple[list[tuple[str, str]], str, str | None]:
+    """Accumulate streamed tool-call deltas by index: [(name, arguments)], content, finish_reason."""
+    calls: dict[int, list[str]] = {}
+    content, finish = "", None
+    for chunk in stream:
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            finish = c.finish_reason or finish
+            for call in c.delta.tool_calls or []:
+                entry = calls.setdefault(call.index, ["", ""])
+                entry[0] += call.function.name or ""
+                entry[1] += call.function.arguments or ""
+    return [tuple(calls[i]) for i in sorted(calls)], content, finish
+
+
+def test_tool_round_trip_forced_with_required_streamed_equals_non_streamed(client, url):
+    import jsonschema
+
+    messages = [{"role": "user", "content": "Weather in Verona?"}]
+    kwargs = dict(model=MODEL_NAME, messages=messages, tools=TOOLS, tool_choice="required", temperature=1.0,
+                  seed=2, max_tokens=400)  # fmt: skip
+    r = client.chat.completions.create(**kwargs)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+    assert calls and all(c.id and c.type == "function" for c in choice.message.tool_calls)
+    for name, arguments in calls:
+        jsonschema.validate(json.loads(arguments), PARAMS[name])
+    streamed, content, finish = _streamed_calls(client.chat.completions.create(stream=True, **kwargs))
+    assert streamed == calls and content == "" and finish == "tool_calls"
+    # the calls and their results go back through the chat template
+    follow = messages + [
+        choice.message.model_dump(exclude_none=True),
+        *({"role": "tool", "tool_call_id": c.id, "content": '{"ok": true}'} for c in choice.message.tool_calls),
+    ]
+    again = post(url, "/v1/chat/completions", {"model": MODEL_NAME, "messages": follow, "tools": TOOLS,
+                                              "max_tokens": 2, "return_token_ids": True})  # fmt: skip
+    assert again.status_code == 200, again.text
+    prompt = post(url, "/detokenize", {"tokens": again.json()["prompt_token_ids"]}).json()["prompt"]
+    assert f'<tool_call>\n{{"name": "{calls[0][0]}", "arguments": {calls[0][1]}}}' in prompt
+    assert '<tool_response>\n{"ok": true}\n</tool_response>' in prompt and '"name": "get_weather"' in prompt
+    # one call only without parallel_tool_calls
+    one = client.chat.completions.create(**{**kwargs, "parallel_tool_calls": False, "seed": 3})
+    assert len(one.choices[0].message.tool_calls) == 1
+
+
+def test_named_tool_choice_and_auto_parsing(client):
+    import jsonschema
+
+    messages = [{"role": "user", "content": "What time is it?"}]
+    named = {"type": "function", "function": {"name": "get_time"}}
+    kwargs = dict(model=MODEL_NAME, messages=messages, tools=TOOLS, tool_choice=named, temperature=1.0, seed=1,
+                  max_tokens=200)  # fmt: skip
+    r = client.chat.completions.create(**kwargs)
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_time" and r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(call.function.arguments), PARAMS["get_time"])
+    streamed, _, _ = _streamed_calls(client.chat.completions.create(stream=True, **kwargs))
+    assert streamed == [("get_time", call.function.arguments)]
+    # auto: the model's own <tool_call> block is parsed (a regex makes the tiny model write one)
+    block = r'Let me check\.\n<tool_call>\n\{"name": "get_time", "arguments": \{"zone": "(utc|cet)"\}\}\n</tool_call>'
+    auto = dict(kwargs, tool_choice="auto", extra_body={"structured_outputs": {"regex": block}})
+    r = client.chat.completions.create(**auto)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and msg.content == "Let me check.\n"
+    assert [(c.function.name, json.loads(c.function.arguments)["zone"] in ("utc", "cet")) for c in msg.tool_calls] == [
+        ("get_time", True)
+    ]
+    streamed, content, finish = _streamed_calls(client.chat.completions.create(stream=True, **auto))
+    assert streamed == [(c.function.name, c.function.arguments) for c in msg.tool_calls]
+    assert content == msg.content and finish == "tool_calls"
+
+
+def test_tool_choice_errors(url):
+    base = {"model": MODEL_NAME, "messages": MESSAGES["messages"], "tools": TOOLS}
+    cases = [
+        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tools": None, "tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": "auto", "chat_template": "{{ messages[0].content }}"}, "tool_choice"),  # no call format
+        ({"tool_choice": "required", "guided_regex": "a"}, "guided_regex"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),  # no tool_call_id
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": []}], "tool_choice": "none"}, None),
+    ]
+    for extra, param in cases:
+        r = post(url, "/v1/chat/completions", {**base, "max_tokens": 2, **extra})
+        if param is None:
+            assert r.status_code == 200, r.text
+        else:
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "text", "content", "calls"),
+    [
+        ("hermes", 'Sure.\n<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n<tool_call>\n'
+         '{"name": "g", "arguments": {}}\n</tool_call>', "Sure.\n", [("f", '{"a": 1}'), ("g", "{}")]),
+        ("hermes", "no calls <tool_call> broken", "no calls <tool_call> broken", []),
+        ("llama3_json", '{"name": "f", "parameters": {"a": [1, 2]}}; {"name": "g", "parameters": {}}', "",
+         [("f", '{"a": [1, 2]}'), ("g", "{}")]),
+        ("llama3_json", '<|python_tag|>{"name": "f", "parameters": {"x": "y"}}', "", [("f", '{"x": "y"}')]),
+        ("llama3_json", "The {answer} is no call", "The {answer} is no call", []),
+        ("mistral", 'Ok [TOOL_CALLS] [{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {}}]', "Ok ",
+         [("f", '{"a": 1}'), ("g", "{}")]),
+        ("mistral", '[TOOL_CALLS]f[ARGS]{"a": 1}[TOOL_CALLS]g[ARGS]{}', "", [("f", '{"a": 1}'), ("g", "{}")]),
+    ],
+)  # fmt: skip
+def test_tool_call_formats_parse_whole_and_streamed_alike(fmt, text, content, calls):
+    from miniserve.server.tool_calls import PARSERS, StreamingToolParser
+
+    got_content, got_calls = PARSERS[fmt](text)
+    assert (got_content, [(c.name, c.arguments) for c in got_calls]) == (content, calls)
+    for step in (1, 3, 7):  # fed the cumulative text a few characters at a time
+        parser = StreamingToolParser("auto", fmt)
+        streamed_content, streamed_calls = "", []
+        for end in [*range(step, len(text), step), len(text)]:
+            new, new_calls = parser.feed(text[:end], final=end == len(text))
+            streamed_content += new
+            streamed_calls += new_calls
+        assert (streamed_content, [(c.name, c.arguments) for c in streamed_calls]) == (content, calls)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def test_vllm_request_metrics_and_cache_config(url, client, hf_tok):
+    from tests.test_server import metric, scrape
+
+    prompt = "Now is the winter of our discontent"
+    num_prompt = len(hf_tok(prompt).input_ids)
+    before = scrape(url)
+    r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=5, temperature=0,
+                                  extra_body={"ignore_eos": True})  # fmt: skip
+    cached = r.usage.prompt_tokens_details.cached_tokens  # an earlier test's prompt may share its start
+    after = scrape(url)
+    delta = lambda name: metric(after, name) - metric(before, name)  # noqa: E731
+    assert delta("request_prompt_tokens_count") == 1 and delta("request_prompt_tokens_sum") == num_prompt
+    assert delta("request_generation_tokens_sum") == 5
+    # one engine step computes the prompt (what the prefix cache did not hold), four more each feed one sampled token
+    # (the fifth is never fed)
+    assert delta("iteration_tokens_total_sum") == num_prompt - cached + 4
+    assert delta("iteration_tokens_total_count") == 5
+    for phase in ("queue", "prefill", "decode", "inference"):
+        assert delta(f"request_{phase}_time_seconds_count") == 1
+    parts = delta("request_prefill_time_seconds_sum") + delta("request_decode_time_seconds_sum")
+    assert delta("request_inference_time_seconds_sum") == pytest.approx(parts, abs=1e-6)
+    assert delta("request_decode_time_seconds_sum") > 0
+    info = [(labels, v) for (name, labels), v in after.items() if name == "miniserve:cache_config_info"]
+    assert len(info) == 1 and info[0][1] == 1.0
+    assert dict(info[0][0])["block_size"] == "16" and int(dict(info[0][0])["num_gpu_blocks"]) > 0
+
+
+def test_tokenize_renders_messages_like_chat(url):
+    messages = [{"role": "user", "content": "Speak."}, {"role": "assistant", "content": "Once upon"}]
+    chat = post(url, "/v1/chat/completions", {"model": MODEL_NAME, "messages": messages, "max_tokens": 1,
+                                             "add_generation_prompt": False, "continue_final_message": True,
+                                             "tools": TOOLS, "chat_template_kwargs": {"mood": "calm"},
+                                             "return_token_ids": True}).json()  # fmt: skip
+    tok = post(url, "/tokenize", {"messages": messages, "add_generation_prompt": False,
+                                  "continue_final_message": True, "tools": TOOLS,
+                                  "chat_template_kwargs": {"mood": "calm"}}).json()  # fmt: skip
+    assert tok["tokens"] == chat["prompt_token_ids"]
+    text = post(url, "/detokenize", {"tokens": tok["tokens"]}).json()["prompt"]
+    assert "get_weather" in text and "(calm)" in text and text.endswith("Once upon")

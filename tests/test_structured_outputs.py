@@ -1,0 +1,316 @@
+"""Structured outputs (xgrammar): JSON schemas, regex, choice and EBNF grammars through the server on the demo model,
+sampled at temperature 1.0 with n=4; every output must parse and validate (jsonschema, re.fullmatch). Also the
+engine side: masks applied on the device match the bitmask bit for bit, preempted sequences keep their grammar
+state, speculative decoding leaves constrained requests alone, and compiled grammars are cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+from collections.abc import Iterator
+
+import httpx
+import jsonschema
+import openai
+import pytest
+import torch
+
+from miniserve.config import DEMO_TARGET
+from tests.test_server import run_server
+
+MODEL = "shakespeare-target"
+S = {"type": "string", "maxLength": 8}  # bounded strings keep the demo model's outputs short
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": S}, "required": ["name"]},
+    {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120}}, "required": ["age"]},
+    {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]},
+    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"]},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": S, "minItems": 1, "maxItems": 3}},
+     "required": ["tags"]},
+    {"type": "object", "properties": {"p": {"type": "object", "properties": {"x": {"type": "integer", "minimum": -9,
+     "maximum": 9}, "y": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["x", "y"]}},
+     "required": ["p"]},
+    {"type": "object", "properties": {"name": S, "nick": S}, "required": ["name"]},  # nick optional
+    {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5}, "minItems": 2, "maxItems": 4},
+    {"type": "object", "properties": {"score": {"type": "number", "minimum": 0, "maximum": 1}}, "required": ["score"]},
+    {"type": "object", "properties": {"kind": {"const": "play"}, "acts": {"type": "integer", "minimum": 1,
+     "maximum": 5}}, "required": ["kind", "acts"]},
+    {"type": "object", "properties": {"who": {"type": "object", "properties": {"first": S, "last": S},
+     "required": ["first"]}, "when": {"type": "integer", "minimum": 1500, "maximum": 1700}},
+     "required": ["who", "when"]},
+    {"type": "object", "properties": {"v": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 9},
+     {"type": "null"}]}}, "required": ["v"]},
+    {"type": "object", "properties": {"grid": {"type": "array", "items": {"type": "array", "items":
+     {"enum": [0, 1]}, "minItems": 2, "maxItems": 2}, "minItems": 2, "maxItems": 2}}, "required": ["grid"]},
+    {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"type": "null"}, "c": {"enum": ["x", "y"]}},
+     "required": ["a", "b", "c"]},
+    {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "object", "properties":
+     {"id": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["id"]}, "maxItems": 2}},
+     "required": ["items"]},
+    {"type": "object", "properties": {"title": S, "year": {"type": "integer", "minimum": 1590, "maximum": 1613},
+     "genre": {"enum": ["comedy", "tragedy", "history"]}}, "required": ["title", "year", "genre"]},
+    {"type": "object", "properties": {"m": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 3}},
+     "required": ["m"]},
+    {"type": "string", "enum": ["aye", "nay"]},
+    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$"}},
+     "required": ["code"]},
+    {"type": "object", "properties": {"lord": {"type": "object", "properties": {"title": {"enum": ["duke",
+     "earl"]}, "lands": {"type": "array", "items": S, "maxItems": 2}}, "required": ["title", "lands"]}},
+     "required": ["lord"]},
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    with run_server(DEMO_TARGET, MINISERVE_MAX_NUM_SEQS="128") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=300, max_retries=0)
+
+
+def _schema_request(i: int, schema: dict) -> dict:
+    """The three spellings in turn: response_format json_schema (strict), structured_outputs.json, guided_json."""
+    body: dict = {"model": MODEL, "prompt": "ROMEO:", "n": 4, "temperature": 1.0, "seed": i, "max_tokens": 120}
+    options = {"structured_outputs": {"disable_any_whitespace": True}}  # compact: short outputs on a tiny model
+    if i % 3 == 0:
+        rf = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema, "strict": True}}
+        return {**body, "response_format": rf, **options}
+    if i % 3 == 1:
+        return {**body, "structured_outputs": {"json": schema, "disable_any_whitespace": True}}
+    return {**body, "guided_json": json.dumps(schema), **options}
+
+
+def test_twenty_json_schemas_sampled_with_n4_all_parse_and_validate(url):
+    async def run() -> list[dict]:
+        async with httpx.AsyncClient(timeout=600) as http:
+            replies = await asyncio.gather(
+                *(http.post(url + "/v1/completions", json=_schema_request(i, s)) for i, s in enumerate(SCHEMAS))
+            )
+        return [r.json() for r in replies]
+
+    replies = asyncio.run(run())
+    for schema, reply in zip(SCHEMAS, replies):
+        assert "choices" in reply, reply
+        texts = [c["text"] for c in reply["choices"]]
+        assert len(texts) == 4
+        for choice in reply["choices"]:
+            assert choice["finish_reason"] == "stop", (schema, choice)
+            value = json.loads(choice["text"])
+            jsonschema.validate(value, schema)
+            if isinstance(value, dict) and set(value) == set(schema["properties"]):  # in the schema's order
+                assert list(value) == list(schema["properties"]), choice["text"]
+    distinct = sum(len({c["text"] for c in r["choices"]}) for r in replies)
+    assert distinct > 30  # temperature 1.0 really samples
+
+
+def test_json_object_with_whitespace_and_chat_json_schema(client):
+    # chat, default whitespace: allowed between tokens but bounded (no newline loop up to max_tokens)
+    schema = SCHEMAS[3]
+    rf = {"type": "json_schema", "json_schema": {"name": "color", "schema": schema}}
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Describe thyself."}],
+                                       n=4, temperature=1.0, seed=1, max_tokens=200, response_format=rf)  # fmt: skip
+    for c in r.choices:
+        assert c.finish_reason == "stop", c.message.content
+        jsonschema.validate(json.loads(c.message.content), schema)
+        gaps = re.findall(r"\s+", re.sub(r'"(?:[^"\\]|\\.)*"', '""', c.message.content))
+        assert all(len(gap) <= 16 for gap in gaps), c.message.content
+    # json_object: any object (unbounded, so some outputs may run to max_tokens); what ends is an object
+    r = client.completions.create(model=MODEL, prompt="ROMEO:", n=4, temperature=1.0, seed=1, max_tokens=60,
+                                  extra_body={"response_format": {"type": "json_object"},
+                                              "structured_outputs": {"disable_any_whitespace": True}})  # fmt: skip
+    for c in r.choices:
+        assert c.text.startswith("{")
+        if c.finish_reason == "stop":
+            assert isinstance(json.loads(c.text), dict)
+
+
+def test_regex_choice_and_grammar(client):
+    cases = [
+        ({"guided_regex": r"[0-9]{3}-[a-z]{2,5}"}, lambda t: re.fullmatch(r"[0-9]{3}-[a-z]{2,5}", t)),
+        ({"structured_outputs": {"regex": r"(thou|thee) (art|hast) [a-z]{1,6}"}},
+         lambda t: re.fullmatch(r"(thou|thee) (art|hast) [a-z]{1,6}", t)),
+        ({"guided_choice": ["yes", "no", "perchance"]}, lambda t: t in ("yes", "no", "perchance")),
+        ({"structured_outputs": {"choice": ["to be", "not to be"]}}, lambda t: t in ("to be", "not to be")),
+        ({"guided_grammar": 'root ::= "(" num (" + " num)* ")"\nnum ::= [1-9] [0-9]?'},
+         lambda t: re.fullmatch(r"\([1-9][0-9]?( \+ [1-9][0-9]?)*\)", t)),
+    ]  # fmt: skip
+    for extra, ok in cases:
+        r = client.completions.create(model=MODEL, prompt="ROMEO:", n=4, temperature=1.0, seed=3, max_tokens=40,
+                                      extra_body=extra)  # fmt: skip
+        for c in r.choices:
+            if c.finish_reason == "stop":
+                assert ok(c.text), (extra, c.text)
+            else:  # the grammar never ends on its own (a repetition): what came out is a prefix of a sentence
+                assert c.finish_reason == "length" and "grammar" in str(extra), (extra, c.text)
+
+
+def test_streaming_n2_matches_non_streaming_and_stop_strings_cut_the_output(client):
+    schema = SCHEMAS[15]
+    extra = {"guided_json": schema, "structured_outputs": {"disable_any_whitespace": True}}
+    kwargs = dict(model=MODEL, prompt="ROMEO:", n=2, temperature=1.0, seed=9, max_tokens=120, extra_body=extra)
+    whole = client.completions.create(**kwargs)
+    parts: dict[int, str] = {0: "", 1: ""}
+    for chunk in client.completions.create(stream=True, **kwargs):
+        for c in chunk.choices:
+            parts[c.index] += c.text
+    assert [parts[0], parts[1]] == [c.text for c in whole.choices]
+    for c in whole.choices:
+        jsonschema.validate(json.loads(c.text), schema)
+    # a stop string ends a constrained output early, as it ends any other
+    r = client.completions.create(**{**kwargs, "stop": ['"year"']})
+    for c, full in zip(r.choices, whole.choices):
+        assert c.finish_reason == "stop" and c.model_extra["stop_reason"] == '"year"'
+        assert full.text.startswith(c.text) and '"year"' not in c.text
+
+
+def test_invalid_constraints_are_400s_naming_the_field(url):
+    cases = [
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+         "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+        ({"guided_regex": "(unclosed"}, "guided_regex"),
+        ({"structured_outputs": {"grammar": "root ::= undefined_rule"}}, "structured_outputs"),
+        ({"guided_json": "{not json"}, "guided_json"),
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+        ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
+        ({"guided_choice": []}, "guided_choice"),
+    ]  # fmt: skip
+    for extra, param in cases:
+        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x", **extra}, timeout=60)
+        assert r.status_code == 400, (extra, r.text)
+        assert r.json()["error"]["param"] == param, (extra, r.json())
+
+
+# ---------------------------------------------------------------------------------------------- the engine side
+
+
+def test_bitmask_application_matches_the_bit_layout():
+    from miniserve.engine.sampler import apply_token_bitmask
+
+    g = torch.Generator().manual_seed(0)
+    for vocab in (31, 32, 33, 100):
+        words = -(-vocab // 32)
+        bitmask = torch.randint(-(2**31), 2**31 - 1, (3, words), dtype=torch.int32, generator=g)
+        logits = torch.randn(3, vocab, generator=g)
+        out = apply_token_bitmask(logits.clone(), bitmask)
+        for row in range(3):
+            for token in range(vocab):
+                allowed = (int(bitmask[row, token // 32]) >> (token % 32)) & 1  # python ints: an independent read
+                assert out[row, token] == (logits[row, token] if allowed else -float("inf"))
+
+
+@pytest.fixture(scope="module")
+def llm_factory():
+    from miniserve import LLM
+
+    made = {}
+
+    def make(**kwargs):
+        key = tuple(sorted(kwargs.items()))
+        if key not in made:
+            made[key] = LLM(**kwargs)
+        return made[key]
+
+    return make
+
+
+def _constrained(schema: dict, **kwargs):
+    from miniserve import SamplingParams
+    from miniserve.sampling_params import StructuredOutputsParams
+
+    spec = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+    return SamplingParams(**{"temperature": 1.0, "max_tokens": 120, "structured_outputs": spec, **kwargs})
+
+
+def test_preempted_sequences_keep_following_their_grammar(llm_factory):
+    llm = llm_factory(num_kv_blocks=7, max_num_seqs=4)  # 112 token slots for 4 sequences of ~50: preemptions
+    before = llm.engine.scheduler.num_preemptions
+    schema = SCHEMAS[4]
+    outs = llm.generate(["ROMEO:", "JULIET:"], _constrained(schema, n=2, seed=2, max_tokens=100), use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions > before
+    for out in outs:
+        for c in out.outputs:
+            assert c.finish_reason == "stop"
+            jsonschema.validate(json.loads(c.text), schema)
+
+
+def test_constrained_requests_skip_speculation_and_the_compiler_caches(llm_factory):
+    from miniserve import SamplingParams
+
+    llm = llm_factory(speculative_model="demo", num_speculative_tokens=3)
+    schema = SCHEMAS[9]
+    compiled = llm.engine.grammar.num_compiled
+    constrained = _constrained(schema, seed=4)
+    free = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = llm.generate(["ROMEO:", "JULIET:"], [constrained, free], use_tqdm=False)
+    jsonschema.validate(json.loads(outs[0].outputs[0].text), schema)
+    assert outs[0].metrics["num_spec_drafts"] == 0 and outs[1].metrics["num_spec_drafts"] > 0
+    llm.generate(["ROMEO:"], _constrained(schema, seed=5), use_tqdm=False)
+    assert llm.engine.grammar.num_compiled == compiled + 1  # the second request found it compiled
+
+
+def test_without_xgrammar_a_constrained_request_is_a_clear_error(monkeypatch):
+    import sys
+
+    from miniserve.engine.structured_output import GrammarCompiler, StructuredOutputsUnavailable
+    from miniserve.sampling_params import StructuredOutputsParams
+    from miniserve.tokenizer import Tokenizer
+
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # `import xgrammar` now fails, as in an install without it
+    compiler = GrammarCompiler(Tokenizer.from_pretrained(DEMO_TARGET), 4096, {2})
+    with pytest.raises(StructuredOutputsUnavailable, match="pip install xgrammar"):
+        compiler.compile(StructuredOutputsParams(regex="[a-z]+"))
+
+
+def test_a_grammar_compiled_by_the_api_process_is_loaded_by_the_engine_not_recompiled():
+    """The server compiles in the API process and sends the grammar serialized, once; the engine's compiler loads it
+    (no compile) and its matcher walks exactly like the one compiled in place."""
+    from miniserve.engine.structured_output import GrammarCompiler, GrammarState, build_bitmask
+    from miniserve.sampling_params import StructuredOutputsParams
+    from miniserve.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(DEMO_TARGET)
+    vocab = json.loads((DEMO_TARGET / "config.json").read_text())["vocab_size"]
+    api, engine = GrammarCompiler(tok, vocab, {2}), GrammarCompiler(tok, vocab, {2})
+    spec = StructuredOutputsParams(json=SCHEMAS[3], disable_any_whitespace=True)
+    engine.load(spec, api.payload(spec))
+    assert api.payload(spec) is None  # sent once: the engine's cache has it
+    loaded, compiled = engine.new_state(spec), GrammarState(api.new_state(spec).matcher)
+    assert (api.num_compiled, engine.num_compiled) == (1, 0)
+    for token in tok.encode('{"color": "green"}', add_special_tokens=False):
+        masks = [build_bitmask([s], vocab, torch.device("cpu")) for s in (loaded, compiled)]
+        assert torch.equal(masks[0], masks[1])
+        assert loaded.accept(token) and compiled.accept(token)
+    assert loaded.accept(2) and loaded.terminated  # the stop token completes it
+
+
+def test_a_server_without_xgrammar_serves_and_refuses_constraints_by_name(tmp_path):
+    """xgrammar is an optional extra: hidden from the server, plain requests work and every constrained one is a
+    400 naming the field it came from and saying what to install."""
+    hidden = tmp_path / "xgrammar"
+    hidden.mkdir()
+    (hidden / "__init__.py").write_text('raise ImportError("xgrammar is hidden by this test")\n')
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)
+    with run_server(DEMO_TARGET, PYTHONPATH=path) as base:
+        plain = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 3}
+        assert httpx.post(base + "/v1/completions", json=plain, timeout=60).status_code == 200
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        cases = [
+            ("/v1/completions", {**plain, "response_format": {"type": "json_object"}}, "response_format"),
+            ("/v1/completions", {**plain, "guided_regex": "[a-z]+"}, "guided_regex"),
+            ("/v1/completions", {**plain, "structured_outputs": {"choice": ["a"]}}, "structured_outputs"),
+            ("/v1/chat/completions", {**chat, "tools": tools, "tool_choice": "required"}, "tool_choice"),
+        ]
+        for path_, body, param in cases:
+            r = httpx.post(base + path_, json=body, timeout=60)
+            assert r.status_code == 400, (body, r.text)
+            err = r.json()["error"]
+            assert err["param"] == param and "pip install xgrammar" in err["message"], err
