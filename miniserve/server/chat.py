@@ -1,0 +1,176 @@
+"""POST /v1/chat/completions: messages through the chat template to one prompt, then choices as messages, plain
+or streamed, with tool calls (server/tool_calls.py) and chat logprobs."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from miniserve.server import responses as fmt
+from miniserve.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+)
+from miniserve.server.request_group import (
+    RequestGroup,
+    choice_deltas,
+    collect_finals,
+    request_usage,
+    sse_response,
+    stream_usage,
+    structured_spec,
+)
+from miniserve.server.request_params import pick_best, sampling_params
+from miniserve.server.state import ClientDisconnected, ServerState, state_of
+from miniserve.server.tool_calls import ToolSetup, tool_setup
+
+
+async def create_chat_completion(request: Request) -> Response:
+    state = state_of(request)
+    req: ChatCompletionRequest = await state.parse(request, ChatCompletionRequest)
+    state.check_stop(req)
+    tools = tool_setup(req, state.tokenizer.chat_template)
+    structured = await state.compile_constraint(_chat_constraint(req, tools))
+    ids = await _chat_ids(state, req, tools)
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    budget_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    budget = state.token_budget(len(ids), req.token_budget(), "messages", budget_param)
+    params = sampling_params(req, budget, top, state.vocab_size, req.prompt_logprobs, structured)
+    group = RequestGroup(state, f"chatcmpl-{uuid.uuid4().hex}", req.stream)
+    await group.start([ids], [params], "messages")
+    head = {
+        "id": req.request_id or group.base_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": state.model_name,
+    }
+    if req.stream:
+        return sse_response(_stream_chat(state, req, request, group, head, ids, tools), group)
+    finals = await collect_finals(group, request)
+    if finals is None:
+        return Response(status_code=499)
+    out = finals[0]
+    body = {**head, "choices": _chat_choices(state, req, ids, out, tools), "usage": request_usage([ids], [out])}
+    if req.prompt_logprobs is not None:
+        as_ids = bool(req.return_tokens_as_token_ids)
+        body["prompt_logprobs"] = fmt.vllm_prompt_logprobs(
+            state.tokenizer, ids, out.prompt_logprobs, req.prompt_logprobs, as_ids
+        )
+    if req.return_token_ids:
+        body["prompt_token_ids"] = ids
+    return fmt.JSONBytesResponse(body)
+
+
+async def _chat_ids(state: ServerState, req: ChatCompletionRequest, tools: ToolSetup) -> list[int]:
+    """The prompt: messages (tool calls and results included) and tools through the chat template."""
+    return await state.encode_chat(
+        req.chat_messages(),
+        req.add_generation_prompt,
+        truncate=req.truncate_prompt_tokens,
+        add_special_tokens=req.add_special_tokens,
+        tools=tools.tools or None,
+        documents=req.documents,
+        chat_template=req.chat_template,
+        continue_final_message=req.continue_final_message,
+        **(req.chat_template_kwargs or {}),
+    )
+
+
+def _chat_constraint(req: ChatCompletionRequest, tools: ToolSetup) -> tuple[str, dict[str, Any]] | None:
+    """The output constraint: tool_choice required/named (their JSON schemas), else the request's own."""
+    spec = structured_spec(req)
+    forced = tools.constraint()
+    if forced is None:
+        return spec
+    if spec is not None:
+        raise APIError(f"{spec[0]} cannot be combined with tool_choice {tools.mode}", param=spec[0])
+    return "tool_choice", forced
+
+
+def _echo_text(req: ChatCompletionRequest) -> str:
+    """chat echo: the reply is prefixed with the last message when it is the assistant's (vLLM's meaning)."""
+    last = req.messages[-1]
+    return last.text() if req.echo and last.role == "assistant" else ""
+
+
+def _chat_choices(
+    state: ServerState, req: ChatCompletionRequest, ids: list[int], out: Any, tools: ToolSetup
+) -> list[dict[str, Any]]:
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    as_ids = bool(req.return_tokens_as_token_ids)
+    echo = _echo_text(req)
+    choices = []
+    for o in pick_best(out, req):
+        lp = None
+        if top is not None:
+            lp = fmt.chat_logprobs(state.tokenizer, ids, o.token_ids, o.logprobs, top, as_ids)
+        message, finish = tools.message(o.text, o.finish_reason, echo)
+        choice = {
+            "index": o.index,
+            "message": message,
+            "logprobs": lp,
+            "finish_reason": finish,
+            "stop_reason": o.stop_reason,
+        }
+        if req.return_token_ids:
+            choice["token_ids"] = o.token_ids
+        choices.append(choice)
+    return choices
+
+
+async def _stream_chat(
+    state: ServerState,
+    req: ChatCompletionRequest,
+    request: Request,
+    group: RequestGroup,
+    head: dict,
+    ids: list[int],
+    tools: ToolSetup,
+) -> AsyncIterator[bytes]:
+    head = {**head, "object": "chat.completion.chunk"}
+    parsers = {j: tools.parser() for j in range(req.n)}
+    num_calls = dict.fromkeys(range(req.n), 0)
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    trackers = {(0, j): fmt.ChoiceTracker(ids) for j in range(req.n)}
+    finals: dict[int, Any] = {}
+    as_ids = bool(req.return_tokens_as_token_ids)
+    usage = stream_usage(req, [ids], trackers)
+
+    def chunk(index: int, delta: dict, logprobs: Any = None, finish: Any = None, stop: Any = None, **extra) -> bytes:
+        return fmt.choice_chunk(head, index, {"delta": delta}, logprobs, finish, stop, extra, usage())
+
+    try:
+        first_extra = {"prompt_token_ids": ids} if req.return_token_ids else {}
+        for j in range(req.n):
+            yield chunk(j, {"role": "assistant", "content": _echo_text(req)}, **first_extra)
+        prompt_sent = req.prompt_logprobs is None
+        async with aclosing(choice_deltas(group, request, trackers, finals)) as deltas:
+            async for _, o, d in deltas:
+                if not prompt_sent:  # vLLM sends the prompt's logprobs with the first output
+                    prompt_sent = True
+                    plp = fmt.vllm_prompt_logprobs(
+                        state.tokenizer, ids, finals[0].prompt_logprobs, req.prompt_logprobs, as_ids
+                    )
+                    yield fmt.sse({**head, "choices": [], "prompt_logprobs": plp})
+                lp = None
+                if top is not None and d.token_ids:
+                    lp = fmt.chat_logprobs(state.tokenizer, d.context, d.token_ids, d.logprobs, top, as_ids)
+                delta = tools.delta(parsers[o.index], num_calls, o, d.text)
+                if delta or lp or d.finished_now or (req.return_token_ids and d.token_ids):
+                    finish = tools.finish_reason(o.finish_reason, num_calls[o.index]) if d.finished_now else None
+                    stop = o.stop_reason if d.finished_now else None
+                    extra = {"token_ids": d.token_ids} if req.return_token_ids else {}
+                    yield chunk(o.index, delta, lp, finish, stop, **extra)
+        if req.stream_options and req.stream_options.include_usage:
+            yield fmt.sse({**head, "choices": [], "usage": request_usage([ids], [finals[0]])})
+    except ClientDisconnected:
+        return
+    except APIError as exc:
+        yield fmt.sse(exc.body())
+    yield fmt.SSE_DONE

@@ -1,0 +1,190 @@
+"""POST /v1/completions: prompts (text or token ids, one or many) to choices, plain or streamed; echo, logprobs
+(OpenAI's legacy format) and vLLM's extras (prompt_logprobs, return_token_ids)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from miniserve.server import responses as fmt
+from miniserve.server.protocol import (
+    APIError,
+    CompletionRequest,
+)
+from miniserve.server.request_group import (
+    RequestGroup,
+    choice_deltas,
+    collect_finals,
+    request_usage,
+    sse_response,
+    stream_usage,
+    structured_spec,
+)
+from miniserve.server.request_params import pick_best, sampling_params
+from miniserve.server.state import ClientDisconnected, ServerState, state_of
+
+
+async def create_completion(request: Request) -> Response:
+    state = state_of(request)
+    req: CompletionRequest = await state.parse(request, CompletionRequest)
+    state.check_prompt_count(len(req.prompts()))
+    state.check_stop(req)
+    structured = await state.compile_constraint(structured_spec(req))
+    prompt_ids = await state.encode_prompts(req.prompts(), req.add_special_tokens, req.truncate_prompt_tokens)
+    params = [
+        sampling_params(
+            req,
+            state.token_budget(len(ids), req.max_tokens, "prompt"),
+            req.logprobs,
+            state.vocab_size,
+            _prompt_logprobs(req),
+            structured,
+        )
+        for ids in prompt_ids
+    ]
+    group = RequestGroup(state, f"cmpl-{uuid.uuid4().hex}", req.stream)
+    await group.start(prompt_ids, params, "prompt")
+    prompt_texts = _echo_texts(state, req, prompt_ids) if req.echo else None
+    head = {
+        "id": req.request_id or group.base_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": state.model_name,
+    }
+    if req.stream:
+        return sse_response(_stream_completion(state, req, request, group, head, prompt_ids, prompt_texts), group)
+    finals = await collect_finals(group, request)
+    if finals is None:
+        return Response(status_code=499)
+    choices = _completion_choices(state, req, prompt_ids, prompt_texts, finals)
+    return fmt.JSONBytesResponse(
+        {**head, "choices": choices, "usage": request_usage(prompt_ids, list(finals.values()))}
+    )
+
+
+def _prompt_logprobs(req: CompletionRequest) -> int | None:
+    """Top-N logprobs the prompt is scored with: echo with logprobs (the legacy format) and vLLM's prompt_logprobs
+    share one pass."""
+    asked = [n for n in (req.logprobs if req.echo else None, req.prompt_logprobs) if n is not None]
+    return max(asked, default=None)
+
+
+def _echo_texts(state: ServerState, req: CompletionRequest, prompt_ids: list[list[int]]) -> list[str]:
+    """The prompts as echoed: as sent, or as the model saw them when they were token ids or may have been cut."""
+    as_sent = req.truncate_prompt_tokens is None
+    return [
+        p if isinstance(p, str) and as_sent else state.tokenizer.decode(ids)
+        for p, ids in zip(req.prompts(), prompt_ids)
+    ]
+
+
+def _completion_choices(
+    state: ServerState,
+    req: CompletionRequest,
+    prompt_ids: list[list[int]],
+    prompt_texts: list[str] | None,
+    finals: dict[int, Any],
+) -> list[dict[str, Any]]:
+    tok, as_ids = state.tokenizer, bool(req.return_tokens_as_token_ids)
+    choices = []
+    for i, ids in enumerate(prompt_ids):
+        for o in pick_best(finals[i], req):
+            lp = None
+            if req.logprobs is not None:
+                start = len(prompt_texts[i]) if prompt_texts else 0
+                lp = fmt.completion_logprobs(tok, ids, o.token_ids, o.logprobs, req.logprobs, start, as_ids)
+                if prompt_texts:
+                    plp = fmt.prompt_logprobs(tok, ids, finals[i].prompt_logprobs, req.logprobs, as_ids)
+                    lp = fmt.join_logprobs(plp, lp)
+            choice = {
+                "index": i * req.n + o.index,
+                "text": (prompt_texts[i] if prompt_texts else "") + o.text,
+                "logprobs": lp,
+                "finish_reason": o.finish_reason,
+                "stop_reason": o.stop_reason,
+            }
+            choices.append({**choice, **_completion_extras(state, req, ids, finals[i], o.token_ids)})
+    choices.sort(key=lambda c: c["index"])
+    return choices
+
+
+def _completion_extras(
+    state: ServerState, req: CompletionRequest, prompt_ids: list[int], out: Any, token_ids: list[int] | None
+) -> dict[str, Any]:
+    """vLLM's per-choice extras: prompt_logprobs, and with return_token_ids the prompt's and the choice's ids."""
+    extras: dict[str, Any] = {}
+    if req.prompt_logprobs is not None:
+        extras["prompt_logprobs"] = fmt.vllm_prompt_logprobs(
+            state.tokenizer, prompt_ids, out.prompt_logprobs, req.prompt_logprobs, bool(req.return_tokens_as_token_ids)
+        )
+    if req.return_token_ids:
+        extras["prompt_token_ids"] = prompt_ids
+        if token_ids is not None:
+            extras["token_ids"] = token_ids
+    return extras
+
+
+async def _stream_completion(
+    state: ServerState,
+    req: CompletionRequest,
+    request: Request,
+    group: RequestGroup,
+    head: dict,
+    prompt_ids: list[list[int]],
+    prompt_texts: list[str] | None,
+) -> AsyncIterator[bytes]:
+    trackers = {(i, j): fmt.ChoiceTracker(ids) for i, ids in enumerate(prompt_ids) for j in range(req.n)}
+    offsets = {(i, j): len(prompt_texts[i]) if prompt_texts else 0 for i, j in trackers}
+    # the prompt's logprobs (legacy echo format or vLLM's prompt_logprobs) come with the choice's first output
+    prompt_later = (bool(prompt_texts) and req.logprobs is not None) or req.prompt_logprobs is not None
+    finals: dict[int, Any] = {}
+    as_ids = bool(req.return_tokens_as_token_ids)
+    usage = stream_usage(req, prompt_ids, trackers)
+
+    def chunk(i: int, j: int, text: str, logprobs: Any = None, finish: Any = None, stop: Any = None, **extra) -> bytes:
+        return fmt.choice_chunk(head, i * req.n + j, {"text": text}, logprobs, finish, stop, extra, usage())
+
+    try:
+        if prompt_texts and not prompt_later:
+            for i, j in trackers:
+                yield chunk(i, j, prompt_texts[i])
+        started: set[tuple[int, int]] = set()
+        async with aclosing(choice_deltas(group, request, trackers, finals)) as deltas:
+            async for i, o, d in deltas:
+                first = (i, o.index) not in started
+                started.add((i, o.index))
+                if first and prompt_later:
+                    plp = None
+                    if prompt_texts and req.logprobs is not None:
+                        plp = fmt.prompt_logprobs(
+                            state.tokenizer, prompt_ids[i], finals[i].prompt_logprobs, req.logprobs, as_ids
+                        )
+                    extras = _completion_extras(state, req, prompt_ids[i], finals[i], None)
+                    yield chunk(i, o.index, prompt_texts[i] if prompt_texts else "", plp, **extras)
+                lp = None
+                if req.logprobs is not None and d.token_ids:
+                    offset = offsets[(i, o.index)]
+                    lp = fmt.completion_logprobs(
+                        state.tokenizer, d.context, d.token_ids, d.logprobs, req.logprobs, offset, as_ids
+                    )
+                    offsets[(i, o.index)] += sum(len(t) for t in lp["tokens"])
+                if d.text or lp or d.finished_now or (req.return_token_ids and d.token_ids):
+                    finish = o.finish_reason if d.finished_now else None
+                    stop = o.stop_reason if d.finished_now else None
+                    extra = {"token_ids": d.token_ids} if req.return_token_ids else {}
+                    if req.return_token_ids and first and not prompt_later:
+                        extra["prompt_token_ids"] = prompt_ids[i]
+                    yield chunk(i, o.index, d.text, lp, finish, stop, **extra)
+        if req.stream_options and req.stream_options.include_usage:
+            yield fmt.sse({**head, "choices": [], "usage": request_usage(prompt_ids, list(finals.values()))})
+    except ClientDisconnected:
+        return
+    except APIError as exc:
+        yield fmt.sse(exc.body())
+    yield fmt.SSE_DONE

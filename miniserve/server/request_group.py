@@ -1,0 +1,199 @@
+"""One HTTP request's engine requests (one per prompt), read back as they grow: what the completion and chat
+routes share. A plain request is woken once, when all its requests finished (`collect_finals`); a stream at
+every engine step, as (prompt, choice, delta) triples (`choice_deltas`) that the route turns into SSE chunks
+(`sse_response`). A client that goes away has its requests aborted, which frees their KV blocks before the next
+step; a client that stops reading is aborted after MINISERVE_STREAM_STALL_TIMEOUT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+
+from miniserve.engine.sampler import bad_words_token_ids
+from miniserve.server import responses as fmt
+from miniserve.server.engine_process import RequestStream
+from miniserve.server.protocol import (
+    APIError,
+    SamplingFields,
+    param_from_value_error,
+)
+from miniserve.server.state import ClientDisconnected, ServerState
+
+logger = logging.getLogger("miniserve.server")
+
+
+class RequestGroup:
+    """The engine requests (one per prompt) behind one HTTP request, read back as one output stream.
+
+    The engine process's outputs extend each request's cumulative output in place and mark it changed; the
+    handler wakes on one asyncio.Event: at every step when streaming, only when a request ends otherwise. A
+    streaming handler that has not taken what is new for stream_stall_timeout seconds (its client stopped
+    reading, so the send blocks) has its requests aborted."""
+
+    def __init__(self, state: ServerState, base_id: str, streaming: bool):
+        self.state = state
+        self.base_id = base_id
+        self.streaming = streaming
+        self.streams: list[RequestStream] = []
+        self.changed = asyncio.Event()
+        self.dirty: dict[int, None] = {}  # prompt indexes changed since the handler last looked (ordered set)
+        self.index: dict[str, int] = {}
+        self.pending_since: float | None = None  # when output started waiting for the handler
+        self.disconnected = False
+        self.ended_by: str | None = None  # "shutdown" or "stalled" when the server ended it
+
+    async def start(self, prompts: list[list[int]], params: list[Any], prompt_param: str) -> None:
+        """Post every prompt; if one is rejected, abort the ones already posted and raise a 4xx. A compiled grammar
+        travels with the request that first needs it (engine/structured_output.py: GrammarCompiler.payload)."""
+        self.state.groups.add(self)
+        try:
+            for i, (ids, p) in enumerate(zip(prompts, params)):
+                rid = f"{self.base_id}-{i}"
+                self.index[rid] = i
+                stream = RequestStream(rid, ids, p, self._wake, self.state.tokenizer)
+                self.streams.append(stream)
+                await self.state.engine.add_request(rid, ids, p, stream, await self._engine_work(p))
+        except ValueError as exc:  # the engine's validation: token ids, context or KV pool too small
+            self.abort()
+            raise APIError(str(exc), param=prompt_param) from None
+        except BaseException:
+            self.abort()
+            raise
+
+    async def _engine_work(self, p: Any) -> str | None:
+        """What the engine's step loop should not do, done here on a worker thread: bad words tokenized, and the
+        grammar's payload (serialized: megabytes for a large vocabulary), which this returns."""
+        state = self.state
+        if p.bad_words and p.bad_words_token_ids is None:
+            p.bad_words_token_ids = await state.run_cpu(bad_words_token_ids, state.tokenizer, p.bad_words)
+        if p.structured_outputs is None:
+            return None
+        return await state.run_cpu(state.grammars.payload, p.structured_outputs)
+
+    def abort(self, ended_by: str | None = None) -> None:
+        """Abort every unfinished request (a no-op for finished ones); `ended_by` says the server did it."""
+        if ended_by is not None and self.ended_by is None and not all(s.done for s in self.streams):
+            self.ended_by = ended_by
+        for stream in self.streams:
+            if not stream.done:
+                self.state.engine.abort(stream.request_id)
+        self.state.groups.discard(self)
+
+    def _wake(self, stream: RequestStream) -> None:
+        if not (self.streaming or stream.done):
+            return
+        self.dirty[self.index[stream.request_id]] = None
+        if not self.changed.is_set():
+            self.changed.set()
+            self.pending_since = time.monotonic()
+        elif self.streaming and self.pending_since is not None and not stream.done:
+            stall = self.state.server.stream_stall_timeout
+            if time.monotonic() - self.pending_since > stall:
+                logger.warning("%s: the client has not read for %.1fs, aborting it", self.base_id, stall)
+                self.abort("stalled")
+
+    async def results(self, request: Request) -> AsyncIterator[list[tuple[int, Any]]]:
+        """Batches of (prompt index, cumulative RequestOutput) that changed, until all finish; aborts the rest
+        when closed early (client gone, error)."""
+        watcher = asyncio.ensure_future(self._watch_disconnect(request))
+        try:
+            while True:
+                await self.changed.wait()
+                self.changed.clear()
+                self.pending_since = None
+                if self.disconnected:
+                    raise ClientDisconnected()
+                changed = [(i, self.streams[i]) for i in self.dirty]
+                self.dirty.clear()
+                for _, stream in changed:
+                    if stream.error is not None:
+                        raise APIError(f"generation failed: {stream.error}", status=500, code="engine_error")
+                yield [(i, stream.output) for i, stream in changed]
+                if all(s.done for s in self.streams):
+                    return
+        finally:
+            watcher.cancel()
+            self.abort()
+
+    async def _watch_disconnect(self, request: Request) -> None:
+        """Marks the group when the client goes away (the body was already read, so only disconnect can come)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.disconnected = True
+        self.changed.set()
+
+
+def sse_response(chunks: AsyncIterator[bytes], group: RequestGroup) -> StreamingResponse:
+    async def abort() -> None:  # covers a client that leaves before the generator even starts
+        group.abort()
+
+    return StreamingResponse(
+        chunks,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+        background=BackgroundTask(abort),
+    )
+
+
+async def choice_deltas(
+    group: RequestGroup, request: Request, trackers: dict[tuple[int, int], fmt.ChoiceTracker], finals: dict
+) -> AsyncIterator[tuple[int, Any, fmt.Delta]]:
+    """(prompt index, completion, what is new) for every choice that moved since the handler last looked (one
+    engine step, or several when the client was slow); fills `finals`."""
+    async with aclosing(group.results(request)) as results:
+        async for batch in results:
+            for i, out in batch:
+                finals[i] = out
+                for o in out.outputs:
+                    tracker = trackers[(i, o.index)]
+                    if not tracker.finished:
+                        yield i, o, tracker.advance(o)
+
+
+async def collect_finals(group: RequestGroup, request: Request) -> dict[int, Any] | None:
+    """Every request's final output by prompt index; None when the client left; 503 when the server ended it."""
+    finals: dict[int, Any] = {}
+    try:
+        async with aclosing(group.results(request)) as results:
+            async for batch in results:
+                finals.update(batch)
+    except ClientDisconnected:
+        return None
+    if group.ended_by == "shutdown":
+        raise APIError("the server is shutting down; retry the request", status=503, code="shutting_down")
+    return finals
+
+
+def request_usage(prompt_ids: list[list[int]], outputs: list[Any]) -> dict[str, Any]:
+    completion_tokens = sum(len(o.token_ids) for out in outputs for o in out.outputs)
+    return fmt.usage(sum(len(ids) for ids in prompt_ids), completion_tokens, outputs)
+
+
+def stream_usage(req: SamplingFields, prompt_ids: list[list[int]], trackers: dict) -> Any:
+    """With stream_options.continuous_usage_stats (and include_usage), every chunk carries the usage so far."""
+    opts = req.stream_options
+    if not (opts and opts.include_usage and opts.continuous_usage_stats):
+        return lambda: None
+    prompt = sum(len(ids) for ids in prompt_ids)
+
+    def now() -> dict[str, Any]:
+        completion = sum(t.num_tokens for t in trackers.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    return now
+
+
+def structured_spec(req: SamplingFields) -> tuple[str, dict[str, Any]] | None:
+    """(the field it came from, StructuredOutputsParams keywords), or None: the request's output constraint."""
+    try:
+        return req.structured_spec()
+    except ValueError as exc:
+        raise APIError(str(exc), param=param_from_value_error(str(exc), type(req))) from None

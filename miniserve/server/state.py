@@ -1,0 +1,272 @@
+"""What every route shares: the server's state (engine process, tokenizer, metrics, requests in flight, the
+checks every request goes through) and reading a request's JSON body."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+from fastapi import Request
+from starlette.requests import ClientDisconnect
+
+from miniserve.config import EngineConfig, ServerConfig
+from miniserve.engine.stop_strings import check_stop_strings
+from miniserve.engine.structured_output import GrammarCompiler, StructuredOutputsUnavailable
+from miniserve.sampling_params import StructuredOutputsParams
+from miniserve.server.engine_process import EngineProcess
+from miniserve.server.json_body import decode_json
+from miniserve.server.metrics import ServerMetrics
+from miniserve.server.protocol import (
+    APIError,
+    SamplingFields,
+    parse_request,
+)
+
+logger = logging.getLogger("miniserve.server")
+
+CPU_THREADS = 4  # tokenizing and chat templates run here, not on the event loop
+
+
+def load_tokenizer(config: EngineConfig) -> Any:
+    from miniserve.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(config.tokenizer or config.model)
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """An upper bound on the characters one token stands for: the longest vocabulary entry as stored (a byte
+    token "<0x41>" or a byte-level "Ġ" pair is never shorter than the text it decodes to), doubled for
+    normalizers that compose characters. A text longer than limit * this has more than `limit` tokens."""
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    return 2 * max((len(token) for token in vocab), default=1)
+
+
+class InFlight(Protocol):
+    """What a shutdown needs of a request in flight (request_group.py: RequestGroup)."""
+
+    def abort(self, ended_by: str | None = None) -> None: ...
+
+
+class ServerState:
+    """The engine process, the tokenizer, metrics, the requests in flight, and the helpers every route shares."""
+
+    def __init__(
+        self, config: EngineConfig, server: ServerConfig, engine: EngineProcess, tokenizer: Any, token_chars: int
+    ):
+        self.config, self.server = config, server
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.token_chars = token_chars
+        self.max_model_len: int = engine.info["max_model_len"]
+        self.vocab_size: int = engine.info["vocab_size"]
+        self.model_name: str = server.served_model_name or engine.info["model_name"]
+        self.metrics = ServerMetrics(engine.stats, self.model_name, engine.info["cache_config"])
+        engine.metrics = self.metrics
+        # structured outputs compile here, off the event loop and off the engine's step loop (structured_output.py)
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, engine.info["eos_token_ids"])
+        self.grammars_warming = False
+        self.cpu = ThreadPoolExecutor(CPU_THREADS, thread_name_prefix="miniserve-cpu")
+        self.groups: set[InFlight] = set()  # requests in flight (what a shutdown drains)
+        self.draining = False
+
+    async def run_cpu(self, fn: Any, *args: Any) -> Any:
+        """fn(*args) on a worker thread: tokenizing a long prompt or rendering a template must not stall the
+        event loop (the tokenizer releases the GIL on long texts, see Tokenizer.encode)."""
+        return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
+
+    def check_prompt_chars(self, num_chars: int, what: str, for_generation: bool = True) -> None:
+        """400 for a text prompt too long to take, decided before tokenizing it (for /tokenize, by the
+        character limit alone: it does not generate)."""
+        limit = self.server.max_prompt_chars
+        if num_chars > limit:
+            raise APIError(
+                f"the {what} has {num_chars} characters, more than this server accepts ({limit}, "
+                "MINISERVE_MAX_PROMPT_CHARS)",
+                param=what,
+                code="prompt_too_long",
+            )
+        tokens = self.server.max_prompt_tokens or self.max_model_len
+        if for_generation and num_chars > tokens * self.token_chars:  # more tokens than that, however it splits
+            self.check_prompt_tokens(tokens + 1, what)
+
+    def check_prompt_tokens(self, num_tokens: int, what: str) -> None:
+        limit = self.server.max_prompt_tokens
+        if limit is not None and num_tokens > limit:
+            raise APIError(
+                f"the {what} has {num_tokens} tokens, more than this server accepts ({limit}, "
+                "MINISERVE_MAX_PROMPT_TOKENS)",
+                param=what,
+                code="prompt_too_long",
+            )
+        if num_tokens >= self.max_model_len:
+            self.token_budget(num_tokens, None, what)
+
+    async def encode_prompts(
+        self, prompts: list[str | list[int]], add_special_tokens: bool = True, truncate: int | None = None
+    ) -> list[list[int]]:
+        """Token ids of every prompt, size limits checked (text ones tokenized off the event loop), each cut to
+        its last `truncate` tokens when longer (truncate_prompt_tokens)."""
+        for p in prompts:
+            if isinstance(p, str):  # a prompt to be truncated may have more tokens than the limit
+                self.check_prompt_chars(len(p), "prompt", for_generation=truncate is None)
+        if any(isinstance(p, str) for p in prompts):
+            tok = self.tokenizer
+            specials = add_special_tokens
+            prompts = await self.run_cpu(
+                lambda: [tok.encode(p, add_special_tokens=specials) if isinstance(p, str) else p for p in prompts]
+            )
+        prompts = [self.truncate(ids, truncate) for ids in prompts]
+        for ids in prompts:
+            self.check_prompt_tokens(len(ids), "prompt")
+        return prompts
+
+    async def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        for_generation: bool = True,
+        truncate: int | None = None,
+        **options: Any,
+    ) -> list[int]:
+        """The rendered chat's token ids, size limits checked (rendered and tokenized off the event loop);
+        `options` go to Tokenizer.encode_chat (tools, chat_template, continue_final_message...)."""
+        chars = sum(len(m.get("content") or "") for m in messages)
+        self.check_prompt_chars(chars, "messages", for_generation and truncate is None)
+        try:
+            ids = await self.run_cpu(lambda: self.tokenizer.encode_chat(messages, add_generation_prompt, **options))
+        except Exception as exc:  # jinja errors from the template (e.g. "roles must alternate")
+            raise APIError(f"the chat template failed: {exc}", param="messages") from None
+        ids = self.truncate(ids, truncate)
+        if for_generation:
+            self.check_prompt_tokens(len(ids), "messages")
+        return ids
+
+    def truncate(self, ids: list[int], keep: int | None) -> list[int]:
+        """truncate_prompt_tokens: keep the prompt's last `keep` tokens (-1: as many as the context holds)."""
+        if keep == -1:
+            keep = self.max_model_len - 1  # at least one token of room to generate
+        return ids[-keep:] if keep is not None and len(ids) > keep else ids
+
+    async def compile_constraint(self, spec: tuple[str, dict[str, Any]] | None) -> StructuredOutputsParams | None:
+        """A request's output constraint as StructuredOutputsParams, its grammar compiled (on a worker thread,
+        cached): a bad schema/regex/grammar, or no xgrammar, is a 400 naming the field it came from."""
+        if spec is None:
+            return None
+        if not self.grammars_warming:  # the engine gets ready while this process compiles the first grammar
+            self.grammars_warming = True
+            self.engine.warm_grammars()
+        field, kwargs = spec
+        try:
+            params = StructuredOutputsParams(**kwargs)
+            await self.run_cpu(self.grammars.compile, params)
+        except (ValueError, StructuredOutputsUnavailable) as exc:
+            raise APIError(f"{field}: {exc}", param=field) from None
+        return params
+
+    def begin_drain(self) -> None:
+        """First shutdown signal: refuse new requests; end the ones still running after drain_timeout."""
+        if self.engine.accepting:
+            self.engine.accepting = False
+            logger.info("shutting down: draining %d requests for at most %.1fs", len(self.groups), self.drain_s)
+            asyncio.get_running_loop().call_later(self.drain_s, self._end_in_flight)
+
+    @property
+    def drain_s(self) -> float:
+        return self.server.drain_timeout
+
+    def _end_in_flight(self) -> None:
+        if self.groups:
+            logger.warning("drain timeout: ending %d requests still in flight", len(self.groups))
+        for group in list(self.groups):
+            group.abort("shutdown")
+
+    async def parse(self, request: Request, model: type) -> Any:
+        """Read, decode and validate the body as `model`, then check the model name it asks for. Fields no schema
+        knows are ignored with one warning (as vLLM does); every known field is honoured or refused (400)."""
+        req = parse_request(model, await read_json(request, self.server.max_body_bytes))
+        ignored = req.ignored_fields()
+        if ignored:
+            logger.warning("%s %s: fields ignored (not in the API): %s", request.method, request.url.path, ignored)
+        self.check_model(req.model)
+        return req
+
+    def check_stop(self, req: SamplingFields) -> None:
+        """The engine's bounds on the stop list, checked before any prompt is tokenized."""
+        stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
+        config = self.config
+        try:
+            check_stop_strings(stops, config.max_stop_strings, config.max_stop_string_length)
+        except ValueError as exc:
+            raise APIError(str(exc), param="stop") from None
+
+    def check_prompt_count(self, count: int) -> None:
+        limit = self.server.max_prompts_per_request
+        if count > limit:
+            raise APIError(
+                f"prompt: {count} prompts in one request, more than the limit of {limit} "
+                "(MINISERVE_MAX_PROMPTS_PER_REQUEST); split the batch",
+                param="prompt",
+            )
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(
+                f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
+
+    def token_budget(self, prompt_len: int, max_tokens: int | None, what: str, param: str = "max_tokens") -> int:
+        """max_tokens for this prompt (None = the rest of the context); 400 if it cannot fit."""
+        limit = self.max_model_len
+        if prompt_len >= limit:
+            raise APIError(
+                f"This model's maximum context length is {limit} tokens, but the {what} has {prompt_len} "
+                f"tokens, which leaves no room for the completion. Please reduce the length of the {what}.",
+                param=what,
+                code="context_length_exceeded",
+            )
+        if max_tokens is None:
+            return limit - prompt_len
+        if prompt_len + max_tokens > limit:
+            raise APIError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the "
+                f"completion). Please reduce the length of the {what} or completion.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return max_tokens
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The decoded JSON body; 413 past `limit` bytes (checked while reading), 400 if it is not usable JSON."""
+    too_large = APIError(
+        f"request body is larger than the limit of {limit} bytes", status=413, code="request_too_large"
+    )
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:
+        raise ClientDisconnected() from None
+    return decode_json(bytes(body))
+
+
+def state_of(request: Request) -> ServerState:
+    state = getattr(request.app.state, "server", None)
+    if state is None:
+        raise APIError("the model is not loaded", status=503, code="engine_unavailable")
+    return state
