@@ -7,9 +7,6 @@ random Llama, driven with the official openai client; transformers is the oracle
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +18,7 @@ import torch
 import transformers
 
 from tests.conftest import build_model_dir
-from tests.test_server import _wait_healthy, free_port
+from tests.test_server import uvicorn_server
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "tiny-api"
@@ -101,30 +98,9 @@ REFUSED = {
 @contextmanager
 def run_server(model_dir: Path, log_path: Path, **env: str) -> Iterator[str]:
     """`uvicorn server:app` on a free port, its log written to `log_path` (the test reads the warnings)."""
-    port = free_port()
-    full_env = {
-        **os.environ,
-        "MINISERVE_MODEL": str(model_dir),
-        "MINISERVE_DEVICE": "cpu",
-        "MINISERVE_DTYPE": "float32",
-        "MINISERVE_SERVED_MODEL_NAME": MODEL_NAME,
-        **env,
-    }
-    cmd = [sys.executable, "-m", "uvicorn", "server:app", "--host", "127.0.0.1", "--port", str(port)]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd + ["--log-level", "warning"], cwd=REPO, env=full_env, stdout=log, stderr=log)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            with open(log_path, "rb") as reader:
-                _wait_healthy(url, proc, reader)
+    with open(log_path, "w+b") as log:
+        with uvicorn_server(model_dir, log, MINISERVE_SERVED_MODEL_NAME=MODEL_NAME, **env) as (url, _):
             yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
 
 
 @pytest.fixture(scope="module")

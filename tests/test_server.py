@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 import openai
@@ -48,28 +49,37 @@ def free_port() -> int:
 @contextmanager
 def run_server(model_dir: Path, uvicorn_args: tuple[str, ...] = (), **env: str) -> Iterator[str]:
     """Start `python -m uvicorn server:app` on a free local port; yield its base URL; always stop it."""
+    with tempfile.TemporaryFile() as log, uvicorn_server(model_dir, log, uvicorn_args, **env) as (url, _):
+        yield url
+
+
+@contextmanager
+def uvicorn_server(
+    model_dir: Path, log: BinaryIO, uvicorn_args: tuple[str, ...] = (), **env: str
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python -m uvicorn server:app` on the CPU on a free local port, its output into `log` (a file open for
+    reading and writing); yields (base URL, process) once /health answers, and always stops it."""
     port = free_port()
     full_env = {
         **os.environ,
         "MINISERVE_MODEL": str(model_dir),
         "MINISERVE_DEVICE": "cpu",
         "MINISERVE_DTYPE": "float32",
-        **env,
     }
     cmd = [sys.executable, "-m", "uvicorn", "server:app", "--host", "127.0.0.1", "--port", str(port), *uvicorn_args]
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd + ["--log-level", "warning"], cwd=REPO, env=full_env, stdout=log, stderr=log)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            _wait_healthy(url, proc, log)
-            yield url
-        finally:
+    proc = subprocess.Popen(cmd + ["--log-level", "warning"], cwd=REPO, env={**full_env, **env}, stdout=log, stderr=log)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, proc, log)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
             proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log) -> None:

@@ -9,11 +9,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -25,14 +23,12 @@ import pytest
 
 from tests.test_server import (
     MODEL_NAME,
-    REPO,
-    _wait_healthy,
     assert_openai_error,
     build_server_model,
-    free_port,
     metric,
     run_server,
     scrape,
+    uvicorn_server,
     wait_for_metric,
 )
 
@@ -182,31 +178,14 @@ def test_a_stream_nobody_reads_is_aborted_after_the_stall_timeout(url):
 @contextmanager
 def server_process(model_dir, **env: str) -> Iterator[tuple[str, subprocess.Popen, Callable[[], str]]]:
     """A uvicorn server in a subprocess: (url, process, a function returning what it has logged so far)."""
-    port = free_port()
-    full_env = {
-        **os.environ,
-        "MINISERVE_MODEL": str(model_dir),
-        "MINISERVE_DEVICE": "cpu",
-        "MINISERVE_DTYPE": "float32",
-        "MINISERVE_SERVED_MODEL_NAME": MODEL_NAME,
-        **env,
-    }
-    cmd = [sys.executable, "-m", "uvicorn", "server:app", "--host", "127.0.0.1", "--port", str(port)]
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log, stderr=log)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            _wait_healthy(url, proc, log)
+        with uvicorn_server(model_dir, log, MINISERVE_SERVED_MODEL_NAME=MODEL_NAME, **env) as (url, proc):
 
             def logged() -> str:
                 log.seek(0)
                 return log.read().decode(errors="replace")
 
             yield url, proc, logged
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=15)
 
 
 def read_events(lines, into: list) -> None:

@@ -194,18 +194,7 @@ class OutputProcessor:
             prompt_logprobs = None
         else:
             req.prompt_logprobs_reported = True
-        metrics = self._metrics(req) if finished else {}
-        num_cached = req.seqs[0].num_cached_tokens or 0
-        return RequestOutput(
-            req.request_id,
-            req.prompt,
-            req.prompt_token_ids,
-            completions,
-            finished,
-            metrics,
-            prompt_logprobs,
-            num_cached,
-        )
+        return _output(req, completions, finished, self._metrics(req) if finished else {}, prompt_logprobs)
 
     @staticmethod
     def _metrics(req: Request) -> dict:
@@ -225,19 +214,23 @@ class OutputProcessor:
     def _request_output(self, req: Request) -> RequestOutput:
         matcher = req.stop_matcher
         completions = [_completion(s, req.params, matcher.held(s.stop_state) if matcher else 0) for s in req.seqs]
-        metrics = self._metrics(req)
         finished = all(s.is_finished for s in req.seqs)
         prompt_logprobs = req.seqs[0].prompt_logprobs
-        return RequestOutput(
-            req.request_id,
-            req.prompt,
-            req.prompt_token_ids,
-            completions,
-            finished,
-            metrics,
-            list(prompt_logprobs) if prompt_logprobs is not None else None,
-            req.seqs[0].num_cached_tokens or 0,
-        )
+        prompt_logprobs = list(prompt_logprobs) if prompt_logprobs is not None else None
+        return _output(req, completions, finished, self._metrics(req), prompt_logprobs)
+
+
+def _output(req: Request, completions: list, finished: bool, metrics: dict, prompt_logprobs) -> RequestOutput:
+    return RequestOutput(
+        req.request_id,
+        req.prompt,
+        req.prompt_token_ids,
+        completions,
+        finished,
+        metrics,
+        prompt_logprobs,
+        req.seqs[0].num_cached_tokens or 0,
+    )
 
 
 def _delta_completion(seq: Sequence, params: SamplingParams, hold: int, reported: tuple[int, int]) -> tuple:
