@@ -69,6 +69,7 @@ class EngineConfig:
     )
     max_stop_strings: int = setting(32, "stop strings per request (OpenAI allows 4); a longer list is refused")
     max_stop_string_length: int = setting(256, "characters per stop string")
+    max_bad_words: int = setting(256, "bad_words per request (each is matched at every step); a longer list is refused")
     seed: int = setting(0, "seed of the RNG that requests without their own seed sample from")
     speculative_model: str | None = setting(
         None,
@@ -109,6 +110,7 @@ class EngineConfig:
             "num_speculative_tokens",
             "max_stop_strings",
             "max_stop_string_length",
+            "max_bad_words",
             "tensor_parallel_size",
         ):
             _check_min(name, getattr(self, name), 1)

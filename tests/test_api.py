@@ -18,10 +18,11 @@ import torch
 import transformers
 
 from tests.conftest import build_model_dir
-from tests.test_server import uvicorn_server
+from tests.test_server import assert_openai_error, uvicorn_server
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "tiny-api"
+MAX_BAD_WORDS = 4  # the server's max_bad_words
 VOCAB = 384  # tests/conftest.py's tokenizer
 
 # A Qwen2.5-style template: tools in a system block, <tool_call> blocks for calls, <tool_response> for results.
@@ -121,7 +122,7 @@ def log_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def url(model_dir, log_path) -> Iterator[str]:
-    with run_server(model_dir, log_path) as base:
+    with run_server(model_dir, log_path, MINISERVE_MAX_BAD_WORDS=str(MAX_BAD_WORDS)) as base:
         yield base
 
 
@@ -296,6 +297,17 @@ def test_bad_words_are_never_generated(client, hf_model, hf_tok):
     got = r.choices[0].model_extra["token_ids"]
     # multi-token spellings of the word are banned only after their first tokens; none occur in the oracle's output
     assert got == expected, (word, word_ids)
+
+
+def test_bad_words_beyond_the_limit_are_refused_by_name(url):
+    words = ["alpha", "beta", "gamma", "delta", "omega"][: MAX_BAD_WORDS + 1]
+    chat = {"messages": [{"role": "user", "content": "Speak."}]}
+    for path, body in (("/v1/completions", {"prompt": "ROMEO:"}), ("/v1/chat/completions", chat)):
+        body = {"model": MODEL_NAME, **body, "max_tokens": 2}
+        assert httpx.post(url + path, json={**body, "bad_words": words[:-1]}, timeout=60).status_code == 200
+        refused = httpx.post(url + path, json={**body, "bad_words": words}, timeout=60)
+        err = assert_openai_error(refused, 400, "bad_words")
+        assert "max_bad_words" in err["message"]
 
 
 def test_token_ids_outside_the_vocabulary_get_400s_naming_the_field(url):

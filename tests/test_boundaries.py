@@ -153,3 +153,18 @@ def test_block_size_multiples(llama_dir, prompt_len, max_tokens, blocks):
     assert math.ceil((prompt_len + max_tokens - 1) / BLOCK) == blocks
     got = run(engine(llama_dir), [(prompt(prompt_len), greedy(max_tokens))])
     assert got["peak_blocks"] == blocks and len(got["outputs"]["0"].token_ids) == max_tokens
+
+
+def test_request_list_bounds_exact_fit(llama_dir):
+    """max_stop_strings, max_stop_string_length and max_bad_words: the limit is accepted, one more is refused."""
+    eng = engine(llama_dir, max_stop_strings=2, max_stop_string_length=5, max_bad_words=3)
+    eng.add_request("fits", prompt(4), SamplingParams(max_tokens=1, stop=["a", "bcdef"], bad_words=["x", "y", "z"]))
+    cases = [
+        (dict(stop=["a", "b", "c"]), "max_stop_strings"),
+        (dict(stop=["abcdef"]), "max_stop_string_length"),
+        (dict(bad_words=["w", "x", "y", "z"]), "max_bad_words"),
+    ]
+    for kwargs, limit in cases:
+        with pytest.raises(ValueError, match=limit):
+            eng.add_request(limit, prompt(4), SamplingParams(max_tokens=1, **kwargs))
+    assert list(run(eng, [])["outputs"]) == ["fits"]  # the refused requests were never queued

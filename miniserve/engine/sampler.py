@@ -172,6 +172,13 @@ def _bans(
     return banned_rows, banned_ids
 
 
+def check_bad_words(words: list[str] | None, max_count: int) -> None:
+    """The bound on a request's bad_words (EngineConfig.max_bad_words): every step matches each of them against
+    the output of every row that has them."""
+    if words and len(words) > max_count:
+        raise ValueError(f"bad_words: {len(words)} words, more than the limit of {max_count} (max_bad_words)")
+
+
 def bad_words_token_ids(tokenizer: Any, words: list[str]) -> list[list[int]]:
     """Each bad word as tokens, alone and after a space (how it reads at the start vs inside a text): what
     SamplingParams.bad_words_token_ids holds."""

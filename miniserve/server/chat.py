@@ -34,7 +34,7 @@ from miniserve.server.tool_calls import ToolSetup, tool_setup
 async def create_chat_completion(request: Request) -> Response:
     state = state_of(request)
     req: ChatCompletionRequest = await state.parse(request, ChatCompletionRequest)
-    state.check_stop(req)
+    state.check_word_lists(req)
     tools = tool_setup(req, state.tokenizer.chat_template)
     structured = await state.compile_constraint(_chat_constraint(req, tools))
     ids = await _chat_ids(state, req, tools)

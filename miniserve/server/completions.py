@@ -34,7 +34,7 @@ async def create_completion(request: Request) -> Response:
     state = state_of(request)
     req: CompletionRequest = await state.parse(request, CompletionRequest)
     state.check_prompt_count(len(req.prompts()))
-    state.check_stop(req)
+    state.check_word_lists(req)
     structured = await state.compile_constraint(structured_spec(req))
     prompt_ids = await state.encode_prompts(req.prompts(), req.add_special_tokens, req.truncate_prompt_tokens)
     params = [

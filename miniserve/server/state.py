@@ -12,6 +12,7 @@ from fastapi import Request
 from starlette.requests import ClientDisconnect
 
 from miniserve.config import EngineConfig, ServerConfig
+from miniserve.engine.sampler import check_bad_words
 from miniserve.engine.stop_strings import check_stop_strings
 from miniserve.engine.structured_output import GrammarCompiler, StructuredOutputsUnavailable
 from miniserve.sampling_params import StructuredOutputsParams
@@ -192,14 +193,18 @@ class ServerState:
         self.check_model(req.model)
         return req
 
-    def check_stop(self, req: SamplingFields) -> None:
-        """The engine's bounds on the stop list, checked before any prompt is tokenized."""
+    def check_word_lists(self, req: SamplingFields) -> None:
+        """The engine's bounds on the stop list and bad_words, checked before any prompt is tokenized."""
         stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
         config = self.config
         try:
             check_stop_strings(stops, config.max_stop_strings, config.max_stop_string_length)
         except ValueError as exc:
             raise APIError(str(exc), param="stop") from None
+        try:
+            check_bad_words(req.bad_words, config.max_bad_words)
+        except ValueError as exc:
+            raise APIError(str(exc), param="bad_words") from None
 
     def check_prompt_count(self, count: int) -> None:
         limit = self.server.max_prompts_per_request
