@@ -121,8 +121,10 @@ def extend_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    fp8_decode: str = "auto",
 ) -> torch.Tensor:
-    """Extend attention: q [num_tokens, num_q_heads, head_dim], packed by meta.query_start_loc -> same."""
+    """Extend attention: q [num_tokens, num_q_heads, head_dim], packed by meta.query_start_loc -> same.
+    fp8_decode: as in decode_attention (`kv_mode`)."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     check_kernel_inputs(q, key_cache, value_cache)
@@ -133,7 +135,7 @@ def extend_attention(
     small = triton_interpreter_enabled()  # the interpreter pays per program and per masked element alike
     block_m = block_m or (16 if small else 64)
     block_n = block_n or kv_block_n(key_cache.dtype)
-    mode, nan_all_ones, kv_factor = kv_mode(key_cache.dtype, q.device)
+    mode, nan_all_ones, kv_factor = kv_mode(key_cache.dtype, q.device, fp8_decode)
     kc, vc = cache_view(key_cache), cache_view(value_cache)
     grid = (triton.cdiv(meta.max_query_len, block_m), num_q_heads, meta.num_seqs)
     _extend_kernel[grid](
