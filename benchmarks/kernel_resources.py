@@ -4,7 +4,7 @@ ptxas/nvdisasm/cuobjdump it bundles are enough).
 
     python benchmarks/kernel_resources.py                                   # every shape x cache, launcher defaults
     python benchmarks/kernel_resources.py --shapes llama-3.1-8b --caches fp8 fp8-staged \\
-        --block-n 64 128 --warps 4 8 --stages 1 2 3 --json out.json
+        --block-n 64 128 --warps 4 8 --stages 1 2 3 --maxnreg 0 80 168 --json out.json
 
 Why: Nsight Compute needs the GPU, but what limits a kernel's occupancy (registers per thread, shared memory per
 block) and how many instructions its inner loop issues are decided by the compiler, not the device. The same
@@ -175,7 +175,7 @@ def compile_launch(launch: Launch, arch: int):
     from triton.compiler import ASTSource
 
     kwargs = dict(launch.kwargs)
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     fn = launch.kernel
     bound = inspect.signature(fn.fn).bind(*launch.args, **kwargs)
     bound.apply_defaults()
@@ -295,10 +295,11 @@ def analyse(kernel: str, shape: str, cache: str, arch: int, tools: dict, **launc
         "block_n": block_n,
         "num_warps": warps,
         "num_stages": options.get("num_stages", 3),
+        "maxnreg": options.get("maxnreg"),
         "kv_mode": recorded.kwargs["KV_MODE"],
         "registers": usage.get("reg", 0),
-        "spill_stack_bytes": usage.get("stack", 0),
-        "spill_local_bytes": usage.get("local", 0),
+        "spill_stack_bytes": usage.get("stack", 0),  # ptxas spills registers to the stack frame
+        "local_bytes": usage.get("local", 0),
         "shared_bytes": smem,
         "static_shared_bytes": usage.get("shared", 0),
         **occupancy(usage.get("reg", 0), warps, smem),
@@ -314,7 +315,7 @@ def analyse(kernel: str, shape: str, cache: str, arch: int, tools: dict, **launc
 
 COLUMNS = (
     ("kernel", "{:7s}"), ("shape", "{:13s}"), ("cache", "{:10s}"), ("block_n", "{:>4d}"), ("num_warps", "{:>2d}"),
-    ("num_stages", "{:>2d}"), ("registers", "{:>4d}"), ("spill_local_bytes", "{:>5d}"), ("shared_bytes", "{:>6d}"),
+    ("num_stages", "{:>2d}"), ("registers", "{:>4d}"), ("spill_stack_bytes", "{:>5d}"), ("shared_bytes", "{:>6d}"),
     ("blocks_per_sm", "{:>3d}"), ("occupancy", "{:>6.1%}"), ("limited_by", "{:13s}"),
     ("loop_instructions", "{:>5d}"), ("loop_warp_instructions_per_kv_position", "{:>6.1f}"),
 )  # fmt: skip
@@ -338,6 +339,7 @@ def main(argv=None) -> int:
     ap.add_argument("--block-n", nargs="+", type=int, default=[None], help="default: the launcher's (kv_block_n)")
     ap.add_argument("--warps", nargs="+", type=int, default=[None])
     ap.add_argument("--stages", nargs="+", type=int, default=[None])
+    ap.add_argument("--maxnreg", nargs="+", type=int, default=[0], help="register caps (ptxas --maxrregcount); 0: none")
     ap.add_argument("--json", default=None, help="write the rows here (with provenance)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -348,9 +350,10 @@ def main(argv=None) -> int:
         return 2
     rows = []
     print(HEAD)
-    grid = itertools.product(args.kernels, args.shapes, args.caches, args.block_n, args.warps, args.stages)
-    for kernel, shape, cache, bn, warps, stages in grid:
-        launch = dict(block_n=bn, num_warps=warps, num_stages=stages)
+    knobs = (args.block_n, args.warps, args.stages, args.maxnreg)
+    grid = itertools.product(args.kernels, args.shapes, args.caches, *knobs)
+    for kernel, shape, cache, bn, warps, stages, maxnreg in grid:
+        launch = dict(block_n=bn, num_warps=warps, num_stages=stages, maxnreg=maxnreg or None)
         try:
             row = analyse(kernel, shape, cache, args.arch, tools, **launch)
         except Exception as e:  # noqa: BLE001 - one configuration out of resources must not stop the sweep

@@ -51,6 +51,10 @@ FP8_VARIANTS = {
     "bn64": dict(fp8_decode="auto", block_n=64),
     "bn64 w8": dict(fp8_decode="auto", block_n=64, num_warps=8),
     "staged s1": dict(fp8_decode="hw-staged", num_stages=1),
+    # register caps at which ptxas (triton 3.6) does not spill: more resident programs, same arithmetic
+    "r168": dict(fp8_decode="auto", maxnreg=168),
+    "staged bn64 r80": dict(fp8_decode="hw-staged", block_n=64, maxnreg=80),
+    "staged w8 r80": dict(fp8_decode="hw-staged", num_warps=8, maxnreg=80),
 }
 
 

@@ -349,6 +349,11 @@ def compute_dtype(q: torch.Tensor, cache_dtype: torch.dtype) -> dict:
     return dict(COMPUTE_DTYPE=tl.bfloat16, DOT_PRECISION=None, FIT_FP16=False)
 
 
+def register_cap(maxnreg: int | None) -> dict:
+    """The launch option capping registers per thread (Triton's `maxnreg`), only when asked for."""
+    return {} if maxnreg is None else {"maxnreg": maxnreg}
+
+
 def check_kernel_inputs(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
     if key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1:
         raise ValueError("the Triton attention kernels need caches whose head_dim is contiguous")
@@ -396,8 +401,11 @@ def decode_attention(
     num_stages: int = 2,
     fp8_decode: str = "auto",
     split_tokens: int = SPLIT_TOKENS,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
-    """Decode attention: q [num_seqs, num_q_heads, head_dim] -> same shape, q.dtype. See module docstring."""
+    """Decode attention: q [num_seqs, num_q_heads, head_dim] -> same shape, q.dtype. See module docstring.
+    maxnreg: a cap on registers per thread for ptxas (more resident programs; spills past what the kernel needs:
+    benchmarks/kernel_resources.py says which)."""
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     group = num_q_heads // num_kv_heads
@@ -432,6 +440,7 @@ def decode_attention(
         **compute_dtype(q, key_cache.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
+        **register_cap(maxnreg),
     )  # fmt: skip
     if splits > 1:
         _merge_splits(part_acc, part_ml, out, meta, v_scale, splits, split_tokens, mode, kv_factor)

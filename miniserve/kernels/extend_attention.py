@@ -25,6 +25,7 @@ from miniserve.kernels.decode_attention import (
     layout_strides,
     load_q_tile,
     page_slots,
+    register_cap,
     times_cache_scale,
 )
 from miniserve.kernels.metadata import AttentionMetadata
@@ -122,9 +123,10 @@ def extend_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     fp8_decode: str = "auto",
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Extend attention: q [num_tokens, num_q_heads, head_dim], packed by meta.query_start_loc -> same.
-    fp8_decode: as in decode_attention (`kv_mode`)."""
+    fp8_decode, maxnreg: as in decode_attention."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     check_kernel_inputs(q, key_cache, value_cache)
@@ -162,5 +164,6 @@ def extend_attention(
         **compute_dtype(q, key_cache.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
+        **register_cap(maxnreg),
     )
     return out
