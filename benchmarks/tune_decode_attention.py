@@ -55,6 +55,7 @@ FP8_VARIANTS = {
     "r168": dict(fp8_decode="auto", maxnreg=168),
     "staged bn64 r80": dict(fp8_decode="hw-staged", block_n=64, maxnreg=80),
     "staged w8 r80": dict(fp8_decode="hw-staged", num_warps=8, maxnreg=80),
+    "staged s1 r128": dict(fp8_decode="hw-staged", num_stages=1, maxnreg=128),  # 8 bytes of stack: 4 blocks/SM
 }
 
 
