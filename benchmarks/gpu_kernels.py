@@ -98,7 +98,8 @@ def check_cache_write_exact(device) -> list[dict]:
 @triton.jit
 def _decode_codes_kernel(codes_ptr, out_ptr, KV_MODE: tl.constexpr, NAN_ALL_ONES: tl.constexpr):
     offs = tl.arange(0, 256)
-    x = page_decode.load_kv_tile(codes_ptr, offs, offs < 256, KV_MODE, NAN_ALL_ONES, tl.float32)
+    staged = KV_MODE == 3  # the V-tile conversion of KV_FP8_HW_STAGED (inline PTX)
+    x = page_decode.load_kv_tile(codes_ptr, offs, offs < 256, KV_MODE, NAN_ALL_ONES, tl.float32, staged)
     tl.store(out_ptr + offs, x)
 
 
@@ -107,7 +108,7 @@ def check_fp8_page_decode(device) -> list[dict]:
     rows = []
     codes = torch.arange(256, dtype=torch.int32, device=device).to(torch.uint8)
     for fp8 in FP8:
-        for fp8_decode in ("auto", "bits"):
+        for fp8_decode in ("auto", "bits", "hw-staged") if fp8 == torch.float8_e4m3fn else ("auto", "bits"):
             mode, nan_all_ones, factor = page_decode.kv_mode(fp8, device, fp8_decode)
             out = torch.empty(256, dtype=torch.float32, device=device)
             _decode_codes_kernel[(1,)](codes, out, mode, nan_all_ones)
@@ -154,6 +155,7 @@ def attention_batch(device, seqs, block_size, q_heads, kv_heads, head_dim, cache
 
 def check_attention(device) -> list[dict]:
     from miniserve.kernels.decode_attention import decode_attention
+    from miniserve.kernels.extend_attention import extend_attention
 
     decode = [(1, 1), (17, 1), (300, 1), (2048, 1), (4099, 1)]
     extend = [(5, 5), (300, 37), (1000, 1), (2048, 512), (77, 5)]
@@ -168,6 +170,8 @@ def check_attention(device) -> list[dict]:
         (16, 32, 8, 128, e4m3fn, bf16, "auto", 1.0),
         (16, 32, 8, 128, e4m3fn, bf16, "auto", 3e5),  # |q| > fp16 max: the fp16 dot must rescale q
         (16, 32, 8, 128, e4m3fn, bf16, "bits", 1.0),
+        (16, 32, 8, 128, e4m3fn, bf16, "hw-staged", 1.0),
+        (16, 32, 8, 64, e4m3fn, bf16, "hw-staged", 3e5),
         (16, 32, 8, 128, fnuz, bf16, "auto", 1.0),
         (16, 32, 8, 128, bf16, bf16, "auto", 1.0),
         (16, 16, 16, 64, e4m3fn, fp16, "auto", 1.0),
@@ -186,15 +190,22 @@ def check_attention(device) -> list[dict]:
             want = kernels.paged_attention(q, kc, vc, meta, ks, vs, sm, backend="torch").float()
             if kind == "decode":
                 got = decode_attention(q, kc, vc, meta, ks, vs, sm, fp8_decode=fp8_decode).float()
+            elif fp8_decode != "auto":
+                got = extend_attention(q, kc, vc, meta, ks, vs, sm, fp8_decode=fp8_decode).float()
             else:
                 got = kernels.paged_attention(q, kc, vc, meta, ks, vs, sm, backend="triton").float()
             tol = 1e-4 if qd == fp32 else 2e-2
             err = (got - want).abs().max().item()
             ok = bool(torch.allclose(got, want, atol=tol, rtol=tol))
+            extra = {}
+            if fp8_decode == "hw-staged":  # same tiles, same conversion instruction: the same bits as "auto"
+                launcher = decode_attention if kind == "decode" else extend_attention
+                extra["identical_to_auto"] = bool(torch.equal(got, launcher(q, kc, vc, meta, ks, vs, sm).float()))
+                ok = ok and extra["identical_to_auto"]
             rows.append(
                 dict(kind=kind, block_size=block_size, q_heads=hq, kv_heads=hkv, head_dim=d,
                      cache=str(cache)[6:], q=str(qd)[6:], q_mult=q_mult, fp8_decode=fp8_decode, max_abs_err=err,
-                     ok=ok)
+                     ok=ok, **extra)
             )  # fmt: skip
     return rows
 

@@ -2,6 +2,8 @@
 # The GPU benchmarks behind benchmarks/results/*_h200.*, in the order they were run on the lent H200.
 #   bash benchmarks/h200_suite.sh engine OUT_DIR    # throughput.py workloads (offline engine)
 #   bash benchmarks/h200_suite.sh checks OUT_DIR    # engine/kernel checks, speculative decoding, serving, prefix
+#   bash benchmarks/h200_suite.sh fp8reg OUT_DIR    # FP8 decode variants (decode_attention_fp8_registers.md)
+#   bash benchmarks/h200_suite.sh fp8ncu OUT_DIR    # ncu of the default and staged FP8 decode kernels
 # Every step is bounded in time and independent of the others: one that fails leaves the rest to run.
 set -u
 part=$1
@@ -60,4 +62,35 @@ if [ "$part" = serving ]; then
   mv "$out/engine_check.json" "$out/engine_check_h200.json" && python3 -c "
 import json; d = json.load(open('$out/engine_check_h200.json'))
 for k, v in d.items(): print(k, json.dumps(v)[:300])"
+fi
+
+if [ "$part" = fp8reg ]; then
+  # The FP8 decode variants of benchmarks/results/decode_attention_fp8_registers.md (offline compiler analysis):
+  # correctness first (every code through each decode mode; attention vs the reference; "hw-staged" bit-identical
+  # to "auto"), then the GPU time of each FP8_VARIANTS entry at the tune shapes, with bit-identity to the default.
+  timeout 170 python3 -c "
+import json, sys, torch
+sys.path.insert(0, 'benchmarks')
+import gpu_kernels as g
+r = {'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__, 'command': 'h200_suite.sh fp8reg'}
+d = torch.device('cuda')
+g.section(r, 'fp8_page_decode', g.check_fp8_page_decode, d)
+g.section(r, 'attention_vs_reference', g.check_attention, d)
+open('$out/kernel_checks_fp8reg_h200.json', 'w').write(json.dumps(r, indent=1, default=str))
+print('\\n'.join(g.summary(r)))
+" 2>&1 | grep -v -i warn | tail -8
+  timeout 400 python3 benchmarks/tune_decode_attention.py --fp8-variants \
+    --out "$out/decode_attention_fp8_variants_h200.json" 2>&1 | grep -v -i warn | grep -v '^{' | tail -40
+fi
+
+if [ "$part" = fp8ncu ]; then
+  # registers, occupancy, DRAM throughput and issue rate of the default FP8 kernel and the staged variants
+  for c in bf16 fp8 "fp8 staged" "fp8 staged w8" "fp8 staged bn64"; do
+    echo "## $c"
+    timeout 110 ncu --clock-control none -k regex:_decode_split_kernel -c 1 --section SpeedOfLight \
+      --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
+      python3 benchmarks/tune_decode_attention.py --once "llama-8b b64 ctx4096|$c" 2>&1 |
+      grep -E 'Registers Per|Theoretical Occ|Achieved Occ|DRAM Throughput|Duration|Issued Ipc|Block Limit Reg'
+  done > "$out/decode_attention_fp8_variants_ncu_h200.txt"
+  cat "$out/decode_attention_fp8_variants_ncu_h200.txt"
 fi

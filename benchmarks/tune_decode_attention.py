@@ -1,6 +1,7 @@
 """Sweep the paged decode-attention kernel's launch knobs at real model shapes (needs a GPU).
 
     python benchmarks/tune_decode_attention.py [--quick] [--out tune.json]
+    python benchmarks/tune_decode_attention.py --fp8-variants [--out fp8_variants.json]   # FP8_VARIANTS only
 
 For each shape (batch, context, query heads, KV heads, head_dim) and cache dtype (bf16, fp8 with the hardware
 e4m3 -> fp16 conversion, fp8 with the bit-field decode) it times every (BLOCK_N, num_warps, num_stages,
@@ -35,17 +36,75 @@ SHAPES = {
 }
 
 
+# The FP8 decode variants that offline compiler analysis found promising (kernel_resources.py; write-up in
+# benchmarks/results/decode_attention_fp8_registers.md), measured by --fp8-variants. None is a default: "staged"
+# keeps the default's arithmetic exactly (same tiles, same conversion instruction); block_n=64 changes the
+# accumulation order of every FP8 query (decode and extend share kv_block_n), so it needs this measurement first.
+# name: decode_attention keyword arguments (the tests run every one against the torch reference)
+FP8_VARIANTS = {
+    "default": dict(fp8_decode="auto"),
+    "staged": dict(fp8_decode="hw-staged"),
+    "staged w8": dict(fp8_decode="hw-staged", num_warps=8),
+    "staged bn64": dict(fp8_decode="hw-staged", block_n=64),
+    "staged bn64 w8": dict(fp8_decode="hw-staged", block_n=64, num_warps=8),
+    "w8": dict(fp8_decode="auto", num_warps=8),
+    "bn64": dict(fp8_decode="auto", block_n=64),
+    "bn64 w8": dict(fp8_decode="auto", block_n=64, num_warps=8),
+    "staged s1": dict(fp8_decode="hw-staged", num_stages=1),
+    # register caps at which ptxas (triton 3.6) does not spill: more resident programs, same arithmetic
+    "r168": dict(fp8_decode="auto", maxnreg=168),
+    "staged bn64 r80": dict(fp8_decode="hw-staged", block_n=64, maxnreg=80),
+    "staged w8 r80": dict(fp8_decode="hw-staged", num_warps=8, maxnreg=80),
+    "staged s1 r128": dict(fp8_decode="hw-staged", num_stages=1, maxnreg=128),  # 8 bytes of stack: 4 blocks/SM
+}
+
+
 def make_case(batch, ctx, hq, hkv, d, cache_dtype, seed=0):
     """A decode batch of full-length sequences over shuffled pages, and the KV bytes it reads."""
     case = make_decode_batch(torch.device("cuda"), batch, ctx, cache_dtype, seed, heads=(hq, hkv, d))
     return (*case, 2 * batch * ctx * hkv * d * case[1].element_size())
 
 
-def time_config(case, fp8_decode: str, **kw) -> float:
+def time_config(case, fp8_decode: str = "auto", **kw) -> float:
     q, kc, vc, meta, (ks, vs), _ = case
     fn = lambda: decode_attention(q, kc, vc, meta, ks, vs, 0.1, fp8_decode=fp8_decode, **kw)  # noqa: E731
     fn()
     return bench_gpu_ms(fn)
+
+
+def fp8_variants() -> list[dict]:
+    """Every FP8_VARIANTS entry at every shape: GPU time, KV bandwidth, speedup over the bf16 cache at its
+    default, and whether its output is bit-identical to the default FP8 kernel's (the condition for making it
+    the default without changing any result)."""
+    rows = []
+    for name, shp in SHAPES.items():
+        bf16 = make_case(*shp, torch.bfloat16)
+        bf16_us = 1e3 * time_config(bf16, "auto")
+        del bf16
+        case = make_case(*shp, torch.float8_e4m3fn)
+        q, kc, vc, meta, (ks, vs), nbytes = case
+        default = decode_attention(q, kc, vc, meta, ks, vs, 0.1)
+        for variant, kw in FP8_VARIANTS.items():
+            row = {"shape": name, "variant": variant, **kw, "bf16_us": bf16_us}
+            try:
+                out = decode_attention(q, kc, vc, meta, ks, vs, 0.1, **kw)
+                us = 1e3 * time_config(case, **kw)
+            except Exception as e:  # noqa: BLE001 - out of shared memory and the like
+                rows.append({**row, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
+            row.update(
+                us=us,
+                tbs=nbytes / us / 1e6,
+                speedup_vs_bf16=bf16_us / us,
+                identical_to_default=bool(torch.equal(out, default)),
+                max_abs_diff_to_default=(out.float() - default.float()).abs().max().item(),
+            )
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del case
+        torch.cuda.empty_cache()
+    return rows
 
 
 def main() -> None:
@@ -53,13 +112,29 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--once", default=None, help="run one shape ('name|cache') a few times, e.g. under ncu")
+    ap.add_argument("--fp8-variants", action="store_true", help="time FP8_VARIANTS only (see fp8_variants)")
     args = ap.parse_args()
-    if args.once:
+    if args.once:  # cache: bf16, or an FP8_VARIANTS name prefixed "fp8" ("fp8" = the default, "fp8 staged w8")
         name, dname = args.once.split("|")
         dtype = torch.bfloat16 if dname == "bf16" else torch.float8_e4m3fn
         case = make_case(*SHAPES[name], dtype)
+        if dname in ("bf16", "fp8-bits"):
+            kw = dict(fp8_decode="bits" if dname == "fp8-bits" else "auto")
+        else:
+            kw = FP8_VARIANTS[dname[3:].strip() or "default"]
         for _ in range(3):
-            time_config(case, "bits" if dname == "fp8-bits" else "auto")
+            time_config(case, **kw)
+        return
+    if args.fp8_variants:
+        rows = fp8_variants()
+        for r in rows:
+            if "us" not in r:
+                print(f"{r['shape']:25s} {r['variant']:16s} {r['error']}")
+                continue
+            same = "bit-identical to default" if r["identical_to_default"] else "differs from default"
+            print(f"{r['shape']:25s} {r['variant']:16s} {r['us']:8.1f} us  x{r['speedup_vs_bf16']:.2f} vs bf16  {same}")
+        if args.out:
+            write_result(args.out, {"gpu": torch.cuda.get_device_name(), "fp8_variants": rows})
         return
     block_ns = (32, 64, 128) if args.quick else (32, 64, 128, 256)
     warps = (4, 8) if args.quick else (2, 4, 8)

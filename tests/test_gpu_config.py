@@ -24,6 +24,7 @@ from test_attention_kernels import DECODE_SEQS, EXTEND_SEQS, make_batch, toleran
 import miniserve.kernels.decode_attention as decode_module  # noqa: E402
 import miniserve.kernels.extend_attention as extend_module  # noqa: E402
 import miniserve.kernels.layer_ops as layer_ops  # noqa: E402
+from benchmarks.tune_decode_attention import FP8_VARIANTS  # noqa: E402
 from miniserve.kernels import paged_attention  # noqa: E402
 from miniserve.kernels.cache_write import reshape_and_cache_triton  # noqa: E402
 
@@ -90,6 +91,40 @@ def test_attention_kernels_with_gpu_tiles_and_fp8_decode(hardware_fp8_decode, ca
         want = paged_attention(b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3, backend="torch")
         got = kernel(b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3, **kw)
         torch.testing.assert_close(got.float(), want.float(), **tolerance(q_dtype))
+
+
+@pytest.mark.parametrize("variant", list(FP8_VARIANTS))
+def test_fp8_decode_variants_queued_for_the_gpu(variant):
+    """Every FP8 launch variant that benchmarks/tune_decode_attention.py --fp8-variants times on the GPU, through
+    both launchers, against the torch reference: GPU tile sizes unless the variant sets its own. The staged
+    mode's PTX conversion cannot run here (the interpreter converts V like KV_FP8_HW): this checks its wiring,
+    benchmarks/gpu_kernels.py its instruction."""
+    from miniserve.kernels.decode_attention import decode_attention
+    from miniserve.kernels.extend_attention import extend_attention
+
+    kw = {"block_n": GPU_BLOCK_N[torch.float8_e4m3fn], **FP8_VARIANTS[variant]}
+    if kw["fp8_decode"] == "auto":
+        kw["fp8_decode"] = "hw"  # what "auto" is on a CUDA device
+    for seqs, kernel, extra in (
+        (DECODE_SEQS + [(300, 1)], decode_attention, {}),
+        (EXTEND_SEQS + [(200, 70)], extend_attention, dict(block_m=GPU_BLOCK_M)),
+    ):
+        b = make_batch(seqs, 16, 4, 2, 64, torch.float8_e4m3fn, torch.bfloat16, seed=len(seqs))
+        want = paged_attention(b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3, backend="torch")
+        got = kernel(b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3, **kw, **extra)
+        torch.testing.assert_close(got.float(), want.float(), **tolerance(torch.bfloat16))
+
+
+def test_fp8_decode_modes_are_checked():
+    """ "hw" and "hw-staged" are NVIDIA's e4m3fn conversion: asked for on another format, they fail loudly."""
+    cpu = torch.device("cpu")
+    assert decode_module.kv_mode(torch.float8_e4m3fn, cpu, "hw-staged") == (decode_module.KV_FP8_HW_STAGED, True, 1.0)
+    assert decode_module.kv_mode(torch.float8_e4m3fn, cpu, "hw") == (decode_module.KV_FP8_HW, True, 1.0)
+    assert decode_module.kv_mode(torch.bfloat16, cpu, "hw-staged")[0] == decode_module.KV_PLAIN
+    with pytest.raises(ValueError, match="e4m3fn"):
+        decode_module.kv_mode(torch.float8_e4m3fnuz, cpu, "hw-staged")
+    with pytest.raises(ValueError, match="fp8_decode"):
+        decode_module.kv_mode(torch.float8_e4m3fn, cpu, "fast")
 
 
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz], ids=lambda d: str(d)[6:])

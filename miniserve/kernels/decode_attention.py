@@ -11,6 +11,13 @@ FP8 value times 2^(bias - 15). That power of two and the scales are applied to t
 output (v_scale) rather than to every K/V element. The dots against an FP8 cache run in fp16 even for bf16
 queries: a bf16 -> fp16 conversion per K/V element would make the kernel conversion-bound (H100: 16
 conversions/clock/SM), while bf16 queries fit fp16 exactly (see `fp16_fit_factor`).
+
+The staged FP8 mode (fp8_decode="hw-staged", not the default until measured on a GPU) converts V by the same
+hardware instruction written as inline PTX. Triton cannot look through it, so it converts V in the layout the
+tile was loaded in and stages the fp16 tile through shared memory for the P.V dot (ldmatrix.trans), instead of
+gathering the 8-bit V tile into the dot's transposed operand layout one byte per shared-memory load, which is
+what makes the default FP8 kernel issue-bound and need ~2x the registers of the bf16 one
+(benchmarks/results/decode_attention_fp8_registers.md). Same instruction, same tiles: the same results.
 """
 
 from __future__ import annotations
@@ -25,7 +32,11 @@ from miniserve.kernels.metadata import AttentionMetadata
 
 LOG2E = 1.4426950408889634
 
-KV_PLAIN, KV_FP8_BITS, KV_FP8_HW = 0, 1, 2
+KV_PLAIN, KV_FP8_BITS, KV_FP8_HW, KV_FP8_HW_STAGED = 0, 1, 2, 3
+FP8_DECODES = ("auto", "bits", "hw", "hw-staged")
+
+# Triton's interpreter runs no inline PTX: there the staged mode converts V like KV_FP8_HW (layouts are moot).
+INTERPRETED = tl.constexpr(triton_interpreter_enabled())
 
 
 @triton.jit
@@ -42,6 +53,22 @@ def e4m3_to_fp16_bits(byte, NAN_ALL_ONES: tl.constexpr):
         is_nan = b == 0x80
     h = tl.where(is_nan, 0x7E00, h)
     return h.to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def e4m3fn_to_fp16_ptx(x):
+    """e4m3fn bytes -> fp16 by the hardware conversion (cvt.rn.f16x2.e4m3x2, what Triton's own cast emits), as
+    inline PTX on 4 bytes at a time. Deliberately not marked pure: Triton then cannot move the dot-operand layout
+    change ahead of the conversion (it does through its own cast, to shuffle 1-byte values), see the module
+    docstring."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+        "=r,=r,r",
+        [x],
+        dtype=tl.float16,
+        is_pure=False,
+        pack=4,
+    )
 
 
 @triton.jit
@@ -79,14 +106,24 @@ def times_cache_scale(base, scale_ptr, KV_MODE: tl.constexpr, KV_FACTOR: tl.cons
 
 @triton.jit
 def load_kv_tile(
-    cache_ptr, offsets, mask, KV_MODE: tl.constexpr, NAN_ALL_ONES: tl.constexpr, COMPUTE_DTYPE: tl.constexpr
+    cache_ptr,
+    offsets,
+    mask,
+    KV_MODE: tl.constexpr,
+    NAN_ALL_ONES: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    STAGED: tl.constexpr = False,
 ):
-    """Load a [BLOCK_N, HEAD_DIM_PAD] tile of a paged cache and convert it to the dot's input dtype."""
+    """Load a [BLOCK_N, HEAD_DIM_PAD] tile of a paged cache and convert it to the dot's input dtype; STAGED: by
+    the opaque PTX conversion (KV_FP8_HW_STAGED's V tile)."""
     x = tl.load(cache_ptr + offsets, mask=mask, other=0)
     if KV_MODE == 1:
         x = e4m3_to_fp16_bits(x, NAN_ALL_ONES)
-    elif KV_MODE == 2:
-        x = x.to(tl.float8e4nv, bitcast=True)
+    elif KV_MODE >= 2:
+        if STAGED and not INTERPRETED:
+            x = e4m3fn_to_fp16_ptx(x)
+        else:
+            x = x.to(tl.float8e4nv, bitcast=True)
     return x.to(COMPUTE_DTYPE)
 
 
@@ -135,7 +172,9 @@ def attend_kv_tile(
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     rows = page * stride_vb + slot * stride_vs + kv_head * stride_vh
-    v = load_kv_tile(v_cache_ptr, rows[:, None] + d[None, :], kv_mask, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE)
+    v = load_kv_tile(
+        v_cache_ptr, rows[:, None] + d[None, :], kv_mask, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE, KV_MODE == 3
+    )
     acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE_DTYPE), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
@@ -276,18 +315,22 @@ def kv_block_n(cache_dtype: torch.dtype) -> int:
 def kv_mode(cache_dtype: torch.dtype, device: torch.device, fp8_decode: str = "auto") -> tuple[int, bool, float]:
     """(KV_MODE, NAN_ALL_ONES, KV_FACTOR) for a cache dtype.
 
-    e4m3fn on NVIDIA uses the hardware fp8 -> fp16 conversion (two values per instruction); every other FP8
-    case (fnuz, ROCm, the interpreter; or fp8_decode="bits") uses the exact bit-field decode, whose fp16 is
-    off by 2^(15 - bias)."""
+    "auto": e4m3fn on NVIDIA uses the hardware fp8 -> fp16 conversion (two values per instruction); every other
+    FP8 case (fnuz, ROCm, the interpreter) uses the exact bit-field decode ("bits"), whose fp16 is off by
+    2^(15 - bias). "hw" and "hw-staged" (module docstring) ask for the hardware conversion of e4m3fn explicitly;
+    in the interpreter (tests) they run its conversion, which agrees with the hardware's except on NaN."""
     if not is_fp8(cache_dtype):
         return KV_PLAIN, False, 1.0
+    if fp8_decode not in FP8_DECODES:
+        raise ValueError(f"fp8_decode must be one of {FP8_DECODES}, got {fp8_decode!r}")
     fmt = fp8_format(cache_dtype)
     nan_all_ones = cache_dtype == torch.float8_e4m3fn
+    if fp8_decode in ("hw", "hw-staged"):
+        if not nan_all_ones or is_rocm():
+            raise ValueError(f"fp8_decode={fp8_decode!r} needs float8_e4m3fn on NVIDIA, not {cache_dtype} here")
+        return (KV_FP8_HW if fp8_decode == "hw" else KV_FP8_HW_STAGED), True, 1.0
     hw = nan_all_ones and device.type == "cuda" and not is_rocm() and not triton_interpreter_enabled()
-    if fp8_decode not in ("auto", "bits"):
-        raise ValueError(f"fp8_decode must be 'auto' or 'bits', got {fp8_decode!r}")
-    hw = hw and fp8_decode == "auto"
-    if hw:
+    if hw and fp8_decode == "auto":
         return KV_FP8_HW, True, 1.0
     return KV_FP8_BITS, nan_all_ones, float(2 ** (15 - fmt.exponent_bias))
 
@@ -304,6 +347,11 @@ def compute_dtype(q: torch.Tensor, cache_dtype: torch.dtype) -> dict:
     if triton_interpreter_enabled():
         return dict(COMPUTE_DTYPE=tl.float32, DOT_PRECISION="ieee", FIT_FP16=False)
     return dict(COMPUTE_DTYPE=tl.bfloat16, DOT_PRECISION=None, FIT_FP16=False)
+
+
+def register_cap(maxnreg: int | None) -> dict:
+    """The launch option capping registers per thread (Triton's `maxnreg`), only when asked for."""
+    return {} if maxnreg is None else {"maxnreg": maxnreg}
 
 
 def check_kernel_inputs(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
@@ -353,8 +401,11 @@ def decode_attention(
     num_stages: int = 2,
     fp8_decode: str = "auto",
     split_tokens: int = SPLIT_TOKENS,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
-    """Decode attention: q [num_seqs, num_q_heads, head_dim] -> same shape, q.dtype. See module docstring."""
+    """Decode attention: q [num_seqs, num_q_heads, head_dim] -> same shape, q.dtype. See module docstring.
+    maxnreg: a cap on registers per thread for ptxas (more resident programs; spills past what the kernel needs:
+    benchmarks/kernel_resources.py says which)."""
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     group = num_q_heads // num_kv_heads
@@ -389,6 +440,7 @@ def decode_attention(
         **compute_dtype(q, key_cache.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
+        **register_cap(maxnreg),
     )  # fmt: skip
     if splits > 1:
         _merge_splits(part_acc, part_ml, out, meta, v_scale, splits, split_tokens, mode, kv_factor)

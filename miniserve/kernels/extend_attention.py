@@ -25,6 +25,7 @@ from miniserve.kernels.decode_attention import (
     layout_strides,
     load_q_tile,
     page_slots,
+    register_cap,
     times_cache_scale,
 )
 from miniserve.kernels.metadata import AttentionMetadata
@@ -121,8 +122,11 @@ def extend_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    fp8_decode: str = "auto",
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
-    """Extend attention: q [num_tokens, num_q_heads, head_dim], packed by meta.query_start_loc -> same."""
+    """Extend attention: q [num_tokens, num_q_heads, head_dim], packed by meta.query_start_loc -> same.
+    fp8_decode, maxnreg: as in decode_attention."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     check_kernel_inputs(q, key_cache, value_cache)
@@ -133,7 +137,7 @@ def extend_attention(
     small = triton_interpreter_enabled()  # the interpreter pays per program and per masked element alike
     block_m = block_m or (16 if small else 64)
     block_n = block_n or kv_block_n(key_cache.dtype)
-    mode, nan_all_ones, kv_factor = kv_mode(key_cache.dtype, q.device)
+    mode, nan_all_ones, kv_factor = kv_mode(key_cache.dtype, q.device, fp8_decode)
     kc, vc = cache_view(key_cache), cache_view(value_cache)
     grid = (triton.cdiv(meta.max_query_len, block_m), num_q_heads, meta.num_seqs)
     _extend_kernel[grid](
@@ -160,5 +164,6 @@ def extend_attention(
         **compute_dtype(q, key_cache.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
+        **register_cap(maxnreg),
     )
     return out
