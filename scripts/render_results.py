@@ -100,8 +100,8 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                 f"worst fp8/bf16 throughput {ratio:.2f} ({where})",
                 "yes" if ratio >= 1.0 else "no",
                 "the FP8 kernel gathers its V tile one byte per shared-memory load, hence its registers (offline "
-                'compiler analysis: `decode_attention_fp8_registers.md`); `fp8_decode="hw-staged"`, which avoids '
-                "it, awaits a GPU run",
+                'compiler analysis: `decode_attention_fp8_registers.md`); the kernel mode `fp8_decode="hw-staged"`, '
+                "which avoids it, awaits a GPU run",
             )
         )
     fixed = load("throughput_fixed_llama1b_h200.json")
