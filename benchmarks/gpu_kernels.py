@@ -11,6 +11,7 @@
    vs SDPA).
 Writes kernels.json and kernels.md to $OUT (default: benchmarks/results) and prints a short table last.
 Usage: PYTHONUNBUFFERED=1 python3 benchmarks/gpu_kernels.py
+       python3 benchmarks/gpu_kernels.py --checks cache_write_exact fp8_page_decode attention_vs_reference --out F
 """
 
 from __future__ import annotations
@@ -276,10 +277,14 @@ def summary(results: dict) -> list[str]:
     return out
 
 
-def main() -> None:
-    device = torch.device("cuda")
-    import triton
+CHECKS = {
+    "cache_write_exact": check_cache_write_exact,
+    "fp8_page_decode": check_fp8_page_decode,
+    "attention_vs_reference": check_attention,
+}
 
+
+def header(device: torch.device) -> dict:
     results = dict(
         gpu=torch.cuda.get_device_name(device),
         torch=torch.__version__,
@@ -288,6 +293,29 @@ def main() -> None:
         date=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
     print({k: results[k] for k in ("gpu", "torch", "triton", "command")}, flush=True)
+    return results
+
+
+def run_checks(names: list[str], out: str) -> None:
+    """Only the named correctness sections (no benchmarks, no CPU tests), into `out`: what h200_suite.sh runs."""
+    device = torch.device("cuda")
+    results = header(device)
+    for name in names:
+        section(results, name, CHECKS[name], device)
+    write_result(out, results)
+    print("\n".join(summary(results)))
+
+
+def main() -> None:
+    if "--checks" in sys.argv:  # --checks NAME... --out FILE
+        args = sys.argv[sys.argv.index("--checks") + 1 :]
+        names = args[: args.index("--out")]
+        unknown = [n for n in names if n not in CHECKS]
+        if unknown or not names:
+            sys.exit(f"--checks takes some of {list(CHECKS)}, got {names}")
+        return run_checks(names, args[args.index("--out") + 1])
+    device = torch.device("cuda")
+    results = header(device)
     results["nominal_peak_gbs"] = nominal_peak_gbs(results["gpu"])
     cpu_tests = start_cpu_tests()
     section(results, "cache_write_exact", check_cache_write_exact, device)

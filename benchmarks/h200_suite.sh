@@ -28,18 +28,10 @@ fi
 
 if [ "$part" = checks ]; then
   # the kernel correctness sections of gpu_kernels.py only: every bf16/fp16 bit pattern through the fused FP8
-  # write, and the attention kernels against the torch reference
-  timeout 150 python3 -c "
-import json, sys, torch
-sys.path.insert(0, 'benchmarks')
-import gpu_kernels as g
-r = {'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__, 'command': 'h200_suite.sh checks'}
-d = torch.device('cuda')
-g.section(r, 'cache_write_exact', g.check_cache_write_exact, d)
-g.section(r, 'attention_vs_reference', g.check_attention, d)
-open('$out/kernel_checks_h200.json', 'w').write(json.dumps(r, indent=1, default=str))
-print('\\n'.join(g.summary(r)))
-" 2>&1 | grep -v -i warn | tail -12
+  # write, all 256 FP8 codes through the attention kernels' page decode, and the attention kernels against the
+  # torch reference
+  timeout 150 python3 benchmarks/gpu_kernels.py --checks cache_write_exact fp8_page_decode attention_vs_reference \
+    --out "$out/kernel_checks_h200.json" 2>&1 | grep -v -i warn | tail -12
   OUT="$out" timeout 200 python3 benchmarks/gpu_engine_check.py > "$out/engine_check_log.txt" 2>&1
   mv "$out/engine_check.json" "$out/engine_check_h200.json" && python3 -c "
 import json; d = json.load(open('$out/engine_check_h200.json'))
@@ -68,17 +60,8 @@ if [ "$part" = fp8reg ]; then
   # The FP8 decode variants of benchmarks/results/decode_attention_fp8_registers.md (offline compiler analysis):
   # correctness first (every code through each decode mode; attention vs the reference; "hw-staged" bit-identical
   # to "auto"), then the GPU time of each FP8_VARIANTS entry at the tune shapes, with bit-identity to the default.
-  timeout 170 python3 -c "
-import json, sys, torch
-sys.path.insert(0, 'benchmarks')
-import gpu_kernels as g
-r = {'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__, 'command': 'h200_suite.sh fp8reg'}
-d = torch.device('cuda')
-g.section(r, 'fp8_page_decode', g.check_fp8_page_decode, d)
-g.section(r, 'attention_vs_reference', g.check_attention, d)
-open('$out/kernel_checks_fp8reg_h200.json', 'w').write(json.dumps(r, indent=1, default=str))
-print('\\n'.join(g.summary(r)))
-" 2>&1 | grep -v -i warn | tail -8
+  timeout 170 python3 benchmarks/gpu_kernels.py --checks fp8_page_decode attention_vs_reference \
+    --out "$out/kernel_checks_fp8reg_h200.json" 2>&1 | grep -v -i warn | tail -8
   timeout 400 python3 benchmarks/tune_decode_attention.py --fp8-variants \
     --out "$out/decode_attention_fp8_variants_h200.json" 2>&1 | grep -v -i warn | grep -v '^{' | tail -40
 fi
