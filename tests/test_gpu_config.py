@@ -25,6 +25,7 @@ import miniserve.kernels.decode_attention as decode_module  # noqa: E402
 import miniserve.kernels.extend_attention as extend_module  # noqa: E402
 import miniserve.kernels.layer_ops as layer_ops  # noqa: E402
 from benchmarks.tune_decode_attention import FP8_VARIANTS  # noqa: E402
+from benchmarks.tune_extend_attention import EXTEND_VARIANTS  # noqa: E402
 from miniserve.kernels import paged_attention  # noqa: E402
 from miniserve.kernels.cache_write import reshape_and_cache_triton  # noqa: E402
 
@@ -113,6 +114,35 @@ def test_fp8_decode_variants_queued_for_the_gpu(variant):
         want = paged_attention(b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3, backend="torch")
         got = kernel(b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3, **kw, **extra)
         torch.testing.assert_close(got.float(), want.float(), **tolerance(torch.bfloat16))
+
+
+# prompts with and without a cached prefix; (330, 150): three 64-token query blocks (two of 128), each with KV tiles
+# wholly below the causal diagonal (split_diag's unmasked loop) and a diagonal one
+EXTEND_VARIANT_SEQS = EXTEND_SEQS + [(200, 70), (330, 150)]
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("variant", list(EXTEND_VARIANTS))
+def test_extend_variants_queued_for_the_gpu(hardware_fp8_decode, variant, cache_dtype):
+    """Every extend launch variant that benchmarks/tune_extend_attention.py times on the GPU, against the torch
+    reference with the GPU's tile sizes (unless the variant sets its own), GQA groups of 2 and 4. Variants that
+    keep the query tile's rows (masking, grid order, offsets) must also equal the default bit for bit: the same
+    tiles in the same order. (Row counts change numpy's dot order here, so those are compared to the reference
+    only; the GPU run reports bit-identity for all.)"""
+    from miniserve.kernels.extend_attention import extend_attention
+
+    kw = EXTEND_VARIANTS[variant]
+    kw = {"block_n": GPU_BLOCK_N[cache_dtype], "block_m": GPU_BLOCK_M, **kw}
+    same_rows = not ({"block_m", "gqa_pack"} & set(EXTEND_VARIANTS[variant]))
+    for q_heads in (4, 8):
+        b = make_batch(EXTEND_VARIANT_SEQS, 16, q_heads, 2, 64, cache_dtype, torch.bfloat16, seed=q_heads)
+        args = (b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3)
+        want = paged_attention(*args, backend="torch")
+        got = extend_attention(*args, **kw)
+        torch.testing.assert_close(got.float(), want.float(), **tolerance(torch.bfloat16))
+        if same_rows:
+            default = extend_attention(*args, block_n=kw["block_n"], block_m=GPU_BLOCK_M)
+            assert torch.equal(got, default)
 
 
 def test_fp8_decode_modes_are_checked():

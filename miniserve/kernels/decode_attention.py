@@ -115,8 +115,11 @@ def load_kv_tile(
     STAGED: tl.constexpr = False,
 ):
     """Load a [BLOCK_N, HEAD_DIM_PAD] tile of a paged cache and convert it to the dot's input dtype; STAGED: by
-    the opaque PTX conversion (KV_FP8_HW_STAGED's V tile)."""
-    x = tl.load(cache_ptr + offsets, mask=mask, other=0)
+    the opaque PTX conversion (KV_FP8_HW_STAGED's V tile); mask None: every element is in bounds."""
+    if mask is None:
+        x = tl.load(cache_ptr + offsets)
+    else:
+        x = tl.load(cache_ptr + offsets, mask=mask, other=0)
     if KV_MODE == 1:
         x = e4m3_to_fp16_bits(x, NAN_ALL_ONES)
     elif KV_MODE >= 2:
@@ -125,6 +128,16 @@ def load_kv_tile(
         else:
             x = x.to(tl.float8e4nv, bitcast=True)
     return x.to(COMPUTE_DTYPE)
+
+
+@triton.jit
+def mul_rn(x, y):
+    """x * y as its own rounded fp32 multiply, which ptxas never contracts into an FMA with a later add (PTX
+    `mul.rn`). Where the result feeds a subtraction directly, a plain `*` may be fused into one FFMA there (one
+    rounding instead of two): this keeps the two roundings a masked tile gets (its select sits in between)."""
+    if INTERPRETED:
+        return x * y
+    return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [x, y], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -159,22 +172,34 @@ def attend_kv_tile(
     NAN_ALL_ONES: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr = True,
+    SAME_KV_OFFSETS: tl.constexpr = False,
 ):
     """One online-softmax step over a tile of cached K/V (the loop body of the decode and extend kernels, so a
     query gets the same arithmetic from both). Scores are in log2 units; `visible` masks them to -inf.
-    Returns the updated (running max, running sum, unnormalized output)."""
+    Returns the updated (running max, running sum, unnormalized output).
+
+    Not MASKED (the extend kernel's tiles below the causal diagonal): every score is visible, `visible` is not
+    applied (may be None); a None `kv_mask`: every K/V element is in bounds. Its scores are scaled by `mul_rn`,
+    so they round as a masked tile's do (a plain multiply would be fused into the exponent's subtraction: no
+    fewer instructions, as the max needs the product anyway, but last-bit differences).
+    SAME_KV_OFFSETS: the V cache has the K cache's strides, and V reuses K's element offsets."""
     rows = page * stride_kb + slot * stride_ks + kv_head * stride_kh
-    k = load_kv_tile(k_cache_ptr, rows[:, None] + d[None, :], kv_mask, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * k_mult
-    s = tl.where(visible, s, float("-inf"))
+    offsets = rows[:, None] + d[None, :]
+    k = load_kv_tile(k_cache_ptr, offsets, kv_mask, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if MASKED:
+        s = tl.where(visible, s * k_mult, float("-inf"))
+    else:
+        s = mul_rn(s, k_mult)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    rows = page * stride_vb + slot * stride_vs + kv_head * stride_vh
-    v = load_kv_tile(
-        v_cache_ptr, rows[:, None] + d[None, :], kv_mask, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE, KV_MODE == 3
-    )
+    if not SAME_KV_OFFSETS:
+        rows = page * stride_vb + slot * stride_vs + kv_head * stride_vh
+        offsets = rows[:, None] + d[None, :]
+    v = load_kv_tile(v_cache_ptr, offsets, kv_mask, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE, KV_MODE == 3)
     acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE_DTYPE), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 

@@ -66,9 +66,26 @@ def _extend_kernel(
     COMPUTE_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FIT_FP16: tl.constexpr,
+    GROUP_PACK: tl.constexpr = 1,
+    SPLIT_DIAG: tl.constexpr = False,
+    REVERSE: tl.constexpr = False,
+    SAME_KV_STRIDES: tl.constexpr = False,
 ):
-    block_m = tl.program_id(0)
-    head = tl.program_id(1)
+    # Variants (launcher parameters; the defaults give the kernel described in the module docstring):
+    # GROUP_PACK > 1: one program per KV head serves its GROUP query heads (padded to GROUP_PACK), stacked into
+    #   the dot's M dimension (row r = token r // GROUP_PACK, head r % GROUP_PACK): a KV tile is loaded once per
+    #   KV head instead of once per query head; BLOCK_M counts tokens, the tile has BLOCK_M * GROUP_PACK rows.
+    # SPLIT_DIAG: tiles wholly below the causal diagonal (visible to every row of the block) run first, in a
+    #   loop without the causal mask, the position bounds or the load masks; the rest as before. Same tiles in
+    #   the same order, the same roundings (attend_kv_tile's mul_rn).
+    # REVERSE: grid (head, query block, sequence), query blocks longest first (the last ones see the most KV).
+    # SAME_KV_STRIDES: the V cache's strides are the K cache's (computed once, V reuses K's offsets).
+    if REVERSE:
+        head = tl.program_id(0)
+        block_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    else:
+        block_m = tl.program_id(0)
+        head = tl.program_id(1)
     seq = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -76,24 +93,56 @@ def _extend_kernel(
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     prefix = seq_len - q_len  # cached tokens before the new ones
+    if SAME_KV_STRIDES:
+        stride_vb, stride_vs, stride_vh = stride_kb, stride_ks, stride_kh
 
-    m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, HEAD_DIM_PAD)
     d_mask = d < HEAD_DIM
-    q_mask = (m < q_len)[:, None] & d_mask[None, :]
+    if GROUP_PACK > 1:
+        r = tl.arange(0, BLOCK_M * GROUP_PACK)
+        m = block_m * BLOCK_M + r // GROUP_PACK
+        g = r % GROUP_PACK
+        kv_head = head  # the grid's head axis counts KV heads
+        q_head = kv_head * GROUP + g
+        row_ok = (m < q_len) & (g < GROUP)
+    else:
+        m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        kv_head = head // GROUP
+        q_head = head
+        row_ok = m < q_len
+    q_mask = row_ok[:, None] & d_mask[None, :]
     q_rows = (q_start + m).to(tl.int64)
-    kv_head = head // GROUP
     k_mult = times_cache_scale(qk_scale, k_scale_ptr, KV_MODE, KV_FACTOR)  # scores in log2 units: exp2 below
-    q_ptrs = q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + d[None, :]
+    if GROUP_PACK > 1:
+        q_ptrs = q_ptr + q_rows[:, None] * stride_qt + q_head[:, None] * stride_qh + d[None, :]
+    else:
+        q_ptrs = q_ptr + q_rows[:, None] * stride_qt + q_head * stride_qh + d[None, :]
     q, k_mult = load_q_tile(q_ptrs, q_mask, k_mult, FIT_FP16, COMPUTE_DTYPE)
     block_table = block_tables_ptr + seq * stride_bt
     last_visible = prefix + m  # per query row: the last KV position it may attend to
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    ROWS: tl.constexpr = BLOCK_M * GROUP_PACK
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM_PAD], tl.float32)
     end = tl.minimum(seq_len, prefix + (block_m + 1) * BLOCK_M)  # past the block's last query: all masked
-    for n0 in range(0, end, BLOCK_N):  # the running max stays finite: position 0 is visible to every row
+    start = 0
+    if SPLIT_DIAG:
+        # tiles [0, start) hold positions <= prefix + block_m * BLOCK_M, the block's first query: all visible
+        start = (prefix + block_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
+        if HEAD_DIM == HEAD_DIM_PAD:
+            in_bounds = None  # no load masks at all
+        else:
+            in_bounds = d_mask[None, :]
+        for n0 in range(0, start, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            page = tl.load(block_table + pos // BLOCK_SIZE).to(tl.int64)
+            m_i, l_i, acc = attend_kv_tile(
+                q, k_mult, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, page, pos % BLOCK_SIZE, kv_head, stride_kb,
+                stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, d, in_bounds, None, KV_MODE, NAN_ALL_ONES,
+                COMPUTE_DTYPE, DOT_PRECISION, False, SAME_KV_STRIDES,
+            )  # fmt: skip
+    for n0 in range(start, end, BLOCK_N):  # the running max stays finite: position 0 is visible to every row
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
         kv_mask = valid[:, None] & d_mask[None, :]
@@ -102,11 +151,14 @@ def _extend_kernel(
         m_i, l_i, acc = attend_kv_tile(
             q, k_mult, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, page, slot, kv_head, stride_kb, stride_ks, stride_kh,
             stride_vb, stride_vs, stride_vh, d, kv_mask, visible, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE,
-            DOT_PRECISION,
+            DOT_PRECISION, SAME_KV_OFFSETS=SAME_KV_STRIDES,
         )  # fmt: skip
 
     out = acc * (times_cache_scale(1.0, v_scale_ptr, KV_MODE, KV_FACTOR) / l_i)[:, None]
-    o_ptrs = out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + d[None, :]
+    if GROUP_PACK > 1:
+        o_ptrs = out_ptr + q_rows[:, None] * stride_ot + q_head[:, None] * stride_oh + d[None, :]
+    else:
+        o_ptrs = out_ptr + q_rows[:, None] * stride_ot + q_head * stride_oh + d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
@@ -124,9 +176,19 @@ def extend_attention(
     num_stages: int = 2,
     fp8_decode: str = "auto",
     maxnreg: int | None = None,
+    gqa_pack: bool = False,
+    split_diag: bool = False,
+    reverse: bool = False,
+    same_kv_strides: bool = False,
 ) -> torch.Tensor:
     """Extend attention: q [num_tokens, num_q_heads, head_dim], packed by meta.query_start_loc -> same.
-    fp8_decode, maxnreg: as in decode_attention."""
+    fp8_decode, maxnreg: as in decode_attention.
+
+    Variants, all off by default (kernel comments; benchmarks/results/extend_attention_registers.md):
+    gqa_pack: a program per KV head and block_m tokens, its query heads stacked into the dot's rows (block_m *
+    next_power_of_2(group) rows); split_diag: the tiles below the causal diagonal without masks; reverse: the
+    longest query blocks first; same_kv_strides: V's offsets reuse K's (when the two caches' strides agree,
+    else ignored). None changes which KV positions a query accumulates in which order (same BLOCK_N tiles)."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     check_kernel_inputs(q, key_cache, value_cache)
@@ -139,7 +201,20 @@ def extend_attention(
     block_n = block_n or kv_block_n(key_cache.dtype)
     mode, nan_all_ones, kv_factor = kv_mode(key_cache.dtype, q.device, fp8_decode)
     kc, vc = cache_view(key_cache), cache_view(value_cache)
-    grid = (triton.cdiv(meta.max_query_len, block_m), num_q_heads, meta.num_seqs)
+    group = num_q_heads // num_kv_heads
+    pack = triton.next_power_of_2(group) if gqa_pack and group > 1 else 1
+    heads = num_kv_heads if pack > 1 else num_q_heads
+    blocks = triton.cdiv(meta.max_query_len, block_m)
+    grid = (heads, blocks, meta.num_seqs) if reverse else (blocks, heads, meta.num_seqs)
+    variant = {}  # only the variants asked for: the default launch passes what it always did
+    if pack > 1:
+        variant["GROUP_PACK"] = pack
+    if split_diag:
+        variant["SPLIT_DIAG"] = True
+    if reverse:
+        variant["REVERSE"] = True
+    if same_kv_strides and kc.stride() == vc.stride():
+        variant["SAME_KV_STRIDES"] = True
     _extend_kernel[grid](
         q,
         kc,
@@ -152,7 +227,7 @@ def extend_attention(
         out,
         sm_scale * LOG2E,
         *layout_strides(q, out, meta, kc, vc),
-        GROUP=num_q_heads // num_kv_heads,
+        GROUP=group,
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
         BLOCK_M=block_m,
@@ -165,5 +240,6 @@ def extend_attention(
         num_warps=num_warps,
         num_stages=num_stages,
         **register_cap(maxnreg),
+        **variant,
     )
     return out
