@@ -46,7 +46,7 @@ CACHES = {
 }
 BLOCK_SIZE = 16
 CONTEXT = 4096  # decode: 8 splits of 512 (the split count only sizes the grid)
-PROMPT = 512  # extend: one prompt chunk
+PROMPT = 512  # extend: one prompt chunk (--extend-chunk Q CTX: Q new tokens over CTX positions; only the grid differs)
 
 # Per-SM limits of compute capability 9.0 (H100, H200): CUDA occupancy calculator figures.
 SM90 = dict(regs=65536, reg_unit=256, max_warps=64, max_blocks=32, smem=233472, smem_reserved=1024)
@@ -123,9 +123,10 @@ def launcher_inputs(shape: str, cache: str, q_len: int, seq_len: int):
     return (q, kc, kc.clone(), meta, scale, scale, 0.1), fp8_decode
 
 
-def capture(kernel: str, shape: str, cache: str, **launch) -> Launch:
+def capture(kernel: str, shape: str, cache: str, chunk: tuple[int, int] = (PROMPT, PROMPT), **launch) -> Launch:
     """The main kernel launch that `decode_attention` / `extend_attention` would make (block_n, num_warps,
-    num_stages: the launcher's own parameters; None = its default)."""
+    num_stages, and extend's variants: the launcher's own parameters; None = its default). chunk: extend's
+    (new tokens, context)."""
     import miniserve.kernels.decode_attention as decode_module
     import miniserve.kernels.extend_attention as extend_module
 
@@ -138,7 +139,7 @@ def capture(kernel: str, shape: str, cache: str, **launch) -> Launch:
         ):
             decode_module.decode_attention(*inputs, fp8_decode=fp8_decode, **launch)
     else:
-        inputs, fp8_decode = launcher_inputs(shape, cache, PROMPT, PROMPT)
+        inputs, fp8_decode = launcher_inputs(shape, cache, *chunk)
         with recording(extend_module, "_extend_kernel") as calls:
             extend_module.extend_attention(*inputs, fp8_decode=fp8_decode, **launch)
     return calls[0]
@@ -213,12 +214,15 @@ def disassemble(cubin: bytes, tools: dict) -> list[tuple[int, str, int]]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
-        out = subprocess.run(
+        run = subprocess.run(
             [tools["nvdisasm"], "-c", "-plr", "-lrm", "count", str(path)], capture_output=True, text=True
-        ).stdout
+        )
+        if run.returncode:  # nvdisasm's live-register report fails at 255 registers: plain SASS, live counts 0
+            run = subprocess.run([tools["nvdisasm"], "-c", str(path)], capture_output=True, text=True)
+        out = run.stdout
     rows, last = [], 0
     for line in out.splitlines():
-        if m := re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;\s*//\s*\|\s*(\d*)", line):
+        if m := re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;(?:\s*//\s*\|\s*(\d*))?", line):
             last = int(m.group(1), 16)
             rows.append((last, m.group(2), int(m.group(3) or 0)))
         elif m := re.match(r"^(\.L_\w+):", line):
@@ -244,6 +248,22 @@ def main_loop(sass: list[tuple[int, str, int]]) -> list[tuple[int, str, int]]:
         if sum("MMA" in t for _, t, _ in body) > sum("MMA" in t for _, t, _ in best):
             best = body
     return best
+
+
+def mma_loops(sass: list[tuple[int, str, int]]) -> list[dict]:
+    """Every innermost loop with tensor-core instructions, in code order: its length and MMA count (the split
+    extend kernel has two KV loops, the unmasked one and the diagonal)."""
+    labels = {text[3:]: addr for addr, text, live in sass if live < 0}
+    loops = []
+    for addr, text, live in sass:
+        m = re.search(r"BRA\s+`?\(?(\.L_\w+)", text)
+        if live < 0 or not m or labels.get(m.group(1), addr + 1) > addr:
+            continue
+        body = [t for a, t, lv in sass if labels[m.group(1)] <= a <= addr and lv >= 0]
+        mma = sum("MMA" in t for t in body)
+        if mma:
+            loops.append({"instructions": len(body), "mma": mma, "fsel": sum(mnemonic(t) == "FSEL" for t in body)})
+    return loops
 
 
 def instruction_mix(rows) -> dict:
@@ -275,8 +295,8 @@ def occupancy(regs: int, num_warps: int, smem_bytes: int, limits: dict = SM90) -
 # ------------------------------------------------------------------------------------------------------- report
 
 
-def analyse(kernel: str, shape: str, cache: str, arch: int, tools: dict, **launch) -> dict:
-    """Compile one configuration and read everything off its cubin."""
+def analyse(kernel: str, shape: str, cache: str, arch: int, tools: dict, variant: str = "", **launch) -> dict:
+    """Compile one configuration and read everything off its cubin (variant: a name for the row only)."""
     recorded = capture(kernel, shape, cache, **launch)
     compiled, options = compile_launch(recorded, arch)
     cubin = compiled.asm["cubin"]
@@ -297,6 +317,9 @@ def analyse(kernel: str, shape: str, cache: str, arch: int, tools: dict, **launc
         "num_stages": options.get("num_stages", 3),
         "maxnreg": options.get("maxnreg"),
         "kv_mode": recorded.kwargs["KV_MODE"],
+        "variant": variant,
+        "block_m": recorded.kwargs.get("BLOCK_M"),
+        "rows_m": recorded.kwargs.get("BLOCK_M", 0) * recorded.kwargs.get("GROUP_PACK", 1) or None,
         "registers": usage.get("reg", 0),
         "spill_stack_bytes": usage.get("stack", 0),  # ptxas spills registers to the stack frame
         "local_bytes": usage.get("local", 0),
@@ -308,6 +331,7 @@ def analyse(kernel: str, shape: str, cache: str, arch: int, tools: dict, **launc
         "loop_warp_instructions_per_kv_position": mix["total"] * warps / block_n,
         "loop_families": mix["families"],
         "loop_mnemonics": dict(mix["mnemonics"].most_common()),
+        "mma_loops": mma_loops(sass),
         "loop_peak_live_registers": peak[2],
         "loop_peak_at": mnemonic(peak[1]) if peak[1] else "",
     }
@@ -327,7 +351,9 @@ def format_row(r: dict) -> str:
     cells = " ".join(fmt.format(r[key]) for key, fmt in COLUMNS)
     mix = " ".join(f"{f}={r['loop_families'][f]}" for f in KEY_FAMILIES if f in r["loop_families"])
     lds8 = r["loop_mnemonics"].get("LDS.U8", 0)
-    return f"{cells}  {mix}" + (f" (LDS.U8={lds8})" if lds8 else "")
+    name = f"{r['variant']} (M={r['rows_m']}) " if r["variant"] else ""
+    loops = "/".join(str(loop["instructions"]) for loop in r["mma_loops"])
+    return f"{name}{cells}  {mix}" + (f" (LDS.U8={lds8})" if lds8 else "") + (f" loops={loops}" if "/" in loops else "")
 
 
 def main(argv=None) -> int:
@@ -340,6 +366,15 @@ def main(argv=None) -> int:
     ap.add_argument("--warps", nargs="+", type=int, default=[None])
     ap.add_argument("--stages", nargs="+", type=int, default=[None])
     ap.add_argument("--maxnreg", nargs="+", type=int, default=[0], help="register caps (ptxas --maxrregcount); 0: none")
+    ap.add_argument("--block-m", nargs="+", type=int, default=[None], help="extend: query tokens per program")
+    ap.add_argument(
+        "--extend-chunk", nargs=2, type=int, default=[PROMPT, PROMPT], metavar=("Q", "CTX"),
+        help="extend: Q new tokens over a context of CTX (only the grid depends on it)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--variants", nargs="+", default=None,
+        help="extend launch variants by name (tune_extend_attention.EXTEND_VARIANTS; 'all': every one)",
+    )  # fmt: skip
     ap.add_argument("--json", default=None, help="write the rows here (with provenance)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -350,12 +385,21 @@ def main(argv=None) -> int:
         return 2
     rows = []
     print(HEAD)
-    knobs = (args.block_n, args.warps, args.stages, args.maxnreg)
+    variants = {"": {}}
+    if args.variants:
+        from benchmarks.tune_extend_attention import EXTEND_VARIANTS
+
+        names = list(EXTEND_VARIANTS) if args.variants == ["all"] else args.variants
+        variants = {name: EXTEND_VARIANTS[name] for name in names}
+        args.kernels = ["extend"]
+    knobs = (args.block_n, args.warps, args.stages, args.maxnreg, args.block_m, variants)
     grid = itertools.product(args.kernels, args.shapes, args.caches, *knobs)
-    for kernel, shape, cache, bn, warps, stages, maxnreg in grid:
+    for kernel, shape, cache, bn, warps, stages, maxnreg, block_m, variant in grid:
         launch = dict(block_n=bn, num_warps=warps, num_stages=stages, maxnreg=maxnreg or None)
+        if kernel == "extend":
+            launch.update({"block_m": block_m, "chunk": tuple(args.extend_chunk), **variants[variant]})
         try:
-            row = analyse(kernel, shape, cache, args.arch, tools, **launch)
+            row = analyse(kernel, shape, cache, args.arch, tools, variant, **launch)
         except Exception as e:  # noqa: BLE001 - one configuration out of resources must not stop the sweep
             print(f"{kernel} {shape} {cache} {launch}: {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue

@@ -63,3 +63,22 @@ def test_compiles_decode_and_extend_for_sm90_offline(tmp_path):
         assert 0 < r["registers"] <= 255 and 0 < r["occupancy"] <= 1 and r["shared_bytes"] > 0
         mma = r["loop_families"].get("HMMA", 0) + r["loop_families"].get("HGMMA", 0)  # mma.sync / wgmma
         assert r["kv_mode"] == 3 and mma > 0 and r["loop_instructions"] > 0
+
+
+@pytest.mark.skipif(kr.nvidia_tools() is None, reason="Triton's nvidia backend and its tools are not installed")
+def test_extend_variants_compile_offline(tmp_path):
+    """--variants: the split-diagonal extend kernel has two KV loops, the first (below the diagonal) without the
+    causal select and shorter than the default's one loop."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    out = tmp_path / "resources.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--shapes", "llama-3.2-1b"]
+    cmd += ["--caches", "bf16", "--extend-chunk", "256", "1024", "--variants", "default", "diag", "--json", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    default, diag = json.loads(out.read_text())["rows"]
+    assert (default["variant"], diag["variant"]) == ("default", "diag")
+    assert len(default["mma_loops"]) == 1 and len(diag["mma_loops"]) == 2
+    unmasked, diagonal = diag["mma_loops"]
+    assert unmasked["fsel"] == 0 < diagonal["fsel"]
+    assert unmasked["instructions"] < default["mma_loops"][0]["instructions"]
