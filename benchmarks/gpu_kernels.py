@@ -211,6 +211,43 @@ def check_attention(device) -> list[dict]:
     return rows
 
 
+def check_extend_variants(device) -> list[dict]:
+    """Every tune_extend_attention.EXTEND_VARIANTS entry against the torch reference on ragged prompts with and
+    without cached prefixes, at four head sizes, GQA groups, block sizes and cache dtypes; and whether each
+    gives bit-identical results to the default extend kernel (the same tiles in the same order should: which
+    variants do is what the GPU decides). A variant the GPU cannot run at a shape (out of shared memory or
+    registers) is recorded with its error and ok None."""
+    from benchmarks.tune_extend_attention import EXTEND_VARIANTS
+    from miniserve.kernels.extend_attention import extend_attention
+
+    extend = [(5, 5), (300, 37), (1000, 1), (2048, 512), (77, 5), (700, 700), (3000, 1300)]
+    cases = [  # (block_size, q heads, kv heads, head_dim, cache, q dtype); each compiles every variant (~4 s)
+        (16, 16, 8, 128, torch.bfloat16, torch.bfloat16),  # Qwen3-0.6B heads
+        (16, 32, 8, 128, torch.float8_e4m3fn, torch.bfloat16),  # Llama-3.1-8B heads, FP8
+        (1, 12, 4, 80, torch.float8_e4m3fn, torch.float16),  # group 3 (padded to 4 rows), head_dim padded
+        (32, 8, 4, 64, torch.float32, torch.float32),
+    ]
+    rows = []
+    for block_size, hq, hkv, d, cache, qd in cases:
+        q, kc, vc, meta, ks, vs = attention_batch(device, extend, block_size, hq, hkv, d, cache, qd)
+        sm = 1 / math.sqrt(d)
+        want = kernels.paged_attention(q, kc, vc, meta, ks, vs, sm, backend="torch").float()
+        default = extend_attention(q, kc, vc, meta, ks, vs, sm)
+        tol = 1e-4 if qd == torch.float32 else 2e-2
+        for name, kw in EXTEND_VARIANTS.items():
+            row = dict(variant=name, block_size=block_size, q_heads=hq, kv_heads=hkv, head_dim=d,
+                       cache=str(cache)[6:], q=str(qd)[6:])  # fmt: skip
+            try:
+                got = extend_attention(q, kc, vc, meta, ks, vs, sm, **kw)
+            except Exception as e:  # noqa: BLE001 - a variant out of resources at this shape
+                rows.append(dict(row, ok=None, error=f"{type(e).__name__}: {str(e)[:200]}"))
+                continue
+            err = (got.float() - want).abs().max().item()
+            rows.append(dict(row, max_abs_err=err, ok=bool(torch.allclose(got.float(), want, atol=tol, rtol=tol)),
+                             identical_to_default=bool(torch.equal(got, default))))  # fmt: skip
+    return rows
+
+
 def section(results: dict, name: str, fn, *args):
     """Run one section; record its rows or its error, and never run past the deadline."""
     if time.time() - START > DEADLINE_S:
@@ -255,6 +292,14 @@ def summary(results: dict) -> list[str]:
     att = results.get("attention_vs_reference")
     if isinstance(att, list):
         out.append(f"attention vs reference: {sum(r['ok'] for r in att)}/{len(att)} ok")
+    ext = results.get("extend_variants")
+    if isinstance(ext, list):
+        ran = [r for r in ext if r["ok"] is not None]
+        same = sum(r["identical_to_default"] for r in ran)
+        out.append(
+            f"extend variants vs reference: {sum(r['ok'] for r in ran)}/{len(ran)} ok, {same} bit-identical to "
+            f"the default, {len(ext) - len(ran)} could not run"
+        )
     ceiling = results.get("copy_bandwidth_gbs")
     for r in results.get("kv_write", []) if isinstance(results.get("kv_write"), list) else []:
         out.append(
@@ -281,6 +326,7 @@ CHECKS = {
     "cache_write_exact": check_cache_write_exact,
     "fp8_page_decode": check_fp8_page_decode,
     "attention_vs_reference": check_attention,
+    "extend_variants": check_extend_variants,
 }
 
 

@@ -4,6 +4,8 @@
 #   bash benchmarks/h200_suite.sh checks OUT_DIR    # engine/kernel checks, speculative decoding, serving, prefix
 #   bash benchmarks/h200_suite.sh fp8reg OUT_DIR    # FP8 decode variants (decode_attention_fp8_registers.md)
 #   bash benchmarks/h200_suite.sh fp8ncu OUT_DIR    # ncu of the default and staged FP8 decode kernels
+#   bash benchmarks/h200_suite.sh extendvar OUT_DIR # extend (prefill) kernel variants: checks, 32k Qwen3 prompt
+#   bash benchmarks/h200_suite.sh extendttft OUT_DIR # the same at Llama-3.1-8B heads; 32k TTFT end to end
 # Every step is bounded in time and independent of the others: one that fails leaves the rest to run.
 set -u
 part=$1
@@ -76,4 +78,25 @@ if [ "$part" = fp8ncu ]; then
       grep -E 'Registers Per|Theoretical Occ|Achieved Occ|DRAM Throughput|Duration|Issued Ipc|Block Limit Reg'
   done > "$out/decode_attention_fp8_variants_ncu_h200.txt"
   cat "$out/decode_attention_fp8_variants_ncu_h200.txt"
+fi
+
+if [ "$part" = extendvar ]; then
+  # The extend (prefill) kernel variants of benchmarks/results/extend_attention_registers.md (offline compiler
+  # analysis; issue 19's 32k-prompt TTFT target). Correctness first: every EXTEND_VARIANTS entry against the torch
+  # reference at 4 shapes, with bit-identity to the default. Then the kernel alone: each variant on a 32k-token
+  # prompt in 8192-token chunks, against the default and torch SDPA over the whole prompt (Qwen3-0.6B heads, bf16
+  # and fp8 caches; Llama-3.1-8B heads, bf16). Then end to end: the 32k prefill's TTFT with the default and the
+  # two variants the analysis ranks first, beside one HF SDPA forward (part extendttft: each part < 10 minutes).
+  timeout 280 python3 benchmarks/gpu_kernels.py --checks extend_variants \
+    --out "$out/kernel_checks_extendvar_h200.json" 2>&1 | grep -v -i warn | tail -4
+  timeout 300 python3 benchmarks/tune_extend_attention.py --shapes qwen3-0.6b --caches bf16 fp8 \
+    --out "$out/extend_attention_variants_qwen3_h200.json" 2>&1 | grep -v -i warn | grep -v '^{' | tail -32
+fi
+
+if [ "$part" = extendttft ]; then
+  timeout 220 python3 benchmarks/tune_extend_attention.py --shapes llama-3.1-8b --caches bf16 \
+    --out "$out/extend_attention_variants_llama8b_h200.json" 2>&1 | grep -v -i warn | grep -v '^{' | tail -16
+  tp 330 --shape qwen3-0.6b --workload prefill --prompts 32768 --repeats 2 --hf \
+    --extend-variant default "bm128 w8 diag same" "pack w8 diag same" \
+    --out "$out/throughput_prefill_qwen3_extendvar_h200.json"
 fi

@@ -31,7 +31,9 @@ Writes JSON (`--out`) with the command, versions and commit.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
+import itertools
 import json
 import random
 import statistics
@@ -447,6 +449,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--profile", action="store_true", help="GPU time per kernel over a short run")
     ap.add_argument("--host-profile", action="store_true", help="cProfile of the host over one timed run")
     ap.add_argument("--kv-write", choices=["fused", "two_launch"], nargs="+", default=["fused"])
+    ap.add_argument(
+        "--extend-variant", nargs="+", default=["default"],
+        help="extend attention launch variants (benchmarks/tune_extend_attention.py EXTEND_VARIANTS) to run each with",
+    )  # fmt: skip
     ap.add_argument("--plot", default=None, help="sweep: write a PNG of tok/s against batch size")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -471,14 +477,17 @@ def main(argv: list[str] | None = None) -> dict:
     result["tensor_parallel_size"] = args.tensor_parallel_size
     result["bandwidth_gbs"] = gbs
     result["runs"] = []
-    for kv_write in args.kv_write:
+    for kv_write, variant in itertools.product(args.kv_write, args.extend_variant):
         set_kv_write(kv_write)
+        set_extend_variant(variant)
         for kv in args.kv_cache_dtype:
             if prefix:
                 result["runs"].append(run_prefix_on_off(model, kv, cfg, args))
                 continue
             llm = make_llm(model, kv, args)
             run = {"kv_cache_dtype": kv, "kv_write": kv_write, "kv_dtype": str(llm.engine.target.kv_dtype)}
+            if variant != "default":
+                run["extend_variant"] = variant
             if args.workload == "nano":
                 run |= run_nano(llm, cfg, args, gbs)
             elif args.workload == "prefill":
@@ -504,6 +513,7 @@ def main(argv: list[str] | None = None) -> dict:
             llm.shutdown()  # the other tensor-parallel ranks, before the next configuration starts its own
             del llm
     set_kv_write("fused")
+    set_extend_variant("default")
     if args.hf and args.workload == "prefill":
         result["hf_prefill"] = hf_forward_seconds(model, cfg, args.prompts)
         print(json.dumps(result["hf_prefill"]), flush=True)
@@ -546,6 +556,21 @@ def set_kv_write(kind: str) -> None:
     from miniserve.models import llama
 
     llama.reshape_and_cache = reshape_and_cache if kind == "fused" else reshape_and_cache_two_launch
+
+
+_EXTEND_LAUNCHER = {}
+
+
+def set_extend_variant(name: str) -> None:
+    """Swap the extend attention launcher that prompt chunks call (kernels/ops.py imports it at each call) for one
+    with an EXTEND_VARIANTS entry's launch parameters. In this process only: tensor-parallel workers keep the
+    default."""
+    import miniserve.kernels.extend_attention as ext
+    from benchmarks.tune_extend_attention import EXTEND_VARIANTS
+
+    original = _EXTEND_LAUNCHER.setdefault("default", ext.extend_attention)
+    kw = EXTEND_VARIANTS[name]
+    ext.extend_attention = functools.partial(original, **kw) if kw else original
 
 
 def plot_sweep(result: dict, path: str) -> None:

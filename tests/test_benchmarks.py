@@ -43,7 +43,7 @@ def test_roofline_counts_weights_per_step_and_live_kv():
             "nano",
             ["--nano-seqs", "3", "--nano-len", "24", "--kv-write", "fused", "two_launch", "--kv-cache-dtype", "fp8"],
         ),
-        ("prefill", ["--prompts", "40", "90"]),
+        ("prefill", ["--prompts", "40", "90", "--extend-variant", "default", "diag"]),
     ],
 )
 def test_benchmark_runs_on_the_cpu(tmp_path, workload, extra):
@@ -59,4 +59,9 @@ def test_benchmark_runs_on_the_cpu(tmp_path, workload, extra):
             assert run["output_tokens"] > 0 and run["pct_roofline_assumed"] > 0
         else:
             assert [r["prompt"] for r in run["prefill"]] == [40, 90]
+    if workload == "prefill":  # one run per extend variant; the launcher is the default's again afterwards
+        from miniserve.kernels import extend_attention as ext
+
+        assert [r.get("extend_variant") for r in result["runs"]] == [None, "diag"]
+        assert ext.extend_attention is throughput._EXTEND_LAUNCHER["default"]
     assert result["commit"] and result["torch"]
