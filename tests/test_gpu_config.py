@@ -126,9 +126,10 @@ EXTEND_VARIANT_SEQS = EXTEND_SEQS + [(200, 70), (330, 150)]
 def test_extend_variants_queued_for_the_gpu(hardware_fp8_decode, variant, cache_dtype):
     """Every extend launch variant that benchmarks/tune_extend_attention.py times on the GPU, against the torch
     reference with the GPU's tile sizes (unless the variant sets its own), GQA groups of 2 and 4. Variants that
-    keep the query tile's rows (masking, grid order, offsets) must also equal the default bit for bit: the same
-    tiles in the same order. (Row counts change numpy's dot order here, so those are compared to the reference
-    only; the GPU run reports bit-identity for all.)"""
+    keep the query tile's rows (masking, grid order, offsets) must also equal the default bit for bit here: the
+    same tiles in the same order. (Row counts change numpy's dot order, so those are compared to the reference
+    only; and the interpreter fuses no multiply-add, which split_diag="fma" does on the GPU. The GPU run,
+    gpu_kernels.py --checks extend_variants, reports bit-identity for all.)"""
     from miniserve.kernels.extend_attention import extend_attention
 
     kw = EXTEND_VARIANTS[variant]

@@ -174,6 +174,7 @@ def attend_kv_tile(
     DOT_PRECISION: tl.constexpr,
     MASKED: tl.constexpr = True,
     SAME_KV_OFFSETS: tl.constexpr = False,
+    FUSED_SCALE: tl.constexpr = False,
 ):
     """One online-softmax step over a tile of cached K/V (the loop body of the decode and extend kernels, so a
     query gets the same arithmetic from both). Scores are in log2 units; `visible` masks them to -inf.
@@ -182,19 +183,26 @@ def attend_kv_tile(
     Not MASKED (the extend kernel's tiles below the causal diagonal): every score is visible, `visible` is not
     applied (may be None); a None `kv_mask`: every K/V element is in bounds. Its scores are scaled by `mul_rn`,
     so they round as a masked tile's do (a plain multiply would be fused into the exponent's subtraction: no
-    fewer instructions, as the max needs the product anyway, but last-bit differences).
-    SAME_KV_OFFSETS: the V cache has the K cache's strides, and V reuses K's element offsets."""
+    fewer instructions, as the max needs the product anyway, but last-bit differences). FUSED_SCALE (unmasked
+    tiles only): the max of the unscaled scores times k_mult (> 0), and each exponent's argument as one FFMA
+    (score * k_mult - max), as in Triton's fused-attention tutorial: one instruction per score fewer, different
+    roundings. SAME_KV_OFFSETS: the V cache has the K cache's strides, and V reuses K's element offsets."""
     rows = page * stride_kb + slot * stride_ks + kv_head * stride_kh
     offsets = rows[:, None] + d[None, :]
     k = load_kv_tile(k_cache_ptr, offsets, kv_mask, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if MASKED:
-        s = tl.where(visible, s * k_mult, float("-inf"))
+    if FUSED_SCALE:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * k_mult)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s * k_mult - m_new[:, None])
     else:
-        s = mul_rn(s, k_mult)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+        if MASKED:
+            s = tl.where(visible, s * k_mult, float("-inf"))
+        else:
+            s = mul_rn(s, k_mult)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if not SAME_KV_OFFSETS:
         rows = page * stride_vb + slot * stride_vs + kv_head * stride_vh

@@ -67,7 +67,7 @@ def _extend_kernel(
     DOT_PRECISION: tl.constexpr,
     FIT_FP16: tl.constexpr,
     GROUP_PACK: tl.constexpr = 1,
-    SPLIT_DIAG: tl.constexpr = False,
+    SPLIT_DIAG: tl.constexpr = 0,
     REVERSE: tl.constexpr = False,
     SAME_KV_STRIDES: tl.constexpr = False,
 ):
@@ -77,7 +77,8 @@ def _extend_kernel(
     #   KV head instead of once per query head; BLOCK_M counts tokens, the tile has BLOCK_M * GROUP_PACK rows.
     # SPLIT_DIAG: tiles wholly below the causal diagonal (visible to every row of the block) run first, in a
     #   loop without the causal mask, the position bounds or the load masks; the rest as before. Same tiles in
-    #   the same order, the same roundings (attend_kv_tile's mul_rn).
+    #   the same order, the same roundings (attend_kv_tile's mul_rn). SPLIT_DIAG 2 ("fma"): those tiles scale
+    #   their scores inside the exponent's FFMA (attend_kv_tile's FUSED_SCALE: other roundings).
     # REVERSE: grid (head, query block, sequence), query blocks longest first (the last ones see the most KV).
     # SAME_KV_STRIDES: the V cache's strides are the K cache's (computed once, V reuses K's offsets).
     if REVERSE:
@@ -140,7 +141,7 @@ def _extend_kernel(
             m_i, l_i, acc = attend_kv_tile(
                 q, k_mult, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, page, pos % BLOCK_SIZE, kv_head, stride_kb,
                 stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, d, in_bounds, None, KV_MODE, NAN_ALL_ONES,
-                COMPUTE_DTYPE, DOT_PRECISION, False, SAME_KV_STRIDES,
+                COMPUTE_DTYPE, DOT_PRECISION, False, SAME_KV_STRIDES, SPLIT_DIAG == 2,
             )  # fmt: skip
     for n0 in range(start, end, BLOCK_N):  # the running max stays finite: position 0 is visible to every row
         pos = n0 + tl.arange(0, BLOCK_N)
@@ -177,7 +178,7 @@ def extend_attention(
     fp8_decode: str = "auto",
     maxnreg: int | None = None,
     gqa_pack: bool = False,
-    split_diag: bool = False,
+    split_diag: bool | str = False,
     reverse: bool = False,
     same_kv_strides: bool = False,
 ) -> torch.Tensor:
@@ -186,7 +187,8 @@ def extend_attention(
 
     Variants, all off by default (kernel comments; benchmarks/results/extend_attention_registers.md):
     gqa_pack: a program per KV head and block_m tokens, its query heads stacked into the dot's rows (block_m *
-    next_power_of_2(group) rows); split_diag: the tiles below the causal diagonal without masks; reverse: the
+    next_power_of_2(group) rows); split_diag: the tiles below the causal diagonal without masks ("fma": and
+    their score scaling folded into the exponent's FFMA, which changes roundings); reverse: the
     longest query blocks first; same_kv_strides: V's offsets reuse K's (when the two caches' strides agree,
     else ignored). None changes which KV positions a query accumulates in which order (same BLOCK_N tiles)."""
     num_tokens, num_q_heads, head_dim = q.shape
@@ -209,8 +211,10 @@ def extend_attention(
     variant = {}  # only the variants asked for: the default launch passes what it always did
     if pack > 1:
         variant["GROUP_PACK"] = pack
+    if split_diag not in (False, True, "fma"):
+        raise ValueError(f"split_diag must be False, True or 'fma', got {split_diag!r}")
     if split_diag:
-        variant["SPLIT_DIAG"] = True
+        variant["SPLIT_DIAG"] = 2 if split_diag == "fma" else 1
     if reverse:
         variant["REVERSE"] = True
     if same_kv_strides and kc.stride() == vc.stride():
