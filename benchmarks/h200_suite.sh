@@ -97,6 +97,6 @@ if [ "$part" = extendttft ]; then
   timeout 220 python3 benchmarks/tune_extend_attention.py --shapes llama-3.1-8b --caches bf16 \
     --out "$out/extend_attention_variants_llama8b_h200.json" 2>&1 | grep -v -i warn | grep -v '^{' | tail -16
   tp 330 --shape qwen3-0.6b --workload prefill --prompts 32768 --repeats 2 --hf \
-    --extend-variant default "bm128 w8 diag same" "pack w8 diag same" \
+    --extend-variant default "bm128 w8 diag same" "bm128 w8 diagfma same" "pack w8 diagfma same" \
     --out "$out/throughput_prefill_qwen3_extendvar_h200.json"
 fi
