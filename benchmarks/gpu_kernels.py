@@ -211,7 +211,7 @@ def check_attention(device) -> list[dict]:
     return rows
 
 
-def check_extend_variants(device) -> list[dict]:
+def check_extend_variants(device, extend=None, cases=None) -> list[dict]:
     """Every tune_extend_attention.EXTEND_VARIANTS entry against the torch reference on ragged prompts with and
     without cached prefixes, at four head sizes, GQA groups, block sizes and cache dtypes; and whether each
     gives bit-identical results to the default extend kernel (the same tiles in the same order should: which
@@ -220,8 +220,8 @@ def check_extend_variants(device) -> list[dict]:
     from benchmarks.tune_extend_attention import EXTEND_VARIANTS
     from miniserve.kernels.extend_attention import extend_attention
 
-    extend = [(5, 5), (300, 37), (1000, 1), (2048, 512), (77, 5), (700, 700), (3000, 1300)]
-    cases = [  # (block_size, q heads, kv heads, head_dim, cache, q dtype); each compiles every variant (~4 s)
+    extend = extend or [(5, 5), (300, 37), (1000, 1), (2048, 512), (77, 5), (700, 700), (3000, 1300)]
+    cases = cases or [  # (block_size, q heads, kv heads, head_dim, cache, q dtype); each compiles every variant
         (16, 16, 8, 128, torch.bfloat16, torch.bfloat16),  # Qwen3-0.6B heads
         (16, 32, 8, 128, torch.float8_e4m3fn, torch.bfloat16),  # Llama-3.1-8B heads, FP8
         (1, 12, 4, 80, torch.float8_e4m3fn, torch.float16),  # group 3 (padded to 4 rows), head_dim padded

@@ -56,14 +56,14 @@ CACHES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 BLOCK_SIZE = 16
 
 
-def make_prompt_case(shape: str, cache: str, prompt: int, chunk: int, seed: int = 0) -> dict:
+def make_prompt_case(shape: str, cache: str, prompt: int, chunk: int, seed: int = 0, device: str = "cuda") -> dict:
     """One prompt's queries, its K/V in a shuffled paged cache, the chunks' metadata, and the dense K/V (the
     values the cache holds, bf16) for SDPA."""
     from miniserve.kernels import AttentionMetadata
     from miniserve.kernels.fp8 import is_fp8
 
     hq, hkv, d, _ = SHAPES[shape]
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(seed)
     blocks = -(-prompt // BLOCK_SIZE)
     cache_shape = (blocks, BLOCK_SIZE, hkv, d)
@@ -125,16 +125,18 @@ def causal_flops(prompt: int, hq: int, d: int) -> float:
     return 4.0 * hq * d * prompt * (prompt + 1) / 2
 
 
-def measure(shapes, caches, variants, prompt: int, chunk: int) -> list[dict]:
-    from benchmarks.bench_kv_write import bench_gpu_ms
+def measure(shapes, caches, variants, prompt: int, chunk: int, device: str = "cuda", timer=None) -> list[dict]:
+    """timer(fn) -> milliseconds; default: CUDA-graph replay, median (a CPU test passes its own)."""
+    if timer is None:
+        from benchmarks.bench_kv_write import bench_gpu_ms as timer
 
     rows = []
     for shape in shapes:
         hq, _, d, layers = SHAPES[shape]
         for cache in caches:
-            case = make_prompt_case(shape, cache, prompt, chunk)
+            case = make_prompt_case(shape, cache, prompt, chunk, device=device)
             ref = sdpa(case).float()
-            sdpa_ms = bench_gpu_ms(functools.partial(sdpa, case))
+            sdpa_ms = timer(functools.partial(sdpa, case))
             flops = causal_flops(prompt, hq, d)
             base = {"shape": shape, "cache": cache, "prompt": prompt, "chunk": chunk, "layers": layers}
             sdpa_row = dict(base, variant="torch sdpa (whole prompt)", ms=sdpa_ms, tflops=flops / sdpa_ms / 1e9)
@@ -147,7 +149,7 @@ def measure(shapes, caches, variants, prompt: int, chunk: int) -> list[dict]:
                 row = dict(base, variant=name, **kw)
                 try:
                     out = torch.cat(run_chunks(case, **kw))
-                    ms = bench_gpu_ms(functools.partial(run_chunks, case, **kw))
+                    ms = timer(functools.partial(run_chunks, case, **kw))
                 except Exception as e:  # noqa: BLE001 - out of shared memory and the like
                     rows.append(dict(row, error=f"{type(e).__name__}: {str(e)[:300]}"))
                     print(json.dumps(rows[-1]), flush=True)
@@ -167,7 +169,8 @@ def measure(shapes, caches, variants, prompt: int, chunk: int) -> list[dict]:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             case = ref = default = None  # free the prompt's tensors before the next case
-            torch.cuda.empty_cache()
+            if device == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 
