@@ -141,7 +141,9 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                 f"one {n // 1024}k-token prompt (Qwen3-0.6B shape): TTFT <= one HF SDPA forward",
                 f"{ours[n]:.3f} s vs {hf[n]:.3f} s",
                 "yes" if ours[n] <= hf[n] else f"no ({ours[n] / hf[n]:.2f}x)",
-                "the extend kernel loads each KV tile once per query head, not once per KV head",
+                "half of the extend kernel's KV loop is causal-mask and address work done on every tile, and "
+                "64-row query tiles read each KV tile once per 64 queries and query head (offline compiler "
+                "analysis: `extend_attention_registers.md`); the variants that avoid both await a GPU run",
             )
         )
     prefix = load("throughput_prefix_llama1b_h200.json")
