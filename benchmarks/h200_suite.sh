@@ -90,12 +90,12 @@ if [ "$part" = extendvar ]; then
   timeout 280 python3 benchmarks/gpu_kernels.py --checks extend_variants \
     --out "$out/kernel_checks_extendvar_h200.json" 2>&1 | grep -v -i warn | tail -4
   timeout 300 python3 benchmarks/tune_extend_attention.py --shapes qwen3-0.6b --caches bf16 fp8 \
-    --out "$out/extend_attention_variants_qwen3_h200.json" 2>&1 | grep -v -i warn | grep -v '^{' | tail -32
+    --out "$out/extend_attention_variants_qwen3_h200.json" 2>&1 | grep -v -i warn | grep -v "^{" | tail -40
 fi
 
 if [ "$part" = extendttft ]; then
   timeout 200 python3 benchmarks/tune_extend_attention.py --shapes llama-3.1-8b --caches bf16 \
-    --out "$out/extend_attention_variants_llama8b_h200.json" 2>&1 | grep -v -i warn | grep -v '^{' | tail -16
+    --out "$out/extend_attention_variants_llama8b_h200.json" 2>&1 | grep -v -i warn | grep -v "^{" | tail -20
   tp 330 --shape qwen3-0.6b --workload prefill --prompts 32768 --repeats 2 --hf \
     --extend-variant default "bm128 w8 diag same" "bm128 w8 diagfma same" \
     --out "$out/throughput_prefill_qwen3_extendvar_h200.json"
