@@ -183,14 +183,8 @@ def extend_attention(
     same_kv_strides: bool = False,
 ) -> torch.Tensor:
     """Extend attention: q [num_tokens, num_q_heads, head_dim], packed by meta.query_start_loc -> same.
-    fp8_decode, maxnreg: as in decode_attention.
-
-    Variants, all off by default (kernel comments; benchmarks/results/extend_attention_registers.md):
-    gqa_pack: a program per KV head and block_m tokens, its query heads stacked into the dot's rows (block_m *
-    next_power_of_2(group) rows); split_diag: the tiles below the causal diagonal without masks ("fma": and
-    their score scaling folded into the exponent's FFMA, which changes roundings); reverse: the
-    longest query blocks first; same_kv_strides: V's offsets reuse K's (when the two caches' strides agree,
-    else ignored). None changes which KV positions a query accumulates in which order (same BLOCK_N tiles)."""
+    fp8_decode, maxnreg: as in decode_attention; gqa_pack, split_diag, reverse, same_kv_strides: variants, all off
+    by default (see _variant_constants)."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     check_kernel_inputs(q, key_cache, value_cache)
@@ -208,28 +202,9 @@ def extend_attention(
     heads = num_kv_heads if pack > 1 else num_q_heads
     blocks = triton.cdiv(meta.max_query_len, block_m)
     grid = (heads, blocks, meta.num_seqs) if reverse else (blocks, heads, meta.num_seqs)
-    variant = {}  # only the variants asked for: the default launch passes what it always did
-    if pack > 1:
-        variant["GROUP_PACK"] = pack
-    if split_diag not in (False, True, "fma"):
-        raise ValueError(f"split_diag must be False, True or 'fma', got {split_diag!r}")
-    if split_diag:
-        variant["SPLIT_DIAG"] = 2 if split_diag == "fma" else 1
-    if reverse:
-        variant["REVERSE"] = True
-    if same_kv_strides and kc.stride() == vc.stride():
-        variant["SAME_KV_STRIDES"] = True
+    variant = _variant_constants(pack, split_diag, reverse, same_kv_strides and kc.stride() == vc.stride())
     _extend_kernel[grid](
-        q,
-        kc,
-        vc,
-        meta.block_tables,
-        meta.query_start_loc,
-        meta.seq_lens,
-        k_scale,
-        v_scale,
-        out,
-        sm_scale * LOG2E,
+        q, kc, vc, meta.block_tables, meta.query_start_loc, meta.seq_lens, k_scale, v_scale, out, sm_scale * LOG2E,
         *layout_strides(q, out, meta, kc, vc),
         GROUP=group,
         HEAD_DIM=head_dim,
@@ -245,5 +220,27 @@ def extend_attention(
         num_stages=num_stages,
         **register_cap(maxnreg),
         **variant,
-    )
+    )  # fmt: skip
     return out
+
+
+def _variant_constants(pack: int, split_diag: bool | str, reverse: bool, same_kv_strides: bool) -> dict:
+    """The kernel constants of the variants asked for, and only those: the default launch passes what it always
+    did (so it compiles to the same kernel). Kernel comments and benchmarks/results/extend_attention_registers.md
+    say more. gqa_pack: a program per KV head and block_m tokens, its query heads stacked into the dot's rows
+    (block_m * next_power_of_2(group) rows); split_diag: the tiles below the causal diagonal without masks ("fma":
+    and their score scaling folded into the exponent's FFMA, which changes roundings); reverse: the longest query
+    blocks first; same_kv_strides: V's offsets reuse K's (when the two caches' strides agree, else ignored). None
+    changes which KV positions a query accumulates in which order (same BLOCK_N tiles)."""
+    if split_diag not in (False, True, "fma"):
+        raise ValueError(f"split_diag must be False, True or 'fma', got {split_diag!r}")
+    variant: dict = {}
+    if pack > 1:
+        variant["GROUP_PACK"] = pack
+    if split_diag:
+        variant["SPLIT_DIAG"] = 2 if split_diag == "fma" else 1
+    if reverse:
+        variant["REVERSE"] = True
+    if same_kv_strides:
+        variant["SAME_KV_STRIDES"] = True
+    return variant
