@@ -29,14 +29,15 @@ RESULTS = ROOT / "scripts" / "mutation_results.json"
 
 # module -> (file, pytest arguments selecting its tests)
 ENGINE_TESTS = ["tests/test_boundaries.py", "tests/test_engine.py"]
+NOT_SLOW = "not triton_backend and not match_transformers and not fp8_logits"  # kernel comparisons: slow, off-topic
 MODULES = {
     "block_manager": (
         "miniserve/scheduler/block_manager.py",
-        [*ENGINE_TESTS, "-k", "fit or preemption or n_choices or multiples"],
+        ["tests/test_block_manager.py", *ENGINE_TESTS, "tests/test_prefix_cache.py", "-k", NOT_SLOW],
     ),
     "scheduler": (
         "miniserve/scheduler/scheduler.py",
-        [*ENGINE_TESTS, "-k", "fit or preemption or chunked or n_choices or max_num"],
+        [*ENGINE_TESTS, "tests/test_prefix_cache.py", "-k", NOT_SLOW],
     ),
     "sampler": ("miniserve/engine/sampler.py", ["tests/test_sampling.py"]),
     "fp8": ("miniserve/kernels/fp8.py", ["tests/test_fp8_cache_write.py", "-k", "reference or corner or dequantize"]),
