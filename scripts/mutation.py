@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -37,15 +38,24 @@ MODULES = {
     ),
     "scheduler": (
         "miniserve/scheduler/scheduler.py",
-        [*ENGINE_TESTS, "tests/test_prefix_cache.py", "-k", NOT_SLOW],
+        ["tests/test_scheduler.py", *ENGINE_TESTS, "tests/test_prefix_cache.py", "-k", NOT_SLOW],
     ),
     "sampler": ("miniserve/engine/sampler.py", ["tests/test_sampling.py"]),
     "fp8": ("miniserve/kernels/fp8.py", ["tests/test_fp8_cache_write.py", "-k", "reference or corner or dequantize"]),
     "rejection": ("miniserve/spec_decode/rejection.py", ["tests/test_spec_decode.py", "-k", "rejection or distri"]),
     "greedy_accept": ("miniserve/kernels/greedy_accept.py", ["tests/test_greedy_accept.py"]),
-    "stops": ("miniserve/engine/output_processor.py", ENGINE_TESTS),
+    "stops": (
+        "miniserve/engine/output_processor.py",
+        ["tests/test_stop_strings.py", "tests/test_output_kinds.py", *ENGINE_TESTS, "-k", "not triton and not fp8"],
+    ),
+    "stop_strings": ("miniserve/engine/stop_strings.py", ["tests/test_stop_strings.py"]),
 }
-KILLED = {"killed", "timeout", "caught by type check"}
+KILLED = {"killed", "timeout", "caught by type check", "segfault"}
+MEMORY_LIMIT = 6 << 30  # bytes of address space per process: a mutant that loops appending dies of MemoryError
+
+
+def limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
 
 def working_tree_copy(dest: Path) -> None:
@@ -84,7 +94,8 @@ def run_module(name: str, max_children: int) -> dict:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env["OMP_NUM_THREADS"] = "1"
         env["MINISERVE_TEST_CACHE"] = str(work / ".fixtures")  # the tiny checkpoints, built once for all mutants
-        subprocess.run(["mutmut", "run", "--max-children", str(max_children)], cwd=work, env=env, check=False)
+        run = ["mutmut", "run", "--max-children", str(max_children)]
+        subprocess.run(run, cwd=work, env=env, check=False, preexec_fn=limit_memory)
         listing = subprocess.run(
             ["mutmut", "results", "--all", "true"], cwd=work, env=env, capture_output=True, text=True, check=True
         ).stdout
