@@ -80,7 +80,8 @@ pytest_add_cli_args_test_selection = {json.dumps(tests)}
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]
 also_copy = ["tests", "data", "server.py"]
 process_isolation = "forkserver"
-timeout_constant = 120.0
+timeout_constant = 60.0
+timeout_multiplier = 3.0
 """
 
 

@@ -117,9 +117,28 @@ def test_a_token_budget_of_one_moves_one_token_a_step():
     assert a.num_tokens == 6 and a.num_computed_tokens == 5
 
 
-def test_a_budget_as_large_as_the_batch_runs_every_decode():
+def test_a_budget_as_large_as_the_batch_runs_every_decode_and_admits_nobody_more():
     sched = make(4, budget=2)
-    a, b = seq_of(0, 1), seq_of(1, 1)
-    sched.add(a)
-    sched.add(b)
-    assert [step(sched) for _ in range(3)] == [[(0, 1), (1, 1)]] * 3
+    a, b, c = seq_of(0, 1), seq_of(1, 1), seq_of(2, 1)
+    for s in (a, b, c):
+        sched.add(s)
+    assert [step(sched) for _ in range(3)] == [[(0, 1), (1, 1)]] * 3  # c waits: no budget is left for it
+    assert list(sched.waiting) == [c] and c.block_table == []
+
+
+def test_a_choice_waits_for_its_first_choices_prompt_blocks_and_others_go_ahead():
+    sched = make(8, caching=True)
+    prompt = [100 + i for i in range(9)]
+    first, second = seq_of(0, 9, prompt), seq_of(1, 9, prompt, index=1)
+    other = seq_of(2, 4)
+    sched.add(first)
+    sched.add(second, parent=first)
+    sched.add(other)
+    # 1: the first choice computes the prompt; the second waits for its 2 full blocks ((9 - 1) // 4: the last
+    #    token is always computed), the request behind it goes ahead
+    assert step(sched) == [(0, 9), (2, 4)]
+    assert list(sched.waiting) == [second]
+    # 2: the first choice's full blocks are registered; the second takes them and computes its last prompt token
+    assert step(sched) == [(0, 1), (2, 1), (1, 1)]
+    assert second.block_table[:2] == first.block_table[:2] and second.num_cached_tokens == 8
+    assert len(second.block_table) == 3 and second.block_table[2] not in first.block_table
