@@ -8,6 +8,8 @@ in scheduler.py's docstring (blocks of 4 slots, ids handed out from 0 up), not b
 
 from __future__ import annotations
 
+import pytest
+
 from miniserve import SamplingParams
 from miniserve.scheduler.block_manager import BlockManager
 from miniserve.scheduler.scheduler import Scheduler
@@ -142,3 +144,28 @@ def test_a_choice_waits_for_its_first_choices_prompt_blocks_and_others_go_ahead(
     assert step(sched) == [(0, 1), (2, 1), (1, 1)]
     assert second.block_table[:2] == first.block_table[:2] and second.num_cached_tokens == 8
     assert len(second.block_table) == 3 and second.block_table[2] not in first.block_table
+
+
+def test_a_block_filled_exactly_is_shared_from_the_next_step():
+    sched = make(8, caching=True)
+    a = seq_of(0, 4)
+    sched.add(a)
+    assert step(sched) == [(0, 4)]  # a's prompt fills block 0 exactly
+    b = seq_of(1, 6, a.prompt_token_ids + [1, 2])
+    sched.add(b)
+    assert step(sched) == [(0, 1), (1, 2)]  # b finds block 0 and computes its 2 other tokens
+    assert b.block_table[0] == a.block_table[0] and b.num_cached_tokens == 4
+
+
+@pytest.mark.parametrize(("prompt_len", "shared"), [(8, 1), (9, 2)])
+def test_with_a_draft_the_block_of_the_second_last_token_is_not_shared(prompt_len, shared):
+    """The draft's catch-up pass rewrites position num_tokens - 2: after a prompt of 8 tokens (and one sampled)
+    that is position 7, in block 1, so only block 0 may be shared; after 9 tokens it is position 8, in block 2."""
+    sched = make(8, caching=True, has_draft=True)
+    a = seq_of(0, prompt_len)
+    sched.add(a)
+    assert step(sched) == [(0, prompt_len)]
+    b = seq_of(1, 12, a.prompt_token_ids + [1] * (12 - prompt_len))
+    sched.add(b)
+    assert step(sched) == [(0, 1), (1, 12 - BS * shared)]
+    assert b.block_table[:shared] == a.block_table[:shared] and b.num_cached_tokens == BS * shared
