@@ -128,22 +128,57 @@ def test_a_budget_as_large_as_the_batch_runs_every_decode_and_admits_nobody_more
     assert list(sched.waiting) == [c] and c.block_table == []
 
 
-def test_a_choice_waits_for_its_first_choices_prompt_blocks_and_others_go_ahead():
+@pytest.mark.parametrize(("prompt_len", "shared"), [(8, 1), (9, 2), (10, 2), (11, 2)])
+def test_a_choice_waits_for_its_first_choices_prompt_blocks_and_others_go_ahead(prompt_len, shared):
+    """The choice waits for the full blocks before its last prompt token (always computed): (prompt_len - 1) // 4
+    of them, no more, no fewer."""
     sched = make(8, caching=True)
-    prompt = [100 + i for i in range(9)]
-    first, second = seq_of(0, 9, prompt), seq_of(1, 9, prompt, index=1)
+    prompt = [100 + i for i in range(prompt_len)]
+    first, second = seq_of(0, prompt_len, prompt), seq_of(1, prompt_len, prompt, index=1)
     other = seq_of(2, 4)
     sched.add(first)
     sched.add(second, parent=first)
     sched.add(other)
-    # 1: the first choice computes the prompt; the second waits for its 2 full blocks ((9 - 1) // 4: the last
-    #    token is always computed), the request behind it goes ahead
-    assert step(sched) == [(0, 9), (2, 4)]
+    # 1: the first choice computes the prompt; the second waits, the request behind it goes ahead
+    assert step(sched) == [(0, prompt_len), (2, 4)]
     assert list(sched.waiting) == [second]
-    # 2: the first choice's full blocks are registered; the second takes them and computes its last prompt token
-    assert step(sched) == [(0, 1), (2, 1), (1, 1)]
-    assert second.block_table[:2] == first.block_table[:2] and second.num_cached_tokens == 8
-    assert len(second.block_table) == 3 and second.block_table[2] not in first.block_table
+    # 2: the first choice's full blocks are registered; the second takes the ones it shares and computes the rest
+    assert step(sched) == [(0, 1), (2, 1), (1, prompt_len - BS * shared)]
+    assert second.block_table[:shared] == first.block_table[:shared] and second.num_cached_tokens == BS * shared
+    assert not set(second.block_table[shared:]) & set(first.block_table)
+    assert first.num_cached_tokens == other.num_cached_tokens == 0
+    queries = prompt_len + 4 + prompt_len  # tokens looked up, and found
+    assert (sched.prefix_cache_queries, sched.prefix_cache_hits) == (queries, BS * shared)
+
+
+def test_admission_takes_lookahead_slots_for_a_single_new_token_only():
+    sched = make(8, lookahead=4, has_draft=True)
+    a, b = seq_of(0, 1), seq_of(1, 8)
+    sched.add(a)
+    sched.add(b)
+    assert step(sched) == [(0, 1), (1, 8)]
+    assert len(a.block_table) == 2 and len(b.block_table) == 2  # 1 + 4 slots; 8 slots, the prompt's
+
+
+def test_a_preempted_sequence_finds_its_own_blocks_and_keeps_its_first_cache_report():
+    sched = make(4, caching=True)
+    a, b = seq_of(0, 8), seq_of(1, 8)
+    sched.add(a)
+    sched.add(b)
+    assert step(sched) == [(0, 8), (1, 8)]  # blocks 0-1 and 2-3
+    # 2: both register their 2 full blocks; a's 9th token needs a block: b goes, and a takes b's last block
+    #    (cached blocks are freed last to first, and taken least recently freed first)
+    assert step(sched) == [(0, 1)]
+    assert a.block_table == [0, 1, 3] and b.block_table == [] and sched.num_preemptions == 1
+    # 3: b (9 tokens) would find block 2 but needs 2 more, and only block 2 is free
+    assert step(sched) == [(0, 1)]
+    sched.finish(a)
+    assert a.status == SequenceStatus.FINISHED and sched.running == [] and sched.blocks.num_free_blocks == 4
+    # 4: b takes block 2 back and computes its 5 other tokens
+    assert step(sched) == [(1, 5)]
+    assert b.block_table[0] == 2 and b.num_computed_tokens == 9
+    assert b.num_cached_tokens == 0  # what it found when it first joined
+    assert (sched.prefix_cache_queries, sched.prefix_cache_hits) == (8 + 8 + 9, 4)
 
 
 def test_a_block_filled_exactly_is_shared_from_the_next_step():
