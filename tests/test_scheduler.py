@@ -204,3 +204,16 @@ def test_with_a_draft_the_block_of_the_second_last_token_is_not_shared(prompt_le
     sched.add(b)
     assert step(sched) == [(0, 1), (1, 12 - BS * shared)]
     assert b.block_table[:shared] == a.block_table[:shared] and b.num_cached_tokens == BS * shared
+
+
+def test_the_full_blocks_of_a_finished_sequence_stay_cached():
+    sched = make(4, caching=True)
+    a = seq_of(0, 5)
+    sched.add(a)
+    assert step(sched) == [(0, 5)]
+    sched.finish(a)  # after one token: its first block was full, and nobody registered it yet
+    assert a.status == SequenceStatus.FINISHED and sched.blocks.num_free_blocks == 4
+    b = seq_of(1, 6, a.prompt_token_ids[:4] + [1, 2])
+    sched.add(b)
+    assert step(sched) == [(1, 2)]
+    assert b.block_table[0] == 0 and b.num_cached_tokens == 4
