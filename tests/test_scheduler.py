@@ -149,6 +149,10 @@ def test_a_choice_waits_for_its_first_choices_prompt_blocks_and_others_go_ahead(
     assert first.num_cached_tokens == other.num_cached_tokens == 0
     queries = prompt_len + 4 + prompt_len  # tokens looked up, and found
     assert (sched.prefix_cache_queries, sched.prefix_cache_hits) == (queries, BS * shared)
+    for seq in (first, second, other):
+        sched.finish(seq)
+    assert not sched.running and not sched.waiting and not sched.parents  # nothing of them is kept
+    assert sched.blocks.num_free_blocks == 8
 
 
 def test_admission_takes_lookahead_slots_for_a_single_new_token_only():
@@ -200,9 +204,9 @@ def test_with_a_draft_the_block_of_the_second_last_token_is_not_shared(prompt_le
     a = seq_of(0, prompt_len)
     sched.add(a)
     assert step(sched) == [(0, prompt_len)]
-    b = seq_of(1, 12, a.prompt_token_ids + [1] * (12 - prompt_len))
+    b = seq_of(1, 10, a.prompt_token_ids + [1] * (10 - prompt_len))  # its last 2 tokens are left to compute
     sched.add(b)
-    assert step(sched) == [(0, 1), (1, 12 - BS * shared)]
+    assert step(sched) == [(0, 1), (1, 10 - BS * shared)]
     assert b.block_table[:shared] == a.block_table[:shared] and b.num_cached_tokens == BS * shared
 
 
