@@ -47,7 +47,8 @@ MODULES = {
     "greedy_accept": ("miniserve/kernels/greedy_accept.py", ["tests/test_greedy_accept.py"]),
     "stops": (
         "miniserve/engine/output_processor.py",
-        ["tests/test_stop_strings.py", "tests/test_output_kinds.py", *ENGINE_TESTS, "-k", "not triton and not fp8"],
+        ["tests/test_stop_rules.py", "tests/test_stop_strings.py", "tests/test_output_kinds.py", *ENGINE_TESTS]
+        + ["-k", "not triton and not fp8"],
     ),
     "stop_strings": ("miniserve/engine/stop_strings.py", ["tests/test_stop_strings.py"]),
 }
