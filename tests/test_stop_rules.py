@@ -4,7 +4,8 @@ no text at all).
 
 The detokenizer is a stand-in whose text is known without running any tokenizer: token t is the character
 chr(t), except HELD, whose character only comes out with the next token or at flush (like the tail of an
-incomplete UTF-8 sequence). The expected texts and finish reasons are written out by hand.
+incomplete UTF-8 sequence), and SPLIT, whose text is "b" and a held "~". The expected texts and finish reasons
+are written out by hand.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from miniserve.scheduler.sequence import Sequence
 
 EOS = 1
 HELD = 500  # its character, "~", is held back until the next token or the end
+SPLIT = 501  # "b" at once, then a "~" held back like HELD's
 
 
 class CharDetokenizer:
@@ -31,6 +33,9 @@ class CharDetokenizer:
         self.held = ""
         for t in ids:
             if t == HELD:
+                self.held = "~"
+            elif t == SPLIT:
+                text += self.held + "b"
                 self.held = "~"
             else:
                 text += self.held + chr(t)
@@ -125,13 +130,14 @@ def test_text_held_by_the_detokenizer_comes_out_at_the_end():
     assert outcome(seq) == ([ord("a"), HELD], "a~", "stop", HELD)
 
 
-def test_a_stop_string_ending_before_held_text_drops_it():
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_stop_string_ending_before_held_text_drops_it(keep):
     processor, (seq,) = setup(SamplingParams(max_tokens=5, stop=["ab"]))
     feed(processor, seq, ["a", HELD, "b"])  # the text so far is "a~b": no stop string in it
     assert seq.finish_reason is None and seq.text == "a~b"
-    processor, (seq,) = setup(SamplingParams(max_tokens=5, stop=["b"], include_stop_str_in_output=True))
-    feed(processor, seq, ["a", "b", HELD])
-    assert outcome(seq) == ([ord("a"), ord("b")], "ab", "stop", "b")
+    processor, (seq,) = setup(SamplingParams(max_tokens=5, stop=["b"], include_stop_str_in_output=keep))
+    feed(processor, seq, ["a", SPLIT])  # "b" ends the text: the "~" held after it is not output
+    assert outcome(seq) == ([ord("a"), SPLIT], "ab" if keep else "a", "stop", "b")
 
 
 def test_generation_counters_and_first_token_time():
