@@ -97,6 +97,8 @@ def test_max_tokens_and_the_context_length_end_at_exactly_their_limit(path):
     processor, (seq,) = setup(SamplingParams(max_tokens=3, **path))
     feed(processor, seq, "ab")
     assert seq.finish_reason is None
+    if not path:  # streamed: the text is there while the sequence runs
+        assert seq.text == "ab"
     feed(processor, seq, "cd")  # the 4th token comes after the end: ignored
     assert seq.output_token_ids == [ord(c) for c in "abc"] and seq.finish_reason == "length"
     processor, (seq,) = setup(SamplingParams(max_tokens=None, **path), max_model_len=5)  # 2 prompt + 3 tokens
