@@ -74,6 +74,10 @@ def test_bounds_are_inclusive():
         check_stop_strings(["x"] * 5, max_count=4, max_length=3)
     with pytest.raises(ValueError, match="4 characters, longer than the limit of 3"):
         check_stop_strings(["ok", "wxyz"], max_count=4, max_length=3)
+    with pytest.raises(ValueError, match=r"4 characters, longer than the limit of 3 \(max_stop_string_length\)$"):
+        check_stop_strings(["zz", "aaaa"], max_count=4, max_length=3)  # the longest, not the greatest, string
+    with pytest.raises(ValueError, match=r"limit of 4 \(max_stop_strings\)$"):
+        check_stop_strings(["x"] * 5, max_count=4, max_length=3)
 
 
 # ---------------------------------------------------------------------------------------------- in the engine
