@@ -43,7 +43,10 @@ MODULES = {
     ),
     "sampler": ("miniserve/engine/sampler.py", ["tests/test_sampling.py"]),
     "fp8": ("miniserve/kernels/fp8.py", ["tests/test_fp8_cache_write.py", "-k", "reference or corner or dequantize"]),
-    "rejection": ("miniserve/spec_decode/rejection.py", ["tests/test_spec_decode.py", "-k", "rejection or distri"]),
+    "rejection": (
+        "miniserve/spec_decode/rejection.py",
+        ["tests/test_rejection.py", "tests/test_spec_decode.py", "-k", "rejection or distri"],
+    ),
     "greedy_accept": ("miniserve/kernels/greedy_accept.py", ["tests/test_greedy_accept.py"]),
     "stops": (
         "miniserve/engine/output_processor.py",
