@@ -64,6 +64,10 @@ def test_examples():
     assert match is None and m.held(state) == 7
     state, match = m.feed(state, "ioned")  # not it after all: nothing held
     assert match is None and m.held(state) == 0
+    m = StopMatcher(["abc"])
+    state, match = m.feed(0, "abb")  # no tail of "abb" begins "abc": back to the root, not to "a"
+    assert match is None and m.held(state) == 0
+    assert m.feed(state, "c") == (0, None)
 
 
 def test_bounds_are_inclusive():
