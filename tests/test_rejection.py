@@ -48,3 +48,14 @@ def test_rejection_sample_row_by_row():
         [[0.125, 0.125, 0.25, 0.5], [0.75, 0.25, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], Q]
     )
     torch.testing.assert_close(drawn_from[0], expected, rtol=0, atol=1e-7)
+
+
+def test_one_draft_token():
+    # row 0: 0.5 / 0.25 with u = 0.5: accepted, the bonus from p_1; row 1: 0.125 / 0.5 with u = 0.5: rejected,
+    # p - q = [0.375, 0.125, -, -] over 0.5
+    p = torch.tensor([[[0.5, 0.25, 0.125, 0.125], [0.0, 0.0, 0.5, 0.5]], [[0.5, 0.25, 0.125, 0.125], Q]])
+    q = torch.tensor([[Q], [[0.125, 0.125, 0.5, 0.25]]])
+    drawn_from = []
+    accepted, _ = rejection_sample(p, q, torch.tensor([[0], [2]]), torch.tensor([[0.5], [0.5]]), drawn_from.append)
+    assert accepted.tolist() == [1, 0]
+    torch.testing.assert_close(drawn_from[0], torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.75, 0.25, 0.0, 0.0]]))
