@@ -1,0 +1,50 @@
+"""The sampler at its edges: the all-greedy fast path, top-p at exactly its mass, logprobs of half-precision
+logits. Oracles: maxima placed by hand, probabilities that are exact in float32 (equal logits: 1/4 each), and
+log_softmax in float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from miniserve.engine.sampler import SamplingBatch, apply_penalties_and_filters, sample
+from miniserve.sampling_params import SamplingParams
+
+V = 8
+
+
+def build(params, outputs=None, eos=frozenset({0}), vocab_size=V):
+    rows = len(params)
+    outputs = outputs if outputs is not None else [[] for _ in range(rows)]
+    return SamplingBatch.build(params, [None] * rows, [[] for _ in range(rows)], outputs, set(eos), vocab_size, "cpu")
+
+
+def test_an_all_greedy_batch_without_penalties_takes_each_rows_argmax():
+    logits = torch.zeros(3, V)
+    logits[0, 5], logits[1, 2], logits[2, 7] = 3.0, 1.0, 0.5
+    logits[1, 5] = 0.9  # a smaller peak where row 0 has its maximum
+    out = sample(logits, build([SamplingParams(temperature=0.0)] * 3))
+    assert out.token_ids.tolist() == [5, 2, 7] and out.logprobs is None and out.top_logprobs is None
+
+
+@pytest.mark.parametrize(("top_p", "kept"), [(0.25, 1), (0.26, 2), (0.5, 2), (0.5001, 3), (0.75, 3), (0.99, 4)])
+def test_top_p_keeps_the_smallest_prefix_that_reaches_its_mass(top_p, kept):
+    """Four equal logits: each token is 1/4 exactly, so a prefix of n tokens holds n/4 exactly."""
+    logits = torch.zeros(1, V)
+    logits[0, 4:] = -math.inf  # 4 tokens of 1/4
+    out = apply_penalties_and_filters(logits, build([SamplingParams(top_p=top_p)]))
+    assert int(torch.isfinite(out).sum()) == kept
+
+
+def test_logprobs_of_bfloat16_logits_are_computed_in_float32():
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, V, generator=gen) * 4).to(torch.bfloat16)
+    out = sample(logits, build([SamplingParams(temperature=0.0, logprobs=3)] * 2))
+    exact = torch.log_softmax(logits.double(), dim=-1)
+    assert out.token_ids.tolist() == logits.float().argmax(dim=-1).tolist()
+    torch.testing.assert_close(out.logprobs.double(), exact.gather(1, out.token_ids[:, None])[:, 0], rtol=0, atol=1e-5)
+    ids, values = out.top_logprobs
+    torch.testing.assert_close(values.double(), exact.topk(3, dim=-1).values, rtol=0, atol=1e-5)
+    assert ids.tolist() == exact.topk(3, dim=-1).indices.tolist()
