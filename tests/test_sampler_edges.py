@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from miniserve.engine.sampler import SamplingBatch, apply_penalties_and_filters, sample
+from miniserve.engine.sampler import SamplingBatch, apply_penalties_and_filters, probs, sample
 from miniserve.sampling_params import SamplingParams
 
 V = 8
@@ -48,3 +48,18 @@ def test_logprobs_of_bfloat16_logits_are_computed_in_float32():
     ids, values = out.top_logprobs
     torch.testing.assert_close(values.double(), exact.topk(3, dim=-1).values, rtol=0, atol=1e-5)
     assert ids.tolist() == exact.topk(3, dim=-1).indices.tolist()
+
+
+def test_filters_return_float32_whatever_the_logits_dtype():
+    logits = torch.tensor([[1.0, -2.5, 0.375, 3.0] + [0.0] * (V - 4)], dtype=torch.bfloat16)  # exact in bfloat16
+    out = apply_penalties_and_filters(logits, build([SamplingParams(temperature=0.7)]))
+    assert out.dtype == torch.float32
+    assert torch.equal(out, logits.float() / torch.tensor(0.7, dtype=torch.float32))
+
+
+def test_greedy_rows_of_a_mixed_batch_are_one_hot_in_the_distribution():
+    """What rejection sampling reads: a greedy row's distribution is all on its argmax, beside sampled rows."""
+    logits = torch.tensor([[0.0, 2.0, 1.0, 0.5] + [-1.0] * (V - 4)] * 2)
+    dist = probs(logits, build([SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)]))
+    assert dist[0].tolist() == [0.0, 1.0] + [0.0] * (V - 2)
+    torch.testing.assert_close(dist[1], torch.softmax(logits[1].double(), -1).float())
