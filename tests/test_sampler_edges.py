@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from miniserve.engine.sampler import SamplingBatch, apply_penalties_and_filters, probs, sample
+from miniserve.engine.sampler import SamplingBatch, apply_penalties_and_filters, probs, sample, sample_from_probs
 from miniserve.sampling_params import SamplingParams
 
 V = 8
@@ -63,3 +63,19 @@ def test_greedy_rows_of_a_mixed_batch_are_one_hot_in_the_distribution():
     dist = probs(logits, build([SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)]))
     assert dist[0].tolist() == [0.0, 1.0] + [0.0] * (V - 2)
     torch.testing.assert_close(dist[1], torch.softmax(logits[1].double(), -1).float())
+
+
+def test_min_p_keeps_tokens_at_exactly_the_threshold():
+    logits = torch.zeros(1, V)
+    logits[0, 4:] = -math.inf  # 4 tokens of 1/4: each is exactly min_p = 1.0 times the largest
+    out = apply_penalties_and_filters(logits, build([SamplingParams(min_p=1.0)]))
+    assert int(torch.isfinite(out).sum()) == 4
+
+
+def test_sample_from_probs_takes_the_argmax_on_greedy_rows():
+    dist = torch.tensor([[0.45, 0.55] + [0.0] * (V - 2)] * 64)
+    torch.manual_seed(0)
+    assert sample_from_probs(dist, build([SamplingParams(temperature=0.0)] * 64)).tolist() == [1] * 64
+    mixed = build([SamplingParams(temperature=0.0)] * 32 + [SamplingParams(temperature=1.0)] * 32)
+    drawn = sample_from_probs(dist, mixed).tolist()
+    assert drawn[:32] == [1] * 32 and set(drawn[32:]) == {0, 1}  # the sampled rows draw both
