@@ -79,3 +79,15 @@ def test_sample_from_probs_takes_the_argmax_on_greedy_rows():
     mixed = build([SamplingParams(temperature=0.0)] * 32 + [SamplingParams(temperature=1.0)] * 32)
     drawn = sample_from_probs(dist, mixed).tolist()
     assert drawn[:32] == [1] * 32 and set(drawn[32:]) == {0, 1}  # the sampled rows draw both
+
+
+def test_a_repetition_penalty_of_two_divides_seen_positive_logits_and_multiplies_negative_ones():
+    logits = torch.tensor([[4.0, -2.0, 3.0, 1.0] + [0.0] * (V - 4)])
+    batch = SamplingBatch.build([SamplingParams(repetition_penalty=2.0)], [None], [[0]], [[1]], set(), V, "cpu")
+    out = apply_penalties_and_filters(logits, batch)
+    assert out[0, :4].tolist() == [2.0, -4.0, 3.0, 1.0]  # tokens 0 (prompt) and 1 (output) were seen
+
+
+def test_build_names_the_mismatched_lengths():
+    with pytest.raises(ValueError, match="one entry per row: 2 params, 1 generators, 2 prompts, 2 outputs"):
+        SamplingBatch.build([SamplingParams()] * 2, [None], [[], []], [[], []], set(), V, "cpu")
