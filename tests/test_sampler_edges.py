@@ -91,3 +91,15 @@ def test_a_repetition_penalty_of_two_divides_seen_positive_logits_and_multiplies
 def test_build_names_the_mismatched_lengths():
     with pytest.raises(ValueError, match="one entry per row: 2 params, 1 generators, 2 prompts, 2 outputs"):
         SamplingBatch.build([SamplingParams()] * 2, [None], [[], []], [[], []], set(), V, "cpu")
+
+
+@pytest.mark.parametrize(
+    ("field", "expected"), [("frequency_penalty", [1.0, 1.0, -1.0, 0.0]), ("presence_penalty", [1.0, 1.0, 0.0, 0.0])]
+)
+def test_a_penalty_of_exactly_one(field, expected):
+    logits = torch.ones(1, V)
+    batch = SamplingBatch.build([SamplingParams(**{field: 1.0})], [None], [[0]], [[2, 2, 3]], set(), V, "cpu")
+    out = apply_penalties_and_filters(logits, batch)
+    assert (
+        out[0, :4].tolist() == expected
+    )  # token 2 was output twice, token 3 once; the prompt's token 0 does not count
