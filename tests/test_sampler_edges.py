@@ -103,3 +103,10 @@ def test_a_penalty_of_exactly_one(field, expected):
     assert (
         out[0, :4].tolist() == expected
     )  # token 2 was output twice, token 3 once; the prompt's token 0 does not count
+
+
+def test_min_tokens_bans_the_stop_ids_in_the_vocabulary_and_ignores_the_others():
+    params = SamplingParams(min_tokens=2, stop_token_ids=[V - 1, V])  # V is past the last id: never sampled
+    batch = SamplingBatch.build([params], [None], [[]], [[]], {0}, V, "cpu")
+    out = apply_penalties_and_filters(torch.zeros(1, V), batch)
+    assert torch.isinf(out[0]).tolist() == [True] + [False] * (V - 2) + [True]  # EOS 0 and V - 1
