@@ -41,7 +41,7 @@ MODULES = {
         "miniserve/scheduler/scheduler.py",
         ["tests/test_scheduler.py", *ENGINE_TESTS, "tests/test_prefix_cache.py", "-k", NOT_SLOW],
     ),
-    "sampler": ("miniserve/engine/sampler.py", ["tests/test_sampling.py"]),
+    "sampler": ("miniserve/engine/sampler.py", ["tests/test_sampling.py", "tests/test_sampler_edges.py"]),
     "fp8": ("miniserve/kernels/fp8.py", ["tests/test_fp8_cache_write.py", "-k", "reference or corner or dequantize"]),
     "rejection": (
         "miniserve/spec_decode/rejection.py",
