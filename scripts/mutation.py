@@ -138,6 +138,7 @@ def main() -> None:
     parser.add_argument("modules", nargs="*", help=f"default: all of {', '.join(MODULES)}")
     parser.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1)")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--results", type=Path, default=RESULTS, help=f"where the scores go (default {RESULTS})")
     args = parser.parse_args()
     if args.list:
         for name, (path, tests) in MODULES.items():
@@ -151,9 +152,9 @@ def main() -> None:
         sys.exit('mutmut is not installed: pip install -e ".[dev]"')
     for name in args.modules or list(MODULES):
         result = run_module(name, args.max_children)
-        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}  # read now: it may have been edited
+        results = json.loads(args.results.read_text()) if args.results.exists() else {}  # read now: may be edited
         results[name] = result  # a re-run replaces the module's entry, "after_new_tests" included
-        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        args.results.write_text(json.dumps(results, indent=1) + "\n")
         r = results[name]
         print(f"== {name}: {r['killed']}/{r['mutants']} killed ({r['score']:.0%}); {r['by_status']}", flush=True)
 
