@@ -3,12 +3,15 @@
     pip install -e ".[dev]"
     python scripts/mutation.py block_manager          # one module (minutes); several names, or none for all
     python scripts/mutation.py --list                 # the modules and the tests each one runs
+    python scripts/mutation.py --results /tmp/r.json sampler   # a confirming re-run, scores written elsewhere
 
 Each module runs in its own throw-away copy of the working tree (tracked and untracked files, uncommitted edits
 included), with mutmut told to mutate that one file and to run only the tests listed for it (mutmut runs, for
 each mutant, the selected tests that reach the mutated function). A mutant is *killed* when a test fails,
 *survives* when all pass. Timeouts count as killed (the mutant hangs the code: a test that hung would have been
-noticed); "no tests" mutants sit in functions the selection never calls, and count as survivors.
+noticed; the limit is (the tests' time + 60 s) x 3 of CPU, and 6 GB of address space stops a mutant that loops
+appending); "no tests" mutants sit in functions the selection never calls, and count as survivors. FUNCTIONS
+narrows a module to some of its functions.
 The score per module goes to scripts/mutation_results.json, the survivors' diffs to stdout; scripts/README.md
 records the scores. Not in CI: a full run is an hour or more of CPU.
 """
