@@ -64,6 +64,10 @@ def test_examples():
     assert match is None and m.held(state) == 7
     state, match = m.feed(state, "ioned")  # not it after all: nothing held
     assert match is None and m.held(state) == 0
+    m = StopMatcher(["abc"])
+    state, match = m.feed(0, "abb")  # no tail of "abb" begins "abc": back to the root, not to "a"
+    assert match is None and m.held(state) == 0
+    assert m.feed(state, "c") == (0, None)
 
 
 def test_bounds_are_inclusive():
@@ -74,6 +78,10 @@ def test_bounds_are_inclusive():
         check_stop_strings(["x"] * 5, max_count=4, max_length=3)
     with pytest.raises(ValueError, match="4 characters, longer than the limit of 3"):
         check_stop_strings(["ok", "wxyz"], max_count=4, max_length=3)
+    with pytest.raises(ValueError, match=r"4 characters, longer than the limit of 3 \(max_stop_string_length\)$"):
+        check_stop_strings(["zz", "aaaa"], max_count=4, max_length=3)  # the longest, not the greatest, string
+    with pytest.raises(ValueError, match=r"limit of 4 \(max_stop_strings\)$"):
+        check_stop_strings(["x"] * 5, max_count=4, max_length=3)
 
 
 # ---------------------------------------------------------------------------------------------- in the engine

@@ -1,0 +1,112 @@
+"""The sampler at its edges: the all-greedy fast path, top-p at exactly its mass, logprobs of half-precision
+logits. Oracles: maxima placed by hand, probabilities that are exact in float32 (equal logits: 1/4 each), and
+log_softmax in float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from miniserve.engine.sampler import SamplingBatch, apply_penalties_and_filters, probs, sample, sample_from_probs
+from miniserve.sampling_params import SamplingParams
+
+V = 8
+
+
+def build(params, outputs=None, eos=frozenset({0}), vocab_size=V):
+    rows = len(params)
+    outputs = outputs if outputs is not None else [[] for _ in range(rows)]
+    return SamplingBatch.build(params, [None] * rows, [[] for _ in range(rows)], outputs, set(eos), vocab_size, "cpu")
+
+
+def test_an_all_greedy_batch_without_penalties_takes_each_rows_argmax():
+    logits = torch.zeros(3, V)
+    logits[0, 5], logits[1, 2], logits[2, 7] = 3.0, 1.0, 0.5
+    logits[1, 5] = 0.9  # a smaller peak where row 0 has its maximum
+    out = sample(logits, build([SamplingParams(temperature=0.0)] * 3))
+    assert out.token_ids.tolist() == [5, 2, 7] and out.logprobs is None and out.top_logprobs is None
+
+
+@pytest.mark.parametrize(("top_p", "kept"), [(0.25, 1), (0.26, 2), (0.5, 2), (0.5001, 3), (0.75, 3), (0.99, 4)])
+def test_top_p_keeps_the_smallest_prefix_that_reaches_its_mass(top_p, kept):
+    """Four equal logits: each token is 1/4 exactly, so a prefix of n tokens holds n/4 exactly."""
+    logits = torch.zeros(1, V)
+    logits[0, 4:] = -math.inf  # 4 tokens of 1/4
+    out = apply_penalties_and_filters(logits, build([SamplingParams(top_p=top_p)]))
+    assert int(torch.isfinite(out).sum()) == kept
+
+
+def test_logprobs_of_bfloat16_logits_are_computed_in_float32():
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, V, generator=gen) * 4).to(torch.bfloat16)
+    out = sample(logits, build([SamplingParams(temperature=0.0, logprobs=3)] * 2))
+    exact = torch.log_softmax(logits.double(), dim=-1)
+    assert out.token_ids.tolist() == logits.float().argmax(dim=-1).tolist()
+    torch.testing.assert_close(out.logprobs.double(), exact.gather(1, out.token_ids[:, None])[:, 0], rtol=0, atol=1e-5)
+    ids, values = out.top_logprobs
+    torch.testing.assert_close(values.double(), exact.topk(3, dim=-1).values, rtol=0, atol=1e-5)
+    assert ids.tolist() == exact.topk(3, dim=-1).indices.tolist()
+
+
+def test_filters_return_float32_whatever_the_logits_dtype():
+    logits = torch.tensor([[1.0, -2.5, 0.375, 3.0] + [0.0] * (V - 4)], dtype=torch.bfloat16)  # exact in bfloat16
+    out = apply_penalties_and_filters(logits, build([SamplingParams(temperature=0.7)]))
+    assert out.dtype == torch.float32
+    assert torch.equal(out, logits.float() / torch.tensor(0.7, dtype=torch.float32))
+
+
+def test_greedy_rows_of_a_mixed_batch_are_one_hot_in_the_distribution():
+    """What rejection sampling reads: a greedy row's distribution is all on its argmax, beside sampled rows."""
+    logits = torch.tensor([[0.0, 2.0, 1.0, 0.5] + [-1.0] * (V - 4)] * 2)
+    dist = probs(logits, build([SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)]))
+    assert dist[0].tolist() == [0.0, 1.0] + [0.0] * (V - 2)
+    torch.testing.assert_close(dist[1], torch.softmax(logits[1].double(), -1).float())
+
+
+def test_min_p_keeps_tokens_at_exactly_the_threshold():
+    logits = torch.zeros(1, V)
+    logits[0, 4:] = -math.inf  # 4 tokens of 1/4: each is exactly min_p = 1.0 times the largest
+    out = apply_penalties_and_filters(logits, build([SamplingParams(min_p=1.0)]))
+    assert int(torch.isfinite(out).sum()) == 4
+
+
+def test_sample_from_probs_takes_the_argmax_on_greedy_rows():
+    dist = torch.tensor([[0.45, 0.55] + [0.0] * (V - 2)] * 64)
+    torch.manual_seed(0)
+    assert sample_from_probs(dist, build([SamplingParams(temperature=0.0)] * 64)).tolist() == [1] * 64
+    mixed = build([SamplingParams(temperature=0.0)] * 32 + [SamplingParams(temperature=1.0)] * 32)
+    drawn = sample_from_probs(dist, mixed).tolist()
+    assert drawn[:32] == [1] * 32 and set(drawn[32:]) == {0, 1}  # the sampled rows draw both
+
+
+def test_a_repetition_penalty_of_two_divides_seen_positive_logits_and_multiplies_negative_ones():
+    logits = torch.tensor([[4.0, -2.0, 3.0, 1.0] + [0.0] * (V - 4)])
+    batch = SamplingBatch.build([SamplingParams(repetition_penalty=2.0)], [None], [[0]], [[1]], set(), V, "cpu")
+    out = apply_penalties_and_filters(logits, batch)
+    assert out[0, :4].tolist() == [2.0, -4.0, 3.0, 1.0]  # tokens 0 (prompt) and 1 (output) were seen
+
+
+def test_build_names_the_mismatched_lengths():
+    with pytest.raises(ValueError, match="one entry per row: 2 params, 1 generators, 2 prompts, 2 outputs"):
+        SamplingBatch.build([SamplingParams()] * 2, [None], [[], []], [[], []], set(), V, "cpu")
+
+
+@pytest.mark.parametrize(
+    ("field", "expected"), [("frequency_penalty", [1.0, 1.0, -1.0, 0.0]), ("presence_penalty", [1.0, 1.0, 0.0, 0.0])]
+)
+def test_a_penalty_of_exactly_one(field, expected):
+    logits = torch.ones(1, V)
+    batch = SamplingBatch.build([SamplingParams(**{field: 1.0})], [None], [[0]], [[2, 2, 3]], set(), V, "cpu")
+    out = apply_penalties_and_filters(logits, batch)
+    assert (
+        out[0, :4].tolist() == expected
+    )  # token 2 was output twice, token 3 once; the prompt's token 0 does not count
+
+
+def test_min_tokens_bans_the_stop_ids_in_the_vocabulary_and_ignores_the_others():
+    params = SamplingParams(min_tokens=2, stop_token_ids=[V - 1, V])  # V is past the last id: never sampled
+    batch = SamplingBatch.build([params], [None], [[]], [[]], {0}, V, "cpu")
+    out = apply_penalties_and_filters(torch.zeros(1, V), batch)
+    assert torch.isinf(out[0]).tolist() == [True] + [False] * (V - 2) + [True]  # EOS 0 and V - 1

@@ -1,0 +1,153 @@
+"""The stop rules of OutputProcessor, token by token, without a model: EOS, stop token ids, stop strings,
+min_tokens, max_tokens and the context length, on every text path (streamed text, text detokenized at the end,
+no text at all).
+
+The detokenizer is a stand-in whose text is known without running any tokenizer: token t is the character
+chr(t), except HELD, whose character only comes out with the next token or at flush (like the tail of an
+incomplete UTF-8 sequence), and SPLIT, whose text is "b" and a held "~". The expected texts and finish reasons
+are written out by hand.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from miniserve import SamplingParams
+from miniserve.engine.output_processor import OutputProcessor, Request
+from miniserve.engine.stop_strings import StopMatcher
+from miniserve.scheduler.block_manager import BlockManager
+from miniserve.scheduler.scheduler import Scheduler
+from miniserve.scheduler.sequence import Sequence
+
+EOS = 1
+HELD = 500  # its character, "~", is held back until the next token or the end
+SPLIT = 501  # "b" at once, then a "~" held back like HELD's
+
+
+class CharDetokenizer:
+    def __init__(self) -> None:
+        self.held = ""
+
+    def add(self, ids: list[int]) -> str:
+        text = self.held
+        self.held = ""
+        for t in ids:
+            if t == HELD:
+                self.held = "~"
+            elif t == SPLIT:
+                text += self.held + "b"
+                self.held = "~"
+            else:
+                text += self.held + chr(t)
+                self.held = ""
+        return text
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+def setup(params: SamplingParams, n: int = 1, max_model_len: int = 64, prompt: str = "AB"):
+    processor = OutputProcessor(Scheduler(BlockManager(8, 4), 4, 64), {EOS}, max_model_len)
+    ids = [ord(c) for c in prompt]
+    seqs = [Sequence(i, "r", i, ids, params) for i in range(n)]
+    matcher = StopMatcher(params.stop) if params.stop else None
+    processor.add(Request("r", prompt, ids, params, seqs, [CharDetokenizer() for _ in seqs], matcher))
+    return processor, seqs
+
+
+def feed(processor: OutputProcessor, seq: Sequence, text_or_ids) -> None:
+    for t in text_or_ids:
+        processor.append_token(seq, ord(t) if isinstance(t, str) else t, None, None)
+
+
+def outcome(seq: Sequence) -> tuple:
+    return seq.output_token_ids, seq.text, seq.finish_reason, seq.stop_reason
+
+
+TEXT_PATHS = [
+    dict(),  # streamed, cumulative
+    dict(output_kind="final_only"),  # detokenized at the end
+    dict(detokenize=False),  # no text
+]
+
+
+@pytest.mark.parametrize("path", TEXT_PATHS)
+def test_eos_and_stop_token_ids_after_min_tokens(path):
+    def run(tokens, **kw):
+        processor, (seq,) = setup(SamplingParams(**{"max_tokens": 10, **path, **kw}))
+        feed(processor, seq, tokens)
+        return seq, processor
+
+    x, y = ord("x"), ord("y")
+    seq, _ = run([x, EOS, y])
+    text = "" if path.get("detokenize") is False else "x" + chr(EOS)
+    assert outcome(seq) == ([x, EOS], text, "stop", None)
+    seq, _ = run([x, y, x], stop_token_ids=[y])
+    assert seq.output_token_ids == [x, y] and (seq.finish_reason, seq.stop_reason) == ("stop", y)
+    seq, _ = run([x, EOS, y, y, x], stop_token_ids=[y], min_tokens=3)  # EOS 2nd, y 3rd: y is the first allowed
+    assert seq.output_token_ids == [x, EOS, y] and (seq.finish_reason, seq.stop_reason) == ("stop", y)
+    seq, processor = run([x, EOS, x, x], ignore_eos=True, max_tokens=3)
+    assert seq.output_token_ids == [x, EOS, x] and (seq.finish_reason, seq.stop_reason) == ("length", None)
+    assert processor.num_generation_tokens == 3
+
+
+@pytest.mark.parametrize("path", TEXT_PATHS)
+def test_max_tokens_and_the_context_length_end_at_exactly_their_limit(path):
+    processor, (seq,) = setup(SamplingParams(max_tokens=3, **path))
+    feed(processor, seq, "ab")
+    assert seq.finish_reason is None
+    if not path:  # streamed: the text is there while the sequence runs
+        assert seq.text == "ab"
+    feed(processor, seq, "cd")  # the 4th token comes after the end: ignored
+    assert seq.output_token_ids == [ord(c) for c in "abc"] and seq.finish_reason == "length"
+    processor, (seq,) = setup(SamplingParams(max_tokens=None, **path), max_model_len=5)  # 2 prompt + 3 tokens
+    feed(processor, seq, "abcd")
+    assert seq.output_token_ids == [ord(c) for c in "abc"] and seq.finish_reason == "length"
+    assert seq.text == ("" if path.get("detokenize") is False else "abc")
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_stop_string_cuts_the_text_where_it_ends(keep):
+    params = SamplingParams(max_tokens=20, stop=["cd", "zz"], include_stop_str_in_output=keep)
+    processor, (seq,) = setup(params)
+    feed(processor, seq, "abcde")
+    assert outcome(seq) == ([ord(c) for c in "abcd"], "abcd" if keep else "ab", "stop", "cd")
+
+
+def test_a_stop_string_before_min_tokens_does_not_stop_and_one_after_does():
+    params = SamplingParams(max_tokens=20, stop=["b"], min_tokens=3)
+    processor, (seq,) = setup(params)
+    feed(processor, seq, "abcb")
+    assert outcome(seq) == ([ord(c) for c in "abcb"], "abc", "stop", "b")
+
+
+def test_text_held_by_the_detokenizer_comes_out_at_the_end():
+    for params in (SamplingParams(max_tokens=2), SamplingParams(max_tokens=2, output_kind="final_only")):
+        processor, (seq,) = setup(params)
+        feed(processor, seq, ["a", HELD])
+        assert outcome(seq) == ([ord("a"), HELD], "a~", "length", None)
+    processor, (seq,) = setup(SamplingParams(max_tokens=5, stop_token_ids=[HELD]))
+    feed(processor, seq, ["a", HELD])
+    assert outcome(seq) == ([ord("a"), HELD], "a~", "stop", HELD)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_stop_string_ending_before_held_text_drops_it(keep):
+    processor, (seq,) = setup(SamplingParams(max_tokens=5, stop=["ab"]))
+    feed(processor, seq, ["a", HELD, "b"])  # the text so far is "a~b": no stop string in it
+    assert seq.finish_reason is None and seq.text == "a~b"
+    processor, (seq,) = setup(SamplingParams(max_tokens=5, stop=["b"], include_stop_str_in_output=keep))
+    feed(processor, seq, ["a", SPLIT])  # "b" ends the text: the "~" held after it is not output
+    assert outcome(seq) == ([ord("a"), SPLIT], "ab" if keep else "a", "stop", "b")
+
+
+def test_generation_counters_and_first_token_time():
+    processor, (a, b) = setup(SamplingParams(max_tokens=2), n=2)
+    feed(processor, a, "x")
+    first = a.first_token_time
+    assert first is not None and b.first_token_time is None
+    feed(processor, a, "yz")  # the 3rd token is past max_tokens: not counted
+    feed(processor, b, "x")
+    assert a.first_token_time == first  # the first token's time, kept
+    assert processor.num_generation_tokens == 3
