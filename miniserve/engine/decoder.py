@@ -102,16 +102,18 @@ class PlainDecoder:
     def step(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
         # a grammar's next mask needs the token in flight: constrained steps wait for it (and fill their masks
         # while the forward runs, in _step_now)
+        batch = None
         if self.overlap and self._is_full_decode(scheduled) and all(s.seq.grammar is None for s in scheduled):
             seqs = [s.seq for s in scheduled]
             batch = self.sampling_batch(seqs)
             if not batch.penalized:  # penalties and bans read the output so far: those steps wait for it
                 self._launch(seqs, batch, None)
                 return []
-        return self._step_now(scheduled)
+        return self._step_now(scheduled, batch)
 
-    def _step_now(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
-        """The step, waited for: prompt chunks, prompt scoring, and decode steps that need their history."""
+    def _step_now(self, scheduled: list[ScheduledSeq], batch: SamplingBatch | None = None) -> list[Sequence]:
+        """The step, waited for: prompt chunks, prompt scoring, and decode steps that need their history.
+        `batch`: the sampling batch of a full decode step, already built by `step` (every sequence is ready)."""
         inputs = [self.forward_input(s) for s in scheduled]
         ready = [s.seq for s in scheduled if s.completes_prompt]
         logits = self.target.forward(inputs)
@@ -126,7 +128,8 @@ class PlainDecoder:
         if ready:
             if row != len(sample_rows):  # prompt-scoring rows are mixed in: keep the last row of each ready seq
                 logits = logits[to_device(sample_rows, torch.int64, logits.device)]
-            self.outputs.append_sampled(ready, sample(logits, self.sampling_batch(ready)))
+            batch = batch if batch is not None else self.sampling_batch(ready)
+            self.outputs.append_sampled(ready, sample(logits, batch))
         return [s.seq for s in scheduled]
 
     @staticmethod
