@@ -172,3 +172,30 @@ def draft_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return fixture_dir(
         tmp_path_factory, "draft", lambda out: build_model_dir(out, "LlamaForCausalLM", tokenizer_dir, seed=42, **shape)
     )
+
+
+# ---------------------------------------------------------------------------------------------- server tests
+# For test modules that define `url` (a running server) and `model_dir` (the model it serves).
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    """The official openai client on the module's server."""
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir):
+    """The served model in Hugging Face transformers: the oracle."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tok(model_dir):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(model_dir)

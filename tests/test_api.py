@@ -12,10 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 import torch
-import transformers
 
 from tests.conftest import build_model_dir
 from tests.test_server import assert_openai_error, uvicorn_server
@@ -124,21 +122,6 @@ def log_path(tmp_path_factory) -> Path:
 def url(model_dir, log_path) -> Iterator[str]:
     with run_server(model_dir, log_path, MINISERVE_MAX_BAD_WORDS=str(MAX_BAD_WORDS)) as base:
         yield base
-
-
-@pytest.fixture(scope="module")
-def client(url) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=60, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def hf_model(model_dir):
-    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def hf_tok(model_dir):
-    return transformers.AutoTokenizer.from_pretrained(model_dir)
 
 
 def hf_greedy_processed(model, prompt_ids: list[int], steps: int, process) -> list[int]:

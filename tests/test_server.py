@@ -26,7 +26,6 @@ import httpx
 import openai
 import pytest
 import torch
-import transformers
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import build_model_dir, hf_greedy
@@ -164,21 +163,6 @@ def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
 def url(model_dir) -> Iterator[str]:
     with run_server(model_dir, MINISERVE_SERVED_MODEL_NAME=MODEL_NAME, MINISERVE_MAX_BODY_BYTES=str(64 * 1024)) as base:
         yield base
-
-
-@pytest.fixture(scope="module")
-def client(url) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=60, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def hf_model(model_dir):
-    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def hf_tok(model_dir):
-    return transformers.AutoTokenizer.from_pretrained(model_dir)
 
 
 def greedy(client: openai.OpenAI, prompt, max_tokens: int = 8) -> str:
