@@ -48,14 +48,18 @@ if [ "$part" = big ]; then
 fi
 
 if [ "$part" = serving ]; then
-  # needs fastapi/uvicorn/pydantic/orjson on the GPU box (carried as wheels there)
-  tp 240 --shape llama-3.2-1b --workload prefix --kv-cache-dtype auto --repeats 1 --out "$out/throughput_prefix_llama1b_h200.json"
+  # needs fastapi/uvicorn/pydantic/orjson/xgrammar on the GPU box (carried as wheels there). Issue 18: 256 requests
+  # at once (streaming, plain, offline); then below saturation (4 requests/s) for TTFT; issue 14: structured
+  # outputs at batch 32; issue 18's guard: the demo model's batch-1 speculative path.
   timeout 300 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 256 --input-len 512 --output-len 256 \
-    --phases stream,plain,offline --client-procs 4 --out "$out/serve_h200.json" 2>&1 | grep -v -i warn | tail -25
-  OUT="$out" timeout 200 python3 benchmarks/gpu_engine_check.py > "$out/engine_check_log.txt" 2>&1
-  mv "$out/engine_check.json" "$out/engine_check_h200.json" && python3 -c "
-import json; d = json.load(open('$out/engine_check_h200.json'))
-for k, v in d.items(): print(k, json.dumps(v)[:300])"
+    --phases stream,plain,offline --client-procs 4 --out "$out/serve_h200.json" 2>&1 | grep -v -i warn | tail -12
+  timeout 150 python3 benchmarks/structured_outputs.py --shape llama-3.2-1b --batch 32 --prompt 128 --gen 256 \
+    --out "$out/structured_outputs_h200.json" 2>&1 | grep -v -i warn | tail -12
+  timeout 150 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 64 --input-len 512 --output-len 256 \
+    --request-rate 4 --phases stream,offline --client-procs 2 --out "$out/serve_rate4_h200.json" 2>&1 |
+    grep -v -i warn | tail -8
+  timeout 100 python3 benchmarks/spec_decode.py --batch 1 --k 4 --repeats 3 --name spec_decode_h200 --out "$out" 2>&1 |
+    tail -4
 fi
 
 if [ "$part" = fp8reg ]; then

@@ -379,10 +379,18 @@ def run_offline(args: argparse.Namespace, reqs: list[BenchRequest]) -> dict:
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     llm.generate(prompts[: min(8, len(prompts))], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     sync()
+    steps, engine_step = [0], llm.engine.step
+
+    def counted_step():
+        steps[0] += 1
+        return engine_step()
+
+    llm.engine.step = counted_step
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     sync()
     seconds = time.perf_counter() - start
+    llm.engine.step = engine_step
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     prefill = []
     for p in prompts[:5]:  # one request alone, one token: the prefill (TTFT's floor)
@@ -396,6 +404,8 @@ def run_offline(args: argparse.Namespace, reqs: list[BenchRequest]) -> dict:
         "duration_s": seconds,
         "output_tokens": tokens,
         "output_tok_s": tokens / seconds,
+        "engine_steps": steps[0],
+        "ms_per_step": seconds / max(steps[0], 1) * 1000,
         "single_request_prefill_ms": sorted(prefill)[len(prefill) // 2] * 1000,
         "decode_step_ms": step * 1000,
     }
@@ -425,6 +435,33 @@ def decode_step_time(llm, prompts: list, args: argparse.Namespace) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- main
+
+
+def engine_steps(url: str) -> tuple[float, float] | None:
+    """(steps, tokens computed) so far, from the server's iteration-tokens histogram in /metrics (None: absent)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        for key in ("_count", "_sum"):
+            if name.startswith("miniserve:iteration_tokens_total" + key):
+                found[key] = float(value)
+    return (found["_count"], found["_sum"]) if len(found) == 2 else None
+
+
+def step_summary(before: tuple | None, after: tuple | None, duration_s: float) -> dict:
+    """Engine steps during a phase, tokens computed per step and wall time per step: a server that takes more
+    steps than offline for the same work (prompts arriving over time) differs from one whose steps are slower."""
+    if before is None or after is None or after[0] <= before[0]:
+        return {}
+    steps, tokens = after[0] - before[0], after[1] - before[1]
+    return {"engine_steps": int(steps), "tokens_per_step": tokens / steps, "ms_per_step": duration_s / steps * 1000}
 
 
 def versions() -> dict:
@@ -511,7 +548,9 @@ def main(argv: list[str] | None = None) -> dict:
             if warm:
                 run_clients(url, warm, [0.0] * len(warm), True, 1)
             for ph in online:
+                before = engine_steps(url)
                 res = run_clients(url, reqs, arrivals, ph == "stream", args.client_procs)
+                res |= step_summary(before, engine_steps(url), res["duration_s"])
                 results["phases"][ph] = res
                 print(f"[{ph}] {fmt(res)}", flush=True)
         finally:

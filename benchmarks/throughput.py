@@ -453,6 +453,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--extend-variant", nargs="+", default=["default"],
         help="extend attention launch variants (benchmarks/tune_extend_attention.py EXTEND_VARIANTS) to run each with",
     )  # fmt: skip
+    ap.add_argument(
+        "--decode-variant", nargs="+", default=["default"],
+        help="FP8 decode attention variants (benchmarks/tune_decode_attention.py FP8_VARIANTS) for fp8 caches",
+    )  # fmt: skip
     ap.add_argument("--plot", default=None, help="sweep: write a PNG of tok/s against batch size")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -477,10 +481,14 @@ def main(argv: list[str] | None = None) -> dict:
     result["tensor_parallel_size"] = args.tensor_parallel_size
     result["bandwidth_gbs"] = gbs
     result["runs"] = []
-    for kv_write, variant in itertools.product(args.kv_write, args.extend_variant):
+    configs = itertools.product(args.kv_write, args.extend_variant, args.decode_variant)
+    for kv_write, variant, decode_variant in configs:
         set_kv_write(kv_write)
         set_extend_variant(variant)
+        set_decode_variant(decode_variant)
         for kv in args.kv_cache_dtype:
+            if decode_variant != "default" and kv == "auto":
+                continue  # the FP8 variants change nothing for a bf16 cache
             if prefix:
                 result["runs"].append(run_prefix_on_off(model, kv, cfg, args))
                 continue
@@ -488,6 +496,8 @@ def main(argv: list[str] | None = None) -> dict:
             run = {"kv_cache_dtype": kv, "kv_write": kv_write, "kv_dtype": str(llm.engine.target.kv_dtype)}
             if variant != "default":
                 run["extend_variant"] = variant
+            if decode_variant != "default":
+                run["decode_variant"] = decode_variant
             if args.workload == "nano":
                 run |= run_nano(llm, cfg, args, gbs)
             elif args.workload == "prefill":
@@ -514,6 +524,7 @@ def main(argv: list[str] | None = None) -> dict:
             del llm
     set_kv_write("fused")
     set_extend_variant("default")
+    set_decode_variant("default")
     if args.hf and args.workload == "prefill":
         result["hf_prefill"] = hf_forward_seconds(model, cfg, args.prompts)
         print(json.dumps(result["hf_prefill"]), flush=True)
@@ -571,6 +582,26 @@ def set_extend_variant(name: str) -> None:
     original = _EXTEND_LAUNCHER.setdefault("default", ext.extend_attention)
     kw = EXTEND_VARIANTS[name]
     ext.extend_attention = functools.partial(original, **kw) if kw else original
+
+
+_DECODE_LAUNCHER = {}
+
+
+def set_decode_variant(name: str) -> None:
+    """Swap the decode attention launcher (kernels/ops.py imports it at each call) for one that launches FP8
+    caches with an FP8_VARIANTS entry's parameters; bf16 caches keep the default. In this process only."""
+    import miniserve.kernels.decode_attention as dec
+    from benchmarks.tune_decode_attention import FP8_VARIANTS
+
+    original = _DECODE_LAUNCHER.setdefault("default", dec.decode_attention)
+    kw = FP8_VARIANTS[name]
+
+    def launch(q, key_cache, *args, **kwargs):
+        if key_cache.element_size() == 1:
+            kwargs = {**kwargs, **kw}
+        return original(q, key_cache, *args, **kwargs)
+
+    dec.decode_attention = launch if name != "default" else original
 
 
 def plot_sweep(result: dict, path: str) -> None:

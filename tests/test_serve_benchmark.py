@@ -74,3 +74,9 @@ def test_serve_benchmark_runs_every_phase_on_a_tiny_shape(tmp_path):
     assert offline["output_tokens"] == 30 and offline["output_tok_s"] > 0 and offline["decode_step_ms"] > 0
     assert stream["vs_offline"] == stream["output_tok_s"] / offline["output_tok_s"]
     assert stub["content_events"] == 30  # the stub sends one event per token
+    # engine steps per phase (the server's iteration histogram; offline counts engine.step calls): 5 tokens each
+    # take at least 5 steps, and 6 requests one at a time at most 6 x 5
+    for phase in (stream, plain, offline):
+        assert 5 <= phase["engine_steps"] <= 30, phase
+        assert phase["ms_per_step"] > 0
+    assert round(stream["tokens_per_step"] * stream["engine_steps"]) == 6 * 12 + 6 * 4  # prompts, 4 decodes each
