@@ -50,13 +50,17 @@ def _device() -> str:
 
 
 def provenance() -> dict:
-    """The record stored under "provenance" in every result file. A staged copy without .git (the GPU box) takes
-    its commit and dirty flag from MINISERVE_COMMIT and MINISERVE_DIRTY."""
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    """The record stored under "provenance" in every result file. A staged copy (the GPU box: an exported tree,
+    possibly inside another checkout's .git) takes its commit and dirty flag from MINISERVE_COMMIT and
+    MINISERVE_DIRTY, which win over git when set."""
+    commit = os.environ.get("MINISERVE_COMMIT")
+    dirty = os.environ.get("MINISERVE_DIRTY")
+    if not commit:
+        commit = _git("rev-parse", "HEAD")
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None
     return {
-        "commit": commit or os.environ.get("MINISERVE_COMMIT"),
-        "dirty": bool(status) if commit else os.environ.get("MINISERVE_DIRTY"),
+        "commit": commit,
+        "dirty": dirty,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "versions": _versions(),

@@ -17,6 +17,8 @@ once or with Poisson arrivals at --request-rate. Phases:
 - offline: the same prompts through the offline `LLM.generate` in this process (after the server stopped), for
            the server/offline ratio, plus a single-request prefill time and the full-batch decode step time (the
            references for TTFT and ITL).
+- fake:    the API process's ceiling: the served app with benchmarks/fake_engine.py's engine, which gives every
+           running request a token every --fake-step-ms (no model, no GPU); streamed, like `stream`.
 - stub:    the client's own ceiling: the same workload against a stub server that streams pre-made events
            (--stub-step-ms apart, 0 = as fast as it can), so a client bottleneck shows.
 
@@ -320,12 +322,16 @@ def wait_port(port: int, timeout: float) -> None:
     raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
 
 
-def start_server(args: argparse.Namespace) -> tuple[str, subprocess.Popen]:
-    """`miniserve serve` on --model with --engine-args; returns (url, process) once /health answers."""
+def start_server(args: argparse.Namespace, fake: bool = False) -> tuple[str, subprocess.Popen]:
+    """`miniserve serve` on --model with --engine-args (`fake`: with benchmarks/fake_engine.py's engine instead);
+    returns (url, process) once /health answers."""
     import urllib.request
 
     port = free_port()
     cmd = [sys.executable, "-m", "miniserve.cli", "serve", "--model", args.model, "--port", str(port)]
+    if fake:
+        cmd[1:4] = ["benchmarks/fake_engine.py", "--step-ms", str(args.fake_step_ms)]
+        cmd[4:4] = ["--profile", args.fake_profile] if args.fake_profile else []
     cmd += ["--served-model-name", MODEL_NAME, "--log-level", "warning", *shlex.split(args.engine_args)]
     proc = subprocess.Popen(cmd, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
@@ -500,10 +506,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=512, help="prompt tokens (random); ~4x chars of text (chat)")
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals per second (inf: at once)")
-    p.add_argument("--phases", default="stream,plain,offline", help="comma list of stream, plain, offline, stub")
+    p.add_argument("--phases", default="stream,plain,offline", help="comma list of stream, plain, offline, stub, fake")
     p.add_argument("--client-procs", type=int, default=4)
     p.add_argument("--stub-procs", type=int, default=4)
     p.add_argument("--stub-step-ms", type=float, default=0.0, help="stub: pause between events (0: flat out)")
+    p.add_argument("--fake-step-ms", type=float, default=6.0, help="fake: the fake engine's step time")
+    p.add_argument("--fake-profile", default=None, help="fake: write a cProfile of the API process here")
     p.add_argument("--warmup", type=int, default=8, help="requests sent (and not measured) before each phase")
     p.add_argument("--vocab-size", type=int, default=1000, help="random ids below this with --url and no --model")
     p.add_argument("--seed", type=int, default=0)
@@ -518,7 +526,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         overrides = json.loads(args.overrides) if args.overrides else None
         args.model = str(build_checkpoint(args.shape, args.ckpt_root, overrides=overrides))
     phases = [x for x in args.phases.split(",") if x]
-    bad = set(phases) - {"stream", "plain", "offline", "stub"}
+    bad = set(phases) - {"stream", "plain", "offline", "stub", "fake"}
     if bad:
         p.error(f"unknown phases {sorted(bad)}")
     if args.model is None and (args.url is None or "offline" in phases):
@@ -556,6 +564,16 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             if proc is not None:
                 stop(proc)
+    if "fake" in args.phase_list:
+        url, proc = start_server(args, fake=True)
+        try:
+            run_clients(url, reqs[: args.warmup], [0.0] * min(args.warmup, len(reqs)), True, 1)
+            res = run_clients(url, reqs, arrivals, True, args.client_procs)
+            res["engine_time_s"] = args.output_len * args.fake_step_ms / 1000  # what a client could see at best
+            results["phases"]["fake"] = res
+            print(f"[fake engine, {args.fake_step_ms} ms steps: API ceiling] {fmt(res)}", flush=True)
+        finally:
+            stop(proc)
     if "stub" in args.phase_list:
         url, workers = start_stub(args.stub_procs, args.stub_step_ms / 1000)
         try:

@@ -126,3 +126,49 @@ def test_prompt_passes_replay_padded_graphs(monkeypatch, llama_dir, draft_dir, s
     assert replays.get(("target", 32), 0) > 0
     if speculative:
         assert replays.get(("draft", 32), 0) > 0
+
+
+def _staggered(llm: LLM, prompts, params) -> list[list[int]]:
+    """Each prompt added one step after the one before (the ones before it decoding meanwhile): every request's
+    tokens."""
+    eng = llm.engine
+    pending, outs = list(enumerate(prompts)), {}
+    while pending or eng.has_unfinished_requests():
+        if pending:
+            i, ids = pending.pop(0)
+            eng.add_request(str(i), ids, params)
+        for out in eng.step():
+            if out.finished:
+                outs[int(out.request_id)] = out.outputs[0].token_ids
+    return [outs[i] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_prompt_beside_decodes_runs_as_its_own_prompt_graph(monkeypatch, llama_dir, temperature):
+    """A step of decodes plus one prompt chunk runs as a prompt-graph replay, then the decodes' graph, not as one
+    eager pass: each request arrives while the ones before it decode. Tokens equal the eager engine's."""
+    monkeypatch.setattr(BucketedGraphs, "_capture", eager_capture)
+    kw = dict(dtype="float32", device="cpu", max_num_seqs=8)
+    params = SamplingParams(temperature=temperature, seed=5, max_tokens=8, ignore_eos=True)
+    prompts = mixed_prompts()  # 1, 7, 23, 14 and 40 tokens (a 1-token prompt is a decode row)
+    want = _staggered(LLM(str(llama_dir), **kw), prompts, params)
+    graphed = LLM(str(llama_dir), **kw)
+    eng = engine_with_stand_in_graphs(graphed)
+    prompt_replays, eager_passes = [], []
+    for n, graphs in eng.target.prefill_graphs.items():
+        original = graphs.run
+
+        def counted(rows, n=n, original=original):
+            prompt_replays.append(n)
+            return original(rows)
+
+        graphs.run = counted
+    prepare = eng.target.prepare
+
+    def eager(inputs):  # only a pass outside every captured graph prepares its inputs this way
+        eager_passes.append(len(inputs))
+        return prepare(inputs)
+
+    eng.target.prepare = eager
+    assert _staggered(graphed, prompts, params) == want
+    assert sorted(prompt_replays) == [32, 32, 32, 64] and eager_passes == []

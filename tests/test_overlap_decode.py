@@ -45,13 +45,46 @@ def test_overlapped_decoding_equals_stepwise_decoding(llama_dir, kv):
     assert_idle(engine)
 
 
-def test_steps_that_need_their_history_are_not_overlapped(llama_dir):
-    """Penalties and min_tokens read the output so far, so those batches wait for every step."""
-    prompts = mixed_prompts(6)[:3]
-    params = SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.3, ignore_eos=True)
+def test_steps_that_need_their_history_overlap_and_equal_stepwise_decoding(llama_dir):
+    """Penalties, min_tokens and bad words read the output so far: the host reads the step in flight while the
+    next forward runs, then builds the sampling batch from the histories that include it. Seeded sampling with
+    every one of them, and EOS allowed, gives what the stepwise engine gives."""
+    prompts = mixed_prompts(6)[:4]
+    params = [
+        SamplingParams(temperature=0, max_tokens=12, repetition_penalty=3.0, ignore_eos=True),
+        SamplingParams(temperature=0.8, seed=3, max_tokens=14, presence_penalty=2.0, frequency_penalty=2.0),
+        # EOS (id 1) favoured: the stepwise engine ends this one with EOS as its 10th token, the first allowed
+        SamplingParams(temperature=0, max_tokens=16, min_tokens=9, logit_bias={1: 60.0}),
+        SamplingParams(temperature=0.8, seed=5, max_tokens=10, bad_words=["a"], ignore_eos=True),
+    ]
     want, _ = generate(llama_dir, prompts, params, async_scheduling=False)
     got, engine = generate(llama_dir, prompts, params)
-    assert got == want and engine.decoder.num_overlapped_steps == 0
+    assert got == want and engine.decoder.num_overlapped_steps > 0
+    assert len(want[2][0][0]) == 10 and want[2][0][0][-1] == 1 and want[2][0][2] == "stop"
+    assert_idle(engine)
+
+
+def test_grammar_constrained_steps_overlap_and_equal_stepwise_decoding():
+    """A grammar's mask for step N+1 needs step N's token: it is filled after reading step N, while step N+1's
+    forward runs. Seeded JSON-constrained sampling (the demo model) equals the stepwise engine's, ends with the
+    grammar (finish "stop"), and the steps were overlapped."""
+    pytest.importorskip("xgrammar")
+    from miniserve.sampling_params import StructuredOutputsParams
+
+    schema = {"type": "object", "properties": {"who": {"enum": ["ROMEO", "JULIET"]}, "ok": {"type": "boolean"}}}
+    spec = StructuredOutputsParams(json={**schema, "required": ["who", "ok"]}, disable_any_whitespace=True)
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=60, structured_outputs=spec, n=2) for s in range(3)]
+    prompts = ["ROMEO:", "JULIET:", "Thou"]
+    outs = {}
+    for overlap in (False, True):
+        llm = LLM(dtype="float32", device="cpu", async_scheduling=overlap)
+        result = llm.generate(prompts, params, use_tqdm=False)
+        outs[overlap] = [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in result]
+        engine = llm.engine
+    assert outs[True] == outs[False]
+    assert all(c[2] == "stop" and c[1].startswith('{"who":') for o in outs[True] for c in o)
+    assert engine.decoder.num_overlapped_steps > 0
+    assert_idle(engine)
 
 
 def test_small_pool_preempts_between_overlapped_steps(llama_dir):

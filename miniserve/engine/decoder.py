@@ -10,7 +10,10 @@ Overlapped decoding (`EngineConfig.async_scheduling`): a decode step of a batch 
 launched from the previous step's samples while they are still on the device, and the host reads that previous
 step (tokens, stop rules, outputs) while the GPU runs the new one. So the GPU never waits for the host's per-token
 work. The price: a sequence that stops on EOS or a stop string has one step computed past its end, which is
-dropped. Greedy outputs are identical with and without it.
+dropped. Greedy outputs are identical with and without it. A step whose sampling reads the output so far
+(penalties, bans, a grammar's mask) is launched the same way; its forward pass needs only the token on the device,
+so the host reads the step in flight while the forward runs, then builds the sampling batch (and fills the masks)
+from the histories that now include it, and samples. Seeded outputs are identical too.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ class Decoder(Protocol):
 @dataclass
 class _InFlight:
     """A decode step launched and not read yet: its sequences, its samples (copying to pinned host memory, done
-    when `ready` is), and its sampling batch, which the next step reuses (nothing in it depends on the step)."""
+    when `ready` is), and its sampling batch, which the next step reuses unless it is `penalized` (it then depends
+    on the output so far: rebuilt each step, after the step in flight is read)."""
 
     seqs: list[Sequence]
     samples: torch.Tensor  # the sampled token ids on the device: the next step's inputs
@@ -92,6 +96,11 @@ class PlainDecoder:
         blocks = self.scheduler.blocks
         for seq in f.seqs:
             blocks.grow(seq, seq.num_computed_tokens + 1)
+        if f.batch.penalized:  # its sampling reads the token in flight: read that while the forward runs
+            logits = self._forward(f.seqs, f.samples)
+            seqs = self._read(f)
+            self._sample_in_flight(f.seqs, logits, self.sampling_batch(f.seqs))
+            return seqs
         self._launch(f.seqs, f.batch, f.samples)
         return self._read(f)
 
@@ -100,20 +109,17 @@ class PlainDecoder:
         return self._read() if self.in_flight is not None else []
 
     def step(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
-        # a grammar's next mask needs the token in flight: constrained steps wait for it (and fill their masks
-        # while the forward runs, in _step_now)
-        batch = None
-        if self.overlap and self._is_full_decode(scheduled) and all(s.seq.grammar is None for s in scheduled):
+        prompt, decodes = self._split_lone_prompt(scheduled)
+        if prompt is not None:
+            return self._step_now([prompt]) + self._step_now(decodes)
+        if self.overlap and self._is_full_decode(scheduled):
             seqs = [s.seq for s in scheduled]
-            batch = self.sampling_batch(seqs)
-            if not batch.penalized:  # penalties and bans read the output so far: those steps wait for it
-                self._launch(seqs, batch, None)
-                return []
-        return self._step_now(scheduled, batch)
+            self._launch(seqs, self.sampling_batch(seqs), None)
+            return []
+        return self._step_now(scheduled)
 
-    def _step_now(self, scheduled: list[ScheduledSeq], batch: SamplingBatch | None = None) -> list[Sequence]:
-        """The step, waited for: prompt chunks, prompt scoring, and decode steps that need their history.
-        `batch`: the sampling batch of a full decode step, already built by `step` (every sequence is ready)."""
+    def _step_now(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
+        """The step, waited for: prompt chunks, prompt scoring, and decode steps when overlapping is off."""
         inputs = [self.forward_input(s) for s in scheduled]
         ready = [s.seq for s in scheduled if s.completes_prompt]
         logits = self.target.forward(inputs)
@@ -128,9 +134,22 @@ class PlainDecoder:
         if ready:
             if row != len(sample_rows):  # prompt-scoring rows are mixed in: keep the last row of each ready seq
                 logits = logits[to_device(sample_rows, torch.int64, logits.device)]
-            batch = batch if batch is not None else self.sampling_batch(ready)
-            self.outputs.append_sampled(ready, sample(logits, batch))
+            self.outputs.append_sampled(ready, sample(logits, self.sampling_batch(ready)))
         return [s.seq for s in scheduled]
+
+    def _split_lone_prompt(self, scheduled: list[ScheduledSeq]) -> tuple[ScheduledSeq | None, list[ScheduledSeq]]:
+        """(the prompt, the decodes) of a step that is decodes plus one prompt chunk that a captured prompt pass
+        can run; else (None, scheduled). Such a step runs as two graph replays, the prompt first, instead of one
+        eager pass over both: a request arriving while others decode (the usual case below saturation) then gets
+        its first token in a prompt pass's time (2.3 ms for 512 tokens of the Llama-3.2-1B shape on an H200),
+        not an eager pass's (hundreds of kernel launches, each paid on the host)."""
+        prompts = [s for s in scheduled if not _is_decode(s)]
+        if len(prompts) != 1 or len(prompts) == len(scheduled):
+            return None, scheduled
+        prompt = prompts[0]
+        if self.target.prefill_length([self.forward_input(prompt)]) is None:
+            return None, scheduled
+        return prompt, [s for s in scheduled if s is not prompt]
 
     @staticmethod
     def forward_input(s: ScheduledSeq) -> ForwardInput:
@@ -147,7 +166,8 @@ class PlainDecoder:
         output every step would cost O(length) per token."""
         if histories is None:
             histories = [s.output_token_ids if s.params.needs_history else [] for s in seqs]
-        grammars = [s.grammar for s in seqs]  # constrained sequences: their next-token masks
+        # constrained sequences: their next-token masks (none for one that just ended: its row is dropped)
+        grammars = [s.grammar if not s.is_finished else None for s in seqs]
         return SamplingBatch.build(
             [s.params for s in seqs],
             [s.generator for s in seqs],
@@ -165,7 +185,7 @@ class PlainDecoder:
         """Every running sequence decodes one token, and nothing else runs."""
         if len(scheduled) != len(self.scheduler.running):
             return False
-        return all(s.num_new_tokens == 1 and s.completes_prompt and not s.seq.scores_prompt for s in scheduled)
+        return all(_is_decode(s) for s in scheduled)
 
     def _can_continue(self, f: _InFlight) -> bool:
         """The next step would run exactly the batch in flight: nobody finished, left, or could be admitted; no
@@ -189,13 +209,21 @@ class PlainDecoder:
 
     def _launch(self, seqs: list[Sequence], batch: SamplingBatch, device_tokens: torch.Tensor | None) -> None:
         """One decode step whose samples stay on the device; their host copy is started, not waited for."""
+        self._sample_in_flight(seqs, self._forward(seqs, device_tokens), batch)
+
+    def _forward(self, seqs: list[Sequence], device_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Launch a decode step's forward pass, from the host's last tokens or from samples on the device."""
         if device_tokens is None:
             inputs = [ForwardInput(seq.token_ids[-1:], seq.num_computed_tokens, seq.block_table, 1) for seq in seqs]
         else:
             inputs = [ForwardInput([0], seq.num_computed_tokens, seq.block_table, 1) for seq in seqs]
-        out = sample(self.target.forward(inputs, device_tokens), batch)
+        logits = self.target.forward(inputs, device_tokens)
         for seq in seqs:
             seq.num_computed_tokens += 1
+        return logits
+
+    def _sample_in_flight(self, seqs: list[Sequence], logits: torch.Tensor, batch: SamplingBatch) -> None:
+        out = sample(logits, batch)
         host, ready = _copy_to_host(out)
         self.num_overlapped_steps += 1
         self.in_flight = _InFlight(seqs, out.token_ids, host, ready, batch)
@@ -220,6 +248,11 @@ class PlainDecoder:
 
     def stats(self) -> dict:
         return {}
+
+
+def _is_decode(s: ScheduledSeq) -> bool:
+    """One new token whose logits are sampled: a decode step's row."""
+    return s.num_new_tokens == 1 and s.completes_prompt and not s.seq.scores_prompt
 
 
 def _copy_to_host(out: SamplerOutput) -> tuple[SamplerOutput, torch.cuda.Event | None]:

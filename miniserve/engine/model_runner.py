@@ -163,7 +163,7 @@ class ModelRunner:
             _, pos, meta, rows = self.prepare(inputs)
             hidden = self.model(device_tokens, pos, meta, self.kv)
             return self.model.logits(hidden[rows])
-        n = self._prefill_length(inputs)
+        n = self.prefill_length(inputs)
         if n is not None:  # one sequence's prompt tokens, padded to a captured length
             x = inputs[0]
             tokens = x.token_ids + [0] * (n - len(x.token_ids))
@@ -222,7 +222,7 @@ class ModelRunner:
 
         return run
 
-    def _prefill_length(self, inputs: list[ForwardInput]) -> int | None:
+    def prefill_length(self, inputs: list[ForwardInput]) -> int | None:
         """The captured prompt-pass length for one sequence wanting at most its last token's logits; None when
         there is none (more sequences, longer chunks, prompt logprobs, or padding that would pass max_positions)."""
         if len(inputs) != 1 or inputs[0].num_logits > 1:

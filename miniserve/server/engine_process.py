@@ -4,8 +4,8 @@ Why a process: the engine's step loop and the HTTP event loop are both Python. I
 so every SSE chunk the server writes delays the next step, and every step delays the chunks. In its own process
 the engine steps while the API process writes. The two talk over two pipes:
 
-    API -> engine   ("add", request_id, prompt_ids, params, grammar) | ("abort", [request_id, ...]) | ("warm",)
-                    | ("stop",)
+    API -> engine   lists of commands (all that were queued): ("add", request_id, prompt_ids, params, grammar) |
+                    ("abort", [request_id, ...]) | ("warm",) | ("stop",)
     engine -> API   ("ready", info, stats) once; then ("acks", [(request_id, error)], stats) after applying
                     commands, and one ("step", deltas, stats, num_tokens) per step: every streamed request's new
                     tokens, text, logprobs and finish state since the step before (SamplingParams.output_kind
@@ -49,6 +49,7 @@ from typing import Any
 
 from miniserve.engine.outputs import CompletionOutput, RequestOutput
 from miniserve.server.metrics import ServerMetrics
+from miniserve.server.pipe import FrameReader, FrameWriter
 from miniserve.server.protocol import APIError
 from miniserve.tokenizer import IncrementalDetokenizer
 
@@ -61,6 +62,7 @@ logger = logging.getLogger("miniserve.server")
 def _core_main(config: Any, commands: Any, outputs: Any) -> None:
     """The engine process: load the engine, then alternate applying commands and stepping until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole terminal: the API process drains first
+    outputs = FrameWriter(outputs)
     try:
         from miniserve.engine.llm_engine import LLMEngine
 
@@ -131,17 +133,18 @@ class _CoreLoop:
             if not block and not self.commands.poll():
                 return True
             while True:
-                cmd = self.commands.recv()
-                if cmd[0] == "stop":
-                    return False
-                if cmd[0] == "add":
-                    acks.append(self._add(*cmd[1:]))
-                elif cmd[0] == "warm":
-                    threading.Thread(target=self.engine.grammar.warm, name="miniserve-xgrammar", daemon=True).start()
-                elif cmd[0] == "abort":
-                    aborted = True
-                    for request_id in cmd[1]:
-                        self._abort(request_id)
+                for cmd in self.commands.recv():  # every command the API process had queued
+                    if cmd[0] == "stop":
+                        return False
+                    if cmd[0] == "add":
+                        acks.append(self._add(*cmd[1:]))
+                    elif cmd[0] == "warm":
+                        warm = self.engine.grammar.warm
+                        threading.Thread(target=warm, name="miniserve-xgrammar", daemon=True).start()
+                    elif cmd[0] == "abort":
+                        aborted = True
+                        for request_id in cmd[1]:
+                            self._abort(request_id)
                 if not self.commands.poll():
                     break
         except (EOFError, OSError):  # the API process is gone
@@ -307,8 +310,9 @@ class EngineProcess:
         self._proc.start()
         cmd_recv.close()
         out_send.close()
+        self._out_reader = FrameReader(self._out_recv)
         try:
-            msg = self._out_recv.recv()
+            msg = self._out_reader.recv()
         except EOFError:
             self._proc.join(5)
             raise RuntimeError(f"the engine process exited with {self._proc.exitcode} while loading") from None
@@ -424,24 +428,34 @@ class EngineProcess:
     # ---- routing (threads, then the event loop) -------------------------------------------------------
 
     def _send(self) -> None:
-        """Writes commands to the engine (its own thread: a large prompt must not block the event loop)."""
-        while (cmd := self._send_queue.get()) is not None:
+        """Writes commands to the engine (its own thread: a large prompt must not block the event loop), everything
+        queued in one message: this thread gets the GIL back from a busy event loop once per switch interval
+        (5 ms), so one command per write would post 256 requests arriving at once over a second."""
+        while True:
+            batch = [self._send_queue.get()]
+            while not self._send_queue.empty():
+                batch.append(self._send_queue.get())
+            done = None in batch
+            batch = batch[: batch.index(None)] if done else batch
             try:
-                self._cmd_send.send(cmd)
+                if batch:
+                    self._cmd_send.send(batch)
             except (OSError, ValueError):
+                return
+            if done:
                 return
 
     def _receive(self) -> None:
-        """Reads the engine's messages; one hop onto the event loop per message (per step, not per token)."""
+        """Reads the engine's messages, everything that arrived at once; one hop onto the event loop per read."""
         assert self._loop is not None
         while True:
             try:
-                msg = self._out_recv.recv()
+                messages = self._out_reader.recv_all()
             except (EOFError, OSError):
                 break
             with self._inbox_lock:
-                self._inbox.append(msg)
-                first = len(self._inbox) == 1  # else a hand-over is already scheduled and takes this one too
+                first = not self._inbox  # else a hand-over is already scheduled and takes these too
+                self._inbox.extend(messages)
             if first:
                 try:
                     self._loop.call_soon_threadsafe(self._on_messages)
@@ -455,15 +469,17 @@ class EngineProcess:
     def _on_messages(self) -> None:
         with self._inbox_lock:
             messages, self._inbox = self._inbox, []
-        for msg in messages:
+        for msg in merge_steps(messages):
             self._on_message(msg)
 
     def _on_message(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == "step":
             _, deltas, self._stats, num_tokens = msg
-            if self.metrics is not None and num_tokens:
-                self.metrics.observe_iteration(num_tokens)
+            if self.metrics is not None:
+                for n in num_tokens:
+                    if n:
+                        self.metrics.observe_iteration(n)
             self._on_step(deltas)
         elif kind == "acks":
             _, acks, self._stats = msg
@@ -513,6 +529,47 @@ class EngineProcess:
             if stream is not None:
                 stream.end(error)
                 stream.wake(stream)
+
+
+def merge_steps(messages: list[tuple]) -> list[tuple]:
+    """The engine's messages in order, each run of consecutive steps as one ("step", deltas, latest stats,
+    [tokens computed per step]), a request's deltas over the run joined into one: when the event loop fell behind,
+    each request is then extended, detokenized and woken once for the run, not once per step, so the work of
+    catching up shrinks as the backlog grows."""
+    out: list[tuple] = []
+    run: list[tuple] = []
+    for msg in [*messages, ("end",)]:
+        if msg[0] == "step":
+            run.append(msg)
+            continue
+        if len(run) == 1:
+            out.append(("step", run[0][1], run[0][2], [run[0][3]]))
+        elif run:
+            joined: dict[str, tuple] = {}
+            for _, deltas, _, _ in run:
+                for delta in deltas:
+                    prev = joined.get(delta[0])
+                    joined[delta[0]] = delta if prev is None else _join_deltas(prev, delta)
+            out.append(("step", list(joined.values()), run[-1][2], [m[3] for m in run]))
+        run = []
+        if msg[0] != "end":
+            out.append(msg)
+    return out
+
+
+def _join_deltas(a: tuple, b: tuple) -> tuple:
+    """One request's delta `a` followed by its next one, `b` (the format of _CoreLoop._delta)."""
+    choices = {c[0]: c for c in a[2]}
+    for c in b[2]:
+        old = choices.get(c[0])
+        if old is None:
+            choices[c[0]] = c
+            continue
+        logprobs = old[3] + c[3] if old[3] is not None and c[3] is not None else old[3] or c[3]
+        choices[c[0]] = (c[0], old[1] + c[1], old[2] + c[2], logprobs, c[4], c[5], c[6])
+    prompt_logprobs = a[3] if a[3] is not None else b[3]
+    # (a request's final metrics come with its last delta: nothing follows them)
+    return b[0], b[1], sorted(choices.values(), key=lambda c: c[0]), prompt_logprobs, b[4]
 
 
 def _observe_finished(metrics: ServerMetrics, out: RequestOutput, e2e_seconds: float) -> None:

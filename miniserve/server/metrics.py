@@ -8,6 +8,7 @@ of every engine step, are observed as the engine process's messages arrive.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -137,28 +138,29 @@ class ServerMetrics:
             "iteration_tokens_total", "Tokens computed per engine step (prompt + decode).", ITERATION_TOKEN_BUCKETS
         )
 
-    def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-        return Histogram(PREFIX + name, doc, ["model_name"], buckets=buckets, registry=self.registry)
+    def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Any:
+        """The histogram's one labelled series (looked up once: observations come per token)."""
+        histogram = Histogram(PREFIX + name, doc, ["model_name"], buckets=buckets, registry=self.registry)
+        return histogram.labels(self.model_name)
 
     def observe_first_token(self, seconds: float) -> None:
-        self.ttft.labels(self.model_name).observe(seconds)
+        self.ttft.observe(seconds)
 
     def observe_inter_token(self, seconds: float) -> None:
-        self.itl.labels(self.model_name).observe(seconds)
+        self.itl.observe(seconds)
 
     def observe_finished(self, reasons: list[str | None], e2e_seconds: float | None) -> None:
         """One finished request: a count per choice's finish reason, one end-to-end latency sample."""
         for reason in reasons:
             self.finished.labels(self.model_name, reason or "unknown").inc()
         if e2e_seconds is not None:
-            self.e2e.labels(self.model_name).observe(e2e_seconds)
+            self.e2e.observe(e2e_seconds)
 
     def observe_request(self, prompt_tokens: int, generation_tokens: int, metrics: dict) -> None:
         """A request that finished normally: its token counts and its time in queue, prefill and decode (engine
         timestamps; a phase that did not happen, e.g. no token generated, is not observed)."""
-        m = self.model_name
-        self.prompt_tokens.labels(m).observe(prompt_tokens)
-        self.generation_tokens.labels(m).observe(generation_tokens)
+        self.prompt_tokens.observe(prompt_tokens)
+        self.generation_tokens.observe(generation_tokens)
         arrival, scheduled = metrics.get("arrival_time"), metrics.get("first_scheduled_time")
         first, finished = metrics.get("first_token_time"), metrics.get("finished_time")
         phases = [
@@ -169,10 +171,10 @@ class ServerMetrics:
         ]
         for histogram, start, end in phases:
             if start is not None and end is not None:
-                histogram.labels(m).observe(max(0.0, end - start))
+                histogram.observe(max(0.0, end - start))
 
     def observe_iteration(self, num_tokens: int) -> None:
-        self.iteration_tokens.labels(self.model_name).observe(num_tokens)
+        self.iteration_tokens.observe(num_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,116 @@
+"""The real server with a fake engine process: what the API process alone can deliver (benchmarks/serve.py's
+`fake` phase), on any machine, with no GPU.
+
+    python benchmarks/fake_engine.py --model DIR --port 8000 --step-ms 6 [--profile api.prof] [serve flags...]
+
+The engine process is replaced by `fake_core`, which speaks the engine process's protocol
+(miniserve/server/engine_process.py) and, every `--step-ms` milliseconds, gives every running request one more
+token (random ids, in the vocabulary), finishing it at max_tokens; a stream gets a delta per step, a plain request
+its final output once. Everything else is the served app (routing, detokenizing in the API process, SSE, HTTP),
+so the server's throughput and inter-token latency against this engine are the API process's ceiling at that
+step time, and `--profile` writes a cProfile of the API process's event loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def fake_core(config, commands, outputs, step_ms: float = 6.0) -> None:
+    """The engine process's loop with the model replaced by a clock (see the module docstring)."""
+    from miniserve.server.pipe import FrameWriter
+    from miniserve.tokenizer import Tokenizer
+
+    outputs = FrameWriter(outputs)
+    vocab = Tokenizer.from_pretrained(config.tokenizer or config.model).vocab_size
+    info = {"max_model_len": 1 << 16, "vocab_size": vocab, "model_name": "fake", "eos_token_ids": []}
+    info["cache_config"] = {}
+    outputs.send(("ready", info, {}))
+    rng = random.Random(0)
+    running: dict[str, list] = {}  # request id -> [params, tokens so far]
+    next_step = time.monotonic()
+    while True:
+        idle = not running
+        if not _apply(commands, outputs, running, block=idle):
+            return
+        if idle:  # the first step after a wait starts now
+            next_step = time.monotonic()
+        next_step += step_ms / 1000
+        time.sleep(max(0.0, next_step - time.monotonic()))
+        deltas = [_advance(rid, entry, rng, vocab) for rid, entry in list(running.items())]
+        for rid, finished, *_ in deltas:
+            if finished:
+                del running[rid]
+        deltas = [d for d in deltas if d[2] or d[1]]
+        outputs.send(("step", deltas, {"num_running": len(running)}, len(deltas)))
+
+
+def _apply(commands, outputs, running: dict, block: bool) -> bool:
+    acks = []
+    while block or commands.poll():
+        block = False
+        for cmd in commands.recv():
+            if cmd[0] == "stop":
+                return False
+            if cmd[0] == "add":
+                _, rid, _, params, _ = cmd
+                running[rid] = [params, []]
+                acks.append((rid, None, True))
+            elif cmd[0] == "abort":
+                for rid in cmd[1]:
+                    running.pop(rid, None)
+    if acks:
+        outputs.send(("acks", acks, {"num_running": len(running)}))
+    return True
+
+
+def _advance(rid: str, entry: list, rng: random.Random, vocab: int) -> tuple:
+    params, tokens = entry
+    token = rng.randrange(100, vocab)
+    tokens.append(token)
+    finished = len(tokens) >= params.max_tokens
+    now = time.monotonic()
+    metrics = {"arrival_time": now, "first_scheduled_time": now, "first_token_time": now, "finished_time": now}
+    if params.output_kind == "final_only":
+        if not finished:
+            return rid, False, [], None, None
+        choice = (0, tokens, "", None, "length", None, None)
+        return rid, True, [choice], None, {**metrics, "num_cached_tokens": 0}
+    choice = (0, [token], "", None, "length" if finished else None, None, None)
+    return rid, finished, [choice], None, {**metrics, "num_cached_tokens": 0} if finished else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--step-ms", type=float, default=6.0)
+    ap.add_argument("--profile", default=None, help="write a cProfile of the API process here at shutdown")
+    args, serve_args = ap.parse_known_args()
+    import miniserve.server.engine_process as engine_process
+    from miniserve.cli import main as cli_main
+
+    engine_process._core_main = functools.partial(fake_core, step_ms=args.step_ms)
+    if args.profile is None:
+        sys.exit(cli_main(["serve", *serve_args]))
+    import cProfile
+    import signal
+
+    # uvicorn re-raises the SIGTERM it drained on: exit through Python, so that the profile is written
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    profiler = cProfile.Profile()  # the main thread: the event loop (the pipe reader thread is not in it)
+    profiler.enable()
+    try:
+        cli_main(["serve", *serve_args])
+    finally:
+        profiler.disable()
+        profiler.dump_stats(args.profile)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The engine process's transport to the API process (server/pipe.py) and the API side's joining of steps that
+arrived together (engine_process.merge_steps): frames survive any split into reads, a message larger than the
+pipe arrives whole, end of file is reported once every frame is read; a run of steps applied as one gives every
+request the same output as the steps applied one by one."""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing as mp
+import os
+import random
+import threading
+
+import pytest
+
+from miniserve.engine.outputs import RequestOutput
+from miniserve.server.engine_process import RequestStream, merge_steps
+from miniserve.server.pipe import FrameReader, FrameWriter
+
+
+def _pipe() -> tuple[FrameReader, FrameWriter]:
+    recv, send = mp.Pipe(duplex=False)
+    return FrameReader(recv), FrameWriter(send)
+
+
+def test_frames_round_trip_in_order_and_all_at_once():
+    reader, writer = _pipe()
+    messages = [("step", [("r1", False, [(0, [i], "", None, None, None, None)], None, None)], {}, i) for i in range(50)]
+    for msg in messages:
+        writer.send(msg)
+    got = reader.recv_all()  # everything written so far, in one read
+    assert got == messages
+    writer.send(("acks", [], {}))
+    assert reader.recv() == ("acks", [], {})
+
+
+def test_a_message_larger_than_the_pipe_arrives_whole():
+    reader, writer = _pipe()
+    big = ("step", list(range(600_000)), {}, 1)  # ~3 MB pickled: many reads, and a writer that blocks meanwhile
+    sender = threading.Thread(target=lambda: [writer.send(big), writer.send(("small",))])
+    sender.start()
+    assert reader.recv() == big
+    assert reader.recv() == ("small",)
+    sender.join()
+
+
+def test_frames_split_at_every_byte_are_reassembled():
+    """The reader parses whatever a read returns: here each read returns one byte."""
+    reader, writer = _pipe()
+    messages = [("a", 1), ("b", "x" * 300), ("c", None)]
+    for msg in messages:
+        writer.send(msg)
+    real_read = os.read
+    try:
+        os.read = lambda fd, n: real_read(fd, 1)
+        got = [reader.recv() for _ in messages]
+    finally:
+        os.read = real_read
+    assert got == messages
+
+
+def test_end_of_file_comes_after_the_last_frame():
+    reader, writer = _pipe()
+    writer.send(("last",))
+    writer.conn.close()
+    assert reader.recv() == ("last",)
+    with pytest.raises(EOFError):
+        reader.recv()
+
+
+# ---------------------------------------------------------------------------------------------- merge_steps
+
+
+class _Params:
+    def __init__(self, n: int, logprobs: int | None):
+        self.n, self.logprobs = n, logprobs
+        self.output_kind, self.detokenize, self.skip_special_tokens = "delta", True, True
+
+
+def _random_steps(rng: random.Random, num_steps: int) -> list[tuple]:
+    """Step messages for requests r0 (n=2, logprobs) and r1 (n=1), each choice ending at a random step; r1's
+    final metrics and prompt logprobs ride with its last and first deltas."""
+    ends = {("r0", 0): rng.randrange(1, num_steps), ("r0", 1): num_steps - 1, ("r1", 0): rng.randrange(1, num_steps)}
+    steps = []
+    for t in range(num_steps):
+        deltas = []
+        for rid, n in (("r0", 2), ("r1", 1)):
+            choices = []
+            for index in range(n):
+                end = ends[(rid, index)]
+                if t > end:
+                    continue
+                token = rng.randrange(1000)
+                logprobs = [{token: -rng.random()}] if rid == "r0" else None
+                finish = "length" if t == end else None
+                text = f"<{token}>" if rng.random() < 0.8 else ""
+                choices.append((index, [token], text, logprobs, finish, None, -float(t) if logprobs else None))
+            if not choices:
+                continue
+            finished = all(t >= ends[(rid, i)] for i in range(n))
+            prompt_logprobs = [None, {5: -1.0}] if rid == "r1" and t == 0 else None
+            metrics = {"finished_time": float(t), "num_cached_tokens": 3} if finished else None
+            deltas.append((rid, finished, choices, prompt_logprobs, metrics))
+        steps.append(("step", deltas, {"step": t}, 7 + t))
+    return steps
+
+
+def _apply(messages: list[tuple]) -> tuple[dict, list]:
+    messages = copy.deepcopy(messages)  # (a stream takes its metrics dict over)
+    streams = {
+        "r0": RequestStream("r0", [1, 2], _Params(2, 1), lambda s: None),
+        "r1": RequestStream("r1", [1, 2], _Params(1, None), lambda s: None),
+    }
+    stats, counts = [], []
+    for msg in messages:
+        if msg[0] != "step":
+            stats.append(msg)
+            continue
+        _, deltas, stat, num_tokens = msg
+        stats.append(stat)
+        counts.append(num_tokens if isinstance(num_tokens, list) else [num_tokens])
+        for rid, finished, choices, prompt_logprobs, metrics in deltas:
+            if not streams[rid].done:
+                streams[rid].apply(finished, choices, prompt_logprobs, metrics)
+    outs = {rid: s.output for rid, s in streams.items()}
+    return outs, [stats[-1], sum(counts, [])]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_steps_joined_give_every_request_the_output_of_the_steps_one_by_one(seed):
+    rng = random.Random(seed)
+    steps = _random_steps(rng, 9)
+    want, (want_stats, want_counts) = _apply(steps)
+    assert all(isinstance(o, RequestOutput) and o.finished for o in want.values())
+    got, (got_stats, got_counts) = _apply(merge_steps(steps))
+    assert got == want
+    assert got_stats == want_stats and got_counts == want_counts  # the latest stats; every step's token count
+    assert [len(m[1]) for m in merge_steps(steps)] == [2]  # one joined message, one delta per request
+
+
+def test_other_messages_split_the_runs_they_fall_between():
+    steps = _random_steps(random.Random(0), 5)
+    acks = ("acks", [("r9", None, True)], {"acks": 1})
+    merged = merge_steps([*steps[:2], acks, *steps[2:]])
+    assert [m[0] for m in merged] == ["step", "acks", "step"]
+    assert merged[0][3] == [7, 8] and merged[2][3] == [9, 10, 11]
+    assert merge_steps([steps[0]]) == [("step", steps[0][1], steps[0][2], [7])]  # one step: its deltas as they were
