@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind benchmarks/results/*_h200.*, in the order they were run on the lent H200.
 #   bash benchmarks/h200_suite.sh engine OUT_DIR    # throughput.py workloads (offline engine)
-#   bash benchmarks/h200_suite.sh checks OUT_DIR    # engine/kernel checks, speculative decoding, serving, prefix
+#   bash benchmarks/h200_suite.sh checks OUT_DIR    # kernel checks (bit patterns, attention) and engine checks
+#   bash benchmarks/h200_suite.sh serving OUT_DIR   # serve.py (saturated, 4 req/s, fake engine), structured outputs
+#   OLD=DIR bash benchmarks/h200_suite.sh demoab OUT_DIR  # demo batch-1 speculative decoding, old tree vs this one
 #   bash benchmarks/h200_suite.sh fp8reg OUT_DIR    # FP8 decode variants (decode_attention_fp8_registers.md)
 #   bash benchmarks/h200_suite.sh fp8ncu OUT_DIR    # ncu of the default and staged FP8 decode kernels
 #   bash benchmarks/h200_suite.sh extendvar OUT_DIR # extend (prefill) kernel variants: checks, 32k Qwen3 prompt
@@ -38,8 +40,22 @@ if [ "$part" = checks ]; then
   mv "$out/engine_check.json" "$out/engine_check_h200.json" && python3 -c "
 import json; d = json.load(open('$out/engine_check_h200.json'))
 for k, v in d.items(): print(k, json.dumps(v)[:600])"
-  timeout 120 python3 benchmarks/spec_decode.py --batch 1 --k 4 --repeats 3 --name spec_decode_h200 --out "$out" 2>&1 | tail -4
+fi
+
+if [ "$part" = latency8b ]; then
   tp 200 --shape llama-3.1-8b --workload latency --gen 128 --repeats 2 --out "$out/throughput_latency_llama8b_h200.json"
+fi
+
+if [ "$part" = demoab ]; then
+  # issue 18's guard, side by side: the demo model's batch-1 speculative path at a commit before the serving work
+  # (a tree exported into $OLD) and now, alternated twice
+  for i in 1 2; do
+    for tree in "$OLD" "$PWD"; do
+      tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
+      (cd "$tree" && PYTHONPATH="$tree:${PYTHONPATH:-}" timeout 100 python3 benchmarks/spec_decode.py --batch 1 --k 4 \
+        --repeats 3 --name "spec_decode_${tag}_$i" --out "$out" 2>&1 | tail -2 | sed "s/^/[$tag $i] /")
+    done
+  done
 fi
 
 if [ "$part" = big ]; then
@@ -52,14 +68,13 @@ if [ "$part" = serving ]; then
   # at once (streaming, plain, offline); then below saturation (4 requests/s) for TTFT; issue 14: structured
   # outputs at batch 32; issue 18's guard: the demo model's batch-1 speculative path.
   timeout 300 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 256 --input-len 512 --output-len 256 \
-    --phases stream,plain,offline --client-procs 4 --out "$out/serve_h200.json" 2>&1 | grep -v -i warn | tail -12
+    --phases stream,plain,offline,fake --fake-step-ms 5 --client-procs 4 --out "$out/serve_h200.json" 2>&1 |
+    grep -v -i warn | tail -12
   timeout 150 python3 benchmarks/structured_outputs.py --shape llama-3.2-1b --batch 32 --prompt 128 --gen 256 \
     --out "$out/structured_outputs_h200.json" 2>&1 | grep -v -i warn | tail -12
   timeout 150 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 64 --input-len 512 --output-len 256 \
     --request-rate 4 --phases stream,offline --client-procs 2 --out "$out/serve_rate4_h200.json" 2>&1 |
     grep -v -i warn | tail -8
-  timeout 100 python3 benchmarks/spec_decode.py --batch 1 --k 4 --repeats 3 --name spec_decode_h200 --out "$out" 2>&1 |
-    tail -4
 fi
 
 if [ "$part" = fp8reg ]; then
