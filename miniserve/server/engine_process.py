@@ -428,15 +428,9 @@ class EngineProcess:
     # ---- routing (threads, then the event loop) -------------------------------------------------------
 
     def _send(self) -> None:
-        """Writes commands to the engine (its own thread: a large prompt must not block the event loop), everything
-        queued in one message: this thread gets the GIL back from a busy event loop once per switch interval
-        (5 ms), so one command per write would post 256 requests arriving at once over a second."""
+        """Sends all queued commands as one message (_queued), on a thread: a big prompt must not block the loop."""
         while True:
-            batch = [self._send_queue.get()]
-            while not self._send_queue.empty():
-                batch.append(self._send_queue.get())
-            done = None in batch
-            batch = batch[: batch.index(None)] if done else batch
+            batch, done = _queued(self._send_queue)
             try:
                 if batch:
                     self._cmd_send.send(batch)
@@ -529,6 +523,18 @@ class EngineProcess:
             if stream is not None:
                 stream.end(error)
                 stream.wake(stream)
+
+
+def _queued(commands: queue.SimpleQueue) -> tuple[list, bool]:
+    """Every command queued (waiting for the first), and whether the end marker (None) came. One message for all:
+    the sending thread gets the GIL back from a busy event loop once per switch interval (5 ms), so one command
+    per message would post 256 requests arriving at once over more than a second."""
+    batch = [commands.get()]
+    while not commands.empty():
+        batch.append(commands.get())
+    if None in batch:
+        return batch[: batch.index(None)], True
+    return batch, False
 
 
 def merge_steps(messages: list[tuple]) -> list[tuple]:
