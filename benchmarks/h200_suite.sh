@@ -49,6 +49,7 @@ fi
 if [ "$part" = demoab ]; then
   # issue 18's guard, side by side: the demo model's batch-1 speculative path at a commit before the serving work
   # (a tree exported into $OLD) and now, alternated twice
+  [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"  # unchanged
   for i in 1 2; do
     for tree in "$OLD" "$PWD"; do
       tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
