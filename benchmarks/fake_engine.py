@@ -1,7 +1,8 @@
 """The real server with a fake engine process: what the API process alone can deliver (benchmarks/serve.py's
-`fake` phase), on any machine, with no GPU.
+`fake` phase), on any machine, with no GPU. Or the real server and engine, each under cProfile (`--real`).
 
     python benchmarks/fake_engine.py --model DIR --port 8000 --step-ms 6 [--profile api.prof] [serve flags...]
+    python benchmarks/fake_engine.py --real --engine-profile engine.prof --profile api.prof --model DIR ...
 
 The engine process is replaced by `fake_core`, which speaks the engine process's protocol
 (miniserve/server/engine_process.py) and, every `--step-ms` milliseconds, gives every running request one more
@@ -52,6 +53,21 @@ def fake_core(config, commands, outputs, step_ms: float = 6.0) -> None:
         outputs.send(("step", deltas, {"num_running": len(running)}, len(deltas)))
 
 
+def profiled_core(config, commands, outputs, path: str) -> None:
+    """The real engine process, under cProfile (written to `path` when it stops)."""
+    import cProfile
+
+    from miniserve.server import engine_process
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        engine_process._core_main(config, commands, outputs)
+    finally:
+        profiler.disable()
+        profiler.dump_stats(path)
+
+
 def _apply(commands, outputs, running: dict, block: bool) -> bool:
     acks = []
     while block or commands.poll():
@@ -91,11 +107,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--step-ms", type=float, default=6.0)
     ap.add_argument("--profile", default=None, help="write a cProfile of the API process here at shutdown")
+    ap.add_argument("--real", action="store_true", help="the real engine instead of the fake one")
+    ap.add_argument("--engine-profile", default=None, help="--real: write a cProfile of the engine process here")
     args, serve_args = ap.parse_known_args()
     import miniserve.server.engine_process as engine_process
     from miniserve.cli import main as cli_main
 
-    engine_process._core_main = functools.partial(fake_core, step_ms=args.step_ms)
+    if not args.real:
+        engine_process._core_main = functools.partial(fake_core, step_ms=args.step_ms)
+    elif args.engine_profile:
+        engine_process._core_main = functools.partial(profiled_core, path=args.engine_profile)
     if args.profile is None:
         sys.exit(cli_main(["serve", *serve_args]))
     import cProfile

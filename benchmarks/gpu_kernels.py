@@ -99,8 +99,9 @@ def check_cache_write_exact(device) -> list[dict]:
 @triton.jit
 def _decode_codes_kernel(codes_ptr, out_ptr, KV_MODE: tl.constexpr, NAN_ALL_ONES: tl.constexpr):
     offs = tl.arange(0, 256)
-    staged = KV_MODE == 3  # the V-tile conversion of KV_FP8_HW_STAGED (inline PTX)
-    x = page_decode.load_kv_tile(codes_ptr, offs, offs < 256, KV_MODE, NAN_ALL_ONES, tl.float32, staged)
+    # STAGED (the V-tile conversion of KV_FP8_HW_STAGED, inline PTX) as decode_attention passes it: a constexpr
+    # expression in the call (bound to a local name first, Triton 3.6 treats it as a runtime value)
+    x = page_decode.load_kv_tile(codes_ptr, offs, offs < 256, KV_MODE, NAN_ALL_ONES, tl.float32, KV_MODE == 3)
     tl.store(out_ptr + offs, x)
 
 

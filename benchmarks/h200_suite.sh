@@ -71,8 +71,8 @@ if [ "$part" = serving ]; then
   timeout 300 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 256 --input-len 512 --output-len 256 \
     --phases stream,plain,offline,fake --fake-step-ms 5 --client-procs 4 --out "$out/serve_h200.json" 2>&1 |
     grep -v -i warn | tail -12
-  timeout 150 python3 benchmarks/structured_outputs.py --shape llama-3.2-1b --batch 32 --prompt 128 --gen 256 \
-    --out "$out/structured_outputs_h200.json" 2>&1 | grep -v -i warn | tail -12
+  timeout 200 python3 benchmarks/structured_outputs.py --shape llama-3.2-1b --batch 32 --prompt 128 --gen 256 \
+    --pool-after-ms 2 -1 1000000 --out "$out/structured_outputs_h200.json" 2>&1 | grep -v -i warn | tail -12
   timeout 150 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 64 --input-len 512 --output-len 256 \
     --request-rate 4 --phases stream,offline --client-procs 2 --out "$out/serve_rate4_h200.json" 2>&1 |
     grep -v -i warn | tail -8
@@ -80,12 +80,32 @@ fi
 
 if [ "$part" = fp8reg ]; then
   # The FP8 decode variants of benchmarks/results/decode_attention_fp8_registers.md (offline compiler analysis):
-  # correctness first (every code through each decode mode; attention vs the reference; "hw-staged" bit-identical
-  # to "auto"), then the GPU time of each FP8_VARIANTS entry at the tune shapes, with bit-identity to the default.
-  timeout 170 python3 benchmarks/gpu_kernels.py --checks fp8_page_decode attention_vs_reference \
-    --out "$out/kernel_checks_fp8reg_h200.json" 2>&1 | grep -v -i warn | tail -8
-  timeout 400 python3 benchmarks/tune_decode_attention.py --fp8-variants \
-    --out "$out/decode_attention_fp8_variants_h200.json" 2>&1 | grep -v -i warn | grep -v '^{' | tail -40
+  # every code through each decode mode first, then the GPU time of each FP8_VARIANTS entry at the tune shapes,
+  # with bit-identity to the default (each row printed as it is measured: a timeout keeps the rows so far)
+  timeout 60 python3 benchmarks/gpu_kernels.py --checks fp8_page_decode \
+    --out "$out/kernel_checks_fp8_page_decode_h200.json" 2>&1 | grep -v -i warn | tail -3
+  timeout "${FP8REG_TIMEOUT:-400}" python3 benchmarks/tune_decode_attention.py --fp8-variants \
+    --out "$out/decode_attention_fp8_variants_h200.json" 2>&1 | grep -v -i warn > "$out/fp8_variants_log.txt"
+  grep -v '^{' "$out/fp8_variants_log.txt" | tail -60
+fi
+
+if [ "$part" = nano ]; then
+  # nano-vllm's benchmark: bf16 KV, fp8 KV with the default decode kernel, and with the staged FP8 decode variant
+  tp 300 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-variant default staged --repeats 1 \
+    --out "$out/throughput_nano_h200.json"
+fi
+
+if [ "$part" = serveprof ]; then
+  # the saturated streaming run with both server processes under cProfile (slower: for where the time goes)
+  timeout 200 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 256 --input-len 512 --output-len 256 \
+    --phases stream --client-procs 4 --profile-dir "$out/serve_profile" --out "$out/serve_profile/serve.json" 2>&1 |
+    grep -v -i warn | tail -3
+  for f in engine api; do
+    python3 -c "import pstats; pstats.Stats('$out/serve_profile/$f.prof').sort_stats('tottime').print_stats(45)" \
+      > "$out/serve_profile/$f.txt" 2>&1
+    python3 -c "import pstats; pstats.Stats('$out/serve_profile/$f.prof').sort_stats('cumtime').print_stats(60)" \
+      >> "$out/serve_profile/$f.txt" 2>&1
+  done
 fi
 
 if [ "$part" = fp8ncu ]; then

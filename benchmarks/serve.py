@@ -332,6 +332,10 @@ def start_server(args: argparse.Namespace, fake: bool = False) -> tuple[str, sub
     if fake:
         cmd[1:4] = ["benchmarks/fake_engine.py", "--step-ms", str(args.fake_step_ms)]
         cmd[4:4] = ["--profile", args.fake_profile] if args.fake_profile else []
+    elif args.profile_dir:  # the real engine, both processes under cProfile
+        Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
+        cmd[1:4] = ["benchmarks/fake_engine.py", "--real", "--profile", f"{args.profile_dir}/api.prof"]
+        cmd[5:5] = ["--engine-profile", f"{args.profile_dir}/engine.prof"]
     cmd += ["--served-model-name", MODEL_NAME, "--log-level", "warning", *shlex.split(args.engine_args)]
     proc = subprocess.Popen(cmd, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
@@ -512,6 +516,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stub-step-ms", type=float, default=0.0, help="stub: pause between events (0: flat out)")
     p.add_argument("--fake-step-ms", type=float, default=6.0, help="fake: the fake engine's step time")
     p.add_argument("--fake-profile", default=None, help="fake: write a cProfile of the API process here")
+    p.add_argument("--profile-dir", default=None, help="stream/plain: cProfile both server processes into this dir")
     p.add_argument("--warmup", type=int, default=8, help="requests sent (and not measured) before each phase")
     p.add_argument("--vocab-size", type=int, default=1000, help="random ids below this with --url and no --model")
     p.add_argument("--seed", type=int, default=0)

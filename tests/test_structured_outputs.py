@@ -314,3 +314,31 @@ def test_a_server_without_xgrammar_serves_and_refuses_constraints_by_name(tmp_pa
             assert r.status_code == 400, (body, r.text)
             err = r.json()["error"]
             assert err["param"] == param and "pip install xgrammar" in err["message"], err
+
+
+@pytest.mark.parametrize("pool_after_ms", [-1.0, float("inf")])
+def test_masks_filled_row_by_row_or_by_the_thread_pool_are_the_rows_filled_alone(monkeypatch, pool_after_ms):
+    """build_bitmask fills a batch row by row or through xgrammar's pool (after a slow fill: forced here); either
+    way each row is the mask of its state filled alone, and rows without a grammar allow every token."""
+    from miniserve.engine import structured_output
+    from miniserve.engine.structured_output import GrammarCompiler, build_bitmask
+    from miniserve.sampling_params import StructuredOutputsParams
+    from miniserve.tokenizer import Tokenizer
+
+    monkeypatch.setattr(structured_output, "POOL_AFTER_MS", pool_after_ms)
+    tok = Tokenizer.from_pretrained(DEMO_TARGET)
+    vocab = json.loads((DEMO_TARGET / "config.json").read_text())["vocab_size"]
+    compiler = GrammarCompiler(tok, vocab, {2})
+    specs = [StructuredOutputsParams(json=SCHEMAS[i], disable_any_whitespace=True) for i in (3, 4, 9)]
+    states = [compiler.new_state(spec) for spec in specs]
+    for state, text in zip(states, ['{"color": "', "{", ""]):  # three different points in three grammars
+        for token in tok.encode(text, add_special_tokens=False):
+            assert state.accept(token)
+    batch = [states[0], None, states[1], states[2], None]
+    for _ in range(2):  # the second call follows a fill (slower than -1 ms: the pool when forced)
+        got = build_bitmask(batch, vocab, torch.device("cpu"))
+        for row, state in enumerate(batch):
+            alone = build_bitmask([state], vocab, torch.device("cpu")) if state is not None else None
+            want = alone[0] if alone is not None else torch.full_like(got[row], -1)
+            assert torch.equal(got[row], want), row
+        assert not torch.equal(got[0], got[2])

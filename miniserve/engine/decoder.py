@@ -111,7 +111,12 @@ class PlainDecoder:
     def step(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
         prompt, decodes = self._split_lone_prompt(scheduled)
         if prompt is not None:
-            return self._step_now([prompt]) + self._step_now(decodes)
+            done = self._step_now([prompt])
+            if not self.overlap:
+                return done + self._step_now(decodes)
+            seqs = [s.seq for s in decodes]  # in flight: the prompt's first token is out before they finish
+            self._launch(seqs, self.sampling_batch(seqs), None)
+            return done
         if self.overlap and self._is_full_decode(scheduled):
             seqs = [s.seq for s in scheduled]
             self._launch(seqs, self.sampling_batch(seqs), None)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -215,23 +216,33 @@ class GrammarState:
 
 
 _batch_filler: Any = None
+# Rows are filled one by one on this thread unless the last fill took longer than this: xgrammar's thread pool
+# (BatchGrammarMatcher) pays a wake-up per call that costs more than cheap masks do (inside an unbounded JSON string,
+# 32 rows of a 128k vocabulary take about 1 ms one by one and 1-4 ms through the pool on 2 cores), while an expensive
+# state (a bounded string: every token's validity depends on the characters left) takes tens of milliseconds and
+# divides over the threads.
+POOL_AFTER_MS = 2.0
+_last_fill_ms = 0.0
 
 
 def build_bitmask(states: list[GrammarState | None], vocab_size: int, device: torch.device) -> torch.Tensor | None:
     """The batch's packed next-token masks on `device`; rows without a grammar allow everything. None when no row
-    has a grammar. Several rows are filled by xgrammar's thread pool (BatchGrammarMatcher), in C++ off the GIL."""
-    global _batch_filler
+    has a grammar. Filled in C++ off the GIL: row by row, or by xgrammar's thread pool after a slow fill."""
+    global _batch_filler, _last_fill_ms
     rows = [i for i, s in enumerate(states) if s is not None]
     if not rows:
         return None
     xgr = import_xgrammar()
     bitmask = xgr.allocate_token_bitmask(len(states), vocab_size)  # all bits set: everything allowed
-    if len(rows) == 1:
-        states[rows[0]].fill(bitmask, rows[0])
-    else:
+    start = time.perf_counter()
+    if len(rows) > 1 and _last_fill_ms > POOL_AFTER_MS:
         if _batch_filler is None:
             _batch_filler = xgr.BatchGrammarMatcher()
         _batch_filler.batch_fill_next_token_bitmask([states[i].matcher for i in rows], bitmask, rows)
+    else:
+        for i in rows:
+            states[i].fill(bitmask, i)
+    _last_fill_ms = (time.perf_counter() - start) * 1e3
     if device.type == "cuda":
         return bitmask.pin_memory().to(device, non_blocking=True)
     return bitmask.to(device)
