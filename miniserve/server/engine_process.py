@@ -594,8 +594,8 @@ def _observe_final(metrics: ServerMetrics, stream: RequestStream, num_tokens: in
         return
     metrics.observe_first_token(max(0.0, first - stream.arrival))
     steps = max(1, num_tokens // stream.n) - 1
-    for _ in range(steps):
-        metrics.observe_inter_token(max(0.0, now - first) / steps)
+    if steps:
+        metrics.observe_inter_token(max(0.0, now - first) / steps, steps)
 
 
 def _observe_streamed(metrics: ServerMetrics, stream: RequestStream, num_tokens: int, now: float) -> None:
@@ -607,5 +607,5 @@ def _observe_streamed(metrics: ServerMetrics, stream: RequestStream, num_tokens:
         later, gap = per_choice - 1, 0.0
     else:
         later, gap = per_choice, (now - stream.last_token_time) / per_choice
-    for _ in range(later):
-        metrics.observe_inter_token(gap)
+    if later:
+        metrics.observe_inter_token(gap, later)
