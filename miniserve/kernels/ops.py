@@ -49,12 +49,13 @@ def paged_attention(
     v_scale: torch.Tensor,
     sm_scale: float,
     backend: str = "auto",
+    fp8_decode: str = "auto",
 ) -> torch.Tensor:
     """Causal attention of the packed new tokens `q` [num_tokens, num_q_heads, head_dim] over the paged cache.
 
     backend "triton": the decode kernel when every sequence brings one token (see
     `AttentionMetadata.as_decode_queries`), else the extend kernel. Returns `[num_tokens, num_q_heads, head_dim]`
-    in q.dtype.
+    in q.dtype. fp8_decode: how the kernels convert an FP8 cache (EngineConfig.fp8_decode; the reference is exact).
     """
     if q.shape[1] % key_cache.shape[2]:
         raise ValueError(f"num_q_heads ({q.shape[1]}) must be a multiple of num_kv_heads ({key_cache.shape[2]})")
@@ -65,10 +66,10 @@ def paged_attention(
     if meta.is_decode:
         from miniserve.kernels.decode_attention import decode_attention
 
-        return decode_attention(q, key_cache, value_cache, meta, k_scale, v_scale, sm_scale)
+        return decode_attention(q, key_cache, value_cache, meta, k_scale, v_scale, sm_scale, fp8_decode=fp8_decode)
     from miniserve.kernels.extend_attention import extend_attention
 
-    return extend_attention(q, key_cache, value_cache, meta, k_scale, v_scale, sm_scale)
+    return extend_attention(q, key_cache, value_cache, meta, k_scale, v_scale, sm_scale, fp8_decode=fp8_decode)
 
 
 def _check_cache_write_args(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale) -> None:

@@ -98,6 +98,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, backend) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
         self.backend = backend
+        self.fp8_decode = "auto"  # EngineConfig.fp8_decode, set by the runner whose pool is FP8
         self.tp = tp
 
     def forward(
@@ -112,7 +113,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         apply_rotary_(q, k, positions, rotary.cos, rotary.sin, self.backend)  # in place (q, k may be views of qkv)
         reshape_and_cache(k, v, kv.key_cache, kv.value_cache, meta.slot_mapping, kv.k_scale, kv.v_scale)
-        out = paged_attention(q, kv.key_cache, kv.value_cache, meta, kv.k_scale, kv.v_scale, self.scale, self.backend)
+        out = paged_attention(
+            q, kv.key_cache, kv.value_cache, meta, kv.k_scale, kv.v_scale, self.scale, self.backend, self.fp8_decode
+        )
         out = F.linear(out.reshape(-1, self.q_size), self.o_weight)
         return out if self.tp is None else self.tp.all_reduce(out)  # row-parallel: sum the ranks' partials
 
