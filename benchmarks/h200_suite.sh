@@ -89,6 +89,11 @@ if [ "$part" = fp8reg ]; then
   grep -v '^{' "$out/fp8_variants_log.txt" | tail -60
 fi
 
+if [ "$part" = fp8decode ]; then
+  # EngineConfig.fp8_decode="hw-staged" end to end (demo model, FP8 pool, graphs) against the exact default
+  timeout 120 python3 benchmarks/fp8_decode_check.py --out "$out/fp8_decode_check_h200.json" 2>&1 | grep -v -i warn | tail -2
+fi
+
 if [ "$part" = nano ]; then
   # nano-vllm's benchmark: bf16 KV, fp8 KV with the default decode kernel, and with the staged FP8 decode variant
   tp 300 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-variant default staged --repeats 1 \
