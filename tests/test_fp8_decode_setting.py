@@ -26,24 +26,16 @@ def test_an_unknown_mode_is_refused_by_name():
 
 
 def test_the_mode_reaches_every_attention_layer_of_an_fp8_runner(monkeypatch):
-    """On a CPU the check that the GPU is NVIDIA's cannot pass, so the runner is told it is on one; every
-    attention module of the target then carries the mode, and the draft (bf16 pool) keeps auto."""
-
-    class FakeDevice:  # what _set_fp8_decode reads: .type
-        type = "cuda"
-
-    monkeypatch.setattr(model_runner.ModelRunner, "device", FakeDevice(), raising=False)
-    runner = model_runner.ModelRunner.__new__(model_runner.ModelRunner)
-    runner.kv_dtype, runner.role = torch.float8_e4m3fn, "target"
-    runner.model = LLM(device="cpu", enforce_eager=True).engine.target.model
+    """On a CPU the runner cannot be on an NVIDIA GPU, so set_fp8_decode is told it is: every attention module of
+    an FP8 target then carries the mode, while a draft with a bf16 pool keeps auto."""
     monkeypatch.setattr(torch.version, "hip", None)
-    runner._set_fp8_decode("hw-staged")
-    modes = [m.fp8_decode for m in runner.model.modules() if hasattr(m, "fp8_decode")]
+    model = LLM(device="cpu", enforce_eager=True).engine.target.model
+    model_runner.set_fp8_decode(model, "hw-staged", torch.float8_e4m3fn, torch.device("cuda"), "target")
+    modes = [m.fp8_decode for m in model.modules() if hasattr(m, "fp8_decode")]
     assert len(modes) == 8 and set(modes) == {"hw-staged"}  # the demo target's 8 layers
-    runner.kv_dtype, runner.role = torch.bfloat16, "draft"
-    runner.model = LLM(device="cpu", enforce_eager=True).engine.target.model
-    runner._set_fp8_decode("hw-staged")
-    assert {m.fp8_decode for m in runner.model.modules() if hasattr(m, "fp8_decode")} == {"auto"}
+    draft = LLM(device="cpu", enforce_eager=True).engine.target.model
+    model_runner.set_fp8_decode(draft, "hw-staged", torch.bfloat16, torch.device("cuda"), "draft")
+    assert {m.fp8_decode for m in draft.modules() if hasattr(m, "fp8_decode")} == {"auto"}
 
 
 @pytest.mark.parametrize("decode", [True, False])

@@ -27,6 +27,7 @@ def sample(cls: type, f) -> object:
         "kv_cache_dtype": "fp8",
         "speculative_kv_cache_dtype": "float16",
         "attention_backend": "torch",
+        "fp8_decode": "hw-staged",
         "log_level": "debug",
         "block_size": 32,
         "gpu_memory_utilization": 0.5,

@@ -70,7 +70,7 @@ class ModelRunner:
         self.model, scales = load_model(
             model_dir, self.model_config, self.dtype, self.device, self.backend, self.max_positions, tp
         )
-        self._set_fp8_decode(config.fp8_decode)
+        set_fp8_decode(self.model, config.fp8_decode, self.kv_dtype, self.device, self.role)
         self.num_kv_heads = self.model.shard.num_kv_heads  # this rank's (all of them without tp)
         self.layer_scales = scales  # layer -> {"k": float, "v": float} from the checkpoint
         self.kv: list[LayerKV] = []
@@ -78,20 +78,6 @@ class ModelRunner:
         self.use_graphs = self.device.type == "cuda" and self.backend == "triton" and not config.enforce_eager
         self.graphs: dict[int, BucketedGraphs] = {}  # new tokens per sequence -> captured uniform passes
         self.prefill_graphs: dict[int, BucketedGraphs] = {}  # padded length -> captured one-sequence prompt pass
-
-    def _set_fp8_decode(self, mode: str) -> None:
-        """EngineConfig.fp8_decode for this worker's attention, when its pool is FP8 (a bf16 draft keeps auto)."""
-        if mode == "auto" or (self.kv_dtype.itemsize != 1 and self.role == "draft"):
-            return
-        if self.kv_dtype != torch.float8_e4m3fn or self.device.type != "cuda" or torch.version.hip:
-            raise SettingError(
-                "fp8_decode",
-                f"fp8_decode={mode!r} needs an NVIDIA GPU and kv_cache_dtype=fp8 (float8_e4m3fn); this {self.role} "
-                f"runs a {str(self.kv_dtype).removeprefix('torch.')} cache on {self.device.type}",
-            )
-        for module in self.model.modules():
-            if hasattr(module, "fp8_decode"):
-                module.fp8_decode = mode
 
     def cache_identity(self) -> tuple:
         """What makes this worker's K/V bytes for given tokens differ from another's: the prefix cache keys
@@ -293,3 +279,18 @@ class ModelRunner:
             meta = self._for_kernels(meta)
         hidden = self.model(token_ids.reshape(-1), positions, meta, self.kv)
         return self.model.logits(hidden, float_logits)
+
+
+def set_fp8_decode(model: torch.nn.Module, mode: str, kv_dtype: torch.dtype, device: torch.device, role: str) -> None:
+    """EngineConfig.fp8_decode for a worker's attention, when its pool is FP8 (a bf16 draft keeps auto)."""
+    if mode == "auto" or (kv_dtype.itemsize != 1 and role == "draft"):
+        return
+    if kv_dtype != torch.float8_e4m3fn or device.type != "cuda" or torch.version.hip:
+        raise SettingError(
+            "fp8_decode",
+            f"fp8_decode={mode!r} needs an NVIDIA GPU and kv_cache_dtype=fp8 (float8_e4m3fn); this {role} "
+            f"runs a {str(kv_dtype).removeprefix('torch.')} cache on {device.type}",
+        )
+    for module in model.modules():
+        if hasattr(module, "fp8_decode"):
+            module.fp8_decode = mode
