@@ -60,7 +60,7 @@ class EngineConfig:
     fp8_decode: str = setting(
         "auto",
         "how attention reads an FP8 KV cache; auto = exact (the reference's values bit for bit); hw-staged = "
-        "faster on NVIDIA Hopper (e4m3fn; up to 1.36x per kernel, +14% nano throughput on an H200) but a few "
+        "faster on NVIDIA Hopper (e4m3fn; up to 1.36x per kernel, 1.14x nano throughput on an H200) but a few "
         "outputs differ from auto by one bf16 ulp",
         FP8_DECODES,
     )
