@@ -17,9 +17,10 @@ export PYTHONUNBUFFERED=1
 tp() { timeout "$1" python3 benchmarks/throughput.py "${@:2}" 2>&1 | grep -v -i warn | grep -E '^\{|Error|error' | cut -c1-400; }
 
 if [ "$part" = engine ]; then
-  tp 200 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --repeats 1 --out "$out/throughput_nano_h200.json"
-  tp 120 --shape qwen3-0.6b --workload nano --kv-cache-dtype fp8 --kv-write two_launch --repeats 1 \
-    --out "$out/throughput_nano_fp8_two_launch_h200.json"
+  tp 300 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-variant default staged --repeats 1 \
+    --out "$out/throughput_nano_h200.json"
+  tp 200 --shape qwen3-0.6b --workload nano --kv-cache-dtype fp8 --kv-write fused two_launch --repeats 1 \
+    --out "$out/throughput_nano_kv_write_h200.json"
   tp 120 --shape llama-3.2-1b --workload fixed --batch 64 --prompt 512 --gen 256 --kv-cache-dtype auto fp8 --repeats 2 \
     --out "$out/throughput_fixed_llama1b_h200.json"
   tp 120 --shape llama-3.2-1b --workload latency --gen 256 --repeats 2 --hf \

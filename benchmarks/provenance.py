@@ -54,7 +54,7 @@ def provenance() -> dict:
     possibly inside another checkout's .git) takes its commit and dirty flag from MINISERVE_COMMIT and
     MINISERVE_DIRTY, which win over git when set."""
     commit = os.environ.get("MINISERVE_COMMIT")
-    dirty = os.environ.get("MINISERVE_DIRTY")
+    dirty: bool | None = os.environ.get("MINISERVE_DIRTY", "0").strip().lower() not in ("", "0", "false", "no")
     if not commit:
         commit = _git("rev-parse", "HEAD")
         dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None
