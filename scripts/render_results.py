@@ -223,7 +223,7 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
                 "cProfile of both processes (`serve_profile_h200/`): the engine waits on the GPU little; the API "
                 "process is one Python event loop that parses the 256 arriving requests while it streams every "
                 f"token of the admitted ones, so admission stretches (TTFT p50 {stream['ttft_ms']['p50']:.0f} ms) and "
-                f"the engine runs partial batches meanwhile{ceiling}; runs vary by 0.66-0.80x",
+                f"the engine runs partial batches meanwhile{ceiling}",
             )
         )
         rows.append(
@@ -246,8 +246,8 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
                 f"{s['ttft_ms']['p50']:.1f} ms = {s['ttft_p50_vs_prefill']:.1f}x "
                 f"(prefill {rate['phases']['offline']['single_request_prefill_ms']:.2f} ms)",
                 "yes" if s["ttft_p50_vs_prefill"] <= 2 else "no",
-                "a new prompt now runs as its own captured prompt pass beside the running decodes (was one eager "
-                "pass: 18.5 ms); what is left is the HTTP request, the wait for the step in flight and the hop "
+                "a new prompt now runs as its own captured prompt pass beside the running decodes (it was one eager "
+                "pass over both); what is left is the HTTP request, the wait for the step in flight and the hop "
                 "between the two processes",
             )
         )

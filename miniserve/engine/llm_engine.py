@@ -177,6 +177,14 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run, and return the outputs of the requests that progressed."""
+        return self.outputs.collect(self._advance())
+
+    def step_messages(self) -> list[tuple]:
+        """step() for the engine process: the outputs as compact tuples (OutputProcessor.collect_messages)."""
+        return self.outputs.collect_messages(self._advance())
+
+    def _advance(self) -> list[Sequence]:
+        """Schedule and run one step; the sequences that progressed."""
         progressed = self.decoder.continue_in_flight()  # an overlapped decode step whose batch stays as it is
         if progressed is not None:
             self.last_step_num_tokens = len(progressed)  # it launched the same batch's next step: a token each
@@ -186,7 +194,7 @@ class LLMEngine:
             self.last_step_num_tokens = sum(s.num_new_tokens for s in scheduled)  # prompt + decode tokens computed
             if scheduled:
                 progressed += self.decoder.step(scheduled)
-        return self.outputs.collect(progressed)
+        return progressed
 
     def stats(self) -> dict:
         return {

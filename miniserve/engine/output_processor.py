@@ -39,6 +39,7 @@ class Request:
     detokenizers: list[IncrementalDetokenizer]
     stop_matcher: StopMatcher | None = None  # None without stop strings; each sequence keeps its own state
     reported: list[tuple[int, int]] | None = None  # output_kind "delta": (tokens, characters) reported per choice
+    ended: list[bool] | None = None  # collect_messages: whether each choice's finish was reported
     prompt_logprobs_reported: bool = False
 
 
@@ -161,20 +162,75 @@ class OutputProcessor:
     def collect(self, progressed: list[Sequence]) -> list[RequestOutput]:
         """One cumulative RequestOutput per request that progressed; finished requests are forgotten."""
         outputs = []
-        seen = set()
-        for seq in progressed:
-            if seq.request_id in seen or seq.request_id not in self.requests:
-                continue
-            seen.add(seq.request_id)
-            req = self.requests[seq.request_id]
-            kind = req.params.output_kind
-            if kind == "final_only" and not all(s.is_finished for s in req.seqs):
-                continue
-            out = self._delta_output(req) if kind == "delta" else self._request_output(req)
+        for req in self._reporting(progressed):
+            out = self._delta_output(req) if req.params.output_kind == "delta" else self._request_output(req)
             outputs.append(out)
             if out.finished:
                 del self.requests[req.request_id]
         return outputs
+
+    def collect_messages(self, progressed: list[Sequence]) -> list[tuple]:
+        """collect() for the engine process, without RequestOutput objects (at 256 streams a step, building them
+        was a millisecond of every step): per request that has news, (request_id, finished, choices,
+        prompt_logprobs, final_metrics), choices being (index, token_ids, text, logprobs, finish_reason,
+        stop_reason, cumulative_logprob) of those that brought tokens or text or just finished; a final_only
+        request's whole output once; final_metrics (with num_cached_tokens) only when it finished."""
+        messages = []
+        for req in self._reporting(progressed):
+            if req.params.output_kind == "delta":
+                msg = self._delta_message(req)
+            else:
+                msg = _message_of(self._request_output(req))
+            if msg is not None:
+                messages.append(msg)
+            if msg is not None and msg[1]:
+                del self.requests[req.request_id]
+        return messages
+
+    def _reporting(self, progressed: list[Sequence]) -> list[Request]:
+        """The requests that progressed and report now (once each; final_only ones only when finished)."""
+        reqs, seen = [], set()
+        for seq in progressed:
+            req = self.requests.get(seq.request_id)
+            if req is None or seq.request_id in seen:
+                continue
+            seen.add(seq.request_id)
+            if req.params.output_kind == "final_only" and not all(s.is_finished for s in req.seqs):
+                continue
+            reqs.append(req)
+        return reqs
+
+    def _delta_message(self, req: Request) -> tuple | None:
+        """collect_messages for output_kind "delta": what _delta_output reports, as a tuple; None when nothing."""
+        matcher = req.stop_matcher
+        if req.reported is None:
+            req.reported = [(0, 0)] * len(req.seqs)
+        if req.ended is None:
+            req.ended = [False] * len(req.seqs)
+        choices = []
+        for s in req.seqs:
+            hold = matcher.held(s.stop_state) if matcher else 0
+            tokens, text, logprobs, req.reported[s.index] = _news(s, hold, req.reported[s.index])
+            if tokens or text or (s.finish_reason is not None and not req.ended[s.index]):
+                cumulative = s.cumulative_logprob if req.params.logprobs is not None else None
+                choices.append((s.index, tokens, text, logprobs, s.finish_reason, s.stop_reason, cumulative))
+                req.ended[s.index] = s.finish_reason is not None
+        finished = all(s.is_finished for s in req.seqs)
+        prompt_logprobs = self._new_prompt_logprobs(req)
+        if not choices and prompt_logprobs is None and not finished:
+            return None
+        final = {**self._metrics(req), "num_cached_tokens": req.seqs[0].num_cached_tokens or 0} if finished else None
+        return req.request_id, finished, choices, prompt_logprobs, final
+
+    @staticmethod
+    def _new_prompt_logprobs(req: Request) -> list | None:
+        """The prompt's logprobs, once: when they are complete and were not reported before."""
+        prompt_logprobs = req.seqs[0].prompt_logprobs
+        complete = prompt_logprobs is not None and len(prompt_logprobs) == len(req.prompt_token_ids)
+        if req.prompt_logprobs_reported or not complete:
+            return None
+        req.prompt_logprobs_reported = True
+        return prompt_logprobs
 
     def _delta_output(self, req: Request) -> RequestOutput:
         """output_kind "delta": only what is new since the request's last report (tokens, text, logprobs); the
@@ -188,12 +244,7 @@ class OutputProcessor:
             completion, req.reported[s.index] = _delta_completion(s, req.params, hold, req.reported[s.index])
             completions.append(completion)
         finished = all(s.is_finished for s in req.seqs)
-        prompt_logprobs = req.seqs[0].prompt_logprobs
-        complete = prompt_logprobs is not None and len(prompt_logprobs) == len(req.prompt_token_ids)
-        if req.prompt_logprobs_reported or not complete:
-            prompt_logprobs = None
-        else:
-            req.prompt_logprobs_reported = True
+        prompt_logprobs = self._new_prompt_logprobs(req)
         return _output(req, completions, finished, self._metrics(req) if finished else {}, prompt_logprobs)
 
     @staticmethod
@@ -233,21 +284,31 @@ def _output(req: Request, completions: list, finished: bool, metrics: dict, prom
     )
 
 
-def _delta_completion(seq: Sequence, params: SamplingParams, hold: int, reported: tuple[int, int]) -> tuple:
-    """What one choice adds to its report so far, and the new (tokens, characters) reported."""
+def _news(seq: Sequence, hold: int, reported: tuple[int, int]) -> tuple[list[int], str, list | None, tuple]:
+    """What one choice adds to its report so far (token ids, text, logprobs; the last `hold` characters stay back
+    while they may begin a stop string), and the new (tokens, characters) reported."""
     num_tokens, num_chars = reported
     visible = len(seq.text) if seq.is_finished else max(num_chars, len(seq.text) - hold)
-    start = seq.num_prompt_tokens + num_tokens
-    completion = CompletionOutput(
-        index=seq.index,
-        text=seq.text[num_chars:visible],
-        token_ids=seq.token_ids[start:],
-        finish_reason=seq.finish_reason,
-        stop_reason=seq.stop_reason,
-        logprobs=seq.logprobs[num_tokens:] if seq.logprobs is not None else None,
-        cumulative_logprob=seq.cumulative_logprob if params.logprobs is not None else None,
-    )
-    return completion, (seq.num_output_tokens, visible)
+    logprobs = seq.logprobs[num_tokens:] if seq.logprobs is not None else None
+    tokens = seq.token_ids[seq.num_prompt_tokens + num_tokens :]
+    return tokens, seq.text[num_chars:visible], logprobs, (seq.num_output_tokens, visible)
+
+
+def _delta_completion(seq: Sequence, params: SamplingParams, hold: int, reported: tuple[int, int]) -> tuple:
+    """_news as a CompletionOutput, and the new (tokens, characters) reported."""
+    tokens, text, logprobs, now = _news(seq, hold, reported)
+    cumulative = seq.cumulative_logprob if params.logprobs is not None else None
+    return CompletionOutput(seq.index, text, tokens, seq.finish_reason, seq.stop_reason, logprobs, cumulative), now
+
+
+def _message_of(out: RequestOutput) -> tuple:
+    """A final_only request's finished output in collect_messages' form: every choice, all at once."""
+    choices = [
+        (o.index, o.token_ids, o.text, o.logprobs, o.finish_reason, o.stop_reason, o.cumulative_logprob)
+        for o in out.outputs
+    ]
+    final = {**out.metrics, "num_cached_tokens": out.num_cached_tokens}
+    return out.request_id, True, choices, out.prompt_logprobs, final
 
 
 def _detokenize_at_end(params: SamplingParams) -> bool:

@@ -10,7 +10,8 @@ the engine steps while the API process writes. The two talk over two pipes:
                     commands, and one ("step", deltas, stats, num_tokens) per step: every streamed request's new
                     tokens, text, logprobs and finish state since the step before (SamplingParams.output_kind
                     "delta", never cumulative snapshots), and the final output of every other request that
-                    finished ("final_only"), so a step is one message whatever the number of requests.
+                    finished ("final_only"), so a step is one message whatever the number of requests (the tuples
+                    of OutputProcessor.collect_messages).
                     `num_tokens` is what the step computed (prompt and decode tokens: the iteration histogram).
 
 A request with structured outputs carries its grammar compiled by the API process (`grammar`: xgrammar's
@@ -110,21 +111,23 @@ class _CoreLoop:
         self.engine = engine
         self.commands = commands
         self.outputs = outputs
-        self.finished: dict[str, list[bool]] = {}  # per request in flight: which choices' ends were sent
+        self.in_flight: set[str] = set()  # requests added and neither finished nor aborted
 
     def run(self) -> None:
         while self._apply_commands(block=not self.engine.has_unfinished_requests()):
             if not self.engine.has_unfinished_requests():
                 continue
             try:
-                outs = self.engine.step()
+                deltas = self.engine.step_messages()
             except Exception as exc:  # keep serving: fail the requests in flight, not the server
                 logger.exception("engine step failed")
                 self._fail_all(f"{type(exc).__name__}: {exc}")
                 continue
-            deltas = [self._delta(out) for out in outs]
+            for delta in deltas:
+                if delta[1]:
+                    self.in_flight.discard(delta[0])
             num_tokens = self.engine.last_step_num_tokens
-            self.outputs.send(("step", [d for d in deltas if d is not None], self.engine.stats(), num_tokens))
+            self.outputs.send(("step", deltas, self.engine.stats(), num_tokens))
 
     def _apply_commands(self, block: bool) -> bool:
         """Apply every queued command (waiting for one when idle); False once told to stop or the API is gone."""
@@ -163,41 +166,18 @@ class _CoreLoop:
             self.engine.add_request(request_id, prompt, params)
         except Exception as exc:
             return request_id, str(exc), isinstance(exc, ValueError)
-        self.finished[request_id] = [False] * params.n
+        self.in_flight.add(request_id)
         return request_id, None, True
 
     def _abort(self, request_id: str) -> None:
-        self.finished.pop(request_id, None)
+        self.in_flight.discard(request_id)
         try:
             self.engine.abort_request(request_id)
         except Exception:
             logger.exception("abort of %s failed", request_id)
 
-    def _delta(self, out: RequestOutput) -> tuple | None:
-        """`out` (a "delta" report, or a "final_only" one, which is everything at once) as (request_id, finished,
-        choices, prompt_logprobs, metrics); choices are (index, token_ids, text, logprobs, finish, stop,
-        cumulative_logprob), those with nothing new left out."""
-        ended = self.finished.get(out.request_id)
-        if ended is None:  # aborted meanwhile
-            return None
-        choices = []
-        for o in out.outputs:
-            newly_finished = o.finish_reason is not None and not ended[o.index]
-            if o.token_ids or o.text or newly_finished:
-                choices.append(
-                    (o.index, o.token_ids, o.text, o.logprobs, o.finish_reason, o.stop_reason, o.cumulative_logprob)
-                )
-                ended[o.index] = o.finish_reason is not None
-        if out.finished:
-            del self.finished[out.request_id]
-        if not choices and out.prompt_logprobs is None and not out.finished:
-            return None
-        # the cached-prompt count rides with the final metrics: usage is only built once a request has finished
-        final = {**out.metrics, "num_cached_tokens": out.num_cached_tokens} if out.finished else None
-        return out.request_id, out.finished, choices, out.prompt_logprobs, final
-
     def _fail_all(self, message: str) -> None:
-        failed = list(self.finished)
+        failed = list(self.in_flight)
         for request_id in failed:
             self._abort(request_id)
         self.outputs.send(("failed", failed, message, self.engine.stats()))
@@ -564,7 +544,7 @@ def merge_steps(messages: list[tuple]) -> list[tuple]:
 
 
 def _join_deltas(a: tuple, b: tuple) -> tuple:
-    """One request's delta `a` followed by its next one, `b` (the format of _CoreLoop._delta)."""
+    """One request's delta `a` followed by its next one, `b` (the format of OutputProcessor.collect_messages)."""
     choices = {c[0]: c for c in a[2]}
     for c in b[2]:
         old = choices.get(c[0])
