@@ -233,7 +233,7 @@ def build_bitmask(states: list[GrammarState | None], vocab_size: int, device: to
     if not rows:
         return None
     xgr = import_xgrammar()
-    bitmask = xgr.allocate_token_bitmask(len(states), vocab_size)  # all bits set: everything allowed
+    bitmask = _host_bitmask(len(states), vocab_size, device.type == "cuda")
     start = time.perf_counter()
     if len(rows) > 1 and _last_fill_ms > POOL_AFTER_MS:
         if _batch_filler is None:
@@ -243,6 +243,22 @@ def build_bitmask(states: list[GrammarState | None], vocab_size: int, device: to
         for i in rows:
             states[i].fill(bitmask, i)
     _last_fill_ms = (time.perf_counter() - start) * 1e3
-    if device.type == "cuda":
-        return bitmask.pin_memory().to(device, non_blocking=True)
-    return bitmask.to(device)
+    return bitmask.to(device, non_blocking=True)
+
+
+_pinned: list = [None, None, 0]  # two page-locked [rows, words] buffers, used in turn; the next one's index
+
+
+def _host_bitmask(num_rows: int, vocab_size: int, pinned: bool) -> torch.Tensor:
+    """A [num_rows, ceil(V/32)] int32 mask with every bit set (everything allowed), on the host. For a GPU, one of
+    two page-locked buffers in turn (allocating one per step cost about 0.5 ms): a buffer's copy to the device is
+    done before it is reused, since every step reads the samples of the step before, which follow that copy."""
+    words = (vocab_size + 31) // 32
+    if not pinned:
+        return torch.full((num_rows, words), -1, dtype=torch.int32)
+    i = _pinned[2]
+    _pinned[2] = 1 - i
+    buf = _pinned[i]
+    if buf is None or buf.shape[0] < num_rows or buf.shape[1] != words:
+        buf = _pinned[i] = torch.empty((max(num_rows, 64), words), dtype=torch.int32, pin_memory=True)
+    return buf[:num_rows].fill_(-1)
