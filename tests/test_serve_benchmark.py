@@ -1,6 +1,6 @@
 """benchmarks/serve.py end to end on tiny shapes (so it cannot rot): it builds a tiny random checkpoint, starts
-the server, streams and collects the workload, runs it offline, and measures the client against its stub; the
-JSON holds every phase, and the counts match what was asked."""
+the server, streams and collects the workload, runs it offline, measures the client against its stub and the API
+process against the fake engine; the JSON holds every phase, and the counts match what was asked."""
 
 from __future__ import annotations
 
@@ -48,7 +48,9 @@ def test_serve_benchmark_runs_every_phase_on_a_tiny_shape(tmp_path):
         "--request-rate",
         "50",
         "--phases",
-        "stream,plain,offline,stub",
+        "stream,plain,offline,stub,fake",
+        "--fake-step-ms",
+        "2",
         "--client-procs",
         "2",
         "--stub-procs",
@@ -62,8 +64,8 @@ def test_serve_benchmark_runs_every_phase_on_a_tiny_shape(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = json.loads(out.read_text())
     assert "serve.py" in res["command"] and res["versions"]["torch"]
-    stream, plain, offline, stub = (res["phases"][k] for k in ("stream", "plain", "offline", "stub"))
-    for phase in (stream, plain, stub):
+    stream, plain, offline, stub, fake = (res["phases"][k] for k in ("stream", "plain", "offline", "stub", "fake"))
+    for phase in (stream, plain, stub, fake):
         assert phase["completed"] == 6 and phase["failed"] == 0, phase
         assert phase["output_tokens"] == 6 * 5
     # every streamed token arrived as (part of) a content event; latencies are ordered as they must be
@@ -74,6 +76,8 @@ def test_serve_benchmark_runs_every_phase_on_a_tiny_shape(tmp_path):
     assert offline["output_tokens"] == 30 and offline["output_tok_s"] > 0 and offline["decode_step_ms"] > 0
     assert stream["vs_offline"] == stream["output_tok_s"] / offline["output_tok_s"]
     assert stub["content_events"] == 30  # the stub sends one event per token
+    # the fake engine (benchmarks/fake_engine.py) behind the real app: 5 tokens each, 2 ms apart at the fastest
+    assert 6 <= fake["content_events"] <= 30 and fake["tpot_ms"]["p50"] >= 1.5
     # engine steps per phase (the server's iteration histogram; offline counts engine.step calls): 5 tokens each
     # take at least 5 steps, and 6 requests one at a time at most 6 x 5
     for phase in (stream, plain, offline):
