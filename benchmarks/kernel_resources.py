@@ -235,35 +235,36 @@ def mnemonic(instruction: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0]
 
 
-def main_loop(sass: list[tuple[int, str, int]]) -> list[tuple[int, str, int]]:
-    """The instructions of the innermost loop with the most tensor-core instructions (the KV loop): a backward
-    branch's target label up to the branch."""
-    labels = {text[3:]: addr for addr, text, live in sass if live < 0}
-    best = []
-    for addr, text, live in sass:
-        m = re.search(r"BRA\s+`?\(?(\.L_\w+)", text)
-        if live < 0 or not m or labels.get(m.group(1), addr + 1) > addr:
-            continue
-        body = [row for row in sass if labels[m.group(1)] <= row[0] <= addr and row[2] >= 0]
-        if sum("MMA" in t for _, t, _ in body) > sum("MMA" in t for _, t, _ in best):
-            best = body
-    return best
-
-
-def mma_loops(sass: list[tuple[int, str, int]]) -> list[dict]:
-    """Every innermost loop with tensor-core instructions, in code order: its length and MMA count (the split
-    extend kernel has two KV loops, the unmasked one and the diagonal)."""
+def _loops(sass: list[tuple[int, str, int]]) -> list[list[tuple[int, str, int]]]:
+    """Every loop in code order: a backward branch's target label up to the branch (live instructions only)."""
     labels = {text[3:]: addr for addr, text, live in sass if live < 0}
     loops = []
     for addr, text, live in sass:
         m = re.search(r"BRA\s+`?\(?(\.L_\w+)", text)
         if live < 0 or not m or labels.get(m.group(1), addr + 1) > addr:
             continue
-        body = [t for a, t, lv in sass if labels[m.group(1)] <= a <= addr and lv >= 0]
-        mma = sum("MMA" in t for t in body)
-        if mma:
-            loops.append({"instructions": len(body), "mma": mma, "fsel": sum(mnemonic(t) == "FSEL" for t in body)})
+        loops.append([row for row in sass if labels[m.group(1)] <= row[0] <= addr and row[2] >= 0])
     return loops
+
+
+def _mma_count(body: list[tuple[int, str, int]]) -> int:
+    return sum("MMA" in t for _, t, _ in body)
+
+
+def main_loop(sass: list[tuple[int, str, int]]) -> list[tuple[int, str, int]]:
+    """The instructions of the innermost loop with the most tensor-core instructions (the KV loop)."""
+    best = max(_loops(sass), key=_mma_count, default=[])
+    return best if _mma_count(best) else []
+
+
+def mma_loops(sass: list[tuple[int, str, int]]) -> list[dict]:
+    """Every innermost loop with tensor-core instructions, in code order: its length and MMA count (the split
+    extend kernel has two KV loops, the unmasked one and the diagonal)."""
+    return [
+        {"instructions": len(body), "mma": _mma_count(body), "fsel": sum(mnemonic(t) == "FSEL" for _, t, _ in body)}
+        for body in _loops(sass)
+        if _mma_count(body)
+    ]
 
 
 def instruction_mix(rows) -> dict:

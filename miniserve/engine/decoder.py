@@ -109,16 +109,17 @@ class PlainDecoder:
         return self._read() if self.in_flight is not None else []
 
     def step(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
-        prompt, decodes = self._split_lone_prompt(scheduled)
-        if prompt is not None:
-            done = self._step_now([prompt])
+        prompts = [s for s in scheduled if not _is_decode(s)]
+        if len(prompts) == 1 and len(scheduled) > 1 and self._has_prompt_graph(prompts[0]):
+            done = self._step_now(prompts)
+            decodes = [s for s in scheduled if s is not prompts[0]]
             if not self.overlap:
                 return done + self._step_now(decodes)
             seqs = [s.seq for s in decodes]  # in flight: the prompt's first token is out before they finish
             self._launch(seqs, self.sampling_batch(seqs), None)
             return done
-        if self.overlap and self._is_full_decode(scheduled):
-            seqs = [s.seq for s in scheduled]
+        if self.overlap and not prompts and len(scheduled) == len(self.scheduler.running):
+            seqs = [s.seq for s in scheduled]  # every running sequence decodes, and nothing else runs
             self._launch(seqs, self.sampling_batch(seqs), None)
             return []
         return self._step_now(scheduled)
@@ -142,19 +143,13 @@ class PlainDecoder:
             self.outputs.append_sampled(ready, sample(logits, self.sampling_batch(ready)))
         return [s.seq for s in scheduled]
 
-    def _split_lone_prompt(self, scheduled: list[ScheduledSeq]) -> tuple[ScheduledSeq | None, list[ScheduledSeq]]:
-        """(the prompt, the decodes) of a step that is decodes plus one prompt chunk that a captured prompt pass
-        can run; else (None, scheduled). Such a step runs as two graph replays, the prompt first, instead of one
-        eager pass over both: a request arriving while others decode (the usual case below saturation) then gets
-        its first token in a prompt pass's time (2.3 ms for 512 tokens of the Llama-3.2-1B shape on an H200),
-        not an eager pass's (hundreds of kernel launches, each paid on the host)."""
-        prompts = [s for s in scheduled if not _is_decode(s)]
-        if len(prompts) != 1 or len(prompts) == len(scheduled):
-            return None, scheduled
-        prompt = prompts[0]
-        if self.target.prefill_length([self.forward_input(prompt)]) is None:
-            return None, scheduled
-        return prompt, [s for s in scheduled if s is not prompt]
+    def _has_prompt_graph(self, prompt: ScheduledSeq) -> bool:
+        """A prompt chunk beside decodes that a captured prompt pass can run: the step then runs as two graph
+        replays, the prompt first, instead of one eager pass over both. A request arriving while others decode
+        (the usual case below saturation) gets its first token in a prompt pass's time (about 2 ms for 512 tokens of
+        the Llama-3.2-1B shape on an H200), not an eager pass's (hundreds of kernel launches, each paid on the
+        host)."""
+        return self.target.prefill_length([self.forward_input(prompt)]) is not None
 
     @staticmethod
     def forward_input(s: ScheduledSeq) -> ForwardInput:
@@ -185,12 +180,6 @@ class PlainDecoder:
         )
 
     # ---------------------------------------------------------------- overlapped decode steps
-
-    def _is_full_decode(self, scheduled: list[ScheduledSeq]) -> bool:
-        """Every running sequence decodes one token, and nothing else runs."""
-        if len(scheduled) != len(self.scheduler.running):
-            return False
-        return all(_is_decode(s) for s in scheduled)
 
     def _can_continue(self, f: _InFlight) -> bool:
         """The next step would run exactly the batch in flight: nobody finished, left, or could be admitted; no

@@ -291,6 +291,5 @@ def set_fp8_decode(model: torch.nn.Module, mode: str, kv_dtype: torch.dtype, dev
             f"fp8_decode={mode!r} needs an NVIDIA GPU and kv_cache_dtype=fp8 (float8_e4m3fn); this {role} "
             f"runs a {str(kv_dtype).removeprefix('torch.')} cache on {device.type}",
         )
-    for module in model.modules():
-        if hasattr(module, "fp8_decode"):
-            module.fp8_decode = mode
+    for layer in model.layers:
+        layer.self_attn.fp8_decode = mode

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,9 +38,13 @@ class Request:
     seqs: list[Sequence]
     detokenizers: list[IncrementalDetokenizer]
     stop_matcher: StopMatcher | None = None  # None without stop strings; each sequence keeps its own state
-    reported: list[tuple[int, int]] | None = None  # output_kind "delta": (tokens, characters) reported per choice
-    ended: list[bool] | None = None  # collect_messages: whether each choice's finish was reported
+    reported: list[tuple[int, int]] = field(init=False)  # output_kind "delta": (tokens, characters) per choice
+    ended: list[bool] = field(init=False)  # collect_messages: whether each choice's finish was reported
     prompt_logprobs_reported: bool = False
+
+    def __post_init__(self) -> None:
+        self.reported = [(0, 0)] * len(self.seqs)
+        self.ended = [False] * len(self.seqs)
 
 
 class OutputProcessor:
@@ -203,10 +207,6 @@ class OutputProcessor:
     def _delta_message(self, req: Request) -> tuple | None:
         """collect_messages for output_kind "delta": what _delta_output reports, as a tuple; None when nothing."""
         matcher = req.stop_matcher
-        if req.reported is None:
-            req.reported = [(0, 0)] * len(req.seqs)
-        if req.ended is None:
-            req.ended = [False] * len(req.seqs)
         choices = []
         for s in req.seqs:
             hold = matcher.held(s.stop_state) if matcher else 0
@@ -236,8 +236,6 @@ class OutputProcessor:
         """output_kind "delta": only what is new since the request's last report (tokens, text, logprobs); the
         prompt's logprobs once they are complete; the metrics with the last report."""
         matcher = req.stop_matcher
-        if req.reported is None:
-            req.reported = [(0, 0)] * len(req.seqs)
         completions = []
         for s in req.seqs:
             hold = matcher.held(s.stop_state) if matcher else 0
