@@ -145,3 +145,45 @@ def test_other_messages_split_the_runs_they_fall_between():
     assert [m[0] for m in merged] == ["step", "acks", "step"]
     assert merged[0][3] == [7, 8] and merged[2][3] == [9, 10, 11]
     assert merge_steps([steps[0]]) == [("step", steps[0][1], steps[0][2], [7])]  # one step: its deltas as they were
+
+
+def test_a_failing_step_fails_every_request_in_flight_and_the_loop_serves_on():
+    """_CoreLoop (the engine process's loop) over real pipes with the demo engine: the first step raises, so both
+    requests in flight are failed in one message and leave the engine; a request sent after it is served."""
+    from miniserve import LLM, SamplingParams
+    from miniserve.server.engine_process import _CoreLoop
+
+    engine = LLM(device="cpu").engine
+    cmd_recv, cmd_send = mp.Pipe(duplex=False)
+    out_recv, out_send = mp.Pipe(duplex=False)
+    reader, loop = FrameReader(out_recv), _CoreLoop(engine, cmd_recv, FrameWriter(out_send))
+    real_step, calls = engine.step_messages, []
+
+    def step_messages():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real_step()
+
+    engine.step_messages = step_messages
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    cmd_send.send([("add", "a", [5, 6, 7], params, None), ("add", "b", [8, 9], params, None)])
+    runner = threading.Thread(target=loop.run)
+    runner.start()
+    assert reader.recv()[:2] == ("acks", [("a", None, True), ("b", None, True)])
+    kind, failed, message, _ = reader.recv()
+    assert (kind, sorted(failed), message) == ("failed", ["a", "b"], "RuntimeError: boom")
+    assert not engine.has_unfinished_requests()
+    cmd_send.send([("add", "c", [5, 6], params, None)])
+    tokens = []
+    while True:
+        msg = reader.recv()
+        if msg[0] == "step":
+            assert all(delta[0] == "c" for delta in msg[1])
+            tokens += [t for delta in msg[1] for choice in delta[2] for t in choice[1]]
+            if any(delta[1] for delta in msg[1]):
+                break
+    assert len(tokens) == 3
+    cmd_send.send([("stop",)])
+    runner.join(timeout=30)
+    assert not runner.is_alive()

@@ -181,10 +181,10 @@ class OutputProcessor:
         request's whole output once; final_metrics (with num_cached_tokens) only when it finished."""
         messages = []
         for req in self._reporting(progressed):
-            if req.params.output_kind == "delta":
-                msg = self._delta_message(req)
-            else:
+            if req.params.output_kind == "final_only":  # finished (_reporting): everything at once
                 msg = _message_of(self._request_output(req))
+            else:  # what is new since the last message, "cumulative" requests included
+                msg = self._delta_message(req)
             if msg is not None:
                 messages.append(msg)
             if msg is not None and msg[1]:
@@ -205,7 +205,8 @@ class OutputProcessor:
         return reqs
 
     def _delta_message(self, req: Request) -> tuple | None:
-        """collect_messages for output_kind "delta": what _delta_output reports, as a tuple; None when nothing."""
+        """collect_messages for a request that is not final_only: what _delta_output reports, as a tuple; None when
+        nothing is new."""
         matcher = req.stop_matcher
         choices = []
         for s in req.seqs:

@@ -111,7 +111,6 @@ class _CoreLoop:
         self.engine = engine
         self.commands = commands
         self.outputs = outputs
-        self.in_flight: set[str] = set()  # requests added and neither finished nor aborted
 
     def run(self) -> None:
         while self._apply_commands(block=not self.engine.has_unfinished_requests()):
@@ -123,9 +122,6 @@ class _CoreLoop:
                 logger.exception("engine step failed")
                 self._fail_all(f"{type(exc).__name__}: {exc}")
                 continue
-            for delta in deltas:
-                if delta[1]:
-                    self.in_flight.discard(delta[0])
             num_tokens = self.engine.last_step_num_tokens
             self.outputs.send(("step", deltas, self.engine.stats(), num_tokens))
 
@@ -166,18 +162,16 @@ class _CoreLoop:
             self.engine.add_request(request_id, prompt, params)
         except Exception as exc:
             return request_id, str(exc), isinstance(exc, ValueError)
-        self.in_flight.add(request_id)
         return request_id, None, True
 
     def _abort(self, request_id: str) -> None:
-        self.in_flight.discard(request_id)
         try:
             self.engine.abort_request(request_id)
         except Exception:
             logger.exception("abort of %s failed", request_id)
 
     def _fail_all(self, message: str) -> None:
-        failed = list(self.in_flight)
+        failed = list(self.engine.outputs.requests)  # every request neither finished nor aborted
         for request_id in failed:
             self._abort(request_id)
         self.outputs.send(("failed", failed, message, self.engine.stats()))
