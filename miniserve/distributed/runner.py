@@ -24,6 +24,7 @@ the same passes without graphs.
 
 from __future__ import annotations
 
+import multiprocessing.connection
 import os
 import sys
 import weakref
@@ -229,9 +230,10 @@ class ParallelModelRunner(ModelRunner):
 
 
 def _dead_rank(spawned: SpawnedRanks) -> str | None:
-    """The first rank found dead (a collective failed: give the watcher's view a moment to agree)."""
+    """The first rank found dead (a collective failed: give the watcher's view a moment to agree). By the
+    process's sentinel, which says it exited whoever reaps it: the watcher thread may be reaping it right now,
+    and `is_alive()` then races it for waitpid and can report a dead rank alive."""
     for rank, p in spawned.procs.items():
-        p.join(timeout=0.5)
-        if not p.is_alive():
+        if multiprocessing.connection.wait([p.sentinel], timeout=0.5):
             return spawned.describe_exit(rank)
     return None
