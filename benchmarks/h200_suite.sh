@@ -8,6 +8,7 @@
 #   bash benchmarks/h200_suite.sh fp8ncu OUT_DIR    # ncu of the default and staged FP8 decode kernels
 #   bash benchmarks/h200_suite.sh extendvar OUT_DIR # extend (prefill) kernel variants: checks, 32k Qwen3 prompt
 #   bash benchmarks/h200_suite.sh extendttft OUT_DIR # the same at Llama-3.1-8B heads; 32k TTFT end to end
+#   bash benchmarks/h200_suite.sh profile1b OUT_DIR # GPU time per kernel of Llama-3.2-1B decode steps, batch 1 and 64
 # Every step is bounded in time and independent of the others: one that fails leaves the rest to run.
 set -u
 part=$1
@@ -145,4 +146,12 @@ if [ "$part" = extendttft ]; then
   tp 330 --shape qwen3-0.6b --workload prefill --prompts 32768 --repeats 2 --hf \
     --extend-variant default "bm128 w8 diag same" "bm128 w8 diagfma same" \
     --out "$out/throughput_prefill_qwen3_extendvar_h200.json"
+fi
+
+if [ "$part" = profile1b ]; then
+  # where a Llama-3.2-1B decode step's GPU time goes (torch profiler over 8 captured steps), at batch 64 and 1
+  timeout 80 python3 benchmarks/throughput.py --shape llama-3.2-1b --workload fixed --batch 64 --prompt 512 --gen 64 \
+    --repeats 1 --profile --out "$out/profile_decode_llama1b_b64_h200.json" 2>&1 | grep -v -i warn | tail -30
+  timeout 80 python3 benchmarks/throughput.py --shape llama-3.2-1b --workload latency --gen 64 --repeats 1 --profile \
+    --out "$out/profile_decode_llama1b_b1_h200.json" 2>&1 | grep -v -i warn | tail -30
 fi
