@@ -46,6 +46,20 @@ EXTEND_VARIANTS = {
     "pack w8 diag same": dict(gqa_pack=True, num_warps=8, split_diag=True, same_kv_strides=True),
     "pack bm32 w8 diag same": dict(gqa_pack=True, block_m=32, num_warps=8, split_diag=True, same_kv_strides=True),
     "pack bm32 diag same": dict(gqa_pack=True, block_m=32, split_diag=True, same_kv_strides=True),
+    # around the fastest of the first H200 run (bm128 w8 diag same r128): register caps, stages, packing
+    "diag same r128": dict(split_diag=True, same_kv_strides=True, maxnreg=128),
+    "bm128 w8 r128": dict(block_m=128, num_warps=8, maxnreg=128),
+    "bm128 w8 diag r128": dict(block_m=128, num_warps=8, split_diag=True, maxnreg=128),
+    "bm128 w8 diag same r112": dict(block_m=128, num_warps=8, split_diag=True, same_kv_strides=True, maxnreg=112),
+    "bm128 w8 diag same r144": dict(block_m=128, num_warps=8, split_diag=True, same_kv_strides=True, maxnreg=144),
+    "bm128 w8 s3 diag same r128": dict(
+        block_m=128, num_warps=8, num_stages=3, split_diag=True, same_kv_strides=True, maxnreg=128
+    ),
+    "bm128 w8 s1 diag same r128": dict(
+        block_m=128, num_warps=8, num_stages=1, split_diag=True, same_kv_strides=True, maxnreg=128
+    ),
+    "pack w8 diag same r128": dict(gqa_pack=True, num_warps=8, split_diag=True, same_kv_strides=True, maxnreg=128),
+    "pack bm32 diag same r128": dict(gqa_pack=True, block_m=32, split_diag=True, same_kv_strides=True, maxnreg=128),
 }
 SHAPES = {  # name: (query heads, KV heads, head_dim, layers) -- benchmarks/throughput.py's checkpoints
     "qwen3-0.6b": (16, 8, 128, 28),

@@ -1,0 +1,110 @@
+"""Host time of xgrammar's token-mask fill for a batch, by strategy: structured_outputs.py's workload without a model.
+
+    python benchmarks/grammar_fill.py --batch 32 --steps 256 --threads 2 4 8 16
+
+`--batch` matchers of structured_outputs.py's JSON schemas walk random paths through their grammar (each step every
+row's mask is filled, then the row takes a random allowed token, as sampling from a random-weight model does) over
+that script's synthetic byte-level BPE vocabulary of the shape's size. At every step each strategy fills the same
+states: one row after another on this thread, xgrammar's BatchGrammarMatcher with `max_threads` set (and with its
+default, half of what std::thread::hardware_concurrency reports), and a Python thread pool of row fills (xgrammar
+releases the GIL while it fills). Prints and writes (`--out`) the median and mean milliseconds per step of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.checkpoints import SHAPES  # noqa: E402
+from benchmarks.provenance import write_result  # noqa: E402
+from benchmarks.structured_outputs import SCHEMAS, write_bpe_tokenizer  # noqa: E402
+
+
+def compile_schema(schema: dict, vocab_size: int, directory: Path):
+    import xgrammar as xgr
+    from transformers import PreTrainedTokenizerFast
+
+    write_bpe_tokenizer(directory, vocab_size, bos=0, eos=1)
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"))
+    info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=[1])
+    return xgr.GrammarCompiler(info).compile_json_schema(schema)
+
+
+def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> list[torch.Tensor]:
+    bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+    flat = bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
+    return [row.nonzero().flatten() for row in flat]
+
+
+def strategies(threads: list[int]) -> dict:
+    import xgrammar as xgr
+
+    out = {"rows": lambda ms, mask: [m.fill_next_token_bitmask(mask, i) for i, m in enumerate(ms)]}
+    batch_default = xgr.BatchGrammarMatcher()
+    out["batch auto"] = lambda ms, mask: batch_default.batch_fill_next_token_bitmask(ms, mask)
+    for n in threads:
+        batch = xgr.BatchGrammarMatcher(max_threads=n)
+        out[f"batch {n}"] = lambda ms, mask, b=batch: b.batch_fill_next_token_bitmask(ms, mask)
+        pool = ThreadPoolExecutor(n)
+        out[f"python pool {n}"] = lambda ms, mask, p=pool: list(
+            p.map(lambda im: im[1].fill_next_token_bitmask(mask, im[0]), enumerate(ms))
+        )
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
+    ap.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the shape's)")
+    ap.add_argument("--schemas", nargs="+", choices=sorted(SCHEMAS), default=["open", "bounded"])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--threads", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    import xgrammar as xgr
+
+    vocab = args.vocab or SHAPES[args.shape]["vocab_size"]
+    cpus = {"os.cpu_count": os.cpu_count(), "sched_getaffinity": len(os.sched_getaffinity(0))}
+    print(cpus, flush=True)
+    fills = strategies(args.threads)
+    result = {"batch": args.batch, "steps": args.steps, "vocab": vocab, "cpus": cpus, "schemas": {}}
+    for name in args.schemas:
+        with tempfile.TemporaryDirectory() as tmp:
+            compiled = compile_schema(SCHEMAS[name], vocab, Path(tmp))
+        rng = random.Random(0)
+        matchers = [xgr.GrammarMatcher(compiled) for _ in range(args.batch)]
+        times: dict[str, list[float]] = {k: [] for k in fills}
+        masks = {k: xgr.allocate_token_bitmask(args.batch, vocab) for k in fills}
+        for _ in range(args.steps):
+            for key, fill in fills.items():
+                masks[key].fill_(-1)
+                start = time.perf_counter()
+                fill(matchers, masks[key])
+                times[key].append(1e3 * (time.perf_counter() - start))
+            ref = masks["rows"]
+            assert all(torch.equal(ref, m) for m in masks.values()), "a strategy filled different masks"
+            for m, allowed in zip(matchers, allowed_tokens(ref, vocab)):
+                assert m.accept_token(int(allowed[rng.randrange(len(allowed))]))
+        rows = {k: {"median_ms": statistics.median(v), "mean_ms": statistics.fmean(v)} for k, v in times.items()}
+        result["schemas"][name] = rows
+        for key, row in rows.items():
+            print(f"{name:8s} {key:16s} median {row['median_ms']:7.3f} ms  mean {row['mean_ms']:7.3f} ms", flush=True)
+    if args.out:
+        write_result(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
