@@ -13,7 +13,8 @@ attention inside one Hugging Face SDPA forward); and correctness: the max differ
 (dequantized) cache, to the default kernel, and whether it is bit-identical to the default.
 
 The variants are the ones that offline compiler analysis found worth timing (benchmarks/kernel_resources.py
---variants; write-up in benchmarks/results/extend_attention_registers.md). None is a default.
+--variants; write-up in benchmarks/results/extend_attention_registers.md) and the fastest of the H200 runs
+(extend_attention_variants_h200.json), from which extend_attention.launch_config picks "default" by shape.
 """
 
 from __future__ import annotations
@@ -29,37 +30,32 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # name: extend_attention keyword arguments (tests/test_gpu_config.py runs every one against the torch reference)
+# The launch before launch_config picked tiles by shape (64-row tiles, 4 warps, masks on every tile): variants
+# below are changes to it, so their names keep one meaning across result files; "default" is launch_config's choice.
+PLAIN = dict(block_m=64, num_warps=4, num_stages=2, maxnreg=0, split_diag=False, same_kv_strides=False)
+
+
+def _plain(**changes) -> dict:
+    return {**PLAIN, **changes}
+
+
+BM128 = dict(block_m=128, num_warps=8)
+# name: extend_attention keyword arguments (tests/test_gpu_config.py runs every one against the torch reference)
 EXTEND_VARIANTS = {
     "default": {},
-    "diag": dict(split_diag=True),
-    "diag same": dict(split_diag=True, same_kv_strides=True),
-    "diag same rev": dict(split_diag=True, same_kv_strides=True, reverse=True),
-    "bm128 w8": dict(block_m=128, num_warps=8),
-    "bm128 w8 diag": dict(block_m=128, num_warps=8, split_diag=True),
-    "bm128 w8 diag same": dict(block_m=128, num_warps=8, split_diag=True, same_kv_strides=True),
-    "bm128 w8 diag same rev": dict(block_m=128, num_warps=8, split_diag=True, same_kv_strides=True, reverse=True),
-    "bm128 w8 s3 diag same": dict(block_m=128, num_warps=8, num_stages=3, split_diag=True, same_kv_strides=True),
-    "bm128 w8 diag same r128": dict(block_m=128, num_warps=8, split_diag=True, same_kv_strides=True, maxnreg=128),
-    "diag fma same": dict(split_diag="fma", same_kv_strides=True),
-    "bm128 w8 diagfma same": dict(block_m=128, num_warps=8, split_diag="fma", same_kv_strides=True),
-    "pack w8 diagfma same": dict(gqa_pack=True, num_warps=8, split_diag="fma", same_kv_strides=True),
-    "pack w8 diag same": dict(gqa_pack=True, num_warps=8, split_diag=True, same_kv_strides=True),
-    "pack bm32 w8 diag same": dict(gqa_pack=True, block_m=32, num_warps=8, split_diag=True, same_kv_strides=True),
-    "pack bm32 diag same": dict(gqa_pack=True, block_m=32, split_diag=True, same_kv_strides=True),
-    # around the fastest of the first H200 run (bm128 w8 diag same r128): register caps, stages, packing
-    "diag same r128": dict(split_diag=True, same_kv_strides=True, maxnreg=128),
-    "bm128 w8 r128": dict(block_m=128, num_warps=8, maxnreg=128),
-    "bm128 w8 diag r128": dict(block_m=128, num_warps=8, split_diag=True, maxnreg=128),
-    "bm128 w8 diag same r112": dict(block_m=128, num_warps=8, split_diag=True, same_kv_strides=True, maxnreg=112),
-    "bm128 w8 diag same r144": dict(block_m=128, num_warps=8, split_diag=True, same_kv_strides=True, maxnreg=144),
-    "bm128 w8 s3 diag same r128": dict(
-        block_m=128, num_warps=8, num_stages=3, split_diag=True, same_kv_strides=True, maxnreg=128
-    ),
-    "bm128 w8 s1 diag same r128": dict(
-        block_m=128, num_warps=8, num_stages=1, split_diag=True, same_kv_strides=True, maxnreg=128
-    ),
-    "pack w8 diag same r128": dict(gqa_pack=True, num_warps=8, split_diag=True, same_kv_strides=True, maxnreg=128),
-    "pack bm32 diag same r128": dict(gqa_pack=True, block_m=32, split_diag=True, same_kv_strides=True, maxnreg=128),
+    "plain": _plain(),
+    "diag": _plain(split_diag=True),
+    "diag same": _plain(split_diag=True, same_kv_strides=True),
+    "diag same rev": _plain(split_diag=True, same_kv_strides=True, reverse=True),
+    "diag fma same": _plain(split_diag="fma", same_kv_strides=True),
+    "bm128 w8 diag same": _plain(**BM128, split_diag=True, same_kv_strides=True),
+    "bm128 w8 diag same r128": _plain(**BM128, split_diag=True, same_kv_strides=True, maxnreg=128),
+    "bm128 w8 s3 diag same r128": _plain(**BM128, num_stages=3, split_diag=True, same_kv_strides=True, maxnreg=128),
+    "bm128 w8 diagfma same": _plain(**BM128, split_diag="fma", same_kv_strides=True),
+    "pack w8 diag same": _plain(gqa_pack=True, num_warps=8, split_diag=True, same_kv_strides=True),
+    "pack w8 diagfma same": _plain(gqa_pack=True, num_warps=8, split_diag="fma", same_kv_strides=True),
+    "pack w8 diag same r128": _plain(gqa_pack=True, num_warps=8, split_diag=True, same_kv_strides=True, maxnreg=128),
+    "pack bm32 diag same": _plain(gqa_pack=True, block_m=32, split_diag=True, same_kv_strides=True),
 }
 SHAPES = {  # name: (query heads, KV heads, head_dim, layers) -- benchmarks/throughput.py's checkpoints
     "qwen3-0.6b": (16, 8, 128, 28),

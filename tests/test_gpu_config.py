@@ -137,7 +137,7 @@ def test_extend_variants_queued_for_the_gpu(hardware_fp8_decode, variant, cache_
 
     kw = EXTEND_VARIANTS[variant]
     kw = {"block_n": GPU_BLOCK_N[cache_dtype], "block_m": GPU_BLOCK_M, **kw}
-    same_rows = not ({"block_m", "gqa_pack"} & set(EXTEND_VARIANTS[variant]))
+    same_rows = kw["block_m"] == GPU_BLOCK_M and not kw.get("gqa_pack")
     for q_heads in (4, 8) if "gqa_pack" in kw else (8,):  # GQA groups of 2 and 4 matter to the packing only
         b = make_batch(EXTEND_VARIANT_SEQS, 16, q_heads, 2, 64, cache_dtype, torch.bfloat16, seed=q_heads)
         args = (b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3)
@@ -218,3 +218,39 @@ def test_silu_and_mul_with_gpu_column_blocks(monkeypatch, dtype):
     layer_ops._silu_and_mul_triton(x, out)
     bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
     assert torch.equal(out.view(bits), one_block.view(bits))
+
+
+def test_extend_launch_config_by_shape(monkeypatch):
+    """The extend launch by shape, as measured on the H200 (extend_attention.launch_config): long bf16 prompts at
+    head_dim 128 on NVIDIA get 128-row tiles with a register cap; from LONG_QUERY new tokens, not one fewer; FP8
+    caches, other head sizes, ROCm and the interpreter keep their tiles; the diagonal split everywhere."""
+    import miniserve.kernels.extend_attention as ext
+
+    monkeypatch.setattr(ext, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(ext, "is_rocm", lambda: False)
+    cuda = torch.device("cuda")
+    long = ext.launch_config(128, torch.bfloat16, ext.LONG_QUERY, cuda)
+    assert long == dict(block_m=128, num_warps=8, num_stages=3, maxnreg=128, split_diag=True, same_kv_strides=True)
+    assert ext.launch_config(128, torch.float16, 32768, cuda) == long
+    short = dict(block_m=64, num_warps=4, num_stages=2, maxnreg=None, split_diag=True, same_kv_strides=True)
+    assert ext.launch_config(128, torch.bfloat16, ext.LONG_QUERY - 1, cuda) == short
+    assert ext.launch_config(128, torch.float8_e4m3fn, 32768, cuda) == short
+    assert ext.launch_config(64, torch.bfloat16, 32768, cuda) == short
+    assert ext.launch_config(128, torch.bfloat16, 32768, torch.device("cpu")) == short
+    monkeypatch.setattr(ext, "is_rocm", lambda: True)
+    assert ext.launch_config(128, torch.bfloat16, 32768, cuda) == short
+    monkeypatch.setattr(ext, "triton_interpreter_enabled", lambda: True)
+    assert ext.launch_config(128, torch.bfloat16, 32768, cuda) == dict(short, block_m=16)
+
+
+def test_extend_explicit_launch_arguments_win(monkeypatch):
+    """What a caller passes overrides launch_config, key by key (the benchmarks' variants rely on it)."""
+    import miniserve.kernels.extend_attention as ext
+
+    seen = []
+    monkeypatch.setattr(ext, "_variant_constants", lambda *a: seen.append(a) or {})
+    b = make_batch(EXTEND_VARIANT_SEQS, 16, 4, 2, 64, torch.bfloat16, torch.bfloat16, seed=0)
+    args = (b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3)
+    ext.extend_attention(*args)
+    ext.extend_attention(*args, split_diag=False, same_kv_strides=False)
+    assert [a[1:] for a in seen] == [(True, False, True), (False, False, False)]

@@ -383,8 +383,8 @@ def compute_dtype(q: torch.Tensor, cache_dtype: torch.dtype) -> dict:
 
 
 def register_cap(maxnreg: int | None) -> dict:
-    """The launch option capping registers per thread (Triton's `maxnreg`), only when asked for."""
-    return {} if maxnreg is None else {"maxnreg": maxnreg}
+    """The launch option capping registers per thread (Triton's `maxnreg`), only when asked for (None or 0: no cap)."""
+    return {"maxnreg": maxnreg} if maxnreg else {}
 
 
 def check_kernel_inputs(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from miniserve.kernels.backend import triton_interpreter_enabled
+from miniserve.kernels.backend import is_rocm, triton_interpreter_enabled
 from miniserve.kernels.decode_attention import (
     LOG2E,
     attend_kv_tile,
@@ -24,6 +24,7 @@ from miniserve.kernels.decode_attention import (
     kv_mode,
     layout_strides,
     load_q_tile,
+    is_fp8,
     page_slots,
     register_cap,
     times_cache_scale,
@@ -173,18 +174,18 @@ def extend_attention(
     sm_scale: float,
     block_m: int | None = None,
     block_n: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     fp8_decode: str = "auto",
     maxnreg: int | None = None,
     gqa_pack: bool = False,
-    split_diag: bool | str = False,
+    split_diag: bool | str | None = None,
     reverse: bool = False,
-    same_kv_strides: bool = False,
+    same_kv_strides: bool | None = None,
 ) -> torch.Tensor:
     """Extend attention: q [num_tokens, num_q_heads, head_dim], packed by meta.query_start_loc -> same.
-    fp8_decode, maxnreg: as in decode_attention; gqa_pack, split_diag, reverse, same_kv_strides: variants, all off
-    by default (see _variant_constants)."""
+    fp8_decode, maxnreg: as in decode_attention; gqa_pack, split_diag, reverse, same_kv_strides: launch variants
+    (see _variant_constants). What is left None comes from launch_config (by shape, measured)."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     check_kernel_inputs(q, key_cache, value_cache)
@@ -192,8 +193,12 @@ def extend_attention(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return out
-    small = triton_interpreter_enabled()  # the interpreter pays per program and per masked element alike
-    block_m = block_m or (16 if small else 64)
+    asked = dict(block_m=block_m, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
+                 split_diag=split_diag, same_kv_strides=same_kv_strides)  # fmt: skip
+    auto = launch_config(head_dim, key_cache.dtype, meta.max_query_len, q.device)
+    cfg = {k: auto.get(k) if v is None else v for k, v in asked.items()}
+    block_m, num_warps, num_stages, maxnreg = cfg["block_m"], cfg["num_warps"], cfg["num_stages"], cfg["maxnreg"]
+    split_diag, same_kv_strides = cfg["split_diag"], cfg["same_kv_strides"]
     block_n = block_n or kv_block_n(key_cache.dtype)
     mode, nan_all_ones, kv_factor = kv_mode(key_cache.dtype, q.device, fp8_decode)
     kc, vc = cache_view(key_cache), cache_view(value_cache)
@@ -222,6 +227,33 @@ def extend_attention(
         **variant,
     )  # fmt: skip
     return out
+
+
+LONG_QUERY = 4096  # new tokens in a launch from which long-prompt tiles pay (H200: equal at 2048, 1.6x at 8192)
+
+
+def launch_config(head_dim: int, cache_dtype: torch.dtype, max_query_len: int, device: torch.device) -> dict:
+    """Tile sizes and variants by shape, from the H200 sweep of a 32k prompt in 8192-token chunks and of 512- and
+    2048-token prompts (benchmarks/results/extend_attention_variants_h200.json). Every choice here computes the
+    same bits (same BLOCK_N tiles in the same order; gpu_kernels.py --checks extend_variants): only speed differs.
+    - Everywhere: the diagonal split (no causal masks below the diagonal) and V's offsets shared with K's: 1.1-1.35x.
+    - Long bf16/fp16 prompts at head_dim 128 on NVIDIA: 128-row query tiles, 8 warps, 3 stages, 128 registers a
+      thread (two programs an SM): 1.6x the 64-row tile at 32k (Qwen3-0.6B and Llama-3.1-8B heads). FP8 caches
+      with these tiles were 1.3-2.7x slower (the byte-wise dequantization needs the registers), short prompts
+      no faster: they keep 64 rows and 4 warps.
+    - The interpreter: 16-row tiles (it pays per program and per masked element alike)."""
+    cfg = dict(block_m=64, num_warps=4, num_stages=2, maxnreg=None, split_diag=True, same_kv_strides=True)
+    if triton_interpreter_enabled():
+        cfg["block_m"] = 16
+    elif (
+        max_query_len >= LONG_QUERY
+        and head_dim == 128
+        and not is_fp8(cache_dtype)
+        and device.type == "cuda"
+        and not is_rocm()
+    ):
+        cfg.update(block_m=128, num_warps=8, num_stages=3, maxnreg=128)
+    return cfg
 
 
 def _variant_constants(pack: int, split_diag: bool | str, reverse: bool, same_kv_strides: bool) -> dict:
