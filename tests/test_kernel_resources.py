@@ -68,17 +68,17 @@ def test_compiles_decode_and_extend_for_sm90_offline(tmp_path):
 @pytest.mark.skipif(kr.nvidia_tools() is None, reason="Triton's nvidia backend and its tools are not installed")
 def test_extend_variants_compile_offline(tmp_path):
     """--variants: the split-diagonal extend kernel has two KV loops, the first (below the diagonal) without the
-    causal select and shorter than the default's one loop."""
+    causal select and shorter than the plain launch's one loop (the default launch splits too)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     out = tmp_path / "resources.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--shapes", "llama-3.2-1b"]
-    cmd += ["--caches", "bf16", "--extend-chunk", "256", "1024", "--variants", "default", "diag", "--json", str(out)]
+    cmd += ["--caches", "bf16", "--extend-chunk", "256", "1024", "--variants", "plain", "diag", "--json", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    default, diag = json.loads(out.read_text())["rows"]
-    assert (default["variant"], diag["variant"]) == ("default", "diag")
-    assert len(default["mma_loops"]) == 1 and len(diag["mma_loops"]) == 2
+    plain, diag = json.loads(out.read_text())["rows"]
+    assert (plain["variant"], diag["variant"]) == ("plain", "diag")
+    assert len(plain["mma_loops"]) == 1 and len(diag["mma_loops"]) == 2
     unmasked, diagonal = diag["mma_loops"]
     assert unmasked["fsel"] == 0 < diagonal["fsel"]
-    assert unmasked["instructions"] < default["mma_loops"][0]["instructions"]
+    assert unmasked["instructions"] < plain["mma_loops"][0]["instructions"]
