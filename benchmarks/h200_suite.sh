@@ -6,8 +6,9 @@
 #   OLD=DIR bash benchmarks/h200_suite.sh demoab OUT_DIR  # demo batch-1 speculative decoding, old tree vs this one
 #   bash benchmarks/h200_suite.sh fp8reg OUT_DIR    # FP8 decode variants (decode_attention_fp8_registers.md)
 #   bash benchmarks/h200_suite.sh fp8ncu OUT_DIR    # ncu of the default and staged FP8 decode kernels
-#   bash benchmarks/h200_suite.sh extendvar OUT_DIR # extend (prefill) kernel variants: checks, 32k Qwen3 prompt
-#   bash benchmarks/h200_suite.sh extendttft OUT_DIR # the same at Llama-3.1-8B heads; 32k TTFT end to end
+#   bash benchmarks/h200_suite.sh extendvar OUT_DIR # extend (prefill) kernel launch variants: 32k and 2048 tokens
+#   bash benchmarks/h200_suite.sh extendchecks OUT_DIR # every extend variant against the torch reference
+#   bash benchmarks/h200_suite.sh extendttft OUT_DIR # a 32k prompt's TTFT end to end, beside one HF forward
 #   bash benchmarks/h200_suite.sh profile1b OUT_DIR # GPU time per kernel of Llama-3.2-1B decode steps, batch 1 and 64
 # Every step is bounded in time and independent of the others: one that fails leaves the rest to run.
 set -u
@@ -128,24 +129,28 @@ if [ "$part" = fp8ncu ]; then
 fi
 
 if [ "$part" = extendvar ]; then
-  # The extend (prefill) kernel variants of benchmarks/results/extend_attention_registers.md (offline compiler
-  # analysis; issue 19's 32k-prompt TTFT target). Correctness first: every EXTEND_VARIANTS entry against the torch
-  # reference at 4 shapes, with bit-identity to the default. Then the kernel alone: each variant on a 32k-token
-  # prompt in 8192-token chunks, against the default and torch SDPA over the whole prompt (Qwen3-0.6B heads, bf16
-  # and fp8 caches; Llama-3.1-8B heads, bf16). Then end to end: the 32k prefill's TTFT with the default and the
-  # two leading variants of the analysis, beside one HF SDPA forward (part extendttft: each part < 10 minutes).
-  timeout 280 python3 benchmarks/gpu_kernels.py --checks extend_variants \
+  # The extend (prefill) kernel's launch variants (benchmarks/results/extend_attention_registers.md; issue 19's
+  # 32k-prompt TTFT target): each on a 32k-token prompt in 8192-token chunks and on a 2048-token prompt, against
+  # the default launch (extend_attention.launch_config), the launch before it ("plain") and torch SDPA, with
+  # bit-identity to the default. extendchecks: every EXTEND_VARIANTS entry against the torch reference (slow: it
+  # compiles them all); extendttft: the 32k prefill's TTFT end to end beside one HF SDPA forward.
+  timeout 200 python3 benchmarks/tune_extend_attention.py --shapes qwen3-0.6b llama-3.1-8b --caches bf16 fp8 \
+    --variants default plain "diag same" "diag fma same" "bm128 w8 diag same r128" "bm128 w8 s3 diag same r128" \
+    "pack w8 diag same r128" "pack bm32 diag same" --out "$out/extend_attention_variants_h200.json" 2>&1 |
+    grep -v -i warn | grep -v "^{" | tail -40
+  timeout 80 python3 benchmarks/tune_extend_attention.py --shapes qwen3-0.6b llama-3.2-1b --caches bf16 fp8 \
+    --prompt 2048 --chunk 2048 --variants default plain "diag same" "bm128 w8 s3 diag same r128" \
+    --out "$out/extend_attention_variants_2048_h200.json" 2>&1 | grep -v -i warn | grep -v "^{" | tail -20
+fi
+
+if [ "$part" = extendchecks ]; then
+  timeout 400 python3 benchmarks/gpu_kernels.py --checks extend_variants \
     --out "$out/kernel_checks_extendvar_h200.json" 2>&1 | grep -v -i warn | tail -4
-  timeout 300 python3 benchmarks/tune_extend_attention.py --shapes qwen3-0.6b --caches bf16 fp8 \
-    --out "$out/extend_attention_variants_qwen3_h200.json" 2>&1 | grep -v -i warn | grep -v "^{" | tail -40
 fi
 
 if [ "$part" = extendttft ]; then
-  timeout 200 python3 benchmarks/tune_extend_attention.py --shapes llama-3.1-8b --caches bf16 \
-    --out "$out/extend_attention_variants_llama8b_h200.json" 2>&1 | grep -v -i warn | grep -v "^{" | tail -20
-  tp 330 --shape qwen3-0.6b --workload prefill --prompts 32768 --repeats 2 --hf \
-    --extend-variant default "bm128 w8 diag same" "bm128 w8 diagfma same" \
-    --out "$out/throughput_prefill_qwen3_extendvar_h200.json"
+  tp 150 --shape qwen3-0.6b --workload prefill --prompts 4096 16384 32768 --repeats 2 --hf \
+    --extend-variant default plain --out "$out/throughput_prefill_qwen3_h200.json"
 fi
 
 if [ "$part" = profile1b ]; then

@@ -139,8 +139,7 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                 "Llama-3.2-1B shape, batch 64: decode step <= 1.2 ms",
                 f"{step:.2f} ms (bf16; prompt 512, 256 new)",
                 "yes" if step <= 1.2 else "no",
-                "a step is about a dozen small kernels per layer plus the sampler; at batch 64 their GPU time, "
-                "not the host, sets the step (`throughput.py --profile`)",
+                "GPU time, not the host, sets the step: " + decode_profile("profile_decode_llama1b_b64_h200.json"),
             )
         )
     for name, shape, target in (
@@ -155,22 +154,23 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                     f"batch 1, {shape} shape: >= {target:,} tok/s",
                     f"{fmt(tps)} tok/s ({fmt(lat['runs'][0]['pct_roofline_measured_copy'])}% of the roofline)",
                     "yes" if tps >= target else "no",
-                    "at batch 1 every kernel is tiny: launch gaps and small-GEMV efficiency, not bytes",
+                    "at batch 1 every kernel is tiny: launch gaps and small-GEMV efficiency, not bytes"
+                    + (f"; {decode_profile('profile_decode_llama1b_b1_h200.json')}" if "1B" in shape else ""),
                 )
             )
     pre = load("throughput_prefill_qwen3_h200.json")
     if pre and pre.get("hf_prefill"):
-        ours = {r["prompt"]: r["ttft_s"] for r in pre["runs"][0]["prefill"]}
+        by_variant = {r.get("extend_variant", "default"): r for r in pre["runs"]}
+        ours = {r["prompt"]: r["ttft_s"] for r in by_variant["default"]["prefill"]}
         hf = {r["prompt"]: r["hf_forward_s"] for r in pre["hf_prefill"]}
         n = max(ours)
+        plain = {r["prompt"]: r["ttft_s"] for r in by_variant["plain"]["prefill"]} if "plain" in by_variant else {}
         rows.append(
             (
                 f"one {n // 1024}k-token prompt (Qwen3-0.6B shape): TTFT <= one HF SDPA forward",
-                f"{ours[n]:.3f} s vs {hf[n]:.3f} s",
+                f"{ours[n]:.3f} s vs {hf[n]:.3f} s" + (f" (the launch before: {plain[n]:.3f} s)" if n in plain else ""),
                 "yes" if ours[n] <= hf[n] else f"no ({ours[n] / hf[n]:.2f}x)",
-                "half of the extend kernel's KV loop is causal-mask and address work done on every tile, and "
-                "64-row query tiles read each KV tile once per 64 queries and query head (offline compiler "
-                "analysis: `extend_attention_registers.md`); the variants that avoid both await a GPU run",
+                extend_why(),
             )
         )
     prefix = load("throughput_prefix_llama1b_h200.json")
@@ -285,10 +285,55 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
                 "yes" if min(ratios["open"], ratios["bounded"]) >= 0.9 else "no",
                 f"xgrammar fills each row's mask on the host: {min(per_step):.1f}-{max(per_step):.1f} ms a step for "
                 f"{so['batch']} rows of a 128k vocabulary, against a {step_ms:.1f} ms unconstrained step that the fill "
-                "now overlaps; its thread pool helps only the slow states",
+                "now overlaps; " + grammar_threads(),
             )
         )
     return rows
+
+
+def grammar_threads() -> str:
+    """What threads do for the mask fill on the benchmark's host (grammar_fill.py: the same states, every way)."""
+    fill = load("grammar_fill_h200.json")
+    if not fill:
+        return "its thread pool helps only the slow states"
+    rows = fill["schemas"]["open"]
+    threaded = [r["median_ms"] for k, r in rows.items() if k != "rows"]
+    return (
+        f"more threads do not help on the H200's host: {fill['batch']} rows take {rows['rows']['median_ms']:.2f} ms "
+        f"one after another and {min(threaded):.2f}-{max(threaded):.2f} ms over 2-16 threads (xgrammar's pool or a "
+        "Python pool, median of a random walk through the open schema; `grammar_fill_h200.json`)"
+    )
+
+
+def decode_profile(name: str) -> str:
+    """One line from a `throughput.py --profile` file: the step's GPU time split into GEMMs, attention and the rest."""
+    data = load(name)
+    if not data:
+        return "(no profile file)"
+    prof = data["runs"][0]["profile"]
+    parts = {"GEMMs": 0.0, "decode attention": 0.0, "other": 0.0}
+    for k in prof["kernels"]:
+        name_ = k["name"]
+        key = "GEMMs" if ("nvjet" in name_ or "gemm" in name_.lower() or "cublas" in name_) else "other"
+        key = "decode attention" if "_decode_" in name_ else key
+        parts[key] += k["us_per_step"] / 1e3
+    split = ", ".join(f"{k} {v:.2f} ms" for k, v in parts.items())
+    step, busy = data["runs"][0]["decode_step_ms_direct"], prof["gpu_ms_per_step"]
+    return f"in a profiled run, a {step:.2f} ms step kept the GPU busy {busy:.2f} ms ({split}; `{name}`)"
+
+
+def extend_why() -> str:
+    """The 32k-prompt row's reason, from the extend-kernel sweep: the default launch against the one before."""
+    sweep = load("extend_attention_variants_h200.json")
+    if not sweep:
+        return "extend kernel launch variants: no sweep file"
+    ms = {r["variant"]: r["ms"] for r in sweep["rows"] if r["shape"] == "qwen3-0.6b" and r["cache"] == "bf16"}
+    return (
+        "the extend kernel's launch is picked by shape (`extend_attention.launch_config`): no causal masks below the "
+        "diagonal, and 128-row query tiles with a register cap for long bf16 prompts; the same bits, "
+        f"{ms['plain'] / ms['default']:.2f}x faster per layer at 32k ({ms['default']:.1f} vs {ms['plain']:.1f} ms; "
+        f"SDPA over the whole prompt {ms['torch sdpa (whole prompt)']:.1f} ms; `extend_attention_variants_h200.json`)"
+    )
 
 
 def ncu_summary() -> str:
