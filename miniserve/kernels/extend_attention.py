@@ -193,12 +193,9 @@ def extend_attention(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return out
-    asked = dict(block_m=block_m, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
-                 split_diag=split_diag, same_kv_strides=same_kv_strides)  # fmt: skip
     auto = launch_config(head_dim, key_cache.dtype, meta.max_query_len, q.device)
-    cfg = {k: auto.get(k) if v is None else v for k, v in asked.items()}
-    block_m, num_warps, num_stages, maxnreg = cfg["block_m"], cfg["num_warps"], cfg["num_stages"], cfg["maxnreg"]
-    split_diag, same_kv_strides = cfg["split_diag"], cfg["same_kv_strides"]
+    asked = (block_m, num_warps, num_stages, maxnreg, split_diag, same_kv_strides)
+    block_m, num_warps, num_stages, maxnreg, split_diag, same_kv_strides = _or_auto(auto, asked)
     block_n = block_n or kv_block_n(key_cache.dtype)
     mode, nan_all_ones, kv_factor = kv_mode(key_cache.dtype, q.device, fp8_decode)
     kc, vc = cache_view(key_cache), cache_view(value_cache)
@@ -229,6 +226,11 @@ def extend_attention(
     return out
 
 
+def _or_auto(auto: dict, asked: tuple) -> list:
+    """Each launch parameter the caller asked for, else launch_config's choice (both in launch_config's key order)."""
+    return [auto[k] if a is None else a for k, a in zip(auto, asked, strict=True)]
+
+
 LONG_QUERY = 4096  # new tokens in a launch from which long-prompt tiles pay (H200: equal at 2048, 1.6x at 8192)
 
 
@@ -241,7 +243,8 @@ def launch_config(head_dim: int, cache_dtype: torch.dtype, max_query_len: int, d
       thread (two programs an SM): 1.6x the 64-row tile at 32k (Qwen3-0.6B and Llama-3.1-8B heads). FP8 caches
       with these tiles were 1.3-2.7x slower (the byte-wise dequantization needs the registers), short prompts
       no faster: they keep 64 rows and 4 warps.
-    - The interpreter: 16-row tiles (it pays per program and per masked element alike)."""
+    - The interpreter: 16-row tiles (it pays per program and per masked element alike).
+    Keys in extend_attention's parameter order: block_m, num_warps, num_stages, maxnreg, split_diag, same_kv_strides."""
     cfg = dict(block_m=64, num_warps=4, num_stages=2, maxnreg=None, split_diag=True, same_kv_strides=True)
     if triton_interpreter_enabled():
         cfg["block_m"] = 16
