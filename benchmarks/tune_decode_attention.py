@@ -43,6 +43,7 @@ SHAPES = {
 # name: decode_attention keyword arguments (the tests run every one against the torch reference)
 FP8_VARIANTS = {
     "default": dict(fp8_decode="auto"),
+    "uncapped": dict(fp8_decode="auto", maxnreg=0),  # the default before default_register_cap
     "staged": dict(fp8_decode="hw-staged"),
     "staged w8": dict(fp8_decode="hw-staged", num_warps=8),
     "staged bn64": dict(fp8_decode="hw-staged", block_n=64),
@@ -72,7 +73,7 @@ def time_config(case, fp8_decode: str = "auto", **kw) -> float:
     return bench_gpu_ms(fn)
 
 
-def fp8_variants() -> list[dict]:
+def fp8_variants(names: list[str] | None = None) -> list[dict]:
     """Every FP8_VARIANTS entry at every shape: GPU time, KV bandwidth, speedup over the bf16 cache at its
     default, and whether its output is bit-identical to the default FP8 kernel's (the condition for making it
     the default without changing any result)."""
@@ -85,6 +86,8 @@ def fp8_variants() -> list[dict]:
         q, kc, vc, meta, (ks, vs), nbytes = case
         default = decode_attention(q, kc, vc, meta, ks, vs, 0.1)
         for variant, kw in FP8_VARIANTS.items():
+            if names and variant not in names:
+                continue
             row = {"shape": name, "variant": variant, **kw, "bf16_us": bf16_us}
             try:
                 out = decode_attention(q, kc, vc, meta, ks, vs, 0.1, **kw)
@@ -113,6 +116,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--once", default=None, help="run one shape ('name|cache') a few times, e.g. under ncu")
     ap.add_argument("--fp8-variants", action="store_true", help="time FP8_VARIANTS only (see fp8_variants)")
+    ap.add_argument("--variants", nargs="+", choices=list(FP8_VARIANTS), help="--fp8-variants: these only")
     args = ap.parse_args()
     if args.once:  # cache: bf16, or an FP8_VARIANTS name prefixed "fp8" ("fp8" = the default, "fp8 staged w8")
         name, dname = args.once.split("|")
@@ -126,7 +130,7 @@ def main() -> None:
             time_config(case, **kw)
         return
     if args.fp8_variants:
-        rows = fp8_variants()
+        rows = fp8_variants(args.variants)
         for r in rows:
             if "us" not in r:
                 print(f"{r['shape']:25s} {r['variant']:16s} {r['error']}")

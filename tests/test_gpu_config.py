@@ -254,3 +254,38 @@ def test_extend_explicit_launch_arguments_win(monkeypatch):
     ext.extend_attention(*args)
     ext.extend_attention(*args, split_diag=False, same_kv_strides=False)
     assert [a[1:] for a in seen] == [(True, False, True), (False, False, False)]
+
+
+def test_decode_register_cap_by_shape(monkeypatch):
+    """decode_attention.default_register_cap: 168 registers for an FP8 cache read exactly at head_dim 128 on
+    NVIDIA (bit-identical, faster on the H200); none for bf16, for the staged read, at head_dim 64, on ROCm, and
+    in the interpreter."""
+    import miniserve.kernels.decode_attention as dec
+
+    monkeypatch.setattr(dec, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(dec, "is_rocm", lambda: False)
+    cuda, fp8 = torch.device("cuda"), torch.float8_e4m3fn
+    assert dec.default_register_cap(128, fp8, "auto", cuda) == dec.EXACT_FP8_HEAD128_REGISTERS == 168
+    assert dec.default_register_cap(128, torch.bfloat16, "auto", cuda) == 0
+    assert dec.default_register_cap(128, fp8, "hw-staged", cuda) == 0
+    assert dec.default_register_cap(64, fp8, "auto", cuda) == 0
+    assert dec.default_register_cap(128, fp8, "auto", torch.device("cpu")) == 0
+    monkeypatch.setattr(dec, "is_rocm", lambda: True)
+    assert dec.default_register_cap(128, torch.float8_e4m3fnuz, "auto", cuda) == 0
+    monkeypatch.setattr(dec, "is_rocm", lambda: False)
+    monkeypatch.setattr(dec, "triton_interpreter_enabled", lambda: True)
+    assert dec.default_register_cap(128, fp8, "auto", cuda) == 0
+
+
+def test_decode_launch_takes_the_cap_unless_asked(monkeypatch):
+    """decode_attention launches with default_register_cap's cap when maxnreg is None, and with none at 0."""
+    import miniserve.kernels.decode_attention as dec
+
+    caps = []
+    monkeypatch.setattr(dec, "default_register_cap", lambda *a: 168)
+    monkeypatch.setattr(dec, "register_cap", lambda n: caps.append(n) or {})
+    b = make_batch([(40, 1), (17, 1)], 16, 4, 2, 64, torch.float8_e4m3fn, torch.bfloat16, seed=0)
+    args = (b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3)
+    dec.decode_attention(*args)
+    dec.decode_attention(*args, maxnreg=0)
+    assert caps == [168, 0]

@@ -387,6 +387,20 @@ def register_cap(maxnreg: int | None) -> dict:
     return {"maxnreg": maxnreg} if maxnreg else {}
 
 
+EXACT_FP8_HEAD128_REGISTERS = 168
+
+
+def default_register_cap(head_dim: int, cache_dtype: torch.dtype, fp8_decode: str, device: torch.device) -> int:
+    """The decode kernel's register cap by shape (0: none). An FP8 cache read exactly ("auto") at head_dim 128
+    needs ~200 registers a thread, so two programs fit an SM; capped at 168, three do, with the same arithmetic
+    (bit-identical output): 1.19-1.23x faster on the H200 at 64 x 4k (Llama-3.1-8B heads) and 256 x 1.1k
+    (Qwen3-0.6B), 1.03x at 8 x 4k (benchmarks/results/decode_attention_fp8_variants_h200.json). At head_dim 64
+    the kernel needs 137 and a cap made ptxas take more and run slower: none. Measured on NVIDIA only."""
+    exact_fp8 = is_fp8(cache_dtype) and fp8_decode == "auto"
+    nvidia = device.type == "cuda" and not is_rocm() and not triton_interpreter_enabled()
+    return EXACT_FP8_HEAD128_REGISTERS if exact_fp8 and head_dim == 128 and nvidia else 0
+
+
 def check_kernel_inputs(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
     if key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1:
         raise ValueError("the Triton attention kernels need caches whose head_dim is contiguous")
@@ -438,7 +452,7 @@ def decode_attention(
 ) -> torch.Tensor:
     """Decode attention: q [num_seqs, num_q_heads, head_dim] -> same shape, q.dtype. See module docstring.
     maxnreg: a cap on registers per thread for ptxas (more resident programs; spills past what the kernel needs:
-    benchmarks/kernel_resources.py says which)."""
+    benchmarks/kernel_resources.py says which); None: default_register_cap's, 0: none."""
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     group = num_q_heads // num_kv_heads
@@ -449,6 +463,7 @@ def decode_attention(
         return out
     splits = num_splits or choose_num_splits(meta.max_seq_len, split_tokens)
     mode, nan_all_ones, kv_factor = kv_mode(key_cache.dtype, q.device, fp8_decode)
+    maxnreg = default_register_cap(head_dim, key_cache.dtype, fp8_decode, q.device) if maxnreg is None else maxnreg
     block_n = block_n or kv_block_n(key_cache.dtype)
     head_dim_pad = triton.next_power_of_2(head_dim)
     part_acc = part_ml = out  # unused placeholders when there is one split
