@@ -60,8 +60,8 @@ class EngineConfig:
     fp8_decode: str = setting(
         "auto",
         "how attention reads an FP8 KV cache; auto = exact (the reference's values bit for bit); hw-staged = "
-        "faster on NVIDIA Hopper (e4m3fn; up to 1.36x per kernel, 1.14x nano throughput on an H200) but a few "
-        "outputs differ from auto by one bf16 ulp",
+        "faster on NVIDIA Hopper (e4m3fn; measured in the README's Performance section) but a few outputs differ "
+        "from auto by one bf16 ulp",
         FP8_DECODES,
     )
     block_size: int = setting(16, "tokens per KV block (a power of two)")
