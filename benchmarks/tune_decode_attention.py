@@ -54,6 +54,8 @@ FP8_VARIANTS = {
     "staged s1": dict(fp8_decode="hw-staged", num_stages=1),
     # register caps at which ptxas (triton 3.6) does not spill: more resident programs, same arithmetic
     "r168": dict(fp8_decode="auto", maxnreg=168),
+    "r128": dict(fp8_decode="auto", maxnreg=128),  # head_dim 64: 137 -> 127 registers, no spill, 3 -> 4 blocks/SM
+    "r96": dict(fp8_decode="auto", maxnreg=96),  # head_dim 64: 80 bytes of spill, 5 blocks/SM
     "staged bn64 r80": dict(fp8_decode="hw-staged", block_n=64, maxnreg=80),
     "staged w8 r80": dict(fp8_decode="hw-staged", num_warps=8, maxnreg=80),
     "staged s1 r128": dict(fp8_decode="hw-staged", num_stages=1, maxnreg=128),  # 8 bytes of stack: 4 blocks/SM
