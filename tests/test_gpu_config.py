@@ -257,18 +257,20 @@ def test_extend_explicit_launch_arguments_win(monkeypatch):
 
 
 def test_decode_register_cap_by_shape(monkeypatch):
-    """decode_attention.default_register_cap: 168 registers for an FP8 cache read exactly at head_dim 128 on
-    NVIDIA (bit-identical, faster on the H200); none for bf16, for the staged read, at head_dim 64, on ROCm, and
-    in the interpreter."""
+    """decode_attention.default_register_cap: 128 registers for an FP8 cache read exactly at head_dim 64 or 128
+    on NVIDIA (bit-identical, faster on the H200); none for bf16, for the staged read, at unmeasured head sizes,
+    on ROCm, and in the interpreter."""
     import miniserve.kernels.decode_attention as dec
 
     monkeypatch.setattr(dec, "triton_interpreter_enabled", lambda: False)
     monkeypatch.setattr(dec, "is_rocm", lambda: False)
     cuda, fp8 = torch.device("cuda"), torch.float8_e4m3fn
-    assert dec.default_register_cap(128, fp8, "auto", cuda) == dec.EXACT_FP8_HEAD128_REGISTERS == 168
+    assert dec.default_register_cap(128, fp8, "auto", cuda) == dec.EXACT_FP8_REGISTERS == 128
+    assert dec.default_register_cap(64, fp8, "auto", cuda) == 128
     assert dec.default_register_cap(128, torch.bfloat16, "auto", cuda) == 0
     assert dec.default_register_cap(128, fp8, "hw-staged", cuda) == 0
-    assert dec.default_register_cap(64, fp8, "auto", cuda) == 0
+    assert dec.default_register_cap(96, fp8, "auto", cuda) == 0
+    assert dec.default_register_cap(256, fp8, "auto", cuda) == 0
     assert dec.default_register_cap(128, fp8, "auto", torch.device("cpu")) == 0
     monkeypatch.setattr(dec, "is_rocm", lambda: True)
     assert dec.default_register_cap(128, torch.float8_e4m3fnuz, "auto", cuda) == 0

@@ -387,18 +387,20 @@ def register_cap(maxnreg: int | None) -> dict:
     return {"maxnreg": maxnreg} if maxnreg else {}
 
 
-EXACT_FP8_HEAD128_REGISTERS = 168
+EXACT_FP8_REGISTERS = 128
 
 
 def default_register_cap(head_dim: int, cache_dtype: torch.dtype, fp8_decode: str, device: torch.device) -> int:
-    """The decode kernel's register cap by shape (0: none). An FP8 cache read exactly ("auto") at head_dim 128
-    needs ~200 registers a thread, so two programs fit an SM; capped at 168, three do, with the same arithmetic
-    (bit-identical output): 1.19-1.23x faster on the H200 at 64 x 4k (Llama-3.1-8B heads) and 256 x 1.1k
-    (Qwen3-0.6B), 1.03x at 8 x 4k (benchmarks/results/decode_attention_fp8_variants_h200.json). At head_dim 64
-    the kernel needs 137 and a cap made ptxas take more and run slower: none. Measured on NVIDIA only."""
+    """The decode kernel's register cap by shape (0: none). An FP8 cache read exactly ("auto") needs ~200
+    registers a thread at head_dim 128 (two programs an SM) and 137 at 64 (three); capped at 128, four fit (at
+    head_dim 128 with some spilling), with the same arithmetic: bit-identical output, and on the H200 1.16-1.28x
+    faster than uncapped at head_dim 128 (Llama-3.1-8B heads at 8 and 64 x 4k, Qwen3-0.6B at 256 x 1.1k; a cap
+    of 168 gained less), no slower at head_dim 64 (Llama-3.2-1B, 64 x 640): two runs,
+    benchmarks/results/decode_attention_fp8_variants_h200.json and decode_attention_fp8_r128_h200.json. Other head
+    sizes were not measured: none. NVIDIA only."""
     exact_fp8 = is_fp8(cache_dtype) and fp8_decode == "auto"
     nvidia = device.type == "cuda" and not is_rocm() and not triton_interpreter_enabled()
-    return EXACT_FP8_HEAD128_REGISTERS if exact_fp8 and head_dim == 128 and nvidia else 0
+    return EXACT_FP8_REGISTERS if exact_fp8 and head_dim in (64, 128) and nvidia else 0
 
 
 def check_kernel_inputs(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
