@@ -217,11 +217,13 @@ class GrammarState:
 
 _batch_filler: Any = None
 # Rows are filled one by one on this thread unless the last fill took longer than this: xgrammar's thread pool
-# (BatchGrammarMatcher) pays a wake-up per call that costs more than cheap masks do (inside an unbounded JSON string,
-# 32 rows of a 128k vocabulary take about 1 ms one by one and 1-4 ms through the pool on 2 cores), while an expensive
-# state (a bounded string: every token's validity depends on the characters left) takes tens of milliseconds and
-# divides over the threads.
-POOL_AFTER_MS = 2.0
+# (BatchGrammarMatcher) pays a wake-up per call that costs more than cheap masks do, and on the H200's 16-core host
+# it did not fill faster than one thread at the median at any thread count (benchmarks/grammar_fill.py: 32 rows of
+# a 128k vocabulary inside an unbounded JSON string, 1.9 ms one by one, 1.9-2.5 ms pooled); only the slow states of a
+# bounded string (every token's validity depends on the characters left) gained from it on average. At 2 ms the
+# unbounded schema's ordinary fills crossed over into the pool, and ran at 0.26x unconstrained against 0.36x never
+# pooled (structured_outputs_h200.json), hence 4.
+POOL_AFTER_MS = 4.0
 _last_fill_ms = 0.0
 
 
