@@ -63,7 +63,7 @@ def strategies(threads: list[int]) -> dict:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
     ap.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the shape's)")
@@ -72,7 +72,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     import xgrammar as xgr
 
     vocab = args.vocab or SHAPES[args.shape]["vocab_size"]

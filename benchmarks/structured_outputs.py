@@ -133,7 +133,7 @@ def run(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tuple[flo
     return seconds, sum(lengths)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
     ap.add_argument("--root", default="/tmp/miniserve-ckpt", help="where random-weight checkpoints are written")
@@ -149,7 +149,7 @@ def main() -> int:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="a one-layer model of the shape (full vocabulary): CPU check")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     path = checkpoint(args.shape, args.root, args.smoke)
     llm = LLM(
