@@ -75,7 +75,7 @@ if [ "$part" = serving ]; then
     --phases stream,plain,offline,fake --fake-step-ms 5 --client-procs 4 --out "$out/serve_h200.json" 2>&1 |
     grep -v -i warn | tail -12
   timeout 200 python3 benchmarks/structured_outputs.py --shape llama-3.2-1b --batch 32 --prompt 128 --gen 256 \
-    --pool-after-ms 2 -1 1000000 --out "$out/structured_outputs_h200.json" 2>&1 | grep -v -i warn | tail -12
+    --pool-after-ms 4 -1 1000000 --out "$out/structured_outputs_h200.json" 2>&1 | grep -v -i warn | tail -12
   timeout 150 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 64 --input-len 512 --output-len 256 \
     --request-rate 4 --phases stream,offline --client-procs 2 --out "$out/serve_rate4_h200.json" 2>&1 |
     grep -v -i warn | tail -8
@@ -98,7 +98,8 @@ if [ "$part" = fp8decode ]; then
 fi
 
 if [ "$part" = nano ]; then
-  # nano-vllm's benchmark: bf16 KV, fp8 KV with the default decode kernel, and with the staged FP8 decode variant
+  # nano-vllm's benchmark: bf16 KV, fp8 KV with the default decode kernel (its register cap:
+  # decode_attention.default_register_cap), and with the staged FP8 decode variant
   tp 300 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-variant default staged --repeats 1 \
     --out "$out/throughput_nano_h200.json"
 fi
