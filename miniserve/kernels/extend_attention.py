@@ -244,24 +244,21 @@ def launch_config(head_dim: int, cache_dtype: torch.dtype, max_query_len: int, d
       with these tiles were 1.3-2.7x slower (the byte-wise dequantization needs the registers), short prompts
       no faster: they keep 64 rows and 4 warps.
     - The interpreter: 16-row tiles (it pays per program and per masked element alike).
+    - ROCm: the launch before (the split's unmasked tiles round through PTX's mul.rn, and nothing was measured there).
     Keys in extend_attention's parameter order: block_m, num_warps, num_stages, maxnreg, split_diag, same_kv_strides."""
     cfg = dict(block_m=64, num_warps=4, num_stages=2, maxnreg=None, split_diag=True, same_kv_strides=True)
     if triton_interpreter_enabled():
         cfg["block_m"] = 16
-    elif (
-        max_query_len >= LONG_QUERY
-        and head_dim == 128
-        and not is_fp8(cache_dtype)
-        and device.type == "cuda"
-        and not is_rocm()
-    ):
+    elif device.type != "cuda" or is_rocm():
+        cfg.update(split_diag=False, same_kv_strides=False)
+    elif max_query_len >= LONG_QUERY and head_dim == 128 and not is_fp8(cache_dtype):
         cfg.update(block_m=128, num_warps=8, num_stages=3, maxnreg=128)
     return cfg
 
 
 def _variant_constants(pack: int, split_diag: bool | str, reverse: bool, same_kv_strides: bool) -> dict:
-    """The kernel constants of the variants asked for, and only those: the default launch passes what it always
-    did (so it compiles to the same kernel). Kernel comments and benchmarks/results/extend_attention_registers.md
+    """The kernel constants of the variants asked for, and only those: a launch without variants passes none (so it
+    compiles to the kernel before them). Kernel comments and benchmarks/results/extend_attention_registers.md
     say more. gqa_pack: a program per KV head and block_m tokens, its query heads stacked into the dot's rows
     (block_m * next_power_of_2(group) rows); split_diag: the tiles below the causal diagonal without masks ("fma":
     and their score scaling folded into the exponent's FFMA, which changes roundings); reverse: the longest query
