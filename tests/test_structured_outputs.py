@@ -318,8 +318,11 @@ def test_a_server_without_xgrammar_serves_and_refuses_constraints_by_name(tmp_pa
 
 @pytest.mark.parametrize("pool_after_ms", [-1.0, float("inf")])
 def test_masks_filled_row_by_row_or_by_the_thread_pool_are_the_rows_filled_alone(monkeypatch, pool_after_ms):
-    """build_bitmask fills a batch row by row or through xgrammar's pool (after a slow fill: forced here); either
-    way each row is the mask of its state filled alone, and rows without a grammar allow every token."""
+    """build_bitmask fills a batch on one thread or through xgrammar's pool (after a slow fill: forced here); either
+    way each row is the mask its matcher fills alone (xgrammar's own per-matcher call), and rows without a grammar
+    allow every token."""
+    import xgrammar as xgr
+
     from miniserve.engine import structured_output
     from miniserve.engine.structured_output import GrammarCompiler, build_bitmask
     from miniserve.sampling_params import StructuredOutputsParams
@@ -338,7 +341,10 @@ def test_masks_filled_row_by_row_or_by_the_thread_pool_are_the_rows_filled_alone
     for _ in range(2):  # the second call follows a fill (slower than -1 ms: the pool when forced)
         got = build_bitmask(batch, vocab, torch.device("cpu"))
         for row, state in enumerate(batch):
-            alone = build_bitmask([state], vocab, torch.device("cpu")) if state is not None else None
-            want = alone[0] if alone is not None else torch.full_like(got[row], -1)
+            want = torch.full_like(got[row], -1)
+            if state is not None:
+                alone = xgr.allocate_token_bitmask(1, vocab)
+                state.matcher.fill_next_token_bitmask(alone, 0)
+                want = alone[0]
             assert torch.equal(got[row], want), row
         assert not torch.equal(got[0], got[2])

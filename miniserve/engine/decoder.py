@@ -12,12 +12,17 @@ step (tokens, stop rules, outputs) while the GPU runs the new one. So the GPU ne
 work. The price: a sequence that stops on EOS or a stop string has one step computed past its end, which is
 dropped. Greedy outputs are identical with and without it. A step whose sampling reads the output so far
 (penalties, bans, a grammar's mask) is launched the same way; its forward pass needs only the token on the device,
-so the host reads the step in flight while the forward runs, then builds the sampling batch (and fills the masks)
-from the histories that now include it, and samples. Seeded outputs are identical too.
+so the host reads the step in flight while the forward runs, then builds the sampling batch from the histories
+that now include it, and samples. A grammar's masks are filled on the grammar thread instead
+(structured_output.fill_later: xgrammar releases the GIL), while the engine processes the step just read; the step
+is sampled at the decoder's next call (`pending`, settled first by every entry point). Seeded outputs are
+identical too.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,7 +31,7 @@ import torch
 from miniserve.engine.model_runner import ForwardInput, ModelRunner
 from miniserve.engine.output_processor import OutputProcessor
 from miniserve.engine.sampler import SamplerOutput, SamplingBatch, sample
-from miniserve.engine.structured_output import build_bitmask
+from miniserve.engine.structured_output import build_bitmask, fill_later
 from miniserve.engine.transfer import to_device
 from miniserve.scheduler.scheduler import ScheduledSeq, Scheduler
 from miniserve.scheduler.sequence import Sequence
@@ -67,6 +72,17 @@ class _InFlight:
     batch: SamplingBatch
 
 
+@dataclass
+class _Pending:
+    """A constrained decode step whose forward pass is launched and whose sampling waits for the grammar masks,
+    being filled on the grammar thread while the engine processes the step before (_settle samples it)."""
+
+    seqs: list[Sequence]
+    logits: torch.Tensor
+    batch: SamplingBatch  # everything but the masks
+    masks: Future  # -> the host bitmask (structured_output.fill_later)
+
+
 class PlainDecoder:
     """One target forward pass per step, one sampled token per sequence whose prompt is complete."""
 
@@ -84,12 +100,14 @@ class PlainDecoder:
         self.scheduler = scheduler
         self.overlap = overlap and scheduler is not None
         self.in_flight: _InFlight | None = None
+        self.pending: _Pending | None = None  # a step launched, its sampling waiting for masks: before in_flight
         self.num_overlapped_steps = 0  # decode steps launched before their predecessor was read
 
     def continue_in_flight(self) -> list[Sequence] | None:
         """With a decode step in flight whose batch can go on unchanged: grow each sequence by one slot, launch its
         next step from the samples on the device, then read the step in flight. The scheduler is not asked: it
         would plan exactly this (one new token each), and at large batches its bookkeeping costs milliseconds."""
+        self._settle()
         f = self.in_flight
         if f is None or not self._can_continue(f):
             return None
@@ -99,16 +117,18 @@ class PlainDecoder:
         if f.batch.penalized:  # its sampling reads the token in flight: read that while the forward runs
             logits = self._forward(f.seqs, f.samples)
             seqs = self._read(f)
-            self._sample_in_flight(f.seqs, logits, self.sampling_batch(f.seqs))
+            self._sample_after_masks(f.seqs, logits)
             return seqs
         self._launch(f.seqs, f.batch, f.samples)
         return self._read(f)
 
     def flush(self) -> list[Sequence]:
         """Read a step in flight whose batch cannot go on (the scheduler decides what runs next)."""
+        self._settle()
         return self._read() if self.in_flight is not None else []
 
     def step(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
+        self._settle()
         prompts = [s for s in scheduled if not _is_decode(s)]
         if len(prompts) == 1 and len(scheduled) > 1 and self._has_prompt_graph(prompts[0]):
             done = self._step_now(prompts)
@@ -164,10 +184,14 @@ class PlainDecoder:
 
         A history is copied out of the sequence only when the sampler reads it: copying every sequence's
         output every step would cost O(length) per token."""
+        masks = build_bitmask(_grammars(seqs), self.vocab_size, self.target.device)
+        return self._batch_without_masks(seqs, histories, masks)
+
+    def _batch_without_masks(
+        self, seqs: list[Sequence], histories: list[list[int]] | None = None, masks: torch.Tensor | None = None
+    ) -> SamplingBatch:
         if histories is None:
             histories = [s.output_token_ids if s.params.needs_history else [] for s in seqs]
-        # constrained sequences: their next-token masks (none for one that just ended: its row is dropped)
-        grammars = [s.grammar if not s.is_finished else None for s in seqs]
         return SamplingBatch.build(
             [s.params for s in seqs],
             [s.generator for s in seqs],
@@ -176,8 +200,25 @@ class PlainDecoder:
             self.outputs.eos_token_ids,
             self.vocab_size,
             self.target.device,
-            token_bitmask=build_bitmask(grammars, self.vocab_size, self.target.device),
+            token_bitmask=masks,
         )
+
+    def _sample_after_masks(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Sample a penalized step now, or, when grammars constrain it, once their masks are filled: on the grammar
+        thread, while the engine processes the step just read (the next call's _settle samples it)."""
+        grammars = _grammars(seqs)
+        if all(g is None for g in grammars):
+            self._sample_in_flight(seqs, logits, self._batch_without_masks(seqs))
+            return
+        masks = fill_later(grammars, self.vocab_size, self.target.device.type == "cuda")
+        self.pending = _Pending(seqs, logits, self._batch_without_masks(seqs), masks)
+
+    def _settle(self) -> None:
+        """Sample the step whose grammar masks were being filled (its forward pass was launched before)."""
+        p, self.pending = self.pending, None
+        if p is not None:
+            masks = p.masks.result().to(self.target.device, non_blocking=True)
+            self._sample_in_flight(p.seqs, p.logits, dataclasses.replace(p.batch, token_bitmask=masks))
 
     # ---------------------------------------------------------------- overlapped decode steps
 
@@ -242,6 +283,11 @@ class PlainDecoder:
 
     def stats(self) -> dict:
         return {}
+
+
+def _grammars(seqs: list[Sequence]) -> list:
+    """Each sequence's grammar state, None where it has none or has just ended (its row is dropped)."""
+    return [s.grammar if not s.is_finished else None for s in seqs]
 
 
 def _is_decode(s: ScheduledSeq) -> bool:

@@ -33,6 +33,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -211,9 +212,6 @@ class GrammarState:
         """The grammar is complete and its stop token was accepted: nothing more may follow."""
         return self.matcher.is_terminated()
 
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        self.matcher.fill_next_token_bitmask(bitmask, row)
-
 
 _batch_filler: Any = None
 # Rows are filled one by one on this thread unless the last fill took longer than this: xgrammar's thread pool
@@ -229,23 +227,43 @@ _last_fill_ms = 0.0
 
 def build_bitmask(states: list[GrammarState | None], vocab_size: int, device: torch.device) -> torch.Tensor | None:
     """The batch's packed next-token masks on `device`; rows without a grammar allow everything. None when no row
-    has a grammar. Filled in C++ off the GIL: row by row, or by xgrammar's thread pool after a slow fill."""
-    global _batch_filler, _last_fill_ms
+    has a grammar."""
+    host = fill_host_bitmask(states, vocab_size, device.type == "cuda")
+    return None if host is None else host.to(device, non_blocking=True)
+
+
+def fill_host_bitmask(states: list[GrammarState | None], vocab_size: int, pinned: bool) -> torch.Tensor | None:
+    """The masks in host memory (page-locked when `pinned`): one xgrammar call for all rows, in C++ with the GIL
+    released, on one thread, or on xgrammar's pool after a slow fill."""
+    global _batch_filler, _one_thread, _last_fill_ms
     rows = [i for i, s in enumerate(states) if s is not None]
     if not rows:
         return None
     xgr = import_xgrammar()
-    bitmask = _host_bitmask(len(states), vocab_size, device.type == "cuda")
+    bitmask = _host_bitmask(len(states), vocab_size, pinned)
     start = time.perf_counter()
     if len(rows) > 1 and _last_fill_ms > POOL_AFTER_MS:
-        if _batch_filler is None:
-            _batch_filler = xgr.BatchGrammarMatcher()
-        _batch_filler.batch_fill_next_token_bitmask([states[i].matcher for i in rows], bitmask, rows)
+        _batch_filler = _batch_filler or xgr.BatchGrammarMatcher()
+        filler = _batch_filler
     else:
-        for i in rows:
-            states[i].fill(bitmask, i)
+        _one_thread = _one_thread or xgr.BatchGrammarMatcher(max_threads=1)
+        filler = _one_thread
+    filler.batch_fill_next_token_bitmask([states[i].matcher for i in rows], bitmask, rows)
     _last_fill_ms = (time.perf_counter() - start) * 1e3
-    return bitmask.to(device, non_blocking=True)
+    return bitmask
+
+
+_one_thread: Any = None
+_worker: ThreadPoolExecutor | None = None
+
+
+def fill_later(states: list[GrammarState | None], vocab_size: int, pinned: bool) -> Future:
+    """fill_host_bitmask on the grammar thread: xgrammar releases the GIL while it fills, so the engine processes
+    the step it has just read meanwhile (engine/decoder.py). One call for all rows: a call per row would wait for
+    the GIL between rows, up to a switch interval each while the engine's Python runs."""
+    global _worker
+    _worker = _worker or ThreadPoolExecutor(1, thread_name_prefix="miniserve-grammar")
+    return _worker.submit(lambda: fill_host_bitmask(states, vocab_size, pinned))  # looked up at the call: patchable
 
 
 _pinned: list = [None, None, 0]  # two page-locked [rows, words] buffers, used in turn; the next one's index
