@@ -106,12 +106,12 @@ def checkpoint(shape: str, root: str, smoke: bool) -> Path:
 
 
 class MaskTimer:
-    """Wraps structured_output.fill_host_bitmask (every mask fill goes through it, on the engine's thread or the
+    """Wraps structured_output.fill_rows (every mask fill goes through it, on the engine's thread or the
     grammar thread) to add up the host time spent filling masks."""
 
     def __init__(self) -> None:
         self.seconds, self.calls = 0.0, 0
-        self._inner = structured_output.fill_host_bitmask
+        self._inner = structured_output.fill_rows
 
     def __call__(self, *args, **kwargs):
         start = time.perf_counter()
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         run(llm, prompts[:2], params)
 
     timer = MaskTimer()
-    structured_output.fill_host_bitmask = timer
+    structured_output.fill_rows = timer
     results = {}
     for name, params in configs.items():
         structured_output.POOL_AFTER_MS = pool_after.get(name, DEFAULT_POOL_AFTER_MS)

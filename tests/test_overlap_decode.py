@@ -75,13 +75,13 @@ def test_grammar_constrained_steps_overlap_and_equal_stepwise_decoding(monkeypat
     from miniserve.engine import structured_output
     from miniserve.sampling_params import StructuredOutputsParams
 
-    fill, threads = structured_output.fill_host_bitmask, []
+    fill, threads = structured_output.fill_rows, []
 
     def recorded(*args):
         threads.append(threading.current_thread().name)
         return fill(*args)
 
-    monkeypatch.setattr(structured_output, "fill_host_bitmask", recorded)
+    monkeypatch.setattr(structured_output, "fill_rows", recorded)
 
     schema = {"type": "object", "properties": {"who": {"enum": ["ROMEO", "JULIET"]}, "ok": {"type": "boolean"}}}
     spec = StructuredOutputsParams(json={**schema, "required": ["who", "ok"]}, disable_any_whitespace=True)

@@ -228,19 +228,18 @@ _last_fill_ms = 0.0
 def build_bitmask(states: list[GrammarState | None], vocab_size: int, device: torch.device) -> torch.Tensor | None:
     """The batch's packed next-token masks on `device`; rows without a grammar allow everything. None when no row
     has a grammar."""
-    host = fill_host_bitmask(states, vocab_size, device.type == "cuda")
-    return None if host is None else host.to(device, non_blocking=True)
+    if all(s is None for s in states):
+        return None
+    host = fill_rows(states, _host_bitmask(len(states), vocab_size, device.type == "cuda"))
+    return host.to(device, non_blocking=True)
 
 
-def fill_host_bitmask(states: list[GrammarState | None], vocab_size: int, pinned: bool) -> torch.Tensor | None:
-    """The masks in host memory (page-locked when `pinned`): one xgrammar call for all rows, in C++ with the GIL
-    released, on one thread, or on xgrammar's pool after a slow fill."""
+def fill_rows(states: list[GrammarState | None], bitmask: torch.Tensor) -> torch.Tensor:
+    """Fill the rows of `bitmask` (host memory, every bit set) that have a grammar: one xgrammar call for all of
+    them, in C++ with the GIL released, on one thread, or on xgrammar's pool after a slow fill."""
     global _batch_filler, _one_thread, _last_fill_ms
     rows = [i for i, s in enumerate(states) if s is not None]
-    if not rows:
-        return None
     xgr = import_xgrammar()
-    bitmask = _host_bitmask(len(states), vocab_size, pinned)
     start = time.perf_counter()
     if len(rows) > 1 and _last_fill_ms > POOL_AFTER_MS:
         _batch_filler = _batch_filler or xgr.BatchGrammarMatcher()
@@ -258,12 +257,15 @@ _worker: ThreadPoolExecutor | None = None
 
 
 def fill_later(states: list[GrammarState | None], vocab_size: int, pinned: bool) -> Future:
-    """fill_host_bitmask on the grammar thread: xgrammar releases the GIL while it fills, so the engine processes
-    the step it has just read meanwhile (engine/decoder.py). One call for all rows: a call per row would wait for
-    the GIL between rows, up to a switch interval each while the engine's Python runs."""
+    """The host masks (as in build_bitmask; some row must have a grammar), filled on the grammar thread: xgrammar
+    releases the GIL while it fills, so the engine processes the step it has just read meanwhile
+    (engine/decoder.py). The buffer is taken on this thread (a page-locked one belongs to this thread's CUDA
+    device); one call fills all rows (a call per row would wait for the GIL between rows, up to a switch interval
+    each while the engine's Python runs)."""
     global _worker
+    bitmask = _host_bitmask(len(states), vocab_size, pinned)
     _worker = _worker or ThreadPoolExecutor(1, thread_name_prefix="miniserve-grammar")
-    return _worker.submit(lambda: fill_host_bitmask(states, vocab_size, pinned))  # looked up at the call: patchable
+    return _worker.submit(lambda: fill_rows(states, bitmask))  # fill_rows looked up at the call: patchable
 
 
 _pinned: list = [None, None, 0]  # two page-locked [rows, words] buffers, used in turn; the next one's index
