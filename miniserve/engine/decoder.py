@@ -185,9 +185,9 @@ class PlainDecoder:
         A history is copied out of the sequence only when the sampler reads it: copying every sequence's
         output every step would cost O(length) per token."""
         masks = build_bitmask(_grammars(seqs), self.vocab_size, self.target.device)
-        return self._batch_without_masks(seqs, histories, masks)
+        return self._build_batch(seqs, histories, masks)
 
-    def _batch_without_masks(
+    def _build_batch(
         self, seqs: list[Sequence], histories: list[list[int]] | None = None, masks: torch.Tensor | None = None
     ) -> SamplingBatch:
         if histories is None:
@@ -208,10 +208,10 @@ class PlainDecoder:
         thread, while the engine processes the step just read (the next call's _settle samples it)."""
         grammars = _grammars(seqs)
         if all(g is None for g in grammars):
-            self._sample_in_flight(seqs, logits, self._batch_without_masks(seqs))
+            self._sample_in_flight(seqs, logits, self._build_batch(seqs))
             return
         masks = fill_later(grammars, self.vocab_size, self.target.device.type == "cuda")
-        self.pending = _Pending(seqs, logits, self._batch_without_masks(seqs), masks)
+        self.pending = _Pending(seqs, logits, self._build_batch(seqs), masks)
 
     def _settle(self) -> None:
         """Sample the step whose grammar masks were being filled (its forward pass was launched before)."""

@@ -19,7 +19,8 @@ import torch
 from miniserve.config import EngineConfig, SettingError, resolve_device, resolve_dtype, resolve_kv_cache_dtype
 from miniserve.engine.cuda_graphs import BucketedGraphs, block_tables
 from miniserve.engine.transfer import to_device
-from miniserve.kernels.backend import resolve_backend
+from miniserve.kernels.backend import is_rocm, resolve_backend
+from miniserve.kernels.fp8 import is_fp8
 from miniserve.kernels.metadata import AttentionMetadata, uniform_metadata_reference
 from miniserve.models.config import ModelConfig
 from miniserve.models.llama import LayerKV
@@ -283,9 +284,9 @@ class ModelRunner:
 
 def set_fp8_decode(model: torch.nn.Module, mode: str, kv_dtype: torch.dtype, device: torch.device, role: str) -> None:
     """EngineConfig.fp8_decode for a worker's attention, when its pool is FP8 (a bf16 draft keeps auto)."""
-    if mode == "auto" or (kv_dtype.itemsize != 1 and role == "draft"):
+    if mode == "auto" or (not is_fp8(kv_dtype) and role == "draft"):
         return
-    if kv_dtype != torch.float8_e4m3fn or device.type != "cuda" or torch.version.hip:
+    if kv_dtype != torch.float8_e4m3fn or device.type != "cuda" or is_rocm():
         raise SettingError(
             "fp8_decode",
             f"fp8_decode={mode!r} needs an NVIDIA GPU and kv_cache_dtype=fp8 (float8_e4m3fn); this {role} "

@@ -213,8 +213,9 @@ class GrammarState:
         return self.matcher.is_terminated()
 
 
-_batch_filler: Any = None
-# Rows are filled one by one on this thread unless the last fill took longer than this: xgrammar's thread pool
+_one_thread: Any = None  # xgrammar's BatchGrammarMatcher on one thread: all rows in one call, off the GIL
+_batch_filler: Any = None  # the same on xgrammar's thread pool
+# Rows are filled on one thread (one call for all) unless the last fill took longer than this: xgrammar's thread pool
 # (BatchGrammarMatcher) pays a wake-up per call that costs more than cheap masks do, and on the H200's 16-core host
 # it did not fill faster than one thread at the median at any thread count (benchmarks/grammar_fill.py: 32 rows of
 # a 128k vocabulary inside an unbounded JSON string, 1.9 ms one by one, 1.9-2.5 ms pooled); only the slow states of a
@@ -252,8 +253,7 @@ def fill_rows(states: list[GrammarState | None], bitmask: torch.Tensor) -> torch
     return bitmask
 
 
-_one_thread: Any = None
-_worker: ThreadPoolExecutor | None = None
+_worker: ThreadPoolExecutor | None = None  # the grammar thread (fill_later)
 
 
 def fill_later(states: list[GrammarState | None], vocab_size: int, pinned: bool) -> Future:

@@ -183,9 +183,8 @@ def extend_attention(
     reverse: bool = False,
     same_kv_strides: bool | None = None,
 ) -> torch.Tensor:
-    """Extend attention: q [num_tokens, num_q_heads, head_dim], packed by meta.query_start_loc -> same.
-    fp8_decode, maxnreg: as in decode_attention; gqa_pack, split_diag, reverse, same_kv_strides: launch variants
-    (see _variant_constants). What is left None comes from launch_config (by shape, measured)."""
+    """Extend attention: q [num_tokens, num_q_heads, head_dim], packed by meta.query_start_loc -> same. Launch
+    parameters left None: launch_config's (by shape); variants: _variant_constants; fp8_decode: decode_attention's."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     check_kernel_inputs(q, key_cache, value_cache)
@@ -193,42 +192,44 @@ def extend_attention(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return out
-    auto = launch_config(head_dim, key_cache.dtype, meta.max_query_len, q.device)
-    asked = (block_m, num_warps, num_stages, maxnreg, split_diag, same_kv_strides)
-    block_m, num_warps, num_stages, maxnreg, split_diag, same_kv_strides = _or_auto(auto, asked)
+    cfg = _launch(head_dim, key_cache.dtype, meta.max_query_len, q.device, block_m=block_m, num_warps=num_warps,
+                  num_stages=num_stages, maxnreg=maxnreg, split_diag=split_diag,
+                  same_kv_strides=same_kv_strides)  # fmt: skip
     block_n = block_n or kv_block_n(key_cache.dtype)
     mode, nan_all_ones, kv_factor = kv_mode(key_cache.dtype, q.device, fp8_decode)
     kc, vc = cache_view(key_cache), cache_view(value_cache)
     group = num_q_heads // num_kv_heads
     pack = triton.next_power_of_2(group) if gqa_pack and group > 1 else 1
     heads = num_kv_heads if pack > 1 else num_q_heads
-    blocks = triton.cdiv(meta.max_query_len, block_m)
+    blocks = triton.cdiv(meta.max_query_len, cfg["block_m"])
     grid = (heads, blocks, meta.num_seqs) if reverse else (blocks, heads, meta.num_seqs)
-    variant = _variant_constants(pack, split_diag, reverse, same_kv_strides and kc.stride() == vc.stride())
+    same_strides = cfg["same_kv_strides"] and kc.stride() == vc.stride()
+    variant = _variant_constants(pack, cfg["split_diag"], reverse, same_strides)
     _extend_kernel[grid](
         q, kc, vc, meta.block_tables, meta.query_start_loc, meta.seq_lens, k_scale, v_scale, out, sm_scale * LOG2E,
         *layout_strides(q, out, meta, kc, vc),
         GROUP=group,
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-        BLOCK_M=block_m,
+        BLOCK_M=cfg["block_m"],
         BLOCK_N=block_n,
         BLOCK_SIZE=block_size,
         KV_MODE=mode,
         NAN_ALL_ONES=nan_all_ones,
         KV_FACTOR=kv_factor,
         **compute_dtype(q, key_cache.dtype),
-        num_warps=num_warps,
-        num_stages=num_stages,
-        **register_cap(maxnreg),
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        **register_cap(cfg["maxnreg"]),
         **variant,
     )  # fmt: skip
     return out
 
 
-def _or_auto(auto: dict, asked: tuple) -> list:
-    """Each launch parameter the caller asked for, else launch_config's choice (both in launch_config's key order)."""
-    return [auto[k] if a is None else a for k, a in zip(auto, asked, strict=True)]
+def _launch(head_dim: int, cache_dtype: torch.dtype, max_query_len: int, device: torch.device, **asked) -> dict:
+    """launch_config's choices, with what the caller asked for (each parameter not None) in their place."""
+    cfg = launch_config(head_dim, cache_dtype, max_query_len, device)
+    return cfg | {k: v for k, v in asked.items() if v is not None}
 
 
 LONG_QUERY = 4096  # new tokens in a launch from which long-prompt tiles pay (H200: equal at 2048, 1.6x at 8192)
@@ -245,7 +246,7 @@ def launch_config(head_dim: int, cache_dtype: torch.dtype, max_query_len: int, d
       no faster: they keep 64 rows and 4 warps.
     - The interpreter: 16-row tiles (it pays per program and per masked element alike).
     - ROCm: the launch before (the split's unmasked tiles round through PTX's mul.rn, and nothing was measured there).
-    Keys in extend_attention's parameter order: block_m, num_warps, num_stages, maxnreg, split_diag, same_kv_strides."""
+    Keys: block_m, num_warps, num_stages, maxnreg, split_diag, same_kv_strides (extend_attention's parameters)."""
     cfg = dict(block_m=64, num_warps=4, num_stages=2, maxnreg=None, split_diag=True, same_kv_strides=True)
     if triton_interpreter_enabled():
         cfg["block_m"] = 16
