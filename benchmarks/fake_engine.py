@@ -3,6 +3,7 @@
 
     python benchmarks/fake_engine.py --model DIR --port 8000 --step-ms 6 [--profile api.prof] [serve flags...]
     python benchmarks/fake_engine.py --real --engine-profile engine.prof --profile api.prof --model DIR ...
+    python benchmarks/fake_engine.py [--real] --trace DIR --model DIR ...   # timestamps, not a profile
 
 The engine process is replaced by `fake_core`, which speaks the engine process's protocol
 (miniserve/server/engine_process.py) and, every `--step-ms` milliseconds, gives every running request one more
@@ -10,6 +11,11 @@ token (random ids, in the vocabulary), finishing it at max_tokens; a stream gets
 its final output once. Everything else is the served app (routing, detokenizing in the API process, SSE, HTTP),
 so the server's throughput and inter-token latency against this engine are the API process's ceiling at that
 step time, and `--profile` writes a cProfile of the API process's event loop.
+
+`--trace DIR` (fake or real engine) records, without a profiler's slowdown, when the engine process sent each
+message (engine_trace.json), when the API process's event loop took each batch of them and how many steps it held,
+and when each SSE/HTTP body chunk was written (api_trace.json): benchmarks/serve_trace.py tells from these where
+a stream's tokens get grouped (engine, pipe hand-over, event loop, or the client).
 """
 
 from __future__ import annotations
@@ -68,6 +74,74 @@ def profiled_core(config, commands, outputs, path: str) -> None:
         profiler.dump_stats(path)
 
 
+def traced_core(config, commands, outputs, path: str, inner=None) -> None:
+    """`inner` (the real engine process, or the fake one) with the time of every message it sends recorded."""
+    import atexit
+    import json
+
+    from miniserve.server import engine_process, pipe
+
+    sent: list[tuple[float, str]] = []
+    send = pipe.FrameWriter.send
+
+    def timed_send(self, msg):
+        send(self, msg)
+        sent.append((time.monotonic(), msg[0]))
+
+    pipe.FrameWriter.send = timed_send
+    atexit.register(lambda: Path(path).write_text(json.dumps(sent)))
+    try:
+        (inner or engine_process._core_main)(config, commands, outputs)
+    finally:
+        Path(path).write_text(json.dumps(sent))
+
+
+def trace_api(path: str) -> None:
+    """Record, in this (the API) process, each hand-over of engine messages to the event loop (time, steps in it)
+    and each response body chunk written (time, bytes); written to `path` at exit."""
+    import atexit
+    import json
+
+    from uvicorn.protocols.http import h11_impl
+
+    from miniserve.server.engine_process import EngineProcess
+
+    handovers: list[tuple[float, int, int, float]] = []  # (time, messages, steps among them, seconds to route)
+    writes: list[tuple[float, int]] = []
+    lags: list[tuple[float, float]] = []  # (time, how late a 1 ms timer fired): the event loop's responsiveness
+    on_messages, send, attach = EngineProcess._on_messages, h11_impl.RequestResponseCycle.send, EngineProcess.attach
+
+    async def watch_loop() -> None:
+        import asyncio
+
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(0.001)
+            lags.append((t, time.monotonic() - t - 0.001))
+
+    def traced_attach(self, loop):
+        attach(self, loop)
+        loop.call_soon_threadsafe(lambda: loop.create_task(watch_loop()))
+
+    def timed_on_messages(self):
+        waiting = len(self._inbox)
+        steps = sum(1 for m in self._inbox if m[0] == "step")
+        t = time.monotonic()
+        on_messages(self)
+        handovers.append((t, waiting, steps, time.monotonic() - t))
+
+    async def timed_send(self, message):
+        await send(self, message)
+        if message.get("type") == "http.response.body" and message.get("body"):
+            writes.append((time.monotonic(), len(message["body"])))
+
+    EngineProcess._on_messages = timed_on_messages
+    EngineProcess.attach = traced_attach
+    h11_impl.RequestResponseCycle.send = timed_send
+    trace = {"handovers": handovers, "writes": writes, "lags": lags}
+    atexit.register(lambda: Path(path).write_text(json.dumps(trace)))
+
+
 def _apply(commands, outputs, running: dict, block: bool) -> bool:
     acks = []
     while block or commands.poll():
@@ -109,6 +183,7 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="write a cProfile of the API process here at shutdown")
     ap.add_argument("--real", action="store_true", help="the real engine instead of the fake one")
     ap.add_argument("--engine-profile", default=None, help="--real: write a cProfile of the engine process here")
+    ap.add_argument("--trace", default=None, help="write engine_trace.json and api_trace.json (timestamps) here")
     args, serve_args = ap.parse_known_args()
     import miniserve.server.engine_process as engine_process
     from miniserve.cli import main as cli_main
@@ -117,6 +192,14 @@ def main() -> None:
         engine_process._core_main = functools.partial(fake_core, step_ms=args.step_ms)
     elif args.engine_profile:
         engine_process._core_main = functools.partial(profiled_core, path=args.engine_profile)
+    if args.trace:
+        import signal
+
+        Path(args.trace).mkdir(parents=True, exist_ok=True)
+        inner = None if args.real else engine_process._core_main
+        engine_process._core_main = functools.partial(traced_core, path=f"{args.trace}/engine_trace.json", inner=inner)
+        trace_api(f"{args.trace}/api_trace.json")
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # exit through Python: atexit writes the trace
     if args.profile is None:
         sys.exit(cli_main(["serve", *serve_args]))
     import cProfile

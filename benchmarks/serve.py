@@ -174,7 +174,9 @@ def _client_process(url: str, jobs: list, stream: bool, ready, go, results) -> N
     results.put([asdict(r) for r in records])
 
 
-def run_clients(url: str, reqs: list[BenchRequest], arrivals: list[float], stream: bool, procs: int) -> dict:
+def run_clients(
+    url: str, reqs: list[BenchRequest], arrivals: list[float], stream: bool, procs: int, trace: str | None = None
+) -> dict:
     """Send every request from `procs` client processes (request i goes to process i % procs); returns metrics."""
     ctx = mp.get_context("spawn")
     procs = max(1, min(procs, len(reqs)))
@@ -194,6 +196,9 @@ def run_clients(url: str, reqs: list[BenchRequest], arrivals: list[float], strea
     records = [Record(**r) for _ in workers for r in results.get()]
     for w in workers:
         w.join(timeout=30)
+    if trace:  # every request's start, content events and end (benchmarks/serve_trace.py reads it)
+        Path(trace).parent.mkdir(parents=True, exist_ok=True)
+        Path(trace).write_text(json.dumps([[r.start, r.events, r.end] for r in records if r.error is None]))
     return summarize(records, start_at, stream)
 
 
@@ -332,6 +337,9 @@ def start_server(args: argparse.Namespace, fake: bool = False) -> tuple[str, sub
     if fake:
         cmd[1:4] = ["benchmarks/fake_engine.py", "--step-ms", str(args.fake_step_ms)]
         cmd[4:4] = ["--profile", args.fake_profile] if args.fake_profile else []
+        cmd[4:4] = ["--trace", f"{args.trace_dir}/fake"] if args.trace_dir else []
+    elif args.trace_dir:  # the real engine, with timestamps (not a profiler)
+        cmd[1:4] = ["benchmarks/fake_engine.py", "--real", "--trace", f"{args.trace_dir}/real"]
     elif args.profile_dir:  # the real engine, both processes under cProfile
         Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
         cmd[1:4] = ["benchmarks/fake_engine.py", "--real", "--profile", f"{args.profile_dir}/api.prof"]
@@ -517,6 +525,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fake-step-ms", type=float, default=6.0, help="fake: the fake engine's step time")
     p.add_argument("--fake-profile", default=None, help="fake: write a cProfile of the API process here")
     p.add_argument("--profile-dir", default=None, help="stream/plain: cProfile both server processes into this dir")
+    p.add_argument(
+        "--trace-dir", default=None, help="record engine, API and client timestamps here (benchmarks/serve_trace.py)"
+    )
     p.add_argument("--warmup", type=int, default=8, help="requests sent (and not measured) before each phase")
     p.add_argument("--vocab-size", type=int, default=1000, help="random ids below this with --url and no --model")
     p.add_argument("--seed", type=int, default=0)
@@ -562,7 +573,8 @@ def main(argv: list[str] | None = None) -> dict:
                 run_clients(url, warm, [0.0] * len(warm), True, 1)
             for ph in online:
                 before = engine_steps(url)
-                res = run_clients(url, reqs, arrivals, ph == "stream", args.client_procs)
+                trace = f"{args.trace_dir}/real/{ph}_client.json" if args.trace_dir else None
+                res = run_clients(url, reqs, arrivals, ph == "stream", args.client_procs, trace)
                 res |= step_summary(before, engine_steps(url), res["duration_s"])
                 results["phases"][ph] = res
                 print(f"[{ph}] {fmt(res)}", flush=True)
@@ -573,7 +585,8 @@ def main(argv: list[str] | None = None) -> dict:
         url, proc = start_server(args, fake=True)
         try:
             run_clients(url, reqs[: args.warmup], [0.0] * min(args.warmup, len(reqs)), True, 1)
-            res = run_clients(url, reqs, arrivals, True, args.client_procs)
+            trace = f"{args.trace_dir}/fake/stream_client.json" if args.trace_dir else None
+            res = run_clients(url, reqs, arrivals, True, args.client_procs, trace)
             res["engine_time_s"] = args.output_len * args.fake_step_ms / 1000  # what a client could see at best
             results["phases"]["fake"] = res
             print(f"[fake engine, {args.fake_step_ms} ms steps: API ceiling] {fmt(res)}", flush=True)
