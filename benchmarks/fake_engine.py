@@ -82,18 +82,33 @@ def traced_core(config, commands, outputs, path: str, inner=None) -> None:
     from miniserve.server import engine_process, pipe
 
     sent: list[tuple[float, str]] = []
-    send = pipe.FrameWriter.send
+    firsts: list[tuple[float, str]] = []  # (time sent, request id): the step that first carried its output
+    adds: list[tuple[float, str]] = []  # (time the engine process took the request, request id)
+    seen: set[str] = set()
+    send, add = pipe.FrameWriter.send, engine_process._CoreLoop._add
 
     def timed_send(self, msg):
         send(self, msg)
-        sent.append((time.monotonic(), msg[0]))
+        t = time.monotonic()
+        sent.append((t, msg[0]))
+        if msg[0] == "step":
+            for delta in msg[1]:
+                if delta[0] not in seen:
+                    seen.add(delta[0])
+                    firsts.append((t, delta[0]))
+
+    def timed_add(self, request_id, *args):
+        adds.append((time.monotonic(), request_id))
+        return add(self, request_id, *args)
 
     pipe.FrameWriter.send = timed_send
-    atexit.register(lambda: Path(path).write_text(json.dumps(sent)))
+    engine_process._CoreLoop._add = timed_add
+    trace = {"sent": sent, "adds": adds, "firsts": firsts}
+    atexit.register(lambda: Path(path).write_text(json.dumps(trace)))
     try:
         (inner or engine_process._core_main)(config, commands, outputs)
     finally:
-        Path(path).write_text(json.dumps(sent))
+        Path(path).write_text(json.dumps(trace))
 
 
 def trace_api(path: str) -> None:
@@ -109,7 +124,13 @@ def trace_api(path: str) -> None:
     handovers: list[tuple[float, int, int, float]] = []  # (time, messages, steps among them, seconds to route)
     writes: list[tuple[float, int]] = []
     lags: list[tuple[float, float]] = []  # (time, how late a 1 ms timer fired): the event loop's responsiveness
+    posts: list[tuple[float, str]] = []  # (time the API process posted a request to the engine, request id)
     on_messages, send, attach = EngineProcess._on_messages, h11_impl.RequestResponseCycle.send, EngineProcess.attach
+    add_request = EngineProcess.add_request
+
+    async def timed_add_request(self, request_id, *args, **kwargs):
+        posts.append((time.monotonic(), request_id))
+        return await add_request(self, request_id, *args, **kwargs)
 
     async def watch_loop() -> None:
         import asyncio
@@ -137,8 +158,9 @@ def trace_api(path: str) -> None:
 
     EngineProcess._on_messages = timed_on_messages
     EngineProcess.attach = traced_attach
+    EngineProcess.add_request = timed_add_request
     h11_impl.RequestResponseCycle.send = timed_send
-    trace = {"handovers": handovers, "writes": writes, "lags": lags}
+    trace = {"handovers": handovers, "writes": writes, "lags": lags, "posts": posts}
     atexit.register(lambda: Path(path).write_text(json.dumps(trace)))
 
 

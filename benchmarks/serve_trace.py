@@ -8,7 +8,9 @@ the streamed phase, each stage's view of the same engine steps.
   after the engine sent them);
 - loop:    how late a 1 ms timer on the event loop fires (a busy loop delays every stream);
 - writes:  response body chunks written (one SSE event each), per engine step;
-- client:  content events received, the gap between a stream's events (the benchmark's ITL).
+- client:  content events received, the gap between a stream's events (the benchmark's ITL);
+- first token path: each request's TTFT split into admission (HTTP, parsing, checks), the hop to the engine
+  process, the engine (waiting for the step in progress, then its prefill), and the way back to the client.
 
 A stream whose tokens arrive grouped although the engine sent a message per step was grouped where the count per
 step first drops.
@@ -43,7 +45,7 @@ def analyse(trace_dir: Path, phase: str) -> dict:
     t1 = max(r[2] for r in client)
     inside = lambda t: t0 <= t <= t1  # noqa: E731
 
-    step_times = [t for t, kind in engine if kind == "step"]
+    step_times = [t for t, kind in engine["sent"] if kind == "step"]
     steps = [t for t in step_times if inside(t)]
     # the k-th step message sent is the k-th step the API process took: match them by count
     delays, per_handover, cum = [], [], 0
@@ -76,7 +78,27 @@ def analyse(trace_dir: Path, phase: str) -> dict:
         "client_itl_ms": summary(gaps),
         "streams": len(client),
     }
+    out.update(first_token_path(client, engine, api, inside))
     return out
+
+
+def first_token_path(client: list, engine: dict, api: dict, inside) -> dict:
+    """Where each request's time to first token went: client sent -> API posted it to the engine -> the engine
+    process took it -> the engine sent the step with its first output -> the client read its first event."""
+    posted = {rid: t for t, rid in api["posts"]}
+    taken = {rid: t for t, rid in engine["adds"]} or posted  # (the fake engine does not record when it took one)
+    first = {rid: t for t, rid in engine["firsts"]}
+    ids = sorted((t, rid) for rid, t in posted.items() if inside(t) and rid in first)
+    starts = sorted((r[0], r[1][0]) for r in client if r[1])
+    if len(ids) != len(starts):  # requests are matched in arrival order: only when each client request has one
+        return {"first_token_path": f"not matched ({len(ids)} posted, {len(starts)} streams)"}
+    stages = {"admission_ms": [], "to_engine_ms": [], "engine_ms": [], "to_client_ms": []}
+    for (t_post, rid), (t_start, t_first) in zip(ids, starts):
+        stages["admission_ms"].append(t_post - t_start)
+        stages["to_engine_ms"].append(taken[rid] - t_post)
+        stages["engine_ms"].append(first[rid] - taken[rid])
+        stages["to_client_ms"].append(t_first - first[rid])
+    return {f"ttft_{k}": summary(v) for k, v in stages.items()}
 
 
 def main() -> None:
