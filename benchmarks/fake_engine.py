@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def fake_core(config, commands, outputs, step_ms: float = 6.0) -> None:
     """The engine process's loop with the model replaced by a clock (see the module docstring)."""
-    from miniserve.server.pipe import FrameWriter
+    from miniserve.server.pipe import FrameReader, FrameWriter
     from miniserve.tokenizer import Tokenizer
 
-    outputs = FrameWriter(outputs)
+    commands, outputs = FrameReader(commands), FrameWriter(outputs)
     vocab = Tokenizer.from_pretrained(config.tokenizer or config.model).vocab_size
     info = {"max_model_len": 1 << 16, "vocab_size": vocab, "model_name": "fake", "eos_token_ids": []}
     info["cache_config"] = {}
@@ -112,7 +112,7 @@ def traced_core(config, commands, outputs, path: str, inner=None) -> None:
 
 
 def trace_api(path: str) -> None:
-    """Record, in this (the API) process, each hand-over of engine messages to the event loop (time, steps in it)
+    """Record, in this (the API) process, each batch of engine messages the event loop read (time, steps in it)
     and each response body chunk written (time, bytes); written to `path` at exit."""
     import atexit
     import json
@@ -144,12 +144,11 @@ def trace_api(path: str) -> None:
         attach(self, loop)
         loop.call_soon_threadsafe(lambda: loop.create_task(watch_loop()))
 
-    def timed_on_messages(self):
-        waiting = len(self._inbox)
-        steps = sum(1 for m in self._inbox if m[0] == "step")
+    def timed_on_messages(self, messages):
+        steps = sum(1 for m in messages if m[0] == "step")
         t = time.monotonic()
-        on_messages(self)
-        handovers.append((t, waiting, steps, time.monotonic() - t))
+        on_messages(self, messages)
+        handovers.append((t, len(messages), steps, time.monotonic() - t))
 
     async def timed_send(self, message):
         await send(self, message)

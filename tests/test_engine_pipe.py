@@ -156,7 +156,8 @@ def test_a_failing_step_fails_every_request_in_flight_and_the_loop_serves_on():
     engine = LLM(device="cpu").engine
     cmd_recv, cmd_send = mp.Pipe(duplex=False)
     out_recv, out_send = mp.Pipe(duplex=False)
-    reader, loop = FrameReader(out_recv), _CoreLoop(engine, cmd_recv, FrameWriter(out_send))
+    reader, loop = FrameReader(out_recv), _CoreLoop(engine, FrameReader(cmd_recv), FrameWriter(out_send))
+    commands = FrameWriter(cmd_send)
     real_step, calls = engine.step_messages, []
 
     def step_messages():
@@ -167,14 +168,14 @@ def test_a_failing_step_fails_every_request_in_flight_and_the_loop_serves_on():
 
     engine.step_messages = step_messages
     params = SamplingParams(max_tokens=3, ignore_eos=True)
-    cmd_send.send([("add", "a", [5, 6, 7], params, None), ("add", "b", [8, 9], params, None)])
+    commands.send([("add", "a", [5, 6, 7], params, None), ("add", "b", [8, 9], params, None)])
     runner = threading.Thread(target=loop.run)
     runner.start()
     assert reader.recv()[:2] == ("acks", [("a", None, True), ("b", None, True)])
     kind, failed, message, _ = reader.recv()
     assert (kind, sorted(failed), message) == ("failed", ["a", "b"], "RuntimeError: boom")
     assert not engine.has_unfinished_requests()
-    cmd_send.send([("add", "c", [5, 6], params, None)])
+    commands.send([("add", "c", [5, 6], params, None)])
     tokens = []
     while True:
         msg = reader.recv()
@@ -184,6 +185,6 @@ def test_a_failing_step_fails_every_request_in_flight_and_the_loop_serves_on():
             if any(delta[1] for delta in msg[1]):
                 break
     assert len(tokens) == 3
-    cmd_send.send([("stop",)])
+    commands.send([("stop",)])
     runner.join(timeout=30)
     assert not runner.is_alive()

@@ -27,8 +27,9 @@ until it finishes, and a streamed request without stop strings is not detokenize
 the API process turns its token ids into text with the same IncrementalDetokenizer, so the text is the same. Stop
 strings are matched in the text, so streams with stop strings are detokenized by the engine, as offline.
 
-The API process reads the pipe on a thread that never makes the engine wait: what arrives while the event loop is
-busy is handed over in one batch. Each engine request has a RequestStream: its cumulative RequestOutput, extended
+The API process works both pipes from its event loop (pipe.py: no thread hop, so no wait for the GIL): the commands
+posted during one pass of the loop go out as one message, and what arrived while the loop was busy is read and
+handled in one batch. Each engine request has a RequestStream: its cumulative RequestOutput, extended
 in place by each delta. A streaming handler that fell a few steps behind sends everything new as one chunk; a
 non-streaming handler is woken only when its request finishes. Memory per request is its output, never a queue of
 snapshots.
@@ -40,7 +41,6 @@ import asyncio
 import logging
 import multiprocessing as mp
 import os
-import queue
 import signal
 import threading
 import time
@@ -50,7 +50,7 @@ from typing import Any
 
 from miniserve.engine.outputs import CompletionOutput, RequestOutput
 from miniserve.server.metrics import ServerMetrics
-from miniserve.server.pipe import FrameReader, FrameWriter
+from miniserve.server.pipe import FrameReader, FrameWriter, LoopFrameWriter
 from miniserve.server.protocol import APIError
 from miniserve.tokenizer import IncrementalDetokenizer
 
@@ -63,7 +63,7 @@ logger = logging.getLogger("miniserve.server")
 def _core_main(config: Any, commands: Any, outputs: Any) -> None:
     """The engine process: load the engine, then alternate applying commands and stepping until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole terminal: the API process drains first
-    outputs = FrameWriter(outputs)
+    commands, outputs = FrameReader(commands), FrameWriter(outputs)
     try:
         from miniserve.engine.llm_engine import LLMEngine
 
@@ -260,9 +260,8 @@ class EngineProcess:
         self._streams: dict[str, RequestStream] = {}
         self._acks: dict[str, asyncio.Future] = {}
         self._outstanding = 0  # sequences posted and not finished: what the overload check counts
-        self._send_queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._inbox: list[tuple] = []  # messages read from the engine, not yet handled on the event loop
-        self._inbox_lock = threading.Lock()
+        self._outbox: list[tuple] = []  # commands posted during this pass of the event loop (sent as one message)
+        self._writer: LoopFrameWriter | None = None
         self._proc: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._alive = False
@@ -298,10 +297,12 @@ class EngineProcess:
         self._alive = True
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start routing outputs into `loop` (the server's event loop)."""
+        """Work both pipes from `loop` (the server's event loop; call on it): route outputs as they arrive, send
+        the commands posted."""
         self._loop = loop
-        threading.Thread(target=self._receive, name="miniserve-engine-recv", daemon=True).start()
-        threading.Thread(target=self._send, name="miniserve-engine-send", daemon=True).start()
+        self._writer = LoopFrameWriter(self._cmd_send, loop)
+        os.set_blocking(self._out_reader.fd, False)
+        loop.add_reader(self._out_reader.fd, self._on_readable)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine process (called on a worker thread: the event loop meanwhile sees the pipe close, which
@@ -310,8 +311,13 @@ class EngineProcess:
         if self._proc is None:
             return
         self._alive = False
-        self._send_queue.put(("stop",))
-        self._send_queue.put(None)
+        if self._loop is not None and self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._post, ("stop",))
+        else:  # not attached, or its loop is over: nothing else writes the pipe
+            try:
+                FrameWriter(self._cmd_send).send([("stop",)])
+            except OSError:  # already gone (or its pipe full: the kill below ends it)
+                pass
         self._proc.join(timeout)
         if self._proc.is_alive():
             self._proc.kill()
@@ -361,7 +367,7 @@ class EngineProcess:
         self._acks[request_id] = ack
         self._streams[request_id] = stream
         self._outstanding += n
-        self._send_queue.put(("add", request_id, prompt, params, grammar))
+        self._post(("add", request_id, prompt, params, grammar))
         try:
             error, is_value_error = await ack
         except BaseException:
@@ -373,14 +379,14 @@ class EngineProcess:
 
     def warm_grammars(self) -> None:
         """Have the engine get ready for grammars in the background (before the first one is sent)."""
-        self._send_queue.put(("warm",))
+        self._post(("warm",))
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
         """Stop a request and free its KV blocks (the engine applies it before its next step)."""
         stream = self._forget(request_id)
         if stream is None:
             return
-        self._send_queue.put(("abort", [request_id]))
+        self._post(("abort", [request_id]))
         if self.metrics is not None:
             self.metrics.observe_finished(["abort"] * stream.n, time.monotonic() - stream.arrival)
         stream.end(None, reason)
@@ -399,44 +405,35 @@ class EngineProcess:
             self._outstanding -= stream.n
         return stream
 
-    # ---- routing (threads, then the event loop) -------------------------------------------------------
+    # ---- the pipes (on the event loop)
+
+    def _post(self, cmd: tuple) -> None:
+        """Queue a command; the ones posted during this pass of the loop go out as one message (256 requests that
+        arrive at once are one write, and one wake-up of the engine)."""
+        self._outbox.append(cmd)
+        if len(self._outbox) == 1:
+            assert self._loop is not None
+            self._loop.call_soon(self._send)
 
     def _send(self) -> None:
-        """Sends all queued commands as one message (_queued), on a thread: a big prompt must not block the loop."""
-        while True:
-            batch, done = _queued(self._send_queue)
-            try:
-                if batch:
-                    self._cmd_send.send(batch)
-            except (OSError, ValueError):
-                return
-            if done:
-                return
+        batch, self._outbox = self._outbox, []
+        if self._writer is not None:
+            self._writer.send(batch)
 
-    def _receive(self) -> None:
-        """Reads the engine's messages, everything that arrived at once; one hop onto the event loop per read."""
-        assert self._loop is not None
-        while True:
-            try:
-                messages = self._out_reader.recv_all()
-            except (EOFError, OSError):
-                break
-            with self._inbox_lock:
-                first = not self._inbox  # else a hand-over is already scheduled and takes these too
-                self._inbox.extend(messages)
-            if first:
-                try:
-                    self._loop.call_soon_threadsafe(self._on_messages)
-                except RuntimeError:  # the loop is closed
-                    return
+    def _on_readable(self) -> None:
+        """What one read brought from the engine: each run of steps joined (merge_steps), then routed."""
         try:
-            self._loop.call_soon_threadsafe(self._on_engine_exit)
-        except RuntimeError:
-            pass
+            messages = self._out_reader.read_ready()
+        except (EOFError, OSError):
+            assert self._loop is not None
+            self._loop.remove_reader(self._out_reader.fd)
+            if self._writer is not None:
+                self._writer.close()
+            self._on_engine_exit()
+            return
+        self._on_messages(messages)
 
-    def _on_messages(self) -> None:
-        with self._inbox_lock:
-            messages, self._inbox = self._inbox, []
+    def _on_messages(self, messages: list[tuple]) -> None:
         for msg in merge_steps(messages):
             self._on_message(msg)
 
@@ -497,18 +494,6 @@ class EngineProcess:
             if stream is not None:
                 stream.end(error)
                 stream.wake(stream)
-
-
-def _queued(commands: queue.SimpleQueue) -> tuple[list, bool]:
-    """Every command queued (waiting for the first), and whether the end marker (None) came. One message for all:
-    the sending thread gets the GIL back from a busy event loop once per switch interval (5 ms), so one command
-    per message would post 256 requests arriving at once over more than a second."""
-    batch = [commands.get()]
-    while not commands.empty():
-        batch.append(commands.get())
-    if None in batch:
-        return batch[: batch.index(None)], True
-    return batch, False
 
 
 def merge_steps(messages: list[tuple]) -> list[tuple]:
