@@ -619,10 +619,23 @@ def main(argv: list[str] | None = None) -> dict:
                 s["itl_p50_vs_decode_step"] = s["itl_ms"]["p50"] / res["decode_step_ms"]
             if s.get("ttft_ms"):
                 s["ttft_p50_vs_prefill"] = s["ttft_ms"]["p50"] / res["single_request_prefill_ms"]
+    if args.trace_dir:
+        results["trace"] = trace_summaries(Path(args.trace_dir))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     return results
+
+
+def trace_summaries(trace_dir: Path) -> dict:
+    """benchmarks/serve_trace.py's analysis of each streamed phase traced under `trace_dir`."""
+    from benchmarks.serve_trace import analyse
+
+    return {
+        f"{server}/{path.stem.removesuffix('_client')}": analyse(trace_dir / server, path.stem.removesuffix("_client"))
+        for server in ("real", "fake")
+        for path in sorted((trace_dir / server).glob("stream_client.json"))
+    }
 
 
 def fmt(res: dict) -> str:

@@ -75,7 +75,7 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                 "`nano`, fp8 KV: >= 1.3x the bf16 run",
                 f"{fmt(fp8['output_tok_s'])} tok/s = {ratio:.2f}x{opt_in}",
                 "yes" if ratio >= 1.3 else "no",
-                "measured with the exact FP8 decode kernel's registers capped at 168 (three programs an SM, "
+                "measured with the exact FP8 decode kernel's registers capped at 128 (four programs an SM, "
                 f"bit-identical); {nano_cap_note()}; the kernel moves half the bytes of bf16 but is still "
                 "issue-bound on its byte-wise V gather; the staged read is faster but not bit-exact (one bf16 ulp in "
                 "some outputs), so it is opt-in",
@@ -251,7 +251,7 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
                 "yes" if stream["itl_p50_vs_decode_step"] <= 1.2 else "no",
                 "256 streams a step is more SSE chunks than one event loop writes in a step: a stream that fell "
                 "behind gets its new tokens joined into one chunk (fewer, larger events), which keeps throughput "
-                "and costs inter-token latency",
+                f"and costs inter-token latency; {serve_trace_saturated()}",
             )
         )
     rate = load("serve_rate4_h200.json")
@@ -263,9 +263,7 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
                 f"{s['ttft_ms']['p50']:.1f} ms = {s['ttft_p50_vs_prefill']:.1f}x "
                 f"(prefill {rate['phases']['offline']['single_request_prefill_ms']:.2f} ms)",
                 "yes" if s["ttft_p50_vs_prefill"] <= 2 else "no",
-                "a new prompt now runs as its own captured prompt pass beside the running decodes (it was one eager "
-                "pass over both); what is left is the HTTP request, the wait for the step in flight and the hop "
-                "between the two processes",
+                "a new prompt runs as its own captured prompt pass beside the running decodes; " + serve_trace_rate(),
             )
         )
     ab = load("spec_decode_ab_h200.json")
@@ -313,10 +311,45 @@ def grammar_threads() -> str:
         f"more threads do not help on the H200's host: {fill['batch']} rows take {rows['rows']['median_ms']:.2f} ms "
         f"one after another and {min(threaded):.2f}-{max(threaded):.2f} ms over 2-16 threads (xgrammar's pool or a "
         "Python pool, median of a random walk through the open schema; `grammar_fill_h200.json`), so the pool now "
-        "starts only after a 4 ms fill (this run: after 2 ms; never pooled, the unbounded schema ran at "
-        f"{so_ratio('open_pool_after_1e+06ms'):.2f}x), and the fill now runs on a thread while the engine processes "
-        "the step before (xgrammar releases the GIL); neither is timed on a GPU yet"
+        f"starts only after a 4 ms fill (same run: never pooled {so_ratio('open_pool_after_1e+06ms'):.2f}x, always "
+        f"{so_ratio('open_pool_after_-1ms'):.2f}x); the fill runs on a thread while the engine processes the step "
+        "before (xgrammar releases the GIL), so a constrained step costs the longer of the two, not their sum, but "
+        "the fill alone is longer than an unconstrained step"
     )
+
+
+def serve_trace_saturated() -> str:
+    """The traced saturated run: how many of the 256 streams' events the API process writes per engine step."""
+    trace = load("serve_trace_h200.json")
+    if not trace:
+        return "not traced"
+    t = trace["saturated"]["trace"]["real/stream"]
+    return (
+        f"traced (`serve_trace_h200.json`): the engine sent a step every {p50(t['engine_step_gap_ms'])} ms (p50) and "
+        f"the API process wrote {t['writes_per_step']:.0f} events per step, reading the engine's messages "
+        f"{p50(t['steps_per_handover'])} steps at a time: its one event loop is saturated (routing a batch of steps "
+        f"{p50(t['routing_ms_per_handover'])} ms, then a write per stream). Several API server processes (vLLM's "
+        "`--api-server-count`) would split the writes; miniserve has one"
+    )
+
+
+def serve_trace_rate() -> str:
+    """The traced run below saturation: each request's time to first token, stage by stage (p50)."""
+    trace = load("serve_trace_h200.json")
+    if not trace:
+        return "not traced"
+    t = trace["rate4"]["trace"]["real/stream"]
+    return (
+        f"traced at 4 requests/s (`serve_trace_h200.json`, p50): admission (HTTP, parsing, checks) "
+        f"{p50(t['ttft_admission_ms'])} ms, the hop to the engine process {p50(t['ttft_to_engine_ms'])} ms, the "
+        f"engine (the step in flight, then the prefill) {p50(t['ttft_engine_ms'])} ms, the way back to the client "
+        f"{p50(t['ttft_to_client_ms'])} ms"
+    )
+
+
+def p50(summary: str) -> str:
+    """The p50 out of serve_trace.py's "p50 X  p90 Y  p99 Z"."""
+    return summary.split()[1]
 
 
 def so_ratio(key: str) -> float:
@@ -330,9 +363,9 @@ def nano_cap_note() -> str:
         return "no register-cap kernel run"
     at = {r["variant"]: r for r in capped["fp8_variants"] if r["shape"] == "qwen3-0.6b b256 ctx1100"}
     return (
-        f"the cap of {at['r128']['maxnreg']}, adopted after this run, takes nano's decode shape (256 x 1.1k) from "
-        f"{at['default']['us']:.0f} to {at['r128']['us']:.0f} us (`decode_attention_fp8_r128_h200.json`; nano "
-        "not re-run)"
+        f"the cap of {at['r128']['maxnreg']} takes the kernel at nano's decode shape (256 x 1.1k) from "
+        f"{at['default']['us']:.0f} us (a cap of 168) to {at['r128']['us']:.0f} us "
+        "(`decode_attention_fp8_r128_h200.json`), which end to end is within the lent H200's run-to-run spread"
     )
 
 
