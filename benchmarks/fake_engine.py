@@ -35,7 +35,9 @@ def fake_core(config, commands, outputs, step_ms: float = 6.0) -> None:
     from miniserve.server.pipe import FrameReader, FrameWriter
     from miniserve.tokenizer import Tokenizer
 
-    commands, outputs = FrameReader(commands), FrameWriter(outputs)
+    if len(commands) != 1:
+        raise SystemExit("the fake engine serves one API server (no --api-servers)")
+    commands, outputs = FrameReader(commands[0]), FrameWriter(outputs[0])
     vocab = Tokenizer.from_pretrained(config.tokenizer or config.model).vocab_size
     info = {"max_model_len": 1 << 16, "vocab_size": vocab, "model_name": "fake", "eos_token_ids": []}
     info["cache_config"] = {}

@@ -3,6 +3,7 @@
 #   bash benchmarks/h200_suite.sh engine OUT_DIR    # throughput.py workloads (offline engine)
 #   bash benchmarks/h200_suite.sh checks OUT_DIR    # kernel checks (bit patterns, attention) and engine checks
 #   bash benchmarks/h200_suite.sh serving OUT_DIR   # serve.py (saturated, 4 req/s, fake engine), structured outputs
+#   bash benchmarks/h200_suite.sh apiservers OUT_DIR # serve.py saturated with 4 API server processes
 #   OLD=DIR bash benchmarks/h200_suite.sh demoab OUT_DIR  # demo batch-1 speculative decoding, old tree vs this one
 #   bash benchmarks/h200_suite.sh fp8reg OUT_DIR    # FP8 decode variants (decode_attention_fp8_registers.md)
 #   bash benchmarks/h200_suite.sh fp8ncu OUT_DIR    # ncu of the default and staged FP8 decode kernels
@@ -79,6 +80,14 @@ if [ "$part" = serving ]; then
   timeout 150 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 64 --input-len 512 --output-len 256 \
     --request-rate 4 --phases stream,offline --client-procs 2 --out "$out/serve_rate4_h200.json" 2>&1 |
     grep -v -i warn | tail -8
+fi
+
+if [ "$part" = apiservers ]; then
+  # issue 18: the saturated workload served by 4 API server processes (miniserve serve --api-servers 4), beside
+  # the offline engine in the same run
+  timeout 300 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 256 --input-len 512 --output-len 256 \
+    --phases stream,plain,offline --client-procs 4 --engine-args "--api-servers 4" \
+    --out "$out/serve_api4_h200.json" 2>&1 | grep -v -i warn | tail -6
 fi
 
 if [ "$part" = fp8reg ]; then

@@ -7,7 +7,10 @@ MINISERVE_* variable, which a flag overrides.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
 
 from miniserve.config import EngineConfig, ServerConfig
 from miniserve.settings import add_arguments, from_sources
@@ -67,6 +70,10 @@ def serve_main(args: argparse.Namespace) -> int:
 
     if serve_as_other_rank(config):  # under torchrun, ranks other than 0 run passes, not a server
         return 0
+    shared = None
+    if server.api_servers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # the API servers' metrics files (server/metrics.py); set before prometheus_client is imported
+        shared = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="miniserve-metrics-")
     try:
         from miniserve.server.app import run_server
     except ImportError as e:  # fastapi/uvicorn not installed: `generate` still works, `serve` says why
@@ -75,8 +82,11 @@ def serve_main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    run_server(config, server)
-    return 0
+    try:
+        return run_server(config, server)
+    finally:
+        if shared:
+            shutil.rmtree(shared, ignore_errors=True)
 
 
 def add_request_args(p: argparse.ArgumentParser) -> None:

@@ -188,6 +188,12 @@ class ServerConfig:
     body_timeout: float = setting(60.0, "seconds for a request's body, from the end of its head (408, close)")
     keep_alive_timeout: float = setting(5.0, "seconds an idle keep-alive connection stays open")
     max_connections: int | None = setting(1024, "connections beyond this get 503 and are closed")
+    api_servers: int = setting(
+        1,
+        "HTTP server processes sharing the one engine (miniserve serve only), like vLLM's --api-server-count: "
+        "each parses, detokenizes and streams its own connections, so more streams keep up with the engine; the "
+        "admission and connection limits apply to each",
+    )
     host: str = setting("127.0.0.1", "bind address (0.0.0.0 exposes the server)")
     port: int = setting(8000, "TCP port")
     log_level: str = setting("info", "server log level", LOG_LEVELS)
@@ -195,6 +201,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         check_choices(self)
         _check_min("max_waiting", self.max_waiting, 0)
+        _check_min("api_servers", self.api_servers, 1)
         for name in ("max_body_bytes", "max_prompts_per_request", "max_prompt_chars"):
             _check_min(name, getattr(self, name), 1)
         for name in ("max_connections", "max_prompt_tokens"):

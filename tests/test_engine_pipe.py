@@ -156,7 +156,7 @@ def test_a_failing_step_fails_every_request_in_flight_and_the_loop_serves_on():
     engine = LLM(device="cpu").engine
     cmd_recv, cmd_send = mp.Pipe(duplex=False)
     out_recv, out_send = mp.Pipe(duplex=False)
-    reader, loop = FrameReader(out_recv), _CoreLoop(engine, FrameReader(cmd_recv), FrameWriter(out_send))
+    reader, loop = FrameReader(out_recv), _CoreLoop(engine, [FrameReader(cmd_recv)], [FrameWriter(out_send)])
     commands = FrameWriter(cmd_send)
     real_step, calls = engine.step_messages, []
 

@@ -35,7 +35,7 @@ from miniserve.config import EngineConfig, ServerConfig
 from miniserve.server.chat import create_chat_completion
 from miniserve.server.completions import create_completion
 from miniserve.server.connection import ConnectionLimits, guarded_h11
-from miniserve.server.engine_process import EngineProcess
+from miniserve.server.engine_process import EngineLink, EngineProcess
 from miniserve.server.middleware import CatchAll, RequireAPIKey
 from miniserve.server.protocol import (
     APIError,
@@ -77,15 +77,16 @@ async def metrics(request: Request) -> Response:
     return Response(state_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def create_app(config: EngineConfig, server: ServerConfig) -> FastAPI:
-    """A FastAPI app that loads the engine on startup and stops its loop on shutdown."""
+def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | None = None) -> FastAPI:
+    """A FastAPI app that loads the engine on startup and stops its loop on shutdown (with `link`: joins the
+    engine the launcher started, server/launcher.py)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         config.check_dirs()
         tokenizer = await asyncio.to_thread(load_tokenizer, config)
         token_chars = await asyncio.to_thread(max_token_chars, tokenizer)
-        engine = EngineProcess(config, max_waiting=server.max_waiting)
+        engine = EngineProcess(config, max_waiting=server.max_waiting, link=link)
         await asyncio.to_thread(engine.start)
         try:
             engine.attach(asyncio.get_running_loop())
@@ -162,7 +163,13 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> tuple[EngineConfig
     or a missing model directory is one line at startup; the model itself loads in the lifespan)."""
     config = from_sources(EngineConfig, env=env)
     config.check_dirs()
-    return config, from_sources(ServerConfig, env=env)
+    server = from_sources(ServerConfig, env=env)
+    if server.api_servers > 1:
+        raise ValueError(
+            f"MINISERVE_API_SERVERS={server.api_servers}: several API servers need `miniserve serve --api-servers "
+            f"{server.api_servers}` (uvicorn runs one app in one process)"
+        )
+    return config, server
 
 
 def connection_protocol(server: ServerConfig) -> type:
@@ -173,11 +180,15 @@ def connection_protocol(server: ServerConfig) -> type:
     return guarded_h11(limits)
 
 
-def run_server(config: EngineConfig, server: ServerConfig) -> None:
-    """Serve `config`'s model until interrupted (what `miniserve serve` calls)."""
+def run_server(config: EngineConfig, server: ServerConfig) -> int:
+    """Serve `config`'s model until interrupted (what `miniserve serve` calls); the exit status."""
     import uvicorn
 
     config.check_dirs()  # before uvicorn starts, so the CLI prints one clear line
+    if server.api_servers > 1:
+        from miniserve.server.launcher import run_api_servers
+
+        return run_api_servers(config, server)
     uvicorn.run(
         create_app(config, server),
         host=server.host,
@@ -187,3 +198,4 @@ def run_server(config: EngineConfig, server: ServerConfig) -> None:
         # past the drain, uvicorn stops waiting for connections (a client that never reads holds its send forever)
         timeout_graceful_shutdown=server.drain_timeout + 2.0,
     )
+    return 0

@@ -40,12 +40,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
 import signal
 import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from miniserve.engine.outputs import CompletionOutput, RequestOutput
@@ -60,16 +62,18 @@ logger = logging.getLogger("miniserve.server")
 # ---------------------------------------------------------------------------------------------- engine process
 
 
-def _core_main(config: Any, commands: Any, outputs: Any) -> None:
-    """The engine process: load the engine, then alternate applying commands and stepping until told to stop."""
+def _core_main(config: Any, commands: list[Any], outputs: list[Any]) -> None:
+    """The engine process: load the engine, then alternate applying commands and stepping until every API server
+    is done. `commands`/`outputs`: one pipe end each per API server process (ServerConfig.api_servers)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole terminal: the API process drains first
-    commands, outputs = FrameReader(commands), FrameWriter(outputs)
+    readers, writers = [FrameReader(c) for c in commands], [FrameWriter(o) for o in outputs]
     try:
         from miniserve.engine.llm_engine import LLMEngine
 
         engine = LLMEngine(config)
     except BaseException as exc:  # the API process re-raises this at startup
-        outputs.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        for w in writers:
+            w.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return
     engine.on_fatal_error(_exit_engine)
     info = {
@@ -79,9 +83,10 @@ def _core_main(config: Any, commands: Any, outputs: Any) -> None:
         "eos_token_ids": sorted(engine.outputs.eos_token_ids),  # the grammars' stop tokens (API-side compiles)
         "cache_config": _cache_config(engine),
     }
-    outputs.send(("ready", info, engine.stats()))
+    for w in writers:
+        w.send(("ready", info, engine.stats()))
     try:
-        _CoreLoop(engine, commands, outputs).run()
+        _CoreLoop(engine, readers, writers).run()
     finally:
         engine.shutdown()  # the other tensor-parallel ranks, if any
 
@@ -106,11 +111,23 @@ def _exit_engine(error: BaseException) -> None:
     os._exit(1)
 
 
+STATS_EVERY_S = 0.1  # an API server with no output in a step still gets the engine's stats this often
+
+
 class _CoreLoop:
-    def __init__(self, engine: Any, commands: Any, outputs: Any):
+    """The engine process's loop over one engine and its API servers (one pipe pair each): each request's output
+    goes to the API server that posted it; every step's stats go to all (API server 0 at every step, with the
+    step's token count for the iteration metric; the others at least every STATS_EVERY_S). It ends when every API
+    server has said stop or gone away."""
+
+    def __init__(self, engine: Any, commands: list[FrameReader], outputs: list[FrameWriter]):
         self.engine = engine
         self.commands = commands
         self.outputs = outputs
+        self.live = set(range(len(commands)))  # API servers still connected
+        self.owner: dict[str, int] = {}  # request id -> the API server that posted it
+        self.last_sent = [0.0] * len(outputs)
+        self.warmed = False
 
     def run(self) -> None:
         while self._apply_commands(block=not self.engine.has_unfinished_requests()):
@@ -122,36 +139,86 @@ class _CoreLoop:
                 logger.exception("engine step failed")
                 self._fail_all(f"{type(exc).__name__}: {exc}")
                 continue
-            num_tokens = self.engine.last_step_num_tokens
-            self.outputs.send(("step", deltas, self.engine.stats(), num_tokens))
+            self._send_step(deltas, self.engine.last_step_num_tokens)
+
+    def _send_step(self, deltas: list[tuple], num_tokens: int) -> None:
+        stats = self.engine.stats()
+        if len(self.outputs) == 1:
+            for delta in deltas:
+                if delta[1]:  # finished
+                    self.owner.pop(delta[0], None)
+            self._send(0, ("step", deltas, stats, num_tokens))
+            return
+        split: list[list[tuple]] = [[] for _ in self.outputs]
+        for delta in deltas:
+            split[self.owner.get(delta[0], 0)].append(delta)
+            if delta[1]:  # finished: its API server hears no more of it
+                self.owner.pop(delta[0], None)
+        now = time.monotonic()
+        for i in sorted(self.live):
+            if split[i] or i == 0 or now - self.last_sent[i] >= STATS_EVERY_S:
+                self._send(i, ("step", split[i], stats, num_tokens if i == 0 else 0))
+
+    def _send(self, client: int, msg: tuple) -> None:
+        try:
+            self.outputs[client].send(msg)
+            self.last_sent[client] = time.monotonic()
+        except OSError:  # that API server is gone
+            self._drop(client)
 
     def _apply_commands(self, block: bool) -> bool:
-        """Apply every queued command (waiting for one when idle); False once told to stop or the API is gone."""
-        acks, aborted = [], False
+        """Apply every queued command (waiting for one when idle); False once every API server stopped or left."""
+        readers = [self.commands[i] for i in sorted(self.live)]
+        if not readers:
+            return False
+        if any(r.ready for r in readers):
+            block = False
+        waiting = set(mp_connection.wait([r.conn for r in readers], None if block else 0))
+        for i in sorted(self.live):
+            reader = self.commands[i]
+            if reader.ready or reader.conn in waiting:
+                self._apply_from(i)
+        return bool(self.live)
+
+    def _apply_from(self, client: int) -> None:
+        """Every command API server `client` has queued; its acks (and stats after aborts) go back to it."""
+        acks, aborted, reader = [], False, self.commands[client]
         try:
-            if not block and not self.commands.poll():
-                return True
             while True:
-                for cmd in self.commands.recv():  # every command the API process had queued
+                for cmd in reader.recv():  # every command the API process had queued
                     if cmd[0] == "stop":
-                        return False
+                        self._drop(client)
+                        return
                     if cmd[0] == "add":
+                        self.owner[cmd[1]] = client
                         acks.append(self._add(*cmd[1:]))
                     elif cmd[0] == "warm":
-                        warm = self.engine.grammar.warm
-                        threading.Thread(target=warm, name="miniserve-xgrammar", daemon=True).start()
+                        self._warm()
                     elif cmd[0] == "abort":
                         aborted = True
                         for request_id in cmd[1]:
                             self._abort(request_id)
-                if not self.commands.poll():
+                if not reader.poll():
                     break
         except (EOFError, OSError):  # the API process is gone
-            return False
-        finally:
-            if acks or aborted:  # (aborts free KV blocks at once: /metrics shows it even when idle)
-                self.outputs.send(("acks", acks, self.engine.stats()))
-        return True
+            self._drop(client)
+            return
+        if acks or aborted:  # (aborts free KV blocks at once: /metrics shows it even when idle)
+            self._send(client, ("acks", acks, self.engine.stats()))
+
+    def _drop(self, client: int) -> None:
+        """API server `client` stopped or left: abort what it still had in flight."""
+        if client not in self.live:
+            return
+        self.live.discard(client)
+        for request_id in [r for r, owner in self.owner.items() if owner == client]:
+            self.owner.pop(request_id)
+            self._abort(request_id)
+
+    def _warm(self) -> None:
+        if not self.warmed:  # (every API server asks before its first grammar)
+            self.warmed = True
+            threading.Thread(target=self.engine.grammar.warm, name="miniserve-xgrammar", daemon=True).start()
 
     def _add(
         self, request_id: str, prompt: list[int], params: Any, grammar: str | None
@@ -161,6 +228,7 @@ class _CoreLoop:
                 self.engine.grammar.load(params.structured_outputs, grammar)
             self.engine.add_request(request_id, prompt, params)
         except Exception as exc:
+            self.owner.pop(request_id, None)
             return request_id, str(exc), isinstance(exc, ValueError)
         return request_id, None, True
 
@@ -174,7 +242,11 @@ class _CoreLoop:
         failed = list(self.engine.outputs.requests)  # every request neither finished nor aborted
         for request_id in failed:
             self._abort(request_id)
-        self.outputs.send(("failed", failed, message, self.engine.stats()))
+        stats = self.engine.stats()
+        for i in sorted(self.live):
+            self._send(i, ("failed", [r for r in failed if self.owner.get(r, 0) == i], message, stats))
+        for request_id in failed:
+            self.owner.pop(request_id, None)
 
 
 # ---------------------------------------------------------------------------------------------- API process side
@@ -247,14 +319,52 @@ class RequestStream:
         self.done = True
 
 
-class EngineProcess:
-    """The API process's handle: start/stop the engine process, post requests, route each step's outputs."""
+@dataclass
+class EngineLink:
+    """One API server's ends of its two pipes to an engine process that another process started (the launcher of
+    `miniserve serve --api-servers N`: server/launcher.py)."""
 
-    def __init__(self, config: Any, metrics: ServerMetrics | None = None, max_waiting: int | None = None):
+    commands: Any  # Connection: this API server -> the engine
+    outputs: Any  # Connection: the engine -> this API server
+    index: int  # which API server this is (0 observes the per-step metric)
+    count: int  # how many API servers share the engine
+
+
+def spawn_engine(config: Any, count: int = 1) -> tuple[Any, list[EngineLink]]:
+    """Start the engine process with a pipe pair for each of `count` API servers; returns it and their links."""
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited CUDA state, threads or event loop
+    commands = [ctx.Pipe(duplex=False) for _ in range(count)]  # (engine's end, API's end)
+    outputs = [ctx.Pipe(duplex=False) for _ in range(count)]  # (API's end, engine's end)
+    # a daemonic process may not start processes: with tensor parallelism the engine starts its other ranks (and
+    # ends them itself, also when this process dies: see miniserve/distributed/)
+    daemon = getattr(config, "tensor_parallel_size", 1) == 1
+    args = (config, [c[0] for c in commands], [o[1] for o in outputs])
+    proc = ctx.Process(target=_core_main, args=args, name="miniserve-engine", daemon=daemon)
+    proc.start()
+    for (engine_end, _), (_, engine_out) in zip(commands, outputs):
+        engine_end.close()
+        engine_out.close()
+    return proc, [EngineLink(c[1], o[0], i, count) for i, (c, o) in enumerate(zip(commands, outputs))]
+
+
+class EngineProcess:
+    """The API process's handle: start/stop the engine process (or join one the launcher started: `link`), post
+    requests, route each step's outputs. With N API servers each admits its share of max_num_seqs and
+    max_waiting."""
+
+    def __init__(
+        self,
+        config: Any,
+        metrics: ServerMetrics | None = None,
+        max_waiting: int | None = None,
+        link: EngineLink | None = None,
+    ):
         self.config = config
         self.metrics = metrics
-        self.max_waiting = max_waiting
-        self.capacity: int = config.max_num_seqs
+        self.link = link
+        count = link.count if link is not None else 1
+        self.max_waiting = None if max_waiting is None else -(-max_waiting // count)
+        self.capacity: int = -(-config.max_num_seqs // count)
         self.info: dict = {}
         self._stats: dict = {}
         self._streams: dict[str, RequestStream] = {}
@@ -262,7 +372,8 @@ class EngineProcess:
         self._outstanding = 0  # sequences posted and not finished: what the overload check counts
         self._outbox: list[tuple] = []  # commands posted during this pass of the event loop (sent as one message)
         self._writer: LoopFrameWriter | None = None
-        self._proc: Any = None
+        self._proc: Any = None  # the engine process, when this API process started it
+        self._started = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._alive = False
         self.accepting = True
@@ -270,31 +381,31 @@ class EngineProcess:
     # ---- life cycle -----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Spawn the engine process and wait until it has loaded the model (blocking: call it off the loop)."""
-        ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited CUDA state, threads or event loop
-        cmd_recv, self._cmd_send = ctx.Pipe(duplex=False)
-        self._out_recv, out_send = ctx.Pipe(duplex=False)
-        # a daemonic process may not start processes: with tensor parallelism the engine starts its other ranks (and
-        # ends them itself, also when this process dies: see miniserve/distributed/)
-        daemon = getattr(self.config, "tensor_parallel_size", 1) == 1
-        self._proc = ctx.Process(
-            target=_core_main, args=(self.config, cmd_recv, out_send), name="miniserve-engine", daemon=daemon
-        )
-        self._proc.start()
-        cmd_recv.close()
-        out_send.close()
+        """Spawn the engine process (or join the launcher's) and wait until it has loaded the model (blocking:
+        call it off the loop)."""
+        link = self.link
+        if link is None:
+            self._proc, (link,) = spawn_engine(self.config)
+        self._started = True
+        self._cmd_send, self._out_recv = link.commands, link.outputs
         self._out_reader = FrameReader(self._out_recv)
         try:
             msg = self._out_reader.recv()
         except EOFError:
-            self._proc.join(5)
-            raise RuntimeError(f"the engine process exited with {self._proc.exitcode} while loading") from None
+            raise RuntimeError(f"the engine process exited with {self._exit_code(5)} while loading") from None
         if msg[0] == "error":
-            self._proc.join(5)
+            self._exit_code(5)
             logger.error("engine failed to load:\n%s", msg[2])
             raise RuntimeError(f"the engine failed to load: {msg[1]}")
         _, self.info, self._stats = msg
         self._alive = True
+
+    def _exit_code(self, wait: float) -> Any:
+        """The engine process's exit code once it ended (waiting up to `wait` s); "unknown" when not ours."""
+        if self._proc is None:
+            return "unknown"
+        self._proc.join(wait)
+        return self._proc.exitcode
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Work both pipes from `loop` (the server's event loop; call on it): route outputs as they arrive, send
@@ -308,7 +419,7 @@ class EngineProcess:
         """Stop the engine process (called on a worker thread: the event loop meanwhile sees the pipe close, which
         is then expected, not an unexpected exit)."""
         self.accepting = False
-        if self._proc is None:
+        if not self._started:
             return
         self._alive = False
         if self._loop is not None and self._loop.is_running():
@@ -318,6 +429,8 @@ class EngineProcess:
                 FrameWriter(self._cmd_send).send([("stop",)])
             except OSError:  # already gone (or its pipe full: the kill below ends it)
                 pass
+        if self._proc is None:  # the launcher's engine: it ends once every API server stopped
+            return
         self._proc.join(timeout)
         if self._proc.is_alive():
             self._proc.kill()
@@ -333,7 +446,7 @@ class EngineProcess:
             self._proc.kill()
 
     def is_alive(self) -> bool:
-        return self._alive and self._proc is not None and self._proc.is_alive()
+        return self._alive and (self._proc is None or self._proc.is_alive())
 
     def stats(self) -> dict:
         """The engine's stats() as of its latest message."""
@@ -484,7 +597,7 @@ class EngineProcess:
 
     def _on_engine_exit(self) -> None:
         if self._alive:
-            logger.error("the engine process exited unexpectedly (exit code %s)", self._proc.exitcode)
+            logger.error("the engine process exited unexpectedly (exit code %s)", self._exit_code(1))
         self._alive = False
         self._end_all(RuntimeError("the engine process exited"))
 

@@ -3,6 +3,11 @@
 Engine-wide numbers (queue sizes, KV blocks, token totals, speculative decoding) are read from the latest
 `engine.stats()` snapshot at scrape time; per-request latencies and token counts (vLLM's series), and the tokens
 of every engine step, are observed as the engine process's messages arrive.
+
+With several API server processes (`miniserve serve --api-servers N`) each observes its own requests, so the
+per-request series use prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by the CLI before
+prometheus_client is imported): every process writes its values to a file there and a scrape of any process sums
+them all (MultiProcessCollector). The engine's snapshot is the same in every process and is read from this one.
 """
 
 from __future__ import annotations
@@ -10,10 +15,11 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -134,7 +140,9 @@ class ServerMetrics:
     def __init__(self, get_stats: Callable[[], dict], model_name: str, cache_config: dict[str, str] | None = None):
         self.registry = CollectorRegistry()
         self.model_name = model_name
-        self.registry.register(EngineStatsCollector(get_stats, model_name, cache_config))
+        self.engine_stats = EngineStatsCollector(get_stats, model_name, cache_config)
+        self.shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")  # several API server processes
+        self.registry.register(self.engine_stats)
         self.finished = Counter(
             PREFIX + "request_success",
             "Finished sequences (one per choice) by finish reason.",
@@ -142,10 +150,13 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.ttft = self._histogram("time_to_first_token_seconds", "Arrival to first token.", LATENCY_BUCKETS)
-        self.itl = RunHistogram(
-            PREFIX + "inter_token_latency_seconds", "Time between token steps.", LATENCY_BUCKETS, model_name
-        )
-        self.registry.register(self.itl)
+        if self.shared_dir:  # a file-backed histogram: summed over the API server processes at scrape time
+            self.itl = self._histogram("inter_token_latency_seconds", "Time between token steps.", LATENCY_BUCKETS)
+        else:
+            self.itl = RunHistogram(
+                PREFIX + "inter_token_latency_seconds", "Time between token steps.", LATENCY_BUCKETS, model_name
+            )
+            self.registry.register(self.itl)
         self.e2e = self._histogram("e2e_request_latency_seconds", "Arrival to finish.", E2E_BUCKETS)
         # vLLM's per-request series: token counts and where the time went (queue, prefill, decode)
         self.prompt_tokens = self._histogram("request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS)
@@ -177,7 +188,11 @@ class ServerMetrics:
         self.ttft.observe(seconds)
 
     def observe_inter_token(self, seconds: float, count: int = 1) -> None:
-        self.itl.observe(seconds, count)
+        if self.shared_dir:
+            for _ in range(count):
+                self.itl.observe(seconds)
+        else:
+            self.itl.observe(seconds, count)
 
     def observe_finished(self, reasons: list[str | None], e2e_seconds: float | None) -> None:
         """One finished request: a count per choice's finish reason, one end-to-end latency sample."""
@@ -207,4 +222,9 @@ class ServerMetrics:
         self.iteration_tokens.observe(num_tokens)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.shared_dir:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()  # every API server process's series, summed; the engine's snapshot once
+        multiprocess.MultiProcessCollector(registry, self.shared_dir)
+        registry.register(self.engine_stats)
+        return generate_latest(registry)

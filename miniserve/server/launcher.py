@@ -1,0 +1,124 @@
+"""`miniserve serve --api-servers N` (N > 1): one engine process shared by N API server processes.
+
+One Python event loop writes a few tens of thousands of SSE events a second; 256 streams at a few milliseconds a
+step need more (benchmarks/results/serve_trace_h200.json), so, as vLLM's --api-server-count does, several
+processes share the HTTP work. This process only launches and supervises:
+
+1. binds the listening socket (every API server accepts on it: a busy one accepts less, an idle one more);
+2. starts the engine process with a pipe pair for each API server (engine_process.spawn_engine), which routes
+   each request's output to the API server that posted it;
+3. starts the API servers: each is the same app as with one (create_app), joined to the engine by its pipes
+   (EngineLink) instead of starting one, serving the socket with uvicorn;
+4. on SIGTERM/SIGINT, passes one SIGTERM to each API server, which drains as a single server does (MINISERVE_
+   DRAIN_TIMEOUT); the engine ends when the last one stopped. A second signal, or an API server that dies, ends
+   them all.
+
+The API servers run in their own process group, so a terminal's Ctrl-C reaches this process only and each server
+gets one signal. Metrics: the CLI points prometheus_client at a shared directory first (server/metrics.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from miniserve.config import EngineConfig, ServerConfig
+
+logger = logging.getLogger("miniserve.server")
+
+
+def run_api_servers(config: EngineConfig, server: ServerConfig) -> int:
+    """Serve with server.api_servers API server processes until told to stop; the exit status."""
+    from miniserve.server.engine_process import spawn_engine
+
+    sock = _listen(server.host, server.port)
+    engine, links = spawn_engine(config, server.api_servers)
+    ctx = mp.get_context("spawn")
+    apis = [
+        ctx.Process(target=_api_main, args=(config, server, sock, link), name=f"miniserve-api-{link.index}")
+        for link in links
+    ]
+    for api, link in zip(apis, links):
+        api.start()
+        link.commands.close()  # the API server holds its ends now
+        link.outputs.close()
+    sock.close()
+    stopping: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stopping.append(signum)
+        if len(stopping) == 1:
+            logger.info("shutting down %d API servers", len(apis))
+            _signal_all(apis, signal.SIGTERM)
+        else:
+            logger.warning("second signal: exiting now")
+            _kill_all([*apis, engine])
+            os._exit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    status = _supervise(apis, stopping)
+    engine.join(server.drain_timeout + 10.0)
+    _kill_all([engine])
+    return status
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+def _supervise(apis: list[Any], stopping: list[int]) -> int:
+    """Wait for the API servers; if one exits without being told to, stop the rest. The exit status."""
+    while True:
+        alive = [p for p in apis if p.is_alive()]
+        if not alive:
+            return 0 if stopping else 1
+        died = [p for p in apis if not p.is_alive() and p.exitcode != 0]
+        if died and not stopping:
+            logger.error("%s exited with %s: stopping the others", died[0].name, died[0].exitcode)
+            stopping.append(signal.SIGTERM)
+            _signal_all(alive, signal.SIGTERM)
+        time.sleep(0.2)
+
+
+def _signal_all(procs: list[Any], signum: int) -> None:
+    for p in procs:
+        if p.is_alive() and p.pid is not None:
+            try:
+                os.kill(p.pid, signum)
+            except ProcessLookupError:
+                pass
+
+
+def _kill_all(procs: list[Any]) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+
+
+def _api_main(config: EngineConfig, server: ServerConfig, sock: socket.socket, link: Any) -> None:
+    """One API server process: the app joined to the launcher's engine, served on the shared socket."""
+    os.setpgrp()  # the terminal's Ctrl-C goes to the launcher, which passes on one SIGTERM
+    import uvicorn
+
+    from miniserve.server.app import connection_protocol, create_app
+
+    app = create_app(config, server, link)
+    uvicorn_config = uvicorn.Config(
+        app,
+        log_level=server.log_level,
+        http=connection_protocol(server),
+        timeout_graceful_shutdown=server.drain_timeout + 2.0,
+    )
+    uvicorn.Server(uvicorn_config).run(sockets=[sock])

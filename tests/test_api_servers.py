@@ -1,0 +1,183 @@
+"""`miniserve serve --api-servers N`: several API server processes share one engine (server/launcher.py).
+
+- the engine process's loop, over real pipes to two API ends: each request's output goes only to the API server
+  that posted it, the per-step token count only to server 0, a server that stops has its requests aborted while
+  the other is still served, and the loop ends when the last one stops;
+- `miniserve serve --api-servers 2` on the CPU: concurrent requests, streamed and plain, get the offline engine's
+  greedy text; /metrics counts every request of both servers at every scrape; SIGTERM ends every process;
+- `uvicorn server:app` refuses MINISERVE_API_SERVERS > 1 with a message naming what to run instead.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.test_server import MODEL_NAME, REPO, build_server_model, free_port, metric, scrape
+
+
+def _recv_until_finished(reader, request_id: str, into: list) -> None:
+    """Messages from one API end until `request_id` finishes (each kept in `into`)."""
+    while True:
+        msg = reader.recv()
+        into.append(msg)
+        if msg[0] == "step" and any(d[0] == request_id and d[1] for d in msg[1]):
+            return
+
+
+def _tokens(messages: list, request_id: str) -> list[int]:
+    return [t for m in messages if m[0] == "step" for d in m[1] if d[0] == request_id for c in d[2] for t in c[1]]
+
+
+def test_the_engine_loop_routes_each_output_to_the_api_server_that_posted_it():
+    from miniserve import LLM, SamplingParams
+    from miniserve.server.engine_process import _CoreLoop
+    from miniserve.server.pipe import FrameReader, FrameWriter
+
+    engine = LLM(device="cpu").engine
+    commands = [mp.Pipe(duplex=False) for _ in range(2)]  # (engine's end, API's end)
+    outputs = [mp.Pipe(duplex=False) for _ in range(2)]  # (API's end, engine's end)
+    loop = _CoreLoop(engine, [FrameReader(c[0]) for c in commands], [FrameWriter(o[1]) for o in outputs])
+    send = [FrameWriter(c[1]) for c in commands]
+    recv = [FrameReader(o[0]) for o in outputs]
+    greedy = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    endless = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)  # (the demo: 1024 positions)
+    send[0].send([("add", "a", [5, 6, 7], greedy, None)])
+    send[1].send([("add", "b", [8, 9], greedy, None), ("add", "c", [5, 6], endless, None)])
+    runner = threading.Thread(target=loop.run)
+    runner.start()
+    got: list[list] = [[], []]
+    readers = [threading.Thread(target=_recv_until_finished, args=(recv[i], rid, got[i])) for i, rid in enumerate("ab")]
+    for r in readers:
+        r.start()
+    for r in readers:
+        r.join(timeout=60)
+    steps = [[m for m in got[i] if m[0] == "step"] for i in range(2)]
+    assert {d[0] for m in steps[0] for d in m[1]} == {"a"}  # server 0 hears only of its own request
+    assert {d[0] for m in steps[1] for d in m[1]} <= {"b", "c"} and _tokens(got[1], "b")
+    assert all(m[3] == 0 for m in steps[1]) and sum(m[3] for m in steps[0]) > 0  # the step metric: server 0 only
+    oracle = LLM(device="cpu")  # a separate engine: what each prompt alone gives
+    for rid, prompt, i in (("a", [5, 6, 7], 0), ("b", [8, 9], 1)):
+        expected = oracle.generate({"prompt_token_ids": prompt}, greedy)[0].outputs[0].token_ids
+        assert _tokens(got[i], rid) == list(expected)
+
+    aborted: list[str] = []
+    abort = engine.abort_request
+    engine.abort_request = lambda rid: (aborted.append(rid), abort(rid))[1]
+    send[1].send([("stop",)])  # server 1 leaves with "c" still running: the engine aborts it, server 0 goes on
+    deadline = time.monotonic() + 30
+    while "c" in engine.outputs.requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert aborted == ["c"] and runner.is_alive()  # (a thousand tokens: "c" cannot have finished by itself)
+    send[0].send([("add", "d", [5, 6, 7], greedy, None)])
+    later: list = []
+    _recv_until_finished(recv[0], "d", later)
+    assert _tokens(later, "d") == _tokens(got[0], "a")
+    send[0].send([("stop",)])
+    runner.join(timeout=30)
+    assert not runner.is_alive()  # the last API server stopped: the loop ended
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    return build_server_model(tmp_path_factory.mktemp("api-servers-model"), tokenizer_dir)
+
+
+def _children(pid: int) -> set[int]:
+    """Every process below `pid` (Linux /proc)."""
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            kids = {int(k) for k in (task / "children").read_text().split()}
+            todo += sorted(kids - found)
+            found |= kids
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"  # exited, not yet reaped by a parent that is itself gone
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_two_api_servers_answer_like_one_and_count_every_request(model_dir):
+    port = free_port()
+    cmd = [sys.executable, "-m", "miniserve.cli", "serve", "--model", str(model_dir), "--device", "cpu"]
+    cmd += ["--dtype", "float32", "--port", str(port), "--api-servers", "2", "--served-model-name", MODEL_NAME]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen([*cmd, "--log-level", "warning"], cwd=REPO, env=env, stdout=log, stderr=log)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_healthy(url, proc, log)
+            children = _children(proc.pid)
+            assert len(children) >= 3  # the engine and two API servers (and multiprocessing's resource tracker)
+            client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+            prompts = [f"ROMEO {i}:" for i in range(12)]
+
+            def ask(i: int) -> str:
+                args = dict(model=MODEL_NAME, prompt=prompts[i], max_tokens=8, temperature=0)
+                if i % 2:
+                    return client.completions.create(**args, extra_body={"ignore_eos": True}).choices[0].text
+                chunks = client.completions.create(**args, stream=True, extra_body={"ignore_eos": True})
+                return "".join(c.choices[0].text for c in chunks if c.choices)
+
+            with cf.ThreadPoolExecutor(12) as pool:
+                served = list(pool.map(ask, range(12)))
+            from miniserve import LLM, SamplingParams
+
+            offline = LLM(model=str(model_dir), device="cpu", dtype="float32")
+            expected = offline.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+            assert served == [o.outputs[0].text for o in expected]
+            for _ in range(6):  # whichever server answers the scrape, it counts both servers' requests
+                assert metric(scrape(url), "request_success_total", finished_reason="length") == 12
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+            deadline = time.monotonic() + 10
+            while not all(_gone(c) for c in children) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert all(_gone(c) for c in children), (children, log.seek(0), log.read())
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=15)
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read().decode(errors='replace')}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("server did not become healthy")
+
+
+def test_uvicorn_refuses_several_api_servers_with_what_to_run_instead(model_dir):
+    from miniserve.server.app import settings_from_env
+
+    with pytest.raises(ValueError, match="miniserve serve --api-servers 2"):
+        settings_from_env({"MINISERVE_MODEL": str(model_dir), "MINISERVE_API_SERVERS": "2"})
+    assert settings_from_env({"MINISERVE_MODEL": str(model_dir)})[1].api_servers == 1
