@@ -86,7 +86,7 @@ if [ "$part" = apiservers ]; then
   # issue 18: the saturated workload served by 4 API server processes (miniserve serve --api-servers 4), beside
   # the offline engine in the same run
   timeout 300 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 256 --input-len 512 --output-len 256 \
-    --phases stream,plain,offline --client-procs 4 --engine-args "--api-servers 4" \
+    --phases stream,plain,offline --client-procs 4 --engine-args="--api-servers 4" \
     --out "$out/serve_api4_h200.json" 2>&1 | grep -v -i warn | tail -6
 fi
 
