@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import multiprocessing as mp
@@ -374,13 +375,16 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def engine_kwargs(engine_args: str) -> dict:
-    """EngineConfig keyword arguments from the --engine-args the server got (--max-num-seqs 256 -> max_num_seqs)."""
-    from miniserve.config import EngineConfig
+    """EngineConfig keyword arguments from the --engine-args the server got (--max-num-seqs 256 -> max_num_seqs);
+    the server's own flags there (--api-servers 4) do not concern the offline engine."""
+    from miniserve.config import EngineConfig, ServerConfig
     from miniserve.settings import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser, EngineConfig)
+    add_arguments(parser, ServerConfig)
     ns = vars(parser.parse_args(shlex.split(engine_args)))
+    ns = {k: v for k, v in ns.items() if k in {f.name for f in dataclasses.fields(EngineConfig)}}
     return {k: v for k, v in ns.items() if v is not None and k not in ("model", "served_model_name")}
 
 
