@@ -76,6 +76,7 @@ def serve_main(args: argparse.Namespace) -> int:
         shared = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="miniserve-metrics-")
     try:
         from miniserve.server.app import run_server
+        from miniserve.server.launcher import run_api_servers
     except ImportError as e:  # fastapi/uvicorn not installed: `generate` still works, `serve` says why
         print(
             f"miniserve: error: the server needs fastapi and uvicorn ({e}); pip install fastapi uvicorn",
@@ -83,7 +84,7 @@ def serve_main(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        return run_server(config, server)
+        return run_api_servers(config, server) if server.api_servers > 1 else run_server(config, server)
     finally:
         if shared:
             shutil.rmtree(shared, ignore_errors=True)

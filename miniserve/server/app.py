@@ -186,9 +186,7 @@ def run_server(config: EngineConfig, server: ServerConfig) -> int:
 
     config.check_dirs()  # before uvicorn starts, so the CLI prints one clear line
     if server.api_servers > 1:
-        from miniserve.server.launcher import run_api_servers
-
-        return run_api_servers(config, server)
+        raise ValueError("several API servers are started by server/launcher.py:run_api_servers")
     uvicorn.run(
         create_app(config, server),
         host=server.host,

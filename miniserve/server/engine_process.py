@@ -347,20 +347,22 @@ def spawn_engine(config: Any, count: int = 1) -> tuple[Any, list[EngineLink]]:
     return proc, [EngineLink(c[1], o[0], i, count) for i, (c, o) in enumerate(zip(commands, outputs))]
 
 
+def _exit_code(proc: Any, wait: float) -> Any:
+    """An engine process's exit code once it ended (waiting up to `wait` s); "unknown" when not ours (None)."""
+    if proc is None:
+        return "unknown"
+    proc.join(wait)
+    return proc.exitcode
+
+
 class EngineProcess:
     """The API process's handle: start/stop the engine process (or join one the launcher started: `link`), post
     requests, route each step's outputs. With N API servers each admits its share of max_num_seqs and
     max_waiting."""
 
-    def __init__(
-        self,
-        config: Any,
-        metrics: ServerMetrics | None = None,
-        max_waiting: int | None = None,
-        link: EngineLink | None = None,
-    ):
+    def __init__(self, config: Any, max_waiting: int | None = None, link: EngineLink | None = None):
         self.config = config
-        self.metrics = metrics
+        self.metrics: ServerMetrics | None = None  # the server's, once it has them (ServerState)
         self.link = link
         count = link.count if link is not None else 1
         self.max_waiting = None if max_waiting is None else -(-max_waiting // count)
@@ -392,20 +394,13 @@ class EngineProcess:
         try:
             msg = self._out_reader.recv()
         except EOFError:
-            raise RuntimeError(f"the engine process exited with {self._exit_code(5)} while loading") from None
+            raise RuntimeError(f"the engine process exited with {_exit_code(self._proc, 5)} while loading") from None
         if msg[0] == "error":
-            self._exit_code(5)
+            _exit_code(self._proc, 5)
             logger.error("engine failed to load:\n%s", msg[2])
             raise RuntimeError(f"the engine failed to load: {msg[1]}")
         _, self.info, self._stats = msg
         self._alive = True
-
-    def _exit_code(self, wait: float) -> Any:
-        """The engine process's exit code once it ended (waiting up to `wait` s); "unknown" when not ours."""
-        if self._proc is None:
-            return "unknown"
-        self._proc.join(wait)
-        return self._proc.exitcode
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Work both pipes from `loop` (the server's event loop; call on it): route outputs as they arrive, send
@@ -597,7 +592,7 @@ class EngineProcess:
 
     def _on_engine_exit(self) -> None:
         if self._alive:
-            logger.error("the engine process exited unexpectedly (exit code %s)", self._exit_code(1))
+            logger.error("the engine process exited unexpectedly (exit code %s)", _exit_code(self._proc, 1))
         self._alive = False
         self._end_all(RuntimeError("the engine process exited"))
 

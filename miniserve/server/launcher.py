@@ -36,6 +36,7 @@ def run_api_servers(config: EngineConfig, server: ServerConfig) -> int:
     """Serve with server.api_servers API server processes until told to stop; the exit status."""
     from miniserve.server.engine_process import spawn_engine
 
+    config.check_dirs()  # before anything starts, so the CLI prints one clear line
     sock = _listen(server.host, server.port)
     engine, links = spawn_engine(config, server.api_servers)
     ctx = mp.get_context("spawn")
