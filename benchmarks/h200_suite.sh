@@ -4,6 +4,7 @@
 #   bash benchmarks/h200_suite.sh checks OUT_DIR    # kernel checks (bit patterns, attention) and engine checks
 #   bash benchmarks/h200_suite.sh serving OUT_DIR   # serve.py (saturated, 4 req/s, fake engine), structured outputs
 #   bash benchmarks/h200_suite.sh apiservers OUT_DIR # serve.py saturated with 4 API server processes
+#   bash benchmarks/h200_suite.sh apisweep OUT_DIR  # the same with 2 and 8
 #   OLD=DIR bash benchmarks/h200_suite.sh demoab OUT_DIR  # demo batch-1 speculative decoding, old tree vs this one
 #   bash benchmarks/h200_suite.sh fp8reg OUT_DIR    # FP8 decode variants (decode_attention_fp8_registers.md)
 #   bash benchmarks/h200_suite.sh fp8ncu OUT_DIR    # ncu of the default and staged FP8 decode kernels
@@ -88,6 +89,15 @@ if [ "$part" = apiservers ]; then
   timeout 300 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 256 --input-len 512 --output-len 256 \
     --phases stream,plain,offline --client-procs 4 --engine-args="--api-servers 4" \
     --out "$out/serve_api4_h200.json" 2>&1 | grep -v -i warn | tail -6
+fi
+
+if [ "$part" = apisweep ]; then
+  # how many API server processes the saturated workload needs: 2 and 8 (4: `apiservers`), each beside offline
+  for n in 2 8; do
+    timeout 200 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 256 --input-len 512 --output-len 256 \
+      --phases stream,plain,offline --client-procs 4 --engine-args="--api-servers $n" \
+      --out "$out/serve_api${n}_h200.json" 2>&1 | grep -v -i warn | tail -5
+  done
 fi
 
 if [ "$part" = fp8reg ]; then

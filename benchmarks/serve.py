@@ -549,6 +549,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = set(phases) - {"stream", "plain", "offline", "stub", "fake"}
     if bad:
         p.error(f"unknown phases {sorted(bad)}")
+    if args.trace_dir and "--api-servers" in args.engine_args:
+        p.error("--trace-dir traces one API server process (no --api-servers in --engine-args)")
     if args.model is None and (args.url is None or "offline" in phases):
         p.error("--shape or --model is needed (to start the server, and for the offline phase)")
     args.phase_list = phases

@@ -1,6 +1,7 @@
 """benchmarks/serve.py end to end on tiny shapes (so it cannot rot): it builds a tiny random checkpoint, starts
 the server, streams and collects the workload, runs it offline, measures the client against its stub and the API
-process against the fake engine; the JSON holds every phase, and the counts match what was asked."""
+process against the fake engine; the JSON holds every phase, and the counts match what was asked. Also with two
+API server processes, and with --trace-dir (benchmarks/serve_trace.py's analysis of every stage's timestamps)."""
 
 from __future__ import annotations
 
@@ -84,3 +85,34 @@ def test_serve_benchmark_runs_every_phase_on_a_tiny_shape(tmp_path):
         assert 5 <= phase["engine_steps"] <= 30, phase
         assert phase["ms_per_step"] > 0
     assert round(stream["tokens_per_step"] * stream["engine_steps"]) == 6 * 12 + 6 * 4  # prompts, 4 decodes each
+
+
+def _serve(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "serve.json"
+    cmd = [sys.executable, "benchmarks/serve.py", "--shape", "llama-3.2-1b", "--overrides", json.dumps(TINY)]
+    cmd += ["--ckpt-root", str(tmp_path / "ckpt"), "--num-prompts", "6", "--input-len", "12", "--output-len", "5"]
+    cmd += ["--client-procs", "1", "--warmup", "1", "--out", str(out), *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=os.environ)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text())
+
+
+def test_serve_benchmark_with_two_api_servers(tmp_path):
+    res = _serve(tmp_path, "--phases", "stream,offline", "--engine-args=--device cpu --max-num-seqs 8 --api-servers 2")
+    stream = res["phases"]["stream"]
+    assert stream["completed"] == 6 and stream["output_tokens"] == 30 and stream["vs_offline"] > 0
+    assert res["phases"]["offline"]["output_tokens"] == 30  # the offline engine took the engine's flags only
+
+
+def test_serve_trace_splits_each_stage(tmp_path):
+    res = _serve(
+        tmp_path, "--phases", "stream,fake", "--fake-step-ms", "2", "--request-rate", "20",
+        "--engine-args=--device cpu --max-num-seqs 8", "--trace-dir", str(tmp_path / "trace"),
+    )  # fmt: skip
+    for key, phase in (("real/stream", "stream"), ("fake/stream", "fake")):
+        trace = res["trace"][key]
+        assert trace["streams"] == 6 and trace["client_events"] == res["phases"][phase]["content_events"]
+        assert trace["engine_steps"] >= 5 and trace["body_writes"] >= trace["client_events"]
+        for stage in ("admission", "to_engine", "engine", "to_client"):
+            p50, p90, p99 = (float(x) for x in trace[f"ttft_{stage}_ms"].split()[1::2])
+            assert 0 <= p50 <= p90 <= p99, (stage, trace)
