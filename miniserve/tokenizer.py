@@ -275,8 +275,17 @@ class IncrementalDetokenizer:
         return [int(t) for t in token_ids if int(t) not in skip]
 
     def _prompt_context(self, prompt_ids: Iterable[int]) -> list[int]:
-        """Up to PROMPT_CONTEXT trailing prompt ids that end on a complete character."""
-        context = self._keep(prompt_ids)[-PROMPT_CONTEXT:]
+        """Up to PROMPT_CONTEXT trailing prompt ids that end on a complete character (read from the end: a long
+        prompt costs no more than a short one, on the server's event loop)."""
+        ids = prompt_ids if isinstance(prompt_ids, (list, tuple)) else list(prompt_ids)
+        skip = self.tokenizer._special_ids if self.skip_special_tokens else frozenset()
+        context: list[int] = []
+        for t in reversed(ids):
+            if int(t) not in skip:
+                context.append(int(t))
+                if len(context) == PROMPT_CONTEXT:
+                    break
+        context.reverse()
         while context and (context[-1] in self.tokenizer._byte_ids or self._decode(context).endswith("\ufffd")):
             context.pop()
         return context

@@ -24,7 +24,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, pro
 from tokenizers import Tokenizer as RawTokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from miniserve.tokenizer import DEFAULT_CHAT_TEMPLATE, IncrementalDetokenizer, Tokenizer
+from miniserve.tokenizer import DEFAULT_CHAT_TEMPLATE, PROMPT_CONTEXT, IncrementalDetokenizer, Tokenizer
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 EXTRA_LINES = [
@@ -463,6 +463,24 @@ def test_incremental_detokenizer_equals_full_decode(ours, name, data):
     assert streamed == full
     if "\ufffd" not in full:
         assert not any("\ufffd" in d for d in deltas)
+
+
+@pytest.mark.parametrize("name", ["sp", "bpe"])
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_prompt_context_is_the_last_kept_prompt_ids_up_to_a_complete_character(ours, name, data):
+    """The window a stream starts from: of the prompt's last PROMPT_CONTEXT ids that decode keeps (special ones
+    dropped when skipped), the longest leading run that does not end inside a character."""
+    tokenizer = ours[name]
+    prompt = pick_ids(tokenizer, data.draw(st.lists(st.integers(0, 10**6), max_size=30), label="raw prompt"))
+    skip = data.draw(st.booleans(), label="skip_special_tokens")
+    kept = [t for t in prompt if not (skip and t in tokenizer.all_special_ids)][-PROMPT_CONTEXT:]
+    context = IncrementalDetokenizer(tokenizer, skip, prompt_ids=prompt).token_ids
+    assert context == kept[: len(context)]
+    bytes_ = set(pick_ids(tokenizer, list(range(0, 4 * 256, 4))))  # (pick_ids' byte pool)
+    if len(context) < len(kept):  # the next id would have ended it inside a character
+        longer = kept[: len(context) + 1]
+        assert longer[-1] in bytes_ or tokenizer.decode(longer, skip).endswith("\ufffd")
 
 
 @pytest.mark.parametrize("name", ["sp", "bpe"])
