@@ -85,9 +85,17 @@ def test_the_engine_loop_routes_each_output_to_the_api_server_that_posted_it():
     later: list = []
     _recv_until_finished(recv[0], "d", later)
     assert _tokens(later, "d") == _tokens(got[0], "a")
+    send[0].send([("add", "e", [5, 6], endless, None)])  # one aborted by its server is forgotten too
+    while "e" not in loop.owner:
+        time.sleep(0.01)
+    send[0].send([("abort", ["e"])])
+    deadline = time.monotonic() + 30
+    while "e" in engine.outputs.requests and time.monotonic() < deadline:
+        time.sleep(0.01)
     send[0].send([("stop",)])
     runner.join(timeout=30)
     assert not runner.is_alive()  # the last API server stopped: the loop ended
+    assert loop.owner == {}  # every request finished, aborted or dropped left the routing table
 
 
 @pytest.fixture(scope="module")

@@ -197,6 +197,7 @@ class _CoreLoop:
                     elif cmd[0] == "abort":
                         aborted = True
                         for request_id in cmd[1]:
+                            self.owner.pop(request_id, None)
                             self._abort(request_id)
                 if not reader.poll():
                     break
