@@ -327,32 +327,40 @@ def grammar_threads() -> str:
     )
 
 
+def serve_trace(run: str) -> dict | None:
+    """serve_trace.py's analysis of one traced run ("saturated" or "rate4") of serve_trace_h200.json."""
+    trace = load("serve_trace_h200.json")
+    return trace[run]["trace"]["real/stream"] if trace else None
+
+
 def serve_trace_saturated() -> str:
     """The traced saturated run: how many of the 256 streams' events the API process writes per engine step."""
-    trace = load("serve_trace_h200.json")
-    if not trace:
-        return "not traced"
-    t = trace["saturated"]["trace"]["real/stream"]
+    t = serve_trace("saturated")
     return (
-        f"traced (`serve_trace_h200.json`): the engine sent a step every {p50(t['engine_step_gap_ms'])} ms (p50) and "
-        f"the API process wrote {t['writes_per_step']:.0f} events per step, reading the engine's messages "
-        f"{p50(t['steps_per_handover'])} steps at a time: its one event loop is saturated (routing a batch of steps "
-        f"{p50(t['routing_ms_per_handover'])} ms, then a write per stream); with 4 API servers each writes a "
-        "quarter"
+        "not traced"
+        if t is None
+        else (
+            f"traced (`serve_trace_h200.json`): the engine sent a step every {p50(t['engine_step_gap_ms'])} ms (p50) and "
+            f"the API process wrote {t['writes_per_step']:.0f} events per step, reading the engine's messages "
+            f"{p50(t['steps_per_handover'])} steps at a time: its one event loop is saturated (routing a batch of steps "
+            f"{p50(t['routing_ms_per_handover'])} ms, then a write per stream); with 4 API servers each writes a "
+            "quarter"
+        )
     )
 
 
 def serve_trace_rate() -> str:
     """The traced run below saturation: each request's time to first token, stage by stage (p50)."""
-    trace = load("serve_trace_h200.json")
-    if not trace:
-        return "not traced"
-    t = trace["rate4"]["trace"]["real/stream"]
+    t = serve_trace("rate4")
     return (
-        f"traced at 4 requests/s (`serve_trace_h200.json`, p50): admission (HTTP, parsing, checks) "
-        f"{p50(t['ttft_admission_ms'])} ms, the hop to the engine process {p50(t['ttft_to_engine_ms'])} ms, the "
-        f"engine (the step in flight, then the prefill) {p50(t['ttft_engine_ms'])} ms, the way back to the client "
-        f"{p50(t['ttft_to_client_ms'])} ms"
+        "not traced"
+        if t is None
+        else (
+            f"traced at 4 requests/s (`serve_trace_h200.json`, p50): admission (HTTP, parsing, checks) "
+            f"{p50(t['ttft_admission_ms'])} ms, the hop to the engine process {p50(t['ttft_to_engine_ms'])} ms, the "
+            f"engine (the step in flight, then the prefill) {p50(t['ttft_engine_ms'])} ms, the way back to the client "
+            f"{p50(t['ttft_to_client_ms'])} ms"
+        )
     )
 
 

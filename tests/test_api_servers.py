@@ -21,11 +21,10 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
-from tests.test_server import MODEL_NAME, REPO, build_server_model, free_port, metric, scrape
+from tests.test_server import MODEL_NAME, REPO, _wait_healthy, build_server_model, free_port, metric, scrape
 
 
 def _recv_until_finished(reader, request_id: str, into: list) -> None:
@@ -166,21 +165,6 @@ def test_two_api_servers_answer_like_one_and_count_every_request(model_dir):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=15)
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, log) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read().decode(errors='replace')}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("server did not become healthy")
 
 
 def test_uvicorn_refuses_several_api_servers_with_what_to_run_instead(model_dir):
