@@ -269,7 +269,8 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
                 f"{several[-1][1]['stream']['tpot_ms']['p50']:.1f} ms with {several[-1][0]} API servers, the decode "
                 f"step {several[-1][1]['offline']['decode_step_ms']:.1f} ms); where the rest of its time goes was not "
                 "profiled. Each run against the offline engine in the same process run; ratios vary between runs of "
-                "the lent H200 by several percent",
+                "the lent H200 by several percent, plain ones most (`git log -p "
+                "benchmarks/results/serve_api4_h200.json` has the run before this one)",
             )
         )
         itl = "ITL p50 with " + "; ".join(
