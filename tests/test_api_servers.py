@@ -167,6 +167,20 @@ def test_two_api_servers_answer_like_one_and_count_every_request(model_dir):
                 proc.wait(timeout=15)
 
 
+def test_an_engine_that_cannot_load_fails_the_launcher(model_dir, tmp_path):
+    """Every API server's startup fails on the engine's error; the launcher exits non-zero, nothing left running."""
+    broken = tmp_path / "no-weights"
+    broken.mkdir()
+    for f in model_dir.iterdir():
+        if not f.name.endswith(".safetensors"):
+            (broken / f.name).write_bytes(f.read_bytes())
+    cmd = [sys.executable, "-m", "miniserve.cli", "serve", "--model", str(broken), "--device", "cpu"]
+    cmd += ["--port", str(free_port()), "--api-servers", "2", "--log-level", "warning"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "the engine failed to load" in proc.stderr and "safetensors" in proc.stderr
+
+
 def test_uvicorn_refuses_several_api_servers_with_what_to_run_instead(model_dir):
     from miniserve.server.app import settings_from_env
 

@@ -79,16 +79,19 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def _supervise(apis: list[Any], stopping: list[int]) -> int:
-    """Wait for the API servers; if one exits without being told to, stop the rest. The exit status."""
+    """Wait for the API servers; if one exits without being told to (its startup failed, or it died), stop the
+    rest. The exit status: 0 only after a shutdown that was asked for."""
+    failed = False
     while True:
         alive = [p for p in apis if p.is_alive()]
-        if not alive:
-            return 0 if stopping else 1
         died = [p for p in apis if not p.is_alive() and p.exitcode != 0]
         if died and not stopping:
             logger.error("%s exited with %s: stopping the others", died[0].name, died[0].exitcode)
+            failed = True
             stopping.append(signal.SIGTERM)
             _signal_all(alive, signal.SIGTERM)
+        if not alive:
+            return 1 if failed or not stopping else 0
         time.sleep(0.2)
 
 
