@@ -114,6 +114,7 @@ def _kill_all(procs: list[Any]) -> None:
 def _api_main(config: EngineConfig, server: ServerConfig, sock: socket.socket, link: Any) -> None:
     """One API server process: the app joined to the launcher's engine, served on the shared socket."""
     os.setpgrp()  # the terminal's Ctrl-C goes to the launcher, which passes on one SIGTERM
+    _end_with_parent()
     import uvicorn
 
     from miniserve.server.app import connection_protocol, create_app
@@ -126,3 +127,15 @@ def _api_main(config: EngineConfig, server: ServerConfig, sock: socket.socket, l
         timeout_graceful_shutdown=server.drain_timeout + 2.0,
     )
     uvicorn.Server(uvicorn_config).run(sockets=[sock])
+
+
+def _end_with_parent() -> None:
+    """Linux: a SIGTERM (a drain) for this process when the launcher dies, even by SIGKILL, so no API server is left
+    serving on its own. Elsewhere nothing."""
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
