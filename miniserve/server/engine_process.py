@@ -14,6 +14,11 @@ the engine steps while the API process writes. The two talk over two pipes:
                     of OutputProcessor.collect_messages).
                     `num_tokens` is what the step computed (prompt and decode tokens: the iteration histogram).
 
+With several API server processes (`miniserve serve --api-servers N`, server/launcher.py) the engine has a pipe
+pair per API server: a request's acks and deltas go to the one that posted it, the step's stats to all, and
+`num_tokens` to server 0 only (the others get 0: /metrics sums every process). "stop" (or a closed pipe) ends one
+API server's part, aborting what it still had in flight; the loop ends when none is left.
+
 A request with structured outputs carries its grammar compiled by the API process (`grammar`: xgrammar's
 serialized CompiledGrammar, else None; see engine/structured_output.py), so the engine never compiles one.
 ("warm",) comes before the first one: the engine then imports xgrammar and reads the vocabulary on a thread
