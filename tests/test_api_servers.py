@@ -14,6 +14,7 @@ import concurrent.futures as cf
 import multiprocessing as mp
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -179,6 +180,19 @@ def test_an_engine_that_cannot_load_fails_the_launcher(model_dir, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "the engine failed to load" in proc.stderr and "safetensors" in proc.stderr
+
+
+def test_a_port_in_use_is_one_line_and_starts_nothing(model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "miniserve.cli", "serve", "--model", str(model_dir), "--device", "cpu"]
+        cmd += ["--port", str(port), "--api-servers", "2"]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    message = proc.stderr.strip()
+    assert message.startswith(f"miniserve: error: cannot listen on 127.0.0.1:{port}: ") and "\n" not in message
 
 
 def test_uvicorn_refuses_several_api_servers_with_what_to_run_instead(model_dir):

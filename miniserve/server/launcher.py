@@ -73,7 +73,11 @@ def _listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as e:  # in use, or not an address of this machine: one line, as uvicorn says it
+        sock.close()
+        raise SystemExit(f"miniserve: error: cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.listen(2048)
     return sock
 
