@@ -70,6 +70,8 @@ class _Request(BaseModel):
         out = [prefix + key for key in sorted(self.model_extra or {})]
         for name in type(self).model_fields:
             value = getattr(self, name)
+            if isinstance(value, list) and value and type(value[0]) is int:
+                continue  # token ids (thousands of them in a prompt): no object inside
             items = value if isinstance(value, list) else [value]
             for j, item in enumerate(items):
                 if isinstance(item, _Request):
