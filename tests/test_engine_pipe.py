@@ -10,6 +10,7 @@ import multiprocessing as mp
 import os
 import random
 import threading
+import time
 
 import pytest
 
@@ -42,6 +43,59 @@ def test_a_message_larger_than_the_pipe_arrives_whole():
     assert reader.recv() == big
     assert reader.recv() == ("small",)
     sender.join()
+
+
+def test_the_event_loop_writer_never_blocks_and_keeps_frames_whole_and_in_order():
+    """LoopFrameWriter (the API process's command end): messages larger than the pipe return at once, the loop goes
+    on running while the rest is written as the reader makes room, and the reader gets every frame whole, in order;
+    the API end of the engine's pipe read from the loop (add_reader + read_ready) gets them all too."""
+    import asyncio
+
+    from miniserve.server.pipe import LoopFrameWriter
+
+    recv, send = mp.Pipe(duplex=False)
+    reader = FrameReader(recv)
+    big = [("add", i, list(range(300_000))) for i in range(3)]  # ~1.5 MB each: more than the 1 MiB pipe
+    got: list = []
+
+    async def main() -> float:
+        writer = LoopFrameWriter(send, asyncio.get_running_loop())
+        t = time.monotonic()
+        for msg in [*big, ("stop",)]:
+            writer.send(msg)
+        returned = time.monotonic() - t
+        assert writer.pending  # what the pipe did not take waits for room
+        ticks, deadline = 0, time.monotonic() + 20
+        while len(got) < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)  # the loop keeps running meanwhile
+            ticks += 1
+        assert ticks > 0 and not writer.pending and not writer.watching
+        return returned
+
+    def read() -> None:
+        os.set_blocking(reader.fd, False)
+        deadline = time.monotonic() + 20
+        while len(got) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)  # a slow reader: the writer must wait for room
+            got.extend(reader.read_ready())
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    returned = asyncio.run(main())
+    thread.join(timeout=30)
+    assert got == [*big, ("stop",)] and returned < 0.5
+
+
+def test_read_ready_returns_what_one_read_completed():
+    reader, writer = _pipe()
+    os.set_blocking(reader.fd, False)
+    assert reader.read_ready() == []  # nothing there: no wait, no message
+    writer.send(("a", 1))
+    writer.send(("b", 2))
+    assert reader.read_ready() == [("a", 1), ("b", 2)]
+    writer.conn.close()
+    with pytest.raises(EOFError):
+        reader.read_ready()
 
 
 def test_frames_split_at_every_byte_are_reassembled():
