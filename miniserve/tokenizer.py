@@ -264,6 +264,7 @@ class IncrementalDetokenizer:
     ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._skip = tokenizer._special_ids if skip_special_tokens else frozenset()  # ids decode leaves out
         self.text = ""  # everything emitted so far
         # kept ids (skipped special tokens removed: decode ignores them), starting with the prompt context
         self.token_ids: list[int] = self._prompt_context(prompt_ids) if prompt_ids is not None else []
@@ -271,17 +272,15 @@ class IncrementalDetokenizer:
         self._read_offset = len(self.token_ids)
 
     def _keep(self, token_ids: Iterable[int]) -> list[int]:
-        skip = self.tokenizer._special_ids if self.skip_special_tokens else frozenset()
-        return [int(t) for t in token_ids if int(t) not in skip]
+        return [int(t) for t in token_ids if int(t) not in self._skip]
 
     def _prompt_context(self, prompt_ids: Iterable[int]) -> list[int]:
         """Up to PROMPT_CONTEXT trailing prompt ids that end on a complete character (read from the end: a long
         prompt costs no more than a short one, on the server's event loop)."""
         ids = prompt_ids if isinstance(prompt_ids, (list, tuple)) else list(prompt_ids)
-        skip = self.tokenizer._special_ids if self.skip_special_tokens else frozenset()
         context: list[int] = []
         for t in reversed(ids):
-            if int(t) not in skip:
+            if int(t) not in self._skip:
                 context.append(int(t))
                 if len(context) == PROMPT_CONTEXT:
                     break

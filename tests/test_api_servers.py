@@ -155,7 +155,9 @@ def test_two_api_servers_answer_like_one_and_count_every_request(model_dir):
             expected = offline.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
             assert served == [o.outputs[0].text for o in expected]
             for _ in range(6):  # whichever server answers the scrape, it counts both servers' requests
-                assert metric(scrape(url), "request_success_total", finished_reason="length") == 12
+                samples = scrape(url)
+                assert metric(samples, "request_success_total", finished_reason="length") == 12
+                assert metric(samples, "inter_token_latency_seconds_count") == 12 * 7  # a gap after each first token
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0
             deadline = time.monotonic() + 10

@@ -148,12 +148,6 @@ class _CoreLoop:
 
     def _send_step(self, deltas: list[tuple], num_tokens: int) -> None:
         stats = self.engine.stats()
-        if len(self.outputs) == 1:
-            for delta in deltas:
-                if delta[1]:  # finished
-                    self.owner.pop(delta[0], None)
-            self._send(0, ("step", deltas, stats, num_tokens))
-            return
         split: list[list[tuple]] = [[] for _ in self.outputs]
         for delta in deltas:
             split[self.owner.get(delta[0], 0)].append(delta)
@@ -353,11 +347,13 @@ def spawn_engine(config: Any, count: int = 1) -> tuple[Any, list[EngineLink]]:
     return proc, [EngineLink(c[1], o[0], i, count) for i, (c, o) in enumerate(zip(commands, outputs))]
 
 
-def _exit_code(proc: Any, wait: float) -> Any:
-    """An engine process's exit code once it ended (waiting up to `wait` s); "unknown" when not ours (None)."""
+def _wait_exit(proc: Any, wait: float = 0.0) -> Any:
+    """An engine process's exit code, after waiting up to `wait` s for it to end (None: still running); "unknown"
+    for the launcher's engine (proc None)."""
     if proc is None:
         return "unknown"
-    proc.join(wait)
+    if wait:
+        proc.join(wait)
     return proc.exitcode
 
 
@@ -395,14 +391,14 @@ class EngineProcess:
         if link is None:
             self._proc, (link,) = spawn_engine(self.config)
         self._started = True
-        self._cmd_send, self._out_recv = link.commands, link.outputs
-        self._out_reader = FrameReader(self._out_recv)
+        self._cmd_send = link.commands
+        self._out_reader = FrameReader(link.outputs)
         try:
             msg = self._out_reader.recv()
         except EOFError:
-            raise RuntimeError(f"the engine process exited with {_exit_code(self._proc, 5)} while loading") from None
+            raise RuntimeError(f"the engine process exited with {_wait_exit(self._proc, 5)} while loading") from None
         if msg[0] == "error":
-            _exit_code(self._proc, 5)
+            _wait_exit(self._proc, 5)  # it returns once it has said why
             logger.error("engine failed to load:\n%s", msg[2])
             raise RuntimeError(f"the engine failed to load: {msg[1]}")
         _, self.info, self._stats = msg
@@ -598,7 +594,7 @@ class EngineProcess:
 
     def _on_engine_exit(self) -> None:
         if self._alive:
-            logger.error("the engine process exited unexpectedly (exit code %s)", _exit_code(self._proc, 1))
+            logger.error("the engine process exited unexpectedly (exit code %s)", _wait_exit(self._proc))
         self._alive = False
         self._end_all(RuntimeError("the engine process exited"))
 

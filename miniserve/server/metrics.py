@@ -72,6 +72,18 @@ class RunHistogram(Collector):
         yield family
 
 
+class _EachOnce:
+    """RunHistogram's observe(value, count) on prometheus_client's Histogram, which takes one observation a call
+    (the multiprocess mode's file-backed values have no bulk update)."""
+
+    def __init__(self, histogram: Any):
+        self.histogram = histogram
+
+    def observe(self, value: float, count: int = 1) -> None:
+        for _ in range(count):
+            self.histogram.observe(value)
+
+
 class EngineStatsCollector(Collector):
     """Turns the engine's stats() snapshot into gauges and counters on every scrape."""
 
@@ -151,7 +163,8 @@ class ServerMetrics:
         )
         self.ttft = self._histogram("time_to_first_token_seconds", "Arrival to first token.", LATENCY_BUCKETS)
         if self.shared_dir:  # a file-backed histogram: summed over the API server processes at scrape time
-            self.itl = self._histogram("inter_token_latency_seconds", "Time between token steps.", LATENCY_BUCKETS)
+            itl = self._histogram("inter_token_latency_seconds", "Time between token steps.", LATENCY_BUCKETS)
+            self.itl: RunHistogram | _EachOnce = _EachOnce(itl)
         else:
             self.itl = RunHistogram(
                 PREFIX + "inter_token_latency_seconds", "Time between token steps.", LATENCY_BUCKETS, model_name
@@ -188,11 +201,7 @@ class ServerMetrics:
         self.ttft.observe(seconds)
 
     def observe_inter_token(self, seconds: float, count: int = 1) -> None:
-        if self.shared_dir:
-            for _ in range(count):
-                self.itl.observe(seconds)
-        else:
-            self.itl.observe(seconds, count)
+        self.itl.observe(seconds, count)
 
     def observe_finished(self, reasons: list[str | None], e2e_seconds: float | None) -> None:
         """One finished request: a count per choice's finish reason, one end-to-end latency sample."""
