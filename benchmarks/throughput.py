@@ -385,6 +385,43 @@ def host_profile(llm: LLM, args, cfg: dict) -> str:
     return out.getvalue()
 
 
+def kernel_rows(prof, steps: int) -> tuple[list[dict], float]:
+    """(GPU time per kernel per step, sorted, and the GPU-busy seconds) from a torch profiler run over `steps`."""
+    rows, busy = [], 0.0
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if t > 0:
+            rows.append({"name": evt.key[:90], "calls": evt.count, "us_per_step": t / steps})
+            busy += t / 1e6
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return rows, busy
+
+
+def profile_nano(llm: LLM, args, cfg: dict) -> dict:
+    """GPU time per kernel over one whole nano run (prefills, decodes and sampling), per engine step, against the
+    run's wall time: says whether the GPU or the host sets the pace, and which kernels take the GPU's time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompts, params = nano_workload(
+        num_seqs=args.nano_seqs, max_in=args.nano_len, max_out=args.nano_len, max_id=max_token_id(cfg)
+    )
+    engine = llm.engine
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(f"prof-{i}", p, sp)
+    sync()
+    steps = 0
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+        sync()
+        wall = time.perf_counter() - start
+    rows, busy = kernel_rows(prof, steps)
+    return {"steps": steps, "wall_ms_per_step": 1e3 * wall / steps, "gpu_ms_per_step": 1e3 * busy / steps,
+            "kernels": rows[:30]}  # fmt: skip
+
+
 def profile_steps(llm: LLM, args, batch: int, cfg: dict, steps: int = 8) -> dict:
     """GPU time per kernel over `steps` decode steps (prompts done), and their GPU-busy fraction."""
     from torch.profiler import ProfilerActivity, profile
@@ -407,13 +444,7 @@ def profile_steps(llm: LLM, args, batch: int, cfg: dict, steps: int = 8) -> dict
         wall = time.perf_counter() - start
     while engine.has_unfinished_requests():
         engine.step()
-    rows, busy = [], 0.0
-    for evt in prof.key_averages():
-        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        if t > 0:
-            rows.append({"name": evt.key[:90], "calls": evt.count, "us_per_step": t / steps})
-            busy += t / 1e6
-    rows.sort(key=lambda r: -r["us_per_step"])
+    rows, busy = kernel_rows(prof, steps)
     return {"wall_ms_per_step": 1e3 * wall / steps, "gpu_ms_per_step": 1e3 * busy / steps, "kernels": rows[:25]}
 
 
@@ -507,7 +538,8 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 run["sweep"] = [run_fixed(llm, cfg, args, gbs, b) for b in args.batches]
             if args.profile:
-                run["profile"] = profile_steps(llm, args, args.batch, cfg)
+                nano = args.workload == "nano"
+                run["profile"] = profile_nano(llm, args, cfg) if nano else profile_steps(llm, args, args.batch, cfg)
             if args.host_profile:
                 run["host_profile"] = host_profile(llm, args, cfg)
             result["runs"].append(run)
