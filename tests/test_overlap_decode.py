@@ -104,6 +104,36 @@ def test_grammar_constrained_steps_overlap_and_equal_stepwise_decoding(monkeypat
     assert_idle(engine)
 
 
+def test_sequences_ending_by_length_leave_the_batch_without_stopping_it(llama_dir, monkeypatch):
+    """Output lengths that end at different steps (nano-vllm's benchmark): a sequence whose token in flight is its
+    last by max_tokens is left out of the next step, launched before that token is read, and the rest go on from
+    their own samples (picked out of the step's rows on the device). Seeded sampling and greedy rows give what the
+    stepwise engine gives, and after the prompts the scheduler is asked only once, when the batch ran out."""
+    prompts = [p for p in mixed_prompts(9) if len(p) > 1]
+    lengths = [3, 11, 6, 17]
+    params = [
+        SamplingParams(temperature=0.0 if i % 2 else 0.7, seed=i, max_tokens=n, ignore_eos=True)
+        for i, n in enumerate(lengths)
+    ]
+    want, _ = generate(llama_dir, prompts, params, async_scheduling=False)
+    llm = LLM(str(llama_dir), dtype="float32", device="cpu")
+    engine = llm.engine
+    schedule, asked = engine.scheduler.schedule, []
+
+    def counted():
+        scheduled = schedule()
+        asked.append([(s.seq.request_id, s.num_new_tokens) for s in scheduled])
+        return scheduled
+
+    monkeypatch.setattr(engine.scheduler, "schedule", counted)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [[(c.token_ids, c.text, c.finish_reason, c.logprobs) for c in o.outputs] for o in outs] == want
+    assert [len(c[0]) for w in want for c in w] == lengths
+    decode_plans = [plan for plan in asked if plan and all(n == 1 for _, n in plan)]
+    assert len(decode_plans) == 1  # the first decode step; every later one continued the batch in flight
+    assert_idle(engine)
+
+
 def test_small_pool_preempts_between_overlapped_steps(llama_dir):
     """A pool too small for every sequence: the batch cannot continue when blocks run short, so the step in
     flight is read before the scheduler preempts."""

@@ -7,16 +7,18 @@ for each sequence whose prompt is complete, and hands it to the output processor
 never sees the engine.
 
 Overlapped decoding (`EngineConfig.async_scheduling`): a decode step of a batch that nothing is about to change is
-launched from the previous step's samples while they are still on the device, and the host reads that previous
-step (tokens, stop rules, outputs) while the GPU runs the new one. So the GPU never waits for the host's per-token
-work. The price: a sequence that stops on EOS or a stop string has one step computed past its end, which is
-dropped. Greedy outputs are identical with and without it. A step whose sampling reads the output so far
-(penalties, bans, a grammar's mask) is launched the same way; its forward pass needs only the token on the device,
-so the host reads the step in flight while the forward runs, then builds the sampling batch from the histories
-that now include it, and samples. A grammar's masks are filled on the grammar thread instead
+launched from the previous step's samples while they are still on the device, and the host reads that previous step
+(tokens, stop rules, outputs) while the GPU runs the new one. So the GPU never waits for the host's per-token work.
+Sequences whose token in flight is their last by length (max_tokens, max_model_len) are left out of the new step and
+the rest go on: with varied output lengths some sequence ends every few steps (nano-vllm's benchmark), and waiting
+for each would idle the GPU there. The price: a sequence that stops on EOS or a stop string has one step computed
+past its end, which is dropped. Greedy outputs are identical with and without it. A step whose sampling reads the
+output so far (penalties, bans, a grammar's mask) is launched the same way; its forward pass needs only the token on
+the device, so the host reads the step in flight while the forward runs, then builds the sampling batch from the
+histories that now include it, and samples. A grammar's masks are filled on the grammar thread instead
 (structured_output.fill_later: xgrammar releases the GIL), while the engine processes the step just read; the step
-is sampled at the decoder's next call (`pending`, settled first by every entry point). Seeded outputs are
-identical too.
+is sampled at the decoder's next call (`pending`, settled first by every entry point). Seeded outputs are identical
+too.
 """
 
 from __future__ import annotations
@@ -104,22 +106,28 @@ class PlainDecoder:
         self.num_overlapped_steps = 0  # decode steps launched before their predecessor was read
 
     def continue_in_flight(self) -> list[Sequence] | None:
-        """With a decode step in flight whose batch can go on unchanged: grow each sequence by one slot, launch its
-        next step from the samples on the device, then read the step in flight. The scheduler is not asked: it
+        """With a decode step in flight whose batch can go on: grow each sequence that continues by one slot, launch
+        its next step from the samples on the device, then read the step in flight. The scheduler is not asked: it
         would plan exactly this (one new token each), and at large batches its bookkeeping costs milliseconds."""
         self._settle()
         f = self.in_flight
-        if f is None or not self._can_continue(f):
+        keep = self._continuing(f) if f is not None else None
+        if keep is None:
             return None
         blocks = self.scheduler.blocks
-        for seq in f.seqs:
+        for seq in keep:
             blocks.grow(seq, seq.num_computed_tokens + 1)
+        tokens = f.samples
+        if keep is not f.seqs:  # some end with the token in flight: the rest go on from their own samples
+            kept = {id(seq) for seq in keep}
+            rows = [i for i, seq in enumerate(f.seqs) if id(seq) in kept]
+            tokens = f.samples.index_select(0, to_device(rows, torch.int64, f.samples.device))
         if f.batch.penalized:  # its sampling reads the token in flight: read that while the forward runs
-            logits = self._forward(f.seqs, f.samples)
+            logits = self._forward(keep, tokens)
             seqs = self._read(f)
-            self._sample_after_masks(f.seqs, logits)
+            self._sample_after_masks(keep, logits)
             return seqs
-        self._launch(f.seqs, f.batch, f.samples)
+        self._launch(keep, f.batch if keep is f.seqs else self._build_batch(keep), tokens)
         return self._read(f)
 
     def flush(self) -> list[Sequence]:
@@ -222,25 +230,32 @@ class PlainDecoder:
 
     # ---------------------------------------------------------------- overlapped decode steps
 
-    def _can_continue(self, f: _InFlight) -> bool:
-        """The next step would run exactly the batch in flight: nobody finished, left, or could be admitted; no
-        sequence's token in flight is its last by length; the pool has the blocks for a slot more each."""
+    def _continuing(self, f: _InFlight) -> list[Sequence] | None:
+        """The sequences of the next step, when it can be launched before the step in flight is read: the batch in
+        flight (`f.seqs` itself when all go on), less the sequences whose token in flight is their last by length
+        (max_tokens, max_model_len: known before it is read). None when the scheduler must decide: someone
+        finished or left otherwise, a waiting request could take a freed place, or the pool lacks a block."""
         sched = self.scheduler
         running = sched.running
         if len(running) != len(f.seqs) or any(a is not b for a, b in zip(running, f.seqs)):
-            return False
-        if (sched.waiting and len(running) < sched.max_num_seqs) or len(running) > sched.max_num_batched_tokens:
-            return False
+            return None
+        if len(running) > sched.max_num_batched_tokens:
+            return None
         limit, block_size = self.outputs.max_model_len, sched.blocks.block_size
-        new_blocks = 0
+        keep, new_blocks = [], 0
         for seq in f.seqs:  # inlined: this loop runs for every sequence at every step
             num_tokens, max_tokens = len(seq.token_ids), seq.params.max_tokens
             if num_tokens + 1 >= limit:
-                return False
+                continue
             if max_tokens is not None and num_tokens - len(seq.prompt_token_ids) + 1 >= max_tokens:
-                return False
+                continue
+            keep.append(seq)
             new_blocks += seq.num_computed_tokens >= len(seq.block_table) * block_size
-        return new_blocks <= sched.blocks.num_free_blocks
+        if not keep or (sched.waiting and len(keep) < sched.max_num_seqs):
+            return None
+        if new_blocks > sched.blocks.num_free_blocks:
+            return None
+        return keep if len(keep) < len(f.seqs) else f.seqs
 
     def _launch(self, seqs: list[Sequence], batch: SamplingBatch, device_tokens: torch.Tensor | None) -> None:
         """One decode step whose samples stay on the device; their host copy is started, not waited for."""
