@@ -265,7 +265,11 @@ def apply_penalties_and_filters(logits: torch.Tensor, batch: SamplingBatch) -> t
         raise ValueError(f"logits must be [{batch.size}, vocab], got {tuple(logits.shape)}")
     if logits.shape[1] != batch.vocab_size:
         raise ValueError(f"logits have {logits.shape[1]} columns but the batch was built for {batch.vocab_size}")
-    logits = logits.to(torch.float32, copy=True)
+    scaled = batch.temperature is not None and not batch.reshaped
+    if scaled:  # temperature alone: the division makes the float32 copy (one pass over the logits, same values)
+        logits = torch.div(logits, batch.temperature.unsqueeze(1))
+    else:
+        logits = logits.to(torch.float32, copy=True)
     if batch.allowed is not None:
         logits.masked_fill_(~batch.allowed, -math.inf)
     if batch.logit_bias is not None:
@@ -282,7 +286,7 @@ def apply_penalties_and_filters(logits: torch.Tensor, batch: SamplingBatch) -> t
         logits[batch.banned] = -math.inf
     if batch.token_bitmask is not None:
         apply_token_bitmask(logits, batch.token_bitmask)
-    if batch.temperature is not None:
+    if batch.temperature is not None and not scaled:
         logits /= batch.temperature.unsqueeze(1)
     if batch.top_k is not None or batch.top_p is not None:
         logits = _top_k_top_p(logits, batch.top_k, batch.top_p)
