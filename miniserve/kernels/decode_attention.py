@@ -426,6 +426,7 @@ SPLIT_TOKENS = 512  # a sequence gets one split per 512 tokens of context, at mo
 # A CUDA graph launches MAX_SPLITS programs per sequence and KV head (for the longest context it may meet), and
 # the ones past a sequence's own splits exit at once: 64 of them cost ~20 us per layer at batch 64 on an H200.
 MAX_SPLITS = 16
+REDUCE_WARPS = 4  # stage 2: one (sequence, query head) of at most MAX_SPLITS x head_dim partials a program
 
 
 def choose_num_splits(max_seq_len: int, split_tokens: int = SPLIT_TOKENS) -> int:
@@ -451,10 +452,12 @@ def decode_attention(
     fp8_decode: str = "auto",
     split_tokens: int = SPLIT_TOKENS,
     maxnreg: int | None = None,
+    reduce_warps: int = REDUCE_WARPS,
 ) -> torch.Tensor:
     """Decode attention: q [num_seqs, num_q_heads, head_dim] -> same shape, q.dtype. See module docstring.
     maxnreg: a cap on registers per thread for ptxas (more resident programs; spills past what the kernel needs:
-    benchmarks/kernel_resources.py says which); None: default_register_cap's, 0: none."""
+    benchmarks/kernel_resources.py says which); None: default_register_cap's, 0: none. reduce_warps: stage 2's
+    warps (a knob for benchmarks/tune_small_kernels.py)."""
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     group = num_q_heads // num_kv_heads
@@ -493,11 +496,13 @@ def decode_attention(
         **register_cap(maxnreg),
     )  # fmt: skip
     if splits > 1:
-        _merge_splits(part_acc, part_ml, out, meta, v_scale, splits, split_tokens, mode, kv_factor)
+        _merge_splits(part_acc, part_ml, out, meta, v_scale, splits, split_tokens, mode, kv_factor, reduce_warps)
     return out
 
 
-def _merge_splits(part_acc, part_ml, out, meta, v_scale, splits: int, split_tokens: int, mode: int, kv_factor: float):
+def _merge_splits(
+    part_acc, part_ml, out, meta, v_scale, splits: int, split_tokens: int, mode: int, kv_factor: float, warps: int
+):
     """Stage 2: one program per (sequence, query head) merges that sequence's split partials into `out`."""
     num_seqs, num_q_heads, head_dim = out.shape
     _decode_reduce_kernel[(num_seqs, num_q_heads)](
@@ -514,5 +519,5 @@ def _merge_splits(part_acc, part_ml, out, meta, v_scale, splits: int, split_toke
         SPLIT_TOKENS=split_tokens,
         KV_MODE=mode,
         KV_FACTOR=kv_factor,
-        num_warps=4,
+        num_warps=warps,
     )
