@@ -456,8 +456,7 @@ def decode_attention(
 ) -> torch.Tensor:
     """Decode attention: q [num_seqs, num_q_heads, head_dim] -> same shape, q.dtype. See module docstring.
     maxnreg: a cap on registers per thread for ptxas (more resident programs; spills past what the kernel needs:
-    benchmarks/kernel_resources.py says which); None: default_register_cap's, 0: none. reduce_warps: stage 2's
-    warps (a knob for benchmarks/tune_small_kernels.py)."""
+    benchmarks/kernel_resources.py says which); None: default_register_cap's, 0: none; reduce_warps: stage 2's."""
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     group = num_q_heads // num_kv_heads
