@@ -126,11 +126,18 @@ def test_sequences_ending_by_length_leave_the_batch_without_stopping_it(llama_di
         return scheduled
 
     monkeypatch.setattr(engine.scheduler, "schedule", counted)
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    assert [[(c.token_ids, c.text, c.finish_reason, c.logprobs) for c in o.outputs] for o in outs] == want
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), prompt, p)
+    got, computed = {}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got[int(out.request_id)] = [(c.token_ids, c.text, c.finish_reason, c.logprobs) for c in out.outputs]
+        computed += engine.last_step_num_tokens  # what each step launched (the iteration-tokens histogram)
+    assert [got[i] for i in range(len(prompts))] == want
     assert [len(c[0]) for w in want for c in w] == lengths
     decode_plans = [plan for plan in asked if plan and all(n == 1 for _, n in plan)]
     assert len(decode_plans) == 1  # the first decode step; every later one continued the batch in flight
+    assert computed == sum(map(len, prompts)) + sum(n - 1 for n in lengths)  # each prompt once, then a token a step
     assert_idle(engine)
 
 

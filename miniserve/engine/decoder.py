@@ -40,9 +40,10 @@ from miniserve.scheduler.sequence import Sequence
 
 
 class Decoder(Protocol):
-    def continue_in_flight(self) -> list[Sequence] | None:
+    def continue_in_flight(self) -> tuple[list[Sequence], int] | None:
         """Run the next step of a batch in flight that nothing changes, without the scheduler (an overlapped
-        decode step); returns the sequences that gained tokens, or None when there is no such batch."""
+        decode step); returns the sequences that gained tokens and the tokens the step launched computes, or None
+        when there is no such batch."""
         ...
 
     def flush(self) -> list[Sequence]:
@@ -105,7 +106,7 @@ class PlainDecoder:
         self.pending: _Pending | None = None  # a step launched, its sampling waiting for masks: before in_flight
         self.num_overlapped_steps = 0  # decode steps launched before their predecessor was read
 
-    def continue_in_flight(self) -> list[Sequence] | None:
+    def continue_in_flight(self) -> tuple[list[Sequence], int] | None:
         """With a decode step in flight whose batch can go on: grow each sequence that continues by one slot, launch
         its next step from the samples on the device, then read the step in flight. The scheduler is not asked: it
         would plan exactly this (one new token each), and at large batches its bookkeeping costs milliseconds."""
@@ -126,9 +127,9 @@ class PlainDecoder:
             logits = self._forward(keep, tokens)
             seqs = self._read(f)
             self._sample_after_masks(keep, logits)
-            return seqs
+            return seqs, len(keep)
         self._launch(keep, f.batch if keep is f.seqs else self._build_batch(keep), tokens)
-        return self._read(f)
+        return self._read(f), len(keep)
 
     def flush(self) -> list[Sequence]:
         """Read a step in flight whose batch cannot go on (the scheduler decides what runs next)."""

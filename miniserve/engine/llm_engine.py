@@ -185,9 +185,9 @@ class LLMEngine:
 
     def _advance(self) -> list[Sequence]:
         """Schedule and run one step; the sequences that progressed."""
-        progressed = self.decoder.continue_in_flight()  # an overlapped decode step whose batch stays as it is
-        if progressed is not None:
-            self.last_step_num_tokens = len(progressed)  # it launched the same batch's next step: a token each
+        continued = self.decoder.continue_in_flight()  # an overlapped decode step of the batch in flight
+        if continued is not None:
+            progressed, self.last_step_num_tokens = continued  # the step it launched: a token each
         else:
             progressed = self.decoder.flush()  # a step or round in flight the new batch cannot continue
             scheduled = self.scheduler.schedule()
