@@ -423,13 +423,15 @@ def profile_nano(llm: LLM, args, cfg: dict) -> dict:
 
 
 def profile_steps(llm: LLM, args, batch: int, cfg: dict, steps: int = 8) -> dict:
-    """GPU time per kernel over `steps` decode steps (prompts done), and their GPU-busy fraction."""
+    """GPU time per kernel over `steps` decode steps (prompts done), and their GPU-busy fraction; the host does
+    what it does under LLM.generate (final outputs only)."""
     from torch.profiler import ProfilerActivity, profile
 
     engine = llm.engine
     prompts, _ = fixed_workload(batch, args.prompt, 1, max_id=max_token_id(cfg))
     for i, p in enumerate(prompts):
-        engine.add_request(f"prof-{i}", p, SamplingParams(temperature=0, ignore_eos=True, max_tokens=steps + 8))
+        params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=steps + 8, output_kind="final_only")
+        engine.add_request(f"prof-{i}", p, params)  # final outputs only, as LLM.generate asks
     while engine.scheduler.waiting or any(
         s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running
     ):
