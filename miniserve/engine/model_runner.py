@@ -12,8 +12,10 @@ other ranks run each call alongside it.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from miniserve.config import EngineConfig, SettingError, resolve_device, resolve_dtype, resolve_kv_cache_dtype
@@ -104,22 +106,22 @@ class ModelRunner:
             self.kv.append(LayerKV(self.kv_pool[i, 0], self.kv_pool[i, 1], k_scale, v_scale))
 
     def prepare(self, inputs: list[ForwardInput]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """Pack the sequences' new tokens and build attention metadata and the logits row indices."""
+        """Pack the sequences' new tokens and build attention metadata and the logits row indices. Positions and
+        cache slots are computed for all tokens at once (numpy): a prompt chunk brings thousands of tokens, and a
+        Python loop over them held the GPU back for milliseconds a step before the pass could be launched."""
         bs = self.block_size
-        ids, pos, slots, starts, seq_lens, logit_rows = [], [], [], [0], [], []
+        counts = np.fromiter((len(x.token_ids) for x in inputs), np.int64, len(inputs))
+        first = np.fromiter((x.start_pos for x in inputs), np.int64, len(inputs))
+        ends = np.cumsum(counts)
         max_blocks = max(len(x.block_table) for x in inputs)
-        tables = []
-        for x in inputs:
-            n = len(x.token_ids)
-            base = len(ids)
-            ids.extend(x.token_ids)
-            for p in range(x.start_pos, x.start_pos + n):
-                pos.append(p)
-                slots.append(x.block_table[p // bs] * bs + p % bs)
-            starts.append(starts[-1] + n)
-            seq_lens.append(x.start_pos + n)
-            tables.append(x.block_table + [0] * (max_blocks - len(x.block_table)))
-            logit_rows.extend(range(base + n - x.num_logits, base + n))
+        tables = np.zeros((len(inputs), max_blocks), np.int64)
+        for i, x in enumerate(inputs):
+            tables[i, : len(x.block_table)] = x.block_table
+        row = np.repeat(np.arange(len(inputs)), counts)  # the sequence of each packed token
+        pos = np.arange(int(ends[-1])) + (first - (ends - counts))[row]
+        slots = tables[row, pos // bs] * bs + pos % bs
+        ids = list(itertools.chain.from_iterable(x.token_ids for x in inputs))
+        logit_rows = [r for x, end in zip(inputs, ends.tolist()) for r in range(end - x.num_logits, end)]
         dev = self.device
 
         def tensor(data, dtype):
@@ -127,11 +129,11 @@ class ModelRunner:
 
         meta = AttentionMetadata(
             slot_mapping=tensor(slots, torch.int64),
-            query_start_loc=tensor(starts, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
+            query_start_loc=tensor(np.concatenate(([0], ends)), torch.int32),
+            seq_lens=tensor(first + counts, torch.int32),
             block_tables=tensor(tables, torch.int32),
-            max_query_len=max(len(x.token_ids) for x in inputs),
-            max_seq_len=max(seq_lens),
+            max_query_len=int(counts.max()),
+            max_seq_len=int((first + counts).max()),
         )
         return (
             tensor(ids, torch.int64),
