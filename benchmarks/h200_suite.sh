@@ -62,6 +62,7 @@ if [ "$part" = demoab ]; then
         --repeats 3 --name "spec_decode_${tag}_$i" --out "$out" 2>&1 | tail -2 | sed "s/^/[$tag $i] /")
     done
   done
+  python3 benchmarks/spec_decode_ab.py "$out" --old-commit "${OLD_COMMIT:-432bd57}" --out "$out/spec_decode_ab_h200.json"
 fi
 
 if [ "$part" = big ]; then

@@ -65,3 +65,28 @@ def test_benchmark_runs_on_the_cpu(tmp_path, workload, extra):
         assert [r.get("extend_variant") for r in result["runs"]] == [None, "diag"]
         assert ext.extend_attention is throughput._EXTEND_LAUNCHER["default"]
     assert result["commit"] and result["torch"]
+
+
+def test_spec_decode_ab_joins_alternated_runs_by_median(tmp_path):
+    """benchmarks/spec_decode_ab.py: the median tok/s of each tree's runs (three each here, so the median is a
+    run's own value) and their ratio; this tree's commit comes from its runs' provenance."""
+    from benchmarks import spec_decode_ab
+
+    speeds = {
+        "old": [(100.0, 150.0), (90.0, 160.0), (110.0, 140.0)],
+        "new": [(99.0, 165.0), (120.0, 150.0), (101.0, 155.0)],
+    }
+    for tree, runs in speeds.items():
+        for i, (plain, k4) in enumerate(runs, 1):
+            rows = [{"k": None, "tokens_per_s": plain}, {"k": 4, "tokens_per_s": k4}]
+            prov = {"commit": "abc1234", "dirty": False, "date": "2026-12-02T09:00:00+00:00"}
+            env = {"gpu": "test", "torch": "t", "triton": "3"}
+            (tmp_path / f"spec_decode_{tree}_{i}.json").write_text(
+                json.dumps({"provenance": prov, "env": env, "rows": rows})
+            )
+    out = tmp_path / "ab.json"
+    got = spec_decode_ab.main([str(tmp_path), "--old-commit", "0ld", "--out", str(out)])
+    assert json.loads(out.read_text()) == got
+    assert got["median_tok_s"] == {"old_plain": 100.0, "old_k4": 150.0, "new_plain": 101.0, "new_k4": 155.0}
+    assert got["new_vs_old"] == {"plain": 101.0 / 100.0, "k4": 155.0 / 150.0}
+    assert (got["commit"], got["old_commit"], got["date"]) == ("abc1234", "0ld", "2026-12-02")
