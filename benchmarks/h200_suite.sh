@@ -5,7 +5,7 @@
 #   bash benchmarks/h200_suite.sh serving OUT_DIR   # serve.py (saturated, 4 req/s, fake engine), structured outputs
 #   bash benchmarks/h200_suite.sh apiservers OUT_DIR # serve.py saturated with 4 API server processes
 #   bash benchmarks/h200_suite.sh apisweep OUT_DIR  # the same with 2 and 8
-#   OLD=DIR bash benchmarks/h200_suite.sh demoab OUT_DIR  # demo batch-1 speculative decoding, old tree vs this one
+#   OLD=DIR [ROUNDS=2 REPEATS=3] bash benchmarks/h200_suite.sh demoab OUT_DIR  # demo batch-1 speculative decoding, old tree vs this one
 #   bash benchmarks/h200_suite.sh fp8reg OUT_DIR    # FP8 decode variants (decode_attention_fp8_registers.md)
 #   bash benchmarks/h200_suite.sh fp8ncu OUT_DIR    # ncu of the default and staged FP8 decode kernels
 #   bash benchmarks/h200_suite.sh extendvar OUT_DIR # extend (prefill) kernel launch variants: 32k and 2048 tokens
@@ -55,11 +55,11 @@ if [ "$part" = demoab ]; then
   # issue 18's guard, side by side: the demo model's batch-1 speculative path at a commit before the serving work
   # (a tree exported into $OLD) and now, alternated twice
   [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"  # unchanged
-  for i in 1 2; do
+  for i in $(seq 1 "${ROUNDS:-2}"); do
     for tree in "$OLD" "$PWD"; do
       tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
       (cd "$tree" && PYTHONPATH="$tree:${PYTHONPATH:-}" timeout 100 python3 benchmarks/spec_decode.py --batch 1 --k 4 \
-        --repeats 3 --name "spec_decode_${tag}_$i" --out "$out" 2>&1 | tail -2 | sed "s/^/[$tag $i] /")
+        --repeats "${REPEATS:-3}" --name "spec_decode_${tag}_$i" --out "$out" 2>&1 | tail -2 | sed "s/^/[$tag $i] /")
     done
   done
   python3 benchmarks/spec_decode_ab.py "$out" --old-commit "${OLD_COMMIT:-432bd57}" --out "$out/spec_decode_ab_h200.json"

@@ -397,17 +397,24 @@ def kernel_rows(prof, steps: int) -> tuple[list[dict], float]:
     return rows, busy
 
 
-def profile_nano(llm: LLM, args, cfg: dict) -> dict:
-    """GPU time per kernel over one whole nano run (prefills, decodes and sampling), per engine step, against the
-    run's wall time: says whether the GPU or the host sets the pace, and which kernels take the GPU's time."""
+def profile_run(llm: LLM, args, cfg: dict) -> dict:
+    """GPU time per kernel over one whole run of the workload (prompt passes, steps mixing prompt chunks with
+    decodes, decode steps and sampling), per engine step, against the run's wall time: says whether the GPU or the
+    host sets the pace, and which kernels take the GPU's time. Final outputs only, as LLM.generate asks."""
+    from dataclasses import replace
+
     from torch.profiler import ProfilerActivity, profile
 
-    prompts, params = nano_workload(
-        num_seqs=args.nano_seqs, max_in=args.nano_len, max_out=args.nano_len, max_id=max_token_id(cfg)
-    )
+    if args.workload == "nano":
+        prompts, params = nano_workload(
+            num_seqs=args.nano_seqs, max_in=args.nano_len, max_out=args.nano_len, max_id=max_token_id(cfg)
+        )
+    else:
+        prompts, params = fixed_workload(args.batch, args.prompt, args.gen, max_id=max_token_id(cfg))
     engine = llm.engine
+    engine.reset_prefix_cache()
     for i, (p, sp) in enumerate(zip(prompts, params)):
-        engine.add_request(f"prof-{i}", p, sp)
+        engine.add_request(f"prof-{i}", p, replace(sp, output_kind="final_only"))
     sync()
     steps = 0
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -480,6 +487,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--hf", action="store_true", help="also time transformers' generate (fixed/latency)")
     ap.add_argument("--hf-gen", type=int, default=32, help="tokens transformers generates (it is slow)")
     ap.add_argument("--profile", action="store_true", help="GPU time per kernel over a short run")
+    ap.add_argument(
+        "--profile-run", action="store_true", help="with --profile: over one whole run, prompts included (nano: always)"
+    )
     ap.add_argument("--host-profile", action="store_true", help="cProfile of the host over one timed run")
     ap.add_argument("--kv-write", choices=["fused", "two_launch"], nargs="+", default=["fused"])
     ap.add_argument(
@@ -540,8 +550,8 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 run["sweep"] = [run_fixed(llm, cfg, args, gbs, b) for b in args.batches]
             if args.profile:
-                nano = args.workload == "nano"
-                run["profile"] = profile_nano(llm, args, cfg) if nano else profile_steps(llm, args, args.batch, cfg)
+                whole = args.workload == "nano" or args.profile_run
+                run["profile"] = profile_run(llm, args, cfg) if whole else profile_steps(llm, args, args.batch, cfg)
             if args.host_profile:
                 run["host_profile"] = host_profile(llm, args, cfg)
             result["runs"].append(run)
