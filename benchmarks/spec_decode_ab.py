@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -22,6 +23,7 @@ def join(directory: Path, old_commit: str) -> dict:
     runs = {
         p.stem.removeprefix("spec_decode_"): json.loads(p.read_text())
         for p in sorted(directory.glob("spec_decode_*_*.json"))
+        if re.fullmatch(r"spec_decode_(old|new)_\d+", p.stem)  # not this script's own output beside them
     }
     if not any(name.startswith("new") for name in runs) or not any(name.startswith("old") for name in runs):
         raise SystemExit(f"{directory}: needs spec_decode_old_*.json and spec_decode_new_*.json")
@@ -32,8 +34,8 @@ def join(directory: Path, old_commit: str) -> dict:
         for kind, k in (("plain", None), ("k4", 4))
     }
     return {
-        "command": "OLD=<tree of the old commit> bash benchmarks/h200_suite.sh demoab OUT (python "
-        "benchmarks/spec_decode.py --batch 1 --k 4 --repeats 3, old and new trees alternated), then "
+        "command": f"OLD=<tree of the old commit> bash benchmarks/h200_suite.sh demoab OUT: {len(runs) // 2} rounds of "
+        f"`{new['env']['command']}` (renamed per tree and round), old and new trees alternated, then "
         "benchmarks/spec_decode_ab.py",
         "commit": new["provenance"]["commit"],
         "dirty": new["provenance"]["dirty"],

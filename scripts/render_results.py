@@ -58,8 +58,9 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                 "`nano` (Qwen3-0.6B shape), bf16 KV: >= 20,000 output tok/s",
                 f"{fmt(bf16['output_tok_s'])} tok/s ({fmt(bf16['pct_roofline_measured_copy'])}% of the roofline)",
                 "yes" if bf16["output_tok_s"] >= 20000 else f"no ({fmt(100 * bf16['output_tok_s'] / 20000)}%)",
-                "a 256-sequence step is bound by the decode attention kernel and the per-step host work, which "
-                "overlapped decoding hides only while the host is faster than the GPU",
+                "overlapped decoding goes on past sequences that end by length (nano's output lengths end one every "
+                "few steps; each used to stop the overlap and idle the GPU while the host caught up); "
+                + run_profile("profile_run_nano_h200.json", "auto"),
             )
         )
         ratio = fp8["output_tok_s"] / bf16["output_tok_s"]
@@ -138,8 +139,8 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                 "yes" if ratio >= 1.0 else "no",
                 "the FP8 kernel gathers its V tile one byte per shared-memory load (offline compiler analysis: "
                 "`decode_attention_fp8_registers.md`); at head_dim 128 the register cap makes it faster than bf16 "
-                "(nano, Llama-3.1-8B); at Llama-3.2-1B's head_dim 64 its kernel is barely faster than bf16's, so "
-                f"the end-to-end runs come out within noise of even{fixed_step_note()}",
+                "(nano, Llama-3.1-8B); at Llama-3.2-1B's head_dim 64 its decode kernel is barely faster than "
+                f"bf16's{fixed_step_note()}, and the prompt passes read FP8 slower: {extend_fp8_note()}",
             )
         )
     fixed = load("throughput_fixed_llama1b_h200.json")
@@ -308,7 +309,7 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
                 "the demo model's batch-1 path unchanged (`spec_decode.py`, side by side with the tree before)",
                 f"plain {r['plain']:.3f}x, speculative k=4 {r['k4']:.3f}x of {ab['old_commit']}",
                 "yes" if min(r.values()) >= 0.97 else "no",
-                "medians of two alternated runs each",
+                f"medians of {len(ab['runs']) // 2} alternated runs of each tree",
             )
         )
     so = load("structured_outputs_h200.json")
@@ -408,6 +409,33 @@ def nano_cap_note() -> str:
         f"the cap of {at['r128']['maxnreg']} takes the kernel at nano's decode shape (256 x 1.1k) from "
         f"{at['default']['us']:.0f} us (a cap of 168) to {at['r128']['us']:.0f} us "
         "(`decode_attention_fp8_r128_h200.json`), which end to end is within the lent H200's run-to-run spread"
+    )
+
+
+def run_profile(name: str, kv: str) -> str:
+    """One line from a `throughput.py --profile` file over a whole run: wall and GPU time per step, and the decode
+    attention's share."""
+    data = load(name)
+    if not data:
+        return "(no profile file)"
+    prof = runs_by_kv(data)[kv]["profile"]
+    attention = sum(k["us_per_step"] for k in prof["kernels"] if "_decode_" in k["name"]) / 1e3
+    return (
+        f"profiled over a whole run, a step took {prof['wall_ms_per_step']:.2f} ms of wall time and kept the GPU busy "
+        f"{prof['gpu_ms_per_step']:.2f} ms, {attention:.2f} ms of it decode attention (`{name}`)"
+    )
+
+
+def extend_fp8_note() -> str:
+    """The extend (prompt) kernel's time per step, fp8 against bf16, from the batch-256 whole-run profile."""
+    data = load("profile_run_llama1b_b256_h200.json")
+    if not data:
+        return "(no profile file)"
+    kv = runs_by_kv(data)
+    us = {k: sum(r["us_per_step"] for r in kv[k]["profile"]["kernels"] if "_extend_" in r["name"]) for k in kv}
+    return (
+        f"at batch 256 (prompt 512, 64 new, so mostly prompt passes) the extend kernel took {us['fp8'] / 1e3:.2f} ms "
+        f"a step against bf16's {us['auto'] / 1e3:.2f} (`profile_run_llama1b_b256_h200.json`)"
     )
 
 

@@ -80,13 +80,20 @@ def test_spec_decode_ab_joins_alternated_runs_by_median(tmp_path):
         for i, (plain, k4) in enumerate(runs, 1):
             rows = [{"k": None, "tokens_per_s": plain}, {"k": 4, "tokens_per_s": k4}]
             prov = {"commit": "abc1234", "dirty": False, "date": "2026-12-02T09:00:00+00:00"}
-            env = {"gpu": "test", "torch": "t", "triton": "3"}
+            env = {
+                "gpu": "test",
+                "torch": "t",
+                "triton": "3",
+                "command": "python benchmarks/spec_decode.py --repeats 5",
+            }
             (tmp_path / f"spec_decode_{tree}_{i}.json").write_text(
                 json.dumps({"provenance": prov, "env": env, "rows": rows})
             )
-    out = tmp_path / "ab.json"
+    out = tmp_path / "spec_decode_ab_h200.json"  # written beside the runs, as the suite does: not read as one
+    spec_decode_ab.main([str(tmp_path), "--old-commit", "0ld", "--out", str(out)])
     got = spec_decode_ab.main([str(tmp_path), "--old-commit", "0ld", "--out", str(out)])
     assert json.loads(out.read_text()) == got
     assert got["median_tok_s"] == {"old_plain": 100.0, "old_k4": 150.0, "new_plain": 101.0, "new_k4": 155.0}
     assert got["new_vs_old"] == {"plain": 101.0 / 100.0, "k4": 155.0 / 150.0}
     assert (got["commit"], got["old_commit"], got["date"]) == ("abc1234", "0ld", "2026-12-02")
+    assert "3 rounds of `python benchmarks/spec_decode.py --repeats 5`" in got["command"]
