@@ -97,36 +97,6 @@ def test_triton_kernel_bit_exact_for_every_bit_pattern(src, fp8, scale):
         assert bad[0].size == 0, f"{bad[0].size} mismatching bytes, got {got[bad][:5]} want {want_tok[bad][:5]}"
 
 
-@pytest.mark.parametrize("fp8", FP8, ids=dtype_id)
-def test_decode_step_tiles_keep_every_byte(fp8):
-    """A GPU's decode-step launch (512-element tiles, cache_write._tile_shape) over all 65,536 bf16 patterns: the
-    same bytes as the oracle; only the tiling differs from the interpreter's default launch."""
-    from miniserve.kernels.cache_write import reshape_and_cache_triton
-
-    x = all_bit_patterns(torch.bfloat16)
-    key, value = x.reshape(512, 1, 128), x.flip(0).reshape(512, 1, 128)
-    slots = torch.randperm(512, generator=torch.Generator().manual_seed(3))
-    kc = torch.zeros(32, 16, 1, 128, dtype=torch.uint8).view(fp8)
-    vc = torch.zeros_like(kc)
-    reshape_and_cache_triton(key, value, kc, vc, slots, scale_tensor(0.37), scale_tensor(0.37), tile_elements=512)
-    want = quantize_bytes(x, 0.37, fp8)
-    for cache, want_tok in ((kc, want.reshape(512, 128)), (vc, want[::-1].reshape(512, 128))):
-        assert np.array_equal(cache.view(torch.uint8).reshape(512, 128)[slots].numpy(), want_tok)
-
-
-def test_gpu_tile_shape_by_step_size(monkeypatch):
-    """512 elements a program up to 2^20 elements a write (a decode step's tokens), 2048 past it (prompt chunks):
-    the boundary exactly, and one token over."""
-    from miniserve.kernels import cache_write
-
-    monkeypatch.setattr(cache_write, "triton_interpreter_enabled", lambda: False)
-    assert cache_write._tile_shape(256, 8 * 128, None) == (1, 512)  # nano's decode step: 256 tokens x 8 x 128
-    assert cache_write._tile_shape(1024, 8 * 128, None) == (1, 512)  # exactly 2^20 elements
-    assert cache_write._tile_shape(1025, 8 * 128, None) == (2, 1024)  # one token over: 2048 a program
-    assert cache_write._tile_shape(1, 8 * 64, None) == (1, 512)
-    assert cache_write._tile_shape(64, 8 * 64, 2048) == (4, 512)  # an explicit size wins
-
-
 # ---------------------------------------------------------------- reshape_and_cache: the engine's KV write
 
 

@@ -183,17 +183,18 @@ def test_fp8_decode_modes_are_checked():
         decode_module.kv_mode(torch.float8_e4m3fn, cpu, "fast")
 
 
+@pytest.mark.parametrize("tile", [512, 2048], ids=["decode-step-tiles", "prompt-chunk-tiles"])
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz], ids=lambda d: str(d)[6:])
-def test_kv_write_with_gpu_tiles_is_bit_exact(fp8):
-    """The fused write in ~2K-element programs (the GPU's tiling: many programs, masked tails) on all 65,536
-    bf16 patterns, against the oracle; a ragged token count and head size exercise the masks."""
+def test_kv_write_with_gpu_tiles_is_bit_exact(fp8, tile):
+    """The fused write in the GPU's programs (512 or 2048 elements, cache_write._tile_shape: many programs, masked
+    tails) on all 65,536 bf16 patterns, against the oracle; a ragged token count and head size exercise the masks."""
     x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     key, value = x.reshape(512, 1, 128), x.flip(0).reshape(512, 1, 128)
     slots = torch.randperm(512, generator=torch.Generator().manual_seed(3))
     kc = torch.zeros(32, 16, 1, 128, dtype=torch.uint8).view(fp8)
     vc = torch.zeros_like(kc)
     scale = torch.tensor([0.37])
-    reshape_and_cache_triton(key, value, kc, vc, slots, scale, scale, tile_elements=2048)
+    reshape_and_cache_triton(key, value, kc, vc, slots, scale, scale, tile_elements=tile)
     want = quantize_bytes(x, 0.37, fp8).reshape(512, 128)
     assert np.array_equal(kc.view(torch.uint8).reshape(512, 128)[slots].numpy(), want)
     assert np.array_equal(vc.view(torch.uint8).reshape(512, 128)[slots].numpy(), want[::-1, ::-1].copy())
@@ -201,9 +202,22 @@ def test_kv_write_with_gpu_tiles_is_bit_exact(fp8):
     kc = torch.zeros(8, 16, 3, 80, dtype=torch.uint8).view(fp8)
     vc = torch.zeros_like(kc)
     slots = torch.randperm(8 * 16, generator=torch.Generator().manual_seed(5))[:37]
-    reshape_and_cache_triton(ragged, ragged, kc, vc, slots, scale, scale, tile_elements=2048)
+    reshape_and_cache_triton(ragged, ragged, kc, vc, slots, scale, scale, tile_elements=tile)
     got = kc.view(torch.uint8).reshape(128, 3, 80)[slots].numpy()
     assert np.array_equal(got, quantize_bytes(ragged, 0.37, fp8))
+
+
+def test_gpu_tile_shape_by_step_size(monkeypatch):
+    """512 elements a program up to 2^20 elements a write (a decode step's tokens), 2048 past it (prompt chunks):
+    the boundary exactly, and one token over."""
+    from miniserve.kernels import cache_write
+
+    monkeypatch.setattr(cache_write, "triton_interpreter_enabled", lambda: False)
+    assert cache_write._tile_shape(256, 8 * 128, None) == (1, 512)  # nano's decode step: 256 tokens x 8 x 128
+    assert cache_write._tile_shape(1024, 8 * 128, None) == (1, 512)  # exactly 2^20 elements
+    assert cache_write._tile_shape(1025, 8 * 128, None) == (2, 1024)  # one token over: 2048 a program
+    assert cache_write._tile_shape(1, 8 * 64, None) == (1, 512)
+    assert cache_write._tile_shape(64, 8 * 64, 2048) == (4, 512)  # an explicit size wins
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
