@@ -513,6 +513,10 @@ BAD_COMPLETIONS = [  # (body, status, param)
     ({"model": MODEL_NAME, "prompt": "x", "logprobs": 50}, 400, "logprobs"),
     ({"model": MODEL_NAME, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"model": MODEL_NAME, "prompt": []}, 400, "prompt"),
+    ({"model": MODEL_NAME, "prompt": ""}, 400, "prompt"),
+    ({"model": MODEL_NAME, "prompt": ["ROMEO:", ""]}, 400, "prompt"),  # one empty prompt of a batch, last
+    ({"model": MODEL_NAME, "prompt": [[5, 6], []]}, 400, "prompt"),
+    ({"model": MODEL_NAME, "prompt": [5, "x"]}, 400, "prompt"),  # ids and text mixed
     ({"model": MODEL_NAME, "prompt": [1, 2, 10**6]}, 400, "prompt"),  # token id outside the vocab
     ({"model": MODEL_NAME}, 400, "prompt"),
     ({"model": "gpt-4", "prompt": "x"}, 404, "model"),

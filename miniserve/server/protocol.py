@@ -294,11 +294,8 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _check_completion(self) -> CompletionRequest:
-        if isinstance(self.prompt, list) and (
-            len(self.prompt) == 0 or any(isinstance(p, (str, list)) and len(p) == 0 for p in self.prompt)
-        ):
-            raise ValueError("prompt must not be empty")
-        if self.prompt == "":
+        p = self.prompt
+        if p == "" or (isinstance(p, list) and (not p or (_is_batch(p) and any(len(x) == 0 for x in p)))):
             raise ValueError("prompt must not be empty")
         return self
 
@@ -307,9 +304,13 @@ class CompletionRequest(SamplingFields):
         p = self.prompt
         if isinstance(p, str):
             return [p]
-        if all(isinstance(x, int) for x in p):
-            return [list(p)]
-        return list(p)
+        return list(p) if _is_batch(p) else [list(p)]
+
+
+def _is_batch(prompt: list) -> bool:
+    """A list prompt is a batch (texts or token-id lists) or one prompt of token ids: validation made the list one
+    of the two (never mixed), so its first element says which, without a pass over a long prompt's ids."""
+    return bool(prompt) and isinstance(prompt[0], (str, list))
 
 
 class TextPart(_Request):
