@@ -112,17 +112,16 @@ class PlainDecoder:
         would plan exactly this (one new token each), and at large batches its bookkeeping costs milliseconds."""
         self._settle()
         f = self.in_flight
-        keep = self._continuing(f) if f is not None else None
-        if keep is None:
+        rows = self._continuing(f) if f is not None else None
+        if rows is None:
             return None
+        keep, tokens = f.seqs, f.samples
+        if len(rows) < len(f.seqs):  # some end with the token in flight: the rest go on from their own samples
+            keep = [f.seqs[i] for i in rows]
+            tokens = f.samples.index_select(0, to_device(rows, torch.int64, f.samples.device))
         blocks = self.scheduler.blocks
         for seq in keep:
             blocks.grow(seq, seq.num_computed_tokens + 1)
-        tokens = f.samples
-        if keep is not f.seqs:  # some end with the token in flight: the rest go on from their own samples
-            kept = {id(seq) for seq in keep}
-            rows = [i for i, seq in enumerate(f.seqs) if id(seq) in kept]
-            tokens = f.samples.index_select(0, to_device(rows, torch.int64, f.samples.device))
         if f.batch.penalized:  # its sampling reads the token in flight: read that while the forward runs
             logits = self._forward(keep, tokens)
             seqs = self._read(f)
@@ -231,11 +230,11 @@ class PlainDecoder:
 
     # ---------------------------------------------------------------- overlapped decode steps
 
-    def _continuing(self, f: _InFlight) -> list[Sequence] | None:
-        """The sequences of the next step, when it can be launched before the step in flight is read: the batch in
-        flight (`f.seqs` itself when all go on), less the sequences whose token in flight is their last by length
-        (max_tokens, max_model_len: known before it is read). None when the scheduler must decide: someone
-        finished or left otherwise, a waiting request could take a freed place, or the pool lacks a block."""
+    def _continuing(self, f: _InFlight) -> list[int] | None:
+        """The rows of the batch in flight that go on into the next step, when it can be launched before the step
+        in flight is read: all but the sequences whose token in flight is their last by length (max_tokens,
+        max_model_len: known before it is read). None when the scheduler must decide: someone finished or left
+        otherwise, a waiting request could take a freed place, or the pool lacks a block."""
         sched = self.scheduler
         running = sched.running
         if len(running) != len(f.seqs) or any(a is not b for a, b in zip(running, f.seqs)):
@@ -243,20 +242,18 @@ class PlainDecoder:
         if len(running) > sched.max_num_batched_tokens:
             return None
         limit, block_size = self.outputs.max_model_len, sched.blocks.block_size
-        keep, new_blocks = [], 0
-        for seq in f.seqs:  # inlined: this loop runs for every sequence at every step
+        rows, new_blocks = [], 0
+        for i, seq in enumerate(f.seqs):  # inlined: this loop runs for every sequence at every step
             num_tokens, max_tokens = len(seq.token_ids), seq.params.max_tokens
             if num_tokens + 1 >= limit:
                 continue
             if max_tokens is not None and num_tokens - len(seq.prompt_token_ids) + 1 >= max_tokens:
                 continue
-            keep.append(seq)
+            rows.append(i)
             new_blocks += seq.num_computed_tokens >= len(seq.block_table) * block_size
-        if not keep or (sched.waiting and len(keep) < sched.max_num_seqs):
+        if not rows or (sched.waiting and len(rows) < sched.max_num_seqs):
             return None
-        if new_blocks > sched.blocks.num_free_blocks:
-            return None
-        return keep if len(keep) < len(f.seqs) else f.seqs
+        return rows if new_blocks <= sched.blocks.num_free_blocks else None
 
     def _launch(self, seqs: list[Sequence], batch: SamplingBatch, device_tokens: torch.Tensor | None) -> None:
         """One decode step whose samples stay on the device; their host copy is started, not waited for."""
