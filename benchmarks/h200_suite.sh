@@ -9,6 +9,7 @@
 #   bash benchmarks/h200_suite.sh fp8reg OUT_DIR    # FP8 decode variants (decode_attention_fp8_registers.md)
 #   bash benchmarks/h200_suite.sh fp8ncu OUT_DIR    # ncu of the default and staged FP8 decode kernels
 #   bash benchmarks/h200_suite.sh extendvar OUT_DIR # extend (prefill) kernel launch variants: 32k and 2048 tokens
+#   bash benchmarks/h200_suite.sh extendfp8 OUT_DIR # FP8 prompt passes with the extend kernel's registers capped
 #   bash benchmarks/h200_suite.sh extendchecks OUT_DIR # every extend variant against the torch reference
 #   bash benchmarks/h200_suite.sh extendttft OUT_DIR # a 32k prompt's TTFT end to end, beside one HF forward
 #   bash benchmarks/h200_suite.sh profile1b OUT_DIR # GPU time per kernel of Llama-3.2-1B decode steps, batch 1 and 64
@@ -162,6 +163,17 @@ if [ "$part" = extendvar ]; then
   timeout 80 python3 benchmarks/tune_extend_attention.py --shapes qwen3-0.6b llama-3.2-1b --caches bf16 fp8 \
     --prompt 2048 --chunk 2048 --variants default plain "diag same" "bm128 w8 s3 diag same r128" \
     --out "$out/extend_attention_variants_2048_h200.json" 2>&1 | grep -v -i warn | grep -v "^{" | tail -20
+fi
+
+if [ "$part" = extendfp8 ]; then
+  # FP8 prompt passes at head_dim 64 were slower than bf16's (profile_run_llama1b_b256_h200.json): the default
+  # launch against the same with the FP8 kernel's registers capped, at the batch-256 run's chunk (16 prompts of 512
+  # tokens: one prompt here, same per-program work) and at 2048, with bit-identity to the default
+  for n in 512 2048; do
+    timeout 100 python3 benchmarks/tune_extend_attention.py --shapes llama-3.2-1b qwen3-0.6b --caches bf16 fp8 \
+      --prompt $n --chunk $n --variants default "diag same r168" "diag same r128" \
+      --out "$out/extend_attention_fp8_cap_${n}_h200.json" 2>&1 | grep -v -i warn | grep -v "^{" | tail -12
+  done
 fi
 
 if [ "$part" = extendchecks ]; then

@@ -48,6 +48,10 @@ EXTEND_VARIANTS = {
     "diag same": _plain(split_diag=True, same_kv_strides=True),
     "diag same rev": _plain(split_diag=True, same_kv_strides=True, reverse=True),
     "diag fma same": _plain(split_diag="fma", same_kv_strides=True),
+    # the default launch with FP8's registers capped (offline, sm_90: 185 registers at head_dim 64, two programs an
+    # SM; 168 -> three, no spill; 128 -> four, 264 bytes of spill): measured by `h200_suite.sh extendfp8`
+    "diag same r168": _plain(split_diag=True, same_kv_strides=True, maxnreg=168),
+    "diag same r128": _plain(split_diag=True, same_kv_strides=True, maxnreg=128),
     "bm128 w8 diag same": _plain(**BM128, split_diag=True, same_kv_strides=True),
     "bm128 w8 diag same r128": _plain(**BM128, split_diag=True, same_kv_strides=True, maxnreg=128),
     "bm128 w8 s3 diag same r128": _plain(**BM128, num_stages=3, split_diag=True, same_kv_strides=True, maxnreg=128),
