@@ -249,11 +249,13 @@ def prefix_comparison(on: dict, off: dict) -> dict:
 
 
 def direct_decode_step_ms(llm: LLM, prompts, gen: int) -> float:
-    """Median wall time of the engine's steps once every sequence is decoding (host work included)."""
+    """Median wall time of the engine's steps once every sequence is decoding (host work included: what
+    LLM.generate's host does, final outputs only)."""
     engine = llm.engine
     ids = [f"direct-{i}" for i in range(len(prompts))]
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=gen, output_kind="final_only")
     for rid, p in zip(ids, prompts):
-        engine.add_request(rid, p, SamplingParams(temperature=0, ignore_eos=True, max_tokens=gen))
+        engine.add_request(rid, p, params)
     times, finished = [], 0
     while finished < len(ids):
         decoding = all(s.num_computed_tokens >= s.num_prompt_tokens for s in engine.scheduler.running)
