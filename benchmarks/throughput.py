@@ -189,10 +189,17 @@ def kv_elem_bytes(llm: LLM) -> int:
     return llm.engine.target.kv_dtype.itemsize
 
 
+def workload_of(args, cfg: dict) -> tuple[list, list]:
+    """The prompts and sampling params of `--workload` nano, or else of the fixed workload at --batch."""
+    if args.workload == "nano":
+        return nano_workload(
+            num_seqs=args.nano_seqs, max_in=args.nano_len, max_out=args.nano_len, max_id=max_token_id(cfg)
+        )
+    return fixed_workload(args.batch, args.prompt, args.gen, max_id=max_token_id(cfg))
+
+
 def run_nano(llm: LLM, cfg: dict, args, gbs: dict) -> dict:
-    prompts, params = nano_workload(
-        num_seqs=args.nano_seqs, max_in=args.nano_len, max_out=args.nano_len, max_id=max_token_id(cfg)
-    )
+    prompts, params = workload_of(args, cfg)
     warm = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=2) for _ in params]
     timed(llm, prompts, warm)  # JIT of every kernel these shapes reach, off the clock
     seconds, tokens = median_run(llm, prompts, params, args.repeats)
@@ -372,12 +379,7 @@ def host_profile(llm: LLM, args, cfg: dict) -> str:
     import io
     import pstats
 
-    if args.workload == "nano":
-        prompts, params = nano_workload(
-            num_seqs=args.nano_seqs, max_in=args.nano_len, max_out=args.nano_len, max_id=max_token_id(cfg)
-        )
-    else:
-        prompts, params = fixed_workload(args.batch, args.prompt, args.gen, max_id=max_token_id(cfg))
+    prompts, params = workload_of(args, cfg)
     prof = cProfile.Profile()
     prof.enable()
     timed(llm, prompts, params)
@@ -407,12 +409,7 @@ def profile_run(llm: LLM, args, cfg: dict) -> dict:
 
     from torch.profiler import ProfilerActivity, profile
 
-    if args.workload == "nano":
-        prompts, params = nano_workload(
-            num_seqs=args.nano_seqs, max_in=args.nano_len, max_out=args.nano_len, max_id=max_token_id(cfg)
-        )
-    else:
-        prompts, params = fixed_workload(args.batch, args.prompt, args.gen, max_id=max_token_id(cfg))
+    prompts, params = workload_of(args, cfg)
     engine = llm.engine
     engine.reset_prefix_cache()
     for i, (p, sp) in enumerate(zip(prompts, params)):

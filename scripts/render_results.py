@@ -245,8 +245,8 @@ def missed_serving(stream: float, plain: float) -> str:
 def serving_rows() -> list[tuple[str, str, str, str]]:
     """The server's targets (issue: the serving path), from serve.py's files and the demo A/B."""
     rows = []
-    files = [(1, "serve_h200.json"), (2, "serve_api2_h200.json"), (4, "serve_api4_h200.json")]
-    runs = [(n, load(name)["phases"]) for n, name in [*files, (8, "serve_api8_h200.json")] if load(name)]
+    files = {n: load("serve_h200.json" if n == 1 else f"serve_api{n}_h200.json") for n in (1, 2, 4, 8)}
+    runs = [(n, data["phases"]) for n, data in files.items() if data]
     if runs and runs[0][0] == 1:
         several = [(n, ph) for n, ph in runs if n > 1]
         measured = "; ".join(

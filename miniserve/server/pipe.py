@@ -104,9 +104,9 @@ class LoopFrameWriter:
 
 
 class FrameReader:
-    """A reading end: `recv()` one message, or `recv_all()` every message that has arrived (at least one, waiting
-    for it); `poll()` whether one is there; `read_ready()` on a non-blocking descriptor, what one read brings.
-    Raises EOFError once the writer is gone and every frame was read."""
+    """A reading end: `recv()` one message (waiting for it); `poll()` whether one is there; `read_ready()` every
+    message one read completes (the API process's non-blocking end, when the loop saw it readable). Raises
+    EOFError once the writer is gone and every frame was read."""
 
     def __init__(self, conn: Any):
         self.conn = conn
@@ -119,11 +119,6 @@ class FrameReader:
             self._read()
         return self.ready.popleft()
 
-    def recv_all(self) -> list[Any]:
-        if not self.ready:
-            self._read()
-        return self._take()
-
     def poll(self) -> bool:
         """Whether a message (or the end of file) can be read without waiting."""
         return bool(self.ready) or self.conn.poll()
@@ -135,9 +130,6 @@ class FrameReader:
             self._read()
         except BlockingIOError:
             pass
-        return self._take()
-
-    def _take(self) -> list[Any]:
         messages = list(self.ready)
         self.ready.clear()
         return messages
