@@ -78,7 +78,6 @@ def profiled_core(config, commands, outputs, path: str) -> None:
 
 def traced_core(config, commands, outputs, path: str, inner=None) -> None:
     """`inner` (the real engine process, or the fake one) with the time of every message it sends recorded."""
-    import atexit
     import json
 
     from miniserve.server import engine_process, pipe
@@ -106,7 +105,6 @@ def traced_core(config, commands, outputs, path: str, inner=None) -> None:
     pipe.FrameWriter.send = timed_send
     engine_process._CoreLoop._add = timed_add
     trace = {"sent": sent, "adds": adds, "firsts": firsts}
-    atexit.register(lambda: Path(path).write_text(json.dumps(trace)))
     try:
         (inner or engine_process._core_main)(config, commands, outputs)
     finally:
