@@ -6,8 +6,9 @@
 row's mask is filled, then the row takes a random allowed token, as sampling from a random-weight model does) over
 that script's synthetic byte-level BPE vocabulary of the shape's size. At every step each strategy fills the same
 states: one row after another on this thread, xgrammar's BatchGrammarMatcher with `max_threads` set (and with its
-default, half of what std::thread::hardware_concurrency reports), and a Python thread pool of row fills (xgrammar
-releases the GIL while it fills). Prints and writes (`--out`) the median and mean milliseconds per step of each.
+default, half of what std::thread::hardware_concurrency reports; it holds the GIL), the engine's fill (`groups n`:
+structured_output.fill_rows on n threads, each a group of rows, one call per row: that call releases the GIL), and a
+Python thread pool of one task per row. Prints and writes (`--out`) the median and mean milliseconds per step of each.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch  # noqa: E402
 from benchmarks.checkpoints import SHAPES  # noqa: E402
 from benchmarks.provenance import write_result  # noqa: E402
 from benchmarks.structured_outputs import SCHEMAS, write_bpe_tokenizer  # noqa: E402
+from miniserve.engine.structured_output import GrammarState, fill_rows  # noqa: E402
 
 
 def compile_schema(schema: dict, vocab_size: int, directory: Path):
@@ -56,6 +58,7 @@ def strategies(threads: list[int]) -> dict:
     for n in threads:
         batch = xgr.BatchGrammarMatcher(max_threads=n)
         out[f"batch {n}"] = lambda ms, mask, b=batch: b.batch_fill_next_token_bitmask(ms, mask)
+        out[f"groups {n}"] = lambda ms, mask, n=n: fill_rows([GrammarState(m) for m in ms], mask, n)
         pool = ThreadPoolExecutor(n)
         out[f"python pool {n}"] = lambda ms, mask, p=pool: list(
             p.map(lambda im: im[1].fill_next_token_bitmask(mask, im[0]), enumerate(ms))

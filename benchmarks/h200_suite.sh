@@ -2,13 +2,14 @@
 # The GPU benchmarks behind benchmarks/results/*_h200.*, in the order they were run on the lent H200.
 #   bash benchmarks/h200_suite.sh engine OUT_DIR    # throughput.py workloads (offline engine)
 #   bash benchmarks/h200_suite.sh checks OUT_DIR    # kernel checks (bit patterns, attention) and engine checks
-#   bash benchmarks/h200_suite.sh serving OUT_DIR   # serve.py (saturated, 4 req/s, fake engine), structured outputs
+#   bash benchmarks/h200_suite.sh serving OUT_DIR   # serve.py (saturated, 4 req/s, fake engine)
 #   bash benchmarks/h200_suite.sh apiservers OUT_DIR # serve.py saturated with 4 API server processes
 #   bash benchmarks/h200_suite.sh apisweep OUT_DIR  # the same with 2 and 8
 #   OLD=DIR [ROUNDS=2 REPEATS=3] bash benchmarks/h200_suite.sh demoab OUT_DIR  # demo batch-1 speculative decoding, old tree vs this one
 #   bash benchmarks/h200_suite.sh fp8reg OUT_DIR    # FP8 decode variants (decode_attention_fp8_registers.md)
 #   bash benchmarks/h200_suite.sh fp8ncu OUT_DIR    # ncu of the default and staged FP8 decode kernels
 #   bash benchmarks/h200_suite.sh extendvar OUT_DIR # extend (prefill) kernel launch variants: 32k and 2048 tokens
+#   bash benchmarks/h200_suite.sh grammar OUT_DIR   # structured outputs at batch 32, the grammar mask fill alone
 #   bash benchmarks/h200_suite.sh extendfp8 OUT_DIR # FP8 prompt passes with the extend kernel's registers capped
 #   bash benchmarks/h200_suite.sh extendchecks OUT_DIR # every extend variant against the torch reference
 #   bash benchmarks/h200_suite.sh extendttft OUT_DIR # a 32k prompt's TTFT end to end, beside one HF forward
@@ -73,13 +74,10 @@ fi
 
 if [ "$part" = serving ]; then
   # needs fastapi/uvicorn/pydantic/orjson/xgrammar on the GPU box (carried as wheels there). Issue 18: 256 requests
-  # at once (streaming, plain, offline); then below saturation (4 requests/s) for TTFT; issue 14: structured
-  # outputs at batch 32; issue 18's guard: the demo model's batch-1 speculative path.
+  # at once (streaming, plain, offline); then below saturation (4 requests/s) for TTFT.
   timeout 300 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 256 --input-len 512 --output-len 256 \
     --phases stream,plain,offline,fake --fake-step-ms 5 --client-procs 4 --out "$out/serve_h200.json" 2>&1 |
     grep -v -i warn | tail -12
-  timeout 200 python3 benchmarks/structured_outputs.py --shape llama-3.2-1b --batch 32 --prompt 128 --gen 256 \
-    --pool-after-ms 4 -1 1000000 --out "$out/structured_outputs_h200.json" 2>&1 | grep -v -i warn | tail -12
   timeout 150 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 64 --input-len 512 --output-len 256 \
     --request-rate 4 --phases stream,offline --client-procs 2 --out "$out/serve_rate4_h200.json" 2>&1 |
     grep -v -i warn | tail -8
@@ -163,6 +161,15 @@ if [ "$part" = extendvar ]; then
   timeout 80 python3 benchmarks/tune_extend_attention.py --shapes qwen3-0.6b llama-3.2-1b --caches bf16 fp8 \
     --prompt 2048 --chunk 2048 --variants default plain "diag same" "bm128 w8 s3 diag same r128" \
     --out "$out/extend_attention_variants_2048_h200.json" 2>&1 | grep -v -i warn | grep -v "^{" | tail -20
+fi
+
+if [ "$part" = grammar ]; then
+  # issue 14: constrained decoding at batch 32 (the mask fill on this host's default threads, on 1 and on 4), and
+  # the fill alone by every strategy (needs xgrammar: carried as a wheel)
+  timeout 240 python3 benchmarks/structured_outputs.py --shape llama-3.2-1b --batch 32 --prompt 128 --gen 256 \
+    --fill-threads 8 1 4 --out "$out/structured_outputs_h200.json" 2>&1 | grep -v -i warn | tail -12
+  timeout 150 python3 benchmarks/grammar_fill.py --batch 32 --steps 128 --threads 2 4 8 \
+    --out "$out/grammar_fill_h200.json" 2>&1 | grep -v -i warn | tail -24
 fi
 
 if [ "$part" = extendfp8 ]; then

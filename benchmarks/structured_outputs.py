@@ -6,9 +6,9 @@ All runs decode the same prompts (random token ids) for exactly `--gen` tokens a
 constrained runs follow JSON schemas that cannot be complete before `--gen` tokens (an array of at least 200
 objects with a name, an integer id and a list of enum tags; `open`: the name unbounded, `bounded`: at most 24
 characters), so no sequence leaves the batch early and all runs do the same model work. What differs is the
-grammar: a token bitmask per sequence, filled on the host (xgrammar, on the grammar thread) every step while the
-GPU computes the logits and the engine processes the step before (engine/decoder.py), copied to the device and
-applied in the sampler. Target: a constrained run keeps >= 90% of the unconstrained throughput at batch 32.
+grammar: a token bitmask per sequence, filled on the host (xgrammar, on `structured_output.FILL_THREADS` threads) every
+step while the GPU computes the logits (engine/decoder.py), copied to the device and applied in the sampler.
+Target: a constrained run keeps >= 90% of the unconstrained throughput at batch 32.
 
 The checkpoint is benchmarks/checkpoints.py's random-weight model of `--shape`, with a synthetic byte-level BPE
 vocabulary of the model's full size (the 256 byte symbols plus multi-character tokens drawn from JSON-friendly
@@ -39,7 +39,7 @@ from miniserve import LLM, SamplingParams  # noqa: E402
 from miniserve.engine import structured_output  # noqa: E402
 from miniserve.sampling_params import StructuredOutputsParams  # noqa: E402
 
-DEFAULT_POOL_AFTER_MS = structured_output.POOL_AFTER_MS
+DEFAULT_THREADS = structured_output.FILL_THREADS
 
 ITEM = {
     "type": "object",
@@ -106,8 +106,8 @@ def checkpoint(shape: str, root: str, smoke: bool) -> Path:
 
 
 class MaskTimer:
-    """Wraps structured_output.fill_rows (every mask fill goes through it, on the engine's thread or the
-    grammar thread) to add up the host time spent filling masks."""
+    """Wraps structured_output.fill_rows (every batch's mask fill goes through it) to add up the host time spent
+    filling masks."""
 
     def __init__(self) -> None:
         self.seconds, self.calls = 0.0, 0
@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--schemas", nargs="+", choices=sorted(SCHEMAS), default=["open", "bounded"])
     ap.add_argument(
-        "--pool-after-ms", nargs="+", type=float, default=[DEFAULT_POOL_AFTER_MS],
-        help="structured_output.POOL_AFTER_MS values to run each schema with (-1: always the thread pool)",
+        "--fill-threads", nargs="+", type=int, default=[DEFAULT_THREADS],
+        help="structured_output.FILL_THREADS values to run each schema with (default: this host's)",
     )  # fmt: skip
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="a one-layer model of the shape (full vocabulary): CPU check")
@@ -164,18 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [[rng.randrange(256, min(vocab, 10000)) for _ in range(args.prompt)] for _ in range(args.batch)]
     free = SamplingParams(temperature=1.0, seed=0, max_tokens=args.gen, ignore_eos=True)
     configs, compile_seconds = {"unconstrained": free}, {}
-    pool_after = {}  # config -> structured_output.POOL_AFTER_MS while it runs
+    threads = {}  # config -> structured_output.FILL_THREADS while it runs
     for name in args.schemas:
         spec = StructuredOutputsParams(json=SCHEMAS[name])
         start = time.perf_counter()
         llm.engine.grammar.compile(spec)
         compile_seconds[name] = time.perf_counter() - start
-        for ms in args.pool_after_ms:
-            key = f"constrained_{name}" + ("" if ms == DEFAULT_POOL_AFTER_MS else f"_pool_after_{ms:g}ms")
+        for n in args.fill_threads:
+            key = f"constrained_{name}" + ("" if n == DEFAULT_THREADS else f"_threads_{n}")
             configs[key] = SamplingParams(
                 temperature=1.0, seed=0, max_tokens=args.gen, ignore_eos=True, structured_outputs=spec
             )
-            pool_after[key] = ms
+            threads[key] = n
     for params in configs.values():  # warm-up: graphs, Triton JIT, the mask path
         run(llm, prompts[:2], params)
 
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     structured_output.fill_rows = timer
     results = {}
     for name, params in configs.items():
-        structured_output.POOL_AFTER_MS = pool_after.get(name, DEFAULT_POOL_AFTER_MS)
+        structured_output.FILL_THREADS = threads.get(name, DEFAULT_THREADS)
         timer.seconds, timer.calls = 0.0, 0
         runs = [run(llm, prompts, params) for _ in range(args.repeats)]
         seconds = statistics.median(r[0] for r in runs)
@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = {
             "xgrammar": importlib.metadata.version("xgrammar"),
+            "fill_threads": DEFAULT_THREADS,
             "shape": args.shape,
             "smoke": args.smoke,
             "batch": args.batch,

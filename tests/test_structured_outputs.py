@@ -316,11 +316,11 @@ def test_a_server_without_xgrammar_serves_and_refuses_constraints_by_name(tmp_pa
             assert err["param"] == param and "pip install xgrammar" in err["message"], err
 
 
-@pytest.mark.parametrize("pool_after_ms", [-1.0, float("inf")])
-def test_masks_filled_row_by_row_or_by_the_thread_pool_are_the_rows_filled_alone(monkeypatch, pool_after_ms):
-    """build_bitmask fills a batch on one thread or through xgrammar's pool (after a slow fill: forced here); either
-    way each row is the mask its matcher fills alone (xgrammar's own per-matcher call), and rows without a grammar
-    allow every token."""
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_masks_filled_on_one_thread_or_several_are_the_rows_filled_alone(monkeypatch, threads):
+    """build_bitmask fills a batch in one xgrammar call or in groups of rows on several threads (one row a group
+    here: 3 rows on 2 threads makes groups of 2 and 1); either way each row is the mask its matcher fills alone
+    (xgrammar's own per-matcher call), and rows without a grammar allow every token."""
     import xgrammar as xgr
 
     from miniserve.engine import structured_output
@@ -328,7 +328,8 @@ def test_masks_filled_row_by_row_or_by_the_thread_pool_are_the_rows_filled_alone
     from miniserve.sampling_params import StructuredOutputsParams
     from miniserve.tokenizer import Tokenizer
 
-    monkeypatch.setattr(structured_output, "POOL_AFTER_MS", pool_after_ms)
+    monkeypatch.setattr(structured_output, "FILL_THREADS", threads)
+    monkeypatch.setattr(structured_output, "ROWS_PER_THREAD", 1)
     tok = Tokenizer.from_pretrained(DEMO_TARGET)
     vocab = json.loads((DEMO_TARGET / "config.json").read_text())["vocab_size"]
     compiler = GrammarCompiler(tok, vocab, {2})
@@ -338,7 +339,7 @@ def test_masks_filled_row_by_row_or_by_the_thread_pool_are_the_rows_filled_alone
         for token in tok.encode(text, add_special_tokens=False):
             assert state.accept(token)
     batch = [states[0], None, states[1], states[2], None]
-    for _ in range(2):  # the second call follows a fill (slower than -1 ms: the pool when forced)
+    for _ in range(2):  # the second fill reuses the threads
         got = build_bitmask(batch, vocab, torch.device("cpu"))
         for row, state in enumerate(batch):
             want = torch.full_like(got[row], -1)

@@ -15,16 +15,12 @@ for each would idle the GPU there. The price: a sequence that stops on EOS or a 
 past its end, which is dropped. Greedy outputs are identical with and without it. A step whose sampling reads the
 output so far (penalties, bans, a grammar's mask) is launched the same way; its forward pass needs only the token on
 the device, so the host reads the step in flight while the forward runs, then builds the sampling batch from the
-histories that now include it, and samples. A grammar's masks are filled on the grammar thread instead
-(structured_output.fill_later: xgrammar releases the GIL), while the engine processes the step just read; the step
-is sampled at the decoder's next call (`pending`, settled first by every entry point). Seeded outputs are identical
-too.
+histories that now include it (a grammar's masks too: structured_output.fill_rows, on several threads), and samples.
+Seeded outputs are identical too.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,7 +29,7 @@ import torch
 from miniserve.engine.model_runner import ForwardInput, ModelRunner
 from miniserve.engine.output_processor import OutputProcessor
 from miniserve.engine.sampler import SamplerOutput, SamplingBatch, sample
-from miniserve.engine.structured_output import build_bitmask, fill_later
+from miniserve.engine.structured_output import build_bitmask
 from miniserve.engine.transfer import to_device
 from miniserve.scheduler.scheduler import ScheduledSeq, Scheduler
 from miniserve.scheduler.sequence import Sequence
@@ -75,17 +71,6 @@ class _InFlight:
     batch: SamplingBatch
 
 
-@dataclass
-class _Pending:
-    """A constrained decode step whose forward pass is launched and whose sampling waits for the grammar masks,
-    being filled on the grammar thread while the engine processes the step before (_settle samples it)."""
-
-    seqs: list[Sequence]
-    logits: torch.Tensor
-    batch: SamplingBatch  # everything but the masks
-    masks: Future  # -> the host bitmask (structured_output.fill_later)
-
-
 class PlainDecoder:
     """One target forward pass per step, one sampled token per sequence whose prompt is complete."""
 
@@ -103,14 +88,12 @@ class PlainDecoder:
         self.scheduler = scheduler
         self.overlap = overlap and scheduler is not None
         self.in_flight: _InFlight | None = None
-        self.pending: _Pending | None = None  # a step launched, its sampling waiting for masks: before in_flight
         self.num_overlapped_steps = 0  # decode steps launched before their predecessor was read
 
     def continue_in_flight(self) -> tuple[list[Sequence], int] | None:
         """With a decode step in flight whose batch can go on: grow each sequence that continues by one slot, launch
         its next step from the samples on the device, then read the step in flight. The scheduler is not asked: it
         would plan exactly this (one new token each), and at large batches its bookkeeping costs milliseconds."""
-        self._settle()
         f = self.in_flight
         rows = self._continuing(f) if f is not None else None
         if rows is None:
@@ -125,18 +108,16 @@ class PlainDecoder:
         if f.batch.penalized:  # its sampling reads the token in flight: read that while the forward runs
             logits = self._forward(keep, tokens)
             seqs = self._read(f)
-            self._sample_after_masks(keep, logits)
+            self._sample_in_flight(keep, logits, self.sampling_batch(keep))
             return seqs, len(keep)
         self._launch(keep, f.batch if keep is f.seqs else self._build_batch(keep), tokens)
         return self._read(f), len(keep)
 
     def flush(self) -> list[Sequence]:
         """Read a step in flight whose batch cannot go on (the scheduler decides what runs next)."""
-        self._settle()
         return self._read() if self.in_flight is not None else []
 
     def step(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
-        self._settle()
         prompts = [s for s in scheduled if not _is_decode(s)]
         if len(prompts) == 1 and len(scheduled) > 1 and self._has_prompt_graph(prompts[0]):
             done = self._step_now(prompts)
@@ -210,23 +191,6 @@ class PlainDecoder:
             self.target.device,
             token_bitmask=masks,
         )
-
-    def _sample_after_masks(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Sample a penalized step now, or, when grammars constrain it, once their masks are filled: on the grammar
-        thread, while the engine processes the step just read (the next call's _settle samples it)."""
-        grammars = _grammars(seqs)
-        if all(g is None for g in grammars):
-            self._sample_in_flight(seqs, logits, self._build_batch(seqs))
-            return
-        masks = fill_later(grammars, self.vocab_size, self.target.device.type == "cuda")
-        self.pending = _Pending(seqs, logits, self._build_batch(seqs), masks)
-
-    def _settle(self) -> None:
-        """Sample the step whose grammar masks were being filled (its forward pass was launched before)."""
-        p, self.pending = self.pending, None
-        if p is not None:
-            masks = p.masks.result().to(self.target.device, non_blocking=True)
-            self._sample_in_flight(p.seqs, p.logits, dataclasses.replace(p.batch, token_bitmask=masks))
 
     # ---------------------------------------------------------------- overlapped decode steps
 

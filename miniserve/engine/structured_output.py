@@ -29,11 +29,11 @@ speculation: they decode one token per step (their draft cache catches up like a
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
-import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -213,17 +213,13 @@ class GrammarState:
         return self.matcher.is_terminated()
 
 
-_one_thread: Any = None  # xgrammar's BatchGrammarMatcher on one thread: all rows in one call, off the GIL
-_batch_filler: Any = None  # the same on xgrammar's thread pool
-# Rows are filled on one thread (one call for all) unless the last fill took longer than this: xgrammar's thread pool
-# (BatchGrammarMatcher) pays a wake-up per call that costs more than cheap masks do, and on the H200's 16-core host
-# it did not fill faster than one thread at the median at any thread count (benchmarks/grammar_fill.py: 32 rows of
-# a 128k vocabulary inside an unbounded JSON string, 1.9 ms one by one, 1.9-2.5 ms pooled); only the slow states of a
-# bounded string (every token's validity depends on the characters left) gained from it on average. At 2 ms the
-# unbounded schema's ordinary fills crossed over into the pool, and ran at 0.26x unconstrained against 0.36x never
-# pooled (structured_outputs_h200.json), hence 4.
-POOL_AFTER_MS = 4.0
-_last_fill_ms = 0.0
+# How many threads fill a batch's masks: a row costs tens of microseconds on a 128k vocabulary (inside a JSON
+# string, where most tokens are allowed), and rows are independent. Half the host's cores (the other half run the
+# engine's and the API process's Python), at most 8, at least 4 rows each: waking a thread costs about a row.
+FILL_THREADS = max(1, min(8, len(os.sched_getaffinity(0)) // 2)) if hasattr(os, "sched_getaffinity") else 1
+ROWS_PER_THREAD = 4
+_fillers: ThreadPoolExecutor | None = None
+_one_call: Any = None  # xgrammar's BatchGrammarMatcher on this thread: all rows in one call
 
 
 def build_bitmask(states: list[GrammarState | None], vocab_size: int, device: torch.device) -> torch.Tensor | None:
@@ -235,37 +231,34 @@ def build_bitmask(states: list[GrammarState | None], vocab_size: int, device: to
     return host.to(device, non_blocking=True)
 
 
-def fill_rows(states: list[GrammarState | None], bitmask: torch.Tensor) -> torch.Tensor:
-    """Fill the rows of `bitmask` (host memory, every bit set) that have a grammar: one xgrammar call for all of
-    them, in C++ with the GIL released, on one thread, or on xgrammar's pool after a slow fill."""
-    global _batch_filler, _one_thread, _last_fill_ms
+def fill_rows(states: list[GrammarState | None], bitmask: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """Fill the rows of `bitmask` (host memory, every bit set) that have a grammar, and wait for them.
+
+    Several threads fill contiguous groups of rows with one xgrammar call per row, which releases the GIL while it
+    runs, so the groups fill in parallel while the calling thread waits. xgrammar's own batch call
+    (BatchGrammarMatcher, used when one thread is enough) holds the GIL for the whole batch in xgrammar 0.2, and its
+    thread pool was no faster than one thread on the H200's host (`benchmarks/grammar_fill.py`). The fill is not
+    overlapped with the engine's Python: any Python running beside it delays each row's return by up to the
+    interpreter's switch interval (5 ms). It overlaps the GPU's forward pass instead (engine/decoder.py)."""
+    global _fillers, _one_call
     rows = [i for i, s in enumerate(states) if s is not None]
-    xgr = import_xgrammar()
-    start = time.perf_counter()
-    if len(rows) > 1 and _last_fill_ms > POOL_AFTER_MS:
-        _batch_filler = _batch_filler or xgr.BatchGrammarMatcher()
-        filler = _batch_filler
-    else:
-        _one_thread = _one_thread or xgr.BatchGrammarMatcher(max_threads=1)
-        filler = _one_thread
-    filler.batch_fill_next_token_bitmask([states[i].matcher for i in rows], bitmask, rows)
-    _last_fill_ms = (time.perf_counter() - start) * 1e3
+    groups = min(threads or FILL_THREADS, -(-len(rows) // ROWS_PER_THREAD))
+    if groups <= 1:
+        _one_call = _one_call or import_xgrammar().BatchGrammarMatcher(max_threads=1)
+        _one_call.batch_fill_next_token_bitmask([states[i].matcher for i in rows], bitmask, rows)
+        return bitmask
+
+    def fill(group: list[int]) -> None:
+        for i in group:
+            states[i].matcher.fill_next_token_bitmask(bitmask, i)
+
+    size = -(-len(rows) // groups)
+    _fillers = _fillers or ThreadPoolExecutor(8, thread_name_prefix="miniserve-grammar")
+    done = [_fillers.submit(fill, rows[k : k + size]) for k in range(size, len(rows), size)]
+    fill(rows[:size])  # this thread's own group
+    for f in done:
+        f.result()
     return bitmask
-
-
-_worker: ThreadPoolExecutor | None = None  # the grammar thread (fill_later)
-
-
-def fill_later(states: list[GrammarState | None], vocab_size: int, pinned: bool) -> Future:
-    """The host masks (as in build_bitmask; some row must have a grammar), filled on the grammar thread: xgrammar
-    releases the GIL while it fills, so the engine processes the step it has just read meanwhile
-    (engine/decoder.py). The buffer is taken on this thread (a page-locked one belongs to this thread's CUDA
-    device); one call fills all rows (a call per row would wait for the GIL between rows, up to a switch interval
-    each while the engine's Python runs)."""
-    global _worker
-    bitmask = _host_bitmask(len(states), vocab_size, pinned)
-    _worker = _worker or ThreadPoolExecutor(1, thread_name_prefix="miniserve-grammar")
-    return _worker.submit(lambda: fill_rows(states, bitmask))  # fill_rows looked up at the call: patchable
 
 
 _pinned: list = [None, None, 0]  # two page-locked [rows, words] buffers, used in turn; the next one's index
