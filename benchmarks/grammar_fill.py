@@ -4,11 +4,13 @@
 
 `--batch` matchers of structured_outputs.py's JSON schemas walk random paths through their grammar (each step every
 row's mask is filled, then the row takes a random allowed token, as sampling from a random-weight model does) over
-that script's synthetic byte-level BPE vocabulary of the shape's size. At every step each strategy fills the same
-states: one row after another on this thread, xgrammar's BatchGrammarMatcher with `max_threads` set (and with its
-default, half of what std::thread::hardware_concurrency reports; it holds the GIL), the engine's fill (`groups n`:
-structured_output.fill_rows on n threads, each a group of rows, one call per row: that call releases the GIL), and a
-Python thread pool of one task per row. Prints and writes (`--out`) the median and mean milliseconds per step of each.
+that script's synthetic byte-level BPE vocabulary of the shape's size (`--quote-weight`: its tokens with a quote or
+a newline, the ones xgrammar checks one by one inside a JSON string, made rarer or more common). At every step each
+strategy fills the same states: one row after another on this thread, xgrammar's BatchGrammarMatcher with
+`max_threads` set (and with its default, half of what std::thread::hardware_concurrency reports; it holds the GIL),
+n groups of rows on n threads (`groups n`, the calling thread one of them; one call per row, which releases the
+GIL), and a Python thread pool of one task per row. Prints and writes (`--out`) the median and mean milliseconds
+per step of each.
 """
 
 from __future__ import annotations
@@ -30,14 +32,13 @@ import torch  # noqa: E402
 from benchmarks.checkpoints import SHAPES  # noqa: E402
 from benchmarks.provenance import write_result  # noqa: E402
 from benchmarks.structured_outputs import SCHEMAS, write_bpe_tokenizer  # noqa: E402
-from miniserve.engine.structured_output import GrammarState, fill_rows  # noqa: E402
 
 
-def compile_schema(schema: dict, vocab_size: int, directory: Path):
+def compile_schema(schema: dict, vocab_size: int, directory: Path, quote_weight: float = 1.0):
     import xgrammar as xgr
     from transformers import PreTrainedTokenizerFast
 
-    write_bpe_tokenizer(directory, vocab_size, bos=0, eos=1)
+    write_bpe_tokenizer(directory, vocab_size, bos=0, eos=1, quote_weight=quote_weight)
     hf = PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"))
     info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=[1])
     return xgr.GrammarCompiler(info).compile_json_schema(schema)
@@ -49,6 +50,20 @@ def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> list[torch.Tensor]
     return [row.nonzero().flatten() for row in flat]
 
 
+def fill_groups(pool: ThreadPoolExecutor, n: int, matchers: list, mask: torch.Tensor) -> None:
+    """n groups of rows, each on its own thread (this one included), one call per row."""
+
+    def fill(first: int, last: int) -> None:
+        for i in range(first, last):
+            matchers[i].fill_next_token_bitmask(mask, i)
+
+    size = -(-len(matchers) // n)
+    done = [pool.submit(fill, k, min(k + size, len(matchers))) for k in range(size, len(matchers), size)]
+    fill(0, size)
+    for f in done:
+        f.result()
+
+
 def strategies(threads: list[int]) -> dict:
     import xgrammar as xgr
 
@@ -58,8 +73,8 @@ def strategies(threads: list[int]) -> dict:
     for n in threads:
         batch = xgr.BatchGrammarMatcher(max_threads=n)
         out[f"batch {n}"] = lambda ms, mask, b=batch: b.batch_fill_next_token_bitmask(ms, mask)
-        out[f"groups {n}"] = lambda ms, mask, n=n: fill_rows([GrammarState(m) for m in ms], mask, n)
         pool = ThreadPoolExecutor(n)
+        out[f"groups {n}"] = lambda ms, mask, p=pool, n=n: fill_groups(p, n, ms, mask)
         out[f"python pool {n}"] = lambda ms, mask, p=pool: list(
             p.map(lambda im: im[1].fill_next_token_bitmask(mask, im[0]), enumerate(ms))
         )
@@ -74,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument(
+        "--quote-weight", type=float, default=1.0,
+        help="how often the synthetic vocabulary's words hold a quote or a newline, against another character",
+    )  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     import xgrammar as xgr
@@ -82,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     cpus = {"os.cpu_count": os.cpu_count(), "sched_getaffinity": len(os.sched_getaffinity(0))}
     print(cpus, flush=True)
     fills = strategies(args.threads)
-    result = {"batch": args.batch, "steps": args.steps, "vocab": vocab, "cpus": cpus, "schemas": {}}
+    result = {"batch": args.batch, "steps": args.steps, "vocab": vocab, "quote_weight": args.quote_weight}
+    result.update(cpus=cpus, schemas={})
     for name in args.schemas:
         with tempfile.TemporaryDirectory() as tmp:
-            compiled = compile_schema(SCHEMAS[name], vocab, Path(tmp))
+            compiled = compile_schema(SCHEMAS[name], vocab, Path(tmp), args.quote_weight)
         rng = random.Random(0)
         matchers = [xgr.GrammarMatcher(compiled) for _ in range(args.batch)]
         times: dict[str, list[float]] = {k: [] for k in fills}

@@ -31,7 +31,7 @@ if [ "$part" = engine ]; then
     --out "$out/throughput_fixed_llama1b_h200.json"
   tp 120 --shape llama-3.2-1b --workload latency --gen 256 --repeats 2 --hf \
     --out "$out/throughput_latency_llama1b_h200.json"
-  tp 150 --shape llama-3.2-1b --workload sweep --batches 1 8 32 64 128 256 --prompt 512 --gen 64 --repeats 1 \
+  tp 300 --shape llama-3.2-1b --workload sweep --batches 1 8 32 64 128 256 --prompt 512 --gen 64 --repeats 3 \
     --kv-cache-dtype auto fp8 --plot "$out/throughput_sweep_llama1b_h200.png" --out "$out/throughput_sweep_llama1b_h200.json"
   tp 120 --shape qwen3-0.6b --workload prefill --prompts 4096 16384 32768 --repeats 2 --hf \
     --out "$out/throughput_prefill_qwen3_h200.json"
@@ -166,10 +166,15 @@ fi
 if [ "$part" = grammar ]; then
   # issue 14: constrained decoding at batch 32 (the mask fill on this host's default threads, on 1 and on 4), and
   # the fill alone by every strategy (needs xgrammar: carried as a wheel)
-  timeout 240 python3 benchmarks/structured_outputs.py --shape llama-3.2-1b --batch 32 --prompt 128 --gen 256 \
-    --fill-threads 8 1 4 --out "$out/structured_outputs_h200.json" 2>&1 | grep -v -i warn | tail -12
+  timeout 200 python3 benchmarks/structured_outputs.py --shape llama-3.2-1b --batch 32 --prompt 128 --gen 256 \
+    --out "$out/structured_outputs_h200.json" 2>&1 | grep -v -i warn | tail -6
   timeout 150 python3 benchmarks/grammar_fill.py --batch 32 --steps 128 --threads 2 4 8 \
     --out "$out/grammar_fill_h200.json" 2>&1 | grep -v -i warn | tail -24
+  # the same fill over vocabularies with 5x fewer and with no tokens holding a quote or a newline
+  for w in 0.2 0; do
+    timeout 60 python3 benchmarks/grammar_fill.py --batch 32 --steps 128 --threads 8 --schemas open --quote-weight $w \
+      --out "$out/grammar_fill_quotes${w/./}_h200.json" 2>&1 | grep -v -i warn | tail -5
+  done
 fi
 
 if [ "$part" = extendfp8 ]; then

@@ -64,44 +64,24 @@ def test_steps_that_need_their_history_overlap_and_equal_stepwise_decoding(llama
     assert_idle(engine)
 
 
-def test_grammar_constrained_steps_overlap_and_equal_stepwise_decoding(monkeypatch):
+def test_grammar_constrained_steps_overlap_and_equal_stepwise_decoding():
     """A grammar's mask for step N+1 needs step N's token: it is filled after reading step N, while step N+1's
-    forward runs, on several threads (each a group of rows). Seeded JSON-constrained sampling (the demo model) equals
-    the stepwise engine's with one filling thread, ends with the grammar (finish "stop"), and the steps were
-    overlapped, their masks filled on more than one thread."""
+    forward runs, and step N+1 is sampled then. Seeded JSON-constrained sampling (the demo model) equals the stepwise
+    engine's, ends with the grammar (finish "stop"), and the steps were overlapped."""
     pytest.importorskip("xgrammar")
-    from concurrent.futures import ThreadPoolExecutor
-
-    from miniserve.engine import structured_output
     from miniserve.sampling_params import StructuredOutputsParams
 
-    class CountingPool(ThreadPoolExecutor):
-        submitted = 0
-
-        def submit(self, *args, **kwargs):
-            self.submitted += 1
-            return super().submit(*args, **kwargs)
-
-    pool = CountingPool(2)
-    monkeypatch.setattr(structured_output, "_fillers", pool)
-    monkeypatch.setattr(structured_output, "ROWS_PER_THREAD", 1)
     schema = {"type": "object", "properties": {"who": {"enum": ["ROMEO", "JULIET"]}, "ok": {"type": "boolean"}}}
     spec = StructuredOutputsParams(json={**schema, "required": ["who", "ok"]}, disable_any_whitespace=True)
     params = [SamplingParams(temperature=1.0, seed=s, max_tokens=60, structured_outputs=spec, n=2) for s in range(3)]
     prompts = ["ROMEO:", "JULIET:", "Thou"]
     outs = {}
-    filled_on = {}
     for overlap in (False, True):
-        monkeypatch.setattr(structured_output, "FILL_THREADS", 3 if overlap else 1)
         llm = LLM(dtype="float32", device="cpu", async_scheduling=overlap)
-        pool.submitted = 0
         result = llm.generate(prompts, params, use_tqdm=False)
         outs[overlap] = [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in result]
-        filled_on[overlap] = pool.submitted
         engine = llm.engine
     assert outs[True] == outs[False]
-    pool.shutdown()
-    assert filled_on[False] == 0 and filled_on[True] > 0
     assert all(c[2] == "stop" and c[1].startswith('{"who":') for o in outs[True] for c in o)
     assert engine.decoder.num_overlapped_steps > 0
     assert_idle(engine)

@@ -316,20 +316,15 @@ def test_a_server_without_xgrammar_serves_and_refuses_constraints_by_name(tmp_pa
             assert err["param"] == param and "pip install xgrammar" in err["message"], err
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_masks_filled_on_one_thread_or_several_are_the_rows_filled_alone(monkeypatch, threads):
-    """build_bitmask fills a batch in one xgrammar call or in groups of rows on several threads (one row a group
-    here: 3 rows on 2 threads makes groups of 2 and 1); either way each row is the mask its matcher fills alone
-    (xgrammar's own per-matcher call), and rows without a grammar allow every token."""
+def test_masks_filled_for_a_batch_are_the_rows_filled_alone():
+    """build_bitmask fills a batch in one xgrammar call; each row is the mask its matcher fills alone (xgrammar's own
+    per-matcher call), and rows without a grammar allow every token."""
     import xgrammar as xgr
 
-    from miniserve.engine import structured_output
     from miniserve.engine.structured_output import GrammarCompiler, build_bitmask
     from miniserve.sampling_params import StructuredOutputsParams
     from miniserve.tokenizer import Tokenizer
 
-    monkeypatch.setattr(structured_output, "FILL_THREADS", threads)
-    monkeypatch.setattr(structured_output, "ROWS_PER_THREAD", 1)
     tok = Tokenizer.from_pretrained(DEMO_TARGET)
     vocab = json.loads((DEMO_TARGET / "config.json").read_text())["vocab_size"]
     compiler = GrammarCompiler(tok, vocab, {2})
@@ -339,7 +334,7 @@ def test_masks_filled_on_one_thread_or_several_are_the_rows_filled_alone(monkeyp
         for token in tok.encode(text, add_special_tokens=False):
             assert state.accept(token)
     batch = [states[0], None, states[1], states[2], None]
-    for _ in range(2):  # the second fill reuses the threads
+    for _ in range(2):  # the second fill reuses the batch matcher
         got = build_bitmask(batch, vocab, torch.device("cpu"))
         for row, state in enumerate(batch):
             want = torch.full_like(got[row], -1)

@@ -29,11 +29,9 @@ speculation: they decode one token per step (their draft cache catches up like a
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -213,12 +211,6 @@ class GrammarState:
         return self.matcher.is_terminated()
 
 
-# How many threads fill a batch's masks: a row costs tens of microseconds on a 128k vocabulary (inside a JSON
-# string, where most tokens are allowed), and rows are independent. Half the host's cores (the other half run the
-# engine's and the API process's Python), at most 8, at least 4 rows each: waking a thread costs about a row.
-FILL_THREADS = max(1, min(8, len(os.sched_getaffinity(0)) // 2)) if hasattr(os, "sched_getaffinity") else 1
-ROWS_PER_THREAD = 4
-_fillers: ThreadPoolExecutor | None = None
 _one_call: Any = None  # xgrammar's BatchGrammarMatcher on this thread: all rows in one call
 
 
@@ -231,33 +223,18 @@ def build_bitmask(states: list[GrammarState | None], vocab_size: int, device: to
     return host.to(device, non_blocking=True)
 
 
-def fill_rows(states: list[GrammarState | None], bitmask: torch.Tensor, threads: int | None = None) -> torch.Tensor:
-    """Fill the rows of `bitmask` (host memory, every bit set) that have a grammar, and wait for them.
+def fill_rows(states: list[GrammarState | None], bitmask: torch.Tensor) -> torch.Tensor:
+    """Fill the rows of `bitmask` (host memory, every bit set) that have a grammar: one xgrammar call for all, on
+    this thread, while the GPU runs the step's forward pass (engine/decoder.py).
 
-    Several threads fill contiguous groups of rows with one xgrammar call per row, which releases the GIL while it
-    runs, so the groups fill in parallel while the calling thread waits. xgrammar's own batch call
-    (BatchGrammarMatcher, used when one thread is enough) holds the GIL for the whole batch in xgrammar 0.2, and its
-    thread pool was no faster than one thread on the H200's host (`benchmarks/grammar_fill.py`). The fill is not
-    overlapped with the engine's Python: any Python running beside it delays each row's return by up to the
-    interpreter's switch interval (5 ms). It overlaps the GPU's forward pass instead (engine/decoder.py)."""
-    global _fillers, _one_call
+    Not on other threads: xgrammar's batch call holds the GIL for the whole batch (0.2.9), its row call releases
+    it but must take it back after each row, which costs up to the interpreter's switch interval (5 ms) while the
+    engine's Python runs, and rows filled on 2-8 threads at once were no faster than one after another on the
+    H200's host (`benchmarks/grammar_fill.py`, `grammar_fill_h200.json`)."""
+    global _one_call
     rows = [i for i, s in enumerate(states) if s is not None]
-    groups = min(threads or FILL_THREADS, -(-len(rows) // ROWS_PER_THREAD))
-    if groups <= 1:
-        _one_call = _one_call or import_xgrammar().BatchGrammarMatcher(max_threads=1)
-        _one_call.batch_fill_next_token_bitmask([states[i].matcher for i in rows], bitmask, rows)
-        return bitmask
-
-    def fill(group: list[int]) -> None:
-        for i in group:
-            states[i].matcher.fill_next_token_bitmask(bitmask, i)
-
-    size = -(-len(rows) // groups)
-    _fillers = _fillers or ThreadPoolExecutor(8, thread_name_prefix="miniserve-grammar")
-    done = [_fillers.submit(fill, rows[k : k + size]) for k in range(size, len(rows), size)]
-    fill(rows[:size])  # this thread's own group
-    for f in done:
-        f.result()
+    _one_call = _one_call or import_xgrammar().BatchGrammarMatcher(max_threads=1)
+    _one_call.batch_fill_next_token_bitmask([states[i].matcher for i in rows], bitmask, rows)
     return bitmask
 
 
