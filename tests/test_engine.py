@@ -99,6 +99,61 @@ def test_chunked_prefill_and_seq_limit_keep_output(llama_dir):
     assert greedy_ids(chunked, prompts) == expected
 
 
+def test_mixed_steps_put_their_one_token_sequences_first(llama_dir):
+    """Prompt chunks beside running decodes: the decoder passes each mixed step's one-token sequences first (the
+    attention kernels then take them as one block, ModelRunner._for_kernels), in whatever order the scheduler
+    listed them (reversed here: its own order has the decodes first), and the outputs stay those of the unchunked
+    engine."""
+    prompts = token_prompts(5, seed=3, lo=20, hi=60)
+    expected = greedy_ids(make_llm(llama_dir), prompts)
+    llm = make_llm(llama_dir, max_num_batched_tokens=24, max_num_seqs=4)
+    schedule = llm.engine.scheduler.schedule
+    llm.engine.scheduler.schedule = lambda: schedule()[::-1]
+    prepare, batches = llm.engine.target.prepare, []
+
+    def recorded(inputs):
+        batches.append([len(x.token_ids) for x in inputs])
+        return prepare(inputs)
+
+    llm.engine.target.prepare = recorded
+    assert greedy_ids(llm, prompts) == expected
+    mixed = [b for b in batches if 1 in b and max(b) > 1]
+    assert mixed and all(b == sorted(b, key=lambda n: n != 1) for b in mixed)
+
+
+def test_the_triton_backend_splits_leading_decodes_off_a_mixed_batch():
+    """ModelRunner._for_kernels on the Triton backend: one-token sequences before a prompt chunk go to the decode
+    kernel as one block (their longest context for its split count), a batch that starts with a prompt runs whole
+    on the extend kernel, a few tokens per sequence become decode queries, and the torch backend takes the batch
+    as it is."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from miniserve.engine.model_runner import ModelRunner
+    from miniserve.kernels.metadata import AttentionMetadata
+
+    def meta(counts, seq_lens):
+        return AttentionMetadata(
+            torch.zeros(sum(counts), dtype=torch.int64), torch.tensor([0, *np.cumsum(counts)], dtype=torch.int32),
+            torch.tensor(seq_lens, dtype=torch.int32), torch.zeros(len(counts), 4, dtype=torch.int32), max(counts),
+            max(seq_lens),
+        )  # fmt: skip
+
+    def run(backend, counts, seq_lens):
+        runner = SimpleNamespace(backend=backend)
+        return ModelRunner._for_kernels(runner, meta(counts, seq_lens), np.array(counts), np.array(seq_lens))
+
+    split = run("triton", [1, 1, 1, 40, 1, 17], [90, 300, 5, 40, 70, 60])
+    n, decodes, rest = split.parts
+    assert n == 3 and decodes.max_seq_len == 300 and decodes.seq_lens.tolist() == [90, 300, 5]
+    assert rest.query_start_loc.tolist() == [0, 40, 41, 58] and rest.seq_lens.tolist() == [40, 70, 60]
+    assert run("triton", [1, 40, 1], [90, 40, 70]).parts[0] == 1
+    assert run("triton", [40, 1, 1], [40, 90, 70]).parts is None
+    assert run("triton", [1, 3, 2], [9, 8, 7]).query_start_loc.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert run("torch", [1, 1, 40], [9, 8, 40]).parts is None
+
+
 def test_n_choices_share_prompt_blocks(llama_dir):
     llm = make_llm(llama_dir, block_size=4)
     prompt = token_prompts(1, seed=4, lo=21, hi=22)[0]

@@ -54,6 +54,7 @@ def test_paged_attention_passes_the_mode_to_the_kernel_it_picks(monkeypatch, dec
 
     class Meta:
         is_decode = decode
+        parts = None
 
     q = torch.zeros(3, 4, 16)
     cache = torch.zeros(2, 16, 2, 16, dtype=torch.float8_e4m3fn)

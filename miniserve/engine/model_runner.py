@@ -138,18 +138,26 @@ class ModelRunner:
         return (
             tensor(ids, torch.int64),
             tensor(pos, torch.int64),
-            self._for_kernels(meta),
+            self._for_kernels(meta, counts, first + counts),
             tensor(logit_rows, torch.int64),
         )
 
-    def _for_kernels(self, meta: AttentionMetadata) -> AttentionMetadata:
-        """Batches of a few new tokens per sequence (speculative verification: k+1) run on the Triton backend as
-        one decode query per token, built once per forward for all layers. Each token then gets the arithmetic of
-        a plain decode step, so greedy speculation reproduces plain decoding bit for bit; with GQA this reads no
-        more KV than the extend kernel, which loads each KV tile once per query head."""
-        if self.backend == "triton" and 1 < meta.max_query_len <= DECODE_QUERIES_MAX_LEN:
+    def _for_kernels(
+        self, meta: AttentionMetadata, counts: np.ndarray | None = None, seq_lens: np.ndarray | None = None
+    ) -> AttentionMetadata:
+        """How the Triton backend runs the batch, decided once per forward for all layers.
+        - A few new tokens per sequence (speculative verification: k+1): one decode query per token. Each token
+          then gets the arithmetic of a plain decode step, so greedy speculation reproduces plain decoding bit for
+          bit; with GQA this reads no more KV than the extend kernel, which loads each KV tile once per query head.
+        - Prompt chunks after one-token sequences (decodes first: decoder.py orders a mixed step so): those run on
+          the decode kernel, the rest on the extend kernel (AttentionMetadata.with_decode_part). `counts`: each
+          sequence's new tokens, `seq_lens` its KV length (host copies; None: a uniform batch, nothing to split)."""
+        if self.backend != "triton" or meta.max_query_len == 1:
+            return meta
+        if meta.max_query_len <= DECODE_QUERIES_MAX_LEN:
             return meta.as_decode_queries()
-        return meta
+        n = int(np.argmax(counts != 1)) if counts is not None else 0  # leading one-token sequences (not all)
+        return meta.with_decode_part(n, int(seq_lens[:n].max())) if n else meta
 
     @torch.inference_mode()
     def forward(self, inputs: list[ForwardInput], device_tokens: torch.Tensor | None = None) -> torch.Tensor:
