@@ -23,7 +23,7 @@ export PYTHONUNBUFFERED=1
 tp() { timeout "$1" python3 benchmarks/throughput.py "${@:2}" 2>&1 | grep -v -i warn | grep -E '^\{|Error|error' | cut -c1-400; }
 
 if [ "$part" = engine ]; then
-  tp 300 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-variant default staged --repeats 1 \
+  tp 300 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-variant default staged --repeats 2 \
     --out "$out/throughput_nano_h200.json"
   tp 200 --shape qwen3-0.6b --workload nano --kv-cache-dtype fp8 --kv-write fused two_launch --repeats 1 \
     --out "$out/throughput_nano_kv_write_h200.json"
@@ -119,7 +119,7 @@ fi
 if [ "$part" = nano ]; then
   # nano-vllm's benchmark: bf16 KV, fp8 KV with the default decode kernel (its register cap:
   # decode_attention.default_register_cap), and with the staged FP8 decode variant
-  tp 300 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-variant default staged --repeats 1 \
+  tp 300 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-variant default staged --repeats 2 \
     --out "$out/throughput_nano_h200.json"
 fi
 

@@ -328,29 +328,35 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
                 f"{ratios['open']:.2f}x (strings unbounded), {ratios['bounded']:.2f}x (a 24-character name)",
                 "yes" if min(ratios["open"], ratios["bounded"]) >= 0.9 else "no",
                 f"xgrammar fills each row's mask on the host: {min(per_step):.1f}-{max(per_step):.1f} ms a step for "
-                f"{so['batch']} rows of a 128k vocabulary, against a {step_ms:.1f} ms unconstrained step that the fill "
-                "now overlaps; " + grammar_threads(),
+                f"{so['batch']} rows of a 128k vocabulary, against a {step_ms:.1f} ms unconstrained step (the fill "
+                "overlaps the forward pass, but the host is the bottleneck); " + grammar_fill_note(),
             )
         )
     return rows
 
 
-def grammar_threads() -> str:
-    """What threads do for the mask fill on the benchmark's host (grammar_fill.py: the same states, every way)."""
-    fill = load("grammar_fill_h200.json")
+def grammar_fill_note() -> str:
+    """Why the fill costs what it does, from grammar_fill.py on the benchmark's host (the same states, every way)."""
+    fill, fewer, none = (load(f"grammar_fill{s}_h200.json") for s in ("", "_quotes02", "_quotes0"))
     if not fill:
-        return "its thread pool helps only the slow states"
+        return "not measured alone"
     rows = fill["schemas"]["open"]
     threaded = [r["median_ms"] for k, r in rows.items() if k != "rows"]
-    return (
+    note = (
         f"more threads do not help on the H200's host: {fill['batch']} rows take {rows['rows']['median_ms']:.2f} ms "
-        f"one after another and {min(threaded):.2f}-{max(threaded):.2f} ms over 2-16 threads (xgrammar's pool or a "
-        "Python pool, median of a random walk through the open schema; `grammar_fill_h200.json`), so the pool now "
-        f"starts only after a 4 ms fill (same run: never pooled {so_ratio('open_pool_after_1e+06ms'):.2f}x, always "
-        f"{so_ratio('open_pool_after_-1ms'):.2f}x); the fill runs on a thread while the engine processes the step "
-        "before (xgrammar releases the GIL), so a constrained step costs the longer of the two, not their sum, but "
-        "the fill alone is longer than an unconstrained step"
+        f"one after another and {min(threaded):.2f}-{max(threaded):.2f} ms over 2-8 threads (xgrammar's batch call, "
+        "groups of rows on Python threads, a pool of row tasks; `grammar_fill_h200.json`)"
     )
+    if fewer and none:
+        note += (
+            ". The cost is the vocabulary's tokens that hold a quote or a newline, which xgrammar checks one by one "
+            "inside a JSON string: the synthetic vocabulary has about 7% of each; with 5x fewer the same fill takes "
+            f"{fewer['schemas']['open']['rows']['median_ms']:.2f} ms, with none "
+            f"{none['schemas']['open']['rows']['median_ms']:.2f} ms (`grammar_fill_quotes*_h200.json`), so a real "
+            "tokenizer's share decides how far from the target a real model is (not measured: none can be "
+            "downloaded here)"
+        )
+    return note
 
 
 def serve_trace(run: str) -> dict | None:
@@ -395,10 +401,6 @@ def p50(summary: str) -> str:
     return summary.split()[1]
 
 
-def so_ratio(key: str) -> float:
-    return load("structured_outputs_h200.json")["ratios"][key]
-
-
 def nano_cap_note() -> str:
     """The register cap adopted after the nano run, at nano's decode shape, from the kernel run that chose it."""
     capped = load("decode_attention_fp8_r128_h200.json")
@@ -433,10 +435,22 @@ def extend_fp8_note() -> str:
         return "(no profile file)"
     kv = runs_by_kv(data)
     us = {k: sum(r["us_per_step"] for r in kv[k]["profile"]["kernels"] if "_extend_" in r["name"]) for k in kv}
-    return (
+    note = (
         f"at batch 256 (prompt 512, 64 new, so mostly prompt passes) the extend kernel took {us['fp8'] / 1e3:.2f} ms "
-        f"a step against bf16's {us['auto'] / 1e3:.2f} (`profile_run_llama1b_b256_h200.json`)"
+        f"a step against bf16's {us['auto'] / 1e3:.2f} (`profile_run_llama1b_b256_h200.json`, commit "
+        f"{data['commit']}), when it also ran the decode tokens of the steps that carried prompt chunks, one query "
+        "row in a 64-row tile each, reading and dequantizing each context"
     )
+    sweep = load("throughput_sweep_llama1b_h200.json")
+    if sweep:
+        kv = runs_by_kv(sweep)
+        last = {k: kv[k]["sweep"][-1] for k in ("auto", "fp8")}
+        note += (
+            f"; those now run on the decode kernel (`AttentionMetadata.with_decode_part`), and the sweep's batch "
+            f"{last['fp8']['batch']} measures {last['fp8']['output_tok_s'] / last['auto']['output_tok_s']:.2f}x "
+            "(`throughput_sweep_llama1b_h200.json`; not profiled again)"
+        )
+    return note
 
 
 def decode_profile(name: str) -> str:

@@ -18,8 +18,21 @@ def test_grammar_fill_times_every_strategy_on_the_same_states(tmp_path):
     argv = ["--vocab", "3000", "--batch", "3", "--steps", "4", "--threads", "2", "--schemas", "open", "--out", str(out)]
     assert grammar_fill.main(argv) == 0
     rows = json.loads(out.read_text())["schemas"]["open"]
-    assert set(rows) == {"rows", "batch auto", "batch 2", "python pool 2"}
+    assert set(rows) == {"rows", "batch auto", "batch 2", "groups 2", "python pool 2"}
     assert all(r["median_ms"] > 0 for r in rows.values())
+
+
+def test_the_synthetic_vocabulary_sets_its_share_of_quotes_and_newlines(tmp_path):
+    """--quote-weight: the benchmark vocabulary's multi-character tokens hold a quote or a newline about 7% of the
+    time each (weight 1, every published result), about a fifth as often at 0.2, never at 0."""
+    share = {}
+    for weight in (1.0, 0.2, 0.0):
+        structured_outputs.write_bpe_tokenizer(tmp_path, 20000, 0, 1, quote_weight=weight)
+        words = [w for w in json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"] if len(w) > 1]
+        share[weight] = [sum(c in w for w in words) / len(words) for c in ('"', "Ċ")]
+    assert all(0.05 < x < 0.09 for x in share[1.0])
+    assert all(0.1 < x / y < 0.3 for x, y in zip(share[0.2], share[1.0]))
+    assert share[0.0] == [0.0, 0.0]
 
 
 def test_structured_outputs_benchmark_smoke(tmp_path):
