@@ -13,7 +13,7 @@
 #   bash benchmarks/h200_suite.sh extendfp8 OUT_DIR # FP8 prompt passes with the extend kernel's registers capped
 #   bash benchmarks/h200_suite.sh extendchecks OUT_DIR # every extend variant against the torch reference
 #   bash benchmarks/h200_suite.sh extendttft OUT_DIR # a 32k prompt's TTFT end to end, beside one HF forward
-#   bash benchmarks/h200_suite.sh profile1b OUT_DIR # GPU time per kernel of Llama-3.2-1B decode steps, batch 1 and 64
+#   bash benchmarks/h200_suite.sh profile1b OUT_DIR # GPU time per kernel of Llama-3.2-1B: decode steps (batch 1, 64), runs (128, 256)
 # Every step is bounded in time and independent of the others: one that fails leaves the rest to run.
 set -u
 part=$1
@@ -204,4 +204,10 @@ if [ "$part" = profile1b ]; then
     --repeats 1 --profile --out "$out/profile_decode_llama1b_b64_h200.json" 2>&1 | grep -v -i warn | tail -30
   timeout 80 python3 benchmarks/throughput.py --shape llama-3.2-1b --workload latency --gen 64 --repeats 1 --profile \
     --out "$out/profile_decode_llama1b_b1_h200.json" 2>&1 | grep -v -i warn | tail -30
+  # whole runs (prompt passes included) at the sweep's two largest batches, bf16 and fp8: GPU time per kernel
+  for b in 256 128; do
+    timeout 200 python3 benchmarks/throughput.py --shape llama-3.2-1b --workload fixed --batch $b --prompt 512 --gen 64 \
+      --kv-cache-dtype auto fp8 --repeats 1 --profile --profile-run --out "$out/profile_run_llama1b_b${b}_h200.json" \
+      2>&1 | grep -v -i warn | grep -E "rror" | head -3
+  done
 fi

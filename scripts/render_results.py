@@ -139,8 +139,8 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                 "yes" if ratio >= 1.0 else "no",
                 "the FP8 kernel gathers its V tile one byte per shared-memory load (offline compiler analysis: "
                 "`decode_attention_fp8_registers.md`); at head_dim 128 the register cap makes it faster than bf16 "
-                "(nano, Llama-3.1-8B); at Llama-3.2-1B's head_dim 64 its decode kernel is barely faster than "
-                f"bf16's{fixed_step_note()}, and the prompt passes read FP8 slower: {extend_fp8_note()}",
+                "(nano, Llama-3.1-8B); at Llama-3.2-1B's head_dim 64 its decode kernel is slower than "
+                f"bf16's{fixed_step_note()}, and the prompt passes read FP8 slower: {head64_fp8_note()}",
             )
         )
     fixed = load("throughput_fixed_llama1b_h200.json")
@@ -428,29 +428,32 @@ def run_profile(name: str, kv: str) -> str:
     )
 
 
-def extend_fp8_note() -> str:
-    """The extend (prompt) kernel's time per step, fp8 against bf16, from the batch-256 whole-run profile."""
-    data = load("profile_run_llama1b_b256_h200.json")
-    if not data:
-        return "(no profile file)"
-    kv = runs_by_kv(data)
-    us = {k: sum(r["us_per_step"] for r in kv[k]["profile"]["kernels"] if "_extend_" in r["name"]) for k in kv}
-    note = (
-        f"at batch 256 (prompt 512, 64 new, so mostly prompt passes) the extend kernel took {us['fp8'] / 1e3:.2f} ms "
-        f"a step against bf16's {us['auto'] / 1e3:.2f} (`profile_run_llama1b_b256_h200.json`, commit "
-        f"{data['commit']}), when it also ran the decode tokens of the steps that carried prompt chunks, one query "
-        "row in a 64-row tile each, reading and dequantizing each context"
-    )
-    sweep = load("throughput_sweep_llama1b_h200.json")
-    if sweep:
-        kv = runs_by_kv(sweep)
-        last = {k: kv[k]["sweep"][-1] for k in ("auto", "fp8")}
-        note += (
-            f"; those now run on the decode kernel (`AttentionMetadata.with_decode_part`), and the sweep's batch "
-            f"{last['fp8']['batch']} measures {last['fp8']['output_tok_s'] / last['auto']['output_tok_s']:.2f}x "
-            "(`throughput_sweep_llama1b_h200.json`; not profiled again)"
+def head64_fp8_note() -> str:
+    """The attention kernels' GPU time per step, fp8 against bf16, from the whole-run profiles at batch 256 and 128."""
+    parts = []
+    for batch in (256, 128):
+        data = load(f"profile_run_llama1b_b{batch}_h200.json")
+        if not data:
+            continue
+        kv = runs_by_kv(data)
+        ms = {
+            (kernel, k): sum(r["us_per_step"] for r in kv[k]["profile"]["kernels"] if kernel in r["name"]) / 1e3
+            for kernel in ("_decode_split_", "_extend_")
+            for k in kv
+        }
+        parts.append(
+            f"batch {batch}: decode kernel {ms['_decode_split_', 'fp8']:.2f} ms a step against bf16's "
+            f"{ms['_decode_split_', 'auto']:.2f}, extend kernel {ms['_extend_', 'fp8']:.2f} against "
+            f"{ms['_extend_', 'auto']:.2f}"
         )
-    return note
+    if not parts:
+        return "(no profile file)"
+    return (
+        "whole runs profiled (prompt 512, 64 new; `profile_run_llama1b_b*_h200.json`): " + "; ".join(parts) + ". "
+        "The decode tokens of steps that carry prompt chunks run on the decode kernel "
+        "(`AttentionMetadata.with_decode_part`): in the extend kernel each had a 64-row query tile for its one row "
+        "and dequantized its whole context there"
+    )
 
 
 def decode_profile(name: str) -> str:
