@@ -15,7 +15,7 @@ for each would idle the GPU there. The price: a sequence that stops on EOS or a 
 past its end, which is dropped. Greedy outputs are identical with and without it. A step whose sampling reads the
 output so far (penalties, bans, a grammar's mask) is launched the same way; its forward pass needs only the token on
 the device, so the host reads the step in flight while the forward runs, then builds the sampling batch from the
-histories that now include it (a grammar's masks too: structured_output.fill_rows, on several threads), and samples.
+histories that now include it (a grammar's masks too: structured_output.fill_rows, while the forward runs), and samples.
 Seeded outputs are identical too.
 """
 
