@@ -30,6 +30,8 @@ from miniserve.kernels.decode_attention import decode_attention  # noqa: E402
 # name: (batch, context, q heads, kv heads, head_dim)
 SHAPES = {
     "llama-1b b64 ctx640": (64, 640, 32, 8, 64),
+    "llama-1b b128 ctx576": (128, 576, 32, 8, 64),  # the batch sweep's largest batches (prompt 512, 64 new)
+    "llama-1b b256 ctx576": (256, 576, 32, 8, 64),
     "qwen3-0.6b b256 ctx1100": (256, 1100, 16, 8, 128),
     "llama-8b b64 ctx4096": (64, 4096, 32, 8, 128),
     "llama-8b b8 ctx4096": (8, 4096, 32, 8, 128),
