@@ -54,6 +54,11 @@ def test_the_engine_loop_routes_each_output_to_the_api_server_that_posted_it():
     recv = [FrameReader(o[0]) for o in outputs]
     greedy = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
     endless = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)  # (the demo: 1024 positions)
+    oracle = LLM(device="cpu")  # a separate engine, before the loop runs ("c" must still be running at the abort)
+    expected = {
+        rid: list(oracle.generate({"prompt_token_ids": prompt}, greedy)[0].outputs[0].token_ids)
+        for rid, prompt in (("a", [5, 6, 7]), ("b", [8, 9]))
+    }  # what each prompt alone gives
     send[0].send([("add", "a", [5, 6, 7], greedy, None)])
     send[1].send([("add", "b", [8, 9], greedy, None), ("add", "c", [5, 6], endless, None)])
     runner = threading.Thread(target=loop.run)
@@ -68,10 +73,8 @@ def test_the_engine_loop_routes_each_output_to_the_api_server_that_posted_it():
     assert {d[0] for m in steps[0] for d in m[1]} == {"a"}  # server 0 hears only of its own request
     assert {d[0] for m in steps[1] for d in m[1]} <= {"b", "c"} and _tokens(got[1], "b")
     assert all(m[3] == 0 for m in steps[1]) and sum(m[3] for m in steps[0]) > 0  # the step metric: server 0 only
-    oracle = LLM(device="cpu")  # a separate engine: what each prompt alone gives
-    for rid, prompt, i in (("a", [5, 6, 7], 0), ("b", [8, 9], 1)):
-        expected = oracle.generate({"prompt_token_ids": prompt}, greedy)[0].outputs[0].token_ids
-        assert _tokens(got[i], rid) == list(expected)
+    for rid, i in (("a", 0), ("b", 1)):
+        assert _tokens(got[i], rid) == expected[rid]
 
     aborted: list[str] = []
     abort = engine.abort_request
