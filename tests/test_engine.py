@@ -99,26 +99,29 @@ def test_chunked_prefill_and_seq_limit_keep_output(llama_dir):
     assert greedy_ids(chunked, prompts) == expected
 
 
-def test_mixed_steps_put_their_one_token_sequences_first(llama_dir):
-    """Prompt chunks beside running decodes: the decoder passes each mixed step's one-token sequences first (the
-    attention kernels then take them as one block, ModelRunner._for_kernels), in whatever order the scheduler
-    listed them (reversed here: its own order has the decodes first), and the outputs stay those of the unchunked
-    engine."""
+def test_mixed_steps_pack_their_one_token_sequences_first(llama_dir):
+    """Prompt chunks beside running decodes: ModelRunner.prepare packs each mixed step's one-token sequences first
+    (the attention kernels then take them as one block, ModelRunner._for_kernels), in whatever order the decoder
+    listed them (the scheduler's list reversed here: its own order has the decodes first), and hands the logits
+    back in that order: the outputs stay those of the unchunked engine."""
     prompts = token_prompts(5, seed=3, lo=20, hi=60)
     expected = greedy_ids(make_llm(llama_dir), prompts)
     llm = make_llm(llama_dir, max_num_batched_tokens=24, max_num_seqs=4)
     schedule = llm.engine.scheduler.schedule
     llm.engine.scheduler.schedule = lambda: schedule()[::-1]
-    prepare, batches = llm.engine.target.prepare, []
+    prepare, listed, packed = llm.engine.target.prepare, [], []
 
     def recorded(inputs):
-        batches.append([len(x.token_ids) for x in inputs])
-        return prepare(inputs)
+        out = prepare(inputs)
+        listed.append([len(x.token_ids) for x in inputs])
+        packed.append(torch.diff(out[2].query_start_loc).tolist())
+        return out
 
     llm.engine.target.prepare = recorded
     assert greedy_ids(llm, prompts) == expected
-    mixed = [b for b in batches if 1 in b and max(b) > 1]
-    assert mixed and all(b == sorted(b, key=lambda n: n != 1) for b in mixed)
+    mixed = [i for i, b in enumerate(listed) if 1 in b and max(b) > 1]
+    assert any(listed[i] != packed[i] for i in mixed)  # some step was listed prompt first
+    assert mixed and all(packed[i] == sorted(listed[i], key=lambda n: n != 1) for i in mixed)
 
 
 def test_the_triton_backend_splits_leading_decodes_off_a_mixed_batch():

@@ -134,10 +134,7 @@ class PlainDecoder:
         return self._step_now(scheduled)
 
     def _step_now(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
-        """The step, waited for: prompt chunks, prompt scoring, and decode steps when overlapping is off. One-token
-        sequences go first, so the attention kernels can take them as one block (ModelRunner._for_kernels)."""
-        order = scheduled
-        scheduled = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)
+        """The step, waited for: prompt chunks, prompt scoring, and decode steps when overlapping is off."""
         inputs = [self.forward_input(s) for s in scheduled]
         ready = [s.seq for s in scheduled if s.completes_prompt]
         logits = self.target.forward(inputs)
@@ -153,7 +150,7 @@ class PlainDecoder:
             if row != len(sample_rows):  # prompt-scoring rows are mixed in: keep the last row of each ready seq
                 logits = logits[to_device(sample_rows, torch.int64, logits.device)]
             self.outputs.append_sampled(ready, sample(logits, self.sampling_batch(ready)))
-        return [s.seq for s in order]
+        return [s.seq for s in scheduled]
 
     def _has_prompt_graph(self, prompt: ScheduledSeq) -> bool:
         """A prompt chunk beside decodes that a captured prompt pass can run: the step then runs as two graph

@@ -108,8 +108,12 @@ class ModelRunner:
     def prepare(self, inputs: list[ForwardInput]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """Pack the sequences' new tokens and build attention metadata and the logits row indices. Positions and
         cache slots are computed for all tokens at once (numpy): a prompt chunk brings thousands of tokens, and a
-        Python loop over them held the GPU back for milliseconds a step before the pass could be launched."""
+        Python loop over them held the GPU back for milliseconds a step before the pass could be launched.
+        One-token sequences are packed first (their attention then runs as one block: _for_kernels); the logits
+        rows come back in the order of `inputs`."""
         bs = self.block_size
+        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i].token_ids) != 1)  # stable: decodes stay put
+        caller, inputs = inputs, [inputs[i] for i in order]
         counts = np.fromiter((len(x.token_ids) for x in inputs), np.int64, len(inputs))
         first = np.fromiter((x.start_pos for x in inputs), np.int64, len(inputs))
         ends = np.cumsum(counts)
@@ -121,7 +125,8 @@ class ModelRunner:
         pos = np.arange(int(ends[-1])) + (first - (ends - counts))[row]
         slots = tables[row, pos // bs] * bs + pos % bs
         ids = list(itertools.chain.from_iterable(x.token_ids for x in inputs))
-        logit_rows = [r for x, end in zip(inputs, ends.tolist()) for r in range(end - x.num_logits, end)]
+        end_of = dict(zip(order, ends.tolist()))  # caller's index -> where its tokens end in the packing
+        logit_rows = [r for i, x in enumerate(caller) for r in range(end_of[i] - x.num_logits, end_of[i])]
         dev = self.device
 
         def tensor(data, dtype):
@@ -149,9 +154,9 @@ class ModelRunner:
         - A few new tokens per sequence (speculative verification: k+1): one decode query per token. Each token
           then gets the arithmetic of a plain decode step, so greedy speculation reproduces plain decoding bit for
           bit; with GQA this reads no more KV than the extend kernel, which loads each KV tile once per query head.
-        - Prompt chunks after one-token sequences (decodes first: decoder.py orders a mixed step so): those run on
-          the decode kernel, the rest on the extend kernel (AttentionMetadata.with_decode_part). `counts`: each
-          sequence's new tokens, `seq_lens` its KV length (host copies; None: a uniform batch, nothing to split)."""
+        - Prompt chunks beside one-token sequences (packed first by prepare): those run on the decode kernel, the
+          rest on the extend kernel (AttentionMetadata.with_decode_part). `counts`: each packed sequence's new
+          tokens, `seq_lens` its KV length (host copies; None: a uniform batch, nothing to split)."""
         if self.backend != "triton" or meta.max_query_len == 1:
             return meta
         if meta.max_query_len <= DECODE_QUERIES_MAX_LEN:
