@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.checkpoints import SHAPES  # noqa: E402
@@ -44,10 +45,12 @@ def compile_schema(schema: dict, vocab_size: int, directory: Path, quote_weight:
     return xgr.GrammarCompiler(info).compile_json_schema(schema)
 
 
-def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> list[torch.Tensor]:
-    bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
-    flat = bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
-    return [row.nonzero().flatten() for row in flat]
+def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> list[np.ndarray]:
+    """Each row's allowed token ids, in numpy: a CPU torch op this size starts torch's OpenMP workers, which then
+    spin on every core for a while and starve the fill threads timed next (engine/structured_output.py:
+    MaskFiller)."""
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]
+    return [np.flatnonzero(row) for row in bits]
 
 
 def fill_groups(pool: ThreadPoolExecutor, n: int, matchers: list, mask: torch.Tensor) -> None:
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     vocab = args.vocab or SHAPES[args.shape]["vocab_size"]
     cpus = {"os.cpu_count": os.cpu_count(), "sched_getaffinity": len(os.sched_getaffinity(0))}
+    cpus["torch_threads"] = torch.get_num_threads()
     print(cpus, flush=True)
     fills = strategies(args.threads)
     result = {"batch": args.batch, "steps": args.steps, "vocab": vocab, "quote_weight": args.quote_weight}
@@ -112,12 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         masks = {k: xgr.allocate_token_bitmask(args.batch, vocab) for k in fills}
         for _ in range(args.steps):
             for key, fill in fills.items():
-                masks[key].fill_(-1)
+                masks[key].numpy().fill(-1)  # (not torch's fill_: see allowed_tokens)
                 start = time.perf_counter()
                 fill(matchers, masks[key])
                 times[key].append(1e3 * (time.perf_counter() - start))
             ref = masks["rows"]
-            assert all(torch.equal(ref, m) for m in masks.values()), "a strategy filled different masks"
+            same = all(np.array_equal(ref.numpy(), m.numpy()) for m in masks.values())
+            assert same, "a strategy filled different masks"
             for m, allowed in zip(matchers, allowed_tokens(ref, vocab)):
                 assert m.accept_token(int(allowed[rng.randrange(len(allowed))]))
         rows = {k: {"median_ms": statistics.median(v), "mean_ms": statistics.fmean(v)} for k, v in times.items()}

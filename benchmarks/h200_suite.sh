@@ -166,13 +166,13 @@ fi
 if [ "$part" = grammar ]; then
   # issue 14: constrained decoding at batch 32 (the mask fill on this host's default threads, on 1 and on 4), and
   # the fill alone by every strategy (needs xgrammar: carried as a wheel)
-  timeout 200 python3 benchmarks/structured_outputs.py --shape llama-3.2-1b --batch 32 --prompt 128 --gen 256 \
-    --out "$out/structured_outputs_h200.json" 2>&1 | grep -v -i warn | tail -6
-  timeout 150 python3 benchmarks/grammar_fill.py --batch 32 --steps 128 --threads 2 4 8 \
+  timeout 330 python3 benchmarks/structured_outputs.py --shape llama-3.2-1b --batch 32 --prompt 128 --gen 256 \
+    --grammar-threads 0 1 4 --fill batch groups --out "$out/structured_outputs_h200.json" 2>&1 | grep -v -i warn | tail -26
+  timeout 120 python3 benchmarks/grammar_fill.py --batch 32 --steps 96 --threads 2 4 8 \
     --out "$out/grammar_fill_h200.json" 2>&1 | grep -v -i warn | tail -24
   # the same fill over vocabularies with 5x fewer and with no tokens holding a quote or a newline
   for w in 0.2 0; do
-    timeout 60 python3 benchmarks/grammar_fill.py --batch 32 --steps 128 --threads 8 --schemas open --quote-weight $w \
+    timeout 50 python3 benchmarks/grammar_fill.py --batch 32 --steps 96 --threads 8 --schemas open --quote-weight $w \
       --out "$out/grammar_fill_quotes${w/./}_h200.json" 2>&1 | grep -v -i warn | tail -5
   done
 fi

@@ -78,6 +78,10 @@ class EngineConfig:
     max_stop_strings: int = setting(32, "stop strings per request (OpenAI allows 4); a longer list is refused")
     max_stop_string_length: int = setting(256, "characters per stop string")
     max_bad_words: int = setting(256, "bad_words per request (each is matched at every step); a longer list is refused")
+    grammar_threads: int = setting(
+        0,
+        "threads that fill the structured-output token masks of a step (xgrammar); 0 = half the CPUs, at most 8",
+    )
     seed: int = setting(0, "seed of the RNG that requests without their own seed sample from")
     speculative_model: str | None = setting(
         None,
@@ -122,6 +126,7 @@ class EngineConfig:
             "tensor_parallel_size",
         ):
             _check_min(name, getattr(self, name), 1)
+        _check_min("grammar_threads", self.grammar_threads, 0)
         for name in ("max_model_len", "num_kv_blocks"):
             if getattr(self, name) is not None:
                 _check_min(name, getattr(self, name), 1)

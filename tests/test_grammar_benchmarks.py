@@ -37,7 +37,7 @@ def test_the_synthetic_vocabulary_sets_its_share_of_quotes_and_newlines(tmp_path
 
 def test_structured_outputs_benchmark_smoke(tmp_path):
     """--smoke: a one-layer model of the shape; both runs make every token asked for, and the constrained one fills a
-    mask at every step (the timer is wired into the decoder's own reference to build_bitmask)."""
+    mask at every step (the timer wraps structured_output.fill_rows, which every batch's fill calls)."""
     out = tmp_path / "so.json"
     argv = ["--smoke", "--batch", "2", "--prompt", "8", "--gen", "6", "--repeats", "1", "--schemas", "open"]
     argv += ["--root", str(tmp_path / "ckpt"), "--out", str(out)]

@@ -272,7 +272,7 @@ def test_without_xgrammar_a_constrained_request_is_a_clear_error(monkeypatch):
 def test_a_grammar_compiled_by_the_api_process_is_loaded_by_the_engine_not_recompiled():
     """The server compiles in the API process and sends the grammar serialized, once; the engine's compiler loads it
     (no compile) and its matcher walks exactly like the one compiled in place."""
-    from miniserve.engine.structured_output import GrammarCompiler, GrammarState, build_bitmask
+    from miniserve.engine.structured_output import GrammarCompiler, GrammarState, MaskFiller
     from miniserve.sampling_params import StructuredOutputsParams
     from miniserve.tokenizer import Tokenizer
 
@@ -284,8 +284,9 @@ def test_a_grammar_compiled_by_the_api_process_is_loaded_by_the_engine_not_recom
     assert api.payload(spec) is None  # sent once: the engine's cache has it
     loaded, compiled = engine.new_state(spec), GrammarState(api.new_state(spec).matcher)
     assert (api.num_compiled, engine.num_compiled) == (1, 0)
+    filler = MaskFiller(vocab, torch.device("cpu"))
     for token in tok.encode('{"color": "green"}', add_special_tokens=False):
-        masks = [build_bitmask([s], vocab, torch.device("cpu")) for s in (loaded, compiled)]
+        masks = [filler.build([s]) for s in (loaded, compiled)]
         assert torch.equal(masks[0], masks[1])
         assert loaded.accept(token) and compiled.accept(token)
     assert loaded.accept(2) and loaded.terminated  # the stop token completes it
@@ -316,12 +317,14 @@ def test_a_server_without_xgrammar_serves_and_refuses_constraints_by_name(tmp_pa
             assert err["param"] == param and "pip install xgrammar" in err["message"], err
 
 
-def test_masks_filled_for_a_batch_are_the_rows_filled_alone():
-    """build_bitmask fills a batch in one xgrammar call; each row is the mask its matcher fills alone (xgrammar's own
-    per-matcher call), and rows without a grammar allow every token."""
+@pytest.mark.parametrize("threads", [1, 3])
+def test_masks_filled_for_a_batch_are_the_rows_filled_alone(threads):
+    """MaskFiller fills a batch in one xgrammar call (on one or several threads); each row is the mask its matcher
+    fills alone (xgrammar's own per-matcher call), and rows without a grammar allow every token, whatever the
+    reused buffer held before."""
     import xgrammar as xgr
 
-    from miniserve.engine.structured_output import GrammarCompiler, build_bitmask
+    from miniserve.engine.structured_output import GrammarCompiler, MaskFiller
     from miniserve.sampling_params import StructuredOutputsParams
     from miniserve.tokenizer import Tokenizer
 
@@ -333,9 +336,11 @@ def test_masks_filled_for_a_batch_are_the_rows_filled_alone():
     for state, text in zip(states, ['{"color": "', "{", ""]):  # three different points in three grammars
         for token in tok.encode(text, add_special_tokens=False):
             assert state.accept(token)
-    batch = [states[0], None, states[1], states[2], None]
-    for _ in range(2):  # the second fill reuses the batch matcher
-        got = build_bitmask(batch, vocab, torch.device("cpu"))
+    filler = MaskFiller(vocab, torch.device("cpu"), threads)
+    assert filler.threads == threads
+    batches = [[states[0], None, states[1], states[2], None], [None, states[0], states[1], None, states[2]]]
+    for batch in batches * 2:  # again: the batch matcher is reused, and rows change between grammar and none
+        got = filler.build(batch)
         for row, state in enumerate(batch):
             want = torch.full_like(got[row], -1)
             if state is not None:

@@ -15,7 +15,7 @@ for each would idle the GPU there. The price: a sequence that stops on EOS or a 
 past its end, which is dropped. Greedy outputs are identical with and without it. A step whose sampling reads the
 output so far (penalties, bans, a grammar's mask) is launched the same way; its forward pass needs only the token on
 the device, so the host reads the step in flight while the forward runs, then builds the sampling batch from the
-histories that now include it (a grammar's masks too: structured_output.fill_rows, while the forward runs), and samples.
+histories that now include it (a grammar's masks too: structured_output.MaskFiller, as the forward runs), and samples.
 Seeded outputs are identical too.
 """
 
@@ -29,7 +29,7 @@ import torch
 from miniserve.engine.model_runner import ForwardInput, ModelRunner
 from miniserve.engine.output_processor import OutputProcessor
 from miniserve.engine.sampler import SamplerOutput, SamplingBatch, sample
-from miniserve.engine.structured_output import build_bitmask
+from miniserve.engine.structured_output import MaskFiller
 from miniserve.engine.transfer import to_device
 from miniserve.scheduler.scheduler import ScheduledSeq, Scheduler
 from miniserve.scheduler.sequence import Sequence
@@ -81,8 +81,10 @@ class PlainDecoder:
         vocab_size: int,
         scheduler: Scheduler | None = None,
         overlap: bool = False,
+        grammar_threads: int = 0,
     ):
         self.target = target
+        self.masks = MaskFiller(vocab_size, target.device, grammar_threads)
         self.outputs = outputs
         self.vocab_size = vocab_size
         self.scheduler = scheduler
@@ -173,7 +175,7 @@ class PlainDecoder:
 
         A history is copied out of the sequence only when the sampler reads it: copying every sequence's
         output every step would cost O(length) per token."""
-        masks = build_bitmask(_grammars(seqs), self.vocab_size, self.target.device)
+        masks = self.masks.build(_grammars(seqs))
         return self._build_batch(seqs, histories, masks)
 
     def _build_batch(

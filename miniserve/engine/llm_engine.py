@@ -66,7 +66,9 @@ class LLMEngine:
         self.grammar = GrammarCompiler(self.tokenizer, self.vocab_size, eos)  # xgrammar loads on first use
         self.outputs = OutputProcessor(self.scheduler, eos, self.max_model_len)
         overlap = config.async_scheduling and self.draft is None  # speculative rounds overlap on their own
-        plain = PlainDecoder(self.target, self.outputs, self.vocab_size, self.scheduler, overlap)
+        plain = PlainDecoder(
+            self.target, self.outputs, self.vocab_size, self.scheduler, overlap, config.grammar_threads
+        )
         self.decoder: Decoder = plain
         if self.draft is not None:
             self.decoder = SpeculativeDecoder(

@@ -29,6 +29,7 @@ speculation: they decode one token per step (their draft cache catches up like a
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -211,46 +212,64 @@ class GrammarState:
         return self.matcher.is_terminated()
 
 
-_one_call: Any = None  # xgrammar's BatchGrammarMatcher on this thread: all rows in one call
+def mask_threads(setting: int) -> int:
+    """Threads that fill a step's masks: `grammar_threads`, or (0) half the CPUs this process may run on, at most 8,
+    as xgrammar itself picks by default (half the cores) but bounded for large hosts."""
+    if setting > 0:
+        return setting
+    return max(1, min(8, len(os.sched_getaffinity(0)) // 2 if hasattr(os, "sched_getaffinity") else 1))
 
 
-def build_bitmask(states: list[GrammarState | None], vocab_size: int, device: torch.device) -> torch.Tensor | None:
-    """The batch's packed next-token masks on `device`; rows without a grammar allow everything. None when no row
-    has a grammar."""
-    if all(s is None for s in states):
-        return None
-    host = fill_rows(states, _host_bitmask(len(states), vocab_size, device.type == "cuda"))
-    return host.to(device, non_blocking=True)
+class MaskFiller:
+    """The batch's packed next-token masks, filled on the host by xgrammar while the GPU runs the step's forward
+    pass (engine/decoder.py), and copied to the device once.
+
+    One xgrammar call fills every constrained row on `threads` threads. The call holds the GIL for the whole batch
+    (xgrammar 0.2.9), which is what the engine's thread would be doing anyway: waiting for the forward pass. No
+    CPU torch op runs beside it: one (filling a large tensor) starts torch's OpenMP workers, which then spin for a
+    while on every core and leave the fill's threads none (`benchmarks/grammar_fill.py`: 32 rows took as long on 8
+    threads as on one until its own CPU torch ops stopped). So rows without a grammar are reset through numpy, and
+    the constrained rows are left to xgrammar, which writes them whole."""
+
+    def __init__(self, vocab_size: int, device: torch.device, threads: int = 0):
+        self.words = (vocab_size + 31) // 32
+        self.pinned = device.type == "cuda"
+        self.device = device
+        self.threads = mask_threads(threads)
+        self._batch: Any = None  # xgrammar's BatchGrammarMatcher, made on first use (xgrammar imports lazily)
+        self._buffers: list[torch.Tensor | None] = [None, None]  # two page-locked buffers, used in turn
+        self._next = 0
+
+    def build(self, states: list[GrammarState | None]) -> torch.Tensor | None:
+        """The masks of a batch on the device; rows without a grammar allow everything. None when no row has one."""
+        rows = [i for i, s in enumerate(states) if s is not None]
+        if not rows:
+            return None
+        host = self._host_buffer(len(states))
+        if len(rows) < len(states):
+            allowed = host.numpy()
+            for i, s in enumerate(states):
+                if s is None:
+                    allowed[i] = -1
+        if self._batch is None:
+            self._batch = import_xgrammar().BatchGrammarMatcher(max_threads=self.threads)
+        fill_rows(self._batch, [states[i].matcher for i in rows], host, rows)
+        return host.to(self.device, non_blocking=True)
+
+    def _host_buffer(self, num_rows: int) -> torch.Tensor:
+        """A [num_rows, ceil(V/32)] int32 tensor on the host. For a GPU, one of two page-locked buffers in turn
+        (allocating one per step cost about 0.5 ms): a buffer's copy to the device is done before it is reused,
+        since every step reads the samples of the step before, which follow that copy."""
+        if not self.pinned:
+            return torch.empty((num_rows, self.words), dtype=torch.int32)
+        i, self._next = self._next, 1 - self._next
+        buf = self._buffers[i]
+        if buf is None or buf.shape[0] < num_rows:
+            buf = self._buffers[i] = torch.empty((max(num_rows, 64), self.words), dtype=torch.int32, pin_memory=True)
+        return buf[:num_rows]
 
 
-def fill_rows(states: list[GrammarState | None], bitmask: torch.Tensor) -> torch.Tensor:
-    """Fill the rows of `bitmask` (host memory, every bit set) that have a grammar: one xgrammar call for all, on
-    this thread, while the GPU runs the step's forward pass (engine/decoder.py).
-
-    Not on other threads: xgrammar's batch call holds the GIL for the whole batch (0.2.9), its row call releases
-    it but must take it back after each row, which costs up to the interpreter's switch interval (5 ms) while the
-    engine's Python runs, and rows filled on 2-8 threads at once were no faster than one after another on the
-    H200's host (`benchmarks/grammar_fill.py`, `grammar_fill_h200.json`)."""
-    global _one_call
-    rows = [i for i, s in enumerate(states) if s is not None]
-    _one_call = _one_call or import_xgrammar().BatchGrammarMatcher(max_threads=1)
-    _one_call.batch_fill_next_token_bitmask([states[i].matcher for i in rows], bitmask, rows)
-    return bitmask
-
-
-_pinned: list = [None, None, 0]  # two page-locked [rows, words] buffers, used in turn; the next one's index
-
-
-def _host_bitmask(num_rows: int, vocab_size: int, pinned: bool) -> torch.Tensor:
-    """A [num_rows, ceil(V/32)] int32 mask with every bit set (everything allowed), on the host. For a GPU, one of
-    two page-locked buffers in turn (allocating one per step cost about 0.5 ms): a buffer's copy to the device is
-    done before it is reused, since every step reads the samples of the step before, which follow that copy."""
-    words = (vocab_size + 31) // 32
-    if not pinned:
-        return torch.full((num_rows, words), -1, dtype=torch.int32)
-    i = _pinned[2]
-    _pinned[2] = 1 - i
-    buf = _pinned[i]
-    if buf is None or buf.shape[0] < num_rows or buf.shape[1] != words:
-        buf = _pinned[i] = torch.empty((max(num_rows, 64), words), dtype=torch.int32, pin_memory=True)
-    return buf[:num_rows].fill_(-1)
+def fill_rows(batch: Any, matchers: list[Any], bitmask: torch.Tensor, rows: list[int]) -> None:
+    """xgrammar fills `rows` of `bitmask` from `matchers` (one each): every constrained row of a step, in one call
+    (benchmarks/structured_outputs.py times the calls through here)."""
+    batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
