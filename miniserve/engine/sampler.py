@@ -235,9 +235,18 @@ def _allowed_mask(params: list[SamplingParams], vocab_size: int, device: torch.d
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """Mask `logits` [B, V] in place to -inf where the packed bitmask [B, ceil(V/32)] (int32, bit j of word w =
     token 32w + j, set = allowed) has a 0 bit: xgrammar's layout, unpacked on the logits' device."""
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]
-    return logits.masked_fill_(~allowed, -math.inf)
+    banned = (bitmask.unsqueeze(-1) & _bit_values(bitmask.device)).eq(0).flatten(1)[:, : logits.shape[1]]
+    return logits.masked_fill_(banned, -math.inf)
+
+
+_BITS: dict[torch.device, torch.Tensor] = {}
+
+
+def _bit_values(device: torch.device) -> torch.Tensor:
+    """int32 [32]: 1 << j (bit 31 is the sign bit), made once per device: three launches unpack a mask, not six."""
+    if device not in _BITS:
+        _BITS[device] = torch.tensor([1 << j for j in range(31)] + [-(1 << 31)], dtype=torch.int32, device=device)
+    return _BITS[device]
 
 
 def _token_counts(histories: dict[int, list[int]], rows: int, vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -336,7 +345,9 @@ def random_uniform(batch: SamplingBatch, shape: tuple[int, ...] = ()) -> torch.T
 
 def _exponential(batch: SamplingBatch, width: int) -> torch.Tensor:
     """Exp(1) noise [B, width] for the race, per-row generators where seeded; never exactly 0."""
-    noise = torch.empty(batch.size, width, device=batch.device).exponential_()
+    noise = torch.empty(batch.size, width, device=batch.device)
+    if any(g is None for g in batch.generators):
+        noise.exponential_()
     for row, generator in enumerate(batch.generators):
         if generator is not None:
             noise[row].exponential_(generator=generator)
