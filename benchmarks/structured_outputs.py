@@ -27,7 +27,6 @@ import random
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -120,34 +119,14 @@ class MaskTimer:
     def __init__(self) -> None:
         self.seconds, self.calls = 0.0, 0
         self._inner = structured_output.fill_rows
-        self.groups: GroupFill | None = None  # fill this way instead (--fill groups)
 
     def __call__(self, *args, **kwargs):
         start = time.perf_counter()
         try:
-            return (self.groups or self._inner)(*args, **kwargs)
+            return self._inner(*args, **kwargs)
         finally:
             self.seconds += time.perf_counter() - start
             self.calls += 1
-
-
-class GroupFill:
-    """fill_rows done as n groups of rows on n threads (this one included), one xgrammar call per row."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.pool = ThreadPoolExecutor(n - 1) if n > 1 else None
-
-    def __call__(self, batch, matchers: list, bitmask: torch.Tensor, rows: list[int]) -> None:
-        def fill(first: int, last: int) -> None:
-            for k in range(first, last):
-                matchers[k].fill_next_token_bitmask(bitmask, rows[k])
-
-        size = -(-len(rows) // self.n)
-        done = [self.pool.submit(fill, k, min(k + size, len(rows))) for k in range(size, len(rows), size)]
-        fill(0, size)
-        for f in done:
-            f.result()
 
 
 def run(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tuple[float, int]:
@@ -175,12 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--grammar-threads", type=int, nargs="+", default=[0],
         help="mask-fill threads (EngineConfig.grammar_threads; 0 = auto); each after the first adds constrained "
-        "runs named constrained_<schema>_<fill><n>",
-    )  # fmt: skip
-    ap.add_argument(
-        "--fill", nargs="+", choices=["batch", "groups"], default=["batch"],
-        help="batch: the engine's (one xgrammar call on n threads); groups: n groups of rows on n Python threads, "
-        "one call per row (it releases the GIL), for comparison",
+        "runs named constrained_<schema>_threads<n>",
     )  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="a one-layer model of the shape (full vocabulary): CPU check")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -212,16 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     timer = MaskTimer()
     structured_output.fill_rows = timer
     decoder = llm.engine.decoder
-    runs_by_key = {"unconstrained": (configs["unconstrained"], None, None)}
-    for i, (fill, threads) in enumerate((f, n) for f in args.fill for n in args.grammar_threads):
+    runs_by_key = {"unconstrained": (configs["unconstrained"], None)}
+    for i, threads in enumerate(args.grammar_threads):
         for name, params in configs.items():
             if name != "unconstrained":
-                runs_by_key[name if i == 0 else f"{name}_{fill}{threads}"] = (params, threads, fill)
+                runs_by_key[name if i == 0 else f"{name}_threads{threads}"] = (params, threads)
     results, vocab_device = {}, (llm.engine.vocab_size, decoder.target.device)
-    for name, (params, threads, fill) in runs_by_key.items():
+    for name, (params, threads) in runs_by_key.items():
         if threads is not None:  # a fresh filler on this many threads (the engine's is built from its config)
             decoder.masks = structured_output.MaskFiller(*vocab_device, threads)
-            timer.groups = GroupFill(decoder.masks.threads) if fill == "groups" else None
         timer.seconds, timer.calls = 0.0, 0
         runs = [run(llm, prompts, params) for _ in range(args.repeats)]
         seconds = statistics.median(r[0] for r in runs)
@@ -233,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
             "mask_host_seconds_per_run": timer.seconds / args.repeats,
             "mask_calls_per_run": timer.calls / args.repeats,
             "grammar_threads": None if threads is None else decoder.masks.threads,
-            "fill": fill,
         }
         print(f"{name:>24}: {tokens} tokens in {seconds:.3f} s = {tokens / seconds:,.0f} tok/s", flush=True)
     ratios = {}

@@ -317,6 +317,43 @@ def test_a_server_without_xgrammar_serves_and_refuses_constraints_by_name(tmp_pa
             assert err["param"] == param and "pip install xgrammar" in err["message"], err
 
 
+def test_costly_fills_move_to_threads_and_cheap_ones_come_back(monkeypatch):
+    """A single-thread fill that takes THREADS_FROM_MS or more sends the next fills to xgrammar's threads; every
+    PROBE_EVERY-th fill runs on one thread again, and once that one is cheap the fills stay on one thread."""
+    import time
+
+    from miniserve.engine import structured_output as so
+    from miniserve.sampling_params import StructuredOutputsParams
+    from miniserve.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(DEMO_TARGET)
+    vocab = json.loads((DEMO_TARGET / "config.json").read_text())["vocab_size"]
+    state = so.GrammarCompiler(tok, vocab, {2}).new_state(StructuredOutputsParams(json=SCHEMAS[3]))
+    filler = so.MaskFiller(vocab, torch.device("cpu"), threads=3)
+    used, slow = [], [True]
+    real = so.fill_rows
+
+    def timed(batch, *args):
+        real(batch, *args)
+        single = batch is filler._matchers.get(1)
+        used.append(1 if single else 3)
+        if single and slow[0]:
+            time.sleep(2 * so.THREADS_FROM_MS / 1e3)  # a costly batch, as one thread sees it
+
+    monkeypatch.setattr(so, "fill_rows", timed)
+    for _ in range(so.PROBE_EVERY + 2):
+        filler.build([state, state])
+    probe = so.PROBE_EVERY - 1  # the call numbered PROBE_EVERY
+    assert used[0] == 1 and used[probe] == 1 and set(used[1:probe] + used[probe + 1 :]) == {3}, used
+    slow[0] = False
+    used.clear()
+    for _ in range(so.PROBE_EVERY + 2):
+        filler.build([state, state])
+    at = used.index(1)  # the next probe measures a cheap fill: one thread from then on
+    assert set(used[:at]) == {3} and set(used[at:]) == {1}, used
+    assert filler.heavy is False
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_masks_filled_for_a_batch_are_the_rows_filled_alone(threads):
     """MaskFiller fills a batch in one xgrammar call (on one or several threads); each row is the mask its matcher

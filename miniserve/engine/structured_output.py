@@ -32,6 +32,7 @@ import json
 import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -220,23 +221,33 @@ def mask_threads(setting: int) -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) // 2 if hasattr(os, "sched_getaffinity") else 1))
 
 
+# Starting xgrammar's threads costs about 0.3 ms a call, so a batch that one thread fills faster than this is
+# filled on one (grammar_fill_h200.json: 32 rows in 0.12 ms on one thread took 0.37 ms on 8; 1.58 ms took 0.75 on 4)
+THREADS_FROM_MS = 0.5
+PROBE_EVERY = 32  # while filling on threads, one fill in this many runs on one thread to re-measure
+
+
 class MaskFiller:
     """The batch's packed next-token masks, filled on the host by xgrammar while the GPU runs the step's forward
     pass (engine/decoder.py), and copied to the device once.
 
-    One xgrammar call fills every constrained row on `threads` threads. The call holds the GIL for the whole batch
-    (xgrammar 0.2.9), which is what the engine's thread would be doing anyway: waiting for the forward pass. No
-    CPU torch op runs beside it: one (filling a large tensor) starts torch's OpenMP workers, which then spin for a
-    while on every core and leave the fill's threads none (`benchmarks/grammar_fill.py`: 32 rows took as long on 8
-    threads as on one until its own CPU torch ops stopped). So rows without a grammar are reset through numpy, and
-    the constrained rows are left to xgrammar, which writes them whole."""
+    One xgrammar call fills every constrained row, on the engine's thread (which would otherwise wait for the
+    forward pass) and, when the batch's masks are costly, on `threads` of xgrammar's threads: every single-thread
+    fill is timed, and one taking THREADS_FROM_MS or more moves the next ones to the threads, with a single-thread
+    fill every PROBE_EVERY calls to notice when they got cheap again. No CPU torch op runs beside a fill: one
+    (filling a large tensor) starts torch's OpenMP workers, which then spin for a while on every core and leave the
+    fill's threads none (`benchmarks/grammar_fill.py`: 32 rows took as long on 8 threads as on one until its own
+    CPU torch ops stopped). So rows without a grammar are reset through numpy, and the constrained rows are left to
+    xgrammar, which writes them whole."""
 
     def __init__(self, vocab_size: int, device: torch.device, threads: int = 0):
         self.words = (vocab_size + 31) // 32
         self.pinned = device.type == "cuda"
         self.device = device
         self.threads = mask_threads(threads)
-        self._batch: Any = None  # xgrammar's BatchGrammarMatcher, made on first use (xgrammar imports lazily)
+        self.heavy = False  # the last single-thread fill took THREADS_FROM_MS or more: fill on the threads
+        self._calls = 0
+        self._matchers: dict[int, Any] = {}  # threads -> xgrammar's BatchGrammarMatcher (xgrammar imports lazily)
         self._buffers: list[torch.Tensor | None] = [None, None]  # two page-locked buffers, used in turn
         self._next = 0
 
@@ -251,10 +262,18 @@ class MaskFiller:
             for i, s in enumerate(states):
                 if s is None:
                     allowed[i] = -1
-        if self._batch is None:
-            self._batch = import_xgrammar().BatchGrammarMatcher(max_threads=self.threads)
-        fill_rows(self._batch, [states[i].matcher for i in rows], host, rows)
+        self._fill([states[i].matcher for i in rows], host, rows)
         return host.to(self.device, non_blocking=True)
+
+    def _fill(self, matchers: list[Any], host: torch.Tensor, rows: list[int]) -> None:
+        self._calls += 1
+        threads = self.threads if self.heavy and self._calls % PROBE_EVERY else 1
+        if threads not in self._matchers:
+            self._matchers[threads] = import_xgrammar().BatchGrammarMatcher(max_threads=threads)
+        start = time.perf_counter()
+        fill_rows(self._matchers[threads], matchers, host, rows)
+        if threads == 1 and self.threads > 1:
+            self.heavy = time.perf_counter() - start >= THREADS_FROM_MS / 1e3
 
     def _host_buffer(self, num_rows: int) -> torch.Tensor:
         """A [num_rows, ceil(V/32)] int32 tensor on the host. For a GPU, one of two page-locked buffers in turn
