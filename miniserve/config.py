@@ -80,7 +80,8 @@ class EngineConfig:
     max_bad_words: int = setting(256, "bad_words per request (each is matched at every step); a longer list is refused")
     grammar_threads: int = setting(
         0,
-        "threads that fill the structured-output token masks of a step (xgrammar); 0 = half the CPUs, at most 8",
+        "threads xgrammar fills a step's structured-output token masks on, while one thread would take 0.5 ms or more; "
+        "0 = half the CPUs, at most 8",
     )
     seed: int = setting(0, "seed of the RNG that requests without their own seed sample from")
     speculative_model: str | None = setting(
