@@ -319,8 +319,9 @@ def test_a_server_without_xgrammar_serves_and_refuses_constraints_by_name(tmp_pa
 
 def test_costly_fills_move_to_threads_and_cheap_ones_come_back(monkeypatch):
     """A single-thread fill that takes THREADS_FROM_MS or more sends the next fills to xgrammar's threads; every
-    PROBE_EVERY-th fill runs on one thread again, and once that one is cheap the fills stay on one thread."""
-    import time
+    PROBE_EVERY-th fill runs on one thread again, and once that one is cheap the fills stay on one thread. (The
+    filler's clock is a fake that each single-thread fill advances by as much as the test says it took.)"""
+    import types
 
     from miniserve.engine import structured_output as so
     from miniserve.sampling_params import StructuredOutputsParams
@@ -330,27 +331,27 @@ def test_costly_fills_move_to_threads_and_cheap_ones_come_back(monkeypatch):
     vocab = json.loads((DEMO_TARGET / "config.json").read_text())["vocab_size"]
     state = so.GrammarCompiler(tok, vocab, {2}).new_state(StructuredOutputsParams(json=SCHEMAS[3]))
     filler = so.MaskFiller(vocab, torch.device("cpu"), threads=3)
-    used, slow = [], [True]
+    used, now, took_ms = [], [0.0], [so.THREADS_FROM_MS]  # exactly the threshold counts as costly
     real = so.fill_rows
 
     def timed(batch, *args):
         real(batch, *args)
         single = batch is filler._matchers.get(1)
         used.append(1 if single else 3)
-        if single and slow[0]:
-            time.sleep(2 * so.THREADS_FROM_MS / 1e3)  # a costly batch, as one thread sees it
+        now[0] += took_ms[0] / 1e3 if single else 0.0
 
     monkeypatch.setattr(so, "fill_rows", timed)
+    monkeypatch.setattr(so, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     for _ in range(so.PROBE_EVERY + 2):
         filler.build([state, state])
     probe = so.PROBE_EVERY - 1  # the call numbered PROBE_EVERY
     assert used[0] == 1 and used[probe] == 1 and set(used[1:probe] + used[probe + 1 :]) == {3}, used
-    slow[0] = False
+    took_ms[0] = 0.99 * so.THREADS_FROM_MS
     used.clear()
     for _ in range(so.PROBE_EVERY + 2):
         filler.build([state, state])
     at = used.index(1)  # the next probe measures a cheap fill: one thread from then on
-    assert set(used[:at]) == {3} and set(used[at:]) == {1}, used
+    assert set(used[:at]) == {3} and set(used[at:]) == {1} and len(used) - at > 2, used
     assert filler.heavy is False
 
 
