@@ -329,7 +329,9 @@ def test_costly_fills_move_to_threads_and_cheap_ones_come_back(monkeypatch):
 
     tok = Tokenizer.from_pretrained(DEMO_TARGET)
     vocab = json.loads((DEMO_TARGET / "config.json").read_text())["vocab_size"]
-    state = so.GrammarCompiler(tok, vocab, {2}).new_state(StructuredOutputsParams(json=SCHEMAS[3]))
+    compiler = so.GrammarCompiler(tok, vocab, {2})
+    # one state per row, as every sequence has its own (xgrammar's threads must not share a matcher)
+    states = [compiler.new_state(StructuredOutputsParams(json=SCHEMAS[3])) for _ in range(2)]
     filler = so.MaskFiller(vocab, torch.device("cpu"), threads=3)
     used, now, took_ms = [], [0.0], [so.THREADS_FROM_MS]  # exactly the threshold counts as costly
     real = so.fill_rows
@@ -343,13 +345,13 @@ def test_costly_fills_move_to_threads_and_cheap_ones_come_back(monkeypatch):
     monkeypatch.setattr(so, "fill_rows", timed)
     monkeypatch.setattr(so, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     for _ in range(so.PROBE_EVERY + 2):
-        filler.build([state, state])
+        filler.build(states)
     probe = so.PROBE_EVERY - 1  # the call numbered PROBE_EVERY
     assert used[0] == 1 and used[probe] == 1 and set(used[1:probe] + used[probe + 1 :]) == {3}, used
     took_ms[0] = 0.99 * so.THREADS_FROM_MS
     used.clear()
     for _ in range(so.PROBE_EVERY + 2):
-        filler.build([state, state])
+        filler.build(states)
     at = used.index(1)  # the next probe measures a cheap fill: one thread from then on
     assert set(used[:at]) == {3} and set(used[at:]) == {1} and len(used) - at > 2, used
     assert filler.heavy is False

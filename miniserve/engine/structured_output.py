@@ -234,7 +234,8 @@ class MaskFiller:
     One xgrammar call fills every constrained row, on the engine's thread (which would otherwise wait for the
     forward pass) and, when the batch's masks are costly, on `threads` of xgrammar's threads: every single-thread
     fill is timed, and one taking THREADS_FROM_MS or more moves the next ones to the threads, with a single-thread
-    fill every PROBE_EVERY calls to notice when they got cheap again. No CPU torch op runs beside a fill: one
+    fill every PROBE_EVERY calls to notice when they got cheap again (the threads fill rows at once: each row's
+    matcher must be its own, as each sequence's GrammarState is). No CPU torch op runs beside a fill: one
     (filling a large tensor) starts torch's OpenMP workers, which then spin for a while on every core and leave the
     fill's threads none (`benchmarks/grammar_fill.py`: 32 rows took as long on 8 threads as on one until its own
     CPU torch ops stopped). So rows without a grammar are reset through numpy, and the constrained rows are left to
