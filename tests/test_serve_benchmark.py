@@ -116,3 +116,27 @@ def test_serve_trace_splits_each_stage(tmp_path):
         for stage in ("admission", "to_engine", "engine", "to_client"):
             p50, p90, p99 = (float(x) for x in trace[f"ttft_{stage}_ms"].split()[1::2])
             assert 0 <= p50 <= p90 <= p99, (stage, trace)
+
+
+def test_the_prefill_reference_runs_new_prompts_alone_warm_and_after_an_idle_gap(monkeypatch):
+    """The TTFT reference must not hit the prefix cache: every prompt it runs is new random ids of a workload
+    prompt's length, one request at a time, making one token; the second half each after IDLE_S of sleep."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import serve
+
+    runs, sleeps = [], []
+
+    class FakeLLM:
+        engine = type("E", (), {"vocab_size": 1000})()
+
+        def generate(self, prompts, params, use_tqdm=False):
+            runs.append((prompts, params.max_tokens, len(sleeps)))
+
+    monkeypatch.setattr(serve.time, "sleep", lambda s: sleeps.append(s))
+    warm, idle = serve.single_prefills(FakeLLM(), [7, 9, 8], seed=0, sync=lambda: None)
+    assert warm >= 0 and idle >= 0
+    assert [len(p[0]) for p, *_ in runs] == [7, 9, 8, 7, 9, 8]
+    assert all(len(p) == 1 and n == 1 for p, n, _ in runs)
+    prompts = [tuple(p[0]) for p, *_ in runs]
+    assert len(set(prompts)) == 6  # never the same prompt twice
+    assert sleeps == [serve.IDLE_S] * 3 and [k for *_, k in runs] == [0, 0, 0, 1, 2, 3]  # a sleep before each idle run
