@@ -218,7 +218,8 @@ def mask_threads(setting: int) -> int:
     as xgrammar itself picks by default (half the cores) but bounded for large hosts."""
     if setting > 0:
         return setting
-    return max(1, min(8, len(os.sched_getaffinity(0)) // 2 if hasattr(os, "sched_getaffinity") else 1))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // 2))
 
 
 # Starting xgrammar's threads costs about 0.3 ms a call, so a batch that one thread fills faster than this is
