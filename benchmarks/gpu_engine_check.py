@@ -12,6 +12,8 @@
 4. The seed's failure cannot happen: with an fp8 KV cache, a speculative run whose every KV write goes through
    the fused Triton kernel and one whose writes go through the torch reference produce identical draft and
    target KV bytes, identical outputs and identical acceptance counts.
+6. Structured outputs on the GPU (needs xgrammar): seeded constrained samples parse as JSON with the schema's
+   fields, and are the same whether xgrammar fills the masks on one thread or on four (every fill on the threads).
 """
 
 from __future__ import annotations
@@ -146,6 +148,46 @@ def check_graphs_vs_eager() -> dict:
     return res
 
 
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}, "ok": {"type": "boolean"}},
+    "required": ["name", "age", "ok"],
+    "additionalProperties": False,
+}
+
+
+def check_structured_outputs() -> dict:
+    """Seeded JSON-schema sampling on the GPU, masks filled on one thread and on four: valid and identical."""
+    import miniserve.engine.structured_output as structured_output
+    from miniserve.sampling_params import StructuredOutputsParams
+
+    spec = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
+    params = SamplingParams(temperature=1.0, seed=0, max_tokens=120, n=2, structured_outputs=spec)
+    runs, threshold = {}, structured_output.THREADS_FROM_MS
+    structured_output.THREADS_FROM_MS = 0.0  # every single-thread fill counts as costly: the rest use the threads
+    try:
+        for threads in (1, 4):
+            llm = LLM(str(DEMO_TARGET), grammar_threads=threads)
+            runs[threads] = [c.text for o in llm.generate(PROMPTS, params, use_tqdm=False) for c in o.outputs]
+    finally:
+        structured_output.THREADS_FROM_MS = threshold
+
+    def valid(text: str) -> bool:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return False
+        types = {"name": str, "age": int, "ok": bool}
+        return set(value) == set(types) and all(type(value[k]) is t for k, t in types.items())
+
+    return {
+        "valid": sum(valid(t) for t in runs[1] + runs[4]),
+        "of": len(runs[1]) + len(runs[4]),
+        "threads_1_equals_4": runs[1] == runs[4],
+        "sample": runs[4][0],
+    }
+
+
 def spec_run(write_impl: str) -> tuple[LLM, list[list[int]]]:
     def write(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale):
         reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, backend=write_impl)
@@ -198,6 +240,7 @@ def main() -> None:
         "backends": check_backends(),
         "lossless": check_lossless(),
         "fused_vs_reference_writes": check_fused_vs_reference_writes(),
+        "structured_outputs": check_structured_outputs(),
     }
     write_result(Path(os.environ.get("OUT", "."), "engine_check.json"), result)
     print(json.dumps(result, indent=1))

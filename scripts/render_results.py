@@ -699,6 +699,10 @@ def gpu_correctness() -> str:
          f"outputs identical: {writes['outputs_identical']}"],
         ["fused layer ops vs torch (max ulp)", ulps],
     ]  # fmt: skip
+    so = e.get("structured_outputs")
+    if so:
+        rows.append(["seeded JSON-schema sampling, masks filled on 1 vs 4 threads",
+                     f"{so['valid']}/{so['of']} valid, identical: {so['threads_1_equals_4']}"])  # fmt: skip
     return table(["check", "result"], rows, "ll")
 
 
