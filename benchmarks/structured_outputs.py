@@ -186,11 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     timer = MaskTimer()
     structured_output.fill_rows = timer
     decoder = llm.engine.decoder
-    runs_by_key = {"unconstrained": (configs["unconstrained"], None)}
-    for i, threads in enumerate(args.grammar_threads):
-        for name, params in configs.items():
-            if name != "unconstrained":
-                runs_by_key[name if i == 0 else f"{name}_threads{threads}"] = (params, threads)
+    runs_by_key = {"unconstrained": (free, None)} | {
+        name if i == 0 else f"{name}_threads{threads}": (params, threads)
+        for i, threads in enumerate(args.grammar_threads)
+        for name, params in configs.items()
+        if name != "unconstrained"
+    }
     results, vocab_device = {}, (llm.engine.vocab_size, decoder.target.device)
     for name, (params, threads) in runs_by_key.items():
         if threads is not None:  # a fresh filler on this many threads (the engine's is built from its config)

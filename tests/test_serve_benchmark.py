@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,24 +120,32 @@ def test_serve_trace_splits_each_stage(tmp_path):
 
 
 def test_the_prefill_reference_runs_new_prompts_alone_warm_and_after_an_idle_gap(monkeypatch):
-    """The TTFT reference must not hit the prefix cache: every prompt it runs is new random ids of a workload
-    prompt's length, one request at a time, making one token; the second half each after IDLE_S of sleep."""
+    """The TTFT reference must not hit the prefix cache: on the demo engine, after the workload's prompts ran, every
+    prompt the reference runs computes all its tokens (the engine's own num_cached_tokens is 0), alone, making one
+    token; the second half each after IDLE_S of (here faked) sleep."""
+    import random
+    import types
+
     sys.path.insert(0, str(REPO / "benchmarks"))
     import serve
 
-    runs, sleeps = [], []
+    from miniserve import LLM, SamplingParams
 
-    class FakeLLM:
-        engine = type("E", (), {"vocab_size": 1000})()
+    llm = LLM()
+    rng = random.Random(0)
+    workload = [[rng.randrange(3, 900) for _ in range(n)] for n in (40, 48, 36)]
+    llm.generate(workload, SamplingParams(max_tokens=2), use_tqdm=False)
+    runs, sleeps, generate = [], [], llm.generate
 
-        def generate(self, prompts, params, use_tqdm=False):
-            runs.append((prompts, params.max_tokens, len(sleeps)))
+    def recorded(prompts, params, use_tqdm=False):
+        outs = generate(prompts, params, use_tqdm=use_tqdm)
+        runs.append((len(prompts), len(prompts[0]), [len(c.token_ids) for c in outs[0].outputs], len(sleeps)))
+        runs[-1] += (outs[0].num_cached_tokens,)
+        return outs
 
-    monkeypatch.setattr(serve.time, "sleep", lambda s: sleeps.append(s))
-    warm, idle = serve.single_prefills(FakeLLM(), [7, 9, 8], seed=0, sync=lambda: None)
-    assert warm >= 0 and idle >= 0
-    assert [len(p[0]) for p, *_ in runs] == [7, 9, 8, 7, 9, 8]
-    assert all(len(p) == 1 and n == 1 for p, n, _ in runs)
-    prompts = [tuple(p[0]) for p, *_ in runs]
-    assert len(set(prompts)) == 6  # never the same prompt twice
-    assert sleeps == [serve.IDLE_S] * 3 and [k for *_, k in runs] == [0, 0, 0, 1, 2, 3]  # a sleep before each idle run
+    monkeypatch.setattr(llm, "generate", recorded)
+    monkeypatch.setattr(serve, "time", types.SimpleNamespace(sleep=sleeps.append, perf_counter=time.perf_counter))
+    warm, idle = serve.single_prefills(llm, [len(p) for p in workload], seed=0, sync=lambda: None)
+    assert 0 < warm and 0 < idle
+    assert [(alone, n, out, cached) for alone, n, out, _, cached in runs] == [(1, n, [1], 0) for n in (40, 48, 36)] * 2
+    assert sleeps == [serve.IDLE_S] * 3 and [k for *_, k, _ in runs] == [0, 0, 0, 1, 2, 3]

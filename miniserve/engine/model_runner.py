@@ -112,9 +112,11 @@ class ModelRunner:
         One-token sequences are packed first (their attention then runs as one block: _for_kernels); the logits
         rows come back in the order of `inputs`."""
         bs = self.block_size
-        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i].token_ids) != 1)  # stable: decodes stay put
-        caller, inputs = inputs, [inputs[i] for i in order]
+        caller = inputs
         counts = np.fromiter((len(x.token_ids) for x in inputs), np.int64, len(inputs))
+        if counts.min() == 1 < counts.max():  # a mixed step: its one-token sequences first (stable: in order)
+            order = np.argsort(counts != 1, kind="stable")
+            inputs, counts = [inputs[i] for i in order], counts[order]
         first = np.fromiter((x.start_pos for x in inputs), np.int64, len(inputs))
         ends = np.cumsum(counts)
         max_blocks = max(len(x.block_table) for x in inputs)
@@ -125,8 +127,11 @@ class ModelRunner:
         pos = np.arange(int(ends[-1])) + (first - (ends - counts))[row]
         slots = tables[row, pos // bs] * bs + pos % bs
         ids = list(itertools.chain.from_iterable(x.token_ids for x in inputs))
-        end_of = dict(zip(order, ends.tolist()))  # caller's index -> where its tokens end in the packing
-        logit_rows = [r for i, x in enumerate(caller) for r in range(end_of[i] - x.num_logits, end_of[i])]
+        caller_ends = ends
+        if inputs is not caller:  # where each of the caller's sequences ends in the packing
+            caller_ends = np.empty_like(ends)
+            caller_ends[order] = ends
+        logit_rows = [r for x, end in zip(caller, caller_ends.tolist()) for r in range(end - x.num_logits, end)]
         dev = self.device
 
         def tensor(data, dtype):
