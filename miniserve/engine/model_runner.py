@@ -114,8 +114,8 @@ class ModelRunner:
         bs = self.block_size
         caller = inputs
         counts = np.fromiter((len(x.token_ids) for x in inputs), np.int64, len(inputs))
-        if counts.min() == 1 < counts.max():  # a mixed step: its one-token sequences first (stable: in order)
-            order = np.argsort(counts != 1, kind="stable")
+        order = _decodes_first(counts)
+        if order is not None:
             inputs, counts = [inputs[i] for i in order], counts[order]
         first = np.fromiter((x.start_pos for x in inputs), np.int64, len(inputs))
         ends = np.cumsum(counts)
@@ -127,10 +127,7 @@ class ModelRunner:
         pos = np.arange(int(ends[-1])) + (first - (ends - counts))[row]
         slots = tables[row, pos // bs] * bs + pos % bs
         ids = list(itertools.chain.from_iterable(x.token_ids for x in inputs))
-        caller_ends = ends
-        if inputs is not caller:  # where each of the caller's sequences ends in the packing
-            caller_ends = np.empty_like(ends)
-            caller_ends[order] = ends
+        caller_ends = ends if order is None else ends[np.argsort(order)]  # where each caller's sequence ends
         logit_rows = [r for x, end in zip(caller, caller_ends.tolist()) for r in range(end - x.num_logits, end)]
         dev = self.device
 
@@ -155,13 +152,11 @@ class ModelRunner:
     def _for_kernels(
         self, meta: AttentionMetadata, counts: np.ndarray | None = None, seq_lens: np.ndarray | None = None
     ) -> AttentionMetadata:
-        """How the Triton backend runs the batch, decided once per forward for all layers.
-        - A few new tokens per sequence (speculative verification: k+1): one decode query per token. Each token
-          then gets the arithmetic of a plain decode step, so greedy speculation reproduces plain decoding bit for
-          bit; with GQA this reads no more KV than the extend kernel, which loads each KV tile once per query head.
-        - Prompt chunks beside one-token sequences (packed first by prepare): those run on the decode kernel, the
-          rest on the extend kernel (AttentionMetadata.with_decode_part). `counts`: each packed sequence's new
-          tokens, `seq_lens` its KV length (host copies; None: a uniform batch, nothing to split)."""
+        """How the Triton backend runs the batch, once per forward for all layers. A few new tokens per sequence
+        (speculative verification: k+1): one decode query per token, a plain decode step's arithmetic, so greedy
+        speculation reproduces plain decoding bit for bit (with GQA no more KV read than the extend kernel's). Prompt
+        chunks after one-token sequences (prepare packs those first): they run on the decode kernel, the rest on the
+        extend kernel (with_decode_part). `counts`, `seq_lens`: host copies; None for a uniform batch."""
         if self.backend != "triton" or meta.max_query_len == 1:
             return meta
         if meta.max_query_len <= DECODE_QUERIES_MAX_LEN:
@@ -314,3 +309,9 @@ def set_fp8_decode(model: torch.nn.Module, mode: str, kv_dtype: torch.dtype, dev
         )
     for layer in model.layers:
         layer.self_attn.fp8_decode = mode
+
+
+def _decodes_first(counts: np.ndarray) -> np.ndarray | None:
+    """The packing order of a mixed step (new tokens per sequence `counts`): its one-token sequences first, each
+    group in the caller's order; None when the batch is not mixed (packed as listed)."""
+    return np.argsort(counts != 1, kind="stable") if counts.min() == 1 < counts.max() else None
