@@ -157,7 +157,9 @@ SCHEMA = {
 
 
 def check_structured_outputs() -> dict:
-    """Seeded JSON-schema sampling on the GPU, masks filled on one thread and on four: valid and identical."""
+    """Seeded JSON-schema sampling on the GPU: valid, and identical whether the masks are filled on one thread or
+    on four, on the helper thread beside the step's other host work (the default on a GPU) or on the engine's own,
+    and with overlapped steps or stepwise (async_scheduling=False)."""
     import miniserve.engine.structured_output as structured_output
     from miniserve.sampling_params import StructuredOutputsParams
 
@@ -165,10 +167,13 @@ def check_structured_outputs() -> dict:
     params = SamplingParams(temperature=1.0, seed=0, max_tokens=120, n=2, structured_outputs=spec)
     runs, threshold = {}, structured_output.THREADS_FROM_MS
     structured_output.THREADS_FROM_MS = 0.0  # every single-thread fill counts as costly: the rest use the threads
+    variants = {"threads1": (1, True, True), "threads4": (4, True, True), "foreground": (4, False, True)}
+    variants["stepwise"] = (4, True, False)
     try:
-        for threads in (1, 4):
-            llm = LLM(str(DEMO_TARGET), grammar_threads=threads)
-            runs[threads] = [c.text for o in llm.generate(PROMPTS, params, use_tqdm=False) for c in o.outputs]
+        for name, (threads, background, overlap) in variants.items():
+            llm = LLM(str(DEMO_TARGET), grammar_threads=threads, async_scheduling=overlap)
+            llm.engine.decoder.masks_in_background = background
+            runs[name] = [c.text for o in llm.generate(PROMPTS, params, use_tqdm=False) for c in o.outputs]
     finally:
         structured_output.THREADS_FROM_MS = threshold
 
@@ -180,11 +185,14 @@ def check_structured_outputs() -> dict:
         types = {"name": str, "age": int, "ok": bool}
         return set(value) == set(types) and all(type(value[k]) is t for k, t in types.items())
 
+    texts = [t for run in runs.values() for t in run]
     return {
-        "valid": sum(valid(t) for t in runs[1] + runs[4]),
-        "of": len(runs[1]) + len(runs[4]),
-        "threads_1_equals_4": runs[1] == runs[4],
-        "sample": runs[4][0],
+        "valid": sum(valid(t) for t in texts),
+        "of": len(texts),
+        "threads_1_equals_4": runs["threads1"] == runs["threads4"],
+        "background_equals_foreground": runs["threads4"] == runs["foreground"],
+        "overlapped_equals_stepwise": runs["threads4"] == runs["stepwise"],
+        "sample": runs["threads4"][0],
     }
 
 

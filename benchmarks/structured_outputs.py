@@ -27,6 +27,7 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -141,6 +142,22 @@ def run(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tuple[flo
     return seconds, sum(lengths)
 
 
+def run_plan(configs: dict, grammar_threads: list[int], unseeded: bool, foreground: bool) -> dict:
+    """name -> (params, mask-fill threads or None for the engine's own filler, fill on the engine's thread)."""
+    plan = {"unconstrained": (configs["unconstrained"], None, False)}
+    constrained = {name: p for name, p in configs.items() if name != "unconstrained"}
+    for i, threads in enumerate(grammar_threads):
+        for name, params in constrained.items():
+            plan[name if i == 0 else f"{name}_threads{threads}"] = (params, threads, False)
+    for name, params in constrained.items():
+        if foreground:
+            plan[f"{name}_fg"] = (params, grammar_threads[0], True)
+    if unseeded:
+        for name, params in configs.items():
+            plan[f"{name}_unseeded"] = (replace(params, seed=None), grammar_threads[0], False)
+    return plan
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
@@ -155,6 +172,14 @@ def main(argv: list[str] | None = None) -> int:
         "--grammar-threads", type=int, nargs="+", default=[0],
         help="mask-fill threads (EngineConfig.grammar_threads; 0 = auto); each after the first adds constrained "
         "runs named constrained_<schema>_threads<n>",
+    )  # fmt: skip
+    ap.add_argument(
+        "--unseeded", action="store_true",
+        help="also run unseeded (the global RNG's noise: one draw a step, not one per row): <name>_unseeded runs",
+    )  # fmt: skip
+    ap.add_argument(
+        "--foreground", action="store_true",
+        help="also fill the masks on the engine's thread, not beside its other host work: constrained_<schema>_fg",
     )  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="a one-layer model of the shape (full vocabulary): CPU check")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -186,16 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     timer = MaskTimer()
     structured_output.fill_rows = timer
     decoder = llm.engine.decoder
-    runs_by_key = {"unconstrained": (free, None)} | {
-        name if i == 0 else f"{name}_threads{threads}": (params, threads)
-        for i, threads in enumerate(args.grammar_threads)
-        for name, params in configs.items()
-        if name != "unconstrained"
-    }
+    background = decoder.masks_in_background
+    runs_by_key = run_plan(configs, args.grammar_threads, args.unseeded, args.foreground)
     results, vocab_device = {}, (llm.engine.vocab_size, decoder.target.device)
-    for name, (params, threads) in runs_by_key.items():
+    for name, (params, threads, fg) in runs_by_key.items():
         if threads is not None:  # a fresh filler on this many threads (the engine's is built from its config)
             decoder.masks = structured_output.MaskFiller(*vocab_device, threads)
+        decoder.masks_in_background = background and not fg
         timer.seconds, timer.calls = 0.0, 0
         runs = [run(llm, prompts, params) for _ in range(args.repeats)]
         seconds = statistics.median(r[0] for r in runs)
@@ -211,11 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:>24}: {tokens} tokens in {seconds:.3f} s = {tokens / seconds:,.0f} tok/s", flush=True)
     ratios = {}
     for key in results:
-        if key == "unconstrained":
+        if not key.startswith("constrained_"):
             continue
         name = key.removeprefix("constrained_")
-        mask = results[key]
-        ratios[name] = mask["tokens_per_second"] / results["unconstrained"]["tokens_per_second"]
+        mask, free_key = results[key], "unconstrained_unseeded" if key.endswith("_unseeded") else "unconstrained"
+        ratios[name] = mask["tokens_per_second"] / results[free_key]["tokens_per_second"]
         per_step = 1e3 * mask["mask_host_seconds_per_run"] / max(mask["mask_calls_per_run"], 1)
         print(
             f"{name}: constrained / unconstrained throughput {ratios[name]:.3f} (target >= 0.90); host mask time "

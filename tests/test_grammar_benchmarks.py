@@ -40,11 +40,13 @@ def test_structured_outputs_benchmark_smoke(tmp_path):
     mask at every step (the timer wraps structured_output.fill_rows, which every batch's fill calls)."""
     out = tmp_path / "so.json"
     argv = ["--smoke", "--batch", "2", "--prompt", "8", "--gen", "6", "--repeats", "1", "--schemas", "open"]
-    argv += ["--root", str(tmp_path / "ckpt"), "--out", str(out)]
+    argv += ["--root", str(tmp_path / "ckpt"), "--out", str(out), "--unseeded", "--foreground"]
     assert structured_outputs.main(argv) == 0
     result = json.loads(out.read_text())
     assert result["smoke"] and result["batch"] == 2
-    for key in ("unconstrained", "constrained_open"):
+    runs = ("unconstrained", "constrained_open", "constrained_open_fg", "unconstrained_unseeded")
+    for key in (*runs, "constrained_open_unseeded"):
         assert result[key]["generated_tokens"] == 2 * 6
-    assert result["constrained_open"]["mask_calls_per_run"] >= 5  # a mask for every constrained step
-    assert result["ratios"]["open"] > 0
+    for key in ("constrained_open", "constrained_open_fg", "constrained_open_unseeded"):
+        assert result[key]["mask_calls_per_run"] >= 5  # a mask for every constrained step
+    assert set(result["ratios"]) == {"open", "open_fg", "open_unseeded"} and min(result["ratios"].values()) > 0

@@ -64,10 +64,12 @@ def test_steps_that_need_their_history_overlap_and_equal_stepwise_decoding(llama
     assert_idle(engine)
 
 
-def test_grammar_constrained_steps_overlap_and_equal_stepwise_decoding():
+@pytest.mark.parametrize("background", [False, True])
+def test_grammar_constrained_steps_overlap_and_equal_stepwise_decoding(background):
     """A grammar's mask for step N+1 needs step N's token: it is filled after reading step N, while step N+1's
-    forward runs, and step N+1 is sampled then. Seeded JSON-constrained sampling (the demo model) equals the stepwise
-    engine's, ends with the grammar (finish "stop"), and the steps were overlapped."""
+    forward runs (on a helper thread with `background`, as on a GPU, while the noise is drawn), and step N+1 is
+    sampled then. Seeded JSON-constrained sampling (the demo model) equals the stepwise engine's, ends with the
+    grammar (finish "stop"), and the steps were overlapped."""
     pytest.importorskip("xgrammar")
     from miniserve.sampling_params import StructuredOutputsParams
 
@@ -78,6 +80,7 @@ def test_grammar_constrained_steps_overlap_and_equal_stepwise_decoding():
     outs = {}
     for overlap in (False, True):
         llm = LLM(dtype="float32", device="cpu", async_scheduling=overlap)
+        llm.engine.decoder.masks_in_background = background
         result = llm.generate(prompts, params, use_tqdm=False)
         outs[overlap] = [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in result]
         engine = llm.engine

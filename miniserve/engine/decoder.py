@@ -28,7 +28,7 @@ import torch
 
 from miniserve.engine.model_runner import ForwardInput, ModelRunner
 from miniserve.engine.output_processor import OutputProcessor
-from miniserve.engine.sampler import SamplerOutput, SamplingBatch, sample
+from miniserve.engine.sampler import SamplerOutput, SamplingBatch, draw_noise, sample
 from miniserve.engine.structured_output import MaskFiller
 from miniserve.engine.transfer import to_device
 from miniserve.scheduler.scheduler import ScheduledSeq, Scheduler
@@ -85,6 +85,7 @@ class PlainDecoder:
     ):
         self.target = target
         self.masks = MaskFiller(vocab_size, target.device, grammar_threads)
+        self.masks_in_background = target.device.type == "cuda"  # beside it, this thread only launches GPU work
         self.outputs = outputs
         self.vocab_size = vocab_size
         self.scheduler = scheduler
@@ -179,12 +180,18 @@ class PlainDecoder:
         return self._build_batch(seqs, histories, masks)
 
     def _next_batch(self, f: _InFlight, keep: list[Sequence]) -> SamplingBatch:
-        """The sampling batch of the step after `f`: f's own with new grammar masks when the batch goes on whole and
-        nothing else in it reads the token history (rebuilding one costs about 0.2 ms of host time at batch 32,
-        which a constrained step cannot hide), else a new one."""
+        """The sampling batch of the step after `f`, with its grammar masks and its noise drawn ahead.
+
+        A constrained step's host work, not its forward pass, sets its pace: so the masks are filled on a helper
+        thread (on a GPU) while this one builds the batch (f's own when the batch goes on whole and nothing else
+        in it reads the token history: rebuilding costs about 0.2 ms at batch 32) and launches the noise draws (one
+        per seeded row)."""
+        masks = self.masks.start(_grammars(keep), background=self.masks_in_background)
         if keep is f.seqs and not any(s.params.needs_history for s in keep):  # then the masks are all it reads
-            return replace(f.batch, token_bitmask=self.masks.build(_grammars(keep)))
-        return self.sampling_batch(keep)
+            batch = f.batch
+        else:
+            batch = self._build_batch(keep)
+        return replace(batch, noise=draw_noise(batch), token_bitmask=masks())
 
     def _build_batch(
         self, seqs: list[Sequence], histories: list[list[int]] | None = None, masks: torch.Tensor | None = None
@@ -248,7 +255,8 @@ class PlainDecoder:
         out = sample(logits, batch)
         host, ready = _copy_to_host(out)
         self.num_overlapped_steps += 1
-        self.in_flight = _InFlight(seqs, out.token_ids, host, ready, batch)
+        kept = batch if batch.noise is None else replace(batch, noise=None)  # the next step draws its own
+        self.in_flight = _InFlight(seqs, out.token_ids, host, ready, kept)
 
     def _read(self, f: _InFlight | None = None) -> list[Sequence]:
         """Wait for a step's samples (that step only, not the one launched after it) and append them."""

@@ -56,6 +56,7 @@ class SamplingBatch:
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, token ids, bias)
     allowed: torch.Tensor | None = None  # bool [B, V]: False where allowed_token_ids rules a token out
     token_bitmask: torch.Tensor | None = None  # int32 [B, ceil(V/32)] grammar masks (bit set = allowed)
+    noise: torch.Tensor | None = None  # float32 [B, V]: the race's Exp(1) noise drawn ahead (`draw_noise`)
 
     @property
     def size(self) -> int:
@@ -343,8 +344,17 @@ def random_uniform(batch: SamplingBatch, shape: tuple[int, ...] = ()) -> torch.T
     return out
 
 
+def draw_noise(batch: SamplingBatch) -> torch.Tensor | None:
+    """The noise `sample` would draw for `batch` (None: every row is greedy), drawn now: the decoder launches it
+    while the host fills a step's grammar masks (seeded rows' draws are as many and in the same order, so the
+    samples do not change)."""
+    return None if batch.all_greedy else _exponential(batch, batch.vocab_size)
+
+
 def _exponential(batch: SamplingBatch, width: int) -> torch.Tensor:
     """Exp(1) noise [B, width] for the race, per-row generators where seeded; never exactly 0."""
+    if batch.noise is not None:
+        return batch.noise
     noise = torch.empty(batch.size, width, device=batch.device)
     if any(g is None for g in batch.generators):
         noise.exponential_()
