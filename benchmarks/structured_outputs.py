@@ -37,7 +37,9 @@ import torch  # noqa: E402
 from benchmarks.checkpoints import SHAPES, build_checkpoint  # noqa: E402
 from benchmarks.provenance import write_result  # noqa: E402
 from miniserve import LLM, SamplingParams  # noqa: E402
+from miniserve.engine import decoder as decoder_module  # noqa: E402
 from miniserve.engine import structured_output  # noqa: E402
+from miniserve.engine.llm_engine import LLMEngine  # noqa: E402
 from miniserve.sampling_params import StructuredOutputsParams  # noqa: E402
 
 ITEM = {
@@ -130,6 +132,45 @@ class MaskTimer:
             self.calls += 1
 
 
+class HostSplit:
+    """Where the engine's thread spends a constrained step (`--host-split`): wall time inside the decoder's phases
+    (wrapped methods), in ms per engine step. `fill_on_helper` runs on the mask filler's helper thread, beside
+    `next_batch` (which waits for it), not after it."""
+
+    PHASES = {
+        "forward_launch": (decoder_module.PlainDecoder, "_forward"),
+        "read_step": (decoder_module.PlainDecoder, "_read"),
+        "next_batch": (decoder_module.PlainDecoder, "_next_batch"),
+        "noise_draws": (decoder_module, "draw_noise"),
+        "fill_on_helper": (structured_output.MaskFiller, "_fill"),
+        "sample_launch": (decoder_module.PlainDecoder, "_sample_in_flight"),
+        "engine_step": (LLMEngine, "step"),
+    }
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self.steps = 0
+        for name, (owner, attr) in self.PHASES.items():
+            setattr(owner, attr, self._timed(name, getattr(owner, attr)))
+
+    def _timed(self, name: str, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - start
+                self.steps += name == "engine_step"
+
+        return timed
+
+    def reset(self) -> None:
+        self.seconds, self.steps = dict.fromkeys(self.PHASES, 0.0), 0
+
+    def per_step_ms(self) -> dict:
+        return {name: 1e3 * s / max(self.steps, 1) for name, s in self.seconds.items()}
+
+
 def run(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tuple[float, int]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -181,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         "--foreground", action="store_true",
         help="also fill the masks on the engine's thread, not beside its other host work: constrained_<schema>_fg",
     )  # fmt: skip
+    ap.add_argument(
+        "--host-split", action="store_true",
+        help="time the engine thread's phases of each step (HostSplit): host_ms_per_step in every run",
+    )  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="a one-layer model of the shape (full vocabulary): CPU check")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
@@ -210,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
     timer = MaskTimer()
     structured_output.fill_rows = timer
+    split = HostSplit() if args.host_split else None
     decoder = llm.engine.decoder
     background = decoder.masks_in_background
     runs_by_key = run_plan(configs, args.grammar_threads, args.unseeded, args.foreground)
@@ -219,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             decoder.masks = structured_output.MaskFiller(*vocab_device, threads)
         decoder.masks_in_background = background and not fg
         timer.seconds, timer.calls = 0.0, 0
+        if split:
+            split.reset()
         runs = [run(llm, prompts, params) for _ in range(args.repeats)]
         seconds = statistics.median(r[0] for r in runs)
         tokens = runs[0][1]
@@ -230,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             "mask_calls_per_run": timer.calls / args.repeats,
             "grammar_threads": None if threads is None else decoder.masks.threads,
         }
+        if split:
+            results[name]["host_ms_per_step"] = split.per_step_ms()
         print(f"{name:>24}: {tokens} tokens in {seconds:.3f} s = {tokens / seconds:,.0f} tok/s", flush=True)
     ratios = {}
     for key in results:

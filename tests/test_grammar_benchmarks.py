@@ -40,7 +40,7 @@ def test_structured_outputs_benchmark_smoke(tmp_path):
     mask at every step (the timer wraps structured_output.fill_rows, which every batch's fill calls)."""
     out = tmp_path / "so.json"
     argv = ["--smoke", "--batch", "2", "--prompt", "8", "--gen", "6", "--repeats", "1", "--schemas", "open"]
-    argv += ["--root", str(tmp_path / "ckpt"), "--out", str(out), "--unseeded", "--foreground"]
+    argv += ["--root", str(tmp_path / "ckpt"), "--out", str(out), "--unseeded", "--foreground", "--host-split"]
     assert structured_outputs.main(argv) == 0
     result = json.loads(out.read_text())
     assert result["smoke"] and result["batch"] == 2
@@ -50,3 +50,5 @@ def test_structured_outputs_benchmark_smoke(tmp_path):
     for key in ("constrained_open", "constrained_open_fg", "constrained_open_unseeded"):
         assert result[key]["mask_calls_per_run"] >= 5  # a mask for every constrained step
     assert set(result["ratios"]) == {"open", "open_fg", "open_unseeded"} and min(result["ratios"].values()) > 0
+    split = result["constrained_open"]["host_ms_per_step"]
+    assert split["engine_step"] > split["next_batch"] > 0 and split["fill_on_helper"] > 0
