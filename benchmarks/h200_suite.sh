@@ -167,7 +167,7 @@ if [ "$part" = grammar ]; then
   # issue 14: constrained decoding at batch 32 (the mask fill on this host's default threads, and on 1), and
   # the fill alone by every strategy (needs xgrammar: carried as a wheel)
   timeout 330 python3 benchmarks/structured_outputs.py --shape llama-3.2-1b --batch 32 --prompt 128 --gen 256 \
-    --grammar-threads 0 1 --out "$out/structured_outputs_h200.json" 2>&1 | grep -v -i warn | tail -26
+    --grammar-threads 0 4 1 --foreground --host-split --out "$out/structured_outputs_h200.json" 2>&1 | grep -v -i warn | tail -26
   timeout 120 python3 benchmarks/grammar_fill.py --batch 32 --steps 96 --threads 2 4 8 \
     --out "$out/grammar_fill_h200.json" 2>&1 | grep -v -i warn | tail -24
   # the same fill over vocabularies with 5x fewer and with no tokens holding a quote or a newline

@@ -352,11 +352,29 @@ def constrained_note(so: dict) -> str:
             f" ({mask_ms(single):.2f} / {mask_ms(so['constrained_bounded_threads1']):.2f} ms on one thread: "
             f"{so['ratios']['open_threads1']:.2f}x / {so['ratios']['bounded_threads1']:.2f}x)"
         )
-    return note + (
-        ". The fill overlaps the forward pass, but with the rest of a constrained step's host work (reading the step, "
-        "feeding each token to its grammar, the sampler's per-row seeded noise, output processing) the host, not "
-        "the GPU, sets the pace"
+    split = so["constrained_open"].get("host_ms_per_step")
+    if not split:
+        return note + (
+            ". The fill overlaps the forward pass, but with the rest of a constrained step's host work (reading the "
+            "step, feeding each token to its grammar, the sampler's per-row seeded noise, output processing) the "
+            "host, not the GPU, sets the pace"
+        )
+    note += (
+        ". The host, not the GPU, sets the pace: timed phase by phase (`--host-split`, strings unbounded), the "
+        f"engine's thread spends {split['engine_step']:.2f} ms a step: launching the forward pass "
+        f"{split['forward_launch']:.2f} ms, reading the step before and feeding each token to its grammar "
+        f"{split['read_step']:.2f} ms, then {split['next_batch']:.2f} ms on the next sampling batch, which waits for "
+        f"the fill ({split['fill_on_helper']:.2f} ms on the filler's helper thread, while this one launches the "
+        f"seeded rows' noise draws, {split['noise_draws']:.2f} ms), and launching the sampling "
+        f"{split['sample_launch']:.2f} ms; the forward pass runs meanwhile"
     )
+    if "open_fg" in so["ratios"]:
+        note += (
+            f". Filling on the helper thread beside the noise draws gave {so['ratios']['open']:.2f}x / "
+            f"{so['ratios']['bounded']:.2f}x against {so['ratios']['open_fg']:.2f}x / "
+            f"{so['ratios']['bounded_fg']:.2f}x on the engine's thread, in the same run"
+        )
+    return note
 
 
 def grammar_fill_note() -> str:
@@ -701,8 +719,14 @@ def gpu_correctness() -> str:
     ]  # fmt: skip
     so = e.get("structured_outputs")
     if so:
-        rows.append(["seeded JSON-schema sampling, masks filled on 1 vs 4 threads",
-                     f"{so['valid']}/{so['of']} valid, identical: {so['threads_1_equals_4']}"])  # fmt: skip
+        same = f"identical on 1 vs 4 threads: {so['threads_1_equals_4']}"
+        if "background_equals_foreground" in so:
+            same += (
+                f", helper vs engine thread: {so['background_equals_foreground']}, overlapped vs stepwise: "
+                f"{so['overlapped_equals_stepwise']}"
+            )
+        rows.append(["seeded JSON-schema sampling (masks on 1 or 4 threads, the helper or the engine's thread, "
+                     "overlapped or stepwise)", f"{so['valid']}/{so['of']} valid, {same}"])  # fmt: skip
     return table(["check", "result"], rows, "ll")
 
 
