@@ -286,6 +286,38 @@ def test_unexpected_errors_answer_500_in_openai_shape_and_log_the_traceback(llam
     assert {r.exc_info[0] for r in caplog.records if r.exc_info} >= {KeyError, ZeroDivisionError}
 
 
+def test_generation_requests_skip_the_router_and_get_the_apps_answers(llama_dir, monkeypatch):
+    """DirectRoutes: POST /v1/completions and /v1/chat/completions reach their handlers without FastAPI's router
+    (which still routes everything else), behind the API-key check, and their errors are answered as the app's
+    exception handlers answer them (OpenAI's shape, the field named)."""
+    from starlette.routing import Router
+
+    from miniserve.config import EngineConfig, ServerConfig
+    from miniserve.server.app import create_app
+
+    routed, real = [], Router.__call__
+
+    async def spy(self, scope, receive, send):
+        if scope["type"] == "http":
+            routed.append((scope["method"], scope["path"]))
+        return await real(self, scope, receive, send)
+
+    monkeypatch.setattr(Router, "__call__", spy)
+    app = create_app(EngineConfig(model=str(llama_dir), device="cpu", dtype="float32"), ServerConfig(api_key="k"))
+    key = {"Authorization": "Bearer k"}
+    with in_process_server(app) as url:
+        r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, headers=key)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": -1}, headers=key)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": "not a list"}, headers=key)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+        assert httpx.post(url + "/v1/completions", json={"prompt": "Hi"}).status_code == 401
+        assert httpx.get(url + "/v1/models", headers=key).status_code == 200
+        assert httpx.get(url + "/v1/completions", headers=key).status_code == 405  # not POST: the router answers
+    assert routed == [("GET", "/v1/models"), ("GET", "/v1/completions")]
+
+
 # ---------------------------------------------------------------------------------------------- slow clients
 
 HEADER_TIMEOUT, BODY_TIMEOUT, KEEP_ALIVE_TIMEOUT, MAX_CONNECTIONS = 2.0, 2.0, 1.0, 4

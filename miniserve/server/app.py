@@ -36,7 +36,7 @@ from miniserve.server.chat import create_chat_completion
 from miniserve.server.completions import create_completion
 from miniserve.server.connection import ConnectionLimits, guarded_h11
 from miniserve.server.engine_process import EngineLink, EngineProcess
-from miniserve.server.middleware import CatchAll, RequireAPIKey
+from miniserve.server.middleware import CatchAll, DirectRoutes, RequireAPIKey
 from miniserve.server.protocol import (
     APIError,
 )
@@ -110,7 +110,10 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/version", version, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
-    _add_error_handlers(app)
+    for error, handler in ERROR_HANDLERS.items():
+        app.add_exception_handler(error, handler)
+    generation = {"/v1/completions": create_completion, "/v1/chat/completions": create_chat_completion}
+    app.add_middleware(DirectRoutes, routes=generation, errors=DIRECT_ERRORS)  # added first: inside the key check
     app.add_middleware(RequireAPIKey, api_key=server.api_key)
     app.add_middleware(CatchAll)  # added last: the outermost layer
     return app
@@ -138,24 +141,31 @@ def _install_signal_handlers(state: ServerState) -> None:
         signal.signal(sig, handler)
 
 
-def _add_error_handlers(app: FastAPI) -> None:
-    async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+async def api_error(_: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
 
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        err = APIError(str(exc.detail), status=exc.status_code, code=f"http_{exc.status_code}")
-        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(APIError(str(exc)).body(), status_code=400)
+async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    err = APIError(str(exc.detail), status=exc.status_code, code=f"http_{exc.status_code}")
+    return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
-    async def client_gone(_: Request, exc: ClientDisconnected) -> Response:
-        return Response(status_code=499)  # nobody reads it: the client left while sending its request
 
-    app.add_exception_handler(APIError, api_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(ClientDisconnected, client_gone)
+async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(APIError(str(exc)).body(), status_code=400)
+
+
+async def client_gone(_: Request, exc: ClientDisconnected) -> Response:
+    return Response(status_code=499)  # nobody reads it: the client left while sending its request
+
+
+# the app's answers to errors by class; DIRECT_ERRORS: those the generation handlers (DirectRoutes) can raise
+ERROR_HANDLERS = {
+    APIError: api_error,
+    StarletteHTTPException: http_error,
+    RequestValidationError: validation_error,
+    ClientDisconnected: client_gone,
+}
+DIRECT_ERRORS = {APIError: api_error, ClientDisconnected: client_gone}
 
 
 def settings_from_env(env: Mapping[str, str] = os.environ) -> tuple[EngineConfig, ServerConfig]:

@@ -1,9 +1,13 @@
-"""Two ASGI layers around the app: the API-key check for every /v1 path, and the catch-all for errors.
+"""Three ASGI layers around the app: the catch-all for errors, the API-key check for every /v1 path, and the
+direct routes of the generation endpoints.
 
-Both are plain ASGI (not Starlette's BaseHTTPMiddleware, which buffers streams). The key is checked before
+All are plain ASGI (not Starlette's BaseHTTPMiddleware, which buffers streams). The key is checked before
 routing, so an unknown /v1 path answers 401 to a client without the key, not 404. The catch-all answers an
 exception no handler expected with OpenAI's error object and status 500, logs its traceback, and leaves the
 keep-alive connection usable; a stream that already started ends with an error event and `[DONE]` instead.
+`DirectRoutes` hands POST /v1/completions and /v1/chat/completions to their handlers without FastAPI's router,
+dependency machinery and inner middleware: those handlers take the bare request and build their own responses,
+and a request's time to first token pays every layer it passes (about 0.2 ms of the API process's ~1 ms).
 """
 
 from __future__ import annotations
@@ -11,7 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
 
 from miniserve.server.protocol import APIError
 
@@ -92,3 +100,29 @@ class CatchAll:
                 await send({"type": "http.response.body", "body": event})
             else:  # a plain response broke off midway: only closing the connection tells the client
                 raise
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class DirectRoutes:
+    """POST to one of `routes`' paths runs its handler directly; every other request goes on to the app. The
+    errors a handler may raise get the responses the app's exception handlers give them (`errors`, by class);
+    anything else goes up to CatchAll."""
+
+    def __init__(self, app: Any, routes: dict[str, Handler], errors: dict[type, Callable[..., Awaitable[Response]]]):
+        self.app = app
+        self.routes = routes
+        self.errors = errors
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        handler = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if handler is None:
+            return await self.app(scope, receive, send)
+        request = Request(scope, receive)
+        try:
+            response = await handler(request)
+        except tuple(self.errors) as exc:
+            answer = next(self.errors[c] for c in type(exc).__mro__ if c in self.errors)
+            response = await answer(request, exc)
+        await response(scope, receive, send)
