@@ -430,6 +430,23 @@ def run_offline(args: argparse.Namespace, reqs: list[BenchRequest]) -> dict:
 
 
 IDLE_S = 0.25  # the gap between arrivals at 4 requests/s
+LONE_REQUESTS = 8
+
+
+def lone_requests(url: str, args: argparse.Namespace) -> dict:
+    """TTFT of a request alone on the server (streamed, IDLE_S after the one before finished): the prefill plus
+    everything around it (HTTP, the API process, the hops between processes), with nothing else running. New
+    random prompts of the workload's length (the workload's own may be cached); only random workloads."""
+    if args.workload != "random":
+        return {}
+    lone = argparse.Namespace(**{**vars(args), "num_prompts": LONE_REQUESTS, "seed": args.seed + 2})
+    reqs = build_workload(lone, vocab_of(args))
+    for r in reqs:
+        r.body["max_tokens"] = 2
+    gap = IDLE_S + 0.05  # each finishes (2 tokens) well before the next arrives
+    res = run_clients(url, reqs, [i * gap for i in range(len(reqs))], True, 1)
+    print(f"[lone requests, {IDLE_S:g} s apart] ttft p50 {res['ttft_ms']['p50']:.2f} ms", flush=True)
+    return res
 
 
 def single_prefills(llm, lengths: list[int], seed: int, sync) -> tuple[float, float]:
@@ -600,6 +617,8 @@ def main(argv: list[str] | None = None) -> dict:
             warm = reqs[: args.warmup]
             if warm:
                 run_clients(url, warm, [0.0] * len(warm), True, 1)
+            if "stream" in online:
+                results["phases"]["lone"] = lone_requests(url, args)
             for ph in online:
                 before = engine_steps(url)
                 trace = f"{args.trace_dir}/real/{ph}_client.json" if args.trace_dir else None
@@ -649,6 +668,9 @@ def main(argv: list[str] | None = None) -> dict:
                 s["itl_p50_vs_decode_step"] = s["itl_ms"]["p50"] / res["decode_step_ms"]
             if s.get("ttft_ms"):
                 s["ttft_p50_vs_prefill"] = s["ttft_ms"]["p50"] / res["single_request_prefill_ms"]
+    lone, stream = results["phases"].get("lone"), results["phases"].get("stream")
+    if lone and stream and lone.get("ttft_ms") and stream.get("ttft_ms"):
+        stream["ttft_p50_vs_lone"] = stream["ttft_ms"]["p50"] / lone["ttft_ms"]["p50"]
     if args.trace_dir:
         results["trace"] = trace_summaries(Path(args.trace_dir))
     if args.out:

@@ -303,6 +303,7 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
                 + ")",
                 "yes" if s["ttft_p50_vs_prefill"] <= 2 else "no",
                 "a new prompt runs as its own captured prompt pass beside the running decodes; "
+                + lone_note(rate["phases"])
                 + idle_note(s, offline)
                 + serve_trace_rate(),
             )
@@ -405,6 +406,18 @@ def serve_trace(run: str) -> dict | None:
     """serve_trace.py's analysis of one traced run ("saturated" or "rate4") of serve_trace_h200.json."""
     trace = load("serve_trace_h200.json")
     return trace[run]["trace"]["real/stream"] if trace else None
+
+
+def lone_note(phases: dict) -> str:
+    """TTFT of a request alone on the server, the same run: what HTTP and the processes add to the prefill."""
+    lone = phases.get("lone")
+    if not lone:
+        return ""
+    return (
+        f"a request alone on the server (new prompts, 0.25 s apart) gets its first token in "
+        f"{lone['ttft_ms']['p50']:.1f} ms (p50), so at 4 requests/s TTFT p50 is "
+        f"{phases['stream']['ttft_p50_vs_lone']:.2f}x that; "
+    )
 
 
 def idle_note(stream: dict, offline: dict) -> str:

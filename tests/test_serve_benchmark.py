@@ -86,6 +86,14 @@ def test_serve_benchmark_runs_every_phase_on_a_tiny_shape(tmp_path):
         assert 5 <= phase["engine_steps"] <= 30, phase
         assert phase["ms_per_step"] > 0
     assert round(stream["tokens_per_step"] * stream["engine_steps"]) == 6 * 12 + 6 * 4  # prompts, 4 decodes each
+    # the TTFT of a request alone on the server: new prompts, one at a time, 2 tokens each
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import serve
+
+    lone = res["phases"]["lone"]
+    assert lone["completed"] == serve.LONE_REQUESTS and lone["output_tokens"] == 2 * serve.LONE_REQUESTS
+    assert lone["duration_s"] >= (serve.LONE_REQUESTS - 1) * serve.IDLE_S
+    assert stream["ttft_p50_vs_lone"] == stream["ttft_ms"]["p50"] / lone["ttft_ms"]["p50"]
 
 
 def _serve(tmp_path: Path, *args: str) -> dict:
