@@ -61,6 +61,11 @@ FP8_VARIANTS = {
     "staged bn64 r80": dict(fp8_decode="hw-staged", block_n=64, maxnreg=80),
     "staged w8 r80": dict(fp8_decode="hw-staged", num_warps=8, maxnreg=80),
     "staged s1 r128": dict(fp8_decode="hw-staged", num_stages=1, maxnreg=128),  # 8 bytes of stack: 4 blocks/SM
+    # head_dim 64 at short contexts (Llama-3.2-1B): a program runs 2-3 tiles, so each tile's dependent loads
+    # (block table, then K/V) are barely hidden; more, smaller programs an SM, or a deeper pipeline, may hide them
+    "w2": dict(fp8_decode="auto", num_warps=2),
+    "s3": dict(fp8_decode="auto", num_stages=3),
+    "w2 s3": dict(fp8_decode="auto", num_warps=2, num_stages=3),
 }
 
 
