@@ -85,7 +85,7 @@ class PlainDecoder:
     ):
         self.target = target
         self.masks = MaskFiller(vocab_size, target.device, grammar_threads)
-        self.masks_in_background = target.device.type == "cuda"  # beside it, this thread only launches GPU work
+        self.masks_in_background = target.device.type == "cuda"  # beside a fill, this thread mostly launches GPU work
         self.outputs = outputs
         self.vocab_size = vocab_size
         self.scheduler = scheduler

@@ -243,7 +243,8 @@ class MaskFiller:
     workers, which then spin for a while on every core and leave the fill's threads none
     (`benchmarks/grammar_fill.py`: 32 rows took as long on 8 threads as on one until its own CPU torch ops
     stopped). So rows without a grammar are reset through numpy, and the constrained rows are left to xgrammar,
-    which writes them whole; beside a background fill the engine's thread only launches GPU work."""
+    which writes them whole; beside a background fill the engine's thread launches GPU work and builds the
+    sampling batch (a few small host tensors)."""
 
     def __init__(self, vocab_size: int, device: torch.device, threads: int = 0):
         self.words = (vocab_size + 31) // 32
