@@ -161,10 +161,7 @@ class ModelRunner:
             return meta
         if meta.max_query_len <= DECODE_QUERIES_MAX_LEN:
             return meta.as_decode_queries()
-        # A mixed step runs whole on the extend kernel. Splitting its leading decodes off to the decode kernel
-        # (AttentionMetadata.with_decode_part) made one API server stream 256 requests at once at 0.47x offline on
-        # the H200; without it the same tree streamed normally (cause not found: git log serve_h200.json).
-        return meta
+        return meta  # mixed: whole on the extend kernel (with_decode_part slowed serving 2x; cause not found)
 
     @torch.inference_mode()
     def forward(self, inputs: list[ForwardInput], device_tokens: torch.Tensor | None = None) -> torch.Tensor:
