@@ -520,9 +520,10 @@ def head64_fp8_note() -> str:
         return "(no profile file)"
     return (
         "whole runs profiled (prompt 512, 64 new; `profile_run_llama1b_b*_h200.json`): " + "; ".join(parts) + ". "
-        "The decode tokens of steps that carry prompt chunks run on the decode kernel "
-        "(`AttentionMetadata.with_decode_part`): in the extend kernel each had a 64-row query tile for its one row "
-        "and dequantized its whole context there"
+        "These runs split a mixed step's decode tokens off to the decode kernel (commit 1e31adf); that split is off "
+        "again (it made one API server stream 256 requests at once at 0.47x offline), so in a step that carries "
+        "prompt chunks each decode token again gets a 64-row extend tile for its one row and dequantizes its whole "
+        "context there"
     )
 
 

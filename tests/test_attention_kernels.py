@@ -209,30 +209,6 @@ def test_fp8_cache_with_queries_beyond_fp16_range():
     check_triton(b)  # decode: one query per sequence at the end of its context
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.bfloat16], ids=dtype_id)
-def test_mixed_batch_runs_its_leading_decodes_on_the_decode_kernel(cache_dtype):
-    """A prompt chunk's step with the running sequences' decode tokens first (with_decode_part): the decode rows
-    are exactly what the decode kernel gives them alone, the prompt rows exactly what the extend kernel gives the
-    prompts alone, and all of it matches the reference; the first row that is not a decode ends the part."""
-    from miniserve.kernels.decode_attention import decode_attention
-    from miniserve.kernels.extend_attention import extend_attention
-
-    seqs = [(130, 1), (7, 1), (33, 1), (70, 33), (17, 1), (9, 4)]  # 3 leading decodes; a lone decode row later
-    b = make_batch(seqs, 8, 4, 2, 32, cache_dtype, torch.float32, seed=21)
-    split = b.meta.with_decode_part(3, 130)
-    args = (b.key_cache, b.value_cache)
-    got = paged_attention(b.q, *args, split, b.k_scale, b.v_scale, 0.3, backend="triton")
-    want = paged_attention(b.q, *args, b.meta, b.k_scale, b.v_scale, 0.3, backend="torch")
-    torch.testing.assert_close(got, want, **tolerance(torch.float32))
-    tables, slots = b.meta.block_tables, b.meta.slot_mapping
-    decodes = AttentionMetadata(slots[:3], torch.tensor([0, 1, 2, 3], dtype=torch.int32),
-                                torch.tensor([130, 7, 33], dtype=torch.int32), tables[:3].clone(), 1, 130)  # fmt: skip
-    assert torch.equal(got[:3], decode_attention(b.q[:3], *args, decodes, b.k_scale, b.v_scale, 0.3))
-    prompts = AttentionMetadata(slots[3:], torch.tensor([0, 33, 34, 38], dtype=torch.int32),
-                                torch.tensor([70, 17, 9], dtype=torch.int32), tables[3:].clone(), 33, 130)  # fmt: skip
-    assert torch.equal(got[3:], extend_attention(b.q[3:], *args, prompts, b.k_scale, b.v_scale, 0.3))
-
-
 @pytest.mark.parametrize("num_splits", [None, 8])
 def test_decode_kernel_split_kv(num_splits):
     """Long and short contexts split over several programs (flash-decoding), empty splits included, merged by

@@ -99,36 +99,30 @@ def test_chunked_prefill_and_seq_limit_keep_output(llama_dir):
     assert greedy_ids(chunked, prompts) == expected
 
 
-def test_mixed_steps_pack_their_one_token_sequences_first(llama_dir):
-    """Prompt chunks beside running decodes: ModelRunner.prepare packs each mixed step's one-token sequences first
-    (the attention kernels then take them as one block, ModelRunner._for_kernels), in whatever order the decoder
-    listed them (the scheduler's list reversed here: its own order has the decodes first), and hands the logits
-    back in that order: the outputs stay those of the unchunked engine."""
+def test_mixed_steps_in_any_order_keep_the_outputs(llama_dir):
+    """Prompt chunks beside running decodes, listed in whatever order (the scheduler's list reversed here: its own
+    order has the decodes first): ModelRunner.prepare packs them as listed and hands each its logits rows, so the
+    outputs stay those of the unchunked engine."""
     prompts = token_prompts(5, seed=3, lo=20, hi=60)
     expected = greedy_ids(make_llm(llama_dir), prompts)
     llm = make_llm(llama_dir, max_num_batched_tokens=24, max_num_seqs=4)
     schedule = llm.engine.scheduler.schedule
     llm.engine.scheduler.schedule = lambda: schedule()[::-1]
-    prepare, listed, packed = llm.engine.target.prepare, [], []
+    prepare, listed = llm.engine.target.prepare, []
 
     def recorded(inputs):
-        out = prepare(inputs)
         listed.append([len(x.token_ids) for x in inputs])
-        packed.append(torch.diff(out[2].query_start_loc).tolist())
-        return out
+        return prepare(inputs)
 
     llm.engine.target.prepare = recorded
     assert greedy_ids(llm, prompts) == expected
-    mixed = [i for i, b in enumerate(listed) if 1 in b and max(b) > 1]
-    assert any(listed[i] != packed[i] for i in mixed)  # some step was listed prompt first
-    assert mixed and all(packed[i] == sorted(listed[i], key=lambda n: n != 1) for i in mixed)
+    assert any(b[0] != 1 and 1 in b for b in listed)  # some step listed a prompt chunk before a decode
 
 
-def test_the_triton_backend_splits_leading_decodes_off_a_mixed_batch():
-    """ModelRunner._for_kernels on the Triton backend: one-token sequences before a prompt chunk go to the decode
-    kernel as one block (their longest context for its split count), a batch that starts with a prompt runs whole
-    on the extend kernel, a few tokens per sequence become decode queries, and the torch backend takes the batch
-    as it is."""
+def test_the_triton_backend_runs_mixed_batches_whole_and_verification_as_decode_queries():
+    """ModelRunner._for_kernels on the Triton backend: a few tokens per sequence become one decode query per token
+    (speculative verification gets plain decoding's arithmetic), a batch with a prompt chunk runs whole on the
+    extend kernel, and the torch backend takes the batch as it is."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -144,13 +138,14 @@ def test_the_triton_backend_splits_leading_decodes_off_a_mixed_batch():
         )  # fmt: skip
 
     def run(backend, counts, seq_lens):
-        runner = SimpleNamespace(backend=backend)
-        return ModelRunner._for_kernels(runner, meta(counts, seq_lens), np.array(counts), np.array(seq_lens))
+        given = meta(counts, seq_lens)
+        return given, ModelRunner._for_kernels(SimpleNamespace(backend=backend), given)
 
-    assert run("triton", [1, 1, 1, 40, 1, 17], [90, 300, 5, 40, 70, 60]).parts is None  # runs whole
-    assert run("triton", [40, 1, 1], [40, 90, 70]).parts is None
-    assert run("triton", [1, 3, 2], [9, 8, 7]).query_start_loc.tolist() == [0, 1, 2, 3, 4, 5, 6]
-    assert run("torch", [1, 1, 40], [9, 8, 40]).parts is None
+    given, got = run("triton", [1, 1, 1, 40, 1, 17], [90, 300, 5, 40, 70, 60])
+    assert got is given
+    assert run("triton", [1, 3, 2], [9, 8, 7])[1].query_start_loc.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    given, got = run("torch", [1, 3, 2], [9, 8, 7])
+    assert got is given
 
 
 def test_n_choices_share_prompt_blocks(llama_dir):

@@ -111,7 +111,7 @@ class PlainDecoder:
         if f.batch.penalized:  # its sampling reads the token in flight: read that while the forward runs
             logits = self._forward(keep, tokens)
             seqs = self._read(f)
-            self._sample_in_flight(keep, logits, self._next_batch(f, keep))
+            self._sample_in_flight(keep, logits, *self._next_batch(f, keep))
             return seqs, len(keep)
         self._launch(keep, f.batch if keep is f.seqs else self._build_batch(keep), tokens)
         return self._read(f), len(keep)
@@ -179,8 +179,8 @@ class PlainDecoder:
         masks = self.masks.build(_grammars(seqs))
         return self._build_batch(seqs, histories, masks)
 
-    def _next_batch(self, f: _InFlight, keep: list[Sequence]) -> SamplingBatch:
-        """The sampling batch of the step after `f`, with its grammar masks and its noise drawn ahead.
+    def _next_batch(self, f: _InFlight, keep: list[Sequence]) -> tuple[SamplingBatch, torch.Tensor | None]:
+        """The sampling batch of the step after `f`, with its grammar masks, and its noise drawn ahead.
 
         A constrained step's host work, not its forward pass, sets its pace: so the masks are filled on a helper
         thread (on a GPU) while this one builds the batch (f's own when the batch goes on whole and nothing else
@@ -191,7 +191,8 @@ class PlainDecoder:
             batch = f.batch
         else:
             batch = self._build_batch(keep)
-        return replace(batch, noise=draw_noise(batch), token_bitmask=masks())
+        noise = draw_noise(batch)
+        return replace(batch, token_bitmask=masks()), noise
 
     def _build_batch(
         self, seqs: list[Sequence], histories: list[list[int]] | None = None, masks: torch.Tensor | None = None
@@ -251,12 +252,13 @@ class PlainDecoder:
             seq.num_computed_tokens += 1
         return logits
 
-    def _sample_in_flight(self, seqs: list[Sequence], logits: torch.Tensor, batch: SamplingBatch) -> None:
-        out = sample(logits, batch)
+    def _sample_in_flight(
+        self, seqs: list[Sequence], logits: torch.Tensor, batch: SamplingBatch, noise: torch.Tensor | None = None
+    ) -> None:
+        out = sample(logits, batch, noise)
         host, ready = _copy_to_host(out)
         self.num_overlapped_steps += 1
-        kept = batch if batch.noise is None else replace(batch, noise=None)  # the next step draws its own
-        self.in_flight = _InFlight(seqs, out.token_ids, host, ready, kept)
+        self.in_flight = _InFlight(seqs, out.token_ids, host, ready, batch)
 
     def _read(self, f: _InFlight | None = None) -> list[Sequence]:
         """Wait for a step's samples (that step only, not the one launched after it) and append them."""

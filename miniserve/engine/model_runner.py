@@ -108,15 +108,9 @@ class ModelRunner:
     def prepare(self, inputs: list[ForwardInput]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """Pack the sequences' new tokens and build attention metadata and the logits row indices. Positions and
         cache slots are computed for all tokens at once (numpy): a prompt chunk brings thousands of tokens, and a
-        Python loop over them held the GPU back for milliseconds a step before the pass could be launched.
-        One-token sequences are packed first (their attention then runs as one block: _for_kernels); the logits
-        rows come back in the order of `inputs`."""
+        Python loop over them held the GPU back for milliseconds a step before the pass could be launched."""
         bs = self.block_size
-        caller = inputs
         counts = np.fromiter((len(x.token_ids) for x in inputs), np.int64, len(inputs))
-        order = _decodes_first(counts)
-        if order is not None:
-            inputs, counts = [inputs[i] for i in order], counts[order]
         first = np.fromiter((x.start_pos for x in inputs), np.int64, len(inputs))
         ends = np.cumsum(counts)
         max_blocks = max(len(x.block_table) for x in inputs)
@@ -127,8 +121,7 @@ class ModelRunner:
         pos = np.arange(int(ends[-1])) + (first - (ends - counts))[row]
         slots = tables[row, pos // bs] * bs + pos % bs
         ids = list(itertools.chain.from_iterable(x.token_ids for x in inputs))
-        caller_ends = ends if order is None else ends[np.argsort(order)]  # where each caller's sequence ends
-        logit_rows = [r for x, end in zip(caller, caller_ends.tolist()) for r in range(end - x.num_logits, end)]
+        logit_rows = [r for x, end in zip(inputs, ends.tolist()) for r in range(end - x.num_logits, end)]
         dev = self.device
 
         def tensor(data, dtype):
@@ -145,23 +138,20 @@ class ModelRunner:
         return (
             tensor(ids, torch.int64),
             tensor(pos, torch.int64),
-            self._for_kernels(meta, counts, first + counts),
+            self._for_kernels(meta),
             tensor(logit_rows, torch.int64),
         )
 
-    def _for_kernels(
-        self, meta: AttentionMetadata, counts: np.ndarray | None = None, seq_lens: np.ndarray | None = None
-    ) -> AttentionMetadata:
-        """How the Triton backend runs the batch, once per forward for all layers. A few new tokens per sequence
-        (speculative verification: k+1): one decode query per token, a plain decode step's arithmetic, so greedy
-        speculation reproduces plain decoding bit for bit (with GQA no more KV read than the extend kernel's). Prompt
-        chunks after one-token sequences (prepare packs those first): they run on the decode kernel, the rest on the
-        extend kernel (with_decode_part). `counts`, `seq_lens`: host copies; None for a uniform batch."""
-        if self.backend != "triton" or meta.max_query_len == 1:
-            return meta
-        if meta.max_query_len <= DECODE_QUERIES_MAX_LEN:
+    def _for_kernels(self, meta: AttentionMetadata) -> AttentionMetadata:
+        """Batches of a few new tokens per sequence (speculative verification: k+1) run on the Triton backend as
+        one decode query per token, built once per forward for all layers: each token then gets a plain decode
+        step's arithmetic, so greedy speculation reproduces plain decoding bit for bit (with GQA this reads no more
+        KV than the extend kernel). A mixed step (prompt chunks beside decodes) runs whole on the extend kernel:
+        splitting its decodes off to the decode kernel made one API server stream 256 requests at once at 0.47x
+        offline on the H200 (cause not found; `git log -p benchmarks/results/serve_h200.json`, commit 1e31adf)."""
+        if self.backend == "triton" and 1 < meta.max_query_len <= DECODE_QUERIES_MAX_LEN:
             return meta.as_decode_queries()
-        return meta  # mixed: whole on the extend kernel (with_decode_part slowed serving 2x; cause not found)
+        return meta
 
     @torch.inference_mode()
     def forward(self, inputs: list[ForwardInput], device_tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -308,9 +298,3 @@ def set_fp8_decode(model: torch.nn.Module, mode: str, kv_dtype: torch.dtype, dev
         )
     for layer in model.layers:
         layer.self_attn.fp8_decode = mode
-
-
-def _decodes_first(counts: np.ndarray) -> np.ndarray | None:
-    """The packing order of a mixed step (new tokens per sequence `counts`): its one-token sequences first, each
-    group in the caller's order; None when the batch is not mixed (packed as listed)."""
-    return np.argsort(counts != 1, kind="stable") if counts.min() == 1 < counts.max() else None

@@ -56,7 +56,6 @@ class SamplingBatch:
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, token ids, bias)
     allowed: torch.Tensor | None = None  # bool [B, V]: False where allowed_token_ids rules a token out
     token_bitmask: torch.Tensor | None = None  # int32 [B, ceil(V/32)] grammar masks (bit set = allowed)
-    noise: torch.Tensor | None = None  # float32 [B, V]: the race's Exp(1) noise drawn ahead (`draw_noise`)
 
     @property
     def size(self) -> int:
@@ -345,16 +344,14 @@ def random_uniform(batch: SamplingBatch, shape: tuple[int, ...] = ()) -> torch.T
 
 
 def draw_noise(batch: SamplingBatch) -> torch.Tensor | None:
-    """The noise `sample` would draw for `batch` (None: every row is greedy), drawn now: the decoder launches it
-    while the host fills a step's grammar masks (seeded rows' draws are as many and in the same order, so the
-    samples do not change)."""
+    """The noise `sample` would draw for `batch` (None: every row is greedy), drawn ahead: the decoder launches it
+    while the host fills a step's grammar masks and passes it to `sample` (seeded rows' draws are as many and in
+    the same order, so the samples do not change)."""
     return None if batch.all_greedy else _exponential(batch, batch.vocab_size)
 
 
 def _exponential(batch: SamplingBatch, width: int) -> torch.Tensor:
     """Exp(1) noise [B, width] for the race, per-row generators where seeded; never exactly 0."""
-    if batch.noise is not None:
-        return batch.noise
     noise = torch.empty(batch.size, width, device=batch.device)
     if any(g is None for g in batch.generators):
         noise.exponential_()
@@ -364,15 +361,16 @@ def _exponential(batch: SamplingBatch, width: int) -> torch.Tensor:
     return noise.clamp_min_(torch.finfo(torch.float32).tiny)
 
 
-def sample_from_probs(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+def sample_from_probs(probs: torch.Tensor, batch: SamplingBatch, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Draw one token per row from `probs` [B, V] (int64 [B]); greedy rows take the argmax."""
     if batch.all_greedy:
         return probs.argmax(dim=-1)
-    drawn = (probs / _exponential(batch, probs.shape[1])).argmax(dim=-1)
+    noise = _exponential(batch, probs.shape[1]) if noise is None else noise
+    drawn = (probs / noise).argmax(dim=-1)
     return torch.where(batch.greedy, probs.argmax(dim=-1), drawn) if batch.any_greedy else drawn
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+def sample(logits: torch.Tensor, batch: SamplingBatch, noise: torch.Tensor | None = None) -> SamplerOutput:
     """One token per row and, when any row asked for logprobs, the sampled token's logprob under the raw model
     distribution and the top-N raw logprobs (a full-vocabulary log_softmax is only paid for then)."""
     if batch.all_greedy and not batch.reshaped:
@@ -380,7 +378,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     elif batch.all_greedy:
         token_ids = apply_penalties_and_filters(logits, batch).argmax(dim=-1)
     else:
-        token_ids = sample_from_probs(probs(logits, batch), batch)
+        token_ids = sample_from_probs(probs(logits, batch), batch, noise)
     if batch.max_num_logprobs is None:
         return SamplerOutput(token_ids=token_ids, logprobs=None, top_logprobs=None)
     raw_logprobs = torch.log_softmax(logits.to(torch.float32), dim=-1)

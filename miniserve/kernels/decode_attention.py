@@ -453,16 +453,15 @@ def decode_attention(
     split_tokens: int = SPLIT_TOKENS,
     maxnreg: int | None = None,
     reduce_warps: int = REDUCE_WARPS,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode attention: q [num_seqs, num_q_heads, head_dim] -> `out` (q's shape and dtype; new if None); see the
-    module docstring. maxnreg: a register cap for ptxas (more resident programs; spills past what the kernel needs:
+    """Decode attention: q [num_seqs, num_q_heads, head_dim] -> q's shape and dtype; see the module docstring.
+    maxnreg: a register cap for ptxas (more resident programs; spills past what the kernel needs:
     benchmarks/kernel_resources.py says which); None: default_register_cap's, 0: none; reduce_warps: stage 2's."""
     (num_seqs, num_q_heads, head_dim), (_, block_size, num_kv_heads, _) = q.shape, key_cache.shape
     group = num_q_heads // num_kv_heads
     check_kernel_inputs(q, key_cache, value_cache)
     q = q if q.stride(-1) == 1 else q.contiguous()
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_seqs == 0:
         return out
     splits = num_splits or choose_num_splits(meta.max_seq_len, split_tokens)

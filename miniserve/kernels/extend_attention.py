@@ -182,14 +182,13 @@ def extend_attention(
     split_diag: bool | str | None = None,
     reverse: bool = False,
     same_kv_strides: bool | None = None,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Extend attention: q [num_tokens, num_q_heads, head_dim], packed by meta.query_start_loc -> `out` (as
-    decode_attention's). Launch parameters left None: launch_config's (by shape); variants: _variant_constants."""
+    """Extend attention: q [num_tokens, num_q_heads, head_dim], packed by meta.query_start_loc -> the
+    same shape. Launch parameters left None: launch_config's (by shape); variants: _variant_constants."""
     (num_tokens, num_q_heads, head_dim), (_, block_size, num_kv_heads, _) = q.shape, key_cache.shape
     check_kernel_inputs(q, key_cache, value_cache)
     q = q if q.stride(-1) == 1 else q.contiguous()
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return out
     cfg = _launch(head_dim, key_cache.dtype, meta.max_query_len, q.device, block_m=block_m, num_warps=num_warps,

@@ -11,7 +11,6 @@ sees the same (possibly FP8) bytes.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +24,6 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # int32 [B, max_blocks_per_seq]: physical block ids, unused entries 0
     max_query_len: int  # host copy of max(q_len_i)
     max_seq_len: int  # host copy of max(seq_lens)
-    # (n, decode part, extend part): the first n sequences bring one token each and run on the decode kernel
-    # (with_decode_part); None: the whole batch runs on one kernel
-    parts: tuple[int, AttentionMetadata, AttentionMetadata] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -37,22 +33,6 @@ class AttentionMetadata:
     def is_decode(self) -> bool:
         """Every sequence brings exactly one new token: the decode kernel applies."""
         return self.max_query_len == 1
-
-    def with_decode_part(self, n: int, decode_max_seq_len: int) -> AttentionMetadata:
-        """The batch with its first `n` sequences, one new token each, split off for the decode kernel and the rest
-        left to the extend kernel. A prompt chunk's step carries every running sequence's decode token: in the
-        extend kernel each would get a query tile of 64 rows for its one row and read its whole context for it
-        (an FP8 cache's dequantized on the way), in the decode kernel they get a plain decode step's arithmetic.
-        A prompt's rows do not depend on the other sequences in either kernel. Slices only: no host syncs."""
-        head = AttentionMetadata(
-            self.slot_mapping[:n], self.query_start_loc[: n + 1], self.seq_lens[:n], self.block_tables[:n], 1,
-            decode_max_seq_len,
-        )  # fmt: skip
-        tail = AttentionMetadata(
-            self.slot_mapping[n:], self.query_start_loc[n:] - n, self.seq_lens[n:], self.block_tables[n:],
-            self.max_query_len, self.max_seq_len,
-        )  # fmt: skip
-        return dataclasses.replace(self, parts=(n, head, tail))
 
     def as_decode_queries(self) -> AttentionMetadata:
         """The same batch with every new token as its own one-token query (its sequence's pages, its causal

@@ -54,8 +54,7 @@ def paged_attention(
     """Causal attention of the packed new tokens `q` [num_tokens, num_q_heads, head_dim] over the paged cache.
 
     backend "triton": the decode kernel when every sequence brings one token (see
-    `AttentionMetadata.as_decode_queries`), else the extend kernel, or both on their parts of a split batch
-    (`AttentionMetadata.with_decode_part`). Returns `[num_tokens, num_q_heads, head_dim]`
+    `AttentionMetadata.as_decode_queries`), else the extend kernel. Returns `[num_tokens, num_q_heads, head_dim]`
     in q.dtype. fp8_decode: how the kernels convert an FP8 cache (EngineConfig.fp8_decode; the reference is exact).
     """
     if q.shape[1] % key_cache.shape[2]:
@@ -64,19 +63,13 @@ def paged_attention(
         raise ValueError(f"q head_dim ({q.shape[2]}) != cache head_dim ({key_cache.shape[3]})")
     if not use_triton(q.device, backend):
         return paged_attention_reference(q, key_cache, value_cache, meta, k_scale, v_scale, sm_scale)
-    from miniserve.kernels.decode_attention import decode_attention
+    if meta.is_decode:
+        from miniserve.kernels.decode_attention import decode_attention
+
+        return decode_attention(q, key_cache, value_cache, meta, k_scale, v_scale, sm_scale, fp8_decode=fp8_decode)
     from miniserve.kernels.extend_attention import extend_attention
 
-    args = (key_cache, value_cache)
-    if meta.is_decode:
-        return decode_attention(q, *args, meta, k_scale, v_scale, sm_scale, fp8_decode=fp8_decode)
-    if meta.parts is None:
-        return extend_attention(q, *args, meta, k_scale, v_scale, sm_scale, fp8_decode=fp8_decode)
-    n, decodes, rest = meta.parts  # each kernel writes its rows of one output
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    decode_attention(q[:n], *args, decodes, k_scale, v_scale, sm_scale, fp8_decode=fp8_decode, out=out[:n])
-    extend_attention(q[n:], *args, rest, k_scale, v_scale, sm_scale, fp8_decode=fp8_decode, out=out[n:])
-    return out
+    return extend_attention(q, key_cache, value_cache, meta, k_scale, v_scale, sm_scale, fp8_decode=fp8_decode)
 
 
 def _check_cache_write_args(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale) -> None:

@@ -113,7 +113,7 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
     for error, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(error, handler)
     generation = {"/v1/completions": create_completion, "/v1/chat/completions": create_chat_completion}
-    app.add_middleware(DirectRoutes, routes=generation, errors=DIRECT_ERRORS)  # added first: inside the key check
+    app.add_middleware(DirectRoutes, routes=generation, errors=ERROR_HANDLERS)  # added first: inside the key check
     app.add_middleware(RequireAPIKey, api_key=server.api_key)
     app.add_middleware(CatchAll)  # added last: the outermost layer
     return app
@@ -158,14 +158,13 @@ async def client_gone(_: Request, exc: ClientDisconnected) -> Response:
     return Response(status_code=499)  # nobody reads it: the client left while sending its request
 
 
-# the app's answers to errors by class; DIRECT_ERRORS: those the generation handlers (DirectRoutes) can raise
+# the app's answers to errors by class (DirectRoutes gives the generation handlers' errors the same answers)
 ERROR_HANDLERS = {
     APIError: api_error,
     StarletteHTTPException: http_error,
     RequestValidationError: validation_error,
     ClientDisconnected: client_gone,
 }
-DIRECT_ERRORS = {APIError: api_error, ClientDisconnected: client_gone}
 
 
 def settings_from_env(env: Mapping[str, str] = os.environ) -> tuple[EngineConfig, ServerConfig]:
