@@ -82,7 +82,7 @@ def traced_core(config, commands, outputs, path: str, inner=None) -> None:
 
     from miniserve.server import engine_process, pipe
 
-    sent: list[tuple[float, str]] = []
+    sent: list[tuple[float, str, int]] = []
     firsts: list[tuple[float, str]] = []  # (time sent, request id): the step that first carried its output
     adds: list[tuple[float, str]] = []  # (time the engine process took the request, request id)
     seen: set[str] = set()
@@ -91,7 +91,7 @@ def traced_core(config, commands, outputs, path: str, inner=None) -> None:
     def timed_send(self, msg):
         send(self, msg)
         t = time.monotonic()
-        sent.append((t, msg[0]))
+        sent.append((t, msg[0], msg[3] if msg[0] == "step" else 0))  # (time, kind, tokens the step computed)
         if msg[0] == "step":
             for delta in msg[1]:
                 if delta[0] not in seen:

@@ -63,9 +63,10 @@ class BenchRequest:
     prompt: list[int] | list[dict]  # token ids, or chat messages (for the offline run)
 
 
-def build_workload(args: argparse.Namespace, vocab_size: int) -> list[BenchRequest]:
-    """--num-prompts requests: random token ids (seeded) or chat conversations of real text."""
-    rng = random.Random(args.seed)
+def build_workload(args: argparse.Namespace, vocab_size: int, seed_offset: int = 0) -> list[BenchRequest]:
+    """--num-prompts requests: random token ids (seeded: `seed_offset` gives another set) or chat conversations of
+    real text."""
+    rng = random.Random(args.seed + seed_offset)
     common = {"max_tokens": args.output_len, "temperature": 0.0, "ignore_eos": True}
     if args.url is None:  # the server this script starts serves MODEL_NAME; a --url server takes no name
         common["model"] = MODEL_NAME
@@ -389,8 +390,9 @@ def engine_kwargs(engine_args: str) -> dict:
     return {k: v for k, v in ns.items() if v is not None and k not in ("model", "served_model_name")}
 
 
-def run_offline(args: argparse.Namespace, reqs: list[BenchRequest]) -> dict:
-    """The same prompts through LLM.generate: tokens/s, plus a single-request prefill and a full-batch decode step."""
+def run_offline(args: argparse.Namespace, reqs: list[BenchRequest], warm: list[BenchRequest]) -> dict:
+    """The same prompts through LLM.generate (after `warm`'s, which are not measured): tokens/s, plus a
+    single-request prefill and a full-batch decode step."""
     import torch
 
     from miniserve import LLM, SamplingParams
@@ -400,13 +402,18 @@ def run_offline(args: argparse.Namespace, reqs: list[BenchRequest]) -> dict:
     prompts = [r.prompt if r.body.get("prompt") else tok.encode_chat(r.prompt) for r in reqs]
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    llm.generate(prompts[: min(8, len(prompts))], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    warm_prompts = [r.prompt if r.body.get("prompt") else tok.encode_chat(r.prompt) for r in warm]
+    llm.generate(warm_prompts or prompts[:1], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     sync()
     steps, engine_step = [0], llm.engine.step
 
+    timeline: list[tuple[float, int]] = []  # (time each step ended, tokens it computed): --trace-dir
+
     def counted_step():
         steps[0] += 1
-        return engine_step()
+        out = engine_step()
+        timeline.append((time.perf_counter(), llm.engine.last_step_num_tokens))
+        return out
 
     llm.engine.step = counted_step
     start = time.perf_counter()
@@ -417,6 +424,11 @@ def run_offline(args: argparse.Namespace, reqs: list[BenchRequest]) -> dict:
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     prefill, after_idle = single_prefills(llm, [len(p) for p in prompts[:5]], args.seed, sync)
     step = decode_step_time(llm, prompts, args)
+    if args.trace_dir:
+        from benchmarks.serve_trace import ramp
+
+        Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
+        Path(f"{args.trace_dir}/offline_ramp.json").write_text(json.dumps(ramp(timeline, start)))
     return {
         "duration_s": seconds,
         "output_tokens": tokens,
@@ -430,6 +442,8 @@ def run_offline(args: argparse.Namespace, reqs: list[BenchRequest]) -> dict:
 
 
 IDLE_S = 0.25  # the gap between arrivals at 4 requests/s
+PHASE_SEEDS = {"stream": 0, "plain": 10}  # added to --seed: each online phase's prompts (lone requests: +2)
+WARM_SEED = 20
 LONE_REQUESTS = 8
 
 
@@ -599,8 +613,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    reqs = build_workload(args, vocab_of(args))
+    vocab = vocab_of(args)
+    reqs = build_workload(args, vocab)
     arrivals = arrival_times(len(reqs), args.request_rate, args.seed)
+    # every phase on the server gets prompts of its own, and the warm-up others again: a phase whose prompts an
+    # earlier one left in the prefix cache would skip their prefill (offline runs `reqs` on a new engine)
+    phase_reqs = {ph: build_workload(args, vocab, PHASE_SEEDS[ph]) for ph in ("stream", "plain")}
+    warm = build_workload(args, vocab, WARM_SEED)[: args.warmup]
     results: dict = {
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["serve.py", *argv]),
         "versions": versions(),
@@ -614,7 +633,6 @@ def main(argv: list[str] | None = None) -> dict:
         if url is None:
             url, proc = start_server(args)
         try:
-            warm = reqs[: args.warmup]
             if warm:
                 run_clients(url, warm, [0.0] * len(warm), True, 1)
             if "stream" in online:
@@ -622,7 +640,7 @@ def main(argv: list[str] | None = None) -> dict:
             for ph in online:
                 before = engine_steps(url)
                 trace = f"{args.trace_dir}/real/{ph}_client.json" if args.trace_dir else None
-                res = run_clients(url, reqs, arrivals, ph == "stream", args.client_procs, trace)
+                res = run_clients(url, phase_reqs[ph], arrivals, ph == "stream", args.client_procs, trace)
                 res |= step_summary(before, engine_steps(url), res["duration_s"])
                 results["phases"][ph] = res
                 print(f"[{ph}] {fmt(res)}", flush=True)
@@ -632,7 +650,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "fake" in args.phase_list:
         url, proc = start_server(args, fake=True)
         try:
-            run_clients(url, reqs[: args.warmup], [0.0] * min(args.warmup, len(reqs)), True, 1)
+            run_clients(url, warm, [0.0] * len(warm), True, 1)
             trace = f"{args.trace_dir}/fake/stream_client.json" if args.trace_dir else None
             res = run_clients(url, reqs, arrivals, True, args.client_procs, trace)
             res["engine_time_s"] = args.output_len * args.fake_step_ms / 1000  # what a client could see at best
@@ -650,7 +668,7 @@ def main(argv: list[str] | None = None) -> dict:
             for w in workers:
                 w.terminate()
     if "offline" in args.phase_list:
-        res = run_offline(args, reqs)
+        res = run_offline(args, reqs, warm)
         results["phases"]["offline"] = res
         print(
             f"[offline] {res['output_tok_s']:.0f} output tok/s, single-request prefill "
@@ -680,14 +698,22 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def trace_summaries(trace_dir: Path) -> dict:
-    """benchmarks/serve_trace.py's analysis of each streamed phase traced under `trace_dir`."""
-    from benchmarks.serve_trace import analyse
+    """benchmarks/serve_trace.py's analysis of each streamed phase traced under `trace_dir`, and the ramp of every
+    phase."""
+    from benchmarks.serve_trace import analyse, phase_ramp
 
-    return {
+    out = {
         f"{server}/{path.stem.removesuffix('_client')}": analyse(trace_dir / server, path.stem.removesuffix("_client"))
         for server in ("real", "fake")
         for path in sorted((trace_dir / server).glob("stream_client.json"))
     }
+    # how each phase's engine work was spread out (admission ramp, step times), beside the offline run's
+    for path in sorted((trace_dir / "real").glob("*_client.json")):
+        phase = path.stem.removesuffix("_client")
+        out[f"ramp/{phase}"] = phase_ramp(trace_dir / "real", phase)
+    if (trace_dir / "offline_ramp.json").exists():
+        out["ramp/offline"] = json.loads((trace_dir / "offline_ramp.json").read_text())
+    return out
 
 
 def fmt(res: dict) -> str:

@@ -45,7 +45,7 @@ def analyse(trace_dir: Path, phase: str) -> dict:
     t1 = max(r[2] for r in client)
     inside = lambda t: t0 <= t <= t1  # noqa: E731
 
-    step_times = [t for t, kind in engine["sent"] if kind == "step"]
+    step_times = [t for t, kind, *_ in engine["sent"] if kind == "step"]
     steps = [t for t in step_times if inside(t)]
     # the k-th step message sent is the k-th step the API process took: match them by count
     delays, per_handover, cum = [], [], 0
@@ -99,6 +99,37 @@ def first_token_path(client: list, engine: dict, api: dict, inside) -> dict:
         stages["engine_ms"].append(first[rid] - taken[rid])
         stages["to_client_ms"].append(t_first - first[rid])
     return {f"ttft_{k}": summary(v) for k, v in stages.items()}
+
+
+def ramp(steps: list[tuple[float, int]], t0: float, adds: list[float] | None = None) -> dict:
+    """How the engine's work was spread over a phase that started at `t0`: when it took the requests (`adds`; the
+    offline engine has them all at once), how many steps it ran before and after the last one, their mean time and
+    tokens, and when the last step ended. Side by side with the offline run it tells a slow admission (a long
+    ramp of small steps) from slower steps."""
+    adds = sorted(a - t0 for a in adds) if adds else [0.0]
+    last_add = adds[-1]
+    times = [t - t0 for t, _ in steps]
+    before = [n for (t, n) in zip(times, (n for _, n in steps)) if t <= last_add]
+    after = [(t, n) for t, (_, n) in zip(times, steps) if t > last_add]
+    gaps = [b - a for (a, _), (b, _) in zip(after, after[1:])]
+    return {
+        "adds_ms": f"first {adds[0] * 1e3:.1f}  p50 {pct(adds, 0.5) * 1e3:.1f}  last {last_add * 1e3:.1f}",
+        "steps_until_last_add": len(before),
+        "tokens_per_step_until_last_add": sum(before) / max(1, len(before)),
+        "steps_after_last_add": len(after),
+        "step_ms_after_last_add": sum(gaps) / max(1, len(gaps)) * 1e3,
+        "last_step_ms": times[-1] * 1e3 if times else float("nan"),
+    }
+
+
+def phase_ramp(trace_dir: Path, phase: str) -> dict:
+    """ramp() of one served phase, from its client, engine and API traces."""
+    client = json.loads((trace_dir / f"{phase}_client.json").read_text())
+    engine = json.loads((trace_dir / "engine_trace.json").read_text())
+    t0, t1 = min(r[0] for r in client), max(r[2] for r in client)
+    steps = [(t, n) for t, kind, n in engine["sent"] if kind == "step" and n and t0 <= t <= t1]
+    adds = [t for t, _ in engine["adds"] if t0 <= t <= t1]
+    return ramp(steps, t0, adds)
 
 
 def main() -> None:

@@ -127,6 +127,25 @@ def test_serve_trace_splits_each_stage(tmp_path):
             assert 0 <= p50 <= p90 <= p99, (stage, trace)
 
 
+def test_each_served_phase_computes_its_whole_workload_and_the_ramps_line_up(tmp_path):
+    """Phases on one server must not reuse each other's prompts (the prefix cache would skip their prefill: the
+    second phase then looked faster than offline): both phases compute the same number of tokens, every prompt
+    token included. The traced ramps count each phase's steps, from the engine's own messages, as /metrics does."""
+    res = _serve(
+        tmp_path, "--phases", "stream,plain,offline", "--input-len", "40",
+        "--engine-args=--device cpu --max-num-seqs 8 --block-size 16", "--trace-dir", str(tmp_path / "trace"),
+    )  # fmt: skip
+    phases = res["phases"]
+    computed = {ph: phases[ph]["engine_steps"] * phases[ph]["tokens_per_step"] for ph in ("stream", "plain")}
+    assert round(computed["stream"]) == round(computed["plain"]) >= 6 * 40, computed
+    for ph in ("stream", "plain", "offline"):
+        ramp = res["trace"][f"ramp/{ph}"]
+        steps = ramp["steps_until_last_add"] + ramp["steps_after_last_add"]
+        assert steps == res["phases"][ph]["engine_steps"], (ph, ramp)
+        assert 0 < ramp["last_step_ms"] <= res["phases"][ph]["duration_s"] * 1000
+    assert res["trace"]["ramp/offline"]["steps_until_last_add"] == 0  # offline has every request at once
+
+
 def test_the_prefill_reference_runs_new_prompts_alone_warm_and_after_an_idle_gap(monkeypatch):
     """The TTFT reference must not hit the prefix cache: on the demo engine, after the workload's prompts ran, every
     prompt the reference runs computes all its tokens (the engine's own num_cached_tokens is 0), alone, making one
