@@ -104,11 +104,35 @@ def traced_core(config, commands, outputs, path: str, inner=None) -> None:
 
     pipe.FrameWriter.send = timed_send
     engine_process._CoreLoop._add = timed_add
-    trace = {"sent": sent, "adds": adds, "firsts": firsts}
+    steps = _time_real_steps(engine_process) if inner is None else []
+    trace = {"sent": sent, "adds": adds, "firsts": firsts, "steps": steps}
     try:
         (inner or engine_process._core_main)(config, commands, outputs)
     finally:
         Path(path).write_text(json.dumps(trace))
+
+
+def _time_real_steps(engine_process) -> list[list[float]]:
+    """In the real engine process: [start, seconds in step_messages, seconds sending its message] of every step
+    (is a served step slower in the engine itself, or in what the loop does around it?)."""
+    from miniserve.engine.llm_engine import LLMEngine
+
+    steps: list[list[float]] = []
+    step_messages, send_step = LLMEngine.step_messages, engine_process._CoreLoop._send_step
+
+    def timed_step(self):
+        t = time.monotonic()
+        out = step_messages(self)
+        steps.append([t, time.monotonic() - t, 0.0])
+        return out
+
+    def timed_send_step(self, *args):
+        t = time.monotonic()
+        send_step(self, *args)
+        steps[-1][2] = time.monotonic() - t
+
+    LLMEngine.step_messages, engine_process._CoreLoop._send_step = timed_step, timed_send_step
+    return steps
 
 
 def trace_api(path: str) -> None:

@@ -129,7 +129,13 @@ def phase_ramp(trace_dir: Path, phase: str) -> dict:
     t0, t1 = min(r[0] for r in client), max(r[2] for r in client)
     steps = [(t, n) for t, kind, n in engine["sent"] if kind == "step" and n and t0 <= t <= t1]
     adds = [t for t, _ in engine["adds"] if t0 <= t <= t1]
-    return ramp(steps, t0, adds)
+    out = ramp(steps, t0, adds)
+    last_add = max(adds, default=t0)
+    timed = [(busy, send) for t, busy, send in engine.get("steps", []) if last_add < t <= t1]
+    if timed:  # the real engine: its own time per step, and sending the step's message
+        out["engine_step_ms_after_last_add"] = sum(b for b, _ in timed) / len(timed) * 1e3
+        out["send_ms_after_last_add"] = sum(s for _, s in timed) / len(timed) * 1e3
+    return out
 
 
 def main() -> None:

@@ -144,6 +144,9 @@ def test_each_served_phase_computes_its_whole_workload_and_the_ramps_line_up(tmp
         assert steps == res["phases"][ph]["engine_steps"], (ph, ramp)
         assert 0 < ramp["last_step_ms"] <= res["phases"][ph]["duration_s"] * 1000
     assert res["trace"]["ramp/offline"]["steps_until_last_add"] == 0  # offline has every request at once
+    for ph in ("stream", "plain"):  # the real engine's own time per step, and its message's
+        ramp = res["trace"][f"ramp/{ph}"]
+        assert 0 < ramp["engine_step_ms_after_last_add"] and 0 < ramp["send_ms_after_last_add"], ramp
 
 
 def test_the_prefill_reference_runs_new_prompts_alone_warm_and_after_an_idle_gap(monkeypatch):

@@ -103,7 +103,7 @@ def _store_tile(
     tl.store(cache_ptr + dst_off, y, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # every step's count: one compile, not one per 1 | 16k | other
 def _reshape_and_cache_kernel(
     key_ptr,
     value_ptr,

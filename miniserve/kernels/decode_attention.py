@@ -212,7 +212,7 @@ def attend_kv_tile(
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # eager steps' block tables vary in width: one compile
 def _decode_split_kernel(
     q_ptr,
     k_cache_ptr,

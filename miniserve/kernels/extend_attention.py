@@ -32,7 +32,7 @@ from miniserve.kernels.decode_attention import (
 from miniserve.kernels.metadata import AttentionMetadata
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the block table's width changes every step: one compile
 def _extend_kernel(
     q_ptr,
     k_cache_ptr,

@@ -17,7 +17,7 @@ import triton.language as tl
 from miniserve.kernels.metadata import AttentionMetadata
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "stride_tt", "num_blocks_per_seq"])  # per-step widths
 def _uniform_metadata_kernel(
     start_pos_ptr,
     valid_ptr,
