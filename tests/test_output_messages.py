@@ -33,6 +33,7 @@ def _requests() -> list[tuple[str, str, SamplingParams]]:
         ("c", "Thou art", SamplingParams(seed=3, max_tokens=5, prompt_logprobs=1, **delta)),
         ("d", "NURSE:", SamplingParams(seed=4, max_tokens=6, n=2, output_kind="final_only", temperature=0.9)),
         ("e", "MERCUTIO:", SamplingParams(seed=5, max_tokens=12, detokenize=False, **delta)),
+        ("f", "HAMLET:", SamplingParams(seed=6, max_tokens=10, **delta)),  # one choice, text, nothing else
     ]
 
 

@@ -41,10 +41,19 @@ class Request:
     reported: list[tuple[int, int]] = field(init=False)  # output_kind "delta": (tokens, characters) per choice
     ended: list[bool] = field(init=False)  # collect_messages: whether each choice's finish was reported
     prompt_logprobs_reported: bool = False
+    single_plain: bool = field(init=False)  # streamed with one choice, no stop strings, no logprobs of any kind
 
     def __post_init__(self) -> None:
         self.reported = [(0, 0)] * len(self.seqs)
         self.ended = [False] * len(self.seqs)
+        p = self.params
+        self.single_plain = (
+            len(self.seqs) == 1
+            and self.stop_matcher is None
+            and p.output_kind != "final_only"
+            and p.logprobs is None
+            and p.prompt_logprobs is None
+        )
 
 
 class OutputProcessor:
@@ -181,7 +190,9 @@ class OutputProcessor:
         request's whole output once; final_metrics (with num_cached_tokens) only when it finished."""
         messages = []
         for req in self._reporting(progressed):
-            if req.params.output_kind == "final_only":  # finished (_reporting): everything at once
+            if req.single_plain and not req.seqs[0].is_finished:  # most streams, most steps (256 a step)
+                msg = _running_plain_delta(req, req.seqs[0])
+            elif req.params.output_kind == "final_only":  # finished (_reporting): everything at once
                 msg = _message_of(self._request_output(req))
             else:  # what is new since the last message, "cumulative" requests included
                 msg = self._delta_message(req)
@@ -291,6 +302,18 @@ def _news(seq: Sequence, hold: int, reported: tuple[int, int]) -> tuple[list[int
     logprobs = seq.logprobs[num_tokens:] if seq.logprobs is not None else None
     tokens = seq.token_ids[seq.num_prompt_tokens + num_tokens :]
     return tokens, seq.text[num_chars:visible], logprobs, (seq.num_output_tokens, visible)
+
+
+def _running_plain_delta(req: Request, seq: Sequence) -> tuple | None:
+    """_delta_message of a running Request.single_plain one, with nothing to hold back, weigh or end: its new
+    tokens and text, or None."""
+    num_tokens, num_chars = req.reported[0]
+    tokens = seq.token_ids[seq.num_prompt_tokens + num_tokens :]
+    text = seq.text[num_chars:]
+    if not tokens and not text:
+        return None
+    req.reported[0] = (num_tokens + len(tokens), num_chars + len(text))
+    return req.request_id, False, [(seq.index, tokens, text, None, None, None, None)], None, None
 
 
 def _delta_completion(seq: Sequence, params: SamplingParams, hold: int, reported: tuple[int, int]) -> tuple:
