@@ -68,7 +68,7 @@ class _Request(BaseModel):
     def ignored_fields(self, prefix: str = "") -> list[str]:
         """Dotted names of fields no schema knows, here and in nested objects."""
         out = [prefix + key for key in sorted(self.model_extra or {})]
-        for name in type(self).model_fields:
+        for name in sorted(self.model_fields_set & type(self).model_fields.keys()):  # a default holds no extras
             value = getattr(self, name)
             if isinstance(value, list) and value and type(value[0]) is int:
                 continue  # token ids (thousands of them in a prompt): no object inside
