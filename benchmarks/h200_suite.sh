@@ -14,6 +14,7 @@
 #   bash benchmarks/h200_suite.sh extendchecks OUT_DIR # every extend variant against the torch reference
 #   bash benchmarks/h200_suite.sh extendttft OUT_DIR # a 32k prompt's TTFT end to end, beside one HF forward
 #   bash benchmarks/h200_suite.sh profile1b OUT_DIR # GPU time per kernel of Llama-3.2-1B: decode steps (batch 1, 64), runs (128, 256)
+#   OLD=DIR [OLD_COMMIT=...] bash benchmarks/h200_suite.sh firststeps OUT_DIR # the first burst after start-up, old tree and this one
 # Every step is bounded in time and independent of the others: one that fails leaves the rest to run.
 set -u
 part=$1
@@ -210,4 +211,12 @@ if [ "$part" = profile1b ]; then
       --kv-cache-dtype auto fp8 --repeats 1 --profile --profile-run --out "$out/profile_run_llama1b_b${b}_h200.json" \
       2>&1 | grep -v -i warn | grep -E "rror" | head -3
   done
+fi
+
+if [ "$part" = firststeps ]; then
+  # what a new server's first 256-request burst pays once (Triton compiles, first launches), this tree and $OLD's,
+  # each with an empty Triton cache; joined into first_steps_h200.json
+  timeout 150 python3 benchmarks/first_steps.py --out "$out/first_steps_new.json" 2>&1 | grep -v -i warn | tail -2
+  MINISERVE_COMMIT="${OLD_COMMIT:-323fe05}" timeout 150 python3 benchmarks/first_steps.py --repo "$OLD" \
+    --out "$out/first_steps_old.json" 2>&1 | grep -v -i warn | tail -2
 fi

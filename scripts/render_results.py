@@ -235,7 +235,8 @@ def fixed_step_note() -> str:
 def met_with_servers(runs: list[tuple[int, dict]], ok, what: str) -> str:
     """Which numbers of API servers met a target ("no" when none did)."""
     met = [str(n) for n, ph in runs if ok(ph)]
-    return f"{what}: yes with {', '.join(met)} API servers" if met else f"{what}: no"
+    plural = "s" if met != ["1"] else ""
+    return f"{what}: yes with {', '.join(met)} API server{plural}" if met else f"{what}: no"
 
 
 def missed_serving(stream: float, plain: float) -> str:
@@ -249,7 +250,6 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
     files = {n: load("serve_h200.json" if n == 1 else f"serve_api{n}_h200.json") for n in (1, 2, 4, 8)}
     runs = [(n, data["phases"]) for n, data in files.items() if data]
     if runs and runs[0][0] == 1:
-        several = [(n, ph) for n, ph in runs if n > 1]
         measured = "; ".join(
             f"{n} API server{'s' if n > 1 else ''}: streaming {ph['stream']['vs_offline']:.2f}x, plain "
             f"{ph['plain']['vs_offline']:.2f}x (offline {fmt(ph['offline']['output_tok_s'])} tok/s)"
@@ -259,20 +259,17 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
             (
                 "server, 256 requests at once (512 in, 256 out): streaming >= 0.9x offline, plain >= 0.95x",
                 measured,
-                met_with_servers(several, lambda ph: ph["stream"]["vs_offline"] >= 0.9, "streaming")
+                met_with_servers(runs, lambda ph: ph["stream"]["vs_offline"] >= 0.9, "streaming")
                 + "; "
-                + met_with_servers(several, lambda ph: ph["plain"]["vs_offline"] >= 0.95, "plain"),
-                "one API process is one Python event loop that parses the arriving requests, detokenizes and writes "
-                "an SSE event per stream per step; several share that work (`--api-servers N`, "
-                "`miniserve/server/launcher.py`). Plain requests can finish sooner than offline `LLM.generate` "
-                "(arriving over time, prompts are prefilled in steps shared with running decodes, where offline all "
-                "256 are prefilled first: fewer, faster steps, `engine_steps` and `ms_per_step` in the files). "
-                "Streaming mostly stays below: its steady decode keeps up (TPOT p50 "
-                f"{several[-1][1]['stream']['tpot_ms']['p50']:.1f} ms with {several[-1][0]} API servers, the decode "
-                f"step {several[-1][1]['offline']['decode_step_ms']:.1f} ms); where the rest of its time goes was not "
-                "profiled. Each run against the offline engine in the same process run; ratios vary between runs of "
-                "the lent H200 by several percent, plain ones most (`git log -p "
-                "benchmarks/results/serve_api4_h200.json` has the run before this one)",
+                + met_with_servers(runs, lambda ph: ph["plain"]["vs_offline"] >= 0.95, "plain"),
+                "each online phase sends prompts of its own (an earlier phase's would be in the prefix cache). "
+                + first_burst_note()
+                + serve_ramps()
+                + "Plain requests lose their time at both ends: the API process admits the 256 over about 0.2 s (its "
+                "requests one at a time, `adds_ms` in the trace) and writes 256 whole responses at the end; several "
+                "API servers share both (`--api-servers N`, `miniserve/server/launcher.py`). Each run against the "
+                "offline engine in the same process run; the plain ratio varies most between runs of the lent H200 "
+                f"(one API server: {plain_in_trace()} in the traced run of the same tree)",
             )
         )
         itl = "ITL p50 with " + "; ".join(
@@ -284,7 +281,7 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
             (
                 "server: inter-token latency p50 within 1.2x of the offline decode step",
                 itl,
-                met_with_servers(several, lambda ph: ph["stream"]["itl_p50_vs_decode_step"] <= 1.2, "ITL"),
+                met_with_servers(runs, lambda ph: ph["stream"]["itl_p50_vs_decode_step"] <= 1.2, "ITL"),
                 "256 streams a step is more SSE events than one event loop writes in a step: a stream that fell "
                 "behind gets its new tokens joined into one event (fewer, larger events), which keeps throughput "
                 f"and costs inter-token latency; {serve_trace_saturated()}",
@@ -432,6 +429,51 @@ def idle_note(stream: dict, offline: dict) -> str:
         f"prefill after 0.25 s of idle takes {idle:.2f} ms against {offline['single_request_prefill_ms']:.2f} back "
         f"to back (not profiled), and against that one TTFT p50 is {stream['ttft_ms']['p50'] / idle:.1f}x. The "
         "reference prompts are new ones (the workload's own would hit the prefix cache); "
+    )
+
+
+def first_burst_note() -> str:
+    """What a server's first burst paid before and after the per-step arguments stopped being specialized."""
+    fs = load("first_steps_h200.json")
+    if not fs:
+        return ""
+
+    def summary(run: dict) -> str:
+        first, again = run["rounds"][0], run["rounds"][1]
+        compiled = sum(1 for step in first["slow_steps"] if step["compiled"])
+        return (
+            f"{first['seconds_in_steps']:.2f} s of steps against {again['seconds_in_steps']:.2f} s for the same "
+            f"burst again, {compiled} of its steps compiling a kernel"
+        )
+
+    return (
+        "The first burst after start-up used to stall the engine: Triton compiled a new variant of the cache write "
+        "and of the extend kernel for each new class (1, multiple of 16, other) of a token count or block-table "
+        "width; those arguments are no longer specialized (`tests/test_compile_variants.py`). Offline, 256 prompts "
+        f"(`first_steps_h200.json`): {summary(fs['old'])} at {fs['old']['commit']}; {summary(fs['new'])} now. "
+    )
+
+
+def plain_in_trace() -> str:
+    t = load("serve_trace_h200.json")
+    plain = t["saturated"]["phases"].get("plain") if t else None
+    return f"{plain['vs_offline']:.2f}x" if plain else "not traced"
+
+
+def serve_ramps() -> str:
+    """The traced saturated run's engine timeline per phase: when it had every request, its steps after that."""
+    t = load("serve_trace_h200.json")
+    ramps = t["saturated"]["trace"] if t else {}
+    if "ramp/stream" not in ramps or "ramp/offline" not in ramps:
+        return ""
+    s, p, o = ramps["ramp/stream"], ramps.get("ramp/plain"), ramps["ramp/offline"]
+    plain = f", plain {p['steps_after_last_add']} at {p['engine_step_ms_after_last_add']:.2f} ms" if p else ""
+    return (
+        f"Traced (`serve_trace_h200.json`), the engine had the last of the 256 streamed requests "
+        f"{s['adds_ms'].split('last ')[1]} ms into the run; its steps after that: streaming "
+        f"{s['steps_after_last_add']} at {s['engine_step_ms_after_last_add']:.2f} ms each (sending each step's message "
+        f"{s['send_ms_after_last_add']:.2f} ms){plain}, offline {o['steps_after_last_add']} at "
+        f"{o['step_ms_after_last_add']:.2f} ms. "
     )
 
 
