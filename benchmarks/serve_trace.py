@@ -125,6 +125,8 @@ def ramp(steps: list[tuple[float, int]], t0: float, adds: list[float] | None = N
 def phase_ramp(trace_dir: Path, phase: str) -> dict:
     """ramp() of one served phase, from its client, engine and API traces."""
     client = json.loads((trace_dir / f"{phase}_client.json").read_text())
+    if not client:  # no request of the phase succeeded: nothing to place on the engine's timeline
+        return {}
     engine = json.loads((trace_dir / "engine_trace.json").read_text())
     t0, t1 = min(r[0] for r in client), max(r[2] for r in client)
     steps = [(t, n) for t, kind, n in engine["sent"] if kind == "step" and n and t0 <= t <= t1]
