@@ -203,6 +203,11 @@ class ServerConfig:
     host: str = setting("127.0.0.1", "bind address (0.0.0.0 exposes the server)")
     port: int = setting(8000, "TCP port")
     log_level: str = setting("info", "server log level", LOG_LEVELS)
+    access_log: bool = setting(
+        True,
+        "log a line per HTTP request (uvicorn's access log); --no-access-log, like vLLM's "
+        "--disable-uvicorn-access-log, saves its cost at high request rates",
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)

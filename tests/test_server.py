@@ -54,7 +54,7 @@ def run_server(model_dir: Path, uvicorn_args: tuple[str, ...] = (), **env: str) 
 
 @contextmanager
 def uvicorn_server(
-    model_dir: Path, log: BinaryIO, uvicorn_args: tuple[str, ...] = (), **env: str
+    model_dir: Path, log: BinaryIO, uvicorn_args: tuple[str, ...] = (), log_level: str = "warning", **env: str
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """`python -m uvicorn server:app` on the CPU on a free local port, its output into `log` (a file open for
     reading and writing); yields (base URL, process) once /health answers, and always stops it."""
@@ -66,7 +66,7 @@ def uvicorn_server(
         "MINISERVE_DTYPE": "float32",
     }
     cmd = [sys.executable, "-m", "uvicorn", "server:app", "--host", "127.0.0.1", "--port", str(port), *uvicorn_args]
-    proc = subprocess.Popen(cmd + ["--log-level", "warning"], cwd=REPO, env={**full_env, **env}, stdout=log, stderr=log)
+    proc = subprocess.Popen(cmd + ["--log-level", log_level], cwd=REPO, env={**full_env, **env}, stdout=log, stderr=log)
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, proc, log)

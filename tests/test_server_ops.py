@@ -233,3 +233,22 @@ def test_a_second_signal_exits_at_once(model_dir):
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=5)
             assert time.monotonic() - t < 3
+
+
+# ---------------------------------------------------------------------------------------------- access log
+
+
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_the_access_log_has_a_line_per_request_unless_switched_off(model_dir, setting):
+    env = {"MINISERVE_SERVED_MODEL_NAME": MODEL_NAME}
+    if setting is not None:
+        env["MINISERVE_ACCESS_LOG"] = setting
+    with tempfile.TemporaryFile() as log, uvicorn_server(model_dir, log, log_level="info", **env) as (url, _):
+        body = {"model": MODEL_NAME, "prompt": "To be", "max_tokens": 2}
+        assert httpx.post(url + "/v1/completions", json=body, timeout=30).status_code == 200
+        time.sleep(0.2)
+        log.seek(0)
+        logged = log.read().decode(errors="replace")
+    lines = [line for line in logged.splitlines() if '"POST /v1/completions HTTP/1.1" 200' in line]
+    assert len(lines) == (1 if setting is None else 0), logged
+    assert "Application startup complete" in logged  # the other info lines stay either way

@@ -88,6 +88,8 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
         token_chars = await asyncio.to_thread(max_token_chars, tokenizer)
         engine = EngineProcess(config, max_waiting=server.max_waiting, link=link)
         await asyncio.to_thread(engine.start)
+        # here, not uvicorn's flag: MINISERVE_ACCESS_LOG and --no-access-log then work however uvicorn was started
+        logging.getLogger("uvicorn.access").disabled = not server.access_log
         try:
             engine.attach(asyncio.get_running_loop())
             state = ServerState(config, server, engine, tokenizer, token_chars)
