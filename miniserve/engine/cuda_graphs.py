@@ -132,9 +132,8 @@ class BucketedGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             outputs = self.fn(static.t())
         peers = (mark, self.peer.peer_graph_mark() - mark) if self.peer is not None else (0, 0)
-        if peers[1]:  # (as run() does: the other ranks' graphs first, their collectives wait for this one's)
-            self.peer.replay_peer_graphs(*peers)
-        graph.replay()  # a graph's first launch uploads it (~0.1 s for Llama-3.2-1B at 256 rows): not in a request
+        if not peers[1]:  # its first launch (the upload) here, not in a request's step; a tensor-parallel graph
+            graph.replay()  # needs the other ranks' in step, as run() does (not done: no two GPUs to test it on)
         self.pool = graph.pool()
         staging = tuple(packed_buffer(self.width, bucket, self.padding).pin_memory() for _ in range(2))
         events = [torch.cuda.Event(), torch.cuda.Event()]
