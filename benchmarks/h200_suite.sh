@@ -75,9 +75,10 @@ fi
 
 if [ "$part" = serving ]; then
   # needs fastapi/uvicorn/pydantic/orjson/xgrammar on the GPU box (carried as wheels there). Issue 18: 256 requests
-  # at once (streaming, plain, offline); then below saturation (4 requests/s) for TTFT.
+  # at once (streaming, plain, offline; the median of 3 alternated runs each); then below saturation (4 requests/s)
+  # for TTFT.
   timeout 300 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 256 --input-len 512 --output-len 256 \
-    --phases stream,plain,offline,fake --fake-step-ms 5 --client-procs 4 --out "$out/serve_h200.json" 2>&1 |
+    --phases stream,plain,offline,fake --fake-step-ms 5 --client-procs 4 --repeats 3 --out "$out/serve_h200.json" 2>&1 |
     grep -v -i warn | tail -12
   timeout 150 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 64 --input-len 512 --output-len 256 \
     --request-rate 4 --phases stream,offline --client-procs 2 --out "$out/serve_rate4_h200.json" 2>&1 |
@@ -88,7 +89,7 @@ if [ "$part" = apiservers ]; then
   # issue 18: the saturated workload served by 4 API server processes (miniserve serve --api-servers 4), beside
   # the offline engine in the same run
   timeout 300 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 256 --input-len 512 --output-len 256 \
-    --phases stream,plain,offline --client-procs 4 --engine-args="--api-servers 4" \
+    --phases stream,plain,offline --client-procs 4 --engine-args="--api-servers 4" --repeats 3 \
     --out "$out/serve_api4_h200.json" 2>&1 | grep -v -i warn | tail -6
 fi
 

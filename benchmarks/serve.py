@@ -22,8 +22,11 @@ once or with Poisson arrivals at --request-rate. Phases:
 - stub:    the client's own ceiling: the same workload against a stub server that streams pre-made events
            (--stub-step-ms apart, 0 = as fast as it can), so a client bottleneck shows.
 
-Requests are spread over --client-procs client processes (asyncio + aiohttp each). Results go to --out as JSON
-with the command, versions and settings.
+Each online phase sends prompts of its own (an earlier phase's would be in the prefix cache). `--repeats N` runs
+the online phases N times, alternated, and offline N times, with new prompts each time; each phase reports its
+median run (and every run's tokens/s), and the ratios are between medians. Requests are spread over
+--client-procs client processes (asyncio + aiohttp each). Results go to --out as JSON with the command, versions
+and settings.
 """
 
 from __future__ import annotations
@@ -390,24 +393,46 @@ def engine_kwargs(engine_args: str) -> dict:
     return {k: v for k, v in ns.items() if v is not None and k not in ("model", "served_model_name")}
 
 
-def run_offline(args: argparse.Namespace, reqs: list[BenchRequest], warm: list[BenchRequest]) -> dict:
-    """The same prompts through LLM.generate (after `warm`'s, which are not measured): tokens/s, plus a
-    single-request prefill and a full-batch decode step."""
+def run_offline(args: argparse.Namespace, workloads: list[list[BenchRequest]], warm: list[BenchRequest]) -> dict:
+    """The same prompts through LLM.generate (after `warm`'s, which are not measured), each workload in turn on
+    one engine (new prompts each: nothing is cached): the median run's tokens/s, plus a single-request prefill and
+    a full-batch decode step."""
     import torch
 
     from miniserve import LLM, SamplingParams
 
     llm = LLM(args.model, **engine_kwargs(args.engine_args))
     tok = llm.get_tokenizer()
-    prompts = [r.prompt if r.body.get("prompt") else tok.encode_chat(r.prompt) for r in reqs]
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    as_prompts = lambda reqs: [r.prompt if r.body.get("prompt") else tok.encode_chat(r.prompt) for r in reqs]  # noqa: E731
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    warm_prompts = [r.prompt if r.body.get("prompt") else tok.encode_chat(r.prompt) for r in warm]
-    llm.generate(warm_prompts or prompts[:1], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    prompts = as_prompts(workloads[0])
+    llm.generate(as_prompts(warm) or prompts[:1], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     sync()
-    steps, engine_step = [0], llm.engine.step
+    runs = []
+    for i, reqs in enumerate(workloads):
+        run, timeline, start = timed_generate(llm, as_prompts(reqs), args.output_len, sync)
+        runs.append(run)
+        if args.trace_dir and i == 0:
+            from benchmarks.serve_trace import ramp
 
-    timeline: list[tuple[float, int]] = []  # (time each step ended, tokens it computed): --trace-dir
+            Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
+            Path(f"{args.trace_dir}/offline_ramp.json").write_text(json.dumps(ramp(timeline, start)))
+    prefill, after_idle = single_prefills(llm, [len(p) for p in prompts[:5]], args.seed, sync)
+    step = decode_step_time(llm, prompts, args)
+    return median_run(runs) | {
+        "single_request_prefill_ms": prefill * 1000,
+        "single_request_prefill_after_idle_ms": after_idle * 1000,
+        "decode_step_ms": step * 1000,
+    }
+
+
+def timed_generate(llm, prompts: list, output_len: int, sync) -> tuple[dict, list[tuple[float, int]], float]:
+    """One offline run of `prompts`: its result, each step's (end time, tokens computed), and its start time."""
+    from miniserve import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    steps, engine_step = [0], llm.engine.step
+    timeline: list[tuple[float, int]] = []
 
     def counted_step():
         steps[0] += 1
@@ -417,33 +442,34 @@ def run_offline(args: argparse.Namespace, reqs: list[BenchRequest], warm: list[B
 
     llm.engine.step = counted_step
     start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    sync()
+    try:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        sync()
+    finally:
+        llm.engine.step = engine_step
     seconds = time.perf_counter() - start
-    llm.engine.step = engine_step
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    prefill, after_idle = single_prefills(llm, [len(p) for p in prompts[:5]], args.seed, sync)
-    step = decode_step_time(llm, prompts, args)
-    if args.trace_dir:
-        from benchmarks.serve_trace import ramp
-
-        Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
-        Path(f"{args.trace_dir}/offline_ramp.json").write_text(json.dumps(ramp(timeline, start)))
-    return {
+    run = {
         "duration_s": seconds,
         "output_tokens": tokens,
         "output_tok_s": tokens / seconds,
         "engine_steps": steps[0],
         "ms_per_step": seconds / max(steps[0], 1) * 1000,
-        "single_request_prefill_ms": prefill * 1000,
-        "single_request_prefill_after_idle_ms": after_idle * 1000,
-        "decode_step_ms": step * 1000,
     }
+    return run, timeline, start
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median throughput (the lower of the middle two for an even count), with every run's
+    throughput in order (`repeats_tok_s`)."""
+    ranked = sorted(runs, key=lambda r: r["output_tok_s"])
+    return ranked[(len(ranked) - 1) // 2] | {"repeats_tok_s": [r["output_tok_s"] for r in runs]}
 
 
 IDLE_S = 0.25  # the gap between arrivals at 4 requests/s
 PHASE_SEEDS = {"stream": 0, "plain": 10}  # added to --seed: each online phase's prompts (lone requests: +2)
 WARM_SEED = 20
+REPEAT_SEED = 100  # and this times the repeat: new prompts for each repeat
 LONE_REQUESTS = 8
 
 
@@ -587,6 +613,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--trace-dir", default=None, help="record engine, API and client timestamps here (benchmarks/serve_trace.py)"
     )
     p.add_argument("--warmup", type=int, default=8, help="requests sent (and not measured) before each phase")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="run the online phases (alternated) and offline this many times, "
+        "with new prompts each time; each reports its median run"
+    )  # fmt: skip
     p.add_argument("--vocab-size", type=int, default=1000, help="random ids below this with --url and no --model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--startup-timeout", type=float, default=900.0)
@@ -605,6 +635,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown phases {sorted(bad)}")
     if args.trace_dir and "--api-servers" in args.engine_args:
         p.error("--trace-dir traces one API server process (no --api-servers in --engine-args)")
+    if args.repeats < 1 or (args.trace_dir and args.repeats > 1):
+        p.error("--repeats must be >= 1, and 1 with --trace-dir (a trace follows one run of each phase)")
     if args.model is None and (args.url is None or "offline" in phases):
         p.error("--shape or --model is needed (to start the server, and for the offline phase)")
     args.phase_list = phases
@@ -616,9 +648,13 @@ def main(argv: list[str] | None = None) -> dict:
     vocab = vocab_of(args)
     reqs = build_workload(args, vocab)
     arrivals = arrival_times(len(reqs), args.request_rate, args.seed)
-    # every phase on the server gets prompts of its own, and the warm-up others again: a phase whose prompts an
-    # earlier one left in the prefix cache would skip their prefill (offline runs `reqs` on a new engine)
-    phase_reqs = {ph: build_workload(args, vocab, PHASE_SEEDS[ph]) for ph in ("stream", "plain")}
+    # every phase (and repeat) on the server gets prompts of its own, and the warm-up others again: a phase whose
+    # prompts an earlier one left in the prefix cache would skip their prefill (offline runs the streamed phase's)
+    phase_reqs = {
+        (ph, r): build_workload(args, vocab, PHASE_SEEDS[ph] + REPEAT_SEED * r) if r or ph != "stream" else reqs
+        for ph in ("stream", "plain")
+        for r in range(args.repeats)
+    }
     warm = build_workload(args, vocab, WARM_SEED)[: args.warmup]
     results: dict = {
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["serve.py", *argv]),
@@ -637,13 +673,17 @@ def main(argv: list[str] | None = None) -> dict:
                 run_clients(url, warm, [0.0] * len(warm), True, 1)
             if "stream" in online:
                 results["phases"]["lone"] = lone_requests(url, args)
+            runs: dict[str, list[dict]] = {ph: [] for ph in online}
+            for r in range(args.repeats):  # the phases alternated
+                for ph in online:
+                    before = engine_steps(url)
+                    trace = f"{args.trace_dir}/real/{ph}_client.json" if args.trace_dir else None
+                    res = run_clients(url, phase_reqs[ph, r], arrivals, ph == "stream", args.client_procs, trace)
+                    res |= step_summary(before, engine_steps(url), res["duration_s"])
+                    runs[ph].append(res)
+                    print(f"[{ph}{f' {r + 1}/{args.repeats}' if args.repeats > 1 else ''}] {fmt(res)}", flush=True)
             for ph in online:
-                before = engine_steps(url)
-                trace = f"{args.trace_dir}/real/{ph}_client.json" if args.trace_dir else None
-                res = run_clients(url, phase_reqs[ph], arrivals, ph == "stream", args.client_procs, trace)
-                res |= step_summary(before, engine_steps(url), res["duration_s"])
-                results["phases"][ph] = res
-                print(f"[{ph}] {fmt(res)}", flush=True)
+                results["phases"][ph] = median_run(runs[ph])
         finally:
             if proc is not None:
                 stop(proc)
@@ -668,7 +708,7 @@ def main(argv: list[str] | None = None) -> dict:
             for w in workers:
                 w.terminate()
     if "offline" in args.phase_list:
-        res = run_offline(args, reqs, warm)
+        res = run_offline(args, [phase_reqs["stream", r] for r in range(args.repeats)], warm)
         results["phases"]["offline"] = res
         print(
             f"[offline] {res['output_tok_s']:.0f} output tok/s, single-request prefill "

@@ -252,7 +252,9 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
     if runs and runs[0][0] == 1:
         measured = "; ".join(
             f"{n} API server{'s' if n > 1 else ''}: streaming {ph['stream']['vs_offline']:.2f}x, plain "
-            f"{ph['plain']['vs_offline']:.2f}x (offline {fmt(ph['offline']['output_tok_s'])} tok/s)"
+            f"{ph['plain']['vs_offline']:.2f}x (offline {fmt(ph['offline']['output_tok_s'])} tok/s"
+            + (f"; medians of {len(ph['stream']['repeats_tok_s'])} runs" if "repeats_tok_s" in ph["stream"] else "")
+            + ")"
             for n, ph in runs
         )
         rows.append(

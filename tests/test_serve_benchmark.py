@@ -149,6 +149,20 @@ def test_each_served_phase_computes_its_whole_workload_and_the_ramps_line_up(tmp
         assert 0 < ramp["engine_step_ms_after_last_add"] and 0 < ramp["send_ms_after_last_add"], ramp
 
 
+def test_repeats_report_the_median_run_of_each_phase(tmp_path):
+    res = _serve(tmp_path, "--phases", "stream,plain,offline", "--repeats", "3", "--input-len", "40",
+                 "--engine-args=--device cpu --max-num-seqs 8 --block-size 16")  # fmt: skip
+    phases = res["phases"]
+    for ph in ("stream", "plain", "offline"):
+        runs = phases[ph]["repeats_tok_s"]
+        assert len(runs) == 3 and phases[ph]["output_tok_s"] == sorted(runs)[1], (ph, phases[ph])
+    for ph in ("stream", "plain"):
+        assert phases[ph]["vs_offline"] == phases[ph]["output_tok_s"] / phases["offline"]["output_tok_s"]
+    # new prompts each repeat: the median run computed every prompt token too, as the other phase did
+    computed = {ph: phases[ph]["engine_steps"] * phases[ph]["tokens_per_step"] for ph in ("stream", "plain")}
+    assert round(computed["stream"]) == round(computed["plain"]) >= 6 * 40, computed
+
+
 def test_the_prefill_reference_runs_new_prompts_alone_warm_and_after_an_idle_gap(monkeypatch):
     """The TTFT reference must not hit the prefix cache: on the demo engine, after the workload's prompts ran, every
     prompt the reference runs computes all its tokens (the engine's own num_cached_tokens is 0), alone, making one
