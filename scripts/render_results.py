@@ -565,7 +565,8 @@ def head64_fp8_note() -> str:
     return (
         "whole runs profiled (prompt 512, 64 new; `profile_run_llama1b_b*_h200.json`): " + "; ".join(parts) + ". "
         "These runs split a mixed step's decode tokens off to the decode kernel (commit 1e31adf); that split is off "
-        "again (it made one API server stream 256 requests at once at 0.47x offline), so in a step that carries "
+        "again (with it one API server streamed a burst of 256 requests far slower: the serve_h200.json of "
+        "a10c274 in git), so in a step that carries "
         "prompt chunks each decode token again gets a 64-row extend tile for its one row and dequantizes its whole "
         "context there"
     )
