@@ -68,7 +68,8 @@ class BenchRequest:
 
 def build_workload(args: argparse.Namespace, vocab_size: int, seed_offset: int = 0) -> list[BenchRequest]:
     """--num-prompts requests: random token ids (seeded: `seed_offset` gives another set) or chat conversations of
-    real text."""
+    real text (the passages repeat within a set; each set's system prompt names its seed, so no two sets share a
+    cached prefix)."""
     rng = random.Random(args.seed + seed_offset)
     common = {"max_tokens": args.output_len, "temperature": 0.0, "ignore_eos": True}
     if args.url is None:  # the server this script starts serves MODEL_NAME; a --url server takes no name
@@ -81,7 +82,7 @@ def build_workload(args: argparse.Namespace, vocab_size: int, seed_offset: int =
         else:
             text = PASSAGES[i % len(PASSAGES)]
             messages = [
-                {"role": "system", "content": "Continue the play."},
+                {"role": "system", "content": f"Continue the play. (Set {args.seed + seed_offset}.)"},
                 {"role": "user", "content": text[: args.input_len * 4]},
             ]
             out.append(BenchRequest("/v1/chat/completions", {**common, "messages": messages}, messages))
