@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import random
 import sys
@@ -46,18 +47,18 @@ def main() -> None:
     warm = [[rng.randrange(1000) for _ in range(512)] for _ in range(8)]
     llm.generate(warm, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     torch.cuda.synchronize()
-    rounds = [run_burst(llm.engine, rng, args.gen, r, cache, torch) for r in range(args.rounds)]
+    rounds = [run_burst(llm.engine, rng, args.gen, r, cache) for r in range(args.rounds)]
     result = {**flat(), "repo": args.repo, "rounds": rounds}
     for r in rounds:
         print(f"round {r['round']}: {r['steps']} steps, {r['seconds_in_steps']:.3f} s; slow: {r['slow_steps']}")
     if args.out:
-        import json
-
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 
-def run_burst(engine, rng: random.Random, gen: int, r: int, cache: str, torch) -> dict:
+def run_burst(engine, rng: random.Random, gen: int, r: int, cache: str) -> dict:
     """256 new prompts at once, stepped to the end; every step's time, the slow ones and what they compiled."""
+    import torch
+
     from miniserve import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=gen, ignore_eos=True)

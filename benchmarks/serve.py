@@ -404,7 +404,10 @@ def run_offline(args: argparse.Namespace, workloads: list[list[BenchRequest]], w
 
     llm = LLM(args.model, **engine_kwargs(args.engine_args))
     tok = llm.get_tokenizer()
-    as_prompts = lambda reqs: [r.prompt if r.body.get("prompt") else tok.encode_chat(r.prompt) for r in reqs]  # noqa: E731
+
+    def as_prompts(reqs: list[BenchRequest]) -> list:
+        return [r.prompt if r.body.get("prompt") else tok.encode_chat(r.prompt) for r in reqs]
+
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     prompts = as_prompts(workloads[0])
     llm.generate(as_prompts(warm) or prompts[:1], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
@@ -647,15 +650,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     vocab = vocab_of(args)
-    reqs = build_workload(args, vocab)
-    arrivals = arrival_times(len(reqs), args.request_rate, args.seed)
     # every phase (and repeat) on the server gets prompts of its own, and the warm-up others again: a phase whose
     # prompts an earlier one left in the prefix cache would skip their prefill (offline runs the streamed phase's)
     phase_reqs = {
-        (ph, r): build_workload(args, vocab, PHASE_SEEDS[ph] + REPEAT_SEED * r) if r or ph != "stream" else reqs
+        (ph, r): build_workload(args, vocab, PHASE_SEEDS[ph] + REPEAT_SEED * r)
         for ph in ("stream", "plain")
         for r in range(args.repeats)
     }
+    reqs = phase_reqs["stream", 0]
+    arrivals = arrival_times(len(reqs), args.request_rate, args.seed)
     warm = build_workload(args, vocab, WARM_SEED)[: args.warmup]
     results: dict = {
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["serve.py", *argv]),

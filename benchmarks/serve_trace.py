@@ -108,22 +108,22 @@ def ramp(steps: list[tuple[float, int]], t0: float, adds: list[float] | None = N
     ramp of small steps) from slower steps."""
     adds = sorted(a - t0 for a in adds) if adds else [0.0]
     last_add = adds[-1]
-    times = [t - t0 for t, _ in steps]
-    before = [n for (t, n) in zip(times, (n for _, n in steps)) if t <= last_add]
-    after = [(t, n) for t, (_, n) in zip(times, steps) if t > last_add]
-    gaps = [b - a for (a, _), (b, _) in zip(after, after[1:])]
+    steps = [(t - t0, n) for t, n in steps]
+    before = [n for t, n in steps if t <= last_add]
+    after = [t for t, _ in steps if t > last_add]
+    gaps = [b - a for a, b in zip(after, after[1:])]
     return {
         "adds_ms": f"first {adds[0] * 1e3:.1f}  p50 {pct(adds, 0.5) * 1e3:.1f}  last {last_add * 1e3:.1f}",
         "steps_until_last_add": len(before),
         "tokens_per_step_until_last_add": sum(before) / max(1, len(before)),
         "steps_after_last_add": len(after),
         "step_ms_after_last_add": sum(gaps) / max(1, len(gaps)) * 1e3,
-        "last_step_ms": times[-1] * 1e3 if times else float("nan"),
+        "last_step_ms": steps[-1][0] * 1e3 if steps else float("nan"),
     }
 
 
 def phase_ramp(trace_dir: Path, phase: str) -> dict:
-    """ramp() of one served phase, from its client, engine and API traces."""
+    """ramp() of one served phase, from its client and engine traces; with the real engine's own step times."""
     client = json.loads((trace_dir / f"{phase}_client.json").read_text())
     if not client:  # no request of the phase succeeded: nothing to place on the engine's timeline
         return {}

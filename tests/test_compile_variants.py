@@ -1,7 +1,7 @@
 """Triton compiles a kernel once per specialization of its integer arguments (== 1, divisible by 16, other). An
 argument that changes every step (a token count, the block table's width) would compile a new variant the first
-time each class shows up in serving: 0.1-0.8 s stalls of the whole engine, in the middle of traffic (H200, the
-first 256-request burst on Llama-3.2-1B: 2.07 s of steps instead of 0.81 s). Those arguments are not specialized.
+time each class shows up in serving: stalls of the whole engine in the middle of traffic (the first burst after
+start-up, before and after: benchmarks/results/first_steps_h200.json). Those arguments are not specialized.
 
 The check reads the compiled (not interpreted) kernels' settings, so it imports them without TRITON_INTERPRET."""
 

@@ -307,12 +307,9 @@ def _news(seq: Sequence, hold: int, reported: tuple[int, int]) -> tuple[list[int
 def _running_plain_delta(req: Request, seq: Sequence) -> tuple | None:
     """_delta_message of a running Request.single_plain one, with nothing to hold back, weigh or end: its new
     tokens and text, or None."""
-    num_tokens, num_chars = req.reported[0]
-    tokens = seq.token_ids[seq.num_prompt_tokens + num_tokens :]
-    text = seq.text[num_chars:]
+    tokens, text, _, req.reported[0] = _news(seq, 0, req.reported[0])
     if not tokens and not text:
         return None
-    req.reported[0] = (num_tokens + len(tokens), num_chars + len(text))
     return req.request_id, False, [(seq.index, tokens, text, None, None, None, None)], None, None
 
 
