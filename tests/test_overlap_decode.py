@@ -14,8 +14,8 @@ from miniserve import LLM, SamplingParams
 from tests.test_spec_decode import mixed_prompts
 
 
-def generate(path, prompts, params, **kw):
-    llm = LLM(str(path), dtype="float32", device="cpu", **kw)
+def generate(path, prompts, params, dtype="float32", **kw):
+    llm = LLM(str(path), dtype=dtype, device="cpu", **kw)
     outs = llm.generate(prompts, params, use_tqdm=False)
     result = [[(c.token_ids, c.text, c.finish_reason, c.logprobs) for c in o.outputs] for o in outs]
     return result, llm.engine
@@ -27,8 +27,9 @@ def assert_idle(engine) -> None:
     assert all(count == 0 for count in engine.block_manager.ref_counts)
 
 
-@pytest.mark.parametrize("kv", ["auto", "fp8"])
-def test_overlapped_decoding_equals_stepwise_decoding(llama_dir, kv):
+@pytest.mark.parametrize(("kv", "dtype"), [("auto", "float32"), ("fp8", "float32"), ("auto", "bfloat16")])
+def test_overlapped_decoding_equals_stepwise_decoding(llama_dir, kv, dtype):
+    """bfloat16: overlapped steps sample from the model-dtype logits, stepwise ones from their fp32 copy."""
     prompts = mixed_prompts(5)
     # lengths that end at different steps, EOS allowed, a stop string, logprobs, seeded sampling and n > 1
     params = [
@@ -38,8 +39,8 @@ def test_overlapped_decoding_equals_stepwise_decoding(llama_dir, kv):
         SamplingParams(temperature=0.9, seed=7, n=2, max_tokens=23, ignore_eos=True),
         SamplingParams(temperature=0, max_tokens=40, stop=["a"]),
     ]
-    want, _ = generate(llama_dir, prompts, params, kv_cache_dtype=kv, async_scheduling=False)
-    got, engine = generate(llama_dir, prompts, params, kv_cache_dtype=kv)
+    want, _ = generate(llama_dir, prompts, params, dtype, kv_cache_dtype=kv, async_scheduling=False)
+    got, engine = generate(llama_dir, prompts, params, dtype, kv_cache_dtype=kv)
     assert got == want
     assert engine.decoder.num_overlapped_steps > 0
     assert_idle(engine)

@@ -50,6 +50,33 @@ def test_logprobs_of_bfloat16_logits_are_computed_in_float32():
     assert ids.tolist() == exact.topk(3, dim=-1).indices.tolist()
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        [SamplingParams(temperature=0.0)] * 3,
+        [SamplingParams(temperature=0.0, logit_bias={3: 2.5}), SamplingParams(temperature=0.0)] * 2,
+        [SamplingParams(temperature=0.7, seed=1), SamplingParams(temperature=1.3, top_p=0.8, seed=2)],
+        [SamplingParams(temperature=0.9, top_k=3, seed=3, presence_penalty=0.5), SamplingParams(temperature=0.0)],
+    ],
+    ids=["greedy", "greedy-bias", "sampled", "penalized-mixed"],
+)
+def test_model_dtype_logits_sample_as_their_float32_copy(params):
+    """The decoder hands the sampler bf16 logits (forward(float_logits=False)); the stepwise path hands it
+    their exact fp32 copy: every row must draw the same token with the same generator state."""
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(len(params), V, generator=gen) * 3).to(torch.bfloat16)
+    logits[:, 6] = logits[:, 5]  # ties: the first maximum wins in both dtypes
+
+    def batch():
+        gens = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in params]
+        return SamplingBatch.build(params, gens, [[] for _ in params], [[1, 2]] * len(params), {0}, V, "cpu")
+
+    assert torch.equal(probs(logits, batch()), probs(logits.float(), batch()))
+    first, second = batch(), batch()
+    for _ in range(8):
+        assert torch.equal(sample(logits, first).token_ids, sample(logits.float(), second).token_ids)
+
+
 def test_filters_return_float32_whatever_the_logits_dtype():
     logits = torch.tensor([[1.0, -2.5, 0.375, 3.0] + [0.0] * (V - 4)], dtype=torch.bfloat16)  # exact in bfloat16
     out = apply_penalties_and_filters(logits, build([SamplingParams(temperature=0.7)]))

@@ -166,15 +166,17 @@ class ParallelModelRunner(ModelRunner):
         with self._call([Op.ALLOCATE_KV, num_blocks]):
             super().allocate_kv_cache(num_blocks)
 
-    def forward(self, inputs: list[ForwardInput], device_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, inputs: list[ForwardInput], device_tokens: torch.Tensor | None = None, float_logits: bool = True
+    ) -> torch.Tensor:
         """The step's packed inputs go by the control message; a decode step launched from the previous step's
         samples (`device_tokens`, still on rank 0's device) sends them by one device broadcast."""
         if device_tokens is None:
             with self._call(encode_inputs(Op.FORWARD, inputs)):
-                return super().forward(inputs)
+                return super().forward(inputs, None, float_logits)
         with self._call(encode_inputs(Op.FORWARD_DEVICE_TOKENS, inputs)):
             self.tp.broadcast(device_tokens)
-            return super().forward(inputs, device_tokens)
+            return super().forward(inputs, device_tokens, float_logits)
 
     def run_uniform(self, token_ids, start_pos, block_tables, max_seq_len, valid, float_logits=True) -> torch.Tensor:
         """A pass whose inputs are on rank 0's device (the speculative verification of drafts): the header goes

@@ -247,7 +247,7 @@ class PlainDecoder:
             inputs = [ForwardInput(seq.token_ids[-1:], seq.num_computed_tokens, seq.block_table, 1) for seq in seqs]
         else:
             inputs = [ForwardInput([0], seq.num_computed_tokens, seq.block_table, 1) for seq in seqs]
-        logits = self.target.forward(inputs, device_tokens)
+        logits = self.target.forward(inputs, device_tokens, float_logits=False)  # `sample` converts if it must
         for seq in seqs:
             seq.num_computed_tokens += 1
         return logits

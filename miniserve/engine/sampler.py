@@ -372,7 +372,11 @@ def sample_from_probs(probs: torch.Tensor, batch: SamplingBatch, noise: torch.Te
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, noise: torch.Tensor | None = None) -> SamplerOutput:
     """One token per row and, when any row asked for logprobs, the sampled token's logprob under the raw model
-    distribution and the top-N raw logprobs (a full-vocabulary log_softmax is only paid for then)."""
+    distribution and the top-N raw logprobs (a full-vocabulary log_softmax is only paid for then).
+
+    `logits` may be fp32 or the model's dtype: every computation below runs in fp32 (the penalties' and the
+    temperature's first operation makes the fp32 copy), except a plain greedy argmax, which the exact conversion
+    cannot change."""
     if batch.all_greedy and not batch.reshaped:
         token_ids = logits.argmax(dim=-1)  # nothing reshapes the logits: skip the copy
     elif batch.all_greedy:

@@ -2,8 +2,8 @@
 
 Stage 1: program (sequence, KV head, split) runs an online softmax over its slice of the context for all the
 query heads that share the KV head (GQA), stacked into the M dimension of `tl.dot` (padded to 16 rows).
-Stage 2: program (sequence, query head) merges the splits. Small batches with long contexts thus still fill
-the GPU. With a single split, stage 1 writes the output directly.
+Stage 2: program (sequence, KV head) merges the splits of its query heads. Small batches with long contexts thus
+still fill the GPU. With a single split, stage 1 writes the output directly.
 
 FP8 caches are dequantized exactly in-kernel into fp16 (every e4m3 value is an fp16 value): by the hardware's
 e4m3 -> fp16 conversion (e4m3fn on NVIDIA) or by moving the bit fields into an fp16, whose value is then the
@@ -309,6 +309,8 @@ def _decode_reduce_kernel(
     v_scale_ptr,
     stride_ot,
     stride_oh,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
@@ -316,23 +318,31 @@ def _decode_reduce_kernel(
     KV_MODE: tl.constexpr,
     KV_FACTOR: tl.constexpr,
 ):
+    """Stage 2, one program per (sequence, KV head): the GROUP query heads stage 1 computed together, so a
+    batch needs GROUP times fewer programs than one per query head (a wave of tiny programs cost ~5-15 us a
+    layer on an H200)."""
     seq = tl.program_id(0)
-    head = tl.program_id(1)
+    kv_head = tl.program_id(1)
     num_splits = tl.minimum(tl.cdiv(tl.load(seq_lens_ptr + seq), SPLIT_TOKENS), NUM_SPLITS)
     if num_splits > 1:  # one-split sequences were written by stage 1
+        g = tl.arange(0, GROUP_PAD)
         split = tl.arange(0, NUM_SPLITS)
-        mine = split < num_splits  # rows past the sequence's own splits were never written
-        row = (seq * tl.num_programs(1) + head) * NUM_SPLITS + split
+        head = kv_head * GROUP + g
+        # rows past the group or the sequence's own splits were never written
+        mine = (g < GROUP)[:, None] & (split < num_splits)[None, :]
+        row = (seq * GROUP * tl.num_programs(1) + head)[:, None] * NUM_SPLITS + split[None, :]
         d = tl.arange(0, HEAD_DIM_PAD)
         m = tl.load(part_ml_ptr + row * 2, mask=mine, other=float("-inf"))
         l_sum = tl.load(part_ml_ptr + row * 2 + 1, mask=mine, other=0.0)
-        m_max = tl.max(m, 0)
-        w = tl.where(l_sum > 0, tl.exp2(m - m_max), 0.0)  # empty splits (m = -inf, l = 0) weigh nothing
-        acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM_PAD + d[None, :], mask=mine[:, None], other=0.0)
+        m_max = tl.max(m, 1)
+        w = tl.where(l_sum > 0, tl.exp2(m - m_max[:, None]), 0.0)  # empty splits (m = -inf, l = 0) weigh nothing
+        acc = tl.load(
+            part_acc_ptr + row[:, :, None] * HEAD_DIM_PAD + d[None, None, :], mask=mine[:, :, None], other=0.0
+        )
         v_mult = times_cache_scale(1.0, v_scale_ptr, KV_MODE, KV_FACTOR)
-        out = tl.sum(acc * w[:, None], 0) * (v_mult / tl.sum(l_sum * w, 0))
-        o_ptrs = out_ptr + seq * stride_ot + head * stride_oh + d
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+        out = tl.sum(acc * w[:, :, None], 1) * (v_mult / tl.sum(l_sum * w, 1))[:, None]
+        o_ptrs = out_ptr + seq * stride_ot + head[:, None] * stride_oh + d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None] & (d < HEAD_DIM)[None, :])
 
 
 def kv_block_n(cache_dtype: torch.dtype) -> int:
@@ -494,16 +504,29 @@ def decode_attention(
         **register_cap(maxnreg),
     )  # fmt: skip
     if splits > 1:
-        _merge_splits(part_acc, part_ml, out, meta, v_scale, splits, split_tokens, mode, kv_factor, reduce_warps)
+        _merge_splits(
+            part_acc, part_ml, out, meta, v_scale, num_kv_heads, splits, split_tokens, mode, kv_factor, reduce_warps
+        )
     return out
 
 
 def _merge_splits(
-    part_acc, part_ml, out, meta, v_scale, splits: int, split_tokens: int, mode: int, kv_factor: float, warps: int
+    part_acc,
+    part_ml,
+    out,
+    meta,
+    v_scale,
+    num_kv_heads: int,
+    splits: int,
+    split_tokens: int,
+    mode: int,
+    kv_factor: float,
+    warps: int,
 ):
-    """Stage 2: one program per (sequence, query head) merges that sequence's split partials into `out`."""
-    num_seqs, num_q_heads, head_dim = out.shape
-    _decode_reduce_kernel[(num_seqs, num_q_heads)](
+    """Stage 2: one program per (sequence, KV head) merges its query heads' split partials into `out`."""
+    (num_seqs, num_q_heads, head_dim) = out.shape
+    group = num_q_heads // num_kv_heads
+    _decode_reduce_kernel[(num_seqs, num_kv_heads)](
         part_acc,
         part_ml,
         out,
@@ -511,6 +534,8 @@ def _merge_splits(
         v_scale,
         out.stride(0),
         out.stride(1),
+        GROUP=group,
+        GROUP_PAD=triton.next_power_of_2(group),
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=part_acc.shape[-1],
         NUM_SPLITS=splits,
