@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -252,3 +253,17 @@ def test_the_access_log_has_a_line_per_request_unless_switched_off(model_dir, se
     lines = [line for line in logged.splitlines() if '"POST /v1/completions HTTP/1.1" 200' in line]
     assert len(lines) == (1 if setting is None else 0), logged
     assert "Application startup complete" in logged  # the other info lines stay either way
+
+
+def test_both_server_processes_keep_their_start_up_heap_from_the_garbage_collector(model_dir):
+    """gc.freeze() after start-up (server/gc_heap.py): the startup line says how many objects each process froze;
+    torch alone makes hundreds of thousands, so a freeze that ran before the imports would show far fewer."""
+    env = {"MINISERVE_SERVED_MODEL_NAME": MODEL_NAME}
+    with tempfile.TemporaryFile() as log, uvicorn_server(model_dir, log, log_level="info", **env) as (url, _):
+        assert httpx.get(url + "/health", timeout=30).status_code == 200
+        log.seek(0)
+        logged = log.read().decode(errors="replace")
+    found = re.search(r"garbage collector: (\d+) in this API server, (\d+) in the engine", logged)
+    assert found is not None, logged
+    api, engine = int(found[1]), int(found[2])
+    assert api > 100_000 and engine > 100_000, (api, engine)

@@ -36,6 +36,7 @@ from miniserve.server.chat import create_chat_completion
 from miniserve.server.completions import create_completion
 from miniserve.server.connection import ConnectionLimits, guarded_h11
 from miniserve.server.engine_process import EngineLink, EngineProcess
+from miniserve.server.gc_heap import freeze_startup_heap
 from miniserve.server.middleware import CatchAll, DirectRoutes, RequireAPIKey
 from miniserve.server.protocol import (
     APIError,
@@ -84,6 +85,7 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         config.check_dirs()
+        _log_like_uvicorn()
         tokenizer = await asyncio.to_thread(load_tokenizer, config)
         token_chars = await asyncio.to_thread(max_token_chars, tokenizer)
         engine = EngineProcess(config, max_waiting=server.max_waiting, link=link)
@@ -95,7 +97,14 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
             state = ServerState(config, server, engine, tokenizer, token_chars)
             app.state.server = state
             _install_signal_handlers(state)
-            logger.info("miniserve: serving %s (max_model_len %d)", state.model_name, state.max_model_len)
+            logger.info(
+                "miniserve: serving %s (max_model_len %d; start-up objects kept from the garbage collector: %d in "
+                "this API server, %d in the engine)",
+                state.model_name,
+                state.max_model_len,
+                freeze_startup_heap(),
+                engine.info.get("gc_frozen", 0),
+            )
             yield
         finally:
             await asyncio.to_thread(engine.shutdown)
@@ -119,6 +128,17 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
     app.add_middleware(RequireAPIKey, api_key=server.api_key)
     app.add_middleware(CatchAll)  # added last: the outermost layer
     return app
+
+
+def _log_like_uvicorn() -> None:
+    """miniserve's log lines through uvicorn's handler, at its level: otherwise they reach only Python's
+    last-resort handler (warnings and errors, unformatted; the startup line never shows)."""
+    ours, theirs = logging.getLogger("miniserve"), logging.getLogger("uvicorn")
+    if not ours.handlers and theirs.handlers:
+        for handler in theirs.handlers:
+            ours.addHandler(handler)
+        ours.setLevel(logging.getLogger("uvicorn.error").getEffectiveLevel())
+        ours.propagate = False
 
 
 def _install_signal_handlers(state: ServerState) -> None:

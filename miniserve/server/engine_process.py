@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from miniserve.engine.outputs import CompletionOutput, RequestOutput
+from miniserve.server.gc_heap import freeze_startup_heap
 from miniserve.server.metrics import ServerMetrics
 from miniserve.server.pipe import FrameReader, FrameWriter, LoopFrameWriter
 from miniserve.server.protocol import APIError
@@ -82,6 +83,7 @@ def _core_main(config: Any, commands: list[Any], outputs: list[Any]) -> None:
         return
     engine.on_fatal_error(_exit_engine)
     info = {
+        "gc_frozen": freeze_startup_heap(),  # the model, graphs and imports: nothing a collection should walk again
         "max_model_len": engine.max_model_len,
         "vocab_size": engine.vocab_size,
         "model_name": engine.model_name,
