@@ -131,14 +131,14 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
 
 
 def _log_like_uvicorn() -> None:
-    """miniserve's log lines through uvicorn's handler, at its level: otherwise they reach only Python's
-    last-resort handler (warnings and errors, unformatted; the startup line never shows)."""
+    """miniserve's log lines through uvicorn's handler, at its level, unless logging was set up otherwise:
+    without a handler they reach only Python's last-resort one (warnings and errors, unformatted; the startup
+    line never shows)."""
     ours, theirs = logging.getLogger("miniserve"), logging.getLogger("uvicorn")
-    if not ours.handlers and theirs.handlers:
+    if not ours.handlers and not logging.getLogger().handlers and theirs.handlers:
         for handler in theirs.handlers:
             ours.addHandler(handler)
         ours.setLevel(logging.getLogger("uvicorn.error").getEffectiveLevel())
-        ours.propagate = False
 
 
 def _install_signal_handlers(state: ServerState) -> None:
