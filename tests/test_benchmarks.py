@@ -97,3 +97,33 @@ def test_spec_decode_ab_joins_alternated_runs_by_median(tmp_path):
     assert got["new_vs_old"] == {"plain": 101.0 / 100.0, "k4": 155.0 / 150.0}
     assert (got["commit"], got["old_commit"], got["date"]) == ("abc1234", "0ld", "2026-12-02")
     assert "3 rounds of `python benchmarks/spec_decode.py --repeats 5`" in got["command"]
+
+
+def test_engine_ab_pairs_each_configuration_of_each_workload(tmp_path):
+    """benchmarks/engine_ab.py: rows match by configuration (not position), a configuration only one tree ran
+    is left out, and the provenance is the new tree's with the old commit beside it."""
+    from benchmarks import engine_ab
+
+    def result(commit, runs):
+        prov = {"commit": commit, "dirty": False, "date": "2026-12-03T08:00:00+00:00", "gpu": "g", "torch": "t"}
+        return {**prov, "triton": "3", "command": f"throughput.py at {commit}", "runs": runs}
+
+    old = [
+        {"kv_cache_dtype": "fp8", "kv_write": "fused", "output_tok_s": 100.0, "decode_step_ms": 2.0},
+        {"kv_cache_dtype": "auto", "kv_write": "fused", "output_tok_s": 80.0, "decode_step_ms": 2.5},
+    ]
+    new = [
+        {"kv_cache_dtype": "auto", "kv_write": "fused", "output_tok_s": 88.0, "decode_step_ms": 2.25},
+        {"kv_cache_dtype": "fp8", "kv_write": "fused", "output_tok_s": 110.0, "decode_step_ms": 1.8},
+        {"kv_cache_dtype": "fp8", "kv_write": "fused", "decode_variant": "staged", "output_tok_s": 120.0},
+    ]
+    (tmp_path / "throughput_old_fixed.json").write_text(json.dumps(result("0ld", old)))
+    (tmp_path / "throughput_new_fixed.json").write_text(json.dumps(result("n3w", new)))
+    (tmp_path / "throughput_new_nano.json").write_text(json.dumps(result("n3w", new)))  # no old: left out
+    got = engine_ab.main([str(tmp_path), "--out", str(tmp_path / "engine_ab_h200.json")])
+    assert list(got["workloads"]) == ["fixed"]
+    rows = got["workloads"]["fixed"]["rows"]
+    assert [r["config"] for r in rows] == ["auto", "fp8"]
+    assert [r["new_vs_old"] for r in rows] == [88.0 / 80.0, 110.0 / 100.0]
+    assert (rows[1]["old_decode_step_ms"], rows[1]["new_decode_step_ms"]) == (2.0, 1.8)
+    assert (got["commit"], got["old_commit"], got["date"]) == ("n3w", "0ld", "2026-12-03")

@@ -1,0 +1,81 @@
+"""Join side-by-side throughput.py runs of two trees (`h200_suite.sh engineab`) into one result: for each
+workload and run configuration (KV dtype, decode variant), this tree's output tok/s and decode step against an
+older tree's, and their ratio.
+
+    python benchmarks/engine_ab.py DIR --out benchmarks/results/engine_ab_h200.json
+
+DIR holds throughput_{old,new}_{WORKLOAD}.json (throughput.py --out), one pair per workload, run back to back in
+one session on one GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+KEYS = ("kv_cache_dtype", "kv_write", "decode_variant", "extend_variant")
+
+
+def label(run: dict) -> str:
+    """A run's configuration, e.g. "fp8" or "fp8 staged"."""
+    return " ".join(str(run[k]) for k in KEYS if k in run and run[k] not in ("fused", None))
+
+
+def compare(old: dict, new: dict) -> list[dict]:
+    """One row per configuration both trees ran, in the new run's order."""
+    olds = {label(r): r for r in old["runs"]}
+    rows = []
+    for run in new["runs"]:
+        before = olds.get(label(run))
+        if before is None:
+            continue
+        row = {"config": label(run), "old_tok_s": before["output_tok_s"], "new_tok_s": run["output_tok_s"]}
+        row["new_vs_old"] = run["output_tok_s"] / before["output_tok_s"]
+        if "decode_step_ms" in run and "decode_step_ms" in before:
+            row["old_decode_step_ms"], row["new_decode_step_ms"] = before["decode_step_ms"], run["decode_step_ms"]
+        rows.append(row)
+    return rows
+
+
+def join(directory: Path) -> dict:
+    pairs: dict[str, dict] = {}
+    for path in sorted(directory.glob("throughput_*_*.json")):
+        found = re.fullmatch(r"throughput_(old|new)_(\w+)", path.stem)
+        if found:
+            pairs.setdefault(found[2], {})[found[1]] = json.loads(path.read_text())
+    pairs = {w: p for w, p in pairs.items() if len(p) == 2}
+    if not pairs:
+        raise SystemExit(f"{directory}: needs throughput_old_WORKLOAD.json and throughput_new_WORKLOAD.json")
+    first = next(iter(pairs.values()))
+    return {
+        "command": "OLD=<tree of the old commit> bash benchmarks/h200_suite.sh engineab OUT, then "
+        "benchmarks/engine_ab.py OUT",
+        "commit": first["new"]["commit"],
+        "dirty": first["new"]["dirty"],
+        "old_commit": first["old"]["commit"],
+        "date": first["new"]["date"][:10],
+        "gpu": first["new"]["gpu"],
+        "torch": first["new"]["torch"],
+        "triton": first["new"]["triton"],
+        "workloads": {
+            w: {"command": p["new"]["command"], "rows": compare(p["old"], p["new"])} for w, p in pairs.items()
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dir", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    result = join(args.dir)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    for workload, w in result["workloads"].items():
+        print(workload, [(r["config"], round(r["new_vs_old"], 3)) for r in w["rows"]])
+    return result
+
+
+if __name__ == "__main__":
+    main()
