@@ -3,6 +3,7 @@
 #   bash benchmarks/h200_suite.sh engine OUT_DIR    # throughput.py workloads (offline engine)
 #   bash benchmarks/h200_suite.sh checks OUT_DIR    # kernel checks (bit patterns, attention) and engine checks
 #   bash benchmarks/h200_suite.sh serving OUT_DIR   # serve.py (saturated, 4 req/s, fake engine)
+#   OLD=DIR bash benchmarks/h200_suite.sh servingab OUT_DIR # serve.py saturated, this tree then an older one
 #   bash benchmarks/h200_suite.sh apiservers OUT_DIR # serve.py saturated with 4 API server processes
 #   bash benchmarks/h200_suite.sh apisweep OUT_DIR  # the same with 2 and 8
 #   OLD=DIR [ROUNDS=2 REPEATS=3] bash benchmarks/h200_suite.sh demoab OUT_DIR  # demo batch-1 speculative decoding, old tree vs this one
@@ -101,6 +102,18 @@ if [ "$part" = serving ]; then
   timeout 150 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 64 --input-len 512 --output-len 256 \
     --request-rate 4 --phases stream,offline --client-procs 2 --out "$out/serve_rate4_h200.json" 2>&1 |
     grep -v -i warn | tail -8
+fi
+
+if [ "$part" = servingab ]; then
+  # the saturated run of `serving` for this tree, then for an older one (a tree exported into $OLD) in the same
+  # session: serve_h200.json and serve_baseline_h200.json
+  [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
+  for tree in "$PWD" "$OLD"; do
+    name=$([ "$tree" = "$PWD" ] && echo serve_h200 || echo serve_baseline_h200)
+    (cd "$tree" && PYTHONPATH="$tree:${PYTHONPATH:-}" timeout 275 python3 benchmarks/serve.py --shape llama-3.2-1b \
+      --num-prompts 256 --input-len 512 --output-len 256 --phases stream,plain,offline --client-procs 4 --repeats 3 \
+      --out "$out/$name.json" 2>&1 | grep -v -i warn | tail -4)
+  done
 fi
 
 if [ "$part" = apiservers ]; then

@@ -267,11 +267,12 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
                 "each online phase sends prompts of its own (an earlier phase's would be in the prefix cache). "
                 + first_burst_note()
                 + serve_ramps()
+                + gc_freeze_note(runs[0][1])
                 + "Plain requests lose their time at both ends: the API process admits the 256 over about 0.2 s (its "
                 "requests one at a time, `adds_ms` in the trace) and writes 256 whole responses at the end; several "
                 "API servers share both (`--api-servers N`, `miniserve/server/launcher.py`). Each run against the "
                 "offline engine in the same process run; the plain ratio varies most between runs of the lent H200 "
-                f"(one API server: {plain_in_trace()} in the traced run of the same tree)",
+                f"(one API server: {plain_in_trace()} in the traced run of an older tree)",
             )
         )
         itl = "ITL p50 with " + "; ".join(
@@ -453,6 +454,25 @@ def first_burst_note() -> str:
         "and of the extend kernel for each new class (1, multiple of 16, other) of a token count or block-table "
         "width; those arguments are no longer specialized (`tests/test_compile_variants.py`). Offline, 256 prompts "
         f"(`first_steps_h200.json`): {summary(fs['old'])} at {fs['old']['commit']}; {summary(fs['new'])} now. "
+    )
+
+
+def gc_freeze_note(phases: dict) -> str:
+    """The same saturated workload served, in the same GPU session, by the tree before both server processes froze
+    their start-up heap out of the garbage collector (serve_baseline_h200.json)."""
+    base = load("serve_baseline_h200.json")
+    if not base:
+        return ""
+    old = base["phases"]
+
+    def steps(ph: dict) -> str:
+        return f"{ph['stream']['ms_per_step']:.1f} / {ph['plain']['ms_per_step']:.1f} ms"
+
+    return (
+        f"Both server processes keep their start-up heap out of the garbage collector (`server/gc_heap.py`); served "
+        f"in the same session by the tree before that ({base['versions']['commit']}, `serve_baseline_h200.json`), "
+        f"streaming made {old['stream']['vs_offline']:.2f}x and plain {old['plain']['vs_offline']:.2f}x, the "
+        f"engine taking {steps(old)} a step (stream / plain) against {steps(phases)} now. "
     )
 
 
