@@ -141,7 +141,7 @@ def trace_api(path: str) -> None:
     import atexit
     import json
 
-    from uvicorn.protocols.http import h11_impl
+    from uvicorn.protocols.http import h11_impl, httptools_impl
 
     from miniserve.server.engine_process import EngineProcess
 
@@ -149,7 +149,7 @@ def trace_api(path: str) -> None:
     writes: list[tuple[float, int]] = []
     lags: list[tuple[float, float]] = []  # (time, how late a 1 ms timer fired): the event loop's responsiveness
     posts: list[tuple[float, str]] = []  # (time the API process posted a request to the engine, request id)
-    on_messages, send, attach = EngineProcess._on_messages, h11_impl.RequestResponseCycle.send, EngineProcess.attach
+    on_messages, attach = EngineProcess._on_messages, EngineProcess.attach
     add_request = EngineProcess.add_request
 
     async def timed_add_request(self, request_id, *args, **kwargs):
@@ -174,15 +174,19 @@ def trace_api(path: str) -> None:
         on_messages(self, messages)
         handovers.append((t, len(messages), steps, time.monotonic() - t))
 
-    async def timed_send(self, message):
-        await send(self, message)
-        if message.get("type") == "http.response.body" and message.get("body"):
-            writes.append((time.monotonic(), len(message["body"])))
+    def timed(send):  # each HTTP parser's (ServerConfig.http_parser) response cycle
+        async def timed_send(self, message):
+            await send(self, message)
+            if message.get("type") == "http.response.body" and message.get("body"):
+                writes.append((time.monotonic(), len(message["body"])))
+
+        return timed_send
 
     EngineProcess._on_messages = timed_on_messages
     EngineProcess.attach = traced_attach
     EngineProcess.add_request = timed_add_request
-    h11_impl.RequestResponseCycle.send = timed_send
+    for impl in (h11_impl, httptools_impl):
+        impl.RequestResponseCycle.send = timed(impl.RequestResponseCycle.send)
     trace = {"handovers": handovers, "writes": writes, "lags": lags, "posts": posts}
     atexit.register(lambda: Path(path).write_text(json.dumps(trace)))
 

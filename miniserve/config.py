@@ -194,6 +194,12 @@ class ServerConfig:
     body_timeout: float = setting(60.0, "seconds for a request's body, from the end of its head (408, close)")
     keep_alive_timeout: float = setting(5.0, "seconds an idle keep-alive connection stays open")
     max_connections: int | None = setting(1024, "connections beyond this get 503 and are closed")
+    http_parser: str = setting(
+        "httptools",
+        "HTTP/1.1 parser (uvicorn's --http): httptools (C) costs less per request and per streamed event than h11 "
+        "(pure Python)",
+        ("httptools", "h11"),
+    )
     api_servers: int = setting(
         1,
         "HTTP server processes sharing the one engine (miniserve serve only), like vLLM's --api-server-count: "

@@ -324,10 +324,12 @@ HEADER_TIMEOUT, BODY_TIMEOUT, KEEP_ALIVE_TIMEOUT, MAX_CONNECTIONS = 2.0, 2.0, 1.
 SLACK = 10.0  # how much later than its deadline a close may come on a loaded 2-core machine
 
 
-@pytest.fixture(scope="module")
-def guarded_url(llama_dir) -> Iterator[str]:
-    """A server launched as the README says (`--http server:http`), with deadlines short enough to wait for."""
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def guarded_url(llama_dir, request) -> Iterator[str]:
+    """A server launched as the README says (`--http server:http`), with deadlines short enough to wait for, on
+    each of the two HTTP parsers (server/connection.py: one set of rules over either)."""
     env = {
+        "MINISERVE_HTTP_PARSER": request.param,
         "MINISERVE_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
         "MINISERVE_BODY_TIMEOUT": str(BODY_TIMEOUT),
         "MINISERVE_KEEP_ALIVE_TIMEOUT": str(KEEP_ALIVE_TIMEOUT),
@@ -415,6 +417,16 @@ def test_malformed_http_gets_an_openai_400(guarded_url):
         assert status == 400 and headers["connection"] == "close", received[:300]
         err = json.loads(body)["error"]
         assert err["type"] == "invalid_request_error" and err["code"] == "invalid_http_request"
+
+
+def test_pipelined_requests_are_all_answered_before_the_connection_idles(guarded_url):
+    """Two requests in one write: the second waits for the first's response, and no deadline cuts it off."""
+    with connect(guarded_url) as s:
+        one = b'POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n{"prompt": "ROMEO:"}'
+        s.sendall(one + one)
+        received, after = trickle_until_closed(s, b"")
+    assert received.count(b"HTTP/1.1 200") == 2 and received.count(b'"count"') == 2, received
+    assert after >= KEEP_ALIVE_TIMEOUT * 0.9  # then closed as an idle keep-alive connection
 
 
 def test_keep_alive_connection_closes_after_its_timeout(guarded_url):

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from miniserve.config import EngineConfig, ServerConfig
 from miniserve.server.chat import create_chat_completion
 from miniserve.server.completions import create_completion
-from miniserve.server.connection import ConnectionLimits, guarded_h11
+from miniserve.server.connection import ConnectionLimits, guarded_protocol
 from miniserve.server.engine_process import EngineLink, EngineProcess
 from miniserve.server.gc_heap import freeze_startup_heap
 from miniserve.server.middleware import CatchAll, DirectRoutes, RequireAPIKey
@@ -208,7 +208,7 @@ def connection_protocol(server: ServerConfig) -> type:
     limits = ConnectionLimits(
         server.header_timeout, server.body_timeout, server.keep_alive_timeout, server.max_connections
     )
-    return guarded_h11(limits)
+    return guarded_protocol(limits, server.http_parser)
 
 
 def run_server(config: EngineConfig, server: ServerConfig) -> int:

@@ -1,13 +1,15 @@
-"""Connection limits the ASGI app cannot enforce: deadlines for a request's head and body, and a cap on
-simultaneous connections, in a subclass of uvicorn's h11 protocol.
+"""Connection limits the ASGI app cannot enforce: deadlines for a request's head and body, a cap on the head's size
+and on simultaneous connections, in subclasses of uvicorn's HTTP protocols.
 
 uvicorn closes a keep-alive connection that sits idle after a response, but nothing closes one that never sends
 a request, trickles its headers a byte at a time or stalls halfway through its body: each holds a socket (and
 a file descriptor) for as long as the client likes. The app only sees a request once its head is complete, so
-these limits live in the protocol. They follow h11's view of the client (`their_state`): IDLE means its next
-request's head is due, SEND_BODY its body; each phase gets one deadline, armed when the phase begins.
+these limits live in the protocol. One set of rules (`_Guard`) serves both of uvicorn's HTTP/1.1 protocols: each
+says what its client owes now (the next request's head, a body, or nothing while the app answers), and each phase
+gets one deadline, armed when the phase begins. httptools (a C parser, the default `http_parser`) costs less per
+request and per streamed event than h11 (pure Python), which `http_parser="h11"` selects.
 
-`miniserve serve` uses it; with uvicorn, pass `--http server:http` (server.py builds it from MINISERVE_*).
+`miniserve serve` uses them; with uvicorn, pass `--http server:http` (server.py builds it from MINISERVE_*).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from miniserve.config import ServerConfig
 from miniserve.server.protocol import APIError
@@ -41,50 +45,46 @@ class ConnectionLimits:
             raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
 
 
-def guarded_h11(limits: ConnectionLimits) -> type[H11Protocol]:
-    """The protocol class to give uvicorn (`http=`): GuardedH11Protocol with these limits."""
-    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits})
+MAX_HEAD_BYTES = 16 * 1024  # a request line and headers past this get 400 (h11's own limit in uvicorn)
 
 
-class GuardedH11Protocol(H11Protocol):
+def guarded_protocol(limits: ConnectionLimits, parser: str = "httptools") -> type:
+    """The protocol class to give uvicorn (`http=`): httptools' or h11's (`parser`), with these limits."""
+    base = GuardedHttpToolsProtocol if parser == "httptools" else GuardedH11Protocol
+    return type(base.__name__, (base,), {"limits": limits})
+
+
+class _Guard:
+    """The deadlines and the connection cap, for a uvicorn protocol that says what its client owes (`_owed`:
+    "head", "body" or None), whether the owed head has begun to arrive (`_head_begun`) and whether the response
+    to the owed body has started (`_answering`). Each hook of the protocol ends with `_watch()`."""
+
     limits = ConnectionLimits()
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+    connections: set
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def _guard_init(self) -> None:
         self.timeout_keep_alive = self.limits.keep_alive_timeout
         self._phase: str | None = None  # "head" or "body": what the deadline below waits for
         self._deadline: asyncio.TimerHandle | None = None
 
-    # ---- asyncio.Protocol and uvicorn hooks: each ends by looking at what the client owes now
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+    def _guard_connection(self) -> None:
         cap = self.limits.max_connections
         if cap is not None and len(self.connections) > cap:
             self.app = _Refuse(cap)  # its first request is answered 503, then the connection closes
-        self._watch()
 
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        self._watch()
+    def _owed(self) -> str | None:
+        raise NotImplementedError
 
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._watch()
+    def _head_begun(self) -> bool:
+        raise NotImplementedError
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
-
-    def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to bytes h11 cannot parse as a request (or a head over its size limit)."""
-        self._send_and_close(400, APIError(f"malformed HTTP request: {msg}", code="invalid_http_request"))
-
-    # ---- the deadline
+    def _answering(self) -> bool:
+        raise NotImplementedError
 
     def _watch(self) -> None:
-        their = self.conn.their_state
-        phase = "head" if their is h11.IDLE else "body" if their is h11.SEND_BODY else None
+        phase = self._owed()
         if phase == self._phase:
             return
         self._disarm()
@@ -104,31 +104,140 @@ class GuardedH11Protocol(H11Protocol):
         self._deadline, self._phase = None, None
         if self.transport.is_closing():
             return
-        started = bool(self.conn.trailing_data[0]) if phase == "head" else True  # some of a request arrived
-        if started and self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # and nothing was answered yet
-            what, timeout = (
-                ("head", self.limits.header_timeout) if phase == "head" else ("body", self.limits.body_timeout)
-            )
-            err = APIError(
-                f"the request {what} did not arrive within {timeout:g} seconds", status=408, code="request_timeout"
-            )
-            self._send_and_close(408, err)
-        else:
+        late = self._head_begun() if phase == "head" else not self._answering()  # a request began, unanswered
+        if not late:
             self.transport.close()  # an idle connection, or a response is already on its way: just close
+            return
+        timeout = self.limits.header_timeout if phase == "head" else self.limits.body_timeout
+        err = APIError(
+            f"the request {phase} did not arrive within {timeout:g} seconds", status=408, code="request_timeout"
+        )
+        self._send_and_close(408, err)
 
     def _send_and_close(self, status: int, err: APIError) -> None:
+        """Answer `err` before any response began on this connection, then close it."""
         body = json.dumps(err.body()).encode()
-        headers = [
-            ("content-type", "application/json"),
-            ("content-length", str(len(body))),
-            ("connection", "close"),
-        ]
-        try:
-            for event in (h11.Response(status_code=status, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
-                self.transport.write(self.conn.send(event))
-        except h11.LocalProtocolError:  # h11 will not frame a response here: closing says enough
-            pass
+        head = (
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        )
+        self.transport.write(head.encode() + body)
         self.transport.close()
+
+    def _malformed(self, msg: str) -> None:
+        self._send_and_close(400, APIError(f"malformed HTTP request: {msg}", code="invalid_http_request"))
+
+
+class GuardedH11Protocol(_Guard, H11Protocol):
+    """uvicorn's h11 protocol under `_Guard`: what the client owes is h11's view of it (`their_state`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._guard_init()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._guard_connection()
+        self._watch()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes h11 cannot parse as a request (or a head over its size limit)."""
+        self._malformed(msg)
+
+    def _owed(self) -> str | None:
+        their = self.conn.their_state
+        return "head" if their is h11.IDLE else "body" if their is h11.SEND_BODY else None
+
+    def _head_begun(self) -> bool:
+        return bool(self.conn.trailing_data[0])
+
+    def _answering(self) -> bool:
+        return self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE)
+
+
+class GuardedHttpToolsProtocol(_Guard, HttpToolsProtocol):
+    """uvicorn's httptools protocol under `_Guard`: what the client owes follows the parser's callbacks, and the
+    head's size is counted there (httptools sets no limit of its own)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._guard_init()
+        self._owes: str | None = "head"
+        self._begun = False  # some of the owed head arrived
+        self._head_bytes = 0
+        self._too_large = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._guard_connection()
+        self._watch()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes httptools cannot parse as a request (or a callback below refused)."""
+        self._malformed(f"request head larger than {MAX_HEAD_BYTES} bytes" if self._too_large else msg)
+
+    # ---- the parser's callbacks (inside data_received)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._owes, self._begun, self._head_bytes = "head", True, 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value))
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._owes = "body"
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._owes = None
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._owes is None and not self.pipeline and self.cycle.response_complete:  # nothing queued: idle
+            self._owes, self._begun = "head", False
+        self._watch()
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._too_large = True
+            raise ValueError("request head too large")  # the parser stops; uvicorn answers with send_400_response
+
+    def _owed(self) -> str | None:
+        return self._owes
+
+    def _head_begun(self) -> bool:
+        return self._begun
+
+    def _answering(self) -> bool:
+        return self.cycle is not None and self.cycle.response_started
 
 
 class _Refuse:
