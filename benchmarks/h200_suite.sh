@@ -3,7 +3,8 @@
 #   bash benchmarks/h200_suite.sh engine OUT_DIR    # throughput.py workloads (offline engine)
 #   bash benchmarks/h200_suite.sh checks OUT_DIR    # kernel checks (bit patterns, attention) and engine checks
 #   bash benchmarks/h200_suite.sh serving OUT_DIR   # serve.py (saturated, 4 req/s, fake engine)
-#   OLD=DIR bash benchmarks/h200_suite.sh servingab OUT_DIR # serve.py saturated, this tree then an older one
+#   OLD=DIR bash benchmarks/h200_suite.sh servingab OUT_DIR # serve.py saturated, an older tree then this one
+#   bash benchmarks/h200_suite.sh parserab OUT_DIR  # serve.py saturated on h11, then on httptools
 #   bash benchmarks/h200_suite.sh apiservers OUT_DIR # serve.py saturated with 4 API server processes
 #   bash benchmarks/h200_suite.sh apisweep OUT_DIR  # the same with 2 and 8
 #   OLD=DIR [ROUNDS=2 REPEATS=3] bash benchmarks/h200_suite.sh demoab OUT_DIR  # demo batch-1 speculative decoding, old tree vs this one
@@ -105,14 +106,22 @@ if [ "$part" = serving ]; then
 fi
 
 if [ "$part" = servingab ]; then
-  # the saturated run of `serving` for this tree, then for an older one (a tree exported into $OLD) in the same
-  # session: serve_h200.json and serve_baseline_h200.json
+  # the saturated run of `serving` on an older tree (exported into $OLD), then on this one, back to back; and
+  # parserab: this tree on h11, then on httptools. benchmarks/serve_ab.py joins such pairs (serve_ab_h200.json)
   [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
-  for tree in "$PWD" "$OLD"; do
-    name=$([ "$tree" = "$PWD" ] && echo serve_h200 || echo serve_baseline_h200)
+  for tree in "$OLD" "$PWD"; do
+    tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
     (cd "$tree" && PYTHONPATH="$tree:${PYTHONPATH:-}" timeout 275 python3 benchmarks/serve.py --shape llama-3.2-1b \
       --num-prompts 256 --input-len 512 --output-len 256 --phases stream,plain,offline --client-procs 4 --repeats 3 \
-      --out "$out/$name.json" 2>&1 | grep -v -i warn | tail -4)
+      --out "$out/serve_${tag}.json" 2>&1 | grep -v -i warn | tail -4)
+  done
+fi
+
+if [ "$part" = parserab ]; then
+  for parser in h11 httptools; do
+    timeout 150 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 256 --input-len 512 --output-len 256 \
+      --phases stream,plain,offline --client-procs 4 --repeats 3 --engine-args="--http-parser $parser" \
+      --out "$out/serve_$parser.json" 2>&1 | grep -v -i warn | tail -3
   done
 fi
 

@@ -267,7 +267,7 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
                 "each online phase sends prompts of its own (an earlier phase's would be in the prefix cache). "
                 + first_burst_note()
                 + serve_ramps()
-                + gc_freeze_note(runs[0][1])
+                + serve_ab_note()
                 + "Plain requests lose their time at both ends: the API process admits the 256 over about 0.2 s (its "
                 "requests one at a time, `adds_ms` in the trace) and writes 256 whole responses at the end; several "
                 "API servers share both (`--api-servers N`, `miniserve/server/launcher.py`). Each run against the "
@@ -457,23 +457,24 @@ def first_burst_note() -> str:
     )
 
 
-def gc_freeze_note(phases: dict) -> str:
-    """The same saturated workload served, in the same GPU session, by the tree before both server processes froze
-    their start-up heap out of the garbage collector (serve_baseline_h200.json)."""
-    base = load("serve_baseline_h200.json")
-    if not base:
+def serve_ab_note() -> str:
+    """What this session's serving changes did: each pair of serve_ab_h200.json, served back to back on one GPU."""
+    ab = load("serve_ab_h200.json")
+    if not ab:
         return ""
-    old = base["phases"]
 
-    def steps(ph: dict) -> str:
-        return f"{ph['stream']['ms_per_step']:.1f} / {ph['plain']['ms_per_step']:.1f} ms"
+    def pair(name: str, p: dict) -> str:
+        old, new = p["old"], p["new"]
+        return (
+            f"{name} ({old['commit']} -> {new['commit']}): streaming {old['stream']['vs_offline']:.2f}x -> "
+            f"{new['stream']['vs_offline']:.2f}x, plain {old['plain']['vs_offline']:.2f}x -> "
+            f"{new['plain']['vs_offline']:.2f}x, the engine's step while streaming {old['stream']['ms_per_step']:.1f} "
+            f"-> {new['stream']['ms_per_step']:.1f} ms, ITL p50 {old['stream']['itl_p50_ms']:.1f} -> "
+            f"{new['stream']['itl_p50_ms']:.1f} ms"
+        )
 
-    return (
-        f"Both server processes keep their start-up heap out of the garbage collector (`server/gc_heap.py`); served "
-        f"in the same session by the tree before that ({base['versions']['commit']}, `serve_baseline_h200.json`), "
-        f"streaming made {old['stream']['vs_offline']:.2f}x and plain {old['plain']['vs_offline']:.2f}x, the "
-        f"engine taking {steps(old)} a step (stream / plain) against {steps(phases)} now. "
-    )
+    pairs = "; ".join(pair(name, p) for name, p in ab["pairs"].items())
+    return f"Served back to back in one GPU session each (`serve_ab_h200.json`): {pairs}. "
 
 
 def plain_in_trace() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +128,36 @@ def test_engine_ab_pairs_each_configuration_of_each_workload(tmp_path):
     assert [r["new_vs_old"] for r in rows] == [88.0 / 80.0, 110.0 / 100.0]
     assert (rows[1]["old_decode_step_ms"], rows[1]["new_decode_step_ms"]) == (2.0, 1.8)
     assert (got["commit"], got["old_commit"], got["date"]) == ("n3w", "0ld", "2026-12-03")
+
+
+def test_serve_ab_keeps_each_pair_of_runs_side_by_side(tmp_path):
+    """benchmarks/serve_ab.py: each named pair's old and new run, with what the README quotes from them."""
+    from benchmarks import serve_ab
+
+    def run(commit: str, stream: float, plain: float) -> Path:
+        phase = {"output_tok_s": 1000.0, "ms_per_step": 5.0}
+        phases = {
+            "stream": {**phase, "vs_offline": stream, "itl_ms": {"p50": 9.0}, "ttft_ms": {"p50": 300.0}},
+            "plain": {**phase, "vs_offline": plain},
+            "offline": {"output_tok_s": 1100.0},
+        }
+        versions = {"commit": commit, "dirty": False, "date": "2026-12-03T09:00:00", "gpu": "g", "torch": "t"}
+        path = tmp_path / f"{commit}.json"
+        path.write_text(
+            json.dumps({"command": f"serve.py at {commit}", "versions": {**versions, "triton": "3"}, "phases": phases})
+        )
+        return path
+
+    a, b, c = run("0ld", 0.9, 0.8), run("m1d", 0.95, 0.9), run("n3w", 0.97, 1.0)
+    got = serve_ab.main(
+        ["--pair", "one", str(a), str(b), "--pair", "two", str(b), str(c), "--out", str(tmp_path / "ab.json")]
+    )
+    assert list(got["pairs"]) == ["one", "two"]
+    assert (
+        got["pairs"]["one"]["old"]["stream"]["vs_offline"] == 0.9
+        and got["pairs"]["two"]["new"]["plain"]["vs_offline"] == 1.0
+    )
+    assert got["pairs"]["two"]["old"]["commit"] == "m1d" and got["commit"] == "n3w"
+    assert (
+        "itl_p50_ms" in got["pairs"]["one"]["new"]["stream"] and "itl_p50_ms" not in got["pairs"]["one"]["new"]["plain"]
+    )
