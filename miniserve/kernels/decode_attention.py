@@ -504,9 +504,7 @@ def decode_attention(
         **register_cap(maxnreg),
     )  # fmt: skip
     if splits > 1:
-        _merge_splits(
-            part_acc, part_ml, out, meta, v_scale, num_kv_heads, splits, split_tokens, mode, kv_factor, reduce_warps
-        )
+        _merge_splits(part_acc, part_ml, out, meta, v_scale, group, splits, split_tokens, mode, kv_factor, reduce_warps)
     return out
 
 
@@ -516,17 +514,16 @@ def _merge_splits(
     out,
     meta,
     v_scale,
-    num_kv_heads: int,
+    group: int,
     splits: int,
     split_tokens: int,
     mode: int,
     kv_factor: float,
     warps: int,
 ):
-    """Stage 2: one program per (sequence, KV head) merges its query heads' split partials into `out`."""
-    (num_seqs, num_q_heads, head_dim) = out.shape
-    group = num_q_heads // num_kv_heads
-    _decode_reduce_kernel[(num_seqs, num_kv_heads)](
+    """Stage 2: one program per (sequence, KV head) merges its `group` query heads' split partials into `out`."""
+    num_seqs, num_q_heads, head_dim = out.shape
+    _decode_reduce_kernel[(num_seqs, num_q_heads // group)](
         part_acc,
         part_ml,
         out,
