@@ -29,6 +29,7 @@ def sample(cls: type, f) -> object:
         "attention_backend": "torch",
         "fp8_decode": "hw-staged",
         "log_level": "debug",
+        "http_parser": "h11",
         "block_size": 32,
         "gpu_memory_utilization": 0.5,
     }
