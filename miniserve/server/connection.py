@@ -55,24 +55,43 @@ def guarded_protocol(limits: ConnectionLimits, parser: str = "httptools") -> typ
 
 
 class _Guard:
-    """The deadlines and the connection cap, for a uvicorn protocol that says what its client owes (`_owed`:
-    "head", "body" or None), whether the owed head has begun to arrive (`_head_begun`) and whether the response
-    to the owed body has started (`_answering`). Each hook of the protocol ends with `_watch()`."""
+    """The deadlines and the connection cap, mixed in before a uvicorn protocol that says what its client owes
+    (`_owed`: "head", "body" or None), whether the owed head has begun to arrive (`_head_begun`) and whether the
+    response to the owed body has started (`_answering`)."""
 
     limits = ConnectionLimits()
     transport: asyncio.Transport
     loop: asyncio.AbstractEventLoop
     connections: set
 
-    def _guard_init(self) -> None:
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
         self.timeout_keep_alive = self.limits.keep_alive_timeout
         self._phase: str | None = None  # "head" or "body": what the deadline below waits for
         self._deadline: asyncio.TimerHandle | None = None
 
-    def _guard_connection(self) -> None:
+    # ---- asyncio.Protocol and uvicorn hooks (before the protocol's own in the MRO): each ends with `_watch()`
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)  # type: ignore[misc]
         cap = self.limits.max_connections
         if cap is not None and len(self.connections) > cap:
             self.app = _Refuse(cap)  # its first request is answered 503, then the connection closes
+        self._watch()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)  # type: ignore[misc]
+        self._watch()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        self._watch()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    # ---- what the protocol says about its client
 
     def _owed(self) -> str | None:
         raise NotImplementedError
@@ -131,27 +150,6 @@ class _Guard:
 class GuardedH11Protocol(_Guard, H11Protocol):
     """uvicorn's h11 protocol under `_Guard`: what the client owes is h11's view of it (`their_state`)."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._guard_init()
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._guard_connection()
-        self._watch()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        self._watch()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._watch()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
-
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes h11 cannot parse as a request (or a head over its size limit)."""
         self._malformed(msg)
@@ -173,24 +171,10 @@ class GuardedHttpToolsProtocol(_Guard, HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._guard_init()
         self._owes: str | None = "head"
         self._begun = False  # some of the owed head arrived
         self._head_bytes = 0
         self._too_large = False
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._guard_connection()
-        self._watch()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        self._watch()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes httptools cannot parse as a request (or a callback below refused)."""
@@ -219,10 +203,9 @@ class GuardedHttpToolsProtocol(_Guard, HttpToolsProtocol):
         self._owes = None
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self._owes is None and not self.pipeline and self.cycle.response_complete:  # nothing queued: idle
+        if self._owes is None and not self.pipeline:  # nothing queued: the next request's head is owed
             self._owes, self._begun = "head", False
-        self._watch()
+        super().on_response_complete()  # (then _Guard watches)
 
     def _count_head(self, size: int) -> None:
         self._head_bytes += size
