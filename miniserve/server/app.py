@@ -97,12 +97,13 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
             state = ServerState(config, server, engine, tokenizer, token_chars)
             app.state.server = state
             _install_signal_handlers(state)
+            frozen = freeze_startup_heap()  # last: what start-up made stays out of every later collection
             logger.info(
                 "miniserve: serving %s (max_model_len %d; start-up objects kept from the garbage collector: %d in "
                 "this API server, %d in the engine)",
                 state.model_name,
                 state.max_model_len,
-                freeze_startup_heap(),
+                frozen,
                 engine.info.get("gc_frozen", 0),
             )
             yield
