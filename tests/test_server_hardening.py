@@ -9,6 +9,7 @@ reuses one socket and does not retry, so a connection the server dropped shows u
 from __future__ import annotations
 
 import collections
+import gc
 import http.client
 import json
 import logging
@@ -284,6 +285,7 @@ def test_unexpected_errors_answer_500_in_openai_shape_and_log_the_traceback(llam
     logged = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records)
     assert "Traceback" in logged or any(r.exc_info for r in caplog.records)
     assert {r.exc_info[0] for r in caplog.records if r.exc_info} >= {KeyError, ZeroDivisionError}
+    assert gc.get_freeze_count() == 0  # the app froze this process's heap while serving and thawed it at shutdown
 
 
 def test_generation_requests_skip_the_router_and_get_the_apps_answers(llama_dir, monkeypatch):

@@ -36,7 +36,7 @@ from miniserve.server.chat import create_chat_completion
 from miniserve.server.completions import create_completion
 from miniserve.server.connection import ConnectionLimits, guarded_protocol
 from miniserve.server.engine_process import EngineLink, EngineProcess
-from miniserve.server.gc_heap import freeze_startup_heap
+from miniserve.server.gc_heap import freeze_startup_heap, thaw_heap
 from miniserve.server.middleware import CatchAll, DirectRoutes, RequireAPIKey
 from miniserve.server.protocol import (
     APIError,
@@ -110,6 +110,7 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
         finally:
             await asyncio.to_thread(engine.shutdown)
             engine.end_all()
+            thaw_heap()
 
     app = FastAPI(title="miniserve", lifespan=lifespan)
     v1 = APIRouter(prefix="/v1")  # RequireAPIKey guards every /v1 path, routed or not

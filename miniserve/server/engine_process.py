@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from miniserve.engine.outputs import CompletionOutput, RequestOutput
-from miniserve.server.gc_heap import freeze_startup_heap
+from miniserve.server.gc_heap import freeze_startup_heap, thaw_heap
 from miniserve.server.metrics import ServerMetrics
 from miniserve.server.pipe import FrameReader, FrameWriter, LoopFrameWriter
 from miniserve.server.protocol import APIError
@@ -96,6 +96,7 @@ def _core_main(config: Any, commands: list[Any], outputs: list[Any]) -> None:
         _CoreLoop(engine, readers, writers).run()
     finally:
         engine.shutdown()  # the other tensor-parallel ranks, if any
+        thaw_heap()
 
 
 def _cache_config(engine: Any) -> dict[str, str]:

@@ -6,6 +6,10 @@ leaves enough survivors to trigger full collections: on the CPU, with benchmarks
 the API process's event loop stopped 4 times in one burst, for 10-120 ms each (every stream waits that long).
 `gc.freeze()` moves what is alive now into a permanent generation that collections skip, so they walk only what
 the traffic made. vLLM does the same after warm-up (`freeze_gc_heap`); SGLang offers it (`freeze_gc`).
+
+The heap thaws when serving ends (`thaw_heap`): frozen objects are never collected, so a process that goes on
+(an app served inside a test or a user's program) or that exits would otherwise keep them to the end, and
+extension modules report them as leaked at interpreter exit.
 """
 
 from __future__ import annotations
@@ -18,3 +22,8 @@ def freeze_startup_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+def thaw_heap() -> None:
+    """Give the frozen objects back to the collector (serving has ended)."""
+    gc.unfreeze()
