@@ -521,8 +521,8 @@ def decode_step_time(llm, prompts: list, args: argparse.Namespace) -> float:
     """Median engine.step() time once every request of the batch is decoding (no prefill in the step), as the
     engine runs them: overlapped (a step returns once the next is launched and the one before it read), so in a
     steady state each call lasts one step of the GPU or of the host, whichever is slower. (Synchronizing after
-    each step would add the host's share to every step: 6.9-9.1 ms against the 5.4-6.0 ms a step actually took
-    in the same runs, serve_ab_h200.json.)"""
+    each step, as this did before, adds the host's share to every step: timed so, the runs of serve_ab_h200.json
+    read 5.9-9.1 ms, while the engine served a step every 4.9-6.6 ms.)"""
     from miniserve import SamplingParams
 
     engine = llm.engine

@@ -28,7 +28,8 @@ def summary(run: dict) -> dict:
         }
         if "itl_ms" in ph:
             out[name] |= {"itl_p50_ms": ph["itl_ms"]["p50"], "ttft_p50_ms": ph["ttft_ms"]["p50"]}
-    out["offline_tok_s"] = phases["offline"]["output_tok_s"]
+    offline = phases["offline"]
+    out["offline"] = {"output_tok_s": offline["output_tok_s"], "decode_step_ms": offline["decode_step_ms"]}
     return out
 
 

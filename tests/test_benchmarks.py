@@ -139,7 +139,7 @@ def test_serve_ab_keeps_each_pair_of_runs_side_by_side(tmp_path):
         phases = {
             "stream": {**phase, "vs_offline": stream, "itl_ms": {"p50": 9.0}, "ttft_ms": {"p50": 300.0}},
             "plain": {**phase, "vs_offline": plain},
-            "offline": {"output_tok_s": 1100.0},
+            "offline": {"output_tok_s": 1100.0, "decode_step_ms": 6.0},
         }
         versions = {"commit": commit, "dirty": False, "date": "2026-12-03T09:00:00", "gpu": "g", "torch": "t"}
         path = tmp_path / f"{commit}.json"
@@ -161,3 +161,4 @@ def test_serve_ab_keeps_each_pair_of_runs_side_by_side(tmp_path):
     assert (
         "itl_p50_ms" in got["pairs"]["one"]["new"]["stream"] and "itl_p50_ms" not in got["pairs"]["one"]["new"]["plain"]
     )
+    assert got["pairs"]["one"]["old"]["offline"] == {"output_tok_s": 1100.0, "decode_step_ms": 6.0}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -60,9 +61,12 @@ class _Guard:
     response to the owed body has started (`_answering`)."""
 
     limits = ConnectionLimits()
-    transport: asyncio.Transport
+    transport: asyncio.Transport  # the protocol's own
     loop: asyncio.AbstractEventLoop
     connections: set
+    _owed: Callable[[], str | None]  # each protocol class defines these three
+    _head_begun: Callable[[], bool]
+    _answering: Callable[[], bool]
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -90,17 +94,6 @@ class _Guard:
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)  # type: ignore[misc]
-
-    # ---- what the protocol says about its client
-
-    def _owed(self) -> str | None:
-        raise NotImplementedError
-
-    def _head_begun(self) -> bool:
-        raise NotImplementedError
-
-    def _answering(self) -> bool:
-        raise NotImplementedError
 
     def _watch(self) -> None:
         phase = self._owed()

@@ -82,8 +82,9 @@ def _core_main(config: Any, commands: list[Any], outputs: list[Any]) -> None:
             w.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return
     engine.on_fatal_error(_exit_engine)
+    frozen = freeze_startup_heap()  # the model, graphs and imports: nothing a collection should walk again
     info = {
-        "gc_frozen": freeze_startup_heap(),  # the model, graphs and imports: nothing a collection should walk again
+        "gc_frozen": frozen,
         "max_model_len": engine.max_model_len,
         "vocab_size": engine.vocab_size,
         "model_name": engine.model_name,

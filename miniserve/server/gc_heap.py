@@ -2,8 +2,9 @@
 
 A full collection walks every tracked object. After start-up a server process holds a few hundred thousand (torch,
 triton, transformers, pydantic's schemas, the tokenizer) that will never be garbage, and a burst of requests
-leaves enough survivors to trigger full collections: on the CPU, with benchmarks/fake_engine.py and 256 streams,
-the API process's event loop stopped 4 times in one burst, for 10-120 ms each (every stream waits that long).
+leaves enough survivors to trigger a full collection: on the CPU, with benchmarks/fake_engine.py and 256 streams,
+one in the middle of a burst stopped the API process's event loop for 125 ms (every stream waits that long; two
+runs alike). On the H200 the engine process gained most (serve_ab_h200.json).
 `gc.freeze()` moves what is alive now into a permanent generation that collections skip, so they walk only what
 the traffic made. vLLM does the same after warm-up (`freeze_gc_heap`); SGLang offers it (`freeze_gc`).
 
