@@ -143,6 +143,7 @@ def trace_api(path: str) -> None:
 
     from uvicorn.protocols.http import h11_impl, httptools_impl
 
+    from miniserve.server import body_writer
     from miniserve.server.engine_process import EngineProcess
 
     handovers: list[tuple[float, int, int, float]] = []  # (time, messages, steps among them, seconds to route)
@@ -182,11 +183,20 @@ def trace_api(path: str) -> None:
 
         return timed_send
 
+    def timed_write(write):  # a stream's events written by the step's callback (server/body_writer.py)
+        def timed(self, body):
+            write(self, body)
+            writes.append((time.monotonic(), len(body)))
+
+        return timed
+
     EngineProcess._on_messages = timed_on_messages
     EngineProcess.attach = traced_attach
     EngineProcess.add_request = timed_add_request
     for impl in (h11_impl, httptools_impl):
         impl.RequestResponseCycle.send = timed(impl.RequestResponseCycle.send)
+    for writer in (body_writer.HttpToolsBodyWriter, body_writer.H11BodyWriter):
+        writer.write = timed_write(writer.write)
     trace = {"handovers": handovers, "writes": writes, "lags": lags, "posts": posts}
     atexit.register(lambda: Path(path).write_text(json.dumps(trace)))
 

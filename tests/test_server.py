@@ -161,7 +161,9 @@ def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def url(model_dir) -> Iterator[str]:
-    with run_server(model_dir, MINISERVE_SERVED_MODEL_NAME=MODEL_NAME, MINISERVE_MAX_BODY_BYTES=str(64 * 1024)) as base:
+    # as the README starts it: with the server's HTTP protocol, which writes streams from the engine's steps
+    env = {"MINISERVE_SERVED_MODEL_NAME": MODEL_NAME, "MINISERVE_MAX_BODY_BYTES": str(64 * 1024)}
+    with run_server(model_dir, uvicorn_args=("--http", "server:http"), **env) as base:
         yield base
 
 

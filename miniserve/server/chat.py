@@ -5,29 +5,23 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
 
 from miniserve.server import responses as fmt
-from miniserve.server.protocol import (
-    APIError,
-    ChatCompletionRequest,
-)
+from miniserve.server.event_stream import EventStream, StreamEvents
+from miniserve.server.protocol import APIError, ChatCompletionRequest
 from miniserve.server.request_group import (
     RequestGroup,
-    choice_deltas,
     collect_finals,
     request_usage,
-    sse_response,
     stream_usage,
     structured_spec,
 )
 from miniserve.server.request_params import pick_best, sampling_params
-from miniserve.server.state import ClientDisconnected, ServerState, state_of
+from miniserve.server.state import ServerState, state_of
 from miniserve.server.tool_calls import ToolSetup, tool_setup
 
 
@@ -51,7 +45,7 @@ async def create_chat_completion(request: Request) -> Response:
         "model": state.model_name,
     }
     if req.stream:
-        return sse_response(_stream_chat(state, req, request, group, head, ids, tools), group)
+        return EventStream(group, request, ChatEvents(state, req, head, ids, tools))
     finals = await collect_finals(group, request)
     if finals is None:
         return Response(status_code=499)
@@ -124,53 +118,48 @@ def _chat_choices(
     return choices
 
 
-async def _stream_chat(
-    state: ServerState,
-    req: ChatCompletionRequest,
-    request: Request,
-    group: RequestGroup,
-    head: dict,
-    ids: list[int],
-    tools: ToolSetup,
-) -> AsyncIterator[bytes]:
-    head = {**head, "object": "chat.completion.chunk"}
-    parsers = {j: tools.parser() for j in range(req.n)}
-    num_calls = dict.fromkeys(range(req.n), 0)
-    top = (req.top_logprobs or 0) if req.logprobs else None
-    trackers = {(0, j): fmt.ChoiceTracker(ids) for j in range(req.n)}
-    finals: dict[int, Any] = {}
-    as_ids = bool(req.return_tokens_as_token_ids)
-    usage = stream_usage(req, [ids], trackers)
+class ChatEvents(StreamEvents):
+    """A streamed chat completion's events: each choice's role first, then its deltas (content, or tool calls
+    as server/tool_calls.py parses them), vLLM's prompt_logprobs with the first output, usage at the end."""
 
-    def chunk(index: int, delta: dict, logprobs: Any = None, finish: Any = None, stop: Any = None, **extra) -> bytes:
-        return fmt.choice_chunk(head, index, {"delta": delta}, logprobs, finish, stop, extra, usage())
+    def __init__(self, state: ServerState, req: ChatCompletionRequest, head: dict, ids: list[int], tools: ToolSetup):
+        super().__init__({(0, j): fmt.ChoiceTracker(ids) for j in range(req.n)})
+        self.state, self.req, self.ids, self.tools = state, req, ids, tools
+        self.head = {**head, "object": "chat.completion.chunk"}
+        self.parsers = {j: tools.parser() for j in range(req.n)}
+        self.num_calls = dict.fromkeys(range(req.n), 0)
+        self.top = (req.top_logprobs or 0) if req.logprobs else None
+        self.as_ids = bool(req.return_tokens_as_token_ids)
+        self.usage = stream_usage(req, [ids], self.trackers)
+        self.prompt_sent = req.prompt_logprobs is None
 
-    try:
-        first_extra = {"prompt_token_ids": ids} if req.return_token_ids else {}
-        for j in range(req.n):
-            yield chunk(j, {"role": "assistant", "content": _echo_text(req)}, **first_extra)
-        prompt_sent = req.prompt_logprobs is None
-        async with aclosing(choice_deltas(group, request, trackers, finals)) as deltas:
-            async for _, o, d in deltas:
-                if not prompt_sent:  # vLLM sends the prompt's logprobs with the first output
-                    prompt_sent = True
-                    plp = fmt.vllm_prompt_logprobs(
-                        state.tokenizer, ids, finals[0].prompt_logprobs, req.prompt_logprobs, as_ids
-                    )
-                    yield fmt.sse({**head, "choices": [], "prompt_logprobs": plp})
-                lp = None
-                if top is not None and d.token_ids:
-                    lp = fmt.chat_logprobs(state.tokenizer, d.context, d.token_ids, d.logprobs, top, as_ids)
-                delta = tools.delta(parsers[o.index], num_calls, o, d.text)
-                if delta or lp or d.finished_now or (req.return_token_ids and d.token_ids):
-                    finish = tools.finish_reason(o.finish_reason, num_calls[o.index]) if d.finished_now else None
-                    stop = o.stop_reason if d.finished_now else None
-                    extra = {"token_ids": d.token_ids} if req.return_token_ids else {}
-                    yield chunk(o.index, delta, lp, finish, stop, **extra)
-        if req.stream_options and req.stream_options.include_usage:
-            yield fmt.sse({**head, "choices": [], "usage": request_usage([ids], [finals[0]])})
-    except ClientDisconnected:
-        return
-    except APIError as exc:
-        yield fmt.sse(exc.body())
-    yield fmt.SSE_DONE
+    def chunk(self, index: int, delta: dict, logprobs: Any = None, finish: Any = None, stop: Any = None, **extra):
+        return fmt.choice_chunk(self.head, index, {"delta": delta}, logprobs, finish, stop, extra, self.usage())
+
+    def opening(self) -> list[bytes]:
+        first_extra = {"prompt_token_ids": self.ids} if self.req.return_token_ids else {}
+        role = {"role": "assistant", "content": _echo_text(self.req)}
+        return [self.chunk(j, role, **first_extra) for j in range(self.req.n)]
+
+    def choice(self, i: int, o: Any, d: fmt.Delta) -> list[bytes]:
+        req, tok, events = self.req, self.state.tokenizer, []
+        if not self.prompt_sent:  # vLLM sends the prompt's logprobs with the first output
+            self.prompt_sent = True
+            prompt_lp = self.finals[0].prompt_logprobs
+            plp = fmt.vllm_prompt_logprobs(tok, self.ids, prompt_lp, req.prompt_logprobs, self.as_ids)
+            events.append(fmt.sse({**self.head, "choices": [], "prompt_logprobs": plp}))
+        lp = None
+        if self.top is not None and d.token_ids:
+            lp = fmt.chat_logprobs(tok, d.context, d.token_ids, d.logprobs, self.top, self.as_ids)
+        delta = self.tools.delta(self.parsers[o.index], self.num_calls, o, d.text)
+        if delta or lp or d.finished_now or (req.return_token_ids and d.token_ids):
+            finish = self.tools.finish_reason(o.finish_reason, self.num_calls[o.index]) if d.finished_now else None
+            stop = o.stop_reason if d.finished_now else None
+            extra = {"token_ids": d.token_ids} if req.return_token_ids else {}
+            events.append(self.chunk(o.index, delta, lp, finish, stop, **extra))
+        return events
+
+    def closing(self) -> list[bytes]:
+        if not (self.req.stream_options and self.req.stream_options.include_usage):
+            return []
+        return [fmt.sse({**self.head, "choices": [], "usage": request_usage([self.ids], [self.finals[0]])})]

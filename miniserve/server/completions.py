@@ -5,29 +5,23 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
 
 from miniserve.server import responses as fmt
-from miniserve.server.protocol import (
-    APIError,
-    CompletionRequest,
-)
+from miniserve.server.event_stream import EventStream, StreamEvents
+from miniserve.server.protocol import CompletionRequest
 from miniserve.server.request_group import (
     RequestGroup,
-    choice_deltas,
     collect_finals,
     request_usage,
-    sse_response,
     stream_usage,
     structured_spec,
 )
 from miniserve.server.request_params import pick_best, sampling_params
-from miniserve.server.state import ClientDisconnected, ServerState, state_of
+from miniserve.server.state import ServerState, state_of
 
 
 async def create_completion(request: Request) -> Response:
@@ -58,7 +52,7 @@ async def create_completion(request: Request) -> Response:
         "model": state.model_name,
     }
     if req.stream:
-        return sse_response(_stream_completion(state, req, request, group, head, prompt_ids, prompt_texts), group)
+        return EventStream(group, request, CompletionEvents(state, req, head, prompt_ids, prompt_texts))
     finals = await collect_finals(group, request)
     if finals is None:
         return Response(status_code=499)
@@ -130,61 +124,66 @@ def _completion_extras(
     return extras
 
 
-async def _stream_completion(
-    state: ServerState,
-    req: CompletionRequest,
-    request: Request,
-    group: RequestGroup,
-    head: dict,
-    prompt_ids: list[list[int]],
-    prompt_texts: list[str] | None,
-) -> AsyncIterator[bytes]:
-    trackers = {(i, j): fmt.ChoiceTracker(ids) for i, ids in enumerate(prompt_ids) for j in range(req.n)}
-    offsets = {(i, j): len(prompt_texts[i]) if prompt_texts else 0 for i, j in trackers}
-    # the prompt's logprobs (legacy echo format or vLLM's prompt_logprobs) come with the choice's first output
-    prompt_later = (bool(prompt_texts) and req.logprobs is not None) or req.prompt_logprobs is not None
-    finals: dict[int, Any] = {}
-    as_ids = bool(req.return_tokens_as_token_ids)
-    usage = stream_usage(req, prompt_ids, trackers)
+class CompletionEvents(StreamEvents):
+    """A streamed completion's events: each choice's text (and logprobs, token ids) as it grows; with echo, the
+    prompt's text first; the prompt's logprobs (echo's legacy ones or vLLM's prompt_logprobs) with the choice's
+    first output; usage at the end (stream_options)."""
 
-    def chunk(i: int, j: int, text: str, logprobs: Any = None, finish: Any = None, stop: Any = None, **extra) -> bytes:
-        return fmt.choice_chunk(head, i * req.n + j, {"text": text}, logprobs, finish, stop, extra, usage())
+    def __init__(
+        self,
+        state: ServerState,
+        req: CompletionRequest,
+        head: dict,
+        prompt_ids: list[list[int]],
+        prompt_texts: list[str] | None,
+    ):
+        super().__init__({(i, j): fmt.ChoiceTracker(ids) for i, ids in enumerate(prompt_ids) for j in range(req.n)})
+        self.state, self.req, self.head = state, req, head
+        self.prompt_ids, self.prompt_texts = prompt_ids, prompt_texts
+        self.offsets = {(i, j): len(prompt_texts[i]) if prompt_texts else 0 for i, j in self.trackers}
+        self.prompt_later = (bool(prompt_texts) and req.logprobs is not None) or req.prompt_logprobs is not None
+        self.started: set[tuple[int, int]] = set()
+        self.as_ids = bool(req.return_tokens_as_token_ids)
+        self.usage = stream_usage(req, prompt_ids, self.trackers)
 
-    try:
-        if prompt_texts and not prompt_later:
-            for i, j in trackers:
-                yield chunk(i, j, prompt_texts[i])
-        started: set[tuple[int, int]] = set()
-        async with aclosing(choice_deltas(group, request, trackers, finals)) as deltas:
-            async for i, o, d in deltas:
-                first = (i, o.index) not in started
-                started.add((i, o.index))
-                if first and prompt_later:
-                    plp = None
-                    if prompt_texts and req.logprobs is not None:
-                        plp = fmt.prompt_logprobs(
-                            state.tokenizer, prompt_ids[i], finals[i].prompt_logprobs, req.logprobs, as_ids
-                        )
-                    extras = _completion_extras(state, req, prompt_ids[i], finals[i], None)
-                    yield chunk(i, o.index, prompt_texts[i] if prompt_texts else "", plp, **extras)
-                lp = None
-                if req.logprobs is not None and d.token_ids:
-                    offset = offsets[(i, o.index)]
-                    lp = fmt.completion_logprobs(
-                        state.tokenizer, d.context, d.token_ids, d.logprobs, req.logprobs, offset, as_ids
-                    )
-                    offsets[(i, o.index)] += sum(len(t) for t in lp["tokens"])
-                if d.text or lp or d.finished_now or (req.return_token_ids and d.token_ids):
-                    finish = o.finish_reason if d.finished_now else None
-                    stop = o.stop_reason if d.finished_now else None
-                    extra = {"token_ids": d.token_ids} if req.return_token_ids else {}
-                    if req.return_token_ids and first and not prompt_later:
-                        extra["prompt_token_ids"] = prompt_ids[i]
-                    yield chunk(i, o.index, d.text, lp, finish, stop, **extra)
-        if req.stream_options and req.stream_options.include_usage:
-            yield fmt.sse({**head, "choices": [], "usage": request_usage(prompt_ids, list(finals.values()))})
-    except ClientDisconnected:
-        return
-    except APIError as exc:
-        yield fmt.sse(exc.body())
-    yield fmt.SSE_DONE
+    def chunk(self, i: int, j: int, text: str, logprobs: Any = None, finish: Any = None, stop: Any = None, **extra):
+        index = i * self.req.n + j
+        return fmt.choice_chunk(self.head, index, {"text": text}, logprobs, finish, stop, extra, self.usage())
+
+    def opening(self) -> list[bytes]:
+        if not self.prompt_texts or self.prompt_later:
+            return []
+        return [self.chunk(i, j, self.prompt_texts[i]) for i, j in self.trackers]
+
+    def choice(self, i: int, o: Any, d: fmt.Delta) -> list[bytes]:
+        req, prompt_texts, events = self.req, self.prompt_texts, []
+        first = (i, o.index) not in self.started
+        self.started.add((i, o.index))
+        if first and self.prompt_later:
+            plp = None
+            if prompt_texts and req.logprobs is not None:
+                prompt_lp, tok = self.finals[i].prompt_logprobs, self.state.tokenizer
+                plp = fmt.prompt_logprobs(tok, self.prompt_ids[i], prompt_lp, req.logprobs, self.as_ids)
+            extras = _completion_extras(self.state, req, self.prompt_ids[i], self.finals[i], None)
+            events.append(self.chunk(i, o.index, prompt_texts[i] if prompt_texts else "", plp, **extras))
+        lp = None
+        if req.logprobs is not None and d.token_ids:
+            offset = self.offsets[(i, o.index)]
+            lp = fmt.completion_logprobs(
+                self.state.tokenizer, d.context, d.token_ids, d.logprobs, req.logprobs, offset, self.as_ids
+            )
+            self.offsets[(i, o.index)] += sum(len(t) for t in lp["tokens"])
+        if d.text or lp or d.finished_now or (req.return_token_ids and d.token_ids):
+            finish = o.finish_reason if d.finished_now else None
+            stop = o.stop_reason if d.finished_now else None
+            extra = {"token_ids": d.token_ids} if req.return_token_ids else {}
+            if req.return_token_ids and first and not self.prompt_later:
+                extra["prompt_token_ids"] = self.prompt_ids[i]
+            events.append(self.chunk(i, o.index, d.text, lp, finish, stop, **extra))
+        return events
+
+    def closing(self) -> list[bytes]:
+        if not (self.req.stream_options and self.req.stream_options.include_usage):
+            return []
+        usage = request_usage(self.prompt_ids, list(self.finals.values()))
+        return [fmt.sse({**self.head, "choices": [], "usage": usage})]

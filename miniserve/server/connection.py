@@ -9,6 +9,8 @@ says what its client owes now (the next request's head, a body, or nothing while
 gets one deadline, armed when the phase begins. httptools (a C parser, the default `http_parser`) costs less per
 request and per streamed event than h11 (pure Python), which `http_parser="h11"` selects.
 
+Both also give each request's ASGI scope a writer for a streamed body (server/body_writer.py).
+
 `miniserve serve` uses them; with uvicorn, pass `--http server:http` (server.py builds it from MINISERVE_*).
 """
 
@@ -26,6 +28,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from miniserve.config import ServerConfig
+from miniserve.server.body_writer import H11BodyWriter, HttpToolsBodyWriter, give_writer
 from miniserve.server.protocol import APIError
 
 _DEFAULTS = ServerConfig()  # the settings (config.py) say what the defaults are
@@ -147,6 +150,12 @@ class GuardedH11Protocol(_Guard, H11Protocol):
         """uvicorn's answer to bytes h11 cannot parse as a request (or a head over its size limit)."""
         self._malformed(msg)
 
+    def handle_events(self) -> None:
+        super().handle_events()  # may have begun a request: its cycle's task has not run yet
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            give_writer(cycle.scope, H11BodyWriter(cycle))
+
     def _owed(self) -> str | None:
         their = self.conn.their_state
         return "head" if their is h11.IDLE else "body" if their is h11.SEND_BODY else None
@@ -190,6 +199,8 @@ class GuardedHttpToolsProtocol(_Guard, HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         self._owes = "body"
+        if self.cycle is not None and self.cycle.scope is self.scope:  # (not for an upgrade: no cycle begun)
+            give_writer(self.scope, HttpToolsBodyWriter(self.cycle))
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

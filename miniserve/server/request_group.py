@@ -1,21 +1,20 @@
 """One HTTP request's engine requests (one per prompt), read back as they grow: what the completion and chat
-routes share. A plain request is woken once, when all its requests finished (`collect_finals`); a stream at
-every engine step, as (prompt, choice, delta) triples (`choice_deltas`) that the route turns into SSE chunks
-(`sse_response`). A client that goes away has its requests aborted, which frees their KV blocks before the next
-step; a client that stops reading is aborted after MINISERVE_STREAM_STALL_TIMEOUT."""
+routes share. A plain request is woken once, when all its requests finished (`collect_finals`); a stream's new
+output is written at every engine step (server/event_stream.py), by the step's own callback when it can
+(`RequestGroup.push`), else by the request's task, woken here. A client that goes away has its requests aborted,
+which frees their KV blocks before the next step; a client that stops reading is aborted after
+MINISERVE_STREAM_STALL_TIMEOUT."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
-from starlette.background import BackgroundTask
 
 from miniserve.engine.sampler import bad_words_token_ids
 from miniserve.server import responses as fmt
@@ -34,7 +33,8 @@ class RequestGroup:
     """The engine requests (one per prompt) behind one HTTP request, read back as one output stream.
 
     The engine process's outputs extend each request's cumulative output in place and mark it changed; the
-    handler wakes on one asyncio.Event: at every step when streaming, only when a request ends otherwise. A
+    handler wakes on one asyncio.Event: when streaming, at every step whose output `push` did not take; only when
+    a request ends otherwise. A
     streaming handler that has not taken what is new for stream_stall_timeout seconds (its client stopped
     reading, so the send blocks) has its requests aborted."""
 
@@ -49,6 +49,8 @@ class RequestGroup:
         self.pending_since: float | None = None  # when output started waiting for the handler
         self.disconnected = False
         self.ended_by: str | None = None  # "shutdown" or "stalled" when the server ended it
+        # a stream's writer of new output, tried before waking the handler (False: it took nothing)
+        self.push: Callable[[list[tuple[int, Any]]], bool] | None = None
 
     async def start(self, prompts: list[list[int]], params: list[Any], prompt_param: str) -> None:
         """Post every prompt; if one is rejected, abort the ones already posted and raise a 4xx. A compiled grammar
@@ -90,7 +92,12 @@ class RequestGroup:
     def _wake(self, stream: RequestStream) -> None:
         if not (self.streaming or stream.done):
             return
-        self.dirty[self.index[stream.request_id]] = None
+        index = self.index[stream.request_id]
+        # (while the handler has not taken what is pending, new output waits behind it: order is kept)
+        pushable = self.push is not None and not stream.done and not self.changed.is_set()
+        if pushable and self.push([(index, stream.output)]):
+            return
+        self.dirty[index] = None
         if not self.changed.is_set():
             self.changed.set()
             self.pending_since = time.monotonic()
@@ -117,7 +124,8 @@ class RequestGroup:
                     if stream.error is not None:
                         raise APIError(f"generation failed: {stream.error}", status=500, code="engine_error")
                 yield [(i, stream.output) for i, stream in changed]
-                if all(s.done for s in self.streams):
+                # (output that came while the handler was busy with this batch, the last included, is taken next)
+                if not self.dirty and all(s.done for s in self.streams):
                     return
         finally:
             watcher.cancel()
@@ -129,33 +137,6 @@ class RequestGroup:
             pass
         self.disconnected = True
         self.changed.set()
-
-
-def sse_response(chunks: AsyncIterator[bytes], group: RequestGroup) -> StreamingResponse:
-    async def abort() -> None:  # covers a client that leaves before the generator even starts
-        group.abort()
-
-    return StreamingResponse(
-        chunks,
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache"},
-        background=BackgroundTask(abort),
-    )
-
-
-async def choice_deltas(
-    group: RequestGroup, request: Request, trackers: dict[tuple[int, int], fmt.ChoiceTracker], finals: dict
-) -> AsyncIterator[tuple[int, Any, fmt.Delta]]:
-    """(prompt index, completion, what is new) for every choice that moved since the handler last looked (one
-    engine step, or several when the client was slow); fills `finals`."""
-    async with aclosing(group.results(request)) as results:
-        async for batch in results:
-            for i, out in batch:
-                finals[i] = out
-                for o in out.outputs:
-                    tracker = trackers[(i, o.index)]
-                    if not tracker.finished:
-                        yield i, o, tracker.advance(o)
 
 
 async def collect_finals(group: RequestGroup, request: Request) -> dict[int, Any] | None:
