@@ -3,7 +3,7 @@
 #   bash benchmarks/h200_suite.sh engine OUT_DIR    # throughput.py workloads (offline engine)
 #   bash benchmarks/h200_suite.sh checks OUT_DIR    # kernel checks (bit patterns, attention) and engine checks
 #   bash benchmarks/h200_suite.sh serving OUT_DIR   # serve.py (saturated, 4 req/s, fake engine)
-#   OLD=DIR bash benchmarks/h200_suite.sh servingab OUT_DIR # serve.py saturated, an older tree then this one
+#   OLD=DIR [OLD_COMMIT=...] bash benchmarks/h200_suite.sh servingab OUT_DIR # serve.py saturated, an older tree then this one
 #   bash benchmarks/h200_suite.sh parserab OUT_DIR  # serve.py saturated on h11, then on httptools
 #   bash benchmarks/h200_suite.sh apiservers OUT_DIR # serve.py saturated with 4 API server processes
 #   bash benchmarks/h200_suite.sh apisweep OUT_DIR  # the same with 2 and 8
@@ -111,7 +111,8 @@ if [ "$part" = servingab ]; then
   [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
   for tree in "$OLD" "$PWD"; do
     tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
-    (cd "$tree" && PYTHONPATH="$tree:${PYTHONPATH:-}" timeout 275 python3 benchmarks/serve.py --shape llama-3.2-1b \
+    commit=$([ "$tree" = "$PWD" ] && echo "${MINISERVE_COMMIT:-}" || echo "${OLD_COMMIT:-${MINISERVE_COMMIT:-}}")
+    (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" timeout 275 python3 benchmarks/serve.py --shape llama-3.2-1b \
       --num-prompts 256 --input-len 512 --output-len 256 --phases stream,plain,offline --client-procs 4 --repeats 3 \
       --out "$out/serve_${tag}.json" 2>&1 | grep -v -i warn | tail -4)
   done
