@@ -4,6 +4,7 @@
 #   bash benchmarks/h200_suite.sh checks OUT_DIR    # kernel checks (bit patterns, attention) and engine checks
 #   bash benchmarks/h200_suite.sh serving OUT_DIR   # serve.py (saturated, 4 req/s, fake engine)
 #   OLD=DIR [OLD_COMMIT=...] bash benchmarks/h200_suite.sh servingab OUT_DIR # serve.py saturated, an older tree then this one
+#   bash benchmarks/h200_suite.sh servetrace OUT_DIR # serve.py --trace-dir at 4 req/s, then saturated (serve_trace_h200.json)
 #   bash benchmarks/h200_suite.sh parserab OUT_DIR  # serve.py saturated on h11, then on httptools
 #   bash benchmarks/h200_suite.sh apiservers OUT_DIR # serve.py saturated with 4 API server processes
 #   bash benchmarks/h200_suite.sh apisweep OUT_DIR  # the same with 2 and 8
@@ -116,6 +117,16 @@ if [ "$part" = servingab ]; then
       --num-prompts 256 --input-len 512 --output-len 256 --phases stream,plain,offline --client-procs 4 --repeats 3 \
       --out "$out/serve_${tag}.json" 2>&1 | grep -v -i warn | tail -4)
   done
+fi
+
+if [ "$part" = servetrace ]; then
+  # serve_trace_h200.json (its "rate4" and "saturated" runs): serve.py --trace-dir below saturation, then saturated
+  timeout 120 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 40 --input-len 512 --output-len 64 \
+    --request-rate 4 --phases stream,offline --client-procs 1 --trace-dir "$out/trace4" --out "$out/serve_trace4.json" \
+    2>&1 | grep -v -i warn | tail -2
+  timeout 200 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 256 --input-len 512 --output-len 256 \
+    --client-procs 4 --phases stream,plain,offline --trace-dir "$out/trace" --out "$out/serve_trace_sat.json" 2>&1 |
+    grep -v -i warn | tail -3
 fi
 
 if [ "$part" = parserab ]; then
