@@ -3,6 +3,7 @@ before and after a change) into one file: for each pair, both runs' ratios to of
 latency and time to first token.
 
     python benchmarks/serve_ab.py --pair NAME OLD.json NEW.json [--pair ...] --out benchmarks/results/serve_ab_h200.json
+        [--keep]   # the pairs already in --out stay (a new session's pair joins the earlier ones)
 
 `h200_suite.sh servingab` (an older tree against this one) and `parserab` (this tree on h11, then httptools) make
 the pairs.
@@ -33,8 +34,10 @@ def summary(run: dict) -> dict:
     return out
 
 
-def join(pairs: list[tuple[str, dict, dict]]) -> dict:
+def join(pairs: list[tuple[str, dict, dict]], kept: dict | None = None) -> dict:
     last = pairs[-1][2]["versions"]
+    joined = dict(kept or {})
+    joined.update({name: {"old": summary(old), "new": summary(new)} for name, old, new in pairs})
     return {
         "command": "benchmarks/serve_ab.py over the pairs' serve.py results (each pair's own commands below)",
         "commit": last["commit"],
@@ -43,7 +46,7 @@ def join(pairs: list[tuple[str, dict, dict]]) -> dict:
         "gpu": last["gpu"],
         "torch": last["torch"],
         "triton": last["triton"],
-        "pairs": {name: {"old": summary(old), "new": summary(new)} for name, old, new in pairs},
+        "pairs": joined,
     }
 
 
@@ -51,11 +54,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pair", nargs=3, action="append", required=True, metavar=("NAME", "OLD", "NEW"))
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--keep", action="store_true", help="keep the pairs already in --out")
     args = ap.parse_args(argv)
     pairs = [
         (name, json.loads(Path(old).read_text()), json.loads(Path(new).read_text())) for name, old, new in args.pair
     ]
-    result = join(pairs)
+    kept = json.loads(args.out.read_text())["pairs"] if args.keep and args.out.exists() else None
+    result = join(pairs, kept)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for name, p in result["pairs"].items():
         print(

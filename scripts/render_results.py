@@ -272,7 +272,7 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
                 "requests one at a time, `adds_ms` in the trace) and writes 256 whole responses at the end; several "
                 "API servers share both (`--api-servers N`, `miniserve/server/launcher.py`). Each run against the "
                 "offline engine in the same process run; the plain ratio varies most between runs of the lent H200 "
-                f"(one API server: {plain_in_trace()} in the traced run of an older tree)",
+                f"(one API server: {plain_in_trace()} in the traced run)",
             )
         )
         itl = "ITL p50 with " + "; ".join(
@@ -509,9 +509,11 @@ def serve_trace_saturated() -> str:
         else (
             f"traced (`serve_trace_h200.json`): the engine sent a step every {p50(t['engine_step_gap_ms'])} ms "
             f"(p50) and the API process wrote {t['writes_per_step']:.0f} events per step, reading the engine's "
-            f"messages {p50(t['steps_per_handover'])} steps at a time: its one event loop is saturated (routing a "
-            f"batch of steps {p50(t['routing_ms_per_handover'])} ms, then a write per stream); with 4 API servers "
-            "each writes a quarter"
+            f"messages {p50(t['steps_per_handover'])} steps at a time: its one event loop is saturated (a batch of "
+            f"steps taken, detokenized and written, each stream's events straight to its socket from the step's "
+            f"callback, `server/body_writer.py`, in {p50(t['routing_ms_per_handover'])} ms; a profile of the fake "
+            "engine's phase on the CPU puts a quarter each in reading the engine's message, joining its steps per "
+            "request, detokenizing and the sockets' writes); with 4 API servers each does a quarter"
         )
     )
 

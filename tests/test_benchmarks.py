@@ -162,3 +162,12 @@ def test_serve_ab_keeps_each_pair_of_runs_side_by_side(tmp_path):
         "itl_p50_ms" in got["pairs"]["one"]["new"]["stream"] and "itl_p50_ms" not in got["pairs"]["one"]["new"]["plain"]
     )
     assert got["pairs"]["one"]["old"]["offline"] == {"output_tok_s": 1100.0, "decode_step_ms": 6.0}
+    # --keep: a later pair joins the file's pairs (a pair of the same name is replaced)
+    later = serve_ab.main(
+        ["--pair", "two", str(a), str(c), "--pair", "three", str(a), str(b)]
+        + ["--out", str(tmp_path / "ab.json"), "--keep"]
+    )
+    assert list(later["pairs"]) == ["one", "two", "three"] and later["pairs"]["one"] == got["pairs"]["one"]
+    assert later["pairs"]["two"]["old"]["commit"] == "0ld" and later["commit"] == "m1d"
+    fresh = serve_ab.main(["--pair", "three", str(a), str(b), "--out", str(tmp_path / "ab.json")])
+    assert list(fresh["pairs"]) == ["three"]
