@@ -212,3 +212,26 @@ def test_a_client_that_stops_reading_gets_every_event_once_in_order(tmp_path, to
         assert texts[c["index"]] == c["text"]
         assert token_logprobs[c["index"]] == c["logprobs"]["token_logprobs"]
     assert counted["send"] > 1 and counted["writer"] > 0, counted  # both ways took part
+
+
+TEXTS = ["", " word", 'a "quoted" \\ back', "line\nbreak\ttab", "é ü 中文 🙂", "\x00\x1f\x7f", "</script>", "\u2028"]
+
+
+@pytest.mark.parametrize("key", ["text", "content"])
+def test_text_chunks_are_the_events_choice_chunk_makes(key):
+    """responses.py:TextChunks, the streams' short path for a plain text piece: the same bytes as choice_chunk,
+    and the JSON a client expects (written out here)."""
+    from miniserve.server.responses import TextChunks, choice_chunk
+
+    head = {"id": "cmpl-1", "object": "text_completion", "created": 7, "model": 'modèle "m" 🙂'}
+    for index in (0, 3):
+        chunks = TextChunks(head, index, key)
+        for text in TEXTS:
+            content = {"text": text} if key == "text" else {"delta": {"content": text}}
+            event = chunks.event(text)
+            assert event == choice_chunk(head, index, content, None, None, None)
+            choice = {"index": index, **content, "logprobs": None, "finish_reason": None, "stop_reason": None}
+            assert event.startswith(b"data: ") and event.endswith(b"\n\n")
+            assert json.loads(event[len(b"data: ") :]) == {**head, "choices": [choice]}
+    # a head that holds the marker (a request id is the client's) has no short path
+    assert TextChunks({**head, "id": TextChunks.MARK}, 0, key).parts is None

@@ -132,6 +132,9 @@ class ChatEvents(StreamEvents):
         self.as_ids = bool(req.return_tokens_as_token_ids)
         self.usage = stream_usage(req, [ids], self.trackers)
         self.prompt_sent = req.prompt_logprobs is None
+        # a choice's plain content pieces, encoded around the rest of their event (responses.py:TextChunks)
+        plain = self.top is None and not req.return_token_ids and tools.mode == "none" and self.usage() is None
+        self.texts = {j: fmt.TextChunks(self.head, j, "content") for j in range(req.n)} if plain else {}
 
     def chunk(self, index: int, delta: dict, logprobs: Any = None, finish: Any = None, stop: Any = None, **extra):
         return fmt.choice_chunk(self.head, index, {"delta": delta}, logprobs, finish, stop, extra, self.usage())
@@ -142,6 +145,9 @@ class ChatEvents(StreamEvents):
         return [self.chunk(j, role, **first_extra) for j in range(self.req.n)]
 
     def choice(self, i: int, o: Any, d: fmt.Delta) -> list[bytes]:
+        texts = self.texts.get(o.index)
+        if texts is not None and texts.parts is not None and self.prompt_sent and d.text and not d.finished_now:
+            return [texts.event(d.text)]
         req, tok, events = self.req, self.state.tokenizer, []
         if not self.prompt_sent:  # vLLM sends the prompt's logprobs with the first output
             self.prompt_sent = True

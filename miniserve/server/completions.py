@@ -145,6 +145,9 @@ class CompletionEvents(StreamEvents):
         self.started: set[tuple[int, int]] = set()
         self.as_ids = bool(req.return_tokens_as_token_ids)
         self.usage = stream_usage(req, prompt_ids, self.trackers)
+        # a choice's plain text pieces, encoded around the rest of their event (responses.py:TextChunks)
+        plain = req.logprobs is None and not req.return_token_ids and not self.prompt_later and self.usage() is None
+        self.texts = {(i, j): fmt.TextChunks(head, i * req.n + j, "text") for i, j in self.trackers} if plain else {}
 
     def chunk(self, i: int, j: int, text: str, logprobs: Any = None, finish: Any = None, stop: Any = None, **extra):
         index = i * self.req.n + j
@@ -156,6 +159,9 @@ class CompletionEvents(StreamEvents):
         return [self.chunk(i, j, self.prompt_texts[i]) for i, j in self.trackers]
 
     def choice(self, i: int, o: Any, d: fmt.Delta) -> list[bytes]:
+        texts = self.texts.get((i, o.index))
+        if texts is not None and texts.parts is not None and d.text and not d.finished_now:
+            return [texts.event(d.text)]
         req, prompt_texts, events = self.req, self.prompt_texts, []
         first = (i, o.index) not in self.started
         self.started.add((i, o.index))

@@ -59,6 +59,24 @@ def choice_chunk(
     return sse(event)
 
 
+class TextChunks:
+    """The SSE events of one streamed choice's plain text pieces (no logprobs, finish reason or extras: most of
+    a stream's events), byte for byte what `choice_chunk` makes of them, with only the piece encoded per event:
+    the rest of the event is encoded once, around a marker. `key` is "text" (completions) or "content" (a chat
+    delta). `parts` is None when the head itself holds the marker (a request id can be anything): then every
+    event takes `choice_chunk`."""
+
+    MARK = "\x00miniserve:text\x00"
+
+    def __init__(self, head: dict[str, Any], index: int, key: str):
+        content = {"text": self.MARK} if key == "text" else {"delta": {"content": self.MARK}}
+        parts = choice_chunk(head, index, content, None, None, None).split(dumps(self.MARK))
+        self.parts = parts if len(parts) == 2 else None
+
+    def event(self, text: str) -> bytes:
+        return self.parts[0] + dumps(text) + self.parts[1]
+
+
 def token_text(tokenizer: Any, context: list[int], token_id: int, as_ids: bool = False) -> str:
     """The text `token_id` adds after `context` (so "▁world" reads " world", not "world"); with `as_ids`,
     "token_id:<id>" instead (vLLM's return_tokens_as_token_ids: every token identifiable, even partial UTF-8)."""
