@@ -422,7 +422,7 @@ def run_offline(args: argparse.Namespace, workloads: list[list[BenchRequest]], w
             Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
             Path(f"{args.trace_dir}/offline_ramp.json").write_text(json.dumps(ramp(timeline, start)))
     prefill, after_idle = single_prefills(llm, [len(p) for p in prompts[:5]], args.seed, sync)
-    step = decode_step_time(llm, prompts, args)
+    step = statistics.median(decode_step_time(llm, prompts, args) for _ in range(max(1, args.repeats)))
     return median_run(runs) | {
         "single_request_prefill_ms": prefill * 1000,
         "single_request_prefill_after_idle_ms": after_idle * 1000,
@@ -465,9 +465,14 @@ def timed_generate(llm, prompts: list, output_len: int, sync) -> tuple[dict, lis
 
 def median_run(runs: list[dict]) -> dict:
     """The run with the median throughput (the lower of the middle two for an even count), with every run's
-    throughput in order (`repeats_tok_s`)."""
+    throughput in order (`repeats_tok_s`), and of a streamed phase every run's ITL and TTFT p50 (`repeats_itl_p50_ms`,
+    `repeats_ttft_p50_ms`: their medians are what the latency ratios use, not the one run's)."""
     ranked = sorted(runs, key=lambda r: r["output_tok_s"])
-    return ranked[(len(ranked) - 1) // 2] | {"repeats_tok_s": [r["output_tok_s"] for r in runs]}
+    out = ranked[(len(ranked) - 1) // 2] | {"repeats_tok_s": [r["output_tok_s"] for r in runs]}
+    for key in ("itl", "ttft"):
+        if all(r.get(f"{key}_ms") for r in runs):
+            out[f"repeats_{key}_p50_ms"] = [r[f"{key}_ms"]["p50"] for r in runs]
+    return out
 
 
 IDLE_S = 0.25  # the gap between arrivals at 4 requests/s
@@ -727,9 +732,11 @@ def main(argv: list[str] | None = None) -> dict:
         if "stream" in results["phases"]:
             s = results["phases"]["stream"]
             if s.get("itl_ms"):
-                s["itl_p50_vs_decode_step"] = s["itl_ms"]["p50"] / res["decode_step_ms"]
+                itl = statistics.median(s.get("repeats_itl_p50_ms") or [s["itl_ms"]["p50"]])
+                s["itl_p50_vs_decode_step"] = itl / res["decode_step_ms"]
             if s.get("ttft_ms"):
-                s["ttft_p50_vs_prefill"] = s["ttft_ms"]["p50"] / res["single_request_prefill_ms"]
+                ttft = statistics.median(s.get("repeats_ttft_p50_ms") or [s["ttft_ms"]["p50"]])
+                s["ttft_p50_vs_prefill"] = ttft / res["single_request_prefill_ms"]
     lone, stream = results["phases"].get("lone"), results["phases"].get("stream")
     if lone and stream and lone.get("ttft_ms") and stream.get("ttft_ms"):
         stream["ttft_p50_vs_lone"] = stream["ttft_ms"]["p50"] / lone["ttft_ms"]["p50"]

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
     "hidden_size": 64,
@@ -158,6 +160,12 @@ def test_repeats_report_the_median_run_of_each_phase(tmp_path):
         assert len(runs) == 3 and phases[ph]["output_tok_s"] == sorted(runs)[1], (ph, phases[ph])
     for ph in ("stream", "plain"):
         assert phases[ph]["vs_offline"] == phases[ph]["output_tok_s"] / phases["offline"]["output_tok_s"]
+    # the latency ratios take the median of the streamed runs' p50s, not the median-throughput run's own
+    itls = phases["stream"]["repeats_itl_p50_ms"]
+    assert len(itls) == 3 and len(phases["stream"]["repeats_ttft_p50_ms"]) == 3
+    assert "repeats_itl_p50_ms" not in phases["plain"]
+    step = phases["offline"]["decode_step_ms"]
+    assert phases["stream"]["itl_p50_vs_decode_step"] == pytest.approx(sorted(itls)[1] / step)
     # new prompts each repeat: the median run computed every prompt token too, as the other phase did
     computed = {ph: phases[ph]["engine_steps"] * phases[ph]["tokens_per_step"] for ph in ("stream", "plain")}
     assert round(computed["stream"]) == round(computed["plain"]) >= 6 * 40, computed
