@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ import httpx
 import pytest
 
 from tests.conftest import build_model_dir
-from tests.test_server import free_port
+from tests.test_server_hardening import in_process_server
 
 SEEDED = {"temperature": 1.0, "seed": 3}
 STREAMS = [  # (path, body): the stream features each way must carry alike
@@ -63,29 +62,17 @@ def serving(model_dir: Path, parser: str | None, small_buffers: bool = False) ->
     each request a body writer), or with uvicorn's own (None: every event through the ASGI send). `small_buffers`:
     each connection's socket and transport buffer a few KiB of the response (a client that stops reading soon
     leaves the server's socket full, however large the system lets buffers grow)."""
-    import uvicorn
 
     from miniserve.config import EngineConfig, ServerConfig
     from miniserve.server.app import create_app
     from miniserve.server.connection import ConnectionLimits, guarded_protocol
 
     app = create_app(EngineConfig(model=str(model_dir), device="cpu", dtype="float32"), ServerConfig())
-    port = free_port()
     http = guarded_protocol(ConnectionLimits(), parser) if parser else "auto"
     if small_buffers:
         http = type("SmallBuffers", (http,), {"connection_made": _small_buffers(http.connection_made)})
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=http))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 90
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "the in-process server did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with in_process_server(app, http) as url:
+        yield url
 
 
 def _small_buffers(connection_made):

@@ -221,12 +221,13 @@ def test_401_says_bearer_and_comes_before_404(url):
 
 
 @contextmanager
-def in_process_server(app) -> Iterator[str]:
-    """A real uvicorn serving `app` from a thread of this process (so a test can add routes that fail)."""
+def in_process_server(app, protocol: str | type = "auto") -> Iterator[str]:
+    """A real uvicorn serving `app` from a thread of this process (so a test can add routes that fail, or count
+    what the server does), with `protocol` as uvicorn's HTTP protocol."""
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=protocol))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

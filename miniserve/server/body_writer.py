@@ -13,6 +13,7 @@ client gone, or a response not chunked. Under a protocol without writers (plain 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import h11
@@ -30,8 +31,10 @@ class BodyWriter(Protocol):
         ...
 
 
-class HttpToolsBodyWriter:
-    """For uvicorn's httptools protocol: the body piece framed as a chunk, as its send frames one."""
+class _CycleWriter:
+    """What both protocols' writers check: one request's response cycle is under way and its socket takes more."""
+
+    _chunked: Callable[[], bool]  # each protocol's own: the response goes out in chunks
 
     def __init__(self, cycle: Any):
         self.cycle = cycle
@@ -43,28 +46,25 @@ class HttpToolsBodyWriter:
             and not c.response_complete
             and not c.disconnected
             and not c.flow.write_paused
-            and c.chunked_encoding is True
+            and self._chunked()
         )
+
+
+class HttpToolsBodyWriter(_CycleWriter):
+    """For uvicorn's httptools protocol: the body piece framed as a chunk, as its send frames one."""
+
+    def _chunked(self) -> bool:
+        return self.cycle.chunked_encoding is True
 
     def write(self, body: bytes) -> None:
         self.cycle.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
 
 
-class H11BodyWriter:
+class H11BodyWriter(_CycleWriter):
     """For uvicorn's h11 protocol: h11's connection frames the piece (and keeps its own state right)."""
 
-    def __init__(self, cycle: Any):
-        self.cycle = cycle
-
-    def ready(self) -> bool:
-        c = self.cycle
-        return (
-            c.response_started
-            and not c.response_complete
-            and not c.disconnected
-            and not c.flow.write_paused
-            and c.conn.our_state is h11.SEND_BODY
-        )
+    def _chunked(self) -> bool:
+        return self.cycle.conn.our_state is h11.SEND_BODY
 
     def write(self, body: bytes) -> None:
         self.cycle.transport.write(self.cycle.conn.send(h11.Data(data=body)))
