@@ -277,15 +277,15 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
             )
         )
         itl = "ITL p50 with " + "; ".join(
-            f"{n} API server{'s' if n > 1 else ''}: {itl_p50(ph['stream'])} = "
-            f"{ph['stream']['itl_p50_vs_decode_step']:.2f}x (step {ph['offline']['decode_step_ms']:.1f} ms)"
+            f"{n} API server{'s' if n > 1 else ''}: {itl_p50(ph['stream'])} = {itl_ratio(ph):.2f}x (step "
+            f"{itl_step(ph):.1f} ms)"
             for n, ph in runs
         )
         rows.append(
             (
                 "server: inter-token latency p50 within 1.2x of the offline decode step",
                 itl,
-                met_with_servers(runs, lambda ph: ph["stream"]["itl_p50_vs_decode_step"] <= 1.2, "ITL"),
+                met_with_servers(runs, lambda ph: itl_ratio(ph) <= 1.2, "ITL"),
                 "a stream whose events the API process could not write in time gets its new tokens joined into one "
                 "event (fewer, larger events), which keeps throughput and costs inter-token latency; each step's "
                 "events are written from the callback that applied the step, each stream's straight to its socket "
@@ -501,6 +501,18 @@ def serve_ramps() -> str:
         f"{s['send_ms_after_last_add']:.2f} ms){plain}, offline {o['steps_after_last_add']} at "
         f"{o['step_ms_after_last_add']:.2f} ms. "
     )
+
+
+def itl_step(phases: dict) -> float:
+    """The decode step ITL is divided by: the offline run's, and never more than its mean step (prompt passes
+    included, so no decode step of the full batch is longer): serve.py up to 804ae66 timed it in a run of its own,
+    which read up to 8.3 ms where the measured runs averaged 5.4."""
+    return min(phases["offline"]["decode_step_ms"], phases["offline"]["ms_per_step"])
+
+
+def itl_ratio(phases: dict) -> float:
+    stream = phases["stream"]
+    return statistics.median(stream.get("repeats_itl_p50_ms") or [stream["itl_ms"]["p50"]]) / itl_step(phases)
 
 
 def itl_p50(stream: dict) -> str:

@@ -6,6 +6,7 @@ API server processes, and with --trace-dir (benchmarks/serve_trace.py's analysis
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -201,3 +202,15 @@ def test_the_prefill_reference_runs_new_prompts_alone_warm_and_after_an_idle_gap
     assert 0 < warm and 0 < idle
     assert [(alone, n, out, cached) for alone, n, out, _, cached in runs] == [(1, n, [1], 0) for n in (40, 48, 36)] * 2
     assert sleeps == [serve.IDLE_S] * 3 and [k for *_, k, _ in runs] == [0, 0, 0, 1, 2, 3]
+
+
+def test_the_decode_step_reference_is_the_measured_runs_full_batch_decode_steps():
+    """serve.py's ITL reference: the median time between the ends of consecutive steps that decoded the whole batch
+    (one token per request), read from the offline run's own step timeline; prompt passes and steps of a partial
+    batch are left out."""
+    from benchmarks.serve import decode_step_time
+
+    timeline = [(0.0, 4096), (0.010, 8), (0.013, 8), (0.0165, 8), (0.020, 7), (0.024, 8), (0.0255, 3), (0.030, 4100)]
+    # the steps that computed 8 tokens end 10, 3, 3.5 and 4 ms after the step before them
+    assert decode_step_time(timeline, 8) == pytest.approx(0.00375)
+    assert math.isnan(decode_step_time(timeline[:1], 8))
