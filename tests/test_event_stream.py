@@ -20,12 +20,21 @@ import pytest
 from tests.conftest import build_model_dir
 from tests.test_server_hardening import in_process_server
 
+# seeded sampling for one engine request at a time; greedy where one HTTP request makes two engine requests (how
+# the engine batches them varies with timing, and the CPU's float32 logits with the batch: see `close`)
 SEEDED = {"temperature": 1.0, "seed": 3}
 STREAMS = [  # (path, body): the stream features each way must carry alike
     ("/v1/completions", {"prompt": "ROMEO:", "max_tokens": 12, "n": 2, "logprobs": 2, **SEEDED}),
     (
         "/v1/completions",
-        {"prompt": ["To be", "Hail"], "max_tokens": 6, "echo": True, "logprobs": 1, "return_token_ids": True, **SEEDED},
+        {
+            "prompt": ["ROMEO:", "My lord"],
+            "max_tokens": 6,
+            "echo": True,
+            "logprobs": 1,
+            "return_token_ids": True,
+            "temperature": 0.0,
+        },
     ),
     ("/v1/completions", {"prompt": "My lord", "max_tokens": 30, "stop": ["e"], "temperature": 0.0}),
     (
@@ -152,6 +161,18 @@ def assemble(events: list) -> tuple[dict, list]:
     return choices, others
 
 
+def close(a, b) -> bool:
+    """Equal, but for floats within 1e-4 relative: two requests batched together or apart get logprobs a few
+    float32 ulps apart on the CPU (the same tokens, here: the prompts were picked far from any near-tie)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-4 * max(1.0, abs(b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 @pytest.mark.parametrize("parser", ["httptools", "h11"])
 def test_written_streams_equal_the_asgi_sends_streams(llama_dir, parser, counted):
     with serving(llama_dir, None) as url:
@@ -161,7 +182,7 @@ def test_written_streams_equal_the_asgi_sends_streams(llama_dir, parser, counted
     with serving(llama_dir, parser) as url:
         written = [events(url, path, body) for path, body in STREAMS]
     for (path, body), a, b in zip(STREAMS, sent, written):
-        assert assemble(a) == assemble(b), (path, body)
+        assert close(assemble(a), assemble(b)), (path, body)
         assert a[-1] == b[-1] == "[DONE]" and len(a) > 3
     # the steps' events went out through the writer; the send carried the opening and closing events (and the last
     # step's, whose finish reason ends the response): a few a stream

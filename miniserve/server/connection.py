@@ -28,7 +28,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from miniserve.config import ServerConfig
-from miniserve.server.body_writer import H11BodyWriter, HttpToolsBodyWriter, give_writer
+from miniserve.server.body_writer import H11BodyWriter, HttpToolsBodyWriter, give_writer, writer_of
 from miniserve.server.protocol import APIError
 
 _DEFAULTS = ServerConfig()  # the settings (config.py) say what the defaults are
@@ -153,7 +153,7 @@ class GuardedH11Protocol(_Guard, H11Protocol):
     def handle_events(self) -> None:
         super().handle_events()  # may have begun a request: its cycle's task has not run yet
         cycle = self.cycle
-        if cycle is not None and not cycle.response_started:
+        if cycle is not None and writer_of(cycle.scope) is None:
             give_writer(cycle.scope, H11BodyWriter(cycle))
 
     def _owed(self) -> str | None:

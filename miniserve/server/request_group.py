@@ -34,9 +34,8 @@ class RequestGroup:
 
     The engine process's outputs extend each request's cumulative output in place and mark it changed; the
     handler wakes on one asyncio.Event: when streaming, at every step whose output `push` did not take; only when
-    a request ends otherwise. A
-    streaming handler that has not taken what is new for stream_stall_timeout seconds (its client stopped
-    reading, so the send blocks) has its requests aborted."""
+    a request ends otherwise. A streaming handler that has not taken what is new for stream_stall_timeout seconds
+    (its client stopped reading, so the send blocks) has its requests aborted."""
 
     def __init__(self, state: ServerState, base_id: str, streaming: bool):
         self.state = state
