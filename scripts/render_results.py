@@ -510,18 +510,19 @@ def itl_step(phases: dict) -> float:
     return min(phases["offline"]["decode_step_ms"], phases["offline"]["ms_per_step"])
 
 
+def itl_median(stream: dict) -> float:
+    """A streamed phase's ITL p50: the median of its runs' (serve.py keeps each), or the one run's."""
+    return statistics.median(stream.get("repeats_itl_p50_ms") or [stream["itl_ms"]["p50"]])
+
+
 def itl_ratio(phases: dict) -> float:
-    stream = phases["stream"]
-    return statistics.median(stream.get("repeats_itl_p50_ms") or [stream["itl_ms"]["p50"]]) / itl_step(phases)
+    return itl_median(phases["stream"]) / itl_step(phases)
 
 
 def itl_p50(stream: dict) -> str:
-    """A streamed phase's ITL p50: the median of its runs' (each run's listed), or the one run's."""
     runs = stream.get("repeats_itl_p50_ms")
-    if not runs:
-        return f"{stream['itl_ms']['p50']:.1f} ms"
-    each = ", ".join(f"{x:.1f}" for x in runs)
-    return f"{statistics.median(runs):.1f} ms (median of runs: {each})"
+    each = f" (median of runs: {', '.join(f'{x:.1f}' for x in runs)})" if runs else ""
+    return f"{itl_median(stream):.1f} ms{each}"
 
 
 def decode_step_spread() -> str:

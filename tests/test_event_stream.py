@@ -130,7 +130,7 @@ def events(url: str, path: str, body: dict) -> list:
                 data = line[len("data: ") :]
                 event = data if data == "[DONE]" else json.loads(data)
                 if isinstance(event, dict):
-                    event.pop("id"), event.pop("created")
+                    event.pop("id", None), event.pop("created", None)
                 out.append(event)
     return out
 
@@ -241,5 +241,40 @@ def test_text_chunks_are_the_events_choice_chunk_makes(key):
             choice = {"index": index, **content, "logprobs": None, "finish_reason": None, "stop_reason": None}
             assert event.startswith(b"data: ") and event.endswith(b"\n\n")
             assert json.loads(event[len(b"data: ") :]) == {**head, "choices": [choice]}
-    # a head that holds the marker (a request id is the client's) has no short path
-    assert TextChunks({**head, "id": TextChunks.MARK}, 0, key).parts is None
+    # a head that holds the marker (a request id is the client's) still gets choice_chunk's events
+    marked = {**head, "id": TextChunks.MARK}
+    content = {"text": " x"} if key == "text" else {"delta": {"content": " x"}}
+    assert TextChunks(marked, 0, key).event(" x") == choice_chunk(marked, 0, content, None, None, None)
+
+
+@pytest.mark.parametrize("error", ["api", "bug"])
+def test_an_error_formatting_a_pushed_step_ends_the_stream_as_the_task_would(llama_dir, monkeypatch, counted, error):
+    """Events that fail to format in the step's callback (EventStream.push) must not break the callback (every
+    stream's step runs in it): the request's task raises the error instead, and the client gets what a failure in
+    the task gives: an API error's event (or, for a bug, the catch-all's server_error event), then [DONE]."""
+    from miniserve.server.completions import CompletionEvents
+    from miniserve.server.protocol import APIError
+
+    calls, choice = [], CompletionEvents.choice
+
+    def failing(self, i, o, d):
+        calls.append(1)
+        if len(calls) == 3:
+            raise APIError("cannot format this") if error == "api" else ZeroDivisionError("a bug")
+        return choice(self, i, o, d)
+
+    monkeypatch.setattr(CompletionEvents, "choice", failing)
+    body = {"prompt": "ROMEO:", "max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
+    with serving(llama_dir, "httptools") as url:
+        got = events(url, "/v1/completions", body)
+        assert counted["writer"] >= 1  # events went out from the step's callback before the failure
+        # the events of the two steps before the failing one (a step whose text is held back has none), then
+        # the error
+        assert got[-1] == "[DONE]" and 1 <= len(got) - 2 <= 2 and all(e["choices"] for e in got[:-2]), got
+        err = got[-2]["error"]
+        if error == "api":
+            assert err["message"] == "cannot format this" and err["type"] == "invalid_request_error"
+        else:
+            assert err["type"] == "server_error" and "ZeroDivisionError" in err["message"]
+        monkeypatch.setattr(CompletionEvents, "choice", choice)
+        assert events(url, "/v1/completions", body)[-1] == "[DONE]"  # the server streams on

@@ -146,7 +146,7 @@ class ChatEvents(StreamEvents):
 
     def choice(self, i: int, o: Any, d: fmt.Delta) -> list[bytes]:
         texts = self.texts.get(o.index)
-        if texts is not None and texts.parts is not None and self.prompt_sent and d.text and not d.finished_now:
+        if texts is not None and self.prompt_sent and d.text and not d.finished_now:
             return [texts.event(d.text)]
         req, tok, events = self.req, self.state.tokenizer, []
         if not self.prompt_sent:  # vLLM sends the prompt's logprobs with the first output

@@ -160,7 +160,7 @@ class CompletionEvents(StreamEvents):
 
     def choice(self, i: int, o: Any, d: fmt.Delta) -> list[bytes]:
         texts = self.texts.get((i, o.index))
-        if texts is not None and texts.parts is not None and d.text and not d.finished_now:
+        if texts is not None and d.text and not d.finished_now:
             return [texts.event(d.text)]
         req, prompt_texts, events = self.req, self.prompt_texts, []
         first = (i, o.index) not in self.started

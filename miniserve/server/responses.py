@@ -63,17 +63,21 @@ class TextChunks:
     """The SSE events of one streamed choice's plain text pieces (no logprobs, finish reason or extras: most of
     a stream's events), byte for byte what `choice_chunk` makes of them, with only the piece encoded per event:
     the rest of the event is encoded once, around a marker. `key` is "text" (completions) or "content" (a chat
-    delta). `parts` is None when the head itself holds the marker (a request id can be anything): then every
-    event takes `choice_chunk`."""
+    delta). A head that itself holds the marker (a request id can be anything) gets `choice_chunk` every time."""
 
     MARK = "\x00miniserve:text\x00"
 
     def __init__(self, head: dict[str, Any], index: int, key: str):
-        content = {"text": self.MARK} if key == "text" else {"delta": {"content": self.MARK}}
-        parts = choice_chunk(head, index, content, None, None, None).split(dumps(self.MARK))
+        self.head, self.index, self.key = head, index, key
+        parts = choice_chunk(head, index, self._content(self.MARK), None, None, None).split(dumps(self.MARK))
         self.parts = parts if len(parts) == 2 else None
 
+    def _content(self, text: str) -> dict[str, Any]:
+        return {"text": text} if self.key == "text" else {"delta": {"content": text}}
+
     def event(self, text: str) -> bytes:
+        if self.parts is None:
+            return choice_chunk(self.head, self.index, self._content(text), None, None, None)
         return self.parts[0] + dumps(text) + self.parts[1]
 
 
