@@ -97,12 +97,12 @@ fi
 if [ "$part" = serving ]; then
   # needs fastapi/uvicorn/pydantic/orjson/xgrammar on the GPU box (carried as wheels there). Issue 18: 256 requests
   # at once (streaming, plain, offline; the median of 3 alternated runs each); then below saturation (4 requests/s)
-  # for TTFT.
+  # for TTFT (the median of 3 runs).
   timeout 300 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 256 --input-len 512 --output-len 256 \
     --phases stream,plain,offline,fake --fake-step-ms 5 --client-procs 4 --repeats 3 --out "$out/serve_h200.json" 2>&1 |
     grep -v -i warn | tail -12
-  timeout 150 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 64 --input-len 512 --output-len 256 \
-    --request-rate 4 --phases stream,offline --client-procs 2 --out "$out/serve_rate4_h200.json" 2>&1 |
+  timeout 200 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 64 --input-len 512 --output-len 256 \
+    --request-rate 4 --phases stream,offline --client-procs 2 --repeats 3 --out "$out/serve_rate4_h200.json" 2>&1 |
     grep -v -i warn | tail -8
 fi
 
@@ -120,9 +120,10 @@ if [ "$part" = servingab ]; then
 fi
 
 if [ "$part" = servetrace ]; then
-  # serve_trace_h200.json (its "rate4" and "saturated" runs): serve.py --trace-dir below saturation, then saturated
-  timeout 120 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 40 --input-len 512 --output-len 64 \
-    --request-rate 4 --phases stream,offline --client-procs 1 --trace-dir "$out/trace4" --out "$out/serve_trace4.json" \
+  # serve_trace_h200.json (its "rate4" and "saturated" runs): serve.py --trace-dir below saturation (serve_rate4's
+  # workload), then saturated
+  timeout 120 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 64 --input-len 512 --output-len 256 \
+    --request-rate 4 --phases stream,offline --client-procs 2 --trace-dir "$out/trace4" --out "$out/serve_trace4.json" \
     2>&1 | grep -v -i warn | tail -2
   timeout 200 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 256 --input-len 512 --output-len 256 \
     --client-procs 4 --phases stream,plain,offline --trace-dir "$out/trace" --out "$out/serve_trace_sat.json" 2>&1 |

@@ -484,6 +484,12 @@ REPEAT_SEED = 100  # and this times the repeat: new prompts for each repeat
 LONE_REQUESTS = 8
 
 
+def median_p50(phase: dict, key: str) -> float:
+    """A streamed phase's `key` ("itl", "ttft") p50: the median of its runs' (median_run keeps each), or the one
+    run's. The latency ratios use it, not the p50 of the run with the median throughput."""
+    return statistics.median(phase.get(f"repeats_{key}_p50_ms") or [phase[f"{key}_ms"]["p50"]])
+
+
 def lone_requests(url: str, args: argparse.Namespace) -> dict:
     """TTFT of a request alone on the server (streamed, IDLE_S after the one before finished): the prefill plus
     everything around it (HTTP, the API process, the hops between processes), with nothing else running. New
@@ -721,14 +727,12 @@ def main(argv: list[str] | None = None) -> dict:
         if "stream" in results["phases"]:
             s = results["phases"]["stream"]
             if s.get("itl_ms"):
-                itl = statistics.median(s.get("repeats_itl_p50_ms") or [s["itl_ms"]["p50"]])
-                s["itl_p50_vs_decode_step"] = itl / res["decode_step_ms"]
+                s["itl_p50_vs_decode_step"] = median_p50(s, "itl") / res["decode_step_ms"]
             if s.get("ttft_ms"):
-                ttft = statistics.median(s.get("repeats_ttft_p50_ms") or [s["ttft_ms"]["p50"]])
-                s["ttft_p50_vs_prefill"] = ttft / res["single_request_prefill_ms"]
+                s["ttft_p50_vs_prefill"] = median_p50(s, "ttft") / res["single_request_prefill_ms"]
     lone, stream = results["phases"].get("lone"), results["phases"].get("stream")
     if lone and stream and lone.get("ttft_ms") and stream.get("ttft_ms"):
-        stream["ttft_p50_vs_lone"] = stream["ttft_ms"]["p50"] / lone["ttft_ms"]["p50"]
+        stream["ttft_p50_vs_lone"] = median_p50(stream, "ttft") / lone["ttft_ms"]["p50"]
     if args.trace_dir:
         results["trace"] = trace_summaries(Path(args.trace_dir))
     if args.out:

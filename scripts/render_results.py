@@ -300,7 +300,7 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
         rows.append(
             (
                 "server below saturation (4 requests/s): TTFT p50 <= 2x a single-request prefill",
-                f"{s['ttft_ms']['p50']:.1f} ms = {s['ttft_p50_vs_prefill']:.1f}x "
+                f"{ttft_p50(s)} = {s['ttft_p50_vs_prefill']:.1f}x "
                 f"(prefill {offline['single_request_prefill_ms']:.2f} ms"
                 + (f"; {idle:.2f} ms after 0.25 s idle" if idle else "")
                 + ")",
@@ -433,7 +433,7 @@ def idle_note(stream: dict, offline: dict) -> str:
         f"{in_flight:.1f} requests are in flight on average at this rate (Poisson arrivals: about "
         f"{100 * math.exp(-in_flight):.0f}% find the engine idle, the rest wait for the decode step in flight); a "
         f"prefill after 0.25 s of idle takes {idle:.2f} ms against {offline['single_request_prefill_ms']:.2f} back "
-        f"to back (not profiled), and against that one TTFT p50 is {stream['ttft_ms']['p50'] / idle:.1f}x. The "
+        f"to back (not profiled), and against that one TTFT p50 is {median_p50(stream, 'ttft') / idle:.1f}x. The "
         "reference prompts are new ones (the workload's own would hit the prefix cache); "
     )
 
@@ -510,19 +510,26 @@ def itl_step(phases: dict) -> float:
     return min(phases["offline"]["decode_step_ms"], phases["offline"]["ms_per_step"])
 
 
-def itl_median(stream: dict) -> float:
-    """A streamed phase's ITL p50: the median of its runs' (serve.py keeps each), or the one run's."""
-    return statistics.median(stream.get("repeats_itl_p50_ms") or [stream["itl_ms"]["p50"]])
+def median_p50(stream: dict, key: str) -> float:
+    """A streamed phase's ITL or TTFT p50 (`key` "itl", "ttft"): the median of its runs' (serve.py keeps each),
+    or the one run's."""
+    return statistics.median(stream.get(f"repeats_{key}_p50_ms") or [stream[f"{key}_ms"]["p50"]])
 
 
 def itl_ratio(phases: dict) -> float:
-    return itl_median(phases["stream"]) / itl_step(phases)
+    return median_p50(phases["stream"], "itl") / itl_step(phases)
+
+
+def ttft_p50(stream: dict) -> str:
+    runs = stream.get("repeats_ttft_p50_ms") or []
+    each = f" (median of runs: {', '.join(f'{x:.1f}' for x in runs)})" if len(runs) > 1 else ""
+    return f"{median_p50(stream, 'ttft'):.1f} ms{each}"
 
 
 def itl_p50(stream: dict) -> str:
     runs = stream.get("repeats_itl_p50_ms")
     each = f" (median of runs: {', '.join(f'{x:.1f}' for x in runs)})" if runs else ""
-    return f"{itl_median(stream):.1f} ms{each}"
+    return f"{median_p50(stream, 'itl'):.1f} ms{each}"
 
 
 def decode_step_spread() -> str:
