@@ -39,7 +39,7 @@ def compare(old: dict, new: dict) -> list[dict]:
     return rows
 
 
-def join(directory: Path) -> dict:
+def join(directory: Path, part: str = "engineab") -> dict:
     pairs: dict[str, dict] = {}
     for path in sorted(directory.glob("throughput_*_*.json")):
         found = re.fullmatch(r"throughput_(old|new)_(\w+)", path.stem)
@@ -50,8 +50,8 @@ def join(directory: Path) -> dict:
         raise SystemExit(f"{directory}: needs throughput_old_WORKLOAD.json and throughput_new_WORKLOAD.json")
     first = next(iter(pairs.values()))
     return {
-        "command": "OLD=<tree of the old commit> bash benchmarks/h200_suite.sh engineab OUT, then "
-        "benchmarks/engine_ab.py OUT",
+        "command": f"OLD=<tree of the old commit> bash benchmarks/h200_suite.sh {part} OUT, then "
+        f"benchmarks/engine_ab.py OUT --part {part}",
         "commit": first["new"]["commit"],
         "dirty": first["new"]["dirty"],
         "old_commit": first["old"]["commit"],
@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", type=Path)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--part", default="engineab", help="the h200_suite.sh part that ran them: engineab, samplerab")
     args = ap.parse_args(argv)
-    result = join(args.dir)
+    result = join(args.dir, args.part)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for workload, w in result["workloads"].items():
         print(workload, [(r["config"], round(r["new_vs_old"], 3)) for r in w["rows"]])

@@ -19,6 +19,7 @@
 #   bash benchmarks/h200_suite.sh profile1b OUT_DIR # GPU time per kernel of Llama-3.2-1B: decode steps (batch 1, 64), runs (128, 256)
 #   OLD=DIR [OLD_COMMIT=...] bash benchmarks/h200_suite.sh firststeps OUT_DIR # the first burst after start-up, old tree and this one
 #   OLD=DIR bash benchmarks/h200_suite.sh engineab OUT_DIR # offline fixed (1B, batch 64) and nano, old tree and this one
+#   OLD=DIR bash benchmarks/h200_suite.sh samplerab OUT_DIR # the sampling kernel's checks; nano and batch-1, old and this
 # Every step is bounded in time and independent of the others: one that fails leaves the rest to run.
 set -u
 part=$1
@@ -87,6 +88,22 @@ if [ "$part" = engineab ]; then
       --decode-variant default staged --repeats 2 --out "$out/throughput_${tag}_nano.json")
   done
   python3 benchmarks/engine_ab.py "$out" --out "$out/engine_ab_h200.json"
+fi
+
+if [ "$part" = samplerab ]; then
+  # the fused sampler (miniserve/kernels/sampling.py): its GPU checks and timings, then nano (temperature 0.6: the
+  # race) and batch-1 latency (greedy: the argmax) at an older tree ($OLD) and this one, back to back;
+  # benchmarks/engine_ab.py joins them (sampler_ab_h200.json)
+  timeout 120 python3 benchmarks/sampling_kernel.py --out "$out/sampling_kernel_h200.json" 2>&1 | grep -v -i warn | tail -12
+  [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
+  for tree in "$OLD" "$PWD"; do
+    tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
+    (cd "$tree" && PYTHONPATH="$tree:${PYTHONPATH:-}" tp 150 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto \
+      --repeats 2 --out "$out/throughput_${tag}_nano.json")
+    (cd "$tree" && PYTHONPATH="$tree:${PYTHONPATH:-}" tp 100 --shape llama-3.2-1b --workload latency --gen 256 \
+      --repeats 3 --out "$out/throughput_${tag}_latency.json")
+  done
+  python3 benchmarks/engine_ab.py "$out" --part samplerab --out "$out/sampler_ab_h200.json"
 fi
 
 if [ "$part" = big ]; then

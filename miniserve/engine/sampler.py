@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from miniserve.engine.transfer import to_device
+from miniserve.kernels.backend import triton_installed
+from miniserve.kernels.sampling import gumbel_argmax
 from miniserve.sampling_params import SamplingParams
 
 # ---------------------------------------------------------------------------- the batch
@@ -56,6 +58,7 @@ class SamplingBatch:
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, token ids, bias)
     allowed: torch.Tensor | None = None  # bool [B, V]: False where allowed_token_ids rules a token out
     token_bitmask: torch.Tensor | None = None  # int32 [B, ceil(V/32)] grammar masks (bit set = allowed)
+    race_temperature: torch.Tensor | None = None  # float32 [B], 0 on greedy rows: set when the fused race applies
 
     @property
     def size(self) -> int:
@@ -99,6 +102,7 @@ class SamplingBatch:
             return to_device(values, dtype, device)
 
         temperature = [1.0 if g else float(p.temperature) for p, g in zip(params, greedy)]
+        temperature_or_zero = [0.0 if g else t for t, g in zip(temperature, greedy)]
         top_k = [p.top_k if p.top_k > 0 and not g else vocab_size for p, g in zip(params, greedy)]
         top_k = [min(k, vocab_size) for k in top_k]
         top_p = [1.0 if g else float(p.top_p) for p, g in zip(params, greedy)]
@@ -135,7 +139,21 @@ class SamplingBatch:
             logit_bias=_logit_bias(params, device),
             allowed=_allowed_mask(params, vocab_size, device),
             token_bitmask=token_bitmask,
+            race_temperature=column(temperature_or_zero) if fused_race_applies(params, generators, device) else None,
         )
+
+
+def fused_race_applies(params: list[SamplingParams], generators: list, device: torch.device) -> bool:
+    """Some row samples and kernels/sampling.py can draw the batch in one pass: a GPU with Triton, no row with its
+    own seed (its draws must depend on that seed alone) and no top-k/top-p/min-p filter. (Penalties and masks,
+    which reshape the logits first, are checked by `sample`.)"""
+    return (
+        device.type == "cuda"
+        and triton_installed()
+        and all(g is None for g in generators)
+        and not all(p.greedy for p in params)
+        and all(p.greedy or (p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0) for p in params)
+    )
 
 
 def _num_rows(params: list, generators: list, prompt_ids: list, output_ids: list) -> int:
@@ -370,6 +388,19 @@ def sample_from_probs(probs: torch.Tensor, batch: SamplingBatch, noise: torch.Te
     return torch.where(batch.greedy, probs.argmax(dim=-1), drawn) if batch.any_greedy else drawn
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax (int64 [B]), torch.argmax's rules; on a GPU in two small launches (kernels/sampling.py),
+    where torch's reduction over a 128k vocabulary took 28 us at batch 1 (`profile_decode_llama1b_b1_h200.json`)."""
+    if logits.is_cuda and triton_installed():
+        return gumbel_argmax(logits, None, 0)
+    return logits.argmax(dim=-1)
+
+
+def race_seed() -> int:
+    """The fused race's noise seed for one step, from torch's global generator (torch.manual_seed repeats it)."""
+    return int(torch.randint(2**31 - 1, (1,)).item())
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch, noise: torch.Tensor | None = None) -> SamplerOutput:
     """One token per row and, when any row asked for logprobs, the sampled token's logprob under the raw model
     distribution and the top-N raw logprobs (a full-vocabulary log_softmax is only paid for then).
@@ -378,9 +409,11 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, noise: torch.Tensor | Non
     temperature's first operation makes the fp32 copy), except a plain greedy argmax, which the exact conversion
     cannot change."""
     if batch.all_greedy and not batch.reshaped:
-        token_ids = logits.argmax(dim=-1)  # nothing reshapes the logits: skip the copy
+        token_ids = argmax(logits)  # nothing reshapes the logits: skip the copy
     elif batch.all_greedy:
         token_ids = apply_penalties_and_filters(logits, batch).argmax(dim=-1)
+    elif batch.race_temperature is not None and not batch.reshaped and noise is None:
+        token_ids = gumbel_argmax(logits, batch.race_temperature, race_seed())  # kernels/sampling.py
     else:
         token_ids = sample_from_probs(probs(logits, batch), batch, noise)
     if batch.max_num_logprobs is None:
