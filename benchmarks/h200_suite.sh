@@ -92,7 +92,7 @@ fi
 
 if [ "$part" = samplerab ]; then
   # the fused sampler (miniserve/kernels/sampling.py): its GPU checks and timings, then nano (temperature 0.6: the
-  # race) and batch-1 latency (greedy: the argmax) at an older tree ($OLD) and this one, back to back;
+  # race), batch-1 latency and batch 64 (greedy: the argmax) at an older tree ($OLD) and this one, back to back;
   # benchmarks/engine_ab.py joins them (sampler_ab_h200.json)
   timeout 120 python3 benchmarks/sampling_kernel.py --out "$out/sampling_kernel_h200.json" 2>&1 | grep -v -i warn | tail -12
   [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
@@ -102,6 +102,8 @@ if [ "$part" = samplerab ]; then
       --repeats 2 --out "$out/throughput_${tag}_nano.json")
     (cd "$tree" && PYTHONPATH="$tree:${PYTHONPATH:-}" tp 100 --shape llama-3.2-1b --workload latency --gen 256 \
       --repeats 3 --out "$out/throughput_${tag}_latency.json")
+    (cd "$tree" && PYTHONPATH="$tree:${PYTHONPATH:-}" tp 120 --shape llama-3.2-1b --workload fixed --batch 64 \
+      --prompt 512 --gen 256 --kv-cache-dtype auto --repeats 2 --out "$out/throughput_${tag}_fixed.json")
   done
   python3 benchmarks/engine_ab.py "$out" --part samplerab --out "$out/sampler_ab_h200.json"
 fi
