@@ -18,8 +18,8 @@
 #   bash benchmarks/h200_suite.sh extendttft OUT_DIR # a 32k prompt's TTFT end to end, beside one HF forward
 #   bash benchmarks/h200_suite.sh profile1b OUT_DIR # GPU time per kernel of Llama-3.2-1B: decode steps (batch 1, 64), runs (128, 256)
 #   OLD=DIR [OLD_COMMIT=...] bash benchmarks/h200_suite.sh firststeps OUT_DIR # the first burst after start-up, old tree and this one
-#   OLD=DIR bash benchmarks/h200_suite.sh engineab OUT_DIR # offline fixed (1B, batch 64) and nano, old tree and this one
-#   OLD=DIR bash benchmarks/h200_suite.sh samplerab OUT_DIR # the sampling kernel's checks; nano and batch-1, old and this
+#   OLD=DIR [OLD_COMMIT=...] bash benchmarks/h200_suite.sh engineab OUT_DIR # offline fixed (1B, batch 64) and nano, old tree and this one
+#   OLD=DIR [OLD_COMMIT=...] bash benchmarks/h200_suite.sh samplerab OUT_DIR # the sampling kernel's checks; nano and batch-1, old and this
 # Every step is bounded in time and independent of the others: one that fails leaves the rest to run.
 set -u
 part=$1
@@ -79,12 +79,14 @@ if [ "$part" = engineab ]; then
   [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
   for tree in "$OLD" "$PWD"; do
     tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
-    (cd "$tree" && PYTHONPATH="$tree:${PYTHONPATH:-}" tp 150 --shape llama-3.2-1b --workload fixed --batch 64 --prompt 512 \
+    commit=$([ "$tree" = "$PWD" ] && echo "${MINISERVE_COMMIT:-}" || echo "${OLD_COMMIT:-${MINISERVE_COMMIT:-}}")
+    (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 150 --shape llama-3.2-1b --workload fixed --batch 64 --prompt 512 \
       --gen 256 --kv-cache-dtype auto fp8 --repeats 2 --out "$out/throughput_${tag}_fixed.json")
   done
   for tree in "$OLD" "$PWD"; do
     tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
-    (cd "$tree" && PYTHONPATH="$tree:${PYTHONPATH:-}" tp 200 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 \
+    commit=$([ "$tree" = "$PWD" ] && echo "${MINISERVE_COMMIT:-}" || echo "${OLD_COMMIT:-${MINISERVE_COMMIT:-}}")
+    (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 200 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 \
       --decode-variant default staged --repeats 2 --out "$out/throughput_${tag}_nano.json")
   done
   python3 benchmarks/engine_ab.py "$out" --out "$out/engine_ab_h200.json"
@@ -98,11 +100,12 @@ if [ "$part" = samplerab ]; then
   [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
   for tree in "$OLD" "$PWD"; do
     tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
-    (cd "$tree" && PYTHONPATH="$tree:${PYTHONPATH:-}" tp 150 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto \
+    commit=$([ "$tree" = "$PWD" ] && echo "${MINISERVE_COMMIT:-}" || echo "${OLD_COMMIT:-${MINISERVE_COMMIT:-}}")
+    (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 150 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto \
       --repeats 2 --out "$out/throughput_${tag}_nano.json")
-    (cd "$tree" && PYTHONPATH="$tree:${PYTHONPATH:-}" tp 100 --shape llama-3.2-1b --workload latency --gen 256 \
+    (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 100 --shape llama-3.2-1b --workload latency --gen 256 \
       --repeats 3 --out "$out/throughput_${tag}_latency.json")
-    (cd "$tree" && PYTHONPATH="$tree:${PYTHONPATH:-}" tp 120 --shape llama-3.2-1b --workload fixed --batch 64 \
+    (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 120 --shape llama-3.2-1b --workload fixed --batch 64 \
       --prompt 512 --gen 256 --kv-cache-dtype auto --repeats 2 --out "$out/throughput_${tag}_fixed.json")
   done
   python3 benchmarks/engine_ab.py "$out" --part samplerab --out "$out/sampler_ab_h200.json"

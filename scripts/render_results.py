@@ -62,6 +62,7 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                 "yes" if bf16["output_tok_s"] >= 20000 else f"no ({fmt(100 * bf16['output_tok_s'] / 20000)}%)",
                 "overlapped decoding goes on past sequences that end by length (nano's output lengths end one every "
                 "few steps; each used to stop the overlap and idle the GPU while the host caught up); "
+                + sampler_note()
                 + run_profile("profile_run_nano_h200.json", "auto"),
             )
         )
@@ -504,10 +505,8 @@ def serve_ramps() -> str:
 
 
 def itl_step(phases: dict) -> float:
-    """The decode step ITL is divided by: the offline run's, and never more than its mean step (prompt passes
-    included, so no decode step of the full batch is longer): serve.py up to 804ae66 timed it in a run of its own,
-    which read up to 8.3 ms where the measured runs averaged 5.4."""
-    return min(phases["offline"]["decode_step_ms"], phases["offline"]["ms_per_step"])
+    """The decode step ITL is divided by: the offline run's full-batch decode step (serve.py's decode_step_time)."""
+    return phases["offline"]["decode_step_ms"]
 
 
 def median_p50(stream: dict, key: str) -> float:
@@ -572,10 +571,28 @@ def serve_trace_rate() -> str:
         else (
             f"traced at 4 requests/s (`serve_trace_h200.json`, p50): admission (HTTP, parsing, checks) "
             f"{p50(t['ttft_admission_ms'])} ms, the hop to the engine process {p50(t['ttft_to_engine_ms'])} ms, the "
-            f"engine (the step in flight, then the prefill) {p50(t['ttft_engine_ms'])} ms, the way back to the client "
-            f"{p50(t['ttft_to_client_ms'])} ms"
+            f"engine {p50(t['ttft_engine_ms'])} ms, the way back to the client {p50(t['ttft_to_client_ms'])} ms. "
+            "The engine's part is mostly waiting: overlapped decoding keeps one decode step queued behind the one "
+            "running, and a prompt that arrives meanwhile joins neither (`engine/llm_engine.py:LLMEngine._advance` "
+            "flushes them, then schedules it), so it waits for the rest of one decode step and all of the next; "
+            f"the hop and the engine together took {hop_and_engine_over_prefill():.1f} ms more than a prefill, "
+            f"{decode_steps_waited():.1f} decode steps of this batch"
         )
     )
+
+
+def hop_and_engine_over_prefill() -> float:
+    """The traced 4 req/s run: the hop to the engine plus the engine's part of TTFT, minus a prefill (p50s, ms)."""
+    trace = load("serve_trace_h200.json")["rate4"]
+    t = trace["trace"]["real/stream"]
+    hop = float(p50(t["ttft_to_engine_ms"])) + float(p50(t["ttft_engine_ms"]))
+    return hop - trace["phases"]["offline"]["single_request_prefill_ms"]
+
+
+def decode_steps_waited() -> float:
+    """hop_and_engine_over_prefill in decode steps of the traced run's own streams (their TPOT p50)."""
+    trace = load("serve_trace_h200.json")["rate4"]
+    return hop_and_engine_over_prefill() / trace["phases"]["stream"]["tpot_ms"]["p50"]
 
 
 def p50(summary: str) -> str:
@@ -593,6 +610,24 @@ def nano_cap_note() -> str:
         f"the cap of {at['r128']['maxnreg']} takes the kernel at nano's decode shape (256 x 1.1k) from "
         f"{at['default']['us']:.0f} us (a cap of 168) to {at['r128']['us']:.0f} us "
         "(`decode_attention_fp8_r128_h200.json`), which end to end is within the lent H200's run-to-run spread"
+    )
+
+
+def sampler_note() -> str:
+    """The fused sampling kernel: its GPU time against torch's sampler at nano's shape, and the runs before/after."""
+    ab, kernel = load("sampler_ab_h200.json"), load("sampling_kernel_h200.json")
+    if not ab or not kernel:
+        return ""
+    t = next(r for r in kernel["timing"] if r["batch"] == 256 and r["temperature"] > 0)
+    side = {w: x["rows"][0] for w, x in ab["workloads"].items()}
+    nano, lat = side["nano"], side["latency"]
+    return (
+        f"a step's temperature sampling is one Gumbel-max race over the logits (`kernels/sampling.py`): at batch "
+        f"{t['batch']} x {t['vocab']:,} it takes {t['kernel_gpu_us']:.0f} us of GPU time against torch's "
+        f"{t['torch_gpu_us']:.0f} us (`sampling_kernel_h200.json`); side by side with {ab['old_commit']} "
+        f"(`sampler_ab_h200.json`): nano {fmt(nano['old_tok_s'])} -> {fmt(nano['new_tok_s'])} tok/s "
+        f"({nano['new_vs_old']:.3f}x), and with the greedy argmax in two small launches batch-1 latency "
+        f"{lat['new_vs_old']:.3f}x; "
     )
 
 
