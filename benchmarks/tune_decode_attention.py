@@ -2,6 +2,7 @@
 
     python benchmarks/tune_decode_attention.py [--quick] [--out tune.json]
     python benchmarks/tune_decode_attention.py --fp8-variants [--out fp8_variants.json]   # FP8_VARIANTS only
+    python benchmarks/tune_decode_attention.py --small-batches [--out small.json]        # batch 1..8 launches
 
 For each shape (batch, context, query heads, KV heads, head_dim) and cache dtype (bf16, fp8 with the hardware
 e4m3 -> fp16 conversion, fp8 with the bit-field decode) it times every (BLOCK_N, num_warps, num_stages,
@@ -119,6 +120,43 @@ def fp8_variants(names: list[str] | None = None) -> list[dict]:
     return rows
 
 
+# batch 1..8: a handful of programs a layer, each walking its tiles one after another (latency, not bytes)
+SMALL_SHAPES = {
+    "llama-1b b1 ctx640": (1, 640, 32, 8, 64),
+    "llama-1b b8 ctx640": (8, 640, 32, 8, 64),
+    "llama-8b b1 ctx640": (1, 640, 32, 8, 128),
+    "llama-8b b1 ctx4096": (1, 4096, 32, 8, 128),
+}
+
+
+def small_batches() -> list[dict]:
+    """Pipeline depth and warps at SMALL_SHAPES (bf16 and the exact FP8 kernel), with the grid a CUDA graph
+    launches (MAX_SPLITS): GPU time, and whether the output is bit-identical to the default launch's (the
+    condition for choosing a launch by batch size: a sequence's result must not depend on its batch)."""
+    from miniserve.kernels.decode_attention import MAX_SPLITS
+
+    rows = []
+    for (name, shp), dtype in itertools.product(SMALL_SHAPES.items(), (torch.bfloat16, torch.float8_e4m3fn)):
+        case = make_case(*shp, dtype)
+        q, kc, vc, meta, (ks, vs), _ = case
+        default = decode_attention(q, kc, vc, meta, ks, vs, 0.1, num_splits=MAX_SPLITS)
+        base_us = 1e3 * time_config(case, num_splits=MAX_SPLITS)
+        for warps, stages in itertools.product((2, 4, 8), (1, 2, 3, 4)):
+            kw = dict(num_splits=MAX_SPLITS, num_warps=warps, num_stages=stages)
+            try:
+                out = decode_attention(q, kc, vc, meta, ks, vs, 0.1, **kw)
+                us = 1e3 * time_config(case, **kw)
+            except Exception as e:  # noqa: BLE001 - out of shared memory and the like
+                print(f"  skip {name} w{warps} s{stages}: {type(e).__name__}", flush=True)
+                continue
+            rows.append({"shape": name, "cache": str(dtype), "num_warps": warps, "num_stages": stages, "us": us,
+                         "default_us": base_us, "speedup": base_us / us,
+                         "identical_to_default": bool(torch.equal(out, default))})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+        del case
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -126,7 +164,13 @@ def main() -> None:
     ap.add_argument("--once", default=None, help="run one shape ('name|cache') a few times, e.g. under ncu")
     ap.add_argument("--fp8-variants", action="store_true", help="time FP8_VARIANTS only (see fp8_variants)")
     ap.add_argument("--variants", nargs="+", choices=list(FP8_VARIANTS), help="--fp8-variants: these only")
+    ap.add_argument("--small-batches", action="store_true", help="pipeline depth and warps at batch 1..8 only")
     args = ap.parse_args()
+    if args.small_batches:
+        rows = small_batches()
+        if args.out:
+            write_result(args.out, {"gpu": torch.cuda.get_device_name(), "small_batches": rows})
+        return
     if args.once:  # cache: bf16, or an FP8_VARIANTS name prefixed "fp8" ("fp8" = the default, "fp8 staged w8")
         name, dname = args.once.split("|")
         dtype = torch.bfloat16 if dname == "bf16" else torch.float8_e4m3fn
