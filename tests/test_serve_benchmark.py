@@ -167,6 +167,10 @@ def test_repeats_report_the_median_run_of_each_phase(tmp_path):
     assert "repeats_itl_p50_ms" not in phases["plain"]
     step = phases["offline"]["decode_step_ms"]
     assert phases["stream"]["itl_p50_vs_decode_step"] == pytest.approx(sorted(itls)[1] / step)
+    ttft = sorted(phases["stream"]["repeats_ttft_p50_ms"])[1]
+    prefill = phases["offline"]["single_request_prefill_ms"]
+    assert phases["stream"]["ttft_p50_vs_prefill"] == pytest.approx(ttft / prefill)
+    assert phases["stream"]["ttft_p50_vs_lone"] == pytest.approx(ttft / phases["lone"]["ttft_ms"]["p50"])
     # new prompts each repeat: the median run computed every prompt token too, as the other phase did
     computed = {ph: phases[ph]["engine_steps"] * phases[ph]["tokens_per_step"] for ph in ("stream", "plain")}
     assert round(computed["stream"]) == round(computed["plain"]) >= 6 * 40, computed
