@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from miniserve.engine.sampler import SamplingBatch, fused_race_applies, sample
-from miniserve.kernels.sampling import BLOCK, gumbel_argmax, gumbel_argmax_reference
+from miniserve.kernels.sampling import BLOCK, MAX_CHUNKS, covers, gumbel_argmax, gumbel_argmax_reference
 from miniserve.sampling_params import SamplingParams
 
 
@@ -67,6 +67,18 @@ def test_race_is_the_reference_with_the_kernels_uniforms(vocab):
         assert torch.equal(got, want), seed
         assert got[2] % 3 != 0
         assert torch.equal(got[[1, 4]], logits[[1, 4]].argmax(dim=-1))
+
+
+def test_bounds_exact_fit_and_one_past():
+    """The noise offsets are int32 and stage 2 reads MAX_CHUNKS chunks: the largest shapes it takes, and one more;
+    the sampler falls back to torch past them (`covers`)."""
+    assert covers(1, MAX_CHUNKS * BLOCK) and not covers(1, MAX_CHUNKS * BLOCK + 1)
+    assert covers(2**31 // 1024 - 1, 1024) and not covers(2**31 // 1024, 1024)
+    with pytest.raises(ValueError, match="covers at most"):
+        gumbel_argmax(torch.zeros(1, MAX_CHUNKS * BLOCK + 1), None, 0)
+    wide = torch.zeros(1, MAX_CHUNKS * BLOCK)
+    wide[0, -1] = 1.0
+    assert gumbel_argmax(wide, None, 0).item() == MAX_CHUNKS * BLOCK - 1
 
 
 def test_seed_decides_the_draw():

@@ -20,7 +20,7 @@ import torch
 
 from miniserve.engine.transfer import to_device
 from miniserve.kernels.backend import triton_installed
-from miniserve.kernels.sampling import gumbel_argmax
+from miniserve.kernels.sampling import covers, gumbel_argmax
 from miniserve.sampling_params import SamplingParams
 
 # ---------------------------------------------------------------------------- the batch
@@ -391,7 +391,7 @@ def sample_from_probs(probs: torch.Tensor, batch: SamplingBatch, noise: torch.Te
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """Each row's argmax (int64 [B]), torch.argmax's rules; on a GPU in two small launches (kernels/sampling.py),
     where torch's reduction over a 128k vocabulary took 28 us at batch 1 (`profile_decode_llama1b_b1_h200.json`)."""
-    if logits.is_cuda and triton_installed():
+    if logits.is_cuda and triton_installed() and covers(*logits.shape):
         return gumbel_argmax(logits, None, 0)
     return logits.argmax(dim=-1)
 
@@ -412,7 +412,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, noise: torch.Tensor | Non
         token_ids = argmax(logits)  # nothing reshapes the logits: skip the copy
     elif batch.all_greedy:
         token_ids = apply_penalties_and_filters(logits, batch).argmax(dim=-1)
-    elif batch.race_temperature is not None and not batch.reshaped and noise is None:
+    elif batch.race_temperature is not None and not batch.reshaped and noise is None and covers(*logits.shape):
         token_ids = gumbel_argmax(logits, batch.race_temperature, race_seed())  # kernels/sampling.py
     else:
         token_ids = sample_from_probs(probs(logits, batch), batch, noise)
