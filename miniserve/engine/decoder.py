@@ -21,13 +21,11 @@ Seeded outputs are identical too.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 
-from miniserve.engine.launch_hold import LaunchHold
 from miniserve.engine.model_runner import ForwardInput, ModelRunner
 from miniserve.engine.output_processor import OutputProcessor
 from miniserve.engine.sampler import SamplerOutput, SamplingBatch, draw_noise, sample
@@ -43,12 +41,6 @@ class Decoder(Protocol):
         decode step); returns the sequences that gained tokens and the tokens the step launched computes, or None
         when there is no such batch."""
         ...
-
-    def _hold(self, f: _InFlight) -> None:
-        """Wait for requests until the next step is due (launch_hold.py). The step in flight started on the GPU
-        when the one before it was read, or when it was launched, if later."""
-        done = (lambda: f.ready.query()) if f.ready is not None else (lambda: False)
-        self.hold.until_due(len(f.seqs), max(self.read_at, f.launched_at), done)
 
     def flush(self) -> list[Sequence]:
         """Before scheduling: emit work launched in an earlier step that the next batch cannot continue (a
@@ -77,9 +69,6 @@ class _InFlight:
     host: SamplerOutput  # the same outputs on the host
     ready: torch.cuda.Event | None
     batch: SamplingBatch
-    started: torch.cuda.Event | None = None  # recorded before its forward pass, when a hold times the steps
-    launched_at: float = 0.0  # perf_counter when its launch began
-    launch_s: float = 0.0  # the host's time to launch it
 
 
 class PlainDecoder:
@@ -103,16 +92,12 @@ class PlainDecoder:
         self.overlap = overlap and scheduler is not None
         self.in_flight: _InFlight | None = None
         self.num_overlapped_steps = 0  # decode steps launched before their predecessor was read
-        self.hold: LaunchHold | None = None  # the served engine's late launches (launch_hold.py)
-        self.read_at = 0.0  # perf_counter when the last step in flight was read
 
     def continue_in_flight(self) -> tuple[list[Sequence], int] | None:
         """With a decode step in flight whose batch can go on: grow each sequence that continues by one slot, launch
         its next step from the samples on the device, then read the step in flight. The scheduler is not asked: it
         would plan exactly this (one new token each), and at large batches its bookkeeping costs milliseconds."""
         f = self.in_flight
-        if f is not None and self.hold is not None:
-            self._hold(f)  # a request that comes meanwhile is applied: `_continuing` leaves it to the scheduler
         rows = self._continuing(f) if f is not None else None
         if rows is None:
             return None
@@ -130,12 +115,6 @@ class PlainDecoder:
             return seqs, len(keep)
         self._launch(keep, f.batch if keep is f.seqs else self._build_batch(keep), tokens)
         return self._read(f), len(keep)
-
-    def _hold(self, f: _InFlight) -> None:
-        """Wait for requests until the next step is due (launch_hold.py). The step in flight started on the GPU
-        when the one before it was read, or when it was launched, if later."""
-        done = (lambda: f.ready.query()) if f.ready is not None else (lambda: False)
-        self.hold.until_due(len(f.seqs), max(self.read_at, f.launched_at), done)
 
     def flush(self) -> list[Sequence]:
         """Read a step in flight whose batch cannot go on (the scheduler decides what runs next)."""
@@ -259,13 +238,8 @@ class PlainDecoder:
         return rows if new_blocks <= sched.blocks.num_free_blocks else None
 
     def _launch(self, seqs: list[Sequence], batch: SamplingBatch, device_tokens: torch.Tensor | None) -> None:
-        """One decode step whose samples stay on the device; their host copy is started, not waited for. With a
-        hold, events time it on the GPU and the host's launch is timed too."""
-        begun = time.perf_counter()
-        started = _timing_event() if self.hold is not None and self.target.device.type == "cuda" else None
-        self._sample_in_flight(seqs, self._forward(seqs, device_tokens), batch, timed=started is not None)
-        self.in_flight.started, self.in_flight.launched_at = started, begun
-        self.in_flight.launch_s = time.perf_counter() - begun
+        """One decode step whose samples stay on the device; their host copy is started, not waited for."""
+        self._sample_in_flight(seqs, self._forward(seqs, device_tokens), batch)
 
     def _forward(self, seqs: list[Sequence], device_tokens: torch.Tensor | None) -> torch.Tensor:
         """Launch a decode step's forward pass, from the host's last tokens or from samples on the device."""
@@ -279,15 +253,10 @@ class PlainDecoder:
         return logits
 
     def _sample_in_flight(
-        self,
-        seqs: list[Sequence],
-        logits: torch.Tensor,
-        batch: SamplingBatch,
-        noise: torch.Tensor | None = None,
-        timed: bool = False,
+        self, seqs: list[Sequence], logits: torch.Tensor, batch: SamplingBatch, noise: torch.Tensor | None = None
     ) -> None:
         out = sample(logits, batch, noise)
-        host, ready = _copy_to_host(out, timed)
+        host, ready = _copy_to_host(out)
         self.num_overlapped_steps += 1
         self.in_flight = _InFlight(seqs, out.token_ids, host, ready, batch)
 
@@ -298,9 +267,6 @@ class PlainDecoder:
             self.in_flight = None
         if f.ready is not None:
             f.ready.synchronize()
-        if self.hold is not None and f.started is not None:
-            self.hold.observe(len(f.seqs), f.started.elapsed_time(f.ready) / 1e3, f.launch_s)
-        self.read_at = time.perf_counter()
         self.outputs.append_sampled(f.seqs, f.host)  # sequences that finished meanwhile are skipped
         return f.seqs
 
@@ -326,16 +292,9 @@ def _is_decode(s: ScheduledSeq) -> bool:
     return s.num_new_tokens == 1 and s.completes_prompt and not s.seq.scores_prompt
 
 
-def _timing_event() -> torch.cuda.Event:
-    event = torch.cuda.Event(enable_timing=True)
-    event.record()
-    return event
-
-
-def _copy_to_host(out: SamplerOutput, timed: bool = False) -> tuple[SamplerOutput, torch.cuda.Event | None]:
-    """Start copying a step's samples into pinned host memory; the event marks their arrival (`timed`: an event
-    that can time the step). (A plain `.tolist()` would wait for everything queued on the stream, the next step
-    included.)"""
+def _copy_to_host(out: SamplerOutput) -> tuple[SamplerOutput, torch.cuda.Event | None]:
+    """Start copying a step's samples into pinned host memory; the event marks their arrival. (A plain
+    `.tolist()` would wait for everything queued on the stream, the next step included.)"""
     if out.token_ids.device.type != "cuda":
         return out, None
 
@@ -348,6 +307,6 @@ def _copy_to_host(out: SamplerOutput, timed: bool = False) -> tuple[SamplerOutpu
         logprobs=host(out.logprobs) if out.logprobs is not None else None,
         top_logprobs=(host(tops[0]), host(tops[1])) if tops is not None else None,
     )
-    ready = torch.cuda.Event(enable_timing=timed)
+    ready = torch.cuda.Event()
     ready.record()
     return copied, ready

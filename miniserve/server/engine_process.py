@@ -121,7 +121,6 @@ def _exit_engine(error: BaseException) -> None:
 
 
 STATS_EVERY_S = 0.1  # an API server with no output in a step still gets the engine's stats this often
-HOLD_MAX_BATCH = 16  # decode steps of at most this many sequences launch when due (engine/launch_hold.py)
 
 
 class _CoreLoop:
@@ -140,7 +139,6 @@ class _CoreLoop:
         self.warmed = False
 
     def run(self) -> None:
-        self.engine.hold_launches(self.wait_for_commands, HOLD_MAX_BATCH)
         while self._apply_commands(block=not self.engine.has_unfinished_requests()):
             if not self.engine.has_unfinished_requests():
                 continue
@@ -170,13 +168,6 @@ class _CoreLoop:
             self.last_sent[client] = time.monotonic()
         except OSError:  # that API server is gone
             self._drop(client)
-
-    def wait_for_commands(self, timeout: float) -> None:
-        """The engine's launch hold (engine/launch_hold.py): wait up to `timeout` seconds for a command from any
-        API server, and apply what came."""
-        readers = [self.commands[i] for i in sorted(self.live)]
-        if readers and (any(r.ready for r in readers) or mp_connection.wait([r.conn for r in readers], timeout)):
-            self._apply_commands(block=False)
 
     def _apply_commands(self, block: bool) -> bool:
         """Apply every queued command (waiting for one when idle); False once every API server stopped or left."""
