@@ -577,8 +577,24 @@ def serve_trace_rate() -> str:
             "running, and a prompt that arrives meanwhile joins neither (`engine/llm_engine.py:LLMEngine._advance` "
             "flushes them, then schedules it), so it waits for the rest of one decode step and all of the next; "
             f"the hop and the engine together took {hop_and_engine_over_prefill():.1f} ms more than a prefill, "
-            f"{decode_steps_waited():.1f} decode steps of this batch"
+            f"{decode_steps_waited():.1f} decode steps of this batch" + launch_hold_note()
         )
+    )
+
+
+def launch_hold_note() -> str:
+    """The tried and reverted late launch of small decode steps: its 4 req/s run beside the current one."""
+    hold, now = load("serve_rate4_launch_hold_h200.json"), load("serve_rate4_h200.json")
+    if not hold or not now:
+        return ""
+    h, n = hold["phases"]["stream"], now["phases"]["stream"]
+    return (
+        f". Tried and reverted ({hold['versions']['commit']}, `serve_rate4_launch_hold_h200.json`): launching a "
+        "small batch's next decode step only when due, the engine process waiting for requests until then, moved "
+        f"TTFT p50 only {median_p50(n, 'ttft'):.1f} -> {median_p50(h, 'ttft'):.1f} ms and cost the running streams "
+        f"TPOT p50 {n['tpot_ms']['p50']:.2f} -> {h['tpot_ms']['p50']:.2f} ms; the likely cause (read in CPython's "
+        "selectors, not profiled): multiprocessing's wait() polls with a timeout rounded up to a whole millisecond, "
+        "longer than the sub-millisecond waits a 1.3 ms step leaves, so the next step often launched late"
     )
 
 
