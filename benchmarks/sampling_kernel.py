@@ -43,9 +43,9 @@ def _uniforms_kernel(out_ptr, seed, vocab, BLOCK: tl.constexpr):
     tl.store(out_ptr + row * vocab + cols, tl.rand(seed, row * vocab + cols), mask=cols < vocab)
 
 
-def check_argmax(device) -> list[dict]:
+def check_argmax(device, shapes=SHAPES) -> list[dict]:
     rows = []
-    for (b, v), dtype in [(s, d) for s in SHAPES for d in (torch.bfloat16, torch.float32)]:
+    for (b, v), dtype in [(s, d) for s in shapes for d in (torch.bfloat16, torch.float32)]:
         logits = torch.randn(b, v, device=device).to(dtype)
         logits[::4] = logits[::4].round()  # ties
         logits[1::8, v // 2 :: 997] = float("nan")
@@ -56,9 +56,9 @@ def check_argmax(device) -> list[dict]:
     return rows
 
 
-def check_race(device) -> list[dict]:
+def check_race(device, shapes=SHAPES) -> list[dict]:
     rows = []
-    for b, v in SHAPES:
+    for b, v in shapes:
         logits = torch.randn(b, v, device=device).to(torch.bfloat16)
         temperature = torch.rand(b, device=device) + 0.2
         temperature[::3] = 0.0  # greedy rows

@@ -137,3 +137,14 @@ def test_sample_uses_the_race_when_the_batch_has_its_temperatures():
     seed = torch.Generator().manual_seed(7)  # the seed the race drew: the kernel's draw with it
     race_seed = int(torch.randint(2**31 - 1, (1,), generator=seed).item())
     assert torch.equal(first, gumbel_argmax(logits, batch.race_temperature, race_seed))
+
+
+def test_the_gpu_check_script_runs_in_the_interpreter():
+    """benchmarks/sampling_kernel.py's checks on tiny shapes (so the GPU script cannot rot): no disagreement with
+    torch.argmax or with the reference. (Its chi-square needs more draws than the interpreter makes quickly: the
+    reference's race is tested against the softmax above.)"""
+    from benchmarks import sampling_kernel
+
+    cpu = torch.device("cpu")
+    assert all(r["mismatches"] == 0 for r in sampling_kernel.check_argmax(cpu, [(3, BLOCK + 9)]))
+    assert all(r["mismatches"] == 0 for r in sampling_kernel.check_race(cpu, [(3, 700)]))
