@@ -573,9 +573,10 @@ def serve_trace_rate() -> str:
             f"traced at 4 requests/s (`serve_trace_h200.json`, p50): admission (HTTP, parsing, checks) "
             f"{p50(t['ttft_admission_ms'])} ms, the hop to the engine process {p50(t['ttft_to_engine_ms'])} ms, the "
             f"engine {p50(t['ttft_engine_ms'])} ms, the way back to the client {p50(t['ttft_to_client_ms'])} ms. "
-            "The engine's part is mostly waiting: overlapped decoding keeps one decode step queued behind the one "
-            "running, and a prompt that arrives meanwhile joins neither (`engine/llm_engine.py:LLMEngine._advance` "
-            "flushes them, then schedules it), so it waits for the rest of one decode step and all of the next; "
+            "Besides the prefill, the engine's part is a wait: overlapped decoding keeps one decode step queued "
+            "behind the one running, and a prompt that arrives meanwhile joins neither "
+            "(`engine/llm_engine.py:LLMEngine._advance` flushes them, then schedules it), so it waits for the rest "
+            "of one decode step and all of the next; "
             f"the hop and the engine together took {hop_and_engine_over_prefill():.1f} ms more than a prefill, "
             f"{decode_steps_waited():.1f} decode steps of this batch" + launch_hold_note()
         )
