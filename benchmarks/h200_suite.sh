@@ -27,6 +27,8 @@ out=$2
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 tp() { timeout "$1" python3 benchmarks/throughput.py "${@:2}" 2>&1 | grep -v -i warn | grep -E '^\{|Error|error' | cut -c1-400; }
+# the commit a tree's results record in an A/B run: this tree's MINISERVE_COMMIT, or OLD_COMMIT for $OLD's
+tree_commit() { if [ "$1" = "$PWD" ]; then echo "${MINISERVE_COMMIT:-}"; else echo "${OLD_COMMIT:-${MINISERVE_COMMIT:-}}"; fi; }
 
 if [ "$part" = engine ]; then
   tp 300 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-variant default staged --repeats 2 \
@@ -79,13 +81,13 @@ if [ "$part" = engineab ]; then
   [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
   for tree in "$OLD" "$PWD"; do
     tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
-    commit=$([ "$tree" = "$PWD" ] && echo "${MINISERVE_COMMIT:-}" || echo "${OLD_COMMIT:-${MINISERVE_COMMIT:-}}")
+    commit=$(tree_commit "$tree")
     (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 150 --shape llama-3.2-1b --workload fixed --batch 64 --prompt 512 \
       --gen 256 --kv-cache-dtype auto fp8 --repeats 2 --out "$out/throughput_${tag}_fixed.json")
   done
   for tree in "$OLD" "$PWD"; do
     tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
-    commit=$([ "$tree" = "$PWD" ] && echo "${MINISERVE_COMMIT:-}" || echo "${OLD_COMMIT:-${MINISERVE_COMMIT:-}}")
+    commit=$(tree_commit "$tree")
     (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 200 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 \
       --decode-variant default staged --repeats 2 --out "$out/throughput_${tag}_nano.json")
   done
@@ -100,7 +102,7 @@ if [ "$part" = samplerab ]; then
   [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
   for tree in "$OLD" "$PWD"; do
     tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
-    commit=$([ "$tree" = "$PWD" ] && echo "${MINISERVE_COMMIT:-}" || echo "${OLD_COMMIT:-${MINISERVE_COMMIT:-}}")
+    commit=$(tree_commit "$tree")
     (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 150 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto \
       --repeats 2 --out "$out/throughput_${tag}_nano.json")
     (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 100 --shape llama-3.2-1b --workload latency --gen 256 \
@@ -134,7 +136,7 @@ if [ "$part" = servingab ]; then
   [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
   for tree in "$OLD" "$PWD"; do
     tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
-    commit=$([ "$tree" = "$PWD" ] && echo "${MINISERVE_COMMIT:-}" || echo "${OLD_COMMIT:-${MINISERVE_COMMIT:-}}")
+    commit=$(tree_commit "$tree")
     (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" timeout 275 python3 benchmarks/serve.py --shape llama-3.2-1b \
       --num-prompts 256 --input-len 512 --output-len 256 --phases stream,plain,offline --client-procs 4 --repeats 3 \
       --out "$out/serve_${tag}.json" 2>&1 | grep -v -i warn | tail -4)

@@ -38,9 +38,17 @@ SHAPES = [(1, 128256), (64, 128256), (256, 151936)]
 
 @triton.jit
 def _uniforms_kernel(out_ptr, seed, vocab, BLOCK: tl.constexpr):
+    """Triton's Philox uniforms at the offsets the sampling kernel uses (row * vocab + column)."""
     row, chunk = tl.program_id(0), tl.program_id(1)
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
     tl.store(out_ptr + row * vocab + cols, tl.rand(seed, row * vocab + cols), mask=cols < vocab)
+
+
+def kernel_uniforms(rows: int, vocab: int, seed: int, device) -> torch.Tensor:
+    """The uniforms [rows, vocab] gumbel_argmax draws with `seed`: what its reference needs to agree draw for draw."""
+    out = torch.empty(rows, vocab, device=device)
+    _uniforms_kernel[(rows, triton.cdiv(vocab, 1024))](out, seed, vocab, BLOCK=1024)
+    return out
 
 
 def check_argmax(device, shapes=SHAPES) -> list[dict]:
@@ -62,9 +70,7 @@ def check_race(device, shapes=SHAPES) -> list[dict]:
         logits = torch.randn(b, v, device=device).to(torch.bfloat16)
         temperature = torch.rand(b, device=device) + 0.2
         temperature[::3] = 0.0  # greedy rows
-        uniform = torch.empty(b, v, device=device)
-        _uniforms_kernel[(b, triton.cdiv(v, 1024))](uniform, 1234, v, BLOCK=1024)
-        want = gumbel_argmax_reference(logits, temperature, uniform)
+        want = gumbel_argmax_reference(logits, temperature, kernel_uniforms(b, v, 1234, device))
         bad = (gumbel_argmax(logits, temperature, 1234) != want).sum().item()
         rows.append({"batch": b, "vocab": v, "mismatches": bad})
     return rows

@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import math
 import re
-import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.serve import median_p50  # noqa: E402  (the latency ratios serve.py computed: the same medians)
 
 
 def load(name: str) -> dict | None:
@@ -279,7 +281,7 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
             )
         )
         itl = "ITL p50 with " + "; ".join(
-            f"{n} API server{'s' if n > 1 else ''}: {itl_p50(ph['stream'])} = {itl_ratio(ph):.2f}x (step "
+            f"{n} API server{'s' if n > 1 else ''}: {p50_of_runs(ph['stream'], 'itl')} = {itl_ratio(ph):.2f}x (step "
             f"{itl_step(ph):.1f} ms)"
             for n, ph in runs
         )
@@ -302,7 +304,7 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
         rows.append(
             (
                 "server below saturation (4 requests/s): TTFT p50 <= 2x a single-request prefill",
-                f"{ttft_p50(s)} = {s['ttft_p50_vs_prefill']:.1f}x "
+                f"{p50_of_runs(s, 'ttft')} = {s['ttft_p50_vs_prefill']:.1f}x "
                 f"(prefill {offline['single_request_prefill_ms']:.2f} ms"
                 + (f"; {idle:.2f} ms after 0.25 s idle" if idle else "")
                 + ")",
@@ -510,26 +512,15 @@ def itl_step(phases: dict) -> float:
     return phases["offline"]["decode_step_ms"]
 
 
-def median_p50(stream: dict, key: str) -> float:
-    """A streamed phase's ITL or TTFT p50 (`key` "itl", "ttft"): the median of its runs' (serve.py keeps each),
-    or the one run's."""
-    return statistics.median(stream.get(f"repeats_{key}_p50_ms") or [stream[f"{key}_ms"]["p50"]])
-
-
 def itl_ratio(phases: dict) -> float:
     return median_p50(phases["stream"], "itl") / itl_step(phases)
 
 
-def ttft_p50(stream: dict) -> str:
-    runs = stream.get("repeats_ttft_p50_ms") or []
+def p50_of_runs(stream: dict, key: str) -> str:
+    """A streamed phase's ITL or TTFT p50 (`key` "itl", "ttft") as the README shows it: the median, and each run's."""
+    runs = stream.get(f"repeats_{key}_p50_ms") or []
     each = f" (median of runs: {', '.join(f'{x:.1f}' for x in runs)})" if len(runs) > 1 else ""
-    return f"{median_p50(stream, 'ttft'):.1f} ms{each}"
-
-
-def itl_p50(stream: dict) -> str:
-    runs = stream.get("repeats_itl_p50_ms")
-    each = f" (median of runs: {', '.join(f'{x:.1f}' for x in runs)})" if runs else ""
-    return f"{median_p50(stream, 'itl'):.1f} ms{each}"
+    return f"{median_p50(stream, key):.1f} ms{each}"
 
 
 def decode_step_spread() -> str:
@@ -576,9 +567,7 @@ def serve_trace_rate() -> str:
             "Besides the prefill, the engine's part is a wait: overlapped decoding keeps one decode step queued "
             "behind the one running, and a prompt that arrives meanwhile joins neither "
             "(`engine/llm_engine.py:LLMEngine._advance` flushes them, then schedules it), so it waits for the rest "
-            "of one decode step and all of the next; "
-            f"the hop and the engine together took {hop_and_engine_over_prefill():.1f} ms more than a prefill, "
-            f"{decode_steps_waited():.1f} decode steps of this batch" + launch_hold_note()
+            "of one decode step and all of the next; " + rate4_wait() + launch_hold_note()
         )
     )
 
@@ -599,18 +588,17 @@ def launch_hold_note() -> str:
     )
 
 
-def hop_and_engine_over_prefill() -> float:
-    """The traced 4 req/s run: the hop to the engine plus the engine's part of TTFT, minus a prefill (p50s, ms)."""
-    trace = load("serve_trace_h200.json")["rate4"]
-    t = trace["trace"]["real/stream"]
-    hop = float(p50(t["ttft_to_engine_ms"])) + float(p50(t["ttft_engine_ms"]))
-    return hop - trace["phases"]["offline"]["single_request_prefill_ms"]
-
-
-def decode_steps_waited() -> float:
-    """hop_and_engine_over_prefill in decode steps of the traced run's own streams (their TPOT p50)."""
-    trace = load("serve_trace_h200.json")["rate4"]
-    return hop_and_engine_over_prefill() / trace["phases"]["stream"]["tpot_ms"]["p50"]
+def rate4_wait() -> str:
+    """The traced 4 req/s run: the hop to the engine plus the engine's part of TTFT beyond a prefill (p50s), in ms
+    and in decode steps of the run's own streams (their TPOT p50)."""
+    run = load("serve_trace_h200.json")["rate4"]
+    t, phases = run["trace"]["real/stream"], run["phases"]
+    wait = float(p50(t["ttft_to_engine_ms"])) + float(p50(t["ttft_engine_ms"]))
+    wait -= phases["offline"]["single_request_prefill_ms"]
+    return (
+        f"the hop and the engine together took {wait:.1f} ms more than a prefill, "
+        f"{wait / phases['stream']['tpot_ms']['p50']:.1f} decode steps of this batch"
+    )
 
 
 def p50(summary: str) -> str:

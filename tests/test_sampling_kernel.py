@@ -5,29 +5,15 @@ race against the closed-form softmax probabilities, and the sampler's dispatch t
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
-from miniserve.engine.sampler import SamplingBatch, fused_race_applies, sample
+from benchmarks.sampling_kernel import kernel_uniforms
+from miniserve.engine.sampler import SamplingBatch, race_applies, sample
 from miniserve.kernels.sampling import BLOCK, MAX_CHUNKS, covers, gumbel_argmax, gumbel_argmax_reference
 from miniserve.sampling_params import SamplingParams
-
-
-@triton.jit
-def _uniforms_kernel(out_ptr, seed, vocab, BLOCK: tl.constexpr):
-    """Triton's Philox uniforms at the offsets the sampling kernel uses (row * vocab + column)."""
-    row, chunk = tl.program_id(0), tl.program_id(1)
-    cols = chunk * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + row * vocab + cols, tl.rand(seed, row * vocab + cols), mask=cols < vocab)
-
-
-def kernel_uniforms(rows: int, vocab: int, seed: int) -> torch.Tensor:
-    out = torch.empty(rows, vocab)
-    _uniforms_kernel[(rows, triton.cdiv(vocab, 256))](out, seed, vocab, BLOCK=256)
-    return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -62,7 +48,7 @@ def test_race_is_the_reference_with_the_kernels_uniforms(vocab):
     logits = torch.randn(len(temperature), vocab, generator=g).to(torch.bfloat16)
     logits[2, ::3] = -math.inf  # banned tokens are never drawn
     for seed in (0, 1, 2**31 - 2):
-        want = gumbel_argmax_reference(logits, temperature, kernel_uniforms(len(temperature), vocab, seed))
+        want = gumbel_argmax_reference(logits, temperature, kernel_uniforms(len(temperature), vocab, seed, "cpu"))
         got = gumbel_argmax(logits, temperature, seed)
         assert torch.equal(got, want), seed
         assert got[2] % 3 != 0
@@ -109,15 +95,18 @@ def params(**kw) -> SamplingParams:
     return SamplingParams(max_tokens=4, **kw)
 
 
-def test_fused_race_applies_only_to_plain_temperature_sampling():
-    gpu, cpu = torch.device("cuda"), torch.device("cpu")  # (a device object: nothing runs on it)
+def test_race_applies_only_to_plain_temperature_sampling():
+    def on(device: str, ps: list[SamplingParams], generators: list) -> SamplingBatch:
+        batch = SamplingBatch.build(ps, generators, [[1]] * len(ps), [[2]] * len(ps), {0}, 50, "cpu")
+        return replace(batch, device=torch.device(device))  # (a device object: nothing runs on it)
+
     plain = [params(temperature=0.7), params(temperature=0.0)]
-    assert fused_race_applies(plain, [None, None], gpu)
-    assert not fused_race_applies(plain, [None, None], cpu)  # the CPU samples with torch
-    assert not fused_race_applies([params(temperature=0.0)] * 2, [None, None], gpu)  # all greedy: the argmax
-    assert not fused_race_applies(plain, [torch.Generator(), None], gpu)  # a seeded row keeps its own draws
+    assert race_applies(on("cuda", plain, [None, None]))
+    assert not race_applies(on("cpu", plain, [None, None]))  # the CPU samples with torch
+    assert not race_applies(on("cuda", [params(temperature=0.0)] * 2, [None, None]))  # all greedy: the argmax
+    assert not race_applies(on("cuda", plain, [torch.Generator(), None]))  # a seeded row keeps its own draws
     for knob in (dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1)):
-        assert not fused_race_applies([params(temperature=0.7, **knob)], [None], gpu), knob
+        assert not race_applies(on("cuda", [params(temperature=0.7, **knob)], [None])), knob
 
 
 def test_sample_uses_the_race_when_the_batch_has_its_temperatures():

@@ -102,7 +102,6 @@ class SamplingBatch:
             return to_device(values, dtype, device)
 
         temperature = [1.0 if g else float(p.temperature) for p, g in zip(params, greedy)]
-        temperature_or_zero = [0.0 if g else t for t, g in zip(temperature, greedy)]
         top_k = [p.top_k if p.top_k > 0 and not g else vocab_size for p, g in zip(params, greedy)]
         top_k = [min(k, vocab_size) for k in top_k]
         top_p = [1.0 if g else float(p.top_p) for p, g in zip(params, greedy)]
@@ -118,7 +117,7 @@ class SamplingBatch:
 
         banned_rows, banned_ids = _bans(params, output_ids, eos_token_ids, vocab_size)
         asked = [p.logprobs for p in params if p.logprobs is not None]
-        return cls(
+        batch = cls(
             vocab_size=vocab_size,
             device=device,
             generators=list(generators),
@@ -139,20 +138,24 @@ class SamplingBatch:
             logit_bias=_logit_bias(params, device),
             allowed=_allowed_mask(params, vocab_size, device),
             token_bitmask=token_bitmask,
-            race_temperature=column(temperature_or_zero) if fused_race_applies(params, generators, device) else None,
         )
+        if race_applies(batch):
+            batch.race_temperature = column([0.0 if g else t for t, g in zip(temperature, greedy)])
+        return batch
 
 
-def fused_race_applies(params: list[SamplingParams], generators: list, device: torch.device) -> bool:
-    """Some row samples and kernels/sampling.py can draw the batch in one pass: a GPU with Triton, no row with its
-    own seed (its draws must depend on that seed alone) and no top-k/top-p/min-p filter. (Penalties and masks,
-    which reshape the logits first, are checked by `sample`.)"""
+def race_applies(batch: SamplingBatch) -> bool:
+    """kernels/sampling.py can draw this batch in one pass: a GPU with Triton, some row samples, and none filters
+    (top-k/top-p/min-p) or has its own seed (its draws must depend on that seed alone). What reshapes the logits
+    is checked by `sample`: a step's grammar masks join its batch after it is built (decoder.py: _next_batch)."""
     return (
-        device.type == "cuda"
+        batch.device.type == "cuda"
         and triton_installed()
-        and all(g is None for g in generators)
-        and not all(p.greedy for p in params)
-        and all(p.greedy or (p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0) for p in params)
+        and not batch.all_greedy
+        and batch.top_k is None
+        and batch.top_p is None
+        and batch.min_p is None
+        and all(g is None for g in batch.generators)
     )
 
 
