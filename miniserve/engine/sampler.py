@@ -102,8 +102,7 @@ class SamplingBatch:
             return to_device(values, dtype, device)
 
         temperature = [1.0 if g else float(p.temperature) for p, g in zip(params, greedy)]
-        top_k = [p.top_k if p.top_k > 0 and not g else vocab_size for p, g in zip(params, greedy)]
-        top_k = [min(k, vocab_size) for k in top_k]
+        top_k = [min(p.top_k, vocab_size) if p.top_k > 0 and not g else vocab_size for p, g in zip(params, greedy)]
         top_p = [1.0 if g else float(p.top_p) for p, g in zip(params, greedy)]
         min_p = [0.0 if g else float(p.min_p) for p, g in zip(params, greedy)]
 
