@@ -4,6 +4,7 @@
 #   bash benchmarks/h200_suite.sh checks OUT_DIR    # kernel checks (bit patterns, attention) and engine checks
 #   bash benchmarks/h200_suite.sh serving OUT_DIR   # serve.py (saturated, 4 req/s, fake engine)
 #   OLD=DIR [OLD_COMMIT=...] bash benchmarks/h200_suite.sh servingab OUT_DIR # serve.py saturated, an older tree then this one
+#   OLD=DIR [OLD_COMMIT=... ROUNDS=2] bash benchmarks/h200_suite.sh rate4ab OUT_DIR # 4 req/s, an older tree and this one, alternated
 #   bash benchmarks/h200_suite.sh servetrace OUT_DIR # serve.py --trace-dir at 4 req/s, then saturated (serve_trace_h200.json)
 #   bash benchmarks/h200_suite.sh parserab OUT_DIR  # serve.py saturated on h11, then on httptools
 #   bash benchmarks/h200_suite.sh apiservers OUT_DIR # serve.py saturated with 4 API server processes
@@ -141,6 +142,24 @@ if [ "$part" = servingab ]; then
       --num-prompts 256 --input-len 512 --output-len 256 --phases stream,plain,offline --client-procs 4 --repeats 3 \
       --out "$out/serve_${tag}.json" 2>&1 | grep -v -i warn | tail -4)
   done
+fi
+
+if [ "$part" = rate4ab ]; then
+  # serving's 4 req/s run (TTFT, TPOT; 3 repeats) on an older tree ($OLD) and this one, alternated ROUNDS times;
+  # benchmarks/serve_ab.py joins each round's pair (serve_rate4_ab_h200.json)
+  [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
+  pairs=()
+  for i in $(seq 1 "${ROUNDS:-2}"); do
+    for tree in "$OLD" "$PWD"; do
+      tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
+      commit=$(tree_commit "$tree")
+      (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" timeout 150 python3 benchmarks/serve.py \
+        --shape llama-3.2-1b --num-prompts 64 --input-len 512 --output-len 256 --request-rate 4 --phases stream,offline \
+        --client-procs 2 --repeats 3 --out "$out/serve_rate4_${tag}_$i.json" 2>&1 | grep -v -i warn | tail -2 | sed "s/^/[$tag $i] /")
+    done
+    pairs+=(--pair "rate4_$i" "$out/serve_rate4_old_$i.json" "$out/serve_rate4_new_$i.json")
+  done
+  python3 benchmarks/serve_ab.py "${pairs[@]}" --out "$out/serve_rate4_ab_h200.json"
 fi
 
 if [ "$part" = servetrace ]; then

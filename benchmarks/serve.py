@@ -467,11 +467,11 @@ def timed_generate(llm, prompts: list, output_len: int, sync) -> tuple[dict, lis
 
 def median_run(runs: list[dict]) -> dict:
     """The run with the median throughput (the lower of the middle two for an even count), with every run's
-    throughput in order (`repeats_tok_s`), and of a streamed phase every run's ITL and TTFT p50 (`repeats_itl_p50_ms`,
-    `repeats_ttft_p50_ms`: their medians are what the latency ratios use, not the one run's)."""
+    throughput in order (`repeats_tok_s`), and of a streamed phase every run's ITL, TTFT and TPOT p50
+    (`repeats_itl_p50_ms`, ...: their medians are what the latency ratios use, not the one run's)."""
     ranked = sorted(runs, key=lambda r: r["output_tok_s"])
     out = ranked[(len(ranked) - 1) // 2] | {"repeats_tok_s": [r["output_tok_s"] for r in runs]}
-    for key in ("itl", "ttft"):
+    for key in ("itl", "ttft", "tpot"):
         if all(r.get(f"{key}_ms") for r in runs):
             out[f"repeats_{key}_p50_ms"] = [r[f"{key}_ms"]["p50"] for r in runs]
     return out
@@ -485,7 +485,7 @@ LONE_REQUESTS = 8
 
 
 def median_p50(phase: dict, key: str) -> float:
-    """A streamed phase's `key` ("itl", "ttft") p50: the median of its runs' (median_run keeps each), or the one
+    """A streamed phase's `key` ("itl", "ttft", "tpot") p50: the median of its runs' (median_run keeps each), or the one
     run's. The latency ratios use it, not the p50 of the run with the median throughput."""
     return statistics.median(phase.get(f"repeats_{key}_p50_ms") or [phase[f"{key}_ms"]["p50"]])
 

@@ -1,19 +1,23 @@
-"""Join pairs of serve.py results measured back to back in one GPU session (the same saturated workload served
-before and after a change) into one file: for each pair, both runs' ratios to offline, engine step, inter-token
-latency and time to first token.
+"""Join pairs of serve.py results measured back to back in one GPU session (the same workload served before and
+after a change) into one file: for each pair, both runs' ratios to offline, engine step, inter-token latency, time
+to first token and time per output token (the medians of a phase's repeats' p50s), and the offline prefill.
 
     python benchmarks/serve_ab.py --pair NAME OLD.json NEW.json [--pair ...] --out benchmarks/results/serve_ab_h200.json
         [--keep]   # the pairs already in --out stay (a new session's pair joins the earlier ones)
 
-`h200_suite.sh servingab` (an older tree against this one) and `parserab` (this tree on h11, then httptools) make
-the pairs.
+`h200_suite.sh servingab` (an older tree against this one, saturated), `rate4ab` (the same at 4 requests/s) and
+`parserab` (this tree on h11, then httptools) make the pairs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.serve import median_p50  # noqa: E402  (the medians the README quotes)
 
 
 def summary(run: dict) -> dict:
@@ -21,6 +25,8 @@ def summary(run: dict) -> dict:
     phases, versions = run["phases"], run["versions"]
     out = {"commit": versions["commit"], "date": versions["date"][:10], "command": run["command"]}
     for name in ("stream", "plain"):
+        if name not in phases:  # a run below saturation streams only
+            continue
         ph = phases[name]
         out[name] = {
             "vs_offline": ph["vs_offline"],
@@ -28,9 +34,11 @@ def summary(run: dict) -> dict:
             "ms_per_step": ph["ms_per_step"],
         }
         if "itl_ms" in ph:
-            out[name] |= {"itl_p50_ms": ph["itl_ms"]["p50"], "ttft_p50_ms": ph["ttft_ms"]["p50"]}
+            out[name] |= {key + "_p50_ms": median_p50(ph, key) for key in ("itl", "ttft", "tpot")}
     offline = phases["offline"]
     out["offline"] = {"output_tok_s": offline["output_tok_s"], "decode_step_ms": offline["decode_step_ms"]}
+    if "single_request_prefill_ms" in offline:
+        out["offline"]["single_request_prefill_ms"] = offline["single_request_prefill_ms"]
     return out
 
 
@@ -63,13 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = join(pairs, kept)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for name, p in result["pairs"].items():
-        print(
-            name,
-            {
-                k: (round(p["old"][k]["vs_offline"], 3), round(p["new"][k]["vs_offline"], 3))
-                for k in ("stream", "plain")
-            },
-        )
+        print(name, {k: (p["old"][k], p["new"][k]) for k in ("stream", "plain") if k in p["old"]})
     return result
 
 

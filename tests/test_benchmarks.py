@@ -134,13 +134,17 @@ def test_serve_ab_keeps_each_pair_of_runs_side_by_side(tmp_path):
     """benchmarks/serve_ab.py: each named pair's old and new run, with what the README quotes from them."""
     from benchmarks import serve_ab
 
-    def run(commit: str, stream: float, plain: float) -> Path:
+    def run(commit: str, stream: float, plain: float | None) -> Path:
         phase = {"output_tok_s": 1000.0, "ms_per_step": 5.0}
+        latency = {"itl_ms": {"p50": 9.0}, "ttft_ms": {"p50": 300.0}, "tpot_ms": {"p50": 8.0}}
         phases = {
-            "stream": {**phase, "vs_offline": stream, "itl_ms": {"p50": 9.0}, "ttft_ms": {"p50": 300.0}},
+            "stream": {**phase, "vs_offline": stream, **latency, "repeats_ttft_p50_ms": [7.0, 5.0, 6.0]},
             "plain": {**phase, "vs_offline": plain},
             "offline": {"output_tok_s": 1100.0, "decode_step_ms": 6.0},
         }
+        if plain is None:  # a run below saturation: streamed only, with the lone prefill beside it
+            del phases["plain"]
+            phases["offline"]["single_request_prefill_ms"] = 3.0
         versions = {"commit": commit, "dirty": False, "date": "2026-12-03T09:00:00", "gpu": "g", "torch": "t"}
         path = tmp_path / f"{commit}.json"
         path.write_text(
@@ -162,6 +166,8 @@ def test_serve_ab_keeps_each_pair_of_runs_side_by_side(tmp_path):
         "itl_p50_ms" in got["pairs"]["one"]["new"]["stream"] and "itl_p50_ms" not in got["pairs"]["one"]["new"]["plain"]
     )
     assert got["pairs"]["one"]["old"]["offline"] == {"output_tok_s": 1100.0, "decode_step_ms": 6.0}
+    stream = got["pairs"]["one"]["new"]["stream"]  # latencies: the median of the repeats' p50s, else the run's
+    assert (stream["ttft_p50_ms"], stream["itl_p50_ms"], stream["tpot_p50_ms"]) == (6.0, 9.0, 8.0)
     # --keep: a later pair joins the file's pairs (a pair of the same name is replaced)
     later = serve_ab.main(
         ["--pair", "two", str(a), str(c), "--pair", "three", str(a), str(b)]
@@ -171,3 +177,7 @@ def test_serve_ab_keeps_each_pair_of_runs_side_by_side(tmp_path):
     assert later["pairs"]["two"]["old"]["commit"] == "0ld" and later["commit"] == "m1d"
     fresh = serve_ab.main(["--pair", "three", str(a), str(b), "--out", str(tmp_path / "ab.json")])
     assert list(fresh["pairs"]) == ["three"]
+    rate = serve_ab.main(["--pair", "rate", str(run("r0", 0.1, None)), str(c), "--out", str(tmp_path / "r.json")])
+    old = rate["pairs"]["rate"]["old"]
+    assert "plain" not in old and old["stream"]["ttft_p50_ms"] == 6.0
+    assert old["offline"]["single_request_prefill_ms"] == 3.0

@@ -188,3 +188,40 @@ def test_final_only_outputs_detokenize_once_with_the_same_text():
         want = streamed[f"s{i}"].outputs[0]
         got = out.outputs[0]
         assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, want.finish_reason)
+
+
+def test_requests_taken_while_a_launch_is_held_run_right_after_the_step_in_flight(llama_dir):
+    """The served engine's launch hold (engine/launch_hold.py): requests and aborts that its wait applies in the
+    middle of engine.step() are scheduled by that same step, after the step in flight and before any other decode
+    step; every output equals stepwise decoding's. (On the CPU no GPU time is measured, so the hold only looks:
+    every wait is for 0 s.)"""
+    prompts = mixed_prompts(8)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want, _ = generate(llama_dir, prompts[:3], params, async_scheduling=False)
+    engine = LLM(str(llama_dir), dtype="float32", device="cpu").engine
+    timeouts, calls = [], {"n": 0}
+    arrivals = {4: [("abort", "gone"), ("add", "b", 1)], 9: [("add", "c", 2)]}
+
+    def wait(timeout: float) -> bool:
+        timeouts.append(timeout)
+        calls["n"] += 1
+        for what, rid, *i in arrivals.get(calls["n"], []):
+            engine.abort_request(rid) if what == "abort" else engine.add_request(rid, prompts[i[0]], params)
+        return calls["n"] in arrivals
+
+    engine.hold_launches(wait)
+    engine.add_request("a", prompts[0], params)
+    engine.add_request("gone", prompts[3], params)
+    finished, first_token_at = {}, {}
+    while engine.has_unfinished_requests():
+        held_before = calls["n"]
+        for out in engine.step():
+            first_token_at.setdefault(out.request_id, calls["n"])
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].token_ids
+        if calls["n"] in arrivals and held_before < calls["n"]:  # this step applied them: their prompts ran in it
+            assert all(first_token_at.get(rid) == calls["n"] for what, rid, *_ in arrivals[calls["n"]] if what == "add")
+    assert set(timeouts) == {0.0} and calls["n"] > 9
+    assert [finished["a"], finished["b"], finished["c"]] == [w[0][0] for w in want]
+    assert "gone" not in finished
+    assert_idle(engine)

@@ -164,6 +164,7 @@ def test_repeats_report_the_median_run_of_each_phase(tmp_path):
     # the latency ratios take the median of the streamed runs' p50s, not the median-throughput run's own
     itls = phases["stream"]["repeats_itl_p50_ms"]
     assert len(itls) == 3 and len(phases["stream"]["repeats_ttft_p50_ms"]) == 3
+    assert len(phases["stream"]["repeats_tpot_p50_ms"]) == 3
     assert "repeats_itl_p50_ms" not in phases["plain"]
     step = phases["offline"]["decode_step_ms"]
     assert phases["stream"]["itl_p50_vs_decode_step"] == pytest.approx(sorted(itls)[1] / step)

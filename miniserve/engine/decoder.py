@@ -21,11 +21,13 @@ Seeded outputs are identical too.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 
+from miniserve.engine.launch_hold import LaunchHold
 from miniserve.engine.model_runner import ForwardInput, ModelRunner
 from miniserve.engine.output_processor import OutputProcessor
 from miniserve.engine.sampler import SamplerOutput, SamplingBatch, draw_noise, sample
@@ -69,6 +71,8 @@ class _InFlight:
     host: SamplerOutput  # the same outputs on the host
     ready: torch.cuda.Event | None
     batch: SamplingBatch
+    started: torch.cuda.Event | None = None  # recorded before its forward pass when a launch hold times the steps
+    launched_at: float = 0.0  # perf_counter when its forward pass was launched
 
 
 class PlainDecoder:
@@ -92,15 +96,22 @@ class PlainDecoder:
         self.overlap = overlap and scheduler is not None
         self.in_flight: _InFlight | None = None
         self.num_overlapped_steps = 0  # decode steps launched before their predecessor was read
+        self.hold: LaunchHold | None = None  # the served engine's late launches (launch_hold.py)
+        self.read_at = 0.0  # perf_counter when the last step in flight was read
 
     def continue_in_flight(self) -> tuple[list[Sequence], int] | None:
         """With a decode step in flight whose batch can go on: grow each sequence that continues by one slot, launch
         its next step from the samples on the device, then read the step in flight. The scheduler is not asked: it
-        would plan exactly this (one new token each), and at large batches its bookkeeping costs milliseconds."""
+        would plan exactly this (one new token each), and at large batches its bookkeeping costs milliseconds.
+        In the server, a launch hold first waits for requests until the step in flight is about to end
+        (launch_hold.py): one that comes is scheduled right after that step, not after the next one too."""
         f = self.in_flight
         rows = self._continuing(f) if f is not None else None
+        if rows is not None and self.hold is not None and self._hold(f):
+            rows = self._continuing(f)  # requests or aborts came while it waited: the batch may not go on
         if rows is None:
             return None
+        begun = time.perf_counter()
         keep, tokens = f.seqs, f.samples
         if len(rows) < len(f.seqs):  # some end with the token in flight: the rest go on from their own samples
             keep = [f.seqs[i] for i in rows]
@@ -108,13 +119,26 @@ class PlainDecoder:
         blocks = self.scheduler.blocks
         for seq in keep:
             blocks.grow(seq, seq.num_computed_tokens + 1)
+        started = _timing_event() if self.hold is not None and f.ready is not None else None
+        logits = self._forward(keep, tokens)
+        launched_at = time.perf_counter()
+        if self.hold is not None:
+            self.hold.observe_launch(launched_at - begun)
         if f.batch.penalized:  # its sampling reads the token in flight: read that while the forward runs
-            logits = self._forward(keep, tokens)
             seqs = self._read(f)
-            self._sample_in_flight(keep, logits, *self._next_batch(f, keep))
-            return seqs, len(keep)
-        self._launch(keep, f.batch if keep is f.seqs else self._build_batch(keep), tokens)
-        return self._read(f), len(keep)
+            self._sample_in_flight(keep, logits, *self._next_batch(f, keep), started=started)
+        else:
+            batch = f.batch if keep is f.seqs else self._build_batch(keep)
+            self._sample_in_flight(keep, logits, batch, started=started)
+            seqs = self._read(f)
+        self.in_flight.launched_at = launched_at
+        return seqs, len(keep)
+
+    def _hold(self, f: _InFlight) -> bool:
+        """Wait for requests until the next step is due (launch_hold.py); True when some came. The step in flight
+        started on the GPU when the one before it was read, or when it was launched, if later."""
+        done = f.ready.query if f.ready is not None else (lambda: False)
+        return self.hold.until_due(len(f.seqs), max(self.read_at, f.launched_at), done)
 
     def flush(self) -> list[Sequence]:
         """Read a step in flight whose batch cannot go on (the scheduler decides what runs next)."""
@@ -253,12 +277,18 @@ class PlainDecoder:
         return logits
 
     def _sample_in_flight(
-        self, seqs: list[Sequence], logits: torch.Tensor, batch: SamplingBatch, noise: torch.Tensor | None = None
+        self,
+        seqs: list[Sequence],
+        logits: torch.Tensor,
+        batch: SamplingBatch,
+        noise: torch.Tensor | None = None,
+        started: torch.cuda.Event | None = None,
     ) -> None:
+        """Launch the sampling of a step in flight; `started`: a timing event recorded before its forward pass."""
         out = sample(logits, batch, noise)
-        host, ready = _copy_to_host(out)
+        host, ready = _copy_to_host(out, timed=started is not None)
         self.num_overlapped_steps += 1
-        self.in_flight = _InFlight(seqs, out.token_ids, host, ready, batch)
+        self.in_flight = _InFlight(seqs, out.token_ids, host, ready, batch, started)
 
     def _read(self, f: _InFlight | None = None) -> list[Sequence]:
         """Wait for a step's samples (that step only, not the one launched after it) and append them."""
@@ -267,6 +297,9 @@ class PlainDecoder:
             self.in_flight = None
         if f.ready is not None:
             f.ready.synchronize()
+        if f.started is not None:
+            self.hold.observe_step(len(f.seqs), f.started.elapsed_time(f.ready) / 1e3)
+        self.read_at = time.perf_counter()
         self.outputs.append_sampled(f.seqs, f.host)  # sequences that finished meanwhile are skipped
         return f.seqs
 
@@ -292,9 +325,16 @@ def _is_decode(s: ScheduledSeq) -> bool:
     return s.num_new_tokens == 1 and s.completes_prompt and not s.seq.scores_prompt
 
 
-def _copy_to_host(out: SamplerOutput) -> tuple[SamplerOutput, torch.cuda.Event | None]:
-    """Start copying a step's samples into pinned host memory; the event marks their arrival. (A plain
-    `.tolist()` would wait for everything queued on the stream, the next step included.)"""
+def _timing_event() -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _copy_to_host(out: SamplerOutput, timed: bool = False) -> tuple[SamplerOutput, torch.cuda.Event | None]:
+    """Start copying a step's samples into pinned host memory; the event marks their arrival (`timed`: it can
+    time the step). (A plain `.tolist()` would wait for everything queued on the stream, the next step
+    included.)"""
     if out.token_ids.device.type != "cuda":
         return out, None
 
@@ -307,6 +347,6 @@ def _copy_to_host(out: SamplerOutput) -> tuple[SamplerOutput, torch.cuda.Event |
         logprobs=host(out.logprobs) if out.logprobs is not None else None,
         top_logprobs=(host(tops[0]), host(tops[1])) if tops is not None else None,
     )
-    ready = torch.cuda.Event()
+    ready = torch.cuda.Event(enable_timing=timed)
     ready.record()
     return copied, ready

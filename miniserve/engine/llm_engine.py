@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from collections.abc import Callable
 
 import torch
 
 from miniserve.config import EngineConfig
 from miniserve.engine import capacity
 from miniserve.engine.decoder import Decoder, PlainDecoder
+from miniserve.engine.launch_hold import LaunchHold
 from miniserve.engine.model_runner import ModelRunner
 from miniserve.engine.output_processor import OutputProcessor, Request
 from miniserve.engine.outputs import RequestOutput
@@ -102,6 +104,14 @@ class LLMEngine:
             self.decoder.disable_graphs()
 
     # ---------------------------------------------------------------- requests
+
+    def hold_launches(self, wait: Callable[[float], bool], max_batch: int = 16) -> None:
+        """A served engine: launch each overlapped decode step of at most `max_batch` sequences only when it is
+        due, waiting for requests until then with `wait(seconds)` (which applies what came and says whether
+        anything did), so that a new prompt runs right after the step in flight, not after the next one too
+        (engine/launch_hold.py). Plain decoding with overlap only."""
+        if isinstance(self.decoder, PlainDecoder) and self.decoder.overlap:
+            self.decoder.hold = LaunchHold(wait, max_batch)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
         params = params or SamplingParams()

@@ -47,6 +47,7 @@ import logging
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
+import select
 import signal
 import threading
 import time
@@ -121,6 +122,7 @@ def _exit_engine(error: BaseException) -> None:
 
 
 STATS_EVERY_S = 0.1  # an API server with no output in a step still gets the engine's stats this often
+HOLD_MAX_BATCH = 16  # decode steps of at most this many sequences launch when due (engine/launch_hold.py)
 
 
 class _CoreLoop:
@@ -139,6 +141,7 @@ class _CoreLoop:
         self.warmed = False
 
     def run(self) -> None:
+        self.engine.hold_launches(self.wait_for_commands, HOLD_MAX_BATCH)
         while self._apply_commands(block=not self.engine.has_unfinished_requests()):
             if not self.engine.has_unfinished_requests():
                 continue
@@ -168,6 +171,20 @@ class _CoreLoop:
             self.last_sent[client] = time.monotonic()
         except OSError:  # that API server is gone
             self._drop(client)
+
+    def wait_for_commands(self, timeout: float) -> bool:
+        """The engine's launch hold (engine/launch_hold.py): wait up to `timeout` seconds for a command from any
+        API server and apply what came; True if something did. It spins on a zero-timeout select: the hold must
+        end within microseconds of its deadline, and sleeping waits (multiprocessing's wait() rounds its timeout
+        up to whole milliseconds; a wake-up takes tens of microseconds more) would leave the GPU idle."""
+        readers = [self.commands[i] for i in sorted(self.live)]
+        conns = [r.conn for r in readers]
+        end = time.perf_counter() + timeout
+        while not any(r.ready for r in readers) and not select.select(conns, [], [], 0)[0]:
+            if time.perf_counter() >= end:
+                return False
+        self._apply_commands(block=False)
+        return True
 
     def _apply_commands(self, block: bool) -> bool:
         """Apply every queued command (waiting for one when idle); False once every API server stopped or left."""

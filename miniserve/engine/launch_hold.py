@@ -1,0 +1,68 @@
+"""Launching an overlapped decode step late enough that a request arriving meanwhile goes first (served engine).
+
+Overlapped decoding launches step N+1 before it reads step N, so a prompt that arrives while step N runs waits for
+N and then for N+1 before its prompt pass starts: one and a half decode steps on average, most of the time to
+first token the engine adds below saturation (`benchmarks/results/serve_trace_h200.json`, 4 requests/s). With a
+hold the engine waits for requests (on its command pipes) until step N is about to end: N's GPU time, measured on
+the device with events, less a lead that covers the host's launch of N+1's forward pass (measured too) and a
+margin. It then launches N+1 as before, and the GPU does not wait as long as the lead covers the launch. A request
+that arrives during the wait is applied at once; the batch is then no longer one that nothing changes, so the
+scheduler places the new prompt beside the running batch right after step N instead
+(decoder.py: PlainDecoder.continue_in_flight).
+
+The wait must end on time to the microsecond: a decode step of a small batch takes about a millisecond, and a
+launch that comes late leaves the GPU idle. The server's wait spins on its pipes (server/engine_process.py:
+_CoreLoop.wait_for_commands); an earlier version slept in multiprocessing's wait(), whose timeout is rounded up
+to whole milliseconds, and cost the running streams 18% of their time per token
+(`benchmarks/results/serve_rate4_launch_hold_h200.json`).
+
+Only the server's engine process holds (offline `LLM` has nobody to wait for), only for batches of at most
+`max_batch` sequences (below saturation, where a new request's first token is the latency users see), and only
+once a step of the batch's size has been timed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+LEAD_MARGIN_S = 100e-6  # launched this much earlier than the measured launch needs: covers its jitter
+EMA = 0.25  # weight of the newest measurement
+
+
+@dataclass
+class LaunchHold:
+    """`wait(seconds)` waits up to that long for commands, applies what came and says whether anything did."""
+
+    wait: Callable[[float], bool]
+    max_batch: int = 16
+    gpu_s: float | None = None  # a decode step's GPU time at `batch` sequences (moving average)
+    batch: int = 0
+    launch_s: float = 0.0  # the host's time from the end of a hold to the next forward pass launched (moving average)
+
+    def observe_step(self, batch: int, gpu_s: float) -> None:
+        """A step of `batch` sequences was read: it ran `gpu_s` on the device."""
+        if batch != self.batch or self.gpu_s is None:
+            self.batch, self.gpu_s = batch, gpu_s
+        else:
+            self.gpu_s += EMA * (gpu_s - self.gpu_s)
+
+    def observe_launch(self, launch_s: float) -> None:
+        """Launching a forward pass after a hold took `launch_s` on the host."""
+        self.launch_s += EMA * (launch_s - self.launch_s)
+
+    def deadline(self, batch: int, started_at: float) -> float | None:
+        """When to launch the step after one of `batch` sequences that started on the GPU at `started_at`
+        (perf_counter seconds); None when this batch is not held."""
+        if batch > self.max_batch or batch != self.batch or self.gpu_s is None:
+            return None
+        return started_at + self.gpu_s - self.launch_s - LEAD_MARGIN_S
+
+    def until_due(self, batch: int, started_at: float, done: Callable[[], bool]) -> bool:
+        """Before launching the next step of `batch` sequences (the one in flight started at `started_at`): wait
+        for requests until the launch is due, or just look when it is not held or the step in flight is `done`.
+        True when commands came (and were applied)."""
+        deadline = self.deadline(batch, started_at)
+        timeout = 0.0 if deadline is None or done() else deadline - time.perf_counter()
+        return self.wait(max(0.0, timeout))
