@@ -69,6 +69,15 @@ def test_the_step_time_is_a_moving_average_per_batch_size():
     assert hold.deadline(8, 0.0) is None and hold.deadline(9, 1.0) == pytest.approx(1.002 - LEAD_MARGIN_S)
 
 
+def test_a_late_launch_moves_the_next_deadline_earlier():
+    hold = LaunchHold(recording()[0])
+    hold.observe_late()  # nothing timed yet: nothing to move
+    assert hold.gpu_s is None
+    hold.observe_step(4, gpu_s=0.002)
+    hold.observe_late()
+    assert hold.deadline(4, 1.0) == pytest.approx(1.002 - 2 * LEAD_MARGIN_S)
+
+
 def test_until_due_says_whether_commands_came():
     hold = LaunchHold(lambda timeout: True)
     assert hold.until_due(1, time.perf_counter(), lambda: False) is True

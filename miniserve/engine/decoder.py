@@ -71,8 +71,10 @@ class _InFlight:
     host: SamplerOutput  # the same outputs on the host
     ready: torch.cuda.Event | None
     batch: SamplingBatch
-    started: torch.cuda.Event | None = None  # recorded before its forward pass when a launch hold times the steps
     launched_at: float = 0.0  # perf_counter when its forward pass was launched
+    # a launch hold's timing: the predecessor's `ready`, when this step was launched while that one still ran (it
+    # then started on the GPU as its predecessor ended, and the two events time it without any idle gap between)
+    after: torch.cuda.Event | None = None
 
 
 class PlainDecoder:
@@ -119,19 +121,22 @@ class PlainDecoder:
         blocks = self.scheduler.blocks
         for seq in keep:
             blocks.grow(seq, seq.num_computed_tokens + 1)
-        started = _timing_event() if self.hold is not None and f.ready is not None else None
         logits = self._forward(keep, tokens)
         launched_at = time.perf_counter()
-        if self.hold is not None:
+        timed = self.hold is not None and f.ready is not None  # (with a hold every step's `ready` can time it)
+        after = f.ready if timed and not f.ready.query() else None  # launched while the step in flight still ran
+        if timed:
             self.hold.observe_launch(launched_at - begun)
+            if after is None:
+                self.hold.observe_late()
         if f.batch.penalized:  # its sampling reads the token in flight: read that while the forward runs
             seqs = self._read(f)
-            self._sample_in_flight(keep, logits, *self._next_batch(f, keep), started=started)
+            self._sample_in_flight(keep, logits, *self._next_batch(f, keep))
         else:
             batch = f.batch if keep is f.seqs else self._build_batch(keep)
-            self._sample_in_flight(keep, logits, batch, started=started)
+            self._sample_in_flight(keep, logits, batch)
             seqs = self._read(f)
-        self.in_flight.launched_at = launched_at
+        self.in_flight.launched_at, self.in_flight.after = launched_at, after
         return seqs, len(keep)
 
     def _hold(self, f: _InFlight) -> bool:
@@ -282,13 +287,12 @@ class PlainDecoder:
         logits: torch.Tensor,
         batch: SamplingBatch,
         noise: torch.Tensor | None = None,
-        started: torch.cuda.Event | None = None,
     ) -> None:
-        """Launch the sampling of a step in flight; `started`: a timing event recorded before its forward pass."""
+        """Launch the sampling of a step in flight (with a launch hold, its `ready` event can time it)."""
         out = sample(logits, batch, noise)
-        host, ready = _copy_to_host(out, timed=started is not None)
+        host, ready = _copy_to_host(out, timed=self.hold is not None)
         self.num_overlapped_steps += 1
-        self.in_flight = _InFlight(seqs, out.token_ids, host, ready, batch, started)
+        self.in_flight = _InFlight(seqs, out.token_ids, host, ready, batch)
 
     def _read(self, f: _InFlight | None = None) -> list[Sequence]:
         """Wait for a step's samples (that step only, not the one launched after it) and append them."""
@@ -297,8 +301,8 @@ class PlainDecoder:
             self.in_flight = None
         if f.ready is not None:
             f.ready.synchronize()
-        if f.started is not None:
-            self.hold.observe_step(len(f.seqs), f.started.elapsed_time(f.ready) / 1e3)
+        if f.after is not None:
+            self.hold.observe_step(len(f.seqs), f.after.elapsed_time(f.ready) / 1e3)
         self.read_at = time.perf_counter()
         self.outputs.append_sampled(f.seqs, f.host)  # sequences that finished meanwhile are skipped
         return f.seqs
@@ -323,12 +327,6 @@ def _grammars(seqs: list[Sequence]) -> list:
 def _is_decode(s: ScheduledSeq) -> bool:
     """One new token whose logits are sampled: a decode step's row."""
     return s.num_new_tokens == 1 and s.completes_prompt and not s.seq.scores_prompt
-
-
-def _timing_event() -> torch.cuda.Event:
-    event = torch.cuda.Event(enable_timing=True)
-    event.record()
-    return event
 
 
 def _copy_to_host(out: SamplerOutput, timed: bool = False) -> tuple[SamplerOutput, torch.cuda.Event | None]:

@@ -3,18 +3,22 @@
 Overlapped decoding launches step N+1 before it reads step N, so a prompt that arrives while step N runs waits for
 N and then for N+1 before its prompt pass starts: one and a half decode steps on average, most of the time to
 first token the engine adds below saturation (`benchmarks/results/serve_trace_h200.json`, 4 requests/s). With a
-hold the engine waits for requests (on its command pipes) until step N is about to end: N's GPU time, measured on
-the device with events, less a lead that covers the host's launch of N+1's forward pass (measured too) and a
-margin. It then launches N+1 as before, and the GPU does not wait as long as the lead covers the launch. A request
-that arrives during the wait is applied at once; the batch is then no longer one that nothing changes, so the
-scheduler places the new prompt beside the running batch right after step N instead
-(decoder.py: PlainDecoder.continue_in_flight).
+hold the engine waits for requests (on its command pipes) until step N is about to end: N's GPU time less a lead
+that covers the host's launch of N+1's forward pass (measured too) and a margin. It then launches N+1 as before,
+and the GPU does not wait as long as the lead covers the launch. A request that arrives during the wait is applied
+at once; the batch is then no longer one that nothing changes, so the scheduler places the new prompt beside the
+running batch right after step N instead (decoder.py: PlainDecoder.continue_in_flight).
 
 The wait must end on time to the microsecond: a decode step of a small batch takes about a millisecond, and a
 launch that comes late leaves the GPU idle. The server's wait spins on its pipes (server/engine_process.py:
 _CoreLoop.wait_for_commands); an earlier version slept in multiprocessing's wait(), whose timeout is rounded up
 to whole milliseconds, and cost the running streams 18% of their time per token
 (`benchmarks/results/serve_rate4_launch_hold_h200.json`).
+
+A step's GPU time is measured with events between its predecessor's end and its own, and only when it was
+launched before its predecessor ended. Timed from any earlier point, a late launch's idle gap counts as GPU time,
+pushes the next deadline later and feeds on itself: at 9d1c005, timed from an event recorded before the launch,
+the running streams' time per token rose from 1.30 to 1.54-1.64 ms.
 
 Only the server's engine process holds (offline `LLM` has nobody to wait for), only for batches of at most
 `max_batch` sequences (below saturation, where a new request's first token is the latency users see), and only
@@ -47,6 +51,12 @@ class LaunchHold:
             self.batch, self.gpu_s = batch, gpu_s
         else:
             self.gpu_s += EMA * (gpu_s - self.gpu_s)
+
+    def observe_late(self) -> None:
+        """A step was launched after the one before it had ended (the GPU waited): launch the next one earlier.
+        Such a step is not timed, so without this a step time measured too long would never be corrected."""
+        if self.gpu_s is not None:
+            self.gpu_s -= LEAD_MARGIN_S
 
     def observe_launch(self, launch_s: float) -> None:
         """Launching a forward pass after a hold took `launch_s` on the host."""
