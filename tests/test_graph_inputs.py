@@ -146,7 +146,8 @@ def _staggered(llm: LLM, prompts, params) -> list[list[int]]:
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_a_prompt_beside_decodes_runs_as_its_own_prompt_graph(monkeypatch, llama_dir, temperature):
     """A step of decodes plus one prompt chunk runs as a prompt-graph replay, then the decodes' graph, not as one
-    eager pass: each request arrives while the ones before it decode. Tokens equal the eager engine's."""
+    eager pass: each request arrives while the ones before it decode. Tokens equal the eager engine's. The decodes
+    are launched before the prompt's first token is read (on a GPU they queue behind the prompt pass meanwhile)."""
     monkeypatch.setattr(BucketedGraphs, "_capture", eager_capture)
     kw = dict(dtype="float32", device="cpu", max_num_seqs=8)
     params = SamplingParams(temperature=temperature, seed=5, max_tokens=8, ignore_eos=True)
@@ -170,5 +171,14 @@ def test_a_prompt_beside_decodes_runs_as_its_own_prompt_graph(monkeypatch, llama
         return prepare(inputs)
 
     eng.target.prepare = eager
+    events = []  # the order of replays and reads: the decodes launch before the prompt's first token is read
+    decode_run, append = eng.target.graphs[1].run, eng.outputs.append_sampled
+    eng.target.graphs[1].run = lambda *a: events.append("decode") or decode_run(*a)
+    eng.outputs.append_sampled = lambda *a: events.append("read") or append(*a)
+    for graphs in eng.target.prefill_graphs.values():
+        run = graphs.run
+        graphs.run = lambda *a, run=run: events.append("prompt") or run(*a)
     assert _staggered(graphed, prompts, params) == want
     assert sorted(prompt_replays) == [32, 32, 32, 64] and eager_passes == []
+    after_prompts = [events[i + 1 : i + 3] for i, e in enumerate(events) if e == "prompt"]
+    assert after_prompts == [["decode", "read"]] * 4, events

@@ -152,13 +152,15 @@ class PlainDecoder:
     def step(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
         prompts = [s for s in scheduled if not _is_decode(s)]
         if len(prompts) == 1 and len(scheduled) > 1 and self._has_prompt_graph(prompts[0]):
-            done = self._step_now(prompts)
             decodes = [s for s in scheduled if s is not prompts[0]]
             if not self.overlap:
-                return done + self._step_now(decodes)
-            seqs = [s.seq for s in decodes]  # in flight: the prompt's first token is out before they finish
+                return self._step_now(prompts) + self._step_now(decodes)
+            first = self._launch_prompt(prompts[0])
+            seqs = [s.seq for s in decodes]  # launched while the prompt pass runs, in flight after it
             self._launch(seqs, self.sampling_batch(seqs), None)
-            return done
+            if first is not None:  # the prompt's first token, read without waiting for the decodes
+                self._read(first)
+            return [prompts[0].seq]
         if self.overlap and not prompts and len(scheduled) == len(self.scheduler.running):
             seqs = [s.seq for s in scheduled]  # every running sequence decodes, and nothing else runs
             self._launch(seqs, self.sampling_batch(seqs), None)
@@ -183,6 +185,19 @@ class PlainDecoder:
                 logits = logits[to_device(sample_rows, torch.int64, logits.device)]
             self.outputs.append_sampled(ready, sample(logits, self.sampling_batch(ready)))
         return [s.seq for s in scheduled]
+
+    def _launch_prompt(self, s: ScheduledSeq) -> _InFlight | None:
+        """A prompt chunk's pass and, when it completes the prompt, its sampling, not waited for: the decodes beside
+        it are launched behind it while it runs, and its first token does not wait for their launch."""
+        completes = s.completes_prompt  # (asked before the chunk counts as computed)
+        logits = self.target.forward([self.forward_input(s)])
+        s.seq.num_computed_tokens += s.num_new_tokens
+        if not completes:
+            return None
+        batch = self.sampling_batch([s.seq])
+        out = sample(logits, batch)
+        host, ready = _copy_to_host(out)
+        return _InFlight([s.seq], out.token_ids, host, ready, batch)
 
     def _has_prompt_graph(self, prompt: ScheduledSeq) -> bool:
         """A prompt chunk beside decodes that a captured prompt pass can run: the step then runs as two graph
