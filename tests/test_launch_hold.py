@@ -28,7 +28,7 @@ def test_waits_until_the_step_in_flight_is_due_to_end_less_the_launch_and_a_marg
     wait, seen = recording()
     hold = LaunchHold(wait, max_batch=4)
     hold.observe_step(2, gpu_s=0.010)
-    hold.observe_launch(0.002)
+    hold.launched(0.002, in_time=True)
     assert hold.launch_s == pytest.approx(EMA * 0.002)  # (the launch time's average starts from 0)
     started = time.perf_counter()
     hold.until_due(2, started, lambda: False)
@@ -71,16 +71,26 @@ def test_the_step_time_is_a_moving_average_per_batch_size():
 
 def test_a_late_launch_moves_the_next_deadline_earlier():
     hold = LaunchHold(recording()[0])
-    hold.observe_late()  # nothing timed yet: nothing to move
+    hold.launched(0.0, in_time=False)  # nothing timed yet: nothing to move
     assert hold.gpu_s is None
     hold.observe_step(4, gpu_s=0.002)
-    hold.observe_late()
+    hold.launched(0.0, in_time=True)
+    assert hold.deadline(4, 1.0) == pytest.approx(1.002 - LEAD_MARGIN_S)
+    hold.launched(0.0, in_time=False)
     assert hold.deadline(4, 1.0) == pytest.approx(1.002 - 2 * LEAD_MARGIN_S)
 
 
 def test_until_due_says_whether_commands_came():
     hold = LaunchHold(lambda timeout: True)
     assert hold.until_due(1, time.perf_counter(), lambda: False) is True
+
+
+def test_a_step_that_cannot_tell_whether_it_ended_is_held_all_the_same():
+    wait, seen = recording()
+    hold = LaunchHold(wait)
+    hold.observe_step(1, gpu_s=0.010)
+    hold.until_due(1, time.perf_counter(), None)  # (the CPU's steps have no event)
+    assert 0.009 - LEAD_MARGIN_S < seen[0] <= 0.010 - LEAD_MARGIN_S
 
 
 @pytest.fixture()

@@ -109,8 +109,10 @@ class PlainDecoder:
         (launch_hold.py): one that comes is scheduled right after that step, not after the next one too."""
         f = self.in_flight
         rows = self._continuing(f) if f is not None else None
-        if rows is not None and self.hold is not None and self._hold(f):
-            rows = self._continuing(f)  # requests or aborts came while it waited: the batch may not go on
+        if rows is not None and self.hold is not None:
+            started = max(self.read_at, f.launched_at)  # on the GPU: when the one before was read, or launched if later
+            if self.hold.until_due(len(f.seqs), started, f.ready.query if f.ready is not None else None):
+                rows = self._continuing(f)  # requests or aborts came while it waited: the batch may not go on
         if rows is None:
             return None
         begun = time.perf_counter()
@@ -123,12 +125,10 @@ class PlainDecoder:
             blocks.grow(seq, seq.num_computed_tokens + 1)
         logits = self._forward(keep, tokens)
         launched_at = time.perf_counter()
-        timed = self.hold is not None and f.ready is not None  # (with a hold every step's `ready` can time it)
-        after = f.ready if timed and not f.ready.query() else None  # launched while the step in flight still ran
-        if timed:
-            self.hold.observe_launch(launched_at - begun)
-            if after is None:
-                self.hold.observe_late()
+        after = None
+        if self.hold is not None and f.ready is not None:  # (with a hold every step's `ready` can time it)
+            after = f.ready if not f.ready.query() else None  # launched while the step in flight still ran
+            self.hold.launched(launched_at - begun, in_time=after is not None)
         if f.batch.penalized:  # its sampling reads the token in flight: read that while the forward runs
             seqs = self._read(f)
             self._sample_in_flight(keep, logits, *self._next_batch(f, keep))
@@ -138,12 +138,6 @@ class PlainDecoder:
             seqs = self._read(f)
         self.in_flight.launched_at, self.in_flight.after = launched_at, after
         return seqs, len(keep)
-
-    def _hold(self, f: _InFlight) -> bool:
-        """Wait for requests until the next step is due (launch_hold.py); True when some came. The step in flight
-        started on the GPU when the one before it was read, or when it was launched, if later."""
-        done = f.ready.query if f.ready is not None else (lambda: False)
-        return self.hold.until_due(len(f.seqs), max(self.read_at, f.launched_at), done)
 
     def flush(self) -> list[Sequence]:
         """Read a step in flight whose batch cannot go on (the scheduler decides what runs next)."""

@@ -52,15 +52,13 @@ class LaunchHold:
         else:
             self.gpu_s += EMA * (gpu_s - self.gpu_s)
 
-    def observe_late(self) -> None:
-        """A step was launched after the one before it had ended (the GPU waited): launch the next one earlier.
-        Such a step is not timed, so without this a step time measured too long would never be corrected."""
-        if self.gpu_s is not None:
-            self.gpu_s -= LEAD_MARGIN_S
-
-    def observe_launch(self, launch_s: float) -> None:
-        """Launching a forward pass after a hold took `launch_s` on the host."""
+    def launched(self, launch_s: float, in_time: bool) -> None:
+        """A forward pass took `launch_s` to launch on the host, `in_time` (before the step in flight ended) or
+        late: the GPU waited, so the next one is launched earlier. A late step is not timed: without this, a step
+        time measured too long would never be corrected."""
         self.launch_s += EMA * (launch_s - self.launch_s)
+        if not in_time and self.gpu_s is not None:
+            self.gpu_s -= LEAD_MARGIN_S
 
     def deadline(self, batch: int, started_at: float) -> float | None:
         """When to launch the step after one of `batch` sequences that started on the GPU at `started_at`
@@ -69,10 +67,10 @@ class LaunchHold:
             return None
         return started_at + self.gpu_s - self.launch_s - LEAD_MARGIN_S
 
-    def until_due(self, batch: int, started_at: float, done: Callable[[], bool]) -> bool:
+    def until_due(self, batch: int, started_at: float, done: Callable[[], bool] | None) -> bool:
         """Before launching the next step of `batch` sequences (the one in flight started at `started_at`): wait
-        for requests until the launch is due, or just look when it is not held or the step in flight is `done`.
-        True when commands came (and were applied)."""
+        for requests until the launch is due, or just look when it is not held or the step in flight is `done`
+        (None: no way to tell, on the CPU). True when commands came (and were applied)."""
         deadline = self.deadline(batch, started_at)
-        timeout = 0.0 if deadline is None or done() else deadline - time.perf_counter()
+        timeout = 0.0 if deadline is None or (done is not None and done()) else deadline - time.perf_counter()
         return self.wait(max(0.0, timeout))
