@@ -304,12 +304,13 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
         rows.append(
             (
                 "server below saturation (4 requests/s): TTFT p50 <= 2x a single-request prefill",
-                f"{p50_of_runs(s, 'ttft')} = {s['ttft_p50_vs_prefill']:.1f}x "
+                f"{p50_of_runs(s, 'ttft')} = {s['ttft_p50_vs_prefill']:.2f}x "
                 f"(prefill {offline['single_request_prefill_ms']:.2f} ms"
                 + (f"; {idle:.2f} ms after 0.25 s idle" if idle else "")
                 + ")",
                 "yes" if s["ttft_p50_vs_prefill"] <= 2 else "no",
                 "a new prompt runs as its own captured prompt pass beside the running decodes; "
+                + launch_hold_note()
                 + lone_note(rate["phases"])
                 + idle_note(s, offline)
                 + serve_trace_rate(),
@@ -413,6 +414,11 @@ def serve_trace(run: str) -> dict | None:
     """serve_trace.py's analysis of one traced run ("saturated" or "rate4") of serve_trace_h200.json."""
     trace = load("serve_trace_h200.json")
     return trace[run]["trace"]["real/stream"] if trace else None
+
+
+def serve_trace_commit(run: str) -> str:
+    """The commit a traced run of serve_trace_h200.json measured."""
+    return load("serve_trace_h200.json")[run]["versions"]["commit"]
 
 
 def lone_note(phases: dict) -> str:
@@ -561,30 +567,31 @@ def serve_trace_rate() -> str:
         "not traced"
         if t is None
         else (
-            f"traced at 4 requests/s (`serve_trace_h200.json`, p50): admission (HTTP, parsing, checks) "
-            f"{p50(t['ttft_admission_ms'])} ms, the hop to the engine process {p50(t['ttft_to_engine_ms'])} ms, the "
-            f"engine {p50(t['ttft_engine_ms'])} ms, the way back to the client {p50(t['ttft_to_client_ms'])} ms. "
-            "Besides the prefill, the engine's part is a wait: overlapped decoding keeps one decode step queued "
-            "behind the one running, and a prompt that arrives meanwhile joins neither "
-            "(`engine/llm_engine.py:LLMEngine._advance` flushes them, then schedules it), so it waits for the rest "
-            "of one decode step and all of the next; " + rate4_wait() + launch_hold_note()
+            f"traced at 4 requests/s ({serve_trace_commit('rate4')}, `serve_trace_h200.json`, p50): admission (HTTP, "
+            f"parsing, checks) {p50(t['ttft_admission_ms'])} ms, the hop to the engine process "
+            f"{p50(t['ttft_to_engine_ms'])} ms, the engine {p50(t['ttft_engine_ms'])} ms, the way back to the client "
+            f"{p50(t['ttft_to_client_ms'])} ms; " + rate4_wait()
         )
     )
 
 
 def launch_hold_note() -> str:
-    """The tried and reverted late launch of small decode steps: its 4 req/s run beside the current one."""
-    hold, now = load("serve_rate4_launch_hold_h200.json"), load("serve_rate4_h200.json")
-    if not hold or not now:
+    """The launch hold side by side with the tree before it (serve_rate4_ab_h200.json): each round's TTFT and TPOT."""
+    ab = load("serve_rate4_ab_h200.json")
+    if not ab:
         return ""
-    h, n = hold["phases"]["stream"], now["phases"]["stream"]
+    rounds = list(ab["pairs"].values())
+
+    def change(key: str) -> str:
+        return ", ".join(f"{p['old']['stream'][key]:.3f} -> {p['new']['stream'][key]:.3f}" for p in rounds)
+
     return (
-        f". Tried and reverted ({hold['versions']['commit']}, `serve_rate4_launch_hold_h200.json`): launching a "
-        "small batch's next decode step only when due, the engine process waiting for requests until then, moved "
-        f"TTFT p50 only {median_p50(n, 'ttft'):.1f} -> {median_p50(h, 'ttft'):.1f} ms and cost the running streams "
-        f"TPOT p50 {n['tpot_ms']['p50']:.2f} -> {h['tpot_ms']['p50']:.2f} ms; the likely cause (read in CPython's "
-        "selectors, not profiled): multiprocessing's wait() polls with a timeout rounded up to a whole millisecond, "
-        "longer than the sub-millisecond waits a 1.3 ms step leaves, so the next step often launched late"
+        "the running batch's next decode step is launched only when the step in flight is about to end, the "
+        "engine process waiting for requests until then (`engine/launch_hold.py`), so a prompt that arrives "
+        "meanwhile runs right after that step, not also after one queued behind it, and the decodes beside it "
+        "are launched before its first token is read; side by side with "
+        f"{rounds[0]['old']['commit']} ({len(rounds)} alternated rounds of 3 runs, `serve_rate4_ab_h200.json`): "
+        f"TTFT p50 {change('ttft_p50_ms')} ms, the running streams' TPOT p50 {change('tpot_p50_ms')} ms; "
     )
 
 
