@@ -416,6 +416,12 @@ def serve_trace(run: str) -> dict | None:
     return trace[run]["trace"]["real/stream"] if trace else None
 
 
+def traced_ratios() -> str:
+    """The traced saturated run's own throughput ratios (one run each: they vary more than the medians above)."""
+    phases = load("serve_trace_h200.json")["saturated"]["phases"]
+    return f"streaming {phases['stream']['vs_offline']:.2f}x, plain {phases['plain']['vs_offline']:.2f}x"
+
+
 def serve_trace_commit(run: str) -> str:
     """The commit a traced run of serve_trace_h200.json measured."""
     return load("serve_trace_h200.json")[run]["versions"]["commit"]
@@ -551,7 +557,8 @@ def serve_trace_saturated() -> str:
         "not traced"
         if t is None
         else (
-            f"traced (`serve_trace_h200.json`): the engine sent a step every {p50(t['engine_step_gap_ms'])} ms "
+            f"traced ({serve_trace_commit('saturated')}, `serve_trace_h200.json`, one run of each phase: "
+            f"{traced_ratios()}): the engine sent a step every {p50(t['engine_step_gap_ms'])} ms "
             f"(p50) and the API process wrote {t['writes_per_step']:.0f} events per step, reading the engine's "
             f"messages {p50(t['steps_per_handover'])} steps at a time (p50; p90 {t['steps_per_handover'].split()[3]}) "
             f"and taking, detokenizing and writing them in {p50(t['routing_ms_per_handover'])} ms; with 4 API "
