@@ -175,8 +175,8 @@ class _CoreLoop:
     def wait_for_commands(self, timeout: float) -> bool:
         """The engine's launch hold (engine/launch_hold.py): wait up to `timeout` seconds for a command from any
         API server and apply what came; True if something did. It spins on a zero-timeout select: the hold must
-        end within microseconds of its deadline, and sleeping waits (multiprocessing's wait() rounds its timeout
-        up to whole milliseconds; a wake-up takes tens of microseconds more) would leave the GPU idle."""
+        end within microseconds of its deadline, and a sleeping wait ends late (multiprocessing's wait() rounds its
+        timeout up to whole milliseconds, and a sleeping process takes time to wake) and leaves the GPU idle."""
         readers = [self.commands[i] for i in sorted(self.live)]
         conns = [r.conn for r in readers]
         end = time.perf_counter() + timeout
