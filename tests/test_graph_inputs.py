@@ -182,3 +182,40 @@ def test_a_prompt_beside_decodes_runs_as_its_own_prompt_graph(monkeypatch, llama
     assert sorted(prompt_replays) == [32, 32, 32, 64] and eager_passes == []
     after_prompts = [events[i + 1 : i + 3] for i, e in enumerate(events) if e == "prompt"]
     assert after_prompts == [["decode", "read"]] * 4, events
+
+
+def test_one_token_prompt_chunks_beside_a_decode_score_the_prompt_as_the_eager_engine(monkeypatch, llama_dir):
+    """A budget of two tokens a step cuts a prompt arriving beside a decode into one-token chunks, each launched
+    as a prompt beside the decodes (PlainDecoder._launch_prompt) with one row that scores the next prompt token
+    (prompt_logprobs): every score and token equals the eager engine's."""
+    monkeypatch.setattr(BucketedGraphs, "_capture", eager_capture)
+    kw = dict(dtype="float32", device="cpu", max_num_seqs=4, max_num_batched_tokens=2)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, prompt_logprobs=2)
+    prompts = mixed_prompts()[1:3]  # 7 and 23 tokens
+
+    def run(llm: LLM) -> list:
+        eng, outs = llm.engine, {}
+        eng.add_request("0", prompts[0], params)
+        eng.step()
+        eng.add_request("1", prompts[1], params)  # its chunks run beside request 0's decodes
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                if out.finished:
+                    outs[out.request_id] = (out.outputs[0].token_ids, out.prompt_logprobs)
+        return [outs["0"], outs["1"]]
+
+    want = run(LLM(str(llama_dir), **kw))
+    graphed = LLM(str(llama_dir), **kw)
+    eng = engine_with_stand_in_graphs(graphed)
+    launches, launch = [], eng.decoder._launch_prompt
+    eng.decoder._launch_prompt = lambda s: launches.append(s.num_new_tokens) or launch(s)
+    got = run(graphed)
+    assert launches.count(1) >= 10  # request 1's one-token chunks beside request 0's decodes
+    assert [g[0] for g in got] == [w[0] for w in want]
+    for g, w in zip(got, want):
+        assert len(g[1]) == len(w[1])
+        for mine, theirs in zip(g[1], w[1]):
+            assert (mine is None) == (theirs is None)
+            if mine is not None:
+                assert mine.keys() == theirs.keys()
+                assert all(abs(mine[t] - theirs[t]) < 1e-5 for t in mine)

@@ -183,8 +183,10 @@ class PlainDecoder:
     def _launch_prompt(self, s: ScheduledSeq) -> _InFlight | None:
         """A prompt chunk's pass and, when it completes the prompt, its sampling, not waited for: the decodes beside
         it are launched behind it while it runs, and its first token does not wait for their launch."""
-        completes = s.completes_prompt  # (asked before the chunk counts as computed)
-        logits = self.target.forward([self.forward_input(s)])
+        completes, x = s.completes_prompt, self.forward_input(s)  # (asked before the chunk counts as computed)
+        logits = self.target.forward([x])
+        if s.seq.scores_prompt:  # a one-token chunk (a captured pass has one row): it scores the next prompt token
+            self.outputs.record_prompt_logprobs(s.seq, logits, x.start_pos)
         s.seq.num_computed_tokens += s.num_new_tokens
         if not completes:
             return None
@@ -291,11 +293,7 @@ class PlainDecoder:
         return logits
 
     def _sample_in_flight(
-        self,
-        seqs: list[Sequence],
-        logits: torch.Tensor,
-        batch: SamplingBatch,
-        noise: torch.Tensor | None = None,
+        self, seqs: list[Sequence], logits: torch.Tensor, batch: SamplingBatch, noise: torch.Tensor | None = None
     ) -> None:
         """Launch the sampling of a step in flight (with a launch hold, its `ready` event can time it)."""
         out = sample(logits, batch, noise)
