@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 LEAD_MARGIN_S = 100e-6  # launched this much earlier than the measured launch needs: covers its jitter
+SLICE_S = 200e-6  # the wait asks this often whether the step in flight ended (then it stops waiting at once)
 EMA = 0.25  # weight of the newest measurement
 
 
@@ -70,7 +71,16 @@ class LaunchHold:
     def until_due(self, batch: int, started_at: float, done: Callable[[], bool] | None) -> bool:
         """Before launching the next step of `batch` sequences (the one in flight started at `started_at`): wait
         for requests until the launch is due, or just look when it is not held or the step in flight is `done`
-        (None: no way to tell, on the CPU). True when commands came (and were applied)."""
+        (None: no way to tell, on the CPU). True when commands came (and were applied). The wait goes in slices
+        that each end by asking `done`: a step time measured too long (an outlier in the average) then costs one
+        slice past the step's end, not the whole error at every step until late launches have worked it off."""
+        done = done or (lambda: False)
         deadline = self.deadline(batch, started_at)
-        timeout = 0.0 if deadline is None or (done is not None and done()) else deadline - time.perf_counter()
-        return self.wait(max(0.0, timeout))
+        if deadline is None or done():
+            return self.wait(0.0)
+        while True:
+            remaining = deadline - time.perf_counter()
+            if self.wait(min(max(0.0, remaining), SLICE_S)):
+                return True
+            if remaining <= SLICE_S or done():
+                return False
