@@ -186,7 +186,7 @@ def test_a_prompt_beside_decodes_runs_as_its_own_prompt_graph(monkeypatch, llama
 
 def test_one_token_prompt_chunks_beside_a_decode_score_the_prompt_as_the_eager_engine(monkeypatch, llama_dir):
     """A budget of two tokens a step cuts a prompt arriving beside a decode into one-token chunks, each launched
-    as a prompt beside the decodes (PlainDecoder._launch_prompt) with one row that scores the next prompt token
+    as a prompt beside the decodes (PlainDecoder._launch_now) with one row that scores the next prompt token
     (prompt_logprobs): every score and token equals the eager engine's."""
     monkeypatch.setattr(BucketedGraphs, "_capture", eager_capture)
     kw = dict(dtype="float32", device="cpu", max_num_seqs=4, max_num_batched_tokens=2)
@@ -207,10 +207,10 @@ def test_one_token_prompt_chunks_beside_a_decode_score_the_prompt_as_the_eager_e
     want = run(LLM(str(llama_dir), **kw))
     graphed = LLM(str(llama_dir), **kw)
     eng = engine_with_stand_in_graphs(graphed)
-    launches, launch = [], eng.decoder._launch_prompt
-    eng.decoder._launch_prompt = lambda s: launches.append(s.num_new_tokens) or launch(s)
+    launches, launch = [], eng.decoder._launch_now
+    eng.decoder._launch_now = lambda sched: launches.append([s.num_new_tokens for s in sched]) or launch(sched)
     got = run(graphed)
-    assert launches.count(1) >= 10  # request 1's one-token chunks beside request 0's decodes
+    assert launches.count([1]) >= 10  # request 1's one-token chunks beside request 0's decodes
     assert [g[0] for g in got] == [w[0] for w in want]
     for g, w in zip(got, want):
         assert len(g[1]) == len(w[1])

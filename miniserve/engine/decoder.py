@@ -149,7 +149,7 @@ class PlainDecoder:
             decodes = [s for s in scheduled if s is not prompts[0]]
             if not self.overlap:
                 return self._step_now(prompts) + self._step_now(decodes)
-            first = self._launch_prompt(prompts[0])
+            first = self._launch_now(prompts)
             seqs = [s.seq for s in decodes]  # launched while the prompt pass runs, in flight after it
             self._launch(seqs, self.sampling_batch(seqs), None)
             if first is not None:  # the prompt's first token, read without waiting for the decodes
@@ -163,6 +163,15 @@ class PlainDecoder:
 
     def _step_now(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
         """The step, waited for: prompt chunks, prompt scoring, and decode steps when overlapping is off."""
+        launched = self._launch_now(scheduled)
+        if launched is not None:
+            self._read(launched)
+        return [s.seq for s in scheduled]
+
+    def _launch_now(self, scheduled: list[ScheduledSeq]) -> _InFlight | None:
+        """A step's forward pass (prompt logprobs recorded on the way) and the sampling of the sequences whose
+        prompt it completes, not waited for (None when it completes none): a prompt beside decodes has them
+        launched behind it before its first token is read."""
         inputs = [self.forward_input(s) for s in scheduled]
         ready = [s.seq for s in scheduled if s.completes_prompt]
         logits = self.target.forward(inputs)
@@ -174,26 +183,14 @@ class PlainDecoder:
                 sample_rows.append(row + x.num_logits - 1)
             row += x.num_logits
             s.seq.num_computed_tokens += s.num_new_tokens
-        if ready:
-            if row != len(sample_rows):  # prompt-scoring rows are mixed in: keep the last row of each ready seq
-                logits = logits[to_device(sample_rows, torch.int64, logits.device)]
-            self.outputs.append_sampled(ready, sample(logits, self.sampling_batch(ready)))
-        return [s.seq for s in scheduled]
-
-    def _launch_prompt(self, s: ScheduledSeq) -> _InFlight | None:
-        """A prompt chunk's pass and, when it completes the prompt, its sampling, not waited for: the decodes beside
-        it are launched behind it while it runs, and its first token does not wait for their launch."""
-        completes, x = s.completes_prompt, self.forward_input(s)  # (asked before the chunk counts as computed)
-        logits = self.target.forward([x])
-        if s.seq.scores_prompt:  # a one-token chunk (a captured pass has one row): it scores the next prompt token
-            self.outputs.record_prompt_logprobs(s.seq, logits, x.start_pos)
-        s.seq.num_computed_tokens += s.num_new_tokens
-        if not completes:
+        if not ready:
             return None
-        batch = self.sampling_batch([s.seq])
+        if row != len(sample_rows):  # prompt-scoring rows are mixed in: keep the last row of each ready seq
+            logits = logits[to_device(sample_rows, torch.int64, logits.device)]
+        batch = self.sampling_batch(ready)
         out = sample(logits, batch)
-        host, ready = _copy_to_host(out)
-        return _InFlight([s.seq], out.token_ids, host, ready, batch)
+        host, done = _copy_to_host(out)
+        return _InFlight(ready, out.token_ids, host, done, batch)
 
     def _has_prompt_graph(self, prompt: ScheduledSeq) -> bool:
         """A prompt chunk beside decodes that a captured prompt pass can run: the step then runs as two graph
