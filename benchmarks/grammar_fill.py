@@ -4,8 +4,9 @@
 
 `--batch` matchers of structured_outputs.py's JSON schemas walk random paths through their grammar (each step every
 row's mask is filled, then the row takes a random allowed token, as sampling from a random-weight model does) over
-that script's synthetic byte-level BPE vocabulary of the shape's size (`--quote-weight`: its tokens with a quote or
-a newline, the ones xgrammar checks one by one inside a JSON string, made rarer or more common). At every step each
+that script's synthetic byte-level BPE vocabulary of the shape's size (`--vocab-like NAME`: its tokens with a quote,
+a newline or a backslash, the ones xgrammar checks one by one inside a JSON string, as common as in that measured
+real vocabulary of benchmarks/results/vocab_shares.json; default: JSON-heavy, ~7% each). At every step each
 strategy fills the same states: one row after another on this thread, xgrammar's BatchGrammarMatcher with
 `max_threads` set (and with its default, half of what std::thread::hardware_concurrency reports; it holds the GIL),
 n groups of rows on n threads (`groups n`, the calling thread one of them; one call per row, which releases the
@@ -33,15 +34,19 @@ import torch  # noqa: E402
 from benchmarks.checkpoints import SHAPES  # noqa: E402
 from benchmarks.provenance import write_result  # noqa: E402
 from benchmarks.structured_outputs import SCHEMAS, write_bpe_tokenizer  # noqa: E402
+from benchmarks.vocab_shares import measured_shares  # noqa: E402
 
 
-def compile_schema(schema: dict, vocab_size: int, directory: Path, quote_weight: float = 1.0):
+def compile_schema(schema: dict, vocab_size: int, directory: Path, like: str | None = None):
     import xgrammar as xgr
     from transformers import PreTrainedTokenizerFast
 
-    write_bpe_tokenizer(directory, vocab_size, bos=0, eos=1, quote_weight=quote_weight)
+    # bos and eos are the vocabulary's last ids, as in real ones (the first ids are single bytes: id 1 is the quote,
+    # which as a stop token would leave a string no way to close in a vocabulary with few quoted words)
+    eos = vocab_size - 1
+    write_bpe_tokenizer(directory, vocab_size, bos=eos - 1, eos=eos, like=like and measured_shares(like))
     hf = PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"))
-    info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=[1])
+    info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=[eos])
     return xgr.GrammarCompiler(info).compile_json_schema(schema)
 
 
@@ -93,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument(
-        "--quote-weight", type=float, default=1.0,
-        help="how often the synthetic vocabulary's words hold a quote or a newline, against another character",
+        "--vocab-like", default=None,
+        help="the synthetic vocabulary's quote/newline/backslash shares: those of this vocabulary of "
+        "benchmarks/results/vocab_shares.json (e.g. cl100k_base); default: JSON-heavy",
     )  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -105,11 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     cpus["torch_threads"] = torch.get_num_threads()
     print(cpus, flush=True)
     fills = strategies(args.threads)
-    result = {"batch": args.batch, "steps": args.steps, "vocab": vocab, "quote_weight": args.quote_weight}
+    result = {"batch": args.batch, "steps": args.steps, "vocab": vocab, "vocab_like": args.vocab_like or "json-heavy"}
     result.update(cpus=cpus, schemas={})
     for name in args.schemas:
         with tempfile.TemporaryDirectory() as tmp:
-            compiled = compile_schema(SCHEMAS[name], vocab, Path(tmp), args.quote_weight)
+            compiled = compile_schema(SCHEMAS[name], vocab, Path(tmp), args.vocab_like)
         rng = random.Random(0)
         matchers = [xgr.GrammarMatcher(compiled) for _ in range(args.batch)]
         times: dict[str, list[float]] = {k: [] for k in fills}

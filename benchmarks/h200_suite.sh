@@ -13,7 +13,7 @@
 #   bash benchmarks/h200_suite.sh fp8reg OUT_DIR    # FP8 decode variants (decode_attention_fp8_registers.md)
 #   bash benchmarks/h200_suite.sh fp8ncu OUT_DIR    # ncu of the default and staged FP8 decode kernels
 #   bash benchmarks/h200_suite.sh extendvar OUT_DIR # extend (prefill) kernel launch variants: 32k and 2048 tokens
-#   bash benchmarks/h200_suite.sh grammar OUT_DIR   # structured outputs at batch 32, the grammar mask fill alone
+#   bash benchmarks/h200_suite.sh grammar OUT_DIR   # structured outputs at batch 32 (a cl100k-like vocabulary), the mask fill alone
 #   bash benchmarks/h200_suite.sh extendfp8 OUT_DIR # FP8 prompt passes with the extend kernel's registers capped
 #   bash benchmarks/h200_suite.sh extendchecks OUT_DIR # every extend variant against the torch reference
 #   bash benchmarks/h200_suite.sh extendttft OUT_DIR # a 32k prompt's TTFT end to end, beside one HF forward
@@ -262,16 +262,18 @@ if [ "$part" = extendvar ]; then
 fi
 
 if [ "$part" = grammar ]; then
-  # issue 14: constrained decoding at batch 32 (the mask fill on this host's default threads, and on 1), and
-  # the fill alone by every strategy (needs xgrammar: carried as a wheel)
-  timeout 330 python3 benchmarks/structured_outputs.py --shape llama-3.2-1b --batch 32 --prompt 128 --gen 256 \
-    --grammar-threads 0 4 1 --foreground --host-split --out "$out/structured_outputs_h200.json" 2>&1 | grep -v -i warn | tail -26
-  timeout 120 python3 benchmarks/grammar_fill.py --batch 32 --steps 96 --threads 2 4 8 \
+  # issue 14: constrained decoding at batch 32 over a vocabulary with cl100k_base's shares of tokens holding a
+  # quote, a newline or a backslash (vocab_shares.json; the mask fill on this host's default threads, and on 1),
+  # then the fill alone by every strategy over the JSON-heavy vocabulary and over ones like cl100k_base and gpt2
+  # (needs xgrammar: carried as a wheel)
+  timeout 240 python3 benchmarks/structured_outputs.py --shape llama-3.2-1b --batch 32 --prompt 128 --gen 256 \
+    --vocab-like cl100k_base --grammar-threads 0 1 --host-split --out "$out/structured_outputs_cl100k_h200.json" 2>&1 |
+    grep -v -i warn | tail -8
+  timeout 100 python3 benchmarks/grammar_fill.py --batch 32 --steps 96 --threads 2 4 8 \
     --out "$out/grammar_fill_h200.json" 2>&1 | grep -v -i warn | tail -24
-  # the same fill over vocabularies with 5x fewer and with no tokens holding a quote or a newline
-  for w in 0.2 0; do
-    timeout 50 python3 benchmarks/grammar_fill.py --batch 32 --steps 96 --threads 8 --schemas open --quote-weight $w \
-      --out "$out/grammar_fill_quotes${w/./}_h200.json" 2>&1 | grep -v -i warn | tail -5
+  for like in cl100k_base gpt2; do
+    timeout 60 python3 benchmarks/grammar_fill.py --batch 32 --steps 96 --threads 4 8 --vocab-like $like \
+      --out "$out/grammar_fill_${like%_base}_h200.json" 2>&1 | grep -v -i warn | tail -12
   done
 fi
 

@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 from benchmarks.checkpoints import SHAPES, build_checkpoint  # noqa: E402
 from benchmarks.provenance import write_result  # noqa: E402
+from benchmarks.vocab_shares import gpt2_byte_symbols, measured_shares, shares  # noqa: E402
 from miniserve import LLM, SamplingParams  # noqa: E402
 from miniserve.engine import decoder as decoder_module  # noqa: E402
 from miniserve.engine import structured_output  # noqa: E402
@@ -61,36 +62,32 @@ SCHEMAS = {
 }
 
 
-def byte_level_alphabet() -> list[str]:
-    """GPT-2's byte-to-unicode symbols: what a byte-level BPE vocabulary spells its tokens with."""
-    kept = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    symbols, shifted = [chr(b) for b in kept], 0
-    for b in range(256):
-        if b not in kept:
-            symbols.append(chr(256 + shifted))
-            shifted += 1
-    return symbols
-
-
 def write_bpe_tokenizer(
-    directory: Path, vocab_size: int, bos: int, eos: int, seed: int = 0, quote_weight: float = 1.0
-) -> None:
-    """A byte-level BPE tokenizer.json of exactly `vocab_size` tokens (no merges: only its vocabulary matters).
-    Its words draw their characters uniformly, the quote and the newline `quote_weight` times as often as another
-    (1: about 7% of the tokens hold a quote, 7% a newline)."""
+    directory: Path, vocab_size: int, bos: int, eos: int, seed: int = 0, like: dict[str, float] | None = None
+) -> dict[str, float]:
+    """A byte-level BPE tokenizer.json of exactly `vocab_size` tokens (no merges: only its vocabulary matters);
+    returns the shares of its tokens that hold a quote, a newline or a backslash (vocab_shares.py).
+
+    `like` None: JSON-heavy words, their characters drawn uniformly from letters, digits and `" :,{`, space and
+    newline (about 7% of the tokens hold a quote, 7% a newline): the vocabulary of the results before
+    vocab_shares.json. `like` {mark: share} (vocab_shares.measured_shares): words without those marks, each mark
+    put into a word with its share's probability, so the tokens xgrammar checks one by one inside a JSON string
+    are as common as in that real vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     rng = random.Random(seed)
-    alphabet = byte_level_alphabet()
+    symbols = gpt2_byte_symbols()
+    marked = {"quote": '"', "newline": "Ċ", "backslash": "\\"}
     common = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") + ["Ġ", "Ċ", '"', ":", ",", "{"]
-    weights = [quote_weight if c in ('"', "Ċ") else 1.0 for c in common]
-    vocab = {s: i for i, s in enumerate(alphabet)}
+    if like is not None:
+        common = [c for c in common if c not in marked.values()]
+    vocab = {s: i for i, s in enumerate(symbols)}
     while len(vocab) < vocab_size:
-        length = rng.randint(2, 7)
-        if quote_weight == 1.0:  # the vocabulary every result so far was measured with, drawn the same way
-            word = "".join(rng.choice(common) for _ in range(length))
-        else:
-            word = "".join(rng.choices(common, weights, k=length))
+        word = "".join(rng.choice(common) for _ in range(rng.randint(2, 7)))
+        for mark, share in (like or {}).items():
+            if rng.random() < share:
+                at = rng.randint(0, len(word))
+                word = word[:at] + marked[mark] + word[at:]
         vocab.setdefault(word, len(vocab))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -99,20 +96,27 @@ def write_bpe_tokenizer(
     names = {v: k for k, v in vocab.items()}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": names[bos], "eos_token": names[eos]}
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return shares([bytes(symbols[c] for c in word) for word in vocab])
 
 
 SMOKE = {"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
          "num_key_value_heads": 1, "head_dim": 32}  # fmt: skip
 
 
-def checkpoint(shape: str, root: str, smoke: bool) -> Path:
+def checkpoint(shape: str, root: str, smoke: bool, like: str | None = None) -> tuple[Path, dict[str, float]]:
+    """The random-weight checkpoint of `shape` with a synthetic BPE vocabulary (`like`: drawn with the shares of
+    that measured vocabulary, else JSON-heavy); returns its path and the vocabulary's shares."""
     path = build_checkpoint(shape, root, overrides=SMOKE if smoke else None)
-    if not (path / ".bpe").is_file():
+    marker = path / ".bpe"
+    recorded = json.loads(marker.read_text()) if marker.is_file() else {}
+    if recorded.get("like", "json-heavy") != (like or "json-heavy") or "shares" not in recorded:
         cfg = SHAPES[shape]
         eos = cfg["eos_token_id"][0] if isinstance(cfg["eos_token_id"], list) else cfg["eos_token_id"]
-        write_bpe_tokenizer(path, cfg["vocab_size"], cfg["bos_token_id"], eos)
-        (path / ".bpe").write_text("byte-level BPE tokenizer written by benchmarks/structured_outputs.py\n")
-    return path
+        like_shares = measured_shares(like) if like else None
+        drawn = write_bpe_tokenizer(path, cfg["vocab_size"], cfg["bos_token_id"], eos, like=like_shares)
+        recorded = {"like": like or "json-heavy", "shares": drawn}
+        marker.write_text(json.dumps(recorded))  # the byte-level BPE tokenizer written by structured_outputs.py
+    return path, recorded["shares"]
 
 
 class MaskTimer:
@@ -226,11 +230,16 @@ def main(argv: list[str] | None = None) -> int:
         "--host-split", action="store_true",
         help="time the engine thread's phases of each step (HostSplit): host_ms_per_step in every run",
     )  # fmt: skip
+    ap.add_argument(
+        "--vocab-like", default=None,
+        help="draw the synthetic vocabulary with the quote/newline/backslash shares of this vocabulary of "
+        "benchmarks/results/vocab_shares.json (e.g. cl100k_base); default: the JSON-heavy one",
+    )  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="a one-layer model of the shape (full vocabulary): CPU check")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
 
-    path = checkpoint(args.shape, args.root, args.smoke)
+    path, vocab_shares = checkpoint(args.shape, args.root, args.smoke, args.vocab_like)
     llm = LLM(
         model=str(path),
         max_num_seqs=max(args.batch, 1),
@@ -297,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         out = {
             "xgrammar": importlib.metadata.version("xgrammar"),
             "shape": args.shape,
+            "vocabulary": {"like": args.vocab_like or "json-heavy", "shares": vocab_shares},
             "smoke": args.smoke,
             "batch": args.batch,
             "prompt": args.prompt,

@@ -3,13 +3,15 @@ benchmarks/results/structured_outputs_h200.json, grammar_fill_h200.json)."""
 
 from __future__ import annotations
 
+import base64
 import json
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("xgrammar")
 
-from benchmarks import grammar_fill, structured_outputs  # noqa: E402
+from benchmarks import grammar_fill, structured_outputs, vocab_shares  # noqa: E402
 
 
 def test_grammar_fill_times_every_strategy_on_the_same_states(tmp_path):
@@ -22,17 +24,42 @@ def test_grammar_fill_times_every_strategy_on_the_same_states(tmp_path):
     assert all(r["median_ms"] > 0 for r in rows.values())
 
 
-def test_the_synthetic_vocabulary_sets_its_share_of_quotes_and_newlines(tmp_path):
-    """--quote-weight: the benchmark vocabulary's multi-character tokens hold a quote or a newline about 7% of the
-    time each (weight 1, every published result), about a fifth as often at 0.2, never at 0."""
-    share = {}
-    for weight in (1.0, 0.2, 0.0):
-        structured_outputs.write_bpe_tokenizer(tmp_path, 20000, 0, 1, quote_weight=weight)
-        words = [w for w in json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"] if len(w) > 1]
-        share[weight] = [sum(c in w for w in words) / len(words) for c in ('"', "Ċ")]
-    assert all(0.05 < x < 0.09 for x in share[1.0])
-    assert all(0.1 < x / y < 0.3 for x, y in zip(share[0.2], share[1.0]))
-    assert share[0.0] == [0.0, 0.0]
+def _shares_in(tokenizer_json: Path) -> dict[str, float]:
+    """Counted here, from the written file's strings (the oracle: not the benchmark's own counting)."""
+    words = list(json.loads(tokenizer_json.read_text())["model"]["vocab"])
+    marks = {"quote": '"', "newline": "Ċ", "backslash": "\\"}
+    return {m: sum(c in w for w in words) / len(words) for m, c in marks.items()}
+
+
+def test_the_synthetic_vocabulary_takes_a_real_vocabularys_shares(tmp_path):
+    """Without `like`: the JSON-heavy vocabulary of the earlier results (~7% of tokens hold a quote, 7% a newline,
+    none a backslash in a word); with `like`: each mark as common as asked, and the shares returned are the file's."""
+    heavy = structured_outputs.write_bpe_tokenizer(tmp_path, 20000, 0, 1)
+    counted = _shares_in(tmp_path / "tokenizer.json")
+    assert 0.05 < counted["quote"] < 0.09 and 0.05 < counted["newline"] < 0.09
+    assert {m: heavy[m] for m in counted} == pytest.approx(counted, abs=1e-9)
+    like = {"quote": 0.0134, "newline": 0.0217, "backslash": 0.0039}
+    drawn = structured_outputs.write_bpe_tokenizer(tmp_path, 20000, 0, 1, like=like)
+    counted = _shares_in(tmp_path / "tokenizer.json")
+    assert {m: drawn[m] for m in counted} == pytest.approx(counted, abs=1e-9)
+    for mark, share in like.items():
+        assert share * 0.7 < counted[mark] < share * 1.3, (mark, counted[mark])
+
+
+def test_vocab_shares_reads_tiktoken_and_tokenizer_json(tmp_path):
+    """Both formats give the same tokens' shares: a tiktoken file and a byte-level tokenizer.json of one vocabulary
+    (byte-level symbols mapped back: Ċ is a newline, Ġ a space)."""
+    tokens = [b'"', b"a", b"\n", b'",\n', b"ab", b"\\n", b" x"]
+    tik = tmp_path / "v.tiktoken"
+    tik.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % i for i, t in enumerate(tokens)))
+    symbols = {b: s for s, b in vocab_shares.gpt2_byte_symbols().items()}
+    vocab = {"".join(symbols[b] for b in t): i for i, t in enumerate(tokens)}
+    tj = tmp_path / "v.json"
+    tj.write_text(json.dumps({"model": {"vocab": vocab}, "added_tokens": []}))
+    expected = {"quote": 2 / 7, "newline": 2 / 7, "backslash": 1 / 7, "any": 4 / 7}
+    for path in (tik, tj):
+        row = vocab_shares.measure(path)
+        assert row["tokens"] == 7 and {k: row[k] for k in expected} == pytest.approx(expected)
 
 
 def test_structured_outputs_benchmark_smoke(tmp_path):
@@ -41,9 +68,12 @@ def test_structured_outputs_benchmark_smoke(tmp_path):
     out = tmp_path / "so.json"
     argv = ["--smoke", "--batch", "2", "--prompt", "8", "--gen", "6", "--repeats", "1", "--schemas", "open"]
     argv += ["--root", str(tmp_path / "ckpt"), "--out", str(out), "--unseeded", "--foreground", "--host-split"]
+    argv += ["--vocab-like", "cl100k_base"]
     assert structured_outputs.main(argv) == 0
     result = json.loads(out.read_text())
     assert result["smoke"] and result["batch"] == 2
+    vocabulary = result["vocabulary"]  # drawn with vocab_shares.json's cl100k_base shares (1.3% quotes, 2.2% newlines)
+    assert vocabulary["like"] == "cl100k_base" and 0.01 < vocabulary["shares"]["quote"] < 0.017
     runs = ("unconstrained", "constrained_open", "constrained_open_fg", "unconstrained_unseeded")
     for key in (*runs, "constrained_open_unseeded"):
         assert result[key]["generated_tokens"] == 2 * 6
