@@ -81,11 +81,14 @@ def measured_shares(name: str, result: Path = RESULT) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+", type=Path, help="tiktoken files or tokenizer.json files")
+    ap.add_argument("--source", action="append", default=[], help="NAME=where that file came from (recorded)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    vocabularies = {}
+    vocabularies, sources = {}, dict(s.split("=", 1) for s in args.source)
     for path in args.files:
         vocabularies[path.stem] = row = measure(path)
+        if path.stem in sources:
+            row["source"] = sources[path.stem]
         print(f"{path.stem}: {row['tokens']} tokens; " + ", ".join(f"{m} {100 * row[m]:.2f}%" for m in [*MARKS, "any"]))
     if args.out:
         write_result(args.out, {"vocabularies": vocabularies})
