@@ -14,6 +14,7 @@
 #   bash benchmarks/h200_suite.sh fp8ncu OUT_DIR    # ncu of the default and staged FP8 decode kernels
 #   bash benchmarks/h200_suite.sh extendvar OUT_DIR # extend (prefill) kernel launch variants: 32k and 2048 tokens
 #   bash benchmarks/h200_suite.sh grammar OUT_DIR   # structured outputs at batch 32 (a cl100k-like vocabulary), the mask fill alone
+#   bash benchmarks/h200_suite.sh grammar8b OUT_DIR # structured outputs at batch 32 on the Llama-3.1-8B shape
 #   bash benchmarks/h200_suite.sh extendfp8 OUT_DIR # FP8 prompt passes with the extend kernel's registers capped
 #   bash benchmarks/h200_suite.sh extendchecks OUT_DIR # every extend variant against the torch reference
 #   bash benchmarks/h200_suite.sh extendttft OUT_DIR # a 32k prompt's TTFT end to end, beside one HF forward
@@ -267,13 +268,24 @@ if [ "$part" = grammar ]; then
   # then the fill alone by every strategy over the JSON-heavy vocabulary and over ones like cl100k_base and gpt2
   # (needs xgrammar: carried as a wheel)
   timeout 240 python3 benchmarks/structured_outputs.py --shape llama-3.2-1b --batch 32 --prompt 128 --gen 256 \
-    --vocab-like cl100k_base --grammar-threads 0 1 --host-split --out "$out/structured_outputs_cl100k_h200.json" 2>&1 |
-    grep -v -i warn | tail -8
+    --vocab-like cl100k_base --grammar-threads 0 4 1 --host-split --out "$out/structured_outputs_cl100k_h200.json" 2>&1 |
+    grep -v -i warn | tail -12
   timeout 100 python3 benchmarks/grammar_fill.py --batch 32 --steps 96 --threads 2 4 8 \
     --out "$out/grammar_fill_h200.json" 2>&1 | grep -v -i warn | tail -24
   for like in cl100k_base gpt2; do
     timeout 60 python3 benchmarks/grammar_fill.py --batch 32 --steps 96 --threads 4 8 --vocab-like $like \
       --out "$out/grammar_fill_${like%_base}_h200.json" 2>&1 | grep -v -i warn | tail -12
+  done
+fi
+
+if [ "$part" = grammar8b ]; then
+  # issue 14 on the Llama-3.1-8B shape (a decode step of ~5 ms at batch 32: the host's mask fill fits beside it),
+  # over the cl100k_base-like vocabulary and the JSON-heavy one
+  for like in cl100k_base json-heavy; do
+    name=structured_outputs_llama8b${like/#json-heavy/}; name=${name/cl100k_base/_cl100k}
+    timeout 200 python3 benchmarks/structured_outputs.py --shape llama-3.1-8b --batch 32 --prompt 128 --gen 256 \
+      $([ $like = json-heavy ] || echo --vocab-like $like) --host-split --out "$out/${name}_h200.json" 2>&1 |
+      grep -v -i warn | tail -6
   done
 fi
 
