@@ -158,8 +158,8 @@ SCHEMA = {
 
 def check_structured_outputs() -> dict:
     """Seeded JSON-schema sampling on the GPU: valid, and identical whether the masks are filled on one thread or
-    on four, on the helper thread beside the step's other host work (the default on a GPU) or on the engine's own,
-    and with overlapped steps or stepwise (async_scheduling=False)."""
+    on four, with the sampling batch's other host work on a helper thread beside the fill (the default on a GPU) or
+    all on the engine's thread, and with overlapped steps or stepwise (async_scheduling=False)."""
     import miniserve.engine.structured_output as structured_output
     from miniserve.sampling_params import StructuredOutputsParams
 
@@ -172,7 +172,7 @@ def check_structured_outputs() -> dict:
     try:
         for name, (threads, background, overlap) in variants.items():
             llm = LLM(str(DEMO_TARGET), grammar_threads=threads, async_scheduling=overlap)
-            llm.engine.decoder.masks_in_background = background
+            llm.engine.decoder.fill_beside = background
             runs[name] = [c.text for o in llm.generate(PROMPTS, params, use_tqdm=False) for c in o.outputs]
     finally:
         structured_output.THREADS_FROM_MS = threshold

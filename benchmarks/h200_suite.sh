@@ -14,6 +14,7 @@
 #   bash benchmarks/h200_suite.sh fp8ncu OUT_DIR    # ncu of the default and staged FP8 decode kernels
 #   bash benchmarks/h200_suite.sh extendvar OUT_DIR # extend (prefill) kernel launch variants: 32k and 2048 tokens
 #   bash benchmarks/h200_suite.sh grammar OUT_DIR   # structured outputs at batch 32 (a cl100k-like vocabulary), the mask fill alone
+#   OLD=DIR [OLD_COMMIT=... ROUNDS=2] bash benchmarks/h200_suite.sh grammarab OUT_DIR # structured outputs (1B), old tree and this, alternated
 #   bash benchmarks/h200_suite.sh grammar8b OUT_DIR # structured outputs at batch 32 on the Llama-3.1-8B shape
 #   bash benchmarks/h200_suite.sh extendfp8 OUT_DIR # FP8 prompt passes with the extend kernel's registers capped
 #   bash benchmarks/h200_suite.sh extendchecks OUT_DIR # every extend variant against the torch reference
@@ -276,6 +277,25 @@ if [ "$part" = grammar ]; then
     timeout 60 python3 benchmarks/grammar_fill.py --batch 32 --steps 96 --threads 4 8 --vocab-like $like \
       --out "$out/grammar_fill_${like%_base}_h200.json" 2>&1 | grep -v -i warn | tail -12
   done
+fi
+
+if [ "$part" = grammarab ]; then
+  # structured_outputs.py (Llama-3.2-1B shape, the cl100k_base-like vocabulary, both schemas, 5 repeats) on an older
+  # tree ($OLD) and this one, alternated ROUNDS times; benchmarks/structured_outputs_ab.py joins each round's pair
+  [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
+  pairs=()
+  for i in $(seq 1 "${ROUNDS:-2}"); do
+    for tree in "$OLD" "$PWD"; do
+      tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
+      commit=$(tree_commit "$tree")
+      (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" timeout 120 python3 \
+        benchmarks/structured_outputs.py --shape llama-3.2-1b --batch 32 --prompt 128 --gen 256 --repeats 5 \
+        --vocab-like cl100k_base --out "$out/so_${tag}_$i.json" 2>&1 | grep -v -i warn | grep "throughput" |
+        sed "s/^/[$tag $i] /")
+    done
+    pairs+=(--pair "round_$i" "$out/so_old_$i.json" "$out/so_new_$i.json")
+  done
+  python3 benchmarks/structured_outputs_ab.py "${pairs[@]}" --out "$out/structured_outputs_ab_h200.json"
 fi
 
 if [ "$part" = grammar8b ]; then

@@ -138,15 +138,15 @@ class MaskTimer:
 
 class HostSplit:
     """Where the engine's thread spends a constrained step (`--host-split`): wall time inside the decoder's phases
-    (wrapped methods), in ms per engine step. `fill_on_helper` runs on the mask filler's helper thread, beside
-    `next_batch` (which waits for it), not after it."""
+    (wrapped methods), in ms per engine step. Inside `next_batch` the engine's thread fills the masks (`fill`)
+    while the decoder's helper thread draws the noise (`noise_draws`, beside the fill, not after it)."""
 
     PHASES = {
         "forward_launch": (decoder_module.PlainDecoder, "_forward"),
         "read_step": (decoder_module.PlainDecoder, "_read"),
         "next_batch": (decoder_module.PlainDecoder, "_next_batch"),
         "noise_draws": (decoder_module, "draw_noise"),
-        "fill_on_helper": (structured_output.MaskFiller, "_fill"),
+        "fill": (structured_output.MaskFiller, "_fill"),
         "sample_launch": (decoder_module.PlainDecoder, "_sample_in_flight"),
         "engine_step": (LLMEngine, "step"),
     }
@@ -266,13 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     structured_output.fill_rows = timer
     split = HostSplit() if args.host_split else None
     decoder = llm.engine.decoder
-    background = decoder.masks_in_background
+    background = decoder.fill_beside
     runs_by_key = run_plan(configs, args.grammar_threads, args.unseeded, args.foreground)
     results, vocab_device = {}, (llm.engine.vocab_size, decoder.target.device)
     for name, (params, threads, fg) in runs_by_key.items():
         if threads is not None:  # a fresh filler on this many threads (the engine's is built from its config)
             decoder.masks = structured_output.MaskFiller(*vocab_device, threads)
-        decoder.masks_in_background = background and not fg
+        decoder.fill_beside = background and not fg
         timer.seconds, timer.calls = 0.0, 0
         if split:
             split.reset()

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("xgrammar")
 
-from benchmarks import grammar_fill, structured_outputs, vocab_shares  # noqa: E402
+from benchmarks import grammar_fill, structured_outputs, structured_outputs_ab, vocab_shares  # noqa: E402
 
 
 def test_grammar_fill_times_every_strategy_on_the_same_states(tmp_path):
@@ -80,5 +80,10 @@ def test_structured_outputs_benchmark_smoke(tmp_path):
     for key in ("constrained_open", "constrained_open_fg", "constrained_open_unseeded"):
         assert result[key]["mask_calls_per_run"] >= 5  # a mask for every constrained step
     assert set(result["ratios"]) == {"open", "open_fg", "open_unseeded"} and min(result["ratios"].values()) > 0
+    ab = tmp_path / "ab.json"  # structured_outputs_ab.py joins runs: here the run with itself
+    assert structured_outputs_ab.main(["--pair", "same", str(out), str(out), "--out", str(ab)]) == 0
+    joined = json.loads(ab.read_text())
+    assert joined["median_ratios"]["old"] == joined["median_ratios"]["new"] == result["ratios"]
+    assert joined["pairs"]["same"]["new"]["vocabulary"] == "cl100k_base"
     split = result["constrained_open"]["host_ms_per_step"]
-    assert split["engine_step"] > split["next_batch"] > 0 and split["fill_on_helper"] > 0
+    assert split["engine_step"] > split["next_batch"] > 0 and split["fill"] > 0

@@ -66,13 +66,25 @@ def test_steps_that_need_their_history_overlap_and_equal_stepwise_decoding(llama
 
 
 @pytest.mark.parametrize("background", [False, True])
-def test_grammar_constrained_steps_overlap_and_equal_stepwise_decoding(background):
+def test_grammar_constrained_steps_overlap_and_equal_stepwise_decoding(background, monkeypatch):
     """A grammar's mask for step N+1 needs step N's token: it is filled after reading step N, while step N+1's
-    forward runs (on a helper thread with `background`, as on a GPU, while the noise is drawn), and step N+1 is
-    sampled then. Seeded JSON-constrained sampling (the demo model) equals the stepwise engine's, ends with the
-    grammar (finish "stop"), and the steps were overlapped."""
+    forward runs (on the engine's thread; with `background`, as on a GPU, a helper thread draws the noise
+    meanwhile), and step N+1 is sampled then. Seeded JSON-constrained sampling (the demo model) equals the stepwise
+    engine's, ends with the grammar (finish "stop"), and the steps were overlapped."""
     pytest.importorskip("xgrammar")
+    import threading
+
+    from miniserve.engine import decoder as decoder_module
+    from miniserve.engine import structured_output
     from miniserve.sampling_params import StructuredOutputsParams
+
+    threads = {"fill": set(), "noise": set()}  # which threads filled masks and drew noise
+
+    def on_thread(name, fn):
+        return lambda *args: (threads[name].add(threading.get_ident()), fn(*args))[1]
+
+    monkeypatch.setattr(structured_output, "fill_rows", on_thread("fill", structured_output.fill_rows))
+    monkeypatch.setattr(decoder_module, "draw_noise", on_thread("noise", decoder_module.draw_noise))
 
     schema = {"type": "object", "properties": {"who": {"enum": ["ROMEO", "JULIET"]}, "ok": {"type": "boolean"}}}
     spec = StructuredOutputsParams(json={**schema, "required": ["who", "ok"]}, disable_any_whitespace=True)
@@ -81,7 +93,7 @@ def test_grammar_constrained_steps_overlap_and_equal_stepwise_decoding(backgroun
     outs = {}
     for overlap in (False, True):
         llm = LLM(dtype="float32", device="cpu", async_scheduling=overlap)
-        llm.engine.decoder.masks_in_background = background
+        llm.engine.decoder.fill_beside = background
         result = llm.generate(prompts, params, use_tqdm=False)
         outs[overlap] = [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in result]
         engine = llm.engine
@@ -89,6 +101,9 @@ def test_grammar_constrained_steps_overlap_and_equal_stepwise_decoding(backgroun
     assert all(c[2] == "stop" and c[1].startswith('{"who":') for o in outs[True] for c in o)
     assert engine.decoder.num_overlapped_steps > 0
     assert_idle(engine)
+    engine_thread = threading.get_ident()
+    assert threads["fill"] == {engine_thread}
+    assert threads["noise"] and (engine_thread in threads["noise"]) is not background
 
 
 def test_sequences_ending_by_length_leave_the_batch_without_stopping_it(llama_dir, monkeypatch):

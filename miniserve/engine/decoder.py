@@ -22,6 +22,7 @@ Seeded outputs are identical too.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -91,7 +92,10 @@ class PlainDecoder:
     ):
         self.target = target
         self.masks = MaskFiller(vocab_size, target.device, grammar_threads)
-        self.masks_in_background = target.device.type == "cuda"  # beside a fill, this thread mostly launches GPU work
+        # on a GPU the rest of a constrained step's sampling batch is made on a helper thread beside the masks' fill
+        # (mostly GPU launches: the noise); on the CPU it would only compete with the fill for the cores
+        self.fill_beside = target.device.type == "cuda"
+        self._helper: ThreadPoolExecutor | None = None  # started on the first constrained step that uses it
         self.outputs = outputs
         self.vocab_size = vocab_size
         self.scheduler = scheduler
@@ -219,17 +223,31 @@ class PlainDecoder:
     def _next_batch(self, f: _InFlight, keep: list[Sequence]) -> tuple[SamplingBatch, torch.Tensor | None]:
         """The sampling batch of the step after `f`, with its grammar masks, and its noise drawn ahead.
 
-        A constrained step's host work, not its forward pass, sets its pace: so the masks are filled on a helper
-        thread (on a GPU) while this one builds the batch (f's own when the batch goes on whole and nothing else
-        in it reads the token history: rebuilding costs about 0.2 ms at batch 32) and launches the noise draws (one
-        per seeded row)."""
-        masks = self.masks.start(_grammars(keep), background=self.masks_in_background)
-        if keep is f.seqs and not any(s.params.needs_history for s in keep):  # then the masks are all it reads
+        A constrained step's host work, not its forward pass, sets its pace: so on a GPU this thread fills the masks
+        while a helper thread takes the batch and launches the noise draws (one per seeded row). xgrammar releases
+        the GIL as the fill begins, so the helper runs at once, and it is done before a fill that takes longer.
+        (The other way round, the fill on the helper, this thread had to wait until the helper held the GIL, or the
+        helper could wait for the interpreter's switch interval, and the two hand-offs cost ~0.2 ms a step.)"""
+        grammars = _grammars(keep)
+        if not self.fill_beside:
+            masks = self.masks.build(grammars)
+            batch, noise = self._batch_and_noise(f, keep)
+        else:
+            if self._helper is None:
+                self._helper = ThreadPoolExecutor(1, thread_name_prefix="miniserve-sampling")
+            beside = self._helper.submit(self._batch_and_noise, f, keep)
+            masks = self.masks.build(grammars)
+            batch, noise = beside.result()
+        return replace(batch, token_bitmask=masks), noise
+
+    def _batch_and_noise(self, f: _InFlight, keep: list[Sequence]) -> tuple[SamplingBatch, torch.Tensor | None]:
+        """f's own batch when it goes on whole and nothing in it reads the token history (the masks are then all it
+        reads: rebuilding costs about 0.2 ms at batch 32), else a new one; and its noise, drawn ahead."""
+        if keep is f.seqs and not any(s.params.needs_history for s in keep):
             batch = f.batch
         else:
             batch = self._build_batch(keep)
-        noise = draw_noise(batch)
-        return replace(batch, token_bitmask=masks()), noise
+        return batch, draw_noise(batch)
 
     def _build_batch(
         self, seqs: list[Sequence], histories: list[list[int]] | None = None, masks: torch.Tensor | None = None

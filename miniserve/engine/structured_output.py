@@ -34,8 +34,6 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -234,17 +232,17 @@ class MaskFiller:
     """The batch's packed next-token masks, filled on the host by xgrammar while the GPU runs the step's forward
     pass (engine/decoder.py), and copied to the device once.
 
-    One xgrammar call fills every constrained row, on the engine's thread or (`start(background=True)`) on a
-    helper thread while the engine's thread does the rest of the step's host work, and, when the batch's masks are
-    costly, on `threads` of xgrammar's threads: every single-thread fill is timed, and one taking THREADS_FROM_MS
-    or more moves the next ones to the threads, with a single-thread fill every PROBE_EVERY calls to notice when
-    they got cheap again (the threads fill rows at once: each row's matcher must be its own, as each sequence's
+    One xgrammar call fills every constrained row (xgrammar releases the GIL meanwhile: on a GPU the decoder builds
+    the rest of the sampling batch on a helper thread beside it), and, when the batch's masks are costly, on
+    `threads` of xgrammar's threads: every single-thread fill is timed, and one taking THREADS_FROM_MS or more
+    moves the next ones to the threads, with a single-thread fill every PROBE_EVERY calls to notice when they got
+    cheap again (the threads fill rows at once: each row's matcher must be its own, as each sequence's
     GrammarState is). No CPU torch op runs beside a fill: one (filling a large tensor) starts torch's OpenMP
     workers, which then spin for a while on every core and leave the fill's threads none
     (`benchmarks/grammar_fill.py`: 32 rows took as long on 8 threads as on one until its own CPU torch ops
     stopped). So rows without a grammar are reset through numpy, and the constrained rows are left to xgrammar,
-    which writes them whole; beside a background fill the engine's thread launches GPU work and builds the
-    sampling batch (a few small host tensors)."""
+    which writes them whole; beside a fill the decoder's helper launches GPU work and builds a few small host
+    tensors."""
 
     def __init__(self, vocab_size: int, device: torch.device, threads: int = 0):
         self.words = (vocab_size + 31) // 32
@@ -256,53 +254,22 @@ class MaskFiller:
         self._matchers: dict[int, Any] = {}  # threads -> xgrammar's BatchGrammarMatcher (xgrammar imports lazily)
         self._buffers: list[torch.Tensor | None] = [None, None]  # two page-locked buffers, used in turn
         self._next = 0
-        self._helper: ThreadPoolExecutor | None = None  # the background fills' thread, started on first use
 
     def build(self, states: list[GrammarState | None]) -> torch.Tensor | None:
-        """The masks of a batch on the device; rows without a grammar allow everything. None when no row has one."""
-        return self.start(states)()
-
-    def start(self, states: list[GrammarState | None], background: bool = False) -> Callable[[], torch.Tensor | None]:
-        """Begin filling a batch's masks; the function returned waits for them and gives `build`'s result.
-        background: on the helper thread (xgrammar releases the GIL while it fills), so that the caller's own host
-        work runs meanwhile; the grammar states must not change until the masks are taken."""
+        """The masks of a batch on the device; rows without a grammar allow everything. None when no row has one.
+        The grammar states must not change until it returns. (A single-thread fill's timing includes any wait for
+        the GIL after it, while the decoder's helper holds it: at worst fills stay on the threads a little longer.)"""
         rows = [i for i, s in enumerate(states) if s is not None]
         if not rows:
-            return lambda: None
+            return None
         host = self._host_buffer(len(states))
         if len(rows) < len(states):
             allowed = host.numpy()
             for i, s in enumerate(states):
                 if s is None:
                     allowed[i] = -1
-        matchers = [states[i].matcher for i in rows]
-        if not background:
-            self._fill(matchers, host, rows)
-            return lambda: host.to(self.device, non_blocking=True)
-        filled = self._in_background(matchers, host, rows)
-
-        def masks() -> torch.Tensor:
-            filled.result()
-            return host.to(self.device, non_blocking=True)
-
-        return masks
-
-    def _in_background(self, matchers: list[Any], host: torch.Tensor, rows: list[int]) -> Future:
-        """Run the fill on the helper thread. It needs the GIL to begin: this thread waits (without it) until the
-        helper is on its way into xgrammar, or else the helper could wait for the interpreter's switch interval
-        (5 ms) while this thread runs Python. (A single-thread fill's timing then includes any wait for the GIL
-        after it: at worst fills stay on the threads a little longer.)"""
-        if self._helper is None:
-            self._helper = ThreadPoolExecutor(1, thread_name_prefix="miniserve-masks")
-        started = threading.Event()
-
-        def fill() -> None:
-            started.set()
-            self._fill(matchers, host, rows)
-
-        future = self._helper.submit(fill)
-        started.wait()
-        return future
+        self._fill([states[i].matcher for i in rows], host, rows)
+        return host.to(self.device, non_blocking=True)
 
     def _fill(self, matchers: list[Any], host: torch.Tensor, rows: list[int]) -> None:
         self._calls += 1
