@@ -25,6 +25,8 @@ def summary(run: dict) -> dict:
     return {
         "commit": run["provenance"]["commit"],
         "command": run["provenance"]["command"],
+        "device": run["provenance"]["device"],
+        "versions": run["provenance"]["versions"],
         "vocabulary": run["vocabulary"]["like"],
         "ratios": run["ratios"],
         "tokens_per_second": {k: v["tokens_per_second"] for k, v in runs.items()},

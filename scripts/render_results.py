@@ -327,18 +327,108 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
                 f"medians of {len(ab['runs']) // 2} alternated runs of each tree",
             )
         )
-    so = load("structured_outputs_h200.json")
-    if so:
-        ratios = so["ratios"]
-        rows.append(
-            (
-                "JSON-schema constrained decoding at batch 32: >= 0.9x unconstrained throughput",
-                f"{ratios['open']:.2f}x (strings unbounded), {ratios['bounded']:.2f}x (a 24-character name)",
-                "yes" if min(ratios["open"], ratios["bounded"]) >= 0.9 else "no",
-                constrained_note(so) + "; " + grammar_fill_note(),
-            )
-        )
+    row = constrained_row()
+    if row:
+        rows.append(row)
     return rows
+
+
+CONSTRAINED_RUNS = {  # (shape, vocabulary) -> structured_outputs.py's result
+    ("Llama-3.1-8B", "cl100k-like"): "structured_outputs_llama8b_cl100k_h200.json",
+    ("Llama-3.1-8B", "JSON-heavy"): "structured_outputs_llama8b_h200.json",
+    ("Llama-3.2-1B", "cl100k-like"): "structured_outputs_cl100k_h200.json",
+    ("Llama-3.2-1B", "JSON-heavy"): "structured_outputs_h200.json",
+}
+
+
+def constrained_row() -> tuple | None:
+    """Constrained decoding at batch 32 on each shape and vocabulary: (strings unbounded, a bounded name) ratios."""
+    runs = {key: load(name) for key, name in CONSTRAINED_RUNS.items()}
+    runs = {key: so for key, so in runs.items() if so}
+    if not runs:
+        return None
+    measured = "; ".join(
+        f"{shape} shape, {vocab} vocabulary: {so['ratios']['open']:.2f}x / {so['ratios']['bounded']:.2f}x"
+        for (shape, vocab), so in runs.items()
+    )
+    met = [
+        f"{shape} {vocab}"
+        for (shape, vocab), so in runs.items()
+        if min(so["ratios"]["open"], so["ratios"]["bounded"]) >= 0.9
+    ]
+    open_only = [
+        f"{shape} {vocab}"
+        for (shape, vocab), so in runs.items()
+        if so["ratios"]["open"] >= 0.9 > so["ratios"]["bounded"]
+    ]
+    verdict = ("yes: " + ", ".join(met) if met else "no") + (
+        "; unbounded strings only: " + ", ".join(open_only) if open_only else ""
+    )
+    verdict += (
+        "; no: " + ", ".join(f"{shape} {vocab}" for (shape, vocab), so in runs.items() if so["ratios"]["open"] < 0.9)
+        if any(so["ratios"]["open"] < 0.9 for so in runs.values())
+        else ""
+    )
+    notes = [vocabulary_note(runs)]
+    small = runs.get(("Llama-3.2-1B", "cl100k-like"))
+    if small:
+        notes.append("on the Llama-3.2-1B shape (cl100k-like) " + constrained_note(small))
+    notes.append(swap_note())
+    notes.append(grammar_fill_note())
+    return (
+        "JSON-schema constrained decoding at batch 32: >= 0.9x unconstrained throughput (strings unbounded / a "
+        "24-character name)",
+        measured,
+        verdict,
+        "; ".join(n for n in notes if n),
+    )
+
+
+def unconstrained_step_ms(so: dict) -> float:
+    free = so["unconstrained"]
+    return 1e3 * free["seconds"] / (free["generated_tokens"] / so["batch"])
+
+
+def vocabulary_note(runs: dict) -> str:
+    """What the benchmark vocabularies are (vocab_shares.json), and each shape's unconstrained step."""
+    shares = load("vocab_shares.json")
+    if not shares:
+        return ""
+    v = shares["vocabularies"]
+
+    def pct(row: dict) -> str:
+        return f"{100 * row['quote']:.2f}% / {100 * row['newline']:.2f}% / {100 * row['backslash']:.2f}%"
+
+    return (
+        "what a constrained step costs on the host depends on the vocabulary: inside a JSON string xgrammar checks "
+        "one by one the tokens that hold a quote, a newline or a backslash. The JSON-heavy synthetic vocabulary "
+        "(every result before `vocab_shares.json`) has about 7% with a quote and 7% with a newline; real ones have "
+        f"far fewer (quote / newline / backslash, `vocab_shares.json`): cl100k_base (the base of Llama 3's) "
+        f"{pct(v['cl100k_base'])}, GPT-2 {pct(v['gpt2'])}; the cl100k-like vocabulary is drawn with cl100k_base's "
+        "shares. An unconstrained step takes "
+        + ", ".join(
+            f"{unconstrained_step_ms(so):.2f} ms on the {shape} shape"
+            for (shape, vocab), so in runs.items()
+            if vocab == "cl100k-like"
+        )
+        + ": the larger model's step leaves the host time to fill the masks beside it, the smaller one's does not"
+    )
+
+
+def swap_note() -> str:
+    """The fill on the engine's thread with the noise on a helper, side by side with the reverse."""
+    ab = load("structured_outputs_ab_h200.json")
+    if not ab:
+        return ""
+    med, pairs = ab["median_ratios"], ab["pairs"]
+    first = next(iter(pairs.values()))
+    return (
+        f"side by side with {first['old']['commit']} ({len(pairs)} alternated rounds, "
+        "`structured_outputs_ab_h200.json`, 1B cl100k-like), the engine's thread filling the masks while a helper "
+        "draws the noise, instead of the reverse (which had this thread wait until the helper held the GIL): "
+        f"medians {med['old']['open']:.3f} -> {med['new']['open']:.3f} (unbounded), "
+        f"{med['old']['bounded']:.3f} -> {med['new']['bounded']:.3f} (bounded, within the runs' spread)"
+    )
 
 
 def mask_ms(run: dict) -> float:
@@ -362,52 +452,35 @@ def constrained_note(so: dict) -> str:
             f"{so['ratios']['open_threads1']:.2f}x / {so['ratios']['bounded_threads1']:.2f}x)"
         )
     split = so["constrained_open"].get("host_ms_per_step")
-    if not split:
-        return note + (
-            ". The fill overlaps the forward pass, but with the rest of a constrained step's host work (reading the "
-            "step, feeding each token to its grammar, the sampler's per-row seeded noise, output processing) the "
-            "host, not the GPU, sets the pace"
-        )
-    note += (
-        ". The host, not the GPU, sets the pace: timed phase by phase (`--host-split`, strings unbounded), the "
-        f"engine's thread spends {split['engine_step']:.2f} ms a step: launching the forward pass "
-        f"{split['forward_launch']:.2f} ms, reading the step before and feeding each token to its grammar "
-        f"{split['read_step']:.2f} ms, then {split['next_batch']:.2f} ms on the next sampling batch, which waits for "
-        f"the fill ({split['fill_on_helper']:.2f} ms on the filler's helper thread, while this one launches the "
-        f"seeded rows' noise draws, {split['noise_draws']:.2f} ms), and launching the sampling "
-        f"{split['sample_launch']:.2f} ms; the forward pass runs meanwhile"
-    )
-    if "open_fg" in so["ratios"]:
+    if split:
         note += (
-            f". Filling on the helper thread beside the noise draws gave {so['ratios']['open']:.2f}x / "
-            f"{so['ratios']['bounded']:.2f}x against {so['ratios']['open_fg']:.2f}x / "
-            f"{so['ratios']['bounded_fg']:.2f}x on the engine's thread, in the same run"
+            ". The host sets the pace: timed phase by phase (`--host-split`, strings unbounded), the engine's thread "
+            f"spends {split['engine_step']:.2f} ms a step: launching the forward pass {split['forward_launch']:.2f} "
+            f"ms, reading the step before and feeding each token to its grammar {split['read_step']:.2f} ms, "
+            f"{split['next_batch']:.2f} ms on the next sampling batch (filling the masks, {split['fill']:.2f} ms, "
+            f"while a helper thread draws the seeded rows' noise, {split['noise_draws']:.2f} ms), and launching the "
+            f"sampling {split['sample_launch']:.2f} ms; the forward pass runs meanwhile"
         )
     return note
 
 
 def grammar_fill_note() -> str:
     """Why the fill costs what it does, from grammar_fill.py on the benchmark's host (the same states, every way)."""
-    fill, fewer, none = (load(f"grammar_fill{s}_h200.json") for s in ("", "_quotes02", "_quotes0"))
-    if not fill:
+    fills = {name: load(f"grammar_fill{s}_h200.json") for name, s in (("JSON-heavy", ""), ("cl100k-like", "_cl100k"))}
+    fills["GPT-2-like"] = load("grammar_fill_gpt2_h200.json")
+    fills = {name: f for name, f in fills.items() if f}
+    if not fills:
         return "not measured alone"
-    rows = fill["schemas"]["open"]
-    best = min((r["median_ms"], k) for k, r in rows.items() if k.startswith("batch "))
-    note = (
-        f"alone, the {fill['batch']} rows fill in {rows['rows']['median_ms']:.2f} ms on one thread and "
-        f"{best[0]:.2f} ms in xgrammar's batch call on {best[1].removeprefix('batch ')} threads "
-        "(`grammar_fill_h200.json`)"
+
+    def alone(f: dict, schema: str) -> str:
+        rows = f["schemas"][schema]
+        best = min((r["median_ms"], k) for k, r in rows.items() if k.startswith("batch "))
+        return f"{rows['rows']['median_ms']:.2f} ms on one thread, {best[0]:.2f} on {best[1].removeprefix('batch ')}"
+
+    batch = next(iter(fills.values()))["batch"]
+    return f"alone, {batch} rows fill (unbounded / bounded, `grammar_fill*_h200.json`): " + "; ".join(
+        f"{name} {alone(f, 'open')} / {alone(f, 'bounded')}" for name, f in fills.items()
     )
-    if fewer and none:
-        note += (
-            ". The cost is the vocabulary's tokens that hold a quote or a newline, which xgrammar checks one by one "
-            "inside a JSON string: the synthetic vocabulary has about 7% of each; with 5x fewer one thread fills "
-            f"them in {fewer['schemas']['open']['rows']['median_ms']:.2f} ms, with none in "
-            f"{none['schemas']['open']['rows']['median_ms']:.2f} ms (`grammar_fill_quotes*_h200.json`), so a real "
-            "tokenizer's share decides how far from the target a real model is (not measured: none can be "
-            "downloaded here)"
-        )
-    return note
 
 
 def serve_trace(run: str) -> dict | None:
