@@ -78,9 +78,12 @@ def flat() -> dict:
     return record
 
 
-def write_result(path: str | Path, result: dict) -> Path:
-    """Write `result` as JSON with its provenance first; returns the path."""
+def write_result(path: str | Path, result: dict, measured_on: dict | None = None) -> Path:
+    """Write `result` as JSON with its provenance first; returns the path. `measured_on` ("device", "versions"):
+    where the numbers were measured, for a result that joins runs made elsewhere (the join's own commit and command
+    stay)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"provenance": provenance(), **result}, indent=1, default=str) + "\n")
+    record = provenance() | (measured_on or {})
+    path.write_text(json.dumps({"provenance": record, **result}, indent=1, default=str) + "\n")
     return path

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"pairs": pairs, "median_ratios": medians(pairs)}
     for side, ratios in result["median_ratios"].items():
         print(side, {k: round(v, 3) for k, v in ratios.items()})
-    write_result(args.out, result)
+    last = pairs[args.pair[-1][0]]["new"]
+    write_result(args.out, result, measured_on={"device": last["device"], "versions": last["versions"]})
     return 0
 
 
