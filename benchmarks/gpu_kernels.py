@@ -212,6 +212,37 @@ def check_attention(device) -> list[dict]:
     return rows
 
 
+def check_decode_vs_extend(device) -> list[dict]:
+    """A query decoded alone (decode kernel, one split: contexts up to 512) and as a one-token prompt chunk (extend
+    kernel) should get the same bits: speculative verification (extend) must agree with plain decoding. Per cache
+    and FP8 read: how many outputs differ between the two kernels, and whether the decode kernel matches its "auto"
+    read. 256 sequences of 1..512 cached tokens."""
+    from miniserve.kernels.decode_attention import decode_attention
+    from miniserve.kernels.extend_attention import extend_attention
+
+    g = torch.Generator().manual_seed(1)
+    seqs = [(int(n), 1) for n in torch.randint(1, 513, (256,), generator=g)]
+    e4m3fn, bf16 = torch.float8_e4m3fn, torch.bfloat16
+    cases = [(32, 8, 128, bf16, "auto"), (32, 8, 64, bf16, "auto"), (16, 8, 128, bf16, "auto")]
+    cases += [(hq, hkv, d, e4m3fn, mode) for hq, hkv, d, _, _ in cases for mode in ("auto", "hw", "hw-staged")]
+    rows = []
+    for hq, hkv, d, cache, mode in cases:
+        q, kc, vc, meta, ks, vs = attention_batch(device, seqs, 16, hq, hkv, d, cache, bf16)
+        sm = 1 / math.sqrt(d)
+        dec = decode_attention(q, kc, vc, meta, ks, vs, sm, fp8_decode=mode)
+        ext = extend_attention(q, kc, vc, meta, ks, vs, sm, fp8_decode=mode)
+        auto = decode_attention(q, kc, vc, meta, ks, vs, sm)
+        rows.append(
+            dict(q_heads=hq, kv_heads=hkv, head_dim=d, cache=str(cache)[6:], fp8_decode=mode,
+                 decode_equals_extend=bool(torch.equal(dec, ext)), differing=int((dec != ext).sum()),
+                 max_abs_diff=(dec.float() - ext.float()).abs().max().item(), of=dec.numel(),
+                 decode_equals_auto_decode=bool(torch.equal(dec, auto)),
+                 eight_bit_order=os.environ.get("MINISERVE_EIGHT_BIT_ORDER") == "1")
+        )  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
+
+
 def check_extend_variants(device, extend=None, cases=None) -> list[dict]:
     """Every tune_extend_attention.EXTEND_VARIANTS entry against the torch reference on ragged prompts with and
     without cached prefixes, at four head sizes, GQA groups, block sizes and cache dtypes; and whether each
@@ -328,6 +359,7 @@ CHECKS = {
     "fp8_page_decode": check_fp8_page_decode,
     "attention_vs_reference": check_attention,
     "extend_variants": check_extend_variants,
+    "decode_vs_extend": check_decode_vs_extend,
 }
 
 

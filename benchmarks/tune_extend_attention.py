@@ -60,6 +60,7 @@ EXTEND_VARIANTS = {
     "pack w8 diagfma same": _plain(gqa_pack=True, num_warps=8, split_diag="fma", same_kv_strides=True),
     "pack w8 diag same r128": _plain(gqa_pack=True, num_warps=8, split_diag=True, same_kv_strides=True, maxnreg=128),
     "pack bm32 diag same": _plain(gqa_pack=True, block_m=32, split_diag=True, same_kv_strides=True),
+    "staged": dict(fp8_decode="hw-staged"),  # the default launch reading V by the staged FP8 conversion
 }
 SHAPES = {  # name: (query heads, KV heads, head_dim, layers) -- benchmarks/throughput.py's checkpoints
     "qwen3-0.6b": (16, 8, 128, 28),
