@@ -22,8 +22,6 @@ what makes the default FP8 kernel issue-bound and need ~2x the registers of the 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -177,7 +175,6 @@ def attend_kv_tile(
     MASKED: tl.constexpr = True,
     SAME_KV_OFFSETS: tl.constexpr = False,
     FUSED_SCALE: tl.constexpr = False,
-    EIGHT_BIT_ORDER: tl.constexpr = False,
 ):
     """One online-softmax step over a tile of cached K/V (the loop body of the decode and extend kernels, so a
     query gets the same arithmetic from both). Scores are in log2 units; `visible` masks them to -inf.
@@ -210,34 +207,9 @@ def attend_kv_tile(
     if not SAME_KV_OFFSETS:
         rows = page * stride_vb + slot * stride_vs + kv_head * stride_vh
         offsets = rows[:, None] + d[None, :]
-    p = p.to(COMPUTE_DTYPE)
     v = load_kv_tile(v_cache_ptr, offsets, kv_mask, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE, KV_MODE == 3)
-    if EIGHT_BIT_ORDER and KV_MODE == 3 and not INTERPRETED:  # P.V in the 8-bit dot's order (eight_bit_dot_order)
-        p, v = eight_bit_dot_order(p, 1), eight_bit_dot_order(v, 0)
-    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE_DTYPE), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
-
-
-@triton.jit
-def eight_bit_dot_order(x, AXIS: tl.constexpr):
-    """x [rows, cols] with its KV positions (along AXIS) reordered, in each run of 16, as a dot whose operand was
-    converted from 8 bits feeds them to the tensor cores, so that the staged FP8 read adds P.V in the same order as
-    the default one and gets the same bits.
-
-    An mma.m16n8k16 instruction takes 16 positions in 16 slots; thread c supplies slots 2c, 2c+1 and 2c+8, 2c+9.
-    Fed from 8-bit values (the default read: Triton's kWidth 4), thread c holds positions 4c..4c+3 and supplies
-    4c, 4c+1 to the first pair, 4c+2, 4c+3 to the second: slot s (bits s3 s2 s1 s0) gets position (s2 s1 s3 s0).
-    Fed 16-bit values (the staged read: kWidth 2), slot s gets position s; reordering both operands' positions
-    this way gives every slot the default's position. (The tensor cores' sum over the 16 slots is not exactly
-    associative: another order can move the result by an ulp.)"""
-    n: tl.constexpr = x.shape[AXIS]
-    if AXIS == 0:
-        y = tl.reshape(x, [n // 16, 2, 2, 2, 2, x.shape[1]])
-        y = tl.permute(y, (0, 3, 1, 2, 4, 5))
-    else:
-        y = tl.reshape(x, [x.shape[0], n // 16, 2, 2, 2, 2])
-        y = tl.permute(y, (0, 1, 4, 2, 3, 5))
-    return tl.reshape(y, x.shape)
 
 
 @triton.jit(do_not_specialize=["stride_bt"])  # eager steps' block tables vary in width: one compile
@@ -278,7 +250,6 @@ def _decode_split_kernel(
     COMPUTE_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FIT_FP16: tl.constexpr,
-    EIGHT_BIT_ORDER: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -314,7 +285,7 @@ def _decode_split_kernel(
             m_i, l_i, acc = attend_kv_tile(
                 q, k_mult, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, page, slot, kv_head, stride_kb, stride_ks,
                 stride_kh, stride_vb, stride_vs, stride_vh, d, kv_mask, valid[None, :], KV_MODE, NAN_ALL_ONES,
-                COMPUTE_DTYPE, DOT_PRECISION, EIGHT_BIT_ORDER=EIGHT_BIT_ORDER,
+                COMPUTE_DTYPE, DOT_PRECISION,
             )  # fmt: skip
 
         if num_splits == 1:  # the whole context in one program: normalise and write the output here
@@ -528,7 +499,6 @@ def decode_attention(
         NAN_ALL_ONES=nan_all_ones,
         KV_FACTOR=kv_factor,
         **compute_dtype(q, key_cache.dtype),
-        **({"EIGHT_BIT_ORDER": True} if os.environ.get("MINISERVE_EIGHT_BIT_ORDER") == "1" else {}),
         num_warps=num_warps,
         num_stages=num_stages,
         **register_cap(maxnreg),
