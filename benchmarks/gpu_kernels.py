@@ -16,6 +16,7 @@ Usage: PYTHONUNBUFFERED=1 python3 benchmarks/gpu_kernels.py
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -239,6 +240,27 @@ def check_decode_vs_extend(device) -> list[dict]:
                      max_abs_diff=(dec.float() - ext.float()).abs().max().item())
             )  # fmt: skip
             print(rows[-1], flush=True)
+    return rows + verify_timing(device)
+
+
+def verify_timing(device) -> list[dict]:
+    """The extend kernel on a speculative verification's shape (64 sequences x 5 new tokens over ~600 cached
+    ones, Llama-3.2-1B and -3.1-8B heads), its default launch against 16-row query tiles: microseconds each."""
+    from miniserve.kernels.extend_attention import extend_attention
+
+    g = torch.Generator().manual_seed(2)
+    seqs = [(int(n), 5) for n in torch.randint(500, 700, (64,), generator=g)]
+    rows = []
+    for hq, hkv, d in ((32, 8, 64), (32, 8, 128)):
+        for cache in (torch.bfloat16, torch.float8_e4m3fn):
+            q, kc, vc, meta, ks, vs = attention_batch(device, seqs, 16, hq, hkv, d, cache, torch.bfloat16)
+            row = dict(shape=f"{hq}/{hkv}x{d}", cache=str(cache)[6:], seqs=len(seqs), new_tokens=5)
+            args = (q, kc, vc, meta, ks, vs, d**-0.5)
+            for block_m in (None, 16):
+                fn = functools.partial(extend_attention, *args, block_m=block_m)
+                row[f"us_block_m_{block_m or 'default'}"] = 1e3 * triton.testing.do_bench(fn, warmup=20, rep=200)
+            rows.append(row)
+            print(row, flush=True)
     return rows
 
 
