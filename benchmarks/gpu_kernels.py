@@ -215,9 +215,9 @@ def check_attention(device) -> list[dict]:
 
 def check_decode_vs_extend(device) -> list[dict]:
     """A query decoded alone (decode kernel, one split: contexts up to 512) and as a one-token prompt chunk (extend
-    kernel, its default launch and 16-row query tiles) against each other: speculative verification (extend) should
-    agree with plain decoding (decode). Per cache and FP8 read: how many outputs differ. 256 sequences of 1..512
-    cached tokens."""
+    kernel in 64-row query tiles, wgmma on Hopper, and in 16-row ones, mma.sync as in decode, which launch_config
+    gives such short queries) against each other: speculative verification (extend) must agree with plain decoding
+    (decode). Per cache and FP8 read: how many outputs differ. 256 sequences of 1..512 cached tokens."""
     from miniserve.kernels.decode_attention import decode_attention
     from miniserve.kernels.extend_attention import extend_attention
 
@@ -231,11 +231,11 @@ def check_decode_vs_extend(device) -> list[dict]:
         q, kc, vc, meta, ks, vs = attention_batch(device, seqs, 16, hq, hkv, d, cache, bf16)
         sm = 1 / math.sqrt(d)
         dec = decode_attention(q, kc, vc, meta, ks, vs, sm, fp8_decode=mode)
-        for block_m in (None, 16):
+        for block_m in (64, 16):
             ext = extend_attention(q, kc, vc, meta, ks, vs, sm, fp8_decode=mode, block_m=block_m)
             rows.append(
                 dict(q_heads=hq, kv_heads=hkv, head_dim=d, cache=str(cache)[6:], fp8_decode=mode,
-                     extend_block_m=block_m or "default", decode_equals_extend=bool(torch.equal(dec, ext)),
+                     extend_block_m=block_m, decode_equals_extend=bool(torch.equal(dec, ext)),
                      differing=int((dec != ext).sum()), of=dec.numel(),
                      max_abs_diff=(dec.float() - ext.float()).abs().max().item())
             )  # fmt: skip
@@ -245,7 +245,7 @@ def check_decode_vs_extend(device) -> list[dict]:
 
 def verify_timing(device) -> list[dict]:
     """The extend kernel on a speculative verification's shape (64 sequences x 5 new tokens over ~600 cached
-    ones, Llama-3.2-1B and -3.1-8B heads), its default launch against 16-row query tiles: microseconds each."""
+    ones, Llama-3.2-1B and -3.1-8B heads) in 64-row and in 16-row query tiles: microseconds each."""
     from miniserve.kernels.extend_attention import extend_attention
 
     g = torch.Generator().manual_seed(2)
@@ -256,9 +256,9 @@ def verify_timing(device) -> list[dict]:
             q, kc, vc, meta, ks, vs = attention_batch(device, seqs, 16, hq, hkv, d, cache, torch.bfloat16)
             row = dict(shape=f"{hq}/{hkv}x{d}", cache=str(cache)[6:], seqs=len(seqs), new_tokens=5)
             args = (q, kc, vc, meta, ks, vs, d**-0.5)
-            for block_m in (None, 16):
+            for block_m in (64, 16):
                 fn = functools.partial(extend_attention, *args, block_m=block_m)
-                row[f"us_block_m_{block_m or 'default'}"] = 1e3 * triton.testing.do_bench(fn, warmup=20, rep=200)
+                row[f"us_block_m_{block_m}"] = 1e3 * triton.testing.do_bench(fn, warmup=20, rep=200)
             rows.append(row)
             print(row, flush=True)
     return rows
