@@ -215,9 +215,9 @@ def check_attention(device) -> list[dict]:
 
 def check_decode_vs_extend(device) -> list[dict]:
     """A query decoded alone (decode kernel, one split: contexts up to 512) and as a one-token prompt chunk (extend
-    kernel in 64-row query tiles, wgmma on Hopper, and in 16-row ones, mma.sync as in decode, which launch_config
-    gives such short queries) against each other: speculative verification (extend) must agree with plain decoding
-    (decode). Per cache and FP8 read: how many outputs differ. 256 sequences of 1..512 cached tokens."""
+    kernel in its 64-row query tiles, wgmma on Hopper, and in 16-row ones, mma.sync as in decode) against each
+    other: what a decode token gets in a mixed step (run whole on the extend kernel) against a decode step. Per
+    cache and FP8 read: how many outputs differ. 256 sequences of 1..512 cached tokens."""
     from miniserve.kernels.decode_attention import decode_attention
     from miniserve.kernels.extend_attention import extend_attention
 

@@ -238,8 +238,7 @@ def test_extend_launch_config_by_shape(monkeypatch):
     """The extend launch by shape, as measured on the H200 (extend_attention.launch_config): long bf16 prompts at
     head_dim 128 on NVIDIA get 128-row tiles with a register cap; from LONG_QUERY new tokens, not one fewer; FP8
     caches, other head sizes and the interpreter keep their tiles, FP8 caches at head_dim 64 get a register cap; the
-    diagonal split everywhere but on ROCm; queries of at most SHORT_QUERY tokens (not one more) get the decode
-    kernel's 16-row tiles on NVIDIA."""
+    diagonal split everywhere but on ROCm."""
     import miniserve.kernels.extend_attention as ext
 
     monkeypatch.setattr(ext, "triton_interpreter_enabled", lambda: False)
@@ -254,16 +253,11 @@ def test_extend_launch_config_by_shape(monkeypatch):
     assert ext.launch_config(64, torch.bfloat16, 32768, cuda) == short
     assert ext.launch_config(64, torch.float8_e4m3fn, 512, cuda) == dict(short, maxnreg=168)
     assert ext.launch_config(64, torch.float8_e4m3fn, 32768, cuda) == dict(short, maxnreg=168)
-    assert ext.launch_config(128, torch.bfloat16, ext.SHORT_QUERY, cuda) == dict(short, block_m=16)
-    assert ext.launch_config(128, torch.float8_e4m3fn, 1, cuda) == dict(short, block_m=16)
-    assert ext.launch_config(64, torch.float8_e4m3fn, 5, cuda) == dict(short, block_m=16, maxnreg=168)
-    assert ext.launch_config(128, torch.bfloat16, ext.SHORT_QUERY + 1, cuda) == short
     plain = dict(short, split_diag=False, same_kv_strides=False)  # mul_rn is PTX: not on ROCm
     assert ext.launch_config(128, torch.bfloat16, 32768, torch.device("cpu")) == plain
     monkeypatch.setattr(ext, "is_rocm", lambda: True)
     assert ext.launch_config(128, torch.bfloat16, 32768, cuda) == plain
     assert ext.launch_config(64, torch.float8_e4m3fnuz, 512, cuda) == plain
-    assert ext.launch_config(128, torch.bfloat16, 5, cuda) == plain
     monkeypatch.setattr(ext, "triton_interpreter_enabled", lambda: True)
     assert ext.launch_config(128, torch.bfloat16, 32768, cuda) == dict(short, block_m=16)
 

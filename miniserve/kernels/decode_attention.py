@@ -256,9 +256,8 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     # A sequence's split count depends on its own length only, never on the batch or the grid, so a query
-    # gets bit-identical results in any batch, eager or CUDA-graph; short sequences use one split, which is
-    # exactly the extend kernel's arithmetic in its 16-row tiles (speculative verification then matches plain
-    # decoding: extend_attention.launch_config).
+    # gets bit-identical results in any batch, eager or CUDA-graph (speculative verification runs its tokens
+    # here too, as decode queries: model_runner.ModelRunner._for_kernels, so it matches plain decoding).
     num_splits = tl.minimum(tl.cdiv(seq_len, SPLIT_TOKENS), NUM_SPLITS)
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
@@ -348,10 +347,10 @@ def _decode_reduce_kernel(
 
 def kv_block_n(cache_dtype: torch.dtype) -> int:
     """KV positions per inner step, shared by the decode and extend kernels: both then accumulate a query's
-    scores and values in the same chunks, so their results agree bit for bit (speculative verification runs
-    the extend kernel, plain decoding the decode kernel; on a GPU also the same tensor-core instructions: the
-    extend kernel's 16-row tiles, which launch_config gives short queries). H100 sweep: 128 for FP8 (~16 KiB of
-    K+V), else 64; 16 in the interpreter, which pays per masked element."""
+    scores and values in the same chunks, the same arithmetic (on a GPU the extend kernel's 64-row tiles run on
+    wgmma, whose sums differ from the decode kernel's mma.sync in the last bit for about one output in 10^4:
+    benchmarks/results/kernel_checks_decode_vs_extend_h200.json). H100 sweep: 128 for FP8 (~16 KiB of K+V), else
+    64; 16 in the interpreter, which pays per masked element."""
     if triton_interpreter_enabled():
         return 16
     return 128 if is_fp8(cache_dtype) else 64

@@ -232,7 +232,6 @@ def _launch(head_dim: int, cache_dtype: torch.dtype, max_query_len: int, device:
 
 
 LONG_QUERY = 4096  # new tokens in a launch from which long-prompt tiles pay (H200: equal at 2048, 1.6x at 8192)
-SHORT_QUERY = 16  # new tokens (the longest query of a launch) up to which it runs 16-row tiles, as decode does
 
 
 def launch_config(head_dim: int, cache_dtype: torch.dtype, max_query_len: int, device: torch.device) -> dict:
@@ -247,12 +246,6 @@ def launch_config(head_dim: int, cache_dtype: torch.dtype, max_query_len: int, d
     - FP8 caches at head_dim 64 on NVIDIA: 168 registers a thread, three programs an SM instead of two, no spills
       (the default needs 185): 1.09x at 2048-token prompts, 1.02x at 512, of the Llama-3.2-1B shape (at head_dim
       128 the cap slowed Qwen3-0.6B's by 1.3x: not there; extend_attention_fp8_cap_*_h200.json).
-    - Queries of at most SHORT_QUERY new tokens on NVIDIA (speculative verification, decode tokens in an extend
-      step, short chunks): 16-row tiles. A query then gets the decode kernel's bits: both run 16-row tiles on
-      mma.sync, while a 64-row tile runs on wgmma, whose sums differ in the last bit for ~1 output in 10^4
-      (256 one-token queries: 1-127 of 0.5-1M outputs, bf16 and FP8; 0 with 16 rows), so verification agrees with
-      plain decoding. Also faster there: 64 sequences x 5 tokens 1.07-1.49x
-      (kernel_checks_decode_vs_extend_h200.json).
     - The interpreter: 16-row tiles (it pays per program and per masked element alike).
     - ROCm: the launch before (the split's unmasked tiles round through PTX's mul.rn, and nothing was measured there).
     Keys: block_m, num_warps, num_stages, maxnreg, split_diag, same_kv_strides (extend_attention's parameters)."""
@@ -265,8 +258,6 @@ def launch_config(head_dim: int, cache_dtype: torch.dtype, max_query_len: int, d
         cfg.update(block_m=128, num_warps=8, num_stages=3, maxnreg=128)
     elif head_dim == 64 and is_fp8(cache_dtype):
         cfg["maxnreg"] = 168
-    if max_query_len <= SHORT_QUERY and cfg["split_diag"]:  # NVIDIA (the ROCm/CPU launch is left as it was)
-        cfg["block_m"] = 16
     return cfg
 
 
