@@ -21,8 +21,8 @@ Seeded outputs are identical too.
 
 from __future__ import annotations
 
+import functools
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -95,7 +95,6 @@ class PlainDecoder:
         # on a GPU the rest of a constrained step's sampling batch is made on a helper thread beside the masks' fill
         # (mostly GPU launches: the noise); on the CPU it would only compete with the fill for the cores
         self.fill_beside = target.device.type == "cuda"
-        self._helper: ThreadPoolExecutor | None = None  # started on the first constrained step that uses it
         self.outputs = outputs
         self.vocab_size = vocab_size
         self.scheduler = scheduler
@@ -221,24 +220,11 @@ class PlainDecoder:
         return self._build_batch(seqs, histories, masks)
 
     def _next_batch(self, f: _InFlight, keep: list[Sequence]) -> tuple[SamplingBatch, torch.Tensor | None]:
-        """The sampling batch of the step after `f`, with its grammar masks, and its noise drawn ahead.
-
-        A constrained step's host work, not its forward pass, sets its pace: so on a GPU this thread fills the masks
-        while a helper thread takes the batch and launches the noise draws (one per seeded row). xgrammar releases
-        the GIL as the fill begins, so the helper runs at once, and it is done before a fill that takes longer.
-        (The other way round, the fill on the helper, this thread had to wait until the helper held the GIL, or the
-        helper could wait for the interpreter's switch interval: benchmarks/results/structured_outputs_ab_h200.json
-        has the two side by side.)"""
-        grammars = _grammars(keep)
-        if not self.fill_beside:
-            masks = self.masks.build(grammars)
-            batch, noise = self._batch_and_noise(f, keep)
-        else:
-            if self._helper is None:
-                self._helper = ThreadPoolExecutor(1, thread_name_prefix="miniserve-sampling")
-            beside = self._helper.submit(self._batch_and_noise, f, keep)
-            masks = self.masks.build(grammars)
-            batch, noise = beside.result()
+        """The sampling batch of the step after `f`, with its grammar masks, and its noise drawn ahead. A constrained
+        step's host work, not its forward pass, sets its pace: so on a GPU the batch and the noise draws (one per
+        seeded row) are made on a helper thread while this one fills the masks (MaskFiller.build_beside)."""
+        work = functools.partial(self._batch_and_noise, f, keep)
+        masks, (batch, noise) = self.masks.build_beside(_grammars(keep), work, self.fill_beside)
         return replace(batch, token_bitmask=masks), noise
 
     def _batch_and_noise(self, f: _InFlight, keep: list[Sequence]) -> tuple[SamplingBatch, torch.Tensor | None]:

@@ -34,12 +34,15 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import torch
 
 from miniserve.sampling_params import StructuredOutputsParams
 
+T = TypeVar("T")
 _CACHE_SIZE = 256  # compiled grammars kept (a compiled JSON schema is small: the token masks are computed lazily)
 # JSON may have whitespace between its tokens, at most this many characters per gap: enough for pretty printing
 # (a newline and the indentation of a few levels), not for a model that loops on newlines until max_tokens
@@ -254,6 +257,7 @@ class MaskFiller:
         self._matchers: dict[int, Any] = {}  # threads -> xgrammar's BatchGrammarMatcher (xgrammar imports lazily)
         self._buffers: list[torch.Tensor | None] = [None, None]  # two page-locked buffers, used in turn
         self._next = 0
+        self._helper: ThreadPoolExecutor | None = None  # build_beside's thread, started on first use
 
     def build(self, states: list[GrammarState | None]) -> torch.Tensor | None:
         """The masks of a batch on the device; rows without a grammar allow everything. None when no row has one.
@@ -270,6 +274,22 @@ class MaskFiller:
                     allowed[i] = -1
         self._fill([states[i].matcher for i in rows], host, rows)
         return host.to(self.device, non_blocking=True)
+
+    def build_beside(
+        self, states: list[GrammarState | None], work: Callable[[], T], beside: bool
+    ) -> tuple[torch.Tensor | None, T]:
+        """(build(states), work()); `beside`: work runs on a helper thread while this one fills. xgrammar releases
+        the GIL as the fill begins, so the helper starts at once, and a fill that takes longer than the work finds
+        it done. (The other way round, the fill on the helper, this thread had to wait until the helper held the
+        GIL, or the helper could wait for the interpreter's switch interval:
+        benchmarks/results/structured_outputs_ab_h200.json has the two side by side.)"""
+        if not beside:
+            return self.build(states), work()
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="miniserve-sampling")
+        done = self._helper.submit(work)
+        masks = self.build(states)
+        return masks, done.result()
 
     def _fill(self, matchers: list[Any], host: torch.Tensor, rows: list[int]) -> None:
         self._calls += 1
