@@ -32,6 +32,21 @@ export PYTHONUNBUFFERED=1
 tp() { timeout "$1" python3 benchmarks/throughput.py "${@:2}" 2>&1 | grep -v -i warn | grep -E '^\{|Error|error' | cut -c1-400; }
 # the commit a tree's results record in an A/B run: this tree's MINISERVE_COMMIT, or OLD_COMMIT for $OLD's
 tree_commit() { if [ "$1" = "$PWD" ]; then echo "${MINISERVE_COMMIT:-}"; else echo "${OLD_COMMIT:-${MINISERVE_COMMIT:-}}"; fi; }
+# alternate NAME SECONDS FILTER SCRIPT ARGS...: `python3 SCRIPT ARGS --out $out/NAME_<old|new>_<round>.json` in $OLD
+# and in this tree, alternated ROUNDS times, each with its tree's commit; FILTER (a command) picks the lines shown
+alternate() {
+  local name=$1 secs=$2 filter=$3 tree tag commit i
+  shift 3
+  [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
+  for i in $(seq 1 "${ROUNDS:-2}"); do
+    for tree in "$OLD" "$PWD"; do
+      tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
+      commit=$(tree_commit "$tree")
+      (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" timeout "$secs" \
+        python3 "$@" --out "$out/${name}_${tag}_$i.json" 2>&1 | grep -v -i warn | $filter | sed "s/^/[$tag $i] /")
+    done
+  done
+}
 
 if [ "$part" = engine ]; then
   tp 300 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-variant default staged --repeats 2 \
@@ -149,18 +164,10 @@ fi
 if [ "$part" = rate4ab ]; then
   # serving's 4 req/s run (TTFT, TPOT; 3 repeats) on an older tree ($OLD) and this one, alternated ROUNDS times;
   # benchmarks/serve_ab.py joins each round's pair (serve_rate4_ab_h200.json)
-  [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
+  alternate serve_rate4 150 "tail -2" benchmarks/serve.py --shape llama-3.2-1b --num-prompts 64 --input-len 512 \
+    --output-len 256 --request-rate 4 --phases stream,offline --client-procs 2 --repeats 3
   pairs=()
-  for i in $(seq 1 "${ROUNDS:-2}"); do
-    for tree in "$OLD" "$PWD"; do
-      tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
-      commit=$(tree_commit "$tree")
-      (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" timeout 150 python3 benchmarks/serve.py \
-        --shape llama-3.2-1b --num-prompts 64 --input-len 512 --output-len 256 --request-rate 4 --phases stream,offline \
-        --client-procs 2 --repeats 3 --out "$out/serve_rate4_${tag}_$i.json" 2>&1 | grep -v -i warn | tail -2 | sed "s/^/[$tag $i] /")
-    done
-    pairs+=(--pair "rate4_$i" "$out/serve_rate4_old_$i.json" "$out/serve_rate4_new_$i.json")
-  done
+  for i in $(seq 1 "${ROUNDS:-2}"); do pairs+=(--pair "rate4_$i" "$out/serve_rate4_old_$i.json" "$out/serve_rate4_new_$i.json"); done
   python3 benchmarks/serve_ab.py "${pairs[@]}" --out "$out/serve_rate4_ab_h200.json"
 fi
 
@@ -282,19 +289,10 @@ fi
 if [ "$part" = grammarab ]; then
   # structured_outputs.py (Llama-3.2-1B shape, the cl100k_base-like vocabulary, both schemas, 5 repeats) on an older
   # tree ($OLD) and this one, alternated ROUNDS times; benchmarks/structured_outputs_ab.py joins each round's pair
-  [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
+  alternate so 120 "grep throughput" benchmarks/structured_outputs.py --shape llama-3.2-1b --batch 32 --prompt 128 \
+    --gen 256 --repeats 5 --vocab-like cl100k_base
   pairs=()
-  for i in $(seq 1 "${ROUNDS:-2}"); do
-    for tree in "$OLD" "$PWD"; do
-      tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
-      commit=$(tree_commit "$tree")
-      (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" timeout 120 python3 \
-        benchmarks/structured_outputs.py --shape llama-3.2-1b --batch 32 --prompt 128 --gen 256 --repeats 5 \
-        --vocab-like cl100k_base --out "$out/so_${tag}_$i.json" 2>&1 | grep -v -i warn | grep "throughput" |
-        sed "s/^/[$tag $i] /")
-    done
-    pairs+=(--pair "round_$i" "$out/so_old_$i.json" "$out/so_new_$i.json")
-  done
+  for i in $(seq 1 "${ROUNDS:-2}"); do pairs+=(--pair "round_$i" "$out/so_old_$i.json" "$out/so_new_$i.json"); done
   python3 benchmarks/structured_outputs_ab.py "${pairs[@]}" --out "$out/structured_outputs_ab_h200.json"
 fi
 
