@@ -172,7 +172,7 @@ def check_structured_outputs() -> dict:
     try:
         for name, (threads, background, overlap) in variants.items():
             llm = LLM(str(DEMO_TARGET), grammar_threads=threads, async_scheduling=overlap)
-            llm.engine.decoder.fill_beside = background
+            llm.engine.decoder.masks.beside = background
             runs[name] = [c.text for o in llm.generate(PROMPTS, params, use_tqdm=False) for c in o.outputs]
     finally:
         structured_output.THREADS_FROM_MS = threshold

@@ -266,13 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     structured_output.fill_rows = timer
     split = HostSplit() if args.host_split else None
     decoder = llm.engine.decoder
-    background = decoder.fill_beside
+    background = decoder.masks.beside
     runs_by_key = run_plan(configs, args.grammar_threads, args.unseeded, args.foreground)
     results, vocab_device = {}, (llm.engine.vocab_size, decoder.target.device)
     for name, (params, threads, fg) in runs_by_key.items():
         if threads is not None:  # a fresh filler on this many threads (the engine's is built from its config)
             decoder.masks = structured_output.MaskFiller(*vocab_device, threads)
-        decoder.fill_beside = background and not fg
+        decoder.masks.beside = background and not fg
         timer.seconds, timer.calls = 0.0, 0
         if split:
             split.reset()

@@ -43,10 +43,6 @@ def fmt(x: float, digits: int = 0) -> str:
     return f"{x:,.{digits}f}"
 
 
-def source(result: dict, name: str) -> str:
-    return f"`{name}` ({result.get('commit', '?')[:7]}, {result.get('gpu', '?')})"
-
-
 # ---------------------------------------------------------------- throughput targets (issue: real-model throughput)
 
 
@@ -242,11 +238,6 @@ def met_with_servers(runs: list[tuple[int, dict]], ok, what: str) -> str:
     met = [str(n) for n, ph in runs if ok(ph)]
     plural = "s" if met != ["1"] else ""
     return f"{what}: yes with {', '.join(met)} API server{plural}" if met else f"{what}: no"
-
-
-def missed_serving(stream: float, plain: float) -> str:
-    missed = [name for name, ratio, target in (("streaming", stream, 0.9), ("plain", plain, 0.95)) if ratio < target]
-    return "yes" if not missed else f"no ({', '.join(missed)})"
 
 
 def serving_rows() -> list[tuple[str, str, str, str]]:

@@ -64,6 +64,13 @@ def test_only_looks_when_not_held(batch, done, why):
     assert seen == [0.0], why
 
 
+def test_only_held_batches_are_timed():
+    """Exactly max_batch sequences are held (and their steps timed by the decoder); one more are neither, so a
+    saturated engine records no timing events."""
+    hold = LaunchHold(lambda s: False, max_batch=4)
+    assert hold.holds(4) and not hold.holds(5)
+
+
 def test_no_wait_before_any_step_was_timed_nor_past_the_deadline():
     wait, seen = recording()
     hold = LaunchHold(wait)

@@ -93,7 +93,7 @@ def test_grammar_constrained_steps_overlap_and_equal_stepwise_decoding(backgroun
     outs = {}
     for overlap in (False, True):
         llm = LLM(dtype="float32", device="cpu", async_scheduling=overlap)
-        llm.engine.decoder.fill_beside = background
+        llm.engine.decoder.masks.beside = background
         result = llm.generate(prompts, params, use_tqdm=False)
         outs[overlap] = [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in result]
         engine = llm.engine

@@ -396,6 +396,7 @@ def test_masks_filled_for_a_batch_are_the_rows_filled_alone(threads, monkeypatch
         assert not torch.equal(got[0], got[2])
     assert callers == {threading.get_ident()}
     for beside in (False, True):  # build_beside: the same masks; the work on a helper thread only when beside
-        got, ran_on = filler.build_beside(batches[0], threading.get_ident, beside)
+        filler.beside = beside
+        got, ran_on = filler.build_beside(batches[0], threading.get_ident)
         assert torch.equal(got, filler.build(batches[0]))
         assert (ran_on != threading.get_ident()) is beside

@@ -92,9 +92,6 @@ class PlainDecoder:
     ):
         self.target = target
         self.masks = MaskFiller(vocab_size, target.device, grammar_threads)
-        # on a GPU the rest of a constrained step's sampling batch is made on a helper thread beside the masks' fill
-        # (mostly GPU launches: the noise); on the CPU it would only compete with the fill for the cores
-        self.fill_beside = target.device.type == "cuda"
         self.outputs = outputs
         self.vocab_size = vocab_size
         self.scheduler = scheduler
@@ -129,7 +126,7 @@ class PlainDecoder:
         logits = self._forward(keep, tokens)
         launched_at = time.perf_counter()
         after = None
-        if self.hold is not None and f.ready is not None:  # (with a hold every step's `ready` can time it)
+        if self._timed(len(f.seqs)) and f.ready is not None:  # (a held batch's every `ready` can time it)
             after = f.ready if not f.ready.query() else None  # launched while the step in flight still ran
             self.hold.launched(launched_at - begun, in_time=after is not None)
         if f.batch.penalized:  # its sampling reads the token in flight: read that while the forward runs
@@ -224,7 +221,7 @@ class PlainDecoder:
         step's host work, not its forward pass, sets its pace: so on a GPU the batch and the noise draws (one per
         seeded row) are made on a helper thread while this one fills the masks (MaskFiller.build_beside)."""
         work = functools.partial(self._batch_and_noise, f, keep)
-        masks, (batch, noise) = self.masks.build_beside(_grammars(keep), work, self.fill_beside)
+        masks, (batch, noise) = self.masks.build_beside(_grammars(keep), work)
         return replace(batch, token_bitmask=masks), noise
 
     def _batch_and_noise(self, f: _InFlight, keep: list[Sequence]) -> tuple[SamplingBatch, torch.Tensor | None]:
@@ -297,11 +294,15 @@ class PlainDecoder:
     def _sample_in_flight(
         self, seqs: list[Sequence], logits: torch.Tensor, batch: SamplingBatch, noise: torch.Tensor | None = None
     ) -> None:
-        """Launch the sampling of a step in flight (with a launch hold, its `ready` event can time it)."""
+        """Launch the sampling of a step in flight (of a held batch, its `ready` event can time it)."""
         out = sample(logits, batch, noise)
-        host, ready = _copy_to_host(out, timed=self.hold is not None)
+        host, ready = _copy_to_host(out, timed=self._timed(len(seqs)))
         self.num_overlapped_steps += 1
         self.in_flight = _InFlight(seqs, out.token_ids, host, ready, batch)
+
+    def _timed(self, batch: int) -> bool:
+        """A launch hold holds, and so times, this batch's steps (none at saturation: no timing there)."""
+        return self.hold is not None and self.hold.holds(batch)
 
     def _read(self, f: _InFlight | None = None) -> list[Sequence]:
         """Wait for a step's samples (that step only, not the one launched after it) and append them."""

@@ -61,10 +61,14 @@ class LaunchHold:
         if not in_time and self.gpu_s is not None:
             self.gpu_s -= LEAD_MARGIN_S
 
+    def holds(self, batch: int) -> bool:
+        """Steps of `batch` sequences are held, so they are timed (larger ones are neither)."""
+        return batch <= self.max_batch
+
     def deadline(self, batch: int, started_at: float) -> float | None:
         """When to launch the step after one of `batch` sequences that started on the GPU at `started_at`
         (perf_counter seconds); None when this batch is not held."""
-        if batch > self.max_batch or batch != self.batch or self.gpu_s is None:
+        if not self.holds(batch) or batch != self.batch or self.gpu_s is None:
             return None
         return started_at + self.gpu_s - self.launch_s - LEAD_MARGIN_S
 

@@ -250,6 +250,9 @@ class MaskFiller:
     def __init__(self, vocab_size: int, device: torch.device, threads: int = 0):
         self.words = (vocab_size + 31) // 32
         self.pinned = device.type == "cuda"
+        # on a GPU build_beside runs its work on a helper thread beside the fill (mostly GPU launches: the noise);
+        # on the CPU that work would only compete with the fill for the cores
+        self.beside = device.type == "cuda"
         self.device = device
         self.threads = mask_threads(threads)
         self.heavy = False  # the last single-thread fill took THREADS_FROM_MS or more: fill on the threads
@@ -275,15 +278,13 @@ class MaskFiller:
         self._fill([states[i].matcher for i in rows], host, rows)
         return host.to(self.device, non_blocking=True)
 
-    def build_beside(
-        self, states: list[GrammarState | None], work: Callable[[], T], beside: bool
-    ) -> tuple[torch.Tensor | None, T]:
-        """(build(states), work()); `beside`: work runs on a helper thread while this one fills. xgrammar releases
+    def build_beside(self, states: list[GrammarState | None], work: Callable[[], T]) -> tuple[torch.Tensor | None, T]:
+        """(build(states), work()); with `beside`, work runs on a helper thread while this one fills. xgrammar releases
         the GIL as the fill begins, so the helper starts at once, and a fill that takes longer than the work finds
         it done. (The other way round, the fill on the helper, this thread had to wait until the helper held the
         GIL, or the helper could wait for the interpreter's switch interval:
         benchmarks/results/structured_outputs_ab_h200.json has the two side by side.)"""
-        if not beside:
+        if not self.beside:
             return self.build(states), work()
         if self._helper is None:
             self._helper = ThreadPoolExecutor(1, thread_name_prefix="miniserve-sampling")
