@@ -23,6 +23,9 @@
 #   OLD=DIR [OLD_COMMIT=...] bash benchmarks/h200_suite.sh firststeps OUT_DIR # the first burst after start-up, old tree and this one
 #   OLD=DIR [OLD_COMMIT=...] bash benchmarks/h200_suite.sh engineab OUT_DIR # offline fixed (1B, batch 64) and nano, old tree and this one
 #   OLD=DIR [OLD_COMMIT=...] bash benchmarks/h200_suite.sh samplerab OUT_DIR # the sampling kernel's checks; nano and batch-1, old and this
+#   bash benchmarks/h200_suite.sh splits OUT_DIR  # decode_splits by-length and by-batch: kernel split sizes, batch 1 (1B, 8B), batch 64, nano
+#   bash benchmarks/h200_suite.sh splitsweep OUT_DIR # the Llama-3.2-1B batch sweep with both decode_splits
+#   bash benchmarks/h200_suite.sh linear OUT_DIR  # skinny Triton GEMM vs cuBLAS; a decode layer's kernel chain with PDL
 # Every step is bounded in time and independent of the others: one that fails leaves the rest to run.
 set -u
 part=$1
@@ -348,4 +351,26 @@ if [ "$part" = firststeps ]; then
   timeout 150 python3 benchmarks/first_steps.py --out "$out/first_steps_new.json" 2>&1 | grep -v -i warn | tail -2
   MINISERVE_COMMIT="${OLD_COMMIT:-323fe05}" timeout 150 python3 benchmarks/first_steps.py --repo "$OLD" \
     --out "$out/first_steps_old.json" 2>&1 | grep -v -i warn | tail -2
+fi
+
+if [ "$part" = splits ]; then
+  tp 150 --shape llama-3.2-1b --workload latency --gen 256 --repeats 3 --hf --decode-splits by-length by-batch \
+    --out "$out/throughput_latency_llama1b_h200.json"
+  tp 150 --shape llama-3.2-1b --workload fixed --batch 64 --prompt 512 --gen 256 --kv-cache-dtype auto fp8 --repeats 2 \
+    --decode-splits by-length by-batch --out "$out/throughput_fixed_llama1b_h200.json"
+  tp 200 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-splits by-length by-batch --repeats 2 \
+    --out "$out/throughput_nano_splits_h200.json"
+  tp 240 --shape llama-3.1-8b --workload latency --gen 128 --repeats 2 --decode-splits by-length by-batch \
+    --out "$out/throughput_latency_llama8b_h200.json"
+fi
+
+if [ "$part" = splitsweep ]; then
+  tp 400 --shape llama-3.2-1b --workload sweep --batches 1 8 32 64 128 256 --prompt 512 --gen 64 --repeats 3 \
+    --kv-cache-dtype auto fp8 --decode-splits by-length by-batch --plot "$out/throughput_sweep_llama1b_h200.png" \
+    --out "$out/throughput_sweep_llama1b_h200.json"
+fi
+
+if [ "$part" = linear ]; then
+  timeout 300 python3 benchmarks/tune_linear.py --out "$out/tune_linear_h200.json" 2>&1 | grep -v skip | tail -62
+  timeout 100 python3 benchmarks/pdl_chain.py --out "$out/pdl_chain_h200.json" 2>&1 | tail -15
 fi

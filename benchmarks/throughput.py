@@ -165,6 +165,7 @@ def make_llm(model: Path, kv: str, args, enable_prefix_caching: bool = True) -> 
         enforce_eager=args.enforce_eager,
         enable_prefix_caching=enable_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size,
+        decode_splits=getattr(args, "splits", "by-length"),
     )
     if args.speculative_model:
         kw["speculative_model"] = str(model) if args.speculative_model == "self" else args.speculative_model
@@ -499,6 +500,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--decode-variant", nargs="+", default=["default"],
         help="FP8 decode attention variants (benchmarks/tune_decode_attention.py FP8_VARIANTS) for fp8 caches",
     )  # fmt: skip
+    ap.add_argument(
+        "--decode-splits", nargs="+", choices=["by-length", "by-batch"], default=["by-length"],
+        help="EngineConfig.decode_splits values to run each with",
+    )  # fmt: skip
     ap.add_argument("--plot", default=None, help="sweep: write a PNG of tok/s against batch size")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -523,8 +528,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["tensor_parallel_size"] = args.tensor_parallel_size
     result["bandwidth_gbs"] = gbs
     result["runs"] = []
-    configs = itertools.product(args.kv_write, args.extend_variant, args.decode_variant)
-    for kv_write, variant, decode_variant in configs:
+    configs = itertools.product(args.kv_write, args.extend_variant, args.decode_variant, args.decode_splits)
+    for kv_write, variant, decode_variant, args.splits in configs:
         set_kv_write(kv_write)
         set_extend_variant(variant)
         set_decode_variant(decode_variant)
@@ -540,6 +545,8 @@ def main(argv: list[str] | None = None) -> dict:
                 run["extend_variant"] = variant
             if decode_variant != "default":
                 run["decode_variant"] = decode_variant
+            if args.splits != "by-length":
+                run["decode_splits"] = args.splits
             if args.workload == "nano":
                 run |= run_nano(llm, cfg, args, gbs)
             elif args.workload == "prefill":

@@ -157,6 +157,27 @@ def small_batches() -> list[dict]:
     return rows
 
 
+def split_sizes() -> list[dict]:
+    """Tokens a split (the grid a CUDA graph launches, MAX_SPLITS) at every shape, bf16 and the exact FP8 kernel:
+    fewer tokens a split means more, shorter programs (small batches wait less on each program's serial tiles)
+    and more partial results to merge (large batches pay for that). Outputs differ between split sizes."""
+    from miniserve.kernels.decode_attention import MAX_SPLITS
+
+    rows = []
+    shapes = {**SMALL_SHAPES, **SHAPES}
+    for (name, shp), dtype in itertools.product(shapes.items(), (torch.bfloat16, torch.float8_e4m3fn)):
+        case = make_case(*shp, dtype)
+        base_us = 1e3 * time_config(case, num_splits=MAX_SPLITS)
+        for split_tokens in (64, 128, 256, 512, 1024):
+            us = 1e3 * time_config(case, num_splits=MAX_SPLITS, split_tokens=split_tokens)
+            rows.append({"shape": name, "cache": str(dtype), "split_tokens": split_tokens, "us": us,
+                         "default_us": base_us, "speedup": base_us / us})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+        del case
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -165,7 +186,13 @@ def main() -> None:
     ap.add_argument("--fp8-variants", action="store_true", help="time FP8_VARIANTS only (see fp8_variants)")
     ap.add_argument("--variants", nargs="+", choices=list(FP8_VARIANTS), help="--fp8-variants: these only")
     ap.add_argument("--small-batches", action="store_true", help="pipeline depth and warps at batch 1..8 only")
+    ap.add_argument("--split-sizes", action="store_true", help="tokens a split, at every shape (see split_sizes)")
     args = ap.parse_args()
+    if args.split_sizes:
+        rows = split_sizes()
+        if args.out:
+            write_result(args.out, {"gpu": torch.cuda.get_device_name(), "split_sizes": rows})
+        return
     if args.small_batches:
         rows = small_batches()
         if args.out:

@@ -21,6 +21,7 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e4m3fnuz", "bfloat16", "float
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
 FP8_DECODES = ("auto", "hw-staged")  # kernels/decode_attention.py FP8_DECODES that a user may pick
+DECODE_SPLITS = ("by-length", "by-batch")  # kernels/decode_attention.py split_tokens_for
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -63,6 +64,14 @@ class EngineConfig:
         "faster on NVIDIA Hopper (e4m3fn; measured in the README's Performance section) but a few outputs differ "
         "from auto by one bf16 ulp",
         FP8_DECODES,
+    )
+    decode_splits: str = setting(
+        "by-length",
+        "how decode attention splits each context over GPU programs; by-length = by the sequence's length alone, so "
+        "a sequence's attention never depends on its batch (and greedy speculative verification matches plain "
+        "decoding); by-batch = many short splits at small batches, one long one at large batches (faster: the "
+        "README's Performance section), results differ between batch sizes in the last bits",
+        DECODE_SPLITS,
     )
     block_size: int = setting(16, "tokens per KV block (a power of two)")
     num_kv_blocks: int | None = setting(None, "KV pool size in blocks", shown_default="from the memory budget")

@@ -222,6 +222,36 @@ def test_decode_kernel_split_kv(num_splits):
     torch.testing.assert_close(got, want, **tolerance(torch.float32))
 
 
+@pytest.mark.parametrize("split_tokens", [64, 128, 1024])
+def test_decode_kernel_split_sizes(split_tokens):
+    """The split sizes decode_splits="by-batch" picks (64 tokens: many splits of one tile; 1024: one split for
+    every context here, no merge) against the reference, through paged_attention's by-batch path as well."""
+    from miniserve.kernels.decode_attention import decode_attention
+
+    b = make_batch([(1000, 1), (3, 1), (129, 1), (64, 1)], 16, 8, 2, 64, torch.bfloat16, torch.float32, seed=4)
+    args = (b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3)
+    want = paged_attention(*args, backend="torch")
+    got = decode_attention(*args, split_tokens=split_tokens, block_n=64)
+    torch.testing.assert_close(got, want, **tolerance(torch.float32))
+    by_batch = paged_attention(*args, backend="triton", decode_splits="by-batch")  # 4 x 2 programs: 64 tokens
+    torch.testing.assert_close(by_batch, want, **tolerance(torch.float32))
+
+
+@pytest.mark.parametrize(
+    ("num_seqs", "block_n", "want"),
+    [(1, 64, 64), (1, 128, 128), (2, 64, 128), (8, 64, 128), (9, 64, 512), (127, 64, 512), (128, 64, 1024)],
+)
+def test_by_batch_split_sizes_follow_the_batch(num_seqs, block_n, want):
+    """by-batch: 8 KV heads x num_seqs programs before splitting; each boundary and its neighbour, and never
+    shorter than a KV tile. by-length: the same size at every batch."""
+    from miniserve.kernels.decode_attention import SPLIT_TOKENS, split_tokens_for
+
+    assert split_tokens_for("by-batch", num_seqs, 8, block_n) == want
+    assert split_tokens_for("by-length", num_seqs, 8, block_n) == SPLIT_TOKENS
+    with pytest.raises(ValueError, match="decode_splits"):
+        split_tokens_for("by-size", num_seqs, 8, block_n)
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.bfloat16])
 def test_decode_is_batch_invariant_and_verification_matches_it_bit_for_bit(cache_dtype):
     """A query's decode output does not depend on its batch or on the grid's split count (eager vs CUDA graph);

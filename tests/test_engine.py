@@ -340,6 +340,24 @@ def test_triton_backend_matches_torch_backend(llama_dir, kv):
         assert torch.equal(tri_kv.view(torch.uint8), ref_kv.view(torch.uint8))
 
 
+def test_decode_splits_by_batch_reaches_the_kernel_and_keeps_the_tokens(llama_dir, monkeypatch):
+    """decode_splits="by-batch": every attention layer carries it, the decode kernel is launched with the short
+    splits it picks for a batch of 3 (contexts of 70-140 tokens: several splits each, where by-length has one),
+    and greedy tokens stay the torch reference's."""
+    from miniserve.kernels import decode_attention as decode_module
+
+    prompts = token_prompts(3, seed=16, lo=70, hi=140)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    tri = make_llm(llama_dir, attention_backend="triton", decode_splits="by-batch")
+    assert {layer.self_attn.decode_splits for layer in tri.engine.target.model.layers} == {"by-batch"}
+    picked = []
+    original = decode_module.split_tokens_for
+    monkeypatch.setattr(decode_module, "split_tokens_for", lambda *a: picked.append(original(*a)) or picked[-1])
+    got = greedy_ids(tri, prompts, params)
+    assert picked and set(picked) == {64}
+    assert got == greedy_ids(make_llm(llama_dir, attention_backend="torch"), prompts, params)
+
+
 def test_engine_seed_makes_unseeded_sampling_repeatable(llama_dir):
     prompt = token_prompts(1, seed=15)[0]
     params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)

@@ -28,6 +28,7 @@ def sample(cls: type, f) -> object:
         "speculative_kv_cache_dtype": "float16",
         "attention_backend": "torch",
         "fp8_decode": "hw-staged",
+        "decode_splits": "by-batch",
         "log_level": "debug",
         "http_parser": "h11",
         "block_size": 32,

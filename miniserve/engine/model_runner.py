@@ -74,6 +74,8 @@ class ModelRunner:
             model_dir, self.model_config, self.dtype, self.device, self.backend, self.max_positions, tp
         )
         set_fp8_decode(self.model, config.fp8_decode, self.kv_dtype, self.device, self.role)
+        for layer in self.model.layers:
+            layer.self_attn.decode_splits = config.decode_splits
         self.num_kv_heads = self.model.shard.num_kv_heads  # this rank's (all of them without tp)
         self.layer_scales = scales  # layer -> {"k": float, "v": float} from the checkpoint
         self.kv: list[LayerKV] = []

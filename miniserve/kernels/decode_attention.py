@@ -17,7 +17,12 @@ hardware instruction written as inline PTX. Triton cannot look through it, so it
 tile was loaded in and stages the fp16 tile through shared memory for the P.V dot (ldmatrix.trans), instead of
 gathering the 8-bit V tile into the dot's transposed operand layout one byte per shared-memory load, which is
 what makes the default FP8 kernel issue-bound and need ~2x the registers of the bf16 one
-(benchmarks/results/decode_attention_fp8_registers.md). Same instruction, same tiles: the same results.
+(benchmarks/results/decode_attention_fp8_registers.md). Same instruction, same tiles, yet on the H200 a few
+outputs differ by one ulp from the default's (`decode_attention_fp8_variants_h200.json`), hence opt-in.
+
+Splits: by default a sequence's context is cut into splits by its length alone (`SPLIT_TOKENS`), so its result
+never depends on the batch. `decode_splits="by-batch"` sizes the splits by the batch instead
+(`split_tokens_for`): many short ones when a few sequences must fill the GPU, a single one when the batch does.
 """
 
 from __future__ import annotations
@@ -448,6 +453,30 @@ def choose_num_splits(max_seq_len: int, split_tokens: int = SPLIT_TOKENS) -> int
     return triton.next_power_of_2(max(1, min(triton.cdiv(max_seq_len, split_tokens), MAX_SPLITS)))
 
 
+def split_partials(out: torch.Tensor, splits: int, head_dim_pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1's fp32 partial outputs and (max, sum) pairs per split; with one split stage 1 writes `out` and
+    these are unused placeholders."""
+    if splits == 1:
+        return out, out
+    num_seqs, num_q_heads, _ = out.shape
+    acc = torch.empty(num_seqs, num_q_heads, splits, head_dim_pad, dtype=torch.float32, device=out.device)
+    return acc, torch.empty(num_seqs, num_q_heads, splits, 2, dtype=torch.float32, device=out.device)
+
+
+def split_tokens_for(decode_splits: str, num_seqs: int, num_kv_heads: int, block_n: int) -> int:
+    """Tokens a split. "by-length": SPLIT_TOKENS at every batch size. "by-batch": from the (sequence, KV head)
+    programs the batch brings before splitting: up to 8 (batch 1 at 8 KV heads) want the shortest splits, up to
+    64 short ones, from 1024 on one split per sequence up to 1024 tokens (no merge); H200 kernel timings:
+    `decode_attention_split_sizes_h200.json`. At least one KV tile (block_n): a shorter split would be empty."""
+    if decode_splits not in ("by-length", "by-batch"):
+        raise ValueError(f"decode_splits must be 'by-length' or 'by-batch', got {decode_splits!r}")
+    if decode_splits == "by-length":
+        return SPLIT_TOKENS
+    programs = num_seqs * num_kv_heads
+    tokens = 64 if programs <= 8 else 128 if programs <= 64 else 1024 if programs >= 1024 else SPLIT_TOKENS
+    return max(tokens, block_n)
+
+
 def decode_attention(
     q: torch.Tensor,
     key_cache: torch.Tensor,
@@ -461,13 +490,14 @@ def decode_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     fp8_decode: str = "auto",
-    split_tokens: int = SPLIT_TOKENS,
+    split_tokens: int | None = None,
     maxnreg: int | None = None,
     reduce_warps: int = REDUCE_WARPS,
+    decode_splits: str = "by-length",
 ) -> torch.Tensor:
     """Decode attention: q [num_seqs, num_q_heads, head_dim] -> q's shape and dtype; see the module docstring.
-    maxnreg: a register cap for ptxas (more resident programs; spills past what the kernel needs:
-    benchmarks/kernel_resources.py says which); None: default_register_cap's, 0: none; reduce_warps: stage 2's."""
+    maxnreg: a register cap for ptxas (None: default_register_cap's, 0: none); split_tokens: None = by
+    `decode_splits` (split_tokens_for); reduce_warps: stage 2's."""
     (num_seqs, num_q_heads, head_dim), (_, block_size, num_kv_heads, _) = q.shape, key_cache.shape
     group = num_q_heads // num_kv_heads
     check_kernel_inputs(q, key_cache, value_cache)
@@ -475,15 +505,13 @@ def decode_attention(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_seqs == 0:
         return out
-    splits = num_splits or choose_num_splits(meta.max_seq_len, split_tokens)
     mode, nan_all_ones, kv_factor = kv_mode(key_cache.dtype, q.device, fp8_decode)
     maxnreg = default_register_cap(head_dim, key_cache.dtype, fp8_decode, q.device) if maxnreg is None else maxnreg
     block_n = block_n or kv_block_n(key_cache.dtype)
+    split_tokens = split_tokens or split_tokens_for(decode_splits, num_seqs, num_kv_heads, block_n)
+    splits = num_splits or choose_num_splits(meta.max_seq_len, split_tokens)
     head_dim_pad = triton.next_power_of_2(head_dim)
-    part_acc = part_ml = out  # unused placeholders when there is one split
-    if splits > 1:
-        part_acc = torch.empty(num_seqs, num_q_heads, splits, head_dim_pad, dtype=torch.float32, device=q.device)
-        part_ml = torch.empty(num_seqs, num_q_heads, splits, 2, dtype=torch.float32, device=q.device)
+    part_acc, part_ml = split_partials(out, splits, head_dim_pad)
     kc, vc = cache_view(key_cache), cache_view(value_cache)
     _decode_split_kernel[(num_seqs, num_kv_heads, splits)](
         q, kc, vc, meta.block_tables, meta.seq_lens, k_scale, v_scale, out, part_acc, part_ml, sm_scale * LOG2E,

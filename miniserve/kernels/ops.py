@@ -50,12 +50,14 @@ def paged_attention(
     sm_scale: float,
     backend: str = "auto",
     fp8_decode: str = "auto",
+    decode_splits: str = "by-length",
 ) -> torch.Tensor:
     """Causal attention of the packed new tokens `q` [num_tokens, num_q_heads, head_dim] over the paged cache.
 
     backend "triton": the decode kernel when every sequence brings one token (see
     `AttentionMetadata.as_decode_queries`), else the extend kernel. Returns `[num_tokens, num_q_heads, head_dim]`
-    in q.dtype. fp8_decode: how the kernels convert an FP8 cache (EngineConfig.fp8_decode; the reference is exact).
+    in q.dtype. fp8_decode: how the kernels convert an FP8 cache (EngineConfig.fp8_decode; the reference is exact);
+    decode_splits: how the decode kernel splits contexts (EngineConfig.decode_splits; the reference has no splits).
     """
     if q.shape[1] % key_cache.shape[2]:
         raise ValueError(f"num_q_heads ({q.shape[1]}) must be a multiple of num_kv_heads ({key_cache.shape[2]})")
@@ -66,7 +68,10 @@ def paged_attention(
     if meta.is_decode:
         from miniserve.kernels.decode_attention import decode_attention
 
-        return decode_attention(q, key_cache, value_cache, meta, k_scale, v_scale, sm_scale, fp8_decode=fp8_decode)
+        return decode_attention(
+            q, key_cache, value_cache, meta, k_scale, v_scale, sm_scale, fp8_decode=fp8_decode,
+            decode_splits=decode_splits,
+        )  # fmt: skip
     from miniserve.kernels.extend_attention import extend_attention
 
     return extend_attention(q, key_cache, value_cache, meta, k_scale, v_scale, sm_scale, fp8_decode=fp8_decode)

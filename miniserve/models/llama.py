@@ -99,6 +99,7 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5
         self.backend = backend
         self.fp8_decode = "auto"  # EngineConfig.fp8_decode, set by the runner whose pool is FP8
+        self.decode_splits = "by-length"  # EngineConfig.decode_splits, set by the runner
         self.tp = tp
 
     def forward(
@@ -114,8 +115,9 @@ class Attention(nn.Module):
         apply_rotary_(q, k, positions, rotary.cos, rotary.sin, self.backend)  # in place (q, k may be views of qkv)
         reshape_and_cache(k, v, kv.key_cache, kv.value_cache, meta.slot_mapping, kv.k_scale, kv.v_scale)
         out = paged_attention(
-            q, kv.key_cache, kv.value_cache, meta, kv.k_scale, kv.v_scale, self.scale, self.backend, self.fp8_decode
-        )
+            q, kv.key_cache, kv.value_cache, meta, kv.k_scale, kv.v_scale, self.scale, self.backend,
+            self.fp8_decode, self.decode_splits,
+        )  # fmt: skip
         out = F.linear(out.reshape(-1, self.q_size), self.o_weight)
         return out if self.tp is None else self.tp.all_reduce(out)  # row-parallel: sum the ranks' partials
 

@@ -1,0 +1,131 @@
+"""Experiment: a decode layer's chain of kernels with programmatic dependent launch (needs a Hopper GPU).
+
+    python benchmarks/pdl_chain.py [--out pdl_chain.json]
+
+Per layer (16 layers of Llama-3.2-1B's weights, each layer its own): a tiny elementwise kernel before each of
+q/k/v, output, gate/up and down projections, as RMSNorm, attention and SiLU sit before them in the model.
+Variants, each one CUDA graph of the 16 layers: cuBLAS; the skinny Triton GEMM; both kernels launched
+dependent (PDL: a kernel starts while the one before finishes, and waits for its results with griddepcontrol);
+PDL with the GEMM prefetching its weights into L2 before it waits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.provenance import write_result  # noqa: E402
+from benchmarks.tune_linear import skinny_linear  # noqa: E402
+
+WEIGHTS = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192)}
+CONFIGS = {  # best of tune_linear_h200.json: block_m 16 at M <= 16, 64 above
+    16: {"qkv": (32, 512, 2, 5), "o": (16, 512, 2, 3), "gate_up": (64, 128, 4, 3), "down": (16, 512, 2, 5)},
+    64: {"qkv": (32, 128, 4, 5), "o": (16, 256, 4, 5), "gate_up": (64, 128, 4, 3), "down": (16, 256, 4, 5)},
+}
+
+
+@triton.jit
+def _tiny_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    tl.store(out_ptr + offs, x * 0.5, mask=offs < n)
+
+
+def tiny(x: torch.Tensor, pdl: bool) -> torch.Tensor:
+    out = torch.empty_like(x)
+    _tiny_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024, USE_PDL=pdl, launch_pdl=pdl)
+    return out
+
+
+def layer(x, w, gemm, pdl):
+    h = tiny(x, pdl)
+    gemm(h, w["qkv"], "qkv")
+    y = gemm(tiny(h, pdl), w["o"], "o")
+    z = gemm(tiny(y, pdl), w["gate_up"], "gate_up")
+    return gemm(tiny(z[:, :8192], pdl), w["down"], "down")
+
+
+def make_gemm(variant: str, m: int):
+    if variant == "cublas":
+        return lambda x, w, name: F.linear(x, w)
+    cfgs = CONFIGS[16 if m <= 16 else 64]
+    pdl = variant != "triton"
+    prefetch = {"triton+pdl+prefetch": -1, "triton+pdl+prefetch512": 512}.get(variant, 0)
+
+    def gemm(x, w, name):
+        bn, bk, warps, stages = cfgs[name]
+        pk = w.shape[1] if prefetch == -1 else prefetch
+        return skinny_linear(x, w, 16 if m <= 16 else 64, bn, bk, warps, stages, pdl=pdl, prefetch_k=pk)
+
+    return gemm
+
+
+def time_chain(variant: str, m: int, layers: list[dict]) -> tuple[float, torch.Tensor]:
+    x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+    gemm, pdl = make_gemm(variant, m), variant.startswith("triton+pdl")
+
+    def run():
+        h = x
+        for w in layers:
+            h = layer(h, w, gemm, pdl)
+        return h
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    times = []
+    for _ in range(21):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[10], out.clone()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    layers = [{k: torch.randn(*s, device="cuda", dtype=torch.bfloat16) * 0.02 for k, s in WEIGHTS.items()}
+              for _ in range(16)]  # fmt: skip
+    wbytes = sum(t.numel() * 2 for w in layers for t in w.values())
+    rows = []
+    variants = ("cublas", "triton", "triton+pdl", "triton+pdl+prefetch", "triton+pdl+prefetch512")
+    for m in (1, 16, 64):
+        ref = None
+        for variant in variants:
+            us, out = time_chain(variant, m, layers)
+            _, again = time_chain(variant, m, layers)
+            ref = out if variant == "triton" else ref
+            same = None if ref is None or variant == "cublas" else bool(torch.equal(out, ref))
+            diff = None if ref is None or variant == "cublas" else (out.float() - ref.float()).abs().max().item()
+            rows.append({"m": m, "variant": variant, "us": us, "tbs": wbytes / us / 1e6, "same_as_triton": same,
+                         "max_abs_diff_to_triton": diff, "repeatable": bool(torch.equal(out, again)),
+                         "finite": bool(out.isfinite().all())})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        write_result(args.out, {"gpu": torch.cuda.get_device_name(), "weight_bytes": wbytes, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

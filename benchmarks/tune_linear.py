@@ -1,0 +1,204 @@
+"""Decode-step linear layers: a skinny Triton GEMM against cuBLAS (needs a GPU; the kernel's test runs anywhere).
+
+    python benchmarks/tune_linear.py [--out tune_linear.json]
+
+The question: are the small projections of a decode step (Llama-3.2-1B's q/k/v and output, 8-12 MB, at 1.3-2
+TB/s with cuBLAS in `profile_decode_llama1b_b*_h200.json`) slow because of cuBLAS's kernels, or because a
+kernel that reads a few MB cannot reach HBM bandwidth? `skinny_linear` is the obvious alternative: every
+program a narrow slice of output columns (BLOCK_N) over the whole reduction in BLOCK_K steps, fp32 accumulation,
+no split-K pass. It is an experiment, not an engine kernel (the answer, `tune_linear_h200.json`: cuBLAS's speed).
+
+For each projection of the real shapes (Llama-3.2-1B, Llama-3.1-8B, Qwen3-0.6B) and each decode batch size it
+times F.linear and every launch config of the Triton kernel, each as a CUDA graph of back-to-back launches that
+cycle through enough copies of the weight to overflow L2 (a decode step reads every weight from HBM once; timing
+one weight over and over would read it from L2). Reports microseconds a launch, weight bandwidth, and the
+Triton output's largest error against an fp64 product next to cuBLAS's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.provenance import write_result  # noqa: E402
+
+# name: (N, K) of the weight
+SHAPES = {
+    "llama-1b qkv": (3072, 2048),
+    "llama-1b o": (2048, 2048),
+    "llama-1b gate_up": (16384, 2048),
+    "llama-1b down": (2048, 8192),
+    "llama-8b qkv": (6144, 4096),
+    "llama-8b o": (4096, 4096),
+    "llama-8b down": (4096, 14336),
+    "qwen3-0.6b qkv": (4096, 1024),
+    "qwen3-0.6b o": (1024, 2048),
+    "qwen3-0.6b down": (1024, 3072),
+}
+BATCHES = (1, 8, 16, 32, 64, 128)
+ROTATE_BYTES = 512 << 20  # weight copies cycled through per graph: 10x the H200's L2
+
+
+@triton.jit
+def _skinny_linear_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
+    PREFETCH_K: tl.constexpr = 0,
+):
+    """One program: BLOCK_M rows x BLOCK_N output columns over all of K (K % BLOCK_K == 0)."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
+    w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
+    row_ok = (rows < M)[:, None]
+    col_ok = (cols < N)[None, :]
+    if PREFETCH_K > 0:  # pull this program's weights toward L2 while the kernel before is still running
+        lines = tl.arange(0, PREFETCH_K // 64) * 64
+        pf = w_ptr + cols[:, None].to(tl.int64) * stride_wn + lines[None, :]
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [pf], dtype=tl.int32, is_pure=False, pack=1)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(0, K, BLOCK_K):
+        x = tl.load(x_ptrs, mask=row_ok, other=0.0)
+        w = tl.load(w_ptrs, mask=col_ok, other=0.0)
+        acc = tl.dot(x, w, acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok & col_ok)
+
+
+def skinny_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    block_m: int = 16,
+    block_n: int = 32,
+    block_k: int = 256,
+    num_warps: int = 4,
+    num_stages: int = 4,
+    pdl: bool = False,
+    prefetch_k: int = 0,
+) -> torch.Tensor:
+    """`x [M, K] @ weight[N, K].T` with the Triton kernel (contiguous rows; K a multiple of block_k)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if k % block_k or weight.shape[1] != k or x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError(f"needs K % {block_k} == 0 and unit column strides, got {x.shape} {weight.shape}")
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    _skinny_linear_kernel[grid](
+        x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        USE_PDL=pdl, PREFETCH_K=prefetch_k, launch_pdl=pdl,
+    )  # fmt: skip
+    return out
+
+
+def time_launches(fn, copies: list[torch.Tensor], x: torch.Tensor, launches: int = 60) -> float:
+    """Median microseconds a launch over 5 replays of a graph of `launches` calls cycling through `copies`."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for w in copies[:2]:
+            fn(x, w)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(launches):
+            fn(x, copies[i % len(copies)])
+    graph.replay()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / launches)
+    return sorted(times)[2]
+
+
+def configs(m: int):
+    block_m = 16 if m <= 16 else 64
+    for bn, bk, w, st in itertools.product((16, 32, 64), (128, 256, 512), (2, 4, 8), (3, 5)):
+        yield dict(block_m=block_m, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+
+
+def tune_shape(name: str, n: int, k: int) -> list[dict]:
+    wbytes = n * k * 2
+    count = max(2, ROTATE_BYTES // wbytes)
+    copies = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(count)]
+    rows = []
+    for m in BATCHES:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        exact = (x.double() @ copies[0].double().T).float()
+        cublas_us = time_launches(F.linear, copies, x)
+        cublas_err = (F.linear(x, copies[0]).float() - exact).abs().max().item()
+        best = None
+        for cfg in configs(m):
+            fn = lambda a, w, cfg=cfg: skinny_linear(a, w, **cfg)  # noqa: E731
+            try:
+                out = fn(x, copies[0])
+                us = time_launches(fn, copies, x)
+            except Exception as e:  # noqa: BLE001 - out of shared memory and the like
+                print(f"  skip {name} m{m} {cfg}: {type(e).__name__}", flush=True)
+                continue
+            err = (out.float() - exact).abs().max().item()
+            if best is None or us < best["us"]:
+                best = {"config": cfg, "us": us, "max_abs_err": err}
+        row = {"shape": name, "n": n, "k": k, "m": m, "cublas_us": cublas_us, "cublas_tbs": wbytes / cublas_us / 1e6,
+               "cublas_max_abs_err": cublas_err, "triton_us": best["us"], "triton_tbs": wbytes / best["us"] / 1e6,
+               "triton_max_abs_err": best["max_abs_err"], "triton_config": best["config"],
+               "speedup": cublas_us / best["us"]}  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    del copies
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    args = ap.parse_args()
+    rows = [r for name in args.shapes for r in tune_shape(name, *SHAPES[name])]
+    print("\nshape              m   cuBLAS us  TB/s  triton us  TB/s  speedup  config")
+    for r in rows:
+        c = r["triton_config"]
+        print(f"{r['shape']:18s} {r['m']:3d} {r['cublas_us']:10.1f} {r['cublas_tbs']:5.2f} {r['triton_us']:10.1f} "
+              f"{r['triton_tbs']:5.2f} {r['speedup']:7.2f}  bn{c['block_n']} bk{c['block_k']} w{c['num_warps']} "
+              f"s{c['num_stages']}")  # fmt: skip
+    if args.out:
+        write_result(args.out, {"gpu": torch.cuda.get_device_name(), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
