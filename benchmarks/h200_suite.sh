@@ -24,7 +24,7 @@
 #   OLD=DIR [OLD_COMMIT=...] bash benchmarks/h200_suite.sh engineab OUT_DIR # offline fixed (1B, batch 64) and nano, old tree and this one
 #   OLD=DIR [OLD_COMMIT=...] bash benchmarks/h200_suite.sh samplerab OUT_DIR # the sampling kernel's checks; nano and batch-1, old and this
 #   bash benchmarks/h200_suite.sh splits OUT_DIR  # decode_splits by-length and by-batch: kernel split sizes, batch 1 (1B, 8B), batch 64, nano
-#   bash benchmarks/h200_suite.sh splitsweep OUT_DIR # the Llama-3.2-1B batch sweep with both decode_splits
+#   bash benchmarks/h200_suite.sh splitsweep OUT_DIR # kernel split sizes; the Llama-3.2-1B batch sweep with both decode_splits
 #   bash benchmarks/h200_suite.sh linear OUT_DIR  # skinny Triton GEMM vs cuBLAS; a decode layer's kernel chain with PDL
 # Every step is bounded in time and independent of the others: one that fails leaves the rest to run.
 set -u
@@ -365,7 +365,9 @@ if [ "$part" = splits ]; then
 fi
 
 if [ "$part" = splitsweep ]; then
-  tp 400 --shape llama-3.2-1b --workload sweep --batches 1 8 32 64 128 256 --prompt 512 --gen 64 --repeats 3 \
+  timeout 100 python3 benchmarks/tune_decode_attention.py --split-sizes --out "$out/decode_attention_split_sizes_h200.json" \
+    2>&1 | tail -3
+  tp 330 --shape llama-3.2-1b --workload sweep --batches 1 8 32 64 128 256 --prompt 512 --gen 64 --repeats 2 \
     --kv-cache-dtype auto fp8 --decode-splits by-length by-batch --plot "$out/throughput_sweep_llama1b_h200.png" \
     --out "$out/throughput_sweep_llama1b_h200.json"
 fi

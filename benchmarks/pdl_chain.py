@@ -73,7 +73,7 @@ def make_gemm(variant: str, m: int):
 
 
 def time_chain(variant: str, m: int, layers: list[dict]) -> tuple[float, torch.Tensor]:
-    x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(m))
     gemm, pdl = make_gemm(variant, m), variant.startswith("triton+pdl")
 
     def run():
