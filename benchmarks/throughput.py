@@ -545,8 +545,8 @@ def main(argv: list[str] | None = None) -> dict:
                 run["extend_variant"] = variant
             if decode_variant != "default":
                 run["decode_variant"] = decode_variant
-            if args.splits != "by-length":
-                run["decode_splits"] = args.splits
+            if llm.engine.config.decode_splits != "by-length":
+                run["decode_splits"] = llm.engine.config.decode_splits  # what the engine was built with
             if args.workload == "nano":
                 run |= run_nano(llm, cfg, args, gbs)
             elif args.workload == "prefill":
@@ -661,12 +661,17 @@ def plot_sweep(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    roofs = set()  # one roofline per KV dtype, whatever the runs' other settings
     for run in result["runs"]:
         xs = [r["batch"] for r in run["sweep"]]
-        ax.plot(xs, [r["decode_tok_s"] for r in run["sweep"]], "o-", label=f"miniserve, KV {run['kv_dtype']}")
+        kv = run["kv_dtype"].removeprefix("torch.")
+        splits = f", {run['decode_splits']}" if "decode_splits" in run else ""
+        ax.plot(xs, [r["decode_tok_s"] for r in run["sweep"]], "o-", label=f"miniserve, KV {kv}{splits}")
         bw = "measured_copy" if "measured_copy" in result["bandwidth_gbs"] else "assumed"
-        roof = [r["batch"] / (r[f"decode_step_roofline_ms_{bw}"] / 1e3) for r in run["sweep"]]
-        ax.plot(xs, roof, "--", label=f"roofline ({bw} bandwidth), KV {run['kv_dtype']}")
+        if kv not in roofs:
+            roofs.add(kv)
+            roof = [r["batch"] / (r[f"decode_step_roofline_ms_{bw}"] / 1e3) for r in run["sweep"]]
+            ax.plot(xs, roof, "--", label=f"roofline ({bw} bandwidth), KV {kv}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size")

@@ -31,8 +31,15 @@ def load(name: str) -> dict | None:
 
 
 def runs_by_kv(result: dict) -> dict[str, dict]:
-    """The default configuration's run per KV dtype (runs with an FP8 decode variant are apart: staged_run)."""
-    return {r["kv_cache_dtype"]: r for r in result["runs"] if "decode_variant" not in r}
+    """The default configuration's run per KV dtype (runs with an FP8 decode variant or the by-batch decode splits
+    are apart: staged_run, by_batch_runs)."""
+    return {r["kv_cache_dtype"]: r for r in result["runs"] if "decode_variant" not in r and "decode_splits" not in r}
+
+
+def by_batch_runs(result: dict | None) -> dict[str, dict]:
+    """The runs with decode_splits="by-batch" per KV dtype (empty where the file has none)."""
+    runs = result["runs"] if result else []
+    return {r["kv_cache_dtype"]: r for r in runs if r.get("decode_splits") == "by-batch"}
 
 
 def staged_run(result: dict) -> dict | None:
@@ -75,7 +82,7 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
         rows.append(
             (
                 "`nano`, fp8 KV: >= 1.3x the bf16 run",
-                f"{fmt(fp8['output_tok_s'])} tok/s = {ratio:.2f}x{opt_in}",
+                f"{fmt(fp8['output_tok_s'])} tok/s = {ratio:.2f}x{opt_in}{nano_splits_note()}",
                 "yes" if ratio >= 1.3 else "no",
                 "measured with the exact FP8 decode kernel's registers capped at 128 (four programs an SM, "
                 f"bit-identical); {nano_cap_note()}; the kernel moves half the bytes of bf16 but is still "
@@ -130,13 +137,14 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                 ncu_summary(),
             )
         )
-    worst = fp8_vs_bf16_worst()
+    worst, by_batch = fp8_vs_bf16_worst(), fp8_vs_bf16_worst(by_batch_runs)
     if worst:
         ratio, where = worst
+        opt_in = f'; with `decode_splits="by-batch"`: {by_batch[0]:.2f} ({by_batch[1]})' if by_batch else ""
         rows.append(
             (
                 "FP8 KV never slower than bf16 at batch >= 8",
-                f"worst fp8/bf16 throughput {ratio:.2f} ({where})",
+                f"worst fp8/bf16 throughput {ratio:.2f} ({where}){opt_in}",
                 "yes" if ratio >= 1.0 else "no",
                 "the FP8 kernel gathers its V tile one byte per shared-memory load (offline compiler analysis: "
                 "`decode_attention_fp8_registers.md`); at head_dim 128 the register cap makes it faster than bf16 "
@@ -152,7 +160,9 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                 "Llama-3.2-1B shape, batch 64: decode step <= 1.2 ms",
                 f"{step:.2f} ms (bf16; prompt 512, 256 new)",
                 "yes" if step <= 1.2 else "no",
-                "GPU time, not the host, sets the step: " + decode_profile("profile_decode_llama1b_b64_h200.json"),
+                "GPU time, not the host, sets the step: "
+                + decode_profile("profile_decode_llama1b_b64_h200.json")
+                + gemm_note(64),
             )
         )
     for name, shape, target in (
@@ -161,15 +171,18 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
     ):
         lat = load(name)
         if lat:
-            tps = lat["runs"][0]["decode_tok_s"]
+            run, fast = runs_by_kv(lat)["auto"], by_batch_runs(lat).get("auto")
+            tps = run["decode_tok_s"]
+            opt_in = f'; opt-in `decode_splits="by-batch"`: {fmt(fast["decode_tok_s"])} tok/s' if fast else ""
             rows.append(
                 (
                     f"batch 1, {shape} shape: >= {target:,} tok/s",
-                    f"{fmt(tps)} tok/s ({fmt(lat['runs'][0]['pct_roofline_measured_copy'])}% of the roofline)",
+                    f"{fmt(tps)} tok/s ({fmt(run['pct_roofline_measured_copy'])}% of the roofline){opt_in}",
                     "yes" if tps >= target else "no",
                     "at batch 1 every kernel is tiny: launch gaps and small-GEMV efficiency, not bytes"
                     + (f"; {decode_profile('profile_decode_llama1b_b1_h200.json')}" if "1B" in shape else "")
-                    + small_batch_decode_note(),
+                    + small_batch_decode_note()
+                    + (gemm_note(1) if "1B" in shape else ""),
                 )
             )
     pre = load("throughput_prefill_qwen3_h200.json")
@@ -760,19 +773,59 @@ def head64_fp8_note() -> str:
 
 
 def small_batch_decode_note() -> str:
-    """The decode kernel's launch at batch 1 and 8: the best of warps x pipeline depth against the default."""
-    data = load("decode_attention_small_batch_h200.json")
-    if not data:
+    """The decode kernel at batch 1 and 8: the best of warps x pipeline depth against the default (the same bits),
+    and shorter splits (other bits, hence opt-in)."""
+    data, splits = load("decode_attention_small_batch_h200.json"), load("decode_attention_split_sizes_h200.json")
+    if not data or not splits:
         return ""
     rows = data["small_batches"]
     best = max(rows, key=lambda r: r["speedup"])
-    b1 = next(r for r in rows if r["shape"] == "llama-1b b1 ctx640" and "bfloat16" in r["cache"])
+    sized = {(r["shape"], r["split_tokens"]): r for r in splits["split_sizes"] if "bfloat16" in r["cache"]}
+    b1, b1_64 = sized[("llama-1b b1 ctx640", 512)], sized[("llama-1b b1 ctx640", 64)]
+    big, big_1k = sized[("llama-1b b256 ctx576", 512)], sized[("llama-1b b256 ctx576", 1024)]
     return (
         f"; the decode kernel's launch is not what holds it: over 2-8 warps and pipeline depths 1-4 (every one "
         f"bit-identical) the best at batch 1 and 8 is {best['speedup']:.2f}x the default ({best['shape']}, "
-        f"`decode_attention_small_batch_h200.json`), which takes {b1['default_us']:.1f} us a layer at Llama-3.2-1B's "
-        "batch 1: a split walks its KV tiles one after another, and more splits would change the bits "
-        "(a sequence's splits follow its length, never its batch)"
+        "`decode_attention_small_batch_h200.json`); its split size is: a split walks its KV tiles one after "
+        f"another, and at Llama-3.2-1B's batch 1 the kernel takes {b1['us']:.1f} us a layer in 512-token splits, "
+        f"{b1_64['us']:.1f} us in 64-token ones, while batch 256 wants the opposite ({big['us']:.0f} us, "
+        f"{big_1k['us']:.0f} us in one split a sequence; `decode_attention_split_sizes_h200.json`). Splits sized by "
+        "the batch make a sequence's result depend on its batch, so they are opt-in "
+        '(`decode_splits="by-batch"`)'
+    )
+
+
+def gemm_note(batch: int) -> str:
+    """The GEMM experiments at one decode batch size: our own skinny GEMM against cuBLAS, and a layer's kernel
+    chain launched as programmatic dependents (PDL)."""
+    tune, chain = load("tune_linear_h200.json"), load("pdl_chain_h200.json")
+    if not tune or not chain:
+        return ""
+    mine = [r for r in tune["rows"] if r["m"] == batch and r["shape"].startswith("llama-1b")]
+    low, high = min(r["speedup"] for r in mine), max(r["speedup"] for r in mine)
+    us = {r["variant"]: r["us"] for r in chain["rows"] if r["m"] == batch}
+    return (
+        f". The small GEMMs are bound by their start and end, not by cuBLAS: a skinny Triton GEMM of our own runs "
+        f"Llama-3.2-1B's four projections at {low:.2f}-{high:.2f}x cuBLAS's speed at batch {batch} "
+        "(`tune_linear_h200.json`); what does help is starting each kernel while the one before finishes "
+        f"(programmatic dependent launch): 16 layers' GEMMs with a small kernel before each, {us['cublas']:.0f} us "
+        f"with cuBLAS, {us['triton']:.0f} us with the Triton GEMM, {us['triton+pdl']:.0f} us launched as dependents, "
+        "the same bits (`pdl_chain_h200.json`); the engine does not launch so yet"
+    )
+
+
+def nano_splits_note() -> str:
+    """nano with decode_splits by-length and by-batch, side by side in one run."""
+    data = load("throughput_nano_splits_h200.json")
+    if not data:
+        return ""
+    plain, fast = runs_by_kv(data), by_batch_runs(data)
+    base = plain["fp8"]["output_tok_s"] / plain["auto"]["output_tok_s"]
+    ratio = fast["fp8"]["output_tok_s"] / fast["auto"]["output_tok_s"]
+    return (
+        f'; opt-in `decode_splits="by-batch"` (`throughput_nano_splits_h200.json`, beside the default in one run: '
+        f"{base:.2f}x): bf16 {fmt(fast['auto']['output_tok_s'])}, fp8 {fmt(fast['fp8']['output_tok_s'])} tok/s = "
+        f"{ratio:.2f}x"
     )
 
 
@@ -829,24 +882,20 @@ def ncu_summary() -> str:
     )
 
 
-def fp8_vs_bf16_worst() -> tuple[float, str] | None:
-    """The lowest fp8/bf16 output-throughput ratio over every measured configuration with batch >= 8."""
+def fp8_vs_bf16_worst(select=runs_by_kv) -> tuple[float, str] | None:
+    """The lowest fp8/bf16 output-throughput ratio over every measured configuration with batch >= 8, of the runs
+    `select` picks (runs_by_kv: the defaults; by_batch_runs: decode_splits="by-batch", where a file has them)."""
     pairs = []
-    nano = load("throughput_nano_h200.json")
-    if nano:
-        kv = runs_by_kv(nano)
-        pairs.append((kv["fp8"]["output_tok_s"] / kv["auto"]["output_tok_s"], "nano"))
-    fixed = load("throughput_fixed_llama1b_h200.json")
-    if fixed:
-        kv = runs_by_kv(fixed)
-        pairs.append((kv["fp8"]["output_tok_s"] / kv["auto"]["output_tok_s"], "Llama-3.2-1B batch 64"))
-    big = load("throughput_fixed_llama8b_h200.json")
-    if big:
-        kv = runs_by_kv(big)
-        pairs.append((kv["fp8"]["output_tok_s"] / kv["auto"]["output_tok_s"], "Llama-3.1-8B batch 64"))
+    nano = load("throughput_nano_h200.json" if select is runs_by_kv else "throughput_nano_splits_h200.json")
+    files = {"nano": nano, "Llama-3.2-1B batch 64": load("throughput_fixed_llama1b_h200.json")}
+    files["Llama-3.1-8B batch 64"] = load("throughput_fixed_llama8b_h200.json")
+    for where, data in files.items():
+        kv = select(data) if data else {}
+        if "fp8" in kv and "auto" in kv:
+            pairs.append((kv["fp8"]["output_tok_s"] / kv["auto"]["output_tok_s"], where))
     sweep = load("throughput_sweep_llama1b_h200.json")
-    if sweep:
-        kv = runs_by_kv(sweep)
+    kv = select(sweep) if sweep else {}
+    if "fp8" in kv and "auto" in kv:
         for b, f in zip(kv["auto"]["sweep"], kv["fp8"]["sweep"]):
             if b["batch"] >= 8:
                 pairs.append((f["output_tok_s"] / b["output_tok_s"], f"Llama-3.2-1B sweep batch {b['batch']}"))

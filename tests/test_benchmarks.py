@@ -39,7 +39,11 @@ def test_roofline_counts_weights_per_step_and_live_kv():
 @pytest.mark.parametrize(
     "workload,extra",
     [
-        ("fixed", ["--batch", "3", "--prompt", "20", "--gen", "6", "--kv-cache-dtype", "auto", "fp8"]),
+        (
+            "fixed",
+            ["--batch", "3", "--prompt", "20", "--gen", "6", "--kv-cache-dtype", "auto", "fp8"]
+            + ["--decode-splits", "by-length", "by-batch"],
+        ),
         (
             "nano",
             ["--nano-seqs", "3", "--nano-len", "24", "--kv-write", "fused", "two_launch", "--kv-cache-dtype", "fp8"],
@@ -65,6 +69,10 @@ def test_benchmark_runs_on_the_cpu(tmp_path, workload, extra):
 
         assert [r.get("extend_variant") for r in result["runs"]] == [None, "diag"]
         assert ext.extend_attention is throughput._EXTEND_LAUNCHER["default"]
+    if workload == "fixed":  # each KV dtype with each decode_splits, the engine built with it
+        assert [(r["kv_cache_dtype"], r.get("decode_splits")) for r in result["runs"]] == [
+            ("auto", None), ("fp8", None), ("auto", "by-batch"), ("fp8", "by-batch")
+        ]  # fmt: skip
     assert result["commit"] and result["torch"]
 
 
