@@ -210,6 +210,12 @@ def check_attention(device) -> list[dict]:
                      cache=str(cache)[6:], q=str(qd)[6:], q_mult=q_mult, fp8_decode=fp8_decode, max_abs_err=err,
                      ok=ok, **extra)
             )  # fmt: skip
+            if kind == "decode" and fp8_decode == "auto":  # the split sizes decode_splits="by-batch" picks
+                for split_tokens in (64, 128, 1024):
+                    got = decode_attention(q, kc, vc, meta, ks, vs, sm, split_tokens=split_tokens).float()
+                    rows.append({**rows[-1], "kind": f"decode, {split_tokens}-token splits",
+                                 "max_abs_err": (got - want).abs().max().item(),
+                                 "ok": bool(torch.allclose(got, want, atol=tol, rtol=tol))})  # fmt: skip
     return rows
 
 
