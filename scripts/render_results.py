@@ -999,11 +999,20 @@ def decode_attention() -> str:
     return table(header, rows)
 
 
+def attention_failure(r: dict) -> str:
+    """One attention check that is off: which case, and whether its error or its bits (an opt-in read checked
+    for bit-identity with the default) made it so."""
+    case = f"{r['kind']} {r['cache']} head_dim {r['head_dim']} q×{r['q_mult']:g} fp8_decode={r['fp8_decode']}"
+    if r.get("identical_to_auto") is False:
+        return f"{case} (not bit-identical to auto; err {r['max_abs_err']:.3g})"
+    return f"{case} (err {r['max_abs_err']:.3g})"
+
+
 def gpu_correctness() -> str:
     k, e = load("kernel_checks_h200.json"), load("engine_check_h200.json")
     exact = k["cache_write_exact"]
     att = k["attention_vs_reference"]
-    failed = [f"{r['kind']} {r['cache']} q×{r['q_mult']:g} (err {r['max_abs_err']:.3g})" for r in att if not r["ok"]]
+    failed = [attention_failure(r) for r in att if not r["ok"]]
     off = f"; off: {'; '.join(failed)}" if failed else ""
     lossless = e["lossless"]
     writes = e["fused_vs_reference_writes"]
