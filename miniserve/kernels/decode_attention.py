@@ -446,10 +446,8 @@ REDUCE_WARPS = 4  # stage 2: one (sequence, query head) of at most MAX_SPLITS x 
 
 
 def choose_num_splits(max_seq_len: int, split_tokens: int = SPLIT_TOKENS) -> int:
-    """The grid's split dimension: enough for the longest sequence; each sequence uses cdiv(len, 512) of them.
-
-    Splits follow context length only (not batch size) so results are batch-invariant; a long context still
-    spreads over up to 64 programs per KV head, which is what fills the GPU at small batch sizes."""
+    """The grid's split dimension: enough for the longest sequence; each sequence uses cdiv(len, split_tokens) of
+    them, at most MAX_SPLITS (a long context then gets longer splits). Which split_tokens: split_tokens_for."""
     return triton.next_power_of_2(max(1, min(triton.cdiv(max_seq_len, split_tokens), MAX_SPLITS)))
 
 
