@@ -834,16 +834,29 @@ def decode_profile(name: str) -> str:
     data = load(name)
     if not data:
         return "(no profile file)"
-    prof = data["runs"][0]["profile"]
+    run = runs_by_kv(data)["auto"]
+    parts = profile_parts(run["profile"])
+    split = ", ".join(f"{k} {v:.2f} ms" for k, v in parts.items())
+    step, busy = run["decode_step_ms_direct"], run["profile"]["gpu_ms_per_step"]
+    fast = by_batch_runs(data).get("auto")
+    opt_in = ""
+    if fast:
+        opt_in = (
+            f'; with `decode_splits="by-batch"` a {fast["decode_step_ms_direct"]:.2f} ms step, decode attention '
+            f"{profile_parts(fast['profile'])['decode attention']:.2f} ms"
+        )
+    return f"in a profiled run, a {step:.2f} ms step kept the GPU busy {busy:.2f} ms ({split}{opt_in}; `{name}`)"
+
+
+def profile_parts(prof: dict) -> dict[str, float]:
+    """A profile's GPU milliseconds a step in GEMMs (cuBLAS), decode attention (both stages) and the rest."""
     parts = {"GEMMs": 0.0, "decode attention": 0.0, "other": 0.0}
     for k in prof["kernels"]:
-        name_ = k["name"]
-        key = "GEMMs" if ("nvjet" in name_ or "gemm" in name_.lower() or "cublas" in name_) else "other"
-        key = "decode attention" if "_decode_" in name_ else key
+        name = k["name"]
+        key = "GEMMs" if ("nvjet" in name or "gemm" in name.lower() or "cublas" in name) else "other"
+        key = "decode attention" if "_decode_" in name else key
         parts[key] += k["us_per_step"] / 1e3
-    split = ", ".join(f"{k} {v:.2f} ms" for k, v in parts.items())
-    step, busy = data["runs"][0]["decode_step_ms_direct"], prof["gpu_ms_per_step"]
-    return f"in a profiled run, a {step:.2f} ms step kept the GPU busy {busy:.2f} ms ({split}; `{name}`)"
+    return parts
 
 
 def extend_why() -> str:
