@@ -24,7 +24,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.provenance import write_result  # noqa: E402
-from benchmarks.tune_linear import skinny_linear  # noqa: E402
+from benchmarks.tune_linear import replay_us, skinny_linear  # noqa: E402
 
 WEIGHTS = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192)}
 CONFIGS = {  # best of tune_linear_h200.json: block_m 16 at M <= 16, 64 above
@@ -34,18 +34,22 @@ CONFIGS = {  # best of tune_linear_h200.json: block_m 16 at M <= 16, 64 above
 
 
 @triton.jit
-def _tiny_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+def _tiny_kernel(x_ptr, out_ptr, cols, stride_x, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + offs, mask=offs < n)
-    tl.store(out_ptr + offs, x * 0.5, mask=offs < n)
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=offs < cols)
+    tl.store(out_ptr + row * cols + offs, x * 0.5, mask=offs < cols)
 
 
 def tiny(x: torch.Tensor, pdl: bool) -> torch.Tensor:
-    out = torch.empty_like(x)
-    _tiny_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024, USE_PDL=pdl, launch_pdl=pdl)
+    """x * 0.5 into a new contiguous tensor (x: rows of unit stride, e.g. the first columns of a wider matrix)."""
+    rows, cols = x.shape
+    out = torch.empty(rows, cols, dtype=x.dtype, device=x.device)
+    grid = (rows, triton.cdiv(cols, 1024))
+    _tiny_kernel[grid](x, out, cols, x.stride(0), BLOCK=1024, USE_PDL=pdl, launch_pdl=pdl)
     return out
 
 
@@ -82,23 +86,8 @@ def time_chain(variant: str, m: int, layers: list[dict]) -> tuple[float, torch.T
             h = layer(h, w, gemm, pdl)
         return h
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
-    times = []
-    for _ in range(21):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return sorted(times)[10], out.clone()
+    us, out = replay_us(run, replays=21)
+    return us, out.clone()
 
 
 def main() -> None:

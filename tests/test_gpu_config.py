@@ -324,3 +324,13 @@ def test_tune_linear_candidate_kernel_against_an_fp64_product(m):
     torch.testing.assert_close(got.double(), x.double() @ w.double().T, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="K % 96 == 0"):
         skinny_linear(x, w, block_k=96)
+
+
+def test_pdl_chain_small_kernel_reads_strided_rows():
+    """benchmarks/pdl_chain.py's stand-in for the small kernels between GEMMs, on the first columns of a wider
+    matrix (what the chain gives it before the down projection): every row read at its own stride."""
+    from benchmarks.pdl_chain import tiny
+
+    z = torch.randn(3, 40)
+    got = tiny(z[:, :24], pdl=False)
+    assert got.is_contiguous() and torch.equal(got, z[:, :24] * 0.5)
