@@ -155,7 +155,7 @@ def median_run(llm: LLM, prompts, params, repeats: int) -> tuple[float, int]:
     return statistics.median(r[0] for r in runs), runs[0][1]
 
 
-def make_llm(model: Path, kv: str, args, enable_prefix_caching: bool = True) -> LLM:
+def make_llm(model: Path, kv: str, args, enable_prefix_caching: bool = True, decode_splits: str = "by-length") -> LLM:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -165,7 +165,7 @@ def make_llm(model: Path, kv: str, args, enable_prefix_caching: bool = True) -> 
         enforce_eager=args.enforce_eager,
         enable_prefix_caching=enable_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size,
-        decode_splits=getattr(args, "splits", "by-length"),
+        decode_splits=decode_splits,
     )
     if args.speculative_model:
         kw["speculative_model"] = str(model) if args.speculative_model == "self" else args.speculative_model
@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["bandwidth_gbs"] = gbs
     result["runs"] = []
     configs = itertools.product(args.kv_write, args.extend_variant, args.decode_variant, args.decode_splits)
-    for kv_write, variant, decode_variant, args.splits in configs:
+    for kv_write, variant, decode_variant, splits in configs:
         set_kv_write(kv_write)
         set_extend_variant(variant)
         set_decode_variant(decode_variant)
@@ -537,16 +537,15 @@ def main(argv: list[str] | None = None) -> dict:
             if decode_variant != "default" and kv == "auto":
                 continue  # the FP8 variants change nothing for a bf16 cache
             if prefix:
-                result["runs"].append(run_prefix_on_off(model, kv, cfg, args))
+                result["runs"].append(run_prefix_on_off(model, kv, cfg, args, splits))
                 continue
-            llm = make_llm(model, kv, args)
+            llm = make_llm(model, kv, args, decode_splits=splits)
             run = {"kv_cache_dtype": kv, "kv_write": kv_write, "kv_dtype": str(llm.engine.target.kv_dtype)}
             if variant != "default":
                 run["extend_variant"] = variant
             if decode_variant != "default":
                 run["decode_variant"] = decode_variant
-            if llm.engine.config.decode_splits != "by-length":
-                run["decode_splits"] = llm.engine.config.decode_splits  # what the engine was built with
+            label_decode_splits(run, llm)
             if args.workload == "nano":
                 run |= run_nano(llm, cfg, args, gbs)
             elif args.workload == "prefill":
@@ -590,11 +589,18 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def run_prefix_on_off(model: Path, kv: str, cfg: dict, args) -> dict:
+def label_decode_splits(run: dict, llm: LLM) -> None:
+    """A run with decode_splits other than the default says so: what the engine was built with."""
+    if llm.engine.config.decode_splits != "by-length":
+        run["decode_splits"] = llm.engine.config.decode_splits
+
+
+def run_prefix_on_off(model: Path, kv: str, cfg: dict, args, decode_splits: str = "by-length") -> dict:
     run: dict = {"kv_cache_dtype": kv}
     for caching in (True, False):
-        llm = make_llm(model, kv, args, enable_prefix_caching=caching)
+        llm = make_llm(model, kv, args, enable_prefix_caching=caching, decode_splits=decode_splits)
         run["kv_dtype"] = str(llm.engine.target.kv_dtype)
+        label_decode_splits(run, llm)
         r = run_prefix(llm, cfg, args)
         run["caching_on" if caching else "caching_off"] = r
         print(

@@ -137,7 +137,7 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                 ncu_summary(),
             )
         )
-    worst, by_batch = fp8_vs_bf16_worst(), fp8_vs_bf16_worst(by_batch_runs)
+    worst, by_batch = fp8_vs_bf16_worst(), fp8_vs_bf16_worst(by_batch=True)
     if worst:
         ratio, where = worst
         opt_in = f'; with `decode_splits="by-batch"`: {by_batch[0]:.2f} ({by_batch[1]})' if by_batch else ""
@@ -355,23 +355,13 @@ def constrained_row() -> tuple | None:
         f"{shape} shape, {vocab} vocabulary: {so['ratios']['open']:.2f}x / {so['ratios']['bounded']:.2f}x"
         for (shape, vocab), so in runs.items()
     )
-    met = [
-        f"{shape} {vocab}"
-        for (shape, vocab), so in runs.items()
-        if min(so["ratios"]["open"], so["ratios"]["bounded"]) >= 0.9
-    ]
-    open_only = [
-        f"{shape} {vocab}"
-        for (shape, vocab), so in runs.items()
-        if so["ratios"]["open"] >= 0.9 > so["ratios"]["bounded"]
-    ]
-    verdict = ("yes: " + ", ".join(met) if met else "no") + (
-        "; unbounded strings only: " + ", ".join(open_only) if open_only else ""
-    )
-    verdict += (
-        "; no: " + ", ".join(f"{shape} {vocab}" for (shape, vocab), so in runs.items() if so["ratios"]["open"] < 0.9)
-        if any(so["ratios"]["open"] < 0.9 for so in runs.values())
-        else ""
+    groups: dict[str, list[str]] = {"yes": [], "unbounded strings only": [], "no": []}
+    for (shape, vocab), so in runs.items():
+        r = so["ratios"]
+        group = "yes" if min(r["open"], r["bounded"]) >= 0.9 else "unbounded strings only" if r["open"] >= 0.9 else "no"
+        groups[group].append(f"{shape} {vocab}")
+    verdict = "; ".join(
+        ([] if groups["yes"] else ["no"]) + [f"{k}: {', '.join(names)}" for k, names in groups.items() if names]
     )
     notes = [vocabulary_note(runs)]
     small = runs.get(("Llama-3.2-1B", "cl100k-like"))
@@ -895,11 +885,12 @@ def ncu_summary() -> str:
     )
 
 
-def fp8_vs_bf16_worst(select=runs_by_kv) -> tuple[float, str] | None:
-    """The lowest fp8/bf16 output-throughput ratio over every measured configuration with batch >= 8, of the runs
-    `select` picks (runs_by_kv: the defaults; by_batch_runs: decode_splits="by-batch", where a file has them)."""
+def fp8_vs_bf16_worst(by_batch: bool = False) -> tuple[float, str] | None:
+    """The lowest fp8/bf16 output-throughput ratio over every measured configuration with batch >= 8: of the
+    default runs, or of the decode_splits="by-batch" runs where a file has them."""
     pairs = []
-    nano = load("throughput_nano_h200.json" if select is runs_by_kv else "throughput_nano_splits_h200.json")
+    select = by_batch_runs if by_batch else runs_by_kv
+    nano = load("throughput_nano_splits_h200.json" if by_batch else "throughput_nano_h200.json")
     files = {"nano": nano, "Llama-3.2-1B batch 64": load("throughput_fixed_llama1b_h200.json")}
     files["Llama-3.1-8B batch 64"] = load("throughput_fixed_llama8b_h200.json")
     for where, data in files.items():

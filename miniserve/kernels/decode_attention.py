@@ -260,9 +260,10 @@ def _decode_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    # A sequence's split count depends on its own length only, never on the batch or the grid, so a query
-    # gets bit-identical results in any batch, eager or CUDA-graph (speculative verification runs its tokens
-    # here too, as decode queries: model_runner.ModelRunner._for_kernels, so it matches plain decoding).
+    # A sequence's split count depends on its own length and SPLIT_TOKENS only, never on the grid; with the
+    # default SPLIT_TOKENS (decode_splits="by-length") a query gets bit-identical results in any batch, eager or
+    # CUDA-graph (speculative verification runs its tokens here too, as decode queries:
+    # model_runner.ModelRunner._for_kernels, so it matches plain decoding). "by-batch" trades that away.
     num_splits = tl.minimum(tl.cdiv(seq_len, SPLIT_TOKENS), NUM_SPLITS)
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
