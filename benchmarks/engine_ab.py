@@ -15,7 +15,7 @@ import json
 import re
 from pathlib import Path
 
-KEYS = ("kv_cache_dtype", "kv_write", "decode_variant", "extend_variant")
+KEYS = ("kv_cache_dtype", "kv_write", "decode_variant", "extend_variant", "decode_splits")
 
 
 def label(run: dict) -> str:

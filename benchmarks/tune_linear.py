@@ -123,7 +123,9 @@ def skinny_linear(
 
 def replay_us(run, replays: int = 5):
     """`run()` warmed up on a side stream, captured as one CUDA graph, replayed `replays` times: the median
-    microseconds a replay, and what the captured run returned."""
+    microseconds a replay, and what the captured run returned. (Not bench_kv_write.bench_gpu_ms, Triton's
+    do_bench_cudagraph: that captures `run` over and over to fill 50 ms, thousands of launches to capture for
+    each of this sweep's ~3,000 configurations, and does not return what the run computed.)"""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.engine_ab import label as run_label  # noqa: E402  (KV dtype, KV write, variants, decode splits)
 from benchmarks.serve import median_p50  # noqa: E402  (the latency ratios serve.py computed: the same medians)
 
 
@@ -927,7 +928,7 @@ def render_throughput() -> str:
 def render_throughput_details() -> str:
     """Every throughput result file, one line per configuration."""
     lines = [
-        "| file | workload | KV | output tok/s | decode step (ms) | % roofline (copy BW) |",
+        "| file | workload | configuration | output tok/s | decode step (ms) | % roofline (copy BW) |",
         "|---|---|---|---|---|---|",
     ]
     for path in sorted(RESULTS.glob("throughput_*_h200.json")):
@@ -939,9 +940,8 @@ def render_throughput_details() -> str:
                     continue
                 step = f"{r['decode_step_ms_direct']:.2f}" if "decode_step_ms_direct" in r else "-"
                 label = result["workload"] + (f" b{r['batch']}" if "batch" in r else "")
-                kv = f"{run['kv_cache_dtype']}" + (f" ({run['kv_write']})" if run.get("kv_write") != "fused" else "")
                 lines.append(
-                    f"| `{path.name}` | {label} | {kv} | {fmt(r['output_tok_s'])} | {step} | "
+                    f"| `{path.name}` | {label} | {run_label(run)} | {fmt(r['output_tok_s'])} | {step} | "
                     f"{fmt(r.get('pct_roofline_measured_copy', 0))} |"
                 )
     return "\n".join(lines) + "\n"

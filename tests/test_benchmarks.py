@@ -120,11 +120,13 @@ def test_engine_ab_pairs_each_configuration_of_each_workload(tmp_path):
     old = [
         {"kv_cache_dtype": "fp8", "kv_write": "fused", "output_tok_s": 100.0, "decode_step_ms": 2.0},
         {"kv_cache_dtype": "auto", "kv_write": "fused", "output_tok_s": 80.0, "decode_step_ms": 2.5},
+        {"kv_cache_dtype": "auto", "kv_write": "fused", "decode_splits": "by-batch", "output_tok_s": 90.0},
     ]
     new = [
         {"kv_cache_dtype": "auto", "kv_write": "fused", "output_tok_s": 88.0, "decode_step_ms": 2.25},
         {"kv_cache_dtype": "fp8", "kv_write": "fused", "output_tok_s": 110.0, "decode_step_ms": 1.8},
         {"kv_cache_dtype": "fp8", "kv_write": "fused", "decode_variant": "staged", "output_tok_s": 120.0},
+        {"kv_cache_dtype": "auto", "kv_write": "fused", "decode_splits": "by-batch", "output_tok_s": 99.0},
     ]
     (tmp_path / "throughput_old_fixed.json").write_text(json.dumps(result("0ld", old)))
     (tmp_path / "throughput_new_fixed.json").write_text(json.dumps(result("n3w", new)))
@@ -132,8 +134,8 @@ def test_engine_ab_pairs_each_configuration_of_each_workload(tmp_path):
     got = engine_ab.main([str(tmp_path), "--out", str(tmp_path / "engine_ab_h200.json")])
     assert list(got["workloads"]) == ["fixed"]
     rows = got["workloads"]["fixed"]["rows"]
-    assert [r["config"] for r in rows] == ["auto", "fp8"]
-    assert [r["new_vs_old"] for r in rows] == [88.0 / 80.0, 110.0 / 100.0]
+    assert [r["config"] for r in rows] == ["auto", "fp8", "auto by-batch"]  # decode_splits is a configuration
+    assert [r["new_vs_old"] for r in rows] == [88.0 / 80.0, 110.0 / 100.0, 99.0 / 90.0]
     assert (rows[1]["old_decode_step_ms"], rows[1]["new_decode_step_ms"]) == (2.0, 1.8)
     assert (got["commit"], got["old_commit"], got["date"]) == ("n3w", "0ld", "2026-12-03")
 
