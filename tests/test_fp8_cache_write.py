@@ -97,6 +97,25 @@ def test_triton_kernel_bit_exact_for_every_bit_pattern(src, fp8, scale):
         assert bad[0].size == 0, f"{bad[0].size} mismatching bytes, got {got[bad][:5]} want {want_tok[bad][:5]}"
 
 
+# Power-of-two scales take the kernel's multiply-by-the-reciprocal path (cache_write.divide_rn) from 2^-126 to 2^126,
+# where the reciprocal is a normal float; 2^-127 (a subnormal scale) and 2^127 (a subnormal reciprocal) divide.
+POW2_EDGES = [2.0**-126, 2.0**-127, 2.0**126, 2.0**127, 0.25]
+
+
+@pytest.mark.parametrize("scale", POW2_EDGES, ids=lambda s: f"scale{s:g}")
+@pytest.mark.parametrize("fp8", FP8, ids=dtype_id)
+def test_triton_kernel_bit_exact_at_power_of_two_scale_edges(fp8, scale):
+    x = all_bit_patterns(torch.bfloat16)
+    key = x.reshape(512, 1, 128)
+    slots = torch.arange(512)
+    kc = torch.zeros(32, 16, 1, 128, dtype=torch.uint8).view(fp8)
+    reshape_and_cache(key, key, kc, torch.zeros_like(kc), slots, scale_tensor(scale), scale_tensor(scale), "triton")
+    got = kc.view(torch.uint8).reshape(-1).numpy()
+    want = quantize_bytes(x, scale, fp8)
+    bad = np.nonzero(got != want)[0]
+    assert bad.size == 0, f"{bad.size} mismatching bytes, first x={x[bad[:5]].tolist()} got {got[bad[:5]]}"
+
+
 # ---------------------------------------------------------------- reshape_and_cache: the engine's KV write
 
 

@@ -3,7 +3,8 @@
 The FP8 bytes are built with integer arithmetic only, so that they are bit-identical to
 `fp8.quantize_fp8_reference` on every backend (NVIDIA, AMD, the CPU interpreter):
 
-* `tl.math.div_rn` is the IEEE-rounded division (a plain `/` is approximate on NVIDIA);
+* `tl.math.div_rn` is the IEEE-rounded division (a plain `/` is approximate on NVIDIA), and a power-of-two
+  scale an exact multiply by its reciprocal (`divide_rn`);
 * NaN test and clamp act on the integer magnitude bits (for non-negative floats the integer order is the
   float order), which sidesteps the backend-dependent NaN semantics of `tl.minimum` on floats;
 * the e4m3 code is assembled from bits; its rounding is one IEEE fp32 addition (see `quantize_e4m3_bits`),
@@ -28,6 +29,22 @@ _FP32_EXP_BIAS = 127
 
 
 @triton.jit
+def divide_rn(x, scale):
+    """x / scale, IEEE-rounded (fp32). A power-of-two scale whose reciprocal is a normal float (the default scale
+    1.0 among them) multiplies by that reciprocal instead: the exact quotient is then the exact product, and both
+    IEEE operations round it the same way, so the bits cannot differ; a multiply is one instruction where
+    `div_rn` is a dozen. The test is on the scalar scale, so every thread takes the same branch."""
+    scale_bits = scale.to(tl.int32, bitcast=True)
+    exponent = (scale_bits >> 23) & 0xFF
+    if ((scale_bits & 0x7FFFFF) == 0) & (exponent >= 1) & (exponent <= 253):
+        inverse = (((254 - exponent) << 23) | (scale_bits & -0x80000000)).to(tl.float32, bitcast=True)
+        quotient = x * inverse
+    else:
+        quotient = tl.math.div_rn(x, scale)
+    return quotient
+
+
+@triton.jit
 def quantize_e4m3_bits(
     x,
     scale,
@@ -45,7 +62,7 @@ def quantize_e4m3_bits(
     code is ((E + bias - 1) << 3) + k in both ranges. M + |y| never carries into M's exponent (|y| < 2^(E+1)
     while M = 2^(E+20)), and a flushed subnormal |y| still yields k = 0, its correct rounding.
     """
-    bits = tl.math.div_rn(x.to(tl.float32), scale).to(tl.int32, bitcast=True)
+    bits = divide_rn(x.to(tl.float32), scale).to(tl.int32, bitcast=True)
     mag = bits & 0x7FFFFFFF
     is_nan = mag > 0x7F800000
     mag = tl.minimum(mag, MAX_BITS)  # clamp (inf included) on the integer magnitude
