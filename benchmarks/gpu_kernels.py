@@ -47,7 +47,8 @@ DEADLINE_S = float(os.environ.get("GPU_KERNELS_DEADLINE_S", 380))
 START = time.time()
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
-SCALES = (1.0, 0.37, 3.0, 1e-3, 1e3)
+# tests/test_fp8_cache_write.py's scales, and its power-of-two edges (a multiply from 2^-126 to 2^126, else a division)
+SCALES = (1.0, 0.37, 3.0, 1e-3, 1e3, 2.0**-126, 2.0**-127, 2.0**126, 2.0**127, 0.25)
 
 
 def all_bit_patterns(dtype: torch.dtype) -> torch.Tensor:
@@ -67,7 +68,7 @@ def start_cpu_tests() -> subprocess.Popen:
 
 
 def check_cache_write_exact(device) -> list[dict]:
-    """Fused-write bytes vs the FP8 oracle for every 16-bit input (20 combos), and plain stores."""
+    """Fused-write bytes vs the FP8 oracle for every 16-bit input (40 combos), and plain stores."""
     rows = []
     slots = torch.randperm(512, generator=torch.Generator().manual_seed(7))
     for src in (torch.bfloat16, torch.float16):
