@@ -133,7 +133,10 @@ def capture(kernel: str, shape: str, cache: str, chunk: tuple[int, int] = (PROMP
     launch = {k: v for k, v in launch.items() if v is not None}
     if kernel == "decode":
         inputs, fp8_decode = launcher_inputs(shape, cache, 1, CONTEXT)
-        with recording(decode_module, "_decode_split_kernel") as calls:
+        with (
+            recording(decode_module, "_decode_split_kernel") as calls,
+            recording(decode_module, "_decode_merge_kernel"),  # launched where the split kernel does not merge
+        ):
             decode_module.decode_attention(*inputs, fp8_decode=fp8_decode, **launch)
     else:
         inputs, fp8_decode = launcher_inputs(shape, cache, *chunk)

@@ -238,6 +238,21 @@ def test_decode_merge_leaves_its_arrival_counts_zeroed():
     torch.testing.assert_close(first, paged_attention(*args, backend="torch"), **tolerance(torch.float32))
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.bfloat16], ids=dtype_id)
+def test_decode_merge_in_a_second_launch_gives_the_same_bits(cache_dtype):
+    """Under a register cap at head_dim 128 the splits are merged by a second kernel (merge_in_kernel): the same
+    merge, so the same bits as the split kernel's own; and both against the reference."""
+    from miniserve.kernels.decode_attention import decode_attention, merge_in_kernel
+
+    assert not merge_in_kernel(128, 128) and merge_in_kernel(64, 128) and merge_in_kernel(128, 0)
+    b = make_batch([(1000, 1), (3, 1), (517, 1)], 16, 8, 2, 128, cache_dtype, torch.bfloat16, seed=8)
+    args = (b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3)
+    merged_in_kernel = decode_attention(*args, split_tokens=128, block_n=64, maxnreg=0)
+    merged_after = decode_attention(*args, split_tokens=128, block_n=64, maxnreg=128)
+    assert torch.equal(merged_in_kernel, merged_after)
+    torch.testing.assert_close(merged_after, paged_attention(*args, backend="torch"), **tolerance(torch.bfloat16))
+
+
 @pytest.mark.parametrize("split_tokens", [64, 128, 1024])
 def test_decode_kernel_split_sizes(split_tokens):
     """The split sizes decode_splits="by-batch" picks (64 tokens: many splits of one tile; 1024: one split for

@@ -4,7 +4,8 @@ Program (sequence, KV head, split) runs an online softmax over its slice of the 
 that share the KV head (GQA), stacked into the M dimension of `tl.dot` (padded to 16 rows), and stores its
 partial result; the last of a (sequence, KV head)'s programs to finish (an atomic arrival count) merges them all.
 Small batches with long contexts thus still fill the GPU, in one launch: a second merge kernel cost its launch
-and ramp in every layer. With a single split, the program writes the output directly.
+and ramp in every layer (it remains where a register cap makes the in-kernel merge slower: `merge_in_kernel`).
+With a single split, the program writes the output directly.
 
 FP8 caches are dequantized exactly in-kernel into fp16 (every e4m3 value is an fp16 value): by the hardware's
 e4m3 -> fp16 conversion (e4m3fn on NVIDIA) or by moving the bit fields into an fp16, whose value is then the
@@ -246,6 +247,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     MERGE_PAD: tl.constexpr,
+    MERGE_IN_KERNEL: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -307,16 +309,46 @@ def _decode_split_kernel(
             tl.store(part_acc_ptr + row[:, None] * HEAD_DIM_PAD + d[None, :], acc, mask=(g < GROUP)[:, None])
             tl.store(part_ml_ptr + row * 2, m_i, mask=g < GROUP)
             tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g < GROUP)
-            # every thread's stores before the count (the barrier), and the count a release at GPU scope: the
-            # program that sees the others' arrivals (its acquire) sees their partials too
-            tl.debug_barrier()
-            arrival = arrivals_ptr + seq * tl.num_programs(1) + kv_head
-            if tl.atomic_add(arrival, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-                merge_splits(
-                    part_acc_ptr, part_ml_ptr, out_ptr, v_scale_ptr, seq, kv_head, num_splits, stride_ot,
-                    stride_oh, GROUP, MERGE_PAD, HEAD_DIM, HEAD_DIM_PAD, NUM_SPLITS, KV_MODE, KV_FACTOR,
-                )  # fmt: skip
-                tl.store(arrival, 0)  # zero again for the next launch: no memset between layers or graph replays
+            if MERGE_IN_KERNEL:
+                # every thread's stores before the count (the barrier), and the count a release at GPU scope: the
+                # program that sees the others' arrivals (its acquire) sees their partials too
+                tl.debug_barrier()
+                arrival = arrivals_ptr + seq * tl.num_programs(1) + kv_head
+                if tl.atomic_add(arrival, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+                    merge_splits(
+                        part_acc_ptr, part_ml_ptr, out_ptr, v_scale_ptr, seq, kv_head, num_splits, stride_ot,
+                        stride_oh, GROUP, MERGE_PAD, HEAD_DIM, HEAD_DIM_PAD, NUM_SPLITS, KV_MODE, KV_FACTOR,
+                    )  # fmt: skip
+                    tl.store(arrival, 0)  # zero again for the next launch: no memset between layers or replays
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_acc_ptr,
+    part_ml_ptr,
+    out_ptr,
+    seq_lens_ptr,
+    v_scale_ptr,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    MERGE_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLIT_TOKENS: tl.constexpr,
+    KV_MODE: tl.constexpr,
+    KV_FACTOR: tl.constexpr,
+):
+    """The merge as a second launch, program (sequence, KV head), where the split kernel does not merge itself
+    (`merge_in_kernel`)."""
+    seq = tl.program_id(0)
+    num_splits = tl.minimum(tl.cdiv(tl.load(seq_lens_ptr + seq), SPLIT_TOKENS), NUM_SPLITS)
+    if num_splits > 1:  # one-split sequences were written by the split kernel
+        merge_splits(
+            part_acc_ptr, part_ml_ptr, out_ptr, v_scale_ptr, seq, tl.program_id(1), num_splits, stride_ot,
+            stride_oh, GROUP, MERGE_PAD, HEAD_DIM, HEAD_DIM_PAD, NUM_SPLITS, KV_MODE, KV_FACTOR,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -486,6 +518,15 @@ def split_arrivals(device: torch.device, count: int) -> torch.Tensor:
     return held[-1]
 
 
+def merge_in_kernel(head_dim: int, maxnreg: int) -> bool:
+    """Whether the split kernel merges its splits itself (the last program of a (sequence, KV head) to finish)
+    or a second launch does. Itself, except under a register cap at head_dim 128 (an FP8 cache read exactly),
+    where the capped kernel already spills and the merge's tile spills more: there the in-kernel merge was 5%
+    slower on the H200 (Qwen3-0.6B batch 256, Llama-3.1-8B batch 64), where elsewhere it gained up to 20% (batch
+    1, Llama-3.2-1B): `decode_ab_h200.json`. Both give the same bits."""
+    return not maxnreg or head_dim <= 64
+
+
 def split_tokens_for(decode_splits: str, num_seqs: int, num_kv_heads: int, block_n: int) -> int:
     """Tokens a split. "by-length": SPLIT_TOKENS at every batch size. "by-batch": from the (sequence, KV head)
     programs the batch brings before splitting: up to 8 (batch 1 at 8 KV heads) want the shortest splits, up to
@@ -534,7 +575,8 @@ def decode_attention(
     splits = num_splits or choose_num_splits(meta.max_seq_len, split_tokens)
     head_dim_pad = triton.next_power_of_2(head_dim)
     part_acc, part_ml = split_partials(out, splits, head_dim_pad)
-    arrivals = split_arrivals(q.device, num_seqs * num_kv_heads)
+    in_kernel = merge_in_kernel(head_dim, maxnreg)
+    arrivals = split_arrivals(q.device, num_seqs * num_kv_heads) if in_kernel else out
     kc, vc = cache_view(key_cache), cache_view(value_cache)
     _decode_split_kernel[(num_seqs, num_kv_heads, splits)](
         q, kc, vc, meta.block_tables, meta.seq_lens, k_scale, v_scale, out, part_acc, part_ml, arrivals,
@@ -543,6 +585,7 @@ def decode_attention(
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         MERGE_PAD=triton.next_power_of_2(group),
+        MERGE_IN_KERNEL=in_kernel,
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad,
         BLOCK_N=block_n,
@@ -557,4 +600,16 @@ def decode_attention(
         num_stages=num_stages,
         **register_cap(maxnreg),
     )  # fmt: skip
+    if splits > 1 and not in_kernel:
+        _decode_merge_kernel[(num_seqs, num_kv_heads)](
+            part_acc, part_ml, out, meta.seq_lens, v_scale, *out.stride()[:2],
+            GROUP=group,
+            MERGE_PAD=triton.next_power_of_2(group),
+            HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=head_dim_pad,
+            NUM_SPLITS=splits,
+            SPLIT_TOKENS=split_tokens,
+            KV_MODE=mode,
+            KV_FACTOR=kv_factor,
+        )  # fmt: skip
     return out
