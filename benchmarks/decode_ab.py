@@ -3,10 +3,12 @@
     python benchmarks/decode_ab.py --tree OLD_TREE --save old.pt        # runs OLD_TREE's miniserve
     python benchmarks/decode_ab.py --save new.pt --compare old.pt --out decode_ab.json
 
-Why: a change inside the kernel that must not change its numbers (e.g. merging the splits in the split kernel's
-last program instead of a second kernel) is checked where it runs, against the code it replaces: every case's
-output bit for bit, and its time (median CUDA-graph replay) in one session on one GPU. Inputs are seeded, so
-both trees see the same q, caches and block tables.
+Why: a change inside the kernel that must not change its numbers is checked where it runs, against the code it
+replaces: every case's output bit for bit, and its time (median CUDA-graph replay) in one session on one GPU.
+Inputs are seeded, so both trees see the same q, caches and block tables. Tried with it (2d37b1b against
+6c61133, `decode_ab_h200.json`): the splits merged by the last split program to finish (an atomic count) instead
+of a second kernel. Same bits everywhere and a faster kernel at batch 1 and 64, but no end-to-end gain beyond the
+runs' spread and nano's bf16 run slower in three of three (`engine_ab_h200.json`), so it was not kept.
 """
 
 from __future__ import annotations

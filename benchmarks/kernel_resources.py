@@ -135,7 +135,7 @@ def capture(kernel: str, shape: str, cache: str, chunk: tuple[int, int] = (PROMP
         inputs, fp8_decode = launcher_inputs(shape, cache, 1, CONTEXT)
         with (
             recording(decode_module, "_decode_split_kernel") as calls,
-            recording(decode_module, "_decode_merge_kernel"),  # launched where the split kernel does not merge
+            recording(decode_module, "_decode_reduce_kernel"),
         ):
             decode_module.decode_attention(*inputs, fp8_decode=fp8_decode, **launch)
     else:

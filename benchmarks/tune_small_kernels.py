@@ -6,8 +6,8 @@ At a decode step the write moves little data, so its time is mostly how well its
 (nano-vllm's Qwen3-0.6B run: the FP8 KV write 6 us a layer, for 256 tokens). A launch setting may only change the
 time: every setting is checked against the default launch, byte for byte, and a setting that differs is reported
 and never chosen. The default launch is also timed at scales 1.0 (a power of two: the quantization multiplies by
-the reciprocal, `cache_write.divide_rn`) beside the tuned scales 0.37 and 3.0 (it divides). The decode attention's
-separate split-merge kernel, whose warps this also tuned, is gone: the split kernel merges in its last program.
+the reciprocal, `cache_write.divide_rn`) beside the tuned scales 0.37 and 3.0 (it divides). (The decode
+attention's merge warps, `REDUCE_WARPS`, were tuned by this script's earlier version: git history.)
 """
 
 from __future__ import annotations

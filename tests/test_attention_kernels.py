@@ -212,8 +212,7 @@ def test_fp8_cache_with_queries_beyond_fp16_range():
 @pytest.mark.parametrize("num_splits", [None, 8])
 def test_decode_kernel_split_kv(num_splits):
     """Long and short contexts split over several programs (flash-decoding), empty splits included, merged by
-    the last program of each (sequence, KV head) to arrive; None = the launcher's own choice (splits > 1 here
-    too)."""
+    the reduce stage; None = the launcher's own choice (splits > 1 here too)."""
     from miniserve.kernels.decode_attention import choose_num_splits, decode_attention
 
     b = make_batch([(1000, 1), (3, 1), (517, 1)], 16, 8, 2, 64, torch.float8_e4m3fn, torch.float32, seed=3)
@@ -221,36 +220,6 @@ def test_decode_kernel_split_kv(num_splits):
     want = paged_attention(b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3, backend="torch")
     got = decode_attention(b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3, num_splits=num_splits)
     torch.testing.assert_close(got, want, **tolerance(torch.float32))
-
-
-def test_decode_merge_leaves_its_arrival_counts_zeroed():
-    """The merging program zeroes its count again, so the next launch (the next layer, a graph replay) merges
-    too: after a launch every count is back to 0, and a second launch gives the same bits. A count left at the
-    split number would leave the second launch unmerged."""
-    from miniserve.kernels.decode_attention import decode_attention, split_arrivals
-
-    b = make_batch([(1000, 1), (3, 1), (517, 1)], 16, 8, 2, 64, torch.bfloat16, torch.float32, seed=6)
-    args = (b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3)
-    first = decode_attention(*args, split_tokens=128, block_n=64)
-    counts = split_arrivals(b.q.device, 3 * 2)
-    assert counts.numel() >= 3 * 2 and not counts.any()
-    assert torch.equal(decode_attention(*args, split_tokens=128, block_n=64), first)
-    torch.testing.assert_close(first, paged_attention(*args, backend="torch"), **tolerance(torch.float32))
-
-
-@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.bfloat16], ids=dtype_id)
-def test_decode_merge_in_a_second_launch_gives_the_same_bits(cache_dtype):
-    """Under a register cap at head_dim 128 the splits are merged by a second kernel (merge_in_kernel): the same
-    merge, so the same bits as the split kernel's own; and both against the reference."""
-    from miniserve.kernels.decode_attention import decode_attention, merge_in_kernel
-
-    assert not merge_in_kernel(128, 128) and merge_in_kernel(64, 128) and merge_in_kernel(128, 0)
-    b = make_batch([(1000, 1), (3, 1), (517, 1)], 16, 8, 2, 128, cache_dtype, torch.bfloat16, seed=8)
-    args = (b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3)
-    merged_in_kernel = decode_attention(*args, split_tokens=128, block_n=64, maxnreg=0)
-    merged_after = decode_attention(*args, split_tokens=128, block_n=64, maxnreg=128)
-    assert torch.equal(merged_in_kernel, merged_after)
-    torch.testing.assert_close(merged_after, paged_attention(*args, backend="torch"), **tolerance(torch.bfloat16))
 
 
 @pytest.mark.parametrize("split_tokens", [64, 128, 1024])

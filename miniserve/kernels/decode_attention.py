@@ -1,11 +1,9 @@
-"""Paged decode attention (one new token per sequence): a split-KV ("flash-decoding") Triton kernel.
+"""Paged decode attention (one new token per sequence): a two-stage split-KV ("flash-decoding") Triton kernel.
 
-Program (sequence, KV head, split) runs an online softmax over its slice of the context for all the query heads
-that share the KV head (GQA), stacked into the M dimension of `tl.dot` (padded to 16 rows), and stores its
-partial result; the last of a (sequence, KV head)'s programs to finish (an atomic arrival count) merges them all.
-Small batches with long contexts thus still fill the GPU, in one launch: a second merge kernel cost its launch
-and ramp in every layer (it remains where a register cap makes the in-kernel merge slower: `merge_in_kernel`).
-With a single split, the program writes the output directly.
+Stage 1: program (sequence, KV head, split) runs an online softmax over its slice of the context for all the
+query heads that share the KV head (GQA), stacked into the M dimension of `tl.dot` (padded to 16 rows).
+Stage 2: program (sequence, KV head) merges the splits of its query heads. Small batches with long contexts thus
+still fill the GPU. With a single split, stage 1 writes the output directly.
 
 FP8 caches are dequantized exactly in-kernel into fp16 (every e4m3 value is an fp16 value): by the hardware's
 e4m3 -> fp16 conversion (e4m3fn on NVIDIA) or by moving the bit fields into an fp16, whose value is then the
@@ -231,7 +229,6 @@ def _decode_split_kernel(
     out_ptr,
     part_acc_ptr,
     part_ml_ptr,
-    arrivals_ptr,
     qk_scale,
     stride_qt,
     stride_qh,
@@ -246,8 +243,6 @@ def _decode_split_kernel(
     stride_vh,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
-    MERGE_PAD: tl.constexpr,
-    MERGE_IN_KERNEL: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -304,26 +299,15 @@ def _decode_split_kernel(
             o_ptrs = out_ptr + seq * stride_ot + q_head[:, None] * stride_oh + d[None, :]
             tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
         else:
-            # partials: acc [B, Hq, S, D_PAD], (m, l) [B, Hq, S, 2] -- unnormalized, merged by the last to arrive
+            # partials: acc [B, Hq, S, D_PAD], (m, l) [B, Hq, S, 2] -- unnormalized, merged by stage 2
             row = (seq * GROUP * tl.num_programs(1) + q_head) * NUM_SPLITS + split
             tl.store(part_acc_ptr + row[:, None] * HEAD_DIM_PAD + d[None, :], acc, mask=(g < GROUP)[:, None])
             tl.store(part_ml_ptr + row * 2, m_i, mask=g < GROUP)
             tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g < GROUP)
-            if MERGE_IN_KERNEL:
-                # every thread's stores before the count (the barrier), and the count a release at GPU scope: the
-                # program that sees the others' arrivals (its acquire) sees their partials too
-                tl.debug_barrier()
-                arrival = arrivals_ptr + seq * tl.num_programs(1) + kv_head
-                if tl.atomic_add(arrival, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-                    merge_splits(
-                        part_acc_ptr, part_ml_ptr, out_ptr, v_scale_ptr, seq, kv_head, num_splits, stride_ot,
-                        stride_oh, GROUP, MERGE_PAD, HEAD_DIM, HEAD_DIM_PAD, NUM_SPLITS, KV_MODE, KV_FACTOR,
-                    )  # fmt: skip
-                    tl.store(arrival, 0)  # zero again for the next launch: no memset between layers or replays
 
 
 @triton.jit
-def _decode_merge_kernel(
+def _decode_reduce_kernel(
     part_acc_ptr,
     part_ml_ptr,
     out_ptr,
@@ -332,7 +316,7 @@ def _decode_merge_kernel(
     stride_ot,
     stride_oh,
     GROUP: tl.constexpr,
-    MERGE_PAD: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
@@ -340,56 +324,31 @@ def _decode_merge_kernel(
     KV_MODE: tl.constexpr,
     KV_FACTOR: tl.constexpr,
 ):
-    """The merge as a second launch, program (sequence, KV head), where the split kernel does not merge itself
-    (`merge_in_kernel`)."""
+    """Stage 2, one program per (sequence, KV head): the GROUP query heads stage 1 computed together, so a
+    batch needs GROUP times fewer programs than one per query head (a wave of tiny programs cost ~5-15 us a
+    layer on an H200)."""
     seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
     num_splits = tl.minimum(tl.cdiv(tl.load(seq_lens_ptr + seq), SPLIT_TOKENS), NUM_SPLITS)
-    if num_splits > 1:  # one-split sequences were written by the split kernel
-        merge_splits(
-            part_acc_ptr, part_ml_ptr, out_ptr, v_scale_ptr, seq, tl.program_id(1), num_splits, stride_ot,
-            stride_oh, GROUP, MERGE_PAD, HEAD_DIM, HEAD_DIM_PAD, NUM_SPLITS, KV_MODE, KV_FACTOR,
-        )  # fmt: skip
-
-
-@triton.jit
-def merge_splits(
-    part_acc_ptr,
-    part_ml_ptr,
-    out_ptr,
-    v_scale_ptr,
-    seq,
-    kv_head,
-    num_splits,
-    stride_ot,
-    stride_oh,
-    GROUP: tl.constexpr,
-    MERGE_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    KV_MODE: tl.constexpr,
-    KV_FACTOR: tl.constexpr,
-):
-    """Merge the `num_splits` partials of one (sequence, KV head)'s GROUP query heads into `out`: each split's
-    output weighted by exp2(its max - the max of all), over the weighted sum of their softmax sums. Loads bypass
-    L1 (`.cg`): the partials were written by other programs, maybe on other SMs."""
-    g = tl.arange(0, MERGE_PAD)
-    split = tl.arange(0, NUM_SPLITS)
-    head = kv_head * GROUP + g
-    # rows past the group or the sequence's own splits were never written
-    mine = (g < GROUP)[:, None] & (split < num_splits)[None, :]
-    row = (seq * GROUP * tl.num_programs(1) + head)[:, None] * NUM_SPLITS + split[None, :]
-    d = tl.arange(0, HEAD_DIM_PAD)
-    m = tl.load(part_ml_ptr + row * 2, mask=mine, other=float("-inf"), cache_modifier=".cg")
-    l_sum = tl.load(part_ml_ptr + row * 2 + 1, mask=mine, other=0.0, cache_modifier=".cg")
-    m_max = tl.max(m, 1)
-    w = tl.where(l_sum > 0, tl.exp2(m - m_max[:, None]), 0.0)  # empty splits (m = -inf, l = 0) weigh nothing
-    acc_ptrs = part_acc_ptr + row[:, :, None] * HEAD_DIM_PAD + d[None, None, :]
-    acc = tl.load(acc_ptrs, mask=mine[:, :, None], other=0.0, cache_modifier=".cg")
-    v_mult = times_cache_scale(1.0, v_scale_ptr, KV_MODE, KV_FACTOR)
-    out = tl.sum(acc * w[:, :, None], 1) * (v_mult / tl.sum(l_sum * w, 1))[:, None]
-    o_ptrs = out_ptr + seq * stride_ot + head[:, None] * stride_oh + d[None, :]
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None] & (d < HEAD_DIM)[None, :])
+    if num_splits > 1:  # one-split sequences were written by stage 1
+        g = tl.arange(0, GROUP_PAD)
+        split = tl.arange(0, NUM_SPLITS)
+        head = kv_head * GROUP + g
+        # rows past the group or the sequence's own splits were never written
+        mine = (g < GROUP)[:, None] & (split < num_splits)[None, :]
+        row = (seq * GROUP * tl.num_programs(1) + head)[:, None] * NUM_SPLITS + split[None, :]
+        d = tl.arange(0, HEAD_DIM_PAD)
+        m = tl.load(part_ml_ptr + row * 2, mask=mine, other=float("-inf"))
+        l_sum = tl.load(part_ml_ptr + row * 2 + 1, mask=mine, other=0.0)
+        m_max = tl.max(m, 1)
+        w = tl.where(l_sum > 0, tl.exp2(m - m_max[:, None]), 0.0)  # empty splits (m = -inf, l = 0) weigh nothing
+        acc = tl.load(
+            part_acc_ptr + row[:, :, None] * HEAD_DIM_PAD + d[None, None, :], mask=mine[:, :, None], other=0.0
+        )
+        v_mult = times_cache_scale(1.0, v_scale_ptr, KV_MODE, KV_FACTOR)
+        out = tl.sum(acc * w[:, :, None], 1) * (v_mult / tl.sum(l_sum * w, 1))[:, None]
+        o_ptrs = out_ptr + seq * stride_ot + head[:, None] * stride_oh + d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None] & (d < HEAD_DIM)[None, :])
 
 
 def kv_block_n(cache_dtype: torch.dtype) -> int:
@@ -484,6 +443,7 @@ SPLIT_TOKENS = 512  # a sequence gets one split per 512 tokens of context, at mo
 # A CUDA graph launches MAX_SPLITS programs per sequence and KV head (for the longest context it may meet), and
 # the ones past a sequence's own splits exit at once: 64 of them cost ~20 us per layer at batch 64 on an H200.
 MAX_SPLITS = 16
+REDUCE_WARPS = 4  # stage 2: one (sequence, query head) of at most MAX_SPLITS x head_dim partials a program
 
 
 def choose_num_splits(max_seq_len: int, split_tokens: int = SPLIT_TOKENS) -> int:
@@ -493,38 +453,13 @@ def choose_num_splits(max_seq_len: int, split_tokens: int = SPLIT_TOKENS) -> int
 
 
 def split_partials(out: torch.Tensor, splits: int, head_dim_pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The splits' fp32 partial outputs and (max, sum) pairs; with one split the kernel writes `out` and these
-    are unused placeholders."""
+    """Stage 1's fp32 partial outputs and (max, sum) pairs per split; with one split stage 1 writes `out` and
+    these are unused placeholders."""
     if splits == 1:
         return out, out
     num_seqs, num_q_heads, _ = out.shape
     acc = torch.empty(num_seqs, num_q_heads, splits, head_dim_pad, dtype=torch.float32, device=out.device)
     return acc, torch.empty(num_seqs, num_q_heads, splits, 2, dtype=torch.float32, device=out.device)
-
-
-_ARRIVALS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def split_arrivals(device: torch.device, count: int) -> torch.Tensor:
-    """Zeroed int32 arrival counts, at least `count` ((sequence, KV head) pairs), which the kernel leaves zeroed
-    again: one buffer serves every launch on the device, in stream order. A larger need gets a new buffer and the
-    old ones are kept, since captured CUDA graphs hold their addresses. Graph capture warms up first, so a new
-    buffer (whose zeroing a capture would record, not run) is never made inside one."""
-    held = _ARRIVALS.setdefault(device, [])
-    if not held or held[-1].numel() < count:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("decode_attention needs its first launch at this batch size before a graph capture")
-        held.append(torch.zeros(max(count, 4096), dtype=torch.int32, device=device))
-    return held[-1]
-
-
-def merge_in_kernel(head_dim: int, maxnreg: int) -> bool:
-    """Whether the split kernel merges its splits itself (the last program of a (sequence, KV head) to finish)
-    or a second launch does. Itself, except under a register cap at head_dim 128 (an FP8 cache read exactly),
-    where the capped kernel already spills and the merge's tile spills more: there the in-kernel merge was 5%
-    slower on the H200 (Qwen3-0.6B batch 256, Llama-3.1-8B batch 64), where elsewhere it gained up to 20% (batch
-    1, Llama-3.2-1B): `decode_ab_h200.json`. Both give the same bits."""
-    return not maxnreg or head_dim <= 64
 
 
 def split_tokens_for(decode_splits: str, num_seqs: int, num_kv_heads: int, block_n: int) -> int:
@@ -556,11 +491,12 @@ def decode_attention(
     fp8_decode: str = "auto",
     split_tokens: int | None = None,
     maxnreg: int | None = None,
+    reduce_warps: int = REDUCE_WARPS,
     decode_splits: str = "by-length",
 ) -> torch.Tensor:
     """Decode attention: q [num_seqs, num_q_heads, head_dim] -> q's shape and dtype; see the module docstring.
     maxnreg: a register cap for ptxas (None: default_register_cap's, 0: none); split_tokens: None = by
-    `decode_splits` (split_tokens_for)."""
+    `decode_splits` (split_tokens_for); reduce_warps: stage 2's."""
     (num_seqs, num_q_heads, head_dim), (_, block_size, num_kv_heads, _) = q.shape, key_cache.shape
     group = num_q_heads // num_kv_heads
     check_kernel_inputs(q, key_cache, value_cache)
@@ -575,17 +511,12 @@ def decode_attention(
     splits = num_splits or choose_num_splits(meta.max_seq_len, split_tokens)
     head_dim_pad = triton.next_power_of_2(head_dim)
     part_acc, part_ml = split_partials(out, splits, head_dim_pad)
-    in_kernel = merge_in_kernel(head_dim, maxnreg)
-    arrivals = split_arrivals(q.device, num_seqs * num_kv_heads) if in_kernel else out
     kc, vc = cache_view(key_cache), cache_view(value_cache)
     _decode_split_kernel[(num_seqs, num_kv_heads, splits)](
-        q, kc, vc, meta.block_tables, meta.seq_lens, k_scale, v_scale, out, part_acc, part_ml, arrivals,
-        sm_scale * LOG2E,
+        q, kc, vc, meta.block_tables, meta.seq_lens, k_scale, v_scale, out, part_acc, part_ml, sm_scale * LOG2E,
         *layout_strides(q, out, meta, kc, vc),
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        MERGE_PAD=triton.next_power_of_2(group),
-        MERGE_IN_KERNEL=in_kernel,
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad,
         BLOCK_N=block_n,
@@ -600,16 +531,41 @@ def decode_attention(
         num_stages=num_stages,
         **register_cap(maxnreg),
     )  # fmt: skip
-    if splits > 1 and not in_kernel:
-        _decode_merge_kernel[(num_seqs, num_kv_heads)](
-            part_acc, part_ml, out, meta.seq_lens, v_scale, *out.stride()[:2],
-            GROUP=group,
-            MERGE_PAD=triton.next_power_of_2(group),
-            HEAD_DIM=head_dim,
-            HEAD_DIM_PAD=head_dim_pad,
-            NUM_SPLITS=splits,
-            SPLIT_TOKENS=split_tokens,
-            KV_MODE=mode,
-            KV_FACTOR=kv_factor,
-        )  # fmt: skip
+    if splits > 1:
+        _merge_splits(part_acc, part_ml, out, meta, v_scale, group, splits, split_tokens, mode, kv_factor, reduce_warps)
     return out
+
+
+def _merge_splits(
+    part_acc,
+    part_ml,
+    out,
+    meta,
+    v_scale,
+    group: int,
+    splits: int,
+    split_tokens: int,
+    mode: int,
+    kv_factor: float,
+    warps: int,
+):
+    """Stage 2: one program per (sequence, KV head) merges its `group` query heads' split partials into `out`."""
+    num_seqs, num_q_heads, head_dim = out.shape
+    _decode_reduce_kernel[(num_seqs, num_q_heads // group)](
+        part_acc,
+        part_ml,
+        out,
+        meta.seq_lens,
+        v_scale,
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        GROUP_PAD=triton.next_power_of_2(group),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=part_acc.shape[-1],
+        NUM_SPLITS=splits,
+        SPLIT_TOKENS=split_tokens,
+        KV_MODE=mode,
+        KV_FACTOR=kv_factor,
+        num_warps=warps,
+    )
