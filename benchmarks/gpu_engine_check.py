@@ -197,8 +197,8 @@ def check_structured_outputs() -> dict:
 
 
 def spec_run(write_impl: str) -> tuple[LLM, list[list[int]]]:
-    def write(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale):
-        reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, backend=write_impl)
+    def write(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, backend="auto", rope=None):
+        reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, write_impl, rope)
 
     original = llama_module.reshape_and_cache
     llama_module.reshape_and_cache = write

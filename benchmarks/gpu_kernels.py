@@ -17,6 +17,7 @@ Usage: PYTHONUNBUFFERED=1 python3 benchmarks/gpu_kernels.py
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import subprocess
@@ -95,6 +96,41 @@ def check_cache_write_exact(device) -> list[dict]:
             as_int = {2: torch.int16, 4: torch.int32}[want.element_size()]
             same = (got.view(as_int) == want.view(as_int)) | (torch.isnan(got) & torch.isnan(want))
             rows.append(dict(src=str(src)[6:], cache=str(dst)[6:], scale=None, mismatches=int((~same).sum())))
+    return rows
+
+
+def check_rope_write_exact(device) -> list[dict]:
+    """The rotating KV write (`reshape_and_cache(rope=...)`, the layers' one launch for RoPE and the write) against
+    the torch path (apply_rotary_reference_, then reshape_and_cache_reference) on the GPU: q, k and both pages bit
+    for bit, at decode and prompt-chunk token counts, Llama-3.2-1B's and Llama-3.1-8B's heads, 0.37 / 1.0 scales."""
+    from miniserve.kernels.layer_ops import Rope
+
+    rows = []
+    g = torch.Generator(device=device).manual_seed(0)
+    for src, cache, (tokens, hq, hk, d) in itertools.product(
+        (torch.bfloat16, torch.float16, torch.float32),
+        (torch.float8_e4m3fn, torch.bfloat16),
+        ((1, 32, 8, 64), (64, 32, 8, 64), (257, 32, 8, 128)),
+    ):
+        qkv = (torch.randn(tokens, hq + 2 * hk, d, device=device, generator=g) * 4).to(src)
+        positions = torch.randint(0, 4096, (tokens,), device=device, generator=g)
+        inv = 1.0 / (500000.0 ** (torch.arange(0, d, 2, device=device).float() / d))
+        freqs = torch.arange(4096, device=device).float()[:, None] * inv[None]
+        cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
+        slots = torch.randperm(4 * tokens + 16, device=device, generator=g)[:tokens]
+        ks, vs = torch.tensor([0.37], device=device), torch.tensor([1.0], device=device)
+        got = []
+        for impl in ("triton", "torch"):
+            x = qkv.clone()
+            kc = torch.zeros(-(-(4 * tokens + 16) // 16), 16, hk, d * cache.itemsize, dtype=torch.uint8, device=device)
+            kc, vc = kc.view(cache), kc.clone().view(cache)
+            q, k, v = x[:, :hq], x[:, hq : hq + hk], x[:, hq + hk :]
+            kernels.reshape_and_cache(k, v, kc, vc, slots, ks, vs, impl, Rope(q, positions, cos, sin))
+            got.append((x.view(torch.uint8), kc.view(torch.uint8), vc.view(torch.uint8)))
+        (x_t, kc_t, vc_t), (x_r, kc_r, vc_r) = got
+        rows.append(dict(src=str(src)[6:], cache=str(cache)[6:], tokens=tokens, head_dim=d,
+                         qk_bits_equal=torch.equal(x_t, x_r),
+                         mismatches=int((kc_t != kc_r).sum()) + int((vc_t != vc_r).sum())))  # fmt: skip
     return rows
 
 
@@ -346,6 +382,10 @@ def summary(results: dict) -> list[str]:
     if isinstance(exact, list):
         bad = sum(r["mismatches"] for r in exact)
         out.append(f"exactness: {len(exact)} combos, {bad} mismatching bytes")
+    rope = results.get("rope_write_exact")
+    if isinstance(rope, list):
+        bad = sum(r["mismatches"] for r in rope) + sum(not r["qk_bits_equal"] for r in rope)
+        out.append(f"rotating write: {len(rope)} combos, {bad} mismatching (q/k tensors, cache bytes)")
     decode = results.get("fp8_page_decode")
     if isinstance(decode, list):
         out.append(f"fp8 page decode: {len(decode)} modes, {sum(r['mismatches'] for r in decode)} mismatching codes")
@@ -384,6 +424,7 @@ def summary(results: dict) -> list[str]:
 
 CHECKS = {
     "cache_write_exact": check_cache_write_exact,
+    "rope_write_exact": check_rope_write_exact,
     "fp8_page_decode": check_fp8_page_decode,
     "attention_vs_reference": check_attention,
     "extend_variants": check_extend_variants,

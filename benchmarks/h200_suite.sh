@@ -70,7 +70,7 @@ if [ "$part" = checks ]; then
   # the kernel correctness sections of gpu_kernels.py only: every bf16/fp16 bit pattern through the fused FP8
   # write, all 256 FP8 codes through the attention kernels' page decode, and the attention kernels against the
   # torch reference
-  timeout 150 python3 benchmarks/gpu_kernels.py --checks cache_write_exact fp8_page_decode attention_vs_reference \
+  timeout 150 python3 benchmarks/gpu_kernels.py --checks cache_write_exact rope_write_exact fp8_page_decode attention_vs_reference \
     --out "$out/kernel_checks_h200.json" 2>&1 | grep -v -i warn | tail -12
   OUT="$out" timeout 200 python3 benchmarks/gpu_engine_check.py > "$out/engine_check_log.txt" 2>&1
   mv "$out/engine_check.json" "$out/engine_check_h200.json" && python3 -c "

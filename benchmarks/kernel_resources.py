@@ -176,7 +176,7 @@ def compile_launch(launch: Launch, arch: int):
     from triton.compiler import ASTSource
 
     kwargs = dict(launch.kwargs)
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg", "enable_fp_fusion") if k in kwargs}
     fn = launch.kernel
     bound = inspect.signature(fn.fn).bind(*launch.args, **kwargs)
     bound.apply_defaults()

@@ -1014,7 +1014,7 @@ def attention_failure(r: dict) -> str:
 
 def gpu_correctness() -> str:
     k, e = load("kernel_checks_h200.json"), load("engine_check_h200.json")
-    exact = k["cache_write_exact"]
+    exact, rope = k["cache_write_exact"], k.get("rope_write_exact")
     att = k["attention_vs_reference"]
     failed = [attention_failure(r) for r in att if not r["ok"]]
     off = f"; off: {'; '.join(failed)}" if failed else ""
@@ -1027,6 +1027,9 @@ def gpu_correctness() -> str:
     rows = [
         ["fused KV write vs the reference bytes, all 65,536 bf16 and fp16 patterns × scales × formats, plain caches",
          f"{sum(r['mismatches'] for r in exact)} mismatching bytes over {len(exact)} combos"],
+        *([["the rotating KV write (RoPE on the way) vs the torch path: q, k and pages, bf16/fp16/fp32 into FP8 "
+            "and bf16 caches", f"{sum(r['mismatches'] for r in rope)} mismatching bytes, q/k equal in "
+            f"{sum(r['qk_bits_equal'] for r in rope)}/{len(rope)} combos"]] if rope else []),
         ["paged attention kernels vs the torch reference",
          f"{sum(r['ok'] for r in att)}/{len(att)} within tolerance{off}"],
         ["CUDA-graph replay vs eager (plain, speculative; bf16 and fp8 KV)",

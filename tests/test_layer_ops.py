@@ -12,9 +12,12 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from fp8_oracle import quantize_bytes_tensor  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb  # noqa: E402
 
+from miniserve.kernels import reshape_and_cache  # noqa: E402
 from miniserve.kernels.layer_ops import (  # noqa: E402
+    Rope,
     apply_rotary_,
     apply_rotary_reference_,
     rms_norm,
@@ -129,6 +132,61 @@ def test_rotary_matches_transformers(dtype):
     apply_rotary_(q, k, positions, cos, sin, backend="triton")
     assert_bit_equal(q.contiguous(), hf_q[0].transpose(0, 1).contiguous())
     assert_bit_equal(k.contiguous(), hf_k[0].transpose(0, 1).contiguous())
+
+
+ROTATING_WRITES = [
+    (torch.bfloat16, torch.float8_e4m3fn),
+    (torch.bfloat16, torch.float8_e4m3fnuz),
+    (torch.float16, torch.float8_e4m3fn),
+    (torch.float32, torch.float8_e4m3fn),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.bfloat16),
+    (torch.float32, torch.float32),
+]
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtype,cache_dtype", ROTATING_WRITES, ids=lambda x: dtype_id(x))
+def test_rotating_kv_write_matches_transformers_and_the_fp8_oracle(dtype, cache_dtype, impl):
+    """reshape_and_cache(rope=...), the layers' one launch for RoPE and the KV write: q and k come out rotated
+    exactly as transformers rotates them, v untouched, and the pages of the written slots hold exactly that
+    rotated k (and v) -- for FP8 the independent oracle's bytes, at a dividing scale (0.37) and a power-of-two one
+    (1.0) -- while a skipped slot (-1) leaves its page alone. head_dim 96: the 48 pairs of a head are not a power
+    of two; row 0 holds signed zeros, a subnormal, the largest values, infinities and a NaN."""
+    gen = torch.Generator().manual_seed(11)
+    hq, hk, head_dim, num_tokens, block_size = 6, 2, 96, 13, 4
+    cos, sin = rotary_tables(head_dim)
+    positions = torch.randint(0, MAX_POSITIONS, (num_tokens,), generator=gen)
+    qkv = packed_qkv(num_tokens, hq, hk, head_dim, dtype, gen)
+    q, k, v = split_qkv(qkv, hq, hk, head_dim)
+    v = v.view(num_tokens, hk, head_dim)
+    v_before = v.clone()
+    hf_q, hf_k = apply_rotary_pos_emb(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[positions][None].to(dtype), sin[positions][None].to(dtype)
+    )
+    slots = torch.randperm(8 * block_size, generator=gen)[:num_tokens]
+    slots[2] = -1
+    poison = torch.full((8, block_size, hk, head_dim * cache_dtype.itemsize), 0xA5, dtype=torch.uint8)
+    kc, vc = poison.clone().view(cache_dtype), poison.clone().view(cache_dtype)
+    k_scale, v_scale = torch.tensor([0.37]), torch.tensor([1.0])
+
+    reshape_and_cache(k, v, kc, vc, slots, k_scale, v_scale, impl, Rope(q, positions, cos, sin))
+
+    assert_bit_equal(q.contiguous(), hf_q[0].transpose(0, 1).contiguous())
+    assert_bit_equal(k.contiguous(), hf_k[0].transpose(0, 1).contiguous())
+    assert_bit_equal(v, v_before)
+    written = slots >= 0
+    for cache, x, scale in ((kc, k, 0.37), (vc, v, 1.0)):
+        pages = cache.view(torch.uint8).view(-1, hk, head_dim * cache_dtype.itemsize)
+        if cache_dtype.itemsize == 1:
+            want = quantize_bytes_tensor(x[written], scale, cache_dtype)
+            assert torch.equal(pages[slots[written]], want)
+        else:
+            stored = pages[slots[written]].view(cache_dtype)
+            assert_bit_equal(stored, x[written].to(cache_dtype))
+        untouched = torch.ones(pages.shape[0], dtype=torch.bool)
+        untouched[slots[written]] = False
+        assert (pages[untouched] == 0xA5).all()
 
 
 # -------------------------------------------------------------------------------------------------- rms_norm

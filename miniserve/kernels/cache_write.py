@@ -23,7 +23,9 @@ import triton
 import triton.language as tl
 
 from miniserve.kernels.backend import triton_interpreter_enabled
+from miniserve.kernels.float_bits import DTYPE_KIND, round_to_bf16_bits, to_f32, to_storage
 from miniserve.kernels.fp8 import fp8_format, is_fp8
+from miniserve.kernels.layer_ops import Rope, rotary_factors, rotate_pair
 
 _FP32_EXP_BIAS = 127
 
@@ -79,14 +81,53 @@ def quantize_e4m3_bits(
 
 
 @triton.jit
-def round_to_bf16_bits(x):
-    """fp32-convertible x -> bf16 bit pattern (int32), round to nearest even, NaN -> 0x7FC0 (torch's choice).
+def _cache_value(
+    x,
+    scale,
+    cache_ptr,
+    SRC_BF16: tl.constexpr,
+    MODE: tl.constexpr,
+    EXP_BIAS: tl.constexpr,
+    MAX_BITS: tl.constexpr,
+    NAN_BYTE: tl.constexpr,
+    NEG_ZERO: tl.constexpr,
+):
+    """K or V elements as loaded (bf16 as int16 bits) -> what the cache stores, as MODE says."""
+    if MODE == 3:  # same dtype: copy the bits
+        y = x
+    else:
+        if SRC_BF16:  # bf16 bits (int16 view) -> fp32, exactly (the interpreter's cast mangles subnormals)
+            x = (x.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        if MODE == 1:  # fp8 cache, viewed as uint8
+            y = quantize_e4m3_bits(x, scale, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO).to(tl.uint8)
+        elif MODE == 2:  # bf16 cache viewed as int16
+            y = round_to_bf16_bits(x).to(tl.int16)
+        else:  # fp16 / fp32 cache: casts every backend rounds correctly
+            y = x.to(cache_ptr.dtype.element_ty)
+    return y
 
-    Done on the bits because the interpreter's own fp32 -> bf16 cast truncates."""
-    bits = x.to(tl.float32).to(tl.int32, bitcast=True)
-    mag = bits & 0x7FFFFFFF
-    rounded = ((mag + 0x7FFF + ((mag >> 16) & 1)) >> 16) | ((bits >> 16) & 0x8000)
-    return tl.where(mag > 0x7F800000, 0x7FC0, rounded)
+
+@triton.jit
+def _rotate_tile(
+    src_ptr,
+    lo,
+    mask,
+    c1,
+    c2,
+    s1,
+    s2,
+    HALF_STRIDE,
+    KIND: tl.constexpr,
+):
+    """Rotate the pairs (lo, lo + HALF_STRIDE) of q or k in place (layer_ops' arithmetic); returns the rotated
+    halves as stored (bf16 as int16 bits), for the cache."""
+    x1 = to_f32(tl.load(src_ptr + lo, mask=mask, other=0), KIND)
+    x2 = to_f32(tl.load(src_ptr + lo + HALF_STRIDE, mask=mask, other=0), KIND)
+    o1, o2 = rotate_pair(x1, x2, c1, c2, s1, s2, KIND)
+    r1, r2 = to_storage(o1, KIND), to_storage(o2, KIND)
+    tl.store(src_ptr + lo, r1, mask=mask)
+    tl.store(src_ptr + lo + HALF_STRIDE, r2, mask=mask)
+    return r1, r2
 
 
 @triton.jit
@@ -104,19 +145,10 @@ def _store_tile(
     NAN_BYTE: tl.constexpr,
     NEG_ZERO: tl.constexpr,
 ):
-    """Load one tile of K or V, convert it as MODE says and scatter it into the cache."""
-    x = tl.load(src_ptr + src_off, mask=mask)
-    if MODE == 3:  # same dtype: copy the bits
-        y = x
-    else:
-        if SRC_BF16:  # bf16 bits (int16 view) -> fp32, exactly (the interpreter's cast mangles subnormals)
-            x = (x.to(tl.int32) << 16).to(tl.float32, bitcast=True)
-        if MODE == 1:  # fp8 cache, viewed as uint8
-            y = quantize_e4m3_bits(x, scale, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO).to(tl.uint8)
-        elif MODE == 2:  # bf16 cache viewed as int16
-            y = round_to_bf16_bits(x).to(tl.int16)
-        else:  # fp16 / fp32 cache: casts every backend rounds correctly
-            y = x.to(cache_ptr.dtype.element_ty)
+    """Load one tile of K or V (or take `src_ptr` None and `src_off` as the elements), convert it as MODE says
+    and scatter it into the cache."""
+    x = src_off if src_ptr is None else tl.load(src_ptr + src_off, mask=mask)
+    y = _cache_value(x, scale, cache_ptr, SRC_BF16, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)
     tl.store(cache_ptr + dst_off, y, mask=mask)
 
 
@@ -129,6 +161,10 @@ def _reshape_and_cache_kernel(
     slot_ptr,
     k_scale_ptr,
     v_scale_ptr,
+    q_ptr,  # ROPE: the queries, rotated in place (else unused, like the three below)
+    pos_ptr,
+    cos_ptr,
+    sin_ptr,
     num_tokens,
     k_stride_t,
     k_stride_h,
@@ -144,6 +180,11 @@ def _reshape_and_cache_kernel(
     vc_stride_s,
     vc_stride_h,
     vc_stride_d,
+    q_stride_t,
+    q_stride_h,
+    table_stride,  # cos and sin rows
+    q_pairs,  # ROPE: query heads x HEAD_DIM / 2
+    kv_programs,  # ROPE: the programs along axis 1 that write K/V; the ones after them rotate queries
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEADS_X_DIM: tl.constexpr,
@@ -155,50 +196,63 @@ def _reshape_and_cache_kernel(
     MAX_BITS: tl.constexpr,
     NAN_BYTE: tl.constexpr,
     NEG_ZERO: tl.constexpr,
+    ROPE: tl.constexpr,
+    KIND: tl.constexpr,  # ROPE: the source dtype (float_bits.py)
 ):
-    """One program: BLOCK_T tokens x BLOCK_HD flattened (head, dim) elements, for K and for V."""
+    """One program: BLOCK_T tokens x BLOCK_HD flattened (head, dim) elements, for K and for V. ROPE: BLOCK_HD
+    (head, d < HEAD_DIM / 2) pairs instead, K rotated before its conversion (and left rotated in `key`), and the
+    programs past `kv_programs` rotate the queries' pairs in place."""
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    hd = tl.program_id(1) * BLOCK_HD + tl.arange(0, BLOCK_HD)
-    slot = tl.load(slot_ptr + tok, mask=tok < num_tokens, other=-1)  # int64
-    head, dim = hd // HEAD_DIM, hd % HEAD_DIM
-    mask = (slot >= 0)[:, None] & (hd < HEADS_X_DIM)[None, :]
-    tok = tok.to(tl.int64)[:, None]
-    block, offset = (slot // BLOCK_SIZE)[:, None], (slot % BLOCK_SIZE)[:, None]
-    head, dim = head[None, :], dim[None, :]
-    k_src = tok * k_stride_t + head * k_stride_h + dim * k_stride_d
-    v_src = tok * v_stride_t + head * v_stride_h + dim * v_stride_d
-    k_dst = block * kc_stride_b + offset * kc_stride_s + head * kc_stride_h + dim * kc_stride_d
-    v_dst = block * vc_stride_b + offset * vc_stride_s + head * vc_stride_h + dim * vc_stride_d
-    k_scale = tl.load(k_scale_ptr)
-    v_scale = tl.load(v_scale_ptr)
-    _store_tile(
-        key_ptr,
-        key_cache_ptr,
-        k_src,
-        k_dst,
-        mask,
-        k_scale,
-        SRC_BF16,
-        MODE,
-        EXP_BIAS,
-        MAX_BITS,
-        NAN_BYTE,
-        NEG_ZERO,
-    )
-    _store_tile(
-        value_ptr,
-        value_cache_ptr,
-        v_src,
-        v_dst,
-        mask,
-        v_scale,
-        SRC_BF16,
-        MODE,
-        EXP_BIAS,
-        MAX_BITS,
-        NAN_BYTE,
-        NEG_ZERO,
-    )
+    if ROPE:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        in_range = tok < num_tokens
+        slot = tl.load(slot_ptr + tok, mask=in_range, other=-1)[:, None]
+        pos = tl.load(pos_ptr + tok, mask=in_range, other=0)[:, None]
+        tok = tok.to(tl.int64)[:, None]
+        is_query = tl.program_id(1) >= kv_programs
+        pair = (tl.program_id(1) - tl.where(is_query, kv_programs, 0)) * BLOCK_HD + tl.arange(0, BLOCK_HD)
+        head, d = (pair // HALF)[None, :], (pair % HALF)[None, :]
+        mask = in_range[:, None] & (pair < tl.where(is_query, q_pairs, HEADS_X_DIM // 2))[None, :]
+        c1, c2, s1, s2 = rotary_factors(
+            cos_ptr + pos * table_stride + d, sin_ptr + pos * table_stride + d, mask, HALF, KIND
+        )
+        if is_query:
+            _rotate_tile(q_ptr, tok * q_stride_t + head * q_stride_h + d, mask, c1, c2, s1, s2, HALF, KIND)
+        else:
+            k_src = tok * k_stride_t + head * k_stride_h + d * k_stride_d
+            k1, k2 = _rotate_tile(key_ptr, k_src, mask, c1, c2, s1, s2, HALF * k_stride_d, KIND)
+            cached = mask & (slot >= 0)
+            block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+            k_dst = block * kc_stride_b + offset * kc_stride_s + head * kc_stride_h + d * kc_stride_d
+            v_src = tok * v_stride_t + head * v_stride_h + d * v_stride_d
+            v_dst = block * vc_stride_b + offset * vc_stride_s + head * vc_stride_h + d * vc_stride_d
+            k_scale, v_scale = tl.load(k_scale_ptr), tl.load(v_scale_ptr)
+            k_hi, v_hi, v_src_hi = k_dst + HALF * kc_stride_d, v_dst + HALF * vc_stride_d, v_src + HALF * v_stride_d
+            _store_tile(None, key_cache_ptr, k1, k_dst, cached, k_scale,
+                        SRC_BF16, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
+            _store_tile(None, key_cache_ptr, k2, k_hi, cached, k_scale,
+                        SRC_BF16, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
+            _store_tile(value_ptr, value_cache_ptr, v_src, v_dst, cached, v_scale,
+                        SRC_BF16, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
+            _store_tile(value_ptr, value_cache_ptr, v_src_hi, v_hi, cached, v_scale,
+                        SRC_BF16, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
+    else:
+        hd = tl.program_id(1) * BLOCK_HD + tl.arange(0, BLOCK_HD)
+        slot = tl.load(slot_ptr + tok, mask=tok < num_tokens, other=-1)  # int64
+        head, dim = hd // HEAD_DIM, hd % HEAD_DIM
+        mask = (slot >= 0)[:, None] & (hd < HEADS_X_DIM)[None, :]
+        tok = tok.to(tl.int64)[:, None]
+        block, offset = (slot // BLOCK_SIZE)[:, None], (slot % BLOCK_SIZE)[:, None]
+        head, dim = head[None, :], dim[None, :]
+        k_src = tok * k_stride_t + head * k_stride_h + dim * k_stride_d
+        v_src = tok * v_stride_t + head * v_stride_h + dim * v_stride_d
+        k_dst = block * kc_stride_b + offset * kc_stride_s + head * kc_stride_h + dim * kc_stride_d
+        v_dst = block * vc_stride_b + offset * vc_stride_s + head * vc_stride_h + dim * vc_stride_d
+        k_scale, v_scale = tl.load(k_scale_ptr), tl.load(v_scale_ptr)
+        _store_tile(key_ptr, key_cache_ptr, k_src, k_dst, mask, k_scale,
+                    SRC_BF16, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
+        _store_tile(value_ptr, value_cache_ptr, v_src, v_dst, mask, v_scale,
+                    SRC_BF16, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
 
 
 def _bits_view(x: torch.Tensor) -> torch.Tensor:
@@ -208,34 +262,23 @@ def _bits_view(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.uint8) if is_fp8(x.dtype) else x
 
 
-def _tile_shape(num_tokens: int, heads_x_dim: int, elements: int | None) -> tuple[int, int]:
+def _tile_shape(num_tokens: int, heads_x_dim: int, elements: int | None, pairs: bool = False) -> tuple[int, int]:
     """Elements per program: 512 for a decode step's few tokens (the FP8 cast is arithmetic-heavy, so the work is
     spread over more programs: 2.80 -> 1.85 us for 64 tokens x 8 x 64 on an H200), 2K for prompt chunks (fewer,
     fuller programs; benchmarks/results/tune_small_kernels_h200.json); one huge program in the interpreter, where
-    launches dominate. Only the time changes: each element's bytes do not depend on the tiling."""
+    launches dominate. Only the time changes: each element's bytes do not depend on the tiling. pairs (a rotating
+    write): heads_x_dim counts (head, d < D/2) pairs, two elements each, so a tile holds half as many."""
     if elements is None:
         elements = 1 << 16 if triton_interpreter_enabled() else (512 if num_tokens * heads_x_dim <= 1 << 20 else 2048)
+        elements = elements // 2 if pairs else elements
     block_hd = min(triton.next_power_of_2(heads_x_dim), elements)
     block_t = min(max(1, elements // block_hd), triton.next_power_of_2(num_tokens))
     return block_t, block_hd
 
 
-def reshape_and_cache_triton(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    k_scale: torch.Tensor,
-    v_scale: torch.Tensor,
-    tile_elements: int | None = None,
-    num_warps: int = 4,
-) -> None:
-    """The Triton path of `miniserve.kernels.reshape_and_cache` (arguments validated there); the tile size and
-    warp count are knobs for benchmarks."""
-    num_tokens, num_heads, head_dim = key.shape
-    if num_tokens == 0:
-        return
+def _cache_consts(key: torch.Tensor, key_cache: torch.Tensor) -> dict:
+    """The kernel's conversion constexprs for this source and cache dtype (MODE: 0 a plain cast to fp16/fp32,
+    1 FP8, 2 bf16, 3 the same dtype)."""
     consts = dict(SRC_BF16=key.dtype == torch.bfloat16, MODE=0, EXP_BIAS=0, MAX_BITS=0, NAN_BYTE=0, NEG_ZERO=False)
     if key_cache.dtype == key.dtype:
         consts["MODE"] = 3
@@ -250,28 +293,62 @@ def reshape_and_cache_triton(
         )
     elif key_cache.dtype == torch.bfloat16:
         consts["MODE"] = 2
-    key, value = _bits_view(key), _bits_view(value)
-    key_cache, value_cache = _bits_view(key_cache), _bits_view(value_cache)
-    block_t, block_hd = _tile_shape(num_tokens, num_heads * head_dim, tile_elements)
-    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(num_heads * head_dim, block_hd))
+    return consts
+
+
+def reshape_and_cache_triton(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+    tile_elements: int | None = None,
+    num_warps: int = 4,
+    rope: Rope | None = None,
+) -> None:
+    """The Triton path of `miniserve.kernels.reshape_and_cache` (arguments validated there); the tile size and
+    warp count are knobs for benchmarks. rope: rotate `rope.query` and `key` in place first, in the same launch."""
+    num_tokens, num_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    width = num_heads * head_dim // (2 if rope else 1)  # elements, or (head, d < D/2) pairs when rotating
+    block_t, block_hd = _tile_shape(num_tokens, width, tile_elements, pairs=rope is not None)
+    kv_programs = triton.cdiv(width, block_hd)
+    q = key if rope is None else rope.query
+    q_pairs = 0 if rope is None else q.shape[1] * head_dim // 2
+    positions, cos, sin = (slot_mapping, k_scale, k_scale) if rope is None else (rope.positions, rope.cos, rope.sin)
+    grid = (triton.cdiv(num_tokens, block_t), kv_programs + triton.cdiv(q_pairs, block_hd))
     _reshape_and_cache_kernel[grid](
-        key,
-        value,
-        key_cache,
-        value_cache,
+        _bits_view(key),
+        _bits_view(value),
+        _bits_view(key_cache),
+        _bits_view(value_cache),
         slot_mapping,
         k_scale,
         v_scale,
+        _bits_view(q),
+        positions,
+        cos,
+        sin,
         num_tokens,
         *key.stride(),
         *value.stride(),
         *key_cache.stride(),
         *value_cache.stride(),
+        *q.stride()[:2],
+        cos.stride(0),
+        q_pairs,
+        kv_programs,
         BLOCK_SIZE=key_cache.shape[1],
         HEAD_DIM=head_dim,
         HEADS_X_DIM=num_heads * head_dim,
         BLOCK_T=block_t,
         BLOCK_HD=block_hd,
+        ROPE=rope is not None,
+        KIND=DTYPE_KIND.get(key.dtype, 0),
         num_warps=num_warps,
-        **consts,
+        enable_fp_fusion=False,  # the rotation's products round before their sum, as torch's do
+        **_cache_consts(key, key_cache),
     )

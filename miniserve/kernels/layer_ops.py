@@ -12,7 +12,7 @@ the test oracle) and a Triton kernel that rounds every intermediate to the tenso
   approximations on GPUs): the rounded intermediate can be one ulp off, the output two (tests allow two);
 * a NaN result is a NaN, its payload is not matched (torch's own differs between its CPU paths and CUDA).
 
-bf16 tensors travel as int16 bits and are converted on the bits (`_to_f32`, `round_to_bf16_bits`), because the
+bf16 tensors travel as int16 bits and are converted on the bits (kernels/float_bits.py), because the
 CPU interpreter's bf16 casts truncate and flush subnormals; on GPUs the integer ops cost nothing measurable.
 
 Triton is imported when this module is, guarded so CPU-only installs (no Triton) still run the references. The
@@ -22,6 +22,8 @@ imported (tests set it first); `backend="triton"` says so if it was set too late
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from miniserve.kernels.backend import triton_interpreter_enabled, use_triton
@@ -30,12 +32,22 @@ try:
     import triton
     import triton.language as tl
 
-    from miniserve.kernels.cache_write import round_to_bf16_bits
+    from miniserve.kernels.float_bits import DTYPE_KIND, round_as, to_f32, to_storage
 except ImportError:  # CPU-only install: the references serve every call
     triton = None
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the kernels' `KIND` constexpr
+
+
+@dataclass(frozen=True)
+class Rope:
+    """What a KV write needs to apply rotary embeddings on its way (`reshape_and_cache(..., rope=Rope(...))`):
+    the queries, rotated in place beside the keys, and `apply_rotary_`'s positions and tables."""
+
+    query: torch.Tensor
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,7 +130,7 @@ def apply_rotary_(
     `Rotary.cos` / `Rotary.sin` buffers). Bit-identical to `apply_rotary_reference_`. Positions are not
     range-checked on the Triton path (that would need a host sync).
     """
-    _check_rotary_args(q, k, positions, cos, sin)
+    check_rotary_args(q, k, positions, cos, sin)
     if not _triton_here(q.device, backend):
         apply_rotary_reference_(q, k, positions, cos, sin)
     elif q.shape[0]:
@@ -181,7 +193,7 @@ def _check_rms_norm_args(x, weight, residual) -> None:
             raise ValueError(f"residual must have a contiguous last dim, got strides {residual.stride()}")
 
 
-def _check_rotary_args(q, k, positions, cos, sin) -> None:
+def check_rotary_args(q, k, positions, cos, sin) -> None:
     if q.dim() != 3 or k.dim() != 3:
         raise ValueError(
             f"q and k must be [num_tokens, heads, head_dim], got shapes {tuple(q.shape)} and {tuple(k.shape)}"
@@ -237,37 +249,6 @@ def _num_warps(block: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _to_f32(x, KIND: tl.constexpr):
-        """A loaded element -> fp32, exactly (KIND 2: bf16 as int16 bits)."""
-        if KIND == 2:
-            y = (x.to(tl.int32) << 16).to(tl.float32, bitcast=True)
-        else:
-            y = x.to(tl.float32)
-        return y
-
-    @triton.jit
-    def _round(x, KIND: tl.constexpr):
-        """fp32 x rounded to the tensor dtype (round to nearest even) and widened back: torch's per-op rounding."""
-        if KIND == 2:
-            y = (round_to_bf16_bits(x) << 16).to(tl.float32, bitcast=True)
-        elif KIND == 1:
-            y = x.to(tl.float16).to(tl.float32)
-        else:
-            y = x
-        return y
-
-    @triton.jit
-    def _to_storage(x, KIND: tl.constexpr):
-        """fp32 x rounded to the tensor dtype, as stored (KIND 2: int16 bits)."""
-        if KIND == 2:
-            y = round_to_bf16_bits(x).to(tl.int16)
-        elif KIND == 1:
-            y = x.to(tl.float16)
-        else:
-            y = x
-        return y
-
-    @triton.jit
     def _rms_norm_kernel(
         x_ptr,
         res_ptr,
@@ -290,15 +271,35 @@ if triton is not None:
         outer, inner = row // rows_per_group, row % rows_per_group
         cols = tl.arange(0, BLOCK)
         mask = cols < hidden
-        x = _to_f32(tl.load(x_ptr + outer * x_stride0 + inner * x_stride1 + cols, mask=mask, other=0), KIND)
+        x = to_f32(tl.load(x_ptr + outer * x_stride0 + inner * x_stride1 + cols, mask=mask, other=0), KIND)
         if HAS_RESIDUAL:
             r_off = outer * r_stride0 + inner * r_stride1 + cols
-            x = _round(x + _to_f32(tl.load(res_ptr + r_off, mask=mask, other=0), KIND), KIND)
-            tl.store(sum_ptr + row * hidden + cols, _to_storage(x, KIND), mask=mask)
+            x = round_as(x + to_f32(tl.load(res_ptr + r_off, mask=mask, other=0), KIND), KIND)
+            tl.store(sum_ptr + row * hidden + cols, to_storage(x, KIND), mask=mask)
         mean_sq = tl.sum(x * x, axis=0) / hidden
-        y = _round(x * tl.rsqrt(mean_sq + eps), KIND)
-        w = _to_f32(tl.load(w_ptr + cols, mask=mask, other=0), KIND)
-        tl.store(out_ptr + row * hidden + cols, _to_storage(w * y, KIND), mask=mask)
+        y = round_as(x * tl.rsqrt(mean_sq + eps), KIND)
+        w = to_f32(tl.load(w_ptr + cols, mask=mask, other=0), KIND)
+        tl.store(out_ptr + row * hidden + cols, to_storage(w * y, KIND), mask=mask)
+
+    @triton.jit
+    def rotary_factors(cos_ptrs, sin_ptrs, mask, HALF: tl.constexpr, KIND: tl.constexpr):
+        """(c1, c2, s1, s2) for the pairs (d, d + HALF) whose cos[pos, d] and sin[pos, d] the pointers address,
+        rounded to the dtype as torch's tables are: c1 = cos[d], c2 = cos[d + HALF], s1 = -sin[d],
+        s2 = sin[d + HALF] (rotate_half's sign)."""
+        c1 = round_as(tl.load(cos_ptrs, mask=mask, other=0.0), KIND)
+        c2 = round_as(tl.load(cos_ptrs + HALF, mask=mask, other=0.0), KIND)
+        s1 = round_as(-tl.load(sin_ptrs, mask=mask, other=0.0), KIND)
+        s2 = round_as(tl.load(sin_ptrs + HALF, mask=mask, other=0.0), KIND)
+        return c1, c2, s1, s2
+
+    @triton.jit
+    def rotate_pair(x1, x2, c1, c2, s1, s2, KIND: tl.constexpr):
+        """The rotation of the elements (d, d + D/2), fp32 in and out: x1' = x1*c1 + x2*s1, x2' = x2*c2 + x1*s2,
+        each product rounded to the dtype in torch's order (the sum rounds where it is stored). Shared by the
+        rotary kernel and the KV write that rotates on its way to the cache (cache_write.py)."""
+        o1 = round_as(x1 * c1, KIND) + round_as(x2 * s1, KIND)
+        o2 = round_as(x2 * c2, KIND) + round_as(x1 * s2, KIND)
+        return o1, o2
 
     @triton.jit
     def _rotate_heads(
@@ -320,12 +321,11 @@ if triton is not None:
         h = tl.arange(0, HEADS_PAD)
         offs = h[:, None] * head_stride + d[None, :]
         mask = (h < num_heads)[:, None] & d_mask[None, :]
-        x1 = _to_f32(tl.load(ptr + offs, mask=mask, other=0), KIND)
-        x2 = _to_f32(tl.load(ptr + offs + HALF, mask=mask, other=0), KIND)
-        o1 = _round(x1 * c1[None, :], KIND) + _round(x2 * s1[None, :], KIND)
-        o2 = _round(x2 * c2[None, :], KIND) + _round(x1 * s2[None, :], KIND)
-        tl.store(ptr + offs, _to_storage(o1, KIND), mask=mask)
-        tl.store(ptr + offs + HALF, _to_storage(o2, KIND), mask=mask)
+        x1 = to_f32(tl.load(ptr + offs, mask=mask, other=0), KIND)
+        x2 = to_f32(tl.load(ptr + offs + HALF, mask=mask, other=0), KIND)
+        o1, o2 = rotate_pair(x1, x2, c1[None, :], c2[None, :], s1[None, :], s2[None, :], KIND)
+        tl.store(ptr + offs, to_storage(o1, KIND), mask=mask)
+        tl.store(ptr + offs + HALF, to_storage(o2, KIND), mask=mask)
 
     @triton.jit
     def _rotary_kernel(
@@ -354,10 +354,7 @@ if triton is not None:
         cos_row, sin_row = cos_ptr + pos * cos_stride, sin_ptr + pos * sin_stride
         d = tl.arange(0, HALF_PAD)
         d_mask = d < HALF
-        c1 = _round(tl.load(cos_row + d, mask=d_mask, other=0.0), KIND)
-        c2 = _round(tl.load(cos_row + HALF + d, mask=d_mask, other=0.0), KIND)
-        s1 = _round(-tl.load(sin_row + d, mask=d_mask, other=0.0), KIND)
-        s2 = _round(tl.load(sin_row + HALF + d, mask=d_mask, other=0.0), KIND)
+        c1, c2, s1, s2 = rotary_factors(cos_row + d, sin_row + d, d_mask, HALF, KIND)
         q_row = q_ptr + tok * q_stride_t
         k_row = k_ptr + tok * k_stride_t
         _rotate_heads(q_row, q_stride_h, num_q_heads, c1, c2, s1, s2, d, d_mask, HALF, Q_HEADS_PAD, KIND)
@@ -376,10 +373,10 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter
-        gate = _to_f32(tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0), KIND)
-        up = _to_f32(tl.load(x_ptr + row * x_stride + inter + cols, mask=mask, other=0), KIND)
-        act = _round(gate / (1.0 + tl.exp(-gate)), KIND)
-        tl.store(out_ptr + row * inter + cols, _to_storage(act * up, KIND), mask=mask)
+        gate = to_f32(tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0), KIND)
+        up = to_f32(tl.load(x_ptr + row * x_stride + inter + cols, mask=mask, other=0), KIND)
+        act = round_as(gate / (1.0 + tl.exp(-gate)), KIND)
+        tl.store(out_ptr + row * inter + cols, to_storage(act * up, KIND), mask=mask)
 
 
 def _rms_norm_triton(x, weight, eps, residual, out, summed) -> None:
@@ -402,7 +399,7 @@ def _rms_norm_triton(x, weight, eps, residual, out, summed) -> None:
         eps,
         BLOCK=block,
         HAS_RESIDUAL=residual is not None,
-        KIND=_KIND[x.dtype],
+        KIND=DTYPE_KIND[x.dtype],
         num_warps=_num_warps(block),
         enable_fp_fusion=False,
     )
@@ -428,7 +425,7 @@ def _rotary_triton(q, k, positions, cos, sin) -> None:
         HALF_PAD=triton.next_power_of_2(half),
         Q_HEADS_PAD=triton.next_power_of_2(q.shape[1]),
         K_HEADS_PAD=triton.next_power_of_2(k.shape[1]),
-        KIND=_KIND[q.dtype],
+        KIND=DTYPE_KIND[q.dtype],
         num_warps=_num_warps(triton.next_power_of_2(half) * triton.next_power_of_2(q.shape[1])),
         enable_fp_fusion=False,
     )
@@ -443,7 +440,7 @@ def _silu_and_mul_triton(x, out) -> None:
         x.stride(0),
         inter,
         BLOCK=block,
-        KIND=_KIND[x.dtype],
+        KIND=DTYPE_KIND[x.dtype],
         num_warps=_num_warps(block),
         enable_fp_fusion=False,
     )

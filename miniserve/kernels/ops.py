@@ -1,9 +1,9 @@
 """The two KV-cache ops the model calls, dispatched to their Triton kernel or torch reference.
 
 `reshape_and_cache` is the single KV write path (every layer of every model role writes through it, so the FP8
-quantization is defined once); `paged_attention` reads the paged cache, with the decode kernel when every
-sequence brings one query token and the extend kernel otherwise. Triton modules are imported on first use, so
-the CPU engine works where Triton is missing.
+quantization is defined once; the layers have it rotate q and k on the way); `paged_attention` reads the paged
+cache, with the decode kernel when every sequence brings one query token and the extend kernel otherwise. Triton
+modules are imported on first use, so the CPU engine works where Triton is missing.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from miniserve.kernels.backend import use_triton
+from miniserve.kernels.layer_ops import Rope, apply_rotary_reference_, check_rotary_args
 from miniserve.kernels.metadata import AttentionMetadata
 from miniserve.kernels.reference import paged_attention_reference, reshape_and_cache_reference
 
@@ -24,20 +25,26 @@ def reshape_and_cache(
     k_scale: torch.Tensor,
     v_scale: torch.Tensor,
     backend: str = "auto",
+    rope: Rope | None = None,
 ) -> None:
     """Write K and V `[num_tokens, num_kv_heads, head_dim]` into the paged caches at `slot_mapping`.
 
     FP8 caches store `quantize_fp8_reference(x, scale)` bytes; plain caches store `x.to(cache.dtype)`.
     backend: "auto", "triton" or "torch" (kernels/backend.py). The scales are fp32 tensors of shape [1], read on
-    the device (no host sync).
+    the device (no host sync). rope: first rotate `rope.query` and `key` in place, exactly as `apply_rotary_`
+    does, in the same launch on GPUs (a decode layer's rotary kernel was one more launch, mostly latency).
     """
     _check_cache_write_args(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
+    if rope is not None:
+        check_rotary_args(rope.query, key, rope.positions, rope.cos, rope.sin)
     if use_triton(key.device, backend):
         from miniserve.kernels.cache_write import reshape_and_cache_triton
 
-        reshape_and_cache_triton(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
-    else:
-        reshape_and_cache_reference(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
+        reshape_and_cache_triton(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, rope=rope)
+        return
+    if rope is not None:
+        apply_rotary_reference_(rope.query, key, rope.positions, rope.cos, rope.sin)
+    reshape_and_cache_reference(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
 
 
 def paged_attention(

@@ -2,8 +2,8 @@
 
 Tokens of all sequences in a step are packed into one [num_tokens] batch (no padding); `AttentionMetadata` says
 which tokens belong to which sequence. Each layer writes its new K/V through `reshape_and_cache` (the single KV
-write path) and then attends over the paged cache. The differences between the four architectures are two
-switches: qkv bias (Qwen2) and per-head q/k RMSNorm (Qwen3).
+write path, which rotates q and k on the way) and then attends over the paged cache. The differences between the
+four architectures are two switches: qkv bias (Qwen2) and per-head q/k RMSNorm (Qwen3).
 
 With tensor parallelism (`tp`, see models/parallel.py) every layer holds only this rank's heads and intermediate
 slice; the o and down projections end with one all-reduce each, the embedding and the LM head are vocab-parallel.
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miniserve.kernels.layer_ops import apply_rotary_, rms_norm, silu_and_mul
+from miniserve.kernels.layer_ops import Rope, rms_norm, silu_and_mul
 from miniserve.kernels.metadata import AttentionMetadata
 from miniserve.kernels.ops import paged_attention, reshape_and_cache
 from miniserve.models.config import ModelConfig
@@ -112,8 +112,10 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        apply_rotary_(q, k, positions, rotary.cos, rotary.sin, self.backend)  # in place (q, k may be views of qkv)
-        reshape_and_cache(k, v, kv.key_cache, kv.value_cache, meta.slot_mapping, kv.k_scale, kv.v_scale)
+        rope = Rope(q, positions, rotary.cos, rotary.sin)  # q and k rotate in place (views of qkv are fine)
+        reshape_and_cache(
+            k, v, kv.key_cache, kv.value_cache, meta.slot_mapping, kv.k_scale, kv.v_scale, self.backend, rope
+        )
         out = paged_attention(
             q, kv.key_cache, kv.value_cache, meta, kv.k_scale, kv.v_scale, self.scale, self.backend,
             self.fp8_decode, self.decode_splits,
