@@ -8,7 +8,8 @@ replaces: every case's output bit for bit, and its time (median CUDA-graph repla
 Inputs are seeded, so both trees see the same q, caches and block tables. Tried with it (2d37b1b against
 6c61133, `decode_ab_h200.json`): the splits merged by the last split program to finish (an atomic count) instead
 of a second kernel. Same bits everywhere and a faster kernel at batch 1 and 64, but no end-to-end gain beyond the
-runs' spread and nano's bf16 run slower in three of three (`engine_ab_h200.json`), so it was not kept.
+runs' spread and nano's bf16 run slower in three of three (the engine_ab_h200.json of 3f4f9c7 in git), so
+it was not kept.
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@
 #   bash benchmarks/h200_suite.sh splits OUT_DIR  # decode_splits by-length and by-batch: kernel split sizes, batch 1 (1B, 8B), batch 64, nano
 #   bash benchmarks/h200_suite.sh splitsweep OUT_DIR # kernel split sizes; the Llama-3.2-1B batch sweep with both decode_splits
 #   bash benchmarks/h200_suite.sh linear OUT_DIR  # skinny Triton GEMM vs cuBLAS; a decode layer's kernel chain with PDL
+#   OLD=DIR OLD_COMMIT=... bash benchmarks/h200_suite.sh decodeab OUT_DIR # the decode kernel of an older tree and this one: bits, time
+#   OLD=DIR OLD_COMMIT=... bash benchmarks/h200_suite.sh ropeab OUT_DIR # 1B batch 1 and 64, nano twice: older tree, this one
+#   bash benchmarks/h200_suite.sh smallkernels OUT_DIR # the KV write's launch settings, and power-of-two vs dividing scales
 # Every step is bounded in time and independent of the others: one that fails leaves the rest to run.
 set -u
 part=$1
@@ -375,4 +378,38 @@ fi
 if [ "$part" = linear ]; then
   timeout 300 python3 benchmarks/tune_linear.py --out "$out/tune_linear_h200.json" 2>&1 | grep -v skip | tail -62
   timeout 100 python3 benchmarks/pdl_chain.py --out "$out/pdl_chain_h200.json" 2>&1 | tail -15
+fi
+
+if [ "$part" = decodeab ]; then
+  (cd "$OLD" && MINISERVE_COMMIT="$OLD_COMMIT" timeout 150 python3 "$PWD/benchmarks/decode_ab.py" --tree "$OLD" \
+    --save "$out/decode_old.pt" 2>&1 | tail -1)
+  timeout 150 python3 benchmarks/decode_ab.py --save "$out/decode_new.pt" --compare "$out/decode_old.pt" \
+    --old-commit "$OLD_COMMIT" --out "$out/decode_ab_h200.json" 2>&1 | tail -21
+fi
+
+if [ "$part" = ropeab ]; then
+  # RoPE moved into the KV write: batch-1 latency and batch 64 (1B), then nano alternated twice, older tree first;
+  # benchmarks/engine_ab.py joins them (engine_ab_h200.json)
+  [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
+  for tree in "$OLD" "$PWD"; do
+    tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
+    (cd "$tree" && MINISERVE_COMMIT="$(tree_commit "$tree")" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 130 \
+      --shape llama-3.2-1b --workload latency --gen 256 --repeats 3 --decode-splits by-length by-batch \
+      --out "$out/throughput_${tag}_latency.json")
+    (cd "$tree" && MINISERVE_COMMIT="$(tree_commit "$tree")" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 70 \
+      --shape llama-3.2-1b --workload fixed --batch 64 --prompt 512 --gen 256 --kv-cache-dtype auto fp8 --repeats 2 \
+      --out "$out/throughput_${tag}_fixed.json")
+  done
+  for i in 1 2; do
+    for tree in "$OLD" "$PWD"; do
+      tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
+      (cd "$tree" && MINISERVE_COMMIT="$(tree_commit "$tree")" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 60 \
+        --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --repeats 1 --out "$out/throughput_${tag}_nano_round$i.json")
+    done
+  done
+  python3 benchmarks/engine_ab.py "$out" --part ropeab --out "$out/engine_ab_h200.json"
+fi
+
+if [ "$part" = smallkernels ]; then
+  timeout 90 python3 benchmarks/tune_small_kernels.py --out "$out/tune_small_kernels_h200.json" 2>&1 | tail -16
 fi

@@ -182,6 +182,7 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                     "yes" if tps >= target else "no",
                     "at batch 1 every kernel is tiny: launch gaps and small-GEMV efficiency, not bytes"
                     + (f"; {decode_profile('profile_decode_llama1b_b1_h200.json')}" if "1B" in shape else "")
+                    + (rope_note() + merge_note() if "1B" in shape else "")
                     + small_batch_decode_note()
                     + (gemm_note(1) if "1B" in shape else ""),
                 )
@@ -716,6 +717,44 @@ def sampler_note() -> str:
         f"(`sampler_ab_h200.json`): nano {fmt(nano['old_tok_s'])} -> {fmt(nano['new_tok_s'])} tok/s "
         f"({nano['new_vs_old']:.3f}x), and with the greedy argmax in two small launches batch-1 latency "
         f"{lat['new_vs_old']:.3f}x; "
+    )
+
+
+def rope_note() -> str:
+    """RoPE moved into the KV write (one launch fewer a layer): the tree before and this one, side by side."""
+    ab = load("engine_ab_h200.json")
+    if not ab or "latency" not in ab["workloads"]:
+        return ""
+    rows = {w: {r["config"]: r for r in x["rows"]} for w, x in ab["workloads"].items()}
+    lat, fixed = rows["latency"], rows.get("fixed", {})
+    nano = [rows[w] for w in sorted(rows) if w.startswith("nano")]
+    kv = {"auto": "bf16"}  # the runs' kv_cache_dtype label
+    batch64 = ", ".join(f"{kv.get(c, c)} {r['new_vs_old']:.2f}x" for c, r in fixed.items())
+    nano_ratios = ", ".join(
+        f"{kv.get(c, c)} " + " / ".join(f"{n[c]['new_vs_old']:.2f}x" for n in nano) for c in nano[0]
+    )
+    return (
+        "; RoPE rides in the KV write (`reshape_and_cache(rope=...)`: one launch fewer a layer, the same bits), side "
+        f"by side with {ab['old_commit']} (`engine_ab_h200.json`): batch 1 {fmt(lat['auto']['old_tok_s'])} -> "
+        f"{fmt(lat['auto']['new_tok_s'])} tok/s (by-batch {fmt(lat['auto by-batch']['old_tok_s'])} -> "
+        f"{fmt(lat['auto by-batch']['new_tok_s'])}), batch 64 {batch64}, nano {nano_ratios} "
+        f"({len(nano)} alternated rounds)"
+    )
+
+
+def merge_note() -> str:
+    """The split merge moved into the decode kernel's last program: tried, same bits, not kept."""
+    ab = load("decode_ab_h200.json")
+    if not ab:
+        return ""
+    rows = {r["case"]: r for r in ab["rows"]}
+    b1, b64 = rows["llama-1b b1 ctx640 bf16 by-batch"], rows["llama-1b b64 ctx640 bf16 by-length"]
+    return (
+        "; merging a sequence's splits in the decode kernel's last program instead of a second launch was tried "
+        f"(`decode_ab_h200.json`, {ab['provenance']['commit']} against {ab['old_commit']}): the same bits in every "
+        f"case, the kernel {b1['speedup']:.2f}x at batch 1 and {b64['speedup']:.2f}x at batch 64, but end to end "
+        "no gain beyond the runs' spread (nano bf16 slower in three runs of three; the engine_ab_h200.json of "
+        "3f4f9c7 in git), so it was not kept"
     )
 
 

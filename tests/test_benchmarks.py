@@ -140,6 +140,22 @@ def test_engine_ab_pairs_each_configuration_of_each_workload(tmp_path):
     assert (got["commit"], got["old_commit"], got["date"]) == ("n3w", "0ld", "2026-12-03")
 
 
+def test_decode_ab_compares_each_case_bit_for_bit_and_in_time():
+    """benchmarks/decode_ab.py's join: a case is identical only when every bit is (a one-ulp change is caught and
+    its size reported), and the speedup is the old time over the new."""
+    import torch
+
+    from benchmarks.decode_ab import compare
+
+    out = torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16)
+    nudged = out.clone()
+    nudged.view(torch.int16)[1] += 1  # one ulp
+    old = {"a": (out, 10.0), "b": (out, 8.0)}
+    rows = compare(old, {"a": (out.clone(), 5.0), "b": (nudged, 8.0)})
+    assert [(r["case"], r["identical"], r["speedup"]) for r in rows] == [("a", True, 2.0), ("b", False, 1.0)]
+    assert rows[0]["max_abs_diff"] == 0 and rows[1]["max_abs_diff"] == 2.0**-6
+
+
 def test_serve_ab_keeps_each_pair_of_runs_side_by_side(tmp_path):
     """benchmarks/serve_ab.py: each named pair's old and new run, with what the README quotes from them."""
     from benchmarks import serve_ab
