@@ -218,6 +218,10 @@ def test_gpu_tile_shape_by_step_size(monkeypatch):
     assert cache_write._tile_shape(1025, 8 * 128, None) == (2, 1024)  # one token over: 2048 a program
     assert cache_write._tile_shape(1, 8 * 64, None) == (1, 512)
     assert cache_write._tile_shape(64, 8 * 64, 2048) == (4, 512)  # an explicit size wins
+    # a rotating write tiles (head, d < D/2) pairs, two elements each: half as many a program, same thresholds
+    assert cache_write._tile_shape(1024, 8 * 64, None, pairs=True) == (1, 256)
+    assert cache_write._tile_shape(1025, 8 * 64, None, pairs=True) == (2, 512)
+    assert cache_write._tile_shape(64, 8 * 32, 2048, pairs=True) == (4, 256)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])

@@ -268,9 +268,10 @@ def _tile_shape(num_tokens: int, heads_x_dim: int, elements: int | None, pairs: 
     fuller programs; benchmarks/results/tune_small_kernels_h200.json); one huge program in the interpreter, where
     launches dominate. Only the time changes: each element's bytes do not depend on the tiling. pairs (a rotating
     write): heads_x_dim counts (head, d < D/2) pairs, two elements each, so a tile holds half as many."""
+    per_token = heads_x_dim * (2 if pairs else 1)  # elements of K a token brings
     if elements is None:
-        elements = 1 << 16 if triton_interpreter_enabled() else (512 if num_tokens * heads_x_dim <= 1 << 20 else 2048)
-        elements = elements // 2 if pairs else elements
+        elements = 1 << 16 if triton_interpreter_enabled() else (512 if num_tokens * per_token <= 1 << 20 else 2048)
+    elements = elements // 2 if pairs else elements
     block_hd = min(triton.next_power_of_2(heads_x_dim), elements)
     block_t = min(max(1, elements // block_hd), triton.next_power_of_2(num_tokens))
     return block_t, block_hd
@@ -313,6 +314,8 @@ def reshape_and_cache_triton(
     num_tokens, num_heads, head_dim = key.shape
     if num_tokens == 0:
         return
+    if rope is not None and rope.cos.stride(0) != rope.sin.stride(0):
+        raise ValueError(f"cos and sin must share a row stride, got {rope.cos.stride(0)} and {rope.sin.stride(0)}")
     width = num_heads * head_dim // (2 if rope else 1)  # elements, or (head, d < D/2) pairs when rotating
     block_t, block_hd = _tile_shape(num_tokens, width, tile_elements, pairs=rope is not None)
     kv_programs = triton.cdiv(width, block_hd)
