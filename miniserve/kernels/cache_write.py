@@ -81,33 +81,6 @@ def quantize_e4m3_bits(
 
 
 @triton.jit
-def _cache_value(
-    x,
-    scale,
-    cache_ptr,
-    SRC_BF16: tl.constexpr,
-    MODE: tl.constexpr,
-    EXP_BIAS: tl.constexpr,
-    MAX_BITS: tl.constexpr,
-    NAN_BYTE: tl.constexpr,
-    NEG_ZERO: tl.constexpr,
-):
-    """K or V elements as loaded (bf16 as int16 bits) -> what the cache stores, as MODE says."""
-    if MODE == 3:  # same dtype: copy the bits
-        y = x
-    else:
-        if SRC_BF16:  # bf16 bits (int16 view) -> fp32, exactly (the interpreter's cast mangles subnormals)
-            x = (x.to(tl.int32) << 16).to(tl.float32, bitcast=True)
-        if MODE == 1:  # fp8 cache, viewed as uint8
-            y = quantize_e4m3_bits(x, scale, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO).to(tl.uint8)
-        elif MODE == 2:  # bf16 cache viewed as int16
-            y = round_to_bf16_bits(x).to(tl.int16)
-        else:  # fp16 / fp32 cache: casts every backend rounds correctly
-            y = x.to(cache_ptr.dtype.element_ty)
-    return y
-
-
-@triton.jit
 def _rotate_tile(
     src_ptr,
     lo,
@@ -145,10 +118,20 @@ def _store_tile(
     NAN_BYTE: tl.constexpr,
     NEG_ZERO: tl.constexpr,
 ):
-    """Load one tile of K or V (or take `src_ptr` None and `src_off` as the elements), convert it as MODE says
-    and scatter it into the cache."""
+    """Load one tile of K or V (or take `src_ptr` None and `src_off` as the elements, as loaded: bf16 as int16
+    bits), convert it as MODE says and scatter it into the cache."""
     x = src_off if src_ptr is None else tl.load(src_ptr + src_off, mask=mask)
-    y = _cache_value(x, scale, cache_ptr, SRC_BF16, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)
+    if MODE == 3:  # same dtype: copy the bits
+        y = x
+    else:
+        if SRC_BF16:  # bf16 bits (int16 view) -> fp32, exactly (the interpreter's cast mangles subnormals)
+            x = (x.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        if MODE == 1:  # fp8 cache, viewed as uint8
+            y = quantize_e4m3_bits(x, scale, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO).to(tl.uint8)
+        elif MODE == 2:  # bf16 cache viewed as int16
+            y = round_to_bf16_bits(x).to(tl.int16)
+        else:  # fp16 / fp32 cache: casts every backend rounds correctly
+            y = x.to(cache_ptr.dtype.element_ty)
     tl.store(cache_ptr + dst_off, y, mask=mask)
 
 
