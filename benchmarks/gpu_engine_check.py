@@ -113,10 +113,13 @@ def check_layer_ops() -> dict:
                                      "intermediate_size": inter, "num_hidden_layers": 1, "vocab_size": 8,
                                      "max_position_embeddings": 4096})  # fmt: skip
         rot = Rotary(cfg, 4096).cuda()
+        one = torch.ones(1, device="cuda")
         tri, ref = qkv.clone(), qkv.clone()
         for t, impl in ((tri, "triton"), (ref, "torch")):
             q, k = t[:, : hq * d].view(T, hq, d), t[:, hq * d : (hq + hk) * d].view(T, hk, d)
-            ops.apply_rotary_(q, k, positions, rot.cos, rot.sin, backend=impl)
+            cache = torch.zeros(T, 1, hk, d, dtype=dtype, device="cuda")  # RoPE runs inside the KV write
+            reshape_and_cache(k, torch.zeros_like(k), cache, cache.clone(), torch.arange(T, device="cuda"),
+                              one, one, impl, ops.Rope(q, positions, rot.cos, rot.sin))  # fmt: skip
         x, r = torch.randn(2, T, hidden, device="cuda", generator=g).to(dtype)
         w = torch.randn(hidden, device="cuda", generator=g).to(dtype)
         (n_t, s_t), (n_r, s_r) = (ops.rms_norm(x, w, 1e-5, r, backend=i) for i in ("triton", "torch"))

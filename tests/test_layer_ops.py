@@ -18,7 +18,6 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 from miniserve.kernels import reshape_and_cache  # noqa: E402
 from miniserve.kernels.layer_ops import (  # noqa: E402
     Rope,
-    apply_rotary_,
     apply_rotary_reference_,
     rms_norm,
     rms_norm_reference,
@@ -97,6 +96,16 @@ def split_qkv(qkv, hq, hk, head_dim):
 # ---------------------------------------------------------------------------------------------------- rotary
 
 
+def rotate(q, k, positions, cos, sin, backend="triton"):
+    """RoPE as the layers run it: inside the KV write (the caches here are throwaway, in k's dtype)."""
+    t, hk, d = k.shape
+    v = torch.zeros_like(k)
+    cache = torch.zeros(max(t, 1), 1, hk, d, dtype=k.dtype)
+    slots = torch.arange(t)
+    one = torch.ones(1)
+    reshape_and_cache(k, v, cache, cache.clone(), slots, one, one, backend, Rope(q, positions, cos, sin))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("hq,hk,head_dim", [(4, 2, 64), (4, 2, 128), (6, 3, 96)])
 def test_rotary_bit_exact_on_strided_qkv_views(dtype, hq, hk, head_dim):
@@ -111,7 +120,7 @@ def test_rotary_bit_exact_on_strided_qkv_views(dtype, hq, hk, head_dim):
     q, k, _ = split_qkv(expected, hq, hk, head_dim)
     apply_rotary_reference_(q, k, positions, cos, sin)
     q, k, v = split_qkv(actual, hq, hk, head_dim)
-    apply_rotary_(q, k, positions, cos, sin, backend="triton")
+    rotate(q, k, positions, cos, sin)
 
     assert_bit_equal(actual, expected)
     assert_bit_equal(v, split_qkv(qkv, hq, hk, head_dim)[2])  # v untouched
@@ -129,7 +138,7 @@ def test_rotary_matches_transformers(dtype):
     hf_q, hf_k = apply_rotary_pos_emb(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[positions][None].to(dtype), sin[positions][None].to(dtype)
     )
-    apply_rotary_(q, k, positions, cos, sin, backend="triton")
+    rotate(q, k, positions, cos, sin)
     assert_bit_equal(q.contiguous(), hf_q[0].transpose(0, 1).contiguous())
     assert_bit_equal(k.contiguous(), hf_k[0].transpose(0, 1).contiguous())
 
@@ -288,7 +297,7 @@ def test_silu_and_mul(dtype, inter):
 def test_empty_batch_and_auto_on_cpu_use_reference_semantics():
     cos, sin = rotary_tables(64)
     q, k = torch.empty(0, 4, 64), torch.empty(0, 2, 64)
-    apply_rotary_(q, k, torch.empty(0, dtype=torch.int64), cos, sin, backend="triton")
+    rotate(q, k, torch.empty(0, dtype=torch.int64), cos, sin)
     assert rms_norm(torch.empty(0, 64), torch.ones(64), 1e-6, backend="triton").shape == (0, 64)
     out, summed = rms_norm(torch.empty(0, 64), torch.ones(64), 1e-6, torch.empty(0, 64), backend="triton")
     assert out.shape == summed.shape == (0, 64)
@@ -315,7 +324,7 @@ def bad_calls(impl):
     x, w = torch.randn(3, 64), torch.ones(64)
 
     def rotary(q=q, k=k, pos=pos, cos=cos, sin=sin):
-        return lambda: apply_rotary_(q, k, pos, cos, sin, backend=impl)
+        return lambda: rotate(q, k, pos, cos, sin, backend=impl)
 
     def norm(x=x, w=w, residual=None):
         return lambda: rms_norm(x, w, 1e-6, residual, backend=impl)

@@ -1,7 +1,8 @@
 """Fused elementwise ops of a Llama decoder layer: RMSNorm (+ residual add), RoPE, SiLU-and-mul.
 
 Why: a decode step of a small model under CUDA graphs is bound by kernel count, and the torch versions of these
-ops launch one kernel per elementwise op (RMSNorm alone is ~8). Each op here is one Triton launch.
+ops launch one kernel per elementwise op (RMSNorm alone is ~8). Each op here is one Triton launch, and RoPE none
+of its own: its arithmetic (`rotary_factors`, `rotate_pair`) runs inside the KV write (`Rope`, cache_write.py).
 
 Each op has a pure-torch reference (`*_reference`, the exact arithmetic of models/llama.py, used on CPU and as
 the test oracle) and a Triton kernel that rounds every intermediate to the tensor dtype exactly where torch does:
@@ -41,8 +42,11 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class Rope:
-    """What a KV write needs to apply rotary embeddings on its way (`reshape_and_cache(..., rope=Rope(...))`):
-    the queries, rotated in place beside the keys, and `apply_rotary_`'s positions and tables."""
+    """Rotary embeddings for a KV write to apply on its way (`reshape_and_cache(..., rope=Rope(...))`, the one
+    launch a layer runs for both): `query` [T, Hq, D] is rotated in place beside the keys (views into a packed qkv
+    are fine: last dim contiguous). positions: int64 [T]. cos, sin: fp32 [max_positions, D] with
+    cos[p] = cat(cos(p*f), cos(p*f)) (the `Rotary.cos` / `Rotary.sin` buffers). Bit-identical to
+    `apply_rotary_reference_`; positions are not range-checked on the Triton path (that would need a host sync)."""
 
     query: torch.Tensor
     positions: torch.Tensor
@@ -114,27 +118,6 @@ def rms_norm(
     if out.numel():
         _rms_norm_triton(x, weight, float(eps), residual, out, summed)
     return out if residual is None else (out, summed)
-
-
-def apply_rotary_(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    positions: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    backend: str = "auto",
-) -> None:
-    """Rotate q [T, Hq, D] and k [T, Hk, D] in place (views into a packed qkv are fine: last dim contiguous).
-
-    positions: int64 [T]. cos, sin: fp32 [max_positions, D] with cos[p] = cat(cos(p*f), cos(p*f)) (the
-    `Rotary.cos` / `Rotary.sin` buffers). Bit-identical to `apply_rotary_reference_`. Positions are not
-    range-checked on the Triton path (that would need a host sync).
-    """
-    check_rotary_args(q, k, positions, cos, sin)
-    if not _triton_here(q.device, backend):
-        apply_rotary_reference_(q, k, positions, cos, sin)
-    elif q.shape[0]:
-        _rotary_triton(q, k, positions, cos, sin)
 
 
 def silu_and_mul(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -295,70 +278,11 @@ if triton is not None:
     @triton.jit
     def rotate_pair(x1, x2, c1, c2, s1, s2, KIND: tl.constexpr):
         """The rotation of the elements (d, d + D/2), fp32 in and out: x1' = x1*c1 + x2*s1, x2' = x2*c2 + x1*s2,
-        each product rounded to the dtype in torch's order (the sum rounds where it is stored). Shared by the
-        rotary kernel and the KV write that rotates on its way to the cache (cache_write.py)."""
+        each product rounded to the dtype in torch's order (the sum rounds where it is stored). The KV write
+        rotates q and k with it on their way to the cache (cache_write.py)."""
         o1 = round_as(x1 * c1, KIND) + round_as(x2 * s1, KIND)
         o2 = round_as(x2 * c2, KIND) + round_as(x1 * s2, KIND)
         return o1, o2
-
-    @triton.jit
-    def _rotate_heads(
-        ptr,
-        head_stride,
-        num_heads,
-        c1,
-        c2,
-        s1,
-        s2,
-        d,
-        d_mask,
-        HALF: tl.constexpr,
-        HEADS_PAD: tl.constexpr,
-        KIND: tl.constexpr,
-    ):
-        """Rotate all heads of one token in place: x1' = x1*c1 + x2*s1, x2' = x2*c2 + x1*s2 (s1 = -sin1),
-        each product and sum rounded to the dtype, in torch's order."""
-        h = tl.arange(0, HEADS_PAD)
-        offs = h[:, None] * head_stride + d[None, :]
-        mask = (h < num_heads)[:, None] & d_mask[None, :]
-        x1 = to_f32(tl.load(ptr + offs, mask=mask, other=0), KIND)
-        x2 = to_f32(tl.load(ptr + offs + HALF, mask=mask, other=0), KIND)
-        o1, o2 = rotate_pair(x1, x2, c1[None, :], c2[None, :], s1[None, :], s2[None, :], KIND)
-        tl.store(ptr + offs, to_storage(o1, KIND), mask=mask)
-        tl.store(ptr + offs + HALF, to_storage(o2, KIND), mask=mask)
-
-    @triton.jit
-    def _rotary_kernel(
-        q_ptr,
-        k_ptr,
-        pos_ptr,
-        cos_ptr,
-        sin_ptr,
-        q_stride_t,
-        q_stride_h,
-        k_stride_t,
-        k_stride_h,
-        cos_stride,
-        sin_stride,
-        num_q_heads,
-        num_k_heads,
-        HALF: tl.constexpr,
-        HALF_PAD: tl.constexpr,
-        Q_HEADS_PAD: tl.constexpr,
-        K_HEADS_PAD: tl.constexpr,
-        KIND: tl.constexpr,
-    ):
-        """One program per token: gather its cos/sin row once, rotate every q and k head."""
-        tok = tl.program_id(0).to(tl.int64)
-        pos = tl.load(pos_ptr + tok)
-        cos_row, sin_row = cos_ptr + pos * cos_stride, sin_ptr + pos * sin_stride
-        d = tl.arange(0, HALF_PAD)
-        d_mask = d < HALF
-        c1, c2, s1, s2 = rotary_factors(cos_row + d, sin_row + d, d_mask, HALF, KIND)
-        q_row = q_ptr + tok * q_stride_t
-        k_row = k_ptr + tok * k_stride_t
-        _rotate_heads(q_row, q_stride_h, num_q_heads, c1, c2, s1, s2, d, d_mask, HALF, Q_HEADS_PAD, KIND)
-        _rotate_heads(k_row, k_stride_h, num_k_heads, c1, c2, s1, s2, d, d_mask, HALF, K_HEADS_PAD, KIND)
 
     @triton.jit
     def _silu_and_mul_kernel(
@@ -401,32 +325,6 @@ def _rms_norm_triton(x, weight, eps, residual, out, summed) -> None:
         HAS_RESIDUAL=residual is not None,
         KIND=DTYPE_KIND[x.dtype],
         num_warps=_num_warps(block),
-        enable_fp_fusion=False,
-    )
-
-
-def _rotary_triton(q, k, positions, cos, sin) -> None:
-    half = q.shape[2] // 2
-    _rotary_kernel[(q.shape[0],)](
-        _bits_view(q),
-        _bits_view(k),
-        positions,
-        cos,
-        sin,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        cos.stride(0),
-        sin.stride(0),
-        q.shape[1],
-        k.shape[1],
-        HALF=half,
-        HALF_PAD=triton.next_power_of_2(half),
-        Q_HEADS_PAD=triton.next_power_of_2(q.shape[1]),
-        K_HEADS_PAD=triton.next_power_of_2(k.shape[1]),
-        KIND=DTYPE_KIND[q.dtype],
-        num_warps=_num_warps(triton.next_power_of_2(half) * triton.next_power_of_2(q.shape[1])),
         enable_fp_fusion=False,
     )
 

@@ -31,8 +31,9 @@ def reshape_and_cache(
 
     FP8 caches store `quantize_fp8_reference(x, scale)` bytes; plain caches store `x.to(cache.dtype)`.
     backend: "auto", "triton" or "torch" (kernels/backend.py). The scales are fp32 tensors of shape [1], read on
-    the device (no host sync). rope: first rotate `rope.query` and `key` in place, exactly as `apply_rotary_`
-    does, in the same launch on GPUs (a decode layer's rotary kernel was one more launch, mostly latency).
+    the device (no host sync). rope: first rotate `rope.query` and `key` in place, exactly as
+    `apply_rotary_reference_` does, in the same launch on GPUs (a rotary kernel of its own was one more launch a
+    layer, mostly latency).
     """
     _check_cache_write_args(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
     if rope is not None:
