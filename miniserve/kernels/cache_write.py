@@ -1,4 +1,5 @@
-"""Fused KV write: one Triton launch scales, quantizes and scatters K and V of every new token into its page.
+"""Fused KV write: one Triton launch scales, quantizes and scatters K and V of every new token into its page,
+rotating q and k first when the layer passes a `Rope` (layer_ops' rotary arithmetic: one launch a layer fewer).
 
 The FP8 bytes are built with integer arithmetic only, so that they are bit-identical to
 `fp8.quantize_fp8_reference` on every backend (NVIDIA, AMD, the CPU interpreter):
