@@ -48,6 +48,7 @@ import torch  # noqa: E402
 from benchmarks.checkpoints import SHAPES, build_checkpoint, num_parameters  # noqa: E402
 from benchmarks.provenance import flat as provenance  # noqa: E402
 from miniserve import LLM, SamplingParams  # noqa: E402
+from miniserve.config import DECODE_SPLITS  # noqa: E402
 
 DATASHEET_GBS = {"H200": 4800, "H100": 3350}
 
@@ -501,7 +502,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="FP8 decode attention variants (benchmarks/tune_decode_attention.py FP8_VARIANTS) for fp8 caches",
     )  # fmt: skip
     ap.add_argument(
-        "--decode-splits", nargs="+", choices=["by-length", "by-batch"], default=["by-length"],
+        "--decode-splits", nargs="+", choices=list(DECODE_SPLITS), default=["by-length"],
         help="EngineConfig.decode_splits values to run each with",
     )  # fmt: skip
     ap.add_argument("--plot", default=None, help="sweep: write a PNG of tok/s against batch size")

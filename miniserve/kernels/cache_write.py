@@ -106,9 +106,8 @@ def _rotate_tile(
 
 @triton.jit
 def _store_tile(
-    src_ptr,
+    x,
     cache_ptr,
-    src_off,
     dst_off,
     mask,
     scale,
@@ -119,9 +118,8 @@ def _store_tile(
     NAN_BYTE: tl.constexpr,
     NEG_ZERO: tl.constexpr,
 ):
-    """Load one tile of K or V (or take `src_ptr` None and `src_off` as the elements, as loaded: bf16 as int16
-    bits), convert it as MODE says and scatter it into the cache."""
-    x = src_off if src_ptr is None else tl.load(src_ptr + src_off, mask=mask)
+    """Convert a tile of K or V elements as loaded (bf16 as int16 bits) as MODE says and scatter it into the
+    cache."""
     if MODE == 3:  # same dtype: copy the bits
         y = x
     else:
@@ -212,13 +210,13 @@ def _reshape_and_cache_kernel(
             v_dst = block * vc_stride_b + offset * vc_stride_s + head * vc_stride_h + d * vc_stride_d
             k_scale, v_scale = tl.load(k_scale_ptr), tl.load(v_scale_ptr)
             k_hi, v_hi, v_src_hi = k_dst + HALF * kc_stride_d, v_dst + HALF * vc_stride_d, v_src + HALF * v_stride_d
-            _store_tile(None, key_cache_ptr, k1, k_dst, cached, k_scale,
+            _store_tile(k1, key_cache_ptr, k_dst, cached, k_scale,
                         SRC_BF16, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
-            _store_tile(None, key_cache_ptr, k2, k_hi, cached, k_scale,
+            _store_tile(k2, key_cache_ptr, k_hi, cached, k_scale,
                         SRC_BF16, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
-            _store_tile(value_ptr, value_cache_ptr, v_src, v_dst, cached, v_scale,
+            _store_tile(tl.load(value_ptr + v_src, mask=cached), value_cache_ptr, v_dst, cached, v_scale,
                         SRC_BF16, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
-            _store_tile(value_ptr, value_cache_ptr, v_src_hi, v_hi, cached, v_scale,
+            _store_tile(tl.load(value_ptr + v_src_hi, mask=cached), value_cache_ptr, v_hi, cached, v_scale,
                         SRC_BF16, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
     else:
         hd = tl.program_id(1) * BLOCK_HD + tl.arange(0, BLOCK_HD)
@@ -233,9 +231,9 @@ def _reshape_and_cache_kernel(
         k_dst = block * kc_stride_b + offset * kc_stride_s + head * kc_stride_h + dim * kc_stride_d
         v_dst = block * vc_stride_b + offset * vc_stride_s + head * vc_stride_h + dim * vc_stride_d
         k_scale, v_scale = tl.load(k_scale_ptr), tl.load(v_scale_ptr)
-        _store_tile(key_ptr, key_cache_ptr, k_src, k_dst, mask, k_scale,
+        _store_tile(tl.load(key_ptr + k_src, mask=mask), key_cache_ptr, k_dst, mask, k_scale,
                     SRC_BF16, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
-        _store_tile(value_ptr, value_cache_ptr, v_src, v_dst, mask, v_scale,
+        _store_tile(tl.load(value_ptr + v_src, mask=mask), value_cache_ptr, v_dst, mask, v_scale,
                     SRC_BF16, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
 
 

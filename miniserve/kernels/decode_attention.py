@@ -39,6 +39,7 @@ LOG2E = 1.4426950408889634
 
 KV_PLAIN, KV_FP8_BITS, KV_FP8_HW, KV_FP8_HW_STAGED = 0, 1, 2, 3
 FP8_DECODES = ("auto", "bits", "hw", "hw-staged")
+DECODE_SPLITS = ("by-length", "by-batch")  # split_tokens_for
 
 # Triton's interpreter runs no inline PTX: there the staged mode converts V like KV_FP8_HW (layouts are moot).
 INTERPRETED = tl.constexpr(triton_interpreter_enabled())
@@ -467,8 +468,8 @@ def split_tokens_for(decode_splits: str, num_seqs: int, num_kv_heads: int, block
     programs the batch brings before splitting: up to 8 (batch 1 at 8 KV heads) want the shortest splits, up to
     64 short ones, from 1024 on one split per sequence up to 1024 tokens (no merge); H200 kernel timings:
     `decode_attention_split_sizes_h200.json`. At least one KV tile (block_n): a shorter split would be empty."""
-    if decode_splits not in ("by-length", "by-batch"):
-        raise ValueError(f"decode_splits must be 'by-length' or 'by-batch', got {decode_splits!r}")
+    if decode_splits not in DECODE_SPLITS:
+        raise ValueError(f"decode_splits must be one of {DECODE_SPLITS}, got {decode_splits!r}")
     if decode_splits == "by-length":
         return SPLIT_TOKENS
     programs = num_seqs * num_kv_heads
