@@ -753,8 +753,8 @@ def merge_note() -> str:
         "; merging a sequence's splits in the decode kernel's last program instead of a second launch was tried "
         f"(`decode_ab_h200.json`, {ab['provenance']['commit']} against {ab['old_commit']}): the same bits in every "
         f"case, the kernel {b1['speedup']:.2f}x at batch 1 and {b64['speedup']:.2f}x at batch 64, but end to end "
-        "no gain beyond the runs' spread (nano bf16 slower in three runs of three; the engine_ab_h200.json of "
-        "3f4f9c7 in git), so it was not kept"
+        "no gain beyond the runs' spread (nano's bf16 runs came out slower: the engine_ab_h200.json of 3f4f9c7 in "
+        "git), so it was not kept"
     )
 
 
