@@ -28,6 +28,7 @@ import traceback
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -131,6 +132,32 @@ def check_rope_write_exact(device) -> list[dict]:
         rows.append(dict(src=str(src)[6:], cache=str(cache)[6:], tokens=tokens, head_dim=d,
                          qk_bits_equal=torch.equal(x_t, x_r),
                          mismatches=int((kc_t != kc_r).sum()) + int((vc_t != vc_r).sum())))  # fmt: skip
+    return rows
+
+
+def check_skinny_linear(device) -> list[dict]:
+    """The decode projections' Triton GEMM (kernels/linear.py) in bf16 at real shapes and decode row counts: its
+    error against an fp64 product in units of the allowed one (half a bf16 ulp of the exact value plus fp32
+    accumulation; <= 1 passes) beside cuBLAS's; launched as a programmatic dependent = launched plainly, bit for
+    bit; and whether a row's bits depend on how many rows came with it (cuBLAS's do)."""
+    from miniserve.kernels.linear import skinny_linear
+
+    rows = []
+    g = torch.Generator(device=device).manual_seed(0)
+    shapes = {"llama-1b qkv": (3072, 2048), "llama-1b gate_up": (16384, 2048), "llama-1b down": (2048, 8192),
+              "llama-8b o": (4096, 4096), "llama-8b down": (4096, 14336), "qwen3-0.6b qkv": (4096, 1024)}  # fmt: skip
+    for (name, (n, k)), m in itertools.product(shapes.items(), (1, 7, 16, 17, 64)):
+        x = torch.randn(m, k, device=device, generator=g).to(torch.bfloat16)
+        w = (torch.randn(n, k, device=device, generator=g) * 0.02).to(torch.bfloat16)
+        exact = x.double() @ w.double().T
+        bound = 2**-8 * exact.abs() + 2**-20 * (x.double().abs() @ w.double().abs().T) + 1e-30
+        plain, dependent = skinny_linear(x, w), skinny_linear(x, w, pdl=True)
+        first = skinny_linear(x[:1], w)
+        rows.append(dict(shape=name, m=m, err_over_bound=((plain.double() - exact).abs() / bound).max().item(),
+                         cublas_err_over_bound=((F.linear(x, w).double() - exact).abs() / bound).max().item(),
+                         dependent_bits_equal=torch.equal(plain, dependent),
+                         row0_equals_m1=torch.equal(plain[:1], first),
+                         cublas_row0_equals_m1=torch.equal(F.linear(x, w)[:1], F.linear(x[:1], w))))  # fmt: skip
     return rows
 
 
@@ -386,6 +413,10 @@ def summary(results: dict) -> list[str]:
     if isinstance(rope, list):
         bad = sum(r["mismatches"] for r in rope) + sum(not r["qk_bits_equal"] for r in rope)
         out.append(f"rotating write: {len(rope)} combos, {bad} mismatching (q/k tensors, cache bytes)")
+    lin = results.get("skinny_linear")
+    if isinstance(lin, list):
+        out.append(f"skinny GEMM: {sum(r['err_over_bound'] <= 1 for r in lin)}/{len(lin)} within bound, dependent = "
+                   f"plain bits in {sum(r['dependent_bits_equal'] for r in lin)}/{len(lin)}")  # fmt: skip
     decode = results.get("fp8_page_decode")
     if isinstance(decode, list):
         out.append(f"fp8 page decode: {len(decode)} modes, {sum(r['mismatches'] for r in decode)} mismatching codes")
@@ -425,6 +456,7 @@ def summary(results: dict) -> list[str]:
 CHECKS = {
     "cache_write_exact": check_cache_write_exact,
     "rope_write_exact": check_rope_write_exact,
+    "skinny_linear": check_skinny_linear,
     "fp8_page_decode": check_fp8_page_decode,
     "attention_vs_reference": check_attention,
     "extend_variants": check_extend_variants,

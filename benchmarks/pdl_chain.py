@@ -4,9 +4,10 @@
 
 Per layer (16 layers of Llama-3.2-1B's weights, each layer its own): a tiny elementwise kernel before each of
 q/k/v, output, gate/up and down projections, as RMSNorm, attention and SiLU sit before them in the model.
-Variants, each one CUDA graph of the 16 layers: cuBLAS; the skinny Triton GEMM; both kernels launched
-dependent (PDL: a kernel starts while the one before finishes, and waits for its results with griddepcontrol);
-PDL with the GEMM prefetching its weights into L2 before it waits.
+Variants, each one CUDA graph of the 16 layers: cuBLAS; the engine's skinny Triton GEMM (kernels/linear.py, its own
+launch settings); both kernels launched dependent (PDL: a kernel starts while the one before finishes, and waits for
+its results with griddepcontrol; kernels/dependent_launch.py). (The version of 578f856 also tried the GEMM prefetching
+its weights into L2 before it waits: no faster, `pdl_chain_h200.json` of that commit in git.)
 """
 
 from __future__ import annotations
@@ -24,20 +25,18 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.provenance import write_result  # noqa: E402
-from benchmarks.tune_linear import replay_us, skinny_linear  # noqa: E402
+from benchmarks.tune_linear import replay_us  # noqa: E402
+from miniserve.kernels.dependent_launch import release_dependents, wait_for_previous  # noqa: E402
+from miniserve.kernels.linear import skinny_linear  # noqa: E402
 
 WEIGHTS = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192)}
-CONFIGS = {  # best of tune_linear_h200.json: block_m 16 at M <= 16, 64 above
-    16: {"qkv": (32, 512, 2, 5), "o": (16, 512, 2, 3), "gate_up": (64, 128, 4, 3), "down": (16, 512, 2, 5)},
-    64: {"qkv": (32, 128, 4, 5), "o": (16, 256, 4, 5), "gate_up": (64, 128, 4, 3), "down": (16, 256, 4, 5)},
-}
+VARIANTS = ("cublas", "triton", "triton+pdl", "triton+pdl-early")
 
 
 @triton.jit
 def _tiny_kernel(x_ptr, out_ptr, cols, stride_x, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    release_dependents(USE_PDL)
+    wait_for_previous(USE_PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + row * stride_x + offs, mask=offs < cols)
@@ -55,30 +54,21 @@ def tiny(x: torch.Tensor, pdl: bool) -> torch.Tensor:
 
 def layer(x, w, gemm, pdl):
     h = tiny(x, pdl)
-    gemm(h, w["qkv"], "qkv")
-    y = gemm(tiny(h, pdl), w["o"], "o")
-    z = gemm(tiny(y, pdl), w["gate_up"], "gate_up")
-    return gemm(tiny(z[:, :8192], pdl), w["down"], "down")
+    gemm(h, w["qkv"])
+    y = gemm(tiny(h, pdl), w["o"])
+    z = gemm(tiny(y, pdl), w["gate_up"])
+    return gemm(tiny(z[:, :8192], pdl), w["down"])
 
 
-def make_gemm(variant: str, m: int):
+def make_gemm(variant: str):
     if variant == "cublas":
-        return lambda x, w, name: F.linear(x, w)
-    cfgs = CONFIGS[16 if m <= 16 else 64]
-    pdl = variant != "triton"
-    prefetch = {"triton+pdl+prefetch": -1, "triton+pdl+prefetch512": 512}.get(variant, 0)
-
-    def gemm(x, w, name):
-        bn, bk, warps, stages = cfgs[name]
-        pk = w.shape[1] if prefetch == -1 else prefetch
-        return skinny_linear(x, w, 16 if m <= 16 else 64, bn, bk, warps, stages, pdl=pdl, prefetch_k=pk)
-
-    return gemm
+        return lambda x, w: F.linear(x, w)
+    return lambda x, w: skinny_linear(x, w, pdl=variant != "triton", release_early=variant == "triton+pdl-early")
 
 
 def time_chain(variant: str, m: int, layers: list[dict]) -> tuple[float, torch.Tensor]:
     x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(m))
-    gemm, pdl = make_gemm(variant, m), variant.startswith("triton+pdl")
+    gemm, pdl = make_gemm(variant), variant.startswith("triton+pdl")
 
     def run():
         h = x
@@ -99,10 +89,9 @@ def main() -> None:
               for _ in range(16)]  # fmt: skip
     wbytes = sum(t.numel() * 2 for w in layers for t in w.values())
     rows = []
-    variants = ("cublas", "triton", "triton+pdl", "triton+pdl+prefetch", "triton+pdl+prefetch512")
     for m in (1, 16, 64):
         ref = None
-        for variant in variants:
+        for variant in VARIANTS:
             us, out = time_chain(variant, m, layers)
             _, again = time_chain(variant, m, layers)
             ref = out if variant == "triton" else ref

@@ -48,7 +48,7 @@ import torch  # noqa: E402
 from benchmarks.checkpoints import SHAPES, build_checkpoint, num_parameters  # noqa: E402
 from benchmarks.provenance import flat as provenance  # noqa: E402
 from miniserve import LLM, SamplingParams  # noqa: E402
-from miniserve.config import DECODE_SPLITS  # noqa: E402
+from miniserve.config import DECODE_SPLITS, DEPENDENT_LAUNCHES  # noqa: E402
 
 DATASHEET_GBS = {"H200": 4800, "H100": 3350}
 
@@ -156,7 +156,8 @@ def median_run(llm: LLM, prompts, params, repeats: int) -> tuple[float, int]:
     return statistics.median(r[0] for r in runs), runs[0][1]
 
 
-def make_llm(model: Path, kv: str, args, enable_prefix_caching: bool = True, decode_splits: str = "by-length") -> LLM:
+def make_llm(model: Path, kv: str, args, enable_prefix_caching: bool = True, **settings) -> LLM:
+    """An engine for one run; settings: EngineConfig fields a run varies (decode_splits, dependent_launch)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -166,7 +167,7 @@ def make_llm(model: Path, kv: str, args, enable_prefix_caching: bool = True, dec
         enforce_eager=args.enforce_eager,
         enable_prefix_caching=enable_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size,
-        decode_splits=decode_splits,
+        **settings,
     )
     if args.speculative_model:
         kw["speculative_model"] = str(model) if args.speculative_model == "self" else args.speculative_model
@@ -505,6 +506,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--decode-splits", nargs="+", choices=list(DECODE_SPLITS), default=["by-length"],
         help="EngineConfig.decode_splits values to run each with",
     )  # fmt: skip
+    ap.add_argument(
+        "--dependent-launch", nargs="+", choices=list(DEPENDENT_LAUNCHES), default=["auto"],
+        help="EngineConfig.dependent_launch values to run each with",
+    )  # fmt: skip
     ap.add_argument("--plot", default=None, help="sweep: write a PNG of tok/s against batch size")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -529,8 +534,11 @@ def main(argv: list[str] | None = None) -> dict:
     result["tensor_parallel_size"] = args.tensor_parallel_size
     result["bandwidth_gbs"] = gbs
     result["runs"] = []
-    configs = itertools.product(args.kv_write, args.extend_variant, args.decode_variant, args.decode_splits)
-    for kv_write, variant, decode_variant, splits in configs:
+    configs = itertools.product(
+        args.kv_write, args.extend_variant, args.decode_variant, args.decode_splits, args.dependent_launch
+    )
+    for kv_write, variant, decode_variant, splits, dependent in configs:
+        settings = {"decode_splits": splits, "dependent_launch": dependent}
         set_kv_write(kv_write)
         set_extend_variant(variant)
         set_decode_variant(decode_variant)
@@ -538,15 +546,15 @@ def main(argv: list[str] | None = None) -> dict:
             if decode_variant != "default" and kv == "auto":
                 continue  # the FP8 variants change nothing for a bf16 cache
             if prefix:
-                result["runs"].append(run_prefix_on_off(model, kv, cfg, args, splits))
+                result["runs"].append(run_prefix_on_off(model, kv, cfg, args, settings))
                 continue
-            llm = make_llm(model, kv, args, decode_splits=splits)
+            llm = make_llm(model, kv, args, **settings)
             run = {"kv_cache_dtype": kv, "kv_write": kv_write, "kv_dtype": str(llm.engine.target.kv_dtype)}
             if variant != "default":
                 run["extend_variant"] = variant
             if decode_variant != "default":
                 run["decode_variant"] = decode_variant
-            label_decode_splits(run, llm)
+            label_settings(run, llm)
             if args.workload == "nano":
                 run |= run_nano(llm, cfg, args, gbs)
             elif args.workload == "prefill":
@@ -590,18 +598,21 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def label_decode_splits(run: dict, llm: LLM) -> None:
-    """A run with decode_splits other than the default says so: what the engine was built with."""
-    if llm.engine.config.decode_splits != "by-length":
-        run["decode_splits"] = llm.engine.config.decode_splits
+def label_settings(run: dict, llm: LLM) -> None:
+    """A run with decode_splits or dependent_launch other than the default says so: what the engine was built with."""
+    config = llm.engine.config
+    if config.decode_splits != "by-length":
+        run["decode_splits"] = config.decode_splits
+    if config.dependent_launch != "auto":
+        run["dependent_launch"] = config.dependent_launch
 
 
-def run_prefix_on_off(model: Path, kv: str, cfg: dict, args, decode_splits: str = "by-length") -> dict:
+def run_prefix_on_off(model: Path, kv: str, cfg: dict, args, settings: dict) -> dict:
     run: dict = {"kv_cache_dtype": kv}
     for caching in (True, False):
-        llm = make_llm(model, kv, args, enable_prefix_caching=caching, decode_splits=decode_splits)
+        llm = make_llm(model, kv, args, enable_prefix_caching=caching, **settings)
         run["kv_dtype"] = str(llm.engine.target.kv_dtype)
-        label_decode_splits(run, llm)
+        label_settings(run, llm)
         r = run_prefix(llm, cfg, args)
         run["caching_on" if caching else "caching_off"] = r
         print(
@@ -672,7 +683,7 @@ def plot_sweep(result: dict, path: str) -> None:
     for run in result["runs"]:
         xs = [r["batch"] for r in run["sweep"]]
         kv = run["kv_dtype"].removeprefix("torch.")
-        splits = f", {run['decode_splits']}" if "decode_splits" in run else ""
+        splits = "".join(f", {k.replace('_', ' ')} {run[k]}" for k in ("decode_splits", "dependent_launch") if k in run)
         ax.plot(xs, [r["decode_tok_s"] for r in run["sweep"]], "o-", label=f"miniserve, KV {kv}{splits}")
         bw = "measured_copy" if "measured_copy" in result["bandwidth_gbs"] else "assumed"
         if kv not in roofs:

@@ -4,9 +4,11 @@
 
 The question: are the small projections of a decode step (Llama-3.2-1B's q/k/v and output, 8-12 MB, at 1.3-2
 TB/s with cuBLAS in `profile_decode_llama1b_b*_h200.json`) slow because of cuBLAS's kernels, or because a
-kernel that reads a few MB cannot reach HBM bandwidth? `skinny_linear` is the obvious alternative: every
-program a narrow slice of output columns (BLOCK_N) over the whole reduction in BLOCK_K steps, fp32 accumulation,
-no split-K pass. It is an experiment, not an engine kernel (the answer, `tune_linear_h200.json`: cuBLAS's speed).
+kernel that reads a few MB cannot reach HBM bandwidth? `skinny_linear` (miniserve/kernels/linear.py) is the obvious
+alternative: every program a narrow slice of output columns (BLOCK_N) over the whole reduction in BLOCK_K steps,
+fp32 accumulation, no split-K pass. The answer (`tune_linear_h200.json`): cuBLAS's speed, alone. The engine runs it
+where it can launch it as a programmatic dependent (benchmarks/pdl_chain.py), with `skinny_config`'s launch
+settings, which come from this sweep.
 
 For each projection of the real shapes (Llama-3.2-1B, Llama-3.1-8B, Qwen3-0.6B) and each decode batch size it
 times F.linear and every launch config of the Triton kernel, each as a CUDA graph of back-to-back launches that
@@ -25,12 +27,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.provenance import write_result  # noqa: E402
+from miniserve.kernels.linear import skinny_linear  # noqa: E402
 
 # name: (N, K) of the weight
 SHAPES = {
@@ -47,78 +48,6 @@ SHAPES = {
 }
 BATCHES = (1, 8, 16, 32, 64, 128)
 ROTATE_BYTES = 512 << 20  # weight copies cycled through per graph: 10x the H200's L2
-
-
-@triton.jit
-def _skinny_linear_kernel(
-    x_ptr,
-    w_ptr,
-    out_ptr,
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_wn,
-    stride_om,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
-    PREFETCH_K: tl.constexpr = 0,
-):
-    """One program: BLOCK_M rows x BLOCK_N output columns over all of K (K % BLOCK_K == 0)."""
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
-    w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
-    row_ok = (rows < M)[:, None]
-    col_ok = (cols < N)[None, :]
-    if PREFETCH_K > 0:  # pull this program's weights toward L2 while the kernel before is still running
-        lines = tl.arange(0, PREFETCH_K // 64) * 64
-        pf = w_ptr + cols[:, None].to(tl.int64) * stride_wn + lines[None, :]
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [pf], dtype=tl.int32, is_pure=False, pack=1)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(0, K, BLOCK_K):
-        x = tl.load(x_ptrs, mask=row_ok, other=0.0)
-        w = tl.load(w_ptrs, mask=col_ok, other=0.0)
-        acc = tl.dot(x, w, acc)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok & col_ok)
-
-
-def skinny_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    block_m: int = 16,
-    block_n: int = 32,
-    block_k: int = 256,
-    num_warps: int = 4,
-    num_stages: int = 4,
-    pdl: bool = False,
-    prefetch_k: int = 0,
-) -> torch.Tensor:
-    """`x [M, K] @ weight[N, K].T` with the Triton kernel (contiguous rows; K a multiple of block_k)."""
-    m, k = x.shape
-    n = weight.shape[0]
-    if k % block_k or weight.shape[1] != k or x.stride(1) != 1 or weight.stride(1) != 1:
-        raise ValueError(f"needs K % {block_k} == 0 and unit column strides, got {x.shape} {weight.shape}")
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    _skinny_linear_kernel[grid](
-        x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
-        USE_PDL=pdl, PREFETCH_K=prefetch_k, launch_pdl=pdl,
-    )  # fmt: skip
-    return out
 
 
 def replay_us(run, replays: int = 5):
@@ -170,7 +99,7 @@ def tune_shape(name: str, n: int, k: int) -> list[dict]:
         cublas_err = (F.linear(x, copies[0]).float() - exact).abs().max().item()
         best = None
         for cfg in configs(m):
-            fn = lambda a, w, cfg=cfg: skinny_linear(a, w, **cfg)  # noqa: E731
+            fn = lambda a, w, cfg=cfg: skinny_linear(a, w, config=tuple(cfg.values()))  # noqa: E731
             try:
                 out = fn(x, copies[0])
                 us = time_launches(fn, copies, x)

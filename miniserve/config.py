@@ -22,6 +22,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
 FP8_DECODES = ("auto", "hw-staged")  # kernels/decode_attention.py FP8_DECODES that a user may pick
 DECODE_SPLITS = ("by-length", "by-batch")  # kernels/decode_attention.py split_tokens_for
+DEPENDENT_LAUNCHES = ("auto", "off")  # kernels/dependent_launch.py
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -72,6 +73,14 @@ class EngineConfig:
         "decoding); by-batch = many short splits at small batches, one long one at large batches (faster: the "
         "README's Performance section), results differ between batch sizes in the last bits",
         DECODE_SPLITS,
+    )
+    dependent_launch: str = setting(
+        "auto",
+        "auto = on NVIDIA Hopper and newer GPUs, a decoder layer's kernels are launched as programmatic dependents "
+        "(each starts while the one before finishes; the same numerics) and at up to 64 rows its projections run on "
+        "miniserve's Triton GEMM, which can be launched so, instead of cuBLAS (outputs differ in the last bits); "
+        "off = ordinary launches and cuBLAS",
+        DEPENDENT_LAUNCHES,
     )
     block_size: int = setting(16, "tokens per KV block (a power of two)")
     num_kv_blocks: int | None = setting(None, "KV pool size in blocks", shown_default="from the memory budget")

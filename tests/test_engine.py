@@ -44,8 +44,10 @@ def test_fp8_cache_bytes_equal_reference_quantization(llama_dir, monkeypatch):
     writes = []
     original = llama_module.reshape_and_cache
 
-    def recording(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, backend="auto", rope=None):
-        original(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, backend, rope)
+    def recording(
+        key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, backend="auto", rope=None, pdl=False
+    ):
+        original(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, backend, rope, pdl)
         # after the call: the key as rotated on the way (`rope`), which is what the cache must hold
         writes.append((key.clone(), value.clone(), key_cache, value_cache, slot_mapping.clone(), k_scale, v_scale))
 

@@ -233,7 +233,7 @@ def test_silu_and_mul_with_gpu_column_blocks(monkeypatch, dtype):
     one_block = layer_ops.silu_and_mul(x, backend="triton")
     monkeypatch.setattr(layer_ops, "triton_interpreter_enabled", lambda: False)  # the launcher's GPU block
     out = torch.empty(5, 2816, dtype=dtype)
-    layer_ops._silu_and_mul_triton(x, out)
+    layer_ops._silu_and_mul_triton(x, out, False)
     bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
     assert torch.equal(out.view(bits), one_block.view(bits))
 

@@ -22,6 +22,7 @@ from miniserve.config import EngineConfig, SettingError, resolve_device, resolve
 from miniserve.engine.cuda_graphs import BucketedGraphs, block_tables
 from miniserve.engine.transfer import to_device
 from miniserve.kernels.backend import is_rocm, resolve_backend
+from miniserve.kernels.dependent_launch import dependent_launch_supported
 from miniserve.kernels.fp8 import is_fp8
 from miniserve.kernels.metadata import AttentionMetadata, uniform_metadata_reference
 from miniserve.models.config import ModelConfig
@@ -76,6 +77,7 @@ class ModelRunner:
         set_fp8_decode(self.model, config.fp8_decode, self.kv_dtype, self.device, self.role)
         for layer in self.model.layers:
             layer.self_attn.decode_splits = config.decode_splits
+        set_dependent_launch(self.model, config.dependent_launch, self.backend, self.device)
         self.num_kv_heads = self.model.shard.num_kv_heads  # this rank's (all of them without tp)
         self.layer_scales = scales  # layer -> {"k": float, "v": float} from the checkpoint
         self.kv: list[LayerKV] = []
@@ -292,6 +294,15 @@ class ModelRunner:
             meta = self._for_kernels(meta)
         hidden = self.model(token_ids.reshape(-1), positions, meta, self.kv)
         return self.model.logits(hidden, float_logits)
+
+
+def set_dependent_launch(model: torch.nn.Module, mode: str, backend: str, device: torch.device) -> None:
+    """EngineConfig.dependent_launch: every module with a `pdl` switch (norms, attention, MLP) launches its kernels
+    as programmatic dependents where the GPU can (kernels/dependent_launch.py); elsewhere "auto" changes nothing."""
+    enabled = mode == "auto" and backend == "triton" and dependent_launch_supported(device)
+    for module in model.modules():
+        if hasattr(module, "pdl"):
+            module.pdl = enabled
 
 
 def set_fp8_decode(model: torch.nn.Module, mode: str, kv_dtype: torch.dtype, device: torch.device, role: str) -> None:

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from miniserve.kernels.backend import triton_interpreter_enabled
+from miniserve.kernels.dependent_launch import launch_options, release_dependents, wait_for_previous
 from miniserve.kernels.float_bits import DTYPE_KIND, round_to_bf16_bits, to_f32, to_storage
 from miniserve.kernels.fp8 import fp8_format, is_fp8
 from miniserve.kernels.layer_ops import Rope, rotary_factors, rotate_pair
@@ -180,10 +181,13 @@ def _reshape_and_cache_kernel(
     NEG_ZERO: tl.constexpr,
     ROPE: tl.constexpr,
     KIND: tl.constexpr,  # ROPE: the source dtype (float_bits.py)
+    USE_PDL: tl.constexpr,  # launched as a programmatic dependent (dependent_launch.py)
 ):
     """One program: BLOCK_T tokens x BLOCK_HD flattened (head, dim) elements, for K and for V. ROPE: BLOCK_HD
     (head, d < HEAD_DIM / 2) pairs instead, K rotated before its conversion (and left rotated in `key`), and the
     programs past `kv_programs` rotate the queries' pairs in place."""
+    release_dependents(USE_PDL)
+    wait_for_previous(USE_PDL)
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     if ROPE:
         HALF: tl.constexpr = HEAD_DIM // 2
@@ -290,9 +294,11 @@ def reshape_and_cache_triton(
     tile_elements: int | None = None,
     num_warps: int = 4,
     rope: Rope | None = None,
+    pdl: bool = False,
 ) -> None:
     """The Triton path of `miniserve.kernels.reshape_and_cache` (arguments validated there); the tile size and
-    warp count are knobs for benchmarks. rope: rotate `rope.query` and `key` in place first, in the same launch."""
+    warp count are knobs for benchmarks. rope: rotate `rope.query` and `key` in place first, in the same launch;
+    pdl: launch as a programmatic dependent (dependent_launch.py)."""
     num_tokens, num_heads, head_dim = key.shape
     if num_tokens == 0:
         return
@@ -333,7 +339,9 @@ def reshape_and_cache_triton(
         BLOCK_HD=block_hd,
         ROPE=rope is not None,
         KIND=DTYPE_KIND.get(key.dtype, 0),
+        USE_PDL=pdl,
         num_warps=num_warps,
         enable_fp_fusion=False,  # the rotation's products round before their sum, as torch's do
         **_cache_consts(key, key_cache),
+        **launch_options(pdl),
     )

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from miniserve.kernels.backend import is_rocm, triton_interpreter_enabled
+from miniserve.kernels.dependent_launch import launch_options, release_dependents, wait_for_previous
 from miniserve.kernels.fp8 import fp8_format, is_fp8
 from miniserve.kernels.metadata import AttentionMetadata
 
@@ -256,7 +257,10 @@ def _decode_split_kernel(
     COMPUTE_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FIT_FP16: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    release_dependents(USE_PDL)
+    wait_for_previous(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -324,10 +328,13 @@ def _decode_reduce_kernel(
     SPLIT_TOKENS: tl.constexpr,
     KV_MODE: tl.constexpr,
     KV_FACTOR: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Stage 2, one program per (sequence, KV head): the GROUP query heads stage 1 computed together, so a
     batch needs GROUP times fewer programs than one per query head (a wave of tiny programs cost ~5-15 us a
     layer on an H200)."""
+    release_dependents(USE_PDL)
+    wait_for_previous(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     num_splits = tl.minimum(tl.cdiv(tl.load(seq_lens_ptr + seq), SPLIT_TOKENS), NUM_SPLITS)
@@ -494,10 +501,12 @@ def decode_attention(
     maxnreg: int | None = None,
     reduce_warps: int = REDUCE_WARPS,
     decode_splits: str = "by-length",
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Decode attention: q [num_seqs, num_q_heads, head_dim] -> q's shape and dtype; see the module docstring.
     maxnreg: a register cap for ptxas (None: default_register_cap's, 0: none); split_tokens: None = by
-    `decode_splits` (split_tokens_for); reduce_warps: stage 2's."""
+    `decode_splits` (split_tokens_for); reduce_warps: stage 2's; pdl: launch both stages as programmatic
+    dependents (dependent_launch.py)."""
     (num_seqs, num_q_heads, head_dim), (_, block_size, num_kv_heads, _) = q.shape, key_cache.shape
     group = num_q_heads // num_kv_heads
     check_kernel_inputs(q, key_cache, value_cache)
@@ -528,12 +537,16 @@ def decode_attention(
         NAN_ALL_ONES=nan_all_ones,
         KV_FACTOR=kv_factor,
         **compute_dtype(q, key_cache.dtype),
+        USE_PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
         **register_cap(maxnreg),
+        **launch_options(pdl),
     )  # fmt: skip
     if splits > 1:
-        _merge_splits(part_acc, part_ml, out, meta, v_scale, group, splits, split_tokens, mode, kv_factor, reduce_warps)
+        _merge_splits(
+            part_acc, part_ml, out, meta, v_scale, group, splits, split_tokens, mode, kv_factor, reduce_warps, pdl
+        )
     return out
 
 
@@ -549,6 +562,7 @@ def _merge_splits(
     mode: int,
     kv_factor: float,
     warps: int,
+    pdl: bool,
 ):
     """Stage 2: one program per (sequence, KV head) merges its `group` query heads' split partials into `out`."""
     num_seqs, num_q_heads, head_dim = out.shape
@@ -568,5 +582,7 @@ def _merge_splits(
         SPLIT_TOKENS=split_tokens,
         KV_MODE=mode,
         KV_FACTOR=kv_factor,
+        USE_PDL=pdl,
         num_warps=warps,
+        **launch_options(pdl),
     )

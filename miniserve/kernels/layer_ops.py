@@ -28,11 +28,13 @@ from dataclasses import dataclass
 import torch
 
 from miniserve.kernels.backend import triton_interpreter_enabled, use_triton
+from miniserve.kernels.dependent_launch import launch_options
 
 try:
     import triton
     import triton.language as tl
 
+    from miniserve.kernels.dependent_launch import release_dependents, wait_for_previous
     from miniserve.kernels.float_bits import DTYPE_KIND, round_as, to_f32, to_storage
 except ImportError:  # CPU-only install: the references serve every call
     triton = None
@@ -102,13 +104,19 @@ def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, backend: str = "auto"
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    backend: str = "auto",
+    pdl: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm of x [T, H] (or [T, N, H], e.g. Qwen3's per-head q/k norm), last dim contiguous, any other strides.
 
     residual None: returns RMSNorm(x). residual given (x's shape and dtype): s = x + residual, rounded like
     torch's add; returns (RMSNorm(s), s), so a layer does `h, resid = rms_norm(attn_out, w, eps, resid)`.
-    Outputs are new contiguous tensors. weight: [H], x's dtype.
+    Outputs are new contiguous tensors. weight: [H], x's dtype. pdl: launch the kernel as a programmatic dependent
+    (kernels/dependent_launch.py; only where `dependent_launch_supported`).
     """
     _check_rms_norm_args(x, weight, residual)
     if not _triton_here(x.device, backend):
@@ -116,19 +124,19 @@ def rms_norm(
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     summed = None if residual is None else torch.empty_like(out)
     if out.numel():
-        _rms_norm_triton(x, weight, float(eps), residual, out, summed)
+        _rms_norm_triton(x, weight, float(eps), residual, out, summed, pdl)
     return out if residual is None else (out, summed)
 
 
-def silu_and_mul(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, backend: str = "auto", pdl: bool = False) -> torch.Tensor:
     """x [T, 2I] (gate then up, as `MLP.gate_up_weight` stacks them; last dim contiguous) -> silu(gate) * up
-    as a new contiguous [T, I] tensor."""
+    as a new contiguous [T, I] tensor. pdl: as rms_norm's."""
     _check_silu_args(x)
     if not _triton_here(x.device, backend):
         return silu_and_mul_reference(x)
     out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype, device=x.device)
     if out.numel():
-        _silu_and_mul_triton(x, out)
+        _silu_and_mul_triton(x, out, pdl)
     return out
 
 
@@ -248,8 +256,11 @@ if triton is not None:
         BLOCK: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
         KIND: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
         """One program per row: [s = x + residual; store s;] out = weight * (s * rsqrt(mean(s^2) + eps))."""
+        release_dependents(USE_PDL)
+        wait_for_previous(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         outer, inner = row // rows_per_group, row % rows_per_group
         cols = tl.arange(0, BLOCK)
@@ -292,8 +303,11 @@ if triton is not None:
         inter,
         BLOCK: tl.constexpr,
         KIND: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
         """Program (row, block): out = r(r(silu(gate)) * up), silu in fp32 as torch computes it."""
+        release_dependents(USE_PDL)
+        wait_for_previous(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter
@@ -303,7 +317,7 @@ if triton is not None:
         tl.store(out_ptr + row * inter + cols, to_storage(act * up, KIND), mask=mask)
 
 
-def _rms_norm_triton(x, weight, eps, residual, out, summed) -> None:
+def _rms_norm_triton(x, weight, eps, residual, out, summed, pdl: bool) -> None:
     hidden = x.shape[-1]
     rows_per_group = x.shape[1] if x.dim() == 3 else 1
     x_strides = (x.stride(0), x.stride(1) if x.dim() == 3 else 0)
@@ -324,12 +338,14 @@ def _rms_norm_triton(x, weight, eps, residual, out, summed) -> None:
         BLOCK=block,
         HAS_RESIDUAL=residual is not None,
         KIND=DTYPE_KIND[x.dtype],
+        USE_PDL=pdl,
         num_warps=_num_warps(block),
         enable_fp_fusion=False,
+        **launch_options(pdl),
     )
 
 
-def _silu_and_mul_triton(x, out) -> None:
+def _silu_and_mul_triton(x, out, pdl: bool) -> None:
     inter = out.shape[1]
     block = min(triton.next_power_of_2(inter), 4096 if triton_interpreter_enabled() else 1024)
     _silu_and_mul_kernel[(x.shape[0], triton.cdiv(inter, block))](
@@ -339,6 +355,8 @@ def _silu_and_mul_triton(x, out) -> None:
         inter,
         BLOCK=block,
         KIND=DTYPE_KIND[x.dtype],
+        USE_PDL=pdl,
         num_warps=_num_warps(block),
         enable_fp_fusion=False,
+        **launch_options(pdl),
     )

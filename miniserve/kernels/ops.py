@@ -26,6 +26,7 @@ def reshape_and_cache(
     v_scale: torch.Tensor,
     backend: str = "auto",
     rope: Rope | None = None,
+    pdl: bool = False,
 ) -> None:
     """Write K and V `[num_tokens, num_kv_heads, head_dim]` into the paged caches at `slot_mapping`.
 
@@ -33,7 +34,8 @@ def reshape_and_cache(
     backend: "auto", "triton" or "torch" (kernels/backend.py). The scales are fp32 tensors of shape [1], read on
     the device (no host sync). rope: first rotate `rope.query` and `key` in place, exactly as
     `apply_rotary_reference_` does, in the same launch on GPUs (a rotary kernel of its own was one more launch a
-    layer, mostly latency).
+    layer, mostly latency). pdl: launch the Triton kernel as a programmatic dependent (kernels/dependent_launch.py;
+    only where `dependent_launch_supported`).
     """
     _check_cache_write_args(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
     if rope is not None:
@@ -41,7 +43,7 @@ def reshape_and_cache(
     if use_triton(key.device, backend):
         from miniserve.kernels.cache_write import reshape_and_cache_triton
 
-        reshape_and_cache_triton(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, rope=rope)
+        reshape_and_cache_triton(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, rope=rope, pdl=pdl)
         return
     if rope is not None:
         apply_rotary_reference_(rope.query, key, rope.positions, rope.cos, rope.sin)
@@ -59,13 +61,16 @@ def paged_attention(
     backend: str = "auto",
     fp8_decode: str = "auto",
     decode_splits: str = "by-length",
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Causal attention of the packed new tokens `q` [num_tokens, num_q_heads, head_dim] over the paged cache.
 
     backend "triton": the decode kernel when every sequence brings one token (see
     `AttentionMetadata.as_decode_queries`), else the extend kernel. Returns `[num_tokens, num_q_heads, head_dim]`
     in q.dtype. fp8_decode: how the kernels convert an FP8 cache (EngineConfig.fp8_decode; the reference is exact);
-    decode_splits: how the decode kernel splits contexts (EngineConfig.decode_splits; the reference has no splits).
+    decode_splits: how the decode kernel splits contexts (EngineConfig.decode_splits; the reference has no splits);
+    pdl: launch the decode kernels as programmatic dependents (as reshape_and_cache's; the extend kernel is launched
+    the ordinary way).
     """
     if q.shape[1] % key_cache.shape[2]:
         raise ValueError(f"num_q_heads ({q.shape[1]}) must be a multiple of num_kv_heads ({key_cache.shape[2]})")
@@ -78,7 +83,7 @@ def paged_attention(
 
         return decode_attention(
             q, key_cache, value_cache, meta, k_scale, v_scale, sm_scale, fp8_decode=fp8_decode,
-            decode_splits=decode_splits,
+            decode_splits=decode_splits, pdl=pdl,
         )  # fmt: skip
     from miniserve.kernels.extend_attention import extend_attention
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miniserve.kernels.layer_ops import Rope, rms_norm, silu_and_mul
+from miniserve.kernels.linear import linear
 from miniserve.kernels.metadata import AttentionMetadata
 from miniserve.kernels.ops import paged_attention, reshape_and_cache
 from miniserve.models.config import ModelConfig
@@ -47,11 +48,12 @@ class RMSNorm(nn.Module):
         self.weight = _empty(dim)
         self.eps = eps
         self.backend = backend
+        self.pdl = False  # launch as a programmatic dependent (set by the runner: set_dependent_launch)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """RMSNorm(x), or with `residual`: (RMSNorm(x + residual), x + residual), one fused launch on GPUs.
         Same op order as transformers: normalise in fp32, cast back, then scale."""
-        return rms_norm(x, self.weight, self.eps, residual, self.backend)
+        return rms_norm(x, self.weight, self.eps, residual, self.backend, self.pdl)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -100,12 +102,13 @@ class Attention(nn.Module):
         self.backend = backend
         self.fp8_decode = "auto"  # EngineConfig.fp8_decode, set by the runner whose pool is FP8
         self.decode_splits = "by-length"  # EngineConfig.decode_splits, set by the runner
+        self.pdl = False  # as RMSNorm's
         self.tp = tp
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, meta: AttentionMetadata, kv: LayerKV
     ) -> torch.Tensor:
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = linear(x, self.qkv_weight, self.qkv_bias, self.pdl)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -114,13 +117,13 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         rope = Rope(q, positions, rotary.cos, rotary.sin)  # q and k rotate in place (views of qkv are fine)
         reshape_and_cache(
-            k, v, kv.key_cache, kv.value_cache, meta.slot_mapping, kv.k_scale, kv.v_scale, self.backend, rope
+            k, v, kv.key_cache, kv.value_cache, meta.slot_mapping, kv.k_scale, kv.v_scale, self.backend, rope, self.pdl
         )
         out = paged_attention(
             q, kv.key_cache, kv.value_cache, meta, kv.k_scale, kv.v_scale, self.scale, self.backend,
-            self.fp8_decode, self.decode_splits,
+            self.fp8_decode, self.decode_splits, self.pdl,
         )  # fmt: skip
-        out = F.linear(out.reshape(-1, self.q_size), self.o_weight)
+        out = linear(out.reshape(-1, self.q_size), self.o_weight, pdl=self.pdl)
         return out if self.tp is None else self.tp.all_reduce(out)  # row-parallel: sum the ranks' partials
 
 
@@ -131,10 +134,12 @@ class MLP(nn.Module):
         self.inter = shard.intermediate_size
         self.gate_up_weight = _empty(2 * self.inter, cfg.hidden_size)  # gate, up stacked
         self.down_weight = _empty(cfg.hidden_size, self.inter)
+        self.pdl = False  # as RMSNorm's
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(silu_and_mul(F.linear(x, self.gate_up_weight), self.backend), self.down_weight)
+        h = silu_and_mul(linear(x, self.gate_up_weight, pdl=self.pdl), self.backend, self.pdl)
+        out = linear(h, self.down_weight, pdl=self.pdl)
         return out if self.tp is None else self.tp.all_reduce(out)  # row-parallel: sum the ranks' partials
 
 

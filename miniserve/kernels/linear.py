@@ -1,0 +1,151 @@
+"""A decoder layer's projections: cuBLAS (`F.linear`, the reference), or at decode batch sizes on GPUs that launch
+kernels as dependents (kernels/dependent_launch.py) a skinny Triton GEMM launched so.
+
+Why: at a decode step's few rows a projection reads its whole weight once and is bound by that read, and the
+small ones (Llama-3.2-1B's q/k/v and output: 8-12 MB) spend much of their time starting and draining. cuBLAS
+kernels cannot be launched as programmatic dependents; this one can, so it starts while the kernel before it
+finishes. Alone it runs at 0.86-1.05x cuBLAS's speed (`tune_linear_h200.json`); in a chain of a layer's kernels
+launched as dependents it is faster than cuBLAS (`pdl_chain_h200.json`).
+
+The kernel: every program a block of rows (16 or 64) by a narrow slice of output columns over the whole
+reduction, in BLOCK_K steps with fp32 accumulation (no split-K pass), the bias added in fp32 before the one
+rounding to the output dtype. Its outputs differ from cuBLAS's in the last bits, as two cuBLAS kernels' do.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from miniserve.kernels.dependent_launch import launch_options
+
+try:
+    import triton
+    import triton.language as tl
+
+    from miniserve.kernels.dependent_launch import release_dependents, wait_for_previous
+except ImportError:  # CPU-only install: F.linear serves every call
+    triton = None
+
+SKINNY_MAX_ROWS = 16  # above it cuBLAS's tiles win even against this kernel launched as a dependent (pdl_chain)
+SKINNY_DTYPES = (torch.float16, torch.bfloat16)  # fp32 would need tl.dot's IEEE mode to match F.linear's precision
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, pdl: bool = False):
+    """`F.linear(x, weight, bias)`. pdl (set only where `dependent_launch_supported`): at up to SKINNY_MAX_ROWS
+    rows of a 16-bit dtype, the skinny Triton GEMM launched as a programmatic dependent instead of cuBLAS."""
+    fits = pdl and _skinny_fits(x, weight)
+    config = skinny_config(*x.shape, weight.shape[0], tile_budget(x.device)) if fits else None
+    if config is None:
+        return F.linear(x, weight, bias)
+    return skinny_linear(x, weight, bias, config, pdl=True)
+
+
+@functools.cache
+def tile_budget(device: torch.device) -> int:
+    """Shared memory the GEMM's pipelined tiles may take on `device`: a block's opt-in maximum (227 KiB on Hopper)
+    less 27 KiB for what Triton keeps for itself."""
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 227 << 10) - (27 << 10)
+
+
+def _skinny_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    shapes_fit = x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS and x.stride(1) == 1 and weight.stride(1) == 1
+    return shapes_fit and x.dtype in SKINNY_DTYPES and weight.dtype == x.dtype
+
+
+def skinny_config(m: int, k: int, n: int, smem_bytes: int = 200 << 10) -> tuple[int, int, int, int, int] | None:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for an [m, k] x [n, k]^T product, or None when no
+    BLOCK_K of 16..512 divides k. From `tune_linear_h200.json` (Llama-3.2-1B, Llama-3.1-8B, Qwen3-0.6B shapes):
+    at up to 16 rows narrow 16-column slices with long 512-wide steps, except wide weights (gate/up), which have
+    programs enough with 64 columns; at more rows 64-row blocks with shorter steps and deeper pipelines. The
+    pipeline holds at most `smem_bytes` of tiles (Hopper has 227 KiB a block; Triton needs some of it)."""
+    wide = n >= 12288
+    if m <= 16:
+        block_n, block_k, warps, stages = (64, 128, 4, 3) if wide else (16, 512, 2, 3)
+        block_m = 16
+    else:
+        block_n, block_k, warps, stages = (64, 128, 4, 3) if wide else (32, 128, 4, 5) if n >= 3072 else (16, 256, 4, 5)
+        block_m = 64
+    while block_k > 16 and k % block_k:
+        block_k //= 2
+    stage_bytes = 2 * (block_m + block_n) * block_k
+    stages = min(stages, max(1, smem_bytes // stage_bytes))
+    return None if k % block_k else (block_m, block_n, block_k, warps, stages)
+
+
+def skinny_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: tuple[int, int, int, int, int] | None = None,
+    pdl: bool = False,
+    release_early: bool = False,
+) -> torch.Tensor:
+    """x [M, K] (unit column stride) @ weight[N, K].T (+ bias [N]) -> a new contiguous [M, N] in x's dtype.
+    config: skinny_config's tuple (benchmarks pass their own); pdl: launch as a programmatic dependent."""
+    m, k = x.shape
+    n = weight.shape[0]
+    block_m, block_n, block_k, warps, stages = config or skinny_config(m, k, n)
+    if k % block_k or weight.shape[1] != k or x.stride(1) != 1 or weight.stride(1) != 1:
+        shapes = f"{tuple(x.shape)} {tuple(weight.shape)}"
+        raise ValueError(f"needs K % {block_k} == 0 and unit column strides, got {shapes}")
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    _skinny_linear_kernel[grid](
+        x, weight, weight if bias is None else bias, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, USE_PDL=pdl,
+        RELEASE_EARLY=release_early, num_warps=warps, num_stages=stages, **launch_options(pdl),
+    )  # fmt: skip
+    return out
+
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["M"])  # the rows change every eager step: one compile
+    def _skinny_linear_kernel(
+        x_ptr,
+        w_ptr,
+        b_ptr,
+        out_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_om,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        USE_PDL: tl.constexpr,
+        RELEASE_EARLY: tl.constexpr = False,
+    ):
+        """One program: BLOCK_M rows x BLOCK_N output columns over all of K (K % BLOCK_K == 0)."""
+        if RELEASE_EARLY:
+            release_dependents(USE_PDL)
+        wait_for_previous(USE_PDL)
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
+        w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
+        row_ok = (rows < M)[:, None]
+        col_ok = (cols < N)[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(0, K, BLOCK_K):
+            x = tl.load(x_ptrs, mask=row_ok, other=0.0)
+            w = tl.load(w_ptrs, mask=col_ok, other=0.0)
+            acc = tl.dot(x, w, acc)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if not RELEASE_EARLY:
+            release_dependents(USE_PDL)  # only the stores are left: the next kernel may start
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok & col_ok)

@@ -1,0 +1,116 @@
+"""The skinny Triton GEMM (kernels/linear.py) in the CPU interpreter against an fp64 product, its launch
+configurations at their boundaries, when `linear` picks it over cuBLAS, and the engine's dependent-launch switch.
+
+Oracle: the exact product in fp64 (no shared code with the kernel). The kernel accumulates in fp32 and rounds once
+to the output dtype, so every output is within half an ulp of the dtype of the exact value plus fp32's
+accumulation error (the bound allows one ulp). The interpreter runs fp16: it has no bf16 arithmetic of its own (the
+layer ops pass bf16 as int16 bits for that reason), and the kernel is the same code for both 16-bit dtypes; bf16 is
+checked on GPUs (benchmarks/gpu_kernels.py `skinny_linear`).
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from miniserve.config import DEMO_TARGET, EngineConfig  # noqa: E402
+from miniserve.engine.model_runner import ModelRunner, set_dependent_launch  # noqa: E402
+from miniserve.kernels import linear as linear_module  # noqa: E402
+from miniserve.kernels.linear import SKINNY_MAX_ROWS, linear, skinny_config, skinny_linear  # noqa: E402
+
+ULP = 2**-10  # fp16
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def assert_close_to_exact(out, x, w, bias=None):
+    exact = x.double() @ w.double().T + (0 if bias is None else bias.double())
+    bound = ULP * exact.abs() + 2**-20 * (x.double().abs() @ w.double().abs().T) + 1e-30
+    err = (out.double() - exact).abs()
+    assert out.dtype == x.dtype and out.shape == exact.shape
+    assert bool((err <= bound).all()), f"max error {err.max().item():.3g}, worst ratio {(err / bound).max():.3g}"
+
+
+@pytest.mark.parametrize(
+    "m,n,k",
+    [(1, 48, 512), (5, 40, 768), (16, 24, 256), (17, 72, 256), (64, 40, 128), (3, 12288, 32)],
+    ids=lambda v: str(v),
+)
+def test_skinny_linear_matches_the_exact_product(m, n, k):
+    """Ragged column blocks (n not a multiple of 16/32/64), rows at the 16/64-row block edges, K steps that
+    shrink to divide K (768 -> 256), one wide weight's 64-column slices."""
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    x = torch.randn(m, k, generator=g).half()
+    w = (torch.randn(n, k, generator=g) * 0.05).half()
+    assert_close_to_exact(skinny_linear(x, w), x, w)
+
+
+def test_skinny_linear_bias_and_strided_rows():
+    """The bias is added in fp32 before the one rounding; rows may be a view with a wider row stride (a slice of
+    a packed tensor), columns contiguous."""
+    g = torch.Generator().manual_seed(7)
+    wide = torch.randn(6, 300, generator=g).half()
+    x = wide[:, :256]
+    w = (torch.randn(40, 256, generator=g) * 0.05).half()
+    bias = torch.randn(40, generator=g).half()
+    out = skinny_linear(x, w, bias)
+    assert_close_to_exact(out, x, w, bias)
+    assert not torch.equal(out, skinny_linear(x, w))  # the bias is really added
+    assert skinny_linear(x[:0], w).shape == (0, 40)
+
+
+def test_skinny_config_boundaries():
+    assert skinny_config(16, 2048, 3072)[0] == 16 and skinny_config(17, 2048, 3072)[0] == 64
+    assert skinny_config(1, 2048, 12288)[1] == 64 and skinny_config(1, 2048, 12287)[1] == 16
+    assert skinny_config(32, 2048, 3072)[1] == 32 and skinny_config(32, 2048, 3071)[1] == 16
+    assert skinny_config(1, 768, 256)[2] == 256  # 512 does not divide 768
+    assert skinny_config(1, 16, 256)[2] == 16
+    assert skinny_config(1, 24, 256) is None  # no step of 16..512 divides 24
+    # the pipeline fits the shared memory: 64 x 256 + 256 x 16 bf16 tiles are 40 KiB a stage
+    assert skinny_config(64, 2048, 2048)[4] == 5 and skinny_config(64, 2048, 2048, 5 * 40 << 10)[4] == 5
+    assert skinny_config(64, 2048, 2048, (5 * 40 << 10) - 1)[4] == 4 and skinny_config(64, 2048, 2048, 99 << 10)[4] == 2
+    for m, k, n in [(1, 2048, 3072), (8, 14336, 4096), (64, 1024, 4096), (40, 3072, 1024)]:
+        assert k % skinny_config(m, k, n)[2] == 0
+
+
+def test_linear_uses_the_skinny_gemm_only_when_launching_dependents(monkeypatch):
+    """pdl and at most SKINNY_MAX_ROWS rows of a 16-bit dtype: the Triton GEMM (launched as a dependent);
+    anything else: F.linear, bit for bit."""
+    calls = []
+    monkeypatch.setattr(linear_module, "skinny_linear", lambda x, w, b, cfg, pdl: calls.append((len(x), pdl)) or x)
+    monkeypatch.setattr(linear_module, "tile_budget", lambda device: 200 << 10)  # an H200's
+    w = torch.randn(32, 64).to(torch.bfloat16)
+    for rows, pdl, dtype, picked in [
+        (SKINNY_MAX_ROWS, True, torch.bfloat16, True),
+        (SKINNY_MAX_ROWS + 1, True, torch.bfloat16, False),
+        (1, False, torch.bfloat16, False),
+        (1, True, torch.float32, False),
+    ]:
+        calls.clear()
+        x = torch.randn(rows, 64).to(dtype)
+        out = linear(x, w.to(dtype), pdl=pdl)
+        assert calls == ([(rows, True)] if picked else [])
+        if not picked:
+            assert torch.equal(out, F.linear(x, w.to(dtype)))
+    calls.clear()
+    linear(torch.randn(8, 128).to(torch.bfloat16)[:, ::2], w, pdl=True)  # strided columns: cuBLAS
+    assert calls == []
+
+
+def test_dependent_launch_setting_reaches_every_module(monkeypatch):
+    """EngineConfig.dependent_launch: "auto" switches every norm, attention and MLP of the model where the GPU
+    supports it (faked here), "off" none; on the CPU "auto" changes nothing."""
+    runner = ModelRunner(EngineConfig(device="cpu"), str(DEMO_TARGET), "target", "auto")
+    switches = [m for m in runner.model.modules() if hasattr(m, "pdl")]
+    layers = runner.model_config.num_layers
+    assert len(switches) == 4 * layers + 1  # two norms, attention and MLP a layer, the final norm
+    assert not any(m.pdl for m in switches)
+    monkeypatch.setattr("miniserve.engine.model_runner.dependent_launch_supported", lambda device: True)
+    set_dependent_launch(runner.model, "auto", "triton", runner.device)
+    assert all(m.pdl for m in switches)
+    set_dependent_launch(runner.model, "off", "triton", runner.device)
+    assert not any(m.pdl for m in switches)
+    set_dependent_launch(runner.model, "auto", "torch", runner.device)
+    assert not any(m.pdl for m in switches)
