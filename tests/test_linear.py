@@ -19,6 +19,7 @@ import torch.nn.functional as F  # noqa: E402
 from miniserve.config import DEMO_TARGET, EngineConfig  # noqa: E402
 from miniserve.engine.model_runner import ModelRunner, set_dependent_launch  # noqa: E402
 from miniserve.kernels import linear as linear_module  # noqa: E402
+from miniserve.kernels.dependent_launch import DEPENDENT_MAX_TOKENS  # noqa: E402
 from miniserve.kernels.linear import SKINNY_MAX_ROWS, linear, skinny_config, skinny_linear  # noqa: E402
 
 ULP = 2**-10  # fp16
@@ -103,14 +104,48 @@ def test_dependent_launch_setting_reaches_every_module(monkeypatch):
     """EngineConfig.dependent_launch: "auto" switches every norm, attention and MLP of the model where the GPU
     supports it (faked here), "off" none; on the CPU "auto" changes nothing."""
     runner = ModelRunner(EngineConfig(device="cpu"), str(DEMO_TARGET), "target", "auto")
-    switches = [m for m in runner.model.modules() if hasattr(m, "pdl")]
+    switches = [m for m in runner.model.modules() if hasattr(m, "dependent_tokens")]
     layers = runner.model_config.num_layers
     assert len(switches) == 4 * layers + 1  # two norms, attention and MLP a layer, the final norm
-    assert not any(m.pdl for m in switches)
+    assert all(m.dependent_tokens == 0 for m in switches)
     monkeypatch.setattr("miniserve.engine.model_runner.dependent_launch_supported", lambda device: True)
     set_dependent_launch(runner.model, "auto", "triton", runner.device)
-    assert all(m.pdl for m in switches)
+    assert all(m.dependent_tokens == DEPENDENT_MAX_TOKENS for m in switches)
     set_dependent_launch(runner.model, "off", "triton", runner.device)
-    assert not any(m.pdl for m in switches)
+    assert all(m.dependent_tokens == 0 for m in switches)
     set_dependent_launch(runner.model, "auto", "torch", runner.device)
-    assert not any(m.pdl for m in switches)
+    assert all(m.dependent_tokens == 0 for m in switches)
+
+
+def test_passes_up_to_the_token_limit_launch_as_dependents(monkeypatch):
+    """With dependent launch on, a pass of DEPENDENT_MAX_TOKENS tokens asks every projection, norm, KV write and
+    attention for it; one token more asks none (large batches lose with it: dependent_launch.py)."""
+    import miniserve.models.llama as llama_module
+    from miniserve import LLM
+    from miniserve.engine.model_runner import ForwardInput
+
+    llm = LLM(str(DEMO_TARGET), device="cpu", enforce_eager=True)
+    worker = llm.engine.target
+    for module in worker.model.modules():
+        if hasattr(module, "dependent_tokens"):
+            module.dependent_tokens = DEPENDENT_MAX_TOKENS
+    asked = []
+
+    def recorder(fn, pdl_at):
+        def call(*args, **kw):
+            asked.append(kw.pop("pdl", args[pdl_at] if len(args) > pdl_at else False))
+            return fn(*args[:pdl_at], **kw)
+
+        return call
+
+    monkeypatch.setattr(llama_module, "linear", recorder(lambda x, w, b=None: F.linear(x, w, b), 3))
+    monkeypatch.setattr(llama_module, "rms_norm", recorder(llama_module.rms_norm, 5))
+    monkeypatch.setattr(llama_module, "silu_and_mul", recorder(llama_module.silu_and_mul, 2))
+    monkeypatch.setattr(llama_module, "reshape_and_cache", recorder(llama_module.reshape_and_cache, 9))
+    monkeypatch.setattr(llama_module, "paged_attention", recorder(llama_module.paged_attention, 10))
+    layers = worker.model_config.num_layers
+    for tokens, want in ((DEPENDENT_MAX_TOKENS, True), (DEPENDENT_MAX_TOKENS + 1, False)):
+        asked.clear()
+        worker.forward([ForwardInput(list(range(5, 5 + tokens)), 0, [0, 1], 1)])
+        assert len(asked) == 9 * layers + 1 and set(asked) == {want}  # 4 GEMMs, 2 norms, silu, write, attention
+    llm.shutdown()

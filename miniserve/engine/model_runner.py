@@ -22,7 +22,7 @@ from miniserve.config import EngineConfig, SettingError, resolve_device, resolve
 from miniserve.engine.cuda_graphs import BucketedGraphs, block_tables
 from miniserve.engine.transfer import to_device
 from miniserve.kernels.backend import is_rocm, resolve_backend
-from miniserve.kernels.dependent_launch import dependent_launch_supported
+from miniserve.kernels.dependent_launch import DEPENDENT_MAX_TOKENS, dependent_launch_supported
 from miniserve.kernels.fp8 import is_fp8
 from miniserve.kernels.metadata import AttentionMetadata, uniform_metadata_reference
 from miniserve.models.config import ModelConfig
@@ -297,12 +297,13 @@ class ModelRunner:
 
 
 def set_dependent_launch(model: torch.nn.Module, mode: str, backend: str, device: torch.device) -> None:
-    """EngineConfig.dependent_launch: every module with a `pdl` switch (norms, attention, MLP) launches its kernels
-    as programmatic dependents where the GPU can (kernels/dependent_launch.py); elsewhere "auto" changes nothing."""
+    """EngineConfig.dependent_launch: the norms, attention and MLPs launch their kernels as programmatic dependents
+    in passes of up to DEPENDENT_MAX_TOKENS tokens where the GPU can (kernels/dependent_launch.py); elsewhere "auto"
+    changes nothing."""
     enabled = mode == "auto" and backend == "triton" and dependent_launch_supported(device)
     for module in model.modules():
-        if hasattr(module, "pdl"):
-            module.pdl = enabled
+        if hasattr(module, "dependent_tokens"):
+            module.dependent_tokens = DEPENDENT_MAX_TOKENS if enabled else 0
 
 
 def set_fp8_decode(model: torch.nn.Module, mode: str, kv_dtype: torch.dtype, device: torch.device, role: str) -> None:

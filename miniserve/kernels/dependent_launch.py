@@ -19,6 +19,11 @@ import torch
 
 from miniserve.kernels.backend import is_rocm, triton_interpreter_enabled
 
+# Passes of up to this many tokens (decode steps of small batches, their speculative rounds) launch as dependents. Side
+# by side on an H200 (`dependent_launch_h200.json`): batch 1 gains, batch 64 and nano's 256 lose a little (their
+# kernels are long and the GEMMs cuBLAS's, so there is less gap to close and the waiting programs get in the way).
+DEPENDENT_MAX_TOKENS = 16
+
 try:
     import triton
     import triton.language as tl

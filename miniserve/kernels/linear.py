@@ -29,7 +29,7 @@ try:
 except ImportError:  # CPU-only install: F.linear serves every call
     triton = None
 
-SKINNY_MAX_ROWS = 16  # above it cuBLAS's tiles win even against this kernel launched as a dependent (pdl_chain)
+SKINNY_MAX_ROWS = 64  # the launch settings were tuned up to here; the engine asks for it at up to 16 (pdl's callers)
 SKINNY_DTYPES = (torch.float16, torch.bfloat16)  # fp32 would need tl.dot's IEEE mode to match F.linear's precision
 
 

@@ -48,12 +48,13 @@ class RMSNorm(nn.Module):
         self.weight = _empty(dim)
         self.eps = eps
         self.backend = backend
-        self.pdl = False  # launch as a programmatic dependent (set by the runner: set_dependent_launch)
+        self.dependent_tokens = 0  # passes of at most this many tokens launch as dependents (set_dependent_launch)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """RMSNorm(x), or with `residual`: (RMSNorm(x + residual), x + residual), one fused launch on GPUs.
         Same op order as transformers: normalise in fp32, cast back, then scale."""
-        return rms_norm(x, self.weight, self.eps, residual, self.backend, self.pdl)
+        pdl = x.shape[0] <= self.dependent_tokens
+        return rms_norm(x, self.weight, self.eps, residual, self.backend, pdl)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -102,13 +103,14 @@ class Attention(nn.Module):
         self.backend = backend
         self.fp8_decode = "auto"  # EngineConfig.fp8_decode, set by the runner whose pool is FP8
         self.decode_splits = "by-length"  # EngineConfig.decode_splits, set by the runner
-        self.pdl = False  # as RMSNorm's
+        self.dependent_tokens = 0  # as RMSNorm's
         self.tp = tp
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, meta: AttentionMetadata, kv: LayerKV
     ) -> torch.Tensor:
-        qkv = linear(x, self.qkv_weight, self.qkv_bias, self.pdl)
+        pdl = x.shape[0] <= self.dependent_tokens
+        qkv = linear(x, self.qkv_weight, self.qkv_bias, pdl)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -117,13 +119,13 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         rope = Rope(q, positions, rotary.cos, rotary.sin)  # q and k rotate in place (views of qkv are fine)
         reshape_and_cache(
-            k, v, kv.key_cache, kv.value_cache, meta.slot_mapping, kv.k_scale, kv.v_scale, self.backend, rope, self.pdl
+            k, v, kv.key_cache, kv.value_cache, meta.slot_mapping, kv.k_scale, kv.v_scale, self.backend, rope, pdl
         )
         out = paged_attention(
             q, kv.key_cache, kv.value_cache, meta, kv.k_scale, kv.v_scale, self.scale, self.backend,
-            self.fp8_decode, self.decode_splits, self.pdl,
+            self.fp8_decode, self.decode_splits, pdl,
         )  # fmt: skip
-        out = linear(out.reshape(-1, self.q_size), self.o_weight, pdl=self.pdl)
+        out = linear(out.reshape(-1, self.q_size), self.o_weight, pdl=pdl)
         return out if self.tp is None else self.tp.all_reduce(out)  # row-parallel: sum the ranks' partials
 
 
@@ -134,12 +136,13 @@ class MLP(nn.Module):
         self.inter = shard.intermediate_size
         self.gate_up_weight = _empty(2 * self.inter, cfg.hidden_size)  # gate, up stacked
         self.down_weight = _empty(cfg.hidden_size, self.inter)
-        self.pdl = False  # as RMSNorm's
+        self.dependent_tokens = 0  # as RMSNorm's
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = silu_and_mul(linear(x, self.gate_up_weight, pdl=self.pdl), self.backend, self.pdl)
-        out = linear(h, self.down_weight, pdl=self.pdl)
+        pdl = x.shape[0] <= self.dependent_tokens
+        h = silu_and_mul(linear(x, self.gate_up_weight, pdl=pdl), self.backend, pdl)
+        out = linear(h, self.down_weight, pdl=pdl)
         return out if self.tp is None else self.tp.all_reduce(out)  # row-parallel: sum the ranks' partials
 
 
