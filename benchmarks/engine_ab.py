@@ -6,6 +6,12 @@ older tree's, and their ratio.
 
 DIR holds throughput_{old,new}_{WORKLOAD}.json (throughput.py --out), one pair per workload, run back to back in
 one session on one GPU.
+
+    python benchmarks/engine_ab.py DIR --setting dependent_launch --out benchmarks/results/dependent_launch_h200.json
+
+joins one tree's runs of an EngineConfig setting at its default and at other values instead (throughput.py runs
+each configuration with `--dependent-launch auto off` and the like, in one process): DIR holds
+throughput_setting_{WORKLOAD}.json; each row is a configuration's default run against its other run.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import json
 import re
 from pathlib import Path
 
-KEYS = ("kv_cache_dtype", "kv_write", "decode_variant", "extend_variant", "decode_splits")
+KEYS = ("kv_cache_dtype", "kv_write", "decode_variant", "extend_variant", "decode_splits", "dependent_launch")
 
 
 def label(run: dict) -> str:
@@ -65,13 +71,42 @@ def join(directory: Path, part: str = "engineab") -> dict:
     }
 
 
+def join_setting(directory: Path, setting: str) -> dict:
+    """Per workload file, each run labelled with a non-default `setting` against the default run of its
+    configuration (label without the setting), as old (the other value) and new (the default)."""
+    workloads = {}
+    for path in sorted(directory.glob("throughput_setting_*.json")):
+        result = json.loads(path.read_text())
+        default = [r for r in result["runs"] if setting not in r]
+        others = [r for r in result["runs"] if setting in r]
+        as_default = [{k: v for k, v in r.items() if k != setting} for r in others]  # labelled like their pair
+        rows = compare({"runs": as_default}, {"runs": default})
+        value = {label(r): run[setting] for r, run in zip(as_default, others)}
+        for row in rows:
+            row["other"] = value[row["config"]]
+        workloads[path.stem.removeprefix("throughput_setting_")] = {
+            "command": result["command"], "commit": result["commit"], "date": result["date"][:10], "rows": rows
+        }  # fmt: skip
+    if not workloads:
+        raise SystemExit(f"{directory}: needs throughput_setting_WORKLOAD.json files")
+    first = json.loads(next(directory.glob("throughput_setting_*.json")).read_text())
+    return {
+        "command": f"bash benchmarks/h200_suite.sh <part> OUT, then benchmarks/engine_ab.py OUT --setting {setting}",
+        "setting": setting,
+        "rows_are": "new = the setting's default, old = the run with the value in `other`",
+        **{k: first[k] for k in ("gpu", "torch", "triton")},
+        "workloads": workloads,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", type=Path)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--part", default="engineab", help="the h200_suite.sh part that ran them: engineab, samplerab")
+    ap.add_argument("--setting", default=None, help="join one tree's runs of this EngineConfig setting instead")
     args = ap.parse_args(argv)
-    result = join(args.dir, args.part)
+    result = join_setting(args.dir, args.setting) if args.setting else join(args.dir, args.part)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for workload, w in result["workloads"].items():
         print(workload, [(r["config"], round(r["new_vs_old"], 3)) for r in w["rows"]])

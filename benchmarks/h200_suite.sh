@@ -29,6 +29,7 @@
 #   OLD=DIR OLD_COMMIT=... bash benchmarks/h200_suite.sh decodeab OUT_DIR # the decode kernel of an older tree and this one: bits, time
 #   OLD=DIR OLD_COMMIT=... bash benchmarks/h200_suite.sh ropeab OUT_DIR # 1B batch 1 and 64, nano twice: older tree, this one
 #   bash benchmarks/h200_suite.sh smallkernels OUT_DIR # the KV write's launch settings, and power-of-two vs dividing scales
+#   bash benchmarks/h200_suite.sh dependentab OUT_DIR # EngineConfig.dependent_launch auto vs off: batch 1 (1B, 8B), 64, nano
 # Every step is bounded in time and independent of the others: one that fails leaves the rest to run.
 set -u
 part=$1
@@ -75,6 +76,8 @@ if [ "$part" = checks ]; then
   # torch reference
   timeout 150 python3 benchmarks/gpu_kernels.py --checks cache_write_exact rope_write_exact fp8_page_decode attention_vs_reference \
     --out "$out/kernel_checks_h200.json" 2>&1 | grep -v -i warn | tail -12
+  timeout 90 python3 benchmarks/gpu_kernels.py --checks skinny_linear --out "$out/kernel_checks_skinny_linear_h200.json" \
+    2>&1 | grep -v -i warn | tail -3
   OUT="$out" timeout 200 python3 benchmarks/gpu_engine_check.py > "$out/engine_check_log.txt" 2>&1
   mv "$out/engine_check.json" "$out/engine_check_h200.json" && python3 -c "
 import json; d = json.load(open('$out/engine_check_h200.json'))
@@ -412,4 +415,20 @@ fi
 
 if [ "$part" = smallkernels ]; then
   timeout 90 python3 benchmarks/tune_small_kernels.py --out "$out/tune_small_kernels_h200.json" 2>&1 | tail -16
+fi
+
+if [ "$part" = dependentab ]; then
+  # EngineConfig.dependent_launch: each workload with it on (auto) and off in one process, batch-1 latency twice in
+  # both orders; benchmarks/engine_ab.py --setting joins them (dependent_launch_h200.json)
+  tp 150 --shape llama-3.2-1b --workload latency --gen 256 --repeats 3 --dependent-launch auto off \
+    --out "$out/throughput_setting_latency_1.json"
+  tp 150 --shape llama-3.2-1b --workload latency --gen 256 --repeats 3 --dependent-launch off auto \
+    --out "$out/throughput_setting_latency_2.json"
+  [ -n "${SKIP_8B:-}" ] || tp 300 --shape llama-3.1-8b --workload latency --gen 128 --repeats 2 --dependent-launch auto off \
+    --out "$out/throughput_setting_latency_llama8b.json"
+  tp 150 --shape llama-3.2-1b --workload fixed --batch 64 --prompt 512 --gen 256 --kv-cache-dtype auto fp8 --repeats 2 \
+    --dependent-launch auto off --out "$out/throughput_setting_fixed.json"
+  tp 200 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --repeats 1 --dependent-launch auto off \
+    --out "$out/throughput_setting_nano.json"
+  python3 benchmarks/engine_ab.py "$out" --setting dependent_launch --out "$out/dependent_launch_h200.json"
 fi

@@ -207,3 +207,24 @@ def test_serve_ab_keeps_each_pair_of_runs_side_by_side(tmp_path):
     old = rate["pairs"]["rate"]["old"]
     assert "plain" not in old and old["stream"]["ttft_p50_ms"] == 6.0
     assert old["offline"]["single_request_prefill_ms"] == 3.0
+
+
+def test_engine_ab_joins_one_trees_runs_of_a_setting(tmp_path):
+    """engine_ab.py --setting: in each throughput_setting_*.json, the run with the setting at another value is
+    paired with the default run of the same configuration (not by position), and says which value it had."""
+    from benchmarks import engine_ab
+
+    runs = [
+        {"kv_cache_dtype": "auto", "kv_write": "fused", "output_tok_s": 90.0, "decode_step_ms": 1.1},
+        {"kv_cache_dtype": "fp8", "kv_write": "fused", "output_tok_s": 120.0},
+        {"kv_cache_dtype": "fp8", "kv_write": "fused", "dependent_launch": "off", "output_tok_s": 100.0},
+        {"kv_cache_dtype": "auto", "kv_write": "fused", "dependent_launch": "off", "output_tok_s": 80.0,
+         "decode_step_ms": 1.25},
+    ]  # fmt: skip
+    prov = {"commit": "n3w", "date": "2026-12-04T08:00:00+00:00", "gpu": "g", "torch": "t", "triton": "3"}
+    (tmp_path / "throughput_setting_latency.json").write_text(json.dumps({**prov, "command": "c", "runs": runs}))
+    got = engine_ab.main([str(tmp_path), "--setting", "dependent_launch", "--out", str(tmp_path / "o.json")])
+    rows = got["workloads"]["latency"]["rows"]
+    assert [(r["config"], r["other"], r["new_vs_old"]) for r in rows] == [("auto", "off", 90 / 80), ("fp8", "off", 1.2)]
+    assert (rows[0]["old_decode_step_ms"], rows[0]["new_decode_step_ms"]) == (1.25, 1.1)
+    assert got["workloads"]["latency"]["commit"] == "n3w" and got["setting"] == "dependent_launch"
