@@ -85,13 +85,17 @@ def join_setting(directory: Path, setting: str) -> dict:
         for row in rows:
             row["other"] = value[row["config"]]
         workloads[path.stem.removeprefix("throughput_setting_")] = {
-            "command": result["command"], "commit": result["commit"], "date": result["date"][:10], "rows": rows
+            "command": result["command"], "commit": result["commit"], "date": result["date"], "rows": rows
         }  # fmt: skip
     if not workloads:
         raise SystemExit(f"{directory}: needs throughput_setting_WORKLOAD.json files")
     first = json.loads(next(directory.glob("throughput_setting_*.json")).read_text())
+    latest = max(workloads.values(), key=lambda w: w["date"])
     return {
         "command": f"bash benchmarks/h200_suite.sh <part> OUT, then benchmarks/engine_ab.py OUT --setting {setting}",
+        "commit": latest["commit"],  # the newest runs'; each workload names its own
+        "dirty": any(json.loads(f.read_text()).get("dirty") for f in directory.glob("throughput_setting_*.json")),
+        "date": latest["date"],
         "setting": setting,
         "rows_are": "new = the setting's default, old = the run with the value in `other`",
         **{k: first[k] for k in ("gpu", "torch", "triton")},

@@ -76,10 +76,10 @@ class EngineConfig:
     )
     dependent_launch: str = setting(
         "auto",
-        "auto = on NVIDIA Hopper and newer GPUs, a decoder layer's kernels are launched as programmatic dependents "
-        "(each starts while the one before finishes; the same numerics) and at up to 64 rows its projections run on "
-        "miniserve's Triton GEMM, which can be launched so, instead of cuBLAS (outputs differ in the last bits); "
-        "off = ordinary launches and cuBLAS",
+        "auto = on NVIDIA Hopper and newer GPUs, passes of up to 16 tokens (small-batch decode steps) launch a decoder "
+        "layer's kernels as programmatic dependents (each starts while the one before finishes) and run its "
+        "projections on miniserve's Triton GEMM, which can be launched so, instead of cuBLAS (faster at batch 1: the "
+        "README's Performance section; outputs differ from off in the last bits); off = ordinary launches and cuBLAS",
         DEPENDENT_LAUNCHES,
     )
     block_size: int = setting(16, "tokens per KV block (a power of two)")

@@ -826,21 +826,45 @@ def small_batch_decode_note() -> str:
 
 
 def gemm_note(batch: int) -> str:
-    """The GEMM experiments at one decode batch size: our own skinny GEMM against cuBLAS, and a layer's kernel
-    chain launched as programmatic dependents (PDL)."""
-    tune, chain = load("tune_linear_h200.json"), load("pdl_chain_h200.json")
-    if not tune or not chain:
+    """The small GEMMs at one decode batch size: our own skinny GEMM against cuBLAS, a layer's kernel chain launched
+    as programmatic dependents (PDL), and what the engine's dependent launch does end to end."""
+    tune, chain, ab = load("tune_linear_h200.json"), load("pdl_chain_h200.json"), load("dependent_launch_h200.json")
+    if not tune or not chain or not ab:
         return ""
     mine = [r for r in tune["rows"] if r["m"] == batch and r["shape"].startswith("llama-1b")]
     low, high = min(r["speedup"] for r in mine), max(r["speedup"] for r in mine)
     us = {r["variant"]: r["us"] for r in chain["rows"] if r["m"] == batch}
-    return (
+    rows = {w: v["rows"] for w, v in ab["workloads"].items()}
+    chain_text = (
+        f"16 layers' GEMMs with a small kernel before each, {us['cublas']:.0f} us with cuBLAS, {us['triton']:.0f} us "
+        f"with the Triton GEMM, {us['triton+pdl']:.0f} us launched as dependents (the same bits; "
+        "`pdl_chain_h200.json`)"
+    )
+    head = (
         f". The small GEMMs are bound by their start and end, not by cuBLAS: a skinny Triton GEMM of our own runs "
         f"Llama-3.2-1B's four projections at {low:.2f}-{high:.2f}x cuBLAS's speed at batch {batch} "
-        "(`tune_linear_h200.json`); what does help is starting each kernel while the one before finishes "
-        f"(programmatic dependent launch): 16 layers' GEMMs with a small kernel before each, {us['cublas']:.0f} us "
-        f"with cuBLAS, {us['triton']:.0f} us with the Triton GEMM, {us['triton+pdl']:.0f} us launched as dependents, "
-        "the same bits (`pdl_chain_h200.json`); the engine does not launch so yet"
+        "(`tune_linear_h200.json`)"
+    )
+    if batch > 16:
+        same = ", ".join(f"{r['new_vs_old']:.2f}x" for w in ("fixed", "fixed_2") for r in rows.get(w, []))
+        return (
+            f"{head}, and even launched as a programmatic dependent it loses to cuBLAS here ({chain_text}), so passes "
+            "of more than 16 tokens keep cuBLAS and ordinary launches; batch 64 with `dependent_launch` on against "
+            f"off, the same kernels then, in both orders (`dependent_launch_h200.json`): {same}, which is the spread "
+            "of runs of one process (its first run is the slower)"
+        )
+    lat = [r for w in ("latency_1", "latency_2") for r in rows.get(w, [])]
+    big = rows.get("latency_llama8b", [])
+    pairs = ", ".join(f"{r['old_tok_s']:.0f} -> {r['new_tok_s']:.0f}" for r in lat)
+    eight = f", Llama-3.1-8B {big[0]['old_tok_s']:.0f} -> {big[0]['new_tok_s']:.0f}" if big else ""
+    return (
+        f"{head}; what helps is starting each kernel while the one before finishes (programmatic dependent launch): "
+        f"{chain_text}, and {us['triton+pdl-early']:.0f} us when each kernel lets the next one start at its beginning "
+        "rather than after its main loop (the kernels further down then wait on the GPU and hold it). The engine "
+        "launches so in passes of up to 16 tokens on Hopper (`dependent_launch`, kernels/dependent_launch.py): "
+        f"batch 1 with it off against on, in one process, both orders (`dependent_launch_h200.json`): {pairs} tok/s"
+        f"{eight}. Under the profiler a dependent kernel's time includes its wait, so the profile above is of ordinary "
+        "launches (its file's commit)"
     )
 
 
@@ -1051,6 +1075,28 @@ def attention_failure(r: dict) -> str:
     return f"{case} (err {r['max_abs_err']:.3g})"
 
 
+def skinny_gemm_rows(engine_check: dict) -> list[list[str]]:
+    """The decode projections' Triton GEMM against fp64 and cuBLAS, and greedy outputs with dependent launch."""
+    lin, dep = load("kernel_checks_skinny_linear_h200.json"), engine_check.get("dependent_launch")
+    rows = []
+    if lin:
+        r = lin["skinny_linear"]
+        n = len(r)
+        rows.append([
+            "the skinny Triton GEMM (bf16, Llama/Qwen projection shapes, 1-64 rows) vs an fp64 product",
+            f"{sum(x['err_over_bound'] <= 1 for x in r)}/{n} within half a bf16 ulp plus fp32 accumulation (cuBLAS "
+            f"{sum(x['cublas_err_over_bound'] <= 1 for x in r)}/{n}); launched as a dependent = launched plainly, bit "
+            f"for bit: {sum(x['dependent_bits_equal'] for x in r)}/{n}; a row's bits the same whatever rows come with "
+            f"it: {sum(x['row0_equals_m1'] for x in r)}/{n} (cuBLAS {sum(x['cublas_row0_equals_m1'] for x in r)}/{n})",
+        ])  # fmt: skip
+    if dep:
+        rows.append([
+            "dependent launch with the Triton GEMM vs ordinary launches with cuBLAS, greedy (demo model)",
+            "; ".join(f"{k}: {v['identical_sequences']}/{v['of']} identical" for k, v in dep.items()),
+        ])  # fmt: skip
+    return rows
+
+
 def gpu_correctness() -> str:
     k, e = load("kernel_checks_h200.json"), load("engine_check_h200.json")
     exact, rope = k["cache_write_exact"], k.get("rope_write_exact")
@@ -1083,6 +1129,7 @@ def gpu_correctness() -> str:
          f"target pool equal: {writes['target_kv_bytes_equal']}, draft pool equal: {writes['draft_kv_bytes_equal']}, "
          f"outputs identical: {writes['outputs_identical']}"],
         ["fused layer ops vs torch (max ulp)", ulps],
+        *skinny_gemm_rows(e),
     ]  # fmt: skip
     so = e.get("structured_outputs")
     if so:

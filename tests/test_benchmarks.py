@@ -46,7 +46,8 @@ def test_roofline_counts_weights_per_step_and_live_kv():
         ),
         (
             "nano",
-            ["--nano-seqs", "3", "--nano-len", "24", "--kv-write", "fused", "two_launch", "--kv-cache-dtype", "fp8"],
+            ["--nano-seqs", "3", "--nano-len", "24", "--kv-write", "fused", "two_launch", "--kv-cache-dtype", "fp8"]
+            + ["--dependent-launch", "off", "auto"],
         ),
         ("prefill", ["--prompts", "40", "90", "--extend-variant", "default", "diag"]),
     ],
@@ -72,6 +73,10 @@ def test_benchmark_runs_on_the_cpu(tmp_path, workload, extra):
     if workload == "fixed":  # each KV dtype with each decode_splits, the engine built with it
         assert [(r["kv_cache_dtype"], r.get("decode_splits")) for r in result["runs"]] == [
             ("auto", None), ("fp8", None), ("auto", "by-batch"), ("fp8", "by-batch")
+        ]  # fmt: skip
+    if workload == "nano":  # each KV write with each dependent_launch, labelled where not the default
+        assert [(r["kv_write"], r.get("dependent_launch")) for r in result["runs"]] == [
+            ("fused", "off"), ("fused", None), ("two_launch", "off"), ("two_launch", None)
         ]  # fmt: skip
     assert result["commit"] and result["torch"]
 

@@ -316,20 +316,6 @@ def test_decode_launch_takes_the_cap_unless_asked(monkeypatch):
     assert caps == [168, 0]
 
 
-@pytest.mark.parametrize("m", [1, 5, 16, 17])
-def test_tune_linear_candidate_kernel_against_an_fp64_product(m):
-    """benchmarks/tune_linear.py's skinny GEMM (an experiment the engine does not run), every row count class of
-    the timed tiles: one row, a partial 16-row tile, an exact one, one past it (two 16-row programs)."""
-    from benchmarks.tune_linear import skinny_linear
-
-    g = torch.Generator().manual_seed(m)
-    x, w = torch.randn(m, 256, generator=g), torch.randn(40, 256, generator=g)
-    got = skinny_linear(x, w, block_m=16, block_n=32, block_k=128)
-    torch.testing.assert_close(got.double(), x.double() @ w.double().T, rtol=1e-5, atol=1e-4)
-    with pytest.raises(ValueError, match="K % 96 == 0"):
-        skinny_linear(x, w, block_k=96)
-
-
 def test_pdl_chain_small_kernel_reads_strided_rows():
     """benchmarks/pdl_chain.py's stand-in for the small kernels between GEMMs, on the first columns of a wider
     matrix (what the chain gives it before the down projection): every row read at its own stride."""

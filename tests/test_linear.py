@@ -60,6 +60,8 @@ def test_skinny_linear_bias_and_strided_rows():
     assert_close_to_exact(out, x, w, bias)
     assert not torch.equal(out, skinny_linear(x, w))  # the bias is really added
     assert skinny_linear(x[:0], w).shape == (0, 40)
+    with pytest.raises(ValueError, match="K % 96 == 0"):
+        skinny_linear(x, w, config=(16, 32, 96, 2, 3))
 
 
 def test_skinny_config_boundaries():

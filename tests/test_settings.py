@@ -29,6 +29,7 @@ def sample(cls: type, f) -> object:
         "attention_backend": "torch",
         "fp8_decode": "hw-staged",
         "decode_splits": "by-batch",
+        "dependent_launch": "off",
         "log_level": "debug",
         "http_parser": "h11",
         "block_size": 32,

@@ -525,23 +525,10 @@ def decode_attention(
     _decode_split_kernel[(num_seqs, num_kv_heads, splits)](
         q, kc, vc, meta.block_tables, meta.seq_lens, k_scale, v_scale, out, part_acc, part_ml, sm_scale * LOG2E,
         *layout_strides(q, out, meta, kc, vc),
-        GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=head_dim_pad,
-        BLOCK_N=block_n,
-        BLOCK_SIZE=block_size,
-        NUM_SPLITS=splits,
-        SPLIT_TOKENS=split_tokens,
-        KV_MODE=mode,
-        NAN_ALL_ONES=nan_all_ones,
-        KV_FACTOR=kv_factor,
-        **compute_dtype(q, key_cache.dtype),
-        USE_PDL=pdl,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        **register_cap(maxnreg),
-        **launch_options(pdl),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_N=block_n, BLOCK_SIZE=block_size, NUM_SPLITS=splits, SPLIT_TOKENS=split_tokens,
+        KV_MODE=mode, NAN_ALL_ONES=nan_all_ones, KV_FACTOR=kv_factor, **compute_dtype(q, key_cache.dtype),
+        USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, **register_cap(maxnreg), **launch_options(pdl),
     )  # fmt: skip
     if splits > 1:
         _merge_splits(
