@@ -146,7 +146,10 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
             (
                 "FP8 KV never slower than bf16 at batch >= 8",
                 f"worst fp8/bf16 throughput {ratio:.2f} ({where}){opt_in}",
-                "yes" if ratio >= 1.0 else "no",
+                ("yes" if ratio >= 1.0 else "no")
+                + (f"; with by-batch splits {'yes' if by_batch[0] >= 1.0 else 'no'}" if by_batch else ""),
+                "close to 1 at Llama-3.2-1B's shape, where a single sweep point moves by about 10% from one session to "
+                "the next (the history of `throughput_sweep_llama1b_h200.json` in git); "
                 "the FP8 kernel gathers its V tile one byte per shared-memory load (offline compiler analysis: "
                 "`decode_attention_fp8_registers.md`); at head_dim 128 the register cap makes it faster than bf16 "
                 "(nano, Llama-3.1-8B); at Llama-3.2-1B's head_dim 64 its decode kernel is slower than "
