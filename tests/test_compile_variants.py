@@ -20,7 +20,6 @@ PER_STEP_ARGS = {
     "miniserve.kernels.cache_write:_reshape_and_cache_kernel": ["num_tokens"],
     "miniserve.kernels.extend_attention:_extend_kernel": ["stride_bt"],
     "miniserve.kernels.decode_attention:_decode_split_kernel": ["stride_bt"],
-    "miniserve.kernels.linear:_skinny_linear_kernel": ["M"],
     "miniserve.kernels.uniform_metadata:_uniform_metadata_kernel": ["stride_bt", "stride_tt", "num_blocks_per_seq"],
 }
 
