@@ -850,11 +850,22 @@ def gemm_note(batch: int) -> str:
     )
     if batch > 16:
         same = ", ".join(f"{r['new_vs_old']:.2f}x" for w in ("fixed", "fixed_2") for r in rows.get(w, []))
+        every = load("dependent_launch_all_passes_h200.json")
+        tried = ""
+        if every:
+            w = every["workloads"]
+            ratios = ", ".join(f"{r['new_vs_old']:.2f}x" for r in w["fixed"]["rows"])
+            nano = ", ".join(f"{r['new_vs_old']:.2f}x" for r in w["nano"]["rows"])
+            tried = (
+                f"; with every pass launched so (our kernels as dependents around cuBLAS's GEMMs, "
+                f"`dependent_launch_all_passes_h200.json`) batch 64 ran at {ratios} and nano at {nano} of ordinary "
+                "launches, on first in each process"
+            )
         return (
             f"{head}, and even launched as a programmatic dependent it loses to cuBLAS here ({chain_text}), so passes "
-            "of more than 16 tokens keep cuBLAS and ordinary launches; batch 64 with `dependent_launch` on against "
-            f"off, the same kernels then, in both orders (`dependent_launch_h200.json`): {same}, which is the spread "
-            "of runs of one process (its first run is the slower)"
+            f"of more than 16 tokens keep cuBLAS and ordinary launches{tried}; batch 64 with `dependent_launch` on "
+            f"against off, the same kernels since, in both orders (`dependent_launch_h200.json`): {same}, which is "
+            "the spread of runs of one process (its first run is the slower)"
         )
     lat = [r for w in ("latency_1", "latency_2") for r in rows.get(w, [])]
     big = rows.get("latency_llama8b", [])

@@ -19,9 +19,10 @@ import torch
 
 from miniserve.kernels.backend import is_rocm, triton_interpreter_enabled
 
-# Passes of up to this many tokens (decode steps of small batches, their speculative rounds) launch as dependents. Side
-# by side on an H200 (`dependent_launch_h200.json`): batch 1 gains, batch 64 and nano's 256 lose a little (their
-# kernels are long and the GEMMs cuBLAS's, so there is less gap to close and the waiting programs get in the way).
+# Passes of up to this many tokens (decode steps of small batches, their speculative rounds) launch as dependents. On
+# an H200, with every pass launched so (`dependent_launch_all_passes_h200.json`), batch 1 gained 2-4% and batch 64 and
+# nano's 256 nothing (their kernels are long and their GEMMs cuBLAS's, which cannot be launched so); passes beyond
+# the limit launch the ordinary way (`dependent_launch_h200.json`).
 DEPENDENT_MAX_TOKENS = 16
 
 try:

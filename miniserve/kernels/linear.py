@@ -124,7 +124,7 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         USE_PDL: tl.constexpr,
-        RELEASE_EARLY: tl.constexpr = False,
+        RELEASE_EARLY: tl.constexpr = False,  # benchmarks/pdl_chain.py's comparison: release before the loop
     ):
         """One program: BLOCK_M rows x BLOCK_N output columns over all of K (K % BLOCK_K == 0)."""
         if RELEASE_EARLY:
