@@ -488,7 +488,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--peak-tflops", type=float, default=600.0, help="prompt FLOP rate assumed by the roofline")
     ap.add_argument("--hf", action="store_true", help="also time transformers' generate (fixed/latency)")
     ap.add_argument("--hf-gen", type=int, default=32, help="tokens transformers generates (it is slow)")
-    ap.add_argument("--profile", action="store_true", help="GPU time per kernel over a short run")
+    ap.add_argument(
+        "--profile", action="store_true",
+        help="GPU time per kernel over a short run (with --dependent-launch auto a kernel's time includes its wait "
+        "for the one before: pass off for a per-kernel breakdown)",
+    )  # fmt: skip
     ap.add_argument(
         "--profile-run", action="store_true", help="with --profile: over one whole run, prompts included (nano: always)"
     )
