@@ -53,7 +53,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """RMSNorm(x), or with `residual`: (RMSNorm(x + residual), x + residual), one fused launch on GPUs.
         Same op order as transformers: normalise in fp32, cast back, then scale."""
-        pdl = x.shape[0] <= self.dependent_tokens
+        pdl = 0 < x.shape[0] <= self.dependent_tokens
         return rms_norm(x, self.weight, self.eps, residual, self.backend, pdl)
 
 
@@ -109,7 +109,7 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, meta: AttentionMetadata, kv: LayerKV
     ) -> torch.Tensor:
-        pdl = x.shape[0] <= self.dependent_tokens
+        pdl = 0 < x.shape[0] <= self.dependent_tokens
         qkv = linear(x, self.qkv_weight, self.qkv_bias, pdl)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -140,7 +140,7 @@ class MLP(nn.Module):
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pdl = x.shape[0] <= self.dependent_tokens
+        pdl = 0 < x.shape[0] <= self.dependent_tokens
         h = silu_and_mul(linear(x, self.gate_up_weight, pdl=pdl), self.backend, pdl)
         out = linear(h, self.down_weight, pdl=pdl)
         return out if self.tp is None else self.tp.all_reduce(out)  # row-parallel: sum the ranks' partials
