@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.provenance import write_result  # noqa: E402
 from benchmarks.tune_linear import replay_us  # noqa: E402
-from miniserve.kernels.dependent_launch import release_dependents, wait_for_previous  # noqa: E402
+from miniserve.kernels.dependent_launch import launch_options, release_dependents, wait_for_previous  # noqa: E402
 from miniserve.kernels.linear import skinny_linear  # noqa: E402
 
 WEIGHTS = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192)}
@@ -48,7 +48,7 @@ def tiny(x: torch.Tensor, pdl: bool) -> torch.Tensor:
     rows, cols = x.shape
     out = torch.empty(rows, cols, dtype=x.dtype, device=x.device)
     grid = (rows, triton.cdiv(cols, 1024))
-    _tiny_kernel[grid](x, out, cols, x.stride(0), BLOCK=1024, USE_PDL=pdl, launch_pdl=pdl)
+    _tiny_kernel[grid](x, out, cols, x.stride(0), BLOCK=1024, USE_PDL=pdl, **launch_options(pdl))
     return out
 
 

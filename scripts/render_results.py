@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.engine_ab import label as run_label  # noqa: E402  (KV dtype, KV write, variants, decode splits)
 from benchmarks.serve import median_p50  # noqa: E402  (the latency ratios serve.py computed: the same medians)
+from miniserve.kernels.dependent_launch import DEPENDENT_MAX_TOKENS  # noqa: E402  (the passes launched so)
 
 
 def load(name: str) -> dict | None:
@@ -148,8 +149,8 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                 f"worst fp8/bf16 throughput {ratio:.2f} ({where}){opt_in}",
                 ("yes" if ratio >= 1.0 else "no")
                 + (f"; with by-batch splits {'yes' if by_batch[0] >= 1.0 else 'no'}" if by_batch else ""),
-                "close to 1 at Llama-3.2-1B's shape, where a single sweep point moves by about 10% from one session to "
-                "the next (the history of `throughput_sweep_llama1b_h200.json` in git); "
+                "close to 1 at Llama-3.2-1B's shape, where single sweep points move between sessions by more than "
+                "these margins (the history of `throughput_sweep_llama1b_h200.json` in git); "
                 "the FP8 kernel gathers its V tile one byte per shared-memory load (offline compiler analysis: "
                 "`decode_attention_fp8_registers.md`); at head_dim 128 the register cap makes it faster than bf16 "
                 "(nano, Llama-3.1-8B); at Llama-3.2-1B's head_dim 64 its decode kernel is slower than "
@@ -848,7 +849,7 @@ def gemm_note(batch: int) -> str:
         f"Llama-3.2-1B's four projections at {low:.2f}-{high:.2f}x cuBLAS's speed at batch {batch} "
         "(`tune_linear_h200.json`)"
     )
-    if batch > 16:
+    if batch > DEPENDENT_MAX_TOKENS:
         same = ", ".join(f"{r['new_vs_old']:.2f}x" for w in ("fixed", "fixed_2") for r in rows.get(w, []))
         every = load("dependent_launch_all_passes_h200.json")
         tried = ""
@@ -864,13 +865,13 @@ def gemm_note(batch: int) -> str:
         if us["triton+pdl"] < us["cublas"]:
             chain_says = (
                 f"; in a chain launched as programmatic dependents it beats cuBLAS here too ({chain_text}), but "
-                "passes of more than 16 tokens keep cuBLAS and ordinary launches: the Triton GEMM at 64 rows is not "
-                "measured end to end yet"
+                f"passes of more than {DEPENDENT_MAX_TOKENS} tokens keep cuBLAS and ordinary launches: the Triton "
+                f"GEMM at {batch} rows is not measured end to end yet"
             )
         else:
             chain_says = (
                 f", and even launched as a programmatic dependent it loses to cuBLAS here ({chain_text}), so passes "
-                "of more than 16 tokens keep cuBLAS and ordinary launches"
+                f"of more than {DEPENDENT_MAX_TOKENS} tokens keep cuBLAS and ordinary launches"
             )
         return (
             f"{head}{chain_says}{tried}; batch 64 with `dependent_launch` on against off, the same kernels since, in "
@@ -885,7 +886,8 @@ def gemm_note(batch: int) -> str:
         f"{head}; what helps is starting each kernel while the one before finishes (programmatic dependent launch): "
         f"{chain_text}, and {us['triton+pdl-early']:.0f} us when each kernel lets the next one start at its beginning "
         "rather than after its main loop (the kernels further down then wait on the GPU and hold it). The engine "
-        "launches so in passes of up to 16 tokens on Hopper (`dependent_launch`, kernels/dependent_launch.py): "
+        f"launches so in passes of up to {DEPENDENT_MAX_TOKENS} tokens on Hopper (`dependent_launch`, "
+        "kernels/dependent_launch.py): "
         f"batch 1 with it off against on, in one process, both orders (`dependent_launch_h200.json`): {pairs} tok/s"
         f"{eight}. Under the profiler a dependent kernel's time includes its wait, so the profile above is of ordinary "
         "launches (its file's commit)"
@@ -1107,7 +1109,8 @@ def skinny_gemm_rows(engine_check: dict) -> list[list[str]]:
         r = lin["skinny_linear"]
         n = len(r)
         rows.append([
-            "the skinny Triton GEMM (bf16, Llama/Qwen projection shapes, 1-64 rows) vs an fp64 product",
+            f"the skinny Triton GEMM (bf16, Llama/Qwen projection shapes, {min(x['m'] for x in r)}-"
+            f"{max(x['m'] for x in r)} rows) vs an fp64 product",
             f"{sum(x['err_over_bound'] <= 1 for x in r)}/{n} within half a bf16 ulp plus fp32 accumulation (cuBLAS "
             f"{sum(x['cublas_err_over_bound'] <= 1 for x in r)}/{n}); launched as a dependent = launched plainly, bit "
             f"for bit: {sum(x['dependent_bits_equal'] for x in r)}/{n}; a row's bits the same whatever rows come with "

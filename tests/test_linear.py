@@ -9,6 +9,7 @@ checked on GPUs (benchmarks/gpu_kernels.py `skinny_linear`).
 """
 
 import os
+from dataclasses import fields
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -102,21 +103,20 @@ def test_linear_uses_the_skinny_gemm_only_when_launching_dependents(monkeypatch)
     assert calls == []
 
 
-def test_dependent_launch_setting_reaches_every_module(monkeypatch):
-    """EngineConfig.dependent_launch: "auto" switches every norm, attention and MLP of the model where the GPU
-    supports it (faked here), "off" none; on the CPU "auto" changes nothing."""
+def test_dependent_launch_setting_sets_the_models_token_limit(monkeypatch):
+    """EngineConfig.dependent_launch: "auto" gives the model its token limit where the GPU supports it (faked
+    here), "off" none, and the torch backend (the CPU) none either; the model is built without one."""
+    help_text = next(f.metadata["help"] for f in fields(EngineConfig) if f.name == "dependent_launch")
+    assert f"passes of up to {DEPENDENT_MAX_TOKENS} tokens" in help_text  # the setting's help says the limit
     runner = ModelRunner(EngineConfig(device="cpu"), str(DEMO_TARGET), "target", "auto")
-    switches = [m for m in runner.model.modules() if hasattr(m, "dependent_tokens")]
-    layers = runner.model_config.num_layers
-    assert len(switches) == 4 * layers + 1  # two norms, attention and MLP a layer, the final norm
-    assert all(m.dependent_tokens == 0 for m in switches)
+    assert runner.model.dependent_tokens == 0
     monkeypatch.setattr("miniserve.engine.model_runner.dependent_launch_supported", lambda device: True)
     set_dependent_launch(runner.model, "auto", "triton", runner.device)
-    assert all(m.dependent_tokens == DEPENDENT_MAX_TOKENS for m in switches)
+    assert runner.model.dependent_tokens == DEPENDENT_MAX_TOKENS
     set_dependent_launch(runner.model, "off", "triton", runner.device)
-    assert all(m.dependent_tokens == 0 for m in switches)
+    assert runner.model.dependent_tokens == 0
     set_dependent_launch(runner.model, "auto", "torch", runner.device)
-    assert all(m.dependent_tokens == 0 for m in switches)
+    assert runner.model.dependent_tokens == 0
 
 
 def test_passes_up_to_the_token_limit_launch_as_dependents(monkeypatch):
@@ -128,9 +128,7 @@ def test_passes_up_to_the_token_limit_launch_as_dependents(monkeypatch):
 
     llm = LLM(str(DEMO_TARGET), device="cpu", enforce_eager=True)
     worker = llm.engine.target
-    for module in worker.model.modules():
-        if hasattr(module, "dependent_tokens"):
-            module.dependent_tokens = DEPENDENT_MAX_TOKENS
+    worker.model.dependent_tokens = DEPENDENT_MAX_TOKENS
     asked = []
 
     def recorder(fn, pdl_at):

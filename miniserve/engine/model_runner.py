@@ -297,13 +297,11 @@ class ModelRunner:
 
 
 def set_dependent_launch(model: torch.nn.Module, mode: str, backend: str, device: torch.device) -> None:
-    """EngineConfig.dependent_launch: the norms, attention and MLPs launch their kernels as programmatic dependents
-    in passes of up to DEPENDENT_MAX_TOKENS tokens where the GPU can (kernels/dependent_launch.py); elsewhere "auto"
-    changes nothing."""
+    """EngineConfig.dependent_launch: the model launches a pass's layer kernels as programmatic dependents in passes of
+    up to DEPENDENT_MAX_TOKENS tokens where the GPU can (kernels/dependent_launch.py); elsewhere "auto" changes
+    nothing."""
     enabled = mode == "auto" and backend == "triton" and dependent_launch_supported(device)
-    for module in model.modules():
-        if hasattr(module, "dependent_tokens"):
-            module.dependent_tokens = DEPENDENT_MAX_TOKENS if enabled else 0
+    model.dependent_tokens = DEPENDENT_MAX_TOKENS if enabled else 0
 
 
 def set_fp8_decode(model: torch.nn.Module, mode: str, kv_dtype: torch.dtype, device: torch.device, role: str) -> None:

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from miniserve.kernels.backend import triton_interpreter_enabled
 from miniserve.kernels.dependent_launch import launch_options, release_dependents, wait_for_previous
-from miniserve.kernels.float_bits import DTYPE_KIND, round_to_bf16_bits, to_f32, to_storage
+from miniserve.kernels.float_bits import DTYPE_KIND, to_f32, to_storage
 from miniserve.kernels.fp8 import fp8_format, is_fp8
 from miniserve.kernels.layer_ops import Rope, rotary_factors, rotate_pair
 
@@ -112,7 +112,7 @@ def _store_tile(
     dst_off,
     mask,
     scale,
-    SRC_BF16: tl.constexpr,
+    KIND: tl.constexpr,
     MODE: tl.constexpr,
     EXP_BIAS: tl.constexpr,
     MAX_BITS: tl.constexpr,
@@ -124,12 +124,11 @@ def _store_tile(
     if MODE == 3:  # same dtype: copy the bits
         y = x
     else:
-        if SRC_BF16:  # bf16 bits (int16 view) -> fp32, exactly (the interpreter's cast mangles subnormals)
-            x = (x.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        x = to_f32(x, KIND)  # exactly (bf16 from its bits: the interpreter's cast mangles subnormals)
         if MODE == 1:  # fp8 cache, viewed as uint8
             y = quantize_e4m3_bits(x, scale, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO).to(tl.uint8)
         elif MODE == 2:  # bf16 cache viewed as int16
-            y = round_to_bf16_bits(x).to(tl.int16)
+            y = to_storage(x, 2)
         else:  # fp16 / fp32 cache: casts every backend rounds correctly
             y = x.to(cache_ptr.dtype.element_ty)
     tl.store(cache_ptr + dst_off, y, mask=mask)
@@ -173,14 +172,13 @@ def _reshape_and_cache_kernel(
     HEADS_X_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_HD: tl.constexpr,
-    SRC_BF16: tl.constexpr,
+    KIND: tl.constexpr,  # the source dtype (float_bits.py)
     MODE: tl.constexpr,
     EXP_BIAS: tl.constexpr,
     MAX_BITS: tl.constexpr,
     NAN_BYTE: tl.constexpr,
     NEG_ZERO: tl.constexpr,
     ROPE: tl.constexpr,
-    KIND: tl.constexpr,  # ROPE: the source dtype (float_bits.py)
     USE_PDL: tl.constexpr,  # launched as a programmatic dependent (dependent_launch.py)
 ):
     """One program: BLOCK_T tokens x BLOCK_HD flattened (head, dim) elements, for K and for V. ROPE: BLOCK_HD
@@ -215,13 +213,13 @@ def _reshape_and_cache_kernel(
             k_scale, v_scale = tl.load(k_scale_ptr), tl.load(v_scale_ptr)
             k_hi, v_hi, v_src_hi = k_dst + HALF * kc_stride_d, v_dst + HALF * vc_stride_d, v_src + HALF * v_stride_d
             _store_tile(k1, key_cache_ptr, k_dst, cached, k_scale,
-                        SRC_BF16, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
+                        KIND, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
             _store_tile(k2, key_cache_ptr, k_hi, cached, k_scale,
-                        SRC_BF16, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
+                        KIND, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
             _store_tile(tl.load(value_ptr + v_src, mask=cached), value_cache_ptr, v_dst, cached, v_scale,
-                        SRC_BF16, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
+                        KIND, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
             _store_tile(tl.load(value_ptr + v_src_hi, mask=cached), value_cache_ptr, v_hi, cached, v_scale,
-                        SRC_BF16, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
+                        KIND, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
     else:
         hd = tl.program_id(1) * BLOCK_HD + tl.arange(0, BLOCK_HD)
         slot = tl.load(slot_ptr + tok, mask=tok < num_tokens, other=-1)  # int64
@@ -236,9 +234,9 @@ def _reshape_and_cache_kernel(
         v_dst = block * vc_stride_b + offset * vc_stride_s + head * vc_stride_h + dim * vc_stride_d
         k_scale, v_scale = tl.load(k_scale_ptr), tl.load(v_scale_ptr)
         _store_tile(tl.load(key_ptr + k_src, mask=mask), key_cache_ptr, k_dst, mask, k_scale,
-                    SRC_BF16, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
+                    KIND, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
         _store_tile(tl.load(value_ptr + v_src, mask=mask), value_cache_ptr, v_dst, mask, v_scale,
-                    SRC_BF16, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
+                    KIND, MODE, EXP_BIAS, MAX_BITS, NAN_BYTE, NEG_ZERO)  # fmt: skip
 
 
 def _bits_view(x: torch.Tensor) -> torch.Tensor:
@@ -264,9 +262,9 @@ def _tile_shape(num_tokens: int, heads_x_dim: int, elements: int | None, pairs: 
 
 
 def _cache_consts(key: torch.Tensor, key_cache: torch.Tensor) -> dict:
-    """The kernel's conversion constexprs for this source and cache dtype (MODE: 0 a plain cast to fp16/fp32,
-    1 FP8, 2 bf16, 3 the same dtype)."""
-    consts = dict(SRC_BF16=key.dtype == torch.bfloat16, MODE=0, EXP_BIAS=0, MAX_BITS=0, NAN_BYTE=0, NEG_ZERO=False)
+    """The kernel's conversion constexprs for this source and cache dtype (KIND: the source's, float_bits.py; MODE:
+    0 a plain cast to fp16/fp32, 1 FP8, 2 bf16, 3 the same dtype)."""
+    consts = dict(KIND=DTYPE_KIND.get(key.dtype, 0), MODE=0, EXP_BIAS=0, MAX_BITS=0, NAN_BYTE=0, NEG_ZERO=False)
     if key_cache.dtype == key.dtype:
         consts["MODE"] = 3
     elif is_fp8(key_cache.dtype):
@@ -317,7 +315,7 @@ def reshape_and_cache_triton(
         *key.stride(), *value.stride(), *key_cache.stride(), *value_cache.stride(), *q.stride()[:2], cos.stride(0),
         q_pairs, kv_programs,
         BLOCK_SIZE=key_cache.shape[1], HEAD_DIM=head_dim, HEADS_X_DIM=num_heads * head_dim,
-        BLOCK_T=block_t, BLOCK_HD=block_hd, ROPE=rope is not None, KIND=DTYPE_KIND.get(key.dtype, 0), USE_PDL=pdl,
+        BLOCK_T=block_t, BLOCK_HD=block_hd, ROPE=rope is not None, USE_PDL=pdl,
         num_warps=num_warps,
         enable_fp_fusion=False,  # the rotation's products round before their sum, as torch's do
         **_cache_consts(key, key_cache), **launch_options(pdl),

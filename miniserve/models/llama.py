@@ -48,12 +48,10 @@ class RMSNorm(nn.Module):
         self.weight = _empty(dim)
         self.eps = eps
         self.backend = backend
-        self.dependent_tokens = 0  # passes of at most this many tokens launch as dependents (set_dependent_launch)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, pdl: bool = False):
         """RMSNorm(x), or with `residual`: (RMSNorm(x + residual), x + residual), one fused launch on GPUs.
-        Same op order as transformers: normalise in fp32, cast back, then scale."""
-        pdl = 0 < x.shape[0] <= self.dependent_tokens
+        Same op order as transformers: normalise in fp32, cast back, then scale. pdl: see LlamaModel.forward."""
         return rms_norm(x, self.weight, self.eps, residual, self.backend, pdl)
 
 
@@ -103,20 +101,24 @@ class Attention(nn.Module):
         self.backend = backend
         self.fp8_decode = "auto"  # EngineConfig.fp8_decode, set by the runner whose pool is FP8
         self.decode_splits = "by-length"  # EngineConfig.decode_splits, set by the runner
-        self.dependent_tokens = 0  # as RMSNorm's
         self.tp = tp
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, meta: AttentionMetadata, kv: LayerKV
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: Rotary,
+        meta: AttentionMetadata,
+        kv: LayerKV,
+        pdl: bool = False,
     ) -> torch.Tensor:
-        pdl = 0 < x.shape[0] <= self.dependent_tokens
         qkv = linear(x, self.qkv_weight, self.qkv_bias, pdl)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q, pdl=pdl), self.k_norm(k, pdl=pdl)
         rope = Rope(q, positions, rotary.cos, rotary.sin)  # q and k rotate in place (views of qkv are fine)
         reshape_and_cache(
             k, v, kv.key_cache, kv.value_cache, meta.slot_mapping, kv.k_scale, kv.v_scale, self.backend, rope, pdl
@@ -136,11 +138,9 @@ class MLP(nn.Module):
         self.inter = shard.intermediate_size
         self.gate_up_weight = _empty(2 * self.inter, cfg.hidden_size)  # gate, up stacked
         self.down_weight = _empty(cfg.hidden_size, self.inter)
-        self.dependent_tokens = 0  # as RMSNorm's
         self.tp = tp
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pdl = 0 < x.shape[0] <= self.dependent_tokens
+    def forward(self, x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
         h = silu_and_mul(linear(x, self.gate_up_weight, pdl=pdl), self.backend, pdl)
         out = linear(h, self.down_weight, pdl=pdl)
         return out if self.tp is None else self.tp.all_reduce(out)  # row-parallel: sum the ranks' partials
@@ -154,16 +154,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
         self.mlp = MLP(cfg, backend, shard, tp)
 
-    def forward(self, x, residual, positions, rotary, meta, kv):
+    def forward(self, x, residual, positions, rotary, meta, kv, pdl=False):
         """x + attn(norm(x)), then + mlp(norm(.)), with each residual add fused into the norm that follows it:
         takes and returns (branch output, residual stream) -- residual None on the first layer."""
         if residual is None:
-            h, residual = self.input_layernorm(x), x
+            h, residual = self.input_layernorm(x, pdl=pdl), x
         else:
-            h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, rotary, meta, kv)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+            h, residual = self.input_layernorm(x, residual, pdl)
+        h = self.self_attn(h, positions, rotary, meta, kv, pdl)
+        h, residual = self.post_attention_layernorm(h, residual, pdl)
+        return self.mlp(h, pdl), residual
 
 
 class LlamaModel(nn.Module):
@@ -182,6 +182,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else _empty(vocab_rows, cfg.hidden_size)
         self.rotary = Rotary(cfg, max_positions)
+        self.dependent_tokens = 0  # passes of 1..this many tokens launch as dependents (runner: set_dependent_launch)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: list[LayerKV]
@@ -190,10 +191,12 @@ class LlamaModel(nn.Module):
             x = F.embedding(input_ids, self.embed_tokens)
         else:
             x = self.tp.embedding(input_ids, self.embed_tokens, self.shard)
+        # pdl: this pass's kernels launch as programmatic dependents (kernels/dependent_launch.py), decided once
+        pdl = 0 < input_ids.shape[0] <= self.dependent_tokens
         residual = None
         for layer, layer_kv in zip(self.layers, kv, strict=True):
-            x, residual = layer(x, residual, positions, self.rotary, meta, layer_kv)
-        return self.norm(x) if residual is None else self.norm(x, residual)[0]
+            x, residual = layer(x, residual, positions, self.rotary, meta, layer_kv, pdl)
+        return self.norm(x, pdl=pdl) if residual is None else self.norm(x, residual, pdl)[0]
 
     def logits(self, hidden: torch.Tensor, as_float: bool = True) -> torch.Tensor:
         """fp32 logits, or in the model dtype when only their argmax is read (the conversion is exact)."""
