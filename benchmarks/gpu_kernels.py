@@ -145,7 +145,8 @@ def check_skinny_linear(device) -> list[dict]:
     rows = []
     g = torch.Generator(device=device).manual_seed(0)
     shapes = {"llama-1b qkv": (3072, 2048), "llama-1b gate_up": (16384, 2048), "llama-1b down": (2048, 8192),
-              "llama-8b o": (4096, 4096), "llama-8b down": (4096, 14336), "qwen3-0.6b qkv": (4096, 1024)}  # fmt: skip
+              "llama-8b o": (4096, 4096), "llama-8b down": (4096, 14336), "qwen3-0.6b qkv": (4096, 1024),
+              "qwen3-0.6b o": (1024, 2048)}  # fmt: skip
     for (name, (n, k)), m in itertools.product(shapes.items(), (1, 7, 16, 17, 64)):
         x = torch.randn(m, k, device=device, generator=g).to(torch.bfloat16)
         w = (torch.randn(n, k, device=device, generator=g) * 0.02).to(torch.bfloat16)

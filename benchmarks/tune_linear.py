@@ -5,8 +5,9 @@
 The question: are the small projections of a decode step (Llama-3.2-1B's q/k/v and output, 8-12 MB, at 1.3-2
 TB/s with cuBLAS in `profile_decode_llama1b_b*_h200.json`) slow because of cuBLAS's kernels, or because a
 kernel that reads a few MB cannot reach HBM bandwidth? `skinny_linear` (miniserve/kernels/linear.py) is the obvious
-alternative: every program a narrow slice of output columns (BLOCK_N) over the whole reduction in BLOCK_K steps,
-fp32 accumulation, no split-K pass. The answer (`tune_linear_h200.json`): cuBLAS's speed, alone. The engine runs it
+alternative: every program a narrow slice of output columns (BLOCK_N) over the reduction (whole, or split in parts
+summed by the tile's last program) in BLOCK_K steps, fp32 accumulation. The answer (`tune_linear_h200.json`):
+about cuBLAS's speed alone, faster where a split reduction fills idle SMs. The engine runs it
 where it can launch it as a programmatic dependent (benchmarks/pdl_chain.py), with `skinny_config`'s launch
 settings, which come from this sweep.
 
@@ -41,12 +42,13 @@ SHAPES = {
     "llama-1b down": (2048, 8192),
     "llama-8b qkv": (6144, 4096),
     "llama-8b o": (4096, 4096),
+    "llama-8b gate_up": (28672, 4096),
     "llama-8b down": (4096, 14336),
     "qwen3-0.6b qkv": (4096, 1024),
     "qwen3-0.6b o": (1024, 2048),
     "qwen3-0.6b down": (1024, 3072),
 }
-BATCHES = (1, 8, 16, 32, 64, 128)
+BATCHES = (1, 8, 16, 32, 64)  # up to SKINNY_MAX_ROWS
 ROTATE_BYTES = 512 << 20  # weight copies cycled through per graph: 10x the H200's L2
 
 
@@ -81,10 +83,16 @@ def time_launches(fn, copies: list[torch.Tensor], x: torch.Tensor, launches: int
     return us / launches
 
 
+# (BLOCK_N, BLOCK_K, warps, stages): the winners of the earlier sweep over 3 x 3 x 3 x 2 without split (this file
+# at 06dfe61 in git), 4-stage 256-wide steps and wider slices; each with the reduction in 1, 2 and 4 parts
+TILES = ((16, 512, 2, 3), (16, 256, 4, 4), (16, 128, 2, 5), (32, 256, 4, 4), (32, 128, 4, 5), (64, 128, 4, 3),
+         (64, 256, 4, 3), (128, 128, 4, 3))  # fmt: skip
+
+
 def configs(m: int):
     block_m = 16 if m <= 16 else 64
-    for bn, bk, w, st in itertools.product((16, 32, 64), (128, 256, 512), (2, 4, 8), (3, 5)):
-        yield dict(block_m=block_m, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+    for (bn, bk, w, st), split in itertools.product(TILES, (1, 2, 4)):
+        yield dict(block_m=block_m, block_n=bn, block_k=bk, num_warps=w, num_stages=st, split_k=split)
 
 
 def tune_shape(name: str, n: int, k: int) -> list[dict]:
@@ -99,6 +107,8 @@ def tune_shape(name: str, n: int, k: int) -> list[dict]:
         cublas_err = (F.linear(x, copies[0]).float() - exact).abs().max().item()
         best = None
         for cfg in configs(m):
+            if k % (cfg["block_k"] * cfg["split_k"]):
+                continue
             fn = lambda a, w, cfg=cfg: skinny_linear(a, w, config=tuple(cfg.values()))  # noqa: E731
             try:
                 out = fn(x, copies[0])
@@ -131,7 +141,7 @@ def main() -> None:
         c = r["triton_config"]
         print(f"{r['shape']:18s} {r['m']:3d} {r['cublas_us']:10.1f} {r['cublas_tbs']:5.2f} {r['triton_us']:10.1f} "
               f"{r['triton_tbs']:5.2f} {r['speedup']:7.2f}  bn{c['block_n']} bk{c['block_k']} w{c['num_warps']} "
-              f"s{c['num_stages']}")  # fmt: skip
+              f"s{c['num_stages']} split{c['split_k']}")  # fmt: skip
     if args.out:
         write_result(args.out, {"gpu": torch.cuda.get_device_name(), "rows": rows})
 

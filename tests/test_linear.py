@@ -37,16 +37,30 @@ def assert_close_to_exact(out, x, w, bias=None):
 
 @pytest.mark.parametrize(
     "m,n,k",
-    [(1, 48, 512), (5, 40, 768), (16, 24, 256), (17, 72, 256), (64, 40, 128), (3, 12288, 32)],
+    [(1, 48, 512), (5, 40, 768), (16, 24, 256), (17, 72, 256), (64, 40, 128), (3, 12288, 32), (40, 24, 1024)],
     ids=lambda v: str(v),
 )
 def test_skinny_linear_matches_the_exact_product(m, n, k):
     """Ragged column blocks (n not a multiple of 16/32/64), rows at the 16/64-row block edges, K steps that
-    shrink to divide K (768 -> 256), one wide weight's 64-column slices."""
+    shrink to divide K (768 -> 256), one wide weight's 64-column slices, split reductions (k >= 4n: 768, 1024)."""
     g = torch.Generator().manual_seed(m * 1000 + n)
     x = torch.randn(m, k, generator=g).half()
     w = (torch.randn(n, k, generator=g) * 0.05).half()
     assert_close_to_exact(skinny_linear(x, w), x, w)
+
+
+@pytest.mark.parametrize("split", [2, 3, 4])
+def test_split_reduction_sums_its_parts_and_resets_its_counters(split):
+    """A reduction split in parts: every tile's parts are summed once (a part lost or counted twice fails the
+    bound), with the bias, and each tile's arrival counter is back at zero for the next launch."""
+    g = torch.Generator().manual_seed(split)
+    x = torch.randn(20, 96 * split, generator=g).half()
+    w = (torch.randn(40, 96 * split, generator=g) * 0.05).half()
+    bias = torch.randn(40, generator=g).half()
+    for rows in (20, 1):
+        out = skinny_linear(x[:rows], w, bias, config=(16, 16, 32, 2, 3, split))
+        assert_close_to_exact(out, x[:rows], w, bias)
+        assert not linear_module._tile_counters(x.device).any()
 
 
 def test_skinny_linear_bias_and_strided_rows():
@@ -62,21 +76,33 @@ def test_skinny_linear_bias_and_strided_rows():
     assert not torch.equal(out, skinny_linear(x, w))  # the bias is really added
     assert skinny_linear(x[:0], w).shape == (0, 40)
     with pytest.raises(ValueError, match="K % 96 == 0"):
-        skinny_linear(x, w, config=(16, 32, 96, 2, 3))
+        skinny_linear(x, w, config=(16, 32, 96, 2, 3, 1))
+    with pytest.raises(ValueError, match="K % 256 == 0"):
+        skinny_linear(x[:, :128], w[:, :128], config=(16, 32, 128, 2, 3, 2))
 
 
 def test_skinny_config_boundaries():
     assert skinny_config(16, 2048, 3072)[0] == 16 and skinny_config(17, 2048, 3072)[0] == 64
     assert skinny_config(1, 2048, 12288)[1] == 64 and skinny_config(1, 2048, 12287)[1] == 16
     assert skinny_config(32, 2048, 3072)[1] == 32 and skinny_config(32, 2048, 3071)[1] == 16
+    assert skinny_config(64, 4096, 6144)[1:3] == (64, 256) and skinny_config(64, 4096, 6143)[1:3] == (32, 256)
     assert skinny_config(1, 768, 256)[2] == 256  # 512 does not divide 768
+    assert skinny_config(1, 1536, 256)[2::3] == (256, 2)  # split in two: 512 does not divide 1536 / 2
     assert skinny_config(1, 16, 256)[2] == 16
     assert skinny_config(1, 24, 256) is None  # no step of 16..512 divides 24
     # the pipeline fits the shared memory: 64 x 256 + 256 x 16 bf16 tiles are 40 KiB a stage
-    assert skinny_config(64, 2048, 2048)[4] == 5 and skinny_config(64, 2048, 2048, 5 * 40 << 10)[4] == 5
-    assert skinny_config(64, 2048, 2048, (5 * 40 << 10) - 1)[4] == 4 and skinny_config(64, 2048, 2048, 99 << 10)[4] == 2
-    for m, k, n in [(1, 2048, 3072), (8, 14336, 4096), (64, 1024, 4096), (40, 3072, 1024)]:
-        assert k % skinny_config(m, k, n)[2] == 0
+    assert skinny_config(64, 2048, 2048)[4] == 4 and skinny_config(64, 2048, 2048, 4 * 40 << 10)[4] == 4
+    assert skinny_config(64, 2048, 2048, (4 * 40 << 10) - 1)[4] == 3 and skinny_config(64, 2048, 2048, 99 << 10)[4] == 2
+    for m, k, n in [(1, 2048, 3072), (8, 14336, 4096), (64, 1024, 4096), (40, 3072, 1024), (64, 8192, 2048)]:
+        config = skinny_config(m, k, n)
+        assert k % (config[2] * config[5]) == 0
+
+
+def test_split_depends_on_the_weight_only():
+    """The reduction is split where it is at least 4x the columns (Llama-3.2-1B's down projection: 8192 x 2048),
+    at every row count, so that a row's bits do not depend on the rows beside it."""
+    for k, n, split in [(8192, 2048, 2), (8176, 2048, 1), (2048, 2048, 1), (14336, 4096, 1), (16384, 4096, 2)]:
+        assert {skinny_config(m, k, n)[5] for m in range(1, SKINNY_MAX_ROWS + 1)} == {split}, (k, n)
 
 
 def test_linear_uses_the_skinny_gemm_only_when_launching_dependents(monkeypatch):
@@ -146,6 +172,6 @@ def test_passes_up_to_the_token_limit_launch_as_dependents(monkeypatch):
     layers = worker.model_config.num_layers
     for tokens, want in ((DEPENDENT_MAX_TOKENS, True), (DEPENDENT_MAX_TOKENS + 1, False)):
         asked.clear()
-        worker.forward([ForwardInput(list(range(5, 5 + tokens)), 0, [0, 1], 1)])
+        worker.forward([ForwardInput(list(range(5, 5 + tokens)), 0, list(range(tokens // 16 + 1)), 1)])
         assert len(asked) == 9 * layers + 1 and set(asked) == {want}  # 4 GEMMs, 2 norms, silu, write, attention
     llm.shutdown()

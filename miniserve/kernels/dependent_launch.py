@@ -19,11 +19,12 @@ import torch
 
 from miniserve.kernels.backend import is_rocm, triton_interpreter_enabled
 
-# Passes of up to this many tokens (decode steps of small batches, their speculative rounds) launch as dependents. On
-# an H200, with every pass launched so (`dependent_launch_all_passes_h200.json`), batch 1 gained 2-4% and batch 64 and
-# nano's 256 nothing (their kernels are long and their GEMMs cuBLAS's, which cannot be launched so); passes beyond
-# the limit launch the ordinary way (`dependent_launch_h200.json`).
-DEPENDENT_MAX_TOKENS = 16
+# Passes of up to this many tokens (decode steps of batches up to 64, their speculative rounds, short prompts) launch
+# as dependents, their projections on the Triton GEMM, whose launch settings are tuned up to 64 rows
+# (kernels/linear.py). On an H200 a layer's kernel chain launched so beats cuBLAS at 1, 16 and 64 rows
+# (`pdl_chain_h200.json`); with every pass launched so (`dependent_launch_all_passes_h200.json`) nano's batches of 256
+# gained nothing (their kernels are long, and cuBLAS's big-tile GEMMs cannot be launched so).
+DEPENDENT_MAX_TOKENS = 64
 
 try:
     import triton

@@ -7,9 +7,11 @@ kernels cannot be launched as programmatic dependents; this one can, so it start
 finishes. Alone it runs at 0.86-1.05x cuBLAS's speed (`tune_linear_h200.json`); in a chain of a layer's kernels
 launched as dependents it is faster than cuBLAS (`pdl_chain_h200.json`).
 
-The kernel: every program a block of rows (16 or 64) by a narrow slice of output columns over the whole
-reduction, in BLOCK_K steps with fp32 accumulation (no split-K pass), the bias added in fp32 before the one
-rounding to the output dtype. Its outputs differ from cuBLAS's in the last bits, as two cuBLAS kernels' do.
+The kernel: every program a block of rows (16 or 64) by a narrow slice of output columns over the reduction, in
+BLOCK_K steps with fp32 accumulation, the bias added in fp32 before the one rounding to the output dtype. Where the
+slices alone would leave SMs idle (a long reduction into few columns), the reduction is split in parts and the
+last program of a tile to finish adds the parts' fp32 sums in a fixed order, in the same launch. Its outputs differ
+from cuBLAS's in the last bits, as two cuBLAS kernels' do.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ try:
 except ImportError:  # CPU-only install: F.linear serves every call
     triton = None
 
-SKINNY_MAX_ROWS = 64  # the launch settings were tuned up to here; the engine asks for it at up to 16 (pdl's callers)
+SKINNY_MAX_ROWS = 64  # the launch settings were tuned up to here (the engine's DEPENDENT_MAX_TOKENS)
 SKINNY_DTYPES = (torch.float16, torch.bfloat16)  # fp32 would need tl.dot's IEEE mode to match F.linear's precision
+TILE_COUNTERS = 1 << 16  # split-K output tiles a launch may have (a weight of up to a million columns)
+SkinnyConfig = tuple[int, int, int, int, int, int]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, pdl: bool = False):
@@ -56,31 +60,42 @@ def _skinny_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return shapes_fit and x.dtype in SKINNY_DTYPES and weight.dtype == x.dtype
 
 
-def skinny_config(m: int, k: int, n: int, smem_bytes: int = 200 << 10) -> tuple[int, int, int, int, int] | None:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for an [m, k] x [n, k]^T product, or None when no
-    BLOCK_K of 16..512 divides k. From `tune_linear_h200.json` (Llama-3.2-1B, Llama-3.1-8B, Qwen3-0.6B shapes):
+def skinny_config(m: int, k: int, n: int, smem_bytes: int = 200 << 10) -> SkinnyConfig | None:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K) for an [m, k] x [n, k]^T product, or None when
+    no BLOCK_K of 16..512 divides k. From `tune_linear_h200.json` (Llama-3.2-1B, Llama-3.1-8B, Qwen3-0.6B shapes):
     at up to 16 rows narrow 16-column slices with long 512-wide steps, except wide weights (gate/up), which have
-    programs enough with 64 columns; at more rows 64-row blocks with shorter steps and deeper pipelines. The
-    pipeline holds at most `smem_bytes` of tiles (Hopper has 227 KiB a block; Triton needs some of it)."""
-    wide = n >= 12288
+    programs enough with 64 columns; at more rows 64-row blocks with 256-wide steps, the slices wider as the weight
+    is. A reduction of at least 4x the columns (Llama-3.2-1B's down projection) is split in two halves: its 16-column
+    slices alone leave SMs idle. The split depends on the weight only, never on m, so a row's bits never depend on
+    the rows beside it. The pipeline holds at most `smem_bytes` of tiles (Hopper has 227 KiB a block)."""
+    wide, split = n >= 12288, 2 if k >= 4 * n else 1
     if m <= 16:
-        block_n, block_k, warps, stages = (64, 128, 4, 3) if wide else (16, 512, 2, 3)
-        block_m = 16
+        block_m, (block_n, block_k, warps, stages) = 16, (64, 128, 4, 3) if wide else (16, 512, 2, 3)
     else:
-        block_n, block_k, warps, stages = (64, 128, 4, 3) if wide else (32, 128, 4, 5) if n >= 3072 else (16, 256, 4, 5)
         block_m = 64
-    while block_k > 16 and k % block_k:
+        block_n, block_k, warps, stages = (
+            (64, 128, 4, 3) if wide else (64, 256, 4, 3) if n >= 6144 else (32, 256, 4, 4)
+            if n >= 3072 or split > 1 else (16, 256, 4, 4)
+        )  # fmt: skip
+    while block_k > 16 and k % (block_k * split):
         block_k //= 2
     stage_bytes = 2 * (block_m + block_n) * block_k
     stages = min(stages, max(1, smem_bytes // stage_bytes))
-    return None if k % block_k else (block_m, block_n, block_k, warps, stages)
+    return None if k % (block_k * split) else (block_m, block_n, block_k, warps, stages, split)
+
+
+@functools.cache
+def _tile_counters(device: torch.device) -> torch.Tensor:
+    """Arrival counters of split-K tiles, one per output tile, zero between launches (the last program of a tile
+    resets its own). Made by the first launch, which in the engine is a warm-up before graph capture."""
+    return torch.zeros(TILE_COUNTERS, dtype=torch.int32, device=device)
 
 
 def skinny_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    config: tuple[int, int, int, int, int] | None = None,
+    config: SkinnyConfig | None = None,
     pdl: bool = False,
     release_early: bool = False,
 ) -> torch.Tensor:
@@ -88,18 +103,23 @@ def skinny_linear(
     config: skinny_config's tuple (benchmarks pass their own); pdl: launch as a programmatic dependent."""
     m, k = x.shape
     n = weight.shape[0]
-    block_m, block_n, block_k, warps, stages = config or skinny_config(m, k, n)
-    if k % block_k or weight.shape[1] != k or x.stride(1) != 1 or weight.stride(1) != 1:
+    block_m, block_n, block_k, warps, stages, split = config or skinny_config(m, k, n)
+    if k % (block_k * split) or weight.shape[1] != k or x.stride(1) != 1 or weight.stride(1) != 1:
         shapes = f"{tuple(x.shape)} {tuple(weight.shape)}"
-        raise ValueError(f"needs K % {block_k} == 0 and unit column strides, got {shapes}")
+        raise ValueError(f"needs K % {block_k * split} == 0 and unit column strides, got {shapes}")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
+    tiles = grid[0] * grid[1]
+    partials = torch.empty(tiles * split * block_m * block_n if split > 1 else 1, dtype=torch.float32, device=x.device)
+    if tiles > TILE_COUNTERS:
+        raise ValueError(f"split-K over {tiles} output tiles, more than {TILE_COUNTERS}")
     _skinny_linear_kernel[grid](
-        x, weight, weight if bias is None else bias, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, USE_PDL=pdl,
-        RELEASE_EARLY=release_early, num_warps=warps, num_stages=stages, **launch_options(pdl),
+        x, weight, weight if bias is None else bias, out, partials, _tile_counters(x.device), m, n, k, x.stride(0),
+        weight.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
+        HAS_BIAS=bias is not None, USE_PDL=pdl, RELEASE_EARLY=release_early, num_warps=warps, num_stages=stages,
+        **launch_options(pdl),
     )  # fmt: skip
     return out
 
@@ -113,6 +133,8 @@ if triton is not None:
         w_ptr,
         b_ptr,
         out_ptr,
+        partials_ptr,
+        counters_ptr,
         M,
         N,
         K,
@@ -122,23 +144,27 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         USE_PDL: tl.constexpr,
         RELEASE_EARLY: tl.constexpr = False,  # benchmarks/pdl_chain.py's comparison: release before the loop
     ):
-        """One program: BLOCK_M rows x BLOCK_N output columns over all of K (K % BLOCK_K == 0)."""
+        """One program: BLOCK_M rows x BLOCK_N output columns over K / SPLIT_K of the reduction (the program_id(2)-th
+        part). With SPLIT_K > 1 every part stores its fp32 sums, and the tile's last program to arrive adds them in
+        part order (the same bits whichever arrives last) and rounds once."""
         if RELEASE_EARLY:
             release_dependents(USE_PDL)
         wait_for_previous(USE_PDL)
-        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
+        tile_n, tile_m, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = part * (K // SPLIT_K) + tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
         w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
         row_ok = (rows < M)[:, None]
         col_ok = (cols < N)[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for _ in range(0, K, BLOCK_K):
+        for _ in range(0, K // SPLIT_K, BLOCK_K):
             x = tl.load(x_ptrs, mask=row_ok, other=0.0)
             w = tl.load(w_ptrs, mask=col_ok, other=0.0)
             acc = tl.dot(x, w, acc)
@@ -146,7 +172,21 @@ if triton is not None:
             w_ptrs += BLOCK_K
         if not RELEASE_EARLY:
             release_dependents(USE_PDL)  # only the stores are left: the next kernel may start
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok & col_ok)
+        last = True
+        if SPLIT_K > 1:
+            tile = tile_m * tl.num_programs(0) + tile_n
+            in_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            tile_partials = partials_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N) + in_tile
+            tl.store(tile_partials + part * (BLOCK_M * BLOCK_N), acc, cache_modifier=".cg")
+            tl.debug_barrier()  # every thread's sums are stored before the tile's counter says so
+            last = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
+            if last:
+                acc = tl.load(tile_partials, cache_modifier=".cg")
+                for p in tl.static_range(1, SPLIT_K):
+                    acc += tl.load(tile_partials + p * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
+                tl.atomic_xchg(counters_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+        if last:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok & col_ok)
