@@ -37,12 +37,21 @@ def assert_close_to_exact(out, x, w, bias=None):
 
 @pytest.mark.parametrize(
     "m,n,k",
-    [(1, 48, 512), (5, 40, 768), (16, 24, 256), (17, 72, 256), (64, 40, 128), (3, 12288, 32), (40, 24, 1024)],
+    [
+        (1, 48, 512),
+        (5, 40, 768),
+        (16, 24, 256),
+        (17, 72, 256),
+        (64, 40, 128),
+        (3, 12288, 32),
+        (3, 40, 3072),
+        (40, 40, 3072),
+    ],
     ids=lambda v: str(v),
 )
 def test_skinny_linear_matches_the_exact_product(m, n, k):
     """Ragged column blocks (n not a multiple of 16/32/64), rows at the 16/64-row block edges, K steps that
-    shrink to divide K (768 -> 256), one wide weight's 64-column slices, split reductions (k >= 4n: 768, 1024)."""
+    shrink to divide K (768 -> 256), one wide weight's 64-column slices, split reductions (3072 into 40 columns)."""
     g = torch.Generator().manual_seed(m * 1000 + n)
     x = torch.randn(m, k, generator=g).half()
     w = (torch.randn(n, k, generator=g) * 0.05).half()
@@ -87,7 +96,7 @@ def test_skinny_config_boundaries():
     assert skinny_config(32, 2048, 3072)[1] == 32 and skinny_config(32, 2048, 3071)[1] == 16
     assert skinny_config(64, 4096, 6144)[1:3] == (64, 256) and skinny_config(64, 4096, 6143)[1:3] == (32, 256)
     assert skinny_config(1, 768, 256)[2] == 256  # 512 does not divide 768
-    assert skinny_config(1, 1536, 256)[2::3] == (256, 2)  # split in two: 512 does not divide 1536 / 2
+    assert skinny_config(1, 3584, 256)[2::3] == (256, 2)  # split in two: 512 does not divide 3584 / 2
     assert skinny_config(1, 16, 256)[2] == 16
     assert skinny_config(1, 24, 256) is None  # no step of 16..512 divides 24
     # the pipeline fits the shared memory: 64 x 256 + 256 x 16 bf16 tiles are 40 KiB a stage
@@ -99,10 +108,13 @@ def test_skinny_config_boundaries():
 
 
 def test_split_depends_on_the_weight_only():
-    """The reduction is split where it is at least 4x the columns (Llama-3.2-1B's down projection: 8192 x 2048),
-    at every row count, so that a row's bits do not depend on the rows beside it."""
-    for k, n, split in [(8192, 2048, 2), (8176, 2048, 1), (2048, 2048, 1), (14336, 4096, 1), (16384, 4096, 2)]:
-        assert {skinny_config(m, k, n)[5] for m in range(1, SKINNY_MAX_ROWS + 1)} == {split}, (k, n)
+    """The reduction is split in two where the weight has fewer 16-column slices than the GPU has SMs and each half
+    still takes 3 steps of 512 (Llama-3.2-1B's down projection, 8192 x 2048; Qwen3-0.6B's, 3072 x 1024), at every
+    row count, so that a row's bits do not depend on the rows beside it."""
+    cases = [(8192, 2048, 132, 2), (3072, 1024, 132, 2), (3056, 1024, 132, 1), (2048, 2048, 132, 1),
+             (14336, 4096, 132, 1), (8192, 2096, 132, 2), (8192, 2112, 132, 1), (8192, 2112, 133, 2)]  # fmt: skip
+    for k, n, sms, split in cases:
+        assert {skinny_config(m, k, n, sms=sms)[5] for m in range(1, SKINNY_MAX_ROWS + 1)} == {split}, (k, n, sms)
 
 
 def test_linear_uses_the_skinny_gemm_only_when_launching_dependents(monkeypatch):
@@ -110,7 +122,7 @@ def test_linear_uses_the_skinny_gemm_only_when_launching_dependents(monkeypatch)
     anything else: F.linear, bit for bit."""
     calls = []
     monkeypatch.setattr(linear_module, "skinny_linear", lambda x, w, b, cfg, pdl: calls.append((len(x), pdl)) or x)
-    monkeypatch.setattr(linear_module, "tile_budget", lambda device: 200 << 10)  # an H200's
+    monkeypatch.setattr(linear_module, "device_limits", lambda device: (200 << 10, 132))  # an H200's
     w = torch.randn(32, 64).to(torch.bfloat16)
     for rows, pdl, dtype, picked in [
         (SKINNY_MAX_ROWS, True, torch.bfloat16, True),

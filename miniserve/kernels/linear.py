@@ -41,18 +41,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`F.linear(x, weight, bias)`. pdl (set only where `dependent_launch_supported`): at up to SKINNY_MAX_ROWS
     rows of a 16-bit dtype, the skinny Triton GEMM launched as a programmatic dependent instead of cuBLAS."""
     fits = pdl and _skinny_fits(x, weight)
-    config = skinny_config(*x.shape, weight.shape[0], tile_budget(x.device)) if fits else None
+    config = skinny_config(*x.shape, weight.shape[0], *device_limits(x.device)) if fits else None
     if config is None:
         return F.linear(x, weight, bias)
     return skinny_linear(x, weight, bias, config, pdl=True)
 
 
 @functools.cache
-def tile_budget(device: torch.device) -> int:
-    """Shared memory the GEMM's pipelined tiles may take on `device`: a block's opt-in maximum (227 KiB on Hopper)
-    less 27 KiB for what Triton keeps for itself."""
+def device_limits(device: torch.device) -> tuple[int, int]:
+    """(shared memory the GEMM's pipelined tiles may take, SM count) on `device`: a block's opt-in maximum (227 KiB
+    on Hopper) less 27 KiB for what Triton keeps for itself; 132 SMs on an H100/H200."""
     props = torch.cuda.get_device_properties(device)
-    return getattr(props, "shared_memory_per_block_optin", 227 << 10) - (27 << 10)
+    return getattr(props, "shared_memory_per_block_optin", 227 << 10) - (27 << 10), props.multi_processor_count
 
 
 def _skinny_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -60,23 +60,23 @@ def _skinny_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return shapes_fit and x.dtype in SKINNY_DTYPES and weight.dtype == x.dtype
 
 
-def skinny_config(m: int, k: int, n: int, smem_bytes: int = 200 << 10) -> SkinnyConfig | None:
+def skinny_config(m: int, k: int, n: int, smem_bytes: int = 200 << 10, sms: int = 132) -> SkinnyConfig | None:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K) for an [m, k] x [n, k]^T product, or None when
     no BLOCK_K of 16..512 divides k. From `tune_linear_h200.json` (Llama-3.2-1B, Llama-3.1-8B, Qwen3-0.6B shapes):
-    at up to 16 rows narrow 16-column slices with long 512-wide steps, except wide weights (gate/up), which have
-    programs enough with 64 columns; at more rows 64-row blocks with 256-wide steps, the slices wider as the weight
-    is. A reduction of at least 4x the columns (Llama-3.2-1B's down projection) is split in two halves: its 16-column
-    slices alone leave SMs idle. The split depends on the weight only, never on m, so a row's bits never depend on
-    the rows beside it. The pipeline holds at most `smem_bytes` of tiles (Hopper has 227 KiB a block)."""
-    wide, split = n >= 12288, 2 if k >= 4 * n else 1
+    - up to 16 rows: narrow 16-column slices with long 512-wide steps, except wide weights (gate/up), which have
+      programs enough with 64 columns;
+    - more rows: 64-row blocks with 256-wide steps, the slices wider as the weight is, or as the reduction is long
+      (every slice reads the rows' whole 64 x k block);
+    - split in two halves where the weight has fewer 16-column slices than the GPU has SMs (`sms`) and each half
+      still takes 3 of the 512-wide steps: Llama-3.2-1B's and Qwen3-0.6B's down projections. It depends on the
+      weight only, never on m, so that a row's bits never depend on the rows beside it.
+    The pipeline holds at most `smem_bytes` of tiles (Hopper has 227 KiB a block)."""
+    wide, split = n >= 12288, 2 if -(-n // 16) < sms and k >= 2 * 3 * 512 else 1
     if m <= 16:
         block_m, (block_n, block_k, warps, stages) = 16, (64, 128, 4, 3) if wide else (16, 512, 2, 3)
     else:
-        block_m = 64
-        block_n, block_k, warps, stages = (
-            (64, 128, 4, 3) if wide else (64, 256, 4, 3) if n >= 6144 else (32, 256, 4, 4)
-            if n >= 3072 or split > 1 else (16, 256, 4, 4)
-        )  # fmt: skip
+        block_m, block_n = 64, 64 if n >= 6144 else 32 if n >= 3072 or k >= 8192 else 16
+        block_k, warps, stages = (128, 4, 3) if wide else (256, 4, 3) if block_n == 64 else (256, 4, 4)
     while block_k > 16 and k % (block_k * split):
         block_k //= 2
     stage_bytes = 2 * (block_m + block_n) * block_k
