@@ -25,7 +25,8 @@
 #   OLD=DIR [OLD_COMMIT=...] bash benchmarks/h200_suite.sh samplerab OUT_DIR # the sampling kernel's checks; nano and batch-1, old and this
 #   bash benchmarks/h200_suite.sh splits OUT_DIR  # decode_splits by-length and by-batch: kernel split sizes, batch 1 (1B, 8B), batch 64, nano
 #   bash benchmarks/h200_suite.sh splitsweep OUT_DIR # kernel split sizes; the Llama-3.2-1B batch sweep with both decode_splits
-#   bash benchmarks/h200_suite.sh linear OUT_DIR  # skinny Triton GEMM vs cuBLAS; a decode layer's kernel chain with PDL
+#   bash benchmarks/h200_suite.sh linear OUT_DIR  # skinny Triton GEMM vs cuBLAS; a decode layer's kernel chain with PDL;
+#                                                 # batch 64 with the 64-row GEMMs releasing dependents early or not
 #   OLD=DIR OLD_COMMIT=... bash benchmarks/h200_suite.sh decodeab OUT_DIR # the decode kernel of an older tree and this one: bits, time
 #   OLD=DIR OLD_COMMIT=... bash benchmarks/h200_suite.sh ropeab OUT_DIR # 1B batch 1 and 64, nano twice: older tree, this one
 #   bash benchmarks/h200_suite.sh smallkernels OUT_DIR # the KV write's launch settings, and power-of-two vs dividing scales
@@ -381,6 +382,7 @@ fi
 if [ "$part" = linear ]; then
   timeout 300 python3 benchmarks/tune_linear.py --out "$out/tune_linear_h200.json" 2>&1 | grep -v skip | tail -62
   timeout 100 python3 benchmarks/pdl_chain.py --out "$out/pdl_chain_h200.json" 2>&1 | tail -15
+  timeout 300 python3 benchmarks/release_point_ab.py --out "$out/release_point_ab_h200.json" 2>&1 | tail -1
 fi
 
 if [ "$part" = decodeab ]; then

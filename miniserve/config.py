@@ -78,8 +78,9 @@ class EngineConfig:
         "auto",
         "auto = on NVIDIA Hopper and newer GPUs, passes of up to 64 tokens (decode steps of batches up to 64) launch "
         "a decoder layer's kernels as programmatic dependents (each starts while the one before finishes) and run its "
-        "projections on miniserve's Triton GEMM, which can be launched so, instead of cuBLAS (faster at batch 1: the "
-        "README's Performance section; outputs differ from off in the last bits); off = ordinary launches and cuBLAS",
+        "projections on miniserve's Triton GEMM, which can be launched so, instead of cuBLAS (faster at batch 1 and "
+        "64: the README's Performance section; outputs differ from off in the last bits); off = ordinary launches and "
+        "cuBLAS",
         DEPENDENT_LAUNCHES,
     )
     block_size: int = setting(16, "tokens per KV block (a power of two)")

@@ -849,48 +849,56 @@ def gemm_note(batch: int) -> str:
         f"Llama-3.2-1B's four projections at {low:.2f}-{high:.2f}x cuBLAS's speed at batch {batch} "
         "(`tune_linear_h200.json`)"
     )
-    if batch > DEPENDENT_MAX_TOKENS:
-        same = ", ".join(f"{r['new_vs_old']:.2f}x" for w in ("fixed", "fixed_2") for r in rows.get(w, []))
-        every = load("dependent_launch_all_passes_h200.json")
-        tried = ""
-        if every:
-            w = every["workloads"]
-            ratios = ", ".join(f"{r['new_vs_old']:.2f}x" for r in w["fixed"]["rows"])
-            nano = ", ".join(f"{r['new_vs_old']:.2f}x" for r in w["nano"]["rows"])
-            tried = (
-                f"; with every pass launched so (our kernels as dependents around cuBLAS's GEMMs, "
-                f"`dependent_launch_all_passes_h200.json`) batch 64 ran at {ratios} and nano at {nano} of ordinary "
-                "launches, on first in each process"
-            )
-        if us["triton+pdl"] < us["cublas"]:
-            chain_says = (
-                f"; in a chain launched as programmatic dependents it beats cuBLAS here too ({chain_text}), but "
-                f"passes of more than {DEPENDENT_MAX_TOKENS} tokens keep cuBLAS and ordinary launches: the Triton "
-                f"GEMM at {batch} rows is not measured end to end yet"
-            )
-        else:
-            chain_says = (
-                f", and even launched as a programmatic dependent it loses to cuBLAS here ({chain_text}), so passes "
-                f"of more than {DEPENDENT_MAX_TOKENS} tokens keep cuBLAS and ordinary launches"
-            )
-        return (
-            f"{head}{chain_says}{tried}; batch 64 with `dependent_launch` on against off, the same kernels since, in "
-            f"both orders (`dependent_launch_h200.json`): {same}, which is the spread of runs of one process (its "
-            "first run is the slower)"
-        )
+    if batch > 1:
+        chained = f"launched as programmatic dependents they beat it: {chain_text}{early_note(us)}"
+        return f"{head}; {chained}. {end_to_end(rows)}"
     lat = [r for w in ("latency_1", "latency_2") for r in rows.get(w, [])]
     big = rows.get("latency_llama8b", [])
     pairs = ", ".join(f"{r['old_tok_s']:.0f} -> {r['new_tok_s']:.0f}" for r in lat)
     eight = f", Llama-3.1-8B {big[0]['old_tok_s']:.0f} -> {big[0]['new_tok_s']:.0f}" if big else ""
     return (
         f"{head}; what helps is starting each kernel while the one before finishes (programmatic dependent launch): "
-        f"{chain_text}, and {us['triton+pdl-early']:.0f} us when each kernel lets the next one start at its beginning "
-        "rather than after its main loop (the kernels further down then wait on the GPU and hold it). The engine "
-        f"launches so in passes of up to {DEPENDENT_MAX_TOKENS} tokens on Hopper (`dependent_launch`, "
-        "kernels/dependent_launch.py): "
-        f"batch 1 with it off against on, in one process, both orders (`dependent_launch_h200.json`): {pairs} tok/s"
-        f"{eight}. Under the profiler a dependent kernel's time includes its wait, so the profile above is of ordinary "
-        "launches (its file's commit)"
+        f"{chain_text}{early_note(us)}. The engine launches so in passes of up to {DEPENDENT_MAX_TOKENS} tokens on "
+        "Hopper (`dependent_launch`, kernels/dependent_launch.py): batch 1 with it off against on, in one process, "
+        f"both orders (`dependent_launch_h200.json`): {pairs} tok/s{eight}. Under the profiler a dependent kernel's "
+        "time includes its wait, so the profile above is of ordinary launches (its file's commit)"
+    )
+
+
+def early_note(us: dict) -> str:
+    """The chain with every GEMM releasing its dependents at its start instead of after its main loop."""
+    if us["triton+pdl-early"] >= us["triton+pdl"]:
+        return (
+            f", and {us['triton+pdl-early']:.0f} us when each kernel lets the next one start at its beginning rather "
+            "than after its main loop (the kernels further down then wait on the GPU and hold it)"
+        )
+    ab = load("release_point_ab_h200.json")
+    measured = ""
+    if ab:
+        med = ab["median_decode_step_ms"]
+        rounds = len(ab["runs"]) // 2
+        measured = (
+            f", but end to end batch 64 is not faster with its 64-row GEMMs released so (median decode step "
+            f"{med['start']:.3f} ms against {med['after_loop']:.3f}, {rounds} alternated rounds, "
+            "`release_point_ab_h200.json`), so the engine releases after the loop at every size"
+        )
+    return f"; {us['triton+pdl-early']:.0f} us when each GEMM lets the next kernel start at its beginning{measured}"
+
+
+def end_to_end(rows: dict) -> str:
+    """Batch 64 with the engine's dependent launch on against off (Triton GEMMs against cuBLAS), one process."""
+    fixed = rows.get("fixed", [])
+    if not fixed:
+        return ""
+    pairs = ", ".join(
+        f"{'bf16' if r['config'] == 'auto' else r['config']} {r['new_vs_old']:.2f}x throughput ("
+        f"{r['old_decode_step_ms']:.2f} -> {r['new_decode_step_ms']:.2f} ms a step, averaged over the run)"
+        for r in fixed
+    )
+    return (
+        f"The engine launches passes of up to {DEPENDENT_MAX_TOKENS} tokens so on Hopper, their projections on the "
+        f"Triton GEMM: batch 64 with `dependent_launch` off against on, in one process "
+        f"(`dependent_launch_h200.json`): {pairs}"
     )
 
 
