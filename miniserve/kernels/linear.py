@@ -87,7 +87,8 @@ def skinny_config(m: int, k: int, n: int, smem_bytes: int = 200 << 10, sms: int 
 @functools.cache
 def _tile_counters(device: torch.device) -> torch.Tensor:
     """Arrival counters of split-K tiles, one per output tile, zero between launches (the last program of a tile
-    resets its own). Made by the first launch, which in the engine is a warm-up before graph capture."""
+    resets its own). Shared by every launch on the device, which is safe because the engine runs its passes on one
+    stream, one kernel after another. Made by the first launch, in the engine a warm-up before graph capture."""
     return torch.zeros(TILE_COUNTERS, dtype=torch.int32, device=device)
 
 
