@@ -127,7 +127,7 @@ def skinny_linear(
 
 if triton is not None:
     # M is specialized (M == 1, M % 16 == 0, other: three compiles) on purpose: it makes a chain of Llama-3.2-1B's
-    # GEMMs 5% faster at 1 and 16 rows, and CUDA-graph capture (buckets 1, 2, 4, 8, 16) compiles all three at start-up
+    # GEMMs 5% faster at 1 and 16 rows, and CUDA-graph capture (buckets 1, 2, 4, 8, 16, 24, ...) compiles them first
     @triton.jit
     def _skinny_linear_kernel(
         x_ptr,
