@@ -4,8 +4,9 @@ kernels as dependents (kernels/dependent_launch.py) a skinny Triton GEMM launche
 Why: at a decode step's few rows a projection reads its whole weight once and is bound by that read, and the
 small ones (Llama-3.2-1B's q/k/v and output: 8-12 MB) spend much of their time starting and draining. cuBLAS
 kernels cannot be launched as programmatic dependents; this one can, so it starts while the kernel before it
-finishes. Alone it runs at 0.86-1.05x cuBLAS's speed (`tune_linear_h200.json`); in a chain of a layer's kernels
-launched as dependents it is faster than cuBLAS (`pdl_chain_h200.json`).
+finishes. Alone, at its best launch settings, it runs at 0.93-1.31x cuBLAS's speed on the real shapes (2.5x once,
+where cuBLAS picks a slow kernel), the most where it splits the reduction (`tune_linear_h200.json`); in a chain
+of a layer's kernels launched as dependents it is faster than cuBLAS (`pdl_chain_h200.json`).
 
 The kernel: every program a block of rows (16 or 64) by a narrow slice of output columns over the reduction, in
 BLOCK_K steps with fp32 accumulation, the bias added in fp32 before the one rounding to the output dtype. Where the
@@ -113,9 +114,9 @@ def skinny_linear(
         return out
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
     tiles = grid[0] * grid[1]
-    partials = torch.empty(tiles * split * block_m * block_n if split > 1 else 1, dtype=torch.float32, device=x.device)
     if tiles > TILE_COUNTERS:
         raise ValueError(f"split-K over {tiles} output tiles, more than {TILE_COUNTERS}")
+    partials = torch.empty(tiles * split * block_m * block_n if split > 1 else 1, dtype=torch.float32, device=x.device)
     _skinny_linear_kernel[grid](
         x, weight, weight if bias is None else bias, out, partials, _tile_counters(x.device), m, n, k, x.stride(0),
         weight.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
