@@ -83,8 +83,9 @@ def time_launches(fn, copies: list[torch.Tensor], x: torch.Tensor, launches: int
     return us / launches
 
 
-# (BLOCK_N, BLOCK_K, warps, stages): the winners of the earlier sweep over 3 x 3 x 3 x 2 without split (this file
-# at 06dfe61 in git), 4-stage 256-wide steps and wider slices; each with the reduction in 1, 2 and 4 parts
+# (BLOCK_N, BLOCK_K, warps, stages): tiles near the winners of the earlier sweep over 3 x 3 x 3 x 2 without split
+# (`tune_linear_h200.json` at 06dfe61 in git), plus wider slices for split reductions; each with the reduction in
+# 1, 2 and 4 parts
 TILES = ((16, 512, 2, 3), (16, 256, 4, 4), (16, 128, 2, 5), (32, 256, 4, 4), (32, 128, 4, 5), (64, 128, 4, 3),
          (64, 256, 4, 3), (128, 128, 4, 3))  # fmt: skip
 
