@@ -284,24 +284,20 @@ def _decode_split_kernel(
         q_ptrs = q_ptr + seq * stride_qt + q_head[:, None] * stride_qh + d[None, :]
         q, k_mult = load_q_tile(q_ptrs, q_mask, k_mult, FIT_FP16, COMPUTE_DTYPE)
         block_table = block_tables_ptr + seq * stride_bt
-        pos = start + tl.arange(0, BLOCK_N)
-        page, slot = page_slots(block_table, pos, pos < end, BLOCK_SIZE)
 
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
-        for _ in range(start, end, BLOCK_N):
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
             valid = pos < end
             kv_mask = valid[:, None] & d_mask[None, :]
-            # the next tile's blocks, read while this one is attended: the K/V loads wait on them, not on memory
-            next_pos = pos + BLOCK_N
-            next_page, next_slot = page_slots(block_table, next_pos, next_pos < end, BLOCK_SIZE)
+            page, slot = page_slots(block_table, pos, valid, BLOCK_SIZE)
             m_i, l_i, acc = attend_kv_tile(
                 q, k_mult, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, page, slot, kv_head, stride_kb, stride_ks,
                 stride_kh, stride_vb, stride_vs, stride_vh, d, kv_mask, valid[None, :], KV_MODE, NAN_ALL_ONES,
                 COMPUTE_DTYPE, DOT_PRECISION,
             )  # fmt: skip
-            pos, page, slot = next_pos, next_page, next_slot
 
         if num_splits == 1:  # the whole context in one program: normalise and write the output here
             out = acc * (times_cache_scale(1.0, v_scale_ptr, KV_MODE, KV_FACTOR) / l_i)[:, None]
