@@ -9,7 +9,10 @@ Inputs are seeded, so both trees see the same q, caches and block tables. Tried 
 6c61133, `decode_ab_h200.json`): the splits merged by the last split program to finish (an atomic count) instead
 of a second kernel. Same bits everywhere and a faster kernel at batch 1 and 64, but no end-to-end gain beyond the
 runs' spread and nano's bf16 run slower in three of three (the engine_ab_h200.json of 3f4f9c7 in git), so
-it was not kept.
+it was not kept. Also tried (0092dd5 against a5b7650, `decode_prefetch_ab_h200.json`): each split reading its next
+tile's block-table entries while it attends the current one. Same bits, but 0.95-0.99x at batch 64 and 256
+(more registers: the Llama-3.1-8B bf16 kernel from 93 to 106, offline), 1.06x only at Llama-3.1-8B's batch 1 bf16;
+reverted.
 """
 
 from __future__ import annotations
