@@ -10,9 +10,9 @@ Inputs are seeded, so both trees see the same q, caches and block tables. Tried 
 of a second kernel. Same bits everywhere and a faster kernel at batch 1 and 64, but no end-to-end gain beyond the
 runs' spread and nano's bf16 run slower in three of three (the engine_ab_h200.json of 3f4f9c7 in git), so
 it was not kept. Also tried (0092dd5 against a5b7650, `decode_prefetch_ab_h200.json`): each split reading its next
-tile's block-table entries while it attends the current one. Same bits, but 0.95-0.99x at batch 64 and 256
-(more registers: the Llama-3.1-8B bf16 kernel from 93 to 106, offline), 1.06x only at Llama-3.1-8B's batch 1 bf16;
-reverted.
+tile's block-table entries while it attends the current one. Same bits, but 0.95-1.00x at batch 64 and 256 and
+0.95-0.97x for FP8 at batch 1 (more registers: the Llama-3.1-8B bf16 kernel from 93 to 106, offline), 1.03-1.06x
+only for bf16 at Llama-3.1-8B's batch 1; reverted.
 """
 
 from __future__ import annotations
