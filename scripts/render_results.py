@@ -850,7 +850,8 @@ def gemm_note(batch: int) -> str:
         "(`tune_linear_h200.json`)"
     )
     if batch > 1:
-        chained = f"launched as programmatic dependents they beat it: {chain_text}{early_note(us)}"
+        verdict = "beat it" if us["triton+pdl"] < us["cublas"] else "still lose to it"
+        chained = f"launched as programmatic dependents they {verdict}: {chain_text}{early_note(us)}"
         return f"{head}; {chained}. {end_to_end(rows)}"
     lat = [r for w in ("latency_1", "latency_2") for r in rows.get(w, [])]
     big = rows.get("latency_llama8b", [])
