@@ -116,7 +116,8 @@ def skinny_linear(
     tiles = grid[0] * grid[1]
     if tiles > TILE_COUNTERS:
         raise ValueError(f"split-K over {tiles} output tiles, more than {TILE_COUNTERS}")
-    partials = torch.empty(tiles * split * block_m * block_n if split > 1 else 1, dtype=torch.float32, device=x.device)
+    size = tiles * split * block_m * block_n
+    partials = torch.empty(size, dtype=torch.float32, device=x.device) if split > 1 else out  # unread when unsplit
     _skinny_linear_kernel[grid](
         x, weight, weight if bias is None else bias, out, partials, _tile_counters(x.device), m, n, k, x.stride(0),
         weight.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
