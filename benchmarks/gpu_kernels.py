@@ -162,6 +162,29 @@ def check_skinny_linear(device) -> list[dict]:
     return rows
 
 
+def check_gate_up_silu(device) -> list[dict]:
+    """The MLP's gate/up GEMM with SiLU(gate) * up in its epilogue (`linear_silu_and_mul`'s one launch) in bf16 at
+    the real shapes and decode row counts, bit for bit against what it replaces: the skinny GEMM of the stacked
+    weight (its own config, the same launch kind) then layer_ops' SiLU kernel; launched as a dependent and
+    plainly; a row's bits without the rows beside it."""
+    from miniserve.kernels.layer_ops import silu_and_mul
+    from miniserve.kernels.linear import skinny_linear
+
+    rows = []
+    g = torch.Generator(device=device).manual_seed(0)
+    shapes = {"llama-1b": (8192, 2048), "llama-8b": (14336, 4096), "qwen3-0.6b": (3072, 1024)}
+    for (name, (inter, k)), m in itertools.product(shapes.items(), (1, 7, 16, 17, 64)):
+        x = torch.randn(m, k, device=device, generator=g).to(torch.bfloat16)
+        w = (torch.randn(2 * inter, k, device=device, generator=g) * 0.02).to(torch.bfloat16)
+        two = [silu_and_mul(skinny_linear(x, w, pdl=pdl), pdl=pdl) for pdl in (False, True)]
+        fused = [skinny_linear(x, w, pdl=pdl, silu_mul=True) for pdl in (False, True)]
+        rows.append(dict(shape=name, m=m, plain_equal=torch.equal(fused[0], two[0]),
+                         dependent_equal=torch.equal(fused[1], two[1]),
+                         row0_equals_m1=torch.equal(fused[0][:1], skinny_linear(x[:1], w, silu_mul=True)),
+                         finite=bool(fused[0].isfinite().all())))  # fmt: skip
+    return rows
+
+
 @triton.jit
 def _decode_codes_kernel(codes_ptr, out_ptr, KV_MODE: tl.constexpr, NAN_ALL_ONES: tl.constexpr):
     offs = tl.arange(0, 256)
@@ -418,6 +441,11 @@ def summary(results: dict) -> list[str]:
     if isinstance(lin, list):
         out.append(f"skinny GEMM: {sum(r['err_over_bound'] <= 1 for r in lin)}/{len(lin)} within bound, dependent = "
                    f"plain bits in {sum(r['dependent_bits_equal'] for r in lin)}/{len(lin)}")  # fmt: skip
+    fused = results.get("gate_up_silu")
+    if isinstance(fused, list):
+        same = sum(r["plain_equal"] and r["dependent_equal"] for r in fused)
+        out.append(f"gate/up + SiLU in one launch: the two launches' bits in {same}/{len(fused)}, a row's bits "
+                   f"alone in {sum(r['row0_equals_m1'] for r in fused)}/{len(fused)}")  # fmt: skip
     decode = results.get("fp8_page_decode")
     if isinstance(decode, list):
         out.append(f"fp8 page decode: {len(decode)} modes, {sum(r['mismatches'] for r in decode)} mismatching codes")
@@ -458,6 +486,7 @@ CHECKS = {
     "cache_write_exact": check_cache_write_exact,
     "rope_write_exact": check_rope_write_exact,
     "skinny_linear": check_skinny_linear,
+    "gate_up_silu": check_gate_up_silu,
     "fp8_page_decode": check_fp8_page_decode,
     "attention_vs_reference": check_attention,
     "extend_variants": check_extend_variants,

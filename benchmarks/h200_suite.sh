@@ -29,6 +29,7 @@
 #                                                 # batch 64 with the 64-row GEMMs releasing dependents early or not
 #   OLD=DIR OLD_COMMIT=... bash benchmarks/h200_suite.sh decodeab OUT_DIR # the decode kernel of an older tree and this one: bits, time
 #   OLD=DIR OLD_COMMIT=... bash benchmarks/h200_suite.sh ropeab OUT_DIR # 1B batch 1 and 64, nano twice: older tree, this one
+#   OLD=DIR OLD_COMMIT=... bash benchmarks/h200_suite.sh mlpab OUT_DIR  # the same for the fused gate/up + SiLU·mul
 #   bash benchmarks/h200_suite.sh smallkernels OUT_DIR # the KV write's launch settings, and power-of-two vs dividing scales
 #   bash benchmarks/h200_suite.sh dependentab OUT_DIR # EngineConfig.dependent_launch auto vs off: batch 1 (1B, 8B), 64, nano
 # Every step is bounded in time and independent of the others: one that fails leaves the rest to run.
@@ -77,7 +78,7 @@ if [ "$part" = checks ]; then
   # torch reference
   timeout 150 python3 benchmarks/gpu_kernels.py --checks cache_write_exact rope_write_exact fp8_page_decode attention_vs_reference \
     --out "$out/kernel_checks_h200.json" 2>&1 | grep -v -i warn | tail -12
-  timeout 90 python3 benchmarks/gpu_kernels.py --checks skinny_linear --out "$out/kernel_checks_skinny_linear_h200.json" \
+  timeout 90 python3 benchmarks/gpu_kernels.py --checks skinny_linear gate_up_silu --out "$out/kernel_checks_skinny_linear_h200.json" \
     2>&1 | grep -v -i warn | tail -3
   OUT="$out" timeout 200 python3 benchmarks/gpu_engine_check.py > "$out/engine_check_log.txt" 2>&1
   mv "$out/engine_check.json" "$out/engine_check_h200.json" && python3 -c "
@@ -392,9 +393,9 @@ if [ "$part" = decodeab ]; then
     --old-commit "$OLD_COMMIT" --out "$out/decode_ab_h200.json" 2>&1 | tail -21
 fi
 
-if [ "$part" = ropeab ]; then
-  # RoPE moved into the KV write: batch-1 latency and batch 64 (1B), then nano alternated twice, older tree first;
-  # benchmarks/engine_ab.py joins them (engine_ab_h200.json)
+# tree_ab PART FILE: batch-1 latency and batch 64 (1B), then nano alternated twice, older tree first;
+# benchmarks/engine_ab.py joins them into FILE
+tree_ab() {
   [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
   for tree in "$OLD" "$PWD"; do
     tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
@@ -412,7 +413,15 @@ if [ "$part" = ropeab ]; then
         --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --repeats 1 --out "$out/throughput_${tag}_nano_round$i.json")
     done
   done
-  python3 benchmarks/engine_ab.py "$out" --part ropeab --out "$out/engine_ab_h200.json"
+  python3 benchmarks/engine_ab.py "$out" --part "$1" --out "$out/$2"
+}
+
+if [ "$part" = ropeab ]; then
+  tree_ab ropeab engine_ab_h200.json  # RoPE moved into the KV write
+fi
+
+if [ "$part" = mlpab ]; then
+  tree_ab mlpab mlp_silu_ab_h200.json  # gate/up with the SiLU·mul in its epilogue (linear_silu_and_mul)
 fi
 
 if [ "$part" = smallkernels ]; then

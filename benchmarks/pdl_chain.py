@@ -7,7 +7,8 @@ q/k/v, output, gate/up and down projections, as RMSNorm, attention and SiLU sit 
 Variants, each one CUDA graph of the 16 layers: cuBLAS; the engine's skinny Triton GEMM (kernels/linear.py, its own
 launch settings); both kernels launched dependent (PDL: a kernel starts while the one before finishes, and waits for
 its results with griddepcontrol; kernels/dependent_launch.py). (The version of 578f856 also tried the GEMM prefetching
-its weights into L2 before it waits: no faster, `pdl_chain_h200.json` of that commit in git.)
+its weights into L2 before it waits: no faster, `pdl_chain_h200.json` of that commit in git.) Last, the dependent
+chain with gate/up applying the SiLU·mul in its epilogue, one small kernel a layer fewer (`linear_silu_and_mul`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from miniserve.kernels.dependent_launch import launch_options, release_dependent
 from miniserve.kernels.linear import skinny_linear  # noqa: E402
 
 WEIGHTS = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192)}
-VARIANTS = ("cublas", "triton", "triton+pdl", "triton+pdl-early")
+VARIANTS = ("cublas", "triton", "triton+pdl", "triton+pdl-early", "triton+pdl+silu")
 
 
 @triton.jit
@@ -52,10 +53,14 @@ def tiny(x: torch.Tensor, pdl: bool) -> torch.Tensor:
     return out
 
 
-def layer(x, w, gemm, pdl):
+def layer(x, w, gemm, pdl, fused_silu=False):
+    """fused_silu: gate/up with the SiLU·mul in its epilogue (`linear_silu_and_mul`), which replaces the small
+    kernel before down (SiLU·mul in the model)."""
     h = tiny(x, pdl)
     gemm(h, w["qkv"])
     y = gemm(tiny(h, pdl), w["o"])
+    if fused_silu:
+        return gemm(skinny_linear(tiny(y, pdl), w["gate_up"], pdl=True, silu_mul=True), w["down"])
     z = gemm(tiny(y, pdl), w["gate_up"])
     return gemm(tiny(z[:, :8192], pdl), w["down"])
 
@@ -73,7 +78,7 @@ def time_chain(variant: str, m: int, layers: list[dict]) -> tuple[float, torch.T
     def run():
         h = x
         for w in layers:
-            h = layer(h, w, gemm, pdl)
+            h = layer(h, w, gemm, pdl, variant == "triton+pdl+silu")
         return h
 
     us, out = replay_us(run, replays=21)
@@ -95,8 +100,9 @@ def main() -> None:
             us, out = time_chain(variant, m, layers)
             _, again = time_chain(variant, m, layers)
             ref = out if variant == "triton" else ref
-            same = None if ref is None or variant == "cublas" else bool(torch.equal(out, ref))
-            diff = None if ref is None or variant == "cublas" else (out.float() - ref.float()).abs().max().item()
+            other_math = ref is None or variant in ("cublas", "triton+pdl+silu")  # the silu variant's SiLU·mul
+            same = None if other_math else bool(torch.equal(out, ref))
+            diff = None if other_math else (out.float() - ref.float()).abs().max().item()
             rows.append({"m": m, "variant": variant, "us": us, "tbs": wbytes / us / 1e6, "same_as_triton": same,
                          "max_abs_diff_to_triton": diff, "repeatable": bool(torch.equal(out, again)),
                          "finite": bool(out.isfinite().all())})  # fmt: skip

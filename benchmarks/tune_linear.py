@@ -15,7 +15,8 @@ For each projection of the real shapes (Llama-3.2-1B, Llama-3.1-8B, Qwen3-0.6B) 
 times F.linear and every launch config of the Triton kernel, each as a CUDA graph of back-to-back launches that
 cycle through enough copies of the weight to overflow L2 (a decode step reads every weight from HBM once; timing
 one weight over and over would read it from L2). Reports microseconds a launch, weight bandwidth, and the
-Triton output's largest error against an fp64 product next to cuBLAS's.
+Triton output's largest error against an fp64 product next to cuBLAS's. Then each model's gate/up projection
+with the SiLU·mul after it: two launches against the one of `linear_silu_and_mul` (`--gate-up`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.provenance import write_result  # noqa: E402
-from miniserve.kernels.linear import skinny_linear  # noqa: E402
+from miniserve.kernels.layer_ops import silu_and_mul  # noqa: E402
+from miniserve.kernels.linear import gate_up_config, skinny_linear  # noqa: E402
 
 # name: (N, K) of the weight
 SHAPES = {
@@ -48,6 +50,7 @@ SHAPES = {
     "qwen3-0.6b o": (1024, 2048),
     "qwen3-0.6b down": (1024, 3072),
 }
+GATE_UP = {"llama-1b": (8192, 2048), "llama-8b": (14336, 4096), "qwen3-0.6b": (3072, 1024)}  # (I, K)
 BATCHES = (1, 8, 16, 32, 64)  # up to SKINNY_MAX_ROWS
 ROTATE_BYTES = 512 << 20  # weight copies cycled through per graph: 10x the H200's L2
 
@@ -131,20 +134,60 @@ def tune_shape(name: str, n: int, k: int) -> list[dict]:
     return rows
 
 
+def tune_gate_up(name: str, inter: int, k: int) -> list[dict]:
+    """The MLP's gate/up projection with its SiLU·mul: the skinny GEMM of the stacked weight then layer_ops' kernel
+    (two launches, what the engine ran before `linear_silu_and_mul`) against one launch with the SiLU·mul in the
+    GEMM's epilogue, at gate_up_config's settings and at the best of TILES (unsplit; BLOCK_N = each half's)."""
+    copies = [torch.randn(2 * inter, k, device="cuda", dtype=torch.bfloat16) * 0.02
+              for _ in range(max(2, ROTATE_BYTES // (4 * inter * k)))]  # fmt: skip
+    rows = []
+    for m in BATCHES:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        two_us = time_launches(lambda a, w: silu_and_mul(skinny_linear(a, w)), copies, x)
+        default = gate_up_config(m, k, inter)
+        timed = {}
+        for bn, bk, w, st in {t[:4] for t in TILES} | {default[1:5]}:
+            cfg = (16 if m <= 16 else 64, bn, bk, w, st, 1)
+            if k % bk:
+                continue
+            try:
+                timed[cfg] = time_launches(lambda a, wt, cfg=cfg: skinny_linear(a, wt, config=cfg, silu_mul=True),
+                                           copies, x)  # fmt: skip
+            except Exception as e:  # noqa: BLE001 - out of shared memory and the like
+                print(f"  skip {name} gate_up+silu m{m} {cfg}: {type(e).__name__}", flush=True)
+        best = min(timed, key=timed.get)
+        row = {"shape": name, "inter": inter, "k": k, "m": m, "two_launch_us": two_us, "default_config": default,
+               "default_us": timed[default], "best_config": best, "best_us": timed[best],
+               "default_speedup": two_us / timed[default]}  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    del copies
+    torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    ap.add_argument("--shapes", nargs="*", choices=list(SHAPES), default=list(SHAPES))
+    ap.add_argument("--gate-up", nargs="*", choices=list(GATE_UP), default=list(GATE_UP),
+                    help="models whose gate/up + SiLU launch to time (none: skip)")  # fmt: skip
     args = ap.parse_args()
     rows = [r for name in args.shapes for r in tune_shape(name, *SHAPES[name])]
+    gate_up = [r for name in args.gate_up for r in tune_gate_up(name, *GATE_UP[name])]
     print("\nshape              m   cuBLAS us  TB/s  triton us  TB/s  speedup  config")
     for r in rows:
         c = r["triton_config"]
         print(f"{r['shape']:18s} {r['m']:3d} {r['cublas_us']:10.1f} {r['cublas_tbs']:5.2f} {r['triton_us']:10.1f} "
               f"{r['triton_tbs']:5.2f} {r['speedup']:7.2f}  bn{c['block_n']} bk{c['block_k']} w{c['num_warps']} "
               f"s{c['num_stages']} split{c['split_k']}")  # fmt: skip
+    for r in gate_up:
+        print(
+            f"{r['shape']:10s} gate/up+SiLU m{r['m']:<3d} two launches {r['two_launch_us']:6.1f} us, one "
+            f"{r['default_us']:6.1f} (x{r['default_speedup']:.2f}; best {r['best_us']:6.1f} {r['best_config']})"
+        )
     if args.out:
-        write_result(args.out, {"gpu": torch.cuda.get_device_name(), "rows": rows})
+        write_result(args.out, {"gpu": torch.cuda.get_device_name(), "rows": rows, "gate_up_rows": gate_up})
 
 
 if __name__ == "__main__":

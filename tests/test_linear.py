@@ -21,7 +21,15 @@ from miniserve.config import DEMO_TARGET, EngineConfig  # noqa: E402
 from miniserve.engine.model_runner import ModelRunner, set_dependent_launch  # noqa: E402
 from miniserve.kernels import linear as linear_module  # noqa: E402
 from miniserve.kernels.dependent_launch import DEPENDENT_MAX_TOKENS  # noqa: E402
-from miniserve.kernels.linear import SKINNY_MAX_ROWS, linear, skinny_config, skinny_linear  # noqa: E402
+from miniserve.kernels.layer_ops import silu_and_mul  # noqa: E402
+from miniserve.kernels.linear import (  # noqa: E402
+    SKINNY_MAX_ROWS,
+    gate_up_config,
+    linear,
+    linear_silu_and_mul,
+    skinny_config,
+    skinny_linear,
+)
 
 ULP = 2**-10  # fp16
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -88,6 +96,64 @@ def test_skinny_linear_bias_and_strided_rows():
         skinny_linear(x, w, config=(16, 32, 96, 2, 3, 1))
     with pytest.raises(ValueError, match="K % 256 == 0"):
         skinny_linear(x[:, :128], w[:, :128], config=(16, 32, 128, 2, 3, 2))
+
+
+@pytest.mark.parametrize(
+    "m,inter,k,config",
+    [
+        (1, 40, 512, None),
+        (5, 64, 256, (16, 16, 128, 2, 3, 1)),
+        (16, 24, 256, None),
+        (17, 72, 256, None),
+        (64, 40, 128, (64, 32, 64, 4, 3, 1)),
+    ],  # fmt: skip
+    ids=str,
+)
+def test_gate_up_with_silu_and_mul_is_the_gemm_then_the_layer_op(m, inter, k, config):
+    """The fused gate/up launch against what it replaces, bit for bit: the same GEMM storing [gate, up] and
+    layer_ops' SiLU kernel on that (a column's sums do not depend on the slice width). And against fp64
+    SiLU(x Wg^T) * (x Wu^T) within three ulps (the two roundings of the product, SiLU's own): an up column read
+    from the wrong rows, or gate and up swapped, is far outside that. fp16, like the module's other tests; bf16
+    (the epilogue's other branch) on GPUs: benchmarks/gpu_kernels.py `gate_up_silu`."""
+    g = torch.Generator().manual_seed(m * 100 + inter)
+    x = torch.randn(m, k, generator=g).half()
+    w = (torch.randn(2 * inter, k, generator=g) * 0.05).half()
+    two_launch = silu_and_mul(skinny_linear(x, w, config=config and (*config[:1], 2 * config[1], *config[2:])),
+                              backend="triton")  # fmt: skip
+    fused = skinny_linear(x, w, config=config, silu_mul=True)
+    assert fused.shape == (m, inter) and fused.dtype == x.dtype
+    assert torch.equal(fused.view(torch.int16), two_launch.view(torch.int16))
+    prod = x.double() @ w.double().T
+    exact = F.silu(prod[:, :inter]) * prod[:, inter:]
+    err = (fused.double() - exact).abs()
+    bound = 3 * ULP * (exact.abs() + prod[:, inter:].abs() * 2**-9) + 1e-30
+    assert bool((err <= bound).all()), f"worst ratio {(err / bound).max():.3g}"
+
+
+def test_gate_up_config_halves_the_stacked_weights_slices():
+    """The fused launch reads the stacked weight's bytes a program: half its config's slice, at least 16 columns;
+    the same rows, K steps and warps; no split reduction (then `linear_silu_and_mul` launches the two kernels)."""
+    for m, k, inter in [(1, 2048, 8192), (64, 2048, 8192), (1, 4096, 14336), (1, 1024, 3072), (40, 1024, 3072)]:
+        stacked, fused = skinny_config(m, k, 2 * inter), gate_up_config(m, k, inter)
+        assert fused[1] == max(16, stacked[1] // 2) and fused[5] == 1
+        assert (fused[0], fused[2], fused[3]) == (stacked[0], stacked[2], stacked[3]) and fused[4] <= stacked[4]
+    assert skinny_config(1, 3584, 32)[5] == 2 and gate_up_config(1, 3584, 16) is None
+    assert gate_up_config(1, 24, 64) is None
+
+
+def test_linear_silu_and_mul_fuses_only_where_the_skinny_gemm_runs(monkeypatch):
+    """pdl and a fitting shape: one fused launch; otherwise cuBLAS then the layer op, bit for bit."""
+    calls = []
+    monkeypatch.setattr(linear_module, "skinny_linear", lambda *a, **kw: calls.append(kw) or a[0][:, :16])
+    monkeypatch.setattr(linear_module, "device_limits", lambda device: (200 << 10, 132))
+    w = torch.randn(32, 64).half()
+    for rows, pdl, picked in [(SKINNY_MAX_ROWS, True, True), (SKINNY_MAX_ROWS + 1, True, False), (1, False, False)]:
+        calls.clear()
+        x = torch.randn(rows, 64).half()
+        out = linear_silu_and_mul(x, w, "torch", pdl)
+        assert [c.get("silu_mul") for c in calls] == ([True] if picked else [])
+        if not picked:
+            assert torch.equal(out, silu_and_mul(F.linear(x, w), "torch"))
 
 
 def test_skinny_config_boundaries():
@@ -178,12 +244,12 @@ def test_passes_up_to_the_token_limit_launch_as_dependents(monkeypatch):
 
     monkeypatch.setattr(llama_module, "linear", recorder(lambda x, w, b=None: F.linear(x, w, b), 3))
     monkeypatch.setattr(llama_module, "rms_norm", recorder(llama_module.rms_norm, 5))
-    monkeypatch.setattr(llama_module, "silu_and_mul", recorder(llama_module.silu_and_mul, 2))
+    monkeypatch.setattr(llama_module, "linear_silu_and_mul", recorder(llama_module.linear_silu_and_mul, 3))
     monkeypatch.setattr(llama_module, "reshape_and_cache", recorder(llama_module.reshape_and_cache, 9))
     monkeypatch.setattr(llama_module, "paged_attention", recorder(llama_module.paged_attention, 10))
     layers = worker.model_config.num_layers
     for tokens, want in ((DEPENDENT_MAX_TOKENS, True), (DEPENDENT_MAX_TOKENS + 1, False)):
         asked.clear()
         worker.forward([ForwardInput(list(range(5, 5 + tokens)), 0, list(range(tokens // 16 + 1)), 1)])
-        assert len(asked) == 9 * layers + 1 and set(asked) == {want}  # 4 GEMMs, 2 norms, silu, write, attention
+        assert len(asked) == 8 * layers + 1 and set(asked) == {want}  # 3 GEMMs, gate/up + SiLU, 2 norms, write, attn
     llm.shutdown()

@@ -12,7 +12,8 @@ The kernel: every program a block of rows (16 or 64) by a narrow slice of output
 BLOCK_K steps with fp32 accumulation, the bias added in fp32 before the one rounding to the output dtype. Where the
 slices alone would leave SMs idle (a long reduction into few columns), the reduction is split in parts and the
 last program of a tile to finish adds the parts' fp32 sums in a fixed order, in the same launch. Its outputs differ
-from cuBLAS's in the last bits, as two cuBLAS kernels' do.
+from cuBLAS's in the last bits, as two cuBLAS kernels' do. An MLP's gate/up projection can also apply the SiLU·mul
+that follows it to its tiles before storing them (`linear_silu_and_mul`): the same bits, one launch fewer.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from miniserve.kernels.dependent_launch import launch_options
+from miniserve.kernels.layer_ops import silu_and_mul
 
 try:
     import triton
     import triton.language as tl
 
     from miniserve.kernels.dependent_launch import release_dependents, wait_for_previous
+    from miniserve.kernels.float_bits import DTYPE_KIND, round_as, to_f32
 except ImportError:  # CPU-only install: F.linear serves every call
     triton = None
 
@@ -54,6 +57,18 @@ def device_limits(device: torch.device) -> tuple[int, int]:
     on Hopper) less 27 KiB for what Triton keeps for itself; 132 SMs on an H100/H200."""
     props = torch.cuda.get_device_properties(device)
     return getattr(props, "shared_memory_per_block_optin", 227 << 10) - (27 << 10), props.multi_processor_count
+
+
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto", pdl: bool = False):
+    """`silu_and_mul(F.linear(x, weight))` for an MLP's stacked [gate; up] weight [2I, K] -> [M, I]. pdl (as
+    `linear`'s): where the skinny GEMM fits, one launch that applies SiLU(gate) * up to its tiles before storing
+    them (`gate_up_config`), the same bits as the GEMM then layer_ops' kernel: one launch a layer fewer, and the
+    [M, 2I] product is never written. Elsewhere the two calls."""
+    fits = pdl and _skinny_fits(x, weight) and weight.shape[0] % 2 == 0
+    config = gate_up_config(*x.shape, weight.shape[0] // 2, *device_limits(x.device)) if fits else None
+    if config is None:
+        return silu_and_mul(linear(x, weight, pdl=pdl), backend, pdl)
+    return skinny_linear(x, weight, None, config, pdl=True, silu_mul=True)
 
 
 def _skinny_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -85,6 +100,19 @@ def skinny_config(m: int, k: int, n: int, smem_bytes: int = 200 << 10, sms: int 
     return None if k % (block_k * split) else (block_m, block_n, block_k, warps, stages, split)
 
 
+def gate_up_config(m: int, k: int, inter: int, smem_bytes: int = 200 << 10, sms: int = 132) -> SkinnyConfig | None:
+    """The fused gate/up GEMM's launch (see `linear_silu_and_mul`): a program reads BLOCK_N gate and BLOCK_N up
+    columns, so it takes the stacked weight's own config with half its slice width (at least 16), the same weight
+    bytes a program, K steps and row blocks. None where that config splits the reduction (no real gate/up does)."""
+    config = skinny_config(m, k, 2 * inter, smem_bytes, sms)
+    if config is None or config[5] > 1:
+        return None
+    block_m, block_n, block_k, warps, stages, _ = config
+    block_n = max(16, block_n // 2)
+    stages = min(stages, max(1, smem_bytes // (2 * (block_m + 2 * block_n) * block_k)))
+    return block_m, block_n, block_k, warps, stages, 1
+
+
 @functools.cache
 def _tile_counters(device: torch.device) -> torch.Tensor:
     """Arrival counters of split-K tiles, one per output tile, zero between launches (the last program of a tile
@@ -100,15 +128,21 @@ def skinny_linear(
     config: SkinnyConfig | None = None,
     pdl: bool = False,
     release_early: bool = False,
+    silu_mul: bool = False,
 ) -> torch.Tensor:
     """x [M, K] (unit column stride) @ weight[N, K].T (+ bias [N]) -> a new contiguous [M, N] in x's dtype.
-    config: skinny_config's tuple (benchmarks pass their own); pdl: launch as a programmatic dependent."""
+    config: skinny_config's tuple (benchmarks pass their own); pdl: launch as a programmatic dependent.
+    silu_mul: weight is [gate; up] (N = 2I), the result SiLU(gate) * up [M, I] (no bias, no split; config:
+    gate_up_config's)."""
     m, k = x.shape
-    n = weight.shape[0]
-    block_m, block_n, block_k, warps, stages, split = config or skinny_config(m, k, n)
+    n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    config = config or (gate_up_config(m, k, n) if silu_mul else skinny_config(m, k, n))
+    block_m, block_n, block_k, warps, stages, split = config
     if k % (block_k * split) or weight.shape[1] != k or x.stride(1) != 1 or weight.stride(1) != 1:
         shapes = f"{tuple(x.shape)} {tuple(weight.shape)}"
         raise ValueError(f"needs K % {block_k * split} == 0 and unit column strides, got {shapes}")
+    if silu_mul and (bias is not None or split > 1 or weight.shape[0] % 2):
+        raise ValueError(f"SiLU-and-mul needs an even row count, no bias and no split, got {tuple(weight.shape)}")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
@@ -121,8 +155,9 @@ def skinny_linear(
     _skinny_linear_kernel[grid](
         x, weight, weight if bias is None else bias, out, partials, _tile_counters(x.device), m, n, k, x.stride(0),
         weight.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
-        HAS_BIAS=bias is not None, USE_PDL=pdl, RELEASE_EARLY=release_early, num_warps=warps, num_stages=stages,
-        **launch_options(pdl),
+        HAS_BIAS=bias is not None, USE_PDL=pdl, RELEASE_EARLY=release_early, SILU_AND_MUL=silu_mul,
+        KIND=DTYPE_KIND[x.dtype], num_warps=warps, num_stages=stages, **launch_options(pdl),
+        **({"enable_fp_fusion": False} if silu_mul else {}),  # layer_ops' SiLU kernel is compiled so
     )  # fmt: skip
     return out
 
@@ -151,10 +186,14 @@ if triton is not None:
         HAS_BIAS: tl.constexpr,
         USE_PDL: tl.constexpr,
         RELEASE_EARLY: tl.constexpr = False,  # benchmarks/pdl_chain.py's comparison: release before the loop
+        SILU_AND_MUL: tl.constexpr = False,
+        KIND: tl.constexpr = 1,  # the dtype (float_bits.DTYPE_KIND), for SILU_AND_MUL's roundings
     ):
         """One program: BLOCK_M rows x BLOCK_N output columns over K / SPLIT_K of the reduction (the program_id(2)-th
         part). With SPLIT_K > 1 every part stores its fp32 sums, and the tile's last program to arrive adds them in
-        part order (the same bits whichever arrives last) and rounds once."""
+        part order (the same bits whichever arrives last) and rounds once. SILU_AND_MUL: the program also sums the
+        up columns N + its columns, rounds both tiles to the dtype, as a GEMM stores them, and stores SiLU(gate) * up
+        rounded as layer_ops' `_silu_and_mul_kernel` computes it."""
         if RELEASE_EARLY:
             release_dependents(USE_PDL)
         wait_for_previous(USE_PDL)
@@ -167,10 +206,16 @@ if triton is not None:
         row_ok = (rows < M)[:, None]
         col_ok = (cols < N)[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if SILU_AND_MUL:
+            up_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            up_ptrs = w_ptr + (N + cols)[None, :].to(tl.int64) * stride_wn + ks[:, None]
         for _ in range(0, K // SPLIT_K, BLOCK_K):
             x = tl.load(x_ptrs, mask=row_ok, other=0.0)
             w = tl.load(w_ptrs, mask=col_ok, other=0.0)
             acc = tl.dot(x, w, acc)
+            if SILU_AND_MUL:
+                up_acc = tl.dot(x, tl.load(up_ptrs, mask=col_ok, other=0.0), up_acc)
+                up_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         if not RELEASE_EARLY:
@@ -191,5 +236,21 @@ if triton is not None:
         if last:
             if HAS_BIAS:
                 acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            if SILU_AND_MUL:
+                acc = _silu_and_mul_of_sums(acc, up_acc, out_ptr.dtype.element_ty, KIND)
             out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok & col_ok)
+
+    @triton.jit
+    def _silu_and_mul_of_sums(gate_sums, up_sums, DTYPE: tl.constexpr, KIND: tl.constexpr):
+        """fp32 sums -> SiLU(gate) * up rounded to DTYPE (returned in fp32, exact in DTYPE), bit for bit what
+        storing both as DTYPE and running layer_ops' `_silu_and_mul_kernel` on them gives: each sum rounded by the
+        same cast as the GEMM's store, read back as that kernel reads it (bf16 on its bits), the same fp32 ops."""
+        if KIND == 2:
+            gate = to_f32(gate_sums.to(DTYPE).to(tl.int16, bitcast=True), KIND)
+            up = to_f32(up_sums.to(DTYPE).to(tl.int16, bitcast=True), KIND)
+        else:
+            gate = gate_sums.to(DTYPE).to(tl.float32)
+            up = up_sums.to(DTYPE).to(tl.float32)
+        act = round_as(gate / (1.0 + tl.exp(-gate)), KIND)
+        return round_as(act * up, KIND)

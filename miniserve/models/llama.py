@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miniserve.kernels.layer_ops import Rope, rms_norm, silu_and_mul
-from miniserve.kernels.linear import linear
+from miniserve.kernels.layer_ops import Rope, rms_norm
+from miniserve.kernels.linear import linear, linear_silu_and_mul
 from miniserve.kernels.metadata import AttentionMetadata
 from miniserve.kernels.ops import paged_attention, reshape_and_cache
 from miniserve.models.config import ModelConfig
@@ -141,7 +141,7 @@ class MLP(nn.Module):
         self.tp = tp
 
     def forward(self, x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
-        h = silu_and_mul(linear(x, self.gate_up_weight, pdl=pdl), self.backend, pdl)
+        h = linear_silu_and_mul(x, self.gate_up_weight, self.backend, pdl)
         out = linear(h, self.down_weight, pdl=pdl)
         return out if self.tp is None else self.tp.all_reduce(out)  # row-parallel: sum the ranks' partials
 
