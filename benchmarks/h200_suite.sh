@@ -399,17 +399,19 @@ tree_ab() {
   [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
   for tree in "$OLD" "$PWD"; do
     tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
-    (cd "$tree" && MINISERVE_COMMIT="$(tree_commit "$tree")" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 130 \
+    commit=$(tree_commit "$tree")  # before the cd: tree_commit tells the trees apart by $PWD
+    (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 130 \
       --shape llama-3.2-1b --workload latency --gen 256 --repeats 3 --decode-splits by-length by-batch \
       --out "$out/throughput_${tag}_latency.json")
-    (cd "$tree" && MINISERVE_COMMIT="$(tree_commit "$tree")" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 70 \
+    (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 70 \
       --shape llama-3.2-1b --workload fixed --batch 64 --prompt 512 --gen 256 --kv-cache-dtype auto fp8 --repeats 2 \
       --out "$out/throughput_${tag}_fixed.json")
   done
   for i in 1 2; do
     for tree in "$OLD" "$PWD"; do
       tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
-      (cd "$tree" && MINISERVE_COMMIT="$(tree_commit "$tree")" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 60 \
+      commit=$(tree_commit "$tree")
+      (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 60 \
         --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --repeats 1 --out "$out/throughput_${tag}_nano_round$i.json")
     done
   done

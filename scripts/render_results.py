@@ -852,7 +852,7 @@ def gemm_note(batch: int) -> str:
     if batch > 1:
         verdict = "beat it" if us["triton+pdl"] < us["cublas"] else "still lose to it"
         chained = f"launched as programmatic dependents they {verdict}: {chain_text}{early_note(us)}"
-        return f"{head}; {chained}. {end_to_end(rows)}"
+        return f"{head}; {chained}. {end_to_end(rows)}{silu_note(us, batch)}"
     lat = [r for w in ("latency_1", "latency_2") for r in rows.get(w, [])]
     big = rows.get("latency_llama8b", [])
     pairs = ", ".join(f"{r['old_tok_s']:.0f} -> {r['new_tok_s']:.0f}" for r in lat)
@@ -861,9 +861,34 @@ def gemm_note(batch: int) -> str:
         f"{head}; what helps is starting each kernel while the one before finishes (programmatic dependent launch): "
         f"{chain_text}{early_note(us)}. The engine launches so in passes of up to {DEPENDENT_MAX_TOKENS} tokens on "
         "Hopper (`dependent_launch`, kernels/dependent_launch.py): batch 1 with it off against on, in one process, "
-        f"both orders (`dependent_launch_h200.json`): {pairs} tok/s{eight}. Under the profiler a dependent kernel's "
-        "time includes its wait, so the profile above is of ordinary launches (its file's commit)"
+        f"both orders (`dependent_launch_h200.json`): {pairs} tok/s{eight}{silu_note(us, batch)}. Under the profiler "
+        "a dependent kernel's time includes its wait, so the profile above is of ordinary launches (its file's commit)"
     )
+
+
+def silu_note(us: dict, batch: int) -> str:
+    """The gate/up GEMM applying the SiLU·mul in its epilogue: the layer chain, and end to end against the tree
+    before it (batch 1: both decode_splits; batch 64: both KV dtypes)."""
+    ab, fused = load("mlp_silu_ab_h200.json"), us.get("triton+pdl+silu")
+    if not ab or fused is None:
+        return ""
+    rows = ab["workloads"]["latency" if batch == 1 else "fixed"]["rows"]
+    if batch == 1:
+        runs = ", ".join(f"{run_label_of(r)} {r['old_tok_s']:.0f} -> {r['new_tok_s']:.0f} tok/s" for r in rows)
+    else:
+        runs = ", ".join(f"{run_label_of(r)} {r['new_vs_old']:.2f}x" for r in rows)
+    nano = [r["new_vs_old"] for w, v in ab["workloads"].items() if w.startswith("nano") for r in v["rows"]]
+    return (
+        f". Since {ab['commit']} the gate/up GEMM applies the SiLU·mul to its tiles before storing them "
+        f"(`linear_silu_and_mul`: the same bits, one launch a layer fewer): the chain above {us['triton+pdl']:.0f} -> "
+        f"{fused:.0f} us; side by side with {ab['old_commit']} (`mlp_silu_ab_h200.json`): {runs} (nano, mostly "
+        f"passes of more than {DEPENDENT_MAX_TOKENS} tokens: {min(nano):.2f}-{max(nano):.2f}x)"
+    )
+
+
+def run_label_of(row: dict) -> str:
+    """An A/B row's run label as the README names it: bf16 for the default KV dtype."""
+    return row["config"].replace("auto", "bf16")
 
 
 def early_note(us: dict) -> str:

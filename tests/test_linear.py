@@ -111,15 +111,17 @@ def test_skinny_linear_bias_and_strided_rows():
 )
 def test_gate_up_with_silu_and_mul_is_the_gemm_then_the_layer_op(m, inter, k, config):
     """The fused gate/up launch against what it replaces, bit for bit: the same GEMM storing [gate, up] and
-    layer_ops' SiLU kernel on that (a column's sums do not depend on the slice width). And against fp64
+    layer_ops' SiLU kernel on that (a column's sums do not depend on the slice width; on GPUs not on the K step
+    either, but the interpreter sums a step at once, so both take the same). And against fp64
     SiLU(x Wg^T) * (x Wu^T) within three ulps (the two roundings of the product, SiLU's own): an up column read
     from the wrong rows, or gate and up swapped, is far outside that. fp16, like the module's other tests; bf16
     (the epilogue's other branch) on GPUs: benchmarks/gpu_kernels.py `gate_up_silu`."""
     g = torch.Generator().manual_seed(m * 100 + inter)
     x = torch.randn(m, k, generator=g).half()
     w = (torch.randn(2 * inter, k, generator=g) * 0.05).half()
-    two_launch = silu_and_mul(skinny_linear(x, w, config=config and (*config[:1], 2 * config[1], *config[2:])),
-                              backend="triton")  # fmt: skip
+    config = config or gate_up_config(m, k, inter)
+    stacked = (config[0], 2 * config[1], *config[2:])
+    two_launch = silu_and_mul(skinny_linear(x, w, config=stacked), backend="triton")
     fused = skinny_linear(x, w, config=config, silu_mul=True)
     assert fused.shape == (m, inter) and fused.dtype == x.dtype
     assert torch.equal(fused.view(torch.int16), two_launch.view(torch.int16))
@@ -130,15 +132,20 @@ def test_gate_up_with_silu_and_mul_is_the_gemm_then_the_layer_op(m, inter, k, co
     assert bool((err <= bound).all()), f"worst ratio {(err / bound).max():.3g}"
 
 
-def test_gate_up_config_halves_the_stacked_weights_slices():
-    """The fused launch reads the stacked weight's bytes a program: half its config's slice, at least 16 columns;
-    the same rows, K steps and warps; no split reduction (then `linear_silu_and_mul` launches the two kernels)."""
-    for m, k, inter in [(1, 2048, 8192), (64, 2048, 8192), (1, 4096, 14336), (1, 1024, 3072), (40, 1024, 3072)]:
-        stacked, fused = skinny_config(m, k, 2 * inter), gate_up_config(m, k, inter)
-        assert fused[1] == max(16, stacked[1] // 2) and fused[5] == 1
-        assert (fused[0], fused[2], fused[3]) == (stacked[0], stacked[2], stacked[3]) and fused[4] <= stacked[4]
-    assert skinny_config(1, 3584, 32)[5] == 2 and gate_up_config(1, 3584, 16) is None
-    assert gate_up_config(1, 24, 64) is None
+def test_gate_up_config():
+    """32 gate + 32 up columns a program in 128-wide steps (narrower where 128 does not divide K), 16- or 64-row
+    blocks at the 16/17-row edge, 5 stages below 12288 stacked columns and 3 from there, fewer where shared memory
+    runs out; never a split reduction."""
+    assert gate_up_config(16, 2048, 8192) == (16, 32, 128, 4, 3, 1)
+    assert gate_up_config(17, 2048, 8192) == (64, 32, 128, 4, 3, 1)
+    assert gate_up_config(1, 1024, 6144)[4] == 3 and gate_up_config(1, 1024, 6143)[4] == 5
+    assert gate_up_config(64, 1024, 3072) == (64, 32, 128, 4, 5, 1)
+    assert gate_up_config(1, 96, 64)[2] == 32 and gate_up_config(1, 24, 64) is None
+    # a 64-row stage is 2 x (64 + 64) x 128 bytes = 32 KiB
+    assert (
+        gate_up_config(64, 1024, 64, 5 * 32 << 10)[4] == 5 and gate_up_config(64, 1024, 64, (5 * 32 << 10) - 1)[4] == 4
+    )
+    assert gate_up_config(1, 14336 * 2, 3584)[5] == 1  # a long reduction into few columns: still one part
 
 
 def test_linear_silu_and_mul_fuses_only_where_the_skinny_gemm_runs(monkeypatch):

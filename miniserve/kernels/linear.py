@@ -65,7 +65,7 @@ def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, backend: str = "a
     them (`gate_up_config`), the same bits as the GEMM then layer_ops' kernel: one launch a layer fewer, and the
     [M, 2I] product is never written. Elsewhere the two calls."""
     fits = pdl and _skinny_fits(x, weight) and weight.shape[0] % 2 == 0
-    config = gate_up_config(*x.shape, weight.shape[0] // 2, *device_limits(x.device)) if fits else None
+    config = gate_up_config(*x.shape, weight.shape[0] // 2, device_limits(x.device)[0]) if fits else None
     if config is None:
         return silu_and_mul(linear(x, weight, pdl=pdl), backend, pdl)
     return skinny_linear(x, weight, None, config, pdl=True, silu_mul=True)
@@ -100,17 +100,20 @@ def skinny_config(m: int, k: int, n: int, smem_bytes: int = 200 << 10, sms: int 
     return None if k % (block_k * split) else (block_m, block_n, block_k, warps, stages, split)
 
 
-def gate_up_config(m: int, k: int, inter: int, smem_bytes: int = 200 << 10, sms: int = 132) -> SkinnyConfig | None:
-    """The fused gate/up GEMM's launch (see `linear_silu_and_mul`): a program reads BLOCK_N gate and BLOCK_N up
-    columns, so it takes the stacked weight's own config with half its slice width (at least 16), the same weight
-    bytes a program, K steps and row blocks. None where that config splits the reduction (no real gate/up does)."""
-    config = skinny_config(m, k, 2 * inter, smem_bytes, sms)
-    if config is None or config[5] > 1:
+def gate_up_config(m: int, k: int, inter: int, smem_bytes: int = 200 << 10) -> SkinnyConfig | None:
+    """The fused gate/up launch (`linear_silu_and_mul`): a program sums 32 gate and 32 up columns over 128-wide K
+    steps, with 4 warps, on blocks of 16 rows (up to 16) or 64; 5 stages deep for narrow weights (Qwen3-0.6B's
+    2 x 3072), 3 for wide ones (12288 stacked columns and up). The best of the sweep at every measured row count
+    but Llama-3.1-8B's up to 16 rows (1.02x slower than 128-column slices; `tune_linear_gate_up_h200.json`).
+    Never split: gate/up weights have columns enough. None when no step of 16..128 divides k."""
+    block_k = 128
+    while block_k > 16 and k % block_k:
+        block_k //= 2
+    if k % block_k:
         return None
-    block_m, block_n, block_k, warps, stages, _ = config
-    block_n = max(16, block_n // 2)
-    stages = min(stages, max(1, smem_bytes // (2 * (block_m + 2 * block_n) * block_k)))
-    return block_m, block_n, block_k, warps, stages, 1
+    block_m, stages = 16 if m <= 16 else 64, 3 if 2 * inter >= 12288 else 5
+    stages = min(stages, max(1, smem_bytes // (2 * (block_m + 2 * 32) * block_k)))
+    return block_m, 32, block_k, 4, stages, 1
 
 
 @functools.cache
