@@ -25,7 +25,7 @@
 #   OLD=DIR [OLD_COMMIT=...] bash benchmarks/h200_suite.sh samplerab OUT_DIR # the sampling kernel's checks; nano and batch-1, old and this
 #   bash benchmarks/h200_suite.sh splits OUT_DIR  # decode_splits by-length and by-batch: kernel split sizes, batch 1 (1B, 8B), batch 64, nano
 #   bash benchmarks/h200_suite.sh splitsweep OUT_DIR # kernel split sizes; the Llama-3.2-1B batch sweep with both decode_splits
-#   bash benchmarks/h200_suite.sh linear OUT_DIR  # skinny Triton GEMM vs cuBLAS; a decode layer's kernel chain with PDL;
+#   bash benchmarks/h200_suite.sh linear OUT_DIR  # skinny Triton GEMM vs cuBLAS, gate/up + SiLU; a layer's kernel chain with PDL;
 #                                                 # batch 64 with the 64-row GEMMs releasing dependents early or not
 #   OLD=DIR OLD_COMMIT=... bash benchmarks/h200_suite.sh decodeab OUT_DIR # the decode kernel of an older tree and this one: bits, time
 #   OLD=DIR OLD_COMMIT=... bash benchmarks/h200_suite.sh ropeab OUT_DIR # 1B batch 1 and 64, nano twice: older tree, this one
@@ -381,7 +381,8 @@ if [ "$part" = splitsweep ]; then
 fi
 
 if [ "$part" = linear ]; then
-  timeout 300 python3 benchmarks/tune_linear.py --out "$out/tune_linear_h200.json" 2>&1 | grep -v skip | tail -62
+  timeout 300 python3 benchmarks/tune_linear.py --gate-up --out "$out/tune_linear_h200.json" 2>&1 | grep -v skip | tail -62
+  timeout 150 python3 benchmarks/tune_linear.py --shapes --out "$out/tune_linear_gate_up_h200.json" 2>&1 | grep -v skip | tail -15
   timeout 100 python3 benchmarks/pdl_chain.py --out "$out/pdl_chain_h200.json" 2>&1 | tail -15
   timeout 300 python3 benchmarks/release_point_ab.py --out "$out/release_point_ab_h200.json" 2>&1 | tail -1
 fi
