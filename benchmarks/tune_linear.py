@@ -146,7 +146,7 @@ def tune_gate_up(name: str, inter: int, k: int) -> list[dict]:
         two_us = time_launches(lambda a, w: silu_and_mul(skinny_linear(a, w)), copies, x)
         default = gate_up_config(m, k, inter)
         timed = {}
-        for bn, bk, w, st in {t[:4] for t in TILES} | {default[1:5]}:
+        for bn, bk, w, st in set(TILES) | {default[1:5]}:
             cfg = (16 if m <= 16 else 64, bn, bk, w, st, 1)
             if k % bk:
                 continue

@@ -917,7 +917,7 @@ def end_to_end(rows: dict) -> str:
     if not fixed:
         return ""
     pairs = ", ".join(
-        f"{'bf16' if r['config'] == 'auto' else r['config']} {r['new_vs_old']:.2f}x throughput ("
+        f"{run_label_of(r)} {r['new_vs_old']:.2f}x throughput ("
         f"{r['old_decode_step_ms']:.2f} -> {r['new_decode_step_ms']:.2f} ms a step, averaged over the run)"
         for r in fixed
     )

@@ -80,6 +80,20 @@ def test_split_reduction_sums_its_parts_and_resets_its_counters(split):
         assert not linear_module._tile_counters(x.device).any()
 
 
+def test_only_split_launches_are_bounded_by_the_tile_counters(monkeypatch):
+    """The arrival counters bound a split launch's output tiles, and only a split launch's: an unsplit one with more
+    tiles than counters runs."""
+    monkeypatch.setattr(linear_module, "TILE_COUNTERS", 2)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 64, generator=g).half()
+    w = (torch.randn(48, 64, generator=g) * 0.05).half()  # 3 tiles of 16 columns
+    assert_close_to_exact(skinny_linear(x, w, config=(16, 16, 32, 2, 3, 1)), x, w)
+    assert_close_to_exact(skinny_linear(x[:, :32], w[:2 * 16, :32], config=(16, 16, 16, 2, 3, 2)), x[:, :32],
+                          w[:32, :32])  # fmt: skip
+    with pytest.raises(ValueError, match="split-K over 3 output tiles, more than 2"):
+        skinny_linear(x, w, config=(16, 16, 32, 2, 3, 2))
+
+
 def test_skinny_linear_bias_and_strided_rows():
     """The bias is added in fp32 before the one rounding; rows may be a view with a wider row stride (a slice of
     a packed tensor), columns contiguous."""

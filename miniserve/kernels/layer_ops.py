@@ -313,8 +313,13 @@ if triton is not None:
         mask = cols < inter
         gate = to_f32(tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0), KIND)
         up = to_f32(tl.load(x_ptr + row * x_stride + inter + cols, mask=mask, other=0), KIND)
-        act = round_as(gate / (1.0 + tl.exp(-gate)), KIND)
-        tl.store(out_ptr + row * inter + cols, to_storage(act * up, KIND), mask=mask)
+        tl.store(out_ptr + row * inter + cols, to_storage(silu_times(gate, up, KIND), KIND), mask=mask)
+
+    @triton.jit
+    def silu_times(gate, up, KIND: tl.constexpr):
+        """r(silu(gate)) * up in fp32 (the caller rounds it once more), from the dtype's values: torch's SiLU·mul,
+        shared with kernels/linear.py's gate/up epilogue so that both give the same bits."""
+        return round_as(gate / (1.0 + tl.exp(-gate)), KIND) * up
 
 
 def _rms_norm_triton(x, weight, eps, residual, out, summed, pdl: bool) -> None:

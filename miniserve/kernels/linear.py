@@ -32,6 +32,7 @@ try:
 
     from miniserve.kernels.dependent_launch import release_dependents, wait_for_previous
     from miniserve.kernels.float_bits import DTYPE_KIND, round_as, to_f32
+    from miniserve.kernels.layer_ops import silu_times
 except ImportError:  # CPU-only install: F.linear serves every call
     triton = None
 
@@ -93,10 +94,8 @@ def skinny_config(m: int, k: int, n: int, smem_bytes: int = 200 << 10, sms: int 
     else:
         block_m, block_n = 64, 64 if n >= 6144 else 32 if n >= 3072 or k >= 8192 else 16
         block_k, warps, stages = (128, 4, 3) if wide else (256, 4, 3) if block_n == 64 else (256, 4, 4)
-    while block_k > 16 and k % (block_k * split):
-        block_k //= 2
-    stage_bytes = 2 * (block_m + block_n) * block_k
-    stages = min(stages, max(1, smem_bytes // stage_bytes))
+    block_k = _k_step(k, block_k, split)
+    stages = _stages(stages, (block_m + block_n) * block_k, smem_bytes)
     return None if k % (block_k * split) else (block_m, block_n, block_k, warps, stages, split)
 
 
@@ -106,14 +105,24 @@ def gate_up_config(m: int, k: int, inter: int, smem_bytes: int = 200 << 10) -> S
     2 x 3072), 3 for wide ones (12288 stacked columns and up). The best of the sweep at every measured row count
     but Llama-3.1-8B's up to 16 rows (1.02x slower than 128-column slices; `tune_linear_gate_up_h200.json`).
     Never split: gate/up weights have columns enough. None when no step of 16..128 divides k."""
-    block_k = 128
-    while block_k > 16 and k % block_k:
-        block_k //= 2
+    block_k = _k_step(k, 128)
     if k % block_k:
         return None
-    block_m, stages = 16 if m <= 16 else 64, 3 if 2 * inter >= 12288 else 5
-    stages = min(stages, max(1, smem_bytes // (2 * (block_m + 2 * 32) * block_k)))
+    block_m = 16 if m <= 16 else 64
+    stages = _stages(3 if 2 * inter >= 12288 else 5, (block_m + 2 * 32) * block_k, smem_bytes)
     return block_m, 32, block_k, 4, stages, 1
+
+
+def _k_step(k: int, step: int, parts: int = 1) -> int:
+    """`step` halved until `parts` of them divide k or it reaches 16 (then they may not: the caller checks)."""
+    while step > 16 and k % (step * parts):
+        step //= 2
+    return step
+
+
+def _stages(wanted: int, elements: int, smem_bytes: int) -> int:
+    """Pipeline stages of `elements` 16-bit values each (the x and weight tiles of one K step) that fit."""
+    return min(wanted, max(1, smem_bytes // (2 * elements)))
 
 
 @functools.cache
@@ -150,11 +159,12 @@ def skinny_linear(
     if m == 0:
         return out
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
-    tiles = grid[0] * grid[1]
-    if tiles > TILE_COUNTERS:
-        raise ValueError(f"split-K over {tiles} output tiles, more than {TILE_COUNTERS}")
-    size = tiles * split * block_m * block_n
-    partials = torch.empty(size, dtype=torch.float32, device=x.device) if split > 1 else out  # unread when unsplit
+    partials = out  # unread when unsplit
+    if split > 1:
+        tiles = grid[0] * grid[1]
+        if tiles > TILE_COUNTERS:
+            raise ValueError(f"split-K over {tiles} output tiles, more than {TILE_COUNTERS}")
+        partials = torch.empty(tiles * split * block_m * block_n, dtype=torch.float32, device=x.device)
     _skinny_linear_kernel[grid](
         x, weight, weight if bias is None else bias, out, partials, _tile_counters(x.device), m, n, k, x.stride(0),
         weight.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
@@ -248,12 +258,11 @@ if triton is not None:
     def _silu_and_mul_of_sums(gate_sums, up_sums, DTYPE: tl.constexpr, KIND: tl.constexpr):
         """fp32 sums -> SiLU(gate) * up rounded to DTYPE (returned in fp32, exact in DTYPE), bit for bit what
         storing both as DTYPE and running layer_ops' `_silu_and_mul_kernel` on them gives: each sum rounded by the
-        same cast as the GEMM's store, read back as that kernel reads it (bf16 on its bits), the same fp32 ops."""
+        same cast as the GEMM's store, read back as that kernel reads it (bf16 on its bits), its `silu_times`."""
         if KIND == 2:
             gate = to_f32(gate_sums.to(DTYPE).to(tl.int16, bitcast=True), KIND)
             up = to_f32(up_sums.to(DTYPE).to(tl.int16, bitcast=True), KIND)
         else:
             gate = gate_sums.to(DTYPE).to(tl.float32)
             up = up_sums.to(DTYPE).to(tl.float32)
-        act = round_as(gate / (1.0 + tl.exp(-gate)), KIND)
-        return round_as(act * up, KIND)
+        return round_as(silu_times(gate, up, KIND), KIND)
