@@ -28,9 +28,11 @@ ARGS = ["--shape", "llama-3.2-1b", "--workload", "fixed", "--batch", "64", "--pr
         "--repeats", "2"]  # fmt: skip
 
 
-def early(x, weight, bias=None, config=None, pdl=False, release_early=False):
-    """The engine's call, with its 64-row launches releasing their dependents before the main loop."""
-    return SHIPPED(x, weight, bias, config, pdl=pdl, release_early=pdl and config is not None and config[0] == 64)
+def early(x, weight, bias=None, config=None, pdl=False, release_early=False, silu_mul=False):
+    """The engine's call (`linear`'s, or `linear_silu_and_mul`'s with silu_mul), with its 64-row launches releasing
+    their dependents before the main loop."""
+    release = pdl and config is not None and config[0] == 64
+    return SHIPPED(x, weight, bias, config, pdl=pdl, release_early=release, silu_mul=silu_mul)
 
 
 def main() -> None:

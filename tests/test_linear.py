@@ -274,3 +274,16 @@ def test_passes_up_to_the_token_limit_launch_as_dependents(monkeypatch):
         worker.forward([ForwardInput(list(range(5, 5 + tokens)), 0, list(range(tokens // 16 + 1)), 1)])
         assert len(asked) == 8 * layers + 1 and set(asked) == {want}  # 3 GEMMs, gate/up + SiLU, 2 norms, write, attn
     llm.shutdown()
+
+
+def test_release_point_experiment_passes_the_engines_calls_through():
+    """benchmarks/release_point_ab.py swaps `skinny_linear` for a wrapper while the engine runs: every call the
+    engine makes (`linear`'s, `linear_silu_and_mul`'s) must reach the kernel unchanged but for the release point."""
+    from benchmarks.release_point_ab import early
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 64, generator=g).half()
+    w = (torch.randn(64, 64, generator=g) * 0.05).half()
+    assert torch.equal(early(x, w, None, skinny_config(3, 64, 64)), skinny_linear(x, w))
+    fused = early(x, w, None, gate_up_config(3, 64, 32), silu_mul=True)
+    assert torch.equal(fused, skinny_linear(x, w, silu_mul=True))
