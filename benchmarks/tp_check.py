@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.checkpoints import build_checkpoint  # noqa: E402
+from benchmarks.provenance import write_result  # noqa: E402
 from miniserve import LLM, SamplingParams  # noqa: E402
 from miniserve.config import DEMO_TARGET  # noqa: E402
 from miniserve.engine.model_runner import ForwardInput  # noqa: E402
@@ -186,7 +187,9 @@ def check_speed(args) -> dict:
     for tp in (1, 2):
         res[f"batch1_tp{tp}"] = throughput(args, tp, latency, "batch1")["runs"][0]
         res[f"batch64_tp{tp}"] = throughput(args, tp, fixed, "batch64")["runs"][0]
-    profiled = throughput(args, 2, latency + ["--profile"], "batch1_profile")["runs"][0]["profile"]
+    profiled = {"gpu_ms_per_step": float("nan"), "wall_ms_per_step": float("nan"), "kernels": []}
+    if torch.cuda.is_available():  # (the profile reads GPU kernels)
+        profiled = throughput(args, 2, latency + ["--profile"], "batch1_profile")["runs"][0]["profile"]
     kernels = profiled["kernels"]
     comm = sum(k["us_per_step"] for k in kernels if "nccl" in k["name"].lower() or "allreduce" in k["name"].lower())
     b1 = res["batch1_tp1"]["decode_step_ms"] / res["batch1_tp2"]["decode_step_ms"]
@@ -312,14 +315,14 @@ def main() -> None:
         "speed": check_speed,
         "server": check_server,
     }
-    result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "torch": torch.__version__}
+    result = {}
     if torch.cuda.is_available():
         result["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     result["nccl_nvls_enable"] = os.environ.get("NCCL_NVLS_ENABLE")
     for part in args.parts:
         result[part] = checks[part](args)
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=1))
+        if args.out:  # after every part: a run cut short keeps what it did
+            write_result(args.out, result)
 
 
 if __name__ == "__main__":

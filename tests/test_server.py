@@ -287,6 +287,38 @@ def test_echo_with_logprobs_scores_the_prompt(client, hf_model, hf_tok):
     assert streamed["tokens"] == lp.tokens and streamed["token_logprobs"] == lp.token_logprobs
 
 
+def test_echo_without_generation_scores_the_prompt_alone(client, hf_model, hf_tok):
+    """max_tokens=0 with echo (OpenAI's legacy scoring call, which vLLM takes and eval scripts send): the prompt's
+    logprobs equal transformers', nothing is generated (text, logprobs, usage), and the stream says the same;
+    without echo, 0 is a 400 naming max_tokens."""
+    ids = hf_tok(PROMPTS[2]).input_ids
+    kwargs = dict(model=MODEL_NAME, prompt=PROMPTS[2], max_tokens=0, echo=True, logprobs=1, temperature=1.0)
+    r = client.completions.create(**kwargs)
+    choice, lp = r.choices[0], r.choices[0].logprobs
+    assert (choice.text, choice.finish_reason) == (PROMPTS[2], "length")
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    assert all(abs(lp.token_logprobs[i] - ref[i - 1, ids[i]].item()) < 1e-3 for i in range(1, len(ids)))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 0)
+    text, tokens, finishes, usage = "", [], [], None
+    for chunk in client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            text += c.text
+            tokens += c.logprobs.tokens if c.logprobs is not None else []
+            finishes += [c.finish_reason] if c.finish_reason else []
+    assert (text, tokens, finishes) == (PROMPTS[2], lp.tokens, ["length"])
+    assert usage is not None and usage.completion_tokens == 0
+    r = client.completions.create(model=MODEL_NAME, prompt=[ids], max_tokens=0, echo=True, n=2)
+    assert [c.text for c in r.choices] == [hf_tok.decode(ids, skip_special_tokens=True)] * 2
+    assert r.usage.completion_tokens == 0
+    for bad, param in (({}, "max_tokens"), ({"echo": True, "extra_body": {"min_tokens": 1}}, "min_tokens")):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.completions.create(model=MODEL_NAME, prompt=PROMPTS[2], max_tokens=0, **bad)
+        assert exc.value.body["param"] == param
+
+
 def test_completion_stream_equals_non_stream_with_seed(client):
     kwargs = dict(model=MODEL_NAME, prompt=PROMPTS[3], n=2, max_tokens=12, temperature=1.0, seed=1234)
     full = client.completions.create(**kwargs)

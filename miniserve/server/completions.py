@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import Any
@@ -34,7 +35,7 @@ async def create_completion(request: Request) -> Response:
     params = [
         sampling_params(
             req,
-            state.token_budget(len(ids), req.max_tokens, "prompt"),
+            state.token_budget(len(ids), 1 if req.echo_only() else req.max_tokens, "prompt"),
             req.logprobs,
             state.vocab_size,
             _prompt_logprobs(req),
@@ -56,6 +57,8 @@ async def create_completion(request: Request) -> Response:
     finals = await collect_finals(group, request)
     if finals is None:
         return Response(status_code=499)
+    if req.echo_only():
+        finals = {i: _prompt_only(out) for i, out in finals.items()}
     choices = _completion_choices(state, req, prompt_ids, prompt_texts, finals)
     return fmt.JSONBytesResponse(
         {**head, "choices": choices, "usage": request_usage(prompt_ids, list(finals.values()))}
@@ -67,6 +70,16 @@ def _prompt_logprobs(req: CompletionRequest) -> int | None:
     share one pass."""
     asked = [n for n in (req.logprobs if req.echo else None, req.prompt_logprobs) if n is not None]
     return max(asked, default=None)
+
+
+def _prompt_only(out: Any) -> Any:
+    """An echo_only request's output: its choices emptied of the one token the engine had to generate."""
+
+    def emptied(o: Any) -> Any:
+        logprobs = None if o.logprobs is None else []
+        return dataclasses.replace(o, text="", token_ids=[], logprobs=logprobs, cumulative_logprob=None)
+
+    return dataclasses.replace(out, outputs=[emptied(o) for o in out.outputs])
 
 
 def _echo_texts(state: ServerState, req: CompletionRequest, prompt_ids: list[list[int]]) -> list[str]:
@@ -157,6 +170,11 @@ class CompletionEvents(StreamEvents):
         if not self.prompt_texts or self.prompt_later:
             return []
         return [self.chunk(i, j, self.prompt_texts[i]) for i, j in self.trackers]
+
+    def batch(self, changed: list[tuple[int, Any]]) -> list[bytes]:
+        if self.req.echo_only():
+            changed = [(i, _prompt_only(out)) for i, out in changed]
+        return super().batch(changed)
 
     def choice(self, i: int, o: Any, d: fmt.Delta) -> list[bytes]:
         texts = self.texts.get((i, o.index))

@@ -279,7 +279,8 @@ class SamplingFields(_Request):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's legacy default
+    # OpenAI's legacy default; 0 with echo scores the prompt and generates nothing (`echo_only`)
+    max_tokens: int | None = Field(default=16, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -297,7 +298,16 @@ class CompletionRequest(SamplingFields):
         p = self.prompt
         if p == "" or (isinstance(p, list) and (not p or (_is_batch(p) and any(len(x) == 0 for x in p)))):
             raise ValueError("prompt must not be empty")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens must be at least 1 (0 only with echo: the prompt scored, nothing generated)")
+        if self.max_tokens == 0 and self.min_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens (0)")
         return self
+
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0 (OpenAI's legacy way to score a text, as vLLM takes it): the engine runs the
+        prompt pass (one token, which is dropped) and the choices carry the prompt alone."""
+        return self.echo and self.max_tokens == 0
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of single prompts (text or token ids)."""
