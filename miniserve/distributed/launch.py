@@ -194,23 +194,17 @@ class SpawnedRanks:
                 print(f"miniserve: {self.failure}; exiting", file=sys.stderr, flush=True)
                 os._exit(1)
 
-    def stop(self, send_stop: Callable[[], None] | None, leave: Callable[[], None] = lambda: None) -> None:
-        """Stop every rank: `send_stop` tells them (when they are listening), then stragglers are terminated.
-        `leave`: rank 0 leaving the process group, done while the told ranks leave theirs: NCCL's teardown of a
-        communicator waits for every rank's (rank 0 leaving after the others had exited hung for good)."""
+    def stop(self, send_stop: Callable[[], None] | None) -> None:
+        """Stop every rank: `send_stop` tells them (when they are listening), then stragglers are terminated."""
         if self.stopping:
             return
         self.stopping = True
         os.write(self._wake_w, b"x")
-        told = False
         if send_stop is not None and self.failure is None:
             try:
                 send_stop()
-                told = True
             except Exception:  # a rank is gone: the others are terminated below
                 logger.debug("stop message failed", exc_info=True)
-        if told:
-            leave()
         deadline = time.monotonic() + (STOP_TIMEOUT_S if send_stop is not None else 0.0)
         for p in self.procs.values():
             p.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -221,8 +215,6 @@ class SpawnedRanks:
             if p.is_alive():
                 p.kill()
                 p.join()
-        if not told:
-            leave()
         watcher = getattr(self, "_watcher", None)
         if watcher is not None:
             watcher.join(timeout=5.0)

@@ -71,16 +71,12 @@ class _Group:
         self.closed = True
         listening = not self.busy and self.failure is None  # else the ranks are inside a pass: no stop message
         send = (lambda: self.group.channel.send([Op.STOP])) if listening else None
-
-        def leave() -> None:
-            if not self.busy or self.group.backend == "gloo":  # (NCCL: a pass may still be queued on the GPU)
-                leave_group(self.group)
-
         if self.spawned is not None:
-            self.spawned.stop(send, leave)  # rank 0 leaves the group beside the others (NCCL waits for all)
+            self.spawned.stop(send)
         elif send is not None:
             send()
-        leave()  # (a no-op once left)
+        if not self.busy or self.group.backend == "gloo":  # (NCCL: a pass may still be queued on the GPU)
+            leave_group(self.group)
 
 
 def serve_as_other_rank(config: EngineConfig) -> bool:
