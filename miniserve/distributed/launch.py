@@ -102,9 +102,9 @@ def join_group(rank: int, size: int, device: torch.device, store: dist.Store | N
 
 
 def leave_group(group: RankGroup | None = None) -> None:
-    """Leave torch.distributed. NCCL communicators are aborted, not destroyed: on 2 H200s rank 0's
-    destroy_process_group never returned once the ranks had run CUDA-graph passes (its teardown waits on the
-    peers); at a stop every pass has finished, so nothing is lost."""
+    """Leave torch.distributed. NCCL communicators are aborted (which waits for no peer), not destroyed: on 2
+    H200s rank 0's destroy_process_group never returned at an engine's shutdown
+    (benchmarks/results/tp_shutdown_h200x2.md); at a stop no pass is in flight, so nothing is lost."""
     if dist.is_initialized():
         if dist.get_backend() == "nccl":
             dist.distributed_c10d._abort_process_group()  # every group of this process, gloo's control one too
