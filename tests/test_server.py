@@ -181,7 +181,13 @@ def test_models_health_tokenize_detokenize(url, client, hf_tok):
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL_NAME]
     assert models[0].model_extra["max_model_len"] == MAX_MODEL_LEN
+    card = client.models.retrieve(MODEL_NAME)
+    assert (card.id, card.model_extra["max_model_len"]) == (MODEL_NAME, MAX_MODEL_LEN)
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.models.retrieve(MODEL_NAME + "-other")
+    assert exc.value.body["code"] == "model_not_found"
     assert httpx.get(url + "/health").json() == {"status": "ok"}
+    assert httpx.get(url + "/ping").json() == httpx.post(url + "/ping").json() == {"status": "ok"}
     prompt = "Now is the winter of our discontent"
     r = httpx.post(url + "/tokenize", json={"prompt": prompt}).json()
     assert r == {

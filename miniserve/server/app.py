@@ -48,9 +48,8 @@ from miniserve.settings import from_sources
 logger = logging.getLogger("miniserve.server")
 
 
-async def list_models(request: Request) -> JSONResponse:
-    state = state_of(request)
-    card = {
+def _model_card(state: ServerState) -> dict:
+    return {
         "id": state.model_name,
         "object": "model",
         "created": int(time.time()),
@@ -58,7 +57,17 @@ async def list_models(request: Request) -> JSONResponse:
         "root": state.model_name,  # the served name: where the weights sit on the server is not the client's business
         "max_model_len": state.max_model_len,
     }
-    return JSONResponse({"object": "list", "data": [card]})
+
+
+async def list_models(request: Request) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": [_model_card(state_of(request))]})
+
+
+async def retrieve_model(request: Request, model: str) -> JSONResponse:
+    """OpenAI's GET /v1/models/{model} (the client's `models.retrieve`): the served model's card, else a 404."""
+    state = state_of(request)
+    state.check_model(model)
+    return JSONResponse(_model_card(state))
 
 
 async def version(request: Request) -> JSONResponse:
@@ -117,10 +126,12 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
     v1.add_api_route("/completions", create_completion, methods=["POST"])
     v1.add_api_route("/chat/completions", create_chat_completion, methods=["POST"])
     v1.add_api_route("/models", list_models, methods=["GET"])
+    v1.add_api_route("/models/{model:path}", retrieve_model, methods=["GET"])  # (served names may hold a "/")
     app.include_router(v1)
     app.add_api_route("/tokenize", tokenize, methods=["POST"])
     app.add_api_route("/detokenize", detokenize, methods=["POST"])
     app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/ping", health, methods=["GET", "POST"])  # vLLM's (SageMaker's) name for it
     app.add_api_route("/version", version, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
     for error, handler in ERROR_HANDLERS.items():
