@@ -175,6 +175,24 @@ def test_refused_fields_at_their_default_are_accepted(url):
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize(
+    ("path", "base", "fields"),
+    [
+        ("/v1/completions", PROMPT, {**OPENAI_COMPLETION_FIELDS, **VLLM_COMMON_FIELDS, **VLLM_COMPLETION_ONLY}),
+        ("/v1/chat/completions", MESSAGES, {**OPENAI_CHAT_FIELDS, **VLLM_COMMON_FIELDS, **VLLM_CHAT_ONLY}),
+    ],
+)
+def test_every_field_sent_as_null_reads_as_not_given(url, path, base, fields):
+    """OpenAI's schemas mark optional fields nullable (n, stream, the penalties, echo, chat logprobs, ...), and
+    clients that write every field send null for the unset ones: the answer equals the one without them."""
+    plain = {"model": MODEL_NAME, **base, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    nulls = {name: None for name in fields if name not in plain and name not in base}
+    r = post(url, path, {**plain, **nulls})
+    assert r.status_code == 200, r.text
+    want = post(url, path, plain).json()["choices"]
+    assert r.json()["choices"] == want and len(nulls) > 40
+
+
 def test_unknown_fields_are_ignored_with_one_warning(url, log_path):
     body = {"model": MODEL_NAME, **PROMPT, "max_tokens": 2, "made_up_field": 1, "another_one": "x"}
     assert post(url, "/v1/completions", body).status_code == 200

@@ -8,6 +8,7 @@ malformed JSON to an out-of-range `top_p`, comes back as OpenAI's `{"error": {..
 from __future__ import annotations
 
 import json
+import typing
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
@@ -58,6 +59,17 @@ class _Request(BaseModel):
     # field -> (accepts(value), why other values are refused); checked after validation
     _REFUSED: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """An explicit null for an optional field that takes no None means "not given": its default. OpenAI's
+        schemas mark n, stream, the penalties, echo and chat's logprobs nullable (vLLM reads null so), and clients
+        that write every field send them."""
+        if isinstance(data, dict) and None in data.values():
+            fields = _defaulted_on_null(cls)
+            data = {k: v for k, v in data.items() if v is not None or k not in fields}
+        return data
+
     @model_validator(mode="after")
     def _check_refused(self) -> _Request:
         for name, (accepts, why) in self._REFUSED.items():
@@ -78,6 +90,22 @@ class _Request(BaseModel):
                     where = f"{prefix}{name}[{j}]." if isinstance(value, list) else f"{prefix}{name}."
                     out += item.ignored_fields(where)
         return out
+
+
+_DEFAULTED_ON_NULL: dict[type, frozenset[str]] = {}
+
+
+def _defaulted_on_null(cls: type[BaseModel]) -> frozenset[str]:
+    """Names (and aliases) of `cls`'s fields that have a default and whose type does not take None."""
+    if cls not in _DEFAULTED_ON_NULL:
+        names = set()
+        for name, field in cls.model_fields.items():
+            args = typing.get_args(field.annotation)
+            takes_none = field.annotation in (Any, None, type(None)) or type(None) in args
+            if not field.is_required() and not takes_none:
+                names |= {name, field.alias} - {None}
+        _DEFAULTED_ON_NULL[cls] = frozenset(names)
+    return _DEFAULTED_ON_NULL[cls]
 
 
 def _unset(value: Any) -> bool:
