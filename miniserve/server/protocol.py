@@ -7,6 +7,7 @@ malformed JSON to an out-of-range `top_p`, comes back as OpenAI's `{"error": {..
 
 from __future__ import annotations
 
+import functools
 import json
 import typing
 from collections.abc import Callable
@@ -92,20 +93,15 @@ class _Request(BaseModel):
         return out
 
 
-_DEFAULTED_ON_NULL: dict[type, frozenset[str]] = {}
-
-
+@functools.cache
 def _defaulted_on_null(cls: type[BaseModel]) -> frozenset[str]:
     """Names (and aliases) of `cls`'s fields that have a default and whose type does not take None."""
-    if cls not in _DEFAULTED_ON_NULL:
-        names = set()
-        for name, field in cls.model_fields.items():
-            args = typing.get_args(field.annotation)
-            takes_none = field.annotation in (Any, None, type(None)) or type(None) in args
-            if not field.is_required() and not takes_none:
-                names |= {name, field.alias} - {None}
-        _DEFAULTED_ON_NULL[cls] = frozenset(names)
-    return _DEFAULTED_ON_NULL[cls]
+    names: set[str] = set()
+    for name, field in cls.model_fields.items():
+        takes_none = field.annotation in (Any, None, type(None)) or type(None) in typing.get_args(field.annotation)
+        if not field.is_required() and not takes_none:
+            names |= {name, field.alias} - {None}
+    return frozenset(names)
 
 
 def _unset(value: Any) -> bool:
