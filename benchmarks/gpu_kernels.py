@@ -210,6 +210,27 @@ def check_fp8_page_decode(device) -> list[dict]:
     return rows
 
 
+@triton.jit
+def _decode_words_kernel(words_ptr, lo_ptr, hi_ptr):
+    offs = tl.program_id(0) * 1024 + tl.arange(0, 1024)
+    lo, hi = page_decode.e4m3x2_to_fp16_pair(tl.load(words_ptr + offs))
+    tl.store(lo_ptr + offs, lo)
+    tl.store(hi_ptr + offs, hi)
+
+
+def check_fp8_pair_decode(device) -> list[dict]:
+    """All 65,536 int16 words through the byte-pair conversion of the default FP8 V read (KV_FP8_HW_PAIRS): the
+    low byte must give the first value, the high byte the second, each its e4m3fn code's value (NaN for NaN)."""
+    words = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32, device=device).to(torch.int16)
+    lo, hi = (torch.empty(1 << 16, dtype=torch.float16, device=device) for _ in range(2))
+    _decode_words_kernel[(64,)](words, lo, hi)
+    codes = words.view(torch.uint8).view(-1, 2)  # little-endian: [:, 0] the low byte
+    want = torch.from_numpy(all_code_values(torch.float8_e4m3fn)).to(device)[codes.long()]
+    got = torch.stack((lo, hi), dim=1).double()
+    bad = ~((got == want) | (got.isnan() & want.isnan()))
+    return [dict(words=1 << 16, mismatching_low=int(bad[:, 0].sum()), mismatching_high=int(bad[:, 1].sum()))]
+
+
 def attention_batch(device, seqs, block_size, q_heads, kv_heads, head_dim, cache_dtype, q_dtype, seed=0):
     """Sequences [(seq_len, q_len)] with shuffled pages, written through the fused kernel."""
     g = torch.Generator(device=device).manual_seed(seed)
@@ -319,7 +340,7 @@ def check_decode_vs_extend(device) -> list[dict]:
     seqs = [(int(n), 1) for n in torch.randint(1, 513, (256,), generator=g)]
     e4m3fn, bf16 = torch.float8_e4m3fn, torch.bfloat16
     cases = [(32, 8, 128, bf16, "auto"), (32, 8, 64, bf16, "auto"), (16, 8, 128, bf16, "auto")]
-    cases += [(hq, hkv, d, e4m3fn, mode) for hq, hkv, d, _, _ in cases for mode in ("auto", "hw-staged")]
+    cases += [(hq, hkv, d, e4m3fn, mode) for hq, hkv, d, _, _ in cases for mode in ("auto", "hw", "hw-staged")]
     rows = []
     for hq, hkv, d, cache, mode in cases:
         q, kc, vc, meta, ks, vs = attention_batch(device, seqs, 16, hq, hkv, d, cache, bf16)
@@ -449,6 +470,10 @@ def summary(results: dict) -> list[str]:
     decode = results.get("fp8_page_decode")
     if isinstance(decode, list):
         out.append(f"fp8 page decode: {len(decode)} modes, {sum(r['mismatches'] for r in decode)} mismatching codes")
+    pairs = results.get("fp8_pair_decode")
+    if isinstance(pairs, list):
+        out.append(f"fp8 pair decode: {pairs[0]['mismatching_low'] + pairs[0]['mismatching_high']} mismatching of "
+                   f"{2 * pairs[0]['words']} bytes")  # fmt: skip
     att = results.get("attention_vs_reference")
     if isinstance(att, list):
         out.append(f"attention vs reference: {sum(r['ok'] for r in att)}/{len(att)} ok")
@@ -488,6 +513,7 @@ CHECKS = {
     "skinny_linear": check_skinny_linear,
     "gate_up_silu": check_gate_up_silu,
     "fp8_page_decode": check_fp8_page_decode,
+    "fp8_pair_decode": check_fp8_pair_decode,
     "attention_vs_reference": check_attention,
     "extend_variants": check_extend_variants,
     "decode_vs_extend": check_decode_vs_extend,

@@ -32,6 +32,8 @@
 #   OLD=DIR OLD_COMMIT=... bash benchmarks/h200_suite.sh mlpab OUT_DIR  # the same for the fused gate/up + SiLU·mul
 #   bash benchmarks/h200_suite.sh smallkernels OUT_DIR # the KV write's launch settings, and power-of-two vs dividing scales
 #   bash benchmarks/h200_suite.sh dependentab OUT_DIR # EngineConfig.dependent_launch auto vs off: batch 1 (1B, 8B), 64, nano
+#   bash benchmarks/h200_suite.sh pairs OUT_DIR   # the FP8 V read in byte pairs: conversion, decode vs extend, speed, engine
+#   bash benchmarks/h200_suite.sh pairsab OUT_DIR # end to end, FP8 runs with the pair read and the byte read ("hw")
 # Every step is bounded in time and independent of the others: one that fails leaves the rest to run.
 set -u
 part=$1
@@ -425,6 +427,27 @@ fi
 
 if [ "$part" = mlpab ]; then
   tree_ab mlpab mlp_silu_ab_h200.json  # gate/up with the SiLU·mul in its epilogue (linear_silu_and_mul)
+fi
+
+if [ "$part" = pairs ]; then
+  # the FP8 V read in byte pairs (decode_attention.pv_by_pairs, "auto" on NVIDIA): its conversion of every word,
+  # decode against extend and the references, its speed and float64 error beside the byte read ("hw"), the engine
+  timeout 150 python3 benchmarks/gpu_kernels.py --checks fp8_page_decode fp8_pair_decode attention_vs_reference \
+    decode_vs_extend --out "$out/kernel_checks_fp8_pairs_h200.json" 2>&1 | grep -v -i warn | tail -8
+  timeout 200 python3 benchmarks/tune_decode_attention.py --fp8-variants --variants default hw staged \
+    'pairs uncapped' 'pairs s3' --out "$out/decode_attention_fp8_pairs_h200.json" 2>&1 | grep -v -i warn | tail -30
+  OUT="$out" timeout 220 python3 benchmarks/gpu_engine_check.py > "$out/engine_check.log" 2>&1
+  grep -E '"equal|identical|agree' "$out/engine_check.log" | sort | uniq -c | head -20
+fi
+
+if [ "$part" = pairsab ]; then
+  # end to end: each FP8 run with the pair read (default) and the byte read ("hw"), in one process, bf16 beside
+  tp 220 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-variant default hw --repeats 2 \
+    --out "$out/throughput_nano_pairs_h200.json"
+  tp 120 --shape llama-3.2-1b --workload fixed --batch 64 --prompt 512 --gen 256 --kv-cache-dtype auto fp8 \
+    --decode-variant default hw --repeats 2 --out "$out/throughput_fixed_llama1b_pairs_h200.json"
+  tp 220 --shape llama-3.1-8b --workload fixed --batch 64 --prompt 512 --gen 128 --kv-cache-dtype auto fp8 \
+    --decode-variant default hw --repeats 1 --out "$out/throughput_fixed_llama8b_pairs_h200.json"
 fi
 
 if [ "$part" = smallkernels ]; then

@@ -42,6 +42,7 @@ CACHES = {
     "bf16": (torch.bfloat16, "auto"),
     "fp8": (torch.float8_e4m3fn, "hw"),
     "fp8-staged": (torch.float8_e4m3fn, "hw-staged"),
+    "fp8-pairs": (torch.float8_e4m3fn, "hw-pairs"),
     "fp8-bits": (torch.float8_e4m3fn, "bits"),
 }
 BLOCK_SIZE = 16

@@ -40,33 +40,39 @@ SHAPES = {
 
 
 # The FP8 decode variants that offline compiler analysis found promising (kernel_resources.py; write-up in
-# benchmarks/results/decode_attention_fp8_registers.md), measured by --fp8-variants. None is a default: "staged"
-# keeps the default's arithmetic exactly (same tiles, same conversion instruction); block_n=64 changes the
-# accumulation order of every FP8 query (decode and extend share kv_block_n), so it needs this measurement first.
+# benchmarks/results/decode_attention_fp8_registers.md), measured by --fp8-variants. "staged" and the "hw" ones use
+# the default's tiles and conversion instruction; block_n=64 changes the accumulation order of every FP8 query
+# (decode and extend share kv_block_n), so it needs this measurement first.
 # name: decode_attention keyword arguments (the tests run every one against the torch reference)
 FP8_VARIANTS = {
     "default": dict(fp8_decode="auto"),
-    "uncapped": dict(fp8_decode="auto", maxnreg=0),  # the default before default_register_cap
+    "uncapped": dict(fp8_decode="hw", maxnreg=0),  # the default before default_register_cap
     "staged": dict(fp8_decode="hw-staged"),
     "staged w8": dict(fp8_decode="hw-staged", num_warps=8),
     "staged bn64": dict(fp8_decode="hw-staged", block_n=64),
     "staged bn64 w8": dict(fp8_decode="hw-staged", block_n=64, num_warps=8),
-    "w8": dict(fp8_decode="auto", num_warps=8),
-    "bn64": dict(fp8_decode="auto", block_n=64),
-    "bn64 w8": dict(fp8_decode="auto", block_n=64, num_warps=8),
+    "w8": dict(fp8_decode="hw", num_warps=8),
+    "bn64": dict(fp8_decode="hw", block_n=64),
+    "bn64 w8": dict(fp8_decode="hw", block_n=64, num_warps=8),
     "staged s1": dict(fp8_decode="hw-staged", num_stages=1),
     # register caps at which ptxas (triton 3.6) does not spill: more resident programs, same arithmetic
-    "r168": dict(fp8_decode="auto", maxnreg=168),
-    "r128": dict(fp8_decode="auto", maxnreg=128),  # head_dim 64: 137 -> 127 registers, no spill, 3 -> 4 blocks/SM
-    "r96": dict(fp8_decode="auto", maxnreg=96),  # head_dim 64: 80 bytes of spill, 5 blocks/SM
+    "r168": dict(fp8_decode="hw", maxnreg=168),
+    "r128": dict(fp8_decode="hw", maxnreg=128),  # head_dim 64: 137 -> 127 registers, no spill, 3 -> 4 blocks/SM
+    "r96": dict(fp8_decode="hw", maxnreg=96),  # head_dim 64: 80 bytes of spill, 5 blocks/SM
     "staged bn64 r80": dict(fp8_decode="hw-staged", block_n=64, maxnreg=80),
     "staged w8 r80": dict(fp8_decode="hw-staged", num_warps=8, maxnreg=80),
     "staged s1 r128": dict(fp8_decode="hw-staged", num_stages=1, maxnreg=128),  # 8 bytes of stack: 4 blocks/SM
     # head_dim 64 at short contexts (Llama-3.2-1B): a program runs 2-3 tiles, so each tile's dependent loads
     # (block table, then K/V) are barely hidden; more, smaller programs an SM, or a deeper pipeline, may hide them
-    "w2": dict(fp8_decode="auto", num_warps=2),
-    "s3": dict(fp8_decode="auto", num_stages=3),
-    "w2 s3": dict(fp8_decode="auto", num_warps=2, num_stages=3),
+    "w2": dict(fp8_decode="hw", num_warps=2),
+    "s3": dict(fp8_decode="hw", num_stages=3),
+    "w2 s3": dict(fp8_decode="hw", num_warps=2, num_stages=3),
+    # "default" ("auto") reads V in int16 byte pairs (decode_attention.pv_by_pairs) under a register cap of 128;
+    # "hw" is the default before it, V gathered byte by byte, under the same cap
+    "hw": dict(fp8_decode="hw"),
+    "pairs uncapped": dict(fp8_decode="hw-pairs", maxnreg=0),
+    "pairs s3": dict(fp8_decode="hw-pairs", num_stages=3),
+    "pairs w8": dict(fp8_decode="hw-pairs", num_warps=8),
 }
 
 
@@ -83,10 +89,25 @@ def time_config(case, fp8_decode: str = "auto", **kw) -> float:
     return bench_gpu_ms(fn)
 
 
+def fp64_reference(q, kc, vc, meta, k_scale, v_scale, sm_scale: float) -> torch.Tensor:
+    """Decode attention over the dequantized cache in float64, sequence by sequence: the exact answer that every
+    kernel's bf16 output approximates."""
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+    block_size, kv_heads, head_dim = kc.shape[1:]
+    group = q.shape[1] // kv_heads
+    for b, seq_len in enumerate(meta.seq_lens.tolist()):
+        pages = meta.block_tables[b, : -(-seq_len // block_size)].long()
+        k, v = (c[pages].reshape(-1, kv_heads, head_dim)[:seq_len].double() for c in (kc, vc))
+        qb = q[b].double().view(kv_heads, group, head_dim)
+        scores = torch.einsum("hgd,nhd->hgn", qb, k * k_scale.double()) * sm_scale
+        out[b] = torch.einsum("hgn,nhd->hgd", scores.softmax(-1), v * v_scale.double()).reshape(-1, head_dim)
+    return out
+
+
 def fp8_variants(names: list[str] | None = None) -> list[dict]:
     """Every FP8_VARIANTS entry at every shape: GPU time, KV bandwidth, speedup over the bf16 cache at its
-    default, and whether its output is bit-identical to the default FP8 kernel's (the condition for making it
-    the default without changing any result)."""
+    default, whether its output is bit-identical to the default FP8 kernel's, and each output's distance from
+    the float64 answer (max and mean absolute error: whether a variant that changes bits is any less accurate)."""
     rows = []
     for name, shp in SHAPES.items():
         bf16 = make_case(*shp, torch.bfloat16)
@@ -95,6 +116,7 @@ def fp8_variants(names: list[str] | None = None) -> list[dict]:
         case = make_case(*shp, torch.float8_e4m3fn)
         q, kc, vc, meta, (ks, vs), nbytes = case
         default = decode_attention(q, kc, vc, meta, ks, vs, 0.1)
+        exact = fp64_reference(q, kc, vc, meta, ks, vs, 0.1)
         for variant, kw in FP8_VARIANTS.items():
             if names and variant not in names:
                 continue
@@ -112,6 +134,8 @@ def fp8_variants(names: list[str] | None = None) -> list[dict]:
                 speedup_vs_bf16=bf16_us / us,
                 identical_to_default=bool(torch.equal(out, default)),
                 max_abs_diff_to_default=(out.float() - default.float()).abs().max().item(),
+                max_abs_err_fp64=(out.double() - exact).abs().max().item(),
+                mean_abs_err_fp64=(out.double() - exact).abs().mean().item(),
             )
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -216,7 +240,9 @@ def main() -> None:
                 print(f"{r['shape']:25s} {r['variant']:16s} {r['error']}")
                 continue
             same = "bit-identical to default" if r["identical_to_default"] else "differs from default"
-            print(f"{r['shape']:25s} {r['variant']:16s} {r['us']:8.1f} us  x{r['speedup_vs_bf16']:.2f} vs bf16  {same}")
+            err = f"fp64 err max {r['max_abs_err_fp64']:.2e} mean {r['mean_abs_err_fp64']:.3e}"
+            speed = f"{r['us']:8.1f} us  x{r['speedup_vs_bf16']:.2f} vs bf16"
+            print(f"{r['shape']:25s} {r['variant']:16s} {speed}  {same}  {err}")
         if args.out:
             write_result(args.out, {"gpu": torch.cuda.get_device_name(), "fp8_variants": rows})
         return

@@ -2,9 +2,10 @@
 
 Under TRITON_INTERPRET=1 the launchers pick interpreter-friendly settings: KV tiles of 16 positions and query
 tiles of 16 (GPU: 64 / 128 for FP8 caches, and 64), one 65,536-element program for the KV write (GPU: ~2K per
-program), SiLU*mul columns of 4096 (GPU: 1024), the bit-field FP8 decode (GPU, e4m3fn on NVIDIA: KV_FP8_HW, the
-hardware fp8 -> fp16 conversion) and fp32 dots for bf16 (GPU: bf16 dots). The tests below force the GPU's choice
-of each, except the bf16 dot, and compare with the torch references and the independent FP8 oracle.
+program), SiLU*mul columns of 4096 (GPU: 1024), the bit-field FP8 decode (GPU, e4m3fn on NVIDIA:
+KV_FP8_HW_PAIRS, the hardware fp8 -> fp16 conversion with V read in byte pairs) and fp32 dots for bf16 (GPU: bf16
+dots). The tests below force the GPU's choice of each, except the bf16 dot, and compare with the torch references
+and the independent FP8 oracle.
 
 What the interpreter cannot run, and which GPU script covers it instead: tests/README.md.
 """
@@ -37,12 +38,12 @@ GPU_BLOCK_M = 64
 
 @pytest.fixture
 def hardware_fp8_decode(monkeypatch):
-    """The decode mode a CUDA device picks for e4m3fn caches (KV_FP8_HW), on the interpreter."""
+    """The decode mode a CUDA device picks for e4m3fn caches (KV_FP8_HW_PAIRS), on the interpreter."""
     original = decode_module.kv_mode
 
     def gpu_kv_mode(cache_dtype, device, fp8_decode="auto"):
-        if cache_dtype == torch.float8_e4m3fn:
-            return decode_module.KV_FP8_HW, True, 1.0
+        if cache_dtype == torch.float8_e4m3fn and fp8_decode == "auto":
+            return decode_module.KV_FP8_HW_PAIRS, True, 1.0
         return original(cache_dtype, device, fp8_decode)
 
     monkeypatch.setattr(decode_module, "kv_mode", gpu_kv_mode)
@@ -108,7 +109,7 @@ def test_fp8_decode_variants_queued_for_the_gpu(variant):
 
     kw = {"block_n": GPU_BLOCK_N[torch.float8_e4m3fn], **FP8_VARIANTS[variant]}
     if kw["fp8_decode"] == "auto":
-        kw["fp8_decode"] = "hw"  # what "auto" is on a CUDA device
+        kw["fp8_decode"] = "hw-pairs"  # what "auto" is on a CUDA device
     for seqs, kernel, extra in (
         (DECODE_SEQS + [(300, 1)], decode_attention, {}),
         (EXTEND_SEQS + [(200, 70)], extend_attention, dict(block_m=GPU_BLOCK_M)),
@@ -171,11 +172,78 @@ def test_extend_variant_benchmarks_run_on_the_cpu():
     assert "could not run" in gpu_kernels.summary({"extend_variants": rows})[0]
 
 
+@triton.jit
+def _decode_words_kernel(words_ptr, lo_ptr, hi_ptr):
+    offs = tl.program_id(0) * 4096 + tl.arange(0, 4096)
+    lo, hi = decode_module.e4m3x2_to_fp16_pair(tl.load(words_ptr + offs))
+    tl.store(lo_ptr + offs, lo)
+    tl.store(hi_ptr + offs, hi)
+
+
+def test_fp8_pair_decode_of_all_65536_words():
+    """The default V read's conversion (KV_FP8_HW_PAIRS) turns every int16 word into its low byte's e4m3fn value,
+    then its high byte's: the cache's byte order, column 2j then 2j + 1. Here by Triton's cast (NaN codes give
+    +-480, as in test_fp8_page_decode_of_all_256_codes); benchmarks/gpu_kernels.py checks the GPU's PTX."""
+    words = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    lo, hi = torch.empty(1 << 16, dtype=torch.float16), torch.empty(1 << 16, dtype=torch.float16)
+    _decode_words_kernel[(16,)](words, lo, hi)
+    codes = words.numpy().view(np.uint8).reshape(-1, 2)  # little-endian: [:, 0] is the low byte
+    values = all_code_values(torch.float8_e4m3fn)
+    for got, byte in ((lo, codes[:, 0]), (hi, codes[:, 1])):
+        want, got = values[byte], got.numpy().astype(np.float64)
+        nan = np.isnan(want)
+        assert nan.sum() == 2 * 256 and np.array_equal(np.abs(got[nan]), np.full(512, 480.0))
+        np.testing.assert_array_equal(got[~nan], want[~nan])
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_pair_read_of_v_equals_the_byte_read(head_dim):
+    """The default FP8 V read (byte pairs, two dots of half the head_dim) against the byte-by-byte one ("hw"), in
+    the decode kernel and in the extend kernel's 16-row tiles, whose dots run on mma.sync as decode's do; ragged
+    contexts, splits, GQA groups of 4. The interpreter's dots make them equal bit for bit; on a GPU the MMA packs
+    its operands differently and a few outputs move by an ulp (tune_decode_attention.py --fp8-variants)."""
+    from miniserve.kernels.decode_attention import decode_attention
+    from miniserve.kernels.extend_attention import extend_attention
+
+    for seqs, kernel, kw in (
+        (DECODE_SEQS + [(300, 1)], decode_attention, dict(block_n=128, split_tokens=128)),
+        (EXTEND_SEQS + [(200, 70)], extend_attention, dict(block_n=128, block_m=16)),
+    ):
+        b = make_batch(seqs, 16, 8, 2, head_dim, torch.float8_e4m3fn, torch.bfloat16, seed=head_dim)
+        args = (b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3)
+        pairs, byte = kernel(*args, fp8_decode="hw-pairs", **kw), kernel(*args, fp8_decode="hw", **kw)
+        assert torch.equal(pairs, byte)
+        want = paged_attention(*args, backend="torch")
+        torch.testing.assert_close(pairs.float(), want.float(), **tolerance(torch.bfloat16))
+
+
+def test_pair_read_falls_back_where_words_do_not_fit(monkeypatch):
+    """pairs_or_hw: the pair read needs an unpadded head_dim (a power of two from 16) and 2-byte aligned rows;
+    elsewhere the byte read runs, and other modes pass through. A 48-wide head (padded to 64) still decodes right."""
+    from miniserve.kernels.decode_attention import decode_attention, pairs_or_hw
+
+    pairs, hw = decode_module.KV_FP8_HW_PAIRS, decode_module.KV_FP8_HW
+    cache = torch.zeros(4, 16, 2, 128, dtype=torch.uint8)
+    got = [pairs_or_hw(pairs, d, cache) for d in (8, 16, 48, 64, 96, 128, 256)]
+    assert got == [hw, pairs, hw, pairs, hw, pairs, pairs]
+    assert pairs_or_hw(pairs, 64, cache[..., 1:65]) == hw  # an odd start: words would straddle two columns
+    assert pairs_or_hw(pairs, 63, cache[..., :63]) == hw
+    assert pairs_or_hw(decode_module.KV_FP8_HW_STAGED, 96, cache) == decode_module.KV_FP8_HW_STAGED
+    b = make_batch(DECODE_SEQS, 16, 4, 2, 48, torch.float8_e4m3fn, torch.bfloat16, seed=5)
+    args = (b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3)
+    got = decode_attention(*args, fp8_decode="hw-pairs")
+    want = paged_attention(*args, backend="torch")
+    torch.testing.assert_close(got.float(), want.float(), **tolerance(torch.bfloat16))
+
+
 def test_fp8_decode_modes_are_checked():
-    """ "hw" and "hw-staged" are NVIDIA's e4m3fn conversion: asked for on another format, they fail loudly."""
+    """ "hw", "hw-staged" and "hw-pairs" are NVIDIA's e4m3fn conversion: asked for on another format, they fail
+    loudly; "auto" picks the pair read on NVIDIA GPUs only."""
     cpu = torch.device("cpu")
     assert decode_module.kv_mode(torch.float8_e4m3fn, cpu, "hw-staged") == (decode_module.KV_FP8_HW_STAGED, True, 1.0)
     assert decode_module.kv_mode(torch.float8_e4m3fn, cpu, "hw") == (decode_module.KV_FP8_HW, True, 1.0)
+    assert decode_module.kv_mode(torch.float8_e4m3fn, cpu, "hw-pairs") == (decode_module.KV_FP8_HW_PAIRS, True, 1.0)
+    assert decode_module.kv_mode(torch.float8_e4m3fn, cpu, "auto")[0] == decode_module.KV_FP8_BITS  # the interpreter
     assert decode_module.kv_mode(torch.bfloat16, cpu, "hw-staged")[0] == decode_module.KV_PLAIN
     with pytest.raises(ValueError, match="e4m3fn"):
         decode_module.kv_mode(torch.float8_e4m3fnuz, cpu, "hw-staged")
@@ -292,6 +360,7 @@ def test_decode_register_cap_by_shape(monkeypatch):
     assert dec.default_register_cap(64, fp8, "auto", cuda) == 128
     assert dec.default_register_cap(128, torch.bfloat16, "auto", cuda) == 0
     assert dec.default_register_cap(128, fp8, "hw-staged", cuda) == 0
+    assert dec.default_register_cap(128, fp8, "hw", cuda) == dec.default_register_cap(64, fp8, "hw-pairs", cuda) == 128
     assert dec.default_register_cap(96, fp8, "auto", cuda) == 0
     assert dec.default_register_cap(256, fp8, "auto", cuda) == 0
     assert dec.default_register_cap(128, fp8, "auto", torch.device("cpu")) == 0

@@ -12,6 +12,17 @@ output (v_scale) rather than to every K/V element. The dots against an FP8 cache
 queries: a bf16 -> fp16 conversion per K/V element would make the kernel conversion-bound (H100: 16
 conversions/clock/SM), while bf16 queries fit fp16 exactly (see `fp16_fit_factor`).
 
+How V is read from an FP8 cache decides the kernel's speed. P.V runs on mma.sync (the 16-row GQA tile is too
+small for wgmma), whose B operand packs two consecutive KV positions of a column into a register, while the cache
+stores a position's head_dim contiguously: 16-bit tiles are transposed for free by ldmatrix.trans, 8-bit ones are
+not (sm_90 has no transposing 8-bit ldmatrix), and Triton then gathers the V tile out of shared memory one byte per
+load ("hw"; benchmarks/results/decode_attention_fp8_registers.md). The default on NVIDIA ("auto" = "hw-pairs",
+`pv_by_pairs`) loads V as int16 words, each two adjacent head_dim columns of one position: the words are
+transposed by ldmatrix.trans like a bf16 tile, then split into the even and the odd columns' fp16 values by the
+same conversion instruction, and P.V runs as two dots of half the width. The same values and products per output
+column; the MMA's operand packing differs from "hw", so a few bf16 outputs differ from it by an ulp, no less
+accurate against a float64 reference (benchmarks/results/decode_attention_fp8_pairs_h200.json, with its speed).
+
 The staged FP8 mode (fp8_decode="hw-staged", not the default until measured on a GPU) converts V by the same
 hardware instruction written as inline PTX. Triton cannot look through it, so it converts V in the layout the
 tile was loaded in and stages the fp16 tile through shared memory for the P.V dot (ldmatrix.trans), instead of
@@ -38,8 +49,8 @@ from miniserve.kernels.metadata import AttentionMetadata
 
 LOG2E = 1.4426950408889634
 
-KV_PLAIN, KV_FP8_BITS, KV_FP8_HW, KV_FP8_HW_STAGED = 0, 1, 2, 3
-FP8_DECODES = ("auto", "bits", "hw", "hw-staged")
+KV_PLAIN, KV_FP8_BITS, KV_FP8_HW, KV_FP8_HW_STAGED, KV_FP8_HW_PAIRS = 0, 1, 2, 3, 4
+FP8_DECODES = ("auto", "bits", "hw", "hw-staged", "hw-pairs")
 DECODE_SPLITS = ("by-length", "by-batch")  # split_tokens_for
 
 # Triton's interpreter runs no inline PTX: there the staged mode converts V like KV_FP8_HW (layouts are moot).
@@ -75,6 +86,25 @@ def e4m3fn_to_fp16_ptx(x):
         dtype=tl.float16,
         is_pure=False,
         pack=4,
+    )
+
+
+@triton.jit
+def e4m3x2_to_fp16_pair(x):
+    """int16 holding two e4m3fn bytes (the low one a head_dim column, the high one the next) -> their two fp16
+    values, by the hardware conversion that Triton's own cast emits (the interpreter: by that cast). Marked pure,
+    so Triton moves the P.V dot's operand layout change ahead of it, onto the 16-bit words (ldmatrix.trans)."""
+    if INTERPRETED:
+        lo = (x & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        hi = ((x >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        return lo, hi
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }",
+        "=h,=h,h",
+        [x],
+        dtype=(tl.float16, tl.float16),
+        is_pure=True,
+        pack=1,
     )
 
 
@@ -155,12 +185,53 @@ def page_slots(block_tables_ptr, pos, valid, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
+def zero_acc(ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, KV_MODE: tl.constexpr):
+    """The unnormalized output and its partner: [ROWS, HEAD_DIM_PAD] and an unused placeholder, or for V read in
+    byte pairs (KV_FP8_HW_PAIRS) the even and the odd head_dim columns, [ROWS, HEAD_DIM_PAD // 2] each."""
+    if KV_MODE == 4:
+        acc, acc_odd = tl.zeros([ROWS, HEAD_DIM_PAD // 2], tl.float32), tl.zeros([ROWS, HEAD_DIM_PAD // 2], tl.float32)
+    else:
+        acc, acc_odd = tl.zeros([ROWS, HEAD_DIM_PAD], tl.float32), tl.zeros([1], tl.float32)
+    return acc, acc_odd
+
+
+@triton.jit
+def joined_acc(acc, acc_odd, KV_MODE: tl.constexpr):
+    """zero_acc's pair after the loop -> [ROWS, HEAD_DIM_PAD] in head_dim order."""
+    if KV_MODE == 4:
+        acc = tl.interleave(acc, acc_odd)
+    return acc
+
+
+@triton.jit
+def pv_by_pairs(p, alpha, acc, acc_odd, v_cache_ptr, rows, rows_ok, HALF: tl.constexpr, COMPUTE_DTYPE, DOT_PRECISION):
+    """(acc, acc_odd) * alpha + P.V for an e4m3fn V tile read as int16 words of two head_dim columns: the even
+    and the odd columns are two dots of half the width, so no 8-bit value is ever gathered across threads (sm_90
+    has no transposing 8-bit ldmatrix; the default read gathers V one byte per shared-memory load). Each output
+    column sums the same products in the same K order as one dot; only the MMA's operand packing differs (the
+    bf16 outputs move by an ulp, rarely: decode_attention_fp8_pairs_h200.json). rows: each position's element
+    offset (even: head_dim is even); rows_ok: [BLOCK_N, 1] positions in bounds (None: all)."""
+    offsets = (rows // 2)[:, None] + tl.arange(0, HALF)[None, :]
+    words = v_cache_ptr.to(tl.pointer_type(tl.int16)) + offsets
+    if rows_ok is None:
+        v2 = tl.load(words)
+    else:
+        v2 = tl.load(words, mask=rows_ok, other=0)
+    v_even, v_odd = e4m3x2_to_fp16_pair(v2)
+    p = p.to(COMPUTE_DTYPE)
+    acc = acc * alpha[:, None] + tl.dot(p, v_even.to(COMPUTE_DTYPE), input_precision=DOT_PRECISION)
+    acc_odd = acc_odd * alpha[:, None] + tl.dot(p, v_odd.to(COMPUTE_DTYPE), input_precision=DOT_PRECISION)
+    return acc, acc_odd
+
+
+@triton.jit
 def attend_kv_tile(
     q,
     k_mult,
     m_i,
     l_i,
     acc,
+    acc_odd,
     k_cache_ptr,
     v_cache_ptr,
     page,
@@ -182,10 +253,13 @@ def attend_kv_tile(
     MASKED: tl.constexpr = True,
     SAME_KV_OFFSETS: tl.constexpr = False,
     FUSED_SCALE: tl.constexpr = False,
+    rows_ok=None,
 ):
     """One online-softmax step over a tile of cached K/V (the loop body of the decode and extend kernels, so a
     query gets the same arithmetic from both). Scores are in log2 units; `visible` masks them to -inf.
-    Returns the updated (running max, running sum, unnormalized output).
+    Returns the updated (running max, running sum, unnormalized output, its partner): `acc, acc_odd` come from
+    zero_acc (the odd columns for KV_FP8_HW_PAIRS, which also needs `rows_ok`, [BLOCK_N, 1] positions in
+    bounds or None, and an unpadded head_dim).
 
     Not MASKED (the extend kernel's tiles below the causal diagonal): every score is visible, `visible` is not
     applied (may be None); a None `kv_mask`: every K/V element is in bounds. Its scores are scaled by `mul_rn`,
@@ -214,9 +288,14 @@ def attend_kv_tile(
     if not SAME_KV_OFFSETS:
         rows = page * stride_vb + slot * stride_vs + kv_head * stride_vh
         offsets = rows[:, None] + d[None, :]
-    v = load_kv_tile(v_cache_ptr, offsets, kv_mask, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE, KV_MODE == 3)
-    acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE_DTYPE), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
+    if KV_MODE == 4:
+        acc, acc_odd = pv_by_pairs(
+            p, alpha, acc, acc_odd, v_cache_ptr, rows, rows_ok, d.shape[0] // 2, COMPUTE_DTYPE, DOT_PRECISION
+        )
+    else:
+        v = load_kv_tile(v_cache_ptr, offsets, kv_mask, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE, KV_MODE == 3)
+        acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE_DTYPE), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc, acc_odd
 
 
 @triton.jit(do_not_specialize=["stride_bt"])  # eager steps' block tables vary in width: one compile
@@ -287,17 +366,18 @@ def _decode_split_kernel(
 
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+        acc, acc_odd = zero_acc(GROUP_PAD, HEAD_DIM_PAD, KV_MODE)
         for n0 in range(start, end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             valid = pos < end
             kv_mask = valid[:, None] & d_mask[None, :]
             page, slot = page_slots(block_table, pos, valid, BLOCK_SIZE)
-            m_i, l_i, acc = attend_kv_tile(
-                q, k_mult, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, page, slot, kv_head, stride_kb, stride_ks,
-                stride_kh, stride_vb, stride_vs, stride_vh, d, kv_mask, valid[None, :], KV_MODE, NAN_ALL_ONES,
-                COMPUTE_DTYPE, DOT_PRECISION,
+            m_i, l_i, acc, acc_odd = attend_kv_tile(
+                q, k_mult, m_i, l_i, acc, acc_odd, k_cache_ptr, v_cache_ptr, page, slot, kv_head, stride_kb,
+                stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, d, kv_mask, valid[None, :], KV_MODE,
+                NAN_ALL_ONES, COMPUTE_DTYPE, DOT_PRECISION, rows_ok=valid[:, None],
             )  # fmt: skip
+        acc = joined_acc(acc, acc_odd, KV_MODE)
 
         if num_splits == 1:  # the whole context in one program: normalise and write the output here
             out = acc * (times_cache_scale(1.0, v_scale_ptr, KV_MODE, KV_FACTOR) / l_i)[:, None]
@@ -373,24 +453,36 @@ def kv_block_n(cache_dtype: torch.dtype) -> int:
 def kv_mode(cache_dtype: torch.dtype, device: torch.device, fp8_decode: str = "auto") -> tuple[int, bool, float]:
     """(KV_MODE, NAN_ALL_ONES, KV_FACTOR) for a cache dtype.
 
-    "auto": e4m3fn on NVIDIA uses the hardware fp8 -> fp16 conversion (two values per instruction); every other
-    FP8 case (fnuz, ROCm, the interpreter) uses the exact bit-field decode ("bits"), whose fp16 is off by
-    2^(15 - bias). "hw" and "hw-staged" (module docstring) ask for the hardware conversion of e4m3fn explicitly;
-    in the interpreter (tests) they run its conversion, which agrees with the hardware's except on NaN."""
+    "auto": e4m3fn on NVIDIA uses the hardware fp8 -> fp16 conversion (two values per instruction), reading V in
+    byte pairs ("hw-pairs", `pv_by_pairs`; launchers fall back to "hw" where it cannot: `pairs_or_hw`); every
+    other FP8 case (fnuz, ROCm, the interpreter) uses the exact bit-field decode ("bits"), whose fp16 is off by
+    2^(15 - bias). "hw", "hw-staged" and "hw-pairs" (module docstring) ask for the hardware conversion of e4m3fn
+    explicitly ("hw": V gathered byte by byte, the default before "hw-pairs"); in the interpreter (tests) they
+    run its conversion, which agrees with the hardware's except on NaN."""
     if not is_fp8(cache_dtype):
         return KV_PLAIN, False, 1.0
     if fp8_decode not in FP8_DECODES:
         raise ValueError(f"fp8_decode must be one of {FP8_DECODES}, got {fp8_decode!r}")
     fmt = fp8_format(cache_dtype)
     nan_all_ones = cache_dtype == torch.float8_e4m3fn
-    if fp8_decode in ("hw", "hw-staged"):
+    hw_modes = {"hw": KV_FP8_HW, "hw-staged": KV_FP8_HW_STAGED, "hw-pairs": KV_FP8_HW_PAIRS}
+    if fp8_decode in hw_modes:
         if not nan_all_ones or is_rocm():
             raise ValueError(f"fp8_decode={fp8_decode!r} needs float8_e4m3fn on NVIDIA, not {cache_dtype} here")
-        return (KV_FP8_HW if fp8_decode == "hw" else KV_FP8_HW_STAGED), True, 1.0
+        return hw_modes[fp8_decode], True, 1.0
     hw = nan_all_ones and device.type == "cuda" and not is_rocm() and not triton_interpreter_enabled()
     if hw and fp8_decode == "auto":
-        return KV_FP8_HW, True, 1.0
+        return KV_FP8_HW_PAIRS, True, 1.0
     return KV_FP8_BITS, nan_all_ones, float(2 ** (15 - fmt.exponent_bias))
+
+
+def pairs_or_hw(mode: int, head_dim: int, value_cache: torch.Tensor) -> int:
+    """KV_FP8_HW_PAIRS where V can be read in int16 words of two head_dim columns (an unpadded head_dim: a power
+    of two from 16, and 2-byte aligned rows), else the byte-by-byte KV_FP8_HW; other modes unchanged."""
+    aligned = value_cache.data_ptr() % 2 == 0 and all(s % 2 == 0 for s in value_cache.stride()[:3])
+    if mode == KV_FP8_HW_PAIRS and not (head_dim >= 16 and head_dim & (head_dim - 1) == 0 and aligned):
+        return KV_FP8_HW
+    return mode
 
 
 def compute_dtype(q: torch.Tensor, cache_dtype: torch.dtype) -> dict:
@@ -416,14 +508,16 @@ EXACT_FP8_REGISTERS = 128
 
 
 def default_register_cap(head_dim: int, cache_dtype: torch.dtype, fp8_decode: str, device: torch.device) -> int:
-    """The decode kernel's register cap by shape (0: none). An FP8 cache read exactly ("auto") needs ~200
-    registers a thread at head_dim 128 (two programs an SM) and 137 at 64 (three); capped at 128, four fit (at
-    head_dim 128 with some spilling), with the same arithmetic: bit-identical output, and on the H200 1.16-1.28x
-    faster than uncapped at head_dim 128 (Llama-3.1-8B heads at 8 and 64 x 4k, Qwen3-0.6B at 256 x 1.1k; a cap
-    of 168 gained less), no slower at head_dim 64 (Llama-3.2-1B, 64 x 640): two runs,
-    benchmarks/results/decode_attention_fp8_variants_h200.json and decode_attention_fp8_r128_h200.json. Other head
-    sizes were not measured: none. NVIDIA only."""
-    exact_fp8 = is_fp8(cache_dtype) and fp8_decode == "auto"
+    """The decode kernel's register cap by shape (0: none). An FP8 cache read by the hardware conversion with V
+    gathered byte by byte ("hw") needs ~200 registers a thread at head_dim 128 (two programs an SM) and 137 at 64
+    (three); capped at 128, four fit (at head_dim 128 with some spilling), with the same arithmetic: bit-identical
+    output, and on the H200 1.16-1.28x faster than uncapped at head_dim 128 (Llama-3.1-8B heads at 8 and 64 x 4k,
+    Qwen3-0.6B at 256 x 1.1k; a cap of 168 gained less), no slower at head_dim 64 (Llama-3.2-1B, 64 x 640):
+    decode_attention_fp8_variants_h200.json and decode_attention_fp8_r128_h200.json. V read in byte pairs ("auto":
+    "hw-pairs") needs 156 at head_dim 128: capped, 1.04x faster at Llama-3.1-8B's 64 x 4k, 1.15x at 8 x 4k, no
+    slower at Llama-3.2-1B's (decode_attention_fp8_pairs_h200.json). Other head sizes were not measured: none.
+    NVIDIA only."""
+    exact_fp8 = is_fp8(cache_dtype) and fp8_decode in ("auto", "hw", "hw-pairs")
     nvidia = device.type == "cuda" and not is_rocm() and not triton_interpreter_enabled()
     return EXACT_FP8_REGISTERS if exact_fp8 and head_dim in (64, 128) and nvidia else 0
 
@@ -515,6 +609,7 @@ def decode_attention(
     if num_seqs == 0:
         return out
     mode, nan_all_ones, kv_factor = kv_mode(key_cache.dtype, q.device, fp8_decode)
+    mode = pairs_or_hw(mode, head_dim, value_cache)
     maxnreg = default_register_cap(head_dim, key_cache.dtype, fp8_decode, q.device) if maxnreg is None else maxnreg
     block_n = block_n or kv_block_n(key_cache.dtype)
     split_tokens = split_tokens or split_tokens_for(decode_splits, num_seqs, num_kv_heads, block_n)

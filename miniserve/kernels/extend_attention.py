@@ -15,19 +15,24 @@ import triton.language as tl
 
 from miniserve.kernels.backend import is_rocm, triton_interpreter_enabled
 from miniserve.kernels.decode_attention import (
+    KV_FP8_HW,
+    KV_FP8_HW_PAIRS,
     LOG2E,
     attend_kv_tile,
     cache_view,
     check_kernel_inputs,
     compute_dtype,
     is_fp8,
+    joined_acc,
     kv_block_n,
     kv_mode,
     layout_strides,
     load_q_tile,
     page_slots,
+    pairs_or_hw,
     register_cap,
     times_cache_scale,
+    zero_acc,
 )
 from miniserve.kernels.metadata import AttentionMetadata
 
@@ -126,7 +131,7 @@ def _extend_kernel(
     ROWS: tl.constexpr = BLOCK_M * GROUP_PACK
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, HEAD_DIM_PAD], tl.float32)
+    acc, acc_odd = zero_acc(ROWS, HEAD_DIM_PAD, KV_MODE)
     end = tl.minimum(seq_len, prefix + (block_m + 1) * BLOCK_M)  # past the block's last query: all masked
     start = 0
     if SPLIT_DIAG:
@@ -139,8 +144,8 @@ def _extend_kernel(
         for n0 in range(0, start, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             page = tl.load(block_table + pos // BLOCK_SIZE).to(tl.int64)
-            m_i, l_i, acc = attend_kv_tile(
-                q, k_mult, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, page, pos % BLOCK_SIZE, kv_head, stride_kb,
+            m_i, l_i, acc, acc_odd = attend_kv_tile(
+                q, k_mult, m_i, l_i, acc, acc_odd, k_cache_ptr, v_cache_ptr, page, pos % BLOCK_SIZE, kv_head, stride_kb,
                 stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, d, in_bounds, None, KV_MODE, NAN_ALL_ONES,
                 COMPUTE_DTYPE, DOT_PRECISION, False, SAME_KV_STRIDES, SPLIT_DIAG == 2,
             )  # fmt: skip
@@ -150,11 +155,12 @@ def _extend_kernel(
         kv_mask = valid[:, None] & d_mask[None, :]
         page, slot = page_slots(block_table, pos, valid, BLOCK_SIZE)
         visible = valid[None, :] & (pos[None, :] <= last_visible[:, None])  # causal
-        m_i, l_i, acc = attend_kv_tile(
-            q, k_mult, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, page, slot, kv_head, stride_kb, stride_ks, stride_kh,
-            stride_vb, stride_vs, stride_vh, d, kv_mask, visible, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE,
-            DOT_PRECISION, SAME_KV_OFFSETS=SAME_KV_STRIDES,
+        m_i, l_i, acc, acc_odd = attend_kv_tile(
+            q, k_mult, m_i, l_i, acc, acc_odd, k_cache_ptr, v_cache_ptr, page, slot, kv_head, stride_kb, stride_ks,
+            stride_kh, stride_vb, stride_vs, stride_vh, d, kv_mask, visible, KV_MODE, NAN_ALL_ONES, COMPUTE_DTYPE,
+            DOT_PRECISION, SAME_KV_OFFSETS=SAME_KV_STRIDES, rows_ok=valid[:, None],
         )  # fmt: skip
+    acc = joined_acc(acc, acc_odd, KV_MODE)
 
     out = acc * (times_cache_scale(1.0, v_scale_ptr, KV_MODE, KV_FACTOR) / l_i)[:, None]
     if GROUP_PACK > 1:
@@ -196,6 +202,9 @@ def extend_attention(
                   same_kv_strides=same_kv_strides)  # fmt: skip
     block_n = block_n or kv_block_n(key_cache.dtype)
     mode, nan_all_ones, kv_factor = kv_mode(key_cache.dtype, q.device, fp8_decode)
+    if cfg["block_m"] > 16:  # wgmma tiles: V goes through shared memory anyway, and two dots cost registers
+        mode = KV_FP8_HW if mode == KV_FP8_HW_PAIRS else mode
+    mode = pairs_or_hw(mode, head_dim, value_cache)
     kc, vc = cache_view(key_cache), cache_view(value_cache)
     group = num_q_heads // num_kv_heads
     pack = triton.next_power_of_2(group) if gqa_pack and group > 1 else 1
