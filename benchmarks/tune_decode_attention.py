@@ -73,6 +73,9 @@ FP8_VARIANTS = {
     "pairs uncapped": dict(fp8_decode="hw-pairs", maxnreg=0),
     "pairs s3": dict(fp8_decode="hw-pairs", num_stages=3),
     "pairs w8": dict(fp8_decode="hw-pairs", num_warps=8),
+    "pairs s2": dict(fp8_decode="hw-pairs", num_stages=2),
+    "pairs r96": dict(fp8_decode="hw-pairs", maxnreg=96),  # five programs an SM, 16-40 bytes of spill
+    "pairs s3 r96": dict(fp8_decode="hw-pairs", num_stages=3, maxnreg=96),
 }
 
 
