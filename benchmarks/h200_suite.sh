@@ -435,7 +435,7 @@ if [ "$part" = pairs ]; then
   timeout 150 python3 benchmarks/gpu_kernels.py --checks fp8_page_decode fp8_pair_decode attention_vs_reference \
     decode_vs_extend --out "$out/kernel_checks_fp8_pairs_h200.json" 2>&1 | grep -v -i warn | tail -8
   timeout 200 python3 benchmarks/tune_decode_attention.py --fp8-variants --variants default hw staged \
-    'pairs uncapped' 'pairs s3' --out "$out/decode_attention_fp8_pairs_h200.json" 2>&1 | grep -v -i warn | tail -30
+    'pairs r128' 'pairs uncapped' 'pairs s3' --out "$out/decode_attention_fp8_pairs_h200.json" 2>&1 | grep -v -i warn | tail -30
   OUT="$out" timeout 220 python3 benchmarks/gpu_engine_check.py > "$out/engine_check.log" 2>&1
   grep -E '"equal|identical|agree' "$out/engine_check.log" | sort | uniq -c | head -20
 fi

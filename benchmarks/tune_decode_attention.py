@@ -67,15 +67,13 @@ FP8_VARIANTS = {
     "w2": dict(fp8_decode="hw", num_warps=2),
     "s3": dict(fp8_decode="hw", num_stages=3),
     "w2 s3": dict(fp8_decode="hw", num_warps=2, num_stages=3),
-    # "default" ("auto") reads V in int16 byte pairs (decode_attention.pv_by_pairs) under a register cap of 128;
-    # "hw" is the default before it, V gathered byte by byte, under the same cap
+    # "default" ("auto") reads V in int16 byte pairs (decode_attention.pv_by_pairs) under a register cap of 96;
+    # "hw" is the default before it, V gathered byte by byte, under a cap of 128
     "hw": dict(fp8_decode="hw"),
     "pairs uncapped": dict(fp8_decode="hw-pairs", maxnreg=0),
+    "pairs r128": dict(fp8_decode="hw-pairs", maxnreg=128),
     "pairs s3": dict(fp8_decode="hw-pairs", num_stages=3),
     "pairs w8": dict(fp8_decode="hw-pairs", num_warps=8),
-    "pairs s2": dict(fp8_decode="hw-pairs", num_stages=2),
-    "pairs r96": dict(fp8_decode="hw-pairs", maxnreg=96),  # five programs an SM, 16-40 bytes of spill
-    "pairs s3 r96": dict(fp8_decode="hw-pairs", num_stages=3, maxnreg=96),
 }
 
 

@@ -356,11 +356,12 @@ def test_decode_register_cap_by_shape(monkeypatch):
     monkeypatch.setattr(dec, "triton_interpreter_enabled", lambda: False)
     monkeypatch.setattr(dec, "is_rocm", lambda: False)
     cuda, fp8 = torch.device("cuda"), torch.float8_e4m3fn
-    assert dec.default_register_cap(128, fp8, "auto", cuda) == dec.EXACT_FP8_REGISTERS == 128
-    assert dec.default_register_cap(64, fp8, "auto", cuda) == 128
+    assert dec.default_register_cap(128, fp8, "auto", cuda) == dec.PAIRS_FP8_REGISTERS == 96
+    assert dec.default_register_cap(64, fp8, "auto", cuda) == 96
     assert dec.default_register_cap(128, torch.bfloat16, "auto", cuda) == 0
     assert dec.default_register_cap(128, fp8, "hw-staged", cuda) == 0
-    assert dec.default_register_cap(128, fp8, "hw", cuda) == dec.default_register_cap(64, fp8, "hw-pairs", cuda) == 128
+    assert dec.default_register_cap(128, fp8, "hw", cuda) == dec.EXACT_FP8_REGISTERS == 128
+    assert dec.default_register_cap(64, fp8, "hw-pairs", cuda) == 96
     assert dec.default_register_cap(96, fp8, "auto", cuda) == 0
     assert dec.default_register_cap(256, fp8, "auto", cuda) == 0
     assert dec.default_register_cap(128, fp8, "auto", torch.device("cpu")) == 0

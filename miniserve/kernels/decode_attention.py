@@ -504,7 +504,8 @@ def register_cap(maxnreg: int | None) -> dict:
     return {"maxnreg": maxnreg} if maxnreg else {}
 
 
-EXACT_FP8_REGISTERS = 128
+EXACT_FP8_REGISTERS = 128  # the byte read ("hw")
+PAIRS_FP8_REGISTERS = 96  # the pair read ("auto" on NVIDIA)
 
 
 def default_register_cap(head_dim: int, cache_dtype: torch.dtype, fp8_decode: str, device: torch.device) -> int:
@@ -514,12 +515,14 @@ def default_register_cap(head_dim: int, cache_dtype: torch.dtype, fp8_decode: st
     output, and on the H200 1.16-1.28x faster than uncapped at head_dim 128 (Llama-3.1-8B heads at 8 and 64 x 4k,
     Qwen3-0.6B at 256 x 1.1k; a cap of 168 gained less), no slower at head_dim 64 (Llama-3.2-1B, 64 x 640):
     decode_attention_fp8_variants_h200.json and decode_attention_fp8_r128_h200.json. V read in byte pairs ("auto":
-    "hw-pairs") needs 156 at head_dim 128: capped, 1.04x faster at Llama-3.1-8B's 64 x 4k, 1.15x at 8 x 4k, no
-    slower at Llama-3.2-1B's (decode_attention_fp8_pairs_h200.json). Other head sizes were not measured: none.
-    NVIDIA only."""
-    exact_fp8 = is_fp8(cache_dtype) and fp8_decode in ("auto", "hw", "hw-pairs")
+    "hw-pairs") needs 156 at head_dim 128 and 110 at 64: capped at 96 (16-40 bytes of spill), five programs an
+    SM, the same bits, 1.05x faster than at 128 at Llama-3.1-8B's 64 x 4k and Qwen3-0.6B's 256 x 1.1k, 1.03-1.05x
+    at Llama-3.2-1B's batch 128-256, equal at its 64 (decode_attention_fp8_pairs_h200.json). Other head
+    sizes were not measured: none. NVIDIA only."""
     nvidia = device.type == "cuda" and not is_rocm() and not triton_interpreter_enabled()
-    return EXACT_FP8_REGISTERS if exact_fp8 and head_dim in (64, 128) and nvidia else 0
+    if not (is_fp8(cache_dtype) and head_dim in (64, 128) and nvidia):
+        return 0
+    return {"auto": PAIRS_FP8_REGISTERS, "hw-pairs": PAIRS_FP8_REGISTERS, "hw": EXACT_FP8_REGISTERS}.get(fp8_decode, 0)
 
 
 def check_kernel_inputs(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
