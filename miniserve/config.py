@@ -20,7 +20,7 @@ DEMO_DRAFT = DEMO_DIR / "shakespeare-draft"
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e4m3fnuz", "bfloat16", "float16", "float32")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
-FP8_DECODES = ("auto", "hw-staged")  # kernels/decode_attention.py FP8_DECODES that a user may pick
+FP8_DECODES = ("auto", "hw", "hw-staged")  # kernels/decode_attention.py FP8_DECODES that a user may pick
 DECODE_SPLITS = ("by-length", "by-batch")  # kernels/decode_attention.py split_tokens_for
 DEPENDENT_LAUNCHES = ("auto", "off")  # kernels/dependent_launch.py
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -61,9 +61,10 @@ class EngineConfig:
     )
     fp8_decode: str = setting(
         "auto",
-        "how attention reads an FP8 KV cache; auto = exact (the reference's values bit for bit); hw-staged = "
-        "faster on NVIDIA Hopper (e4m3fn; measured in the README's Performance section) but a few outputs differ "
-        "from auto by one bf16 ulp",
+        "how attention reads an FP8 KV cache; every mode reads the reference's values bit for bit; auto = on NVIDIA "
+        "the decode kernel reads V in byte pairs (fastest: the README's Performance section); hw = V gathered byte "
+        "by byte (the default before, e4m3fn on NVIDIA; a few attention outputs differ from auto by one bf16 ulp); "
+        "hw-staged = V staged through shared memory (e4m3fn on NVIDIA, slower than auto)",
         FP8_DECODES,
     )
     decode_splits: str = setting(

@@ -34,7 +34,7 @@ def load(name: str) -> dict | None:
 
 def runs_by_kv(result: dict) -> dict[str, dict]:
     """The default configuration's run per KV dtype (runs with an FP8 decode variant or the by-batch decode splits
-    are apart: staged_run, by_batch_runs)."""
+    are apart: variant_run, by_batch_runs)."""
     return {r["kv_cache_dtype"]: r for r in result["runs"] if "decode_variant" not in r and "decode_splits" not in r}
 
 
@@ -44,8 +44,9 @@ def by_batch_runs(result: dict | None) -> dict[str, dict]:
     return {r["kv_cache_dtype"]: r for r in runs if r.get("decode_splits") == "by-batch"}
 
 
-def staged_run(result: dict) -> dict | None:
-    return next((r for r in result["runs"] if r.get("decode_variant") == "staged"), None)
+def variant_run(result: dict, variant: str) -> dict | None:
+    """The run with an FP8 decode variant (tune_decode_attention.FP8_VARIANTS), if the file has one."""
+    return next((r for r in result["runs"] if r.get("decode_variant") == variant), None)
 
 
 def fmt(x: float, digits: int = 0) -> str:
@@ -74,22 +75,21 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
             )
         )
         ratio = fp8["output_tok_s"] / bf16["output_tok_s"]
-        staged = staged_run(nano)
-        opt_in = ""
-        if staged:
-            opt_in = (
-                f'; opt-in `fp8_decode="hw-staged"`: {fmt(staged["output_tok_s"])} tok/s = '
-                f"{staged['output_tok_s'] / bf16['output_tok_s']:.2f}x"
-            )
+        others = ""
+        for variant, what in (("hw", 'the byte read (`fp8_decode="hw"`, the default before)'),
+                              ("staged", 'opt-in `fp8_decode="hw-staged"`')):  # fmt: skip
+            run = variant_run(nano, variant)
+            if run:
+                times = run["output_tok_s"] / bf16["output_tok_s"]
+                others += f"; {what}: {fmt(run['output_tok_s'])} tok/s = {times:.2f}x"
         rows.append(
             (
                 "`nano`, fp8 KV: >= 1.3x the bf16 run",
-                f"{fmt(fp8['output_tok_s'])} tok/s = {ratio:.2f}x{opt_in}{nano_splits_note()}",
+                f"{fmt(fp8['output_tok_s'])} tok/s = {ratio:.2f}x{others}{nano_splits_note()}",
                 "yes" if ratio >= 1.3 else "no",
-                "measured with the exact FP8 decode kernel's registers capped at 128 (four programs an SM, "
-                f"bit-identical); {nano_cap_note()}; the kernel moves half the bytes of bf16 but is still "
-                "issue-bound on its byte-wise V gather; the staged read is faster but not bit-exact (one bf16 ulp in "
-                "some outputs), so it is opt-in",
+                f"{pair_read_note('qwen3-0.6b b256 ctx1100')}; {nano_runs_note()}; the decode kernel is what FP8 "
+                "halves: nano's steps also run the same GEMMs and prompt passes as bf16's, and its prompt passes "
+                "read FP8 slower",
             )
         )
     kv_write = load("throughput_nano_kv_write_h200.json")
@@ -104,9 +104,26 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                 "the KV write is a small part of a decode step at these shapes",
             )
         )
+    pairs = load("decode_attention_fp8_pairs_h200.json")
     variants = load("decode_attention_fp8_variants_h200.json")
     tune = load("decode_attention_tune_h200.json")
-    if variants:
+    if pairs:
+        shape = "llama-8b b64 ctx4096"
+        case = {r["variant"]: r for r in pairs["fp8_variants"] if r["shape"] == shape}
+        d, hw, st = case["default"], case["hw"], case["staged"]
+        rows.append(
+            (
+                "paged decode attention, fp8 >= 1.6x bf16 (bs 64 x 4k, Llama-3.1-8B heads)",
+                f"{d['bf16_us']:.0f} vs {d['us']:.0f} us: {d['speedup_vs_bf16']:.2f}x (the byte read, `hw`: "
+                f"{hw['us']:.0f} us, {hw['speedup_vs_bf16']:.2f}x; hw-staged {st['us']:.0f} us, "
+                f"{st['speedup_vs_bf16']:.2f}x)",
+                "yes" if d["speedup_vs_bf16"] >= 1.6 else "no",
+                f"{pair_read_note(shape)}; the registers it needs, capped at 96 (`default_register_cap`, the same "
+                f"bits): {case['pairs uncapped']['us']:.0f} us uncapped, {case['pairs r128']['us']:.0f} us at 128; "
+                "before it, " + ncu_summary() + " (`decode_attention_fp8_registers.md`: the V gather)",
+            )
+        )
+    elif variants:
         shape = "llama-8b b64 ctx4096"
         case = {r["variant"]: r for r in variants["fp8_variants"] if r["shape"] == shape}
         capped = load("decode_attention_fp8_r128_h200.json")  # the cap now applied (default_register_cap)
@@ -150,11 +167,12 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                 ("yes" if ratio >= 1.0 else "no")
                 + (f"; with by-batch splits {'yes' if by_batch[0] >= 1.0 else 'no'}" if by_batch else ""),
                 "close to 1 at Llama-3.2-1B's shape, where single sweep points move between sessions by more than "
-                "these margins (the history of `throughput_sweep_llama1b_h200.json` in git); "
-                "the FP8 kernel gathers its V tile one byte per shared-memory load (offline compiler analysis: "
-                "`decode_attention_fp8_registers.md`); at head_dim 128 the register cap makes it faster than bf16 "
-                "(nano, Llama-3.1-8B); at Llama-3.2-1B's head_dim 64 its decode kernel is slower than "
-                f"bf16's{fixed_step_note()}, and the prompt passes read FP8 slower: {head64_fp8_note()}",
+                "these margins (the history of `throughput_sweep_llama1b_h200.json` in git); at head_dim 64 the "
+                f"FP8 decode kernel is only {pair_speedup('llama-1b b64 ctx640')} bf16's at batch 64 "
+                f"({pair_speedup('llama-1b b64 ctx640', 'hw')} with V gathered byte by byte; "
+                f"`decode_attention_fp8_pairs_h200.json`){fixed_step_note()}, "
+                "and the sweep's short runs (64 new tokens) are mostly prompt passes, which read FP8 slower: "
+                f"{head64_fp8_note()}",
             )
         )
     fixed = load("throughput_fixed_llama1b_h200.json")
@@ -985,6 +1003,39 @@ def extend_why() -> str:
         f"{ms['plain'] / ms['default']:.2f}x faster per layer at 32k ({ms['default']:.1f} vs {ms['plain']:.1f} ms; "
         f"SDPA over the whole prompt {ms['torch sdpa (whole prompt)']:.1f} ms; `extend_attention_variants_h200.json`)"
     )
+
+
+def pair_speedup(shape: str, variant: str = "default") -> str:
+    """An FP8 decode variant's speed over bf16's at a shape of decode_attention_fp8_pairs_h200.json."""
+    data = load("decode_attention_fp8_pairs_h200.json")
+    row = next(r for r in data["fp8_variants"] if r["shape"] == shape and r["variant"] == variant)
+    return f"{row['speedup_vs_bf16']:.2f}x"
+
+
+def pair_read_note(shape: str) -> str:
+    """What the pair read of V changed at a shape: the kernel's time against the byte read's, and its accuracy."""
+    data = load("decode_attention_fp8_pairs_h200.json")
+    case = {r["variant"]: r for r in data["fp8_variants"] if r["shape"] == shape}
+    d, hw = case["default"], case["hw"]
+    return (
+        "the FP8 decode kernel reads V in int16 words of two head_dim columns, transposed by ldmatrix like a bf16 "
+        "tile, and runs P.V as two dots (`decode_attention.pv_by_pairs`) instead of gathering the V tile one byte "
+        f"per shared-memory load: at this shape {d['us']:.0f} us against {hw['us']:.0f} us "
+        f"({hw['us'] / d['us']:.2f}x); the MMA packs its operands differently, so some outputs move by an ulp, "
+        f"no less accurate: max / mean error against a float64 answer {d['max_abs_err_fp64']:.3e} / "
+        f"{d['mean_abs_err_fp64']:.4e}, the byte read's {hw['max_abs_err_fp64']:.3e} / {hw['mean_abs_err_fp64']:.4e} "
+        "(`decode_attention_fp8_pairs_h200.json`)"
+    )
+
+
+def nano_runs_note() -> str:
+    """nano's fp8/bf16 ratio moves with the bf16 run: the pair-read runs of this file's history, side by side."""
+    data = load("throughput_nano_h200.json")
+    kv = runs_by_kv(data)
+    hw = variant_run(data, "hw")
+    gain = kv["fp8"]["output_tok_s"] / hw["output_tok_s"] if hw else None
+    same_run = f"the pair read {gain:.2f}x the byte read in the same run; " if gain else ""
+    return same_run + "nano's ratio moves with the run-to-run spread of both runs (this file's history in git)"
 
 
 def ncu_summary() -> str:

@@ -1,5 +1,6 @@
-"""EngineConfig.fp8_decode: the opt-in attention read of FP8 caches ("hw-staged", faster on Hopper, not bit-exact)
-reaches the kernels of a runner whose pool is FP8, and is refused, naming the setting, where it cannot apply."""
+"""EngineConfig.fp8_decode: the opt-in attention reads of FP8 caches ("hw", "hw-staged": NVIDIA's e4m3fn
+conversion, other last bits than auto's) reach the kernels of a runner whose pool is FP8, and are refused, naming
+the setting, where they cannot apply."""
 
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ from miniserve.kernels import extend_attention as extend_module
 from miniserve.kernels import ops
 
 
+@pytest.mark.parametrize("mode", ["hw", "hw-staged"])
 @pytest.mark.parametrize("kw", [dict(kv_cache_dtype="fp8"), dict()])
-def test_hw_staged_is_refused_off_nvidia_or_without_an_fp8_pool(kw):
-    with pytest.raises(SettingError, match="fp8_decode='hw-staged' needs an NVIDIA GPU and kv_cache_dtype=fp8"):
-        LLM(device="cpu", fp8_decode="hw-staged", **kw)
+def test_hw_modes_are_refused_off_nvidia_or_without_an_fp8_pool(kw, mode):
+    with pytest.raises(SettingError, match=f"fp8_decode='{mode}' needs an NVIDIA GPU and kv_cache_dtype=fp8"):
+        LLM(device="cpu", fp8_decode=mode, **kw)
 
 
 def test_an_unknown_mode_is_refused_by_name():
-    with pytest.raises(SettingError, match="fp8_decode must be one of auto, hw-staged"):
+    with pytest.raises(SettingError, match="fp8_decode must be one of auto, hw, hw-staged"):
         EngineConfig(fp8_decode="bits")
 
 
