@@ -23,13 +23,13 @@ same conversion instruction, and P.V runs as two dots of half the width. The sam
 column; the MMA's operand packing differs from "hw", so a few bf16 outputs differ from it by an ulp, no less
 accurate against a float64 reference (benchmarks/results/decode_attention_fp8_pairs_h200.json, with its speed).
 
-The staged FP8 mode (fp8_decode="hw-staged", not the default until measured on a GPU) converts V by the same
+The staged FP8 mode (fp8_decode="hw-staged", opt-in, slower than the pair read) converts V by the same
 hardware instruction written as inline PTX. Triton cannot look through it, so it converts V in the layout the
 tile was loaded in and stages the fp16 tile through shared memory for the P.V dot (ldmatrix.trans), instead of
 gathering the 8-bit V tile into the dot's transposed operand layout one byte per shared-memory load, which is
-what makes the default FP8 kernel issue-bound and need ~2x the registers of the bf16 one
+what makes the byte read ("hw") issue-bound and need ~2x the registers of the bf16 one
 (benchmarks/results/decode_attention_fp8_registers.md). Same instruction, same tiles, yet on the H200 a few
-outputs differ by one ulp from the default's (`decode_attention_fp8_variants_h200.json`), hence opt-in.
+outputs differ by one ulp from the byte read's (`decode_attention_fp8_variants_h200.json`).
 
 Splits: by default a sequence's context is cut into splits by its length alone (`SPLIT_TOKENS`), so its result
 never depends on the batch. `decode_splits="by-batch"` sizes the splits by the batch instead
@@ -207,7 +207,7 @@ def joined_acc(acc, acc_odd, KV_MODE: tl.constexpr):
 def pv_by_pairs(p, alpha, acc, acc_odd, v_cache_ptr, rows, rows_ok, HALF: tl.constexpr, COMPUTE_DTYPE, DOT_PRECISION):
     """(acc, acc_odd) * alpha + P.V for an e4m3fn V tile read as int16 words of two head_dim columns: the even
     and the odd columns are two dots of half the width, so no 8-bit value is ever gathered across threads (sm_90
-    has no transposing 8-bit ldmatrix; the default read gathers V one byte per shared-memory load). Each output
+    has no transposing 8-bit ldmatrix; the byte read, "hw", gathers V one byte per shared-memory load). Each output
     column sums the same products in the same K order as one dot; only the MMA's operand packing differs (the
     bf16 outputs move by an ulp, rarely: decode_attention_fp8_pairs_h200.json). rows: each position's element
     offset (even: head_dim is even); rows_ok: [BLOCK_N, 1] positions in bounds (None: all)."""
