@@ -172,21 +172,18 @@ def test_extend_variant_benchmarks_run_on_the_cpu():
     assert "could not run" in gpu_kernels.summary({"extend_variants": rows})[0]
 
 
-@triton.jit
-def _decode_words_kernel(words_ptr, lo_ptr, hi_ptr):
-    offs = tl.program_id(0) * 4096 + tl.arange(0, 4096)
-    lo, hi = decode_module.e4m3x2_to_fp16_pair(tl.load(words_ptr + offs))
-    tl.store(lo_ptr + offs, lo)
-    tl.store(hi_ptr + offs, hi)
-
-
 def test_fp8_pair_decode_of_all_65536_words():
     """The default V read's conversion (KV_FP8_HW_PAIRS) turns every int16 word into its low byte's e4m3fn value,
     then its high byte's: the cache's byte order, column 2j then 2j + 1. Here by Triton's cast (NaN codes give
-    +-480, as in test_fp8_page_decode_of_all_256_codes); benchmarks/gpu_kernels.py checks the GPU's PTX."""
+    +-480, as in test_fp8_page_decode_of_all_256_codes); gpu_kernels.py's check runs its kernel on the GPU's PTX."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_kernels
+
     words = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
     lo, hi = torch.empty(1 << 16, dtype=torch.float16), torch.empty(1 << 16, dtype=torch.float16)
-    _decode_words_kernel[(16,)](words, lo, hi)
+    gpu_kernels._decode_words_kernel[(64,)](words, lo, hi)
     codes = words.numpy().view(np.uint8).reshape(-1, 2)  # little-endian: [:, 0] is the low byte
     values = all_code_values(torch.float8_e4m3fn)
     for got, byte in ((lo, codes[:, 0]), (hi, codes[:, 1])):
