@@ -104,12 +104,9 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                 "the KV write is a small part of a decode step at these shapes",
             )
         )
-    pairs = load("decode_attention_fp8_pairs_h200.json")
-    variants = load("decode_attention_fp8_variants_h200.json")
-    tune = load("decode_attention_tune_h200.json")
-    if pairs:
+    if load("decode_attention_fp8_pairs_h200.json"):
         shape = "llama-8b b64 ctx4096"
-        case = {r["variant"]: r for r in pairs["fp8_variants"] if r["shape"] == shape}
+        case = pair_rows(shape)
         d, hw, st = case["default"], case["hw"], case["staged"]
         rows.append(
             (
@@ -121,39 +118,6 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                 f"{pair_read_note(shape)}; the registers it needs, capped at 96 (`default_register_cap`, the same "
                 f"bits): {case['pairs uncapped']['us']:.0f} us uncapped, {case['pairs r128']['us']:.0f} us at 128; "
                 "before it, " + ncu_summary() + " (`decode_attention_fp8_registers.md`: the V gather)",
-            )
-        )
-    elif variants:
-        shape = "llama-8b b64 ctx4096"
-        case = {r["variant"]: r for r in variants["fp8_variants"] if r["shape"] == shape}
-        capped = load("decode_attention_fp8_r128_h200.json")  # the cap now applied (default_register_cap)
-        d = next(r for r in capped["fp8_variants"] if r["shape"] == shape and r["variant"] == "r128")
-        st = case["staged"]
-        rows.append(
-            (
-                "paged decode attention, fp8 >= 1.6x bf16 (bs 64 x 4k, Llama-3.1-8B heads)",
-                f"{d['bf16_us']:.0f} vs {d['us']:.0f} us: {d['speedup_vs_bf16']:.2f}x; opt-in hw-staged "
-                f"{st['us']:.0f} us: {st['speedup_vs_bf16']:.2f}x",
-                "yes" if d["speedup_vs_bf16"] >= 1.6 else "no",
-                ncu_summary() + "; capping the exact kernel's registers (`default_register_cap`: "
-                f"{d['maxnreg']}) lets four programs share an SM with the same arithmetic: "
-                f"{case['uncapped']['us']:.0f} us uncapped, {case['default']['us']:.0f} us at a cap of "
-                f"{case['default'].get('maxnreg', 168)} (`decode_attention_fp8_variants_h200.json`), {d['us']:.0f} us "
-                f"at {d['maxnreg']} (`decode_attention_fp8_r128_h200.json`); the staged V conversion cuts the "
-                "registers too (offline analysis: 203 -> 164, `decode_attention_fp8_registers.md`) but is not "
-                "bit-exact",
-            )
-        )
-    elif tune:
-        case = {(r["shape"], r["cache"]): r for r in tune["results"]}
-        b, f = case[("llama-8b b64 ctx4096", "bf16")], case[("llama-8b b64 ctx4096", "fp8")]
-        rows.append(
-            (
-                "paged decode attention, fp8 >= 1.6x bf16 (bs 64 x 4k, Llama-3.1-8B heads)",
-                f"{b['default_us']:.0f} vs {f['default_us']:.0f} us: {b['default_us'] / f['default_us']:.2f}x "
-                f"(bf16 at {b['default_tbs']:.2f} TB/s)",
-                "yes" if b["default_us"] / f["default_us"] >= 1.6 else "no",
-                ncu_summary(),
             )
         )
     worst, by_batch = fp8_vs_bf16_worst(), fp8_vs_bf16_worst(by_batch=True)
@@ -711,19 +675,6 @@ def p50(summary: str) -> str:
     return summary.split()[1]
 
 
-def nano_cap_note() -> str:
-    """The register cap adopted after the nano run, at nano's decode shape, from the kernel run that chose it."""
-    capped = load("decode_attention_fp8_r128_h200.json")
-    if not capped:
-        return "no register-cap kernel run"
-    at = {r["variant"]: r for r in capped["fp8_variants"] if r["shape"] == "qwen3-0.6b b256 ctx1100"}
-    return (
-        f"the cap of {at['r128']['maxnreg']} takes the kernel at nano's decode shape (256 x 1.1k) from "
-        f"{at['default']['us']:.0f} us (a cap of 168) to {at['r128']['us']:.0f} us "
-        "(`decode_attention_fp8_r128_h200.json`), which end to end is within the lent H200's run-to-run spread"
-    )
-
-
 def sampler_note() -> str:
     """The fused sampling kernel: its GPU time against torch's sampler at nano's shape, and the runs before/after."""
     ab, kernel = load("sampler_ab_h200.json"), load("sampling_kernel_h200.json")
@@ -1005,17 +956,20 @@ def extend_why() -> str:
     )
 
 
+def pair_rows(shape: str) -> dict[str, dict]:
+    """decode_attention_fp8_pairs_h200.json's rows at a shape, by FP8 decode variant."""
+    data = load("decode_attention_fp8_pairs_h200.json")
+    return {r["variant"]: r for r in data["fp8_variants"] if r["shape"] == shape}
+
+
 def pair_speedup(shape: str, variant: str = "default") -> str:
     """An FP8 decode variant's speed over bf16's at a shape of decode_attention_fp8_pairs_h200.json."""
-    data = load("decode_attention_fp8_pairs_h200.json")
-    row = next(r for r in data["fp8_variants"] if r["shape"] == shape and r["variant"] == variant)
-    return f"{row['speedup_vs_bf16']:.2f}x"
+    return f"{pair_rows(shape)[variant]['speedup_vs_bf16']:.2f}x"
 
 
 def pair_read_note(shape: str) -> str:
     """What the pair read of V changed at a shape: the kernel's time against the byte read's, and its accuracy."""
-    data = load("decode_attention_fp8_pairs_h200.json")
-    case = {r["variant"]: r for r in data["fp8_variants"] if r["shape"] == shape}
+    case = pair_rows(shape)
     d, hw = case["default"], case["hw"]
     return (
         "the FP8 decode kernel reads V in int16 words of two head_dim columns, transposed by ldmatrix like a bf16 "

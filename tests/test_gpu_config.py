@@ -215,17 +215,19 @@ def test_pair_read_of_v_equals_the_byte_read(head_dim):
 
 
 def test_pair_read_falls_back_where_words_do_not_fit(monkeypatch):
-    """pairs_or_hw: the pair read needs an unpadded head_dim (a power of two from 16) and 2-byte aligned rows;
-    elsewhere the byte read runs, and other modes pass through. A 48-wide head (padded to 64) still decodes right."""
+    """pairs_or_hw: the pair read needs an unpadded head_dim (a power of two from 16), 2-byte aligned rows and a
+    tile of fewer than 64 query rows (mma.sync); elsewhere the byte read runs, and other modes pass through. A
+    48-wide head (padded to 64) still decodes right."""
     from miniserve.kernels.decode_attention import decode_attention, pairs_or_hw
 
     pairs, hw = decode_module.KV_FP8_HW_PAIRS, decode_module.KV_FP8_HW
     cache = torch.zeros(4, 16, 2, 128, dtype=torch.uint8)
-    got = [pairs_or_hw(pairs, d, cache) for d in (8, 16, 48, 64, 96, 128, 256)]
+    got = [pairs_or_hw(pairs, d, cache, 16) for d in (8, 16, 48, 64, 96, 128, 256)]
     assert got == [hw, pairs, hw, pairs, hw, pairs, pairs]
-    assert pairs_or_hw(pairs, 64, cache[..., 1:65]) == hw  # an odd start: words would straddle two columns
-    assert pairs_or_hw(pairs, 63, cache[..., :63]) == hw
-    assert pairs_or_hw(decode_module.KV_FP8_HW_STAGED, 96, cache) == decode_module.KV_FP8_HW_STAGED
+    assert pairs_or_hw(pairs, 64, cache[..., 1:65], 16) == hw  # an odd start: words would straddle two columns
+    assert pairs_or_hw(pairs, 63, cache[..., :63], 16) == hw
+    assert [pairs_or_hw(pairs, 128, cache, rows) for rows in (16, 32, 63, 64, 128)] == [pairs] * 3 + [hw] * 2
+    assert pairs_or_hw(decode_module.KV_FP8_HW_STAGED, 96, cache, 16) == decode_module.KV_FP8_HW_STAGED
     b = make_batch(DECODE_SEQS, 16, 4, 2, 48, torch.float8_e4m3fn, torch.bfloat16, seed=5)
     args = (b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3)
     got = decode_attention(*args, fp8_decode="hw-pairs")

@@ -476,13 +476,17 @@ def kv_mode(cache_dtype: torch.dtype, device: torch.device, fp8_decode: str = "a
     return KV_FP8_BITS, nan_all_ones, float(2 ** (15 - fmt.exponent_bias))
 
 
-def pairs_or_hw(mode: int, head_dim: int, value_cache: torch.Tensor) -> int:
-    """KV_FP8_HW_PAIRS where V can be read in int16 words of two head_dim columns (an unpadded head_dim: a power
-    of two from 16, and 2-byte aligned rows), else the byte-by-byte KV_FP8_HW; other modes unchanged."""
+def pairs_or_hw(mode: int, head_dim: int, value_cache: torch.Tensor, rows: int) -> int:
+    """KV_FP8_HW_PAIRS where it applies, else the byte-by-byte KV_FP8_HW; other modes unchanged. It applies where V
+    can be read in int16 words of two head_dim columns (an unpadded head_dim: a power of two from 16, and 2-byte
+    aligned rows) and where the P.V dot runs on mma.sync: tiles of fewer than 64 query rows (decode's GQA tile,
+    the extend kernel's 16-row tiles). From 64 rows it runs on wgmma, which takes V from shared memory anyway, and
+    two dots there cost registers (offline, sm_90, extend at head_dim 64: 168 -> 236)."""
+    if mode != KV_FP8_HW_PAIRS:
+        return mode
     aligned = value_cache.data_ptr() % 2 == 0 and all(s % 2 == 0 for s in value_cache.stride()[:3])
-    if mode == KV_FP8_HW_PAIRS and not (head_dim >= 16 and head_dim & (head_dim - 1) == 0 and aligned):
-        return KV_FP8_HW
-    return mode
+    fits = head_dim >= 16 and head_dim & (head_dim - 1) == 0 and aligned and rows < 64
+    return mode if fits else KV_FP8_HW
 
 
 def compute_dtype(q: torch.Tensor, cache_dtype: torch.dtype) -> dict:
@@ -612,7 +616,8 @@ def decode_attention(
     if num_seqs == 0:
         return out
     mode, nan_all_ones, kv_factor = kv_mode(key_cache.dtype, q.device, fp8_decode)
-    mode = pairs_or_hw(mode, head_dim, value_cache)
+    group_pad = max(16, triton.next_power_of_2(group))
+    mode = pairs_or_hw(mode, head_dim, value_cache, group_pad)
     maxnreg = default_register_cap(head_dim, key_cache.dtype, fp8_decode, q.device) if maxnreg is None else maxnreg
     block_n = block_n or kv_block_n(key_cache.dtype)
     split_tokens = split_tokens or split_tokens_for(decode_splits, num_seqs, num_kv_heads, block_n)
@@ -623,7 +628,7 @@ def decode_attention(
     _decode_split_kernel[(num_seqs, num_kv_heads, splits)](
         q, kc, vc, meta.block_tables, meta.seq_lens, k_scale, v_scale, out, part_acc, part_ml, sm_scale * LOG2E,
         *layout_strides(q, out, meta, kc, vc),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_N=block_n, BLOCK_SIZE=block_size, NUM_SPLITS=splits, SPLIT_TOKENS=split_tokens,
         KV_MODE=mode, NAN_ALL_ONES=nan_all_ones, KV_FACTOR=kv_factor, **compute_dtype(q, key_cache.dtype),
         USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, **register_cap(maxnreg), **launch_options(pdl),

@@ -15,8 +15,6 @@ import triton.language as tl
 
 from miniserve.kernels.backend import is_rocm, triton_interpreter_enabled
 from miniserve.kernels.decode_attention import (
-    KV_FP8_HW,
-    KV_FP8_HW_PAIRS,
     LOG2E,
     attend_kv_tile,
     cache_view,
@@ -202,10 +200,10 @@ def extend_attention(
                   same_kv_strides=same_kv_strides)  # fmt: skip
     block_n = block_n or kv_block_n(key_cache.dtype)
     mode, nan_all_ones, kv_factor = kv_mode(key_cache.dtype, q.device, fp8_decode)
-    mode = _v_read(mode, cfg["block_m"], head_dim, value_cache)
     kc, vc = cache_view(key_cache), cache_view(value_cache)
     group = num_q_heads // num_kv_heads
     pack = triton.next_power_of_2(group) if gqa_pack and group > 1 else 1
+    mode = pairs_or_hw(mode, head_dim, value_cache, cfg["block_m"] * pack)
     heads = num_kv_heads if pack > 1 else num_q_heads
     blocks = triton.cdiv(meta.max_query_len, cfg["block_m"])
     grid = (heads, blocks, meta.num_seqs) if reverse else (blocks, heads, meta.num_seqs)
@@ -230,15 +228,6 @@ def extend_attention(
         **variant,
     )  # fmt: skip
     return out
-
-
-def _v_read(mode: int, block_m: int, head_dim: int, value_cache: torch.Tensor) -> int:
-    """The FP8 V read of a launch: the pair read (decode_attention.pv_by_pairs) only in 16-row query tiles, whose
-    dots run on mma.sync as decode's do (the same bits as decode); larger tiles run on wgmma, which takes V from
-    shared memory anyway, and two dots there cost registers (offline, sm_90: 168 -> 236 at head_dim 64)."""
-    if block_m > 16 and mode == KV_FP8_HW_PAIRS:
-        return KV_FP8_HW
-    return pairs_or_hw(mode, head_dim, value_cache)
 
 
 def _launch(head_dim: int, cache_dtype: torch.dtype, max_query_len: int, device: torch.device, **asked) -> dict:
