@@ -338,6 +338,10 @@ def test_best_of_returns_the_n_likeliest_of_best_of(client, url):
     best = client.completions.create(n=2, best_of=4, extra_body={"ignore_eos": True}, **kwargs)
     assert [c.text for c in best.choices] == [text for _, text in sums[:2]]
     assert [c.index for c in best.choices] == [0, 1] and all(c.logprobs is None for c in best.choices)
+    # logprobs=0 (falsy, still asked for): each choice keeps its sampled tokens' logprobs
+    best = client.completions.create(n=2, best_of=4, logprobs=0, extra_body={"ignore_eos": True}, **kwargs)
+    assert [c.text for c in best.choices] == [text for _, text in sums[:2]]
+    assert [sum(c.logprobs.token_logprobs) for c in best.choices] == pytest.approx([lp for lp, _ in sums[:2]])
     r = post(url, "/v1/completions", {**kwargs, "n": 3, "best_of": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
     r = post(url, "/v1/completions", {**kwargs, "best_of": 2, "stream": True})

@@ -90,7 +90,8 @@ def pick_best(out: Any, req: SamplingFields) -> list[Any]:
     if req.best_of is None or req.best_of <= req.n:
         return outputs
     best = sorted(outputs, key=lambda o: -(o.cumulative_logprob or 0.0))[: req.n]
-    wants_logprobs = getattr(req, "logprobs", None) not in (None, False)
+    asked = getattr(req, "logprobs", None)  # completions: top-N (0 asks for the sampled token's); chat: a bool
+    wants_logprobs = asked is not None and asked is not False
     return [
         dataclasses.replace(o, index=j, logprobs=o.logprobs if wants_logprobs else None) for j, o in enumerate(best)
     ]
