@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import gc
 import http.client
+import itertools
 import json
 import logging
 import math
@@ -712,3 +713,82 @@ def test_fuzz_no_500s_openai_errors_and_a_healthy_server_after(url):
     body = {"model": MODEL_NAME, "prompt": "ROMEO:", "max_tokens": 3, "ignore_eos": True}
     resp = httpx.post(url + "/v1/completions", json=body, headers=AUTH, timeout=60)
     assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 3
+
+
+# Options valid alone (a field's value, with what it needs beside it): every pair of them is sent, so the test
+# reaches combinations of features (best_of with logprobs=0 answered 500 until a test like this one found it).
+STREAMS = [{"stream": False}, {"stream": True}, {"stream": True, "stream_options": {"include_usage": True}}]
+VALID_SAMPLING = {
+    "temperature": [0, 1.0], "top_p": [0.5], "top_k": [5], "n": [1, 2, 3], "best_of": [1, 2, 3], "stream": STREAMS,
+    "stop": ["e", ["e", "th"]], "seed": [7], "presence_penalty": [1.5], "repetition_penalty": [1.3],
+    "min_tokens": [1], "ignore_eos": [True], "prompt_logprobs": [0, 2], "logit_bias": [{"5": 100}],
+    "allowed_token_ids": [[5, 6, 7]], "bad_words": [["the"]], "guided_choice": [["yes", "no"]],
+    "response_format": [{"type": "json_object"}], "include_stop_str_in_output": [True],
+    "truncate_prompt_tokens": [1, 3], "return_token_ids": [True], "frequency_penalty": [-2],
+    "max_tokens": [1, 4],
+}  # fmt: skip
+VALID = {
+    "/v1/completions": {
+        **VALID_SAMPLING, "prompt": ["ROMEO:", ["a", "b"], [5, 6, 7], [[5, 6], [7]]], "logprobs": [0, 2],
+        "echo": [True],
+    },
+    "/v1/chat/completions": {
+        **VALID_SAMPLING, "messages": MESSAGES[:2], "logprobs": [True, {"logprobs": True, "top_logprobs": 2}],
+        "echo": [True], "add_generation_prompt": [False], "tools": [{"tools": TOOLS, "tool_choice": "required"}],
+    },
+}  # fmt: skip
+
+
+def valid_pairs(path: str) -> Iterator[dict]:
+    """Every pair of two fields' options on top of a minimal body: n with best_of, logprobs with echo, ..."""
+    fields = VALID[path]
+    first = "prompt" if path == "/v1/completions" else "messages"
+    names = sorted(set(fields) - {first})
+    for i, (a, b) in enumerate(itertools.combinations(names, 2)):
+        for j, (va, vb) in enumerate(itertools.product(fields[a], fields[b])):
+            body = {"model": MODEL_NAME, first: fields[first][(i + j) % len(fields[first])], "max_tokens": 2}
+            for name, value in ((a, va), (b, vb)):
+                body.update(value if isinstance(value, dict) and name in value else {name: value})
+            yield body
+
+
+def expected_choices(path: str, body: dict) -> int:
+    """n per prompt: a completions prompt is one string or one list of ids, or a list of several."""
+    prompt = body.get("prompt")
+    many = isinstance(prompt, list) and not isinstance(prompt[0], int)
+    return body.get("n", 1) * (len(prompt) if path == "/v1/completions" and many else 1)
+
+
+def check_served(path: str, body: dict, data: bytes, case: str) -> None:
+    """A 200 answers what was asked: n choices a prompt, numbered in order, logprobs exactly when asked."""
+    if body.get("stream"):
+        events = [line[len("data: ") :] for line in data.decode().splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]", case
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert not any("error" in c for c in chunks), case
+        indices = {ch["index"] for c in chunks for ch in c["choices"]}
+        assert indices == set(range(expected_choices(path, body))), case
+        return
+    choices = json.loads(data)["choices"]
+    assert [c["index"] for c in choices] == list(range(expected_choices(path, body))), case
+    asked = body.get("logprobs") is not None if path == "/v1/completions" else bool(body.get("logprobs"))
+    for c in choices:
+        assert (c["logprobs"] is not None) == asked, case
+        if asked and path == "/v1/completions":
+            lp = c["logprobs"]
+            assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) > 0, case
+
+
+def test_every_pair_of_valid_fields_is_served_as_asked_or_refused_naming_a_field(url):
+    conn, statuses = Conn(url), collections.Counter()
+    for path in VALID:
+        for i, body in enumerate(valid_pairs(path)):
+            status, _, data = conn.request("POST", path, json.dumps(body).encode())
+            case = f"case {i}: {path} {body} -> {status} {data[:400]!r}"
+            statuses[status] += 1
+            if status == 200:
+                check_served(path, body, data, case)
+            else:  # two fields that do not go together (best_of with stream, n above best_of, ...)
+                assert status == 400 and json.loads(data)["error"]["param"] in body, case
+    conn.close()
+    assert statuses[200] > 0.95 * sum(statuses.values()), statuses
