@@ -86,6 +86,19 @@ def test_self_speculation_accepts_everything(llama_dir):
     assert s["spec_accepted_per_position"] == [s["spec_num_drafts"]] * 4
 
 
+def test_seeded_sampling_with_speculation_is_the_same_under_preemption(llama_dir, draft_dir):
+    """A request's seed fixes its output whatever else runs: with speculation, a sequence recomputed after a
+    preemption goes on with a speculative round, as it would have without the preemption (a round draws from the
+    seed in its own order; sampling the next token at the end of the recompute drew differently)."""
+    prompts = mixed_prompts(3)
+    params = [SamplingParams(temperature=0.9, seed=i, max_tokens=30, ignore_eos=True) for i in range(len(prompts))]
+    spec = dict(speculative_model=str(draft_dir), num_speculative_tokens=3, block_size=8)
+    alone = [run(llama_dir, [p], [sp], **spec)[0][0] for p, sp in zip(prompts, params)]
+    together, eng = run(llama_dir, prompts, params, num_kv_blocks=14, **spec)
+    assert eng.scheduler.num_preemptions > 0 and eng.stats()["spec_num_drafts"] > 0
+    assert together == alone
+
+
 def test_speculation_with_preemption_stops_and_max_tokens(llama_dir, draft_dir):
     prompts = mixed_prompts(2)
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)

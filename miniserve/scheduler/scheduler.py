@@ -4,7 +4,8 @@ One rule covers prefill, chunked prefill and decode: a running sequence brings `
 tokens (its whole uncomputed prompt, a chunk of it within the token budget, or the one token sampled last step).
 Sequences join (from `waiting`) and leave (finished) at every step. When the KV pool runs dry, the newest running
 sequence is preempted: its blocks are freed and it goes back to the front of `waiting`, to be recomputed later.
-The sampled tokens are kept, so recomputation continues exactly where it stopped.
+The sampled tokens are kept, so recomputation continues exactly where it stopped (with a draft model it stops
+one token short, so the sequence goes on with a speculative round: `_end`).
 
 Prefix caching (block_manager.py): a sequence joining the batch first takes the cached blocks of its longest
 cached prefix and computes only the rest; a preempted sequence usually finds its own blocks again. The full blocks
@@ -72,7 +73,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(self._end(seq) - seq.num_computed_tokens, budget)
             need = seq.num_computed_tokens + num_new + (self.lookahead if num_new == 1 else 0)
             while not self.blocks.can_grow(seq, need) and self.running[-1] is not seq:
                 self._preempt(self.running.pop())
@@ -100,6 +101,17 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
         return scheduled
 
+    def _end(self, seq: Sequence) -> int:
+        """Where the tokens `seq` brings this step end: at its last token. But with a draft, a sequence recomputed
+        after a preemption stops before its last token, so that its next step is a speculative round fed that
+        token, as it would have been without the preemption: a sampled round draws from the request's seed in the
+        same order, and the seed gives the same output whatever else runs (sampling a token at the end of the
+        recompute instead, as a decode step, drew differently)."""
+        resumed = self.has_draft and seq.num_output_tokens > 0
+        if resumed and seq.num_computed_tokens < seq.num_tokens - 1:
+            return seq.num_tokens - 1
+        return seq.num_tokens
+
     def _cache_blocks(self, seq: Sequence) -> None:
         """Register the sequence's full blocks that every worker has written and no worker will write again.
         A draft lags the target, and its catch-up pass rewrites position num_tokens - 2 when it had already
@@ -125,7 +137,7 @@ class Scheduler:
         lookup = self.blocks.enable_caching and not seq.scores_prompt
         cached = self.blocks.cached_prefix(seq, seq.num_tokens - self.num_uncached) if lookup else []
         num_cached = len(cached) * self.blocks.block_size
-        num_new = min(seq.num_tokens - num_cached, budget)
+        num_new = min(self._end(seq) - num_cached, budget)
         need = num_cached + num_new + (self.lookahead if num_new == 1 else 0)
         if not self.blocks.can_allocate(cached, need):
             return False
