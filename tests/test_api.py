@@ -7,6 +7,7 @@ random Llama, driven with the official openai client; transformers is the oracle
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -589,6 +590,8 @@ def test_tool_choice_errors(url):
          [("f", '{"a": [1, 2]}'), ("g", "{}")]),
         ("llama3_json", '<|python_tag|>{"name": "f", "parameters": {"x": "y"}}', "", [("f", '{"x": "y"}')]),
         ("llama3_json", "The {answer} is no call", "The {answer} is no call", []),
+        ("llama3_json", '\n {"name": "f", "parameters": {}}', "", [("f", "{}")]),  # the call drops the whitespace
+        ("llama3_json", "\n\nNo call", "\n\nNo call", []),
         ("mistral", 'Ok [TOOL_CALLS] [{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {}}]', "Ok ",
          [("f", '{"a": 1}'), ("g", "{}")]),
         ("mistral", '[TOOL_CALLS]f[ARGS]{"a": 1}[TOOL_CALLS]g[ARGS]{}', "", [("f", '{"a": 1}'), ("g", "{}")]),
@@ -607,6 +610,31 @@ def test_tool_call_formats_parse_whole_and_streamed_alike(fmt, text, content, ca
             streamed_content += new
             streamed_calls += new_calls
         assert (streamed_content, [(c.name, c.arguments) for c in streamed_calls]) == (content, calls)
+
+
+TOOL_TEXT_PIECES = [
+    "<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>", "\n", " ", "; ", "text ", "é", "{", "}",
+    "[", "]", '"', "\\", "null", '{"name": "f", "arguments": {"a": 1}}', '{"name": "g", "parameters": {}}',
+    '[{"name": "f", "arguments": {"x": [1, 2]}}]', '{"name": 1}', '{"name": "f", "arguments": "{\\"b\\": 2}"}',
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "llama3_json", "mistral"])
+def test_tool_call_parsing_streamed_equals_whole_on_random_texts(fmt):
+    """Texts made of markers, JSON and its fragments, cut at random points: the streamed deltas add up to what the
+    whole output parses to, and every call's arguments are a JSON object's text."""
+    from miniserve.server.tool_calls import PARSERS, StreamingToolParser
+
+    rng = random.Random(fmt)
+    for _ in range(2000):
+        text = "".join(rng.choice(TOOL_TEXT_PIECES) for _ in range(rng.randrange(8)))
+        content, calls = PARSERS[fmt](text)
+        assert all(isinstance(json.loads(c.arguments), (dict, list, str, int, float, type(None))) for c in calls)
+        parser, streamed, streamed_calls = StreamingToolParser("auto", fmt), "", []
+        for end in [*sorted(rng.sample(range(len(text) + 1), min(3, len(text) + 1))), len(text)]:
+            new, new_calls = parser.feed(text[:end], final=end == len(text))
+            streamed, streamed_calls = streamed + new, streamed_calls + new_calls
+        assert (streamed, streamed_calls) == (content, calls), text
 
 
 # ---------------------------------------------------------------------------------------------- metrics

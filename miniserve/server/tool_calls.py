@@ -228,10 +228,10 @@ class StreamingToolParser:
         if self.fmt is None:
             return None
         markers = _MARKERS[self.fmt]
-        if self.fmt == "llama3_json":  # only a call if the output opens with it
+        if self.fmt == "llama3_json":  # only a call if the output opens with it (after whitespace, which a call drops)
             stripped = text.lstrip()
             if not stripped or any(m.startswith(stripped) or stripped.startswith(m) for m in markers):
-                return len(text) - len(stripped)
+                return 0
             return None
         found = [i for i in (text.find(m) for m in markers) if i != -1]
         if found:
