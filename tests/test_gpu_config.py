@@ -347,28 +347,44 @@ def test_extend_explicit_launch_arguments_win(monkeypatch):
 
 
 def test_decode_register_cap_by_shape(monkeypatch):
-    """decode_attention.default_register_cap: 128 registers for an FP8 cache read exactly at head_dim 64 or 128
-    on NVIDIA (bit-identical, faster on the H200); none for bf16, for the staged read, at unmeasured head sizes,
-    on ROCm, and in the interpreter."""
+    """decode_attention.default_register_cap, by the V read the kernel runs: 96 registers for the pair read, 128
+    for the byte read at head_dim 64 or 128 on NVIDIA (bit-identical, faster on the H200); none for bf16, the
+    exact bit-field decode, the staged read, unmeasured head sizes, ROCm and the interpreter."""
     import miniserve.kernels.decode_attention as dec
 
     monkeypatch.setattr(dec, "triton_interpreter_enabled", lambda: False)
     monkeypatch.setattr(dec, "is_rocm", lambda: False)
-    cuda, fp8 = torch.device("cuda"), torch.float8_e4m3fn
-    assert dec.default_register_cap(128, fp8, "auto", cuda) == dec.PAIRS_FP8_REGISTERS == 96
-    assert dec.default_register_cap(64, fp8, "auto", cuda) == 96
-    assert dec.default_register_cap(128, torch.bfloat16, "auto", cuda) == 0
-    assert dec.default_register_cap(128, fp8, "hw-staged", cuda) == 0
-    assert dec.default_register_cap(128, fp8, "hw", cuda) == dec.EXACT_FP8_REGISTERS == 128
-    assert dec.default_register_cap(64, fp8, "hw-pairs", cuda) == 96
-    assert dec.default_register_cap(96, fp8, "auto", cuda) == 0
-    assert dec.default_register_cap(256, fp8, "auto", cuda) == 0
-    assert dec.default_register_cap(128, fp8, "auto", torch.device("cpu")) == 0
+    cuda = torch.device("cuda")
+    assert dec.default_register_cap(128, dec.KV_FP8_HW_PAIRS, cuda) == dec.PAIRS_FP8_REGISTERS == 96
+    assert dec.default_register_cap(64, dec.KV_FP8_HW_PAIRS, cuda) == 96
+    assert dec.default_register_cap(128, dec.KV_FP8_HW, cuda) == dec.EXACT_FP8_REGISTERS == 128
+    for mode in (dec.KV_PLAIN, dec.KV_FP8_BITS, dec.KV_FP8_HW_STAGED):
+        assert dec.default_register_cap(128, mode, cuda) == 0
+    assert dec.default_register_cap(96, dec.KV_FP8_HW_PAIRS, cuda) == 0
+    assert dec.default_register_cap(256, dec.KV_FP8_HW_PAIRS, cuda) == 0
+    assert dec.default_register_cap(128, dec.KV_FP8_HW_PAIRS, torch.device("cpu")) == 0
     monkeypatch.setattr(dec, "is_rocm", lambda: True)
-    assert dec.default_register_cap(128, torch.float8_e4m3fnuz, "auto", cuda) == 0
+    assert dec.default_register_cap(128, dec.KV_FP8_HW, cuda) == 0
     monkeypatch.setattr(dec, "is_rocm", lambda: False)
     monkeypatch.setattr(dec, "triton_interpreter_enabled", lambda: True)
-    assert dec.default_register_cap(128, fp8, "auto", cuda) == 0
+    assert dec.default_register_cap(128, dec.KV_FP8_HW_PAIRS, cuda) == 0
+
+
+def test_decode_cap_follows_the_read_that_runs(monkeypatch):
+    """A cache the pair read cannot take (rows at odd byte offsets) falls back to the byte read, and its launch gets
+    the byte read's cap, not the pair read's."""
+    import miniserve.kernels.decode_attention as dec
+
+    modes = []
+    monkeypatch.setattr(dec, "default_register_cap", lambda head_dim, mode, device: modes.append(mode) or 0)
+    b = make_batch([(40, 1)], 16, 4, 2, 64, torch.float8_e4m3fn, torch.bfloat16, seed=0)
+    args = (b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3)
+    wide = torch.zeros((*b.value_cache.shape[:3], 65), dtype=torch.uint8).view(torch.float8_e4m3fn)
+    wide[..., 1:] = b.value_cache  # the same values, each row one byte further on
+    odd = wide[..., 1:]
+    dec.decode_attention(*args, fp8_decode="hw-pairs")
+    dec.decode_attention(b.q, b.key_cache, odd, *args[3:], fp8_decode="hw-pairs")
+    assert modes == [dec.KV_FP8_HW_PAIRS, dec.KV_FP8_HW]
 
 
 def test_decode_launch_takes_the_cap_unless_asked(monkeypatch):

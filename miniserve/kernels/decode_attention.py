@@ -512,8 +512,9 @@ EXACT_FP8_REGISTERS = 128  # the byte read ("hw")
 PAIRS_FP8_REGISTERS = 96  # the pair read ("auto" on NVIDIA)
 
 
-def default_register_cap(head_dim: int, cache_dtype: torch.dtype, fp8_decode: str, device: torch.device) -> int:
-    """The decode kernel's register cap by shape (0: none). An FP8 cache read by the hardware conversion with V
+def default_register_cap(head_dim: int, mode: int, device: torch.device) -> int:
+    """The decode kernel's register cap by shape and the V read it runs (`mode`, after `pairs_or_hw`; 0: none). An
+    FP8 cache read by the hardware conversion with V
     gathered byte by byte ("hw") needs ~200 registers a thread at head_dim 128 (two programs an SM) and 137 at 64
     (three); capped at 128, four fit (at head_dim 128 with some spilling), with the same arithmetic: bit-identical
     output, and on the H200 1.16-1.28x faster than uncapped at head_dim 128 (Llama-3.1-8B heads at 8 and 64 x 4k,
@@ -524,9 +525,9 @@ def default_register_cap(head_dim: int, cache_dtype: torch.dtype, fp8_decode: st
     at Llama-3.2-1B's batch 128-256, equal at its 64 (decode_attention_fp8_pairs_h200.json). Other head
     sizes were not measured: none. NVIDIA only."""
     nvidia = device.type == "cuda" and not is_rocm() and not triton_interpreter_enabled()
-    if not (is_fp8(cache_dtype) and head_dim in (64, 128) and nvidia):
+    if not (head_dim in (64, 128) and nvidia):
         return 0
-    return {"auto": PAIRS_FP8_REGISTERS, "hw-pairs": PAIRS_FP8_REGISTERS, "hw": EXACT_FP8_REGISTERS}.get(fp8_decode, 0)
+    return {KV_FP8_HW_PAIRS: PAIRS_FP8_REGISTERS, KV_FP8_HW: EXACT_FP8_REGISTERS}.get(mode, 0)
 
 
 def check_kernel_inputs(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
@@ -618,7 +619,7 @@ def decode_attention(
     mode, nan_all_ones, kv_factor = kv_mode(key_cache.dtype, q.device, fp8_decode)
     group_pad = max(16, triton.next_power_of_2(group))
     mode = pairs_or_hw(mode, head_dim, value_cache, group_pad)
-    maxnreg = default_register_cap(head_dim, key_cache.dtype, fp8_decode, q.device) if maxnreg is None else maxnreg
+    maxnreg = default_register_cap(head_dim, mode, q.device) if maxnreg is None else maxnreg
     block_n = block_n or kv_block_n(key_cache.dtype)
     split_tokens = split_tokens or split_tokens_for(decode_splits, num_seqs, num_kv_heads, block_n)
     splits = num_splits or choose_num_splits(meta.max_seq_len, split_tokens)
