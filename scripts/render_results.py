@@ -1039,8 +1039,10 @@ def render_throughput() -> str:
     rows = throughput_rows()
     if not rows:
         return "No H200 throughput results yet.\n"
-    lines = ["| target | measured | met | why (from a profile) |", "|---|---|---|---|"]
-    lines += [f"| {t} | {m} | {ok} | {why} |" for t, m, ok, why in rows]
+    lines = ["| # | target | measured | met |", "|---|---|---|---|"]
+    lines += [f"| {i} | {t} | {m} | {ok} |" for i, (t, m, ok, _) in enumerate(rows, 1)]
+    lines += ["", "Why each row stands where it does (from profiles and side-by-side runs):", ""]
+    lines += [f"{i}. {why}" for i, (_, _, _, why) in enumerate(rows, 1)]
     nano = load("throughput_nano_h200.json")
     if nano:
         lines.append("")
