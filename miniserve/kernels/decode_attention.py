@@ -513,17 +513,16 @@ PAIRS_FP8_REGISTERS = 96  # the pair read ("auto" on NVIDIA)
 
 
 def default_register_cap(head_dim: int, mode: int, device: torch.device) -> int:
-    """The decode kernel's register cap by shape and the V read it runs (`mode`, after `pairs_or_hw`; 0: none). An
-    FP8 cache read by the hardware conversion with V
-    gathered byte by byte ("hw") needs ~200 registers a thread at head_dim 128 (two programs an SM) and 137 at 64
-    (three); capped at 128, four fit (at head_dim 128 with some spilling), with the same arithmetic: bit-identical
-    output, and on the H200 1.16-1.28x faster than uncapped at head_dim 128 (Llama-3.1-8B heads at 8 and 64 x 4k,
-    Qwen3-0.6B at 256 x 1.1k; a cap of 168 gained less), no slower at head_dim 64 (Llama-3.2-1B, 64 x 640):
-    decode_attention_fp8_variants_h200.json and decode_attention_fp8_r128_h200.json. V read in byte pairs ("auto":
-    "hw-pairs") needs 156 at head_dim 128 and 110 at 64: capped at 96 (16-40 bytes of spill), five programs an
-    SM, the same bits, 1.05x faster than at 128 at Llama-3.1-8B's 64 x 4k and Qwen3-0.6B's 256 x 1.1k, 1.03-1.05x
-    at Llama-3.2-1B's batch 128-256, equal at its 64 (decode_attention_fp8_pairs_h200.json). Other head
-    sizes were not measured: none. NVIDIA only."""
+    """The decode kernel's register cap by shape and the V read it runs (`mode`, after `pairs_or_hw`; 0: none). An FP8
+    cache read by the hardware conversion with V gathered byte by byte ("hw") needs ~200 registers a thread at head_dim
+    128 (two programs an SM) and 137 at 64 (three); capped at 128, four fit (at head_dim 128 with some spilling), with
+    the same arithmetic: bit-identical output, and on the H200 1.16-1.28x faster than uncapped at head_dim 128
+    (Llama-3.1-8B heads at 8 and 64 x 4k, Qwen3-0.6B at 256 x 1.1k; a cap of 168 gained less), no slower at head_dim 64
+    (Llama-3.2-1B, 64 x 640): decode_attention_fp8_variants_h200.json and decode_attention_fp8_r128_h200.json. V read in
+    byte pairs ("auto": "hw-pairs") needs 156 at head_dim 128 and 110 at 64: capped at 96 (16-40 bytes of spill), five
+    programs an SM, the same bits, 1.05x faster than at 128 at Llama-3.1-8B's 64 x 4k and Qwen3-0.6B's 256 x 1.1k,
+    1.03-1.05x at Llama-3.2-1B's batch 128-256, equal at its 64 (decode_attention_fp8_pairs_h200.json). Other head sizes
+    were not measured: none. NVIDIA only."""
     nvidia = device.type == "cuda" and not is_rocm() and not triton_interpreter_enabled()
     if not (head_dim in (64, 128) and nvidia):
         return 0
