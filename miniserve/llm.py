@@ -69,11 +69,27 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        *,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
-        """Render each conversation with the model's chat template and generate the assistant's reply."""
+        """Render each conversation with the model's chat template and generate the assistant's reply (vLLM's
+        arguments: `tools` reach the template, `chat_template` replaces the model's, `chat_template_kwargs` become
+        template variables such as `enable_thinking`, `continue_final_message` continues the last assistant
+        message instead of starting a new one). Tool calls stay in the output text, as in vLLM's offline API."""
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message cannot be used with add_generation_prompt=True")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if continue_final_message and any(not c or c[-1].get("role") != "assistant" for c in conversations):
+            raise ValueError("continue_final_message needs each conversation to end with an assistant message")
+        options = dict(tools=tools, chat_template=chat_template, continue_final_message=continue_final_message)
         tok = self.engine.tokenizer
-        prompts = [tok.encode_chat(c, add_generation_prompt=add_generation_prompt) for c in conversations]
+        prompts = [
+            tok.encode_chat(c, add_generation_prompt, template_kwargs=chat_template_kwargs, **options)
+            for c in conversations
+        ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

@@ -42,6 +42,21 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+# what a chat template is given by name: chat_template_kwargs add variables (e.g. enable_thinking), not these
+TEMPLATE_INPUTS = ("messages", "add_generation_prompt", "tools", "documents", "chat_template", "continue_final_message")
+
+
+def check_template_kwargs(template_kwargs: dict[str, Any] | None) -> None:
+    """ValueError (starting with the field's name) for chat_template_kwargs that would set a template input that
+    has a request field, or an argument, of its own."""
+    clash = [k for k in TEMPLATE_INPUTS if k in (template_kwargs or {})]
+    if clash:
+        raise ValueError(
+            f"chat_template_kwargs may not set {', '.join(clash)}: each is a field of the request (an argument of "
+            "LLM.chat) of its own"
+        )
+
+
 class Tokenizer:
     """Encode/decode/chat-template for one model directory; see the module docstring for the backends."""
 
@@ -219,12 +234,15 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         *,
         add_special_tokens: bool | None = None,
+        template_kwargs: dict[str, Any] | None = None,
         **template_options: Any,
     ) -> list[int]:
         """Rendered chat as ids, plus the BOS prefix unless the template already wrote it (never EOS). An explicit
         `add_special_tokens` has vLLM's meaning: True adds the tokenizer's specials on top of the template's text,
-        False encodes exactly the template's text."""
-        text = self.apply_chat_template(messages, add_generation_prompt, **template_options)
+        False encodes exactly the template's text. `template_kwargs` (a request's chat_template_kwargs) are extra
+        template variables, kept apart from this method's own arguments (`check_template_kwargs`)."""
+        check_template_kwargs(template_kwargs)
+        text = self.apply_chat_template(messages, add_generation_prompt, **template_options, **(template_kwargs or {}))
         if add_special_tokens is not None:
             return self.encode(text, add_special_tokens=add_special_tokens)
         ids = self.encode(text, add_special_tokens=False)

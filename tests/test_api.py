@@ -474,6 +474,19 @@ def test_chat_echo_continue_final_message_and_template_kwargs(client, url):
                                                "return_token_ids": True})  # fmt: skip
     text = post(url, "/detokenize", {"tokens": custom.json()["prompt_token_ids"]}).json()["prompt"]
     assert text == "PLAIN Speak."
+    # template variables named like the server's own arguments are variables all the same ...
+    named = {"chat_template": "{{ truncate }} {{ add_special_tokens }}", "chat_template_kwargs": {"truncate": 7,
+             "add_special_tokens": "yes"}}  # fmt: skip
+    for path in ("/v1/chat/completions", "/tokenize"):
+        r = post(url, path, {"model": MODEL_NAME, **MESSAGES, "max_tokens": 1, "return_token_ids": True, **named})
+        ids = r.json()["prompt_token_ids" if path != "/tokenize" else "tokens"]
+        assert post(url, "/detokenize", {"tokens": ids}).json()["prompt"].endswith("7 yes"), path
+    # ... but the template's inputs that have fields of their own are refused, not overridden or dropped
+    for key in ("messages", "add_generation_prompt", "tools", "documents", "chat_template", "continue_final_message"):
+        for path in ("/v1/chat/completions", "/tokenize"):
+            r = post(url, path, {"model": MODEL_NAME, **MESSAGES, "chat_template_kwargs": {key: None}})
+            err = r.json()["error"]
+            assert r.status_code == 400 and err["param"] == "chat_template_kwargs" and key in err["message"], path
 
 
 # ---------------------------------------------------------------------------------------------- tool calls

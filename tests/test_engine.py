@@ -324,6 +324,30 @@ def test_chat_and_string_prompts(llama_dir):
     assert text_out.outputs[0].text == tok.decode(text_out.outputs[0].token_ids)
 
 
+def test_chat_takes_vllms_template_arguments(llama_dir):
+    """LLM.chat's tools, chat_template, chat_template_kwargs and continue_final_message reach the template (read
+    back from the prompt's text); the template's own inputs cannot be set through chat_template_kwargs."""
+    llm = make_llm(llama_dir)
+    tok = llm.get_tokenizer()
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}"
+    template += "|{{ tools[0].function.name }}|{{ mood }}"
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Once upon"}]
+    params = SamplingParams(max_tokens=1)
+    out = llm.chat(chat, params, use_tqdm=False, add_generation_prompt=False, tools=tools, chat_template=template,
+                   chat_template_kwargs={"mood": "calm"})[0]  # fmt: skip
+    assert tok.decode(out.prompt_token_ids).endswith("<user>hi</user><assistant>Once upon</assistant>|lookup|calm")
+    out = llm.chat(chat, params, use_tqdm=False, add_generation_prompt=False, continue_final_message=True,
+                   tools=tools, chat_template=template)[0]  # fmt: skip
+    assert tok.decode(out.prompt_token_ids).endswith("<user>hi</user><assistant>Once upon")
+    with pytest.raises(ValueError, match="add_generation_prompt"):
+        llm.chat(chat, params, continue_final_message=True)
+    with pytest.raises(ValueError, match="assistant"):
+        llm.chat(chat[:1], params, add_generation_prompt=False, continue_final_message=True)
+    with pytest.raises(ValueError, match="chat_template_kwargs may not set tools"):
+        llm.chat(chat, params, chat_template_kwargs={"tools": tools})
+
+
 @pytest.mark.parametrize("kv", ["auto", "fp8", "fp8_e4m3fnuz"])
 def test_triton_backend_matches_torch_backend(llama_dir, kv):
     """The Triton kernels (in the interpreter here, natively on a GPU) drive the engine to the same tokens and

@@ -571,7 +571,7 @@ SCHEMAS = {  # path -> (field -> plausible values), required fields first
         "tool_choice": ["auto", "none", "required", {"type": "function", "function": {"name": "f"}}],
         "echo": [True, False],
         "continue_final_message": [True, False],
-        "chat_template_kwargs": [{"x": 1}],
+        "chat_template_kwargs": [{"x": 1}, {"truncate": 1, "add_special_tokens": 1}, {"tools": 1}],
     },
     "/tokenize": {
         "prompt": ["ROMEO:", "", "é🙂"],

@@ -72,7 +72,7 @@ async def _chat_ids(state: ServerState, req: ChatCompletionRequest, tools: ToolS
         documents=req.documents,
         chat_template=req.chat_template,
         continue_final_message=req.continue_final_message,
-        **(req.chat_template_kwargs or {}),
+        template_kwargs=req.chat_template_kwargs,
     )
 
 

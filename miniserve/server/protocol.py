@@ -15,6 +15,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from miniserve.tokenizer import check_template_kwargs
+
 MAX_TOP_LOGPROBS = 20
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # content parts a text-only model cannot take, by type, and what to call them in the error
@@ -488,6 +490,7 @@ class ChatCompletionRequest(SamplingFields):
             )
         if self.continue_final_message and self.messages[-1].role != "assistant":
             raise ValueError("continue_final_message needs the last message to be an assistant message")
+        check_template_kwargs(self.chat_template_kwargs)
         if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
             raise ValueError("tool_choice needs tools")
         if isinstance(self.tool_choice, NamedToolChoice):
@@ -533,6 +536,7 @@ class TokenizeRequest(_Request):
             raise ValueError("give exactly one of prompt or messages")
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError("continue_final_message cannot be used with add_generation_prompt")
+        check_template_kwargs(self.chat_template_kwargs)
         return self
 
 

@@ -31,7 +31,7 @@ async def tokenize(request: Request) -> JSONResponse:
             documents=req.documents,
             chat_template=req.chat_template,
             continue_final_message=req.continue_final_message,
-            **(req.chat_template_kwargs or {}),
+            template_kwargs=req.chat_template_kwargs,
         )
     else:
         state.check_prompt_chars(len(req.prompt), "prompt", for_generation=False)
