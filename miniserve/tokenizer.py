@@ -208,8 +208,7 @@ class Tokenizer:
         """
         template = self._template(chat_template)
         variables = {name: value for name, value in self.special_tokens.items() if value is not None}
-        reserved = ("messages", "tools", "documents", "add_generation_prompt")
-        variables.update({k: v for k, v in template_kwargs.items() if k not in reserved})
+        variables.update(template_kwargs)  # (the inputs named below are this method's own arguments)
         rendered = template.render(
             **variables,
             messages=[_normalize_message(m, i) for i, m in enumerate(messages)],
