@@ -650,6 +650,35 @@ def test_tool_call_parsing_streamed_equals_whole_on_random_texts(fmt):
         assert (streamed, streamed_calls) == (content, calls), text
 
 
+@pytest.mark.parametrize(("mode", "parallel"), [("required", True), ("required", False), ("named", True)])
+def test_forced_tool_calls_cut_short_stream_as_they_answer_whole(mode, parallel):
+    """tool_choice required / a named function, the output cut at every point (max_tokens): the streamed deltas
+    add up to the whole response's message (the calls completed, the text as content or as the arguments)."""
+    from types import SimpleNamespace
+
+    from miniserve.server.tool_calls import ToolSetup
+
+    setup = ToolSetup(mode, None, "f" if mode == "named" else None, parallel, [])
+    whole = '[{"name": "f", "parameters": {"a": [1, 2]}}, {"name": "g", "parameters": {}}]'
+    if mode == "named":
+        whole = '{"a": [1, 2], "b": "x"}'
+    for cut in range(len(whole) + 1):
+        text = whole[:cut]
+        message, _ = setup.message(text, "length", "")
+        parser, counts, content, calls = setup.parser(), {0: 0}, "", {}
+        for end in range(cut + 1):
+            o = SimpleNamespace(index=0, text=text[:end], finish_reason="length" if end == cut else None)
+            delta = setup.delta(parser, counts, o, text[end - 1 : end] if end else "")
+            content += delta.get("content", "")
+            for call in delta.get("tool_calls", []):
+                got = calls.setdefault(call["index"], {"name": "", "arguments": ""})
+                got["name"] += call["function"].get("name", "")
+                got["arguments"] += call["function"].get("arguments", "")
+        want = [c["function"] for c in message.get("tool_calls", [])]
+        assert [calls[i] for i in sorted(calls)] == want, text
+        assert content == (message["content"] or ""), text
+
+
 # ---------------------------------------------------------------------------------------------- metrics
 
 

@@ -8,7 +8,9 @@ Three output formats cover the supported model families; which one a model write
   mistral     `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]` (or `[TOOL_CALLS]name[ARGS]{...}`)
 
 `tool_choice: "required"` and a named function do not parse free text: the server constrains the output with a
-JSON schema (structured outputs), so the arguments always parse. `required` generates a JSON array of
+JSON schema (structured outputs), so the arguments always parse, unless max_tokens cuts the output short: then a
+named call's arguments are the text as it stands, and "required" returns the calls it completed with the text as
+content (`parse_required_output`), streamed or not. `required` generates a JSON array of
 `{"name", "parameters"}` objects (as vLLM does), a named function its arguments object.
 
 Streaming: `StreamingToolParser` is fed the cumulative text and returns what is new: content that can no longer be
@@ -155,6 +157,13 @@ def parse_required(text: str) -> list[ToolCall] | None:
     return None if any(c is None for c in calls) else calls  # type: ignore[return-value]
 
 
+def parse_required_output(text: str) -> tuple[str, list[ToolCall]]:
+    """(content, calls) of a finished tool_choice "required" output: the array's calls; for an array cut short
+    (max_tokens, a stop string) the calls it completed, which a stream has sent, and the text as content."""
+    calls = parse_required(text)
+    return ("", calls) if calls is not None else (text, _complete_array_items(text))
+
+
 # -------------------------------------------------------------------------------------------------- schemas
 
 
@@ -198,8 +207,8 @@ class StreamingToolParser:
         if self.mode == "named":  # arguments stream as they come (the schema constrains them)
             return "", []
         if self.mode == "required":
-            calls = parse_required(text) if final else _complete_array_items(text)
-            return "", self._new(calls or [])
+            content, calls = parse_required_output(text) if final else ("", _complete_array_items(text))
+            return content, self._new(calls)
         if final:  # the held-back text is either tool calls or, if they do not parse, content after all
             content, calls = self.parse(text)
             new = content[self.content_sent :]
@@ -298,9 +307,9 @@ class ToolSetup:
         if self.mode == "auto":
             content, calls = self.parser().parse(text)
         elif self.mode == "required":
-            calls = parse_required(text) or []
-            content = "" if calls else text
-        elif self.mode == "named" and _is_json(text):
+            content, calls = parse_required_output(text)
+            calls = calls if self.parallel else calls[:1]
+        elif self.mode == "named":  # the output is the arguments, as streamed (cut short by max_tokens or not)
             calls, content = [ToolCall(self.named, text)], ""
         message: dict[str, Any] = {"role": "assistant", "content": (echo + content) if content or not calls else None}
         if calls:
@@ -347,11 +356,3 @@ def tool_setup(req: ChatCompletionRequest, model_template: str | None) -> ToolSe
             param="tool_choice",
         )
     return setup
-
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
