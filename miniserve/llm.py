@@ -12,6 +12,7 @@ from miniserve.config import EngineConfig
 from miniserve.engine.llm_engine import LLMEngine
 from miniserve.engine.outputs import RequestOutput
 from miniserve.sampling_params import SamplingParams
+from miniserve.tokenizer import check_chat_options
 
 PromptType = str | list[int] | dict
 
@@ -79,11 +80,10 @@ class LLM:
         arguments: `tools` reach the template, `chat_template` replaces the model's, `chat_template_kwargs` become
         template variables such as `enable_thinking`, `continue_final_message` continues the last assistant
         message instead of starting a new one). Tool calls stay in the output text, as in vLLM's offline API."""
-        if continue_final_message and add_generation_prompt:
-            raise ValueError("continue_final_message cannot be used with add_generation_prompt=True")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        if continue_final_message and any(not c or c[-1].get("role") != "assistant" for c in conversations):
-            raise ValueError("continue_final_message needs each conversation to end with an assistant message")
+        for c in conversations:
+            last_role = c[-1].get("role", "") if c else ""
+            check_chat_options(add_generation_prompt, continue_final_message, chat_template_kwargs, last_role)
         options = dict(tools=tools, chat_template=chat_template, continue_final_message=continue_final_message)
         tok = self.engine.tokenizer
         prompts = [

@@ -46,6 +46,23 @@ DEFAULT_CHAT_TEMPLATE = (
 TEMPLATE_INPUTS = ("messages", "add_generation_prompt", "tools", "documents", "chat_template", "continue_final_message")
 
 
+def check_chat_options(
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    template_kwargs: dict[str, Any] | None,
+    last_role: str | None = None,
+) -> None:
+    """ValueError, starting with the field's name, for chat-template options that cannot go together (the server's
+    400s and LLM.chat's errors); `last_role`: the last message's, when known."""
+    if continue_final_message and add_generation_prompt:
+        raise ValueError(
+            "continue_final_message cannot be used with add_generation_prompt: set add_generation_prompt false"
+        )
+    if continue_final_message and last_role is not None and last_role != "assistant":
+        raise ValueError("continue_final_message needs the last message to be an assistant message")
+    check_template_kwargs(template_kwargs)
+
+
 def check_template_kwargs(template_kwargs: dict[str, Any] | None) -> None:
     """ValueError (starting with the field's name) for chat_template_kwargs that would set a template input that
     has a request field, or an argument, of its own."""

@@ -14,8 +14,6 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-from pathlib import Path  # noqa: E402
-
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -27,6 +25,7 @@ from test_attention_kernels import DECODE_SEQS, EXTEND_SEQS, make_batch, toleran
 import miniserve.kernels.decode_attention as decode_module  # noqa: E402
 import miniserve.kernels.extend_attention as extend_module  # noqa: E402
 import miniserve.kernels.layer_ops as layer_ops  # noqa: E402
+from benchmarks import gpu_kernels  # noqa: E402
 from benchmarks.tune_decode_attention import FP8_VARIANTS  # noqa: E402
 from benchmarks.tune_extend_attention import EXTEND_VARIANTS  # noqa: E402
 from miniserve.kernels import paged_attention  # noqa: E402
@@ -153,7 +152,6 @@ def test_extend_variants_queued_for_the_gpu(hardware_fp8_decode, variant, cache_
 def test_extend_variant_benchmarks_run_on_the_cpu():
     """The GPU scripts' extend-variant code on tiny cases here (timer stubbed), so it cannot rot:
     tune_extend_attention.py's chunked prompt against SDPA, and gpu_kernels.py's extend_variants check."""
-    import sys
 
     import benchmarks.tune_extend_attention as tune
 
@@ -163,9 +161,6 @@ def test_extend_variant_benchmarks_run_on_the_cpu():
     for r in rows[1:]:
         assert r["finite"] and r["max_abs_diff_to_sdpa"] < 0.1 and r["ms"] == 1.0
     assert rows[2]["identical_to_default"]  # the diagonal split: same tiles, same roundings
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import gpu_kernels
-
     case = (16, 4, 2, 64, torch.bfloat16, torch.bfloat16)
     rows = gpu_kernels.check_extend_variants(torch.device("cpu"), extend=[(40, 17), (100, 60), (5, 5)], cases=[case])
     assert len(rows) == len(EXTEND_VARIANTS) and all(r["ok"] for r in rows)
@@ -176,11 +171,6 @@ def test_fp8_pair_decode_of_all_65536_words():
     """The default V read's conversion (KV_FP8_HW_PAIRS) turns every int16 word into its low byte's e4m3fn value,
     then its high byte's: the cache's byte order, column 2j then 2j + 1. Here by Triton's cast (NaN codes give
     +-480, as in test_fp8_page_decode_of_all_256_codes); gpu_kernels.py's check runs its kernel on the GPU's PTX."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import gpu_kernels
-
     words = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
     lo, hi = torch.empty(1 << 16, dtype=torch.float16), torch.empty(1 << 16, dtype=torch.float16)
     gpu_kernels._decode_words_kernel[(64,)](words, lo, hi)

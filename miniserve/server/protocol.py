@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from miniserve.tokenizer import check_template_kwargs
+from miniserve.tokenizer import check_chat_options
 
 MAX_TOP_LOGPROBS = 20
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -484,13 +484,9 @@ class ChatCompletionRequest(SamplingFields):
     def _check_chat(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError(
-                "continue_final_message cannot be used with add_generation_prompt: set add_generation_prompt false"
-            )
-        if self.continue_final_message and self.messages[-1].role != "assistant":
-            raise ValueError("continue_final_message needs the last message to be an assistant message")
-        check_template_kwargs(self.chat_template_kwargs)
+        check_chat_options(
+            self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs, self.messages[-1].role
+        )
         if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
             raise ValueError("tool_choice needs tools")
         if isinstance(self.tool_choice, NamedToolChoice):
@@ -534,9 +530,7 @@ class TokenizeRequest(_Request):
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
-        if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message cannot be used with add_generation_prompt")
-        check_template_kwargs(self.chat_template_kwargs)
+        check_chat_options(self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs)
         return self
 
 

@@ -302,15 +302,12 @@ class ToolSetup:
 
     def message(self, text: str, finish: str | None, echo: str) -> tuple[dict[str, Any], Any]:
         """The assistant message of one finished choice (content and/or tool calls) and its finish_reason."""
-        calls: list[ToolCall] = []
-        content = text
-        if self.mode == "auto":
-            content, calls = self.parser().parse(text)
-        elif self.mode == "required":
-            content, calls = parse_required_output(text)
-            calls = calls if self.parallel else calls[:1]
+        if self.mode == "none":
+            content, calls = text, []
         elif self.mode == "named":  # the output is the arguments, as streamed (cut short by max_tokens or not)
-            calls, content = [ToolCall(self.named, text)], ""
+            content, calls = "", [ToolCall(self.named, text)]
+        else:  # auto, required: the whole text through a stream's parser, so both answer alike
+            content, calls = self.parser().feed(text, final=True)
         message: dict[str, Any] = {"role": "assistant", "content": (echo + content) if content or not calls else None}
         if calls:
             message["tool_calls"] = [c.openai(new_call_id()) for c in calls]
