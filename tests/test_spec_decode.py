@@ -99,6 +99,21 @@ def test_seeded_sampling_with_speculation_is_the_same_under_preemption(llama_dir
     assert together == alone
 
 
+def test_seeded_sampling_with_speculation_is_the_same_in_any_prompt_chunks(llama_dir, draft_dir):
+    """A prompt cut into chunks by the token budget gets its first token sampled at its end, as a whole prompt
+    does, also when its last chunk is a single token (that chunk is not a decode step: a speculative round there
+    drew from the seed in another order). 23 tokens in chunks of 11 or 22 end with a one-token chunk; 12 ends
+    with 1 token to spare."""
+    prompt = mixed_prompts(4)[2]
+    params = [SamplingParams(temperature=0.9, seed=s, max_tokens=12, ignore_eos=True) for s in range(4)]
+    spec = dict(speculative_model=str(draft_dir), num_speculative_tokens=3, block_size=8, max_num_seqs=1)
+    whole, _ = run(llama_dir, [prompt] * len(params), params, **spec)
+    for budget in (11, 12, 22):
+        chunked, eng = run(llama_dir, [prompt] * len(params), params, max_num_batched_tokens=budget, **spec)
+        assert eng.stats()["spec_num_drafts"] > 0
+        assert chunked == whole, budget
+
+
 def test_speculation_with_preemption_stops_and_max_tokens(llama_dir, draft_dir):
     prompts = mixed_prompts(2)
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)

@@ -38,9 +38,11 @@ from miniserve.spec_decode.sampled_round import SampledRound
 
 
 def _is_decode(s: ScheduledSeq) -> bool:
-    """One new token after at least one cached one. (A one-token prompt also brings one token, but has no token
-    before it: it is prefilled, so every speculated sequence has the two last tokens a round feeds the draft.)"""
-    return s.num_new_tokens == 1 and s.completes_prompt and s.seq.num_tokens >= 2
+    """The one token sampled last: a speculative round's input. A prompt's last token is not, even when it comes
+    alone (a one-token prompt, or the last chunk of one the token budget cut): the prompt pass samples the first
+    token, whatever the chunks, so a seed draws in the same order in any batch; and every speculated sequence has
+    the two last tokens a round feeds the draft."""
+    return s.num_new_tokens == 1 and s.completes_prompt and s.seq.num_output_tokens > 0
 
 
 def _is_plain_greedy(seq: Sequence) -> bool:
