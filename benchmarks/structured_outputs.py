@@ -41,6 +41,7 @@ from miniserve import LLM, SamplingParams  # noqa: E402
 from miniserve.engine import decoder as decoder_module  # noqa: E402
 from miniserve.engine import structured_output  # noqa: E402
 from miniserve.engine.llm_engine import LLMEngine  # noqa: E402
+from miniserve.engine.output_processor import OutputProcessor  # noqa: E402
 from miniserve.sampling_params import StructuredOutputsParams  # noqa: E402
 
 ITEM = {
@@ -139,11 +140,13 @@ class MaskTimer:
 class HostSplit:
     """Where the engine's thread spends a constrained step (`--host-split`): wall time inside the decoder's phases
     (wrapped methods), in ms per engine step. Inside `next_batch` the engine's thread fills the masks (`fill`)
-    while the decoder's helper thread draws the noise (`noise_draws`, beside the fill, not after it)."""
+    while the decoder's helper thread draws the noise (`noise_draws`) and detokenizes the tokens read and applies
+    their stop rules (`text_and_stops`), beside the fill, not after it."""
 
     PHASES = {
         "forward_launch": (decoder_module.PlainDecoder, "_forward"),
-        "read_step": (decoder_module.PlainDecoder, "_read"),
+        "read_step": (decoder_module.PlainDecoder, "_take"),
+        "text_and_stops": (OutputProcessor, "finish_sampled"),
         "next_batch": (decoder_module.PlainDecoder, "_next_batch"),
         "noise_draws": (decoder_module, "draw_noise"),
         "fill": (structured_output.MaskFiller, "_fill"),

@@ -8,6 +8,8 @@ when the engine is idle.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from miniserve import LLM, SamplingParams
@@ -68,42 +70,50 @@ def test_steps_that_need_their_history_overlap_and_equal_stepwise_decoding(llama
 @pytest.mark.parametrize("background", [False, True])
 def test_grammar_constrained_steps_overlap_and_equal_stepwise_decoding(background, monkeypatch):
     """A grammar's mask for step N+1 needs step N's token: it is filled after reading step N, while step N+1's
-    forward runs (on the engine's thread; with `background`, as on a GPU, a helper thread draws the noise
-    meanwhile), and step N+1 is sampled then. Seeded JSON-constrained sampling (the demo model) equals the stepwise
-    engine's, ends with the grammar (finish "stop"), and the steps were overlapped."""
+    forward runs (on the engine's thread; with `background`, as on a GPU, a helper thread draws the noise and
+    detokenizes step N and applies its stop rules meanwhile), and step N+1 is sampled then. Seeded
+    JSON-constrained sampling (the demo model), with logprobs, a penalty and a stop string that cuts some outputs
+    short, equals the stepwise engine's, ends with the grammar or the stop string (finish "stop"), and the steps
+    were overlapped."""
     pytest.importorskip("xgrammar")
     import threading
 
     from miniserve.engine import decoder as decoder_module
     from miniserve.engine import structured_output
+    from miniserve.engine.output_processor import OutputProcessor
     from miniserve.sampling_params import StructuredOutputsParams
 
-    threads = {"fill": set(), "noise": set()}  # which threads filled masks and drew noise
+    threads = {"fill": set(), "noise": set(), "text": set()}  # which threads filled masks, drew noise, detokenized
 
     def on_thread(name, fn):
         return lambda *args: (threads[name].add(threading.get_ident()), fn(*args))[1]
 
     monkeypatch.setattr(structured_output, "fill_rows", on_thread("fill", structured_output.fill_rows))
     monkeypatch.setattr(decoder_module, "draw_noise", on_thread("noise", decoder_module.draw_noise))
+    monkeypatch.setattr(OutputProcessor, "finish_sampled", on_thread("text", OutputProcessor.finish_sampled))
 
     schema = {"type": "object", "properties": {"who": {"enum": ["ROMEO", "JULIET"]}, "ok": {"type": "boolean"}}}
     spec = StructuredOutputsParams(json={**schema, "required": ["who", "ok"]}, disable_any_whitespace=True)
     params = [SamplingParams(temperature=1.0, seed=s, max_tokens=60, structured_outputs=spec, n=2) for s in range(3)]
-    prompts = ["ROMEO:", "JULIET:", "Thou"]
+    params.append(replace(params[0], seed=7, logprobs=2, presence_penalty=0.5, stop=['"ROMEO"']))
+    prompts = ["ROMEO:", "JULIET:", "Thou", "ROMEO:"]
     outs = {}
     for overlap in (False, True):
         llm = LLM(dtype="float32", device="cpu", async_scheduling=overlap)
         llm.engine.decoder.masks.beside = background
         result = llm.generate(prompts, params, use_tqdm=False)
-        outs[overlap] = [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in result]
+        outs[overlap] = [[(c.token_ids, c.text, c.finish_reason, c.logprobs) for c in o.outputs] for o in result]
         engine = llm.engine
     assert outs[True] == outs[False]
     assert all(c[2] == "stop" and c[1].startswith('{"who":') for o in outs[True] for c in o)
+    assert any(c[1] == '{"who": ' for c in outs[True][3])  # a stop string ended it (else JSON ends with "}")
+    assert all(c[1].endswith("}") for o in outs[True][:3] for c in o)
     assert engine.decoder.num_overlapped_steps > 0
     assert_idle(engine)
     engine_thread = threading.get_ident()
     assert threads["fill"] == {engine_thread}
-    assert threads["noise"] and (engine_thread in threads["noise"]) is not background
+    for work in ("noise", "text"):
+        assert threads[work] and (threads[work] != {engine_thread}) is background
 
 
 def test_sequences_ending_by_length_leave_the_batch_without_stopping_it(llama_dir, monkeypatch):

@@ -400,3 +400,5 @@ def test_masks_filled_for_a_batch_are_the_rows_filled_alone(threads, monkeypatch
         got, ran_on = filler.build_beside(batches[0], threading.get_ident)
         assert torch.equal(got, filler.build(batches[0]))
         assert (ran_on != threading.get_ident()) is beside
+        # no grammar in the batch (penalties only): nothing to fill beside, so the work runs here
+        assert filler.build_beside([None, None], threading.get_ident) == (None, threading.get_ident())

@@ -108,11 +108,13 @@ class PlainDecoder:
         In the server, a launch hold first waits for requests until the step in flight is about to end
         (launch_hold.py): one that comes is scheduled right after that step, not after the next one too."""
         f = self.in_flight
-        rows = self._continuing(f) if f is not None else None
+        limit = self.outputs.max_model_len
+        rows = continuing_rows(f, self.scheduler, limit) if f is not None else None
         if rows is not None and self.hold is not None:
             started = max(self.read_at, f.launched_at)  # on the GPU: when the one before was read, or launched if later
             if self.hold.until_due(len(f.seqs), started, f.ready.query if f.ready is not None else None):
-                rows = self._continuing(f)  # requests or aborts came while it waited: the batch may not go on
+                # requests or aborts came while it waited: the batch may not go on
+                rows = continuing_rows(f, self.scheduler, limit)
         if rows is None:
             return None
         begun = time.perf_counter()
@@ -130,8 +132,9 @@ class PlainDecoder:
             after = f.ready if not f.ready.query() else None  # launched while the step in flight still ran
             self.hold.launched(launched_at - begun, in_time=after is not None)
         if f.batch.penalized:  # its sampling reads the token in flight: read that while the forward runs
-            seqs = self._read(f)
-            self._sample_in_flight(keep, logits, *self._next_batch(f, keep))
+            taken = self._take(f)
+            self._sample_in_flight(keep, logits, *self._next_batch(f, keep, taken))
+            seqs = f.seqs
         else:
             batch = f.batch if keep is f.seqs else self._build_batch(keep)
             self._sample_in_flight(keep, logits, batch)
@@ -216,22 +219,32 @@ class PlainDecoder:
         masks = self.masks.build(_grammars(seqs))
         return self._build_batch(seqs, histories, masks)
 
-    def _next_batch(self, f: _InFlight, keep: list[Sequence]) -> tuple[SamplingBatch, torch.Tensor | None]:
-        """The sampling batch of the step after `f`, with its grammar masks, and its noise drawn ahead. A constrained
-        step's host work, not its forward pass, sets its pace: so on a GPU the batch and the noise draws (one per
-        seeded row) are made on a helper thread while this one fills the masks (MaskFiller.build_beside)."""
-        work = functools.partial(self._batch_and_noise, f, keep)
+    def _next_batch(
+        self, f: _InFlight, keep: list[Sequence], taken: list[tuple[Sequence, int]]
+    ) -> tuple[SamplingBatch, torch.Tensor | None]:
+        """The sampling batch of the step after `f`, with its grammar masks, and its noise drawn ahead; `taken`, f's
+        tokens, are appended and in their grammars, and get their text and stop rules here. A constrained step's
+        host work, not its forward pass, sets its pace: so on a GPU the batch, the noise draws (one per seeded row)
+        and the text are made on a helper thread while this one fills the masks (MaskFiller.build_beside). A
+        sequence that a stop string ends meanwhile has its row filled all the same; its token is dropped, as any
+        token sampled past a sequence's end is (a grammar that ended one has left it out already)."""
+        work = functools.partial(self._batch_and_noise, f, keep, taken)
         masks, (batch, noise) = self.masks.build_beside(_grammars(keep), work)
         return replace(batch, token_bitmask=masks), noise
 
-    def _batch_and_noise(self, f: _InFlight, keep: list[Sequence]) -> tuple[SamplingBatch, torch.Tensor | None]:
+    def _batch_and_noise(
+        self, f: _InFlight, keep: list[Sequence], taken: list[tuple[Sequence, int]]
+    ) -> tuple[SamplingBatch, torch.Tensor | None]:
         """f's own batch when it goes on whole and nothing in it reads the token history (the masks are then all it
-        reads: rebuilding costs about 0.2 ms at batch 32), else a new one; and its noise, drawn ahead."""
+        reads: rebuilding costs about 0.2 ms at batch 32), else a new one; its noise, drawn ahead; and the text and
+        stop rules of f's tokens."""
         if keep is f.seqs and not any(s.params.needs_history for s in keep):
             batch = f.batch
         else:
             batch = self._build_batch(keep)
-        return batch, draw_noise(batch)
+        noise = draw_noise(batch)
+        self.outputs.finish_sampled(taken)
+        return batch, noise
 
     def _build_batch(
         self, seqs: list[Sequence], histories: list[list[int]] | None = None, masks: torch.Tensor | None = None
@@ -250,31 +263,6 @@ class PlainDecoder:
         )
 
     # ---------------------------------------------------------------- overlapped decode steps
-
-    def _continuing(self, f: _InFlight) -> list[int] | None:
-        """The rows of the batch in flight that go on into the next step, when it can be launched before the step
-        in flight is read: all but the sequences whose token in flight is their last by length (max_tokens,
-        max_model_len: known before it is read). None when the scheduler must decide: someone finished or left
-        otherwise, a waiting request could take a freed place, or the pool lacks a block."""
-        sched = self.scheduler
-        running = sched.running
-        if len(running) != len(f.seqs) or any(a is not b for a, b in zip(running, f.seqs)):
-            return None
-        if len(running) > sched.max_num_batched_tokens:
-            return None
-        limit, block_size = self.outputs.max_model_len, sched.blocks.block_size
-        rows, new_blocks = [], 0
-        for i, seq in enumerate(f.seqs):  # inlined: this loop runs for every sequence at every step
-            num_tokens, max_tokens = len(seq.token_ids), seq.params.max_tokens
-            if num_tokens + 1 >= limit:
-                continue
-            if max_tokens is not None and num_tokens - len(seq.prompt_token_ids) + 1 >= max_tokens:
-                continue
-            rows.append(i)
-            new_blocks += seq.num_computed_tokens >= len(seq.block_table) * block_size
-        if not rows or (sched.waiting and len(rows) < sched.max_num_seqs):
-            return None
-        return rows if new_blocks <= sched.blocks.num_free_blocks else None
 
     def _launch(self, seqs: list[Sequence], batch: SamplingBatch, device_tokens: torch.Tensor | None) -> None:
         """One decode step whose samples stay on the device; their host copy is started, not waited for."""
@@ -307,6 +295,18 @@ class PlainDecoder:
     def _read(self, f: _InFlight | None = None) -> list[Sequence]:
         """Wait for a step's samples (that step only, not the one launched after it) and append them."""
         f = f or self.in_flight
+        self._wait(f)
+        self.outputs.append_sampled(f.seqs, f.host)  # sequences that finished meanwhile are skipped
+        return f.seqs
+
+    def _take(self, f: _InFlight) -> list[tuple[Sequence, int]]:
+        """_read's first half: wait for f's samples and append them to their sequences and grammars
+        (OutputProcessor.take_sampled; sequences that finished meanwhile are skipped)."""
+        self._wait(f)
+        return self.outputs.take_sampled(f.seqs, f.host)
+
+    def _wait(self, f: _InFlight) -> None:
+        """Until f's samples are on the host (f leaves the decoder's hands)."""
         if f is self.in_flight:
             self.in_flight = None
         if f.ready is not None:
@@ -314,8 +314,6 @@ class PlainDecoder:
         if f.after is not None:
             self.hold.observe_step(len(f.seqs), f.after.elapsed_time(f.ready) / 1e3)
         self.read_at = time.perf_counter()
-        self.outputs.append_sampled(f.seqs, f.host)  # sequences that finished meanwhile are skipped
-        return f.seqs
 
     def capture_graphs(self) -> None:
         """Decode steps and one-sequence prompt passes replay from CUDA graphs."""
@@ -327,6 +325,31 @@ class PlainDecoder:
 
     def stats(self) -> dict:
         return {}
+
+
+def continuing_rows(f: _InFlight, sched: Scheduler, limit: int) -> list[int] | None:
+    """The rows of the batch in flight that go on into the next step, when it can be launched before the step
+    in flight is read: all but the sequences whose token in flight is their last by length (max_tokens,
+    max_model_len `limit`: known before it is read). None when the scheduler must decide: someone finished or left
+    otherwise, a waiting request could take a freed place, or the pool lacks a block."""
+    running = sched.running
+    if len(running) != len(f.seqs) or any(a is not b for a, b in zip(running, f.seqs)):
+        return None
+    if len(running) > sched.max_num_batched_tokens:
+        return None
+    block_size = sched.blocks.block_size
+    rows, new_blocks = [], 0
+    for i, seq in enumerate(f.seqs):  # inlined: this loop runs for every sequence at every step
+        num_tokens, max_tokens = len(seq.token_ids), seq.params.max_tokens
+        if num_tokens + 1 >= limit:
+            continue
+        if max_tokens is not None and num_tokens - len(seq.prompt_token_ids) + 1 >= max_tokens:
+            continue
+        rows.append(i)
+        new_blocks += seq.num_computed_tokens >= len(seq.block_table) * block_size
+    if not rows or (sched.waiting and len(rows) < sched.max_num_seqs):
+        return None
+    return rows if new_blocks <= sched.blocks.num_free_blocks else None
 
 
 def _grammars(seqs: list[Sequence]) -> list:

@@ -2,7 +2,8 @@
 
 Append it (with its logprobs) to its sequence, detokenize incrementally, apply the stop rules (EOS, stop token
 ids, stop strings, max_tokens, the context length), and build the cumulative `RequestOutput` of every request
-that progressed. Both decoders, plain and speculative, emit tokens through `append_token`, so the stop rules are
+that progressed. Both decoders, plain and speculative, emit tokens through the same two steps (`_take`: the token,
+its logprobs and its grammar; `_text_and_stops`: its text and the other stop rules), so the stop rules are
 written once. A finished sequence is handed back to the scheduler at once, which frees its KV blocks before the
 next step.
 """
@@ -81,22 +82,41 @@ class OutputProcessor:
 
     def append_sampled(self, seqs: list[Sequence], out: SamplerOutput) -> None:
         """Append one sampled token per sequence, with its logprobs, and apply the stop rules."""
-        token_ids = out.token_ids.tolist()
-        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
-        tops = None
-        if out.top_logprobs is not None:
-            tops = (out.top_logprobs[0].tolist(), out.top_logprobs[1].tolist())
+        token_ids, logprobs, tops = _columns(out)
         for row, (seq, token) in enumerate(zip(seqs, token_ids)):
             lp = logprobs[row] if logprobs is not None else None
-            top = None
-            if seq.params.logprobs is not None and tops is not None:
-                n = seq.params.logprobs
-                top = dict(zip(tops[0][row][:n], tops[1][row][:n]))
-            self.append_token(seq, token, lp, top)
+            top = _top(seq, tops, row) if tops is not None else None
+            if self._take(seq, token, lp, top):  # (append_token, inlined: this loop runs for every row of every step)
+                self._text_and_stops(seq, token)
+
+    def take_sampled(self, seqs: list[Sequence], out: SamplerOutput) -> list[tuple[Sequence, int]]:
+        """append_sampled's first half: each token joins its sequence and its grammar (which may end it); returns
+        the (sequence, token) pairs whose text and other stop rules `finish_sampled` applies. Split so that a
+        constrained step can fill its next masks, which need only the grammars, beside that second half
+        (decoder.py: PlainDecoder._next_batch)."""
+        token_ids, logprobs, tops = _columns(out)
+        taken = []
+        for row, (seq, token) in enumerate(zip(seqs, token_ids)):
+            lp = logprobs[row] if logprobs is not None else None
+            top = _top(seq, tops, row) if tops is not None else None
+            if self._take(seq, token, lp, top):
+                taken.append((seq, token))
+        return taken
+
+    def finish_sampled(self, taken: list[tuple[Sequence, int]]) -> None:
+        """append_sampled's second half: the text and the stop rules of the tokens `take_sampled` appended."""
+        for seq, token in taken:
+            self._text_and_stops(seq, token)
 
     def append_token(self, seq: Sequence, token: int, logprob: float | None, top: dict[int, float] | None) -> None:
+        if self._take(seq, token, logprob, top):
+            self._text_and_stops(seq, token)
+
+    def _take(self, seq: Sequence, token: int, logprob: float | None, top: dict[int, float] | None) -> bool:
+        """Append the token and its logprobs, and feed it to the sequence's grammar, which ends the sequence once
+        it is complete (or on a token it rejects); False, and nothing done, when the sequence had finished."""
         if seq.is_finished:
-            return
+            return False
         seq.token_ids.append(token)
         self.num_generation_tokens += 1
         if seq.first_token_time is None:
@@ -107,6 +127,13 @@ class OutputProcessor:
             seq.logprobs.append(entry)
         if logprob is not None:
             seq.cumulative_logprob += logprob
+        if seq.grammar is not None and _grammar_ends(seq, token):
+            self._finish(seq, "stop", None)
+        return True
+
+    def _text_and_stops(self, seq: Sequence, token: int) -> None:
+        """Detokenize the token just taken and apply the other stop rules (a grammar that ended the sequence
+        leaves only its text to add)."""
         if not seq.params.detokenize:
             self._check_stop(seq, token, "", None)
             return
@@ -125,8 +152,8 @@ class OutputProcessor:
 
     def _check_stop(self, seq: Sequence, token: int, delta: str, matcher: StopMatcher | None) -> None:
         p = seq.params
-        if seq.grammar is not None and _grammar_ends(seq, token):
-            return self._finish(seq, "stop", None)
+        if seq.grammar is not None and seq.is_finished:  # its grammar ended it (_take)
+            return None
         match = None
         if matcher is not None and delta:  # the matcher reads every character, even before min_tokens
             seq.stop_state, match = matcher.feed(seq.stop_state, delta)
@@ -328,6 +355,21 @@ def _message_of(out: RequestOutput) -> tuple:
     ]
     final = {**out.metrics, "num_cached_tokens": out.num_cached_tokens}
     return out.request_id, True, choices, out.prompt_logprobs, final
+
+
+def _columns(out: SamplerOutput) -> tuple[list[int], list[float] | None, tuple[list, list] | None]:
+    """A step's samples as host lists: token ids, their logprobs, the top logprobs (ids, values)."""
+    logprobs = out.logprobs.tolist() if out.logprobs is not None else None
+    tops = None
+    if out.top_logprobs is not None:
+        tops = (out.top_logprobs[0].tolist(), out.top_logprobs[1].tolist())
+    return out.token_ids.tolist(), logprobs, tops
+
+
+def _top(seq: Sequence, tops: tuple[list, list], row: int) -> dict[int, float] | None:
+    """The top logprobs `seq` asked for, from its row of a step's."""
+    n = seq.params.logprobs
+    return dict(zip(tops[0][row][:n], tops[1][row][:n])) if n is not None else None
 
 
 def _detokenize_at_end(params: SamplingParams) -> bool:

@@ -244,13 +244,13 @@ class MaskFiller:
     workers, which then spin for a while on every core and leave the fill's threads none
     (`benchmarks/grammar_fill.py`: 32 rows took as long on 8 threads as on one until its own CPU torch ops
     stopped). So rows without a grammar are reset through numpy, and the constrained rows are left to xgrammar,
-    which writes them whole; beside a fill the decoder's helper launches GPU work and builds a few small host
-    tensors."""
+    which writes them whole; beside a fill the decoder's helper launches GPU work, builds a few small host
+    tensors, and detokenizes and applies stop rules (Python and the tokenizer's Rust, no torch)."""
 
     def __init__(self, vocab_size: int, device: torch.device, threads: int = 0):
         self.words = (vocab_size + 31) // 32
         self.pinned = device.type == "cuda"
-        # on a GPU build_beside runs its work on a helper thread beside the fill (mostly GPU launches: the noise);
+        # on a GPU build_beside runs its work on a helper thread beside the fill (the noise, the step read's text);
         # on the CPU that work would only compete with the fill for the cores
         self.beside = device.type == "cuda"
         self.device = device
@@ -284,7 +284,7 @@ class MaskFiller:
         it done. (The other way round, the fill on the helper, this thread had to wait until the helper held the
         GIL, or the helper could wait for the interpreter's switch interval:
         benchmarks/results/structured_outputs_ab_h200.json has the two side by side.)"""
-        if not self.beside:
+        if not self.beside or all(s is None for s in states):  # (no masks to fill: no thread to hand over to)
             return self.build(states), work()
         if self._helper is None:
             self._helper = ThreadPoolExecutor(1, thread_name_prefix="miniserve-sampling")
