@@ -145,7 +145,8 @@ class HostSplit:
 
     PHASES = {
         "forward_launch": (decoder_module.PlainDecoder, "_forward"),
-        "read_step": (decoder_module.PlainDecoder, "_take"),
+        "read_step": (decoder_module.PlainDecoder, "_take"),  # a constrained (penalized) step's read
+        "read_step_plain": (decoder_module.PlainDecoder, "_read"),  # any other step's
         "text_and_stops": (OutputProcessor, "finish_sampled"),
         "next_batch": (decoder_module.PlainDecoder, "_next_batch"),
         "noise_draws": (decoder_module, "draw_noise"),

@@ -440,10 +440,17 @@ def constrained_note(so: dict) -> str:
             f"spends {split['engine_step']:.2f} ms a step: launching the forward pass {split['forward_launch']:.2f} "
             f"ms, reading the step before and feeding each token to its grammar {split['read_step']:.2f} ms, "
             f"{split['next_batch']:.2f} ms on the next sampling batch (filling the masks, {split['fill']:.2f} ms, "
-            f"while a helper thread draws the seeded rows' noise, {split['noise_draws']:.2f} ms), and launching the "
-            f"sampling {split['sample_launch']:.2f} ms; the forward pass runs meanwhile"
+            f"while a helper thread draws the seeded rows' noise, {split['noise_draws']:.2f} ms{text_note(split)}), "
+            f"and launching the sampling {split['sample_launch']:.2f} ms; the forward pass runs meanwhile"
         )
     return note
+
+
+def text_note(split: dict) -> str:
+    """The helper's share of a constrained step read (runs since the text went beside the fill: d300835)."""
+    if "text_and_stops" not in split:
+        return ""
+    return f", and detokenizes the step read, {split['text_and_stops']:.2f} ms"
 
 
 def grammar_fill_note() -> str:

