@@ -11,7 +11,7 @@ strategy fills the same states: one row after another on this thread, xgrammar's
 `max_threads` set (and with its default, half of what std::thread::hardware_concurrency reports; it holds the GIL),
 n groups of rows on n threads (`groups n`, the calling thread one of them; one call per row, which releases the
 GIL), and a Python thread pool of one task per row. Prints and writes (`--out`) the median and mean milliseconds
-per step of each.
+per step of each, and of the step's slowest row alone (no strategy fills a step faster than that).
 """
 
 from __future__ import annotations
@@ -72,10 +72,21 @@ def fill_groups(pool: ThreadPoolExecutor, n: int, matchers: list, mask: torch.Te
         f.result()
 
 
-def strategies(threads: list[int]) -> dict:
+def fill_rows_timed(matchers: list, mask: torch.Tensor, slowest: list[float]) -> None:
+    """One row after another on this thread; appends the slowest row's milliseconds to `slowest`: however many
+    threads fill a step's rows, none fills one row faster, so the slowest row bounds every strategy's step."""
+    worst = 0.0
+    for i, m in enumerate(matchers):
+        start = time.perf_counter()
+        m.fill_next_token_bitmask(mask, i)
+        worst = max(worst, time.perf_counter() - start)
+    slowest.append(1e3 * worst)
+
+
+def strategies(threads: list[int], slowest: list[float]) -> dict:
     import xgrammar as xgr
 
-    out = {"rows": lambda ms, mask: [m.fill_next_token_bitmask(mask, i) for i, m in enumerate(ms)]}
+    out = {"rows": lambda ms, mask: fill_rows_timed(ms, mask, slowest)}
     batch_default = xgr.BatchGrammarMatcher()
     out["batch auto"] = lambda ms, mask: batch_default.batch_fill_next_token_bitmask(ms, mask)
     for n in threads:
@@ -110,13 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     cpus = {"os.cpu_count": os.cpu_count(), "sched_getaffinity": len(os.sched_getaffinity(0))}
     cpus["torch_threads"] = torch.get_num_threads()
     print(cpus, flush=True)
-    fills = strategies(args.threads)
+    slowest: list[float] = []  # the slowest row of each step (in "rows")
+    fills = strategies(args.threads, slowest)
     result = {"batch": args.batch, "steps": args.steps, "vocab": vocab, "vocab_like": args.vocab_like or "json-heavy"}
     result.update(cpus=cpus, schemas={})
     for name in args.schemas:
         with tempfile.TemporaryDirectory() as tmp:
             compiled = compile_schema(SCHEMAS[name], vocab, Path(tmp), args.vocab_like)
         rng = random.Random(0)
+        slowest.clear()
         matchers = [xgr.GrammarMatcher(compiled) for _ in range(args.batch)]
         times: dict[str, list[float]] = {k: [] for k in fills}
         masks = {k: xgr.allocate_token_bitmask(args.batch, vocab) for k in fills}
@@ -131,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             assert same, "a strategy filled different masks"
             for m, allowed in zip(matchers, allowed_tokens(ref, vocab)):
                 assert m.accept_token(int(allowed[rng.randrange(len(allowed))]))
+        times["slowest row"] = slowest
         rows = {k: {"median_ms": statistics.median(v), "mean_ms": statistics.fmean(v)} for k, v in times.items()}
         result["schemas"][name] = rows
         for key, row in rows.items():

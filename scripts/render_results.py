@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.checkpoints import SHAPES  # noqa: E402  (the shapes' layer counts and vocabularies)
 from benchmarks.engine_ab import label as run_label  # noqa: E402  (KV dtype, KV write, variants, decode splits)
 from benchmarks.serve import median_p50  # noqa: E402  (the latency ratios serve.py computed: the same medians)
 from miniserve.kernels.dependent_launch import DEPENDENT_MAX_TOKENS  # noqa: E402  (the passes launched so)
@@ -149,6 +150,7 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                 "yes" if step <= 1.2 else "no",
                 "GPU time, not the host, sets the step: "
                 + decode_profile("profile_decode_llama1b_b64_h200.json")
+                + batch64_floor_note(fixed, 1.2)
                 + gemm_note(64),
             )
         )
@@ -169,6 +171,7 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                     "at batch 1 every kernel is tiny: launch gaps and small-GEMV efficiency, not bytes"
                     + (f"; {decode_profile('profile_decode_llama1b_b1_h200.json')}" if "1B" in shape else "")
                     + (rope_note() + merge_note() if "1B" in shape else "")
+                    + gemm_floor_note(lat, target)
                     + small_batch_decode_note()
                     + (gemm_note(1) if "1B" in shape else ""),
                 )
@@ -464,7 +467,11 @@ def grammar_fill_note() -> str:
     def alone(f: dict, schema: str) -> str:
         rows = f["schemas"][schema]
         best = min((r["median_ms"], k) for k, r in rows.items() if k.startswith("batch "))
-        return f"{rows['rows']['median_ms']:.2f} ms on one thread, {best[0]:.2f} on {best[1].removeprefix('batch ')}"
+        slowest = f" (its slowest row {rows['slowest row']['median_ms']:.2f})" if "slowest row" in rows else ""
+        return (
+            f"{rows['rows']['median_ms']:.2f} ms on one thread{slowest}, {best[0]:.2f} on "
+            f"{best[1].removeprefix('batch ')}"
+        )
 
     batch = next(iter(fills.values()))["batch"]
     return f"alone, {batch} rows fill (unbounded / bounded, `grammar_fill*_h200.json`): " + "; ".join(
@@ -779,6 +786,73 @@ def head64_fp8_note() -> str:
         "a10c274 in git), so in a step that carries "
         "prompt chunks each decode token again gets a 64-row extend tile for its one row and dequantizes its whole "
         "context there"
+    )
+
+
+def gemm_floor(run_file: dict, batch: int) -> tuple[float, float, float] | None:
+    """(us a layer, LM head GB, ms a step) of the GEMMs alone at a decode batch size: a layer's four projections, each
+    at the faster of cuBLAS and our skinny GEMM timed alone (`tune_linear_h200.json`), times the layers, plus the LM
+    head's weights read at the run's measured copy bandwidth. A step can only be slower."""
+    tune = load("tune_linear_h200.json")
+    if not tune:
+        return None
+    shape = SHAPES[run_file["shape"]]
+    tuned = "llama-8b" if shape["hidden_size"] == 4096 else "llama-1b"
+    rows = [r for r in tune["rows"] if r["m"] == batch and r["shape"].split()[0] == tuned]
+    layer_us = sum(min(r["cublas_us"], r["triton_us"]) for r in rows)
+    head_bytes = shape["vocab_size"] * shape["hidden_size"] * 2
+    head_us = head_bytes / (run_file["bandwidth_gbs"]["measured_copy"] * 1e3)
+    return layer_us, head_bytes / 1e9, (layer_us * shape["num_hidden_layers"] + head_us) / 1e3
+
+
+def gemm_floor_text(run_file: dict, batch: int) -> str:
+    layer_us, head_gb, step_ms = gemm_floor(run_file, batch)
+    layers = SHAPES[run_file["shape"]]["num_hidden_layers"]
+    return (
+        f"the GEMMs alone: a layer's four projections at batch {batch}, each at its faster kernel timed alone "
+        f"(`tune_linear_h200.json`), take {layer_us:.1f} us, so {layers} layers and the LM head's {head_gb:.2f} GB "
+        f"at the measured copy bandwidth take {step_ms:.2f} ms a step"
+    )
+
+
+def gemm_floor_note(lat: dict, target: int) -> str:
+    """What the GEMMs alone allow at batch 1 (gemm_floor), and Llama-3.2-1B's 16 layers of GEMMs launched as
+    dependents. Below the target, no launch order or attention kernel meets it with these GEMMs."""
+    floor = gemm_floor(lat, 1)
+    if not floor:
+        return ""
+    step_ms = floor[2]
+    chain = load("pdl_chain_h200.json")  # Llama-3.2-1B's 16 layers of GEMMs, a small kernel before each
+    chained = ""
+    if chain and SHAPES[lat["shape"]]["hidden_size"] == 2048:
+        head_ms = step_ms - floor[0] * SHAPES[lat["shape"]]["num_hidden_layers"] / 1e3
+        chain_ms = min(r["us"] for r in chain["rows"] if r["m"] == 1) / 1e3 + head_ms
+        chained = (
+            f"; launched as dependents, with the small kernels between them (`pdl_chain_h200.json`), "
+            f"{chain_ms:.2f} ms: {1e3 / chain_ms:,.0f} tok/s"
+        )
+    verdict = "below" if 1e3 / step_ms < target else "above"
+    return (
+        f"; {gemm_floor_text(lat, 1)}: at most {1e3 / step_ms:,.0f} tok/s with nothing else run, {verdict} the "
+        f"target{chained}"
+    )
+
+
+def batch64_floor_note(fixed: dict, target_ms: float) -> str:
+    """The Llama-3.2-1B batch-64 step's GEMMs alone (gemm_floor) plus its decode attention kernel alone at this
+    shape (bf16, `decode_attention_split_sizes_h200.json`): what the two leave of the target."""
+    floor, splits = gemm_floor(fixed, 64), load("decode_attention_split_sizes_h200.json")
+    if not floor or not splits:
+        return ""
+    attn = [r for r in splits["split_sizes"] if r["shape"] == "llama-1b b64 ctx640" and "bfloat16" in r["cache"]]
+    layers = SHAPES[fixed["shape"]]["num_hidden_layers"]
+    attn_ms = attn[0]["default_us"] * layers / 1e3
+    both = floor[2] + attn_ms
+    verdict = "over" if both > target_ms else "under"
+    return (
+        f"; {gemm_floor_text(fixed, 64)}, and the decode attention kernel alone at this shape (context 640) "
+        f"{attn[0]['default_us']:.1f} us a layer (`decode_attention_split_sizes_h200.json`): {both:.2f} ms "
+        f"together, {verdict} the target before any norm, RoPE or KV write"
     )
 
 

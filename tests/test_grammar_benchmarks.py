@@ -20,8 +20,11 @@ def test_grammar_fill_times_every_strategy_on_the_same_states(tmp_path):
     argv = ["--vocab", "3000", "--batch", "3", "--steps", "4", "--threads", "2", "--schemas", "open", "--out", str(out)]
     assert grammar_fill.main(argv) == 0
     rows = json.loads(out.read_text())["schemas"]["open"]
-    assert set(rows) == {"rows", "batch auto", "batch 2", "groups 2", "python pool 2"}
+    assert set(rows) == {"rows", "batch auto", "batch 2", "groups 2", "python pool 2", "slowest row"}
     assert all(r["median_ms"] > 0 for r in rows.values())
+    # each step's slowest row is one of the 3 rows that step filled one after another: shorter than all 3
+    assert rows["slowest row"]["median_ms"] < rows["rows"]["median_ms"]
+    assert rows["slowest row"]["mean_ms"] < rows["rows"]["mean_ms"]
 
 
 def _shares_in(tokenizer_json: Path) -> dict[str, float]:
