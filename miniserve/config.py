@@ -101,7 +101,7 @@ class EngineConfig:
     grammar_threads: int = setting(
         0,
         "threads xgrammar fills a step's structured-output token masks on, while one thread would take 0.5 ms or more; "
-        "0 = half the CPUs, at most 8",
+        "0 = half the CPUs, at most 4",
     )
     seed: int = setting(0, "seed of the RNG that requests without their own seed sample from")
     speculative_model: str | None = setting(

@@ -357,6 +357,18 @@ def test_costly_fills_move_to_threads_and_cheap_ones_come_back(monkeypatch):
     assert filler.heavy is False
 
 
+@pytest.mark.parametrize(
+    "cpus, setting, want", [(16, 0, 4), (9, 0, 4), (8, 0, 4), (7, 0, 3), (2, 0, 1), (1, 0, 1), (16, 6, 6)]
+)
+def test_grammar_threads_auto_is_half_the_cpus_at_most_four(cpus, setting, want, monkeypatch):
+    """grammar_threads=0: half the CPUs this process may use, at most 4 (on a 16-core host 8 threads filled no step
+    faster than 4); a number asked for is taken as it is."""
+    from miniserve.engine import structured_output as so
+
+    monkeypatch.setattr(so.os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    assert so.mask_threads(setting) == want
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_masks_filled_for_a_batch_are_the_rows_filled_alone(threads, monkeypatch):
     """MaskFiller fills a batch in one xgrammar call (on one or several threads), from the calling thread; each row
