@@ -289,12 +289,12 @@ if [ "$part" = grammar ]; then
   # then the fill alone by every strategy over the JSON-heavy vocabulary and over ones like cl100k_base and gpt2
   # (needs xgrammar: carried as a wheel)
   timeout 240 python3 benchmarks/structured_outputs.py --shape llama-3.2-1b --batch 32 --prompt 128 --gen 256 \
-    --vocab-like cl100k_base --grammar-threads 0 4 1 --host-split --out "$out/structured_outputs_cl100k_h200.json" 2>&1 |
+    --vocab-like cl100k_base --grammar-threads 0 8 1 --host-split --out "$out/structured_outputs_cl100k_h200.json" 2>&1 |
     grep -v -i warn | tail -12
-  timeout 100 python3 benchmarks/grammar_fill.py --batch 32 --steps 96 --threads 2 4 8 \
+  timeout 100 python3 benchmarks/grammar_fill.py --batch 32 --steps 96 --threads 2 4 8 16 \
     --out "$out/grammar_fill_h200.json" 2>&1 | grep -v -i warn | tail -24
   for like in cl100k_base gpt2; do
-    timeout 60 python3 benchmarks/grammar_fill.py --batch 32 --steps 96 --threads 4 8 --vocab-like $like \
+    timeout 60 python3 benchmarks/grammar_fill.py --batch 32 --steps 96 --threads 4 8 16 --vocab-like $like \
       --out "$out/grammar_fill_${like%_base}_h200.json" 2>&1 | grep -v -i warn | tail -12
   done
 fi
