@@ -792,7 +792,8 @@ def head64_fp8_note() -> str:
 def gemm_floor(run_file: dict, batch: int) -> tuple[float, float, float] | None:
     """(us a layer, LM head GB, ms a step) of the GEMMs alone at a decode batch size: a layer's four projections, each
     at the faster of cuBLAS and our skinny GEMM timed alone (`tune_linear_h200.json`), times the layers, plus the LM
-    head's weights read at the run's measured copy bandwidth. A step can only be slower."""
+    head's weights read at the run's measured copy bandwidth. Not a strict bound (kernels launched as dependents
+    overlap their ends), but the rest of a step adds more than that takes away (`pdl_chain_h200.json`)."""
     tune = load("tune_linear_h200.json")
     if not tune:
         return None
@@ -806,6 +807,7 @@ def gemm_floor(run_file: dict, batch: int) -> tuple[float, float, float] | None:
 
 
 def gemm_floor_text(run_file: dict, batch: int) -> str:
+    """gemm_floor in words."""
     layer_us, head_gb, step_ms = gemm_floor(run_file, batch)
     layers = SHAPES[run_file["shape"]]["num_hidden_layers"]
     return (
@@ -817,7 +819,7 @@ def gemm_floor_text(run_file: dict, batch: int) -> str:
 
 def gemm_floor_note(lat: dict, target: int) -> str:
     """What the GEMMs alone allow at batch 1 (gemm_floor), and Llama-3.2-1B's 16 layers of GEMMs launched as
-    dependents. Below the target, no launch order or attention kernel meets it with these GEMMs."""
+    dependents. Below the target, these GEMMs leave the rest of the step no time at all."""
     floor = gemm_floor(lat, 1)
     if not floor:
         return ""
