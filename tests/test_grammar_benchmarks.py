@@ -22,7 +22,7 @@ def test_grammar_fill_times_every_strategy_on_the_same_states(tmp_path):
     rows = json.loads(out.read_text())["schemas"]["open"]
     assert set(rows) == {"rows", "batch auto", "batch 2", "groups 2", "python pool 2", "slowest row"}
     assert all(r["median_ms"] > 0 for r in rows.values())
-    # each step's slowest row is one of the 3 rows that step filled one after another: shorter than all 3
+    # each step's slowest row is one of the 3 rows that step filled one after another: shorter than the 3 together
     assert rows["slowest row"]["median_ms"] < rows["rows"]["median_ms"]
     assert rows["slowest row"]["mean_ms"] < rows["rows"]["mean_ms"]
 
