@@ -23,6 +23,7 @@ ATTENTION_BACKENDS = ("auto", "triton", "torch")
 FP8_DECODES = ("auto", "hw", "hw-staged")  # kernels/decode_attention.py FP8_DECODES that a user may pick
 DECODE_SPLITS = ("by-length", "by-batch")  # kernels/decode_attention.py split_tokens_for
 DEPENDENT_LAUNCHES = ("auto", "off")  # kernels/dependent_launch.py
+MAX_SPECULATIVE_TOKENS = 15  # k+1 <= 16 tokens a sequence: engine/model_runner.py DECODE_QUERIES_MAX_LEN
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -109,7 +110,9 @@ class EngineConfig:
         "draft model directory for speculative decoding (same tokenizer); demo = the demo draft",
         shown_default="off",
     )
-    num_speculative_tokens: int = setting(4, "tokens the draft proposes per speculative round")
+    num_speculative_tokens: int = setting(
+        4, f"tokens the draft proposes per speculative round (at most {MAX_SPECULATIVE_TOKENS})"
+    )
     speculative_kv_cache_dtype: str | None = setting(
         None, "the draft's KV cache dtype", KV_CACHE_DTYPES, shown_default="kv_cache_dtype"
     )
@@ -148,6 +151,13 @@ class EngineConfig:
         ):
             _check_min(name, getattr(self, name), 1)
         _check_min("grammar_threads", self.grammar_threads, 0)
+        if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
+            raise SettingError(
+                "num_speculative_tokens",
+                f"num_speculative_tokens must be <= {MAX_SPECULATIVE_TOKENS}, got {self.num_speculative_tokens} "
+                "(a round verifies k+1 tokens a sequence as decode queries, so that greedy speculation reproduces "
+                "plain decoding bit for bit)",
+            )
         for name in ("max_model_len", "num_kv_blocks"):
             if getattr(self, name) is not None:
                 _check_min(name, getattr(self, name), 1)
@@ -223,8 +233,8 @@ class ServerConfig:
     api_servers: int = setting(
         1,
         "HTTP server processes sharing the one engine (miniserve serve only), like vLLM's --api-server-count: "
-        "each parses, detokenizes and streams its own connections, so more streams keep up with the engine; the "
-        "admission and connection limits apply to each",
+        "each parses, detokenizes and streams its own connections, so more streams keep up with the engine; each "
+        "admits its share of max_num_seqs and max_waiting, and the connection limit applies to each",
     )
     host: str = setting("127.0.0.1", "bind address (0.0.0.0 exposes the server)")
     port: int = setting(8000, "TCP port")

@@ -147,6 +147,8 @@ def test_the_triton_backend_runs_mixed_batches_whole_and_verification_as_decode_
     given, got = run("triton", [1, 1, 1, 40, 1, 17], [90, 300, 5, 40, 70, 60])
     assert got is given
     assert run("triton", [1, 3, 2], [9, 8, 7])[1].query_start_loc.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert run("triton", [16, 16], [20, 30])[1].max_query_len == 1  # the longest verification: k = 15
+    assert run("triton", [1, 17], [20, 30])[1].max_query_len == 17
     given, got = run("torch", [1, 3, 2], [9, 8, 7])
     assert got is given
 

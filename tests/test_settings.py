@@ -111,6 +111,16 @@ def test_bad_variables_name_the_variable(env, message):
     assert str(info.value).startswith(message)
 
 
+def test_num_speculative_tokens_stops_where_verification_leaves_the_decode_kernel():
+    """k+1 tokens a sequence must still run as decode queries (ModelRunner._for_kernels), or greedy speculation on
+    the Triton backend would no longer reproduce plain decoding bit for bit."""
+    from miniserve.engine.model_runner import DECODE_QUERIES_MAX_LEN
+
+    assert EngineConfig(num_speculative_tokens=15).num_speculative_tokens == 15 == DECODE_QUERIES_MAX_LEN - 1
+    with pytest.raises(ValueError, match="num_speculative_tokens must be <= 15, got 16"):
+        EngineConfig(num_speculative_tokens=16)
+
+
 def test_bad_flag_and_bad_variable_are_one_line_cli_errors(monkeypatch, capsys):
     assert cli.main(["generate", "--prompt", "x", "--block-size", "12"]) == 2
     err = capsys.readouterr().err

@@ -18,7 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from miniserve.config import EngineConfig, SettingError, resolve_device, resolve_dtype, resolve_kv_cache_dtype
+from miniserve.config import (
+    MAX_SPECULATIVE_TOKENS,
+    EngineConfig,
+    SettingError,
+    resolve_device,
+    resolve_dtype,
+    resolve_kv_cache_dtype,
+)
 from miniserve.engine.cuda_graphs import BucketedGraphs, block_tables
 from miniserve.engine.transfer import to_device
 from miniserve.kernels.backend import is_rocm, resolve_backend
@@ -30,7 +37,8 @@ from miniserve.models.llama import LayerKV
 from miniserve.models.loader import load_model
 from miniserve.models.parallel import TensorParallel
 
-DECODE_QUERIES_MAX_LEN = 16  # up to this many new tokens per sequence, Triton runs them as decode queries
+# up to this many new tokens a sequence, Triton runs them as decode queries: every speculative verification
+DECODE_QUERIES_MAX_LEN = MAX_SPECULATIVE_TOKENS + 1
 # one-sequence prompt passes up to 512 tokens are replayed from graphs, padded up to one of these lengths: eager, a
 # short prompt costs milliseconds of kernel launches (tens of µs each), more than the GPU work
 PREFILL_BUCKETS = (32, 64, 128, 256, 512)
@@ -150,9 +158,10 @@ class ModelRunner:
         """Batches of a few new tokens per sequence (speculative verification: k+1) run on the Triton backend as
         one decode query per token, built once per forward for all layers: each token then gets a plain decode
         step's arithmetic, so greedy speculation reproduces plain decoding bit for bit (with GQA this reads no more
-        KV than the extend kernel). A mixed step (prompt chunks beside decodes) runs whole on the extend kernel:
-        splitting its decodes off to the decode kernel made one API server stream 256 requests at once at 0.47x
-        offline on the H200 (cause not found; `git log -p benchmarks/results/serve_h200.json`, commit 1e31adf)."""
+        KV than the extend kernel). So does a step whose prompt chunks are all that short. A mixed step with a
+        longer prompt chunk beside decodes runs whole on the extend kernel: splitting its decodes off to the decode
+        kernel made one API server stream 256 requests at once at 0.47x offline on the H200 (cause not found;
+        `git log -p benchmarks/results/serve_h200.json`, commit 1e31adf)."""
         if self.backend == "triton" and 1 < meta.max_query_len <= DECODE_QUERIES_MAX_LEN:
             return meta.as_decode_queries()
         return meta
