@@ -176,6 +176,73 @@ def test_hub_style_config_loads_like_transformers5_style(tmp_path, tokenizer_dir
     assert torch.equal(la, lb)
 
 
+def test_flat_rope_parameters_without_theta_keep_their_scaling(tmp_path, tokenizer_dir):
+    """transformers reads a flat `rope_parameters` whose rope_theta sits at the top level of config.json; so must
+    we (it was once taken for a per-layer-type dict and its llama3 scaling dropped)."""
+    import json
+
+    path = build_model_dir(
+        tmp_path / "m", "LlamaForCausalLM", tokenizer_dir, seed=5, rope_scaling=LLAMA3_SCALING, rope_theta=500000.0
+    )
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["rope_theta"] = cfg["rope_parameters"].pop("rope_theta")
+    (path / "config.json").write_text(json.dumps(cfg))
+    hf, eng = hf_model(path), engine(path)
+    prompt = torch.randint(2, VOCAB, (90,), generator=torch.Generator().manual_seed(2)).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0]
+    assert (prompt_logits(eng, prompt) - ref).abs().max().item() <= ATOL
+
+
+def test_per_layer_type_rope_parameters_take_the_full_attention_layers():
+    """transformers 5 keys rope_parameters by layer type when layers differ; a model whose layers are all full
+    attention runs with the "full_attention" entry, wherever it sits in the dict."""
+    from miniserve.models.config import ModelConfig
+
+    sizes = {"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1}
+    rope = {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+    }
+    raw = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 2, "rope_parameters": rope, **sizes}
+    cfg = ModelConfig.from_dict(raw)
+    assert cfg.rope_theta == 1e6 and cfg.rope_scaling["rope_type"] == "linear"
+
+
+@pytest.mark.parametrize(
+    ("arch", "field", "value"),
+    [
+        ("LlamaForCausalLM", "hidden_act", "gelu_pytorch_tanh"),
+        ("Qwen2ForCausalLM", "hidden_act", "relu"),
+        ("LlamaForCausalLM", "mlp_bias", True),
+        ("LlamaForCausalLM", "attention_bias", True),
+        ("Qwen3ForCausalLM", "attention_bias", True),
+    ],
+)
+def test_config_fields_that_change_the_math_are_built_or_refused_by_name(model_dirs, tmp_path, arch, field, value):
+    import json
+
+    path = tmp_path / "m"
+    shutil.copytree(model_dirs[arch], path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg[field] = value
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"unsupported {field}"):
+        engine(path)
+
+
+@pytest.mark.parametrize(("arch", "field", "value"), [("LlamaForCausalLM", "hidden_act", "swish"),
+                                                     ("MistralForCausalLM", "attention_bias", True)])  # fmt: skip
+def test_config_fields_transformers_computes_the_same_with_load_and_match(tmp_path, tokenizer_dir, arch, field, value):
+    """ "swish" is SiLU; Mistral's transformers model has no biases whatever attention_bias says."""
+    path = build_model_dir(tmp_path / "m", arch, tokenizer_dir, seed=3, **{field: value})
+    hf, eng = hf_model(path), engine(path)
+    prompt = prompts(4)[3]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0]
+    assert (prompt_logits(eng, prompt) - ref).abs().max().item() <= ATOL
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_checkpoints(tmp_path, tokenizer_dir, dtype):
     """bf16/fp16 checkpoints: dtype="auto" on the CPU computes in float32 (matches transformers in float32),

@@ -64,6 +64,7 @@ class ModelConfig:
                 raise ValueError(f"{source}: missing required field {key!r}")
         num_heads = raw["num_attention_heads"]
         head_dim = raw.get("head_dim") or raw["hidden_size"] // num_heads
+        _refuse_unbuilt(raw, arch, source)
         theta, scaling = _rope_settings(raw, source)
         window = raw.get("sliding_window")
         if arch.startswith("Qwen") and not raw.get("use_sliding_window", False):
@@ -85,7 +86,7 @@ class ModelConfig:
             rope_scaling=scaling,
             max_position_embeddings=raw.get("max_position_embeddings", 2048),
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
-            qkv_bias=arch == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM",
             qk_norm=arch == "Qwen3ForCausalLM",
             torch_dtype=TORCH_DTYPES.get(str(dtype_name).replace("torch.", ""), torch.float32),
             sliding_window=window,
@@ -93,11 +94,26 @@ class ModelConfig:
         )
 
 
+def _refuse_unbuilt(raw: dict, arch: str, source: str) -> None:
+    """Config fields that change the model's math in transformers but that this model does not build: refused by
+    name, never loaded into a model that computes something else. (Mistral's and Qwen2's transformers models
+    ignore `attention_bias`; Qwen2 always has its q/k/v bias and no o_proj bias, which is what qkv_bias builds.)"""
+    act = raw.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):  # transformers' "swish" is SiLU too
+        raise ValueError(f"{source}: unsupported hidden_act {act!r}; miniserve's MLP is SiLU-gated (silu, swish)")
+    if raw.get("mlp_bias"):
+        raise ValueError(f"{source}: unsupported mlp_bias=true (biases on the MLP projections)")
+    if raw.get("attention_bias") and arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+        raise ValueError(f"{source}: unsupported attention_bias=true for {arch} (biases on q/k/v and o_proj)")
+
+
 def _rope_settings(raw: dict, source: str) -> tuple[float, dict | None]:
-    """Return (rope_theta, rope_scaling) from either spelling; rope_scaling None means plain RoPE."""
+    """Return (rope_theta, rope_scaling) from either spelling; rope_scaling None means plain RoPE. A flat
+    `rope_parameters` may leave rope_theta at the top level."""
     params = raw.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" not in params and params:
-        params = next(iter(params.values()))  # per-layer-type dict (transformers 5): take the full-attention one
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        # per-layer-type dict (transformers 5): the full-attention layers' parameters
+        params = params.get("full_attention") or next(iter(params.values()))
     if isinstance(params, dict):
         theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
         scaling = dict(params)
