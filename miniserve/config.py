@@ -209,7 +209,12 @@ class ServerConfig:
     max_body_bytes: int = setting(4 << 20, "larger request bodies get 413", shown_default="4 MiB")
     max_prompts_per_request: int = setting(1024, "a /v1/completions prompt list longer than this gets 400")
     max_prompt_chars: int = setting(
-        1 << 20, "longer text prompts (all messages of a chat) get 400 before tokenizing", shown_default="1 Mi"
+        1 << 20, "longer text prompts (a chat: as rendered) get 400 before tokenizing", shown_default="1 Mi"
+    )
+    trust_request_chat_template: bool = setting(
+        False,
+        "accept a request's own chat_template, as vLLM's --trust-request-chat-template: a template is code the "
+        "server runs (the sandbox bounds what it reaches, not how long it loops); off: such requests get 400",
     )
     max_prompt_tokens: int | None = setting(None, "tokens of a prompt; 400 beyond", shown_default="max_model_len")
     drain_timeout: float = setting(

@@ -15,7 +15,7 @@ Everything runs on a `tokenizers.Tokenizer` backend, so encode/decode match what
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -251,14 +251,18 @@ class Tokenizer:
         *,
         add_special_tokens: bool | None = None,
         template_kwargs: dict[str, Any] | None = None,
+        check_text: Callable[[str], None] | None = None,
         **template_options: Any,
     ) -> list[int]:
         """Rendered chat as ids, plus the BOS prefix unless the template already wrote it (never EOS). An explicit
         `add_special_tokens` has vLLM's meaning: True adds the tokenizer's specials on top of the template's text,
         False encodes exactly the template's text. `template_kwargs` (a request's chat_template_kwargs) are extra
-        template variables, kept apart from this method's own arguments (`check_template_kwargs`)."""
+        template variables, kept apart from this method's own arguments (`check_template_kwargs`). `check_text`
+        sees the rendered text before it is tokenized (the server's size limit)."""
         check_template_kwargs(template_kwargs)
         text = self.apply_chat_template(messages, add_generation_prompt, **template_options, **(template_kwargs or {}))
+        if check_text is not None:
+            check_text(text)
         if add_special_tokens is not None:
             return self.encode(text, add_special_tokens=add_special_tokens)
         ids = self.encode(text, add_special_tokens=False)

@@ -121,7 +121,8 @@ def log_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def url(model_dir, log_path) -> Iterator[str]:
-    with run_server(model_dir, log_path, MINISERVE_MAX_BAD_WORDS=str(MAX_BAD_WORDS)) as base:
+    env = {"MINISERVE_MAX_BAD_WORDS": str(MAX_BAD_WORDS), "MINISERVE_TRUST_REQUEST_CHAT_TEMPLATE": "1"}
+    with run_server(model_dir, log_path, **env) as base:
         yield base
 
 
@@ -415,6 +416,33 @@ def test_usage_details_continuous_usage_and_token_ids_when_streaming(client):
     r = client.completions.create(model=MODEL_NAME, prompt="ROMEO:", max_tokens=3, temperature=0, logprobs=1,
                                   extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})  # fmt: skip
     assert r.choices[0].logprobs.tokens == [f"token_id:{t}" for t in whole.choices[0].model_extra["token_ids"][:3]]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_stop_token_is_in_the_token_ids_and_its_text_only_when_asked(client, hf_tok, stream):
+    """As vLLM: a choice ended by a stop token id keeps the id, and leaves its text out unless
+    include_stop_str_in_output. Streamed without stop strings the API process detokenizes; otherwise the engine."""
+    kw = dict(model=MODEL_NAME, prompt="ROMEO:", max_tokens=8, temperature=0)
+    free = client.completions.create(**kw, extra_body={"ignore_eos": True, "return_token_ids": True})
+    ids = free.choices[0].model_extra["token_ids"]
+    cut = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])  # a token first seen there
+    for keep in (False, True):
+        body = {"ignore_eos": True, "return_token_ids": True, "stop_token_ids": [ids[cut]]}
+        r = client.completions.create(**kw, stream=stream, extra_body={**body, "include_stop_str_in_output": keep})
+        choices = [c.choices[0] for c in r] if stream else r.choices
+        text = "".join(c.text for c in choices)
+        got = [t for c in choices for t in c.model_extra.get("token_ids") or []]
+        assert got == ids[: cut + 1] and choices[-1].finish_reason == "stop"
+        assert text == hf_tok.decode(ids[: cut + 1] if keep else ids[:cut])
+
+
+def test_a_chat_rendered_past_the_character_limit_is_refused_before_tokenizing(url):
+    """A request's template (this server trusts them) or its tools may render far more text than the messages
+    hold: the limit applies to the rendered text."""
+    body = {"model": MODEL_NAME, **MESSAGES, "max_tokens": 1, "chat_template": "{{ 'ab' * 600000 }}"}
+    for path in ("/v1/chat/completions", "/tokenize"):
+        err = assert_openai_error(post(url, path, body), 400, "messages")
+        assert err["code"] == "prompt_too_long" and "1200000 characters" in err["message"], path
 
 
 def test_cache_salt_separates_prefix_cache_namespaces(client):

@@ -59,12 +59,23 @@ def test_api_key_guards_every_v1_route(url):
                 err = assert_openai_error(http.request(method, path, json=payload, headers=headers), 401, None)
                 assert err["code"] == "invalid_api_key"
             assert http.request(method, path, json=payload, headers=auth).status_code == 200
-        for path in ("/health", "/metrics"):  # probes and scrapers need no key
+        for path in ("/health", "/metrics", "/version"):  # probes, scrapers and tooling need no key
             assert http.get(path).status_code == 200
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
     good = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=30)
     assert good.completions.create(model=MODEL_NAME, prompt="ROMEO:", max_tokens=3).usage.completion_tokens >= 1
+
+
+def test_a_requests_own_chat_template_is_refused_unless_the_server_trusts_them(url):
+    """vLLM's default (--trust-request-chat-template off): a template is code that the server would run."""
+    chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=url, timeout=30, headers=auth) as http:
+        for path in ("/v1/chat/completions", "/tokenize"):
+            r = http.post(path, json={**chat, "chat_template": "{{ messages[0].content }}"})
+            assert "TRUST_REQUEST_CHAT_TEMPLATE" in assert_openai_error(r, 400, "chat_template")["message"]
+        assert http.post("/v1/chat/completions", json=chat).status_code == 200
 
 
 def test_too_many_waiting_requests_get_503_and_the_server_recovers(url):

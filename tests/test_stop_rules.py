@@ -72,19 +72,26 @@ TEXT_PATHS = [
 ]
 
 
+@pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("path", TEXT_PATHS)
-def test_eos_and_stop_token_ids_after_min_tokens(path):
+def test_eos_and_stop_token_ids_after_min_tokens(path, keep):
+    """The token that ends a choice stays in its token ids; its text only with include_stop_str_in_output
+    (vLLM's detokenizer leaves a stop-terminated request's last token out of the text)."""
+
     def run(tokens, **kw):
-        processor, (seq,) = setup(SamplingParams(**{"max_tokens": 10, **path, **kw}))
+        params = {"max_tokens": 10, "include_stop_str_in_output": keep, **path, **kw}
+        processor, (seq,) = setup(SamplingParams(**params))
         feed(processor, seq, tokens)
         return seq, processor
 
+    def text(s):
+        return "" if path.get("detokenize") is False else s
+
     x, y = ord("x"), ord("y")
     seq, _ = run([x, EOS, y])
-    text = "" if path.get("detokenize") is False else "x" + chr(EOS)
-    assert outcome(seq) == ([x, EOS], text, "stop", None)
+    assert outcome(seq) == ([x, EOS], text("x" + chr(EOS) if keep else "x"), "stop", None)
     seq, _ = run([x, y, x], stop_token_ids=[y])
-    assert seq.output_token_ids == [x, y] and (seq.finish_reason, seq.stop_reason) == ("stop", y)
+    assert outcome(seq) == ([x, y], text("xy" if keep else "x"), "stop", y)
     seq, _ = run([x, EOS, y, y, x], stop_token_ids=[y], min_tokens=3)  # EOS 2nd, y 3rd: y is the first allowed
     assert seq.output_token_ids == [x, EOS, y] and (seq.finish_reason, seq.stop_reason) == ("stop", y)
     seq, processor = run([x, EOS, x, x], ignore_eos=True, max_tokens=3)
@@ -127,9 +134,12 @@ def test_text_held_by_the_detokenizer_comes_out_at_the_end():
         processor, (seq,) = setup(params)
         feed(processor, seq, ["a", HELD])
         assert outcome(seq) == ([ord("a"), HELD], "a~", "length", None)
-    processor, (seq,) = setup(SamplingParams(max_tokens=5, stop_token_ids=[HELD]))
+    processor, (seq,) = setup(SamplingParams(max_tokens=5, stop_token_ids=[HELD], include_stop_str_in_output=True))
     feed(processor, seq, ["a", HELD])
     assert outcome(seq) == ([ord("a"), HELD], "a~", "stop", HELD)
+    processor, (seq,) = setup(SamplingParams(max_tokens=5, stop_token_ids=[ord("b")]))
+    feed(processor, seq, ["a", HELD, "b"])  # the stop token's text is left out, not the held text before it
+    assert outcome(seq) == ([ord("a"), HELD, ord("b")], "a~", "stop", ord("b"))
 
 
 @pytest.mark.parametrize("keep", [False, True])

@@ -134,7 +134,7 @@ class OutputProcessor:
 
     def _text_and_stops(self, seq: Sequence, token: int) -> None:
         """Detokenize the token just taken and apply the other stop rules (a grammar that ended the sequence
-        leaves only its text to add)."""
+        leaves only its text to add, or none: drops_stop_token_text)."""
         if not seq.params.detokenize:
             self._check_stop(seq, token, "", None)
             return
@@ -143,7 +143,12 @@ class OutputProcessor:
         if _detokenize_at_end(seq.params):
             self._check_stop(seq, token, "", None)
             if seq.is_finished:  # all at once: the same text as token by token ("".join(deltas) + flush())
-                seq.text = detok.add(seq.output_token_ids) + detok.flush()
+                ids = seq.output_token_ids
+                seq.text = detok.add(ids[:-1] if _drops_last_text(seq) else ids) + detok.flush()
+            return
+        if seq.is_finished or self._ends_on_token(seq, token):  # its grammar's end, EOS, a stop token id
+            self._check_stop(seq, token, "", None)
+            seq.text += ("" if _drops_last_text(seq) else detok.add([token])) + detok.flush()
             return
         delta = detok.add([token])
         seq.text += delta
@@ -158,21 +163,28 @@ class OutputProcessor:
         match = None
         if matcher is not None and delta:  # the matcher reads every character, even before min_tokens
             seq.stop_state, match = matcher.feed(seq.stop_state, delta)
-        if seq.num_output_tokens >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_token_ids:
-                return self._finish(seq, "stop", None)
-            if p.stop_token_ids and token in p.stop_token_ids:
-                return self._finish(seq, "stop", token)
-            if match is not None:
-                last, stop = match  # `stop` ends at delta[last]
-                end = len(seq.text) - len(delta) + last + 1
-                seq.text = seq.text[: end if p.include_stop_str_in_output else end - len(stop)]
-                return self._finish(seq, "stop", stop)
+        if self._ends_on_token(seq, token):
+            return self._finish(seq, "stop", None if self._is_eos(seq, token) else token)
+        if match is not None and seq.num_output_tokens >= p.min_tokens:
+            last, stop = match  # `stop` ends at delta[last]
+            end = len(seq.text) - len(delta) + last + 1
+            seq.text = seq.text[: end if p.include_stop_str_in_output else end - len(stop)]
+            return self._finish(seq, "stop", stop)
         if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
             return self._finish(seq, "length", None)
         if seq.num_tokens >= self.max_model_len:
             return self._finish(seq, "length", None)
         return None
+
+    def _is_eos(self, seq: Sequence, token: int) -> bool:
+        return not seq.params.ignore_eos and token in self.eos_token_ids
+
+    def _ends_on_token(self, seq: Sequence, token: int) -> bool:
+        """EOS or one of the request's stop token ids, once min_tokens are out."""
+        p = seq.params
+        if seq.num_output_tokens < p.min_tokens:
+            return False
+        return self._is_eos(seq, token) or bool(p.stop_token_ids and token in p.stop_token_ids)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
@@ -371,6 +383,16 @@ def _top(seq: Sequence, tops: tuple[list, list], row: int) -> dict[int, float] |
     """The top logprobs `seq` asked for, from its row of a step's."""
     n = seq.params.logprobs
     return dict(zip(tops[0][row][:n], tops[1][row][:n])) if n is not None else None
+
+
+def drops_stop_token_text(finish_reason: str | None, stop_reason: int | str | None, params: SamplingParams) -> bool:
+    """A choice that a token ended (EOS, a stop token id, its grammar's end) leaves that token's text out of its
+    own, as vLLM does, unless include_stop_str_in_output; the token id stays in its token_ids."""
+    return finish_reason == "stop" and not isinstance(stop_reason, str) and not params.include_stop_str_in_output
+
+
+def _drops_last_text(seq: Sequence) -> bool:
+    return drops_stop_token_text(seq.finish_reason, seq.stop_reason, seq.params)
 
 
 def _detokenize_at_end(params: SamplingParams) -> bool:

@@ -56,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from miniserve.engine.output_processor import drops_stop_token_text
 from miniserve.engine.outputs import CompletionOutput, RequestOutput
 from miniserve.server.gc_heap import freeze_startup_heap, thaw_heap
 from miniserve.server.metrics import ServerMetrics
@@ -286,6 +287,7 @@ class RequestStream:
     ):
         self.request_id = request_id
         self.n: int = params.n
+        self.params = params
         want_logprobs = params.logprobs is not None
         completions = [CompletionOutput(i, "", [], logprobs=[] if want_logprobs else None) for i in range(self.n)]
         self.output = RequestOutput(request_id, None, prompt_ids, completions, False)
@@ -313,7 +315,8 @@ class RequestStream:
             new += len(token_ids)
             if self.detokenizers is not None:
                 detok = self.detokenizers[index]
-                text = detok.add(token_ids) + (detok.flush() if finish is not None else "")
+                shown = token_ids[:-1] if drops_stop_token_text(finish, stop, self.params) else token_ids
+                text = detok.add(shown) + (detok.flush() if finish is not None else "")
             if text:
                 o.text += text
             if logprobs is not None and o.logprobs is not None:

@@ -131,12 +131,27 @@ class ServerState:
         truncate: int | None = None,
         **options: Any,
     ) -> list[int]:
-        """The rendered chat's token ids, size limits checked (rendered and tokenized off the event loop);
-        `options` go to Tokenizer.encode_chat (tools, chat_template, continue_final_message...)."""
+        """The rendered chat's token ids, size limits checked (rendered and tokenized off the event loop): the
+        messages' text before rendering, the rendered text (tools, documents, a request's template) before
+        tokenizing. `options` go to Tokenizer.encode_chat (tools, chat_template, continue_final_message...)."""
+        if options.get("chat_template") is not None and not self.server.trust_request_chat_template:
+            raise APIError(
+                "this server does not run a request's own chat_template (start it with "
+                "MINISERVE_TRUST_REQUEST_CHAT_TEMPLATE=1 to allow it)",
+                param="chat_template",
+            )
         chars = sum(len(m.get("content") or "") for m in messages)
         self.check_prompt_chars(chars, "messages", for_generation and truncate is None)
+
+        def check_text(text: str) -> None:
+            self.check_prompt_chars(len(text), "messages", for_generation and truncate is None)
+
         try:
-            ids = await self.run_cpu(lambda: self.tokenizer.encode_chat(messages, add_generation_prompt, **options))
+            ids = await self.run_cpu(
+                lambda: self.tokenizer.encode_chat(messages, add_generation_prompt, check_text=check_text, **options)
+            )
+        except APIError:
+            raise
         except Exception as exc:  # jinja errors from the template (e.g. "roles must alternate")
             raise APIError(f"the chat template failed: {exc}", param="messages") from None
         ids = self.truncate(ids, truncate)
