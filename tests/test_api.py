@@ -610,6 +610,13 @@ def test_tool_choice_errors(url):
         ({"tools": None, "tool_choice": "required"}, "tool_choice"),
         ({"tool_choice": "auto", "chat_template": "{{ messages[0].content }}"}, "tool_choice"),  # no call format
         ({"tool_choice": "required", "guided_regex": "a"}, "guided_regex"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
+                "tool_choice": "required",
+            },
+            "tools",
+        ),  # a tool's schema that does not compile
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),  # no tool_call_id
         ({"messages": [{"role": "user", "content": "x", "tool_calls": []}], "tool_choice": "none"}, None),
     ]
@@ -749,3 +756,5 @@ def test_tokenize_renders_messages_like_chat(url):
     assert tok["tokens"] == chat["prompt_token_ids"]
     text = post(url, "/detokenize", {"tokens": tok["tokens"]}).json()["prompt"]
     assert "get_weather" in text and "(calm)" in text and text.endswith("Once upon")
+    for body in ({"prompt": "x", "messages": messages}, {}):  # both, or neither
+        assert_openai_error(post(url, "/tokenize", body), 400, "prompt")

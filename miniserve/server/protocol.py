@@ -529,7 +529,7 @@ class TokenizeRequest(_Request):
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt or messages")
+            raise ValueError("prompt or messages: give exactly one of them")
         check_chat_options(self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs)
         return self
 
