@@ -135,18 +135,15 @@ class OutputProcessor:
     def _text_and_stops(self, seq: Sequence, token: int) -> None:
         """Detokenize the token just taken and apply the other stop rules (a grammar that ended the sequence
         leaves only its text to add, or none: drops_stop_token_text)."""
-        if not seq.params.detokenize:
-            self._check_stop(seq, token, "", None)
-            return
         req = self.requests[seq.request_id]
         detok = req.detokenizers[seq.index]
-        if _detokenize_at_end(seq.params):
+        if not seq.params.detokenize or _detokenize_at_end(seq.params):
             self._check_stop(seq, token, "", None)
-            if seq.is_finished:  # all at once: the same text as token by token ("".join(deltas) + flush())
+            if seq.params.detokenize and seq.is_finished:  # all at once: as token by token ("".join(deltas) + flush())
                 ids = seq.output_token_ids
                 seq.text = detok.add(ids[:-1] if _drops_last_text(seq) else ids) + detok.flush()
             return
-        if seq.is_finished or self._ends_on_token(seq, token):  # its grammar's end, EOS, a stop token id
+        if seq.is_finished or _ends_on_token(seq, token, self.eos_token_ids):  # grammar's end, EOS, stop token id
             self._check_stop(seq, token, "", None)
             seq.text += ("" if _drops_last_text(seq) else detok.add([token])) + detok.flush()
             return
@@ -163,8 +160,8 @@ class OutputProcessor:
         match = None
         if matcher is not None and delta:  # the matcher reads every character, even before min_tokens
             seq.stop_state, match = matcher.feed(seq.stop_state, delta)
-        if self._ends_on_token(seq, token):
-            return self._finish(seq, "stop", None if self._is_eos(seq, token) else token)
+        if _ends_on_token(seq, token, self.eos_token_ids):
+            return self._finish(seq, "stop", None if _is_eos(seq, token, self.eos_token_ids) else token)
         if match is not None and seq.num_output_tokens >= p.min_tokens:
             last, stop = match  # `stop` ends at delta[last]
             end = len(seq.text) - len(delta) + last + 1
@@ -175,16 +172,6 @@ class OutputProcessor:
         if seq.num_tokens >= self.max_model_len:
             return self._finish(seq, "length", None)
         return None
-
-    def _is_eos(self, seq: Sequence, token: int) -> bool:
-        return not seq.params.ignore_eos and token in self.eos_token_ids
-
-    def _ends_on_token(self, seq: Sequence, token: int) -> bool:
-        """EOS or one of the request's stop token ids, once min_tokens are out."""
-        p = seq.params
-        if seq.num_output_tokens < p.min_tokens:
-            return False
-        return self._is_eos(seq, token) or bool(p.stop_token_ids and token in p.stop_token_ids)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
@@ -389,6 +376,18 @@ def drops_stop_token_text(finish_reason: str | None, stop_reason: int | str | No
     """A choice that a token ended (EOS, a stop token id, its grammar's end) leaves that token's text out of its
     own, as vLLM does, unless include_stop_str_in_output; the token id stays in its token_ids."""
     return finish_reason == "stop" and not isinstance(stop_reason, str) and not params.include_stop_str_in_output
+
+
+def _is_eos(seq: Sequence, token: int, eos_token_ids: set[int]) -> bool:
+    return not seq.params.ignore_eos and token in eos_token_ids
+
+
+def _ends_on_token(seq: Sequence, token: int, eos_token_ids: set[int]) -> bool:
+    """EOS or one of the request's stop token ids, once min_tokens are out."""
+    p = seq.params
+    if seq.num_output_tokens < p.min_tokens:
+        return False
+    return _is_eos(seq, token, eos_token_ids) or bool(p.stop_token_ids and token in p.stop_token_ids)
 
 
 def _drops_last_text(seq: Sequence) -> bool:

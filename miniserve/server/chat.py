@@ -84,7 +84,7 @@ def _chat_constraint(req: ChatCompletionRequest, tools: ToolSetup) -> tuple[str,
         return spec
     if spec is not None:
         raise APIError(f"{spec[0]} cannot be combined with tool_choice {tools.mode}", param=spec[0])
-    return "tools", forced  # a schema that does not compile is in a tool's parameters
+    return "tool_choice", forced
 
 
 def _echo_text(req: ChatCompletionRequest) -> str:

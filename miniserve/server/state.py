@@ -177,8 +177,11 @@ class ServerState:
         try:
             params = StructuredOutputsParams(**kwargs)
             await self.run_cpu(self.grammars.compile, params)
-        except (ValueError, StructuredOutputsUnavailable) as exc:
+        except StructuredOutputsUnavailable as exc:  # names the field that asked for a constraint
             raise APIError(f"{field}: {exc}", param=field) from None
+        except ValueError as exc:  # names the field holding the schema (a forced tool call's: its tool's)
+            where = "tools" if field == "tool_choice" else field
+            raise APIError(f"{where}: {exc}", param=where) from None
         return params
 
     def begin_drain(self) -> None:
