@@ -112,15 +112,16 @@ class Tokenizer:
         config = _read_json(directory / "tokenizer_config.json")
         tokenizer_class = str(config.get("tokenizer_class") or "")
         special: dict[str, str | None] = {name: _token_content(config.get(name)) for name in SPECIAL_TOKEN_NAMES}
+        prefix_space = config.get("add_prefix_space") is not False  # null (as transformers 5 writes it) = default
         if (directory / "tokenizer.json").is_file():
             backend = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
             if tokenizer_class in LLAMA_TOKENIZER_CLASSES and _is_sentencepiece_bpe(backend):
-                _set_llama_pipeline(backend, config.get("legacy", False), config.get("add_prefix_space", True))
+                _set_llama_pipeline(backend, config.get("legacy", False), prefix_space)
         elif (directory / "tokenizer.model").is_file():
             backend = _backend_from_sentencepiece(
                 directory / "tokenizer.model",
                 config.get("legacy", False),
-                config.get("add_prefix_space", True),
+                prefix_space,
             )
             # LlamaTokenizer's defaults when the config does not name them
             for name, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
@@ -341,14 +342,21 @@ class IncrementalDetokenizer:
         """Release held-back text; call once when the sequence is finished."""
         return self._emit(hold_incomplete=False)
 
+    def pending(self) -> str:
+        """The held-back text as it decodes now, not emitted: what flush() would release. (A stop string may sit
+        in it: on Llama-2 or Mistral a newline is the byte token <0x0A>.)"""
+        return self._window_text() if self._read_offset < len(self.token_ids) else ""
+
+    def _window_text(self) -> str:
+        prefix_text = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+        return self._decode(self.token_ids[self._prefix_offset :])[len(prefix_text) :]
+
     def _emit(self, hold_incomplete: bool) -> str:
         if self._read_offset == len(self.token_ids):
             return ""
-        prefix_text = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
-        new_text = self._decode(self.token_ids[self._prefix_offset :])
-        if hold_incomplete and new_text.endswith("\ufffd"):
+        delta = self._window_text()
+        if hold_incomplete and delta.endswith("\ufffd"):
             return ""
-        delta = new_text[len(prefix_text) :]
         self.text += delta
         # the last emitted chunk becomes the prefix window: it starts on an emitted (clean) boundary
         self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)

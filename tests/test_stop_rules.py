@@ -46,6 +46,9 @@ class CharDetokenizer:
         text, self.held = self.held, ""
         return text
 
+    def pending(self) -> str:
+        return self.held
+
 
 def setup(params: SamplingParams, n: int = 1, max_model_len: int = 64, prompt: str = "AB"):
     processor = OutputProcessor(Scheduler(BlockManager(8, 4), 4, 64), {EOS}, max_model_len)
@@ -140,6 +143,17 @@ def test_text_held_by_the_detokenizer_comes_out_at_the_end():
     processor, (seq,) = setup(SamplingParams(max_tokens=5, stop_token_ids=[ord("b")]))
     feed(processor, seq, ["a", HELD, "b"])  # the stop token's text is left out, not the held text before it
     assert outcome(seq) == ([ord("a"), HELD, ord("b")], "a~", "stop", ord("b"))
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_stop_string_in_held_text_stops_at_its_token(keep):
+    """Held text (a byte token's newline, on Llama-2) is matched when its token comes, not at the end."""
+    processor, (seq,) = setup(SamplingParams(max_tokens=9, stop=["~"], include_stop_str_in_output=keep))
+    feed(processor, seq, ["a", HELD, "b"])
+    assert outcome(seq) == ([ord("a"), HELD], "a~" if keep else "a", "stop", "~")
+    processor, (seq,) = setup(SamplingParams(max_tokens=9, stop=["~"], min_tokens=4))
+    feed(processor, seq, ["a", HELD, "b", HELD, "c"])  # the first "~" comes before min_tokens
+    assert outcome(seq) == ([ord("a"), HELD, ord("b"), HELD], "a~b", "stop", "~")
 
 
 @pytest.mark.parametrize("keep", [False, True])

@@ -504,6 +504,38 @@ def test_sentencepiece_spaces_stream_like_decode(sp_dir):
     assert streamed.count(" ") == text.count(" ") - 1
 
 
+def test_held_byte_tokens_are_pending_as_they_decode(sp_dir):
+    """A newline is the byte token <0x0A> in a SentencePiece vocabulary: held back by add() (a byte run may still
+    turn into U+FFFD), but pending() shows it, so a stop string in it can end the sequence in time (the engine's
+    OutputProcessor); the oracle is transformers' decode."""
+    import transformers
+
+    tokenizer = Tokenizer.from_pretrained(sp_dir)
+    hf = transformers.AutoTokenizer.from_pretrained(sp_dir)
+    ids = tokenizer.encode("Romeo\n", add_special_tokens=False)
+    assert tokenizer.id_to_token(ids[-1]) == "<0x0A>"
+    detok = IncrementalDetokenizer(tokenizer)
+    shown = "".join(detok.add([i]) for i in ids)
+    assert shown + detok.pending() == hf.decode(ids) == "Romeo\n" and shown == "Romeo"
+    assert detok.pending() == detok.flush() == "\n" and detok.pending() == ""
+
+
+@pytest.mark.parametrize("value", [None, False])
+def test_add_prefix_space_null_is_the_default_and_false_is_off(sp_dir, tmp_path, value):
+    import shutil
+
+    import transformers
+
+    copy = tmp_path / "sp"
+    shutil.copytree(sp_dir, copy)
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    write_json(copy / "tokenizer_config.json", {**config, "add_prefix_space": value})
+    ours, hf = Tokenizer.from_pretrained(copy), transformers.AutoTokenizer.from_pretrained(copy)
+    text = "Hello world"
+    assert ours.encode(text) == hf.encode(text)
+    assert (ours.encode(text) == Tokenizer.from_pretrained(sp_dir).encode(text)) == (value is None)
+
+
 def test_prompt_context_keeps_the_leading_space(sp_dir):
     tokenizer = Tokenizer.from_pretrained(sp_dir)
     prompt = tokenizer.encode("Where is the king? The king is")

@@ -147,7 +147,7 @@ class OutputProcessor:
             self._check_stop(seq, token, "", None)
             seq.text += ("" if _drops_last_text(seq) else detok.add([token])) + detok.flush()
             return
-        delta = detok.add([token])
+        delta = detok.add([token]) or _held_stop_text(seq, detok, req.stop_matcher)
         seq.text += delta
         self._check_stop(seq, token, delta, req.stop_matcher)
         if seq.is_finished and not isinstance(seq.stop_reason, str):
@@ -388,6 +388,15 @@ def _ends_on_token(seq: Sequence, token: int, eos_token_ids: set[int]) -> bool:
     if seq.num_output_tokens < p.min_tokens:
         return False
     return _is_eos(seq, token, eos_token_ids) or bool(p.stop_token_ids and token in p.stop_token_ids)
+
+
+def _held_stop_text(seq: Sequence, detok: IncrementalDetokenizer, matcher: StopMatcher | None) -> str:
+    """The text the detokenizer holds back (byte tokens: a run may still turn into U+FFFD) when a stop string
+    ends in it: the sequence stops now, as vLLM's would, with the text as it decodes now. Else ""."""
+    if matcher is None or seq.num_output_tokens < seq.params.min_tokens:
+        return ""
+    held = detok.pending()
+    return held if held and matcher.feed(seq.stop_state, held)[1] is not None else ""
 
 
 def _drops_last_text(seq: Sequence) -> bool:
