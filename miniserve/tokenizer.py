@@ -42,6 +42,7 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+CONTINUE_MARK = "<|miniserve:continue-here|> "  # appended to the content continue_final_message continues
 # what a chat template is given by name: chat_template_kwargs add variables (e.g. enable_thinking), not these
 TEMPLATE_INPUTS = ("messages", "add_generation_prompt", "tools", "documents", "chat_template", "continue_final_message")
 
@@ -227,16 +228,17 @@ class Tokenizer:
         template = self._template(chat_template)
         variables = {name: value for name, value in self.special_tokens.items() if value is not None}
         variables.update(template_kwargs)  # (the inputs named below are this method's own arguments)
+        normalized = [_normalize_message(m, i) for i, m in enumerate(messages)]
+        if continue_final_message and normalized:  # mark where the final message's content ends
+            normalized[-1]["content"] = (normalized[-1].get("content") or "") + CONTINUE_MARK
         rendered = template.render(
             **variables,
-            messages=[_normalize_message(m, i) for i, m in enumerate(messages)],
+            messages=normalized,
             tools=tools or None,
             documents=documents or None,
             add_generation_prompt=add_generation_prompt,
         )
-        if continue_final_message:
-            rendered = _cut_after_final_message(rendered, messages[-1])
-        return rendered
+        return _cut_at_continue_mark(rendered) if continue_final_message else rendered
 
     def _template(self, source: str | None) -> Any:
         if source is not None:  # a per-request template: compiled each time (rare; a cache could hold anything)
@@ -529,14 +531,14 @@ def _normalize_message(message: dict[str, Any], index: int) -> dict[str, Any]:
     return out
 
 
-def _cut_after_final_message(rendered: str, message: dict[str, Any]) -> str:
-    """The rendered chat up to the end of the final message's content (transformers' continue_final_message)."""
-    content = _normalize_message(message, -1).get("content") or ""
-    content = content.strip() or content
-    at = rendered.rfind(content) if content else -1
+def _cut_at_continue_mark(rendered: str) -> str:
+    """The rendered chat up to the end of the final message's content, found by the mark appended to it (not by
+    searching for the content, which may also occur in the template's own text after it). A template that trims
+    the content's trailing space trimmed the mark's too: the cut then drops trailing space, as transformers does."""
+    at = rendered.rfind(CONTINUE_MARK.rstrip())
     if at == -1:
-        raise ValueError("continue_final_message: the final message's content does not appear in the rendered chat")
-    return rendered[: at + len(content)]
+        raise ValueError("continue_final_message: the chat template does not render the final message's content")
+    return rendered[:at] if rendered.startswith(CONTINUE_MARK, at) else rendered[:at].rstrip()
 
 
 def _compile_template(source: str) -> Any:

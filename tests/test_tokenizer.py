@@ -353,6 +353,21 @@ def test_chat_template_matches_transformers(pair, conversation, add_generation_p
     assert ours.encode_chat(messages, add_generation_prompt).count(ours.bos_token_id) == expected.count(ours.bos_token)
 
 
+KEEPS_SPACE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"  # no trim of content
+
+
+@pytest.mark.parametrize("last", ["Hello there ", "Step 1:\n", "s", "<", "\n", "Dear Sir,\n\n"])
+@pytest.mark.parametrize("template", [None, KEEPS_SPACE])
+def test_continue_final_message_cuts_where_transformers_does(pair, last, template):
+    """The cut sits right after the final message's content, even when that content also occurs in the template's
+    end-of-turn text ("s" in "</s>"), and keeps the content's trailing space where the template keeps it."""
+    ours, hf = pair
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": last}]
+    kw = {"chat_template": template} if template else {}
+    expected = hf.apply_chat_template(messages, tokenize=False, continue_final_message=True, **kw)
+    assert ours.apply_chat_template(messages, False, continue_final_message=True, **kw) == expected
+
+
 def test_chat_template_raise_exception(sp_dir):
     ours = Tokenizer.from_pretrained(sp_dir)
     bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
