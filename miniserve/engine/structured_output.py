@@ -225,7 +225,9 @@ def mask_threads(setting: int) -> int:
     H200's 16-core host 32 rows filled as fast or faster on 4 threads as on 8, by every schema and vocabulary
     measured (benchmarks/results/grammar_fill*_h200.json, medians: cl100k-like 0.53 / 0.97 ms against 0.59 /
     1.20, strings unbounded / bounded), and the engine was faster with 4 (structured_outputs_cl100k_h200.json:
-    0.94x / 0.80x the unconstrained throughput against 0.92x / 0.76x)."""
+    0.94x / 0.80x the unconstrained throughput against 0.92x / 0.76x). Not on every host: a later lent one,
+    whose single-thread fill was 1.7x slower, ran the JSON-heavy engine runs 9% faster on 8 threads
+    (structured_outputs_h200.json: 0.63x / 0.32x against 0.57x / 0.30x); set grammar_threads where it matters."""
     if setting > 0:
         return setting
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
