@@ -137,30 +137,31 @@ class OutputProcessor:
         leaves only its text to add, or none: drops_stop_token_text)."""
         req = self.requests[seq.request_id]
         detok = req.detokenizers[seq.index]
+        on_token = seq.is_finished or _ends_on_token(seq, token, self.eos_token_ids)  # grammar's end, EOS, stop id
         if not seq.params.detokenize or _detokenize_at_end(seq.params):
-            self._check_stop(seq, token, "", None)
+            self._check_stop(seq, token, "", None, on_token)
             if seq.params.detokenize and seq.is_finished:  # all at once: as token by token ("".join(deltas) + flush())
                 ids = seq.output_token_ids
                 seq.text = detok.add(ids[:-1] if _drops_last_text(seq) else ids) + detok.flush()
             return
-        if seq.is_finished or _ends_on_token(seq, token, self.eos_token_ids):  # grammar's end, EOS, stop token id
-            self._check_stop(seq, token, "", None)
+        if on_token:
+            self._check_stop(seq, token, "", None, on_token)
             seq.text += ("" if _drops_last_text(seq) else detok.add([token])) + detok.flush()
             return
         delta = detok.add([token]) or _held_stop_text(seq, detok, req.stop_matcher)
         seq.text += delta
-        self._check_stop(seq, token, delta, req.stop_matcher)
+        self._check_stop(seq, token, delta, req.stop_matcher, on_token)
         if seq.is_finished and not isinstance(seq.stop_reason, str):
             seq.text += detok.flush()  # release text held back for an incomplete UTF-8 sequence
 
-    def _check_stop(self, seq: Sequence, token: int, delta: str, matcher: StopMatcher | None) -> None:
+    def _check_stop(self, seq: Sequence, token: int, delta: str, matcher: StopMatcher | None, on_token: bool) -> None:
         p = seq.params
-        if seq.grammar is not None and seq.is_finished:  # its grammar ended it (_take)
+        if seq.is_finished:  # its grammar ended it (_take)
             return None
         match = None
         if matcher is not None and delta:  # the matcher reads every character, even before min_tokens
             seq.stop_state, match = matcher.feed(seq.stop_state, delta)
-        if _ends_on_token(seq, token, self.eos_token_ids):
+        if on_token:  # EOS or a stop token id (_ends_on_token, decided once by _text_and_stops)
             return self._finish(seq, "stop", None if _is_eos(seq, token, self.eos_token_ids) else token)
         if match is not None and seq.num_output_tokens >= p.min_tokens:
             last, stop = match  # `stop` ends at delta[last]
