@@ -501,7 +501,7 @@ def test_chat_echo_continue_final_message_and_template_kwargs(client, url):
                                                "chat_template": "PLAIN {{ messages[0].content }}",
                                                "return_token_ids": True})  # fmt: skip
     text = post(url, "/detokenize", {"tokens": custom.json()["prompt_token_ids"]}).json()["prompt"]
-    assert text == "PLAIN Speak."
+    assert text == "<s>PLAIN Speak."  # the BOS prefix the template did not write
     # template variables named like the server's own arguments are variables all the same ...
     named = {"chat_template": "{{ truncate }} {{ add_special_tokens }}", "chat_template_kwargs": {"truncate": 7,
              "add_special_tokens": "yes"}}  # fmt: skip

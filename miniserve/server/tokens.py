@@ -43,10 +43,11 @@ async def tokenize(request: Request) -> JSONResponse:
 
 
 async def detokenize(request: Request) -> JSONResponse:
+    """vLLM's /detokenize: the ids' text, special tokens included (the inverse of /tokenize with its specials)."""
     state = state_of(request)
     req: DetokenizeRequest = await state.parse(request, DetokenizeRequest)
     vocab = state.vocab_size
     bad = [t for t in req.tokens if not 0 <= t < vocab]
     if bad:
         raise APIError(f"token id {bad[0]} is out of range [0, {vocab})", param="tokens")
-    return JSONResponse({"prompt": await state.run_cpu(state.tokenizer.decode, req.tokens)})
+    return JSONResponse({"prompt": await state.run_cpu(state.tokenizer.decode, req.tokens, False)})
