@@ -203,7 +203,7 @@ class SamplingFields(_Request):
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    temperature: float | None = Field(default=None, ge=0.0)  # no upper bound, as vLLM (OpenAI stops at 2)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=128)
     best_of: int | None = Field(default=None, ge=1, le=128)
