@@ -234,8 +234,8 @@ class Tokenizer:
         rendered = template.render(
             **variables,
             messages=normalized,
-            tools=tools or None,
-            documents=documents or None,
+            tools=tools,
+            documents=documents,
             add_generation_prompt=add_generation_prompt,
         )
         return _cut_at_continue_mark(rendered) if continue_final_message else rendered

@@ -502,6 +502,16 @@ def test_chat_echo_continue_final_message_and_template_kwargs(client, url):
                                                "return_token_ids": True})  # fmt: skip
     text = post(url, "/detokenize", {"tokens": custom.json()["prompt_token_ids"]}).json()["prompt"]
     assert text == "<s>PLAIN Speak."  # the BOS prefix the template did not write
+    # tools: [] reaches the template as an empty list, absent tools as none (as vLLM passes them)
+    probe = {"chat_template": "{{ tools is none }} {{ tools | length if tools is not none else '-' }}"}
+    for path in ("/v1/chat/completions", "/tokenize"):
+        for extra, expected in (({}, "<s>True -"), ({"tools": []}, "<s>False 0"), ({"tools": TOOLS}, "<s>False 2")):
+            if path != "/tokenize" and extra.get("tools"):  # (auto needs a template that shows a call format)
+                extra = {**extra, "tool_choice": "none"}
+            r = post(url, path, {"model": MODEL_NAME, **MESSAGES, "max_tokens": 1, "return_token_ids": True, **probe,
+                                 **extra})  # fmt: skip
+            ids = r.json()["prompt_token_ids" if path != "/tokenize" else "tokens"]
+            assert post(url, "/detokenize", {"tokens": ids}).json()["prompt"] == expected, (path, extra)
     # template variables named like the server's own arguments are variables all the same ...
     named = {"chat_template": "{{ truncate }} {{ add_special_tokens }}", "chat_template_kwargs": {"truncate": 7,
              "add_special_tokens": "yes"}}  # fmt: skip

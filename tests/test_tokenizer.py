@@ -368,6 +368,16 @@ def test_continue_final_message_cuts_where_transformers_does(pair, last, templat
     assert ours.apply_chat_template(messages, False, continue_final_message=True, **kw) == expected
 
 
+@pytest.mark.parametrize("tools", [None, [], [{"type": "function", "function": {"name": "f"}}]])
+@pytest.mark.parametrize("documents", [None, [], [{"title": "t", "text": "x"}]])
+def test_empty_tools_and_documents_reach_the_template_as_transformers_passes_them(pair, tools, documents):
+    ours, hf = pair
+    probe = "{{ tools is none }} {{ (tools or []) | length }} {{ documents is none }} {{ (documents or []) | length }}"
+    messages = [{"role": "user", "content": "Hi"}]
+    expected = hf.apply_chat_template(messages, tools=tools, documents=documents, chat_template=probe, tokenize=False)
+    assert ours.apply_chat_template(messages, tools=tools, documents=documents, chat_template=probe) == expected
+
+
 def test_chat_template_raise_exception(sp_dir):
     ours = Tokenizer.from_pretrained(sp_dir)
     bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]

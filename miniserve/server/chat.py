@@ -68,7 +68,7 @@ async def _chat_ids(state: ServerState, req: ChatCompletionRequest, tools: ToolS
         req.add_generation_prompt,
         truncate=req.truncate_prompt_tokens,
         add_special_tokens=req.add_special_tokens,
-        tools=tools.tools or None,
+        tools=None if req.tools is None else tools.tools,  # [] reaches the template as [], as in vLLM
         documents=req.documents,
         chat_template=req.chat_template,
         continue_final_message=req.continue_final_message,
