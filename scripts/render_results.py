@@ -358,6 +358,7 @@ def constrained_row() -> tuple | None:
     small = runs.get(("Llama-3.2-1B", "cl100k-like"))
     if small:
         notes.append("on the Llama-3.2-1B shape (cl100k-like) " + constrained_note(small))
+    notes.append(other_host_note(small))
     notes.append(swap_note())
     notes.append(grammar_fill_note())
     return (
@@ -398,6 +399,26 @@ def vocabulary_note(runs: dict) -> str:
         )
         + ": the larger model's step leaves the host time to fill the masks beside it, the smaller one's does not"
     )
+
+
+def other_host_note(h200: dict | None) -> str:
+    """The same 1B cl100k-like run on another lent machine (an H100 box): what a slower host does to the ratios."""
+    other = load("structured_outputs_cl100k_h100.json")
+    if not other or not h200:
+        return ""
+    split, base = other["constrained_open"]["host_ms_per_step"], h200["constrained_open"]["host_ms_per_step"]
+    r = other["ratios"]
+    return (
+        f"the same run on an H100 machine, another host (`structured_outputs_cl100k_h100.json`, "
+        f"{other['provenance']['commit']}): {r['open']:.2f}x / {r['bounded']:.2f}x; its engine thread spends "
+        f"{split['engine_step']:.2f} ms a step against {unconstrained_step_ms(other):.2f} ms unconstrained, each "
+        f"phase {min(split[k] / base[k] for k in HOST_PHASES):.1f}-{max(split[k] / base[k] for k in HOST_PHASES):.1f}x "
+        f"the H200 host's; 8 mask threads against the default 4 there: {r['open_threads8']:.2f}x / "
+        f"{r['bounded_threads8']:.2f}x"
+    )
+
+
+HOST_PHASES = ("forward_launch", "fill", "sample_launch", "engine_step")
 
 
 def swap_note() -> str:
