@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from benchmarks.sampling_kernel import kernel_uniforms
-from miniserve.engine.sampler import SamplingBatch, race_applies, sample
+from miniserve.engine import sampler as sampler_module
+from miniserve.engine.sampler import SamplingBatch, apply_token_bitmask, draw_noise, race_applies, sample
 from miniserve.kernels.sampling import BLOCK, MAX_CHUNKS, covers, gumbel_argmax, gumbel_argmax_reference
 from miniserve.sampling_params import SamplingParams
 
@@ -128,6 +129,91 @@ def test_sample_uses_the_race_when_the_batch_has_its_temperatures():
     assert torch.equal(first, gumbel_argmax(logits, batch.race_temperature, race_seed))
 
 
+def random_bitmask(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """xgrammar's layout, int32 [rows, ceil(vocab / 32)], random bits (bit 31 included); row 1 allows nothing."""
+    g = torch.Generator().manual_seed(seed)
+    words = torch.randint(-(2**31), 2**31, (rows, (vocab + 31) // 32), generator=g, dtype=torch.int64)
+    bitmask = words.to(torch.int32)
+    bitmask[1] = 0
+    return bitmask
+
+
+def allowed_by_bit(bitmask: torch.Tensor, row: int, token: int) -> bool:
+    """One bit read the slow way, as Python integers (the oracle for the masks)."""
+    return (int(bitmask[row, token // 32]) & 0xFFFFFFFF) >> (token % 32) & 1 == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [31, 32, 33, BLOCK + 40])
+def test_masked_argmax_is_the_torch_paths(dtype, vocab):
+    """A grammar's masks in the kernel: greedy rows get exactly what the torch path (unpack, mask, argmax) gives,
+    NaN and all, and a row that allows nothing gets index 0."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(4, vocab, generator=g).to(dtype)
+    logits[2, 3] = math.nan  # banned or not, as its bit says
+    logits[3, -1] = 100.0  # the last column
+    bitmask = random_bitmask(4, vocab, vocab)
+    want = apply_token_bitmask(logits.float(), bitmask).argmax(dim=-1)
+    got = gumbel_argmax(logits, None, 0, bitmask)
+    assert torch.equal(got, want) and got[1] == 0
+    for row in (0, 2, 3):
+        assert allowed_by_bit(bitmask, row, int(got[row]))
+    assert torch.equal(gumbel_argmax_reference(logits, None, None, bitmask), want)
+    with pytest.raises(ValueError, match="bitmask must be int32"):
+        gumbel_argmax(logits, None, 0, bitmask[:, :-1] if vocab > 32 else bitmask.to(torch.int64))
+
+
+@pytest.mark.parametrize("vocab", [37, BLOCK + 3])
+def test_masked_race_is_the_reference_and_draws_only_allowed_tokens(vocab):
+    temperature = torch.tensor([1.0, 0.7, 0.0, 2.0])
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(vocab)).to(torch.bfloat16)
+    bitmask = random_bitmask(4, vocab, vocab + 1)
+    for seed in (0, 5, 2**31 - 2):
+        uniforms = kernel_uniforms(4, vocab, seed, "cpu")
+        got = gumbel_argmax(logits, temperature, seed, bitmask)
+        assert torch.equal(got, gumbel_argmax_reference(logits, temperature, uniforms, bitmask)), seed
+        assert all(allowed_by_bit(bitmask, row, int(got[row])) for row in (0, 2, 3)) and got[1] == 0
+        assert got[2] == apply_token_bitmask(logits[2:3].float(), bitmask[2:3]).argmax()
+
+
+def test_sample_takes_grammar_masks_into_the_kernel(monkeypatch):
+    """A constrained batch that nothing else reshapes is sampled by the kernel, masks and all: greedy batches
+    give the torch path's tokens, a racing batch draws no noise ahead (the kernel draws its own) and gets the
+    kernel's draw; a seeded row, or a penalty, keeps the torch path and its noise drawn ahead."""
+    monkeypatch.setattr(sampler_module, "_fused", lambda logits: True)  # (the interpreter stands in for a GPU)
+    masks_in_kernel = []
+
+    def spy(logits, temperature, seed, bitmask=None):
+        masks_in_kernel.append(bitmask is not None)
+        return gumbel_argmax(logits, temperature, seed, bitmask)
+
+    monkeypatch.setattr(sampler_module, "gumbel_argmax", spy)
+    vocab = 70
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(1))
+    bitmask = random_bitmask(3, vocab, 2)
+    bitmask[1] = -1  # row 1 allows everything here
+
+    def batch(ps: list[SamplingParams], generators: list | None = None) -> SamplingBatch:
+        b = SamplingBatch.build(ps, generators or [None] * 3, [[1]] * 3, [[2]] * 3, {0}, vocab, "cpu")
+        return replace(b, token_bitmask=bitmask)
+
+    greedy = batch([params(temperature=0.0)] * 3)
+    assert torch.equal(sample(logits, greedy).token_ids, apply_token_bitmask(logits.clone(), bitmask).argmax(-1))
+    racing = batch([params(temperature=0.8)] * 3)
+    racing.race_temperature = torch.full((3,), 0.8)  # as a batch built for a GPU carries
+    assert draw_noise(racing) is None
+    torch.manual_seed(3)
+    got = sample(logits, racing).token_ids
+    seed = int(torch.randint(2**31 - 1, (1,), generator=torch.Generator().manual_seed(3)).item())
+    assert torch.equal(got, gumbel_argmax(logits, racing.race_temperature, seed, bitmask))
+    assert all(allowed_by_bit(bitmask, row, int(got[row])) for row in range(3))
+    assert masks_in_kernel == [True, True]
+    penalized = replace(racing, banned=(torch.tensor([0]), torch.tensor([5])))
+    assert draw_noise(penalized) is not None  # the torch path, with its noise drawn ahead
+    seeded = batch([params(temperature=0.8)] * 3, [torch.Generator().manual_seed(0), None, None])
+    assert seeded.race_temperature is None and draw_noise(seeded) is not None
+
+
 def test_the_gpu_check_script_runs_in_the_interpreter():
     """benchmarks/sampling_kernel.py's checks on tiny shapes (so the GPU script cannot rot): no disagreement with
     torch.argmax or with the reference. (Its chi-square needs more draws than the interpreter makes quickly: the
@@ -137,3 +223,5 @@ def test_the_gpu_check_script_runs_in_the_interpreter():
     cpu = torch.device("cpu")
     assert all(r["mismatches"] == 0 for r in sampling_kernel.check_argmax(cpu, [(3, BLOCK + 9)]))
     assert all(r["mismatches"] == 0 for r in sampling_kernel.check_race(cpu, [(3, 700)]))
+    masked = sampling_kernel.check_masked(cpu, [(3, 700)])
+    assert all(r["greedy_mismatches"] == r["race_mismatches"] == r["banned_draws"] == 0 for r in masked)

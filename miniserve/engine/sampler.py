@@ -78,7 +78,18 @@ class SamplingBatch:
     @property
     def reshaped(self) -> bool:
         """Something changes the raw logits before the argmax: the above, or logit_bias, or allowed_token_ids."""
-        return self.penalized or self.logit_bias is not None or self.allowed is not None
+        return self.reshaped_beyond_mask or self.token_bitmask is not None
+
+    @property
+    def reshaped_beyond_mask(self) -> bool:
+        """Something besides a grammar's mask changes the logits (the fused kernel applies masks only)."""
+        return (
+            self.repetition_penalty is not None
+            or self.output_counts is not None
+            or self.banned is not None
+            or self.logit_bias is not None
+            or self.allowed is not None
+        )
 
     @classmethod
     def build(
@@ -364,10 +375,17 @@ def random_uniform(batch: SamplingBatch, shape: tuple[int, ...] = ()) -> torch.T
 
 
 def draw_noise(batch: SamplingBatch) -> torch.Tensor | None:
-    """The noise `sample` would draw for `batch` (None: every row is greedy), drawn ahead: the decoder launches it
-    while the host fills a step's grammar masks and passes it to `sample` (seeded rows' draws are as many and in
-    the same order, so the samples do not change)."""
-    return None if batch.all_greedy else _exponential(batch, batch.vocab_size)
+    """The noise `sample` would draw for `batch` (None: every row is greedy, or the fused race draws its own),
+    drawn ahead: the decoder launches it while the host fills a step's grammar masks and passes it to `sample`
+    (seeded rows' draws are as many and in the same order, so the samples do not change)."""
+    return None if batch.all_greedy or races(batch) else _exponential(batch, batch.vocab_size)
+
+
+def races(batch: SamplingBatch) -> bool:
+    """`sample` draws this batch with the fused race (kernels/sampling.py), grammar masks and all."""
+    return (
+        batch.race_temperature is not None and not batch.reshaped_beyond_mask and covers(batch.size, batch.vocab_size)
+    )
 
 
 def _exponential(batch: SamplingBatch, width: int) -> torch.Tensor:
@@ -393,9 +411,12 @@ def sample_from_probs(probs: torch.Tensor, batch: SamplingBatch, noise: torch.Te
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """Each row's argmax (int64 [B]), torch.argmax's rules; on a GPU in two small launches (kernels/sampling.py),
     where torch's reduction over a 128k vocabulary took 28 us at batch 1 (`profile_decode_llama1b_b1_h200.json`)."""
-    if logits.is_cuda and triton_installed() and covers(*logits.shape):
-        return gumbel_argmax(logits, None, 0)
-    return logits.argmax(dim=-1)
+    return gumbel_argmax(logits, None, 0) if _fused(logits) else logits.argmax(dim=-1)
+
+
+def _fused(logits: torch.Tensor) -> bool:
+    """kernels/sampling.py can take these logits: a GPU with Triton, within the kernel's bounds."""
+    return logits.is_cuda and triton_installed() and covers(*logits.shape)
 
 
 def race_seed() -> int:
@@ -412,10 +433,12 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, noise: torch.Tensor | Non
     cannot change."""
     if batch.all_greedy and not batch.reshaped:
         token_ids = argmax(logits)  # nothing reshapes the logits: skip the copy
+    elif batch.all_greedy and not batch.reshaped_beyond_mask and _fused(logits):  # the same bits, two launches
+        token_ids = gumbel_argmax(logits, None, 0, batch.token_bitmask)
     elif batch.all_greedy:
         token_ids = apply_penalties_and_filters(logits, batch).argmax(dim=-1)
-    elif batch.race_temperature is not None and not batch.reshaped and noise is None and covers(*logits.shape):
-        token_ids = gumbel_argmax(logits, batch.race_temperature, race_seed())  # kernels/sampling.py
+    elif noise is None and races(batch):
+        token_ids = gumbel_argmax(logits, batch.race_temperature, race_seed(), batch.token_bitmask)
     else:
         token_ids = sample_from_probs(probs(logits, batch), batch, noise)
     if batch.max_num_logprobs is None:

@@ -9,6 +9,10 @@ the same way, argmax(logits / T - log E), and the softmax's normalisation is the
 so this kernel reads the logits once, adds Gumbel noise -log(-log U) drawn on the fly (Philox, `tl.rand`), and
 keeps each chunk's best; a second launch picks each row's best chunk.
 
+A grammar's packed masks (structured outputs) are applied as the logits are read, a 32-bit word per 32 tokens, so
+a constrained step costs the same two launches, where torch unpacked the bits into a [B, V] mask and made an fp32
+copy to fill.
+
 Greedy rows (and every row when `temperature` is None) take the plain argmax, with torch.argmax's rules: the first
 index of the largest value, and NaN outranks every number. The noise is not the torch path's (its own generator,
 seeded per call), so the sampled tokens are a different draw from the same distribution; rows with their own
@@ -16,6 +20,8 @@ seed keep the torch path, whose draws depend only on that seed.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -30,15 +36,20 @@ MAX_CHUNKS = 256  # chunks a row may span (stage 2 reads them in one tile): voca
 
 
 def gumbel_argmax_reference(
-    logits: torch.Tensor, temperature: torch.Tensor | None, uniform: torch.Tensor
+    logits: torch.Tensor, temperature: torch.Tensor | None, uniform: torch.Tensor, bitmask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The kernel's rule with its uniforms U [B, V] given (int64 [B]): argmax(logits / T - log(-log U)) on rows
-    whose temperature is > 0, argmax(logits) on the others (temperature 0, or None for all)."""
+    whose temperature is > 0, argmax(logits) on the others (temperature 0, or None for all); with a grammar's
+    `bitmask` (int32 [B, >= V/32], bit j of word w = token 32w + j, set = allowed) the others score -inf."""
     scores = logits.float()
     if temperature is not None:
         t = temperature.float().unsqueeze(1)
         noisy = scores / t - torch.log(-torch.log(uniform))
         scores = torch.where(t > 0, noisy, scores)
+    if bitmask is not None:
+        cols = torch.arange(scores.shape[1], device=scores.device)
+        allowed = (bitmask[:, cols // 32] >> (cols % 32)) & 1  # (arithmetic shift: bit 31 reads 1 as well)
+        scores = scores.masked_fill(allowed == 0, -math.inf)
     return scores.argmax(dim=-1)
 
 
@@ -47,25 +58,39 @@ def covers(rows: int, vocab: int) -> bool:
     return rows * vocab < 2**31 and vocab <= MAX_CHUNKS * BLOCK
 
 
-def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor | None, seed: int) -> torch.Tensor:
+def gumbel_argmax(
+    logits: torch.Tensor, temperature: torch.Tensor | None, seed: int, bitmask: torch.Tensor | None = None
+) -> torch.Tensor:
     """One token per row (int64 [B]) of `logits` [B, V] (fp32, bf16 or fp16, unit stride along V): rows with
     temperature T > 0 drawn from softmax(logits / T) with noise from `seed`, the others their argmax. temperature:
-    float32 [B] (0 marks a greedy row) or None (every row greedy)."""
+    float32 [B] (0 marks a greedy row) or None (every row greedy). `bitmask`: a grammar's packed masks (xgrammar's
+    int32 [B, >= ceil(V/32)], set = allowed): the kernel reads a row's word per 32 logits and rules out the rest,
+    so a constrained step is sampled in the same two launches (a row allowing nothing gets index 0, as torch's
+    argmax over -inf)."""
     rows, vocab = logits.shape
     if not covers(rows, vocab):
         raise ValueError(f"gumbel_argmax covers at most 2^31 logits and {MAX_CHUNKS * BLOCK} a row, got {rows}x{vocab}")
+    if bitmask is not None and (
+        bitmask.dtype != torch.int32 or bitmask.shape[0] != rows or 32 * bitmask.shape[1] < vocab
+    ):
+        raise ValueError(
+            f"bitmask must be int32 [{rows}, >= {triton.cdiv(vocab, 32)}], got {bitmask.dtype} {tuple(bitmask.shape)}"
+        )
     chunks = triton.cdiv(vocab, BLOCK)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
+    if bitmask is not None and bitmask.stride(1) != 1:
+        bitmask = bitmask.contiguous()
     best = torch.empty(rows, chunks, dtype=torch.float32, device=logits.device)
     where = torch.empty(rows, chunks, dtype=torch.int32, device=logits.device)
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows == 0:
         return out
     sampled = temperature is not None
+    masked = bitmask is not None
     _chunk_best_kernel[(rows, chunks)](
-        logits, logits.stride(0), temperature if sampled else best, seed, best, where, vocab, chunks,
-        SAMPLED=sampled, BLOCK=BLOCK,
+        logits, logits.stride(0), temperature if sampled else best, seed, bitmask if masked else where,
+        bitmask.stride(0) if masked else 0, best, where, vocab, chunks, SAMPLED=sampled, MASKED=masked, BLOCK=BLOCK,
     )  # fmt: skip
     _row_best_kernel[(rows,)](best, where, out, chunks, CHUNKS_POW2=triton.next_power_of_2(chunks))
     return out
@@ -91,11 +116,14 @@ if triton is not None:
         stride_row,
         temperature_ptr,
         seed,
+        bitmask_ptr,
+        stride_mask,
         best_ptr,
         where_ptr,
         vocab,
         chunks,
         SAMPLED: tl.constexpr,
+        MASKED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0)
@@ -108,6 +136,9 @@ if triton is not None:
             if t > 0:
                 u = tl.rand(seed, row * vocab + cols)  # [0, 1): u = 0 gives -inf noise, a token that cannot win
                 scores = scores / t - tl.log(-tl.log(u))
+        if MASKED:  # a grammar's word per 32 tokens (the loads of one word are merged): its bit rules a token in
+            words = tl.load(bitmask_ptr + row.to(tl.int64) * stride_mask + cols // 32, mask=valid, other=0)
+            scores = tl.where(((words >> (cols % 32)) & 1) != 0, scores, float("-inf"))
         value, first = _first_best(scores, cols, valid)
         tl.store(best_ptr + row * chunks + chunk, value)
         tl.store(where_ptr + row * chunks + chunk, first)
