@@ -67,6 +67,34 @@ def test_steps_that_need_their_history_overlap_and_equal_stepwise_decoding(llama
     assert_idle(engine)
 
 
+def test_a_bad_word_of_several_tokens_is_banned_while_steps_overlap(llama_dir):
+    """A bad word spelled by several tokens has no ban until its first tokens are out: the overlapped steps must
+    still rebuild the batch when they come (they reused the batch built without a ban, and the word came out)."""
+    from miniserve.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(llama_dir)
+    prompt = mixed_prompts(3)[2]
+    plain_params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    (plain,), _ = generate(llama_dir, [prompt], plain_params, async_scheduling=False)
+    ids = plain[0][0]
+    # two generated tokens that spell a word only as that pair (no single-token spelling to ban at every step)
+    word, pair = next(
+        (w, ids[i : i + 2])
+        for i in range(2, len(ids) - 1)
+        for w in [tok.decode(ids[i : i + 2]).strip()]
+        if w
+        and " " not in w
+        and ids[i : i + 2] in (tok.encode(w, False), tok.encode(" " + w, False))
+        and all(len(tok.encode(v, False)) > 1 for v in (w, " " + w))
+    )
+    params = replace(plain_params, bad_words=[word])
+    (want,), _ = generate(llama_dir, [prompt], params, async_scheduling=False)
+    (got,), engine = generate(llama_dir, [prompt], params)
+    assert got == want and engine.decoder.num_overlapped_steps > 0
+    out = got[0][0]
+    assert out != ids and not any(out[i : i + 2] == pair for i in range(len(out) - 1)), word
+
+
 @pytest.mark.parametrize("background", [False, True])
 def test_grammar_constrained_steps_overlap_and_equal_stepwise_decoding(background, monkeypatch):
     """A grammar's mask for step N+1 needs step N's token: it is filled after reading step N, while step N+1's

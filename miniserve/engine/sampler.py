@@ -59,6 +59,7 @@ class SamplingBatch:
     allowed: torch.Tensor | None = None  # bool [B, V]: False where allowed_token_ids rules a token out
     token_bitmask: torch.Tensor | None = None  # int32 [B, ceil(V/32)] grammar masks (bit set = allowed)
     race_temperature: torch.Tensor | None = None  # float32 [B], 0 on greedy rows: set when the fused race applies
+    awaits_bans: bool = False  # a row has a bad word of several tokens: its ban comes when the others are out
 
     @property
     def size(self) -> int:
@@ -66,10 +67,12 @@ class SamplingBatch:
 
     @property
     def penalized(self) -> bool:
-        """Some row's logits depend on its output so far: penalties, a ban (min_tokens, bad words), a grammar's
-        mask. (A step launched before the previous one is read cannot build them: overlapped steps skip these.)"""
+        """Some row's logits depend on its output so far: penalties, a ban (min_tokens, bad words; or a bad word's
+        ban still to come), a grammar's mask. (A step launched before the previous one is read cannot build them:
+        overlapped steps rebuild these after reading it.)"""
         return (
-            self.repetition_penalty is not None
+            self.awaits_bans
+            or self.repetition_penalty is not None
             or self.output_counts is not None
             or self.banned is not None
             or self.token_bitmask is not None
@@ -148,6 +151,7 @@ class SamplingBatch:
             logit_bias=_logit_bias(params, device),
             allowed=_allowed_mask(params, vocab_size, device),
             token_bitmask=token_bitmask,
+            awaits_bans=any(len(word) > 1 for p in params for word in p.bad_words_token_ids or ()),
         )
         if race_applies(batch):
             batch.race_temperature = column([0.0 if g else t for t, g in zip(temperature, greedy)])
