@@ -132,6 +132,18 @@ def test_a_stop_string_before_min_tokens_does_not_stop_and_one_after_does():
     assert outcome(seq) == ([ord(c) for c in "abcb"], "abc", "stop", "b")
 
 
+@pytest.mark.parametrize("path", [dict(), dict(output_kind="final_only")])
+def test_stop_strings_count_from_the_token_after_min_tokens(path):
+    """vLLM checks stop strings only once more than min_tokens tokens are out: one ending in the min_tokens-th
+    token's text does not stop (exact fit), one ending in the next does, even if it began before."""
+    processor, (seq,) = setup(SamplingParams(max_tokens=20, stop=["c"], min_tokens=3, **path))
+    feed(processor, seq, "abcdc")
+    assert outcome(seq) == ([ord(c) for c in "abcdc"], "abcd", "stop", "c")
+    processor, (seq,) = setup(SamplingParams(max_tokens=20, stop=["cd"], min_tokens=3, **path))
+    feed(processor, seq, "abcde")
+    assert outcome(seq) == ([ord(c) for c in "abcd"], "ab", "stop", "cd")
+
+
 def test_text_held_by_the_detokenizer_comes_out_at_the_end():
     for params in (SamplingParams(max_tokens=2), SamplingParams(max_tokens=2, output_kind="final_only")):
         processor, (seq,) = setup(params)
@@ -151,8 +163,8 @@ def test_a_stop_string_in_held_text_stops_at_its_token(keep):
     processor, (seq,) = setup(SamplingParams(max_tokens=9, stop=["~"], include_stop_str_in_output=keep))
     feed(processor, seq, ["a", HELD, "b"])
     assert outcome(seq) == ([ord("a"), HELD], "a~" if keep else "a", "stop", "~")
-    processor, (seq,) = setup(SamplingParams(max_tokens=9, stop=["~"], min_tokens=4))
-    feed(processor, seq, ["a", HELD, "b", HELD, "c"])  # the first "~" comes before min_tokens
+    processor, (seq,) = setup(SamplingParams(max_tokens=9, stop=["~"], min_tokens=3))
+    feed(processor, seq, ["a", HELD, "b", HELD, "c"])  # the first "~" comes out with the 3rd token: not checked
     assert outcome(seq) == ([ord("a"), HELD, ord("b"), HELD], "a~b", "stop", "~")
 
 

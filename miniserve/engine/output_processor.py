@@ -163,7 +163,7 @@ class OutputProcessor:
             seq.stop_state, match = matcher.feed(seq.stop_state, delta)
         if on_token:  # EOS or a stop token id (_ends_on_token, decided once by _text_and_stops)
             return self._finish(seq, "stop", None if _is_eos(seq, token, self.eos_token_ids) else token)
-        if match is not None and seq.num_output_tokens >= p.min_tokens:
+        if match is not None and seq.num_output_tokens > p.min_tokens:  # (vLLM: text after min_tokens tokens)
             last, stop = match  # `stop` ends at delta[last]
             end = len(seq.text) - len(delta) + last + 1
             seq.text = seq.text[: end if p.include_stop_str_in_output else end - len(stop)]
@@ -394,7 +394,7 @@ def _ends_on_token(seq: Sequence, token: int, eos_token_ids: set[int]) -> bool:
 def _held_stop_text(seq: Sequence, detok: IncrementalDetokenizer, matcher: StopMatcher | None) -> str:
     """The text the detokenizer holds back (byte tokens: a run may still turn into U+FFFD) when a stop string
     ends in it: the sequence stops now, as vLLM's would, with the text as it decodes now. Else ""."""
-    if matcher is None or seq.num_output_tokens < seq.params.min_tokens:
+    if matcher is None or seq.num_output_tokens <= seq.params.min_tokens:
         return ""
     held = detok.pending()
     return held if held and matcher.feed(seq.stop_state, held)[1] is not None else ""
