@@ -128,10 +128,17 @@ def penalties_oracle(logits, params, prompts, outputs, eos):
 
 
 def allowed_oracle(logits_row: np.ndarray, p: SamplingParams, slack: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
-    """numpy: the distribution after temperature, top-k, top-p, min-p, plus a slightly looser allowed set."""
+    """numpy: the distribution after temperature, min-p, top-k, top-p (vLLM's order), plus a slightly looser
+    allowed set."""
     x = logits_row.astype(np.float64) / p.temperature
     keep = np.ones_like(x, dtype=bool)
     loose = np.ones_like(x, dtype=bool)
+    if p.min_p > 0.0:  # of the whole tempered distribution
+        e = np.exp(x - x.max())
+        e /= e.sum()
+        keep &= e >= p.min_p * e.max()
+        loose &= e >= p.min_p * e.max() * (1.0 - slack)
+        x = np.where(loose, x, -np.inf)
     if p.top_k > 0:
         kth = np.sort(x)[::-1][p.top_k - 1]
         keep &= x >= kth
@@ -147,12 +154,6 @@ def allowed_oracle(logits_row: np.ndarray, p: SamplingParams, slack: float = 1e-
         loose_sorted[0] = True
         keep[order[~keep_sorted]] = False
         loose[order[~loose_sorted]] = False
-    if p.min_p > 0.0:
-        for mask in (keep, loose):
-            e = np.where(mask, np.exp(x - x[mask].max()), 0.0)
-            e /= e.sum()
-            factor = 1.0 if mask is keep else 1.0 - slack
-            mask &= e >= p.min_p * e.max() * factor
     dist = np.where(keep, np.exp(x - x[keep].max()), 0.0)
     return dist / dist.sum(), loose
 
@@ -180,6 +181,19 @@ def test_greedy_equals_argmax_after_penalties():
     # a greedy row inside a random batch is still the argmax
     mixed = build(params[:3] + [SamplingParams(temperature=1.0)] * 3, outputs=outputs, eos=eos)
     assert torch.equal(sample(logits, mixed).token_ids[:3], logits[:3].argmax(dim=-1))
+
+
+def test_min_p_comes_before_top_p_and_top_k_keeps_ties_as_in_vllm():
+    """vLLM's order: min-p of the whole tempered distribution, then top-k, then top-p; top-k keeps every token tied
+    with the k-th. Worked by hand: p = (.5, .3, .2), min_p .5 drops .2 (below .25), top_p .6 of the rest (.625, .375)
+    keeps the first only (the reverse order kept two); logits (2, 1, 1, 0) with top_k 2 keep three tokens."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    batch = SamplingBatch.build([SamplingParams(min_p=0.5, top_p=0.6)], [None], [[0]], [[]], set(), 3, "cpu")
+    assert probs(logits, batch).tolist() == [[1.0, 0.0, 0.0]]
+    logits = torch.tensor([[2.0, 1.0, 1.0, 0.0]])
+    batch = SamplingBatch.build([SamplingParams(top_k=2)], [None], [[0]], [[]], set(), 4, "cpu")
+    e = [math.exp(2.0), math.exp(1.0), math.exp(1.0)]
+    assert probs(logits, batch)[0].tolist() == pytest.approx([v / sum(e) for v in e] + [0.0])
 
 
 FILTERS = [

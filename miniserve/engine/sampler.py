@@ -304,7 +304,7 @@ def _token_counts(histories: dict[int, list[int]], rows: int, vocab_size: int, d
 
 def apply_penalties_and_filters(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Token masks (allowed_token_ids), logit_bias, penalties, min_tokens/bad-word bans, the grammar mask,
-    temperature, then top-k, top-p, min-p; returns a new float32 tensor."""
+    temperature, then min-p, top-k, top-p (vLLM's order); returns a new float32 tensor."""
     if logits.dim() != 2 or logits.shape[0] != batch.size:
         raise ValueError(f"logits must be [{batch.size}, vocab], got {tuple(logits.shape)}")
     if logits.shape[1] != batch.vocab_size:
@@ -332,21 +332,23 @@ def apply_penalties_and_filters(logits: torch.Tensor, batch: SamplingBatch) -> t
         apply_token_bitmask(logits, batch.token_bitmask)
     if batch.temperature is not None and not scaled:
         logits /= batch.temperature.unsqueeze(1)
-    if batch.top_k is not None or batch.top_p is not None:
-        logits = _top_k_top_p(logits, batch.top_k, batch.top_p)
-    if batch.min_p is not None:
+    if batch.min_p is not None:  # before top-k/top-p, as vLLM: min_p reads the whole tempered distribution
         probs = torch.softmax(logits, dim=-1)
         threshold = batch.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
         logits = logits.masked_fill(probs < threshold, -math.inf)
+    if batch.top_k is not None or batch.top_p is not None:
+        logits = _top_k_top_p(logits, batch.top_k, batch.top_p)
     return logits
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
-    """Keep each row's k largest logits, then the smallest prefix whose probability mass reaches top_p."""
+    """Keep each row's k largest logits (and any tied with the k-th, as vLLM), then the smallest prefix whose
+    probability mass reaches top_p."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     positions = torch.arange(logits.shape[1], device=logits.device)
     if top_k is not None:
-        sorted_logits = sorted_logits.masked_fill(positions >= top_k.unsqueeze(1), -math.inf)
+        kth = sorted_logits.gather(1, (top_k - 1).unsqueeze(1))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, -math.inf)
     if top_p is not None:
         sorted_probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
