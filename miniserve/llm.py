@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import numbers
+import operator
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
+from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from miniserve.config import EngineConfig
@@ -43,7 +47,7 @@ class LLM:
         self,
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = True,
+        use_tqdm: bool | Callable[..., Any] = True,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in prompt order.
 
@@ -68,9 +72,9 @@ class LLM:
         self,
         messages: list[dict] | list[list[dict]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = True,
-        add_generation_prompt: bool = True,
+        use_tqdm: bool | Callable[..., Any] = True,
         *,
+        add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         tools: list[dict] | None = None,
         chat_template: str | None = None,
@@ -80,7 +84,7 @@ class LLM:
         arguments: `tools` reach the template, `chat_template` replaces the model's, `chat_template_kwargs` become
         template variables such as `enable_thinking`, `continue_final_message` continues the last assistant
         message instead of starting a new one). Tool calls stay in the output text, as in vLLM's offline API."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        conversations = _as_conversations(messages)
         for c in conversations:
             last_role = c[-1].get("role", "") if c else ""
             check_chat_options(add_generation_prompt, continue_final_message, chat_template_kwargs, last_role)
@@ -92,9 +96,9 @@ class LLM:
         ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, request_ids: list[str], use_tqdm: bool | Callable[..., Any]) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm)
+        bar = _progress(use_tqdm, len(request_ids))
         try:
             while len(results) < len(request_ids):
                 for out in self.engine.step():
@@ -110,25 +114,44 @@ class LLM:
         return [results[rid] for rid in request_ids]
 
 
+PROMPTS_ERROR = "prompts must be a string, a list of token ids, a prompt dict, or a list of those"
+
+
 def _as_prompt_list(prompts) -> list:
     if isinstance(prompts, (str, dict)):
         return [_unwrap(prompts)]
+    if not isinstance(prompts, Iterable):
+        raise ValueError(f"{PROMPTS_ERROR}, got {type(prompts).__name__}")
     prompts = list(prompts)
-    if prompts and all(isinstance(t, int) for t in prompts):
-        return [prompts]  # one prompt given as token ids
+    if prompts and all(_is_token(t) for t in prompts):
+        return [_token_ids(prompts)]  # one prompt given as token ids (a list, a numpy array, a tensor)
     return [_unwrap(p) for p in prompts]
 
 
 def _unwrap(prompt):
     if isinstance(prompt, dict):
         if "prompt_token_ids" in prompt:
-            return list(prompt["prompt_token_ids"])
+            return _token_ids(prompt["prompt_token_ids"])
         if "prompt" in prompt:
             return prompt["prompt"]
         raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-    if not isinstance(prompt, (str, list, tuple)):
+    if isinstance(prompt, str):
+        return prompt
+    if not isinstance(prompt, Iterable):
         raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-    return list(prompt) if isinstance(prompt, tuple) else prompt
+    return _token_ids(prompt)
+
+
+def _is_token(value) -> bool:
+    """An integer token id: an int, or a numpy or torch integer (bool is not one)."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.is_floating_point() and value.dtype != torch.bool
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # (numpy's integers are Integral)
+
+
+def _token_ids(values) -> list:
+    """Token ids as Python ints; anything else stays as it is, for the engine to refuse by name."""
+    return [operator.index(t) if _is_token(t) else t for t in values]
 
 
 def _as_params_list(params, n: int) -> list[SamplingParams]:
@@ -136,7 +159,29 @@ def _as_params_list(params, n: int) -> list[SamplingParams]:
         return [SamplingParams()] * n
     if isinstance(params, SamplingParams):
         return [params] * n
+    if not isinstance(params, Iterable) or isinstance(params, (str, dict)):
+        raise ValueError(f"sampling_params must be a SamplingParams or a list of them, got {type(params).__name__}")
     params = list(params)
+    wrong = next((p for p in params if not isinstance(p, SamplingParams)), None)
+    if wrong is not None:
+        raise ValueError(f"sampling_params must be a SamplingParams or a list of them, got a {type(wrong).__name__}")
     if len(params) != n:
         raise ValueError(f"got {len(params)} sampling_params for {n} prompts")
     return params
+
+
+def _as_conversations(messages) -> list[list[dict]]:
+    """One conversation (a list of message dicts) or a list of them."""
+    if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
+        return [messages]
+    if isinstance(messages, list) and all(
+        isinstance(c, list) and all(isinstance(m, dict) for m in c) for c in messages
+    ):
+        return messages
+    raise ValueError(f"messages must be a list of message dicts or a list of such lists, got {type(messages).__name__}")
+
+
+def _progress(use_tqdm: bool | Callable[..., Any], total: int) -> Any:
+    """vLLM's use_tqdm: True, False, or a tqdm-like class to make the bar with."""
+    make = use_tqdm if callable(use_tqdm) else tqdm
+    return make(total=total, desc="Generating", disable=not use_tqdm)

@@ -326,6 +326,43 @@ def test_chat_and_string_prompts(llama_dir):
     assert text_out.outputs[0].text == tok.decode(text_out.outputs[0].token_ids)
 
 
+def test_prompts_and_params_in_every_shape_and_clear_errors_for_the_rest(llama_dir):
+    """Token ids as numpy or torch integers are token ids; a wrong type of prompts, params or messages is a
+    ValueError that names the argument (not a TypeError from deep inside); use_tqdm may be a tqdm-like class."""
+    import numpy as np
+
+    llm = make_llm(llama_dir)
+    ids = [5, 9, 13]
+    want = llm.generate([ids], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    for same in (np.array(ids), torch.tensor(ids), [np.int64(t) for t in ids], {"prompt_token_ids": np.array(ids)}):
+        out = llm.generate(same, GREEDY, use_tqdm=False)
+        assert len(out) == 1 and out[0].prompt_token_ids == ids and out[0].outputs[0].token_ids == want
+    assert [o.outputs[0].token_ids for o in llm.generate(np.array([ids, ids]), GREEDY, use_tqdm=False)] == [want] * 2
+    for bad, name in ((None, "prompts"), (123, "prompts"), ([1.5, 2.5], "prompt"), ([[1.5]], "token")):
+        with pytest.raises(ValueError, match=name):
+            llm.generate(bad, GREEDY, use_tqdm=False)
+    for bad in ({"max_tokens": 3}, [{"max_tokens": 3}], "greedy"):
+        with pytest.raises(ValueError, match="sampling_params must be a SamplingParams"):
+            llm.generate("a", bad, use_tqdm=False)
+    for bad in ("hello", [{"role": "user", "content": "a"}, "b"], None):
+        with pytest.raises(ValueError, match="messages must be"):
+            llm.chat(bad, GREEDY, use_tqdm=False)
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, disable):
+            bars.append(total)
+
+        def update(self, n):
+            bars.append(n)
+
+        def close(self):
+            bars.append("closed")
+
+    llm.generate(["a", "b"], GREEDY, use_tqdm=Bar)
+    assert bars == [2, 1, 1, "closed"]
+
+
 def test_chat_takes_vllms_template_arguments(llama_dir):
     """LLM.chat's tools, chat_template, chat_template_kwargs and continue_final_message reach the template (read
     back from the prompt's text); the template's own inputs cannot be set through chat_template_kwargs."""

@@ -120,7 +120,10 @@ class LLMEngine:
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
-            text, ids = None, [int(t) for t in prompt]
+            text, ids = None, list(prompt)
+            wrong = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool)), None)
+            if wrong is not None:  # (int() would have made 1.5 a token 1)
+                raise ValueError(f"prompt token ids must be integers, got {wrong!r}")
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"prompt token id {bad[0]} is out of range [0, {self.vocab_size})")
