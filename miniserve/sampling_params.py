@@ -7,6 +7,7 @@ miniserve, so any layer may import it without pointing up.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -108,10 +109,17 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | None = None  # a grammar the output follows (JSON schema, regex...)
     # a request's own prefix-cache namespace: only requests with the same salt share cached KV blocks
     cache_salt: str | None = None
+    # vLLM's, for slow tokenizers only: fast ones (every one here) never put spaces between special tokens
+    spaces_between_special_tokens: bool = True
+    logits_processors: list | None = None  # vLLM's per-request processors: not supported (None or [] only)
     # bad_words as token-id sequences (each word with and without a leading space), set by the engine
     bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if self.spaces_between_special_tokens is not True:
+            raise ValueError("spaces_between_special_tokens: only True (the default) is supported")
+        if self.logits_processors:
+            raise ValueError("logits_processors: per-request logits processors are not supported")
         _check_int("n", self.n, low=1)
         _check_number("temperature", self.temperature, low=0.0)
         _check_number("top_p", self.top_p, low=0.0, low_open=True, high=1.0)
@@ -172,6 +180,10 @@ class SamplingParams:
     def penalized(self) -> bool:
         """Some penalty reshapes the logits from the token history."""
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def clone(self) -> SamplingParams:
+        """A deep copy (vLLM's): the engine fills some fields in (bad_words_token_ids), so reuse needs its own."""
+        return copy.deepcopy(self)
 
     @property
     def needs_history(self) -> bool:

@@ -70,7 +70,19 @@ BAD_VALUES = [
     ("structured_outputs", {"json": {}}),
     ("bad_words_token_ids", [[]]), ("bad_words_token_ids", [["a"]]),
     ("cache_salt", ""), ("cache_salt", 5),
+    ("spaces_between_special_tokens", False), ("logits_processors", [lambda ids, logits: logits]),
 ]  # fmt: skip
+
+
+def test_vllms_fields_and_helpers_that_do_nothing_new():
+    """spaces_between_special_tokens=True and empty logits_processors are accepted (vLLM code passes them); clone()
+    is a deep copy; CompletionOutput.finished()."""
+    from miniserve.engine.outputs import CompletionOutput
+
+    p = SamplingParams(spaces_between_special_tokens=True, logits_processors=[], stop=["x"], bad_words=["a"])
+    q = p.clone()
+    assert q == p and q is not p and q.stop is not p.stop and q.bad_words is not p.bad_words
+    assert not CompletionOutput(0, "", []).finished() and CompletionOutput(0, "", [], "stop").finished()
 
 
 @pytest.mark.parametrize(("field", "value"), BAD_VALUES)

@@ -15,6 +15,9 @@ class CompletionOutput:
     logprobs: list[dict[int, float]] | None = None  # per token: top-N {token_id: logprob} plus the sampled one
     cumulative_logprob: float | None = None
 
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
 
 @dataclass
 class RequestOutput:
