@@ -40,7 +40,7 @@ def fake_core(config, commands, outputs, step_ms: float = 6.0) -> None:
     commands, outputs = FrameReader(commands[0]), FrameWriter(outputs[0])
     vocab = Tokenizer.from_pretrained(config.tokenizer or config.model).vocab_size
     info = {"max_model_len": 1 << 16, "vocab_size": vocab, "model_name": "fake", "eos_token_ids": []}
-    info["cache_config"] = {}
+    info["cache_config"], info["sampling_defaults"] = {}, {}
     outputs.send(("ready", info, {}))
     rng = random.Random(0)
     running: dict[str, list] = {}  # request id -> [params, tokens so far]

@@ -23,6 +23,7 @@ ATTENTION_BACKENDS = ("auto", "triton", "torch")
 FP8_DECODES = ("auto", "hw", "hw-staged")  # kernels/decode_attention.py FP8_DECODES that a user may pick
 DECODE_SPLITS = ("by-length", "by-batch")  # kernels/decode_attention.py split_tokens_for
 DEPENDENT_LAUNCHES = ("auto", "off")  # kernels/dependent_launch.py
+GENERATION_CONFIGS = ("auto", "vllm")  # models/generation_config.py
 MAX_SPECULATIVE_TOKENS = 15  # k+1 <= 16 tokens a sequence: engine/model_runner.py DECODE_QUERIES_MAX_LEN
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -105,6 +106,13 @@ class EngineConfig:
         "0 = half the CPUs, at most 4",
     )
     seed: int = setting(0, "seed of the RNG that requests without their own seed sample from")
+    generation_config: str = setting(
+        "auto",
+        "sampling defaults: auto = the model's generation_config.json (temperature, top_p, top_k, min_p, "
+        "repetition_penalty; max_new_tokens caps max_tokens) for LLM.generate without sampling params and for request "
+        "fields left unset, as vLLM; vllm = vLLM's own defaults",
+        GENERATION_CONFIGS,
+    )
     speculative_model: str | None = setting(
         None,
         "draft model directory for speculative decoding (same tokenizer); demo = the demo draft",

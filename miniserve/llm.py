@@ -35,6 +35,11 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a request without sampling params gets: the model's generation_config.json settings (vLLM's
+        generation_config="auto"), else SamplingParams()."""
+        return SamplingParams(**self.engine.sampling_defaults)
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt prefix: the next requests compute their prompts from scratch."""
         self.engine.reset_prefix_cache()
@@ -54,6 +59,8 @@ class LLM:
         A prompt is a string, a list of token ids, or {"prompt_token_ids": [...]} / {"prompt": "..."}.
         """
         prompts = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         # the caller sees finished requests only: the engine need not report (nor detokenize) every step
         params = [replace(p, output_kind="final_only") for p in _as_params_list(sampling_params, len(prompts))]
         ids = []
@@ -155,8 +162,6 @@ def _token_ids(values) -> list:
 
 
 def _as_params_list(params, n: int) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams()] * n
     if isinstance(params, SamplingParams):
         return [params] * n
     if not isinstance(params, Iterable) or isinstance(params, (str, dict)):

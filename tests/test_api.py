@@ -527,6 +527,28 @@ def test_chat_echo_continue_final_message_and_template_kwargs(client, url):
             assert r.status_code == 400 and err["param"] == "chat_template_kwargs" and key in err["message"], path
 
 
+def test_the_models_generation_config_fills_unset_fields_and_caps_max_tokens(model_dir, tmp_path, hf_model, hf_tok):
+    """vLLM's generation_config="auto": a field the request leaves unset takes generation_config.json's value
+    (top_k 1 here: greedy), one it sets keeps its own, and max_new_tokens caps max_tokens."""
+    import shutil
+
+    tuned = shutil.copytree(model_dir, tmp_path / "tuned")
+    (tuned / "generation_config.json").write_text(json.dumps({"top_k": 1, "temperature": 0.7, "max_new_tokens": 4}))
+    prompt = "What light through yonder window breaks?"
+    greedy = hf_greedy_processed(hf_model, hf_tok(prompt).input_ids, 4, lambda x: x)
+    with run_server(tuned, tmp_path / "server.log") as base:
+
+        def tokens(**fields) -> tuple[list[int], str]:
+            body = {"model": MODEL_NAME, "prompt": prompt, "ignore_eos": True, "return_token_ids": True, **fields}
+            choice = post(base, "/v1/completions", body).json()["choices"][0]
+            return choice["token_ids"], choice["finish_reason"]
+
+        assert tokens(max_tokens=50) == (greedy, "length")  # top_k 1 from the file, 4 tokens at most
+        assert tokens(max_tokens=2) == (greedy[:2], "length")
+        sampled, _ = tokens(max_tokens=50, top_k=-1, seed=1)  # the request's own top_k
+        assert len(sampled) == 4 and sampled != greedy
+
+
 # ---------------------------------------------------------------------------------------------- tool calls
 
 TOOLS = [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -361,6 +363,26 @@ def test_prompts_and_params_in_every_shape_and_clear_errors_for_the_rest(llama_d
 
     llm.generate(["a", "b"], GREEDY, use_tqdm=Bar)
     assert bars == [2, 1, 1, "closed"]
+
+
+def test_generation_config_sets_the_default_sampling_params(llama_dir, tmp_path):
+    """vLLM's generation_config="auto": LLM.generate without sampling params samples with generation_config.json's
+    settings (top_k 1: greedy; max_new_tokens: max_tokens); "vllm" ignores them; a bad value names the file."""
+    import shutil
+
+    tuned = shutil.copytree(llama_dir, tmp_path / "tuned")
+    (tuned / "generation_config.json").write_text(json.dumps({"top_k": 1, "temperature": 0.7, "max_new_tokens": 5}))
+    prompts = [[5, 9, 13], [7, 7, 2, 30]]
+    greedy = make_llm(llama_dir).generate(prompts, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    llm = make_llm(tuned)
+    assert llm.get_default_sampling_params() == SamplingParams(top_k=1, temperature=0.7, max_tokens=5)
+    for out, want in zip(llm.generate(prompts, use_tqdm=False), greedy):
+        assert out.outputs[0].token_ids == want.outputs[0].token_ids[: len(out.outputs[0].token_ids)]
+        assert len(out.outputs[0].token_ids) == 5 or out.outputs[0].finish_reason == "stop"
+    assert make_llm(tuned, generation_config="vllm").get_default_sampling_params() == SamplingParams()
+    (tuned / "generation_config.json").write_text(json.dumps({"top_p": 2.0}))
+    with pytest.raises(ValueError, match="generation_config.json: top_p"):
+        make_llm(tuned)
 
 
 def test_chat_takes_vllms_template_arguments(llama_dir):

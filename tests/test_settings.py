@@ -30,6 +30,7 @@ def sample(cls: type, f) -> object:
         "fp8_decode": "hw-staged",
         "decode_splits": "by-batch",
         "dependent_launch": "off",
+        "generation_config": "vllm",
         "log_level": "debug",
         "http_parser": "h11",
         "block_size": 32,

@@ -10,6 +10,7 @@ the models and their KV pools (model_runner.py), what runs when (scheduler/).
 from __future__ import annotations
 
 import itertools
+import logging
 import warnings
 from collections.abc import Callable
 
@@ -25,12 +26,15 @@ from miniserve.engine.outputs import RequestOutput
 from miniserve.engine.sampler import bad_words_token_ids, check_bad_words
 from miniserve.engine.stop_strings import StopMatcher, check_stop_strings
 from miniserve.engine.structured_output import GrammarCompiler
+from miniserve.models.generation_config import sampling_defaults
 from miniserve.sampling_params import SamplingParams
 from miniserve.scheduler.block_manager import BlockManager
 from miniserve.scheduler.scheduler import Scheduler
 from miniserve.scheduler.sequence import Sequence
 from miniserve.spec_decode.decoder import SpeculativeDecoder
 from miniserve.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger("miniserve.engine")
 
 
 class LLMEngine:
@@ -51,6 +55,7 @@ class LLMEngine:
         self.device = self.target.device
         self.max_model_len = capacity.max_model_len(config, self.workers)
         self.model_name = config.model.rstrip("/").split("/")[-1]
+        self.sampling_defaults = _sampling_defaults(config)
         self.vocab_size = self.target.model_config.vocab_size
         num_blocks = capacity.num_kv_blocks(config, self.workers, self.max_model_len)
         for worker in self.workers:
@@ -114,7 +119,7 @@ class LLMEngine:
             self.decoder.hold = LaunchHold(wait, max_batch)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
-        params = params or SamplingParams()
+        params = params or SamplingParams(**self.sampling_defaults)
         if request_id in self.outputs.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
@@ -251,3 +256,15 @@ def _load_draft(config: EngineConfig, target: ModelRunner) -> ModelRunner | None
             f"{draft.model_config.vocab_size}, the target has {target.model_config.vocab_size}"
         )
     return draft
+
+
+def _sampling_defaults(config: EngineConfig) -> dict[str, float | int]:
+    """The model's sampling defaults (models/generation_config.py), checked as SamplingParams checks a request's."""
+    defaults = sampling_defaults(config.model, config.generation_config)
+    try:
+        SamplingParams(**defaults)
+    except ValueError as exc:
+        raise ValueError(f"{config.model}/generation_config.json: {exc}") from None
+    if defaults:
+        logger.info("sampling defaults from the model's generation_config.json: %s", defaults)
+    return defaults

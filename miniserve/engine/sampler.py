@@ -119,7 +119,6 @@ class SamplingBatch:
         top_k = [min(p.top_k, vocab_size) if p.top_k > 0 and not g else vocab_size for p, g in zip(params, greedy)]
         top_p = [1.0 if g else float(p.top_p) for p, g in zip(params, greedy)]
         min_p = [0.0 if g else float(p.min_p) for p, g in zip(params, greedy)]
-
         rep = [float(p.repetition_penalty) for p in params]
         rep_rows = [i for i, r in enumerate(rep) if r != 1.0]
         seen = {i: prompt_ids[i] + output_ids[i] for i in rep_rows}

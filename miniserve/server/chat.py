@@ -35,7 +35,9 @@ async def create_chat_completion(request: Request) -> Response:
     top = (req.top_logprobs or 0) if req.logprobs else None
     budget_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     budget = state.token_budget(len(ids), req.token_budget(), "messages", budget_param)
-    params = sampling_params(req, budget, top, state.vocab_size, req.prompt_logprobs, structured)
+    params = sampling_params(
+        req, budget, top, state.vocab_size, req.prompt_logprobs, structured, defaults=state.sampling_defaults
+    )
     group = RequestGroup(state, f"chatcmpl-{uuid.uuid4().hex}", req.stream)
     await group.start([ids], [params], "messages")
     head = {

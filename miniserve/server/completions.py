@@ -40,6 +40,7 @@ async def create_completion(request: Request) -> Response:
             state.vocab_size,
             _prompt_logprobs(req),
             structured,
+            defaults=state.sampling_defaults,
         )
         for ids in prompt_ids
     ]

@@ -91,6 +91,7 @@ def _core_main(config: Any, commands: list[Any], outputs: list[Any]) -> None:
         "vocab_size": engine.vocab_size,
         "model_name": engine.model_name,
         "eos_token_ids": sorted(engine.outputs.eos_token_ids),  # the grammars' stop tokens (API-side compiles)
+        "sampling_defaults": engine.sampling_defaults,  # the model's generation_config.json (request_params.py)
         "cache_config": _cache_config(engine),
     }
     for w in writers:

@@ -21,14 +21,17 @@ def sampling_params(
     vocab_size: int,
     prompt_logprobs: int | None = None,
     structured: StructuredOutputsParams | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> SamplingParams:
     """SamplingParams for one prompt of `req`. With best_of > n the engine runs best_of choices (with logprobs,
-    for their cumulative logprob) and `pick_best` keeps n of them."""
+    for their cumulative logprob) and `pick_best` keeps n of them. `defaults` (the model's generation_config.json:
+    ServerState.sampling_defaults) fill the sampling fields the request leaves unset, as vLLM's do."""
+    defaults = defaults or {}
     best_of = req.best_of if req.best_of is not None and req.best_of > req.n else None
     kwargs: dict[str, Any] = {
         "n": best_of or req.n,
-        "temperature": 1.0 if req.temperature is None else req.temperature,
-        "top_p": 1.0 if req.top_p is None else req.top_p,
+        "temperature": defaults.get("temperature", 1.0) if req.temperature is None else req.temperature,
+        "top_p": defaults.get("top_p", 1.0) if req.top_p is None else req.top_p,
         "max_tokens": max_tokens,
         "min_tokens": req.min_tokens,
         "seed": req.seed,
@@ -52,9 +55,11 @@ def sampling_params(
         "structured_outputs": structured,
         "cache_salt": req.cache_salt,
     }
-    for name in ("top_k", "min_p", "repetition_penalty"):  # engine defaults unless given
+    for name in ("top_k", "min_p", "repetition_penalty"):  # the model's or the engine's defaults unless given
         if getattr(req, name) is not None:
             kwargs[name] = getattr(req, name)
+        elif name in defaults:
+            kwargs[name] = defaults[name]
     try:
         params = SamplingParams(**kwargs)
         params.check_token_ids(vocab_size)

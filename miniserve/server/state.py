@@ -62,6 +62,7 @@ class ServerState:
         self.token_chars = token_chars
         self.max_model_len: int = engine.info["max_model_len"]
         self.vocab_size: int = engine.info["vocab_size"]
+        self.sampling_defaults: dict[str, float | int] = engine.info["sampling_defaults"]
         self.model_name: str = server.served_model_name or engine.info["model_name"]
         self.metrics = ServerMetrics(engine.stats, self.model_name, engine.info["cache_config"])
         engine.metrics = self.metrics
@@ -243,7 +244,8 @@ class ServerState:
             )
 
     def token_budget(self, prompt_len: int, max_tokens: int | None, what: str, param: str = "max_tokens") -> int:
-        """max_tokens for this prompt (None = the rest of the context); 400 if it cannot fit."""
+        """max_tokens for this prompt (None = the rest of the context), at most the model's max_new_tokens
+        (generation_config.json, as vLLM); 400 if it cannot fit."""
         limit = self.max_model_len
         if prompt_len >= limit:
             raise APIError(
@@ -252,8 +254,9 @@ class ServerState:
                 param=what,
                 code="context_length_exceeded",
             )
+        cap = self.sampling_defaults.get("max_tokens")
         if max_tokens is None:
-            return limit - prompt_len
+            return min(limit - prompt_len, cap or limit)
         if prompt_len + max_tokens > limit:
             raise APIError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -262,7 +265,7 @@ class ServerState:
                 param=param,
                 code="context_length_exceeded",
             )
-        return max_tokens
+        return min(max_tokens, cap or max_tokens)
 
 
 class ClientDisconnected(Exception):

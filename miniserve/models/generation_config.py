@@ -1,0 +1,36 @@
+"""The model's recommended sampling settings, from its generation_config.json, as vLLM reads them.
+
+vLLM's default (`--generation-config auto`) takes temperature, top_p, top_k, min_p, repetition_penalty and
+max_new_tokens from there: they become the defaults of `LLM.generate` without sampling params and of every server
+request field left unset (max_new_tokens caps max_tokens). Qwen3's, for one, asks for temperature 0.6, top_p 0.95
+and top_k 20. `generation_config="vllm"` keeps vLLM's own defaults instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# generation_config.json's name -> SamplingParams' name
+SAMPLING_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def sampling_defaults(model_dir: str | Path, mode: str = "auto") -> dict[str, float | int]:
+    """SamplingParams fields the model's generation_config.json sets (empty with mode "vllm" or without one)."""
+    path = Path(model_dir) / "generation_config.json"
+    if mode == "vllm" or not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return {ours: raw[theirs] for theirs, ours in SAMPLING_KEYS.items() if raw.get(theirs) is not None}
