@@ -68,35 +68,37 @@ def test_blocks_for_is_ceil_division():
 
 
 def test_kv_pool_exact_fit_runs_and_one_more_token_never_fits(llama_dir):
-    """4 blocks of 8 = 32 slots: prompt + max_tokens = 32 runs to the end using the whole pool; 33 is refused."""
+    """4 blocks of 8 = 32 slots. The last token is sampled and never fed back, so it needs no slot: prompt +
+    max_tokens = 33 runs to the end using the whole pool; 34 is refused."""
     eng = engine(llama_dir, num_kv_blocks=4)
-    ref = run(engine(llama_dir), [(prompt(8), greedy(24))])["outputs"]["0"].token_ids
-    got = run(eng, [(prompt(8), greedy(24))])
+    ref = run(engine(llama_dir), [(prompt(8), greedy(25))])["outputs"]["0"].token_ids
+    got = run(eng, [(prompt(8), greedy(25))])
     assert got["outputs"]["0"].token_ids == ref and got["peak_blocks"] == 4
-    assert len(run(eng, [(prompt(31), greedy(1))])["outputs"]["0"].token_ids) == 1
-    for ids, n in ((prompt(8), 25), (prompt(32), 1), (prompt(1), 32)):
-        with pytest.raises(ValueError, match="never fit"):
+    assert len(run(eng, [(prompt(32), greedy(1))])["outputs"]["0"].token_ids) == 1
+    for ids, n in ((prompt(8), 26), (prompt(33), 1), (prompt(1), 33)):
+        with pytest.raises(ValueError, match="may need 33 tokens of KV cache, but the whole pool holds 32"):
             eng.add_request("x", ids, greedy(n))
     # two requests that each need the whole pool take turns (preemption), with unchanged output
-    both = run(eng, [(prompt(8), greedy(24)), (prompt(8, offset=1), greedy(24))])["outputs"]
-    alone = run(engine(llama_dir), [(prompt(8, offset=1), greedy(24))])["outputs"]["0"].token_ids
+    both = run(eng, [(prompt(8), greedy(25)), (prompt(8, offset=1), greedy(25))])["outputs"]
+    alone = run(engine(llama_dir), [(prompt(8, offset=1), greedy(25))])["outputs"]["0"].token_ids
     assert both["0"].token_ids == ref and both["1"].token_ids == alone
 
 
 def test_kv_pool_exact_fit_counts_the_speculative_lookahead(llama_dir, draft_dir):
-    """With k = 2 and overlapped rounds a sequence reserves 2k + 1 = 5 slots past its length: 27 + 5 = 32 fits."""
+    """With k = 2 and overlapped rounds a sequence reserves 2k + 1 = 5 slots past its length: 8 + 20 - 1 + 5 = 32
+    fits, one token more does not."""
     kw = dict(speculative_model=str(draft_dir), num_speculative_tokens=2, num_kv_blocks=4)
     eng = engine(llama_dir, **kw)
     assert eng.scheduler.lookahead == 5
-    ref = run(engine(llama_dir), [(prompt(8), greedy(19))])["outputs"]["0"].token_ids
-    assert run(eng, [(prompt(8), greedy(19))])["outputs"]["0"].token_ids == ref
+    ref = run(engine(llama_dir), [(prompt(8), greedy(20))])["outputs"]["0"].token_ids
+    assert run(eng, [(prompt(8), greedy(20))])["outputs"]["0"].token_ids == ref
+    with pytest.raises(ValueError, match="33 tokens of KV cache, 5 of them for the draft's proposals"):
+        eng.add_request("x", prompt(8), greedy(21))
+    eng = engine(llama_dir, overlap_spec_rounds=False, **kw)  # k = 2 slots: 8 + 23 - 1 + 2 = 32
+    ref = run(engine(llama_dir), [(prompt(8), greedy(23))])["outputs"]["0"].token_ids
+    assert run(eng, [(prompt(8), greedy(23))])["outputs"]["0"].token_ids == ref
     with pytest.raises(ValueError, match="never fit"):
-        eng.add_request("x", prompt(8), greedy(20))
-    eng = engine(llama_dir, overlap_spec_rounds=False, **kw)  # k = 2 slots: 30 + 2 = 32
-    ref = run(engine(llama_dir), [(prompt(8), greedy(22))])["outputs"]["0"].token_ids
-    assert run(eng, [(prompt(8), greedy(22))])["outputs"]["0"].token_ids == ref
-    with pytest.raises(ValueError, match="never fit"):
-        eng.add_request("x", prompt(8), greedy(23))
+        eng.add_request("x", prompt(8), greedy(24))
 
 
 def test_max_model_len_exact_fit(llama_dir):

@@ -176,10 +176,14 @@ class LLMEngine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {len(ids) + params.max_tokens} "
                 f"exceeds the model's context length max_model_len={self.max_model_len}"
             )
-        need = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
-        if self.block_manager.blocks_for(need + self.scheduler.lookahead) > self.block_manager.num_blocks:
+        # the last token is sampled, never fed back: it needs no KV slot (a draft's lookahead slots come on top)
+        need = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len) - 1
+        lookahead = self.scheduler.lookahead
+        need += lookahead
+        if self.block_manager.blocks_for(need) > self.block_manager.num_blocks:
+            draft = f", {lookahead} of them for the draft's proposals" if lookahead else ""
             raise ValueError(
-                f"this request may need {need} tokens of KV cache but the whole pool holds "
+                f"this request may need {need} tokens of KV cache{draft}, but the whole pool holds "
                 f"{self.block_manager.num_blocks * self.block_manager.block_size}; it can never fit"
             )
 
