@@ -1,6 +1,6 @@
 """GPU checks of the whole engine on the demo pair (run on an NVIDIA/AMD GPU; results under $OUT).
 
-    python benchmarks/gpu_engine_check.py
+    python benchmarks/gpu_engine_check.py [--only CHECK ...] [--out FILE]
 
 1. Greedy generation with the Triton attention backend equals the torch reference backend (fp32 and bf16,
    bf16 and fp8 KV caches), both on cuBLAS projections (dependent_launch="off"); and how often greedy outputs
@@ -16,10 +16,13 @@
    target KV bytes, identical outputs and identical acceptance counts.
 6. Structured outputs on the GPU (needs xgrammar): seeded constrained samples parse as JSON with the schema's
    fields, and are the same whether xgrammar fills the masks on one thread or on four (every fill on the threads).
+7. Grammar masks read by the sampling kernel: constrained greedy decoding gives the torch path's tokens, and
+   unseeded constrained samples (the kernel's race) parse.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -193,22 +196,52 @@ def check_structured_outputs() -> dict:
     finally:
         structured_output.THREADS_FROM_MS = threshold
 
-    def valid(text: str) -> bool:
-        try:
-            value = json.loads(text)
-        except ValueError:
-            return False
-        types = {"name": str, "age": int, "ok": bool}
-        return set(value) == set(types) and all(type(value[k]) is t for k, t in types.items())
-
     texts = [t for run in runs.values() for t in run]
     return {
-        "valid": sum(valid(t) for t in texts),
+        "valid": sum(json_valid(t) for t in texts),
         "of": len(texts),
         "threads_1_equals_4": runs["threads1"] == runs["threads4"],
         "background_equals_foreground": runs["threads4"] == runs["foreground"],
         "overlapped_equals_stepwise": runs["threads4"] == runs["stepwise"],
         "sample": runs["threads4"][0],
+    }
+
+
+def json_valid(text: str) -> bool:
+    """The text is an object of SCHEMA's fields and types."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    types = {"name": str, "age": int, "ok": bool}
+    return isinstance(value, dict) and set(value) == set(types) and all(type(value[k]) is t for k, t in types.items())
+
+
+def check_kernel_masks() -> dict:
+    """Grammar masks read by the sampling kernel (engine/sampler.py: the race and the masked argmax): constrained
+    greedy decoding gives the torch path's tokens, and unseeded sampling (the race, masks and all) valid JSON."""
+    import miniserve.engine.sampler as sampler_module
+    from miniserve.sampling_params import StructuredOutputsParams
+
+    spec = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
+    llm = LLM(str(DEMO_TARGET))
+    greedy = SamplingParams(temperature=0.0, max_tokens=120, structured_outputs=spec)
+    kernel = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy, use_tqdm=False)]
+    fused = sampler_module._fused
+    sampler_module._fused = lambda logits: False  # the torch path: unpack the bits, mask, argmax
+    try:
+        torch_path = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy, use_tqdm=False)]
+    finally:
+        sampler_module._fused = fused
+    drawn = SamplingParams(temperature=1.0, max_tokens=120, n=4, structured_outputs=spec)
+    texts = [c.text for o in llm.generate(PROMPTS, drawn, use_tqdm=False) for c in o.outputs]
+    return {
+        "greedy_kernel_equals_torch": kernel == torch_path,
+        "greedy_valid": sum(json_valid(llm.get_tokenizer().decode(t)) for t in kernel),
+        "greedy_of": len(kernel),
+        "unseeded_valid": sum(json_valid(t) for t in texts),
+        "unseeded_of": len(texts),
+        "sample": texts[0],
     }
 
 
@@ -250,24 +283,26 @@ def check_fused_vs_reference_writes() -> dict:
     }
 
 
+CHECKS = {
+    "layer_ops": check_layer_ops,
+    "graphs_vs_eager": check_graphs_vs_eager,
+    "backends": check_backends,
+    "dependent_launch": check_dependent_launch,
+    "lossless": check_lossless,
+    "fused_vs_reference_writes": check_fused_vs_reference_writes,
+    "structured_outputs": check_structured_outputs,
+    "kernel_masks": check_kernel_masks,
+}
+
+
 def main() -> None:
-    env = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "command": "python benchmarks/gpu_engine_check.py",
-    }
-    result = {
-        "env": env,
-        "layer_ops": check_layer_ops(),
-        "graphs_vs_eager": check_graphs_vs_eager(),
-        "backends": check_backends(),
-        "dependent_launch": check_dependent_launch(),
-        "lossless": check_lossless(),
-        "fused_vs_reference_writes": check_fused_vs_reference_writes(),
-        "structured_outputs": check_structured_outputs(),
-    }
-    write_result(Path(os.environ.get("OUT", "."), "engine_check.json"), result)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", choices=sorted(CHECKS), help="run these checks alone (default: every one)")
+    ap.add_argument("--out", default=None, help="the JSON file (default: $OUT/engine_check.json)")
+    args = ap.parse_args()
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    result = {"env": env, **{name: CHECKS[name]() for name in args.only or CHECKS}}
+    write_result(args.out or Path(os.environ.get("OUT", "."), "engine_check.json"), result)
     print(json.dumps(result, indent=1))
 
 

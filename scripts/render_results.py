@@ -1347,7 +1347,24 @@ def gpu_correctness() -> str:
             )
         rows.append(["seeded JSON-schema sampling (masks on 1 or 4 threads, the helper or the engine's thread, "
                      "overlapped or stepwise)", f"{so['valid']}/{so['of']} valid, {same}"])  # fmt: skip
+    rows += kernel_masks_rows()
     return table(["check", "result"], rows, "ll")
+
+
+def kernel_masks_rows() -> list[list[str]]:
+    """Grammar masks in the sampling kernel, end to end on the demo model (gpu_engine_check.py --only kernel_masks)."""
+    runs = [(name, d) for name in ("engine_check_masks_h200.json", "engine_check_masks_h100.json") if (d := load(name))]
+    if not runs:
+        return []
+    name, d = runs[0]
+    m = d["kernel_masks"]
+    return [
+        [
+            f"grammar masks in the sampling kernel (`{name}`, {d['provenance']['device']})",
+            f"constrained greedy = the torch path's tokens: {m['greedy_kernel_equals_torch']}; valid JSON: greedy "
+            f"{m['greedy_valid']}/{m['greedy_of']}, unseeded samples {m['unseeded_valid']}/{m['unseeded_of']}",
+        ]
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ engine
