@@ -274,6 +274,18 @@ class Tokenizer:
             ids = prefix + ids
         return ids
 
+    def encode_last(self, text: str, keep: int, add_special_tokens: bool = True) -> list[int]:
+        """The text's last `keep` tokens, its special tokens (BOS) kept: transformers' left truncation
+        (truncation=True, max_length=keep, truncation_side="left"), which vLLM's truncate_prompt_tokens uses."""
+        full = self.encode(text, add_special_tokens=add_special_tokens)
+        if len(full) <= keep:
+            return full
+        plain = self.encode(text, add_special_tokens=False)
+        start = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), 0)
+        before, after = full[:start], full[start + len(plain) :]
+        room = max(keep - len(before) - len(after), 0)
+        return before + plain[len(plain) - room :] + after
+
     def _special_prefix(self) -> list[int]:
         """The ids the post-processor puts before the text (e.g. [BOS]), found by encoding a probe."""
         probe = "a"

@@ -375,9 +375,17 @@ def test_truncate_and_add_special_tokens(client, hf_tok):
     prompt = "To be, or not to be, that is the question"
     ids = hf_tok(prompt).input_ids
     assert ids[0] == 0  # conftest's tokenizer adds BOS
-    r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=1,
+    # a text prompt: transformers' left truncation, as vLLM's tokenizer does it (the BOS stays); token ids: the last
+    left = type(hf_tok).from_pretrained(hf_tok.name_or_path, truncation_side="left")
+    for keep in (1, 2, 4):
+        want = left(prompt, truncation=True, max_length=keep).input_ids
+        extra = {"truncate_prompt_tokens": keep, "return_token_ids": True}
+        r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=1, extra_body=extra)
+        assert r.usage.prompt_tokens == keep and r.choices[0].model_extra["prompt_token_ids"] == want
+        assert want[0] == 0 and want[1:] == ids[len(ids) - keep + 1 :]
+    r = client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=1,
                                   extra_body={"truncate_prompt_tokens": 4, "return_token_ids": True})  # fmt: skip
-    assert r.usage.prompt_tokens == 4 and r.choices[0].model_extra["prompt_token_ids"] == ids[-4:]
+    assert r.choices[0].model_extra["prompt_token_ids"] == ids[-4:]
     r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=1,
                                   extra_body={"add_special_tokens": False, "return_token_ids": True})  # fmt: skip
     assert r.choices[0].model_extra["prompt_token_ids"] == ids[1:]

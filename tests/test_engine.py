@@ -365,6 +365,20 @@ def test_prompts_and_params_in_every_shape_and_clear_errors_for_the_rest(llama_d
     assert bars == [2, 1, 1, "closed"]
 
 
+def test_truncate_prompt_tokens_keeps_a_text_prompts_bos_as_transformers_left_truncation(llama_dir):
+    import transformers
+
+    left = transformers.AutoTokenizer.from_pretrained(llama_dir, truncation_side="left")
+    llm = make_llm(llama_dir)
+    text = "the quick brown fox jumps over the lazy dog " * 3
+    full = left(text).input_ids
+    for keep in (1, 2, 5, len(full) - 1, len(full), len(full) + 1):
+        out = llm.generate(text, SamplingParams(max_tokens=1, truncate_prompt_tokens=keep), use_tqdm=False)[0]
+        assert out.prompt_token_ids == left(text, truncation=True, max_length=keep).input_ids, keep
+    out = llm.generate([full], SamplingParams(max_tokens=1, truncate_prompt_tokens=5), use_tqdm=False)[0]
+    assert out.prompt_token_ids == full[-5:]  # token ids: their last ones
+
+
 def test_generation_config_sets_the_default_sampling_params(llama_dir, tmp_path):
     """vLLM's generation_config="auto": LLM.generate without sampling params samples with generation_config.json's
     settings (top_k 1: greedy; max_new_tokens: max_tokens); "vllm" ignores them; a bad value names the file."""

@@ -122,7 +122,9 @@ class LLMEngine:
         params = params or SamplingParams(**self.sampling_defaults)
         if request_id in self.outputs.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if isinstance(prompt, str):
+        if isinstance(prompt, str) and params.truncate_prompt_tokens is not None:
+            text, ids = prompt, self.tokenizer.encode_last(prompt, params.truncate_prompt_tokens)
+        elif isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
             text, ids = None, list(prompt)
@@ -133,7 +135,7 @@ class LLMEngine:
             if bad:
                 raise ValueError(f"prompt token id {bad[0]} is out of range [0, {self.vocab_size})")
         if params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens:
-            ids = ids[-params.truncate_prompt_tokens :]  # keep the end, as vLLM does
+            ids = ids[-params.truncate_prompt_tokens :]  # token ids: their end, as vLLM keeps
         self._check_length(ids, params)
         self._check_params(params)
         seqs, dets = [], []

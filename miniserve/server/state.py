@@ -114,11 +114,7 @@ class ServerState:
             if isinstance(p, str):  # a prompt to be truncated may have more tokens than the limit
                 self.check_prompt_chars(len(p), "prompt", for_generation=truncate is None)
         if any(isinstance(p, str) for p in prompts):
-            tok = self.tokenizer
-            specials = add_special_tokens
-            prompts = await self.run_cpu(
-                lambda: [tok.encode(p, add_special_tokens=specials) if isinstance(p, str) else p for p in prompts]
-            )
+            prompts = await self.run_cpu(lambda: [self._encode(p, add_special_tokens, truncate) for p in prompts])
         prompts = [self.truncate(ids, truncate) for ids in prompts]
         for ids in prompts:
             self.check_prompt_tokens(len(ids), "prompt")
@@ -162,9 +158,19 @@ class ServerState:
 
     def truncate(self, ids: list[int], keep: int | None) -> list[int]:
         """truncate_prompt_tokens: keep the prompt's last `keep` tokens (-1: as many as the context holds)."""
-        if keep == -1:
-            keep = self.max_model_len - 1  # at least one token of room to generate
+        keep = self._keep(keep)
         return ids[-keep:] if keep is not None and len(ids) > keep else ids
+
+    def _keep(self, keep: int | None) -> int | None:
+        return self.max_model_len - 1 if keep == -1 else keep  # -1: at least one token of room to generate
+
+    def _encode(self, prompt: str | list[int], add_special_tokens: bool, truncate: int | None) -> list[int]:
+        """A text prompt's ids; truncated, its BOS stays (Tokenizer.encode_last, as vLLM's tokenizer truncates)."""
+        if not isinstance(prompt, str):
+            return prompt
+        if truncate is None:
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        return self.tokenizer.encode_last(prompt, self._keep(truncate), add_special_tokens)
 
     async def compile_constraint(self, spec: tuple[str, dict[str, Any]] | None) -> StructuredOutputsParams | None:
         """A request's output constraint as StructuredOutputsParams, its grammar compiled (on a worker thread,
