@@ -19,27 +19,29 @@ GENERATE_HELP = "Generate a completion for one prompt, streamed to stdout."
 SERVE_HELP = "Serve the OpenAI-compatible API (the same server as `uvicorn server:app`)."
 
 
+CLI_SAMPLING_DEFAULTS = {  # generate's own: greedy, 64 tokens
+    "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "max_tokens": 64,
+}  # fmt: skip
+
+
 def generate_main(args: argparse.Namespace) -> int:
     from miniserve.engine.llm_engine import LLMEngine
     from miniserve.sampling_params import SamplingParams
 
     config = from_sources(EngineConfig, args)
-
+    engine = LLMEngine(config)
+    # a flag left unset takes the model's generation_config.json value (generation_config=auto), else the CLI's
+    model = {**CLI_SAMPLING_DEFAULTS, **engine.sampling_defaults}
+    given = {name: getattr(args, name) for name in CLI_SAMPLING_DEFAULTS if getattr(args, name) is not None}
     params = SamplingParams(
         n=args.n,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
         seed=args.sampling_seed,
-        max_tokens=args.max_tokens,
         stop=args.stop or None,
-        repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty,
         ignore_eos=args.ignore_eos,
+        **{**model, **given},
     )
-    engine = LLMEngine(config)
     engine.add_request("cli", args.prompt, params)
     sent = [0] * params.n
     while engine.has_unfinished_requests():
@@ -94,17 +96,16 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
     """The one request `generate` runs: its prompt and sampling parameters (SamplingParams fields)."""
     g = p.add_argument_group("request")
     g.add_argument("--prompt", required=True, help="the prompt text")
-    g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, 1 = off (default: 1)")
-    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default: 0)")
-    g.add_argument(
-        "--min-p", type=float, default=0.0, help="drop tokens below min_p * the top probability (default: 0)"
-    )
+    model = "the model's generation_config.json, else"
+    g.add_argument("--max-tokens", type=int, help=f"tokens to generate at most (default: {model} 64)")
+    g.add_argument("--temperature", type=float, help=f"0 = greedy (default: {model} 0)")
+    g.add_argument("--top-p", type=float, help=f"nucleus sampling mass, 1 = off (default: {model} 1)")
+    g.add_argument("--top-k", type=int, help=f"keep the k most likely tokens, 0 = off (default: {model} 0)")
+    g.add_argument("--min-p", type=float, help=f"drop tokens below min_p * the top probability (default: {model} 0)")
     g.add_argument("--n", type=int, default=1, help="completions to generate (default: 1)")
     g.add_argument("--sampling-seed", type=int, default=None, help="the request's seed (default: none)")
     g.add_argument("--stop", action="append", default=[], help="a stop string; repeat for more (default: none)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off (default: 1)")
+    g.add_argument("--repetition-penalty", type=float, help=f"1 = off (default: {model} 1)")
     g.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2], 0 = off (default: 0)")
     g.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2], 0 = off (default: 0)")
     g.add_argument(

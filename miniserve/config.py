@@ -169,8 +169,10 @@ class EngineConfig:
         for name in ("max_model_len", "num_kv_blocks"):
             if getattr(self, name) is not None:
                 _check_min(name, getattr(self, name), 1)
-        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
-            raise SettingError("kv_cache_memory_gb", f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if self.kv_cache_memory_gb is not None and not 0 < self.kv_cache_memory_gb < float("inf"):
+            raise SettingError(
+                "kv_cache_memory_gb", f"kv_cache_memory_gb must be a finite number > 0, got {self.kv_cache_memory_gb}"
+            )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise SettingError(
                 "gpu_memory_utilization", f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"

@@ -139,3 +139,31 @@ def test_cli_prefix_caching_flag_and_hit_rate_line():
     hit_rate = re.search(r"\[prefix cache\] hit rate ([\d.]+)% \((\d+) of (\d+) tokens\)", cached.stderr)
     assert hit_rate and int(hit_rate.group(2)) > 0  # choices 1 and 2 found choice 0's prompt blocks
     assert "prefix cache" not in plain.stderr
+
+
+def test_cli_generate_takes_unset_flags_from_the_models_generation_config(tmp_path):
+    """generate's sampling flags left unset take generation_config.json's values (max_new_tokens 3 here), given
+    ones win, and --generation-config vllm ignores the file (generate's own default: 64 tokens)."""
+    import shutil
+
+    from miniserve.config import DEMO_TARGET
+    from miniserve.tokenizer import Tokenizer
+
+    tuned = shutil.copytree(DEMO_TARGET, tmp_path / "tuned")
+    (tuned / "generation_config.json").write_text('{"max_new_tokens": 3, "temperature": 0.0}')
+    tok = Tokenizer.from_pretrained(tuned)
+
+    def tokens(*extra: str) -> int:
+        cmd = [sys.executable, "-m", "miniserve.cli", "generate", "--model", str(tuned), "--prompt", "ROMEO:"]
+        out = subprocess.run([*cmd, "--ignore-eos", *extra], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return len(tok.encode(out.stdout.rstrip("\n"), add_special_tokens=False))
+
+    assert tokens() <= 4 < tokens("--max-tokens", "12") and tokens("--generation-config", "vllm") > 12
+
+
+def test_an_infinite_kv_budget_is_a_setting_error():
+    from miniserve.config import EngineConfig, SettingError
+
+    with pytest.raises(SettingError, match="finite"):
+        EngineConfig(kv_cache_memory_gb=float("inf"))

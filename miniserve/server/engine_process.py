@@ -523,7 +523,8 @@ class EngineProcess:
             return
         self._post(("abort", [request_id]))
         if self.metrics is not None:
-            self.metrics.observe_finished(["abort"] * stream.n, time.monotonic() - stream.arrival)
+            reasons = [o.finish_reason or "abort" for o in stream.output.outputs]  # choices done before keep theirs
+            self.metrics.observe_finished(reasons, time.monotonic() - stream.arrival)
         stream.end(None, reason)
         stream.wake(stream)
 
