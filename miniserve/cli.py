@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"miniserve: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`miniserve generate ... | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (so the exit's flush cannot fail again)
+        return 0
 
 
 if __name__ == "__main__":

@@ -309,7 +309,12 @@ def resolve_device(name: str) -> torch.device:
     """ "auto" is the GPU (CUDA or ROCm) when there is one, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:  # torch's own message lists the device types it knows
+        raise SettingError("device", f"device={name!r} is not a device: {exc}") from None
+    if device.type not in ("cuda", "cpu"):
+        raise SettingError("device", f"device={name!r}: miniserve runs on cuda (CUDA or ROCm) or cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} was requested but no CUDA/ROCm GPU is available")
     return device

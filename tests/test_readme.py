@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,13 @@ def test_an_infinite_kv_budget_is_a_setting_error():
 
     with pytest.raises(SettingError, match="finite"):
         EngineConfig(kv_cache_memory_gb=float("inf"))
+
+
+def test_cli_bad_device_is_one_line_and_a_closed_pipe_is_not_an_error():
+    cmd = [sys.executable, "-m", "miniserve.cli", "generate", "--prompt", "ROMEO:"]
+    for device in ("bogus", "meta"):
+        out = subprocess.run([*cmd, "--device", device], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2 and "Traceback" not in out.stderr and "device" in out.stderr, out.stderr
+    head = subprocess.run(f"{shlex.join(cmd)} --max-tokens 200 --ignore-eos | head -c 1", shell=True,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert "BrokenPipeError" not in head.stderr and "Traceback" not in head.stderr, head.stderr
