@@ -77,8 +77,7 @@ def serve_main(args: argparse.Namespace) -> int:
         # the API servers' metrics files (server/metrics.py); set before prometheus_client is imported
         shared = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="miniserve-metrics-")
     try:
-        from miniserve.server.app import run_server
-        from miniserve.server.launcher import run_api_servers
+        from miniserve.server.launcher import run_api_servers, run_server
     except ImportError as e:  # fastapi/uvicorn not installed: `generate` still works, `serve` says why
         print(
             f"miniserve: error: the server needs fastapi and uvicorn ({e}); pip install fastapi uvicorn",

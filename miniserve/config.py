@@ -191,6 +191,13 @@ class EngineConfig:
             _check_dir("speculative_model", self.speculative_model, "draft model directory", "config.json")
         if self.tokenizer:
             _check_dir("tokenizer", self.tokenizer, "tokenizer directory", None)
+        tokenizer = Path(self.tokenizer or self.model)
+        if not any((tokenizer / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+            name = "tokenizer" if self.tokenizer else "model"
+            raise FileNotFoundError(
+                f"{name} directory {str(tokenizer)!r} has no tokenizer.json or tokenizer.model "
+                "(--tokenizer / MINISERVE_TOKENIZER names a directory that has one)"
+            )
 
     @property
     def kv_lookahead(self) -> int:

@@ -36,9 +36,8 @@ class LLM:
         return self.engine.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
-        """What a request without sampling params gets: the model's generation_config.json settings (vLLM's
-        generation_config="auto"), else SamplingParams()."""
-        return SamplingParams(**self.engine.sampling_defaults)
+        """What a request without sampling params gets (LLMEngine.default_sampling_params)."""
+        return self.engine.default_sampling_params()
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt prefix: the next requests compute their prompts from scratch."""

@@ -779,6 +779,12 @@ def test_vllm_request_metrics_and_cache_config(url, client, hf_tok):
     parts = delta("request_prefill_time_seconds_sum") + delta("request_decode_time_seconds_sum")
     assert delta("request_inference_time_seconds_sum") == pytest.approx(parts, abs=1e-6)
     assert delta("request_decode_time_seconds_sum") > 0
+    # vLLM's time per output token: the decode time over the tokens after the first
+    assert delta("request_time_per_output_token_seconds_count") == 1
+    tpot = delta("request_decode_time_seconds_sum") / 4
+    assert delta("request_time_per_output_token_seconds_sum") == pytest.approx(tpot, abs=1e-6)
+    assert delta("request_params_n_sum") == 1 and delta("request_params_max_tokens_sum") == 5
+    assert delta("request_max_num_generation_tokens_sum") == 5
     info = [(labels, v) for (name, labels), v in after.items() if name == "miniserve:cache_config_info"]
     assert len(info) == 1 and info[0][1] == 1.0
     assert dict(info[0][0])["block_size"] == "16" and int(dict(info[0][0])["num_gpu_blocks"]) > 0

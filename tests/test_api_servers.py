@@ -187,13 +187,15 @@ def test_an_engine_that_cannot_load_fails_the_launcher(model_dir, tmp_path):
     assert "the engine failed to load" in proc.stderr and "safetensors" in proc.stderr
 
 
-def test_a_port_in_use_is_one_line_and_starts_nothing(model_dir):
+@pytest.mark.parametrize("api_servers", [1, 2])
+def test_a_port_in_use_is_one_line_and_starts_nothing(model_dir, api_servers):
+    """The port is bound before the model loads (a large model would load for minutes, then fail)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
         cmd = [sys.executable, "-m", "miniserve.cli", "serve", "--model", str(model_dir), "--device", "cpu"]
-        cmd += ["--port", str(port), "--api-servers", "2"]
+        cmd += ["--port", str(port), "--api-servers", str(api_servers)]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     message = proc.stderr.strip()

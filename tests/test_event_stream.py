@@ -248,29 +248,40 @@ def test_text_chunks_are_the_events_choice_chunk_makes(key):
 
 
 @pytest.mark.parametrize("error", ["api", "bug"])
-def test_an_error_formatting_a_pushed_step_ends_the_stream_as_the_task_would(llama_dir, monkeypatch, counted, error):
+def test_an_error_formatting_a_pushed_step_ends_the_stream_as_the_task_would(llama_dir, monkeypatch, error):
     """Events that fail to format in the step's callback (EventStream.push) must not break the callback (every
     stream's step runs in it): the request's task raises the error instead, and the client gets what a failure in
     the task gives: an API error's event (or, for a bug, the catch-all's server_error event), then [DONE]."""
     from miniserve.server.completions import CompletionEvents
+    from miniserve.server.event_stream import EventStream
     from miniserve.server.protocol import APIError
 
-    calls, choice = [], CompletionEvents.choice
+    calls, choice, push = [], CompletionEvents.choice, EventStream.push
+    in_push, raised = [], []
+
+    def pushing(self, changed):
+        in_push.append(1)
+        try:
+            return push(self, changed)
+        finally:
+            in_push.pop()
 
     def failing(self, i, o, d):
-        calls.append(1)
-        if len(calls) == 3:
+        calls.append(bool(in_push))
+        # the first formatting done by a push after the first step's (which went out through either path)
+        if in_push and len(calls) >= 2 and not raised:
+            raised.append(len(calls) - 1)
             raise APIError("cannot format this") if error == "api" else ZeroDivisionError("a bug")
         return choice(self, i, o, d)
 
+    monkeypatch.setattr(EventStream, "push", pushing)
     monkeypatch.setattr(CompletionEvents, "choice", failing)
     body = {"prompt": "ROMEO:", "max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
     with serving(llama_dir, "httptools") as url:
         got = events(url, "/v1/completions", body)
-        assert counted["writer"] >= 1  # events went out from the step's callback before the failure
-        # the events of the two steps before the failing one (a step whose text is held back has none), then
-        # the error
-        assert got[-1] == "[DONE]" and 1 <= len(got) - 2 <= 2 and all(e["choices"] for e in got[:-2]), got
+        assert raised, calls  # the failure came in a push
+        # the events of the steps before the failing one (a step whose text is held back has none), then the error
+        assert got[-1] == "[DONE]" and 1 <= len(got) - 2 <= raised[0] and all(e["choices"] for e in got[:-2]), got
         err = got[-2]["error"]
         if error == "api":
             assert err["message"] == "cannot format this" and err["type"] == "invalid_request_error"

@@ -7,7 +7,8 @@ import random
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from miniserve.server.metrics import LATENCY_BUCKETS, RunHistogram
+from miniserve.server.metrics import TOKEN_TIME_BUCKETS as LATENCY_BUCKETS
+from miniserve.server.metrics import RunHistogram, ServerMetrics, one_two_five_buckets
 
 
 def _samples(registry: CollectorRegistry) -> list[str]:
@@ -33,3 +34,23 @@ def test_runs_counted_at_once_expose_what_one_by_one_observations_do():
         assert abs(float(g.rsplit(" ", 1)[1]) - float(w.rsplit(" ", 1)[1])) <= 1e-9 * max(
             1.0, abs(float(w.rsplit(" ", 1)[1]))
         )
+
+
+def test_token_buckets_are_vllms_one_two_five_up_to_the_context():
+    assert one_two_five_buckets(20000)[-3:] == (5000, 10000, 20000)  # exact fit: the bound is kept
+    assert one_two_five_buckets(19999)[-1] == 10000  # one short: it is not
+    assert one_two_five_buckets(32768) == (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+    assert one_two_five_buckets(1) == (1,)
+
+
+def test_a_fresh_server_shows_every_finish_reason_at_zero():
+    """vLLM's request_success has a series per finish reason before any request ends (dashboards sum them)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = ServerMetrics(dict, "m", max_model_len=64).render().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    success = {s.labels["finished_reason"]: s.value for s in families["miniserve:request_success"].samples
+               if s.name.endswith("_total")}  # fmt: skip
+    assert success == {"stop": 0.0, "length": 0.0, "abort": 0.0}
+    bounds = [s.labels["le"] for s in families["miniserve:request_prompt_tokens"].samples if "le" in s.labels]
+    assert bounds == ["1.0", "2.0", "5.0", "10.0", "20.0", "50.0", "+Inf"]

@@ -154,6 +154,13 @@ def test_every_model_path_error_says_which_directory(tmp_path, setting):
     if setting != "tokenizer":
         with pytest.raises(FileNotFoundError, match=f"{what} '{tmp_path}' has no config.json"):
             EngineConfig(**{setting: str(tmp_path)}).check_dirs()
+    # a model without a tokenizer (and no --tokenizer), or a tokenizer directory without one, fails before loading
+    if setting != "speculative_model":  # (a draft uses the target's tokenizer)
+        (tmp_path / "config.json").write_text("{}")
+        with pytest.raises(FileNotFoundError, match=f"{what} '{tmp_path}' has no tokenizer.json or tokenizer.model"):
+            EngineConfig(**{setting: str(tmp_path)}).check_dirs()
+        (tmp_path / "tokenizer.model").write_bytes(b"")
+        EngineConfig(**{setting: str(tmp_path)}).check_dirs()  # either file is enough
 
 
 def test_readme_table_is_the_generated_one():

@@ -82,7 +82,6 @@ class LLMEngine:
                 config, self.target, self.draft, plain, self.outputs, self.scheduler, self.max_model_len
             )
         self.seq_counter = itertools.count()
-        self.num_prompt_tokens = 0
         self.last_step_num_tokens = 0  # tokens the last step computed (the iteration_tokens histogram)
         self._capture_graphs()
 
@@ -118,8 +117,13 @@ class LLMEngine:
         if isinstance(self.decoder, PlainDecoder) and self.decoder.overlap:
             self.decoder.hold = LaunchHold(wait, max_batch)
 
+    def default_sampling_params(self) -> SamplingParams:
+        """What a request without sampling params gets: the model's generation_config.json settings (vLLM's
+        generation_config="auto"), else SamplingParams()."""
+        return SamplingParams(**self.sampling_defaults)
+
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
-        params = params or SamplingParams(**self.sampling_defaults)
+        params = params or self.default_sampling_params()
         if request_id in self.outputs.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str) and params.truncate_prompt_tokens is not None:
@@ -152,7 +156,6 @@ class LLMEngine:
         self.outputs.add(Request(request_id, text, ids, params, seqs, dets, matcher))
         for seq in seqs:
             self.scheduler.add(seq, parent=seqs[0] if seq.index > 0 else None)
-        self.num_prompt_tokens += len(ids)
 
     def _check_params(self, params: SamplingParams) -> None:
         """What needs the engine to check: stop-list and bad-word bounds, token ids within the vocabulary, the
@@ -231,7 +234,7 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "prefix_cache_queries": self.scheduler.prefix_cache_queries,
             "prefix_cache_hits": self.scheduler.prefix_cache_hits,
-            "prompt_tokens_total": self.num_prompt_tokens,
+            "prompt_tokens_total": self.outputs.num_prompt_tokens,
             "generation_tokens_total": self.outputs.num_generation_tokens,
             "spec_num_drafts": 0,
             "spec_num_draft_tokens": 0,

@@ -64,6 +64,7 @@ class OutputProcessor:
         self.max_model_len = max_model_len
         self.requests: dict[str, Request] = {}
         self.num_generation_tokens = 0
+        self.num_prompt_tokens = 0  # of requests whose prompt pass is done
 
     def add(self, req: Request) -> None:
         self.requests[req.request_id] = req
@@ -122,6 +123,8 @@ class OutputProcessor:
         self.num_generation_tokens += 1
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
+            if seq.index == 0:  # its prompt is computed (once for all n choices): vLLM counts it here too
+                self.num_prompt_tokens += seq.num_prompt_tokens
         if seq.logprobs is not None:
             entry = dict(top or {})
             entry[token] = logprob
@@ -163,7 +166,7 @@ class OutputProcessor:
             seq.stop_state, match = matcher.feed(seq.stop_state, delta)
         if on_token:  # EOS or a stop token id (_ends_on_token, decided once by _text_and_stops)
             return self._finish(seq, "stop", None if _is_eos(seq, token, self.eos_token_ids) else token)
-        if match is not None and seq.num_output_tokens > p.min_tokens:  # (vLLM: text after min_tokens tokens)
+        if match is not None and _stop_strings_count(seq):
             last, stop = match  # `stop` ends at delta[last]
             end = len(seq.text) - len(delta) + last + 1
             seq.text = seq.text[: end if p.include_stop_str_in_output else end - len(stop)]
@@ -256,21 +259,11 @@ class OutputProcessor:
                 choices.append((s.index, tokens, text, logprobs, s.finish_reason, s.stop_reason, cumulative))
                 req.ended[s.index] = s.finish_reason is not None
         finished = all(s.is_finished for s in req.seqs)
-        prompt_logprobs = self._new_prompt_logprobs(req)
+        prompt_logprobs = _new_prompt_logprobs(req)
         if not choices and prompt_logprobs is None and not finished:
             return None
-        final = {**self._metrics(req), "num_cached_tokens": req.seqs[0].num_cached_tokens or 0} if finished else None
+        final = {**_metrics(req), "num_cached_tokens": req.seqs[0].num_cached_tokens or 0} if finished else None
         return req.request_id, finished, choices, prompt_logprobs, final
-
-    @staticmethod
-    def _new_prompt_logprobs(req: Request) -> list | None:
-        """The prompt's logprobs, once: when they are complete and were not reported before."""
-        prompt_logprobs = req.seqs[0].prompt_logprobs
-        complete = prompt_logprobs is not None and len(prompt_logprobs) == len(req.prompt_token_ids)
-        if req.prompt_logprobs_reported or not complete:
-            return None
-        req.prompt_logprobs_reported = True
-        return prompt_logprobs
 
     def _delta_output(self, req: Request) -> RequestOutput:
         """output_kind "delta": only what is new since the request's last report (tokens, text, logprobs); the
@@ -282,23 +275,8 @@ class OutputProcessor:
             completion, req.reported[s.index] = _delta_completion(s, req.params, hold, req.reported[s.index])
             completions.append(completion)
         finished = all(s.is_finished for s in req.seqs)
-        prompt_logprobs = self._new_prompt_logprobs(req)
-        return _output(req, completions, finished, self._metrics(req) if finished else {}, prompt_logprobs)
-
-    @staticmethod
-    def _metrics(req: Request) -> dict:
-        first = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
-        scheduled = [s.first_scheduled_time for s in req.seqs if s.first_scheduled_time is not None]
-        done = [s.finished_time for s in req.seqs if s.finished_time is not None]
-        return {
-            "arrival_time": min(s.arrival_time for s in req.seqs),
-            "first_scheduled_time": min(scheduled) if scheduled else None,
-            "first_token_time": min(first) if first else None,
-            "finished_time": max(done) if len(done) == len(req.seqs) else None,
-            "num_spec_drafts": sum(s.num_spec_drafts for s in req.seqs),
-            "num_spec_draft_tokens": sum(s.num_spec_draft_tokens for s in req.seqs),
-            "num_spec_accepted_tokens": sum(s.num_spec_accepted_tokens for s in req.seqs),
-        }
+        prompt_logprobs = _new_prompt_logprobs(req)
+        return _output(req, completions, finished, _metrics(req) if finished else {}, prompt_logprobs)
 
     def _request_output(self, req: Request) -> RequestOutput:
         matcher = req.stop_matcher
@@ -306,7 +284,7 @@ class OutputProcessor:
         finished = all(s.is_finished for s in req.seqs)
         prompt_logprobs = req.seqs[0].prompt_logprobs
         prompt_logprobs = list(prompt_logprobs) if prompt_logprobs is not None else None
-        return _output(req, completions, finished, self._metrics(req), prompt_logprobs)
+        return _output(req, completions, finished, _metrics(req), prompt_logprobs)
 
 
 def _output(req: Request, completions: list, finished: bool, metrics: dict, prompt_logprobs) -> RequestOutput:
@@ -391,10 +369,15 @@ def _ends_on_token(seq: Sequence, token: int, eos_token_ids: set[int]) -> bool:
     return _is_eos(seq, token, eos_token_ids) or bool(p.stop_token_ids and token in p.stop_token_ids)
 
 
+def _stop_strings_count(seq: Sequence) -> bool:
+    """A stop string ends a sequence only in text from the token after min_tokens on (vLLM's rule)."""
+    return seq.num_output_tokens > seq.params.min_tokens
+
+
 def _held_stop_text(seq: Sequence, detok: IncrementalDetokenizer, matcher: StopMatcher | None) -> str:
     """The text the detokenizer holds back (byte tokens: a run may still turn into U+FFFD) when a stop string
     ends in it: the sequence stops now, as vLLM's would, with the text as it decodes now. Else ""."""
-    if matcher is None or seq.num_output_tokens <= seq.params.min_tokens:
+    if matcher is None or not _stop_strings_count(seq):
         return ""
     held = detok.pending()
     return held if held and matcher.feed(seq.stop_state, held)[1] is not None else ""
@@ -431,3 +414,28 @@ def _completion(seq: Sequence, params: SamplingParams, hold: int) -> CompletionO
         logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
         cumulative_logprob=seq.cumulative_logprob if params.logprobs is not None else None,
     )
+
+
+def _new_prompt_logprobs(req: Request) -> list | None:
+    """The prompt's logprobs, once: when they are complete and were not reported before."""
+    prompt_logprobs = req.seqs[0].prompt_logprobs
+    complete = prompt_logprobs is not None and len(prompt_logprobs) == len(req.prompt_token_ids)
+    if req.prompt_logprobs_reported or not complete:
+        return None
+    req.prompt_logprobs_reported = True
+    return prompt_logprobs
+
+
+def _metrics(req: Request) -> dict:
+    first = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
+    scheduled = [s.first_scheduled_time for s in req.seqs if s.first_scheduled_time is not None]
+    done = [s.finished_time for s in req.seqs if s.finished_time is not None]
+    return {
+        "arrival_time": min(s.arrival_time for s in req.seqs),
+        "first_scheduled_time": min(scheduled) if scheduled else None,
+        "first_token_time": min(first) if first else None,
+        "finished_time": max(done) if len(done) == len(req.seqs) else None,
+        "num_spec_drafts": sum(s.num_spec_drafts for s in req.seqs),
+        "num_spec_draft_tokens": sum(s.num_spec_draft_tokens for s in req.seqs),
+        "num_spec_accepted_tokens": sum(s.num_spec_accepted_tokens for s in req.seqs),
+    }

@@ -1,6 +1,6 @@
-"""The OpenAI-compatible HTTP server: the app factory (routes, auth, errors, the engine's lifespan), the small
-routes, and `run_server` for the CLI. The large routes have their own modules: completions.py, chat.py, tokens.py;
-what they share is in state.py (ServerState) and request_group.py (reading the engine's outputs back).
+"""The OpenAI-compatible HTTP server: the app factory (routes, auth, errors, the engine's lifespan) and the small
+routes (`miniserve serve` runs it: launcher.py). The large routes have their own modules: completions.py, chat.py,
+tokens.py; what they share is in state.py (ServerState) and request_group.py (reading the engine's outputs back).
 
 Requests flow: parse + validate the JSON body (OpenAI error shape on failure) -> check the prompt's size ->
 tokenize (in a worker thread, off the event loop) -> check the context budget -> post one engine request per
@@ -222,22 +222,3 @@ def connection_protocol(server: ServerConfig) -> type:
         server.header_timeout, server.body_timeout, server.keep_alive_timeout, server.max_connections
     )
     return guarded_protocol(limits, server.http_parser)
-
-
-def run_server(config: EngineConfig, server: ServerConfig) -> int:
-    """Serve `config`'s model until interrupted (what `miniserve serve` calls); the exit status."""
-    import uvicorn
-
-    config.check_dirs()  # before uvicorn starts, so the CLI prints one clear line
-    if server.api_servers > 1:
-        raise ValueError("several API servers are started by server/launcher.py:run_api_servers")
-    uvicorn.run(
-        create_app(config, server),
-        host=server.host,
-        port=server.port,
-        log_level=server.log_level,
-        http=connection_protocol(server),
-        # past the drain, uvicorn stops waiting for connections (a client that never reads holds its send forever)
-        timeout_graceful_shutdown=server.drain_timeout + 2.0,
-    )
-    return 0

@@ -523,8 +523,7 @@ class EngineProcess:
             return
         self._post(("abort", [request_id]))
         if self.metrics is not None:
-            reasons = [o.finish_reason or "abort" for o in stream.output.outputs]  # choices done before keep theirs
-            self.metrics.observe_finished(reasons, time.monotonic() - stream.arrival)
+            _observe_ended(self.metrics, stream, time.monotonic() - stream.arrival, "abort")
         stream.end(None, reason)
         stream.wake(stream)
 
@@ -615,7 +614,7 @@ class EngineProcess:
             if finished:
                 self._forget(request_id)
                 if metrics is not None:
-                    _observe_finished(metrics, stream.output, now - stream.arrival)
+                    _observe_ended(metrics, stream, now - stream.arrival)
             stream.wake(stream)
 
     def _on_engine_exit(self) -> None:
@@ -673,12 +672,14 @@ def _join_deltas(a: tuple, b: tuple) -> tuple:
     return b[0], b[1], sorted(choices.values(), key=lambda c: c[0]), prompt_logprobs, b[4]
 
 
-def _observe_finished(metrics: ServerMetrics, out: RequestOutput, e2e_seconds: float) -> None:
-    """A request the engine finished: its choices' finish reasons, its latency, its tokens and where its time went
-    (the engine's timestamps, sent with its final output)."""
-    metrics.observe_finished([o.finish_reason for o in out.outputs], e2e_seconds)
-    generated = sum(len(o.token_ids) for o in out.outputs)
-    metrics.observe_request(len(out.prompt_token_ids), generated, out.metrics or {})
+def _observe_ended(metrics: ServerMetrics, stream: RequestStream, e2e_seconds: float, reason: str = "") -> None:
+    """A request that ended: its choices' finish reasons (`reason` for those still running: an abort), its
+    latency, its tokens, parameters, and where its time went (the engine's timestamps, sent with its final
+    output)."""
+    out = stream.output
+    metrics.observe_finished([o.finish_reason or reason for o in out.outputs], e2e_seconds)
+    choice_tokens = [len(o.token_ids) for o in out.outputs]
+    metrics.observe_request(len(out.prompt_token_ids), choice_tokens, stream.params, out.metrics or {})
 
 
 def _observe_final(metrics: ServerMetrics, stream: RequestStream, num_tokens: int, now: float) -> None:

@@ -1,4 +1,6 @@
-"""`miniserve serve --api-servers N` (N > 1): one engine process shared by N API server processes.
+"""How `miniserve serve` starts: `run_server` with one API server (the app starts its engine), `run_api_servers`
+with `--api-servers N` (N > 1): one engine process shared by N API server processes. Both bind the port before
+anything loads.
 
 One Python event loop writes a few tens of thousands of SSE events a second; 256 streams at a few milliseconds a
 step need more (benchmarks/results/serve_trace_h200.json), so, as vLLM's --api-server-count does, several
@@ -32,12 +34,23 @@ from miniserve.config import EngineConfig, ServerConfig
 logger = logging.getLogger("miniserve.server")
 
 
+def run_server(config: EngineConfig, server: ServerConfig) -> int:
+    """`miniserve serve` with one API server: the app starts the engine itself; the exit status."""
+    from miniserve.server.app import create_app
+
+    config.check_dirs()  # before anything starts, so the CLI prints one clear line
+    if server.api_servers > 1:
+        raise ValueError("several API servers are started by run_api_servers")
+    sock = listen(server.host, server.port)  # a busy port is one line now, not after the model loaded
+    return 0 if _serve(create_app(config, server), server, sock, announce=True) else 3  # (as uvicorn.run's)
+
+
 def run_api_servers(config: EngineConfig, server: ServerConfig) -> int:
     """Serve with server.api_servers API server processes until told to stop; the exit status."""
     from miniserve.server.engine_process import spawn_engine
 
     config.check_dirs()  # before anything starts, so the CLI prints one clear line
-    sock = _listen(server.host, server.port)
+    sock = listen(server.host, server.port)
     engine, links = spawn_engine(config, server.api_servers)
     ctx = mp.get_context("spawn")
     apis = [
@@ -69,7 +82,8 @@ def run_api_servers(config: EngineConfig, server: ServerConfig) -> int:
     return status
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before any model loads (a busy port fails at once)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -119,18 +133,39 @@ def _api_main(config: EngineConfig, server: ServerConfig, sock: socket.socket, l
     """One API server process: the app joined to the launcher's engine, served on the shared socket."""
     os.setpgrp()  # the terminal's Ctrl-C goes to the launcher, which passes on one SIGTERM
     _end_with_parent()
+    from miniserve.server.app import create_app
+
+    _serve(create_app(config, server, link), server, sock)
+
+
+def _serve(app: Any, server: ServerConfig, sock: socket.socket, announce: bool = False) -> bool:
+    """Serve `app` with uvicorn on the bound `sock` until stopped; whether it started. `announce`: log the
+    address (uvicorn names only sockets it bound itself)."""
     import uvicorn
 
-    from miniserve.server.app import connection_protocol, create_app
+    from miniserve.server.app import connection_protocol
 
-    app = create_app(config, server, link)
-    uvicorn_config = uvicorn.Config(
-        app,
-        log_level=server.log_level,
-        http=connection_protocol(server),
-        timeout_graceful_shutdown=server.drain_timeout + 2.0,
+    uvicorn_server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level=server.log_level,
+            http=connection_protocol(server),
+            # past the drain, uvicorn stops waiting for connections (a client that never reads holds its send)
+            timeout_graceful_shutdown=server.drain_timeout + 2.0,
+        )
     )
-    uvicorn.Server(uvicorn_config).run(sockets=[sock])
+    if announce:  # (logging is set up by uvicorn.Config)
+        host, port = sock.getsockname()[:2]
+        logging.getLogger("uvicorn.error").info("miniserve: listening on http://%s:%d", _url_host(host), port)
+    try:
+        uvicorn_server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it stopped on (as uvicorn.run, end quietly)
+        pass
+    return uvicorn_server.started
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _end_with_parent() -> None:

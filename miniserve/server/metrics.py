@@ -25,28 +25,28 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 PREFIX = "miniserve:"
-LATENCY_BUCKETS = (
-    0.001,
-    0.005,
-    0.01,
-    0.02,
-    0.04,
-    0.06,
-    0.08,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-)
-E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
-REQUEST_TIME_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0)
-TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+# vLLM's bucket bounds (so its dashboards read these series alike), each with finer bounds below vLLM's first:
+# on a GPU this engine's inter-token gaps are a few milliseconds and its queue and prefill times often less
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+                      1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+REQUEST_TIME_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0,
+                        30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+N_BUCKETS = (1, 2, 5, 10, 20)
+FINISH_REASONS = ("stop", "length", "abort")  # request_success's series, there from the start (as vLLM's)
 ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+def one_two_five_buckets(max_value: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to max_value (vLLM's token-count buckets, sized by the model's context)."""
+    out, scale = [], 1
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > max_value:
+                return tuple(out)
+            out.append(mantissa * scale)
+        scale *= 10
 
 
 class RunHistogram(Collector):
@@ -149,7 +149,13 @@ class ServerMetrics:
     """All metrics of one app; `observe_*` are called on the event loop as the engine process's messages arrive
     (engine_process.py): per request from the engine's own timestamps, which travel with its final output."""
 
-    def __init__(self, get_stats: Callable[[], dict], model_name: str, cache_config: dict[str, str] | None = None):
+    def __init__(
+        self,
+        get_stats: Callable[[], dict],
+        model_name: str,
+        cache_config: dict[str, str] | None = None,
+        max_model_len: int = 100_000,
+    ):
         self.registry = CollectorRegistry()
         self.model_name = model_name
         self.engine_stats = EngineStatsCollector(get_stats, model_name, cache_config)
@@ -161,21 +167,34 @@ class ServerMetrics:
             ["model_name", "finished_reason"],
             registry=self.registry,
         )
-        self.ttft = self._histogram("time_to_first_token_seconds", "Arrival to first token.", LATENCY_BUCKETS)
+        for reason in FINISH_REASONS:
+            self.finished.labels(model_name, reason)
+        self.ttft = self._histogram("time_to_first_token_seconds", "Arrival to first token.", TTFT_BUCKETS)
+        itl_doc = "Time between token steps (each token after a choice's first)."
         if self.shared_dir:  # a file-backed histogram: summed over the API server processes at scrape time
-            itl = self._histogram("inter_token_latency_seconds", "Time between token steps.", LATENCY_BUCKETS)
-            self.itl: RunHistogram | _EachOnce = _EachOnce(itl)
-        else:
-            self.itl = RunHistogram(
-                PREFIX + "inter_token_latency_seconds", "Time between token steps.", LATENCY_BUCKETS, model_name
+            self.itl: RunHistogram | _EachOnce = _EachOnce(
+                self._histogram("inter_token_latency_seconds", itl_doc, TOKEN_TIME_BUCKETS)
             )
+        else:
+            self.itl = RunHistogram(PREFIX + "inter_token_latency_seconds", itl_doc, TOKEN_TIME_BUCKETS, model_name)
             self.registry.register(self.itl)
-        self.e2e = self._histogram("e2e_request_latency_seconds", "Arrival to finish.", E2E_BUCKETS)
-        # vLLM's per-request series: token counts and where the time went (queue, prefill, decode)
-        self.prompt_tokens = self._histogram("request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS)
-        self.generation_tokens = self._histogram(
-            "request_generation_tokens", "Generated tokens per request (all choices).", TOKEN_BUCKETS
+        self.e2e = self._histogram("e2e_request_latency_seconds", "Arrival to finish.", REQUEST_TIME_BUCKETS)
+        self._request_series(one_two_five_buckets(max_model_len))
+        self.iteration_tokens = self._histogram(
+            "iteration_tokens_total", "Tokens computed per engine step (prompt + decode).", ITERATION_TOKEN_BUCKETS
         )
+
+    def _request_series(self, tokens: tuple[int, ...]) -> None:
+        """vLLM's per-request series: token counts, parameters, and where the time went (queue, prefill, decode)."""
+        self.prompt_tokens = self._histogram("request_prompt_tokens", "Prompt tokens per request.", tokens)
+        self.generation_tokens = self._histogram(
+            "request_generation_tokens", "Generated tokens per request (all choices).", tokens
+        )
+        self.max_generation_tokens = self._histogram(
+            "request_max_num_generation_tokens", "Generated tokens of a request's longest choice.", tokens
+        )
+        self.params_n = self._histogram("request_params_n", "The n request parameter.", N_BUCKETS)
+        self.params_max_tokens = self._histogram("request_params_max_tokens", "The max_tokens of a request.", tokens)
         self.queue_time = self._histogram(
             "request_queue_time_seconds", "Arrival in the engine to first scheduled.", REQUEST_TIME_BUCKETS
         )
@@ -188,8 +207,10 @@ class ServerMetrics:
         self.inference_time = self._histogram(
             "request_inference_time_seconds", "First scheduled to finish (prefill + decode).", REQUEST_TIME_BUCKETS
         )
-        self.iteration_tokens = self._histogram(
-            "iteration_tokens_total", "Tokens computed per engine step (prompt + decode).", ITERATION_TOKEN_BUCKETS
+        self.time_per_output_token = self._histogram(
+            "request_time_per_output_token_seconds",
+            "A request's decode time over the tokens of its longest choice after the first.",
+            TOKEN_TIME_BUCKETS,
         )
 
     def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Any:
@@ -210,11 +231,16 @@ class ServerMetrics:
         if e2e_seconds is not None:
             self.e2e.observe(e2e_seconds)
 
-    def observe_request(self, prompt_tokens: int, generation_tokens: int, metrics: dict) -> None:
-        """A request that finished normally: its token counts and its time in queue, prefill and decode (engine
-        timestamps; a phase that did not happen, e.g. no token generated, is not observed)."""
+    def observe_request(self, prompt_tokens: int, choice_tokens: list[int], params: Any, metrics: dict) -> None:
+        """A request that ended (finished or aborted): its token counts, its parameters, and its time in queue,
+        prefill and decode (the engine's timestamps, which come with its final output: an aborted request has
+        none; a phase that did not happen, e.g. no token generated, is not observed)."""
         self.prompt_tokens.observe(prompt_tokens)
-        self.generation_tokens.observe(generation_tokens)
+        self.generation_tokens.observe(sum(choice_tokens))
+        self.max_generation_tokens.observe(max(choice_tokens, default=0))
+        self.params_n.observe(params.n)
+        if params.max_tokens is not None:
+            self.params_max_tokens.observe(params.max_tokens)
         arrival, scheduled = metrics.get("arrival_time"), metrics.get("first_scheduled_time")
         first, finished = metrics.get("first_token_time"), metrics.get("finished_time")
         phases = [
@@ -226,6 +252,9 @@ class ServerMetrics:
         for histogram, start, end in phases:
             if start is not None and end is not None:
                 histogram.observe(max(0.0, end - start))
+        later = max(choice_tokens, default=0) - 1
+        if first is not None and finished is not None and later > 0:
+            self.time_per_output_token.observe(max(0.0, finished - first) / later)
 
     def observe_iteration(self, num_tokens: int) -> None:
         self.iteration_tokens.observe(num_tokens)

@@ -30,8 +30,6 @@ def sampling_params(
     best_of = req.best_of if req.best_of is not None and req.best_of > req.n else None
     kwargs: dict[str, Any] = {
         "n": best_of or req.n,
-        "temperature": defaults.get("temperature", 1.0) if req.temperature is None else req.temperature,
-        "top_p": defaults.get("top_p", 1.0) if req.top_p is None else req.top_p,
         "max_tokens": max_tokens,
         "min_tokens": req.min_tokens,
         "seed": req.seed,
@@ -55,7 +53,8 @@ def sampling_params(
         "structured_outputs": structured,
         "cache_salt": req.cache_salt,
     }
-    for name in ("top_k", "min_p", "repetition_penalty"):  # the model's or the engine's defaults unless given
+    # the request's value, else the model's default, else SamplingParams' own
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
         if getattr(req, name) is not None:
             kwargs[name] = getattr(req, name)
         elif name in defaults:
