@@ -304,6 +304,47 @@ def test_logprobs_are_top_n_of_the_raw_distribution(llama_dir):
     assert abs(out.cumulative_logprob - sum(d[t] for d, t in zip(out.logprobs, out.token_ids))) < 1e-4
 
 
+def assert_vllm_logprobs(entry: dict, chosen: int, ref: torch.Tensor, num_top: int, tok) -> None:
+    """vLLM's Logprob dict for one position, against `ref` (transformers' log_softmax there): the chosen token
+    first with its rank (tokens at least as likely), then the top `num_top` in order, ranked 1..num_top (the
+    chosen one keeps its top rank when among them); each `.logprob` the float itself, `.decoded_token` the token
+    decoded alone."""
+    top = ref.topk(num_top).indices.tolist()
+    assert list(entry) == [chosen] + [t for t in top if t != chosen]
+    rank = top.index(chosen) + 1 if chosen in top else int((ref >= ref[chosen]).sum())
+    assert entry[chosen].rank == rank and [entry[t].rank for t in top] == list(range(1, num_top + 1))
+    for t, lp in entry.items():
+        assert lp.logprob == float(lp) and abs(lp.logprob - ref[t].item()) < 1e-4
+        assert lp.decoded_token == tok.decode([t])
+
+
+def test_logprobs_are_vllms_logprob_objects_with_ranks(llama_dir):
+    """Sampled tokens (temperature 1: some fall outside the top 2) get vLLM's Logprob objects; the oracle is
+    transformers' distribution at each generated position (the output fed back whole)."""
+    import pickle
+
+    import transformers
+
+    llm = make_llm(llama_dir)
+    prompt = token_prompts(1, seed=21, lo=8, hi=9)[0]
+    params = SamplingParams(temperature=1.0, max_tokens=12, logprobs=2, seed=3, ignore_eos=True)
+    out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt + out.token_ids])).logits[0], -1)
+    tok = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    for j, (entry, token) in enumerate(zip(out.logprobs, out.token_ids)):
+        assert_vllm_logprobs(entry, token, ref[len(prompt) - 1 + j], 2, tok)
+    assert any(entry[t].rank > 2 for entry, t in zip(out.logprobs, out.token_ids)), "no rank outside the top"
+    again = pickle.loads(pickle.dumps(out.logprobs))
+    assert [[(v.logprob, v.rank, v.decoded_token) for v in e.values()] for e in again] == [
+        [(v.logprob, v.rank, v.decoded_token) for v in e.values()] for e in out.logprobs
+    ]
+    undecoded = SamplingParams(temperature=0, max_tokens=2, logprobs=1, detokenize=False)
+    entry = llm.generate([prompt], undecoded, use_tqdm=False)[0].outputs[0].logprobs[0]
+    assert all(v.decoded_token is None and v.rank == 1 for v in entry.values())
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -499,11 +540,13 @@ def test_prompt_logprobs_match_transformers(llama_dir, chunk):
     hf = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0], -1)
+    tok = transformers.AutoTokenizer.from_pretrained(llama_dir)
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
     for i in range(1, len(prompt)):
         entry = out.prompt_logprobs[i]
         assert abs(entry[prompt[i]] - ref[i - 1, prompt[i]].item()) < 1e-4
         assert set(ref[i - 1].topk(3).indices.tolist()) <= set(entry)
+        assert_vllm_logprobs(entry, prompt[i], ref[i - 1], 3, tok)
     assert llm.generate([prompt], GREEDY, use_tqdm=False)[0].prompt_logprobs is None
 
 

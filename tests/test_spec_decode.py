@@ -282,7 +282,8 @@ def test_logprobs_with_speculation_equal_plain_logprobs(llama_dir, draft_dir):
     for a, b in zip(plain, spec):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-            assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-4 for t in x)
+            assert list(x) == list(y) and all(abs(x[t] - y[t]) < 1e-4 for t in x)
+            assert [(v.rank, v.decoded_token) for v in x.values()] == [(v.rank, v.decoded_token) for v in y.values()]
 
 
 def test_sampled_self_speculation_accepts_everything(llama_dir):

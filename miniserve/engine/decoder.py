@@ -30,7 +30,7 @@ import torch
 
 from miniserve.engine.launch_hold import LaunchHold
 from miniserve.engine.model_runner import ForwardInput, ModelRunner
-from miniserve.engine.output_processor import OutputProcessor
+from miniserve.engine.output_processor import OutputProcessor, record_prompt_logprobs
 from miniserve.engine.sampler import SamplerOutput, SamplingBatch, draw_noise, sample
 from miniserve.engine.structured_output import MaskFiller
 from miniserve.engine.transfer import to_device
@@ -181,7 +181,7 @@ class PlainDecoder:
         sample_rows, row = [], 0
         for s, x in zip(scheduled, inputs):
             if s.seq.scores_prompt:
-                self.outputs.record_prompt_logprobs(s.seq, logits[row : row + x.num_logits], x.start_pos)
+                record_prompt_logprobs(s.seq, logits[row : row + x.num_logits], x.start_pos)
             if s.completes_prompt:
                 sample_rows.append(row + x.num_logits - 1)
             row += x.num_logits
@@ -377,6 +377,7 @@ def _copy_to_host(out: SamplerOutput, timed: bool = False) -> tuple[SamplerOutpu
         token_ids=host(out.token_ids),
         logprobs=host(out.logprobs) if out.logprobs is not None else None,
         top_logprobs=(host(tops[0]), host(tops[1])) if tops is not None else None,
+        ranks=host(out.ranks) if out.ranks is not None else None,
     )
     ready = torch.cuda.Event(enable_timing=timed)
     ready.record()

@@ -71,7 +71,7 @@ class LLMEngine:
         )
         eos = set(self.tokenizer.eos_token_ids) | set(self.target.model_config.eos_token_ids)
         self.grammar = GrammarCompiler(self.tokenizer, self.vocab_size, eos)  # xgrammar loads on first use
-        self.outputs = OutputProcessor(self.scheduler, eos, self.max_model_len)
+        self.outputs = OutputProcessor(self.scheduler, eos, self.max_model_len, self.tokenizer)
         overlap = config.async_scheduling and self.draft is None  # speculative rounds overlap on their own
         plain = PlainDecoder(
             self.target, self.outputs, self.vocab_size, self.scheduler, overlap, config.grammar_threads

@@ -13,10 +13,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from miniserve.engine.outputs import CompletionOutput, RequestOutput
+from miniserve.engine.outputs import CompletionOutput, RequestOutput, logprob_dict
 from miniserve.engine.sampler import SamplerOutput
 from miniserve.engine.stop_strings import StopMatcher
 from miniserve.engine.transfer import to_device
@@ -42,6 +43,8 @@ class Request:
     reported: list[tuple[int, int]] = field(init=False)  # output_kind "delta": (tokens, characters) per choice
     ended: list[bool] = field(init=False)  # collect_messages: whether each choice's finish was reported
     prompt_logprobs_reported: bool = False
+    # collect(): the Logprob dicts made so far, by choice index ("prompt": the prompt's), each made once
+    logprob_objects: dict[int | str, list] = field(default_factory=dict)
     single_plain: bool = field(init=False)  # streamed with one choice, no stop strings, no logprobs of any kind
 
     def __post_init__(self) -> None:
@@ -58,8 +61,9 @@ class Request:
 
 
 class OutputProcessor:
-    def __init__(self, scheduler: Scheduler, eos_token_ids: set[int], max_model_len: int):
+    def __init__(self, scheduler: Scheduler, eos_token_ids: set[int], max_model_len: int, tokenizer: Any = None):
         self.scheduler = scheduler
+        self.tokenizer = tokenizer  # decodes the tokens of collect()'s Logprob objects
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self.requests: dict[str, Request] = {}
@@ -83,12 +87,13 @@ class OutputProcessor:
 
     def append_sampled(self, seqs: list[Sequence], out: SamplerOutput) -> None:
         """Append one sampled token per sequence, with its logprobs, and apply the stop rules."""
-        token_ids, logprobs, tops = _columns(out)
+        token_ids, logprobs, tops, ranks = _columns(out)
         for row, (seq, token) in enumerate(zip(seqs, token_ids)):
             lp = logprobs[row] if logprobs is not None else None
             top = _top(seq, tops, row) if tops is not None else None
+            rank = ranks[row] if ranks is not None else None
             # append_token, inlined: every row of every step (take_sampled + finish_sampled cost 10% more at 256)
-            if self._take(seq, token, lp, top):
+            if self._take(seq, token, lp, top, rank):
                 self._text_and_stops(seq, token)
 
     def take_sampled(self, seqs: list[Sequence], out: SamplerOutput) -> list[tuple[Sequence, int]]:
@@ -96,12 +101,13 @@ class OutputProcessor:
         the (sequence, token) pairs whose text and other stop rules `finish_sampled` applies. Split so that a
         constrained step can fill its next masks, which need only the grammars, beside that second half
         (decoder.py: PlainDecoder._next_batch)."""
-        token_ids, logprobs, tops = _columns(out)
+        token_ids, logprobs, tops, ranks = _columns(out)
         taken = []
         for row, (seq, token) in enumerate(zip(seqs, token_ids)):
             lp = logprobs[row] if logprobs is not None else None
             top = _top(seq, tops, row) if tops is not None else None
-            if self._take(seq, token, lp, top):
+            rank = ranks[row] if ranks is not None else None
+            if self._take(seq, token, lp, top, rank):
                 taken.append((seq, token))
         return taken
 
@@ -110,11 +116,15 @@ class OutputProcessor:
         for seq, token in taken:
             self._text_and_stops(seq, token)
 
-    def append_token(self, seq: Sequence, token: int, logprob: float | None, top: dict[int, float] | None) -> None:
-        if self._take(seq, token, logprob, top):
+    def append_token(
+        self, seq: Sequence, token: int, logprob: float | None, top: dict[int, float] | None, rank: int | None = None
+    ) -> None:
+        if self._take(seq, token, logprob, top, rank):
             self._text_and_stops(seq, token)
 
-    def _take(self, seq: Sequence, token: int, logprob: float | None, top: dict[int, float] | None) -> bool:
+    def _take(
+        self, seq: Sequence, token: int, logprob: float | None, top: dict[int, float] | None, rank: int | None = None
+    ) -> bool:
         """Append the token and its logprobs, and feed it to the sequence's grammar, which ends the sequence once
         it is complete (or on a token it rejects); False, and nothing done, when the sequence had finished."""
         if seq.is_finished:
@@ -129,6 +139,7 @@ class OutputProcessor:
             entry = dict(top or {})
             entry[token] = logprob
             seq.logprobs.append(entry)
+            seq.logprob_ranks.append(rank)
         if logprob is not None:
             seq.cumulative_logprob += logprob
         if seq.grammar is not None and _grammar_ends(seq, token):
@@ -182,25 +193,6 @@ class OutputProcessor:
         seq.finished_time = time.monotonic()
         self.scheduler.finish(seq)
 
-    @staticmethod
-    def record_prompt_logprobs(seq: Sequence, logits: torch.Tensor, start_pos: int) -> None:
-        """Row j (position start_pos + j) predicts prompt token start_pos + j + 1; positions scored before a
-        preemption are not scored twice."""
-        first = len(seq.prompt_logprobs) - start_pos - 1  # the first row not scored yet
-        last = min(logits.shape[0], seq.num_prompt_tokens - start_pos - 1)
-        if first < 0 or first >= last:  # (first < 0 cannot happen: choice 0 always computes its prompt)
-            return
-        logprobs = torch.log_softmax(logits[first:last].float(), dim=-1)
-        targets = seq.prompt_token_ids[start_pos + first + 1 : start_pos + last + 1]
-        chosen = logprobs.gather(1, to_device(targets, torch.int64, logits.device)[:, None]).squeeze(1).tolist()
-        n = seq.params.prompt_logprobs
-        tops = logprobs.topk(n, dim=-1) if n else None
-        top_ids, top_vals = (tops.indices.tolist(), tops.values.tolist()) if tops is not None else ([], [])
-        for j, (token, lp) in enumerate(zip(targets, chosen)):
-            entry = dict(zip(top_ids[j], top_vals[j])) if n else {}
-            entry[token] = lp
-            seq.prompt_logprobs.append(entry)
-
     # ---------------------------------------------------------------- outputs out
 
     def collect(self, progressed: list[Sequence]) -> list[RequestOutput]:
@@ -208,6 +200,8 @@ class OutputProcessor:
         outputs = []
         for req in self._reporting(progressed):
             out = self._delta_output(req) if req.params.output_kind == "delta" else self._request_output(req)
+            if req.params.logprobs is not None or req.params.prompt_logprobs is not None:
+                _with_logprob_objects(req, out, self.tokenizer)
             outputs.append(out)
             if out.finished:
                 del self.requests[req.request_id]
@@ -336,13 +330,14 @@ def _message_of(out: RequestOutput) -> tuple:
     return out.request_id, True, choices, out.prompt_logprobs, final
 
 
-def _columns(out: SamplerOutput) -> tuple[list[int], list[float] | None, tuple[list, list] | None]:
-    """A step's samples as host lists: token ids, their logprobs, the top logprobs (ids, values)."""
+def _columns(out: SamplerOutput) -> tuple[list[int], list[float] | None, tuple[list, list] | None, list | None]:
+    """A step's samples as host lists: token ids, their logprobs, the top logprobs (ids, values), their ranks."""
     logprobs = out.logprobs.tolist() if out.logprobs is not None else None
     tops = None
     if out.top_logprobs is not None:
         tops = (out.top_logprobs[0].tolist(), out.top_logprobs[1].tolist())
-    return out.token_ids.tolist(), logprobs, tops
+    ranks = out.ranks.tolist() if out.ranks is not None else None
+    return out.token_ids.tolist(), logprobs, tops, ranks
 
 
 def _top(seq: Sequence, tops: tuple[list, list], row: int) -> dict[int, float] | None:
@@ -439,3 +434,59 @@ def _metrics(req: Request) -> dict:
         "num_spec_draft_tokens": sum(s.num_spec_draft_tokens for s in req.seqs),
         "num_spec_accepted_tokens": sum(s.num_spec_accepted_tokens for s in req.seqs),
     }
+
+
+def record_prompt_logprobs(seq: Sequence, logits: torch.Tensor, start_pos: int) -> None:
+    """Row j (position start_pos + j) predicts prompt token start_pos + j + 1; positions scored before a
+    preemption are not scored twice."""
+    first = len(seq.prompt_logprobs) - start_pos - 1  # the first row not scored yet
+    last = min(logits.shape[0], seq.num_prompt_tokens - start_pos - 1)
+    if first < 0 or first >= last:  # (first < 0 cannot happen: choice 0 always computes its prompt)
+        return
+    logprobs = torch.log_softmax(logits[first:last].float(), dim=-1)
+    targets = seq.prompt_token_ids[start_pos + first + 1 : start_pos + last + 1]
+    chosen = logprobs.gather(1, to_device(targets, torch.int64, logits.device)[:, None])
+    ranks = (logprobs >= chosen).sum(dim=1).tolist()  # tokens at least as likely (vLLM's rank)
+    chosen = chosen.squeeze(1).tolist()
+    n = seq.params.prompt_logprobs
+    tops = logprobs.topk(n, dim=-1) if n else None
+    top_ids, top_vals = (tops.indices.tolist(), tops.values.tolist()) if tops is not None else ([], [])
+    for j, (token, lp) in enumerate(zip(targets, chosen)):
+        entry = dict(zip(top_ids[j], top_vals[j])) if n else {}
+        entry[token] = lp
+        seq.prompt_logprobs.append(entry)
+    seq.prompt_logprob_ranks += ranks
+
+
+def _with_logprob_objects(req: Request, out: RequestOutput, tokenizer: Any) -> None:
+    """collect()'s outputs carry vLLM's Logprob dicts (engine/outputs.py); collect_messages' keep plain floats (the
+    server writes numbers, and they cross a pipe)."""
+    decode = None
+    if req.params.detokenize and tokenizer is not None:
+        decode = lambda t: tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731 (vLLM's decoded_token)
+    for o in out.outputs:
+        if o.logprobs:  # a cumulative or final output has them all, a delta the last few
+            seq = req.seqs[o.index]
+            made = req.logprob_objects.setdefault(o.index, [])
+            tokens = seq.token_ids[seq.num_prompt_tokens :]
+            _extend(made, seq.logprobs, tokens, seq.logprob_ranks, seq.params.logprobs, decode)
+            o.logprobs = made[len(made) - len(o.logprobs) :]
+    if out.prompt_logprobs is not None:  # (a cumulative output's may be partial: a chunked prompt)
+        seq = req.seqs[0]
+        made = req.logprob_objects.setdefault("prompt", [])
+        _extend(
+            made,
+            seq.prompt_logprobs,
+            seq.prompt_token_ids,
+            seq.prompt_logprob_ranks,
+            req.params.prompt_logprobs,
+            decode,
+        )
+        out.prompt_logprobs = made[: len(out.prompt_logprobs)]
+
+
+def _extend(made: list, entries: list, tokens: list[int], ranks: list, num_top: int, decode: Any) -> None:
+    """Make the Logprob dicts of entries[len(made):] (None stays None: a prompt's first token)."""
+    for i in range(len(made), len(entries)):
+        e = entries[i]
+        made.append(logprob_dict(e, tokens[i], ranks[i], num_top, decode) if e is not None else None)

@@ -31,6 +31,7 @@ class SamplerOutput:
     token_ids: torch.Tensor  # int64 [B]
     logprobs: torch.Tensor | None  # float32 [B]: log_softmax(raw logits) at the sampled token, if any row asked
     top_logprobs: tuple[torch.Tensor, torch.Tensor] | None  # (ids int64 [B, N], values float32 [B, N])
+    ranks: torch.Tensor | None = None  # int64 [B]: the sampled tokens' ranks (tokens at least as likely), with logprobs
 
 
 @dataclass
@@ -451,4 +452,5 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, noise: torch.Tensor | Non
     raw_logprobs = torch.log_softmax(logits.to(torch.float32), dim=-1)
     logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
     values, ids = raw_logprobs.topk(batch.max_num_logprobs, dim=-1)
-    return SamplerOutput(token_ids=token_ids, logprobs=logprobs, top_logprobs=(ids, values))
+    ranks = (raw_logprobs >= logprobs.unsqueeze(1)).sum(dim=1)
+    return SamplerOutput(token_ids=token_ids, logprobs=logprobs, top_logprobs=(ids, values), ranks=ranks)

@@ -43,7 +43,9 @@ class Sequence:
     stop_reason: int | str | None = None
     text: str = ""
     logprobs: list[dict[int, float]] | None = None
+    logprob_ranks: list[int] | None = None  # each sampled token's rank in its distribution (1 = most likely)
     prompt_logprobs: list[dict[int, float] | None] | None = None  # per prompt token; the first has none
+    prompt_logprob_ranks: list[int | None] | None = None
     cumulative_logprob: float = 0.0
     stop_state: int = 0  # where the request's stop-string matcher stands after this sequence's text
     arrival_time: float = field(default_factory=time.monotonic)
@@ -58,9 +60,9 @@ class Sequence:
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         if self.params.logprobs is not None:
-            self.logprobs = []
+            self.logprobs, self.logprob_ranks = [], []
         if self.params.prompt_logprobs is not None and self.index == 0:  # choices share one prompt
-            self.prompt_logprobs = [None]
+            self.prompt_logprobs, self.prompt_logprob_ranks = [None], [None]
 
     @property
     def num_tokens(self) -> int:

@@ -250,10 +250,10 @@ class SpeculativeDecoder:
             seq.num_draft_computed_tokens = base_len[i] + min(a, k - 1)
             self._count(seq, a)
             for j, token in enumerate(drafts[i][:a] + [next_tokens[i]]):
-                lp, top = None, None
+                lp, top, rank = None, None, None
                 if seq.params.logprobs is not None:
-                    lp, top = _logprobs(logprobs_all[i * (k + 1) + j], token, seq.params.logprobs)
-                self.outputs.append_token(seq, token, lp, top)
+                    lp, top, rank = _logprobs(logprobs_all[i * (k + 1) + j], token, seq.params.logprobs)
+                self.outputs.append_token(seq, token, lp, top, rank)
                 if seq.is_finished:
                     break
 
@@ -268,10 +268,11 @@ class SpeculativeDecoder:
             self.accepted_per_position[j] += 1
 
 
-def _logprobs(row: torch.Tensor, token: int, n: int) -> tuple[float, dict[int, float] | None]:
-    """The token's logprob in `row` (log_softmax of the target's logits) and the row's top `n` (None for 0)."""
+def _logprobs(row: torch.Tensor, token: int, n: int) -> tuple[float, dict[int, float] | None, int]:
+    """The token's logprob in `row` (log_softmax of the target's logits), the row's top `n` (None for 0), and the
+    token's rank (how many tokens are at least as likely)."""
     top = None
     if n:
         values, ids = row.topk(n)
         top = dict(zip(ids.tolist(), values.tolist()))
-    return float(row[token]), top
+    return float(row[token]), top, int((row >= row[token]).sum())
