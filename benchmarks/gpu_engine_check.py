@@ -18,6 +18,8 @@
    fields, and are the same whether xgrammar fills the masks on one thread or on four (every fill on the threads).
 7. Grammar masks read by the sampling kernel: constrained greedy decoding gives the torch path's tokens, and
    unseeded constrained samples (the kernel's race) parse.
+8. Logprobs as vLLM's Logprob objects: the sampled token first with its rank, the top N ranked 1..N; CUDA-graph
+   replays equal eager passes.
 """
 
 from __future__ import annotations
@@ -283,6 +285,38 @@ def check_fused_vs_reference_writes() -> dict:
     }
 
 
+def check_logprobs() -> dict:
+    """vLLM's Logprob objects from the GPU's sampler (seeded samples at temperature 1, top 3): each position's
+    dict holds the sampled token first, then the top 3 ranked 1..3 in descending order; the sampled token's rank
+    is its top rank when among them, else above 3; CUDA-graph replays give the eager passes' tokens, logprobs and
+    ranks; a speculative run (its own draws) keeps the same shape."""
+    params = SamplingParams(temperature=1.0, seed=0, max_tokens=48, logprobs=3, ignore_eos=True)
+    spec = {"speculative_model": str(DEMO_DRAFT), "num_speculative_tokens": 4}
+    res, seen = {}, {}
+    for name, kw in (("graphs", {}), ("eager", {"enforce_eager": True}), ("spec", spec)):
+        outs = LLM(str(DEMO_TARGET), **kw).generate(PROMPTS, params, use_tqdm=False)
+        entries = [(t, e) for o in outs for t, e in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
+        shaped = 0
+        for token, entry in entries:
+            keys = list(entry)
+            in_top = len(keys) == 3  # else the sampled token was added before the top 3
+            top = keys if in_top else keys[1:]
+            by_rank = sorted(top, key=lambda k: entry[k].rank)
+            ranks_ok = [entry[k].rank for k in by_rank] == [1, 2, 3] and all(
+                entry[a].logprob >= entry[b].logprob for a, b in zip(by_rank, by_rank[1:])
+            )
+            sampled_ok = keys[0] == token and (entry[token].rank <= 3) == in_top
+            shaped += ranks_ok and sampled_ok
+        res[name] = {
+            "positions": len(entries),
+            "shaped_as_vllm": shaped,
+            "sampled_outside_top3": sum(e[t].rank > 3 for t, e in entries),
+        }
+        seen[name] = [(t, [(k, v.logprob, v.rank) for k, v in e.items()]) for t, e in entries]
+    res["graphs_equal_eager"] = seen["graphs"] == seen["eager"]
+    return res
+
+
 CHECKS = {
     "layer_ops": check_layer_ops,
     "graphs_vs_eager": check_graphs_vs_eager,
@@ -292,6 +326,7 @@ CHECKS = {
     "fused_vs_reference_writes": check_fused_vs_reference_writes,
     "structured_outputs": check_structured_outputs,
     "kernel_masks": check_kernel_masks,
+    "logprobs": check_logprobs,
 }
 
 

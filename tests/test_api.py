@@ -364,6 +364,8 @@ def test_prompt_logprobs_in_the_server_match_transformers(client, hf_model, hf_t
         top2 = ref[pos - 1].topk(2).indices.tolist()
         ranked = {int(k): v["rank"] for k, v in entry.items()}
         assert ranked[top2[0]] == 1 and ranked[top2[1]] == 2
+        # the prompt token's own rank, in the top or not: how many tokens are at least as likely
+        assert ranked[ids[pos]] == int((ref[pos - 1] >= ref[pos - 1, ids[pos]]).sum())
         assert len(entry) == (2 if ids[pos] in top2 else 3)
     chat = client.chat.completions.create(
         model=MODEL_NAME, messages=MESSAGES["messages"], max_tokens=1, extra_body={"prompt_logprobs": 0}

@@ -173,18 +173,25 @@ def test_two_api_servers_answer_like_one_and_count_every_request(model_dir):
                 proc.wait(timeout=15)
 
 
-def test_an_engine_that_cannot_load_fails_the_launcher(model_dir, tmp_path):
-    """Every API server's startup fails on the engine's error; the launcher exits non-zero, nothing left running."""
+@pytest.mark.parametrize("api_servers", [1, 2])
+def test_an_engine_that_cannot_load_fails_the_launcher(model_dir, tmp_path, api_servers):
+    """Every API server's startup fails on the engine's error, in one line each (the engine logs its traceback
+    once); the launcher exits non-zero, nothing left running."""
     broken = tmp_path / "no-weights"
     broken.mkdir()
     for f in model_dir.iterdir():
         if not f.name.endswith(".safetensors"):
             (broken / f.name).write_bytes(f.read_bytes())
     cmd = [sys.executable, "-m", "miniserve.cli", "serve", "--model", str(broken), "--device", "cpu"]
-    cmd += ["--port", str(free_port()), "--api-servers", "2", "--log-level", "warning"]
+    cmd += ["--port", str(free_port()), "--api-servers", str(api_servers), "--log-level", "warning"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "the engine failed to load" in proc.stderr and "safetensors" in proc.stderr
+    said = [line for line in proc.stderr.splitlines() if "miniserve: the server cannot start: " in line]
+    # (with several, the launcher stops the rest once one exited: some may not have said it yet)
+    assert 1 <= len(said) <= api_servers and all("the engine failed to load" in line for line in said), proc.stderr
+    # the engine's traceback, once (API server 0 logs it; with several it may be stopped before it does)
+    assert proc.stderr.count("Traceback") == 1 if api_servers == 1 else proc.stderr.count("Traceback") <= 1
 
 
 @pytest.mark.parametrize("api_servers", [1, 2])
@@ -208,3 +215,31 @@ def test_uvicorn_refuses_several_api_servers_with_what_to_run_instead(model_dir)
     with pytest.raises(ValueError, match="miniserve serve --api-servers 2"):
         settings_from_env({"MINISERVE_MODEL": str(model_dir), "MINISERVE_API_SERVERS": "2"})
     assert settings_from_env({"MINISERVE_MODEL": str(model_dir)})[1].api_servers == 1
+
+
+def test_uvicorn_says_which_settings_it_does_not_read(model_dir):
+    """Under `uvicorn server:app` the address and log level are uvicorn's flags: a MINISERVE_ variable for them is
+    not silently dropped."""
+    import logging
+
+    from miniserve.server.app import settings_from_env
+
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger = logging.getLogger("uvicorn.error")  # (uvicorn's config may stop it propagating: listen right there)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        settings_from_env({"MINISERVE_MODEL": str(model_dir), "MINISERVE_PORT": "9001", "MINISERVE_LOG_LEVEL": "debug"})
+        assert said == [
+            "MINISERVE_PORT is not read by uvicorn: pass uvicorn's --port (or run `miniserve serve`)",
+            "MINISERVE_LOG_LEVEL is not read by uvicorn: pass uvicorn's --log-level (or run `miniserve serve`)",
+        ]
+        said.clear()
+        settings_from_env({"MINISERVE_MODEL": str(model_dir)})
+        assert said == []
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -221,6 +221,8 @@ class OutputProcessor:
                 msg = _message_of(self._request_output(req))
             else:  # what is new since the last message, "cumulative" requests included
                 msg = self._delta_message(req)
+            if msg is not None and msg[3] is not None:  # (complete) with each prompt token's rank: Logprob dicts
+                msg = (*msg[:3], _prompt_logprob_objects(req, len(msg[3]), None), msg[4])
             if msg is not None:
                 messages.append(msg)
             if msg is not None and msg[1]:
@@ -459,8 +461,9 @@ def record_prompt_logprobs(seq: Sequence, logits: torch.Tensor, start_pos: int) 
 
 
 def _with_logprob_objects(req: Request, out: RequestOutput, tokenizer: Any) -> None:
-    """collect()'s outputs carry vLLM's Logprob dicts (engine/outputs.py); collect_messages' keep plain floats (the
-    server writes numbers, and they cross a pipe)."""
+    """collect()'s outputs carry vLLM's Logprob dicts (engine/outputs.py); collect_messages' keep plain floats for
+    the sampled tokens (they cross a pipe every step, and the server writes numbers), Logprob dicts without
+    decoded tokens for the prompt's (sent once; vLLM's prompt_logprobs have ranks)."""
     decode = None
     if req.params.detokenize and tokenizer is not None:
         decode = lambda t: tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731 (vLLM's decoded_token)
@@ -472,17 +475,16 @@ def _with_logprob_objects(req: Request, out: RequestOutput, tokenizer: Any) -> N
             _extend(made, seq.logprobs, tokens, seq.logprob_ranks, seq.params.logprobs, decode)
             o.logprobs = made[len(made) - len(o.logprobs) :]
     if out.prompt_logprobs is not None:  # (a cumulative output's may be partial: a chunked prompt)
-        seq = req.seqs[0]
-        made = req.logprob_objects.setdefault("prompt", [])
-        _extend(
-            made,
-            seq.prompt_logprobs,
-            seq.prompt_token_ids,
-            seq.prompt_logprob_ranks,
-            req.params.prompt_logprobs,
-            decode,
-        )
-        out.prompt_logprobs = made[: len(out.prompt_logprobs)]
+        out.prompt_logprobs = _prompt_logprob_objects(req, len(out.prompt_logprobs), decode)
+
+
+def _prompt_logprob_objects(req: Request, count: int, decode: Any) -> list:
+    """The first `count` of the prompt's logprobs as Logprob dicts (each made once)."""
+    seq = req.seqs[0]
+    made = req.logprob_objects.setdefault("prompt", [])
+    num_top = req.params.prompt_logprobs
+    _extend(made, seq.prompt_logprobs, seq.prompt_token_ids, seq.prompt_logprob_ranks, num_top, decode)
+    return made[:count]
 
 
 def _extend(made: list, entries: list, tokens: list[int], ranks: list, num_top: int, decode: Any) -> None:

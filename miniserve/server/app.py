@@ -87,6 +87,16 @@ async def metrics(request: Request) -> Response:
     return Response(state_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+class StartupError(Exception):
+    """What stopped the server starting, already logged in one line."""
+
+
+def _without_startup_traceback(record: logging.LogRecord) -> bool:
+    """uvicorn logs the lifespan's failure as a traceback through the framework's frames: a StartupError's says
+    nothing its logged line did not."""
+    return StartupError.__name__ not in record.getMessage()
+
+
 def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | None = None) -> FastAPI:
     """A FastAPI app that loads the engine on startup and stops its loop on shutdown (with `link`: joins the
     engine the launcher started, server/launcher.py)."""
@@ -95,10 +105,16 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         config.check_dirs()
         _log_like_uvicorn()
-        tokenizer = await asyncio.to_thread(load_tokenizer, config)
-        token_chars = await asyncio.to_thread(max_token_chars, tokenizer)
-        engine = EngineProcess(config, max_waiting=server.max_waiting, link=link)
-        await asyncio.to_thread(engine.start)
+        try:
+            tokenizer = await asyncio.to_thread(load_tokenizer, config)
+            token_chars = await asyncio.to_thread(max_token_chars, tokenizer)
+            engine = EngineProcess(config, max_waiting=server.max_waiting, link=link)
+            await asyncio.to_thread(engine.start)
+        except Exception as exc:  # one line (the engine process logged its own traceback of a failed load)
+            logger.error("miniserve: the server cannot start: %s", exc)
+            logger.debug("what stopped the start", exc_info=True)
+            logging.getLogger("uvicorn.error").addFilter(_without_startup_traceback)
+            raise StartupError(str(exc)) from None
         # here, not uvicorn's flag: MINISERVE_ACCESS_LOG and --no-access-log then work however uvicorn was started
         logging.getLogger("uvicorn.access").disabled = not server.access_log
         try:
@@ -208,6 +224,11 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> tuple[EngineConfig
     config = from_sources(EngineConfig, env=env)
     config.check_dirs()
     server = from_sources(ServerConfig, env=env)
+    for name, flag in (("host", "--host"), ("port", "--port"), ("log_level", "--log-level")):
+        if f"MINISERVE_{name.upper()}" in env:  # read by `miniserve serve`; uvicorn has its own flag
+            logging.getLogger("uvicorn.error").warning(
+                "MINISERVE_%s is not read by uvicorn: pass uvicorn's %s (or run `miniserve serve`)", name.upper(), flag
+            )
     if server.api_servers > 1:
         raise ValueError(
             f"MINISERVE_API_SERVERS={server.api_servers}: several API servers need `miniserve serve --api-servers "

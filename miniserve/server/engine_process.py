@@ -424,7 +424,8 @@ class EngineProcess:
             raise RuntimeError(f"the engine process exited with {_wait_exit(self._proc, 5)} while loading") from None
         if msg[0] == "error":
             _wait_exit(self._proc, 5)  # it returns once it has said why
-            logger.error("engine failed to load:\n%s", msg[2])
+            if self.link is None or self.link.index == 0:  # (each API server hears it: one logs the traceback)
+                logger.error("engine failed to load:\n%s", msg[2])
             raise RuntimeError(f"the engine failed to load: {msg[1]}")
         _, self.info, self._stats = msg
         self._alive = True

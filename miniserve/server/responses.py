@@ -9,6 +9,8 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
+from miniserve.engine.outputs import Logprob
+
 # How many preceding tokens give a token its context when decoded alone (SentencePiece drops a leading
 # space at the start of a decode, byte-level BPE may need neighbours to finish a UTF-8 character).
 _TOKEN_CONTEXT = 4
@@ -134,11 +136,12 @@ def completion_logprobs(
 
 
 def prompt_logprobs(
-    tokenizer: Any, prompt_ids: list[int], logprobs: list[dict[int, float] | None], num_top: int, as_ids: bool = False
+    tokenizer: Any, prompt_ids: list[int], logprobs: list[dict[int, Logprob] | None], num_top: int, as_ids: bool = False
 ) -> dict[str, list]:
     """The echoed prompt's part of legacy logprobs: the first token has no logprob (nothing precedes it)."""
     first = token_text(tokenizer, [], prompt_ids[0], as_ids)
-    rest = completion_logprobs(tokenizer, prompt_ids[:1], prompt_ids[1:], logprobs[1:], num_top, len(first), as_ids)
+    numbers = [{t: float(lp) for t, lp in e.items()} for e in logprobs[1:]]  # (orjson writes no float subclass)
+    rest = completion_logprobs(tokenizer, prompt_ids[:1], prompt_ids[1:], numbers, num_top, len(first), as_ids)
     return {
         "tokens": [first, *rest["tokens"]],
         "token_logprobs": [None, *rest["token_logprobs"]],
@@ -176,20 +179,25 @@ def chat_logprobs(
 
 
 def vllm_prompt_logprobs(
-    tokenizer: Any, prompt_ids: list[int], logprobs: list[dict[int, float] | None], num_top: int, as_ids: bool = False
+    tokenizer: Any, prompt_ids: list[int], logprobs: list[dict[int, Logprob] | None], num_top: int, as_ids: bool = False
 ) -> list[dict[str, dict[str, Any]] | None]:
     """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank, decoded_token}}
-    for the top-N plus the prompt token; rank 1 is the likeliest (None for a prompt token outside the top-N)."""
+    for the top-N plus the prompt token; rank 1 is the likeliest (the engine's rank for a prompt token outside the
+    top-N)."""
     out: list[dict[str, dict[str, Any]] | None] = [None]
     for pos in range(1, len(prompt_ids)):
         entry, token = logprobs[pos], prompt_ids[pos]
         ranked = [(t, lp, rank) for rank, (t, lp) in enumerate(top_entries(entry, num_top), start=1)]
         if all(t != token for t, _, _ in ranked):
-            ranked.append((token, entry[token], None))
+            ranked.append((token, entry[token], entry[token].rank))
         context = prompt_ids[max(0, pos - _TOKEN_CONTEXT) : pos]
         out.append(
             {
-                str(t): {"logprob": lp, "rank": rank, "decoded_token": token_text(tokenizer, context, t, as_ids)}
+                str(t): {
+                    "logprob": float(lp),  # (orjson writes no float subclass)
+                    "rank": rank,
+                    "decoded_token": token_text(tokenizer, context, t, as_ids),
+                }
                 for t, lp, rank in ranked
             }
         )
