@@ -1347,7 +1347,7 @@ def gpu_correctness() -> str:
             )
         rows.append(["seeded JSON-schema sampling (masks on 1 or 4 threads, the helper or the engine's thread, "
                      "overlapped or stepwise)", f"{so['valid']}/{so['of']} valid, {same}"])  # fmt: skip
-    rows += kernel_masks_rows()
+    rows += kernel_masks_rows() + logprobs_rows()
     return table(["check", "result"], rows, "ll")
 
 
@@ -1363,6 +1363,24 @@ def kernel_masks_rows() -> list[list[str]]:
             f"grammar masks in the sampling kernel (`{name}`, {d['provenance']['device']})",
             f"constrained greedy = the torch path's tokens: {m['greedy_kernel_equals_torch']}; valid JSON: greedy "
             f"{m['greedy_valid']}/{m['greedy_of']}, unseeded samples {m['unseeded_valid']}/{m['unseeded_of']}",
+        ]
+    ]
+
+
+def logprobs_rows() -> list[list[str]]:
+    """vLLM's Logprob objects from the GPU's sampler, end to end on the demo model (gpu_engine_check.py --only
+    logprobs)."""
+    d = load("engine_check_logprobs_h100.json")
+    if not d:
+        return []
+    runs = {k: v for k, v in d["logprobs"].items() if isinstance(v, dict)}
+    shaped = ", ".join(f"{k} {v['shaped_as_vllm']}/{v['positions']}" for k, v in runs.items())
+    outside = ", ".join(f"{k} {v['sampled_outside_top3']}" for k, v in runs.items())
+    return [
+        [
+            f"logprobs as vLLM's Logprob objects (`engine_check_logprobs_h100.json`, {d['provenance']['device']})",
+            f"positions in vLLM's shape (sampled token first with its rank, the top 3 ranked 1..3): {shaped}; "
+            f"sampled outside the top 3: {outside}; CUDA graphs = eager: {d['logprobs']['graphs_equal_eager']}",
         ]
     ]
 
