@@ -337,9 +337,14 @@ def test_best_of_returns_the_n_likeliest_of_best_of(client, url):
     kwargs = dict(model=MODEL_NAME, prompt="ROMEO:", max_tokens=5, temperature=1.0, seed=5)
     every = client.completions.create(n=4, logprobs=0, extra_body={"ignore_eos": True}, **kwargs)
     sums = sorted(((sum(c.logprobs.token_logprobs), c.text) for c in every.choices), reverse=True)
+    from tests.test_server import metric, scrape
+
+    before = scrape(url)
     best = client.completions.create(n=2, best_of=4, extra_body={"ignore_eos": True}, **kwargs)
     assert [c.text for c in best.choices] == [text for _, text in sums[:2]]
     assert [c.index for c in best.choices] == [0, 1] and all(c.logprobs is None for c in best.choices)
+    after = scrape(url)  # the request's n, not the best_of the engine ran
+    assert metric(after, "request_params_n_sum") - metric(before, "request_params_n_sum") == 2
     # logprobs=0 (falsy, still asked for): each choice keeps its sampled tokens' logprobs
     best = client.completions.create(n=2, best_of=4, logprobs=0, extra_body={"ignore_eos": True}, **kwargs)
     assert [c.text for c in best.choices] == [text for _, text in sums[:2]]
@@ -371,6 +376,35 @@ def test_prompt_logprobs_in_the_server_match_transformers(client, hf_model, hf_t
         model=MODEL_NAME, messages=MESSAGES["messages"], max_tokens=1, extra_body={"prompt_logprobs": 0}
     )
     assert chat.model_extra["prompt_logprobs"][0] is None and len(chat.model_extra["prompt_logprobs"]) > 3
+
+
+@pytest.mark.parametrize("logits", [[3.0, 2.0, 2.0, 1.0], [2.0, 2.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+def test_prompt_logprobs_with_tied_logprobs_keep_the_top_n_and_ranks(logits):
+    """Ties are common (bf16 logits): the server's prompt_logprobs and echo's legacy top_logprobs keep topk's N
+    tokens ranked 1..N in its order, and the prompt token beside them with its rank (tokens at least as likely),
+    through the engine's scoring and the pipe's (float dicts, ranks) form."""
+    from miniserve import SamplingParams
+    from miniserve.engine.output_processor import record_prompt_logprobs
+    from miniserve.engine.outputs import logprob_dicts
+    from miniserve.scheduler.sequence import Sequence
+    from miniserve.server import responses as fmt
+
+    class Ids:  # token text as its id (return_tokens_as_token_ids)
+        pass
+
+    logprobs = torch.log_softmax(torch.tensor(logits), -1)
+    top = logprobs.topk(2).indices.tolist()
+    for chosen in range(4):
+        prompt = [0, chosen]
+        seq = Sequence(0, "r", 0, prompt, SamplingParams(prompt_logprobs=2, max_tokens=1))
+        record_prompt_logprobs(seq, torch.tensor([logits]), 0)
+        entries = logprob_dicts(seq.prompt_logprobs, prompt, seq.prompt_logprob_ranks, 2, None)  # as the server
+        want = {str(t): i + 1 for i, t in enumerate(top)}
+        want.setdefault(str(chosen), int((logprobs >= logprobs[chosen]).sum()))
+        served = fmt.vllm_prompt_logprobs(Ids(), prompt, entries, 2, as_ids=True)[1]
+        assert {t: v["rank"] for t, v in served.items()} == want, (logits, chosen)
+        legacy = fmt.prompt_logprobs(Ids(), prompt, entries, 2, as_ids=True)["top_logprobs"][1]
+        assert set(legacy) == {f"token_id:{t}" for t in want}, (logits, chosen)
 
 
 def test_truncate_and_add_special_tokens(client, hf_tok):

@@ -243,3 +243,27 @@ def test_uvicorn_says_which_settings_it_does_not_read(model_dir):
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+@pytest.mark.parametrize("api_servers", [1, 2])
+def test_connections_are_refused_until_the_app_is_up(model_dir, api_servers):
+    """The port is bound before the model loads but listened on only once the app started (as vLLM's): a client
+    (or a TCP readiness probe) that connects meanwhile is refused, not accepted and left waiting for the load."""
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "miniserve.cli", "serve", "--model", str(model_dir), "--device", "cpu"]
+    cmd += ["--port", str(port), "--api-servers", str(api_servers), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the first connect that is accepted
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=2.0).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)

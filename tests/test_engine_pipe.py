@@ -127,7 +127,7 @@ def test_end_of_file_comes_after_the_last_frame():
 
 class _Params:
     def __init__(self, n: int, logprobs: int | None):
-        self.n, self.logprobs = n, logprobs
+        self.n, self.logprobs, self.prompt_logprobs = n, logprobs, 0
         self.output_kind, self.detokenize, self.skip_special_tokens = "delta", True, True
 
 
@@ -152,7 +152,7 @@ def _random_steps(rng: random.Random, num_steps: int) -> list[tuple]:
             if not choices:
                 continue
             finished = all(t >= ends[(rid, i)] for i in range(n))
-            prompt_logprobs = [None, {5: -1.0}] if rid == "r1" and t == 0 else None
+            prompt_logprobs = ([None, {2: -1.0}], [None, 7]) if rid == "r1" and t == 0 else None  # (entries, ranks)
             metrics = {"finished_time": float(t), "num_cached_tokens": 3} if finished else None
             deltas.append((rid, finished, choices, prompt_logprobs, metrics))
         steps.append(("step", deltas, {"step": t}, 7 + t))

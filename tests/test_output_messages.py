@@ -20,8 +20,14 @@ def _as_messages(outs, ended: dict) -> list[tuple]:
                 )
                 seen[o.index] = o.finish_reason is not None
         final = {**out.metrics, "num_cached_tokens": out.num_cached_tokens} if out.finished else None
-        if choices or out.prompt_logprobs is not None or out.finished:
-            messages.append((out.request_id, out.finished, choices, out.prompt_logprobs, final))
+        prompt = None
+        if out.prompt_logprobs is not None:  # (float dicts, the prompt tokens' ranks): made into dicts by the server
+            chosen = out.prompt_token_ids
+            floats = [None if e is None else {t: lp.logprob for t, lp in e.items()} for e in out.prompt_logprobs]
+            ranks = [None if e is None else e[t].rank for e, t in zip(out.prompt_logprobs, chosen)]
+            prompt = (floats, ranks)
+        if choices or prompt is not None or out.finished:
+            messages.append((out.request_id, out.finished, choices, prompt, final))
     return messages
 
 

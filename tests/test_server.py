@@ -533,10 +533,9 @@ def test_client_disconnect_aborts_and_frees_blocks_within_a_second(url):
     assert aborted - metric(before, "request_success_total", finished_reason="abort") == 1
     generated = metric(after, "generation_tokens_total") - metric(before, "generation_tokens_total")
     assert 3 <= generated < 1000  # it stopped early, and it stays stopped:
-    # the aborted request is in the per-request histograms with what it had (as a finished one would be)
+    # as in vLLM, the per-request histograms are of finished requests: the aborted one is in the latency only
     delta = lambda name: metric(after, name) - metric(before, name)  # noqa: E731
-    assert delta("request_prompt_tokens_count") == 1 and delta("request_params_max_tokens_sum") == 1000
-    assert 3 <= delta("request_generation_tokens_sum") <= generated
+    assert delta("e2e_request_latency_seconds_count") == 1 and delta("request_prompt_tokens_count") == 0
     time.sleep(0.2)
     assert metric(scrape(url), "generation_tokens_total") == metric(after, "generation_tokens_total")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from miniserve.engine.outputs import CompletionOutput, RequestOutput, logprob_dict
+from miniserve.engine.outputs import CompletionOutput, RequestOutput, logprob_dicts
 from miniserve.engine.sampler import SamplerOutput
 from miniserve.engine.stop_strings import StopMatcher
 from miniserve.engine.transfer import to_device
@@ -133,7 +133,8 @@ class OutputProcessor:
         self.num_generation_tokens += 1
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
-            if seq.index == 0:  # its prompt is computed (once for all n choices): vLLM counts it here too
+            if seq.index == 0:  # its prompt is computed: counted here as vLLM does (once, where vLLM's n child
+                # requests count it n times)
                 self.num_prompt_tokens += seq.num_prompt_tokens
         if seq.logprobs is not None:
             entry = dict(top or {})
@@ -221,8 +222,8 @@ class OutputProcessor:
                 msg = _message_of(self._request_output(req))
             else:  # what is new since the last message, "cumulative" requests included
                 msg = self._delta_message(req)
-            if msg is not None and msg[3] is not None:  # (complete) with each prompt token's rank: Logprob dicts
-                msg = (*msg[:3], _prompt_logprob_objects(req, len(msg[3]), None), msg[4])
+            if msg is not None and msg[3] is not None:  # (complete) with each prompt token's rank beside
+                msg = (*msg[:3], (msg[3], req.seqs[0].prompt_logprob_ranks[: len(msg[3])]), msg[4])
             if msg is not None:
                 messages.append(msg)
             if msg is not None and msg[1]:
@@ -461,9 +462,9 @@ def record_prompt_logprobs(seq: Sequence, logits: torch.Tensor, start_pos: int) 
 
 
 def _with_logprob_objects(req: Request, out: RequestOutput, tokenizer: Any) -> None:
-    """collect()'s outputs carry vLLM's Logprob dicts (engine/outputs.py); collect_messages' keep plain floats for
-    the sampled tokens (they cross a pipe every step, and the server writes numbers), Logprob dicts without
-    decoded tokens for the prompt's (sent once; vLLM's prompt_logprobs have ranks)."""
+    """collect()'s outputs carry vLLM's Logprob dicts (engine/outputs.py); collect_messages' keep plain floats (they
+    cross a pipe, and pickled Logprob objects cost a hundred times more), the prompt's with their ranks beside
+    (the API process makes the dicts: server/engine_process.py:RequestStream.apply)."""
     decode = None
     if req.params.detokenize and tokenizer is not None:
         decode = lambda t: tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731 (vLLM's decoded_token)
@@ -488,7 +489,6 @@ def _prompt_logprob_objects(req: Request, count: int, decode: Any) -> list:
 
 
 def _extend(made: list, entries: list, tokens: list[int], ranks: list, num_top: int, decode: Any) -> None:
-    """Make the Logprob dicts of entries[len(made):] (None stays None: a prompt's first token)."""
-    for i in range(len(made), len(entries)):
-        e = entries[i]
-        made.append(logprob_dict(e, tokens[i], ranks[i], num_top, decode) if e is not None else None)
+    """Add the Logprob dicts of entries[len(made):]."""
+    k = len(made)
+    made += logprob_dicts(entries[k:], tokens[k:], ranks[k:], num_top, decode)

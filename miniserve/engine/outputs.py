@@ -42,6 +42,13 @@ def logprob_dict(
     return out
 
 
+def logprob_dicts(
+    entries: list, tokens: list[int], ranks: list, num_top: int, decode: Callable[[int], str] | None
+) -> list[dict[int, Logprob] | None]:
+    """logprob_dict at each position (None stays None: a prompt's first token)."""
+    return [None if e is None else logprob_dict(e, t, r, num_top, decode) for e, t, r in zip(entries, tokens, ranks)]
+
+
 @dataclass
 class CompletionOutput:
     index: int

@@ -39,7 +39,7 @@ async def create_chat_completion(request: Request) -> Response:
         req, budget, top, state.vocab_size, req.prompt_logprobs, structured, defaults=state.sampling_defaults
     )
     group = RequestGroup(state, f"chatcmpl-{uuid.uuid4().hex}", req.stream)
-    await group.start([ids], [params], "messages")
+    await group.start([ids], [params], "messages", req.n)
     head = {
         "id": req.request_id or group.base_id,
         "object": "chat.completion",

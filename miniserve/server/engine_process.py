@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from miniserve.engine.output_processor import drops_stop_token_text
-from miniserve.engine.outputs import CompletionOutput, RequestOutput
+from miniserve.engine.outputs import CompletionOutput, RequestOutput, logprob_dicts
 from miniserve.server.gc_heap import freeze_startup_heap, thaw_heap
 from miniserve.server.metrics import ServerMetrics
 from miniserve.server.pipe import FrameReader, FrameWriter, LoopFrameWriter
@@ -285,9 +285,11 @@ class RequestStream:
         params: Any,
         wake: Callable[[RequestStream], None],
         tokenizer: Any = None,
+        asked_n: int | None = None,
     ):
         self.request_id = request_id
-        self.n: int = params.n
+        self.n: int = params.n  # the choices the engine runs (best_of of them when the request has best_of)
+        self.asked_n = asked_n or params.n  # the request's n
         self.params = params
         want_logprobs = params.logprobs is not None
         completions = [CompletionOutput(i, "", [], logprobs=[] if want_logprobs else None) for i in range(self.n)]
@@ -323,8 +325,10 @@ class RequestStream:
             if logprobs is not None and o.logprobs is not None:
                 o.logprobs.extend(logprobs)
             o.finish_reason, o.stop_reason, o.cumulative_logprob = finish, stop, cumulative
-        if prompt_logprobs is not None:
-            self.output.prompt_logprobs = prompt_logprobs
+        if prompt_logprobs is not None:  # (float dicts, the prompt tokens' ranks): vLLM's Logprob dicts
+            entries, ranks = prompt_logprobs
+            tokens, num_top = self.output.prompt_token_ids, self.params.prompt_logprobs
+            self.output.prompt_logprobs = logprob_dicts(entries, tokens, ranks, num_top, None)
         if finished:
             self.output.finished = True
             self.output.metrics = metrics or {}
@@ -523,8 +527,9 @@ class EngineProcess:
         if stream is None:
             return
         self._post(("abort", [request_id]))
-        if self.metrics is not None:
-            _observe_ended(self.metrics, stream, time.monotonic() - stream.arrival, "abort")
+        if self.metrics is not None:  # (the per-request histograms are of requests the engine finished, as vLLM's)
+            reasons = [o.finish_reason or "abort" for o in stream.output.outputs]  # choices done before keep theirs
+            self.metrics.observe_finished(reasons, time.monotonic() - stream.arrival)
         stream.end(None, reason)
         stream.wake(stream)
 
@@ -615,7 +620,7 @@ class EngineProcess:
             if finished:
                 self._forget(request_id)
                 if metrics is not None:
-                    _observe_ended(metrics, stream, now - stream.arrival)
+                    _observe_finished(metrics, stream, now - stream.arrival)
             stream.wake(stream)
 
     def _on_engine_exit(self) -> None:
@@ -673,14 +678,13 @@ def _join_deltas(a: tuple, b: tuple) -> tuple:
     return b[0], b[1], sorted(choices.values(), key=lambda c: c[0]), prompt_logprobs, b[4]
 
 
-def _observe_ended(metrics: ServerMetrics, stream: RequestStream, e2e_seconds: float, reason: str = "") -> None:
-    """A request that ended: its choices' finish reasons (`reason` for those still running: an abort), its
-    latency, its tokens, parameters, and where its time went (the engine's timestamps, sent with its final
-    output)."""
+def _observe_finished(metrics: ServerMetrics, stream: RequestStream, e2e_seconds: float) -> None:
+    """A request the engine finished: its choices' finish reasons, its latency, its tokens, parameters, and where
+    its time went (the engine's timestamps, sent with its final output)."""
     out = stream.output
-    metrics.observe_finished([o.finish_reason or reason for o in out.outputs], e2e_seconds)
+    metrics.observe_finished([o.finish_reason for o in out.outputs], e2e_seconds)
     choice_tokens = [len(o.token_ids) for o in out.outputs]
-    metrics.observe_request(len(out.prompt_token_ids), choice_tokens, stream.params, out.metrics or {})
+    metrics.observe_request(len(out.prompt_token_ids), choice_tokens, stream.asked_n, stream.params, out.metrics or {})
 
 
 def _observe_final(metrics: ServerMetrics, stream: RequestStream, num_tokens: int, now: float) -> None:

@@ -83,7 +83,8 @@ def run_api_servers(config: EngineConfig, server: ServerConfig) -> int:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """The server's listening socket, bound before any model loads (a busy port fails at once)."""
+    """The server's socket, bound before any model loads (a busy port fails at once); uvicorn listens on it once
+    the app started, so a client connecting meanwhile is refused rather than left waiting."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -92,7 +93,6 @@ def listen(host: str, port: int) -> socket.socket:
     except OSError as e:  # in use, or not an address of this machine: one line, as uvicorn says it
         sock.close()
         raise SystemExit(f"miniserve: error: cannot listen on {host}:{port}: {e.strerror or e}") from None
-    sock.listen(2048)
     return sock
 
 

@@ -231,14 +231,14 @@ class ServerMetrics:
         if e2e_seconds is not None:
             self.e2e.observe(e2e_seconds)
 
-    def observe_request(self, prompt_tokens: int, choice_tokens: list[int], params: Any, metrics: dict) -> None:
-        """A request that ended (finished or aborted): its token counts, its parameters, and its time in queue,
-        prefill and decode (the engine's timestamps, which come with its final output: an aborted request has
-        none; a phase that did not happen, e.g. no token generated, is not observed)."""
+    def observe_request(self, prompt_tokens: int, choice_tokens: list[int], n: int, params: Any, metrics: dict) -> None:
+        """A request the engine finished: its token counts, its n and max_tokens, and its time in queue, prefill
+        and decode (the engine's timestamps, which come with its final output; a phase that did not happen, e.g.
+        no token generated, is not observed; the time per output token is 0 with one token, as vLLM's)."""
         self.prompt_tokens.observe(prompt_tokens)
         self.generation_tokens.observe(sum(choice_tokens))
         self.max_generation_tokens.observe(max(choice_tokens, default=0))
-        self.params_n.observe(params.n)
+        self.params_n.observe(n)
         if params.max_tokens is not None:
             self.params_max_tokens.observe(params.max_tokens)
         arrival, scheduled = metrics.get("arrival_time"), metrics.get("first_scheduled_time")
@@ -253,8 +253,8 @@ class ServerMetrics:
             if start is not None and end is not None:
                 histogram.observe(max(0.0, end - start))
         later = max(choice_tokens, default=0) - 1
-        if first is not None and finished is not None and later > 0:
-            self.time_per_output_token.observe(max(0.0, finished - first) / later)
+        if first is not None and finished is not None:
+            self.time_per_output_token.observe(max(0.0, finished - first) / later if later > 0 else 0.0)
 
     def observe_iteration(self, num_tokens: int) -> None:
         self.iteration_tokens.observe(num_tokens)

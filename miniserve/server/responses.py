@@ -140,7 +140,8 @@ def prompt_logprobs(
 ) -> dict[str, list]:
     """The echoed prompt's part of legacy logprobs: the first token has no logprob (nothing precedes it)."""
     first = token_text(tokenizer, [], prompt_ids[0], as_ids)
-    numbers = [{t: float(lp) for t, lp in e.items()} for e in logprobs[1:]]  # (orjson writes no float subclass)
+    # (orjson writes no float subclass; in rank order, tokens of equal logprobs keep the engine's order)
+    numbers = [{t: float(lp) for t, lp in sorted(e.items(), key=_rank)} for e in logprobs[1:]]
     rest = completion_logprobs(tokenizer, prompt_ids[:1], prompt_ids[1:], numbers, num_top, len(first), as_ids)
     return {
         "tokens": [first, *rest["tokens"]],
@@ -187,8 +188,8 @@ def vllm_prompt_logprobs(
     out: list[dict[str, dict[str, Any]] | None] = [None]
     for pos in range(1, len(prompt_ids)):
         entry, token = logprobs[pos], prompt_ids[pos]
-        ranked = [(t, lp, rank) for rank, (t, lp) in enumerate(top_entries(entry, num_top), start=1)]
-        if all(t != token for t, _, _ in ranked):
+        ranked = [(t, lp, lp.rank) for t, lp in sorted(entry.items(), key=_rank)[:num_top]]
+        if all(t != token for t, _, _ in ranked):  # (outside the top N its rank is above N)
             ranked.append((token, entry[token], entry[token].rank))
         context = prompt_ids[max(0, pos - _TOKEN_CONTEXT) : pos]
         out.append(
@@ -202,6 +203,10 @@ def vllm_prompt_logprobs(
             }
         )
     return out
+
+
+def _rank(item: tuple[int, Logprob]) -> int:
+    return item[1].rank
 
 
 def usage(prompt_tokens: int, completion_tokens: int, outputs: list[Any]) -> dict[str, Any]:
