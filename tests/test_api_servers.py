@@ -246,15 +246,17 @@ def test_uvicorn_says_which_settings_it_does_not_read(model_dir):
 
 
 @pytest.mark.parametrize("api_servers", [1, 2])
-def test_connections_are_refused_until_the_app_is_up(model_dir, api_servers):
+def test_connections_are_refused_until_the_app_is_up(model_dir, api_servers, tmp_path):
     """The port is bound before the model loads but listened on only once the app started (as vLLM's): a client
-    (or a TCP readiness probe) that connects meanwhile is refused, not accepted and left waiting for the load."""
+    (or a TCP readiness probe) that connects meanwhile is refused, not accepted and left waiting for the load.
+    One line says where it listens."""
     import httpx
 
     port = free_port()
     cmd = [sys.executable, "-m", "miniserve.cli", "serve", "--model", str(model_dir), "--device", "cpu"]
-    cmd += ["--port", str(port), "--api-servers", str(api_servers), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd += ["--port", str(port), "--api-servers", str(api_servers)]
+    log = open(tmp_path / "log", "w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # the first connect that is accepted
@@ -264,6 +266,14 @@ def test_connections_are_refused_until_the_app_is_up(model_dir, api_servers):
             except OSError:
                 time.sleep(0.05)
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=2.0).status_code == 200
+        line, said = f"miniserve: listening on http://127.0.0.1:{port}\n", ""
+        deadline = time.monotonic() + 30  # (with several, API server 0 says it; another may answer first)
+        while line not in said and time.monotonic() < deadline:
+            time.sleep(0.1)
+            log.seek(0)
+            said = log.read()
+        assert said.count(line) == 1, said
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+        log.close()

@@ -135,7 +135,7 @@ def _api_main(config: EngineConfig, server: ServerConfig, sock: socket.socket, l
     _end_with_parent()
     from miniserve.server.app import create_app
 
-    _serve(create_app(config, server, link), server, sock)
+    _serve(create_app(config, server, link), server, sock, announce=link.index == 0)  # (one says where)
 
 
 def _serve(app: Any, server: ServerConfig, sock: socket.socket, announce: bool = False) -> bool:
