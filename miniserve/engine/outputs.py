@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 
 class Logprob(float):
-    """vLLM's Logprob: `.logprob`, `.rank` (1 = the most likely token; ties share the better rank) and
-    `.decoded_token` (the token decoded alone; None with detokenize=False). It is also the float itself, so code
-    that reads `logprobs[i][token]` as a number keeps working."""
+    """vLLM's Logprob: `.logprob`, `.rank` (the top N are ranked 1..N in order; a chosen token outside them by
+    how many tokens are at least as likely) and `.decoded_token` (the token decoded alone; None with
+    detokenize=False). It is also the float itself, so code that reads `logprobs[i][token]` as a number keeps
+    working."""
 
     __slots__ = ("rank", "decoded_token")
 

@@ -6,7 +6,7 @@ One Python event loop writes a few tens of thousands of SSE events a second; 256
 step need more (benchmarks/results/serve_trace_h200.json), so, as vLLM's --api-server-count does, several
 processes share the HTTP work. This process only launches and supervises:
 
-1. binds the listening socket (every API server accepts on it: a busy one accepts less, an idle one more);
+1. binds the socket (every API server listens and accepts on it: a busy one accepts less, an idle one more);
 2. starts the engine process with a pipe pair for each API server (engine_process.spawn_engine), which routes
    each request's output to the API server that posted it;
 3. starts the API servers: each is the same app as with one (create_app), joined to the engine by its pipes
@@ -41,7 +41,7 @@ def run_server(config: EngineConfig, server: ServerConfig) -> int:
     config.check_dirs()  # before anything starts, so the CLI prints one clear line
     if server.api_servers > 1:
         raise ValueError("several API servers are started by run_api_servers")
-    sock = listen(server.host, server.port)  # a busy port is one line now, not after the model loaded
+    sock = bind(server.host, server.port)  # a busy port is one line now, not after the model loaded
     return 0 if _serve(create_app(config, server), server, sock, announce=True) else 3  # (as uvicorn.run's)
 
 
@@ -50,7 +50,7 @@ def run_api_servers(config: EngineConfig, server: ServerConfig) -> int:
     from miniserve.server.engine_process import spawn_engine
 
     config.check_dirs()  # before anything starts, so the CLI prints one clear line
-    sock = listen(server.host, server.port)
+    sock = bind(server.host, server.port)
     engine, links = spawn_engine(config, server.api_servers)
     ctx = mp.get_context("spawn")
     apis = [
@@ -82,7 +82,7 @@ def run_api_servers(config: EngineConfig, server: ServerConfig) -> int:
     return status
 
 
-def listen(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int) -> socket.socket:
     """The server's socket, bound before any model loads (a busy port fails at once); uvicorn listens on it once
     the app started, so a client connecting meanwhile is refused rather than left waiting."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
