@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from miniserve.engine.outputs import CompletionOutput, RequestOutput, logprob_dicts
-from miniserve.engine.sampler import SamplerOutput
+from miniserve.engine.sampler import SamplerOutput, token_ranks
 from miniserve.engine.stop_strings import StopMatcher
 from miniserve.engine.transfer import to_device
 from miniserve.sampling_params import SamplingParams
@@ -43,12 +43,14 @@ class Request:
     reported: list[tuple[int, int]] = field(init=False)  # output_kind "delta": (tokens, characters) per choice
     ended: list[bool] = field(init=False)  # collect_messages: whether each choice's finish was reported
     prompt_logprobs_reported: bool = False
-    # collect(): the Logprob dicts made so far, by choice index ("prompt": the prompt's), each made once
-    logprob_objects: dict[int | str, list] = field(default_factory=dict)
+    # collect(): the Logprob dicts made so far (each once), per choice and of the prompt
+    logprob_objects: list[list] = field(init=False)
+    prompt_logprob_objects: list = field(default_factory=list)
     single_plain: bool = field(init=False)  # streamed with one choice, no stop strings, no logprobs of any kind
 
     def __post_init__(self) -> None:
         self.reported = [(0, 0)] * len(self.seqs)
+        self.logprob_objects = [[] for _ in self.seqs]
         self.ended = [False] * len(self.seqs)
         p = self.params
         self.single_plain = (
@@ -449,7 +451,7 @@ def record_prompt_logprobs(seq: Sequence, logits: torch.Tensor, start_pos: int) 
     logprobs = torch.log_softmax(logits[first:last].float(), dim=-1)
     targets = seq.prompt_token_ids[start_pos + first + 1 : start_pos + last + 1]
     chosen = logprobs.gather(1, to_device(targets, torch.int64, logits.device)[:, None])
-    ranks = (logprobs >= chosen).sum(dim=1).tolist()  # tokens at least as likely (vLLM's rank)
+    ranks = token_ranks(logprobs, chosen).tolist()
     chosen = chosen.squeeze(1).tolist()
     n = seq.params.prompt_logprobs
     tops = logprobs.topk(n, dim=-1) if n else None
@@ -471,7 +473,7 @@ def _with_logprob_objects(req: Request, out: RequestOutput, tokenizer: Any) -> N
     for o in out.outputs:
         if o.logprobs:  # a cumulative or final output has them all, a delta the last few
             seq = req.seqs[o.index]
-            made = req.logprob_objects.setdefault(o.index, [])
+            made = req.logprob_objects[o.index]
             tokens = seq.token_ids[seq.num_prompt_tokens :]
             _extend(made, seq.logprobs, tokens, seq.logprob_ranks, seq.params.logprobs, decode)
             o.logprobs = made[len(made) - len(o.logprobs) :]
@@ -482,7 +484,7 @@ def _with_logprob_objects(req: Request, out: RequestOutput, tokenizer: Any) -> N
 def _prompt_logprob_objects(req: Request, count: int, decode: Any) -> list:
     """The first `count` of the prompt's logprobs as Logprob dicts (each made once)."""
     seq = req.seqs[0]
-    made = req.logprob_objects.setdefault("prompt", [])
+    made = req.prompt_logprob_objects
     num_top = req.params.prompt_logprobs
     _extend(made, seq.prompt_logprobs, seq.prompt_token_ids, seq.prompt_logprob_ranks, num_top, decode)
     return made[:count]

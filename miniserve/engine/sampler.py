@@ -425,6 +425,11 @@ def _fused(logits: torch.Tensor) -> bool:
     return logits.is_cuda and triton_installed() and covers(*logits.shape)
 
 
+def token_ranks(logprobs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """vLLM's rank of each row's chosen token: how many tokens are at least as likely ([R, V], [R, 1] -> [R])."""
+    return (logprobs >= chosen).sum(dim=-1)
+
+
 def race_seed() -> int:
     """The fused race's noise seed for one step, from torch's global generator (torch.manual_seed repeats it)."""
     return int(torch.randint(2**31 - 1, (1,)).item())
@@ -452,5 +457,5 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, noise: torch.Tensor | Non
     raw_logprobs = torch.log_softmax(logits.to(torch.float32), dim=-1)
     logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
     values, ids = raw_logprobs.topk(batch.max_num_logprobs, dim=-1)
-    ranks = (raw_logprobs >= logprobs.unsqueeze(1)).sum(dim=1)
+    ranks = token_ranks(raw_logprobs, logprobs.unsqueeze(1))
     return SamplerOutput(token_ids=token_ids, logprobs=logprobs, top_logprobs=(ids, values), ranks=ranks)

@@ -153,8 +153,8 @@ class ServerMetrics:
         self,
         get_stats: Callable[[], dict],
         model_name: str,
+        max_model_len: int,
         cache_config: dict[str, str] | None = None,
-        max_model_len: int = 100_000,
     ):
         self.registry = CollectorRegistry()
         self.model_name = model_name

@@ -64,7 +64,7 @@ class ServerState:
         self.vocab_size: int = engine.info["vocab_size"]
         self.sampling_defaults: dict[str, float | int] = engine.info["sampling_defaults"]
         self.model_name: str = server.served_model_name or engine.info["model_name"]
-        self.metrics = ServerMetrics(engine.stats, self.model_name, engine.info["cache_config"], self.max_model_len)
+        self.metrics = ServerMetrics(engine.stats, self.model_name, self.max_model_len, engine.info["cache_config"])
         engine.metrics = self.metrics
         # structured outputs compile here, off the event loop and off the engine's step loop (structured_output.py)
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size, engine.info["eos_token_ids"])

@@ -30,6 +30,7 @@ from miniserve.config import EngineConfig
 from miniserve.engine.decoder import PlainDecoder
 from miniserve.engine.model_runner import ForwardInput, ModelRunner
 from miniserve.engine.output_processor import OutputProcessor
+from miniserve.engine.sampler import token_ranks
 from miniserve.scheduler.scheduler import ScheduledSeq, Scheduler
 from miniserve.scheduler.sequence import Sequence
 from miniserve.spec_decode.catch_up import is_uniform
@@ -275,4 +276,4 @@ def _logprobs(row: torch.Tensor, token: int, n: int) -> tuple[float, dict[int, f
     if n:
         values, ids = row.topk(n)
         top = dict(zip(ids.tolist(), values.tolist()))
-    return float(row[token]), top, int((row >= row[token]).sum())
+    return float(row[token]), top, int(token_ranks(row[None], row[token].view(1, 1)))
