@@ -239,7 +239,7 @@ def check_kernel_masks() -> dict:
     texts = [c.text for o in llm.generate(PROMPTS, drawn, use_tqdm=False) for c in o.outputs]
     return {
         "greedy_kernel_equals_torch": kernel == torch_path,
-        "greedy_valid": sum(json_valid(llm.get_tokenizer().decode(t)) for t in kernel),
+        "greedy_valid": sum(json_valid(llm.get_tokenizer().decode(t, skip_special_tokens=True)) for t in kernel),
         "greedy_of": len(kernel),
         "unseeded_valid": sum(json_valid(t) for t in texts),
         "unseeded_of": len(texts),

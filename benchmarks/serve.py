@@ -406,7 +406,7 @@ def run_offline(args: argparse.Namespace, workloads: list[list[BenchRequest]], w
     tok = llm.get_tokenizer()
 
     def as_prompts(reqs: list[BenchRequest]) -> list:
-        return [r.prompt if r.body.get("prompt") else tok.encode_chat(r.prompt) for r in reqs]
+        return [r.prompt if r.body.get("prompt") else tok.chat_prompt(r.prompt)[1] for r in reqs]
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     prompts = as_prompts(workloads[0])

@@ -80,8 +80,9 @@ class EngineConfig:
     dependent_launch: str = setting(
         "auto",
         "auto = on NVIDIA Hopper and newer GPUs, passes of up to 64 tokens (decode steps of batches up to 64) launch "
-        "a decoder layer's kernels as programmatic dependents (each starts while the one before finishes) and run its "
-        "projections on miniserve's Triton GEMM, which can be launched so, instead of cuBLAS (faster at batch 1 and "
+        "a decoder layer's kernels but the extend attention kernel as programmatic dependents (each starts while "
+        "the one before finishes) and run its projections on miniserve's Triton GEMM, which can be launched so, "
+        "instead of cuBLAS (faster at batch 1 and "
         "64: the README's Performance section; outputs differ from off in the last bits); off = ordinary launches and "
         "cuBLAS",
         DEPENDENT_LAUNCHES,
@@ -105,7 +106,9 @@ class EngineConfig:
         "threads xgrammar fills a step's structured-output token masks on, while one thread would take 0.5 ms or more; "
         "0 = half the CPUs, at most 4",
     )
-    seed: int = setting(0, "seed of the RNG that requests without their own seed sample from")
+    seed: int | None = setting(
+        0, "seed of the RNG that requests without their own seed sample from (LLM(seed=None): a random one each run)"
+    )
     generation_config: str = setting(
         "auto",
         "sampling defaults: auto = the model's generation_config.json (temperature, top_p, top_k, min_p, "
@@ -166,6 +169,8 @@ class EngineConfig:
                 "(a round verifies k+1 tokens a sequence as decode queries, so that greedy speculation reproduces "
                 "plain decoding bit for bit)",
             )
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise SettingError("seed", f"seed must be an integer or None, got {self.seed!r}")
         for name in ("max_model_len", "num_kv_blocks"):
             if getattr(self, name) is not None:
                 _check_min(name, getattr(self, name), 1)

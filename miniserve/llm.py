@@ -6,7 +6,7 @@ import itertools
 import numbers
 import operator
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -55,9 +55,11 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in prompt order.
 
-        A prompt is a string, a list of token ids, or {"prompt_token_ids": [...]} / {"prompt": "..."}.
+        A prompt is a string, a list of token ids, or vLLM's prompt dicts: {"prompt": "..."} or
+        {"prompt_token_ids": [...]} (with the text as "prompt" too, it is the output's `prompt`), either with
+        "cache_salt".
         """
-        prompts = _as_prompt_list(prompts)
+        prompts = [_as_prompt(p) for p in _as_prompt_list(prompts)]
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         # the caller sees finished requests only: the engine need not report (nor detokenize) every step
@@ -66,7 +68,9 @@ class LLM:
         try:
             for prompt, p in zip(prompts, params):
                 rid = f"gen-{next(self._ids)}"
-                self.engine.add_request(rid, prompt, p)
+                if prompt.cache_salt is not None:
+                    p = replace(p, cache_salt=prompt.cache_salt)
+                self.engine.add_request(rid, prompt.prompt, p, prompt_text=prompt.text)
                 ids.append(rid)
         except Exception:
             for rid in ids:
@@ -96,10 +100,10 @@ class LLM:
             check_chat_options(add_generation_prompt, continue_final_message, chat_template_kwargs, last_role)
         options = dict(tools=tools, chat_template=chat_template, continue_final_message=continue_final_message)
         tok = self.engine.tokenizer
-        prompts = [
-            tok.encode_chat(c, add_generation_prompt, template_kwargs=chat_template_kwargs, **options)
-            for c in conversations
-        ]
+        prompts = []
+        for c in conversations:
+            text, ids = tok.chat_prompt(c, add_generation_prompt, template_kwargs=chat_template_kwargs, **options)
+            prompts.append({"prompt_token_ids": ids, "prompt": text})  # the output's prompt is the rendered text
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, request_ids: list[str], use_tqdm: bool | Callable[..., Any]) -> list[RequestOutput]:
@@ -123,29 +127,60 @@ class LLM:
 PROMPTS_ERROR = "prompts must be a string, a list of token ids, a prompt dict, or a list of those"
 
 
+@dataclass
+class Prompt:
+    """One prompt as the engine takes it: text or token ids, the text of token ids if known, a cache salt."""
+
+    prompt: str | list
+    text: str | None = None
+    cache_salt: str | None = None
+
+
+PROMPT_KEYS = ("prompt", "prompt_token_ids", "cache_salt")
+# vLLM's multimodal inputs: a text-only engine refuses them rather than answering without them
+MULTIMODAL_KEYS = ("multi_modal_data", "mm_processor_kwargs", "multi_modal_uuids")
+
+
 def _as_prompt_list(prompts) -> list:
     if isinstance(prompts, (str, dict)):
-        return [_unwrap(prompts)]
+        return [prompts]
     if not isinstance(prompts, Iterable):
         raise ValueError(f"{PROMPTS_ERROR}, got {type(prompts).__name__}")
     prompts = list(prompts)
     if prompts and all(_is_token(t) for t in prompts):
-        return [_token_ids(prompts)]  # one prompt given as token ids (a list, a numpy array, a tensor)
-    return [_unwrap(p) for p in prompts]
+        return [prompts]  # one prompt given as token ids (a list, a numpy array, a tensor)
+    return prompts
 
 
-def _unwrap(prompt):
+def _as_prompt(prompt) -> Prompt:
     if isinstance(prompt, dict):
-        if "prompt_token_ids" in prompt:
-            return _token_ids(prompt["prompt_token_ids"])
-        if "prompt" in prompt:
-            return prompt["prompt"]
-        raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        return _prompt_from_dict(prompt)
     if isinstance(prompt, str):
-        return prompt
+        return Prompt(prompt)
     if not isinstance(prompt, Iterable):
         raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-    return _token_ids(prompt)
+    return Prompt(_token_ids(prompt))
+
+
+def _prompt_from_dict(prompt: dict) -> Prompt:
+    """vLLM's TextPrompt / TokensPrompt; a key it would act on that this engine cannot is refused by name."""
+    media = [k for k in MULTIMODAL_KEYS if prompt.get(k)]
+    if media:
+        raise ValueError(f"{media[0]}: multimodal inputs are not supported (the model is text-only)")
+    unknown = [k for k in prompt if k not in PROMPT_KEYS + MULTIMODAL_KEYS]
+    if unknown:
+        raise ValueError(f"a prompt dict has no key {unknown[0]!r} (it takes {', '.join(PROMPT_KEYS)})")
+    text, salt = prompt.get("prompt"), prompt.get("cache_salt")
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"a prompt dict's 'prompt' must be a string, got {type(text).__name__}")
+    if "prompt_token_ids" in prompt:
+        ids = prompt["prompt_token_ids"]
+        if isinstance(ids, (str, dict)) or not isinstance(ids, Iterable):
+            raise ValueError(f"'prompt_token_ids' must be a list of token ids, got {type(ids).__name__}")
+        return Prompt(_token_ids(ids), text, salt)
+    if text is None:
+        raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+    return Prompt(text, None, salt)
 
 
 def _is_token(value) -> bool:

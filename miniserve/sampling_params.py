@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 GREEDY_EPS = 1e-5  # temperatures below this are greedy (dividing by them would overflow)
 MAX_LOGPROBS = 20  # the OpenAI API's limit for top logprobs
+# penalties are applied in float32: a smaller positive value divides logits into infinities (or 0 flushed to zero)
+MIN_REPETITION_PENALTY = 1e-6
 OUTPUT_KINDS = ("cumulative", "delta", "final_only")  # vLLM's RequestOutputKind
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
 STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
@@ -81,7 +83,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 = off
     min_p: float = 0.0
-    seed: int | None = None
+    seed: int | None = None  # -1 = none (vLLM's)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -90,7 +92,7 @@ class SamplingParams:
     stop: str | list[str] | None = None  # normalised to a list
     stop_token_ids: list[int] | None = None  # normalised to a list
     ignore_eos: bool = False
-    logprobs: int | None = None  # top-N logprobs per token; 0 = only the sampled token's
+    logprobs: int | None = None  # top-N logprobs per token; 0 = only the sampled token's; True = 1 (vLLM's)
     prompt_logprobs: int | None = None  # top-N logprobs of every prompt token (scoring, `echo`); 0 = its own only
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
@@ -105,7 +107,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (OpenAI's meaning)
     allowed_token_ids: list[int] | None = None  # only these tokens may be sampled
     bad_words: list[str] | None = None  # words never generated: a word's last token is banned after its others
-    truncate_prompt_tokens: int | None = None  # keep only the prompt's last N tokens
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last N tokens; -1 = as many as fit
     structured_outputs: StructuredOutputsParams | None = None  # a grammar the output follows (JSON schema, regex...)
     # a request's own prefix-cache namespace: only requests with the same salt share cached KV blocks
     cache_salt: str | None = None
@@ -125,11 +127,13 @@ class SamplingParams:
         _check_number("top_p", self.top_p, low=0.0, low_open=True, high=1.0)
         _check_int("top_k", self.top_k, low=-1)
         _check_number("min_p", self.min_p, low=0.0, high=1.0)
+        if self.seed == -1 and not isinstance(self.seed, bool):
+            self.seed = None
         if self.seed is not None:
             _check_int("seed", self.seed, low=-(2**63), high=2**63 - 1)  # int64: what torch.Generator takes
         _check_number("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
         _check_number("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
-        _check_number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
+        _check_number("repetition_penalty", self.repetition_penalty, low=MIN_REPETITION_PENALTY)
         if self.max_tokens is not None:
             _check_int("max_tokens", self.max_tokens, low=1)
         _check_int("min_tokens", self.min_tokens, low=0)
@@ -144,10 +148,8 @@ class SamplingParams:
             raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         if self.stop and not self.detokenize:
             raise ValueError("detokenize=False cannot be combined with stop strings (they are matched in the text)")
-        if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
-        if self.prompt_logprobs is not None:
-            _check_int("prompt_logprobs", self.prompt_logprobs, low=0, high=MAX_LOGPROBS)
+        for name in ("logprobs", "prompt_logprobs"):
+            setattr(self, name, _check_logprobs(name, getattr(self, name)))
         self._check_controls()
 
     def _check_controls(self) -> None:
@@ -160,7 +162,7 @@ class SamplingParams:
             if any(w.strip() == "" for w in self.bad_words):
                 raise ValueError("bad_words must not contain empty strings")
             self.bad_words = list(self.bad_words) or None
-        if self.truncate_prompt_tokens is not None:
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens != -1:
             _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, low=1)
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}")
@@ -216,6 +218,24 @@ class SamplingParams:
                     f"{name} contains token id {bad}, which is outside the vocabulary: the model has {vocab_size} "
                     f"tokens (ids 0..{vocab_size - 1})"
                 )
+
+
+def truncation_length(truncate_prompt_tokens: int | None, max_model_len: int) -> int | None:
+    """How many of a prompt's last tokens truncate_prompt_tokens keeps: -1 keeps as many as leave one token of
+    room to generate (vLLM's -1 keeps max_model_len, a prompt it then refuses as too long)."""
+    return max_model_len - 1 if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+
+
+def _check_logprobs(name: str, value: object) -> int | None:
+    """None, 0..MAX_LOGPROBS, or True (= 1, vLLM's); -1 is vLLM's whole vocabulary, beyond what is returned."""
+    if value is None:
+        return None
+    if value is True:
+        return 1
+    if value == -1 and not isinstance(value, bool):
+        raise ValueError(f"{name}=-1 (the whole vocabulary) is more than the {MAX_LOGPROBS} returned at most")
+    _check_int(name, value, low=0, high=MAX_LOGPROBS)
+    return value
 
 
 def _check_int(name: str, value: object, low: int | None = None, high: int | None = None) -> None:

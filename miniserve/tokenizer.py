@@ -75,6 +75,20 @@ def check_template_kwargs(template_kwargs: dict[str, Any] | None) -> None:
         )
 
 
+class Encoding(dict):
+    """transformers' BatchEncoding as far as Python lists go: its keys also read as attributes (`.input_ids`)."""
+
+    @classmethod
+    def of(cls, ids: list[int]) -> Encoding:
+        return cls(input_ids=ids, attention_mask=[1] * len(ids))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 class Tokenizer:
     """Encode/decode/chat-template for one model directory; see the module docstring for the backends."""
 
@@ -111,29 +125,8 @@ class Tokenizer:
         if not directory.is_dir():
             raise FileNotFoundError(f"tokenizer directory {str(directory)!r} does not exist")
         config = _read_json(directory / "tokenizer_config.json")
-        tokenizer_class = str(config.get("tokenizer_class") or "")
         special: dict[str, str | None] = {name: _token_content(config.get(name)) for name in SPECIAL_TOKEN_NAMES}
-        prefix_space = config.get("add_prefix_space") is not False  # null (as transformers 5 writes it) = default
-        if (directory / "tokenizer.json").is_file():
-            backend = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
-            if tokenizer_class in LLAMA_TOKENIZER_CLASSES and _is_sentencepiece_bpe(backend):
-                _set_llama_pipeline(backend, config.get("legacy", False), prefix_space)
-        elif (directory / "tokenizer.model").is_file():
-            backend = _backend_from_sentencepiece(
-                directory / "tokenizer.model",
-                config.get("legacy", False),
-                prefix_space,
-            )
-            # LlamaTokenizer's defaults when the config does not name them
-            for name, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
-                if name not in config:
-                    special[name] = default
-        else:
-            raise FileNotFoundError(
-                f"no tokenizer.json or tokenizer.model in {str(directory)!r}: cannot build a tokenizer"
-            )
-        _add_config_tokens(backend, config, special)
-        _update_post_processor(backend, config, special)
+        backend = _load_backend(directory, config, special)
         return cls(
             backend,
             special_tokens=special,
@@ -196,38 +189,87 @@ class Tokenizer:
             return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        ids = list(ids)
+    def decode(self, ids: int | Iterable[int], skip_special_tokens: bool = False) -> str:
+        """The text of `ids` (or of one id); special tokens are kept unless asked, as transformers' default."""
+        ids = [ids] if isinstance(ids, int) else list(ids)
         if len(ids) > _GIL_FREE_CHARS // 4:
             text = self.backend.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
         else:
             text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(text) if self._clean_up else text
 
+    # ---------------------------------------------------------------- what transformers' tokenizers also offer
+    # (`LLM.get_tokenizer()` returns this object where vLLM returns a transformers tokenizer: code written for
+    # that finds the same calls with the same defaults)
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> Encoding:
+        """input_ids and attention_mask of a text or of each text in a list (no padding, no tensors)."""
+        if isinstance(text, str):
+            return Encoding.of(self.encode(text, add_special_tokens))
+        ids_list = [self.encode(t, add_special_tokens) for t in text]
+        return Encoding(input_ids=ids_list, attention_mask=[[1] * len(ids) for ids in ids_list])
+
+    def batch_decode(self, sequences: Iterable[Iterable[int]], skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(ids, skip_special_tokens) for ids in sequences]
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    def convert_ids_to_tokens(self, ids: int | Iterable[int]) -> str | None | list[str | None]:
+        return self.id_to_token(ids) if isinstance(ids, int) else [self.id_to_token(i) for i in ids]
+
+    def convert_tokens_to_ids(self, tokens: str | Iterable[str]) -> int | None | list[int | None]:
+        return self.token_to_id(tokens) if isinstance(tokens, str) else [self.token_to_id(t) for t in tokens]
+
     # ---------------------------------------------------------------- chat
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],
-        add_generation_prompt: bool = True,
+        add_generation_prompt: bool = False,
         *,
+        tokenize: bool = True,
+        return_dict: bool = True,
         tools: list[dict[str, Any]] | None = None,
         documents: list[dict[str, Any]] | None = None,
         chat_template: str | None = None,
         continue_final_message: bool = False,
         **template_kwargs: Any,
-    ) -> str:
-        """Render `messages` with the model's chat template (or DEFAULT_CHAT_TEMPLATE when it has none).
+    ) -> str | list[int] | Encoding:
+        """Render `messages` with the model's chat template (or DEFAULT_CHAT_TEMPLATE when it has none); with
+        transformers 5's defaults: input_ids and attention_mask of the rendered text (no specials added: the
+        template writes them), `return_dict=False` for the ids alone, `tokenize=False` for the text.
 
         Message content may be a string or a list of OpenAI text parts, which are joined with newlines.
         Keys whose value is None are dropped (as transformers does) so templates see them as undefined.
+        Tool-call arguments given as JSON text (OpenAI's messages) reach the template as objects.
         `tools` (OpenAI tool dicts) and `documents` reach the template as transformers passes them;
         `template_kwargs` become extra template variables (e.g. `enable_thinking`); `chat_template` replaces the
         model's template for this call. With `continue_final_message`, the text ends right after the last
         message's content (no end-of-turn marker), so the model continues that message.
         """
+        text = self.render_chat(messages, add_generation_prompt, tools, documents, chat_template,
+                                continue_final_message, template_kwargs)  # fmt: skip
+        if not tokenize:
+            return text
+        ids = self.encode(text, add_special_tokens=False)
+        return Encoding.of(ids) if return_dict else ids
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
+        documents: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
+        continue_final_message: bool = False,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        """The chat as text (apply_chat_template(tokenize=False))."""
         template = self._template(chat_template)
         variables = {name: value for name, value in self.special_tokens.items() if value is not None}
-        variables.update(template_kwargs)  # (the inputs named below are this method's own arguments)
+        variables.update(template_kwargs or {})  # (the inputs named below are this method's own arguments)
         normalized = [_normalize_message(m, i) for i, m in enumerate(messages)]
         if continue_final_message and normalized:  # mark where the final message's content ends
             normalized[-1]["content"] = (normalized[-1].get("content") or "") + CONTINUE_MARK
@@ -247,7 +289,7 @@ class Tokenizer:
             self._jinja_template = _compile_template(self.chat_template or DEFAULT_CHAT_TEMPLATE)
         return self._jinja_template
 
-    def encode_chat(
+    def chat_prompt(
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
@@ -256,23 +298,24 @@ class Tokenizer:
         template_kwargs: dict[str, Any] | None = None,
         check_text: Callable[[str], None] | None = None,
         **template_options: Any,
-    ) -> list[int]:
-        """Rendered chat as ids, plus the BOS prefix unless the template already wrote it (never EOS). An explicit
-        `add_special_tokens` has vLLM's meaning: True adds the tokenizer's specials on top of the template's text,
-        False encodes exactly the template's text. `template_kwargs` (a request's chat_template_kwargs) are extra
-        template variables, kept apart from this method's own arguments (`check_template_kwargs`). `check_text`
-        sees the rendered text before it is tokenized (the server's size limit)."""
+    ) -> tuple[str, list[int]]:
+        """(rendered text, prompt ids): the ids get the BOS prefix unless the template already wrote it (never
+        EOS). An explicit `add_special_tokens` has vLLM's meaning: True adds the tokenizer's specials on top of
+        the template's text, False encodes exactly the template's text. `template_kwargs` (a request's
+        chat_template_kwargs) are extra template variables, kept apart from this method's own arguments
+        (`check_template_kwargs`). `check_text` sees the rendered text before it is tokenized (the server's
+        size limit)."""
         check_template_kwargs(template_kwargs)
-        text = self.apply_chat_template(messages, add_generation_prompt, **template_options, **(template_kwargs or {}))
+        text = self.render_chat(messages, add_generation_prompt, template_kwargs=template_kwargs, **template_options)
         if check_text is not None:
             check_text(text)
         if add_special_tokens is not None:
-            return self.encode(text, add_special_tokens=add_special_tokens)
+            return text, self.encode(text, add_special_tokens=add_special_tokens)
         ids = self.encode(text, add_special_tokens=False)
         prefix = self._bos_prefix
         if prefix and ids[: len(prefix)] != prefix:
             ids = prefix + ids
-        return ids
+        return text, ids
 
     def encode_last(self, text: str, keep: int, add_special_tokens: bool = True) -> list[int]:
         """The text's last `keep` tokens, its special tokens (BOS) kept: transformers' left truncation
@@ -383,6 +426,28 @@ class IncrementalDetokenizer:
 
 
 # ---------------------------------------------------------------------------- backend construction
+def _load_backend(directory: Path, config: dict, special: dict[str, str | None]) -> tokenizers.Tokenizer:
+    """The `tokenizers` pipeline of a directory, as transformers 5 builds it; fills in `special` what a bare
+    tokenizer.model implies."""
+    prefix_space = config.get("add_prefix_space") is not False  # null (as transformers 5 writes it) = default
+    if (directory / "tokenizer.json").is_file():
+        backend = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+        tokenizer_class = str(config.get("tokenizer_class") or "")
+        if tokenizer_class in LLAMA_TOKENIZER_CLASSES and _is_sentencepiece_bpe(backend):
+            _set_llama_pipeline(backend, config.get("legacy", False), prefix_space)
+    elif (directory / "tokenizer.model").is_file():
+        backend = _backend_from_sentencepiece(directory / "tokenizer.model", config.get("legacy", False), prefix_space)
+        # LlamaTokenizer's defaults when the config does not name them
+        for name, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
+            if name not in config:
+                special[name] = default
+    else:
+        raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {str(directory)!r}: cannot build a tokenizer")
+    _add_config_tokens(backend, config, special)
+    _update_post_processor(backend, config, special)
+    return backend
+
+
 def _backend_from_sentencepiece(model_file: Path, legacy: bool, add_prefix_space: bool) -> tokenizers.Tokenizer:
     """Build transformers 5's Llama BPE pipeline from a SentencePiece model (pieces in id order)."""
     import sentencepiece
@@ -528,19 +593,39 @@ def _clean_up_tokenization(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------- chat templates
+class ChatMessageError(ValueError):
+    """A message the chat template cannot be given (the caller's input, not the template's failure)."""
+
+
 def _normalize_message(message: dict[str, Any], index: int) -> dict[str, Any]:
     if not isinstance(message, dict) or "role" not in message:
-        raise ValueError(f"messages[{index}] must be a dict with a 'role', got {message!r}")
+        raise ChatMessageError(f"messages[{index}] must be a dict with a 'role', got {message!r}")
     out = {key: value for key, value in message.items() if value is not None}
     content = out.get("content")
     if isinstance(content, list):
         texts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f"messages[{index}].content: only text parts are supported, got {part!r}")
+                raise ChatMessageError(f"messages[{index}].content: only text parts are supported, got {part!r}")
             texts.append(part["text"])
         out["content"] = "\n".join(texts)
+    if isinstance(out.get("tool_calls"), list):
+        out["tool_calls"] = [_template_tool_call(call, index) for call in out["tool_calls"]]
     return out
+
+
+def _template_tool_call(call: Any, index: int) -> Any:
+    """A tool call with its arguments as an object, as templates read them (`tool_call.arguments | tojson`):
+    OpenAI's messages carry them as JSON text; empty or missing text is no arguments ({}), as in vLLM."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments", ""), str):
+        return call
+    text = function.get("arguments") or "{}"
+    try:
+        arguments = json.loads(text)
+    except ValueError:
+        raise ChatMessageError(f"messages[{index}]: tool call arguments must be JSON text, got {text!r}") from None
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def _cut_at_continue_mark(rendered: str) -> str:

@@ -831,8 +831,8 @@ def head64_fp8_note() -> str:
         "These runs split a mixed step's decode tokens off to the decode kernel (commit 1e31adf); that split is off "
         "again (with it one API server streamed a burst of 256 requests far slower: the serve_h200.json of "
         "a10c274 in git), so in a step that carries "
-        "prompt chunks each decode token again gets a 64-row extend tile for its one row and dequantizes its whole "
-        "context there"
+        "a prompt chunk of more than 16 tokens each decode token again gets a 64-row extend tile for its one row and "
+        "dequantizes its whole context there"
     )
 
 

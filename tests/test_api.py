@@ -704,6 +704,71 @@ def test_tool_choice_errors(url):
             assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
 
 
+def test_a_prompt_too_long_by_its_characters_says_so_without_a_made_up_count(url):
+    """Refused before tokenizing (more characters than the context's tokens could hold): the message says what
+    is known, not a token count."""
+    context = httpx.get(f"{url}/v1/models").json()["data"][0]["max_model_len"]
+    text = "to be " * 15_000
+    for path, body, param in (("/v1/completions", {"prompt": text}, "prompt"), ("/v1/chat/completions",
+            {"messages": [{"role": "user", "content": text}]}, "messages")):  # fmt: skip
+        err = assert_openai_error(post(url, path, {"model": MODEL_NAME, "max_tokens": 1, **body}), 400, param)
+        assert err["code"] == "context_length_exceeded", err
+        assert f"has {len(text)} characters, so more than {context} tokens" in err["message"], err
+
+
+def test_tool_call_arguments_in_messages(url):
+    """Empty arguments are none ({}, as vLLM reads them); text that is not JSON is the client's 400, on chat and
+    /tokenize alike."""
+
+    def messages(arguments: str) -> list[dict]:
+        call = {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": arguments}}
+        return [
+            {"role": "user", "content": "Time?"},
+            {"role": "assistant", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "noon"},
+        ]
+
+    body = {"model": MODEL_NAME, "tools": TOOLS, "max_tokens": 2, "return_token_ids": True}
+    ok = post(url, "/v1/chat/completions", {**body, "messages": messages("")})
+    assert ok.status_code == 200, ok.text
+    prompt = post(url, "/detokenize", {"tokens": ok.json()["prompt_token_ids"]}).json()["prompt"]
+    assert '<tool_call>\n{"name": "get_time", "arguments": {}}' in prompt
+    for path in ("/v1/chat/completions", "/tokenize"):
+        err = assert_openai_error(post(url, path, {**body, "messages": messages("{bad")}), 400, "messages")
+        assert "messages[1]: tool call arguments must be JSON text" in err["message"], path
+
+
+def test_required_tool_choice_with_schema_definitions(client, url):
+    """Tools whose parameters refer to their own $defs (pydantic's schemas) keep working under tool_choice
+    required, where every tool's schema sits deep in one array schema."""
+    import jsonschema
+
+    place = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}
+    tools = [
+        {"type": "function", "function": {"name": "weather", "parameters": {
+            "type": "object", "properties": {"loc": {"$ref": "#/$defs/Loc"}}, "required": ["loc"],
+            "$defs": {"Loc": place}}}},
+        {"type": "function", "function": {"name": "trip", "parameters": {
+            "type": "object", "properties": {"to": {"$ref": "#/definitions/Loc"}}, "required": ["to"],
+            "definitions": {"Loc": place}}}},
+    ]  # fmt: skip
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    r = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES["messages"], tools=tools, tool_choice="required", temperature=1.0,
+        seed=5, max_tokens=300, n=4,
+    )  # fmt: skip
+    calls = [c for choice in r.choices for c in choice.message.tool_calls]
+    assert len(calls) >= 4
+    for call in calls:
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    other = {**place, "properties": {"city": {"type": "integer"}}}
+    clash = [tools[0], {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"$ref": "#/$defs/Loc"}}, "$defs": {"Loc": other}}}}]  # fmt: skip
+    body = {"model": MODEL_NAME, **MESSAGES, "tools": clash, "tool_choice": "required", "max_tokens": 2}
+    err = assert_openai_error(post(url, "/v1/chat/completions", body), 400, "tools")
+    assert "two tools define $defs/Loc differently" in err["message"]
+
+
 @pytest.mark.parametrize(
     ("fmt", "text", "content", "calls"),
     [

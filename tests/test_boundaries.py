@@ -102,11 +102,17 @@ def test_kv_pool_exact_fit_counts_the_speculative_lookahead(llama_dir, draft_dir
 
 
 def test_max_model_len_exact_fit(llama_dir):
+    """Generation ends where the context is full, whatever max_tokens says (vLLM's offline engine); a prompt that
+    leaves no room is refused."""
     eng = engine(llama_dir, max_model_len=32)
-    out = run(eng, [(prompt(31), greedy(1)), (prompt(16), greedy(16)), (prompt(20), greedy(None))])["outputs"]
-    assert [len(out[i].token_ids) for i in "012"] == [1, 16, 12]  # max_tokens=None: until the context is full
-    assert all(out[i].finish_reason == "length" for i in "012")
-    for ids, n in ((prompt(32), 1), (prompt(16), 17), (prompt(1), 32)):
+    cases = [(prompt(31), greedy(1)), (prompt(16), greedy(16)), (prompt(20), greedy(None)), (prompt(16), greedy(17))]
+    cases += [(prompt(1), greedy(32)), (prompt(31), greedy(2))]
+    out = run(eng, cases)["outputs"]
+    assert [len(out[str(i)].token_ids) for i in range(6)] == [1, 16, 12, 16, 31, 1]
+    assert all(out[str(i)].finish_reason == "length" for i in range(6))
+    ref = run(engine(llama_dir), [(prompt(16), greedy(16))])["outputs"]["0"].token_ids
+    assert out["3"].token_ids == ref  # the same tokens as a max_tokens that fits
+    for ids, n in ((prompt(32), 1), (prompt(32), None), (prompt(40), 1)):
         with pytest.raises(ValueError, match="max_model_len"):
             eng.add_request("x", ids, greedy(n))
     assert not eng.has_unfinished_requests()

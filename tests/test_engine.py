@@ -354,8 +354,12 @@ def test_bad_input_is_a_clear_error_and_engine_stays_usable(llama_dir):
         llm.generate([[]], GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="max_model_len"):
         llm.generate([[5] * 80], GREEDY, use_tqdm=False)
-    with pytest.raises(ValueError, match="max_tokens"):
-        llm.generate([[5] * 50], SamplingParams(max_tokens=30), use_tqdm=False)
+    with pytest.raises(ValueError, match="multi_modal_data: multimodal inputs are not supported"):
+        llm.generate({"prompt": "x", "multi_modal_data": {"image": object()}}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="a prompt dict has no key 'prompt_ids'"):
+        llm.generate({"prompt_ids": [5]}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="'prompt_token_ids' must be a list of token ids"):
+        llm.generate({"prompt_token_ids": 5}, GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
@@ -375,12 +379,93 @@ def test_request_that_can_never_fit_is_rejected(llama_dir):
     assert len(llm.generate([[5] * 4], SamplingParams(max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids) >= 1
 
 
+def test_vllm_prompt_dicts_keep_their_text_and_cache_salt(llama_dir):
+    llm = make_llm(llama_dir, block_size=4)
+    ids = llm.get_tokenizer().encode("To be, or not to be, that is the question")
+    out = llm.generate({"prompt_token_ids": ids, "prompt": "the text"}, GREEDY, use_tqdm=False)[0]
+    assert out.prompt == "the text" and out.prompt_token_ids == ids
+    llm.reset_prefix_cache()
+    cached = [
+        llm.generate({"prompt_token_ids": ids, "cache_salt": salt}, GREEDY, use_tqdm=False)[0].num_cached_tokens
+        for salt in ("a", "a", "b")
+    ]
+    assert cached[0] == 0 and cached[1] >= 8 and cached[2] == 0  # a salt reads only its own cached blocks
+
+
+def test_chat_gives_templates_tool_call_arguments_as_objects(llama_dir):
+    """OpenAI messages carry tool-call arguments as JSON text; templates read objects (`arguments | tojson`), as
+    transformers is given them by vLLM; empty text is no arguments."""
+    import transformers
+
+    template = (
+        "{% for m in messages %}{{ m.role }}:{% for c in m.tool_calls or [] %}{{ c.function.name }}"
+        "{{ c.function.arguments | tojson }};{% endfor %}{{ m.content or '' }}\n{% endfor %}"
+    )
+
+    def conversation(first: object, second: object) -> list[dict]:
+        calls = [
+            {"id": f"c{i}", "type": "function", "function": {"name": "f", "arguments": a}}
+            for i, a in enumerate((first, second))
+        ]
+        return [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": None, "tool_calls": calls},
+            {"role": "tool", "tool_call_id": "c0", "content": "sunny"},
+        ]
+
+    llm = make_llm(llama_dir)
+    out = llm.chat(conversation('{"city": "Paris"}', ""), GREEDY, use_tqdm=False, chat_template=template)[0]
+    hf = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    expected = hf.apply_chat_template(
+        conversation({"city": "Paris"}, {}), chat_template=template, tokenize=False, add_generation_prompt=True
+    )
+    assert out.prompt == expected and '"city": "Paris"' in expected
+    with pytest.raises(ValueError, match=r"messages\[1\]: tool call arguments must be JSON text, got '\{bad'"):
+        llm.chat(conversation("{bad", "{}"), GREEDY, use_tqdm=False, chat_template=template)
+
+
+def test_sampling_values_vllm_gives_a_meaning(llama_dir):
+    assert SamplingParams(seed=-1).seed is None  # vLLM's "no seed"
+    assert SamplingParams(logprobs=True).logprobs == 1 and SamplingParams(prompt_logprobs=True).prompt_logprobs == 1
+    with pytest.raises(ValueError, match="logprobs=-1 \\(the whole vocabulary\\) is more than the 20"):
+        SamplingParams(logprobs=-1)
+    with pytest.raises(ValueError, match="repetition_penalty must be in \\[1e-06"):
+        SamplingParams(repetition_penalty=1e-308)  # 0 in float32: the penalty would divide by zero
+    llm = make_llm(llama_dir, max_model_len=32)
+    # truncate_prompt_tokens=-1: as many of the prompt's last tokens as leave room to generate one
+    prompt = list(range(5, 45))
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, truncate_prompt_tokens=-1), use_tqdm=False)
+    assert out[0].prompt_token_ids == prompt[-31:] and len(out[0].outputs[0].token_ids) == 1
+    assert out[0].outputs[0].finish_reason == "length"
+
+
+def test_engine_seed_none_draws_a_fresh_seed(llama_dir):
+    from miniserve.config import EngineConfig, SettingError
+
+    sampled = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True)
+    runs = [make_llm(llama_dir, seed=seed).generate(["To be"], sampled, use_tqdm=False) for seed in (None, None, 3, 3)]
+    tokens = [r[0].outputs[0].token_ids for r in runs]
+    assert tokens[0] != tokens[1] and tokens[2] == tokens[3]
+    with pytest.raises(SettingError, match="seed must be an integer or None, got '3'"):
+        EngineConfig(seed="3")
+
+
 def test_chat_and_string_prompts(llama_dir):
+    import transformers
+
     llm = make_llm(llama_dir)
     tok = llm.get_tokenizer()
-    out = llm.chat([{"role": "user", "content": "Speak, friend."}], GREEDY, use_tqdm=False)[0]
-    assert out.prompt_token_ids == tok.encode_chat([{"role": "user", "content": "Speak, friend."}])
+    hf = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    messages = [{"role": "user", "content": "Speak, friend."}]
+    out = llm.chat(messages, GREEDY, use_tqdm=False)[0]
+    # vLLM's: the output's prompt is the rendered chat
+    assert out.prompt == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert out.prompt_token_ids == hf.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     assert out.prompt_token_ids.count(tok.bos_token_id) == 1
+    # the recipe written for a transformers tokenizer: its ids, generated from as the chat's are
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    again = llm.generate({"prompt_token_ids": ids}, GREEDY, use_tqdm=False)[0]
+    assert again.outputs[0].token_ids == out.outputs[0].token_ids and again.prompt is None
     text_out = llm.generate("ROMEO:", GREEDY, use_tqdm=False)[0]
     assert text_out.prompt == "ROMEO:" and text_out.prompt_token_ids == tok.encode("ROMEO:")
     assert text_out.outputs[0].text == tok.decode(text_out.outputs[0].token_ids)

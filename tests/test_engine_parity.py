@@ -315,5 +315,8 @@ def test_sliding_window_caps_the_context_with_a_warning(tmp_path, tokenizer_dir)
     with pytest.warns(UserWarning, match="sliding-window"):
         eng = engine(path)
     assert eng.max_model_len == 64
-    with pytest.raises(ValueError, match="max_model_len=64"):
-        eng.add_request("r", list(range(2, 62)), SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="context length \\(max_model_len\\) is 64"):
+        eng.add_request("r", list(range(2, 66)), SamplingParams(max_tokens=1))
+    eng.add_request("r", list(range(2, 62)), SamplingParams(max_tokens=10, ignore_eos=True))
+    outs = [o for _ in range(20) for o in eng.step() if o.finished]
+    assert [(len(o.outputs[0].token_ids), o.outputs[0].finish_reason) for o in outs] == [(4, "length")]

@@ -82,7 +82,9 @@ def test_serve_benchmark_runs_every_phase_on_a_tiny_shape(tmp_path):
     assert stream["vs_offline"] == stream["output_tok_s"] / offline["output_tok_s"]
     assert stub["content_events"] == 30  # the stub sends one event per token
     # the fake engine (benchmarks/fake_engine.py) behind the real app: 5 tokens each, 2 ms apart at the fastest
-    assert 6 <= fake["content_events"] <= 30 and fake["tpot_ms"]["p50"] >= 1.5
+    # (its steps keep a schedule: late ones, on a loaded machine, catch up back to back, so only the whole run is
+    # bounded: the request that waited for all 5 steps took at least 4 gaps)
+    assert 6 <= fake["content_events"] <= 30 and fake["e2e_ms"]["p99"] >= 4 * 2
     # engine steps per phase (the server's iteration histogram; offline counts engine.step calls): 5 tokens each
     # take at least 5 steps, and 6 requests one at a time at most 6 x 5
     for phase in (stream, plain, offline):

@@ -301,7 +301,31 @@ def test_roundtrip_and_special_tokens_in_text(bpe_dir, sp_dir):
     assert sp.encode("hi")[0] == sp.bos_token_id and sp.encode("hi", False)[0] != sp.bos_token_id
     for text in TEST_STRINGS:
         if "<" not in text:
-            assert bpe.decode(bpe.encode(text)) == text  # byte-level BPE is lossless
+            assert bpe.decode(bpe.encode(text), skip_special_tokens=True) == text  # byte-level BPE is lossless
+
+
+def test_the_transformers_calls_vllm_users_make(pair):
+    """LLM.get_tokenizer() is this object where vLLM gives a transformers tokenizer: the common calls give what
+    transformers gives, with its defaults (decode keeps special tokens)."""
+    ours, hf = pair
+    texts = [t for t in TEST_STRINGS if t][:6]
+    assert len(ours) == len(hf) and ours.get_vocab() == hf.get_vocab()
+    for text in texts:
+        theirs = hf(text)
+        assert dict(ours(text)) == {k: theirs[k] for k in ("input_ids", "attention_mask")}
+        assert ours(text).input_ids == theirs.input_ids and ours(text, add_special_tokens=False).input_ids == (
+            hf(text, add_special_tokens=False).input_ids
+        )
+        ids = theirs.input_ids
+        assert ours.decode(ids) == hf.decode(ids) and ours.decode(ids[0]) == hf.decode(ids[0])
+        assert ours.convert_ids_to_tokens(ids) == hf.convert_ids_to_tokens(ids)
+        assert ours.convert_ids_to_tokens(ids[-1]) == hf.convert_ids_to_tokens(ids[-1])
+        tokens = hf.convert_ids_to_tokens(ids)
+        assert ours.convert_tokens_to_ids(tokens) == ids and ours.convert_tokens_to_ids(tokens[-1]) == ids[-1]
+    assert ours(texts).input_ids == hf(texts).input_ids
+    batch = [hf.encode(t) for t in texts]
+    for skip in (False, True):
+        assert ours.batch_decode(batch, skip_special_tokens=skip) == hf.batch_decode(batch, skip_special_tokens=skip)
 
 
 def test_properties_match_transformers(pair):
@@ -346,11 +370,18 @@ def test_chat_template_matches_transformers(pair, conversation, add_generation_p
     ours, hf = pair
     messages = CONVERSATIONS[conversation]
     expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    assert ours.apply_chat_template(messages, add_generation_prompt) == expected
+    assert ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt) == expected
     # both templates write the BOS themselves, so the token ids agree with HF's tokenize=True
     expected_ids = hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, return_dict=False)
-    assert ours.encode_chat(messages, add_generation_prompt) == expected_ids
-    assert ours.encode_chat(messages, add_generation_prompt).count(ours.bos_token_id) == expected.count(ours.bos_token)
+    assert ours.chat_prompt(messages, add_generation_prompt) == (expected, expected_ids)
+    assert expected_ids.count(ours.bos_token_id) == expected.count(ours.bos_token)
+    # transformers 5's defaults: token ids, in a dict unless return_dict=False, no generation prompt
+    kw = {"add_generation_prompt": True} if add_generation_prompt else {}
+    assert ours.apply_chat_template(messages, return_dict=False, **kw) == expected_ids
+    theirs = hf.apply_chat_template(messages)
+    assert ours.apply_chat_template(messages) == dict(theirs) and ours.apply_chat_template(messages).input_ids == (
+        theirs.input_ids
+    )
 
 
 KEEPS_SPACE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"  # no trim of content
@@ -365,7 +396,7 @@ def test_continue_final_message_cuts_where_transformers_does(pair, last, templat
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": last}]
     kw = {"chat_template": template} if template else {}
     expected = hf.apply_chat_template(messages, tokenize=False, continue_final_message=True, **kw)
-    assert ours.apply_chat_template(messages, False, continue_final_message=True, **kw) == expected
+    assert ours.apply_chat_template(messages, False, tokenize=False, continue_final_message=True, **kw) == expected
 
 
 @pytest.mark.parametrize("tools", [None, [], [{"type": "function", "function": {"name": "f"}}]])
@@ -375,25 +406,25 @@ def test_empty_tools_and_documents_reach_the_template_as_transformers_passes_the
     probe = "{{ tools is none }} {{ (tools or []) | length }} {{ documents is none }} {{ (documents or []) | length }}"
     messages = [{"role": "user", "content": "Hi"}]
     expected = hf.apply_chat_template(messages, tools=tools, documents=documents, chat_template=probe, tokenize=False)
-    assert ours.apply_chat_template(messages, tools=tools, documents=documents, chat_template=probe) == expected
+    assert ours.render_chat(messages, False, tools=tools, documents=documents, chat_template=probe) == expected
 
 
 def test_chat_template_raise_exception(sp_dir):
     ours = Tokenizer.from_pretrained(sp_dir)
     bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     with pytest.raises(jinja2.TemplateError, match="must alternate"):
-        ours.apply_chat_template(bad)
+        ours.render_chat(bad, True)
 
 
 def test_content_parts_are_flattened(bpe_dir):
     ours = Tokenizer.from_pretrained(bpe_dir)
     parts = [{"role": "user", "content": [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]}]
     plain = [{"role": "user", "content": "first\nsecond"}]
-    assert ours.apply_chat_template(parts) == ours.apply_chat_template(plain)
+    assert ours.render_chat(parts, True) == ours.render_chat(plain, True)
     with pytest.raises(ValueError, match="only text parts"):
-        ours.apply_chat_template([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+        ours.render_chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], True)
     with pytest.raises(ValueError, match="messages\\[0\\]"):
-        ours.apply_chat_template([{"content": "no role"}])
+        ours.render_chat([{"content": "no role"}], True)
 
 
 def test_default_template_and_bos_handling(sp_dir, bpe_dir, tmp_path):
@@ -407,11 +438,10 @@ def test_default_template_and_bos_handling(sp_dir, bpe_dir, tmp_path):
         write_json(directory / "tokenizer_config.json", config)
         ours = Tokenizer.from_pretrained(directory)
         assert ours.chat_template is None
-        text = ours.apply_chat_template(messages)
+        text, ids = ours.chat_prompt(messages)
         assert text == "System: Be brief.\nUser: Hi\nAssistant:"
-        assert ours.apply_chat_template(messages, add_generation_prompt=False) == "System: Be brief.\nUser: Hi\n"
-        # the fallback writes no BOS, so encode_chat adds exactly the one the tokenizer adds
-        ids = ours.encode_chat(messages)
+        assert ours.render_chat(messages, add_generation_prompt=False) == "System: Be brief.\nUser: Hi\n"
+        # the fallback writes no BOS, so chat_prompt adds exactly the one the tokenizer adds
         assert ids == [ours.bos_token_id] + ours.encode(text, add_special_tokens=False)
         hf_text = AutoTokenizer.from_pretrained(directory).apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True, chat_template=DEFAULT_CHAT_TEMPLATE
@@ -429,7 +459,7 @@ def test_named_chat_template_list(sp_dir, tmp_path):
     ]
     write_json(config_file, config)
     ours = Tokenizer.from_pretrained(tmp_path / "named")
-    assert ours.apply_chat_template([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]) == "[x][y]"
+    assert ours.render_chat([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}], True) == "[x][y]"
 
 
 # ---------------------------------------------------------------------------- incremental detokenizing
@@ -525,7 +555,7 @@ def test_sentencepiece_spaces_stream_like_decode(sp_dir):
     text = " Romeo,  where  art\n  thou?  "
     ids = tokenizer.encode(text, add_special_tokens=True)
     deltas, streamed = stream(tokenizer, ids, [1] * len(ids), skip=True)
-    assert streamed == tokenizer.decode(ids) == text.removeprefix(" ")  # decode strips one leading space
+    assert streamed == tokenizer.decode(ids, skip_special_tokens=True) == text.removeprefix(" ")  # strips one space
     assert streamed.count(" ") == text.count(" ") - 1
 
 

@@ -17,9 +17,10 @@ decode step starts from (`forward(..., device_tokens)`), and the drafts a greedy
 (`run_uniform`). Speculative decoding: the draft model runs whole on rank 0 (TP=1), as in vLLM's and SGLang's
 usual setups: it is small, so splitting it would add two all-reduces per draft layer for little work saved.
 
-Not yet run on GPUs (no 2-GPU machine so far; benchmarks/tp_check.py is that run): the captured NCCL collectives
-rely on torch's ProcessGroupNCCL support for graph capture. If replays misbehave there, `enforce_eager=True` runs
-the same passes without graphs.
+Run on 2 H200s once (benchmarks/results/tp_shutdown_h200x2.md: the engine started on NCCL with its graphs, and
+its greedy tokens equalled TP=1's); benchmarks/tp_check.py is the full 2-GPU check, not yet run. The captured NCCL
+collectives rely on torch's ProcessGroupNCCL support for graph capture; if replays misbehave, `enforce_eager=True`
+runs the same passes without graphs.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ A decode step of a small model is bound by the host issuing hundreds of small ke
 captured graph issues them all at once. Passes are captured when the engine starts (as vLLM does, so no request
 pays for a capture mid-stream): each worker's uniform passes (decode steps; with a draft, the target's (k+1)-token
 verification and the draft's two-token catch-up, see ModelRunner.capture_graphs) and the whole greedy speculative round
-(k draft steps, the verification and the acceptance rule, see spec_decode.py).
+(the draft's two-token catch-up and k-1 proposal steps, the verification and the acceptance rule, see
+spec_decode/greedy_round.py).
 
 A captured function reads one static int64 buffer `[bucket, width]` (tokens, positions, a validity flag and the
 block tables, packed by the caller) so that one host-to-device copy feeds a replay. Batches are padded up to the

@@ -27,7 +27,7 @@ from miniserve.engine.sampler import bad_words_token_ids, check_bad_words
 from miniserve.engine.stop_strings import StopMatcher, check_stop_strings
 from miniserve.engine.structured_output import GrammarCompiler
 from miniserve.models.generation_config import sampling_defaults
-from miniserve.sampling_params import SamplingParams
+from miniserve.sampling_params import SamplingParams, truncation_length
 from miniserve.scheduler.block_manager import BlockManager
 from miniserve.scheduler.scheduler import Scheduler
 from miniserve.scheduler.sequence import Sequence
@@ -41,7 +41,11 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         config.check_dirs()
-        torch.manual_seed(config.seed)  # unseeded requests draw from the global RNG: make a run repeatable
+        # unseeded requests draw from the global RNG: a seed makes a run repeatable, None draws one from the OS
+        if config.seed is None:
+            torch.seed()
+        else:
+            torch.manual_seed(config.seed)
         self.tokenizer = Tokenizer.from_pretrained(config.tokenizer or config.model)
         self.target = _target_runner(config)
         try:
@@ -122,24 +126,34 @@ class LLMEngine:
         generation_config="auto"), else SamplingParams()."""
         return SamplingParams(**self.sampling_defaults)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        prompt_text: str | None = None,
+    ) -> None:
+        """Queue a prompt (text, or token ids whose text, if known, is `prompt_text`: the output's `prompt`).
+        Generation ends at max_tokens or where the context (max_model_len) is full, as in vLLM's offline engine
+        (the server refuses a max_tokens that cannot fit, as vLLM's does)."""
         params = params or self.default_sampling_params()
         if request_id in self.outputs.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if isinstance(prompt, str) and params.truncate_prompt_tokens is not None:
-            text, ids = prompt, self.tokenizer.encode_last(prompt, params.truncate_prompt_tokens)
+        keep = truncation_length(params.truncate_prompt_tokens, self.max_model_len)
+        if isinstance(prompt, str) and keep is not None:
+            text, ids = prompt, self.tokenizer.encode_last(prompt, keep)
         elif isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
-            text, ids = None, list(prompt)
+            text, ids = prompt_text, list(prompt)
             wrong = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool)), None)
             if wrong is not None:  # (int() would have made 1.5 a token 1)
                 raise ValueError(f"prompt token ids must be integers, got {wrong!r}")
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"prompt token id {bad[0]} is out of range [0, {self.vocab_size})")
-        if params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens:
-            ids = ids[-params.truncate_prompt_tokens :]  # token ids: their end, as vLLM keeps
+        if keep is not None and len(ids) > keep:
+            ids = ids[-keep:]  # token ids: their end, as vLLM keeps
         self._check_length(ids, params)
         self._check_params(params)
         seqs, dets = [], []
@@ -175,11 +189,6 @@ class LLMEngine:
             raise ValueError(
                 f"the prompt has {len(ids)} tokens, but the model's context length (max_model_len) is "
                 f"{self.max_model_len}, which leaves no room to generate"
-            )
-        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {len(ids) + params.max_tokens} "
-                f"exceeds the model's context length max_model_len={self.max_model_len}"
             )
         # the last token is sampled, never fed back: it needs no KV slot (a draft's lookahead slots come on top)
         need = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len) - 1

@@ -3,7 +3,7 @@
 Given each row's k draft tokens and the target's argmax at the k+1 verified positions, the round accepts the
 longest prefix of drafts equal to the target's choices and emits the target's token after it. The same kernel
 writes what the next round starts from (its last two tokens and the sequence's new length), so an overlapped
-round can be launched from the device alone (spec_decode.py). In torch the rule takes about fifteen small
+round can be launched from the device alone (spec_decode/greedy_round.py). In torch the rule takes about fifteen small
 kernels (compare, cumprod, sum, gathers, where, cats); at batch 1 each costs as much as the work itself.
 """
 

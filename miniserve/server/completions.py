@@ -87,7 +87,7 @@ def _echo_texts(state: ServerState, req: CompletionRequest, prompt_ids: list[lis
     """The prompts as echoed: as sent, or as the model saw them when they were token ids or may have been cut."""
     as_sent = req.truncate_prompt_tokens is None
     return [
-        p if isinstance(p, str) and as_sent else state.tokenizer.decode(ids)
+        p if isinstance(p, str) and as_sent else state.tokenizer.decode(ids, skip_special_tokens=True)
         for p, ids in zip(req.prompts(), prompt_ids)
     ]
 

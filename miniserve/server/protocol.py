@@ -8,7 +8,6 @@ malformed JSON to an out-of-range `top_p`, comes back as OpenAI's `{"error": {..
 from __future__ import annotations
 
 import functools
-import json
 import typing
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
@@ -399,8 +398,8 @@ class ChatMessage(_Request):
         return "\n".join(part.text for part in self.content)
 
     def for_template(self) -> dict[str, Any]:
-        """The message as chat templates read it: "developer" -> "system", tool-call arguments as objects (what
-        Hugging Face templates expect, e.g. `tool_call.arguments | tojson`)."""
+        """The message as chat templates read it: "developer" -> "system" (the tokenizer turns tool-call
+        arguments into objects)."""
         out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
         if self.name is not None:
             out["name"] = self.name
@@ -411,18 +410,11 @@ class ChatMessage(_Request):
                 {
                     "id": c.id,
                     "type": c.type,
-                    "function": {"name": c.function.name, "arguments": _arguments_object(c.function.arguments)},
+                    "function": {"name": c.function.name, "arguments": c.function.arguments},
                 }
                 for c in self.tool_calls
             ]
         return out
-
-
-def _arguments_object(arguments: str) -> Any:
-    try:
-        return json.loads(arguments)
-    except ValueError:
-        raise ValueError(f"messages: tool call arguments must be JSON text, got {arguments!r}") from None
 
 
 _CHAT_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {

@@ -84,7 +84,8 @@ class TextChunks:
 
 
 def token_text(tokenizer: Any, context: list[int], token_id: int, as_ids: bool = False) -> str:
-    """The text `token_id` adds after `context` (so "▁world" reads " world", not "world"); with `as_ids`,
+    """The text `token_id` adds after `context` (so "▁world" reads " world", not "world"; a special token reads as
+    itself, as in vLLM's logprobs and the offline decoded_token); with `as_ids`,
     "token_id:<id>" instead (vLLM's return_tokens_as_token_ids: every token identifiable, even partial UTF-8)."""
     if as_ids:
         return f"token_id:{token_id}"

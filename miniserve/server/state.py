@@ -15,7 +15,7 @@ from miniserve.config import EngineConfig, ServerConfig
 from miniserve.engine.sampler import check_bad_words
 from miniserve.engine.stop_strings import check_stop_strings
 from miniserve.engine.structured_output import GrammarCompiler, StructuredOutputsUnavailable
-from miniserve.sampling_params import StructuredOutputsParams
+from miniserve.sampling_params import StructuredOutputsParams, truncation_length
 from miniserve.server.engine_process import EngineProcess
 from miniserve.server.json_body import decode_json
 from miniserve.server.metrics import ServerMetrics
@@ -24,6 +24,7 @@ from miniserve.server.protocol import (
     SamplingFields,
     parse_request,
 )
+from miniserve.tokenizer import ChatMessageError
 
 logger = logging.getLogger("miniserve.server")
 
@@ -91,7 +92,15 @@ class ServerState:
             )
         tokens = self.server.max_prompt_tokens or self.max_model_len
         if for_generation and num_chars > tokens * self.token_chars:  # more tokens than that, however it splits
-            self.check_prompt_tokens(tokens + 1, what)
+            limited = self.server.max_prompt_tokens is not None
+            raise APIError(
+                f"the {what} has {num_chars} characters, so more than {tokens} tokens (a token of this tokenizer "
+                f"holds at most {self.token_chars} characters): more than "
+                + ("this server accepts (MINISERVE_MAX_PROMPT_TOKENS)" if limited else "this model's maximum "
+                   f"context length. Please reduce the length of the {what}."),
+                param=what,
+                code="prompt_too_long" if limited else "context_length_exceeded",
+            )  # fmt: skip
 
     def check_prompt_tokens(self, num_tokens: int, what: str) -> None:
         limit = self.server.max_prompt_tokens
@@ -130,7 +139,7 @@ class ServerState:
     ) -> list[int]:
         """The rendered chat's token ids, size limits checked (rendered and tokenized off the event loop): the
         messages' text before rendering, the rendered text (tools, documents, a request's template) before
-        tokenizing. `options` go to Tokenizer.encode_chat (tools, chat_template, continue_final_message...)."""
+        tokenizing. `options` go to Tokenizer.chat_prompt (tools, chat_template, continue_final_message...)."""
         if options.get("chat_template") is not None and not self.server.trust_request_chat_template:
             raise APIError(
                 "this server does not run a request's own chat_template (start it with "
@@ -145,10 +154,12 @@ class ServerState:
 
         try:
             ids = await self.run_cpu(
-                lambda: self.tokenizer.encode_chat(messages, add_generation_prompt, check_text=check_text, **options)
+                lambda: self.tokenizer.chat_prompt(messages, add_generation_prompt, check_text=check_text, **options)[1]
             )
         except APIError:
             raise
+        except ChatMessageError as exc:
+            raise APIError(str(exc), param="messages") from None
         except Exception as exc:  # jinja errors from the template (e.g. "roles must alternate")
             raise APIError(f"the chat template failed: {exc}", param="messages") from None
         ids = self.truncate(ids, truncate)
@@ -158,11 +169,8 @@ class ServerState:
 
     def truncate(self, ids: list[int], keep: int | None) -> list[int]:
         """truncate_prompt_tokens: keep the prompt's last `keep` tokens (-1: as many as the context holds)."""
-        keep = self._keep(keep)
+        keep = truncation_length(keep, self.max_model_len)
         return ids[-keep:] if keep is not None and len(ids) > keep else ids
-
-    def _keep(self, keep: int | None) -> int | None:
-        return self.max_model_len - 1 if keep == -1 else keep  # -1: at least one token of room to generate
 
     def _encode(self, prompt: str | list[int], add_special_tokens: bool, truncate: int | None) -> list[int]:
         """A text prompt's ids; truncated, its BOS stays (Tokenizer.encode_last, as vLLM's tokenizer truncates)."""
@@ -170,7 +178,7 @@ class ServerState:
             return prompt
         if truncate is None:
             return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        return self.tokenizer.encode_last(prompt, self._keep(truncate), add_special_tokens)
+        return self.tokenizer.encode_last(prompt, truncation_length(truncate, self.max_model_len), add_special_tokens)
 
     async def compile_constraint(self, spec: tuple[str, dict[str, Any]] | None) -> StructuredOutputsParams | None:
         """A request's output constraint as StructuredOutputsParams, its grammar compiled (on a worker thread,

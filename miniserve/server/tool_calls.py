@@ -167,23 +167,36 @@ def parse_required_output(text: str) -> tuple[str, list[ToolCall]]:
 # -------------------------------------------------------------------------------------------------- schemas
 
 
+DEFINITION_KEYS = ("$defs", "definitions")  # where a schema keeps what "#/$defs/X" refers to (2019-09+, draft 7)
+
+
 def required_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
-    """JSON schema of tool_choice "required": one or more calls (one without parallel_tool_calls)."""
-    variants = [
-        {
-            "type": "object",
-            "properties": {
-                "name": {"type": "string", "enum": [t["function"]["name"]]},
-                "parameters": t["function"].get("parameters") or {"type": "object", "properties": {}},
-            },
-            "required": ["name", "parameters"],
-        }
-        for t in tools
-    ]
-    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": variants}}
+    """JSON schema of tool_choice "required": one or more calls (one without parallel_tool_calls). Each tool's
+    parameters sit deep in the array's schema, so their definitions move to its root, where their "#/$defs/..."
+    references resolve (as vLLM does; two tools defining one name differently cannot share it)."""
+    root: dict[str, Any] = {"type": "array", "minItems": 1}
+    variants = []
+    for t in tools:
+        parameters = dict(t["function"].get("parameters") or {"type": "object", "properties": {}})
+        for key in (k for k in DEFINITION_KEYS if isinstance(parameters.get(k), dict)):
+            for name, definition in parameters.pop(key).items():
+                if root.setdefault(key, {}).setdefault(name, definition) != definition:
+                    raise APIError(
+                        f"tools: two tools define {key}/{name} differently; tool_choice required needs one "
+                        "definition of each name",
+                        param="tools",
+                    )
+        variants.append(
+            {
+                "type": "object",
+                "properties": {"name": {"type": "string", "enum": [t["function"]["name"]]}, "parameters": parameters},
+                "required": ["name", "parameters"],
+            }
+        )
+    root["items"] = {"anyOf": variants}
     if not parallel:
-        schema["maxItems"] = 1
-    return schema
+        root["maxItems"] = 1
+    return root
 
 
 def named_schema(tools: list[dict[str, Any]], name: str) -> dict[str, Any]:

@@ -7,7 +7,7 @@ the engine itself. Greedy rounds run on the device (greedy_round.py), sampled ro
 (sampled_round.py).
 
 KV bookkeeping is by counters, not copies. Before a round a sequence has L tokens; the last one is not yet in
-either cache. The draft runs k steps (caching t, d1..d_{k-1}), the target runs one extend pass over
+either cache. The draft runs k steps (caching t, d1..d_{k-1}), the target runs one forward pass over
 [t, d1..dk]. If `a` drafts are accepted, the sequence gains a+1 tokens; the target cache is valid for the first
 L+a tokens and the draft cache for the first L+min(a, k-1). Slots past those counters hold rejected tokens:
 they are simply overwritten by the next writes (rollback), and the blocks stay with the sequence.

@@ -64,7 +64,8 @@ class SampledRound:
         return drafts, draft_probs
 
     def _verify(self, seqs: list[Sequence], drafts: list[list[int]], draft_probs: list[torch.Tensor]):
-        """The target scores [t, d1..dk] for every sequence in one extend pass; rejection sampling decides."""
+        """The target scores [t, d1..dk] for every sequence in one forward pass (as decode queries on the
+        Triton backend); rejection sampling decides."""
         k = self.k
         verify = [
             ForwardInput([s.token_ids[-1]] + d, s.num_tokens - 1, s.block_table, k + 1) for s, d in zip(seqs, drafts)
