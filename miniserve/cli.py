@@ -13,7 +13,7 @@ import sys
 import tempfile
 
 from miniserve.config import EngineConfig, ServerConfig
-from miniserve.settings import add_arguments, from_sources
+from miniserve.settings import add_arguments, from_sources, unknown_variables
 
 GENERATE_HELP = "Generate a completion for one prompt, streamed to stdout."
 SERVE_HELP = "Serve the OpenAI-compatible API (the same server as `uvicorn server:app`)."
@@ -24,24 +24,33 @@ CLI_SAMPLING_DEFAULTS = {  # generate's own: greedy, 64 tokens
 }  # fmt: skip
 
 
+SAMPLING_FLAGS = {"seed": "--sampling-seed"}  # generate's sampling flags not named after their field
+
+
+def _check_sampling_flags(fields: dict) -> None:
+    """SamplingParams' check of the sampling flags, its error naming the flag."""
+    from miniserve.sampling_params import SamplingParams
+
+    try:
+        SamplingParams(**fields)
+    except ValueError as e:
+        name = next((k for k in fields if str(e).startswith((f"{k} ", f"{k}="))), None)
+        flag = SAMPLING_FLAGS.get(name, f"--{name.replace('_', '-')}") if name else None
+        raise ValueError(f"{flag}: {e}" if flag else str(e)) from None
+
+
 def generate_main(args: argparse.Namespace) -> int:
     from miniserve.engine.llm_engine import LLMEngine
     from miniserve.sampling_params import SamplingParams
 
     config = from_sources(EngineConfig, args)
+    fixed = dict(n=args.n, seed=args.sampling_seed, stop=args.stop or None, presence_penalty=args.presence_penalty,
+                 frequency_penalty=args.frequency_penalty, ignore_eos=args.ignore_eos)  # fmt: skip
+    given = {name: getattr(args, name) for name in CLI_SAMPLING_DEFAULTS if getattr(args, name) is not None}
+    _check_sampling_flags({**fixed, **CLI_SAMPLING_DEFAULTS, **given})  # before the model loads, not after
     engine = LLMEngine(config)
     # a flag left unset takes the model's generation_config.json value (generation_config=auto), else the CLI's
-    model = {**CLI_SAMPLING_DEFAULTS, **engine.sampling_defaults}
-    given = {name: getattr(args, name) for name in CLI_SAMPLING_DEFAULTS if getattr(args, name) is not None}
-    params = SamplingParams(
-        n=args.n,
-        seed=args.sampling_seed,
-        stop=args.stop or None,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        ignore_eos=args.ignore_eos,
-        **{**model, **given},
-    )
+    params = SamplingParams(**fixed, **{**CLI_SAMPLING_DEFAULTS, **engine.sampling_defaults, **given})
     engine.add_request("cli", args.prompt, params)
     sent = [0] * params.n
     while engine.has_unfinished_requests():
@@ -128,11 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for line in unknown_variables():
+        print(f"miniserve: warning: {line}", file=sys.stderr)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"miniserve: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: stopped as asked, no traceback (the shell's status for SIGINT)
+        print(file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader went away (`miniserve generate ... | head`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (so the exit's flush cannot fail again)
         return 0

@@ -274,6 +274,8 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if self.api_key is not None and not self.api_key.strip():  # (an empty variable is unset: a flag is not)
+            raise SettingError("api_key", "api_key must not be empty: leave it unset to serve without a key")
         _check_min("max_waiting", self.max_waiting, 0)
         _check_min("api_servers", self.api_servers, 1)
         for name in ("max_body_bytes", "max_prompts_per_request", "max_prompt_chars"):

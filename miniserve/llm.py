@@ -25,10 +25,12 @@ class LLM:
     """Load a model once, then generate for batches of prompts with continuous batching under the hood.
 
     Keyword arguments are `EngineConfig` fields (dtype, kv_cache_dtype, device, block_size, max_model_len,
-    speculative_model, num_speculative_tokens, ...). `LLM()` with no model loads the embedded demo model.
+    speculative_model, num_speculative_tokens, ...), or vLLM's `speculative_config` dict for the last two.
+    `LLM()` with no model loads the embedded demo model.
     """
 
-    def __init__(self, model: str | None = None, **kwargs):
+    def __init__(self, model: str | None = None, speculative_config: dict | None = None, **kwargs):
+        kwargs.update(speculative_settings(speculative_config))
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
         self._ids = itertools.count()
 
@@ -122,6 +124,31 @@ class LLM:
         finally:
             bar.close()
         return [results[rid] for rid in request_ids]
+
+
+# vLLM's speculative_config keys this engine honours, as EngineConfig fields; "method" may only name a draft model
+SPECULATIVE_CONFIG_FIELDS = {"model": "speculative_model", "num_speculative_tokens": "num_speculative_tokens"}
+DRAFT_METHODS = (None, "draft_model")
+
+
+def speculative_settings(spec: dict | None) -> dict:
+    """vLLM's speculative_config as EngineConfig fields (a draft model is the one method offered)."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict):
+        raise ValueError(f"speculative_config must be a dict, got {type(spec).__name__}")
+    if spec.get("method") not in DRAFT_METHODS:
+        raise ValueError(f"speculative_config: method {spec['method']!r} is not supported (only a draft model)")
+    if spec.get("draft_tensor_parallel_size") not in (None, 1):
+        raise ValueError("speculative_config: the draft runs on one GPU (draft_tensor_parallel_size=1)")
+    unknown = [k for k in spec if k not in (*SPECULATIVE_CONFIG_FIELDS, "method", "draft_tensor_parallel_size")]
+    if unknown:
+        raise ValueError(
+            f"speculative_config: {unknown[0]!r} is not supported (it takes {', '.join(SPECULATIVE_CONFIG_FIELDS)})"
+        )
+    if spec.get("model") is None:
+        raise ValueError("speculative_config needs the draft's 'model'")
+    return {SPECULATIVE_CONFIG_FIELDS[k]: v for k, v in spec.items() if k in SPECULATIVE_CONFIG_FIELDS}
 
 
 PROMPTS_ERROR = "prompts must be a string, a list of token ids, a prompt dict, or a list of those"

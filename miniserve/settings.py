@@ -8,6 +8,7 @@ variable beats the default. A bad value is a one-line error that names the flag 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import typing
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ from dataclasses import MISSING, Field, fields
 from miniserve.config import EngineConfig, ServerConfig, SettingError
 
 ENV_PREFIX = "MINISERVE_"
+OTHER_VARIABLES = ("MINISERVE_COMMIT", "MINISERVE_DIRTY")  # not settings: the benchmarks' provenance
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -72,6 +74,18 @@ def from_sources(cls: type, args: argparse.Namespace | None = None, env: Mapping
         if e.name in sources:
             raise SettingError(e.name, f"{sources[e.name]}: {e}") from None
         raise
+
+
+def unknown_variables(env: Mapping[str, str] = os.environ) -> list[str]:
+    """One line for each MINISERVE_* variable that no setting reads, with the setting it may have meant: a typo
+    (MINISERVE_APIKEY for MINISERVE_API_KEY) would otherwise leave its setting at the default unseen."""
+    known = [env_var(f) for cls in (EngineConfig, ServerConfig) for f in fields(cls)] + list(OTHER_VARIABLES)
+    lines = []
+    for name in sorted(n for n in env if n.startswith(ENV_PREFIX) and n not in known):
+        close = difflib.get_close_matches(name[len(ENV_PREFIX) :], [k[len(ENV_PREFIX) :] for k in known], n=1)
+        meant = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
+        lines.append(f"{name} is not a miniserve setting: ignored{meant}")
+    return lines
 
 
 def _parse(cls: type, f: Field, raw: str, source: str):

@@ -24,6 +24,8 @@ import tokenizers
 from tokenizers import AddedToken, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from miniserve.json_file import read_json_object
+
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
 
@@ -124,7 +126,7 @@ class Tokenizer:
         directory = Path(path)
         if not directory.is_dir():
             raise FileNotFoundError(f"tokenizer directory {str(directory)!r} does not exist")
-        config = _read_json(directory / "tokenizer_config.json")
+        config = read_json_object(directory / "tokenizer_config.json", missing_ok=True)
         special: dict[str, str | None] = {name: _token_content(config.get(name)) for name in SPECIAL_TOKEN_NAMES}
         backend = _load_backend(directory, config, special)
         return cls(
@@ -515,13 +517,6 @@ def _update_post_processor(backend: tokenizers.Tokenizer, config: dict, special:
 
 
 # ---------------------------------------------------------------------------- config helpers
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def _token_content(value: Any) -> str | None:
     """Special tokens are strings or AddedToken dicts ({"content": ..., ...})."""
     if value is None or isinstance(value, str):
@@ -548,7 +543,7 @@ def _added_token(spec: Any) -> AddedToken:
 def _config_eos_ids(directory: Path) -> set[int]:
     ids: set[int] = set()
     for name in ("generation_config.json", "config.json"):
-        value = _read_json(directory / name).get("eos_token_id")
+        value = read_json_object(directory / name, missing_ok=True).get("eos_token_id")
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, list):

@@ -25,6 +25,7 @@ LAYERS = [
     ("miniserve.settings", 0),
     ("miniserve.sampling_params", 0),
     ("miniserve.tokenizer", 0),
+    ("miniserve.json_file", 0),
 ]
 
 

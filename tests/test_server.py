@@ -66,7 +66,11 @@ def uvicorn_server(
         "MINISERVE_DTYPE": "float32",
     }
     cmd = [sys.executable, "-m", "uvicorn", "server:app", "--host", "127.0.0.1", "--port", str(port), *uvicorn_args]
-    proc = subprocess.Popen(cmd + ["--log-level", log_level], cwd=REPO, env={**full_env, **env}, stdout=log, stderr=log)
+    # in its own process group, which a test may signal whole (as a service manager's stop does)
+    proc = subprocess.Popen(
+        cmd + ["--log-level", log_level], cwd=REPO, env={**full_env, **env}, stdout=log, stderr=log,
+        start_new_session=True,
+    )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, proc, log)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -90,6 +91,12 @@ def test_max_waiting_refuses_only_beyond_the_running_batch(url):
     with open_streams(url, 6):
         pass
     wait_for_metric(url, "kv_blocks_used", lambda v: v == 0, timeout=5)
+    # one request of that many sequences too; one more never fits: the client's error (400), not "retry" (503)
+    short = {**LONG, "stream": False, "max_tokens": 2}
+    assert httpx.post(url + "/v1/completions", json={**short, "n": 6}, timeout=30).status_code == 200
+    for body in ({**short, "n": 7}, {**short, "n": 2, "best_of": 7}):
+        err = assert_openai_error(httpx.post(url + "/v1/completions", json=body, timeout=30), 400, "n")
+        assert err["code"] == "too_many_sequences" and "(4 running + 2 waiting)" in err["message"], err
 
 
 def test_huge_prompt_is_tokenized_off_the_event_loop_and_limits_answer_first(url):
@@ -196,10 +203,12 @@ def read_events(lines, into: list) -> None:
 
 
 def test_sigterm_drains_for_a_bounded_time_and_ends_streams_cleanly(model_dir):
+    """SIGTERM to the server's whole process group (systemd's stop, `timeout`, `kill -- -PGID`): the engine process
+    gets it too, and the server still drains."""
     with server_process(model_dir, MINISERVE_DRAIN_TIMEOUT="1.5") as (url, proc, logged):
         with open_streams(url, 3, LONG) as streams, httpx.Client(base_url=url, timeout=30) as http:
             short = {**LONG, "stream": False, "max_tokens": 3}
-            proc.send_signal(signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)
             signalled = time.monotonic()
             events: list[list[str]] = [[] for _ in streams]
             readers = [
@@ -222,6 +231,22 @@ def test_sigterm_drains_for_a_bounded_time_and_ends_streams_cleanly(model_dir):
         proc.wait(timeout=10)
         assert time.monotonic() - signalled < 10
         assert "exited unexpectedly" not in logged()  # the engine process was stopped, not lost
+
+
+def test_the_server_stops_when_its_engine_process_dies(model_dir):
+    """A lost engine (killed, crashed) fails what is in flight and stops the server as SIGTERM does, as vLLM's,
+    rather than leaving it up answering 503 for ever: a supervisor sees it end and restarts it."""
+    from tests.test_tensor_parallel import children_of, spawned
+
+    with server_process(model_dir) as (url, proc, logged):
+        with open_streams(url, 1, LONG) as streams:
+            (engine,) = spawned(children_of(proc.pid, deep=False))
+            os.kill(engine, signal.SIGKILL)
+            events: list[str] = []
+            read_events(streams[0][1], events)
+            assert proc.wait(timeout=20) == -signal.SIGTERM  # (uvicorn re-raises the signal it stopped on)
+        assert "the engine process exited unexpectedly (exit code -9): stopping the server" in logged()
+        assert events and "error" in json.loads(events[-1] if events[-1] != "[DONE]" else events[-2]), events
 
 
 def test_a_second_signal_exits_at_once(model_dir):

@@ -3,6 +3,7 @@ bad values are one-line errors naming their source, and the README's table is th
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import pytest
 
 from miniserve import cli
 from miniserve.config import EngineConfig, ServerConfig
-from miniserve.settings import from_sources, markdown_table
+from miniserve.server.app import settings_from_env
+from miniserve.settings import from_sources, markdown_table, unknown_variables
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER_FLAGS = {"--" + f.name.replace("_", "-") for f in fields(ServerConfig)}
@@ -126,9 +128,69 @@ def test_bad_flag_and_bad_variable_are_one_line_cli_errors(monkeypatch, capsys):
     assert cli.main(["generate", "--prompt", "x", "--block-size", "12"]) == 2
     err = capsys.readouterr().err
     assert err == "miniserve: error: --block-size: block_size must be a positive power of two, got 12\n"
+    assert cli.main(["serve", "--api-key", " "]) == 2
+    assert capsys.readouterr().err == (
+        "miniserve: error: --api-key: api_key must not be empty: leave it unset to serve without a key\n"
+    )
     monkeypatch.setenv("MINISERVE_MAX_WAITING", "-1")
     assert cli.main(["serve"]) == 2
     assert capsys.readouterr().err == "miniserve: error: MINISERVE_MAX_WAITING='-1': max_waiting must be >= 0, got -1\n"
+
+
+def test_unknown_variables_are_named_with_the_setting_they_may_mean(monkeypatch, capsys):
+    """A typo such as MINISERVE_APIKEY would leave the server without its key, unseen: each one is a warning."""
+    env = {"MINISERVE_APIKEY": "k", "MINISERVE_API_KEY": "k", "MINISERVE_COMMIT": "abc", "HOME": "/", "MINISERVE_X": ""}
+    assert unknown_variables(env) == [
+        "MINISERVE_APIKEY is not a miniserve setting: ignored (did you mean MINISERVE_API_KEY?)",
+        "MINISERVE_X is not a miniserve setting: ignored",
+    ]
+    monkeypatch.setenv("MINISERVE_BLOCKSIZE", "12")
+    assert cli.main(["generate", "--prompt", "x", "--block-size", "12"]) == 2
+    warning = "MINISERVE_BLOCKSIZE is not a miniserve setting: ignored (did you mean MINISERVE_BLOCK_SIZE?)"
+    assert capsys.readouterr().err.splitlines()[0] == f"miniserve: warning: {warning}"
+    logged = []
+    monkeypatch.setattr(logging.getLogger("uvicorn.error"), "warning", lambda fmt, *a: logged.append(fmt % a))
+    settings_from_env({"MINISERVE_MAX_WAITNG": "3"})
+    assert logged == ["MINISERVE_MAX_WAITNG is not a miniserve setting: ignored (did you mean MINISERVE_MAX_WAITING?)"]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("config.json", "{bad", "config.json is not valid JSON"),
+        ("config.json", "[1]", "config.json must hold a JSON object, not list"),
+        ("tokenizer_config.json", "{bad", "tokenizer_config.json is not valid JSON"),
+        ("generation_config.json", "[]", "generation_config.json must hold a JSON object, not list"),
+    ],
+)
+def test_a_broken_json_file_is_one_line_naming_it(tmp_path, capsys, name, content, message):
+    import shutil
+
+    from miniserve.config import DEMO_TARGET
+
+    model = tmp_path / "model"
+    shutil.copytree(DEMO_TARGET, model)
+    (model / name).write_text(content)
+    assert cli.main(["generate", "--prompt", "x", "--model", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"miniserve: error: {model / name}") and message in err and err.count("\n") == 1, err
+
+
+def test_generate_checks_its_sampling_flags_before_loading_and_stops_quietly_on_ctrl_c(monkeypatch, capsys):
+    from miniserve.engine.llm_engine import LLMEngine
+
+    # the pool's budget would fail the load: the flag's error comes first, naming the flag
+    assert cli.main(["generate", "--prompt", "x", "--temperature", "-1", "--kv-cache-memory-gb", "1e-9"]) == 2
+    assert capsys.readouterr().err == "miniserve: error: --temperature: temperature must be in [0.0, inf], got -1.0\n"
+    assert cli.main(["generate", "--prompt", "x", "--sampling-seed", "99999999999999999999"]) == 2
+    assert capsys.readouterr().err.startswith("miniserve: error: --sampling-seed: seed must be in")
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LLMEngine, "step", interrupted)
+    assert cli.main(["generate", "--prompt", "x"]) == 130
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_uvicorn_with_a_bad_variable_prints_one_line(tmp_path):

@@ -74,6 +74,26 @@ def test_demo_switch_enables_the_demo_pair():
     assert s["spec_num_accepted_tokens"] / s["spec_num_draft_tokens"] > 0.3  # a trained pair really agrees
 
 
+def test_vllm_speculative_config_names_the_draft(llama_dir, draft_dir):
+    """vLLM's LLM(speculative_config={...}): the same engine as speculative_model / num_speculative_tokens."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    spec = {"model": str(draft_dir), "num_speculative_tokens": 2, "method": "draft_model"}
+    llm = LLM(str(llama_dir), device="cpu", dtype="float32", speculative_config=spec)
+    config = llm.engine.config
+    assert (config.speculative_model, config.num_speculative_tokens) == (str(draft_dir), 2)
+    plain = LLM(str(llama_dir), device="cpu", dtype="float32").generate(["To be"], params, use_tqdm=False)
+    assert llm.generate(["To be"], params, use_tqdm=False)[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
+    assert llm.engine.stats()["spec_num_drafts"] > 0
+    for bad, message in (
+        ({**spec, "method": "ngram"}, "method 'ngram' is not supported"),
+        ({**spec, "quantization": "fp8"}, "'quantization' is not supported"),
+        ({"num_speculative_tokens": 2}, "needs the draft's 'model'"),
+        ({**spec, "draft_tensor_parallel_size": 2}, "draft_tensor_parallel_size=1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            LLM(str(llama_dir), device="cpu", speculative_config=bad)
+
+
 def test_self_speculation_accepts_everything(llama_dir):
     """Draft == target: every proposal is accepted, so each round emits k+1 tokens."""
     prompts = mixed_prompts(1)

@@ -421,7 +421,8 @@ def serve_one_completion(cmd: list[str], env: dict[str, str], port: int, log) ->
 def test_server_with_two_ranks_serves_then_stops_cleanly(llama_dir, tmp_path, how):
     """`uvicorn server:app` (MINISERVE_TENSOR_PARALLEL_SIZE=2) stopped by SIGTERM, `miniserve serve
     --tensor-parallel-size 2` stopped by Ctrl-C (SIGINT to the terminal's whole process group), and a server whose
-    rank 1 is killed: its engine (rank 0) stops saying why and /health answers 503. Each serves the completion of
+    rank 1 is killed: its engine (rank 0) stops saying why, and the server stops as on SIGTERM (a supervisor
+    restarts it; vLLM's does the same). Each serves the completion of
     one rank first, and ends with a complete shutdown (uvicorn re-raises the signal once it is done) and no process
     left."""
     from tests.test_server import free_port
@@ -449,8 +450,6 @@ def test_server_with_two_ranks_serves_then_stops_cleanly(llama_dir, tmp_path, ho
                 (rank1,) = spawned(children_of(engine, deep=False))
                 os.kill(rank1, signal.SIGKILL)
                 assert wait_gone([engine]) == []  # the engine stops: rank 0 cannot run without rank 1
-                assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 503
-                proc.send_signal(signal.SIGTERM)
             # uvicorn re-raises the signal it stopped on; uvicorn.run (the CLI) ends on the re-raised Ctrl-C
             assert proc.wait(60) == (0 if how == "cli+Ctrl-C" else -signal.SIGTERM)
             assert wait_gone(ranks) == []

@@ -25,7 +25,8 @@ from miniserve.engine.model_runner import ModelRunner
 
 def main(rank: int, size: int, port: int, config: EngineConfig, parent_pid: int, setup) -> None:
     """Entry point of a rank spawned by rank 0 (launch.SpawnedRanks)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole terminal: rank 0 stops the others
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a signal to the whole process group: rank 0 stops the others
+        signal.signal(sig, signal.SIG_IGN)
     _exit_with_parent(parent_pid)
     store = dist.TCPStore("127.0.0.1", port, size, is_master=False)
     try:

@@ -8,8 +8,9 @@ and top_k 20. `generation_config="vllm"` keeps vLLM's own defaults instead.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from miniserve.json_file import read_json_object
 
 # generation_config.json's name -> SamplingParams' name
 SAMPLING_KEYS = {
@@ -27,10 +28,5 @@ def sampling_defaults(model_dir: str | Path, mode: str = "auto") -> dict[str, fl
     path = Path(model_dir) / "generation_config.json"
     if mode == "vllm" or not path.is_file():
         return {}
-    try:
-        raw = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} must hold a JSON object")
+    raw = read_json_object(path)
     return {ours: raw[theirs] for theirs, ours in SAMPLING_KEYS.items() if raw.get(theirs) is not None}

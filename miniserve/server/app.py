@@ -43,7 +43,7 @@ from miniserve.server.protocol import (
 )
 from miniserve.server.state import ClientDisconnected, ServerState, load_tokenizer, max_token_chars, state_of
 from miniserve.server.tokens import detokenize, tokenize
-from miniserve.settings import from_sources
+from miniserve.settings import from_sources, unknown_variables
 
 logger = logging.getLogger("miniserve.server")
 
@@ -221,6 +221,8 @@ ERROR_HANDLERS = {
 def settings_from_env(env: Mapping[str, str] = os.environ) -> tuple[EngineConfig, ServerConfig]:
     """What `uvicorn server:app` is configured with: the MINISERVE_* variables (checked here, so that a bad value
     or a missing model directory is one line at startup; the model itself loads in the lifespan)."""
+    for line in unknown_variables(env):
+        logging.getLogger("uvicorn.error").warning("%s", line)
     config = from_sources(EngineConfig, env=env)
     config.check_dirs()
     server = from_sources(ServerConfig, env=env)

@@ -65,6 +65,7 @@ from miniserve.server.protocol import APIError
 from miniserve.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger("miniserve.server")
+USER_ERRORS = (ValueError, FileNotFoundError)  # a bad setting, a broken model directory: no traceback to read
 
 
 # ---------------------------------------------------------------------------------------------- engine process
@@ -73,15 +74,20 @@ logger = logging.getLogger("miniserve.server")
 def _core_main(config: Any, commands: list[Any], outputs: list[Any]) -> None:
     """The engine process: load the engine, then alternate applying commands and stepping until every API server
     is done. `commands`/`outputs`: one pipe end each per API server process (ServerConfig.api_servers)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole terminal: the API process drains first
+    # Ctrl-C reaches the terminal's whole process group, and a service manager's stop (systemd, `timeout`, a
+    # container's init) may signal the group too: the API process drains first, then stops this one (its pipes)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     readers, writers = [FrameReader(c) for c in commands], [FrameWriter(o) for o in outputs]
     try:
         from miniserve.engine.llm_engine import LLMEngine
 
         engine = LLMEngine(config)
     except BaseException as exc:  # the API process re-raises this at startup
+        # a setting or a model file the user can fix is said in one line; anything else with its traceback
+        trace = None if isinstance(exc, USER_ERRORS) else traceback.format_exc()
         for w in writers:
-            w.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            w.send(("error", f"{type(exc).__name__}: {exc}", trace))
         return
     engine.on_fatal_error(_exit_engine)
     frozen = freeze_startup_heap()  # the model, graphs and imports: nothing a collection should walk again
@@ -428,7 +434,7 @@ class EngineProcess:
             raise RuntimeError(f"the engine process exited with {_wait_exit(self._proc, 5)} while loading") from None
         if msg[0] == "error":
             _wait_exit(self._proc, 5)  # it returns once it has said why
-            if self.link is None or self.link.index == 0:  # (each API server hears it: one logs the traceback)
+            if msg[2] and (self.link is None or self.link.index == 0):  # (each API server hears it: one logs it)
                 logger.error("engine failed to load:\n%s", msg[2])
             raise RuntimeError(f"the engine failed to load: {msg[1]}")
         _, self.info, self._stats = msg
@@ -481,10 +487,6 @@ class EngineProcess:
 
     # ---- requests (on the event loop) ---------------------------------------------------------------
 
-    def num_waiting(self, extra: int = 0) -> int:
-        """Sequences that would wait beyond capacity (max_num_seqs) if `extra` more were posted."""
-        return max(0, self._outstanding + extra - self.capacity)
-
     async def add_request(
         self, request_id: str, prompt: list[int], params: Any, stream: RequestStream, grammar: str | None = None
     ) -> None:
@@ -496,13 +498,8 @@ class EngineProcess:
         if not self.is_alive():
             raise APIError("the engine is not running", status=503, code="engine_unavailable")
         n = params.n
-        if self.max_waiting is not None and self.num_waiting(n) > self.max_waiting:
-            raise APIError(
-                f"server overloaded: {self.num_waiting()} sequences already wait beyond the {self.capacity} the "
-                f"engine runs at once (limit {self.max_waiting}); retry later",
-                status=503,
-                code="overloaded",
-            )
+        if self.max_waiting is not None:
+            _check_room(n, self.capacity, self.max_waiting, self._outstanding)
         ack = asyncio.get_running_loop().create_future()
         self._acks[request_id] = ack
         self._streams[request_id] = stream
@@ -624,10 +621,10 @@ class EngineProcess:
             stream.wake(stream)
 
     def _on_engine_exit(self) -> None:
-        if self._alive:
-            logger.error("the engine process exited unexpectedly (exit code %s)", _wait_exit(self._proc))
-        self._alive = False
+        lost, self._alive = self._alive, False
         self._end_all(RuntimeError("the engine process exited"))
+        if lost:  # (not this side's shutdown)
+            _stop_for_lost_engine(_wait_exit(self._proc, 1.0))  # (its pipe may close just before it is reaped)
 
     def _end_all(self, error: BaseException) -> None:
         for request_id in list(self._streams):
@@ -635,6 +632,33 @@ class EngineProcess:
             if stream is not None:
                 stream.end(error)
                 stream.wake(stream)
+
+
+def _check_room(n: int, capacity: int, max_waiting: int, outstanding: int) -> None:
+    """max_waiting: a request of `n` sequences that would wait beyond it (with `outstanding` posted before it) is
+    refused: 503 (retry later) while others fill the queue, 400 when it could not fit even on an idle server."""
+    if n > capacity + max_waiting:
+        raise APIError(
+            f"this request runs {n} sequences (n, best_of), more than this server ever takes at once "
+            f"({capacity} running + {max_waiting} waiting)",
+            param="n",
+            code="too_many_sequences",
+        )
+    if outstanding + n - capacity > max_waiting:
+        raise APIError(
+            f"server overloaded: {max(0, outstanding - capacity)} sequences already wait beyond the {capacity} the "
+            f"engine runs at once (limit {max_waiting}); retry later",
+            status=503,
+            code="overloaded",
+        )
+
+
+def _stop_for_lost_engine(exit_code: Any) -> None:
+    """The engine is gone (killed, crashed): what was in flight has failed; this server stops as on SIGTERM (as
+    vLLM's does), so that a supervisor (systemd, a container's restart policy) restarts it, rather than leave it up
+    answering 503 for ever."""
+    logger.error("the engine process exited unexpectedly (exit code %s): stopping the server", exit_code)
+    signal.raise_signal(signal.SIGTERM)
 
 
 def merge_steps(messages: list[tuple]) -> list[tuple]:
