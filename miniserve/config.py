@@ -37,9 +37,12 @@ class SettingError(ValueError):
         self.name = name
 
 
-def setting(default, help: str, choices: tuple[str, ...] | None = None, shown_default: str | None = None):
-    """A dataclass field with what the CLI, the environment and the docs need to know about it."""
-    meta = {"help": help, "choices": choices, "shown_default": shown_default}
+def setting(
+    default, help: str, choices: tuple[str, ...] | None = None, shown_default: str | None = None, needs: str = ""
+):
+    """A dataclass field with what the CLI, the environment and the docs need to know about it; `needs`: the
+    setting without which this one does nothing (given alone as a flag or variable, it is an error)."""
+    meta = {"help": help, "choices": choices, "shown_default": shown_default, "needs": needs}
     return field(default=default, metadata=meta)
 
 
@@ -122,10 +125,11 @@ class EngineConfig:
         shown_default="off",
     )
     num_speculative_tokens: int = setting(
-        4, f"tokens the draft proposes per speculative round (at most {MAX_SPECULATIVE_TOKENS})"
-    )
+        4, f"tokens the draft proposes per speculative round (at most {MAX_SPECULATIVE_TOKENS})",
+        needs="speculative_model",
+    )  # fmt: skip
     speculative_kv_cache_dtype: str | None = setting(
-        None, "the draft's KV cache dtype", KV_CACHE_DTYPES, shown_default="kv_cache_dtype"
+        None, "the draft's KV cache dtype", KV_CACHE_DTYPES, shown_default="kv_cache_dtype", needs="speculative_model"
     )
     enable_prefix_caching: bool = setting(
         True, "reuse the KV blocks of prompt prefixes computed before (off: every prompt is computed from scratch)"
@@ -137,7 +141,7 @@ class EngineConfig:
     )
     enforce_eager: bool = setting(False, "never replay CUDA graphs (on a GPU, decode steps replay captured graphs)")
     overlap_spec_rounds: bool = setting(
-        True, "launch the next greedy speculative round before the host has read this one"
+        True, "launch the next greedy speculative round before the host has read this one", needs="speculative_model"
     )
     async_scheduling: bool = setting(
         True, "plain decoding: launch the next decode step before the host has read this one"
@@ -226,7 +230,9 @@ class ServerConfig:
     )
     api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on every /v1 route", shown_default="off")
     max_waiting: int = setting(
-        1024, "503 for a request that would make more sequences than this wait beyond max_num_seqs"
+        1024,
+        "503 for a request that would make more sequences than this wait beyond max_num_seqs (400 for one with more "
+        "sequences than max_num_seqs and this together)",
     )
     max_body_bytes: int = setting(4 << 20, "larger request bodies get 413", shown_default="4 MiB")
     max_prompts_per_request: int = setting(1024, "a /v1/completions prompt list longer than this gets 400")

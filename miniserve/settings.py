@@ -68,6 +68,12 @@ def from_sources(cls: type, args: argparse.Namespace | None = None, env: Mapping
         elif raw.strip():
             source = f"{env_var(f)}={raw!r}"
             values[f.name], sources[f.name] = _parse(cls, f, raw.strip(), source), source
+    for name, source in sources.items():
+        needs = next(f for f in fields(cls) if f.name == name).metadata.get("needs")
+        if needs and values.get(needs) is None:
+            wanted = next(f for f in fields(cls) if f.name == needs)
+            where = flag(wanted) if source.startswith("--") else env_var(wanted)
+            raise SettingError(name, f"{source}: does nothing without {where}")
     try:
         return cls(**values)
     except SettingError as e:
@@ -109,6 +115,8 @@ def markdown_table() -> str:
             meaning = f.metadata["help"]
             if f.metadata.get("choices"):
                 meaning += ": " + ", ".join(f"`{c}`" for c in f.metadata["choices"])
+            if f.metadata.get("needs"):
+                meaning += f" (only with `--{f.metadata['needs'].replace('_', '-')}`)"
             where = " (`serve` only)" if cls is ServerConfig else ""
             rows.append(f"| `{env_var(f)}` | `{flag(f)}`{where} | {shown_default(f)} | {meaning} |")
     return "\n".join(rows)

@@ -71,13 +71,15 @@ def test_every_field_is_a_flag_and_a_variable(cls):
         else:
             argv = [flag, as_text(value)]
         extra = ["--prompt", "x"] if command == "generate" else []
+        needs = f.metadata["needs"]  # (a setting that does nothing alone comes with the one it needs)
+        base = {"MINISERVE_" + needs.upper(): "demo"} if needs else {}
         args = parser.parse_args([command, *extra, *argv])
-        assert getattr(from_sources(cls, args, env={}), f.name) == value, flag
-        assert getattr(from_sources(cls, None, env={var: as_text(value)}), f.name) == value, var
+        assert getattr(from_sources(cls, args, env=base), f.name) == value, flag
+        assert getattr(from_sources(cls, None, env={**base, var: as_text(value)}), f.name) == value, var
         # the flag beats the variable; an empty variable is unset
         default = getattr(cls(), f.name)
-        assert getattr(from_sources(cls, args, env={var: as_text(default)}), f.name) == value
-        assert getattr(from_sources(cls, None, env={var: ""}), f.name) == default
+        assert getattr(from_sources(cls, args, env={**base, var: as_text(default)}), f.name) == value
+        assert getattr(from_sources(cls, None, env={**base, var: ""}), f.name) == default
 
 
 def test_help_lists_every_flag_with_help_and_default_and_generate_has_no_server_flags():
@@ -132,6 +134,15 @@ def test_bad_flag_and_bad_variable_are_one_line_cli_errors(monkeypatch, capsys):
     assert capsys.readouterr().err == (
         "miniserve: error: --api-key: api_key must not be empty: leave it unset to serve without a key\n"
     )
+    # a setting that does nothing without another, given alone
+    assert cli.main(["generate", "--prompt", "x", "--num-speculative-tokens", "3"]) == 2
+    assert capsys.readouterr().err == (
+        "miniserve: error: --num-speculative-tokens: does nothing without --speculative-model\n"
+    )
+    env = {"MINISERVE_OVERLAP_SPEC_ROUNDS": "0"}
+    with pytest.raises(ValueError, match="^MINISERVE_OVERLAP_SPEC_ROUNDS='0': does nothing without MINISERVE_SPEC"):
+        from_sources(EngineConfig, env=env)
+    assert from_sources(EngineConfig, env={**env, "MINISERVE_SPECULATIVE_MODEL": "demo"}).overlap_spec_rounds is False
     monkeypatch.setenv("MINISERVE_MAX_WAITING", "-1")
     assert cli.main(["serve"]) == 2
     assert capsys.readouterr().err == "miniserve: error: MINISERVE_MAX_WAITING='-1': max_waiting must be >= 0, got -1\n"
