@@ -231,8 +231,8 @@ class ServerConfig:
     api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on every /v1 route", shown_default="off")
     max_waiting: int = setting(
         1024,
-        "503 for a request that would make more sequences than this wait beyond max_num_seqs (400 for one with more "
-        "sequences than max_num_seqs and this together)",
+        "503 for a request that would make more sequences than this wait beyond max_num_seqs (400 for one that "
+        "could not fit even on an idle server; with --api-servers N, each takes 1/N of both)",
     )
     max_body_bytes: int = setting(4 << 20, "larger request bodies get 413", shown_default="4 MiB")
     max_prompts_per_request: int = setting(1024, "a /v1/completions prompt list longer than this gets 400")

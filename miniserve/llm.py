@@ -30,7 +30,11 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, speculative_config: dict | None = None, **kwargs):
-        kwargs.update(speculative_settings(speculative_config))
+        spec = speculative_settings(speculative_config)
+        both = [name for name in spec if name in kwargs]
+        if both:
+            raise ValueError(f"{both[0]} is given twice: as an argument and in speculative_config")
+        kwargs.update(spec)
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
         self._ids = itertools.count()
 

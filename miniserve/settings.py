@@ -17,7 +17,8 @@ from dataclasses import MISSING, Field, fields
 from miniserve.config import EngineConfig, ServerConfig, SettingError
 
 ENV_PREFIX = "MINISERVE_"
-OTHER_VARIABLES = ("MINISERVE_COMMIT", "MINISERVE_DIRTY")  # not settings: the benchmarks' provenance
+# not settings: the benchmarks' provenance, the tests' cache of built checkpoints
+OTHER_VARIABLES = ("MINISERVE_COMMIT", "MINISERVE_DIRTY", "MINISERVE_TEST_CACHE")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 

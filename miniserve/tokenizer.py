@@ -613,7 +613,7 @@ def _template_tool_call(call: Any, index: int) -> Any:
     """A tool call with its arguments as an object, as templates read them (`tool_call.arguments | tojson`):
     OpenAI's messages carry them as JSON text; empty or missing text is no arguments ({}), as in vLLM."""
     function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("arguments", ""), str):
+    if not isinstance(function, dict) or not isinstance(function.get("arguments") or "", str):
         return call
     text = function.get("arguments") or "{}"
     try:

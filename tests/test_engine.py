@@ -402,10 +402,10 @@ def test_chat_gives_templates_tool_call_arguments_as_objects(llama_dir):
         "{{ c.function.arguments | tojson }};{% endfor %}{{ m.content or '' }}\n{% endfor %}"
     )
 
-    def conversation(first: object, second: object) -> list[dict]:
+    def conversation(*arguments: object) -> list[dict]:
         calls = [
             {"id": f"c{i}", "type": "function", "function": {"name": "f", "arguments": a}}
-            for i, a in enumerate((first, second))
+            for i, a in enumerate(arguments)
         ]
         return [
             {"role": "user", "content": "Weather?"},
@@ -414,10 +414,10 @@ def test_chat_gives_templates_tool_call_arguments_as_objects(llama_dir):
         ]
 
     llm = make_llm(llama_dir)
-    out = llm.chat(conversation('{"city": "Paris"}', ""), GREEDY, use_tqdm=False, chat_template=template)[0]
+    out = llm.chat(conversation('{"city": "Paris"}', "", None), GREEDY, use_tqdm=False, chat_template=template)[0]
     hf = transformers.AutoTokenizer.from_pretrained(llama_dir)
     expected = hf.apply_chat_template(
-        conversation({"city": "Paris"}, {}), chat_template=template, tokenize=False, add_generation_prompt=True
+        conversation({"city": "Paris"}, {}, {}), chat_template=template, tokenize=False, add_generation_prompt=True
     )
     assert out.prompt == expected and '"city": "Paris"' in expected
     with pytest.raises(ValueError, match=r"messages\[1\]: tool call arguments must be JSON text, got '\{bad'"):
@@ -468,7 +468,7 @@ def test_chat_and_string_prompts(llama_dir):
     assert again.outputs[0].token_ids == out.outputs[0].token_ids and again.prompt is None
     text_out = llm.generate("ROMEO:", GREEDY, use_tqdm=False)[0]
     assert text_out.prompt == "ROMEO:" and text_out.prompt_token_ids == tok.encode("ROMEO:")
-    assert text_out.outputs[0].text == tok.decode(text_out.outputs[0].token_ids)
+    assert text_out.outputs[0].text == tok.decode(text_out.outputs[0].token_ids, skip_special_tokens=True)
 
 
 def test_prompts_and_params_in_every_shape_and_clear_errors_for_the_rest(llama_dir):

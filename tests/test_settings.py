@@ -59,6 +59,13 @@ def as_text(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+@pytest.fixture(autouse=True)
+def no_miniserve_variables(monkeypatch):
+    """The tests read exact messages: none of the caller's MINISERVE_* variables (each would add a line)."""
+    for name in [n for n in os.environ if n.startswith("MINISERVE_")]:
+        monkeypatch.delenv(name)
+
+
 @pytest.mark.parametrize("cls", [EngineConfig, ServerConfig])
 def test_every_field_is_a_flag_and_a_variable(cls):
     command = "serve" if cls is ServerConfig else "generate"

@@ -92,6 +92,8 @@ def test_vllm_speculative_config_names_the_draft(llama_dir, draft_dir):
     ):
         with pytest.raises(ValueError, match=message):
             LLM(str(llama_dir), device="cpu", speculative_config=bad)
+    with pytest.raises(ValueError, match="num_speculative_tokens is given twice"):
+        LLM(str(llama_dir), device="cpu", speculative_config=spec, num_speculative_tokens=3)
 
 
 def test_self_speculation_accepts_everything(llama_dir):

@@ -209,10 +209,7 @@ class SpawnedRanks:
         for p in self.procs.values():
             p.join(timeout=max(0.0, deadline - time.monotonic()))
         for p in self.procs.values():
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5.0)
-            if p.is_alive():
+            if p.is_alive():  # (a rank ignores SIGINT and SIGTERM, which may reach the whole process group)
                 p.kill()
                 p.join()
         watcher = getattr(self, "_watcher", None)

@@ -7,7 +7,6 @@ that runs and writes garbage.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -15,6 +14,7 @@ from typing import NamedTuple
 import torch
 from safetensors import safe_open
 
+from miniserve.json_file import read_json_object
 from miniserve.models.config import ModelConfig
 from miniserve.models.llama import LlamaModel
 from miniserve.models.parallel import TensorParallel
@@ -36,7 +36,7 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        weight_map = read_json_object(index).get("weight_map", {})
         files = [model_dir / name for name in sorted(set(weight_map.values()))]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:

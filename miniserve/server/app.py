@@ -175,6 +175,9 @@ def _install_signal_handlers(state: ServerState) -> None:
     signal also starts the bounded drain, a second one exits at once."""
     if threading.current_thread() is not threading.main_thread():
         return
+    # a lost engine (killed, crashed) stops the server as SIGTERM does (as vLLM's), so that its supervisor restarts
+    # it rather than it answering 503 for ever; while it drains anyway, the drain goes on (not a second signal)
+    state.engine.on_lost = lambda: None if state.draining else signal.raise_signal(signal.SIGTERM)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous = signal.getsignal(sig)

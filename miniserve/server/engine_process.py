@@ -43,6 +43,7 @@ snapshots.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
@@ -84,10 +85,9 @@ def _core_main(config: Any, commands: list[Any], outputs: list[Any]) -> None:
 
         engine = LLMEngine(config)
     except BaseException as exc:  # the API process re-raises this at startup
-        # a setting or a model file the user can fix is said in one line; anything else with its traceback
-        trace = None if isinstance(exc, USER_ERRORS) else traceback.format_exc()
+        # a setting or a model file the user can fix is said in one line (its traceback at debug level)
         for w in writers:
-            w.send(("error", f"{type(exc).__name__}: {exc}", trace))
+            w.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc(), isinstance(exc, USER_ERRORS)))
         return
     engine.on_fatal_error(_exit_engine)
     frozen = freeze_startup_heap()  # the model, graphs and imports: nothing a collection should walk again
@@ -124,7 +124,7 @@ def _cache_config(engine: Any) -> dict[str, str]:
 
 def _exit_engine(error: BaseException) -> None:
     """A tensor-parallel rank died (the error, naming it, is logged): the engine cannot step any more, so its
-    process ends; the API process then fails what is in flight and reports the engine unavailable (/health 503)."""
+    process ends; the API process then fails what is in flight and stops (EngineProcess.on_lost)."""
     logger.error("miniserve: the engine stops: %s", error)
     os._exit(1)
 
@@ -376,10 +376,19 @@ def spawn_engine(config: Any, count: int = 1) -> tuple[Any, list[EngineLink]]:
     args = (config, [c[0] for c in commands], [o[1] for o in outputs])
     proc = ctx.Process(target=_core_main, args=args, name="miniserve-engine", daemon=daemon)
     proc.start()
+    # it ignores SIGTERM (_core_main): at this interpreter's exit, before multiprocessing's hook would SIGTERM and
+    # join it for ever (atexit runs last-registered first), whatever is left of it is killed
+    atexit.register(_kill_left_over, proc)
     for (engine_end, _), (_, engine_out) in zip(commands, outputs):
         engine_end.close()
         engine_out.close()
     return proc, [EngineLink(c[1], o[0], i, count) for i, (c, o) in enumerate(zip(commands, outputs))]
+
+
+def _kill_left_over(proc: Any) -> None:
+    if proc.is_alive():
+        proc.kill()
+        proc.join(5)
 
 
 def _wait_exit(proc: Any, wait: float = 0.0) -> Any:
@@ -416,6 +425,7 @@ class EngineProcess:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._alive = False
         self.accepting = True
+        self.on_lost: Callable[[], None] | None = None  # called when the engine process is lost (app.py stops)
 
     # ---- life cycle -----------------------------------------------------------------------------------
 
@@ -434,8 +444,8 @@ class EngineProcess:
             raise RuntimeError(f"the engine process exited with {_wait_exit(self._proc, 5)} while loading") from None
         if msg[0] == "error":
             _wait_exit(self._proc, 5)  # it returns once it has said why
-            if msg[2] and (self.link is None or self.link.index == 0):  # (each API server hears it: one logs it)
-                logger.error("engine failed to load:\n%s", msg[2])
+            if self.link is None or self.link.index == 0:  # (each API server hears it: one logs it)
+                logger.log(logging.DEBUG if msg[3] else logging.ERROR, "engine failed to load:\n%s", msg[2])
             raise RuntimeError(f"the engine failed to load: {msg[1]}")
         _, self.info, self._stats = msg
         self._alive = True
@@ -623,8 +633,10 @@ class EngineProcess:
     def _on_engine_exit(self) -> None:
         lost, self._alive = self._alive, False
         self._end_all(RuntimeError("the engine process exited"))
-        if lost:  # (not this side's shutdown)
-            _stop_for_lost_engine(_wait_exit(self._proc, 1.0))  # (its pipe may close just before it is reaped)
+        if lost:  # (not this side's shutdown; its pipe may close just before it is reaped)
+            logger.error("the engine process exited unexpectedly (exit code %s)", _wait_exit(self._proc, 1.0))
+            if self.on_lost is not None:
+                self.on_lost()
 
     def _end_all(self, error: BaseException) -> None:
         for request_id in list(self._streams):
@@ -640,7 +652,7 @@ def _check_room(n: int, capacity: int, max_waiting: int, outstanding: int) -> No
     if n > capacity + max_waiting:
         raise APIError(
             f"this request runs {n} sequences (n, best_of), more than this server ever takes at once "
-            f"({capacity} running + {max_waiting} waiting)",
+            f"({capacity} running + {max_waiting} waiting, per API server)",
             param="n",
             code="too_many_sequences",
         )
@@ -651,14 +663,6 @@ def _check_room(n: int, capacity: int, max_waiting: int, outstanding: int) -> No
             status=503,
             code="overloaded",
         )
-
-
-def _stop_for_lost_engine(exit_code: Any) -> None:
-    """The engine is gone (killed, crashed): what was in flight has failed; this server stops as on SIGTERM (as
-    vLLM's does), so that a supervisor (systemd, a container's restart policy) restarts it, rather than leave it up
-    answering 503 for ever."""
-    logger.error("the engine process exited unexpectedly (exit code %s): stopping the server", exit_code)
-    signal.raise_signal(signal.SIGTERM)
 
 
 def merge_steps(messages: list[tuple]) -> list[tuple]:
