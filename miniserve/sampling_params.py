@@ -127,7 +127,7 @@ class SamplingParams:
         _check_number("top_p", self.top_p, low=0.0, low_open=True, high=1.0)
         _check_int("top_k", self.top_k, low=-1)
         _check_number("min_p", self.min_p, low=0.0, high=1.0)
-        if self.seed == -1 and not isinstance(self.seed, bool):
+        if self.seed == -1:
             self.seed = None
         if self.seed is not None:
             _check_int("seed", self.seed, low=-(2**63), high=2**63 - 1)  # int64: what torch.Generator takes
@@ -232,7 +232,7 @@ def _check_logprobs(name: str, value: object) -> int | None:
         return None
     if value is True:
         return 1
-    if value == -1 and not isinstance(value, bool):
+    if value == -1:
         raise ValueError(f"{name}=-1 (the whole vocabulary) is more than the {MAX_LOGPROBS} returned at most")
     _check_int(name, value, low=0, high=MAX_LOGPROBS)
     return value

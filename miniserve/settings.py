@@ -69,11 +69,11 @@ def from_sources(cls: type, args: argparse.Namespace | None = None, env: Mapping
         elif raw.strip():
             source = f"{env_var(f)}={raw!r}"
             values[f.name], sources[f.name] = _parse(cls, f, raw.strip(), source), source
+    by_name = {f.name: f for f in fields(cls)}
     for name, source in sources.items():
-        needs = next(f for f in fields(cls) if f.name == name).metadata.get("needs")
+        needs = by_name[name].metadata.get("needs")
         if needs and values.get(needs) is None:
-            wanted = next(f for f in fields(cls) if f.name == needs)
-            where = flag(wanted) if source.startswith("--") else env_var(wanted)
+            where = flag(by_name[needs]) if source.startswith("--") else env_var(by_name[needs])
             raise SettingError(name, f"{source}: does nothing without {where}")
     try:
         return cls(**values)
@@ -117,7 +117,8 @@ def markdown_table() -> str:
             if f.metadata.get("choices"):
                 meaning += ": " + ", ".join(f"`{c}`" for c in f.metadata["choices"])
             if f.metadata.get("needs"):
-                meaning += f" (only with `--{f.metadata['needs'].replace('_', '-')}`)"
+                needed = next(g for g in fields(cls) if g.name == f.metadata["needs"])
+                meaning += f" (only with `{flag(needed)}`)"
             where = " (`serve` only)" if cls is ServerConfig else ""
             rows.append(f"| `{env_var(f)}` | `{flag(f)}`{where} | {shown_default(f)} | {meaning} |")
     return "\n".join(rows)

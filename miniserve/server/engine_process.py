@@ -66,7 +66,7 @@ from miniserve.server.protocol import APIError
 from miniserve.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger("miniserve.server")
-USER_ERRORS = (ValueError, FileNotFoundError)  # a bad setting, a broken model directory: no traceback to read
+USER_ERRORS = (ValueError, FileNotFoundError)  # a bad setting, a broken model directory: one line says it
 
 
 # ---------------------------------------------------------------------------------------------- engine process

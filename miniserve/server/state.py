@@ -93,14 +93,13 @@ class ServerState:
         tokens = self.server.max_prompt_tokens or self.max_model_len
         if for_generation and num_chars > tokens * self.token_chars:  # more tokens than that, however it splits
             limited = self.server.max_prompt_tokens is not None
+            beyond = "this server accepts (MINISERVE_MAX_PROMPT_TOKENS)" if limited else "this model's context length"
             raise APIError(
                 f"the {what} has {num_chars} characters, so more than {tokens} tokens (a token of this tokenizer "
-                f"holds at most {self.token_chars} characters): more than "
-                + ("this server accepts (MINISERVE_MAX_PROMPT_TOKENS)" if limited else "this model's maximum "
-                   f"context length. Please reduce the length of the {what}."),
+                f"holds at most {self.token_chars} characters): more than {beyond}. Please reduce its length.",
                 param=what,
                 code="prompt_too_long" if limited else "context_length_exceeded",
-            )  # fmt: skip
+            )
 
     def check_prompt_tokens(self, num_tokens: int, what: str) -> None:
         limit = self.server.max_prompt_tokens
