@@ -1269,16 +1269,32 @@ def attention_failure(r: dict) -> str:
     return f"{case} (err {r['max_abs_err']:.3g})"
 
 
+def newest(*names: str) -> tuple[str, dict] | None:
+    """The newest run (by its provenance date) among result files of one check on different GPUs (`_h200`,
+    `_h100`): the correctness table shows the current code's last run, wherever it ran."""
+    runs = [(meta(d).get("date") or "", name, d) for name in names if (d := load(name))]
+    if not runs:
+        return None
+    _, name, data = max(runs)
+    return name, data
+
+
+def result_label(name: str, data: dict) -> str:
+    p = meta(data)
+    return f"`{name}` ({p.get('commit') or '?'}, {p.get('device') or '?'})"
+
+
 def skinny_gemm_rows(engine_check: dict) -> list[list[str]]:
     """The decode projections' Triton GEMM against fp64 and cuBLAS, and greedy outputs with dependent launch."""
-    lin, dep = load("kernel_checks_skinny_linear_h200.json"), engine_check.get("dependent_launch")
+    found = newest("kernel_checks_skinny_linear_h200.json", "kernel_checks_skinny_linear_h100.json")
+    dep = engine_check.get("dependent_launch")
     rows = []
-    if lin:
-        r = lin["skinny_linear"]
+    if found:
+        r = found[1]["skinny_linear"]
         n = len(r)
         rows.append([
             f"the skinny Triton GEMM (bf16, Llama/Qwen projection shapes, {min(x['m'] for x in r)}-"
-            f"{max(x['m'] for x in r)} rows) vs an fp64 product",
+            f"{max(x['m'] for x in r)} rows) vs an fp64 product ({result_label(*found)})",
             f"{sum(x['err_over_bound'] <= 1 for x in r)}/{n} within half a bf16 ulp plus fp32 accumulation (cuBLAS "
             f"{sum(x['cublas_err_over_bound'] <= 1 for x in r)}/{n}); launched as a dependent = launched plainly, bit "
             f"for bit: {sum(x['dependent_bits_equal'] for x in r)}/{n}; a row's bits the same whatever rows come with "
@@ -1292,21 +1308,17 @@ def skinny_gemm_rows(engine_check: dict) -> list[list[str]]:
     return rows
 
 
-ATTENTION_CHECK_FILES = ("kernel_checks_h200.json", "kernel_checks_attention_h200.json")
-
-
-def latest_attention_checks() -> tuple[str, list[dict]]:
-    """The newest run of the attention checks: kernel_checks_h200.json runs them with every other kernel check,
-    and a run of the attention checks alone may follow it in kernel_checks_attention_h200.json."""
-    runs = [(d["date"], name, d["attention_vs_reference"]) for name in ATTENTION_CHECK_FILES if (d := load(name))]
-    _, name, rows = max(runs)
-    return name, rows
+KERNEL_CHECK_FILES = ("kernel_checks_h200.json", "kernel_checks_h100.json")
+# kernel_checks_*.json run the attention checks with every other kernel check; a run of them alone may follow
+ATTENTION_CHECK_FILES = (*KERNEL_CHECK_FILES, "kernel_checks_attention_h200.json")
+ENGINE_CHECK_FILES = ("engine_check_h200.json", "engine_check_h100.json")
 
 
 def gpu_correctness() -> str:
-    k, e = load("kernel_checks_h200.json"), load("engine_check_h200.json")
+    (k_file, k), (e_file, e) = newest(*KERNEL_CHECK_FILES), newest(*ENGINE_CHECK_FILES)
     exact, rope = k["cache_write_exact"], k.get("rope_write_exact")
-    att_file, att = latest_attention_checks()
+    att_file, att_run = newest(*ATTENTION_CHECK_FILES)
+    att = att_run["attention_vs_reference"]
     failed = [attention_failure(r) for r in att if not r["ok"]]
     off = f"; off: {'; '.join(failed)}" if failed else ""
     lossless = e["lossless"]
@@ -1316,12 +1328,14 @@ def gpu_correctness() -> str:
         f"{d}: RMSNorm {v['rms_norm_max_ulp']:.1f}, SiLU·mul {v['silu_and_mul_max_ulp']:.1f}" for d, v in layer.items()
     )
     rows = [
+        ["the runs below (file, commit, GPU)",
+         f"kernels: {result_label(k_file, k)}; engine: {result_label(e_file, e)}"],
         ["fused KV write vs the reference bytes, all 65,536 bf16 and fp16 patterns × scales × formats, plain caches",
          f"{sum(r['mismatches'] for r in exact)} mismatching bytes over {len(exact)} combos"],
         *([["the rotating KV write (RoPE on the way) vs the torch path: q, k and pages, bf16/fp16/fp32 into FP8 "
             "and bf16 caches", f"{sum(r['mismatches'] for r in rope)} mismatching bytes, q/k equal in "
             f"{sum(r['qk_bits_equal'] for r in rope)}/{len(rope)} combos"]] if rope else []),
-        [f"paged attention kernels vs the torch reference (`{att_file}`)",
+        [f"paged attention kernels vs the torch reference ({result_label(att_file, att_run)})",
          f"{sum(r['ok'] for r in att)}/{len(att)} within tolerance{off}"],
         ["CUDA-graph replay vs eager (plain, speculative; bf16 and fp8 KV)",
          f"{sum(v['identical'] for v in e['graphs_vs_eager'].values())}/{len(e['graphs_vs_eager'])} identical"],
@@ -1347,40 +1361,37 @@ def gpu_correctness() -> str:
             )
         rows.append(["seeded JSON-schema sampling (masks on 1 or 4 threads, the helper or the engine's thread, "
                      "overlapped or stepwise)", f"{so['valid']}/{so['of']} valid, {same}"])  # fmt: skip
-    rows += kernel_masks_rows() + logprobs_rows()
+    rows += kernel_masks_rows(e) + logprobs_rows(e)
     return table(["check", "result"], rows, "ll")
 
 
-def kernel_masks_rows() -> list[list[str]]:
-    """Grammar masks in the sampling kernel, end to end on the demo model (gpu_engine_check.py --only kernel_masks)."""
-    runs = [(name, d) for name in ("engine_check_masks_h200.json", "engine_check_masks_h100.json") if (d := load(name))]
-    if not runs:
+def kernel_masks_rows(e: dict) -> list[list[str]]:
+    """Grammar masks in the sampling kernel, end to end on the demo model (absent from runs before the check)."""
+    m = e.get("kernel_masks")
+    if not m:
         return []
-    name, d = runs[0]
-    m = d["kernel_masks"]
     return [
         [
-            f"grammar masks in the sampling kernel (`{name}`, {d['provenance']['device']})",
+            "grammar masks in the sampling kernel",
             f"constrained greedy = the torch path's tokens: {m['greedy_kernel_equals_torch']}; valid JSON: greedy "
             f"{m['greedy_valid']}/{m['greedy_of']}, unseeded samples {m['unseeded_valid']}/{m['unseeded_of']}",
         ]
     ]
 
 
-def logprobs_rows() -> list[list[str]]:
-    """vLLM's Logprob objects from the GPU's sampler, end to end on the demo model (gpu_engine_check.py --only
-    logprobs)."""
-    d = load("engine_check_logprobs_h100.json")
-    if not d:
+def logprobs_rows(e: dict) -> list[list[str]]:
+    """vLLM's Logprob objects from the GPU's sampler, end to end on the demo model (absent from runs before the
+    check)."""
+    if "logprobs" not in e:
         return []
-    runs = {k: v for k, v in d["logprobs"].items() if isinstance(v, dict)}
+    runs = {k: v for k, v in e["logprobs"].items() if isinstance(v, dict)}
     shaped = ", ".join(f"{k} {v['shaped_as_vllm']}/{v['positions']}" for k, v in runs.items())
     outside = ", ".join(f"{k} {v['sampled_outside_top3']}" for k, v in runs.items())
     return [
         [
-            f"logprobs as vLLM's Logprob objects (`engine_check_logprobs_h100.json`, {d['provenance']['device']})",
+            "logprobs as vLLM's Logprob objects",
             f"positions in vLLM's shape (sampled token first with its rank, the top 3 ranked 1..3): {shaped}; "
-            f"sampled outside the top 3: {outside}; CUDA graphs = eager: {d['logprobs']['graphs_equal_eager']}",
+            f"sampled outside the top 3: {outside}; CUDA graphs = eager: {e['logprobs']['graphs_equal_eager']}",
         ]
     ]
 
