@@ -256,7 +256,9 @@ class ServerConfig:
     )
     body_timeout: float = setting(60.0, "seconds for a request's body, from the end of its head (408, close)")
     keep_alive_timeout: float = setting(5.0, "seconds an idle keep-alive connection stays open")
-    max_connections: int | None = setting(1024, "connections beyond this get 503 and are closed")
+    max_connections: int | None = setting(
+        1024, "connections beyond this get 503 and are closed (/health, /ping and /metrics are still answered)"
+    )
     http_parser: str = setting(
         "httptools",
         "HTTP/1.1 parser (uvicorn's --http): httptools (C) costs less per request and per streamed event than h11 "

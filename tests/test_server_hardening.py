@@ -452,11 +452,18 @@ def test_connections_beyond_the_limit_get_503_and_close(guarded_url):
         assert status == 503 and headers["connection"] == "close", received
         err = json.loads(body)["error"]
         assert err["code"] == "overloaded" and f"limit is {MAX_CONNECTIONS}" in err["message"]
+        # a liveness probe and a metrics scrape are answered all the same (a busy server is not a dead one)
+        for path, expect in (("/health", b""), ("/ping", b""), ("/metrics", b"miniserve:num_requests_running")):
+            with connect(guarded_url) as probe:
+                probe.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+                received, _ = trickle_until_closed(probe, b"")  # answered, then closed
+            status, headers, body = parse_response(received)
+            assert status == 200 and headers["connection"] == "close" and expect in body, received[:300]
     finally:
         for s in held:
             s.close()
     deadline = time.monotonic() + SLACK  # once they are gone, new connections are served
-    while httpx.get(guarded_url + "/health").status_code != 200:
+    while httpx.post(guarded_url + "/tokenize", json={"prompt": "hi"}).status_code != 200:
         assert time.monotonic() < deadline
         time.sleep(0.05)
 

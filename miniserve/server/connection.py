@@ -50,6 +50,9 @@ class ConnectionLimits:
 
 
 MAX_HEAD_BYTES = 16 * 1024  # a request line and headers past this get 400 (h11's own limit in uvicorn)
+# What a connection over the cap is still answered on (then closed): a liveness probe or a metrics scrape refused
+# by a server that is only busy would have it restarted, or hide the very overload it is there to show
+UNCAPPED_PATHS = frozenset({"/health", "/ping", "/metrics"})
 
 
 def guarded_protocol(limits: ConnectionLimits, parser: str = "httptools") -> type:
@@ -83,7 +86,7 @@ class _Guard:
         super().connection_made(transport)  # type: ignore[misc]
         cap = self.limits.max_connections
         if cap is not None and len(self.connections) > cap:
-            self.app = _Refuse(cap)  # its first request is answered 503, then the connection closes
+            self.app = _Refuse(cap, self.app)  # its first request is answered 503, then the connection closes
         self._watch()
 
     def data_received(self, data: bytes) -> None:
@@ -228,12 +231,17 @@ class GuardedHttpToolsProtocol(_Guard, HttpToolsProtocol):
 
 
 class _Refuse:
-    """The ASGI app of a connection over the cap: 503 in OpenAI's shape, and `Connection: close`."""
+    """The ASGI app of a connection over the cap: 503 in OpenAI's shape, and `Connection: close`; the app's own
+    answer, closing the connection too, on UNCAPPED_PATHS."""
 
-    def __init__(self, cap: int):
+    def __init__(self, cap: int, app: Any):
         self.cap = cap
+        self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] in UNCAPPED_PATHS:
+            await self.app(scope, receive, _closing(send))
+            return
         while (await receive()).get("more_body"):  # read the body first: closing on unread data resets the socket
             pass
         err = APIError(
@@ -250,3 +258,15 @@ class _Refuse:
         ]
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _closing(send: Any) -> Any:
+    """`send` with `Connection: close` on the response's head (uvicorn then closes the connection after it)."""
+
+    async def closing_send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+            message = {**message, "headers": [*headers, (b"connection", b"close")]}
+        await send(message)
+
+    return closing_send
