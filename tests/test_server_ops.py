@@ -29,6 +29,7 @@ from tests.test_server import (
     REPO,
     assert_openai_error,
     build_server_model,
+    free_port,
     metric,
     run_server,
     scrape,
@@ -270,6 +271,100 @@ def test_an_engine_process_left_running_does_not_hold_the_exit(model_dir, tmp_pa
     assert alive == "True"
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid), 0)  # killed and reaped on the way out
+
+
+# A model that takes two minutes to load: in the engine process only (multiprocessing's spawned children), the
+# engine's construction waits first, where reading a large checkpoint would take its time.
+SLOW_LOAD = """
+import importlib.machinery, sys, time
+
+class _SlowEngine(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name != "miniserve.engine.llm_engine":
+            return None
+        spec = super().find_spec(name, path, target)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            init = module.LLMEngine.__init__
+
+            def slow_init(self, *args, **kwargs):
+                time.sleep(120)
+                init(self, *args, **kwargs)
+
+            module.LLMEngine.__init__ = slow_init
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+if "--multiprocessing-fork" in sys.argv:
+    sys.meta_path.insert(0, _SlowEngine)
+"""
+
+
+def slow_load_env(tmp_path) -> dict[str, str]:
+    (tmp_path / "sitecustomize.py").write_text(SLOW_LOAD)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+def start_loading(cmd: list[str], env: dict[str, str], log) -> subprocess.Popen:
+    """Start a server whose model takes minutes to load; return once its engine process is loading."""
+    from tests.test_tensor_parallel import children_of, spawned
+
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not spawned(children_of(proc.pid)):  # the engine process (multiprocessing's spawn)
+        assert proc.poll() is None and time.monotonic() < deadline, "no engine process started"
+        time.sleep(0.1)
+    time.sleep(3)  # into its load: the engine's imports take a second or two
+    return proc
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize(
+    ("api_servers", "to_group", "sig"),
+    [(1, False, signal.SIGTERM), (1, True, signal.SIGINT), (1, True, signal.SIGTERM), (2, False, signal.SIGINT)],
+)
+def test_a_signal_during_the_model_load_stops_the_server_at_once(model_dir, tmp_path, api_servers, to_group, sig):
+    """A Ctrl-C (SIGINT to the terminal's process group), a service manager's stop (SIGTERM to the group) or a
+    SIGTERM to the server alone, while the model loads: the server stops now, not once the load is over, and leaves
+    no engine process behind. One API server is `uvicorn server:app`, two are `miniserve serve --api-servers 2`."""
+    from tests.test_api_servers import _gone
+    from tests.test_tensor_parallel import children_of
+
+    port = str(free_port())
+    if api_servers == 1:
+        cmd = [sys.executable, "-m", "uvicorn", "server:app", "--port", port, "--log-level", "warning"]
+    else:
+        cmd = [sys.executable, "-m", "miniserve.cli", "serve", "--api-servers", "2", "--port", port]
+    env = {**slow_load_env(tmp_path), "MINISERVE_MODEL": str(model_dir), "MINISERVE_DEVICE": "cpu"}
+    with tempfile.TemporaryFile() as log:
+        proc = start_loading(cmd, env, log)
+        family = children_of(proc.pid)
+        try:
+            signalled = time.monotonic()
+            if to_group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+            proc.wait(timeout=30)
+            stopped = time.monotonic() - signalled
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            log.seek(0)
+            logged = log.read().decode(errors="replace")
+        assert stopped < 10, logged
+        for pid in family:
+            deadline = time.monotonic() + 10
+            while not _gone(pid):
+                assert time.monotonic() < deadline, f"process {pid} outlived the server"
+                time.sleep(0.1)
+        if api_servers == 1:
+            assert f"{signal.Signals(sig).name} came while the model loaded" in logged, logged
 
 
 def test_a_second_signal_exits_at_once(model_dir):

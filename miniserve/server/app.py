@@ -21,8 +21,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -109,7 +109,8 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
             tokenizer = await asyncio.to_thread(load_tokenizer, config)
             token_chars = await asyncio.to_thread(max_token_chars, tokenizer)
             engine = EngineProcess(config, max_waiting=server.max_waiting, link=link)
-            await asyncio.to_thread(engine.start)
+            with _signals_stop_loading(engine):
+                await asyncio.to_thread(engine.start)
         except Exception as exc:  # one line (the engine process logged its own traceback of a failed load)
             logger.error("miniserve: the server cannot start: %s", exc)
             logger.debug("what stopped the start", exc_info=True)
@@ -168,6 +169,29 @@ def _log_like_uvicorn() -> None:
         for handler in theirs.handlers:
             ours.addHandler(handler)
         ours.setLevel(logging.getLogger("uvicorn.error").getEffectiveLevel())
+
+
+@contextmanager
+def _signals_stop_loading(engine: EngineProcess) -> Iterator[None]:
+    """While the engine loads, SIGTERM and SIGINT also stop the load (uvicorn's own handlers, chained to, only stop
+    the serving that would follow it: a Ctrl-C or a service manager's stop waited for the whole load)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum: int, frame: Any) -> None:
+        engine.stop_loading(signum)
+        if callable(previous[signum]):
+            previous[signum](signum, frame)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _install_signal_handlers(state: ServerState) -> None:

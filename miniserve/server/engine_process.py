@@ -76,9 +76,11 @@ def _core_main(config: Any, commands: list[Any], outputs: list[Any]) -> None:
     """The engine process: load the engine, then alternate applying commands and stepping until every API server
     is done. `commands`/`outputs`: one pipe end each per API server process (ServerConfig.api_servers)."""
     # Ctrl-C reaches the terminal's whole process group, and a service manager's stop (systemd, `timeout`, a
-    # container's init) may signal the group too: the API process drains first, then stops this one (its pipes)
+    # container's init) may signal the group too. While the model loads there is nothing to drain: either signal
+    # ends this process at once (the API process, waiting for "ready", says so). Once loaded it ignores both: the
+    # API process drains first, then stops this one (its pipes).
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, signal.SIG_DFL)
     readers, writers = [FrameReader(c) for c in commands], [FrameWriter(o) for o in outputs]
     try:
         from miniserve.engine.llm_engine import LLMEngine
@@ -89,6 +91,8 @@ def _core_main(config: Any, commands: list[Any], outputs: list[Any]) -> None:
         for w in writers:
             w.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc(), isinstance(exc, USER_ERRORS)))
         return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     engine.on_fatal_error(_exit_engine)
     frozen = freeze_startup_heap()  # the model, graphs and imports: nothing a collection should walk again
     info = {
@@ -426,6 +430,7 @@ class EngineProcess:
         self._alive = False
         self.accepting = True
         self.on_lost: Callable[[], None] | None = None  # called when the engine process is lost (app.py stops)
+        self.interrupted: int | None = None  # the signal that stopped the load (stop_loading)
 
     # ---- life cycle -----------------------------------------------------------------------------------
 
@@ -435,12 +440,17 @@ class EngineProcess:
         link = self.link
         if link is None:
             self._proc, (link,) = spawn_engine(self.config)
+            if self.interrupted is not None:  # a signal came as it was being spawned
+                self.stop_loading(self.interrupted)
         self._started = True
         self._cmd_send = link.commands
         self._out_reader = FrameReader(link.outputs)
         try:
             msg = self._out_reader.recv()
         except EOFError:
+            if self.interrupted is not None:
+                name = signal.Signals(self.interrupted).name
+                raise RuntimeError(f"{name} came while the model loaded: the load was stopped") from None
             raise RuntimeError(f"the engine process exited with {_wait_exit(self._proc, 5)} while loading") from None
         if msg[0] == "error":
             _wait_exit(self._proc, 5)  # it returns once it has said why
@@ -449,6 +459,18 @@ class EngineProcess:
             raise RuntimeError(f"the engine failed to load: {msg[1]}")
         _, self.info, self._stats = msg
         self._alive = True
+
+    def stop_loading(self, signum: int) -> None:
+        """A SIGTERM or SIGINT while `start` waits (a signal handler's call): the engine process, which dies of
+        either until it has loaded, gets SIGTERM, and `start` then fails naming the signal. (The launcher's engine
+        gets it from the launcher.)"""
+        self.interrupted = signum
+        proc = self._proc
+        if proc is not None and proc.pid is not None:
+            try:
+                os.kill(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Work both pipes from `loop` (the server's event loop; call on it): route outputs as they arrive, send

@@ -12,8 +12,8 @@ processes share the HTTP work. This process only launches and supervises:
 3. starts the API servers: each is the same app as with one (create_app), joined to the engine by its pipes
    (EngineLink) instead of starting one, serving the socket with uvicorn;
 4. on SIGTERM/SIGINT, passes one SIGTERM to each API server, which drains as a single server does (MINISERVE_
-   DRAIN_TIMEOUT); the engine ends when the last one stopped. A second signal, or an API server that dies, ends
-   them all.
+   DRAIN_TIMEOUT); the engine ends when the last one stopped (it gets one too, which ends it only while it is
+   still loading the model). A second signal, or an API server that dies, ends them all.
 
 The API servers run in their own process group, so a terminal's Ctrl-C reaches this process only and each server
 gets one signal. Metrics: the CLI points prometheus_client at a shared directory first (server/metrics.py).
@@ -69,6 +69,7 @@ def run_api_servers(config: EngineConfig, server: ServerConfig) -> int:
         if len(stopping) == 1:
             logger.info("shutting down %d API servers", len(apis))
             _signal_all(apis, signal.SIGTERM)
+            _signal_all([engine], signal.SIGTERM)  # it dies of it while it loads, and ignores it once loaded
         else:
             logger.warning("second signal: exiting now")
             _kill_all([*apis, engine])
