@@ -219,6 +219,35 @@ def test_uvicorn_with_a_bad_variable_prints_one_line(tmp_path):
     assert proc.stderr.strip() == "miniserve: error: MINISERVE_MAX_NUM_SEQS='many': must be an integer"
 
 
+def test_a_metrics_directory_that_is_gone_is_one_line_before_the_load(tmp_path):
+    """prometheus_client writes into PROMETHEUS_MULTIPROC_DIR: one that is not there failed the server only once
+    the model had loaded, with a traceback; now uvicorn and `miniserve serve` say so first, in one line."""
+    gone = str(tmp_path / "gone")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": gone}
+    expected = f"miniserve: error: PROMETHEUS_MULTIPROC_DIR={gone!r} is not a directory"
+    for cmd in (
+        [sys.executable, "-m", "uvicorn", "server:app", "--port", "0"],
+        [sys.executable, "-m", "miniserve.cli", "serve", "--port", "0", "--device", "cpu"],
+        [sys.executable, "-m", "miniserve.cli", "serve", "--port", "0", "--device", "cpu", "--api-servers", "2"],
+    ):
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0, proc.stderr
+        assert proc.stderr.strip().startswith(expected) and "\n" not in proc.stderr.strip(), proc.stderr
+
+
+def test_a_metrics_directory_with_an_earlier_runs_files_is_a_warning(tmp_path):
+    from miniserve.server.metrics import check_shared_dir
+
+    assert check_shared_dir({}) is None and check_shared_dir({"PROMETHEUS_MULTIPROC_DIR": ""}) is None
+    assert check_shared_dir({"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}) is None  # empty: as it should be
+    (tmp_path / "counter_123.db").write_bytes(b"")
+    (tmp_path / "histogram_123.db").write_bytes(b"")
+    warning = check_shared_dir({"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    assert "holds 2 metrics files of an earlier run" in warning
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        check_shared_dir({"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "counter_123.db")})
+
+
 @pytest.mark.parametrize("setting", ["model", "speculative_model", "tokenizer"])
 def test_every_model_path_error_says_which_directory(tmp_path, setting):
     not_a_dir = tmp_path / "file"

@@ -37,6 +37,7 @@ from miniserve.server.completions import create_completion
 from miniserve.server.connection import ConnectionLimits, guarded_protocol
 from miniserve.server.engine_process import EngineLink, EngineProcess
 from miniserve.server.gc_heap import freeze_startup_heap, thaw_heap
+from miniserve.server.metrics import check_shared_dir
 from miniserve.server.middleware import CatchAll, DirectRoutes, RequireAPIKey
 from miniserve.server.protocol import (
     APIError,
@@ -252,6 +253,8 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> tuple[EngineConfig
         logging.getLogger("uvicorn.error").warning("%s", line)
     config = from_sources(EngineConfig, env=env)
     config.check_dirs()
+    if warning := check_shared_dir(env):
+        logging.getLogger("uvicorn.error").warning("%s", warning)
     server = from_sources(ServerConfig, env=env)
     for name, flag in (("host", "--host"), ("port", "--port"), ("log_level", "--log-level")):
         if f"MINISERVE_{name.upper()}" in env:  # read by `miniserve serve`; uvicorn has its own flag

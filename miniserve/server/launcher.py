@@ -26,6 +26,7 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import sys
 import time
 from typing import Any
 
@@ -38,7 +39,7 @@ def run_server(config: EngineConfig, server: ServerConfig) -> int:
     """`miniserve serve` with one API server: the app starts the engine itself; the exit status."""
     from miniserve.server.app import create_app
 
-    config.check_dirs()  # before anything starts, so the CLI prints one clear line
+    _check_before_start(config)
     if server.api_servers > 1:
         raise ValueError("several API servers are started by run_api_servers")
     sock = bind(server.host, server.port)  # a busy port is one line now, not after the model loaded
@@ -49,7 +50,7 @@ def run_api_servers(config: EngineConfig, server: ServerConfig) -> int:
     """Serve with server.api_servers API server processes until told to stop; the exit status."""
     from miniserve.server.engine_process import spawn_engine
 
-    config.check_dirs()  # before anything starts, so the CLI prints one clear line
+    _check_before_start(config)
     sock = bind(server.host, server.port)
     engine, links = spawn_engine(config, server.api_servers)
     ctx = mp.get_context("spawn")
@@ -81,6 +82,15 @@ def run_api_servers(config: EngineConfig, server: ServerConfig) -> int:
     engine.join(server.drain_timeout + 10.0)
     _kill_all([engine])
     return status
+
+
+def _check_before_start(config: EngineConfig) -> None:
+    """The model directories and the metrics directory, before anything starts: the CLI prints one clear line."""
+    from miniserve.server.metrics import check_shared_dir
+
+    config.check_dirs()
+    if warning := check_shared_dir():
+        print(f"miniserve: warning: {warning}", file=sys.stderr)
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -16,7 +16,7 @@ import bisect
 import itertools
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
@@ -25,6 +25,31 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 PREFIX = "miniserve:"
+
+
+def check_shared_dir(env: Mapping[str, str] = os.environ) -> str | None:
+    """PROMETHEUS_MULTIPROC_DIR, checked before anything loads (prometheus_client writes each process's values
+    there, and a directory that is gone failed the server only after its model had loaded, with a traceback). A
+    warning when it holds files already: an earlier run's counts add to this run's (vLLM warns alike)."""
+    path = env.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:  # (empty: unset, for prometheus_client too)
+        return None
+    if not os.path.isdir(path) or not os.access(path, os.W_OK):
+        problem = "is not a directory" if not os.path.isdir(path) else "is not writable"
+        raise FileNotFoundError(
+            f"PROMETHEUS_MULTIPROC_DIR={path!r} {problem} (prometheus_client keeps every API server's metrics "
+            "there): create it, or unset it"
+        )
+    earlier = [name for name in os.listdir(path) if name.endswith(".db")]
+    if earlier:
+        return (
+            f"PROMETHEUS_MULTIPROC_DIR={path!r} holds {len(earlier)} metrics files of an earlier run, whose counts "
+            "add to this run's: empty it between runs, or unset it (`miniserve serve --api-servers N` then makes "
+            "and removes one of its own)"
+        )
+    return None
+
+
 # vLLM's bucket bounds (so its dashboards read these series alike), each with finer bounds below vLLM's first:
 # on a GPU this engine's inter-token gaps are a few milliseconds and its queue and prefill times often less
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
