@@ -38,6 +38,7 @@ from tests.test_server import (
     free_port,
     metric,
     run_server,
+    uvicorn_server,
     wait_for_metric,
 )
 
@@ -466,6 +467,21 @@ def test_connections_beyond_the_limit_get_503_and_close(guarded_url):
     while httpx.post(guarded_url + "/tokenize", json={"prompt": "hi"}).status_code != 200:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_connection_settings_without_their_protocol_are_a_warning(llama_dir, guarded):
+    """`uvicorn server:app` without `--http server:http` runs uvicorn's own protocol, which ignores them."""
+    args = ("--http", "server:http") if guarded else ()
+    with tempfile.TemporaryFile() as log:
+        env = {"MINISERVE_HEADER_TIMEOUT": "7", "MINISERVE_MAX_CONNECTIONS": "9"}
+        with uvicorn_server(llama_dir, log, args, **env) as (url, _):
+            assert httpx.get(url + "/health").status_code == 200
+            assert httpx.get(url + "/health").status_code == 200
+        log.seek(0)
+        logged = log.read().decode(errors="replace")
+    warning = "MINISERVE_HEADER_TIMEOUT, MINISERVE_MAX_CONNECTIONS set, but uvicorn runs without `--http server:http`"
+    assert logged.count(warning) == (0 if guarded else 1), logged
 
 
 def test_miniserve_serve_takes_the_connection_flags(llama_dir):

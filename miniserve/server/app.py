@@ -269,6 +269,14 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> tuple[EngineConfig
     return config, server
 
 
+CONNECTION_SETTINGS = ("header_timeout", "body_timeout", "keep_alive_timeout", "max_connections", "http_parser")
+
+
+def connection_variables(env: Mapping[str, str] = os.environ) -> list[str]:
+    """The MINISERVE_* connection settings given in `env`: only the protocol `server:http` applies them."""
+    return [name for s in CONNECTION_SETTINGS if (name := f"MINISERVE_{s.upper()}") in env]
+
+
 def connection_protocol(server: ServerConfig) -> type:
     """The uvicorn `http` protocol class that enforces the connection settings (server/connection.py)."""
     limits = ConnectionLimits(

@@ -21,6 +21,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from miniserve.server.body_writer import writer_of
 from miniserve.server.protocol import APIError
 
 logger = logging.getLogger("miniserve.server")
@@ -64,19 +65,35 @@ class RequireAPIKey:
         return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.api_key.encode())
 
 
+def _warn_if_unguarded(scope: Scope) -> None:
+    """`uvicorn server:app` without `--http server:http` runs uvicorn's own protocol, which knows none of the
+    connection settings (server/connection.py): say so if any was given (server.py records which)."""
+    given = getattr(scope["app"].state, "connection_variables", None)
+    if given and writer_of(scope) is None:  # (the protocol gives every request's scope a body writer)
+        logger.warning(
+            "%s set, but uvicorn runs without `--http server:http`: the connection settings are not in effect",
+            ", ".join(given),
+        )
+
+
 def _under_v1(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/")
 
 
 class CatchAll:
-    """The outermost layer: no exception leaves the app as a bare 500 or a dropped connection."""
+    """The outermost layer: no exception leaves the app as a bare 500 or a dropped connection. On the first
+    request it also warns where connection settings were given to a uvicorn that does not run their protocol."""
 
     def __init__(self, app: Any):
         self.app = app
+        self.first = True
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.first:
+            self.first = False
+            _warn_if_unguarded(scope)
         state = {"started": False, "ended": False, "stream": False}
 
         async def tracked_send(message: dict) -> None:
