@@ -106,17 +106,7 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         config.check_dirs()
         _log_like_uvicorn()
-        try:
-            tokenizer = await asyncio.to_thread(load_tokenizer, config)
-            token_chars = await asyncio.to_thread(max_token_chars, tokenizer)
-            engine = EngineProcess(config, max_waiting=server.max_waiting, link=link)
-            with _signals_stop_loading(engine):
-                await asyncio.to_thread(engine.start)
-        except Exception as exc:  # one line (the engine process logged its own traceback of a failed load)
-            logger.error("miniserve: the server cannot start: %s", exc)
-            logger.debug("what stopped the start", exc_info=True)
-            logging.getLogger("uvicorn.error").addFilter(_without_startup_traceback)
-            raise StartupError(str(exc)) from None
+        engine, tokenizer, token_chars = await _start(config, server, link)
         # here, not uvicorn's flag: MINISERVE_ACCESS_LOG and --no-access-log then work however uvicorn was started
         logging.getLogger("uvicorn.access").disabled = not server.access_log
         try:
@@ -159,6 +149,23 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
     app.add_middleware(RequireAPIKey, api_key=server.api_key)
     app.add_middleware(CatchAll)  # added last: the outermost layer
     return app
+
+
+async def _start(config: EngineConfig, server: ServerConfig, link: EngineLink | None) -> tuple[EngineProcess, Any, int]:
+    """The tokenizer, its longest token in characters, and the engine, loaded (a SIGTERM or SIGINT meanwhile stops
+    the load); a failure is one line and a StartupError."""
+    try:
+        tokenizer = await asyncio.to_thread(load_tokenizer, config)
+        token_chars = await asyncio.to_thread(max_token_chars, tokenizer)
+        engine = EngineProcess(config, max_waiting=server.max_waiting, link=link)
+        with _signals_stop_loading(engine):
+            await asyncio.to_thread(engine.start)
+    except Exception as exc:  # one line (the engine process logged its own traceback of a failed load)
+        logger.error("miniserve: the server cannot start: %s", exc)
+        logger.debug("what stopped the start", exc_info=True)
+        logging.getLogger("uvicorn.error").addFilter(_without_startup_traceback)
+        raise StartupError(str(exc)) from None
+    return engine, tokenizer, token_chars
 
 
 def _log_like_uvicorn() -> None:

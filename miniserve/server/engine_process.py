@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
@@ -405,6 +406,21 @@ def _wait_exit(proc: Any, wait: float = 0.0) -> Any:
     return proc.exitcode
 
 
+def _lost_while_loading(proc: Any, interrupted: int | None) -> RuntimeError:
+    """Why the engine process ended before its first message: the signal that stopped the load, or its exit."""
+    if interrupted is not None:
+        return RuntimeError(f"{signal.Signals(interrupted).name} came while the model loaded: the load was stopped")
+    return RuntimeError(f"the engine process exited with {_wait_exit(proc, 5)} while loading")
+
+
+def _failed_to_load(msg: tuple, proc: Any, link: EngineLink | None) -> RuntimeError:
+    """The engine's ("error", message, traceback, is_user_error) at startup, logged once, as the error to raise."""
+    _wait_exit(proc, 5)  # it returns once it has said why
+    if link is None or link.index == 0:  # (each API server hears it: one logs it)
+        logger.log(logging.DEBUG if msg[3] else logging.ERROR, "engine failed to load:\n%s", msg[2])
+    return RuntimeError(f"the engine failed to load: {msg[1]}")
+
+
 class EngineProcess:
     """The API process's handle: start/stop the engine process (or join one the launcher started: `link`), post
     requests, route each step's outputs. With N API servers each admits its share of max_num_seqs and
@@ -435,8 +451,7 @@ class EngineProcess:
     # ---- life cycle -----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Spawn the engine process (or join the launcher's) and wait until it has loaded the model (blocking:
-        call it off the loop)."""
+        """Spawn the engine process (or join the launcher's); wait until it has loaded (blocking: off the loop)."""
         link = self.link
         if link is None:
             self._proc, (link,) = spawn_engine(self.config)
@@ -448,29 +463,19 @@ class EngineProcess:
         try:
             msg = self._out_reader.recv()
         except EOFError:
-            if self.interrupted is not None:
-                name = signal.Signals(self.interrupted).name
-                raise RuntimeError(f"{name} came while the model loaded: the load was stopped") from None
-            raise RuntimeError(f"the engine process exited with {_wait_exit(self._proc, 5)} while loading") from None
+            raise _lost_while_loading(self._proc, self.interrupted) from None
         if msg[0] == "error":
-            _wait_exit(self._proc, 5)  # it returns once it has said why
-            if self.link is None or self.link.index == 0:  # (each API server hears it: one logs it)
-                logger.log(logging.DEBUG if msg[3] else logging.ERROR, "engine failed to load:\n%s", msg[2])
-            raise RuntimeError(f"the engine failed to load: {msg[1]}")
+            raise _failed_to_load(msg, self._proc, self.link)
         _, self.info, self._stats = msg
         self._alive = True
 
     def stop_loading(self, signum: int) -> None:
         """A SIGTERM or SIGINT while `start` waits (a signal handler's call): the engine process, which dies of
-        either until it has loaded, gets SIGTERM, and `start` then fails naming the signal. (The launcher's engine
-        gets it from the launcher.)"""
+        either until loaded, gets SIGTERM (the launcher's gets it from the launcher); `start` names the signal."""
         self.interrupted = signum
-        proc = self._proc
-        if proc is not None and proc.pid is not None:
-            try:
-                os.kill(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        if self._proc is not None and self._proc.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._proc.pid, signal.SIGTERM)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Work both pipes from `loop` (the server's event loop; call on it): route outputs as they arrive, send
