@@ -905,3 +905,15 @@ def test_tokenize_renders_messages_like_chat(url):
     assert "get_weather" in text and "(calm)" in text and text.endswith("Once upon")
     for body in ({"prompt": "x", "messages": messages}, {}):  # both, or neither
         assert_openai_error(post(url, "/tokenize", body), 400, "prompt")
+
+
+def test_a_stream_read_line_by_line_keeps_every_event_whole(url):
+    """JSON leaves U+0085, U+2028 and U+2029 unescaped, and httpx's iter_lines (str.splitlines) ends a line at each:
+    the server escapes them in its events, so such text (here echoed) reaches a line reader in whole events."""
+    prompt = "one\u2028two\u2029three\x85four"
+    body = {"model": MODEL_NAME, "prompt": prompt, "echo": True, "stream": True, "max_tokens": 2}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as resp:
+        lines = [line for line in resp.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: {") for line in lines[:-1]), lines
+    events = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
+    assert "".join(c["text"] for e in events for c in e["choices"]).startswith(prompt)

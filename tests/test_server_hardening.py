@@ -498,7 +498,7 @@ def test_miniserve_serve_takes_the_connection_flags(llama_dir):
             with connect(url) as idle:
                 opened = time.monotonic()
                 with connect(url) as extra:  # the second connection is one too many
-                    extra.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                    extra.sendall(b'POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Length: 16\r\n\r\n{"prompt": "hi"}')
                     assert parse_response(trickle_until_closed(extra, b"")[0])[0] == 503
                 received, _ = trickle_until_closed(idle, b"")
                 after = time.monotonic() - opened

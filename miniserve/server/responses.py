@@ -32,9 +32,18 @@ class JSONBytesResponse(Response):
         return dumps(content)
 
 
+# Characters JSON may leave unescaped that Python's str.splitlines (httpx's iter_lines) and older JavaScript take for
+# line ends: escaped in an event, so a client that reads the stream line by line gets each event whole
+_LINE_ENDS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+
+
 def sse(obj: Any) -> bytes:
     """One server-sent event line as OpenAI streams them."""
-    return b"data: " + dumps(obj) + b"\n\n"
+    data = dumps(obj)
+    if b"\xc2\x85" in data or b"\xe2\x80" in data:  # (U+2000..U+203F start so: quotes and dashes, mostly)
+        for raw, escaped in _LINE_ENDS:
+            data = data.replace(raw, escaped)
+    return b"data: " + data + b"\n\n"
 
 
 SSE_DONE = b"data: [DONE]\n\n"
