@@ -161,6 +161,15 @@ def test_two_api_servers_answer_like_one_and_count_every_request(model_dir):
                 samples = scrape(url)
                 assert metric(samples, "request_success_total", finished_reason="length") == 12
                 assert metric(samples, "inter_token_latency_seconds_count") == 12 * 7  # a gap after each first token
+            # and the engine's own series are its counts as of the scrape, whichever server answers it: after a
+            # short request on one server, the other one used to keep the stats of the request's first step (its
+            # counters behind, a request still running) until the next request came
+            client.completions.create(model=MODEL_NAME, prompt="ROMEO:", max_tokens=2, extra_body={"ignore_eos": True})
+            seen = []
+            for _ in range(16):  # each on a new connection: either server may answer
+                samples = scrape(url)
+                seen.append((metric(samples, "generation_tokens_total"), metric(samples, "num_requests_running")))
+            assert seen == [(12 * 8 + 2, 0.0)] * 16, seen
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0
             deadline = time.monotonic() + 10

@@ -85,7 +85,10 @@ async def health(request: Request) -> JSONResponse:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(state_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    state = state_of(request)
+    if state.engine.link is not None:  # one of several API servers: the engine's counts as of now, not its last step's
+        await state.engine.fresh_stats()
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 class StartupError(Exception):

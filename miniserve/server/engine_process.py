@@ -54,6 +54,7 @@ import signal
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -215,7 +216,7 @@ class _CoreLoop:
 
     def _apply_from(self, client: int) -> None:
         """Every command API server `client` has queued; its acks (and stats after aborts) go back to it."""
-        acks, aborted, reader = [], False, self.commands[client]
+        acks, aborted, asked, reader = [], False, False, self.commands[client]
         try:
             while True:
                 for cmd in reader.recv():  # every command the API process had queued
@@ -227,6 +228,8 @@ class _CoreLoop:
                         acks.append(self._add(*cmd[1:]))
                     elif cmd[0] == "warm":
                         self._warm()
+                    elif cmd[0] == "stats":
+                        asked = True
                     elif cmd[0] == "abort":
                         aborted = True
                         for request_id in cmd[1]:
@@ -239,6 +242,8 @@ class _CoreLoop:
             return
         if acks or aborted:  # (aborts free KV blocks at once: /metrics shows it even when idle)
             self._send(client, ("acks", acks, self.engine.stats()))
+        if asked:  # a scrape of a shared engine's API server (EngineProcess.fresh_stats)
+            self._send(client, ("stats", self.engine.stats()))
 
     def _drop(self, client: int) -> None:
         """API server `client` stopped or left: abort what it still had in flight."""
@@ -406,6 +411,24 @@ def _wait_exit(proc: Any, wait: float = 0.0) -> Any:
     return proc.exitcode
 
 
+def _stop_engine(
+    proc: Any, cmd_send: Any, loop: asyncio.AbstractEventLoop | None, post: Callable, timeout: float
+) -> None:
+    """Tell the engine process to stop (through the event loop's writer while it runs, else on the pipe itself:
+    nothing else writes it then) and wait for it, killing it after `timeout` s. The launcher's engine (proc None)
+    ends once every API server stopped."""
+    if loop is not None and loop.is_running():
+        loop.call_soon_threadsafe(post, ("stop",))
+    else:
+        with contextlib.suppress(OSError):  # already gone (or its pipe full: the kill below ends it)
+            FrameWriter(cmd_send).send([("stop",)])
+    if proc is not None:
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+
+
 def _lost_while_loading(proc: Any, interrupted: int | None) -> RuntimeError:
     """Why the engine process ended before its first message: the signal that stopped the load, or its exit."""
     if interrupted is not None:
@@ -437,6 +460,7 @@ class EngineProcess:
         self._stats: dict = {}
         self._streams: dict[str, RequestStream] = {}
         self._acks: dict[str, asyncio.Future] = {}
+        self._stats_asked: deque[asyncio.Future] = deque()  # fresh_stats calls, in the order posted
         self._outstanding = 0  # sequences posted and not finished: what the overload check counts
         self._outbox: list[tuple] = []  # commands posted during this pass of the event loop (sent as one message)
         self._writer: LoopFrameWriter | None = None
@@ -478,8 +502,7 @@ class EngineProcess:
                 os.kill(self._proc.pid, signal.SIGTERM)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Work both pipes from `loop` (the server's event loop; call on it): route outputs as they arrive, send
-        the commands posted."""
+        """Work both pipes from `loop` (the server's event loop; call on it): route outputs, send commands posted."""
         self._loop = loop
         self._writer = LoopFrameWriter(self._cmd_send, loop)
         os.set_blocking(self._out_reader.fd, False)
@@ -489,22 +512,9 @@ class EngineProcess:
         """Stop the engine process (called on a worker thread: the event loop meanwhile sees the pipe close, which
         is then expected, not an unexpected exit)."""
         self.accepting = False
-        if not self._started:
-            return
-        self._alive = False
-        if self._loop is not None and self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._post, ("stop",))
-        else:  # not attached, or its loop is over: nothing else writes the pipe
-            try:
-                FrameWriter(self._cmd_send).send([("stop",)])
-            except OSError:  # already gone (or its pipe full: the kill below ends it)
-                pass
-        if self._proc is None:  # the launcher's engine: it ends once every API server stopped
-            return
-        self._proc.join(timeout)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(5)
+        if self._started:
+            self._alive = False
+            _stop_engine(self._proc, self._cmd_send, self._loop, self._post, timeout)
 
     def end_all(self) -> None:
         """After shutdown, on the event loop: end whatever is still waiting for output."""
@@ -521,6 +531,16 @@ class EngineProcess:
     def stats(self) -> dict:
         """The engine's stats() as of its latest message."""
         return self._stats
+
+    async def fresh_stats(self) -> dict:
+        """The engine's stats now (a step's wait at most): each API server of a shared engine hears them at other
+        steps (those with its output), so between scrapes of two of them the engine's counters could go back."""
+        if not self.is_alive():
+            return self._stats
+        answer = asyncio.get_running_loop().create_future()
+        self._stats_asked.append(answer)
+        self._post(("stats",))
+        return await answer
 
     # ---- requests (on the event loop) ---------------------------------------------------------------
 
@@ -624,16 +644,14 @@ class EngineProcess:
         elif kind == "acks":
             _, acks, self._stats = msg
             for request_id, error, is_value_error in acks:
-                ack = self._acks.pop(request_id, None)
-                if ack is not None and not ack.done():
-                    ack.set_result((error, is_value_error))
+                if (ack := self._acks.pop(request_id, None)) is not None:
+                    _answer(ack, (error, is_value_error))
+        elif kind == "stats":
+            self._stats = msg[1]
+            _answer(self._stats_asked.popleft(), self._stats)
         elif kind == "failed":
             _, request_ids, message, self._stats = msg
-            for request_id in request_ids:
-                stream = self._forget(request_id)
-                if stream is not None:
-                    stream.end(RuntimeError(message))
-                    stream.wake(stream)
+            self._end(request_ids, RuntimeError(message))
 
     def _on_step(self, deltas: list[tuple]) -> None:
         now = time.monotonic()
@@ -666,11 +684,21 @@ class EngineProcess:
                 self.on_lost()
 
     def _end_all(self, error: BaseException) -> None:
-        for request_id in list(self._streams):
+        while self._stats_asked:  # (no answer will come)
+            _answer(self._stats_asked.popleft(), self._stats)
+        self._end(list(self._streams), error)
+
+    def _end(self, request_ids: list[str], error: BaseException) -> None:
+        for request_id in request_ids:
             stream = self._forget(request_id)
             if stream is not None:
                 stream.end(error)
                 stream.wake(stream)
+
+
+def _answer(future: asyncio.Future, value: Any) -> None:
+    if not future.done():  # (a scrape whose client left was cancelled)
+        future.set_result(value)
 
 
 def _check_room(n: int, capacity: int, max_waiting: int, outstanding: int) -> None:

@@ -7,7 +7,8 @@ of every engine step, are observed as the engine process's messages arrive.
 With several API server processes (`miniserve serve --api-servers N`) each observes its own requests, so the
 per-request series use prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by the CLI before
 prometheus_client is imported): every process writes its values to a file there and a scrape of any process sums
-them all (MultiProcessCollector). The engine's snapshot is the same in every process and is read from this one.
+them all (MultiProcessCollector). The engine's own series are asked of it at each scrape (the stats each
+process holds are those of the last step that carried its output): every process then shows the same counts.
 """
 
 from __future__ import annotations
