@@ -56,7 +56,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.parents: dict[int, Sequence] = {}  # seq_id -> the first choice of its request, whose prompt it reuses
         self.num_preemptions = 0
-        self.prefix_cache_queries = 0  # tokens of the sequences looked up in the prefix cache as they joined
+        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache at first admission
         self.prefix_cache_hits = 0  # of which found there
 
     def add(self, seq: Sequence, parent: Sequence | None = None) -> None:
@@ -143,10 +143,10 @@ class Scheduler:
             return False
         self.blocks.allocate(seq, cached, need)
         seq.num_computed_tokens = seq.num_draft_computed_tokens = num_cached
-        if lookup:
-            self.prefix_cache_queries += seq.num_tokens
-            self.prefix_cache_hits += num_cached
         if seq.num_cached_tokens is None:  # its first admission, not a preempted sequence's return
+            if lookup:  # (as vLLM's counters: a return finds its own blocks, which says nothing of the cache's use)
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += num_cached
             seq.num_cached_tokens = num_cached
             seq.first_scheduled_time = time.monotonic()
         seq.status = SequenceStatus.RUNNING
