@@ -108,6 +108,24 @@ def test_self_speculation_accepts_everything(llama_dir):
     assert s["spec_accepted_per_position"] == [s["spec_num_drafts"]] * 4
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_each_round_counts_the_tokens_the_target_computes(llama_dir, draft_dir, overlap):
+    """The iteration_tokens histogram's count: a prompt's tokens once, then k + 1 a round for each sequence (its
+    token before the drafts and the k drafts), however many the round accepts."""
+    k, prompts = 3, mixed_prompts(2)
+    llm = LLM(str(llama_dir), dtype="float32", device="cpu", speculative_model=str(draft_dir),
+              num_speculative_tokens=k, overlap_spec_rounds=overlap)  # fmt: skip
+    engine = llm.engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    computed = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        computed += engine.last_step_num_tokens
+    rounds = engine.stats()["spec_num_drafts"]  # one per sequence and round
+    assert rounds > 0 and computed == sum(map(len, prompts)) + (k + 1) * rounds
+
+
 def test_seeded_sampling_with_speculation_is_the_same_under_preemption(llama_dir, draft_dir):
     """A request's seed fixes its output whatever else runs: with speculation, a sequence recomputed after a
     preemption goes on with a speculative round, as it would have without the preemption (a round draws from the

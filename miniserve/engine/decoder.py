@@ -39,6 +39,8 @@ from miniserve.scheduler.sequence import Sequence
 
 
 class Decoder(Protocol):
+    last_computed: int  # tokens the target model computed in the last step() (the iteration_tokens histogram)
+
     def continue_in_flight(self) -> tuple[list[Sequence], int] | None:
         """Run the next step of a batch in flight that nothing changes, without the scheduler (an overlapped
         decode step); returns the sequences that gained tokens and the tokens the step launched computes, or None
@@ -100,6 +102,7 @@ class PlainDecoder:
         self.num_overlapped_steps = 0  # decode steps launched before their predecessor was read
         self.hold: LaunchHold | None = None  # the served engine's late launches (launch_hold.py)
         self.read_at = 0.0  # perf_counter when the last step in flight was read
+        self.last_computed = 0
 
     def continue_in_flight(self) -> tuple[list[Sequence], int] | None:
         """With a decode step in flight whose batch can go on: grow each sequence that continues by one slot, launch
@@ -147,6 +150,7 @@ class PlainDecoder:
         return self._read() if self.in_flight is not None else []
 
     def step(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
+        self.last_computed = sum(s.num_new_tokens for s in scheduled)
         prompts = [s for s in scheduled if not _is_decode(s)]
         if len(prompts) == 1 and len(scheduled) > 1 and self._has_prompt_graph(prompts[0]):
             decodes = [s for s in scheduled if s is not prompts[0]]

@@ -229,9 +229,10 @@ class LLMEngine:
         else:
             progressed = self.decoder.flush()  # a step or round in flight the new batch cannot continue
             scheduled = self.scheduler.schedule()
-            self.last_step_num_tokens = sum(s.num_new_tokens for s in scheduled)  # prompt + decode tokens computed
+            self.last_step_num_tokens = 0
             if scheduled:
                 progressed += self.decoder.step(scheduled)
+                self.last_step_num_tokens = self.decoder.last_computed  # prompt + decode tokens computed
         return progressed
 
     def stats(self) -> dict:

@@ -207,7 +207,9 @@ class ServerMetrics:
         self.e2e = self._histogram("e2e_request_latency_seconds", "Arrival to finish.", REQUEST_TIME_BUCKETS)
         self._request_series(one_two_five_buckets(max_model_len))
         self.iteration_tokens = self._histogram(
-            "iteration_tokens_total", "Tokens computed per engine step (prompt + decode).", ITERATION_TOKEN_BUCKETS
+            "iteration_tokens_total",
+            "Tokens the target computed per engine step (prompt + decode; k + 1 a speculative round).",
+            ITERATION_TOKEN_BUCKETS,
         )
 
     def _request_series(self, tokens: tuple[int, ...]) -> None:

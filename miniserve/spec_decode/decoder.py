@@ -82,6 +82,8 @@ class SpeculativeDecoder:
         self.overlap = config.overlap_spec_rounds
         self.in_flight: _InFlight | None = None
         self.num_launched_rounds = 0  # overlapped greedy rounds launched
+        self.scored_rows = 0  # sequences' rounds the target has scored (launched)
+        self.last_computed = 0
         self.num_overlapped_rounds = 0  # of which launched before their predecessor was read
         self.num_drafts = 0
         self.num_draft_tokens = 0
@@ -112,7 +114,15 @@ class SpeculativeDecoder:
 
     @torch.inference_mode()
     def step(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
-        """Run one step; returns the sequences that gained tokens (a round left in flight gains them later)."""
+        """Run one step; returns the sequences that gained tokens (a round left in flight gains them later). The
+        target computes the prompt chunks' tokens and k + 1 for each round it scores (the token before the drafts
+        and the drafts): rounds launched, not read (one left unlaunched by `_continue` computes nothing)."""
+        rows, self.last_computed = self.scored_rows, 0
+        progressed = self._step(scheduled)
+        self.last_computed += (self.k + 1) * (self.scored_rows - rows)
+        return progressed
+
+    def _step(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
         if self.in_flight is not None:
             seqs = [s.seq for s in scheduled]
             if seqs != self.in_flight.seqs or not all(_is_decode(s) for s in scheduled):
@@ -140,6 +150,7 @@ class SpeculativeDecoder:
         for s in scheduled:
             s.seq.num_draft_computed_tokens = s.seq.num_computed_tokens + s.num_new_tokens
         self.plain.step(scheduled)
+        self.last_computed += self.plain.last_computed
 
     def _speculate(self, seqs: list[Sequence]) -> list[Sequence]:
         base_len = [s.num_tokens for s in seqs]
@@ -148,11 +159,13 @@ class SpeculativeDecoder:
                 self.in_flight = self._launch(seqs, base_len, None)
                 return []
             result, logits, _ = self.greedy.run(seqs, base_len, None)
+            self.scored_rows += len(seqs)
             result = result.tolist()  # the one host sync of the round
             k = self.k
             drafts, accepted, next_tokens = [r[:k] for r in result], [r[k] for r in result], [r[k + 1] for r in result]
         else:
             drafts, accepted, next_tokens, logits = self.sampled.run(seqs, base_len)
+            self.scored_rows += len(seqs)
         self._emit(seqs, drafts, accepted, next_tokens, logits, base_len)
         return seqs
 
@@ -216,6 +229,7 @@ class SpeculativeDecoder:
 
     def _launch(self, seqs: list[Sequence], base_len: list[int], device_columns: torch.Tensor | None) -> _InFlight:
         self.num_launched_rounds += 1
+        self.scored_rows += len(seqs)
         result, _, next_columns = self.greedy.run(seqs, base_len, device_columns)
         if result.is_cuda:
             host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
