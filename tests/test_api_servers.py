@@ -264,7 +264,7 @@ def test_uvicorn_says_which_settings_it_does_not_read(model_dir):
 def test_connections_are_refused_until_the_app_is_up(model_dir, api_servers, tmp_path):
     """The port is bound before the model loads but listened on only once the app started (as vLLM's): a client
     (or a TCP readiness probe) that connects meanwhile is refused, not accepted and left waiting for the load.
-    One line says where it listens."""
+    One line says where it listens, once it does."""
     import httpx
 
     port = free_port()
@@ -288,6 +288,7 @@ def test_connections_are_refused_until_the_app_is_up(model_dir, api_servers, tmp
             log.seek(0)
             said = log.read()
         assert said.count(line) == 1, said
+        assert said.index(line) > said.index("Application startup complete"), said  # said once it listens
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)

@@ -151,12 +151,19 @@ def _api_main(config: EngineConfig, server: ServerConfig, sock: socket.socket, l
 
 def _serve(app: Any, server: ServerConfig, sock: socket.socket, announce: bool = False) -> bool:
     """Serve `app` with uvicorn on the bound `sock` until stopped; whether it started. `announce`: log the
-    address (uvicorn names only sockets it bound itself)."""
+    address once it listens (after the model loaded: until then a connection is refused)."""
     import uvicorn
 
     from miniserve.server.app import connection_protocol
 
-    uvicorn_server = uvicorn.Server(
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)  # the model loaded, then the socket listens
+            if announce and self.started:  # (uvicorn names only the sockets it bound itself)
+                host, port = sock.getsockname()[:2]
+                logging.getLogger("uvicorn.error").info("miniserve: listening on http://%s:%d", _url_host(host), port)
+
+    uvicorn_server = Server(
         uvicorn.Config(
             app,
             log_level=server.log_level,
@@ -165,9 +172,6 @@ def _serve(app: Any, server: ServerConfig, sock: socket.socket, announce: bool =
             timeout_graceful_shutdown=server.drain_timeout + 2.0,
         )
     )
-    if announce:  # (logging is set up by uvicorn.Config)
-        host, port = sock.getsockname()[:2]
-        logging.getLogger("uvicorn.error").info("miniserve: listening on http://%s:%d", _url_host(host), port)
     try:
         uvicorn_server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it stopped on (as uvicorn.run, end quietly)
