@@ -37,13 +37,18 @@ class JSONBytesResponse(Response):
 _LINE_ENDS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
 
 
-def sse(obj: Any) -> bytes:
-    """One server-sent event line as OpenAI streams them."""
+def event_json(obj: Any) -> bytes:
+    """`dumps` for a server-sent event: on one line for every line reader (_LINE_ENDS escaped)."""
     data = dumps(obj)
     if b"\xc2\x85" in data or b"\xe2\x80" in data:  # (U+2000..U+203F start so: quotes and dashes, mostly)
         for raw, escaped in _LINE_ENDS:
             data = data.replace(raw, escaped)
-    return b"data: " + data + b"\n\n"
+    return data
+
+
+def sse(obj: Any) -> bytes:
+    """One server-sent event line as OpenAI streams them."""
+    return b"data: " + event_json(obj) + b"\n\n"
 
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -89,7 +94,7 @@ class TextChunks:
     def event(self, text: str) -> bytes:
         if self.parts is None:
             return choice_chunk(self.head, self.index, self._content(text), None, None, None)
-        return self.parts[0] + dumps(text) + self.parts[1]
+        return self.parts[0] + event_json(text) + self.parts[1]
 
 
 def token_text(tokenizer: Any, context: list[int], token_id: int, as_ids: bool = False) -> str:
