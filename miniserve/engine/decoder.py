@@ -39,12 +39,12 @@ from miniserve.scheduler.sequence import Sequence
 
 
 class Decoder(Protocol):
-    last_computed: int  # tokens the target model computed in the last step() (the iteration_tokens histogram)
+    # tokens the target model computes for the last step() or continue_in_flight() (the iteration_tokens histogram)
+    last_computed: int
 
-    def continue_in_flight(self) -> tuple[list[Sequence], int] | None:
+    def continue_in_flight(self) -> list[Sequence] | None:
         """Run the next step of a batch in flight that nothing changes, without the scheduler (an overlapped
-        decode step); returns the sequences that gained tokens and the tokens the step launched computes, or None
-        when there is no such batch."""
+        decode step); returns the sequences that gained tokens, or None when there is no such batch."""
         ...
 
     def flush(self) -> list[Sequence]:
@@ -104,7 +104,7 @@ class PlainDecoder:
         self.read_at = 0.0  # perf_counter when the last step in flight was read
         self.last_computed = 0
 
-    def continue_in_flight(self) -> tuple[list[Sequence], int] | None:
+    def continue_in_flight(self) -> list[Sequence] | None:
         """With a decode step in flight whose batch can go on: grow each sequence that continues by one slot, launch
         its next step from the samples on the device, then read the step in flight. The scheduler is not asked: it
         would plan exactly this (one new token each), and at large batches its bookkeeping costs milliseconds.
@@ -143,7 +143,8 @@ class PlainDecoder:
             self._sample_in_flight(keep, logits, batch)
             seqs = self._read(f)
         self.in_flight.launched_at, self.in_flight.after = launched_at, after
-        return seqs, len(keep)
+        self.last_computed = len(keep)  # the step it launched: a token each
+        return seqs
 
     def flush(self) -> list[Sequence]:
         """Read a step in flight whose batch cannot go on (the scheduler decides what runs next)."""

@@ -223,16 +223,16 @@ class LLMEngine:
 
     def _advance(self) -> list[Sequence]:
         """Schedule and run one step; the sequences that progressed."""
-        continued = self.decoder.continue_in_flight()  # an overlapped decode step of the batch in flight
-        if continued is not None:
-            progressed, self.last_step_num_tokens = continued  # the step it launched: a token each
-        else:
-            progressed = self.decoder.flush()  # a step or round in flight the new batch cannot continue
-            scheduled = self.scheduler.schedule()
-            self.last_step_num_tokens = 0
-            if scheduled:
-                progressed += self.decoder.step(scheduled)
-                self.last_step_num_tokens = self.decoder.last_computed  # prompt + decode tokens computed
+        progressed = self.decoder.continue_in_flight()  # an overlapped decode step of the batch in flight
+        if progressed is not None:
+            self.last_step_num_tokens = self.decoder.last_computed
+            return progressed
+        progressed = self.decoder.flush()  # a step or round in flight the new batch cannot continue
+        scheduled = self.scheduler.schedule()
+        self.last_step_num_tokens = 0
+        if scheduled:
+            progressed += self.decoder.step(scheduled)
+            self.last_step_num_tokens = self.decoder.last_computed  # prompt + decode tokens computed
         return progressed
 
     def stats(self) -> dict:

@@ -86,8 +86,7 @@ async def health(request: Request) -> JSONResponse:
 
 async def metrics(request: Request) -> Response:
     state = state_of(request)
-    if state.engine.link is not None:  # one of several API servers: the engine's counts as of now, not its last step's
-        await state.engine.fresh_stats()
+    await state.engine.fresh_stats()  # (the engine's counts as of now, also where several API servers share it)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 

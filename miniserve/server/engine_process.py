@@ -533,9 +533,9 @@ class EngineProcess:
         return self._stats
 
     async def fresh_stats(self) -> dict:
-        """The engine's stats now (a step's wait at most): each API server of a shared engine hears them at other
-        steps (those with its output), so between scrapes of two of them the engine's counters could go back."""
-        if not self.is_alive():
+        """The engine's stats now (a step's wait at most): API servers of a shared engine (`link`) hear them at other
+        steps (those with their output), so between scrapes of two the counters could go back; an own one: as is."""
+        if self.link is None or not self.is_alive():
             return self._stats
         answer = asyncio.get_running_loop().create_future()
         self._stats_asked.append(answer)

@@ -176,7 +176,7 @@ class SpeculativeDecoder:
         round are overwritten by the next)."""
         return self.overlap and is_uniform(seqs, base_len) and all(s.params.logprobs is None for s in seqs)
 
-    def continue_in_flight(self) -> tuple[list[Sequence], int] | None:
+    def continue_in_flight(self) -> list[Sequence] | None:
         """Rounds in flight continue through the scheduler (it reserves their lookahead slots): never here."""
         return None
 
