@@ -12,7 +12,13 @@ runs' spread and nano's bf16 run slower in three of three (the engine_ab_h200.js
 it was not kept. Also tried (0092dd5 against a5b7650, `decode_prefetch_ab_h200.json`): each split reading its next
 tile's block-table entries while it attends the current one. Same bits, but 0.95-1.00x at batch 64 and 256 and
 0.95-0.97x for FP8 at batch 1 (more registers: the Llama-3.1-8B bf16 kernel from 93 to 106, offline), 1.03-1.06x
-only for bf16 at Llama-3.1-8B's batch 1; reverted.
+only for bf16 at Llama-3.1-8B's batch 1; reverted. Also tried (6daad7d against 38b4b57, H200,
+`decode_full_tiles_ab_h200.json`): a split's whole tiles first, in a loop without masks (the extend kernel's
+unmasked loop, scores scaled by mul_rn), which sm_90 compiles to 13-22% fewer instructions a tile (offline,
+kernel_resources.py). Same bits everywhere, but 0.92-0.98x at Llama-3.2-1B's head_dim 64 (batch 1 and 64, both
+caches), 1.00-1.07x at head_dim 128 (FP8 at Qwen3-0.6B's batch 256 1.02-1.04x); end to end, with 6daad7d's
+`h200_suite.sh fulltilesab` (`decode_full_tiles_engine_ab_h200.json`): Llama-3.2-1B batch 64 1.00x bf16, 0.99x
+fp8, batch 1 0.99x, nano 1.04x / 1.02x bf16 and 1.00x / 1.01x fp8 (two rounds); reverted.
 """
 
 from __future__ import annotations

@@ -30,7 +30,6 @@
 #   OLD=DIR OLD_COMMIT=... bash benchmarks/h200_suite.sh decodeab OUT_DIR # the decode kernel of an older tree and this one: bits, time
 #   OLD=DIR OLD_COMMIT=... bash benchmarks/h200_suite.sh ropeab OUT_DIR # 1B batch 1 and 64, nano twice: older tree, this one
 #   OLD=DIR OLD_COMMIT=... bash benchmarks/h200_suite.sh mlpab OUT_DIR  # the same for the fused gate/up + SiLU·mul
-#   OLD=DIR OLD_COMMIT=... bash benchmarks/h200_suite.sh fulltilesab OUT_DIR # the same for the decode kernel's full tiles
 #   bash benchmarks/h200_suite.sh smallkernels OUT_DIR # the KV write's launch settings, and power-of-two vs dividing scales
 #   bash benchmarks/h200_suite.sh dependentab OUT_DIR # EngineConfig.dependent_launch auto vs off: batch 1 (1B, 8B), 64, nano
 #   bash benchmarks/h200_suite.sh pairs OUT_DIR   # the FP8 V read in byte pairs: conversion, decode vs extend, speed, engine
@@ -428,10 +427,6 @@ fi
 
 if [ "$part" = mlpab ]; then
   tree_ab mlpab mlp_silu_ab_h200.json  # gate/up with the SiLU·mul in its epilogue (linear_silu_and_mul)
-fi
-
-if [ "$part" = fulltilesab ]; then
-  tree_ab fulltilesab decode_full_tiles_ab_h200.json  # the decode kernel's unmasked loop over a split's whole tiles
 fi
 
 if [ "$part" = pairs ]; then

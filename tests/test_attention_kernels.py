@@ -314,25 +314,3 @@ def test_fp8_resolves_to_the_rocm_device_flavour(monkeypatch, arch, want):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(gcnArchName=arch))
     assert resolve_kv_cache_dtype("fp8", torch.bfloat16, torch.device("cuda", 0)) == want
     assert resolve_kv_cache_dtype("fp8_e4m3", torch.bfloat16, torch.device("cuda", 0)) == want
-
-
-@pytest.mark.parametrize(
-    ("cache_dtype", "fp8_decode"),
-    [(torch.bfloat16, "auto"), (torch.float8_e4m3fn, "bits"), (torch.float8_e4m3fn, "hw-pairs")],
-    ids=["bf16", "fp8-bits", "fp8-pairs"],
-)
-def test_decode_full_tiles_loop_gives_the_masked_loops_bits(cache_dtype, fp8_decode):
-    """The unmasked loop over a split's whole tiles computes exactly what the masked loop does for them: contexts
-    that fill a tile exactly, one short of it, one past it, a split's length and its neighbours, one token (the
-    interpreter's tiles are 16 positions; splits of 64 here)."""
-    from miniserve.kernels.decode_attention import decode_attention, kv_block_n
-
-    assert kv_block_n(cache_dtype) == 16
-    lengths = [1, 15, 16, 17, 63, 64, 65, 128, 200]
-    b = make_batch([(n, 1) for n in lengths], 16, 8, 2, 64, cache_dtype, torch.bfloat16, seed=21)
-    args = (b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3)
-    kw = dict(fp8_decode=fp8_decode, split_tokens=64)
-    masked = decode_attention(*args, full_tiles=False, **kw)
-    assert torch.equal(decode_attention(*args, **kw), masked)
-    want = paged_attention(*args, backend="torch")
-    torch.testing.assert_close(masked.float(), want.float(), **tolerance(torch.bfloat16))

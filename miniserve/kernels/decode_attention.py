@@ -31,11 +31,6 @@ what makes the byte read ("hw") issue-bound and need ~2x the registers of the bf
 (benchmarks/results/decode_attention_fp8_registers.md). Same instruction, same tiles, yet on the H200 a few
 outputs differ by one ulp from the byte read's (`decode_attention_fp8_variants_h200.json`).
 
-Full tiles: a split's tiles that lie wholly inside it (all but its sequence's last, partial one) run first, in a
-loop without position masks, load masks or the score select, as the extend kernel's tiles below the causal
-diagonal do; their scores are scaled by `mul_rn`, so they round as a masked tile's: the same tiles in the same
-order, the same bits, about a sixth fewer instructions a tile (sm_90, offline: benchmarks/kernel_resources.py).
-
 Splits: by default a sequence's context is cut into splits by its length alone (`SPLIT_TOKENS`), so its result
 never depends on the batch. `decode_splits="by-batch"` sizes the splits by the batch instead
 (`split_tokens_for`): many short ones when a few sequences must fill the GPU, a single one when the batch does.
@@ -342,7 +337,6 @@ def _decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     FIT_FP16: tl.constexpr,
     USE_PDL: tl.constexpr,
-    FULL_TILES: tl.constexpr,
 ):
     release_dependents(USE_PDL)
     wait_for_previous(USE_PDL)
@@ -373,18 +367,6 @@ def _decode_split_kernel(
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc, acc_odd = zero_acc(GROUP_PAD, HEAD_DIM_PAD, KV_MODE)
-        if FULL_TILES:  # tiles wholly inside the split first, without masks (module docstring)
-            full_end = start + (end - start) // BLOCK_N * BLOCK_N
-            in_bounds = None if HEAD_DIM == HEAD_DIM_PAD else d_mask[None, :]
-            for n0 in range(start, full_end, BLOCK_N):
-                pos = n0 + tl.arange(0, BLOCK_N)
-                page = tl.load(block_table + pos // BLOCK_SIZE).to(tl.int64)
-                m_i, l_i, acc, acc_odd = attend_kv_tile(
-                    q, k_mult, m_i, l_i, acc, acc_odd, k_cache_ptr, v_cache_ptr, page, pos % BLOCK_SIZE, kv_head,
-                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, d, in_bounds, None, KV_MODE,
-                    NAN_ALL_ONES, COMPUTE_DTYPE, DOT_PRECISION, False,
-                )  # fmt: skip
-            start = full_end
         for n0 in range(start, end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             valid = pos < end
@@ -621,13 +603,11 @@ def decode_attention(
     reduce_warps: int = REDUCE_WARPS,
     decode_splits: str = "by-length",
     pdl: bool = False,
-    full_tiles: bool = True,
 ) -> torch.Tensor:
     """Decode attention: q [num_seqs, num_q_heads, head_dim] -> q's shape and dtype; see the module docstring.
     maxnreg: a register cap for ptxas (None: default_register_cap's, 0: none); split_tokens: None = by
     `decode_splits` (split_tokens_for); reduce_warps: stage 2's; pdl: launch both stages as programmatic
-    dependents (dependent_launch.py); full_tiles False: every tile through the masked loop (the kernel before the
-    unmasked one, for benchmarks and tests: the same bits)."""
+    dependents (dependent_launch.py)."""
     (num_seqs, num_q_heads, head_dim), (_, block_size, num_kv_heads, _) = q.shape, key_cache.shape
     group = num_q_heads // num_kv_heads
     check_kernel_inputs(q, key_cache, value_cache)
@@ -651,8 +631,7 @@ def decode_attention(
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_N=block_n, BLOCK_SIZE=block_size, NUM_SPLITS=splits, SPLIT_TOKENS=split_tokens,
         KV_MODE=mode, NAN_ALL_ONES=nan_all_ones, KV_FACTOR=kv_factor, **compute_dtype(q, key_cache.dtype),
-        USE_PDL=pdl, FULL_TILES=full_tiles, num_warps=num_warps, num_stages=num_stages, **register_cap(maxnreg),
-        **launch_options(pdl),
+        USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, **register_cap(maxnreg), **launch_options(pdl),
     )  # fmt: skip
     if splits > 1:
         _merge_splits(
