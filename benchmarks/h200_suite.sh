@@ -2,6 +2,7 @@
 # The GPU benchmarks behind benchmarks/results/*_h200.*, in the order they were run on the lent H200.
 #   bash benchmarks/h200_suite.sh engine OUT_DIR    # throughput.py workloads (offline engine)
 #   bash benchmarks/h200_suite.sh checks OUT_DIR    # kernel checks (bit patterns, attention) and engine checks
+#   bash benchmarks/h200_suite.sh sweep OUT_DIR     # the Llama-3.2-1B batch sweep alone (bf16, fp8; three rounds)
 #   bash benchmarks/h200_suite.sh serving OUT_DIR   # serve.py (saturated, 4 req/s, fake engine)
 #   OLD=DIR [OLD_COMMIT=...] bash benchmarks/h200_suite.sh servingab OUT_DIR # serve.py saturated, an older tree then this one
 #   OLD=DIR [OLD_COMMIT=... ROUNDS=2] bash benchmarks/h200_suite.sh rate4ab OUT_DIR # 4 req/s, an older tree and this one, alternated
@@ -59,6 +60,16 @@ alternate() {
   done
 }
 
+# the Llama-3.2-1B batch sweep, bf16 and fp8 alternated over three rounds (medians: issue 19's "FP8 never slower")
+sweep1b() {
+  tp 560 --shape llama-3.2-1b --workload sweep --batches 1 8 32 64 128 256 --prompt 512 --gen 64 --repeats 2 --rounds 3 \
+    --kv-cache-dtype auto fp8 --plot "$out/throughput_sweep_llama1b_h200.png" --out "$out/throughput_sweep_llama1b_h200.json"
+}
+
+if [ "$part" = sweep ]; then
+  sweep1b
+fi
+
 if [ "$part" = engine ]; then
   tp 300 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-variant default staged --repeats 2 \
     --out "$out/throughput_nano_h200.json"
@@ -68,8 +79,7 @@ if [ "$part" = engine ]; then
     --out "$out/throughput_fixed_llama1b_h200.json"
   tp 120 --shape llama-3.2-1b --workload latency --gen 256 --repeats 2 --hf \
     --out "$out/throughput_latency_llama1b_h200.json"
-  tp 300 --shape llama-3.2-1b --workload sweep --batches 1 8 32 64 128 256 --prompt 512 --gen 64 --repeats 3 \
-    --kv-cache-dtype auto fp8 --plot "$out/throughput_sweep_llama1b_h200.png" --out "$out/throughput_sweep_llama1b_h200.json"
+  sweep1b
   tp 120 --shape qwen3-0.6b --workload prefill --prompts 4096 16384 32768 --repeats 2 --hf \
     --out "$out/throughput_prefill_qwen3_h200.json"
 fi

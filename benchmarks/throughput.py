@@ -20,7 +20,9 @@ Workloads:
   throughput). `--speculative-model self` drafts with the target itself (both pools cache).
 
 Each configuration is warmed up (Triton JIT, CUDA graph capture happen at start-up and in the warm-up run),
-then timed `--repeats` times; the median is reported. Every timed run starts from an empty prefix cache (the runs
+then timed `--repeats` times; the median is reported. `--rounds N` runs the whole set of configurations N times in
+turn (bf16, fp8, bf16, fp8, ...: a drift of the GPU's speed then reaches each alike) and reports each number as its
+median over the rounds, the rounds kept beside (`rounds`). Every timed run starts from an empty prefix cache (the runs
 repeat the same prompts). For `fixed`, the decode-step time is (T(gen) - T(1)) /
 (gen - 1): the same prompts with one generated token time the prefill alone. The bandwidth roofline of a run
 is the time to read every weight once per step plus each sequence's KV once per step, at the measured
@@ -485,6 +487,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--rounds", type=int, default=1,
+        help="run every configuration this many times, alternating; each number is reported as its median over the "
+        "rounds (every round's runs are kept under 'rounds')",
+    )  # fmt: skip
     ap.add_argument("--peak-tflops", type=float, default=600.0, help="prompt FLOP rate assumed by the roofline")
     ap.add_argument("--hf", action="store_true", help="also time transformers' generate (fixed/latency)")
     ap.add_argument("--hf-gen", type=int, default=32, help="tokens transformers generates (it is slow)")
@@ -517,6 +524,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--plot", default=None, help="sweep: write a PNG of tok/s against batch size")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.rounds < 1 or (args.rounds > 1 and (args.profile or args.host_profile)):
+        ap.error("--rounds must be at least 1, and 1 with --profile or --host-profile (one profile a configuration)")
     prefix = args.workload == "prefix"
     args.batch = args.batch or (256 if prefix else 64)
     args.gen = args.gen or (128 if prefix else 256)
@@ -537,7 +546,30 @@ def main(argv: list[str] | None = None) -> dict:
     result = {**provenance(), "shape": args.shape if not args.model else str(model), "workload": args.workload}
     result["tensor_parallel_size"] = args.tensor_parallel_size
     result["bandwidth_gbs"] = gbs
-    result["runs"] = []
+    rounds = [run_configs(model, cfg, args, gbs) for _ in range(args.rounds)]
+    result["runs"] = rounds[0] if args.rounds == 1 else median_of_rounds(rounds)
+    if args.rounds > 1:
+        result["rounds"] = rounds
+    if args.hf and args.workload == "prefill":
+        result["hf_prefill"] = hf_forward_seconds(model, cfg, args.prompts)
+        print(json.dumps(result["hf_prefill"]), flush=True)
+    if args.hf and args.workload in ("fixed", "latency"):
+        result["hf"] = run_hf(model, args, args.batch, args.hf_gen)
+        ours = result["runs"][0]["output_tok_s"]
+        result["speedup_vs_hf"] = ours / result["hf"]["output_tok_s"]
+        print(json.dumps(result["hf"]), flush=True)
+    if args.plot and args.workload == "sweep":
+        plot_sweep(result, args.plot)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def run_configs(model: Path, cfg: dict, args, gbs: dict) -> list[dict]:
+    """One run of the workload for every configuration (KV write x extend variant x decode variant x decode_splits x
+    dependent_launch x KV dtype), each on an engine built for it; the launchers are the defaults again afterwards."""
+    prefix = args.workload == "prefix"
+    runs = []
     configs = itertools.product(
         args.kv_write, args.extend_variant, args.decode_variant, args.decode_splits, args.dependent_launch
     )
@@ -550,7 +582,7 @@ def main(argv: list[str] | None = None) -> dict:
             if decode_variant != "default" and kv == "auto":
                 continue  # the FP8 variants change nothing for a bf16 cache
             if prefix:
-                result["runs"].append(run_prefix_on_off(model, kv, cfg, args, settings))
+                runs.append(run_prefix_on_off(model, kv, cfg, args, settings))
                 continue
             llm = make_llm(model, kv, args, **settings)
             run = {"kv_cache_dtype": kv, "kv_write": kv_write, "kv_dtype": str(llm.engine.target.kv_dtype)}
@@ -572,7 +604,7 @@ def main(argv: list[str] | None = None) -> dict:
                 run["profile"] = profile_run(llm, args, cfg) if whole else profile_steps(llm, args, args.batch, cfg)
             if args.host_profile:
                 run["host_profile"] = host_profile(llm, args, cfg)
-            result["runs"].append(run)
+            runs.append(run)
             print(json.dumps({k: v for k, v in run.items() if k not in ("profile", "host_profile")}), flush=True)
             if "profile" in run:
                 prof = run["profile"]
@@ -587,19 +619,25 @@ def main(argv: list[str] | None = None) -> dict:
     set_kv_write("fused")
     set_extend_variant("default")
     set_decode_variant("default")
-    if args.hf and args.workload == "prefill":
-        result["hf_prefill"] = hf_forward_seconds(model, cfg, args.prompts)
-        print(json.dumps(result["hf_prefill"]), flush=True)
-    if args.hf and args.workload in ("fixed", "latency"):
-        result["hf"] = run_hf(model, args, args.batch, args.hf_gen)
-        ours = result["runs"][0]["output_tok_s"]
-        result["speedup_vs_hf"] = ours / result["hf"]["output_tok_s"]
-        print(json.dumps(result["hf"]), flush=True)
-    if args.plot and args.workload == "sweep":
-        plot_sweep(result, args.plot)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    return result
+    return runs
+
+
+def median_of_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """`--rounds`: each run's numbers as their median over the rounds, field by field (a sweep's points and a prefill's
+    prompts alike). Each round runs every configuration once, so the configurations alternate, and a drift in the
+    GPU's speed over the minutes of a run reaches all of them alike rather than the ones run last."""
+    return [_median_fields(same) for same in zip(*rounds, strict=True)]
+
+
+def _median_fields(values: tuple):
+    first = values[0]
+    if isinstance(first, dict):
+        return {key: _median_fields(tuple(v[key] for v in values)) for key in first}
+    if isinstance(first, list) and all(isinstance(v, list) and len(v) == len(first) for v in values):
+        return [_median_fields(tuple(v[i] for v in values)) for i in range(len(first))]
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return statistics.median(values)
+    return first
 
 
 def label_settings(run: dict, llm: LLM) -> None:

@@ -233,3 +233,33 @@ def test_engine_ab_joins_one_trees_runs_of_a_setting(tmp_path):
     assert [(r["config"], r["other"], r["new_vs_old"]) for r in rows] == [("auto", "off", 90 / 80), ("fp8", "off", 1.2)]
     assert (rows[0]["old_decode_step_ms"], rows[0]["new_decode_step_ms"]) == (1.25, 1.1)
     assert got["workloads"]["latency"]["commit"] == "n3w" and got["setting"] == "dependent_launch"
+
+
+def test_rounds_alternate_the_configurations_and_report_medians(tmp_path):
+    """--rounds 3 on the CPU: every configuration runs once a round, in the same order; each reported number is
+    the median of its three rounds (a sweep point's too), labels stay as they are."""
+    out = tmp_path / "result.json"
+    argv = ["--shape", "llama-3.2-1b", "--overrides", json.dumps(TINY), "--ckpt-root", str(tmp_path / "ckpt")]
+    argv += ["--workload", "sweep", "--batches", "1", "2", "--prompt", "12", "--gen", "4", "--repeats", "1"]
+    argv += ["--kv-cache-dtype", "auto", "fp8", "--rounds", "3", "--device", "cpu", "--dtype", "float32"]
+    result = throughput.main(argv + ["--out", str(out)])
+    rounds = result["rounds"]
+    assert len(rounds) == 3 and all([r["kv_cache_dtype"] for r in runs] == ["auto", "fp8"] for runs in rounds)
+    for i, run in enumerate(result["runs"]):
+        assert run["kv_dtype"] == rounds[0][i]["kv_dtype"]
+        for j, point in enumerate(run["sweep"]):
+            speeds = sorted(r[i]["sweep"][j]["output_tok_s"] for r in rounds)
+            assert point["output_tok_s"] == speeds[1] and point["batch"] == [1, 2][j]
+    assert json.loads(out.read_text())["rounds"] == json.loads(json.dumps(rounds))
+
+
+def test_median_of_rounds_field_by_field():
+    rounds = [
+        [{"kv": "fp8", "tok_s": 3.0, "points": [{"b": 1, "t": 9.0}], "n": 4, "ok": True}],
+        [{"kv": "fp8", "tok_s": 1.0, "points": [{"b": 1, "t": 7.0}], "n": 4, "ok": True}],
+    ]
+    assert throughput.median_of_rounds(rounds) == [
+        {"kv": "fp8", "tok_s": 2.0, "points": [{"b": 1, "t": 8.0}], "n": 4, "ok": True}
+    ]
+    with pytest.raises(SystemExit):
+        throughput.main(["--rounds", "2", "--profile", "--device", "cpu"])
