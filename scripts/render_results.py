@@ -132,7 +132,8 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                 ("yes" if ratio >= 1.0 else "no")
                 + (f"; with by-batch splits {'yes' if by_batch[0] >= 1.0 else 'no'}" if by_batch else ""),
                 "close to 1 at Llama-3.2-1B's shape, where single sweep points move between sessions by more than "
-                "these margins (the history of `throughput_sweep_llama1b_h200.json` in git); at head_dim 64 the "
+                f"these margins (the history of `throughput_sweep_llama1b_h200.json` in git; {sweep_rounds_note()}); "
+                "at head_dim 64 the "
                 f"FP8 decode kernel is only {pair_speedup('llama-1b b64 ctx640')} bf16's at batch 64 "
                 f"({pair_speedup('llama-1b b64 ctx640', 'hw')} with V gathered byte by byte; "
                 f"`decode_attention_fp8_pairs_h200.json`){fixed_step_note()}, "
@@ -1160,6 +1161,15 @@ def fp8_vs_bf16_worst(by_batch: bool = False) -> tuple[float, str] | None:
             if b["batch"] >= 8:
                 pairs.append((f["output_tok_s"] / b["output_tok_s"], f"Llama-3.2-1B sweep batch {b['batch']}"))
     return min(pairs) if pairs else None
+
+
+def sweep_rounds_note() -> str:
+    """How the sweep's bf16 and fp8 runs were ordered: alternated over rounds (throughput.py --rounds) or not."""
+    sweep = load("throughput_sweep_llama1b_h200.json") or {}
+    rounds = len(sweep.get("rounds", []))
+    if rounds > 1:
+        return f"its numbers are medians of {rounds} rounds that alternate bf16 and fp8"
+    return "its file ran each KV dtype's repeats back to back; `h200_suite.sh sweep` alternates them over three rounds"
 
 
 def render_throughput() -> str:

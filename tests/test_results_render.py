@@ -69,3 +69,13 @@ def test_write_result_records_commit_dirty_flag_date_command_and_versions(tmp_pa
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert data["rows"] == [1] and p["commit"] == head and isinstance(p["dirty"], bool)
     assert p["versions"]["torch"] and p["date"].startswith("20") and Path(sys.argv[0]).name in p["command"]
+
+
+def test_the_sweep_says_whether_its_kv_dtypes_alternated(monkeypatch):
+    """Row 5's note follows the sweep file: medians of its rounds where throughput.py --rounds wrote them."""
+    render = load_renderer()
+    files = {"throughput_sweep_llama1b_h200.json": {"runs": [], "rounds": [[], [], []]}}
+    monkeypatch.setattr(render, "load", files.get)
+    assert render.sweep_rounds_note() == "its numbers are medians of 3 rounds that alternate bf16 and fp8"
+    files["throughput_sweep_llama1b_h200.json"] = {"runs": []}
+    assert "back to back" in render.sweep_rounds_note()
