@@ -1168,8 +1168,31 @@ def sweep_rounds_note() -> str:
     sweep = load("throughput_sweep_llama1b_h200.json") or {}
     rounds = len(sweep.get("rounds", []))
     if rounds > 1:
-        return f"its numbers are medians of {rounds} rounds that alternate bf16 and fp8"
-    return "its file ran each KV dtype's repeats back to back; `h200_suite.sh sweep` alternates them over three rounds"
+        note = f"its numbers are medians of {rounds} rounds that alternate bf16 and fp8"
+    else:
+        note = "its file ran each KV dtype's repeats back to back (`h200_suite.sh sweep` alternates them over rounds)"
+    return note + sweep_spread_note(load("throughput_sweep_llama1b_h100.json"), "`throughput_sweep_llama1b_h100.json`")
+
+
+def sweep_ratios(runs: list[dict]) -> list[float]:
+    """fp8/bf16 output tok/s at each sweep point of batch >= 8 (runs: one round's, or the medians)."""
+    kv = {r["kv_cache_dtype"]: r for r in runs if "decode_splits" not in r and "decode_variant" not in r}
+    pairs = zip(kv["auto"]["sweep"], kv["fp8"]["sweep"])
+    return [f["output_tok_s"] / b["output_tok_s"] for b, f in pairs if b["batch"] >= 8]
+
+
+def sweep_spread_note(sweep: dict | None, name: str) -> str:
+    """How far apart a sweep's alternated rounds put fp8 and bf16: the spread of the rounds' ratios and of their
+    medians, at batch >= 8."""
+    if not sweep or len(sweep.get("rounds", [])) < 2:
+        return ""
+    each = [x for runs in sweep["rounds"] for x in sweep_ratios(runs)]
+    medians = sweep_ratios(sweep["runs"])
+    return (
+        f"; alternated so on an {sweep['gpu']} ({name}, {len(sweep['rounds'])} rounds), the rounds' fp8/bf16 ratios "
+        f"at batch >= 8 spread over {min(each):.2f}-{max(each):.2f} and their medians over "
+        f"{min(medians):.2f}-{max(medians):.2f}: these 64-token runs, mostly prompt passes, cannot settle a few percent"
+    )
 
 
 def render_throughput() -> str:

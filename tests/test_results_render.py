@@ -79,3 +79,17 @@ def test_the_sweep_says_whether_its_kv_dtypes_alternated(monkeypatch):
     assert render.sweep_rounds_note() == "its numbers are medians of 3 rounds that alternate bf16 and fp8"
     files["throughput_sweep_llama1b_h200.json"] = {"runs": []}
     assert "back to back" in render.sweep_rounds_note()
+
+
+def test_the_sweep_spread_covers_every_round_at_batch_8_and_up():
+    render = load_renderer()
+
+    def runs(bf16: list[float], fp8: list[float]) -> list[dict]:
+        points = lambda speeds: [{"batch": b, "output_tok_s": s} for b, s in zip((1, 8, 64), speeds)]  # noqa: E731
+        return [{"kv_cache_dtype": "auto", "sweep": points(bf16)}, {"kv_cache_dtype": "fp8", "sweep": points(fp8)}]
+
+    rounds = [runs([1, 100, 100], [9, 90, 110]), runs([1, 100, 100], [9, 105, 120])]
+    sweep = {"gpu": "G", "rounds": rounds, "runs": runs([1, 100, 100], [9, 97.5, 115])}
+    note = render.sweep_spread_note(sweep, "`f`")
+    assert "(`f`, 2 rounds)" in note and "spread over 0.90-1.20 and their medians over 0.97-1.15" in note
+    assert render.sweep_spread_note({"gpu": "G", "rounds": rounds[:1], "runs": rounds[0]}, "`f`") == ""
