@@ -35,6 +35,9 @@ from miniserve.config import EngineConfig, ServerConfig
 logger = logging.getLogger("miniserve.server")
 
 
+STARTUP_FAILED = 3  # the exit status of a server that could not start (uvicorn.run's), with one API server or several
+
+
 def run_server(config: EngineConfig, server: ServerConfig) -> int:
     """`miniserve serve` with one API server: the app starts the engine itself; the exit status."""
     from miniserve.server.app import create_app
@@ -43,7 +46,7 @@ def run_server(config: EngineConfig, server: ServerConfig) -> int:
     if server.api_servers > 1:
         raise ValueError("several API servers are started by run_api_servers")
     sock = bind(server.host, server.port)  # a busy port is one line now, not after the model loaded
-    return 0 if _serve(create_app(config, server), server, sock, announce=True) else 3  # (as uvicorn.run's)
+    return 0 if _serve(create_app(config, server), server, sock, announce=True) else STARTUP_FAILED
 
 
 def run_api_servers(config: EngineConfig, server: ServerConfig) -> int:
@@ -109,18 +112,19 @@ def bind(host: str, port: int) -> socket.socket:
 
 def _supervise(apis: list[Any], stopping: list[int]) -> int:
     """Wait for the API servers; if one exits without being told to (its startup failed, or it died), stop the
-    rest. The exit status: 0 only after a shutdown that was asked for."""
-    failed = False
+    rest. The exit status: 0 only after a shutdown that was asked for; STARTUP_FAILED when the first to exit could
+    not start (as with one API server), else 1."""
+    failed = 0
     while True:
         alive = [p for p in apis if p.is_alive()]
         died = [p for p in apis if not p.is_alive() and p.exitcode != 0]
         if died and not stopping:
             logger.error("%s exited with %s: stopping the others", died[0].name, died[0].exitcode)
-            failed = True
+            failed = STARTUP_FAILED if died[0].exitcode == STARTUP_FAILED else 1
             stopping.append(signal.SIGTERM)
             _signal_all(alive, signal.SIGTERM)
         if not alive:
-            return 1 if failed or not stopping else 0
+            return failed or (0 if stopping else 1)
         time.sleep(0.2)
 
 
@@ -146,7 +150,8 @@ def _api_main(config: EngineConfig, server: ServerConfig, sock: socket.socket, l
     _end_with_parent()
     from miniserve.server.app import create_app
 
-    _serve(create_app(config, server, link), server, sock, announce=link.index == 0)  # (one says where)
+    if not _serve(create_app(config, server, link), server, sock, announce=link.index == 0):  # (one says where)
+        sys.exit(STARTUP_FAILED)
 
 
 def _serve(app: Any, server: ServerConfig, sock: socket.socket, announce: bool = False) -> bool:
