@@ -71,7 +71,7 @@ if [ "$part" = sweep ]; then
 fi
 
 if [ "$part" = engine ]; then
-  tp 300 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-variant default staged --repeats 2 \
+  tp 400 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-variant default staged --repeats 1 --rounds 3 \
     --out "$out/throughput_nano_h200.json"
   tp 200 --shape qwen3-0.6b --workload nano --kv-cache-dtype fp8 --kv-write fused two_launch --repeats 1 \
     --out "$out/throughput_nano_kv_write_h200.json"
@@ -248,8 +248,8 @@ fi
 
 if [ "$part" = nano ]; then
   # nano-vllm's benchmark: bf16 KV, fp8 KV with the default decode kernel (its register cap:
-  # decode_attention.default_register_cap), and with the staged FP8 decode variant
-  tp 300 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-variant default staged --repeats 2 \
+  # decode_attention.default_register_cap), and with the staged FP8 decode variant, alternated over three rounds
+  tp 400 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-variant default staged --repeats 1 --rounds 3 \
     --out "$out/throughput_nano_h200.json"
 fi
 
