@@ -20,7 +20,7 @@ Workloads:
   throughput). `--speculative-model self` drafts with the target itself (both pools cache).
 
 Each configuration is warmed up (Triton JIT, CUDA graph capture happen at start-up and in the warm-up run),
-then timed `--repeats` times; the median is reported. `--rounds N` runs the whole set of configurations N times in
+then timed `--repeats` times; the median is reported. `--rounds N` (odd) runs the whole set of configurations N times in
 turn (bf16, fp8, bf16, fp8, ...: a drift of the GPU's speed then reaches each alike) and reports each number as its
 median over the rounds, the rounds kept beside (`rounds`). Every timed run starts from an empty prefix cache (the runs
 repeat the same prompts). For `fixed`, the decode-step time is (T(gen) - T(1)) /
@@ -489,8 +489,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
         "--rounds", type=int, default=1,
-        help="run every configuration this many times, alternating; each number is reported as its median over the "
-        "rounds (every round's runs are kept under 'rounds')",
+        help="run every configuration this many (an odd number of) times, alternating; each number is reported as "
+        "its median over the rounds (every round's runs are kept under 'rounds')",
     )  # fmt: skip
     ap.add_argument("--peak-tflops", type=float, default=600.0, help="prompt FLOP rate assumed by the roofline")
     ap.add_argument("--hf", action="store_true", help="also time transformers' generate (fixed/latency)")
@@ -524,8 +524,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--plot", default=None, help="sweep: write a PNG of tok/s against batch size")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    if args.rounds < 1 or (args.rounds > 1 and (args.profile or args.host_profile)):
-        ap.error("--rounds must be at least 1, and 1 with --profile or --host-profile (one profile a configuration)")
+    if args.rounds < 1 or args.rounds % 2 == 0:
+        ap.error("--rounds must be odd (each number is then one round's own value, and counts stay integers)")
+    if args.rounds > 1 and (args.profile or args.host_profile or args.workload == "prefix"):
+        ap.error(
+            "--rounds must be 1 with --profile, --host-profile or the prefix workload (one profile a "
+            "configuration; the prefix workload's verdicts compare caching on and off within a round)"
+        )
     prefix = args.workload == "prefix"
     args.batch = args.batch or (256 if prefix else 64)
     args.gen = args.gen or (128 if prefix else 256)
@@ -623,9 +628,10 @@ def run_configs(model: Path, cfg: dict, args, gbs: dict) -> list[dict]:
 
 
 def median_of_rounds(rounds: list[list[dict]]) -> list[dict]:
-    """`--rounds`: each run's numbers as their median over the rounds, field by field (a sweep's points and a prefill's
-    prompts alike). Each round runs every configuration once, so the configurations alternate, and a drift in the
-    GPU's speed over the minutes of a run reaches all of them alike rather than the ones run last."""
+    """`--rounds` (odd): each run's numbers as their median over the rounds, field by field (a sweep's points and a
+    prefill's prompts alike), each one round's own value. Each round runs every configuration once, so the
+    configurations alternate, and a drift in the GPU's speed over the minutes of a run reaches all of them alike
+    rather than the ones run last."""
     return [_median_fields(same) for same in zip(*rounds, strict=True)]
 
 

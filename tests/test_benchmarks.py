@@ -256,10 +256,19 @@ def test_rounds_alternate_the_configurations_and_report_medians(tmp_path):
 def test_median_of_rounds_field_by_field():
     rounds = [
         [{"kv": "fp8", "tok_s": 3.0, "points": [{"b": 1, "t": 9.0}], "n": 4, "ok": True}],
-        [{"kv": "fp8", "tok_s": 1.0, "points": [{"b": 1, "t": 7.0}], "n": 4, "ok": True}],
+        [{"kv": "fp8", "tok_s": 1.0, "points": [{"b": 1, "t": 7.0}], "n": 6, "ok": True}],
+        [{"kv": "fp8", "tok_s": 2.5, "points": [{"b": 1, "t": 8.0}], "n": 5, "ok": True}],
     ]
-    assert throughput.median_of_rounds(rounds) == [
-        {"kv": "fp8", "tok_s": 2.0, "points": [{"b": 1, "t": 8.0}], "n": 4, "ok": True}
-    ]
+    median = throughput.median_of_rounds(rounds)
+    assert median == [{"kv": "fp8", "tok_s": 2.5, "points": [{"b": 1, "t": 8.0}], "n": 5, "ok": True}]
+    assert type(median[0]["n"]) is int
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--rounds", "2"], ["--rounds", "0"], ["--rounds", "3", "--profile"], ["--rounds", "3", "--workload", "prefix"]],
+)
+def test_rounds_are_odd_and_not_for_profiles_or_the_prefix_workload(argv, capsys):
     with pytest.raises(SystemExit):
-        throughput.main(["--rounds", "2", "--profile", "--device", "cpu"])
+        throughput.main([*argv, "--device", "cpu"])
+    assert "--rounds must be" in capsys.readouterr().err

@@ -112,8 +112,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 def _supervise(apis: list[Any], stopping: list[int]) -> int:
     """Wait for the API servers; if one exits without being told to (its startup failed, or it died), stop the
-    rest. The exit status: 0 only after a shutdown that was asked for; STARTUP_FAILED when the first to exit could
-    not start (as with one API server), else 1."""
+    rest. The exit status: 0 after a shutdown that was asked for (also one asked for while the model loads, where
+    one API server, uvicorn's way, says STARTUP_FAILED); STARTUP_FAILED when an API server found dead first could
+    not start (its engine failed to load, as with one API server), else 1."""
     failed = 0
     while True:
         alive = [p for p in apis if p.is_alive()]
