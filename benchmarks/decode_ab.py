@@ -17,9 +17,9 @@ only for bf16 at Llama-3.1-8B's batch 1; reverted. Also tried (6daad7d against 3
 unmasked loop, scores scaled by mul_rn), which sm_90 compiles to 13-22% fewer instructions a tile (offline,
 kernel_resources.py). Same bits everywhere, but 0.92-1.00x at Llama-3.2-1B's head_dim 64 (batch 1 and 64, both
 caches; 0.92-0.98x with the default by-length splits), 0.99-1.07x at head_dim 128 (FP8 at Qwen3-0.6B's batch 256
-1.02-1.04x); end to end, with 6daad7d's
-`h200_suite.sh fulltilesab` (`decode_full_tiles_engine_ab_h200.json`): Llama-3.2-1B batch 64 1.00x bf16, 0.99x
-fp8, batch 1 0.99x, nano 1.04x / 1.02x bf16 and 1.00x / 1.01x fp8 (two rounds); reverted.
+1.02-1.04x); end to end, with 6daad7d's `h200_suite.sh fulltilesab` (`decode_full_tiles_engine_ab_h200.json`):
+Llama-3.2-1B batch 64 1.00x bf16, 0.99x fp8, batch 1 0.99x, nano 1.04x / 1.02x bf16 and 1.00x / 1.01x fp8 (two
+rounds); reverted.
 """
 
 from __future__ import annotations

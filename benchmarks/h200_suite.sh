@@ -66,13 +66,19 @@ sweep1b() {
     --kv-cache-dtype auto fp8 --plot "$out/throughput_sweep_llama1b_h200.png" --out "$out/throughput_sweep_llama1b_h200.json"
 }
 
+# nano-vllm's benchmark: bf16 KV, fp8 KV with the default decode kernel (its register cap:
+# decode_attention.default_register_cap), and with the staged FP8 decode variant, alternated over three rounds
+nano_runs() {
+  tp 400 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-variant default staged --repeats 1 --rounds 3 \
+    --out "$out/throughput_nano_h200.json"
+}
+
 if [ "$part" = sweep ]; then
   sweep1b
 fi
 
 if [ "$part" = engine ]; then
-  tp 400 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-variant default staged --repeats 1 --rounds 3 \
-    --out "$out/throughput_nano_h200.json"
+  nano_runs
   tp 200 --shape qwen3-0.6b --workload nano --kv-cache-dtype fp8 --kv-write fused two_launch --repeats 1 \
     --out "$out/throughput_nano_kv_write_h200.json"
   tp 120 --shape llama-3.2-1b --workload fixed --batch 64 --prompt 512 --gen 256 --kv-cache-dtype auto fp8 --repeats 2 \
@@ -247,10 +253,7 @@ if [ "$part" = fp8decode ]; then
 fi
 
 if [ "$part" = nano ]; then
-  # nano-vllm's benchmark: bf16 KV, fp8 KV with the default decode kernel (its register cap:
-  # decode_attention.default_register_cap), and with the staged FP8 decode variant, alternated over three rounds
-  tp 400 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-variant default staged --repeats 1 --rounds 3 \
-    --out "$out/throughput_nano_h200.json"
+  nano_runs
 fi
 
 if [ "$part" = serveprof ]; then

@@ -1155,11 +1155,8 @@ def fp8_vs_bf16_worst(by_batch: bool = False) -> tuple[float, str] | None:
         if "fp8" in kv and "auto" in kv:
             pairs.append((kv["fp8"]["output_tok_s"] / kv["auto"]["output_tok_s"], where))
     sweep = load("throughput_sweep_llama1b_h200.json")
-    kv = select(sweep) if sweep else {}
-    if "fp8" in kv and "auto" in kv:
-        for b, f in zip(kv["auto"]["sweep"], kv["fp8"]["sweep"]):
-            if b["batch"] >= 8:
-                pairs.append((f["output_tok_s"] / b["output_tok_s"], f"Llama-3.2-1B sweep batch {b['batch']}"))
+    points = sweep_ratios(select(sweep) if sweep else {})
+    pairs += [(ratio, f"Llama-3.2-1B sweep batch {batch}") for ratio, batch in points]
     return min(pairs) if pairs else None
 
 
@@ -1170,15 +1167,17 @@ def sweep_rounds_note() -> str:
     if rounds > 1:
         note = f"its numbers are medians of {rounds} rounds that alternate bf16 and fp8"
     else:
-        note = "its file ran each KV dtype's repeats back to back (`h200_suite.sh sweep` alternates them over rounds)"
+        note = "its file ran each KV dtype's repeats back to back, which `h200_suite.sh sweep` now alternates"
     return note + sweep_spread_note(load("throughput_sweep_llama1b_h100.json"), "`throughput_sweep_llama1b_h100.json`")
 
 
-def sweep_ratios(runs: list[dict]) -> list[float]:
-    """fp8/bf16 output tok/s at each sweep point of batch >= 8 (runs: one round's, or the medians)."""
-    kv = {r["kv_cache_dtype"]: r for r in runs if "decode_splits" not in r and "decode_variant" not in r}
+def sweep_ratios(kv: dict[str, dict]) -> list[tuple[float, int]]:
+    """(fp8/bf16 output tok/s, batch) at each sweep point of batch >= 8 of a sweep's runs by KV dtype (runs_by_kv);
+    none where it lacks either."""
+    if "fp8" not in kv or "auto" not in kv:
+        return []
     pairs = zip(kv["auto"]["sweep"], kv["fp8"]["sweep"])
-    return [f["output_tok_s"] / b["output_tok_s"] for b, f in pairs if b["batch"] >= 8]
+    return [(f["output_tok_s"] / b["output_tok_s"], b["batch"]) for b, f in pairs if b["batch"] >= 8]
 
 
 def sweep_spread_note(sweep: dict | None, name: str) -> str:
@@ -1186,8 +1185,8 @@ def sweep_spread_note(sweep: dict | None, name: str) -> str:
     medians, at batch >= 8."""
     if not sweep or len(sweep.get("rounds", [])) < 2:
         return ""
-    each = [x for runs in sweep["rounds"] for x in sweep_ratios(runs)]
-    medians = sweep_ratios(sweep["runs"])
+    each = [ratio for runs in sweep["rounds"] for ratio, _ in sweep_ratios(runs_by_kv({"runs": runs}))]
+    medians = [ratio for ratio, _ in sweep_ratios(runs_by_kv(sweep))]
     return (
         f"; alternated so on an {sweep['gpu']} ({name}, {len(sweep['rounds'])} rounds), the rounds' fp8/bf16 ratios "
         f"at batch >= 8 spread over {min(each):.2f}-{max(each):.2f} and their medians over "
