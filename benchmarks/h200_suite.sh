@@ -31,6 +31,7 @@
 #   OLD=DIR OLD_COMMIT=... bash benchmarks/h200_suite.sh decodeab OUT_DIR # the decode kernel of an older tree and this one: bits, time
 #   OLD=DIR OLD_COMMIT=... bash benchmarks/h200_suite.sh ropeab OUT_DIR # 1B batch 1 and 64, nano twice: older tree, this one
 #   OLD=DIR OLD_COMMIT=... bash benchmarks/h200_suite.sh mlpab OUT_DIR  # the same for the fused gate/up + SiLU·mul
+#   OLD=DIR OLD_COMMIT=... bash benchmarks/h200_suite.sh qknormab OUT_DIR # Qwen3's q/k norms in one launch: nano, batch 1
 #   bash benchmarks/h200_suite.sh smallkernels OUT_DIR # the KV write's launch settings, and power-of-two vs dividing scales
 #   bash benchmarks/h200_suite.sh dependentab OUT_DIR # EngineConfig.dependent_launch auto vs off: batch 1 (1B, 8B), 64, nano
 #   bash benchmarks/h200_suite.sh pairs OUT_DIR   # the FP8 V read in byte pairs: conversion, decode vs extend, speed, engine
@@ -436,6 +437,23 @@ tree_ab() {
 
 if [ "$part" = ropeab ]; then
   tree_ab ropeab engine_ab_h200.json  # RoPE moved into the KV write
+fi
+
+if [ "$part" = qknormab ]; then
+  # Qwen3's q_norm and k_norm in one launch (layer_ops.qk_rms_norm): nano and Qwen3-0.6B batch 1, the older tree and
+  # this one alternated over three rounds
+  [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
+  for i in 1 2 3; do
+    for tree in "$OLD" "$PWD"; do
+      tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
+      commit=$(tree_commit "$tree")
+      (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 90 \
+        --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --repeats 1 --out "$out/throughput_${tag}_nano_round$i.json")
+      (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 60 \
+        --shape qwen3-0.6b --workload latency --gen 256 --repeats 3 --out "$out/throughput_${tag}_latency_round$i.json")
+    done
+  done
+  python3 benchmarks/engine_ab.py "$out" --part qknormab --out "$out/qk_norm_ab_h200.json"
 fi
 
 if [ "$part" = mlpab ]; then

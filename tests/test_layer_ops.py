@@ -19,6 +19,7 @@ from miniserve.kernels import reshape_and_cache  # noqa: E402
 from miniserve.kernels.layer_ops import (  # noqa: E402
     Rope,
     apply_rotary_reference_,
+    qk_rms_norm,
     rms_norm,
     rms_norm_reference,
     silu_and_mul,
@@ -261,6 +262,37 @@ def test_rms_norm_per_head_on_strided_view(dtype):
     residual = torch.randn(q.shape, generator=gen).to(dtype)
     _, summed = rms_norm(q, weight, 1e-6, residual, backend="triton")
     assert_bit_equal(summed, q + residual)
+
+
+@pytest.mark.parametrize("hq,hk", [(4, 2), (1, 1), (2, 1)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_qk_rms_norm_is_q_norm_then_k_norm_in_one_launch(dtype, hq, hk):
+    """Qwen3's q_norm and k_norm over the q and k heads of a packed qkv, one launch: each head takes its own
+    weight (the first k head is k's, the last q head q's), the bits of two rms_norm calls, close to HF's norm."""
+    gen = torch.Generator().manual_seed(hq * 10 + hk)
+    head_dim = 64
+    qkv = (torch.randn(5, (hq + 2 * hk) * head_dim, generator=gen) * 3).to(dtype)
+    q, k, _ = split_qkv(qkv, hq, hk, head_dim)
+    qk = qkv.view(5, hq + 2 * hk, head_dim)[:, : hq + hk]
+    weight = (torch.rand(2, head_dim, generator=gen) + 0.5).to(dtype)
+    actual = qk_rms_norm(qk, weight, hq, 1e-6, backend="triton")
+    assert actual.shape == qk.shape and actual.is_contiguous()
+    each = [rms_norm(x, w, 1e-6, backend="triton") for x, w in ((q, weight[0]), (k, weight[1]))]
+    assert_bit_equal(actual, torch.cat(each, dim=1))
+    oracle = torch.cat([hf_rms_norm(q, weight[0], 1e-6), hf_rms_norm(k, weight[1], 1e-6)], dim=1)
+    torch.testing.assert_close(actual, oracle, rtol=2 * RTOL[dtype], atol=0)
+    torch.testing.assert_close(qk_rms_norm(qk, weight, hq, 1e-6, backend="torch"), oracle, rtol=RTOL[dtype], atol=0)
+
+
+def test_qk_rms_norm_refuses_a_weight_or_head_split_it_cannot_apply():
+    qk, weight = torch.randn(3, 6, 64), torch.ones(2, 64)
+    with pytest.raises(ValueError, match=r"weight must be \[2, head_dim\]"):
+        qk_rms_norm(qk, torch.ones(64), 4, 1e-6, backend="triton")
+    for heads in (0, 6):
+        with pytest.raises(ValueError, match="q heads first"):
+            qk_rms_norm(qk, weight, heads, 1e-6, backend="triton")
+    with pytest.raises(ValueError, match="weight shape"):
+        qk_rms_norm(qk, torch.ones(2, 32), 4, 1e-6, backend="triton")
 
 
 # ---------------------------------------------------------------------------------------------- silu_and_mul

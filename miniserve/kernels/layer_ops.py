@@ -73,6 +73,12 @@ def rms_norm_reference(
     return out if residual is None else (out, summed)
 
 
+def qk_rms_norm_reference(qk: torch.Tensor, weight: torch.Tensor, num_q_heads: int, eps: float) -> torch.Tensor:
+    """Qwen3's q_norm and k_norm on the q and k heads of qk [T, Hq + Hkv, D]: weight[0] for q's, weight[1] for k's."""
+    q = rms_norm_reference(qk[:, :num_q_heads], weight[0], eps)
+    return torch.cat([q, rms_norm_reference(qk[:, num_q_heads:], weight[1], eps)], dim=1)
+
+
 def rotary_tables_reference(
     positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,6 +132,27 @@ def rms_norm(
     if out.numel():
         _rms_norm_triton(x, weight, float(eps), residual, out, summed, pdl)
     return out if residual is None else (out, summed)
+
+
+def qk_rms_norm(
+    qk: torch.Tensor, weight: torch.Tensor, num_q_heads: int, eps: float, backend: str = "auto", pdl: bool = False
+) -> torch.Tensor:
+    """Qwen3's per-head q_norm and k_norm in one launch: RMSNorm of each head of qk [T, Hq + Hkv, D] (q's heads, then
+    k's: a view of the packed qkv projection), with weight[0] on the first `num_q_heads` heads and weight[1] on the
+    rest. Returns a new contiguous [T, Hq + Hkv, D]. The same kernel and per-row arithmetic as `rms_norm`, so the
+    same bits as two rms_norm calls, one launch a layer fewer."""
+    if weight.dim() != 2 or weight.shape[0] != 2:
+        raise ValueError(f"weight must be [2, head_dim] (q's norm, then k's), got shape {tuple(weight.shape)}")
+    if qk.dim() != 3 or not 0 < num_q_heads < qk.shape[1]:
+        raise ValueError(f"qk must be [num_tokens, q heads + k heads, head_dim] with {num_q_heads} q heads first, "
+                         f"got shape {tuple(qk.shape)}")  # fmt: skip
+    _check_rms_norm_args(qk, weight[0], None)
+    if not _triton_here(qk.device, backend):
+        return qk_rms_norm_reference(qk, weight, num_q_heads, eps)
+    out = torch.empty(qk.shape, dtype=qk.dtype, device=qk.device)
+    if out.numel():
+        _rms_norm_triton(qk, weight, float(eps), None, out, None, pdl, second_weight_from=num_q_heads)
+    return out
 
 
 def silu_and_mul(x: torch.Tensor, backend: str = "auto", pdl: bool = False) -> torch.Tensor:
@@ -251,6 +278,7 @@ if triton is not None:
         r_stride0,
         r_stride1,
         rows_per_group,  # x.shape[1] for [T, N, H] inputs, else 1
+        second_weight_from,  # the first of a group's rows that take the weight's second row (qk_rms_norm)
         hidden,
         eps,
         BLOCK: tl.constexpr,
@@ -272,7 +300,8 @@ if triton is not None:
             tl.store(sum_ptr + row * hidden + cols, to_storage(x, KIND), mask=mask)
         mean_sq = tl.sum(x * x, axis=0) / hidden
         y = round_as(x * tl.rsqrt(mean_sq + eps), KIND)
-        w = to_f32(tl.load(w_ptr + cols, mask=mask, other=0), KIND)
+        w_row = (inner >= second_weight_from).to(tl.int64) * hidden
+        w = to_f32(tl.load(w_ptr + w_row + cols, mask=mask, other=0), KIND)
         tl.store(out_ptr + row * hidden + cols, to_storage(w * y, KIND), mask=mask)
 
     @triton.jit
@@ -322,9 +351,10 @@ if triton is not None:
         return round_as(gate / (1.0 + tl.exp(-gate)), KIND) * up
 
 
-def _rms_norm_triton(x, weight, eps, residual, out, summed, pdl: bool) -> None:
+def _rms_norm_triton(x, weight, eps, residual, out, summed, pdl: bool, second_weight_from: int | None = None) -> None:
     hidden = x.shape[-1]
     rows_per_group = x.shape[1] if x.dim() == 3 else 1
+    second_weight_from = rows_per_group if second_weight_from is None else second_weight_from  # None: one weight
     x_strides = (x.stride(0), x.stride(1) if x.dim() == 3 else 0)
     r_strides = (0, 0) if residual is None else (residual.stride(0), residual.stride(1) if x.dim() == 3 else 0)
     block = triton.next_power_of_2(hidden)
@@ -338,6 +368,7 @@ def _rms_norm_triton(x, weight, eps, residual, out, summed, pdl: bool) -> None:
         *x_strides,
         *r_strides,
         rows_per_group,
+        second_weight_from,
         hidden,
         eps,
         BLOCK=block,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miniserve.kernels.layer_ops import Rope, rms_norm
+from miniserve.kernels.layer_ops import Rope, qk_rms_norm, rms_norm
 from miniserve.kernels.linear import linear, linear_silu_and_mul
 from miniserve.kernels.metadata import AttentionMetadata
 from miniserve.kernels.ops import paged_attention, reshape_and_cache
@@ -53,6 +53,20 @@ class RMSNorm(nn.Module):
         """RMSNorm(x), or with `residual`: (RMSNorm(x + residual), x + residual), one fused launch on GPUs.
         Same op order as transformers: normalise in fp32, cast back, then scale. pdl: see LlamaModel.forward."""
         return rms_norm(x, self.weight, self.eps, residual, self.backend, pdl)
+
+
+class QKNorm(nn.Module):
+    """Qwen3's q_norm and k_norm (one weight each over head_dim), applied to every q and k head in one launch."""
+
+    def __init__(self, head_dim: int, eps: float, backend: str):
+        super().__init__()
+        self.weight = _empty(2, head_dim)  # row 0: q_norm.weight, row 1: k_norm.weight (models/loader.py)
+        self.eps = eps
+        self.backend = backend
+
+    def forward(self, qk: torch.Tensor, num_q_heads: int, pdl: bool = False) -> torch.Tensor:
+        """qk: [T, Hq + Hkv, D], q's heads then k's (a view of the packed qkv); returns them normalised, new."""
+        return qk_rms_norm(qk, self.weight, num_q_heads, self.eps, self.backend, pdl)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -95,8 +109,7 @@ class Attention(nn.Module):
         self.qkv_weight = _empty(self.q_size + 2 * self.kv_size, cfg.hidden_size)  # q, k, v stacked
         self.qkv_bias = _empty(self.q_size + 2 * self.kv_size) if cfg.qkv_bias else None
         self.o_weight = _empty(cfg.hidden_size, self.q_size)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, backend) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, backend) if cfg.qk_norm else None
+        self.qk_norm = QKNorm(cfg.head_dim, cfg.rms_norm_eps, backend) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
         self.backend = backend
         self.fp8_decode = "auto"  # EngineConfig.fp8_decode, set by the runner whose pool is FP8
@@ -113,12 +126,11 @@ class Attention(nn.Module):
         pdl: bool = False,
     ) -> torch.Tensor:
         qkv = linear(x, self.qkv_weight, self.qkv_bias, pdl)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q, pdl=pdl), self.k_norm(k, pdl=pdl)
+        heads = qkv.view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        q, k, v = heads.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        if self.qk_norm is not None:
+            qk = self.qk_norm(heads[:, : self.num_heads + self.num_kv_heads], self.num_heads, pdl)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         rope = Rope(q, positions, rotary.cos, rotary.sin)  # q and k rotate in place (views of qkv are fine)
         reshape_and_cache(
             k, v, kv.key_cache, kv.value_cache, meta.slot_mapping, kv.k_scale, kv.v_scale, self.backend, rope, pdl

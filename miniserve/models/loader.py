@@ -106,9 +106,9 @@ def _targets(model: LlamaModel, name: str) -> _Target | tuple[None, None] | None
         "input_layernorm.weight": _Target(layer.input_layernorm.weight, None, (hidden,)),
         "post_attention_layernorm.weight": _Target(layer.post_attention_layernorm.weight, None, (hidden,)),
     }
-    if attn.q_norm is not None:
-        simple["self_attn.q_norm.weight"] = _Target(attn.q_norm.weight, None, (hd,))
-        simple["self_attn.k_norm.weight"] = _Target(attn.k_norm.weight, None, (hd,))
+    if attn.qk_norm is not None:  # one [2, head_dim] weight: q's row, then k's
+        simple["self_attn.q_norm.weight"] = _Target(attn.qk_norm.weight, slice(0, 1), (hd,))
+        simple["self_attn.k_norm.weight"] = _Target(attn.qk_norm.weight, slice(1, 2), (hd,))
     return simple.get(rest)
 
 
