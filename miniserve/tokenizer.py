@@ -178,6 +178,11 @@ class Tokenizer:
         """Ids of every added token marked special: exactly what decode(skip_special_tokens=True) drops."""
         return sorted(self._special_ids)
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """all_special_ids as a set, for membership tests on a hot path."""
+        return self._special_ids
+
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
 
@@ -362,7 +367,7 @@ class IncrementalDetokenizer:
     ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self._skip = tokenizer._special_ids if skip_special_tokens else frozenset()  # ids decode leaves out
+        self._skip = tokenizer.special_ids if skip_special_tokens else frozenset()  # ids decode leaves out
         self.text = ""  # everything emitted so far
         # kept ids (skipped special tokens removed: decode ignores them), starting with the prompt context
         self.token_ids: list[int] = self._prompt_context(prompt_ids) if prompt_ids is not None else []

@@ -389,8 +389,11 @@ def test_prompt_logprobs_with_tied_logprobs_keep_the_top_n_and_ranks(logits):
     from miniserve.scheduler.sequence import Sequence
     from miniserve.server import responses as fmt
 
-    class Ids:  # token text as its id (return_tokens_as_token_ids)
-        pass
+    class Ids:  # token text as its id (return_tokens_as_token_ids); text offsets still read the decoded text
+        special_ids = frozenset()
+
+        def decode(self, ids: list[int]) -> str:
+            return "".join(f"<{i}>" for i in ids)
 
     logprobs = torch.log_softmax(torch.tensor(logits), -1)
     top = logprobs.topk(2).indices.tolist()
@@ -403,7 +406,7 @@ def test_prompt_logprobs_with_tied_logprobs_keep_the_top_n_and_ranks(logits):
         want.setdefault(str(chosen), int((logprobs >= logprobs[chosen]).sum()))
         served = fmt.vllm_prompt_logprobs(Ids(), prompt, entries, 2, as_ids=True)[1]
         assert {t: v["rank"] for t, v in served.items()} == want, (logits, chosen)
-        legacy = fmt.prompt_logprobs(Ids(), prompt, entries, 2, as_ids=True)["top_logprobs"][1]
+        legacy = fmt.prompt_logprobs(Ids(), prompt, entries, 2, "", as_ids=True)["top_logprobs"][1]
         assert set(legacy) == {f"token_id:{t}" for t in want}, (logits, chosen)
 
 

@@ -278,7 +278,7 @@ def test_echo_with_logprobs_scores_the_prompt(client, hf_model, hf_tok):
         temperature=0,
         echo=True,
         logprobs=2,
-        extra_body={"ignore_eos": True},
+        extra_body={"ignore_eos": True, "return_token_ids": True},
     )
     r = client.completions.create(**kwargs)
     lp = r.choices[0].logprobs
@@ -289,14 +289,22 @@ def test_echo_with_logprobs_scores_the_prompt(client, hf_model, hf_tok):
     for i in range(1, len(ids)):
         assert abs(lp.token_logprobs[i] - ref[i - 1, ids[i]].item()) < 1e-3
         assert len(lp.top_logprobs[i]) >= 2
-    assert lp.text_offset == sorted(lp.text_offset)
-    streamed = {"tokens": [], "token_logprobs": []}
+    # each token's offset is where its text starts in the response's text, which leaves the BOS out (transformers'
+    # decode of the tokens before it); the first generated token starts where the prompt's text ends
+    every = ids + r.choices[0].model_extra["token_ids"]
+    assert ids[0] in hf_tok.all_special_ids and lp.text_offset[:2] == [0, 0]
+    assert lp.text_offset == [len(hf_tok.decode(every[:i], skip_special_tokens=True)) for i in range(len(every))]
+    by_id = {"ignore_eos": True, "return_tokens_as_token_ids": True}
+    as_ids = client.completions.create(**kwargs | {"extra_body": by_id})
+    assert as_ids.choices[0].logprobs.text_offset == lp.text_offset  # offsets of the text, not of "token_id:N"
+    streamed = {"tokens": [], "token_logprobs": [], "text_offset": []}
     for chunk in client.completions.create(**kwargs, stream=True):
         for c in chunk.choices:
             if c.logprobs is not None:
                 streamed["tokens"] += c.logprobs.tokens
                 streamed["token_logprobs"] += c.logprobs.token_logprobs
-    assert streamed["tokens"] == lp.tokens and streamed["token_logprobs"] == lp.token_logprobs
+                streamed["text_offset"] += c.logprobs.text_offset
+    assert streamed == {"tokens": lp.tokens, "token_logprobs": lp.token_logprobs, "text_offset": lp.text_offset}
 
 
 def test_echo_without_generation_scores_the_prompt_alone(client, hf_model, hf_tok):

@@ -106,9 +106,11 @@ def _completion_choices(
             lp = None
             if req.logprobs is not None:
                 start = len(prompt_texts[i]) if prompt_texts else 0
-                lp = fmt.completion_logprobs(tok, ids, o.token_ids, o.logprobs, req.logprobs, start, as_ids)
+                skip = req.skip_special_tokens
+                lp, _ = fmt.completion_logprobs(tok, ids, o.token_ids, o.logprobs, req.logprobs, start, as_ids, skip)
                 if prompt_texts:
-                    plp = fmt.prompt_logprobs(tok, ids, finals[i].prompt_logprobs, req.logprobs, as_ids)
+                    prompt_lp = finals[i].prompt_logprobs
+                    plp = fmt.prompt_logprobs(tok, ids, prompt_lp, req.logprobs, prompt_texts[i], as_ids)
                     lp = fmt.join_logprobs(plp, lp)
             choice = {
                 "index": i * req.n + o.index,
@@ -188,16 +190,16 @@ class CompletionEvents(StreamEvents):
             plp = None
             if prompt_texts and req.logprobs is not None:
                 prompt_lp, tok = self.finals[i].prompt_logprobs, self.state.tokenizer
-                plp = fmt.prompt_logprobs(tok, self.prompt_ids[i], prompt_lp, req.logprobs, self.as_ids)
+                ids = self.prompt_ids[i]
+                plp = fmt.prompt_logprobs(tok, ids, prompt_lp, req.logprobs, prompt_texts[i], self.as_ids)
             extras = _completion_extras(self.state, req, self.prompt_ids[i], self.finals[i], None)
             events.append(self.chunk(i, o.index, prompt_texts[i] if prompt_texts else "", plp, **extras))
         lp = None
         if req.logprobs is not None and d.token_ids:
-            offset = self.offsets[(i, o.index)]
-            lp = fmt.completion_logprobs(
-                self.state.tokenizer, d.context, d.token_ids, d.logprobs, req.logprobs, offset, self.as_ids
+            tok, offset, skip = self.state.tokenizer, self.offsets[(i, o.index)], req.skip_special_tokens
+            lp, self.offsets[(i, o.index)] = fmt.completion_logprobs(
+                tok, d.context, d.token_ids, d.logprobs, req.logprobs, offset, self.as_ids, skip
             )
-            self.offsets[(i, o.index)] += sum(len(t) for t in lp["tokens"])
         if d.text or lp or d.finished_now or (req.return_token_ids and d.token_ids):
             finish = o.finish_reason if d.finished_now else None
             stop = o.stop_reason if d.finished_now else None

@@ -124,15 +124,20 @@ def completion_logprobs(
     num_top: int,
     text_offset: int,
     as_ids: bool = False,
-) -> dict[str, list]:
-    """Legacy /v1/completions logprobs: parallel lists tokens / token_logprobs / top_logprobs / text_offset.
+    skip_special: bool = True,
+) -> tuple[dict[str, list], int]:
+    """Legacy /v1/completions logprobs: parallel lists tokens / token_logprobs / top_logprobs / text_offset, and the
+    offset after the last token.
 
-    `context` is the prompt plus the tokens already produced before `token_ids` (for streaming).
+    `context` is the prompt plus the tokens already produced before `token_ids` (for streaming). text_offset
+    counts characters of the response's text, where the first token starts at `text_offset`: a special token the
+    text leaves out (`skip_special`, the request's skip_special_tokens) takes none, whatever its listed token reads.
     """
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     ctx = list(context)
     for tid, entry in zip(token_ids, logprobs):
-        text = token_text(tokenizer, ctx, tid, as_ids)
+        piece = token_text(tokenizer, ctx, tid)
+        text = token_text(tokenizer, ctx, tid, as_ids) if as_ids else piece
         # OpenAI's legacy format lists the sampled token as well; where two tokens read the same (partial
         # UTF-8 bytes all read "\ufffd") the likelier one keeps the key.
         ranked = top_entries(entry, num_top)
@@ -145,24 +150,32 @@ def completion_logprobs(
         out["token_logprobs"].append(entry[tid])
         out["top_logprobs"].append(top)
         out["text_offset"].append(text_offset)
-        text_offset += len(text)
+        text_offset += 0 if skip_special and tid in tokenizer.special_ids else len(piece)
         ctx.append(tid)
-    return out
+    return out, text_offset
 
 
 def prompt_logprobs(
-    tokenizer: Any, prompt_ids: list[int], logprobs: list[dict[int, Logprob] | None], num_top: int, as_ids: bool = False
+    tokenizer: Any,
+    prompt_ids: list[int],
+    logprobs: list[dict[int, Logprob] | None],
+    num_top: int,
+    echoed: str,
+    as_ids: bool = False,
 ) -> dict[str, list]:
-    """The echoed prompt's part of legacy logprobs: the first token has no logprob (nothing precedes it)."""
+    """The echoed prompt's part of legacy logprobs: the first token has no logprob (nothing precedes it). Offsets
+    index `echoed`, the prompt's text in the response (special tokens left out), and stop at its end (a prompt
+    echoed as sent may read differently from its decoded tokens)."""
     first = token_text(tokenizer, [], prompt_ids[0], as_ids)
     # (orjson writes no float subclass; in rank order, tokens of equal logprobs keep the engine's order)
     numbers = [{t: float(lp) for t, lp in sorted(e.items(), key=_rank)} for e in logprobs[1:]]
-    rest = completion_logprobs(tokenizer, prompt_ids[:1], prompt_ids[1:], numbers, num_top, len(first), as_ids)
+    start = 0 if prompt_ids[0] in tokenizer.special_ids else len(token_text(tokenizer, [], prompt_ids[0]))
+    rest, _ = completion_logprobs(tokenizer, prompt_ids[:1], prompt_ids[1:], numbers, num_top, start, as_ids)
     return {
         "tokens": [first, *rest["tokens"]],
         "token_logprobs": [None, *rest["token_logprobs"]],
         "top_logprobs": [None, *rest["top_logprobs"]],
-        "text_offset": [0, *rest["text_offset"]],
+        "text_offset": [0, *(min(offset, len(echoed)) for offset in rest["text_offset"])],
     }
 
 
