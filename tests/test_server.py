@@ -297,6 +297,12 @@ def test_echo_with_logprobs_scores_the_prompt(client, hf_model, hf_tok):
     by_id = {"ignore_eos": True, "return_tokens_as_token_ids": True}
     as_ids = client.completions.create(**kwargs | {"extra_body": by_id})
     assert as_ids.choices[0].logprobs.text_offset == lp.text_offset  # offsets of the text, not of "token_id:N"
+    # a special token typed into a prompt sent as text is in the echoed text: its characters count there
+    typed = client.completions.create(**kwargs | {"prompt": "ROMEO:<s>I am"}).choices[0]
+    tokens, offsets = typed.logprobs.tokens, typed.logprobs.text_offset
+    assert typed.text.startswith("ROMEO:<s>I am") and tokens.count("<s>") == 2 and offsets == sorted(offsets)
+    for token, offset, after in zip(tokens, offsets, offsets[1:] + [len(typed.text)]):
+        assert typed.text.startswith(token, offset) if after > offset else token == "<s>"
     streamed = {"tokens": [], "token_logprobs": [], "text_offset": []}
     for chunk in client.completions.create(**kwargs, stream=True):
         for c in chunk.choices:

@@ -125,6 +125,7 @@ def completion_logprobs(
     text_offset: int,
     as_ids: bool = False,
     skip_special: bool = True,
+    echoed: str | None = None,
 ) -> tuple[dict[str, list], int]:
     """Legacy /v1/completions logprobs: parallel lists tokens / token_logprobs / top_logprobs / text_offset, and the
     offset after the last token.
@@ -132,6 +133,9 @@ def completion_logprobs(
     `context` is the prompt plus the tokens already produced before `token_ids` (for streaming). text_offset
     counts characters of the response's text, where the first token starts at `text_offset`: a special token the
     text leaves out (`skip_special`, the request's skip_special_tokens) takes none, whatever its listed token reads.
+    For an echoed prompt, `echoed` is its text in the response: a special token takes its characters only where
+    that text holds them (typed into a prompt sent as text; not a BOS the tokenizer added), and offsets stop at its
+    end (a prompt echoed as sent may read differently from its decoded tokens).
     """
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     ctx = list(context)
@@ -149,8 +153,13 @@ def completion_logprobs(
         out["tokens"].append(text)
         out["token_logprobs"].append(entry[tid])
         out["top_logprobs"].append(top)
-        out["text_offset"].append(text_offset)
-        text_offset += 0 if skip_special and tid in tokenizer.special_ids else len(piece)
+        if echoed is None:
+            out["text_offset"].append(text_offset)
+            text_offset += 0 if skip_special and tid in tokenizer.special_ids else len(piece)
+        else:
+            out["text_offset"].append(min(text_offset, len(echoed)))
+            held = tid not in tokenizer.special_ids or echoed.startswith(piece, text_offset)
+            text_offset += len(piece) if held else 0
         ctx.append(tid)
     return out, text_offset
 
@@ -164,18 +173,20 @@ def prompt_logprobs(
     as_ids: bool = False,
 ) -> dict[str, list]:
     """The echoed prompt's part of legacy logprobs: the first token has no logprob (nothing precedes it). Offsets
-    index `echoed`, the prompt's text in the response (special tokens left out), and stop at its end (a prompt
-    echoed as sent may read differently from its decoded tokens)."""
-    first = token_text(tokenizer, [], prompt_ids[0], as_ids)
+    index `echoed`, the prompt's text in the response (completion_logprobs says how)."""
+    first = token_text(tokenizer, [], prompt_ids[0])
+    held = prompt_ids[0] not in tokenizer.special_ids or echoed.startswith(first)
     # (orjson writes no float subclass; in rank order, tokens of equal logprobs keep the engine's order)
     numbers = [{t: float(lp) for t, lp in sorted(e.items(), key=_rank)} for e in logprobs[1:]]
-    start = 0 if prompt_ids[0] in tokenizer.special_ids else len(token_text(tokenizer, [], prompt_ids[0]))
-    rest, _ = completion_logprobs(tokenizer, prompt_ids[:1], prompt_ids[1:], numbers, num_top, start, as_ids)
+    start = len(first) if held else 0
+    rest, _ = completion_logprobs(
+        tokenizer, prompt_ids[:1], prompt_ids[1:], numbers, num_top, start, as_ids, echoed=echoed
+    )
     return {
-        "tokens": [first, *rest["tokens"]],
+        "tokens": [token_text(tokenizer, [], prompt_ids[0], as_ids), *rest["tokens"]],
         "token_logprobs": [None, *rest["token_logprobs"]],
         "top_logprobs": [None, *rest["top_logprobs"]],
-        "text_offset": [0, *(min(offset, len(echoed)) for offset in rest["text_offset"])],
+        "text_offset": [0, *rest["text_offset"]],
     }
 
 
