@@ -8,6 +8,7 @@ them (settings.py), so a setting is written once: add a field here and it is rea
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -148,6 +149,7 @@ class EngineConfig:
     )
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.model is None:
             self.model = str(DEMO_TARGET)
         if self.speculative_model == "demo":
@@ -173,8 +175,8 @@ class EngineConfig:
                 "(a round verifies k+1 tokens a sequence as decode queries, so that greedy speculation reproduces "
                 "plain decoding bit for bit)",
             )
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise SettingError("seed", f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 63:  # torch.manual_seed's range
+            raise SettingError("seed", f"seed must be in [-2**63, 2**63-1], got {self.seed}")
         for name in ("max_model_len", "num_kv_blocks"):
             if getattr(self, name) is not None:
                 _check_min(name, getattr(self, name), 1)
@@ -281,6 +283,7 @@ class ServerConfig:
     )
 
     def __post_init__(self) -> None:
+        check_types(self)
         check_choices(self)
         if self.api_key is not None and not self.api_key.strip():  # (an empty variable is unset: a flag is not)
             raise SettingError("api_key", "api_key must not be empty: leave it unset to serve without a key")
@@ -299,6 +302,31 @@ class ServerConfig:
                 raise SettingError(name, f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if not 0 <= self.port < 1 << 16:
             raise SettingError("port", f"port must be in [0, 65535], got {self.port}")
+
+
+_TYPE_NAMES = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+
+
+def check_types(config) -> None:
+    """Each field's value of its annotated type (settings that come from flags and variables are parsed to it;
+    a Python caller's are checked here): a SettingError naming the field, not a TypeError deep in the engine. A
+    path (os.PathLike) where a string goes is taken as its string."""
+    for f in fields(config):
+        value, kinds = getattr(config, f.name), {kind.strip() for kind in str(f.type).split("|")}
+        if isinstance(value, os.PathLike) and "str" in kinds:
+            value = os.fspath(value)
+            setattr(config, f.name, value)
+        fits = (
+            (value is None and "None" in kinds)
+            or (isinstance(value, bool) and "bool" in kinds)
+            or (isinstance(value, int) and not isinstance(value, bool) and kinds & {"int", "float"})
+            or (isinstance(value, float) and "float" in kinds)
+            or (isinstance(value, str) and "str" in kinds)
+        )
+        if not fits:
+            wanted = " or ".join(_TYPE_NAMES[k] for k in _TYPE_NAMES if k in kinds)
+            wanted += " or None" if "None" in kinds else ""
+            raise SettingError(f.name, f"{f.name} must be {wanted}, got {value!r}")
 
 
 def check_choices(config) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import numbers
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Set
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -175,7 +175,7 @@ MULTIMODAL_KEYS = ("multi_modal_data", "mm_processor_kwargs", "multi_modal_uuids
 def _as_prompt_list(prompts) -> list:
     if isinstance(prompts, (str, dict)):
         return [prompts]
-    if not isinstance(prompts, Iterable):
+    if not isinstance(prompts, Iterable) or _unordered_or_bytes(prompts):
         raise ValueError(f"{PROMPTS_ERROR}, got {type(prompts).__name__}")
     prompts = list(prompts)
     if prompts and all(_is_token(t) for t in prompts):
@@ -188,9 +188,15 @@ def _as_prompt(prompt) -> Prompt:
         return _prompt_from_dict(prompt)
     if isinstance(prompt, str):
         return Prompt(prompt)
-    if not isinstance(prompt, Iterable):
+    if not isinstance(prompt, Iterable) or _unordered_or_bytes(prompt):
         raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
     return Prompt(_token_ids(prompt))
+
+
+def _unordered_or_bytes(values) -> bool:
+    """Iterables of ints that are no token sequence: bytes (text not decoded: bytes iterate as byte values) and
+    sets (no order)."""
+    return isinstance(values, (bytes, bytearray, memoryview, Set))
 
 
 def _prompt_from_dict(prompt: dict) -> Prompt:
@@ -206,7 +212,7 @@ def _prompt_from_dict(prompt: dict) -> Prompt:
         raise ValueError(f"a prompt dict's 'prompt' must be a string, got {type(text).__name__}")
     if "prompt_token_ids" in prompt:
         ids = prompt["prompt_token_ids"]
-        if isinstance(ids, (str, dict)) or not isinstance(ids, Iterable):
+        if isinstance(ids, (str, dict)) or not isinstance(ids, Iterable) or _unordered_or_bytes(ids):
             raise ValueError(f"'prompt_token_ids' must be a list of token ids, got {type(ids).__name__}")
         return Prompt(_token_ids(ids), text, salt)
     if text is None:

@@ -68,7 +68,9 @@ def check_chat_options(
 
 def check_template_kwargs(template_kwargs: dict[str, Any] | None) -> None:
     """ValueError (starting with the field's name) for chat_template_kwargs that would set a template input that
-    has a request field, or an argument, of its own."""
+    has a request field, or an argument, of its own, or that are not a dict."""
+    if template_kwargs is not None and not isinstance(template_kwargs, dict):
+        raise ValueError(f"chat_template_kwargs must be a dict, got {type(template_kwargs).__name__}")
     clash = [k for k in TEMPLATE_INPUTS if k in (template_kwargs or {})]
     if clash:
         raise ValueError(
@@ -598,10 +600,12 @@ class ChatMessageError(ValueError):
 
 
 def _normalize_message(message: dict[str, Any], index: int) -> dict[str, Any]:
-    if not isinstance(message, dict) or "role" not in message:
-        raise ChatMessageError(f"messages[{index}] must be a dict with a 'role', got {message!r}")
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise ChatMessageError(f"messages[{index}] must be a dict with a 'role' string, got {message!r}")
     out = {key: value for key, value in message.items() if value is not None}
     content = out.get("content")
+    if content is not None and not isinstance(content, (str, list)):
+        raise ChatMessageError(f"messages[{index}].content must be a string or a list of parts, got {content!r}")
     if isinstance(content, list):
         texts = []
         for part in content:

@@ -360,6 +360,11 @@ def test_bad_input_is_a_clear_error_and_engine_stays_usable(llama_dir):
         llm.generate({"prompt_ids": [5]}, GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="'prompt_token_ids' must be a list of token ids"):
         llm.generate({"prompt_token_ids": 5}, GREEDY, use_tqdm=False)
+    for unordered_or_bytes in (b"To be", {5, 6}, [bytearray(b"ab")]):  # bytes iterate as ints; sets have no order
+        with pytest.raises(ValueError, match="must be a string"):
+            llm.generate(unordered_or_bytes, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="'prompt_token_ids' must be a list of token ids, got set"):
+        llm.generate({"prompt_token_ids": {5, 6}}, GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
@@ -564,6 +569,16 @@ def test_chat_takes_vllms_template_arguments(llama_dir):
         llm.chat(chat[:1], params, add_generation_prompt=False, continue_final_message=True)
     with pytest.raises(ValueError, match="chat_template_kwargs may not set tools"):
         llm.chat(chat, params, chat_template_kwargs={"tools": tools})
+    with pytest.raises(ValueError, match="chat_template_kwargs must be a dict, got str"):
+        llm.chat(chat, params, chat_template_kwargs="x")
+    bad_messages = [
+        ({"role": None, "content": "hi"}, "a 'role' string"),
+        ({"role": "user", "content": {"a": 1}}, "content must be a string or a list of parts"),
+        ({"role": "user", "content": 5}, "content must be"),
+    ]
+    for bad, what in bad_messages:
+        with pytest.raises(ValueError, match=f"messages\\[0\\].*{what}"):
+            llm.chat([bad], params)
 
 
 @pytest.mark.parametrize("kv", ["auto", "fp8", "fp8_e4m3fnuz"])

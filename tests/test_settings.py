@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import typing
@@ -270,6 +271,62 @@ def test_every_model_path_error_says_which_directory(tmp_path, setting):
             EngineConfig(**{setting: str(tmp_path)}).check_dirs()
         (tmp_path / "tokenizer.model").write_bytes(b"")
         EngineConfig(**{setting: str(tmp_path)}).check_dirs()  # either file is enough
+
+
+@pytest.mark.parametrize(
+    "cls,name,value,message",
+    [
+        (EngineConfig, "max_num_seqs", 2.5, "max_num_seqs must be an integer, got 2.5"),
+        (EngineConfig, "block_size", "16", "block_size must be an integer, got '16'"),
+        (EngineConfig, "num_kv_blocks", 10.5, "num_kv_blocks must be an integer or None, got 10.5"),
+        (EngineConfig, "enable_prefix_caching", "false", "enable_prefix_caching must be true or false, got 'false'"),
+        (EngineConfig, "enforce_eager", 0, "enforce_eager must be true or false, got 0"),
+        (EngineConfig, "max_num_seqs", True, "max_num_seqs must be an integer, got True"),
+        (EngineConfig, "gpu_memory_utilization", "0.5", "gpu_memory_utilization must be a number, got '0.5'"),
+        (EngineConfig, "kv_cache_memory_gb", "1", "kv_cache_memory_gb must be a number or None, got '1'"),
+        (EngineConfig, "model", 5, "model must be a string or None, got 5"),
+        (ServerConfig, "port", "8000", "port must be an integer, got '8000'"),
+        (ServerConfig, "drain_timeout", None, "drain_timeout must be a number, got None"),
+    ],
+)
+def test_a_python_callers_setting_of_the_wrong_type_is_refused_by_name(cls, name, value, message):
+    """Flags and variables are parsed to each field's type; a Python caller's values are checked against it, not
+    left to fail in the engine (a float block count in torch.zeros, the string "false" read as true)."""
+    from miniserve.config import SettingError
+
+    with pytest.raises(SettingError, match=f"^{re.escape(message)}$") as caught:
+        cls(**{name: value})
+    assert caught.value.name == name
+
+
+def test_numbers_and_paths_that_fit_a_field_are_taken():
+    from miniserve.config import DEMO_TARGET, SettingError
+
+    config = EngineConfig(model=DEMO_TARGET, gpu_memory_utilization=1, kv_cache_memory_gb=2)  # a Path, ints
+    assert config.model == str(DEMO_TARGET) and config.gpu_memory_utilization == 1
+    assert ServerConfig(drain_timeout=0).drain_timeout == 0
+    for seed in (-(2**63), 2**63 - 1):  # torch.manual_seed's whole range, and one past each end refused
+        assert EngineConfig(seed=seed).seed == seed
+    for seed in (-(2**63) - 1, 2**63):
+        with pytest.raises(SettingError, match=re.escape(f"seed must be in [-2**63, 2**63-1], got {seed}")):
+            EngineConfig(seed=seed)
+
+
+def test_a_kv_pool_larger_than_the_machine_is_refused_by_name():
+    import torch
+
+    from miniserve.config import SettingError
+    from miniserve.engine.capacity import check_fits
+
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    check_fits(memory // 4096, 4096, torch.device("cpu"))  # exactly all of it (the check, not an allocation)
+    with pytest.raises(SettingError, match=r"num_kv_blocks=\d+ needs .* GiB of KV cache .* of memory on this machine"):
+        check_fits(memory // 4096 + 1, 4096, torch.device("cpu"))
+    code = "from miniserve import cli; raise SystemExit(cli.main(['generate', '--prompt', 'x', '--device', 'cpu', " \
+        f"'--num-kv-blocks', '{memory}']))"  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith(f"miniserve: error: num_kv_blocks={memory} needs "), run.stderr
 
 
 def test_readme_table_is_the_generated_one():

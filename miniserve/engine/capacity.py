@@ -8,11 +8,12 @@ blocks, each in its own pool.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
 
-from miniserve.config import EngineConfig
+from miniserve.config import EngineConfig, SettingError
 from miniserve.engine.model_runner import ModelRunner
 
 CPU_KV_BUDGET_BYTES = 1 << 30
@@ -39,9 +40,10 @@ def max_model_len(config: EngineConfig, runners: list[ModelRunner]) -> int:
 
 def num_kv_blocks(config: EngineConfig, runners: list[ModelRunner], max_len: int) -> int:
     """Size the shared pool: explicit count, else the memory budget, capped at what max_num_seqs can use."""
-    if config.num_kv_blocks is not None:
-        return config.num_kv_blocks
     per_block = sum(r.bytes_per_block() for r in runners)
+    if config.num_kv_blocks is not None:
+        check_fits(config.num_kv_blocks, per_block, runners[0].device)
+        return config.num_kv_blocks
     cap = config.max_num_seqs * (-(-(max_len + config.kv_lookahead) // config.block_size)) + 1
     device = runners[0].device
     if config.kv_cache_memory_gb is not None:
@@ -55,3 +57,20 @@ def num_kv_blocks(config: EngineConfig, runners: list[ModelRunner], max_len: int
     if num_blocks < 1:
         raise ValueError(f"no memory left for the KV cache (budget {budget} bytes, {per_block} bytes per block)")
     return num_blocks
+
+
+def check_fits(num_blocks: int, per_block: int, device: torch.device) -> None:
+    """A SettingError naming num_kv_blocks when the pool it asks for is larger than the device's free memory (a
+    GPU's) or all of the machine's (the CPU's), rather than the allocator's failure (or the OS's kill) later."""
+    if device.type == "cuda":
+        room, where = torch.cuda.mem_get_info(device)[0], f"free on {device}"
+    elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        room, where = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "of memory on this machine"
+    else:
+        return
+    if num_blocks * per_block > room:
+        raise SettingError(
+            "num_kv_blocks",
+            f"num_kv_blocks={num_blocks} needs {num_blocks * per_block / (1 << 30):.1f} GiB of KV cache "
+            f"({per_block} bytes a block), more than the {room / (1 << 30):.1f} GiB {where}",
+        )
