@@ -113,7 +113,7 @@ class Tokenizer:
         # transformers 5 skips the clean-up for BPE models because it corrupts their output
         self._clean_up = clean_up_tokenization_spaces and type(backend.model).__name__ != "BPE"
         added = backend.get_added_tokens_decoder()
-        self._special_ids = frozenset(i for i, t in added.items() if t.special)
+        self.special_ids = frozenset(i for i, t in added.items() if t.special)  # what skip_special_tokens drops
         self._eos_token_ids = set(extra_eos_token_ids)
         if self.eos_token_id is not None:
             self._eos_token_ids.add(self.eos_token_id)
@@ -178,12 +178,7 @@ class Tokenizer:
     @property
     def all_special_ids(self) -> list[int]:
         """Ids of every added token marked special: exactly what decode(skip_special_tokens=True) drops."""
-        return sorted(self._special_ids)
-
-    @property
-    def special_ids(self) -> frozenset[int]:
-        """all_special_ids as a set, for membership tests on a hot path."""
-        return self._special_ids
+        return sorted(self.special_ids)
 
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)

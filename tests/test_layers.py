@@ -13,6 +13,7 @@ LAYERS = [
     ("miniserve.__init__", 7),
     ("miniserve.server", 6),
     ("miniserve.cli", 6),
+    ("miniserve.__main__", 6),
     ("miniserve.llm", 6),
     ("miniserve.engine.llm_engine", 5),
     ("miniserve.spec_decode", 4),

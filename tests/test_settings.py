@@ -329,6 +329,16 @@ def test_a_kv_pool_larger_than_the_machine_is_refused_by_name():
     assert run.stderr.startswith(f"miniserve: error: num_kv_blocks={memory} needs "), run.stderr
 
 
+def test_python_dash_m_miniserve_is_the_command():
+    run = subprocess.run([sys.executable, "-m", "miniserve", "generate", "--help"], capture_output=True, text=True)
+    assert run.returncode == 0 and "--prompt" in run.stdout and run.stdout == cli_help("generate")
+
+
+def cli_help(command: str) -> str:
+    run = subprocess.run([sys.executable, "-m", "miniserve.cli", command, "--help"], capture_output=True, text=True)
+    return run.stdout
+
+
 def test_readme_table_is_the_generated_one():
     readme = (REPO / "README.md").read_text()
     assert markdown_table() in readme, "run scripts/update_readme_settings.py"
