@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU benchmarks behind benchmarks/results/*_h200.*, in the order they were run on the lent H200.
+# The GPU benchmarks behind benchmarks/results/*_h200.* (and *_h100.*, from runs where the lent machine was an H100),
+# in the order they were run.
 #   bash benchmarks/h200_suite.sh engine OUT_DIR    # throughput.py workloads (offline engine)
 #   bash benchmarks/h200_suite.sh checks OUT_DIR    # kernel checks (bit patterns, attention) and engine checks
 #   bash benchmarks/h200_suite.sh sweep OUT_DIR     # the Llama-3.2-1B batch sweep alone (bf16, fp8; three rounds)
@@ -41,6 +42,8 @@ set -u
 part=$1
 out=$2
 mkdir -p "$out"
+# result files are named for the GPU that ran them: a lent "H200" machine may come as an H100
+case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" in *H100*) tag=h100 ;; *) tag=h200 ;; esac
 export PYTHONUNBUFFERED=1
 tp() { timeout "$1" python3 benchmarks/throughput.py "${@:2}" 2>&1 | grep -v -i warn | grep -E '^\{|Error|error' | cut -c1-400; }
 # the commit a tree's results record in an A/B run: this tree's MINISERVE_COMMIT, or OLD_COMMIT for $OLD's
@@ -64,14 +67,14 @@ alternate() {
 # the Llama-3.2-1B batch sweep, bf16 and fp8 alternated over three rounds (medians: issue 19's "FP8 never slower")
 sweep1b() {
   tp 560 --shape llama-3.2-1b --workload sweep --batches 1 8 32 64 128 256 --prompt 512 --gen 64 --repeats 2 --rounds 3 \
-    --kv-cache-dtype auto fp8 --plot "$out/throughput_sweep_llama1b_h200.png" --out "$out/throughput_sweep_llama1b_h200.json"
+    --kv-cache-dtype auto fp8 --plot "$out/throughput_sweep_llama1b_${tag}.png" --out "$out/throughput_sweep_llama1b_${tag}.json"
 }
 
 # nano-vllm's benchmark: bf16 KV, fp8 KV with the default decode kernel (its register cap:
 # decode_attention.default_register_cap), and with the staged FP8 decode variant, alternated over three rounds
 nano_runs() {
   tp 400 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-variant default staged --repeats 1 --rounds 3 \
-    --out "$out/throughput_nano_h200.json"
+    --out "$out/throughput_nano_${tag}.json"
 }
 
 if [ "$part" = sweep ]; then
@@ -81,14 +84,14 @@ fi
 if [ "$part" = engine ]; then
   nano_runs
   tp 200 --shape qwen3-0.6b --workload nano --kv-cache-dtype fp8 --kv-write fused two_launch --repeats 1 \
-    --out "$out/throughput_nano_kv_write_h200.json"
+    --out "$out/throughput_nano_kv_write_${tag}.json"
   tp 120 --shape llama-3.2-1b --workload fixed --batch 64 --prompt 512 --gen 256 --kv-cache-dtype auto fp8 --repeats 2 \
-    --out "$out/throughput_fixed_llama1b_h200.json"
+    --out "$out/throughput_fixed_llama1b_${tag}.json"
   tp 120 --shape llama-3.2-1b --workload latency --gen 256 --repeats 2 --hf \
-    --out "$out/throughput_latency_llama1b_h200.json"
+    --out "$out/throughput_latency_llama1b_${tag}.json"
   sweep1b
   tp 120 --shape qwen3-0.6b --workload prefill --prompts 4096 16384 32768 --repeats 2 --hf \
-    --out "$out/throughput_prefill_qwen3_h200.json"
+    --out "$out/throughput_prefill_qwen3_${tag}.json"
 fi
 
 if [ "$part" = checks ]; then
@@ -96,17 +99,17 @@ if [ "$part" = checks ]; then
   # write, all 256 FP8 codes through the attention kernels' page decode, and the attention kernels against the
   # torch reference
   timeout 150 python3 benchmarks/gpu_kernels.py --checks cache_write_exact rope_write_exact fp8_page_decode attention_vs_reference \
-    --out "$out/kernel_checks_h200.json" 2>&1 | grep -v -i warn | tail -12
-  timeout 90 python3 benchmarks/gpu_kernels.py --checks skinny_linear gate_up_silu --out "$out/kernel_checks_skinny_linear_h200.json" \
+    --out "$out/kernel_checks_${tag}.json" 2>&1 | grep -v -i warn | tail -12
+  timeout 90 python3 benchmarks/gpu_kernels.py --checks skinny_linear gate_up_silu --out "$out/kernel_checks_skinny_linear_${tag}.json" \
     2>&1 | grep -v -i warn | tail -3
   OUT="$out" timeout 200 python3 benchmarks/gpu_engine_check.py > "$out/engine_check_log.txt" 2>&1
-  mv "$out/engine_check.json" "$out/engine_check_h200.json" && python3 -c "
-import json; d = json.load(open('$out/engine_check_h200.json'))
+  mv "$out/engine_check.json" "$out/engine_check_${tag}.json" && python3 -c "
+import json; d = json.load(open('$out/engine_check_${tag}.json'))
 for k, v in d.items(): print(k, json.dumps(v)[:600])"
 fi
 
 if [ "$part" = latency8b ]; then
-  tp 200 --shape llama-3.1-8b --workload latency --gen 128 --repeats 2 --out "$out/throughput_latency_llama8b_h200.json"
+  tp 200 --shape llama-3.1-8b --workload latency --gen 128 --repeats 2 --out "$out/throughput_latency_llama8b_${tag}.json"
 fi
 
 if [ "$part" = demoab ]; then
@@ -120,7 +123,7 @@ if [ "$part" = demoab ]; then
         --repeats "${REPEATS:-3}" --name "spec_decode_${tag}_$i" --out "$out" 2>&1 | tail -2 | sed "s/^/[$tag $i] /")
     done
   done
-  python3 benchmarks/spec_decode_ab.py "$out" --old-commit "${OLD_COMMIT:-432bd57}" --out "$out/spec_decode_ab_h200.json"
+  python3 benchmarks/spec_decode_ab.py "$out" --old-commit "${OLD_COMMIT:-432bd57}" --out "$out/spec_decode_ab_${tag}.json"
 fi
 
 if [ "$part" = engineab ]; then
@@ -139,14 +142,14 @@ if [ "$part" = engineab ]; then
     (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 200 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 \
       --decode-variant default staged --repeats 2 --out "$out/throughput_${tag}_nano.json")
   done
-  python3 benchmarks/engine_ab.py "$out" --out "$out/engine_ab_h200.json"
+  python3 benchmarks/engine_ab.py "$out" --out "$out/engine_ab_${tag}.json"
 fi
 
 if [ "$part" = samplerab ]; then
   # the fused sampler (miniserve/kernels/sampling.py): its GPU checks and timings, then nano (temperature 0.6: the
   # race), batch-1 latency and batch 64 (greedy: the argmax) at an older tree ($OLD) and this one, back to back;
   # benchmarks/engine_ab.py joins them (sampler_ab_h200.json)
-  timeout 120 python3 benchmarks/sampling_kernel.py --out "$out/sampling_kernel_h200.json" 2>&1 | grep -v -i warn | tail -12
+  timeout 120 python3 benchmarks/sampling_kernel.py --out "$out/sampling_kernel_${tag}.json" 2>&1 | grep -v -i warn | tail -12
   [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
   for tree in "$OLD" "$PWD"; do
     tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
@@ -158,12 +161,12 @@ if [ "$part" = samplerab ]; then
     (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 120 --shape llama-3.2-1b --workload fixed --batch 64 \
       --prompt 512 --gen 256 --kv-cache-dtype auto --repeats 2 --out "$out/throughput_${tag}_fixed.json")
   done
-  python3 benchmarks/engine_ab.py "$out" --part samplerab --out "$out/sampler_ab_h200.json"
+  python3 benchmarks/engine_ab.py "$out" --part samplerab --out "$out/sampler_ab_${tag}.json"
 fi
 
 if [ "$part" = big ]; then
   tp 200 --shape llama-3.1-8b --workload fixed --batch 64 --prompt 512 --gen 128 --kv-cache-dtype auto fp8 --repeats 1 \
-    --out "$out/throughput_fixed_llama8b_h200.json"
+    --out "$out/throughput_fixed_llama8b_${tag}.json"
 fi
 
 if [ "$part" = serving ]; then
@@ -171,10 +174,10 @@ if [ "$part" = serving ]; then
   # at once (streaming, plain, offline; the median of 3 alternated runs each); then below saturation (4 requests/s)
   # for TTFT (the median of 3 runs).
   timeout 300 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 256 --input-len 512 --output-len 256 \
-    --phases stream,plain,offline,fake --fake-step-ms 5 --client-procs 4 --repeats 3 --out "$out/serve_h200.json" 2>&1 |
+    --phases stream,plain,offline,fake --fake-step-ms 5 --client-procs 4 --repeats 3 --out "$out/serve_${tag}.json" 2>&1 |
     grep -v -i warn | tail -12
   timeout 200 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 64 --input-len 512 --output-len 256 \
-    --request-rate 4 --phases stream,offline --client-procs 2 --repeats 3 --out "$out/serve_rate4_h200.json" 2>&1 |
+    --request-rate 4 --phases stream,offline --client-procs 2 --repeats 3 --out "$out/serve_rate4_${tag}.json" 2>&1 |
     grep -v -i warn | tail -8
 fi
 
@@ -198,7 +201,7 @@ if [ "$part" = rate4ab ]; then
     --output-len 256 --request-rate 4 --phases stream,offline --client-procs 2 --repeats 3
   pairs=()
   for i in $(seq 1 "${ROUNDS:-2}"); do pairs+=(--pair "rate4_$i" "$out/serve_rate4_old_$i.json" "$out/serve_rate4_new_$i.json"); done
-  python3 benchmarks/serve_ab.py "${pairs[@]}" --out "$out/serve_rate4_ab_h200.json"
+  python3 benchmarks/serve_ab.py "${pairs[@]}" --out "$out/serve_rate4_ab_${tag}.json"
 fi
 
 if [ "$part" = servetrace ]; then
@@ -225,7 +228,7 @@ if [ "$part" = apiservers ]; then
   # the offline engine in the same run
   timeout 300 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 256 --input-len 512 --output-len 256 \
     --phases stream,plain,offline --client-procs 4 --engine-args="--api-servers 4" --repeats 3 \
-    --out "$out/serve_api4_h200.json" 2>&1 | grep -v -i warn | tail -6
+    --out "$out/serve_api4_${tag}.json" 2>&1 | grep -v -i warn | tail -6
 fi
 
 if [ "$part" = apisweep ]; then
@@ -233,7 +236,7 @@ if [ "$part" = apisweep ]; then
   for n in 2 8; do
     timeout 200 python3 benchmarks/serve.py --shape llama-3.2-1b --num-prompts 256 --input-len 512 --output-len 256 \
       --phases stream,plain,offline --client-procs 4 --engine-args="--api-servers $n" \
-      --out "$out/serve_api${n}_h200.json" 2>&1 | grep -v -i warn | tail -5
+      --out "$out/serve_api${n}_${tag}.json" 2>&1 | grep -v -i warn | tail -5
   done
 fi
 
@@ -242,15 +245,15 @@ if [ "$part" = fp8reg ]; then
   # every code through each decode mode first, then the GPU time of each FP8_VARIANTS entry at the tune shapes,
   # with bit-identity to the default (each row printed as it is measured: a timeout keeps the rows so far)
   timeout 60 python3 benchmarks/gpu_kernels.py --checks fp8_page_decode \
-    --out "$out/kernel_checks_fp8_page_decode_h200.json" 2>&1 | grep -v -i warn | tail -3
+    --out "$out/kernel_checks_fp8_page_decode_${tag}.json" 2>&1 | grep -v -i warn | tail -3
   timeout "${FP8REG_TIMEOUT:-400}" python3 benchmarks/tune_decode_attention.py --fp8-variants \
-    --out "$out/decode_attention_fp8_variants_h200.json" 2>&1 | grep -v -i warn > "$out/fp8_variants_log.txt"
+    --out "$out/decode_attention_fp8_variants_${tag}.json" 2>&1 | grep -v -i warn > "$out/fp8_variants_log.txt"
   grep -v '^{' "$out/fp8_variants_log.txt" | tail -60
 fi
 
 if [ "$part" = fp8decode ]; then
   # EngineConfig.fp8_decode="hw-staged" end to end (demo model, FP8 pool, graphs) against the exact default
-  timeout 120 python3 benchmarks/fp8_decode_check.py --out "$out/fp8_decode_check_h200.json" 2>&1 | grep -v -i warn | tail -2
+  timeout 120 python3 benchmarks/fp8_decode_check.py --out "$out/fp8_decode_check_${tag}.json" 2>&1 | grep -v -i warn | tail -2
 fi
 
 if [ "$part" = nano ]; then
@@ -278,8 +281,8 @@ if [ "$part" = fp8ncu ]; then
       --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
       python3 benchmarks/tune_decode_attention.py --once "llama-8b b64 ctx4096|$c" 2>&1 |
       grep -E 'Registers Per|Theoretical Occ|Achieved Occ|DRAM Throughput|Duration|Issued Ipc|Block Limit Reg'
-  done > "$out/decode_attention_fp8_variants_ncu_h200.txt"
-  cat "$out/decode_attention_fp8_variants_ncu_h200.txt"
+  done > "$out/decode_attention_fp8_variants_ncu_${tag}.txt"
+  cat "$out/decode_attention_fp8_variants_ncu_${tag}.txt"
 fi
 
 if [ "$part" = extendvar ]; then
@@ -290,11 +293,11 @@ if [ "$part" = extendvar ]; then
   # compiles them all); extendttft: the 32k prefill's TTFT end to end beside one HF SDPA forward.
   timeout 200 python3 benchmarks/tune_extend_attention.py --shapes qwen3-0.6b llama-3.1-8b --caches bf16 fp8 \
     --variants default plain "diag same" "diag fma same" "bm128 w8 diag same r128" "bm128 w8 s3 diag same r128" \
-    "pack w8 diag same r128" "pack bm32 diag same" --out "$out/extend_attention_variants_h200.json" 2>&1 |
+    "pack w8 diag same r128" "pack bm32 diag same" --out "$out/extend_attention_variants_${tag}.json" 2>&1 |
     grep -v -i warn | grep -v "^{" | tail -40
   timeout 80 python3 benchmarks/tune_extend_attention.py --shapes qwen3-0.6b llama-3.2-1b --caches bf16 fp8 \
     --prompt 2048 --chunk 2048 --variants default plain "diag same" "bm128 w8 s3 diag same r128" \
-    --out "$out/extend_attention_variants_2048_h200.json" 2>&1 | grep -v -i warn | grep -v "^{" | tail -20
+    --out "$out/extend_attention_variants_2048_${tag}.json" 2>&1 | grep -v -i warn | grep -v "^{" | tail -20
 fi
 
 if [ "$part" = grammar ]; then
@@ -303,13 +306,13 @@ if [ "$part" = grammar ]; then
   # then the fill alone by every strategy over the JSON-heavy vocabulary and over ones like cl100k_base and gpt2
   # (needs xgrammar: carried as a wheel)
   timeout 240 python3 benchmarks/structured_outputs.py --shape llama-3.2-1b --batch 32 --prompt 128 --gen 256 \
-    --vocab-like cl100k_base --grammar-threads 0 8 1 --host-split --out "$out/structured_outputs_cl100k_h200.json" 2>&1 |
+    --vocab-like cl100k_base --grammar-threads 0 8 1 --host-split --out "$out/structured_outputs_cl100k_${tag}.json" 2>&1 |
     grep -v -i warn | tail -12
   timeout 100 python3 benchmarks/grammar_fill.py --batch 32 --steps 96 --threads 2 4 8 16 \
-    --out "$out/grammar_fill_h200.json" 2>&1 | grep -v -i warn | tail -24
+    --out "$out/grammar_fill_${tag}.json" 2>&1 | grep -v -i warn | tail -24
   for like in cl100k_base gpt2; do
     timeout 60 python3 benchmarks/grammar_fill.py --batch 32 --steps 96 --threads 4 8 16 --vocab-like $like \
-      --out "$out/grammar_fill_${like%_base}_h200.json" 2>&1 | grep -v -i warn | tail -12
+      --out "$out/grammar_fill_${like%_base}_${tag}.json" 2>&1 | grep -v -i warn | tail -12
   done
 fi
 
@@ -320,7 +323,7 @@ if [ "$part" = grammarab ]; then
     --gen 256 --repeats 5 --vocab-like cl100k_base
   pairs=()
   for i in $(seq 1 "${ROUNDS:-2}"); do pairs+=(--pair "round_$i" "$out/so_old_$i.json" "$out/so_new_$i.json"); done
-  python3 benchmarks/structured_outputs_ab.py "${pairs[@]}" --out "$out/structured_outputs_ab_h200.json"
+  python3 benchmarks/structured_outputs_ab.py "${pairs[@]}" --out "$out/structured_outputs_ab_${tag}.json"
 fi
 
 if [ "$part" = grammar8b ]; then
@@ -329,7 +332,7 @@ if [ "$part" = grammar8b ]; then
   for like in cl100k_base json-heavy; do
     name=structured_outputs_llama8b${like/#json-heavy/}; name=${name/cl100k_base/_cl100k}
     timeout 200 python3 benchmarks/structured_outputs.py --shape llama-3.1-8b --batch 32 --prompt 128 --gen 256 \
-      $([ $like = json-heavy ] || echo --vocab-like $like) --host-split --out "$out/${name}_h200.json" 2>&1 |
+      $([ $like = json-heavy ] || echo --vocab-like $like) --host-split --out "$out/${name}_${tag}.json" 2>&1 |
       grep -v -i warn | tail -6
   done
 fi
@@ -341,30 +344,30 @@ if [ "$part" = extendfp8 ]; then
   for n in 512 2048; do
     timeout 100 python3 benchmarks/tune_extend_attention.py --shapes llama-3.2-1b qwen3-0.6b --caches bf16 fp8 \
       --prompt $n --chunk $n --variants default "diag same r168" "diag same r128" \
-      --out "$out/extend_attention_fp8_cap_${n}_h200.json" 2>&1 | grep -v -i warn | grep -v "^{" | tail -12
+      --out "$out/extend_attention_fp8_cap_${n}_${tag}.json" 2>&1 | grep -v -i warn | grep -v "^{" | tail -12
   done
 fi
 
 if [ "$part" = extendchecks ]; then
   timeout 400 python3 benchmarks/gpu_kernels.py --checks extend_variants \
-    --out "$out/kernel_checks_extendvar_h200.json" 2>&1 | grep -v -i warn | tail -4
+    --out "$out/kernel_checks_extendvar_${tag}.json" 2>&1 | grep -v -i warn | tail -4
 fi
 
 if [ "$part" = extendttft ]; then
   tp 150 --shape qwen3-0.6b --workload prefill --prompts 4096 16384 32768 --repeats 2 --hf \
-    --extend-variant default plain --out "$out/throughput_prefill_qwen3_h200.json"
+    --extend-variant default plain --out "$out/throughput_prefill_qwen3_${tag}.json"
 fi
 
 if [ "$part" = profile1b ]; then
   # where a Llama-3.2-1B decode step's GPU time goes (torch profiler over 8 captured steps), at batch 64 and 1
   timeout 80 python3 benchmarks/throughput.py --shape llama-3.2-1b --workload fixed --batch 64 --prompt 512 --gen 64 \
-    --repeats 1 --profile --out "$out/profile_decode_llama1b_b64_h200.json" 2>&1 | grep -v -i warn | tail -30
+    --repeats 1 --profile --out "$out/profile_decode_llama1b_b64_${tag}.json" 2>&1 | grep -v -i warn | tail -30
   timeout 80 python3 benchmarks/throughput.py --shape llama-3.2-1b --workload latency --gen 64 --repeats 1 --profile \
-    --out "$out/profile_decode_llama1b_b1_h200.json" 2>&1 | grep -v -i warn | tail -30
+    --out "$out/profile_decode_llama1b_b1_${tag}.json" 2>&1 | grep -v -i warn | tail -30
   # whole runs (prompt passes included) at the sweep's two largest batches, bf16 and fp8: GPU time per kernel
   for b in 256 128; do
     timeout 200 python3 benchmarks/throughput.py --shape llama-3.2-1b --workload fixed --batch $b --prompt 512 --gen 64 \
-      --kv-cache-dtype auto fp8 --repeats 1 --profile --profile-run --out "$out/profile_run_llama1b_b${b}_h200.json" \
+      --kv-cache-dtype auto fp8 --repeats 1 --profile --profile-run --out "$out/profile_run_llama1b_b${b}_${tag}.json" \
       2>&1 | grep -v -i warn | grep -E "rror" | head -3
   done
 fi
@@ -379,35 +382,35 @@ fi
 
 if [ "$part" = splits ]; then
   tp 150 --shape llama-3.2-1b --workload latency --gen 256 --repeats 3 --hf --decode-splits by-length by-batch \
-    --out "$out/throughput_latency_llama1b_h200.json"
+    --out "$out/throughput_latency_llama1b_${tag}.json"
   tp 150 --shape llama-3.2-1b --workload fixed --batch 64 --prompt 512 --gen 256 --kv-cache-dtype auto fp8 --repeats 2 \
-    --decode-splits by-length by-batch --out "$out/throughput_fixed_llama1b_h200.json"
+    --decode-splits by-length by-batch --out "$out/throughput_fixed_llama1b_${tag}.json"
   tp 200 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-splits by-length by-batch --repeats 2 \
-    --out "$out/throughput_nano_splits_h200.json"
+    --out "$out/throughput_nano_splits_${tag}.json"
   tp 240 --shape llama-3.1-8b --workload latency --gen 128 --repeats 2 --decode-splits by-length by-batch \
-    --out "$out/throughput_latency_llama8b_h200.json"
+    --out "$out/throughput_latency_llama8b_${tag}.json"
 fi
 
 if [ "$part" = splitsweep ]; then
-  timeout 100 python3 benchmarks/tune_decode_attention.py --split-sizes --out "$out/decode_attention_split_sizes_h200.json" \
+  timeout 100 python3 benchmarks/tune_decode_attention.py --split-sizes --out "$out/decode_attention_split_sizes_${tag}.json" \
     2>&1 | tail -3
   tp 330 --shape llama-3.2-1b --workload sweep --batches 1 8 32 64 128 256 --prompt 512 --gen 64 --repeats 2 \
-    --kv-cache-dtype auto fp8 --decode-splits by-length by-batch --plot "$out/throughput_sweep_llama1b_h200.png" \
-    --out "$out/throughput_sweep_llama1b_h200.json"
+    --kv-cache-dtype auto fp8 --decode-splits by-length by-batch --plot "$out/throughput_sweep_llama1b_${tag}.png" \
+    --out "$out/throughput_sweep_llama1b_${tag}.json"
 fi
 
 if [ "$part" = linear ]; then
-  timeout 300 python3 benchmarks/tune_linear.py --gate-up --out "$out/tune_linear_h200.json" 2>&1 | grep -v skip | tail -62
-  timeout 150 python3 benchmarks/tune_linear.py --shapes --out "$out/tune_linear_gate_up_h200.json" 2>&1 | grep -v skip | tail -15
-  timeout 100 python3 benchmarks/pdl_chain.py --out "$out/pdl_chain_h200.json" 2>&1 | tail -15
-  timeout 300 python3 benchmarks/release_point_ab.py --out "$out/release_point_ab_h200.json" 2>&1 | tail -1
+  timeout 300 python3 benchmarks/tune_linear.py --gate-up --out "$out/tune_linear_${tag}.json" 2>&1 | grep -v skip | tail -62
+  timeout 150 python3 benchmarks/tune_linear.py --shapes --out "$out/tune_linear_gate_up_${tag}.json" 2>&1 | grep -v skip | tail -15
+  timeout 100 python3 benchmarks/pdl_chain.py --out "$out/pdl_chain_${tag}.json" 2>&1 | tail -15
+  timeout 300 python3 benchmarks/release_point_ab.py --out "$out/release_point_ab_${tag}.json" 2>&1 | tail -1
 fi
 
 if [ "$part" = decodeab ]; then
   (cd "$OLD" && MINISERVE_COMMIT="$OLD_COMMIT" timeout 150 python3 "$PWD/benchmarks/decode_ab.py" --tree "$OLD" \
     --save "$out/decode_old.pt" 2>&1 | tail -1)
   timeout 150 python3 benchmarks/decode_ab.py --save "$out/decode_new.pt" --compare "$out/decode_old.pt" \
-    --old-commit "$OLD_COMMIT" --out "$out/decode_ab_h200.json" 2>&1 | tail -21
+    --old-commit "$OLD_COMMIT" --out "$out/decode_ab_${tag}.json" 2>&1 | tail -21
 fi
 
 # tree_ab PART FILE: batch-1 latency and batch 64 (1B), then nano alternated twice, older tree first;
@@ -436,7 +439,7 @@ tree_ab() {
 }
 
 if [ "$part" = ropeab ]; then
-  tree_ab ropeab engine_ab_h200.json  # RoPE moved into the KV write
+  tree_ab ropeab engine_ab_${tag}.json  # RoPE moved into the KV write
 fi
 
 if [ "$part" = qknormab ]; then
@@ -453,20 +456,20 @@ if [ "$part" = qknormab ]; then
         --shape qwen3-0.6b --workload latency --gen 256 --repeats 3 --out "$out/throughput_${tag}_latency_round$i.json")
     done
   done
-  python3 benchmarks/engine_ab.py "$out" --part qknormab --out "$out/qk_norm_ab_h200.json"
+  python3 benchmarks/engine_ab.py "$out" --part qknormab --out "$out/qk_norm_ab_${tag}.json"
 fi
 
 if [ "$part" = mlpab ]; then
-  tree_ab mlpab mlp_silu_ab_h200.json  # gate/up with the SiLU·mul in its epilogue (linear_silu_and_mul)
+  tree_ab mlpab mlp_silu_ab_${tag}.json  # gate/up with the SiLU·mul in its epilogue (linear_silu_and_mul)
 fi
 
 if [ "$part" = pairs ]; then
   # the FP8 V read in byte pairs (decode_attention.pv_by_pairs, "auto" on NVIDIA): its conversion of every word,
   # decode against extend and the references, its speed and float64 error beside the byte read ("hw"), the engine
   timeout 150 python3 benchmarks/gpu_kernels.py --checks fp8_page_decode fp8_pair_decode attention_vs_reference \
-    decode_vs_extend --out "$out/kernel_checks_fp8_pairs_h200.json" 2>&1 | grep -v -i warn | tail -8
+    decode_vs_extend --out "$out/kernel_checks_fp8_pairs_${tag}.json" 2>&1 | grep -v -i warn | tail -8
   timeout 200 python3 benchmarks/tune_decode_attention.py --fp8-variants --variants default hw staged \
-    'pairs r128' 'pairs uncapped' 'pairs s3' --out "$out/decode_attention_fp8_pairs_h200.json" 2>&1 | grep -v -i warn | tail -30
+    'pairs r128' 'pairs uncapped' 'pairs s3' --out "$out/decode_attention_fp8_pairs_${tag}.json" 2>&1 | grep -v -i warn | tail -30
   OUT="$out" timeout 220 python3 benchmarks/gpu_engine_check.py > "$out/engine_check.log" 2>&1
   grep -E '"equal|identical|agree' "$out/engine_check.log" | sort | uniq -c | head -20
 fi
@@ -474,15 +477,15 @@ fi
 if [ "$part" = pairsab ]; then
   # end to end: each FP8 run with the pair read (default) and the byte read ("hw"), in one process, bf16 beside
   tp 220 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-variant default hw --repeats 2 \
-    --out "$out/throughput_nano_pairs_h200.json"
+    --out "$out/throughput_nano_pairs_${tag}.json"
   tp 120 --shape llama-3.2-1b --workload fixed --batch 64 --prompt 512 --gen 256 --kv-cache-dtype auto fp8 \
-    --decode-variant default hw --repeats 2 --out "$out/throughput_fixed_llama1b_pairs_h200.json"
+    --decode-variant default hw --repeats 2 --out "$out/throughput_fixed_llama1b_pairs_${tag}.json"
   tp 220 --shape llama-3.1-8b --workload fixed --batch 64 --prompt 512 --gen 128 --kv-cache-dtype auto fp8 \
-    --decode-variant default hw --repeats 1 --out "$out/throughput_fixed_llama8b_pairs_h200.json"
+    --decode-variant default hw --repeats 1 --out "$out/throughput_fixed_llama8b_pairs_${tag}.json"
 fi
 
 if [ "$part" = smallkernels ]; then
-  timeout 90 python3 benchmarks/tune_small_kernels.py --out "$out/tune_small_kernels_h200.json" 2>&1 | tail -16
+  timeout 90 python3 benchmarks/tune_small_kernels.py --out "$out/tune_small_kernels_${tag}.json" 2>&1 | tail -16
 fi
 
 if [ "$part" = dependentab ]; then
@@ -498,5 +501,5 @@ if [ "$part" = dependentab ]; then
     --dependent-launch auto off --out "$out/throughput_setting_fixed.json"
   tp 200 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --repeats 1 --dependent-launch auto off \
     --out "$out/throughput_setting_nano.json"
-  python3 benchmarks/engine_ab.py "$out" --setting dependent_launch --out "$out/dependent_launch_h200.json"
+  python3 benchmarks/engine_ab.py "$out" --setting dependent_launch --out "$out/dependent_launch_${tag}.json"
 fi
