@@ -4,4 +4,5 @@ import sys
 
 from miniserve.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

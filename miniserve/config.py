@@ -8,9 +8,12 @@ them (settings.py), so a setting is written once: add a field here and it is rea
 
 from __future__ import annotations
 
+import numbers
 import os
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -175,8 +178,8 @@ class EngineConfig:
                 "(a round verifies k+1 tokens a sequence as decode queries, so that greedy speculation reproduces "
                 "plain decoding bit for bit)",
             )
-        if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 63:  # torch.manual_seed's range
-            raise SettingError("seed", f"seed must be in [-2**63, 2**63-1], got {self.seed}")
+        if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 64:  # torch.manual_seed's range
+            raise SettingError("seed", f"seed must be in [-2**63, 2**64-1], got {self.seed}")
         for name in ("max_model_len", "num_kv_blocks"):
             if getattr(self, name) is not None:
                 _check_min(name, getattr(self, name), 1)
@@ -304,29 +307,44 @@ class ServerConfig:
             raise SettingError("port", f"port must be in [0, 65535], got {self.port}")
 
 
-_TYPE_NAMES = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def field_type(cls: type, f) -> tuple[type, bool]:
+    """(str, int, float or bool; whether None is allowed): a field's annotation."""
+    hint = typing.get_type_hints(cls)[f.name]
+    args = typing.get_args(hint)
+    kinds = [a for a in args if a is not type(None)] if args else [hint]
+    if len(kinds) != 1 or kinds[0] not in _TYPE_NAMES:
+        raise TypeError(f"{cls.__name__}.{f.name}: a setting is one of str, int, float, bool, or that | None")
+    return kinds[0], type(None) in args
 
 
 def check_types(config) -> None:
-    """Each field's value of its annotated type (settings that come from flags and variables are parsed to it;
-    a Python caller's are checked here): a SettingError naming the field, not a TypeError deep in the engine. A
-    path (os.PathLike) where a string goes is taken as its string."""
+    """Each field's value of its annotated type, stored as it (settings that come from flags and variables are parsed
+    to it; a Python caller's are checked here): a SettingError naming the field, not a TypeError deep in the engine.
+    Numbers of another class that are the kind asked for (numpy's) become Python's, a path (os.PathLike) a string."""
     for f in fields(config):
-        value, kinds = getattr(config, f.name), {kind.strip() for kind in str(f.type).split("|")}
-        if isinstance(value, os.PathLike) and "str" in kinds:
-            value = os.fspath(value)
-            setattr(config, f.name, value)
-        fits = (
-            (value is None and "None" in kinds)
-            or (isinstance(value, bool) and "bool" in kinds)
-            or (isinstance(value, int) and not isinstance(value, bool) and kinds & {"int", "float"})
-            or (isinstance(value, float) and "float" in kinds)
-            or (isinstance(value, str) and "str" in kinds)
-        )
-        if not fits:
-            wanted = " or ".join(_TYPE_NAMES[k] for k in _TYPE_NAMES if k in kinds)
-            wanted += " or None" if "None" in kinds else ""
+        kind, optional = field_type(type(config), f)
+        value = getattr(config, f.name)
+        if value is None and optional:
+            continue
+        taken = _as_type(value, kind)
+        if taken is None:
+            wanted = _TYPE_NAMES[kind] + (" or None" if optional else "")
             raise SettingError(f.name, f"{f.name} must be {wanted}, got {value!r}")
+        setattr(config, f.name, taken)
+
+
+def _as_type(value: Any, kind: type) -> Any:
+    """`value` as a `kind`, or None where it is not one (a bool is no number, a number no bool)."""
+    if kind is bool or isinstance(value, bool):
+        return value if kind is bool and isinstance(value, bool) else None
+    if kind is int:
+        return int(value) if isinstance(value, numbers.Integral) else None
+    if kind is float:
+        return float(value) if isinstance(value, numbers.Real) else None
+    return os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
 
 
 def check_choices(config) -> None:

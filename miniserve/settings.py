@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
-import typing
 from collections.abc import Mapping
 from dataclasses import MISSING, Field, fields
 
-from miniserve.config import EngineConfig, ServerConfig, SettingError
+from miniserve.config import EngineConfig, ServerConfig, SettingError, field_type
 
 ENV_PREFIX = "MINISERVE_"
 # not settings: the benchmarks' provenance, the tests' cache of built checkpoints
@@ -30,13 +29,6 @@ def flag(f: Field) -> str:
     return "--" + f.name.replace("_", "-")
 
 
-def value_type(cls: type, f: Field) -> type:
-    """str, int, float or bool: the field's annotation without its `| None`."""
-    hint = typing.get_type_hints(cls)[f.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
-
-
 def shown_default(f: Field) -> str:
     if f.metadata.get("shown_default"):
         return f.metadata["shown_default"]
@@ -48,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field; unset flags stay None so that the environment and the defaults can fill them."""
     group = parser.add_argument_group(f"{cls.__name__} (a flag overrides its {ENV_PREFIX}* variable)")
     for f in fields(cls):
-        kind = value_type(cls, f)
+        kind = field_type(cls, f)[0]
         help_text = f"{f.metadata['help']} (default: {shown_default(f)}; env {env_var(f)})"
         if kind is bool:
             group.add_argument(flag(f), action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -96,7 +88,7 @@ def unknown_variables(env: Mapping[str, str] = os.environ) -> list[str]:
 
 
 def _parse(cls: type, f: Field, raw: str, source: str):
-    kind = value_type(cls, f)
+    kind = field_type(cls, f)[0]
     if kind is bool:
         if raw.lower() not in _TRUE + _FALSE:
             raise SettingError(f.name, f"{source}: must be one of {', '.join(_TRUE + _FALSE)}")

@@ -15,7 +15,7 @@ Everything runs on a `tokenizers.Tokenizer` backend, so encode/decode match what
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,7 @@ def check_chat_options(
 def check_template_kwargs(template_kwargs: dict[str, Any] | None) -> None:
     """ValueError (starting with the field's name) for chat_template_kwargs that would set a template input that
     has a request field, or an argument, of its own, or that are not a dict."""
-    if template_kwargs is not None and not isinstance(template_kwargs, dict):
+    if template_kwargs is not None and not isinstance(template_kwargs, Mapping):
         raise ValueError(f"chat_template_kwargs must be a dict, got {type(template_kwargs).__name__}")
     clash = [k for k in TEMPLATE_INPUTS if k in (template_kwargs or {})]
     if clash:

@@ -139,6 +139,26 @@ def test_missing_and_mismatched_tensors_are_named(tmp_path, tokenizer_dir, llama
         engine(broken)
 
 
+def test_a_tensor_given_twice_is_named_not_counted_for_another(tmp_path, llama_dir):
+    """gate_proj twice and no up_proj fill as many rows of the fused gate/up weight as both once: refused by name."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(llama_dir / "model.safetensors")
+    broken = tmp_path / "twice"
+    shutil.copytree(llama_dir, broken)
+    (broken / "model.safetensors").unlink()
+    gate = "model.layers.1.mlp.gate_proj.weight"
+    rest = {k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    save_file(rest, broken / "model-00001-of-00002.safetensors")
+    save_file({gate: tensors[gate]}, broken / "model-00002-of-00002.safetensors")
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in rest} | {"extra": "model-00002-of-00002.safetensors"}
+    (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError, match=f"tensor '{gate}' fills rows that '{gate}' filled"):
+        engine(broken)
+
+
 def test_unknown_architecture_is_a_clear_error(tmp_path, llama_dir):
     import json
 

@@ -92,7 +92,8 @@ def test_the_sweep_spread_covers_every_round_at_batch_8_and_up():
     sweep = {"gpu": "G", "rounds": rounds, "runs": runs([1, 100, 100], [9, 97.5, 115])}
     note = render.sweep_spread_note(sweep, "`f`")
     assert "(`f`, 2 rounds)" in note and "spread over 0.90-1.20 and their medians over 0.97-1.15" in note
-    assert "cannot settle" in note and "ahead" not in note  # a round below 1 (0.90) leaves it open
+    assert "cannot settle" in note and "at or above" not in note  # a round below 1 (0.90) leaves it open
     ahead = [runs([1, 100, 100], [9, 100, 110]), runs([1, 100, 100], [0.5, 105, 120])]  # batch 1 does not count
-    assert "fp8 ahead at every point of every round" in render.sweep_spread_note({**sweep, "rounds": ahead}, "`f`")
+    verdict = "fp8 at or above bf16 at every point of every round of that run"
+    assert verdict in render.sweep_spread_note({**sweep, "rounds": ahead}, "`f`")
     assert render.sweep_spread_note({"gpu": "G", "rounds": rounds[:1], "runs": rounds[0]}, "`f`") == ""

@@ -300,16 +300,24 @@ def test_a_python_callers_setting_of_the_wrong_type_is_refused_by_name(cls, name
 
 
 def test_numbers_and_paths_that_fit_a_field_are_taken():
+    import numpy as np
+    import torch
+
     from miniserve.config import DEMO_TARGET, SettingError
 
     config = EngineConfig(model=DEMO_TARGET, gpu_memory_utilization=1, kv_cache_memory_gb=2)  # a Path, ints
     assert config.model == str(DEMO_TARGET) and config.gpu_memory_utilization == 1
+    numpy = EngineConfig(max_num_seqs=np.int64(4), gpu_memory_utilization=np.float32(0.5))
+    assert (type(numpy.max_num_seqs), type(numpy.gpu_memory_utilization)) == (int, float)  # stored as Python's
     assert ServerConfig(drain_timeout=0).drain_timeout == 0
-    for seed in (-(2**63), 2**63 - 1):  # torch.manual_seed's whole range, and one past each end refused
-        assert EngineConfig(seed=seed).seed == seed
-    for seed in (-(2**63) - 1, 2**63):
-        with pytest.raises(SettingError, match=re.escape(f"seed must be in [-2**63, 2**63-1], got {seed}")):
+    for seed in (-(2**63), 2**64 - 1):  # torch.manual_seed's whole range, and one past each end refused
+        assert EngineConfig(seed=seed).seed == seed and torch.manual_seed(seed).initial_seed() == seed % 2**64
+    for seed in (-(2**63) - 1, 2**64):
+        with pytest.raises(SettingError, match=re.escape(f"seed must be in [-2**63, 2**64-1], got {seed}")):
             EngineConfig(seed=seed)
+        with pytest.raises((RuntimeError, ValueError)):  # torch's own bounds, the oracle of the ones above
+            torch.manual_seed(seed)
+    torch.seed()
 
 
 def test_a_kv_pool_larger_than_the_machine_is_refused_by_name():

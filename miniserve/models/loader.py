@@ -124,6 +124,7 @@ def load_weights(model: LlamaModel, model_dir: str | Path) -> dict[int, dict[str
             param.data[-pad:].zero_()
             filled[id(param)] = pad
     kv_scales: dict[int, dict[str, float]] = {}
+    placed: dict[tuple, str] = {}  # (parameter, rows) -> the checkpoint tensor that filled them
     for file in checkpoint_files(model_dir):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
@@ -147,6 +148,10 @@ def load_weights(model: LlamaModel, model_dir: str | Path) -> dict[int, dict[str
                         f"{file.name}: tensor {name!r} has shape {tuple(stored.get_shape())}, expected {target.shape}"
                     )
                 param = target.param
+                where = (id(param), None if target.rows is None else (target.rows.start, target.rows.stop))
+                if where in placed:  # (else a repeated tensor would count for another's rows, e.g. k_norm's)
+                    raise ValueError(f"{file.name}: tensor {name!r} fills rows that {placed[where]!r} filled")
+                placed[where] = name
                 dest = param.data if target.rows is None else param.data[target.rows]
                 index = (target.src_rows, target.src_cols)[: len(target.shape)]
                 dest.copy_(stored[index])

@@ -133,6 +133,8 @@ def completion_logprobs(
     `context` is the prompt plus the tokens already produced before `token_ids` (for streaming). text_offset
     counts characters of the response's text, where the first token starts at `text_offset`: a special token the
     text leaves out (`skip_special`, the request's skip_special_tokens) takes none, whatever its listed token reads.
+    A character split over byte tokens takes one "\ufffd" a token, as the tokens read (and as vLLM counts), so after
+    one the offsets run ahead of the text: the text's own positions would need the detokenizer's, token by token.
     For an echoed prompt, `echoed` is its text in the response: a special token takes its characters only where
     that text holds them (typed into a prompt sent as text; not a BOS the tokenizer added), and offsets stop at its
     end (a prompt echoed as sent may read differently from its decoded tokens).
