@@ -787,6 +787,18 @@ def test_required_tool_choice_with_schema_definitions(client, url):
         ("mistral", 'Ok [TOOL_CALLS] [{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {}}]', "Ok ",
          [("f", '{"a": 1}'), ("g", "{}")]),
         ("mistral", '[TOOL_CALLS]f[ARGS]{"a": 1}[TOOL_CALLS]g[ARGS]{}', "", [("f", '{"a": 1}'), ("g", "{}")]),
+        # a JSON answer that names something is no call without arguments (as vLLM's parsers)
+        ("llama3_json", '{"name": "Alice", "age": 30}', '{"name": "Alice", "age": 30}', []),
+        ("hermes", '<tool_call>\n{"name": "", "arguments": {}}\n</tool_call>', '<tool_call>\n{"name": "", '
+         '"arguments": {}}\n</tool_call>', []),
+        # a last block left open (stop=["</tool_call>"], or the end) is a call if it parses, else all is content
+        ("hermes", '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n', "", [("f", '{"a": 1}')]),
+        ("hermes", '<tool_call>{"name": "f", "arguments": {}}</tool_call>\n<tool_call>\n{"name": "g", "arguments": '
+         '{}}', "", [("f", "{}"), ("g", "{}")]),
+        ("hermes", '<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", "argu',
+         '<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", "argu', []),
+        ("mistral", '[TOOL_CALLS]get_weather[CALL_ID]a1b2c3d4e[ARGS]{"city": "Paris"}', "",
+         [("get_weather", '{"city": "Paris"}')]),
     ],
 )  # fmt: skip
 def test_tool_call_formats_parse_whole_and_streamed_alike(fmt, text, content, calls):
@@ -827,6 +839,32 @@ def test_tool_call_parsing_streamed_equals_whole_on_random_texts(fmt):
             new, new_calls = parser.feed(text[:end], final=end == len(text))
             streamed, streamed_calls = streamed + new, streamed_calls + new_calls
         assert (streamed, streamed_calls) == (content, calls), text
+
+
+def test_tool_call_messages_as_vllm_answers_them():
+    """Echoed text stays the content of a reply of calls alone; Mistral's call ids are 9 letters and digits (its
+    templates refuse others), streamed too; a required array cut right after a complete call keeps it; Mistral
+    requests that may call tools keep special tokens ([TOOL_CALLS] is one)."""
+    import re
+    from types import SimpleNamespace
+
+    from miniserve.server.tool_calls import ToolSetup, parse_required_output
+
+    call = '<tool_call>{"name": "f", "arguments": {}}</tool_call>'
+    assert ToolSetup("auto", "hermes", None, True, []).message(call, "stop", "Calling:")[0]["content"] == "Calling:"
+    assert ToolSetup("auto", "hermes", None, True, []).message(call, "stop", "")[0]["content"] is None
+    mistral = ToolSetup("auto", "mistral", None, True, [])
+    text = '[TOOL_CALLS] [{"name": "f", "arguments": {}}, {"name": "g", "arguments": {}}]'
+    message, finish = mistral.message(text, "stop", "")
+    streamed = mistral.delta(mistral.parser(), {0: 0}, SimpleNamespace(index=0, text=text, finish_reason="stop"), text)
+    ids = [c["id"] for c in message["tool_calls"] + streamed["tool_calls"]]
+    assert finish == "tool_calls" and len(ids) == 4 and all(re.fullmatch("[A-Za-z0-9]{9}", i) for i in ids)
+    assert re.fullmatch("chatcmpl-tool-[0-9a-f]{24}", ToolSetup("auto", "hermes", None, True, []).message(
+        call, "stop", "")[0]["tool_calls"][0]["id"])  # fmt: skip
+    cut = '[{"name": "f", "parameters": {"a": 1}}'
+    assert [(c.name, c.arguments) for c in parse_required_output(cut)[1]] == [("f", '{"a": 1}')]
+    assert mistral.reads_special_tokens and not ToolSetup("required", "mistral", None, True, []).reads_special_tokens
+    assert not ToolSetup("auto", "hermes", None, True, []).reads_special_tokens
 
 
 @pytest.mark.parametrize(("mode", "parallel"), [("required", True), ("required", False), ("named", True)])

@@ -3,6 +3,7 @@ or streamed, with tool calls (server/tool_calls.py) and chat logprobs."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import Any
@@ -38,6 +39,8 @@ async def create_chat_completion(request: Request) -> Response:
     params = sampling_params(
         req, budget, top, state.vocab_size, req.prompt_logprobs, structured, defaults=state.sampling_defaults
     )
+    if tools.reads_special_tokens:
+        params = dataclasses.replace(params, skip_special_tokens=False)
     group = RequestGroup(state, f"chatcmpl-{uuid.uuid4().hex}", req.stream)
     await group.start([ids], [params], "messages", req.n)
     head = {

@@ -2,10 +2,11 @@
 
 Three output formats cover the supported model families; which one a model writes is read off its chat template:
   hermes      Qwen2.5 / Qwen3 (and Hermes): `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` blocks
-              after optional text
+              after optional text (the last may be left open: a stop string `</tool_call>`)
   llama3_json Llama 3.1+: the whole output is `{"name": ..., "parameters": {...}}` (several joined by `; `),
               optionally after `<|python_tag|>`
-  mistral     `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]` (or `[TOOL_CALLS]name[ARGS]{...}`)
+  mistral     `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]` (or `[TOOL_CALLS]name[CALL_ID]id[ARGS]{...}`,
+              the id optional); [TOOL_CALLS] is a special token, so these requests keep special tokens in the text
 
 `tool_choice: "required"` and a named function do not parse free text: the server constrains the output with a
 JSON schema (structured outputs), so the arguments always parse, unless max_tokens cuts the output short: then a
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
+import string
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +45,10 @@ class ToolCall:
         return {"id": call_id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
-def new_call_id() -> str:
+def new_call_id(fmt: str | None = None) -> str:
+    """A tool call's id; Mistral's templates refuse any but 9 letters and digits (as vLLM makes them)."""
+    if fmt == "mistral":
+        return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
     return f"chatcmpl-tool-{uuid.uuid4().hex[:24]}"
 
 
@@ -62,10 +68,13 @@ def detect_format(chat_template: str | None) -> str | None:
 
 
 def _call_from(obj: Any) -> ToolCall | None:
-    """{"name", "arguments"|"parameters"} -> ToolCall (arguments re-serialised as JSON text)."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+    """{"name", "arguments"|"parameters"} -> ToolCall (arguments re-serialised as JSON text). An object without a
+    name or without either arguments key is no call (as vLLM's parsers: any JSON answer with a "name" would be)."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return None
-    args = obj.get("arguments", obj.get("parameters", {}))
+    if "arguments" not in obj and "parameters" not in obj:
+        return None
+    args = obj["arguments"] if "arguments" in obj else obj["parameters"]
     if isinstance(args, str):  # some models write the arguments as a JSON string
         try:
             args = json.loads(args)
@@ -89,7 +98,8 @@ def _json_values(text: str) -> list[Any] | None:
         values.append(value)
 
 
-_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+# closed blocks, and a last one left open (a stop string "</tool_call>", or the end of the output) if it parses
+_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 
 
 def parse_hermes(text: str) -> tuple[str, list[ToolCall]]:
@@ -131,6 +141,7 @@ def parse_mistral(text: str) -> tuple[str, list[ToolCall]]:
         calls = []
         for part in body.split("[TOOL_CALLS]"):
             name, _, args = part.partition("[ARGS]")
+            name = name.partition("[CALL_ID]")[0]  # name[CALL_ID]id[ARGS]{...}: the id is the model's, not ours
             values = _json_values(args)
             calls.append(_call_from({"name": name.strip(), "arguments": values[0]}) if values else None)
     else:
@@ -161,7 +172,7 @@ def parse_required_output(text: str) -> tuple[str, list[ToolCall]]:
     """(content, calls) of a finished tool_choice "required" output: the array's calls; for an array cut short
     (max_tokens, a stop string) the calls it completed, which a stream has sent, and the text as content."""
     calls = parse_required(text)
-    return ("", calls) if calls is not None else (text, _complete_array_items(text))
+    return ("", calls) if calls is not None else (text, _complete_array_items(text, final=True))
 
 
 # -------------------------------------------------------------------------------------------------- schemas
@@ -265,8 +276,9 @@ class StreamingToolParser:
         return None
 
 
-def _complete_array_items(text: str) -> list[ToolCall]:
-    """The complete elements of a JSON array still being written ("[{...}, {..." -> the first call)."""
+def _complete_array_items(text: str, final: bool = False) -> list[ToolCall]:
+    """The complete elements of a JSON array still being written ("[{...}, {..." -> the first call); `final`: the
+    output ended, so an element complete at its end counts too."""
     decoder, pos, out = json.JSONDecoder(), text.find("["), []
     if pos == -1:
         return []
@@ -278,7 +290,7 @@ def _complete_array_items(text: str) -> list[ToolCall]:
             value, end = decoder.raw_decode(text, pos)
         except ValueError:
             return out
-        if not text[end:].lstrip():  # complete only once a separator follows (`{...}` is, but wait for `,`/`]`)
+        if not final and not text[end:].lstrip():  # complete once a separator follows, or the output ended
             return out
         call = _call_from(value)
         if call is None:
@@ -299,6 +311,12 @@ class ToolSetup:
     named: str | None
     parallel: bool
     tools: list[dict[str, Any]]
+
+    @property
+    def reads_special_tokens(self) -> bool:
+        """Mistral tokenizers make [TOOL_CALLS] a special token: where the model may call tools, its text keeps
+        special tokens (as vLLM's Mistral parser asks), or the marker would never reach the parser."""
+        return self.format == "mistral" and self.mode == "auto"
 
     def parser(self) -> StreamingToolParser:
         return StreamingToolParser(self.mode, self.format, self.named, self.parallel)
@@ -321,9 +339,10 @@ class ToolSetup:
             content, calls = "", [ToolCall(self.named, text)]
         else:  # auto, required: the whole text through a stream's parser, so both answer alike
             content, calls = self.parser().feed(text, final=True)
-        message: dict[str, Any] = {"role": "assistant", "content": (echo + content) if content or not calls else None}
+        shown = content or echo or not calls  # (a reply of tool calls alone has no content, unless echoed)
+        message: dict[str, Any] = {"role": "assistant", "content": echo + content if shown else None}
         if calls:
-            message["tool_calls"] = [c.openai(new_call_id()) for c in calls]
+            message["tool_calls"] = [c.openai(new_call_id(self.format)) for c in calls]
             if finish == "stop" and self.mode != "named":  # OpenAI: "stop" when a named function was forced
                 finish = "tool_calls"
         return message, finish
@@ -337,14 +356,16 @@ class ToolSetup:
             if num_calls[o.index] == 0:
                 num_calls[o.index] = 1
                 header = {"name": self.named, "arguments": text}
-                return {"tool_calls": [{"index": 0, "id": new_call_id(), "type": "function", "function": header}]}
+                call = {"index": 0, "id": new_call_id(self.format), "type": "function", "function": header}
+                return {"tool_calls": [call]}
             return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}
         content, new_calls = parser.feed(o.text, final=o.finish_reason is not None)
         delta: dict[str, Any] = {"content": content} if content else {}
         if new_calls:
             start = num_calls[o.index]
             num_calls[o.index] += len(new_calls)
-            delta["tool_calls"] = [{"index": start + k, **c.openai(new_call_id())} for k, c in enumerate(new_calls)]
+            ids = [new_call_id(self.format) for _ in new_calls]
+            delta["tool_calls"] = [{"index": start + k, **c.openai(i)} for k, (c, i) in enumerate(zip(new_calls, ids))]
         return delta
 
     def finish_reason(self, finish: str | None, num_calls: int) -> str | None:
