@@ -688,6 +688,7 @@ def test_tool_choice_errors(url):
         ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
         ({"tools": None, "tool_choice": "required"}, "tool_choice"),
         ({"tool_choice": "auto", "chat_template": "{{ messages[0].content }}"}, "tool_choice"),  # no call format
+        ({"tool_choice": "auto", "chat_template": "<tool_call>\n<function={{ name }}>"}, "tool_choice"),  # XML
         ({"tool_choice": "required", "guided_regex": "a"}, "guided_regex"),
         (
             {

@@ -55,6 +55,8 @@ def new_call_id(fmt: str | None = None) -> str:
 def detect_format(chat_template: str | None) -> str | None:
     """The tool-call format a chat template teaches its model, or None when it shows none."""
     template = chat_template or ""
+    if "<function=" in template:  # Qwen3-Coder's XML calls inside <tool_call>: not parsed here, so no format
+        return None
     if "<tool_call>" in template:
         return "hermes"
     if "[TOOL_CALLS]" in template:
@@ -382,8 +384,9 @@ def tool_setup(req: ChatCompletionRequest, model_template: str | None) -> ToolSe
     setup.parallel = req.parallel_tool_calls is not False
     if mode == "auto" and setup.format is None:
         raise APIError(
-            "tool_choice auto needs a model whose chat template shows a tool-call format (<tool_call> blocks, "
-            "[TOOL_CALLS] or Llama 3.1 JSON); this one shows none: use tool_choice required or a named function",
+            "tool_choice auto needs a model whose chat template shows a tool-call format miniserve parses "
+            "(<tool_call> JSON blocks, [TOOL_CALLS] or Llama 3.1 JSON); this one shows none (or Qwen3-Coder's XML "
+            "calls): use tool_choice required or a named function",
             param="tool_choice",
         )
     return setup
