@@ -682,6 +682,9 @@ def test_named_tool_choice_and_auto_parsing(client):
     assert content == msg.content and finish == "tool_calls"
 
 
+MISTRAL_LIKE = "{% for m in messages %}[INST]{{ m.content }}[/INST]{% endfor %}{# [TOOL_CALLS] #}"
+
+
 def test_tool_choice_errors(url):
     base = {"model": MODEL_NAME, "messages": MESSAGES["messages"], "tools": TOOLS}
     cases = [
@@ -689,6 +692,10 @@ def test_tool_choice_errors(url):
         ({"tools": None, "tool_choice": "required"}, "tool_choice"),
         ({"tool_choice": "auto", "chat_template": "{{ messages[0].content }}"}, "tool_choice"),  # no call format
         ({"tool_choice": "auto", "chat_template": "<tool_call>\n<function={{ name }}>"}, "tool_choice"),  # XML
+        # Mistral's calls start with a special token: kept in the text, unless the request says otherwise
+        ({"tool_choice": "auto", "chat_template": MISTRAL_LIKE, "skip_special_tokens": True}, "skip_special_tokens"),
+        ({"tool_choice": "auto", "chat_template": MISTRAL_LIKE}, None),
+        ({"tool_choice": "none", "chat_template": MISTRAL_LIKE, "skip_special_tokens": True}, None),
         ({"tool_choice": "required", "guided_regex": "a"}, "guided_regex"),
         (
             {

@@ -40,6 +40,12 @@ async def create_chat_completion(request: Request) -> Response:
         req, budget, top, state.vocab_size, req.prompt_logprobs, structured, defaults=state.sampling_defaults
     )
     if tools.reads_special_tokens:
+        if "skip_special_tokens" in req.model_fields_set and req.skip_special_tokens:
+            raise APIError(
+                "skip_special_tokens cannot be true with tool_choice auto on this model: its tool calls start with "
+                "the special token [TOOL_CALLS]",
+                param="skip_special_tokens",
+            )
         params = dataclasses.replace(params, skip_special_tokens=False)
     group = RequestGroup(state, f"chatcmpl-{uuid.uuid4().hex}", req.stream)
     await group.start([ids], [params], "messages", req.n)
