@@ -691,7 +691,7 @@ def test_tool_choice_errors(url):
         ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
         ({"tools": None, "tool_choice": "required"}, "tool_choice"),
         ({"tool_choice": "auto", "chat_template": "{{ messages[0].content }}"}, "tool_choice"),  # no call format
-        ({"tool_choice": "auto", "chat_template": "<tool_call>\n<function={{ name }}>"}, "tool_choice"),  # XML
+        ({"tool_choice": "auto", "chat_template": "<tool_call>\n<function={{ name }}>"}, None),  # Qwen3-Coder's XML
         # Mistral's calls start with a special token: kept in the text, unless the request says otherwise
         ({"tool_choice": "auto", "chat_template": MISTRAL_LIKE, "skip_special_tokens": True}, "skip_special_tokens"),
         ({"tool_choice": "auto", "chat_template": MISTRAL_LIKE}, None),
@@ -807,6 +807,14 @@ def test_required_tool_choice_with_schema_definitions(client, url):
          '<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", "argu', []),
         ("mistral", '[TOOL_CALLS]get_weather[CALL_ID]a1b2c3d4e[ARGS]{"city": "Paris"}', "",
          [("get_weather", '{"city": "Paris"}')]),
+        ("qwen3_xml", "Sure.\n<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n<parameter=b>\ntwo\nlines\n"
+         "</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=g>\n</function>\n</tool_call>", "Sure.\n",
+         [("f", '{"a": "1", "b": "two\\nlines"}'), ("g", "{}")]),  # no tools given: every value is text
+        ("qwen3_xml", "<tool_call>\n<function=f>\n<parameter=a>\nx\n</parameter>\n</function>\n", "",
+         [("f", '{"a": "x"}')]),
+        ("qwen3_xml", "<tool_call>\n<function=f>\nstray<parameter=a>\nx\n</parameter>\n</function>\n</tool_call>",
+         "<tool_call>\n<function=f>\nstray<parameter=a>\nx\n</parameter>\n</function>\n</tool_call>", []),
+        ("qwen3_xml", "<tool_call>\n<function=f>\n<parameter=a>\nx", "<tool_call>\n<function=f>\n<parameter=a>\nx", []),
     ],
 )  # fmt: skip
 def test_tool_call_formats_parse_whole_and_streamed_alike(fmt, text, content, calls):
@@ -826,12 +834,13 @@ def test_tool_call_formats_parse_whole_and_streamed_alike(fmt, text, content, ca
 
 TOOL_TEXT_PIECES = [
     "<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>", "\n", " ", "; ", "text ", "é", "{", "}",
+    "<function=f>", "</function>", "<parameter=a>", "</parameter>", "<parameter=", "<function=",
     "[", "]", '"', "\\", "null", '{"name": "f", "arguments": {"a": 1}}', '{"name": "g", "parameters": {}}',
     '[{"name": "f", "arguments": {"x": [1, 2]}}]', '{"name": 1}', '{"name": "f", "arguments": "{\\"b\\": 2}"}',
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("fmt", ["hermes", "llama3_json", "mistral"])
+@pytest.mark.parametrize("fmt", ["hermes", "llama3_json", "mistral", "qwen3_xml"])
 def test_tool_call_parsing_streamed_equals_whole_on_random_texts(fmt):
     """Texts made of markers, JSON and its fragments, cut at random points: the streamed deltas add up to what the
     whole output parses to, and every call's arguments are a JSON object's text."""
@@ -847,6 +856,30 @@ def test_tool_call_parsing_streamed_equals_whole_on_random_texts(fmt):
             new, new_calls = parser.feed(text[:end], final=end == len(text))
             streamed, streamed_calls = streamed + new, streamed_calls + new_calls
         assert (streamed, streamed_calls) == (content, calls), text
+
+
+def test_qwen3_coder_values_take_their_tools_types():
+    """Qwen3-Coder writes every value as text; the tool's parameter schema says what it is (as vLLM's qwen3_coder
+    parser reads it): numbers, booleans, objects and arrays as JSON, strings as written (a zip code stays text),
+    and text that is no value of its declared type stays text."""
+    from miniserve.server.tool_calls import ToolSetup, detect_format
+
+    properties = {"city": {"type": "string"}, "zip": {"type": "string"}, "days": {"type": "integer"},
+                  "ratio": {"type": "number"}, "metric": {"type": "boolean"}, "opts": {"type": "object"},
+                  "tags": {"type": "array"}, "bad": {"type": "integer"}}  # fmt: skip
+    parameters = {"type": "object", "properties": properties}
+    tools = [{"type": "function", "function": {"name": "get", "parameters": parameters}}]
+    values = {"city": "New York", "zip": "01001", "days": "3", "ratio": "0.5", "metric": "True", "opts": '{"a": [1]}',
+              "tags": '["x", "y"]', "bad": "three", "undeclared": "7"}  # fmt: skip
+    body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in values.items())
+    text = f"<tool_call>\n<function=get>\n{body}</function>\n</tool_call>"
+    setup = ToolSetup("auto", detect_format("{{ '<tool_call>\n<function=' }}"), None, True, tools)
+    message, finish = setup.message(text, "stop", "")
+    assert setup.format == "qwen3_xml" and finish == "tool_calls" and message["content"] is None
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {
+        "city": "New York", "zip": "01001", "days": 3, "ratio": 0.5, "metric": True, "opts": {"a": [1]},
+        "tags": ["x", "y"], "bad": "three", "undeclared": "7",
+    }  # fmt: skip
 
 
 def test_tool_call_messages_as_vllm_answers_them():

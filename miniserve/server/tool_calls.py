@@ -1,10 +1,12 @@
 """Tool calls: finding them in a model's output and returning them in OpenAI's shape, whole or as streaming deltas.
 
-Three output formats cover the supported model families; which one a model writes is read off its chat template:
+Four output formats cover the supported model families; which one a model writes is read off its chat template:
   hermes      Qwen2.5 / Qwen3 (and Hermes): `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` blocks
               after optional text (the last may be left open: a stop string `</tool_call>`)
   llama3_json Llama 3.1+: the whole output is `{"name": ..., "parameters": {...}}` (several joined by `; `),
               optionally after `<|python_tag|>`
+  qwen3_xml   Qwen3-Coder: `<tool_call>\\n<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</parameter>...</function>`
+              blocks, each value typed by the tool's parameter schema
   mistral     `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]` (or `[TOOL_CALLS]name[CALL_ID]id[ARGS]{...}`,
               the id optional); [TOOL_CALLS] is a special token, so these requests keep special tokens in the text
 
@@ -55,8 +57,8 @@ def new_call_id(fmt: str | None = None) -> str:
 def detect_format(chat_template: str | None) -> str | None:
     """The tool-call format a chat template teaches its model, or None when it shows none."""
     template = chat_template or ""
-    if "<function=" in template:  # Qwen3-Coder's XML calls inside <tool_call>: not parsed here, so no format
-        return None
+    if "<function=" in template:  # Qwen3-Coder: XML inside <tool_call> blocks
+        return "qwen3_xml"
     if "<tool_call>" in template:
         return "hermes"
     if "[TOOL_CALLS]" in template:
@@ -155,9 +157,69 @@ def parse_mistral(text: str) -> tuple[str, list[ToolCall]]:
     return text[:start], calls  # type: ignore[return-value]
 
 
-PARSERS = {"hermes": parse_hermes, "llama3_json": parse_llama3_json, "mistral": parse_mistral}
+_XML_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
+_XML_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)</function>\s*", re.S)
+_XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.S)
+
+
+def parse_qwen3_xml(text: str, tools: list[dict[str, Any]] = ()) -> tuple[str, list[ToolCall]]:
+    """Qwen3-Coder: `<tool_call>\\n<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</parameter>...</function>` blocks
+    after optional text. A value is text; the tool's schema (`tools`) says what it stands for (`_xml_value`).
+    A block that is not one function of parameters leaves the whole text as content."""
+    start = text.find("<tool_call>")
+    if start == -1:
+        return text, []
+    calls = []
+    for block in _XML_BLOCK.findall(text[start:]):
+        function = _XML_FUNCTION.fullmatch(block)
+        if function is None or _XML_PARAMETER.sub("", function[2]).strip():
+            return text, []
+        name = function[1].strip()
+        schemas = _parameter_schemas(tools, name)
+        args = {
+            key.strip(): _xml_value(value, schemas.get(key.strip()))
+            for key, value in _XML_PARAMETER.findall(function[2])
+        }
+        calls.append(ToolCall(name, json.dumps(args, ensure_ascii=False)))
+    return (text[:start], calls) if calls else (text, [])
+
+
+def _parameter_schemas(tools: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    for tool in tools:
+        if tool["function"]["name"] == name:
+            return (tool["function"].get("parameters") or {}).get("properties") or {}
+    return {}
+
+
+def _xml_value(value: str, schema: Any) -> Any:
+    """An XML parameter's text as its schema's type says: a number, a boolean, null, an object or array (JSON);
+    the text itself for strings, for a parameter the tool does not declare, and where the text is no such value."""
+    kind = schema.get("type") if isinstance(schema, dict) else None
+    if kind in ("integer", "number", "object", "array", "null"):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            return value
+        fits = {"integer": int, "number": (int, float), "object": dict, "array": list, "null": type(None)}[kind]
+        return parsed if isinstance(parsed, fits) and not isinstance(parsed, bool) else value
+    if kind == "boolean":
+        return {"true": True, "false": False}.get(value.strip().lower(), value)
+    return value
+
+
+PARSERS = {
+    "hermes": parse_hermes,
+    "llama3_json": parse_llama3_json,
+    "mistral": parse_mistral,
+    "qwen3_xml": parse_qwen3_xml,
+}
 # where a tool call may begin: text from the first of these on is held back while streaming
-_MARKERS = {"hermes": ("<tool_call>",), "mistral": ("[TOOL_CALLS]",), "llama3_json": ("<|python_tag|>", "{")}
+_MARKERS = {
+    "hermes": ("<tool_call>",),
+    "mistral": ("[TOOL_CALLS]",),
+    "llama3_json": ("<|python_tag|>", "{"),
+    "qwen3_xml": ("<tool_call>",),
+}
 
 
 def parse_required(text: str) -> list[ToolCall] | None:
@@ -224,8 +286,10 @@ def named_schema(tools: list[dict[str, Any]], name: str) -> dict[str, Any]:
 class StreamingToolParser:
     """Fed a choice's cumulative text; returns (new content, newly complete tool calls) each time."""
 
-    def __init__(self, mode: str, fmt: str | None, named: str | None = None, parallel: bool = True):
-        self.mode, self.fmt, self.named, self.parallel = mode, fmt, named, parallel
+    def __init__(
+        self, mode: str, fmt: str | None, named: str | None = None, parallel: bool = True, tools: list[dict] = ()
+    ):
+        self.mode, self.fmt, self.named, self.parallel, self.tools = mode, fmt, named, parallel, tools
         self.content_sent = 0  # characters of content already returned
         self.calls_sent = 0
 
@@ -248,7 +312,10 @@ class StreamingToolParser:
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """The whole output's (content, calls) in auto mode, as the non-streamed response gives them."""
-        content, calls = PARSERS[self.fmt](text) if self.fmt else (text, [])
+        if self.fmt == "qwen3_xml":  # (its values take their types from the tools' schemas)
+            content, calls = parse_qwen3_xml(text, self.tools)
+        else:
+            content, calls = PARSERS[self.fmt](text) if self.fmt else (text, [])
         return content, calls if self.parallel else calls[:1]
 
     def _new(self, calls: list[ToolCall]) -> list[ToolCall]:
@@ -321,7 +388,7 @@ class ToolSetup:
         return self.format == "mistral" and self.mode == "auto"
 
     def parser(self) -> StreamingToolParser:
-        return StreamingToolParser(self.mode, self.format, self.named, self.parallel)
+        return StreamingToolParser(self.mode, self.format, self.named, self.parallel, self.tools)
 
     def constraint(self) -> dict[str, Any] | None:
         """StructuredOutputsParams keywords for tool_choice required/named (their JSON schemas), else None."""
@@ -384,9 +451,8 @@ def tool_setup(req: ChatCompletionRequest, model_template: str | None) -> ToolSe
     setup.parallel = req.parallel_tool_calls is not False
     if mode == "auto" and setup.format is None:
         raise APIError(
-            "tool_choice auto needs a model whose chat template shows a tool-call format miniserve parses "
-            "(<tool_call> JSON blocks, [TOOL_CALLS] or Llama 3.1 JSON); this one shows none (or Qwen3-Coder's XML "
-            "calls): use tool_choice required or a named function",
+            "tool_choice auto needs a model whose chat template shows a tool-call format (<tool_call> blocks, "
+            "[TOOL_CALLS] or Llama 3.1 JSON); this one shows none: use tool_choice required or a named function",
             param="tool_choice",
         )
     return setup
