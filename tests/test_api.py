@@ -815,6 +815,8 @@ def test_required_tool_choice_with_schema_definitions(client, url):
         ("qwen3_xml", "<tool_call>\n<function=f>\nstray<parameter=a>\nx\n</parameter>\n</function>\n</tool_call>",
          "<tool_call>\n<function=f>\nstray<parameter=a>\nx\n</parameter>\n</function>\n</tool_call>", []),
         ("qwen3_xml", "<tool_call>\n<function=f>\n<parameter=a>\nx", "<tool_call>\n<function=f>\n<parameter=a>\nx", []),
+        ("qwen3_xml", "<tool_call>\n<function=f>\n<parameter=a>\nx\n<parameter=b>\ny\n</function>\n</tool_call>", "",
+         [("f", '{"a": "x", "b": "y"}')]),  # parameters left open end where the next one or the function does
     ],
 )  # fmt: skip
 def test_tool_call_formats_parse_whole_and_streamed_alike(fmt, text, content, calls):

@@ -159,7 +159,8 @@ def parse_mistral(text: str) -> tuple[str, list[ToolCall]]:
 
 _XML_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
 _XML_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)</function>\s*", re.S)
-_XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.S)
+# a value ends at its </parameter>, or where the next parameter or the function's end shows it was left open
+_XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?(?:</parameter>|(?=<parameter=)|$)", re.S)
 
 
 def parse_qwen3_xml(text: str, tools: list[dict[str, Any]] = ()) -> tuple[str, list[ToolCall]]:
