@@ -166,6 +166,11 @@ class SamplingParams:
             _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, low=1)
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}")
+        if self.structured_outputs is not None and self.min_tokens:
+            raise ValueError(
+                "min_tokens cannot be combined with structured outputs (or a tool_choice that constrains the output): "
+                "the grammar decides where the output may end"
+            )
         if self.bad_words_token_ids is not None and not all(
             isinstance(w, list) and w and all(isinstance(t, int) and not isinstance(t, bool) for t in w)
             for w in self.bad_words_token_ids

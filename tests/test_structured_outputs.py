@@ -181,11 +181,56 @@ def test_invalid_constraints_are_400s_naming_the_field(url):
         ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
         ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
         ({"guided_choice": []}, "guided_choice"),
+        ({"guided_json": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}}, "guided_json"),
+        ({"guided_regex": "a+", "min_tokens": 3}, "min_tokens"),  # the grammar decides where the output ends
     ]  # fmt: skip
     for extra, param in cases:
         r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x", **extra}, timeout=60)
         assert r.status_code == 400, (extra, r.text)
         assert r.json()["error"]["param"] == param, (extra, r.json())
+
+
+@pytest.mark.parametrize(
+    ("schema", "refused"),
+    [
+        ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems"),
+        ({"type": "object", "properties": {"tags": {"type": "array", "contains": {"const": 5}}}},
+         "contains at properties.tags"),
+        ({"type": "number", "multipleOf": 0.5}, "multipleOf (enforced on integers only)"),
+        ({"not": {"type": "integer"}}, "not"),
+        ({"if": {"minimum": 5}, "then": {"maximum": 6}}, "if"),
+        ({"type": "object", "dependentRequired": {"a": ["b"]}}, "dependentRequired"),
+        ({"allOf": [{"type": "integer"}, {"minimum": 3}]}, "allOf of more than one schema"),
+        ({"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "http://example.com/a.json"}}}, "$ref 'http://example.com/a.json'"
+         " at $defs.a"),
+        # what xgrammar enforces passes: keyword-named properties, uniqueItems false, integer multipleOf, one allOf
+        ({"type": "object", "properties": {"not": {"type": "integer"}, "if": {"type": "string"}}}, None),
+        ({"type": "array", "items": {"type": "integer", "multipleOf": 3}, "uniqueItems": False}, None),
+        ({"allOf": [{"type": "integer", "minimum": 3}]}, None),
+    ],
+)  # fmt: skip
+def test_schema_keywords_the_grammar_would_not_enforce_are_refused(schema, refused):
+    """Outputs that finish must satisfy their schema: a keyword xgrammar compiles but does not enforce (it accepts
+    [1, 1] under uniqueItems) is refused by name, as vLLM's xgrammar backend refuses the like."""
+    from miniserve.engine.structured_output import unenforced_keyword
+
+    got = unenforced_keyword(schema)
+    assert got == refused if refused is None else got.startswith(refused), got
+
+
+def test_min_tokens_and_lark_grammars_are_refused_with_what_to_do():
+    from miniserve import SamplingParams
+    from miniserve.engine.structured_output import GrammarCompiler
+    from miniserve.sampling_params import StructuredOutputsParams
+    from miniserve.tokenizer import Tokenizer
+
+    with pytest.raises(ValueError, match="min_tokens cannot be combined with structured outputs"):
+        SamplingParams(min_tokens=2, structured_outputs=StructuredOutputsParams(regex="a+"))
+    compiler = GrammarCompiler(Tokenizer.from_pretrained(str(DEMO_TARGET)), 4096, {2})
+    with pytest.raises(ValueError, match="a Lark grammar[?] write it as EBNF"):
+        compiler.compile(StructuredOutputsParams(grammar='start: "a"'))
+    with pytest.raises(ValueError, match="uniqueItems: the grammar engine"):
+        compiler.compile(StructuredOutputsParams(json={"type": "array", "uniqueItems": True}))
 
 
 # ---------------------------------------------------------------------------------------------- the engine side

@@ -189,11 +189,11 @@ def _bans(
     eos_token_ids: set[int],
     vocab_size: int,
 ) -> tuple[list[int], list[int]]:
-    """(rows, token ids) to mask: a row short of its min_tokens may not sample a token that would stop it (unless a
-    grammar decides when it may end), and a bad word's last token is banned after the word's other tokens."""
+    """(rows, token ids) to mask: a row short of its min_tokens may not sample a token that would stop it, and a bad
+    word's last token is banned after the word's other tokens."""
     banned_rows, banned_ids = [], []
     for i, p in enumerate(params):
-        short = len(output_ids[i]) < p.min_tokens and p.structured_outputs is None
+        short = len(output_ids[i]) < p.min_tokens  # (never with a grammar: SamplingParams refuses both)
         if not short and not p.bad_words_token_ids:
             continue  # (the common case, at every step for every row: nothing to build)
         banned: set[int] = set()

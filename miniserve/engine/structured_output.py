@@ -174,7 +174,9 @@ def _compile(compiler: Any, spec: StructuredOutputsParams, key: tuple) -> Any:
         return compiler.compile_grammar(value)
     except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar's errors for a bad schema/regex/grammar
         what = {"json": "JSON schema", "json_object": "JSON", "regex": "regex", "choice": "choice"}
-        raise ValueError(f"{kind}: invalid {what.get(kind, 'grammar')}: {_first_line(exc)}") from None
+        lark = kind == "grammar" and "::=" not in value and re.search(r"^\s*\??[a-z_]\w*\s*:", value, re.M)
+        hint = " (a Lark grammar? write it as EBNF, xgrammar's: root ::= ...)" if lark else ""
+        raise ValueError(f"{kind}: invalid {what.get(kind, 'grammar')}: {_first_line(exc)}{hint}") from None
 
 
 # xgrammar (0.2.x) writes the characters of a length-bounded JSON string as [^"\\\r\n], which lets raw control
@@ -184,13 +186,67 @@ _JSON_STRING_CHAR = r"[^\0-\x1f\"\\]"
 
 
 def _json_schema_grammar(schema: str, whitespace: dict[str, Any]) -> Any:
-    """xgrammar's grammar for a JSON schema, with its length-bounded strings' characters made valid JSON."""
+    """xgrammar's grammar for a JSON schema, with its length-bounded strings' characters made valid JSON; a
+    ValueError for a keyword it would not enforce (`unenforced_keyword`)."""
+    unenforced = unenforced_keyword(json.loads(schema))
+    if unenforced:
+        raise ValueError(f"{unenforced}: the grammar engine (xgrammar) cannot enforce it, so outputs could break it")
     xgr = import_xgrammar()
     grammar = xgr.Grammar.from_json_schema(schema, strict_mode=True, **whitespace)
     text = str(grammar)
     if _BOUNDED_STRING_CHAR not in text:
         return grammar
     return xgr.Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR))
+
+
+# schema keywords that xgrammar (0.2.x) compiles without enforcing: it would accept outputs that break them
+_UNENFORCED = ("uniqueItems", "contains", "minContains", "maxContains", "not", "if", "then", "else",
+               "dependentRequired", "dependentSchemas")  # fmt: skip
+# where a schema keeps subschemas: one ({...}), a list of them, or a map of names to them
+_SUBSCHEMA = {"items": "one", "additionalProperties": "one", "not": "one", "if": "one", "then": "one", "else": "one",
+              "contains": "one", "propertyNames": "one", "unevaluatedProperties": "one", "unevaluatedItems": "one",
+              "prefixItems": "list", "anyOf": "list", "oneOf": "list", "allOf": "list", "properties": "map",
+              "patternProperties": "map", "$defs": "map", "definitions": "map", "dependentSchemas": "map"}  # fmt: skip
+
+
+def unenforced_keyword(schema: Any, where: str = "") -> str | None:
+    """The first keyword of `schema` (and its subschemas) that the grammar would not enforce, with where it sits
+    ("uniqueItems at properties.tags"), or None: those of _UNENFORCED (uniqueItems only when true), multipleOf but
+    on integers, allOf of more than one schema, and a $ref outside the schema (as vLLM's xgrammar backend refuses
+    the like)."""
+    if not isinstance(schema, dict):
+        return None
+    at = f" at {where}" if where else ""
+    for key in _UNENFORCED:
+        if key in schema and not (key == "uniqueItems" and schema[key] is False):
+            return key + at
+    if "multipleOf" in schema and not (schema.get("type") == "integer" and isinstance(schema["multipleOf"], int)):
+        return f"multipleOf{at} (enforced on integers only)"
+    if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
+        return f"allOf{at} of more than one schema"
+    if isinstance(schema.get("$ref"), str) and not schema["$ref"].startswith("#"):
+        return f"$ref {schema['$ref']!r}{at} (only references inside the schema)"
+    for path, sub in _subschemas(schema):
+        found = unenforced_keyword(sub, f"{where}.{path}" if where else path)
+        if found:
+            return found
+    return None
+
+
+def _subschemas(schema: dict) -> list[tuple[str, Any]]:
+    """(path, subschema) of each schema that `schema` holds directly (_SUBSCHEMA says where)."""
+    out = []
+    for key, shape in _SUBSCHEMA.items():
+        value = schema.get(key)
+        if shape == "one" and isinstance(value, list):  # draft 4 tuple items: a list of schemas
+            shape = "list"
+        if shape == "one" and isinstance(value, dict):
+            out.append((key, value))
+        elif shape == "list" and isinstance(value, list):
+            out += [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+        elif shape == "map" and isinstance(value, dict):
+            out += [(f"{key}.{name}", v) for name, v in value.items()]
+    return out
 
 
 def _first_line(exc: BaseException) -> str:
