@@ -183,6 +183,8 @@ def test_invalid_constraints_are_400s_naming_the_field(url):
         ({"guided_choice": []}, "guided_choice"),
         ({"guided_json": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}}, "guided_json"),
         ({"guided_regex": "a+", "min_tokens": 3}, "min_tokens"),  # the grammar decides where the output ends
+        ({"structured_outputs": {"disable_any_whitespace": True}}, "structured_outputs"),  # options, no constraint
+        ({"structured_outputs": {}}, "structured_outputs"),
     ]  # fmt: skip
     for extra, param in cases:
         r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x", **extra}, timeout=60)

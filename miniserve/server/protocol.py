@@ -277,10 +277,12 @@ class SamplingFields(_Request):
                 "json_object": so.json_object or None,
             }
             given = {k: v for k, v in given.items() if v is not None}
-            if len(given) > 1:
-                raise ValueError(f"structured_outputs takes one constraint, got {', '.join(given)}")
-            if given:
-                found.append(("structured_outputs", given))
+            if len(given) != 1:  # (an object of options alone would run unconstrained, as vLLM refuses too)
+                got = ", ".join(given) or "none"
+                raise ValueError(
+                    f"structured_outputs takes one constraint (json, regex, choice, grammar or json_object), got {got}"
+                )
+            found.append(("structured_outputs", given))
         for field, key in (
             ("guided_json", "json"),
             ("guided_regex", "regex"),
