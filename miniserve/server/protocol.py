@@ -277,12 +277,10 @@ class SamplingFields(_Request):
                 "json_object": so.json_object or None,
             }
             given = {k: v for k, v in given.items() if v is not None}
-            if len(given) != 1:  # (an object of options alone would run unconstrained, as vLLM refuses too)
-                got = ", ".join(given) or "none"
-                raise ValueError(
-                    f"structured_outputs takes one constraint (json, regex, choice, grammar or json_object), got {got}"
-                )
-            found.append(("structured_outputs", given))
+            if len(given) > 1:
+                raise ValueError(f"structured_outputs takes one constraint, got {', '.join(given)}")
+            if given:
+                found.append(("structured_outputs", given))
         for field, key in (
             ("guided_json", "json"),
             ("guided_regex", "regex"),
@@ -299,6 +297,11 @@ class SamplingFields(_Request):
         if len(found) > 1:
             names = ", ".join(name for name, _ in found)
             raise ValueError(f"{found[1][0]}: give one structured-output constraint, got several ({names})")
+        if not found and so is not None:  # its options alone would run unconstrained (vLLM refuses it too)
+            raise ValueError(
+                "structured_outputs needs a constraint (json, regex, choice, grammar or json_object), here or in "
+                "response_format or a guided_* field"
+            )
         if not found:
             return None
         return found[0][0], {**found[0][1], **options}
