@@ -83,12 +83,15 @@ def traced_core(config, commands, outputs, path: str, inner=None) -> None:
     from miniserve.server import engine_process, pipe
 
     sent: list[tuple[float, str, int]] = []
-    firsts: list[tuple[float, str]] = []  # (time sent, request id): the step that first carried its output
+    # (time the send began, request id): the step that first carried its output; stamped before the send, since the
+    # client may read the message before the send returns (stamped after, its first-token stage could come out < 0)
+    firsts: list[tuple[float, str]] = []
     adds: list[tuple[float, str]] = []  # (time the engine process took the request, request id)
     seen: set[str] = set()
     send, add = pipe.FrameWriter.send, engine_process._CoreLoop._add
 
     def timed_send(self, msg):
+        begun = time.monotonic()
         send(self, msg)
         t = time.monotonic()
         sent.append((t, msg[0], msg[3] if msg[0] == "step" else 0))  # (time, kind, tokens the step computed)
@@ -96,7 +99,7 @@ def traced_core(config, commands, outputs, path: str, inner=None) -> None:
             for delta in msg[1]:
                 if delta[0] not in seen:
                     seen.add(delta[0])
-                    firsts.append((t, delta[0]))
+                    firsts.append((begun, delta[0]))
 
     def timed_add(self, request_id, *args):
         adds.append((time.monotonic(), request_id))
