@@ -8,6 +8,7 @@ them (settings.py), so a setting is written once: add a field here and it is rea
 
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 import typing
@@ -312,12 +313,17 @@ _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str:
 
 def field_type(cls: type, f) -> tuple[type, bool]:
     """(str, int, float or bool; whether None is allowed): a field's annotation."""
-    hint = typing.get_type_hints(cls)[f.name]
+    hint = _type_hints(cls)[f.name]
     args = typing.get_args(hint)
     kinds = [a for a in args if a is not type(None)] if args else [hint]
     if len(kinds) != 1 or kinds[0] not in _TYPE_NAMES:
         raise TypeError(f"{cls.__name__}.{f.name}: a setting is one of str, int, float, bool, or that | None")
     return kinds[0], type(None) in args
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # (resolved once a class: every config checks every field's)
 
 
 def check_types(config) -> None:

@@ -127,10 +127,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         qkv = linear(x, self.qkv_weight, self.qkv_bias, pdl)
         heads = qkv.view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        q, k, v = heads.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        qk, v = heads.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
         if self.qk_norm is not None:
-            qk = self.qk_norm(heads[:, : self.num_heads + self.num_kv_heads], self.num_heads, pdl)
-            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = self.qk_norm(qk, self.num_heads, pdl)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         rope = Rope(q, positions, rotary.cos, rotary.sin)  # q and k rotate in place (views of qkv are fine)
         reshape_and_cache(
             k, v, kv.key_cache, kv.value_cache, meta.slot_mapping, kv.k_scale, kv.v_scale, self.backend, rope, pdl

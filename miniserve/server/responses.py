@@ -155,15 +155,20 @@ def completion_logprobs(
         out["tokens"].append(text)
         out["token_logprobs"].append(entry[tid])
         out["top_logprobs"].append(top)
-        if echoed is None:
-            out["text_offset"].append(text_offset)
-            text_offset += 0 if skip_special and tid in tokenizer.special_ids else len(piece)
-        else:
-            out["text_offset"].append(min(text_offset, len(echoed)))
-            held = tid not in tokenizer.special_ids or echoed.startswith(piece, text_offset)
-            text_offset += len(piece) if held else 0
+        out["text_offset"].append(text_offset if echoed is None else min(text_offset, len(echoed)))
+        text_offset += _chars_taken(tokenizer, tid, piece, text_offset, skip_special, echoed)
         ctx.append(tid)
     return out, text_offset
+
+
+def _chars_taken(tokenizer: Any, token_id: int, piece: str, at: int, skip_special: bool, echoed: str | None) -> int:
+    """Characters of the response's text that a token reading `piece` takes at offset `at` (completion_logprobs'
+    text_offset): its piece, but for a special token the text leaves out (skip_special; in an echoed prompt, one the
+    echoed text does not hold there)."""
+    if token_id not in tokenizer.special_ids:
+        return len(piece)
+    held = echoed.startswith(piece, at) if echoed is not None else not skip_special
+    return len(piece) if held else 0
 
 
 def prompt_logprobs(
@@ -176,11 +181,9 @@ def prompt_logprobs(
 ) -> dict[str, list]:
     """The echoed prompt's part of legacy logprobs: the first token has no logprob (nothing precedes it). Offsets
     index `echoed`, the prompt's text in the response (completion_logprobs says how)."""
-    first = token_text(tokenizer, [], prompt_ids[0])
-    held = prompt_ids[0] not in tokenizer.special_ids or echoed.startswith(first)
+    start = _chars_taken(tokenizer, prompt_ids[0], token_text(tokenizer, [], prompt_ids[0]), 0, True, echoed)
     # (orjson writes no float subclass; in rank order, tokens of equal logprobs keep the engine's order)
     numbers = [{t: float(lp) for t, lp in sorted(e.items(), key=_rank)} for e in logprobs[1:]]
-    start = len(first) if held else 0
     rest, _ = completion_logprobs(
         tokenizer, prompt_ids[:1], prompt_ids[1:], numbers, num_top, start, as_ids, echoed=echoed
     )

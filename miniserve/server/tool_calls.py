@@ -32,6 +32,7 @@ import re
 import secrets
 import string
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,7 +107,7 @@ def _json_values(text: str) -> list[Any] | None:
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 
 
-def parse_hermes(text: str) -> tuple[str, list[ToolCall]]:
+def parse_hermes(text: str, tools: Sequence[dict[str, Any]] = ()) -> tuple[str, list[ToolCall]]:
     start = text.find("<tool_call>")
     if start == -1:
         return text, []
@@ -122,7 +123,7 @@ def parse_hermes(text: str) -> tuple[str, list[ToolCall]]:
     return text[:start], calls
 
 
-def parse_llama3_json(text: str) -> tuple[str, list[ToolCall]]:
+def parse_llama3_json(text: str, tools: Sequence[dict[str, Any]] = ()) -> tuple[str, list[ToolCall]]:
     body = text.strip()
     if body.startswith("<|python_tag|>"):
         body = body[len("<|python_tag|>") :]
@@ -135,7 +136,7 @@ def parse_llama3_json(text: str) -> tuple[str, list[ToolCall]]:
     return "", calls
 
 
-def parse_mistral(text: str) -> tuple[str, list[ToolCall]]:
+def parse_mistral(text: str, tools: Sequence[dict[str, Any]] = ()) -> tuple[str, list[ToolCall]]:
     start = text.find("[TOOL_CALLS]")
     if start == -1:
         return text, []
@@ -163,7 +164,7 @@ _XML_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)</function>\s*", re.S)
 _XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?(?:</parameter>|(?=<parameter=)|$)", re.S)
 
 
-def parse_qwen3_xml(text: str, tools: list[dict[str, Any]] = ()) -> tuple[str, list[ToolCall]]:
+def parse_qwen3_xml(text: str, tools: Sequence[dict[str, Any]] = ()) -> tuple[str, list[ToolCall]]:
     """Qwen3-Coder: `<tool_call>\\n<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</parameter>...</function>` blocks
     after optional text. A value is text; the tool's schema (`tools`) says what it stands for (`_xml_value`).
     A block that is not one function of parameters leaves the whole text as content."""
@@ -185,7 +186,7 @@ def parse_qwen3_xml(text: str, tools: list[dict[str, Any]] = ()) -> tuple[str, l
     return (text[:start], calls) if calls else (text, [])
 
 
-def _parameter_schemas(tools: list[dict[str, Any]], name: str) -> dict[str, Any]:
+def _parameter_schemas(tools: Sequence[dict[str, Any]], name: str) -> dict[str, Any]:
     for tool in tools:
         if tool["function"]["name"] == name:
             return (tool["function"].get("parameters") or {}).get("properties") or {}
@@ -208,6 +209,7 @@ def _xml_value(value: str, schema: Any) -> Any:
     return value
 
 
+# format -> parse(text, tools) -> (content, calls); the JSON formats carry their values' types, so they need no tools
 PARSERS = {
     "hermes": parse_hermes,
     "llama3_json": parse_llama3_json,
@@ -288,7 +290,7 @@ class StreamingToolParser:
     """Fed a choice's cumulative text; returns (new content, newly complete tool calls) each time."""
 
     def __init__(
-        self, mode: str, fmt: str | None, named: str | None = None, parallel: bool = True, tools: list[dict] = ()
+        self, mode: str, fmt: str | None, named: str | None = None, parallel: bool = True, tools: Sequence[dict] = ()
     ):
         self.mode, self.fmt, self.named, self.parallel, self.tools = mode, fmt, named, parallel, tools
         self.content_sent = 0  # characters of content already returned
@@ -313,10 +315,7 @@ class StreamingToolParser:
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """The whole output's (content, calls) in auto mode, as the non-streamed response gives them."""
-        if self.fmt == "qwen3_xml":  # (its values take their types from the tools' schemas)
-            content, calls = parse_qwen3_xml(text, self.tools)
-        else:
-            content, calls = PARSERS[self.fmt](text) if self.fmt else (text, [])
+        content, calls = PARSERS[self.fmt](text, self.tools) if self.fmt else (text, [])
         return content, calls if self.parallel else calls[:1]
 
     def _new(self, calls: list[ToolCall]) -> list[ToolCall]:
@@ -434,8 +433,8 @@ class ToolSetup:
         if new_calls:
             start = num_calls[o.index]
             num_calls[o.index] += len(new_calls)
-            ids = [new_call_id(self.format) for _ in new_calls]
-            delta["tool_calls"] = [{"index": start + k, **c.openai(i)} for k, (c, i) in enumerate(zip(new_calls, ids))]
+            made = [c.openai(new_call_id(self.format)) for c in new_calls]
+            delta["tool_calls"] = [{"index": start + k, **call} for k, call in enumerate(made)]
         return delta
 
     def finish_reason(self, finish: str | None, num_calls: int) -> str | None:
