@@ -17,9 +17,11 @@ import math
 import re
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+WHY_LINK = "benchmarks/results/README.md#why-each-target-stands-where-it-does"  # the heading of render_throughput_why
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.checkpoints import SHAPES  # noqa: E402  (the shapes' layer counts and vocabularies)
@@ -54,18 +56,29 @@ def fmt(x: float, digits: int = 0) -> str:
     return f"{x:,.{digits}f}"
 
 
+class Row(NamedTuple):
+    """One target of the README's Performance table. `gist` is the README's one-line reason; `why` holds the runs and
+    profiles behind it, rendered in full in benchmarks/results/README.md."""
+
+    target: str
+    measured: str
+    met: str
+    why: str
+    gist: str
+
+
 # ---------------------------------------------------------------- throughput targets (issue: real-model throughput)
 
 
-def throughput_rows() -> list[tuple[str, str, str, str]]:
-    """(target, measured, met, why) rows; a row whose result file is missing says so."""
+def throughput_rows() -> list[Row]:
+    """The table's rows; a row whose result file is missing says so."""
     rows = []
     nano = load("throughput_nano_h200.json")
     if nano:
         kv = runs_by_kv(nano)
         bf16, fp8 = kv["auto"], kv["fp8"]
         rows.append(
-            (
+            Row(
                 "`nano` (Qwen3-0.6B shape), bf16 KV: >= 20,000 output tok/s",
                 f"{fmt(bf16['output_tok_s'])} tok/s ({fmt(bf16['pct_roofline_measured_copy'])}% of the roofline)",
                 "yes" if bf16["output_tok_s"] >= 20000 else f"no ({fmt(100 * bf16['output_tok_s'] / 20000)}%)",
@@ -73,6 +86,8 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                 "few steps; each used to stop the overlap and idle the GPU while the host caught up); "
                 + sampler_note()
                 + run_profile("profile_run_nano_h200.json", "auto"),
+                "decoding stays overlapped past sequences that end by length, and temperature sampling is one "
+                "Gumbel-max kernel over the logits",
             )
         )
         ratio = fp8["output_tok_s"] / bf16["output_tok_s"]
@@ -84,13 +99,16 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                 times = run["output_tok_s"] / bf16["output_tok_s"]
                 others += f"; {what}: {fmt(run['output_tok_s'])} tok/s = {times:.2f}x"
         rows.append(
-            (
+            Row(
                 "`nano`, fp8 KV: >= 1.3x the bf16 run",
                 f"{fmt(fp8['output_tok_s'])} tok/s = {ratio:.2f}x{others}{nano_splits_note()}",
                 "yes" if ratio >= 1.3 else "no",
                 f"{pair_read_note('qwen3-0.6b b256 ctx1100')}; {nano_runs_note()}; the decode kernel is what FP8 "
                 "halves: nano's steps also run the same GEMMs and prompt passes as bf16's, and its prompt passes "
                 "read FP8 slower",
+                "FP8 halves the bytes of one kernel, decode attention (at nano's shape "
+                f"{pair_speedup('qwen3-0.6b b256 ctx1100')} bf16's); the GEMMs and sampling cost the same and the "
+                f"prompt passes more{nano_h100_gist()}",
             )
         )
     kv_write = load("throughput_nano_kv_write_h200.json")
@@ -98,10 +116,11 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
         by = {r["kv_write"]: r["output_tok_s"] for r in kv_write["runs"]}
         fused, unfused = by["fused"], by["two_launch"]
         rows.append(
-            (
+            Row(
                 "fused cast+store vs a two-launch KV write (cast, then scatter), `nano` fp8",
                 f"{fmt(fused)} vs {fmt(unfused)} tok/s: {100 * (fused / unfused - 1):+.1f}%",
                 "reported",
+                "the KV write is a small part of a decode step at these shapes",
                 "the KV write is a small part of a decode step at these shapes",
             )
         )
@@ -110,7 +129,7 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
         case = pair_rows(shape)
         d, hw, st = case["default"], case["hw"], case["staged"]
         rows.append(
-            (
+            Row(
                 "paged decode attention, fp8 >= 1.6x bf16 (bs 64 x 4k, Llama-3.1-8B heads)",
                 f"{d['bf16_us']:.0f} vs {d['us']:.0f} us: {d['speedup_vs_bf16']:.2f}x (the byte read, `hw`: "
                 f"{hw['us']:.0f} us, {hw['speedup_vs_bf16']:.2f}x; hw-staged {st['us']:.0f} us, "
@@ -119,6 +138,8 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                 f"{pair_read_note(shape)}; the registers it needs, capped at 96 (`default_register_cap`, the same "
                 f"bits): {case['pairs uncapped']['us']:.0f} us uncapped, {case['pairs r128']['us']:.0f} us at 128; "
                 "before it, " + ncu_summary() + " (`decode_attention_fp8_registers.md`: the V gather)",
+                "the FP8 kernel reads V in int16 pairs that ldmatrix transposes like a bf16 tile, its registers "
+                "capped (the same bits)",
             )
         )
     worst, by_batch = fp8_vs_bf16_worst(), fp8_vs_bf16_worst(by_batch=True)
@@ -126,7 +147,7 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
         ratio, where = worst
         opt_in = f'; with `decode_splits="by-batch"`: {by_batch[0]:.2f} ({by_batch[1]})' if by_batch else ""
         rows.append(
-            (
+            Row(
                 "FP8 KV never slower than bf16 at batch >= 8",
                 f"worst fp8/bf16 throughput {ratio:.2f} ({where}){opt_in}",
                 ("yes" if ratio >= 1.0 else "no")
@@ -139,13 +160,16 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                 f"`decode_attention_fp8_pairs_h200.json`){fixed_step_note()}, "
                 "and the sweep's short runs (64 new tokens) are mostly prompt passes, which read FP8 slower: "
                 f"{head64_fp8_note()}",
+                f"at head_dim 64 the FP8 decode kernel is only {pair_speedup('llama-1b b64 ctx640')} bf16's and FP8 "
+                "prompt passes are slower, so short runs sit near 1, and single sweep points move between sessions "
+                f"by more than the margin{sweep_h100_gist()}",
             )
         )
     fixed = load("throughput_fixed_llama1b_h200.json")
     if fixed:
         step = runs_by_kv(fixed)["auto"]["decode_step_ms_direct"]
         rows.append(
-            (
+            Row(
                 "Llama-3.2-1B shape, batch 64: decode step <= 1.2 ms",
                 f"{step:.2f} ms (bf16; prompt 512, 256 new)",
                 "yes" if step <= 1.2 else "no",
@@ -153,6 +177,7 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                 + decode_profile("profile_decode_llama1b_b64_h200.json")
                 + batch64_floor_note(fixed, 1.2)
                 + gemm_note(64),
+                f"GPU time sets the step, not the host{batch64_floor_gist(fixed, 1.2)}",
             )
         )
     for name, shape, target in (
@@ -165,7 +190,7 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
             tps = run["decode_tok_s"]
             opt_in = f'; opt-in `decode_splits="by-batch"`: {fmt(fast["decode_tok_s"])} tok/s' if fast else ""
             rows.append(
-                (
+                Row(
                     f"batch 1, {shape} shape: >= {target:,} tok/s",
                     f"{fmt(tps)} tok/s ({fmt(run['pct_roofline_measured_copy'])}% of the roofline){opt_in}",
                     "yes" if tps >= target else "no",
@@ -175,6 +200,9 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
                     + gemm_floor_note(lat, target)
                     + small_batch_decode_note()
                     + (gemm_note(1) if "1B" in shape else ""),
+                    "every kernel is tiny, so launch gaps and small-GEMV efficiency set the step, not bytes"
+                    + gemm_floor_gist(lat, target)
+                    + "; batch-invariant attention splits cost more (opt-in by-batch splits above)",
                 )
             )
     pre = load("throughput_prefill_qwen3_h200.json")
@@ -185,21 +213,24 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
         n = max(ours)
         plain = {r["prompt"]: r["ttft_s"] for r in by_variant["plain"]["prefill"]} if "plain" in by_variant else {}
         rows.append(
-            (
+            Row(
                 f"one {n // 1024}k-token prompt (Qwen3-0.6B shape): TTFT <= one HF SDPA forward",
                 f"{ours[n]:.3f} s vs {hf[n]:.3f} s" + (f" (the launch before: {plain[n]:.3f} s)" if n in plain else ""),
                 "yes" if ours[n] <= hf[n] else f"no ({ours[n] / hf[n]:.2f}x)",
                 extend_why(),
+                "the extend kernel's launch (tile rows, masks, a register cap) is picked by the prompt's shape: the "
+                "same bits, faster at long prompts",
             )
         )
     prefix = load("throughput_prefix_llama1b_h200.json")
     if prefix:
         r = prefix["runs"][0]
         rows.append(
-            (
+            Row(
                 "prefix caching, 256 requests sharing a 2,000-token prompt: >= 3x lower mean TTFT, >= 2x throughput",
                 f"{r['ttft_reduction']:.1f}x lower TTFT, {r['throughput_gain']:.1f}x throughput (Llama-3.2-1B shape)",
                 "yes" if r["ttft_target_met"] and r["throughput_target_met"] else "no",
+                "the shared prompt is computed once; the rest reuse its blocks",
                 "the shared prompt is computed once; the rest reuse its blocks",
             )
         )
@@ -212,10 +243,11 @@ def throughput_rows() -> list[tuple[str, str, str, str]]:
     if hf_ratios:
         low = min(hf_ratios)
         rows.append(
-            (
+            Row(
                 "every workload >= 10x HF transformers on the same work",
                 f"lowest measured: {low[0]:.0f}x (`{low[1]}`)",
                 "yes" if low[0] >= 10 else "no",
+                "HF `generate` is timed on the latency workloads",
                 "HF `generate` is timed on the latency workloads",
             )
         )
@@ -245,7 +277,7 @@ def met_with_servers(runs: list[tuple[int, dict]], ok, what: str) -> str:
     return f"{what}: yes with {', '.join(met)} API server{plural}" if met else f"{what}: no"
 
 
-def serving_rows() -> list[tuple[str, str, str, str]]:
+def serving_rows() -> list[Row]:
     """The server's targets (issue: the serving path), from serve.py's files and the demo A/B."""
     rows = []
     files = {n: load("serve_h200.json" if n == 1 else f"serve_api{n}_h200.json") for n in (1, 2, 4, 8)}
@@ -259,7 +291,7 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
             for n, ph in runs
         )
         rows.append(
-            (
+            Row(
                 "server, 256 requests at once (512 in, 256 out): streaming >= 0.9x offline, plain >= 0.95x",
                 measured,
                 met_with_servers(runs, lambda ph: ph["stream"]["vs_offline"] >= 0.9, "streaming")
@@ -274,6 +306,8 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
                 "API servers share both (`--api-servers N`, `miniserve/server/launcher.py`). Each run against the "
                 "offline engine in the same process run; the plain ratio varies most between runs of the lent H200 "
                 f"(one API server: {plain_in_trace()} in the traced run)",
+                "each step's events are written from the callback that applied it, straight to the streams' "
+                "sockets, and several API server processes can share the engine",
             )
         )
         itl = "ITL p50 with " + "; ".join(
@@ -282,7 +316,7 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
             for n, ph in runs
         )
         rows.append(
-            (
+            Row(
                 "server: inter-token latency p50 within 1.2x of the offline decode step",
                 itl,
                 met_with_servers(runs, lambda ph: itl_ratio(ph) <= 1.2, "ITL"),
@@ -291,6 +325,7 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
                 "events are written from the callback that applied the step, each stream's straight to its socket "
                 "(`server/body_writer.py`), and a plain text piece is encoded into the bytes of the rest of its event "
                 f"(`server/responses.py:TextChunks`); {serve_trace_saturated()}; {decode_step_spread()}",
+                "a stream the API process cannot write in time gets its new tokens joined into fewer, larger events",
             )
         )
     rate = load("serve_rate4_h200.json")
@@ -298,7 +333,7 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
         s, offline = rate["phases"]["stream"], rate["phases"]["offline"]
         idle = offline.get("single_request_prefill_after_idle_ms")
         rows.append(
-            (
+            Row(
                 "server below saturation (4 requests/s): TTFT p50 <= 2x a single-request prefill",
                 f"{p50_of_runs(s, 'ttft')} = {s['ttft_p50_vs_prefill']:.2f}x "
                 f"(prefill {offline['single_request_prefill_ms']:.2f} ms"
@@ -310,16 +345,19 @@ def serving_rows() -> list[tuple[str, str, str, str]]:
                 + lone_note(rate["phases"])
                 + idle_note(s, offline)
                 + serve_trace_rate(),
+                "a new prompt runs as its own captured pass beside the running decodes, and below saturation the "
+                "next decode step is launched only as the one in flight ends",
             )
         )
     ab = load("spec_decode_ab_h200.json")
     if ab:
         r = ab["new_vs_old"]
         rows.append(
-            (
+            Row(
                 "the demo model's batch-1 path unchanged (`spec_decode.py`, side by side with the tree before)",
                 f"plain {r['plain']:.3f}x, speculative k=4 {r['k4']:.3f}x of {ab['old_commit']}",
                 "yes" if min(r.values()) >= 0.97 else "no",
+                f"medians of {len(ab['runs']) // 2} alternated runs of each tree",
                 f"medians of {len(ab['runs']) // 2} alternated runs of each tree",
             )
         )
@@ -337,7 +375,7 @@ CONSTRAINED_RUNS = {  # (shape, vocabulary) -> structured_outputs.py's result
 }
 
 
-def constrained_row() -> tuple | None:
+def constrained_row() -> Row | None:
     """Constrained decoding at batch 32 on each shape and vocabulary: (strings unbounded, a bounded name) ratios."""
     runs = {key: load(name) for key, name in CONSTRAINED_RUNS.items()}
     runs = {key: so for key, so in runs.items() if so}
@@ -363,12 +401,15 @@ def constrained_row() -> tuple | None:
     notes.append(masked_sampling_note())
     notes.append(swap_note())
     notes.append(grammar_fill_note())
-    return (
+    return Row(
         "JSON-schema constrained decoding at batch 32: >= 0.9x unconstrained throughput (strings unbounded / a "
         "24-character name)",
         measured,
         verdict,
         "; ".join(n for n in notes if n),
+        "xgrammar fills a step's masks on the host beside the GPU's forward pass: the Llama-3.1-8B shape's step "
+        "leaves it the time, the Llama-3.2-1B shape's is shorter than a fill of bounded strings or of a vocabulary "
+        "rich in quotes and newlines",
     )
 
 
@@ -885,21 +926,52 @@ def gemm_floor_note(lat: dict, target: int) -> str:
     return f"; {gemm_floor_text(lat, 1)}: {1e3 / step_ms:,.0f} tok/s if nothing else ran, {verdict} the target{chained}"
 
 
-def batch64_floor_note(fixed: dict, target_ms: float) -> str:
-    """The Llama-3.2-1B batch-64 step's GEMMs alone (gemm_floor) plus its decode attention kernel alone at this
-    shape (bf16, `decode_attention_split_sizes_h200.json`): what the two leave of the target."""
+def batch64_floor(fixed: dict) -> tuple[float, float] | None:
+    """(decode attention us a layer, ms a step together with the GEMMs): the Llama-3.2-1B batch-64 step's GEMMs
+    alone (gemm_floor) plus its decode attention kernel alone at this shape (bf16,
+    `decode_attention_split_sizes_h200.json`)."""
     floor, splits = gemm_floor(fixed, 64), load("decode_attention_split_sizes_h200.json")
     if not floor or not splits:
-        return ""
+        return None
     attn = [r for r in splits["split_sizes"] if r["shape"] == "llama-1b b64 ctx640" and "bfloat16" in r["cache"]]
-    layers = SHAPES[fixed["shape"]]["num_hidden_layers"]
-    attn_ms = attn[0]["default_us"] * layers / 1e3
-    both = floor[2] + attn_ms
+    attn_us = attn[0]["default_us"]
+    return attn_us, floor[2] + attn_us * SHAPES[fixed["shape"]]["num_hidden_layers"] / 1e3
+
+
+def batch64_floor_note(fixed: dict, target_ms: float) -> str:
+    """batch64_floor in words: what the GEMMs and the decode attention leave of the target."""
+    floor = batch64_floor(fixed)
+    if not floor:
+        return ""
+    attn_us, both = floor
     verdict = "over" if both > target_ms else "under"
     return (
         f"; {gemm_floor_text(fixed, 64)}, and the decode attention kernel alone at this shape (context 640) "
-        f"{attn[0]['default_us']:.1f} us a layer (`decode_attention_split_sizes_h200.json`): {both:.2f} ms "
+        f"{attn_us:.1f} us a layer (`decode_attention_split_sizes_h200.json`): {both:.2f} ms "
         f"together, {verdict} the target before any norm, RoPE or KV write"
+    )
+
+
+def batch64_floor_gist(fixed: dict, target_ms: float) -> str:
+    """batch64_floor in a clause of the README's brief list."""
+    floor = batch64_floor(fixed)
+    if not floor:
+        return ""
+    verdict = "over" if floor[1] > target_ms else "under"
+    return (
+        f": the projections and the LM head, each at its fastest alone, and the decode attention kernel alone take "
+        f"{floor[1]:.2f} ms, {verdict} the target before any other kernel"
+    )
+
+
+def gemm_floor_gist(lat: dict, target: int) -> str:
+    """gemm_floor at batch 1 in a clause of the README's brief list."""
+    if not (floor := gemm_floor(lat, 1)):
+        return ""
+    tok_s = 1e3 / floor[2]
+    verdict = "below" if tok_s < target else "above"
+    return (
+        f"; its projections and LM head alone, each at its fastest, would run {tok_s:,.0f} tok/s, {verdict} the target"
     )
 
 
@@ -1136,6 +1208,15 @@ def nano_h100_note() -> str:
     )
 
 
+def nano_h100_gist() -> str:
+    """nano's fp8/bf16 ratio on an H100 (nano_h100_note) in a clause of the README's brief list."""
+    kv = runs_by_kv(data) if (data := load("throughput_nano_h100.json")) else {}
+    if "fp8" not in kv or "auto" not in kv:
+        return ""
+    ratio = kv["fp8"]["output_tok_s"] / kv["auto"]["output_tok_s"]
+    return f"; on an H100, whose memory is slower, {ratio:.2f}x (`throughput_nano_h100.json`)"
+
+
 def ncu_summary() -> str:
     """Registers, occupancy and DRAM throughput of the fp8 and bf16 decode kernels, from the ncu file."""
     path = RESULTS / "decode_attention_ncu_h200.txt"
@@ -1187,6 +1268,18 @@ def sweep_rounds_note() -> str:
     return note + sweep_spread_note(load("throughput_sweep_llama1b_h100.json"), "`throughput_sweep_llama1b_h100.json`")
 
 
+def sweep_h100_gist() -> str:
+    """The H100 sweep's alternated rounds (sweep_spread_note) in a clause of the README's brief list."""
+    sweep = load("throughput_sweep_llama1b_h100.json")
+    if not sweep or len(sweep.get("rounds", [])) < 2:
+        return ""
+    each = [ratio for runs in sweep["rounds"] for ratio, _ in sweep_ratios(runs_by_kv({"runs": runs}))]
+    where = f"alternated over {len(sweep['rounds'])} rounds on an H100 (`throughput_sweep_llama1b_h100.json`)"
+    if min(each) >= 1:
+        return f"; {where}, FP8 was at or above bf16 at every point of every round"
+    return f"; {where}, the rounds' ratios spread over {min(each):.2f}-{max(each):.2f}"
+
+
 def sweep_ratios(kv: dict[str, dict]) -> list[tuple[float, int]]:
     """(fp8/bf16 output tok/s, batch) at each sweep point of batch >= 8 of a sweep's runs by KV dtype (runs_by_kv);
     none where it lacks either."""
@@ -1221,9 +1314,14 @@ def render_throughput() -> str:
     if not rows:
         return "No H200 throughput results yet.\n"
     lines = ["| # | target | measured | met |", "|---|---|---|---|"]
-    lines += [f"| {i} | {t} | {m} | {ok} |" for i, (t, m, ok, _) in enumerate(rows, 1)]
-    lines += ["", "Why each row stands where it does (from profiles and side-by-side runs):", ""]
-    lines += [f"{i}. {why}" for i, (_, _, _, why) in enumerate(rows, 1)]
+    lines += [f"| {i} | {r.target} | {r.measured} | {r.met} |" for i, r in enumerate(rows, 1)]
+    lines += [
+        "",
+        "Why each row stands where it does, in brief (the profiles and side-by-side runs behind each reason: "
+        f"[benchmarks/results/README.md]({WHY_LINK})):",
+        "",
+    ]
+    lines += [f"{i}. {r.gist}" for i, r in enumerate(rows, 1)]
     nano = load("throughput_nano_h200.json")
     if nano:
         lines.append("")
@@ -1234,6 +1332,16 @@ def render_throughput() -> str:
     if (RESULTS / "throughput_sweep_llama1b_h200.png").is_file():
         lines += ["", "![decode tok/s against batch size](benchmarks/results/throughput_sweep_llama1b_h200.png)"]
     return "\n".join(lines) + "\n"
+
+
+def render_throughput_why() -> str:
+    """The README table's reasons in full: every profile and side-by-side run behind each row, numbered as there."""
+    rows = throughput_rows()
+    lines = [
+        f"{i}. **{r.target}**: {r.measured}. Met: {r.met}.\n   {r.why[:1].upper()}{r.why[1:]}"
+        for i, r in enumerate(rows, 1)
+    ]
+    return "\n".join(lines) + "\n" if rows else "No H200 throughput results yet.\n"
 
 
 def render_throughput_details() -> str:
@@ -1564,6 +1672,7 @@ BLOCKS = {
     ROOT / "README.md": {"throughput": render_throughput, "headline": headline},
     RESULTS / "README.md": {
         "provenance": provenance,
+        "throughput-why": render_throughput_why,
         "throughput-details": render_throughput_details,
         "gpu-correctness": gpu_correctness,
         "kv-write": kv_write,
