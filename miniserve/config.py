@@ -104,7 +104,9 @@ class EngineConfig:
     max_num_seqs: int = setting(256, "sequences decoded together (as vLLM; the KV pool caps what runs at once)")
     max_num_batched_tokens: int = setting(8192, "new tokens per step: prompt chunks up to this size")
     max_model_len: int | None = setting(
-        None, "context length (prompt + completion)", shown_default="the model's max_position_embeddings"
+        None,
+        "context length (prompt + completion)",
+        shown_default="the model's max_position_embeddings (times a linear RoPE scaling factor)",
     )
     max_stop_strings: int = setting(32, "stop strings per request (OpenAI allows 4); a longer list is refused")
     max_stop_string_length: int = setting(256, "characters per stop string")

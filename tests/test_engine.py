@@ -547,6 +547,27 @@ def test_generation_config_sets_the_default_sampling_params(llama_dir, tmp_path)
         make_llm(tuned)
 
 
+def test_generation_config_eos_ids_stop_with_a_separate_tokenizer(llama_dir, tmp_path):
+    """The model directory's generation_config.json eos_token_id list ends generation (as vLLM) also when the
+    tokenizer comes from another directory (`tokenizer=`): it was read from the tokenizer's directory only."""
+    import shutil
+
+    prompt = [5, 9, 13, 21]
+    free = make_llm(llama_dir).generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    tokens = free[0].outputs[0].token_ids
+    stop = tokens[2]
+    model = shutil.copytree(llama_dir, tmp_path / "model")
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, stop]}))
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(llama_dir / name, tokenizer / name)
+    want = tokens[: tokens.index(stop) + 1]
+    for kw in ({}, {"tokenizer": str(tokenizer)}):
+        out = make_llm(model, **kw).generate([prompt], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
+        assert (out[0].outputs[0].token_ids, out[0].outputs[0].finish_reason) == (want, "stop"), kw
+
+
 def test_chat_takes_vllms_template_arguments(llama_dir):
     """LLM.chat's tools, chat_template, chat_template_kwargs and continue_final_message reach the template (read
     back from the prompt's text); the template's own inputs cannot be set through chat_template_kwargs."""

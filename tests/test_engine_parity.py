@@ -106,6 +106,27 @@ def test_rope_scaling_llama3_and_tied_embeddings(tmp_path, tokenizer_dir):
     assert (ours - ref).abs().max().item() <= ATOL
 
 
+def test_linear_rope_scaling_stretches_the_context(tmp_path, tokenizer_dir):
+    """A linear RoPE factor stretches max_position_embeddings positions over factor times as many tokens (the 16k
+    Llama-2 fine-tunes: max_position_embeddings=4096, factor 4): the context is their product, as vLLM derives it,
+    and a prompt that long matches transformers (it was capped at max_position_embeddings, a longer one refused)."""
+    scaling = {"rope_type": "linear", "factor": 4.0}
+    path = build_model_dir(
+        tmp_path / "m", "LlamaForCausalLM", tokenizer_dir, seed=2, max_position_embeddings=32, rope_scaling=scaling
+    )
+    hf, eng = hf_model(path), engine(path)
+    assert eng.max_model_len == 128
+    prompt = torch.randint(2, VOCAB, (120,), generator=torch.Generator().manual_seed(4)).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0]
+    assert (prompt_logits(eng, prompt) - ref).abs().max().item() <= ATOL
+    llm = LLM(str(path), dtype="float32", device="cpu")
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    assert (out[0].outputs[0].token_ids, out[0].outputs[0].finish_reason) == (hf_greedy(hf, prompt, 8), "length")
+    with pytest.raises(ValueError, match=r"context length 128 \(max_position_embeddings=32 x linear RoPE scaling"):
+        engine(path, max_model_len=129)
+
+
 def test_sharded_checkpoint_loads_like_single_file(tmp_path, tokenizer_dir, llama_dir):
     sharded = build_model_dir(tmp_path / "sharded", "LlamaForCausalLM", tokenizer_dir, seed=0, max_shard_size="100KB")
     assert (sharded / "model.safetensors.index.json").is_file()
@@ -157,6 +178,41 @@ def test_a_tensor_given_twice_is_named_not_counted_for_another(tmp_path, llama_d
     (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(ValueError, match=f"tensor '{gate}' fills rows that '{gate}' filled"):
         engine(broken)
+
+
+def test_quantized_checkpoints_are_refused_by_name(tmp_path, llama_dir):
+    """Quantized weights (here FP8 with per-tensor scales, as compressed-tensors stores them) are refused naming
+    the quantization_config, or without one the tensor's dtype: an FP8 weight was copied as its codes, unscaled,
+    into a model that loaded and wrote garbage. A KV-cache-only scheme (FP8 KV scales, plain weights) loads."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(llama_dir / "model.safetensors")
+    quantized = {}
+    for name, w in tensors.items():
+        if name.endswith("proj.weight"):
+            scale = w.abs().max() / 448
+            quantized[name] = (w / scale).to(torch.float8_e4m3fn)
+            quantized[name.removesuffix("weight") + "weight_scale"] = scale.reshape(1)
+        else:
+            quantized[name] = w
+    path = tmp_path / "fp8"
+    shutil.copytree(llama_dir, path)
+    cfg = json.loads((path / "config.json").read_text())
+    scheme = {"quant_method": "compressed-tensors", "config_groups": {"group_0": {"targets": ["Linear"]}}}
+    (path / "config.json").write_text(json.dumps({**cfg, "quantization_config": scheme}))
+    save_file(quantized, path / "model.safetensors")
+    with pytest.raises(ValueError, match="unsupported quantization_config \\(quant_method 'compressed-tensors'\\)"):
+        engine(path)
+    (path / "config.json").write_text(json.dumps(cfg))
+    save_file({k: v for k, v in quantized.items() if not k.endswith("weight_scale")}, path / "model.safetensors")
+    with pytest.raises(ValueError, match="model.layers.0.mlp.down_proj.weight' is F8_E4M3"):
+        engine(path)
+    kv_only = {"quant_method": "compressed-tensors", "kv_cache_scheme": {"num_bits": 8, "type": "float"}}
+    (path / "config.json").write_text(json.dumps({**cfg, "quantization_config": kv_only}))
+    save_file({**tensors, "model.layers.0.self_attn.k_scale": torch.tensor(0.5)}, path / "model.safetensors")
+    assert engine(path, kv_cache_dtype="fp8").target.kv[0].k_scale.item() == 0.5
 
 
 def test_unknown_architecture_is_a_clear_error(tmp_path, llama_dir):
@@ -227,6 +283,17 @@ def test_per_layer_type_rope_parameters_take_the_full_attention_layers():
     raw = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 2, "rope_parameters": rope, **sizes}
     cfg = ModelConfig.from_dict(raw)
     assert cfg.rope_theta == 1e6 and cfg.rope_scaling["rope_type"] == "linear"
+
+
+@pytest.mark.parametrize("scaling", [{"type": "linear"}, {"rope_type": "llama3", "factor": "8"}])
+def test_rope_scaling_without_a_factor_is_a_clear_error(scaling):
+    """A linear or llama3 scaling without a numeric factor names the field (it was a KeyError or a TypeError)."""
+    from miniserve.models.config import ModelConfig
+
+    sizes = {"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1}
+    raw = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 2, "rope_scaling": scaling, **sizes}
+    with pytest.raises(ValueError, match="rope scaling needs a positive 'factor'"):
+        ModelConfig.from_dict(raw)
 
 
 @pytest.mark.parametrize(

@@ -159,6 +159,9 @@ class _RecordingSlice:
     def get_shape(self):
         return self.s.get_shape()
 
+    def get_dtype(self):
+        return self.s.get_dtype()
+
     def __getitem__(self, index):
         tensor = self.s[index]
         self.read.append(tensor.numel())

@@ -23,10 +23,12 @@ def max_model_len(config: EngineConfig, runners: list[ModelRunner]) -> int:
     """The configured context length, checked against every model's position limit; capped at a sliding
     window, which miniserve does not implement."""
     cfg = runners[0].model_config
-    limit = min(r.model_config.max_position_embeddings for r in runners)
+    limit = min(r.model_config.max_context for r in runners)
     wanted = config.max_model_len or limit
     if wanted > limit:
-        raise ValueError(f"max_model_len={wanted} exceeds the model's max_position_embeddings={limit}")
+        raise ValueError(
+            f"max_model_len={wanted} exceeds the model's context length {limit} ({_limit_source(runners)})"
+        )
     if cfg.sliding_window is not None and wanted > cfg.sliding_window:
         # full attention equals sliding-window attention up to the window; beyond it the two differ
         warnings.warn(
@@ -36,6 +38,15 @@ def max_model_len(config: EngineConfig, runners: list[ModelRunner]) -> int:
         )
         wanted = cfg.sliding_window
     return wanted
+
+
+def _limit_source(runners: list[ModelRunner]) -> str:
+    """Where the smallest model's context length comes from, in its config.json's words."""
+    cfg = min((r.model_config for r in runners), key=lambda c: c.max_context)
+    if cfg.max_context == cfg.max_position_embeddings:
+        return f"max_position_embeddings={cfg.max_position_embeddings}"
+    factor = cfg.rope_scaling["factor"]
+    return f"max_position_embeddings={cfg.max_position_embeddings} x linear RoPE scaling factor {factor}"
 
 
 def num_kv_blocks(config: EngineConfig, runners: list[ModelRunner], max_len: int) -> int:

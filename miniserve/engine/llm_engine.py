@@ -26,7 +26,7 @@ from miniserve.engine.outputs import RequestOutput
 from miniserve.engine.sampler import bad_words_token_ids, check_bad_words
 from miniserve.engine.stop_strings import StopMatcher, check_stop_strings
 from miniserve.engine.structured_output import GrammarCompiler
-from miniserve.models.generation_config import sampling_defaults
+from miniserve.models.generation_config import eos_token_ids, sampling_defaults
 from miniserve.sampling_params import SamplingParams, truncation_length
 from miniserve.scheduler.block_manager import BlockManager
 from miniserve.scheduler.scheduler import Scheduler
@@ -74,6 +74,7 @@ class LLMEngine:
             has_draft=self.draft is not None,
         )
         eos = set(self.tokenizer.eos_token_ids) | set(self.target.model_config.eos_token_ids)
+        eos |= eos_token_ids(config.model)  # with a separate tokenizer directory the tokenizer has not read it
         self.grammar = GrammarCompiler(self.tokenizer, self.vocab_size, eos)  # xgrammar loads on first use
         self.outputs = OutputProcessor(self.scheduler, eos, self.max_model_len, self.tokenizer)
         overlap = config.async_scheduling and self.draft is None  # speculative rounds overlap on their own

@@ -77,7 +77,7 @@ class ModelRunner:
         self.kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype, self.device)
         self.block_size = config.block_size
         # speculative rounds may compute (never emit) positions past the context length
-        limit = max(self.model_config.max_position_embeddings, config.max_model_len or 0)
+        limit = max(self.model_config.max_context, config.max_model_len or 0)
         self.max_positions = limit + config.kv_lookahead
         self.model, scales = load_model(
             model_dir, self.model_config, self.dtype, self.device, self.backend, self.max_positions, tp

@@ -38,6 +38,16 @@ class ModelConfig:
     sliding_window: int | None
     eos_token_ids: list[int]
 
+    @property
+    def max_context(self) -> int:
+        """The longest context the checkpoint is made for: max_position_embeddings, times the factor of `linear`
+        RoPE scaling, which stretches that many positions over factor times as many tokens (e.g. a 16k model
+        with max_position_embeddings=4096 and factor 4; vLLM derives the same). A `llama3` config already gives
+        the stretched length."""
+        if self.rope_scaling is not None and self.rope_scaling["rope_type"] == "linear":
+            return int(self.max_position_embeddings * self.rope_scaling["factor"])
+        return self.max_position_embeddings
+
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"
@@ -104,6 +114,18 @@ def _refuse_unbuilt(raw: dict, arch: str, source: str) -> None:
         raise ValueError(f"{source}: unsupported mlp_bias=true (biases on the MLP projections)")
     if raw.get("attention_bias") and arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
         raise ValueError(f"{source}: unsupported attention_bias=true for {arch} (biases on q/k/v and o_proj)")
+    quant = raw.get("quantization_config")
+    if isinstance(quant, dict) and _quantizes_weights(quant):
+        raise ValueError(
+            f"{source}: unsupported quantization_config (quant_method {quant.get('quant_method')!r}): miniserve "
+            "loads float32/float16/bfloat16 weights (a checkpoint's FP8 KV-cache scales are read)"
+        )
+
+
+def _quantizes_weights(quant: dict) -> bool:
+    """Whether a quantization_config quantizes the weights: all do but llm-compressor's KV-cache-only scheme
+    (compressed-tensors with a kv_cache_scheme and no config_groups), whose k/v scales the loader reads."""
+    return quant.get("quant_method") != "compressed-tensors" or bool(quant.get("config_groups"))
 
 
 def _rope_settings(raw: dict, source: str) -> tuple[float, dict | None]:
@@ -126,4 +148,8 @@ def _rope_settings(raw: dict, source: str) -> tuple[float, dict | None]:
         scaling["rope_type"] = rope_type
         if rope_type == "default":
             scaling = None
+        elif not isinstance(scaling.get("factor"), (int, float)) or scaling["factor"] <= 0:
+            raise ValueError(
+                f"{source}: {rope_type} rope scaling needs a positive 'factor', got {scaling.get('factor')!r}"
+            )
     return float(theta), scaling

@@ -30,3 +30,13 @@ def sampling_defaults(model_dir: str | Path, mode: str = "auto") -> dict[str, fl
         return {}
     raw = read_json_object(path)
     return {ours: raw[theirs] for theirs, ours in SAMPLING_KEYS.items() if raw.get(theirs) is not None}
+
+
+def eos_token_ids(model_dir: str | Path) -> set[int]:
+    """generation_config.json's eos_token_id, one id or a list (Llama 3.1's <|eom_id|> and <|eot_id|>, Qwen2.5's
+    <|endoftext|>): the model's own stop tokens, which vLLM stops on in either mode, whichever directory the
+    tokenizer comes from (the tokenizer reads only its own directory's files)."""
+    value = read_json_object(Path(model_dir) / "generation_config.json", missing_ok=True).get("eos_token_id")
+    if isinstance(value, int):
+        return {value}
+    return {int(v) for v in value} if isinstance(value, list) else set()

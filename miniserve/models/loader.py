@@ -21,6 +21,7 @@ from miniserve.models.parallel import TensorParallel
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _IGNORED = ("rotary_emb.inv_freq",)  # recomputed, present in some old checkpoints
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors' names of the dtypes a weight may be stored in
 _SKIP = (None, None)  # a tensor we know and deliberately do not load (lm_head of a tied model)
 _KV_SCALE_NAMES = {  # FP8 KV scales as vLLM/llm-compressor checkpoints spell them
     "self_attn.k_scale": "k",
@@ -143,6 +144,11 @@ def load_weights(model: LlamaModel, model_dir: str | Path) -> dict[int, dict[str
                 if target is None:
                     raise ValueError(f"{file.name}: unexpected tensor {name!r} for {model.cfg.architecture}")
                 stored = f.get_slice(name)
+                if stored.get_dtype() not in _FLOAT_DTYPES:  # (copied as they are, quantized codes are garbage)
+                    raise ValueError(
+                        f"{file.name}: tensor {name!r} is {stored.get_dtype()}; miniserve loads unquantized "
+                        "weights (F32, F16, BF16)"
+                    )
                 if tuple(stored.get_shape()) != target.shape:
                     raise ValueError(
                         f"{file.name}: tensor {name!r} has shape {tuple(stored.get_shape())}, expected {target.shape}"
