@@ -23,7 +23,7 @@ DEMO_TARGET = DEMO_DIR / "shakespeare-target"
 DEMO_DRAFT = DEMO_DIR / "shakespeare-draft"
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e4m3fnuz", "bfloat16", "float16", "float32")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float")  # half, float: vLLM's spellings
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
 FP8_DECODES = ("auto", "hw", "hw-staged")  # kernels/decode_attention.py FP8_DECODES that a user may pick
 DECODE_SPLITS = ("by-length", "by-batch")  # kernels/decode_attention.py split_tokens_for
@@ -32,6 +32,7 @@ GENERATION_CONFIGS = ("auto", "vllm")  # models/generation_config.py
 MAX_SPECULATIVE_TOKENS = 15  # k+1 <= 16 tokens a sequence: engine/model_runner.py DECODE_QUERIES_MAX_LEN
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_ALIASES = {"half": torch.float16, "float": torch.float32}  # `dtype` as vLLM also spells it
 
 
 class SettingError(ValueError):
@@ -331,7 +332,8 @@ def _type_hints(cls: type) -> dict[str, Any]:
 def check_types(config) -> None:
     """Each field's value of its annotated type, stored as it (settings that come from flags and variables are parsed
     to it; a Python caller's are checked here): a SettingError naming the field, not a TypeError deep in the engine.
-    Numbers of another class that are the kind asked for (numpy's) become Python's, a path (os.PathLike) a string."""
+    Numbers of another class that are the kind asked for (numpy's) become Python's, a path (os.PathLike) a string,
+    a torch dtype its name (`dtype=torch.bfloat16`, as vLLM takes it)."""
     for f in fields(config):
         kind, optional = field_type(type(config), f)
         value = getattr(config, f.name)
@@ -352,6 +354,8 @@ def _as_type(value: Any, kind: type) -> Any:
         return int(value) if isinstance(value, numbers.Integral) else None
     if kind is float:
         return float(value) if isinstance(value, numbers.Real) else None
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
     return os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
 
 
@@ -399,7 +403,7 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtype(name: str, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """ "auto" takes the checkpoint's dtype on a GPU and float32 on the CPU (where half precision is slow)."""
     if name != "auto":
-        return TORCH_DTYPES[name]
+        return TORCH_DTYPES.get(name) or DTYPE_ALIASES[name]
     return checkpoint_dtype if device.type != "cpu" else torch.float32
 
 

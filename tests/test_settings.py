@@ -320,6 +320,26 @@ def test_numbers_and_paths_that_fit_a_field_are_taken():
     torch.seed()
 
 
+def test_dtype_takes_vllms_spellings_and_torch_dtypes():
+    """vLLM's `dtype` also takes "half", "float" and torch dtypes; each is the dtype it names, and the KV cache dtype
+    takes a torch dtype too. Oracle: the model's parameters and the KV pool's dtype."""
+    import torch
+
+    from miniserve import LLM
+
+    for dtype, kv, want, want_kv in (
+        ("half", "auto", torch.float16, torch.float16),
+        ("float", torch.bfloat16, torch.float32, torch.bfloat16),
+        (torch.bfloat16, "auto", torch.bfloat16, torch.bfloat16),
+    ):
+        llm = LLM(dtype=dtype, kv_cache_dtype=kv, num_kv_blocks=8, max_num_seqs=2)
+        target = llm.engine.target
+        assert (next(target.model.parameters()).dtype, target.kv_dtype) == (want, want_kv), dtype
+        llm.shutdown()
+    with pytest.raises(ValueError, match="^dtype must be one of auto, float32, .*, half, float; got 'int8'$"):
+        EngineConfig(dtype=torch.int8)
+
+
 def test_a_kv_pool_larger_than_the_machine_is_refused_by_name():
     import torch
 
