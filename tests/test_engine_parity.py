@@ -145,6 +145,16 @@ def test_missing_shard_is_a_clear_error(tmp_path, tokenizer_dir):
         engine(path)
 
 
+def test_a_pytorch_bin_checkpoint_is_named(tmp_path, llama_dir):
+    """transformers saves pytorch_model.bin with safe_serialization=False; the error says that is what it found."""
+    from miniserve.models.loader import checkpoint_files
+
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="it has pytorch_model.bin: PyTorch pickles are not loaded"):
+        checkpoint_files(tmp_path)
+    assert checkpoint_files(llama_dir) == [llama_dir / "model.safetensors"]
+
+
 def test_missing_and_mismatched_tensors_are_named(tmp_path, tokenizer_dir, llama_dir):
     from safetensors.torch import load_file, save_file
 

@@ -46,7 +46,9 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     single = model_dir / "model.safetensors"
     if single.is_file():
         return [single]
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
+    pickled = sorted(p.name for p in model_dir.glob("pytorch_model*.bin"))
+    hint = f" (it has {pickled[0]}: PyTorch pickles are not loaded; save the model with safetensors)" if pickled else ""
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}{hint}")
 
 
 class _Target(NamedTuple):
