@@ -295,6 +295,20 @@ def test_per_layer_type_rope_parameters_take_the_full_attention_layers():
     assert cfg.rope_theta == 1e6 and cfg.rope_scaling["rope_type"] == "linear"
 
 
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+def test_a_config_without_head_dim_takes_the_architectures_default(arch):
+    """A config.json that leaves head_dim out gets what transformers' config class gives it (Qwen3's is 128, not
+    hidden_size / heads; it was refused at load as a shape mismatch)."""
+    import transformers
+
+    from miniserve.models.config import ModelConfig
+
+    sizes = {"vocab_size": 8, "hidden_size": 64, "intermediate_size": 8, "num_hidden_layers": 1}
+    raw = {"architectures": [arch], "num_attention_heads": 4, "num_key_value_heads": 2, **sizes}
+    hf = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**raw)
+    assert ModelConfig.from_dict(raw).head_dim == (getattr(hf, "head_dim", None) or 64 // 4)
+
+
 @pytest.mark.parametrize("scaling", [{"type": "linear"}, {"rope_type": "llama3", "factor": "8"}])
 def test_rope_scaling_without_a_factor_is_a_clear_error(scaling):
     """A linear or llama3 scaling without a numeric factor names the field (it was a KeyError or a TypeError)."""

@@ -17,6 +17,10 @@ from miniserve.json_file import read_json_object
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
+# head_dim where a config.json leaves it out and transformers' config class does not derive it (Qwen3Config: 128)
+DEFAULT_HEAD_DIMS = {"Qwen3ForCausalLM": 128}
+
+
 @dataclass
 class ModelConfig:
     architecture: str
@@ -72,7 +76,7 @@ class ModelConfig:
             if key not in raw:
                 raise ValueError(f"{source}: missing required field {key!r}")
         num_heads = raw["num_attention_heads"]
-        head_dim = raw.get("head_dim") or raw["hidden_size"] // num_heads
+        head_dim = raw.get("head_dim") or DEFAULT_HEAD_DIMS.get(arch) or raw["hidden_size"] // num_heads
         _refuse_unbuilt(raw, arch, source)
         theta, scaling = _rope_settings(raw, source)
         window = raw.get("sliding_window")
