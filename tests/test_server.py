@@ -345,6 +345,32 @@ def test_echo_without_generation_scores_the_prompt_alone(client, hf_model, hf_to
         assert exc.value.body["param"] == param
 
 
+def test_a_batch_of_prompts_is_scored_in_one_engine_step(url, client, hf_model, hf_tok):
+    """lm-evaluation-harness's loglikelihood call (local-completions): many token-id prompts in one request, echo,
+    max_tokens 1, logprobs 1. Each continuation's summed logprobs equal transformers', and the engine takes the
+    prompts in one step, as it does the same prompts sent as separate requests (each prompt was posted only once
+    the one before was accepted, a step later: N prompts took N steps, and a client that left mid-batch had every
+    prompt computed). A batch with a prompt the engine refuses is a 400 that leaves nothing queued."""
+    pairs = [(PROMPTS[i], cont) for i, cont in enumerate([" my love", " that is", " is dead", " It is the"])]
+    inputs = [hf_tok(ctx + cont).input_ids for ctx, cont in pairs]
+    ctxlens = [len(hf_tok(ctx).input_ids) for ctx, _ in pairs]
+    before = scrape(url)
+    body = dict(model=MODEL_NAME, prompt=inputs, temperature=0, max_tokens=1, logprobs=1, echo=True, seed=1234)
+    r = client.completions.create(**body)
+    steps = metric(scrape(url), "iteration_tokens_total_count") - metric(before, "iteration_tokens_total_count")
+    assert steps == 1  # (the prompts' pass samples the one token max_tokens=1 asks for)
+    for choice, ids, ctxlen in zip(sorted(r.choices, key=lambda c: c.index), inputs, ctxlens):
+        with torch.no_grad():
+            ref = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        expected = sum(ref[i - 1, ids[i]].item() for i in range(ctxlen, len(ids)))
+        assert len(choice.logprobs.token_logprobs) == len(ids) + 1
+        assert abs(sum(choice.logprobs.token_logprobs[ctxlen:-1]) - expected) < 1e-3
+    bad = {**body, "prompt": [inputs[0], [1, 10**6], inputs[1]]}
+    assert_openai_error(httpx.post(url + "/v1/completions", json=bad, timeout=30), 400, "prompt")
+    after = wait_for_metric(url, "num_requests_waiting", lambda v: v == 0, timeout=2.0)
+    assert metric(after, "num_requests_waiting") == metric(after, "num_requests_running") == 0
+
+
 def test_completion_stream_equals_non_stream_with_seed(client):
     kwargs = dict(model=MODEL_NAME, prompt=PROMPTS[3], n=2, max_tokens=12, temperature=1.0, seed=1234)
     full = client.completions.create(**kwargs)

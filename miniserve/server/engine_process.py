@@ -544,32 +544,29 @@ class EngineProcess:
 
     # ---- requests (on the event loop) ---------------------------------------------------------------
 
-    async def add_request(
-        self, request_id: str, prompt: list[int], params: Any, stream: RequestStream, grammar: str | None = None
-    ) -> None:
-        """Post a request (with its serialized compiled grammar, if it has one); returns once the engine accepted
-        it. Raises the engine's ValueError for a bad prompt and APIError(503) when the server is stopping or
-        overloaded."""
+    async def add_requests(self, requests: list[tuple[str, list[int], Any, RequestStream, str | None]]) -> None:
+        """Post requests (id, prompt ids, params, stream, serialized compiled grammar or None) in one message, so that
+        the engine takes them in one step (one by one, each posted once the one before was accepted, N prompts took
+        N steps); returns once it accepted them all. Raises the engine's ValueError for a bad prompt (the refused
+        ones forgotten, the caller aborts the rest) and APIError(503) when the server is stopping or overloaded."""
         if not self.accepting:
             raise APIError("the server is shutting down; retry the request", status=503, code="shutting_down")
         if not self.is_alive():
             raise APIError("the engine is not running", status=503, code="engine_unavailable")
-        n = params.n
-        if self.max_waiting is not None:
-            _check_room(n, self.capacity, self.max_waiting, self._outstanding)
-        ack = asyncio.get_running_loop().create_future()
-        self._acks[request_id] = ack
-        self._streams[request_id] = stream
-        self._outstanding += n
-        self._post(("add", request_id, prompt, params, grammar))
-        try:
-            error, is_value_error = await ack
-        except BaseException:
-            self.abort(request_id)
-            raise
-        if error is not None:
+        acks = []
+        for request_id, prompt, params, stream, grammar in requests:
+            if self.max_waiting is not None:
+                _check_room(params.n, self.capacity, self.max_waiting, self._outstanding)
+            acks.append(ack := asyncio.get_running_loop().create_future())
+            self._acks[request_id], self._streams[request_id] = ack, stream
+            self._outstanding += params.n
+            self._post(("add", request_id, prompt, params, grammar))
+        answers = [(request_id, *await ack) for (request_id, *_), ack in zip(requests, acks)]
+        refused = [(request_id, error, is_value) for request_id, error, is_value in answers if error is not None]
+        for request_id, _, _ in refused:
             self._forget(request_id)
-            raise ValueError(error) if is_value_error else RuntimeError(error)
+        if refused:
+            raise ValueError(refused[0][1]) if refused[0][2] else RuntimeError(refused[0][1])
 
     def warm_grammars(self) -> None:
         """Have the engine get ready for grammars in the background (before the first one is sent)."""

@@ -52,17 +52,19 @@ class RequestGroup:
         self.push: Callable[[list[tuple[int, Any]]], bool] | None = None
 
     async def start(self, prompts: list[list[int]], params: list[Any], prompt_param: str, n: int) -> None:
-        """Post every prompt (the request asked for `n` choices of each); if one is rejected, abort the ones
-        already posted and raise a 4xx. A compiled grammar travels with the request that first needs it
-        (engine/structured_output.py: GrammarCompiler.payload)."""
+        """Post every prompt (the request asked for `n` choices of each), all before the engine answers (so it
+        takes them in one step); if one is rejected, abort the others and raise a 4xx. A compiled grammar travels
+        with the request that first needs it (engine/structured_output.py: GrammarCompiler.payload)."""
         self.state.groups.add(self)
+        batch = []
         try:
             for i, (ids, p) in enumerate(zip(prompts, params)):
                 rid = f"{self.base_id}-{i}"
                 self.index[rid] = i
                 stream = RequestStream(rid, ids, p, self._wake, self.state.tokenizer, n)
                 self.streams.append(stream)
-                await self.state.engine.add_request(rid, ids, p, stream, await self._engine_work(p))
+                batch.append((rid, ids, p, stream, await self._engine_work(p)))
+            await self.state.engine.add_requests(batch)
         except ValueError as exc:  # the engine's validation: token ids, context or KV pool too small
             self.abort()
             raise APIError(str(exc), param=prompt_param) from None
