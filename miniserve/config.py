@@ -97,11 +97,21 @@ class EngineConfig:
         DEPENDENT_LAUNCHES,
     )
     block_size: int = setting(16, "tokens per KV block (a power of two)")
-    num_kv_blocks: int | None = setting(None, "KV pool size in blocks", shown_default="from the memory budget")
-    kv_cache_memory_gb: float | None = setting(
-        None, "KV pool budget in GiB", shown_default="gpu_memory_utilization of the GPU, 1 GiB on the CPU"
+    num_kv_blocks: int | None = setting(
+        None,
+        "KV pool size in blocks",
+        shown_default="from the memory budget, at most what max_num_seqs sequences of max_model_len tokens use",
     )
-    gpu_memory_utilization: float = setting(0.9, "fraction of GPU memory the KV pool may fill up to, in (0, 1]")
+    kv_cache_memory_gb: float | None = setting(
+        None,
+        "KV pool budget in GiB",
+        shown_default="on a GPU, the free memory gpu_memory_utilization leaves; 1 GiB on the CPU",
+    )
+    gpu_memory_utilization: float = setting(
+        0.9,
+        "the KV pool takes free GPU memory until this fraction of the GPU's memory is in use (the weights and other "
+        "processes count; CUDA graphs are captured after it, on top), in (0, 1]",
+    )
     max_num_seqs: int = setting(256, "sequences decoded together (as vLLM; the KV pool caps what runs at once)")
     max_num_batched_tokens: int = setting(8192, "new tokens per step: prompt chunks up to this size")
     max_model_len: int | None = setting(
