@@ -74,7 +74,8 @@ def test_a_requests_own_chat_template_is_refused_unless_the_server_trusts_them(u
     with httpx.Client(base_url=url, timeout=30, headers=auth) as http:
         for path in ("/v1/chat/completions", "/tokenize"):
             r = http.post(path, json={**chat, "chat_template": "{{ messages[0].content }}"})
-            assert "TRUST_REQUEST_CHAT_TEMPLATE" in assert_openai_error(r, 400, "chat_template")["message"]
+            message = assert_openai_error(r, 400, "chat_template")["message"]
+            assert "--trust-request-chat-template or MINISERVE_TRUST_REQUEST_CHAT_TEMPLATE=1" in message
         assert http.post("/v1/chat/completions", json=chat).status_code == 200
 
 

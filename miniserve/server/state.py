@@ -142,7 +142,7 @@ class ServerState:
         if options.get("chat_template") is not None and not self.server.trust_request_chat_template:
             raise APIError(
                 "this server does not run a request's own chat_template (start it with "
-                "MINISERVE_TRUST_REQUEST_CHAT_TEMPLATE=1 to allow it)",
+                "--trust-request-chat-template or MINISERVE_TRUST_REQUEST_CHAT_TEMPLATE=1 to allow it)",
                 param="chat_template",
             )
         chars = sum(len(m.get("content") or "") for m in messages)
