@@ -58,6 +58,12 @@ class EngineConfig:
 
     model: str | None = setting(None, "Hugging Face model directory", shown_default="the embedded demo model")
     tokenizer: str | None = setting(None, "tokenizer directory", shown_default="the model directory")
+    chat_template: str | None = setting(
+        None,
+        "a Jinja chat template used instead of the tokenizer's (as vLLM's --chat-template): a file's path, or the "
+        "template itself",
+        shown_default="the tokenizer's",
+    )
     dtype: str = setting(
         "auto", "weights and activations; auto = the checkpoint's dtype on a GPU, float32 on the CPU", DTYPES
     )
@@ -219,6 +225,7 @@ class EngineConfig:
             _check_dir("speculative_model", self.speculative_model, "draft model directory", "config.json")
         if self.tokenizer:
             _check_dir("tokenizer", self.tokenizer, "tokenizer directory", None)
+        resolve_chat_template(self.chat_template)
         tokenizer = Path(self.tokenizer or self.model)
         if not any((tokenizer / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
             name = "tokenizer" if self.tokenizer else "model"
@@ -393,6 +400,22 @@ def _check_min(name: str, value: int, low: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- resolution
+
+
+JINJA_MARKS = "{}\n"  # a chat_template value with one of these is the template itself, not a file's path
+
+
+def resolve_chat_template(value: str | None) -> str | None:
+    """EngineConfig.chat_template as a template's text: a file's contents, or the value itself where it holds Jinja
+    marks (a path that does not exist is named, not rendered as a template that prints the path)."""
+    if value is None or any(c in value for c in JINJA_MARKS):
+        return value
+    if not Path(value).is_file():
+        raise FileNotFoundError(
+            f"chat template file {value!r} does not exist (--chat-template / MINISERVE_CHAT_TEMPLATE: a file's "
+            "path, or the Jinja template itself)"
+        )
+    return Path(value).read_text(encoding="utf-8")
 
 
 def resolve_device(name: str) -> torch.device:

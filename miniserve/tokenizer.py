@@ -123,8 +123,10 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> Tokenizer:
-        """Load `tokenizer.json` (preferred) or `tokenizer.model` plus the config files from a directory."""
+    def from_pretrained(cls, path: str | Path, chat_template: str | None = None) -> Tokenizer:
+        """Load `tokenizer.json` (preferred) or `tokenizer.model` plus the config files from a directory.
+        `chat_template` (a template's text) replaces the directory's, checked here so that a broken one stops the
+        start, not the first chat request."""
         directory = Path(path)
         if not directory.is_dir():
             raise FileNotFoundError(f"tokenizer directory {str(directory)!r} does not exist")
@@ -134,7 +136,7 @@ class Tokenizer:
         return cls(
             backend,
             special_tokens=special,
-            chat_template=_load_chat_template(directory, config),
+            chat_template=_checked(chat_template) if chat_template else _load_chat_template(directory, config),
             extra_eos_token_ids=_config_eos_ids(directory),
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
             name_or_path=str(directory),
@@ -551,6 +553,17 @@ def _config_eos_ids(directory: Path) -> set[int]:
         elif isinstance(value, list):
             ids.update(int(v) for v in value)
     return ids
+
+
+def _checked(template: str) -> str:
+    """The chat_template setting's text, once it compiles (a ValueError naming the setting otherwise)."""
+    import jinja2
+
+    try:
+        _compile_template(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"chat_template does not compile: {exc} (line {exc.lineno})") from None
+    return template
 
 
 def _load_chat_template(directory: Path, config: dict) -> str | None:

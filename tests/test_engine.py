@@ -568,6 +568,33 @@ def test_generation_config_eos_ids_stop_with_a_separate_tokenizer(llama_dir, tmp
         assert (out[0].outputs[0].token_ids, out[0].outputs[0].finish_reason) == (want, "stop"), kw
 
 
+def test_the_chat_template_setting_replaces_the_tokenizers(llama_dir, tmp_path):
+    """EngineConfig.chat_template (vLLM's --chat-template), a file or the template's text, renders every chat of
+    the engine and of the server's tokenizer; a per-call chat_template still wins. A path that does not exist and a
+    template that does not compile stop the start, naming the setting."""
+    from miniserve.config import EngineConfig
+    from miniserve.server.state import load_tokenizer
+
+    template = (
+        "{% for m in messages %}[{{ m.role }}:{{ m.content }}]{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    )
+    (tmp_path / "chat.jinja").write_text(template)
+    chat = [{"role": "user", "content": "hi"}]
+    for setting in (str(tmp_path / "chat.jinja"), template):
+        llm = make_llm(llama_dir, chat_template=setting)
+        tok = llm.get_tokenizer()
+        out = llm.chat(chat, SamplingParams(max_tokens=1), use_tqdm=False)[0]
+        assert tok.decode(out.prompt_token_ids).endswith("[user:hi]>")
+        out = llm.chat(chat, SamplingParams(max_tokens=1), use_tqdm=False, chat_template="{{ messages[0].role }}!")[0]
+        assert tok.decode(out.prompt_token_ids).endswith("user!")
+        server_tok = load_tokenizer(EngineConfig(model=str(llama_dir), chat_template=setting))
+        assert server_tok.render_chat(chat, add_generation_prompt=False) == "[user:hi]"
+    with pytest.raises(FileNotFoundError, match="chat template file '.*missing.jinja' does not exist"):
+        make_llm(llama_dir, chat_template=str(tmp_path / "missing.jinja"))
+    with pytest.raises(ValueError, match="chat_template does not compile"):
+        make_llm(llama_dir, chat_template="{% for m in messages %}")
+
+
 def test_chat_takes_vllms_template_arguments(llama_dir):
     """LLM.chat's tools, chat_template, chat_template_kwargs and continue_final_message reach the template (read
     back from the prompt's text); the template's own inputs cannot be set through chat_template_kwargs."""

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from miniserve.config import EngineConfig
+from miniserve.config import EngineConfig, resolve_chat_template
 from miniserve.engine import capacity
 from miniserve.engine.decoder import Decoder, PlainDecoder
 from miniserve.engine.launch_hold import LaunchHold
@@ -46,7 +46,9 @@ class LLMEngine:
             torch.seed()
         else:
             torch.manual_seed(config.seed)
-        self.tokenizer = Tokenizer.from_pretrained(config.tokenizer or config.model)
+        self.tokenizer = Tokenizer.from_pretrained(
+            config.tokenizer or config.model, resolve_chat_template(config.chat_template)
+        )
         self.target = _target_runner(config)
         try:
             self._init_rest(config)

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
-from miniserve.config import EngineConfig, ServerConfig
+from miniserve.config import EngineConfig, ServerConfig, resolve_chat_template
 from miniserve.engine.sampler import check_bad_words
 from miniserve.engine.stop_strings import check_stop_strings
 from miniserve.engine.structured_output import GrammarCompiler, StructuredOutputsUnavailable
@@ -34,7 +34,7 @@ CPU_THREADS = 4  # tokenizing and chat templates run here, not on the event loop
 def load_tokenizer(config: EngineConfig) -> Any:
     from miniserve.tokenizer import Tokenizer
 
-    return Tokenizer.from_pretrained(config.tokenizer or config.model)
+    return Tokenizer.from_pretrained(config.tokenizer or config.model, resolve_chat_template(config.chat_template))
 
 
 def max_token_chars(tokenizer: Any) -> int:
