@@ -137,3 +137,29 @@ def test_min_tokens_bans_the_stop_ids_in_the_vocabulary_and_ignores_the_others()
     batch = SamplingBatch.build([params], [None], [[]], [[]], {0}, V, "cpu")
     out = apply_penalties_and_filters(torch.zeros(1, V), batch)
     assert torch.isinf(out[0]).tolist() == [True] + [False] * (V - 2) + [True]  # EOS 0 and V - 1
+
+
+def _large_vocab_logits(rows: int) -> torch.Tensor:
+    """A 152k vocabulary (Qwen's) with a long tail: float32 running sums of its probabilities drift by ~1e-5."""
+    return torch.randn(rows, 152064, generator=torch.Generator().manual_seed(0)) * 3.0
+
+
+def test_a_row_without_top_p_keeps_its_whole_tail_beside_a_top_p_row():
+    """A row's distribution must not depend on its batch: top_p 1.0 cuts nothing, whoever else filters."""
+    logits = _large_vocab_logits(2)
+    params = [SamplingParams(top_p=0.9), SamplingParams()]
+    out = apply_penalties_and_filters(logits, build(params, vocab_size=logits.shape[1]))
+    assert int((~torch.isfinite(out[1])).sum()) == 0
+
+
+@pytest.mark.parametrize("top_p", [0.999, 0.9999])
+def test_top_p_keeps_its_mass_at_a_large_vocabulary(top_p):
+    """The kept tokens are the smallest prefix whose mass reaches top_p (a float64 oracle), to within 1e-6: the
+    float32 running sum from the largest kept ~1e-5 less than top_p."""
+    logits = _large_vocab_logits(1)
+    out = apply_penalties_and_filters(logits, build([SamplingParams(top_p=top_p)], vocab_size=logits.shape[1]))
+    exact = torch.softmax(logits[0].double(), dim=-1)
+    kept = torch.isfinite(out[0])
+    smallest_kept = exact[kept].min()
+    assert float(exact[kept].sum()) >= top_p - 1e-6
+    assert float(exact[kept].sum() - smallest_kept) < top_p + 1e-6

@@ -350,11 +350,17 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.
         kth = sorted_logits.gather(1, (top_k - 1).unsqueeze(1))
         sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, -math.inf)
     if top_p is not None:
-        sorted_probs = torch.softmax(sorted_logits, dim=-1)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop = (mass_before >= top_p.unsqueeze(1)) & (positions > 0)
+        drop = (_mass_from(torch.softmax(sorted_logits, dim=-1)) <= 1.0 - top_p.unsqueeze(1)) & (positions > 0)
         sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _mass_from(sorted_probs: torch.Tensor) -> torch.Tensor:
+    """Each position's mass from there to the end (a descending row's tail), summed from the smallest up, as vLLM's
+    ascending cumsum: a token is cut where its tail is within 1 - top_p. In float32 a running sum from the largest
+    reaches 1.0 with ~1e-5 of a 152k vocabulary's tail still to come, so cutting where the mass before a token
+    reached top_p dropped that tail on rows with top_p 1.0 beside a top-p row, and kept less than top_p."""
+    return sorted_probs.flip(-1).cumsum(dim=-1).flip(-1)
 
 
 def probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
