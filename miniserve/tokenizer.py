@@ -124,9 +124,8 @@ class Tokenizer:
     # ---------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path: str | Path, chat_template: str | None = None) -> Tokenizer:
-        """Load `tokenizer.json` (preferred) or `tokenizer.model` plus the config files from a directory.
-        `chat_template` (a template's text) replaces the directory's, checked here so that a broken one stops the
-        start, not the first chat request."""
+        """Load `tokenizer.json` (preferred) or `tokenizer.model` plus the config files from a directory;
+        `chat_template` (a template's text, checked here: a broken one stops the start) replaces the directory's."""
         directory = Path(path)
         if not directory.is_dir():
             raise FileNotFoundError(f"tokenizer directory {str(directory)!r} does not exist")
