@@ -154,11 +154,11 @@ def trace_api(path: str) -> None:
     lags: list[tuple[float, float]] = []  # (time, how late a 1 ms timer fired): the event loop's responsiveness
     posts: list[tuple[float, str]] = []  # (time the API process posted a request to the engine, request id)
     on_messages, attach = EngineProcess._on_messages, EngineProcess.attach
-    add_request = EngineProcess.add_request
+    add_requests = EngineProcess.add_requests
 
-    async def timed_add_request(self, request_id, *args, **kwargs):
-        posts.append((time.monotonic(), request_id))
-        return await add_request(self, request_id, *args, **kwargs)
+    async def timed_add_requests(self, requests):
+        posts.extend((time.monotonic(), request_id) for request_id, *_ in requests)
+        return await add_requests(self, requests)
 
     async def watch_loop() -> None:
         import asyncio
@@ -195,7 +195,7 @@ def trace_api(path: str) -> None:
 
     EngineProcess._on_messages = timed_on_messages
     EngineProcess.attach = traced_attach
-    EngineProcess.add_request = timed_add_request
+    EngineProcess.add_requests = timed_add_requests
     for impl in (h11_impl, httptools_impl):
         impl.RequestResponseCycle.send = timed(impl.RequestResponseCycle.send)
     for writer in (body_writer.HttpToolsBodyWriter, body_writer.H11BodyWriter):
