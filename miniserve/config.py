@@ -31,6 +31,7 @@ DEPENDENT_LAUNCHES = ("auto", "off")  # kernels/dependent_launch.py
 GENERATION_CONFIGS = ("auto", "vllm")  # models/generation_config.py
 MAX_SPECULATIVE_TOKENS = 15  # k+1 <= 16 tokens a sequence: engine/model_runner.py DECODE_QUERIES_MAX_LEN
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+REASONING_PARSERS = ("qwen3", "deepseek_r1")  # server/reasoning.py: how each reads a thinking model's output
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_ALIASES = {"half": torch.float16, "float": torch.float32}  # `dtype` as vLLM also spells it
 
@@ -271,6 +272,13 @@ class ServerConfig:
         "server runs (the sandbox bounds what it reaches, not how long it loops); off: such requests get 400",
     )
     max_prompt_tokens: int | None = setting(None, "tokens of a prompt; 400 beyond", shown_default="max_model_len")
+    reasoning_parser: str | None = setting(
+        None,
+        "split a thinking model's chat output into reasoning (between `<think>` and `</think>`) and content, as "
+        "vLLM's --reasoning-parser: qwen3 (none with chat_template_kwargs enable_thinking false), deepseek_r1",
+        REASONING_PARSERS,
+        shown_default="off",
+    )
     drain_timeout: float = setting(
         5.0,
         "after SIGTERM/SIGINT, seconds requests may still finish; then streams end with finish_reason abort, "

@@ -29,6 +29,8 @@ class StructuredOutputsParams:
     `json` is a schema as a dict or a JSON string; `grammar` is xgrammar's EBNF (GBNF-style, `root ::= ...`).
     JSON allows a few whitespace characters between tokens (structured_output.MAX_JSON_WHITESPACE);
     `disable_any_whitespace` makes it compact instead (`{"a": 1, "b": [2, 3]}`: one space after `:` and `,`).
+    `start_after_token`: the grammar applies only after the output's first such token (a thinking model's
+    `</think>`: the server's reasoning parser, as vLLM's grammar waits for the reasoning's end); before it, any token.
     """
 
     json: dict | str | None = None
@@ -37,6 +39,7 @@ class StructuredOutputsParams:
     grammar: str | None = None
     json_object: bool = False
     disable_any_whitespace: bool = False
+    start_after_token: int | None = None  # (not part of the grammar: `key` leaves it out)
 
     def __post_init__(self) -> None:
         if self.choice is not None:

@@ -36,6 +36,7 @@ def sample(cls: type, f) -> object:
         "generation_config": "vllm",
         "log_level": "debug",
         "http_parser": "h11",
+        "reasoning_parser": "qwen3",
         "block_size": 32,
         "gpu_memory_utilization": 0.5,
     }

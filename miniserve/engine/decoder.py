@@ -358,8 +358,9 @@ def continuing_rows(f: _InFlight, sched: Scheduler, limit: int) -> list[int] | N
 
 
 def _grammars(seqs: list[Sequence]) -> list:
-    """Each sequence's grammar state, None where it has none or has just ended (its row is dropped)."""
-    return [s.grammar if not s.is_finished else None for s in seqs]
+    """Each sequence's grammar state, None where it has none, has just ended (its row is dropped) or has not begun
+    (a grammar waiting for the end of a thinking model's reasoning: its row is free)."""
+    return [s.grammar if not s.is_finished and s.grammar is not None and not s.grammar.waiting else None for s in seqs]
 
 
 def _is_decode(s: ScheduledSeq) -> bool:

@@ -61,6 +61,7 @@ class SamplingBatch:
     token_bitmask: torch.Tensor | None = None  # int32 [B, ceil(V/32)] grammar masks (bit set = allowed)
     race_temperature: torch.Tensor | None = None  # float32 [B], 0 on greedy rows: set when the fused race applies
     awaits_bans: bool = False  # a row has a bad word of several tokens: its ban comes when the others are out
+    awaits_grammar: bool = False  # a row's grammar waits for a token (the end of reasoning): its masks come after
 
     @property
     def size(self) -> int:
@@ -69,10 +70,12 @@ class SamplingBatch:
     @property
     def penalized(self) -> bool:
         """Some row's logits depend on its output so far: penalties, a ban (min_tokens, bad words; or a bad word's
-        ban still to come), a grammar's mask. (A step launched before the previous one is read cannot build them:
-        overlapped steps rebuild these after reading it.)"""
+        ban still to come), a grammar's mask (or one still to come: a grammar waiting for the end of reasoning).
+        (A step launched before the previous one is read cannot build them: overlapped steps rebuild these after
+        reading it.)"""
         return (
             self.awaits_bans
+            or self.awaits_grammar
             or self.repetition_penalty is not None
             or self.output_counts is not None
             or self.banned is not None
@@ -127,7 +130,6 @@ class SamplingBatch:
         pres = [float(p.presence_penalty) for p in params]
         pen_rows = [i for i in range(rows) if freq[i] != 0.0 or pres[i] != 0.0]
         counts = {i: output_ids[i] for i in pen_rows}
-
         banned_rows, banned_ids = _bans(params, output_ids, eos_token_ids, vocab_size)
         asked = [p.logprobs for p in params if p.logprobs is not None]
         batch = cls(
@@ -152,10 +154,16 @@ class SamplingBatch:
             allowed=_allowed_mask(params, vocab_size, device),
             token_bitmask=token_bitmask,
             awaits_bans=any(len(word) > 1 for p in params for word in p.bad_words_token_ids or ()),
+            awaits_grammar=_grammar_waits(params),
         )
         if race_applies(batch):
             batch.race_temperature = column([0.0 if g else t for t, g in zip(temperature, greedy)])
         return batch
+
+
+def _grammar_waits(params: list[SamplingParams]) -> bool:
+    """A row's grammar starts only after a token still to come (the end of a thinking model's reasoning)."""
+    return any(p.structured_outputs is not None and p.structured_outputs.start_after_token is not None for p in params)
 
 
 def race_applies(batch: SamplingBatch) -> bool:

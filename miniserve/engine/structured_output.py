@@ -154,7 +154,7 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
 
     def new_state(self, spec: StructuredOutputsParams) -> GrammarState:
-        return GrammarState(import_xgrammar().GrammarMatcher(self.compile(spec)))
+        return GrammarState(import_xgrammar().GrammarMatcher(self.compile(spec)), spec.start_after_token)
 
 
 def _compile(compiler: Any, spec: StructuredOutputsParams, key: tuple) -> Any:
@@ -257,19 +257,30 @@ def _first_line(exc: BaseException) -> str:
 
 
 class GrammarState:
-    """Where one sequence stands in its grammar; fed the sequence's output tokens in order."""
+    """Where one sequence stands in its grammar; fed the sequence's output tokens in order. With `start_after`, the
+    grammar waits for that token (a thinking model's end of reasoning): until then every token is free."""
 
-    def __init__(self, matcher: Any):
+    def __init__(self, matcher: Any, start_after: int | None = None):
         self.matcher = matcher
+        self.start_after = start_after
+
+    @property
+    def waiting(self) -> bool:
+        """The grammar has not begun: the sequence's next token is not masked."""
+        return self.start_after is not None
 
     def accept(self, token: int) -> bool:
         """Feed the next output token; False if the grammar rejects it (the state then stays before it)."""
+        if self.start_after is not None:
+            if token == self.start_after:
+                self.start_after = None
+            return True
         return self.matcher.accept_token(token)
 
     @property
     def terminated(self) -> bool:
         """The grammar is complete and its stop token was accepted: nothing more may follow."""
-        return self.matcher.is_terminated()
+        return not self.waiting and self.matcher.is_terminated()
 
 
 MAX_AUTO_THREADS = 4  # more filled no step faster on a 16-core H200 host, and most slower (docstring below)

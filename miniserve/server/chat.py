@@ -1,5 +1,5 @@
 """POST /v1/chat/completions: messages through the chat template to one prompt, then choices as messages, plain
-or streamed, with tool calls (server/tool_calls.py) and chat logprobs."""
+or streamed, with reasoning split off (server/reasoning.py), tool calls (server/tool_calls.py) and chat logprobs."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from fastapi.responses import Response
 from miniserve.server import responses as fmt
 from miniserve.server.event_stream import EventStream, StreamEvents
 from miniserve.server.protocol import APIError, ChatCompletionRequest
+from miniserve.server.reasoning import ContentOutput, ReasoningSetup, check_reasoning_fields, reasoning_setup
 from miniserve.server.request_group import (
     RequestGroup,
     collect_finals,
@@ -30,9 +31,14 @@ async def create_chat_completion(request: Request) -> Response:
     state = state_of(request)
     req: ChatCompletionRequest = await state.parse(request, ChatCompletionRequest)
     state.check_word_lists(req)
+    check_reasoning_fields(req, state.server.reasoning_parser)
     tools = tool_setup(req, state.tokenizer.chat_template)
-    structured = await state.compile_constraint(_chat_constraint(req, tools))
+    constraint = _chat_constraint(req, tools)
+    structured = await state.compile_constraint(constraint)
     ids = await _chat_ids(state, req, tools)
+    reasoning = reasoning_setup(req, state.server.reasoning_parser, state.tokenizer, ids)
+    if reasoning is not None and constraint is not None:
+        structured = reasoning.defer(structured, constraint[0])
     top = (req.top_logprobs or 0) if req.logprobs else None
     budget_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     budget = state.token_budget(len(ids), req.token_budget(), "messages", budget_param)
@@ -56,12 +62,13 @@ async def create_chat_completion(request: Request) -> Response:
         "model": state.model_name,
     }
     if req.stream:
-        return EventStream(group, request, ChatEvents(state, req, head, ids, tools))
+        return EventStream(group, request, ChatEvents(state, req, head, ids, tools, reasoning))
     finals = await collect_finals(group, request)
     if finals is None:
         return Response(status_code=499)
     out = finals[0]
-    body = {**head, "choices": _chat_choices(state, req, ids, out, tools), "usage": request_usage([ids], [out])}
+    choices = _chat_choices(state, req, ids, out, tools, reasoning)
+    body = {**head, "choices": choices, "usage": request_usage([ids], [out])}
     if req.prompt_logprobs is not None:
         as_ids = bool(req.return_tokens_as_token_ids)
         body["prompt_logprobs"] = fmt.vllm_prompt_logprobs(
@@ -105,7 +112,12 @@ def _echo_text(req: ChatCompletionRequest) -> str:
 
 
 def _chat_choices(
-    state: ServerState, req: ChatCompletionRequest, ids: list[int], out: Any, tools: ToolSetup
+    state: ServerState,
+    req: ChatCompletionRequest,
+    ids: list[int],
+    out: Any,
+    tools: ToolSetup,
+    reasoning: ReasoningSetup | None,
 ) -> list[dict[str, Any]]:
     top = (req.top_logprobs or 0) if req.logprobs else None
     as_ids = bool(req.return_tokens_as_token_ids)
@@ -115,7 +127,7 @@ def _chat_choices(
         lp = None
         if top is not None:
             lp = fmt.chat_logprobs(state.tokenizer, ids, o.token_ids, o.logprobs, top, as_ids)
-        message, finish = tools.message(o.text, o.finish_reason, echo)
+        message, finish = _message(tools, reasoning, o, echo)
         choice = {
             "index": o.index,
             "message": message,
@@ -129,13 +141,36 @@ def _chat_choices(
     return choices
 
 
-class ChatEvents(StreamEvents):
-    """A streamed chat completion's events: each choice's role first, then its deltas (content, or tool calls
-    as server/tool_calls.py parses them), vLLM's prompt_logprobs with the first output, usage at the end."""
+def _message(tools: ToolSetup, reasoning: ReasoningSetup | None, o: Any, echo: str) -> tuple[dict[str, Any], Any]:
+    """A finished choice's assistant message and finish_reason: with a reasoning parser, the reasoning split off
+    (vLLM's `reasoning` field: null when there is none or it was left out) and tool calls parsed from the content
+    alone; content null when the reasoning left none (as vLLM)."""
+    if reasoning is None:
+        return tools.message(o.text, o.finish_reason, echo)
+    thought, content = reasoning.split(o.text)
+    message, finish = tools.message(content, o.finish_reason, echo)
+    if reasoning.thinking and message["content"] == "":
+        message["content"] = None
+    return {**message, "reasoning": thought}, finish
 
-    def __init__(self, state: ServerState, req: ChatCompletionRequest, head: dict, ids: list[int], tools: ToolSetup):
+
+class ChatEvents(StreamEvents):
+    """A streamed chat completion's events: each choice's role first, then its deltas (reasoning as
+    server/reasoning.py splits it off, content, or tool calls as server/tool_calls.py parses them), vLLM's
+    prompt_logprobs with the first output, usage at the end."""
+
+    def __init__(
+        self,
+        state: ServerState,
+        req: ChatCompletionRequest,
+        head: dict,
+        ids: list[int],
+        tools: ToolSetup,
+        reasoning: ReasoningSetup | None = None,
+    ):
         super().__init__({(0, j): fmt.ChoiceTracker(ids) for j in range(req.n)})
-        self.state, self.req, self.ids, self.tools = state, req, ids, tools
+        self.state, self.req, self.ids, self.tools, self.reasoning = state, req, ids, tools, reasoning
+        self.splitters = {j: reasoning.splitter() for j in range(req.n)} if reasoning is not None else {}
         self.head = {**head, "object": "chat.completion.chunk"}
         self.parsers = {j: tools.parser() for j in range(req.n)}
         self.num_calls = dict.fromkeys(range(req.n), 0)
@@ -145,6 +180,7 @@ class ChatEvents(StreamEvents):
         self.prompt_sent = req.prompt_logprobs is None
         # a choice's plain content pieces, encoded around the rest of their event (responses.py:TextChunks)
         plain = self.top is None and not req.return_token_ids and tools.mode == "none" and self.usage() is None
+        plain = plain and reasoning is None
         self.texts = {j: fmt.TextChunks(self.head, j, "content") for j in range(req.n)} if plain else {}
 
     def chunk(self, index: int, delta: dict, logprobs: Any = None, finish: Any = None, stop: Any = None, **extra):
@@ -168,13 +204,24 @@ class ChatEvents(StreamEvents):
         lp = None
         if self.top is not None and d.token_ids:
             lp = fmt.chat_logprobs(tok, d.context, d.token_ids, d.logprobs, self.top, self.as_ids)
-        delta = self.tools.delta(self.parsers[o.index], self.num_calls, o, d.text)
+        delta = self._delta(o, d.text)
         if delta or lp or d.finished_now or (req.return_token_ids and d.token_ids):
             finish = self.tools.finish_reason(o.finish_reason, self.num_calls[o.index]) if d.finished_now else None
             stop = o.stop_reason if d.finished_now else None
             extra = {"token_ids": d.token_ids} if req.return_token_ids else {}
             events.append(self.chunk(o.index, delta, lp, finish, stop, **extra))
         return events
+
+    def _delta(self, o: Any, text: str) -> dict[str, Any]:
+        """Choice `o`'s delta for its new `text`: with a reasoning parser, the new reasoning (vLLM's `reasoning`
+        key) and the tool-call code's delta of the new content (fed the content so far, not the whole text)."""
+        if self.reasoning is None:
+            return self.tools.delta(self.parsers[o.index], self.num_calls, o, text)
+        splitter = self.splitters[o.index]
+        thought, content = splitter.feed(o.text, final=o.finish_reason is not None)
+        view = ContentOutput(o.index, splitter.content, o.finish_reason)
+        delta = self.tools.delta(self.parsers[o.index], self.num_calls, view, content)
+        return {"reasoning": thought, **delta} if thought and self.reasoning.include else delta
 
     def closing(self) -> list[bytes]:
         if not (self.req.stream_options and self.req.stream_options.include_usage):

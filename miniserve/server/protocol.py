@@ -432,8 +432,11 @@ _CHAT_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "prediction": (_unset, "predicted outputs are not supported"),
     "store": (lambda v: not v, "this server does not store completions"),
     "service_tier": (lambda v: v in (None, "auto", "default"), "there is one service tier (auto/default)"),
-    "reasoning_effort": (_unset, "no reasoning model support: reasoning_effort cannot be honoured"),
-    "include_reasoning": (lambda v: v is True, "reasoning is never separated from the content here"),
+    "reasoning_effort": (
+        _unset,
+        "reasoning_effort cannot be honoured: switch thinking with the chat template's own variable in "
+        "chat_template_kwargs (e.g. enable_thinking)",
+    ),
     "verbosity": (_unset, "verbosity is not supported"),
     "web_search_options": (_unset, "web search is not supported"),
 }
@@ -471,7 +474,7 @@ class ChatCompletionRequest(SamplingFields):
     store: bool | None = None
     service_tier: str | None = None
     reasoning_effort: str | None = None
-    include_reasoning: bool = True
+    include_reasoning: bool = True  # false: the reasoning is left out (server/reasoning.py; needs a parser)
     verbosity: str | None = None
     web_search_options: Any = None
 
