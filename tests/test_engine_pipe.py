@@ -5,18 +5,22 @@ request the same output as the steps applied one by one."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import multiprocessing as mp
 import os
 import random
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from miniserve.engine.outputs import RequestOutput
-from miniserve.server.engine_process import RequestStream, merge_steps
+from miniserve.sampling_params import SamplingParams
+from miniserve.server.engine_process import EngineProcess, RequestStream, merge_steps
 from miniserve.server.pipe import FrameReader, FrameWriter
+from miniserve.server.protocol import APIError
 
 
 def _pipe() -> tuple[FrameReader, FrameWriter]:
@@ -242,3 +246,55 @@ def test_a_failing_step_fails_every_request_in_flight_and_the_loop_serves_on():
     commands.send([("stop",)])
     runner.join(timeout=30)
     assert not runner.is_alive()
+
+
+class _Posted(EngineProcess):
+    """The API side with no engine process: what it posts is kept, and finished requests are counted."""
+
+    def __init__(self, max_waiting: int | None = None):
+        super().__init__(SimpleNamespace(max_num_seqs=1), max_waiting)
+        self._alive, self.posted, self.counted = True, [], []
+        self.metrics = SimpleNamespace(observe_finished=lambda reasons, _: self.counted.extend(reasons))
+
+    def _post(self, cmd: tuple) -> None:
+        self.posted.append(cmd)
+
+
+def _requests(n: int) -> list[tuple]:
+    params = SamplingParams(max_tokens=1)
+    return [(f"r-{i}", [1, 2], params, RequestStream(f"r-{i}", [1, 2], params, lambda s: None), None) for i in range(n)]
+
+
+def test_a_refused_prompt_withdraws_the_requests_others_uncounted():
+    """A request of 3 prompts, the middle one refused by the engine: a 400 that ran nothing, so the other two are
+    withdrawn (aborted in the engine, nothing outstanding) and, when the caller aborts them, not counted as finished
+    requests in the metrics (they were, as aborts)."""
+
+    async def run() -> _Posted:
+        proc, requests = _Posted(), _requests(3)
+        adding = asyncio.ensure_future(proc.add_requests(requests))
+        await asyncio.sleep(0)
+        proc._on_message(("acks", [("r-0", None, True), ("r-1", "too long", True), ("r-2", None, True)], {}))
+        with pytest.raises(ValueError, match="too long"):
+            await adding
+        for request_id, *_ in requests:  # what RequestGroup.start does with the error
+            proc.abort(request_id)
+        return proc
+
+    proc = asyncio.run(run())
+    assert (proc.counted, proc._outstanding, proc._streams, proc._acks) == ([], 0, {}, {})
+    assert [c for c in proc.posted if c[0] == "abort"] == [("abort", ["r-0", "r-2"])]
+
+
+def test_an_overloaded_request_posts_none_of_its_prompts():
+    """max_waiting is checked for all of a request's prompts before any is posted (the first one was posted, then
+    aborted, when the second did not fit)."""
+
+    async def run() -> _Posted:
+        proc = _Posted(max_waiting=0)
+        with pytest.raises(APIError, match="overloaded"):
+            await proc.add_requests(_requests(2))
+        return proc
+
+    proc = asyncio.run(run())
+    assert (proc.posted, proc._outstanding, proc._streams) == ([], 0, {})

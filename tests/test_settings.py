@@ -3,6 +3,7 @@ bad values are one-line errors naming their source, and the README's table is th
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -374,3 +375,16 @@ def test_readme_table_is_the_generated_one():
     for cls in (EngineConfig, ServerConfig):
         for f in fields(cls):
             assert f"`MINISERVE_{f.name.upper()}`" in readme
+
+
+@pytest.mark.parametrize("value", [[2, None], "2", [True], -1, 2.5])
+def test_a_malformed_generation_config_eos_token_id_is_named(tmp_path, value):
+    """generation_config.json's eos_token_id, read beside a separate tokenizer: a value that is no token id (nor a
+    list of them) is named with its file (it was a TypeError from int(), or silently no stop token)."""
+    from miniserve.models.generation_config import eos_token_ids
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": value}))
+    with pytest.raises(ValueError, match="generation_config.json: eos_token_id must be a token id"):
+        eos_token_ids(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    assert eos_token_ids(tmp_path) == {2, 7}

@@ -547,26 +547,29 @@ class EngineProcess:
     async def add_requests(self, requests: list[tuple[str, list[int], Any, RequestStream, str | None]]) -> None:
         """Post requests (id, prompt ids, params, stream, serialized compiled grammar or None) in one message, so that
         the engine takes them in one step (one by one, each posted once the one before was accepted, N prompts took
-        N steps); returns once it accepted them all. Raises the engine's ValueError for a bad prompt (the refused
-        ones forgotten, the caller aborts the rest) and APIError(503) when the server is stopping or overloaded."""
+        N steps); returns once it accepted them all. Raises the engine's ValueError for a bad prompt (all of them
+        then withdrawn) and APIError(503) when the server is stopping or overloaded (checked for all of them before
+        any is posted)."""
         if not self.accepting:
             raise APIError("the server is shutting down; retry the request", status=503, code="shutting_down")
         if not self.is_alive():
             raise APIError("the engine is not running", status=503, code="engine_unavailable")
+        if self.max_waiting is not None:
+            _check_room_for([r[2].n for r in requests], self.capacity, self.max_waiting, self._outstanding)
         acks = []
         for request_id, prompt, params, stream, grammar in requests:
-            if self.max_waiting is not None:
-                _check_room(params.n, self.capacity, self.max_waiting, self._outstanding)
             acks.append(ack := asyncio.get_running_loop().create_future())
             self._acks[request_id], self._streams[request_id] = ack, stream
             self._outstanding += params.n
             self._post(("add", request_id, prompt, params, grammar))
         answers = [(request_id, *await ack) for (request_id, *_), ack in zip(requests, acks)]
-        refused = [(request_id, error, is_value) for request_id, error, is_value in answers if error is not None]
-        for request_id, _, _ in refused:
-            self._forget(request_id)
-        if refused:
-            raise ValueError(refused[0][1]) if refused[0][2] else RuntimeError(refused[0][1])
+        refused = [(error, is_value) for _, error, is_value in answers if error is not None]
+        if refused:  # (the accepted ones withdrawn, not aborted: none ran, so none counts as a finished request)
+            for request_id, *_ in requests:
+                self._forget(request_id)
+            if accepted := [request_id for request_id, error, _ in answers if error is None]:
+                self._post(("abort", accepted))
+            raise ValueError(refused[0][0]) if refused[0][1] else RuntimeError(refused[0][0])
 
     def warm_grammars(self) -> None:
         """Have the engine get ready for grammars in the background (before the first one is sent)."""
@@ -696,6 +699,13 @@ class EngineProcess:
 def _answer(future: asyncio.Future, value: Any) -> None:
     if not future.done():  # (a scrape whose client left was cancelled)
         future.set_result(value)
+
+
+def _check_room_for(ns: list[int], capacity: int, max_waiting: int, outstanding: int) -> None:
+    """_check_room for each prompt of a request (of `ns` sequences each), all before any is posted."""
+    for n in ns:
+        _check_room(n, capacity, max_waiting, outstanding)
+        outstanding += n
 
 
 def _check_room(n: int, capacity: int, max_waiting: int, outstanding: int) -> None:
