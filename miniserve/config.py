@@ -253,7 +253,9 @@ class ServerConfig:
     `--http server:http`)."""
 
     served_model_name: str | None = setting(
-        None, "the model name clients send", shown_default="the model directory's name"
+        None,
+        "the model name clients send",
+        shown_default="the model directory's name (the --model path as given is taken too, as vLLM names it)",
     )
     api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on every /v1 route", shown_default="off")
     max_waiting: int = setting(

@@ -75,6 +75,17 @@ def client(url) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=300, max_retries=0)
 
 
+def test_the_model_path_as_given_names_the_model_too(client):
+    """Without --served-model-name the server answers to the model directory's name and, as vLLM (whose served
+    name defaults to it), to the --model path as given (lm-eval's model=PATH); any other name is a 404."""
+    assert client.models.list().data[0].id == MODEL
+    for name in (str(DEMO_TARGET), str(DEMO_TARGET) + "/"):
+        assert client.models.retrieve(name).id == MODEL
+        assert client.completions.create(model=name, prompt="ROMEO:", max_tokens=1).model == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model=str(DEMO_TARGET.parent), prompt="ROMEO:", max_tokens=1)
+
+
 def _schema_request(i: int, schema: dict) -> dict:
     """The three spellings in turn: response_format json_schema (strict), structured_outputs.json, guided_json."""
     body: dict = {"model": MODEL, "prompt": "ROMEO:", "n": 4, "temperature": 1.0, "seed": i, "max_tokens": 120}

@@ -65,6 +65,8 @@ class ServerState:
         self.vocab_size: int = engine.info["vocab_size"]
         self.sampling_defaults: dict[str, float | int] = engine.info["sampling_defaults"]
         self.model_name: str = server.served_model_name or engine.info["model_name"]
+        # vLLM serves a model under its --model argument as given; without a served name, that is taken too
+        self.model_path = None if server.served_model_name else config.model.rstrip("/")
         self.metrics = ServerMetrics(engine.stats, self.model_name, self.max_model_len, engine.info["cache_config"])
         engine.metrics = self.metrics
         # structured outputs compile here, off the event loop and off the engine's step loop (structured_output.py)
@@ -248,7 +250,7 @@ class ServerState:
             )
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
+        if model is not None and model != self.model_name and model.rstrip("/") != self.model_path:
             raise APIError(
                 f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
                 status=404,
