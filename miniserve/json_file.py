@@ -21,3 +21,12 @@ def read_json_object(path: Path, missing_ok: bool = False) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a JSON object, not {type(raw).__name__}")
     return raw
+
+
+def read_eos_token_ids(path: Path) -> set[int]:
+    """A config file's eos_token_id, one id or a list, checked (none when the file or the key is missing)."""
+    value = read_json_object(path, missing_ok=True).get("eos_token_id")
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ids):
+        raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}")
+    return set(ids)

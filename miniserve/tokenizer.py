@@ -24,7 +24,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from miniserve.json_file import read_json_object
+from miniserve.json_file import read_eos_token_ids, read_json_object
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
@@ -124,22 +124,22 @@ class Tokenizer:
     # ---------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path: str | Path, chat_template: str | None = None) -> Tokenizer:
-        """Load `tokenizer.json` (preferred) or `tokenizer.model` plus the config files from a directory;
-        `chat_template` (a template's text, checked here: a broken one stops the start) replaces the directory's."""
+        """Load `tokenizer.json` (or `tokenizer.model`) and the config files; `chat_template` replaces theirs."""
         directory = Path(path)
         if not directory.is_dir():
             raise FileNotFoundError(f"tokenizer directory {str(directory)!r} does not exist")
         config = read_json_object(directory / "tokenizer_config.json", missing_ok=True)
         special: dict[str, str | None] = {name: _token_content(config.get(name)) for name in SPECIAL_TOKEN_NAMES}
         backend = _load_backend(directory, config, special)
-        return cls(
+        tokenizer = cls(
             backend,
             special_tokens=special,
-            chat_template=_checked(chat_template) if chat_template else _load_chat_template(directory, config),
+            chat_template=chat_template or _load_chat_template(directory, config),
             extra_eos_token_ids=_config_eos_ids(directory),
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
             name_or_path=str(directory),
         )
+        return _with_template_setting(tokenizer, chat_template)
 
     # ---------------------------------------------------------------- properties
     @property
@@ -544,25 +544,21 @@ def _added_token(spec: Any) -> AddedToken:
 
 
 def _config_eos_ids(directory: Path) -> set[int]:
-    ids: set[int] = set()
-    for name in ("generation_config.json", "config.json"):
-        value = read_json_object(directory / name, missing_ok=True).get("eos_token_id")
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list):
-            ids.update(int(v) for v in value)
-    return ids
+    """The directory's generation_config.json and config.json stop tokens (read as the engine reads a model's)."""
+    return read_eos_token_ids(directory / "generation_config.json") | read_eos_token_ids(directory / "config.json")
 
 
-def _checked(template: str) -> str:
-    """The chat_template setting's text, once it compiles (a ValueError naming the setting otherwise)."""
-    import jinja2
+def _with_template_setting(tokenizer: Tokenizer, template: str | None) -> Tokenizer:
+    """`tokenizer` with the chat_template setting's template compiled once, now: a broken one stops the start (a
+    ValueError naming the setting), not the first chat request."""
+    if template:
+        import jinja2
 
-    try:
-        _compile_template(template)
-    except jinja2.TemplateSyntaxError as exc:
-        raise ValueError(f"chat_template does not compile: {exc} (line {exc.lineno})") from None
-    return template
+        try:
+            tokenizer._jinja_template = _compile_template(template)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ValueError(f"chat_template does not compile: {exc} (line {exc.lineno})") from None
+    return tokenizer
 
 
 def _load_chat_template(directory: Path, config: dict) -> str | None:

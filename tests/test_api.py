@@ -939,6 +939,27 @@ def test_forced_tool_calls_cut_short_stream_as_they_answer_whole(mode, parallel)
         assert content == (message["content"] or ""), text
 
 
+def test_a_named_calls_header_comes_with_its_first_arguments_or_the_end():
+    """Streamed with tool_choice naming a function, the call's header (id, name) goes out with the first text of
+    its arguments, not before: a reasoning model's delta for a step of reasoning has no content, and sent then the
+    header led the reasoning. A choice that ends without any text still gets its call, as the whole message does."""
+    from types import SimpleNamespace
+
+    from miniserve.server.tool_calls import ToolSetup
+
+    named = ToolSetup("named", "hermes", "f", True, [])
+    calls = {0: 0}
+    step = SimpleNamespace(index=0, text="", finish_reason=None)
+    assert named.delta(None, calls, step, "") == {} and calls[0] == 0
+    first = named.delta(None, calls, step, '{"a"')["tool_calls"][0]
+    assert (first["function"], first["type"], calls[0]) == ({"name": "f", "arguments": '{"a"'}, "function", 1)
+    assert named.delta(None, calls, step, ": 1}") == {"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]}
+    calls = {0: 0}
+    ended = named.delta(None, calls, SimpleNamespace(index=0, text="", finish_reason="length"), "")
+    assert ended["tool_calls"][0]["function"] == {"name": "f", "arguments": ""}
+    assert named.message("", "length", "")[0]["tool_calls"][0]["function"] == {"name": "f", "arguments": ""}
+
+
 # ---------------------------------------------------------------------------------------------- metrics
 
 

@@ -61,7 +61,7 @@ class SamplingBatch:
     token_bitmask: torch.Tensor | None = None  # int32 [B, ceil(V/32)] grammar masks (bit set = allowed)
     race_temperature: torch.Tensor | None = None  # float32 [B], 0 on greedy rows: set when the fused race applies
     awaits_bans: bool = False  # a row has a bad word of several tokens: its ban comes when the others are out
-    awaits_grammar: bool = False  # a row's grammar waits for a token (the end of reasoning): its masks come after
+    awaits_grammar: bool = False  # a row's grammar starts after a token (the end of reasoning): no mask before it
 
     @property
     def size(self) -> int:
@@ -162,7 +162,9 @@ class SamplingBatch:
 
 
 def _grammar_waits(params: list[SamplingParams]) -> bool:
-    """A row's grammar starts only after a token still to come (the end of a thinking model's reasoning)."""
+    """A row's grammar starts only after a token (the end of a thinking model's reasoning): until it comes, the row
+    has no mask to make the batch rebuild after each step, yet its first mask must follow that step (once the grammar
+    has started, its masks mark the batch anyway)."""
     return any(p.structured_outputs is not None and p.structured_outputs.start_after_token is not None for p in params)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from miniserve.json_file import read_json_object
+from miniserve.json_file import read_eos_token_ids, read_json_object
 
 # generation_config.json's name -> SamplingParams' name
 SAMPLING_KEYS = {
@@ -36,9 +36,4 @@ def eos_token_ids(model_dir: str | Path) -> set[int]:
     """generation_config.json's eos_token_id, one id or a list (Llama 3.1's <|eom_id|> and <|eot_id|>, Qwen2.5's
     <|endoftext|>): the model's own stop tokens, which vLLM stops on in either mode, whichever directory the
     tokenizer comes from (the tokenizer reads only its own directory's files)."""
-    path = Path(model_dir) / "generation_config.json"
-    value = read_json_object(path, missing_ok=True).get("eos_token_id")
-    ids = [] if value is None else value if isinstance(value, list) else [value]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ids):
-        raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}")
-    return set(ids)
+    return read_eos_token_ids(Path(model_dir) / "generation_config.json")

@@ -421,8 +421,8 @@ class ToolSetup:
         calls in OpenAI's delta shape; `num_calls` counts each choice's calls sent so far."""
         if self.mode == "none":
             return {"content": text} if text else {}
-        if self.mode == "named":  # the output is the arguments: a header first, then the text as it comes
-            if num_calls[o.index] == 0:
+        if self.mode == "named":  # the output is the arguments: a header with their first text (or the end), then more
+            if num_calls[o.index] == 0 and (text or o.finish_reason is not None):
                 num_calls[o.index] = 1
                 header = {"name": self.named, "arguments": text}
                 call = {"index": 0, "id": new_call_id(self.format), "type": "function", "function": header}
