@@ -465,6 +465,33 @@ def test_usage_details_continuous_usage_and_token_ids_when_streaming(client):
     assert r.choices[0].logprobs.tokens == [f"token_id:{t}" for t in whole.choices[0].model_extra["token_ids"][:3]]
 
 
+def test_continuous_usage_is_each_choices_own(client, hf_tok):
+    """As vLLM's chunks: every chunk's usage is its own prompt's tokens and its own choice's tokens so far (not the
+    request's running total over prompts and choices); the closing usage chunk has the request's totals."""
+    prompts, opts = ["ROMEO:", "JULIET: O Romeo, Romeo"], {"include_usage": True, "continuous_usage_stats": True}
+    lengths = [len(hf_tok(p)["input_ids"]) for p in prompts]
+    assert lengths[0] != lengths[1]
+    kw = dict(model=MODEL_NAME, n=2, temperature=1.0, seed=3, stream=True, stream_options=opts)
+    chunks = list(client.completions.create(prompt=prompts, max_tokens=6, extra_body={"return_token_ids": True}, **kw))
+    seen: dict[int, int] = {}  # choice index -> its tokens so far
+    for c in chunks[:-1]:
+        (ch,) = c.choices
+        seen[ch.index] = seen.get(ch.index, 0) + len(ch.model_extra.get("token_ids") or [])
+        assert (c.usage.prompt_tokens, c.usage.completion_tokens) == (lengths[ch.index // 2], seen[ch.index])
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == sum(seen.values())
+    assert chunks[-1].usage.prompt_tokens == sum(lengths) and sorted(seen) == [0, 1, 2, 3]
+    messages = [{"role": "user", "content": "Speak."}]
+    chat = list(
+        client.chat.completions.create(messages=messages, max_tokens=5, extra_body={"return_token_ids": True}, **kw)
+    )
+    seen = {}
+    for c in chat[:-1]:
+        (ch,) = c.choices
+        seen[ch.index] = seen.get(ch.index, 0) + len(ch.model_extra.get("token_ids") or [])
+        assert c.usage.completion_tokens == seen[ch.index] and c.usage.prompt_tokens == chat[-1].usage.prompt_tokens
+    assert chat[-1].usage.completion_tokens == sum(seen.values()) and sorted(seen) == [0, 1]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_the_stop_token_is_in_the_token_ids_and_its_text_only_when_asked(client, hf_tok, stream):
     """As vLLM: a choice ended by a stop token id keeps the id, and leaves its text out unless

@@ -28,11 +28,14 @@ from tests.test_server import (
 )
 
 API_KEY = "sk-miniserve-test"
+LONG_MAX_MODEL_LEN = 16384
 
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory, tokenizer_dir):
-    model_dir = build_server_model(tmp_path_factory.mktemp("limits-model"), tokenizer_dir)
+    # a long context: the running request below must outlast the checks made meanwhile on any machine (on a
+    # loaded 2-core one, 1000 tokens took about 2 s and the checks up to 0.7 s: a slower client would see it end)
+    model_dir = build_server_model(tmp_path_factory.mktemp("limits-model"), tokenizer_dir, LONG_MAX_MODEL_LEN)
     env = {
         "MINISERVE_API_KEY": API_KEY,
         "MINISERVE_SERVED_MODEL_NAME": MODEL_NAME,
@@ -81,7 +84,7 @@ def test_a_requests_own_chat_template_is_refused_unless_the_server_trusts_them(u
 
 def test_too_many_waiting_requests_get_503_and_the_server_recovers(url):
     auth = {"Authorization": f"Bearer {API_KEY}"}
-    long = {"model": MODEL_NAME, "prompt": "ROMEO:", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    long = {"model": MODEL_NAME, "prompt": "ROMEO:", "max_tokens": 16000, "ignore_eos": True, "stream": True}
     with (
         httpx.Client(base_url=url, timeout=30, headers=auth) as a,
         httpx.Client(base_url=url, timeout=30, headers=auth) as b,

@@ -179,12 +179,13 @@ class ChatEvents(StreamEvents):
         self.usage = stream_usage(req, [ids], self.trackers)
         self.prompt_sent = req.prompt_logprobs is None
         # a choice's plain content pieces, encoded around the rest of their event (responses.py:TextChunks)
-        plain = self.top is None and not req.return_token_ids and tools.mode == "none" and self.usage() is None
+        plain = self.top is None and not req.return_token_ids and tools.mode == "none" and self.usage is None
         plain = plain and reasoning is None
         self.texts = {j: fmt.TextChunks(self.head, j, "content") for j in range(req.n)} if plain else {}
 
     def chunk(self, index: int, delta: dict, logprobs: Any = None, finish: Any = None, stop: Any = None, **extra):
-        return fmt.choice_chunk(self.head, index, {"delta": delta}, logprobs, finish, stop, extra, self.usage())
+        usage = self.usage and self.usage(0, index)
+        return fmt.choice_chunk(self.head, index, {"delta": delta}, logprobs, finish, stop, extra, usage)
 
     def opening(self) -> list[bytes]:
         first_extra = {"prompt_token_ids": self.ids} if self.req.return_token_ids else {}

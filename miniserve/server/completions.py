@@ -162,12 +162,12 @@ class CompletionEvents(StreamEvents):
         self.as_ids = bool(req.return_tokens_as_token_ids)
         self.usage = stream_usage(req, prompt_ids, self.trackers)
         # a choice's plain text pieces, encoded around the rest of their event (responses.py:TextChunks)
-        plain = req.logprobs is None and not req.return_token_ids and not self.prompt_later and self.usage() is None
+        plain = req.logprobs is None and not req.return_token_ids and not self.prompt_later and self.usage is None
         self.texts = {(i, j): fmt.TextChunks(head, i * req.n + j, "text") for i, j in self.trackers} if plain else {}
 
     def chunk(self, i: int, j: int, text: str, logprobs: Any = None, finish: Any = None, stop: Any = None, **extra):
-        index = i * self.req.n + j
-        return fmt.choice_chunk(self.head, index, {"text": text}, logprobs, finish, stop, extra, self.usage())
+        index, usage = i * self.req.n + j, self.usage and self.usage(i, j)
+        return fmt.choice_chunk(self.head, index, {"text": text}, logprobs, finish, stop, extra, usage)
 
     def opening(self) -> list[bytes]:
         if not self.prompt_texts or self.prompt_later:

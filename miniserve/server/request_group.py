@@ -161,14 +161,15 @@ def request_usage(prompt_ids: list[list[int]], outputs: list[Any]) -> dict[str, 
 
 
 def stream_usage(req: SamplingFields, prompt_ids: list[list[int]], trackers: dict) -> Any:
-    """With stream_options.continuous_usage_stats (and include_usage), every chunk carries the usage so far."""
+    """With stream_options.continuous_usage_stats (and include_usage), every chunk carries its choice's usage so
+    far: its prompt's tokens and the tokens of that choice alone, as vLLM's chunks (the closing usage chunk has the
+    request's totals). None without the option."""
     opts = req.stream_options
     if not (opts and opts.include_usage and opts.continuous_usage_stats):
-        return lambda: None
-    prompt = sum(len(ids) for ids in prompt_ids)
+        return None
 
-    def now() -> dict[str, Any]:
-        completion = sum(t.num_tokens for t in trackers.values())
+    def now(i: int, j: int) -> dict[str, Any]:
+        prompt, completion = len(prompt_ids[i]), trackers[(i, j)].num_tokens
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     return now

@@ -65,7 +65,7 @@ def choice_chunk(
     usage: dict[str, Any] | None = None,
 ) -> bytes:
     """One streamed choice as an SSE event: `content` is {"text": ...} (completions) or {"delta": ...} (chat);
-    `extra` adds vLLM's per-choice fields (token_ids, ...), `usage` the running usage (continuous_usage_stats)."""
+    `extra` adds vLLM's per-choice fields (token_ids, ...), `usage` the choice's usage so far (continuous usage)."""
     choice = {"index": index, **content, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop}
     if extra:
         choice.update(extra)
