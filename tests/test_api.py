@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -1021,6 +1022,45 @@ def test_vllm_request_metrics_and_cache_config(url, client, hf_tok):
     info = [(labels, v) for (name, labels), v in after.items() if name == "miniserve:cache_config_info"]
     assert len(info) == 1 and info[0][1] == 1.0
     assert dict(info[0][0])["block_size"] == "16" and int(dict(info[0][0])["num_gpu_blocks"]) > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_choices_are_timed_and_counted_as_vllms_n_child_requests(url, client, hf_tok, stream):
+    """vLLM runs a request of n choices as n child requests: each counts a finish reason, an end-to-end latency,
+    a TTFT, its inter-token latencies, its prompt and generated tokens, max_tokens and its phases; the request's n
+    and its longest choice count once. Counts from what the test asked; latencies within the time it measured."""
+    from tests.test_server import metric, scrape
+
+    prompt, n, max_tokens = "Good morrow, cousin", 3, 4
+    num_prompt = len(hf_tok(prompt).input_ids)
+    before = scrape(url)
+    started = time.monotonic()
+    body = dict(model=MODEL_NAME, prompt=prompt, n=n, max_tokens=max_tokens, temperature=1.0, seed=7,
+                extra_body={"ignore_eos": True})  # fmt: skip
+    if stream:
+        assert sum(1 for _ in client.completions.create(**body, stream=True)) > 0
+    else:
+        assert len(client.completions.create(**body).choices) == n
+    wall = time.monotonic() - started
+    after = scrape(url)
+    delta = lambda name, **labels: metric(after, name, **labels) - metric(before, name, **labels)  # noqa: E731
+    assert delta("request_success_total", finished_reason="length") == n
+    for name in ("e2e_request_latency_seconds", "time_to_first_token_seconds"):
+        assert delta(f"{name}_count") == n
+        assert 0 < delta(f"{name}_sum") <= n * wall
+    assert delta("inter_token_latency_seconds_count") == n * (max_tokens - 1)
+    assert 0 < delta("inter_token_latency_seconds_sum") <= n * wall
+    assert delta("request_prompt_tokens_count") == n and delta("request_prompt_tokens_sum") == n * num_prompt
+    assert delta("prompt_tokens_total") == n * num_prompt  # each child request's prompt, cached or computed
+    assert delta("request_generation_tokens_count") == n and delta("request_generation_tokens_sum") == n * max_tokens
+    assert delta("request_params_max_tokens_count") == n
+    for phase in ("queue", "prefill", "decode", "inference"):
+        assert delta(f"request_{phase}_time_seconds_count") == n
+        assert delta(f"request_{phase}_time_seconds_sum") <= n * wall
+    assert delta("request_time_per_output_token_seconds_count") == n
+    assert delta("request_params_n_count") == 1 and delta("request_params_n_sum") == n
+    assert delta("request_max_num_generation_tokens_count") == 1
+    assert delta("request_max_num_generation_tokens_sum") == max_tokens
 
 
 def test_tokenize_renders_messages_like_chat(url):

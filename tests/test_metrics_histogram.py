@@ -58,7 +58,8 @@ def test_a_fresh_server_shows_every_finish_reason_at_zero():
 
 def test_time_per_output_token_is_zero_for_one_token_as_vllms():
     """vLLM observes every finished request's time per output token, 0 for one generated token (so sum / count
-    is its mean over requests); a request without a first token has no decode phase and none."""
+    is its mean over requests); a request without a first token has no decode phase and none. Each of n choices
+    is one of vLLM's child requests: its own tokens, max_tokens and time per output token; n once."""
     from prometheus_client.parser import text_string_to_metric_families
 
     from miniserve import SamplingParams
@@ -66,9 +67,13 @@ def test_time_per_output_token_is_zero_for_one_token_as_vllms():
     m = ServerMetrics(dict, "m", max_model_len=64)
     timing = {"arrival_time": 0.0, "first_scheduled_time": 0.1, "first_token_time": 0.2, "finished_time": 0.5}
     m.observe_request(5, [1], 1, SamplingParams(max_tokens=1), timing)
-    m.observe_request(5, [4, 3], 2, SamplingParams(max_tokens=4, n=2), timing)  # 0.3 s over the longest's 3 more
+    m.observe_request(5, [4, 3], 2, SamplingParams(max_tokens=4, n=2), timing)  # 0.3 s over 3, then over 2 more
     m.observe_request(5, [0], 1, SamplingParams(max_tokens=4), {**timing, "first_token_time": None})
     samples = {s.name: s.value for f in text_string_to_metric_families(m.render().decode()) for s in f.samples}
-    assert samples["miniserve:request_time_per_output_token_seconds_count"] == 2
-    assert abs(samples["miniserve:request_time_per_output_token_seconds_sum"] - 0.1) < 1e-9
-    assert samples["miniserve:request_params_n_sum"] == 4 and samples["miniserve:request_params_max_tokens_sum"] == 9
+    assert samples["miniserve:request_time_per_output_token_seconds_count"] == 3
+    assert abs(samples["miniserve:request_time_per_output_token_seconds_sum"] - 0.25) < 1e-9
+    assert samples["miniserve:request_params_n_sum"] == 4 and samples["miniserve:request_params_n_count"] == 3
+    assert samples["miniserve:request_params_max_tokens_sum"] == 13
+    assert samples["miniserve:request_prompt_tokens_count"] == 4
+    assert samples["miniserve:request_generation_tokens_sum"] == 8
+    assert samples["miniserve:request_max_num_generation_tokens_sum"] == 5

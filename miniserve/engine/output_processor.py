@@ -135,9 +135,9 @@ class OutputProcessor:
         self.num_generation_tokens += 1
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
-            if seq.index == 0:  # its prompt is computed: counted here as vLLM does (once, where vLLM's n child
-                # requests count it n times)
-                self.num_prompt_tokens += seq.num_prompt_tokens
+            # its prompt is computed: counted here as vLLM does, for each choice (vLLM's n child requests each
+            # count theirs, whether computed or found in the prefix cache)
+            self.num_prompt_tokens += seq.num_prompt_tokens
         if seq.logprobs is not None:
             entry = dict(top or {})
             entry[token] = logprob
@@ -435,6 +435,8 @@ def _metrics(req: Request) -> dict:
         "first_scheduled_time": min(scheduled) if scheduled else None,
         "first_token_time": min(first) if first else None,
         "finished_time": max(done) if len(done) == len(req.seqs) else None,
+        # each choice's own (first scheduled, first token, finished): vLLM times each of n choices as a request
+        "choices": [(s.first_scheduled_time, s.first_token_time, s.finished_time) for s in req.seqs],
         "num_spec_drafts": sum(s.num_spec_drafts for s in req.seqs),
         "num_spec_draft_tokens": sum(s.num_spec_draft_tokens for s in req.seqs),
         "num_spec_accepted_tokens": sum(s.num_spec_accepted_tokens for s in req.seqs),

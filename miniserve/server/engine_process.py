@@ -320,8 +320,7 @@ class RequestStream:
         self.error: BaseException | None = None
         self.wake = wake  # called on every change (the handler decides whether that is worth waking for)
         self.arrival = time.monotonic()
-        self.num_tokens = 0
-        self.last_token_time = 0.0
+        self.last_token_times = [0.0] * self.n  # each choice's latest tokens came then (inter-token latency)
         self.done = False  # finished, failed or aborted: no more updates
 
     def apply(self, finished: bool, choices: list[tuple], prompt_logprobs: Any, metrics: Any) -> int:
@@ -663,12 +662,9 @@ class EngineProcess:
             new = stream.apply(finished, choices, prompt_logprobs, req_metrics)
             if new and not stream.streamed:  # its whole output at once: latencies from the engine's clock
                 if metrics is not None:
-                    _observe_final(metrics, stream, new, now)
-            elif new:
-                if metrics is not None:
-                    _observe_streamed(metrics, stream, new, now)
-                stream.num_tokens += new
-                stream.last_token_time = now
+                    _observe_final(metrics, stream, now)
+            elif new and metrics is not None:
+                _observe_streamed(metrics, stream, choices, now)
             if finished:
                 self._forget(request_id)
                 if metrics is not None:
@@ -769,34 +765,50 @@ def _join_deltas(a: tuple, b: tuple) -> tuple:
 
 
 def _observe_finished(metrics: ServerMetrics, stream: RequestStream, e2e_seconds: float) -> None:
-    """A request the engine finished: its choices' finish reasons, its latency, its tokens, parameters, and where
-    its time went (the engine's timestamps, sent with its final output)."""
+    """A request the engine finished: each choice's finish reason and latency (each of vLLM's n child requests
+    ends when its last token comes: `e2e_seconds`, the last one's, less how much earlier the engine finished it),
+    its tokens, parameters, and where its time went (the engine's timestamps, sent with its final output)."""
     out = stream.output
-    metrics.observe_finished([o.finish_reason for o in out.outputs], e2e_seconds)
+    ends = [t[2] for t in (out.metrics or {}).get("choices", [])]
+    if ends and None not in ends:
+        metrics.observe_finished([o.finish_reason for o in out.outputs], [e2e_seconds - (max(ends) - e) for e in ends])
+    else:
+        metrics.observe_finished([o.finish_reason for o in out.outputs], e2e_seconds)
     choice_tokens = [len(o.token_ids) for o in out.outputs]
     metrics.observe_request(len(out.prompt_token_ids), choice_tokens, stream.asked_n, stream.params, out.metrics or {})
 
 
-def _observe_final(metrics: ServerMetrics, stream: RequestStream, num_tokens: int, now: float) -> None:
-    """TTFT and inter-token latency of a request reported only when it finished: the first token's time from the
-    engine (time.monotonic is one clock for every process), the mean gap after it for each later token."""
-    first = stream.output.metrics.get("first_token_time")
-    if first is None:
-        return
-    metrics.observe_first_token(max(0.0, first - stream.arrival))
-    steps = max(1, num_tokens // stream.n) - 1
-    if steps:
-        metrics.observe_inter_token(max(0.0, now - first) / steps, steps)
+def _observe_final(metrics: ServerMetrics, stream: RequestStream, now: float) -> None:
+    """TTFT and inter-token latency of a request reported only when it finished, per choice (vLLM's n child
+    requests): its first token's time from the engine (time.monotonic is one clock for every process), the mean
+    gap after it for each later token, up to its end (`now` for the last choice to finish)."""
+    choices = stream.output.metrics.get("choices") or []
+    ends = [t[2] for t in choices if t[2] is not None]
+    last = max(ends, default=None)
+    for o, (_, first, finished) in zip(stream.output.outputs, choices):
+        if first is None:
+            continue
+        metrics.observe_first_token(max(0.0, first - stream.arrival))
+        steps = len(o.token_ids) - 1
+        if steps > 0:
+            end = now - (last - finished) if last is not None and finished is not None else now
+            metrics.observe_inter_token(max(0.0, end - first) / steps, steps)
 
 
-def _observe_streamed(metrics: ServerMetrics, stream: RequestStream, num_tokens: int, now: float) -> None:
-    """TTFT at the first token; then one inter-token latency per token (per choice), the gap since the last
-    report shared by the tokens it brought (a step may bring several: speculation, an overlapped step drained)."""
-    per_choice = max(1, num_tokens // stream.n)
-    if stream.num_tokens == 0:
-        metrics.observe_first_token(now - stream.arrival)
-        later, gap = per_choice - 1, 0.0
-    else:
-        later, gap = per_choice, (now - stream.last_token_time) / per_choice
-    if later:
-        metrics.observe_inter_token(gap, later)
+def _observe_streamed(metrics: ServerMetrics, stream: RequestStream, choices: list[tuple], now: float) -> None:
+    """Per choice (vLLM's n child requests): TTFT at its first token; then one inter-token latency per token, the
+    gap since its last report shared by the tokens it brought (a step may bring several: speculation, an
+    overlapped step drained)."""
+    outs, last = stream.output.outputs, stream.last_token_times
+    for choice in choices:
+        index, new = choice[0], len(choice[1])
+        if not new:
+            continue
+        if len(outs[index].token_ids) == new:  # its first tokens
+            metrics.observe_first_token(now - stream.arrival)
+            later, gap = new - 1, 0.0
+        else:
+            later, gap = new, (now - last[index]) / new
+        if later:
+            metrics.observe_inter_token(gap, later)
+        last[index] = now

@@ -216,7 +216,7 @@ class ServerMetrics:
         """vLLM's per-request series: token counts, parameters, and where the time went (queue, prefill, decode)."""
         self.prompt_tokens = self._histogram("request_prompt_tokens", "Prompt tokens per request.", tokens)
         self.generation_tokens = self._histogram(
-            "request_generation_tokens", "Generated tokens per request (all choices).", tokens
+            "request_generation_tokens", "Generated tokens per request (per choice: vLLM's n child requests).", tokens
         )
         self.max_generation_tokens = self._histogram(
             "request_max_num_generation_tokens", "Generated tokens of a request's longest choice.", tokens
@@ -237,7 +237,7 @@ class ServerMetrics:
         )
         self.time_per_output_token = self._histogram(
             "request_time_per_output_token_seconds",
-            "A request's decode time over the tokens of its longest choice after the first.",
+            "A request's decode time over its tokens after the first (per choice).",
             TOKEN_TIME_BUCKETS,
         )
 
@@ -252,37 +252,43 @@ class ServerMetrics:
     def observe_inter_token(self, seconds: float, count: int = 1) -> None:
         self.itl.observe(seconds, count)
 
-    def observe_finished(self, reasons: list[str | None], e2e_seconds: float | None) -> None:
-        """One finished request: a count per choice's finish reason, one end-to-end latency sample."""
+    def observe_finished(self, reasons: list[str | None], e2e_seconds: list[float] | float | None) -> None:
+        """One finished request: per choice (each one of vLLM's n child requests) a count of its finish reason and
+        an end-to-end latency sample (`e2e_seconds`: one for all choices, or each choice's own)."""
         for reason in reasons:
             self.finished.labels(self.model_name, reason or "unknown").inc()
-        if e2e_seconds is not None:
-            self.e2e.observe(e2e_seconds)
+        if e2e_seconds is None:
+            return
+        for seconds in e2e_seconds if isinstance(e2e_seconds, list) else [e2e_seconds] * len(reasons):
+            self.e2e.observe(seconds)
 
     def observe_request(self, prompt_tokens: int, choice_tokens: list[int], n: int, params: Any, metrics: dict) -> None:
-        """A request the engine finished: its token counts, its n and max_tokens, and its time in queue, prefill
-        and decode (the engine's timestamps, which come with its final output; a phase that did not happen, e.g.
-        no token generated, is not observed; the time per output token is 0 with one token, as vLLM's)."""
-        self.prompt_tokens.observe(prompt_tokens)
-        self.generation_tokens.observe(sum(choice_tokens))
+        """A request the engine finished. As in vLLM, where each of a request's n choices is a child request of
+        its own: per choice its prompt and generated tokens, max_tokens, and its time in queue, prefill and decode
+        (the engine's timestamps, which come with its final output: `metrics["choices"]`, else the request's);
+        once per request its n and its longest choice. A phase that did not happen, e.g. no token generated, is
+        not observed; the time per output token is 0 with one token, as vLLM's."""
         self.max_generation_tokens.observe(max(choice_tokens, default=0))
         self.params_n.observe(n)
-        if params.max_tokens is not None:
-            self.params_max_tokens.observe(params.max_tokens)
-        arrival, scheduled = metrics.get("arrival_time"), metrics.get("first_scheduled_time")
-        first, finished = metrics.get("first_token_time"), metrics.get("finished_time")
-        phases = [
-            (self.queue_time, arrival, scheduled),
-            (self.prefill_time, scheduled, first),
-            (self.decode_time, first, finished),
-            (self.inference_time, scheduled, finished),
-        ]
-        for histogram, start, end in phases:
-            if start is not None and end is not None:
-                histogram.observe(max(0.0, end - start))
-        later = max(choice_tokens, default=0) - 1
-        if first is not None and finished is not None:
-            self.time_per_output_token.observe(max(0.0, finished - first) / later if later > 0 else 0.0)
+        arrival = metrics.get("arrival_time")
+        whole = (metrics.get("first_scheduled_time"), metrics.get("first_token_time"), metrics.get("finished_time"))
+        times = metrics.get("choices") or [whole] * len(choice_tokens)
+        for tokens, (scheduled, first, finished) in zip(choice_tokens, times):
+            self.prompt_tokens.observe(prompt_tokens)
+            self.generation_tokens.observe(tokens)
+            if params.max_tokens is not None:
+                self.params_max_tokens.observe(params.max_tokens)
+            phases = [
+                (self.queue_time, arrival, scheduled),
+                (self.prefill_time, scheduled, first),
+                (self.decode_time, first, finished),
+                (self.inference_time, scheduled, finished),
+            ]
+            for histogram, start, end in phases:
+                if start is not None and end is not None:
+                    histogram.observe(max(0.0, end - start))
+            if first is not None and finished is not None:
+                self.time_per_output_token.observe(max(0.0, finished - first) / (tokens - 1) if tokens > 1 else 0.0)
 
     def observe_iteration(self, num_tokens: int) -> None:
         self.iteration_tokens.observe(num_tokens)
