@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -162,6 +163,37 @@ def test_regex_choice_and_grammar(client):
                 assert c.finish_reason == "length" and "grammar" in str(extra), (extra, c.text)
 
 
+def test_logprobs_are_the_grammars_as_vllms_are(client):
+    """vLLM masks the logits with the grammar before its sampler computes logprobs: at every constrained position
+    the listed alternatives that are not -9999.0 (vLLM's stand-in for -inf) are tokens the grammar allows, and they
+    hold all the probability (a classifier reads P(yes) off them), chat and legacy completions alike."""
+    choices = ["yes", "no", "perchance"]
+    end = "</s>"  # the demo model's EOS, allowed once a choice is complete
+
+    def check(steps: list[tuple[str, float, list[tuple[str, float]]]]) -> None:
+        text = ""
+        for token, logprob, top in steps:  # (two tokens may read alike: a list, not a dict)
+            allowed = [(t, v) for t, v in top if v > -9999.0]
+            for t, _ in allowed:
+                assert any(c.startswith(text + t) for c in choices) or (t == end and text in choices), (text, top)
+            assert (token, logprob) in allowed
+            assert math.isclose(sum(math.exp(v) for _, v in allowed), 1.0, abs_tol=1e-3), (text, top)
+            text += "" if token == end else token
+
+    extra = {"guided_choice": choices}
+    r = client.completions.create(model=MODEL, prompt="ROMEO:", n=3, temperature=1.0, seed=4, max_tokens=10,
+                                  logprobs=20, extra_body=extra)  # fmt: skip
+    for c in r.choices:
+        assert c.text in choices
+        tops = [list(top.items()) for top in c.logprobs.top_logprobs]
+        check(list(zip(c.logprobs.tokens, c.logprobs.token_logprobs, tops)))
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Wilt thou?"}],
+                                       temperature=1.0, seed=5, max_tokens=10, logprobs=True, top_logprobs=20,
+                                       extra_body=extra)  # fmt: skip
+    content = r.choices[0].logprobs.content
+    check([(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in content])
+
+
 def test_streaming_n2_matches_non_streaming_and_stop_strings_cut_the_output(client):
     schema = SCHEMAS[15]
     extra = {"guided_json": schema, "structured_outputs": {"disable_any_whitespace": True}}
@@ -229,6 +261,37 @@ def test_schema_keywords_the_grammar_would_not_enforce_are_refused(schema, refus
 
     got = unenforced_keyword(schema)
     assert got == refused if refused is None else got.startswith(refused), got
+
+
+@pytest.mark.parametrize(
+    ("schema", "breaking", "refused"),
+    [
+        ({"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}, "abcdef", "maxLength beside pattern"),
+        ({"type": "object", "propertyNames": {"pattern": "^[a-z]+$", "minLength": 3}}, {"a": 1},
+         "minLength at propertyNames beside pattern"),
+        ({"type": "string", "format": "date", "maxLength": 4}, "2020-01-01", "maxLength beside format"),
+        ({"type": "integer", "multipleOf": 3, "minimum": 0}, 4, "multipleOf beside minimum"),
+        ({"type": "integer", "multipleOf": 5, "exclusiveMaximum": 100}, 7, "multipleOf beside exclusiveMaximum"),
+        ({"type": "string", "pattern": "^(?!no)[a-z]+$"}, "nope", "pattern with a lookaround assertion"),
+    ],
+)  # fmt: skip
+def test_keywords_xgrammar_drops_with_a_warning_are_refused(schema, breaking, refused):
+    """xgrammar 0.2 compiles these schemas with a warning on stderr and leaves a keyword out of the grammar
+    (lengths beside a pattern or format, multipleOf beside a range, a lookahead): a value the schema forbids (by
+    jsonschema) walks through xgrammar's own grammar to its end. Refused by name instead, as vLLM refuses the first
+    two, so that no output a request gets back breaks its schema."""
+    from miniserve.engine.structured_output import GrammarCompiler
+    from miniserve.sampling_params import StructuredOutputsParams
+    from miniserve.tokenizer import Tokenizer
+
+    xgr = pytest.importorskip("xgrammar")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(breaking, schema)
+    matcher = xgr.GrammarMatcher(xgr.GrammarCompiler(xgr.TokenizerInfo([])).compile_json_schema(schema))
+    assert matcher.accept_string(json.dumps(breaking)) and matcher.is_completed()  # what the grammar alone lets by
+    compiler = GrammarCompiler(Tokenizer.from_pretrained(str(DEMO_TARGET)), 4096, {2})
+    with pytest.raises(ValueError, match=re.escape(refused)):
+        compiler.compile(StructuredOutputsParams(json=schema))
 
 
 def test_min_tokens_and_lark_grammars_are_refused_with_what_to_do():

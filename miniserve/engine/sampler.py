@@ -29,7 +29,7 @@ from miniserve.sampling_params import SamplingParams
 @dataclass
 class SamplerOutput:
     token_ids: torch.Tensor  # int64 [B]
-    logprobs: torch.Tensor | None  # float32 [B]: log_softmax(raw logits) at the sampled token, if any row asked
+    logprobs: torch.Tensor | None  # float32 [B]: log_softmax(raw logits, grammar-masked) at the sampled token
     top_logprobs: tuple[torch.Tensor, torch.Tensor] | None  # (ids int64 [B, N], values float32 [B, N])
     ranks: torch.Tensor | None = None  # int64 [B]: the sampled tokens' ranks (tokens at least as likely), with logprobs
 
@@ -453,7 +453,8 @@ def race_seed() -> int:
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, noise: torch.Tensor | None = None) -> SamplerOutput:
     """One token per row and, when any row asked for logprobs, the sampled token's logprob under the raw model
-    distribution and the top-N raw logprobs (a full-vocabulary log_softmax is only paid for then).
+    distribution and the top-N raw logprobs (a full-vocabulary log_softmax is only paid for then); a row's grammar
+    mask applies to them, as in vLLM (a token it bans has logprob -inf).
 
     `logits` may be fp32 or the model's dtype: every computation below runs in fp32 (the penalties' and the
     temperature's first operation makes the fp32 copy), except a plain greedy argmax, which the exact conversion
@@ -470,7 +471,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, noise: torch.Tensor | Non
         token_ids = sample_from_probs(probs(logits, batch), batch, noise)
     if batch.max_num_logprobs is None:
         return SamplerOutput(token_ids=token_ids, logprobs=None, top_logprobs=None)
-    raw_logprobs = torch.log_softmax(logits.to(torch.float32), dim=-1)
+    raw = logits.to(torch.float32, copy=batch.token_bitmask is not None)
+    if batch.token_bitmask is not None:  # as vLLM, whose grammar masks the logits first: what it bans is -inf
+        apply_token_bitmask(raw, batch.token_bitmask)
+    raw_logprobs = torch.log_softmax(raw, dim=-1)
     logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
     values, ids = raw_logprobs.topk(batch.max_num_logprobs, dim=-1)
     ranks = token_ranks(raw_logprobs, logprobs.unsqueeze(1))

@@ -212,8 +212,8 @@ _SUBSCHEMA = {"items": "one", "additionalProperties": "one", "not": "one", "if":
 def unenforced_keyword(schema: Any, where: str = "") -> str | None:
     """The first keyword of `schema` (and its subschemas) that the grammar would not enforce, with where it sits
     ("uniqueItems at properties.tags"), or None: those of _UNENFORCED (uniqueItems only when true), multipleOf but
-    on integers, allOf of more than one schema, and a $ref outside the schema (as vLLM's xgrammar backend refuses
-    the like)."""
+    on integers without bounds, minLength/maxLength beside a pattern or format, a pattern's lookahead, allOf of more
+    than one schema, and a $ref outside the schema (as vLLM's xgrammar backend refuses the like)."""
     if not isinstance(schema, dict):
         return None
     at = f" at {where}" if where else ""
@@ -222,6 +222,15 @@ def unenforced_keyword(schema: Any, where: str = "") -> str | None:
             return key + at
     if "multipleOf" in schema and not (schema.get("type") == "integer" and isinstance(schema["multipleOf"], int)):
         return f"multipleOf{at} (enforced on integers only)"
+    bounds = [k for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum") if k in schema]
+    if "multipleOf" in schema and bounds:  # xgrammar drops multipleOf beside a range
+        return f"multipleOf{at} beside {bounds[0]} (enforced on integers without bounds only)"
+    lengths = [k for k in ("minLength", "maxLength") if k in schema]
+    shaped = [k for k in ("pattern", "format") if k in schema]
+    if lengths and shaped:  # xgrammar compiles the pattern (format) and drops the length bounds
+        return f"{lengths[0]}{at} beside {shaped[0]} (a length is enforced on strings without pattern or format)"
+    if isinstance(schema.get("pattern"), str) and re.search(r"(?<!\\)(?:\\\\)*\(\?<?[=!]", schema["pattern"]):
+        return f"pattern{at} with a lookaround assertion"  # xgrammar ignores a lookahead (and refuses a lookbehind)
     if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
         return f"allOf{at} of more than one schema"
     if isinstance(schema.get("$ref"), str) and not schema["$ref"].startswith("#"):

@@ -111,9 +111,14 @@ def token_text(tokenizer: Any, context: list[int], token_id: int, as_ids: bool =
     return tokenizer.decode([token_id])
 
 
+# what a logprob of -inf (a token a grammar bans) reads in a response, as in vLLM: JSON has no infinity
+MIN_SHOWN_LOGPROB = -9999.0
+
+
 def top_entries(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
-    """The k most likely (token, logprob) pairs of one position (the engine adds the sampled token too)."""
-    return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+    """The k most likely (token, logprob) pairs of one position (the engine adds the sampled token too), -inf
+    shown as MIN_SHOWN_LOGPROB."""
+    return [(t, max(lp, MIN_SHOWN_LOGPROB)) for t, lp in sorted(entry.items(), key=lambda kv: -kv[1])[:k]]
 
 
 def completion_logprobs(
