@@ -582,7 +582,7 @@ class EngineProcess:
         self._post(("abort", [request_id]))
         if self.metrics is not None:  # (the per-request histograms are of requests the engine finished, as vLLM's)
             reasons = [o.finish_reason or "abort" for o in stream.output.outputs]  # choices done before keep theirs
-            self.metrics.observe_finished(reasons, time.monotonic() - stream.arrival)
+            self.metrics.observe_finished(reasons, [time.monotonic() - stream.arrival] * len(reasons))
         stream.end(None, reason)
         stream.wake(stream)
 
@@ -660,11 +660,11 @@ class EngineProcess:
             if stream is None:  # aborted meanwhile
                 continue
             new = stream.apply(finished, choices, prompt_logprobs, req_metrics)
-            if new and not stream.streamed:  # its whole output at once: latencies from the engine's clock
-                if metrics is not None:
+            if new and metrics is not None:
+                if stream.streamed:
+                    _observe_streamed(metrics, stream, choices, now)
+                else:  # its whole output at once: latencies from the engine's clock
                     _observe_final(metrics, stream, now)
-            elif new and metrics is not None:
-                _observe_streamed(metrics, stream, choices, now)
             if finished:
                 self._forget(request_id)
                 if metrics is not None:
@@ -764,16 +764,21 @@ def _join_deltas(a: tuple, b: tuple) -> tuple:
     return b[0], b[1], sorted(choices.values(), key=lambda c: c[0]), prompt_logprobs, b[4]
 
 
+def _finish_lags(out: Any) -> list[float]:
+    """How much earlier than the last of a finished request's choices each one finished (the engine's timestamps;
+    all 0 where some choice has none: it did not finish)."""
+    ends = [t[2] for t in (out.metrics or {}).get("choices", [])]
+    if not ends or None in ends:
+        return [0.0] * len(out.outputs)
+    return [max(ends) - end for end in ends]
+
+
 def _observe_finished(metrics: ServerMetrics, stream: RequestStream, e2e_seconds: float) -> None:
     """A request the engine finished: each choice's finish reason and latency (each of vLLM's n child requests
     ends when its last token comes: `e2e_seconds`, the last one's, less how much earlier the engine finished it),
     its tokens, parameters, and where its time went (the engine's timestamps, sent with its final output)."""
     out = stream.output
-    ends = [t[2] for t in (out.metrics or {}).get("choices", [])]
-    if ends and None not in ends:
-        metrics.observe_finished([o.finish_reason for o in out.outputs], [e2e_seconds - (max(ends) - e) for e in ends])
-    else:
-        metrics.observe_finished([o.finish_reason for o in out.outputs], e2e_seconds)
+    metrics.observe_finished([o.finish_reason for o in out.outputs], [e2e_seconds - lag for lag in _finish_lags(out)])
     choice_tokens = [len(o.token_ids) for o in out.outputs]
     metrics.observe_request(len(out.prompt_token_ids), choice_tokens, stream.asked_n, stream.params, out.metrics or {})
 
@@ -782,17 +787,14 @@ def _observe_final(metrics: ServerMetrics, stream: RequestStream, now: float) ->
     """TTFT and inter-token latency of a request reported only when it finished, per choice (vLLM's n child
     requests): its first token's time from the engine (time.monotonic is one clock for every process), the mean
     gap after it for each later token, up to its end (`now` for the last choice to finish)."""
-    choices = stream.output.metrics.get("choices") or []
-    ends = [t[2] for t in choices if t[2] is not None]
-    last = max(ends, default=None)
-    for o, (_, first, finished) in zip(stream.output.outputs, choices):
+    out = stream.output
+    for o, (_, first, _), lag in zip(out.outputs, out.metrics.get("choices") or [], _finish_lags(out)):
         if first is None:
             continue
         metrics.observe_first_token(max(0.0, first - stream.arrival))
         steps = len(o.token_ids) - 1
         if steps > 0:
-            end = now - (last - finished) if last is not None and finished is not None else now
-            metrics.observe_inter_token(max(0.0, end - first) / steps, steps)
+            metrics.observe_inter_token(max(0.0, now - lag - first) / steps, steps)
 
 
 def _observe_streamed(metrics: ServerMetrics, stream: RequestStream, choices: list[tuple], now: float) -> None:

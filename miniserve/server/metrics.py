@@ -252,14 +252,12 @@ class ServerMetrics:
     def observe_inter_token(self, seconds: float, count: int = 1) -> None:
         self.itl.observe(seconds, count)
 
-    def observe_finished(self, reasons: list[str | None], e2e_seconds: list[float] | float | None) -> None:
+    def observe_finished(self, reasons: list[str | None], e2e_seconds: list[float]) -> None:
         """One finished request: per choice (each one of vLLM's n child requests) a count of its finish reason and
-        an end-to-end latency sample (`e2e_seconds`: one for all choices, or each choice's own)."""
+        its end-to-end latency."""
         for reason in reasons:
             self.finished.labels(self.model_name, reason or "unknown").inc()
-        if e2e_seconds is None:
-            return
-        for seconds in e2e_seconds if isinstance(e2e_seconds, list) else [e2e_seconds] * len(reasons):
+        for seconds in e2e_seconds:
             self.e2e.observe(seconds)
 
     def observe_request(self, prompt_tokens: int, choice_tokens: list[int], n: int, params: Any, metrics: dict) -> None:
