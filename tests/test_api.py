@@ -930,7 +930,7 @@ def test_tool_call_messages_as_vllm_answers_them():
     streamed = mistral.delta(mistral.parser(), {0: 0}, SimpleNamespace(index=0, text=text, finish_reason="stop"), text)
     ids = [c["id"] for c in message["tool_calls"] + streamed["tool_calls"]]
     assert finish == "tool_calls" and len(ids) == 4 and all(re.fullmatch("[A-Za-z0-9]{9}", i) for i in ids)
-    assert re.fullmatch("chatcmpl-tool-[0-9a-f]{24}", ToolSetup("auto", "hermes", None, True, []).message(
+    assert re.fullmatch("chatcmpl-tool-[0-9a-f]{32}", ToolSetup("auto", "hermes", None, True, []).message(
         call, "stop", "")[0]["tool_calls"][0]["id"])  # fmt: skip
     cut = '[{"name": "f", "parameters": {"a": 1}}'
     assert [(c.name, c.arguments) for c in parse_required_output(cut)[1]] == [("f", '{"a": 1}')]

@@ -20,7 +20,8 @@ def test_runs_counted_at_once_expose_what_one_by_one_observations_do():
     mine, theirs = CollectorRegistry(), CollectorRegistry()
     runs = RunHistogram("t_seconds", "doc", LATENCY_BUCKETS, "m")
     mine.register(runs)
-    oracle = Histogram("t_seconds", "doc", ["model_name"], buckets=LATENCY_BUCKETS, registry=theirs).labels("m")
+    oracle = Histogram("t_seconds", "doc", ["model_name", "engine"], buckets=LATENCY_BUCKETS, registry=theirs)
+    oracle = oracle.labels("m", "0")
     values = [*LATENCY_BUCKETS, 0.0, 1e-9, 31.0] + [rng.uniform(0, 12) for _ in range(40)]
     for value in values:  # every bound exactly, beyond the last, and values in between
         count = rng.randint(1, 5)

@@ -101,12 +101,14 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log) -> None:
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset], float]:
-    """All /metrics samples as {(name, labels except model_name): value}."""
+    """All /metrics samples as {(name, labels except model_name and engine): value}. Every series of the server's
+    own carries vLLM's engine label (one engine: "0")."""
     text = httpx.get(url + "/metrics", timeout=10).text
     out = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            labels = frozenset((k, v) for k, v in s.labels.items() if k != "model_name")
+            assert not s.name.startswith("miniserve:") or s.labels.get("engine") == "0", s
+            labels = frozenset((k, v) for k, v in s.labels.items() if k not in ("model_name", "engine"))
             out[(s.name, labels)] = s.value
     return out
 

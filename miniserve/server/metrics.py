@@ -26,6 +26,9 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 PREFIX = "miniserve:"
+# vLLM labels every series with its model name and its engine core's index; this server runs one engine, "0"
+LABELS = ("model_name", "engine")
+ENGINE_INDEX = "0"
 
 
 def check_shared_dir(env: Mapping[str, str] = os.environ) -> str | None:
@@ -81,7 +84,7 @@ class RunHistogram(Collector):
     Histogram.observe takes one at a time: per token, at every step, for every stream). Exposed like it."""
 
     def __init__(self, name: str, doc: str, buckets: tuple[float, ...], model_name: str):
-        self.name, self.doc, self.model_name = name, doc, model_name
+        self.name, self.doc, self.label_values = name, doc, [model_name, ENGINE_INDEX]
         self.bounds = [*buckets, math.inf]
         self.counts = [0] * len(self.bounds)
         self.sum = 0.0
@@ -91,10 +94,10 @@ class RunHistogram(Collector):
         self.sum += value * count
 
     def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(self.name, self.doc, labels=["model_name"])
+        family = HistogramMetricFamily(self.name, self.doc, labels=list(LABELS))
         cumulative = list(itertools.accumulate(self.counts))
         buckets = [(floatToGoString(b), c) for b, c in zip(self.bounds, cumulative)]
-        family.add_metric([self.model_name], buckets, self.sum)
+        family.add_metric(self.label_values, buckets, self.sum)
         yield family
 
 
@@ -120,15 +123,15 @@ class EngineStatsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self.get_stats()
-        labels = ["model_name"]
-        value = [self.model_name]
-        if self.cache_config:  # vLLM's cache_config_info: the KV cache settings as labels of a constant 1
+        labels = list(LABELS)
+        value = [self.model_name, ENGINE_INDEX]
+        if self.cache_config:  # vLLM's cache_config_info: the KV cache settings (and the engine) as labels of a 1
             info = GaugeMetricFamily(
                 PREFIX + "cache_config_info",
                 "Information of the KV cache configuration.",
-                labels=list(self.cache_config),
+                labels=[*self.cache_config, "engine"],
             )
-            info.add_metric(list(self.cache_config.values()), 1.0)
+            info.add_metric([*self.cache_config.values(), ENGINE_INDEX], 1.0)
             yield info
 
         def gauge(name: str, doc: str, v: float) -> GaugeMetricFamily:
@@ -164,10 +167,10 @@ class EngineStatsCollector(Collector):
         per_pos = CounterMetricFamily(
             PREFIX + "spec_decode_num_accepted_tokens_per_pos",
             "Accepted draft tokens by position in the draft.",
-            labels=["model_name", "position"],
+            labels=[*LABELS, "position"],
         )
         for pos, n in enumerate(s.get("spec_accepted_per_position", []) or []):
-            per_pos.add_metric([self.model_name, str(pos)], n)
+            per_pos.add_metric([*value, str(pos)], n)
         yield per_pos
 
 
@@ -190,11 +193,11 @@ class ServerMetrics:
         self.finished = Counter(
             PREFIX + "request_success",
             "Finished sequences (one per choice) by finish reason.",
-            ["model_name", "finished_reason"],
+            [*LABELS, "finished_reason"],
             registry=self.registry,
         )
         for reason in FINISH_REASONS:
-            self.finished.labels(model_name, reason)
+            self.finished.labels(model_name, ENGINE_INDEX, reason)
         self.ttft = self._histogram("time_to_first_token_seconds", "Arrival to first token.", TTFT_BUCKETS)
         itl_doc = "Time between token steps (each token after a choice's first)."
         if self.shared_dir:  # a file-backed histogram: summed over the API server processes at scrape time
@@ -243,8 +246,8 @@ class ServerMetrics:
 
     def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Any:
         """The histogram's one labelled series (looked up once: observations come per token)."""
-        histogram = Histogram(PREFIX + name, doc, ["model_name"], buckets=buckets, registry=self.registry)
-        return histogram.labels(self.model_name)
+        histogram = Histogram(PREFIX + name, doc, list(LABELS), buckets=buckets, registry=self.registry)
+        return histogram.labels(self.model_name, ENGINE_INDEX)
 
     def observe_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -256,7 +259,7 @@ class ServerMetrics:
         """One finished request: per choice (each one of vLLM's n child requests) a count of its finish reason and
         its end-to-end latency."""
         for reason in reasons:
-            self.finished.labels(self.model_name, reason or "unknown").inc()
+            self.finished.labels(self.model_name, ENGINE_INDEX, reason or "unknown").inc()
         for seconds in e2e_seconds:
             self.e2e.observe(seconds)
 

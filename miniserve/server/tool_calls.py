@@ -52,7 +52,7 @@ def new_call_id(fmt: str | None = None) -> str:
     """A tool call's id; Mistral's templates refuse any but 9 letters and digits (as vLLM makes them)."""
     if fmt == "mistral":
         return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
-    return f"chatcmpl-tool-{uuid.uuid4().hex[:24]}"
+    return f"chatcmpl-tool-{uuid.uuid4().hex}"  # vLLM's random_tool_call_id: 32 hex digits
 
 
 def detect_format(chat_template: str | None) -> str | None:
