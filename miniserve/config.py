@@ -164,7 +164,10 @@ class EngineConfig:
         "GPUs the target model is split over (Megatron tensor parallelism, one process each; under torchrun, "
         "every rank runs the same command)",
     )
-    enforce_eager: bool = setting(False, "never replay CUDA graphs (on a GPU, decode steps replay captured graphs)")
+    enforce_eager: bool = setting(
+        False,
+        "never replay CUDA graphs (on a GPU, decode steps, short prompt passes and speculative rounds replay them)",
+    )
     overlap_spec_rounds: bool = setting(
         True, "launch the next greedy speculative round before the host has read this one", needs="speculative_model"
     )

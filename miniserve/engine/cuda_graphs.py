@@ -3,7 +3,8 @@
 A decode step of a small model is bound by the host issuing hundreds of small kernels, not by the GPU. Replaying a
 captured graph issues them all at once. Passes are captured when the engine starts (as vLLM does, so no request
 pays for a capture mid-stream): each worker's uniform passes (decode steps; with a draft, the target's (k+1)-token
-verification and the draft's two-token catch-up, see ModelRunner.capture_graphs) and the whole greedy speculative round
+verification and the draft's two-token catch-up, see ModelRunner.capture_graphs), its one-sequence prompt passes of
+up to 512 tokens (ModelRunner.capture_prefill_graphs) and the whole greedy speculative round
 (the draft's two-token catch-up and k-1 proposal steps, the verification and the acceptance rule, see
 spec_decode/greedy_round.py).
 

@@ -1,10 +1,10 @@
 """How one step turns scheduled sequences into tokens: the `Decoder` interface and the plain decoder.
 
-The step loop (llm_engine.py) sees a decoder only through `Decoder`. The plain decoder runs one forward pass of
-the target model over every scheduled sequence's new tokens, scores prompt tokens when asked, samples one token
-for each sequence whose prompt is complete, and hands it to the output processor. The speculative decoder
-(spec_decode/decoder.py) implements the same interface and is given a plain decoder for its prompt passes; it
-never sees the engine.
+The step loop (llm_engine.py) sees a decoder only through `Decoder`. The plain decoder runs the target model over
+every scheduled sequence's new tokens (one pass; two when a short prompt chunk beside decodes replays its own
+graph), scores prompt tokens when asked, samples one token for each sequence whose prompt is complete, and hands it
+to the output processor. The speculative decoder (spec_decode/decoder.py) implements the same interface and is
+given a plain decoder for its prompt passes; it never sees the engine.
 
 Overlapped decoding (`EngineConfig.async_scheduling`): a decode step of a batch that nothing is about to change is
 launched from the previous step's samples while they are still on the device, and the host reads that previous step

@@ -1,8 +1,9 @@
 """LLMEngine: the request lifecycle around the step loop.
 
-`add_request` validates a request and queues its sequences; `step` asks the scheduler what to run, lets the
-decoder run it (one forward pass of the target, or one speculative round when a draft is configured), and returns
-the cumulative output of every request that progressed, so a caller can stream by diffing. Everything else lives
+`add_request` validates a request and queues its sequences; `step` goes on with a decode step in flight that
+nothing changes (no scheduler), else asks the scheduler what to run and lets the decoder run it (the target's
+prompt and decode passes, or one speculative round when a draft is configured), and returns the output of every
+request that reports (cumulative, delta or final only: SamplingParams.output_kind). Everything else lives
 one layer down: the decoders (decoder.py, spec_decode/), token appending and stop rules (output_processor.py),
 the models and their KV pools (model_runner.py), what runs when (scheduler/).
 """

@@ -1,11 +1,12 @@
 """Output processing: what happens to a token once it is chosen.
 
-Append it (with its logprobs) to its sequence, detokenize incrementally, apply the stop rules (EOS, stop token
-ids, stop strings, max_tokens, the context length), and build the cumulative `RequestOutput` of every request
-that progressed. Both decoders, plain and speculative, emit tokens through the same two steps (`_take`: the token,
-its logprobs and its grammar; `_text_and_stops`: its text and the other stop rules), so the stop rules are
-written once. A finished sequence is handed back to the scheduler at once, which frees its KV blocks before the
-next step.
+Append it (with its logprobs) to its sequence, detokenize it (incrementally; once at the end for a final-only
+request without stop strings; never with detokenize=False), apply the stop rules (EOS, stop token ids, stop
+strings, max_tokens, the context length), and report every request that progressed (`RequestOutput`s, or the
+engine process's tuples). Both decoders, plain and speculative, emit tokens through the same two steps (`_take`:
+the token, its logprobs and its grammar; `_text_and_stops`: its text and the other stop rules), so the stop rules
+are written once. A finished sequence is handed back to the scheduler at once, which frees its KV blocks before
+the next step.
 """
 
 from __future__ import annotations

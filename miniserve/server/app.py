@@ -5,8 +5,9 @@ tokens.py; what they share is in state.py (ServerState) and request_group.py (re
 Requests flow: parse + validate the JSON body (OpenAI error shape on failure) -> check the prompt's size ->
 tokenize (in a worker thread, off the event loop) -> check the context budget -> post one engine request per
 prompt to the engine process (engine_process.py) -> read the cumulative outputs back as they grow, either
-collecting them (plain JSON, woken once at the end) or diffing them into SSE chunks (stream=true, woken once per
-engine step, several steps' tokens in one chunk when the client fell behind).
+collecting them (plain JSON, woken once at the end) or diffing them into SSE chunks (stream=true, written by the
+callback that applied the step, else by the woken task: several steps' tokens in one chunk when the client fell
+behind).
 A client that goes away has its engine requests aborted, which frees their KV blocks before the next step; a
 client that stops reading is aborted after MINISERVE_STREAM_STALL_TIMEOUT. On SIGTERM/SIGINT the server stops
 accepting, lets requests finish for at most MINISERVE_DRAIN_TIMEOUT seconds, then ends the rest (finish_reason

@@ -5,19 +5,23 @@ so every SSE chunk the server writes delays the next step, and every step delays
 the engine steps while the API process writes. The two talk over two pipes:
 
     API -> engine   lists of commands (all that were queued): ("add", request_id, prompt_ids, params, grammar) |
-                    ("abort", [request_id, ...]) | ("warm",) | ("stop",)
-    engine -> API   ("ready", info, stats) once; then ("acks", [(request_id, error)], stats) after applying
+                    ("abort", [request_id, ...]) | ("warm",) | ("stats",) | ("stop",)
+    engine -> API   ("ready", info, stats) or ("error", ...) once; then ("acks", [(request_id, error, is_value_error)],
+                    stats) after applying
                     commands, and one ("step", deltas, stats, num_tokens) per step: every streamed request's new
                     tokens, text, logprobs and finish state since the step before (SamplingParams.output_kind
                     "delta", never cumulative snapshots), and the final output of every other request that
                     finished ("final_only"), so a step is one message whatever the number of requests (the tuples
                     of OutputProcessor.collect_messages).
                     `num_tokens` is what the step computed (prompt and decode tokens: the iteration histogram).
+                    Also ("stats", stats) answering "stats", and ("failed", request_ids, message, stats) after a
+                    step raised.
 
 With several API server processes (`miniserve serve --api-servers N`, server/launcher.py) the engine has a pipe
-pair per API server: a request's acks and deltas go to the one that posted it, the step's stats to all, and
-`num_tokens` to server 0 only (the others get 0: /metrics sums every process). "stop" (or a closed pipe) ends one
-API server's part, aborting what it still had in flight; the loop ends when none is left.
+pair per API server: a request's acks and deltas go to the one that posted it, the step's stats to all (at least
+every STATS_EVERY_S), and `num_tokens` to server 0 only (the others get 0: /metrics sums every process). "stop"
+(or a closed pipe) ends one API server's part, aborting what it still had in flight; the loop ends when none is
+left.
 
 A request with structured outputs carries its grammar compiled by the API process (`grammar`: xgrammar's
 serialized CompiledGrammar, else None; see engine/structured_output.py), so the engine never compiles one.
