@@ -124,7 +124,8 @@ class EngineConfig:
     max_model_len: int | None = setting(
         None,
         "context length (prompt + completion)",
-        shown_default="the model's max_position_embeddings (times a linear RoPE scaling factor)",
+        shown_default="the model's max_position_embeddings (x a linear RoPE factor; with yarn "
+        "original_max_position_embeddings x its factor)",
     )
     max_stop_strings: int = setting(32, "stop strings per request (OpenAI allows 4); a longer list is refused")
     max_stop_string_length: int = setting(256, "characters per stop string")

@@ -12,7 +12,7 @@ from miniserve import LLM, SamplingParams
 from miniserve.config import EngineConfig
 from miniserve.engine.llm_engine import LLMEngine
 from miniserve.engine.model_runner import ForwardInput
-from tests.conftest import ARCHS, VOCAB, build_model_dir, hf_greedy
+from tests.conftest import ARCHS, VOCAB, build_model_dir, hf_config, hf_greedy
 from tests.fp8_oracle import quantize_bytes_tensor
 
 ATOL = 1e-4
@@ -125,6 +125,74 @@ def test_linear_rope_scaling_stretches_the_context(tmp_path, tokenizer_dir):
     assert (out[0].outputs[0].token_ids, out[0].outputs[0].finish_reason) == (hf_greedy(hf, prompt, 8), "length")
     with pytest.raises(ValueError, match=r"context length 128 \(max_position_embeddings=32 x linear RoPE scaling"):
         engine(path, max_model_len=129)
+
+
+YARN_SCALINGS = [
+    {"factor": 4.0, "original_max_position_embeddings": 32},  # Qwen3's recipe (32k by 4), scaled down
+    {"factor": 8.0, "original_max_position_embeddings": 16, "beta_fast": 16, "beta_slow": 2, "truncate": False},
+    {"factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0, "mscale_all_dim": 0.5},
+    {"factor": 2.0, "original_max_position_embeddings": 32, "attention_factor": 0.9},
+    # a ramp of zero width at dimension 2 exactly (base 10000, head_dim 16): transformers' 0.001 guard
+    {
+        "factor": 3.0,
+        "original_max_position_embeddings": 32,
+        "beta_fast": 0.5092958178940651,
+        "beta_slow": 0.5092958178940651,
+        "truncate": False,
+    },  # fmt: skip
+    {"factor": 1.0, "original_max_position_embeddings": 32},  # no stretch: the attention factor is 1
+]
+
+
+@pytest.mark.parametrize("scaling", YARN_SCALINGS)
+def test_yarn_rope_tables_equal_transformers(scaling):
+    """YaRN's frequencies and attention factor, bit for bit as transformers' own (a zero-width ramp, DeepSeek's
+    mscale pair, an explicit attention factor, no truncation)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from miniserve.models.config import ModelConfig
+    from miniserve.models.llama import rope_attention_factor, rope_inv_freq
+
+    yarn = {"rope_type": "yarn", **scaling}
+    hf = hf_config("Qwen3ForCausalLM", max_position_embeddings=128, rope_theta=10000.0, rope_scaling=yarn)
+    want_freq, want_factor = ROPE_INIT_FUNCTIONS["yarn"](hf, torch.device("cpu"))
+    ours = ModelConfig.from_dict(hf.to_dict() | {"architectures": ["Qwen3ForCausalLM"]})
+    assert torch.equal(rope_inv_freq(ours), want_freq)
+    assert rope_attention_factor(ours) == want_factor
+
+
+def test_yarn_rope_scaling_stretches_the_context_and_matches_transformers(tmp_path, tokenizer_dir):
+    """Qwen's long-context recipe (YaRN, factor 4 over the trained length): the context is the trained length
+    times the factor, as vLLM derives it, and a prompt near that long matches transformers' logits and greedy
+    output (yarn was refused)."""
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    path = build_model_dir(
+        tmp_path / "m", "Qwen3ForCausalLM", tokenizer_dir, seed=3, max_position_embeddings=40, rope_scaling=scaling
+    )
+    hf, eng = hf_model(path), engine(path)
+    assert eng.max_model_len == 128
+    prompt = torch.randint(2, VOCAB, (120,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0]
+    assert (prompt_logits(eng, prompt) - ref).abs().max().item() <= ATOL
+    llm = LLM(str(path), dtype="float32", device="cpu")
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert out[0].outputs[0].token_ids == hf_greedy(hf, prompt, 8)
+    with pytest.raises(ValueError, match=r"128 \(original_max_position_embeddings=32 x yarn RoPE scaling factor 4"):
+        engine(path, max_model_len=129)
+
+
+@pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
+def test_unbuilt_rope_scaling_is_refused_by_name(rope_type):
+    from miniserve.models.config import ModelConfig
+
+    sizes = {"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1}
+    scaling = {"rope_type": rope_type, "factor": 2.0}
+    raw = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 2, "rope_scaling": scaling, **sizes}
+    with pytest.raises(
+        ValueError, match=f"unsupported rope scaling type '{rope_type}' \\(supported: llama3, linear, yarn"
+    ):
+        ModelConfig.from_dict(raw)
 
 
 def test_sharded_checkpoint_loads_like_single_file(tmp_path, tokenizer_dir, llama_dir):

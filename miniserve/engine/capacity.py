@@ -45,7 +45,10 @@ def _limit_source(runners: list[ModelRunner]) -> str:
     cfg = min((r.model_config for r in runners), key=lambda c: c.max_context)
     if cfg.max_context == cfg.max_position_embeddings:
         return f"max_position_embeddings={cfg.max_position_embeddings}"
-    factor = cfg.rope_scaling["factor"]
+    factor, rope_type = cfg.rope_scaling["factor"], cfg.rope_scaling["rope_type"]
+    if rope_type == "yarn":
+        trained = cfg.rope_scaling.get("original_max_position_embeddings", cfg.max_position_embeddings)
+        return f"original_max_position_embeddings={trained} x yarn RoPE scaling factor {factor}"
     return f"max_position_embeddings={cfg.max_position_embeddings} x linear RoPE scaling factor {factor}"
 
 

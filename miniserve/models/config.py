@@ -46,10 +46,15 @@ class ModelConfig:
     def max_context(self) -> int:
         """The longest context the checkpoint is made for: max_position_embeddings, times the factor of `linear`
         RoPE scaling, which stretches that many positions over factor times as many tokens (e.g. a 16k model
-        with max_position_embeddings=4096 and factor 4; vLLM derives the same). A `llama3` config already gives
-        the stretched length."""
-        if self.rope_scaling is not None and self.rope_scaling["rope_type"] == "linear":
-            return int(self.max_position_embeddings * self.rope_scaling["factor"])
+        with max_position_embeddings=4096 and factor 4; vLLM derives the same), or of `yarn` scaling times the
+        length it was trained at (original_max_position_embeddings: Qwen3's 32k by 4 is 128k, as vLLM derives
+        it). A `llama3` config already gives the stretched length."""
+        scaling = self.rope_scaling or {}
+        if scaling.get("rope_type") == "linear":
+            return int(self.max_position_embeddings * scaling["factor"])
+        if scaling.get("rope_type") == "yarn":
+            trained = scaling.get("original_max_position_embeddings", self.max_position_embeddings)
+            return int(trained * scaling["factor"])
         return self.max_position_embeddings
 
     @classmethod
@@ -147,13 +152,28 @@ def _rope_settings(raw: dict, source: str) -> tuple[float, dict | None]:
         scaling = dict(raw["rope_scaling"]) if raw.get("rope_scaling") else None
     if scaling is not None:
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        if rope_type not in ("default", "llama3", "linear"):
-            raise ValueError(f"{source}: unsupported rope scaling type {rope_type!r} (supported: llama3, linear)")
+        if rope_type not in ("default", *ROPE_SCALINGS):
+            raise ValueError(
+                f"{source}: unsupported rope scaling type {rope_type!r} (supported: {', '.join(ROPE_SCALINGS)})"
+            )
         scaling["rope_type"] = rope_type
         if rope_type == "default":
             scaling = None
-        elif not isinstance(scaling.get("factor"), (int, float)) or scaling["factor"] <= 0:
+        elif not _is_number(scaling.get("factor")) or scaling["factor"] <= 0:
             raise ValueError(
                 f"{source}: {rope_type} rope scaling needs a positive 'factor', got {scaling.get('factor')!r}"
             )
+        for key in ROPE_NUMBERS:
+            if scaling is not None and scaling.get(key) is not None and not _is_number(scaling[key]):
+                raise ValueError(f"{source}: {rope_type} rope scaling's {key!r} must be a number, got {scaling[key]!r}")
     return float(theta), scaling
+
+
+ROPE_SCALINGS = ("llama3", "linear", "yarn")
+# the scalings' optional numbers (models/llama.py: rope_inv_freq), checked at load rather than failing in the math
+ROPE_NUMBERS = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings", "attention_factor",
+                "beta_fast", "beta_slow", "mscale", "mscale_all_dim")  # fmt: skip
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

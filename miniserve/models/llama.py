@@ -70,7 +70,7 @@ class QKNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies of rotary embeddings, with the `llama3` or `linear` scaling when configured."""
+    """Inverse frequencies of rotary embeddings, with the `llama3`, `linear` or `yarn` scaling when configured."""
     dim = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     scaling = cfg.rope_scaling
@@ -79,6 +79,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     factor = scaling["factor"]
     if scaling["rope_type"] == "linear":
         return inv_freq / factor
+    if scaling["rope_type"] == "yarn":
+        return _yarn_inv_freq(cfg, scaling)
     low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
     old_len = scaling.get("original_max_position_embeddings", 8192)
     wavelen = 2 * math.pi / inv_freq
@@ -89,16 +91,56 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def _yarn_inv_freq(cfg: ModelConfig, scaling: dict) -> torch.Tensor:
+    """YaRN (arXiv 2309.00071): dimensions that turn more than beta_fast times over the trained length keep
+    their frequency, those that turn fewer than beta_slow times are interpolated by the factor, with a linear ramp
+    between; as transformers computes it (the float32 frequencies of `base ** (2i / dim)`)."""
+    dim, base, factor = cfg.head_dim, cfg.rope_theta, scaling["factor"]
+    trained = scaling.get("original_max_position_embeddings", cfg.max_position_embeddings)
+
+    def turns_to_dim(turns: float) -> float:  # the dimension whose wave turns `turns` times over the trained length
+        return dim * math.log(trained / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = turns_to_dim(scaling.get("beta_fast") or 32), turns_to_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high += 0.001 if high == low else 0  # (transformers' guard against an empty ramp)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: the dimension keeps its frequency (extrapolates)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """The factor YaRN scales cos and sin by (so q.k by its square): `attention_factor` as given, else the
+    paper's 0.1 ln(factor) + 1 (with DeepSeek's mscale and mscale_all_dim, their ratio); 1 for other RoPE."""
+    scaling = cfg.rope_scaling
+    if scaling is None or scaling["rope_type"] != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+
+    def mscale(m: float) -> float:
+        return 1.0 if scaling["factor"] <= 1 else 0.1 * m * math.log(scaling["factor"]) + 1.0
+
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return mscale(scaling["mscale"]) / mscale(scaling["mscale_all_dim"])
+    return mscale(1.0)
+
+
 class Rotary(nn.Module):
-    """fp32 cos/sin tables for every position, computed once like transformers does per call; each layer's
-    rotation reads the rows of its tokens' positions (inside the fused kernel on GPUs)."""
+    """fp32 cos/sin tables for every position, computed once like transformers does per call (YaRN's attention
+    factor applied, as there); each layer's rotation reads the rows of its tokens' positions (inside the fused
+    kernel on GPUs)."""
 
     def __init__(self, cfg: ModelConfig, max_positions: int):
         super().__init__()
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * rope_inv_freq(cfg)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        factor = rope_attention_factor(cfg)
+        self.register_buffer("cos", emb.cos() * factor, persistent=False)
+        self.register_buffer("sin", emb.sin() * factor, persistent=False)
 
 
 class Attention(nn.Module):
