@@ -104,15 +104,18 @@ def run_server(model_dir: Path, log_path: Path, **env: str) -> Iterator[str]:
             yield url
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
-    out = build_model_dir(
-        tmp_path_factory.mktemp("api-model"), "LlamaForCausalLM", tokenizer_dir, seed=11, max_position_embeddings=2048
-    )
+def build_api_model(out: Path, tokenizer_dir: Path) -> Path:
+    """The tiny Llama these tests serve, its chat template TOOL_TEMPLATE (also tests/test_responses_api.py's)."""
+    build_model_dir(out, "LlamaForCausalLM", tokenizer_dir, seed=11, max_position_embeddings=2048)
     config = json.loads((out / "tokenizer_config.json").read_text())
     config["chat_template"] = TOOL_TEMPLATE
     (out / "tokenizer_config.json").write_text(json.dumps(config))
     return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    return build_api_model(tmp_path_factory.mktemp("api-model"), tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

@@ -248,6 +248,40 @@ def test_a_grammar_starts_after_the_reasoning(url):
     assert off == {"role": "assistant", "content": " no", "reasoning": None}
 
 
+@pytest.mark.parametrize(
+    ("start", "tool_choice", "kinds", "reasoning_tokens"),
+    [
+        ("A:", "none", ["reasoning", "message"], 1),  # " hmm" between the one-token markers
+        ("B:", "auto", ["reasoning", "function_call"], 1),  # " ponder": markers in pieces, the text encoded
+    ],
+)
+def test_responses_return_the_reasoning_as_an_item_whole_and_streamed(url, start, tool_choice, kinds, reasoning_tokens):
+    """/v1/responses (server/responses_api.py) on the chat path: chat's split, as output items and their events."""
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=60, max_retries=0)
+    tools = [{"type": "function", **t["function"]} for t in TOOLS]
+    kwargs = dict(model=MODEL_NAME, input="Speak.", max_output_tokens=16, temperature=0, tools=tools,
+                  tool_choice=tool_choice, extra_body={"chat_template_kwargs": {"start": start}})  # fmt: skip
+    want = message(chat(url, start, tools=TOOLS, tool_choice=tool_choice))
+    r = client.responses.create(**kwargs)
+    assert [item.type for item in r.output] == kinds and r.output[0].content[0].text == want["reasoning"]
+    if want["content"]:
+        assert r.output_text == want["content"]
+    calls = [(c.name, c.arguments) for c in r.output if c.type == "function_call"]
+    assert calls == [(c["function"]["name"], c["function"]["arguments"]) for c in want.get("tool_calls", [])]
+    assert r.usage.output_tokens_details.reasoning_tokens == reasoning_tokens
+    events = list(client.responses.create(stream=True, **kwargs))
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == want["reasoning"]
+    final = events[-1].response
+    ids = {"id", "call_id"}
+    assert [i.model_dump(exclude=ids) for i in final.output] == [i.model_dump(exclude=ids) for i in r.output]
+    assert final.usage.output_tokens_details.reasoning_tokens == reasoning_tokens
+    # effort "none" switches thinking off in the template (vLLM's enable_thinking), so the output is all content
+    off = client.responses.create(**{**kwargs, "tool_choice": "none", "reasoning": {"effort": "none"}})
+    assert [item.type for item in off.output] == ["message"]
+
+
 def test_without_the_setting_the_output_is_content_as_before(model_dir, tmp_path):
     with open(tmp_path / "server.log", "w+b") as log:
         with uvicorn_server(model_dir, log, MINISERVE_SERVED_MODEL_NAME=MODEL_NAME) as (base, _):

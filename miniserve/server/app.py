@@ -43,6 +43,7 @@ from miniserve.server.middleware import CatchAll, DirectRoutes, RequireAPIKey
 from miniserve.server.protocol import (
     APIError,
 )
+from miniserve.server.responses_api import create_response
 from miniserve.server.state import ClientDisconnected, ServerState, load_tokenizer, max_token_chars, state_of
 from miniserve.server.tokens import detokenize, tokenize
 from miniserve.settings import from_sources, unknown_variables
@@ -136,6 +137,7 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
     v1 = APIRouter(prefix="/v1")  # RequireAPIKey guards every /v1 path, routed or not
     v1.add_api_route("/completions", create_completion, methods=["POST"])
     v1.add_api_route("/chat/completions", create_chat_completion, methods=["POST"])
+    v1.add_api_route("/responses", create_response, methods=["POST"])  # stateless: no GET /responses/{id}
     v1.add_api_route("/models", list_models, methods=["GET"])
     v1.add_api_route("/models/{model:path}", retrieve_model, methods=["GET"])  # (served names may hold a "/")
     app.include_router(v1)
@@ -147,7 +149,11 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
     app.add_api_route("/metrics", metrics, methods=["GET"])
     for error, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(error, handler)
-    generation = {"/v1/completions": create_completion, "/v1/chat/completions": create_chat_completion}
+    generation = {
+        "/v1/completions": create_completion,
+        "/v1/chat/completions": create_chat_completion,
+        "/v1/responses": create_response,
+    }
     app.add_middleware(DirectRoutes, routes=generation, errors=ERROR_HANDLERS)  # added first: inside the key check
     app.add_middleware(RequireAPIKey, api_key=server.api_key)
     app.add_middleware(CatchAll)  # added last: the outermost layer

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -27,9 +28,48 @@ from miniserve.server.state import ServerState, state_of
 from miniserve.server.tool_calls import ToolSetup, tool_setup
 
 
+@dataclass
+class ChatRun:
+    """A chat request posted to the engine: what the chat route (and /v1/responses, server/responses_api.py) needs
+    to read its output back and shape it."""
+
+    ids: list[int]
+    tools: ToolSetup
+    reasoning: ReasoningSetup | None
+    group: RequestGroup
+
+
 async def create_chat_completion(request: Request) -> Response:
     state = state_of(request)
     req: ChatCompletionRequest = await state.parse(request, ChatCompletionRequest)
+    run = await start_chat(state, req, f"chatcmpl-{uuid.uuid4().hex}")
+    ids, tools, reasoning, group = run.ids, run.tools, run.reasoning, run.group
+    head = {
+        "id": req.request_id or group.base_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": state.model_name,
+    }
+    if req.stream:
+        return EventStream(group, request, ChatEvents(state, req, head, ids, tools, reasoning))
+    finals = await collect_finals(group, request)
+    if finals is None:
+        return Response(status_code=499)
+    out = finals[0]
+    choices = _chat_choices(state, req, ids, out, tools, reasoning)
+    body = {**head, "choices": choices, "usage": request_usage([ids], [out])}
+    if req.prompt_logprobs is not None:
+        as_ids = bool(req.return_tokens_as_token_ids)
+        body["prompt_logprobs"] = fmt.vllm_prompt_logprobs(
+            state.tokenizer, ids, out.prompt_logprobs, req.prompt_logprobs, as_ids
+        )
+    if req.return_token_ids:
+        body["prompt_token_ids"] = ids
+    return fmt.JSONBytesResponse(body)
+
+
+async def start_chat(state: ServerState, req: ChatCompletionRequest, base_id: str) -> ChatRun:
+    """Checks, tools, the output constraint, the prompt and its sampling parameters; then the request posted."""
     state.check_word_lists(req)
     check_reasoning_fields(req, state.server.reasoning_parser)
     tools = tool_setup(req, state.tokenizer.chat_template)
@@ -53,30 +93,9 @@ async def create_chat_completion(request: Request) -> Response:
                 param="skip_special_tokens",
             )
         params = dataclasses.replace(params, skip_special_tokens=False)
-    group = RequestGroup(state, f"chatcmpl-{uuid.uuid4().hex}", req.stream)
+    group = RequestGroup(state, base_id, req.stream)
     await group.start([ids], [params], "messages", req.n)
-    head = {
-        "id": req.request_id or group.base_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": state.model_name,
-    }
-    if req.stream:
-        return EventStream(group, request, ChatEvents(state, req, head, ids, tools, reasoning))
-    finals = await collect_finals(group, request)
-    if finals is None:
-        return Response(status_code=499)
-    out = finals[0]
-    choices = _chat_choices(state, req, ids, out, tools, reasoning)
-    body = {**head, "choices": choices, "usage": request_usage([ids], [out])}
-    if req.prompt_logprobs is not None:
-        as_ids = bool(req.return_tokens_as_token_ids)
-        body["prompt_logprobs"] = fmt.vllm_prompt_logprobs(
-            state.tokenizer, ids, out.prompt_logprobs, req.prompt_logprobs, as_ids
-        )
-    if req.return_token_ids:
-        body["prompt_token_ids"] = ids
-    return fmt.JSONBytesResponse(body)
+    return ChatRun(ids, tools, reasoning, group)
 
 
 async def _chat_ids(state: ServerState, req: ChatCompletionRequest, tools: ToolSetup) -> list[int]:
@@ -127,7 +146,7 @@ def _chat_choices(
         lp = None
         if top is not None:
             lp = fmt.chat_logprobs(state.tokenizer, ids, o.token_ids, o.logprobs, top, as_ids)
-        message, finish = _message(tools, reasoning, o, echo)
+        message, finish = assistant_message(tools, reasoning, o, echo)
         choice = {
             "index": o.index,
             "message": message,
@@ -141,7 +160,9 @@ def _chat_choices(
     return choices
 
 
-def _message(tools: ToolSetup, reasoning: ReasoningSetup | None, o: Any, echo: str) -> tuple[dict[str, Any], Any]:
+def assistant_message(
+    tools: ToolSetup, reasoning: ReasoningSetup | None, o: Any, echo: str
+) -> tuple[dict[str, Any], Any]:
     """A finished choice's assistant message and finish_reason: with a reasoning parser, the reasoning split off
     (vLLM's `reasoning` field: null when there is none or it was left out) and tool calls parsed from the content
     alone; content null when the reasoning left none (as vLLM)."""

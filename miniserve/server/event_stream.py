@@ -32,6 +32,7 @@ class StreamEvents:
     """What a streaming route sends: its choices' trackers and final outputs, and how each new output reads."""
 
     choice: Callable[[int, Any, fmt.Delta], list[bytes]]  # events for (prompt index, completion, what is new)
+    done = fmt.SSE_DONE  # what ends the stream (OpenAI's Responses streams end without it)
 
     def __init__(self, trackers: dict[tuple[int, int], fmt.ChoiceTracker]):
         self.trackers = trackers
@@ -42,6 +43,10 @@ class StreamEvents:
 
     def closing(self) -> list[bytes]:
         return []
+
+    def error(self, exc: APIError) -> bytes:
+        """The event that ends a stream the engine or the server failed."""
+        return fmt.sse(exc.body())
 
     def batch(self, changed: list[tuple[int, Any]]) -> list[bytes]:
         """The events of every choice that moved in `changed` ((prompt index, cumulative output) pairs)."""
@@ -67,7 +72,7 @@ class EventStream:
         self.failure: Exception | None = None  # what a push raised formatting events: the task raises it
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        group, tail = self.group, fmt.SSE_DONE
+        group, tail = self.group, self.events.done
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
             await self._send(send, self.events.opening())
@@ -83,7 +88,7 @@ class EventStream:
         except ClientDisconnected:
             tail = b""
         except APIError as exc:
-            tail = fmt.sse(exc.body()) + fmt.SSE_DONE
+            tail = self.events.error(exc) + self.events.done
         finally:
             group.push = None
             group.abort()  # (a no-op once every request finished)

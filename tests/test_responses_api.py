@@ -1,0 +1,269 @@
+"""POST /v1/responses (OpenAI's Responses API, stateless) through the official openai client on a real uvicorn
+server (test_api.py's tiny Llama, whose chat template shows tools). The oracle is /v1/chat/completions: a Responses
+request is a chat request in other clothes, so its text, tool calls and usage must be chat's for the equivalent
+messages; streamed events must add up to the whole response.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.test_api import MODEL_NAME, PARAMS, TOOLS, build_api_model, post, run_server
+
+FLAT_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]  # the Responses shape: no nested "function"
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "minimum": 0}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    return build_api_model(tmp_path_factory.mktemp("responses-model"), tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def log_path(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("responses-log") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def url(model_dir, log_path) -> Iterator[str]:
+    with run_server(model_dir, log_path) as base:
+        yield base
+
+
+def chat_text(client, messages: list[dict], **kwargs) -> tuple[str, dict]:
+    r = client.chat.completions.create(model=MODEL_NAME, messages=messages, **kwargs)
+    return r.choices[0].message.content, r.usage.model_dump()
+
+
+def against_chat(client, messages: list[dict], chat_kwargs: dict, **kwargs) -> tuple[object, str, dict]:
+    """A response and chat's answer (text, usage) to the equivalent messages; chat asked once before, so that
+    both find the prompt in the prefix cache alike."""
+    chat_text(client, messages, **chat_kwargs)
+    r = client.responses.create(model=MODEL_NAME, **kwargs)
+    return (r, *chat_text(client, messages, **chat_kwargs))
+
+
+def same_usage(responses_usage, chat_usage: dict) -> bool:
+    u = responses_usage
+    return (u.input_tokens, u.output_tokens, u.total_tokens, u.input_tokens_details.cached_tokens) == (
+        chat_usage["prompt_tokens"],
+        chat_usage["completion_tokens"],
+        chat_usage["total_tokens"],
+        chat_usage["prompt_tokens_details"]["cached_tokens"],
+    )
+
+
+def streamed(client, **kwargs) -> tuple[list, object]:
+    """Every event of a streamed response, and the Response its last event carries."""
+    events = list(client.responses.create(model=MODEL_NAME, stream=True, **kwargs))
+    return events, events[-1].response
+
+
+def test_string_and_item_inputs_answer_as_chat_does(client):
+    messages = [{"role": "user", "content": "Speak of love."}]
+    chat = dict(max_tokens=12, temperature=0)
+    r, text, usage = against_chat(client, messages, chat, input="Speak of love.", max_output_tokens=12, temperature=0)
+    assert r.object == "response" and r.id.startswith("resp_") and r.created_at > 0
+    assert [item.type for item in r.output] == ["message"] and r.output_text == text
+    assert r.output[0].content[0].annotations == [] and same_usage(r.usage, usage)
+    assert r.usage.output_tokens_details.reasoning_tokens == 0
+    items = [
+        {"role": "developer", "content": "Be brief."},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"},
+                                                        {"type": "input_text", "text": "there"}]},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "Hello.", "annotations": []}]},
+        {"role": "user", "content": "Speak."},
+    ]  # fmt: skip
+    messages = [
+        {"role": "system", "content": "You are Romeo."},
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi\nthere"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Speak."},
+    ]
+    r, text, usage = against_chat(client, messages, dict(max_tokens=10, temperature=0), input=items,
+                                  instructions="You are Romeo.", max_output_tokens=10, temperature=0,
+                                  metadata={"k": "v"}, user="u-1", store=True)  # fmt: skip
+    assert r.output_text == text and same_usage(r.usage, usage)
+    assert (r.instructions, r.metadata, r.user, r.max_output_tokens, r.temperature) == (
+        "You are Romeo.", {"k": "v"}, "u-1", 10, 0.0,
+    )  # fmt: skip
+
+
+def test_a_stream_adds_up_to_the_whole_response(client):
+    kwargs = dict(input="Speak.", max_output_tokens=16, temperature=1.0, extra_body={"seed": 7})
+    whole = client.responses.create(model=MODEL_NAME, **kwargs)
+    events, final = streamed(client, **kwargs)
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    types = [e.type for e in events]
+    assert types[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]  # fmt: skip
+    assert types[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]  # fmt: skip
+    assert set(types[4:-4]) == {"response.output_text.delta"}
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert deltas == done.text == final.output_text == whole.output_text != ""
+    assert events[0].response.status == "in_progress" and final.status == "completed"
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (
+        whole.usage.input_tokens,
+        whole.usage.output_tokens,
+    )
+    assert final.output[0].id == events[2].item.id
+    # logprobs: one per token, on the deltas as on the whole text, the likeliest first
+    lp = dict(kwargs, include=["message.output_text.logprobs"], top_logprobs=2)
+    whole = client.responses.create(model=MODEL_NAME, **lp)
+    events, final = streamed(client, **lp)
+    logprobs = whole.output[0].content[0].logprobs
+    assert len(logprobs) == whole.usage.output_tokens and all(len(x.top_logprobs) == 2 for x in logprobs)
+    assert [x.logprob for e in events if e.type == "response.output_text.delta" for x in e.logprobs] == [
+        x.logprob for x in logprobs
+    ]
+    assert final.output[0].content[0].logprobs == logprobs
+
+
+def test_max_output_tokens_leaves_the_response_incomplete(client):
+    kwargs = dict(input="Speak.", max_output_tokens=3, extra_body={"ignore_eos": True})
+    r = client.responses.create(model=MODEL_NAME, **kwargs)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.usage.output_tokens == 3 and r.output[0].status == "incomplete"
+    events, final = streamed(client, **kwargs)
+    assert events[-1].type == "response.incomplete" and final.incomplete_details.reason == "max_output_tokens"
+    assert final.status == "incomplete"
+
+
+def test_a_json_schema_format_is_followed(client):
+    import jsonschema
+
+    text = {"format": {"type": "json_schema", "name": "person", "schema": SCHEMA, "strict": True}}
+    for seed in (1, 2):
+        kwargs = dict(input="Who?", text=text, temperature=1.0, max_output_tokens=60, extra_body={"seed": seed})
+        r = client.responses.create(model=MODEL_NAME, **kwargs)
+        jsonschema.validate(json.loads(r.output_text), SCHEMA)
+        assert r.text.format.type == "json_schema" and r.text.format.name == "person"
+        assert streamed(client, **kwargs)[1].output_text == r.output_text
+
+
+def test_a_function_call_round_trip(client):
+    import jsonschema
+
+    kwargs = dict(input="Weather in Verona?", tools=FLAT_TOOLS, tool_choice="required", temperature=1.0,
+                  max_output_tokens=300, parallel_tool_calls=False, extra_body={"seed": 2})  # fmt: skip
+    r = client.responses.create(model=MODEL_NAME, **kwargs)
+    (call,) = r.output
+    assert call.type == "function_call" and call.call_id and call.id.startswith("fc_")
+    jsonschema.validate(json.loads(call.arguments), PARAMS[call.name])
+    events, final = streamed(client, **kwargs)
+    arguments = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    done = next(e for e in events if e.type == "response.function_call_arguments.done")
+    assert [(c.name, c.arguments) for c in final.output] == [(call.name, call.arguments)] == [(done.name, arguments)]
+    assert final.tools[0].name == "get_weather" and final.tool_choice == "required"
+    # the call and its output fed back: the prompt chat renders from the equivalent messages
+    follow = ["Weather in Verona?", call.model_dump(exclude_none=True),
+              {"type": "function_call_output", "call_id": call.call_id, "output": '{"sky": "clear"}'}]  # fmt: skip
+    follow[0] = {"role": "user", "content": follow[0]}
+    messages = [
+        {"role": "user", "content": "Weather in Verona?"},
+        {"role": "assistant", "tool_calls": [{"id": call.call_id, "type": "function",
+                                              "function": {"name": call.name, "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": '{"sky": "clear"}'},
+    ]  # fmt: skip
+    again, text, usage = against_chat(client, messages, dict(tools=TOOLS, max_tokens=8, temperature=0), input=follow,
+                                      tools=FLAT_TOOLS, max_output_tokens=8, temperature=0)  # fmt: skip
+    assert again.output_text == text and same_usage(again.usage, usage)
+    # a named function: its arguments, whole
+    named = client.responses.create(
+        model=MODEL_NAME,
+        input="Time?",
+        tools=FLAT_TOOLS,
+        temperature=1.0,
+        tool_choice={"type": "function", "name": "get_time"},
+        max_output_tokens=100,
+    )
+    (call,) = named.output
+    assert call.name == "get_time"
+    jsonschema.validate(json.loads(call.arguments), PARAMS["get_time"])
+
+
+REFUSED = {
+    "previous_response_id": "resp_123", "conversation": "conv_1", "background": True, "prompt": {"id": "pmpt_1"},
+    "max_tool_calls": 3, "truncation": "auto", "include": ["reasoning.encrypted_content"],
+    "context_management": [{"type": "compaction"}], "moderation": {"model": "omni-moderation-latest"},
+    "image": {"context_compression": "auto"}, "access_programs": {"cyber": "standard"},
+    "prompt_cache_options": {"ttl": "12h"}, "background_options": {"completion_window": "2h"},
+    "service_tier": "flex", "priority": 1, "vllm_xargs": {"x": 1}, "kv_transfer_params": {"x": 1},
+    "mm_processor_kwargs": {"x": 1}, "enable_response_messages": True, "previous_input_messages": [{}],
+    "tools": [{"type": "web_search"}], "tool_choice": {"type": "web_search_preview"},
+    "text": {"format": {"type": "text"}, "verbosity": "low"}, "reasoning": {"summary": "detailed"},
+    "stream_options": {"include_obfuscation": True},
+    "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}],
+}  # fmt: skip
+HONOURED = {
+    "store": True, "metadata": {"k": "v"}, "user": "u", "safety_identifier": "s", "prompt_cache_key": "k",
+    "prompt_cache_retention": "24h", "service_tier": "auto", "truncation": "disabled", "top_p": 0.9,
+    "parallel_tool_calls": True, "reasoning": {"effort": "low", "summary": "auto"}, "background": False,
+    "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": 0.5,
+    "stop": ["\n"], "ignore_eos": True, "logit_bias": {"5": 2.0}, "skip_special_tokens": False,
+    "include_stop_str_in_output": True, "request_id": "my-response-1", "cache_salt": "salt",
+    "structured_outputs": {"regex": "[a-z]+"}, "chat_template_kwargs": {"mood": "calm"}, "session_id": "s1",
+    "text": {"format": {"type": "json_object"}}, "include": ["message.output_text.logprobs"], "top_logprobs": 2,
+}  # fmt: skip
+
+
+def test_every_refused_field_is_named_and_unknown_fields_are_ignored_with_a_warning(url, log_path):
+    base = {"model": MODEL_NAME, "input": "Speak.", "max_output_tokens": 3}
+    for name, value in REFUSED.items():
+        body = {**base, name: value, **({"stream": True} if name == "stream_options" else {})}
+        r = post(url, "/v1/responses", body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == name, (name, r.text)
+    for name, value in HONOURED.items():
+        r = post(url, "/v1/responses", {**base, name: value})
+        assert r.status_code == 200, (name, r.text)
+    r = post(url, "/v1/responses", {**base, "request_id": "mine", "top_logprobs": 0})  # 0: no logprobs asked
+    assert r.json()["id"] == "mine" and "logprobs" not in r.json()["output"][0]["content"][0], r.text
+    r = post(url, "/v1/responses", {**base, "made_up_field": 1, "input": [{"role": "user", "content": "x", "odd": 1}]})
+    assert r.status_code == 200, r.text
+    lines = [line for line in log_path.read_text(errors="replace").splitlines() if "fields ignored" in line]
+    assert any("/v1/responses" in line and "made_up_field" in line and "input[0].odd" in line for line in lines)
+    # what a stateless server does not have
+    assert httpx.get(f"{url}/v1/responses/resp_123", timeout=10).status_code in (404, 405)
+    # a chat error names the Responses field
+    r = post(url, "/v1/responses", {**base, "max_output_tokens": 10**6})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_output_tokens", r.text
+
+
+def test_events_are_named_server_sent_events_without_done(url):
+    """As OpenAI streams them: each `event:` line names its data's type; the stream ends with its last event."""
+    body = {"model": MODEL_NAME, "input": "Speak.", "max_output_tokens": 4, "stream": True}
+    blocks = post(url, "/v1/responses", body).text.strip().split("\n\n")
+    for block in blocks:
+        event, data = block.split("\n")
+        assert event == "event: " + json.loads(data.removeprefix("data: "))["type"], block
+    assert json.loads(blocks[-1].split("data: ")[1])["type"] in ("response.completed", "response.incomplete")
+
+
+def test_fields_sent_as_null_read_as_not_given(url):
+    from miniserve.server.protocol import ResponsesRequest
+
+    plain = {"model": MODEL_NAME, "input": "Speak.", "max_output_tokens": 4, "temperature": 0}
+    nulls = {name: None for name in ResponsesRequest.model_fields if name not in plain}
+    r = post(url, "/v1/responses", {**plain, **nulls})
+    assert r.status_code == 200, r.text
+    assert r.json()["output"][0]["content"] == post(url, "/v1/responses", plain).json()["output"][0]["content"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_beside_tools_are_refused_by_name(url, stream):
+    body = {"model": MODEL_NAME, "input": "x", "tools": FLAT_TOOLS, "include": ["message.output_text.logprobs"]}
+    r = post(url, "/v1/responses", {**body, "stream": stream})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "include", r.text
