@@ -182,6 +182,16 @@ def test_yarn_rope_scaling_stretches_the_context_and_matches_transformers(tmp_pa
         engine(path, max_model_len=129)
 
 
+def test_a_rope_scaling_number_that_is_not_one_is_named():
+    from miniserve.models.config import ModelConfig
+
+    sizes = {"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1}
+    scaling = {"rope_type": "yarn", "factor": 4.0, "beta_fast": "32"}
+    raw = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 2, "rope_scaling": scaling, **sizes}
+    with pytest.raises(ValueError, match="yarn rope scaling's 'beta_fast' must be a number, got '32'"):
+        ModelConfig.from_dict(raw)
+
+
 @pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
 def test_unbuilt_rope_scaling_is_refused_by_name(rope_type):
     from miniserve.models.config import ModelConfig

@@ -150,23 +150,25 @@ def _rope_settings(raw: dict, source: str) -> tuple[float, dict | None]:
     else:
         theta = raw.get("rope_theta", 10000.0)
         scaling = dict(raw["rope_scaling"]) if raw.get("rope_scaling") else None
-    if scaling is not None:
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        if rope_type not in ("default", *ROPE_SCALINGS):
-            raise ValueError(
-                f"{source}: unsupported rope scaling type {rope_type!r} (supported: {', '.join(ROPE_SCALINGS)})"
-            )
-        scaling["rope_type"] = rope_type
-        if rope_type == "default":
-            scaling = None
-        elif not _is_number(scaling.get("factor")) or scaling["factor"] <= 0:
-            raise ValueError(
-                f"{source}: {rope_type} rope scaling needs a positive 'factor', got {scaling.get('factor')!r}"
-            )
-        for key in ROPE_NUMBERS:
-            if scaling is not None and scaling.get(key) is not None and not _is_number(scaling[key]):
-                raise ValueError(f"{source}: {rope_type} rope scaling's {key!r} must be a number, got {scaling[key]!r}")
-    return float(theta), scaling
+    return float(theta), None if scaling is None else _checked_scaling(scaling, source)
+
+
+def _checked_scaling(scaling: dict, source: str) -> dict | None:
+    """A rope scaling with its type under "rope_type" (Hub files may say "type"), None for plain RoPE; a type this
+    model does not build, or a factor or an optional number that is not one, refused by name."""
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return None
+    if rope_type not in ROPE_SCALINGS:
+        raise ValueError(
+            f"{source}: unsupported rope scaling type {rope_type!r} (supported: {', '.join(ROPE_SCALINGS)})"
+        )
+    if not _is_number(scaling.get("factor")) or scaling["factor"] <= 0:
+        raise ValueError(f"{source}: {rope_type} rope scaling needs a positive 'factor', got {scaling.get('factor')!r}")
+    for key in ROPE_NUMBERS:
+        if scaling.get(key) is not None and not _is_number(scaling[key]):
+            raise ValueError(f"{source}: {rope_type} rope scaling's {key!r} must be a number, got {scaling[key]!r}")
+    return {**scaling, "rope_type": rope_type}
 
 
 ROPE_SCALINGS = ("llama3", "linear", "yarn")
