@@ -49,26 +49,49 @@ def _partial_marker(text: str) -> int:
 
 
 class StreamingReasoningSplitter:
-    """Fed a choice's cumulative text; returns what is new of its reasoning and of its content each time."""
+    """Fed a choice's cumulative text; returns what is new of its reasoning and of its content each time. Until
+    the end, each call reads only the text added since the last one: searching a long reasoning's whole text for
+    `</think>` at every step cost a stream ~55 us a step at 72k characters, and the API process serves hundreds."""
 
     def __init__(self, thinking: bool):
         self.thinking = thinking
         self.reasoning_sent = 0
         self.content = ""  # the content so far: what the tool-call parser reads
+        self._end = -1  # where `</think>` starts in the text, once found
+        self._searched = 0  # characters of the text searched for it
 
     def feed(self, text: str, final: bool) -> tuple[str, str]:
         """(new reasoning, new content). Until the reasoning has ended, a tail that may be a marker's start is
         held back (it is neither yet); the final call splits the whole text."""
-        if self.thinking and not final and END not in text:
-            text = text[: len(text) - _partial_marker(text)]
-        reasoning, content = split_reasoning(text, self.thinking)
-        reasoning = reasoning or ""
-        new_reasoning = reasoning[self.reasoning_sent :]
-        new_content = content[len(self.content) :]
-        self.reasoning_sent = max(self.reasoning_sent, len(reasoning))
-        if len(content) > len(self.content):
-            self.content = content
-        return new_reasoning, new_content
+        if final or not self.thinking:
+            reasoning, content = split_reasoning(text, self.thinking)
+            reasoning = reasoning or ""
+            return self._new_reasoning(reasoning, 0, len(reasoning)), self._new_content(content)
+        body = len(START) if text.startswith(START) else 0
+        end = self._find_end(text)
+        if end < 0:
+            return self._new_reasoning(text, body, len(text) - _partial_marker(text)), ""
+        return self._new_reasoning(text, body, end), self._new_content(text, end + len(END))
+
+    def _find_end(self, text: str) -> int:
+        """Index of the first `</think>` in the text (-1: none yet), searching only what is new (the text only
+        grows) and the marker's length before it."""
+        if self._end < 0:
+            self._end = text.find(END, max(0, self._searched - len(END) + 1))
+            self._searched = len(text)
+        return self._end
+
+    def _new_reasoning(self, text: str, start: int, stop: int) -> str:
+        """The part of the reasoning text[start:stop] not returned yet."""
+        new = text[start + self.reasoning_sent : stop]
+        self.reasoning_sent = max(self.reasoning_sent, stop - start)
+        return new
+
+    def _new_content(self, text: str, start: int = 0) -> str:
+        """The part of the content text[start:] not returned yet."""
+        new = text[start + len(self.content) :]
+        self.content = text[start:]  # (the text itself where it is all content: no copy)
+        return new
 
 
 @dataclass

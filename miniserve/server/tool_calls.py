@@ -295,6 +295,8 @@ class StreamingToolParser:
         self.mode, self.fmt, self.named, self.parallel, self.tools = mode, fmt, named, parallel, tools
         self.content_sent = 0  # characters of content already returned
         self.calls_sent = 0
+        self._marker_at = -1  # where the first marker starts in the text, once found
+        self._searched = 0  # characters of the text searched for one
 
     def feed(self, text: str, final: bool) -> tuple[str, list[ToolCall]]:
         if self.mode == "named":  # arguments stream as they come (the schema constrains them)
@@ -335,9 +337,12 @@ class StreamingToolParser:
             if not stripped or any(m.startswith(stripped) or stripped.startswith(m) for m in markers):
                 return 0
             return None
-        found = [i for i in (text.find(m) for m in markers) if i != -1]
-        if found:
-            return min(found)
+        if self._marker_at < 0:  # search only what is new (the text only grows) and a marker's length before it
+            start = max(0, self._searched - max(map(len, markers)) + 1)
+            self._marker_at = min((i for i in (text.find(m, start) for m in markers) if i != -1), default=-1)
+            self._searched = len(text)
+        if self._marker_at >= 0:
+            return self._marker_at
         for m in markers:  # a partial marker at the end
             for k in range(min(len(m) - 1, len(text)), 0, -1):
                 if text.endswith(m[:k]):
