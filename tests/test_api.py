@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -541,8 +542,17 @@ def test_cache_salt_separates_prefix_cache_namespaces(client):
 
 
 def test_request_id_tokenize_strs_and_version(url, client, hf_tok):
+    # the response's id is vLLM's: its prefix and the client's id, the X-Request-Id header's before the field's
     r = post(url, "/v1/completions", {"model": MODEL_NAME, **PROMPT, "max_tokens": 1, "request_id": "abc-123"})
-    assert r.json()["id"] == "abc-123"
+    assert r.json()["id"] == "cmpl-abc-123"
+    chat = {"model": MODEL_NAME, **MESSAGES, "max_tokens": 1}
+    assert post(url, "/v1/chat/completions", {**chat, "request_id": "abc-123"}).json()["id"] == "chatcmpl-abc-123"
+    streamed = client.chat.completions.create(
+        **chat, stream=True, extra_body={"request_id": "abc-123"}, extra_headers={"X-Request-Id": "trace-7"}
+    )
+    assert {c.id for c in streamed} == {"chatcmpl-trace-7"}
+    alone = client.completions.create(model=MODEL_NAME, **PROMPT, max_tokens=1)
+    assert re.fullmatch(r"cmpl-[0-9a-f]{32}", alone.id)
     r = post(url, "/tokenize", {"prompt": "To be", "return_token_strs": True}).json()
     assert r["token_strs"] == hf_tok.convert_ids_to_tokens(r["tokens"])
     from miniserve import __version__
@@ -561,12 +571,17 @@ def test_chat_echo_continue_final_message_and_template_kwargs(client, url):
     # the prompt ends right after the final message's text: no end-of-turn marker, no new turn
     tokenized = post(url, "/detokenize", {"tokens": r["prompt_token_ids"]}).json()["prompt"]
     assert tokenized.endswith("assistant\nOnce upon")
-    # streamed echo: the first delta carries the echoed text
-    stream = client.chat.completions.create(
+    # streamed echo: the first delta carries the echoed text; the prompt's ids ride beside the first chunk's choices,
+    # as in vLLM's chunks (and the response above), the generated ones in each choice
+    stream = list(client.chat.completions.create(
         model=MODEL_NAME, messages=messages, max_tokens=4, temperature=0, stream=True,
-        extra_body={"ignore_eos": True, "add_generation_prompt": False, "continue_final_message": True, "echo": True},
-    )  # fmt: skip
+        extra_body={"ignore_eos": True, "add_generation_prompt": False, "continue_final_message": True, "echo": True,
+                    "return_token_ids": True},
+    ))  # fmt: skip
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == content
+    assert stream[0].model_extra["prompt_token_ids"] == r["prompt_token_ids"]
+    assert "prompt_token_ids" not in stream[0].choices[0].model_extra
+    assert sum((c.choices[0].model_extra.get("token_ids") or [] for c in stream), []) == r["choices"][0]["token_ids"]
     # both at once is a 400
     both = post(url, "/v1/chat/completions", {**body, "add_generation_prompt": True})
     assert both.status_code == 400 and both.json()["error"]["param"] == "continue_final_message"

@@ -189,6 +189,11 @@ def test_models_health_tokenize_detokenize(url, client, hf_tok):
     assert models[0].model_extra["max_model_len"] == MAX_MODEL_LEN
     card = client.models.retrieve(MODEL_NAME)
     assert (card.id, card.model_extra["max_model_len"]) == (MODEL_NAME, MAX_MODEL_LEN)
+    # vLLM's card fields: no parent (a base model), one permission entry allowing sampling and logprobs
+    (permission,) = card.model_extra["permission"]
+    assert card.model_extra["parent"] is None and card.model_extra["root"] == MODEL_NAME
+    assert permission["object"] == "model_permission" and permission["id"].startswith("modelperm-")
+    assert permission["allow_sampling"] and permission["allow_logprobs"] and not permission["allow_fine_tuning"]
     with pytest.raises(openai.NotFoundError) as exc:
         client.models.retrieve(MODEL_NAME + "-other")
     assert exc.value.body["code"] == "model_not_found"
@@ -411,6 +416,7 @@ def test_chat_matches_transformers_and_streams_identically(client, hf_model, hf_
     )
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == expected
+    assert r.choices[0].message.reasoning is None  # vLLM's field, null without a reasoning parser (not left out)
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 10)
     parts = [{"type": "text", "text": "Sing of"}, {"type": "text", "text": "spring."}]
     r2 = client.chat.completions.create(

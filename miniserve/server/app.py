@@ -22,6 +22,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -52,13 +53,36 @@ logger = logging.getLogger("miniserve.server")
 
 
 def _model_card(state: ServerState) -> dict:
+    """The served model's card, with vLLM's fields (parent, max_model_len, permission) beside OpenAI's."""
+    created = int(time.time())
     return {
         "id": state.model_name,
         "object": "model",
-        "created": int(time.time()),
+        "created": created,
         "owned_by": "miniserve",
         "root": state.model_name,  # the served name: where the weights sit on the server is not the client's business
+        "parent": None,  # (vLLM's LoRA adapters name their base model here; there are none)
         "max_model_len": state.max_model_len,
+        "permission": [_model_permission(created)],
+    }
+
+
+def _model_permission(created: int) -> dict:
+    """The one permission entry vLLM's cards carry (OpenAI's former schema): sampling and logprobs allowed, no
+    fine-tuning."""
+    return {
+        "id": f"modelperm-{uuid.uuid4().hex}",
+        "object": "model_permission",
+        "created": created,
+        "allow_create_engine": False,
+        "allow_sampling": True,
+        "allow_logprobs": True,
+        "allow_search_indices": False,
+        "allow_view": True,
+        "allow_fine_tuning": False,
+        "organization": "*",
+        "group": None,
+        "is_blocking": False,
     }
 
 

@@ -20,6 +20,7 @@ from miniserve.server.request_group import (
     RequestGroup,
     collect_finals,
     request_usage,
+    response_id,
     stream_usage,
     structured_spec,
 )
@@ -45,7 +46,7 @@ async def create_chat_completion(request: Request) -> Response:
     run = await start_chat(state, req, f"chatcmpl-{uuid.uuid4().hex}")
     ids, tools, reasoning, group = run.ids, run.tools, run.reasoning, run.group
     head = {
-        "id": req.request_id or group.base_id,
+        "id": response_id(group, request, req.request_id, "chatcmpl"),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": state.model_name,
@@ -165,9 +166,11 @@ def assistant_message(
 ) -> tuple[dict[str, Any], Any]:
     """A finished choice's assistant message and finish_reason: with a reasoning parser, the reasoning split off
     (vLLM's `reasoning` field: null when there is none or it was left out) and tool calls parsed from the content
-    alone; content null when the reasoning left none (as vLLM)."""
+    alone; content null when the reasoning left none (as vLLM). Without a parser `reasoning` is null too: vLLM's
+    messages always carry it, and a client reading it as an attribute would fail on a message without it."""
     if reasoning is None:
-        return tools.message(o.text, o.finish_reason, echo)
+        message, finish = tools.message(o.text, o.finish_reason, echo)
+        return {**message, "reasoning": None}, finish
     thought, content = reasoning.split(o.text)
     message, finish = tools.message(content, o.finish_reason, echo)
     if reasoning.thinking and message["content"] == "":
@@ -204,14 +207,26 @@ class ChatEvents(StreamEvents):
         plain = plain and reasoning is None
         self.texts = {j: fmt.TextChunks(self.head, j, "content") for j in range(req.n)} if plain else {}
 
-    def chunk(self, index: int, delta: dict, logprobs: Any = None, finish: Any = None, stop: Any = None, **extra):
+    def chunk(
+        self,
+        index: int,
+        delta: dict,
+        logprobs: Any = None,
+        finish: Any = None,
+        stop: Any = None,
+        head: dict | None = None,
+        **extra,
+    ):
+        """One choice's event; `head` replaces the chunk's own fields (id, object, ...), `extra` adds to the choice."""
         usage = self.usage and self.usage(0, index)
-        return fmt.choice_chunk(self.head, index, {"delta": delta}, logprobs, finish, stop, extra, usage)
+        return fmt.choice_chunk(head or self.head, index, {"delta": delta}, logprobs, finish, stop, extra, usage)
 
     def opening(self) -> list[bytes]:
-        first_extra = {"prompt_token_ids": self.ids} if self.req.return_token_ids else {}
+        """Each choice's role; with return_token_ids the prompt's ids beside the choices, where vLLM's first chunks
+        carry them (and a chat response does), not in the choice as completions' chunks do."""
+        head = {**self.head, "prompt_token_ids": self.ids} if self.req.return_token_ids else self.head
         role = {"role": "assistant", "content": _echo_text(self.req)}
-        return [self.chunk(j, role, **first_extra) for j in range(self.req.n)]
+        return [self.chunk(j, role, head=head) for j in range(self.req.n)]
 
     def choice(self, i: int, o: Any, d: fmt.Delta) -> list[bytes]:
         texts = self.texts.get(o.index)

@@ -18,6 +18,7 @@ from miniserve.server.request_group import (
     RequestGroup,
     collect_finals,
     request_usage,
+    response_id,
     stream_usage,
     structured_spec,
 )
@@ -48,7 +49,7 @@ async def create_completion(request: Request) -> Response:
     await group.start(prompt_ids, params, "prompt", req.n)
     prompt_texts = _echo_texts(state, req, prompt_ids) if req.echo else None
     head = {
-        "id": req.request_id or group.base_id,
+        "id": response_id(group, request, req.request_id, "cmpl"),
         "object": "text_completion",
         "created": int(time.time()),
         "model": state.model_name,

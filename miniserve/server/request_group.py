@@ -155,6 +155,14 @@ async def collect_finals(group: RequestGroup, request: Request) -> dict[int, Any
     return finals
 
 
+def response_id(group: RequestGroup, request: Request, given: str | None, prefix: str) -> str:
+    """A response's id as vLLM makes it: `prefix` and the client's X-Request-Id header, else its request_id field;
+    the group's own id when it gave neither (the engine's request ids stay the server's: clients may repeat
+    theirs)."""
+    client_id = request.headers.get("x-request-id") or given
+    return f"{prefix}-{client_id}" if client_id else group.base_id
+
+
 def request_usage(prompt_ids: list[list[int]], outputs: list[Any]) -> dict[str, Any]:
     completion_tokens = sum(len(o.token_ids) for out in outputs for o in out.outputs)
     return fmt.usage(sum(len(ids) for ids in prompt_ids), completion_tokens, outputs)
