@@ -366,7 +366,6 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self._skip = tokenizer.special_ids if skip_special_tokens else frozenset()  # ids decode leaves out
-        self.text = ""  # everything emitted so far
         # kept ids (skipped special tokens removed: decode ignores them), starting with the prompt context
         self.token_ids: list[int] = self._prompt_context(prompt_ids) if prompt_ids is not None else []
         self._prefix_offset = 0
@@ -419,7 +418,6 @@ class IncrementalDetokenizer:
         delta = self._window_text()
         if hold_incomplete and delta.endswith("\ufffd"):
             return ""
-        self.text += delta
         # the last emitted chunk becomes the prefix window: it starts on an emitted (clean) boundary
         self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
         return delta
