@@ -470,6 +470,15 @@ def test_usage_details_continuous_usage_and_token_ids_when_streaming(client):
     assert r.choices[0].logprobs.tokens == [f"token_id:{t}" for t in whole.choices[0].model_extra["token_ids"][:3]]
 
 
+def test_continuous_usage_without_include_usage_is_refused_by_name(url):
+    """continuous_usage_stats alone would put usage on no chunk at all (vLLM ignores it so): a 400 naming it."""
+    opts = {"continuous_usage_stats": True}
+    for path, base in (("/v1/completions", PROMPT), ("/v1/chat/completions", MESSAGES)):
+        body = {"model": MODEL_NAME, **base, "max_tokens": 2, "stream": True, "stream_options": opts}
+        err = assert_openai_error(post(url, path, body), 400, "stream_options")
+        assert "continuous_usage_stats needs include_usage" in err["message"], err
+
+
 def test_continuous_usage_is_each_choices_own(client, hf_tok):
     """As vLLM's chunks: every chunk's usage is its own prompt's tokens and its own choice's tokens so far (not the
     request's running total over prompts and choices); the closing usage chunk has the request's totals."""
@@ -558,6 +567,18 @@ def test_request_id_tokenize_strs_and_version(url, client, hf_tok):
     from miniserve import __version__
 
     assert httpx.get(url + "/version").json() == {"version": __version__}
+
+
+def test_chat_fields_beside_a_prompt_are_refused_by_name(url):
+    """/tokenize renders a chat only for messages: a chat field sent with a prompt would be ignored (a template that
+    never runs, tools that never reach one), so it is a 400 naming it; sent as null it reads as not given."""
+    chat_only = {"tools": TOOLS, "chat_template": "{{ 1/0 }}", "add_generation_prompt": False, "documents": [{}],
+                 "continue_final_message": False, "chat_template_kwargs": {"mood": "calm"}}  # fmt: skip
+    for name, value in chat_only.items():
+        err = assert_openai_error(post(url, "/tokenize", {"prompt": "To be", name: value}), 400, name)
+        assert "not to a prompt" in err["message"], err
+    r = post(url, "/tokenize", {"prompt": "To be", **dict.fromkeys(chat_only)})
+    assert r.status_code == 200 and r.json()["count"] > 0, r.text
 
 
 def test_chat_echo_continue_final_message_and_template_kwargs(client, url):

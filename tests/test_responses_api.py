@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.test_api import MODEL_NAME, PARAMS, TOOLS, build_api_model, post, run_server
+from tests.test_server import assert_openai_error
 
 FLAT_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]  # the Responses shape: no nested "function"
 SCHEMA = {
@@ -260,6 +261,17 @@ def test_fields_sent_as_null_read_as_not_given(url):
     r = post(url, "/v1/responses", {**plain, **nulls})
     assert r.status_code == 200, r.text
     assert r.json()["output"][0]["content"] == post(url, "/v1/responses", plain).json()["output"][0]["content"]
+
+
+def test_a_bad_input_item_is_named_by_its_field(url):
+    """input is a string or a list of items: an item's error names the item and its field, not the string branch
+    the list was never meant for ("input.str: Input should be a valid string")."""
+    items = [{"role": "user", "content": "x"}, {"type": "function_call", "call_id": "c1", "name": "get_time"}]
+    err = assert_openai_error(post(url, "/v1/responses", {"model": MODEL_NAME, "input": items}), 400, "input")
+    assert err["message"] == "input.1.function_call.arguments: Field required", err
+    items = [{"role": "user", "content": "x", "status": 5}]
+    err = assert_openai_error(post(url, "/v1/responses", {"model": MODEL_NAME, "input": items}), 400, "input")
+    assert err["message"].startswith("input.0.message.status: "), err
 
 
 @pytest.mark.parametrize("stream", [False, True])

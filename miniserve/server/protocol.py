@@ -115,7 +115,13 @@ def _empty(value: Any) -> bool:
 
 class StreamOptions(_Request):
     include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM: usage on every chunk
+    continuous_usage_stats: bool = False  # vLLM: usage on every chunk (with include_usage; alone it would do nothing)
+
+    @model_validator(mode="after")
+    def _usage_to_continue(self) -> StreamOptions:
+        if self.continuous_usage_stats and not self.include_usage:
+            raise ValueError("continuous_usage_stats needs include_usage true: without it no chunk carries usage")
+        return self
 
 
 class JsonSchemaFormat(_Request):
@@ -526,12 +532,25 @@ class TokenizeRequest(_Request):
     documents: list[dict[str, Any]] | None = None
     return_token_strs: bool = False
 
+    # what only a chat's rendering reads: beside a prompt, nothing would (a 400, not a template that never runs)
+    _CHAT_ONLY: ClassVar[tuple[str, ...]] = (
+        "add_generation_prompt", "continue_final_message", "chat_template", "chat_template_kwargs", "tools",
+        "documents",
+    )  # fmt: skip
+
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("prompt or messages: give exactly one of them")
+        given = self._chat_fields_given() if self.prompt is not None else []
+        if given:
+            raise ValueError(f"{given[0]} applies to messages (a chat), not to a prompt: leave it out")
         check_chat_options(self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs)
         return self
+
+    def _chat_fields_given(self) -> list[str]:
+        """The chat-only fields this request sets (null reads as not given)."""
+        return [name for name in self._CHAT_ONLY if name in self.model_fields_set and getattr(self, name) is not None]
 
 
 class DetokenizeRequest(_Request):
@@ -550,7 +569,7 @@ def parse_request(model: type[_Request], body: Any) -> Any:
 
 
 def _validation_to_api_error(exc: ValidationError) -> APIError:
-    err = exc.errors()[0]
+    err = _most_specific(exc.errors())
     loc = [str(x) for x in err["loc"] if isinstance(x, (int, str))]
     # Union branches show up as loc entries like "list[int]"; keep only real field names and indexes.
     loc = [x for x in loc if "[" not in x]
@@ -561,6 +580,14 @@ def _validation_to_api_error(exc: ValidationError) -> APIError:
         param = param or _param_from_message(msg, model_fields(exc.title))
     where = ".".join(loc)
     return APIError(f"{where}: {msg}" if where else msg, param=param)
+
+
+def _most_specific(errors: list[Any]) -> Any:
+    """Of the errors about the first error's field, the one that reached deepest into the value. A union field
+    fails once per branch, the first branch's error first: a list of Responses input items with one bad item would
+    be told "input.str: Input should be a valid string", where the list branch names the item's field."""
+    field = errors[0]["loc"][:1]
+    return max((e for e in errors if e["loc"][:1] == field), key=lambda e: len(e["loc"]))  # (ties: the first)
 
 
 def model_fields(title: str) -> set[str]:
