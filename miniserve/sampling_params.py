@@ -163,7 +163,10 @@ class SamplingParams:
             if not isinstance(self.bad_words, (list, tuple)) or not all(isinstance(w, str) for w in self.bad_words):
                 raise ValueError(f"bad_words must be a list of strings, got {self.bad_words!r}")
             if any(w.strip() == "" for w in self.bad_words):
-                raise ValueError("bad_words must not contain empty strings")
+                raise ValueError(
+                    "bad_words must not contain empty or whitespace-only words (a word is matched without the "
+                    "spaces around it)"
+                )
             self.bad_words = list(self.bad_words) or None
         if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens != -1:
             _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, low=1)

@@ -65,7 +65,7 @@ BAD_VALUES = [
     ("output_kind", "streaming"), ("detokenize", 1),
     ("logit_bias", {"5": 1.0}), ("logit_bias", {5: 101}), ("logit_bias", {5: -100.5}), ("logit_bias", [5]),
     ("allowed_token_ids", []), ("allowed_token_ids", [-1]), ("allowed_token_ids", 5),
-    ("bad_words", "fool"), ("bad_words", [""]), ("bad_words", [3]),
+    ("bad_words", "fool"), ("bad_words", [""]), ("bad_words", [" "]), ("bad_words", [3]),
     ("truncate_prompt_tokens", 0), ("truncate_prompt_tokens", 1.5),
     ("structured_outputs", {"json": {}}),
     ("bad_words_token_ids", [[]]), ("bad_words_token_ids", [["a"]]),
