@@ -163,3 +163,19 @@ def test_top_p_keeps_its_mass_at_a_large_vocabulary(top_p):
     smallest_kept = exact[kept].min()
     assert float(exact[kept].sum()) >= top_p - 1e-6
     assert float(exact[kept].sum() - smallest_kept) < top_p + 1e-6
+
+
+def test_a_sequences_token_array_follows_its_tokens_through_growth():
+    """Sequence.token_array (what the sampler reads of a penalized sequence's history) equals its token list after
+    every append, across the buffer's growth (64, then doubling) and after the list is replaced by a shorter one."""
+    import random
+
+    from miniserve.scheduler.sequence import Sequence
+
+    rng = random.Random(0)
+    seq = Sequence(0, "r", 0, [rng.randrange(1000) for _ in range(5)], SamplingParams())
+    for _ in range(300):
+        seq.token_ids.extend(rng.randrange(1000) for _ in range(rng.choice((1, 1, 1, 7))))
+        assert seq.token_array().tolist() == seq.token_ids
+    seq.token_ids = seq.token_ids[:40] + [7, 7, 7]
+    assert seq.token_array().tolist() == seq.token_ids

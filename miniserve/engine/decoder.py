@@ -31,7 +31,7 @@ import torch
 from miniserve.engine.launch_hold import LaunchHold
 from miniserve.engine.model_runner import ForwardInput, ModelRunner
 from miniserve.engine.output_processor import OutputProcessor, record_prompt_logprobs
-from miniserve.engine.sampler import SamplerOutput, SamplingBatch, draw_noise, sample
+from miniserve.engine.sampler import SamplerOutput, SamplingBatch, TokenIds, draw_noise, sample
 from miniserve.engine.structured_output import MaskFiller
 from miniserve.engine.transfer import to_device
 from miniserve.scheduler.scheduler import ScheduledSeq, Scheduler
@@ -216,7 +216,7 @@ class PlainDecoder:
         num_logits = len(tokens) if seq.scores_prompt else (1 if s.completes_prompt else 0)
         return ForwardInput(tokens, start, seq.block_table, num_logits)
 
-    def sampling_batch(self, seqs: list[Sequence], histories: list[list[int]] | None = None) -> SamplingBatch:
+    def sampling_batch(self, seqs: list[Sequence], histories: list[TokenIds] | None = None) -> SamplingBatch:
         """One sampling row per sequence (or per given output history, for speculative verification).
 
         A history is copied out of the sequence only when the sampler reads it: copying every sequence's
@@ -252,15 +252,14 @@ class PlainDecoder:
         return batch, noise
 
     def _build_batch(
-        self, seqs: list[Sequence], histories: list[list[int]] | None = None, masks: torch.Tensor | None = None
+        self, seqs: list[Sequence], histories: list[TokenIds] | None = None, masks: torch.Tensor | None = None
     ) -> SamplingBatch:
-        if histories is None:
-            histories = [s.output_token_ids if s.params.needs_history else [] for s in seqs]
+        prompts, outputs = _token_histories(seqs)
         return SamplingBatch.build(
             [s.params for s in seqs],
             [s.generator for s in seqs],
-            [s.prompt_token_ids for s in seqs],
-            histories,
+            prompts,
+            outputs if histories is None else histories,
             self.outputs.eos_token_ids,
             self.vocab_size,
             self.target.device,
@@ -355,6 +354,17 @@ def continuing_rows(f: _InFlight, sched: Scheduler, limit: int) -> list[int] | N
     if not rows or (sched.waiting and len(rows) < sched.max_num_seqs):
         return None
     return rows if new_blocks <= sched.blocks.num_free_blocks else None
+
+
+def _token_histories(seqs: list[Sequence]) -> tuple[list[TokenIds], list[TokenIds]]:
+    """Each sequence's prompt and output as the sampler reads them: numpy views of its tokens (no copies) where it
+    reads its history (penalties, bans), else its prompt list and nothing."""
+    prompts, outputs = [], []
+    for s in seqs:
+        tokens = s.token_array() if s.params.needs_history else None
+        prompts.append(s.prompt_token_ids if tokens is None else tokens[: s.num_prompt_tokens])
+        outputs.append([] if tokens is None else tokens[s.num_prompt_tokens :])
+    return prompts, outputs
 
 
 def _grammars(seqs: list[Sequence]) -> list:

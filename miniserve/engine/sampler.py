@@ -16,12 +16,15 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from miniserve.engine.transfer import to_device
 from miniserve.kernels.backend import triton_installed
 from miniserve.kernels.sampling import covers, gumbel_argmax
 from miniserve.sampling_params import SamplingParams
+
+TokenIds = list[int] | np.ndarray  # a row's token history: a list, or Sequence.token_array's view (no copy)
 
 # ---------------------------------------------------------------------------- the batch
 
@@ -103,8 +106,8 @@ class SamplingBatch:
         cls,
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
-        prompt_ids: list[list[int]],
-        output_ids: list[list[int]],
+        prompt_ids: list[TokenIds],
+        output_ids: list[TokenIds],
         eos_token_ids: set[int],
         vocab_size: int,
         device: torch.device | str,
@@ -125,11 +128,11 @@ class SamplingBatch:
         min_p = [0.0 if g else float(p.min_p) for p, g in zip(params, greedy)]
         rep = [float(p.repetition_penalty) for p in params]
         rep_rows = [i for i, r in enumerate(rep) if r != 1.0]
-        seen = {i: prompt_ids[i] + output_ids[i] for i in rep_rows}
+        seen = {i: (prompt_ids[i], output_ids[i]) for i in rep_rows}
         freq = [float(p.frequency_penalty) for p in params]
         pres = [float(p.presence_penalty) for p in params]
         pen_rows = [i for i in range(rows) if freq[i] != 0.0 or pres[i] != 0.0]
-        counts = {i: output_ids[i] for i in pen_rows}
+        counts = {i: (output_ids[i],) for i in pen_rows}
         banned_rows, banned_ids = _bans(params, output_ids, eos_token_ids, vocab_size)
         asked = [p.logprobs for p in params if p.logprobs is not None]
         batch = cls(
@@ -195,7 +198,7 @@ def _num_rows(params: list, generators: list, prompt_ids: list, output_ids: list
 
 def _bans(
     params: list[SamplingParams],
-    output_ids: list[list[int]],
+    output_ids: list[TokenIds],
     eos_token_ids: set[int],
     vocab_size: int,
 ) -> tuple[list[int], list[int]]:
@@ -236,12 +239,14 @@ def bad_words_token_ids(tokenizer: Any, words: list[str]) -> list[list[int]]:
     return out
 
 
-def _bad_word_bans(words: list[list[int]], output_ids: list[int]) -> set[int]:
+def _bad_word_bans(words: list[list[int]], output_ids: TokenIds) -> set[int]:
     """A bad word's last token is banned where the output ends with the word's other tokens (vLLM's rule)."""
     banned = set()
     for word in words:
         prefix = word[:-1]
-        if len(prefix) <= len(output_ids) and (not prefix or output_ids[len(output_ids) - len(prefix) :] == prefix):
+        if len(prefix) <= len(output_ids) and (
+            not prefix or list(output_ids[len(output_ids) - len(prefix) :]) == prefix
+        ):
             banned.add(word[-1])
     return banned
 
@@ -294,16 +299,21 @@ def _bit_values(device: torch.device) -> torch.Tensor:
     return _BITS[device]
 
 
-def _token_counts(histories: dict[int, list[int]], rows: int, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """float32 [rows, V] occurrence counts; rows missing from `histories` stay zero."""
+def _token_counts(
+    histories: dict[int, tuple[TokenIds, ...]], rows: int, vocab_size: int, device: torch.device
+) -> torch.Tensor:
+    """float32 [rows, V] occurrence counts of each row's token parts (lists or numpy arrays: Sequence.token_array's
+    views copy in one go); rows missing from `histories` stay zero."""
     counts = torch.zeros(rows, vocab_size + 1, dtype=torch.float32, device=device)
-    width = max((len(h) for h in histories.values()), default=0)
+    width = max((sum(map(len, parts)) for parts in histories.values()), default=0)
     if width:
-        index = torch.full((rows, width), vocab_size, dtype=torch.int64)  # pad column = vocab_size, dropped
-        for i, history in histories.items():
-            if history:
-                index[i, : len(history)] = torch.tensor(history, dtype=torch.int64)
-        index = index.clamp_(0, vocab_size)
+        index = np.full((rows, width), vocab_size, dtype=np.int64)  # pad column = vocab_size, dropped
+        for i, parts in histories.items():
+            start = 0
+            for part in parts:
+                index[i, start : start + len(part)] = part
+                start += len(part)
+        index = torch.from_numpy(index).clamp_(0, vocab_size)
         index = index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index.to(device)
         counts.scatter_add_(1, index, torch.ones(index.shape, dtype=torch.float32, device=device))
     return counts[:, :vocab_size]

@@ -12,9 +12,32 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from miniserve.sampling_params import SamplingParams
+
+
+class TokenArray:
+    """A growing token list's int64 numpy copy, synced by copying what the list gained since the last read (a
+    sequence's tokens are only ever appended): the sampler reads a penalized sequence's whole history every step,
+    and converting the list each time cost Python work in proportion to its length, per row, per step."""
+
+    def __init__(self) -> None:
+        self._buf = np.empty(0, dtype=np.int64)
+        self._len = 0
+
+    def synced(self, tokens: list[int]) -> np.ndarray:
+        n = len(tokens)
+        if n < self._len:  # (never by appending; then copy it all again)
+            self._len = 0
+        if n > len(self._buf):
+            grown = np.empty(max(n, 2 * len(self._buf), 64), dtype=np.int64)
+            grown[: self._len] = self._buf[: self._len]
+            self._buf = grown
+        self._buf[self._len : n] = tokens[self._len : n]
+        self._len = n
+        return self._buf[:n]
 
 
 class SequenceStatus(enum.Enum):
@@ -56,6 +79,7 @@ class Sequence:
     num_spec_drafts: int = 0
     num_spec_draft_tokens: int = 0
     num_spec_accepted_tokens: int = 0
+    _token_array: TokenArray = field(default_factory=TokenArray, repr=False)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -75,6 +99,10 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    def token_array(self) -> np.ndarray:
+        """token_ids as an int64 numpy array (a view, valid until the next token): prompt, then output."""
+        return self._token_array.synced(self.token_ids)
 
     @property
     def num_output_tokens(self) -> int:

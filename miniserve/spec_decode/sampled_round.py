@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from miniserve.engine.model_runner import ForwardInput, ModelRunner
-from miniserve.engine.sampler import SamplingBatch, random_uniform, sample_from_probs
+from miniserve.engine.sampler import SamplingBatch, TokenIds, random_uniform, sample_from_probs
 from miniserve.engine.sampler import probs as processed_probs
 from miniserve.engine.transfer import to_device
 from miniserve.scheduler.sequence import Sequence
@@ -21,12 +22,14 @@ from miniserve.spec_decode.catch_up import catch_up_input, is_uniform
 from miniserve.spec_decode.rejection import rejection_sample
 
 # (sequences, output histories or None) -> one sampling row per sequence (PlainDecoder.sampling_batch)
-BatchBuilder = Callable[[list[Sequence], list[list[int]] | None], SamplingBatch]
+BatchBuilder = Callable[[list[Sequence], list[TokenIds] | None], SamplingBatch]
 
 
-def _history(seq: Sequence, drafted: list[int]) -> list[int]:
+def _history(seq: Sequence, drafted: list[int]) -> TokenIds:
     """The output a sampling row sees: the sequence's tokens plus the drafts before it (only if it reads them)."""
-    return seq.output_token_ids + drafted if seq.params.needs_history else []
+    if not seq.params.needs_history:
+        return []
+    return np.concatenate((seq.token_array()[seq.num_prompt_tokens :], np.asarray(drafted, dtype=np.int64)))
 
 
 class SampledRound:
