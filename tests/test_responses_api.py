@@ -272,6 +272,11 @@ def test_a_bad_input_item_is_named_by_its_field(url):
     items = [{"role": "user", "content": "x", "status": 5}]
     err = assert_openai_error(post(url, "/v1/responses", {"model": MODEL_NAME, "input": items}), 400, "input")
     assert err["message"].startswith("input.0.message.status: "), err
+    # a call's arguments that are no JSON: the item named, not the chat message it would become
+    call = {"type": "function_call", "call_id": "c1", "name": "get_time", "arguments": "{oops"}
+    body = {"model": MODEL_NAME, "instructions": "Be brief.", "input": [call]}
+    err = assert_openai_error(post(url, "/v1/responses", body), 400, "input")
+    assert err["message"] == "input.0.function_call.arguments: must be JSON text, got '{oops'", err
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -8,6 +8,7 @@ malformed JSON to an out-of-range `top_p`, comes back as OpenAI's `{"error": {..
 from __future__ import annotations
 
 import functools
+import json
 import typing
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
@@ -670,6 +671,18 @@ class FunctionCallItem(_Request):
     arguments: str  # JSON text
     id: str | None = None
     status: str | None = None
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_text(cls, text: str) -> str:
+        """Checked here, so that the error names the input item (the chat template reads the arguments as an
+        object, and would name the chat message the item became); empty text is no arguments, as in chat."""
+        if text:
+            try:
+                json.loads(text)
+            except ValueError:
+                raise ValueError(f"must be JSON text, got {text!r}") from None
+        return text
 
 
 class FunctionCallOutputItem(_Request):
