@@ -317,6 +317,22 @@ def check_logprobs() -> dict:
     return res
 
 
+# penalties and a bad word: the sampler reads each sequence's token history every step (Sequence.token_array)
+PENALIZED = SamplingParams(
+    temperature=0, max_tokens=96, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.4,
+    presence_penalty=0.3, bad_words=["the"],
+)  # fmt: skip
+
+
+def check_penalties() -> dict:
+    """Penalized greedy decoding: overlapped steps replaying CUDA graphs (the default) against plain eager steps,
+    and speculative decoding (k=4) against both, each sequence's history read every step."""
+    default = outputs(LLM(str(DEMO_TARGET)), PENALIZED)
+    eager = outputs(LLM(str(DEMO_TARGET), async_scheduling=False, enforce_eager=True), PENALIZED)
+    spec = outputs(LLM(str(DEMO_TARGET), speculative_model=str(DEMO_DRAFT), num_speculative_tokens=4), PENALIZED)
+    return {"default_vs_plain_eager": agreement(default, eager), "speculative_vs_default": agreement(spec, default)}
+
+
 CHECKS = {
     "layer_ops": check_layer_ops,
     "graphs_vs_eager": check_graphs_vs_eager,
@@ -327,6 +343,7 @@ CHECKS = {
     "structured_outputs": check_structured_outputs,
     "kernel_masks": check_kernel_masks,
     "logprobs": check_logprobs,
+    "penalties": check_penalties,
 }
 
 

@@ -1523,8 +1523,24 @@ def gpu_correctness() -> str:
             )
         rows.append(["seeded JSON-schema sampling (masks on 1 or 4 threads, the helper or the engine's thread, "
                      "overlapped or stepwise)", f"{so['valid']}/{so['of']} valid, {same}"])  # fmt: skip
-    rows += kernel_masks_rows(e) + logprobs_rows(e)
+    rows += kernel_masks_rows(e) + logprobs_rows(e) + penalties_rows(e)
     return table(["check", "result"], rows, "ll")
+
+
+def penalties_rows(e: dict) -> list[list[str]]:
+    """Penalized greedy decoding on the demo model (absent from runs before the check)."""
+    p = e.get("penalties")
+    if not p:
+        return []
+    plain, spec = p["default_vs_plain_eager"], p["speculative_vs_default"]
+    return [
+        [
+            "penalized greedy (repetition, frequency, presence, a bad word): overlapped CUDA-graph steps vs plain "
+            "eager ones; speculative (k=4) vs overlapped",
+            f"{plain['identical_sequences']}/{plain['of']} identical; {spec['identical_sequences']}/{spec['of']} "
+            "identical",
+        ]
+    ]
 
 
 def kernel_masks_rows(e: dict) -> list[list[str]]:
