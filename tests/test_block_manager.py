@@ -85,3 +85,31 @@ def test_reset_cache_hides_the_blocks_in_use_for_good():
     assert bm.cached_prefix(seq_of([1, 2, 3, 4, 5, 6, 0], 3), 6) == []
     bm.free(a)
     assert bm.num_free_blocks == 4
+
+
+def test_a_sequences_block_array_follows_its_table_through_growth_free_and_refill():
+    """Sequence.block_array (what a decode step packs) equals the block table after every grow, and after the table
+    is freed and refilled to a greater length before the next read (a preempted sequence readmitted): only appending
+    to what it copied before would keep the old table's blocks. A view handed out before the free keeps its values."""
+    bm = BlockManager(64, 2)
+    a, b = seq_of(list(range(6)), 0), seq_of(list(range(6)), 1)
+    bm.allocate(a, [], 6)
+    bm.allocate(b, [], 6)
+    for n in range(7, 30, 3):
+        bm.grow(a, n)
+        assert a.block_array().tolist() == a.block_table
+    old_view, old_table = a.block_array(), list(a.block_table)
+    bm.free(a)
+    bm.free(b)  # b's blocks go first now: a's new table differs from its old one
+    bm.allocate(a, [], 40)
+    assert a.block_array().tolist() == a.block_table != old_table[: len(a.block_table)]
+    assert old_view.tolist() == old_table
+
+
+def test_pack_rows_puts_each_table_after_its_head_and_zeros_after_it():
+    import numpy as np
+
+    from miniserve.engine.cuda_graphs import pack_rows
+
+    rows = [([5, 9, 1], [3, 4]), ([6, 2, 1], np.array([7, 8, 10], dtype=np.int64)), ([0, 0, 0], [11])]
+    assert pack_rows(rows).tolist() == [[5, 9, 1, 3, 4, 0], [6, 2, 1, 7, 8, 10], [0, 0, 0, 11, 0, 0]]

@@ -497,3 +497,16 @@ def test_torchrun_ranks_join_through_env(llama_dir):
     assert [p.returncode for p in ranks] == [0, 0], [err for _, err in outs]
     assert outs[0][0] == single + "\n"
     assert outs[1][0] == ""
+
+
+def test_forward_inputs_cross_the_channel_with_list_or_array_block_tables():
+    """A decode step's block tables are numpy views (Sequence.block_array), a prompt chunk's lists: both reach the
+    other ranks as the same ints."""
+    import numpy as np
+
+    from miniserve.distributed.channel import Op, decode_inputs, encode_inputs
+
+    inputs = [ForwardInput([5], 7, np.array([3, 4, 9], dtype=np.int64), 1), ForwardInput([1, 2], 0, [8], 2)]
+    words = encode_inputs(Op.FORWARD, inputs)
+    assert words[0] == Op.FORWARD
+    assert decode_inputs(words[1:]) == [ForwardInput([5], 7, [3, 4, 9], 1), ForwardInput([1, 2], 0, [8], 2)]

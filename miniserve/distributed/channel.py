@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -67,7 +68,8 @@ def encode_inputs(op: Op, inputs: list[ForwardInput]) -> list[int]:
         out += (len(x.token_ids), x.start_pos, x.num_logits, len(x.block_table))
     for x in inputs:
         out += x.token_ids
-        out += x.block_table
+        table = x.block_table  # (a decode step's is a numpy view: `out += view` would add it elementwise)
+        out += table.tolist() if isinstance(table, np.ndarray) else table
     return out
 
 

@@ -52,6 +52,22 @@ def packed_buffer(width: int, bucket: int, padding: list[int], device: torch.dev
     return buffer.to(device)
 
 
+PackedRow = tuple[list[int], list[int] | np.ndarray]  # a row's first columns (tokens, position, flag), its block table
+
+
+def pack_rows(rows: list[PackedRow]) -> np.ndarray:
+    """int64 [len(rows), W]: each row's first columns (as many in every row), then its block table, then zeros.
+    A decode step packs every sequence's whole table, so tables come as Sequence.block_array's views, copied
+    whole: unpacking lists into each row cost O(blocks) of Python work per sequence per step (~13 ms a step at
+    batch 256 and 32k-token contexts, block size 16, on a 2-core CPU; ~1.3 ms this way, 0.3 ms at 2k)."""
+    first = len(rows[0][0])
+    packed = np.zeros((len(rows), first + max(len(table) for _, table in rows)), dtype=np.int64)
+    packed[:, :first] = [head for head, _ in rows]
+    for i, (_, table) in enumerate(rows):
+        packed[i, first : first + len(table)] = table
+    return packed
+
+
 def block_tables(packed: torch.Tensor, first: int) -> torch.Tensor:
     """The int32 `[B, W]` block tables from column `first` of packed rows, contiguous as the kernels read them
     (captured packed rows are a column-major view)."""
@@ -88,10 +104,10 @@ class BucketedGraphs:
             if bucket <= self.max_batch and bucket not in self.graphs:
                 self._capture(bucket)
 
-    def run(self, rows: list[list[int]], device_columns: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """Replay on `rows` (each at most `width` ints) padded to their bucket. The rows go through a pinned
-        staging buffer (one asynchronous copy, no host-GPU synchronisation). Columns past a row's end keep
-        stale values: the layout must leave them unread (block-table entries past a sequence's last block).
+    def run(self, rows: list[PackedRow], device_columns: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Replay on `rows` (`pack_rows`; each at most `width` ints) padded to their bucket. The rows go through a
+        pinned staging buffer (one asynchronous copy, no host-GPU synchronisation). Columns past a row's end hold
+        zeros or stale values: the layout must leave them unread (block-table entries past a sequence's last block).
 
         `device_columns` ([batch, c] int64 on the device) replace the rows' first c columns: inputs that a previous
         replay computed, so a pass can be launched before the host has read its predecessor's outputs.
@@ -107,10 +123,10 @@ class BucketedGraphs:
             copied.synchronize()
         staging = g.staging[turn]
         columns = staging.numpy()  # [width, bucket]: row i of the batch is column i
-        for i, row in enumerate(rows):
-            columns[: len(row), i] = row
+        packed = pack_rows(rows)
+        columns[: packed.shape[1], :batch] = packed.T  # one transposing copy: column by column took 4x longer
         columns[: len(self.padding), batch:] = self._padding_column
-        used = bucket * max(len(self.padding), *(len(row) for row in rows))  # the prefix the rows wrote
+        used = bucket * max(len(self.padding), packed.shape[1])  # the prefix the rows wrote
         g.static.view(-1)[:used].copy_(staging.view(-1)[:used], non_blocking=True)
         if copied is not None:
             copied.record()

@@ -275,9 +275,9 @@ class PlainDecoder:
     def _forward(self, seqs: list[Sequence], device_tokens: torch.Tensor | None) -> torch.Tensor:
         """Launch a decode step's forward pass, from the host's last tokens or from samples on the device."""
         if device_tokens is None:
-            inputs = [ForwardInput(seq.token_ids[-1:], seq.num_computed_tokens, seq.block_table, 1) for seq in seqs]
+            inputs = [ForwardInput(seq.token_ids[-1:], seq.num_computed_tokens, seq.block_array(), 1) for seq in seqs]
         else:
-            inputs = [ForwardInput([0], seq.num_computed_tokens, seq.block_table, 1) for seq in seqs]
+            inputs = [ForwardInput([0], seq.num_computed_tokens, seq.block_array(), 1) for seq in seqs]
         logits = self.target.forward(inputs, device_tokens, float_logits=False)  # `sample` converts if it must
         for seq in seqs:
             seq.num_computed_tokens += 1

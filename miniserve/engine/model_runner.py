@@ -50,7 +50,7 @@ class ForwardInput:
 
     token_ids: list[int]  # the tokens to feed, at positions start_pos .. start_pos + len - 1
     start_pos: int  # tokens already in this worker's cache for the sequence
-    block_table: list[int]
+    block_table: list[int] | np.ndarray  # (a decode step's: Sequence.block_array's view)
     num_logits: int  # logits wanted for the last `num_logits` new tokens (0 = none)
 
 
@@ -180,7 +180,7 @@ class ModelRunner:
         if graphs is not None:  # graphs return the model dtype
             n = len(inputs[0].token_ids)
             columns = device_tokens[:, None] if device_tokens is not None else None
-            logits = graphs.run([[*x.token_ids, x.start_pos, 1, *x.block_table] for x in inputs], columns)[0]
+            logits = graphs.run([([*x.token_ids, x.start_pos, 1], x.block_table) for x in inputs], columns)[0]
             logits = logits if inputs[0].num_logits == n else logits.view(len(inputs), n, -1)[:, -1]
             return logits.float() if float_logits else logits
         if device_tokens is not None:  # one token per sequence, in order: the packed ids are these
@@ -191,7 +191,7 @@ class ModelRunner:
         if n is not None:  # one sequence's prompt tokens, padded to a captured length
             x = inputs[0]
             tokens = x.token_ids + [0] * (n - len(x.token_ids))
-            logits = self.prefill_graphs[n].run([[*tokens, x.start_pos, len(x.token_ids), *x.block_table]])[0]
+            logits = self.prefill_graphs[n].run([([*tokens, x.start_pos, len(x.token_ids)], x.block_table)])[0]
             return logits[: x.num_logits].float() if float_logits else logits[: x.num_logits]
         ids, pos, meta, rows = self.prepare(inputs)
         hidden = self.model(ids, pos, meta, self.kv)

@@ -148,5 +148,5 @@ class BlockManager:
                 self.free_ids[block] = None
                 if self.keys[block] is None:
                     self.free_ids.move_to_end(block, last=False)
-        seq.block_table.clear()
+        seq.clear_block_table()
         seq.num_cached_blocks = 0

@@ -19,18 +19,27 @@ from miniserve.sampling_params import SamplingParams
 
 
 class TokenArray:
-    """A growing token list's int64 numpy copy, synced by copying what the list gained since the last read (a
-    sequence's tokens are only ever appended): the sampler reads a penalized sequence's whole history every step,
+    """A growing int list's int64 numpy copy, synced by copying what the list gained since the last read (a
+    sequence's tokens and its block table are only ever appended to, until its blocks are freed: `reset`): the
+    sampler reads a penalized sequence's whole history, and a decode step every sequence's block table, every step,
     and converting the list each time cost Python work in proportion to its length, per row, per step."""
 
     def __init__(self) -> None:
         self._buf = np.empty(0, dtype=np.int64)
         self._len = 0
 
+    def reset(self) -> None:
+        """The list was emptied: copy it all at the next read, into a new buffer (views already handed out keep
+        their values)."""
+        self._buf = np.empty(0, dtype=np.int64)
+        self._len = 0
+
     def synced(self, tokens: list[int]) -> np.ndarray:
         n = len(tokens)
+        if n == self._len:  # (a block table, most steps)
+            return self._buf[:n]
         if n < self._len:  # (never by appending; then copy it all again)
-            self._len = 0
+            self.reset()
         if n > len(self._buf):
             grown = np.empty(max(n, 2 * len(self._buf), 64), dtype=np.int64)
             grown[: self._len] = self._buf[: self._len]
@@ -57,7 +66,7 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)  # prompt + generated
     num_computed_tokens: int = 0  # tokens whose K/V sit in the target's cache
     num_draft_computed_tokens: int = 0  # tokens whose K/V sit in the draft's cache (speculative decoding)
-    block_table: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)  # only appended to, or emptied by clear_block_table
     block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks (BlockManager)
     num_cached_blocks: int = 0  # leading blocks of block_table registered in the prefix cache
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first scheduled
@@ -80,6 +89,7 @@ class Sequence:
     num_spec_draft_tokens: int = 0
     num_spec_accepted_tokens: int = 0
     _token_array: TokenArray = field(default_factory=TokenArray, repr=False)
+    _block_array: TokenArray = field(default_factory=TokenArray, repr=False)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -103,6 +113,17 @@ class Sequence:
     def token_array(self) -> np.ndarray:
         """token_ids as an int64 numpy array (a view, valid until the next token): prompt, then output."""
         return self._token_array.synced(self.token_ids)
+
+    def block_array(self) -> np.ndarray:
+        """block_table as an int64 numpy array (a view, valid until the table changes): what a decode step packs for
+        every sequence (engine/cuda_graphs.py: pack_rows), copied whole rather than converted from the list."""
+        return self._block_array.synced(self.block_table)
+
+    def clear_block_table(self) -> None:
+        """Empty the block table (its blocks were freed), and its array, which otherwise assumes the table only
+        grows: refilled to its old length before the next read, it would keep its old blocks."""
+        self.block_table.clear()
+        self._block_array.reset()
 
     @property
     def num_output_tokens(self) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from miniserve.config import EngineConfig
-from miniserve.engine.cuda_graphs import BucketedGraphs, block_tables
+from miniserve.engine.cuda_graphs import BucketedGraphs, block_tables, pack_rows
 from miniserve.engine.model_runner import ModelRunner
 from miniserve.engine.transfer import to_device
 from miniserve.kernels.greedy_accept import greedy_accept_reference, greedy_accept_triton
@@ -22,11 +22,6 @@ from miniserve.scheduler.sequence import Sequence
 from miniserve.spec_decode.catch_up import catch_up_input, is_uniform
 
 ROUND_COLUMNS = 4  # a greedy round's packed row: the last two tokens, the length, a valid flag, then the block table
-
-
-def _pad(rows: list[list[int]]) -> list[list[int]]:
-    width = max(len(r) for r in rows)
-    return [r + [0] * (width - len(r)) for r in rows]
 
 
 @dataclass
@@ -73,10 +68,10 @@ class GreedyRound:
         With `device_columns` (a previous round's next columns, still on the device) the sequences' last two
         tokens and lengths come from there: up to k+1 tokens beyond what the host knows."""
         k = self.k
-        rows = [[*s.token_ids[-2:], n, 1, *s.block_table] for s, n in zip(seqs, base_len)]
+        rows = [([*s.token_ids[-2:], n, 1], s.block_array()) for s, n in zip(seqs, base_len)]
         if self.graphs is not None and self.graphs.supports(len(seqs)) and is_uniform(seqs, base_len):
             return self.graphs.run(rows, device_columns)
-        packed = to_device(_pad(rows), torch.int64, self.device)
+        packed = to_device(pack_rows(rows), torch.int64, self.device)
         max_len = max(base_len) + k
         if device_columns is not None:
             packed[:, : device_columns.shape[1]] = device_columns

@@ -48,7 +48,7 @@ class SampledRound:
         drafts: list[list[int]] = [[] for _ in seqs]
         draft_probs = []
         if is_uniform(seqs, base_len):  # the last two tokens for everyone: a captured two-token pass
-            inputs = [ForwardInput(s.token_ids[-2:], n - 2, s.block_table, 1) for s, n in zip(seqs, base_len)]
+            inputs = [ForwardInput(s.token_ids[-2:], n - 2, s.block_array(), 1) for s, n in zip(seqs, base_len)]
         else:
             inputs = [catch_up_input(s) for s in seqs]
         # without penalties no row reads its history: one sampling batch serves every draft step
@@ -63,7 +63,7 @@ class SampledRound:
             draft_probs.append(q)
             for i in range(len(seqs)):
                 drafts[i].append(tokens[i])
-            inputs = [ForwardInput([tokens[i]], base_len[i] + j, s.block_table, 1) for i, s in enumerate(seqs)]
+            inputs = [ForwardInput([tokens[i]], base_len[i] + j, s.block_array(), 1) for i, s in enumerate(seqs)]
         return drafts, draft_probs
 
     def _verify(self, seqs: list[Sequence], drafts: list[list[int]], draft_probs: list[torch.Tensor]):
@@ -71,7 +71,7 @@ class SampledRound:
         Triton backend); rejection sampling decides."""
         k = self.k
         verify = [
-            ForwardInput([s.token_ids[-1]] + d, s.num_tokens - 1, s.block_table, k + 1) for s, d in zip(seqs, drafts)
+            ForwardInput([s.token_ids[-1]] + d, s.num_tokens - 1, s.block_array(), k + 1) for s, d in zip(seqs, drafts)
         ]
         logits = self.target.forward(verify)  # [B*(k+1), V]
         rows_seqs = [s for s in seqs for _ in range(k + 1)]
