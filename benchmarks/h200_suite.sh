@@ -24,6 +24,7 @@
 #   bash benchmarks/h200_suite.sh profile1b OUT_DIR # GPU time per kernel of Llama-3.2-1B: decode steps (batch 1, 64), runs (128, 256)
 #   OLD=DIR [OLD_COMMIT=...] bash benchmarks/h200_suite.sh firststeps OUT_DIR # the first burst after start-up, old tree and this one
 #   OLD=DIR [OLD_COMMIT=...] bash benchmarks/h200_suite.sh engineab OUT_DIR # offline fixed (1B, batch 64) and nano, old tree and this one
+#   OLD=DIR OLD_COMMIT=... bash benchmarks/h200_suite.sh nanoab OUT_DIR # nano, bf16 KV: older tree, this one, 2 rounds alternated
 #   OLD=DIR [OLD_COMMIT=...] bash benchmarks/h200_suite.sh samplerab OUT_DIR # the sampling kernel's checks; nano and batch-1, old and this
 #   bash benchmarks/h200_suite.sh splits OUT_DIR  # decode_splits by-length and by-batch: kernel split sizes, batch 1 (1B, 8B), batch 64, nano
 #   bash benchmarks/h200_suite.sh splitsweep OUT_DIR # kernel split sizes; the Llama-3.2-1B batch sweep with both decode_splits
@@ -118,12 +119,25 @@ if [ "$part" = demoab ]; then
   [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"  # unchanged
   for i in $(seq 1 "${ROUNDS:-2}"); do
     for tree in "$OLD" "$PWD"; do
-      tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
+      side=$([ "$tree" = "$PWD" ] && echo new || echo old)
       (cd "$tree" && PYTHONPATH="$tree:${PYTHONPATH:-}" timeout 100 python3 benchmarks/spec_decode.py --batch 1 --k 4 \
-        --repeats "${REPEATS:-3}" --name "spec_decode_${tag}_$i" --out "$out" 2>&1 | tail -2 | sed "s/^/[$tag $i] /")
+        --repeats "${REPEATS:-3}" --name "spec_decode_${side}_$i" --out "$out" 2>&1 | tail -2 | sed "s/^/[$side $i] /")
     done
   done
   python3 benchmarks/spec_decode_ab.py "$out" --old-commit "${OLD_COMMIT:-432bd57}" --out "$out/spec_decode_ab_${tag}.json"
+fi
+
+if [ "$part" = nanoab ]; then
+  # host work per decode step (block tables, histories): nano-vllm's benchmark, bf16 KV, the two trees alternated
+  [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
+  for i in 1 2; do
+    for tree in "$OLD" "$PWD"; do
+      side=$([ "$tree" = "$PWD" ] && echo new || echo old)
+      (cd "$tree" && MINISERVE_COMMIT="$(tree_commit "$tree")" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 170 --shape qwen3-0.6b \
+        --workload nano --kv-cache-dtype auto --repeats 2 --out "$out/throughput_${side}_nano$i.json")
+    done
+  done
+  python3 benchmarks/engine_ab.py "$out" --part nanoab --out "$out/engine_ab_nano_${tag}.json"
 fi
 
 if [ "$part" = engineab ]; then
@@ -131,16 +145,16 @@ if [ "$part" = engineab ]; then
   # benchmarks/engine_ab.py joins them (engine_ab_h200.json)
   [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
   for tree in "$OLD" "$PWD"; do
-    tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
+    side=$([ "$tree" = "$PWD" ] && echo new || echo old)
     commit=$(tree_commit "$tree")
     (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 150 --shape llama-3.2-1b --workload fixed --batch 64 --prompt 512 \
-      --gen 256 --kv-cache-dtype auto fp8 --repeats 2 --out "$out/throughput_${tag}_fixed.json")
+      --gen 256 --kv-cache-dtype auto fp8 --repeats 2 --out "$out/throughput_${side}_fixed.json")
   done
   for tree in "$OLD" "$PWD"; do
-    tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
+    side=$([ "$tree" = "$PWD" ] && echo new || echo old)
     commit=$(tree_commit "$tree")
     (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 200 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 \
-      --decode-variant default staged --repeats 2 --out "$out/throughput_${tag}_nano.json")
+      --decode-variant default staged --repeats 2 --out "$out/throughput_${side}_nano.json")
   done
   python3 benchmarks/engine_ab.py "$out" --out "$out/engine_ab_${tag}.json"
 fi
@@ -152,14 +166,14 @@ if [ "$part" = samplerab ]; then
   timeout 120 python3 benchmarks/sampling_kernel.py --out "$out/sampling_kernel_${tag}.json" 2>&1 | grep -v -i warn | tail -12
   [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
   for tree in "$OLD" "$PWD"; do
-    tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
+    side=$([ "$tree" = "$PWD" ] && echo new || echo old)
     commit=$(tree_commit "$tree")
     (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 150 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto \
-      --repeats 2 --out "$out/throughput_${tag}_nano.json")
+      --repeats 2 --out "$out/throughput_${side}_nano.json")
     (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 100 --shape llama-3.2-1b --workload latency --gen 256 \
-      --repeats 3 --out "$out/throughput_${tag}_latency.json")
+      --repeats 3 --out "$out/throughput_${side}_latency.json")
     (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 120 --shape llama-3.2-1b --workload fixed --batch 64 \
-      --prompt 512 --gen 256 --kv-cache-dtype auto --repeats 2 --out "$out/throughput_${tag}_fixed.json")
+      --prompt 512 --gen 256 --kv-cache-dtype auto --repeats 2 --out "$out/throughput_${side}_fixed.json")
   done
   python3 benchmarks/engine_ab.py "$out" --part samplerab --out "$out/sampler_ab_${tag}.json"
 fi
@@ -186,11 +200,11 @@ if [ "$part" = servingab ]; then
   # parserab: this tree on h11, then on httptools. benchmarks/serve_ab.py joins such pairs (serve_ab_h200.json)
   [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
   for tree in "$OLD" "$PWD"; do
-    tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
+    side=$([ "$tree" = "$PWD" ] && echo new || echo old)
     commit=$(tree_commit "$tree")
     (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" timeout 275 python3 benchmarks/serve.py --shape llama-3.2-1b \
       --num-prompts 256 --input-len 512 --output-len 256 --phases stream,plain,offline --client-procs 4 --repeats 3 \
-      --out "$out/serve_${tag}.json" 2>&1 | grep -v -i warn | tail -4)
+      --out "$out/serve_${side}.json" 2>&1 | grep -v -i warn | tail -4)
   done
 fi
 
@@ -418,21 +432,21 @@ fi
 tree_ab() {
   [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
   for tree in "$OLD" "$PWD"; do
-    tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
+    side=$([ "$tree" = "$PWD" ] && echo new || echo old)
     commit=$(tree_commit "$tree")  # before the cd: tree_commit tells the trees apart by $PWD
     (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 130 \
       --shape llama-3.2-1b --workload latency --gen 256 --repeats 3 --decode-splits by-length by-batch \
-      --out "$out/throughput_${tag}_latency.json")
+      --out "$out/throughput_${side}_latency.json")
     (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 70 \
       --shape llama-3.2-1b --workload fixed --batch 64 --prompt 512 --gen 256 --kv-cache-dtype auto fp8 --repeats 2 \
-      --out "$out/throughput_${tag}_fixed.json")
+      --out "$out/throughput_${side}_fixed.json")
   done
   for i in 1 2; do
     for tree in "$OLD" "$PWD"; do
-      tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
+      side=$([ "$tree" = "$PWD" ] && echo new || echo old)
       commit=$(tree_commit "$tree")
       (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 60 \
-        --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --repeats 1 --out "$out/throughput_${tag}_nano_round$i.json")
+        --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --repeats 1 --out "$out/throughput_${side}_nano_round$i.json")
     done
   done
   python3 benchmarks/engine_ab.py "$out" --part "$1" --out "$out/$2"
@@ -448,12 +462,12 @@ if [ "$part" = qknormab ]; then
   [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"
   for i in 1 2 3; do
     for tree in "$OLD" "$PWD"; do
-      tag=$([ "$tree" = "$PWD" ] && echo new || echo old)
+      side=$([ "$tree" = "$PWD" ] && echo new || echo old)
       commit=$(tree_commit "$tree")
       (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 90 \
-        --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --repeats 1 --out "$out/throughput_${tag}_nano_round$i.json")
+        --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --repeats 1 --out "$out/throughput_${side}_nano_round$i.json")
       (cd "$tree" && MINISERVE_COMMIT="$commit" PYTHONPATH="$tree:${PYTHONPATH:-}" tp 60 \
-        --shape qwen3-0.6b --workload latency --gen 256 --repeats 3 --out "$out/throughput_${tag}_latency_round$i.json")
+        --shape qwen3-0.6b --workload latency --gen 256 --repeats 3 --out "$out/throughput_${side}_latency_round$i.json")
     done
   done
   python3 benchmarks/engine_ab.py "$out" --part qknormab --out "$out/qk_norm_ab_${tag}.json"
