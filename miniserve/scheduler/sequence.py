@@ -18,7 +18,7 @@ import torch
 from miniserve.sampling_params import SamplingParams
 
 
-class TokenArray:
+class AppendedArray:
     """A growing int list's int64 numpy copy, synced by copying what the list gained since the last read (a
     sequence's tokens and its block table are only ever appended to, until its blocks are freed: `reset`): the
     sampler reads a penalized sequence's whole history, and a decode step every sequence's block table, every step,
@@ -34,8 +34,9 @@ class TokenArray:
         self._buf = np.empty(0, dtype=np.int64)
         self._len = 0
 
-    def synced(self, tokens: list[int]) -> np.ndarray:
-        n = len(tokens)
+    def synced(self, values: list[int]) -> np.ndarray:
+        """The list as an array: a view whose values never change (later appends go past it or to a new buffer)."""
+        n = len(values)
         if n == self._len:  # (a block table, most steps)
             return self._buf[:n]
         if n < self._len:  # (never by appending; then copy it all again)
@@ -44,7 +45,7 @@ class TokenArray:
             grown = np.empty(max(n, 2 * len(self._buf), 64), dtype=np.int64)
             grown[: self._len] = self._buf[: self._len]
             self._buf = grown
-        self._buf[self._len : n] = tokens[self._len : n]
+        self._buf[self._len : n] = values[self._len : n]
         self._len = n
         return self._buf[:n]
 
@@ -88,8 +89,8 @@ class Sequence:
     num_spec_drafts: int = 0
     num_spec_draft_tokens: int = 0
     num_spec_accepted_tokens: int = 0
-    _token_array: TokenArray = field(default_factory=TokenArray, repr=False)
-    _block_array: TokenArray = field(default_factory=TokenArray, repr=False)
+    _token_array: AppendedArray = field(default_factory=AppendedArray, repr=False)
+    _block_array: AppendedArray = field(default_factory=AppendedArray, repr=False)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -111,12 +112,12 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens :]
 
     def token_array(self) -> np.ndarray:
-        """token_ids as an int64 numpy array (a view, valid until the next token): prompt, then output."""
+        """token_ids as an int64 numpy array (AppendedArray.synced's view): prompt, then output."""
         return self._token_array.synced(self.token_ids)
 
     def block_array(self) -> np.ndarray:
-        """block_table as an int64 numpy array (a view, valid until the table changes): what a decode step packs for
-        every sequence (engine/cuda_graphs.py: pack_rows), copied whole rather than converted from the list."""
+        """block_table as an int64 numpy array (AppendedArray.synced's view): what a decode step packs for every
+        sequence (engine/cuda_graphs.py: pack_rows), copied whole rather than converted from the list."""
         return self._block_array.synced(self.block_table)
 
     def clear_block_table(self) -> None:
