@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,6 +107,20 @@ def test_rope_scaling_llama3_and_tied_embeddings(tmp_path, tokenizer_dir):
     assert (ours - ref).abs().max().item() <= ATOL
 
 
+def assert_a_128_token_context_matches_transformers(path: Path, seed: int) -> None:
+    """A scaled-RoPE model whose context is 128 tokens: a 120-token prompt's logits match transformers', and its
+    greedy output does until the context is full (8 tokens, finish_reason length, of the 20 asked for)."""
+    hf, eng = hf_model(path), engine(path)
+    assert eng.max_model_len == 128
+    prompt = torch.randint(2, VOCAB, (120,), generator=torch.Generator().manual_seed(seed)).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0]
+    assert (prompt_logits(eng, prompt) - ref).abs().max().item() <= ATOL
+    llm = LLM(str(path), dtype="float32", device="cpu")
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    assert (out[0].outputs[0].token_ids, out[0].outputs[0].finish_reason) == (hf_greedy(hf, prompt, 8), "length")
+
+
 def test_linear_rope_scaling_stretches_the_context(tmp_path, tokenizer_dir):
     """A linear RoPE factor stretches max_position_embeddings positions over factor times as many tokens (the 16k
     Llama-2 fine-tunes: max_position_embeddings=4096, factor 4): the context is their product, as vLLM derives it,
@@ -114,15 +129,7 @@ def test_linear_rope_scaling_stretches_the_context(tmp_path, tokenizer_dir):
     path = build_model_dir(
         tmp_path / "m", "LlamaForCausalLM", tokenizer_dir, seed=2, max_position_embeddings=32, rope_scaling=scaling
     )
-    hf, eng = hf_model(path), engine(path)
-    assert eng.max_model_len == 128
-    prompt = torch.randint(2, VOCAB, (120,), generator=torch.Generator().manual_seed(4)).tolist()
-    with torch.no_grad():
-        ref = hf(torch.tensor([prompt])).logits[0]
-    assert (prompt_logits(eng, prompt) - ref).abs().max().item() <= ATOL
-    llm = LLM(str(path), dtype="float32", device="cpu")
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
-    assert (out[0].outputs[0].token_ids, out[0].outputs[0].finish_reason) == (hf_greedy(hf, prompt, 8), "length")
+    assert_a_128_token_context_matches_transformers(path, seed=4)
     with pytest.raises(ValueError, match=r"context length 128 \(max_position_embeddings=32 x linear RoPE scaling"):
         engine(path, max_model_len=129)
 
@@ -169,15 +176,7 @@ def test_yarn_rope_scaling_stretches_the_context_and_matches_transformers(tmp_pa
     path = build_model_dir(
         tmp_path / "m", "Qwen3ForCausalLM", tokenizer_dir, seed=3, max_position_embeddings=40, rope_scaling=scaling
     )
-    hf, eng = hf_model(path), engine(path)
-    assert eng.max_model_len == 128
-    prompt = torch.randint(2, VOCAB, (120,), generator=torch.Generator().manual_seed(5)).tolist()
-    with torch.no_grad():
-        ref = hf(torch.tensor([prompt])).logits[0]
-    assert (prompt_logits(eng, prompt) - ref).abs().max().item() <= ATOL
-    llm = LLM(str(path), dtype="float32", device="cpu")
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
-    assert out[0].outputs[0].token_ids == hf_greedy(hf, prompt, 8)
+    assert_a_128_token_context_matches_transformers(path, seed=5)
     with pytest.raises(ValueError, match=r"128 \(original_max_position_embeddings=32 x yarn RoPE scaling factor 4"):
         engine(path, max_model_len=129)
 

@@ -4,7 +4,6 @@ or streamed, with reasoning split off (server/reasoning.py), tool calls (server/
 from __future__ import annotations
 
 import dataclasses
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,7 @@ from miniserve.server.request_group import (
     RequestGroup,
     collect_finals,
     request_usage,
-    response_id,
+    response_head,
     stream_usage,
     structured_spec,
 )
@@ -45,12 +44,7 @@ async def create_chat_completion(request: Request) -> Response:
     req: ChatCompletionRequest = await state.parse(request, ChatCompletionRequest)
     run = await start_chat(state, req, f"chatcmpl-{uuid.uuid4().hex}")
     ids, tools, reasoning, group = run.ids, run.tools, run.reasoning, run.group
-    head = {
-        "id": response_id(group, request, req.request_id, "chatcmpl"),
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": state.model_name,
-    }
+    head = response_head(group, request, req.request_id, "chatcmpl", "chat.completion")
     if req.stream:
         return EventStream(group, request, ChatEvents(state, req, head, ids, tools, reasoning))
     finals = await collect_finals(group, request)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 import uuid
 from typing import Any
 
@@ -18,7 +17,7 @@ from miniserve.server.request_group import (
     RequestGroup,
     collect_finals,
     request_usage,
-    response_id,
+    response_head,
     stream_usage,
     structured_spec,
 )
@@ -48,12 +47,7 @@ async def create_completion(request: Request) -> Response:
     group = RequestGroup(state, f"cmpl-{uuid.uuid4().hex}", req.stream)
     await group.start(prompt_ids, params, "prompt", req.n)
     prompt_texts = _echo_texts(state, req, prompt_ids) if req.echo else None
-    head = {
-        "id": response_id(group, request, req.request_id, "cmpl"),
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": state.model_name,
-    }
+    head = response_head(group, request, req.request_id, "cmpl", "text_completion")
     if req.stream:
         return EventStream(group, request, CompletionEvents(state, req, head, prompt_ids, prompt_texts))
     finals = await collect_finals(group, request)

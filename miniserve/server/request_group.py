@@ -155,12 +155,13 @@ async def collect_finals(group: RequestGroup, request: Request) -> dict[int, Any
     return finals
 
 
-def response_id(group: RequestGroup, request: Request, given: str | None, prefix: str) -> str:
-    """A response's id as vLLM makes it: `prefix` and the client's X-Request-Id header, else its request_id field;
-    the group's own id when it gave neither (the engine's request ids stay the server's: clients may repeat
-    theirs)."""
+def response_head(group: RequestGroup, request: Request, given: str | None, prefix: str, kind: str) -> dict:
+    """A response's id, object, created and model. The id as vLLM makes it: `prefix` and the client's X-Request-Id
+    header, else its request_id field; the group's own id when it gave neither (the engine's request ids stay the
+    server's: clients may repeat theirs)."""
     client_id = request.headers.get("x-request-id") or given
-    return f"{prefix}-{client_id}" if client_id else group.base_id
+    response_id = f"{prefix}-{client_id}" if client_id else group.base_id
+    return {"id": response_id, "object": kind, "created": int(time.time()), "model": group.state.model_name}
 
 
 def request_usage(prompt_ids: list[list[int]], outputs: list[Any]) -> dict[str, Any]:
