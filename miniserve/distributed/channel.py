@@ -2,9 +2,10 @@
 
 A message is the operation code followed by its integer arguments; a forward pass's arguments are its packed
 inputs (`encode_inputs`). Every message is broadcast in a buffer of fixed size, so a receiver needs no size
-beforehand: one broadcast per step, and a second one only for the rare message that does not fit (a very large
-batch of long block tables). The control plane is on the CPU even when the model is on GPUs, so the other ranks
-receive a step as soon as rank 0 sends it and prepare it while the GPUs still run the previous one.
+beforehand: one broadcast per step, and a second one for a message that does not fit (block tables are most of
+it: a decode step of 64 sequences past ~930 tokens each, or of 256 past ~160, at block size 16). The control
+plane is on the CPU even when the model is on GPUs, so the other ranks receive a step as soon as rank 0 sends it
+and prepare it while the GPUs still run the previous one.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.distributed as dist
 
 from miniserve.engine.model_runner import ForwardInput
 
-CAPACITY = 4096  # int64 words per broadcast (32 KiB): a decode step of 64 sequences with 60 blocks each fits
+CAPACITY = 4096  # int64 words per broadcast (32 KiB): a decode step of 64 sequences with 58 blocks each fits
 
 
 class Op(IntEnum):

@@ -1,1 +1,1 @@
-"""The engine: the step loop, sequences, output processing, the model runner per role, CUDA graphs, the sampler."""
+"""The engine: the step loop, the decoders, output processing, the model runner per role, CUDA graphs, the sampler."""

@@ -1,9 +1,9 @@
 """How long a context the engine serves and how many KV blocks its pool gets.
 
 Both are decided once, at start-up, from the settings and the loaded models: the context length is the smallest
-model limit (or the configured one), and the pool fills the memory budget up to what `max_num_seqs` sequences of
-that length can ever use. Target and draft share one block table per sequence, so they get the same number of
-blocks, each in its own pool.
+model limit (or the configured one; capped at a sliding window), and the pool fills the memory budget up to what
+`max_num_seqs` sequences of that length can ever use. Target and draft share one block table per sequence, so
+they get the same number of blocks, each in its own pool.
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 A request with `SamplingParams(structured_outputs=StructuredOutputsParams(...))` (sampling_params.py) gets one
 `GrammarState` per sequence (each of its `n` choices walks the grammar on its own). Every step, the plain decoder
-has the batch's next-token bitmasks filled (`MaskFiller`: one xgrammar call fills a row of a packed int32
-[B, ceil(V/32)] tensor on the CPU per constrained sequence), copies them to the device once, and the sampler masks
-the logits there (`sampler.apply_token_bitmask`, or kernels/sampling.py as it reads them). The sampler runs
-eagerly after the forward pass (CUDA graphs cover only the forward), so the host fills the masks while the GPU is
-still computing the logits.
+has the batch's next-token bitmasks filled (`MaskFiller`: one xgrammar call fills the constrained sequences' rows
+of a packed int32 [B, ceil(V/32)] tensor on the CPU), copies them to the device once, and the sampler masks the
+logits there (`sampler.apply_token_bitmask`, or kernels/sampling.py as it reads them). The sampler runs eagerly
+after the forward pass (CUDA graphs cover only the forward), so the host can fill the masks while the GPU is still
+computing the logits: it does in prompt passes and overlapped decode steps (engine/decoder.py).
 
 Compilation is the slow part (milliseconds to seconds for a large schema or a pattern), so it never runs on the
 step loop of a server. The API process compiles (a worker thread: xgrammar releases the GIL; cached per spec; a bad

@@ -1,13 +1,14 @@
 """The OpenAI-compatible HTTP server: the app factory (routes, auth, errors, the engine's lifespan) and the small
 routes (`miniserve serve` runs it: launcher.py). The large routes have their own modules: completions.py, chat.py,
-tokens.py; what they share is in state.py (ServerState) and request_group.py (reading the engine's outputs back).
+responses_api.py, tokens.py; what they share is in state.py (ServerState) and request_group.py (reading the
+engine's outputs back).
 
-Requests flow: parse + validate the JSON body (OpenAI error shape on failure) -> check the prompt's size ->
+A request flows: parse + validate the JSON body (OpenAI error shape on failure) -> check the prompt's size ->
 tokenize (in a worker thread, off the event loop) -> check the context budget -> post one engine request per
-prompt to the engine process (engine_process.py) -> read the cumulative outputs back as they grow, either
-collecting them (plain JSON, woken once at the end) or diffing them into SSE chunks (stream=true, written by the
-callback that applied the step, else by the woken task: several steps' tokens in one chunk when the client fell
-behind).
+prompt to the engine process (engine_process.py) -> read the cumulative outputs back as they grow. A plain
+request collects them (its handler woken as each prompt's request finishes) and answers with one JSON body. A
+stream (stream=true) turns each step's new output into SSE chunks, written by the callback that applied the step,
+else by the woken task (then several steps' tokens go in one chunk: the client fell behind).
 A client that goes away has its engine requests aborted, which frees their KV blocks before the next step; a
 client that stops reading is aborted after MINISERVE_STREAM_STALL_TIMEOUT. On SIGTERM/SIGINT the server stops
 accepting, lets requests finish for at most MINISERVE_DRAIN_TIMEOUT seconds, then ends the rest (finish_reason

@@ -5,9 +5,10 @@ All are plain ASGI (not Starlette's BaseHTTPMiddleware, which buffers streams). 
 routing, so an unknown /v1 path answers 401 to a client without the key, not 404. The catch-all answers an
 exception no handler expected with OpenAI's error object and status 500, logs its traceback, and leaves the
 keep-alive connection usable; a stream that already started ends with an error event and `[DONE]` instead.
-`DirectRoutes` hands POST /v1/completions and /v1/chat/completions to their handlers without FastAPI's router,
-dependency machinery and inner middleware: those handlers take the bare request and build their own responses,
-and a request's time to first token pays every layer it passes (about 0.2 ms of the API process's ~1 ms).
+`DirectRoutes` hands POST /v1/completions, /v1/chat/completions and /v1/responses to their handlers without
+FastAPI's router, dependency machinery and inner middleware: those handlers take the bare request and build their
+own responses, and a request's time to first token pays every layer it passes (about 0.2 ms of the API process's
+~1 ms).
 """
 
 from __future__ import annotations

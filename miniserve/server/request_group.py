@@ -1,9 +1,9 @@
-"""One HTTP request's engine requests (one per prompt), read back as they grow: what the completion and chat
-routes share. A plain request is woken once, when all its requests finished (`collect_finals`); a stream's new
-output is written at every engine step (server/event_stream.py), by the step's own callback when it can
-(`RequestGroup.push`), else by the request's task, woken here. A client that goes away has its requests aborted,
-which frees their KV blocks before the next step; a client that stops reading is aborted after
-MINISERVE_STREAM_STALL_TIMEOUT."""
+"""One HTTP request's engine requests (one per prompt), read back as they grow: what the completion, chat and
+Responses routes share. A plain request's handler is woken as each of its requests finishes, and `collect_finals`
+returns once all have; a stream's new output is written at every engine step (server/event_stream.py), by the
+step's own callback when it can (`RequestGroup.push`, set by the stream), else by the request's task, woken here.
+A client that goes away has its requests aborted, which frees their KV blocks before the next step; a client that
+stops reading is aborted after MINISERVE_STREAM_STALL_TIMEOUT."""
 
 from __future__ import annotations
 
