@@ -255,10 +255,11 @@ class SpeculativeDecoder:
     # ---------------------------------------------------------------- emitting a round
 
     def _emit(self, seqs, drafts, accepted, next_tokens, logits, base_len) -> None:
-        """Emit accepted drafts plus the next token; logprobs come from the target's raw logits."""
+        """Emit accepted drafts plus the next token; logprobs come from the target's raw logits (in float32: a
+        greedy round's are in the model dtype)."""
         k = self.k
         wants_logprobs = any(s.params.logprobs is not None for s in seqs)
-        logprobs_all = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
+        logprobs_all = torch.log_softmax(logits.float(), dim=-1) if wants_logprobs else None
         for i, seq in enumerate(seqs):
             a = accepted[i]
             seq.num_computed_tokens = base_len[i] + a

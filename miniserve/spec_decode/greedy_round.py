@@ -64,7 +64,7 @@ class GreedyRound:
 
     def run(self, seqs: list[Sequence], base_len: list[int], device_columns: torch.Tensor | None):
         """Launch a greedy round: (result [B, k+2] = drafts, accepted count, next token; the target's logits
-        [B*(k+1), V]; the next round's first columns [B, 3] = its last two tokens and length).
+        [B*(k+1), V], in the model dtype; the next round's first columns [B, 3] = its last two tokens and length).
         With `device_columns` (a previous round's next columns, still on the device) the sequences' last two
         tokens and lengths come from there: up to k+1 tokens beyond what the host knows."""
         k = self.k
@@ -108,7 +108,9 @@ class GreedyRound:
             drafted.append(token)
         drafts = torch.stack(drafted, dim=1)  # [B, k]
         verify = torch.cat([x.tokens[:, 1:], drafts], dim=1)  # [B, k+1] at positions length-1 ..
-        logits = self.target.run_uniform(verify, x.positions[:, 1], x.tables, max_len, x.valid)
+        # in the model dtype: the argmax is the same (the conversion is exact), and a captured round then keeps
+        # half the logits' memory and skips a [B*(k+1), V] conversion; _emit converts where logprobs are asked
+        logits = self.target.run_uniform(verify, x.positions[:, 1], x.tables, max_len, x.valid, False)
         target = logits.argmax(-1).view(-1, k + 1)
         result, next_columns = self._accept(drafts, target, x.tokens, x.length)
         return result, logits, next_columns
