@@ -96,6 +96,8 @@ def test_one_step_preempts_the_newest_then_the_one_before_and_counts_both():
     # 3: a decodes in its 3 blocks; b (9 tokens: 3 blocks) does not fit the 2 free ones, and c waits behind it
     assert step(sched) == [(0, 1)]
     assert sched.num_preemptions == 2
+    # 4: c (5 tokens: 2 blocks) would fit the 2 free blocks, but b, which does not, keeps the head of the queue
+    assert step(sched) == [(0, 1)] and list(sched.waiting) == [b, c]
 
 
 def test_lookahead_slots_are_taken_for_decode_steps_only():
@@ -153,6 +155,38 @@ def test_a_choice_waits_for_its_first_choices_prompt_blocks_and_others_go_ahead(
         sched.finish(seq)
     assert not sched.running and not sched.waiting and not sched.parents  # nothing of them is kept
     assert sched.blocks.num_free_blocks == 8
+
+
+def test_a_waiting_choice_keeps_its_place_ahead_of_later_requests():
+    """A choice skipped while its first choice computes the prompt goes back to where it was in the queue: ahead
+    of a later request that did not fit, so it joins first once the prompt blocks are cached."""
+    sched = make(8, caching=True)
+    prompt = [100 + i for i in range(8)]
+    first, second = seq_of(0, 8, prompt), seq_of(1, 8, prompt, index=1)
+    small, big = seq_of(2, 4), seq_of(3, 24)
+    for seq, parent in ((first, None), (second, first), (small, None), (big, None)):
+        sched.add(seq, parent=parent)
+    # 1: first (blocks 0-1) and small (block 2) run; second waits for first's blocks; big needs 6 blocks, 5 are free
+    assert step(sched) == [(0, 8), (2, 4)]
+    assert list(sched.waiting) == [second, big]
+    # 2: first and small decode (blocks 3 and 4); second takes block 0 and computes its last 4 prompt tokens in
+    #    block 5; big (6 blocks) still does not fit the 3 free ones
+    assert step(sched) == [(0, 1), (2, 1), (1, 4)]
+    assert second.block_table == [0, 5] and list(sched.waiting) == [big]
+
+
+def test_a_choice_joins_once_its_first_choices_first_prompt_chunk_fills_the_shared_block():
+    """A prompt of 8 tokens shares one block (its last token, in block 1, is always computed): a choice joins as
+    soon as the first choice has cached block 0, here after a first chunk of 6 tokens, not after its whole prompt."""
+    sched = make(8, budget=6, caching=True)
+    prompt = [100 + i for i in range(8)]
+    first, second = seq_of(0, 8, prompt), seq_of(1, 8, prompt, index=1)
+    sched.add(first)
+    sched.add(second, parent=first)
+    assert step(sched) == [(0, 6)]
+    # 2: block 0 is cached: first computes its 2 last prompt tokens, second its 4 tokens after block 0
+    assert step(sched) == [(0, 2), (1, 4)]
+    assert second.block_table[0] == first.block_table[0] and second.num_cached_tokens == 4
 
 
 def test_admission_takes_lookahead_slots_for_a_single_new_token_only():
