@@ -178,6 +178,20 @@ def test_a_stop_string_ending_before_held_text_drops_it(keep):
     assert outcome(seq) == ([ord("a"), SPLIT], "ab" if keep else "a", "stop", "b")
 
 
+@pytest.mark.parametrize("collect", ["collect", "collect_messages"])
+@pytest.mark.parametrize(("tokens", "reason"), [("axy", "length"), (["a", "x", "y", EOS], "stop")])
+def test_a_delta_stream_releases_the_held_stop_prefix_when_the_choice_ends(collect, tokens, reason):
+    """While "x", then "xy", may begin the stop string "xyz" they are held back from the deltas; a choice that
+    ends otherwise (max_tokens, EOS) sends them with its last delta."""
+    processor, (seq,) = setup(SamplingParams(max_tokens=len(tokens), stop=["xyz"], output_kind="delta"))
+    texts = []
+    for t in tokens:
+        feed(processor, seq, [t])
+        (out,) = getattr(processor, collect)([seq])
+        texts.append(out.outputs[0].text if collect == "collect" else out[2][0][2])
+    assert texts == ["a"] + [""] * (len(tokens) - 2) + ["xy"] and seq.finish_reason == reason
+
+
 def test_generation_counters_and_first_token_time():
     processor, (a, b) = setup(SamplingParams(max_tokens=2), n=2)
     feed(processor, a, "x")

@@ -57,6 +57,8 @@ def test_examples():
     assert m.feed(0, "xabc")[1] == (3, "abc")
     m = StopMatcher(["aaabz", "ab"])  # "ab" ends inside the longer one's prefix "aaab": two links back
     assert m.feed(0, "aaab")[1] == (3, "ab")
+    m = StopMatcher(["aaaba", "bb"])  # "aaab" fails to "b" past "aa" and "a", which have no "b": then "bb" ends
+    assert m.feed(0, "aaabb")[1] == (4, "bb")
     m = StopMatcher(["\n\nQuestion:"])
     state, match = m.feed(0, "The answer is 4.\n")
     assert match is None and m.held(state) == 1  # only the newline could start the stop string
