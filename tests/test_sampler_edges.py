@@ -1,6 +1,7 @@
 """The sampler at its edges: the all-greedy fast path, top-p at exactly its mass, logprobs of half-precision
-logits. Oracles: maxima placed by hand, probabilities that are exact in float32 (equal logits: 1/4 each), and
-log_softmax in float64."""
+logits, top-k past the vocabulary, logit_bias and penalties before the temperature, allowed_token_ids, bad words,
+ranks. Oracles: maxima placed by hand, probabilities that are exact in float32 (equal logits: 1/4 each), logits
+worked out by hand, and log_softmax in float64."""
 
 from __future__ import annotations
 
@@ -179,3 +180,53 @@ def test_a_sequences_token_array_follows_its_tokens_through_growth():
         assert seq.token_array().tolist() == seq.token_ids
     seq.token_ids = seq.token_ids[:40] + [7, 7, 7]
     assert seq.token_array().tolist() == seq.token_ids
+
+
+def test_a_top_k_above_the_vocabulary_filters_nothing_beside_a_row_that_filters():
+    logits = torch.arange(V, dtype=torch.float32)[None].repeat(2, 1)
+    out = apply_penalties_and_filters(logits, build([SamplingParams(top_k=V + 3), SamplingParams(top_k=2)]))
+    assert out[0].tolist() == logits[0].tolist()
+    assert out[1].tolist() == [-math.inf] * (V - 2) + [V - 2.0, V - 1.0]
+
+
+def test_a_top_p_below_float32_resolution_keeps_the_most_likely_token():
+    """1 - 1e-9 rounds to 1.0 in float32, so every position's tail mass is within it: only the first is kept."""
+    logits = torch.tensor([[0.5, 2.0, 1.0] + [0.0] * (V - 3)])
+    out = apply_penalties_and_filters(logits, build([SamplingParams(top_p=1e-9)]))
+    assert torch.isfinite(out[0]).tolist() == [False, True] + [False] * (V - 2)
+
+
+def test_logit_bias_and_penalties_come_before_the_temperature():
+    """vLLM's order: (logit + bias - frequency * count - presence) / temperature; the values are exact in float32.
+    Token 3 was output twice: 3 + 1 - 2 * 0.5 - 0.25 = 2.75; token 0 gets its bias: 0 + 2.5."""
+    logits = torch.arange(V, dtype=torch.float32)[None]
+    params = SamplingParams(temperature=0.5, logit_bias={0: 2.5, 3: 1.0}, frequency_penalty=0.5, presence_penalty=0.25)
+    out = apply_penalties_and_filters(logits, build([params], outputs=[[3, 3]]))
+    expected = [2.5, 1.0, 2.0, 2.75] + list(range(4, V))
+    assert out[0].tolist() == [v / 0.5 for v in expected]
+
+
+def test_allowed_token_ids_mask_the_others_in_their_row_only():
+    logits = torch.arange(2 * V, dtype=torch.float32).reshape(2, V)
+    out = apply_penalties_and_filters(logits, build([SamplingParams(allowed_token_ids=[2, 5]), SamplingParams()]))
+    assert out[0].tolist() == [-math.inf, -math.inf, 2.0, -math.inf, -math.inf, 5.0, -math.inf, -math.inf]
+    assert out[1].tolist() == logits[1].tolist()
+
+
+@pytest.mark.parametrize(
+    ("output", "banned"),
+    [([], [4]), ([2], [4]), ([1, 2], [4, 6]), ([7, 1, 2], [4, 6]), ([1, 2, 3], [4]), ([2, 1], [4])],
+)
+def test_a_bad_words_last_token_is_banned_right_after_its_other_tokens(output, banned):
+    """Bad words [4] and [1, 2, 6]: 4 is always banned, 6 only where the output ends with 1, 2 (also when that is
+    the whole output)."""
+    params = SamplingParams(bad_words_token_ids=[[4], [1, 2, 6]])
+    out = apply_penalties_and_filters(torch.zeros(1, V), build([params], outputs=[output]))
+    assert torch.isinf(out[0]).nonzero().flatten().tolist() == banned
+
+
+def test_a_sampled_tokens_rank_counts_the_tokens_at_least_as_likely():
+    """vLLM's rank: 1 for a unique maximum; tokens tied with the chosen one count too."""
+    logits = torch.tensor([[0.0, 3.0, 1.0] + [0.0] * (V - 3), [3.0, 3.0, 1.0] + [0.0] * (V - 3)])
+    out = sample(logits, build([SamplingParams(temperature=0.0, logprobs=1)] * 2))
+    assert out.token_ids.tolist() == [1, 0] and out.ranks.tolist() == [1, 2]
