@@ -109,6 +109,19 @@ def test_self_speculation_accepts_everything(llama_dir):
 
 
 @pytest.mark.parametrize("overlap", [False, True])
+def test_self_speculation_accepts_everything_across_block_ends(llama_dir, overlap):
+    """Draft == target, so a draft step that read less of its context than the target would propose another token:
+    every proposal is accepted only if each draft step attends over its whole context, also where the round's
+    last draft steps pass the end of the block that holds its first position (a prompt of 14, blocks of 16)."""
+    prompt = mixed_prompts(2)[2][:14]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    kw = dict(speculative_model=str(llama_dir), num_speculative_tokens=4, overlap_spec_rounds=overlap)
+    _, eng = run(llama_dir, [prompt], params, block_size=16, **kw)
+    s = eng.stats()
+    assert s["spec_num_drafts"] > 0 and s["spec_num_accepted_tokens"] == s["spec_num_draft_tokens"]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
 def test_each_round_counts_the_tokens_the_target_computes(llama_dir, draft_dir, overlap):
     """The iteration_tokens histogram's count: a prompt's tokens once, then k + 1 a round for each sequence (its
     token before the drafts and the k drafts), however many the round accepts."""
