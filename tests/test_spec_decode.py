@@ -330,7 +330,9 @@ def test_logprobs_with_speculation_equal_plain_logprobs(llama_dir, draft_dir, dt
     prompts = mixed_prompts(5)[1:3]
     params = SamplingParams(temperature=0, max_tokens=10, logprobs=2, ignore_eos=True)
     plain = LLM(str(llama_dir), dtype=dtype, device="cpu").generate(prompts, params, use_tqdm=False)
-    spec_llm = LLM(str(llama_dir), dtype=dtype, device="cpu", speculative_model=str(draft_dir), num_speculative_tokens=3)
+    spec_llm = LLM(
+        str(llama_dir), dtype=dtype, device="cpu", speculative_model=str(draft_dir), num_speculative_tokens=3
+    )
     spec = spec_llm.generate(prompts, params, use_tqdm=False)
     for a, b in zip(plain, spec):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
