@@ -55,7 +55,7 @@ def test_examples():
     assert m.feed(0, "xabcd")[1] == (1, "a")
     m = StopMatcher(["bc", "abc"])  # both end on "c": the longer one
     assert m.feed(0, "xabc")[1] == (3, "abc")
-    m = StopMatcher(["aaabz", "ab"])  # "ab" ends inside the longer one's prefix "aaab": two links back
+    m = StopMatcher(["aaabz", "ab"])  # "ab" ends inside the prefix "aaab": a stop inherited through a suffix link
     assert m.feed(0, "aaab")[1] == (3, "ab")
     m = StopMatcher(["aaaba", "bb"])  # "aaab" fails to "b" past "aa" and "a", which have no "b": then "bb" ends
     assert m.feed(0, "aaabb")[1] == (4, "bb")
