@@ -58,9 +58,10 @@ OPENAI_CHAT_FIELDS = {
     "messages": MESSAGES["messages"], "model": MODEL_NAME, "audio": {"voice": "alloy", "format": "wav"},
     "frequency_penalty": 0.5, "function_call": "auto",
     "functions": [{"name": "f", "parameters": {"type": "object"}}], "logit_bias": {"5": 2.0}, "logprobs": True,
-    "max_completion_tokens": 4, "max_tokens": 4, "metadata": {"k": "v"}, "modalities": ["text", "audio"], "n": 2,
-    "parallel_tool_calls": True, "prediction": {"type": "content", "content": "x"}, "presence_penalty": 0.5,
-    "prompt_cache_key": "k1", "prompt_cache_retention": "in-memory", "reasoning_effort": "low",
+    "max_completion_tokens": 4, "max_tokens": 4, "metadata": {"k": "v"}, "modalities": ["text", "audio"],
+    "moderation": {"model": "omni-moderation-latest"}, "n": 2, "parallel_tool_calls": True,
+    "prediction": {"type": "content", "content": "x"}, "presence_penalty": 0.5, "prompt_cache_key": "k1",
+    "prompt_cache_options": {"ttl": "12h"}, "prompt_cache_retention": "in-memory", "reasoning_effort": "low",
     "response_format": {"type": "json_object"}, "safety_identifier": "abc", "seed": 3,
     "service_tier": "flex", "stop": ["\n"], "store": True, "stream": False, "stream_options": None,
     "temperature": 0.7, "tool_choice": "none",
@@ -93,7 +94,7 @@ REFUSED = {
     "service_tier", "store", "verbosity", "web_search_options", "use_beam_search", "length_penalty",
     "spaces_between_special_tokens", "guided_decoding_backend", "guided_whitespace_pattern", "structural_tag",
     "priority", "logits_processors", "kv_transfer_params", "vllm_xargs", "prompt_embeds", "mm_processor_kwargs",
-    "include_reasoning",
+    "include_reasoning", "moderation", "prompt_cache_options",
 }  # fmt: skip
 
 
@@ -210,6 +211,38 @@ def test_unknown_fields_are_ignored_with_one_warning(url, log_path):
     assert any("made_up_field" in line and "another_one" in line for line in lines), log
     assert sum("made_up_field" in line for line in lines) == 1  # one warning per request, naming all of them
     assert any("messages[0].mystery" in line for line in lines), log
+
+
+def test_openai_message_and_stream_option_fields_are_honoured_or_refused(url, log_path):
+    """An assistant message as the openai client returns it (`message.model_dump()`: refusal, audio and
+    function_call null) goes back into the next request without a warning; a refusal is the message's text
+    (as a refusal part is), audio and the deprecated function_call are refused, and so is
+    stream_options.include_obfuscation true (chunks carry no obfuscation)."""
+    said = {"role": "assistant", "content": "No.", "refusal": None, "audio": None, "function_call": None}
+    body = {"model": MODEL_NAME, "messages": [*MESSAGES["messages"], said], "max_tokens": 2}
+    assert post(url, "/v1/chat/completions", body).status_code == 200
+    lines = [line for line in log_path.read_text(errors="replace").splitlines() if "fields ignored" in line]
+    passed_back = ("messages[1].refusal", "messages[1].audio", "messages[1].function_call")
+    assert not any(name in line for line in lines for name in passed_back), lines
+
+    def ids(message: dict) -> list[int]:
+        r = post(url, "/tokenize", {"model": MODEL_NAME, "messages": [*MESSAGES["messages"], message]})
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+
+    said = {"role": "assistant", "content": "I cannot."}
+    assert ids({"role": "assistant", "content": None, "refusal": "I cannot."}) == ids(said)
+    assert ids({"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot."}]}) == ids(said)
+    for field, value in (("audio", {"id": "audio_1"}), ("function_call", {"name": "f", "arguments": "{}"})):
+        message = {"role": "assistant", "content": "x", field: value}
+        r = post(url, "/v1/chat/completions", {**body, "messages": [*MESSAGES["messages"], message]})
+        assert r.status_code == 400 and field in r.json()["error"]["message"], (field, r.text)
+    for path, base in (("/v1/chat/completions", MESSAGES), ("/v1/completions", PROMPT)):
+        stream = {"model": MODEL_NAME, **base, "max_tokens": 2, "stream": True}
+        r = post(url, path, {**stream, "stream_options": {"include_obfuscation": True}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options", r.text
+        r = post(url, path, {**stream, "stream_options": {"include_obfuscation": False, "include_usage": True}})
+        assert r.status_code == 200 and '"usage"' in r.text, r.text
 
 
 # ---------------------------------------------------------------------------------------------- sampling controls

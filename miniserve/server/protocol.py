@@ -117,6 +117,9 @@ def _empty(value: Any) -> bool:
 class StreamOptions(_Request):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM: usage on every chunk (with include_usage; alone it would do nothing)
+    include_obfuscation: bool | None = None
+
+    _REFUSED = {"include_obfuscation": (lambda v: not v, "stream chunks carry no obfuscation")}
 
     @model_validator(mode="after")
     def _usage_to_continue(self) -> StreamOptions:
@@ -365,6 +368,13 @@ class TextPart(_Request):
     text: str
 
 
+class ChatRefusalPart(_Request):
+    """An assistant's refusal, passed back: read as its text."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+
 class ToolCallFunction(_Request):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
@@ -378,10 +388,18 @@ class ToolCall(_Request):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ChatRefusalPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # assistant messages that called tools
     tool_call_id: str | None = None  # tool messages: the call this answers
+    refusal: str | None = None  # an assistant's refusal: its text when it has no content
+    audio: Any = None
+    function_call: Any = None
+
+    _REFUSED = {
+        "audio": (_unset, "audio is not supported"),
+        "function_call": (_unset, "the deprecated function_call is not supported: use tool_calls"),
+    }
 
     @model_validator(mode="after")
     def _check_roles(self) -> ChatMessage:
@@ -403,11 +421,11 @@ class ChatMessage(_Request):
 
     def text(self) -> str:
         """String content; text parts are joined with newlines (as vLLM does)."""
-        if self.content is None:
-            return ""
+        if not self.content:
+            return self.refusal or ""
         if isinstance(self.content, str):
             return self.content
-        return "\n".join(part.text for part in self.content)
+        return "\n".join(part.text if isinstance(part, TextPart) else part.refusal for part in self.content)
 
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates read it: "developer" -> "system" (the tokenizer turns tool-call
@@ -446,6 +464,8 @@ _CHAT_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "verbosity": (_unset, "verbosity is not supported"),
     "web_search_options": (_unset, "web search is not supported"),
+    "moderation": (_unset, "moderation is not supported"),
+    "prompt_cache_options": (_unset, "prompt cache options are not supported (prompts are cached automatically)"),
 }
 
 
@@ -461,6 +481,8 @@ class ChatCompletionRequest(SamplingFields):
     safety_identifier: str | None = None  # an end-user id for the caller's records: no effect on the output
     prompt_cache_key: str | None = None  # a caching hint; prompts are cached (or not) whatever it says
     prompt_cache_retention: str | None = None
+    prompt_cache_options: Any = None
+    moderation: Any = None
     # vLLM extensions
     echo: bool = False
     add_generation_prompt: bool = True
