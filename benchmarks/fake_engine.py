@@ -6,7 +6,7 @@
     python benchmarks/fake_engine.py [--real] --trace DIR --model DIR ...   # timestamps, not a profile
 
 The engine process is replaced by `fake_core`, which speaks the engine process's protocol
-(miniserve/server/engine_process.py) and, every `--step-ms` milliseconds, gives every running request one more
+(miniserve/server/engine_core.py) and, every `--step-ms` milliseconds, gives every running request one more
 token (random ids, in the vocabulary), finishing it at max_tokens; a stream gets a delta per step, a plain request
 its final output once. Everything else is the served app (routing, detokenizing in the API process, SSE, HTTP),
 so the server's throughput and inter-token latency against this engine are the API process's ceiling at that
@@ -65,12 +65,12 @@ def profiled_core(config, commands, outputs, path: str) -> None:
     """The real engine process, under cProfile (written to `path` when it stops)."""
     import cProfile
 
-    from miniserve.server import engine_process
+    from miniserve.server import engine_core
 
     profiler = cProfile.Profile()
     profiler.enable()
     try:
-        engine_process._core_main(config, commands, outputs)
+        engine_core.core_main(config, commands, outputs)
     finally:
         profiler.disable()
         profiler.dump_stats(path)
@@ -80,7 +80,7 @@ def traced_core(config, commands, outputs, path: str, inner=None) -> None:
     """`inner` (the real engine process, or the fake one) with the time of every message it sends recorded."""
     import json
 
-    from miniserve.server import engine_process, pipe
+    from miniserve.server import engine_core, pipe
 
     sent: list[tuple[float, str, int]] = []
     # (time the send began, request id): the step that first carried its output; stamped before the send, since the
@@ -88,7 +88,7 @@ def traced_core(config, commands, outputs, path: str, inner=None) -> None:
     firsts: list[tuple[float, str]] = []
     adds: list[tuple[float, str]] = []  # (time the engine process took the request, request id)
     seen: set[str] = set()
-    send, add = pipe.FrameWriter.send, engine_process._CoreLoop._add
+    send, add = pipe.FrameWriter.send, engine_core.CoreLoop._add
 
     def timed_send(self, msg):
         begun = time.monotonic()
@@ -106,22 +106,22 @@ def traced_core(config, commands, outputs, path: str, inner=None) -> None:
         return add(self, request_id, *args)
 
     pipe.FrameWriter.send = timed_send
-    engine_process._CoreLoop._add = timed_add
-    steps = _time_real_steps(engine_process) if inner is None else []
+    engine_core.CoreLoop._add = timed_add
+    steps = _time_real_steps(engine_core) if inner is None else []
     trace = {"sent": sent, "adds": adds, "firsts": firsts, "steps": steps}
     try:
-        (inner or engine_process._core_main)(config, commands, outputs)
+        (inner or engine_core.core_main)(config, commands, outputs)
     finally:
         Path(path).write_text(json.dumps(trace))
 
 
-def _time_real_steps(engine_process) -> list[list[float]]:
+def _time_real_steps(engine_core) -> list[list[float]]:
     """In the real engine process: [start, seconds in step_messages, seconds sending its message] of every step
     (is a served step slower in the engine itself, or in what the loop does around it?)."""
     from miniserve.engine.llm_engine import LLMEngine
 
     steps: list[list[float]] = []
-    step_messages, send_step = LLMEngine.step_messages, engine_process._CoreLoop._send_step
+    step_messages, send_step = LLMEngine.step_messages, engine_core.CoreLoop._send_step
 
     def timed_step(self):
         t = time.monotonic()
@@ -134,7 +134,7 @@ def _time_real_steps(engine_process) -> list[list[float]]:
         send_step(self, *args)
         steps[-1][2] = time.monotonic() - t
 
-    LLMEngine.step_messages, engine_process._CoreLoop._send_step = timed_step, timed_send_step
+    LLMEngine.step_messages, engine_core.CoreLoop._send_step = timed_step, timed_send_step
     return steps
 
 
@@ -247,19 +247,19 @@ def main() -> None:
     ap.add_argument("--engine-profile", default=None, help="--real: write a cProfile of the engine process here")
     ap.add_argument("--trace", default=None, help="write engine_trace.json and api_trace.json (timestamps) here")
     args, serve_args = ap.parse_known_args()
-    import miniserve.server.engine_process as engine_process
+    import miniserve.server.engine_core as engine_core
     from miniserve.cli import main as cli_main
 
     if not args.real:
-        engine_process._core_main = functools.partial(fake_core, step_ms=args.step_ms)
+        engine_core.core_main = functools.partial(fake_core, step_ms=args.step_ms)
     elif args.engine_profile:
-        engine_process._core_main = functools.partial(profiled_core, path=args.engine_profile)
+        engine_core.core_main = functools.partial(profiled_core, path=args.engine_profile)
     if args.trace:
         import signal
 
         Path(args.trace).mkdir(parents=True, exist_ok=True)
-        inner = None if args.real else engine_process._core_main
-        engine_process._core_main = functools.partial(traced_core, path=f"{args.trace}/engine_trace.json", inner=inner)
+        inner = None if args.real else engine_core.core_main
+        engine_core.core_main = functools.partial(traced_core, path=f"{args.trace}/engine_trace.json", inner=inner)
         trace_api(f"{args.trace}/api_trace.json")
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # exit through Python: atexit writes the trace
     if args.profile is None:

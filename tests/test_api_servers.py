@@ -43,13 +43,13 @@ def _tokens(messages: list, request_id: str) -> list[int]:
 
 def test_the_engine_loop_routes_each_output_to_the_api_server_that_posted_it():
     from miniserve import LLM, SamplingParams
-    from miniserve.server.engine_process import _CoreLoop
+    from miniserve.server.engine_core import CoreLoop
     from miniserve.server.pipe import FrameReader, FrameWriter
 
     engine = LLM(device="cpu").engine
     commands = [mp.Pipe(duplex=False) for _ in range(2)]  # (engine's end, API's end)
     outputs = [mp.Pipe(duplex=False) for _ in range(2)]  # (API's end, engine's end)
-    loop = _CoreLoop(engine, [FrameReader(c[0]) for c in commands], [FrameWriter(o[1]) for o in outputs])
+    loop = CoreLoop(engine, [FrameReader(c[0]) for c in commands], [FrameWriter(o[1]) for o in outputs])
     send = [FrameWriter(c[1]) for c in commands]
     recv = [FrameReader(o[0]) for o in outputs]
     greedy = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)

@@ -206,15 +206,15 @@ def test_other_messages_split_the_runs_they_fall_between():
 
 
 def test_a_failing_step_fails_every_request_in_flight_and_the_loop_serves_on():
-    """_CoreLoop (the engine process's loop) over real pipes with the demo engine: the first step raises, so both
+    """CoreLoop (the engine process's loop) over real pipes with the demo engine: the first step raises, so both
     requests in flight are failed in one message and leave the engine; a request sent after it is served."""
     from miniserve import LLM, SamplingParams
-    from miniserve.server.engine_process import _CoreLoop
+    from miniserve.server.engine_core import CoreLoop
 
     engine = LLM(device="cpu").engine
     cmd_recv, cmd_send = mp.Pipe(duplex=False)
     out_recv, out_send = mp.Pipe(duplex=False)
-    reader, loop = FrameReader(out_recv), _CoreLoop(engine, [FrameReader(cmd_recv)], [FrameWriter(out_send)])
+    reader, loop = FrameReader(out_recv), CoreLoop(engine, [FrameReader(cmd_recv)], [FrameWriter(out_send)])
     commands = FrameWriter(cmd_send)
     real_step, calls = engine.step_messages, []
 

@@ -1,6 +1,6 @@
 """The served engine's launch hold (engine/launch_hold.py): its arithmetic with a recording wait (how long it waits
 for requests before launching the next overlapped decode step, and when it only looks), and the engine process's
-wait (server/engine_process.py: _CoreLoop.wait_for_commands) over a real pipe: a command ends it at once and is
+wait (server/engine_core.py: CoreLoop.wait_for_commands) over a real pipe: a command ends it at once and is
 applied, and without one it ends at its deadline, not before."""
 
 from __future__ import annotations
@@ -121,12 +121,12 @@ def test_a_step_that_cannot_tell_whether_it_ended_is_held_all_the_same():
 def core_loop():
     """An engine process's loop over the demo engine, one API server's pipes: (loop, command writer, reader)."""
     from miniserve import LLM
-    from miniserve.server.engine_process import _CoreLoop
+    from miniserve.server.engine_core import CoreLoop
     from miniserve.server.pipe import FrameReader, FrameWriter
 
     cmd_recv, cmd_send = mp.Pipe(duplex=False)
     out_recv, out_send = mp.Pipe(duplex=False)
-    loop = _CoreLoop(LLM(device="cpu").engine, [FrameReader(cmd_recv)], [FrameWriter(out_send)])
+    loop = CoreLoop(LLM(device="cpu").engine, [FrameReader(cmd_recv)], [FrameWriter(out_send)])
     return loop, FrameWriter(cmd_send), FrameReader(out_recv)
 
 

@@ -10,8 +10,8 @@ at once; the batch is then no longer one that nothing changes, so the scheduler 
 running batch right after step N instead (decoder.py: PlainDecoder.continue_in_flight).
 
 The wait must end on time to the microsecond: a decode step of a small batch takes about a millisecond, and a
-launch that comes late leaves the GPU idle. The server's wait spins on its pipes (server/engine_process.py:
-_CoreLoop.wait_for_commands); the first version (2653f9d, reverted) slept in multiprocessing's wait(), whose
+launch that comes late leaves the GPU idle. The server's wait spins on its pipes (server/engine_core.py:
+CoreLoop.wait_for_commands); the first version (2653f9d, reverted) slept in multiprocessing's wait(), whose
 timeout is rounded up to whole milliseconds, and cost the running streams 18% of their time per token
 (`benchmarks/results/serve_rate4_launch_hold_h200.json` as of db9f88f).
 
