@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from miniserve.chat_template import check_chat_options
 from miniserve.config import EngineConfig
 from miniserve.engine.llm_engine import LLMEngine
 from miniserve.engine.outputs import RequestOutput
 from miniserve.sampling_params import SamplingParams
-from miniserve.tokenizer import check_chat_options
 
 PromptType = str | list[int] | dict
 

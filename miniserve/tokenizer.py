@@ -1,4 +1,5 @@
-"""Tokenizer: Hugging Face tokenizer directories without transformers, plus streaming detokenization.
+"""Tokenizer: Hugging Face tokenizer directories without transformers (streaming detokenization: detokenizer.py;
+chat templates: chat_template.py).
 
 Everything runs on a `tokenizers.Tokenizer` backend, so encode/decode match what
 `transformers.AutoTokenizer` (v5) gives for the same directory:
@@ -14,9 +15,7 @@ Everything runs on a `tokenizers.Tokenizer` backend, so encode/decode match what
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,15 @@ import tokenizers
 from tokenizers import AddedToken, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from miniserve.chat_template import (
+    CONTINUE_MARK,
+    DEFAULT_CHAT_TEMPLATE,
+    check_template_kwargs,
+    compile_template,
+    cut_at_continue_mark,
+    load_chat_template,
+    normalize_message,
+)
 from miniserve.json_file import read_eos_token_ids, read_json_object
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -32,51 +40,6 @@ LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
 # Longer texts are tokenized through the batch API, which releases the GIL, so a server thread tokenizing a huge
 # prompt leaves the event loop running (the single-text API holds the GIL throughout).
 _GIL_FREE_CHARS = 16384
-
-PROMPT_CONTEXT = 5  # prompt tokens an IncrementalDetokenizer may re-decode as its first prefix window
-
-# Used when the directory has no chat template: one "Role: content" line per message, then "Assistant:".
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-
-
-CONTINUE_MARK = "<|miniserve:continue-here|> "  # appended to the content continue_final_message continues
-# what a chat template is given by name: chat_template_kwargs add variables (e.g. enable_thinking), not these
-TEMPLATE_INPUTS = ("messages", "add_generation_prompt", "tools", "documents", "chat_template", "continue_final_message")
-
-
-def check_chat_options(
-    add_generation_prompt: bool,
-    continue_final_message: bool,
-    template_kwargs: dict[str, Any] | None,
-    last_role: str | None = None,
-) -> None:
-    """ValueError, starting with the field's name, for chat-template options that cannot go together (the server's
-    400s and LLM.chat's errors); `last_role`: the last message's, when known."""
-    if continue_final_message and add_generation_prompt:
-        raise ValueError(
-            "continue_final_message cannot be used with add_generation_prompt: set add_generation_prompt false"
-        )
-    if continue_final_message and last_role is not None and last_role != "assistant":
-        raise ValueError("continue_final_message needs the last message to be an assistant message")
-    check_template_kwargs(template_kwargs)
-
-
-def check_template_kwargs(template_kwargs: dict[str, Any] | None) -> None:
-    """ValueError (starting with the field's name) for chat_template_kwargs that would set a template input that
-    has a request field, or an argument, of its own, or that are not a dict."""
-    if template_kwargs is not None and not isinstance(template_kwargs, Mapping):
-        raise ValueError(f"chat_template_kwargs must be a dict, got {type(template_kwargs).__name__}")
-    clash = [k for k in TEMPLATE_INPUTS if k in (template_kwargs or {})]
-    if clash:
-        raise ValueError(
-            f"chat_template_kwargs may not set {', '.join(clash)}: each is a field of the request (an argument of "
-            "LLM.chat) of its own"
-        )
 
 
 class Encoding(dict):
@@ -118,7 +81,7 @@ class Tokenizer:
         if self.eos_token_id is not None:
             self._eos_token_ids.add(self.eos_token_id)
         self._bos_prefix = self._special_prefix()
-        self._byte_ids = _byte_fallback_ids(backend)
+        self.byte_fallback_ids = _byte_fallback_ids(backend)  # `<0xNN>` pieces: a detokenizer holds them back
         self._jinja_template: Any = None
 
     # ---------------------------------------------------------------- loading
@@ -134,7 +97,7 @@ class Tokenizer:
         tokenizer = cls(
             backend,
             special_tokens=special,
-            chat_template=chat_template or _load_chat_template(directory, config),
+            chat_template=chat_template or load_chat_template(directory, config),
             extra_eos_token_ids=_config_eos_ids(directory),
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
             name_or_path=str(directory),
@@ -275,7 +238,7 @@ class Tokenizer:
         template = self._template(chat_template)
         variables = {name: value for name, value in self.special_tokens.items() if value is not None}
         variables.update(template_kwargs or {})  # (the inputs named below are this method's own arguments)
-        normalized = [_normalize_message(m, i) for i, m in enumerate(messages)]
+        normalized = [normalize_message(m, i) for i, m in enumerate(messages)]
         if continue_final_message and normalized:  # mark where the final message's content ends
             normalized[-1]["content"] = (normalized[-1].get("content") or "") + CONTINUE_MARK
         rendered = template.render(
@@ -285,13 +248,13 @@ class Tokenizer:
             documents=documents,
             add_generation_prompt=add_generation_prompt,
         )
-        return _cut_at_continue_mark(rendered) if continue_final_message else rendered
+        return cut_at_continue_mark(rendered) if continue_final_message else rendered
 
     def _template(self, source: str | None) -> Any:
         if source is not None:  # a per-request template: compiled each time (rare; a cache could hold anything)
-            return _compile_template(source)
+            return compile_template(source)
         if self._jinja_template is None:
-            self._jinja_template = _compile_template(self.chat_template or DEFAULT_CHAT_TEMPLATE)
+            self._jinja_template = compile_template(self.chat_template or DEFAULT_CHAT_TEMPLATE)
         return self._jinja_template
 
     def chat_prompt(
@@ -343,89 +306,6 @@ class Tokenizer:
             if full[start : start + len(plain)] == plain:
                 return full[:start]
         return []
-
-
-class IncrementalDetokenizer:
-    """Turns a growing list of generated ids into text deltas for streaming.
-
-    Only a short trailing window is decoded per call (prefix/read offsets, as in vLLM), so each `add` costs
-    O(window). Text is held back while it ends in U+FFFD (an incomplete UTF-8 sequence) or in byte-fallback
-    tokens (`<0xNN>`: the byte-fallback decoder turns a whole run of them into U+FFFD if any byte is bad, so
-    the run may still change); `flush()` releases the held text when generation ends. The window always
-    starts right after an emitted token, so SentencePiece's "strip the first space" rule hits the prefix
-    and the full text identically: "".join(deltas) + flush() == tokenizer.decode(all_ids).
-
-    With `prompt_ids`, the last few prompt tokens seed the window (as vLLM does), so the first generated
-    token keeps its leading space ("▁Paris" -> " Paris") instead of having it stripped like decode() does;
-    the stream then equals decode(context + ids) minus decode(context).
-    """
-
-    def __init__(
-        self, tokenizer: Tokenizer, skip_special_tokens: bool = True, prompt_ids: Iterable[int] | None = None
-    ) -> None:
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        self._skip = tokenizer.special_ids if skip_special_tokens else frozenset()  # ids decode leaves out
-        # kept ids (skipped special tokens removed: decode ignores them), starting with the prompt context
-        self.token_ids: list[int] = self._prompt_context(prompt_ids) if prompt_ids is not None else []
-        self._prefix_offset = 0
-        self._read_offset = len(self.token_ids)
-
-    def _keep(self, token_ids: Iterable[int]) -> list[int]:
-        return [int(t) for t in token_ids if int(t) not in self._skip]
-
-    def _prompt_context(self, prompt_ids: Iterable[int]) -> list[int]:
-        """Up to PROMPT_CONTEXT trailing prompt ids that end on a complete character (read from the end: a long
-        prompt costs no more than a short one, on the server's event loop)."""
-        ids = prompt_ids if isinstance(prompt_ids, (list, tuple)) else list(prompt_ids)
-        context: list[int] = []
-        for t in reversed(ids):
-            if int(t) not in self._skip:
-                context.append(int(t))
-                if len(context) == PROMPT_CONTEXT:
-                    break
-        context.reverse()
-        while context and (context[-1] in self.tokenizer._byte_ids or self._decode(context).endswith("\ufffd")):
-            context.pop()
-        return context
-
-    def add(self, token_ids: Iterable[int]) -> str:
-        """Append new ids; return the newly finished text (possibly "")."""
-        kept = self._keep(token_ids)
-        if not kept:
-            return ""
-        self.token_ids.extend(kept)
-        if self.token_ids[-1] in self.tokenizer._byte_ids:
-            return ""
-        return self._emit(hold_incomplete=True)
-
-    def flush(self) -> str:
-        """Release held-back text; call once when the sequence is finished."""
-        return self._emit(hold_incomplete=False)
-
-    def pending(self) -> str:
-        """The held-back text as it decodes now, not emitted: what flush() would release. (A stop string may sit
-        in it: on Llama-2 or Mistral a newline is the byte token <0x0A>.)"""
-        return self._window_text() if self._read_offset < len(self.token_ids) else ""
-
-    def _window_text(self) -> str:
-        prefix_text = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
-        return self._decode(self.token_ids[self._prefix_offset :])[len(prefix_text) :]
-
-    def _emit(self, hold_incomplete: bool) -> str:
-        if self._read_offset == len(self.token_ids):
-            return ""
-        delta = self._window_text()
-        if hold_incomplete and delta.endswith("\ufffd"):
-            return ""
-        # the last emitted chunk becomes the prefix window: it starts on an emitted (clean) boundary
-        self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
-        return delta
-
-    def _decode(self, ids: list[int]) -> str:
-        if not ids:
-            return ""
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
 
 # ---------------------------------------------------------------------------- backend construction
@@ -553,22 +433,10 @@ def _with_template_setting(tokenizer: Tokenizer, template: str | None) -> Tokeni
         import jinja2
 
         try:
-            tokenizer._jinja_template = _compile_template(template)
+            tokenizer._jinja_template = compile_template(template)
         except jinja2.TemplateSyntaxError as exc:
             raise ValueError(f"chat_template does not compile: {exc} (line {exc.lineno})") from None
     return tokenizer
-
-
-def _load_chat_template(directory: Path, config: dict) -> str | None:
-    """chat_template.jinja (transformers 5 layout) wins over tokenizer_config.json's chat_template."""
-    jinja_file = directory / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
-    template = config.get("chat_template")
-    if isinstance(template, list):
-        named = {t["name"]: t["template"] for t in template}
-        return named.get("default", next(iter(named.values()), None))
-    return template
 
 
 def _is_sentencepiece_bpe(backend: tokenizers.Tokenizer) -> bool:
@@ -593,88 +461,3 @@ def _clean_up_tokenization(text: str) -> str:
     for suffix in ("'m", "'s", "'ve", "'re"):
         text = text.replace(" " + suffix, suffix)
     return text
-
-
-# ---------------------------------------------------------------------------- chat templates
-class ChatMessageError(ValueError):
-    """A message the chat template cannot be given (the caller's input, not the template's failure)."""
-
-
-def _normalize_message(message: dict[str, Any], index: int) -> dict[str, Any]:
-    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-        raise ChatMessageError(f"messages[{index}] must be a dict with a 'role' string, got {message!r}")
-    out = {key: value for key, value in message.items() if value is not None}
-    content = out.get("content")
-    if content is not None and not isinstance(content, (str, list)):
-        raise ChatMessageError(f"messages[{index}].content must be a string or a list of parts, got {content!r}")
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ChatMessageError(f"messages[{index}].content: only text parts are supported, got {part!r}")
-            texts.append(part["text"])
-        out["content"] = "\n".join(texts)
-    if isinstance(out.get("tool_calls"), list):
-        out["tool_calls"] = [_template_tool_call(call, index) for call in out["tool_calls"]]
-    return out
-
-
-def _template_tool_call(call: Any, index: int) -> Any:
-    """A tool call with its arguments as an object, as templates read them (`tool_call.arguments | tojson`):
-    OpenAI's messages carry them as JSON text; empty or missing text is no arguments ({}), as in vLLM."""
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("arguments") or "", str):
-        return call
-    text = function.get("arguments") or "{}"
-    try:
-        arguments = json.loads(text)
-    except ValueError:
-        raise ChatMessageError(f"messages[{index}]: tool call arguments must be JSON text, got {text!r}") from None
-    return {**call, "function": {**function, "arguments": arguments}}
-
-
-def _cut_at_continue_mark(rendered: str) -> str:
-    """The rendered chat up to the end of the final message's content, found by the mark appended to it (not by
-    searching for the content, which may also occur in the template's own text after it). A template that trims
-    the content's trailing space trimmed the mark's too: the cut then drops trailing space, as transformers does."""
-    at = rendered.rfind(CONTINUE_MARK.rstrip())
-    if at == -1:
-        raise ValueError("continue_final_message: the chat template does not render the final message's content")
-    return rendered[:at] if rendered.startswith(CONTINUE_MARK, at) else rendered[:at].rstrip()
-
-
-def _compile_template(source: str) -> Any:
-    """A sandboxed jinja2 environment set up like transformers' (trim/lstrip blocks, tojson, helpers)."""
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationTag(jinja2.ext.Extension):
-        """`{% generation %}...{% endgeneration %}` marks assistant text for training masks: render as is."""
-
-        tags = {"generation"}
-
-        def parse(self, parser: Any) -> Any:
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.Scope(body).set_lineno(lineno)
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(
-        value: Any,
-        ensure_ascii: bool = False,
-        indent: Any = None,
-        separators: Any = None,
-        sort_keys: bool = False,
-    ) -> str:
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)

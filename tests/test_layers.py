@@ -26,6 +26,8 @@ LAYERS = [
     ("miniserve.settings", 0),
     ("miniserve.sampling_params", 0),
     ("miniserve.tokenizer", 0),
+    ("miniserve.chat_template", 0),
+    ("miniserve.detokenizer", 0),
     ("miniserve.json_file", 0),
 ]
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from miniserve import LLM, SamplingParams
-from miniserve.tokenizer import IncrementalDetokenizer
+from miniserve.detokenizer import IncrementalDetokenizer
 
 PROMPTS = ["ROMEO:", "Ἀθῆναι ünïcödé", "KING"]  # the demo model's byte-fallback BPE: partial UTF-8 in samples
 

@@ -24,7 +24,9 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, pro
 from tokenizers import Tokenizer as RawTokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from miniserve.tokenizer import DEFAULT_CHAT_TEMPLATE, PROMPT_CONTEXT, IncrementalDetokenizer, Tokenizer
+from miniserve.chat_template import DEFAULT_CHAT_TEMPLATE
+from miniserve.detokenizer import PROMPT_CONTEXT, IncrementalDetokenizer
+from miniserve.tokenizer import Tokenizer
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 EXTRA_LINES = [

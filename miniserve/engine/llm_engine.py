@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from miniserve.config import EngineConfig, resolve_chat_template
+from miniserve.detokenizer import IncrementalDetokenizer
 from miniserve.engine import capacity
 from miniserve.engine.decoder import Decoder, PlainDecoder
 from miniserve.engine.launch_hold import LaunchHold
@@ -33,7 +34,7 @@ from miniserve.scheduler.block_manager import BlockManager
 from miniserve.scheduler.scheduler import Scheduler
 from miniserve.scheduler.sequence import Sequence
 from miniserve.spec_decode.decoder import SpeculativeDecoder
-from miniserve.tokenizer import IncrementalDetokenizer, Tokenizer
+from miniserve.tokenizer import Tokenizer
 
 logger = logging.getLogger("miniserve.engine")
 

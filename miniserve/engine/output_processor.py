@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from miniserve.detokenizer import IncrementalDetokenizer
 from miniserve.engine.outputs import CompletionOutput, RequestOutput, logprob_dicts
 from miniserve.engine.sampler import SamplerOutput, token_ranks
 from miniserve.engine.stop_strings import StopMatcher
@@ -25,7 +26,6 @@ from miniserve.engine.transfer import to_device
 from miniserve.sampling_params import SamplingParams
 from miniserve.scheduler.scheduler import Scheduler
 from miniserve.scheduler.sequence import Sequence
-from miniserve.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger("miniserve.engine")
 

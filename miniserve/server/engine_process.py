@@ -24,13 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from miniserve.detokenizer import IncrementalDetokenizer
 from miniserve.engine.output_processor import drops_stop_token_text
 from miniserve.engine.outputs import CompletionOutput, RequestOutput, logprob_dicts
 from miniserve.server import engine_core
 from miniserve.server.metrics import ServerMetrics
 from miniserve.server.pipe import FrameReader, FrameWriter, LoopFrameWriter
 from miniserve.server.protocol import APIError
-from miniserve.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger("miniserve.server")
 

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
+from miniserve.chat_template import ChatMessageError
 from miniserve.config import EngineConfig, ServerConfig, resolve_chat_template
 from miniserve.engine.sampler import check_bad_words
 from miniserve.engine.stop_strings import check_stop_strings
@@ -24,7 +25,6 @@ from miniserve.server.protocol import (
     SamplingFields,
     parse_request,
 )
-from miniserve.tokenizer import ChatMessageError
 
 logger = logging.getLogger("miniserve.server")
 

@@ -1,0 +1,151 @@
+"""Chat templates: a model's jinja2 template rendered the way transformers renders it (a sandbox with its filters
+and helpers), the messages normalized first (OpenAI text parts joined, tool-call arguments as objects), and the
+checks on the options that go with it (continue_final_message, chat_template_kwargs). Tokenizer.render_chat
+(tokenizer.py) is the caller."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+# Used when the directory has no chat template: one "Role: content" line per message, then "Assistant:".
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+CONTINUE_MARK = "<|miniserve:continue-here|> "  # appended to the content continue_final_message continues
+# what a chat template is given by name: chat_template_kwargs add variables (e.g. enable_thinking), not these
+TEMPLATE_INPUTS = ("messages", "add_generation_prompt", "tools", "documents", "chat_template", "continue_final_message")
+
+
+def check_chat_options(
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    template_kwargs: dict[str, Any] | None,
+    last_role: str | None = None,
+) -> None:
+    """ValueError, starting with the field's name, for chat-template options that cannot go together (the server's
+    400s and LLM.chat's errors); `last_role`: the last message's, when known."""
+    if continue_final_message and add_generation_prompt:
+        raise ValueError(
+            "continue_final_message cannot be used with add_generation_prompt: set add_generation_prompt false"
+        )
+    if continue_final_message and last_role is not None and last_role != "assistant":
+        raise ValueError("continue_final_message needs the last message to be an assistant message")
+    check_template_kwargs(template_kwargs)
+
+
+def check_template_kwargs(template_kwargs: dict[str, Any] | None) -> None:
+    """ValueError (starting with the field's name) for chat_template_kwargs that would set a template input that
+    has a request field, or an argument, of its own, or that are not a dict."""
+    if template_kwargs is not None and not isinstance(template_kwargs, Mapping):
+        raise ValueError(f"chat_template_kwargs must be a dict, got {type(template_kwargs).__name__}")
+    clash = [k for k in TEMPLATE_INPUTS if k in (template_kwargs or {})]
+    if clash:
+        raise ValueError(
+            f"chat_template_kwargs may not set {', '.join(clash)}: each is a field of the request (an argument of "
+            "LLM.chat) of its own"
+        )
+
+
+def load_chat_template(directory: Path, config: dict) -> str | None:
+    """chat_template.jinja (transformers 5 layout) wins over tokenizer_config.json's chat_template."""
+    jinja_file = directory / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t["name"]: t["template"] for t in template}
+        return named.get("default", next(iter(named.values()), None))
+    return template
+
+
+class ChatMessageError(ValueError):
+    """A message the chat template cannot be given (the caller's input, not the template's failure)."""
+
+
+def normalize_message(message: dict[str, Any], index: int) -> dict[str, Any]:
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise ChatMessageError(f"messages[{index}] must be a dict with a 'role' string, got {message!r}")
+    out = {key: value for key, value in message.items() if value is not None}
+    content = out.get("content")
+    if content is not None and not isinstance(content, (str, list)):
+        raise ChatMessageError(f"messages[{index}].content must be a string or a list of parts, got {content!r}")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ChatMessageError(f"messages[{index}].content: only text parts are supported, got {part!r}")
+            texts.append(part["text"])
+        out["content"] = "\n".join(texts)
+    if isinstance(out.get("tool_calls"), list):
+        out["tool_calls"] = [_template_tool_call(call, index) for call in out["tool_calls"]]
+    return out
+
+
+def _template_tool_call(call: Any, index: int) -> Any:
+    """A tool call with its arguments as an object, as templates read them (`tool_call.arguments | tojson`):
+    OpenAI's messages carry them as JSON text; empty or missing text is no arguments ({}), as in vLLM."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments") or "", str):
+        return call
+    text = function.get("arguments") or "{}"
+    try:
+        arguments = json.loads(text)
+    except ValueError:
+        raise ChatMessageError(f"messages[{index}]: tool call arguments must be JSON text, got {text!r}") from None
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
+def cut_at_continue_mark(rendered: str) -> str:
+    """The rendered chat up to the end of the final message's content, found by the mark appended to it (not by
+    searching for the content, which may also occur in the template's own text after it). A template that trims
+    the content's trailing space trimmed the mark's too: the cut then drops trailing space, as transformers does."""
+    at = rendered.rfind(CONTINUE_MARK.rstrip())
+    if at == -1:
+        raise ValueError("continue_final_message: the chat template does not render the final message's content")
+    return rendered[:at] if rendered.startswith(CONTINUE_MARK, at) else rendered[:at].rstrip()
+
+
+def compile_template(source: str) -> Any:
+    """A sandboxed jinja2 environment set up like transformers' (trim/lstrip blocks, tojson, helpers)."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` marks assistant text for training masks: render as is."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(
+        value: Any,
+        ensure_ascii: bool = False,
+        indent: Any = None,
+        separators: Any = None,
+        sort_keys: bool = False,
+    ) -> str:
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)

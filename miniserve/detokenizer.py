@@ -1,0 +1,95 @@
+"""Streaming detokenization: a growing list of generated ids turned into text deltas whose concatenation equals
+decoding all of them at once (the engine's text for stop strings, the API process's for streams)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from miniserve.tokenizer import Tokenizer
+
+PROMPT_CONTEXT = 5  # prompt tokens an IncrementalDetokenizer may re-decode as its first prefix window
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of generated ids into text deltas for streaming.
+
+    Only a short trailing window is decoded per call (prefix/read offsets, as in vLLM), so each `add` costs
+    O(window). Text is held back while it ends in U+FFFD (an incomplete UTF-8 sequence) or in byte-fallback
+    tokens (`<0xNN>`: the byte-fallback decoder turns a whole run of them into U+FFFD if any byte is bad, so
+    the run may still change); `flush()` releases the held text when generation ends. The window always
+    starts right after an emitted token, so SentencePiece's "strip the first space" rule hits the prefix
+    and the full text identically: "".join(deltas) + flush() == tokenizer.decode(all_ids).
+
+    With `prompt_ids`, the last few prompt tokens seed the window (as vLLM does), so the first generated
+    token keeps its leading space ("▁Paris" -> " Paris") instead of having it stripped like decode() does;
+    the stream then equals decode(context + ids) minus decode(context).
+    """
+
+    def __init__(
+        self, tokenizer: Tokenizer, skip_special_tokens: bool = True, prompt_ids: Iterable[int] | None = None
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self._skip = tokenizer.special_ids if skip_special_tokens else frozenset()  # ids decode leaves out
+        # kept ids (skipped special tokens removed: decode ignores them), starting with the prompt context
+        self.token_ids: list[int] = self._prompt_context(prompt_ids) if prompt_ids is not None else []
+        self._prefix_offset = 0
+        self._read_offset = len(self.token_ids)
+
+    def _keep(self, token_ids: Iterable[int]) -> list[int]:
+        return [int(t) for t in token_ids if int(t) not in self._skip]
+
+    def _prompt_context(self, prompt_ids: Iterable[int]) -> list[int]:
+        """Up to PROMPT_CONTEXT trailing prompt ids that end on a complete character (read from the end: a long
+        prompt costs no more than a short one, on the server's event loop)."""
+        ids = prompt_ids if isinstance(prompt_ids, (list, tuple)) else list(prompt_ids)
+        context: list[int] = []
+        for t in reversed(ids):
+            if int(t) not in self._skip:
+                context.append(int(t))
+                if len(context) == PROMPT_CONTEXT:
+                    break
+        context.reverse()
+        while context and (context[-1] in self.tokenizer.byte_fallback_ids or self._decode(context).endswith("\ufffd")):
+            context.pop()
+        return context
+
+    def add(self, token_ids: Iterable[int]) -> str:
+        """Append new ids; return the newly finished text (possibly "")."""
+        kept = self._keep(token_ids)
+        if not kept:
+            return ""
+        self.token_ids.extend(kept)
+        if self.token_ids[-1] in self.tokenizer.byte_fallback_ids:
+            return ""
+        return self._emit(hold_incomplete=True)
+
+    def flush(self) -> str:
+        """Release held-back text; call once when the sequence is finished."""
+        return self._emit(hold_incomplete=False)
+
+    def pending(self) -> str:
+        """The held-back text as it decodes now, not emitted: what flush() would release. (A stop string may sit
+        in it: on Llama-2 or Mistral a newline is the byte token <0x0A>.)"""
+        return self._window_text() if self._read_offset < len(self.token_ids) else ""
+
+    def _window_text(self) -> str:
+        prefix_text = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+        return self._decode(self.token_ids[self._prefix_offset :])[len(prefix_text) :]
+
+    def _emit(self, hold_incomplete: bool) -> str:
+        if self._read_offset == len(self.token_ids):
+            return ""
+        delta = self._window_text()
+        if hold_incomplete and delta.endswith("\ufffd"):
+            return ""
+        # the last emitted chunk becomes the prefix window: it starts on an emitted (clean) boundary
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
+        return delta
+
+    def _decode(self, ids: list[int]) -> str:
+        if not ids:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
