@@ -9,8 +9,10 @@ them (settings.py), so a setting is written once: add a field here and it is rea
 from __future__ import annotations
 
 import functools
+import json
 import numbers
 import os
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -311,6 +313,18 @@ class ServerConfig:
         "each parses, detokenizes and streams its own connections, so more streams keep up with the engine; each "
         "admits its share of max_num_seqs and max_waiting, and the connection limit applies to each",
     )
+    allowed_origins: str = setting(
+        "*",
+        "origins whose web pages may call the server from a browser (CORS), as vLLM's --allowed-origins: * for any, "
+        "or a list (comma-separated, or JSON as vLLM takes it); an empty list ("
+        " as a flag, or []): no CORS "
+        "headers (browsers then refuse pages of other origins)",
+    )
+    allowed_methods: str = setting("*", "HTTP methods such a page may use (CORS; * or a list, as allowed_origins)")
+    allowed_headers: str = setting("*", "request headers such a page may send (CORS; * or a list, as allowed_origins)")
+    allow_credentials: bool = setting(
+        False, "let such pages send cookies and HTTP authentication (CORS's Access-Control-Allow-Credentials)"
+    )
     host: str = setting("127.0.0.1", "bind address (0.0.0.0 exposes the server)")
     port: int = setting(8000, "TCP port")
     log_level: str = setting("info", "server log level", LOG_LEVELS)
@@ -340,6 +354,41 @@ class ServerConfig:
                 raise SettingError(name, f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if not 0 <= self.port < 1 << 16:
             raise SettingError("port", f"port must be in [0, 65535], got {self.port}")
+        for name in ("allowed_methods", "allowed_headers"):
+            setting_list(name, getattr(self, name))
+        for origin in setting_list("allowed_origins", self.allowed_origins):
+            if origin != "*" and not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s]+", origin):
+                raise SettingError(
+                    "allowed_origins",
+                    f"allowed_origins: {origin!r} is not an origin: scheme://host[:port] without a path, as browsers "
+                    "send it (http://localhost:3000), or *",
+                )
+
+    def cors(self) -> dict[str, Any] | None:
+        """Starlette's CORSMiddleware arguments (None: allowed_origins empty, no CORS layer)."""
+        origins = setting_list("allowed_origins", self.allowed_origins)
+        if not origins:
+            return None
+        return {
+            "allow_origins": origins,
+            "allow_methods": setting_list("allowed_methods", self.allowed_methods),
+            "allow_headers": setting_list("allowed_headers", self.allowed_headers),
+            "allow_credentials": self.allow_credentials,
+        }
+
+
+def setting_list(name: str, value: str) -> list[str]:
+    """A list-valued string setting: JSON (vLLM's form, `["http://a.example"]`) or comma-separated; blanks dropped."""
+    if value.lstrip().startswith("["):
+        try:
+            items = json.loads(value)
+        except ValueError:
+            items = None
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise SettingError(name, f"{name} must be a JSON list of strings or a comma-separated list, got {value!r}")
+    else:
+        items = value.split(",")
+    return [item.strip() for item in items if item.strip()]
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}

@@ -219,6 +219,90 @@ def test_401_says_bearer_and_comes_before_404(url):
         assert http.get("/health").status_code == 200
 
 
+# ---------------------------------------------------------------------------------------------- browsers (CORS)
+
+PAGE = "http://page.example"  # a web page's origin, as a browser sends it
+
+
+def preflight(http, path: str, origin: str, method: str = "POST", headers: str = "authorization, content-type"):
+    """What a browser sends before a cross-origin POST with JSON and a key: OPTIONS, no key, no body."""
+    return http.options(
+        path,
+        headers={"Origin": origin, "Access-Control-Request-Method": method, "Access-Control-Request-Headers": headers},
+    )
+
+
+def test_any_origin_may_call_the_server_by_default_as_in_vllm(url):
+    """vLLM's defaults (allowed origins, methods and headers *, no credentials): a browser's preflight is answered
+    without the key it cannot carry, and every answer to a cross-origin request (a 401, a stream) lets the page
+    read it. A request without an Origin header is no CORS request and gets no CORS header."""
+    with httpx.Client(base_url=url, timeout=60) as http:
+        r = preflight(http, "/v1/chat/completions", PAGE)
+        assert r.status_code == 200, r.text
+        assert r.headers["access-control-allow-origin"] == "*"
+        assert "POST" in r.headers["access-control-allow-methods"]
+        assert {"authorization", "content-type"} <= set(r.headers["access-control-allow-headers"].lower().split(", "))
+        assert "access-control-allow-credentials" not in r.headers
+        r = http.get("/v1/models", headers={"Origin": PAGE, **AUTH})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+        r = http.post("/v1/completions", json={"prompt": "Hi"}, headers={"Origin": PAGE})
+        assert_openai_error(r, 401, None)
+        assert r.headers["access-control-allow-origin"] == "*"  # the page can read why
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True}
+        with http.stream("POST", "/v1/chat/completions", json=body, headers={"Origin": PAGE, **AUTH}) as r:
+            data = r.read().decode()
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["access-control-allow-origin"] == "*" and data.rstrip().endswith("data: [DONE]")
+        r = http.get("/v1/models", headers=AUTH)
+        assert r.status_code == 200 and not any(k.startswith("access-control-") for k in r.headers)
+
+
+def test_cors_settings_restrict_origins_methods_and_credentials_or_turn_it_off(llama_dir):
+    """allowed_origins as a JSON list (vLLM's form) or comma-separated: other origins' preflights are refused
+    (400) and their answers carry no CORS header; allowed_methods limits the preflight's method; credentials
+    echo the origin. An empty list adds no CORS layer: a preflight is then an unkeyed /v1 request (401)."""
+    from starlette.testclient import TestClient
+
+    from miniserve.config import EngineConfig, ServerConfig, SettingError
+    from miniserve.server.app import create_app
+
+    engine = EngineConfig(model=str(llama_dir), device="cpu", dtype="float32")
+
+    def client(**cors) -> TestClient:  # (no lifespan: these answers come before the engine is asked anything)
+        return TestClient(create_app(engine, ServerConfig(api_key=API_KEY, **cors)), base_url="http://testserver")
+
+    other = "http://other.example"
+    for origins in (f'["{PAGE}", "http://second.example"]', f"{PAGE}, http://second.example"):
+        http = client(allowed_origins=origins, allowed_methods="POST", allow_credentials=True)
+        r = preflight(http, "/v1/completions", PAGE)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == PAGE
+        assert r.headers["access-control-allow-credentials"] == "true"
+        assert preflight(http, "/v1/completions", "http://second.example").status_code == 200
+        r = preflight(http, "/v1/completions", other)
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+        assert preflight(http, "/v1/completions", PAGE, method="DELETE").status_code == 400
+        r = http.post("/v1/completions", json={"prompt": "Hi"}, headers={"Origin": PAGE})
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == PAGE
+        r = http.post("/v1/completions", json={"prompt": "Hi"}, headers={"Origin": other})
+        assert r.status_code == 401 and "access-control-allow-origin" not in r.headers
+    for off in ("", "[]", " , "):
+        r = preflight(client(allowed_origins=off), "/v1/completions", PAGE)
+        assert r.status_code == 401 and not any(k.startswith("access-control-") for k in r.headers), off
+    for bad, says in (
+        ('["http://a.example", 1]', "must be a JSON list of strings"),
+        ('["unclosed', "must be a JSON list of strings"),
+        ("http://localhost:3000/", "is not an origin"),  # a path: no browser's Origin header would match it
+        ('{"a": 1}', "is not an origin"),
+    ):
+        with pytest.raises(SettingError, match=says) as exc:
+            ServerConfig(allowed_origins=bad)
+        assert exc.value.name == "allowed_origins"
+    assert ServerConfig(allowed_origins="http://localhost:3000, https://chat.example:8443").cors()["allow_origins"] == [
+        "http://localhost:3000",
+        "https://chat.example:8443",
+    ]
+
+
 # ---------------------------------------------------------------------------------------------- the catch-all
 
 

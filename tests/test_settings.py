@@ -40,6 +40,7 @@ def sample(cls: type, f) -> object:
         "reasoning_parser": "qwen3",
         "block_size": 32,
         "gpu_memory_utilization": 0.5,
+        "allowed_origins": "http://page.example",
     }
     if f.name in special:
         return special[f.name]

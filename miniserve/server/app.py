@@ -33,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from miniserve.config import EngineConfig, ServerConfig
 from miniserve.server.chat import create_chat_completion
@@ -181,6 +182,8 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
     }
     app.add_middleware(DirectRoutes, routes=generation, errors=ERROR_HANDLERS)  # added first: inside the key check
     app.add_middleware(RequireAPIKey, api_key=server.api_key)
+    if server.cors() is not None:  # outside the key check: a browser's preflight carries no key
+        app.add_middleware(CORSMiddleware, **server.cors())
     app.add_middleware(CatchAll)  # added last: the outermost layer
     return app
 

@@ -1,5 +1,6 @@
 """Three ASGI layers around the app: the catch-all for errors, the API-key check for every /v1 path, and the
-direct routes of the generation endpoints.
+direct routes of the generation endpoints. (Between the first two, Starlette's CORSMiddleware, unless
+allowed_origins is empty: it answers a browser's preflight, which carries no key, and adds the CORS headers.)
 
 All are plain ASGI (not Starlette's BaseHTTPMiddleware, which buffers streams). The key is checked before
 routing, so an unknown /v1 path answers 401 to a client without the key, not 404. The catch-all answers an
