@@ -75,7 +75,18 @@ def generate_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def take_model_tag(args: argparse.Namespace) -> None:
+    """`miniserve serve MODEL`, as `vllm serve MODEL`: the positional model is --model (given both ways, the two
+    must agree)."""
+    if args.model_tag is None:
+        return
+    if args.model is not None and args.model != args.model_tag:
+        raise ValueError(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")
+    args.model = args.model_tag
+
+
 def serve_main(args: argparse.Namespace) -> int:
+    take_model_tag(args)
     config, server = from_sources(EngineConfig, args), from_sources(ServerConfig, args)
     from miniserve.distributed.runner import serve_as_other_rank
 
@@ -129,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(gen, EngineConfig)
     gen.set_defaults(func=generate_main)
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible API", description=SERVE_HELP)
+    srv.add_argument(
+        "model_tag",
+        nargs="?",
+        metavar="MODEL",
+        help="the model directory, as `vllm serve MODEL` takes it: the same as --model (default: --model's)",
+    )
     add_arguments(srv, EngineConfig)
     add_arguments(srv, ServerConfig)
     srv.set_defaults(func=serve_main)

@@ -159,6 +159,23 @@ def test_bad_flag_and_bad_variable_are_one_line_cli_errors(monkeypatch, capsys):
     assert capsys.readouterr().err == "miniserve: error: MINISERVE_MAX_WAITING='-1': max_waiting must be >= 0, got -1\n"
 
 
+def test_serve_takes_the_model_positionally_as_vllm_serve_does(capsys):
+    def model_of(argv: list[str]) -> str | None:
+        args = cli.build_parser().parse_args(argv)
+        cli.take_model_tag(args)
+        return from_sources(EngineConfig, args, env={}).model
+
+    assert model_of(["serve", "/models/llama", "--port", "9000"]) == "/models/llama"
+    assert model_of(["serve", "--port", "9000", "/models/llama"]) == "/models/llama"
+    assert model_of(["serve", "/models/llama", "--model", "/models/llama"]) == "/models/llama"
+    assert model_of(["serve", "--model", "/models/qwen"]) == "/models/qwen"
+    assert model_of(["serve"]) == EngineConfig().model  # the demo model
+    assert cli.main(["serve", "/models/llama", "--model", "/models/qwen"]) == 2
+    assert capsys.readouterr().err == (
+        "miniserve: error: the model is given twice: '/models/llama' and --model '/models/qwen'\n"
+    )
+
+
 def test_unknown_variables_are_named_with_the_setting_they_may_mean(monkeypatch, capsys):
     """A typo such as MINISERVE_APIKEY would leave the server without its key, unseen: each one is a warning."""
     env = {"MINISERVE_APIKEY": "k", "MINISERVE_API_KEY": "k", "MINISERVE_COMMIT": "abc", "HOME": "/", "MINISERVE_X": ""}
