@@ -34,6 +34,7 @@ GENERATION_CONFIGS = ("auto", "vllm")  # models/generation_config.py
 MAX_SPECULATIVE_TOKENS = 15  # k+1 <= 16 tokens a sequence: engine/model_runner.py DECODE_QUERIES_MAX_LEN
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 REASONING_PARSERS = ("qwen3", "deepseek_r1")  # server/reasoning.py: how each reads a thinking model's output
+TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json", "mistral", "qwen3_coder")  # server/tool_calls.py PARSERS
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_ALIASES = {"half": torch.float16, "float": torch.float32}  # `dtype` as vLLM also spells it
 
@@ -286,6 +287,19 @@ class ServerConfig:
         "vLLM's --reasoning-parser: qwen3 (none with chat_template_kwargs enable_thinking false), deepseek_r1",
         REASONING_PARSERS,
         shown_default="off",
+    )
+    enable_auto_tool_choice: bool = setting(
+        True,
+        "tool_choice auto (also tools without tool_choice) parses the calls the model writes, as vLLM's "
+        "--enable-auto-tool-choice; off: such requests get 400 naming tool_choice, as vLLM without it "
+        "(required and a named function work either way)",
+    )
+    tool_call_parser: str = setting(
+        "auto",
+        "the format tool calls are parsed in, as vLLM's --tool-call-parser; auto reads it off the chat template "
+        "(<tool_call> blocks: hermes, with <function=: qwen3_coder; [TOOL_CALLS]: mistral; Llama 3.1's ipython "
+        "role or <|python_tag|>: llama3_json)",
+        TOOL_CALL_PARSERS,
     )
     drain_timeout: float = setting(
         5.0,

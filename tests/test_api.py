@@ -815,6 +815,34 @@ def test_tool_choice_errors(url):
             assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
 
 
+def test_tool_call_parser_and_enable_auto_tool_choice_as_vllm_takes_them(model_dir, tmp_path):
+    """--tool-call-parser replaces the format read off the chat template (TOOL_TEMPLATE teaches <tool_call>
+    blocks; the server parses Llama 3.1 JSON); with --no-enable-auto-tool-choice, tool_choice auto, also implied by
+    tools alone, is a 400 naming tool_choice, while required and named calls still work."""
+    call = r'\{"name": "get_time", "parameters": \{"zone": "(utc|cet)"\}\}'
+    base = {"model": MODEL_NAME, "messages": MESSAGES["messages"], "tools": TOOLS, "max_tokens": 150}
+    env = {"MINISERVE_TOOL_CALL_PARSER": "llama3_json"}
+    with run_server(model_dir, tmp_path / "parser.log", **env) as url:
+        r = post(url, "/v1/chat/completions", {**base, "tool_choice": "auto", "structured_outputs": {"regex": call}})
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls", r.text
+        assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["get_time"]
+        block = r'<tool_call>\n\{"name": "get_time", "arguments": \{"zone": "utc"\}\}\n</tool_call>'
+        r = post(url, "/v1/chat/completions", {**base, "tool_choice": "auto", "structured_outputs": {"regex": block}})
+        choice = r.json()["choices"][0]  # the template's own format is not what this server parses
+        assert choice["finish_reason"] == "stop" and not choice["message"].get("tool_calls"), r.text
+    env = {"MINISERVE_ENABLE_AUTO_TOOL_CHOICE": "false"}
+    with run_server(model_dir, tmp_path / "no-auto.log", **env) as url:
+        for extra in ({"tool_choice": "auto"}, {}):
+            err = assert_openai_error(post(url, "/v1/chat/completions", {**base, **extra}), 400, "tool_choice")
+            assert "enable_auto_tool_choice" in err["message"]
+        named = {"type": "function", "function": {"name": "get_time"}}
+        for choice in ("required", named):
+            r = post(url, "/v1/chat/completions", {**base, "tool_choice": choice})
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["tool_calls"], r.text
+        assert post(url, "/v1/chat/completions", {**base, "tool_choice": "none"}).status_code == 200
+
+
 def test_a_prompt_too_long_by_its_characters_says_so_without_a_made_up_count(url):
     """Refused before tokenizing (more characters than the context's tokens could hold): the message says what
     is known, not a token count."""
@@ -907,15 +935,16 @@ def test_required_tool_choice_with_schema_definitions(client, url):
          '<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", "argu', []),
         ("mistral", '[TOOL_CALLS]get_weather[CALL_ID]a1b2c3d4e[ARGS]{"city": "Paris"}', "",
          [("get_weather", '{"city": "Paris"}')]),
-        ("qwen3_xml", "Sure.\n<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n<parameter=b>\ntwo\nlines\n"
+        ("qwen3_coder", "Sure.\n<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n<parameter=b>\ntwo\nlines\n"
          "</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=g>\n</function>\n</tool_call>", "Sure.\n",
          [("f", '{"a": "1", "b": "two\\nlines"}'), ("g", "{}")]),  # no tools given: every value is text
-        ("qwen3_xml", "<tool_call>\n<function=f>\n<parameter=a>\nx\n</parameter>\n</function>\n", "",
+        ("qwen3_coder", "<tool_call>\n<function=f>\n<parameter=a>\nx\n</parameter>\n</function>\n", "",
          [("f", '{"a": "x"}')]),
-        ("qwen3_xml", "<tool_call>\n<function=f>\nstray<parameter=a>\nx\n</parameter>\n</function>\n</tool_call>",
+        ("qwen3_coder", "<tool_call>\n<function=f>\nstray<parameter=a>\nx\n</parameter>\n</function>\n</tool_call>",
          "<tool_call>\n<function=f>\nstray<parameter=a>\nx\n</parameter>\n</function>\n</tool_call>", []),
-        ("qwen3_xml", "<tool_call>\n<function=f>\n<parameter=a>\nx", "<tool_call>\n<function=f>\n<parameter=a>\nx", []),
-        ("qwen3_xml", "<tool_call>\n<function=f>\n<parameter=a>\nx\n<parameter=b>\ny\n</function>\n</tool_call>", "",
+        ("qwen3_coder", "<tool_call>\n<function=f>\n<parameter=a>\nx",
+         "<tool_call>\n<function=f>\n<parameter=a>\nx", []),
+        ("qwen3_coder", "<tool_call>\n<function=f>\n<parameter=a>\nx\n<parameter=b>\ny\n</function>\n</tool_call>", "",
          [("f", '{"a": "x", "b": "y"}')]),  # parameters left open end where the next one or the function does
     ],
 )  # fmt: skip
@@ -942,7 +971,7 @@ TOOL_TEXT_PIECES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("fmt", ["hermes", "llama3_json", "mistral", "qwen3_xml"])
+@pytest.mark.parametrize("fmt", ["hermes", "llama3_json", "mistral", "qwen3_coder"])
 def test_tool_call_parsing_streamed_equals_whole_on_random_texts(fmt):
     """Texts made of markers, JSON and its fragments, cut at random points: the streamed deltas add up to what the
     whole output parses to, and every call's arguments are a JSON object's text."""
@@ -977,7 +1006,7 @@ def test_qwen3_coder_values_take_their_tools_types():
     text = f"<tool_call>\n<function=get>\n{body}</function>\n</tool_call>"
     setup = ToolSetup("auto", detect_format("{{ '<tool_call>\n<function=' }}"), None, True, tools)
     message, finish = setup.message(text, "stop", "")
-    assert setup.format == "qwen3_xml" and finish == "tool_calls" and message["content"] is None
+    assert setup.format == "qwen3_coder" and finish == "tool_calls" and message["content"] is None
     assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {
         "city": "New York", "zip": "01001", "days": 3, "ratio": 0.5, "metric": True, "opts": {"a": [1]},
         "tags": ["x", "y"], "bad": "three", "undeclared": "7",

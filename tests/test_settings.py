@@ -41,6 +41,7 @@ def sample(cls: type, f) -> object:
         "block_size": 32,
         "gpu_memory_utilization": 0.5,
         "allowed_origins": "http://page.example",
+        "tool_call_parser": "mistral",
     }
     if f.name in special:
         return special[f.name]

@@ -67,7 +67,8 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, base_id: st
     """Checks, tools, the output constraint, the prompt and its sampling parameters; then the request posted."""
     state.check_word_lists(req)
     check_reasoning_fields(req, state.server.reasoning_parser)
-    tools = tool_setup(req, state.tokenizer.chat_template)
+    server = state.server
+    tools = tool_setup(req, state.tokenizer.chat_template, server.tool_call_parser, server.enable_auto_tool_choice)
     constraint = _chat_constraint(req, tools)
     structured = await state.compile_constraint(constraint)
     ids = await _chat_ids(state, req, tools)

@@ -5,7 +5,7 @@ Four output formats cover the supported model families; which one a model writes
               after optional text (the last may be left open: a stop string `</tool_call>`)
   llama3_json Llama 3.1+: the whole output is `{"name": ..., "parameters": {...}}` (several joined by `; `),
               optionally after `<|python_tag|>`
-  qwen3_xml   Qwen3-Coder: `<tool_call>\\n<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</parameter>...</function>`
+  qwen3_coder Qwen3-Coder: `<tool_call>\\n<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</parameter>...</function>`
               blocks, each value typed by the tool's parameter schema
   mistral     `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]` (or `[TOOL_CALLS]name[CALL_ID]id[ARGS]{...}`,
               the id optional); [TOOL_CALLS] is a special token, so these requests keep special tokens in the text
@@ -59,7 +59,7 @@ def detect_format(chat_template: str | None) -> str | None:
     """The tool-call format a chat template teaches its model, or None when it shows none."""
     template = chat_template or ""
     if "<function=" in template:  # Qwen3-Coder: XML inside <tool_call> blocks
-        return "qwen3_xml"
+        return "qwen3_coder"
     if "<tool_call>" in template:
         return "hermes"
     if "[TOOL_CALLS]" in template:
@@ -164,7 +164,7 @@ _XML_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)</function>\s*", re.S)
 _XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?(?:</parameter>|(?=<parameter=)|$)", re.S)
 
 
-def parse_qwen3_xml(text: str, tools: Sequence[dict[str, Any]] = ()) -> tuple[str, list[ToolCall]]:
+def parse_qwen3_coder(text: str, tools: Sequence[dict[str, Any]] = ()) -> tuple[str, list[ToolCall]]:
     """Qwen3-Coder: `<tool_call>\\n<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</parameter>...</function>` blocks
     after optional text. A value is text; the tool's schema (`tools`) says what it stands for (`_xml_value`).
     A block that is not one function of parameters leaves the whole text as content."""
@@ -214,14 +214,14 @@ PARSERS = {
     "hermes": parse_hermes,
     "llama3_json": parse_llama3_json,
     "mistral": parse_mistral,
-    "qwen3_xml": parse_qwen3_xml,
+    "qwen3_coder": parse_qwen3_coder,
 }
 # where a tool call may begin: text from the first of these on is held back while streaming
 _MARKERS = {
     "hermes": ("<tool_call>",),
     "mistral": ("[TOOL_CALLS]",),
     "llama3_json": ("<|python_tag|>", "{"),
-    "qwen3_xml": ("<tool_call>",),
+    "qwen3_coder": ("<tool_call>",),
 }
 
 
@@ -447,13 +447,24 @@ class ToolSetup:
         return "tool_calls" if finish == "stop" and num_calls and self.mode != "named" else finish
 
 
-def tool_setup(req: ChatCompletionRequest, model_template: str | None) -> ToolSetup:
-    """The request's tool mode, and the call format its chat template teaches (400 when auto needs one)."""
+def tool_setup(
+    req: ChatCompletionRequest, model_template: str | None, parser: str = "auto", auto_enabled: bool = True
+) -> ToolSetup:
+    """The request's tool mode, and the call format: the server's `parser` (tool_call_parser), else the one its
+    chat template teaches. A 400 naming tool_choice when auto needs a format and has none, or is disabled
+    (enable_auto_tool_choice off)."""
     mode = req.tool_mode()
     named = req.tool_choice.function.name if mode == "named" else None
     tools = [t.model_dump(by_alias=True, exclude_none=True) for t in req.tools or []]
-    setup = ToolSetup(mode, detect_format(req.chat_template or model_template), named, True, tools)
+    fmt = detect_format(req.chat_template or model_template) if parser == "auto" else parser
+    setup = ToolSetup(mode, fmt, named, True, tools)
     setup.parallel = req.parallel_tool_calls is not False
+    if mode == "auto" and not auto_enabled:
+        raise APIError(
+            "tool_choice auto is off on this server (enable_auto_tool_choice false): use tool_choice required, a "
+            "named function or none",
+            param="tool_choice",
+        )
     if mode == "auto" and setup.format is None:
         raise APIError(
             "tool_choice auto needs a model whose chat template shows a tool-call format (<tool_call> blocks, "
