@@ -330,9 +330,8 @@ class ServerConfig:
     allowed_origins: str = setting(
         "*",
         "origins whose web pages may call the server from a browser (CORS), as vLLM's --allowed-origins: * for any, "
-        "or a list (comma-separated, or JSON as vLLM takes it); an empty list ("
-        " as a flag, or []): no CORS "
-        "headers (browsers then refuse pages of other origins)",
+        "or a list (comma-separated, or JSON as vLLM takes it); an empty list ([], or '' as a flag): no CORS headers "
+        "(browsers then refuse pages of other origins)",
     )
     allowed_methods: str = setting("*", "HTTP methods such a page may use (CORS; * or a list, as allowed_origins)")
     allowed_headers: str = setting("*", "request headers such a page may send (CORS; * or a list, as allowed_origins)")

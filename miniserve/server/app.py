@@ -182,8 +182,9 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
     }
     app.add_middleware(DirectRoutes, routes=generation, errors=ERROR_HANDLERS)  # added first: inside the key check
     app.add_middleware(RequireAPIKey, api_key=server.api_key)
-    if server.cors() is not None:  # outside the key check: a browser's preflight carries no key
-        app.add_middleware(CORSMiddleware, **server.cors())
+    cors = server.cors()
+    if cors is not None:  # outside the key check: a browser's preflight carries no key
+        app.add_middleware(CORSMiddleware, **cors)
     app.add_middleware(CatchAll)  # added last: the outermost layer
     return app
 
