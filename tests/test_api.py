@@ -855,6 +855,35 @@ def test_a_prompt_too_long_by_its_characters_says_so_without_a_made_up_count(url
         assert f"has {len(text)} characters, so more than {context} tokens" in err["message"], err
 
 
+def test_an_assistants_reasoning_passed_back_reaches_the_template(url, log_path):
+    """The reasoning this server returns (`message.reasoning`), or under vLLM's older name `reasoning_content`,
+    goes back into the next request's template under both names (Qwen3's template renders it in a tool-calling
+    turn), null as the client dumps it without a warning; on another role, or given twice differently, a 400."""
+    template = (
+        "{% for m in messages %}{{ m.role }}:{{ m.reasoning_content }}|{{ m.reasoning }}|{{ m.content }};{% endfor %}"
+    )
+
+    def rendered(message: dict) -> str:
+        body = {"model": MODEL_NAME, "messages": [*MESSAGES["messages"], message], "chat_template": template}
+        r = post(url, "/tokenize", body)
+        assert r.status_code == 200, r.text
+        return post(url, "/detokenize", {"tokens": r.json()["tokens"]}).json()["prompt"]
+
+    for field in ("reasoning", "reasoning_content"):
+        said = rendered({"role": "assistant", "content": "No.", field: "I think"})
+        assert said.endswith("user:||Speak.;assistant:I think|I think|No.;"), said
+    said = rendered({"role": "assistant", "content": "No.", "reasoning": None})
+    assert said.endswith("assistant:||No.;"), said
+    lines = [line for line in log_path.read_text(errors="replace").splitlines() if "fields ignored" in line]
+    assert not any("reasoning" in line for line in lines), lines
+    for message in (
+        {"role": "user", "content": "Hi", "reasoning": "I think"},
+        {"role": "assistant", "content": "No.", "reasoning": "I think", "reasoning_content": "I thought"},
+    ):
+        body = {"model": MODEL_NAME, "messages": [*MESSAGES["messages"], message], "max_tokens": 2}
+        assert_openai_error(post(url, "/v1/chat/completions", body), 400, "messages")
+
+
 def test_tool_call_arguments_in_messages(url):
     """Empty arguments are none ({}, as vLLM reads them); text that is not JSON is the client's 400, on chat and
     /tokenize alike."""

@@ -393,6 +393,10 @@ class ChatMessage(_Request):
     tool_calls: list[ToolCall] | None = None  # assistant messages that called tools
     tool_call_id: str | None = None  # tool messages: the call this answers
     refusal: str | None = None  # an assistant's refusal: its text when it has no content
+    # an assistant's reasoning, passed back (the server's `reasoning` field; `reasoning_content`, vLLM's older
+    # name): the template gets it under both names, as vLLM gives it (Qwen3's renders it in a tool-calling turn)
+    reasoning: str | None = None
+    reasoning_content: str | None = None
     audio: Any = None
     function_call: Any = None
 
@@ -407,6 +411,11 @@ class ChatMessage(_Request):
             raise ValueError("tool_calls are only allowed in assistant messages")
         if self.role == "tool" and self.tool_call_id is None:
             raise ValueError("tool_call_id is required in tool messages")
+        given = {self.reasoning, self.reasoning_content} - {None}
+        if given and self.role != "assistant":
+            raise ValueError("reasoning is only allowed in assistant messages")
+        if len(given) > 1:
+            raise ValueError("reasoning and reasoning_content differ: give the reasoning once")
         return self
 
     @field_validator("content", mode="before")
@@ -428,13 +437,16 @@ class ChatMessage(_Request):
         return "\n".join(part.text if isinstance(part, TextPart) else part.refusal for part in self.content)
 
     def for_template(self) -> dict[str, Any]:
-        """The message as chat templates read it: "developer" -> "system" (the tokenizer turns tool-call
-        arguments into objects)."""
+        """The message as chat templates read it: "developer" -> "system", an assistant's reasoning under both its
+        names (the tokenizer turns tool-call arguments into objects)."""
         out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
         if self.name is not None:
             out["name"] = self.name
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
+        reasoning = self.reasoning if self.reasoning is not None else self.reasoning_content
+        if reasoning is not None:
+            out["reasoning"] = out["reasoning_content"] = reasoning
         if self.tool_calls:
             out["tool_calls"] = [
                 {
