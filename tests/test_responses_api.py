@@ -196,6 +196,39 @@ def test_a_function_call_round_trip(client):
     jsonschema.validate(json.loads(call.arguments), PARAMS["get_time"])
 
 
+def test_reasoning_items_go_with_the_assistant_message_after_them_as_in_chat():
+    """A reasoning item (as this server returns it) is the `reasoning` of the assistant message that the next item
+    makes or joins: the chat template gets what chat's messages with that reasoning give it; one that no assistant
+    item follows is dropped."""
+    from miniserve.server.protocol import ChatCompletionRequest, ResponsesRequest
+    from miniserve.server.responses_api import chat_request
+
+    def thought(text: str) -> dict:
+        return {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
+
+    call = {"type": "function_call", "call_id": "c1", "name": "get_time", "arguments": "{}"}
+    items = [
+        {"role": "user", "content": "Time?"}, thought("call it"), call,
+        {"type": "function_call_output", "call_id": "c1", "output": "noon"}, thought("answer"),
+        {"role": "assistant", "content": "Noon."}, thought("never said"), {"role": "user", "content": "Thanks."},
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "a summary"}]},  # no reasoning text
+        {"role": "assistant", "content": "Bye."},
+    ]  # fmt: skip
+    messages = [
+        {"role": "user", "content": "Time?"},
+        {"role": "assistant", "reasoning": "call it", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "noon"},
+        {"role": "assistant", "content": "Noon.", "reasoning": "answer"},
+        {"role": "user", "content": "Thanks."},
+        {"role": "assistant", "content": "Bye."},
+    ]  # fmt: skip
+    got = chat_request(ResponsesRequest.model_validate({"model": MODEL_NAME, "input": items}))
+    want = ChatCompletionRequest.model_validate({"model": MODEL_NAME, "messages": messages})
+    assert [m.for_template() for m in got.messages] == [m.for_template() for m in want.messages]
+    assert got.messages[1].for_template()["reasoning_content"] == "call it"
+
+
 REFUSED = {
     "previous_response_id": "resp_123", "conversation": "conv_1", "background": True, "prompt": {"id": "pmpt_1"},
     "max_tool_calls": 3, "truncation": "auto", "include": ["reasoning.encrypted_content"],

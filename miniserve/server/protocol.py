@@ -731,8 +731,8 @@ class FunctionCallOutputItem(_Request):
 
 
 class ReasoningItem(_Request):
-    """An earlier response's reasoning, passed back: accepted, and not rendered (chat templates drop the reasoning
-    of earlier turns)."""
+    """An earlier response's reasoning, passed back: its text goes with the assistant message after it, as that
+    message's `reasoning` in chat (ChatMessage)."""
 
     type: Literal["reasoning"]
     id: str | None = None
@@ -740,6 +740,15 @@ class ReasoningItem(_Request):
     content: list[Any] | None = None
     encrypted_content: str | None = None
     status: str | None = None
+
+    def text(self) -> str | None:
+        """Its reasoning_text parts, joined; None where it has none (a summary alone, or encrypted content)."""
+        texts = [
+            part["text"]
+            for part in self.content or []
+            if isinstance(part, dict) and part.get("type") == "reasoning_text" and isinstance(part.get("text"), str)
+        ]
+        return "\n".join(texts) if texts else None
 
 
 INPUT_ITEMS = {"message": InputMessageItem, "function_call": FunctionCallItem,

@@ -28,6 +28,7 @@ from miniserve.server.protocol import (
     FunctionCallOutputItem,
     FunctionToolChoice,
     InputMessageItem,
+    ReasoningItem,
     ResponsesRequest,
     parse_request,
 )
@@ -138,19 +139,27 @@ def _template_kwargs(req: ResponsesRequest) -> dict[str, Any] | None:
 def chat_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
     """instructions as a system message first; a string input as one user message; items as chat messages:
     function_call items join the assistant message before them (or start one) as its tool_calls, outputs become
-    tool messages, reasoning items are dropped (chat templates drop earlier turns' reasoning)."""
+    tool messages, a reasoning item's text is the `reasoning` of the assistant message that the next item makes or
+    joins (none follows: dropped, as a template would drop it)."""
     messages: list[dict[str, Any]] = []
     if req.instructions is not None:
         messages.append({"role": "system", "content": req.instructions})
     if isinstance(req.input, str):
         return [*messages, {"role": "user", "content": req.input}]
+    reasoning = None  # the last reasoning item's text, for the next item's assistant message
     for item in req.input:
+        if isinstance(item, ReasoningItem):
+            reasoning = item.text()
+            continue
         if isinstance(item, InputMessageItem):
             messages.append({"role": item.role, "content": item.text()})
         elif isinstance(item, FunctionCallItem):
             _add_call(messages, item)
         elif isinstance(item, FunctionCallOutputItem):
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text()})
+        if reasoning is not None and messages[-1]["role"] == "assistant":
+            messages[-1].setdefault("reasoning", reasoning)
+        reasoning = None
     if not messages:
         raise APIError("input holds no message (reasoning items alone)", param="input")
     return messages
