@@ -447,9 +447,7 @@ class ToolSetup:
         return "tool_calls" if finish == "stop" and num_calls and self.mode != "named" else finish
 
 
-def tool_setup(
-    req: ChatCompletionRequest, model_template: str | None, parser: str = "auto", auto_enabled: bool = True
-) -> ToolSetup:
+def tool_setup(req: ChatCompletionRequest, model_template: str | None, parser: str, auto_enabled: bool) -> ToolSetup:
     """The request's tool mode, and the call format: the server's `parser` (tool_call_parser), else the one its
     chat template teaches. A 400 naming tool_choice when auto needs a format and has none, or is disabled
     (enable_auto_tool_choice off)."""
