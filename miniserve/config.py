@@ -301,6 +301,16 @@ class ServerConfig:
         "role or <|python_tag|>: llama3_json)",
         TOOL_CALL_PARSERS,
     )
+    response_role: str = setting(
+        "assistant",
+        "the role of a chat reply, as vLLM's --response-role (a request with add_generation_prompt false continues "
+        "its last message's role instead); chat echo repeats the last message when it has the reply's role",
+    )
+    enable_request_id_headers: bool = setting(
+        False,
+        "answer every request with an X-Request-Id header, as vLLM's --enable-request-id-headers: the request's own "
+        "X-Request-Id, else a new id",
+    )
     drain_timeout: float = setting(
         5.0,
         "after SIGTERM/SIGINT, seconds requests may still finish; then streams end with finish_reason abort, "
@@ -352,6 +362,8 @@ class ServerConfig:
         check_choices(self)
         if self.api_key is not None and not self.api_key.strip():  # (an empty variable is unset: a flag is not)
             raise SettingError("api_key", "api_key must not be empty: leave it unset to serve without a key")
+        if not self.response_role.strip():
+            raise SettingError("response_role", "response_role must not be empty")
         _check_min("max_waiting", self.max_waiting, 0)
         _check_min("api_servers", self.api_servers, 1)
         for name in ("max_body_bytes", "max_prompts_per_request", "max_prompt_chars"):

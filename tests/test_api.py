@@ -142,8 +142,15 @@ def hf_greedy_processed(model, prompt_ids: list[int], steps: int, process) -> li
     return ids[len(prompt_ids) :]
 
 
-def post(url: str, path: str, body: dict) -> httpx.Response:
-    return httpx.post(url + path, json=body, timeout=60)
+def post(url: str, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(url + path, json=body, headers=headers, timeout=60)
+
+
+def sse_events(r: httpx.Response) -> list[dict]:
+    """A whole event stream's JSON events (it must end with [DONE])."""
+    lines = [line for line in r.text.split("\n\n") if line]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]", r.text
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
 
 
 # ---------------------------------------------------------------------------------------------- the field walk
@@ -815,14 +822,45 @@ def test_tool_choice_errors(url):
             assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
 
 
-def test_tool_call_parser_and_enable_auto_tool_choice_as_vllm_takes_them(model_dir, tmp_path):
+def test_vllms_chat_server_flags_tool_parser_auto_choice_response_role_request_id_headers(model_dir, tmp_path):
     """--tool-call-parser replaces the format read off the chat template (TOOL_TEMPLATE teaches <tool_call>
     blocks; the server parses Llama 3.1 JSON); with --no-enable-auto-tool-choice, tool_choice auto, also implied by
-    tools alone, is a 400 naming tool_choice, while required and named calls still work."""
+    tools alone, is a 400 naming tool_choice, while required and named calls still work. --response-role names the
+    reply's role after a generation prompt (without one, the last message's role goes on; echo repeats the last
+    message when its role is the reply's); --enable-request-id-headers echoes X-Request-Id or makes one."""
     call = r'\{"name": "get_time", "parameters": \{"zone": "(utc|cet)"\}\}'
     base = {"model": MODEL_NAME, "messages": MESSAGES["messages"], "tools": TOOLS, "max_tokens": 150}
-    env = {"MINISERVE_TOOL_CALL_PARSER": "llama3_json"}
+    env = {"MINISERVE_TOOL_CALL_PARSER": "llama3_json", "MINISERVE_RESPONSE_ROLE": "narrator",
+           "MINISERVE_ENABLE_REQUEST_ID_HEADERS": "1"}  # fmt: skip
     with run_server(model_dir, tmp_path / "parser.log", **env) as url:
+        said = [{"role": "user", "content": "Speak."}, {"role": "assistant", "content": "Once"}]
+        short = {"model": MODEL_NAME, "max_tokens": 2, "echo": True}
+        for messages, generation_prompt, role, echoed in (
+            (said, True, "narrator", ""),  # the last message is the assistant's, not the reply's role
+            (said, False, "assistant", "Once"),
+            (said[:1], False, "user", "Speak."),
+            ([*said, {"role": "narrator", "content": "Then"}], True, "narrator", "Then"),
+        ):
+            body = {**short, "messages": messages, "add_generation_prompt": generation_prompt}
+            message = post(url, "/v1/chat/completions", body).json()["choices"][0]["message"]
+            assert message["role"] == role and message["content"].startswith(echoed), (body, message)
+            if echoed:
+                assert message["content"] != echoed, message  # (two tokens came after it)
+            else:
+                assert not message["content"].startswith(messages[-1]["content"]), message
+            events = sse_events(post(url, "/v1/chat/completions", {**body, "stream": True}))
+            assert events[0]["choices"][0]["delta"] == {"role": role, "content": echoed}, events[0]
+        ids = post(url, "/tokenize", {"model": MODEL_NAME, "messages": messages}).json()["tokens"]
+        prompt = post(url, "/detokenize", {"tokens": ids}).json()["prompt"]
+        assert prompt.endswith("<|im_start|>narrator\nThen<|im_end|><|im_start|>assistant\n"), prompt
+        r = httpx.get(f"{url}/v1/models", headers={"X-Request-Id": "trace-7"})
+        assert r.headers["x-request-id"] == "trace-7"
+        fresh = [httpx.get(f"{url}/health").headers["x-request-id"] for _ in range(2)]
+        assert fresh[0] != fresh[1] and all(len(h) >= 16 for h in fresh), fresh
+        r = post(url, "/v1/chat/completions", {**short, "messages": said, "stream": True}, {"X-Request-Id": "s-1"})
+        assert r.headers["x-request-id"] == "s-1" and r.text.rstrip().endswith("data: [DONE]")
+        r = post(url, "/v1/chat/completions", {"model": MODEL_NAME, "messages": []}, {"X-Request-Id": "bad-2"})
+        assert r.status_code == 400 and r.headers["x-request-id"] == "bad-2"
         r = post(url, "/v1/chat/completions", {**base, "tool_choice": "auto", "structured_outputs": {"regex": call}})
         choice = r.json()["choices"][0]
         assert choice["finish_reason"] == "tool_calls", r.text
@@ -840,7 +878,9 @@ def test_tool_call_parser_and_enable_auto_tool_choice_as_vllm_takes_them(model_d
         for choice in ("required", named):
             r = post(url, "/v1/chat/completions", {**base, "tool_choice": choice})
             assert r.status_code == 200 and r.json()["choices"][0]["message"]["tool_calls"], r.text
-        assert post(url, "/v1/chat/completions", {**base, "tool_choice": "none"}).status_code == 200
+        r = post(url, "/v1/chat/completions", {**base, "tool_choice": "none"}, {"X-Request-Id": "r-3"})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
+        assert "x-request-id" not in r.headers  # (off by default)
 
 
 def test_a_prompt_too_long_by_its_characters_says_so_without_a_made_up_count(url):

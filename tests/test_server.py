@@ -622,7 +622,8 @@ BAD_COMPLETIONS = [  # (body, status, param)
 ]
 BAD_CHATS = [
     ({"model": MODEL_NAME, "messages": []}, 400, "messages"),
-    ({"model": MODEL_NAME, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages"),
+    ({"model": MODEL_NAME, "messages": [{"role": "", "content": "hi"}]}, 400, "messages"),  # (any other role is taken)
+    ({"model": MODEL_NAME, "messages": [{"role": 5, "content": "hi"}]}, 400, "messages"),
     (
         {"model": MODEL_NAME, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
         400,

@@ -42,7 +42,7 @@ from miniserve.server.connection import ConnectionLimits, guarded_protocol
 from miniserve.server.engine_process import EngineLink, EngineProcess
 from miniserve.server.gc_heap import freeze_startup_heap, thaw_heap
 from miniserve.server.metrics import check_shared_dir
-from miniserve.server.middleware import CatchAll, DirectRoutes, RequireAPIKey
+from miniserve.server.middleware import CatchAll, DirectRoutes, RequestIdHeader, RequireAPIKey
 from miniserve.server.protocol import (
     APIError,
 )
@@ -175,6 +175,12 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
     app.add_api_route("/metrics", metrics, methods=["GET"])
     for error, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(error, handler)
+    _add_layers(app, server)
+    return app
+
+
+def _add_layers(app: FastAPI, server: ServerConfig) -> None:
+    """The ASGI layers around the app (server/middleware.py), each added outside those before it."""
     generation = {
         "/v1/completions": create_completion,
         "/v1/chat/completions": create_chat_completion,
@@ -185,8 +191,9 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
     cors = server.cors()
     if cors is not None:  # outside the key check: a browser's preflight carries no key
         app.add_middleware(CORSMiddleware, **cors)
-    app.add_middleware(CatchAll)  # added last: the outermost layer
-    return app
+    app.add_middleware(CatchAll)  # the outermost layer but one: the id header goes on its 500s too
+    if server.enable_request_id_headers:
+        app.add_middleware(RequestIdHeader)
 
 
 async def _start(config: EngineConfig, server: ServerConfig, link: EngineLink | None) -> tuple[EngineProcess, Any, int]:

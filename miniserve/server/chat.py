@@ -120,10 +120,16 @@ def _chat_constraint(req: ChatCompletionRequest, tools: ToolSetup) -> tuple[str,
     return "tool_choice", forced
 
 
-def _echo_text(req: ChatCompletionRequest) -> str:
-    """chat echo: the reply is prefixed with the last message when it is the assistant's (vLLM's meaning)."""
+def reply_role(state: ServerState, req: ChatCompletionRequest) -> str:
+    """The reply's role, as vLLM picks it: the server's response_role after a generation prompt; without one the
+    model goes on with the last message, so the reply has that message's role."""
+    return state.server.response_role if req.add_generation_prompt else req.messages[-1].role
+
+
+def _echo_text(req: ChatCompletionRequest, role: str) -> str:
+    """chat echo: the reply is prefixed with the last message when it has the reply's role (vLLM's meaning)."""
     last = req.messages[-1]
-    return last.text() if req.echo and last.role == "assistant" else ""
+    return last.text() if req.echo and last.role == role else ""
 
 
 def _chat_choices(
@@ -136,13 +142,15 @@ def _chat_choices(
 ) -> list[dict[str, Any]]:
     top = (req.top_logprobs or 0) if req.logprobs else None
     as_ids = bool(req.return_tokens_as_token_ids)
-    echo = _echo_text(req)
+    role = reply_role(state, req)
+    echo = _echo_text(req, role)
     choices = []
     for o in pick_best(out, req):
         lp = None
         if top is not None:
             lp = fmt.chat_logprobs(state.tokenizer, ids, o.token_ids, o.logprobs, top, as_ids)
         message, finish = assistant_message(tools, reasoning, o, echo)
+        message["role"] = role
         choice = {
             "index": o.index,
             "message": message,
@@ -220,8 +228,9 @@ class ChatEvents(StreamEvents):
         """Each choice's role; with return_token_ids the prompt's ids beside the choices, where vLLM's first chunks
         carry them (and a chat response does), not in the choice as completions' chunks do."""
         head = {**self.head, "prompt_token_ids": self.ids} if self.req.return_token_ids else self.head
-        role = {"role": "assistant", "content": _echo_text(self.req)}
-        return [self.chunk(j, role, head=head) for j in range(self.req.n)]
+        role = reply_role(self.state, self.req)
+        first = {"role": role, "content": _echo_text(self.req, role)}
+        return [self.chunk(j, first, head=head) for j in range(self.req.n)]
 
     def choice(self, i: int, o: Any, d: fmt.Delta) -> list[bytes]:
         texts = self.texts.get(o.index)

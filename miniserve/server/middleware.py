@@ -1,6 +1,7 @@
 """Three ASGI layers around the app: the catch-all for errors, the API-key check for every /v1 path, and the
 direct routes of the generation endpoints. (Between the first two, Starlette's CORSMiddleware, unless
-allowed_origins is empty: it answers a browser's preflight, which carries no key, and adds the CORS headers.)
+allowed_origins is empty: it answers a browser's preflight, which carries no key, and adds the CORS headers; and
+outside them all, with enable_request_id_headers, the layer that adds X-Request-Id to every answer.)
 
 All are plain ASGI (not Starlette's BaseHTTPMiddleware, which buffers streams). The key is checked before
 routing, so an unknown /v1 path answers 401 to a client without the key, not 404. The catch-all answers an
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -119,6 +121,27 @@ class CatchAll:
                 await send({"type": "http.response.body", "body": event})
             else:  # a plain response broke off midway: only closing the connection tells the client
                 raise
+
+
+class RequestIdHeader:
+    """vLLM's --enable-request-id-headers: every answer, errors and streams included, carries X-Request-Id, the
+    request's own or a new one, so a client can tell which answer is which (and find it in a proxy's logs)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
+        header = (b"x-request-id", given or uuid.uuid4().hex.encode())
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 Handler = Callable[[Request], Awaitable[Response]]

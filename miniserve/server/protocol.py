@@ -387,7 +387,9 @@ class ToolCall(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # system, developer, user, assistant, tool; or any other role the chat template knows (Llama 3.1's ipython, a
+    # --response-role passed back), as vLLM takes them
+    role: str = Field(min_length=1, max_length=64)
     content: str | list[TextPart | ChatRefusalPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # assistant messages that called tools
