@@ -311,6 +311,15 @@ class ServerConfig:
         "answer every request with an X-Request-Id header, as vLLM's --enable-request-id-headers: the request's own "
         "X-Request-Id, else a new id",
     )
+    disable_log_stats: bool = setting(
+        False, "no periodic engine lines in the log (the next setting's), as vLLM's --disable-log-stats"
+    )
+    log_stats_interval: float = setting(
+        10.0,
+        "seconds between the log's engine lines, as vLLM's: prompt and generation throughput over the interval, "
+        "sequences running and waiting, KV cache usage, the prefix cache's hit rate, speculative decoding's "
+        "acceptance (an idle server's at debug level)",
+    )
     drain_timeout: float = setting(
         5.0,
         "after SIGTERM/SIGINT, seconds requests may still finish; then streams end with finish_reason abort, "
@@ -374,7 +383,7 @@ class ServerConfig:
         for name in ("drain_timeout", "stream_stall_timeout"):
             if not getattr(self, name) >= 0:
                 raise SettingError(name, f"{name} must be >= 0 seconds, got {getattr(self, name)}")
-        for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
+        for name in ("header_timeout", "body_timeout", "keep_alive_timeout", "log_stats_interval"):
             if not getattr(self, name) > 0:
                 raise SettingError(name, f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if not 0 <= self.port < 1 << 16:

@@ -9,8 +9,10 @@ Its draft model is a copy of the target, so greedy decoding accepts every drafte
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
@@ -24,6 +26,7 @@ from tests.test_server import (
     metric,
     run_server,
     scrape,
+    uvicorn_server,
     wait_for_metric,
 )
 
@@ -32,10 +35,14 @@ LONG_MAX_MODEL_LEN = 16384
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory, tokenizer_dir):
+def model_dir(tmp_path_factory, tokenizer_dir):
     # a long context: the running request below must outlast the checks made meanwhile on any machine (on a
     # loaded 2-core one, 1000 tokens took about 2 s and the checks up to 0.7 s: a slower client would see it end)
-    model_dir = build_server_model(tmp_path_factory.mktemp("limits-model"), tokenizer_dir, LONG_MAX_MODEL_LEN)
+    return build_server_model(tmp_path_factory.mktemp("limits-model"), tokenizer_dir, LONG_MAX_MODEL_LEN)
+
+
+@pytest.fixture(scope="module")
+def url(model_dir):
     env = {
         "MINISERVE_API_KEY": API_KEY,
         "MINISERVE_SERVED_MODEL_NAME": MODEL_NAME,
@@ -135,6 +142,31 @@ def test_speculative_decoding_stats_in_usage_and_metrics(url):
     ]
     drafts, accepted = (metric(after, f"spec_decode_num_{n}_total") for n in ("drafts", "accepted_tokens"))
     assert metric(after, "spec_decode_mean_acceptance_length") == pytest.approx(1 + accepted / drafts)
+
+
+def test_the_log_has_vllms_engine_lines_and_speculative_decodings(model_dir, tmp_path):
+    """Every log_stats_interval the server logs vLLM's engine line, and with speculative decoding its acceptance
+    line: over the lines of a greedy request whose draft is the target itself, every drafted token is accepted,
+    and they add up to the request's rounds (201 tokens: the prompt pass's, then 50 rounds of 3 drafted + 1)."""
+    env = {"MINISERVE_SERVED_MODEL_NAME": MODEL_NAME, "MINISERVE_SPECULATIVE_MODEL": str(model_dir),
+           "MINISERVE_NUM_SPECULATIVE_TOKENS": "3", "MINISERVE_LOG_STATS_INTERVAL": "0.2"}  # fmt: skip
+    body = {"model": MODEL_NAME, "prompt": "ROMEO:", "max_tokens": 201, "temperature": 0, "ignore_eos": True}
+    with open(tmp_path / "server.log", "w+b") as log:
+        with uvicorn_server(model_dir, log, log_level="info", **env) as (url, _):
+            assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
+            time.sleep(0.6)  # the interval in which it ended is logged
+            log.seek(0)
+            text = log.read().decode(errors="replace")
+    engine = re.findall(r"Engine 000: Avg prompt throughput: [\d.]+ tokens/s, Avg generation throughput: ([\d.]+) "
+                        r"tokens/s, Running: (\d+) reqs, Waiting: 0 reqs, KV cache usage: [\d.]+%, Prefix cache hit "
+                        r"rate: [\d.]+%", text)  # fmt: skip
+    assert any(float(rate) > 0 for rate, _ in engine) and engine[-1][1] == "0", text
+    spec = re.findall(r"SpecDecoding metrics: Mean acceptance length: ([\d.]+), Accepted throughput: [\d.]+ "
+                      r"tokens/s, Drafted throughput: [\d.]+ tokens/s, Accepted: (\d+) tokens, Drafted: (\d+) "
+                      r"tokens, Per-position acceptance rate: ([\d., ]+), Avg Draft acceptance rate: ([\d.]+)%",
+                      text)  # fmt: skip
+    assert sum(int(accepted) for _, accepted, *_ in spec) == 150, text
+    assert all(s[0] == "4.00" and s[1] == s[2] and s[3] == "1.000, 1.000, 1.000" and s[4] == "100.0" for s in spec)
 
 
 def test_missing_model_directory_is_a_clear_startup_error(tmp_path):

@@ -48,6 +48,7 @@ from miniserve.server.protocol import (
 )
 from miniserve.server.responses_api import create_response
 from miniserve.server.state import ClientDisconnected, ServerState, load_tokenizer, max_token_chars, state_of
+from miniserve.server.stats_log import log_stats
 from miniserve.server.tokens import detokenize, tokenize
 from miniserve.settings import from_sources, unknown_variables
 
@@ -139,11 +140,13 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
         engine, tokenizer, token_chars = await _start(config, server, link)
         # here, not uvicorn's flag: MINISERVE_ACCESS_LOG and --no-access-log then work however uvicorn was started
         logging.getLogger("uvicorn.access").disabled = not server.access_log
+        stats_log = None
         try:
             engine.attach(asyncio.get_running_loop())
             state = ServerState(config, server, engine, tokenizer, token_chars)
             app.state.server = state
             _install_signal_handlers(state)
+            stats_log = _start_stats_log(engine, server, link)
             frozen = freeze_startup_heap()  # last: what start-up made stays out of every later collection
             logger.info(
                 "miniserve: serving %s (max_model_len %d; start-up objects kept from the garbage collector: %d in "
@@ -155,6 +158,8 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
             )
             yield
         finally:
+            if stats_log is not None:
+                stats_log.cancel()
             await asyncio.to_thread(engine.shutdown)
             engine.end_all()
             thaw_heap()
@@ -177,6 +182,13 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
         app.add_exception_handler(error, handler)
     _add_layers(app, server)
     return app
+
+
+def _start_stats_log(engine: EngineProcess, server: ServerConfig, link: EngineLink | None) -> asyncio.Task | None:
+    """The log's periodic engine lines (server/stats_log.py), from one API server of those sharing the engine."""
+    if server.disable_log_stats or (link is not None and link.index != 0):
+        return None
+    return asyncio.create_task(log_stats(engine, server.log_stats_interval), name="miniserve-stats-log")
 
 
 def _add_layers(app: FastAPI, server: ServerConfig) -> None:
