@@ -148,6 +148,12 @@ class EngineConfig:
         "fields left unset, as vLLM; vllm = vLLM's own defaults",
         GENERATION_CONFIGS,
     )
+    override_generation_config: str | None = setting(
+        None,
+        "a JSON object of sampling defaults (the keys of generation_config.json above, e.g. '{\"temperature\": 0.5}') "
+        "merged over the model's (auto) or used alone (vllm), as vLLM's --override-generation-config",
+        shown_default="none",
+    )
     speculative_model: str | None = setting(
         None,
         "draft model directory for speculative decoding (same tokenizer); demo = the demo draft",
@@ -215,6 +221,7 @@ class EngineConfig:
             raise SettingError(
                 "kv_cache_memory_gb", f"kv_cache_memory_gb must be a finite number > 0, got {self.kv_cache_memory_gb}"
             )
+        self.generation_override()  # a JSON object, or a one-line error naming the setting
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise SettingError(
                 "gpu_memory_utilization", f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
@@ -241,6 +248,22 @@ class EngineConfig:
                 f"{name} directory {str(tokenizer)!r} has no tokenizer.json or tokenizer.model "
                 "(--tokenizer / MINISERVE_TOKENIZER names a directory that has one)"
             )
+
+    def generation_override(self) -> dict[str, Any]:
+        """override_generation_config as a dict (its keys are checked where they are read:
+        models/generation_config.py)."""
+        if self.override_generation_config is None:
+            return {}
+        try:
+            value = json.loads(self.override_generation_config)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise SettingError(
+                "override_generation_config",
+                f"override_generation_config must be a JSON object, got {self.override_generation_config!r}",
+            )
+        return value
 
     @property
     def kv_lookahead(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import numbers
 import operator
 from collections.abc import Callable, Iterable, Sequence, Set
@@ -35,6 +36,8 @@ class LLM:
         if both:
             raise ValueError(f"{both[0]} is given twice: as an argument and in speculative_config")
         kwargs.update(spec)
+        if isinstance(kwargs.get("override_generation_config"), dict):  # vLLM's LLM takes a dict; the setting is JSON
+            kwargs["override_generation_config"] = json.dumps(kwargs["override_generation_config"])
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
         self._ids = itertools.count()
 

@@ -534,6 +534,8 @@ def test_generation_config_sets_the_default_sampling_params(llama_dir, tmp_path)
     settings (top_k 1: greedy; max_new_tokens: max_tokens); "vllm" ignores them; a bad value names the file."""
     import shutil
 
+    from miniserve.config import EngineConfig, SettingError
+
     tuned = shutil.copytree(llama_dir, tmp_path / "tuned")
     (tuned / "generation_config.json").write_text(json.dumps({"top_k": 1, "temperature": 0.7, "max_new_tokens": 5}))
     prompts = [[5, 9, 13], [7, 7, 2, 30]]
@@ -544,9 +546,25 @@ def test_generation_config_sets_the_default_sampling_params(llama_dir, tmp_path)
         assert out.outputs[0].token_ids == want.outputs[0].token_ids[: len(out.outputs[0].token_ids)]
         assert len(out.outputs[0].token_ids) == 5 or out.outputs[0].finish_reason == "stop"
     assert make_llm(tuned, generation_config="vllm").get_default_sampling_params() == SamplingParams()
+    # vLLM's override_generation_config: its keys over the file's (auto), or alone (vllm); a dict or JSON
+    override = {"temperature": 0.3, "max_new_tokens": 2}
+    llm = make_llm(tuned, override_generation_config=override)
+    assert llm.get_default_sampling_params() == SamplingParams(top_k=1, temperature=0.3, max_tokens=2)
+    assert [len(o.outputs[0].token_ids) for o in llm.generate(prompts, use_tqdm=False)] == [2, 2]
+    alone = make_llm(tuned, generation_config="vllm", override_generation_config=json.dumps(override))
+    assert alone.get_default_sampling_params() == SamplingParams(temperature=0.3, max_tokens=2)
+    for bad, says in (({"temprature": 0.3}, "override_generation_config: unknown key 'temprature'"),
+                      ({"top_p": 1.5}, "override_generation_config: top_p")):  # fmt: skip
+        with pytest.raises(ValueError, match=says):
+            make_llm(tuned, override_generation_config=bad)
+    for bad in ("[1]", "{temperature: 1}", "0.5"):
+        with pytest.raises(SettingError, match="override_generation_config must be a JSON object"):
+            EngineConfig(model=str(tuned), override_generation_config=bad)
     (tuned / "generation_config.json").write_text(json.dumps({"top_p": 2.0}))
     with pytest.raises(ValueError, match="generation_config.json: top_p"):
         make_llm(tuned)
+    with pytest.raises(ValueError, match="generation_config.json: top_p"):  # the file's value, not the override's
+        make_llm(tuned, override_generation_config={"temperature": 0.3})
 
 
 def test_generation_config_eos_ids_stop_with_a_separate_tokenizer(llama_dir, tmp_path):

@@ -42,6 +42,7 @@ def sample(cls: type, f) -> object:
         "gpu_memory_utilization": 0.5,
         "allowed_origins": "http://page.example",
         "tool_call_parser": "mistral",
+        "override_generation_config": '{"temperature": 0.5}',
     }
     if f.name in special:
         return special[f.name]

@@ -3,7 +3,8 @@
 vLLM's default (`--generation-config auto`) takes temperature, top_p, top_k, min_p, repetition_penalty and
 max_new_tokens from there: they become the defaults of `LLM.generate` without sampling params and of every server
 request field left unset (max_new_tokens caps max_tokens). Qwen3's, for one, asks for temperature 0.6, top_p 0.95
-and top_k 20. `generation_config="vllm"` keeps vLLM's own defaults instead.
+and top_k 20. `generation_config="vllm"` keeps vLLM's own defaults instead. `override_generation_config` sets
+some of the same keys over either.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ SAMPLING_KEYS = {
 }
 
 
-def sampling_defaults(model_dir: str | Path, mode: str = "auto") -> dict[str, float | int]:
-    """SamplingParams fields the model's generation_config.json sets (empty with mode "vllm" or without one)."""
+def sampling_defaults(model_dir: str | Path, mode: str, override: dict) -> dict[str, float | int]:
+    """SamplingParams fields the model's generation_config.json sets (none with mode "vllm" or without one), with
+    `override`'s (vLLM's override_generation_config: the same keys) over them."""
+    unknown = sorted(set(override) - set(SAMPLING_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} (the keys are {', '.join(SAMPLING_KEYS)})")
     path = Path(model_dir) / "generation_config.json"
-    if mode == "vllm" or not path.is_file():
-        return {}
-    raw = read_json_object(path)
+    raw = read_json_object(path) if mode == "auto" and path.is_file() else {}
+    raw = {**raw, **override}
     return {ours: raw[theirs] for theirs, ours in SAMPLING_KEYS.items() if raw.get(theirs) is not None}
 
 
