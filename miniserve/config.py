@@ -163,6 +163,12 @@ class EngineConfig:
         4, f"tokens the draft proposes per speculative round (at most {MAX_SPECULATIVE_TOKENS})",
         needs="speculative_model",
     )  # fmt: skip
+    speculative_config: str | None = setting(
+        None,
+        'vLLM\'s form of the two settings above, a JSON object: \'{"model": DIR, "num_speculative_tokens": 4}\' '
+        "(method draft_model, the one offered)",
+        shown_default="none",
+    )
     speculative_kv_cache_dtype: str | None = setting(
         None, "the draft's KV cache dtype", KV_CACHE_DTYPES, shown_default="kv_cache_dtype", needs="speculative_model"
     )
@@ -186,6 +192,7 @@ class EngineConfig:
     )
 
     def __post_init__(self) -> None:
+        self._take_speculative_config()  # (its values are checked below with the settings it sets)
         check_types(self)
         if self.model is None:
             self.model = str(DEMO_TARGET)
@@ -254,16 +261,22 @@ class EngineConfig:
         models/generation_config.py)."""
         if self.override_generation_config is None:
             return {}
+        return json_object("override_generation_config", self.override_generation_config)
+
+    def _take_speculative_config(self) -> None:
+        """vLLM's speculative_config, a JSON object, as speculative_model and num_speculative_tokens."""
+        if self.speculative_config is None:
+            return
         try:
-            value = json.loads(self.override_generation_config)
-        except ValueError:
-            value = None
-        if not isinstance(value, dict):
+            values = speculative_settings(json_object("speculative_config", self.speculative_config))
+        except ValueError as exc:
+            raise SettingError("speculative_config", str(exc)) from None
+        if self.speculative_model is not None:
             raise SettingError(
-                "override_generation_config",
-                f"override_generation_config must be a JSON object, got {self.override_generation_config!r}",
+                "speculative_config", "speculative_config and speculative_model both name a draft model: give one"
             )
-        return value
+        self.speculative_model = values["speculative_model"]
+        self.num_speculative_tokens = values.get("num_speculative_tokens", self.num_speculative_tokens)
 
     @property
     def kv_lookahead(self) -> int:
@@ -446,6 +459,48 @@ def setting_list(name: str, value: str) -> list[str]:
     else:
         items = value.split(",")
     return [item.strip() for item in items if item.strip()]
+
+
+# vLLM's speculative_config keys this engine honours, as EngineConfig fields; "method" may only name a draft model
+SPECULATIVE_CONFIG_FIELDS = {"model": "speculative_model", "num_speculative_tokens": "num_speculative_tokens"}
+DRAFT_METHODS = (None, "draft_model")
+
+
+def speculative_settings(spec: dict | None) -> dict:
+    """vLLM's speculative_config as EngineConfig fields (a draft model is the one method offered)."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict):
+        raise ValueError(f"speculative_config must be a dict, got {type(spec).__name__}")
+    if spec.get("method") not in DRAFT_METHODS:
+        raise ValueError(f"speculative_config: method {spec['method']!r} is not supported (only a draft model)")
+    if spec.get("draft_tensor_parallel_size") not in (None, 1):
+        raise ValueError("speculative_config: the draft runs on one GPU (draft_tensor_parallel_size=1)")
+    unknown = [k for k in spec if k not in (*SPECULATIVE_CONFIG_FIELDS, "method", "draft_tensor_parallel_size")]
+    if unknown:
+        raise ValueError(
+            f"speculative_config: {unknown[0]!r} is not supported (it takes {', '.join(SPECULATIVE_CONFIG_FIELDS)})"
+        )
+    if spec.get("model") is None:
+        raise ValueError("speculative_config needs the draft's 'model'")
+    k = spec.get("num_speculative_tokens")
+    if not isinstance(spec["model"], str) or not (k is None or isinstance(k, int) and not isinstance(k, bool)):
+        raise ValueError(
+            "speculative_config: 'model' is a directory (a string), 'num_speculative_tokens' an integer, got "
+            f"{spec['model']!r}, {k!r}"
+        )
+    return {SPECULATIVE_CONFIG_FIELDS[k]: v for k, v in spec.items() if k in SPECULATIVE_CONFIG_FIELDS}
+
+
+def json_object(name: str, value: Any) -> dict:
+    """A setting that holds a JSON object (vLLM's JSON-valued flags) as a dict; else a SettingError naming it."""
+    try:
+        parsed = json.loads(value) if isinstance(value, str) else None
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise SettingError(name, f"{name} must be a JSON object, got {value!r}")
+    return parsed
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}

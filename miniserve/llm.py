@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from miniserve.chat_template import check_chat_options
-from miniserve.config import EngineConfig
+from miniserve.config import EngineConfig, speculative_settings
 from miniserve.engine.llm_engine import LLMEngine
 from miniserve.engine.outputs import RequestOutput
 from miniserve.sampling_params import SamplingParams
@@ -131,31 +131,6 @@ class LLM:
         finally:
             bar.close()
         return [results[rid] for rid in request_ids]
-
-
-# vLLM's speculative_config keys this engine honours, as EngineConfig fields; "method" may only name a draft model
-SPECULATIVE_CONFIG_FIELDS = {"model": "speculative_model", "num_speculative_tokens": "num_speculative_tokens"}
-DRAFT_METHODS = (None, "draft_model")
-
-
-def speculative_settings(spec: dict | None) -> dict:
-    """vLLM's speculative_config as EngineConfig fields (a draft model is the one method offered)."""
-    if spec is None:
-        return {}
-    if not isinstance(spec, dict):
-        raise ValueError(f"speculative_config must be a dict, got {type(spec).__name__}")
-    if spec.get("method") not in DRAFT_METHODS:
-        raise ValueError(f"speculative_config: method {spec['method']!r} is not supported (only a draft model)")
-    if spec.get("draft_tensor_parallel_size") not in (None, 1):
-        raise ValueError("speculative_config: the draft runs on one GPU (draft_tensor_parallel_size=1)")
-    unknown = [k for k in spec if k not in (*SPECULATIVE_CONFIG_FIELDS, "method", "draft_tensor_parallel_size")]
-    if unknown:
-        raise ValueError(
-            f"speculative_config: {unknown[0]!r} is not supported (it takes {', '.join(SPECULATIVE_CONFIG_FIELDS)})"
-        )
-    if spec.get("model") is None:
-        raise ValueError("speculative_config needs the draft's 'model'")
-    return {SPECULATIVE_CONFIG_FIELDS[k]: v for k, v in spec.items() if k in SPECULATIVE_CONFIG_FIELDS}
 
 
 PROMPTS_ERROR = "prompts must be a string, a list of token ids, a prompt dict, or a list of those"

@@ -61,18 +61,19 @@ def from_sources(cls: type, args: argparse.Namespace | None = None, env: Mapping
         elif raw.strip():
             source = f"{env_var(f)}={raw!r}"
             values[f.name], sources[f.name] = _parse(cls, f, raw.strip(), source), source
-    by_name = {f.name: f for f in fields(cls)}
-    for name, source in sources.items():
-        needs = by_name[name].metadata.get("needs")
-        if needs and values.get(needs) is None:
-            where = flag(by_name[needs]) if source.startswith("--") else env_var(by_name[needs])
-            raise SettingError(name, f"{source}: does nothing without {where}")
     try:
-        return cls(**values)
+        config = cls(**values)
     except SettingError as e:
         if e.name in sources:
             raise SettingError(e.name, f"{sources[e.name]}: {e}") from None
         raise
+    by_name = {f.name: f for f in fields(cls)}
+    for name, source in sources.items():  # (on the settings as set: speculative_config sets speculative_model)
+        needs = by_name[name].metadata.get("needs")
+        if needs and getattr(config, needs) is None:
+            where = flag(by_name[needs]) if source.startswith("--") else env_var(by_name[needs])
+            raise SettingError(name, f"{source}: does nothing without {where}")
+    return config
 
 
 def unknown_variables(env: Mapping[str, str] = os.environ) -> list[str]:

@@ -43,6 +43,7 @@ def sample(cls: type, f) -> object:
         "allowed_origins": "http://page.example",
         "tool_call_parser": "mistral",
         "override_generation_config": '{"temperature": 0.5}',
+        "speculative_config": '{"model": "demo", "num_speculative_tokens": 2}',
     }
     if f.name in special:
         return special[f.name]

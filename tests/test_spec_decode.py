@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -94,6 +95,33 @@ def test_vllm_speculative_config_names_the_draft(llama_dir, draft_dir):
             LLM(str(llama_dir), device="cpu", speculative_config=bad)
     with pytest.raises(ValueError, match="num_speculative_tokens is given twice"):
         LLM(str(llama_dir), device="cpu", speculative_config=spec, num_speculative_tokens=3)
+
+
+def test_vllm_speculative_config_flag_and_variable(draft_dir):
+    """`miniserve serve --speculative-config JSON` (vLLM's flag) or MINISERVE_SPECULATIVE_CONFIG: the draft settings
+    as if given one by one; the draft's other settings then do something; a bad value names the setting."""
+    from miniserve import cli
+    from miniserve.config import DEMO_DRAFT, EngineConfig, SettingError
+    from miniserve.settings import from_sources
+
+    spec = json.dumps({"model": str(draft_dir), "num_speculative_tokens": 2})
+    argv = ["serve", "--speculative-config", spec, "--speculative-kv-cache-dtype", "fp8", "--no-overlap-spec-rounds"]
+    config = from_sources(EngineConfig, cli.build_parser().parse_args(argv), env={})
+    assert (config.speculative_model, config.num_speculative_tokens) == (str(draft_dir), 2)
+    assert (config.speculative_kv_cache_dtype, config.overlap_spec_rounds) == ("fp8", False)
+    config = from_sources(EngineConfig, env={"MINISERVE_SPECULATIVE_CONFIG": '{"model": "demo"}'})
+    assert (config.speculative_model, config.num_speculative_tokens) == (str(DEMO_DRAFT), 4)  # (k's default)
+    for env, says in (
+        ({"MINISERVE_SPECULATIVE_CONFIG": '{"method": "ngram", "model": "x"}'}, "method 'ngram' is not supported"),
+        ({"MINISERVE_SPECULATIVE_CONFIG": '["demo"]'}, "speculative_config must be a JSON object"),
+        ({"MINISERVE_SPECULATIVE_CONFIG": '{"model": "demo", "num_speculative_tokens": "2"}'}, "an integer, got"),
+        ({"MINISERVE_SPECULATIVE_CONFIG": '{"model": "demo"}', "MINISERVE_SPECULATIVE_MODEL": "demo"}, "give one"),
+    ):
+        with pytest.raises(SettingError, match=says) as exc:
+            from_sources(EngineConfig, env=env)
+        assert str(exc.value).startswith("MINISERVE_SPECULATIVE_"), exc.value
+    with pytest.raises(SettingError, match="--speculative-kv-cache-dtype: does nothing without --speculative-model"):
+        from_sources(EngineConfig, cli.build_parser().parse_args(argv[:1] + argv[3:]), env={})
 
 
 def test_self_speculation_accepts_everything(llama_dir):
