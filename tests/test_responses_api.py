@@ -200,8 +200,9 @@ def test_reasoning_items_go_with_the_assistant_message_after_them_as_in_chat():
     """A reasoning item (as this server returns it) is the `reasoning` of the assistant message that the next item
     makes or joins: the chat template gets what chat's messages with that reasoning give it; one that no assistant
     item follows is dropped."""
-    from miniserve.server.protocol import ChatCompletionRequest, ResponsesRequest
+    from miniserve.server.protocol import ChatCompletionRequest
     from miniserve.server.responses_api import chat_request
+    from miniserve.server.responses_protocol import ResponsesRequest
 
     def thought(text: str) -> dict:
         return {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
@@ -287,7 +288,7 @@ def test_events_are_named_server_sent_events_without_done(url):
 
 
 def test_fields_sent_as_null_read_as_not_given(url):
-    from miniserve.server.protocol import ResponsesRequest
+    from miniserve.server.responses_protocol import ResponsesRequest
 
     plain = {"model": MODEL_NAME, "input": "Speak.", "max_output_tokens": 4, "temperature": 0}
     nulls = {name: None for name in ResponsesRequest.model_fields if name not in plain}

@@ -8,7 +8,6 @@ malformed JSON to an out-of-range `top_p`, comes back as OpenAI's `{"error": {..
 from __future__ import annotations
 
 import functools
-import json
 import typing
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
@@ -53,7 +52,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.err_type, "param": self.param, "code": self.code}}
 
 
-class _Request(BaseModel):
+class RequestModel(BaseModel):
     # strict: "3" is not an int and true is not 1; NaN and infinities are not numbers. Fields outside OpenAI's and
     # vLLM's schemas are kept aside and reported by `ignored_fields` (the server logs them once per request, as vLLM
     # does); every field the schemas name is either honoured or refused with a 400 naming it (`_REFUSED`).
@@ -74,7 +73,7 @@ class _Request(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _check_refused(self) -> _Request:
+    def _check_refused(self) -> RequestModel:
         for name, (accepts, why) in self._REFUSED.items():
             if name in type(self).model_fields and not accepts(getattr(self, name)):
                 raise ValueError(f"{name}: {why}")
@@ -89,7 +88,7 @@ class _Request(BaseModel):
                 continue  # token ids (thousands of them in a prompt): no object inside
             items = value if isinstance(value, list) else [value]
             for j, item in enumerate(items):
-                if isinstance(item, _Request):
+                if isinstance(item, RequestModel):
                     where = f"{prefix}{name}[{j}]." if isinstance(value, list) else f"{prefix}{name}."
                     out += item.ignored_fields(where)
         return out
@@ -106,15 +105,15 @@ def _defaulted_on_null(cls: type[BaseModel]) -> frozenset[str]:
     return frozenset(names)
 
 
-def _unset(value: Any) -> bool:
+def unset(value: Any) -> bool:
     return value is None
 
 
-def _empty(value: Any) -> bool:
+def empty(value: Any) -> bool:
     return not value
 
 
-class StreamOptions(_Request):
+class StreamOptions(RequestModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM: usage on every chunk (with include_usage; alone it would do nothing)
     include_obfuscation: bool | None = None
@@ -128,14 +127,14 @@ class StreamOptions(_Request):
         return self
 
 
-class JsonSchemaFormat(_Request):
+class JsonSchemaFormat(RequestModel):
     name: str | None = None
     description: str | None = None
     json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None  # outputs always follow the schema strictly (what strict=true asks)
 
 
-class ResponseFormat(_Request):
+class ResponseFormat(RequestModel):
     type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -148,7 +147,7 @@ class ResponseFormat(_Request):
         return self
 
 
-class StructuredOutputsField(_Request):
+class StructuredOutputsField(RequestModel):
     """vLLM's `structured_outputs` object: one constraint plus options."""
 
     json_: dict[str, Any] | str | None = Field(default=None, alias="json")
@@ -163,34 +162,34 @@ class StructuredOutputsField(_Request):
     structural_tag: str | None = None
 
     _REFUSED = {
-        "whitespace_pattern": (_unset, "custom whitespace patterns are not supported (xgrammar)"),
-        "structural_tag": (_unset, "structural tags are not supported"),
+        "whitespace_pattern": (unset, "custom whitespace patterns are not supported (xgrammar)"),
+        "structural_tag": (unset, "structural tags are not supported"),
     }
 
 
-class FunctionDefinition(_Request):
+class FunctionDefinition(RequestModel):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None  # arguments of a forced call always follow `parameters` strictly
 
 
-class ToolParam(_Request):
+class ToolParam(RequestModel):
     type: Literal["function"] = "function"
     function: FunctionDefinition
 
 
-class NamedFunction(_Request):
+class NamedFunction(RequestModel):
     name: str
 
 
-class NamedToolChoice(_Request):
+class NamedToolChoice(RequestModel):
     type: Literal["function"] = "function"
     function: NamedFunction
 
 
 # Fields both endpoints refuse unless left at what they honour. The value is what the field accepts.
-_COMMON_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
+COMMON_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "use_beam_search": (lambda v: v is False, "beam search is not implemented"),
     "length_penalty": (lambda v: v == 1.0, "length_penalty only applies to beam search, which is not implemented"),
     "spaces_between_special_tokens": (lambda v: v is True, "only true (the default) is supported"),
@@ -198,16 +197,16 @@ _COMMON_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: v in (None, "auto", "xgrammar"),
         "the only structured-output backend is xgrammar",
     ),
-    "guided_whitespace_pattern": (_unset, "custom whitespace patterns are not supported (xgrammar)"),
-    "structural_tag": (_unset, "structural tags are not supported"),
+    "guided_whitespace_pattern": (unset, "custom whitespace patterns are not supported (xgrammar)"),
+    "structural_tag": (unset, "structural tags are not supported"),
     "priority": (lambda v: v == 0, "priority scheduling is not supported (only 0)"),
-    "logits_processors": (_empty, "custom logits processors are not supported"),
-    "kv_transfer_params": (_empty, "disaggregated serving (KV transfer) is not supported"),
-    "vllm_xargs": (_empty, "no extension reads vllm_xargs here"),
+    "logits_processors": (empty, "custom logits processors are not supported"),
+    "kv_transfer_params": (empty, "disaggregated serving (KV transfer) is not supported"),
+    "vllm_xargs": (empty, "no extension reads vllm_xargs here"),
 }
 
 
-class SamplingFields(_Request):
+class SamplingFields(RequestModel):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI names, then vLLM extras)."""
 
     model: str | None = None
@@ -258,7 +257,7 @@ class SamplingFields(_Request):
     kv_transfer_params: dict[str, Any] | None = None
     vllm_xargs: dict[str, Any] | None = None
 
-    _REFUSED = _COMMON_REFUSED
+    _REFUSED = COMMON_REFUSED
 
     @model_validator(mode="after")
     def _check_common(self) -> SamplingFields:
@@ -328,9 +327,9 @@ class CompletionRequest(SamplingFields):
     prompt_embeds: Any = None
 
     _REFUSED = {
-        **_COMMON_REFUSED,
-        "suffix": (_empty, "suffix (insertion) is not supported"),
-        "prompt_embeds": (_unset, "prompt embeddings are not supported"),
+        **COMMON_REFUSED,
+        "suffix": (empty, "suffix (insertion) is not supported"),
+        "prompt_embeds": (unset, "prompt embeddings are not supported"),
     }
 
     @model_validator(mode="after")
@@ -363,30 +362,30 @@ def _is_batch(prompt: list) -> bool:
     return bool(prompt) and isinstance(prompt[0], (str, list))
 
 
-class TextPart(_Request):
+class TextPart(RequestModel):
     type: Literal["text"]
     text: str
 
 
-class ChatRefusalPart(_Request):
+class ChatRefusalPart(RequestModel):
     """An assistant's refusal, passed back: read as its text."""
 
     type: Literal["refusal"]
     refusal: str
 
 
-class ToolCallFunction(_Request):
+class ToolCallFunction(RequestModel):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
 
-class ToolCall(_Request):
+class ToolCall(RequestModel):
     id: str
     type: Literal["function"] = "function"
     function: ToolCallFunction
 
 
-class ChatMessage(_Request):
+class ChatMessage(RequestModel):
     # system, developer, user, assistant, tool; or any other role the chat template knows (Llama 3.1's ipython, a
     # --response-role passed back), as vLLM takes them
     role: str = Field(min_length=1, max_length=64)
@@ -403,8 +402,8 @@ class ChatMessage(_Request):
     function_call: Any = None
 
     _REFUSED = {
-        "audio": (_unset, "audio is not supported"),
-        "function_call": (_unset, "the deprecated function_call is not supported: use tool_calls"),
+        "audio": (unset, "audio is not supported"),
+        "function_call": (unset, "the deprecated function_call is not supported: use tool_calls"),
     }
 
     @model_validator(mode="after")
@@ -462,24 +461,24 @@ class ChatMessage(_Request):
 
 
 _CHAT_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    **_COMMON_REFUSED,
-    "mm_processor_kwargs": (_empty, "multimodal inputs are not supported"),
-    "functions": (_unset, "the deprecated functions field is not supported: use tools"),
-    "function_call": (_unset, "the deprecated function_call field is not supported: use tool_choice"),
-    "audio": (_unset, "audio output is not supported"),
+    **COMMON_REFUSED,
+    "mm_processor_kwargs": (empty, "multimodal inputs are not supported"),
+    "functions": (unset, "the deprecated functions field is not supported: use tools"),
+    "function_call": (unset, "the deprecated function_call field is not supported: use tool_choice"),
+    "audio": (unset, "audio output is not supported"),
     "modalities": (lambda v: v is None or v == ["text"], "only the text modality is supported"),
-    "prediction": (_unset, "predicted outputs are not supported"),
+    "prediction": (unset, "predicted outputs are not supported"),
     "store": (lambda v: not v, "this server does not store completions"),
     "service_tier": (lambda v: v in (None, "auto", "default"), "there is one service tier (auto/default)"),
     "reasoning_effort": (
-        _unset,
+        unset,
         "reasoning_effort cannot be honoured: switch thinking with the chat template's own variable in "
         "chat_template_kwargs (e.g. enable_thinking)",
     ),
-    "verbosity": (_unset, "verbosity is not supported"),
-    "web_search_options": (_unset, "web search is not supported"),
-    "moderation": (_unset, "moderation is not supported"),
-    "prompt_cache_options": (_unset, "prompt cache options are not supported (prompts are cached automatically)"),
+    "verbosity": (unset, "verbosity is not supported"),
+    "web_search_options": (unset, "web search is not supported"),
+    "moderation": (unset, "moderation is not supported"),
+    "prompt_cache_options": (unset, "prompt cache options are not supported (prompts are cached automatically)"),
 }
 
 
@@ -554,7 +553,7 @@ class ChatCompletionRequest(SamplingFields):
         return self.tool_choice or "auto"
 
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(RequestModel):
     """vLLM's /tokenize: a prompt, or messages rendered as /v1/chat/completions renders them."""
 
     model: str | None = None
@@ -590,22 +589,22 @@ class TokenizeRequest(_Request):
         return [name for name in self._CHAT_ONLY if name in self.model_fields_set and getattr(self, name) is not None]
 
 
-class DetokenizeRequest(_Request):
+class DetokenizeRequest(RequestModel):
     model: str | None = None
     tokens: list[int]
 
 
-def parse_request(model: type[_Request], body: Any) -> Any:
+def parse_request(model: type[RequestModel], body: Any) -> Any:
     """Validate a decoded JSON body; a pydantic error becomes a 400 whose `param` names the field."""
     if not isinstance(body, dict):
         raise APIError("the request body must be a JSON object")
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        raise _validation_to_api_error(exc) from None
+        raise _validation_to_api_error(exc, model) from None
 
 
-def _validation_to_api_error(exc: ValidationError) -> APIError:
+def _validation_to_api_error(exc: ValidationError, model: type[RequestModel]) -> APIError:
     err = _most_specific(exc.errors())
     loc = [str(x) for x in err["loc"] if isinstance(x, (int, str))]
     # Union branches show up as loc entries like "list[int]"; keep only real field names and indexes.
@@ -614,7 +613,7 @@ def _validation_to_api_error(exc: ValidationError) -> APIError:
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
-        param = param or _param_from_message(msg, model_fields(exc.title))
+        param = param or _param_from_message(msg, _fields_of(exc.title, model))
     where = ".".join(loc)
     return APIError(f"{where}: {msg}" if where else msg, param=param)
 
@@ -627,19 +626,12 @@ def _most_specific(errors: list[Any]) -> Any:
     return max((e for e in errors if e["loc"][:1] == field), key=lambda e: len(e["loc"]))  # (ties: the first)
 
 
-def model_fields(title: str) -> set[str]:
-    models = {
-        m.__name__: m
-        for m in (
-            CompletionRequest,
-            ChatCompletionRequest,
-            TokenizeRequest,
-            StructuredOutputsField,
-            ResponseFormat,
-            ResponsesRequest,
-        )
-    }
-    return set(models[title].model_fields) if title in models else set()
+def _fields_of(title: str, model: type[RequestModel]) -> set[str]:
+    """The fields of the model whose validator failed (`title`): the request's own, or a nested one's."""
+    for m in (model, StructuredOutputsField, ResponseFormat):
+        if m.__name__ == title:
+            return set(m.model_fields)
+    return set()
 
 
 def _param_from_message(message: str, fields: set[str]) -> str | None:
@@ -651,300 +643,3 @@ def _param_from_message(message: str, fields: set[str]) -> str | None:
 def param_from_value_error(message: str, request_type: type[BaseModel]) -> str | None:
     """Map a SamplingParams/engine ValueError message to the request field it is about."""
     return _param_from_message(message, set(request_type.model_fields))
-
-
-# ---------------------------------------------------------------------------------------------- /v1/responses
-# OpenAI's Responses API, stateless (server/responses_api.py): the request becomes a chat request. Input items and
-# tools are checked here, so that what reaches the chat path is valid and a bad item's 400 names `input`.
-
-RESPONSE_INCLUDES = ("message.output_text.logprobs",)  # the one `include` value the server produces
-
-
-class InputTextPart(_Request):
-    type: Literal["input_text", "output_text"]
-    text: str
-    annotations: list[Any] | None = None  # (an earlier response's output_text, passed back: read for its text)
-    logprobs: list[Any] | None = None
-
-
-class RefusalPart(_Request):
-    type: Literal["refusal"]
-    refusal: str
-
-
-def _no_media_parts(item: Any) -> None:
-    """Say plainly that media parts are not supported, instead of listing every union branch that failed."""
-    content = (item.get("content") or item.get("output")) if isinstance(item, dict) else None
-    for part in content if isinstance(content, list) else []:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if isinstance(kind, str) and (kind in MEDIA_PARTS or kind == "input_file"):
-            raise ValueError(
-                f"{MEDIA_PARTS.get(kind, 'files')} are not supported ({kind!r} part): the model is text-only"
-            )
-
-
-class InputMessageItem(_Request):
-    """A message item: EasyInputMessage, an input Message or an earlier response's output message."""
-
-    type: Literal["message"] = "message"
-    role: Literal["user", "system", "developer", "assistant"]
-    content: str | list[InputTextPart | RefusalPart]
-    id: str | None = None
-    status: str | None = None
-    phase: str | None = None
-
-    def text(self) -> str:
-        """String content; parts joined with newlines, as chat joins text parts."""
-        if isinstance(self.content, str):
-            return self.content
-        return "\n".join(p.text if isinstance(p, InputTextPart) else p.refusal for p in self.content)
-
-
-class FunctionCallItem(_Request):
-    type: Literal["function_call"]
-    call_id: str
-    name: str
-    arguments: str  # JSON text
-    id: str | None = None
-    status: str | None = None
-
-    @field_validator("arguments")
-    @classmethod
-    def _json_text(cls, text: str) -> str:
-        """Checked here, so that the error names the input item (the chat template reads the arguments as an
-        object, and would name the chat message the item became); empty text is no arguments, as in chat."""
-        if text:
-            try:
-                json.loads(text)
-            except ValueError:
-                raise ValueError(f"must be JSON text, got {text!r}") from None
-        return text
-
-
-class FunctionCallOutputItem(_Request):
-    type: Literal["function_call_output"]
-    call_id: str
-    output: str | list[InputTextPart]
-    id: str | None = None
-    status: str | None = None
-
-    def text(self) -> str:
-        return self.output if isinstance(self.output, str) else "\n".join(p.text for p in self.output)
-
-
-class ReasoningItem(_Request):
-    """An earlier response's reasoning, passed back: its text goes with the assistant message after it, as that
-    message's `reasoning` in chat (ChatMessage)."""
-
-    type: Literal["reasoning"]
-    id: str | None = None
-    summary: list[Any] = []
-    content: list[Any] | None = None
-    encrypted_content: str | None = None
-    status: str | None = None
-
-    def text(self) -> str | None:
-        """Its reasoning_text parts, joined; None where it has none (a summary alone, or encrypted content)."""
-        texts = [
-            part["text"]
-            for part in self.content or []
-            if isinstance(part, dict) and part.get("type") == "reasoning_text" and isinstance(part.get("text"), str)
-        ]
-        return "\n".join(texts) if texts else None
-
-
-INPUT_ITEMS = {"message": InputMessageItem, "function_call": FunctionCallItem,
-               "function_call_output": FunctionCallOutputItem, "reasoning": ReasoningItem}  # fmt: skip
-InputItem = typing.Annotated[
-    InputMessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem, Field(discriminator="type")
-]
-
-
-class FunctionTool(_Request):
-    type: Literal["function"]
-    name: str
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None  # arguments of a forced call always follow `parameters` strictly
-
-
-class FunctionToolChoice(_Request):
-    type: Literal["function"]
-    name: str
-
-
-class TextFormat(_Request):
-    type: Literal["text", "json_object", "json_schema"]
-    name: str | None = None
-    description: str | None = None
-    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None  # outputs always follow the schema strictly (what strict=true asks)
-
-    @model_validator(mode="after")
-    def _needs_schema(self) -> TextFormat:
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("format of type json_schema needs a schema")
-        return self
-
-
-class TextConfig(_Request):
-    format: TextFormat | None = None
-    verbosity: str | None = None
-
-    _REFUSED = {"verbosity": (_unset, "verbosity is not supported")}
-
-
-class ReasoningConfig(_Request):
-    effort: str | None = None  # to the chat template, as vLLM passes it (server/responses_api.py)
-    summary: str | None = None
-    generate_summary: str | None = None
-    context: str | None = None
-    mode: str | None = None
-
-    _REFUSED = {
-        "summary": (lambda v: v in (None, "auto"), "reasoning summaries are not produced (the reasoning is returned)"),
-        "generate_summary": (_unset, "reasoning summaries are not produced (the reasoning is returned)"),
-        "context": (lambda v: v in (None, "auto", "current_turn"), "earlier turns' reasoning is never rendered"),
-        "mode": (lambda v: v in (None, "standard"), "there is one reasoning mode (standard)"),
-    }
-
-
-class ResponseStreamOptions(_Request):
-    include_obfuscation: bool | None = None
-
-    _REFUSED = {"include_obfuscation": (lambda v: not v, "stream events carry no obfuscation")}
-
-
-_STATELESS = "this server is stateless: it stores no responses or conversations"
-_RESPONSES_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    **{k: _COMMON_REFUSED[k] for k in ("priority", "kv_transfer_params", "vllm_xargs")},
-    "previous_response_id": (_unset, f"{_STATELESS}: send the earlier items in `input`"),
-    "conversation": (_unset, f"{_STATELESS}: send the earlier items in `input`"),
-    "background": (lambda v: not v, f"{_STATELESS}, so it cannot run one in the background"),
-    "background_options": (_unset, f"{_STATELESS}, so it cannot run one in the background"),
-    "prompt": (_unset, "prompt templates are not supported"),
-    "max_tool_calls": (_unset, "there are no built-in tools (only function tools, which the client runs)"),
-    "truncation": (lambda v: v in (None, "disabled"), "only truncation disabled: an input too long is a 400"),
-    "include": (
-        lambda v: all(x in RESPONSE_INCLUDES for x in v or []),
-        f"the only value supported is {RESPONSE_INCLUDES[0]!r}",
-    ),
-    "context_management": (_empty, "context management (compaction) is not supported"),
-    "moderation": (_unset, "moderation is not supported"),
-    "image": (_unset, "the model is text-only"),
-    "access_programs": (_unset, "there are no access programs"),
-    "prompt_cache_options": (_unset, "prompt cache options are not supported (prompts are cached automatically)"),
-    "service_tier": (lambda v: v in (None, "auto", "default"), "there is one service tier (auto/default)"),
-    "mm_processor_kwargs": (_empty, "multimodal inputs are not supported"),
-    "enable_response_messages": (lambda v: not v, "response messages are not returned"),
-    "previous_input_messages": (_unset, "Harmony input messages are not supported"),
-}
-
-
-class ResponsesRequest(_Request):
-    """POST /v1/responses: OpenAI's fields, then vLLM's extensions (those it shares with chat)."""
-
-    model: str | None = None
-    input: str | list[InputItem]
-    instructions: str | None = None
-    max_output_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    include: list[str] | None = None
-    tools: list[FunctionTool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice | None = None
-    parallel_tool_calls: bool | None = None
-    text: TextConfig | None = None
-    reasoning: ReasoningConfig | None = None
-    metadata: dict[str, str] | None = None  # echoed back: no effect on the output
-    user: str | None = None  # echoed back: no effect on the output
-    safety_identifier: str | None = None  # echoed back: no effect on the output
-    prompt_cache_key: str | None = None  # a caching hint; prompts are cached (or not) whatever it says
-    prompt_cache_retention: str | None = None
-    store: bool | None = None  # accepted: nothing is stored (the README says so; there is no GET)
-    stream: bool = False
-    stream_options: ResponseStreamOptions | None = None
-    service_tier: str | None = None
-    # refused unless unset (see _RESPONSES_REFUSED)
-    previous_response_id: str | None = None
-    conversation: Any = None
-    background: bool | None = None
-    background_options: Any = None
-    prompt: Any = None
-    max_tool_calls: int | None = None
-    truncation: str | None = None
-    context_management: list[Any] | None = None
-    moderation: Any = None
-    image: Any = None
-    access_programs: Any = None
-    prompt_cache_options: Any = None
-    # vLLM extensions (as chat reads them)
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
-    stop: str | list[str] | None = None
-    ignore_eos: bool = False
-    logit_bias: dict[str, float | int] | None = None
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
-    request_id: str | None = Field(default=None, min_length=1, max_length=256)
-    cache_salt: str | None = Field(default=None, min_length=1)
-    structured_outputs: StructuredOutputsField | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    include_reasoning: bool = True
-    session_id: str | None = None  # for the caller's records: no effect on the output
-    priority: int = 0
-    vllm_xargs: dict[str, Any] | None = None
-    kv_transfer_params: dict[str, Any] | None = None
-    mm_processor_kwargs: dict[str, Any] | None = None
-    enable_response_messages: bool = False
-    previous_input_messages: list[Any] | None = None
-
-    _REFUSED = _RESPONSES_REFUSED
-
-    @field_validator("input", mode="before")
-    @classmethod
-    def _typed_items(cls, items: Any) -> Any:
-        """A message item may leave out its type (EasyInputMessage); an item of another type is named plainly."""
-        if not isinstance(items, list):
-            return items
-        out = []
-        for j, item in enumerate(items):
-            if isinstance(item, dict) and "type" not in item and "role" in item:
-                item = {**item, "type": "message"}
-            kind = item.get("type") if isinstance(item, dict) else None
-            if isinstance(kind, str) and kind not in INPUT_ITEMS:
-                raise ValueError(f"[{j}]: {kind!r} items are not supported (only {', '.join(INPUT_ITEMS)})")
-            _no_media_parts(item)
-            out.append(item)
-        return out
-
-    @field_validator("tools", mode="before")
-    @classmethod
-    def _function_tools_only(cls, tools: Any) -> Any:
-        for tool in tools if isinstance(tools, list) else []:
-            kind = tool.get("type") if isinstance(tool, dict) else None
-            if kind != "function":
-                raise ValueError(f"{kind!r} tools are not supported: only function tools (which the client runs)")
-        return tools
-
-    @model_validator(mode="after")
-    def _check_responses(self) -> ResponsesRequest:
-        if self.input == "" or self.input == []:
-            raise ValueError("input must not be empty")
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
-        if isinstance(self.tool_choice, FunctionToolChoice) and self.tool_choice.name not in {
-            t.name for t in self.tools or []
-        }:
-            raise ValueError(f"tool_choice names the function {self.tool_choice.name!r}, not in tools")
-        if self.tool_choice == "required" and not self.tools:
-            raise ValueError("tool_choice required needs tools")
-        return self
-
-    def wants_logprobs(self) -> bool:
-        return "message.output_text.logprobs" in (self.include or []) or bool(self.top_logprobs)

@@ -6,7 +6,7 @@ server/chat.py starts as any other; its output is then shaped as output items: `
 reasoning parser), `message` (output_text, with logprobs when asked) and `function_call`s. A stream is chat's
 deltas (reasoning split off, tool calls parsed: ChatEvents) re-told as OpenAI's typed events, numbered by
 `sequence_number`. Nothing is stored: there is no GET /v1/responses/{id}, and `previous_response_id`,
-`conversation` and `background` get a 400 naming them (server/protocol.py: ResponsesRequest).
+`conversation` and `background` get a 400 naming them (server/responses_protocol.py: ResponsesRequest).
 """
 
 from __future__ import annotations
@@ -21,19 +21,17 @@ from fastapi.responses import Response
 from miniserve.server import responses as fmt
 from miniserve.server.chat import ChatEvents, ChatRun, assistant_message, start_chat
 from miniserve.server.event_stream import EventStream
-from miniserve.server.protocol import (
-    APIError,
-    ChatCompletionRequest,
+from miniserve.server.protocol import APIError, ChatCompletionRequest, parse_request
+from miniserve.server.reasoning import START, split_reasoning
+from miniserve.server.request_group import collect_finals, request_usage
+from miniserve.server.responses_protocol import (
     FunctionCallItem,
     FunctionCallOutputItem,
     FunctionToolChoice,
     InputMessageItem,
     ReasoningItem,
     ResponsesRequest,
-    parse_request,
 )
-from miniserve.server.reasoning import START, split_reasoning
-from miniserve.server.request_group import collect_finals, request_usage
 from miniserve.server.state import ServerState, state_of
 
 # chat fields whose errors are about a Responses field of another name
