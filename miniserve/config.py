@@ -347,6 +347,17 @@ class ServerConfig:
         "answer every request with an X-Request-Id header, as vLLM's --enable-request-id-headers: the request's own "
         "X-Request-Id, else a new id",
     )
+    enable_log_requests: bool = setting(
+        False,
+        "log each request as it is posted: its id, prompt (text and token ids) and sampling parameters, as vLLM's "
+        "--enable-log-requests",
+    )
+    max_log_len: int | None = setting(
+        None,
+        "characters of prompt text, and token ids, that a request's log line shows",
+        shown_default="all",
+        needs="enable_log_requests",
+    )
     disable_log_stats: bool = setting(
         False, "no periodic engine lines in the log (the next setting's), as vLLM's --disable-log-stats"
     )
@@ -413,7 +424,7 @@ class ServerConfig:
         _check_min("api_servers", self.api_servers, 1)
         for name in ("max_body_bytes", "max_prompts_per_request", "max_prompt_chars"):
             _check_min(name, getattr(self, name), 1)
-        for name in ("max_connections", "max_prompt_tokens"):
+        for name in ("max_connections", "max_prompt_tokens", "max_log_len"):
             if getattr(self, name) is not None:
                 _check_min(name, getattr(self, name), 1)
         for name in ("drain_timeout", "stream_stall_timeout"):

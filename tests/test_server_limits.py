@@ -144,19 +144,29 @@ def test_speculative_decoding_stats_in_usage_and_metrics(url):
     assert metric(after, "spec_decode_mean_acceptance_length") == pytest.approx(1 + accepted / drafts)
 
 
-def test_the_log_has_vllms_engine_lines_and_speculative_decodings(model_dir, tmp_path):
+def test_the_log_has_vllms_request_and_engine_lines_and_speculative_decodings(model_dir, tmp_path):
     """Every log_stats_interval the server logs vLLM's engine line, and with speculative decoding its acceptance
     line: over the lines of a greedy request whose draft is the target itself, every drafted token is accepted,
-    and they add up to the request's rounds (201 tokens: the prompt pass's, then 50 rounds of 3 drafted + 1)."""
+    and they add up to the request's rounds (201 tokens: the prompt pass's, then 50 rounds of 3 drafted + 1).
+    With enable_log_requests, each request's line as it is posted."""
     env = {"MINISERVE_SERVED_MODEL_NAME": MODEL_NAME, "MINISERVE_SPECULATIVE_MODEL": str(model_dir),
-           "MINISERVE_NUM_SPECULATIVE_TOKENS": "3", "MINISERVE_LOG_STATS_INTERVAL": "0.2"}  # fmt: skip
-    body = {"model": MODEL_NAME, "prompt": "ROMEO:", "max_tokens": 201, "temperature": 0, "ignore_eos": True}
+           "MINISERVE_NUM_SPECULATIVE_TOKENS": "3", "MINISERVE_LOG_STATS_INTERVAL": "0.2",
+           "MINISERVE_ENABLE_LOG_REQUESTS": "1", "MINISERVE_MAX_LOG_LEN": "4"}  # fmt: skip
+    body = {"model": MODEL_NAME, "prompt": "ROMEO: a long prompt", "max_tokens": 201, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
     with open(tmp_path / "server.log", "w+b") as log:
         with uvicorn_server(model_dir, log, log_level="info", **env) as (url, _):
-            assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
+            r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200
+            ids = httpx.post(url + "/tokenize", json={"prompt": body["prompt"]}).json()["tokens"]
             time.sleep(0.6)  # the interval in which it ended is logged
             log.seek(0)
             text = log.read().decode(errors="replace")
+    # --enable-log-requests: the request's line, its prompt's text and ids cut at max_log_len (4)
+    (logged,) = re.findall(r"Received request (\S+)-0: prompt: '(.*)', params: (SamplingParams\(.*\)), "
+                           r"prompt_token_ids: \[(.*)\]\n", text)  # fmt: skip
+    assert logged[0] == r.json()["id"] and len(logged[1]) == 4 and "max_tokens=201" in logged[2], logged
+    assert [int(i) for i in logged[3].split(", ")] == ids[:4] and len(ids) > 4, (logged, ids)
     engine = re.findall(r"Engine 000: Avg prompt throughput: [\d.]+ tokens/s, Avg generation throughput: ([\d.]+) "
                         r"tokens/s, Running: (\d+) reqs, Waiting: 0 reqs, KV cache usage: [\d.]+%, Prefix cache hit "
                         r"rate: [\d.]+%", text)  # fmt: skip

@@ -65,12 +65,24 @@ class RequestGroup:
                 self.streams.append(stream)
                 batch.append((rid, ids, p, stream, await self._engine_work(p)))
             await self.state.engine.add_requests(batch)
+            if self.state.server.enable_log_requests:
+                for rid, ids, p, *_ in batch:
+                    self._log_request(rid, ids, p)
         except ValueError as exc:  # the engine's validation: token ids, context or KV pool too small
             self.abort()
             raise APIError(str(exc), param=prompt_param) from None
         except BaseException:
             self.abort()
             raise
+
+    def _log_request(self, request_id: str, ids: list[int], params: Any) -> None:
+        """vLLM's --enable-log-requests line: the prompt's text and ids, each cut at max_log_len."""
+        cut = self.state.server.max_log_len
+        shown = ids if cut is None else ids[:cut]
+        text = self.state.tokenizer.decode(shown, skip_special_tokens=False)
+        text = text if cut is None else text[:cut]
+        line = "Received request %s: prompt: %r, params: %s, prompt_token_ids: %s"
+        logger.info(line, request_id, text, params, shown)
 
     async def _engine_work(self, p: Any) -> str | None:
         """What the engine's step loop should not do, done here on a worker thread: bad words tokenized, and the
