@@ -404,6 +404,15 @@ class ServerConfig:
     allow_credentials: bool = setting(
         False, "let such pages send cookies and HTTP authentication (CORS's Access-Control-Allow-Credentials)"
     )
+    ssl_certfile: str | None = setting(
+        None,
+        "serve HTTPS with this certificate (chain) file, as vLLM's --ssl-certfile (under uvicorn: its own "
+        "--ssl-certfile)",
+        shown_default="off: HTTP",
+    )
+    ssl_keyfile: str | None = setting(
+        None, "the certificate's private key file, unless the certificate file holds it", needs="ssl_certfile"
+    )
     host: str = setting("127.0.0.1", "bind address (0.0.0.0 exposes the server)")
     port: int = setting(8000, "TCP port")
     log_level: str = setting("info", "server log level", LOG_LEVELS)
@@ -416,6 +425,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         check_types(self)
         check_choices(self)
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise SettingError("ssl_keyfile", "ssl_keyfile needs ssl_certfile, the certificate it is the key of")
         if self.api_key is not None and not self.api_key.strip():  # (an empty variable is unset: a flag is not)
             raise SettingError("api_key", "api_key must not be empty: leave it unset to serve without a key")
         if not self.response_role.strip():

@@ -17,7 +17,9 @@ import logging
 import math
 import random
 import select
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -590,6 +592,54 @@ def test_miniserve_serve_takes_the_connection_flags(llama_dir):
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_miniserve_serve_serves_https_with_vllms_ssl_flags(llama_dir, tmp_path):
+    """--ssl-certfile and --ssl-keyfile (vLLM's flags): the API over HTTPS, checked against the certificate, and
+    the address logged as https; plain HTTP on that port gets no answer. A certificate that cannot be loaded is
+    one line before the model loads; a key without a certificate too."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    trusted = ssl.create_default_context(cafile=str(cert))
+    port = free_port()
+    cmd = [sys.executable, "-m", "miniserve.cli", "serve", "--model", str(llama_dir), "--device", "cpu"]
+    cmd += ["--dtype", "float32", "--port", str(port), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log)
+        try:
+            url = f"https://127.0.0.1:{port}"
+            deadline = time.monotonic() + 120
+            while True:
+                assert proc.poll() is None and time.monotonic() < deadline, "the HTTPS server did not come up"
+                try:
+                    if httpx.get(url + "/health", verify=trusted, timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+            body = {"model": str(llama_dir), "prompt": "To be", "max_tokens": 2}
+            r = httpx.post(url + "/v1/completions", json=body, verify=trusted, timeout=60)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+            with pytest.raises(httpx.TransportError):  # (TLS's handshake is all this port speaks)
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+            log.seek(0)
+            assert f"miniserve: listening on https://127.0.0.1:{port}" in log.read().decode(errors="replace")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    base = [sys.executable, "-m", "miniserve.cli", "serve", "--model", str(llama_dir), "--device", "cpu"]
+    for extra, says in (
+        (["--ssl-certfile", str(key)], f"cannot serve HTTPS with '{key}': "),  # (a key, no certificate)
+        (["--ssl-certfile", str(cert), "--ssl-keyfile", str(tmp_path / "none.pem")], "cannot serve HTTPS with"),
+        (["--ssl-keyfile", str(key)], "--ssl-keyfile: ssl_keyfile needs ssl_certfile"),
+    ):
+        run = subprocess.run(base + extra, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and run.stderr.startswith("miniserve: error: ") and says in run.stderr, run.stderr
+        assert run.stderr.count("\n") == 1, run.stderr
 
 
 # ---------------------------------------------------------------------------------------------- fuzz

@@ -86,7 +86,8 @@ def test_every_field_is_a_flag_and_a_variable(cls):
             argv = [flag, as_text(value)]
         extra = ["--prompt", "x"] if command == "generate" else []
         needs = f.metadata["needs"]  # (a setting that does nothing alone comes with the one it needs)
-        base = {"MINISERVE_" + needs.upper(): "demo"} if needs else {}
+        needed = next((g for g in fields(cls) if g.name == needs), None)
+        base = {"MINISERVE_" + needs.upper(): "1" if needed.type in (bool, "bool") else "demo"} if needs else {}
         args = parser.parse_args([command, *extra, *argv])
         assert getattr(from_sources(cls, args, env=base), f.name) == value, flag
         assert getattr(from_sources(cls, None, env={**base, var: as_text(value)}), f.name) == value, var

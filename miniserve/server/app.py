@@ -320,7 +320,8 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> tuple[EngineConfig
     if warning := check_shared_dir(env):
         logging.getLogger("uvicorn.error").warning("%s", warning)
     server = from_sources(ServerConfig, env=env)
-    for name, flag in (("host", "--host"), ("port", "--port"), ("log_level", "--log-level")):
+    uvicorns = ("host", "port", "log_level", "ssl_certfile", "ssl_keyfile")
+    for name, flag in ((name, "--" + name.replace("_", "-")) for name in uvicorns):
         if f"MINISERVE_{name.upper()}" in env:  # read by `miniserve serve`; uvicorn has its own flag
             logging.getLogger("uvicorn.error").warning(
                 "MINISERVE_%s is not read by uvicorn: pass uvicorn's %s (or run `miniserve serve`)", name.upper(), flag

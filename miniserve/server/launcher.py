@@ -26,6 +26,7 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from typing import Any
@@ -42,7 +43,7 @@ def run_server(config: EngineConfig, server: ServerConfig) -> int:
     """`miniserve serve` with one API server: the app starts the engine itself; the exit status."""
     from miniserve.server.app import create_app
 
-    _check_before_start(config)
+    _check_before_start(config, server)
     if server.api_servers > 1:
         raise ValueError("several API servers are started by run_api_servers")
     sock = bind(server.host, server.port)  # a busy port is one line now, not after the model loaded
@@ -53,7 +54,7 @@ def run_api_servers(config: EngineConfig, server: ServerConfig) -> int:
     """Serve with server.api_servers API server processes until told to stop; the exit status."""
     from miniserve.server.engine_process import spawn_engine
 
-    _check_before_start(config)
+    _check_before_start(config, server)
     sock = bind(server.host, server.port)
     engine, links = spawn_engine(config, server.api_servers)
     ctx = mp.get_context("spawn")
@@ -87,11 +88,18 @@ def run_api_servers(config: EngineConfig, server: ServerConfig) -> int:
     return status
 
 
-def _check_before_start(config: EngineConfig) -> None:
-    """The model directories and the metrics directory, before anything starts: the CLI prints one clear line."""
+def _check_before_start(config: EngineConfig, server: ServerConfig) -> None:
+    """The model directories, the HTTPS certificate and the metrics directory, before anything starts: the CLI
+    prints one clear line (uvicorn would fail on a bad certificate with a traceback, after the model loaded)."""
     from miniserve.server.metrics import check_shared_dir
 
     config.check_dirs()
+    if server.ssl_certfile is not None:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(server.ssl_certfile, server.ssl_keyfile)
+        except OSError as e:  # (ssl.SSLError is one)
+            files = " and ".join(repr(f) for f in (server.ssl_certfile, server.ssl_keyfile) if f)
+            raise ValueError(f"cannot serve HTTPS with {files}: {e}") from None
     if warning := check_shared_dir():
         print(f"miniserve: warning: {warning}", file=sys.stderr)
 
@@ -167,7 +175,10 @@ def _serve(app: Any, server: ServerConfig, sock: socket.socket, announce: bool =
             await super().startup(sockets)  # the model loaded, then the socket listens
             if announce and self.started:  # (uvicorn names only the sockets it bound itself)
                 host, port = sock.getsockname()[:2]
-                logging.getLogger("uvicorn.error").info("miniserve: listening on http://%s:%d", _url_host(host), port)
+                scheme = "http" if server.ssl_certfile is None else "https"
+                logging.getLogger("uvicorn.error").info(
+                    "miniserve: listening on %s://%s:%d", scheme, _url_host(host), port
+                )
 
     uvicorn_server = Server(
         uvicorn.Config(
@@ -176,6 +187,8 @@ def _serve(app: Any, server: ServerConfig, sock: socket.socket, announce: bool =
             http=connection_protocol(server),
             # past the drain, uvicorn stops waiting for connections (a client that never reads holds its send)
             timeout_graceful_shutdown=server.drain_timeout + 2.0,
+            ssl_certfile=server.ssl_certfile,
+            ssl_keyfile=server.ssl_keyfile,
         )
     )
     try:
