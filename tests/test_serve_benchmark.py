@@ -118,10 +118,14 @@ def test_serve_benchmark_with_two_api_servers(tmp_path):
     assert res["phases"]["offline"]["output_tokens"] == 30  # the offline engine took the engine's flags only
 
 
-def test_serve_trace_splits_each_stage(tmp_path):
+def test_serve_trace_splits_each_stage_and_each_phase_computes_its_whole_workload(tmp_path):
+    """The trace splits each streamed request's time to first token into its stages, on the real engine and the
+    fake one. Phases on one server must not reuse each other's prompts (the prefix cache would skip their prefill:
+    the second phase then looked faster than offline): both phases compute the same number of tokens, every prompt
+    token included. The traced ramps count each phase's steps, from the engine's own messages, as /metrics does."""
     res = _serve(
-        tmp_path, "--phases", "stream,fake", "--fake-step-ms", "2", "--request-rate", "20",
-        "--engine-args=--device cpu --max-num-seqs 8", "--trace-dir", str(tmp_path / "trace"),
+        tmp_path, "--phases", "stream,plain,offline,fake", "--fake-step-ms", "2", "--input-len", "40",
+        "--engine-args=--device cpu --max-num-seqs 8 --block-size 16", "--trace-dir", str(tmp_path / "trace"),
     )  # fmt: skip
     for key, phase in (("real/stream", "stream"), ("fake/stream", "fake")):
         trace = res["trace"][key]
@@ -130,16 +134,6 @@ def test_serve_trace_splits_each_stage(tmp_path):
         for stage in ("admission", "to_engine", "engine", "to_client"):
             p50, p90, p99 = (float(x) for x in trace[f"ttft_{stage}_ms"].split()[1::2])
             assert 0 <= p50 <= p90 <= p99, (stage, trace)
-
-
-def test_each_served_phase_computes_its_whole_workload_and_the_ramps_line_up(tmp_path):
-    """Phases on one server must not reuse each other's prompts (the prefix cache would skip their prefill: the
-    second phase then looked faster than offline): both phases compute the same number of tokens, every prompt
-    token included. The traced ramps count each phase's steps, from the engine's own messages, as /metrics does."""
-    res = _serve(
-        tmp_path, "--phases", "stream,plain,offline", "--input-len", "40",
-        "--engine-args=--device cpu --max-num-seqs 8 --block-size 16", "--trace-dir", str(tmp_path / "trace"),
-    )  # fmt: skip
     phases = res["phases"]
     computed = {ph: phases[ph]["engine_steps"] * phases[ph]["tokens_per_step"] for ph in ("stream", "plain")}
     assert round(computed["stream"]) == round(computed["plain"]) >= 6 * 40, computed
