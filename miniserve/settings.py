@@ -70,7 +70,7 @@ def from_sources(cls: type, args: argparse.Namespace | None = None, env: Mapping
     by_name = {f.name: f for f in fields(cls)}
     for name, source in sources.items():  # (on the settings as set: speculative_config sets speculative_model)
         needs = by_name[name].metadata.get("needs")
-        if needs and getattr(config, needs) is None:
+        if needs and getattr(config, needs) in (None, False):  # (a draft, a certificate; a switch left off)
             where = flag(by_name[needs]) if source.startswith("--") else env_var(by_name[needs])
             raise SettingError(name, f"{source}: does nothing without {where}")
     return config

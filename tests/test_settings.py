@@ -158,6 +158,11 @@ def test_bad_flag_and_bad_variable_are_one_line_cli_errors(monkeypatch, capsys):
     with pytest.raises(ValueError, match="^MINISERVE_OVERLAP_SPEC_ROUNDS='0': does nothing without MINISERVE_SPEC"):
         from_sources(EngineConfig, env=env)
     assert from_sources(EngineConfig, env={**env, "MINISERVE_SPECULATIVE_MODEL": "demo"}).overlap_spec_rounds is False
+    env = {"MINISERVE_MAX_LOG_LEN": "10"}  # what it needs is a switch: off (its default) or given off
+    for switch in ({}, {"MINISERVE_ENABLE_LOG_REQUESTS": "0"}):
+        with pytest.raises(ValueError, match="^MINISERVE_MAX_LOG_LEN='10': does nothing without MINISERVE_ENABLE_LOG"):
+            from_sources(ServerConfig, env={**env, **switch})
+    assert from_sources(ServerConfig, env={**env, "MINISERVE_ENABLE_LOG_REQUESTS": "1"}).max_log_len == 10
     monkeypatch.setenv("MINISERVE_MAX_WAITING", "-1")
     assert cli.main(["serve"]) == 2
     assert capsys.readouterr().err == "miniserve: error: MINISERVE_MAX_WAITING='-1': max_waiting must be >= 0, got -1\n"
