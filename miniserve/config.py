@@ -48,11 +48,17 @@ class SettingError(ValueError):
 
 
 def setting(
-    default, help: str, choices: tuple[str, ...] | None = None, shown_default: str | None = None, needs: str = ""
+    default,
+    help: str,
+    choices: tuple[str, ...] | None = None,
+    shown_default: str | None = None,
+    needs: str = "",
+    vllm_flag: str = "",
 ):
     """A dataclass field with what the CLI, the environment and the docs need to know about it; `needs`: the
-    setting without which this one does nothing (given alone as a flag or variable, it is an error)."""
-    meta = {"help": help, "choices": choices, "shown_default": shown_default, "needs": needs}
+    setting without which this one does nothing (given alone as a flag or variable, it is an error); `vllm_flag`:
+    vLLM's name for the flag, where it differs, taken too (a `vllm serve` command line works as written)."""
+    meta = {"help": help, "choices": choices, "shown_default": shown_default, "needs": needs, "vllm_flag": vllm_flag}
     return field(default=default, metadata=meta)
 
 
@@ -392,6 +398,7 @@ class ServerConfig:
         "HTTP server processes sharing the one engine (miniserve serve only), like vLLM's --api-server-count: "
         "each parses, detokenizes and streams its own connections, so more streams keep up with the engine; each "
         "admits its share of max_num_seqs and max_waiting, and the connection limit applies to each",
+        vllm_flag="--api-server-count",
     )
     allowed_origins: str = setting(
         "*",
@@ -415,7 +422,7 @@ class ServerConfig:
     )
     host: str = setting("127.0.0.1", "bind address (0.0.0.0 exposes the server)")
     port: int = setting(8000, "TCP port")
-    log_level: str = setting("info", "server log level", LOG_LEVELS)
+    log_level: str = setting("info", "server log level", LOG_LEVELS, vllm_flag="--uvicorn-log-level")
     access_log: bool = setting(
         True,
         "log a line per HTTP request (uvicorn's access log); --no-access-log, like vLLM's "

@@ -42,12 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in fields(cls):
         kind = field_type(cls, f)[0]
         help_text = f"{f.metadata['help']} (default: {shown_default(f)}; env {env_var(f)})"
+        names = [flag(f), *([f.metadata["vllm_flag"]] if f.metadata.get("vllm_flag") else [])]
         if kind is bool:
-            group.add_argument(flag(f), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(*names, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             metavar = None if f.metadata.get("choices") else f.name.upper()
             choices = f.metadata.get("choices")
-            group.add_argument(flag(f), type=kind, choices=choices, default=None, metavar=metavar, help=help_text)
+            group.add_argument(*names, type=kind, choices=choices, default=None, metavar=metavar, help=help_text)
 
 
 def from_sources(cls: type, args: argparse.Namespace | None = None, env: Mapping[str, str] = os.environ):
@@ -113,5 +114,6 @@ def markdown_table() -> str:
                 needed = next(g for g in fields(cls) if g.name == f.metadata["needs"])
                 meaning += f" (only with `{flag(needed)}`)"
             where = " (`serve` only)" if cls is ServerConfig else ""
-            rows.append(f"| `{env_var(f)}` | `{flag(f)}`{where} | {shown_default(f)} | {meaning} |")
+            also = f" (vLLM's `{f.metadata['vllm_flag']}` too)" if f.metadata.get("vllm_flag") else ""
+            rows.append(f"| `{env_var(f)}` | `{flag(f)}`{also}{where} | {shown_default(f)} | {meaning} |")
     return "\n".join(rows)

@@ -168,6 +168,21 @@ def test_bad_flag_and_bad_variable_are_one_line_cli_errors(monkeypatch, capsys):
     assert capsys.readouterr().err == "miniserve: error: MINISERVE_MAX_WAITING='-1': max_waiting must be >= 0, got -1\n"
 
 
+def test_vllms_spelling_of_a_flag_sets_the_same_setting():
+    """--api-server-count and --uvicorn-log-level, as `vllm serve` spells them, beside this server's own names."""
+    parser = cli.build_parser()
+    for argv in (
+        ["--api-server-count", "3", "--uvicorn-log-level", "debug"],
+        ["--api-servers", "3", "--log-level", "debug"],
+    ):
+        server = from_sources(ServerConfig, parser.parse_args(["serve", *argv]), env={})
+        assert (server.api_servers, server.log_level) == (3, "debug"), argv
+    with pytest.raises(SystemExit):  # (argparse's own error: the value is checked against the choices)
+        parser.parse_args(["serve", "--uvicorn-log-level", "loud"])
+    serve_help = next(a for a in parser._actions if a.dest == "command").choices["serve"].format_help()
+    assert "--api-servers API_SERVERS, --api-server-count API_SERVERS" in serve_help
+
+
 def test_serve_takes_the_model_positionally_as_vllm_serve_does(capsys):
     def model_of(argv: list[str]) -> str | None:
         args = cli.build_parser().parse_args(argv)
