@@ -54,11 +54,14 @@ def setting(
     shown_default: str | None = None,
     needs: str = "",
     vllm_flag: str = "",
+    vllm_off_flag: str = "",
 ):
     """A dataclass field with what the CLI, the environment and the docs need to know about it; `needs`: the
     setting without which this one does nothing (given alone as a flag or variable, it is an error); `vllm_flag`:
-    vLLM's name for the flag, where it differs, taken too (a `vllm serve` command line works as written)."""
-    meta = {"help": help, "choices": choices, "shown_default": shown_default, "needs": needs, "vllm_flag": vllm_flag}
+    vLLM's name for the flag, where it differs, taken too (a `vllm serve` command line works as written);
+    `vllm_off_flag`: vLLM's flag that turns this switch off."""
+    meta = {"help": help, "choices": choices, "shown_default": shown_default, "needs": needs}
+    meta |= {"vllm_flag": vllm_flag, "vllm_off_flag": vllm_off_flag}
     return field(default=default, metadata=meta)
 
 
@@ -357,6 +360,7 @@ class ServerConfig:
         False,
         "log each request as it is posted: its id, prompt (text and token ids) and sampling parameters, as vLLM's "
         "--enable-log-requests",
+        vllm_off_flag="--disable-log-requests",
     )
     max_log_len: int | None = setting(
         None,
@@ -425,8 +429,9 @@ class ServerConfig:
     log_level: str = setting("info", "server log level", LOG_LEVELS, vllm_flag="--uvicorn-log-level")
     access_log: bool = setting(
         True,
-        "log a line per HTTP request (uvicorn's access log); --no-access-log, like vLLM's "
-        "--disable-uvicorn-access-log, saves its cost at high request rates",
+        "log a line per HTTP request (uvicorn's access log); --no-access-log (vLLM's --disable-uvicorn-access-log "
+        "too) saves its cost at high request rates",
+        vllm_off_flag="--disable-uvicorn-access-log",
     )
 
     def __post_init__(self) -> None:

@@ -45,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         names = [flag(f), *([f.metadata["vllm_flag"]] if f.metadata.get("vllm_flag") else [])]
         if kind is bool:
             group.add_argument(*names, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            if f.metadata.get("vllm_off_flag"):
+                off = f"vLLM's spelling of {flag(f).replace('--', '--no-', 1)} (default: {shown_default(f)})"
+                group.add_argument(
+                    f.metadata["vllm_off_flag"], dest=f.name, action="store_false", default=None, help=off
+                )
         else:
             metavar = None if f.metadata.get("choices") else f.name.upper()
             choices = f.metadata.get("choices")
@@ -114,6 +119,7 @@ def markdown_table() -> str:
                 needed = next(g for g in fields(cls) if g.name == f.metadata["needs"])
                 meaning += f" (only with `{flag(needed)}`)"
             where = " (`serve` only)" if cls is ServerConfig else ""
-            also = f" (vLLM's `{f.metadata['vllm_flag']}` too)" if f.metadata.get("vllm_flag") else ""
+            vllm = f.metadata.get("vllm_flag") or f.metadata.get("vllm_off_flag")
+            also = f" (vLLM's `{vllm}` too)" if vllm else ""
             rows.append(f"| `{env_var(f)}` | `{flag(f)}`{also}{where} | {shown_default(f)} | {meaning} |")
     return "\n".join(rows)

@@ -169,7 +169,8 @@ def test_bad_flag_and_bad_variable_are_one_line_cli_errors(monkeypatch, capsys):
 
 
 def test_vllms_spelling_of_a_flag_sets_the_same_setting():
-    """--api-server-count and --uvicorn-log-level, as `vllm serve` spells them, beside this server's own names."""
+    """--api-server-count and --uvicorn-log-level, as `vllm serve` spells them, beside this server's own names;
+    --disable-uvicorn-access-log and --disable-log-requests turn their switches off."""
     parser = cli.build_parser()
     for argv in (
         ["--api-server-count", "3", "--uvicorn-log-level", "debug"],
@@ -177,6 +178,13 @@ def test_vllms_spelling_of_a_flag_sets_the_same_setting():
     ):
         server = from_sources(ServerConfig, parser.parse_args(["serve", *argv]), env={})
         assert (server.api_servers, server.log_level) == (3, "debug"), argv
+    # vLLM's flags that turn a switch off; unset, the variable or the default decides
+    off = parser.parse_args(["serve", "--disable-uvicorn-access-log", "--disable-log-requests"])
+    server = from_sources(ServerConfig, off, env={"MINISERVE_ACCESS_LOG": "1", "MINISERVE_ENABLE_LOG_REQUESTS": "1"})
+    assert (server.access_log, server.enable_log_requests) == (False, False)
+    server = from_sources(ServerConfig, parser.parse_args(["serve"]), env={"MINISERVE_ACCESS_LOG": "0"})
+    assert (server.access_log, server.enable_log_requests) == (False, False)
+    assert from_sources(ServerConfig, parser.parse_args(["serve"]), env={}).access_log is True
     with pytest.raises(SystemExit):  # (argparse's own error: the value is checked against the choices)
         parser.parse_args(["serve", "--uvicorn-log-level", "loud"])
     serve_help = next(a for a in parser._actions if a.dest == "command").choices["serve"].format_help()
