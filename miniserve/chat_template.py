@@ -29,16 +29,13 @@ def check_chat_options(
     add_generation_prompt: bool,
     continue_final_message: bool,
     template_kwargs: dict[str, Any] | None,
-    last_role: str | None = None,
 ) -> None:
     """ValueError, starting with the field's name, for chat-template options that cannot go together (the server's
-    400s and LLM.chat's errors); `last_role`: the last message's, when known."""
+    400s and LLM.chat's errors). The message continued may have any role, as in transformers and vLLM."""
     if continue_final_message and add_generation_prompt:
         raise ValueError(
             "continue_final_message cannot be used with add_generation_prompt: set add_generation_prompt false"
         )
-    if continue_final_message and last_role is not None and last_role != "assistant":
-        raise ValueError("continue_final_message needs the last message to be an assistant message")
     check_template_kwargs(template_kwargs)
 
 

@@ -104,9 +104,7 @@ class LLM:
         template variables such as `enable_thinking`, `continue_final_message` continues the last assistant
         message instead of starting a new one). Tool calls stay in the output text, as in vLLM's offline API."""
         conversations = _as_conversations(messages)
-        for c in conversations:
-            last_role = c[-1].get("role", "") if c else ""
-            check_chat_options(add_generation_prompt, continue_final_message, chat_template_kwargs, last_role)
+        check_chat_options(add_generation_prompt, continue_final_message, chat_template_kwargs)
         options = dict(tools=tools, chat_template=chat_template, continue_final_message=continue_final_message)
         tok = self.engine.tokenizer
         prompts = []

@@ -643,6 +643,11 @@ def test_chat_echo_continue_final_message_and_template_kwargs(client, url):
     assert stream[0].model_extra["prompt_token_ids"] == r["prompt_token_ids"]
     assert "prompt_token_ids" not in stream[0].choices[0].model_extra
     assert sum((c.choices[0].model_extra.get("token_ids") or [] for c in stream), []) == r["choices"][0]["token_ids"]
+    # a user's message may be continued too (as transformers and vLLM allow): the reply then has the user's role
+    said = {**body, "messages": [{"role": "user", "content": "Once upon"}], "return_token_ids": True}
+    r = post(url, "/v1/chat/completions", said).json()
+    assert post(url, "/detokenize", {"tokens": r["prompt_token_ids"]}).json()["prompt"].endswith("user\nOnce upon")
+    assert r["choices"][0]["message"]["role"] == "user", r
     # both at once is a 400
     both = post(url, "/v1/chat/completions", {**body, "add_generation_prompt": True})
     assert both.status_code == 400 and both.json()["error"]["param"] == "continue_final_message"

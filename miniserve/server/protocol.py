@@ -526,9 +526,7 @@ class ChatCompletionRequest(SamplingFields):
     def _check_chat(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        check_chat_options(
-            self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs, self.messages[-1].role
-        )
+        check_chat_options(self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs)
         if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
             raise ValueError("tool_choice needs tools")
         if isinstance(self.tool_choice, NamedToolChoice):
