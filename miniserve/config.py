@@ -399,7 +399,7 @@ class ServerConfig:
     )
     api_servers: int = setting(
         1,
-        "HTTP server processes sharing the one engine (miniserve serve only), like vLLM's --api-server-count: "
+        "HTTP server processes sharing the one engine (miniserve serve only): "
         "each parses, detokenizes and streams its own connections, so more streams keep up with the engine; each "
         "admits its share of max_num_seqs and max_waiting, and the connection limit applies to each",
         vllm_flag="--api-server-count",
@@ -422,15 +422,17 @@ class ServerConfig:
         shown_default="off: HTTP",
     )
     ssl_keyfile: str | None = setting(
-        None, "the certificate's private key file, unless the certificate file holds it", needs="ssl_certfile"
+        None,
+        "the certificate's private key file, unless the certificate file holds it",
+        shown_default="none",
+        needs="ssl_certfile",
     )
     host: str = setting("127.0.0.1", "bind address (0.0.0.0 exposes the server)")
     port: int = setting(8000, "TCP port")
     log_level: str = setting("info", "server log level", LOG_LEVELS, vllm_flag="--uvicorn-log-level")
     access_log: bool = setting(
         True,
-        "log a line per HTTP request (uvicorn's access log); --no-access-log (vLLM's --disable-uvicorn-access-log "
-        "too) saves its cost at high request rates",
+        "log a line per HTTP request (uvicorn's access log); --no-access-log saves its cost at high request rates",
         vllm_off_flag="--disable-uvicorn-access-log",
     )
 
