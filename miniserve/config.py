@@ -439,8 +439,6 @@ class ServerConfig:
     def __post_init__(self) -> None:
         check_types(self)
         check_choices(self)
-        if self.ssl_keyfile is not None and self.ssl_certfile is None:
-            raise SettingError("ssl_keyfile", "ssl_keyfile needs ssl_certfile, the certificate it is the key of")
         if self.api_key is not None and not self.api_key.strip():  # (an empty variable is unset: a flag is not)
             raise SettingError("api_key", "api_key must not be empty: leave it unset to serve without a key")
         if not self.response_role.strip():
@@ -519,11 +517,11 @@ def speculative_settings(spec: dict | None) -> dict:
         )
     if spec.get("model") is None:
         raise ValueError("speculative_config needs the draft's 'model'")
-    k = spec.get("num_speculative_tokens")
-    if not isinstance(spec["model"], str) or not (k is None or isinstance(k, int) and not isinstance(k, bool)):
+    tokens = spec.get("num_speculative_tokens")
+    if not isinstance(spec["model"], str) or not (tokens is None or type(tokens) is int):
         raise ValueError(
             "speculative_config: 'model' is a directory (a string), 'num_speculative_tokens' an integer, got "
-            f"{spec['model']!r}, {k!r}"
+            f"{spec['model']!r}, {tokens!r}"
         )
     return {SPECULATIVE_CONFIG_FIELDS[k]: v for k, v in spec.items() if k in SPECULATIVE_CONFIG_FIELDS}
 

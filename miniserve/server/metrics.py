@@ -148,9 +148,7 @@ class EngineStatsCollector(Collector):
         yield gauge("num_requests_waiting", "Requests queued for admission.", s.get("num_waiting", 0))
         yield gauge("kv_blocks_used", "KV cache blocks in use.", s.get("kv_blocks_used", 0))
         yield gauge("kv_blocks_total", "KV cache blocks in the pool.", s.get("kv_blocks_total", 0))
-        total = s.get("kv_blocks_total", 0)
-        usage = s.get("kv_blocks_used", 0) / total if total else 0.0
-        yield gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use.", usage)
+        yield gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use.", kv_cache_usage(s))
         yield counter("num_preemptions", "Preemptions (requests evicted to free blocks).", s.get("num_preemptions", 0))
         yield counter("prompt_tokens", "Prefilled prompt tokens.", s.get("prompt_tokens_total", 0))
         yield counter("generation_tokens", "Generated tokens.", s.get("generation_tokens_total", 0))
@@ -172,6 +170,12 @@ class EngineStatsCollector(Collector):
         for pos, n in enumerate(s.get("spec_accepted_per_position", []) or []):
             per_pos.add_metric([*value, str(pos)], n)
         yield per_pos
+
+
+def kv_cache_usage(stats: dict) -> float:
+    """The fraction of the KV pool's blocks in use (LLMEngine.stats()), 0 before the pool exists."""
+    total = stats.get("kv_blocks_total", 0)
+    return stats.get("kv_blocks_used", 0) / total if total else 0.0
 
 
 class ServerMetrics:

@@ -11,6 +11,8 @@ import logging
 import time
 from typing import Any
 
+from miniserve.server.metrics import kv_cache_usage
+
 logger = logging.getLogger("miniserve.server")
 
 
@@ -35,8 +37,7 @@ class StatsLog:
         queries = delta("prefix_cache_queries")
         if queries:
             self.hit_rate = 100 * delta("prefix_cache_hits") / queries
-        total = stats.get("kv_blocks_total", 0)
-        usage = 100 * stats.get("kv_blocks_used", 0) / total if total else 0.0
+        usage = 100 * kv_cache_usage(stats)
         lines = [
             f"Engine 000: Avg prompt throughput: {prompt / seconds:.1f} tokens/s, Avg generation throughput: "
             f"{generated / seconds:.1f} tokens/s, Running: {stats.get('num_running', 0)} reqs, Waiting: "

@@ -455,8 +455,7 @@ def tool_setup(req: ChatCompletionRequest, model_template: str | None, parser: s
     named = req.tool_choice.function.name if mode == "named" else None
     tools = [t.model_dump(by_alias=True, exclude_none=True) for t in req.tools or []]
     fmt = detect_format(req.chat_template or model_template) if parser == "auto" else parser
-    setup = ToolSetup(mode, fmt, named, True, tools)
-    setup.parallel = req.parallel_tool_calls is not False
+    setup = ToolSetup(mode, fmt, named, req.parallel_tool_calls is not False, tools)
     if mode == "auto" and not auto_enabled:
         raise APIError(
             "tool_choice auto is off on this server (enable_auto_tool_choice false): use tool_choice required, a "
