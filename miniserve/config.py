@@ -351,6 +351,16 @@ class ServerConfig:
         "the role of a chat reply, as vLLM's --response-role (a request with add_generation_prompt false continues "
         "its last message's role instead); chat echo repeats the last message when it has the reply's role",
     )
+    return_tokens_as_token_ids: bool = setting(
+        False,
+        "logprobs name their tokens 'token_id:<id>' unless a request says otherwise (its return_tokens_as_token_ids), "
+        "as vLLM's --return-tokens-as-token-ids: every token identifiable, a partial UTF-8 byte too",
+    )
+    enable_force_include_usage: bool = setting(
+        False,
+        "every stream ends with a usage chunk, as if it asked for stream_options include_usage, as vLLM's "
+        "--enable-force-include-usage (usage on every chunk still needs continuous_usage_stats)",
+    )
     enable_request_id_headers: bool = setting(
         False,
         "answer every request with an X-Request-Id header, as vLLM's --enable-request-id-headers: the request's own "
@@ -427,6 +437,15 @@ class ServerConfig:
         shown_default="none",
         needs="ssl_certfile",
     )
+    root_path: str | None = setting(
+        None,
+        "the path prefix a proxy serves the API under (e.g. /api), as vLLM's --root-path: requests come with it "
+        "(/api/v1/models) or without it (a proxy that strips it), and the OpenAPI docs link through it",
+        shown_default="none",
+    )
+    disable_fastapi_docs: bool = setting(
+        False, "no /docs, /redoc and /openapi.json (the OpenAPI schema pages), as vLLM's --disable-fastapi-docs"
+    )
     host: str = setting("127.0.0.1", "bind address (0.0.0.0 exposes the server)")
     port: int = setting(8000, "TCP port")
     log_level: str = setting("info", "server log level", LOG_LEVELS, vllm_flag="--uvicorn-log-level")
@@ -441,6 +460,10 @@ class ServerConfig:
         check_choices(self)
         if self.api_key is not None and not self.api_key.strip():  # (an empty variable is unset: a flag is not)
             raise SettingError("api_key", "api_key must not be empty: leave it unset to serve without a key")
+        if self.root_path is not None and not (self.root_path.startswith("/") and not self.root_path.endswith("/")):
+            raise SettingError(
+                "root_path", f"root_path must start with '/' and not end with one (e.g. /api), got {self.root_path!r}"
+            )
         if not self.response_role.strip():
             raise SettingError("response_role", "response_role must not be empty")
         _check_min("max_waiting", self.max_waiting, 0)

@@ -305,6 +305,68 @@ def test_cors_settings_restrict_origins_methods_and_credentials_or_turn_it_off(l
     ]
 
 
+def test_a_root_path_prefix_is_routed_and_keyed_as_the_bare_path(llama_dir):
+    """A proxy's prefix: /api/v1/... is routed as /v1/... and needs the key as it does, both under root_path
+    (vLLM's --root-path) and under uvicorn's own --root-path (the scope's root_path, the path prefixed), where the
+    key check once judged the raw path and let /api/v1/... through unkeyed. Without lifespan no engine runs, so a
+    keyed request's 503 shows it was routed to its handler. The OpenAPI schema names the prefix as its server."""
+    from starlette.testclient import TestClient
+
+    from miniserve.config import EngineConfig, ServerConfig, SettingError
+    from miniserve.server.app import create_app
+
+    engine = EngineConfig(model=str(llama_dir), device="cpu", dtype="float32")
+    ours = TestClient(create_app(engine, ServerConfig(api_key=API_KEY, root_path="/api")), base_url="http://t")
+    uvicorns = TestClient(create_app(engine, ServerConfig(api_key=API_KEY)), base_url="http://t", root_path="/api")
+    for client in (ours, uvicorns):
+        for path in ("/v1/models", "/api/v1/models", "/api/v1/nowhere", "/api/v1"):
+            r = client.get(path)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, r.text)
+        for path in ("/api/v1/models", "/api/v1/completions", "/api/v1/chat/completions"):
+            r = client.request("GET" if path.endswith("models") else "POST", path, json={"prompt": "Hi"})
+            assert r.status_code == 401, (path, r.text)
+            r = client.request("GET" if path.endswith("models") else "POST", path, json={"prompt": "Hi"}, headers=AUTH)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable", (path, r.text)
+        assert client.get("/api/v1/nowhere", headers=AUTH).status_code == 404
+        assert client.get("/apiv1/models", headers=AUTH).status_code == 404  # a prefix ends at a "/"
+        assert client.get("/api/openapi.json").json()["servers"] == [{"url": "/api"}]
+    assert TestClient(create_app(engine, ServerConfig())).get("/openapi.json").status_code == 200
+    closed = TestClient(create_app(engine, ServerConfig(disable_fastapi_docs=True)))
+    assert [closed.get(p).status_code for p in ("/openapi.json", "/docs", "/redoc")] == [404] * 3
+    for bad in ("api", "/api/", "/"):
+        with pytest.raises(SettingError, match="root_path must start with '/' and not end with one"):
+            ServerConfig(root_path=bad)
+
+
+def test_serve_flags_that_default_request_fields(llama_dir):
+    """--return-tokens-as-token-ids names logprobs' tokens by id unless a request says false;
+    --enable-force-include-usage ends every stream with a usage chunk, asked for or not (a request's own
+    stream_options still decide continuous usage)."""
+    from miniserve.config import EngineConfig, ServerConfig
+    from miniserve.server.app import create_app
+
+    server = ServerConfig(return_tokens_as_token_ids=True, enable_force_include_usage=True)
+    app = create_app(EngineConfig(model=str(llama_dir), device="cpu", dtype="float32"), server)
+    body = {"prompt": "Hi", "max_tokens": 3, "logprobs": 1}
+    with in_process_server(app) as url:
+        tokens = httpx.post(url + "/v1/completions", json=body).json()["choices"][0]["logprobs"]["tokens"]
+        assert len(tokens) == 3 and all(t.startswith("token_id:") for t in tokens), tokens
+        own = {**body, "return_tokens_as_token_ids": False}
+        tokens = httpx.post(url + "/v1/completions", json=own).json()["choices"][0]["logprobs"]["tokens"]
+        assert not any(t.startswith("token_id:") for t in tokens), tokens
+        for path, req in (
+            ("/v1/completions", body),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}),
+        ):
+            for options in (None, {"include_usage": False}, {"include_usage": True, "continuous_usage_stats": True}):
+                stream = {**req, "stream": True, **({"stream_options": options} if options else {})}
+                lines = httpx.post(url + path, json=stream).text.split("\n\n")
+                chunks = [json.loads(x[len("data: ") :]) for x in lines if x.startswith("data: {")]
+                assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3, (path, options)
+                per_chunk = [c.get("usage") is not None for c in chunks[:-1]]
+                assert per_chunk == [bool(options and options.get("continuous_usage_stats"))] * len(per_chunk)
+
+
 # ---------------------------------------------------------------------------------------------- the catch-all
 
 

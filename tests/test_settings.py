@@ -44,6 +44,7 @@ def sample(cls: type, f) -> object:
         "tool_call_parser": "mistral",
         "override_generation_config": '{"temperature": 0.5}',
         "speculative_config": '{"model": "demo", "num_speculative_tokens": 2}',
+        "root_path": "/api",
     }
     if f.name in special:
         return special[f.name]

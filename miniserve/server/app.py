@@ -42,7 +42,7 @@ from miniserve.server.connection import ConnectionLimits, guarded_protocol
 from miniserve.server.engine_process import EngineLink, EngineProcess
 from miniserve.server.gc_heap import freeze_startup_heap, thaw_heap
 from miniserve.server.metrics import check_shared_dir
-from miniserve.server.middleware import CatchAll, DirectRoutes, RequestIdHeader, RequireAPIKey
+from miniserve.server.middleware import CatchAll, DirectRoutes, RequestIdHeader, RequireAPIKey, RootPath
 from miniserve.server.protocol import (
     APIError,
 )
@@ -164,7 +164,8 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
             engine.end_all()
             thaw_heap()
 
-    app = FastAPI(title="miniserve", lifespan=lifespan)
+    docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} if server.disable_fastapi_docs else {}
+    app = FastAPI(title="miniserve", lifespan=lifespan, **docs)
     v1 = APIRouter(prefix="/v1")  # RequireAPIKey guards every /v1 path, routed or not
     v1.add_api_route("/completions", create_completion, methods=["POST"])
     v1.add_api_route("/chat/completions", create_chat_completion, methods=["POST"])
@@ -175,7 +176,8 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
     app.add_api_route("/tokenize", tokenize, methods=["POST"])
     app.add_api_route("/detokenize", detokenize, methods=["POST"])
     app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/ping", health, methods=["GET", "POST"])  # vLLM's (SageMaker's) name for it
+    for method in ("GET", "POST"):  # vLLM's (SageMaker's) name for it; a route each, so each has its own OpenAPI id
+        app.add_api_route("/ping", health, methods=[method])
     app.add_api_route("/version", version, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
     for error, handler in ERROR_HANDLERS.items():
@@ -206,6 +208,8 @@ def _add_layers(app: FastAPI, server: ServerConfig) -> None:
     app.add_middleware(CatchAll)  # the outermost layer but one: the id header goes on its 500s too
     if server.enable_request_id_headers:
         app.add_middleware(RequestIdHeader)
+    if server.root_path:
+        app.add_middleware(RootPath, root_path=server.root_path)
 
 
 async def _start(config: EngineConfig, server: ServerConfig, link: EngineLink | None) -> tuple[EngineProcess, Any, int]:

@@ -29,6 +29,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from miniserve.config import ServerConfig
 from miniserve.server.body_writer import H11BodyWriter, HttpToolsBodyWriter, give_writer, writer_of
+from miniserve.server.middleware import route_path
 from miniserve.server.protocol import APIError
 
 _DEFAULTS = ServerConfig()  # the settings (config.py) say what the defaults are
@@ -239,7 +240,7 @@ class _Refuse:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] in UNCAPPED_PATHS:
+        if scope["type"] == "http" and route_path(scope) in UNCAPPED_PATHS:
             await self.app(scope, receive, _closing(send))
             return
         while (await receive()).get("more_body"):  # read the body first: closing on unread data resets the socket

@@ -1,7 +1,8 @@
 """Three ASGI layers around the app: the catch-all for errors, the API-key check for every /v1 path, and the
 direct routes of the generation endpoints. (Between the first two, Starlette's CORSMiddleware, unless
 allowed_origins is empty: it answers a browser's preflight, which carries no key, and adds the CORS headers; and
-outside them all, with enable_request_id_headers, the layer that adds X-Request-Id to every answer.)
+outside them all, with enable_request_id_headers, the layer that adds X-Request-Id to every answer, and with
+root_path, the one that sets the scope's root path.)
 
 All are plain ASGI (not Starlette's BaseHTTPMiddleware, which buffers streams). The key is checked before
 routing, so an unknown /v1 path answers 401 to a client without the key, not 404. The catch-all answers an
@@ -52,7 +53,7 @@ class RequireAPIKey:
         self.api_key = api_key
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if self.api_key is None or scope["type"] != "http" or not _under_v1(scope["path"]):
+        if self.api_key is None or scope["type"] != "http" or not _under_v1(route_path(scope)):
             return await self.app(scope, receive, send)
         if self._authorized(scope):
             return await self.app(scope, receive, send)
@@ -82,6 +83,16 @@ def _warn_if_unguarded(scope: Scope) -> None:
 
 def _under_v1(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/")
+
+
+def route_path(scope: Scope) -> str:
+    """The path the app routes on. Under a root path (a proxy's prefix: root_path, or uvicorn's --root-path) the
+    router takes "/api/v1/models" as "/v1/models" (Starlette strips the prefix, as here), so every layer that
+    judges a path must judge this one: the key check on the raw path would let "/api/v1/..." through unkeyed."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root) :]
+    return path
 
 
 class CatchAll:
@@ -144,6 +155,20 @@ class RequestIdHeader:
         await self.app(scope, receive, send_with_id)
 
 
+class RootPath:
+    """vLLM's --root-path: the prefix a proxy serves the API under, as the ASGI scope's root_path. The router then
+    takes a path with the prefix or without it (route_path), and the OpenAPI pages link through it."""
+
+    def __init__(self, app: Any, root_path: str):
+        self.app = app
+        self.root_path = root_path
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope = {**scope, "root_path": self.root_path}
+        await self.app(scope, receive, send)
+
+
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -158,7 +183,7 @@ class DirectRoutes:
         self.errors = errors
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        handler = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        handler = self.routes.get(route_path(scope)) if scope["type"] == "http" and scope["method"] == "POST" else None
         if handler is None:
             return await self.app(scope, receive, send)
         request = Request(scope, receive)

@@ -23,6 +23,7 @@ from miniserve.server.metrics import ServerMetrics
 from miniserve.server.protocol import (
     APIError,
     SamplingFields,
+    StreamOptions,
     parse_request,
 )
 
@@ -225,7 +226,19 @@ class ServerState:
         if ignored:
             logger.warning("%s %s: fields ignored (not in the API): %s", request.method, request.url.path, ignored)
         self.check_model(req.model)
+        self._default_from_flags(req)
         return req
+
+    def _default_from_flags(self, req: Any) -> None:
+        """The serve flags that are a request field's default, as vLLM's: --return-tokens-as-token-ids where the
+        request leaves it unset, --enable-force-include-usage on every stream."""
+        if not isinstance(req, SamplingFields):  # (the Responses API's request has neither field)
+            return
+        if req.return_tokens_as_token_ids is None:
+            req.return_tokens_as_token_ids = self.server.return_tokens_as_token_ids
+        if self.server.enable_force_include_usage and req.stream:
+            opts = req.stream_options or StreamOptions()
+            req.stream_options = opts.model_copy(update={"include_usage": True})
 
     def check_word_lists(self, req: SamplingFields) -> None:
         """The engine's bounds on the stop list and bad_words, checked before any prompt is tokenized."""
