@@ -183,6 +183,32 @@ def greedy(client: openai.OpenAI, prompt, max_tokens: int = 8) -> str:
 # ---------------------------------------------------------------------------------------------- tests
 
 
+def test_sagemaker_invocations_answer_as_the_route_the_body_is_for(url, client):
+    """POST /invocations (SageMaker's, as vLLM's): a body with messages is a chat completion, one with prompt a
+    completion, each answered as its own route answers it (greedy: the same text; streams too); any other body is
+    a 400, and the body limit holds."""
+    chat = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    text = {"prompt": "Now is the winter", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(url + "/invocations", json=chat).json()
+    assert r["object"] == "chat.completion"
+    plain = httpx.post(url + "/v1/chat/completions", json=chat).json()
+    assert r["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+    r = httpx.post(url + "/invocations", json=text).json()
+    assert r["object"] == "text_completion" and r["choices"][0]["text"] == greedy(client, text["prompt"], 6)
+    r = httpx.post(url + "/invocations", json={**chat, "stream": True})
+    assert r.headers["content-type"].startswith("text/event-stream"), r.text
+    assert r.text.rstrip().endswith("data: [DONE]")
+    assert "chat.completion.chunk" in r.text
+    r = httpx.post(url + "/invocations", json={**text, "max_tokens": -1})
+    assert_openai_error(r, 400, param="max_tokens")  # the completions route's own check
+    for body in ({"input": "Hi"}, ["Hi"]):
+        assert_openai_error(httpx.post(url + "/invocations", json=body), 400, param="messages")
+    r = httpx.post(url + "/invocations", content=b"{", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    big = {"prompt": "x" * (64 * 1024), "max_tokens": 1}
+    assert httpx.post(url + "/invocations", json=big).status_code == 413
+
+
 def test_models_health_tokenize_detokenize(url, client, hf_tok):
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL_NAME]

@@ -319,8 +319,8 @@ def test_a_root_path_prefix_is_routed_and_keyed_as_the_bare_path(llama_dir):
     ours = TestClient(create_app(engine, ServerConfig(api_key=API_KEY, root_path="/api")), base_url="http://t")
     uvicorns = TestClient(create_app(engine, ServerConfig(api_key=API_KEY)), base_url="http://t", root_path="/api")
     for client in (ours, uvicorns):
-        for path in ("/v1/models", "/api/v1/models", "/api/v1/nowhere", "/api/v1"):
-            r = client.get(path)
+        for path in ("/v1/models", "/api/v1/models", "/api/v1/nowhere", "/api/v1", "/api/invocations"):
+            r = client.request("POST" if path.endswith("invocations") else "GET", path)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, r.text)
         for path in ("/api/v1/models", "/api/v1/completions", "/api/v1/chat/completions"):
             r = client.request("GET" if path.endswith("models") else "POST", path, json={"prompt": "Hi"})

@@ -41,6 +41,7 @@ from miniserve.server.completions import create_completion
 from miniserve.server.connection import ConnectionLimits, guarded_protocol
 from miniserve.server.engine_process import EngineLink, EngineProcess
 from miniserve.server.gc_heap import freeze_startup_heap, thaw_heap
+from miniserve.server.invocations import invocations
 from miniserve.server.metrics import check_shared_dir
 from miniserve.server.middleware import CatchAll, DirectRoutes, RequestIdHeader, RequireAPIKey, RootPath
 from miniserve.server.protocol import (
@@ -179,6 +180,7 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
     for method in ("GET", "POST"):  # vLLM's (SageMaker's) name for it; a route each, so each has its own OpenAPI id
         app.add_api_route("/ping", health, methods=[method])
     app.add_api_route("/version", version, methods=["GET"])
+    app.add_api_route("/invocations", invocations, methods=["POST"])  # SageMaker's, as vLLM's (keyed as /v1)
     app.add_api_route("/metrics", metrics, methods=["GET"])
     for error, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(error, handler)
@@ -199,6 +201,7 @@ def _add_layers(app: FastAPI, server: ServerConfig) -> None:
         "/v1/completions": create_completion,
         "/v1/chat/completions": create_chat_completion,
         "/v1/responses": create_response,
+        "/invocations": invocations,
     }
     app.add_middleware(DirectRoutes, routes=generation, errors=ERROR_HANDLERS)  # added first: inside the key check
     app.add_middleware(RequireAPIKey, api_key=server.api_key)

@@ -8,10 +8,10 @@ All are plain ASGI (not Starlette's BaseHTTPMiddleware, which buffers streams). 
 routing, so an unknown /v1 path answers 401 to a client without the key, not 404. The catch-all answers an
 exception no handler expected with OpenAI's error object and status 500, logs its traceback, and leaves the
 keep-alive connection usable; a stream that already started ends with an error event and `[DONE]` instead.
-`DirectRoutes` hands POST /v1/completions, /v1/chat/completions and /v1/responses to their handlers without
-FastAPI's router, dependency machinery and inner middleware: those handlers take the bare request and build their
-own responses, and a request's time to first token pays every layer it passes (about 0.2 ms of the API process's
-~1 ms).
+`DirectRoutes` hands POST /v1/completions, /v1/chat/completions, /v1/responses and /invocations to their handlers
+without FastAPI's router, dependency machinery and inner middleware: those handlers take the bare request and build
+their own responses (streams too, which the router could not return), and a request's time to first token pays
+every layer it passes (about 0.2 ms of the API process's ~1 ms).
 """
 
 from __future__ import annotations
@@ -46,14 +46,15 @@ async def _send_json(send: Any, status: int, body: bytes, headers: list[tuple[by
 
 
 class RequireAPIKey:
-    """With a key configured, every path under /v1 needs `Authorization: Bearer <key>` (RFC 6750)."""
+    """With a key configured, every path under /v1 (and /invocations) needs `Authorization: Bearer <key>`
+    (RFC 6750)."""
 
     def __init__(self, app: Any, api_key: str | None):
         self.app = app
         self.api_key = api_key
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if self.api_key is None or scope["type"] != "http" or not _under_v1(route_path(scope)):
+        if self.api_key is None or scope["type"] != "http" or not _keyed(route_path(scope)):
             return await self.app(scope, receive, send)
         if self._authorized(scope):
             return await self.app(scope, receive, send)
@@ -81,8 +82,9 @@ def _warn_if_unguarded(scope: Scope) -> None:
         )
 
 
-def _under_v1(path: str) -> bool:
-    return path == "/v1" or path.startswith("/v1/")
+def _keyed(path: str) -> bool:
+    """Every /v1 path, and SageMaker's /invocations (it generates as /v1 does)."""
+    return path in ("/v1", "/invocations") or path.startswith("/v1/")
 
 
 def route_path(scope: Scope) -> str:

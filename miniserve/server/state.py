@@ -302,6 +302,11 @@ class ClientDisconnected(Exception):
 
 async def read_json(request: Request, limit: int) -> Any:
     """The decoded JSON body; 413 past `limit` bytes (checked while reading), 400 if it is not usable JSON."""
+    return decode_json(await read_body(request, limit))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body's bytes; 413 past `limit` bytes (checked while reading)."""
     too_large = APIError(
         f"request body is larger than the limit of {limit} bytes", status=413, code="request_too_large"
     )
@@ -316,7 +321,7 @@ async def read_json(request: Request, limit: int) -> Any:
                 raise too_large
     except ClientDisconnect:
         raise ClientDisconnected() from None
-    return decode_json(bytes(body))
+    return bytes(body)
 
 
 def state_of(request: Request) -> ServerState:
