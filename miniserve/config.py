@@ -398,6 +398,11 @@ class ServerConfig:
     )
     body_timeout: float = setting(60.0, "seconds for a request's body, from the end of its head (408, close)")
     keep_alive_timeout: float = setting(5.0, "seconds an idle keep-alive connection stays open")
+    write_timeout: float = setting(
+        60.0,
+        "seconds an answer may wait on a client that reads none of it (the socket's buffers full); then the "
+        "connection is dropped, and what was queued for it freed",
+    )
     max_connections: int | None = setting(
         1024, "connections beyond this get 503 and are closed (/health, /ping and /metrics are still answered)"
     )
@@ -476,7 +481,7 @@ class ServerConfig:
         for name in ("drain_timeout", "stream_stall_timeout"):
             if not getattr(self, name) >= 0:
                 raise SettingError(name, f"{name} must be >= 0 seconds, got {getattr(self, name)}")
-        for name in ("header_timeout", "body_timeout", "keep_alive_timeout", "log_stats_interval"):
+        for name in ("header_timeout", "body_timeout", "keep_alive_timeout", "write_timeout", "log_stats_interval"):
             if not getattr(self, name) > 0:
                 raise SettingError(name, f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if not 0 <= self.port < 1 << 16:

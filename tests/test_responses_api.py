@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from openai.types.responses import ResponseUsage
 
 from tests.test_api import MODEL_NAME, PARAMS, TOOLS, build_api_model, post, run_server
 from tests.test_server import assert_openai_error
@@ -56,6 +57,7 @@ def against_chat(client, messages: list[dict], chat_kwargs: dict, **kwargs) -> t
 
 def same_usage(responses_usage, chat_usage: dict) -> bool:
     u = responses_usage
+    ResponseUsage.model_validate(u.model_dump())  # every field the client's type requires
     return (u.input_tokens, u.output_tokens, u.total_tokens, u.input_tokens_details.cached_tokens) == (
         chat_usage["prompt_tokens"],
         chat_usage["completion_tokens"],

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from tests.conftest import corpus_text
 from tests.test_server import (
     MODEL_NAME,
     REPO,
@@ -145,6 +146,16 @@ def test_lone_surrogates_are_a_400_naming_the_field(conn):
     for path, body, param in cases:
         err = conn.json_error(path, body.encode())
         assert err["param"] == param and "surrogate" in err["message"], (body, err)
+    # unescaped, a surrogate is not UTF-8 (the bytes of U+D800), nor is a UTF-16 body, which json.loads would take
+    not_utf8 = [b'{"prompt": "ROMEO \xed\xa0\x80"}', '{"prompt": "ROMEO \\ud800"}'.encode("utf-16")]
+    not_utf8 += [b'{"prompt": "ok", "bad_words": ["a\xed\xa0\x80"]}', b'{"prompt": "\xff"}']
+    for body in not_utf8:
+        err = conn.json_error("/v1/completions", body)
+        assert err["code"] == "invalid_json" and "not UTF-8" in err["message"], (body, err)
+    for constant in ("NaN", "Infinity", "-Infinity"):  # python's json takes them; JSON has no such numbers
+        body = '{"prompt": "a", "tools": [{"type": "function", "function": {"name": "f", "x": ' + constant + "}}]}"
+        err = conn.json_error("/v1/completions", body.encode())
+        assert err["param"] == "tools" and "tools.0.function.x" in err["message"] and "finite" in err["message"]
     # a valid surrogate pair is one character (U+1F600), escaped or not
     for body in ('{"prompt": "smile \\ud83d\\ude00"}', '{"prompt": "smile \U0001f600"}'):
         status, _, data = conn.request("POST", "/tokenize", body.encode())
@@ -338,12 +349,24 @@ def test_a_root_path_prefix_is_routed_and_keyed_as_the_bare_path(llama_dir):
             ServerConfig(root_path=bad)
 
 
-def test_serve_flags_that_default_request_fields(llama_dir):
+def test_serve_flags_that_default_request_fields(llama_dir, monkeypatch):
     """--return-tokens-as-token-ids names logprobs' tokens by id unless a request says false;
-    --enable-force-include-usage ends every stream with a usage chunk, asked for or not (a request's own
-    stream_options still decide continuous usage)."""
+    --enable-force-include-usage ends every stream with a usage chunk, asked for or not, and a request's
+    continuous_usage_stats then needs no include_usage of its own (as vLLM's). Answers that list logprobs are
+    formatted off the event loop (a worker thread), which keeps serving other requests meanwhile."""
     from miniserve.config import EngineConfig, ServerConfig
+    from miniserve.server import responses
     from miniserve.server.app import create_app
+
+    threads = []
+    for name in ("completion_logprobs", "chat_logprobs"):
+        real = getattr(responses, name)
+
+        def spy(*args, real=real, **kwargs):
+            threads.append(threading.current_thread().name)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(responses, name, spy)
 
     server = ServerConfig(return_tokens_as_token_ids=True, enable_force_include_usage=True)
     app = create_app(EngineConfig(model=str(llama_dir), device="cpu", dtype="float32"), server)
@@ -354,11 +377,14 @@ def test_serve_flags_that_default_request_fields(llama_dir):
         own = {**body, "return_tokens_as_token_ids": False}
         tokens = httpx.post(url + "/v1/completions", json=own).json()["choices"][0]["logprobs"]["tokens"]
         assert not any(t.startswith("token_id:") for t in tokens), tokens
+        chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "logprobs": True}
+        assert len(httpx.post(url + "/v1/chat/completions", json=chat).json()["choices"][0]["logprobs"]["content"]) == 3
+        assert len(threads) == 3 and all(t.startswith("miniserve-cpu") for t in threads), threads
         for path, req in (
             ("/v1/completions", body),
             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}),
         ):
-            for options in (None, {"include_usage": False}, {"include_usage": True, "continuous_usage_stats": True}):
+            for options in (None, {"include_usage": False}, {"continuous_usage_stats": True}):
                 stream = {**req, "stream": True, **({"stream_options": options} if options else {})}
                 lines = httpx.post(url + path, json=stream).text.split("\n\n")
                 chunks = [json.loads(x[len("data: ") :]) for x in lines if x.startswith("data: {")]
@@ -473,7 +499,7 @@ def test_generation_requests_skip_the_router_and_get_the_apps_answers(llama_dir,
 
 # ---------------------------------------------------------------------------------------------- slow clients
 
-HEADER_TIMEOUT, BODY_TIMEOUT, KEEP_ALIVE_TIMEOUT, MAX_CONNECTIONS = 2.0, 2.0, 1.0, 4
+HEADER_TIMEOUT, BODY_TIMEOUT, KEEP_ALIVE_TIMEOUT, WRITE_TIMEOUT, MAX_CONNECTIONS = 2.0, 2.0, 1.0, 1.0, 4
 SLACK = 10.0  # how much later than its deadline a close may come on a loaded 2-core machine
 
 
@@ -486,7 +512,9 @@ def guarded_url(llama_dir, request) -> Iterator[str]:
         "MINISERVE_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
         "MINISERVE_BODY_TIMEOUT": str(BODY_TIMEOUT),
         "MINISERVE_KEEP_ALIVE_TIMEOUT": str(KEEP_ALIVE_TIMEOUT),
+        "MINISERVE_WRITE_TIMEOUT": str(WRITE_TIMEOUT),
         "MINISERVE_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+        "MINISERVE_ROOT_PATH": "/api",
     }
     with run_server(llama_dir, uvicorn_args=("--http", "server:http"), **env) as base:
         yield base
@@ -561,6 +589,33 @@ def test_a_stalled_body_gets_408_at_the_body_timeout(guarded_url):
     assert httpx.post(guarded_url + "/tokenize", json={"prompt": "ROMEO:"}).status_code == 200  # unharmed
 
 
+def test_a_client_that_reads_none_of_its_answer_is_dropped_at_the_write_timeout(guarded_url, request):
+    """Pipelined requests whose answers (a long prompt's tokens) together pass the socket buffers, never read:
+    once the server's own buffer has stayed full for write_timeout, it drops the connection, and what is read
+    afterwards is cut short. (Without the deadline it holds every answer until the client goes; reading then gets
+    them all.) On one parser: the deadline is the shared _Guard's."""
+    if request.node.callspec.params["guarded_url"] != "httptools":
+        pytest.skip("the write deadline is the parsers' shared code")
+    body = json.dumps({"prompt": corpus_text(100_000), "return_token_strs": True}).encode()
+    one = b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    one += b"Content-Length: %d\r\n\r\n" % len(body) + body
+    answer_bytes = len(httpx.post(guarded_url + "/tokenize", content=body).content)
+    count = (6 << 20) // answer_bytes + 1  # past the kernel's send buffer (at most 4 MiB) and the protocol's
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting: it sets the window)
+        s.connect((urlsplit(guarded_url).hostname, urlsplit(guarded_url).port))
+        s.sendall(one * count)
+        time.sleep(WRITE_TIMEOUT + 5)  # (the answers are ready within a few seconds)
+        received = b""
+        try:
+            while chunk := s.recv(1 << 20):
+                received += chunk
+        except ConnectionResetError:
+            pass
+    assert received.startswith(b"HTTP/1.1 200") and len(received) < count * answer_bytes, (len(received), count)
+    assert httpx.post(guarded_url + "/tokenize", json={"prompt": "ROMEO:"}).status_code == 200  # unharmed
+
+
 def test_malformed_http_gets_an_openai_400(guarded_url):
     for garbage in (b"NOT HTTP AT ALL\r\n\r\n", b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"):
         with connect(guarded_url) as s:
@@ -602,7 +657,8 @@ def test_connections_beyond_the_limit_get_503_and_close(guarded_url):
         err = json.loads(body)["error"]
         assert err["code"] == "overloaded" and f"limit is {MAX_CONNECTIONS}" in err["message"]
         # a liveness probe and a metrics scrape are answered all the same (a busy server is not a dead one)
-        for path, expect in (("/health", b""), ("/ping", b""), ("/metrics", b"miniserve:num_requests_running")):
+        probes = (("/health", b""), ("/api/health", b""), ("/ping", b""), ("/metrics", b"miniserve:num_requests"))
+        for path, expect in probes:  # (/api: the server's root path, which a proxy may keep)
             with connect(guarded_url) as probe:
                 probe.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
                 received, _ = trickle_until_closed(probe, b"")  # answered, then closed

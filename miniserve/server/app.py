@@ -341,7 +341,14 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> tuple[EngineConfig
     return config, server
 
 
-CONNECTION_SETTINGS = ("header_timeout", "body_timeout", "keep_alive_timeout", "max_connections", "http_parser")
+CONNECTION_SETTINGS = (
+    "header_timeout",
+    "body_timeout",
+    "keep_alive_timeout",
+    "write_timeout",
+    "max_connections",
+    "http_parser",
+)
 
 
 def connection_variables(env: Mapping[str, str] = os.environ) -> list[str]:
@@ -352,6 +359,11 @@ def connection_variables(env: Mapping[str, str] = os.environ) -> list[str]:
 def connection_protocol(server: ServerConfig) -> type:
     """The uvicorn `http` protocol class that enforces the connection settings (server/connection.py)."""
     limits = ConnectionLimits(
-        server.header_timeout, server.body_timeout, server.keep_alive_timeout, server.max_connections
+        server.header_timeout,
+        server.body_timeout,
+        server.keep_alive_timeout,
+        server.max_connections,
+        server.write_timeout,
+        server.root_path or "",
     )
     return guarded_protocol(limits, server.http_parser)

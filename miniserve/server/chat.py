@@ -50,9 +50,22 @@ async def create_chat_completion(request: Request) -> Response:
     finals = await collect_finals(group, request)
     if finals is None:
         return Response(status_code=499)
-    out = finals[0]
-    choices = _chat_choices(state, req, ids, out, tools, reasoning)
-    body = {**head, "choices": choices, "usage": request_usage([ids], [out])}
+    with_logprobs = req.logprobs or req.prompt_logprobs is not None
+    body = await state.format_answer(with_logprobs, _chat_body, state, req, head, ids, finals[0], tools, reasoning)
+    return fmt.JSONBytesResponse(body)
+
+
+def _chat_body(
+    state: ServerState,
+    req: ChatCompletionRequest,
+    head: dict[str, Any],
+    ids: list[int],
+    out: Any,
+    tools: ToolSetup,
+    reasoning: ReasoningSetup | None,
+) -> dict[str, Any]:
+    body = {**head, "choices": _chat_choices(state, req, ids, out, tools, reasoning)}
+    body["usage"] = request_usage([ids], [out])
     if req.prompt_logprobs is not None:
         as_ids = bool(req.return_tokens_as_token_ids)
         body["prompt_logprobs"] = fmt.vllm_prompt_logprobs(
@@ -60,7 +73,7 @@ async def create_chat_completion(request: Request) -> Response:
         )
     if req.return_token_ids:
         body["prompt_token_ids"] = ids
-    return fmt.JSONBytesResponse(body)
+    return body
 
 
 async def start_chat(state: ServerState, req: ChatCompletionRequest, base_id: str) -> ChatRun:

@@ -55,7 +55,8 @@ async def create_completion(request: Request) -> Response:
         return Response(status_code=499)
     if req.echo_only():
         finals = {i: _prompt_only(out) for i, out in finals.items()}
-    choices = _completion_choices(state, req, prompt_ids, prompt_texts, finals)
+    listed = req.logprobs is not None or req.prompt_logprobs is not None
+    choices = await state.format_answer(listed, _completion_choices, state, req, prompt_ids, prompt_texts, finals)
     return fmt.JSONBytesResponse(
         {**head, "choices": choices, "usage": request_usage(prompt_ids, list(finals.values()))}
     )

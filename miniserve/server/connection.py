@@ -41,9 +41,11 @@ class ConnectionLimits:
     body_timeout: float = _DEFAULTS.body_timeout  # seconds for a request's body, from the end of its head
     keep_alive_timeout: float = _DEFAULTS.keep_alive_timeout  # seconds an idle keep-alive connection stays open
     max_connections: int | None = _DEFAULTS.max_connections  # one more gets 503 and is closed; None = no cap
+    write_timeout: float = _DEFAULTS.write_timeout  # seconds an answer may wait on a client that reads none of it
+    root_path: str = ""  # the app's root path (ServerConfig.root_path): over the cap, UNCAPPED_PATHS under it too
 
     def __post_init__(self) -> None:
-        for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
+        for name in ("header_timeout", "body_timeout", "keep_alive_timeout", "write_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.max_connections is not None and self.max_connections < 1:
@@ -80,6 +82,7 @@ class _Guard:
         self.timeout_keep_alive = self.limits.keep_alive_timeout
         self._phase: str | None = None  # "head" or "body": what the deadline below waits for
         self._deadline: asyncio.TimerHandle | None = None
+        self._unread: asyncio.TimerHandle | None = None  # armed while the client reads none of the answer
 
     # ---- asyncio.Protocol and uvicorn hooks (before the protocol's own in the MRO): each ends with `_watch()`
 
@@ -87,7 +90,7 @@ class _Guard:
         super().connection_made(transport)  # type: ignore[misc]
         cap = self.limits.max_connections
         if cap is not None and len(self.connections) > cap:
-            self.app = _Refuse(cap, self.app)  # its first request is answered 503, then the connection closes
+            self.app = _Refuse(cap, self.app, self.limits.root_path)  # answered 503, then the connection closes
         self._watch()
 
     def data_received(self, data: bytes) -> None:
@@ -100,7 +103,25 @@ class _Guard:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._read_again()
         super().connection_lost(exc)  # type: ignore[misc]
+
+    def pause_writing(self) -> None:
+        """The transport's buffer passed its high-water mark: the client is not reading what it was sent. Past
+        write_timeout the connection is dropped (closing would wait for the buffer to drain, which it never
+        does), freeing the queued answer and the handler that waits to write more."""
+        super().pause_writing()  # type: ignore[misc]
+        if self._unread is None:
+            self._unread = self.loop.call_later(self.limits.write_timeout, self.transport.abort)
+
+    def resume_writing(self) -> None:
+        self._read_again()
+        super().resume_writing()  # type: ignore[misc]
+
+    def _read_again(self) -> None:
+        if self._unread is not None:
+            self._unread.cancel()
+            self._unread = None
 
     def _watch(self) -> None:
         phase = self._owed()
@@ -235,12 +256,14 @@ class _Refuse:
     """The ASGI app of a connection over the cap: 503 in OpenAI's shape, and `Connection: close`; the app's own
     answer, closing the connection too, on UNCAPPED_PATHS."""
 
-    def __init__(self, cap: int, app: Any):
+    def __init__(self, cap: int, app: Any, root_path: str = ""):
         self.cap = cap
         self.app = app
+        self.root_path = root_path
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and route_path(scope) in UNCAPPED_PATHS:
+        rooted = {**scope, "root_path": scope.get("root_path") or self.root_path}  # (the app sets its own later)
+        if scope["type"] == "http" and route_path(rooted) in UNCAPPED_PATHS:
             await self.app(scope, receive, _closing(send))
             return
         while (await receive()).get("more_body"):  # read the body first: closing on unread data resets the socket

@@ -1,15 +1,19 @@
 """Decode a request body into JSON values the rest of the server can use safely.
 
 `json.loads` accepts more than the server can handle: nesting deep enough to exhaust the interpreter's stack
-(in the parser itself, or later in validation, templates and grammars), and `\\ud800`-style escapes that leave
-lone UTF-16 surrogates in a string, which no tokenizer and no UTF-8 encoder accepts. Both become 400s here,
-naming the field. The walk that finds them runs only when a cheap byte scan says it might find something, so
-ordinary bodies cost two C-speed scans on top of the parse.
+(in the parser itself, or later in validation, templates and grammars), `\\ud800`-style escapes that leave
+lone UTF-16 surrogates in a string, which no tokenizer and no UTF-8 encoder accepts, and the non-JSON constants
+NaN and Infinity, which no answer can carry back (a schema echoed, say). All become 400s here, naming the field. The
+body must be UTF-8 (RFC 8259): given bytes, `json.loads` would also take UTF-16 and UTF-32, and surrogates
+encoded in UTF-8 bytes, none of which the escape scan below sees. The walk that finds deep nesting, lone
+surrogates and non-finite numbers runs only when a cheap byte scan says it might find something, so ordinary
+bodies cost a strict decode and three C-speed scans on top of the parse.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -19,17 +23,21 @@ MAX_JSON_DEPTH = 64  # arrays and objects inside one another; real requests (too
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # how a surrogate can get into a JSON string
 _SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs, so any surrogate left is a lone one
+_NON_FINITE = re.compile(rb"NaN|Infinity")  # how json.loads makes a number JSON has not
 
 
 def decode_json(raw: bytes) -> Any:
-    """The JSON value of `raw`; APIError(400) if it is not JSON, nests too deep, or holds a lone surrogate."""
+    """The JSON value of `raw`; APIError(400) if it is not UTF-8 JSON, nests too deep, or holds a lone surrogate
+    or a non-finite number."""
     try:
-        value = json.loads(raw)
+        value = json.loads(raw.decode("utf-8"))  # strict UTF-8: no surrogate passes
     except RecursionError:
         raise _too_deep() from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, ints with too many digits
+    except UnicodeDecodeError as exc:
+        raise APIError(f"the request body is not UTF-8 text: {exc}", code="invalid_json") from None
+    except ValueError as exc:  # JSONDecodeError, ints with too many digits
         raise APIError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
-    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH or _SURROGATE_ESCAPE.search(raw):
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH or _SURROGATE_ESCAPE.search(raw) or _NON_FINITE.search(raw):
         _check_values(value)
     return value
 
@@ -41,9 +49,11 @@ def _too_deep() -> APIError:
 
 
 def _check_values(value: Any) -> None:
-    """Walk the decoded value (without recursion): depth within the limit, no lone surrogate in any string."""
+    """Walk the decoded value (without recursion): depth within the limit, no lone surrogate in any string, no
+    NaN or infinity."""
     if isinstance(value, str):
         _check_text(value, ())
+    _check_number(value, ())
     stack: list[tuple[Any, tuple[str, ...]]] = [(value, ())] if isinstance(value, (dict, list)) else []
     while stack:
         container, path = stack.pop()
@@ -61,6 +71,8 @@ def _check_values(value: Any) -> None:
                     _check_text(child, path + (str(key),))
             elif isinstance(child, (dict, list)):
                 stack.append((child, path + (str(key),)))
+            else:
+                _check_number(child, path + (str(key),))
 
 
 def _check_text(text: str, path: tuple[str, ...]) -> None:
@@ -70,8 +82,18 @@ def _check_text(text: str, path: tuple[str, ...]) -> None:
     where = ".".join(_printable(p) for p in path) or "the request body"
     raise APIError(
         f"{where}: contains a lone UTF-16 surrogate (\\u{ord(match.group()):04x}); strings must be valid Unicode",
-        param=_printable(path[0]) if path else None,
+        param=_param(path),
     )
+
+
+def _check_number(value: Any, path: tuple[str, ...]) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        where = ".".join(_printable(p) for p in path) or "the request body"
+        raise APIError(f"{where}: {value} is not a JSON number (numbers must be finite)", param=_param(path))
+
+
+def _param(path: tuple[str, ...]) -> str | None:
+    return _printable(path[0]) if path else None
 
 
 def _printable(name: str) -> str:

@@ -115,16 +115,10 @@ def empty(value: Any) -> bool:
 
 class StreamOptions(RequestModel):
     include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM: usage on every chunk (with include_usage; alone it would do nothing)
+    continuous_usage_stats: bool = False  # vLLM: usage on every chunk (with include_usage, asked or forced: state.py)
     include_obfuscation: bool | None = None
 
     _REFUSED = {"include_obfuscation": (lambda v: not v, "stream chunks carry no obfuscation")}
-
-    @model_validator(mode="after")
-    def _usage_to_continue(self) -> StreamOptions:
-        if self.continuous_usage_stats and not self.include_usage:
-            raise ValueError("continuous_usage_stats needs include_usage true: without it no chunk carries usage")
-        return self
 
 
 class JsonSchemaFormat(RequestModel):

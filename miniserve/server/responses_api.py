@@ -74,7 +74,7 @@ async def create_response(request: Request) -> Response:
         return Response(status_code=499)
     out = finals[0]
     o = out.outputs[0]
-    items = output_items(state, chat, run, o)
+    items = await state.format_answer(req.wants_logprobs(), output_items, state, chat, run, o)
     return fmt.JSONBytesResponse(response_object({**head, **echo}, items, o.finish_reason, _usage(state, run, out)))
 
 
@@ -269,7 +269,8 @@ def _usage(state: ServerState, run: ChatRun, out: Any) -> dict[str, Any]:
     details = {"reasoning_tokens": _reasoning_tokens(state, run, out.outputs[0])}
     return {
         "input_tokens": u["prompt_tokens"],
-        "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"]},
+        # cache writes: OpenAI bills the tokens a request stores for later ones; a prefix cache costs nothing more
+        "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"], "cache_write_tokens": 0},
         "output_tokens": u["completion_tokens"],
         "output_tokens_details": details,
         "total_tokens": u["total_tokens"],

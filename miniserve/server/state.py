@@ -82,6 +82,12 @@ class ServerState:
         event loop (the tokenizer releases the GIL on long texts, see Tokenizer.encode)."""
         return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
 
+    async def format_answer(self, with_logprobs: bool, fn: Any, *args: Any) -> Any:
+        """fn(*args), on a worker thread when the answer lists logprobs: each listed token is decoded twice, and
+        a request with many (choices x positions x top) would otherwise hold up every other request, /health
+        included, for seconds."""
+        return await self.run_cpu(fn, *args) if with_logprobs else fn(*args)
+
     def check_prompt_chars(self, num_chars: int, what: str, for_generation: bool = True) -> None:
         """400 for a text prompt too long to take, decided before tokenizing it (for /tokenize, by the
         character limit alone: it does not generate)."""
@@ -231,7 +237,8 @@ class ServerState:
 
     def _default_from_flags(self, req: Any) -> None:
         """The serve flags that are a request field's default, as vLLM's: --return-tokens-as-token-ids where the
-        request leaves it unset, --enable-force-include-usage on every stream."""
+        request leaves it unset, --enable-force-include-usage on every stream (continuous usage then needs no
+        include_usage of its own)."""
         if not isinstance(req, SamplingFields):  # (the Responses API's request has neither field)
             return
         if req.return_tokens_as_token_ids is None:
@@ -239,6 +246,12 @@ class ServerState:
         if self.server.enable_force_include_usage and req.stream:
             opts = req.stream_options or StreamOptions()
             req.stream_options = opts.model_copy(update={"include_usage": True})
+        opts = req.stream_options
+        if opts is not None and opts.continuous_usage_stats and not opts.include_usage:  # (not forced on)
+            raise APIError(
+                "stream_options: continuous_usage_stats needs include_usage true: without it no chunk carries usage",
+                param="stream_options",
+            )
 
     def check_word_lists(self, req: SamplingFields) -> None:
         """The engine's bounds on the stop list and bad_words, checked before any prompt is tokenized."""
