@@ -232,26 +232,8 @@ class ServerState:
         if ignored:
             logger.warning("%s %s: fields ignored (not in the API): %s", request.method, request.url.path, ignored)
         self.check_model(req.model)
-        self._default_from_flags(req)
+        _default_from_flags(self.server, req)
         return req
-
-    def _default_from_flags(self, req: Any) -> None:
-        """The serve flags that are a request field's default, as vLLM's: --return-tokens-as-token-ids where the
-        request leaves it unset, --enable-force-include-usage on every stream (continuous usage then needs no
-        include_usage of its own)."""
-        if not isinstance(req, SamplingFields):  # (the Responses API's request has neither field)
-            return
-        if req.return_tokens_as_token_ids is None:
-            req.return_tokens_as_token_ids = self.server.return_tokens_as_token_ids
-        if self.server.enable_force_include_usage and req.stream:
-            opts = req.stream_options or StreamOptions()
-            req.stream_options = opts.model_copy(update={"include_usage": True})
-        opts = req.stream_options
-        if opts is not None and opts.continuous_usage_stats and not opts.include_usage:  # (not forced on)
-            raise APIError(
-                "stream_options: continuous_usage_stats needs include_usage true: without it no chunk carries usage",
-                param="stream_options",
-            )
 
     def check_word_lists(self, req: SamplingFields) -> None:
         """The engine's bounds on the stop list and bad_words, checked before any prompt is tokenized."""
@@ -311,6 +293,25 @@ class ServerState:
 
 class ClientDisconnected(Exception):
     pass
+
+
+def _default_from_flags(server: ServerConfig, req: Any) -> None:
+    """The serve flags that are a request field's default, as vLLM's: --return-tokens-as-token-ids where the
+    request leaves it unset, --enable-force-include-usage on every stream (continuous usage then needs no
+    include_usage of its own)."""
+    if not isinstance(req, SamplingFields):  # (the Responses API's request has neither field)
+        return
+    if req.return_tokens_as_token_ids is None:
+        req.return_tokens_as_token_ids = server.return_tokens_as_token_ids
+    if server.enable_force_include_usage and req.stream:
+        opts = req.stream_options or StreamOptions()
+        req.stream_options = opts.model_copy(update={"include_usage": True})
+    opts = req.stream_options
+    if opts is not None and opts.continuous_usage_stats and not opts.include_usage:  # (not forced on)
+        raise APIError(
+            "stream_options: continuous_usage_stats needs include_usage true: without it no chunk carries usage",
+            param="stream_options",
+        )
 
 
 async def read_json(request: Request, limit: int) -> Any:
