@@ -400,8 +400,8 @@ class ServerConfig:
     keep_alive_timeout: float = setting(5.0, "seconds an idle keep-alive connection stays open")
     write_timeout: float = setting(
         60.0,
-        "seconds an answer may wait on a client that reads none of it (the socket's buffers full); then the "
-        "connection is dropped, and what was queued for it freed",
+        "seconds an answer may wait on a client that does not read it (the socket's buffers full: it takes "
+        "nothing more), as nginx's send_timeout; then the connection is dropped, and what was queued for it freed",
     )
     max_connections: int | None = setting(
         1024, "connections beyond this get 503 and are closed (/health, /ping and /metrics are still answered)"

@@ -591,8 +591,8 @@ def test_a_stalled_body_gets_408_at_the_body_timeout(guarded_url):
 
 def test_a_client_that_reads_none_of_its_answer_is_dropped_at_the_write_timeout(guarded_url, request):
     """Pipelined requests whose answers (a long prompt's tokens) together pass the socket buffers, never read:
-    once the server's own buffer has stayed full for write_timeout, it drops the connection, and what is read
-    afterwards is cut short. (Without the deadline it holds every answer until the client goes; reading then gets
+    once nothing more could be written for write_timeout, the server drops the connection, and what is read
+    afterwards is cut short. (Without the deadline it held every answer until the client went; reading then got
     them all.) On one parser: the deadline is the shared _Guard's."""
     if request.node.callspec.params["guarded_url"] != "httptools":
         pytest.skip("the write deadline is the parsers' shared code")

@@ -107,16 +107,28 @@ class _Guard:
         super().connection_lost(exc)  # type: ignore[misc]
 
     def pause_writing(self) -> None:
-        """The transport's buffer passed its high-water mark: the client is not reading what it was sent. Past
-        write_timeout the connection is dropped (closing would wait for the buffer to drain, which it never
-        does), freeing the queued answer and the handler that waits to write more."""
+        """The transport's buffer passed its high-water mark: the client reads slower than it is sent to, or not
+        at all. As nginx's send_timeout: when the socket has taken nothing more for write_timeout, the client is
+        dropped (closing would wait for the buffer to drain, which it never does), freeing the queued answer and
+        the handler waiting to write more; each write the socket takes gives another write_timeout."""
         super().pause_writing()  # type: ignore[misc]
         if self._unread is None:
-            self._unread = self.loop.call_later(self.limits.write_timeout, self.transport.abort)
+            self._wait_for_reads()
 
     def resume_writing(self) -> None:
         self._read_again()
         super().resume_writing()  # type: ignore[misc]
+
+    def _wait_for_reads(self) -> None:
+        queued = self.transport.get_write_buffer_size()  # (nothing is added while writing is paused)
+        self._unread = self.loop.call_later(self.limits.write_timeout, self._unless_read, queued)
+
+    def _unless_read(self, queued: int) -> None:
+        if self.transport.get_write_buffer_size() < queued:
+            self._wait_for_reads()
+        else:
+            self._unread = None
+            self.transport.abort()
 
     def _read_again(self) -> None:
         if self._unread is not None:
