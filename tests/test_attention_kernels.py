@@ -259,7 +259,7 @@ def test_decode_is_batch_invariant_and_verification_matches_it_bit_for_bit(cache
     decode result. This is what keeps greedy speculative decoding identical to plain decoding."""
     from miniserve.kernels.decode_attention import decode_attention
 
-    seqs = [(300, 1), (40, 1), (1000, 1), (7, 1)]
+    seqs = [(300, 1), (40, 1), (520, 1), (7, 1)]  # 520: two splits of SPLIT_TOKENS (512), the second of 8
     b = make_batch(seqs, 16, 8, 2, 64, cache_dtype, torch.float32, seed=11)
     args = (b.key_cache, b.value_cache)
     full = decode_attention(b.q, *args, b.meta, b.k_scale, b.v_scale, 0.3)
