@@ -86,7 +86,7 @@ def test_kv_pool_exact_fit_runs_and_one_more_token_never_fits(llama_dir):
 
 def test_kv_pool_exact_fit_counts_the_speculative_lookahead(llama_dir, draft_dir):
     """With k = 2 and overlapped rounds a sequence reserves 2k + 1 = 5 slots past its length: 8 + 20 - 1 + 5 = 32
-    fits, one token more does not."""
+    fits, one token more does not; a request of one token reserves none."""
     kw = dict(speculative_model=str(draft_dir), num_speculative_tokens=2, num_kv_blocks=4)
     eng = engine(llama_dir, **kw)
     assert eng.scheduler.lookahead == 5
@@ -94,6 +94,14 @@ def test_kv_pool_exact_fit_counts_the_speculative_lookahead(llama_dir, draft_dir
     assert run(eng, [(prompt(8), greedy(20))])["outputs"]["0"].token_ids == ref
     with pytest.raises(ValueError, match="33 tokens of KV cache, 5 of them for the draft's proposals"):
         eng.add_request("x", prompt(8), greedy(21))
+    # a request whose only token comes from the prompt pass never runs a round: it takes no lookahead, so a
+    # 32-token prompt fits, also when its last chunk is one token (the chunk is a prompt pass, not a round)
+    one = run(engine(llama_dir), [(prompt(32), greedy(1))])["outputs"]["0"].token_ids
+    assert run(eng, [(prompt(32), greedy(1))])["outputs"]["0"].token_ids == one
+    chunked = engine(llama_dir, max_num_batched_tokens=31, max_model_len=64, enable_prefix_caching=False, **kw)
+    assert run(chunked, [(prompt(32), greedy(1))])["outputs"]["0"].token_ids == one
+    with pytest.raises(ValueError, match="33 tokens of KV cache, but"):
+        eng.add_request("x", prompt(33), greedy(1))
     eng = engine(llama_dir, overlap_spec_rounds=False, **kw)  # k = 2 slots: 8 + 23 - 1 + 2 = 32
     ref = run(engine(llama_dir), [(prompt(8), greedy(23))])["outputs"]["0"].token_ids
     assert run(eng, [(prompt(8), greedy(23))])["outputs"]["0"].token_ids == ref

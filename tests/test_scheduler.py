@@ -189,13 +189,17 @@ def test_a_choice_joins_once_its_first_choices_first_prompt_chunk_fills_the_shar
     assert second.block_table[0] == first.block_table[0] and second.num_cached_tokens == 4
 
 
-def test_admission_takes_lookahead_slots_for_a_single_new_token_only():
+def test_lookahead_slots_are_taken_for_speculative_rounds_only():
     sched = make(8, lookahead=4, has_draft=True)
     a, b = seq_of(0, 1), seq_of(1, 8)
     sched.add(a)
     sched.add(b)
+    # a one-token prompt is a prompt pass, not a round: 1 slot, as b's 8 are its prompt's
     assert step(sched) == [(0, 1), (1, 8)]
-    assert len(a.block_table) == 2 and len(b.block_table) == 2  # 1 + 4 slots; 8 slots, the prompt's
+    assert len(a.block_table) == 1 and len(b.block_table) == 2
+    # then both decode: 1 + 1 + 4 = 6 slots (2 blocks) and 8 + 1 + 4 = 13 (4 blocks)
+    assert step(sched) == [(0, 1), (1, 1)]
+    assert len(a.block_table) == 2 and len(b.block_table) == 4
 
 
 def test_a_preempted_sequence_finds_its_own_blocks_and_keeps_its_first_cache_report():

@@ -195,10 +195,11 @@ class LLMEngine:
                 f"the prompt has {len(ids)} tokens, but the model's context length (max_model_len) is "
                 f"{self.max_model_len}, which leaves no room to generate"
             )
-        # the last token is sampled, never fed back: it needs no KV slot (a draft's lookahead slots come on top)
-        need = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len) - 1
-        lookahead = self.scheduler.lookahead
-        need += lookahead
+        # the last token is sampled, never fed back: it needs no KV slot; a draft's lookahead slots come on top,
+        # unless the prompt pass samples the only token the request may have (no speculative round follows)
+        end = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        lookahead = self.scheduler.lookahead if end - len(ids) > 1 else 0
+        need = end - 1 + lookahead
         if self.block_manager.blocks_for(need) > self.block_manager.num_blocks:
             draft = f", {lookahead} of them for the draft's proposals" if lookahead else ""
             raise ValueError(

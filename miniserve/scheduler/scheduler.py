@@ -74,7 +74,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(self._end(seq) - seq.num_computed_tokens, budget)
-            need = seq.num_computed_tokens + num_new + (self.lookahead if num_new == 1 else 0)
+            need = seq.num_computed_tokens + num_new + self._lookahead(seq, num_new)
             while not self.blocks.can_grow(seq, need) and self.running[-1] is not seq:
                 self._preempt(self.running.pop())
                 preempted = True
@@ -112,6 +112,12 @@ class Scheduler:
             return seq.num_tokens - 1
         return seq.num_tokens
 
+    def _lookahead(self, seq: Sequence, num_new: int) -> int:
+        """Slots past the new tokens a step may write: a speculative round's (one new token, after the first
+        output); a prompt pass writes none, even of a one-token prompt or chunk, so a request that stops at its
+        first token (max_tokens=1) fits the pool as it would without a draft."""
+        return self.lookahead if num_new == 1 and seq.num_output_tokens > 0 else 0
+
     def _cache_blocks(self, seq: Sequence) -> None:
         """Register the sequence's full blocks that every worker has written and no worker will write again.
         A draft lags the target, and its catch-up pass rewrites position num_tokens - 2 when it had already
@@ -138,7 +144,7 @@ class Scheduler:
         cached = self.blocks.cached_prefix(seq, seq.num_tokens - self.num_uncached) if lookup else []
         num_cached = len(cached) * self.blocks.block_size
         num_new = min(self._end(seq) - num_cached, budget)
-        need = num_cached + num_new + (self.lookahead if num_new == 1 else 0)
+        need = num_cached + num_new + self._lookahead(seq, num_new)
         if not self.blocks.can_allocate(cached, need):
             return False
         self.blocks.allocate(seq, cached, need)
