@@ -366,6 +366,7 @@ def test_token_ids_outside_the_vocabulary_get_400s_naming_the_field(url):
         ({"stop_token_ids": [VOCAB + 5]}, "stop_token_ids", str(VOCAB)),
         ({"allowed_token_ids": [VOCAB]}, "allowed_token_ids", str(VOCAB)),
         ({"allowed_token_ids": []}, "allowed_token_ids", "empty"),
+        ({"allowed_token_ids": [7], "stop_token_ids": [7], "min_tokens": 1}, "allowed_token_ids", "nothing is left"),
     ]
     for extra, param, mentioned in cases:
         for path, base in (("/v1/completions", PROMPT), ("/v1/chat/completions", MESSAGES)):
@@ -375,6 +376,7 @@ def test_token_ids_outside_the_vocabulary_get_400s_naming_the_field(url):
             assert err["param"] == param and mentioned in err["message"], (extra, err)
     # the last valid id and the bias bounds themselves are fine
     ok = {"logit_bias": {str(VOCAB - 1): 100, "0": -100}, "stop_token_ids": [VOCAB - 1]}
+    ok |= {"allowed_token_ids": [7, VOCAB - 1], "min_tokens": 1}  # 7 may be sampled while VOCAB - 1 may not
     assert post(url, "/v1/completions", {"model": MODEL_NAME, **PROMPT, "max_tokens": 2, **ok}).status_code == 200
 
 

@@ -10,7 +10,14 @@ import math
 import pytest
 import torch
 
-from miniserve.engine.sampler import SamplingBatch, apply_penalties_and_filters, probs, sample, sample_from_probs
+from miniserve.engine.sampler import (
+    SamplingBatch,
+    apply_penalties_and_filters,
+    check_allowed_tokens,
+    probs,
+    sample,
+    sample_from_probs,
+)
 from miniserve.sampling_params import SamplingParams
 
 V = 8
@@ -211,6 +218,32 @@ def test_allowed_token_ids_mask_the_others_in_their_row_only():
     out = apply_penalties_and_filters(logits, build([SamplingParams(allowed_token_ids=[2, 5]), SamplingParams()]))
     assert out[0].tolist() == [-math.inf, -math.inf, 2.0, -math.inf, -math.inf, 5.0, -math.inf, -math.inf]
     assert out[1].tolist() == logits[1].tolist()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(allowed_token_ids=[0], min_tokens=1),  # only EOS, banned until one token: nothing left
+        dict(allowed_token_ids=[0, 3], min_tokens=1, stop_token_ids=[3]),
+        dict(allowed_token_ids=[4], bad_words_token_ids=[[4]]),
+        dict(allowed_token_ids=[0, 4], min_tokens=2, bad_words_token_ids=[[4], [1, 0]]),
+        dict(allowed_token_ids=[0], min_tokens=1, ignore_eos=True),  # EOS does not stop it: not banned
+        dict(allowed_token_ids=[0, 3], min_tokens=1),
+        dict(allowed_token_ids=[0]),
+        dict(allowed_token_ids=[6], bad_words_token_ids=[[4], [1, 6]]),  # 6 only after 1
+        dict(allowed_token_ids=[3], min_tokens=1, stop_token_ids=[5]),
+    ],
+)
+def test_allowed_token_ids_that_leave_nothing_to_sample_are_refused(kw):
+    """The oracle is the sampler's own first-step masks (EOS = 0): the request is refused exactly when they leave
+    no finite logit, where argmax would pick a masked token."""
+    params = SamplingParams(**kw)
+    first = apply_penalties_and_filters(torch.zeros(1, V), build([params]))
+    if torch.isfinite(first).any():
+        check_allowed_tokens(params, {0})
+    else:
+        with pytest.raises(ValueError, match="allowed_token_ids: every token it allows is banned"):
+            check_allowed_tokens(params, {0})
 
 
 @pytest.mark.parametrize(

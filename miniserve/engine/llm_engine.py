@@ -25,7 +25,7 @@ from miniserve.engine.launch_hold import LaunchHold
 from miniserve.engine.model_runner import ModelRunner
 from miniserve.engine.output_processor import OutputProcessor, Request
 from miniserve.engine.outputs import RequestOutput
-from miniserve.engine.sampler import bad_words_token_ids, check_bad_words
+from miniserve.engine.sampler import bad_words_token_ids, check_allowed_tokens, check_bad_words
 from miniserve.engine.stop_strings import StopMatcher, check_stop_strings
 from miniserve.engine.structured_output import GrammarCompiler
 from miniserve.models.generation_config import eos_token_ids, sampling_defaults
@@ -177,13 +177,15 @@ class LLMEngine:
             self.scheduler.add(seq, parent=seqs[0] if seq.index > 0 else None)
 
     def _check_params(self, params: SamplingParams) -> None:
-        """What needs the engine to check: stop-list and bad-word bounds, token ids within the vocabulary, the
-        grammar (compiled here, or found compiled: errors before anything is queued); bad words are tokenized once."""
+        """What needs the engine to check: stop-list and bad-word bounds, token ids within the vocabulary, a token
+        left to sample, the grammar (compiled here, or found compiled: errors before anything is queued); bad words
+        are tokenized once."""
         check_stop_strings(params.stop, self.config.max_stop_strings, self.config.max_stop_string_length)
         check_bad_words(params.bad_words, self.config.max_bad_words)
         params.check_token_ids(self.vocab_size)
         if params.bad_words and params.bad_words_token_ids is None:  # (the server tokenizes them itself)
             params.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
+        check_allowed_tokens(params, self.outputs.eos_token_ids)
         if params.structured_outputs is not None:
             self.grammar.compile(params.structured_outputs)
 

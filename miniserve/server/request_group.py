@@ -68,9 +68,9 @@ class RequestGroup:
             if self.state.server.enable_log_requests:
                 for rid, ids, p, *_ in batch:
                     self._log_request(rid, ids, p)
-        except ValueError as exc:  # the engine's validation: token ids, context or KV pool too small
+        except ValueError as exc:  # the engine's validation: token ids, context or KV pool too small, a sampling field
             self.abort()
-            raise APIError(str(exc), param=prompt_param) from None
+            raise APIError(str(exc), param=param_from_value_error(str(exc), SamplingFields) or prompt_param) from None
         except BaseException:
             self.abort()
             raise
