@@ -142,6 +142,9 @@ class EngineConfig:
     max_stop_strings: int = setting(32, "stop strings per request (OpenAI allows 4); a longer list is refused")
     max_stop_string_length: int = setting(256, "characters per stop string")
     max_bad_words: int = setting(256, "bad_words per request (each is matched at every step); a longer list is refused")
+    max_logprobs: int = setting(
+        20, "top logprobs a token may ask for (logprobs, prompt_logprobs; vLLM's); -1: the whole vocabulary"
+    )
     grammar_threads: int = setting(
         0,
         "threads xgrammar fills a step's structured-output token masks on, while one thread would take 0.5 ms or more; "
@@ -221,6 +224,7 @@ class EngineConfig:
         ):
             _check_min(name, getattr(self, name), 1)
         _check_min("grammar_threads", self.grammar_threads, 0)
+        _check_min("max_logprobs", self.max_logprobs, -1)
         if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
             raise SettingError(
                 "num_speculative_tokens",

@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass, field
 
 GREEDY_EPS = 1e-5  # temperatures below this are greedy (dividing by them would overflow)
-MAX_LOGPROBS = 20  # the OpenAI API's limit for top logprobs
 # penalties are applied in float32: a smaller positive value divides logits into infinities (or 0 flushed to zero)
 MIN_REPETITION_PENALTY = 1e-6
 OUTPUT_KINDS = ("cumulative", "delta", "final_only")  # vLLM's RequestOutputKind
@@ -95,7 +94,9 @@ class SamplingParams:
     stop: str | list[str] | None = None  # normalised to a list
     stop_token_ids: list[int] | None = None  # normalised to a list
     ignore_eos: bool = False
-    logprobs: int | None = None  # top-N logprobs per token; 0 = only the sampled token's; True = 1 (vLLM's)
+    # top-N logprobs per token; 0 = only the sampled token's; True = 1, -1 = the whole vocabulary (vLLM's); N is
+    # bounded by the engine's max_logprobs
+    logprobs: int | None = None
     prompt_logprobs: int | None = None  # top-N logprobs of every prompt token (scoring, `echo`); 0 = its own only
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
@@ -215,6 +216,12 @@ class SamplingParams:
             or self.structured_outputs is not None
         )
 
+    def check_logprobs(self, max_logprobs: int, vocab_size: int) -> None:
+        """logprobs and prompt_logprobs within the engine's max_logprobs; -1 becomes the vocabulary's size."""
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, logprobs_count(name, getattr(self, name), max_logprobs, vocab_size))
+
     def check_token_ids(self, vocab_size: int) -> None:
         """Token ids the request names must exist in the model's vocabulary (ValueError naming the field)."""
         named = [
@@ -237,15 +244,27 @@ def truncation_length(truncate_prompt_tokens: int | None, max_model_len: int) ->
     return max_model_len - 1 if truncate_prompt_tokens == -1 else truncate_prompt_tokens
 
 
+def logprobs_count(name: str, value: int, max_logprobs: int, vocab_size: int) -> int:
+    """How many top logprobs a token `value` asks for (-1: the whole vocabulary), if max_logprobs (-1: no bound)
+    allows it; ValueError naming `name` otherwise (the engine's check, and the server's by its own field names)."""
+    count = vocab_size if value == -1 else value
+    if count > (vocab_size if max_logprobs == -1 else max_logprobs):
+        asked = f"the whole vocabulary ({vocab_size})" if value == -1 else str(value)
+        raise ValueError(
+            f"{name}: {asked} top logprobs per token, more than max_logprobs={max_logprobs} allows (the setting "
+            "max_logprobs, --max-logprobs; -1 allows the whole vocabulary)"
+        )
+    return min(count, vocab_size)
+
+
 def _check_logprobs(name: str, value: object) -> int | None:
-    """None, 0..MAX_LOGPROBS, or True (= 1, vLLM's); -1 is vLLM's whole vocabulary, beyond what is returned."""
+    """None, an integer >= 0, True (= 1, vLLM's) or -1 (vLLM's whole vocabulary); the engine's bound is
+    `SamplingParams.check_logprobs`."""
     if value is None:
         return None
     if value is True:
         return 1
-    if value == -1:
-        raise ValueError(f"{name}=-1 (the whole vocabulary) is more than the {MAX_LOGPROBS} returned at most")
-    _check_int(name, value, low=0, high=MAX_LOGPROBS)
+    _check_int(name, value, low=-1)
     return value
 
 

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "tiny-api"
 MAX_BAD_WORDS = 4  # the server's max_bad_words
 VOCAB = 384  # tests/conftest.py's tokenizer
+MAX_LOGPROBS = VOCAB  # the server's max_logprobs: -1, the whole vocabulary, fits exactly
 
 # A Qwen2.5-style template: tools in a system block, <tool_call> blocks for calls, <tool_response> for results.
 TOOL_TEMPLATE = (
@@ -128,6 +129,7 @@ def log_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def url(model_dir, log_path) -> Iterator[str]:
     env = {"MINISERVE_MAX_BAD_WORDS": str(MAX_BAD_WORDS), "MINISERVE_TRUST_REQUEST_CHAT_TEMPLATE": "1"}
+    env["MINISERVE_MAX_LOGPROBS"] = str(MAX_LOGPROBS)
     with run_server(model_dir, log_path, **env) as base:
         yield base
 
@@ -378,6 +380,23 @@ def test_token_ids_outside_the_vocabulary_get_400s_naming_the_field(url):
     ok = {"logit_bias": {str(VOCAB - 1): 100, "0": -100}, "stop_token_ids": [VOCAB - 1]}
     ok |= {"allowed_token_ids": [7, VOCAB - 1], "min_tokens": 1}  # 7 may be sampled while VOCAB - 1 may not
     assert post(url, "/v1/completions", {"model": MODEL_NAME, **PROMPT, "max_tokens": 2, **ok}).status_code == 200
+
+
+def test_top_logprobs_are_bounded_by_max_logprobs_and_minus_one_is_the_whole_vocabulary(url):
+    """The server's max_logprobs bounds each field that asks for top logprobs (a 400 naming the field past it);
+    -1 asks for the whole vocabulary, which fits it here exactly, and lists every token."""
+    chat = {"model": MODEL_NAME, **MESSAGES, "max_tokens": 1, "logprobs": True}
+    completion = {"model": MODEL_NAME, **PROMPT, "max_tokens": 1}
+    cases = [("/v1/chat/completions", chat, "top_logprobs"), ("/v1/completions", completion, "logprobs")]
+    cases += [("/v1/chat/completions", chat, "prompt_logprobs"), ("/v1/completions", completion, "prompt_logprobs")]
+    for path, body, field in cases:
+        err = assert_openai_error(post(url, path, {**body, field: MAX_LOGPROBS + 1}), 400, field)
+        assert f"max_logprobs={MAX_LOGPROBS}" in err["message"], err
+    whole = post(url, "/v1/chat/completions", {**chat, "top_logprobs": -1}).json()["choices"][0]
+    assert len(whole["logprobs"]["content"][0]["top_logprobs"]) == VOCAB
+    scored = post(url, "/v1/completions", {**completion, "prompt_logprobs": -1}).json()["choices"][0]
+    assert scored["prompt_logprobs"][0] is None and len(scored["prompt_logprobs"]) > 1
+    assert all(sorted(map(int, p)) == list(range(VOCAB)) for p in scored["prompt_logprobs"][1:])
 
 
 def test_best_of_returns_the_n_likeliest_of_best_of(client, url):

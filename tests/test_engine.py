@@ -289,12 +289,27 @@ def test_stop_token_ids_eos_and_min_tokens(llama_dir):
 
 
 def test_logprobs_are_top_n_of_the_raw_distribution(llama_dir):
-    llm = make_llm(llama_dir)
+    """Top-N of log_softmax; N is bounded by max_logprobs (20 by default, as vLLM's), and -1 asks for the whole
+    vocabulary where max_logprobs=-1 allows it."""
+    llm = make_llm(llama_dir, max_logprobs=-1)
     prompt = token_prompts(1, seed=13)[0]
     out = llm.generate(
         [prompt], SamplingParams(temperature=0, max_tokens=3, logprobs=4, ignore_eos=True), use_tqdm=False
     )[0].outputs[0]
-    worker = make_llm(llama_dir).engine.target
+    every = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, logprobs=-1), use_tqdm=False)
+    default = make_llm(llama_dir)
+    for n in (21, -1):
+        with pytest.raises(ValueError, match="logprobs: .* top logprobs per token, more than max_logprobs=20"):
+            default.generate([prompt], SamplingParams(max_tokens=1, logprobs=n), use_tqdm=False)
+    assert (
+        len(
+            default.generate([prompt], SamplingParams(max_tokens=1, logprobs=20), use_tqdm=False)[0]
+            .outputs[0]
+            .logprobs[0]
+        )
+        >= 20
+    )
+    worker = default.engine.target
     logits = worker.forward([ForwardInput(prompt, 0, [0, 1, 2], 1)])[0]
     ref = torch.log_softmax(logits, -1)
     top = ref.topk(4)
@@ -304,6 +319,9 @@ def test_logprobs_are_top_n_of_the_raw_distribution(llama_dir):
         assert abs(lp - ref[tid].item()) < 1e-4
     assert len(out.logprobs) == 3
     assert abs(out.cumulative_logprob - sum(d[t] for d, t in zip(out.logprobs, out.token_ids))) < 1e-4
+    whole = every[0].outputs[0].logprobs[0]
+    assert sorted(whole) == list(range(ref.numel()))
+    assert max(abs(lp - ref[tid].item()) for tid, lp in whole.items()) < 1e-4
 
 
 def assert_vllm_logprobs(entry: dict, chosen: int, ref: torch.Tensor, num_top: int, tok) -> None:
@@ -434,8 +452,7 @@ def test_chat_gives_templates_tool_call_arguments_as_objects(llama_dir):
 def test_sampling_values_vllm_gives_a_meaning(llama_dir):
     assert SamplingParams(seed=-1).seed is None  # vLLM's "no seed"
     assert SamplingParams(logprobs=True).logprobs == 1 and SamplingParams(prompt_logprobs=True).prompt_logprobs == 1
-    with pytest.raises(ValueError, match="logprobs=-1 \\(the whole vocabulary\\) is more than the 20"):
-        SamplingParams(logprobs=-1)
+    assert SamplingParams(logprobs=-1).logprobs == -1  # the whole vocabulary (the engine bounds it: max_logprobs)
     with pytest.raises(ValueError, match="repetition_penalty must be in \\[1e-06"):
         SamplingParams(repetition_penalty=1e-308)  # 0 in float32: the penalty would divide by zero
     llm = make_llm(llama_dir, max_model_len=32)

@@ -183,6 +183,7 @@ class LLMEngine:
         check_stop_strings(params.stop, self.config.max_stop_strings, self.config.max_stop_string_length)
         check_bad_words(params.bad_words, self.config.max_bad_words)
         params.check_token_ids(self.vocab_size)
+        params.check_logprobs(self.config.max_logprobs, self.vocab_size)
         if params.bad_words and params.bad_words_token_ids is None:  # (the server tokenizes them itself)
             params.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
         check_allowed_tokens(params, self.outputs.eos_token_ids)

@@ -78,7 +78,7 @@ def _chat_body(
 
 async def start_chat(state: ServerState, req: ChatCompletionRequest, base_id: str) -> ChatRun:
     """Checks, tools, the output constraint, the prompt and its sampling parameters; then the request posted."""
-    state.check_word_lists(req)
+    state.check_bounds(req)
     check_reasoning_fields(req, state.server.reasoning_parser)
     server = state.server
     tools = tool_setup(req, state.tokenizer.chat_template, server.tool_call_parser, server.enable_auto_tool_choice)

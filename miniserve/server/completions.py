@@ -29,7 +29,7 @@ async def create_completion(request: Request) -> Response:
     state = state_of(request)
     req: CompletionRequest = await state.parse(request, CompletionRequest)
     state.check_prompt_count(len(req.prompts()))
-    state.check_word_lists(req)
+    state.check_bounds(req)
     structured = await state.compile_constraint(structured_spec(req))
     prompt_ids = await state.encode_prompts(req.prompts(), req.add_special_tokens, req.truncate_prompt_tokens)
     params = [

@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from miniserve.chat_template import check_chat_options
 
-MAX_TOP_LOGPROBS = 20
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # content parts a text-only model cannot take, by type, and what to call them in the error
 MEDIA_PARTS = {
@@ -231,7 +230,7 @@ class SamplingFields(RequestModel):
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
-    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    prompt_logprobs: int | None = Field(default=None, ge=-1)  # -1: the whole vocabulary (max_logprobs bounds it)
     use_beam_search: bool = False
     length_penalty: float = 1.0
     structured_outputs: StructuredOutputsField | None = None
@@ -314,7 +313,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     # OpenAI's legacy default; 0 with echo scores the prompt and generates nothing (`echo_only`)
     max_tokens: int | None = Field(default=16, ge=0)
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    logprobs: int | None = Field(default=None, ge=-1)
     echo: bool = False
     suffix: str | None = None
     add_special_tokens: bool = True
@@ -480,7 +479,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = Field(default=None, ge=-1)
     tools: list[ToolParam] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None

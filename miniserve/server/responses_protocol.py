@@ -15,7 +15,6 @@ from miniserve.server.protocol import (
     COMMON_REFUSED,
     INT64_MAX,
     INT64_MIN,
-    MAX_TOP_LOGPROBS,
     MEDIA_PARTS,
     RequestModel,
     StructuredOutputsField,
@@ -216,7 +215,7 @@ class ResponsesRequest(RequestModel):
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = Field(default=None, ge=0)  # (chat's check bounds it by max_logprobs)
     include: list[str] | None = None
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice | None = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, Protocol
 
 from fastapi import Request
@@ -16,7 +17,7 @@ from miniserve.config import EngineConfig, ServerConfig, resolve_chat_template
 from miniserve.engine.sampler import check_bad_words
 from miniserve.engine.stop_strings import check_stop_strings
 from miniserve.engine.structured_output import GrammarCompiler, StructuredOutputsUnavailable
-from miniserve.sampling_params import StructuredOutputsParams, truncation_length
+from miniserve.sampling_params import StructuredOutputsParams, logprobs_count, truncation_length
 from miniserve.server.engine_process import EngineProcess
 from miniserve.server.json_body import decode_json
 from miniserve.server.metrics import ServerMetrics
@@ -235,18 +236,24 @@ class ServerState:
         _default_from_flags(self.server, req)
         return req
 
-    def check_word_lists(self, req: SamplingFields) -> None:
-        """The engine's bounds on the stop list and bad_words, checked before any prompt is tokenized."""
+    def check_bounds(self, req: SamplingFields) -> None:
+        """The engine's bounds on the stop list, bad_words and top logprobs, checked before any prompt is
+        tokenized; a top-logprobs count of -1 becomes the vocabulary's size (what the answer then lists)."""
         stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
         config = self.config
-        try:
-            check_stop_strings(stops, config.max_stop_strings, config.max_stop_string_length)
-        except ValueError as exc:
-            raise APIError(str(exc), param="stop") from None
-        try:
-            check_bad_words(req.bad_words, config.max_bad_words)
-        except ValueError as exc:
-            raise APIError(str(exc), param="bad_words") from None
+        checks = [
+            ("stop", partial(check_stop_strings, stops, config.max_stop_strings, config.max_stop_string_length)),
+            ("bad_words", partial(check_bad_words, req.bad_words, config.max_bad_words)),
+        ]
+        for name in ("logprobs", "top_logprobs", "prompt_logprobs"):  # (integers: chat's logprobs is a bool)
+            if type(getattr(req, name, None)) is int:
+                count = partial(logprobs_count, name, getattr(req, name), config.max_logprobs, self.vocab_size)
+                checks.append((name, lambda name=name, count=count: setattr(req, name, count())))
+        for param, check in checks:
+            try:
+                check()
+            except ValueError as exc:
+                raise APIError(str(exc), param=param) from None
 
     def check_prompt_count(self, count: int) -> None:
         limit = self.server.max_prompts_per_request
