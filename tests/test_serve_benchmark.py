@@ -31,7 +31,8 @@ TINY = {
 }
 
 
-def test_serve_benchmark_runs_every_phase_on_a_tiny_shape(tmp_path):
+def test_serve_benchmark_runs_every_phase_on_a_tiny_shape_and_traces_it(tmp_path):
+    """Every phase, with --trace-dir (one server start for both: see `check_trace`)."""
     out = tmp_path / "serve.json"
     cmd = [
         sys.executable,
@@ -43,11 +44,11 @@ def test_serve_benchmark_runs_every_phase_on_a_tiny_shape(tmp_path):
         "--ckpt-root",
         str(tmp_path / "ckpt"),
         "--engine-args",
-        "--device cpu --max-num-seqs 8",
+        "--device cpu --max-num-seqs 8 --block-size 16",
         "--num-prompts",
         "6",
         "--input-len",
-        "12",
+        "40",
         "--output-len",
         "5",
         "--request-rate",
@@ -62,6 +63,8 @@ def test_serve_benchmark_runs_every_phase_on_a_tiny_shape(tmp_path):
         "1",
         "--warmup",
         "1",
+        "--trace-dir",
+        str(tmp_path / "trace"),
         "--out",
         str(out),
     ]
@@ -90,7 +93,7 @@ def test_serve_benchmark_runs_every_phase_on_a_tiny_shape(tmp_path):
     for phase in (stream, plain, offline):
         assert 5 <= phase["engine_steps"] <= 30, phase
         assert phase["ms_per_step"] > 0
-    assert round(stream["tokens_per_step"] * stream["engine_steps"]) == 6 * 12 + 6 * 4  # prompts, 4 decodes each
+    assert round(stream["tokens_per_step"] * stream["engine_steps"]) == 6 * 40 + 6 * 4  # prompts, 4 decodes each
     # the TTFT of a request alone on the server: new prompts, one at a time, 2 tokens each
     sys.path.insert(0, str(REPO / "benchmarks"))
     import serve
@@ -99,6 +102,7 @@ def test_serve_benchmark_runs_every_phase_on_a_tiny_shape(tmp_path):
     assert lone["completed"] == serve.LONE_REQUESTS and lone["output_tokens"] == 2 * serve.LONE_REQUESTS
     assert lone["duration_s"] >= (serve.LONE_REQUESTS - 1) * serve.IDLE_S
     assert stream["ttft_p50_vs_lone"] == stream["ttft_ms"]["p50"] / lone["ttft_ms"]["p50"]
+    check_trace(res)
 
 
 def _serve(tmp_path: Path, *args: str) -> dict:
@@ -111,15 +115,11 @@ def _serve(tmp_path: Path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
-def test_serve_trace_splits_each_stage_and_each_phase_computes_its_whole_workload(tmp_path):
+def check_trace(res: dict) -> None:
     """The trace splits each streamed request's time to first token into its stages, on the real engine and the
     fake one. Phases on one server must not reuse each other's prompts (the prefix cache would skip their prefill:
     the second phase then looked faster than offline): both phases compute the same number of tokens, every prompt
     token included. The traced ramps count each phase's steps, from the engine's own messages, as /metrics does."""
-    res = _serve(
-        tmp_path, "--phases", "stream,plain,offline,fake", "--fake-step-ms", "2", "--input-len", "40",
-        "--engine-args=--device cpu --max-num-seqs 8 --block-size 16", "--trace-dir", str(tmp_path / "trace"),
-    )  # fmt: skip
     for key, phase in (("real/stream", "stream"), ("fake/stream", "fake")):
         trace = res["trace"][key]
         assert trace["streams"] == 6 and trace["client_events"] == res["phases"][phase]["content_events"]
