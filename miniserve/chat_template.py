@@ -1,15 +1,18 @@
 """Chat templates: a model's jinja2 template rendered the way transformers renders it (a sandbox with its filters
-and helpers), the messages normalized first (OpenAI text parts joined, tool-call arguments as objects), and the
-checks on the options that go with it (continue_final_message, chat_template_kwargs). Tokenizer.render_chat
-(tokenizer.py) is the caller."""
+and helpers), the messages normalized first (content as text or as OpenAI text parts, whichever the template reads;
+tool-call arguments as objects), and the checks on the options that go with it (continue_final_message,
+chat_template_kwargs). Tokenizer.render_chat (tokenizer.py) is the caller."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from miniserve.config import CONTENT_FORMATS
 
 # Used when the directory has no chat template: one "Role: content" line per message, then "Assistant:".
 DEFAULT_CHAT_TEMPLATE = (
@@ -68,20 +71,57 @@ class ChatMessageError(ValueError):
     """A message the chat template cannot be given (the caller's input, not the template's failure)."""
 
 
-def normalize_message(message: dict[str, Any], index: int) -> dict[str, Any]:
+def read_format(chosen: str, source: str | None) -> str:
+    """How message content reaches the template `source` (None: DEFAULT_CHAT_TEMPLATE): `chosen` (one of
+    config.CONTENT_FORMATS), or with "auto" the format the template reads."""
+    if chosen not in CONTENT_FORMATS:
+        raise ValueError(f"chat_template_content_format must be one of {', '.join(CONTENT_FORMATS)}, got {chosen!r}")
+    return detect_content_format(source or DEFAULT_CHAT_TEMPLATE) if chosen == "auto" else chosen
+
+
+@functools.lru_cache(maxsize=16)  # (a model's template, and the few per-request ones a server sees again)
+def detect_content_format(source: str) -> str:
+    """The content format a template reads (vLLM's auto detection): "openai", a list of parts, where it loops over
+    a message's content (`{% for part in message['content'] %}`, also through a variable set to it), else
+    "string"."""
+    import jinja2.nodes as nodes
+
+    def reads_content(node: Any, names: set[str]) -> bool:  # x['content'], x.content or a name set to it, filtered
+        while isinstance(node, nodes.Filter):
+            node = node.node
+        if isinstance(node, nodes.Getitem):
+            return isinstance(node.arg, nodes.Const) and node.arg.value == "content"
+        if isinstance(node, nodes.Name):
+            return node.name in names
+        return isinstance(node, nodes.Getattr) and node.attr == "content"
+
+    tree = compile_template(source).environment.parse(source)
+    assigned = [a for a in tree.find_all(nodes.Assign) if isinstance(a.target, nodes.Name)]
+    names = {a.target.name for a in assigned if reads_content(a.node, set())}
+    if any(reads_content(loop.iter, names) for loop in tree.find_all(nodes.For)):
+        return "openai"
+    return "string"
+
+
+def normalize_message(message: dict[str, Any], index: int, content_format: str = "string") -> dict[str, Any]:
+    """A fresh copy for the template: keys set to None dropped, content as text ("string": parts joined with
+    newlines) or as a list of text parts ("openai": text becomes one part), tool-call arguments as objects."""
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise ChatMessageError(f"messages[{index}] must be a dict with a 'role' string, got {message!r}")
     out = {key: value for key, value in message.items() if value is not None}
     content = out.get("content")
     if content is not None and not isinstance(content, (str, list)):
         raise ChatMessageError(f"messages[{index}].content must be a string or a list of parts, got {content!r}")
+    texts = [content] if isinstance(content, str) else []
     if isinstance(content, list):
-        texts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise ChatMessageError(f"messages[{index}].content: only text parts are supported, got {part!r}")
             texts.append(part["text"])
-        out["content"] = "\n".join(texts)
+    if content is not None:
+        out["content"] = (
+            [{"type": "text", "text": t} for t in texts] if content_format == "openai" else "\n".join(texts)
+        )
     if isinstance(out.get("tool_calls"), list):
         out["tool_calls"] = [_template_tool_call(call, index) for call in out["tool_calls"]]
     return out
@@ -99,6 +139,26 @@ def _template_tool_call(call: Any, index: int) -> Any:
     except ValueError:
         raise ChatMessageError(f"messages[{index}]: tool call arguments must be JSON text, got {text!r}") from None
     return {**call, "function": {**function, "arguments": arguments}}
+
+
+def template_messages(messages: list[dict[str, Any]], content_format: str, continue_final: bool) -> list[dict]:
+    """The messages as a template gets them (`normalize_message`); with continue_final_message the final one's
+    content carries CONTINUE_MARK, where `cut_at_continue_mark` cuts the rendered text."""
+    normalized = [normalize_message(m, i, content_format) for i, m in enumerate(messages)]
+    if continue_final and normalized:
+        mark_continue(normalized[-1])
+    return normalized
+
+
+def mark_continue(message: dict[str, Any]) -> None:
+    """Append CONTINUE_MARK to the content the final message continues: its text, or its last text part (as
+    transformers tags it)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        content[-1:] = content[-1:] or [{"type": "text", "text": ""}]
+        content[-1]["text"] += CONTINUE_MARK
+    else:
+        message["content"] = (content or "") + CONTINUE_MARK
 
 
 def cut_at_continue_mark(rendered: str) -> str:

@@ -27,6 +27,8 @@ DEMO_DRAFT = DEMO_DIR / "shakespeare-draft"
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e4m3fnuz", "bfloat16", "float16", "float32")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float")  # half, float: vLLM's spellings
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
+# how message content reaches a chat template: text, OpenAI's list of parts, or whichever the template reads
+CONTENT_FORMATS = ("auto", "string", "openai")  # (chat_template.py: detect_content_format)
 FP8_DECODES = ("auto", "hw", "hw-staged")  # kernels/decode_attention.py FP8_DECODES that a user may pick
 DECODE_SPLITS = ("by-length", "by-batch")  # kernels/decode_attention.py split_tokens_for
 DEPENDENT_LAUNCHES = ("auto", "off")  # kernels/dependent_launch.py
@@ -76,6 +78,13 @@ class EngineConfig:
         "a Jinja chat template used instead of the tokenizer's (as vLLM's --chat-template): a file's path, or the "
         "template itself",
         shown_default="the tokenizer's",
+    )
+    chat_template_content_format: str = setting(
+        "auto",
+        "how a message's content reaches the chat template (vLLM's): string = its text (text parts joined with "
+        "newlines), openai = a list of {type: text, text} parts, auto = openai where the template loops over a "
+        "message's content",
+        CONTENT_FORMATS,
     )
     dtype: str = setting(
         "auto", "weights and activations; auto = the checkpoint's dtype on a GPU, float32 on the CPU", DTYPES

@@ -98,14 +98,17 @@ class LLM:
         tools: list[dict] | None = None,
         chat_template: str | None = None,
         chat_template_kwargs: dict | None = None,
+        chat_template_content_format: str | None = None,
     ) -> list[RequestOutput]:
         """Render each conversation with the model's chat template and generate the assistant's reply (vLLM's
         arguments: `tools` reach the template, `chat_template` replaces the model's, `chat_template_kwargs` become
         template variables such as `enable_thinking`, `continue_final_message` continues the last assistant
-        message instead of starting a new one). Tool calls stay in the output text, as in vLLM's offline API."""
+        message instead of starting a new one, `chat_template_content_format` overrides the engine's setting).
+        Tool calls stay in the output text, as in vLLM's offline API."""
         conversations = _as_conversations(messages)
         check_chat_options(add_generation_prompt, continue_final_message, chat_template_kwargs)
         options = dict(tools=tools, chat_template=chat_template, continue_final_message=continue_final_message)
+        options["content_format"] = chat_template_content_format
         tok = self.engine.tokenizer
         prompts = []
         for c in conversations:

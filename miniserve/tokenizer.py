@@ -24,13 +24,13 @@ from tokenizers import AddedToken, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 from miniserve.chat_template import (
-    CONTINUE_MARK,
     DEFAULT_CHAT_TEMPLATE,
     check_template_kwargs,
     compile_template,
     cut_at_continue_mark,
     load_chat_template,
-    normalize_message,
+    read_format,
+    template_messages,
 )
 from miniserve.json_file import read_eos_token_ids, read_json_object
 
@@ -59,6 +59,8 @@ class Encoding(dict):
 class Tokenizer:
     """Encode/decode/chat-template for one model directory; see the module docstring for the backends."""
 
+    content_format = "auto"  # how message content reaches the chat template: chat_template.read_format
+
     def __init__(
         self,
         backend: tokenizers.Tokenizer,
@@ -86,7 +88,9 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, path: str | Path, chat_template: str | None = None) -> Tokenizer:
+    def from_pretrained(
+        cls, path: str | Path, chat_template: str | None = None, content_format: str = "auto"
+    ) -> Tokenizer:
         """Load `tokenizer.json` (or `tokenizer.model`) and the config files; `chat_template` replaces theirs."""
         directory = Path(path)
         if not directory.is_dir():
@@ -102,7 +106,7 @@ class Tokenizer:
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
             name_or_path=str(directory),
         )
-        return _with_template_setting(tokenizer, chat_template)
+        return _with_template_settings(tokenizer, chat_template, content_format)
 
     # ---------------------------------------------------------------- properties
     @property
@@ -209,7 +213,8 @@ class Tokenizer:
         transformers 5's defaults: input_ids and attention_mask of the rendered text (no specials added: the
         template writes them), `return_dict=False` for the ids alone, `tokenize=False` for the text.
 
-        Message content may be a string or a list of OpenAI text parts, which are joined with newlines.
+        Message content may be a string or a list of OpenAI text parts; the template gets it as text (parts joined
+        with newlines) or as a list of text parts, whichever it reads (`content_format`).
         Keys whose value is None are dropped (as transformers does) so templates see them as undefined.
         Tool-call arguments given as JSON text (OpenAI's messages) reach the template as objects.
         `tools` (OpenAI tool dicts) and `documents` reach the template as transformers passes them;
@@ -233,21 +238,16 @@ class Tokenizer:
         chat_template: str | None = None,
         continue_final_message: bool = False,
         template_kwargs: dict[str, Any] | None = None,
+        content_format: str | None = None,
     ) -> str:
-        """The chat as text (apply_chat_template(tokenize=False))."""
+        """The chat as text (apply_chat_template(tokenize=False)); `content_format` overrides the tokenizer's."""
         template = self._template(chat_template)
         variables = {name: value for name, value in self.special_tokens.items() if value is not None}
         variables.update(template_kwargs or {})  # (the inputs named below are this method's own arguments)
-        normalized = [normalize_message(m, i) for i, m in enumerate(messages)]
-        if continue_final_message and normalized:  # mark where the final message's content ends
-            normalized[-1]["content"] = (normalized[-1].get("content") or "") + CONTINUE_MARK
-        rendered = template.render(
-            **variables,
-            messages=normalized,
-            tools=tools,
-            documents=documents,
-            add_generation_prompt=add_generation_prompt,
-        )
+        fmt = read_format(content_format or self.content_format, chat_template or self.chat_template)
+        listed = template_messages(messages, fmt, continue_final_message)
+        rendered = template.render(**variables, messages=listed, tools=tools, documents=documents,
+                                   add_generation_prompt=add_generation_prompt)  # fmt: skip
         return cut_at_continue_mark(rendered) if continue_final_message else rendered
 
     def _template(self, source: str | None) -> Any:
@@ -426,9 +426,10 @@ def _config_eos_ids(directory: Path) -> set[int]:
     return read_eos_token_ids(directory / "generation_config.json") | read_eos_token_ids(directory / "config.json")
 
 
-def _with_template_setting(tokenizer: Tokenizer, template: str | None) -> Tokenizer:
+def _with_template_settings(tokenizer: Tokenizer, template: str | None, content_format: str) -> Tokenizer:
     """`tokenizer` with the chat_template setting's template compiled once, now: a broken one stops the start (a
-    ValueError naming the setting), not the first chat request."""
+    ValueError naming the setting), not the first chat request; and with the chat_template_content_format setting."""
+    tokenizer.content_format = content_format
     if template:
         import jinja2
 

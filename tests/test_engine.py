@@ -449,6 +449,21 @@ def test_chat_gives_templates_tool_call_arguments_as_objects(llama_dir):
         llm.chat(conversation("{bad", "{}"), GREEDY, use_tqdm=False, chat_template=template)
 
 
+def test_chat_template_content_format_setting_reaches_llm_chat_and_the_server(llama_dir):
+    """The setting (and LLM.chat's own argument over it): a template looping over the content parts iterates the
+    text's characters when given text ("string"), the one part when auto detects what it reads."""
+    from miniserve.config import EngineConfig
+    from miniserve.server.state import load_tokenizer
+
+    loops = "{% for m in messages %}<|{{ m.role }}|>{% for p in m.content %}[{{ p.text }}]{% endfor %}{% endfor %}"
+    llm = make_llm(llama_dir, chat_template=loops, chat_template_content_format="string")
+    chat, params = [{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=1)
+    assert llm.chat(chat, params, use_tqdm=False)[0].prompt == "<|user|>[][]"
+    assert llm.chat(chat, params, use_tqdm=False, chat_template_content_format="auto")[0].prompt == "<|user|>[Hi]"
+    config = EngineConfig(model=str(llama_dir), chat_template_content_format="openai")
+    assert load_tokenizer(config).content_format == "openai"
+
+
 def test_sampling_values_vllm_gives_a_meaning(llama_dir):
     assert SamplingParams(seed=-1).seed is None  # vLLM's "no seed"
     assert SamplingParams(logprobs=True).logprobs == 1 and SamplingParams(prompt_logprobs=True).prompt_logprobs == 1

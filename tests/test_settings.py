@@ -45,6 +45,7 @@ def sample(cls: type, f) -> object:
         "override_generation_config": '{"temperature": 0.5}',
         "speculative_config": '{"model": "demo", "num_speculative_tokens": 2}',
         "root_path": "/api",
+        "chat_template_content_format": "openai",
     }
     if f.name in special:
         return special[f.name]

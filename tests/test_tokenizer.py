@@ -24,7 +24,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, pro
 from tokenizers import Tokenizer as RawTokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from miniserve.chat_template import DEFAULT_CHAT_TEMPLATE
+from miniserve.chat_template import DEFAULT_CHAT_TEMPLATE, detect_content_format
 from miniserve.detokenizer import PROMPT_CONTEXT, IncrementalDetokenizer
 from miniserve.tokenizer import Tokenizer
 
@@ -416,6 +416,39 @@ def test_chat_template_raise_exception(sp_dir):
     bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     with pytest.raises(jinja2.TemplateError, match="must alternate"):
         ours.render_chat(bad, True)
+
+
+LOOPS_PARTS = "{% for m in messages %}<|{{ m.role }}|>{% for p in m.content %}[{{ p.text }}]{% endfor %}{% endfor %}"
+SET_THEN_LOOPS = (  # a template that takes either, looping over a variable set to the content
+    "{% for m in messages %}{% set c = m['content'] %}{% if c is string %}{{ c }}{% else %}"
+    "{% for p in c | list %}{{ p['text'] }};{% endfor %}{% endif %}|{% endfor %}"
+)
+STRINGS = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Yes"}]
+PARTS = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in STRINGS]
+
+
+@pytest.mark.parametrize(
+    ("template", "reads"),
+    [(KEEPS_SPACE, "string"), (DEFAULT_CHAT_TEMPLATE, "string"), (LOOPS_PARTS, "openai"), (SET_THEN_LOOPS, "openai")],
+)
+def test_content_reaches_the_template_in_the_format_it_reads(pair, template, reads):
+    """auto: a template that loops over a message's content gets OpenAI's parts (text becomes one part), others
+    text (parts joined); the oracle is transformers rendering the messages as given in that format. The formats
+    by name are passed as they are, whatever the template reads; continue_final_message cuts after the last
+    part's text, as transformers does."""
+    ours, hf = pair
+    assert detect_content_format(template) == reads  # (labelled by hand)
+    want = {fmt: hf.apply_chat_template(messages, chat_template=template, tokenize=False)
+            for fmt, messages in (("string", STRINGS), ("openai", PARTS))}  # fmt: skip
+    for messages in (STRINGS, PARTS):
+        assert ours.render_chat(messages, False, chat_template=template) == want[reads]
+        for fmt in ("string", "openai"):
+            assert ours.render_chat(messages, False, chat_template=template, content_format=fmt) == want[fmt]
+    kw = dict(chat_template=template, continue_final_message=True)
+    expected = hf.apply_chat_template(PARTS if reads == "openai" else STRINGS, tokenize=False, **kw)
+    assert ours.render_chat(STRINGS, False, **kw) == expected
+    with pytest.raises(ValueError, match="chat_template_content_format must be one of auto, string, openai"):
+        ours.render_chat(STRINGS, False, content_format="parts")
 
 
 def test_content_parts_are_flattened(bpe_dir):

@@ -49,7 +49,9 @@ class LLMEngine:
         else:
             torch.manual_seed(config.seed)
         self.tokenizer = Tokenizer.from_pretrained(
-            config.tokenizer or config.model, resolve_chat_template(config.chat_template)
+            config.tokenizer or config.model,
+            resolve_chat_template(config.chat_template),
+            config.chat_template_content_format,
         )
         self.target = _target_runner(config)
         try:

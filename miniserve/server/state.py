@@ -36,7 +36,8 @@ CPU_THREADS = 4  # tokenizing and chat templates run here, not on the event loop
 def load_tokenizer(config: EngineConfig) -> Any:
     from miniserve.tokenizer import Tokenizer
 
-    return Tokenizer.from_pretrained(config.tokenizer or config.model, resolve_chat_template(config.chat_template))
+    template = resolve_chat_template(config.chat_template)
+    return Tokenizer.from_pretrained(config.tokenizer or config.model, template, config.chat_template_content_format)
 
 
 def max_token_chars(tokenizer: Any) -> int:
