@@ -212,7 +212,7 @@ def _apply(commands, outputs, running: dict, block: bool) -> bool:
             if cmd[0] == "stop":
                 return False
             if cmd[0] == "add":
-                _, rid, _, params, _ = cmd
+                rid, params = cmd[1], cmd[3]
                 running[rid] = [params, []]
                 acks.append((rid, None, True))
             elif cmd[0] == "abort":

@@ -193,6 +193,12 @@ class EngineConfig:
     speculative_kv_cache_dtype: str | None = setting(
         None, "the draft's KV cache dtype", KV_CACHE_DTYPES, shown_default="kv_cache_dtype", needs="speculative_model"
     )
+    scheduling_policy: str = setting(
+        "fcfs",
+        "which waiting request starts first, and which running one is preempted first when the KV pool runs dry "
+        "(vLLM's): fcfs = by arrival; priority = by the request's priority (lower first), then arrival",
+        ("fcfs", "priority"),
+    )
     enable_prefix_caching: bool = setting(
         True, "reuse the KV blocks of prompt prefixes computed before (off: every prompt is computed from scratch)"
     )

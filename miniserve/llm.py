@@ -61,25 +61,29 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool | Callable[..., Any] = True,
+        priority: list[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in prompt order.
 
         A prompt is a string, a list of token ids, or vLLM's prompt dicts: {"prompt": "..."} or
         {"prompt_token_ids": [...]} (with the text as "prompt" too, it is the output's `prompt`), either with
-        "cache_salt".
+        "cache_salt". `priority`: one per prompt (lower runs first), with scheduling_policy "priority", as vLLM's.
         """
         prompts = [_as_prompt(p) for p in _as_prompt_list(prompts)]
+        priority = [0] * len(prompts) if priority is None else list(priority)
+        if len(priority) != len(prompts):
+            raise ValueError(f"priority has {len(priority)} values for {len(prompts)} prompts: give one per prompt")
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         # the caller sees finished requests only: the engine need not report (nor detokenize) every step
         params = [replace(p, output_kind="final_only") for p in _as_params_list(sampling_params, len(prompts))]
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p, urgency in zip(prompts, params, priority):
                 rid = f"gen-{next(self._ids)}"
                 if prompt.cache_salt is not None:
                     p = replace(p, cache_salt=prompt.cache_salt)
-                self.engine.add_request(rid, prompt.prompt, p, prompt_text=prompt.text)
+                self.engine.add_request(rid, prompt.prompt, p, prompt_text=prompt.text, priority=urgency)
                 ids.append(rid)
         except Exception:
             for rid in ids:

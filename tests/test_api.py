@@ -94,7 +94,7 @@ REFUSED = {
     "suffix", "audio", "function_call", "functions", "modalities", "prediction", "reasoning_effort",
     "service_tier", "store", "verbosity", "web_search_options", "use_beam_search", "length_penalty",
     "spaces_between_special_tokens", "guided_decoding_backend", "guided_whitespace_pattern", "structural_tag",
-    "priority", "logits_processors", "kv_transfer_params", "vllm_xargs", "prompt_embeds", "mm_processor_kwargs",
+    "logits_processors", "kv_transfer_params", "vllm_xargs", "prompt_embeds", "mm_processor_kwargs",
     "include_reasoning", "moderation", "prompt_cache_options",
 }  # fmt: skip
 
@@ -130,6 +130,7 @@ def log_path(tmp_path_factory) -> Path:
 def url(model_dir, log_path) -> Iterator[str]:
     env = {"MINISERVE_MAX_BAD_WORDS": str(MAX_BAD_WORDS), "MINISERVE_TRUST_REQUEST_CHAT_TEMPLATE": "1"}
     env["MINISERVE_MAX_LOGPROBS"] = str(MAX_LOGPROBS)
+    env["MINISERVE_SCHEDULING_POLICY"] = "priority"  # (tests/test_responses_api.py's server keeps fcfs)
     with run_server(model_dir, log_path, **env) as base:
         yield base
 

@@ -449,6 +449,21 @@ def test_chat_gives_templates_tool_call_arguments_as_objects(llama_dir):
         llm.chat(conversation("{bad", "{}"), GREEDY, use_tqdm=False, chat_template=template)
 
 
+def test_priority_scheduling_starts_the_most_urgent_first_and_keeps_each_output(llama_dir):
+    """One sequence at a time, priorities 2, 0, 1: they start 1, 2, 0, each with the tokens it has alone. Under
+    fcfs a priority other than 0 is refused, as in vLLM."""
+    prompts, params = token_prompts(3, seed=21), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    llm = make_llm(llama_dir, scheduling_policy="priority", max_num_seqs=1)
+    outs = llm.generate(prompts, params, use_tqdm=False, priority=[2, 0, 1])
+    assert sorted(range(3), key=lambda i: outs[i].metrics["first_scheduled_time"]) == [1, 2, 0]
+    fcfs = make_llm(llama_dir)
+    assert [o.outputs[0].token_ids for o in outs] == greedy_ids(fcfs, prompts, params)
+    with pytest.raises(ValueError, match="priority: 1 needs scheduling_policy 'priority'"):
+        fcfs.generate(prompts[:1], params, use_tqdm=False, priority=[1])
+    with pytest.raises(ValueError, match="priority has 2 values for 3 prompts"):
+        llm.generate(prompts, params, use_tqdm=False, priority=[0, 1])
+
+
 def test_chat_template_content_format_setting_reaches_llm_chat_and_the_server(llama_dir):
     """The setting (and LLM.chat's own argument over it): a template looping over the content parts iterates the
     text's characters when given text ("string"), the one part when auto detects what it reads."""

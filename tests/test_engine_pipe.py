@@ -262,7 +262,9 @@ class _Posted(EngineProcess):
 
 def _requests(n: int) -> list[tuple]:
     params = SamplingParams(max_tokens=1)
-    return [(f"r-{i}", [1, 2], params, RequestStream(f"r-{i}", [1, 2], params, lambda s: None), None) for i in range(n)]
+    return [
+        (f"r-{i}", [1, 2], params, RequestStream(f"r-{i}", [1, 2], params, lambda s: None), None, 0) for i in range(n)
+    ]
 
 
 def test_a_refused_prompt_withdraws_the_requests_others_uncounted():

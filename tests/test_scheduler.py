@@ -22,9 +22,11 @@ def make(num_blocks: int, max_num_seqs: int = 8, budget: int = 64, caching: bool
     return Scheduler(BlockManager(num_blocks, BS, enable_caching=caching), max_num_seqs, budget, **kw)
 
 
-def seq_of(seq_id: int, prompt_len: int, parent_tokens: list[int] | None = None, index: int = 0) -> Sequence:
+def seq_of(
+    seq_id: int, prompt_len: int, parent_tokens: list[int] | None = None, index: int = 0, priority: int = 0
+) -> Sequence:
     tokens = parent_tokens or [100 * (seq_id + 1) + i for i in range(prompt_len)]
-    return Sequence(seq_id, f"r{seq_id}", index, list(tokens), SamplingParams())
+    return Sequence(seq_id, f"r{seq_id}", index, list(tokens), SamplingParams(), priority=priority)
 
 
 def step(sched: Scheduler) -> list[tuple[int, int]]:
@@ -260,3 +262,30 @@ def test_the_full_blocks_of_a_finished_sequence_stay_cached():
     sched.add(b)
     assert step(sched) == [(1, 2)]
     assert b.block_table[0] == 0 and b.num_cached_tokens == 4
+
+
+def test_by_priority_the_most_urgent_waiting_sequence_starts_first():
+    """Priorities 2, 0, 1, 0 (arrival order 0..3), one running at a time, each done after its first token: they
+    start 1, 3 (priority 0, by arrival), 2, 0; fcfs starts them by arrival."""
+    for by_priority, order in ((True, [1, 3, 2, 0]), (False, [0, 1, 2, 3])):
+        sched = make(16, max_num_seqs=1, by_priority=by_priority)
+        for i, priority in enumerate([2, 0, 1, 0]):
+            sched.add(seq_of(i, 4, priority=priority))
+        started = []
+        for _ in range(4):
+            started += [i for i, n in step(sched) if n == 4]
+            sched.finish(sched.running[0])
+        assert started == order, by_priority
+
+
+def test_by_priority_the_least_urgent_running_sequence_is_preempted_even_if_it_came_first():
+    """4 blocks of 4: a (priority 1, first) and b (priority 0) take 2 each; both need a third block to decode. By
+    priority b goes first and preempts a; fcfs: a goes first and preempts b (the newest)."""
+    for by_priority, kept, waiting in ((True, 1, 0), (False, 0, 1)):
+        sched = make(4, by_priority=by_priority)
+        a, b = seq_of(0, 8, priority=1), seq_of(1, 8, priority=0)
+        sched.add(a)
+        sched.add(b)
+        assert sorted(step(sched)) == [(0, 8), (1, 8)]
+        assert step(sched) == [(kept, 1)] and sched.num_preemptions == 1
+        assert [s.seq_id for s in sched.waiting] == [waiting]

@@ -46,6 +46,7 @@ def sample(cls: type, f) -> object:
         "speculative_config": '{"model": "demo", "num_speculative_tokens": 2}',
         "root_path": "/api",
         "chat_template_content_format": "openai",
+        "scheduling_policy": "priority",
     }
     if f.name in special:
         return special[f.name]

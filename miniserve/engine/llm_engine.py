@@ -78,6 +78,7 @@ class LLMEngine:
             config.max_num_batched_tokens,
             config.kv_lookahead,
             has_draft=self.draft is not None,
+            by_priority=config.scheduling_policy == "priority",
         )
         eos = set(self.tokenizer.eos_token_ids) | set(self.target.model_config.eos_token_ids)
         eos |= eos_token_ids(config.model)  # with a separate tokenizer directory the tokenizer has not read it
@@ -139,13 +140,16 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         prompt_text: str | None = None,
+        priority: int = 0,
     ) -> None:
         """Queue a prompt (text, or token ids whose text, if known, is `prompt_text`: the output's `prompt`).
         Generation ends at max_tokens or where the context (max_model_len) is full, as in vLLM's offline engine
-        (the server refuses a max_tokens that cannot fit, as vLLM's does)."""
+        (the server refuses a max_tokens that cannot fit, as vLLM's does). `priority` (lower first) orders the
+        queue under scheduling_policy "priority"; it must be 0 otherwise, as in vLLM."""
         params = params or self.default_sampling_params()
         if request_id in self.outputs.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        self._check_priority(priority)
         keep = truncation_length(params.truncate_prompt_tokens, self.max_model_len)
         if isinstance(prompt, str) and keep is not None:
             text, ids = prompt, self.tokenizer.encode_last(prompt, keep)
@@ -168,7 +172,7 @@ class LLMEngine:
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
-            seq = Sequence(next(self.seq_counter), request_id, i, ids, params, gen)
+            seq = Sequence(next(self.seq_counter), request_id, i, ids, params, gen, priority)
             if params.structured_outputs is not None:
                 seq.grammar = self.grammar.new_state(params.structured_outputs)
             seqs.append(seq)
@@ -177,6 +181,15 @@ class LLMEngine:
         self.outputs.add(Request(request_id, text, ids, params, seqs, dets, matcher))
         for seq in seqs:
             self.scheduler.add(seq, parent=seqs[0] if seq.index > 0 else None)
+
+    def _check_priority(self, priority: object) -> None:
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if priority != 0 and self.config.scheduling_policy != "priority":
+            raise ValueError(
+                f"priority: {priority} needs scheduling_policy 'priority' (--scheduling-policy priority); under "
+                "'fcfs' every request's priority is 0"
+            )
 
     def _check_params(self, params: SamplingParams) -> None:
         """What needs the engine to check: stop-list and bad-word bounds, token ids within the vocabulary, a token

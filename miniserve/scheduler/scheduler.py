@@ -4,6 +4,8 @@ One rule covers prefill, chunked prefill and decode: a running sequence brings `
 tokens (its whole uncomputed prompt, a chunk of it within the token budget, or the one token sampled last step).
 Sequences join (from `waiting`) and leave (finished) at every step. When the KV pool runs dry, the newest running
 sequence is preempted: its blocks are freed and it goes back to the front of `waiting`, to be recomputed later.
+With `by_priority` (scheduling_policy "priority"), `waiting` and `running` are kept in (priority, arrival) order
+instead, so the same rules start the most urgent waiting sequence first and preempt the least urgent running one.
 The sampled tokens are kept, so recomputation continues exactly where it stopped (with a draft model it stops
 one token short, so the sequence goes on with a speculative round: `_end`).
 
@@ -16,6 +18,7 @@ in the cache.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -43,12 +46,14 @@ class Scheduler:
         max_num_batched_tokens: int,
         lookahead: int = 0,
         has_draft: bool = False,
+        by_priority: bool = False,
     ):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.lookahead = lookahead  # extra slots a decode step may write (speculative tokens)
         self.has_draft = has_draft
+        self.by_priority = by_priority
         # the tokens a cache hit leaves to compute: the last one, whose logits give the next token; with a draft
         # also the one before, which the first speculative round's draft catch-up rewrites (see _cache_blocks)
         self.num_uncached = 2 if has_draft else 1
@@ -62,7 +67,10 @@ class Scheduler:
     def add(self, seq: Sequence, parent: Sequence | None = None) -> None:
         if parent is not None:
             self.parents[seq.seq_id] = parent
-        self.waiting.append(seq)
+        if self.by_priority:
+            bisect.insort(self.waiting, seq, key=_urgency)
+        else:
+            self.waiting.append(seq)
 
     def schedule(self) -> list[ScheduledSeq]:
         for seq in self.running:
@@ -156,7 +164,10 @@ class Scheduler:
             seq.num_cached_tokens = num_cached
             seq.first_scheduled_time = time.monotonic()
         seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
+        if self.by_priority:
+            bisect.insort(self.running, seq, key=_urgency)
+        else:
+            self.running.append(seq)
         scheduled.append(ScheduledSeq(seq, num_new))
         return True
 
@@ -166,7 +177,10 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.num_draft_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        if self.by_priority:
+            bisect.insort(self.waiting, seq, key=_urgency)
+        else:
+            self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:
@@ -181,3 +195,9 @@ class Scheduler:
             self.waiting.remove(seq)
         self.blocks.free(seq)
         self.parents.pop(seq.seq_id, None)
+
+
+def _urgency(seq: Sequence) -> tuple[int, int]:
+    """The order of scheduling_policy "priority": the request's priority (lower first), then arrival (seq ids are
+    handed out in arrival order)."""
+    return seq.priority, seq.seq_id

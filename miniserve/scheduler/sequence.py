@@ -64,6 +64,7 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     generator: torch.Generator | None = None
+    priority: int = 0  # lower runs first under scheduling_policy "priority" (then the lower seq_id: arrival)
     token_ids: list[int] = field(default_factory=list)  # prompt + generated
     num_computed_tokens: int = 0  # tokens whose K/V sit in the target's cache
     num_draft_computed_tokens: int = 0  # tokens whose K/V sit in the draft's cache (speculative decoding)

@@ -103,7 +103,7 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, base_id: st
             )
         params = dataclasses.replace(params, skip_special_tokens=False)
     group = RequestGroup(state, base_id, req.stream)
-    await group.start([ids], [params], "messages", req.n)
+    await group.start([ids], [params], "messages", req.n, req.priority)
     return ChatRun(ids, tools, reasoning, group)
 
 

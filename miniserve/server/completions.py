@@ -45,7 +45,7 @@ async def create_completion(request: Request) -> Response:
         for ids in prompt_ids
     ]
     group = RequestGroup(state, f"cmpl-{uuid.uuid4().hex}", req.stream)
-    await group.start(prompt_ids, params, "prompt", req.n)
+    await group.start(prompt_ids, params, "prompt", req.n, req.priority)
     prompt_texts = _echo_texts(state, req, prompt_ids) if req.echo else None
     head = response_head(group, request, req.request_id, "cmpl", "text_completion")
     if req.stream:

@@ -287,12 +287,12 @@ class EngineProcess:
 
     # ---- requests (on the event loop) ---------------------------------------------------------------
 
-    async def add_requests(self, requests: list[tuple[str, list[int], Any, RequestStream, str | None]]) -> None:
-        """Post requests (id, prompt ids, params, stream, serialized compiled grammar or None) in one message, so that
-        the engine takes them in one step (one by one, each posted once the one before was accepted, N prompts took
-        N steps); returns once it accepted them all. Raises the engine's ValueError for a bad prompt (all of them
-        then withdrawn) and APIError(503) when the server is stopping or overloaded (checked for all of them before
-        any is posted)."""
+    async def add_requests(self, requests: list[tuple[str, list[int], Any, RequestStream, str | None, int]]) -> None:
+        """Post requests (id, prompt ids, params, stream, serialized compiled grammar or None, priority) in one
+        message, so that the engine takes them in one step (one by one, each posted once the one before was accepted,
+        N prompts took N steps); returns once it accepted them all. Raises the engine's ValueError for a bad prompt
+        (all of them then withdrawn) and APIError(503) when the server is stopping or overloaded (checked for all of
+        them before any is posted)."""
         if not self.accepting:
             raise APIError("the server is shutting down; retry the request", status=503, code="shutting_down")
         if not self.is_alive():
@@ -300,11 +300,11 @@ class EngineProcess:
         if self.max_waiting is not None:
             _check_room_for([r[2].n for r in requests], self.capacity, self.max_waiting, self._outstanding)
         acks = []
-        for request_id, prompt, params, stream, grammar in requests:
+        for request_id, prompt, params, stream, grammar, priority in requests:
             acks.append(ack := asyncio.get_running_loop().create_future())
             self._acks[request_id], self._streams[request_id] = ack, stream
             self._outstanding += params.n
-            self._post(("add", request_id, prompt, params, grammar))
+            self._post(("add", request_id, prompt, params, grammar, priority))
         answers = [(request_id, *await ack) for (request_id, *_), ack in zip(requests, acks)]
         refused = [(error, is_value) for _, error, is_value in answers if error is not None]
         if refused:  # (the accepted ones withdrawn, not aborted: none ran, so none counts as a finished request)

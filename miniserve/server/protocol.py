@@ -192,7 +192,6 @@ COMMON_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "guided_whitespace_pattern": (unset, "custom whitespace patterns are not supported (xgrammar)"),
     "structural_tag": (unset, "structural tags are not supported"),
-    "priority": (lambda v: v == 0, "priority scheduling is not supported (only 0)"),
     "logits_processors": (empty, "custom logits processors are not supported"),
     "kv_transfer_params": (empty, "disaggregated serving (KV transfer) is not supported"),
     "vllm_xargs": (empty, "no extension reads vllm_xargs here"),

@@ -51,10 +51,12 @@ class RequestGroup:
         # a stream's writer of new output, tried before waking the handler (False: it took nothing)
         self.push: Callable[[list[tuple[int, Any]]], bool] | None = None
 
-    async def start(self, prompts: list[list[int]], params: list[Any], prompt_param: str, n: int) -> None:
-        """Post every prompt (the request asked for `n` choices of each), all before the engine answers (so it
-        takes them in one step); if one is rejected, abort the others and raise a 4xx. A compiled grammar travels
-        with the request that first needs it (engine/structured_output.py: GrammarCompiler.payload)."""
+    async def start(
+        self, prompts: list[list[int]], params: list[Any], prompt_param: str, n: int, priority: int = 0
+    ) -> None:
+        """Post every prompt (the request asked for `n` choices of each, at its `priority`), all before the engine
+        answers (so it takes them in one step); if one is rejected, abort the others and raise a 4xx. A compiled
+        grammar travels with the request that first needs it (engine/structured_output.py: GrammarCompiler.payload)."""
         self.state.groups.add(self)
         batch = []
         try:
@@ -63,7 +65,7 @@ class RequestGroup:
                 self.index[rid] = i
                 stream = RequestStream(rid, ids, p, self._wake, self.state.tokenizer, n)
                 self.streams.append(stream)
-                batch.append((rid, ids, p, stream, await self._engine_work(p)))
+                batch.append((rid, ids, p, stream, await self._engine_work(p), priority))
             await self.state.engine.add_requests(batch)
             if self.state.server.enable_log_requests:
                 for rid, ids, p, *_ in batch:

@@ -46,7 +46,7 @@ _PARAMS = {
 _SAME_NAME = (
     "temperature", "top_p", "parallel_tool_calls", "top_k", "min_p", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "seed", "stop", "ignore_eos", "logit_bias", "skip_special_tokens",
-    "include_stop_str_in_output", "cache_salt", "include_reasoning", "stream",
+    "include_stop_str_in_output", "cache_salt", "include_reasoning", "stream", "priority",
 )  # fmt: skip
 
 

@@ -182,7 +182,7 @@ class ResponseStreamOptions(RequestModel):
 
 _STATELESS = "this server is stateless: it stores no responses or conversations"
 _RESPONSES_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    **{k: COMMON_REFUSED[k] for k in ("priority", "kv_transfer_params", "vllm_xargs")},
+    **{k: COMMON_REFUSED[k] for k in ("kv_transfer_params", "vllm_xargs")},
     "previous_response_id": (unset, f"{_STATELESS}: send the earlier items in `input`"),
     "conversation": (unset, f"{_STATELESS}: send the earlier items in `input`"),
     "background": (lambda v: not v, f"{_STATELESS}, so it cannot run one in the background"),
