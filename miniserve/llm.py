@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from miniserve.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from miniserve.chat_template import check_chat_options
 from miniserve.config import EngineConfig, speculative_settings
 from miniserve.engine.llm_engine import LLMEngine
@@ -90,6 +91,25 @@ class LLM:
                 self.engine.abort_request(rid)
             raise
         return self._run(ids, use_tqdm)
+
+    def beam_search(
+        self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams
+    ) -> list[BeamSearchOutput]:
+        """vLLM's beam search: the beam_width likeliest continuations of each prompt (beam_search.py), run as one
+        generate call a token."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        tok, engine = self.engine.tokenizer, self.engine
+        ids = []
+        for p in map(_as_prompt, _as_prompt_list(prompts)):
+            if p.cache_salt is not None:
+                raise ValueError("cache_salt is not supported by beam_search")
+            ids.append(tok.encode(p.prompt) if isinstance(p.prompt, str) else p.prompt)
+
+        def generate(batch: list[list[int]], step: SamplingParams) -> list[RequestOutput]:
+            return self.generate(batch, step, use_tqdm=False)
+
+        return beam_search(generate, ids, params, engine.outputs.eos_token_ids, engine.max_model_len, tok.decode)
 
     def chat(
         self,

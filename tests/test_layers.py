@@ -25,6 +25,7 @@ LAYERS = [
     ("miniserve.config", 0),
     ("miniserve.settings", 0),
     ("miniserve.sampling_params", 0),
+    ("miniserve.beam_search", 0),  # (drives generation through the callable LLM hands it)
     ("miniserve.tokenizer", 0),
     ("miniserve.chat_template", 0),
     ("miniserve.detokenizer", 0),

@@ -1,0 +1,113 @@
+"""Beam search as vLLM's `LLM.beam_search` runs it: on top of plain generation, one token per step.
+
+Every step asks the engine for one token of every live beam, with its top 2 x beam_width logprobs (the prompt of
+each request is the beam's tokens so far: the prefix cache keeps their full blocks, so a step computes little more
+than each beam's last block). Each beam is extended by every token listed, a beam ending in EOS is complete, and
+the beam_width best of the rest live on. At the end the complete and the live ones are ranked together and the
+beam_width best are returned. A beam's score is vLLM's: its cumulative logprob / length ** length_penalty, the
+length counting the prompt's tokens and the generated ones but not a final EOS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from miniserve.sampling_params import SamplingParams
+
+
+@dataclass
+class BeamSearchParams:
+    """vLLM's BeamSearchParams."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0  # for the token each step samples (beams grow by its top logprobs, not by it)
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False  # whether a complete beam's text keeps its EOS token's text
+
+    def __post_init__(self) -> None:
+        for name in ("beam_width", "max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass
+class BeamSearchSequence:
+    """One beam: the prompt's tokens then the generated ones, a logprob dict per generated token (as a request's
+    logprobs=2 x beam_width lists them), and the text of all its tokens (vLLM's)."""
+
+    tokens: list[int]
+    logprobs: list[dict] = field(default_factory=list)
+    cum_logprob: float = 0.0
+    text: str | None = None
+    finish_reason: str | None = None  # "stop": it ended with EOS; "length": max_tokens or the context ran out
+    stop_reason: int | None = None  # the EOS token id that ended it
+
+
+@dataclass
+class BeamSearchOutput:
+    sequences: list[BeamSearchSequence]  # the beam_width best, best first
+
+
+def beam_score(beam: BeamSearchSequence, eos_token_ids: set[int], length_penalty: float) -> float:
+    """vLLM's `get_beam_search_score`: the cumulative logprob over the length (prompt included, EOS not) to the
+    length_penalty."""
+    length = len(beam.tokens) - (1 if beam.tokens[-1] in eos_token_ids else 0)
+    return beam.cum_logprob / (length**length_penalty)
+
+
+def beam_search(
+    generate: Callable[[list[list[int]], SamplingParams], list],
+    prompts: list[list[int]],
+    params: BeamSearchParams,
+    eos_token_ids: set[int],
+    max_model_len: int,
+    decode: Callable[[list[int]], str],
+) -> list[BeamSearchOutput]:
+    """Beam search for each prompt (token ids); `generate(prompts, sampling_params)` returns one RequestOutput per
+    prompt, in order (LLM.generate)."""
+    step_params = SamplingParams(
+        n=1, max_tokens=1, temperature=params.temperature, logprobs=2 * params.beam_width, ignore_eos=True
+    )
+    live = [[BeamSearchSequence(list(p))] for p in prompts]
+    done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
+    for _ in range(params.max_tokens):
+        for beams, complete in zip(live, done):  # a beam that fills the context ends there
+            complete += [_ended(b, "length") for b in beams if len(b.tokens) >= max_model_len]
+            beams[:] = [b for b in beams if len(b.tokens) < max_model_len]
+        flat = [b for beams in live for b in beams]
+        if not flat:
+            break
+        outputs = iter(generate([b.tokens for b in flat], step_params))
+        for i, beams in enumerate(live):
+            grown = []
+            for beam in beams:
+                entry = next(outputs).outputs[0].logprobs[0]
+                for token, logprob in entry.items():
+                    child = BeamSearchSequence(
+                        beam.tokens + [token], beam.logprobs + [entry], beam.cum_logprob + logprob
+                    )
+                    if token in eos_token_ids and not params.ignore_eos:
+                        done[i].append(_ended(child, "stop", token))
+                    else:
+                        grown.append(child)
+            grown.sort(key=lambda b: beam_score(b, eos_token_ids, params.length_penalty), reverse=True)
+            live[i] = grown[: params.beam_width]
+    results = []
+    for beams, complete in zip(live, done):
+        ranked = sorted(complete + [_ended(b, "length") for b in beams],
+                        key=lambda b: beam_score(b, eos_token_ids, params.length_penalty), reverse=True)  # fmt: skip
+        best = ranked[: params.beam_width]
+        for beam in best:
+            keep_eos = beam.finish_reason != "stop" or params.include_stop_str_in_output
+            beam.text = decode(beam.tokens if keep_eos else beam.tokens[:-1])
+        results.append(BeamSearchOutput(best))
+    return results
+
+
+def _ended(beam: BeamSearchSequence, reason: str, stop: int | None = None) -> BeamSearchSequence:
+    beam.finish_reason, beam.stop_reason = reason, stop
+    return beam
