@@ -59,6 +59,64 @@ def beam_score(beam: BeamSearchSequence, eos_token_ids: set[int], length_penalty
     return beam.cum_logprob / (length**length_penalty)
 
 
+class BeamSearch:
+    """The search over a batch of prompts, a step at a time: `next_prompts()` are the step's one-token requests
+    (every live beam's tokens; none once the search is over), to be run with `step_params`; `advance` grows the
+    beams from each request's logprob dict; `results()` ranks what was found. The offline API drives it through
+    `beam_search`, the server through its own requests."""
+
+    def __init__(self, prompts: list[list[int]], params: BeamSearchParams, eos_token_ids: set[int], max_len: int):
+        self.params, self.eos_token_ids, self.max_len = params, eos_token_ids, max_len
+        self.step_params = SamplingParams(
+            max_tokens=1, temperature=params.temperature, logprobs=2 * params.beam_width, ignore_eos=True
+        )
+        self.live = [[BeamSearchSequence(list(p))] for p in prompts]
+        self.done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
+        self.steps = 0
+
+    def next_prompts(self) -> list[list[int]]:
+        """The tokens of every live beam, prompt by prompt (a beam that fills the context ends first)."""
+        for beams, complete in zip(self.live, self.done):
+            complete += [_ended(b, "length") for b in beams if len(b.tokens) >= self.max_len]
+            beams[:] = [b for b in beams if len(b.tokens) < self.max_len]
+        if self.steps == self.params.max_tokens:
+            return []
+        return [b.tokens for beams in self.live for b in beams]
+
+    def advance(self, entries: list[dict]) -> None:
+        """Grow the beams of `next_prompts` by every token of their logprob dicts (one dict each, in order)."""
+        self.steps += 1
+        entries = iter(entries)
+        for i, beams in enumerate(self.live):
+            grown = []
+            for beam in beams:
+                entry = next(entries)
+                for token, logprob in entry.items():
+                    child = BeamSearchSequence(
+                        beam.tokens + [token], beam.logprobs + [entry], beam.cum_logprob + logprob
+                    )
+                    if token in self.eos_token_ids and not self.params.ignore_eos:
+                        self.done[i].append(_ended(child, "stop", token))
+                    else:
+                        grown.append(child)
+            self.live[i] = sorted(grown, key=self._score, reverse=True)[: self.params.beam_width]
+
+    def results(self, decode: Callable[[list[int]], str]) -> list[BeamSearchOutput]:
+        """The beam_width best beams of each prompt, complete and live ranked together, with their text."""
+        outputs = []
+        for beams, complete in zip(self.live, self.done):
+            ranked = sorted(complete + [_ended(b, "length") for b in beams], key=self._score, reverse=True)
+            best = ranked[: self.params.beam_width]
+            for beam in best:
+                keep_eos = beam.finish_reason != "stop" or self.params.include_stop_str_in_output
+                beam.text = decode(beam.tokens if keep_eos else beam.tokens[:-1])
+            outputs.append(BeamSearchOutput(best))
+        return outputs
+
+    def _score(self, beam: BeamSearchSequence) -> float:
+        return beam_score(beam, self.eos_token_ids, self.params.length_penalty)
+
+
 def beam_search(
     generate: Callable[[list[list[int]], SamplingParams], list],
     prompts: list[list[int]],
@@ -69,43 +127,10 @@ def beam_search(
 ) -> list[BeamSearchOutput]:
     """Beam search for each prompt (token ids); `generate(prompts, sampling_params)` returns one RequestOutput per
     prompt, in order (LLM.generate)."""
-    step_params = SamplingParams(
-        n=1, max_tokens=1, temperature=params.temperature, logprobs=2 * params.beam_width, ignore_eos=True
-    )
-    live = [[BeamSearchSequence(list(p))] for p in prompts]
-    done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
-    for _ in range(params.max_tokens):
-        for beams, complete in zip(live, done):  # a beam that fills the context ends there
-            complete += [_ended(b, "length") for b in beams if len(b.tokens) >= max_model_len]
-            beams[:] = [b for b in beams if len(b.tokens) < max_model_len]
-        flat = [b for beams in live for b in beams]
-        if not flat:
-            break
-        outputs = iter(generate([b.tokens for b in flat], step_params))
-        for i, beams in enumerate(live):
-            grown = []
-            for beam in beams:
-                entry = next(outputs).outputs[0].logprobs[0]
-                for token, logprob in entry.items():
-                    child = BeamSearchSequence(
-                        beam.tokens + [token], beam.logprobs + [entry], beam.cum_logprob + logprob
-                    )
-                    if token in eos_token_ids and not params.ignore_eos:
-                        done[i].append(_ended(child, "stop", token))
-                    else:
-                        grown.append(child)
-            grown.sort(key=lambda b: beam_score(b, eos_token_ids, params.length_penalty), reverse=True)
-            live[i] = grown[: params.beam_width]
-    results = []
-    for beams, complete in zip(live, done):
-        ranked = sorted(complete + [_ended(b, "length") for b in beams],
-                        key=lambda b: beam_score(b, eos_token_ids, params.length_penalty), reverse=True)  # fmt: skip
-        best = ranked[: params.beam_width]
-        for beam in best:
-            keep_eos = beam.finish_reason != "stop" or params.include_stop_str_in_output
-            beam.text = decode(beam.tokens if keep_eos else beam.tokens[:-1])
-        results.append(BeamSearchOutput(best))
-    return results
+    search = BeamSearch(prompts, params, eos_token_ids, max_model_len)
+    while batch := search.next_prompts():
+        search.advance([out.outputs[0].logprobs[0] for out in generate(batch, search.step_params)])
+    return search.results(decode)
 
 
 def _ended(beam: BeamSearchSequence, reason: str, stop: int | None = None) -> BeamSearchSequence:

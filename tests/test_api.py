@@ -92,7 +92,7 @@ VLLM_CHAT_ONLY = {
 COMPANIONS = {"top_logprobs": {"logprobs": True}}  # fields that need another one to make sense
 REFUSED = {
     "suffix", "audio", "function_call", "functions", "modalities", "prediction", "reasoning_effort",
-    "service_tier", "store", "verbosity", "web_search_options", "use_beam_search", "length_penalty",
+    "service_tier", "store", "verbosity", "web_search_options", "length_penalty",
     "spaces_between_special_tokens", "guided_decoding_backend", "guided_whitespace_pattern", "structural_tag",
     "logits_processors", "kv_transfer_params", "vllm_xargs", "prompt_embeds", "mm_processor_kwargs",
     "include_reasoning", "moderation", "prompt_cache_options",
@@ -398,6 +398,37 @@ def test_top_logprobs_are_bounded_by_max_logprobs_and_minus_one_is_the_whole_voc
     scored = post(url, "/v1/completions", {**completion, "prompt_logprobs": -1}).json()["choices"][0]
     assert scored["prompt_logprobs"][0] is None and len(scored["prompt_logprobs"]) > 1
     assert all(sorted(map(int, p)) == list(range(VOCAB)) for p in scored["prompt_logprobs"][1:])
+
+
+def test_beam_search_answers_the_offline_engines_beams_and_refuses_what_it_would_not_honour(url, client, model_dir):
+    """use_beam_search: the n choices are the offline LLM.beam_search's n beams, best first (completions: each
+    prompt's n, indexed as n does; chat: the reply's); fields the search would not honour are refused by name, and
+    length_penalty needs use_beam_search."""
+    from miniserve import LLM, BeamSearchParams
+
+    llm = LLM(str(model_dir), dtype="float32", device="cpu")
+    tok = llm.get_tokenizer()
+    prompts = ["ROMEO:", "JULIET: O"]
+    params = BeamSearchParams(beam_width=3, max_tokens=4, ignore_eos=True, length_penalty=0.5)
+    offline = [[tok.decode(b.tokens[len(tok.encode(p)) :], skip_special_tokens=True) for b in out.sequences]
+               for p, out in zip(prompts, llm.beam_search(prompts, params))]  # fmt: skip
+    extra = {"use_beam_search": True, "ignore_eos": True, "length_penalty": 0.5}
+    got = client.completions.create(model=MODEL_NAME, prompt=prompts, n=3, max_tokens=4, extra_body=extra)
+    assert [c.index for c in got.choices] == list(range(6))
+    assert [[c.text for c in got.choices[i * 3 : i * 3 + 3]] for i in range(2)] == offline
+    assert got.usage.completion_tokens == 6 * 4 and all(c.finish_reason == "length" for c in got.choices)
+    conversation = [{"role": "user", "content": "Speak."}]
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=conversation, n=2, max_tokens=4, extra_body=extra)
+    ids = llm.engine.tokenizer.chat_prompt(conversation)[1]
+    beams = llm.beam_search([{"prompt_token_ids": ids}], BeamSearchParams(2, 4, ignore_eos=True, length_penalty=0.5))
+    want = [tok.decode(b.tokens[len(ids) :], skip_special_tokens=True) for b in beams[0].sequences]
+    assert [c.message.content for c in chat.choices] == want and chat.choices[0].message.role == "assistant"
+    beam = {"model": MODEL_NAME, **PROMPT, "max_tokens": 2, "use_beam_search": True}
+    for field, value in (("stream", True), ("top_p", 0.5), ("logprobs", 1), ("stop", ["x"]), ("n", 200)):
+        assert_openai_error(post(url, "/v1/completions", {**beam, field: value}), 400, field)
+    err = assert_openai_error(post(url, "/v1/completions", {**beam, "use_beam_search": False, "length_penalty": 2}),
+                              400, "length_penalty")  # fmt: skip
+    assert "use_beam_search" in err["message"]
 
 
 def test_best_of_returns_the_n_likeliest_of_best_of(client, url):

@@ -12,11 +12,13 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from miniserve.server import responses as fmt
+from miniserve.server.beam import beam_outputs, beam_usage, check_beam_fields
 from miniserve.server.event_stream import EventStream, StreamEvents
 from miniserve.server.protocol import APIError, ChatCompletionRequest
 from miniserve.server.reasoning import ContentOutput, ReasoningSetup, check_reasoning_fields, reasoning_setup
 from miniserve.server.request_group import (
     RequestGroup,
+    answer_head,
     collect_finals,
     request_usage,
     response_head,
@@ -42,6 +44,9 @@ class ChatRun:
 async def create_chat_completion(request: Request) -> Response:
     state = state_of(request)
     req: ChatCompletionRequest = await state.parse(request, ChatCompletionRequest)
+    check_beam_fields(req)
+    if req.use_beam_search:
+        return await _beam_chat(state, request, req)
     run = await start_chat(state, req, f"chatcmpl-{uuid.uuid4().hex}")
     ids, tools, reasoning, group = run.ids, run.tools, run.reasoning, run.group
     head = response_head(group, request, req.request_id, "chatcmpl", "chat.completion")
@@ -53,6 +58,29 @@ async def create_chat_completion(request: Request) -> Response:
     with_logprobs = req.logprobs or req.prompt_logprobs is not None
     body = await state.format_answer(with_logprobs, _chat_body, state, req, head, ids, finals[0], tools, reasoning)
     return fmt.JSONBytesResponse(body)
+
+
+async def _beam_chat(state: ServerState, request: Request, req: ChatCompletionRequest) -> Response:
+    """use_beam_search: the n best beams as the choices' messages (server/beam.py); no reasoning split, no tools."""
+    if state.server.reasoning_parser is not None:
+        raise APIError("use_beam_search is not combined with the server's --reasoning-parser", param="use_beam_search")
+    server = state.server
+    tools = tool_setup(req, state.tokenizer.chat_template, server.tool_call_parser, server.enable_auto_tool_choice)
+    ids = await _chat_ids(state, req, tools)
+    budget_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    budget = state.token_budget(len(ids), req.token_budget(), "messages", budget_param)
+    outputs = await beam_outputs(state, request, req, [ids], [budget])
+    if outputs is None:
+        return Response(status_code=499)
+    role = reply_role(state, req)
+    head = answer_head(state.model_name, f"chatcmpl-{uuid.uuid4().hex}", request, req.request_id, "chatcmpl",
+                       "chat.completion")  # fmt: skip
+    choices = [
+        {"index": j, "message": {"role": role, "content": c["text"], "reasoning": None}, "logprobs": None,
+         "finish_reason": c["finish_reason"], "stop_reason": c["stop_reason"]}
+        for j, c in enumerate(outputs[0])
+    ]  # fmt: skip
+    return fmt.JSONBytesResponse({**head, "choices": choices, "usage": beam_usage([ids], outputs)})
 
 
 def _chat_body(

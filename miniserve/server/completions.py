@@ -11,10 +11,12 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from miniserve.server import responses as fmt
+from miniserve.server.beam import beam_outputs, beam_usage, check_beam_fields
 from miniserve.server.event_stream import EventStream, StreamEvents
 from miniserve.server.protocol import CompletionRequest
 from miniserve.server.request_group import (
     RequestGroup,
+    answer_head,
     collect_finals,
     request_usage,
     response_head,
@@ -30,8 +32,11 @@ async def create_completion(request: Request) -> Response:
     req: CompletionRequest = await state.parse(request, CompletionRequest)
     state.check_prompt_count(len(req.prompts()))
     state.check_bounds(req)
+    check_beam_fields(req)
     structured = await state.compile_constraint(structured_spec(req))
     prompt_ids = await state.encode_prompts(req.prompts(), req.add_special_tokens, req.truncate_prompt_tokens)
+    if req.use_beam_search:
+        return await _beam_completion(state, request, req, prompt_ids)
     params = [
         sampling_params(
             req,
@@ -60,6 +65,23 @@ async def create_completion(request: Request) -> Response:
     return fmt.JSONBytesResponse(
         {**head, "choices": choices, "usage": request_usage(prompt_ids, list(finals.values()))}
     )
+
+
+async def _beam_completion(
+    state: ServerState, request: Request, req: CompletionRequest, prompt_ids: list[list[int]]
+) -> Response:
+    """use_beam_search: each prompt's n best beams as its choices (server/beam.py)."""
+    budgets = [state.token_budget(len(ids), req.max_tokens, "prompt") for ids in prompt_ids]
+    outputs = await beam_outputs(state, request, req, prompt_ids, budgets)
+    if outputs is None:
+        return Response(status_code=499)
+    head = answer_head(state.model_name, f"cmpl-{uuid.uuid4().hex}", request, req.request_id, "cmpl", "text_completion")
+    choices = [
+        {"index": i * req.n + j, "text": c["text"], "logprobs": None, "finish_reason": c["finish_reason"],
+         "stop_reason": c["stop_reason"]}
+        for i, beams in enumerate(outputs) for j, c in enumerate(beams)
+    ]  # fmt: skip
+    return fmt.JSONBytesResponse({**head, "choices": choices, "usage": beam_usage(prompt_ids, outputs)})
 
 
 def _prompt_logprobs(req: CompletionRequest) -> int | None:

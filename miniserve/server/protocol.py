@@ -183,8 +183,6 @@ class NamedToolChoice(RequestModel):
 
 # Fields both endpoints refuse unless left at what they honour. The value is what the field accepts.
 COMMON_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "use_beam_search": (lambda v: v is False, "beam search is not implemented"),
-    "length_penalty": (lambda v: v == 1.0, "length_penalty only applies to beam search, which is not implemented"),
     "spaces_between_special_tokens": (lambda v: v is True, "only true (the default) is supported"),
     "guided_decoding_backend": (
         lambda v: v in (None, "auto", "xgrammar"),

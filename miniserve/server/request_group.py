@@ -173,9 +173,14 @@ def response_head(group: RequestGroup, request: Request, given: str | None, pref
     """A response's id, object, created and model. The id as vLLM makes it: `prefix` and the client's X-Request-Id
     header, else its request_id field; the group's own id when it gave neither (the engine's request ids stay the
     server's: clients may repeat theirs)."""
+    return answer_head(group.state.model_name, group.base_id, request, given, prefix, kind)
+
+
+def answer_head(model: str, own_id: str, request: Request, given: str | None, prefix: str, kind: str) -> dict:
+    """`response_head` for an answer made of several groups (or none): `own_id` where the client gave no id."""
     client_id = request.headers.get("x-request-id") or given
-    response_id = f"{prefix}-{client_id}" if client_id else group.base_id
-    return {"id": response_id, "object": kind, "created": int(time.time()), "model": group.state.model_name}
+    response_id = f"{prefix}-{client_id}" if client_id else own_id
+    return {"id": response_id, "object": kind, "created": int(time.time()), "model": model}
 
 
 def request_usage(prompt_ids: list[list[int]], outputs: list[Any]) -> dict[str, Any]:

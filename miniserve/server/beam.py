@@ -1,0 +1,98 @@
+"""use_beam_search on /v1/completions and /v1/chat/completions, as vLLM's: the n best of n beams (beam_search.py's
+search), each step's one-token requests posted together and awaited whole, so the answer is not streamed. A field
+the search would not honour (sampling filters, stop lists, logprobs, grammars, tools...) is refused by name."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from typing import Any
+
+from fastapi import Request
+
+from miniserve.beam_search import BeamSearch, BeamSearchParams, BeamSearchSequence
+from miniserve.server.protocol import APIError, SamplingFields
+from miniserve.server.request_group import RequestGroup, collect_finals
+from miniserve.server.state import ServerState
+
+# what a beam-search request may set: the search's own fields, the prompt's, and what only names or routes it
+HONOURED = frozenset({
+    "use_beam_search", "n", "max_tokens", "max_completion_tokens", "temperature", "ignore_eos", "length_penalty",
+    "include_stop_str_in_output", "skip_special_tokens", "priority", "seed", "cache_salt", "model", "user",
+    "request_id", "prompt", "messages", "add_special_tokens", "truncate_prompt_tokens", "add_generation_prompt",
+    "continue_final_message", "chat_template", "chat_template_kwargs", "documents", "stream_options",
+    "return_tokens_as_token_ids",  # (no logprobs to show them in)
+})  # fmt: skip
+
+
+def check_beam_fields(req: SamplingFields) -> None:
+    """With use_beam_search, every field set away from its default must be one the search honours; without it,
+    length_penalty (the search's) must stay 1."""
+    if not req.use_beam_search:
+        if req.length_penalty != 1.0:
+            raise APIError("length_penalty applies to beam search only: set use_beam_search", param="length_penalty")
+        return
+    defaults = type(req).model_fields
+    for name in sorted(req.model_fields_set - HONOURED):
+        if getattr(req, name) != defaults[name].get_default(call_default_factory=True):
+            raise APIError(f"{name} cannot be combined with use_beam_search", param=name)
+    if req.stream:  # (stream_options too: they ride on stream)
+        raise APIError("use_beam_search answers are not streamed: leave stream false", param="stream")
+
+
+async def run_beam_search(
+    state: ServerState, request: Request, req: SamplingFields, ids: list[int], max_tokens: int
+) -> list[BeamSearchSequence] | None:
+    """The n best beams for one prompt (None when the client left)."""
+    params = BeamSearchParams(
+        beam_width=req.n,
+        max_tokens=max_tokens,
+        ignore_eos=req.ignore_eos,
+        temperature=req.temperature or 0.0,
+        length_penalty=req.length_penalty,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+    )
+    search = BeamSearch([ids], params, set(state.engine.info["eos_token_ids"]), state.max_model_len)
+    step = dataclasses.replace(search.step_params, output_kind="final_only", detokenize=False, seed=req.seed,
+                               cache_salt=req.cache_salt)  # fmt: skip
+    while batch := search.next_prompts():
+        group = RequestGroup(state, f"beam-{uuid.uuid4().hex}", False)
+        await group.start(batch, [step] * len(batch), "prompt", 1, req.priority)
+        finals = await collect_finals(group, request)
+        if finals is None:
+            return None
+        search.advance([finals[i].outputs[0].logprobs[0] for i in range(len(batch))])
+    return search.results(lambda tokens: "")[0].sequences
+
+
+async def beam_outputs(
+    state: ServerState, request: Request, req: SamplingFields, prompts: list[list[int]], budgets: list[int]
+) -> list[list[dict[str, Any]]] | None:
+    """Each prompt's n best beams as choice fields (text, token_ids, finish_reason, stop_reason), searched side by
+    side; None when the client left."""
+    limit = state.config.max_logprobs
+    if limit != -1 and 2 * req.n > limit:
+        raise APIError(
+            f"n: beam search lists the top 2 x n logprobs a step, more than max_logprobs={limit} allows "
+            f"(--max-logprobs): n <= {limit // 2}",
+            param="n",
+        )
+    found = await asyncio.gather(*(run_beam_search(state, request, req, ids, b) for ids, b in zip(prompts, budgets)))
+    if any(beams is None for beams in found):
+        return None
+    return [[_choice(state, req, ids, beam) for beam in beams] for ids, beams in zip(prompts, found)]
+
+
+def _choice(state: ServerState, req: SamplingFields, ids: list[int], beam: BeamSearchSequence) -> dict[str, Any]:
+    generated = beam.tokens[len(ids) :]
+    shown = generated if beam.finish_reason != "stop" or req.include_stop_str_in_output else generated[:-1]
+    text = state.tokenizer.decode(shown, skip_special_tokens=req.skip_special_tokens)
+    return {"text": text, "token_ids": generated, "finish_reason": beam.finish_reason, "stop_reason": beam.stop_reason}
+
+
+def beam_usage(prompts: list[list[int]], outputs: list[list[dict[str, Any]]]) -> dict[str, int]:
+    prompt_tokens = sum(len(ids) for ids in prompts)
+    completion_tokens = sum(len(c["token_ids"]) for choices in outputs for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
