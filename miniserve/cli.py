@@ -26,6 +26,22 @@ CLI_SAMPLING_DEFAULTS = {  # generate's own: greedy, 64 tokens
 
 SAMPLING_FLAGS = {"seed": "--sampling-seed"}  # generate's sampling flags not named after their field
 
+# vLLM flags a `vllm serve` command line often carries that would change nothing here: taken, each with a warning
+# saying why, so the command runs as written (flag -> (its values: None for a switch, else the ones taken), why)
+VLLM_NO_OP_FLAGS: dict[str, tuple[tuple[str, ...] | None, str]] = {
+    "--trust-remote-code": (
+        None,
+        "no code from the model directory runs: only the architectures miniserve implements load",
+    ),
+    "--enable-chunked-prefill": (None, "prompts are always prefilled in chunks of max_num_batched_tokens"),
+    "--swap-space": ((), "preempted sequences are recomputed, never swapped to CPU memory"),
+    "--disable-custom-all-reduce": (None, "tensor parallelism reduces with NCCL's all-reduce"),
+    "--distributed-executor-backend": (("mp", "uni"), "the tensor-parallel ranks are processes of this host"),
+    "--pipeline-parallel-size": (("1",), "one pipeline stage: tensor parallelism only"),
+    "--enable-prompt-tokens-details": (None, "usage always carries prompt_tokens_details"),
+    "--disable-frontend-multiprocessing": (None, "the engine runs in its own process whatever the flag"),
+}
+
 
 def _check_sampling_flags(fields: dict) -> None:
     """SamplingParams' check of the sampling flags, its error naming the flag."""
@@ -148,13 +164,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(srv, EngineConfig)
     add_arguments(srv, ServerConfig)
+    _add_no_op_flags(srv)
     srv.set_defaults(func=serve_main)
     return parser
 
 
+def _add_no_op_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("vLLM flags that change nothing here (each taken with a warning)")
+    for flag, (values, why) in VLLM_NO_OP_FLAGS.items():
+        dest = "vllm_" + flag[2:].replace("-", "_")
+        text = f"ignored: {why} (default: unset)"
+        if values is None:
+            g.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
+        else:
+            g.add_argument(flag, dest=dest, choices=values or None, metavar="VALUE", help=text)
+
+
+def no_op_warnings(args: argparse.Namespace) -> list[str]:
+    """A line for each vLLM flag given that changes nothing here (VLLM_NO_OP_FLAGS)."""
+    given = [flag for flag in VLLM_NO_OP_FLAGS if getattr(args, "vllm_" + flag[2:].replace("-", "_"), None)]
+    return [f"{flag} is taken but changes nothing: {VLLM_NO_OP_FLAGS[flag][1]}" for flag in given]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for line in unknown_variables():
+    for line in [*unknown_variables(), *(no_op_warnings(args) if args.command == "serve" else [])]:
         print(f"miniserve: warning: {line}", file=sys.stderr)
     try:
         return args.func(args)

@@ -206,6 +206,7 @@ class EngineConfig:
         1,
         "GPUs the target model is split over (Megatron tensor parallelism, one process each; under torchrun, "
         "every rank runs the same command)",
+        vllm_flag="-tp",
     )
     enforce_eager: bool = setting(
         False,

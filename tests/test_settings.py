@@ -194,6 +194,25 @@ def test_vllms_spelling_of_a_flag_sets_the_same_setting():
     assert "--api-servers API_SERVERS, --api-server-count API_SERVERS" in serve_help
 
 
+def test_vllms_flags_that_change_nothing_here_are_taken_with_a_warning_each(capsys):
+    """A `vllm serve` command line keeps its no-op flags: each given one is named in a warning (printed before the
+    start), a value that would change something (a second pipeline stage) is refused; -tp is
+    --tensor-parallel-size."""
+    parser = cli.build_parser()
+    argv = ["--trust-remote-code", "--swap-space", "16", "--distributed-executor-backend", "mp", "-tp", "2"]
+    args = parser.parse_args(["serve", *argv])
+    named = [line.split(" ", 1)[0] for line in cli.no_op_warnings(args)]
+    assert named == ["--trust-remote-code", "--swap-space", "--distributed-executor-backend"]
+    assert from_sources(EngineConfig, args, env={}).tensor_parallel_size == 2
+    assert cli.no_op_warnings(parser.parse_args(["serve"])) == []
+    assert cli.main(["serve", "--enable-chunked-prefill", "--max-num-seqs", "0"]) == 2  # (stops at the setting)
+    err = capsys.readouterr().err
+    assert "miniserve: warning: --enable-chunked-prefill is taken but changes nothing: prompts are always" in err
+    for refused in (["--pipeline-parallel-size", "2"], ["--distributed-executor-backend", "ray"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", *refused])
+
+
 def test_serve_takes_the_model_positionally_as_vllm_serve_does(capsys):
     def model_of(argv: list[str]) -> str | None:
         args = cli.build_parser().parse_args(argv)
