@@ -43,8 +43,9 @@ def check_beam_fields(req: SamplingFields) -> None:
 
 async def run_beam_search(
     state: ServerState, request: Request, req: SamplingFields, ids: list[int], max_tokens: int
-) -> list[BeamSearchSequence] | None:
-    """The n best beams for one prompt (None when the client left)."""
+) -> tuple[list[BeamSearchSequence], int] | None:
+    """The n best beams for one prompt, and how many of its tokens the prefix cache held at the first step (None
+    when the client left)."""
     params = BeamSearchParams(
         beam_width=req.n,
         max_tokens=max_tokens,
@@ -56,21 +57,23 @@ async def run_beam_search(
     search = BeamSearch([ids], params, set(state.engine.info["eos_token_ids"]), state.max_model_len)
     step = dataclasses.replace(search.step_params, output_kind="final_only", detokenize=False, seed=req.seed,
                                cache_salt=req.cache_salt)  # fmt: skip
+    cached = None
     while batch := search.next_prompts():
         group = RequestGroup(state, f"beam-{uuid.uuid4().hex}", False)
         await group.start(batch, [step] * len(batch), "prompt", 1, req.priority)
         finals = await collect_finals(group, request)
         if finals is None:
             return None
+        cached = finals[0].num_cached_tokens if cached is None else cached
         search.advance([finals[i].outputs[0].logprobs[0] for i in range(len(batch))])
-    return search.results(lambda tokens: "")[0].sequences
+    return search.results(lambda tokens: "")[0].sequences, cached or 0
 
 
 async def beam_outputs(
     state: ServerState, request: Request, req: SamplingFields, prompts: list[list[int]], budgets: list[int]
-) -> list[list[dict[str, Any]]] | None:
+) -> tuple[list[list[dict[str, Any]]], dict[str, Any]] | None:
     """Each prompt's n best beams as choice fields (text, token_ids, finish_reason, stop_reason), searched side by
-    side; None when the client left."""
+    side, and the answer's usage; None when the client left."""
     limit = state.config.max_logprobs
     if limit != -1 and 2 * req.n > limit:
         raise APIError(
@@ -79,9 +82,10 @@ async def beam_outputs(
             param="n",
         )
     found = await asyncio.gather(*(run_beam_search(state, request, req, ids, b) for ids, b in zip(prompts, budgets)))
-    if any(beams is None for beams in found):
+    if any(result is None for result in found):
         return None
-    return [[_choice(state, req, ids, beam) for beam in beams] for ids, beams in zip(prompts, found)]
+    outputs = [[_choice(state, req, ids, beam) for beam in beams] for ids, (beams, _) in zip(prompts, found)]
+    return outputs, _usage(prompts, outputs, sum(cached for _, cached in found))
 
 
 def _choice(state: ServerState, req: SamplingFields, ids: list[int], beam: BeamSearchSequence) -> dict[str, Any]:
@@ -91,8 +95,13 @@ def _choice(state: ServerState, req: SamplingFields, ids: list[int], beam: BeamS
     return {"text": text, "token_ids": generated, "finish_reason": beam.finish_reason, "stop_reason": beam.stop_reason}
 
 
-def beam_usage(prompts: list[list[int]], outputs: list[list[dict[str, Any]]]) -> dict[str, int]:
+def _usage(prompts: list[list[int]], outputs: list[list[dict[str, Any]]], cached: int) -> dict[str, Any]:
+    """OpenAI's usage of the answer: the prompts, the choices' tokens, the prompt tokens found cached."""
     prompt_tokens = sum(len(ids) for ids in prompts)
     completion_tokens = sum(len(c["token_ids"]) for choices in outputs for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+    return {
+        **usage,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }

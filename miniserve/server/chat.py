@@ -12,7 +12,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from miniserve.server import responses as fmt
-from miniserve.server.beam import beam_outputs, beam_usage, check_beam_fields
+from miniserve.server.beam import beam_outputs, check_beam_fields
 from miniserve.server.event_stream import EventStream, StreamEvents
 from miniserve.server.protocol import APIError, ChatCompletionRequest
 from miniserve.server.reasoning import ContentOutput, ReasoningSetup, check_reasoning_fields, reasoning_setup
@@ -69,9 +69,10 @@ async def _beam_chat(state: ServerState, request: Request, req: ChatCompletionRe
     ids = await _chat_ids(state, req, tools)
     budget_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     budget = state.token_budget(len(ids), req.token_budget(), "messages", budget_param)
-    outputs = await beam_outputs(state, request, req, [ids], [budget])
-    if outputs is None:
+    answer = await beam_outputs(state, request, req, [ids], [budget])
+    if answer is None:
         return Response(status_code=499)
+    outputs, usage = answer
     role = reply_role(state, req)
     head = answer_head(state.model_name, f"chatcmpl-{uuid.uuid4().hex}", request, req.request_id, "chatcmpl",
                        "chat.completion")  # fmt: skip
@@ -80,7 +81,7 @@ async def _beam_chat(state: ServerState, request: Request, req: ChatCompletionRe
          "finish_reason": c["finish_reason"], "stop_reason": c["stop_reason"]}
         for j, c in enumerate(outputs[0])
     ]  # fmt: skip
-    return fmt.JSONBytesResponse({**head, "choices": choices, "usage": beam_usage([ids], outputs)})
+    return fmt.JSONBytesResponse({**head, "choices": choices, "usage": usage})
 
 
 def _chat_body(

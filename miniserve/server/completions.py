@@ -11,7 +11,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from miniserve.server import responses as fmt
-from miniserve.server.beam import beam_outputs, beam_usage, check_beam_fields
+from miniserve.server.beam import beam_outputs, check_beam_fields
 from miniserve.server.event_stream import EventStream, StreamEvents
 from miniserve.server.protocol import CompletionRequest
 from miniserve.server.request_group import (
@@ -72,16 +72,17 @@ async def _beam_completion(
 ) -> Response:
     """use_beam_search: each prompt's n best beams as its choices (server/beam.py)."""
     budgets = [state.token_budget(len(ids), req.max_tokens, "prompt") for ids in prompt_ids]
-    outputs = await beam_outputs(state, request, req, prompt_ids, budgets)
-    if outputs is None:
+    answer = await beam_outputs(state, request, req, prompt_ids, budgets)
+    if answer is None:
         return Response(status_code=499)
+    outputs, usage = answer
     head = answer_head(state.model_name, f"cmpl-{uuid.uuid4().hex}", request, req.request_id, "cmpl", "text_completion")
     choices = [
         {"index": i * req.n + j, "text": c["text"], "logprobs": None, "finish_reason": c["finish_reason"],
          "stop_reason": c["stop_reason"]}
         for i, beams in enumerate(outputs) for j, c in enumerate(beams)
     ]  # fmt: skip
-    return fmt.JSONBytesResponse({**head, "choices": choices, "usage": beam_usage(prompt_ids, outputs)})
+    return fmt.JSONBytesResponse({**head, "choices": choices, "usage": usage})
 
 
 def _prompt_logprobs(req: CompletionRequest) -> int | None:
