@@ -4,7 +4,6 @@ the search would not honour (sampling filters, stop lists, logprobs, grammars, t
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import uuid
 from typing import Any
@@ -41,20 +40,29 @@ def check_beam_fields(req: SamplingFields) -> None:
         raise APIError("use_beam_search answers are not streamed: leave stream false", param="stream")
 
 
-async def run_beam_search(
-    state: ServerState, request: Request, req: SamplingFields, ids: list[int], max_tokens: int
-) -> tuple[list[BeamSearchSequence], int] | None:
-    """The n best beams for one prompt, and how many of its tokens the prefix cache held at the first step (None
-    when the client left)."""
+async def beam_outputs(
+    state: ServerState, request: Request, req: SamplingFields, prompts: list[list[int]], budgets: list[int]
+) -> tuple[list[list[dict[str, Any]]], dict[str, Any]] | None:
+    """Each prompt's n best beams as choice fields (text, token_ids, finish_reason, stop_reason), and the answer's
+    usage; None when the client left. One search over every prompt: each step's requests are one group. Its
+    max_tokens is the largest budget: a budget is max_tokens (the same for every prompt) or the rest of the
+    context, where the search ends a beam anyway."""
+    limit = state.config.max_logprobs
+    if limit != -1 and 2 * req.n > limit:
+        raise APIError(
+            f"n: beam search lists the top 2 x n logprobs a step, more than max_logprobs={limit} allows "
+            f"(--max-logprobs): n <= {limit // 2}",
+            param="n",
+        )
     params = BeamSearchParams(
         beam_width=req.n,
-        max_tokens=max_tokens,
+        max_tokens=max(budgets),
         ignore_eos=req.ignore_eos,
         temperature=req.temperature or 0.0,
         length_penalty=req.length_penalty,
         include_stop_str_in_output=req.include_stop_str_in_output,
     )
-    search = BeamSearch([ids], params, set(state.engine.info["eos_token_ids"]), state.max_model_len)
+    search = BeamSearch(prompts, params, set(state.engine.info["eos_token_ids"]), state.max_model_len)
     step = dataclasses.replace(search.step_params, output_kind="final_only", detokenize=False, seed=req.seed,
                                cache_salt=req.cache_salt)  # fmt: skip
     cached = None
@@ -64,28 +72,11 @@ async def run_beam_search(
         finals = await collect_finals(group, request)
         if finals is None:
             return None
-        cached = finals[0].num_cached_tokens if cached is None else cached
+        cached = sum(out.num_cached_tokens for out in finals.values()) if cached is None else cached
         search.advance([finals[i].outputs[0].logprobs[0] for i in range(len(batch))])
-    return search.results(lambda tokens: "")[0].sequences, cached or 0
-
-
-async def beam_outputs(
-    state: ServerState, request: Request, req: SamplingFields, prompts: list[list[int]], budgets: list[int]
-) -> tuple[list[list[dict[str, Any]]], dict[str, Any]] | None:
-    """Each prompt's n best beams as choice fields (text, token_ids, finish_reason, stop_reason), searched side by
-    side, and the answer's usage; None when the client left."""
-    limit = state.config.max_logprobs
-    if limit != -1 and 2 * req.n > limit:
-        raise APIError(
-            f"n: beam search lists the top 2 x n logprobs a step, more than max_logprobs={limit} allows "
-            f"(--max-logprobs): n <= {limit // 2}",
-            param="n",
-        )
-    found = await asyncio.gather(*(run_beam_search(state, request, req, ids, b) for ids, b in zip(prompts, budgets)))
-    if any(result is None for result in found):
-        return None
-    outputs = [[_choice(state, req, ids, beam) for beam in beams] for ids, (beams, _) in zip(prompts, found)]
-    return outputs, _usage(prompts, outputs, sum(cached for _, cached in found))
+    found = search.results(lambda tokens: "")
+    outputs = [[_choice(state, req, ids, beam) for beam in out.sequences] for ids, out in zip(prompts, found)]
+    return outputs, _usage(prompts, outputs, cached or 0)
 
 
 def _choice(state: ServerState, req: SamplingFields, ids: list[int], beam: BeamSearchSequence) -> dict[str, Any]:
