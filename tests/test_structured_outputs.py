@@ -377,6 +377,21 @@ def test_constrained_requests_skip_speculation_and_the_compiler_caches(llm_facto
     assert llm.engine.grammar.num_compiled == compiled + 1  # the second request found it compiled
 
 
+def test_a_constrained_request_reserves_no_draft_lookahead(llm_factory):
+    """Never speculated, a constrained request fits a pool of exactly its length beside a draft (2 blocks of 16:
+    prompt + max_tokens - 1 = 32 slots), where an unconstrained one of the same length needs the lookahead's 2k + 1
+    slots more, and runs there to the end."""
+    from miniserve import SamplingParams
+
+    llm = llm_factory(speculative_model="demo", num_speculative_tokens=3, num_kv_blocks=2, block_size=16)
+    prompt = llm.get_tokenizer().encode("ROMEO:")
+    fits = _constrained(SCHEMAS[9], seed=4, max_tokens=32 - len(prompt) + 1, ignore_eos=True)
+    out = llm.generate([{"prompt_token_ids": prompt}], fits, use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason in ("stop", "length") and out.metrics["num_spec_drafts"] == 0
+    with pytest.raises(ValueError, match="7 of them for the draft's proposals"):
+        llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=fits.max_tokens), use_tqdm=False)
+
+
 def test_without_xgrammar_a_constrained_request_is_a_clear_error(monkeypatch):
     import sys
 

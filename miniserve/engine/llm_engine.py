@@ -214,9 +214,11 @@ class LLMEngine:
                 f"{self.max_model_len}, which leaves no room to generate"
             )
         # the last token is sampled, never fed back: it needs no KV slot; a draft's lookahead slots come on top,
-        # unless the prompt pass samples the only token the request may have (no speculative round follows)
+        # unless no speculative round follows: the prompt pass samples the only token the request may have, or a
+        # grammar constrains it (its sequences are never speculated)
         end = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
-        lookahead = self.scheduler.lookahead if end - len(ids) > 1 else 0
+        rounds = end - len(ids) > 1 and params.structured_outputs is None
+        lookahead = self.scheduler.lookahead if rounds else 0
         need = end - 1 + lookahead
         if self.block_manager.blocks_for(need) > self.block_manager.num_blocks:
             draft = f", {lookahead} of them for the draft's proposals" if lookahead else ""
