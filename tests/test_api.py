@@ -425,7 +425,8 @@ def test_beam_search_answers_the_offline_engines_beams_and_refuses_what_it_would
     want = [tok.decode(b.tokens[len(ids) :], skip_special_tokens=True) for b in beams[0].sequences]
     assert [c.message.content for c in chat.choices] == want and chat.choices[0].message.role == "assistant"
     beam = {"model": MODEL_NAME, **PROMPT, "max_tokens": 2, "use_beam_search": True}
-    for field, value in (("stream", True), ("top_p", 0.5), ("logprobs", 1), ("stop", ["x"]), ("n", 200)):
+    refused = (("stream", True), ("top_p", 0.5), ("logprobs", 1), ("stop", ["x"]), ("n", 200), ("max_tokens", 0))
+    for field, value in refused:
         assert_openai_error(post(url, "/v1/completions", {**beam, field: value}), 400, field)
     err = assert_openai_error(post(url, "/v1/completions", {**beam, "use_beam_search": False, "length_penalty": 2}),
                               400, "length_penalty")  # fmt: skip

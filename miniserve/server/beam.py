@@ -54,6 +54,8 @@ async def beam_outputs(
             f"(--max-logprobs): n <= {limit // 2}",
             param="n",
         )
+    if min(budgets) < 1:  # (max_tokens 0 is for echo, which beam search refuses)
+        raise APIError("max_tokens: beam search generates at least one token", param="max_tokens")
     params = BeamSearchParams(
         beam_width=req.n,
         max_tokens=max(budgets),
