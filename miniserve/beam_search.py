@@ -46,6 +46,11 @@ class BeamSearchSequence:
     finish_reason: str | None = None  # "stop": it ended with EOS; "length": max_tokens or the context ran out
     stop_reason: int | None = None  # the EOS token id that ended it
 
+    def shown_tokens(self, include_stop_str_in_output: bool) -> list[int]:
+        """The tokens its text shows: a final EOS only when asked for."""
+        drop = self.finish_reason == "stop" and not include_stop_str_in_output
+        return self.tokens[:-1] if drop else self.tokens
+
 
 @dataclass
 class BeamSearchOutput:
@@ -101,17 +106,11 @@ class BeamSearch:
                         grown.append(child)
             self.live[i] = sorted(grown, key=self._score, reverse=True)[: self.params.beam_width]
 
-    def results(self, decode: Callable[[list[int]], str]) -> list[BeamSearchOutput]:
-        """The beam_width best beams of each prompt, complete and live ranked together, with their text."""
-        outputs = []
-        for beams, complete in zip(self.live, self.done):
-            ranked = sorted(complete + [_ended(b, "length") for b in beams], key=self._score, reverse=True)
-            best = ranked[: self.params.beam_width]
-            for beam in best:
-                keep_eos = beam.finish_reason != "stop" or self.params.include_stop_str_in_output
-                beam.text = decode(beam.tokens if keep_eos else beam.tokens[:-1])
-            outputs.append(BeamSearchOutput(best))
-        return outputs
+    def results(self) -> list[BeamSearchOutput]:
+        """The beam_width best beams of each prompt, complete and live ranked together (their text left unset)."""
+        ranked = [sorted(done + [_ended(b, "length") for b in live], key=self._score, reverse=True)
+                  for live, done in zip(self.live, self.done)]  # fmt: skip
+        return [BeamSearchOutput(beams[: self.params.beam_width]) for beams in ranked]
 
     def _score(self, beam: BeamSearchSequence) -> float:
         return beam_score(beam, self.eos_token_ids, self.params.length_penalty)
@@ -130,7 +129,10 @@ def beam_search(
     search = BeamSearch(prompts, params, eos_token_ids, max_model_len)
     while batch := search.next_prompts():
         search.advance([out.outputs[0].logprobs[0] for out in generate(batch, search.step_params)])
-    return search.results(decode)
+    outputs = search.results()
+    for beam in (b for out in outputs for b in out.sequences):  # vLLM's text: the prompt's and the beam's tokens
+        beam.text = decode(beam.shown_tokens(params.include_stop_str_in_output))
+    return outputs
 
 
 def _ended(beam: BeamSearchSequence, reason: str, stop: int | None = None) -> BeamSearchSequence:

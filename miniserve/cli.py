@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_no_op_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("vLLM flags that change nothing here (each taken with a warning)")
     for flag, (values, why) in VLLM_NO_OP_FLAGS.items():
-        dest = "vllm_" + flag[2:].replace("-", "_")
+        dest = _no_op_dest(flag)
         text = f"ignored: {why} (default: unset)"
         if values is None:
             g.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
@@ -180,9 +180,13 @@ def _add_no_op_flags(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, dest=dest, choices=values or None, metavar="VALUE", help=text)
 
 
+def _no_op_dest(flag: str) -> str:
+    return "vllm_" + flag[2:].replace("-", "_")
+
+
 def no_op_warnings(args: argparse.Namespace) -> list[str]:
     """A line for each vLLM flag given that changes nothing here (VLLM_NO_OP_FLAGS)."""
-    given = [flag for flag in VLLM_NO_OP_FLAGS if getattr(args, "vllm_" + flag[2:].replace("-", "_"), None)]
+    given = [flag for flag in VLLM_NO_OP_FLAGS if getattr(args, _no_op_dest(flag), None)]
     return [f"{flag} is taken but changes nothing: {VLLM_NO_OP_FLAGS[flag][1]}" for flag in given]
 
 

@@ -226,14 +226,14 @@ def test_a_failing_step_fails_every_request_in_flight_and_the_loop_serves_on():
 
     engine.step_messages = step_messages
     params = SamplingParams(max_tokens=3, ignore_eos=True)
-    commands.send([("add", "a", [5, 6, 7], params, None), ("add", "b", [8, 9], params, None)])
+    commands.send([("add", "a", [5, 6, 7], params, None, 0), ("add", "b", [8, 9], params, None, 0)])
     runner = threading.Thread(target=loop.run)
     runner.start()
     assert reader.recv()[:2] == ("acks", [("a", None, True), ("b", None, True)])
     kind, failed, message, _ = reader.recv()
     assert (kind, sorted(failed), message) == ("failed", ["a", "b"], "RuntimeError: boom")
     assert not engine.has_unfinished_requests()
-    commands.send([("add", "c", [5, 6], params, None)])
+    commands.send([("add", "c", [5, 6], params, None, 0)])
     tokens = []
     while True:
         msg = reader.recv()

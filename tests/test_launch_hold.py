@@ -143,12 +143,12 @@ def test_a_command_ends_the_wait_and_is_applied(core_loop):
 
     loop, commands, replies = core_loop
     params = SamplingParams(max_tokens=3, ignore_eos=True)
-    sender = threading.Timer(0.05, lambda: commands.send([("add", "a", [5, 6, 7], params, None)]))
+    sender = threading.Timer(0.05, lambda: commands.send([("add", "a", [5, 6, 7], params, None, 0)]))
     sender.start()
     begun = time.perf_counter()
     assert loop.wait_for_commands(60.0) is True  # ends when the command comes, long before the minute is up
     assert time.perf_counter() - begun < 30
     assert replies.recv()[:2] == ("acks", [("a", None, True)])
     assert loop.engine.has_unfinished_requests()
-    commands.send([("add", "b", [8, 9], params, None)])  # already waiting: taken without waiting at all
+    commands.send([("add", "b", [8, 9], params, None, 0)])  # already waiting: taken without waiting at all
     assert loop.wait_for_commands(0.0) is True and replies.recv()[:2] == ("acks", [("b", None, True)])

@@ -240,10 +240,10 @@ def test_allowed_token_ids_that_leave_nothing_to_sample_are_refused(kw):
     params = SamplingParams(**kw)
     first = apply_penalties_and_filters(torch.zeros(1, V), build([params]))
     if torch.isfinite(first).any():
-        check_allowed_tokens(params, {0})
+        check_allowed_tokens(params, {0}, V)
     else:
         with pytest.raises(ValueError, match="allowed_token_ids: every token it allows is banned"):
-            check_allowed_tokens(params, {0})
+            check_allowed_tokens(params, {0}, V)
 
 
 @pytest.mark.parametrize(

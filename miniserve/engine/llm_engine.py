@@ -201,7 +201,7 @@ class LLMEngine:
         params.check_logprobs(self.config.max_logprobs, self.vocab_size)
         if params.bad_words and params.bad_words_token_ids is None:  # (the server tokenizes them itself)
             params.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
-        check_allowed_tokens(params, self.outputs.eos_token_ids)
+        check_allowed_tokens(params, self.outputs.eos_token_ids, self.vocab_size)
         if params.structured_outputs is not None:
             self.grammar.compile(params.structured_outputs)
 

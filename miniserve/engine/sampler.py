@@ -220,16 +220,14 @@ def _bans(
     return banned_rows, banned_ids
 
 
-def check_allowed_tokens(params: SamplingParams, eos_token_ids: set[int]) -> None:
-    """allowed_token_ids must leave a token to sample: a row whose every token is masked has no distribution (its
-    argmax would be token 0, allowed or not). `_bans` bans them: min_tokens the tokens that would stop the row
-    (EOS unless ignore_eos, stop_token_ids), a one-token bad word its token at every step."""
+def check_allowed_tokens(params: SamplingParams, eos_token_ids: set[int], vocab_size: int) -> None:
+    """allowed_token_ids must leave a token to sample at the first step, after `_bans` (min_tokens bans the tokens
+    that would stop the row, a one-token bad word its token): a row whose every token is masked has no
+    distribution (its argmax would be token 0, allowed or not)."""
     if not params.allowed_token_ids:
         return
-    banned = {ids[0] for ids in params.bad_words_token_ids or [] if len(ids) == 1}
-    if params.min_tokens > 0:
-        banned |= set(params.stop_token_ids or []) | (set() if params.ignore_eos else eos_token_ids)
-    if set(params.allowed_token_ids) <= banned:
+    _, banned = _bans([params], [[]], eos_token_ids, vocab_size)
+    if set(params.allowed_token_ids) <= set(banned):
         raise ValueError(
             f"allowed_token_ids: every token it allows is banned (min_tokens={params.min_tokens} bans EOS and "
             "stop_token_ids until that many tokens; a one-token bad word always): nothing is left to sample"

@@ -67,10 +67,7 @@ class Scheduler:
     def add(self, seq: Sequence, parent: Sequence | None = None) -> None:
         if parent is not None:
             self.parents[seq.seq_id] = parent
-        if self.by_priority:
-            bisect.insort(self.waiting, seq, key=_urgency)
-        else:
-            self.waiting.append(seq)
+        self._enqueue(self.waiting, seq)
 
     def schedule(self) -> list[ScheduledSeq]:
         for seq in self.running:
@@ -120,6 +117,15 @@ class Scheduler:
             return seq.num_tokens - 1
         return seq.num_tokens
 
+    def _enqueue(self, queue: deque[Sequence] | list[Sequence], seq: Sequence, front: bool = False) -> None:
+        """At the back of `queue` (the front: a preempted sequence, first to come back), or by priority."""
+        if self.by_priority:
+            bisect.insort(queue, seq, key=_urgency)
+        elif front:
+            queue.appendleft(seq)  # (only `waiting`, a deque, takes a sequence at the front)
+        else:
+            queue.append(seq)
+
     def _lookahead(self, seq: Sequence, num_new: int) -> int:
         """Slots past the new tokens a step may write: a speculative round's (one new token, after the first
         output); a prompt pass writes none, even of a one-token prompt or chunk, so a request that stops at its
@@ -165,10 +171,7 @@ class Scheduler:
             seq.num_cached_tokens = num_cached
             seq.first_scheduled_time = time.monotonic()
         seq.status = SequenceStatus.RUNNING
-        if self.by_priority:
-            bisect.insort(self.running, seq, key=_urgency)
-        else:
-            self.running.append(seq)
+        self._enqueue(self.running, seq)
         scheduled.append(ScheduledSeq(seq, num_new))
         return True
 
@@ -178,10 +181,7 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.num_draft_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
-        if self.by_priority:
-            bisect.insort(self.waiting, seq, key=_urgency)
-        else:
-            self.waiting.appendleft(seq)
+        self._enqueue(self.waiting, seq, front=True)
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:

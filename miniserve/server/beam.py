@@ -76,15 +76,15 @@ async def beam_outputs(
             return None
         cached = sum(out.num_cached_tokens for out in finals.values()) if cached is None else cached
         search.advance([finals[i].outputs[0].logprobs[0] for i in range(len(batch))])
-    found = search.results(lambda tokens: "")
+    found = search.results()
     outputs = [[_choice(state, req, ids, beam) for beam in out.sequences] for ids, out in zip(prompts, found)]
     return outputs, _usage(prompts, outputs, cached or 0)
 
 
 def _choice(state: ServerState, req: SamplingFields, ids: list[int], beam: BeamSearchSequence) -> dict[str, Any]:
-    generated = beam.tokens[len(ids) :]
-    shown = generated if beam.finish_reason != "stop" or req.include_stop_str_in_output else generated[:-1]
+    shown = beam.shown_tokens(req.include_stop_str_in_output)[len(ids) :]
     text = state.tokenizer.decode(shown, skip_special_tokens=req.skip_special_tokens)
+    generated = beam.tokens[len(ids) :]
     return {"text": text, "token_ids": generated, "finish_reason": beam.finish_reason, "stop_reason": beam.stop_reason}
 
 

@@ -5,8 +5,8 @@ Why a process: the engine's step loop and the HTTP event loop are both Python. I
 so every SSE chunk the server writes delays the next step, and every step delays the chunks. In its own process
 the engine steps while the API process writes. The two talk over two pipes:
 
-    API -> engine   lists of commands (all that were queued): ("add", request_id, prompt_ids, params, grammar[,
-                    priority]) |
+    API -> engine   lists of commands (all that were queued): ("add", request_id, prompt_ids, params, grammar,
+                    priority) |
                     ("abort", [request_id, ...]) | ("warm",) | ("stats",) | ("stop",)
     engine -> API   ("ready", info, stats) or ("error", ...) once; then ("acks", [(request_id, error, is_value_error)],
                     stats) after applying
@@ -244,7 +244,7 @@ class CoreLoop:
             threading.Thread(target=self.engine.grammar.warm, name="miniserve-xgrammar", daemon=True).start()
 
     def _add(
-        self, request_id: str, prompt: list[int], params: Any, grammar: str | None, priority: int = 0
+        self, request_id: str, prompt: list[int], params: Any, grammar: str | None, priority: int
     ) -> tuple[str, str | None, bool]:
         try:
             if grammar is not None:  # compiled by the API process: add_request finds it in the engine's cache

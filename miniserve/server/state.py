@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import Any, Protocol
 
 from fastapi import Request
@@ -242,19 +241,12 @@ class ServerState:
         tokenized; a top-logprobs count of -1 becomes the vocabulary's size (what the answer then lists)."""
         stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
         config = self.config
-        checks = [
-            ("stop", partial(check_stop_strings, stops, config.max_stop_strings, config.max_stop_string_length)),
-            ("bad_words", partial(check_bad_words, req.bad_words, config.max_bad_words)),
-        ]
+        _named("stop", check_stop_strings, stops, config.max_stop_strings, config.max_stop_string_length)
+        _named("bad_words", check_bad_words, req.bad_words, config.max_bad_words)
         for name in ("logprobs", "top_logprobs", "prompt_logprobs"):  # (integers: chat's logprobs is a bool)
-            if type(getattr(req, name, None)) is int:
-                count = partial(logprobs_count, name, getattr(req, name), config.max_logprobs, self.vocab_size)
-                checks.append((name, lambda name=name, count=count: setattr(req, name, count())))
-        for param, check in checks:
-            try:
-                check()
-            except ValueError as exc:
-                raise APIError(str(exc), param=param) from None
+            value = getattr(req, name, None)
+            if type(value) is int:
+                setattr(req, name, _named(name, logprobs_count, name, value, config.max_logprobs, self.vocab_size))
 
     def check_prompt_count(self, count: int) -> None:
         limit = self.server.max_prompts_per_request
@@ -297,6 +289,14 @@ class ServerState:
                 code="context_length_exceeded",
             )
         return min(max_tokens, cap or max_tokens)
+
+
+def _named(param: str, check: Any, *args: Any) -> Any:
+    """`check(*args)`, its ValueError a 400 naming `param`."""
+    try:
+        return check(*args)
+    except ValueError as exc:
+        raise APIError(str(exc), param=param) from None
 
 
 class ClientDisconnected(Exception):
