@@ -59,8 +59,8 @@ def test_the_engine_loop_routes_each_output_to_the_api_server_that_posted_it():
         rid: list(oracle.generate({"prompt_token_ids": prompt}, greedy)[0].outputs[0].token_ids)
         for rid, prompt in (("a", [5, 6, 7]), ("b", [8, 9]))
     }  # what each prompt alone gives
-    send[0].send([("add", "a", [5, 6, 7], greedy, None)])
-    send[1].send([("add", "b", [8, 9], greedy, None), ("add", "c", [5, 6], endless, None)])
+    send[0].send([("add", "a", [5, 6, 7], greedy, None, 0)])
+    send[1].send([("add", "b", [8, 9], greedy, None, 0), ("add", "c", [5, 6], endless, None, 0)])
     runner = threading.Thread(target=loop.run)
     runner.start()
     got: list[list] = [[], []]
@@ -84,11 +84,11 @@ def test_the_engine_loop_routes_each_output_to_the_api_server_that_posted_it():
     while "c" in engine.outputs.requests and time.monotonic() < deadline:
         time.sleep(0.01)
     assert aborted == ["c"] and runner.is_alive()  # (a thousand tokens: "c" cannot have finished by itself)
-    send[0].send([("add", "d", [5, 6, 7], greedy, None)])
+    send[0].send([("add", "d", [5, 6, 7], greedy, None, 0)])
     later: list = []
     _recv_until_finished(recv[0], "d", later)
     assert _tokens(later, "d") == _tokens(got[0], "a")
-    send[0].send([("add", "e", [5, 6], endless, None)])  # one aborted by its server is forgotten too
+    send[0].send([("add", "e", [5, 6], endless, None, 0)])  # one aborted by its server is forgotten too
     while "e" not in loop.owner:
         time.sleep(0.01)
     send[0].send([("abort", ["e"])])
