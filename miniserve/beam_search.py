@@ -10,6 +10,7 @@ length counting the prompt's tokens and the generated ones but not a final EOS.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ class BeamSearchParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.length_penalty = _finite_float("length_penalty", self.length_penalty)
 
 
 @dataclass
@@ -58,10 +60,30 @@ class BeamSearchOutput:
 
 
 def beam_score(beam: BeamSearchSequence, eos_token_ids: set[int], length_penalty: float) -> float:
-    """vLLM's `get_beam_search_score`: the cumulative logprob over the length (prompt included, EOS not) to the
-    length_penalty."""
+    """How a beam ranks (larger is better): vLLM's `get_beam_search_score`, the cumulative logprob over the length
+    (prompt included, a final EOS not) to the length_penalty, taken in log space: length_penalty * log(length) -
+    log(-cum_logprob) orders beams as that quotient does (cum_logprob <= 0), and stays a float at any finite
+    penalty, where the power overflows and vLLM raises."""
     length = len(beam.tokens) - (1 if beam.tokens[-1] in eos_token_ids else 0)
-    return beam.cum_logprob / (length**length_penalty)
+    if beam.cum_logprob == 0.0:  # a sure beam: its score, 0, beats any other
+        return math.inf
+    if math.isinf(beam.cum_logprob):
+        return -math.inf
+    return length_penalty * math.log(length) - math.log(-beam.cum_logprob)
+
+
+def _finite_float(name: str, value: object) -> float:
+    """`value` as a finite float: an int stays exact enough and the score's power stays a float's (an int power of
+    an int would be computed exactly, without end for a huge one); NaN and infinities would rank no beam."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
 
 
 class BeamSearch:

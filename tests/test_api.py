@@ -383,6 +383,26 @@ def test_token_ids_outside_the_vocabulary_get_400s_naming_the_field(url):
     assert post(url, "/v1/completions", {"model": MODEL_NAME, **PROMPT, "max_tokens": 2, **ok}).status_code == 200
 
 
+def test_logit_bias_keys_are_plain_decimal_token_ids_each_given_once(url):
+    """Python's int() would read " 5" and "5\\n" as 5, "1_0" as 10 and "\u0665" (an Arabic-Indic 5) as 5; and "5"
+    with "05" would bias token 5 twice, one of the two silently lost."""
+    for key in (" 5", "5\n", "1_0", "\u0665", "+5", "-1", "5.0", "0x5", ""):
+        for path, base in (("/v1/completions", PROMPT), ("/v1/chat/completions", MESSAGES)):
+            r = post(url, path, {"model": MODEL_NAME, **base, "max_tokens": 2, "logit_bias": {key: 1.0}})
+            err = assert_openai_error(r, 400, "logit_bias")
+            assert f"{key!r} is not a token id" in err["message"], (key, err)
+    for bias in ({"5": -100, "05": 100}, {"007": 1, "7": 1}):
+        r = post(url, "/v1/completions", {"model": MODEL_NAME, **PROMPT, "max_tokens": 2, "logit_bias": bias})
+        err = assert_openai_error(r, 400, "logit_bias")
+        assert " and ".join(map(repr, bias)) in err["message"] and "both name token" in err["message"], err
+    # a key with leading zeros names its token (once): "05" pushes token 5 as "5" does
+    body = {"model": MODEL_NAME, **PROMPT, "max_tokens": 4, "temperature": 0}
+    body |= {"ignore_eos": True, "return_token_ids": True}
+    for key in ("5", "05"):
+        r = post(url, "/v1/completions", {**body, "logit_bias": {key: 100}})
+        assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == [5] * 4, (key, r.text)
+
+
 def test_top_logprobs_are_bounded_by_max_logprobs_and_minus_one_is_the_whole_vocabulary(url):
     """The server's max_logprobs bounds each field that asks for top logprobs (a 400 naming the field past it);
     -1 asks for the whole vocabulary, which fits it here exactly, and lists every token."""
@@ -880,6 +900,28 @@ def test_tool_choice_errors(url):
             assert r.status_code == 200, r.text
         else:
             assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+
+
+def test_tool_names_are_non_empty_and_unique_but_not_restricted_to_openais_pattern(client, url):
+    """A function named "" could never be called (the call parsers take no empty name; with tool_choice required
+    the request could only fail), and of two tools with one name a call could mean either. Other names are taken
+    as vLLM takes them: "get.weather" is outside OpenAI's ^[a-zA-Z0-9_-]{1,64}$ but served, and called."""
+
+    def tool(name: str) -> dict:
+        return {"type": "function", "function": {"name": name, "parameters": PARAMS["get_time"]}}
+
+    for tools in ([tool("")], [tool("get_time"), tool("")], [tool("a"), tool("b"), tool("a")]):
+        for choice in ("auto", "required", "none"):
+            body = {"model": MODEL_NAME, **MESSAGES, "max_tokens": 2, "tools": tools, "tool_choice": choice}
+            err = assert_openai_error(post(url, "/v1/chat/completions", body), 400, "tools")
+            assert "at least 1 character" in err["message"] or "tools 0 and 2 are both named 'a'" in err["message"]
+        body = {"model": MODEL_NAME, **MESSAGES, "tools": tools}
+        assert_openai_error(post(url, "/tokenize", body), 400, "tools")
+    named = {"type": "function", "function": {"name": "get.weather"}}
+    r = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES["messages"], tools=[tool("get.weather")],
+                                       tool_choice=named, temperature=1.0, seed=1, max_tokens=200)  # fmt: skip
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get.weather" and json.loads(call.function.arguments)["zone"] in ("utc", "cet")
 
 
 def test_vllms_chat_server_flags_tool_parser_auto_choice_response_role_request_id_headers(model_dir, tmp_path):

@@ -3,7 +3,9 @@ distribution where every score is worked out by hand (EOS, length_penalty, the f
 
 from __future__ import annotations
 
+import itertools
 import math
+from fractions import Fraction
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 import transformers
 
 from miniserve import LLM, BeamSearchParams
-from miniserve.beam_search import beam_search
+from miniserve.beam_search import BeamSearchSequence, beam_score, beam_search
 from tests.test_engine import token_prompts
 
 
@@ -84,3 +86,50 @@ def test_a_beam_that_fills_the_context_ends_there():
     """max_model_len 2: after one token every beam is full, so the second step never runs."""
     out = beam_search(table_generate, [[9]], BeamSearchParams(beam_width=2, max_tokens=5), {1}, 2, str)[0]
     assert [(b.tokens, b.finish_reason) for b in out.sequences] == [([9, 5], "length"), ([9, 6], "length")]
+
+
+@pytest.mark.parametrize(
+    ("length_penalty", "expected"),
+    [
+        # 1000: [9,1] (length 1) ln(.2); [9,5,1] ln(.4) / 2**1000 = -8.5e-302; the length-3 beams ln(p) / 3**1000,
+        # past the floats (3**1000 overflows): -0.0 as floats, the best; of them (step 2 too) the larger ln(p)
+        (1000.0, [([9, 6, 5], "length"), ([9, 5, 5], "length")]),
+        # -1000: [9,1] ln(.2); [9,5,1] ln(.4) * 2**1000 = -9.8e300; the length-3 beams ln(p) * 3**1000: -inf
+        (-1000.0, [([9, 1], "stop"), ([9, 5, 1], "stop")]),
+    ],
+)
+def test_a_length_penalty_past_the_floats_ranks_as_the_exact_scores(length_penalty, expected):
+    """A penalty whose power of the length overflows a float (or underflows to 0) ranks as the exact scores do,
+    instead of raising (vLLM's OverflowError, ZeroDivisionError)."""
+    params = BeamSearchParams(beam_width=2, max_tokens=2, length_penalty=length_penalty)
+    out = beam_search(table_generate, [[9]], params, {1}, 100, str)[0].sequences
+    assert [(b.tokens, b.finish_reason) for b in out] == expected
+
+
+def score(tokens: int, cum_logprob: float, length_penalty: float, eos: bool = False) -> float:
+    """beam_score of a beam of `tokens` tokens (the last one EOS, token 1, if `eos`)."""
+    beam = BeamSearchSequence(list(range(2, tokens + 1)) + [1 if eos else tokens + 1], cum_logprob=cum_logprob)
+    return beam_score(beam, {1}, length_penalty)
+
+
+def test_beam_score_orders_beams_as_the_exact_quotient_at_any_penalty():
+    """vLLM's score, cum_logprob / length ** length_penalty worked out exactly (Fractions), orders every two beams
+    as beam_score does, at ordinary penalties and at ones whose power is past the floats (where vLLM raises)."""
+    beams = [(tokens, cum) for tokens in (1, 2, 3, 7, 300) for cum in (0.0, -1e-9, -0.5, -2.0, -3.5, -1e4)]
+    for length_penalty in (-1000, -3, -1, 0, 1, 2, 1000):
+        exact = {b: Fraction(b[1]) / Fraction(b[0]) ** length_penalty for b in beams}
+        ours = {b: score(*b, float(length_penalty)) for b in beams}
+        for a, b in itertools.combinations(beams, 2):
+            if exact[a] != exact[b]:
+                assert (exact[a] > exact[b]) == (ours[a] > ours[b]), (a, b, length_penalty)
+    assert score(3, -2.0, 1.0, eos=True) == score(2, -2.0, 1.0)  # a final EOS does not count
+    assert score(5, -math.inf, -1e308) == -math.inf < score(5, -1e4, 1e308)  # still a float at the extremes
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, pytest.param(10**400, id="10**400"), True, "1", None])
+def test_a_length_penalty_is_a_finite_number(bad):
+    """NaN or an infinity would rank no beam (the server refuses them as JSON: tests/test_server.py); an int is
+    taken as its float (an int power of a huge int would be worked out exactly, without end)."""
+    with pytest.raises(ValueError, match="length_penalty must be a"):
+        BeamSearchParams(beam_width=1, max_tokens=1, length_penalty=bad)
+    assert BeamSearchParams(beam_width=1, max_tokens=1, length_penalty=10**30).length_penalty == 1e30

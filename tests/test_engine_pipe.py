@@ -290,13 +290,31 @@ def test_a_refused_prompt_withdraws_the_requests_others_uncounted():
 
 def test_an_overloaded_request_posts_none_of_its_prompts():
     """max_waiting is checked for all of a request's prompts before any is posted (the first one was posted, then
-    aborted, when the second did not fit)."""
+    aborted, when the second did not fit): while others wait, a 503; prompts that together could never fit, even
+    each alone would, the client's error (400), not "retry later" (it said 503, queue empty or not)."""
 
-    async def run() -> _Posted:
-        proc = _Posted(max_waiting=0)
-        with pytest.raises(APIError, match="overloaded"):
-            await proc.add_requests(_requests(2))
+    async def run(outstanding: int, prompts: int, code: str) -> _Posted:
+        proc = _Posted(max_waiting=1)  # 1 running + 1 waiting
+        proc._outstanding = outstanding
+        with pytest.raises(APIError) as refused:
+            await proc.add_requests(_requests(prompts))
+        assert (refused.value.code, refused.value.status) == (code, 400 if code == "too_many_sequences" else 503)
         return proc
 
-    proc = asyncio.run(run())
-    assert (proc.posted, proc._outstanding, proc._streams) == ([], 0, {})
+    for outstanding, prompts, code in (
+        (1, 2, "overloaded"),
+        (0, 3, "too_many_sequences"),
+        (5, 3, "too_many_sequences"),
+    ):
+        proc = asyncio.run(run(outstanding, prompts, code))
+        assert (proc.posted, proc._outstanding, proc._streams) == ([], outstanding, {})
+
+    async def exact_fit() -> _Posted:  # 2 prompts on an idle server: both posted
+        proc = _Posted(max_waiting=1)
+        adding = asyncio.ensure_future(proc.add_requests(_requests(2)))
+        await asyncio.sleep(0)
+        proc._on_message(("acks", [("r-0", None, True), ("r-1", None, True)], {}))
+        await adding
+        return proc
+
+    assert [c[0] for c in asyncio.run(exact_fit()).posted] == ["add", "add"]

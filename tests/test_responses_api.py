@@ -118,6 +118,8 @@ def test_a_stream_adds_up_to_the_whole_response(client):
     done = next(e for e in events if e.type == "response.output_text.done")
     assert deltas == done.text == final.output_text == whole.output_text != ""
     assert events[0].response.status == "in_progress" and final.status == "completed"
+    item_done = next(e for e in events if e.type == "response.output_item.done")
+    assert item_done.item.status == final.output[0].status == whole.output[0].status == "completed"
     assert (final.usage.input_tokens, final.usage.output_tokens) == (
         whole.usage.input_tokens,
         whole.usage.output_tokens,
@@ -143,6 +145,32 @@ def test_max_output_tokens_leaves_the_response_incomplete(client):
     events, final = streamed(client, **kwargs)
     assert events[-1].type == "response.incomplete" and final.incomplete_details.reason == "max_output_tokens"
     assert final.status == "incomplete"
+    (item_done,) = [e for e in events if e.type == "response.output_item.done"]
+    assert item_done.item.status == final.output[0].status == "incomplete"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_function_call_cut_short_is_incomplete(client, stream):
+    """A named function's arguments are the output as it stands: cut by max_output_tokens, the call carries chat's
+    cut arguments and says it is incomplete (as OpenAI marks a cut item), in the whole response as in the streamed
+    item's done event."""
+    named = {"type": "function", "function": {"name": "get_time"}}
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Time?"}],
+                                          tools=TOOLS, tool_choice=named, max_tokens=3, temperature=0)  # fmt: skip
+    (want,) = chat.choices[0].message.tool_calls
+    assert chat.choices[0].finish_reason == "length"
+    kwargs = dict(input="Time?", tools=FLAT_TOOLS, tool_choice={"type": "function", "name": "get_time"},
+                  max_output_tokens=3, temperature=0)  # fmt: skip
+    if stream:
+        events, r = streamed(client, **kwargs)
+        (item_done,) = [e for e in events if e.type == "response.output_item.done"]
+        assert item_done.item.model_dump() == r.output[0].model_dump()
+    else:
+        r = client.responses.create(model=MODEL_NAME, **kwargs)
+    (call,) = r.output
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert (call.type, call.name, call.arguments, call.status) == ("function_call", "get_time",
+                                                                   want.function.arguments, "incomplete")  # fmt: skip
 
 
 def test_a_json_schema_format_is_followed(client):
@@ -164,12 +192,13 @@ def test_a_function_call_round_trip(client):
                   max_output_tokens=300, parallel_tool_calls=False, extra_body={"seed": 2})  # fmt: skip
     r = client.responses.create(model=MODEL_NAME, **kwargs)
     (call,) = r.output
-    assert call.type == "function_call" and call.call_id and call.id.startswith("fc_")
+    assert call.type == "function_call" and call.call_id and call.id.startswith("fc_") and call.status == "completed"
     jsonschema.validate(json.loads(call.arguments), PARAMS[call.name])
     events, final = streamed(client, **kwargs)
     arguments = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
     done = next(e for e in events if e.type == "response.function_call_arguments.done")
     assert [(c.name, c.arguments) for c in final.output] == [(call.name, call.arguments)] == [(done.name, arguments)]
+    assert final.output[0].status == "completed"
     assert final.tools[0].name == "get_weather" and final.tool_choice == "required"
     # the call and its output fed back: the prompt chat renders from the equivalent messages
     follow = ["Weather in Verona?", call.model_dump(exclude_none=True),
@@ -194,7 +223,7 @@ def test_a_function_call_round_trip(client):
         max_output_tokens=100,
     )
     (call,) = named.output
-    assert call.name == "get_time"
+    assert call.name == "get_time" and named.status == call.status == "completed"
     jsonschema.validate(json.loads(call.arguments), PARAMS["get_time"])
 
 
@@ -248,7 +277,7 @@ REFUSED = {
 HONOURED = {
     "store": True, "metadata": {"k": "v"}, "user": "u", "safety_identifier": "s", "prompt_cache_key": "k",
     "prompt_cache_retention": "24h", "service_tier": "auto", "truncation": "disabled", "top_p": 0.9,
-    "parallel_tool_calls": True, "reasoning": {"effort": "low", "summary": "auto"}, "background": False,
+    "parallel_tool_calls": True, "reasoning": {"effort": "none", "summary": "auto"}, "background": False,
     "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": 0.5,
     "stop": ["\n"], "ignore_eos": True, "logit_bias": {"5": 2.0}, "skip_special_tokens": False,
     "include_stop_str_in_output": True, "request_id": "my-response-1", "cache_salt": "salt",
@@ -301,18 +330,19 @@ def test_fields_sent_as_null_read_as_not_given(url):
 
 def test_a_bad_input_item_is_named_by_its_field(url):
     """input is a string or a list of items: an item's error names the item and its field, not the string branch
-    the list was never meant for ("input.str: Input should be a valid string")."""
+    the list was never meant for ("input.str: Input should be a valid string"), nor pydantic's tag of the item's
+    kind ("input.1.function_call.arguments")."""
     items = [{"role": "user", "content": "x"}, {"type": "function_call", "call_id": "c1", "name": "get_time"}]
     err = assert_openai_error(post(url, "/v1/responses", {"model": MODEL_NAME, "input": items}), 400, "input")
-    assert err["message"] == "input.1.function_call.arguments: Field required", err
+    assert err["message"] == "input.1.arguments: Field required", err
     items = [{"role": "user", "content": "x", "status": 5}]
     err = assert_openai_error(post(url, "/v1/responses", {"model": MODEL_NAME, "input": items}), 400, "input")
-    assert err["message"].startswith("input.0.message.status: "), err
+    assert err["message"].startswith("input.0.status: "), err
     # a call's arguments that are no JSON: the item named, not the chat message it would become
     call = {"type": "function_call", "call_id": "c1", "name": "get_time", "arguments": "{oops"}
     body = {"model": MODEL_NAME, "instructions": "Be brief.", "input": [call]}
     err = assert_openai_error(post(url, "/v1/responses", body), 400, "input")
-    assert err["message"] == "input.0.function_call.arguments: must be JSON text, got '{oops'", err
+    assert err["message"] == "input.0.arguments: must be JSON text, got '{oops'", err
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -320,3 +350,67 @@ def test_logprobs_beside_tools_are_refused_by_name(url, stream):
     body = {"model": MODEL_NAME, "input": "x", "tools": FLAT_TOOLS, "include": ["message.output_text.logprobs"]}
     r = post(url, "/v1/responses", {**body, "stream": stream})
     assert r.status_code == 400 and r.json()["error"]["param"] == "include", r.text
+
+
+def test_a_chat_error_names_the_responses_fields(url):
+    """An error of the chat path is chat's own error, with the fields named as the client sent them: `text.format`
+    for response_format, `input` for messages, `max_output_tokens` for max_completion_tokens (in `param` the
+    top-level field: `text`)."""
+    names = {"response_format": "text.format", "messages": "input", "max_completion_tokens": "max_output_tokens"}
+
+    def both(chat: dict, responses: dict, param: str) -> str:
+        """Chat's error message and the one /v1/responses gives for the same request, which must be chat's with
+        the Responses names."""
+        base = {"model": MODEL_NAME, "messages": [{"role": "user", "content": responses.get("input", "Time?")}]}
+        want = assert_openai_error(post(url, "/v1/chat/completions", {**base, **chat}), 400)["message"]
+        body = {"model": MODEL_NAME, "input": "Time?", **responses}
+        got = assert_openai_error(post(url, "/v1/responses", body), 400, param)["message"]
+        for old, new in names.items():
+            want = want.replace(old, new)
+        assert got == want and not any(old in got for old in names), got
+        return got
+
+    bad = {"type": "object", "properties": {"x": {"type": "bogus"}}}
+    text = {"format": {"type": "json_schema", "name": "x", "schema": bad}}
+    msg = both({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": bad}}},
+               {"text": text}, "text")  # fmt: skip
+    assert msg.startswith("text.format: ") and "invalid JSON schema" in msg
+    regex = {"structured_outputs": {"regex": "[a-z]+"}}
+    msg = both({**regex, "response_format": {"type": "json_object"}},
+               {**regex, "text": {"format": {"type": "json_object"}}}, "text")  # fmt: skip
+    assert msg.endswith("got several (structured_outputs, text.format)")
+    msg = both({}, {"input": "a" * 30000}, "input")
+    assert msg.startswith("the input has 30000 characters")
+    msg = both({"max_completion_tokens": 10**6}, {"max_output_tokens": 10**6}, "max_output_tokens")
+    assert "in the input, 1000000 in the completion" in msg
+
+
+def test_reasoning_effort_is_refused_as_chat_refuses_it_but_none_switches_thinking_off(url):
+    """Chat refuses reasoning_effort (no template is known to read it), and so /v1/responses refuses
+    reasoning.effort, by name; "none" is what chat honours as chat_template_kwargs enable_thinking false (the
+    template's variable: tests/test_server_reasoning.py sees a thinking model answer so), and is passed as such."""
+    from miniserve.server.protocol import ChatCompletionRequest
+    from miniserve.server.responses_api import chat_request
+    from miniserve.server.responses_protocol import ResponsesRequest
+
+    base = {"model": MODEL_NAME, "input": "Time?", "max_output_tokens": 3}
+    messages = [{"role": "user", "content": "Time?"}]
+    chat_body = {"model": MODEL_NAME, "messages": messages, "reasoning_effort": "high"}
+    assert_openai_error(post(url, "/v1/chat/completions", chat_body), 400, "reasoning_effort")
+    for effort in ("minimal", "low", "medium", "high"):
+        err = assert_openai_error(post(url, "/v1/responses", {**base, "reasoning": {"effort": effort}}), 400)
+        assert err["param"] == "reasoning" and err["message"].startswith("reasoning: effort: "), err
+    assert post(url, "/v1/responses", {**base, "reasoning": {"effort": "none"}}).status_code == 200
+
+    def chat_of(body: dict) -> ChatCompletionRequest:
+        return chat_request(ResponsesRequest.model_validate({**base, **body}))
+
+    def chat(**fields) -> ChatCompletionRequest:
+        return ChatCompletionRequest.model_validate({"messages": messages, "max_completion_tokens": 3, **fields})
+
+    assert chat_of({"reasoning": {"effort": "none"}}) == chat(chat_template_kwargs={"enable_thinking": False})
+    # the request's own variable stands
+    kwargs = {"enable_thinking": True, "mood": "calm"}
+    own = chat_of({"reasoning": {"effort": "none"}, "chat_template_kwargs": kwargs})
+    assert own == chat(chat_template_kwargs=kwargs)
+    assert chat_of({"reasoning": {}}) == chat()

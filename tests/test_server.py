@@ -185,8 +185,8 @@ def greedy(client: openai.OpenAI, prompt, max_tokens: int = 8) -> str:
 
 def test_sagemaker_invocations_answer_as_the_route_the_body_is_for(url, client):
     """POST /invocations (SageMaker's, as vLLM's): a body with messages is a chat completion, one with prompt a
-    completion, each answered as its own route answers it (greedy: the same text; streams too); any other body is
-    a 400, and the body limit holds."""
+    completion, each answered as its own route answers it (greedy: the same text; streams too); a body with both, or
+    neither, is a 400, and the body limit holds."""
     chat = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     text = {"prompt": "Now is the winter", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     r = httpx.post(url + "/invocations", json=chat).json()
@@ -203,10 +203,52 @@ def test_sagemaker_invocations_answer_as_the_route_the_body_is_for(url, client):
     assert_openai_error(r, 400, param="max_tokens")  # the completions route's own check
     for body in ({"input": "Hi"}, ["Hi"]):
         assert_openai_error(httpx.post(url + "/invocations", json=body), 400, param="messages")
+    for both in ({**chat, "prompt": text["prompt"]}, {**text, "messages": chat["messages"]}):  # neither is dropped
+        err = assert_openai_error(httpx.post(url + "/invocations", json=both), 400, param="prompt")
+        assert "not both" in err["message"], err
     r = httpx.post(url + "/invocations", content=b"{", headers={"content-type": "application/json"})
     assert r.status_code == 400
     big = {"prompt": "x" * (64 * 1024), "max_tokens": 1}
     assert httpx.post(url + "/invocations", json=big).status_code == 413
+
+
+def test_beam_search_takes_what_asks_for_nothing_and_any_finite_length_penalty(url):
+    """use_beam_search: a field the search does not honour, set to a value that asks for nothing (top_k -1 or 0,
+    chat's tool_choice none, ...), answers as without it, while other values are still refused by name; any finite
+    length_penalty answers, however far the power of the length is past the floats; NaN and infinities are 400s."""
+    beam = {"prompt": "Hello", "max_tokens": 2, "use_beam_search": True, "n": 2, "ignore_eos": True}
+    plain = httpx.post(url + "/v1/completions", json=beam).json()["choices"]
+    neutral = {"top_k": [-1, 0], "top_p": [1.0], "min_p": [0.0], "repetition_penalty": [1.0], "best_of": [2],
+               "stop": [[]], "stop_token_ids": [[]], "bad_words": [[]], "logit_bias": [{}]}  # fmt: skip
+    asking = {"top_k": [5, 1], "top_p": [0.9], "min_p": [0.1], "repetition_penalty": [1.1], "best_of": [3],
+              "stop": [["x"]], "stop_token_ids": [[7]], "bad_words": [["the"]], "logit_bias": [{"5": 1}]}  # fmt: skip
+    for field, values in neutral.items():
+        for value in values:
+            r = httpx.post(url + "/v1/completions", json={**beam, field: value})
+            assert r.status_code == 200 and r.json()["choices"] == plain, (field, value, r.text)
+    for field, values in asking.items():
+        for value in values:
+            err = assert_openai_error(httpx.post(url + "/v1/completions", json={**beam, field: value}), 400, field)
+            assert "use_beam_search" in err["message"], err
+    chat = {**beam, "messages": [{"role": "user", "content": "Hello"}]}
+    del chat["prompt"]
+    want = httpx.post(url + "/v1/chat/completions", json=chat).json()["choices"]
+    r = httpx.post(url + "/v1/chat/completions", json={**chat, "tool_choice": "none"})
+    assert r.status_code == 200 and r.json()["choices"] == want, r.text
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for extra, field in (({"tools": tools, "tool_choice": "none"}, "tools"), ({"tools": tools}, "tools"),
+                         ({"tools": tools, "tool_choice": "auto"}, "tool_choice")):  # fmt: skip
+        assert_openai_error(httpx.post(url + "/v1/chat/completions", json={**chat, **extra}), 400, field)
+    for penalty in (1000, -1000, 1e308, -1e308, 2.0**-1074):
+        r = httpx.post(url + "/v1/completions", json={**beam, "length_penalty": penalty})
+        assert r.status_code == 200, (penalty, r.text)
+        answer = r.json()
+        assert [c["finish_reason"] for c in answer["choices"]] == ["length"] * 2, answer
+        assert answer["usage"]["completion_tokens"] == 4, answer
+    for text in ("NaN", "Infinity", "-Infinity", "1e999"):
+        body = json.dumps(beam)[:-1] + f', "length_penalty": {text}}}'
+        r = httpx.post(url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert_openai_error(r, 400, "length_penalty")
 
 
 def test_models_health_tokenize_detokenize(url, client, hf_tok):

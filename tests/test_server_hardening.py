@@ -214,6 +214,55 @@ def test_validation_details(url, conn):
     assert "/" not in httpx.get(url + "/v1/models", headers=AUTH).text.replace("\\/", "")  # no filesystem path
 
 
+def test_a_union_fields_error_names_its_place_in_the_request_and_what_the_field_takes(conn):
+    """A field of several types fails once per type, each failure tagged with its branch ("prompt.str",
+    "logit_bias.5.float", "input.0.message"): the 400 names only the request's own path, and where the value (or
+    an item of it) fit no branch, what the field takes rather than only what one branch wanted."""
+    prompt = " (prompt takes str, list[str], list[int] or list[list[int]])"
+    user = {"role": "user", "content": "hi"}
+    cases = [  # (path, body, message); param: the path's first part
+        ("/v1/completions", {"prompt": None}, "prompt: Input should be a valid string" + prompt),
+        ("/v1/completions", {"prompt": [True, False]}, "prompt.0: Input should be a valid string" + prompt),
+        ("/v1/completions", {"prompt": [[1, "a"]]}, "prompt.0.1: Input should be a valid integer"),  # deep: one branch
+        (
+            "/v1/completions",
+            {"prompt": "a", "logit_bias": {"5": "x"}},
+            "logit_bias.5: Input should be a valid number (logit_bias.5 takes float or int)",
+        ),  # fmt: skip
+        (
+            "/v1/completions",
+            {"prompt": "a", "stop": ["a", 5]},
+            "stop.1: Input should be a valid string (stop takes str or list[str])",
+        ),  # fmt: skip
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+            "messages.0.content.0.text: Input should be a valid string (messages.0.content.0 takes TextPart or "
+            "ChatRefusalPart)",
+        ),  # fmt: skip
+        (
+            "/v1/chat/completions",
+            {"messages": [user], "tool_choice": 5},
+            "tool_choice: Input should be 'none', "
+            "'auto' or 'required' (tool_choice takes literal['none','auto','required'] or NamedToolChoice)",
+        ),  # fmt: skip
+        (
+            "/v1/responses",
+            {"input": [{"role": "user", "content": 5}]},
+            "input.0.content: Input should be a valid "
+            "string (input.0.content takes str or list[union[InputTextPart,RefusalPart]])",
+        ),  # fmt: skip
+        (
+            "/v1/responses",
+            {"input": [{"type": "function_call", "call_id": "c1", "name": "f"}]},
+            "input.0.arguments: Field required",
+        ),  # fmt: skip
+    ]
+    for path, body, message in cases:
+        err = conn.json_error(path, json.dumps({"model": MODEL_NAME, **body}).encode())
+        assert (err["param"], err["message"]) == (message.split(".")[0].split(":")[0], message), (body, err)
+
+
 def test_401_says_bearer_and_comes_before_404(url):
     with httpx.Client(base_url=url, timeout=30) as http:
         for method, path in (

@@ -428,6 +428,94 @@ def test_a_grammar_compiled_by_the_api_process_is_loaded_by_the_engine_not_recom
     assert loaded.accept(2) and loaded.terminated  # the stop token completes it
 
 
+def test_a_grammar_of_many_rules_is_not_sent_serialized_but_compiled_by_the_engine(monkeypatch):
+    """xgrammar writes a grammar quadratically large in its rules (100 tools under tool_choice "required": 43 MB),
+    so past MAX_SHIPPED_GRAMMAR the API process sends nothing and the engine's compiler compiles the spec itself,
+    into a matcher that walks like the API's. At the bound exactly a grammar is still sent; one unit below, not."""
+    import miniserve.engine.structured_output as so
+    from miniserve.sampling_params import StructuredOutputsParams
+    from miniserve.server.tool_calls import required_schema
+    from miniserve.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(DEMO_TARGET)
+    vocab = json.loads((DEMO_TARGET / "config.json").read_text())["vocab_size"]
+    api, engine = so.GrammarCompiler(tok, vocab, {2}), so.GrammarCompiler(tok, vocab, {2})
+    parameters = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    tools = [{"type": "function", "function": {"name": f"f{i}", "parameters": parameters}} for i in range(100)]
+    big = StructuredOutputsParams(json=json.dumps(required_schema(tools, True)), disable_any_whitespace=True)
+    assert api.payload(big) is None
+    state, want = engine.new_state(big), so.GrammarState(api.new_state(big).matcher)
+    assert (api.num_compiled, engine.num_compiled) == (1, 1)
+    filler = so.MaskFiller(vocab, torch.device("cpu"))
+    for token in tok.encode('[{"name": "f42", "parameters": {"a": 7}}]', add_special_tokens=False):
+        assert torch.equal(filler.build([state]), filler.build([want]))
+        assert state.accept(token) and want.accept(token)
+    assert state.accept(2) and state.terminated
+
+    small = StructuredOutputsParams(json=SCHEMAS[3], disable_any_whitespace=True)
+    text = str(api.compile(small).grammar)
+    monkeypatch.setattr(so, "MAX_SHIPPED_GRAMMAR", (text.count("\n") + 1) * len(text))
+    assert so.GrammarCompiler(tok, vocab, {2}).payload(small) is not None
+    monkeypatch.setattr(so, "MAX_SHIPPED_GRAMMAR", so.MAX_SHIPPED_GRAMMAR - 1)
+    assert so.GrammarCompiler(tok, vocab, {2}).payload(small) is None
+
+
+# In the API process, a compile of the regex "(stuck)" waits until the file named by MINISERVE_TEST_RELEASE exists.
+STUCK_COMPILE = """
+import importlib.machinery, os, time
+
+class _StuckCompile(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name != "miniserve.engine.structured_output":
+            return None
+        spec = super().find_spec(name, path, target)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            compile_ = module.GrammarCompiler.compile
+
+            def stuck(self, spec):
+                while spec.regex == "(stuck)" and not os.path.exists(os.environ["MINISERVE_TEST_RELEASE"]):
+                    time.sleep(0.05)
+                return compile_(self, spec)
+
+            module.GrammarCompiler.compile = stuck
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+import sys
+sys.meta_path.insert(0, _StuckCompile)
+"""
+
+
+def test_grammars_that_compile_for_long_do_not_hold_up_other_requests(tmp_path):
+    """Compiles run on threads of their own: with as many stuck in compiling as the server has tokenizing threads,
+    a plain text request is still answered, and the stuck ones are answered once their compiles end."""
+    from miniserve.server.state import CPU_THREADS
+
+    (tmp_path / "sitecustomize.py").write_text(STUCK_COMPILE)
+    release = tmp_path / "release"
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)
+
+    async def run(base: str) -> None:
+        async with httpx.AsyncClient(base_url=base, timeout=120) as http:
+            body = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 2}
+            stuck = [asyncio.create_task(http.post("/v1/completions", json={**body, "structured_outputs": {
+                "regex": "(stuck)"}})) for _ in range(CPU_THREADS)]  # fmt: skip
+            await asyncio.sleep(1)
+            plain = await asyncio.wait_for(http.post("/v1/completions", json=body), 60)
+            assert plain.status_code == 200 and not any(t.done() for t in stuck)
+            release.touch()
+            for r in await asyncio.gather(*stuck):  # the pattern's first tokens
+                assert r.status_code == 200 and "stuck".startswith(r.json()["choices"][0]["text"])
+
+    with run_server(DEMO_TARGET, PYTHONPATH=path, MINISERVE_TEST_RELEASE=str(release)) as base:
+        asyncio.run(run(base))
+
+
 def test_a_server_without_xgrammar_serves_and_refuses_constraints_by_name(tmp_path):
     """xgrammar is an optional extra: hidden from the server, plain requests work and every constrained one is a
     400 naming the field it came from and saying what to install."""

@@ -16,10 +16,11 @@ where `LLMEngine.add_request` finds it. A grammar is sent once: while the engine
 requests with the same spec send nothing (were it evicted after all, the engine would compile it itself: slower,
 still right). Measured on a 128k-token vocabulary, deserializing costs what compiling a simple schema costs (a few
 to tens of milliseconds for 0.3-2.5 MB) but far less than compiling a hard one (41 ms against 458 ms for a string
-pattern), and it is paid once per distinct grammar. Why not compile in the engine process instead, on a thread:
-the request would have to wait outside the scheduler until its grammar is ready, and the compile would take CPU
-from the loop that feeds the GPU, while the API process has both to spare. Offline (`LLM.generate`),
-`add_request` compiles, once per spec.
+pattern), and it is paid once per distinct grammar. A grammar of many rules is not sent (`shippable`): xgrammar
+would write it quadratically large, so the engine compiles it itself. Why not compile in the engine process
+always, on a thread: the request would have to wait outside the scheduler until its grammar is ready, and the
+compile would take CPU from the loop that feeds the GPU, while the API process has both to spare. Offline
+(`LLM.generate`), `add_request` compiles, once per spec.
 
 A sequence's grammar state lives with the sequence and is fed each token the sequence appends
 (`GrammarState.accept`, from the output processor), whatever appended it: a preempted sequence keeps its tokens
@@ -45,6 +46,11 @@ from miniserve.sampling_params import StructuredOutputsParams
 
 T = TypeVar("T")
 _CACHE_SIZE = 256  # compiled grammars kept (a compiled JSON schema is small: the token masks are computed lazily)
+# xgrammar (0.2.x) writes each rule's automaton with a copy of the whole grammar's, so a serialized grammar grows
+# with rules x grammar size: 100 tools under tool_choice "required" (424 rules, 70 kB of EBNF) came to 43 MB, written
+# in 2 s with 0.6 GB of memory, and 600 required properties to 98 MB, where compiling either took 35-42 ms (the demo
+# vocabulary). Past this product (about 6 MB written) the engine process compiles the grammar itself.
+MAX_SHIPPED_GRAMMAR = 4_000_000  # EBNF lines (rules) x characters; 1.4-1.8 bytes written per unit, measured
 # JSON may have whitespace between its tokens, at most this many characters per gap: enough for pretty printing
 # (a newline and the indentation of a few levels), not for a model that loops on newlines until max_tokens
 MAX_JSON_WHITESPACE = 16
@@ -95,7 +101,8 @@ class GrammarCompiler:
                 self._tokenizer_info = xgr.TokenizerInfo.from_huggingface(
                     hf, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids or None
                 )
-                self._compiler = xgr.GrammarCompiler(self._tokenizer_info)
+                # this class caches (LRU, per spec); xgrammar's own cache would keep every grammar ever compiled
+                self._compiler = xgr.GrammarCompiler(self._tokenizer_info, cache_enabled=False)
             return self._compiler
 
     def warm(self) -> None:
@@ -123,8 +130,10 @@ class GrammarCompiler:
     def payload(self, spec: StructuredOutputsParams) -> str | None:
         """What the engine process needs for `spec` (compiling it here): the serialized grammar, or None when it
         was sent recently enough that the engine's cache, as large as this one and used in the same order, still
-        holds it."""
+        holds it, or when it is not `shippable` (the engine then compiles it)."""
         compiled, key = self.compile(spec), spec.key()
+        if not shippable(compiled):
+            return None
         with self._lock:
             recent = key in self._sent
             self._sent[key] = None
@@ -156,6 +165,12 @@ class GrammarCompiler:
 
     def new_state(self, spec: StructuredOutputsParams) -> GrammarState:
         return GrammarState(import_xgrammar().GrammarMatcher(self.compile(spec)), spec.start_after_token)
+
+
+def shippable(compiled: Any) -> bool:
+    """Whether a compiled grammar is small enough to send serialized (MAX_SHIPPED_GRAMMAR)."""
+    text = str(compiled.grammar)
+    return (text.count("\n") + 1) * len(text) <= MAX_SHIPPED_GRAMMAR
 
 
 def _compile(compiler: Any, spec: StructuredOutputsParams, key: tuple) -> Any:

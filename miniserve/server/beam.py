@@ -1,11 +1,13 @@
 """use_beam_search on /v1/completions and /v1/chat/completions, as vLLM's: the n best of n beams (beam_search.py's
 search), each step's one-token requests posted together and awaited whole, so the answer is not streamed. A field
-the search would not honour (sampling filters, stop lists, logprobs, grammars, tools...) is refused by name."""
+the search would not honour (sampling filters, stop lists, logprobs, grammars, tools...) is refused by name,
+unless its value asks for nothing (top_k -1, tool_choice none...)."""
 
 from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
@@ -24,20 +26,42 @@ HONOURED = frozenset({
     "return_tokens_as_token_ids",  # (no logprobs to show them in)
 })  # fmt: skip
 
+# fields the search does not honour, and the values besides their default that ask for nothing either (what the
+# sampler reads as off, vLLM's spellings included): accepted as the default is, since there is nothing to refuse
+NEUTRAL: dict[str, Callable[[Any, SamplingFields], bool]] = {
+    "top_k": lambda value, req: value in (0, -1),  # no top-k (vLLM's -1, and 0)
+    "top_p": lambda value, req: value == 1.0,
+    "min_p": lambda value, req: value == 0.0,
+    "repetition_penalty": lambda value, req: value == 1.0,
+    "best_of": lambda value, req: value == req.n,  # n choices of n: none dropped
+    "stop": lambda value, req: value == [],
+    "stop_token_ids": lambda value, req: value == [],
+    "bad_words": lambda value, req: value == [],
+    "logit_bias": lambda value, req: value == {},
+    "tool_choice": lambda value, req: value == "none",  # (tools themselves are refused: the template would show them)
+}
+
 
 def check_beam_fields(req: SamplingFields) -> None:
-    """With use_beam_search, every field set away from its default must be one the search honours; without it,
-    length_penalty (the search's) must stay 1."""
+    """With use_beam_search, every field set away from its default (and from what means the same: NEUTRAL) must be
+    one the search honours; without it, length_penalty (the search's) must stay 1."""
     if not req.use_beam_search:
         if req.length_penalty != 1.0:
             raise APIError("length_penalty applies to beam search only: set use_beam_search", param="length_penalty")
         return
-    defaults = type(req).model_fields
     for name in sorted(req.model_fields_set - HONOURED):
-        if getattr(req, name) != defaults[name].get_default(call_default_factory=True):
+        if not _asks_nothing(req, name):
             raise APIError(f"{name} cannot be combined with use_beam_search", param=name)
     if req.stream:  # (stream_options too: they ride on stream)
         raise APIError("use_beam_search answers are not streamed: leave stream false", param="stream")
+
+
+def _asks_nothing(req: SamplingFields, name: str) -> bool:
+    """Whether the field `name` is at its default or at a value that means the same (NEUTRAL)."""
+    value = getattr(req, name)
+    if value == type(req).model_fields[name].get_default(call_default_factory=True):
+        return True
+    return name in NEUTRAL and NEUTRAL[name](value, req)
 
 
 async def beam_outputs(

@@ -298,7 +298,7 @@ class EngineProcess:
         if not self.is_alive():
             raise APIError("the engine is not running", status=503, code="engine_unavailable")
         if self.max_waiting is not None:
-            _check_room_for([r[2].n for r in requests], self.capacity, self.max_waiting, self._outstanding)
+            _check_room([r[2].n for r in requests], self.capacity, self.max_waiting, self._outstanding)
         acks = []
         for request_id, prompt, params, stream, grammar, priority in requests:
             acks.append(ack := asyncio.get_running_loop().create_future())
@@ -441,19 +441,15 @@ def _answer(future: asyncio.Future, value: Any) -> None:
         future.set_result(value)
 
 
-def _check_room_for(ns: list[int], capacity: int, max_waiting: int, outstanding: int) -> None:
-    """_check_room for each prompt of a request (of `ns` sequences each), all before any is posted."""
-    for n in ns:
-        _check_room(n, capacity, max_waiting, outstanding)
-        outstanding += n
-
-
-def _check_room(n: int, capacity: int, max_waiting: int, outstanding: int) -> None:
-    """max_waiting: a request of `n` sequences that would wait beyond it (with `outstanding` posted before it) is
-    refused: 503 (retry later) while others fill the queue, 400 when it could not fit even on an idle server."""
+def _check_room(ns: list[int], capacity: int, max_waiting: int, outstanding: int) -> None:
+    """max_waiting: a request whose prompts run `ns` sequences each, all of them together, that would wait beyond
+    it (with `outstanding` posted before it) is refused before any is posted: 503 (retry later) while others fill
+    the queue, 400 when it could not fit even on an idle server."""
+    n = sum(ns)
     if n > capacity + max_waiting:
+        per_prompt = f" ({len(ns)} prompts)" if len(ns) > 1 else ""
         raise APIError(
-            f"this request runs {n} sequences (n, best_of), more than this server ever takes at once "
+            f"this request runs {n} sequences{per_prompt} (n, best_of), more than this server ever takes at once "
             f"({capacity} running + {max_waiting} waiting, per API server)",
             param="n",
             code="too_many_sequences",

@@ -4,6 +4,7 @@ included. The body's shape picks the route; the route's handler then reads the b
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -19,17 +20,28 @@ from miniserve.server.state import read_body, state_of
 async def invocations(request: Request) -> Response:
     state = state_of(request)
     body = await read_body(request, state.server.max_body_bytes)
-    data = decode_json(body)
-    if isinstance(data, dict) and "messages" in data:
-        handler = create_chat_completion
-    elif isinstance(data, dict) and "prompt" in data:
-        handler = create_completion
-    else:
-        raise APIError(
-            "an /invocations body is a chat completions request (with messages) or a completions request (with prompt)",
-            param="messages",
-        )
+    handler = _route_for(decode_json(body))
     return await handler(Request(request.scope, _replay(body, request.receive)))
+
+
+def _route_for(data: Any) -> Callable[[Request], Awaitable[Response]]:
+    """The handler the body is for: chat with messages, completions with prompt. A body with both is refused, as
+    either route would ignore the other's prompt (and no field is silently dropped)."""
+    fields = data.keys() if isinstance(data, dict) else ()
+    if "messages" in fields and "prompt" in fields:
+        raise APIError(
+            "an /invocations body has messages (a chat completions request) or prompt (a completions request), not "
+            "both: drop one",
+            param="prompt",
+        )
+    if "messages" in fields:
+        return create_chat_completion
+    if "prompt" in fields:
+        return create_completion
+    raise APIError(
+        "an /invocations body is a chat completions request (with messages) or a completions request (with prompt)",
+        param="messages",
+    )
 
 
 def _replay(body: bytes, receive: Any) -> Any:

@@ -8,6 +8,7 @@ malformed JSON to an out-of-range `top_p`, comes back as OpenAI's `{"error": {..
 from __future__ import annotations
 
 import functools
+import re
 import typing
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
@@ -161,7 +162,8 @@ class StructuredOutputsField(RequestModel):
 
 
 class FunctionDefinition(RequestModel):
-    name: str
+    # any non-empty name, as vLLM takes it (OpenAI's ^[a-zA-Z0-9_-]{1,64}$ would refuse vLLM users' "get.weather")
+    name: str = Field(min_length=1)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None  # arguments of a forced call always follow `parameters` strictly
@@ -179,6 +181,18 @@ class NamedFunction(RequestModel):
 class NamedToolChoice(RequestModel):
     type: Literal["function"] = "function"
     function: NamedFunction
+
+
+def _distinct_tool_names(tools: list[ToolParam] | None) -> list[ToolParam] | None:
+    """Tools whose names are all different: a call names its tool, so of two alike the model's call could mean
+    either (and "required"'s schema would offer the same name twice)."""
+    first: dict[str, int] = {}
+    for j, tool in enumerate(tools or []):
+        name = tool.function.name
+        if name in first:
+            raise ValueError(f"tools {first[name]} and {j} are both named {name!r}: tool names must be unique")
+        first[name] = j
+    return tools
 
 
 # Fields both endpoints refuse unless left at what they honour. The value is what the field accepts.
@@ -512,6 +526,8 @@ class ChatCompletionRequest(SamplingFields):
 
     _REFUSED = _CHAT_REFUSED
 
+    _distinct_tools = field_validator("tools")(_distinct_tool_names)
+
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
@@ -562,6 +578,8 @@ class TokenizeRequest(RequestModel):
         "documents",
     )  # fmt: skip
 
+    _distinct_tools = field_validator("tools")(_distinct_tool_names)
+
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
@@ -589,29 +607,68 @@ def parse_request(model: type[RequestModel], body: Any) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        raise _validation_to_api_error(exc, model) from None
+        raise _validation_to_api_error(exc, model, body) from None
 
 
-def _validation_to_api_error(exc: ValidationError, model: type[RequestModel]) -> APIError:
-    err = _most_specific(exc.errors())
-    loc = [str(x) for x in err["loc"] if isinstance(x, (int, str))]
-    # Union branches show up as loc entries like "list[int]"; keep only real field names and indexes.
-    loc = [x for x in loc if "[" not in x]
-    param = loc[0] if loc else None
+def _validation_to_api_error(exc: ValidationError, model: type[RequestModel], body: dict) -> APIError:
+    errors = exc.errors()
+    err = _most_specific(errors)
+    path = _request_path(err, body)
+    param = str(path[0]) if path else None
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
         param = param or _param_from_message(msg, _fields_of(exc.title, model))
-    where = ".".join(loc)
-    return APIError(f"{where}: {msg}" if where else msg, param=param)
+    where = ".".join(str(x) for x in path)
+    return APIError(f"{where}: {msg}{_union_forms(errors, err, body)}" if where else msg, param=param)
 
 
 def _most_specific(errors: list[Any]) -> Any:
     """Of the errors about the first error's field, the one that reached deepest into the value. A union field
     fails once per branch, the first branch's error first: a list of Responses input items with one bad item would
-    be told "input.str: Input should be a valid string", where the list branch names the item's field."""
+    be told "input: Input should be a valid string", where the list branch names the item's field."""
     field = errors[0]["loc"][:1]
     return max((e for e in errors if e["loc"][:1] == field), key=lambda e: len(e["loc"]))  # (ties: the first)
+
+
+def _request_path(err: Any, body: Any) -> list[str | int]:
+    """The error's loc as a path into the request's JSON: its parts but the union branches' tags (`_tags`)."""
+    tags = _tags(err, body)
+    return [part for i, part in enumerate(err["loc"]) if i not in tags]
+
+
+def _tags(err: Any, body: Any) -> list[int]:
+    """Where the error's loc names a union branch that pydantic tried ("str", "list[int]", a tagged union's tag
+    such as "message"): parts that are no key of the request's value there (but a missing field's name, last)."""
+    tags, value, loc = [], body, err["loc"]
+    for i, part in enumerate(loc):
+        if isinstance(value, dict) and part in value or isinstance(value, list) and isinstance(part, int):
+            value = value[part] if isinstance(value, dict) or 0 <= part < len(value) else None
+        elif not (i == len(loc) - 1 and err["type"] == "missing"):
+            tags.append(i)
+    return tags
+
+
+def _union_forms(errors: list[Any], err: Any, body: Any) -> str:
+    """Where `err` is a union's failure at the value or at one of its items, what the union takes (its branches
+    as pydantic names them), so that `prompt: [true]` is not told only that its items are no strings; else ""."""
+    tags, loc = _tags(err, body), err["loc"]
+    if not tags or len(loc) - tags[-1] > 2:  # (deeper in, the error is about a branch that took the value)
+        return ""
+    j = tags[-1]
+    forms = [_branch_name(str(e["loc"][j])) for e in errors if len(e["loc"]) > j and e["loc"][:j] == loc[:j]]
+    forms = list(dict.fromkeys(forms))
+    if len(forms) < 2:
+        return ""
+    where = ".".join(str(x) for x in _request_path({"loc": loc[:j], "type": ""}, body))
+    return f" ({where} takes {', '.join(forms[:-1])} or {forms[-1]})"
+
+
+def _branch_name(tag: str) -> str:
+    """A branch's tag without pydantic's validator wrappers: "function-after[_check(), TextPart]" -> "TextPart"."""
+    while (shorter := re.sub(r"function-\w+\[[^\[\]]*, (\w+)\]", r"\1", tag)) != tag:
+        tag = shorter
+    return tag
 
 
 def _fields_of(title: str, model: type[RequestModel]) -> set[str]:

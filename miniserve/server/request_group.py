@@ -94,7 +94,7 @@ class RequestGroup:
             p.bad_words_token_ids = await state.run_cpu(bad_words_token_ids, state.tokenizer, p.bad_words)
         if p.structured_outputs is None:
             return None
-        return await state.run_cpu(state.grammars.payload, p.structured_outputs)
+        return await state.run_cpu(state.grammars.payload, p.structured_outputs, pool=state.grammar_cpu)
 
     def abort(self, ended_by: str | None = None) -> None:
         """Abort every unfinished request (a no-op for finished ones); `ended_by` says the server did it."""

@@ -71,20 +71,33 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, flo
     """OpenAI's logit_bias: JSON object keys are token ids written as strings."""
     if not bias:
         return None
-    out = {}
+    out: dict[int, float] = {}
+    keys: dict[int, str] = {}
     for key, value in bias.items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise APIError(f"logit_bias key {key!r} is not a token id (an integer)", param="logit_bias") from None
-        if not 0 <= token < vocab_size:
+        token = _token_id(key, vocab_size)
+        if token in keys:
             raise APIError(
-                f"logit_bias key {key!r} is outside the vocabulary: the model has {vocab_size} tokens "
-                f"(ids 0..{vocab_size - 1})",
+                f"logit_bias keys {keys[token]!r} and {key!r} both name token {token}: give each token once",
                 param="logit_bias",
             )
-        out[token] = value
+        keys[token], out[token] = key, value
     return out
+
+
+def _token_id(key: str, vocab_size: int) -> int:
+    """A logit_bias key as a token id: ASCII digits only (int() would also take " 5", "1_0" and other scripts'
+    digits, each a token the client may not have meant)."""
+    if not (key.isascii() and key.isdigit()):
+        raise APIError(f"logit_bias key {key!r} is not a token id (digits 0-9 only)", param="logit_bias")
+    digits = key.lstrip("0") or "0"
+    token = int(digits) if len(digits) <= len(str(vocab_size)) else vocab_size  # (int() refuses 4,300 digits)
+    if token >= vocab_size:
+        raise APIError(
+            f"logit_bias key {key!r} is outside the vocabulary: the model has {vocab_size} tokens "
+            f"(ids 0..{vocab_size - 1})",
+            param="logit_bias",
+        )
+    return token
 
 
 def pick_best(out: Any, req: SamplingFields) -> list[Any]:

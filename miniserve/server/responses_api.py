@@ -11,6 +11,7 @@ deltas (reasoning split off, tool calls parsed: ChatEvents) re-told as OpenAI's 
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any
@@ -33,8 +34,9 @@ from miniserve.server.responses_protocol import (
     ResponsesRequest,
 )
 from miniserve.server.state import ServerState, state_of
+from miniserve.server.tool_calls import ToolSetup
 
-# chat fields whose errors are about a Responses field of another name
+# chat fields whose errors are about a Responses field of another name: as `param` (a top-level field) ...
 _PARAMS = {
     "messages": "input",
     "max_completion_tokens": "max_output_tokens",
@@ -42,6 +44,11 @@ _PARAMS = {
     "response_format": "text",
     "logprobs": "include",
 }
+# ... and as a message names them (logprobs left: in prose it is a word, "top logprobs per token"; where the field
+# is meant, the client's include value says message.output_text.logprobs)
+_NAMES = {**{k: v for k, v in _PARAMS.items() if k != "logprobs"}, "response_format": "text.format"}
+# a chat name as a whole word, not quoted (a template's error may quote its own `messages` variable)
+_NAMED = re.compile(r"(?<![\w'\"`.])(" + "|".join(_NAMES) + r")(?![\w'\"`])")
 # Responses fields chat reads under the same name (vLLM's extensions among them)
 _SAME_NAME = (
     "temperature", "top_p", "parallel_tool_calls", "top_k", "min_p", "repetition_penalty",
@@ -79,8 +86,12 @@ async def create_response(request: Request) -> Response:
 
 
 def _renamed(exc: APIError) -> APIError:
-    """A chat error, its `param` named as the Responses request names the field."""
+    """A chat error as the Responses request names its fields, in `param` and in the message: the client sent
+    `input` and `text.format`, never `messages` or `response_format`. Every error of the chat path that the request
+    started passes through here (chat_request, start_chat, a stream's error event)."""
     exc.param = _PARAMS.get(exc.param, exc.param)
+    exc.message = _NAMED.sub(lambda m: _NAMES[m[1]], exc.message)
+    exc.args = (exc.message,)
     return exc
 
 
@@ -125,13 +136,11 @@ def _response_format(req: ResponsesRequest) -> dict[str, Any]:
 
 
 def _template_kwargs(req: ResponsesRequest) -> dict[str, Any] | None:
-    """chat_template_kwargs, with reasoning.effort as vLLM passes it to the template: `reasoning_effort`, and
-    `enable_thinking` off for effort "none" (on otherwise), unless the request sets it itself."""
-    effort = req.reasoning.effort if req.reasoning is not None else None
-    if effort is None:
+    """chat_template_kwargs, with reasoning.effort "none" (the one effort ResponsesRequest lets through) as chat
+    would be asked for it: `enable_thinking` false, unless the request sets the variable itself."""
+    if req.reasoning is None or req.reasoning.effort != "none":
         return req.chat_template_kwargs
-    kwargs = {"reasoning_effort": effort, "enable_thinking": effort != "none"}
-    return {**kwargs, **(req.chat_template_kwargs or {})}
+    return {"enable_thinking": False, **(req.chat_template_kwargs or {})}
 
 
 def chat_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
@@ -228,21 +237,32 @@ def output_items(state: ServerState, chat: ChatCompletionRequest, run: ChatRun, 
     """A finished output as items: its reasoning, its text as a message (when it has text, or nothing else) and
     its tool calls, in the order the model wrote them."""
     message, _ = assistant_message(run.tools, run.reasoning, o, "")
-    status = "incomplete" if o.finish_reason == "length" else "completed"
     items = []
     calls = message.get("tool_calls") or []
-    if message.get("reasoning"):  # (incomplete only where it is the whole output, cut short)
-        last = not (message["content"] or calls)
-        items.append(reasoning_item(_new_id("rs"), message["reasoning"], status if last else "completed"))
+    if message.get("reasoning"):  # (cut only where it is the whole output)
+        status = item_status(o.finish_reason, "reasoning", run.tools, last=not (message["content"] or calls))
+        items.append(reasoning_item(_new_id("rs"), message["reasoning"], status))
     if message["content"] or not (items or calls):
         logprobs = None
         if chat.logprobs:
             top = chat.top_logprobs or 0
             logprobs = fmt.chat_logprobs(state.tokenizer, run.ids, o.token_ids, o.logprobs, top)["content"]
+        status = item_status(o.finish_reason, "message", run.tools)
         items.append(message_item(_new_id("msg"), message["content"] or "", logprobs, status))
+    status = item_status(o.finish_reason, "function_call", run.tools)
     for c in calls:
-        items.append(call_item(_new_id("fc"), c["id"], c["function"]["name"], c["function"]["arguments"], "completed"))
+        items.append(call_item(_new_id("fc"), c["id"], c["function"]["name"], c["function"]["arguments"], status))
     return items
+
+
+def item_status(finish: str | None, kind: str, tools: ToolSetup, last: bool = True) -> str:
+    """An output item's status: "incomplete" where max_output_tokens cut its text, as OpenAI marks it. The cut
+    falls in the last reasoning or the message (content holds what the tool-call parser left unfinished); in a
+    function call only where the call was named, its arguments being the output as it stands: the calls of auto
+    and required are parsed whole, so they are complete."""
+    if finish != "length" or not last:
+        return "completed"
+    return "incomplete" if kind != "function_call" or tools.mode == "named" else "completed"
 
 
 def response_object(
@@ -316,7 +336,7 @@ class ResponsesEvents(ChatEvents):
         return b"event: " + kind.encode() + b"\ndata: " + fmt.event_json(data) + b"\n\n"
 
     def error(self, exc: APIError) -> bytes:
-        e = exc.body()["error"]
+        e = _renamed(exc).body()["error"]
         return self.event("error", code=e["code"], message=e["message"], param=e["param"])
 
     def opening(self) -> list[bytes]:
@@ -399,7 +419,7 @@ class ResponsesEvents(ChatEvents):
         cur = self.current
         if cur is None:
             return []
-        status = "incomplete" if self.finish == "length" and cur["kind"] != "function_call" else "completed"
+        status = item_status(self.finish, cur["kind"], self.tools)
         item_id, text, where = cur["item"]["id"], cur["text"], self._where()
         if cur["kind"] == "reasoning":
             item = reasoning_item(item_id, text, status)
@@ -412,7 +432,7 @@ class ResponsesEvents(ChatEvents):
                                  logprobs=cur["logprobs"])]  # fmt: skip
             events.append(self._part_event("done", item["content"][0]))
         else:
-            item = call_item(item_id, cur["item"]["call_id"], cur["item"]["name"], text, "completed")
+            item = call_item(item_id, cur["item"]["call_id"], cur["item"]["name"], text, status)
             events = [self.event("response.function_call_arguments.done", **where, arguments=text, name=item["name"])]
         events.append(self.event("response.output_item.done", output_index=len(self.items), item=item))
         self.items.append(item)

@@ -160,13 +160,20 @@ class TextConfig(RequestModel):
 
 
 class ReasoningConfig(RequestModel):
-    effort: str | None = None  # to the chat template, as vLLM passes it (server/responses_api.py)
+    effort: str | None = None  # "none": thinking off in the chat template (server/responses_api.py)
     summary: str | None = None
     generate_summary: str | None = None
     context: str | None = None
     mode: str | None = None
 
     _REFUSED = {
+        # as chat's reasoning_effort (protocol.py): a template variable no template is known to read; "none" is
+        # chat_template_kwargs' enable_thinking false, which chat honours (and the qwen3 reasoning parser reads)
+        "effort": (
+            lambda v: v in (None, "none"),
+            'only "none" (thinking off, as chat_template_kwargs enable_thinking false) can be honoured: set the '
+            "chat template's own variable in chat_template_kwargs for other efforts",
+        ),
         "summary": (lambda v: v in (None, "auto"), "reasoning summaries are not produced (the reasoning is returned)"),
         "generate_summary": (unset, "reasoning summaries are not produced (the reasoning is returned)"),
         "context": (lambda v: v in (None, "auto", "current_turn"), "earlier turns' reasoning is never rendered"),

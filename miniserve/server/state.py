@@ -30,6 +30,7 @@ from miniserve.server.protocol import (
 logger = logging.getLogger("miniserve.server")
 
 CPU_THREADS = 4  # tokenizing and chat templates run here, not on the event loop
+GRAMMAR_THREADS = 2  # grammars compile apart: one that takes seconds (a long pattern) must not hold up tokenizing
 
 
 def load_tokenizer(config: EngineConfig) -> Any:
@@ -75,13 +76,14 @@ class ServerState:
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size, engine.info["eos_token_ids"])
         self.grammars_warming = False
         self.cpu = ThreadPoolExecutor(CPU_THREADS, thread_name_prefix="miniserve-cpu")
+        self.grammar_cpu = ThreadPoolExecutor(GRAMMAR_THREADS, thread_name_prefix="miniserve-grammar")
         self.groups: set[InFlight] = set()  # requests in flight (what a shutdown drains)
         self.draining = False
 
-    async def run_cpu(self, fn: Any, *args: Any) -> Any:
-        """fn(*args) on a worker thread: tokenizing a long prompt or rendering a template must not stall the
-        event loop (the tokenizer releases the GIL on long texts, see Tokenizer.encode)."""
-        return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
+    async def run_cpu(self, fn: Any, *args: Any, pool: ThreadPoolExecutor | None = None) -> Any:
+        """fn(*args) on a worker thread (of `pool`, or the tokenizing one): tokenizing a long prompt or rendering a
+        template must not stall the event loop (the tokenizer releases the GIL on long texts, Tokenizer.encode)."""
+        return await asyncio.get_running_loop().run_in_executor(pool or self.cpu, fn, *args)
 
     async def format_answer(self, with_logprobs: bool, fn: Any, *args: Any) -> Any:
         """fn(*args), on a worker thread when the answer lists logprobs: each listed token is decoded twice, and
@@ -200,7 +202,7 @@ class ServerState:
         field, kwargs = spec
         try:
             params = StructuredOutputsParams(**kwargs)
-            await self.run_cpu(self.grammars.compile, params)
+            await self.run_cpu(self.grammars.compile, params, pool=self.grammar_cpu)
         except StructuredOutputsUnavailable as exc:  # names the field that asked for a constraint
             raise APIError(f"{field}: {exc}", param=field) from None
         except ValueError as exc:  # names the field holding the schema (a forced tool call's: its tool's)
