@@ -39,6 +39,34 @@ PROMPTS = ["ROMEO:", "To be, or not to be", "My lord, the king", "What light thr
 # ---------------------------------------------------------------------------------------------- helpers
 
 
+def patch_on_import(module: str, patch: str, when: str = "True") -> str:
+    """Source of a sitecustomize.py that, in the processes where the expression `when` holds, runs the function
+    `patch(module)` defined by the code `patch` on `module` as soon as it is imported (a server whose parts a test
+    slows down or holds, started as users start it)."""
+    return f"""
+import importlib.machinery, sys
+{patch}
+
+class _PatchOnImport(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name != {module!r}:
+            return None
+        spec = super().find_spec(name, path, target)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+if {when}:
+    sys.meta_path.insert(0, _PatchOnImport)
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

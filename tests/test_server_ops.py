@@ -31,6 +31,7 @@ from tests.test_server import (
     build_server_model,
     free_port,
     metric,
+    patch_on_import,
     run_server,
     scrape,
     uvicorn_server,
@@ -284,33 +285,22 @@ def test_an_engine_process_left_running_does_not_hold_the_exit(model_dir, tmp_pa
 
 # A model that takes two minutes to load: in the engine process only (multiprocessing's spawned children), the
 # engine's construction waits first, where reading a large checkpoint would take its time.
-SLOW_LOAD = """
-import importlib.machinery, sys, time
+SLOW_LOAD = patch_on_import(
+    "miniserve.engine.llm_engine",
+    """
+import time
 
-class _SlowEngine(importlib.machinery.PathFinder):
-    @classmethod
-    def find_spec(cls, name, path=None, target=None):
-        if name != "miniserve.engine.llm_engine":
-            return None
-        spec = super().find_spec(name, path, target)
-        run = spec.loader.exec_module
+def patch(module):
+    init = module.LLMEngine.__init__
 
-        def exec_module(module):
-            run(module)
-            init = module.LLMEngine.__init__
+    def slow_init(self, *args, **kwargs):
+        time.sleep(120)
+        init(self, *args, **kwargs)
 
-            def slow_init(self, *args, **kwargs):
-                time.sleep(120)
-                init(self, *args, **kwargs)
-
-            module.LLMEngine.__init__ = slow_init
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-if "--multiprocessing-fork" in sys.argv:
-    sys.meta_path.insert(0, _SlowEngine)
-"""
+    module.LLMEngine.__init__ = slow_init
+""",
+    when='"--multiprocessing-fork" in sys.argv',
+)
 
 
 def slow_load_env(tmp_path) -> dict[str, str]:

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from miniserve.config import DEMO_TARGET
-from tests.test_server import run_server
+from tests.test_server import patch_on_import, run_server
 
 MODEL = "shakespeare-target"
 S = {"type": "string", "maxLength": 8}  # bounded strings keep the demo model's outputs short
@@ -461,34 +461,22 @@ def test_a_grammar_of_many_rules_is_not_sent_serialized_but_compiled_by_the_engi
 
 
 # In the API process, a compile of the regex "(stuck)" waits until the file named by MINISERVE_TEST_RELEASE exists.
-STUCK_COMPILE = """
-import importlib.machinery, os, time
+STUCK_COMPILE = patch_on_import(
+    "miniserve.engine.structured_output",
+    """
+import os, time
 
-class _StuckCompile(importlib.machinery.PathFinder):
-    @classmethod
-    def find_spec(cls, name, path=None, target=None):
-        if name != "miniserve.engine.structured_output":
-            return None
-        spec = super().find_spec(name, path, target)
-        run = spec.loader.exec_module
+def patch(module):
+    compile_ = module.GrammarCompiler.compile
 
-        def exec_module(module):
-            run(module)
-            compile_ = module.GrammarCompiler.compile
+    def stuck(self, spec):
+        while spec.regex == "(stuck)" and not os.path.exists(os.environ["MINISERVE_TEST_RELEASE"]):
+            time.sleep(0.05)
+        return compile_(self, spec)
 
-            def stuck(self, spec):
-                while spec.regex == "(stuck)" and not os.path.exists(os.environ["MINISERVE_TEST_RELEASE"]):
-                    time.sleep(0.05)
-                return compile_(self, spec)
-
-            module.GrammarCompiler.compile = stuck
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-import sys
-sys.meta_path.insert(0, _StuckCompile)
-"""
+    module.GrammarCompiler.compile = stuck
+""",
+)
 
 
 def test_grammars_that_compile_for_long_do_not_hold_up_other_requests(tmp_path):
