@@ -10,6 +10,7 @@ and the independent FP8 oracle.
 What the interpreter cannot run, and which GPU script covers it instead: tests/README.md.
 """
 
+import functools
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
@@ -139,14 +140,23 @@ def test_extend_variants_queued_for_the_gpu(hardware_fp8_decode, variant, cache_
     kw = {"block_n": GPU_BLOCK_N[cache_dtype], "block_m": GPU_BLOCK_M, **kw}
     same_rows = kw["block_m"] == GPU_BLOCK_M and not kw.get("gqa_pack")
     for q_heads in (4, 8) if "gqa_pack" in kw else (8,):  # GQA groups of 2 and 4 matter to the packing only
-        b = make_batch(EXTEND_VARIANT_SEQS, 16, q_heads, 2, 64, cache_dtype, torch.bfloat16, seed=q_heads)
-        args = (b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3)
-        want = paged_attention(*args, backend="torch")
+        args, want, default = _extend_variant_case(cache_dtype, q_heads)
         got = extend_attention(*args, **kw)
         torch.testing.assert_close(got.float(), want.float(), **tolerance(torch.bfloat16))
         if same_rows:
-            default = extend_attention(*args, block_n=kw["block_n"], block_m=GPU_BLOCK_M)
             assert torch.equal(got, default)
+
+
+@functools.cache
+def _extend_variant_case(cache_dtype: torch.dtype, q_heads: int) -> tuple[tuple, torch.Tensor, torch.Tensor]:
+    """The arguments, the torch reference's answer and the default launch's (GPU tiles) of one variant case: the
+    same for every variant, so worked out once (the interpreter takes seconds a launch)."""
+    from miniserve.kernels.extend_attention import extend_attention
+
+    b = make_batch(EXTEND_VARIANT_SEQS, 16, q_heads, 2, 64, cache_dtype, torch.bfloat16, seed=q_heads)
+    args = (b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.3)
+    default = extend_attention(*args, block_n=GPU_BLOCK_N[cache_dtype], block_m=GPU_BLOCK_M)
+    return args, paged_attention(*args, backend="torch"), default
 
 
 def test_extend_variant_benchmarks_run_on_the_cpu():
