@@ -59,6 +59,15 @@ class BeamSearchOutput:
     sequences: list[BeamSearchSequence]  # the beam_width best, best first
 
 
+def check_width(beam_width: int, max_logprobs: int, name: str = "beam_width") -> None:
+    """A step lists each beam's top 2 x beam_width logprobs, which max_logprobs (-1: no bound) bounds."""
+    if max_logprobs != -1 and 2 * beam_width > max_logprobs:
+        raise ValueError(
+            f"{name}: beam search lists the top 2 x {name} logprobs a step, more than max_logprobs={max_logprobs} "
+            f"allows: {name} <= {max_logprobs // 2}"
+        )
+
+
 def beam_score(beam: BeamSearchSequence, eos_token_ids: set[int], length_penalty: float) -> float:
     """How a beam ranks (larger is better): vLLM's `get_beam_search_score`, the cumulative logprob over the length
     (prompt included, a final EOS not) to the length_penalty, taken in log space: length_penalty * log(length) -

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from miniserve.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
+from miniserve.beam_search import BeamSearchOutput, BeamSearchParams, beam_search, check_width
 from miniserve.chat_template import check_chat_options
 from miniserve.config import EngineConfig, speculative_settings
 from miniserve.engine.llm_engine import LLMEngine
@@ -71,6 +71,8 @@ class LLM:
         "cache_salt". `priority`: one per prompt (lower runs first), with scheduling_policy "priority", as vLLM's.
         """
         prompts = [_as_prompt(p) for p in _as_prompt_list(prompts)]
+        if priority is not None and not isinstance(priority, (list, tuple)):
+            raise TypeError(f"priority must be a list of ints, one per prompt, got {type(priority).__name__}")
         priority = [0] * len(prompts) if priority is None else list(priority)
         if len(priority) != len(prompts):
             raise ValueError(f"priority has {len(priority)} values for {len(prompts)} prompts: give one per prompt")
@@ -78,6 +80,7 @@ class LLM:
             sampling_params = self.get_default_sampling_params()
         # the caller sees finished requests only: the engine need not report (nor detokenize) every step
         params = [replace(p, output_kind="final_only") for p in _as_params_list(sampling_params, len(prompts))]
+        bar = _progress(use_tqdm, len(prompts))  # (a progress bar that fails to start fails before any request)
         ids = []
         try:
             for prompt, p, urgency in zip(prompts, params, priority):
@@ -89,8 +92,9 @@ class LLM:
         except Exception:
             for rid in ids:
                 self.engine.abort_request(rid)
+            bar.close()
             raise
-        return self._run(ids, use_tqdm)
+        return self._run(ids, bar)
 
     def beam_search(
         self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams
@@ -100,11 +104,13 @@ class LLM:
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
         tok, engine = self.engine.tokenizer, self.engine
+        check_width(params.beam_width, engine.config.max_logprobs)
         ids = []
         for p in map(_as_prompt, _as_prompt_list(prompts)):
             if p.cache_salt is not None:
                 raise ValueError("cache_salt is not supported by beam_search")
             ids.append(tok.encode(p.prompt) if isinstance(p.prompt, str) else p.prompt)
+            engine.check_length(ids[-1], SamplingParams(max_tokens=1))  # (as its first step's request)
 
         def generate(batch: list[list[int]], step: SamplingParams) -> list[RequestOutput]:
             return self.generate(batch, step, use_tqdm=False)
@@ -140,9 +146,8 @@ class LLM:
             prompts.append({"prompt_token_ids": ids, "prompt": text})  # the output's prompt is the rendered text
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _run(self, request_ids: list[str], use_tqdm: bool | Callable[..., Any]) -> list[RequestOutput]:
+    def _run(self, request_ids: list[str], bar: Any) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
-        bar = _progress(use_tqdm, len(request_ids))
         try:
             while len(results) < len(request_ids):
                 for out in self.engine.step():

@@ -35,8 +35,15 @@ def test_beams_are_transformers_beams(llama_dir):
     assert [b.cum_logprob for b in ours] == pytest.approx(out.sequences_scores.tolist(), abs=1e-4)
     assert all(b.finish_reason == "length" and len(b.logprobs) == 4 for b in ours)
     assert ours[0].text == llm.get_tokenizer().decode(ours[0].tokens)
-    with pytest.raises(ValueError, match="max_logprobs=20"):  # 2 x beam_width top logprobs a step
-        llm.beam_search([prompt], BeamSearchParams(beam_width=11, max_tokens=1))
+    with pytest.raises(ValueError, match="beam_width: .* max_logprobs=20 allows: beam_width <= 10"):
+        llm.beam_search([prompt], BeamSearchParams(beam_width=11, max_tokens=1))  # 2 x beam_width logprobs a step
+    assert len(llm.beam_search([prompt], BeamSearchParams(beam_width=10, max_tokens=1))[0].sequences) == 10
+    full = [5] * llm.engine.max_model_len  # a prompt the context cannot extend: refused, as generate refuses it
+    with pytest.raises(ValueError, match="the prompt has .* context length"):
+        llm.beam_search([prompt, full], BeamSearchParams(beam_width=1, max_tokens=1))
+    assert len(llm.beam_search([full[1:]], BeamSearchParams(beam_width=1, max_tokens=1))[0].sequences[0].tokens) == len(
+        full
+    )  # one token short of it: room for one
     with pytest.raises(ValueError, match="cache_salt is not supported"):
         llm.beam_search([{"prompt_token_ids": prompt, "cache_salt": "s"}], params)
     with pytest.raises(ValueError, match="beam_width must be an integer >= 1"):

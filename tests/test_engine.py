@@ -462,6 +462,9 @@ def test_priority_scheduling_starts_the_most_urgent_first_and_keeps_each_output(
         fcfs.generate(prompts[:1], params, use_tqdm=False, priority=[1])
     with pytest.raises(ValueError, match="priority has 2 values for 3 prompts"):
         llm.generate(prompts, params, use_tqdm=False, priority=[0, 1])
+    with pytest.raises(TypeError, match="priority must be a list of ints, one per prompt, got int"):
+        llm.generate(prompts, params, use_tqdm=False, priority=0)
+    assert not llm.engine.has_unfinished_requests()
 
 
 def test_chat_template_content_format_setting_reaches_llm_chat_and_the_server(llama_dir):
@@ -560,6 +563,13 @@ def test_prompts_and_params_in_every_shape_and_clear_errors_for_the_rest(llama_d
 
     llm.generate(["a", "b"], GREEDY, use_tqdm=Bar)
     assert bars == [2, 1, 1, "closed"]
+
+    def no_disable(total, desc):  # a bar that cannot start: the call fails with nothing left in the engine
+        return Bar(total, desc, False)
+
+    with pytest.raises(TypeError, match="disable"):
+        llm.generate(["a", "b"], GREEDY, use_tqdm=no_disable)
+    assert not llm.engine.has_unfinished_requests()
 
 
 def test_truncate_prompt_tokens_keeps_a_text_prompts_bos_as_transformers_left_truncation(llama_dir):

@@ -165,7 +165,7 @@ class LLMEngine:
                 raise ValueError(f"prompt token id {bad[0]} is out of range [0, {self.vocab_size})")
         if keep is not None and len(ids) > keep:
             ids = ids[-keep:]  # token ids: their end, as vLLM keeps
-        self._check_length(ids, params)
+        self.check_length(ids, params)
         self._check_params(params)
         seqs, dets = [], []
         for i in range(params.n):
@@ -205,7 +205,8 @@ class LLMEngine:
         if params.structured_outputs is not None:
             self.grammar.compile(params.structured_outputs)
 
-    def _check_length(self, ids: list[int], params: SamplingParams) -> None:
+    def check_length(self, ids: list[int], params: SamplingParams) -> None:
+        """A ValueError for a request that can never run: an empty prompt, one the context or the pool cannot hold."""
         if not ids:
             raise ValueError("the prompt is empty: give at least one token")
         if len(ids) >= self.max_model_len:

@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import Request
 
-from miniserve.beam_search import BeamSearch, BeamSearchParams, BeamSearchSequence
+from miniserve.beam_search import BeamSearch, BeamSearchParams, BeamSearchSequence, check_width
 from miniserve.server.protocol import APIError, SamplingFields
 from miniserve.server.request_group import RequestGroup, collect_finals
 from miniserve.server.state import ServerState
@@ -71,13 +71,10 @@ async def beam_outputs(
     usage; None when the client left. One search over every prompt: each step's requests are one group. Its
     max_tokens is the largest budget: a budget is max_tokens (the same for every prompt) or the rest of the
     context, where the search ends a beam anyway."""
-    limit = state.config.max_logprobs
-    if limit != -1 and 2 * req.n > limit:
-        raise APIError(
-            f"n: beam search lists the top 2 x n logprobs a step, more than max_logprobs={limit} allows "
-            f"(--max-logprobs): n <= {limit // 2}",
-            param="n",
-        )
+    try:
+        check_width(req.n, state.config.max_logprobs, "n")
+    except ValueError as exc:
+        raise APIError(f"{exc} (--max-logprobs)", param="n") from None
     if min(budgets) < 1:  # (max_tokens 0 is for echo, which beam search refuses)
         raise APIError("max_tokens: beam search generates at least one token", param="max_tokens")
     params = BeamSearchParams(
