@@ -82,8 +82,7 @@ def beam_score(beam: BeamSearchSequence, eos_token_ids: set[int], length_penalty
 
 
 def _finite_float(name: str, value: object) -> float:
-    """`value` as a finite float: an int stays exact enough and the score's power stays a float's (an int power of
-    an int would be computed exactly, without end for a huge one); NaN and infinities would rank no beam."""
+    """`value` as a finite float (an int too, if a float holds it): NaN or an infinity would rank no beam."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
     try:
