@@ -195,6 +195,12 @@ class SamplingParams:
         """Some penalty reshapes the logits from the token history."""
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
+    @property
+    def speculative(self) -> bool:
+        """Whether a draft may propose this request's tokens: a grammar's sequences decode one token a step, as
+        the draft's proposals are not checked against the grammar (spec_decode/decoder.py)."""
+        return self.structured_outputs is None
+
     def clone(self) -> SamplingParams:
         """A deep copy (vLLM's): the engine fills some fields in (bad_words_token_ids), so reuse needs its own."""
         return copy.deepcopy(self)

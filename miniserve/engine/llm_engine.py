@@ -215,10 +215,10 @@ class LLMEngine:
                 f"{self.max_model_len}, which leaves no room to generate"
             )
         # the last token is sampled, never fed back: it needs no KV slot; a draft's lookahead slots come on top,
-        # unless no speculative round follows: the prompt pass samples the only token the request may have, or a
-        # grammar constrains it (its sequences are never speculated)
+        # unless no speculative round follows: the prompt pass samples the only token the request may have, or the
+        # request is not `speculative` (a grammar's)
         end = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
-        rounds = end - len(ids) > 1 and params.structured_outputs is None
+        rounds = end - len(ids) > 1 and params.speculative
         lookahead = self.scheduler.lookahead if rounds else 0
         need = end - 1 + lookahead
         if self.block_manager.blocks_for(need) > self.block_manager.num_blocks:

@@ -129,9 +129,9 @@ class Scheduler:
     def _lookahead(self, seq: Sequence, num_new: int) -> int:
         """Slots past the new tokens a step may write: a speculative round's (one new token, after the first
         output); a prompt pass writes none, even of a one-token prompt or chunk, so a request that stops at its
-        first token (max_tokens=1) fits the pool as it would without a draft, and nor does a constrained sequence's
-        step (a grammar's sequences are never speculated)."""
-        return self.lookahead if num_new == 1 and seq.num_output_tokens > 0 and seq.grammar is None else 0
+        first token (max_tokens=1) fits the pool as it would without a draft, and nor does the step of a sequence
+        that is not `speculative` (a grammar's)."""
+        return self.lookahead if num_new == 1 and seq.num_output_tokens > 0 and seq.params.speculative else 0
 
     def _cache_blocks(self, seq: Sequence) -> None:
         """Register the sequence's full blocks that every worker has written and no worker will write again.

@@ -128,9 +128,9 @@ class SpeculativeDecoder:
             if seqs != self.in_flight.seqs or not all(_is_decode(s) for s in scheduled):
                 raise RuntimeError("a round is in flight for another batch: the engine must drain it first")
             return self._continue(seqs)
-        # constrained sequences (a grammar) skip speculation: they decode one token a step, like a prompt chunk
-        decodes = [s.seq for s in scheduled if _is_decode(s) and s.seq.grammar is None]
-        prefills = [s for s in scheduled if not _is_decode(s) or s.seq.grammar is not None]
+        # sequences that are not `speculative` (a grammar's) decode one token a step, like a prompt chunk
+        decodes = [s.seq for s in scheduled if _is_decode(s) and s.seq.params.speculative]
+        prefills = [s for s in scheduled if not (_is_decode(s) and s.seq.params.speculative)]
         if prefills:
             self._prefill(prefills)
         progressed = [s.seq for s in prefills]
