@@ -460,6 +460,30 @@ def test_a_grammar_of_many_rules_is_not_sent_serialized_but_compiled_by_the_engi
     assert so.GrammarCompiler(tok, vocab, {2}).payload(small) is None
 
 
+def test_the_grammar_cache_is_bounded_in_bytes_as_well_as_in_grammars(monkeypatch):
+    """Distinct schemas do not grow the cache past _CACHE_BYTES: at the bound exactly every grammar stays; one byte
+    below it, the least recently used goes (and is compiled again when asked for), never the newest."""
+    import miniserve.engine.structured_output as so
+    from miniserve.sampling_params import StructuredOutputsParams
+    from miniserve.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(DEMO_TARGET)
+    vocab = json.loads((DEMO_TARGET / "config.json").read_text())["vocab_size"]
+    specs = [StructuredOutputsParams(json=schema) for schema in SCHEMAS[:3]]
+    sizes = [so.GrammarCompiler(tok, vocab, {2}).compile(spec).memory_size_bytes for spec in specs]
+    for limit, compiled in ((sum(sizes), 3), (sum(sizes) - 1, 4)):
+        monkeypatch.setattr(so, "_CACHE_BYTES", limit)
+        grammars = so.GrammarCompiler(tok, vocab, {2})
+        for spec in specs + specs[:1]:  # the first again: still cached, or dropped for the third
+            grammars.compile(spec)
+        assert grammars.num_compiled == compiled
+    monkeypatch.setattr(so, "_CACHE_BYTES", 1)
+    grammars = so.GrammarCompiler(tok, vocab, {2})
+    for spec in specs:
+        assert grammars.compile(spec) is grammars.compile(spec)  # the newest stays, whatever its size
+    assert grammars.num_compiled == 3
+
+
 # In the API process, a compile of the regex "(stuck)" waits until the file named by MINISERVE_TEST_RELEASE exists.
 STUCK_COMPILE = patch_on_import(
     "miniserve.engine.structured_output",

@@ -46,6 +46,7 @@ from miniserve.sampling_params import StructuredOutputsParams
 
 T = TypeVar("T")
 _CACHE_SIZE = 256  # compiled grammars kept (a compiled JSON schema is small: the token masks are computed lazily)
+_CACHE_BYTES = 1 << 30  # and at most this much of them (xgrammar's count), however many distinct schemas come
 # xgrammar (0.2.x) writes each rule's automaton with a copy of the whole grammar's, so a serialized grammar grows
 # with rules x grammar size: 100 tools under tool_choice "required" (424 rules, 70 kB of EBNF) came to 43 MB, written
 # in 2 s with 0.6 GB of memory, and 600 required properties to 98 MB, where compiling either took 35-42 ms (the demo
@@ -158,9 +159,13 @@ class GrammarCompiler:
         return None
 
     def _store(self, key: tuple, compiled: Any) -> None:
+        """Cache `compiled`, dropping the least recently used past _CACHE_SIZE grammars or _CACHE_BYTES (never the
+        newest: a request is about to use it)."""
         with self._lock:
             self._cache[key] = compiled
-            while len(self._cache) > _CACHE_SIZE:
+            while len(self._cache) > _CACHE_SIZE or (
+                len(self._cache) > 1 and sum(c.memory_size_bytes for c in self._cache.values()) > _CACHE_BYTES
+            ):
                 self._cache.popitem(last=False)
 
     def new_state(self, spec: StructuredOutputsParams) -> GrammarState:
