@@ -163,7 +163,7 @@ class Tokenizer:
 
     def decode(self, ids: int | Iterable[int], skip_special_tokens: bool = False) -> str:
         """The text of `ids` (or of one id); special tokens are kept unless asked, as transformers' default."""
-        ids = [ids] if isinstance(ids, int) else list(ids)
+        ids = _as_ids(ids)
         if len(ids) > _GIL_FREE_CHARS // 4:
             text = self.backend.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
         else:
@@ -190,6 +190,7 @@ class Tokenizer:
         return self.backend.get_vocab(with_added_tokens=True)
 
     def convert_ids_to_tokens(self, ids: int | Iterable[int]) -> str | None | list[str | None]:
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
         return self.id_to_token(ids) if isinstance(ids, int) else [self.id_to_token(i) for i in ids]
 
     def convert_tokens_to_ids(self, tokens: str | Iterable[str]) -> int | None | list[int | None]:
@@ -419,6 +420,15 @@ def _added_token(spec: Any) -> AddedToken:
         normalized=bool(spec.get("normalized", not special)),
         special=special,
     )
+
+
+def _as_ids(ids: Any) -> list[int]:
+    """Token ids as a list of ints, from one id, a list, or numpy's or torch's arrays and scalars (as transformers
+    takes them)."""
+    if isinstance(ids, list):  # (the engine's own calls: as they are)
+        return ids
+    ids = ids.tolist() if hasattr(ids, "tolist") else ids
+    return [ids] if isinstance(ids, int) else list(ids)
 
 
 def _config_eos_ids(directory: Path) -> set[int]:

@@ -16,8 +16,10 @@ import shutil
 from pathlib import Path
 
 import jinja2
+import numpy as np
 import pytest
 import sentencepiece
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -324,6 +326,10 @@ def test_the_transformers_calls_vllm_users_make(pair):
         assert ours.convert_ids_to_tokens(ids[-1]) == hf.convert_ids_to_tokens(ids[-1])
         tokens = hf.convert_ids_to_tokens(ids)
         assert ours.convert_tokens_to_ids(tokens) == ids and ours.convert_tokens_to_ids(tokens[-1]) == ids[-1]
+        for array in (np.array(ids), torch.tensor(ids), np.int64(ids[0]), torch.tensor(ids[0])):  # as transformers
+            assert ours.decode(array) == hf.decode(array)
+        for array in (np.array(ids), torch.tensor(ids)):
+            assert ours.convert_ids_to_tokens(array) == hf.convert_ids_to_tokens(array)
     assert ours(texts).input_ids == hf(texts).input_ids
     batch = [hf.encode(t) for t in texts]
     for skip in (False, True):
