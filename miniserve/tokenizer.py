@@ -190,8 +190,7 @@ class Tokenizer:
         return self.backend.get_vocab(with_added_tokens=True)
 
     def convert_ids_to_tokens(self, ids: int | Iterable[int]) -> str | None | list[str | None]:
-        ids = ids.tolist() if hasattr(ids, "tolist") else ids
-        return self.id_to_token(ids) if isinstance(ids, int) else [self.id_to_token(i) for i in ids]
+        return _each_id(self.id_to_token, ids)
 
     def convert_tokens_to_ids(self, tokens: str | Iterable[str]) -> int | None | list[int | None]:
         return self.token_to_id(tokens) if isinstance(tokens, str) else [self.token_to_id(t) for t in tokens]
@@ -429,6 +428,12 @@ def _as_ids(ids: Any) -> list[int]:
         return ids
     ids = ids.tolist() if hasattr(ids, "tolist") else ids
     return [ids] if isinstance(ids, int) else list(ids)
+
+
+def _each_id(fn: Any, ids: Any) -> Any:
+    """fn of one id, or of each id of a list (or of a numpy or torch array or scalar)."""
+    ids = ids.tolist() if hasattr(ids, "tolist") else ids
+    return fn(ids) if isinstance(ids, int) else [fn(i) for i in ids]
 
 
 def _config_eos_ids(directory: Path) -> set[int]:
