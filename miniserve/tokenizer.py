@@ -421,18 +421,20 @@ def _added_token(spec: Any) -> AddedToken:
     )
 
 
+def _plain(ids: Any) -> Any:
+    """numpy's or torch's ids (an array or a scalar) as Python's, as transformers takes them; others as they are."""
+    return ids.tolist() if hasattr(ids, "tolist") else ids
+
+
 def _as_ids(ids: Any) -> list[int]:
-    """Token ids as a list of ints, from one id, a list, or numpy's or torch's arrays and scalars (as transformers
-    takes them)."""
-    if isinstance(ids, list):  # (the engine's own calls: as they are)
-        return ids
-    ids = ids.tolist() if hasattr(ids, "tolist") else ids
+    """Token ids as a list: of one id, or of a list (numpy's and torch's too)."""
+    ids = _plain(ids)
     return [ids] if isinstance(ids, int) else list(ids)
 
 
 def _each_id(fn: Any, ids: Any) -> Any:
-    """fn of one id, or of each id of a list (or of a numpy or torch array or scalar)."""
-    ids = ids.tolist() if hasattr(ids, "tolist") else ids
+    """fn of one id, or of each id of a list (numpy's and torch's too)."""
+    ids = _plain(ids)
     return fn(ids) if isinstance(ids, int) else [fn(i) for i in ids]
 
 

@@ -438,6 +438,7 @@ def test_beam_search_answers_the_offline_engines_beams_and_refuses_what_it_would
     assert [[c.text for c in got.choices[i * 3 : i * 3 + 3]] for i in range(2)] == offline
     assert got.usage.completion_tokens == 6 * 4 and all(c.finish_reason == "length" for c in got.choices)
     assert got.usage.prompt_tokens == sum(len(tok.encode(p)) for p in prompts)
+    assert got.usage.prompt_tokens_details.cached_tokens == 0  # (prompts shorter than a block: nothing to cache)
     conversation = [{"role": "user", "content": "Speak."}]
     chat = client.chat.completions.create(model=MODEL_NAME, messages=conversation, n=2, max_tokens=4, extra_body=extra)
     ids = llm.engine.tokenizer.chat_prompt(conversation)[1]

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
 
 from miniserve.beam_search import BeamSearch, BeamSearchParams, BeamSearchSequence, check_width
+from miniserve.server import responses as fmt
 from miniserve.server.protocol import APIError, SamplingFields
 from miniserve.server.request_group import RequestGroup, collect_finals
 from miniserve.server.state import ServerState
@@ -28,17 +28,16 @@ HONOURED = frozenset({
 
 # fields the search does not honour, and the values besides their default that ask for nothing either (what the
 # sampler reads as off, vLLM's spellings included): accepted as the default is, since there is nothing to refuse
-NEUTRAL: dict[str, Callable[[Any, SamplingFields], bool]] = {
-    "top_k": lambda value, req: value in (0, -1),  # no top-k (vLLM's -1, and 0)
-    "top_p": lambda value, req: value == 1.0,
-    "min_p": lambda value, req: value == 0.0,
-    "repetition_penalty": lambda value, req: value == 1.0,
-    "best_of": lambda value, req: value == req.n,  # n choices of n: none dropped
-    "stop": lambda value, req: value == [],
-    "stop_token_ids": lambda value, req: value == [],
-    "bad_words": lambda value, req: value == [],
-    "logit_bias": lambda value, req: value == {},
-    "tool_choice": lambda value, req: value == "none",  # (tools themselves are refused: the template would show them)
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "top_k": (0, -1),  # no top-k (vLLM's -1, and 0)
+    "top_p": (1.0,),
+    "min_p": (0.0,),
+    "repetition_penalty": (1.0,),
+    "stop": ([],),
+    "stop_token_ids": ([],),
+    "bad_words": ([],),
+    "logit_bias": ({},),
+    "tool_choice": ("none",),  # (tools themselves are refused: the template would show them)
 }
 
 
@@ -57,11 +56,12 @@ def check_beam_fields(req: SamplingFields) -> None:
 
 
 def _asks_nothing(req: SamplingFields, name: str) -> bool:
-    """Whether the field `name` is at its default or at a value that means the same (NEUTRAL)."""
+    """Whether the field `name` is at its default or at a value that means the same (NEUTRAL; best_of: n, none of
+    the n choices dropped)."""
     value = getattr(req, name)
-    if value == type(req).model_fields[name].get_default(call_default_factory=True):
+    if value == type(req).model_fields[name].get_default(call_default_factory=True) or value in NEUTRAL.get(name, ()):
         return True
-    return name in NEUTRAL and NEUTRAL[name](value, req)
+    return name == "best_of" and value == req.n
 
 
 async def beam_outputs(
@@ -88,18 +88,19 @@ async def beam_outputs(
     search = BeamSearch(prompts, params, set(state.engine.info["eos_token_ids"]), state.max_model_len)
     step = dataclasses.replace(search.step_params, output_kind="final_only", detokenize=False, seed=req.seed,
                                cache_salt=req.cache_salt)  # fmt: skip
-    cached = None
+    first: list[Any] = []  # the first step's outputs: its requests are the prompts (their cached tokens count)
     while batch := search.next_prompts():
         group = RequestGroup(state, f"beam-{uuid.uuid4().hex}", False)
         await group.start(batch, [step] * len(batch), "prompt", 1, req.priority)
         finals = await collect_finals(group, request)
         if finals is None:
             return None
-        cached = sum(out.num_cached_tokens for out in finals.values()) if cached is None else cached
+        first = first or list(finals.values())
         search.advance([finals[i].outputs[0].logprobs[0] for i in range(len(batch))])
     found = search.results()
     outputs = [[_choice(state, req, ids, beam) for beam in out.sequences] for ids, out in zip(prompts, found)]
-    return outputs, _usage(prompts, outputs, cached or 0)
+    completion_tokens = sum(len(c["token_ids"]) for choices in outputs for c in choices)
+    return outputs, fmt.usage(sum(len(ids) for ids in prompts), completion_tokens, first)
 
 
 def _choice(state: ServerState, req: SamplingFields, ids: list[int], beam: BeamSearchSequence) -> dict[str, Any]:
@@ -107,15 +108,3 @@ def _choice(state: ServerState, req: SamplingFields, ids: list[int], beam: BeamS
     text = state.tokenizer.decode(shown, skip_special_tokens=req.skip_special_tokens)
     generated = beam.tokens[len(ids) :]
     return {"text": text, "token_ids": generated, "finish_reason": beam.finish_reason, "stop_reason": beam.stop_reason}
-
-
-def _usage(prompts: list[list[int]], outputs: list[list[dict[str, Any]]], cached: int) -> dict[str, Any]:
-    """OpenAI's usage of the answer: the prompts, the choices' tokens, the prompt tokens found cached."""
-    prompt_tokens = sum(len(ids) for ids in prompts)
-    completion_tokens = sum(len(c["token_ids"]) for choices in outputs for c in choices)
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
-    return {
-        **usage,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
