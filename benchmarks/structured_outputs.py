@@ -35,13 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.checkpoints import SHAPES, build_checkpoint  # noqa: E402
+from benchmarks.host_split import CONSTRAINED, HostSplit  # noqa: E402
 from benchmarks.provenance import write_result  # noqa: E402
 from benchmarks.vocab_shares import gpt2_byte_symbols, measured_shares, shares  # noqa: E402
 from miniserve import LLM, SamplingParams  # noqa: E402
-from miniserve.engine import decoder as decoder_module  # noqa: E402
 from miniserve.engine import structured_output  # noqa: E402
-from miniserve.engine.llm_engine import LLMEngine  # noqa: E402
-from miniserve.engine.output_processor import OutputProcessor  # noqa: E402
 from miniserve.sampling_params import StructuredOutputsParams  # noqa: E402
 
 ITEM = {
@@ -137,48 +135,6 @@ class MaskTimer:
             self.calls += 1
 
 
-class HostSplit:
-    """Where the engine's thread spends a constrained step (`--host-split`): wall time inside the decoder's phases
-    (wrapped methods), in ms per engine step. Inside `next_batch` the engine's thread fills the masks (`fill`)
-    while the decoder's helper thread draws the noise (`noise_draws`) and detokenizes the tokens read and applies
-    their stop rules (`text_and_stops`), beside the fill, not after it."""
-
-    PHASES = {
-        "forward_launch": (decoder_module.PlainDecoder, "_forward"),
-        "read_step": (decoder_module.PlainDecoder, "_take"),  # a constrained (penalized) step's read
-        "read_step_plain": (decoder_module.PlainDecoder, "_read"),  # any other step's
-        "text_and_stops": (OutputProcessor, "finish_sampled"),
-        "next_batch": (decoder_module.PlainDecoder, "_next_batch"),
-        "noise_draws": (decoder_module, "draw_noise"),
-        "fill": (structured_output.MaskFiller, "_fill"),
-        "sample_launch": (decoder_module.PlainDecoder, "_sample_in_flight"),
-        "engine_step": (LLMEngine, "step"),
-    }
-
-    def __init__(self) -> None:
-        self.seconds = dict.fromkeys(self.PHASES, 0.0)
-        self.steps = 0
-        for name, (owner, attr) in self.PHASES.items():
-            setattr(owner, attr, self._timed(name, getattr(owner, attr)))
-
-    def _timed(self, name: str, fn):
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds[name] += time.perf_counter() - start
-                self.steps += name == "engine_step"
-
-        return timed
-
-    def reset(self) -> None:
-        self.seconds, self.steps = dict.fromkeys(self.PHASES, 0.0), 0
-
-    def per_step_ms(self) -> dict:
-        return {name: 1e3 * s / max(self.steps, 1) for name, s in self.seconds.items()}
-
-
 def run(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tuple[float, int]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -269,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
     timer = MaskTimer()
     structured_output.fill_rows = timer
-    split = HostSplit() if args.host_split else None
+    split = HostSplit(CONSTRAINED) if args.host_split else None
     decoder = llm.engine.decoder
     background = decoder.masks.beside
     runs_by_key = run_plan(configs, args.grammar_threads, args.unseeded, args.foreground)

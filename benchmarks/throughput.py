@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.checkpoints import SHAPES, build_checkpoint, num_parameters  # noqa: E402
+from benchmarks.host_split import PLAIN, HostSplit  # noqa: E402
 from benchmarks.provenance import flat as provenance  # noqa: E402
 from miniserve import LLM, SamplingParams  # noqa: E402
 from miniserve.config import DECODE_SPLITS, DEPENDENT_LAUNCHES  # noqa: E402
@@ -158,6 +159,19 @@ def median_run(llm: LLM, prompts, params, repeats: int) -> tuple[float, int]:
     return statistics.median(r[0] for r in runs), runs[0][1]
 
 
+def split_run(llm: LLM, prompts, params, args) -> tuple[float, int]:
+    """median_run, with the host split (`--host-split`) counting these runs only."""
+    if args.split is not None:
+        args.split.reset()
+    return median_run(llm, prompts, params, args.repeats)
+
+
+def split_result(args) -> dict:
+    """The engine thread's milliseconds per step in each phase of the runs split_run timed (benchmarks/host_split.py:
+    PLAIN; `wait` is the thread idle for the GPU), or nothing without `--host-split`."""
+    return {} if args.split is None else {"host_ms_per_step": args.split.per_step_ms()}
+
+
 def make_llm(model: Path, kv: str, args, enable_prefix_caching: bool = True, **settings) -> LLM:
     """An engine for one run; settings: EngineConfig fields a run varies (decode_splits, dependent_launch)."""
     gc.collect()
@@ -207,10 +221,10 @@ def run_nano(llm: LLM, cfg: dict, args, gbs: dict) -> dict:
     prompts, params = workload_of(args, cfg)
     warm = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=2) for _ in params]
     timed(llm, prompts, warm)  # JIT of every kernel these shapes reach, off the clock
-    seconds, tokens = median_run(llm, prompts, params, args.repeats)
+    seconds, tokens = split_run(llm, prompts, params, args)
     costs = model_costs(cfg, kv_elem_bytes(llm))
     gens = [p.max_tokens for p in params]
-    out = {"output_tokens": tokens, "seconds": seconds, "output_tok_s": tokens / seconds}
+    out = {"output_tokens": tokens, "seconds": seconds, "output_tok_s": tokens / seconds, **split_result(args)}
     for name, bw in gbs.items():
         roof = roofline_seconds(costs, [len(p) for p in prompts], gens, bw, args.peak_tflops)
         out[f"roofline_tok_s_{name}"] = tokens / roof
@@ -284,7 +298,8 @@ def run_fixed(llm: LLM, cfg: dict, args, gbs: dict, batch: int) -> dict:
     prompts, params = fixed_workload(batch, args.prompt, args.gen, max_id=max_token_id(cfg))
     warm, warm_params = fixed_workload(batch, args.prompt, 2, seed=1, max_id=max_token_id(cfg))
     timed(llm, warm, warm_params)  # JIT of every kernel these shapes reach, off the clock
-    seconds, tokens = median_run(llm, prompts, params, args.repeats)
+    seconds, tokens = split_run(llm, prompts, params, args)
+    split = split_result(args)
     p1, params1 = fixed_workload(batch, args.prompt, 1, max_id=max_token_id(cfg))
     prefill_s, _ = median_run(llm, p1, params1, args.repeats)
     step = (seconds - prefill_s) / max(1, args.gen - 1)
@@ -305,6 +320,7 @@ def run_fixed(llm: LLM, cfg: dict, args, gbs: dict, batch: int) -> dict:
         "decode_step_ms_direct": direct_decode_step_ms(llm, prompts, args.gen),
         "decode_tok_s": batch / step,
         "decode_step_bytes": step_bytes,
+        **split,
     }
     for name, bw in gbs.items():
         out[f"decode_step_roofline_ms_{name}"] = 1e3 * step_bytes / (bw * 1e9)
@@ -504,6 +520,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--profile-run", action="store_true", help="with --profile: over one whole run, prompts included (nano: always)"
     )
     ap.add_argument("--host-profile", action="store_true", help="cProfile of the host over one timed run")
+    ap.add_argument(
+        "--host-split", action="store_true", help="nano/fixed/latency/sweep: the engine thread's time per step by phase"
+    )
     ap.add_argument("--kv-write", choices=["fused", "two_launch"], nargs="+", default=["fused"])
     ap.add_argument(
         "--extend-variant", nargs="+", default=["default"],
@@ -531,6 +550,9 @@ def main(argv: list[str] | None = None) -> dict:
             "--rounds must be 1 with --profile, --host-profile or the prefix workload (one profile a "
             "configuration; the prefix workload's verdicts compare caching on and off within a round)"
         )
+    if args.host_split and (args.workload in ("prefill", "prefix") or args.speculative_model):
+        ap.error("--host-split times plain decoding's phases: the nano, fixed, latency and sweep workloads")
+    args.split = HostSplit(PLAIN) if args.host_split else None
     prefix = args.workload == "prefix"
     args.batch = args.batch or (256 if prefix else 64)
     args.gen = args.gen or (128 if prefix else 256)

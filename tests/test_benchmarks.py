@@ -47,7 +47,7 @@ def test_roofline_counts_weights_per_step_and_live_kv():
         (
             "nano",
             ["--nano-seqs", "3", "--nano-len", "24", "--kv-write", "fused", "two_launch", "--kv-cache-dtype", "fp8"]
-            + ["--dependent-launch", "off", "auto"],
+            + ["--dependent-launch", "off", "auto", "--host-split"],
         ),
         ("prefill", ["--prompts", "40", "90", "--extend-variant", "default", "diag"]),
     ],
@@ -63,6 +63,10 @@ def test_benchmark_runs_on_the_cpu(tmp_path, workload, extra):
             assert run["output_tokens"] == 3 * 6 and run["decode_step_ms_direct"] > 0 and run["decode_step_bytes"] > 0
         elif workload == "nano":
             assert run["output_tokens"] > 0 and run["pct_roofline_assumed"] > 0
+            split = run["host_ms_per_step"]  # the step's own phases (model_forward runs inside forward_launch)
+            own = ("wait", "schedule", "forward_launch", "sample_launch", "append_tokens", "collect_outputs")
+            assert split["engine_step"] >= sum(split[k] for k in own) and split["forward_launch"] > 0
+            assert split["model_forward"] > 0 and split["append_tokens"] > 0
         else:
             assert [r["prompt"] for r in run["prefill"]] == [40, 90]
     if workload == "prefill":  # one run per extend variant; the launcher is the default's again afterwards
@@ -262,6 +266,13 @@ def test_median_of_rounds_field_by_field():
     median = throughput.median_of_rounds(rounds)
     assert median == [{"kv": "fp8", "tok_s": 2.5, "points": [{"b": 1, "t": 8.0}], "n": 5, "ok": True}]
     assert type(median[0]["n"]) is int
+
+
+@pytest.mark.parametrize("argv", [["--workload", "prefill"], ["--workload", "prefix"], ["--speculative-model", "x"]])
+def test_host_split_is_for_plain_decoding_workloads(argv, capsys):
+    with pytest.raises(SystemExit):
+        throughput.main([*argv, "--host-split", "--device", "cpu"])
+    assert "--host-split times plain decoding" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
