@@ -105,7 +105,7 @@ def throughput_rows() -> list[Row]:
                 "yes" if ratio >= 1.3 else "no",
                 f"{pair_read_note('qwen3-0.6b b256 ctx1100')}; {nano_runs_note()}; the decode kernel is what FP8 "
                 "halves: nano's steps also run the same GEMMs and prompt passes as bf16's, and its prompt passes "
-                "read FP8 slower",
+                f"read FP8 slower; {kernel_bandwidth_note('qwen3-0.6b b256 ctx1100')}{nano_host_note()}",
                 "FP8 halves the bytes of one kernel, decode attention (at nano's shape "
                 f"{pair_speedup('qwen3-0.6b b256 ctx1100')} bf16's); the GEMMs and sampling cost the same and the "
                 f"prompt passes more{nano_h100_gist()}",
@@ -1205,6 +1205,38 @@ def nano_h100_note() -> str:
     return (
         f"; on an {data['gpu']}, whose memory is slower, {how}: bf16 {fmt(bf16)}, fp8 {fmt(fp8)} tok/s = "
         f"{fp8 / bf16:.2f}x"
+    )
+
+
+def kernel_bandwidth_note(case: str) -> str:
+    """How near the measured copy bandwidth the bf16 and FP8 decode kernels read a case's KV
+    (decode_attention_fp8_pairs_h200.json; the copy bandwidth of throughput_nano_h200.json, the same GPU model)."""
+    shape, batch, ctx = re.fullmatch(r"(\S+) b(\d+) ctx(\d+)", case).groups()
+    cfg = SHAPES[shape]
+    elements = int(batch) * int(ctx) * cfg["num_key_value_heads"] * cfg["head_dim"] * 2  # K and V, one layer
+    copy_gbs = load("throughput_nano_h200.json")["bandwidth_gbs"]["measured_copy"]
+    row = pair_rows(case)["default"]
+    bf16, fp8 = (100 * elements * size / (us * 1e3) / copy_gbs for size, us in ((2, row["bf16_us"]), (1, row["us"])))
+    return (
+        f"at this shape the bf16 kernel reads its KV at {bf16:.0f}% of the measured copy bandwidth, the FP8 kernel "
+        f"at {fp8:.0f}% (`decode_attention_fp8_pairs_h200.json`): half the bytes, but each one converted to fp16 "
+        "on the way, work the bf16 kernel does not do"
+    )
+
+
+def nano_host_note() -> str:
+    """nano's engine thread timed phase by phase (throughput.py --host-split) where the H100 file has it."""
+    data = load("throughput_nano_h100.json")
+    kv = runs_by_kv(data) if data else {}
+    split = kv.get("fp8", {}).get("host_ms_per_step")
+    if not split:
+        return ""
+    own = split["engine_step"] - split["wait"]
+    return (
+        f"; the engine's thread is not what holds it back: timed phase by phase on an {data['gpu']} (`--host-split`, "
+        f"`throughput_nano_h100.json`, medians), its own work (launching a step, reading and appending its tokens) "
+        f"is {own:.2f} ms of a {split['engine_step']:.2f} ms fp8 step, done while the GPU runs the step launched "
+        f"before, and for the other {split['wait']:.2f} ms it waits for the GPU"
     )
 
 
