@@ -330,10 +330,6 @@ class EngineProcess:
         stream.end(None, reason)
         stream.wake(stream)
 
-    def abort_all(self, reason: str) -> None:
-        for request_id in list(self._streams):
-            self.abort(request_id, reason)
-
     def _forget(self, request_id: str) -> RequestStream | None:
         stream = self._streams.pop(request_id, None)
         ack = self._acks.pop(request_id, None)
