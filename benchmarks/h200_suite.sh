@@ -72,10 +72,11 @@ sweep1b() {
 }
 
 # nano-vllm's benchmark: bf16 KV, fp8 KV with the default decode kernel (its register cap:
-# decode_attention.default_register_cap), and with the staged FP8 decode variant, alternated over three rounds
+# decode_attention.default_register_cap), and with the staged FP8 decode variant, alternated over three rounds; the
+# engine thread's time by phase (--host-split)
 nano_runs() {
   tp 400 --shape qwen3-0.6b --workload nano --kv-cache-dtype auto fp8 --decode-variant default staged --repeats 1 --rounds 3 \
-    --out "$out/throughput_nano_${tag}.json"
+    --host-split --out "$out/throughput_nano_${tag}.json"
 }
 
 if [ "$part" = sweep ]; then

@@ -1225,16 +1225,18 @@ def kernel_bandwidth_note(case: str) -> str:
 
 
 def nano_host_note() -> str:
-    """nano's engine thread timed phase by phase (throughput.py --host-split) where the H100 file has it."""
-    data = load("throughput_nano_h100.json")
-    kv = runs_by_kv(data) if data else {}
-    split = kv.get("fp8", {}).get("host_ms_per_step")
-    if not split:
+    """nano's engine thread timed phase by phase (throughput.py --host-split): the H200 file's, else the H100's."""
+    for name in ("throughput_nano_h200.json", "throughput_nano_h100.json"):
+        data = load(name)
+        split = (runs_by_kv(data) if data else {}).get("fp8", {}).get("host_ms_per_step")
+        if split:
+            break
+    else:
         return ""
     own = split["engine_step"] - split["wait"]
     return (
         f"; the engine's thread is not what holds it back: timed phase by phase on an {data['gpu']} (`--host-split`, "
-        f"`throughput_nano_h100.json`, medians), its own work (launching a step, reading and appending its tokens) "
+        f"`{name}`, medians), its own work (launching a step, reading and appending its tokens) "
         f"is {own:.2f} ms of a {split['engine_step']:.2f} ms fp8 step, done while the GPU runs the step launched "
         f"before, and for the other {split['wait']:.2f} ms it waits for the GPU"
     )
