@@ -63,7 +63,7 @@ def test_benchmark_runs_on_the_cpu(tmp_path, workload, extra):
             assert run["output_tokens"] == 3 * 6 and run["decode_step_ms_direct"] > 0 and run["decode_step_bytes"] > 0
         elif workload == "nano":
             assert run["output_tokens"] > 0 and run["pct_roofline_assumed"] > 0
-            split = run["host_ms_per_step"]  # the step's own phases (model_forward runs inside forward_launch)
+            split = run["host_ms_per_step"]  # a step's own phases (model_forward also runs inside forward_launch)
             own = ("wait", "schedule", "forward_launch", "sample_launch", "append_tokens", "collect_outputs")
             assert split["engine_step"] >= sum(split[k] for k in own) and split["forward_launch"] > 0
             assert split["model_forward"] > 0 and split["append_tokens"] > 0
