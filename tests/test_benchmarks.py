@@ -66,7 +66,7 @@ def test_benchmark_runs_on_the_cpu(tmp_path, workload, extra):
             split = run["host_ms_per_step"]  # a step's own phases (model_forward also runs inside forward_launch)
             own = ("wait", "schedule", "forward_launch", "sample_launch", "append_tokens", "collect_outputs")
             assert split["engine_step"] >= sum(split[k] for k in own) and split["forward_launch"] > 0
-            assert split["model_forward"] > 0 and split["append_tokens"] > 0
+            assert split["model_forward"] > 0 and split["append_tokens"] > 0 and split["wait"] > 0
         else:
             assert [r["prompt"] for r in run["prefill"]] == [40, 90]
     if workload == "prefill":  # one run per extend variant; the launcher is the default's again afterwards
