@@ -1118,6 +1118,20 @@ def test_required_tool_choice_with_schema_definitions(client, url):
          "<tool_call>\n<function=f>\n<parameter=a>\nx", []),
         ("qwen3_coder", "<tool_call>\n<function=f>\n<parameter=a>\nx\n<parameter=b>\ny\n</function>\n</tool_call>", "",
          [("f", '{"a": "x", "b": "y"}')]),  # parameters left open end where the next one or the function does
+        # a marker inside an argument's string is text: arguments are read as JSON, not cut at the marker
+        ("hermes", '<tool_call>\n{"name": "f", "arguments": {"s": "x </tool_call> y"}}\n</tool_call>', "",
+         [("f", '{"s": "x </tool_call> y"}')]),
+        ("mistral", 'Ok [TOOL_CALLS] [{"name": "f", "arguments": {"s": "[ARGS] x"}}]', "Ok ",
+         [("f", '{"s": "[ARGS] x"}')]),
+        ("mistral", '[TOOL_CALLS]f[ARGS]{"s": "[TOOL_CALLS] x"}', "", [("f", '{"s": "[TOOL_CALLS] x"}')]),
+        # what follows a call's arguments must be the next call: anything else leaves the text as content
+        ("mistral", '[TOOL_CALLS]f[ARGS]{"s": "a"} {"t": 1}', '[TOOL_CALLS]f[ARGS]{"s": "a"} {"t": 1}', []),
+        ("mistral", "[TOOL_CALLS]f[ARGS][1, 2]", "[TOOL_CALLS]f[ARGS][1, 2]", []),  # arguments are an object
+        ("hermes", '<tool_call>{"name": "f", "arguments": {}} x</tool_call>',
+         '<tool_call>{"name": "f", "arguments": {}} x</tool_call>', []),
+        # a number past a double's range would come out as Infinity, no JSON a client parses: no call
+        ("hermes", '<tool_call>{"name": "f", "arguments": {"a": 1e400}}</tool_call>',
+         '<tool_call>{"name": "f", "arguments": {"a": 1e400}}</tool_call>', []),
     ],
 )  # fmt: skip
 def test_tool_call_formats_parse_whole_and_streamed_alike(fmt, text, content, calls):
@@ -1183,6 +1197,32 @@ def test_qwen3_coder_values_take_their_tools_types():
         "city": "New York", "zip": "01001", "days": 3, "ratio": 0.5, "metric": True, "opts": {"a": [1]},
         "tags": ["x", "y"], "bad": "three", "undeclared": "7",
     }  # fmt: skip
+
+
+def test_qwen3_coder_null_and_lists_of_types():
+    """`null` is null whatever the parameter's type (as vLLM reads it); a list of types takes the first that reads
+    the text; a number past a double's range stays text (JSON has no Infinity)."""
+    from miniserve.server.tool_calls import parse_qwen3_coder
+
+    properties = {"i": {"type": "integer"}, "o": {"type": "object"}, "s": {"type": "string"},
+                  "n": {"type": ["integer", "null"]}, "m": {"type": ["null", "number"]}, "b": {"type": ["boolean"]},
+                  "x": {"type": "number"}, "t": {"type": ["integer", "string"]}}  # fmt: skip
+    tools = [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": properties}}}
+    ]
+    values = {"i": "null", "o": "NULL", "s": "null", "n": "5", "m": "0.5", "b": "false", "x": "1e400", "t": "a5"}
+    body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in values.items())
+    content, calls = parse_qwen3_coder(f"<tool_call>\n<function=f>\n{body}</function>\n</tool_call>", tools)
+    assert content == "" and json.loads(calls[0].arguments) == {
+        "i": None,
+        "o": None,
+        "s": None,
+        "n": 5,
+        "m": 0.5,
+        "b": False,
+        "x": "1e400",
+        "t": "a5",
+    }
 
 
 def test_tool_call_messages_as_vllm_answers_them():

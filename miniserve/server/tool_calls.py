@@ -17,8 +17,10 @@ content (`parse_required_output`), streamed or not. `required` generates a JSON 
 `{"name", "parameters"}` objects (as vLLM does), a named function its arguments object.
 
 Streaming: `StreamingToolParser` is fed the cumulative text and returns what is new: content that can no longer be
-the start of a tool call, and each tool call once it is complete (its header and all its arguments in one delta).
-At the end it parses the whole text with the same function as the non-streamed path, so both agree.
+the start of a tool call, and tool calls, each with its header and all its arguments in one delta. In auto mode the
+text from the first marker on is held back and parsed when the output ends, with the same function as the
+non-streamed path, so both agree: its calls come in the last delta (a marker alone does not make a call: the text
+may turn out to be content after all). Under "required" each call comes once the array holds it whole.
 
 `ToolSetup` is a chat request's tool handling from start to end: which mode (`tool_setup`), the output constraint
 it needs (`constraint`), the assistant message of a finished choice (`message`) and a streamed choice's deltas
@@ -85,7 +87,17 @@ def _call_from(obj: Any) -> ToolCall | None:
             args = json.loads(args)
         except ValueError:
             return None
-    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+    text = _json_text(args)
+    return None if text is None else ToolCall(obj["name"], text)
+
+
+def _json_text(value: Any) -> str | None:
+    """A call's arguments as JSON text; None where a number is past a double's range (json reads 1e400 as inf, and
+    `Infinity` is no JSON a client could parse): such a call is malformed, its text stays content."""
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return None
 
 
 def _json_values(text: str) -> list[Any] | None:
@@ -103,24 +115,40 @@ def _json_values(text: str) -> list[Any] | None:
         values.append(value)
 
 
-# closed blocks, and a last one left open (a stop string "</tool_call>", or the end of the output) if it parses
-_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    return pos
+
+
+def _hermes_values(text: str) -> list[Any] | None:
+    """The JSON value of each `<tool_call>` block: closed blocks, and a last one left open (a stop string
+    `</tool_call>`, or the end of the output). The value is read as JSON, so `</tool_call>` inside one of its
+    strings is text, not the block's end. None for a block that is not one JSON value."""
+    decoder, values, pos = json.JSONDecoder(), [], 0
+    while (start := text.find("<tool_call>", pos)) != -1:
+        try:
+            value, end = decoder.raw_decode(text, _skip_space(text, start + len("<tool_call>")))
+        except ValueError:
+            return None
+        end = _skip_space(text, end)
+        if text.startswith("</tool_call>", end):
+            end += len("</tool_call>")
+        elif end < len(text):
+            return None
+        values.append(value)
+        pos = end
+    return values
 
 
 def parse_hermes(text: str, tools: Sequence[dict[str, Any]] = ()) -> tuple[str, list[ToolCall]]:
     start = text.find("<tool_call>")
     if start == -1:
         return text, []
-    calls = []
-    for block in _HERMES.findall(text[start:]):
-        values = _json_values(block)
-        call = _call_from(values[0]) if values and len(values) == 1 else None
-        if call is None:
-            return text, []  # a malformed block: the text stays content, as written
-        calls.append(call)
-    if not calls:
-        return text, []
-    return text[:start], calls
+    calls = [_call_from(v) for v in _hermes_values(text) or [None]]
+    if any(c is None for c in calls):
+        return text, []  # a malformed block: the text stays content, as written
+    return text[:start], calls  # type: ignore[return-value]
 
 
 def parse_llama3_json(text: str, tools: Sequence[dict[str, Any]] = ()) -> tuple[str, list[ToolCall]]:
@@ -142,20 +170,38 @@ def parse_mistral(text: str, tools: Sequence[dict[str, Any]] = ()) -> tuple[str,
         return text, []
     body = text[start + len("[TOOL_CALLS]") :].strip()
     calls: list[ToolCall | None]
-    if "[ARGS]" in body:  # newer tokenizers: name[ARGS]{...} per call
-        calls = []
-        for part in body.split("[TOOL_CALLS]"):
-            name, _, args = part.partition("[ARGS]")
-            name = name.partition("[CALL_ID]")[0]  # name[CALL_ID]id[ARGS]{...}: the id is the model's, not ours
-            values = _json_values(args)
-            calls.append(_call_from({"name": name.strip(), "arguments": values[0]}) if values else None)
-    else:
+    if body[:1] in ("[", "{"):  # older tokenizers: a JSON array (or objects) of calls
         values = _json_values(body)
         items = values[0] if values and len(values) == 1 and isinstance(values[0], list) else values or []
         calls = [_call_from(v) for v in items]
+    else:  # newer tokenizers: name[ARGS]{...} per call, each after its [TOOL_CALLS]
+        calls = _mistral_named_calls(body) or []
     if not calls or any(c is None for c in calls):
         return text, []
     return text[:start], calls  # type: ignore[return-value]
+
+
+def _mistral_named_calls(body: str) -> list[ToolCall | None] | None:
+    """`name[ARGS]{...}` calls joined by [TOOL_CALLS] (`name[CALL_ID]id[ARGS]{...}`: the id is the model's, not
+    ours), each call's arguments read as one JSON object, so a marker inside one of its strings is text. None
+    unless the whole body is such calls."""
+    decoder, calls, pos = json.JSONDecoder(), [], 0
+    while True:
+        at = body.find("[ARGS]", pos)
+        if at == -1:
+            return None
+        name = body[pos:at].partition("[CALL_ID]")[0].strip()
+        try:
+            args, end = decoder.raw_decode(body, _skip_space(body, at + len("[ARGS]")))
+        except ValueError:
+            return None
+        calls.append(_call_from({"name": name, "arguments": args}) if isinstance(args, dict) else None)
+        end = _skip_space(body, end)
+        if end == len(body):
+            return calls
+        if not body.startswith("[TOOL_CALLS]", end):
+            return None
+        pos = end + len("[TOOL_CALLS]")
 
 
 _XML_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
@@ -182,7 +228,10 @@ def parse_qwen3_coder(text: str, tools: Sequence[dict[str, Any]] = ()) -> tuple[
             key.strip(): _xml_value(value, schemas.get(key.strip()))
             for key, value in _XML_PARAMETER.findall(function[2])
         }
-        calls.append(ToolCall(name, json.dumps(args, ensure_ascii=False)))
+        arguments = _json_text(args)
+        if arguments is None:
+            return text, []
+        calls.append(ToolCall(name, arguments))
     return (text[:start], calls) if calls else (text, [])
 
 
@@ -193,19 +242,26 @@ def _parameter_schemas(tools: Sequence[dict[str, Any]], name: str) -> dict[str, 
     return {}
 
 
+_XML_TYPES = {"integer": int, "number": (int, float), "object": dict, "array": list}
+
+
 def _xml_value(value: str, schema: Any) -> Any:
-    """An XML parameter's text as its schema's type says: a number, a boolean, null, an object or array (JSON);
-    the text itself for strings, for a parameter the tool does not declare, and where the text is no such value."""
+    """An XML parameter's text as its schema's type says (the first of a list of types that reads it): a number, a
+    boolean, an object or array (JSON); `null` is null whatever the type (as vLLM reads it); the text itself for
+    strings, for a parameter the tool does not declare, and where the text is none of its types."""
     kind = schema.get("type") if isinstance(schema, dict) else None
-    if kind in ("integer", "number", "object", "array", "null"):
-        try:
-            parsed = json.loads(value)
-        except ValueError:
-            return value
-        fits = {"integer": int, "number": (int, float), "object": dict, "array": list, "null": type(None)}[kind]
-        return parsed if isinstance(parsed, fits) and not isinstance(parsed, bool) else value
-    if kind == "boolean":
-        return {"true": True, "false": False}.get(value.strip().lower(), value)
+    if value.strip().lower() == "null":
+        return None
+    for k in kind if isinstance(kind, list) else [kind]:
+        if k in _XML_TYPES:
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                continue
+            if isinstance(parsed, _XML_TYPES[k]) and not isinstance(parsed, bool) and _json_text(parsed) is not None:
+                return parsed  # (not a number past a double's range: that stays text)
+        elif k == "boolean" and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
     return value
 
 
@@ -287,7 +343,8 @@ def named_schema(tools: list[dict[str, Any]], name: str) -> dict[str, Any]:
 
 
 class StreamingToolParser:
-    """Fed a choice's cumulative text; returns (new content, newly complete tool calls) each time."""
+    """Fed a choice's cumulative text; returns (new content, new tool calls) each time (the module docstring says
+    when calls come)."""
 
     def __init__(
         self, mode: str, fmt: str | None, named: str | None = None, parallel: bool = True, tools: Sequence[dict] = ()
