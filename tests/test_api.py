@@ -1089,6 +1089,7 @@ def test_required_tool_choice_with_schema_definitions(client, url):
         ("llama3_json", '{"name": "f", "parameters": {"a": [1, 2]}}; {"name": "g", "parameters": {}}', "",
          [("f", '{"a": [1, 2]}'), ("g", "{}")]),
         ("llama3_json", '<|python_tag|>{"name": "f", "parameters": {"x": "y"}}', "", [("f", '{"x": "y"}')]),
+        ("llama3_json", '<|python_tag|>\n {"name": "f", "parameters": {}}', "", [("f", "{}")]),
         ("llama3_json", "The {answer} is no call", "The {answer} is no call", []),
         ("llama3_json", '\n {"name": "f", "parameters": {}}', "", [("f", "{}")]),  # the call drops the whitespace
         ("llama3_json", "\n\nNo call", "\n\nNo call", []),
@@ -1118,6 +1119,10 @@ def test_required_tool_choice_with_schema_definitions(client, url):
          "<tool_call>\n<function=f>\n<parameter=a>\nx", []),
         ("qwen3_coder", "<tool_call>\n<function=f>\n<parameter=a>\nx\n<parameter=b>\ny\n</function>\n</tool_call>", "",
          [("f", '{"a": "x", "b": "y"}')]),  # parameters left open end where the next one or the function does
+        ("qwen3_coder", "<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n</function>\n<function=g>\n"
+         "</function>\n</tool_call>", "", [("f", '{"a": "1"}'), ("g", "{}")]),  # two functions in one block
+        ("qwen3_coder", "<tool_call>\n<function=f>\n</function>\nx<function=g>\n</function>\n</tool_call>",
+         "<tool_call>\n<function=f>\n</function>\nx<function=g>\n</function>\n</tool_call>", []),
         # a marker inside an argument's string is text: arguments are read as JSON, not cut at the marker
         ("hermes", '<tool_call>\n{"name": "f", "arguments": {"s": "x </tool_call> y"}}\n</tool_call>', "",
          [("f", '{"s": "x </tool_call> y"}')]),

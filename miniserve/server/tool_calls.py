@@ -154,7 +154,7 @@ def parse_hermes(text: str, tools: Sequence[dict[str, Any]] = ()) -> tuple[str, 
 def parse_llama3_json(text: str, tools: Sequence[dict[str, Any]] = ()) -> tuple[str, list[ToolCall]]:
     body = text.strip()
     if body.startswith("<|python_tag|>"):
-        body = body[len("<|python_tag|>") :]
+        body = body[len("<|python_tag|>") :].lstrip()
     if not body.startswith("{"):
         return text, []
     values = _json_values(body)
@@ -213,26 +213,38 @@ _XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?(?:</parameter>|(?
 def parse_qwen3_coder(text: str, tools: Sequence[dict[str, Any]] = ()) -> tuple[str, list[ToolCall]]:
     """Qwen3-Coder: `<tool_call>\\n<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</parameter>...</function>` blocks
     after optional text. A value is text; the tool's schema (`tools`) says what it stands for (`_xml_value`).
-    A block that is not one function of parameters leaves the whole text as content."""
+    A block holds one function or several (as vLLM reads them); a block that is not functions of parameters leaves
+    the whole text as content."""
     start = text.find("<tool_call>")
     if start == -1:
         return text, []
     calls = []
     for block in _XML_BLOCK.findall(text[start:]):
-        function = _XML_FUNCTION.fullmatch(block)
-        if function is None or _XML_PARAMETER.sub("", function[2]).strip():
+        functions = _xml_functions(block)
+        if functions is None:
             return text, []
-        name = function[1].strip()
-        schemas = _parameter_schemas(tools, name)
-        args = {
-            key.strip(): _xml_value(value, schemas.get(key.strip()))
-            for key, value in _XML_PARAMETER.findall(function[2])
-        }
-        arguments = _json_text(args)
-        if arguments is None:
-            return text, []
-        calls.append(ToolCall(name, arguments))
+        for name, body in functions:
+            schemas = _parameter_schemas(tools, name)
+            args = {
+                key.strip(): _xml_value(value, schemas.get(key.strip())) for key, value in _XML_PARAMETER.findall(body)
+            }
+            arguments = _json_text(args)
+            if arguments is None:
+                return text, []
+            calls.append(ToolCall(name, arguments))
     return (text[:start], calls) if calls else (text, [])
+
+
+def _xml_functions(block: str) -> list[tuple[str, str]] | None:
+    """A block's (name, body) functions, one after another with only whitespace around them, each body nothing but
+    parameters; None for any other block."""
+    functions, pos = [], 0
+    for match in _XML_FUNCTION.finditer(block):
+        if match.start() != pos or _XML_PARAMETER.sub("", match[2]).strip():
+            return None
+        functions.append((match[1].strip(), match[2]))
+        pos = match.end()
+    return functions if functions and pos == len(block) else None
 
 
 def _parameter_schemas(tools: Sequence[dict[str, Any]], name: str) -> dict[str, Any]:
