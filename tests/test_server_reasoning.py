@@ -169,6 +169,22 @@ def test_which_requests_think():
     assert not reasoning_setup(req, "qwen3", Tok("<think>\n\n</think>\n\n"), [1]).thinking  # the template closed it
     assert not reasoning_setup(off, "qwen3", Tok("assistant\n"), [1]).thinking
     assert reasoning_setup(off, "deepseek_r1", Tok("assistant\n"), [1]).thinking  # (qwen3's switch only)
+    # a template that opens the reasoning whatever the switch says (Qwen3 *-Thinking-2507): the model is in it
+    assert reasoning_setup(off, "qwen3", Tok("assistant\n<think>\n"), [1]).thinking
+    # continue_final_message: the final message's last marker decides, else what the template put before it
+    for final, prompt, thinking in [
+        ("Sure,", "assistant\n<think>\n\n</think>\n\nSure,", False),  # an answer continued after the reasoning
+        ("Sure,", "assistant\n<think>\nSure,", True),
+        ("<think>\nfirst,", "assistant\n<think>\nfirst,", True),
+        ("<think>\nplan\n</think>\n\nSure,", "assistant\n<think>\nplan\n</think>\n\nSure,", False),
+        ("Sure, </think> is a tag", "user\n<think>\nassistant\nSure, </think> is a tag", False),
+    ]:
+        messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": final}]
+        cont = ChatCompletionRequest(
+            model="m", messages=messages, continue_final_message=True, add_generation_prompt=False
+        )
+        for parser in ("qwen3", "deepseek_r1"):
+            assert reasoning_setup(cont, parser, Tok(prompt), [1]).thinking is thinking, (final, parser)
 
 
 def test_a_grammar_waits_for_the_end_token_or_is_refused_where_there_is_none():

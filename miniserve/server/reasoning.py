@@ -159,13 +159,31 @@ def reasoning_setup(
     content, as without the setting)."""
     if parser is None:
         return None
-    thinking = not _prompt_closed_reasoning(tokenizer, prompt_ids)
-    if parser == "qwen3" and (req.chat_template_kwargs or {}).get("enable_thinking") is False:
-        thinking = False
+    final = req.messages[-1].text() if req.continue_final_message else ""
+    thinking = _prompt_left_thinking(tokenizer, prompt_ids, final)
+    if thinking is None:  # the prompt shows no marker: the model opens its reasoning itself, unless switched off
+        thinking = not (parser == "qwen3" and (req.chat_template_kwargs or {}).get("enable_thinking") is False)
     return ReasoningSetup(thinking, req.include_reasoning, tokenizer.token_to_id(END))
 
 
-def _prompt_closed_reasoning(tokenizer: Any, prompt_ids: list[int]) -> bool:
-    """The rendered prompt ends with `</think>` (whitespace aside): the template closed the reasoning (thinking
-    off), so the output is all content."""
-    return tokenizer.decode(prompt_ids[-_PROMPT_TAIL_TOKENS:], skip_special_tokens=False).rstrip().endswith(END)
+def _prompt_left_thinking(tokenizer: Any, prompt_ids: list[int], final: str) -> bool | None:
+    """Whether the rendered prompt leaves the model inside its reasoning: True where the prompt's end is an open
+    `<think>` (a template that opens it, whatever enable_thinking says), False where it is `</think>` (the template
+    closed it: thinking off), None where it shows neither. With continue_final_message the end is the final
+    message's own text, where a marker may be (its last one decides), and else what comes before that text: an
+    answer continued after `</think>` is content."""
+    marker = _last_marker(final)
+    if marker is not None:
+        return marker == START
+    window = _PROMPT_TAIL_TOKENS + len(final.encode())  # (a token is at least one byte of the text)
+    text = tokenizer.decode(prompt_ids[-window:], skip_special_tokens=False)
+    if final.strip() and final.strip() in text:
+        text = text[: text.rfind(final.strip())]
+    tail = text.rstrip()
+    return True if tail.endswith(START) else False if tail.endswith(END) else None
+
+
+def _last_marker(text: str) -> str | None:
+    """`<think>` or `</think>`, whichever comes last in the text (None: neither)."""
+    start, end = text.rfind(START), text.rfind(END)
+    return None if start == end == -1 else START if start > end else END
