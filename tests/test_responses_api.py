@@ -227,6 +227,29 @@ def test_a_function_call_round_trip(client):
     jsonschema.validate(json.loads(call.arguments), PARAMS["get_time"])
 
 
+def test_a_cut_required_array_answers_its_calls_then_the_rest():
+    """tool_choice "required" cut by max_output_tokens after a complete call: the call, then the unfinished rest as
+    an incomplete message, the order a stream sends them in (each call once the array holds it whole, the rest at
+    the end); auto's text before its calls stays first."""
+    from types import SimpleNamespace
+
+    from miniserve.server.chat import ChatRun
+    from miniserve.server.protocol import ChatCompletionRequest
+    from miniserve.server.responses_api import output_items
+    from miniserve.server.tool_calls import ToolSetup
+
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}])
+    cut = SimpleNamespace(text='[{"name": "f", "parameters": {"a": 1}}, {"na', finish_reason="length", token_ids=[])
+    required = ChatRun([], ToolSetup("required", None, None, True, TOOLS), None, None)
+    items = output_items(None, chat, required, cut)
+    assert [(i["type"], i["status"]) for i in items] == [("function_call", "completed"), ("message", "incomplete")]
+    assert items[0]["arguments"] == '{"a": 1}' and items[1]["content"][0]["text"] == cut.text
+    hermes = SimpleNamespace(text='Sure.<tool_call>{"name": "f", "arguments": {}}</tool_call>', finish_reason="stop",
+                             token_ids=[])  # fmt: skip
+    auto = ChatRun([], ToolSetup("auto", "hermes", None, True, TOOLS), None, None)
+    assert [i["type"] for i in output_items(None, chat, auto, hermes)] == ["message", "function_call"]
+
+
 def test_reasoning_items_go_with_the_assistant_message_after_them_as_in_chat():
     """A reasoning item (as this server returns it) is the `reasoning` of the assistant message that the next item
     makes or joins: the chat template gets what chat's messages with that reasoning give it; one that no assistant
@@ -383,6 +406,10 @@ def test_a_chat_error_names_the_responses_fields(url):
     assert msg.startswith("the input has 30000 characters")
     msg = both({"max_completion_tokens": 10**6}, {"max_output_tokens": 10**6}, "max_output_tokens")
     assert "in the input, 1000000 in the completion" in msg
+    # a tool's field as the flat Responses tool names it (chat's is nested under "function")
+    body = {"model": MODEL_NAME, "input": "hi", "tools": [{"type": "function", "name": ""}], "tool_choice": "required"}
+    err = assert_openai_error(post(url, "/v1/responses", body), 400, "tools")
+    assert err["message"].startswith("tools.0.name: "), err
 
 
 def test_reasoning_effort_is_refused_as_chat_refuses_it_but_none_switches_thinking_off(url):

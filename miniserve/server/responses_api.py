@@ -85,12 +85,16 @@ async def create_response(request: Request) -> Response:
     return fmt.JSONBytesResponse(response_object({**head, **echo}, items, o.finish_reason, _usage(state, run, out)))
 
 
+# a tool's field in chat's nested shape (tools.0.function.name): the Responses tool is flat (tools.0.name)
+_TOOL_FIELD = re.compile(r"\b(tools\.\d+\.)function\.")
+
+
 def _renamed(exc: APIError) -> APIError:
     """A chat error as the Responses request names its fields, in `param` and in the message: the client sent
     `input` and `text.format`, never `messages` or `response_format`. Every error of the chat path that the request
     started passes through here (chat_request, start_chat, a stream's error event)."""
     exc.param = _PARAMS.get(exc.param, exc.param)
-    exc.message = _NAMED.sub(lambda m: _NAMES[m[1]], exc.message)
+    exc.message = _TOOL_FIELD.sub(r"\1", _NAMED.sub(lambda m: _NAMES[m[1]], exc.message))
     exc.args = (exc.message,)
     return exc
 
@@ -235,9 +239,10 @@ def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str
 
 def output_items(state: ServerState, chat: ChatCompletionRequest, run: ChatRun, o: Any) -> list[dict[str, Any]]:
     """A finished output as items: its reasoning, its text as a message (when it has text, or nothing else) and
-    its tool calls, in the order the model wrote them."""
+    its tool calls, in the order the model wrote them (and a stream sends them): under tool_choice "required" the
+    text is what was left of a cut array after its complete calls, so the message comes after them."""
     message, _ = assistant_message(run.tools, run.reasoning, o, "")
-    items = []
+    items, text = [], []
     calls = message.get("tool_calls") or []
     if message.get("reasoning"):  # (cut only where it is the whole output)
         status = item_status(o.finish_reason, "reasoning", run.tools, last=not (message["content"] or calls))
@@ -248,11 +253,11 @@ def output_items(state: ServerState, chat: ChatCompletionRequest, run: ChatRun, 
             top = chat.top_logprobs or 0
             logprobs = fmt.chat_logprobs(state.tokenizer, run.ids, o.token_ids, o.logprobs, top)["content"]
         status = item_status(o.finish_reason, "message", run.tools)
-        items.append(message_item(_new_id("msg"), message["content"] or "", logprobs, status))
+        text.append(message_item(_new_id("msg"), message["content"] or "", logprobs, status))
     status = item_status(o.finish_reason, "function_call", run.tools)
-    for c in calls:
-        items.append(call_item(_new_id("fc"), c["id"], c["function"]["name"], c["function"]["arguments"], status))
-    return items
+    called = [call_item(_new_id("fc"), c["id"], c["function"]["name"], c["function"]["arguments"], status)
+              for c in calls]  # fmt: skip
+    return items + (called + text if run.tools.mode == "required" else text + called)
 
 
 def item_status(finish: str | None, kind: str, tools: ToolSetup, last: bool = True) -> str:
