@@ -427,7 +427,10 @@ def _plain(ids: Any) -> Any:
 
 
 def _as_ids(ids: Any) -> list[int]:
-    """Token ids as a list: of one id, or of a list (numpy's and torch's too)."""
+    """Token ids as a list: of one id, or of a list (numpy's and torch's too). A list is taken as it is: the
+    detokenizer decodes one per token of every sequence."""
+    if isinstance(ids, list):
+        return ids
     ids = _plain(ids)
     return [ids] if isinstance(ids, int) else list(ids)
 

@@ -136,15 +136,14 @@ class GrammarCompiler:
         was sent recently enough that the engine's cache, as large as this one and used in the same order, still
         holds it, or when it is not `shippable` (the engine then compiles it)."""
         compiled, key = self.compile(spec), spec.key()
-        if not shippable(compiled):
-            return None
         with self._lock:
             recent = key in self._sent
             self._sent[key] = None
             self._sent.move_to_end(key)
             while len(self._sent) > _CACHE_SIZE // 2:  # half: a margin for the two caches' orders to differ
                 self._sent.popitem(last=False)
-        return None if recent else compiled.serialize_json()
+        # (shippable renders the grammar's text: asked only when the grammar would be sent)
+        return None if recent or not shippable(compiled) else compiled.serialize_json()
 
     def load(self, spec: StructuredOutputsParams, serialized: str) -> None:
         """Cache the grammar `serialize` made for `spec` (in another process, with the same tokenizer)."""
@@ -166,10 +165,9 @@ class GrammarCompiler:
         newest: a request is about to use it)."""
         with self._lock:
             self._cache[key] = compiled
-            while len(self._cache) > _CACHE_SIZE or (
-                len(self._cache) > 1 and sum(c.memory_size_bytes for c in self._cache.values()) > _CACHE_BYTES
-            ):
-                self._cache.popitem(last=False)
+            size = sum(c.memory_size_bytes for c in self._cache.values())
+            while len(self._cache) > 1 and (len(self._cache) > _CACHE_SIZE or size > _CACHE_BYTES):
+                size -= self._cache.popitem(last=False)[1].memory_size_bytes
 
     def new_state(self, spec: StructuredOutputsParams) -> GrammarState:
         return GrammarState(import_xgrammar().GrammarMatcher(self.compile(spec)), spec.start_after_token)

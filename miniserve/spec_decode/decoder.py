@@ -129,8 +129,9 @@ class SpeculativeDecoder:
                 raise RuntimeError("a round is in flight for another batch: the engine must drain it first")
             return self._continue(seqs)
         # sequences that are not `speculative` (a grammar's) decode one token a step, like a prompt chunk
-        decodes = [s.seq for s in scheduled if _is_decode(s) and s.seq.params.speculative]
-        prefills = [s for s in scheduled if not (_is_decode(s) and s.seq.params.speculative)]
+        drafted = [_is_decode(s) and s.seq.params.speculative for s in scheduled]
+        decodes = [s.seq for s, d in zip(scheduled, drafted) if d]
+        prefills = [s for s, d in zip(scheduled, drafted) if not d]
         if prefills:
             self._prefill(prefills)
         progressed = [s.seq for s in prefills]
