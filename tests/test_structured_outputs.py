@@ -650,3 +650,62 @@ def test_masks_filled_for_a_batch_are_the_rows_filled_alone(threads, monkeypatch
         assert (ran_on != threading.get_ident()) is beside
         # no grammar in the batch (penalties only): nothing to fill beside, so the work runs here
         assert filler.build_beside([None, None], threading.get_ident) == (None, threading.get_ident())
+
+
+CHAINED = [  # length-bounded strings in each place a JSON string can be: value, array item, key, the whole document
+    {"type": "object", "properties": {"a": {"type": "string", "maxLength": 3}, "b": {"type": "string", "minLength": 2,
+     "maxLength": 4}, "c": {"type": "string", "minLength": 2}}, "required": ["a", "b"]},
+    {"type": "array", "items": {"type": "string", "maxLength": 2}, "maxItems": 3},
+    {"type": "object", "additionalProperties": {"type": "string", "maxLength": 0}, "propertyNames": {"maxLength": 2}},
+    {"type": "string", "minLength": 1, "maxLength": 3},
+    {"type": "string", "minLength": 2},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("any_whitespace", [True, False])
+@pytest.mark.parametrize("schema", CHAINED)
+def test_bounded_strings_written_as_chains_give_xgrammars_own_masks(schema, any_whitespace):
+    """Length-bounded strings are rewritten as chains of rules (structured_output._chained_strings: far faster
+    mask fills); along random paths, every mask is the one xgrammar's own grammar for the schema gives (its
+    characters made valid JSON, as the engine's are), and the finished outputs validate."""
+    import random
+
+    import numpy as np
+    import xgrammar as xgr
+
+    from miniserve.engine.structured_output import _json_schema_grammar
+
+    rng = random.Random(0)
+    alphabet = 'abc1 "\\,:{}[]\n\t\x01'  # characters that open, close, escape, separate or break a JSON string
+    vocab = sorted(set(alphabet) | {"".join(rng.choices(alphabet, k=rng.randint(2, 6))) for _ in range(3000)})
+    vocab.append("</s>")
+    info = xgr.TokenizerInfo(vocab, stop_token_ids=[len(vocab) - 1])
+    ws = {"any_whitespace": any_whitespace, **({"max_whitespace_cnt": 2} if any_whitespace else {})}
+    chained = _json_schema_grammar(json.dumps(schema), ws)
+    own = str(xgr.Grammar.from_json_schema(json.dumps(schema), strict_mode=True, **ws))
+    assert "_len0 ::=" in str(chained) and "_len0" not in own
+    own = xgr.Grammar.from_ebnf(own.replace(r"[^\"\\\r\n]", r"[^\0-\x1f\"\\]"))
+    compiler = xgr.GrammarCompiler(info, cache_enabled=False)
+    rows = 24
+    walkers = [[xgr.GrammarMatcher(compiler.compile_grammar(g)) for g in (chained, own)] for _ in range(rows)]
+    masks = [xgr.allocate_token_bitmask(rows, len(vocab)) for _ in range(2)]
+    texts, finished = [""] * rows, 0
+    for _ in range(40):
+        for row, pair in enumerate(walkers):
+            for mask, matcher in zip(masks, pair):
+                if not matcher.is_terminated():  # (a finished row keeps its last mask)
+                    matcher.fill_next_token_bitmask(mask, row)
+        assert torch.equal(masks[0], masks[1])
+        bits = np.unpackbits(masks[1].numpy().view(np.uint8), axis=1, bitorder="little")[:, : len(vocab)]
+        for row, pair in enumerate(walkers):
+            if pair[1].is_terminated():
+                continue
+            allowed = np.flatnonzero(bits[row])
+            assert len(allowed), repr(texts[row])
+            token = int(rng.choice(list(allowed)))
+            assert all(m.accept_token(token) for m in pair)
+            if pair[1].is_terminated():
+                finished += 1
+                jsonschema.validate(json.loads(texts[row]), schema)
+            texts[row] += vocab[token]
+    assert finished >= rows // 2

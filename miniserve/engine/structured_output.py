@@ -205,11 +205,20 @@ def _compile(compiler: Any, spec: StructuredOutputsParams, key: tuple) -> Any:
 # characters (U+0000..U+001F) into strings: invalid JSON that json.loads rejects. Its unbounded strings exclude them.
 _BOUNDED_STRING_CHAR = r"[^\"\\\r\n]"
 _JSON_STRING_CHAR = r"[^\0-\x1f\"\\]"
+# a length-bounded string as xgrammar writes it: NAME ::= (("\"" CHARS{lo, hi} "\"")), CHARS a one-class rule
+_BOUNDED_STRING = re.compile(r'^(\w+) ::= \(\("\\"" (\w+)\{(\d+), (-?\d+)\} "\\""\)\)$', re.M)
+_CHARACTER_CLASS = re.compile(r"^(\w+) ::= \(\((\[.*\])\)\)$", re.M)
+_RULE_NAME = re.compile(r"^(\w+) ::=", re.M)
+# the lookahead xgrammar gives its unbounded strings' rule: what may follow a JSON string's closing quote
+_STRING_LOOKAHEAD = re.compile(r"^basic_string_sub ::= .* (\(=.+\))$", re.M)
+# A chain costs a rule per character: about 20-40 ms of compiling each on a 128k vocabulary (this machine's CPU),
+# paid once per schema in the API process, against the fills of every step. Longer strings keep the repetition.
+MAX_CHAINED_LENGTH = 64
 
 
 def _json_schema_grammar(schema: str, whitespace: dict[str, Any]) -> Any:
-    """xgrammar's grammar for a JSON schema, with its length-bounded strings' characters made valid JSON; a
-    ValueError for a keyword it would not enforce (`unenforced_keyword`)."""
+    """xgrammar's grammar for a JSON schema, with its length-bounded strings' characters made valid JSON and
+    written as chains (`_chained_strings`); a ValueError for a keyword it would not enforce (`unenforced_keyword`)."""
     unenforced = unenforced_keyword(json.loads(schema))
     if unenforced:
         raise ValueError(f"{unenforced}: the grammar engine (xgrammar) cannot enforce it, so outputs could break it")
@@ -218,7 +227,42 @@ def _json_schema_grammar(schema: str, whitespace: dict[str, Any]) -> Any:
     text = str(grammar)
     if _BOUNDED_STRING_CHAR not in text:
         return grammar
-    return xgr.Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR))
+    return xgr.Grammar.from_ebnf(_chained_strings(text.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR)))
+
+
+def _chained_strings(text: str) -> str:
+    """The grammar `text` with each length-bounded string (at most MAX_CHAINED_LENGTH characters) written as a chain
+    of rules, one per count of characters read so far, each ending in the lookahead xgrammar gives its unbounded
+    strings (a JSON string is followed by whitespace and one of ,}]: or ends the document).
+
+    Why: xgrammar precomputes which tokens each rule position accepts, but not inside a repetition (a token's
+    fate there depends on the count), so in a bounded string it checks most of the vocabulary one token at a time,
+    every step; and a token that runs past a rule's end is checked again unless the rule says what follows it. A
+    chain's rules are each precomputed, with their lookahead: the same masks (tests/test_structured_outputs.py
+    compares them along random paths), filled far faster: on a 128k-token cl100k-like vocabulary at batch 32
+    (this machine's CPU), a maxLength 24 name's slowest row 0.70 -> 0.12 ms a step, a minLength 3 one's 6.0 ->
+    0.08 ms."""
+    lookahead = _STRING_LOOKAHEAD.search(text)
+    if lookahead is None:
+        return text
+    classes = dict(_CHARACTER_CLASS.findall(text))
+    names = set(_RULE_NAME.findall(text))
+
+    def chain(match: re.Match) -> str:
+        name, chars, lo, hi = match[1], match[2], int(match[3]), int(match[4])
+        last = hi if hi >= 0 else lo  # rules for 0..last characters read; past `last` an unbounded one repeats
+        links = [f"{name}_len{n}" for n in range(last + 1)]
+        if chars not in classes or last > MAX_CHAINED_LENGTH or names.intersection(links):
+            return match[0]
+        rules = [f'{name} ::= (("\\"" {links[0]}))']
+        for n, link in enumerate(links):
+            ways = ['("\\"")'] if n >= lo else []
+            if n < last or hi < 0:
+                ways.append(f"({classes[chars]} {links[min(n + 1, last)]})")
+            rules.append(f"{link} ::= ({' | '.join(ways)}) {lookahead[1]}")
+        return "\n".join(rules)
+
+    return _BOUNDED_STRING.sub(chain, text)
 
 
 # schema keywords that xgrammar (0.2.x) compiles without enforcing: it would accept outputs that break them
