@@ -709,3 +709,23 @@ def test_bounded_strings_written_as_chains_give_xgrammars_own_masks(schema, any_
                 jsonschema.validate(json.loads(texts[row]), schema)
             texts[row] += vocab[token]
     assert finished >= rows // 2
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_chains_stop_at_the_grammars_rule_budget(over):
+    """Each chain costs compile time per rule, so a schema's chains share MAX_CHAINED_RULES (a string of n characters
+    at most takes n + 1): exactly that many are chained, one more leaves the string that would overrun unchained
+    (its repetition, still enforced), and the strings before it keep theirs."""
+    from miniserve.engine.structured_output import MAX_CHAINED_RULES, _json_schema_grammar
+
+    half = MAX_CHAINED_RULES // 2
+    first, second = {"type": "string", "maxLength": half - 1}, {"type": "string", "maxLength": half - 1 + over}
+    one = {"type": "string", "maxLength": MAX_CHAINED_RULES - 1 + over}
+    two = {"type": "object", "properties": {"a": first, "b": second}, "required": ["a", "b"]}
+    cases = [(one, 1, MAX_CHAINED_RULES), (two, 2, MAX_CHAINED_RULES)] if not over else [(one, 0, 0), (two, 1, half)]
+    for schema, chains, rules in cases:
+        text = str(_json_schema_grammar(json.dumps(schema), {"any_whitespace": False}))
+        assert text.count("_len0 ::=") == chains
+        assert len(re.findall(r"^\w+_len\d+ ::=", text, re.M)) == rules
+        strings = 2 if schema is two else 1
+        assert len(re.findall(r"_characters\{\d+, \d+\}", text)) == strings - chains  # the rest: repetitions

@@ -211,9 +211,10 @@ _CHARACTER_CLASS = re.compile(r"^(\w+) ::= \(\((\[.*\])\)\)$", re.M)
 _RULE_NAME = re.compile(r"^(\w+) ::=", re.M)
 # the lookahead xgrammar gives its unbounded strings' rule: what may follow a JSON string's closing quote
 _STRING_LOOKAHEAD = re.compile(r"^basic_string_sub ::= .* (\(=.+\))$", re.M)
-# A chain costs a rule per character: about 20-40 ms of compiling each on a 128k vocabulary (this machine's CPU),
-# paid once per schema in the API process, against the fills of every step. Longer strings keep the repetition.
-MAX_CHAINED_LENGTH = 64
+# A chain costs a rule per character, each 45-70 ms of compiling on a 128k-token vocabulary (this machine's CPU, one
+# to eight of xgrammar's threads), paid once per schema in the API process; so a schema's chains have at most this
+# many rules between them (the strings first in the grammar get them), and longer strings keep the repetition
+MAX_CHAINED_RULES = 40
 
 
 def _json_schema_grammar(schema: str, whitespace: dict[str, Any]) -> Any:
@@ -231,8 +232,8 @@ def _json_schema_grammar(schema: str, whitespace: dict[str, Any]) -> Any:
 
 
 def _chained_strings(text: str) -> str:
-    """The grammar `text` with each length-bounded string (at most MAX_CHAINED_LENGTH characters) written as a chain
-    of rules, one per count of characters read so far, each ending in the lookahead xgrammar gives its unbounded
+    """The grammar `text` with its length-bounded strings (MAX_CHAINED_RULES rules at most) written as chains of
+    rules, one per count of characters read so far, each ending in the lookahead xgrammar gives its unbounded
     strings (a JSON string is followed by whitespace and one of ,}]: or ends the document).
 
     Why: xgrammar precomputes which tokens each rule position accepts, but not inside a repetition (a token's
@@ -247,13 +248,15 @@ def _chained_strings(text: str) -> str:
         return text
     classes = dict(_CHARACTER_CLASS.findall(text))
     names = set(_RULE_NAME.findall(text))
+    budget = [MAX_CHAINED_RULES]
 
     def chain(match: re.Match) -> str:
         name, chars, lo, hi = match[1], match[2], int(match[3]), int(match[4])
         last = hi if hi >= 0 else lo  # rules for 0..last characters read; past `last` an unbounded one repeats
         links = [f"{name}_len{n}" for n in range(last + 1)]
-        if chars not in classes or last > MAX_CHAINED_LENGTH or names.intersection(links):
+        if chars not in classes or len(links) > budget[0] or names.intersection(links):
             return match[0]
+        budget[0] -= len(links)
         rules = [f'{name} ::= (("\\"" {links[0]}))']
         for n, link in enumerate(links):
             ways = ['("\\"")'] if n >= lo else []
