@@ -2,21 +2,23 @@
 
     python benchmarks/grammar_fill.py --batch 32 --steps 256 --threads 2 4 8 16
 
-`--batch` matchers of structured_outputs.py's JSON schemas walk random paths through their grammar (each step every
-row's mask is filled, then the row takes a random allowed token, as sampling from a random-weight model does) over
-that script's synthetic byte-level BPE vocabulary of the shape's size (`--vocab-like NAME`: its tokens with a quote,
-a newline or a backslash, the ones xgrammar checks one by one inside a JSON string, as common as in that measured
-real vocabulary of benchmarks/results/vocab_shares.json; default: JSON-heavy, ~7% each). At every step each
-strategy fills the same states: one row after another on this thread, xgrammar's BatchGrammarMatcher with
-`max_threads` set (and with its default, half of what std::thread::hardware_concurrency reports; it holds the GIL),
-n groups of rows on n threads (`groups n`, the calling thread one of them; one call per row, which releases the
-GIL), and a Python thread pool of one task per row. Prints and writes (`--out`) the median and mean milliseconds
-per step of each, and of the step's slowest row alone (no strategy fills a step faster than that).
+`--batch` matchers of structured_outputs.py's JSON schemas (compiled as the engine compiles them) walk random paths
+through their grammar (each step every row's mask is filled, then the row takes a random allowed token, as sampling
+from a random-weight model does) over that script's synthetic byte-level BPE vocabulary of the shape's size
+(`--vocab-like NAME`: its tokens with a quote, a newline or a backslash, the ones xgrammar checks one by one inside
+a JSON string, as common as in that measured real vocabulary of benchmarks/results/vocab_shares.json; default: JSON-
+heavy, ~7% each). At every step each strategy fills the same states: one row after another on this thread,
+xgrammar's BatchGrammarMatcher with `max_threads` set (and with its default, half of what
+std::thread::hardware_concurrency reports; it holds the GIL), n groups of rows on n threads (`groups n`, the calling
+thread one of them; one call per row, which releases the GIL), and a Python thread pool of one task per row. Prints
+and writes (`--out`) the median and mean milliseconds per step of each, and of the step's slowest row alone (no
+strategy fills a step faster than that).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
@@ -35,6 +37,7 @@ from benchmarks.checkpoints import SHAPES  # noqa: E402
 from benchmarks.provenance import write_result  # noqa: E402
 from benchmarks.structured_outputs import SCHEMAS, write_bpe_tokenizer  # noqa: E402
 from benchmarks.vocab_shares import measured_shares  # noqa: E402
+from miniserve.engine.structured_output import MAX_JSON_WHITESPACE, json_schema_grammar  # noqa: E402
 
 
 def compile_schema(schema: dict, vocab_size: int, directory: Path, like: str | None = None):
@@ -47,7 +50,9 @@ def compile_schema(schema: dict, vocab_size: int, directory: Path, like: str | N
     write_bpe_tokenizer(directory, vocab_size, bos=eos - 1, eos=eos, like=like and measured_shares(like))
     hf = PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"))
     info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=[eos])
-    return xgr.GrammarCompiler(info).compile_json_schema(schema)
+    # the engine's grammar for the schema (its bounded strings as chains), with the whitespace it allows
+    whitespace = {"any_whitespace": True, "max_whitespace_cnt": MAX_JSON_WHITESPACE}
+    return xgr.GrammarCompiler(info).compile_grammar(json_schema_grammar(json.dumps(schema), whitespace))
 
 
 def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> list[np.ndarray]:

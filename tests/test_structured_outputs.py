@@ -673,7 +673,7 @@ def test_bounded_strings_written_as_chains_give_xgrammars_own_masks(schema, any_
     import numpy as np
     import xgrammar as xgr
 
-    from miniserve.engine.structured_output import _json_schema_grammar
+    from miniserve.engine.structured_output import json_schema_grammar
 
     rng = random.Random(0)
     alphabet = 'abc1 "\\,:{}[]\n\t\x01'  # characters that open, close, escape, separate or break a JSON string
@@ -681,7 +681,7 @@ def test_bounded_strings_written_as_chains_give_xgrammars_own_masks(schema, any_
     vocab.append("</s>")
     info = xgr.TokenizerInfo(vocab, stop_token_ids=[len(vocab) - 1])
     ws = {"any_whitespace": any_whitespace, **({"max_whitespace_cnt": 2} if any_whitespace else {})}
-    chained = _json_schema_grammar(json.dumps(schema), ws)
+    chained = json_schema_grammar(json.dumps(schema), ws)
     own = str(xgr.Grammar.from_json_schema(json.dumps(schema), strict_mode=True, **ws))
     assert "_len0 ::=" in str(chained) and "_len0" not in own
     own = xgr.Grammar.from_ebnf(own.replace(r"[^\"\\\r\n]", r"[^\0-\x1f\"\\]"))
@@ -716,7 +716,7 @@ def test_chains_stop_at_the_grammars_rule_budget(over):
     """Each chain costs compile time per rule, so a schema's chains share MAX_CHAINED_RULES (a string of n characters
     at most takes n + 1): exactly that many are chained, one more leaves the string that would overrun unchained
     (its repetition, still enforced), and the strings before it keep theirs."""
-    from miniserve.engine.structured_output import MAX_CHAINED_RULES, _json_schema_grammar
+    from miniserve.engine.structured_output import MAX_CHAINED_RULES, json_schema_grammar
 
     half = MAX_CHAINED_RULES // 2
     first, second = {"type": "string", "maxLength": half - 1}, {"type": "string", "maxLength": half - 1 + over}
@@ -724,7 +724,7 @@ def test_chains_stop_at_the_grammars_rule_budget(over):
     two = {"type": "object", "properties": {"a": first, "b": second}, "required": ["a", "b"]}
     cases = [(one, 1, MAX_CHAINED_RULES), (two, 2, MAX_CHAINED_RULES)] if not over else [(one, 0, 0), (two, 1, half)]
     for schema, chains, rules in cases:
-        text = str(_json_schema_grammar(json.dumps(schema), {"any_whitespace": False}))
+        text = str(json_schema_grammar(json.dumps(schema), {"any_whitespace": False}))
         assert text.count("_len0 ::=") == chains
         assert len(re.findall(r"^\w+_len\d+ ::=", text, re.M)) == rules
         strings = 2 if schema is two else 1

@@ -186,7 +186,7 @@ def _compile(compiler: Any, spec: StructuredOutputsParams, key: tuple) -> Any:
         ws["max_whitespace_cnt"] = MAX_JSON_WHITESPACE
     try:
         if kind == "json":
-            return compiler.compile_grammar(_json_schema_grammar(value, ws))
+            return compiler.compile_grammar(json_schema_grammar(value, ws))
         if kind == "json_object":
             return compiler.compile_json_schema('{"type": "object"}', **ws)
         if kind == "regex":
@@ -217,7 +217,7 @@ _STRING_LOOKAHEAD = re.compile(r"^basic_string_sub ::= .* (\(=.+\))$", re.M)
 MAX_CHAINED_RULES = 40
 
 
-def _json_schema_grammar(schema: str, whitespace: dict[str, Any]) -> Any:
+def json_schema_grammar(schema: str, whitespace: dict[str, Any]) -> Any:
     """xgrammar's grammar for a JSON schema, with its length-bounded strings' characters made valid JSON and
     written as chains (`_chained_strings`); a ValueError for a keyword it would not enforce (`unenforced_keyword`)."""
     unenforced = unenforced_keyword(json.loads(schema))
