@@ -402,6 +402,15 @@ def test_a_chat_error_names_the_responses_fields(url):
     msg = both({**regex, "response_format": {"type": "json_object"}},
                {**regex, "text": {"format": {"type": "json_object"}}}, "text")  # fmt: skip
     assert msg.endswith("got several (structured_outputs, text.format)")
+    for fmt in (
+        {"type": "text", "schema": {}},
+        {"type": "json_object", "strict": True},
+    ):  # they would constrain nothing
+        body = {"model": MODEL_NAME, "input": "x", "text": {"format": fmt}}
+        assert (
+            "read only with type json_schema"
+            in assert_openai_error(post(url, "/v1/responses", body), 400, "text")["message"]
+        )
     msg = both({}, {"input": "a" * 30000}, "input")
     assert msg.startswith("the input has 30000 characters")
     msg = both({"max_completion_tokens": 10**6}, {"max_output_tokens": 10**6}, "max_output_tokens")

@@ -152,10 +152,16 @@ def test_lone_surrogates_are_a_400_naming_the_field(conn):
     for body in not_utf8:
         err = conn.json_error("/v1/completions", body)
         assert err["code"] == "invalid_json" and "not UTF-8" in err["message"], (body, err)
-    for constant in ("NaN", "Infinity", "-Infinity"):  # python's json takes them; JSON has no such numbers
+    # python's json takes the constants, and reads numbers past a float's range as infinity; JSON has no such numbers
+    too_large = ("1e999", "-1E+309", "1" + "0" * 309 + ".5")
+    for constant in ("NaN", "Infinity", "-Infinity") + too_large:
         body = '{"prompt": "a", "tools": [{"type": "function", "function": {"name": "f", "x": ' + constant + "}}]}"
         err = conn.json_error("/v1/completions", body.encode())
         assert err["param"] == "tools" and "tools.0.function.x" in err["message"] and "finite" in err["message"]
+    for largest in ("1e308", "-1.7976931348623157e308", "1" + "0" * 308 + ".5"):  # the edge itself is a number
+        body = ENDPOINTS["/v1/chat/completions"] + '"chat_template_kwargs": {"x": ' + largest + "}}"
+        status, _, data = conn.request("POST", "/v1/chat/completions", body.encode())
+        assert status == 200, data
     # a valid surrogate pair is one character (U+1F600), escaped or not
     for body in ('{"prompt": "smile \\ud83d\\ude00"}', '{"prompt": "smile \U0001f600"}'):
         status, _, data = conn.request("POST", "/tokenize", body.encode())

@@ -218,6 +218,9 @@ def test_invalid_constraints_are_400s_naming_the_field(url):
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
          "response_format"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+        # a schema beside another type would constrain nothing
+        ({"response_format": {"type": "json_object", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+        ({"response_format": {"type": "text", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
         ({"guided_regex": "(unclosed"}, "guided_regex"),
         ({"structured_outputs": {"grammar": "root ::= undefined_rule"}}, "structured_outputs"),
         ({"guided_json": "{not json"}, "guided_json"),

@@ -1,13 +1,13 @@
 """Decode a request body into JSON values the rest of the server can use safely.
 
-`json.loads` accepts more than the server can handle: nesting deep enough to exhaust the interpreter's stack
-(in the parser itself, or later in validation, templates and grammars), `\\ud800`-style escapes that leave
-lone UTF-16 surrogates in a string, which no tokenizer and no UTF-8 encoder accepts, and the non-JSON constants
-NaN and Infinity, which no answer can carry back (a schema echoed, say). All become 400s here, naming the field. The
-body must be UTF-8 (RFC 8259): given bytes, `json.loads` would also take UTF-16 and UTF-32, and surrogates
-encoded in UTF-8 bytes, none of which the escape scan below sees. The walk that finds deep nesting, lone
-surrogates and non-finite numbers runs only when a cheap byte scan says it might find something, so ordinary
-bodies cost a strict decode and three C-speed scans on top of the parse.
+`json.loads` accepts more than the server can handle: nesting deep enough to exhaust the interpreter's stack (in the
+parser itself, or later in validation, templates and grammars), `\\ud800`-style escapes that leave lone UTF-16
+surrogates in a string, which no tokenizer and no UTF-8 encoder accepts, and the non-JSON constants NaN and Infinity
+(and numbers too large for a float, 1e999, which it reads as infinity), which no answer can carry back (a schema
+echoed, say). All become 400s here, naming the field. The body must be UTF-8 (RFC 8259): given bytes, `json.loads`
+would also take UTF-16 and UTF-32, and surrogates encoded in UTF-8 bytes, none of which the escape scan below sees.
+The walk that finds deep nesting, lone surrogates and non-finite numbers runs only when a cheap byte scan says it
+might find something, so ordinary bodies cost a strict decode and three C-speed scans on top of the parse.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ MAX_JSON_DEPTH = 64  # arrays and objects inside one another; real requests (too
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # how a surrogate can get into a JSON string
 _SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs, so any surrogate left is a lone one
-_NON_FINITE = re.compile(rb"NaN|Infinity")  # how json.loads makes a number JSON has not
+# how json.loads makes a float JSON has not: the constants, or a number past float's range (1e999, or a mantissa
+# of 309 digits and a fraction), which it reads as infinity; either can match in a string, which costs a walk
+_NON_FINITE = re.compile(rb"NaN|Infinity|[eE]\+?\d{3}|\d{309}")
 
 
 def decode_json(raw: bytes) -> Any:

@@ -138,6 +138,8 @@ class ResponseFormat(RequestModel):
     def _needs_schema(self) -> ResponseFormat:
         if self.type == "json_schema" and (self.json_schema is None or self.json_schema.json_schema is None):
             raise ValueError("json_schema: response_format of type json_schema needs json_schema.schema")
+        if self.type != "json_schema" and self.json_schema is not None:  # it would constrain nothing
+            raise ValueError(f"json_schema: a schema is read only with type json_schema, not {self.type}")
         return self
 
 

@@ -149,6 +149,10 @@ class TextFormat(RequestModel):
     def _needs_schema(self) -> TextFormat:
         if self.type == "json_schema" and self.json_schema is None:
             raise ValueError("format of type json_schema needs a schema")
+        if self.type != "json_schema":  # what only a schema format reads would constrain nothing
+            for field in ("json_schema", "name", "description", "strict"):
+                if getattr(self, field) is not None:
+                    raise ValueError(f"{field.removeprefix('json_')}: read only with type json_schema, not {self.type}")
         return self
 
 
