@@ -1252,6 +1252,10 @@ def test_tool_call_messages_as_vllm_answers_them():
         call, "stop", "")[0]["tool_calls"][0]["id"])  # fmt: skip
     cut = '[{"name": "f", "parameters": {"a": 1}}'
     assert [(c.name, c.arguments) for c in parse_required_output(cut)[1]] == [("f", '{"a": 1}')]
+    # cut inside the second call: the first is a call, the unfinished rest the content (not the first call again)
+    content, calls = parse_required_output(cut + ', {"name": "g", "par')
+    assert content == '{"name": "g", "par' and [c.name for c in calls] == ["f"]
+    assert parse_required_output('[{"name": "g", "par') == ('[{"name": "g", "par', [])  # none complete: all of it
     assert mistral.reads_special_tokens and not ToolSetup("required", "mistral", None, True, []).reads_special_tokens
     assert not ToolSetup("auto", "hermes", None, True, []).reads_special_tokens
 

@@ -12,8 +12,8 @@ Four output formats cover the supported model families; which one a model writes
 
 `tool_choice: "required"` and a named function do not parse free text: the server constrains the output with a
 JSON schema (structured outputs), so the arguments always parse, unless max_tokens cuts the output short: then a
-named call's arguments are the text as it stands, and "required" returns the calls it completed with the text as
-content (`parse_required_output`), streamed or not. `required` generates a JSON array of
+named call's arguments are the text as it stands, and "required" returns the calls it completed with the unfinished
+rest as content (`parse_required_output`), streamed or not. `required` generates a JSON array of
 `{"name", "parameters"}` objects (as vLLM does), a named function its arguments object.
 
 Streaming: `StreamingToolParser` is fed the cumulative text and returns what is new: content that can no longer be
@@ -305,9 +305,13 @@ def parse_required(text: str) -> list[ToolCall] | None:
 
 def parse_required_output(text: str) -> tuple[str, list[ToolCall]]:
     """(content, calls) of a finished tool_choice "required" output: the array's calls; for an array cut short
-    (max_tokens, a stop string) the calls it completed, which a stream has sent, and the text as content."""
+    (max_tokens, a stop string) the calls it completed, which a stream has sent, and the unfinished rest as content
+    (from the first element not complete; the whole text when none is)."""
     calls = parse_required(text)
-    return ("", calls) if calls is not None else (text, _complete_array_items(text, final=True))
+    if calls is not None:
+        return "", calls
+    calls, end = _complete_array_items(text, final=True)
+    return text[end:].lstrip(" \t\r\n,") if calls else text, calls
 
 
 # -------------------------------------------------------------------------------------------------- schemas
@@ -371,7 +375,7 @@ class StreamingToolParser:
         if self.mode == "named":  # arguments stream as they come (the schema constrains them)
             return "", []
         if self.mode == "required":
-            content, calls = parse_required_output(text) if final else ("", _complete_array_items(text))
+            content, calls = parse_required_output(text) if final else ("", _complete_array_items(text)[0])
             return content, self._new(calls)
         if final:  # the held-back text is either tool calls or, if they do not parse, content after all
             content, calls = self.parse(text)
@@ -419,27 +423,28 @@ class StreamingToolParser:
         return None
 
 
-def _complete_array_items(text: str, final: bool = False) -> list[ToolCall]:
-    """The complete elements of a JSON array still being written ("[{...}, {..." -> the first call); `final`: the
-    output ended, so an element complete at its end counts too."""
+def _complete_array_items(text: str, final: bool = False) -> tuple[list[ToolCall], int]:
+    """The complete elements of a JSON array still being written ("[{...}, {..." -> the first call), and where the
+    last of them ends in `text`; `final`: the output ended, so an element complete at its end counts too."""
     decoder, pos, out = json.JSONDecoder(), text.find("["), []
     if pos == -1:
-        return []
+        return [], 0
     pos += 1
+    done = pos
     while True:
         while pos < len(text) and text[pos] in " \t\r\n,":
             pos += 1
         try:
             value, end = decoder.raw_decode(text, pos)
         except ValueError:
-            return out
+            return out, done
         if not final and not text[end:].lstrip():  # complete once a separator follows, or the output ended
-            return out
+            return out, done
         call = _call_from(value)
         if call is None:
-            return out
+            return out, done
         out.append(call)
-        pos = end
+        pos = done = end
 
 
 # -------------------------------------------------------------------------------------------------- a request's tools
