@@ -246,7 +246,13 @@ class SamplingParams:
 
 def truncation_length(truncate_prompt_tokens: int | None, max_model_len: int) -> int | None:
     """How many of a prompt's last tokens truncate_prompt_tokens keeps: -1 keeps as many as leave one token of
-    room to generate (vLLM's -1 keeps max_model_len, a prompt it then refuses as too long)."""
+    room to generate (vLLM's -1 keeps max_model_len, a prompt it then refuses as too long). More than the context
+    holds is a ValueError, as in vLLM (it would truncate nothing a request could run)."""
+    if truncate_prompt_tokens is not None and truncate_prompt_tokens > max_model_len:
+        raise ValueError(
+            f"truncate_prompt_tokens: {truncate_prompt_tokens} is more than the model's context length "
+            f"(max_model_len) {max_model_len}"
+        )
     return max_model_len - 1 if truncate_prompt_tokens == -1 else truncate_prompt_tokens
 
 

@@ -532,6 +532,8 @@ def test_prompt_logprobs_with_tied_logprobs_keep_the_top_n_and_ranks(logits):
 
 
 def test_truncate_and_add_special_tokens(client, hf_tok):
+    import openai
+
     prompt = "To be, or not to be, that is the question"
     ids = hf_tok(prompt).input_ids
     assert ids[0] == 0  # conftest's tokenizer adds BOS
@@ -546,6 +548,16 @@ def test_truncate_and_add_special_tokens(client, hf_tok):
     r = client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=1,
                                   extra_body={"truncate_prompt_tokens": 4, "return_token_ids": True})  # fmt: skip
     assert r.choices[0].model_extra["prompt_token_ids"] == ids[-4:]
+    # at most the context length: exactly it is taken, one more is refused by name, as vLLM refuses it
+    context = client.models.list().data[0].model_extra["max_model_len"]
+    r = client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=1,
+                                  extra_body={"truncate_prompt_tokens": context, "return_token_ids": True})  # fmt: skip
+    assert r.choices[0].model_extra["prompt_token_ids"] == ids
+    for create, body in ((client.completions.create, {"prompt": ids}), (client.chat.completions.create, MESSAGES)):
+        with pytest.raises(openai.BadRequestError) as err:
+            create(model=MODEL_NAME, max_tokens=1, extra_body={"truncate_prompt_tokens": context + 1}, **body)
+        assert err.value.status_code == 400 and err.value.body["param"] == "truncate_prompt_tokens", err.value
+        assert f"{context + 1} is more" in err.value.message
     r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=1,
                                   extra_body={"add_special_tokens": False, "return_token_ids": True})  # fmt: skip
     assert r.choices[0].model_extra["prompt_token_ids"] == ids[1:]

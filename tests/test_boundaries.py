@@ -92,7 +92,7 @@ def test_kv_pool_exact_fit_counts_the_speculative_lookahead(llama_dir, draft_dir
     assert eng.scheduler.lookahead == 5
     ref = run(engine(llama_dir), [(prompt(8), greedy(20))])["outputs"]["0"].token_ids
     assert run(eng, [(prompt(8), greedy(20))])["outputs"]["0"].token_ids == ref
-    with pytest.raises(ValueError, match="33 tokens of KV cache, 5 of them for the draft's proposals"):
+    with pytest.raises(ValueError, match="33 tokens of KV cache, 5 of them for the draft's proposals.*at most 20 new"):
         eng.add_request("x", prompt(8), greedy(21))
     # a request whose only token comes from the prompt pass never runs a round: it takes no lookahead, so a
     # 32-token prompt fits, also when its last chunk is one token (the chunk is a prompt pass, not a round)
@@ -100,12 +100,14 @@ def test_kv_pool_exact_fit_counts_the_speculative_lookahead(llama_dir, draft_dir
     assert run(eng, [(prompt(32), greedy(1))])["outputs"]["0"].token_ids == one
     chunked = engine(llama_dir, max_num_batched_tokens=31, max_model_len=64, enable_prefix_caching=False, **kw)
     assert run(chunked, [(prompt(32), greedy(1))])["outputs"]["0"].token_ids == one
-    with pytest.raises(ValueError, match="33 tokens of KV cache, but"):
+    with pytest.raises(ValueError, match="33 tokens of KV cache, but .*; it can never fit"):
         eng.add_request("x", prompt(33), greedy(1))
+    with pytest.raises(ValueError, match="at most 1 new tokens fit"):  # 1 fits without lookahead, 2 with it do not
+        eng.add_request("x", prompt(30), greedy(2))
     eng = engine(llama_dir, overlap_spec_rounds=False, **kw)  # k = 2 slots: 8 + 23 - 1 + 2 = 32
     ref = run(engine(llama_dir), [(prompt(8), greedy(23))])["outputs"]["0"].token_ids
     assert run(eng, [(prompt(8), greedy(23))])["outputs"]["0"].token_ids == ref
-    with pytest.raises(ValueError, match="never fit"):
+    with pytest.raises(ValueError, match="^max_tokens: .*at most 23 new tokens fit beside this prompt"):
         eng.add_request("x", prompt(8), greedy(24))
 
 

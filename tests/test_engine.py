@@ -398,9 +398,16 @@ def test_bad_input_is_a_clear_error_and_engine_stays_usable(llama_dir):
 
 
 def test_request_that_can_never_fit_is_rejected(llama_dir):
+    """A pool of 16 slots: a 10-token prompt fits 7 new tokens at most (the last is never fed back), and the error
+    says so, naming max_tokens; a prompt of 17 never fits."""
     llm = make_llm(llama_dir, num_kv_blocks=2, block_size=8)
-    with pytest.raises(ValueError, match="never fit"):
-        llm.generate([[5] * 10], SamplingParams(max_tokens=20), use_tqdm=False)
+    for max_tokens in (8, 20, None):
+        with pytest.raises(ValueError, match="^max_tokens: .* holds 16; at most 7 new tokens fit beside this prompt"):
+            llm.generate([[5] * 10], SamplingParams(max_tokens=max_tokens), use_tqdm=False)
+    exact = SamplingParams(max_tokens=7, ignore_eos=True)
+    assert len(llm.generate([[5] * 10], exact, use_tqdm=False)[0].outputs[0].token_ids) == 7
+    with pytest.raises(ValueError, match="^this request may need 17 tokens .*; it can never fit"):
+        llm.generate([[5] * 17], SamplingParams(max_tokens=1), use_tqdm=False)
     assert len(llm.generate([[5] * 4], SamplingParams(max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids) >= 1
 
 
@@ -494,6 +501,11 @@ def test_sampling_values_vllm_gives_a_meaning(llama_dir):
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, truncate_prompt_tokens=-1), use_tqdm=False)
     assert out[0].prompt_token_ids == prompt[-31:] and len(out[0].outputs[0].token_ids) == 1
     assert out[0].outputs[0].finish_reason == "length"
+    # at most the context: 32 keeps a short prompt whole, 33 is refused (as vLLM refuses it)
+    out = llm.generate([prompt[:5]], SamplingParams(max_tokens=1, truncate_prompt_tokens=32), use_tqdm=False)
+    assert out[0].prompt_token_ids == prompt[:5]
+    with pytest.raises(ValueError, match=r"^truncate_prompt_tokens: 33 is more than .* \(max_model_len\) 32"):
+        llm.generate([prompt[:5]], SamplingParams(max_tokens=1, truncate_prompt_tokens=33), use_tqdm=False)
 
 
 def test_engine_seed_none_draws_a_fresh_seed(llama_dir):

@@ -130,6 +130,7 @@ class ServerState:
     ) -> list[list[int]]:
         """Token ids of every prompt, size limits checked (text ones tokenized off the event loop), each cut to
         its last `truncate` tokens when longer (truncate_prompt_tokens)."""
+        self.check_truncation(truncate)
         for p in prompts:
             if isinstance(p, str):  # a prompt to be truncated may have more tokens than the limit
                 self.check_prompt_chars(len(p), "prompt", for_generation=truncate is None)
@@ -157,6 +158,7 @@ class ServerState:
                 "--trust-request-chat-template or MINISERVE_TRUST_REQUEST_CHAT_TEMPLATE=1 to allow it)",
                 param="chat_template",
             )
+        self.check_truncation(truncate)
         chars = sum(len(m.get("content") or "") for m in messages)
         self.check_prompt_chars(chars, "messages", for_generation and truncate is None)
 
@@ -177,6 +179,13 @@ class ServerState:
         if for_generation:
             self.check_prompt_tokens(len(ids), "messages")
         return ids
+
+    def check_truncation(self, truncate: int | None) -> None:
+        """truncate_prompt_tokens within the context, before any prompt is tokenized (a 400 naming it)."""
+        try:
+            truncation_length(truncate, self.max_model_len)
+        except ValueError as exc:
+            raise APIError(str(exc), param="truncate_prompt_tokens") from None
 
     def truncate(self, ids: list[int], keep: int | None) -> list[int]:
         """truncate_prompt_tokens: keep the prompt's last `keep` tokens (-1: as many as the context holds)."""
