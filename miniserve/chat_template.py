@@ -103,9 +103,15 @@ def detect_content_format(source: str) -> str:
     return "string"
 
 
+# the names an assistant's reasoning goes by: vLLM's response field, its older one, and the one templates such as
+# gpt-oss's read; a message given any of them gets all three, as transformers' apply_chat_template does
+REASONING_NAMES = ("reasoning_content", "thinking", "reasoning")  # (transformers' order: the first given wins)
+
+
 def normalize_message(message: dict[str, Any], index: int, content_format: str = "string") -> dict[str, Any]:
     """A fresh copy for the template: keys set to None dropped, content as text ("string": parts joined with
-    newlines) or as a list of text parts ("openai": text becomes one part), tool-call arguments as objects."""
+    newlines) or as a list of text parts ("openai": text becomes one part), tool-call arguments as objects, the
+    reasoning under each of REASONING_NAMES."""
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise ChatMessageError(f"messages[{index}] must be a dict with a 'role' string, got {message!r}")
     out = {key: value for key, value in message.items() if value is not None}
@@ -124,6 +130,10 @@ def normalize_message(message: dict[str, Any], index: int, content_format: str =
         )
     if isinstance(out.get("tool_calls"), list):
         out["tool_calls"] = [_template_tool_call(call, index) for call in out["tool_calls"]]
+    reasoning = next((out[name] for name in REASONING_NAMES if name in out), None)
+    if reasoning is not None:
+        for name in REASONING_NAMES:
+            out.setdefault(name, reasoning)
     return out
 
 

@@ -1012,11 +1012,11 @@ def test_a_prompt_too_long_by_its_characters_says_so_without_a_made_up_count(url
 
 def test_an_assistants_reasoning_passed_back_reaches_the_template(url, log_path):
     """The reasoning this server returns (`message.reasoning`), or under vLLM's older name `reasoning_content`,
-    goes back into the next request's template under both names (Qwen3's template renders it in a tool-calling
-    turn), null as the client dumps it without a warning; on another role, or given twice differently, a 400."""
-    template = (
-        "{% for m in messages %}{{ m.role }}:{{ m.reasoning_content }}|{{ m.reasoning }}|{{ m.content }};{% endfor %}"
-    )
+    goes back into the next request's template under both names and as `thinking` (gpt-oss's), as transformers
+    gives it (Qwen3's template renders it in a tool-calling turn), null as the client dumps it without a warning; on
+    another role, or given twice differently, a 400."""
+    template = "{% for m in messages %}{{ m.role }}:{{ m.reasoning_content }}|{{ m.reasoning }}|{{ m.thinking }}|"
+    template += "{{ m.content }};{% endfor %}"
 
     def rendered(message: dict) -> str:
         body = {"model": MODEL_NAME, "messages": [*MESSAGES["messages"], message], "chat_template": template}
@@ -1026,9 +1026,9 @@ def test_an_assistants_reasoning_passed_back_reaches_the_template(url, log_path)
 
     for field in ("reasoning", "reasoning_content"):
         said = rendered({"role": "assistant", "content": "No.", field: "I think"})
-        assert said.endswith("user:||Speak.;assistant:I think|I think|No.;"), said
+        assert said.endswith("user:|||Speak.;assistant:I think|I think|I think|No.;"), said
     said = rendered({"role": "assistant", "content": "No.", "reasoning": None})
-    assert said.endswith("assistant:||No.;"), said
+    assert said.endswith("assistant:|||No.;"), said
     lines = [line for line in log_path.read_text(errors="replace").splitlines() if "fields ignored" in line]
     assert not any("reasoning" in line for line in lines), lines
     for message in (

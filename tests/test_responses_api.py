@@ -281,7 +281,7 @@ def test_reasoning_items_go_with_the_assistant_message_after_them_as_in_chat():
     got = chat_request(ResponsesRequest.model_validate({"model": MODEL_NAME, "input": items}))
     want = ChatCompletionRequest.model_validate({"model": MODEL_NAME, "messages": messages})
     assert [m.for_template() for m in got.messages] == [m.for_template() for m in want.messages]
-    assert got.messages[1].for_template()["reasoning_content"] == "call it"
+    assert got.messages[1].for_template()["reasoning"] == "call it"
 
 
 REFUSED = {

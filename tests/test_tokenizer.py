@@ -417,6 +417,19 @@ def test_empty_tools_and_documents_reach_the_template_as_transformers_passes_the
     assert ours.render_chat(messages, False, tools=tools, documents=documents, chat_template=probe) == expected
 
 
+@pytest.mark.parametrize("name", ["reasoning", "reasoning_content", "thinking"])
+def test_an_assistants_reasoning_reaches_the_template_under_each_name_as_transformers_gives_it(pair, name):
+    """Offline chat (LLM.chat) as the server: reasoning given under any of its names is rendered by a template
+    that reads another (Qwen3's reads reasoning_content, gpt-oss's thinking)."""
+    ours, hf = pair
+    probe = "{% for m in messages %}{{ m.role }}:{{ m.reasoning_content }}|{{ m.thinking }}|{{ m.content }};"
+    probe += "{% endfor %}"
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "No.", name: "I think"}]
+    expected = hf.apply_chat_template(messages, chat_template=probe, tokenize=False)
+    assert expected.endswith("assistant:I think|I think|No.;")
+    assert ours.apply_chat_template(messages, chat_template=probe, tokenize=False) == expected
+
+
 def test_chat_template_raise_exception(sp_dir):
     ours = Tokenizer.from_pretrained(sp_dir)
     bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]

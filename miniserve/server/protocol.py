@@ -401,7 +401,7 @@ class ChatMessage(RequestModel):
     tool_call_id: str | None = None  # tool messages: the call this answers
     refusal: str | None = None  # an assistant's refusal: its text when it has no content
     # an assistant's reasoning, passed back (the server's `reasoning` field; `reasoning_content`, vLLM's older
-    # name): the template gets it under both names, as vLLM gives it (Qwen3's renders it in a tool-calling turn)
+    # name): the template gets it under both names and as `thinking` (Qwen3's renders it in a tool-calling turn)
     reasoning: str | None = None
     reasoning_content: str | None = None
     audio: Any = None
@@ -444,16 +444,16 @@ class ChatMessage(RequestModel):
         return "\n".join(part.text if isinstance(part, TextPart) else part.refusal for part in self.content)
 
     def for_template(self) -> dict[str, Any]:
-        """The message as chat templates read it: "developer" -> "system", an assistant's reasoning under both its
-        names (the tokenizer turns tool-call arguments into objects)."""
+        """The message as chat templates read it: "developer" -> "system", an assistant's reasoning (the tokenizer
+        gives it under every name templates read, and turns tool-call arguments into objects)."""
         out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
         if self.name is not None:
             out["name"] = self.name
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
         reasoning = self.reasoning if self.reasoning is not None else self.reasoning_content
-        if reasoning is not None:
-            out["reasoning"] = out["reasoning_content"] = reasoning
+        if reasoning is not None:  # (the tokenizer gives it under each of chat_template.REASONING_NAMES)
+            out["reasoning"] = reasoning
         if self.tool_calls:
             out["tool_calls"] = [
                 {
