@@ -255,6 +255,7 @@ def test_invalid_constraints_are_400s_naming_the_field(url):
         ({"type": "object", "properties": {"not": {"type": "integer"}, "if": {"type": "string"}}}, None),
         ({"type": "array", "items": {"type": "integer", "multipleOf": 3}, "uniqueItems": False}, None),
         ({"allOf": [{"type": "integer", "minimum": 3}]}, None),
+        ({"type": "string", "enum": ["ab", "abc", 7], "minLength": 2, "maxLength": 3}, None),  # every value fits
     ],
 )  # fmt: skip
 def test_schema_keywords_the_grammar_would_not_enforce_are_refused(schema, refused):
@@ -276,11 +277,16 @@ def test_schema_keywords_the_grammar_would_not_enforce_are_refused(schema, refus
         ({"type": "integer", "multipleOf": 3, "minimum": 0}, 4, "multipleOf beside minimum"),
         ({"type": "integer", "multipleOf": 5, "exclusiveMaximum": 100}, 7, "multipleOf beside exclusiveMaximum"),
         ({"type": "string", "pattern": "^(?!no)[a-z]+$"}, "nope", "pattern with a lookaround assertion"),
+        # the listed values are enforced, their lengths not (no warning)
+        ({"type": "string", "enum": ["ab", "abcd"], "maxLength": 3}, "abcd", "maxLength beside enum value 'abcd'"),
+        ({"type": "string", "const": "abcd", "maxLength": 2}, "abcd", "maxLength beside const value 'abcd'"),
+        ({"enum": ["a", "abcdef", 1], "minLength": 3}, "a", "minLength beside enum value 'a'"),
     ],
 )  # fmt: skip
 def test_keywords_xgrammar_drops_with_a_warning_are_refused(schema, breaking, refused):
     """xgrammar 0.2 compiles these schemas with a warning on stderr and leaves a keyword out of the grammar
-    (lengths beside a pattern or format, multipleOf beside a range, a lookahead): a value the schema forbids (by
+    (lengths beside a pattern or format, multipleOf beside a range, a lookahead), or silently enforces an enum's
+    values without their lengths: a value the schema forbids (by
     jsonschema) walks through xgrammar's own grammar to its end. Refused by name instead, as vLLM refuses the first
     two, so that no output a request gets back breaks its schema."""
     from miniserve.engine.structured_output import GrammarCompiler

@@ -282,7 +282,8 @@ def unenforced_keyword(schema: Any, where: str = "") -> str | None:
     """The first keyword of `schema` (and its subschemas) that the grammar would not enforce, with where it sits
     ("uniqueItems at properties.tags"), or None: those of _UNENFORCED (uniqueItems only when true), multipleOf but
     on integers without bounds, minLength/maxLength beside a pattern or format, a pattern's lookahead, allOf of more
-    than one schema, and a $ref outside the schema (as vLLM's xgrammar backend refuses the like)."""
+    than one schema, a $ref outside the schema (as vLLM's xgrammar backend refuses the like), and minLength/maxLength
+    beside an enum or const value that breaks them (xgrammar enforces the values, not the lengths)."""
     if not isinstance(schema, dict):
         return None
     at = f" at {where}" if where else ""
@@ -298,6 +299,13 @@ def unenforced_keyword(schema: Any, where: str = "") -> str | None:
     shaped = [k for k in ("pattern", "format") if k in schema]
     if lengths and shaped:  # xgrammar compiles the pattern (format) and drops the length bounds
         return f"{lengths[0]}{at} beside {shaped[0]} (a length is enforced on strings without pattern or format)"
+    listed = schema["enum"] if isinstance(schema.get("enum"), list) else [schema["const"]] if "const" in schema else []
+    lo, hi = schema.get("minLength", 0), schema.get("maxLength")
+    if lengths and isinstance(lo, int) and isinstance(hi, (int, type(None))):  # xgrammar allows every listed value
+        breaking = [v for v in listed if isinstance(v, str) and (len(v) < lo or (hi is not None and len(v) > hi))]
+        if breaking:
+            which = "enum" if "enum" in schema else "const"
+            return f"{lengths[0]}{at} beside {which} value {breaking[0]!r}, which breaks it (list only values it takes)"
     if isinstance(schema.get("pattern"), str) and re.search(r"(?<!\\)(?:\\\\)*\(\?<?[=!]", schema["pattern"]):
         return f"pattern{at} with a lookaround assertion"  # xgrammar ignores a lookahead (and refuses a lookbehind)
     if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
