@@ -248,15 +248,16 @@ def _chained_strings(text: str) -> str:
         return text
     classes = dict(_CHARACTER_CLASS.findall(text))
     names = set(_RULE_NAME.findall(text))
-    budget = [MAX_CHAINED_RULES]
+    budget = MAX_CHAINED_RULES
 
     def chain(match: re.Match) -> str:
+        nonlocal budget
         name, chars, lo, hi = match[1], match[2], int(match[3]), int(match[4])
         last = hi if hi >= 0 else lo  # rules for 0..last characters read; past `last` an unbounded one repeats
         links = [f"{name}_len{n}" for n in range(last + 1)]
-        if chars not in classes or len(links) > budget[0] or names.intersection(links):
+        if chars not in classes or len(links) > budget or names.intersection(links):
             return match[0]
-        budget[0] -= len(links)
+        budget -= len(links)
         rules = [f'{name} ::= (("\\"" {links[0]}))']
         for n, link in enumerate(links):
             ways = ['("\\"")'] if n >= lo else []
