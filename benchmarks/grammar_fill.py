@@ -18,6 +18,7 @@ strategy fills a step faster than that).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -37,10 +38,12 @@ from benchmarks.checkpoints import SHAPES  # noqa: E402
 from benchmarks.provenance import write_result  # noqa: E402
 from benchmarks.structured_outputs import SCHEMAS, write_bpe_tokenizer  # noqa: E402
 from benchmarks.vocab_shares import measured_shares  # noqa: E402
-from miniserve.engine.structured_output import MAX_JSON_WHITESPACE, json_schema_grammar  # noqa: E402
+from miniserve.engine.structured_output import MAX_CHAINED_RULES, MAX_JSON_WHITESPACE, json_schema_grammar  # noqa: E402
 
 
-def compile_schema(schema: dict, vocab_size: int, directory: Path, like: str | None = None):
+def compile_schema(
+    schema: dict, vocab_size: int, directory: Path, like: str | None = None, chained_rules: int = MAX_CHAINED_RULES
+):
     import xgrammar as xgr
     from transformers import PreTrainedTokenizerFast
 
@@ -52,7 +55,7 @@ def compile_schema(schema: dict, vocab_size: int, directory: Path, like: str | N
     info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=[eos])
     # the engine's grammar for the schema (its bounded strings as chains), with the whitespace it allows
     whitespace = {"any_whitespace": True, "max_whitespace_cnt": MAX_JSON_WHITESPACE}
-    return xgr.GrammarCompiler(info).compile_grammar(json_schema_grammar(json.dumps(schema), whitespace))
+    return xgr.GrammarCompiler(info).compile_grammar(json_schema_grammar(json.dumps(schema), whitespace, chained_rules))
 
 
 def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> list[np.ndarray]:
@@ -118,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the synthetic vocabulary's quote/newline/backslash shares: those of this vocabulary of "
         "benchmarks/results/vocab_shares.json (e.g. cl100k_base); default: JSON-heavy",
     )  # fmt: skip
+    ap.add_argument(
+        "--chained-rules", type=int, default=MAX_CHAINED_RULES,
+        help="rules the grammar may spend on chains of length-bounded strings (0: xgrammar's repetitions, the "
+        "engine's grammar before the chains; the masks are the same, so the random paths are too)",
+    )  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     import xgrammar as xgr
@@ -129,11 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     slowest: list[float] = []  # the slowest row of each step (in "rows")
     fills = strategies(args.threads, slowest)
     result = {"batch": args.batch, "steps": args.steps, "vocab": vocab, "vocab_like": args.vocab_like or "json-heavy"}
-    result.update(cpus=cpus, schemas={})
+    result["chained_rules"] = args.chained_rules
+    result.update(cpus=cpus, schemas={}, paths={})  # paths: a digest of the tokens each schema's rows took
     for name in args.schemas:
         with tempfile.TemporaryDirectory() as tmp:
-            compiled = compile_schema(SCHEMAS[name], vocab, Path(tmp), args.vocab_like)
-        rng = random.Random(0)
+            compiled = compile_schema(SCHEMAS[name], vocab, Path(tmp), args.vocab_like, args.chained_rules)
+        rng, path = random.Random(0), hashlib.sha256()
         slowest.clear()
         matchers = [xgr.GrammarMatcher(compiled) for _ in range(args.batch)]
         times: dict[str, list[float]] = {k: [] for k in fills}
@@ -148,10 +157,12 @@ def main(argv: list[str] | None = None) -> int:
             same = all(np.array_equal(ref.numpy(), m.numpy()) for m in masks.values())
             assert same, "a strategy filled different masks"
             for m, allowed in zip(matchers, allowed_tokens(ref, vocab)):
-                assert m.accept_token(int(allowed[rng.randrange(len(allowed))]))
+                token = int(allowed[rng.randrange(len(allowed))])
+                path.update(token.to_bytes(4, "little"))
+                assert m.accept_token(token)
         times["slowest row"] = slowest
         rows = {k: {"median_ms": statistics.median(v), "mean_ms": statistics.fmean(v)} for k, v in times.items()}
-        result["schemas"][name] = rows
+        result["schemas"][name], result["paths"][name] = rows, path.hexdigest()
         for key, row in rows.items():
             print(f"{name:8s} {key:16s} median {row['median_ms']:7.3f} ms  mean {row['mean_ms']:7.3f} ms", flush=True)
     if args.out:

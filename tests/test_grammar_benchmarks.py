@@ -27,6 +27,20 @@ def test_grammar_fill_times_every_strategy_on_the_same_states(tmp_path):
     assert rows["slowest row"]["mean_ms"] < rows["rows"]["mean_ms"]
 
 
+def test_grammar_fill_walks_the_same_paths_with_and_without_chains(tmp_path):
+    """--chained-rules 0 times xgrammar's repetitions, the default the engine's chains: the rows take the same
+    random tokens in both (their masks are the same), so the two runs time the same states."""
+    paths = []
+    for rules in ("0", "40"):
+        out = tmp_path / f"fill{rules}.json"
+        argv = ["--vocab", "3000", "--batch", "4", "--steps", "60", "--threads", "2", "--schemas", "bounded"]
+        assert grammar_fill.main(argv + ["--chained-rules", rules, "--out", str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert result["chained_rules"] == int(rules)
+        paths.append(result["paths"]["bounded"])
+    assert paths[0] == paths[1]
+
+
 def _shares_in(tokenizer_json: Path) -> dict[str, float]:
     """Counted here, from the written file's strings (the oracle: not the benchmark's own counting)."""
     words = list(json.loads(tokenizer_json.read_text())["model"]["vocab"])

@@ -217,9 +217,10 @@ _STRING_LOOKAHEAD = re.compile(r"^basic_string_sub ::= .* (\(=.+\))$", re.M)
 MAX_CHAINED_RULES = 40
 
 
-def json_schema_grammar(schema: str, whitespace: dict[str, Any]) -> Any:
+def json_schema_grammar(schema: str, whitespace: dict[str, Any], chained_rules: int = MAX_CHAINED_RULES) -> Any:
     """xgrammar's grammar for a JSON schema, with its length-bounded strings' characters made valid JSON and
-    written as chains (`_chained_strings`); a ValueError for a keyword it would not enforce (`unenforced_keyword`)."""
+    written as chains of at most `chained_rules` rules in all (`_chained_strings`; 0: none, for benchmarks); a
+    ValueError for a keyword it would not enforce (`unenforced_keyword`)."""
     unenforced = unenforced_keyword(json.loads(schema))
     if unenforced:
         raise ValueError(f"{unenforced}: the grammar engine (xgrammar) cannot enforce it, so outputs could break it")
@@ -228,11 +229,11 @@ def json_schema_grammar(schema: str, whitespace: dict[str, Any]) -> Any:
     text = str(grammar)
     if _BOUNDED_STRING_CHAR not in text:
         return grammar
-    return xgr.Grammar.from_ebnf(_chained_strings(text.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR)))
+    return xgr.Grammar.from_ebnf(_chained_strings(text.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR), chained_rules))
 
 
-def _chained_strings(text: str) -> str:
-    """The grammar `text` with its length-bounded strings (MAX_CHAINED_RULES rules at most) written as chains of
+def _chained_strings(text: str, budget: int) -> str:
+    """The grammar `text` with its length-bounded strings (`budget` rules at most) written as chains of
     rules, one per count of characters read so far, each ending in the lookahead xgrammar gives its unbounded
     strings (a JSON string is followed by whitespace and one of ,}]: or ends the document).
 
@@ -248,7 +249,6 @@ def _chained_strings(text: str) -> str:
         return text
     classes = dict(_CHARACTER_CLASS.findall(text))
     names = set(_RULE_NAME.findall(text))
-    budget = MAX_CHAINED_RULES
 
     def chain(match: re.Match) -> str:
         nonlocal budget
