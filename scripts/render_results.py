@@ -507,20 +507,42 @@ def swap_note() -> str:
 
 
 def chain_note() -> str:
-    """Length-bounded strings written as chains of rules, side by side with the tree before (an H100 machine)."""
-    ab = load("structured_outputs_chain_ab_h100.json")
-    if not ab:
-        return ""
-    med, pairs = ab["median_ratios"], ab["pairs"]
-    first = next(iter(pairs.values()))
-    return (
-        "a length-bounded string is written as a chain of grammar rules, one per character count "
-        "(`engine/structured_output.py:_chained_strings`; the same masks), whose token masks xgrammar precomputes "
-        f"where it checked a repetition's tokens one by one every step: side by side with {first['old']['commit']} "
-        f"({len(pairs)} alternated rounds on an H100 machine, `structured_outputs_chain_ab_h100.json`, 1B "
-        f"cl100k-like): medians {med['old']['open']:.3f} -> {med['new']['open']:.3f} (unbounded), "
-        f"{med['old']['bounded']:.3f} -> {med['new']['bounded']:.3f} (bounded)"
+    """Length-bounded strings written as chains of rules: the fill alone on the CPU (the same random paths with and
+    without them), and end to end side by side with the tree before (an H100 machine)."""
+    note = (
+        "a length-bounded string is now written as a chain of grammar rules, one per character count "
+        "(`engine/structured_output.py:_chained_strings`; the same masks), whose token masks xgrammar precomputes, "
+        "where it checked a repetition's tokens one by one every step"
     )
+    fills = {}
+    for name, vocab in (("cl100k-like", "cl100k"), ("JSON-heavy", "heavy")):
+        before, after = (load(f"grammar_fill_{vocab}_{how}_cpu.json") for how in ("repetitions", "chains"))
+        if before and after and before["paths"] == after["paths"]:  # the same states, or not comparable
+            fills[name] = [f["schemas"]["bounded"] for f in (before, after)]
+    if fills:
+        cpu = next(iter(load(f"grammar_fill_{v}_chains_cpu.json") for v in ("cl100k", "heavy")))["provenance"]
+        note += (
+            f": the bounded fill alone, {cpu['device']} (2 cores, `grammar_fill_*_{{repetitions,chains}}_cpu.json`, "
+            "the same random paths), rows one after another / the slowest row: "
+            + "; ".join(
+                f"{name} {b['rows']['median_ms']:.2f} -> {a['rows']['median_ms']:.2f} / "
+                f"{b['slowest row']['median_ms']:.2f} -> {a['slowest row']['median_ms']:.2f} ms"
+                for name, (b, a) in fills.items()
+            )
+        )
+    ab = load("structured_outputs_chain_ab_h100.json")
+    if ab:
+        med, pairs = ab["median_ratios"], ab["pairs"]
+        first = next(iter(pairs.values()))
+        note += (
+            f"; end to end, side by side with {first['old']['commit']} ({len(pairs)} alternated rounds on an H100 "
+            f"machine, `structured_outputs_chain_ab_h100.json`, 1B cl100k-like): medians {med['old']['open']:.3f} -> "
+            f"{med['new']['open']:.3f} (unbounded), {med['old']['bounded']:.3f} -> {med['new']['bounded']:.3f} "
+            "(bounded)"
+        )
+    else:
+        note += "; not yet measured end to end on a GPU (the ratios above are from before it)"
+    return note
 
 
 def mask_ms(run: dict) -> float:
@@ -581,9 +603,8 @@ def grammar_fill_note() -> str:
         )
 
     batch = next(iter(fills.values()))["batch"]
-    return f"alone, {batch} rows fill (unbounded / bounded, `grammar_fill*_h200.json`): " + "; ".join(
-        f"{name} {alone(f, 'open')} / {alone(f, 'bounded')}" for name, f in fills.items()
-    )
+    each = "; ".join(f"{name} {alone(f, 'open')} / {alone(f, 'bounded')}" for name, f in fills.items())
+    return f"alone, before the chains, {batch} rows fill (unbounded / bounded, `grammar_fill*_h200.json`): {each}"
 
 
 def serve_trace(run: str) -> dict | None:
