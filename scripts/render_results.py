@@ -517,17 +517,19 @@ def chain_note() -> str:
     fills = {}
     for name, vocab in (("cl100k-like", "cl100k"), ("JSON-heavy", "heavy")):
         before, after = (load(f"grammar_fill_{vocab}_{how}_cpu.json") for how in ("repetitions", "chains"))
-        if before and after and before["paths"] == after["paths"]:  # the same states, or not comparable
-            fills[name] = [f["schemas"]["bounded"] for f in (before, after)]
+        if before and after and before.get("paths") == after.get("paths") is not None:  # the same states
+            fills[name] = (before, after)
     if fills:
-        cpu = next(iter(load(f"grammar_fill_{v}_chains_cpu.json") for v in ("cl100k", "heavy")))["provenance"]
+        host = next(iter(fills.values()))[1]
         note += (
-            f": the bounded fill alone, {cpu['device']} (2 cores, `grammar_fill_*_{{repetitions,chains}}_cpu.json`, "
-            "the same random paths), rows one after another / the slowest row: "
+            f": the bounded fill alone, {host['provenance']['device']} ({host['cpus']['sched_getaffinity']} cores, "
+            "`grammar_fill_*_{repetitions,chains}_cpu.json`, the same random paths), rows one after another / the "
+            "slowest row: "
             + "; ".join(
                 f"{name} {b['rows']['median_ms']:.2f} -> {a['rows']['median_ms']:.2f} / "
                 f"{b['slowest row']['median_ms']:.2f} -> {a['slowest row']['median_ms']:.2f} ms"
-                for name, (b, a) in fills.items()
+                for name, files in fills.items()
+                for b, a in [[f["schemas"]["bounded"] for f in files]]
             )
         )
     runs = chain_runs()

@@ -281,6 +281,10 @@ def test_schema_keywords_the_grammar_would_not_enforce_are_refused(schema, refus
         ({"type": "string", "enum": ["ab", "abcd"], "maxLength": 3}, "abcd", "maxLength beside enum value 'abcd'"),
         ({"type": "string", "const": "abcd", "maxLength": 2}, "abcd", "maxLength beside const value 'abcd'"),
         ({"enum": ["a", "abcdef", 1], "minLength": 3}, "a", "minLength beside enum value 'a'"),
+        # the bound it breaks is named; a bound written as a float counts; a const beside an enum is checked too
+        ({"type": "string", "enum": ["abcd"], "minLength": 1, "maxLength": 3}, "abcd", "maxLength beside enum value"),
+        ({"type": "string", "enum": ["abcd"], "maxLength": 2.0}, "abcd", "maxLength beside enum value 'abcd'"),
+        ({"type": "string", "enum": ["ab", "abcd"], "const": "abcd", "maxLength": 3}, "abcd", "maxLength beside enum"),
     ],
 )  # fmt: skip
 def test_keywords_xgrammar_drops_with_a_warning_are_refused(schema, breaking, refused):

@@ -207,7 +207,7 @@ _BOUNDED_STRING_CHAR = r"[^\"\\\r\n]"
 _JSON_STRING_CHAR = r"[^\0-\x1f\"\\]"
 # a length-bounded string as xgrammar writes it: NAME ::= (("\"" CHARS{lo, hi} "\"")), CHARS a one-class rule
 _BOUNDED_STRING = re.compile(r'^(\w+) ::= \(\("\\"" (\w+)\{(\d+), (-?\d+)\} "\\""\)\)$', re.M)
-_CHARACTER_CLASS = re.compile(r"^(\w+) ::= \(\((\[.*\])\)\)$", re.M)
+_CHARACTER_CLASS = re.compile(r"^(\w+) ::= \(\((\[(?:[^\]\\]|\\.)*\])\)\)$", re.M)  # one class, escapes kept
 _RULE_NAME = re.compile(r"^(\w+) ::=", re.M)
 # the lookahead xgrammar gives its unbounded strings' rule: what may follow a JSON string's closing quote
 _STRING_LOOKAHEAD = re.compile(r"^basic_string_sub ::= .* (\(=.+\))$", re.M)
@@ -300,13 +300,9 @@ def unenforced_keyword(schema: Any, where: str = "") -> str | None:
     shaped = [k for k in ("pattern", "format") if k in schema]
     if lengths and shaped:  # xgrammar compiles the pattern (format) and drops the length bounds
         return f"{lengths[0]}{at} beside {shaped[0]} (a length is enforced on strings without pattern or format)"
-    listed = schema["enum"] if isinstance(schema.get("enum"), list) else [schema["const"]] if "const" in schema else []
-    lo, hi = schema.get("minLength", 0), schema.get("maxLength")
-    if lengths and isinstance(lo, int) and isinstance(hi, (int, type(None))):  # xgrammar allows every listed value
-        breaking = [v for v in listed if isinstance(v, str) and (len(v) < lo or (hi is not None and len(v) > hi))]
-        if breaking:
-            which = "enum" if "enum" in schema else "const"
-            return f"{lengths[0]}{at} beside {which} value {breaking[0]!r}, which breaks it (list only values it takes)"
+    broken = _length_broken(schema) if lengths else None  # xgrammar allows every listed value, whatever its length
+    if broken:
+        return f"{broken[0]}{at} beside {broken[1]} value {broken[2]!r}, which breaks it (list only values it takes)"
     if isinstance(schema.get("pattern"), str) and re.search(r"(?<!\\)(?:\\\\)*\(\?<?[=!]", schema["pattern"]):
         return f"pattern{at} with a lookaround assertion"  # xgrammar ignores a lookahead (and refuses a lookbehind)
     if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
@@ -317,6 +313,20 @@ def unenforced_keyword(schema: Any, where: str = "") -> str | None:
         found = unenforced_keyword(sub, f"{where}.{path}" if where else path)
         if found:
             return found
+    return None
+
+
+def _length_broken(schema: dict) -> tuple[str, str, str] | None:
+    """(the bound, enum or const, the value) of the first string among the schema's listed values (its enum's and
+    its const) that breaks its minLength or maxLength; None when all fit."""
+    listed = [("enum", v) for v in schema["enum"]] if isinstance(schema.get("enum"), list) else []
+    listed += [("const", schema["const"])] if "const" in schema else []
+    bounds = [(k, schema.get(k)) for k in ("minLength", "maxLength")]
+    bounds = [(k, b) for k, b in bounds if isinstance(b, (int, float)) and not isinstance(b, bool)]
+    for where, value in listed:
+        for key, bound in bounds if isinstance(value, str) else []:
+            if len(value) < bound if key == "minLength" else len(value) > bound:
+                return key, where, value
     return None
 
 
