@@ -6,8 +6,8 @@
 through their grammar (each step every row's mask is filled, then the row takes a random allowed token, as sampling
 from a random-weight model does) over that script's synthetic byte-level BPE vocabulary of the shape's size
 (`--vocab-like NAME`: its tokens with a quote, a newline or a backslash, the ones xgrammar checks one by one inside
-a JSON string, as common as in that measured real vocabulary of benchmarks/results/vocab_shares.json; default: JSON-
-heavy, ~7% each). At every step each strategy fills the same states: one row after another on this thread,
+a JSON string, as common as in that measured real vocabulary of benchmarks/results/vocab_shares.json; default:
+JSON-heavy, ~7% each). At every step each strategy fills the same states: one row after another on this thread,
 xgrammar's BatchGrammarMatcher with `max_threads` set (and with its default, half of what
 std::thread::hardware_concurrency reports; it holds the GIL), n groups of rows on n threads (`groups n`, the calling
 thread one of them; one call per row, which releases the GIL), and a Python thread pool of one task per row. Prints
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     slowest: list[float] = []  # the slowest row of each step (in "rows")
     fills = strategies(args.threads, slowest)
     result = {"batch": args.batch, "steps": args.steps, "vocab": vocab, "vocab_like": args.vocab_like or "json-heavy"}
-    result["chained_rules"] = args.chained_rules
-    result.update(cpus=cpus, schemas={}, paths={})  # paths: a digest of the tokens each schema's rows took
+    # paths: a digest of the tokens each schema's rows took (the same with and without chains: the same masks)
+    result.update(chained_rules=args.chained_rules, cpus=cpus, schemas={}, paths={})
     for name in args.schemas:
         with tempfile.TemporaryDirectory() as tmp:
             compiled = compile_schema(SCHEMAS[name], vocab, Path(tmp), args.vocab_like, args.chained_rules)

@@ -535,10 +535,10 @@ def chain_note() -> str:
     runs = chain_runs()
     if not runs:
         return note + "; not yet measured end to end on a GPU (the ratios above are from before it)"
-    first = next(iter(next(iter(runs.values()))[0]["pairs"].values()))
-    rounds = len(next(iter(runs.values()))[0]["pairs"])
+    pairs = next(iter(runs.values()))[0]["pairs"]
+    old = next(iter(pairs.values()))["old"]["commit"]
     return note + (
-        f"; end to end, side by side with {first['old']['commit']} ({rounds} alternated rounds on an H100 machine, "
+        f"; end to end, side by side with {old} ({len(pairs)} alternated rounds on an H100 machine, "
         "Llama-3.2-1B shape, medians unbounded / bounded): "
         + "; ".join(
             f"{vocab} {m['old']['open']:.3f} -> {m['new']['open']:.3f} / {m['old']['bounded']:.3f} -> "
@@ -552,9 +552,12 @@ def chain_note() -> str:
 
 def chain_runs() -> dict[str, tuple[dict, str]]:
     """The chained-strings side-by-side runs by vocabulary: (structured_outputs_ab.py's result, its file)."""
-    names = {"cl100k-like": "structured_outputs_chain_ab_h100.json"}
-    names["JSON-heavy"] = "structured_outputs_chain_heavy_ab_h100.json"
-    return {vocab: (load(name), name) for vocab, name in names.items() if load(name)}
+    names = {
+        "cl100k-like": "structured_outputs_chain_ab_h100.json",
+        "JSON-heavy": "structured_outputs_chain_heavy_ab_h100.json",
+    }
+    runs = {vocab: (load(name), name) for vocab, name in names.items()}
+    return {vocab: run for vocab, run in runs.items() if run[0]}
 
 
 def chain_why() -> str:

@@ -218,22 +218,18 @@ class LLMEngine:
         # unless no speculative round follows: the prompt pass samples the only token the request may have, or the
         # request is not `speculative` (a grammar's)
         pool = self.block_manager.num_blocks * self.block_manager.block_size
-        need, lookahead = self._kv_need(len(ids), params.max_tokens or self.max_model_len, params)
+        end = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        lookahead = self.scheduler.lookahead if end - len(ids) > 1 and params.speculative else 0
+        need = end - 1 + lookahead
         if need > pool:
             draft = f", {lookahead} of them for the draft's proposals" if lookahead else ""
             what = f"this request may need {need} tokens of KV cache{draft}, but the whole pool holds {pool}"
-            most = pool + 1 - self.scheduler.lookahead - len(ids) if params.speculative else pool + 1 - len(ids)
-            if most < 2:  # one new token needs no round, so no lookahead
-                most = 1 if self._kv_need(len(ids), 1, params)[0] <= pool else 0
+            # the most new tokens n that fit (prompt + n - 1 + lookahead slots); one alone runs no round: no lookahead
+            most = pool + 1 - len(ids) - (self.scheduler.lookahead if params.speculative else 0)
+            most = most if most >= 2 else int(len(ids) <= pool)
             if most:  # fewer new tokens would fit: say how many
                 raise ValueError(f"max_tokens: {what}; at most {most} new tokens fit beside this prompt")
             raise ValueError(f"{what}; it can never fit")
-
-    def _kv_need(self, prompt_len: int, max_new: int, params: SamplingParams) -> tuple[int, int]:
-        """(KV slots a request may hold at its longest, the draft's lookahead slots among them)."""
-        end = min(prompt_len + max_new, self.max_model_len)
-        lookahead = self.scheduler.lookahead if end - prompt_len > 1 and params.speculative else 0
-        return end - 1 + lookahead, lookahead
 
     def abort_request(self, request_id: str) -> None:
         self.outputs.abort(request_id)
