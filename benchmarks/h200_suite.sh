@@ -18,6 +18,7 @@
 #   bash benchmarks/h200_suite.sh grammar OUT_DIR   # structured outputs at batch 32 (a cl100k-like vocabulary), the mask fill alone
 #   OLD=DIR [OLD_COMMIT=... ROUNDS=2] bash benchmarks/h200_suite.sh grammarab OUT_DIR # structured outputs (1B), old tree and this, alternated
 #   bash benchmarks/h200_suite.sh grammar8b OUT_DIR # structured outputs at batch 32 on the Llama-3.1-8B shape
+#   bash benchmarks/h200_suite.sh grammar1b OUT_DIR # the README's row 15 on the Llama-3.2-1B shape, both vocabularies
 #   bash benchmarks/h200_suite.sh extendfp8 OUT_DIR # FP8 prompt passes with the extend kernel's registers capped
 #   bash benchmarks/h200_suite.sh extendchecks OUT_DIR # every extend variant against the torch reference
 #   bash benchmarks/h200_suite.sh extendttft OUT_DIR # a 32k prompt's TTFT end to end, beside one HF forward
@@ -350,6 +351,16 @@ if [ "$part" = grammar8b ]; then
       $([ $like = json-heavy ] || echo --vocab-like $like) --host-split --out "$out/${name}_${tag}.json" 2>&1 |
       grep -v -i warn | tail -6
   done
+fi
+
+if [ "$part" = grammar1b ]; then
+  # issue 14's Llama-3.2-1B rows of the README's row 15 (strings chained since 0948f77): the cl100k_base-like
+  # vocabulary on the default fill threads and on one, then the JSON-heavy vocabulary on the default threads
+  timeout 200 python3 benchmarks/structured_outputs.py --shape llama-3.2-1b --batch 32 --prompt 128 --gen 256 \
+    --vocab-like cl100k_base --grammar-threads 0 1 --host-split --out "$out/structured_outputs_cl100k_${tag}.json" 2>&1 |
+    grep -v -i warn | tail -8
+  timeout 200 python3 benchmarks/structured_outputs.py --shape llama-3.2-1b --batch 32 --prompt 128 --gen 256 \
+    --grammar-threads 0 --host-split --out "$out/structured_outputs_${tag}.json" 2>&1 | grep -v -i warn | tail -8
 fi
 
 if [ "$part" = extendfp8 ]; then
