@@ -22,6 +22,8 @@ from miniserve.scheduler.sequence import Sequence
 EOS = 1
 HELD = 500  # its character, "~", is held back until the next token or the end
 SPLIT = 501  # "b" at once, then a "~" held back like HELD's
+LEAD = 502  # a character's first byte: pending as U+FFFD until CONT completes it ("é") or another token ends it
+CONT = 503
 
 
 class CharDetokenizer:
@@ -37,6 +39,12 @@ class CharDetokenizer:
             elif t == SPLIT:
                 text += self.held + "b"
                 self.held = "~"
+            elif t == LEAD:
+                text += self.held
+                self.held = "\ufffd"
+            elif t == CONT:  # completes a LEAD just before it (held, or in `text`), else is a bad byte itself
+                text, self.held = text + self.held, ""
+                text = text[:-1] + "é" if text.endswith("\ufffd") else text + "\ufffd"
             else:
                 text += self.held + chr(t)
                 self.held = ""
@@ -166,6 +174,17 @@ def test_a_stop_string_in_held_text_stops_at_its_token(keep):
     processor, (seq,) = setup(SamplingParams(max_tokens=9, stop=["~"], min_tokens=3))
     feed(processor, seq, ["a", HELD, "b", HELD, "c"])  # the first "~" comes out with the 3rd token: not checked
     assert outcome(seq) == ([ord("a"), HELD, ord("b"), HELD], "a~b", "stop", "~")
+
+
+def test_an_unfinished_character_is_not_matched_by_a_stop_string_until_it_is_final():
+    """A held character still being decoded shows as U+FFFD: a stop string holding U+FFFD waits for its bytes
+    (completed, "é", it matches nothing; ended by another token, the U+FFFD is final and stops the sequence)."""
+    processor, (seq,) = setup(SamplingParams(max_tokens=9, stop=["\ufffd"]))
+    feed(processor, seq, ["a", LEAD, CONT, "b"])
+    assert outcome(seq) == ([ord("a"), LEAD, CONT, ord("b")], "aéb", None, None)
+    processor, (seq,) = setup(SamplingParams(max_tokens=9, stop=["\ufffd"]))
+    feed(processor, seq, ["a", LEAD, "b"])
+    assert outcome(seq) == ([ord("a"), LEAD, ord("b")], "a", "stop", "\ufffd")
 
 
 @pytest.mark.parametrize("keep", [False, True])

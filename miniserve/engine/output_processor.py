@@ -377,11 +377,14 @@ def _stop_strings_count(seq: Sequence) -> bool:
 
 def _held_stop_text(seq: Sequence, detok: IncrementalDetokenizer, matcher: StopMatcher | None) -> str:
     """The text the detokenizer holds back (byte tokens: a run may still turn into U+FFFD) when a stop string
-    ends in it: the sequence stops now, as vLLM's would, with the text as it decodes now. Else ""."""
+    ends in it: the sequence stops now, as vLLM's would, with the text as it decodes now. Else "", also while
+    the held text ends in an unfinished character (U+FFFD now, its next bytes may still complete it)."""
     if matcher is None or not _stop_strings_count(seq):
         return ""
     held = detok.pending()
-    return held if held and matcher.feed(seq.stop_state, held)[1] is not None else ""
+    if not held or held.endswith("\ufffd"):
+        return ""
+    return held if matcher.feed(seq.stop_state, held)[1] is not None else ""
 
 
 def _drops_last_text(seq: Sequence) -> bool:
