@@ -117,7 +117,7 @@ def test_ci_extracts_the_two_quick_start_commands_exactly():
     assert f"```bash\n{server}\n```" in quick_start and f"```bash\n{test}\n```" in quick_start
     # where .ci/run waits, with the protocol that enforces the connection settings
     assert server.endswith(f"uvicorn server:app --http server:http --host {ci.HOST} --port {ci.PORT}")
-    assert test.endswith("python3 -m pytest -q tests")
+    assert test.endswith("python3 -m pytest -q -n auto --maxprocesses 4 tests")
     # the test command comes after the curl example, not between the server and "from another shell"
     assert quick_start.index(server) < quick_start.index("from another shell") < quick_start.index(test)
     twice = text.replace("<!-- ci: test command", "<!-- ci: server command")
