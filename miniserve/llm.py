@@ -97,10 +97,14 @@ class LLM:
         return self._run(ids, bar)
 
     def beam_search(
-        self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams,
+        *,
+        use_tqdm: bool | Callable[..., Any] = False,
     ) -> list[BeamSearchOutput]:
         """vLLM's beam search: the beam_width likeliest continuations of each prompt (beam_search.py), run as one
-        generate call a token."""
+        generate call a token (use_tqdm, as vLLM's: a bar over those steps, up to max_tokens)."""
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
         tok, engine = self.engine.tokenizer, self.engine
@@ -112,10 +116,16 @@ class LLM:
             ids.append(tok.encode(p.prompt) if isinstance(p.prompt, str) else p.prompt)
             engine.check_length(ids[-1], SamplingParams(max_tokens=1))  # (as its first step's request)
 
+        bar = _progress(use_tqdm, params.max_tokens, "Beam search")
+
         def generate(batch: list[list[int]], step: SamplingParams) -> list[RequestOutput]:
+            bar.update(1)
             return self.generate(batch, step, use_tqdm=False)
 
-        return beam_search(generate, ids, params, engine.outputs.eos_token_ids, engine.max_model_len, tok.decode)
+        try:
+            return beam_search(generate, ids, params, engine.outputs.eos_token_ids, engine.max_model_len, tok.decode)
+        finally:
+            bar.close()
 
     def chat(
         self,
@@ -265,7 +275,7 @@ def _as_conversations(messages) -> list[list[dict]]:
     raise ValueError(f"messages must be a list of message dicts or a list of such lists, got {type(messages).__name__}")
 
 
-def _progress(use_tqdm: bool | Callable[..., Any], total: int) -> Any:
+def _progress(use_tqdm: bool | Callable[..., Any], total: int, desc: str = "Generating") -> Any:
     """vLLM's use_tqdm: True, False, or a tqdm-like class to make the bar with."""
     make = use_tqdm if callable(use_tqdm) else tqdm
-    return make(total=total, desc="Generating", disable=not use_tqdm)
+    return make(total=total, desc=desc, disable=not use_tqdm)

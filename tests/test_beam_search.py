@@ -35,6 +35,21 @@ def test_beams_are_transformers_beams(llama_dir):
     assert [b.cum_logprob for b in ours] == pytest.approx(out.sequences_scores.tolist(), abs=1e-4)
     assert all(b.finish_reason == "length" and len(b.logprobs) == 4 for b in ours)
     assert ours[0].text == llm.get_tokenizer().decode(ours[0].tokens)
+    steps = []
+
+    class Bar:  # vLLM's use_tqdm as a tqdm-like class: a bar over the search's steps, one generate call each
+        def __init__(self, total, desc, disable):
+            steps.append((total, desc, disable))
+
+        def update(self, n):
+            steps.append(n)
+
+        def close(self):
+            steps.append("closed")
+
+    with_bar = llm.beam_search([{"prompt_token_ids": prompt}], params, use_tqdm=Bar)[0].sequences
+    assert [b.tokens for b in with_bar] == [b.tokens for b in ours]
+    assert steps == [(4, "Beam search", False), 1, 1, 1, 1, "closed"]
     with pytest.raises(ValueError, match="beam_width: .* max_logprobs=20 allows: beam_width <= 10"):
         llm.beam_search([prompt], BeamSearchParams(beam_width=11, max_tokens=1))  # 2 x beam_width logprobs a step
     assert len(llm.beam_search([prompt], BeamSearchParams(beam_width=10, max_tokens=1))[0].sequences) == 10
