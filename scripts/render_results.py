@@ -613,7 +613,7 @@ def chain_why() -> str:
         f"; since then length-bounded strings are chains of grammar rules, whose masks xgrammar precomputes: {each} "
         "on the Llama-3.2-1B shape, side by side on an H100 machine (not yet on the H200)"
         + (
-            f"; on another H100 machine, whose host is slower, single runs of the same code spread over "
+            f"; on another H100 machine single runs of the same code spread over "
             f"{min(spread[1]):.2f}-{max(spread[1]):.2f}x"
             if (spread := recheck_spread())
             else ""

@@ -321,12 +321,15 @@ def _length_broken(schema: dict) -> tuple[str, str, str] | None:
     its const) that breaks its minLength or maxLength; None when all fit."""
     listed = [("enum", v) for v in schema["enum"]] if isinstance(schema.get("enum"), list) else []
     listed += [("const", schema["const"])] if "const" in schema else []
-    bounds = [(k, schema.get(k)) for k in ("minLength", "maxLength")]
-    bounds = [(k, b) for k, b in bounds if isinstance(b, (int, float)) and not isinstance(b, bool)]
+    lo, hi = (
+        b if isinstance(b, (int, float)) and not isinstance(b, bool) else None  # (a bound of another type: ignored)
+        for b in (schema.get("minLength"), schema.get("maxLength"))
+    )
     for where, value in listed:
-        for key, bound in bounds if isinstance(value, str) else []:
-            if len(value) < bound if key == "minLength" else len(value) > bound:
-                return key, where, value
+        if isinstance(value, str) and lo is not None and len(value) < lo:
+            return "minLength", where, value
+        if isinstance(value, str) and hi is not None and len(value) > hi:
+            return "maxLength", where, value
     return None
 
 
