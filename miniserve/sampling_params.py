@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 
-GREEDY_EPS = 1e-5  # temperatures below this are greedy (dividing by them would overflow)
+logger = logging.getLogger(__name__)
+
+GREEDY_EPS = 1e-5  # temperatures below this are greedy: 0 (the constructor raises others to MIN_TEMPERATURE)
+# a positive temperature below this is raised to it, with a warning, as vLLM does (lower ones risk inf and NaN)
+MIN_TEMPERATURE = 1e-2
 # penalties are applied in float32: a smaller positive value divides logits into infinities (or 0 flushed to zero)
 MIN_REPETITION_PENALTY = 1e-6
 OUTPUT_KINDS = ("cumulative", "delta", "final_only")  # vLLM's RequestOutputKind
@@ -128,6 +133,9 @@ class SamplingParams:
             raise ValueError("logits_processors: per-request logits processors are not supported")
         _check_int("n", self.n, low=1)
         _check_number("temperature", self.temperature, low=0.0)
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            logger.warning("temperature %s is below %s: raised to it, as vLLM does", self.temperature, MIN_TEMPERATURE)
+            self.temperature = MIN_TEMPERATURE
         _check_number("top_p", self.top_p, low=0.0, low_open=True, high=1.0)
         _check_int("top_k", self.top_k, low=-1)
         _check_number("min_p", self.min_p, low=0.0, high=1.0)

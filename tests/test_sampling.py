@@ -120,6 +120,30 @@ def test_defaults_and_normalisation():
     assert ok.greedy and ok.logprobs == 0
 
 
+@pytest.mark.parametrize("asked", [1e-45, 1e-6, 0.005, 0.00999])
+def test_a_temperature_below_a_hundredth_is_raised_to_it_as_in_vllm(asked, caplog):
+    """vLLM raises 0 < T < 0.01 to 0.01 (with a warning): such a request samples, it is not greedy. Two logits
+    0.01 apart then win in the ratio 1 : e, where greedy would always take the larger."""
+    with caplog.at_level("WARNING", logger="miniserve.sampling_params"):
+        p = SamplingParams(temperature=asked)
+    assert p.temperature == 0.01 and not p.greedy
+    assert f"temperature {asked} is below 0.01" in caplog.text
+    draws = 20000
+    logits = torch.full((draws, V), -1e4)
+    logits[:, 2], logits[:, 3] = 0.0, 0.01
+    torch.manual_seed(3)
+    tokens = sample(logits, build([p] * draws)).token_ids.numpy()
+    share = np.mean(tokens == 2)
+    assert set(np.unique(tokens)) == {2, 3} and abs(share - 1 / (1 + math.e)) < 0.015, share
+
+
+@pytest.mark.parametrize("kept", [0.0, 0.01, 0.0100001, 0.5])
+def test_zero_and_temperatures_from_a_hundredth_are_kept(kept, caplog):
+    with caplog.at_level("WARNING", logger="miniserve.sampling_params"):
+        p = SamplingParams(temperature=kept)
+    assert p.temperature == kept and p.greedy == (kept == 0) and caplog.text == ""
+
+
 # ---------------------------------------------------------------------------- oracles
 
 
