@@ -10,6 +10,8 @@ if TYPE_CHECKING:
     from miniserve.tokenizer import Tokenizer
 
 PROMPT_CONTEXT = 5  # prompt tokens an IncrementalDetokenizer may re-decode as its first prefix window
+# prompt ids read back at most for that window: past a trailing run of byte-fallback ids, which it leaves out
+CONTEXT_LOOKBACK = 256
 
 
 class IncrementalDetokenizer:
@@ -42,17 +44,24 @@ class IncrementalDetokenizer:
         return [int(t) for t in token_ids if int(t) not in self._skip]
 
     def _prompt_context(self, prompt_ids: Iterable[int]) -> list[int]:
-        """Up to PROMPT_CONTEXT trailing prompt ids that end on a complete character (read from the end: a long
-        prompt costs no more than a short one, on the server's event loop)."""
+        """Up to PROMPT_CONTEXT prompt ids that decode keeps, the last before any trailing run of byte-fallback ids
+        (the output's first bytes could still change that run's text), ending on a complete character. Read from
+        the end, CONTEXT_LOOKBACK ids at most: a long prompt costs no more than a short one, on the server's event
+        loop. (An empty context would let the decoder strip the first output token's leading space, as it strips
+        the first token's of a whole text: a prompt ending in CJK text or an emoji the vocabulary spells in
+        bytes.)"""
         ids = prompt_ids if isinstance(prompt_ids, (list, tuple)) else list(prompt_ids)
+        byte_ids = self.tokenizer.byte_fallback_ids
         context: list[int] = []
-        for t in reversed(ids):
-            if int(t) not in self._skip:
-                context.append(int(t))
-                if len(context) == PROMPT_CONTEXT:
-                    break
+        for t in reversed(ids[-CONTEXT_LOOKBACK:]):
+            t = int(t)
+            if t in self._skip or (not context and t in byte_ids):
+                continue
+            context.append(t)
+            if len(context) == PROMPT_CONTEXT:
+                break
         context.reverse()
-        while context and (context[-1] in self.tokenizer.byte_fallback_ids or self._decode(context).endswith("\ufffd")):
+        while context and (context[-1] in byte_ids or self._decode(context).endswith("\ufffd")):
             context.pop()
         return context
 

@@ -577,18 +577,40 @@ def test_incremental_detokenizer_equals_full_decode(ours, name, data):
 @settings(max_examples=100, deadline=None)
 @given(data=st.data())
 def test_prompt_context_is_the_last_kept_prompt_ids_up_to_a_complete_character(ours, name, data):
-    """The window a stream starts from: of the prompt's last PROMPT_CONTEXT ids that decode keeps (special ones
-    dropped when skipped), the longest leading run that does not end inside a character."""
+    """The window a stream starts from: of the prompt's ids that decode keeps (special ones dropped when skipped),
+    the last PROMPT_CONTEXT before any trailing run of byte-fallback ids, cut to the longest leading run that does
+    not end inside a character."""
     tokenizer = ours[name]
     prompt = pick_ids(tokenizer, data.draw(st.lists(st.integers(0, 10**6), max_size=30), label="raw prompt"))
     skip = data.draw(st.booleans(), label="skip_special_tokens")
-    kept = [t for t in prompt if not (skip and t in tokenizer.all_special_ids)][-PROMPT_CONTEXT:]
+    kept = [t for t in prompt if not (skip and t in tokenizer.all_special_ids)]
+    bytes_ = set(pick_ids(tokenizer, list(range(0, 4 * 256, 4)))) & tokenizer.byte_fallback_ids  # pick_ids' pool
+    while kept and kept[-1] in bytes_:
+        kept.pop()
+    kept = kept[-PROMPT_CONTEXT:]
     context = IncrementalDetokenizer(tokenizer, skip, prompt_ids=prompt).token_ids
     assert context == kept[: len(context)]
-    bytes_ = set(pick_ids(tokenizer, list(range(0, 4 * 256, 4))))  # (pick_ids' byte pool)
     if len(context) < len(kept):  # the next id would have ended it inside a character
         longer = kept[: len(context) + 1]
         assert longer[-1] in bytes_ or tokenizer.decode(longer, skip).endswith("\ufffd")
+
+
+def test_a_prompt_ending_in_byte_tokens_keeps_the_first_output_space(sp_dir):
+    """A prompt whose last PROMPT_CONTEXT ids and more are byte-fallback tokens (CJK text or an emoji that the
+    vocabulary spells in bytes): the stream still starts with the first output token's space, as transformers'
+    decode(prompt + output) minus decode(prompt) has it; the context reads back past the bytes."""
+    import transformers
+
+    tokenizer, hf = Tokenizer.from_pretrained(sp_dir), transformers.AutoTokenizer.from_pretrained(sp_dir)
+    generated = hf.encode(" the king", add_special_tokens=False)
+    for text in ["Hello 中文", "Hello 😀", "Hello 😀 中文", "中文"]:
+        prompt = hf.encode(text)
+        trailing = len(prompt) - max(i for i, t in enumerate(prompt) if t not in tokenizer.byte_fallback_ids) - 1
+        assert trailing >= (PROMPT_CONTEXT if text != "Hello 😀" else 4)
+        streamed = stream(tokenizer, generated, [1] * len(generated), skip=True, prompt=prompt)[0]
+        before = hf.decode(prompt, skip_special_tokens=True)
+        expected = hf.decode(prompt + generated, skip_special_tokens=True).removeprefix(before)
+        assert "".join(streamed) == expected == " the king", text
 
 
 @pytest.mark.parametrize("name", ["sp", "bpe"])
