@@ -344,7 +344,20 @@ def _backend_from_sentencepiece(model_file: Path, legacy: bool, add_prefix_space
     _set_llama_pipeline(backend, legacy, add_prefix_space)
     control = [AddedToken(pieces[i], special=True, normalized=False) for i in range(len(pieces)) if sp.is_control(i)]
     backend.add_special_tokens(control)
+    # user-defined pieces (chat markers a model was trained with) are whole tokens wherever they appear in a text,
+    # and plain text when decoded: non-special added tokens, as transformers converts them
+    backend.add_tokens([AddedToken(piece, special=False, normalized=False) for piece in _user_defined(model_file)])
     return backend
+
+
+def _user_defined(model_file: Path) -> list[str]:
+    """The pieces a SentencePiece model marks USER_DEFINED (its Python API has no is_user_defined: the proto says)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(model_file.read_bytes())
+    kind = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    return [p.piece for p in model.pieces if p.type == kind]
 
 
 def _merges_from_vocab(vocab: dict[str, int]) -> list[tuple[str, str]]:

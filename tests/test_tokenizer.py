@@ -369,6 +369,32 @@ def test_prefers_tokenizer_json_over_tokenizer_model(bpe_dir, sp_dir, tmp_path):
     assert both.encode("Hello world") == Tokenizer.from_pretrained(bpe_dir).encode("Hello world")
 
 
+def test_user_defined_sentencepiece_pieces_are_whole_tokens_as_in_transformers(tmp_path):
+    """A tokenizer.model trained with user_defined_symbols (chat markers): transformers makes each an added,
+    non-special token, matched whole inside any text and kept by decode(skip_special_tokens=True)."""
+    import transformers
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus_lines(60_000)), model_writer=model, vocab_size=400, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+        user_defined_symbols=["<|user|>", "<|assistant|>"],
+    )  # fmt: skip
+    (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    write_json(tmp_path / "tokenizer_config.json", {**config, "legacy": False, "add_bos_token": True})
+    ours, hf = Tokenizer.from_pretrained(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    markers = [ours.token_to_id("<|user|>"), ours.token_to_id("<|assistant|>")]
+    assert markers == [3, 4]
+    for text in ["<|user|>Hi<|assistant|>", "Romeo<|user|> where <|assistant|>art thou", "<|user|><|user|>"]:
+        ids = ours.encode(text)
+        assert ids == hf.encode(text)
+        assert [m in ids for m in markers] == [name in text for name in ("<|user|>", "<|assistant|>")]
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+    assert ours.decode([3, 4], skip_special_tokens=True) == "<|user|><|assistant|>"
+
+
 # ---------------------------------------------------------------------------- chat templates
 
 
