@@ -34,7 +34,8 @@ from miniserve.chat_template import (
 )
 from miniserve.json_file import read_eos_token_ids, read_json_object
 
-SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+# transformers' named special tokens: always special, and chat templates see each by its name
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
 
 # Longer texts are tokenized through the batch API, which releases the GIL, so a server thread tokenizing a huge
@@ -384,17 +385,30 @@ def _set_llama_pipeline(backend: tokenizers.Tokenizer, legacy: bool, add_prefix_
 
 
 def _add_config_tokens(backend: tokenizers.Tokenizer, config: dict, special: dict[str, str | None]) -> None:
-    """Add tokens from added_tokens_decoder and named special tokens the backend does not know yet."""
+    """Add the tokens of added_tokens_decoder the backend does not know yet; then, as transformers 5 does, (re)add
+    every named special token and every extra special token as special, whatever tokenizer.json says of it (so
+    skip_special_tokens drops a fine-tune's EOS that its tokenizer.json lists as a plain added token)."""
     known = {t.content for t in backend.get_added_tokens_decoder().values()}
+    listed = {}
     for _, spec in sorted((config.get("added_tokens_decoder") or {}).items(), key=lambda kv: int(kv[0])):
         token = _added_token(spec)
+        listed[token.content] = token
         if token.content not in known:
             (backend.add_special_tokens if token.special else backend.add_tokens)([token])
             known.add(token.content)
-    for content in special.values():
-        if content is not None and content not in known:
-            backend.add_special_tokens([AddedToken(content, special=True, normalized=False)])
-            known.add(content)
+    values = [config.get(name, content) for name, content in special.items() if content is not None]
+    extra = config.get("extra_special_tokens", config.get("additional_special_tokens"))
+    values += list(extra) if isinstance(extra, (list, tuple)) else []
+    backend.add_special_tokens([_special_token(value, listed) for value in values])
+
+
+def _special_token(value: Any, listed: dict[str, AddedToken]) -> AddedToken:
+    """A special token as transformers 5 adds it: the added_tokens_decoder entry of that content, else the config's
+    own entry (an AddedToken dict), else the bare content (neither stripped nor normalized)."""
+    content = _token_content(value)
+    if content in listed:
+        return listed[content]
+    return _added_token(value) if isinstance(value, dict) else AddedToken(content, special=True, normalized=False)
 
 
 def _update_post_processor(backend: tokenizers.Tokenizer, config: dict, special: dict[str, str | None]) -> None:

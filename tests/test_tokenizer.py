@@ -395,6 +395,40 @@ def test_user_defined_sentencepiece_pieces_are_whole_tokens_as_in_transformers(t
     assert ours.decode([3, 4], skip_special_tokens=True) == "<|user|><|assistant|>"
 
 
+def test_named_and_extra_special_tokens_are_special_whatever_tokenizer_json_says(bpe_dir, tmp_path):
+    """A fine-tune's tokenizer.json may list its EOS (and extra special tokens) as plain added tokens; transformers 5
+    re-adds every named and extra special token as special: decode(skip_special_tokens=True) drops them, a
+    stream too. Also the named tokens beyond BOS/EOS/UNK/PAD (sep, cls, mask) reach the chat template."""
+    shutil.copytree(bpe_dir, tmp_path / "plain")
+    raw = json.loads((tmp_path / "plain" / "tokenizer.json").read_text())
+    for token in raw["added_tokens"]:
+        if token["content"] in ("<|eot_id|>", "<|end_of_text|>"):
+            token["special"] = False
+    write_json(tmp_path / "plain" / "tokenizer.json", raw)
+    config = json.loads((tmp_path / "plain" / "tokenizer_config.json").read_text())
+    config.pop("added_tokens_decoder", None)
+    config.update(
+        additional_special_tokens=["<|end_of_text|>", "<|extra|>"], sep_token="<|sep|>", cls_token="<|cls|>",
+        chat_template="{{ cls_token }}{% for m in messages %}{{ m['content'] }}{{ sep_token }}{% endfor %}",
+    )  # fmt: skip
+    write_json(tmp_path / "plain" / "tokenizer_config.json", config)
+    (tmp_path / "plain" / "chat_template.jinja").unlink()  # (it would win over the config's template)
+    ours, hf = Tokenizer.from_pretrained(tmp_path / "plain"), AutoTokenizer.from_pretrained(tmp_path / "plain")
+    text = "Hello<|eot_id|> world<|end_of_text|>!<|extra|> <|sep|>"
+    ids = ours.encode(text, add_special_tokens=False)
+    assert ids == hf.encode(text, add_special_tokens=False)
+    for name in ("<|eot_id|>", "<|end_of_text|>", "<|extra|>", "<|sep|>"):
+        assert ours.token_to_id(name) in ids and ours.token_to_id(name) in ours.special_ids, name
+    for skip in (True, False):
+        assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+    assert ours.decode(ids, skip_special_tokens=True) == "Hello world! "
+    detok = IncrementalDetokenizer(ours)
+    assert "".join(detok.add([i]) for i in ids) + detok.flush() == "Hello world! "
+    messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    rendered = ours.render_chat(messages, False)
+    assert rendered == hf.apply_chat_template(messages, tokenize=False) == "<|cls|>a<|sep|>b<|sep|>"
+
+
 # ---------------------------------------------------------------------------- chat templates
 
 
