@@ -55,16 +55,50 @@ def check_template_kwargs(template_kwargs: dict[str, Any] | None) -> None:
         )
 
 
-def load_chat_template(directory: Path, config: dict) -> str | None:
-    """chat_template.jinja (transformers 5 layout) wins over tokenizer_config.json's chat_template."""
-    jinja_file = directory / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+def load_chat_templates(directory: Path, config: dict, setting: str | None = None) -> ChatTemplates:
+    """The model's chat templates by name, as transformers 5 reads them: chat_template.jinja ("default") and
+    additional_chat_templates/NAME.jinja, which win over tokenizer_config.json's chat_template (one template, the
+    default; or a list of {name, template}). The default is "default", or lacking it the first. `setting` (the
+    chat_template setting's text) replaces them all, as a template passed to transformers does."""
+    if setting:
+        return ChatTemplates(setting, {})
+    named = {p.stem: p.read_text(encoding="utf-8") for p in sorted(directory.glob("additional_chat_templates/*.jinja"))}
+    if (directory / "chat_template.jinja").is_file():
+        named["default"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
     template = config.get("chat_template")
-    if isinstance(template, list):
+    if not named and isinstance(template, list):
         named = {t["name"]: t["template"] for t in template}
-        return named.get("default", next(iter(named.values()), None))
-    return template
+    elif not named and isinstance(template, str):
+        named = {"default": template}
+    return ChatTemplates(named.get("default", next(iter(named.values()), None)), named)
+
+
+class ChatTemplates:
+    """A tokenizer's chat templates: the default (the chat_template setting's, else the model's; None:
+    DEFAULT_CHAT_TEMPLATE) and the model's by name, each compiled once, on first use."""
+
+    def __init__(self, default: str | None, named: dict[str, str]):
+        self.default = default
+        self.named = named
+        self._compiled: dict[str | None, Any] = {}
+
+    def source(self, chosen: str | None = None, tools: Any = None) -> str | None:
+        """The template a chat renders with, as transformers' get_chat_template picks it: `chosen` (a request's
+        chat_template) names one of the model's or is one; else the model's "tool_use" when the chat has tools
+        (even []); else the default."""
+        if chosen is not None:
+            return self.named.get(chosen, chosen)
+        return self.named["tool_use"] if tools is not None and "tool_use" in self.named else self.default
+
+    def compiled(self, source: str | None) -> Any:
+        """`source` compiled: the default and the model's named ones cached, a request's own compiled each time
+        (rare; a cache could hold anything)."""
+        if source in self._compiled:
+            return self._compiled[source]
+        template = compile_template(source or DEFAULT_CHAT_TEMPLATE)
+        if source == self.default or source in self.named.values():
+            self._compiled[source] = template
+        return template
 
 
 class ChatMessageError(ValueError):

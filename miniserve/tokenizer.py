@@ -24,11 +24,10 @@ from tokenizers import AddedToken, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 from miniserve.chat_template import (
-    DEFAULT_CHAT_TEMPLATE,
+    ChatTemplates,
     check_template_kwargs,
-    compile_template,
     cut_at_continue_mark,
-    load_chat_template,
+    load_chat_templates,
     read_format,
     template_messages,
 )
@@ -67,7 +66,7 @@ class Tokenizer:
         backend: tokenizers.Tokenizer,
         *,
         special_tokens: dict[str, str | None],
-        chat_template: str | None,
+        templates: ChatTemplates,
         extra_eos_token_ids: Iterable[int] = (),
         clean_up_tokenization_spaces: bool = False,
         name_or_path: str = "",
@@ -75,7 +74,7 @@ class Tokenizer:
         self.backend = backend
         self.name_or_path = name_or_path
         self.special_tokens = special_tokens
-        self.chat_template = chat_template
+        self.templates = templates
         # transformers 5 skips the clean-up for BPE models because it corrupts their output
         self._clean_up = clean_up_tokenization_spaces and type(backend.model).__name__ != "BPE"
         added = backend.get_added_tokens_decoder()
@@ -85,7 +84,6 @@ class Tokenizer:
             self._eos_token_ids.add(self.eos_token_id)
         self._bos_prefix = self._special_prefix()
         self.byte_fallback_ids = _byte_fallback_ids(backend)  # `<0xNN>` pieces: a detokenizer holds them back
-        self._jinja_template: Any = None
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -102,7 +100,7 @@ class Tokenizer:
         tokenizer = cls(
             backend,
             special_tokens=special,
-            chat_template=chat_template or load_chat_template(directory, config),
+            templates=load_chat_templates(directory, config, chat_template),
             extra_eos_token_ids=_config_eos_ids(directory),
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
             name_or_path=str(directory),
@@ -242,21 +240,15 @@ class Tokenizer:
         content_format: str | None = None,
     ) -> str:
         """The chat as text (apply_chat_template(tokenize=False)); `content_format` overrides the tokenizer's."""
-        template = self._template(chat_template)
+        source = self.templates.source(chat_template, tools)
+        template = self.templates.compiled(source)
         variables = {name: value for name, value in self.special_tokens.items() if value is not None}
         variables.update(template_kwargs or {})  # (the inputs named below are this method's own arguments)
-        fmt = read_format(content_format or self.content_format, chat_template or self.chat_template)
+        fmt = read_format(content_format or self.content_format, source)
         listed = template_messages(messages, fmt, continue_final_message)
         rendered = template.render(**variables, messages=listed, tools=tools, documents=documents,
                                    add_generation_prompt=add_generation_prompt)  # fmt: skip
         return cut_at_continue_mark(rendered) if continue_final_message else rendered
-
-    def _template(self, source: str | None) -> Any:
-        if source is not None:  # a per-request template: compiled each time (rare; a cache could hold anything)
-            return compile_template(source)
-        if self._jinja_template is None:
-            self._jinja_template = compile_template(self.chat_template or DEFAULT_CHAT_TEMPLATE)
-        return self._jinja_template
 
     def chat_prompt(
         self,
@@ -481,7 +473,7 @@ def _with_template_settings(tokenizer: Tokenizer, template: str | None, content_
         import jinja2
 
         try:
-            tokenizer._jinja_template = compile_template(template)
+            tokenizer.templates.compiled(template)
         except jinja2.TemplateSyntaxError as exc:
             raise ValueError(f"chat_template does not compile: {exc} (line {exc.lineno})") from None
     return tokenizer

@@ -882,6 +882,33 @@ def test_named_tool_choice_and_auto_parsing(client):
     assert content == msg.content and finish == "tool_calls"
 
 
+def test_a_models_tool_use_template_renders_and_teaches_the_calls_of_a_chat_with_tools(model_dir, tmp_path):
+    """A model with named templates (a plain "default" and TOOL_TEMPLATE as "tool_use", as Hermes-style models ship
+    them): a chat with tools renders with "tool_use", as vLLM picks it through transformers, and auto tool choice
+    parses the <tool_call> blocks that template teaches; a chat without tools renders with "default"."""
+    import shutil
+
+    named = shutil.copytree(model_dir, tmp_path / "named")
+    config = json.loads((named / "tokenizer_config.json").read_text())
+    plain = "{% for m in messages %}{{ m.content }}~{% endfor %}"
+    config["chat_template"] = [{"name": "default", "template": plain}, {"name": "tool_use", "template": TOOL_TEMPLATE}]
+    (named / "tokenizer_config.json").write_text(json.dumps(config))
+    block = r'<tool_call>\n\{"name": "get_time", "arguments": \{"zone": "utc"\}\}\n</tool_call>'
+    body = {"model": MODEL_NAME, "messages": MESSAGES["messages"], "max_tokens": 150, "return_token_ids": True}
+    with run_server(named, tmp_path / "named.log") as url:
+        answer = post(url, "/v1/chat/completions", {**body, "tools": TOOLS, "tool_choice": "auto",
+                                                    "structured_outputs": {"regex": block}})  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        choice = answer.json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and not choice["message"]["content"]
+        assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["get_time"]
+        prompt = post(url, "/detokenize", {"tokens": answer.json()["prompt_token_ids"]}).json()["prompt"]
+        assert '"name": "get_weather"' in prompt and "~" not in prompt
+        without = post(url, "/v1/chat/completions", body).json()
+        prompt = post(url, "/detokenize", {"tokens": without["prompt_token_ids"]}).json()["prompt"]
+        assert prompt.endswith("Speak.~") and "get_weather" not in prompt
+
+
 MISTRAL_LIKE = "{% for m in messages %}[INST]{{ m.content }}[/INST]{% endfor %}{# [TOOL_CALLS] #}"
 
 

@@ -551,7 +551,7 @@ def test_default_template_and_bos_handling(sp_dir, bpe_dir, tmp_path):
         config.pop("chat_template", None)
         write_json(directory / "tokenizer_config.json", config)
         ours = Tokenizer.from_pretrained(directory)
-        assert ours.chat_template is None
+        assert ours.templates.default is None
         text, ids = ours.chat_prompt(messages)
         assert text == "System: Be brief.\nUser: Hi\nAssistant:"
         assert ours.render_chat(messages, add_generation_prompt=False) == "System: Be brief.\nUser: Hi\n"
@@ -563,17 +563,42 @@ def test_default_template_and_bos_handling(sp_dir, bpe_dir, tmp_path):
         assert hf_text == text
 
 
-def test_named_chat_template_list(sp_dir, tmp_path):
-    shutil.copytree(sp_dir, tmp_path / "named")
-    config_file = tmp_path / "named" / "tokenizer_config.json"
-    config = json.loads(config_file.read_text())
-    config["chat_template"] = [
-        {"name": "tool_use", "template": "TOOLS"},
-        {"name": "default", "template": "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"},
-    ]
-    write_json(config_file, config)
-    ours = Tokenizer.from_pretrained(tmp_path / "named")
-    assert ours.render_chat([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}], True) == "[x][y]"
+NAMED_TEMPLATES = {
+    "default": "DEFAULT{% for m in messages %}[{{ m['content'] }}]{% endfor %}",
+    "tool_use": "TOOLS {{ tools | length }}{% for m in messages %}[{{ m['content'] }}]{% endfor %}",
+    "rag": "RAG{% for m in messages %}<{{ m['content'] }}>{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("layout", ["config list", "jinja files"])
+def test_named_chat_templates_are_picked_as_transformers_picks_them(sp_dir, tmp_path, layout):
+    """A model with several templates (tokenizer_config.json's list, or transformers 5's chat_template.jinja and
+    additional_chat_templates/NAME.jinja): "tool_use" for a chat with tools (even []), a request's chat_template
+    naming one, else "default"; the chat_template setting replaces them all."""
+    directory = tmp_path / "named"
+    shutil.copytree(sp_dir, directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    if layout == "config list":
+        config["chat_template"] = [{"name": k, "template": v} for k, v in NAMED_TEMPLATES.items()]
+    else:
+        config.pop("chat_template", None)
+        (directory / "chat_template.jinja").write_text(NAMED_TEMPLATES["default"])
+        (directory / "additional_chat_templates").mkdir()
+        for name in ("tool_use", "rag"):
+            (directory / "additional_chat_templates" / f"{name}.jinja").write_text(NAMED_TEMPLATES[name])
+    write_json(directory / "tokenizer_config.json", config)
+    ours, hf = Tokenizer.from_pretrained(directory), AutoTokenizer.from_pretrained(directory)
+    messages = [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    cases = [({}, "DEFAULT[x][y]"), ({"tools": [tool]}, "TOOLS 1[x][y]"), ({"tools": []}, "TOOLS 0[x][y]"),
+             ({"chat_template": "rag"}, "RAG<x><y>"), ({"chat_template": "rag", "tools": [tool]}, "RAG<x><y>"),
+             ({"chat_template": "{{ 'own' }}"}, "own")]  # fmt: skip
+    for options, expected in cases:
+        assert ours.apply_chat_template(messages, tokenize=False, **options) == expected, options
+        assert hf.apply_chat_template(messages, tokenize=False, **options) == expected, options
+    setting = Tokenizer.from_pretrained(directory, chat_template="SET{{ messages | length }}")
+    assert setting.apply_chat_template(messages, tokenize=False, tools=[tool]) == "SET2"
+    assert setting.templates.source(None, [tool]) == "SET{{ messages | length }}"
 
 
 # ---------------------------------------------------------------------------- incremental detokenizing

@@ -64,8 +64,7 @@ async def _beam_chat(state: ServerState, request: Request, req: ChatCompletionRe
     """use_beam_search: the n best beams as the choices' messages (server/beam.py); no reasoning split, no tools."""
     if state.server.reasoning_parser is not None:
         raise APIError("use_beam_search is not combined with the server's --reasoning-parser", param="use_beam_search")
-    server = state.server
-    tools = tool_setup(req, state.tokenizer.chat_template, server.tool_call_parser, server.enable_auto_tool_choice)
+    tools = _tool_setup(state, req)
     ids = await _chat_ids(state, req, tools)
     budget_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     budget = state.token_budget(len(ids), req.token_budget(), "messages", budget_param)
@@ -109,8 +108,7 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, base_id: st
     """Checks, tools, the output constraint, the prompt and its sampling parameters; then the request posted."""
     state.check_bounds(req)
     check_reasoning_fields(req, state.server.reasoning_parser)
-    server = state.server
-    tools = tool_setup(req, state.tokenizer.chat_template, server.tool_call_parser, server.enable_auto_tool_choice)
+    tools = _tool_setup(state, req)
     constraint = _chat_constraint(req, tools)
     structured = await state.compile_constraint(constraint)
     ids = await _chat_ids(state, req, tools)
@@ -134,6 +132,12 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, base_id: st
     group = RequestGroup(state, base_id, req.stream)
     await group.start([ids], [params], "messages", req.n, req.priority)
     return ChatRun(ids, tools, reasoning, group)
+
+
+def _tool_setup(state: ServerState, req: ChatCompletionRequest) -> ToolSetup:
+    """The request's tools, read with the chat template it renders with (a model's "tool_use" one when it has tools)."""
+    template = state.tokenizer.templates.source(req.chat_template, req.tools)
+    return tool_setup(req, template, state.server.tool_call_parser, state.server.enable_auto_tool_choice)
 
 
 async def _chat_ids(state: ServerState, req: ChatCompletionRequest, tools: ToolSetup) -> list[int]:

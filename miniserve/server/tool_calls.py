@@ -521,14 +521,14 @@ class ToolSetup:
         return "tool_calls" if finish == "stop" and num_calls and self.mode != "named" else finish
 
 
-def tool_setup(req: ChatCompletionRequest, model_template: str | None, parser: str, auto_enabled: bool) -> ToolSetup:
-    """The request's tool mode, and the call format: the server's `parser` (tool_call_parser), else the one its
-    chat template teaches. A 400 naming tool_choice when auto needs a format and has none, or is disabled
-    (enable_auto_tool_choice off)."""
+def tool_setup(req: ChatCompletionRequest, template: str | None, parser: str, auto_enabled: bool) -> ToolSetup:
+    """The request's tool mode, and the call format: the server's `parser` (tool_call_parser), else the one taught
+    by `template`, the chat template the request renders with (Tokenizer.template_source). A 400 naming
+    tool_choice when auto needs a format and has none, or is disabled (enable_auto_tool_choice off)."""
     mode = req.tool_mode()
     named = req.tool_choice.function.name if mode == "named" else None
     tools = [t.model_dump(by_alias=True, exclude_none=True) for t in req.tools or []]
-    fmt = detect_format(req.chat_template or model_template) if parser == "auto" else parser
+    fmt = detect_format(template) if parser == "auto" else parser
     setup = ToolSetup(mode, fmt, named, req.parallel_tool_calls is not False, tools)
     if mode == "auto" and not auto_enabled:
         raise APIError(
