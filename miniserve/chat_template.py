@@ -137,9 +137,11 @@ def detect_content_format(source: str) -> str:
     return "string"
 
 
-# the names an assistant's reasoning goes by: vLLM's response field, its older one, and the one templates such as
-# gpt-oss's read; a message given any of them gets all three, as transformers' apply_chat_template does
-REASONING_NAMES = ("reasoning_content", "thinking", "reasoning")  # (transformers' order: the first given wins)
+# the names an assistant's reasoning goes by: vLLM's older response field, the one templates such as gpt-oss's
+# read, and vLLM's current one. A message given any of them gets all three: transformers' apply_chat_template fills
+# the first two from any of them (the first given wins, in this order); `reasoning` is filled too, so a template
+# written against vLLM's current field reads the same text
+REASONING_NAMES = ("reasoning_content", "thinking", "reasoning")
 
 
 def normalize_message(message: dict[str, Any], index: int, content_format: str = "string") -> dict[str, Any]:

@@ -25,6 +25,7 @@ from tokenizers.models import BPE
 
 from miniserve.chat_template import (
     ChatTemplates,
+    check_chat_options,
     check_template_kwargs,
     cut_at_continue_mark,
     load_chat_templates,
@@ -219,8 +220,12 @@ class Tokenizer:
         `tools` (OpenAI tool dicts) and `documents` reach the template as transformers passes them;
         `template_kwargs` become extra template variables (e.g. `enable_thinking`); `chat_template` replaces the
         model's template for this call. With `continue_final_message`, the text ends right after the last
-        message's content (no end-of-turn marker), so the model continues that message.
+        message's content (no end-of-turn marker), so the model continues that message. As transformers, a
+        ValueError for an empty conversation, or for both continue_final_message and add_generation_prompt.
         """
+        if not messages:
+            raise ValueError("cannot apply a chat template to an empty conversation: give at least one message")
+        check_chat_options(add_generation_prompt, continue_final_message, None)
         text = self.render_chat(messages, add_generation_prompt, tools, documents, chat_template,
                                 continue_final_message, template_kwargs)  # fmt: skip
         if not tokenize:

@@ -570,6 +570,17 @@ NAMED_TEMPLATES = {
 }
 
 
+def test_apply_chat_template_refuses_what_transformers_refuses(pair):
+    """An empty conversation, and continue_final_message with add_generation_prompt: ValueErrors in both."""
+    ours, hf = pair
+    said = [{"role": "user", "content": "x"}]
+    for messages, options in (([], {}), (said, {"add_generation_prompt": True, "continue_final_message": True})):
+        for tokenizer in (ours, hf):
+            with pytest.raises(ValueError):
+                tokenizer.apply_chat_template(messages, tokenize=False, **options)
+    assert ours.apply_chat_template(said, tokenize=False, continue_final_message=True).endswith("x")
+
+
 @pytest.mark.parametrize("layout", ["config list", "jinja files"])
 def test_named_chat_templates_are_picked_as_transformers_picks_them(sp_dir, tmp_path, layout):
     """A model with several templates (tokenizer_config.json's list, or transformers 5's chat_template.jinja and
