@@ -185,6 +185,13 @@ def test_an_unfinished_character_is_not_matched_by_a_stop_string_until_it_is_fin
     processor, (seq,) = setup(SamplingParams(max_tokens=9, stop=["\ufffd"]))
     feed(processor, seq, ["a", LEAD, "b"])
     assert outcome(seq) == ([ord("a"), LEAD, ord("b")], "a", "stop", "\ufffd")
+    # the length ends it while the character is unfinished: its U+FFFD is final then, and matched as the text ends
+    cases = [(["\ufffd"], False, ("a", "stop", "\ufffd")), (["\ufffd"], True, ("a\ufffd", "stop", "\ufffd")),
+             (["zz"], False, ("a\ufffd", "length", None))]  # fmt: skip
+    for stop, keep, expected in cases:
+        processor, (seq,) = setup(SamplingParams(max_tokens=2, stop=stop, include_stop_str_in_output=keep))
+        feed(processor, seq, ["a", LEAD])
+        assert outcome(seq) == ([ord("a"), LEAD], *expected)
 
 
 @pytest.mark.parametrize("keep", [False, True])
