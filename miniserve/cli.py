@@ -15,6 +15,10 @@ import tempfile
 from miniserve.config import EngineConfig, ServerConfig
 from miniserve.settings import add_arguments, from_sources, unknown_variables
 
+MAIN_HELP = (
+    "Serve a Hugging Face model with an OpenAI-compatible API, or generate one completion. Each flag also reads "
+    "its MINISERVE_* environment variable, which the flag overrides."
+)
 GENERATE_HELP = "Generate a completion for one prompt, streamed to stdout."
 SERVE_HELP = "Serve the OpenAI-compatible API (the same server as `uvicorn server:app`)."
 
@@ -96,13 +100,24 @@ def take_model_tag(args: argparse.Namespace) -> None:
     must agree)."""
     if args.model_tag is None:
         return
-    if args.model is not None and args.model != args.model_tag:
+    if args.model is not None and os.path.normpath(args.model) != os.path.normpath(args.model_tag):
         raise ValueError(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")
     args.model = args.model_tag
 
 
+def check_model_tag(args: argparse.Namespace) -> None:
+    """A positional MODEL that is no directory is often a stray word (`--enforce-eager true`: the flag takes no
+    value, so argparse reads "true" as MODEL): the error says where the word was read."""
+    if args.model_tag is not None and not os.path.isdir(args.model_tag):
+        raise FileNotFoundError(
+            f"model directory {args.model_tag!r} does not exist (read as the positional MODEL of `serve MODEL`, a "
+            "local directory; a word given to a flag that takes no value lands there too)"
+        )
+
+
 def serve_main(args: argparse.Namespace) -> int:
     take_model_tag(args)
+    check_model_tag(args)
     config, server = from_sources(EngineConfig, args), from_sources(ServerConfig, args)
     from miniserve.distributed.runner import serve_as_other_rank
 
@@ -149,13 +164,15 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="miniserve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="miniserve", description=MAIN_HELP, allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate a completion for one prompt", description=GENERATE_HELP)
+    gen = sub.add_parser(
+        "generate", help="generate a completion for one prompt", description=GENERATE_HELP, allow_abbrev=False
+    )
     add_request_args(gen)
     add_arguments(gen, EngineConfig)
     gen.set_defaults(func=generate_main)
-    srv = sub.add_parser("serve", help="serve the OpenAI-compatible API", description=SERVE_HELP)
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible API", description=SERVE_HELP, allow_abbrev=False)
     srv.add_argument(
         "model_tag",
         nargs="?",

@@ -253,6 +253,8 @@ class EngineConfig:
         for name in ("max_model_len", "num_kv_blocks"):
             if getattr(self, name) is not None:
                 _check_min(name, getattr(self, name), 1)
+        if self.num_kv_blocks is not None and self.kv_cache_memory_gb is not None:
+            raise SettingError("num_kv_blocks", "num_kv_blocks and kv_cache_memory_gb both size the KV pool: give one")
         if self.kv_cache_memory_gb is not None and not 0 < self.kv_cache_memory_gb < float("inf"):
             raise SettingError(
                 "kv_cache_memory_gb", f"kv_cache_memory_gb must be a finite number > 0, got {self.kv_cache_memory_gb}"
@@ -304,8 +306,15 @@ class EngineConfig:
             raise SettingError(
                 "speculative_config", "speculative_config and speculative_model both name a draft model: give one"
             )
+        given = values.get("num_speculative_tokens", self.num_speculative_tokens)
+        if self.num_speculative_tokens not in (given, _default(EngineConfig, "num_speculative_tokens")):
+            raise SettingError(
+                "speculative_config",
+                f"speculative_config says num_speculative_tokens {given} and num_speculative_tokens says "
+                f"{self.num_speculative_tokens}: give one",
+            )
         self.speculative_model = values["speculative_model"]
-        self.num_speculative_tokens = values.get("num_speculative_tokens", self.num_speculative_tokens)
+        self.num_speculative_tokens = given
 
     @property
     def kv_lookahead(self) -> int:
@@ -649,6 +658,11 @@ def _check_dir(name: str, path: str, what: str, required_file: str | None) -> No
         raise FileNotFoundError(f"{what} {path!r} is not a directory {where}")
     if required_file and not (p / required_file).is_file():
         raise FileNotFoundError(f"{what} {path!r} has no {required_file}: it is not a Hugging Face model {where}")
+
+
+def _default(cls: type, name: str) -> Any:
+    """A setting's default value."""
+    return next(f.default for f in fields(cls) if f.name == name)
 
 
 def _check_min(name: str, value: int, low: int) -> None:

@@ -119,7 +119,7 @@ def markdown_table() -> str:
                 needed = next(g for g in fields(cls) if g.name == f.metadata["needs"])
                 meaning += f" (only with `{flag(needed)}`)"
             where = " (`serve` only)" if cls is ServerConfig else ""
-            vllm = f.metadata.get("vllm_flag") or f.metadata.get("vllm_off_flag")
-            also = f" (vLLM's `{vllm}` too)" if vllm else ""
+            vllm, off = f.metadata.get("vllm_flag"), f.metadata.get("vllm_off_flag")
+            also = f" (vLLM's `{vllm}` too)" if vllm else f" (vLLM's `{off}` turns it off)" if off else ""
             rows.append(f"| `{env_var(f)}` | `{flag(f)}`{also}{where} | {shown_default(f)} | {meaning} |")
     return "\n".join(rows)

@@ -8,6 +8,7 @@ engine's own helpers, and requests that fit must also run to the end with the ou
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 
@@ -82,6 +83,16 @@ def test_kv_pool_exact_fit_runs_and_one_more_token_never_fits(llama_dir):
     both = run(eng, [(prompt(8), greedy(25)), (prompt(8, offset=1), greedy(25))])["outputs"]
     alone = run(engine(llama_dir), [(prompt(8, offset=1), greedy(25))])["outputs"]["0"].token_ids
     assert both["0"].token_ids == ref and both["1"].token_ids == alone
+
+
+def test_a_pool_smaller_than_max_model_len_is_warned_about_at_the_start(llama_dir):
+    """As vLLM refuses a KV cache that cannot hold one max_model_len sequence, miniserve says so as it starts (and
+    serves what fits): 4 blocks of 8 hold a 32-token context exactly, 3 do not."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning at the exact fit
+        engine(llama_dir, num_kv_blocks=4, max_model_len=32)
+    with pytest.warns(UserWarning, match="the KV pool holds 24 tokens, fewer than max_model_len=32"):
+        engine(llama_dir, num_kv_blocks=3, max_model_len=32)
 
 
 def test_kv_pool_exact_fit_counts_the_speculative_lookahead(llama_dir, draft_dir):

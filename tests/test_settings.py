@@ -224,10 +224,37 @@ def test_serve_takes_the_model_positionally_as_vllm_serve_does(capsys):
     assert model_of(["serve", "/models/llama", "--model", "/models/llama"]) == "/models/llama"
     assert model_of(["serve", "--model", "/models/qwen"]) == "/models/qwen"
     assert model_of(["serve"]) == EngineConfig().model  # the demo model
+    assert model_of(["serve", "/models/llama", "--model", "/models/llama/"]) == "/models/llama"  # the same one
     assert cli.main(["serve", "/models/llama", "--model", "/models/qwen"]) == 2
     assert capsys.readouterr().err == (
         "miniserve: error: the model is given twice: '/models/llama' and --model '/models/qwen'\n"
     )
+    # a value given to a switch is read as MODEL: the error says so
+    assert cli.main(["serve", "--enable-prefix-caching", "false"]) == 2
+    assert "'false' does not exist (read as the positional MODEL" in capsys.readouterr().err
+
+
+def test_abbreviated_flags_are_errors_that_name_them(capsys):
+    """argparse would take --max-model for --max-model-len: "any other flag is an error that names it"."""
+    for argv in (["serve", "--max-model", "64"], ["generate", "--prompt", "x", "--enable-prefix"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert f"unrecognized arguments: {argv[-2] if argv[0] == 'serve' else argv[-1]}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(num_kv_blocks=10, kv_cache_memory_gb=1.0), "num_kv_blocks and kv_cache_memory_gb both size the KV pool"),
+        (dict(speculative_config='{"model": "demo", "num_speculative_tokens": 5}', num_speculative_tokens=3),
+         "speculative_config says num_speculative_tokens 5 and num_speculative_tokens says 3: give one"),
+    ],
+)  # fmt: skip
+def test_two_settings_that_say_different_things_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**settings)
+    spec = '{"model": "demo", "num_speculative_tokens": 5}'
+    assert EngineConfig(speculative_config=spec, num_speculative_tokens=5).num_speculative_tokens == 5
 
 
 def test_unknown_variables_are_named_with_the_setting_they_may_mean(monkeypatch, capsys):

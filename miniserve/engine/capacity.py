@@ -53,7 +53,20 @@ def _limit_source(runners: list[ModelRunner]) -> str:
 
 
 def num_kv_blocks(config: EngineConfig, runners: list[ModelRunner], max_len: int) -> int:
-    """Size the shared pool: explicit count, else the memory budget, capped at what max_num_seqs can use."""
+    """Size the shared pool: explicit count, else the memory budget, capped at what max_num_seqs can use; with a
+    warning when one sequence of max_model_len tokens would not fit."""
+    num_blocks = _pool_blocks(config, runners, max_len)
+    if num_blocks * config.block_size < max_len:
+        warnings.warn(
+            f"the KV pool holds {num_blocks * config.block_size} tokens, fewer than max_model_len={max_len}: a request "
+            "that may need more is refused (raise num_kv_blocks, kv_cache_memory_gb or gpu_memory_utilization, or "
+            "lower max_model_len)",
+            stacklevel=2,
+        )
+    return num_blocks
+
+
+def _pool_blocks(config: EngineConfig, runners: list[ModelRunner], max_len: int) -> int:
     per_block = sum(r.bytes_per_block() for r in runners)
     if config.num_kv_blocks is not None:
         check_fits(config.num_kv_blocks, per_block, runners[0].device)
