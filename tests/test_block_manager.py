@@ -38,6 +38,22 @@ def test_grow_fits_into_exactly_the_free_blocks():
     assert bm.can_grow(seq, 12) and not bm.can_grow(seq, 13)  # nothing missing fits in nothing free
 
 
+def test_cached_blocks_in_use_take_no_free_block_and_idle_ones_take_theirs():
+    """3 blocks of 4, caching on: A's 8 tokens fill two blocks, registered, so 1 block is free. B shares that prefix
+    and needs 9 slots: its third block is the free one, as A still uses the two cached ones (exact fit); once A is
+    freed, its cached blocks sit in the free list, and reviving them takes them out of it (3 needed, 3 free)."""
+    bm = BlockManager(3, 4, enable_caching=True)
+    a = seq_of(list(range(8)))
+    bm.allocate(a, [], 8)
+    bm.cache_blocks(a, 8)
+    b = seq_of(list(range(8)) + [99], seq_id=1)
+    cached = bm.cached_prefix(b, 8)
+    assert cached == a.block_table and bm.num_free_blocks == 1
+    assert bm.can_allocate(cached, 9) and not bm.can_allocate(cached, 13)
+    bm.free(a)
+    assert bm.num_free_blocks == 3 and bm.can_allocate(cached, 12) and not bm.can_allocate(cached, 13)
+
+
 def test_lookup_of_no_tokens_finds_nothing_with_one_token_blocks():
     bm = BlockManager(4, 1)
     held = seq_of([5, 6, 7])

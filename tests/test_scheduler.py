@@ -115,6 +115,17 @@ def test_lookahead_slots_are_taken_for_decode_steps_only():
     assert step(sched) == [] and sched.num_preemptions == 1
 
 
+def test_no_more_than_max_num_seqs_run_at_once():
+    """3 prompts, max_num_seqs 2: two start; the third waits while both run, and starts when one finishes."""
+    sched = make(16, max_num_seqs=2)
+    for i in range(3):
+        sched.add(seq_of(i, 4))
+    assert step(sched) == [(0, 4), (1, 4)] and [s.seq_id for s in sched.waiting] == [2]
+    assert step(sched) == [(0, 1), (1, 1)]
+    sched.finish(sched.running[0])
+    assert step(sched) == [(1, 1), (2, 4)]
+
+
 def test_a_token_budget_of_one_moves_one_token_a_step():
     sched = make(4, budget=1)
     a = seq_of(0, 3)
@@ -276,6 +287,21 @@ def test_by_priority_the_most_urgent_waiting_sequence_starts_first():
             started += [i for i, n in step(sched) if n == 4]
             sched.finish(sched.running[0])
         assert started == order, by_priority
+
+
+def test_by_priority_a_more_urgent_later_arrival_is_kept_over_a_running_one():
+    """3 blocks of 4: a (priority 1) starts alone and decodes into a second block; b (priority 0) comes a step later
+    and takes the last block. Next step b needs a block for its first decode: by priority a, the less urgent
+    though it came first, is preempted (fcfs: b, the newest, preempts itself)."""
+    for by_priority, kept, waiting in ((True, 1, 0), (False, 0, 1)):
+        sched = make(3, by_priority=by_priority)
+        a, b = seq_of(0, 4, priority=1), seq_of(1, 4, priority=0)
+        sched.add(a)
+        assert step(sched) == [(0, 4)]
+        sched.add(b)
+        assert sorted(step(sched)) == [(0, 1), (1, 4)] and sched.blocks.num_free_blocks == 0
+        assert step(sched) == [(kept, 1)] and sched.num_preemptions == 1
+        assert [s.seq_id for s in sched.waiting] == [waiting]
 
 
 def test_by_priority_the_least_urgent_running_sequence_is_preempted_even_if_it_came_first():

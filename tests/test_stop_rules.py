@@ -176,6 +176,17 @@ def test_a_stop_string_in_held_text_stops_at_its_token(keep):
     assert outcome(seq) == ([ord("a"), HELD, ord("b"), HELD], "a~b", "stop", "~")
 
 
+def test_a_stop_string_completed_by_the_last_token_max_tokens_allows_is_a_stop():
+    """The token that reaches max_tokens also completes "cd": the choice stops on the string (text cut before it),
+    as vLLM's detokenizer turns that step's length into a stop; one token later it would not have fit."""
+    processor, (seq,) = setup(SamplingParams(max_tokens=4, stop=["cd"]))
+    feed(processor, seq, "abcd")
+    assert outcome(seq) == ([ord(c) for c in "abcd"], "ab", "stop", "cd")
+    processor, (seq,) = setup(SamplingParams(max_tokens=4, stop=["de"]))
+    feed(processor, seq, "abcd")
+    assert outcome(seq) == ([ord(c) for c in "abcd"], "abcd", "length", None)
+
+
 def test_an_unfinished_character_is_not_matched_by_a_stop_string_until_it_is_final():
     """A held character still being decoded shows as U+FFFD: a stop string holding U+FFFD waits for its bytes
     (completed, "é", it matches nothing; ended by another token, the U+FFFD is final and stops the sequence)."""
