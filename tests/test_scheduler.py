@@ -126,6 +126,20 @@ def test_no_more_than_max_num_seqs_run_at_once():
     assert step(sched) == [(1, 1), (2, 4)]
 
 
+def test_with_a_draft_a_resumed_sequence_recomputes_up_to_before_its_last_token():
+    """With a draft, a sequence recomputed after a preemption stops one token short of its last (Scheduler._end), so
+    its next step is a round fed that token, as without the preemption; also when a chunk would end one further:
+    10 tokens at a budget of 4 come back as chunks of 4, 4 and 1 (not 2), then that round."""
+    sched = make(16, budget=4, has_draft=True, lookahead=2)
+    a = seq_of(0, 4)
+    sched.add(a)
+    while a.num_tokens < 10:
+        step(sched)
+    sched._preempt(sched.running.pop())
+    assert a.num_computed_tokens == 0 and a.num_tokens == 10
+    assert [step(sched) for _ in range(4)] == [[(0, 4)], [(0, 4)], [(0, 1)], [(0, 1)]]
+
+
 def test_a_token_budget_of_one_moves_one_token_a_step():
     sched = make(4, budget=1)
     a = seq_of(0, 3)
