@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from miniserve.sampling_params import SamplingParams
+
 DEMO_DIR = Path(__file__).parent / "demo_models"
 DEMO_TARGET = DEMO_DIR / "shakespeare-target"
 DEMO_DRAFT = DEMO_DIR / "shakespeare-draft"
@@ -33,6 +35,16 @@ FP8_DECODES = ("auto", "hw", "hw-staged")  # kernels/decode_attention.py FP8_DEC
 DECODE_SPLITS = ("by-length", "by-batch")  # kernels/decode_attention.py split_tokens_for
 DEPENDENT_LAUNCHES = ("auto", "off")  # kernels/dependent_launch.py
 GENERATION_CONFIGS = ("auto", "vllm")  # models/generation_config.py
+# the sampling keys of generation_config.json (and override_generation_config) -> SamplingParams' names, as vLLM
+# reads them (models/generation_config.py)
+GENERATION_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
 MAX_SPECULATIVE_TOKENS = 15  # k+1 <= 16 tokens a sequence: engine/model_runner.py DECODE_QUERIES_MAX_LEN
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 REASONING_PARSERS = ("qwen3", "deepseek_r1")  # server/reasoning.py: how each reads a thinking model's output
@@ -288,11 +300,8 @@ class EngineConfig:
             )
 
     def generation_override(self) -> dict[str, Any]:
-        """override_generation_config as a dict (its keys are checked where they are read:
-        models/generation_config.py)."""
-        if self.override_generation_config is None:
-            return {}
-        return json_object("override_generation_config", self.override_generation_config)
+        """override_generation_config as a dict (generation_override)."""
+        return generation_override(self.override_generation_config)
 
     def _take_speculative_config(self) -> None:
         """vLLM's speculative_config, a JSON object, as speculative_model and num_speculative_tokens."""
@@ -306,15 +315,8 @@ class EngineConfig:
             raise SettingError(
                 "speculative_config", "speculative_config and speculative_model both name a draft model: give one"
             )
-        given = values.get("num_speculative_tokens", self.num_speculative_tokens)
-        if self.num_speculative_tokens not in (given, _default(EngineConfig, "num_speculative_tokens")):
-            raise SettingError(
-                "speculative_config",
-                f"speculative_config says num_speculative_tokens {given} and num_speculative_tokens says "
-                f"{self.num_speculative_tokens}: give one",
-            )
         self.speculative_model = values["speculative_model"]
-        self.num_speculative_tokens = given
+        self.num_speculative_tokens = _speculative_tokens(values, self.num_speculative_tokens)
 
     @property
     def kv_lookahead(self) -> int:
@@ -660,9 +662,34 @@ def _check_dir(name: str, path: str, what: str, required_file: str | None) -> No
         raise FileNotFoundError(f"{what} {path!r} has no {required_file}: it is not a Hugging Face model {where}")
 
 
-def _default(cls: type, name: str) -> Any:
-    """A setting's default value."""
-    return next(f.default for f in fields(cls) if f.name == name)
+def generation_override(value: str | dict | None) -> dict[str, Any]:
+    """override_generation_config as a dict of GENERATION_KEYS, each value one a request may have: a SettingError
+    naming the setting otherwise, before any model loads."""
+    if value is None:
+        return {}
+    override = json_object("override_generation_config", value)
+    unknown = sorted(set(override) - set(GENERATION_KEYS))
+    try:
+        if unknown:
+            raise ValueError(f"unknown key {unknown[0]!r} (the keys are {', '.join(GENERATION_KEYS)})")
+        SamplingParams(**{GENERATION_KEYS[k]: v for k, v in override.items() if v is not None})
+    except ValueError as exc:
+        raise SettingError("override_generation_config", f"override_generation_config: {exc}") from None
+    return override
+
+
+def _speculative_tokens(values: dict, setting: int) -> int:
+    """speculative_config's num_speculative_tokens, else the setting's; a SettingError when the setting, given (not
+    its default), says another."""
+    given = values.get("num_speculative_tokens", setting)
+    default = next(f.default for f in fields(EngineConfig) if f.name == "num_speculative_tokens")
+    if setting not in (given, default):
+        raise SettingError(
+            "speculative_config",
+            f"speculative_config says num_speculative_tokens {given} and num_speculative_tokens says {setting}: "
+            "give one",
+        )
+    return given
 
 
 def _check_min(name: str, value: int, low: int) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from miniserve import cli
-from miniserve.config import EngineConfig, ServerConfig
+from miniserve.config import EngineConfig, ServerConfig, SettingError
 from miniserve.server.app import settings_from_env
 from miniserve.settings import from_sources, markdown_table, unknown_variables
 
@@ -240,6 +240,18 @@ def test_abbreviated_flags_are_errors_that_name_them(capsys):
         with pytest.raises(SystemExit):
             cli.main(argv)
         assert f"unrecognized arguments: {argv[-2] if argv[0] == 'serve' else argv[-1]}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [('{"foo": 1}', "unknown key 'foo' (the keys are temperature"), ('{"temperature": "hot"}', "temperature"),
+     ('{"top_p": 1.5}', "top_p"), ('{"max_new_tokens": 0}', "max_tokens")],
+)  # fmt: skip
+def test_override_generation_config_is_checked_before_any_model_loads(override, message):
+    """Its keys and values are checked as the settings are read (the model directory here does not exist)."""
+    with pytest.raises(SettingError, match=re.escape(f"override_generation_config: {message}")):
+        EngineConfig(model="/nowhere", override_generation_config=override)
+    assert EngineConfig(override_generation_config='{"temperature": 0.5, "top_k": null}').generation_override()
 
 
 @pytest.mark.parametrize(

@@ -309,12 +309,7 @@ def _load_draft(config: EngineConfig, target: ModelRunner) -> ModelRunner | None
 
 def _sampling_defaults(config: EngineConfig) -> dict[str, float | int]:
     """The model's sampling defaults (models/generation_config.py), checked as SamplingParams checks a request's."""
-    override = config.generation_override()
-    try:
-        SamplingParams(**sampling_defaults(config.model, "vllm", override))  # the override alone
-    except ValueError as exc:
-        raise ValueError(f"override_generation_config: {exc}") from None
-    defaults = sampling_defaults(config.model, config.generation_config, override)
+    defaults = sampling_defaults(config.model, config.generation_config, config.generation_override())
     try:
         SamplingParams(**defaults)
     except ValueError as exc:

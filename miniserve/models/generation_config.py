@@ -11,29 +11,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from miniserve.config import GENERATION_KEYS
 from miniserve.json_file import read_eos_token_ids, read_json_object
-
-# generation_config.json's name -> SamplingParams' name
-SAMPLING_KEYS = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "min_p": "min_p",
-    "repetition_penalty": "repetition_penalty",
-    "max_new_tokens": "max_tokens",
-}
 
 
 def sampling_defaults(model_dir: str | Path, mode: str, override: dict) -> dict[str, float | int]:
     """SamplingParams fields the model's generation_config.json sets (none with mode "vllm" or without one), with
-    `override`'s (vLLM's override_generation_config: the same keys) over them."""
-    unknown = sorted(set(override) - set(SAMPLING_KEYS))
-    if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r} (the keys are {', '.join(SAMPLING_KEYS)})")
+    `override`'s (vLLM's override_generation_config, checked by EngineConfig: the same keys) over them."""
     path = Path(model_dir) / "generation_config.json"
     raw = read_json_object(path) if mode == "auto" and path.is_file() else {}
     raw = {**raw, **override}
-    return {ours: raw[theirs] for theirs, ours in SAMPLING_KEYS.items() if raw.get(theirs) is not None}
+    return {ours: raw[theirs] for theirs, ours in GENERATION_KEYS.items() if raw.get(theirs) is not None}
 
 
 def eos_token_ids(model_dir: str | Path) -> set[int]:
