@@ -83,7 +83,7 @@ class Tokenizer:
         self._eos_token_ids = set(extra_eos_token_ids)
         if self.eos_token_id is not None:
             self._eos_token_ids.add(self.eos_token_id)
-        self._bos_prefix = self._special_prefix()
+        self._bos_prefix = _special_prefix(backend)
         self.byte_fallback_ids = _byte_fallback_ids(backend)  # `<0xNN>` pieces: a detokenizer holds them back
 
     # ---------------------------------------------------------------- loading
@@ -142,6 +142,11 @@ class Tokenizer:
     def eos_token_ids(self) -> set[int]:
         """eos_token plus every eos_token_id in generation_config.json and config.json (e.g. <|eot_id|>)."""
         return set(self._eos_token_ids)
+
+    @property
+    def chat_template(self) -> str | dict[str, str] | None:
+        """transformers' attribute: the chat template, or the model's templates by name when it has several."""
+        return self.templates.named if len(self.templates.named) > 1 else self.templates.default
 
     @property
     def all_special_ids(self) -> list[int]:
@@ -214,15 +219,14 @@ class Tokenizer:
         template writes them), `return_dict=False` for the ids alone, `tokenize=False` for the text.
 
         Message content may be a string or a list of OpenAI text parts; the template gets it as text (parts joined
-        with newlines) or as a list of text parts, whichever it reads (`content_format`).
-        Keys whose value is None are dropped (as transformers does) so templates see them as undefined.
-        Tool-call arguments given as JSON text (OpenAI's messages) reach the template as objects.
-        `tools` (OpenAI tool dicts) and `documents` reach the template as transformers passes them;
-        `template_kwargs` become extra template variables (e.g. `enable_thinking`); `chat_template` replaces the
-        model's template for this call. With `continue_final_message`, the text ends right after the last
-        message's content (no end-of-turn marker), so the model continues that message. As transformers, a
-        ValueError for an empty conversation, or for both continue_final_message and add_generation_prompt.
-        """
+        with newlines) or as a list of text parts, whichever it reads (`content_format`). Keys whose value is None
+        are dropped (as transformers does) so templates see them as undefined. Tool-call arguments given as JSON
+        text (OpenAI's messages) reach the template as objects. `tools` (OpenAI tool dicts) and `documents` reach
+        the template as transformers passes them; `template_kwargs` become extra template variables (e.g.
+        `enable_thinking`); `chat_template` replaces the model's template for this call, or names one of its
+        templates. With `continue_final_message`, the text ends right after the last message's content (no
+        end-of-turn marker), so the model continues that message. As transformers, a ValueError for an empty
+        conversation, or for both continue_final_message and add_generation_prompt."""
         if not messages:
             raise ValueError("cannot apply a chat template to an empty conversation: give at least one message")
         check_chat_options(add_generation_prompt, continue_final_message, None)
@@ -295,15 +299,15 @@ class Tokenizer:
         room = max(keep - len(before) - len(after), 0)
         return before + plain[len(plain) - room :] + after
 
-    def _special_prefix(self) -> list[int]:
-        """The ids the post-processor puts before the text (e.g. [BOS]), found by encoding a probe."""
-        probe = "a"
-        plain = self.encode(probe, add_special_tokens=False)
-        full = self.encode(probe, add_special_tokens=True)
-        for start in range(len(full) - len(plain) + 1):
-            if full[start : start + len(plain)] == plain:
-                return full[:start]
-        return []
+
+def _special_prefix(backend: tokenizers.Tokenizer) -> list[int]:
+    """The ids the post-processor puts before the text (e.g. [BOS]), found by encoding a probe."""
+    plain = backend.encode("a", add_special_tokens=False).ids
+    full = backend.encode("a", add_special_tokens=True).ids
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start]
+    return []
 
 
 # ---------------------------------------------------------------------------- backend construction

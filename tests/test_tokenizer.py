@@ -599,6 +599,7 @@ def test_named_chat_templates_are_picked_as_transformers_picks_them(sp_dir, tmp_
             (directory / "additional_chat_templates" / f"{name}.jinja").write_text(NAMED_TEMPLATES[name])
     write_json(directory / "tokenizer_config.json", config)
     ours, hf = Tokenizer.from_pretrained(directory), AutoTokenizer.from_pretrained(directory)
+    assert ours.chat_template == hf.chat_template == NAMED_TEMPLATES  # (transformers' attribute: all, by name)
     messages = [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
     cases = [({}, "DEFAULT[x][y]"), ({"tools": [tool]}, "TOOLS 1[x][y]"), ({"tools": []}, "TOOLS 0[x][y]"),

@@ -523,7 +523,7 @@ class ToolSetup:
 
 def tool_setup(req: ChatCompletionRequest, template: str | None, parser: str, auto_enabled: bool) -> ToolSetup:
     """The request's tool mode, and the call format: the server's `parser` (tool_call_parser), else the one taught
-    by `template`, the chat template the request renders with (Tokenizer.template_source). A 400 naming
+    by `template`, the chat template the request renders with (ChatTemplates.source). A 400 naming
     tool_choice when auto needs a format and has none, or is disabled (enable_auto_tool_choice off)."""
     mode = req.tool_mode()
     named = req.tool_choice.function.name if mode == "named" else None
