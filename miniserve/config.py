@@ -502,6 +502,10 @@ class ServerConfig:
             )
         if not self.response_role.strip():
             raise SettingError("response_role", "response_role must not be empty")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise SettingError(
+                "served_model_name", "served_model_name must not be empty: leave it unset for the model's"
+            )
         _check_min("max_waiting", self.max_waiting, 0)
         _check_min("api_servers", self.api_servers, 1)
         for name in ("max_body_bytes", "max_prompts_per_request", "max_prompt_chars"):

@@ -152,6 +152,10 @@ def test_bad_flag_and_bad_variable_are_one_line_cli_errors(monkeypatch, capsys):
     assert capsys.readouterr().err == (
         "miniserve: error: --api-key: api_key must not be empty: leave it unset to serve without a key\n"
     )
+    assert cli.main(["serve", "--served-model-name", ""]) == 2
+    assert capsys.readouterr().err == (
+        "miniserve: error: --served-model-name: served_model_name must not be empty: leave it unset for the model's\n"
+    )
     # a setting that does nothing without another, given alone
     assert cli.main(["generate", "--prompt", "x", "--num-speculative-tokens", "3"]) == 2
     assert capsys.readouterr().err == (
