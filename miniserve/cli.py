@@ -30,6 +30,13 @@ CLI_SAMPLING_DEFAULTS = {  # generate's own: greedy, 64 tokens
 
 SAMPLING_FLAGS = {"seed": "--sampling-seed"}  # generate's sampling flags not named after their field
 
+# engine settings a `generate` run never reads (its prompt is no chat; it asks for no logprobs, bad words or grammar;
+# it is one request): taken, each with a warning
+GENERATE_UNUSED = (
+    "chat_template", "chat_template_content_format", "max_logprobs", "max_bad_words", "grammar_threads",
+    "scheduling_policy",
+)  # fmt: skip
+
 # vLLM flags a `vllm serve` command line often carries that would change nothing here: taken, each with a warning
 # saying why, so the command runs as written (flag -> (its values: None for a switch, else the ones taken), why)
 VLLM_NO_OP_FLAGS: dict[str, tuple[tuple[str, ...] | None, str]] = {
@@ -202,14 +209,18 @@ def _no_op_dest(flag: str) -> str:
 
 
 def no_op_warnings(args: argparse.Namespace) -> list[str]:
-    """A line for each vLLM flag given that changes nothing here (VLLM_NO_OP_FLAGS)."""
+    """A line for each flag given that changes nothing here: VLLM_NO_OP_FLAGS of `serve`, GENERATE_UNUSED of
+    `generate`."""
+    if args.command == "generate":
+        given = [name for name in GENERATE_UNUSED if getattr(args, name, None) is not None]
+        return [f"--{name.replace('_', '-')} is taken but changes nothing for `generate`" for name in given]
     given = [flag for flag in VLLM_NO_OP_FLAGS if getattr(args, _no_op_dest(flag), None)]
     return [f"{flag} is taken but changes nothing: {VLLM_NO_OP_FLAGS[flag][1]}" for flag in given]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for line in [*unknown_variables(), *(no_op_warnings(args) if args.command == "serve" else [])]:
+    for line in [*unknown_variables(), *no_op_warnings(args)]:
         print(f"miniserve: warning: {line}", file=sys.stderr)
     try:
         return args.func(args)

@@ -215,6 +215,13 @@ def test_vllms_flags_that_change_nothing_here_are_taken_with_a_warning_each(caps
     for refused in (["--pipeline-parallel-size", "2"], ["--distributed-executor-backend", "ray"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["serve", *refused])
+    # `generate` reads no chat template, logprobs, bad words or grammar: such engine flags are named too
+    args = parser.parse_args(["generate", "--prompt", "x", "--chat-template", "{{ 1 }}", "--max-logprobs", "3"])
+    assert cli.no_op_warnings(args) == [
+        "--chat-template is taken but changes nothing for `generate`",
+        "--max-logprobs is taken but changes nothing for `generate`",
+    ]
+    assert cli.no_op_warnings(parser.parse_args(["generate", "--prompt", "x", "--max-num-seqs", "2"])) == []
 
 
 def test_serve_takes_the_model_positionally_as_vllm_serve_does(capsys):
