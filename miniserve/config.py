@@ -271,7 +271,7 @@ class EngineConfig:
             raise SettingError(
                 "kv_cache_memory_gb", f"kv_cache_memory_gb must be a finite number > 0, got {self.kv_cache_memory_gb}"
             )
-        self.generation_override()  # a JSON object, or a one-line error naming the setting
+        self.generation_override()  # its keys and values, or a one-line error naming the setting
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise SettingError(
                 "gpu_memory_utilization", f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
@@ -300,8 +300,8 @@ class EngineConfig:
             )
 
     def generation_override(self) -> dict[str, Any]:
-        """override_generation_config as a dict (generation_override)."""
-        return generation_override(self.override_generation_config)
+        """override_generation_config as a dict (_checked_override)."""
+        return _checked_override(self.override_generation_config)
 
     def _take_speculative_config(self) -> None:
         """vLLM's speculative_config, a JSON object, as speculative_model and num_speculative_tokens."""
@@ -666,7 +666,7 @@ def _check_dir(name: str, path: str, what: str, required_file: str | None) -> No
         raise FileNotFoundError(f"{what} {path!r} has no {required_file}: it is not a Hugging Face model {where}")
 
 
-def generation_override(value: str | dict | None) -> dict[str, Any]:
+def _checked_override(value: str | dict | None) -> dict[str, Any]:
     """override_generation_config as a dict of GENERATION_KEYS, each value one a request may have: a SettingError
     naming the setting otherwise, before any model loads."""
     if value is None:

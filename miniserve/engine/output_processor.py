@@ -156,23 +156,36 @@ class OutputProcessor:
         req = self.requests[seq.request_id]
         detok = req.detokenizers[seq.index]
         on_token = seq.is_finished or _ends_on_token(seq, token, self.eos_token_ids)  # grammar's end, EOS, stop id
+        at_length = self._length_reached(seq)
         if not seq.params.detokenize or _detokenize_at_end(seq.params):
-            self._check_stop(seq, token, "", None, on_token)
+            self._check_stop(seq, token, "", None, on_token, at_length)
             if seq.params.detokenize and seq.is_finished:  # all at once: as token by token ("".join(deltas) + flush())
                 ids = seq.output_token_ids
                 seq.text = detok.add(ids[:-1] if _drops_last_text(seq) else ids) + detok.flush()
             return
         if on_token:
-            self._check_stop(seq, token, "", None, on_token)
+            self._check_stop(seq, token, "", None, on_token, at_length)
             seq.text += ("" if _drops_last_text(seq) else detok.add([token])) + detok.flush()
             return
-        delta = detok.add([token]) or _held_stop_text(seq, detok, req.stop_matcher)
+        # its last token by length releases the held text, final now (an unfinished character's U+FFFD stays), and
+        # its stop strings are matched in it like any text (while the sequence runs, held text ending in U+FFFD is
+        # not: _held_stop_text)
+        delta = (
+            detok.add([token]) + detok.flush()
+            if at_length
+            else detok.add([token]) or _held_stop_text(seq, detok, req.stop_matcher)
+        )
         seq.text += delta
-        self._check_stop(seq, token, delta, req.stop_matcher, on_token)
-        if seq.is_finished and not isinstance(seq.stop_reason, str):
-            self._flush_held(seq, detok, req.stop_matcher)
+        self._check_stop(seq, token, delta, req.stop_matcher, on_token, at_length)
 
-    def _check_stop(self, seq: Sequence, token: int, delta: str, matcher: StopMatcher | None, on_token: bool) -> None:
+    def _length_reached(self, seq: Sequence) -> bool:
+        """The sequence's last token by length: max_tokens, or max_model_len."""
+        max_tokens = seq.params.max_tokens
+        return (max_tokens is not None and seq.num_output_tokens >= max_tokens) or seq.num_tokens >= self.max_model_len
+
+    def _check_stop(
+        self, seq: Sequence, token: int, delta: str, matcher: StopMatcher | None, on_token: bool, at_length: bool
+    ) -> None:
         p = seq.params
         if seq.is_finished:  # its grammar ended it (_take)
             return None
@@ -182,25 +195,13 @@ class OutputProcessor:
         if on_token:  # EOS or a stop token id (_ends_on_token, decided once by _text_and_stops)
             return self._finish(seq, "stop", None if _is_eos(seq, token, self.eos_token_ids) else token)
         if match is not None and _stop_strings_count(seq):
-            return self._finish(seq, "stop", _cut_at_stop(seq, delta, match))
-        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
-            return self._finish(seq, "length", None)
-        if seq.num_tokens >= self.max_model_len:
+            last, stop = match  # `stop` ends at delta[last]
+            end = len(seq.text) - len(delta) + last + 1
+            seq.text = seq.text[: end if p.include_stop_str_in_output else end - len(stop)]
+            return self._finish(seq, "stop", stop)
+        if at_length:  # (_length_reached)
             return self._finish(seq, "length", None)
         return None
-
-    @staticmethod
-    def _flush_held(seq: Sequence, detok: IncrementalDetokenizer, matcher: StopMatcher | None) -> None:
-        """Release the text held back for an unfinished UTF-8 sequence as the sequence ends (it never finished: its
-        U+FFFD stays). Held text ending in U+FFFD is not matched while it runs (_held_stop_text), so a stop string
-        holding U+FFFD is matched here: a sequence that ran to its length with one in its text stops at it."""
-        rest = detok.flush()
-        seq.text += rest
-        if matcher is None or not rest or seq.finish_reason != "length" or not _stop_strings_count(seq):
-            return
-        seq.stop_state, match = matcher.feed(seq.stop_state, rest)
-        if match is not None:
-            seq.finish_reason, seq.stop_reason = "stop", _cut_at_stop(seq, rest, match)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
@@ -395,15 +396,6 @@ def _held_stop_text(seq: Sequence, detok: IncrementalDetokenizer, matcher: StopM
     if not held or held.endswith("\ufffd"):
         return ""
     return held if matcher.feed(seq.stop_state, held)[1] is not None else ""
-
-
-def _cut_at_stop(seq: Sequence, delta: str, match: tuple[int, str]) -> str:
-    """Cut the text, whose end is `delta`, at the stop string `match` found in it (it ends at delta[last]), which
-    stays when include_stop_str_in_output; returns the stop string."""
-    last, stop = match
-    end = len(seq.text) - len(delta) + last + 1
-    seq.text = seq.text[: end if seq.params.include_stop_str_in_output else end - len(stop)]
-    return stop
 
 
 def _drops_last_text(seq: Sequence) -> bool:
