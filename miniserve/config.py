@@ -34,7 +34,7 @@ CONTENT_FORMATS = ("auto", "string", "openai")  # (chat_template.py: detect_cont
 FP8_DECODES = ("auto", "hw", "hw-staged")  # kernels/decode_attention.py FP8_DECODES that a user may pick
 DECODE_SPLITS = ("by-length", "by-batch")  # kernels/decode_attention.py split_tokens_for
 DEPENDENT_LAUNCHES = ("auto", "off")  # kernels/dependent_launch.py
-GENERATION_CONFIGS = ("auto", "vllm")  # models/generation_config.py
+GENERATION_CONFIGS = ("auto", "vllm")  # or a directory holding generation_config.json (models/generation_config.py)
 # the sampling keys of generation_config.json (and override_generation_config) -> SamplingParams' names, as vLLM
 # reads them (models/generation_config.py)
 GENERATION_KEYS = {
@@ -178,8 +178,8 @@ class EngineConfig:
         "auto",
         "sampling defaults: auto = the model's generation_config.json (temperature, top_p, top_k, min_p, "
         "repetition_penalty; max_new_tokens caps max_tokens) for LLM.generate without sampling params and for request "
-        "fields left unset, as vLLM; vllm = vLLM's own defaults",
-        GENERATION_CONFIGS,
+        "fields left unset, as vLLM; vllm = vLLM's own defaults; a directory = its generation_config.json (its "
+        "eos_token_id too)",
     )
     override_generation_config: str | None = setting(
         None,
@@ -290,6 +290,9 @@ class EngineConfig:
             _check_dir("speculative_model", self.speculative_model, "draft model directory", "config.json")
         if self.tokenizer:
             _check_dir("tokenizer", self.tokenizer, "tokenizer directory", None)
+        if self.generation_config not in GENERATION_CONFIGS:
+            what = "generation_config (auto, vllm, or a directory holding generation_config.json)"
+            _check_dir("generation_config", self.generation_config, what, "generation_config.json")
         resolve_chat_template(self.chat_template)
         tokenizer = Path(self.tokenizer or self.model)
         if not any((tokenizer / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
@@ -663,7 +666,8 @@ def _check_dir(name: str, path: str, what: str, required_file: str | None) -> No
     if not p.is_dir():
         raise FileNotFoundError(f"{what} {path!r} is not a directory {where}")
     if required_file and not (p / required_file).is_file():
-        raise FileNotFoundError(f"{what} {path!r} has no {required_file}: it is not a Hugging Face model {where}")
+        meaning = ": it is not a Hugging Face model" if required_file == "config.json" else ""
+        raise FileNotFoundError(f"{what} {path!r} has no {required_file}{meaning} {where}")
 
 
 def _checked_override(value: str | dict | None) -> dict[str, Any]:

@@ -657,6 +657,25 @@ def test_generation_config_eos_ids_stop_with_a_separate_tokenizer(llama_dir, tmp
         assert (out[0].outputs[0].token_ids, out[0].outputs[0].finish_reason) == (want, "stop"), kw
 
 
+def test_a_generation_config_directory_replaces_the_models(llama_dir, tmp_path):
+    """vLLM's `--generation-config DIR`: the sampling defaults and eos_token_id of DIR/generation_config.json,
+    not the model's; a value that is neither auto, vllm nor such a directory is refused, naming the setting."""
+    prompt = [5, 9, 13, 21]
+    free = make_llm(llama_dir).generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    tokens = free[0].outputs[0].token_ids
+    stop = tokens[3]
+    folder = tmp_path / "generation"
+    folder.mkdir()
+    (folder / "generation_config.json").write_text(json.dumps({"top_k": 1, "max_new_tokens": 5, "eos_token_id": stop}))
+    llm = make_llm(llama_dir, generation_config=str(folder))
+    assert llm.get_default_sampling_params() == SamplingParams(top_k=1, max_tokens=5)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0].outputs[0]
+    assert (out.token_ids, out.finish_reason) == (tokens[: tokens.index(stop) + 1], "stop")
+    for bad, says in (("autoo", "'autoo' does not exist"), (str(tmp_path), "has no generation_config.json")):
+        with pytest.raises(FileNotFoundError, match=f"generation_config .*{says} .*--generation-config"):
+            make_llm(llama_dir, generation_config=bad)
+
+
 def test_the_chat_template_setting_replaces_the_tokenizers(llama_dir, tmp_path):
     """EngineConfig.chat_template (vLLM's --chat-template), a file or the template's text, renders every chat of
     the engine and of the server's tokenizer; a per-call chat_template still wins. A path that does not exist and a

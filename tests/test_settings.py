@@ -507,6 +507,6 @@ def test_a_malformed_generation_config_eos_token_id_is_named(tmp_path, value):
 
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": value}))
     with pytest.raises(ValueError, match="generation_config.json: eos_token_id must be a token id"):
-        eos_token_ids(tmp_path)
+        eos_token_ids(tmp_path, "auto")
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
-    assert eos_token_ids(tmp_path) == {2, 7}
+    assert eos_token_ids(tmp_path, "auto") == {2, 7}

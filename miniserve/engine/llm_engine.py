@@ -28,7 +28,7 @@ from miniserve.engine.outputs import RequestOutput
 from miniserve.engine.sampler import bad_words_token_ids, check_allowed_tokens, check_bad_words
 from miniserve.engine.stop_strings import StopMatcher, check_stop_strings
 from miniserve.engine.structured_output import GrammarCompiler
-from miniserve.models.generation_config import eos_token_ids, sampling_defaults
+from miniserve.models.generation_config import eos_token_ids, generation_config_dir, sampling_defaults
 from miniserve.sampling_params import SamplingParams, truncation_length
 from miniserve.scheduler.block_manager import BlockManager
 from miniserve.scheduler.scheduler import Scheduler
@@ -81,7 +81,8 @@ class LLMEngine:
             by_priority=config.scheduling_policy == "priority",
         )
         eos = set(self.tokenizer.eos_token_ids) | set(self.target.model_config.eos_token_ids)
-        eos |= eos_token_ids(config.model)  # with a separate tokenizer directory the tokenizer has not read it
+        # with a separate tokenizer directory, or --generation-config DIR, the tokenizer has not read these
+        eos |= eos_token_ids(config.model, config.generation_config)
         self.grammar = GrammarCompiler(self.tokenizer, self.vocab_size, eos)  # xgrammar loads on first use
         self.outputs = OutputProcessor(self.scheduler, eos, self.max_model_len, self.tokenizer)
         overlap = config.async_scheduling and self.draft is None  # speculative rounds overlap on their own
@@ -313,7 +314,8 @@ def _sampling_defaults(config: EngineConfig) -> dict[str, float | int]:
     try:
         SamplingParams(**defaults)
     except ValueError as exc:
-        raise ValueError(f"{config.model}/generation_config.json: {exc}") from None
+        where = generation_config_dir(config.model, config.generation_config)
+        raise ValueError(f"{where}/generation_config.json: {exc}") from None
     if defaults:
         logger.info("sampling defaults (generation_config.json, override_generation_config): %s", defaults)
     return defaults
