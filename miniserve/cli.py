@@ -13,7 +13,7 @@ import sys
 import tempfile
 
 from miniserve.config import EngineConfig, ServerConfig
-from miniserve.settings import add_arguments, from_sources, unknown_variables
+from miniserve.settings import add_arguments, from_sources, variable_warnings
 
 MAIN_HELP = (
     "Serve a Hugging Face model with an OpenAI-compatible API, or generate one completion. Each flag also reads "
@@ -220,7 +220,7 @@ def no_op_warnings(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for line in [*unknown_variables(), *no_op_warnings(args)]:
+    for line in [*variable_warnings(), *no_op_warnings(args)]:
         print(f"miniserve: warning: {line}", file=sys.stderr)
     try:
         return args.func(args)

@@ -82,15 +82,20 @@ def from_sources(cls: type, args: argparse.Namespace | None = None, env: Mapping
     return config
 
 
-def unknown_variables(env: Mapping[str, str] = os.environ) -> list[str]:
-    """One line for each MINISERVE_* variable that no setting reads, with the setting it may have meant: a typo
-    (MINISERVE_APIKEY for MINISERVE_API_KEY) would otherwise leave its setting at the default unseen."""
-    known = [env_var(f) for cls in (EngineConfig, ServerConfig) for f in fields(cls)] + list(OTHER_VARIABLES)
+def variable_warnings(env: Mapping[str, str] = os.environ) -> list[str]:
+    """One line for each MINISERVE_* variable that no setting reads, with the setting it may have meant, and for
+    each setting's variable that is set but blank: a typo (MINISERVE_APIKEY for MINISERVE_API_KEY) or an empty
+    value (MINISERVE_API_KEY= from an unset shell variable) would otherwise leave its setting at the default unseen."""
+    settings = [env_var(f) for cls in (EngineConfig, ServerConfig) for f in fields(cls)]
+    known = settings + list(OTHER_VARIABLES)
     lines = []
-    for name in sorted(n for n in env if n.startswith(ENV_PREFIX) and n not in known):
-        close = difflib.get_close_matches(name[len(ENV_PREFIX) :], [k[len(ENV_PREFIX) :] for k in known], n=1)
-        meant = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
-        lines.append(f"{name} is not a miniserve setting: ignored{meant}")
+    for name in sorted(n for n in env if n.startswith(ENV_PREFIX)):
+        if name not in known:
+            close = difflib.get_close_matches(name[len(ENV_PREFIX) :], [k[len(ENV_PREFIX) :] for k in known], n=1)
+            meant = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
+            lines.append(f"{name} is not a miniserve setting: ignored{meant}")
+        elif name in settings and not env[name].strip():
+            lines.append(f"{name} is set but empty: ignored (the setting keeps its default)")
     return lines
 
 

@@ -18,7 +18,7 @@ import pytest
 from miniserve import cli
 from miniserve.config import EngineConfig, ServerConfig, SettingError
 from miniserve.server.app import settings_from_env
-from miniserve.settings import from_sources, markdown_table, unknown_variables
+from miniserve.settings import from_sources, markdown_table, variable_warnings
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER_FLAGS = {"--" + f.name.replace("_", "-") for f in fields(ServerConfig)}
@@ -280,12 +280,18 @@ def test_two_settings_that_say_different_things_are_refused(settings, message):
     assert EngineConfig(speculative_config=spec, num_speculative_tokens=5).num_speculative_tokens == 5
 
 
-def test_unknown_variables_are_named_with_the_setting_they_may_mean(monkeypatch, capsys):
+def test_variable_warnings_are_named_with_the_setting_they_may_mean(monkeypatch, capsys):
     """A typo such as MINISERVE_APIKEY would leave the server without its key, unseen: each one is a warning."""
     env = {"MINISERVE_APIKEY": "k", "MINISERVE_API_KEY": "k", "MINISERVE_COMMIT": "abc", "HOME": "/", "MINISERVE_X": ""}
-    assert unknown_variables(env) == [
+    assert variable_warnings(env) == [
         "MINISERVE_APIKEY is not a miniserve setting: ignored (did you mean MINISERVE_API_KEY?)",
         "MINISERVE_X is not a miniserve setting: ignored",
+    ]
+    # a blank setting is unset, said so: MINISERVE_API_KEY="$KEY" with KEY unset would serve without a key unseen
+    blank = {"MINISERVE_API_KEY": " ", "MINISERVE_PORT": "", "MINISERVE_COMMIT": "", "MINISERVE_SEED": "3"}
+    assert variable_warnings(blank) == [
+        "MINISERVE_API_KEY is set but empty: ignored (the setting keeps its default)",
+        "MINISERVE_PORT is set but empty: ignored (the setting keeps its default)",
     ]
     monkeypatch.setenv("MINISERVE_BLOCKSIZE", "12")
     assert cli.main(["generate", "--prompt", "x", "--block-size", "12"]) == 2

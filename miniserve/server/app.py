@@ -51,7 +51,7 @@ from miniserve.server.responses_api import create_response
 from miniserve.server.state import ClientDisconnected, ServerState, load_tokenizer, max_token_chars, state_of
 from miniserve.server.stats_log import log_stats
 from miniserve.server.tokens import detokenize, tokenize
-from miniserve.settings import from_sources, unknown_variables
+from miniserve.settings import from_sources, variable_warnings
 
 logger = logging.getLogger("miniserve.server")
 
@@ -320,7 +320,7 @@ ERROR_HANDLERS = {
 def settings_from_env(env: Mapping[str, str] = os.environ) -> tuple[EngineConfig, ServerConfig]:
     """What `uvicorn server:app` is configured with: the MINISERVE_* variables (checked here, so that a bad value
     or a missing model directory is one line at startup; the model itself loads in the lifespan)."""
-    for line in unknown_variables(env):
+    for line in variable_warnings(env):
         logging.getLogger("uvicorn.error").warning("%s", line)
     config = from_sources(EngineConfig, env=env)
     config.check_dirs()
