@@ -178,8 +178,8 @@ class EngineConfig:
         "auto",
         "sampling defaults: auto = the model's generation_config.json (temperature, top_p, top_k, min_p, "
         "repetition_penalty; max_new_tokens caps max_tokens) for LLM.generate without sampling params and for request "
-        "fields left unset, as vLLM; vllm = vLLM's own defaults; a directory = its generation_config.json (its "
-        "eos_token_id too)",
+        "fields left unset, as vLLM; vllm = vLLM's own defaults; a directory = its generation_config.json (whose "
+        "eos_token_id then stops too)",
     )
     override_generation_config: str | None = setting(
         None,

@@ -81,9 +81,7 @@ class BucketedGraphs:
     the real rows, valid until the next replay of any graph sharing the memory pool.
     """
 
-    def __init__(
-        self, fn: Callable, width: int, padding: list[int], max_batch: int, device: torch.device, pool=None, peer=None
-    ):
+    def __init__(self, fn: Callable, width: int, padding: list[int], max_batch: int, device: torch.device, peer=None):
         """`peer`: a ParallelModelRunner whose passes `fn` runs (distributed/runner.py): its other ranks capture
         and replay their share of each graph with this one."""
         self.fn = fn
@@ -93,7 +91,7 @@ class BucketedGraphs:
         self._padding_column = np.array(padding, dtype=np.int64)[:, None]
         self.max_batch = max(b for b in BATCH_BUCKETS if b <= max(max_batch, 1))
         self.device = device
-        self.pool = pool
+        self.pool = None  # the memory pool of the first graph captured, which the others share
         self.graphs: dict[int, _Graph] = {}
 
     def supports(self, batch: int) -> bool:

@@ -33,7 +33,7 @@ from miniserve.engine.model_runner import ForwardInput, ModelRunner
 from miniserve.engine.output_processor import OutputProcessor, record_prompt_logprobs
 from miniserve.engine.sampler import SamplerOutput, SamplingBatch, TokenIds, draw_noise, sample
 from miniserve.engine.structured_output import MaskFiller
-from miniserve.engine.transfer import to_device
+from miniserve.engine.transfer import to_device, to_host_async
 from miniserve.scheduler.scheduler import ScheduledSeq, Scheduler
 from miniserve.scheduler.sequence import Sequence
 
@@ -66,8 +66,10 @@ class Decoder(Protocol):
 @dataclass
 class _InFlight:
     """A decode step launched and not read yet: its sequences, its samples (copying to pinned host memory, done
-    when `ready` is), and its sampling batch, which the next step reuses unless it is `penalized` (it then depends
-    on the output so far: rebuilt each step, after the step in flight is read)."""
+    when `ready` is), and its sampling batch. The next step reuses that batch when the same rows go on, with fresh
+    masks when it is `penalized` (its sampling reads the output so far) by grammars alone; a batch whose rows
+    changed, or whose penalties or bans read the token history, is rebuilt (a `penalized` one once the step in
+    flight is read)."""
 
     seqs: list[Sequence]
     samples: torch.Tensor  # the sampled token ids on the device: the next step's inputs
@@ -88,7 +90,7 @@ class PlainDecoder:
         target: ModelRunner,
         outputs: OutputProcessor,
         vocab_size: int,
-        scheduler: Scheduler | None = None,
+        scheduler: Scheduler,
         overlap: bool = False,
         grammar_threads: int = 0,
     ):
@@ -97,9 +99,9 @@ class PlainDecoder:
         self.outputs = outputs
         self.vocab_size = vocab_size
         self.scheduler = scheduler
-        self.overlap = overlap and scheduler is not None
+        self.overlap = overlap
         self.in_flight: _InFlight | None = None
-        self.num_overlapped_steps = 0  # decode steps launched before their predecessor was read
+        self.num_overlapped_steps = 0  # decode steps launched with their samples left on the device, read later
         self.hold: LaunchHold | None = None  # the served engine's late launches (launch_hold.py)
         self.read_at = 0.0  # perf_counter when the last step in flight was read
         self.last_computed = 0
@@ -384,11 +386,7 @@ def _copy_to_host(out: SamplerOutput, timed: bool = False) -> tuple[SamplerOutpu
     included.)"""
     if out.token_ids.device.type != "cuda":
         return out, None
-
-    def host(t: torch.Tensor) -> torch.Tensor:
-        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-
-    tops = out.top_logprobs
+    host, tops = to_host_async, out.top_logprobs
     copied = SamplerOutput(
         token_ids=host(out.token_ids),
         logprobs=host(out.logprobs) if out.logprobs is not None else None,

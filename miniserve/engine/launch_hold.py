@@ -34,6 +34,7 @@ from dataclasses import dataclass
 LEAD_MARGIN_S = 100e-6  # launched this much earlier than the measured launch needs: covers its jitter
 SLICE_S = 200e-6  # the wait asks this often whether the step in flight ended (then it stops waiting at once)
 EMA = 0.25  # weight of the newest measurement
+MAX_BATCH = 16  # decode steps of at most this many sequences are held until due
 
 
 @dataclass
@@ -41,7 +42,7 @@ class LaunchHold:
     """`wait(seconds)` waits up to that long for commands, applies what came and says whether anything did."""
 
     wait: Callable[[float], bool]
-    max_batch: int = 16
+    max_batch: int = MAX_BATCH
     gpu_s: float | None = None  # a decode step's GPU time at `batch` sequences (moving average)
     batch: int = 0
     launch_s: float = 0.0  # the host's time from the end of a hold to the next forward pass launched (moving average)

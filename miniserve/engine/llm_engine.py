@@ -21,7 +21,7 @@ from miniserve.config import EngineConfig, resolve_chat_template
 from miniserve.detokenizer import IncrementalDetokenizer
 from miniserve.engine import capacity
 from miniserve.engine.decoder import Decoder, PlainDecoder
-from miniserve.engine.launch_hold import LaunchHold
+from miniserve.engine.launch_hold import MAX_BATCH, LaunchHold
 from miniserve.engine.model_runner import ModelRunner
 from miniserve.engine.output_processor import OutputProcessor, Request
 from miniserve.engine.outputs import RequestOutput
@@ -122,7 +122,7 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- requests
 
-    def hold_launches(self, wait: Callable[[float], bool], max_batch: int = 16) -> None:
+    def hold_launches(self, wait: Callable[[float], bool], max_batch: int = MAX_BATCH) -> None:
         """A served engine: launch each overlapped decode step of at most `max_batch` sequences only when it is
         due, waiting for requests until then with `wait(seconds)` (which applies what came and says whether
         anything did), so that a new prompt runs right after the step in flight, not after the next one too

@@ -321,14 +321,18 @@ def _token_counts(
     counts = torch.zeros(rows, vocab_size + 1, dtype=torch.float32, device=device)
     width = max((sum(map(len, parts)) for parts in histories.values()), default=0)
     if width:
-        index = np.full((rows, width), vocab_size, dtype=np.int64)  # pad column = vocab_size, dropped
+        # written through numpy, in place: no CPU torch op that could wake torch's OpenMP workers beside a grammar
+        # mask fill (structured_output.MaskFiller); on a GPU straight into pinned memory, copied asynchronously
+        host = torch.empty((rows, width), dtype=torch.int64, pin_memory=device.type == "cuda")
+        index = host.numpy()
+        index.fill(vocab_size)  # pad column = vocab_size, dropped
         for i, parts in histories.items():
             start = 0
             for part in parts:
                 index[i, start : start + len(part)] = part
                 start += len(part)
-        index = torch.from_numpy(index).clamp_(0, vocab_size)
-        index = index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index.to(device)
+        np.clip(index, 0, vocab_size, out=index)
+        index = host.to(device, non_blocking=True)
         counts.scatter_add_(1, index, torch.ones(index.shape, dtype=torch.float32, device=device))
     return counts[:, :vocab_size]
 

@@ -8,10 +8,10 @@ logits there (`sampler.apply_token_bitmask`, or kernels/sampling.py as it reads 
 after the forward pass (CUDA graphs cover only the forward), so the host can fill the masks while the GPU is still
 computing the logits: it does in prompt passes and overlapped decode steps (engine/decoder.py).
 
-Compilation is the slow part (milliseconds to seconds for a large schema or a pattern), so it never runs on the
-step loop of a server. The API process compiles (a worker thread: xgrammar releases the GIL; cached per spec; a bad
+Compilation is the slow part (milliseconds to seconds for a large schema or a pattern), so a server keeps it off
+its step loop where it can. The API process compiles (a worker thread: xgrammar releases the GIL; cached per spec; a bad
 schema is a 400 before anything reaches the engine) and sends the compiled grammar with the request, serialized
-(`GrammarCompiler.payload`); the engine process only deserializes it into its own cache (`GrammarCompiler.load`),
+(`GrammarCompiler.payload`); the engine process deserializes it into its own cache (`GrammarCompiler.load`),
 where `LLMEngine.add_request` finds it. A grammar is sent once: while the engine's cache still holds it, later
 requests with the same spec send nothing (were it evicted after all, the engine would compile it itself: slower,
 still right). Measured on a 128k-token vocabulary, deserializing costs what compiling a simple schema costs (a few
@@ -127,10 +127,6 @@ class GrammarCompiler:
             self.num_compiled += 1
         return compiled
 
-    def serialize(self, spec: StructuredOutputsParams) -> str:
-        """The compiled grammar as text, for another process's `load`."""
-        return self.compile(spec).serialize_json()
-
     def payload(self, spec: StructuredOutputsParams) -> str | None:
         """What the engine process needs for `spec` (compiling it here): the serialized grammar, or None when it
         was sent recently enough that the engine's cache, as large as this one and used in the same order, still
@@ -146,7 +142,7 @@ class GrammarCompiler:
         return None if recent or not shippable(compiled) else compiled.serialize_json()
 
     def load(self, spec: StructuredOutputsParams, serialized: str) -> None:
-        """Cache the grammar `serialize` made for `spec` (in another process, with the same tokenizer)."""
+        """Cache the grammar `payload` made for `spec` (in another process, with the same tokenizer)."""
         key = spec.key()
         if self._cached(key) is None:
             self._xgr_compiler()

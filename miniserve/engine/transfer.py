@@ -1,4 +1,4 @@
-"""Host -> device copies that never stall the GPU.
+"""Host <-> device copies that never stall the GPU.
 
 `torch.tensor(values, device="cuda")` copies from pageable host memory, and CUDA performs a stream
 synchronisation before such a copy: the host waits until every kernel already queued has finished. In the step loop
@@ -19,3 +19,9 @@ def to_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.T
     if device.type != "cuda":
         return host if device.type == "cpu" else host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def to_host_async(t: torch.Tensor) -> torch.Tensor:
+    """A copy of device tensor `t` into pinned host memory, queued on the stream, not waited for: read it once an
+    event recorded after it has completed (a plain `.tolist()` would wait for everything queued, later work too)."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)

@@ -7,7 +7,6 @@ dispatches between them (backend.py says which runs); this module only re-export
 
 from miniserve.kernels.backend import resolve_backend, use_triton
 from miniserve.kernels.fp8 import (
-    FP8_DTYPES,
     dequantize_fp8_reference,
     fp8_format,
     fp8_max,
@@ -19,7 +18,6 @@ from miniserve.kernels.ops import paged_attention, reshape_and_cache
 from miniserve.kernels.reference import paged_attention_reference, reshape_and_cache_reference
 
 __all__ = [
-    "FP8_DTYPES",
     "AttentionMetadata",
     "dequantize_fp8_reference",
     "fp8_format",

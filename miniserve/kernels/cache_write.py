@@ -29,8 +29,6 @@ from miniserve.kernels.float_bits import DTYPE_KIND, to_f32, to_storage
 from miniserve.kernels.fp8 import fp8_format, is_fp8
 from miniserve.kernels.layer_ops import Rope, rotary_factors, rotate_pair
 
-_FP32_EXP_BIAS = 127
-
 
 @triton.jit
 def divide_rn(x, scale):

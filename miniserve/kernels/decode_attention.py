@@ -529,7 +529,7 @@ def default_register_cap(head_dim: int, mode: int, device: torch.device) -> int:
     return {KV_FP8_HW_PAIRS: PAIRS_FP8_REGISTERS, KV_FP8_HW: EXACT_FP8_REGISTERS}.get(mode, 0)
 
 
-def check_kernel_inputs(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+def check_kernel_inputs(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
     if key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1:
         raise ValueError("the Triton attention kernels need caches whose head_dim is contiguous")
     if key_cache.dtype != value_cache.dtype or key_cache.shape != value_cache.shape:
@@ -610,7 +610,7 @@ def decode_attention(
     dependents (dependent_launch.py)."""
     (num_seqs, num_q_heads, head_dim), (_, block_size, num_kv_heads, _) = q.shape, key_cache.shape
     group = num_q_heads // num_kv_heads
-    check_kernel_inputs(q, key_cache, value_cache)
+    check_kernel_inputs(key_cache, value_cache)
     q = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_seqs == 0:

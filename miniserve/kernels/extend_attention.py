@@ -190,7 +190,7 @@ def extend_attention(
     """Extend attention: q [num_tokens, num_q_heads, head_dim], packed by meta.query_start_loc -> the
     same shape. Launch parameters left None: launch_config's (by shape); variants: _variant_constants."""
     (num_tokens, num_q_heads, head_dim), (_, block_size, num_kv_heads, _) = q.shape, key_cache.shape
-    check_kernel_inputs(q, key_cache, value_cache)
+    check_kernel_inputs(key_cache, value_cache)
     q = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0:

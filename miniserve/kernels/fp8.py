@@ -22,8 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
-
 
 @dataclass(frozen=True)
 class Fp8Format:

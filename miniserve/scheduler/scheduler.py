@@ -11,9 +11,9 @@ one token short, so the sequence goes on with a speculative round: `_end`).
 
 Prefix caching (block_manager.py): a sequence joining the batch first takes the cached blocks of its longest
 cached prefix and computes only the rest; a preempted sequence usually finds its own blocks again. The full blocks
-a sequence computes are registered at the start of the next step (or when it leaves). The `n` choices of a request
-share their prompt this way: the others wait until the first has computed its full prompt blocks, then find them
-in the cache.
+a sequence computes are registered at the start of the next scheduled step (or when it leaves). The `n` choices
+of a request share their prompt this way: the others wait until the first has computed its full prompt blocks,
+then find them in the cache.
 """
 
 from __future__ import annotations

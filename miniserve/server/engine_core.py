@@ -26,7 +26,8 @@ every STATS_EVERY_S), and `num_tokens` to server 0 only (the others get 0: /metr
 left.
 
 A request with structured outputs carries its grammar compiled by the API process (`grammar`: xgrammar's
-serialized CompiledGrammar, else None; see engine/structured_output.py), so the engine never compiles one.
+serialized CompiledGrammar, else None; see engine/structured_output.py), so the engine mostly only deserializes one
+(it compiles a grammar too large to send, or one its cache has evicted).
 ("warm",) comes before the first one: the engine then imports xgrammar and reads the vocabulary on a thread
 (seconds for a large vocabulary) while it goes on stepping, instead of stalling every stream when the first
 grammar arrives. A finished request's metrics carry the engine's timestamps (arrival, first scheduled, first
@@ -120,7 +121,6 @@ def _exit_engine(error: BaseException) -> None:
 
 
 STATS_EVERY_S = 0.1  # an API server with no output in a step still gets the engine's stats this often
-HOLD_MAX_BATCH = 16  # decode steps of at most this many sequences launch when due (engine/launch_hold.py)
 
 
 class CoreLoop:
@@ -139,7 +139,7 @@ class CoreLoop:
         self.warmed = False
 
     def run(self) -> None:
-        self.engine.hold_launches(self.wait_for_commands, HOLD_MAX_BATCH)
+        self.engine.hold_launches(self.wait_for_commands)  # (engine/launch_hold.py)
         while self._apply_commands(block=not self.engine.has_unfinished_requests()):
             if not self.engine.has_unfinished_requests():
                 continue

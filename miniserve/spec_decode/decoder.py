@@ -31,6 +31,7 @@ from miniserve.engine.decoder import PlainDecoder
 from miniserve.engine.model_runner import ForwardInput, ModelRunner
 from miniserve.engine.output_processor import OutputProcessor
 from miniserve.engine.sampler import token_ranks
+from miniserve.engine.transfer import to_host_async
 from miniserve.scheduler.scheduler import ScheduledSeq, Scheduler
 from miniserve.scheduler.sequence import Sequence
 from miniserve.spec_decode.catch_up import is_uniform
@@ -233,8 +234,7 @@ class SpeculativeDecoder:
         self.scored_rows += len(seqs)
         result, _, next_columns = self.greedy.run(seqs, base_len, device_columns)
         if result.is_cuda:
-            host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
-            host.copy_(result, non_blocking=True)
+            host = to_host_async(result)
             copied = torch.cuda.Event()
             copied.record()
         else:  # a copy all the same: a graph's next replay overwrites its result
