@@ -1,9 +1,18 @@
 """Streaming detokenization: a growing list of generated ids turned into text deltas whose concatenation equals
-decoding all of them at once (the engine's text for stop strings, the API process's for streams)."""
+decoding all of them at once (the engine's text for stop strings, the API process's for streams).
+
+Decoding is the tokenizer's, but for one thing: a run of SentencePiece byte-fallback tokens (`<0xNN>`) is read as
+UTF-8 here, each invalid or unfinished sequence becoming one U+FFFD (Python's and Rust's lossy decoding, as a
+byte-level BPE's decoder has it), so every character comes out as soon as its last byte does. Transformers'
+ByteFallback decoder turns a whole run into U+FFFD when any byte in it is bad: a stream could then show no text
+until the run ended, and an output cut inside its last character would lose the whole run. Where every run is
+valid UTF-8, which is what models write, the text is transformers' decode exactly.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import groupby
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -18,11 +27,11 @@ class IncrementalDetokenizer:
     """Turns a growing list of generated ids into text deltas for streaming.
 
     Only a short trailing window is decoded per call (prefix/read offsets, as in vLLM), so each `add` costs
-    O(window). Text is held back while it ends in U+FFFD (an incomplete UTF-8 sequence) or in byte-fallback
-    tokens (`<0xNN>`: the byte-fallback decoder turns a whole run of them into U+FFFD if any byte is bad, so
-    the run may still change); `flush()` releases the held text when generation ends. The window always
-    starts right after an emitted token, so SentencePiece's "strip the first space" rule hits the prefix
-    and the full text identically: "".join(deltas) + flush() == tokenizer.decode(all_ids).
+    O(window). Text is held back while it ends in U+FFFD (an unfinished character, whose next bytes may still
+    complete it); `flush()` releases the held text when generation ends. The window always starts right after
+    an emitted token, so SentencePiece's "strip the first space" rule hits the prefix and the full text
+    identically, and an emitted byte run ends on a whole character, so the rest of its run decodes on its own:
+    "".join(deltas) + flush() == decode(all_ids) (`_decode`), however the ids are grouped into calls.
 
     With `prompt_ids`, the last few prompt tokens seed the window (as vLLM does), so the first generated
     token keeps its leading space ("▁Paris" -> " Paris") instead of having it stripped like decode() does;
@@ -34,6 +43,11 @@ class IncrementalDetokenizer:
     ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._bytes = tokenizer.byte_values  # byte-fallback id -> its byte
+        # a byte token for "A": put before ids that follow a byte run, they decode as inside a text, not as its start
+        self._anchor = next((i for i, b in self._bytes.items() if b == ord("A")), None)
+        if self._anchor is not None and tokenizer.decode([self._anchor], skip_special_tokens=False) != "A":
+            self._anchor = None  # (a decoder that does more than ByteFallback to it: runs left to the tokenizer)
         self._skip = tokenizer.special_ids if skip_special_tokens else frozenset()  # ids decode leaves out
         # kept ids (skipped special tokens removed: decode ignores them), starting with the prompt context
         self.token_ids: list[int] = self._prompt_context(prompt_ids) if prompt_ids is not None else []
@@ -71,18 +85,11 @@ class IncrementalDetokenizer:
         if not kept:
             return ""
         self.token_ids.extend(kept)
-        if self.token_ids[-1] in self.tokenizer.byte_fallback_ids:
-            return ""
         return self._emit(hold_incomplete=True)
 
     def flush(self) -> str:
         """Release held-back text; call once when the sequence is finished."""
         return self._emit(hold_incomplete=False)
-
-    def pending(self) -> str:
-        """The held-back text as it decodes now, not emitted: what flush() would release. (A stop string may sit
-        in it: on Llama-2 or Mistral a newline is the byte token <0x0A>.)"""
-        return self._window_text() if self._read_offset < len(self.token_ids) else ""
 
     def _window_text(self) -> str:
         prefix_text = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
@@ -99,6 +106,19 @@ class IncrementalDetokenizer:
         return delta
 
     def _decode(self, ids: list[int]) -> str:
+        """The tokenizer's decode, with each run of byte-fallback ids read as lossy UTF-8 (the module's why)."""
         if not ids:
             return ""
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        if self._anchor is None or self._bytes.keys().isdisjoint(ids):
+            return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        parts = []
+        for is_byte, run in groupby(ids, key=self._bytes.__contains__):
+            run = list(run)
+            if is_byte:
+                parts.append(bytes(self._bytes[t] for t in run).decode("utf-8", errors="replace"))
+            elif not parts:  # the text's start: the decoder's own rules (SentencePiece strips one leading space)
+                parts.append(self.tokenizer.decode(run, skip_special_tokens=self.skip_special_tokens))
+            else:  # after a run: as inside a text, its leading space kept
+                text = self.tokenizer.decode([self._anchor, *run], skip_special_tokens=self.skip_special_tokens)
+                parts.append(text[1:])
+        return "".join(parts)

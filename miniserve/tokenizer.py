@@ -15,6 +15,7 @@ Everything runs on a `tokenizers.Tokenizer` backend, so encode/decode match what
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,9 @@ class Tokenizer:
         if self.eos_token_id is not None:
             self._eos_token_ids.add(self.eos_token_id)
         self._bos_prefix = _special_prefix(backend)
-        self.byte_fallback_ids = _byte_fallback_ids(backend)  # `<0xNN>` pieces: a detokenizer holds them back
+        # `<0xNN>` pieces -> their byte (SentencePiece's byte fallback): detokenizer.py decodes their runs itself
+        self.byte_values = _byte_fallback_values(backend)
+        self.byte_fallback_ids = frozenset(self.byte_values)
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -495,13 +498,13 @@ def _is_sentencepiece_bpe(backend: tokenizers.Tokenizer) -> bool:
     return type(backend.model).__name__ == "BPE" and not byte_level
 
 
-def _byte_fallback_ids(backend: tokenizers.Tokenizer) -> frozenset[int]:
-    """Ids of `<0xNN>` pieces, when the decoder groups them with ByteFallback (SentencePiece-style)."""
+def _byte_fallback_values(backend: tokenizers.Tokenizer) -> dict[int, int]:
+    """The byte of each `<0xNN>` piece by id, when the decoder groups them with ByteFallback (SentencePiece-style)."""
     decoder = backend.decoder
     if decoder is None or b'"ByteFallback"' not in decoder.__getstate__():
-        return frozenset()
+        return {}
     vocab = backend.get_vocab(with_added_tokens=False)
-    return frozenset(i for tok, i in vocab.items() if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"))
+    return {i: int(tok[3:5], 16) for tok, i in vocab.items() if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", tok)}
 
 
 def _clean_up_tokenization(text: str) -> str:

@@ -54,9 +54,6 @@ class CharDetokenizer:
         text, self.held = self.held, ""
         return text
 
-    def pending(self) -> str:
-        return self.held
-
 
 def setup(params: SamplingParams, n: int = 1, max_model_len: int = 64, prompt: str = "AB"):
     processor = OutputProcessor(Scheduler(BlockManager(8, 4), 4, 64), {EOS}, max_model_len)
@@ -166,14 +163,14 @@ def test_text_held_by_the_detokenizer_comes_out_at_the_end():
 
 
 @pytest.mark.parametrize("keep", [False, True])
-def test_a_stop_string_in_held_text_stops_at_its_token(keep):
-    """Held text (a byte token's newline, on Llama-2) is matched when its token comes, not at the end."""
+def test_a_stop_string_in_held_text_stops_as_the_text_comes_out(keep):
+    """Held text is matched when it comes out, with the next token (min_tokens counted there), or at the end."""
     processor, (seq,) = setup(SamplingParams(max_tokens=9, stop=["~"], include_stop_str_in_output=keep))
     feed(processor, seq, ["a", HELD, "b"])
-    assert outcome(seq) == ([ord("a"), HELD], "a~" if keep else "a", "stop", "~")
+    assert outcome(seq) == ([ord("a"), HELD, ord("b")], "a~" if keep else "a", "stop", "~")
     processor, (seq,) = setup(SamplingParams(max_tokens=9, stop=["~"], min_tokens=3))
     feed(processor, seq, ["a", HELD, "b", HELD, "c"])  # the first "~" comes out with the 3rd token: not checked
-    assert outcome(seq) == ([ord("a"), HELD, ord("b"), HELD], "a~b", "stop", "~")
+    assert outcome(seq) == ([ord("a"), HELD, ord("b"), HELD, ord("c")], "a~b", "stop", "~")
 
 
 def test_a_stop_string_completed_by_the_last_token_max_tokens_allows_is_a_stop():

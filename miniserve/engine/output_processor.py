@@ -167,14 +167,9 @@ class OutputProcessor:
             self._check_stop(seq, token, "", None, on_token, at_length)
             seq.text += ("" if _drops_last_text(seq) else detok.add([token])) + detok.flush()
             return
-        # its last token by length releases the held text, final now (an unfinished character's U+FFFD stays), and
-        # its stop strings are matched in it like any text (while the sequence runs, held text ending in U+FFFD is
-        # not: _held_stop_text)
-        delta = (
-            detok.add([token]) + detok.flush()
-            if at_length
-            else detok.add([token]) or _held_stop_text(seq, detok, req.stop_matcher)
-        )
+        # its last token by length releases the held text (an unfinished character: its U+FFFD is final now), and
+        # its stop strings are matched in it like any text
+        delta = detok.add([token]) + (detok.flush() if at_length else "")
         seq.text += delta
         self._check_stop(seq, token, delta, req.stop_matcher, on_token, at_length)
 
@@ -384,18 +379,6 @@ def _ends_on_token(seq: Sequence, token: int, eos_token_ids: set[int]) -> bool:
 def _stop_strings_count(seq: Sequence) -> bool:
     """A stop string ends a sequence only in text from the token after min_tokens on (vLLM's rule)."""
     return seq.num_output_tokens > seq.params.min_tokens
-
-
-def _held_stop_text(seq: Sequence, detok: IncrementalDetokenizer, matcher: StopMatcher | None) -> str:
-    """The text the detokenizer holds back (byte tokens: a run may still turn into U+FFFD) when a stop string
-    ends in it: the sequence stops now, as vLLM's would, with the text as it decodes now. Else "", also while
-    the held text ends in an unfinished character (U+FFFD now, its next bytes may still complete it)."""
-    if matcher is None or not _stop_strings_count(seq):
-        return ""
-    held = detok.pending()
-    if not held or held.endswith("\ufffd"):
-        return ""
-    return held if matcher.feed(seq.stop_state, held)[1] is not None else ""
 
 
 def _drops_last_text(seq: Sequence) -> bool:

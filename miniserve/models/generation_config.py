@@ -4,7 +4,8 @@ vLLM's default (`--generation-config auto`) takes temperature, top_p, top_k, min
 max_new_tokens from there: they become the defaults of `LLM.generate` without sampling params and of every server
 request field left unset (max_new_tokens caps max_tokens). Qwen3's, for one, asks for temperature 0.6, top_p 0.95
 and top_k 20. `generation_config="vllm"` keeps vLLM's own defaults instead, and a directory's generation_config.json
-gives them in place of the model's (its eos_token_id stops beside the tokenizer's). `override_generation_config` sets some of the same keys over any.
+gives them in place of the model's (its eos_token_id stops beside the tokenizer's). `override_generation_config`
+sets some of the same keys over any.
 """
 
 from __future__ import annotations
