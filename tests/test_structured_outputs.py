@@ -231,6 +231,8 @@ def test_invalid_constraints_are_400s_naming_the_field(url):
         ({"guided_regex": "a+", "min_tokens": 3}, "min_tokens"),  # the grammar decides where the output ends
         ({"structured_outputs": {"disable_any_whitespace": True}}, "structured_outputs"),  # options, no constraint
         ({"structured_outputs": {}}, "structured_outputs"),
+        # masks that leave no token to begin with: token 0 (<unk>) cannot begin "a"
+        ({"guided_regex": "a", "allowed_token_ids": [0]}, "allowed_token_ids"),
     ]  # fmt: skip
     for extra, param in cases:
         r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x", **extra}, timeout=60)
@@ -361,6 +363,32 @@ def _constrained(schema: dict, **kwargs):
 
     spec = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
     return SamplingParams(**{"temperature": 1.0, "max_tokens": 120, "structured_outputs": spec, **kwargs})
+
+
+def test_a_grammar_and_token_masks_that_leave_nothing_to_begin_with_are_refused(llm_factory):
+    """allowed_token_ids or bad_words that mask every token the grammar may begin with: refused by name (the
+    sampler would have had no token to draw, and took token 0); one allowed token that can begin it is enough."""
+    from miniserve import SamplingParams
+    from miniserve.engine.sampler import check_allowed_tokens
+    from miniserve.sampling_params import StructuredOutputsParams
+
+    llm = llm_factory()
+    a = llm.get_tokenizer().encode("a", add_special_tokens=False)
+    assert len(a) == 1  # (and the byte token <0x61> is "a" too: bad_words alone cannot ban both)
+    regex = StructuredOutputsParams(regex="a+")
+    for masks in ({"allowed_token_ids": [0]}, {"allowed_token_ids": [0, a[0]], "bad_words": ["a"]}):
+        with pytest.raises(ValueError, match="^allowed_token_ids: no token the output's grammar"):
+            llm.generate("x", SamplingParams(structured_outputs=regex, **masks), use_tqdm=False)
+    params = SamplingParams(structured_outputs=regex, allowed_token_ids=[0, a[0]], max_tokens=5)
+    assert llm.generate("x", params, use_tqdm=False)[0].outputs[0].text == "aaaaa"
+    # the other two ways nothing is left, on a grammar's first tokens given outright
+    banned = SamplingParams(bad_words=["a"])
+    banned.bad_words_token_ids = [[5]]
+    with pytest.raises(ValueError, match="^bad_words: no token the output's grammar"):
+        check_allowed_tokens(banned, {2}, 10, {5})
+    check_allowed_tokens(banned, {2}, 10, {5, 6})
+    with pytest.raises(ValueError, match="the grammar allows no token to begin the output with"):
+        check_allowed_tokens(SamplingParams(allowed_token_ids=[5]), {2}, 10, set())
 
 
 def test_preempted_sequences_keep_following_their_grammar(llm_factory):

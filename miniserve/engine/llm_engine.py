@@ -202,9 +202,12 @@ class LLMEngine:
         params.check_logprobs(self.config.max_logprobs, self.vocab_size)
         if params.bad_words and params.bad_words_token_ids is None:  # (the server tokenizes them itself)
             params.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
-        check_allowed_tokens(params, self.outputs.eos_token_ids, self.vocab_size)
+        grammar_first = None
         if params.structured_outputs is not None:
             self.grammar.compile(params.structured_outputs)
+            if params.allowed_token_ids or params.bad_words_token_ids:  # (a fill: only where masks may meet)
+                grammar_first = self.grammar.first_tokens(params.structured_outputs)
+        check_allowed_tokens(params, self.outputs.eos_token_ids, self.vocab_size, grammar_first)
 
     def check_length(self, ids: list[int], params: SamplingParams) -> None:
         """A ValueError for a request that can never run: an empty prompt, one the context or the pool cannot hold."""

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 
 from miniserve.sampling_params import StructuredOutputsParams
@@ -167,6 +168,16 @@ class GrammarCompiler:
 
     def new_state(self, spec: StructuredOutputsParams) -> GrammarState:
         return GrammarState(import_xgrammar().GrammarMatcher(self.compile(spec)), spec.start_after_token)
+
+    def first_tokens(self, spec: StructuredOutputsParams) -> set[int] | None:
+        """The tokens the grammar lets an output begin with (None while it waits for start_after_token: any)."""
+        if spec.start_after_token is not None:
+            return None
+        xgr = import_xgrammar()
+        mask = xgr.allocate_token_bitmask(1, self.vocab_size)
+        xgr.GrammarMatcher(self.compile(spec)).fill_next_token_bitmask(mask)
+        bits = np.unpackbits(mask.numpy().view(np.uint8), bitorder="little")[: self.vocab_size]  # bit i: token i
+        return set(np.flatnonzero(bits).tolist())
 
 
 def shippable(compiled: Any) -> bool:
