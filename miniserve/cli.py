@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for line in [*variable_warnings(), *no_op_warnings(args)]:
         print(f"miniserve: warning: {line}", file=sys.stderr)
+    if args.command == "generate":  # warned about: not read, so not checked either (a template file, a value)
+        for name in GENERATE_UNUSED:
+            setattr(args, name, None)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

@@ -222,6 +222,8 @@ def test_vllms_flags_that_change_nothing_here_are_taken_with_a_warning_each(caps
         "--max-logprobs is taken but changes nothing for `generate`",
     ]
     assert cli.no_op_warnings(parser.parse_args(["generate", "--prompt", "x", "--max-num-seqs", "2"])) == []
+    assert cli.main(["generate", "--prompt", "x", "--max-tokens", "1", "--chat-template", "no-such-file"]) == 0
+    assert "--chat-template is taken but changes nothing" in capsys.readouterr().err  # not also an error after it
 
 
 def test_serve_takes_the_model_positionally_as_vllm_serve_does(capsys):
