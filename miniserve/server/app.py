@@ -120,6 +120,9 @@ async def metrics(request: Request) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+ENGINE_LOST = 1  # the exit status of a server its engine's end stopped: a failure, for its supervisor to restart
+
+
 class StartupError(Exception):
     """What stopped the server starting, already logged in one line."""
 
@@ -164,6 +167,9 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
             await asyncio.to_thread(engine.shutdown)
             engine.end_all()
             thaw_heap()
+            if engine.lost:  # stopped as by SIGTERM, whose death systemd's Restart=on-failure takes for a clean stop
+                logger.error("miniserve: exiting with status %d: the engine process was lost", ENGINE_LOST)
+                os._exit(ENGINE_LOST)
 
     docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} if server.disable_fastapi_docs else {}
     app = FastAPI(title="miniserve", lifespan=lifespan, **docs)

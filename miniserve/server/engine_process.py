@@ -213,6 +213,7 @@ class EngineProcess:
         self._alive = False
         self.accepting = True
         self.on_lost: Callable[[], None] | None = None  # called when the engine process is lost (app.py stops)
+        self.lost = False  # the engine process exited unasked: the server's exit status says so (launcher.py)
         self.interrupted: int | None = None  # the signal that stopped the load (stop_loading)
 
     # ---- life cycle -----------------------------------------------------------------------------------
@@ -415,6 +416,7 @@ class EngineProcess:
         lost, self._alive = self._alive, False
         self._end_all(RuntimeError("the engine process exited"))
         if lost:  # (not this side's shutdown; its pipe may close just before it is reaped)
+            self.lost = True
             logger.error("the engine process exited unexpectedly (exit code %s)", _wait_exit(self._proc, 1.0))
             if self.on_lost is not None:
                 self.on_lost()
