@@ -118,6 +118,10 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_text()
+
+
 def _gone(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -170,6 +174,16 @@ def test_two_api_servers_answer_like_one_and_count_every_request(model_dir):
                 samples = scrape(url)
                 seen.append((metric(samples, "generation_tokens_total"), metric(samples, "num_requests_running")))
             assert seen == [(12 * 8 + 2, 0.0)] * 16, seen
+            # a stalled engine (stopped here) leaves /metrics answering with the last stats it sent, at once
+            (engine,) = [c for c in children if "spawn_main" in _cmdline(c) and os.getpgid(c) != c]  # (APIs: own)
+            os.kill(engine, signal.SIGSTOP)
+            try:
+                for _ in range(4):
+                    begun = time.monotonic()
+                    assert metric(scrape(url), "generation_tokens_total") == 12 * 8 + 2
+                    assert time.monotonic() - begun < 3
+            finally:
+                os.kill(engine, signal.SIGCONT)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0
             deadline = time.monotonic() + 10

@@ -33,6 +33,7 @@ from miniserve.server.pipe import FrameReader, FrameWriter, LoopFrameWriter
 from miniserve.server.protocol import APIError
 
 logger = logging.getLogger("miniserve.server")
+STATS_WAIT_S = 0.5  # how long a /metrics scrape of a shared engine waits for its stats (EngineProcess.fresh_stats)
 
 
 class RequestStream:
@@ -278,13 +279,21 @@ class EngineProcess:
 
     async def fresh_stats(self) -> dict:
         """The engine's stats now (a step's wait at most): API servers of a shared engine (`link`) hear them at other
-        steps (those with their output), so between scrapes of two the counters could go back; an own one: as is."""
+        steps (those with their output), so between scrapes of two the counters could go back; an own one: as is.
+        Scrapes while one is asked share its answer, and one that waits STATS_WAIT_S for it (a stalled engine)
+        gets the last stats known: /metrics, the gauges that show the stall included, keeps answering."""
         if self.link is None or not self.is_alive():
             return self._stats
-        answer = asyncio.get_running_loop().create_future()
-        self._stats_asked.append(answer)
-        self._post(("stats",))
-        return await answer
+        if self._stats_asked:
+            answer = self._stats_asked[-1]
+        else:
+            answer = asyncio.get_running_loop().create_future()
+            self._stats_asked.append(answer)
+            self._post(("stats",))
+        try:
+            return await asyncio.wait_for(asyncio.shield(answer), STATS_WAIT_S)
+        except TimeoutError:
+            return self._stats
 
     # ---- requests (on the event loop) ---------------------------------------------------------------
 
