@@ -257,7 +257,12 @@ def test_invalid_constraints_are_400s_naming_the_field(url):
         ({"type": "object", "properties": {"not": {"type": "integer"}, "if": {"type": "string"}}}, None),
         ({"type": "array", "items": {"type": "integer", "multipleOf": 3}, "uniqueItems": False}, None),
         ({"allOf": [{"type": "integer", "minimum": 3}]}, None),
-        ({"type": "string", "enum": ["ab", "abc", 7], "minLength": 2, "maxLength": 3}, None),  # every value fits
+        ({"type": "string", "enum": ["ab", "abc"], "minLength": 2, "maxLength": 3}, None),  # every value fits
+        ({"type": "string", "enum": ["ab", 7], "maxLength": 3}, "type beside enum value 7"),
+        ({"type": "integer", "enum": [1.0, 2]}, None),  # 1.0 is an integer to JSON Schema
+        # pydantic's shapes: annotations beside anyOf or $ref change nothing
+        ({"anyOf": [{"type": "string"}, {"type": "null"}], "default": None, "title": "Name"}, None),
+        ({"$ref": "#/$defs/a", "$defs": {"a": {"type": "object"}}, "description": "an a"}, None),
     ],
 )  # fmt: skip
 def test_schema_keywords_the_grammar_would_not_enforce_are_refused(schema, refused):
@@ -287,6 +292,17 @@ def test_schema_keywords_the_grammar_would_not_enforce_are_refused(schema, refus
         ({"type": "string", "enum": ["abcd"], "minLength": 1, "maxLength": 3}, "abcd", "maxLength beside enum value"),
         ({"type": "string", "enum": ["abcd"], "maxLength": 2.0}, "abcd", "maxLength beside enum value 'abcd'"),
         ({"type": "string", "enum": ["ab", "abcd"], "const": "abcd", "maxLength": 3}, "abcd", "maxLength beside enum"),
+        # nor their type or numeric bounds
+        ({"enum": [1, 10], "minimum": 5}, 1, "minimum beside enum value 1"),
+        ({"enum": [1, "a"], "type": "string"}, 1, "type beside enum value 1"),
+        ({"const": 5, "exclusiveMaximum": 5}, 5, "exclusiveMaximum beside const value 5"),
+        # beside anyOf, oneOf, allOf or $ref only that is enforced
+        ({"oneOf": [{"type": "string"}], "maxLength": 3}, "abcdef", "maxLength beside oneOf"),
+        ({"allOf": [{"type": "string"}], "pattern": "^a"}, "b", "pattern beside allOf"),
+        ({"anyOf": [{"type": "integer"}, {"type": "string"}], "type": "integer"}, "s", "type beside anyOf"),
+        ({"$ref": "#/$defs/a", "$defs": {"a": {"type": "object"}}, "required": ["b"]}, {}, "required beside $ref"),
+        ({"type": "object", "properties": {"a": {"anyOf": [{"type": "integer"}], "maximum": 3}}}, {"a": 7},
+         "maximum at properties.a beside anyOf"),
     ],
 )  # fmt: skip
 def test_keywords_xgrammar_drops_with_a_warning_are_refused(schema, breaking, refused):

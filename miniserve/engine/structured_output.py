@@ -284,6 +284,13 @@ _SUBSCHEMA = {"items": "one", "additionalProperties": "one", "not": "one", "if":
               "contains": "one", "propertyNames": "one", "unevaluatedProperties": "one", "unevaluatedItems": "one",
               "prefixItems": "list", "anyOf": "list", "oneOf": "list", "allOf": "list", "properties": "map",
               "patternProperties": "map", "$defs": "map", "definitions": "map", "dependentSchemas": "map"}  # fmt: skip
+# keywords that xgrammar drops beside a combination of schemas (anyOf, oneOf, allOf, $ref: it enforces that alone)
+_COMBINED = ("anyOf", "oneOf", "allOf", "$ref")
+_DROPPED_BESIDE_COMBINED = ("type", "enum", "const", "required", "minimum", "maximum", "exclusiveMinimum",
+                            "exclusiveMaximum", "multipleOf", "minLength", "maxLength", "pattern", "format", "items",
+                            "prefixItems", "minItems", "maxItems")  # fmt: skip
+_JSON_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "null": (type(None),),
+               "array": (list,), "object": (dict,)}  # fmt: skip
 
 
 def unenforced_keyword(schema: Any, where: str = "") -> str | None:
@@ -291,7 +298,8 @@ def unenforced_keyword(schema: Any, where: str = "") -> str | None:
     ("uniqueItems at properties.tags"), or None: those of _UNENFORCED (uniqueItems only when true), multipleOf but
     on integers without bounds, minLength/maxLength beside a pattern or format, a pattern's lookahead, allOf of more
     than one schema, a $ref outside the schema (as vLLM's xgrammar backend refuses the like), and minLength/maxLength
-    beside an enum or const value that breaks them (xgrammar enforces the values, not the lengths)."""
+    beside an enum or const value that breaks them, or a type or bound such a value breaks (xgrammar enforces the
+    values, not the rest), and the keywords xgrammar drops beside anyOf, oneOf, allOf or $ref."""
     if not isinstance(schema, dict):
         return None
     at = f" at {where}" if where else ""
@@ -307,9 +315,13 @@ def unenforced_keyword(schema: Any, where: str = "") -> str | None:
     shaped = [k for k in ("pattern", "format") if k in schema]
     if lengths and shaped:  # xgrammar compiles the pattern (format) and drops the length bounds
         return f"{lengths[0]}{at} beside {shaped[0]} (a length is enforced on strings without pattern or format)"
-    broken = _length_broken(schema) if lengths else None  # xgrammar allows every listed value, whatever its length
+    broken = _listed_value_broken(schema)  # xgrammar allows every listed value, whatever its length, type or size
     if broken:
         return f"{broken[0]}{at} beside {broken[1]} value {broken[2]!r}, which breaks it (list only values it takes)"
+    combined = next((k for k in _COMBINED if k in schema), None)
+    dropped = next((k for k in _DROPPED_BESIDE_COMBINED if k in schema and k != combined), None) if combined else None
+    if dropped:
+        return f"{dropped}{at} beside {combined} (only {combined} is enforced: move {dropped} into its schemas)"
     if isinstance(schema.get("pattern"), str) and re.search(r"(?<!\\)(?:\\\\)*\(\?<?[=!]", schema["pattern"]):
         return f"pattern{at} with a lookaround assertion"  # xgrammar ignores a lookahead (and refuses a lookbehind)
     if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
@@ -323,21 +335,49 @@ def unenforced_keyword(schema: Any, where: str = "") -> str | None:
     return None
 
 
-def _length_broken(schema: dict) -> tuple[str, str, str] | None:
-    """(the bound, enum or const, the value) of the first string among the schema's listed values (its enum's and
-    its const) that breaks its minLength or maxLength; None when all fit."""
+def _listed_value_broken(schema: dict) -> tuple[str, str, Any] | None:
+    """(the keyword, enum or const, the value) of the first of the schema's listed values (its enum's and its
+    const) that breaks its type, minLength or maxLength, or numeric bounds; None when all fit."""
     listed = [("enum", v) for v in schema["enum"]] if isinstance(schema.get("enum"), list) else []
     listed += [("const", schema["const"])] if "const" in schema else []
-    lo, hi = (
-        b if isinstance(b, (int, float)) and not isinstance(b, bool) else None  # (a bound of another type: ignored)
-        for b in (schema.get("minLength"), schema.get("maxLength"))
-    )
     for where, value in listed:
-        if isinstance(value, str) and lo is not None and len(value) < lo:
-            return "minLength", where, value
-        if isinstance(value, str) and hi is not None and len(value) > hi:
-            return "maxLength", where, value
+        for keyword, breaks in _value_checks(schema):
+            if breaks(value):
+                return keyword, where, value
     return None
+
+
+def _value_checks(schema: dict) -> list[tuple[str, Callable[[Any], bool]]]:
+    """(keyword, whether a value breaks it) for the schema's type, string lengths and numeric bounds (a bound or a
+    type that is not one JSON Schema has: ignored, as the compiler takes it)."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def of_type(v: Any, name: str) -> bool:
+        if name == "integer" and isinstance(v, float):
+            return v.is_integer()
+        return isinstance(v, _JSON_TYPES[name]) and (name == "boolean" or not isinstance(v, bool))
+
+    checks: list[tuple[str, Callable[[Any], bool]]] = []
+    types = schema.get("type")
+    names = [types] if isinstance(types, str) else types if isinstance(types, list) else []
+    if names and all(n in _JSON_TYPES for n in names):
+        checks.append(("type", lambda v: not any(of_type(v, n) for n in names)))
+    limits = {
+        "minLength": (str, len, lambda n, b: n < b),
+        "maxLength": (str, len, lambda n, b: n > b),
+        "minimum": (None, float, lambda n, b: n < b),
+        "maximum": (None, float, lambda n, b: n > b),
+        "exclusiveMinimum": (None, float, lambda n, b: n <= b),
+        "exclusiveMaximum": (None, float, lambda n, b: n >= b),
+    }
+    for keyword, (kind, measure, breaks) in limits.items():
+        bound = schema.get(keyword)
+        if number(bound):
+            fits = (lambda v: isinstance(v, str)) if kind is str else number
+            checks.append((keyword, lambda v, m=measure, b=breaks, x=bound, f=fits: f(v) and b(m(v), x)))
+    return checks
 
 
 def _subschemas(schema: dict) -> list[tuple[str, Any]]:
