@@ -279,19 +279,15 @@ class EngineProcess:
 
     async def fresh_stats(self) -> dict:
         """The engine's stats now (a step's wait at most): API servers of a shared engine (`link`) hear them at other
-        steps (those with their output), so between scrapes of two the counters could go back; an own one: as is.
-        Scrapes while one is asked share its answer, and one that waits STATS_WAIT_S for it (a stalled engine)
-        gets the last stats known: /metrics, the gauges that show the stall included, keeps answering."""
+        steps, so between scrapes of two the counters could go back; an own one: as is. Scrapes share an answer
+        asked for, and past STATS_WAIT_S (a stalled engine) get the last stats known: /metrics keeps answering."""
         if self.link is None or not self.is_alive():
             return self._stats
-        if self._stats_asked:
-            answer = self._stats_asked[-1]
-        else:
-            answer = asyncio.get_running_loop().create_future()
-            self._stats_asked.append(answer)
+        if not self._stats_asked:  # (one asked already: its answer serves this scrape too)
+            self._stats_asked.append(asyncio.get_running_loop().create_future())
             self._post(("stats",))
         try:
-            return await asyncio.wait_for(asyncio.shield(answer), STATS_WAIT_S)
+            return await asyncio.wait_for(asyncio.shield(self._stats_asked[-1]), STATS_WAIT_S)
         except TimeoutError:
             return self._stats
 
