@@ -347,7 +347,7 @@ class ServerConfig:
     max_waiting: int = setting(
         1024,
         "503 for a request that would make more sequences than this wait beyond max_num_seqs (400 for one that "
-        "could not fit even on an idle server; with --api-servers N, each takes 1/N of both)",
+        "could not fit even on an idle server; counted across every API server)",
     )
     max_body_bytes: int = setting(4 << 20, "larger request bodies get 413", shown_default="4 MiB")
     max_prompts_per_request: int = setting(1024, "a /v1/completions prompt list longer than this gets 400")
@@ -449,8 +449,8 @@ class ServerConfig:
     api_servers: int = setting(
         1,
         "HTTP server processes sharing the one engine (miniserve serve only): "
-        "each parses, detokenizes and streams its own connections, so more streams keep up with the engine; each "
-        "admits its share of max_num_seqs and max_waiting, and the connection limit applies to each",
+        "each parses, detokenizes and streams its own connections, so more streams keep up with the engine; they "
+        "admit against one count of max_num_seqs and max_waiting, and the connection limit applies to each",
         vllm_flag="--api-server-count",
     )
     allowed_origins: str = setting(

@@ -284,7 +284,7 @@ def test_a_refused_prompt_withdraws_the_requests_others_uncounted():
         return proc
 
     proc = asyncio.run(run())
-    assert (proc.counted, proc._outstanding, proc._streams, proc._acks) == ([], 0, {}, {})
+    assert (proc.counted, proc.admission.outstanding, proc._streams, proc._acks) == ([], 0, {}, {})
     assert [c for c in proc.posted if c[0] == "abort"] == [("abort", ["r-0", "r-2"])]
 
 
@@ -295,7 +295,7 @@ def test_an_overloaded_request_posts_none_of_its_prompts():
 
     async def run(outstanding: int, prompts: int, code: str) -> _Posted:
         proc = _Posted(max_waiting=1)  # 1 running + 1 waiting
-        proc._outstanding = outstanding
+        proc.admission._own = outstanding
         with pytest.raises(APIError) as refused:
             await proc.add_requests(_requests(prompts))
         assert (refused.value.code, refused.value.status) == (code, 400 if code == "too_many_sequences" else 503)
@@ -307,7 +307,7 @@ def test_an_overloaded_request_posts_none_of_its_prompts():
         (5, 3, "too_many_sequences"),
     ):
         proc = asyncio.run(run(outstanding, prompts, code))
-        assert (proc.posted, proc._outstanding, proc._streams) == ([], outstanding, {})
+        assert (proc.posted, proc.admission.outstanding, proc._streams) == ([], outstanding, {})
 
     async def exact_fit() -> _Posted:  # 2 prompts on an idle server: both posted
         proc = _Posted(max_waiting=1)
@@ -318,3 +318,26 @@ def test_an_overloaded_request_posts_none_of_its_prompts():
         return proc
 
     assert [c[0] for c in asyncio.run(exact_fit()).posted] == ["add", "add"]
+
+
+def test_api_servers_admit_against_one_shared_count():
+    """Several API servers (`--api-servers N`) check max_waiting against one count in shared memory: one server
+    may admit what another leaves free (each took 1/N of the limits: a request was a 503 on a busy server while
+    the engine had room), and none admits past the limits all together."""
+    from miniserve.server.admission import Admission, shared_count
+
+    shared = shared_count()
+    first, second = Admission(4, 4, shared), Admission(4, 4, shared)  # max_num_seqs 4, max_waiting 4
+    first.admit([3, 3])  # six sequences: more than half of the eight
+    second.admit([2])  # the last two fit, on the other server
+    assert first.outstanding == second.outstanding == 8
+    for admission in (first, second):
+        with pytest.raises(APIError) as refused:
+            admission.admit([1])
+        assert (refused.value.status, refused.value.code) == (503, "overloaded")
+    second.release(1)
+    first.admit([1])  # a sequence finished on one server frees room on the other
+    with pytest.raises(APIError) as refused:
+        second.admit([9])
+    assert (refused.value.status, refused.value.code) == (400, "too_many_sequences")
+    assert shared.value == 8

@@ -100,7 +100,7 @@ def test_max_waiting_refuses_only_beyond_the_running_batch(url):
     assert httpx.post(url + "/v1/completions", json={**short, "n": 6}, timeout=30).status_code == 200
     for body in ({**short, "n": 7}, {**short, "n": 2, "best_of": 7}):
         err = assert_openai_error(httpx.post(url + "/v1/completions", json=body, timeout=30), 400, "n")
-        assert err["code"] == "too_many_sequences" and "(4 running + 2 waiting, per API server)" in err["message"]
+        assert err["code"] == "too_many_sequences" and "(4 running + 2 waiting)" in err["message"]
 
 
 def test_huge_prompt_is_tokenized_off_the_event_loop_and_limits_answer_first(url):

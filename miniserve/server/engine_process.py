@@ -28,6 +28,7 @@ from miniserve.detokenizer import IncrementalDetokenizer
 from miniserve.engine.output_processor import drops_stop_token_text
 from miniserve.engine.outputs import CompletionOutput, RequestOutput, logprob_dicts
 from miniserve.server import engine_core
+from miniserve.server.admission import Admission, shared_count
 from miniserve.server.metrics import ServerMetrics
 from miniserve.server.pipe import FrameReader, FrameWriter, LoopFrameWriter
 from miniserve.server.protocol import APIError
@@ -117,6 +118,7 @@ class EngineLink:
     outputs: Any  # Connection: the engine -> this API server
     index: int  # which API server this is (0 observes the per-step metric)
     count: int  # how many API servers share the engine
+    outstanding: Any = None  # their shared count of sequences posted and not finished (admission.py)
 
 
 def spawn_engine(config: Any, count: int = 1) -> tuple[Any, list[EngineLink]]:
@@ -136,7 +138,8 @@ def spawn_engine(config: Any, count: int = 1) -> tuple[Any, list[EngineLink]]:
     for (engine_end, _), (_, engine_out) in zip(commands, outputs):
         engine_end.close()
         engine_out.close()
-    return proc, [EngineLink(c[1], o[0], i, count) for i, (c, o) in enumerate(zip(commands, outputs))]
+    shared = shared_count()
+    return proc, [EngineLink(c[1], o[0], i, count, shared) for i, (c, o) in enumerate(zip(commands, outputs))]
 
 
 def _kill_left_over(proc: Any) -> None:
@@ -190,22 +193,18 @@ def _failed_to_load(msg: tuple, proc: Any, link: EngineLink | None) -> RuntimeEr
 
 class EngineProcess:
     """The API process's handle: start/stop the engine process (or join one the launcher started: `link`), post
-    requests, route each step's outputs. With N API servers each admits its share of max_num_seqs and
-    max_waiting."""
+    requests, route each step's outputs. With N API servers they admit against one shared count (admission.py)."""
 
     def __init__(self, config: Any, max_waiting: int | None = None, link: EngineLink | None = None):
         self.config = config
         self.metrics: ServerMetrics | None = None  # the server's, once it has them (ServerState)
         self.link = link
-        count = link.count if link is not None else 1
-        self.max_waiting = None if max_waiting is None else -(-max_waiting // count)
-        self.capacity: int = -(-config.max_num_seqs // count)
+        self.admission = Admission(config.max_num_seqs, max_waiting, link.outstanding if link is not None else None)
         self.info: dict = {}
         self._stats: dict = {}
         self._streams: dict[str, RequestStream] = {}
         self._acks: dict[str, asyncio.Future] = {}
         self._stats_asked: deque[asyncio.Future] = deque()  # fresh_stats calls, in the order posted
-        self._outstanding = 0  # sequences posted and not finished: what the overload check counts
         self._outbox: list[tuple] = []  # commands posted during this pass of the event loop (sent as one message)
         self._writer: LoopFrameWriter | None = None
         self._proc: Any = None  # the engine process, when this API process started it
@@ -303,13 +302,11 @@ class EngineProcess:
             raise APIError("the server is shutting down; retry the request", status=503, code="shutting_down")
         if not self.is_alive():
             raise APIError("the engine is not running", status=503, code="engine_unavailable")
-        if self.max_waiting is not None:
-            _check_room([r[2].n for r in requests], self.capacity, self.max_waiting, self._outstanding)
+        self.admission.admit([r[2].n for r in requests])  # (posted and not finished: released by _forget)
         acks = []
         for request_id, prompt, params, stream, grammar, priority in requests:
             acks.append(ack := asyncio.get_running_loop().create_future())
             self._acks[request_id], self._streams[request_id] = ack, stream
-            self._outstanding += params.n
             self._post(("add", request_id, prompt, params, grammar, priority))
         answers = [(request_id, *await ack) for (request_id, *_), ack in zip(requests, acks)]
         refused = [(error, is_value) for _, error, is_value in answers if error is not None]
@@ -342,7 +339,7 @@ class EngineProcess:
         if ack is not None and not ack.done():
             ack.cancel()
         if stream is not None:
-            self._outstanding -= stream.n
+            self.admission.release(stream.n)
         return stream
 
     # ---- the pipes (on the event loop)
@@ -442,28 +439,6 @@ class EngineProcess:
 def _answer(future: asyncio.Future, value: Any) -> None:
     if not future.done():  # (a scrape whose client left was cancelled)
         future.set_result(value)
-
-
-def _check_room(ns: list[int], capacity: int, max_waiting: int, outstanding: int) -> None:
-    """max_waiting: a request whose prompts run `ns` sequences each, all of them together, that would wait beyond
-    it (with `outstanding` posted before it) is refused before any is posted: 503 (retry later) while others fill
-    the queue, 400 when it could not fit even on an idle server."""
-    n = sum(ns)
-    if n > capacity + max_waiting:
-        per_prompt = f" ({len(ns)} prompts)" if len(ns) > 1 else ""
-        raise APIError(
-            f"this request runs {n} sequences{per_prompt} (n, best_of), more than this server ever takes at once "
-            f"({capacity} running + {max_waiting} waiting, per API server)",
-            param="n",
-            code="too_many_sequences",
-        )
-    if outstanding + n - capacity > max_waiting:
-        raise APIError(
-            f"server overloaded: {max(0, outstanding - capacity)} sequences already wait beyond the {capacity} the "
-            f"engine runs at once (limit {max_waiting}); retry later",
-            status=503,
-            code="overloaded",
-        )
 
 
 def merge_steps(messages: list[tuple]) -> list[tuple]:

@@ -1,0 +1,80 @@
+"""Admission against max_waiting: the sequences posted to the engine and not finished, counted across every API
+server that shares it.
+
+A request whose sequences would wait beyond max_waiting (past the max_num_seqs the engine runs at once) is a 503
+before anything is posted. With several API server processes (`miniserve serve --api-servers N`) the count is one
+integer in shared memory, checked and raised under its lock: the processes accept connections unevenly, so a
+share of the limits each would turn requests away while the engine had room.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from typing import Any
+
+from miniserve.server.protocol import APIError
+
+
+def shared_count() -> Any:
+    """The count the API servers of one engine share (handed to each as it is spawned)."""
+    return mp.get_context("spawn").Value("q", 0)
+
+
+class Admission:
+    """Sequences outstanding: this process's own count, or the `shared` one of all API servers."""
+
+    def __init__(self, capacity: int, max_waiting: int | None, shared: Any = None):
+        self.capacity = capacity  # sequences the engine runs at once (max_num_seqs)
+        self.max_waiting = max_waiting  # None: no limit
+        self._shared = shared
+        self._own = 0
+
+    @property
+    def outstanding(self) -> int:
+        return self._own if self._shared is None else self._shared.value
+
+    def admit(self, ns: list[int]) -> None:
+        """Count the sequences of a request's prompts (`ns` each), or raise before counting any (`check_room`)."""
+        if self._shared is None:
+            self._take(ns)
+            return
+        with self._shared.get_lock():  # checked and raised together: no other API server admits in between
+            self._take(ns)
+
+    def release(self, n: int) -> None:
+        """`n` sequences finished (or were withdrawn)."""
+        if self._shared is None:
+            self._own -= n
+            return
+        with self._shared.get_lock():
+            self._shared.value -= n
+
+    def _take(self, ns: list[int]) -> None:
+        if self.max_waiting is not None:
+            check_room(ns, self.capacity, self.max_waiting, self.outstanding)
+        if self._shared is None:
+            self._own += sum(ns)
+        else:
+            self._shared.value += sum(ns)
+
+
+def check_room(ns: list[int], capacity: int, max_waiting: int, outstanding: int) -> None:
+    """max_waiting: a request whose prompts run `ns` sequences each, all of them together, that would wait beyond
+    it (with `outstanding` posted before it) is refused before any is posted: 503 (retry later) while others fill
+    the queue, 400 when it could not fit even on an idle server."""
+    n = sum(ns)
+    if n > capacity + max_waiting:
+        per_prompt = f" ({len(ns)} prompts)" if len(ns) > 1 else ""
+        raise APIError(
+            f"this request runs {n} sequences{per_prompt} (n, best_of), more than this server ever takes at once "
+            f"({capacity} running + {max_waiting} waiting)",
+            param="n",
+            code="too_many_sequences",
+        )
+    if outstanding + n - capacity > max_waiting:
+        raise APIError(
+            f"server overloaded: {max(0, outstanding - capacity)} sequences already wait beyond the {capacity} the "
+            f"engine runs at once (limit {max_waiting}); retry later",
+            status=503,
+            code="overloaded",
+        )
