@@ -31,6 +31,7 @@ logger = logging.getLogger("miniserve.server")
 
 CPU_THREADS = 4  # tokenizing and chat templates run here, not on the event loop
 GRAMMAR_THREADS = 2  # grammars compile apart: one that takes seconds (a long pattern) must not hold up tokenizing
+LARGE_BODY_BYTES = 256 << 10  # request bodies larger than this are decoded and validated off the event loop
 
 
 def load_tokenizer(config: EngineConfig) -> Any:
@@ -238,9 +239,14 @@ class ServerState:
 
     async def parse(self, request: Request, model: type) -> Any:
         """Read, decode and validate the body as `model`, then check the model name it asks for. Fields no schema
-        knows are ignored with one warning (as vLLM does); every known field is honoured or refused (400)."""
-        req = parse_request(model, await read_json(request, self.server.max_body_bytes))
-        ignored = req.ignored_fields()
+        knows are ignored with one warning (as vLLM does); every known field is honoured or refused (400). A body
+        past LARGE_BODY_BYTES is decoded and validated on a worker thread: a few MB of chat messages take a second,
+        which would hold up every stream of this process (the thread still takes turns at the GIL with the loop)."""
+        raw = await read_body(request, self.server.max_body_bytes)
+        if len(raw) > LARGE_BODY_BYTES:
+            req, ignored = await self.run_cpu(_decode_and_validate, model, raw)
+        else:
+            req, ignored = _decode_and_validate(model, raw)
         if ignored:
             logger.warning("%s %s: fields ignored (not in the API): %s", request.method, request.url.path, ignored)
         self.check_model(req.model)
@@ -333,9 +339,10 @@ def _default_from_flags(server: ServerConfig, req: Any) -> None:
         )
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The decoded JSON body; 413 past `limit` bytes (checked while reading), 400 if it is not usable JSON."""
-    return decode_json(await read_body(request, limit))
+def _decode_and_validate(model: type, raw: bytes) -> tuple[Any, list[str]]:
+    """The body as `model` (400 if it is not usable JSON or does not validate), and the fields it ignores."""
+    req = parse_request(model, decode_json(raw))
+    return req, req.ignored_fields()
 
 
 async def read_body(request: Request, limit: int) -> bytes:
