@@ -238,10 +238,9 @@ class ServerState:
             group.abort("shutdown")
 
     async def parse(self, request: Request, model: type) -> Any:
-        """Read, decode and validate the body as `model`, then check the model name it asks for. Fields no schema
-        knows are ignored with one warning (as vLLM does); every known field is honoured or refused (400). A body
-        past LARGE_BODY_BYTES is decoded and validated on a worker thread: a few MB of chat messages take a second,
-        which would hold up every stream of this process (the thread still takes turns at the GIL with the loop)."""
+        """Read, decode and validate the body as `model` (past LARGE_BODY_BYTES on a worker thread: MBs of chat
+        messages took a second of every stream's time), then check the model name it asks for. Fields no schema
+        knows are ignored with one warning (as vLLM does); every known field is honoured or refused (400)."""
         raw = await read_body(request, self.server.max_body_bytes)
         if len(raw) > LARGE_BODY_BYTES:
             req, ignored = await self.run_cpu(_decode_and_validate, model, raw)
