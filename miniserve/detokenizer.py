@@ -6,7 +6,8 @@ UTF-8 here, each invalid or unfinished sequence becoming one U+FFFD (Python's an
 byte-level BPE's decoder has it), so every character comes out as soon as its last byte does. Transformers'
 ByteFallback decoder turns a whole run into U+FFFD when any byte in it is bad: a stream could then show no text
 until the run ended, and an output cut inside its last character would lose the whole run. Where every run is
-valid UTF-8, which is what models write, the text is transformers' decode exactly.
+valid UTF-8, which is what models write, the text is transformers' decode exactly (but for a text that starts with
+the byte token of a space, which transformers' Strip drops and SentencePiece keeps, as here).
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class IncrementalDetokenizer:
         if not kept:
             return ""
         self.token_ids.extend(kept)
+        if self._anchor is None and self.token_ids[-1] in self._bytes:
+            return ""  # (runs decoded by the tokenizer, whole: one may still turn all U+FFFD; held until it ends)
         return self._emit(hold_incomplete=True)
 
     def flush(self) -> str:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import httpx
 import jsonschema
+import numpy as np
 import openai
 import pytest
 import torch
@@ -260,6 +261,9 @@ def test_invalid_constraints_are_400s_naming_the_field(url):
         ({"type": "string", "enum": ["ab", "abc"], "minLength": 2, "maxLength": 3}, None),  # every value fits
         ({"type": "string", "enum": ["ab", 7], "maxLength": 3}, "type beside enum value 7"),
         ({"type": "integer", "enum": [1.0, 2]}, None),  # 1.0 is an integer to JSON Schema
+        # numbers compared exactly: past 2**53 (a float would round this one to its bound), and past a float's range
+        ({"const": 2**53 + 1, "maximum": 2**53}, "maximum beside const value 9007199254740993"),
+        ({"type": "integer", "enum": [10**400], "minimum": 0}, None),
         # pydantic's shapes: annotations beside anyOf or $ref change nothing
         ({"anyOf": [{"type": "string"}, {"type": "null"}], "default": None, "title": "Name"}, None),
         ({"$ref": "#/$defs/a", "$defs": {"a": {"type": "object"}}, "description": "an a"}, None),
@@ -401,10 +405,10 @@ def test_a_grammar_and_token_masks_that_leave_nothing_to_begin_with_are_refused(
     banned = SamplingParams(bad_words=["a"])
     banned.bad_words_token_ids = [[5]]
     with pytest.raises(ValueError, match="^bad_words: no token the output's grammar"):
-        check_allowed_tokens(banned, {2}, 10, {5})
-    check_allowed_tokens(banned, {2}, 10, {5, 6})
+        check_allowed_tokens(banned, {2}, 10, np.arange(10) == 5)
+    check_allowed_tokens(banned, {2}, 10, np.isin(np.arange(10), [5, 6]))
     with pytest.raises(ValueError, match="the grammar allows no token to begin the output with"):
-        check_allowed_tokens(SamplingParams(allowed_token_ids=[5]), {2}, 10, set())
+        check_allowed_tokens(SamplingParams(allowed_token_ids=[5]), {2}, 10, np.zeros(10, dtype=bool))
 
 
 def test_preempted_sequences_keep_following_their_grammar(llm_factory):

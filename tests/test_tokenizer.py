@@ -727,6 +727,13 @@ def test_byte_runs_stream_each_character_as_it_completes(sp_dir):
     assert tokenizer.decode([*emoji, *accent, *emoji[:2]]) == "\ufffd" * 8  # transformers' ByteFallback
     bad = IncrementalDetokenizer(tokenizer)
     assert bad.add([byte[0x80], *accent]) + bad.flush() == "\ufffdé"
+    # without a byte token for "A" to decode beside, runs are the tokenizer's, whole, each held until it ends
+    whole = IncrementalDetokenizer(tokenizer)
+    whole._anchor = None
+    ids = [word, *emoji, *accent, byte[0x80], word]
+    deltas = [whole.add([t]) for t in ids] + [whole.flush()]
+    assert "".join(deltas) == tokenizer.decode(ids) == "the\ufffd\ufffd\ufffd\ufffd\ufffd\ufffd\ufffd the"
+    assert deltas[1:-2] == [""] * 7
 
 
 @pytest.mark.parametrize("name", ["sp", "bpe"])

@@ -221,26 +221,28 @@ def _bans(
 
 
 def check_allowed_tokens(
-    params: SamplingParams, eos_token_ids: set[int], vocab_size: int, grammar_first: set[int] | None = None
+    params: SamplingParams, eos_token_ids: set[int], vocab_size: int, grammar_first: np.ndarray | None = None
 ) -> None:
-    """allowed_token_ids, and the tokens a structured output's grammar may begin with (`grammar_first`), must leave
-    a token to sample at the first step, after `_bans` (min_tokens bans the tokens that would stop the row, a
-    one-token bad word its token): a row whose every token is masked has no distribution (its argmax would be
-    token 0, allowed or not)."""
+    """allowed_token_ids, and the tokens a structured output's grammar may begin with (`grammar_first`: a bool per
+    token), must leave a token to sample at the first step, after `_bans` (min_tokens bans the tokens that would
+    stop the row, a one-token bad word its token): a row whose every token is masked has no distribution (its
+    argmax would be token 0, allowed or not)."""
     if not params.allowed_token_ids and grammar_first is None:
         return
     _, banned = _bans([params], [[]], eos_token_ids, vocab_size)
-    left = set(params.allowed_token_ids or grammar_first)
+    left = np.zeros(vocab_size, dtype=bool) if params.allowed_token_ids else np.ones(vocab_size, dtype=bool)
+    left[list(params.allowed_token_ids or [])] = True  # (ids checked against the vocabulary already)
     if grammar_first is not None:
         left &= grammar_first
-    if left - set(banned):
+    left[banned] = False
+    if left.any():
         return
     if grammar_first is None:
         raise ValueError(
             f"allowed_token_ids: every token it allows is banned (min_tokens={params.min_tokens} bans EOS and "
             "stop_token_ids until that many tokens; a one-token bad word always): nothing is left to sample"
         )
-    if not grammar_first:
+    if not grammar_first.any():
         raise ValueError("structured outputs: the grammar allows no token to begin the output with")
     field = "allowed_token_ids" if params.allowed_token_ids else "bad_words"
     raise ValueError(

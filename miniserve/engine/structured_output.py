@@ -169,15 +169,16 @@ class GrammarCompiler:
     def new_state(self, spec: StructuredOutputsParams) -> GrammarState:
         return GrammarState(import_xgrammar().GrammarMatcher(self.compile(spec)), spec.start_after_token)
 
-    def first_tokens(self, spec: StructuredOutputsParams) -> set[int] | None:
-        """The tokens the grammar lets an output begin with (None while it waits for start_after_token: any)."""
+    def first_tokens(self, spec: StructuredOutputsParams) -> np.ndarray | None:
+        """Whether the grammar lets an output begin with each token, a bool per token (None while it waits for
+        start_after_token: any)."""
         if spec.start_after_token is not None:
             return None
         xgr = import_xgrammar()
         mask = xgr.allocate_token_bitmask(1, self.vocab_size)
         xgr.GrammarMatcher(self.compile(spec)).fill_next_token_bitmask(mask)
         bits = np.unpackbits(mask.numpy().view(np.uint8), bitorder="little")[: self.vocab_size]  # bit i: token i
-        return set(np.flatnonzero(bits).tolist())
+        return bits.astype(bool)
 
 
 def shippable(compiled: Any) -> bool:
@@ -347,6 +348,10 @@ def _listed_value_broken(schema: dict) -> tuple[str, str, Any] | None:
     return None
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
 def _value_checks(schema: dict) -> list[tuple[str, Callable[[Any], bool]]]:
     """(keyword, whether a value breaks it) for the schema's type, string lengths and numeric bounds (a bound or a
     type that is not one JSON Schema has: ignored, as the compiler takes it)."""
@@ -367,10 +372,10 @@ def _value_checks(schema: dict) -> list[tuple[str, Callable[[Any], bool]]]:
     limits = {
         "minLength": (str, len, lambda n, b: n < b),
         "maxLength": (str, len, lambda n, b: n > b),
-        "minimum": (None, float, lambda n, b: n < b),
-        "maximum": (None, float, lambda n, b: n > b),
-        "exclusiveMinimum": (None, float, lambda n, b: n <= b),
-        "exclusiveMaximum": (None, float, lambda n, b: n >= b),
+        "minimum": (None, _same, lambda n, b: n < b),  # (ints and floats compared exactly, however large)
+        "maximum": (None, _same, lambda n, b: n > b),
+        "exclusiveMinimum": (None, _same, lambda n, b: n <= b),
+        "exclusiveMaximum": (None, _same, lambda n, b: n >= b),
     }
     for keyword, (kind, measure, breaks) in limits.items():
         bound = schema.get(keyword)

@@ -169,6 +169,7 @@ def create_app(config: EngineConfig, server: ServerConfig, link: EngineLink | No
             thaw_heap()
             if engine.lost:  # stopped as by SIGTERM, whose death systemd's Restart=on-failure takes for a clean stop
                 logger.error("miniserve: exiting with status %d: the engine process was lost", ENGINE_LOST)
+                logging.shutdown()
                 os._exit(ENGINE_LOST)
 
     docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} if server.disable_fastapi_docs else {}

@@ -287,7 +287,7 @@ class EngineProcess:
             self._post(("stats",))
         try:
             return await asyncio.wait_for(asyncio.shield(self._stats_asked[-1]), STATS_WAIT_S)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # (the built-in TimeoutError from Python 3.11 on, not on 3.10)
             return self._stats
 
     # ---- requests (on the event loop) ---------------------------------------------------------------
