@@ -267,6 +267,13 @@ def test_invalid_constraints_are_400s_naming_the_field(url):
         # pydantic's shapes: annotations beside anyOf or $ref change nothing
         ({"anyOf": [{"type": "string"}, {"type": "null"}], "default": None, "title": "Name"}, None),
         ({"$ref": "#/$defs/a", "$defs": {"a": {"type": "object"}}, "description": "an a"}, None),
+        # a type beside anyOf, oneOf, allOf or $ref that their schemas already have restricts nothing: taken
+        ({"type": "object", "oneOf": [{"type": "object", "required": ["k"]}, {"type": "object"}]}, None),
+        ({"type": "number", "anyOf": [{"type": "integer"}, {"type": "number"}]}, None),
+        ({"type": "object", "allOf": [{"$ref": "#/$defs/a"}], "$defs": {"a": {"type": "object"}}}, None),
+        ({"type": "object", "$ref": "#/$defs/a", "$defs": {"a": {"type": "object"}}}, None),
+        ({"type": "object", "$ref": "#/$defs/a", "$defs": {"a": {"type": "string"}}}, "type beside $ref"),
+        ({"type": "string", "anyOf": [{"type": "integer"}, {"type": "string"}]}, "type beside anyOf"),
     ],
 )  # fmt: skip
 def test_schema_keywords_the_grammar_would_not_enforce_are_refused(schema, refused):
@@ -305,6 +312,11 @@ def test_schema_keywords_the_grammar_would_not_enforce_are_refused(schema, refus
         ({"allOf": [{"type": "string"}], "pattern": "^a"}, "b", "pattern beside allOf"),
         ({"anyOf": [{"type": "integer"}, {"type": "string"}], "type": "integer"}, "s", "type beside anyOf"),
         ({"$ref": "#/$defs/a", "$defs": {"a": {"type": "object"}}, "required": ["b"]}, {}, "required beside $ref"),
+        ({"properties": {"a": {"type": "integer"}}, "anyOf": [{"type": "object"}]}, {"a": "x"},
+         "properties beside anyOf"),
+        ({"anyOf": [{"type": "object"}], "minProperties": 2}, {}, "minProperties beside anyOf"),
+        ({"anyOf": [{"type": "integer"}, {"type": "string"}], "allOf": [{"type": "integer"}]}, "s",
+         "allOf beside anyOf"),
         ({"type": "object", "properties": {"a": {"anyOf": [{"type": "integer"}], "maximum": 3}}}, {"a": 7},
          "maximum at properties.a beside anyOf"),
     ],

@@ -287,22 +287,26 @@ _SUBSCHEMA = {"items": "one", "additionalProperties": "one", "not": "one", "if":
               "patternProperties": "map", "$defs": "map", "definitions": "map", "dependentSchemas": "map"}  # fmt: skip
 # keywords that xgrammar drops beside a combination of schemas (anyOf, oneOf, allOf, $ref: it enforces that alone)
 _COMBINED = ("anyOf", "oneOf", "allOf", "$ref")
+# (object keywords beside anyOf are kept or dropped depending on xgrammar's whitespace mode: refused in every mode)
 _DROPPED_BESIDE_COMBINED = ("type", "enum", "const", "required", "minimum", "maximum", "exclusiveMinimum",
                             "exclusiveMaximum", "multipleOf", "minLength", "maxLength", "pattern", "format", "items",
-                            "prefixItems", "minItems", "maxItems")  # fmt: skip
+                            "prefixItems", "minItems", "maxItems", "properties", "additionalProperties",
+                            "patternProperties", "minProperties", "maxProperties", *_COMBINED)  # fmt: skip
 _JSON_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "null": (type(None),),
                "array": (list,), "object": (dict,)}  # fmt: skip
 
 
-def unenforced_keyword(schema: Any, where: str = "") -> str | None:
+def unenforced_keyword(schema: Any, where: str = "", root: Any = None) -> str | None:
     """The first keyword of `schema` (and its subschemas) that the grammar would not enforce, with where it sits
     ("uniqueItems at properties.tags"), or None: those of _UNENFORCED (uniqueItems only when true), multipleOf but
     on integers without bounds, minLength/maxLength beside a pattern or format, a pattern's lookahead, allOf of more
     than one schema, a $ref outside the schema (as vLLM's xgrammar backend refuses the like), and minLength/maxLength
     beside an enum or const value that breaks them, or a type or bound such a value breaks (xgrammar enforces the
-    values, not the rest), and the keywords xgrammar drops beside anyOf, oneOf, allOf or $ref."""
+    values, not the rest), and the keywords xgrammar drops beside anyOf, oneOf, allOf or $ref (but a type their
+    schemas all have already). `root`: the whole schema, where a local $ref points."""
     if not isinstance(schema, dict):
         return None
+    root = schema if root is None else root
     at = f" at {where}" if where else ""
     for key in _UNENFORCED:
         if key in schema and not (key == "uniqueItems" and schema[key] is False):
@@ -320,7 +324,8 @@ def unenforced_keyword(schema: Any, where: str = "") -> str | None:
     if broken:
         return f"{broken[0]}{at} beside {broken[1]} value {broken[2]!r}, which breaks it (list only values it takes)"
     combined = next((k for k in _COMBINED if k in schema), None)
-    dropped = next((k for k in _DROPPED_BESIDE_COMBINED if k in schema and k != combined), None) if combined else None
+    beside = [k for k in _DROPPED_BESIDE_COMBINED if k in schema and k != combined] if combined else []
+    dropped = next((k for k in beside if k != "type" or not _type_said_by(schema, combined, root)), None)
     if dropped:
         return f"{dropped}{at} beside {combined} (only {combined} is enforced: move {dropped} into its schemas)"
     if isinstance(schema.get("pattern"), str) and re.search(r"(?<!\\)(?:\\\\)*\(\?<?[=!]", schema["pattern"]):
@@ -330,10 +335,40 @@ def unenforced_keyword(schema: Any, where: str = "") -> str | None:
     if isinstance(schema.get("$ref"), str) and not schema["$ref"].startswith("#"):
         return f"$ref {schema['$ref']!r}{at} (only references inside the schema)"
     for path, sub in _subschemas(schema):
-        found = unenforced_keyword(sub, f"{where}.{path}" if where else path)
+        found = unenforced_keyword(sub, f"{where}.{path}" if where else path, root)
         if found:
             return found
     return None
+
+
+def _type_said_by(schema: dict, combined: str, root: Any) -> bool:
+    """Whether the schemas of `combined` (anyOf/oneOf: every one; allOf: one; $ref: its target, local) already
+    have a type within the `type` beside them, which then restricts nothing xgrammar would not."""
+    allowed = _types(schema.get("type"))
+    branches = [schema] if combined == "$ref" else schema.get(combined)
+    if allowed is None or not isinstance(branches, list) or not branches:
+        return False
+    allowed |= {"integer"} if "number" in allowed else set()
+    within = [(t := _types(_local_target(b, root).get("type"))) is not None and t <= allowed for b in branches]
+    return any(within) if combined == "allOf" else all(within)
+
+
+def _types(value: Any) -> set[str] | None:
+    if isinstance(value, str):
+        return {value}
+    return set(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+
+
+def _local_target(schema: Any, root: Any) -> dict:
+    """What a schema's local $ref ("#/$defs/a") points to, else the schema itself ({} when it is none)."""
+    ref = schema.get("$ref") if isinstance(schema, dict) else None
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target = root
+        for part in ref[2:].split("/"):
+            part = part.replace("~1", "/").replace("~0", "~")
+            target = target.get(part) if isinstance(target, dict) else None
+        return target if isinstance(target, dict) else {}
+    return schema if isinstance(schema, dict) else {}
 
 
 def _listed_value_broken(schema: dict) -> tuple[str, str, Any] | None:
