@@ -125,3 +125,10 @@ class IncrementalDetokenizer:
                 text = self.tokenizer.decode([self._anchor, *run], skip_special_tokens=self.skip_special_tokens)
                 parts.append(text[1:])
         return "".join(parts)
+
+
+def decode_output(tokenizer: Tokenizer, ids: list[int], skip_special_tokens: bool = True) -> str:
+    """The text of finished output ids, as a stream of them adds up to (byte runs read as lossy UTF-8): beam
+    search's text, like every other output's."""
+    detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
+    return detok.add(ids) + detok.flush()

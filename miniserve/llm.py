@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import numbers
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 from miniserve.beam_search import BeamSearchOutput, BeamSearchParams, beam_search, check_width
 from miniserve.chat_template import check_chat_options
 from miniserve.config import EngineConfig, speculative_settings
+from miniserve.detokenizer import decode_output
 from miniserve.engine.llm_engine import LLMEngine
 from miniserve.engine.outputs import RequestOutput
 from miniserve.sampling_params import SamplingParams
@@ -123,7 +125,8 @@ class LLM:
             return self.generate(batch, step, use_tqdm=False)
 
         try:
-            return beam_search(generate, ids, params, engine.outputs.eos_token_ids, engine.max_model_len, tok.decode)
+            eos, decode = engine.outputs.eos_token_ids, functools.partial(decode_output, tok, skip_special_tokens=False)
+            return beam_search(generate, ids, params, eos, engine.max_model_len, decode)
         finally:
             bar.close()
 

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import Request
 
 from miniserve.beam_search import BeamSearch, BeamSearchParams, BeamSearchSequence, check_width
+from miniserve.detokenizer import decode_output
 from miniserve.server import responses as fmt
 from miniserve.server.protocol import APIError, SamplingFields
 from miniserve.server.request_group import RequestGroup, collect_finals
@@ -105,6 +106,6 @@ async def beam_outputs(
 
 def _choice(state: ServerState, req: SamplingFields, ids: list[int], beam: BeamSearchSequence) -> dict[str, Any]:
     shown = beam.shown_tokens(req.include_stop_str_in_output)[len(ids) :]
-    text = state.tokenizer.decode(shown, skip_special_tokens=req.skip_special_tokens)
+    text = decode_output(state.tokenizer, shown, req.skip_special_tokens)
     generated = beam.tokens[len(ids) :]
     return {"text": text, "token_ids": generated, "finish_reason": beam.finish_reason, "stop_reason": beam.stop_reason}
