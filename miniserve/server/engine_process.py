@@ -138,7 +138,7 @@ def spawn_engine(config: Any, count: int = 1) -> tuple[Any, list[EngineLink]]:
     for (engine_end, _), (_, engine_out) in zip(commands, outputs):
         engine_end.close()
         engine_out.close()
-    shared = shared_count()
+    shared = shared_count() if count > 1 else None  # (one API server counts on its own)
     return proc, [EngineLink(c[1], o[0], i, count, shared) for i, (c, o) in enumerate(zip(commands, outputs))]
 
 
