@@ -66,17 +66,16 @@ class IncrementalDetokenizer:
         the first token's of a whole text: a prompt ending in CJK text or an emoji the vocabulary spells in
         bytes.)"""
         ids = prompt_ids if isinstance(prompt_ids, (list, tuple)) else list(prompt_ids)
-        byte_ids = self.tokenizer.byte_fallback_ids
         context: list[int] = []
         for t in reversed(ids[-CONTEXT_LOOKBACK:]):
             t = int(t)
-            if t in self._skip or (not context and t in byte_ids):
+            if t in self._skip or (not context and t in self._bytes):
                 continue
             context.append(t)
             if len(context) == PROMPT_CONTEXT:
                 break
         context.reverse()
-        while context and (context[-1] in byte_ids or self._decode(context).endswith("\ufffd")):
+        while context and (context[-1] in self._bytes or self._decode(context).endswith("\ufffd")):
             context.pop()
         return context
 

@@ -87,7 +87,6 @@ class Tokenizer:
         self._bos_prefix = _special_prefix(backend)
         # `<0xNN>` pieces -> their byte (SentencePiece's byte fallback): detokenizer.py decodes their runs itself
         self.byte_values = _byte_fallback_values(backend)
-        self.byte_fallback_ids = frozenset(self.byte_values)
 
     # ---------------------------------------------------------------- loading
     @classmethod

@@ -295,7 +295,7 @@ def test_an_overloaded_request_posts_none_of_its_prompts():
 
     async def run(outstanding: int, prompts: int, code: str) -> _Posted:
         proc = _Posted(max_waiting=1)  # 1 running + 1 waiting
-        proc.admission._own = outstanding
+        proc.admission._count.value = outstanding
         with pytest.raises(APIError) as refused:
             await proc.add_requests(_requests(prompts))
         assert (refused.value.code, refused.value.status) == (code, 400 if code == "too_many_sequences" else 503)

@@ -747,7 +747,7 @@ def test_prompt_context_is_the_last_kept_prompt_ids_up_to_a_complete_character(o
     prompt = pick_ids(tokenizer, data.draw(st.lists(st.integers(0, 10**6), max_size=30), label="raw prompt"))
     skip = data.draw(st.booleans(), label="skip_special_tokens")
     kept = [t for t in prompt if not (skip and t in tokenizer.all_special_ids)]
-    bytes_ = set(pick_ids(tokenizer, list(range(0, 4 * 256, 4)))) & tokenizer.byte_fallback_ids  # pick_ids' pool
+    bytes_ = set(pick_ids(tokenizer, list(range(0, 4 * 256, 4)))) & tokenizer.byte_values.keys()  # pick_ids' pool
     while kept and kept[-1] in bytes_:
         kept.pop()
     kept = kept[-PROMPT_CONTEXT:]
@@ -768,7 +768,7 @@ def test_a_prompt_ending_in_byte_tokens_keeps_the_first_output_space(sp_dir):
     generated = hf.encode(" the king", add_special_tokens=False)
     for text in ["Hello 中文", "Hello 😀", "Hello 😀 中文", "中文"]:
         prompt = hf.encode(text)
-        trailing = len(prompt) - max(i for i, t in enumerate(prompt) if t not in tokenizer.byte_fallback_ids) - 1
+        trailing = len(prompt) - max(i for i, t in enumerate(prompt) if t not in tokenizer.byte_values) - 1
         assert trailing >= (PROMPT_CONTEXT if text != "Hello 😀" else 4)
         streamed = stream(tokenizer, generated, [1] * len(generated), skip=True, prompt=prompt)[0]
         before = hf.decode(prompt, skip_special_tokens=True)

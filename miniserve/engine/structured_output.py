@@ -31,6 +31,7 @@ speculation: they decode one token per step (their draft cache catches up like a
 from __future__ import annotations
 
 import json
+import operator
 import os
 import re
 import threading
@@ -377,47 +378,37 @@ def _listed_value_broken(schema: dict) -> tuple[str, str, Any] | None:
     listed = [("enum", v) for v in schema["enum"]] if isinstance(schema.get("enum"), list) else []
     listed += [("const", schema["const"])] if "const" in schema else []
     for where, value in listed:
-        for keyword, breaks in _value_checks(schema):
-            if breaks(value):
-                return keyword, where, value
+        if keyword := _broken_keyword(schema, value):
+            return keyword, where, value
     return None
 
 
-def _same(value: Any) -> Any:
-    return value
+def _broken_keyword(schema: dict, value: Any) -> str | None:
+    """The first of the schema's type, string lengths and numeric bounds that `value` breaks (a bound or a type
+    JSON Schema does not have: ignored, as the compiler takes it). Numbers compare exactly, however large."""
+    names = _types(schema.get("type"))
+    if names and names <= _JSON_TYPES.keys() and not any(_of_type(value, n) for n in names):
+        return "type"
+    if isinstance(value, str):
+        bounds, measured = (("minLength", operator.lt), ("maxLength", operator.gt)), len(value)
+    elif _is_number(value):
+        bounds = (("minimum", operator.lt), ("maximum", operator.gt), ("exclusiveMinimum", operator.le),
+                  ("exclusiveMaximum", operator.ge))  # fmt: skip
+        measured = value
+    else:
+        return None
+    return next((k for k, past in bounds if _is_number(schema.get(k)) and past(measured, schema[k])), None)
 
 
-def _value_checks(schema: dict) -> list[tuple[str, Callable[[Any], bool]]]:
-    """(keyword, whether a value breaks it) for the schema's type, string lengths and numeric bounds (a bound or a
-    type that is not one JSON Schema has: ignored, as the compiler takes it)."""
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-    def number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-    def of_type(v: Any, name: str) -> bool:
-        if name == "integer" and isinstance(v, float):
-            return v.is_integer()
-        return isinstance(v, _JSON_TYPES[name]) and (name == "boolean" or not isinstance(v, bool))
-
-    checks: list[tuple[str, Callable[[Any], bool]]] = []
-    types = schema.get("type")
-    names = [types] if isinstance(types, str) else types if isinstance(types, list) else []
-    if names and all(n in _JSON_TYPES for n in names):
-        checks.append(("type", lambda v: not any(of_type(v, n) for n in names)))
-    limits = {
-        "minLength": (str, len, lambda n, b: n < b),
-        "maxLength": (str, len, lambda n, b: n > b),
-        "minimum": (None, _same, lambda n, b: n < b),  # (ints and floats compared exactly, however large)
-        "maximum": (None, _same, lambda n, b: n > b),
-        "exclusiveMinimum": (None, _same, lambda n, b: n <= b),
-        "exclusiveMaximum": (None, _same, lambda n, b: n >= b),
-    }
-    for keyword, (kind, measure, breaks) in limits.items():
-        bound = schema.get(keyword)
-        if number(bound):
-            fits = (lambda v: isinstance(v, str)) if kind is str else number
-            checks.append((keyword, lambda v, m=measure, b=breaks, x=bound, f=fits: f(v) and b(m(v), x)))
-    return checks
+def _of_type(value: Any, name: str) -> bool:
+    """Whether `value` is of JSON type `name` (1.0 is an integer; True is no number)."""
+    if name == "integer" and isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, _JSON_TYPES[name]) and (name == "boolean" or not isinstance(value, bool))
 
 
 def _subschemas(schema: dict) -> list[tuple[str, Any]]:

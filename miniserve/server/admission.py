@@ -21,41 +21,29 @@ def shared_count() -> Any:
 
 
 class Admission:
-    """Sequences outstanding: this process's own count, or the `shared` one of all API servers."""
+    """Sequences outstanding, in the `shared` count of all API servers, or in one of this process's own (its lock
+    then uncontended)."""
 
     def __init__(self, capacity: int, max_waiting: int | None, shared: Any = None):
         self.capacity = capacity  # sequences the engine runs at once (max_num_seqs)
         self.max_waiting = max_waiting  # None: no limit
-        self._shared = shared
-        self._own = 0
+        self._count = shared if shared is not None else shared_count()
 
     @property
     def outstanding(self) -> int:
-        return self._own if self._shared is None else self._shared.value
+        return self._count.value
 
     def admit(self, ns: list[int]) -> None:
         """Count the sequences of a request's prompts (`ns` each), or raise before counting any (`check_room`)."""
-        if self._shared is None:
-            self._take(ns)
-            return
-        with self._shared.get_lock():  # checked and raised together: no other API server admits in between
-            self._take(ns)
+        with self._count.get_lock():  # checked and raised together: no other API server admits in between
+            if self.max_waiting is not None:
+                check_room(ns, self.capacity, self.max_waiting, self._count.value)
+            self._count.value += sum(ns)
 
     def release(self, n: int) -> None:
         """`n` sequences finished (or were withdrawn)."""
-        if self._shared is None:
-            self._own -= n
-            return
-        with self._shared.get_lock():
-            self._shared.value -= n
-
-    def _take(self, ns: list[int]) -> None:
-        if self.max_waiting is not None:
-            check_room(ns, self.capacity, self.max_waiting, self.outstanding)
-        if self._shared is None:
-            self._own += sum(ns)
-        else:
-            self._shared.value += sum(ns)
+        with self._count.get_lock():
+            self._count.value -= n
 
 
 def check_room(ns: list[int], capacity: int, max_waiting: int, outstanding: int) -> None:
