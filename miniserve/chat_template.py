@@ -146,8 +146,8 @@ REASONING_NAMES = ("reasoning_content", "thinking", "reasoning")
 
 def normalize_message(message: dict[str, Any], index: int, content_format: str = "string") -> dict[str, Any]:
     """A fresh copy for the template: keys set to None dropped, content as text ("string": parts joined with
-    newlines) or as a list of text parts ("openai": text becomes one part), tool-call arguments as objects, the
-    reasoning under each of REASONING_NAMES."""
+    newlines; none is "") or as a list of text parts ("openai": text becomes one part; none is []), tool-call
+    arguments as objects, the reasoning under each of REASONING_NAMES."""
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise ChatMessageError(f"messages[{index}] must be a dict with a 'role' string, got {message!r}")
     out = {key: value for key, value in message.items() if value is not None}
@@ -160,10 +160,8 @@ def normalize_message(message: dict[str, Any], index: int, content_format: str =
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise ChatMessageError(f"messages[{index}].content: only text parts are supported, got {part!r}")
             texts.append(part["text"])
-    if content is not None:
-        out["content"] = (
-            [{"type": "text", "text": t} for t in texts] if content_format == "openai" else "\n".join(texts)
-        )
+    # no content (an assistant's tool calls alone) is no parts, or no text, as in vLLM
+    out["content"] = [{"type": "text", "text": t} for t in texts] if content_format == "openai" else "\n".join(texts)
     if isinstance(out.get("tool_calls"), list):
         out["tool_calls"] = [_template_tool_call(call, index) for call in out["tool_calls"]]
     reasoning = next((out[name] for name in REASONING_NAMES if name in out), None)

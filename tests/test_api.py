@@ -525,7 +525,7 @@ def test_prompt_logprobs_with_tied_logprobs_keep_the_top_n_and_ranks(logits):
         entries = logprob_dicts(seq.prompt_logprobs, prompt, seq.prompt_logprob_ranks, 2, None)  # as the server
         want = {str(t): i + 1 for i, t in enumerate(top)}
         want.setdefault(str(chosen), int((logprobs >= logprobs[chosen]).sum()))
-        served = fmt.vllm_prompt_logprobs(Ids(), prompt, entries, 2, as_ids=True)[1]
+        served = fmt.vllm_prompt_logprobs(Ids(), prompt, entries, 2)[1]
         assert {t: v["rank"] for t, v in served.items()} == want, (logits, chosen)
         legacy = fmt.prompt_logprobs(Ids(), prompt, entries, 2, "", as_ids=True)["top_logprobs"][1]
         assert set(legacy) == {f"token_id:{t}" for t in want}, (logits, chosen)
@@ -596,6 +596,40 @@ def test_usage_details_continuous_usage_and_token_ids_when_streaming(client):
     r = client.completions.create(model=MODEL_NAME, prompt="ROMEO:", max_tokens=3, temperature=0, logprobs=1,
                                   extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})  # fmt: skip
     assert r.choices[0].logprobs.tokens == [f"token_id:{t}" for t in whole.choices[0].model_extra["token_ids"][:3]]
+
+
+def test_byte_tokens_of_a_split_character_read_as_each_decodes_alone(tokenizer_dir):
+    """Logprob token texts on a byte-level BPE: a character split over byte tokens reads "\ufffd" for each (as
+    vLLM's, and as transformers decodes each alone), never "" for the ones inside it; whole tokens read the
+    text they add after the context, as the output text (legacy and chat logprobs, prompt_logprobs' decoded_token)."""
+    from transformers import AutoTokenizer
+
+    from miniserve.engine.outputs import Logprob
+    from miniserve.server import responses as fmt
+    from miniserve.tokenizer import Tokenizer
+
+    hf, ours = AutoTokenizer.from_pretrained(tokenizer_dir), Tokenizer.from_pretrained(tokenizer_dir)
+    ids = hf.encode("To 日本 be", add_special_tokens=False)
+    alone = [hf.decode([t]) for t in ids]
+    assert alone.count("\ufffd") == 6  # two characters of three byte tokens each
+    want = [a if a == "\ufffd" else hf.decode(ids[: i + 1])[len(hf.decode(ids[:i])) :] for i, a in enumerate(alone)]
+    legacy, _ = fmt.completion_logprobs(ours, [], ids, [{t: -1.0} for t in ids], 0, 0)
+    chat = fmt.chat_logprobs(ours, [], ids, [{t: -1.0} for t in ids], 0)
+    prompt = fmt.vllm_prompt_logprobs(ours, ids, [None] + [{t: Logprob(-1.0, 1)} for t in ids[1:]], 0)
+    assert legacy["tokens"] == [c["token"] for c in chat["content"]] == want
+    assert [next(iter(d.values()))["decoded_token"] for d in prompt[1:]] == want[1:]
+
+
+def test_prompt_logprobs_read_as_text_with_return_tokens_as_token_ids(url):
+    """prompt_logprobs are keyed by token id already: their decoded_token stays text with
+    return_tokens_as_token_ids (as vLLM's), in completions and chat."""
+    for path, base in (("/v1/completions", {"prompt": "ROMEO:"}), ("/v1/chat/completions", MESSAGES)):
+        body = {"model": MODEL_NAME, **base, "max_tokens": 1, "prompt_logprobs": 0}
+        plain, by_id = (post(url, path, {**body, "return_tokens_as_token_ids": flag}).json() for flag in (False, True))
+        if path == "/v1/completions":
+            plain, by_id = plain["choices"][0], by_id["choices"][0]
+        decoded = [e["decoded_token"] for d in plain["prompt_logprobs"] if d for e in d.values()]
+        assert by_id["prompt_logprobs"] == plain["prompt_logprobs"] and not any("token_id:" in t for t in decoded)
 
 
 def test_continuous_usage_without_include_usage_is_refused_by_name(url):
@@ -759,6 +793,19 @@ def test_chat_echo_continue_final_message_and_template_kwargs(client, url):
                                  **extra})  # fmt: skip
             ids = r.json()["prompt_token_ids" if path != "/tokenize" else "tokens"]
             assert post(url, "/detokenize", {"tokens": ids}).json()["prompt"] == expected, (path, extra)
+    # content reaches the template as vLLM passes it: parts one by one to a template that loops over them, none as
+    # no parts (or as "" to one that reads text)
+    history = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+               {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+                   "name": "f", "arguments": "{}"}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "ok"}]  # fmt: skip
+    loops = (
+        "{% for m in messages %}{{ m.content | length }}{% for p in m.content %}:{{ p.text }}{% endfor %};{% endfor %}"
+    )
+    reads = "{% for m in messages %}{{ m.content | length }}={{ m.content }};{% endfor %}"
+    for template, expected in ((loops, "<s>2:a:b;0;1:ok;"), (reads, "<s>3=a\nb;0=;2=ok;")):
+        r = post(url, "/tokenize", {"model": MODEL_NAME, "messages": history, "chat_template": template})
+        assert post(url, "/detokenize", {"tokens": r.json()["tokens"]}).json()["prompt"] == expected
     # template variables named like the server's own arguments are variables all the same ...
     named = {"chat_template": "{{ truncate }} {{ add_special_tokens }}", "chat_template_kwargs": {"truncate": 7,
              "add_special_tokens": "yes"}}  # fmt: skip
@@ -1117,6 +1164,50 @@ def test_required_tool_choice_with_schema_definitions(client, url):
     body = {"model": MODEL_NAME, **MESSAGES, "tools": clash, "tool_choice": "required", "max_tokens": 2}
     err = assert_openai_error(post(url, "/v1/chat/completions", body), 400, "tools")
     assert "two tools define $defs/Loc differently" in err["message"]
+
+
+def test_required_tool_choice_with_references_into_the_parameters_themselves(client):
+    """A tool's "#" and "#/properties/..." references mean its own parameters under tool_choice required too,
+    where those parameters sit deep in one array schema (they used to resolve against the array: a tree's
+    children were whole calls, and a reference to a sibling property was refused)."""
+    import jsonschema
+
+    tree = {"type": "object", "properties": {"v": {"type": "integer"}, "kids": {
+        "type": "array", "items": {"$ref": "#"}, "maxItems": 2}}, "required": ["v", "kids"]}  # fmt: skip
+    pair = {"type": "object", "properties": {"a": {"type": "integer", "maximum": 5}, "b": {"$ref": "#/properties/a"}},
+            "required": ["a", "b"]}  # fmt: skip
+    tools = [
+        {"type": "function", "function": {"name": n, "parameters": p}} for n, p in (("tree", tree), ("pair", pair))
+    ]
+    schemas = {"tree": tree, "pair": pair}
+    r = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES["messages"], tools=tools, tool_choice="required", temperature=1.0,
+        seed=3, max_tokens=300, n=4,
+    )  # fmt: skip
+    calls = [c for choice in r.choices for c in choice.message.tool_calls or []]
+    assert calls
+    for call in calls:
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+
+def test_required_schema_accepts_a_call_exactly_when_its_arguments_fit_the_tool():
+    """The array schema of tool_choice required, judged by jsonschema, takes a call whose arguments the tool's own
+    schema takes and no other, for references to the parameters, to a property, from a definition, and beside
+    names and data that only look like references (a property called "$ref", an enum value holding one)."""
+    import jsonschema
+
+    from miniserve.server.tool_calls import required_schema
+
+    params = {"type": "object", "properties": {
+        "$ref": {"type": "string"}, "enum": {"$ref": "#/properties/$ref"}, "c": {"enum": [{"$ref": "#"}, 1]},
+        "kid": {"$ref": "#/$defs/Node"}}, "$defs": {"Node": {"anyOf": [{"type": "null"}, {"$ref": "#"}]}},
+        "additionalProperties": False}  # fmt: skip
+    root = required_schema([{"type": "function", "function": {"name": "f", "parameters": params}}], True)
+    samples = [{}, {"$ref": "x"}, {"$ref": 1}, {"enum": "y"}, {"enum": 2}, {"c": {"$ref": "#"}}, {"c": 1}, {"c": 2},
+               {"kid": None}, {"kid": {"kid": {"c": 1}}}, {"kid": {"kid": {"c": 3}}}, {"kid": 5}, {"z": 1}]  # fmt: skip
+    fits = [jsonschema.Draft202012Validator(params).is_valid(x) for x in samples]
+    calls = [jsonschema.Draft202012Validator(root).is_valid([{"name": "f", "parameters": x}]) for x in samples]
+    assert calls == fits and True in fits and False in fits
 
 
 @pytest.mark.parametrize(

@@ -95,9 +95,8 @@ def _chat_body(
     body = {**head, "choices": _chat_choices(state, req, ids, out, tools, reasoning)}
     body["usage"] = request_usage([ids], [out])
     if req.prompt_logprobs is not None:
-        as_ids = bool(req.return_tokens_as_token_ids)
         body["prompt_logprobs"] = fmt.vllm_prompt_logprobs(
-            state.tokenizer, ids, out.prompt_logprobs, req.prompt_logprobs, as_ids
+            state.tokenizer, ids, out.prompt_logprobs, req.prompt_logprobs
         )
     if req.return_token_ids:
         body["prompt_token_ids"] = ids
@@ -286,7 +285,7 @@ class ChatEvents(StreamEvents):
         if not self.prompt_sent:  # vLLM sends the prompt's logprobs with the first output
             self.prompt_sent = True
             prompt_lp = self.finals[0].prompt_logprobs
-            plp = fmt.vllm_prompt_logprobs(tok, self.ids, prompt_lp, req.prompt_logprobs, self.as_ids)
+            plp = fmt.vllm_prompt_logprobs(tok, self.ids, prompt_lp, req.prompt_logprobs)
             events.append(fmt.sse({**self.head, "choices": [], "prompt_logprobs": plp}))
         lp = None
         if self.top is not None and d.token_ids:

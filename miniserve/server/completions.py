@@ -150,7 +150,7 @@ def _completion_extras(
     extras: dict[str, Any] = {}
     if req.prompt_logprobs is not None:
         extras["prompt_logprobs"] = fmt.vllm_prompt_logprobs(
-            state.tokenizer, prompt_ids, out.prompt_logprobs, req.prompt_logprobs, bool(req.return_tokens_as_token_ids)
+            state.tokenizer, prompt_ids, out.prompt_logprobs, req.prompt_logprobs
         )
     if req.return_token_ids:
         extras["prompt_token_ids"] = prompt_ids

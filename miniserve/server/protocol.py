@@ -443,10 +443,18 @@ class ChatMessage(RequestModel):
             return self.content
         return "\n".join(part.text if isinstance(part, TextPart) else part.refusal for part in self.content)
 
+    def template_content(self) -> str | list[dict[str, str]] | None:
+        """The content as given, for chat_template.normalize_message to shape as the template reads it (one text,
+        or its parts: a refusal part read as its text); an assistant's refusal when it has no content; else None."""
+        if isinstance(self.content, list) and self.content:
+            return [{"type": "text", "text": p.text if isinstance(p, TextPart) else p.refusal} for p in self.content]
+        return self.content if self.content is not None and self.content != [] else self.refusal
+
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates read it: "developer" -> "system", an assistant's reasoning (the tokenizer
         gives it under every name templates read, and turns tool-call arguments into objects)."""
-        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role}
+        out["content"] = self.template_content()
         if self.name is not None:
             out["name"] = self.name
         if self.tool_call_id is not None:

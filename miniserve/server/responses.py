@@ -106,9 +106,10 @@ def token_text(tokenizer: Any, context: list[int], token_id: int, as_ids: bool =
     prefix_ids = context[-_TOKEN_CONTEXT:]
     prefix = tokenizer.decode(prefix_ids)
     full = tokenizer.decode(prefix_ids + [token_id])
-    if full.startswith(prefix):
-        return full[len(prefix) :]
-    return tokenizer.decode([token_id])
+    piece = full[len(prefix) :] if full.startswith(prefix) else ""
+    # a byte token inside a character adds nothing to a text ending in its U+FFFD: it reads as it decodes alone,
+    # "\ufffd", as vLLM's (and the offline decoded_token)
+    return piece or tokenizer.decode([token_id])
 
 
 # what a logprob of -inf (a token a grammar bans) reads in a response, as in vLLM: JSON has no infinity
@@ -229,11 +230,11 @@ def chat_logprobs(
 
 
 def vllm_prompt_logprobs(
-    tokenizer: Any, prompt_ids: list[int], logprobs: list[dict[int, Logprob] | None], num_top: int, as_ids: bool = False
+    tokenizer: Any, prompt_ids: list[int], logprobs: list[dict[int, Logprob] | None], num_top: int
 ) -> list[dict[str, dict[str, Any]] | None]:
     """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank, decoded_token}}
     for the top-N plus the prompt token; rank 1 is the likeliest (the engine's rank for a prompt token outside the
-    top-N)."""
+    top-N). The keys are ids already, so decoded_token is text even with return_tokens_as_token_ids (as vLLM's)."""
     out: list[dict[str, dict[str, Any]] | None] = [None]
     for pos in range(1, len(prompt_ids)):
         entry, token = logprobs[pos], prompt_ids[pos]
@@ -246,7 +247,7 @@ def vllm_prompt_logprobs(
                 str(t): {
                     "logprob": float(lp),  # (orjson writes no float subclass)
                     "rank": rank,
-                    "decoded_token": token_text(tokenizer, context, t, as_ids),
+                    "decoded_token": token_text(tokenizer, context, t),
                 }
                 for t, lp, rank in ranked
             }

@@ -318,16 +318,20 @@ def parse_required_output(text: str) -> tuple[str, list[ToolCall]]:
 
 
 DEFINITION_KEYS = ("$defs", "definitions")  # where a schema keeps what "#/$defs/X" refers to (2019-09+, draft 7)
+DATA_KEYS = ("enum", "const", "default", "examples")  # JSON values, not schemas: a "$ref" in them is data
+NAME_MAPS = ("properties", "patternProperties", "dependentSchemas", *DEFINITION_KEYS)  # name -> schema, any names
 
 
 def required_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
     """JSON schema of tool_choice "required": one or more calls (one without parallel_tool_calls). Each tool's
     parameters sit deep in the array's schema, so their definitions move to its root, where their "#/$defs/..."
-    references resolve (as vLLM does; two tools defining one name differently cannot share it)."""
+    references resolve (as vLLM does; two tools defining one name differently cannot share it), and their other
+    references ("#", "#/properties/...") are rebased onto where the parameters now sit."""
     root: dict[str, Any] = {"type": "array", "minItems": 1}
     variants = []
-    for t in tools:
-        parameters = dict(t["function"].get("parameters") or {"type": "object", "properties": {}})
+    for i, t in enumerate(tools):
+        where = f"#/items/anyOf/{i}/properties/parameters"
+        parameters = rebase_refs(t["function"].get("parameters") or {"type": "object", "properties": {}}, where)
         for key in (k for k in DEFINITION_KEYS if isinstance(parameters.get(k), dict)):
             for name, definition in parameters.pop(key).items():
                 if root.setdefault(key, {}).setdefault(name, definition) != definition:
@@ -347,6 +351,32 @@ def required_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, An
     if not parallel:
         root["maxItems"] = 1
     return root
+
+
+def rebase_refs(schema: Any, where: str) -> Any:
+    """A copy of `schema` whose local references into itself ("#", "#/properties/a") point below `where`, the JSON
+    pointer of the place it is moved to; references into its definitions ("#/$defs/X"), which move to the new root,
+    and references elsewhere stay as they are."""
+    if isinstance(schema, list):
+        return [rebase_refs(item, where) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in DATA_KEYS:
+            out[key] = value
+        elif key in NAME_MAPS and isinstance(value, dict):  # a property named "$ref" or "enum" is a schema
+            out[key] = {name: rebase_refs(v, where) for name, v in value.items()}
+        else:
+            out[key] = rebase_refs(value, where)
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")) and not _into_definitions(ref):
+        out["$ref"] = where + ref[1:]
+    return out
+
+
+def _into_definitions(ref: str) -> bool:
+    return any(ref == f"#/{key}" or ref.startswith(f"#/{key}/") for key in DEFINITION_KEYS)
 
 
 def named_schema(tools: list[dict[str, Any]], name: str) -> dict[str, Any]:
