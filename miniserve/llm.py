@@ -160,20 +160,22 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, request_ids: list[str], bar: Any) -> list[RequestOutput]:
-        results: dict[str, RequestOutput] = {}
+        """Step the engine until this call's requests finish; their outputs in order. Requests added to the engine
+        by other means (LLMEngine.add_request) run beside them, and count for nothing here."""
+        wanted, results = set(request_ids), {}
         try:
             while len(results) < len(request_ids):
                 for out in self.engine.step():
-                    if out.finished:
+                    if out.finished and out.request_id in wanted:
                         results[out.request_id] = out
                         bar.update(1)
+            return [results[rid] for rid in request_ids]
         except BaseException:
             for rid in request_ids:
                 self.engine.abort_request(rid)
             raise
         finally:
             bar.close()
-        return [results[rid] for rid in request_ids]
 
 
 PROMPTS_ERROR = "prompts must be a string, a list of token ids, a prompt dict, or a list of those"

@@ -489,6 +489,19 @@ def test_chat_template_content_format_setting_reaches_llm_chat_and_the_server(ll
     assert load_tokenizer(config).content_format == "openai"
 
 
+def test_generate_beside_a_request_added_to_the_engine_returns_its_own_outputs(llama_dir):
+    """A request added through LLMEngine.add_request that finishes during LLM.generate is not counted as one of
+    generate's: each call returns its own outputs (as when run alone) and leaves nothing running."""
+    llm = make_llm(llama_dir)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    alone = llm.generate("To be", params, use_tqdm=False)[0].outputs[0].token_ids
+    for _ in range(2):  # (a call that stopped early used to leave its request running, failing the next call too)
+        llm.engine.add_request("other", [5, 6, 7], SamplingParams(temperature=0, max_tokens=1))
+        beside = llm.generate("To be", params, use_tqdm=False)[0]
+        assert beside.finished and beside.outputs[0].token_ids == alone
+        assert not llm.engine.has_unfinished_requests() and llm.engine.block_manager.num_used_blocks == 0
+
+
 def test_sampling_values_vllm_gives_a_meaning(llama_dir):
     assert SamplingParams(seed=-1).seed is None  # vLLM's "no seed"
     assert SamplingParams(logprobs=True).logprobs == 1 and SamplingParams(prompt_logprobs=True).prompt_logprobs == 1
