@@ -253,7 +253,8 @@ def test_a_cut_required_array_answers_its_calls_then_the_rest():
 def test_reasoning_items_go_with_the_assistant_message_after_them_as_in_chat():
     """A reasoning item (as this server returns it) is the `reasoning` of the assistant message that the next item
     makes or joins: the chat template gets what chat's messages with that reasoning give it; one that no assistant
-    item follows is dropped."""
+    item follows is dropped. Content parts stay parts, and a tool output's name is the tool message's, as in
+    chat."""
     from miniserve.server.protocol import ChatCompletionRequest
     from miniserve.server.responses_api import chat_request
     from miniserve.server.responses_protocol import ResponsesRequest
@@ -262,18 +263,19 @@ def test_reasoning_items_go_with_the_assistant_message_after_them_as_in_chat():
         return {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
 
     call = {"type": "function_call", "call_id": "c1", "name": "get_time", "arguments": "{}"}
+    parts = [{"type": "input_text", "text": "Time"}, {"type": "input_text", "text": "?"}]
     items = [
-        {"role": "user", "content": "Time?"}, thought("call it"), call,
-        {"type": "function_call_output", "call_id": "c1", "output": "noon"}, thought("answer"),
+        {"role": "user", "content": parts}, thought("call it"), call,
+        {"type": "function_call_output", "call_id": "c1", "output": "noon", "name": "get_time"}, thought("answer"),
         {"role": "assistant", "content": "Noon."}, thought("never said"), {"role": "user", "content": "Thanks."},
         {"type": "reasoning", "summary": [{"type": "summary_text", "text": "a summary"}]},  # no reasoning text
         {"role": "assistant", "content": "Bye."},
     ]  # fmt: skip
     messages = [
-        {"role": "user", "content": "Time?"},
+        {"role": "user", "content": [{"type": "text", "text": "Time"}, {"type": "text", "text": "?"}]},
         {"role": "assistant", "reasoning": "call it", "tool_calls": [
             {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "noon"},
+        {"role": "tool", "tool_call_id": "c1", "content": "noon", "name": "get_time"},
         {"role": "assistant", "content": "Noon.", "reasoning": "answer"},
         {"role": "user", "content": "Thanks."},
         {"role": "assistant", "content": "Bye."},
@@ -329,6 +331,74 @@ def test_every_refused_field_is_named_and_unknown_fields_are_ignored_with_a_warn
     # a chat error names the Responses field
     r = post(url, "/v1/responses", {**base, "max_output_tokens": 10**6})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_output_tokens", r.text
+
+
+CALL = {"type": "function_call", "call_id": "c1", "name": "get_time", "arguments": "{}"}
+OUTPUT = {"type": "function_call_output", "call_id": "c1", "output": "noon"}
+TOOL = FLAT_TOOLS[0]
+# fields of OpenAI's tools and items that tool search and calls made by code give a meaning: (field, value) where
+# they are refused, and a value taken as it means here
+ITEM_FIELDS = [
+    ("tools", {**TOOL, "defer_loading": True}, {**TOOL, "defer_loading": False}, "defer_loading"),
+    ("tools", {**TOOL, "allowed_callers": ["programmatic"]}, {**TOOL, "allowed_callers": ["direct"]},
+     "allowed_callers"),
+    ("tools", {**TOOL, "output_schema": {"type": "string"}}, {**TOOL, "output_schema": None}, "output_schema"),
+    ("tools", {**TOOL, "async": True}, {**TOOL, "async": False}, "async"),
+    ("input", {**CALL, "caller": {"type": "program", "caller_id": "p"}}, {**CALL, "caller": {"type": "direct"}},
+     "caller"),
+    ("input", {**CALL, "namespace": "ns"}, {**CALL, "namespace": None}, "namespace"),
+    ("input", {**CALL, "async": True}, {**CALL, "async": False}, "async"),
+    ("input", {**OUTPUT, "caller": {"type": "program", "caller_id": "p"}}, {**OUTPUT, "caller": {"type": "direct"}},
+     "caller"),
+    ("input", {**OUTPUT, "namespace": "ns"}, {**OUTPUT, "name": "get_time"}, "namespace"),
+    ("input", {"type": "reasoning", "summary": [], "encrypted_content": "gAAAA"},
+     {"type": "reasoning", "summary": [], "encrypted_content": None}, "encrypted_content"),
+    ("input", {"role": "user", "content": [{"type": "input_text", "text": "x", "prompt_cache_breakpoint": {
+        "mode": "explicit"}}]}, None, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("where", "refused", "taken", "field"), ITEM_FIELDS)
+def test_fields_of_tools_and_input_items_are_honoured_or_refused_by_name(url, log_path, where, refused, taken, field):
+    """No field of OpenAI's tool and item schemas is dropped with a warning: each is taken or refused naming it."""
+    base = {"model": MODEL_NAME, "input": [{"role": "user", "content": "Time?"}], "max_output_tokens": 2}
+
+    def body(entry: dict) -> dict:
+        if where == "tools":
+            return {**base, "tools": [entry], "tool_choice": "none"}
+        return {**base, "input": [*base["input"], entry] if entry.get("type") != "function_call_output" else
+                [*base["input"], CALL, entry]}  # fmt: skip
+
+    if field is not None:
+        err = assert_openai_error(post(url, "/v1/responses", body(refused)), 400, where)
+        assert f" {field}: " in err["message"], err
+    before = log_path.read_text(errors="replace").count("fields ignored")
+    r = post(url, "/v1/responses", body(taken or refused))
+    assert r.status_code == 200, r.text
+    assert log_path.read_text(errors="replace").count("fields ignored") == before
+
+
+def test_tool_choice_auto_is_the_default_with_or_without_tools(url):
+    """OpenAI's default tool_choice, sent explicitly, asks for nothing more: without tools (or with none) it
+    answers as when left out, and a response repeats "auto" either way."""
+    base = {"model": MODEL_NAME, "input": "Speak.", "max_output_tokens": 3, "temperature": 0}
+    plain = post(url, "/v1/responses", base).json()
+    for extra in ({"tool_choice": "auto"}, {"tool_choice": "auto", "tools": []}):
+        r = post(url, "/v1/responses", {**base, **extra})
+        assert r.status_code == 200, r.text
+        assert r.json()["output"][0]["content"] == plain["output"][0]["content"] and r.json()["tool_choice"] == "auto"
+    assert plain["tool_choice"] == "auto"
+
+
+def test_a_json_schema_format_needs_its_name(url):
+    """As OpenAI's: text.format of type json_schema without `name` is a 400 (a response repeating the format
+    without one would fail the client's own type)."""
+    fmt = {"type": "json_schema", "schema": SCHEMA}
+    body = {"model": MODEL_NAME, "input": "Speak.", "max_output_tokens": 3, "text": {"format": fmt}}
+    err = assert_openai_error(post(url, "/v1/responses", body), 400, "text")
+    assert err["message"] == "text.format: format of type json_schema needs a name and a schema", err
+    r = post(url, "/v1/responses", {**body, "text": {"format": {**fmt, "name": "person"}}})
+    assert r.status_code == 200 and r.json()["text"]["format"]["name"] == "person", r.text
 
 
 def test_events_are_named_server_sent_events_without_done(url):

@@ -74,9 +74,10 @@ class RequestModel(BaseModel):
 
     @model_validator(mode="after")
     def _check_refused(self) -> RequestModel:
+        fields = type(self).model_fields
         for name, (accepts, why) in self._REFUSED.items():
-            if name in type(self).model_fields and not accepts(getattr(self, name)):
-                raise ValueError(f"{name}: {why}")
+            if name in fields and not accepts(getattr(self, name)):
+                raise ValueError(f"{fields[name].alias or name}: {why}")  # (async_ is "async" in JSON)
         return self
 
     def ignored_fields(self, prefix: str = "") -> list[str]:

@@ -102,6 +102,9 @@ def _renamed(exc: APIError) -> APIError:
 # ---------------------------------------------------------------------------------------------- the request
 
 
+_CHAT_FUNCTION = {"name", "description", "parameters", "strict"}  # a function tool's fields that chat reads
+
+
 def chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
     """The chat request a Responses request stands for (its checks already made by ResponsesRequest)."""
     body: dict[str, Any] = {"messages": chat_messages(req)}
@@ -111,11 +114,11 @@ def chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
     if req.wants_logprobs():  # (top_logprobs 0 without include asks for none: OpenAI clients may send it)
         body["logprobs"], body["top_logprobs"] = True, req.top_logprobs
     if req.tools is not None:
-        body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+        body["tools"] = [{"type": "function", "function": t.model_dump(include=_CHAT_FUNCTION, exclude_none=True)}
                          for t in req.tools]  # fmt: skip
     if isinstance(req.tool_choice, FunctionToolChoice):
         body["tool_choice"] = {"type": "function", "function": {"name": req.tool_choice.name}}
-    elif req.tool_choice is not None:
+    elif req.tool_choice is not None and (req.tool_choice != "auto" or req.tools):  # (auto: OpenAI's default)
         body["tool_choice"] = req.tool_choice
     if req.text is not None and req.text.format is not None and req.text.format.type != "text":
         body["response_format"] = _response_format(req)
@@ -135,7 +138,7 @@ def _response_format(req: ResponsesRequest) -> dict[str, Any]:
     f = req.text.format
     if f.type == "json_object":
         return {"type": "json_object"}
-    schema = {"name": f.name or "response", "schema": f.json_schema, "strict": f.strict, "description": f.description}
+    schema = {"name": f.name, "schema": f.json_schema, "strict": f.strict, "description": f.description}
     return {"type": "json_schema", "json_schema": {k: v for k, v in schema.items() if v is not None}}
 
 
@@ -163,11 +166,12 @@ def chat_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
             reasoning = item.text()
             continue
         if isinstance(item, InputMessageItem):
-            messages.append({"role": item.role, "content": item.text()})
+            messages.append({"role": item.role, "content": item.chat_content()})
         elif isinstance(item, FunctionCallItem):
             _add_call(messages, item)
         elif isinstance(item, FunctionCallOutputItem):
-            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text()})
+            tool = {"role": "tool", "tool_call_id": item.call_id, "content": item.chat_content()}
+            messages.append(tool if item.name is None else {**tool, "name": item.name})
         if reasoning is not None and messages[-1]["role"] == "assistant":
             messages[-1].setdefault("reasoning", reasoning)
         reasoning = None
@@ -201,8 +205,8 @@ def echoed_settings(state: ServerState, req: ResponsesRequest) -> dict[str, Any]
         "top_p": req.top_p if req.top_p is not None else defaults.get("top_p", 1.0),
         "max_output_tokens": req.max_output_tokens,
         "top_logprobs": req.top_logprobs,
-        "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
-        "tool_choice": tool_choice or ("auto" if req.tools else "none"),
+        "tools": [t.model_dump(by_alias=True, exclude_none=True) for t in req.tools or []],
+        "tool_choice": tool_choice or "auto",
         "parallel_tool_calls": req.parallel_tool_calls is not False,
         "text": {"format": text_format or {"type": "text"}},
         "reasoning": req.reasoning.model_dump(exclude_none=True) if req.reasoning is not None else None,

@@ -30,11 +30,38 @@ class InputTextPart(RequestModel):
     text: str
     annotations: list[Any] | None = None  # (an earlier response's output_text, passed back: read for its text)
     logprobs: list[Any] | None = None
+    # the end of a prefix to cache: every prompt's prefix is cached anyway, block by block (prefix caching)
+    prompt_cache_breakpoint: dict[str, Any] | None = None
+
+    def chat_part(self) -> dict[str, str]:
+        return {"type": "text", "text": self.text}
 
 
 class RefusalPart(RequestModel):
     type: Literal["refusal"]
     refusal: str
+
+    def chat_part(self) -> dict[str, str]:
+        return {"type": "text", "text": self.refusal}
+
+
+class Caller(RequestModel):
+    """Who made a function call: the model itself ("direct"), or code it ran ("program", not supported)."""
+
+    type: Literal["direct", "program"]
+    caller_id: str | None = None
+
+
+def _direct(caller: Caller | None) -> bool:
+    return caller is None or caller.type == "direct"
+
+
+# fields of function calls and tools that only tool search and code-made calls give a meaning
+_CALL_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "caller": (_direct, "calls made by code (caller type program) are not supported"),
+    "namespace": (unset, "tool namespaces are not supported"),
+    "async_": (lambda v: not v, "asynchronous calls are not supported"),
+}
 
 
 def _no_media_parts(item: Any) -> None:
@@ -58,11 +85,10 @@ class InputMessageItem(RequestModel):
     status: str | None = None
     phase: str | None = None
 
-    def text(self) -> str:
-        """String content; parts joined with newlines, as chat joins text parts."""
-        if isinstance(self.content, str):
-            return self.content
-        return "\n".join(p.text if isinstance(p, InputTextPart) else p.refusal for p in self.content)
+    def chat_content(self) -> str | list[dict[str, str]]:
+        """The content as chat takes it: text, or its parts as text parts (a template that loops over parts
+        sees each, as in chat)."""
+        return self.content if isinstance(self.content, str) else [p.chat_part() for p in self.content]
 
 
 class FunctionCallItem(RequestModel):
@@ -72,6 +98,11 @@ class FunctionCallItem(RequestModel):
     arguments: str  # JSON text
     id: str | None = None
     status: str | None = None
+    caller: Caller | None = None
+    namespace: str | None = None
+    async_: bool | None = Field(default=None, alias="async")
+
+    _REFUSED = _CALL_REFUSED
 
     @field_validator("arguments")
     @classmethod
@@ -92,9 +123,14 @@ class FunctionCallOutputItem(RequestModel):
     output: str | list[InputTextPart]
     id: str | None = None
     status: str | None = None
+    name: str | None = None  # the tool's: the tool message's name
+    caller: Caller | None = None
+    namespace: str | None = None
 
-    def text(self) -> str:
-        return self.output if isinstance(self.output, str) else "\n".join(p.text for p in self.output)
+    _REFUSED = _CALL_REFUSED
+
+    def chat_content(self) -> str | list[dict[str, str]]:
+        return self.output if isinstance(self.output, str) else [p.chat_part() for p in self.output]
 
 
 class ReasoningItem(RequestModel):
@@ -108,8 +144,10 @@ class ReasoningItem(RequestModel):
     encrypted_content: str | None = None
     status: str | None = None
 
+    _REFUSED = {"encrypted_content": (unset, "encrypted reasoning is not supported: pass its content")}
+
     def text(self) -> str | None:
-        """Its reasoning_text parts, joined; None where it has none (a summary alone, or encrypted content)."""
+        """Its reasoning_text parts, joined; None where it has none (a summary alone)."""
         texts = [
             part["text"]
             for part in self.content or []
@@ -131,6 +169,17 @@ class FunctionTool(RequestModel):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None  # arguments of a forced call always follow `parameters` strictly
+    allowed_callers: list[Literal["direct", "programmatic"]] | None = None
+    defer_loading: bool | None = None
+    output_schema: dict[str, Any] | None = None
+    async_: bool | None = Field(default=None, alias="async")
+
+    _REFUSED = {
+        "allowed_callers": (lambda v: v is None or "direct" in v, "only direct calls by the model are supported"),
+        "defer_loading": (lambda v: not v, "tool search (deferred loading) is not supported"),
+        "output_schema": (unset, "output schemas (for calls made by code) are not supported"),
+        "async_": (lambda v: not v, "asynchronous calls are not supported"),
+    }
 
 
 class FunctionToolChoice(RequestModel):
@@ -147,8 +196,8 @@ class TextFormat(RequestModel):
 
     @model_validator(mode="after")
     def _needs_schema(self) -> TextFormat:
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("format of type json_schema needs a schema")
+        if self.type == "json_schema" and (self.json_schema is None or self.name is None):
+            raise ValueError("format of type json_schema needs a name and a schema")
         if self.type != "json_schema":  # what only a schema format reads would constrain nothing
             for field in ("json_schema", "name", "description", "strict"):
                 if getattr(self, field) is not None:
