@@ -173,13 +173,24 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="miniserve", description=MAIN_HELP, allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
+    # (a short usage line, as vLLM's: an error is two lines, not the list of every flag before it)
     gen = sub.add_parser(
-        "generate", help="generate a completion for one prompt", description=GENERATE_HELP, allow_abbrev=False
+        "generate",
+        help="generate a completion for one prompt",
+        description=GENERATE_HELP,
+        allow_abbrev=False,
+        usage="miniserve generate --prompt TEXT [options]",
     )
     add_request_args(gen)
     add_arguments(gen, EngineConfig)
     gen.set_defaults(func=generate_main)
-    srv = sub.add_parser("serve", help="serve the OpenAI-compatible API", description=SERVE_HELP, allow_abbrev=False)
+    srv = sub.add_parser(
+        "serve",
+        help="serve the OpenAI-compatible API",
+        description=SERVE_HELP,
+        allow_abbrev=False,
+        usage="miniserve serve [MODEL] [options]",
+    )
     srv.add_argument(
         "model_tag",
         nargs="?",

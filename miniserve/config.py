@@ -46,6 +46,7 @@ GENERATION_KEYS = {
     "max_new_tokens": "max_tokens",
 }
 MAX_SPECULATIVE_TOKENS = 15  # k+1 <= 16 tokens a sequence: engine/model_runner.py DECODE_QUERIES_MAX_LEN
+DEFAULT_SPECULATIVE_TOKENS = 4
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 REASONING_PARSERS = ("qwen3", "deepseek_r1")  # server/reasoning.py: how each reads a thinking model's output
 TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json", "mistral", "qwen3_coder")  # server/tool_calls.py PARSERS
@@ -69,13 +70,19 @@ def setting(
     needs: str = "",
     vllm_flag: str = "",
     vllm_off_flag: str = "",
+    ignored_with: tuple[str, ...] = (),
+    several: bool = False,
+    vllm_env: str = "",
 ):
     """A dataclass field with what the CLI, the environment and the docs need to know about it; `needs`: the
-    setting without which this one does nothing (given alone as a flag or variable, it is an error); `vllm_flag`:
+    setting without which this one does nothing (given alone as a flag or variable, it is an error);
+    `ignored_with`: settings beside which this one does nothing (given with one, an error too); `vllm_flag`:
     vLLM's name for the flag, where it differs, taken too (a `vllm serve` command line works as written);
-    `vllm_off_flag`: vLLM's flag that turns this switch off."""
+    `vllm_off_flag`: vLLM's flag that turns this switch off; `several`: a list (several words after the flag, as
+    vLLM's; comma-separated or JSON in a variable); `vllm_env`: vLLM's variable for it, read after miniserve's."""
     meta = {"help": help, "choices": choices, "shown_default": shown_default, "needs": needs}
-    meta |= {"vllm_flag": vllm_flag, "vllm_off_flag": vllm_off_flag}
+    meta |= {"vllm_flag": vllm_flag, "vllm_off_flag": vllm_off_flag, "ignored_with": ignored_with}
+    meta |= {"several": several, "vllm_env": vllm_env}
     return field(default=default, metadata=meta)
 
 
@@ -151,6 +158,7 @@ class EngineConfig:
         0.9,
         "the KV pool takes free GPU memory until this fraction of the GPU's memory is in use (the weights and other "
         "processes count; CUDA graphs are captured after it, on top), in (0, 1]",
+        ignored_with=("num_kv_blocks", "kv_cache_memory_gb"),
     )
     max_num_seqs: int = setting(256, "sequences decoded together (as vLLM; the KV pool caps what runs at once)")
     max_num_batched_tokens: int = setting(8192, "new tokens per step: prompt chunks up to this size")
@@ -192,9 +200,9 @@ class EngineConfig:
         "draft model directory for speculative decoding (same tokenizer); demo = the demo draft",
         shown_default="off",
     )
-    num_speculative_tokens: int = setting(
-        4, f"tokens the draft proposes per speculative round (at most {MAX_SPECULATIVE_TOKENS})",
-        needs="speculative_model",
+    num_speculative_tokens: int | None = setting(
+        None, f"tokens the draft proposes per speculative round (at most {MAX_SPECULATIVE_TOKENS})",
+        shown_default=str(DEFAULT_SPECULATIVE_TOKENS), needs="speculative_model",
     )  # fmt: skip
     speculative_config: str | None = setting(
         None,
@@ -228,54 +236,23 @@ class EngineConfig:
         True, "launch the next greedy speculative round before the host has read this one", needs="speculative_model"
     )
     async_scheduling: bool = setting(
-        True, "plain decoding: launch the next decode step before the host has read this one"
+        True,
+        "plain decoding: launch the next decode step before the host has read this one (speculative decoding has "
+        "overlap_spec_rounds)",
+        ignored_with=("speculative_model",),
     )
 
     def __post_init__(self) -> None:
         self._take_speculative_config()  # (its values are checked below with the settings it sets)
+        if self.num_speculative_tokens is None:
+            self.num_speculative_tokens = DEFAULT_SPECULATIVE_TOKENS
         check_types(self)
         if self.model is None:
             self.model = str(DEMO_TARGET)
         if self.speculative_model == "demo":
             self.speculative_model = str(DEMO_DRAFT)
         check_choices(self)
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise SettingError("block_size", f"block_size must be a positive power of two, got {self.block_size}")
-        for name in (
-            "max_num_seqs",
-            "max_num_batched_tokens",
-            "num_speculative_tokens",
-            "max_stop_strings",
-            "max_stop_string_length",
-            "max_bad_words",
-            "tensor_parallel_size",
-        ):
-            _check_min(name, getattr(self, name), 1)
-        _check_min("grammar_threads", self.grammar_threads, 0)
-        _check_min("max_logprobs", self.max_logprobs, -1)
-        if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
-            raise SettingError(
-                "num_speculative_tokens",
-                f"num_speculative_tokens must be <= {MAX_SPECULATIVE_TOKENS}, got {self.num_speculative_tokens} "
-                "(a round verifies k+1 tokens a sequence as decode queries, so that greedy speculation reproduces "
-                "plain decoding bit for bit)",
-            )
-        if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 64:  # torch.manual_seed's range
-            raise SettingError("seed", f"seed must be in [-2**63, 2**64-1], got {self.seed}")
-        for name in ("max_model_len", "num_kv_blocks"):
-            if getattr(self, name) is not None:
-                _check_min(name, getattr(self, name), 1)
-        if self.num_kv_blocks is not None and self.kv_cache_memory_gb is not None:
-            raise SettingError("num_kv_blocks", "num_kv_blocks and kv_cache_memory_gb both size the KV pool: give one")
-        if self.kv_cache_memory_gb is not None and not 0 < self.kv_cache_memory_gb < float("inf"):
-            raise SettingError(
-                "kv_cache_memory_gb", f"kv_cache_memory_gb must be a finite number > 0, got {self.kv_cache_memory_gb}"
-            )
-        self.generation_override()  # its keys and values, or a one-line error naming the setting
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise SettingError(
-                "gpu_memory_utilization", f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
-            )
+        _check_engine_values(self)
 
     def check_dirs(self) -> None:
         """Fail early, naming the setting to fix, when a model or tokenizer directory is missing or is not one
@@ -287,7 +264,8 @@ class EngineConfig:
             )
         _check_dir("model", self.model, "model directory", "config.json")
         if self.speculative_model:
-            _check_dir("speculative_model", self.speculative_model, "draft model directory", "config.json")
+            given_as = "speculative_config" if self.speculative_config is not None else "speculative_model"
+            _check_dir(given_as, self.speculative_model, "draft model directory", "config.json")
         if self.tokenizer:
             _check_dir("tokenizer", self.tokenizer, "tokenizer directory", None)
         if self.generation_config not in GENERATION_CONFIGS:
@@ -320,6 +298,12 @@ class EngineConfig:
             )
         self.speculative_model = values["speculative_model"]
         self.num_speculative_tokens = _speculative_tokens(values, self.num_speculative_tokens)
+        if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise SettingError(
+                "speculative_config",
+                f"speculative_config: num_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], got "
+                f"{self.num_speculative_tokens}",
+            )
 
     @property
     def kv_lookahead(self) -> int:
@@ -340,10 +324,17 @@ class ServerConfig:
 
     served_model_name: str | None = setting(
         None,
-        "the model name clients send",
+        "the model name clients send; several names serve it under each, the first in responses (as vLLM's)",
         shown_default="the model directory's name (the --model path as given is taken too, as vLLM names it)",
+        several=True,
     )
-    api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on every /v1 route", shown_default="off")
+    api_key: str | None = setting(
+        None,
+        "require 'Authorization: Bearer KEY' on every /v1 route (any of several keys)",
+        shown_default="off",
+        several=True,
+        vllm_env="VLLM_API_KEY",
+    )
     max_waiting: int = setting(
         1024,
         "503 for a request that would make more sequences than this wait beyond max_num_seqs (400 for one that "
@@ -420,6 +411,7 @@ class ServerConfig:
         "seconds between the log's engine lines, as vLLM's: prompt and generation throughput over the interval, "
         "sequences running and waiting, KV cache usage, the prefix cache's hit rate, speculative decoding's "
         "acceptance (an idle server's at debug level)",
+        ignored_with=("disable_log_stats",),
     )
     drain_timeout: float = setting(
         5.0,
@@ -459,10 +451,16 @@ class ServerConfig:
         "or a list (comma-separated, or JSON as vLLM takes it); an empty list ([], or '' as a flag): no CORS headers "
         "(browsers then refuse pages of other origins)",
     )
-    allowed_methods: str = setting("*", "HTTP methods such a page may use (CORS; * or a list, as allowed_origins)")
-    allowed_headers: str = setting("*", "request headers such a page may send (CORS; * or a list, as allowed_origins)")
+    allowed_methods: str = setting(
+        "*", "HTTP methods such a page may use (CORS; * or a list, as allowed_origins)", needs="allowed_origins"
+    )
+    allowed_headers: str = setting(
+        "*", "request headers such a page may send (CORS; * or a list, as allowed_origins)", needs="allowed_origins"
+    )
     allow_credentials: bool = setting(
-        False, "let such pages send cookies and HTTP authentication (CORS's Access-Control-Allow-Credentials)"
+        False,
+        "let such pages send cookies and HTTP authentication (CORS's Access-Control-Allow-Credentials)",
+        needs="allowed_origins",
     )
     ssl_certfile: str | None = setting(
         None,
@@ -497,7 +495,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         check_types(self)
         check_choices(self)
-        if self.api_key is not None and not self.api_key.strip():  # (an empty variable is unset: a flag is not)
+        if self.api_key is not None and not setting_list("api_key", self.api_key):
             raise SettingError("api_key", "api_key must not be empty: leave it unset to serve without a key")
         if self.root_path is not None and not (self.root_path.startswith("/") and not self.root_path.endswith("/")):
             raise SettingError(
@@ -505,7 +503,7 @@ class ServerConfig:
             )
         if not self.response_role.strip():
             raise SettingError("response_role", "response_role must not be empty")
-        if self.served_model_name is not None and not self.served_model_name.strip():
+        if self.served_model_name is not None and not setting_list("served_model_name", self.served_model_name):
             raise SettingError(
                 "served_model_name", "served_model_name must not be empty: leave it unset for the model's"
             )
@@ -533,6 +531,12 @@ class ServerConfig:
                     f"allowed_origins: {origin!r} is not an origin: scheme://host[:port] without a path, as browsers "
                     "send it (http://localhost:3000), or *",
                 )
+
+    def served_model_names(self) -> list[str]:
+        return setting_list("served_model_name", self.served_model_name or "")
+
+    def api_keys(self) -> list[str]:
+        return setting_list("api_key", self.api_key or "")
 
     def cors(self) -> dict[str, Any] | None:
         """Starlette's CORSMiddleware arguments (None: allowed_origins empty, no CORS layer)."""
@@ -581,7 +585,7 @@ def speculative_settings(spec: dict | None) -> dict:
         raise ValueError(
             f"speculative_config: {unknown[0]!r} is not supported (it takes {', '.join(SPECULATIVE_CONFIG_FIELDS)})"
         )
-    if spec.get("model") is None:
+    if spec.get("model") is None or spec.get("model") == "":
         raise ValueError("speculative_config needs the draft's 'model'")
     tokens = spec.get("num_speculative_tokens")
     if not isinstance(spec["model"], str) or not (tokens is None or type(tokens) is int):
@@ -625,7 +629,8 @@ def check_types(config) -> None:
     """Each field's value of its annotated type, stored as it (settings that come from flags and variables are parsed
     to it; a Python caller's are checked here): a SettingError naming the field, not a TypeError deep in the engine.
     Numbers of another class that are the kind asked for (numpy's) become Python's, a path (os.PathLike) a string,
-    a torch dtype its name (`dtype=torch.bfloat16`, as vLLM takes it)."""
+    a torch dtype its name (`dtype=torch.bfloat16`, as vLLM takes it). An optional string (a path, a name, JSON)
+    given empty is an error, not the default: `--speculative-model ''` would run without a draft unseen."""
     for f in fields(config):
         kind, optional = field_type(type(config), f)
         value = getattr(config, f.name)
@@ -635,6 +640,8 @@ def check_types(config) -> None:
         if taken is None:
             wanted = _TYPE_NAMES[kind] + (" or None" if optional else "")
             raise SettingError(f.name, f"{f.name} must be {wanted}, got {value!r}")
+        if kind is str and optional and not taken.strip():
+            raise SettingError(f.name, f"{f.name} must not be empty: leave it unset for its default")
         setattr(config, f.name, taken)
 
 
@@ -686,18 +693,58 @@ def _checked_override(value: str | dict | None) -> dict[str, Any]:
     return override
 
 
-def _speculative_tokens(values: dict, setting: int) -> int:
-    """speculative_config's num_speculative_tokens, else the setting's; a SettingError when the setting, given (not
-    its default), says another."""
-    given = values.get("num_speculative_tokens", setting)
-    default = next(f.default for f in fields(EngineConfig) if f.name == "num_speculative_tokens")
-    if setting not in (given, default):
+def _speculative_tokens(values: dict, setting: int | None) -> int:
+    """speculative_config's num_speculative_tokens, else the setting's, else the default; a SettingError when the
+    setting, given, says another."""
+    given = values.get("num_speculative_tokens")
+    if given is not None and setting is not None and setting != given:
         raise SettingError(
             "speculative_config",
             f"speculative_config says num_speculative_tokens {given} and num_speculative_tokens says {setting}: "
             "give one",
         )
-    return given
+    return next((k for k in (given, setting) if k is not None), DEFAULT_SPECULATIVE_TOKENS)
+
+
+def _check_engine_values(c: EngineConfig) -> None:
+    """EngineConfig's ranges and the settings that must agree, each a SettingError naming the setting."""
+    if c.block_size < 1 or c.block_size & (c.block_size - 1):
+        raise SettingError("block_size", f"block_size must be a positive power of two, got {c.block_size}")
+    for name in (
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "num_speculative_tokens",
+        "max_stop_strings",
+        "max_stop_string_length",
+        "max_bad_words",
+        "tensor_parallel_size",
+    ):
+        _check_min(name, getattr(c, name), 1)
+    _check_min("grammar_threads", c.grammar_threads, 0)
+    _check_min("max_logprobs", c.max_logprobs, -1)
+    if c.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
+        raise SettingError(
+            "num_speculative_tokens",
+            f"num_speculative_tokens must be <= {MAX_SPECULATIVE_TOKENS}, got {c.num_speculative_tokens} "
+            "(a round verifies k+1 tokens a sequence as decode queries, so that greedy speculation reproduces "
+            "plain decoding bit for bit)",
+        )
+    if c.seed is not None and not -(1 << 63) <= c.seed < 1 << 64:  # torch.manual_seed's range
+        raise SettingError("seed", f"seed must be in [-2**63, 2**64-1], got {c.seed}")
+    for name in ("max_model_len", "num_kv_blocks"):
+        if getattr(c, name) is not None:
+            _check_min(name, getattr(c, name), 1)
+    if c.num_kv_blocks is not None and c.kv_cache_memory_gb is not None:
+        raise SettingError("num_kv_blocks", "num_kv_blocks and kv_cache_memory_gb both size the KV pool: give one")
+    if c.kv_cache_memory_gb is not None and not 0 < c.kv_cache_memory_gb < float("inf"):
+        raise SettingError(
+            "kv_cache_memory_gb", f"kv_cache_memory_gb must be a finite number > 0, got {c.kv_cache_memory_gb}"
+        )
+    c.generation_override()  # its keys and values, or a one-line error naming the setting
+    if not 0.0 < c.gpu_memory_utilization <= 1.0:
+        raise SettingError(
+            "gpu_memory_utilization", f"gpu_memory_utilization must be in (0, 1], got {c.gpu_memory_utilization}"
+        )
 
 
 def _check_min(name: str, value: int, low: int) -> None:
@@ -721,7 +768,13 @@ def resolve_chat_template(value: str | None) -> str | None:
             f"chat template file {value!r} does not exist (--chat-template / MINISERVE_CHAT_TEMPLATE: a file's "
             "path, or the Jinja template itself)"
         )
-    return Path(value).read_text(encoding="utf-8")
+    try:
+        return Path(value).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"chat template file {value!r} is not UTF-8 text ({e.reason} at byte {e.start}; --chat-template / "
+            "MINISERVE_CHAT_TEMPLATE)"
+        ) from None
 
 
 def resolve_device(name: str) -> torch.device:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import MISSING, Field, fields
@@ -52,21 +53,25 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 )
         else:
             metavar = None if f.metadata.get("choices") else f.name.upper()
-            choices = f.metadata.get("choices")
-            group.add_argument(*names, type=kind, choices=choices, default=None, metavar=metavar, help=help_text)
+            choices, nargs = f.metadata.get("choices"), "+" if f.metadata.get("several") else None
+            group.add_argument(
+                *names, type=kind, choices=choices, nargs=nargs, default=None, metavar=metavar, help=help_text
+            )
 
 
 def from_sources(cls: type, args: argparse.Namespace | None = None, env: Mapping[str, str] = os.environ):
-    """`cls` from the flags in `args` (where given), else the MINISERVE_* variables in `env`, else defaults."""
+    """`cls` from the flags in `args` (where given), else the MINISERVE_* variables in `env` (else vLLM's, for the
+    few it has), else defaults. A setting given where another makes it do nothing is an error (`needs`,
+    `ignored_with`)."""
     values, sources = {}, {}
     for f in fields(cls):
         given = getattr(args, f.name, None) if args is not None else None
-        raw = env.get(env_var(f), "")
+        variable = next((v for v in (env_var(f), f.metadata.get("vllm_env")) if v and env.get(v, "").strip()), None)
         if given is not None:
-            values[f.name], sources[f.name] = given, flag(f)
-        elif raw.strip():
-            source = f"{env_var(f)}={raw!r}"
-            values[f.name], sources[f.name] = _parse(cls, f, raw.strip(), source), source
+            values[f.name], sources[f.name] = _several(given), flag(f)
+        elif variable is not None:
+            source = f"{variable}={env[variable]!r}"
+            values[f.name], sources[f.name] = _parse(cls, f, env[variable].strip(), source), source
     try:
         config = cls(**values)
     except SettingError as e:
@@ -75,11 +80,25 @@ def from_sources(cls: type, args: argparse.Namespace | None = None, env: Mapping
         raise
     by_name = {f.name: f for f in fields(cls)}
     for name, source in sources.items():  # (on the settings as set: speculative_config sets speculative_model)
-        needs = by_name[name].metadata.get("needs")
-        if needs and getattr(config, needs) in (None, False):  # (a draft, a certificate; a switch left off)
-            where = flag(by_name[needs]) if source.startswith("--") else env_var(by_name[needs])
-            raise SettingError(name, f"{source}: does nothing without {where}")
+        meta = by_name[name].metadata
+        spell = flag if source.startswith("--") else env_var
+        if meta.get("needs") and not _is_set(getattr(config, meta["needs"])):  # (a draft, origins; a switch off)
+            raise SettingError(name, f"{source}: does nothing without {spell(by_name[meta['needs']])}")
+        for other in (o for o in meta.get("ignored_with", ()) if _is_set(getattr(config, o))):
+            raise SettingError(name, f"{source}: does nothing with {spell(by_name[other])}")
     return config
+
+
+def _is_set(value) -> bool:
+    """A setting that does something: not unset, not a switch left off, not an empty list."""
+    return value not in (None, False) and not (isinstance(value, str) and value.strip() in ("", "[]"))
+
+
+def _several(given):
+    """A flag's value; several words given to a list setting (`several`) as JSON text, as its variable takes them."""
+    if not isinstance(given, list):
+        return given
+    return given[0] if len(given) == 1 else json.dumps(given)
 
 
 def variable_warnings(env: Mapping[str, str] = os.environ) -> list[str]:
@@ -121,10 +140,15 @@ def markdown_table() -> str:
             if f.metadata.get("choices"):
                 meaning += ": " + ", ".join(f"`{c}`" for c in f.metadata["choices"])
             if f.metadata.get("needs"):
-                needed = next(g for g in fields(cls) if g.name == f.metadata["needs"])
-                meaning += f" (only with `{flag(needed)}`)"
+                meaning += f" (only with `--{f.metadata['needs'].replace('_', '-')}`)"
+            if f.metadata.get("ignored_with"):
+                others = " or ".join(f"`--{o.replace('_', '-')}`" for o in f.metadata["ignored_with"])
+                meaning += f" (not with {others})"
             where = " (`serve` only)" if cls is ServerConfig else ""
             vllm, off = f.metadata.get("vllm_flag"), f.metadata.get("vllm_off_flag")
             also = f" (vLLM's `{vllm}` too)" if vllm else f" (vLLM's `{off}` turns it off)" if off else ""
-            rows.append(f"| `{env_var(f)}` | `{flag(f)}`{also}{where} | {shown_default(f)} | {meaning} |")
+            variable = f"`{env_var(f)}`" + (
+                f" (vLLM's `{f.metadata['vllm_env']}` too)" if f.metadata["vllm_env"] else ""
+            )
+            rows.append(f"| {variable} | `{flag(f)}`{also}{where} | {shown_default(f)} | {meaning} |")
     return "\n".join(rows)

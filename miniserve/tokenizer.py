@@ -318,7 +318,12 @@ def _load_backend(directory: Path, config: dict, special: dict[str, str | None])
     tokenizer.model implies."""
     prefix_space = config.get("add_prefix_space") is not False  # null (as transformers 5 writes it) = default
     if (directory / "tokenizer.json").is_file():
-        backend = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+        except Exception as e:  # (the tokenizers library raises Exception itself)
+            raise ValueError(
+                f"{directory / 'tokenizer.json'}: not a tokenizer the tokenizers library reads ({e})"
+            ) from None
         tokenizer_class = str(config.get("tokenizer_class") or "")
         if tokenizer_class in LLAMA_TOKENIZER_CLASSES and _is_sentencepiece_bpe(backend):
             _set_llama_pipeline(backend, config.get("legacy", False), prefix_space)
@@ -339,7 +344,10 @@ def _backend_from_sentencepiece(model_file: Path, legacy: bool, add_prefix_space
     """Build transformers 5's Llama BPE pipeline from a SentencePiece model (pieces in id order)."""
     import sentencepiece
 
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    except RuntimeError as e:
+        raise ValueError(f"{model_file}: not a SentencePiece model ({e})") from None
     pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
     vocab = {piece: i for i, piece in enumerate(pieces)}
     backend = tokenizers.Tokenizer(

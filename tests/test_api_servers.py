@@ -135,6 +135,7 @@ def test_two_api_servers_answer_like_one_and_count_every_request(model_dir):
     port = free_port()
     cmd = [sys.executable, "-m", "miniserve.cli", "serve", "--model", str(model_dir), "--device", "cpu"]
     cmd += ["--dtype", "float32", "--port", str(port), "--api-servers", "2", "--served-model-name", MODEL_NAME]
+    cmd += ["--drain-timeout", "inf"]  # (no bound: the launcher's wait for the engine once failed on it)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     with tempfile.TemporaryFile() as log:

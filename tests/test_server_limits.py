@@ -31,6 +31,8 @@ from tests.test_server import (
 )
 
 API_KEY = "sk-miniserve-test"
+SECOND_KEY = "sk-second"  # several keys (vLLM's --api-key K1 K2), and several names
+ALIAS = "another-name"
 LONG_MAX_MODEL_LEN = 16384
 
 
@@ -44,8 +46,8 @@ def model_dir(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="module")
 def url(model_dir):
     env = {
-        "MINISERVE_API_KEY": API_KEY,
-        "MINISERVE_SERVED_MODEL_NAME": MODEL_NAME,
+        "MINISERVE_API_KEY": f"{API_KEY},{SECOND_KEY}",
+        "MINISERVE_SERVED_MODEL_NAME": f'["{MODEL_NAME}", "{ALIAS}"]',
         "MINISERVE_MAX_NUM_SEQS": "1",
         "MINISERVE_MAX_WAITING": "1",
         "MINISERVE_SPECULATIVE_MODEL": str(model_dir),
@@ -75,6 +77,13 @@ def test_api_key_guards_every_v1_route(url):
         openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
     good = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=30)
     assert good.completions.create(model=MODEL_NAME, prompt="ROMEO:", max_tokens=3).usage.completion_tokens >= 1
+    # either key; the model under each of its names, answering with the first (as vLLM)
+    second = openai.OpenAI(base_url=url + "/v1", api_key=SECOND_KEY, max_retries=0, timeout=30)
+    assert [m.id for m in second.models.list().data] == [MODEL_NAME, ALIAS]
+    assert second.models.retrieve(ALIAS).id == ALIAS
+    assert second.completions.create(model=ALIAS, prompt="ROMEO:", max_tokens=2).model == MODEL_NAME
+    with pytest.raises(openai.NotFoundError, match=f"This server serves `{MODEL_NAME}`, `{ALIAS}`"):
+        second.completions.create(model="nope", prompt="ROMEO:", max_tokens=2)
 
 
 def test_a_requests_own_chat_template_is_refused_unless_the_server_trusts_them(url):

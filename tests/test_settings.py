@@ -76,6 +76,9 @@ def no_miniserve_variables(monkeypatch):
         monkeypatch.delenv(name)
 
 
+NEEDED_VALUES = {"allowed_origins": "http://a.example"}  # a value of a setting another needs, where "demo" is none
+
+
 @pytest.mark.parametrize("cls", [EngineConfig, ServerConfig])
 def test_every_field_is_a_flag_and_a_variable(cls):
     command = "serve" if cls is ServerConfig else "generate"
@@ -90,7 +93,8 @@ def test_every_field_is_a_flag_and_a_variable(cls):
         extra = ["--prompt", "x"] if command == "generate" else []
         needs = f.metadata["needs"]  # (a setting that does nothing alone comes with the one it needs)
         needed = next((g for g in fields(cls) if g.name == needs), None)
-        base = {"MINISERVE_" + needs.upper(): "1" if needed.type in (bool, "bool") else "demo"} if needs else {}
+        needed_value = "1" if needed and needed.type in (bool, "bool") else NEEDED_VALUES.get(needs, "demo")
+        base = {"MINISERVE_" + needs.upper(): needed_value} if needs else {}
         args = parser.parse_args([command, *extra, *argv])
         assert getattr(from_sources(cls, args, env=base), f.name) == value, flag
         assert getattr(from_sources(cls, None, env={**base, var: as_text(value)}), f.name) == value, var
@@ -150,9 +154,13 @@ def test_bad_flag_and_bad_variable_are_one_line_cli_errors(monkeypatch, capsys):
     assert err == "miniserve: error: --block-size: block_size must be a positive power of two, got 12\n"
     assert cli.main(["serve", "--api-key", " "]) == 2
     assert capsys.readouterr().err == (
+        "miniserve: error: --api-key: api_key must not be empty: leave it unset for its default\n"
+    )
+    assert cli.main(["serve", "--api-key", ","]) == 2
+    assert capsys.readouterr().err == (
         "miniserve: error: --api-key: api_key must not be empty: leave it unset to serve without a key\n"
     )
-    assert cli.main(["serve", "--served-model-name", ""]) == 2
+    assert cli.main(["serve", "--served-model-name", "[]"]) == 2
     assert capsys.readouterr().err == (
         "miniserve: error: --served-model-name: served_model_name must not be empty: leave it unset for the model's\n"
     )
@@ -273,6 +281,9 @@ def test_override_generation_config_is_checked_before_any_model_loads(override, 
         (dict(num_kv_blocks=10, kv_cache_memory_gb=1.0), "num_kv_blocks and kv_cache_memory_gb both size the KV pool"),
         (dict(speculative_config='{"model": "demo", "num_speculative_tokens": 5}', num_speculative_tokens=3),
          "speculative_config says num_speculative_tokens 5 and num_speculative_tokens says 3: give one"),
+        # the default given explicitly is given all the same
+        (dict(speculative_config='{"model": "demo", "num_speculative_tokens": 3}', num_speculative_tokens=4),
+         "speculative_config says num_speculative_tokens 3 and num_speculative_tokens says 4: give one"),
     ],
 )  # fmt: skip
 def test_two_settings_that_say_different_things_are_refused(settings, message):
@@ -280,6 +291,78 @@ def test_two_settings_that_say_different_things_are_refused(settings, message):
         EngineConfig(**settings)
     spec = '{"model": "demo", "num_speculative_tokens": 5}'
     assert EngineConfig(speculative_config=spec, num_speculative_tokens=5).num_speculative_tokens == 5
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ('{"model": "demo", "num_speculative_tokens": 16}', "num_speculative_tokens must be in [1, 15], got 16"),
+        ('{"model": "demo", "num_speculative_tokens": 0}', "num_speculative_tokens must be in [1, 15], got 0"),
+        ('{"model": ""}', "speculative_config needs the draft's 'model'"),
+    ],
+)
+def test_speculative_config_values_are_refused_naming_it(capsys, spec, message):
+    assert cli.main(["generate", "--prompt", "x", "--speculative-config", spec]) == 2
+    assert capsys.readouterr().err.startswith("miniserve: error: --speculative-config: ")
+    assert EngineConfig(speculative_config='{"model": "demo"}').num_speculative_tokens == 4  # (the default)
+    with pytest.raises(FileNotFoundError, match=r"draft model directory '/nope' does not exist \(--speculative-config"):
+        EngineConfig(speculative_config='{"model": "/nope"}').check_dirs()
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--kv-cache-memory-gb", "1", "--gpu-memory-utilization", "0.5"],
+         "--gpu-memory-utilization: does nothing with --kv-cache-memory-gb"),
+        (["--num-kv-blocks", "64", "--gpu-memory-utilization", "0.5"],
+         "--gpu-memory-utilization: does nothing with --num-kv-blocks"),
+        (["--speculative-model", "demo", "--no-async-scheduling"],
+         "--async-scheduling: does nothing with --speculative-model"),
+        (["--disable-log-stats", "--log-stats-interval", "1"],
+         "--log-stats-interval: does nothing with --disable-log-stats"),
+        (["--allowed-origins", "", "--allow-credentials"],
+         "--allow-credentials: does nothing without --allowed-origins"),
+        (["--allowed-origins", "[]", "--allowed-methods", "GET"], "--allowed-methods: does nothing without --allowed-"),
+        (["--speculative-model", ""], "--speculative-model: speculative_model must not be empty"),
+        (["--tokenizer", " "], "--tokenizer: tokenizer must not be empty"),
+    ],
+)  # fmt: skip
+def test_a_setting_that_another_makes_do_nothing_or_given_empty_is_a_two_line_error(capsys, argv, error):
+    """A setting that does nothing beside another (or without it), or a path or name given empty, is an error, not
+    a setting dropped unseen; like argparse's own errors, it comes under a one-line usage, not the list of flags."""
+    assert cli.main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"miniserve: error: {error}") and err.count("\n") == 1, err
+    with pytest.raises(SystemExit, match="2"):
+        cli.main(["serve", "--max-num-seqs", "many"])
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("usage: miniserve serve [MODEL] [options]") and len(lines) == 2, lines
+    env = {"MINISERVE_DISABLE_LOG_STATS": "1", "MINISERVE_LOG_STATS_INTERVAL": "1"}
+    with pytest.raises(SettingError, match="^MINISERVE_LOG_STATS_INTERVAL='1': does nothing with MINISERVE_DISABLE_L"):
+        from_sources(ServerConfig, env=env)
+
+
+def test_several_served_names_and_api_keys_and_vllms_api_key_variable():
+    """vLLM's `--served-model-name A B` and `--api-key K1 K2` (several words), the same as a list in a variable;
+    VLLM_API_KEY keys the server where no miniserve setting does (a server started as vLLM's ran unkeyed)."""
+    parser = cli.build_parser()
+    args = parser.parse_args(["serve", "--served-model-name", "a", "b", "--api-key", "k1", "k2"])
+    server = from_sources(ServerConfig, args, env={})
+    assert (server.served_model_names(), server.api_keys()) == (["a", "b"], ["k1", "k2"])
+    for listed in ("a,b", '["a", "b"]'):
+        assert from_sources(ServerConfig, env={"MINISERVE_SERVED_MODEL_NAME": listed}).served_model_names() == [
+            "a",
+            "b",
+        ]
+    one = from_sources(ServerConfig, parser.parse_args(["serve", "--served-model-name", "x"]), env={})
+    assert one.served_model_name == "x" and one.served_model_names() == ["x"]
+    assert from_sources(ServerConfig, env={"VLLM_API_KEY": "v"}).api_keys() == ["v"]
+    assert from_sources(ServerConfig, env={"VLLM_API_KEY": "v", "MINISERVE_API_KEY": "m"}).api_keys() == ["m"]
+    assert (
+        from_sources(ServerConfig, parser.parse_args(["serve", "--api-key", "f"]), {"VLLM_API_KEY": "v"}).api_key == "f"
+    )
+    assert from_sources(ServerConfig, env={"VLLM_API_KEY": " "}).api_key is None
+    assert "`MINISERVE_API_KEY` (vLLM's `VLLM_API_KEY` too)" in markdown_table()
 
 
 def test_variable_warnings_are_named_with_the_setting_they_may_mean(monkeypatch, capsys):
@@ -325,6 +408,37 @@ def test_a_broken_json_file_is_one_line_naming_it(tmp_path, capsys, name, conten
     assert cli.main(["generate", "--prompt", "x", "--model", str(model)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"miniserve: error: {model / name}") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("tokenizer.json", "not a tokenizer the tokenizers library reads"),
+        ("model.safetensors", "cannot be read as a safetensors checkpoint"),
+        ("tokenizer.model", "not a SentencePiece model"),  # (with no tokenizer.json beside it)
+    ],
+)
+def test_a_damaged_model_file_is_one_line_naming_it(tmp_path, capsys, name, message):
+    """A cut download or a stray file is named in one line, not a traceback from the library that read it."""
+    import shutil
+
+    from miniserve.config import DEMO_TARGET
+
+    model = tmp_path / "model"
+    shutil.copytree(DEMO_TARGET, model)
+    good = (model / name).read_bytes() if (model / name).exists() else b""
+    (model / name).write_bytes(good[: len(good) // 2] if name == "model.safetensors" else b"\xff{bad")
+    if name == "tokenizer.model":
+        (model / "tokenizer.json").unlink()
+    assert cli.main(["generate", "--prompt", "x", "--model", str(model), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"miniserve: error: {model / name}: {message}") and err.count("\n") == 1, err
+
+
+def test_a_chat_template_file_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "t.jinja").write_bytes(b"\xff{{ x }}")
+    with pytest.raises(ValueError, match=f"chat template file '{tmp_path / 't.jinja'}' is not UTF-8 text"):
+        EngineConfig(chat_template=str(tmp_path / "t.jinja")).check_dirs()
 
 
 def test_generate_checks_its_sampling_flags_before_loading_and_stops_quietly_on_ctrl_c(monkeypatch, capsys):

@@ -8,11 +8,13 @@ that runs and writes garbage.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from miniserve.json_file import read_json_object
 from miniserve.models.config import ModelConfig
@@ -129,7 +131,7 @@ def load_weights(model: LlamaModel, model_dir: str | Path) -> dict[int, dict[str
     kv_scales: dict[int, dict[str, float]] = {}
     placed: dict[tuple, str] = {}  # (parameter, rows) -> the checkpoint tensor that filled them
     for file in checkpoint_files(model_dir):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with _open_checkpoint(file) as f:
             for name in f.keys():
                 if name.endswith(_IGNORED):
                     continue
@@ -168,6 +170,16 @@ def load_weights(model: LlamaModel, model_dir: str | Path) -> dict[int, dict[str
         if filled.get(id(param), 0) != param.shape[0]:
             raise ValueError(f"{model_dir}: checkpoint is missing tensor(s) for parameter {pname!r}")
     return kv_scales
+
+
+@contextmanager
+def _open_checkpoint(file: Path) -> Iterator[Any]:
+    """safe_open, with a damaged file (a cut download, a header that is no JSON) named in a one-line error."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"{file}: cannot be read as a safetensors checkpoint ({e})") from None
 
 
 def load_model(

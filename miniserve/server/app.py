@@ -56,11 +56,12 @@ from miniserve.settings import from_sources, variable_warnings
 logger = logging.getLogger("miniserve.server")
 
 
-def _model_card(state: ServerState) -> dict:
-    """The served model's card, with vLLM's fields (parent, max_model_len, permission) beside OpenAI's."""
+def _model_card(state: ServerState, name: str) -> dict:
+    """The served model's card under one of its names, with vLLM's fields (parent, max_model_len, permission)
+    beside OpenAI's."""
     created = int(time.time())
     return {
-        "id": state.model_name,
+        "id": name,
         "object": "model",
         "created": created,
         "owned_by": "miniserve",
@@ -91,14 +92,15 @@ def _model_permission(created: int) -> dict:
 
 
 async def list_models(request: Request) -> JSONResponse:
-    return JSONResponse({"object": "list", "data": [_model_card(state_of(request))]})
+    state = state_of(request)
+    return JSONResponse({"object": "list", "data": [_model_card(state, name) for name in state.model_names]})
 
 
 async def retrieve_model(request: Request, model: str) -> JSONResponse:
     """OpenAI's GET /v1/models/{model} (the client's `models.retrieve`): the served model's card, else a 404."""
     state = state_of(request)
     state.check_model(model)
-    return JSONResponse(_model_card(state))
+    return JSONResponse(_model_card(state, model if model in state.model_names else state.model_name))
 
 
 async def version(request: Request) -> JSONResponse:
@@ -211,7 +213,7 @@ def _add_layers(app: FastAPI, server: ServerConfig) -> None:
         "/invocations": invocations,
     }
     app.add_middleware(DirectRoutes, routes=generation, errors=ERROR_HANDLERS)  # added first: inside the key check
-    app.add_middleware(RequireAPIKey, api_key=server.api_key)
+    app.add_middleware(RequireAPIKey, api_keys=server.api_keys())
     cors = server.cors()
     if cors is not None:  # outside the key check: a browser's preflight carries no key
         app.add_middleware(CORSMiddleware, **cors)

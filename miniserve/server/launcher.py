@@ -37,6 +37,7 @@ logger = logging.getLogger("miniserve.server")
 
 
 STARTUP_FAILED = 3  # the exit status of a server that could not start (uvicorn.run's), with one API server or several
+FOREVER_S = 1e6  # a wait this long (11 days) is no bound: the engine is joined without a timeout
 
 
 def run_server(config: EngineConfig, server: ServerConfig) -> int:
@@ -83,7 +84,8 @@ def run_api_servers(config: EngineConfig, server: ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     status = _supervise(apis, stopping)
-    engine.join(server.drain_timeout + 10.0)
+    wait = server.drain_timeout + 10.0
+    engine.join(wait if wait < FOREVER_S else None)  # (select() takes no infinity, nor 1e308)
     _kill_all([engine])
     return status
 

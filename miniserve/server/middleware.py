@@ -49,12 +49,12 @@ class RequireAPIKey:
     """With a key configured, every path under /v1 (and /invocations) needs `Authorization: Bearer <key>`
     (RFC 6750)."""
 
-    def __init__(self, app: Any, api_key: str | None):
+    def __init__(self, app: Any, api_keys: list[str]):
         self.app = app
-        self.api_key = api_key
+        self.api_keys = [key.encode() for key in api_keys]  # none: no key asked for
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if self.api_key is None or scope["type"] != "http" or not _keyed(route_path(scope)):
+        if not self.api_keys or scope["type"] != "http" or not _keyed(route_path(scope)):
             return await self.app(scope, receive, send)
         if self._authorized(scope):
             return await self.app(scope, receive, send)
@@ -68,7 +68,10 @@ class RequireAPIKey:
     def _authorized(self, scope: Scope) -> bool:
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         scheme, _, token = header.partition(b" ")
-        return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.api_key.encode())
+        token = token.strip()
+        # (every key compared, so that the time taken says nothing of which one came close)
+        matches = [secrets.compare_digest(token, key) for key in self.api_keys]
+        return scheme.lower() == b"bearer" and any(matches)
 
 
 def _warn_if_unguarded(scope: Scope) -> None:

@@ -61,15 +61,14 @@ class ServerState:
     def __init__(
         self, config: EngineConfig, server: ServerConfig, engine: EngineProcess, tokenizer: Any, token_chars: int
     ):
-        self.config, self.server = config, server
-        self.engine = engine
-        self.tokenizer = tokenizer
-        self.token_chars = token_chars
+        self.config, self.server, self.engine = config, server, engine
+        self.tokenizer, self.token_chars = tokenizer, token_chars
         self.max_model_len: int = engine.info["max_model_len"]
         self.vocab_size: int = engine.info["vocab_size"]
         self.sampling_defaults: dict[str, float | int] = engine.info["sampling_defaults"]
-        self.model_name: str = server.served_model_name or engine.info["model_name"]
-        # vLLM serves a model under its --model argument as given; without a served name, that is taken too
+        # the names clients may send, the first in responses; as vLLM, without a served name the --model path too
+        self.model_names: list[str] = server.served_model_names() or [engine.info["model_name"]]
+        self.model_name = self.model_names[0]
         self.model_path = None if server.served_model_name else config.model.rstrip("/")
         self.metrics = ServerMetrics(engine.stats, self.model_name, self.max_model_len, engine.info["cache_config"])
         engine.metrics = self.metrics
@@ -274,9 +273,9 @@ class ServerState:
             )
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name and model.rstrip("/") != self.model_path:
+        if model is not None and model not in self.model_names and model.rstrip("/") != self.model_path:
             raise APIError(
-                f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
+                f"The model `{model}` does not exist. This server serves `{'`, `'.join(self.model_names)}`.",
                 status=404,
                 param="model",
                 code="model_not_found",
