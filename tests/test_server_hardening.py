@@ -41,6 +41,7 @@ from tests.test_server import (
     free_port,
     metric,
     run_server,
+    scrape,
     uvicorn_server,
     wait_for_metric,
 )
@@ -690,6 +691,23 @@ def test_pipelined_requests_are_all_answered_before_the_connection_idles(guarded
         received, after = trickle_until_closed(s, b"")
     assert received.count(b"HTTP/1.1 200") == 2 and received.count(b'"count"') == 2, received
     assert after >= KEEP_ALIVE_TIMEOUT * 0.9  # then closed as an idle keep-alive connection
+
+
+def test_a_client_gone_with_pipelined_requests_aborts_the_one_running(guarded_url):
+    """Two streamed completions in one write, then the client leaves while the first streams: the first is
+    aborted (uvicorn's httptools protocol told only the queued second one, and the first generated to its end
+    for nobody); the second never starts."""
+    before = scrape(guarded_url)
+    body = json.dumps({"prompt": "ROMEO:", "max_tokens": 200, "ignore_eos": True, "stream": True})
+    one = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    one += b"Content-Length: %d\r\n\r\n%b" % (len(body), body.encode())
+    with connect(guarded_url) as s:
+        s.sendall(one + one)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")  # the first is streaming
+    after = wait_for_metric(guarded_url, "num_requests_running", lambda v: v == 0, timeout=2.0)
+    for reason, more in (("abort", 1), ("length", 0)):
+        finished = metric(after, "request_success_total", finished_reason=reason)
+        assert finished == metric(before, "request_success_total", finished_reason=reason) + more, reason
 
 
 def test_keep_alive_connection_closes_after_its_timeout(guarded_url):

@@ -10,6 +10,7 @@ share of the limits each would turn requests away while the engine had room.
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
 from typing import Any
 
 from miniserve.server.protocol import APIError
@@ -20,6 +21,19 @@ def shared_count() -> Any:
     return mp.get_context("spawn").Value("q", 0)
 
 
+class LocalCount:
+    """One API server's own count, in the shape of the shared one (`value`, `get_lock()`): a multiprocessing Value
+    nothing shares would hold a named semaphore, which a server dying of SIGTERM (as uvicorn's does) leaves for
+    the resource tracker to report as leaked."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def get_lock(self) -> threading.Lock:
+        return self._lock
+
+
 class Admission:
     """Sequences outstanding, in the `shared` count of all API servers, or in one of this process's own (its lock
     then uncontended)."""
@@ -27,7 +41,7 @@ class Admission:
     def __init__(self, capacity: int, max_waiting: int | None, shared: Any = None):
         self.capacity = capacity  # sequences the engine runs at once (max_num_seqs)
         self.max_waiting = max_waiting  # None: no limit
-        self._count = shared if shared is not None else shared_count()
+        self._count = shared if shared is not None else LocalCount()
 
     @property
     def outstanding(self) -> int:

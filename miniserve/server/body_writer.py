@@ -45,6 +45,7 @@ class _CycleWriter:
             c.response_started
             and not c.response_complete
             and not c.disconnected
+            and not c.transport.is_closing()
             and not c.flow.write_paused
             and self._chunked()
         )

@@ -214,6 +214,16 @@ class GuardedHttpToolsProtocol(_Guard, HttpToolsProtocol):
         self._begun = False  # some of the owed head arrived
         self._head_bytes = 0
         self._too_large = False
+        self._cycles: list[Any] = []  # every request of the connection not answered yet (pipelined ones too)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """uvicorn tells only the connection's newest request that the client left: a pipelined one queued behind
+        the request running would leave that one generating for nobody. Every unanswered request is told."""
+        for cycle in self._cycles:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes httptools cannot parse as a request (or a callback below refused)."""
@@ -238,6 +248,7 @@ class GuardedHttpToolsProtocol(_Guard, HttpToolsProtocol):
         self._owes = "body"
         if self.cycle is not None and self.cycle.scope is self.scope:  # (not for an upgrade: no cycle begun)
             give_writer(self.scope, HttpToolsBodyWriter(self.cycle))
+            self._cycles = [c for c in self._cycles if not c.response_complete] + [self.cycle]
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
