@@ -170,8 +170,21 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def dashed(argv: list[str]) -> list[str]:
+    """Flags spelled with underscores (`--max_model_len 512`, `--max_model_len=512`) as with dashes, as vLLM's
+    parser takes them; values are left as they are."""
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        out.append(name.replace("_", "-") + eq + value if arg.startswith("--") else arg)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from miniserve import __version__
+
     parser = argparse.ArgumentParser(prog="miniserve", description=MAIN_HELP, allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"miniserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     # (a short usage line, as vLLM's: an error is two lines, not the list of every flag before it)
     gen = sub.add_parser(
@@ -230,7 +243,7 @@ def no_op_warnings(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(dashed(sys.argv[1:] if argv is None else argv))
     for line in [*variable_warnings(), *no_op_warnings(args)]:
         print(f"miniserve: warning: {line}", file=sys.stderr)
     if args.command == "generate":  # warned about: not read, so not checked either (a template file, a value)

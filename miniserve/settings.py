@@ -11,6 +11,7 @@ import argparse
 import difflib
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import MISSING, Field, fields
 
@@ -54,8 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         else:
             metavar = None if f.metadata.get("choices") else f.name.upper()
             choices, nargs = f.metadata.get("choices"), "+" if f.metadata.get("several") else None
+            parse = integer if kind is int else kind
             group.add_argument(
-                *names, type=kind, choices=choices, nargs=nargs, default=None, metavar=metavar, help=help_text
+                *names, type=parse, choices=choices, nargs=nargs, default=None, metavar=metavar, help=help_text
             )
 
 
@@ -125,10 +127,25 @@ def _parse(cls: type, f: Field, raw: str, source: str):
             raise SettingError(f.name, f"{source}: must be one of {', '.join(_TRUE + _FALSE)}")
         return raw.lower() in _TRUE
     try:
-        return kind(raw)
+        return integer(raw) if kind is int else kind(raw)
     except ValueError:
         what = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
         raise SettingError(f.name, f"{source}: must be {what}") from None
+
+
+_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def integer(text: str) -> int:
+    """An integer setting's text, with vLLM's size suffixes: `32k` is 32,000, `32K` 32,768 (k, m, g, t decimal,
+    and only those take a fraction: `25.6k`; K, M, G, T binary)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgtKMGT])", text.strip())
+    if match is None:
+        return int(text)
+    number, suffix = match.groups()
+    if suffix.isupper() and "." in number:
+        raise ValueError(f"a binary size ({suffix}) takes a whole number, got {text!r}")
+    return round(float(number) * _SUFFIXES[suffix]) if "." in number else int(number) * _SUFFIXES[suffix]
 
 
 def markdown_table() -> str:

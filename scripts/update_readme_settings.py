@@ -1,6 +1,7 @@
 """Rewrite the README's settings table from the config dataclasses (miniserve/settings.py: markdown_table).
 
 Run it after adding or changing a setting; tests/test_settings.py fails while the README is out of date.
+`--check` only says whether it is (exit status 1 if not), as scripts/render_results.py --check does.
 """
 
 from __future__ import annotations
@@ -24,4 +25,9 @@ def updated(text: str) -> str:
 
 
 if __name__ == "__main__":
-    README.write_text(updated(README.read_text()))
+    text = README.read_text()
+    if sys.argv[1:] == ["--check"]:
+        sys.exit(0 if updated(text) == text else "README.md's settings table is out of date: run this script")
+    if sys.argv[1:]:
+        sys.exit(f"usage: {sys.argv[0]} [--check]")
+    README.write_text(updated(text))

@@ -365,6 +365,26 @@ def test_several_served_names_and_api_keys_and_vllms_api_key_variable():
     assert "`MINISERVE_API_KEY` (vLLM's `VLLM_API_KEY` too)" in markdown_table()
 
 
+def test_vllms_spellings_of_numbers_and_flags_and_the_version(capsys):
+    """vLLM's command lines as typed: size suffixes on integers (`32k` decimal, `32K` binary), flags with
+    underscores, `--version`."""
+    parser = cli.build_parser()
+    args = parser.parse_args(cli.dashed(["serve", "--max_model_len", "2k", "--max-num-batched-tokens=8K"]))
+    config = from_sources(EngineConfig, args, env={})
+    assert (config.max_model_len, config.max_num_batched_tokens) == (2000, 8192)
+    assert from_sources(EngineConfig, env={"MINISERVE_MAX_MODEL_LEN": "1.5k"}).max_model_len == 1500
+    with pytest.raises(SettingError, match="MINISERVE_MAX_MODEL_LEN='1.5K': must be an integer"):
+        from_sources(EngineConfig, env={"MINISERVE_MAX_MODEL_LEN": "1.5K"})  # (a binary size is whole)
+    assert cli.dashed(["--served_model_name", "my_model", "--x_y=a_b", "-n"]) == [
+        "--served-model-name", "my_model", "--x-y=a_b", "-n"
+    ]  # fmt: skip
+    with pytest.raises(SystemExit, match="0"):
+        cli.main(["--version"])
+    from miniserve import __version__
+
+    assert capsys.readouterr().out == f"miniserve {__version__}\n"
+
+
 def test_variable_warnings_are_named_with_the_setting_they_may_mean(monkeypatch, capsys):
     """A typo such as MINISERVE_APIKEY would leave the server without its key, unseen: each one is a warning."""
     env = {"MINISERVE_APIKEY": "k", "MINISERVE_API_KEY": "k", "MINISERVE_COMMIT": "abc", "HOME": "/", "MINISERVE_X": ""}
@@ -616,6 +636,8 @@ def cli_help(command: str) -> str:
 def test_readme_table_is_the_generated_one():
     readme = (REPO / "README.md").read_text()
     assert markdown_table() in readme, "run scripts/update_readme_settings.py"
+    script = [sys.executable, str(REPO / "scripts" / "update_readme_settings.py"), "--check"]
+    assert subprocess.run(script, capture_output=True).returncode == 0  # (and README.md left as it is)
     for cls in (EngineConfig, ServerConfig):
         for f in fields(cls):
             assert f"`MINISERVE_{f.name.upper()}`" in readme
