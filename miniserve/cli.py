@@ -106,6 +106,13 @@ def take_model_tag(args: argparse.Namespace) -> None:
     """`miniserve serve MODEL`, as `vllm serve MODEL`: the positional model is --model (given both ways, the two
     must agree)."""
     if args.model_tag is None:
+        for name in ("served_model_name", "api_key") if args.model is None else ():  # (several words each)
+            swallowed = [v for v in getattr(args, name) or [] if os.path.isfile(os.path.join(v, "config.json"))]
+            if swallowed:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} took the model directory {swallowed[0]!r} as one of its values (it "
+                    "takes several): put MODEL first, `miniserve serve MODEL --served-model-name NAME`"
+                )
         return
     if args.model is not None and os.path.normpath(args.model) != os.path.normpath(args.model_tag):
         raise ValueError(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")

@@ -253,6 +253,12 @@ def test_serve_takes_the_model_positionally_as_vllm_serve_does(capsys):
     # a value given to a switch is read as MODEL: the error says so
     assert cli.main(["serve", "--enable-prefix-caching", "false"]) == 2
     assert "'false' does not exist (read as the positional MODEL" in capsys.readouterr().err
+    # MODEL after a flag that takes several words is one of them: said, not served as the demo model unseen
+    from miniserve.config import DEMO_TARGET
+
+    assert cli.main(["serve", "--served-model-name", "mine", str(DEMO_TARGET)]) == 2
+    assert f"--served-model-name took the model directory '{DEMO_TARGET}'" in capsys.readouterr().err
+    assert model_of(["serve", str(DEMO_TARGET), "--served-model-name", "mine", "other"]) == str(DEMO_TARGET)
 
 
 def test_abbreviated_flags_are_errors_that_name_them(capsys):
