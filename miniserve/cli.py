@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -107,11 +108,11 @@ def take_model_tag(args: argparse.Namespace) -> None:
     must agree)."""
     if args.model_tag is None:
         for name in ("served_model_name", "api_key") if args.model is None else ():  # (several words each)
-            swallowed = [v for v in getattr(args, name) or [] if os.path.isfile(os.path.join(v, "config.json"))]
-            if swallowed:
+            words = getattr(args, name) or []
+            if len(words) > 1:  # MODEL after the flag is one of its words: the demo model would be served unseen
                 raise ValueError(
-                    f"--{name.replace('_', '-')} took the model directory {swallowed[0]!r} as one of its values (it "
-                    "takes several): put MODEL first, `miniserve serve MODEL --served-model-name NAME`"
+                    f"--{name.replace('_', '-')} took {len(words)} words and no model is given: if {words[-1]!r} is "
+                    "the model, put it first (`miniserve serve MODEL --served-model-name NAME`), or give --model"
                 )
         return
     if args.model is not None and os.path.normpath(args.model) != os.path.normpath(args.model_tag):
@@ -179,11 +180,14 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
 
 def dashed(argv: list[str]) -> list[str]:
     """Flags spelled with underscores (`--max_model_len 512`, `--max_model_len=512`) as with dashes, as vLLM's
-    parser takes them; values are left as they are."""
+    parser takes them. Only what reads as a flag's name is touched: not a value that argparse takes for one
+    (`--prompt "--my_var is x"`: it has a space), nor anything after `--`."""
     out = []
-    for arg in argv:
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[i:]
         name, eq, value = arg.partition("=")
-        out.append(name.replace("_", "-") + eq + value if arg.startswith("--") else arg)
+        out.append(name.replace("_", "-") + eq + value if re.fullmatch(r"--[A-Za-z0-9_-]+", name) else arg)
     return out
 
 

@@ -79,7 +79,7 @@ def setting(
     `ignored_with`: settings beside which this one does nothing (given with one, an error too); `vllm_flag`:
     vLLM's name for the flag, where it differs, taken too (a `vllm serve` command line works as written);
     `vllm_off_flag`: vLLM's flag that turns this switch off; `several`: a list (several words after the flag, as
-    vLLM's; comma-separated or JSON in a variable); `vllm_env`: vLLM's variable for it, read after miniserve's."""
+    vLLM's; a JSON list in a variable, several_values); `vllm_env`: vLLM's variable for it, read after miniserve's."""
     meta = {"help": help, "choices": choices, "shown_default": shown_default, "needs": needs}
     meta |= {"vllm_flag": vllm_flag, "vllm_off_flag": vllm_off_flag, "ignored_with": ignored_with}
     meta |= {"several": several, "vllm_env": vllm_env}
@@ -297,13 +297,13 @@ class EngineConfig:
                 "speculative_config", "speculative_config and speculative_model both name a draft model: give one"
             )
         self.speculative_model = values["speculative_model"]
-        self.num_speculative_tokens = _speculative_tokens(values, self.num_speculative_tokens)
-        if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+        tokens = values.get("num_speculative_tokens")
+        if tokens is not None and not 1 <= tokens <= MAX_SPECULATIVE_TOKENS:  # (the flag's: checked as the flag's)
             raise SettingError(
                 "speculative_config",
-                f"speculative_config: num_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], got "
-                f"{self.num_speculative_tokens}",
+                f"speculative_config: num_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], got {tokens}",
             )
+        self.num_speculative_tokens = _speculative_tokens(values, self.num_speculative_tokens)
 
     @property
     def kv_lookahead(self) -> int:
@@ -324,13 +324,14 @@ class ServerConfig:
 
     served_model_name: str | None = setting(
         None,
-        "the model name clients send; several names serve it under each, the first in responses (as vLLM's)",
+        "the model name clients send; several (words after the flag, a JSON list in the variable) serve it under "
+        "each, the first in responses (as vLLM's)",
         shown_default="the model directory's name (the --model path as given is taken too, as vLLM names it)",
         several=True,
     )
     api_key: str | None = setting(
         None,
-        "require 'Authorization: Bearer KEY' on every /v1 route (any of several keys)",
+        "require 'Authorization: Bearer KEY' on every /v1 route (any of several keys, given as served_model_name's)",
         shown_default="off",
         several=True,
         vllm_env="VLLM_API_KEY",
@@ -495,7 +496,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         check_types(self)
         check_choices(self)
-        if self.api_key is not None and not setting_list("api_key", self.api_key):
+        if self.api_key is not None and not several_values(self.api_key):
             raise SettingError("api_key", "api_key must not be empty: leave it unset to serve without a key")
         if self.root_path is not None and not (self.root_path.startswith("/") and not self.root_path.endswith("/")):
             raise SettingError(
@@ -503,7 +504,7 @@ class ServerConfig:
             )
         if not self.response_role.strip():
             raise SettingError("response_role", "response_role must not be empty")
-        if self.served_model_name is not None and not setting_list("served_model_name", self.served_model_name):
+        if self.served_model_name is not None and not several_values(self.served_model_name):
             raise SettingError(
                 "served_model_name", "served_model_name must not be empty: leave it unset for the model's"
             )
@@ -533,10 +534,10 @@ class ServerConfig:
                 )
 
     def served_model_names(self) -> list[str]:
-        return setting_list("served_model_name", self.served_model_name or "")
+        return several_values(self.served_model_name) if self.served_model_name is not None else []
 
     def api_keys(self) -> list[str]:
-        return setting_list("api_key", self.api_key or "")
+        return several_values(self.api_key) if self.api_key is not None else []
 
     def cors(self) -> dict[str, Any] | None:
         """Starlette's CORSMiddleware arguments (None: allowed_origins empty, no CORS layer)."""
@@ -549,6 +550,19 @@ class ServerConfig:
             "allow_headers": setting_list("allowed_headers", self.allowed_headers),
             "allow_credentials": self.allow_credentials,
         }
+
+
+def several_values(value: str) -> list[str]:
+    """The values of a setting that takes several (`several`): a JSON list of strings (as the flag's words are kept),
+    else the text itself, whole: an API key or a name with a comma in it is one value, as in vLLM."""
+    if value.lstrip().startswith("["):
+        try:
+            items = json.loads(value)
+        except ValueError:
+            items = None
+        if isinstance(items, list) and all(isinstance(item, str) for item in items):
+            return [item for item in items if item.strip()]
+    return [value] if value.strip() else []
 
 
 def setting_list(name: str, value: str) -> list[str]:

@@ -97,7 +97,8 @@ def _is_set(value) -> bool:
 
 
 def _several(given):
-    """A flag's value; several words given to a list setting (`several`) as JSON text, as its variable takes them."""
+    """A flag's value; the words given to a list setting (`several`), one as it is, more as a JSON list (as its
+    variable takes them: config.several_values)."""
     if not isinstance(given, list):
         return given
     return given[0] if len(given) == 1 else json.dumps(given)

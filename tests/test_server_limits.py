@@ -46,7 +46,7 @@ def model_dir(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="module")
 def url(model_dir):
     env = {
-        "MINISERVE_API_KEY": f"{API_KEY},{SECOND_KEY}",
+        "MINISERVE_API_KEY": f'["{API_KEY}", "{SECOND_KEY}"]',
         "MINISERVE_SERVED_MODEL_NAME": f'["{MODEL_NAME}", "{ALIAS}"]',
         "MINISERVE_MAX_NUM_SEQS": "1",
         "MINISERVE_MAX_WAITING": "1",

@@ -156,7 +156,7 @@ def test_bad_flag_and_bad_variable_are_one_line_cli_errors(monkeypatch, capsys):
     assert capsys.readouterr().err == (
         "miniserve: error: --api-key: api_key must not be empty: leave it unset for its default\n"
     )
-    assert cli.main(["serve", "--api-key", ","]) == 2
+    assert cli.main(["serve", "--api-key", "[]"]) == 2
     assert capsys.readouterr().err == (
         "miniserve: error: --api-key: api_key must not be empty: leave it unset to serve without a key\n"
     )
@@ -257,7 +257,9 @@ def test_serve_takes_the_model_positionally_as_vllm_serve_does(capsys):
     from miniserve.config import DEMO_TARGET
 
     assert cli.main(["serve", "--served-model-name", "mine", str(DEMO_TARGET)]) == 2
-    assert f"--served-model-name took the model directory '{DEMO_TARGET}'" in capsys.readouterr().err
+    assert f"--served-model-name took 2 words and no model is given: if '{DEMO_TARGET}' is" in capsys.readouterr().err
+    assert cli.main(["serve", "--api-key", "k", "/no/such/model"]) == 2
+    assert "--api-key took 2 words and no model is given: if '/no/such/model'" in capsys.readouterr().err
     assert model_of(["serve", str(DEMO_TARGET), "--served-model-name", "mine", "other"]) == str(DEMO_TARGET)
 
 
@@ -311,6 +313,10 @@ def test_speculative_config_values_are_refused_naming_it(capsys, spec, message):
     assert cli.main(["generate", "--prompt", "x", "--speculative-config", spec]) == 2
     assert capsys.readouterr().err.startswith("miniserve: error: --speculative-config: ")
     assert EngineConfig(speculative_config='{"model": "demo"}').num_speculative_tokens == 4  # (the default)
+    # the flag's own value is the flag's
+    argv = ["generate", "--prompt", "x", "--speculative-config", '{"model": "demo"}', "--num-speculative-tokens", "16"]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.startswith("miniserve: error: --num-speculative-tokens: num_speculative_tokens must")
     with pytest.raises(FileNotFoundError, match=r"draft model directory '/nope' does not exist \(--speculative-config"):
         EngineConfig(speculative_config='{"model": "/nope"}').check_dirs()
 
@@ -349,24 +355,22 @@ def test_a_setting_that_another_makes_do_nothing_or_given_empty_is_a_two_line_er
 
 
 def test_several_served_names_and_api_keys_and_vllms_api_key_variable():
-    """vLLM's `--served-model-name A B` and `--api-key K1 K2` (several words), the same as a list in a variable;
-    VLLM_API_KEY keys the server where no miniserve setting does (a server started as vLLM's ran unkeyed)."""
+    """vLLM's `--served-model-name A B` and `--api-key K1 K2` (several words), the same as a JSON list in a
+    variable; one value is one, whatever it holds (a key with a comma is no two keys); VLLM_API_KEY keys the server
+    where no miniserve setting does (a server started as vLLM's ran unkeyed)."""
     parser = cli.build_parser()
     args = parser.parse_args(["serve", "--served-model-name", "a", "b", "--api-key", "k1", "k2"])
     server = from_sources(ServerConfig, args, env={})
     assert (server.served_model_names(), server.api_keys()) == (["a", "b"], ["k1", "k2"])
-    for listed in ("a,b", '["a", "b"]'):
-        assert from_sources(ServerConfig, env={"MINISERVE_SERVED_MODEL_NAME": listed}).served_model_names() == [
-            "a",
-            "b",
-        ]
-    one = from_sources(ServerConfig, parser.parse_args(["serve", "--served-model-name", "x"]), env={})
-    assert one.served_model_name == "x" and one.served_model_names() == ["x"]
-    assert from_sources(ServerConfig, env={"VLLM_API_KEY": "v"}).api_keys() == ["v"]
+    names = from_sources(ServerConfig, env={"MINISERVE_SERVED_MODEL_NAME": '["a", "b"]'}).served_model_names()
+    assert names == ["a", "b"]
+    for one in ("s3cret,x", "[abc", "org/m,v2"):
+        flagged = from_sources(ServerConfig, parser.parse_args(["serve", "--api-key", one]), env={})
+        assert flagged.api_keys() == [one] == from_sources(ServerConfig, env={"MINISERVE_API_KEY": one}).api_keys()
+        assert from_sources(ServerConfig, env={"VLLM_API_KEY": one}).api_keys() == [one]
     assert from_sources(ServerConfig, env={"VLLM_API_KEY": "v", "MINISERVE_API_KEY": "m"}).api_keys() == ["m"]
-    assert (
-        from_sources(ServerConfig, parser.parse_args(["serve", "--api-key", "f"]), {"VLLM_API_KEY": "v"}).api_key == "f"
-    )
+    flagged = from_sources(ServerConfig, parser.parse_args(["serve", "--api-key", "f"]), {"VLLM_API_KEY": "v"})
+    assert flagged.api_keys() == ["f"]
     assert from_sources(ServerConfig, env={"VLLM_API_KEY": " "}).api_key is None
     assert "`MINISERVE_API_KEY` (vLLM's `VLLM_API_KEY` too)" in markdown_table()
 
@@ -381,9 +385,10 @@ def test_vllms_spellings_of_numbers_and_flags_and_the_version(capsys):
     assert from_sources(EngineConfig, env={"MINISERVE_MAX_MODEL_LEN": "1.5k"}).max_model_len == 1500
     with pytest.raises(SettingError, match="MINISERVE_MAX_MODEL_LEN='1.5K': must be an integer"):
         from_sources(EngineConfig, env={"MINISERVE_MAX_MODEL_LEN": "1.5K"})  # (a binary size is whole)
-    assert cli.dashed(["--served_model_name", "my_model", "--x_y=a_b", "-n"]) == [
-        "--served-model-name", "my_model", "--x-y=a_b", "-n"
+    assert cli.dashed(["--served_model_name", "my_model", "--x_y=a_b", "-n", "--prompt", "--my_var is x"]) == [
+        "--served-model-name", "my_model", "--x-y=a_b", "-n", "--prompt", "--my_var is x"
     ]  # fmt: skip
+    assert cli.dashed(["--stop=--end_of_turn", "--", "--a_b"]) == ["--stop=--end_of_turn", "--", "--a_b"]
     with pytest.raises(SystemExit, match="0"):
         cli.main(["--version"])
     from miniserve import __version__
