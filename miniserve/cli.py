@@ -197,24 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="miniserve", description=MAIN_HELP, allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"miniserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    # (a short usage line, as vLLM's: an error is two lines, not the list of every flag before it)
-    gen = sub.add_parser(
-        "generate",
-        help="generate a completion for one prompt",
-        description=GENERATE_HELP,
-        allow_abbrev=False,
-        usage="miniserve generate --prompt TEXT [options]",
+    # (a short usage line each, as vLLM's: an error is two lines, not the list of every flag before it)
+    command = lambda name, about, text, usage: sub.add_parser(  # noqa: E731
+        name, help=about, description=text, allow_abbrev=False, usage=f"miniserve {name} {usage}"
     )
+    gen = command("generate", "generate a completion for one prompt", GENERATE_HELP, "--prompt TEXT [options]")
     add_request_args(gen)
     add_arguments(gen, EngineConfig)
     gen.set_defaults(func=generate_main)
-    srv = sub.add_parser(
-        "serve",
-        help="serve the OpenAI-compatible API",
-        description=SERVE_HELP,
-        allow_abbrev=False,
-        usage="miniserve serve [MODEL] [options]",
-    )
+    srv = command("serve", "serve the OpenAI-compatible API", SERVE_HELP, "[MODEL] [options]")
     srv.add_argument(
         "model_tag",
         nargs="?",
