@@ -155,3 +155,23 @@ def test_a_length_penalty_is_a_finite_number(bad):
     with pytest.raises(ValueError, match="length_penalty must be a"):
         BeamSearchParams(beam_width=1, max_tokens=1, length_penalty=bad)
     assert BeamSearchParams(beam_width=1, max_tokens=1, length_penalty=10**30).length_penalty == 1e30
+
+
+def test_a_served_beam_that_ended_on_eos_shows_it_only_when_asked_for():
+    """As vLLM's server beam search: a beam's final EOS is in its token ids (and so in usage) only with
+    include_stop_str_in_output, as in its text; a beam cut by length keeps every token."""
+    from miniserve.config import DEMO_TARGET
+    from miniserve.server.beam import _choice
+    from miniserve.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(DEMO_TARGET)
+    state = SimpleNamespace(tokenizer=tok)
+    prompt, said = tok.encode("ROMEO:"), tok.encode(" I", add_special_tokens=False)
+    eos = tok.eos_token_id
+    ended = BeamSearchSequence(prompt + said + [eos], finish_reason="stop", stop_reason=eos)
+    cut = BeamSearchSequence(prompt + said, finish_reason="length")
+    for keep in (False, True):
+        req = SimpleNamespace(include_stop_str_in_output=keep, skip_special_tokens=False)
+        choice = _choice(state, req, prompt, ended)
+        assert choice["token_ids"] == said + [eos] * keep and choice["text"] == tok.decode(said + [eos] * keep)
+        assert _choice(state, req, prompt, cut)["token_ids"] == said

@@ -105,7 +105,8 @@ async def beam_outputs(
 
 
 def _choice(state: ServerState, req: SamplingFields, ids: list[int], beam: BeamSearchSequence) -> dict[str, Any]:
+    """A beam as choice fields; as vLLM's server search, a beam's final EOS is in its token ids (and usage) only
+    with include_stop_str_in_output, as in its text."""
     shown = beam.shown_tokens(req.include_stop_str_in_output)[len(ids) :]
     text = decode_output(state.tokenizer, shown, req.skip_special_tokens)
-    generated = beam.tokens[len(ids) :]
-    return {"text": text, "token_ids": generated, "finish_reason": beam.finish_reason, "stop_reason": beam.stop_reason}
+    return {"text": text, "token_ids": shown, "finish_reason": beam.finish_reason, "stop_reason": beam.stop_reason}
