@@ -555,28 +555,27 @@ class ServerConfig:
 def several_values(value: str) -> list[str]:
     """The values of a setting that takes several (`several`): a JSON list of strings (as the flag's words are kept),
     else the text itself, whole: an API key or a name with a comma in it is one value, as in vLLM."""
-    if value.lstrip().startswith("["):
-        try:
-            items = json.loads(value)
-        except ValueError:
-            items = None
-        if isinstance(items, list) and all(isinstance(item, str) for item in items):
-            return [item for item in items if item.strip()]
-    return [value] if value.strip() else []
+    items = _json_strings(value)
+    return [item for item in ([value] if items is None else items) if item.strip()]
 
 
 def setting_list(name: str, value: str) -> list[str]:
     """A list-valued string setting: JSON (vLLM's form, `["http://a.example"]`) or comma-separated; blanks dropped."""
-    if value.lstrip().startswith("["):
-        try:
-            items = json.loads(value)
-        except ValueError:
-            items = None
-        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
-            raise SettingError(name, f"{name} must be a JSON list of strings or a comma-separated list, got {value!r}")
-    else:
-        items = value.split(",")
-    return [item.strip() for item in items if item.strip()]
+    items = _json_strings(value)
+    if items is None and value.lstrip().startswith("["):
+        raise SettingError(name, f"{name} must be a JSON list of strings or a comma-separated list, got {value!r}")
+    return [item.strip() for item in (value.split(",") if items is None else items) if item.strip()]
+
+
+def _json_strings(value: str) -> list[str] | None:
+    """`value` as a JSON list of strings, or None where it is not one."""
+    if not value.lstrip().startswith("["):
+        return None
+    try:
+        items = json.loads(value)
+    except ValueError:
+        return None
+    return items if isinstance(items, list) and all(isinstance(item, str) for item in items) else None
 
 
 # vLLM's speculative_config keys this engine honours, as EngineConfig fields; "method" may only name a draft model
@@ -707,9 +706,9 @@ def _checked_override(value: str | dict | None) -> dict[str, Any]:
     return override
 
 
-def _speculative_tokens(values: dict, setting: int | None) -> int:
-    """speculative_config's num_speculative_tokens, else the setting's, else the default; a SettingError when the
-    setting, given, says another."""
+def _speculative_tokens(values: dict, setting: int | None) -> int | None:
+    """speculative_config's num_speculative_tokens, else the setting's (None: neither, the default); a SettingError
+    when the setting, given, says another."""
     given = values.get("num_speculative_tokens")
     if given is not None and setting is not None and setting != given:
         raise SettingError(
@@ -717,7 +716,7 @@ def _speculative_tokens(values: dict, setting: int | None) -> int:
             f"speculative_config says num_speculative_tokens {given} and num_speculative_tokens says {setting}: "
             "give one",
         )
-    return next((k for k in (given, setting) if k is not None), DEFAULT_SPECULATIVE_TOKENS)
+    return setting if given is None else given
 
 
 def _check_engine_values(c: EngineConfig) -> None:

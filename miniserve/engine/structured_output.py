@@ -411,19 +411,39 @@ def _of_type(value: Any, name: str) -> bool:
     return isinstance(value, _JSON_TYPES[name]) and (name == "boolean" or not isinstance(value, bool))
 
 
-def _subschemas(schema: dict) -> list[tuple[str, Any]]:
-    """(path, subschema) of each schema that `schema` holds directly (_SUBSCHEMA says where)."""
-    out = []
+def _subschema_places(schema: dict) -> list[tuple[str, str, int | str | None]]:
+    """(path, keyword, index or name under it; None for a keyword that holds one) of each schema that `schema` holds
+    directly (_SUBSCHEMA says where)."""
+    out: list[tuple[str, str, int | str | None]] = []
     for key, shape in _SUBSCHEMA.items():
         value = schema.get(key)
         if shape == "one" and isinstance(value, list):  # draft 4 tuple items: a list of schemas
             shape = "list"
         if shape == "one" and isinstance(value, dict):
-            out.append((key, value))
+            out.append((key, key, None))
         elif shape == "list" and isinstance(value, list):
-            out += [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+            out += [(f"{key}[{i}]", key, i) for i in range(len(value))]
         elif shape == "map" and isinstance(value, dict):
-            out += [(f"{key}.{name}", v) for name, v in value.items()]
+            out += [(f"{key}.{name}", key, name) for name in value]
+    return out
+
+
+def _subschemas(schema: dict) -> list[tuple[str, Any]]:
+    """(path, subschema) of each schema that `schema` holds directly."""
+    return [(path, schema[k] if at is None else schema[k][at]) for path, k, at in _subschema_places(schema)]
+
+
+def map_subschemas(schema: dict, fn: Callable[[Any], Any]) -> dict:
+    """A copy of `schema` with each schema it holds directly replaced by fn(that schema); the rest (names, enum
+    values, anything that only looks like a schema) as it is."""
+    out = dict(schema)
+    for _, key, at in _subschema_places(schema):
+        if at is None:
+            out[key] = fn(schema[key])
+            continue
+        if out[key] is schema[key]:  # (the list or map copied once, before its first entry changes)
+            out[key] = type(schema[key])(schema[key])
+        out[key][at] = fn(schema[key][at])
     return out
 
 

@@ -440,9 +440,8 @@ class ChatMessage(RequestModel):
         """String content; text parts are joined with newlines (as vLLM does)."""
         if not self.content:
             return self.refusal or ""
-        if isinstance(self.content, str):
-            return self.content
-        return "\n".join(part.text if isinstance(part, TextPart) else part.refusal for part in self.content)
+        content = self.template_content()
+        return content if isinstance(content, str) else "\n".join(part["text"] for part in content)
 
     def template_content(self) -> str | list[dict[str, str]] | None:
         """The content as given, for chat_template.normalize_message to shape as the template reads it (one text,

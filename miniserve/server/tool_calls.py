@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from miniserve.engine.structured_output import map_subschemas
 from miniserve.server.protocol import APIError, ChatCompletionRequest
 
 
@@ -318,8 +319,6 @@ def parse_required_output(text: str) -> tuple[str, list[ToolCall]]:
 
 
 DEFINITION_KEYS = ("$defs", "definitions")  # where a schema keeps what "#/$defs/X" refers to (2019-09+, draft 7)
-DATA_KEYS = ("enum", "const", "default", "examples")  # JSON values, not schemas: a "$ref" in them is data
-NAME_MAPS = ("properties", "patternProperties", "dependentSchemas", *DEFINITION_KEYS)  # name -> schema, any names
 
 
 def required_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
@@ -356,19 +355,10 @@ def required_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, An
 def rebase_refs(schema: Any, where: str) -> Any:
     """A copy of `schema` whose local references into itself ("#", "#/properties/a") point below `where`, the JSON
     pointer of the place it is moved to; references into its definitions ("#/$defs/X"), which move to the new root,
-    and references elsewhere stay as they are."""
-    if isinstance(schema, list):
-        return [rebase_refs(item, where) for item in schema]
+    and references elsewhere stay as they are. Only schemas are walked: a "$ref" in an enum value is data."""
     if not isinstance(schema, dict):
         return schema
-    out = {}
-    for key, value in schema.items():
-        if key in DATA_KEYS:
-            out[key] = value
-        elif key in NAME_MAPS and isinstance(value, dict):  # a property named "$ref" or "enum" is a schema
-            out[key] = {name: rebase_refs(v, where) for name, v in value.items()}
-        else:
-            out[key] = rebase_refs(value, where)
+    out = map_subschemas(schema, lambda sub: rebase_refs(sub, where))
     ref = schema.get("$ref")
     if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")) and not _into_definitions(ref):
         out["$ref"] = where + ref[1:]
