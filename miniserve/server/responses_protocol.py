@@ -178,7 +178,7 @@ class FunctionTool(RequestModel):
         "allowed_callers": (lambda v: v is None or "direct" in v, "only direct calls by the model are supported"),
         "defer_loading": (lambda v: not v, "tool search (deferred loading) is not supported"),
         "output_schema": (unset, "output schemas (for calls made by code) are not supported"),
-        "async_": (lambda v: not v, "asynchronous calls are not supported"),
+        "async_": _CALL_REFUSED["async_"],
     }
 
 
