@@ -50,9 +50,8 @@ def timed_generate(llm: LLM, batch: int, max_tokens: int, temperature: float = 0
 
 def measure(batch: int, k: int | None, args) -> dict:
     kw = dict(kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=max(64, batch), enforce_eager=args.enforce_eager)
-    kw["overlap_spec_rounds"] = not args.no_overlap
     if k is not None:
-        kw.update(speculative_model=args.draft, num_speculative_tokens=k)
+        kw.update(speculative_model=args.draft, num_speculative_tokens=k, overlap_spec_rounds=not args.no_overlap)
     gc.collect()  # the previous configuration's engine (graphs, KV pool) goes now, not during the timed runs
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

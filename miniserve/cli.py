@@ -15,6 +15,8 @@ import tempfile
 
 from miniserve.config import EngineConfig, ServerConfig
 from miniserve.settings import add_arguments, from_sources, variable_warnings
+from miniserve.vllm_no_ops import NO_OPS
+from miniserve.vllm_no_ops import flag as no_op_flag
 
 MAIN_HELP = (
     "Serve a Hugging Face model with an OpenAI-compatible API, or generate one completion. Each flag also reads "
@@ -31,28 +33,14 @@ CLI_SAMPLING_DEFAULTS = {  # generate's own: greedy, 64 tokens
 
 SAMPLING_FLAGS = {"seed": "--sampling-seed"}  # generate's sampling flags not named after their field
 
+SERVE_NO_OPS = {name: option for name, option in NO_OPS.items() if option.serve}  # each a flag of `serve`
+
 # engine settings a `generate` run never reads (its prompt is no chat; it asks for no logprobs, bad words or grammar;
 # it is one request): taken, each with a warning
 GENERATE_UNUSED = (
     "chat_template", "chat_template_content_format", "max_logprobs", "max_bad_words", "grammar_threads",
     "scheduling_policy",
 )  # fmt: skip
-
-# vLLM flags a `vllm serve` command line often carries that would change nothing here: taken, each with a warning
-# saying why, so the command runs as written (flag -> (its values: None for a switch, else the ones taken), why)
-VLLM_NO_OP_FLAGS: dict[str, tuple[tuple[str, ...] | None, str]] = {
-    "--trust-remote-code": (
-        None,
-        "no code from the model directory runs: only the architectures miniserve implements load",
-    ),
-    "--enable-chunked-prefill": (None, "prompts are always prefilled in chunks of max_num_batched_tokens"),
-    "--swap-space": ((), "preempted sequences are recomputed, never swapped to CPU memory"),
-    "--disable-custom-all-reduce": (None, "tensor parallelism reduces with NCCL's all-reduce"),
-    "--distributed-executor-backend": (("mp", "uni"), "the tensor-parallel ranks are processes of this host"),
-    "--pipeline-parallel-size": (("1",), "one pipeline stage: tensor parallelism only"),
-    "--enable-prompt-tokens-details": (None, "usage always carries prompt_tokens_details"),
-    "--disable-frontend-multiprocessing": (None, "the engine runs in its own process whatever the flag"),
-}
 
 
 def _check_sampling_flags(fields: dict) -> None:
@@ -221,27 +209,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_no_op_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("vLLM flags that change nothing here (each taken with a warning)")
-    for flag, (values, why) in VLLM_NO_OP_FLAGS.items():
-        dest = _no_op_dest(flag)
-        text = f"ignored: {why} (default: unset)"
-        if values is None:
-            g.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
+    for name, option in SERVE_NO_OPS.items():
+        text = f"ignored: {option.why} (default: unset)"
+        if option.values is None:
+            g.add_argument(no_op_flag(name), dest=_no_op_dest(name), action="store_true", default=None, help=text)
         else:
-            g.add_argument(flag, dest=dest, choices=values or None, metavar="VALUE", help=text)
+            choices = option.values or None
+            g.add_argument(no_op_flag(name), dest=_no_op_dest(name), choices=choices, metavar="VALUE", help=text)
 
 
-def _no_op_dest(flag: str) -> str:
-    return "vllm_" + flag[2:].replace("-", "_")
+def _no_op_dest(name: str) -> str:
+    return "vllm_" + name
 
 
 def no_op_warnings(args: argparse.Namespace) -> list[str]:
-    """A line for each flag given that changes nothing here: VLLM_NO_OP_FLAGS of `serve`, GENERATE_UNUSED of
+    """A line for each flag given that changes nothing here: SERVE_NO_OPS of `serve`, GENERATE_UNUSED of
     `generate`."""
     if args.command == "generate":
         given = [name for name in GENERATE_UNUSED if getattr(args, name, None) is not None]
         return [f"--{name.replace('_', '-')} is taken but changes nothing for `generate`" for name in given]
-    given = [flag for flag in VLLM_NO_OP_FLAGS if getattr(args, _no_op_dest(flag), None)]
-    return [f"{flag} is taken but changes nothing: {VLLM_NO_OP_FLAGS[flag][1]}" for flag in given]
+    given = [name for name in SERVE_NO_OPS if getattr(args, _no_op_dest(name), None)]
+    return [f"{no_op_flag(name)} is taken but changes nothing: {SERVE_NO_OPS[name].why}" for name in given]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import itertools
 import json
-import numbers
-import operator
-from collections.abc import Callable, Iterable, Sequence, Set
-from dataclasses import dataclass, replace
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import fields, replace
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from miniserve.beam_search import BeamSearchOutput, BeamSearchParams, beam_search, check_width
@@ -20,7 +19,10 @@ from miniserve.config import EngineConfig, speculative_settings
 from miniserve.detokenizer import decode_output
 from miniserve.engine.llm_engine import LLMEngine
 from miniserve.engine.outputs import RequestOutput
+from miniserve.engine.prompts import as_prompt, is_token, unordered_or_bytes
 from miniserve.sampling_params import SamplingParams
+from miniserve.settings import check_combinations
+from miniserve.vllm_no_ops import NO_OPS, keyword_warning
 
 PromptType = str | list[int] | dict
 
@@ -33,7 +35,7 @@ class LLM:
     `LLM()` with no model loads the embedded demo model.
     """
 
-    def __init__(self, model: str | None = None, speculative_config: dict | None = None, **kwargs):
+    def __init__(self, model: str | None = None, *, speculative_config: dict | None = None, **kwargs):
         spec = speculative_settings(speculative_config)
         both = [name for name in spec if name in kwargs]
         if both:
@@ -41,7 +43,7 @@ class LLM:
         kwargs.update(spec)
         if isinstance(kwargs.get("override_generation_config"), dict):  # vLLM's LLM takes a dict; the setting is JSON
             kwargs["override_generation_config"] = json.dumps(kwargs["override_generation_config"])
-        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.engine = LLMEngine(engine_config(model, kwargs))
         self._ids = itertools.count()
 
     def get_tokenizer(self):
@@ -51,9 +53,11 @@ class LLM:
         """What a request without sampling params gets (LLMEngine.default_sampling_params)."""
         return self.engine.default_sampling_params()
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached prompt prefix: the next requests compute their prompts from scratch."""
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt prefix: the next requests compute their prompts from scratch. True, as vLLM's
+        returns when it could (here it always can: blocks in use keep their contents, only the index forgets)."""
         self.engine.reset_prefix_cache()
+        return True
 
     def shutdown(self) -> None:
         """Stop the other tensor-parallel ranks now rather than at exit (then this LLM is unusable)."""
@@ -72,7 +76,7 @@ class LLM:
         {"prompt_token_ids": [...]} (with the text as "prompt" too, it is the output's `prompt`), either with
         "cache_salt". `priority`: one per prompt (lower runs first), with scheduling_policy "priority", as vLLM's.
         """
-        prompts = [_as_prompt(p) for p in _as_prompt_list(prompts)]
+        prompts = [as_prompt(p) for p in _as_prompt_list(prompts)]
         if priority is not None and not isinstance(priority, (list, tuple)):
             raise TypeError(f"priority must be a list of ints, one per prompt, got {type(priority).__name__}")
         priority = [0] * len(prompts) if priority is None else list(priority)
@@ -86,10 +90,8 @@ class LLM:
         ids = []
         try:
             for prompt, p, urgency in zip(prompts, params, priority):
-                rid = f"gen-{next(self._ids)}"
-                if prompt.cache_salt is not None:
-                    p = replace(p, cache_salt=prompt.cache_salt)
-                self.engine.add_request(rid, prompt.prompt, p, prompt_text=prompt.text, priority=urgency)
+                rid = str(next(self._ids))  # (vLLM's offline ids: "0", "1", ...)
+                self.engine.add_request(rid, prompt, p, priority=urgency)
                 ids.append(rid)
         except Exception:
             for rid in ids:
@@ -112,7 +114,7 @@ class LLM:
         tok, engine = self.engine.tokenizer, self.engine
         check_width(params.beam_width, engine.config.max_logprobs)
         ids = []
-        for p in map(_as_prompt, _as_prompt_list(prompts)):
+        for p in map(as_prompt, _as_prompt_list(prompts)):
             if p.cache_salt is not None:
                 raise ValueError("cache_salt is not supported by beam_search")
             ids.append(tok.encode(p.prompt) if isinstance(p.prompt, str) else p.prompt)
@@ -178,81 +180,35 @@ class LLM:
             bar.close()
 
 
+def engine_config(model: str | None, kwargs: dict[str, Any]) -> EngineConfig:
+    """The EngineConfig of LLM(model, **kwargs): vLLM keywords that change nothing here taken with a warning
+    (vllm_no_ops.py), any other keyword not a setting refused by name, and a setting given where another makes it
+    do nothing refused as the CLI refuses it."""
+    settings = {f.name for f in fields(EngineConfig)}
+    for name in [k for k in kwargs if k not in settings and k in NO_OPS and NO_OPS[k].offline]:
+        warnings.warn(keyword_warning(name, kwargs.pop(name)), stacklevel=3)
+    unknown = next((k for k in kwargs if k not in settings), None)
+    if unknown is not None:
+        near = difflib.get_close_matches(unknown, settings, n=1, cutoff=0.85)
+        hint = f" (did you mean {near[0]!r}?)" if near else " (the settings are EngineConfig's fields: README)"
+        raise TypeError(f"LLM() got an unexpected keyword argument {unknown!r}: not a miniserve setting{hint}")
+    config = EngineConfig(model=model, **kwargs)
+    check_combinations(config, {name: f"{name}={value!r}" for name, value in kwargs.items()}, lambda f, _: f.name)
+    return config
+
+
 PROMPTS_ERROR = "prompts must be a string, a list of token ids, a prompt dict, or a list of those"
 
 
-@dataclass
-class Prompt:
-    """One prompt as the engine takes it: text or token ids, the text of token ids if known, a cache salt."""
-
-    prompt: str | list
-    text: str | None = None
-    cache_salt: str | None = None
-
-
-PROMPT_KEYS = ("prompt", "prompt_token_ids", "cache_salt")
-# vLLM's multimodal inputs: a text-only engine refuses them rather than answering without them
-MULTIMODAL_KEYS = ("multi_modal_data", "mm_processor_kwargs", "multi_modal_uuids")
-
-
 def _as_prompt_list(prompts) -> list:
-    if isinstance(prompts, (str, dict)):
+    if isinstance(prompts, (str, Mapping)):
         return [prompts]
-    if not isinstance(prompts, Iterable) or _unordered_or_bytes(prompts):
+    if not isinstance(prompts, Iterable) or unordered_or_bytes(prompts):
         raise ValueError(f"{PROMPTS_ERROR}, got {type(prompts).__name__}")
     prompts = list(prompts)
-    if prompts and all(_is_token(t) for t in prompts):
+    if prompts and all(is_token(t) for t in prompts):
         return [prompts]  # one prompt given as token ids (a list, a numpy array, a tensor)
     return prompts
-
-
-def _as_prompt(prompt) -> Prompt:
-    if isinstance(prompt, dict):
-        return _prompt_from_dict(prompt)
-    if isinstance(prompt, str):
-        return Prompt(prompt)
-    if not isinstance(prompt, Iterable) or _unordered_or_bytes(prompt):
-        raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-    return Prompt(_token_ids(prompt))
-
-
-def _unordered_or_bytes(values) -> bool:
-    """Iterables of ints that are no token sequence: bytes (text not decoded: bytes iterate as byte values) and
-    sets (no order)."""
-    return isinstance(values, (bytes, bytearray, memoryview, Set))
-
-
-def _prompt_from_dict(prompt: dict) -> Prompt:
-    """vLLM's TextPrompt / TokensPrompt; a key it would act on that this engine cannot is refused by name."""
-    media = [k for k in MULTIMODAL_KEYS if prompt.get(k)]
-    if media:
-        raise ValueError(f"{media[0]}: multimodal inputs are not supported (the model is text-only)")
-    unknown = [k for k in prompt if k not in PROMPT_KEYS + MULTIMODAL_KEYS]
-    if unknown:
-        raise ValueError(f"a prompt dict has no key {unknown[0]!r} (it takes {', '.join(PROMPT_KEYS)})")
-    text, salt = prompt.get("prompt"), prompt.get("cache_salt")
-    if text is not None and not isinstance(text, str):
-        raise ValueError(f"a prompt dict's 'prompt' must be a string, got {type(text).__name__}")
-    if "prompt_token_ids" in prompt:
-        ids = prompt["prompt_token_ids"]
-        if isinstance(ids, (str, dict)) or not isinstance(ids, Iterable) or _unordered_or_bytes(ids):
-            raise ValueError(f"'prompt_token_ids' must be a list of token ids, got {type(ids).__name__}")
-        return Prompt(_token_ids(ids), text, salt)
-    if text is None:
-        raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-    return Prompt(text, None, salt)
-
-
-def _is_token(value) -> bool:
-    """An integer token id: an int, or a numpy or torch integer (bool is not one)."""
-    if isinstance(value, torch.Tensor):
-        return value.dim() == 0 and not value.is_floating_point() and value.dtype != torch.bool
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # (numpy's integers are Integral)
-
-
-def _token_ids(values) -> list:
-    """Token ids as Python ints; anything else stays as it is, for the engine to refuse by name."""
-    return [operator.index(t) if _is_token(t) else t for t in values]
 
 
 def _as_params_list(params, n: int) -> list[SamplingParams]:

@@ -12,7 +12,7 @@ import difflib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, Field, fields
 
 from miniserve.config import EngineConfig, ServerConfig, SettingError, field_type
@@ -80,15 +80,22 @@ def from_sources(cls: type, args: argparse.Namespace | None = None, env: Mapping
         if e.name in sources:
             raise SettingError(e.name, f"{sources[e.name]}: {e}") from None
         raise
-    by_name = {f.name: f for f in fields(cls)}
-    for name, source in sources.items():  # (on the settings as set: speculative_config sets speculative_model)
-        meta = by_name[name].metadata
-        spell = flag if source.startswith("--") else env_var
-        if meta.get("needs") and not _is_set(getattr(config, meta["needs"])):  # (a draft, origins; a switch off)
-            raise SettingError(name, f"{source}: does nothing without {spell(by_name[meta['needs']])}")
-        for other in (o for o in meta.get("ignored_with", ()) if _is_set(getattr(config, o))):
-            raise SettingError(name, f"{source}: does nothing with {spell(by_name[other])}")
+    check_combinations(config, sources, lambda f, source: flag(f) if source.startswith("--") else env_var(f))
     return config
+
+
+def check_combinations(config, sources: dict[str, str], spell: Callable[[Field, str], str]) -> None:
+    """A setting given where another makes it do nothing is an error (`needs`, `ignored_with`). `sources`: each
+    given setting's name -> how it was given; `spell(field, source)`: the other setting's name as that source
+    spells it (a flag, a variable, a keyword). Checked on the settings as set (speculative_config sets
+    speculative_model)."""
+    by_name = {f.name: f for f in fields(config)}
+    for name, source in sources.items():
+        meta = by_name[name].metadata
+        if meta.get("needs") and not _is_set(getattr(config, meta["needs"])):  # (a draft, origins; a switch off)
+            raise SettingError(name, f"{source}: does nothing without {spell(by_name[meta['needs']], source)}")
+        for other in (o for o in meta.get("ignored_with", ()) if _is_set(getattr(config, o))):
+            raise SettingError(name, f"{source}: does nothing with {spell(by_name[other], source)}")
 
 
 def _is_set(value) -> bool:

@@ -84,7 +84,6 @@ class Tokenizer:
         self._eos_token_ids = set(extra_eos_token_ids)
         if self.eos_token_id is not None:
             self._eos_token_ids.add(self.eos_token_id)
-        self._bos_prefix = _special_prefix(backend)
         # `<0xNN>` pieces -> their byte (SentencePiece's byte fallback): detokenizer.py decodes their runs itself
         self.byte_values = _byte_fallback_values(backend)
 
@@ -266,14 +265,14 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         *,
-        add_special_tokens: bool | None = None,
+        add_special_tokens: bool = False,
         template_kwargs: dict[str, Any] | None = None,
         check_text: Callable[[str], None] | None = None,
         **template_options: Any,
     ) -> tuple[str, list[int]]:
-        """(rendered text, prompt ids): the ids get the BOS prefix unless the template already wrote it (never
-        EOS). An explicit `add_special_tokens` has vLLM's meaning: True adds the tokenizer's specials on top of
-        the template's text, False encodes exactly the template's text. `template_kwargs` (a request's
+        """(rendered text, prompt ids). `add_special_tokens` has vLLM's meaning: False (its default: the template
+        writes the BOS a model wants) encodes exactly the template's text, True adds the tokenizer's specials on
+        top of it. `template_kwargs` (a request's
         chat_template_kwargs) are extra template variables, kept apart from this method's own arguments
         (`check_template_kwargs`). `check_text` sees the rendered text before it is tokenized (the server's
         size limit)."""
@@ -281,13 +280,7 @@ class Tokenizer:
         text = self.render_chat(messages, add_generation_prompt, template_kwargs=template_kwargs, **template_options)
         if check_text is not None:
             check_text(text)
-        if add_special_tokens is not None:
-            return text, self.encode(text, add_special_tokens=add_special_tokens)
-        ids = self.encode(text, add_special_tokens=False)
-        prefix = self._bos_prefix
-        if prefix and ids[: len(prefix)] != prefix:
-            ids = prefix + ids
-        return text, ids
+        return text, self.encode(text, add_special_tokens=add_special_tokens)
 
     def encode_last(self, text: str, keep: int, add_special_tokens: bool = True) -> list[int]:
         """The text's last `keep` tokens, its special tokens (BOS) kept: transformers' left truncation
@@ -300,16 +293,6 @@ class Tokenizer:
         before, after = full[:start], full[start + len(plain) :]
         room = max(keep - len(before) - len(after), 0)
         return before + plain[len(plain) - room :] + after
-
-
-def _special_prefix(backend: tokenizers.Tokenizer) -> list[int]:
-    """The ids the post-processor puts before the text (e.g. [BOS]), found by encoding a probe."""
-    plain = backend.encode("a", add_special_tokens=False).ids
-    full = backend.encode("a", add_special_tokens=True).ids
-    for start in range(len(full) - len(plain) + 1):
-        if full[start : start + len(plain)] == plain:
-            return full[:start]
-    return []
 
 
 # ---------------------------------------------------------------------------- backend construction
@@ -336,7 +319,10 @@ def _load_backend(directory: Path, config: dict, special: dict[str, str | None])
     else:
         raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {str(directory)!r}: cannot build a tokenizer")
     _add_config_tokens(backend, config, special)
-    _update_post_processor(backend, config, special)
+    if not (directory / "tokenizer.json").is_file():  # (transformers 5 drops the flags where tokenizer.json is)
+        _update_post_processor(backend, config, special)
+    # split_special_tokens: a special token's text in a prompt is encoded as text, never as the token itself
+    backend.encode_special_tokens = bool(config.get("split_special_tokens", False))
     return backend
 
 
@@ -423,7 +409,8 @@ def _special_token(value: Any, listed: dict[str, AddedToken]) -> AddedToken:
 
 
 def _update_post_processor(backend: tokenizers.Tokenizer, config: dict, special: dict[str, str | None]) -> None:
-    """transformers 5 rebuilds the post-processor from add_bos/add_eos_token when the config sets them."""
+    """transformers 5 rebuilds a tokenizer.model's post-processor from add_bos/add_eos_token when the config sets
+    them; tokenizer.json's own post-processor is what adds a BOS or EOS there, whatever the flags say."""
     if "add_bos_token" not in config and "add_eos_token" not in config and backend.post_processor is not None:
         return
     bos, eos = special.get("bos_token"), special.get("eos_token")

@@ -397,6 +397,55 @@ def test_bad_input_is_a_clear_error_and_engine_stays_usable(llama_dir):
     assert len(out[0].outputs[0].token_ids) == 5
 
 
+def test_llm_engine_takes_vllms_prompt_forms_and_aborts_lists(llama_dir):
+    """LLMEngine.add_request takes the prompt dicts LLM.generate takes (vLLM's TextPrompt / TokensPrompt, with a
+    cache_salt); abort_request takes a list of ids (vLLM's V1 form). The oracle is LLM.generate on the same prompts;
+    LLM's request ids are vLLM's ("0", "1", ...)."""
+    import transformers
+
+    llm = make_llm(llama_dir)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    want = llm.generate(["To be", [5, 6, 7]], params, use_tqdm=False)
+    assert [o.request_id for o in want] == ["0", "1"]
+    eng = llm.engine
+    eng.add_request("a", {"prompt": "To be", "cache_salt": "s"}, params)
+    eng.add_request("b", {"prompt_token_ids": [5, 6, 7], "prompt": "text"}, params)
+    eng.add_request("c", {"prompt": "To be"}, params)
+    eng.add_request("d", [5, 6, 7], params)
+    eng.abort_request(["c", "d"])
+    done = {o.request_id: o for _ in range(20) for o in eng.step() if o.finished}
+    assert sorted(done) == ["a", "b"] and not eng.has_unfinished_requests()
+    assert done["a"].outputs[0].token_ids == want[0].outputs[0].token_ids and done["a"].prompt == "To be"
+    assert done["b"].outputs[0].token_ids == want[1].outputs[0].token_ids and done["b"].prompt == "text"
+    assert eng.block_manager.num_used_blocks == 0
+    # a chat template's ids as transformers 5 returns them (a dict): the error says what to take
+    encoded = transformers.AutoTokenizer.from_pretrained(llama_dir)("To be")
+    for prompt in ({"prompt_token_ids": encoded}, dict(encoded)):
+        with pytest.raises(ValueError, match="apply_chat_template returns a dict of input_ids"):
+            eng.add_request("e", prompt, params)
+    assert llm.reset_prefix_cache() is True
+
+
+def test_llm_keywords_are_settings_vllm_no_ops_or_refused_by_name(llama_dir):
+    """A vLLM keyword that changes nothing here is taken with a warning; one that asks for what this engine does
+    not do, or no setting at all, is refused by name; a setting given where another makes it do nothing is refused
+    as the CLI refuses it (it used to build an engine that ignored it)."""
+    with pytest.warns(UserWarning, match="trust_remote_code=True is taken but changes nothing"):
+        make_llm(llama_dir, trust_remote_code=True, swap_space=4)
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2 is not supported"):
+        make_llm(llama_dir, pipeline_parallel_size=2)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_num_seq'.*did you mean 'max_num_seqs'"):
+        make_llm(llama_dir, max_num_seq=4)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tokenizer_mode': not a miniserve setting"):
+        make_llm(llama_dir, tokenizer_mode="auto")
+    with pytest.raises(ValueError, match="num_speculative_tokens=3: does nothing without speculative_model"):
+        make_llm(llama_dir, num_speculative_tokens=3)
+    with pytest.raises(ValueError, match="async_scheduling=True: does nothing with speculative_model"):
+        make_llm(llama_dir, speculative_model=str(llama_dir), async_scheduling=True)
+    with pytest.raises(TypeError):  # speculative_config is a keyword (vLLM's second positional is the tokenizer)
+        LLM(str(llama_dir), {"model": str(llama_dir)})
+
+
 def test_request_that_can_never_fit_is_rejected(llama_dir):
     """A pool of 16 slots: a 10-token prompt fits 7 new tokens at most (the last is never fed back), and the error
     says so, naming max_tokens; a prompt of 17 never fits."""

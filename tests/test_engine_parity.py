@@ -508,3 +508,38 @@ def test_sliding_window_caps_the_context_with_a_warning(tmp_path, tokenizer_dir)
     eng.add_request("r", list(range(2, 62)), SamplingParams(max_tokens=10, ignore_eos=True))
     outs = [o for _ in range(20) for o in eng.step() if o.finished]
     assert [(len(o.outputs[0].token_ids), o.outputs[0].finish_reason) for o in outs] == [(4, "length")]
+
+
+WINDOW_CONFIGS = [
+    ("MistralForCausalLM", {}),  # no key: transformers' default window
+    ("MistralForCausalLM", {"sliding_window": None}),
+    ("MistralForCausalLM", {"sliding_window": 64}),
+    ("LlamaForCausalLM", {"sliding_window": 64}),  # a stray key Llama's attention never reads
+    ("Qwen2ForCausalLM", {"sliding_window": 64}),  # without use_sliding_window
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 2}),  # all full
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 1}),
+    ("Qwen3ForCausalLM", {"use_sliding_window": True, "sliding_window": 64}),  # max_window_layers' default, 28
+    ("Qwen3ForCausalLM", {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 0}),
+    (
+        "Qwen3ForCausalLM",
+        {"use_sliding_window": True, "sliding_window": 64, "layer_types": ["full_attention", "sliding_attention"]},
+    ),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize(("arch", "fields"), WINDOW_CONFIGS)
+def test_a_sliding_window_is_read_where_transformers_uses_one(arch, fields):
+    """The oracle is transformers' config class: a window is taken (and caps the context) exactly where some layer
+    of its model attends within one."""
+    from miniserve.models.config import ModelConfig
+
+    sizes = {"vocab_size": 8, "hidden_size": 64, "intermediate_size": 8, "num_hidden_layers": 2}
+    raw = {"architectures": [arch], "num_attention_heads": 4, "num_key_value_heads": 2, **sizes, **fields}
+    hf = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**raw)
+    if arch == "LlamaForCausalLM":
+        want = None  # (LlamaAttention passes no window)
+    elif arch == "MistralForCausalLM":
+        want = hf.sliding_window
+    else:
+        want = hf.sliding_window if "sliding_attention" in hf.layer_types else None
+    assert ModelConfig.from_dict(raw).sliding_window == want

@@ -30,6 +30,7 @@ LAYERS = [
     ("miniserve.chat_template", 0),
     ("miniserve.detokenizer", 0),
     ("miniserve.json_file", 0),
+    ("miniserve.vllm_no_ops", 0),
 ]
 
 

@@ -431,6 +431,21 @@ def test_named_and_extra_special_tokens_are_special_whatever_tokenizer_json_says
     assert rendered == hf.apply_chat_template(messages, tokenize=False) == "<|cls|>a<|sep|>b<|sep|>"
 
 
+@pytest.mark.parametrize("flags", [{"add_eos_token": True}, {"add_bos_token": False}, {"add_bos_token": True},
+                                   {"split_special_tokens": True}])  # fmt: skip
+def test_tokenizer_config_flags_act_as_in_transformers(bpe_dir, tmp_path, flags):
+    """Where a tokenizer.json is, its post-processor adds the BOS/EOS whatever add_bos/add_eos_token say (transformers
+    5 drops the flags; a missing one used to turn the BOS off); split_special_tokens encodes a special token's text
+    as text."""
+    shutil.copytree(bpe_dir, tmp_path / "t")
+    config = json.loads((tmp_path / "t" / "tokenizer_config.json").read_text())
+    write_json(tmp_path / "t" / "tokenizer_config.json", {**config, "tokenizer_class": "LlamaTokenizerFast", **flags})
+    ours, hf = Tokenizer.from_pretrained(tmp_path / "t"), AutoTokenizer.from_pretrained(tmp_path / "t")
+    for text in ("hi", "Hello<|eot_id|> world", "<|begin_of_text|>x"):
+        for add in (True, False):
+            assert ours.encode(text, add_special_tokens=add) == hf.encode(text, add_special_tokens=add), text
+
+
 # ---------------------------------------------------------------------------- chat templates
 
 
@@ -555,14 +570,16 @@ def test_default_template_and_bos_handling(sp_dir, bpe_dir, tmp_path):
         ours = Tokenizer.from_pretrained(directory)
         assert ours.templates.default is None
         text, ids = ours.chat_prompt(messages)
-        assert text == "System: Be brief.\nUser: Hi\nAssistant:"
-        assert ours.render_chat(messages, add_generation_prompt=False) == "System: Be brief.\nUser: Hi\n"
-        # the fallback writes no BOS, so chat_prompt adds exactly the one the tokenizer adds
-        assert ids == [ours.bos_token_id] + ours.encode(text, add_special_tokens=False)
-        hf_text = AutoTokenizer.from_pretrained(directory).apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, chat_template=DEFAULT_CHAT_TEMPLATE
-        )
-        assert hf_text == text
+        bos = ours.bos_token or ""
+        assert text == bos + "System: Be brief.\nUser: Hi\nAssistant:"
+        assert ours.render_chat(messages, add_generation_prompt=False) == bos + "System: Be brief.\nUser: Hi\n"
+        # the fallback writes the BOS; chat_prompt encodes the text as it is (vLLM's add_special_tokens=False, as
+        # transformers tokenizes a chat), so the prompt has one BOS, not two
+        hf = AutoTokenizer.from_pretrained(directory)
+        options = dict(add_generation_prompt=True, chat_template=DEFAULT_CHAT_TEMPLATE)
+        assert hf.apply_chat_template(messages, tokenize=False, **options) == text
+        assert hf.apply_chat_template(messages, tokenize=True, return_dict=False, **options) == ids
+        assert ids.count(ours.bos_token_id) == (1 if bos else 0)
 
 
 NAMED_TEMPLATES = {

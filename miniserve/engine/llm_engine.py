@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -25,6 +25,7 @@ from miniserve.engine.launch_hold import MAX_BATCH, LaunchHold
 from miniserve.engine.model_runner import ModelRunner
 from miniserve.engine.output_processor import OutputProcessor, Request
 from miniserve.engine.outputs import RequestOutput
+from miniserve.engine.prompts import Prompt, read_prompt
 from miniserve.engine.sampler import bad_words_token_ids, check_allowed_tokens, check_bad_words
 from miniserve.engine.stop_strings import StopMatcher, check_stop_strings
 from miniserve.engine.structured_output import GrammarCompiler
@@ -138,16 +139,17 @@ class LLMEngine:
     def add_request(
         self,
         request_id: str,
-        prompt: str | list[int],
+        prompt: str | list[int] | dict | Prompt,
         params: SamplingParams | None = None,
         prompt_text: str | None = None,
         priority: int = 0,
     ) -> None:
-        """Queue a prompt (text, or token ids whose text, if known, is `prompt_text`: the output's `prompt`).
-        Generation ends at max_tokens or where the context (max_model_len) is full, as in vLLM's offline engine
-        (the server refuses a max_tokens that cannot fit, as vLLM's does). `priority` (lower first) orders the
-        queue under scheduling_policy "priority"; it must be 0 otherwise, as in vLLM."""
-        params = params or self.default_sampling_params()
+        """Queue a prompt: text, token ids (whose text, if known, is `prompt_text`: the output's `prompt`), or
+        vLLM's prompt dicts (engine/prompts.py). Generation ends at max_tokens or where the context
+        (max_model_len) is full, as in vLLM's offline engine (the server refuses a max_tokens that cannot fit, as
+        vLLM's does). `priority` (lower first) orders the queue under scheduling_policy "priority"; it must be 0
+        otherwise, as in vLLM."""
+        prompt, params, prompt_text = read_prompt(prompt, params or self.default_sampling_params(), prompt_text)
         if request_id in self.outputs.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._check_priority(priority)
@@ -235,8 +237,10 @@ class LLMEngine:
                 raise ValueError(f"max_tokens: {what}; at most {most} new tokens fit beside this prompt")
             raise ValueError(f"{what}; it can never fit")
 
-    def abort_request(self, request_id: str) -> None:
-        self.outputs.abort(request_id)
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        """Abort a request, or several (vLLM's list of ids)."""
+        for one in [request_id] if isinstance(request_id, str) else request_id:
+            self.outputs.abort(one)
 
     def reset_prefix_cache(self) -> None:
         """Forget the prefix cache (benchmarks that repeat the same prompts start each run from nothing)."""

@@ -84,9 +84,7 @@ class ModelConfig:
         head_dim = raw.get("head_dim") or DEFAULT_HEAD_DIMS.get(arch) or raw["hidden_size"] // num_heads
         _refuse_unbuilt(raw, arch, source)
         theta, scaling = _rope_settings(raw, source)
-        window = raw.get("sliding_window")
-        if arch.startswith("Qwen") and not raw.get("use_sliding_window", False):
-            window = None
+        window = _sliding_window(raw, arch)
         eos = raw.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         dtype_name = raw.get("torch_dtype") or raw.get("dtype") or "float32"
@@ -110,6 +108,24 @@ class ModelConfig:
             sliding_window=window,
             eos_token_ids=eos_ids,
         )
+
+
+def _sliding_window(raw: dict, arch: str) -> int | None:
+    """The window some layer's attention is limited to, read as transformers 5 reads it (None: every layer sees the
+    whole context). Llama has none (a stray key is unused); Mistral's defaults to 4096 tokens when the key is
+    absent; Qwen2/3 use theirs only with use_sliding_window, in the layers layer_types names (by default those from
+    max_window_layers on)."""
+    if arch == "MistralForCausalLM":
+        return raw.get("sliding_window", 4096)
+    if not arch.startswith("Qwen") or not raw.get("use_sliding_window", False):
+        return None
+    window = raw.get("sliding_window", 4096)
+    layers = raw["num_hidden_layers"]
+    types = raw.get("layer_types") or [
+        "sliding_attention" if window is not None and i >= raw.get("max_window_layers", 28) else "full_attention"
+        for i in range(layers)
+    ]
+    return window if "sliding_attention" in types else None
 
 
 def _refuse_unbuilt(raw: dict, arch: str, source: str) -> None:

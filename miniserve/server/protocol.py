@@ -514,9 +514,9 @@ class ChatCompletionRequest(SamplingFields):
     echo: bool = False
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    # None: the template's text plus BOS when the template does not write it; False: exactly the template's text;
-    # True: the tokenizer's specials on top of the template's (vLLM's meaning)
-    add_special_tokens: bool | None = None
+    # vLLM's: False, exactly the template's text (the template writes the BOS a model wants); True, the tokenizer's
+    # specials on top of it
+    add_special_tokens: bool = False
     documents: list[dict[str, Any]] | None = None
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
@@ -573,7 +573,7 @@ class TokenizeRequest(RequestModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True  # for messages: as in chat, only when given explicitly
+    add_special_tokens: bool = True  # for messages, False unless given: as in chat (vLLM's TokenizeChatRequest)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template: str | None = None
