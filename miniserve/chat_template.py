@@ -14,10 +14,9 @@ from typing import Any
 
 from miniserve.config import CONTENT_FORMATS
 
-# Used when the directory has no chat template: the BOS (if any), one "Role: content" line per message, then
-# "Assistant:".
+# Used when the directory has no chat template: one "Role: content" line per message, then "Assistant:" (encoded
+# as a completion prompt is: Tokenizer.chat_prompt).
 DEFAULT_CHAT_TEMPLATE = (
-    "{{ bos_token or '' }}"
     "{% for message in messages %}"
     "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
     "{% endfor %}"

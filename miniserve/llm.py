@@ -182,18 +182,21 @@ class LLM:
 
 def engine_config(model: str | None, kwargs: dict[str, Any]) -> EngineConfig:
     """The EngineConfig of LLM(model, **kwargs): vLLM keywords that change nothing here taken with a warning
-    (vllm_no_ops.py), any other keyword not a setting refused by name, and a setting given where another makes it
-    do nothing refused as the CLI refuses it."""
+    (vllm_no_ops.py), any other keyword not a setting refused by name, and a setting given (not None, not its
+    default) where another makes it do nothing refused as the CLI refuses it."""
     settings = {f.name for f in fields(EngineConfig)}
     for name in [k for k in kwargs if k not in settings and k in NO_OPS and NO_OPS[k].offline]:
-        warnings.warn(keyword_warning(name, kwargs.pop(name)), stacklevel=3)
+        if (warning := keyword_warning(name, kwargs.pop(name))) is not None:
+            warnings.warn(warning, stacklevel=3)
     unknown = next((k for k in kwargs if k not in settings), None)
     if unknown is not None:
         near = difflib.get_close_matches(unknown, settings, n=1, cutoff=0.85)
         hint = f" (did you mean {near[0]!r}?)" if near else " (the settings are EngineConfig's fields: README)"
         raise TypeError(f"LLM() got an unexpected keyword argument {unknown!r}: not a miniserve setting{hint}")
     config = EngineConfig(model=model, **kwargs)
-    check_combinations(config, {name: f"{name}={value!r}" for name, value in kwargs.items()}, lambda f, _: f.name)
+    defaults = {f.name: f.default for f in fields(EngineConfig)}
+    given = {k: f"{k}={v!r}" for k, v in kwargs.items() if v is not None and v != defaults[k]}  # (else: unset)
+    check_combinations(config, given, lambda f, _: f.name)
     return config
 
 

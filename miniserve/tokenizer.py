@@ -265,14 +265,15 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         *,
-        add_special_tokens: bool = False,
+        add_special_tokens: bool | None = None,
         template_kwargs: dict[str, Any] | None = None,
         check_text: Callable[[str], None] | None = None,
         **template_options: Any,
     ) -> tuple[str, list[int]]:
-        """(rendered text, prompt ids). `add_special_tokens` has vLLM's meaning: False (its default: the template
-        writes the BOS a model wants) encodes exactly the template's text, True adds the tokenizer's specials on
-        top of it. `template_kwargs` (a request's
+        """(rendered text, prompt ids). `add_special_tokens` has vLLM's meaning: False encodes exactly the
+        template's text (the template writes the BOS a model wants), True adds the tokenizer's specials on top of
+        it. None: False, but where the model has no template the fallback's plain lines are encoded as a
+        completion prompt is (True: with the BOS the tokenizer adds). `template_kwargs` (a request's
         chat_template_kwargs) are extra template variables, kept apart from this method's own arguments
         (`check_template_kwargs`). `check_text` sees the rendered text before it is tokenized (the server's
         size limit)."""
@@ -280,6 +281,9 @@ class Tokenizer:
         text = self.render_chat(messages, add_generation_prompt, template_kwargs=template_kwargs, **template_options)
         if check_text is not None:
             check_text(text)
+        if add_special_tokens is None:
+            chosen = self.templates.source(template_options.get("chat_template"), template_options.get("tools"))
+            add_special_tokens = chosen is None
         return text, self.encode(text, add_special_tokens=add_special_tokens)
 
     def encode_last(self, text: str, keep: int, add_special_tokens: bool = True) -> list[int]:
@@ -411,8 +415,6 @@ def _special_token(value: Any, listed: dict[str, AddedToken]) -> AddedToken:
 def _update_post_processor(backend: tokenizers.Tokenizer, config: dict, special: dict[str, str | None]) -> None:
     """transformers 5 rebuilds a tokenizer.model's post-processor from add_bos/add_eos_token when the config sets
     them; tokenizer.json's own post-processor is what adds a BOS or EOS there, whatever the flags say."""
-    if "add_bos_token" not in config and "add_eos_token" not in config and backend.post_processor is not None:
-        return
     bos, eos = special.get("bos_token"), special.get("eos_token")
     add_bos = bool(config.get("add_bos_token", False)) and bos is not None
     add_eos = bool(config.get("add_eos_token", False)) and eos is not None

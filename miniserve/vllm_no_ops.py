@@ -36,10 +36,13 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def keyword_warning(name: str, value: object) -> str:
-    """The warning for an `LLM(...)` keyword in NO_OPS (offline); ValueError for a value it does not take."""
+def keyword_warning(name: str, value: object) -> str | None:
+    """The warning for an `LLM(...)` keyword in NO_OPS (offline), None where there is nothing to say (None, vLLM's
+    unset; a switch left off, as a `serve` flag not given); ValueError for a value it does not take."""
     option = NO_OPS[name]
-    if option.values is None and not isinstance(value, bool):
+    if value is None or value is False:
+        return None
+    if option.values is None and value is not True:
         raise ValueError(f"{name} must be True or False, got {value!r}")
     if option.values and str(value) not in option.values:
         raise ValueError(f"{name}={value!r} is not supported: {option.why} (it takes {', '.join(option.values)})")

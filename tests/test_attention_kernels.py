@@ -133,6 +133,26 @@ def test_reference_matches_dense_sdpa(seqs, cache_dtype, group):
     torch.testing.assert_close(got.double(), dense_oracle(b, sm_scale), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("seqs", [DECODE_SEQS, EXTEND_SEQS], ids=["decode", "extend"])
+@pytest.mark.parametrize("cache_dtype", CACHES, ids=dtype_id)
+def test_reference_ignores_nan_in_slots_no_sequence_holds(seqs, cache_dtype):
+    """Slots past a sequence's end (its last page's stale tail, the pages a padded block table points at: another
+    request's, or freed ones) may hold anything, NaN included (an earlier request's overflow): the answer is the
+    dense oracle's, as if they held nothing. The decode reference read them padded to the longest context, and
+    0 x NaN poisoned every sequence of the batch."""
+    b = make_batch(seqs, 8, 4, 2, 32, cache_dtype, torch.float32)
+    held = torch.zeros(b.key_cache.shape[0] * 8, dtype=torch.bool)
+    for table, seq_len in zip(b.meta.block_tables.long(), b.meta.seq_lens.tolist()):
+        pos = torch.arange(seq_len)
+        held[table[pos // 8] * 8 + pos % 8] = True
+    for cache in (b.key_cache, b.value_cache):  # (through fp32, which holds every code's value exactly)
+        wide = cache.float()
+        wide.view(-1, *cache.shape[2:])[~held] = float("nan")
+        cache.copy_(wide.to(cache_dtype))
+    got = paged_attention(b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.125, backend="torch")
+    torch.testing.assert_close(got.double(), dense_oracle(b, 0.125), atol=2e-5, rtol=1e-5)
+
+
 def test_reference_output_dtype_follows_q():
     b = make_batch(EXTEND_SEQS, 16, 4, 2, 64, torch.bfloat16, torch.bfloat16)
     got = paged_attention(b.q, b.key_cache, b.value_cache, b.meta, b.k_scale, b.v_scale, 0.125, backend="torch")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -432,6 +433,11 @@ def test_llm_keywords_are_settings_vllm_no_ops_or_refused_by_name(llama_dir):
     as the CLI refuses it (it used to build an engine that ignored it)."""
     with pytest.warns(UserWarning, match="trust_remote_code=True is taken but changes nothing"):
         make_llm(llama_dir, trust_remote_code=True, swap_space=4)
+    # None (vLLM's unset) and a setting at its default are not given: nothing to warn about or refuse
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_llm(llama_dir, speculative_model=None, num_speculative_tokens=None, overlap_spec_rounds=True,
+                 distributed_executor_backend=None, enable_chunked_prefill=None, trust_remote_code=False)  # fmt: skip
     with pytest.raises(ValueError, match="pipeline_parallel_size=2 is not supported"):
         make_llm(llama_dir, pipeline_parallel_size=2)
     with pytest.raises(TypeError, match="unexpected keyword argument 'max_num_seq'.*did you mean 'max_num_seqs'"):
@@ -440,8 +446,10 @@ def test_llm_keywords_are_settings_vllm_no_ops_or_refused_by_name(llama_dir):
         make_llm(llama_dir, tokenizer_mode="auto")
     with pytest.raises(ValueError, match="num_speculative_tokens=3: does nothing without speculative_model"):
         make_llm(llama_dir, num_speculative_tokens=3)
-    with pytest.raises(ValueError, match="async_scheduling=True: does nothing with speculative_model"):
-        make_llm(llama_dir, speculative_model=str(llama_dir), async_scheduling=True)
+    with pytest.raises(ValueError, match="overlap_spec_rounds=False: does nothing without speculative_model"):
+        make_llm(llama_dir, overlap_spec_rounds=False)
+    with pytest.raises(ValueError, match="gpu_memory_utilization=0.5: does nothing with num_kv_blocks"):
+        make_llm(llama_dir, gpu_memory_utilization=0.5, num_kv_blocks=64)
     with pytest.raises(TypeError):  # speculative_config is a keyword (vLLM's second positional is the tokenizer)
         LLM(str(llama_dir), {"model": str(llama_dir)})
 

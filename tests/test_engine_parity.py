@@ -470,6 +470,9 @@ def test_checkpoint_kv_scales_are_used(tmp_path, tokenizer_dir, llama_dir):
     eng = engine(scaled, kv_cache_dtype="fp8")
     kv = eng.target.kv
     assert [(x.k_scale.item(), x.v_scale.item()) for x in kv] == [(0.25, 0.5), (2.0, 2.0)]
+    # e4m3fnuz (MI300) reads the same bits as half the value: the e4m3fn-calibrated scales are doubled, as vLLM's
+    fnuz = engine(scaled, kv_cache_dtype="fp8_e4m3fnuz").target.kv
+    assert [(x.k_scale.item(), x.v_scale.item()) for x in fnuz] == [(0.5, 1.0), (4.0, 4.0)]
     plain = engine(llama_dir)  # layer 0's K/V do not depend on the cache: compute them in full precision
     prompt = prompts(2)[1]
     captured = {}

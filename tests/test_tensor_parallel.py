@@ -392,6 +392,23 @@ def test_a_dead_rank_0_takes_the_other_ranks_with_it(llama_dir):
         proc.kill()
 
 
+def test_a_script_without_a_main_guard_is_told_why_its_rank_died(llama_dir, tmp_path):
+    """Each rank is a spawned process that imports the main script again: one that builds its LLM at the top level
+    loses its ranks before they start, and the error says what to add (it said only "exited with code 1")."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from miniserve import LLM\n"
+        f"llm = LLM({str(llama_dir)!r}, tensor_parallel_size=2, dtype='float32', device='cpu')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode != 0
+    error = done.stderr.strip().splitlines()[-1]  # (the rank's own traceback, above it, is easy to miss)
+    assert error.startswith("miniserve.distributed.launch.TensorParallelError: tensor-parallel rank 1"), error
+    assert 'needs an `if __name__ == "__main__":` guard' in error, error
+
+
 def server_env(model_dir: Path, **extra: str) -> dict[str, str]:
     return {
         **os.environ,

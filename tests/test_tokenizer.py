@@ -570,16 +570,19 @@ def test_default_template_and_bos_handling(sp_dir, bpe_dir, tmp_path):
         ours = Tokenizer.from_pretrained(directory)
         assert ours.templates.default is None
         text, ids = ours.chat_prompt(messages)
-        bos = ours.bos_token or ""
-        assert text == bos + "System: Be brief.\nUser: Hi\nAssistant:"
-        assert ours.render_chat(messages, add_generation_prompt=False) == bos + "System: Be brief.\nUser: Hi\n"
-        # the fallback writes the BOS; chat_prompt encodes the text as it is (vLLM's add_special_tokens=False, as
-        # transformers tokenizes a chat), so the prompt has one BOS, not two
+        assert text == "System: Be brief.\nUser: Hi\nAssistant:"
+        assert ours.render_chat(messages, add_generation_prompt=False) == "System: Be brief.\nUser: Hi\n"
         hf = AutoTokenizer.from_pretrained(directory)
         options = dict(add_generation_prompt=True, chat_template=DEFAULT_CHAT_TEMPLATE)
         assert hf.apply_chat_template(messages, tokenize=False, **options) == text
-        assert hf.apply_chat_template(messages, tokenize=True, return_dict=False, **options) == ids
-        assert ids.count(ours.bos_token_id) == (1 if bos else 0)
+        # the fallback writes no BOS: its lines are encoded as a completion prompt (the tokenizer's BOS, once)
+        assert ids == hf.encode(text) and ids[0] == ours.bos_token_id and ids.count(ours.bos_token_id) == 1
+        assert ours.chat_prompt(messages, add_special_tokens=False)[1] == hf.encode(text, add_special_tokens=False)
+        # a model's template is encoded as vLLM and transformers encode it: its text exactly
+        plain = "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
+        assert ours.chat_prompt(messages, chat_template=plain)[1] == hf.apply_chat_template(
+            messages, tokenize=True, return_dict=False, add_generation_prompt=True, chat_template=plain
+        )  # fmt: skip
 
 
 NAMED_TEMPLATES = {

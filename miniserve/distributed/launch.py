@@ -41,6 +41,14 @@ COLLECTIVE_TIMEOUT = timedelta(days=365)
 WORKER_SETUP: Callable[[], None] | None = None  # run first in every spawned rank (tests patch graph capture)
 
 
+# a rank that dies before its main function runs: most often a script that builds LLM(tensor_parallel_size=N) at
+# its top level, which each spawned rank imports again
+UNGUARDED_HINT = (
+    " before it started (each rank is a new Python process that imports the main script again: a script that"
+    ' builds LLM(tensor_parallel_size=...) at its top level needs an `if __name__ == "__main__":` guard)'
+)
+
+
 class TensorParallelError(RuntimeError):
     """A rank of the tensor-parallel group failed: the engine cannot run any more."""
 
@@ -152,7 +160,8 @@ class SpawnedRanks:
         while not self.store.check(keys):
             for r, p in self.procs.items():
                 if not p.is_alive():
-                    raise TensorParallelError(self.describe_exit(r))
+                    said = self.store.check([f"miniserve/error/{r}"])  # (else it died before its main function)
+                    raise TensorParallelError(self.describe_exit(r) + ("" if said else UNGUARDED_HINT))
             if time.monotonic() > deadline:
                 raise TensorParallelError(f"tensor-parallel ranks did not start within {START_TIMEOUT_S:.0f} s")
             time.sleep(0.02)

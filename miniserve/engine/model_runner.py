@@ -54,6 +54,15 @@ class ForwardInput:
     num_logits: int  # logits wanted for the last `num_logits` new tokens (0 = none)
 
 
+def cache_scales(checkpoint: dict[int, dict[str, float]], kv_dtype: torch.dtype) -> dict[int, dict[str, float]]:
+    """The checkpoint's per-layer KV scales for this cache. They are calibrated for e4m3fn (amax / 448); an e4m3fnuz
+    code reads half the value of the same e4m3fn bits (max 240), so its scales are doubled, as vLLM and SGLang
+    double them: amax lands at 224, not clipped at 240."""
+    if kv_dtype != torch.float8_e4m3fnuz:
+        return checkpoint
+    return {layer: {name: 2 * value for name, value in s.items()} for layer, s in checkpoint.items()}
+
+
 class ModelRunner:
     graph_peer = None  # see ParallelModelRunner: other ranks that must replay a caller's graphs with this one
 
@@ -87,7 +96,7 @@ class ModelRunner:
             layer.self_attn.decode_splits = config.decode_splits
         set_dependent_launch(self.model, config.dependent_launch, self.backend, self.device)
         self.num_kv_heads = self.model.shard.num_kv_heads  # this rank's (all of them without tp)
-        self.layer_scales = scales  # layer -> {"k": float, "v": float} from the checkpoint
+        self.layer_scales = cache_scales(scales, self.kv_dtype)  # layer -> {"k": float, "v": float}
         self.kv: list[LayerKV] = []
         self.max_num_seqs = config.max_num_seqs
         self.use_graphs = self.device.type == "cuda" and self.backend == "triton" and not config.enforce_eager

@@ -81,6 +81,9 @@ def _decode_reference(q, key_cache, value_cache, meta, k_scale, v_scale, sm_scal
     v = dequantize_cache(value_cache[blocks], v_scale).reshape(num_seqs, -1, num_kv_heads, head_dim)
     positions = torch.arange(k.shape[1], device=q.device)
     allowed = positions[None, :] < meta.seq_lens.to(q.device).long()[:, None]  # [B, S]
+    # past a sequence's end lie other requests' pages (the table's padding) and stale slots: a NaN there would
+    # poison the P.V sum (0 x NaN), so their values are zeroed, as the Triton kernel never loads them
+    v = v.masked_fill(~allowed[:, :, None, None], 0.0)
     group = q.shape[1] // num_kv_heads
     qg = q.float().reshape(num_seqs, num_kv_heads, group, head_dim)
     scores = torch.einsum("bhgd,bshd->bhgs", qg, k) * sm_scale

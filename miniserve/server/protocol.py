@@ -515,8 +515,8 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     # vLLM's: False, exactly the template's text (the template writes the BOS a model wants); True, the tokenizer's
-    # specials on top of it
-    add_special_tokens: bool = False
+    # specials on top of it; unset, False, except for a model without a template (Tokenizer.chat_prompt)
+    add_special_tokens: bool | None = None
     documents: list[dict[str, Any]] | None = None
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
@@ -573,7 +573,7 @@ class TokenizeRequest(RequestModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True  # for messages, False unless given: as in chat (vLLM's TokenizeChatRequest)
+    add_special_tokens: bool = True  # for messages, only when given: as in chat (vLLM's TokenizeChatRequest)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template: str | None = None

@@ -25,7 +25,7 @@ async def tokenize(request: Request) -> JSONResponse:
             [m.for_template() for m in req.messages],
             req.add_generation_prompt,
             for_generation=False,
-            add_special_tokens=req.add_special_tokens and "add_special_tokens" in req.model_fields_set,
+            add_special_tokens=req.add_special_tokens if "add_special_tokens" in req.model_fields_set else None,
             tools=None if req.tools is None else [t.model_dump(by_alias=True, exclude_none=True) for t in req.tools],
             documents=req.documents,
             chat_template=req.chat_template,
