@@ -13,6 +13,7 @@ import torch
 from miniserve.engine.sampler import (
     SamplingBatch,
     apply_penalties_and_filters,
+    bad_words_token_ids,
     check_allowed_tokens,
     probs,
     sample,
@@ -227,7 +228,7 @@ def test_allowed_token_ids_mask_the_others_in_their_row_only():
         dict(allowed_token_ids=[0, 3], min_tokens=1, stop_token_ids=[3]),
         dict(allowed_token_ids=[4], bad_words_token_ids=[[4]]),
         dict(allowed_token_ids=[0, 4], min_tokens=2, bad_words_token_ids=[[4], [1, 0]]),
-        dict(allowed_token_ids=[0], min_tokens=1, ignore_eos=True),  # EOS does not stop it: not banned
+        dict(allowed_token_ids=[0], min_tokens=1, ignore_eos=True),  # EOS banned all the same (vLLM's rule)
         dict(allowed_token_ids=[0, 3], min_tokens=1),
         dict(allowed_token_ids=[0]),
         dict(allowed_token_ids=[6], bad_words_token_ids=[[4], [1, 6]]),  # 6 only after 1
@@ -256,6 +257,26 @@ def test_a_bad_words_last_token_is_banned_right_after_its_other_tokens(output, b
     params = SamplingParams(bad_words_token_ids=[[4], [1, 2, 6]])
     out = apply_penalties_and_filters(torch.zeros(1, V), build([params], outputs=[output]))
     assert torch.isinf(out[0]).nonzero().flatten().tolist() == banned
+
+
+def test_bad_words_become_token_sequences_read_as_vllm_reads_them():
+    """On transformers' tokenizer of the demo model: the word with its leading spaces dropped and its trailing ones
+    kept (vLLM's SamplingParams.update_from_tokenizer: "be " bans "be" only before a space), alone and after a
+    space (both spellings, where vLLM drops the spaced one of another length: README)."""
+    import transformers
+
+    from miniserve.config import DEMO_TARGET
+    from miniserve.tokenizer import Tokenizer
+
+    hf = transformers.AutoTokenizer.from_pretrained(DEMO_TARGET)
+    words = ["thee", "confess", "be ", "not\n", "  lead", "ROMEO", "xylophone"]
+    want = []
+    for word in words:
+        alone = hf(word.lstrip(), add_special_tokens=False).input_ids
+        spaced = hf(" " + word.lstrip(), add_special_tokens=False).input_ids
+        want += [alone] + ([spaced] if spaced != alone else [])
+    got = bad_words_token_ids(Tokenizer.from_pretrained(DEMO_TARGET), words)
+    assert got == want and any(len(w) > 1 for w in want) and len(want) > len(words)
 
 
 def test_a_sampled_tokens_rank_counts_the_tokens_at_least_as_likely():

@@ -247,6 +247,25 @@ def test_sigterm_drains_for_a_bounded_time_and_ends_streams_cleanly(model_dir):
         assert "leaked semaphore" not in logged()  # (one API server's admission count held one, reported so)
 
 
+def test_miniserve_serve_exits_0_after_a_sigterm_drain(model_dir, tmp_path):
+    """`miniserve serve` stopped by SIGTERM (a service manager's stop) drains and exits 0 with one API server as
+    with several (uvicorn re-raised the signal after its drain: the process died of it, status 143)."""
+    from tests.test_tensor_parallel import serve_one_completion, server_env
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "miniserve.cli", "serve", "--port", str(port), "--log-level", "warning"]
+    with open(tmp_path / "log", "wb") as log:
+        proc, body = serve_one_completion(cmd, server_env(model_dir), port, log)
+        try:
+            assert body["choices"][0]["finish_reason"] == "length"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, (tmp_path / "log").read_text()
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
 def test_the_server_stops_when_its_engine_process_dies(model_dir):
     """A lost engine (killed, crashed) fails what is in flight and stops the server as SIGTERM does, as vLLM's,
     rather than leaving it up answering 503 for ever: a supervisor sees it fail (status 1, not death by the SIGTERM

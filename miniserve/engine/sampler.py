@@ -211,7 +211,8 @@ def _bans(
             continue  # (the common case, at every step for every row: nothing to build)
         banned: set[int] = set()
         if short:
-            banned |= set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
+            # EOS too with ignore_eos: vLLM's min_tokens bans all_stop_token_ids, which always hold the EOS
+            banned |= set(p.stop_token_ids) | set(eos_token_ids)
         if p.bad_words_token_ids:
             banned |= _bad_word_bans(p.bad_words_token_ids, output_ids[i])
         for token in sorted(t for t in banned if 0 <= t < vocab_size):
@@ -259,11 +260,13 @@ def check_bad_words(words: list[str] | None, max_count: int) -> None:
 
 
 def bad_words_token_ids(tokenizer: Any, words: list[str]) -> list[list[int]]:
-    """Each bad word as tokens, alone and after a space (how it reads at the start vs inside a text): what
+    """Each bad word as tokens, alone and after a space (how it reads at the start vs inside a text), its leading
+    spaces dropped and its trailing ones kept, as vLLM's SamplingParams.update_from_tokenizer reads it (vLLM keeps
+    the spaced spelling only where it is as many tokens: README, where miniserve differs): what
     SamplingParams.bad_words_token_ids holds."""
     out: list[list[int]] = []
     for word in words:
-        for text in (word.strip(), " " + word.strip()):
+        for text in (word.lstrip(), " " + word.lstrip()):
             ids = tokenizer.encode(text, add_special_tokens=False)
             if ids and ids not in out:
                 out.append(ids)

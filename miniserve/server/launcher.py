@@ -21,6 +21,7 @@ gets one signal. Metrics: the CLI points prometheus_client at a shared directory
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -29,6 +30,7 @@ import socket
 import ssl
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from miniserve.config import EngineConfig, ServerConfig
@@ -173,6 +175,15 @@ def _serve(app: Any, server: ServerConfig, sock: socket.socket, announce: bool =
     from miniserve.server.app import connection_protocol
 
     class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            """uvicorn re-raises the signal it stopped on once it is done: a drained SIGTERM killed the process
+            (status 143) where several API servers' launcher exits 0. A SIGTERM that stopped it is a clean stop."""
+            with super().capture_signals():
+                yield
+                captured = getattr(self, "_captured_signals", [])
+                captured[:] = [s for s in captured if s != signal.SIGTERM]
+
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)  # the model loaded, then the socket listens
             if announce and self.started:  # (uvicorn names only the sockets it bound itself)
