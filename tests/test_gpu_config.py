@@ -344,6 +344,11 @@ def test_extend_explicit_launch_arguments_win(monkeypatch):
     ext.extend_attention(*args)
     ext.extend_attention(*args, split_diag=False, same_kv_strides=False)
     assert [a[1:] for a in seen] == [(True, False, True), (False, False, False)]
+    # on ROCm the split (PTX's mul.rn) is refused by name when asked for, not left to fail in the compiler
+    monkeypatch.setattr(ext, "is_rocm", lambda: True)
+    monkeypatch.setattr(ext, "triton_interpreter_enabled", lambda: False)
+    with pytest.raises(ValueError, match="split_diag rounds through PTX's mul.rn"):
+        ext.extend_attention(*args, split_diag=True)
 
 
 def test_decode_register_cap_by_shape(monkeypatch):

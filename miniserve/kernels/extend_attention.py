@@ -233,7 +233,10 @@ def extend_attention(
 def _launch(head_dim: int, cache_dtype: torch.dtype, max_query_len: int, device: torch.device, **asked) -> dict:
     """launch_config's choices, with what the caller asked for (each parameter not None) in their place."""
     cfg = launch_config(head_dim, cache_dtype, max_query_len, device)
-    return cfg | {k: v for k, v in asked.items() if v is not None}
+    cfg |= {k: v for k, v in asked.items() if v is not None}
+    if cfg["split_diag"] and is_rocm() and not triton_interpreter_enabled():  # (launch_config never picks it there)
+        raise ValueError("split_diag rounds through PTX's mul.rn, an NVIDIA instruction: not on ROCm")
+    return cfg
 
 
 LONG_QUERY = 4096  # new tokens in a launch from which long-prompt tiles pay (H200: equal at 2048, 1.6x at 8192)
