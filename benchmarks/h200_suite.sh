@@ -11,7 +11,7 @@
 #   bash benchmarks/h200_suite.sh parserab OUT_DIR  # serve.py saturated on h11, then on httptools
 #   bash benchmarks/h200_suite.sh apiservers OUT_DIR # serve.py saturated with 4 API server processes
 #   bash benchmarks/h200_suite.sh apisweep OUT_DIR  # the same with 2 and 8
-#   OLD=DIR [ROUNDS=2 REPEATS=3] bash benchmarks/h200_suite.sh demoab OUT_DIR  # demo batch-1 speculative decoding, old tree vs this one
+#   OLD=DIR OLD_COMMIT=... [ROUNDS=2 REPEATS=3] bash benchmarks/h200_suite.sh demoab OUT_DIR  # demo batch-1 speculative decoding, old tree vs this one
 #   bash benchmarks/h200_suite.sh fp8reg OUT_DIR    # FP8 decode variants (decode_attention_fp8_registers.md)
 #   bash benchmarks/h200_suite.sh fp8ncu OUT_DIR    # ncu of the default and staged FP8 decode kernels
 #   bash benchmarks/h200_suite.sh extendvar OUT_DIR # extend (prefill) kernel launch variants: 32k and 2048 tokens
@@ -44,6 +44,7 @@ set -u
 part=$1
 out=$2
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # absolute: the A/B parts write from inside each tree
 # result files are named for the GPU that ran them: a lent "H200" machine may come as an H100
 case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" in *H100*) tag=h100 ;; *) tag=h200 ;; esac
 export PYTHONUNBUFFERED=1
@@ -119,6 +120,7 @@ if [ "$part" = demoab ]; then
   # issue 18's guard, side by side: the demo model's batch-1 speculative path at a commit before the serving work
   # (a tree exported into $OLD) and now, alternated twice
   [ -e "$OLD/miniserve/demo_models" ] || ln -s "$PWD/miniserve/demo_models" "$OLD/miniserve/demo_models"  # unchanged
+  [ -n "${OLD_COMMIT:-}" ] || { echo "demoab: set OLD_COMMIT to the commit $OLD holds"; exit 2; }
   for i in $(seq 1 "${ROUNDS:-2}"); do
     for tree in "$OLD" "$PWD"; do
       side=$([ "$tree" = "$PWD" ] && echo new || echo old)
@@ -126,7 +128,7 @@ if [ "$part" = demoab ]; then
         --repeats "${REPEATS:-3}" --name "spec_decode_${side}_$i" --out "$out" 2>&1 | tail -2 | sed "s/^/[$side $i] /")
     done
   done
-  python3 benchmarks/spec_decode_ab.py "$out" --old-commit "${OLD_COMMIT:-432bd57}" --out "$out/spec_decode_ab_${tag}.json"
+  python3 benchmarks/spec_decode_ab.py "$out" --old-commit "$OLD_COMMIT" --out "$out/spec_decode_ab_${tag}.json"
 fi
 
 if [ "$part" = nanoab ]; then

@@ -586,11 +586,14 @@ def versions() -> dict:
 
 
 def vocab_of(args: argparse.Namespace) -> int:
+    """The ids prompts are drawn below: the model's embedding rows (a tokenizer's vocab_size also counts its added
+    tokens, which may lie past them, and the engine refuses such ids)."""
     if args.model is None:
         return args.vocab_size
+    from miniserve.models.config import ModelConfig
     from miniserve.tokenizer import Tokenizer
 
-    return Tokenizer.from_pretrained(args.model).vocab_size
+    return min(Tokenizer.from_pretrained(args.model).vocab_size, ModelConfig.from_dir(args.model).vocab_size)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -543,6 +543,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--plot", default=None, help="sweep: write a PNG of tok/s against batch size")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.hf and not torch.cuda.is_available():
+        ap.error("--hf times transformers on a CUDA GPU, and there is none here")
     if args.rounds < 1 or args.rounds % 2 == 0:
         ap.error("--rounds must be odd (each number is then one round's own value, and counts stay integers)")
     if args.rounds > 1 and (args.profile or args.host_profile or args.workload == "prefix"):

@@ -242,13 +242,16 @@ def throughput_rows() -> list[Row]:
     ]
     if hf_ratios:
         low = min(hf_ratios)
+        hf = load(low[1])["hf"]
         rows.append(
             Row(
                 "every workload >= 10x HF transformers on the same work",
-                f"lowest measured: {low[0]:.0f}x (`{low[1]}`)",
-                "yes" if low[0] >= 10 else "no",
+                f"lowest measured: {low[0]:.0f}x (`{low[1]}`: HF `generate` timed once, {hf['gen']} new tokens); "
+                f"measured on {len(hf_ratios)} workload{'s' if len(hf_ratios) > 1 else ''} only",
+                ("yes" if low[0] >= 10 else "no") + " where measured",
                 "HF `generate` is timed on the latency workloads",
-                "HF `generate` is timed on the latency workloads",
+                "HF `generate` is timed on the batch-1 latency workloads that ran with --hf (one timed run, its own "
+                "--hf-gen new tokens, tok/s compared); the batched workloads' HF runs are not in the result files",
             )
         )
     return rows
@@ -757,8 +760,9 @@ def serve_ab_note() -> str:
 
     def pair(name: str, p: dict) -> str:
         old, new = p["old"], p["new"]
+        what = f"{old['commit']} -> {new['commit']}" if old["commit"] != new["commit"] else f"at {new['commit']}"
         return (
-            f"{name} ({old['commit']} -> {new['commit']}): streaming {old['stream']['vs_offline']:.2f}x -> "
+            f"{name} ({what}): streaming {old['stream']['vs_offline']:.2f}x -> "
             f"{new['stream']['vs_offline']:.2f}x, plain {old['plain']['vs_offline']:.2f}x -> "
             f"{new['plain']['vs_offline']:.2f}x, the engine's step while streaming {old['stream']['ms_per_step']:.1f} "
             f"-> {new['stream']['ms_per_step']:.1f} ms, ITL p50 {old['stream']['itl_p50_ms']:.1f} -> "

@@ -141,6 +141,24 @@ def check_trace(res: dict) -> None:
         assert 0 < ramp["engine_step_ms_after_last_add"] and 0 < ramp["send_ms_after_last_add"], ramp
 
 
+def test_prompts_are_drawn_below_the_models_vocabulary(tmp_path):
+    """A checkpoint whose tokenizer adds tokens past the model's embedding rows (Llama's BOS/EOS ids at 128000 over
+    a 300-row tiny shape): prompt ids come from the rows the engine accepts, not the tokenizer's count."""
+    import argparse
+
+    from benchmarks.checkpoints import build_checkpoint
+    from miniserve.tokenizer import Tokenizer
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import serve
+
+    shape = {**TINY, "vocab_size": 300, "bos_token_id": 128000, "eos_token_id": 128001}
+    model = build_checkpoint("llama-3.2-1b", tmp_path, overrides=shape)
+    assert json.loads((model / "config.json").read_text())["vocab_size"] == 300
+    assert Tokenizer.from_pretrained(model).vocab_size > 300  # (its BOS/EOS added past the rows)
+    assert serve.vocab_of(argparse.Namespace(model=str(model), vocab_size=None)) == 300
+
+
 def test_repeats_report_the_median_run_of_each_phase_with_two_api_servers(tmp_path):
     res = _serve(tmp_path, "--phases", "stream,plain,offline", "--repeats", "3", "--input-len", "40",
                  "--engine-args=--device cpu --max-num-seqs 8 --block-size 16 --api-servers 2")  # fmt: skip
