@@ -91,6 +91,11 @@ class ChatTemplates:
             return self.named.get(chosen, chosen)
         return self.named["tool_use"] if tools is not None and "tool_use" in self.named else self.default
 
+    def is_fallback(self, chosen: str | None = None, tools: Any = None) -> bool:
+        """Whether the chat renders with DEFAULT_CHAT_TEMPLATE (no template, or an empty one): its plain lines are
+        then encoded as a completion prompt is, with the tokenizer's BOS (Tokenizer.chat_prompt)."""
+        return not self.source(chosen, tools)
+
     def compiled(self, source: str | None) -> Any:
         """`source` compiled: the default and the model's named ones cached, a request's own compiled each time
         (rare; a cache could hold anything)."""

@@ -217,7 +217,8 @@ class Tokenizer:
     ) -> str | list[int] | Encoding:
         """Render `messages` with the model's chat template (or DEFAULT_CHAT_TEMPLATE when it has none); with
         transformers 5's defaults: input_ids and attention_mask of the rendered text (no specials added: the
-        template writes them), `return_dict=False` for the ids alone, `tokenize=False` for the text.
+        template writes them; the fallback's lines get the tokenizer's BOS, as in chat_prompt), `return_dict=False`
+        for the ids alone, `tokenize=False` for the text.
 
         Message content may be a string or a list of OpenAI text parts; the template gets it as text (parts joined
         with newlines) or as a list of text parts, whichever it reads (`content_format`). Keys whose value is None
@@ -235,7 +236,8 @@ class Tokenizer:
                                 continue_final_message, template_kwargs)  # fmt: skip
         if not tokenize:
             return text
-        ids = self.encode(text, add_special_tokens=False)
+        # (the fallback's lines as chat_prompt encodes them: transformers refuses a model without a template)
+        ids = self.encode(text, add_special_tokens=self.templates.is_fallback(chat_template, tools))
         return Encoding.of(ids) if return_dict else ids
 
     def render_chat(
@@ -282,8 +284,9 @@ class Tokenizer:
         if check_text is not None:
             check_text(text)
         if add_special_tokens is None:
-            chosen = self.templates.source(template_options.get("chat_template"), template_options.get("tools"))
-            add_special_tokens = chosen is None
+            add_special_tokens = self.templates.is_fallback(
+                template_options.get("chat_template"), template_options.get("tools")
+            )
         return text, self.encode(text, add_special_tokens=add_special_tokens)
 
     def encode_last(self, text: str, keep: int, add_special_tokens: bool = True) -> list[int]:

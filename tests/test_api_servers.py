@@ -197,6 +197,31 @@ def test_two_api_servers_answer_like_one_and_count_every_request(model_dir):
                 proc.wait(timeout=15)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_an_api_server_stopped_by_someone_else_stops_the_launcher(model_dir):
+    """An API server that ends without the launcher asking (here a SIGTERM from outside, which it drains and
+    dies of) is noticed: the launcher stops the rest and exits 1, not serving on with one server fewer."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "miniserve.cli", "serve", "--model", str(model_dir), "--device", "cpu"]
+    cmd += ["--dtype", "float32", "--port", str(port), "--api-servers", "2", "--log-level", "warning"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=log)
+        try:
+            _wait_healthy(f"http://127.0.0.1:{port}", proc, log)
+            apis = [c for c in _children(proc.pid) if not _gone(c) and os.getpgid(c) == c]  # (their own groups)
+            assert len(apis) == 2
+            os.kill(apis[0], signal.SIGTERM)
+            assert proc.wait(timeout=60) == 1
+            log.seek(0)
+            assert "exited with -15: stopping the others" in log.read().decode(errors="replace")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=15)
+
+
 @pytest.mark.parametrize(("api_servers", "weights"), [(2, "none"), (1, "truncated")])
 def test_an_engine_that_cannot_load_fails_the_launcher(model_dir, tmp_path, api_servers, weights):
     """Every API server's startup fails on the engine's error, in one line each; the launcher exits with uvicorn's

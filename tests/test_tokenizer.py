@@ -577,6 +577,9 @@ def test_default_template_and_bos_handling(sp_dir, bpe_dir, tmp_path):
         assert hf.apply_chat_template(messages, tokenize=False, **options) == text
         # the fallback writes no BOS: its lines are encoded as a completion prompt (the tokenizer's BOS, once)
         assert ids == hf.encode(text) and ids[0] == ours.bos_token_id and ids.count(ours.bos_token_id) == 1
+        # the same ids by every way in: transformers' call, and an empty template (the fallback too)
+        assert ours.apply_chat_template(messages, add_generation_prompt=True, return_dict=False) == ids
+        assert ours.chat_prompt(messages, chat_template="")[1] == ids
         assert ours.chat_prompt(messages, add_special_tokens=False)[1] == hf.encode(text, add_special_tokens=False)
         # a model's template is encoded as vLLM and transformers encode it: its text exactly
         plain = "{% for m in messages %}{{ m['content'] }}|{% endfor %}"

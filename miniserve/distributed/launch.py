@@ -45,7 +45,8 @@ WORKER_SETUP: Callable[[], None] | None = None  # run first in every spawned ran
 # its top level, which each spawned rank imports again
 UNGUARDED_HINT = (
     " before it started (each rank is a new Python process that imports the main script again: a script that"
-    ' builds LLM(tensor_parallel_size=...) at its top level needs an `if __name__ == "__main__":` guard)'
+    ' builds LLM(tensor_parallel_size=...) at its top level needs an `if __name__ == "__main__":` guard; its'
+    " traceback, above, says what stopped it)"
 )
 
 
@@ -161,7 +162,8 @@ class SpawnedRanks:
             for r, p in self.procs.items():
                 if not p.is_alive():
                     said = self.store.check([f"miniserve/error/{r}"])  # (else it died before its main function)
-                    raise TensorParallelError(self.describe_exit(r) + ("" if said else UNGUARDED_HINT))
+                    hint = UNGUARDED_HINT if not said and p.exitcode == 1 else ""  # (1: an exception, not a kill)
+                    raise TensorParallelError(self.describe_exit(r) + hint)
             if time.monotonic() > deadline:
                 raise TensorParallelError(f"tensor-parallel ranks did not start within {START_TIMEOUT_S:.0f} s")
             time.sleep(0.02)

@@ -234,7 +234,7 @@ def _launch(head_dim: int, cache_dtype: torch.dtype, max_query_len: int, device:
     """launch_config's choices, with what the caller asked for (each parameter not None) in their place."""
     cfg = launch_config(head_dim, cache_dtype, max_query_len, device)
     cfg |= {k: v for k, v in asked.items() if v is not None}
-    if cfg["split_diag"] and is_rocm() and not triton_interpreter_enabled():  # (launch_config never picks it there)
+    if cfg["split_diag"] is True and is_rocm() and not triton_interpreter_enabled():  # (launch_config: never there)
         raise ValueError("split_diag rounds through PTX's mul.rn, an NVIDIA instruction: not on ROCm")
     return cfg
 

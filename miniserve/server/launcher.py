@@ -50,7 +50,8 @@ def run_server(config: EngineConfig, server: ServerConfig) -> int:
     if server.api_servers > 1:
         raise ValueError("several API servers are started by run_api_servers")
     sock = bind(server.host, server.port)  # a busy port is one line now, not after the model loaded
-    return 0 if _serve(create_app(config, server), server, sock, announce=True) else STARTUP_FAILED
+    started = _serve(create_app(config, server), server, sock, announce=True, sigterm_is_clean=True)
+    return 0 if started else STARTUP_FAILED
 
 
 def run_api_servers(config: EngineConfig, server: ServerConfig) -> int:
@@ -167,9 +168,13 @@ def _api_main(config: EngineConfig, server: ServerConfig, sock: socket.socket, l
         sys.exit(STARTUP_FAILED)
 
 
-def _serve(app: Any, server: ServerConfig, sock: socket.socket, announce: bool = False) -> bool:
+def _serve(
+    app: Any, server: ServerConfig, sock: socket.socket, announce: bool = False, sigterm_is_clean: bool = False
+) -> bool:
     """Serve `app` with uvicorn on the bound `sock` until stopped; whether it started. `announce`: log the
-    address once it listens (after the model loaded: until then a connection is refused)."""
+    address once it listens (after the model loaded: until then a connection is refused). `sigterm_is_clean`: a
+    SIGTERM that stopped it ends the process normally (the one API server of `miniserve serve`; several API servers
+    die of it, so that their launcher tells its own stop from another's)."""
     import uvicorn
 
     from miniserve.server.app import connection_protocol
@@ -178,11 +183,12 @@ def _serve(app: Any, server: ServerConfig, sock: socket.socket, announce: bool =
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             """uvicorn re-raises the signal it stopped on once it is done: a drained SIGTERM killed the process
-            (status 143) where several API servers' launcher exits 0. A SIGTERM that stopped it is a clean stop."""
+            (status 143) where several API servers' launcher exits 0 (sigterm_is_clean)."""
             with super().capture_signals():
                 yield
-                captured = getattr(self, "_captured_signals", [])
-                captured[:] = [s for s in captured if s != signal.SIGTERM]
+                if sigterm_is_clean:
+                    captured = getattr(self, "_captured_signals", [])
+                    captured[:] = [s for s in captured if s != signal.SIGTERM]
 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)  # the model loaded, then the socket listens
