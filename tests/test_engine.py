@@ -437,7 +437,11 @@ def test_llm_keywords_are_settings_vllm_no_ops_or_refused_by_name(llama_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         make_llm(llama_dir, speculative_model=None, num_speculative_tokens=None, overlap_spec_rounds=True,
-                 distributed_executor_backend=None, enable_chunked_prefill=None, trust_remote_code=False)  # fmt: skip
+                 distributed_executor_backend=None, enable_chunked_prefill=None, trust_remote_code=False,
+                 pipeline_parallel_size=1, disable_log_stats=True)  # fmt: skip
+    # a value that asks for something this engine does anyway is taken, and said so
+    with pytest.warns(UserWarning, match="enable_chunked_prefill=False is taken but changes nothing: prompts are"):
+        make_llm(llama_dir, enable_chunked_prefill=False)
     with pytest.raises(ValueError, match="pipeline_parallel_size=2 is not supported"):
         make_llm(llama_dir, pipeline_parallel_size=2)
     with pytest.raises(TypeError, match="unexpected keyword argument 'max_num_seq'.*did you mean 'max_num_seqs'"):
