@@ -184,7 +184,7 @@ def engine_config(model: str | None, kwargs: dict[str, Any]) -> EngineConfig:
     """The EngineConfig of LLM(model, **kwargs): vLLM keywords that change nothing here taken with a warning
     (vllm_no_ops.py), any other keyword not a setting refused by name, and a setting given (not None, not its
     default) where another makes it do nothing refused as the CLI refuses it."""
-    settings = {f.name for f in fields(EngineConfig)}
+    settings = {f.name: f.default for f in fields(EngineConfig)}  # (name -> default)
     for name in [k for k in kwargs if k not in settings and k in NO_OPS and NO_OPS[k].offline]:
         if (warning := keyword_warning(name, kwargs.pop(name))) is not None:
             warnings.warn(warning, stacklevel=3)
@@ -194,8 +194,7 @@ def engine_config(model: str | None, kwargs: dict[str, Any]) -> EngineConfig:
         hint = f" (did you mean {near[0]!r}?)" if near else " (the settings are EngineConfig's fields: README)"
         raise TypeError(f"LLM() got an unexpected keyword argument {unknown!r}: not a miniserve setting{hint}")
     config = EngineConfig(model=model, **kwargs)
-    defaults = {f.name: f.default for f in fields(EngineConfig)}
-    given = {k: f"{k}={v!r}" for k, v in kwargs.items() if v is not None and v != defaults[k]}  # (else: unset)
+    given = {k: f"{k}={v!r}" for k, v in kwargs.items() if v is not None and v != settings[k]}  # (else: unset)
     check_combinations(config, given, lambda f, _: f.name)
     return config
 

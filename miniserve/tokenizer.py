@@ -307,7 +307,8 @@ def _load_backend(directory: Path, config: dict, special: dict[str, str | None])
     """The `tokenizers` pipeline of a directory, as transformers 5 builds it; fills in `special` what a bare
     tokenizer.model implies."""
     prefix_space = config.get("add_prefix_space") is not False  # null (as transformers 5 writes it) = default
-    if (directory / "tokenizer.json").is_file():
+    from_json = (directory / "tokenizer.json").is_file()
+    if from_json:
         try:
             backend = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
         except Exception as e:  # (the tokenizers library raises Exception itself)
@@ -326,7 +327,7 @@ def _load_backend(directory: Path, config: dict, special: dict[str, str | None])
     else:
         raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {str(directory)!r}: cannot build a tokenizer")
     _add_config_tokens(backend, config, special)
-    if not (directory / "tokenizer.json").is_file():  # (transformers 5 drops the flags where tokenizer.json is)
+    if not from_json:  # (transformers 5 drops add_bos/add_eos_token where tokenizer.json is)
         _update_post_processor(backend, config, special)
     # split_special_tokens: a special token's text in a prompt is encoded as text, never as the token itself
     backend.encode_special_tokens = bool(config.get("split_special_tokens", False))

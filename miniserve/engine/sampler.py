@@ -263,8 +263,7 @@ def bad_words_token_ids(tokenizer: Any, words: list[str]) -> list[list[int]]:
     """Each bad word as tokens, alone and after a space (how it reads at the start vs inside a text), its leading
     spaces dropped and its trailing ones kept, as vLLM's SamplingParams.update_from_tokenizer reads it (vLLM keeps
     the spaced spelling only where it is as many tokens with another first token: README, where miniserve
-    differs): what
-    SamplingParams.bad_words_token_ids holds."""
+    differs): what SamplingParams.bad_words_token_ids holds."""
     out: list[list[int]] = []
     for word in words:
         for text in (word.lstrip(), " " + word.lstrip()):

@@ -120,10 +120,9 @@ def _sliding_window(raw: dict, arch: str) -> int | None:
     if not arch.startswith("Qwen") or not raw.get("use_sliding_window", False):
         return None
     window = raw.get("sliding_window", 4096)
-    layers = raw["num_hidden_layers"]
     types = raw.get("layer_types") or [
         "sliding_attention" if window is not None and i >= raw.get("max_window_layers", 28) else "full_attention"
-        for i in range(layers)
+        for i in range(raw["num_hidden_layers"])
     ]
     return window if "sliding_attention" in types else None
 
